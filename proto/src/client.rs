@@ -1,0 +1,445 @@
+//! The typed client every other crate uses.
+//!
+//! [`Client::connect`] takes the server address of the command-line contract:
+//! `http(s)://host:port`, a comma-separated list of them, or `unix:/path`.
+//! [`Api<K>`] gives the same verbs for every kind; [`watcher`] turns
+//! list + watch into one stream that survives disconnects and compaction.
+use crate::hosts_client::HostsClient;
+use crate::output_client::OutputClient;
+use crate::processes_client::ProcessesClient;
+use crate::tests_client::TestsClient;
+use crate::{
+    DeleteRequest, GetRequest, Host, ListRequest, Process, Resource, Test, WatchRequest,
+};
+use futures::stream::BoxStream;
+use futures::{Stream, StreamExt};
+use hyper_util::rt::TokioIo;
+use std::future::Future;
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::{Code, Status};
+
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7780";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("invalid server address {0:?}: {1}")]
+    InvalidAddress(String, String),
+    #[error("cannot reach the server at {0}: {1}")]
+    Unreachable(String, String),
+}
+
+#[derive(Clone)]
+pub struct Client {
+    channel: Channel,
+    server: String,
+}
+
+enum Target {
+    Http(Vec<Endpoint>),
+    Unix(String),
+}
+
+fn parse_server(server: &str) -> Result<Target, ConnectError> {
+    let bad = |m: &str| ConnectError::InvalidAddress(server.to_string(), m.to_string());
+    if let Some(path) = server.strip_prefix("unix:") {
+        if path.is_empty() {
+            return Err(bad("unix: needs a socket path"));
+        }
+        return Ok(Target::Unix(path.to_string()));
+    }
+    let mut eps = Vec::new();
+    for s in server.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        if !(s.starts_with("http://") || s.starts_with("https://")) {
+            return Err(bad("expected http://host:port, https://host:port or unix:/path"));
+        }
+        let ep = Endpoint::from_shared(s.to_string())
+            .map_err(|e| bad(&e.to_string()))?
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(5))
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true);
+        eps.push(ep);
+    }
+    if eps.is_empty() {
+        return Err(bad("empty"));
+    }
+    Ok(Target::Http(eps))
+}
+
+fn unix_endpoint() -> Endpoint {
+    // The URI is ignored by the connector; it only has to parse.
+    Endpoint::from_static("http://localhost")
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true)
+}
+
+fn unix_connector(
+    path: String,
+) -> impl tower::Service<
+    Uri,
+    Response = TokioIo<tokio::net::UnixStream>,
+    Error = std::io::Error,
+    Future = impl Future<Output = std::io::Result<TokioIo<tokio::net::UnixStream>>> + Send,
+> + Clone
+       + Send
+       + 'static {
+    tower::service_fn(move |_: Uri| {
+        let path = path.clone();
+        async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+    })
+}
+
+impl Client {
+    /// Connects now; fails if the server cannot be reached.
+    pub async fn connect(server: &str) -> Result<Client, ConnectError> {
+        let unreachable = |e: tonic::transport::Error| {
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg = format!("{msg}: {s}");
+                src = s.source();
+            }
+            ConnectError::Unreachable(server.to_string(), msg)
+        };
+        let channel = match parse_server(server)? {
+            Target::Unix(path) => unix_endpoint()
+                .connect_with_connector(unix_connector(path))
+                .await
+                .map_err(unreachable)?,
+            Target::Http(eps) if eps.len() == 1 => eps[0].connect().await.map_err(unreachable)?,
+            Target::Http(eps) => Channel::balance_list(eps.into_iter()),
+        };
+        Ok(Client {
+            channel,
+            server: server.to_string(),
+        })
+    }
+
+    /// Connects on first use and reconnects by itself: for daemons that must
+    /// start while the server is down.
+    pub fn lazy(server: &str) -> Result<Client, ConnectError> {
+        let channel = match parse_server(server)? {
+            Target::Unix(path) => unix_endpoint().connect_with_connector_lazy(unix_connector(path)),
+            Target::Http(eps) if eps.len() == 1 => eps[0].connect_lazy(),
+            Target::Http(eps) => Channel::balance_list(eps.into_iter()),
+        };
+        Ok(Client {
+            channel,
+            server: server.to_string(),
+        })
+    }
+
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    pub fn api<K: ApiResource>(&self) -> Api<K> {
+        Api {
+            channel: self.channel.clone(),
+            _k: std::marker::PhantomData,
+        }
+    }
+
+    pub fn tests(&self) -> TestsClient<Channel> {
+        TestsClient::new(self.channel.clone())
+    }
+
+    pub fn hosts(&self) -> HostsClient<Channel> {
+        HostsClient::new(self.channel.clone())
+    }
+
+    pub fn output(&self) -> OutputClient<Channel> {
+        OutputClient::new(self.channel.clone()).max_decoding_message_size(16 << 20)
+    }
+
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+}
+
+/// True when the error means the server was not reached (contract exit 4).
+pub fn is_unreachable(s: &Status) -> bool {
+    matches!(s.code(), Code::Unavailable | Code::Unknown) && s.message().contains("transport")
+        || s.code() == Code::Unavailable
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventType {
+    Added,
+    Modified,
+    Deleted,
+    Bookmark,
+    Compacted,
+}
+
+impl EventType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Added => "Added",
+            EventType::Modified => "Modified",
+            EventType::Deleted => "Deleted",
+            EventType::Bookmark => "Bookmark",
+            EventType::Compacted => "Compacted",
+        }
+    }
+    pub fn parse(s: &str) -> Option<EventType> {
+        [Self::Added, Self::Modified, Self::Deleted, Self::Bookmark, Self::Compacted]
+            .into_iter()
+            .find(|e| e.as_str() == s)
+    }
+}
+
+/// One event of a watch.
+#[derive(Debug, Clone)]
+pub struct WatchEvent<K> {
+    pub kind: EventType,
+    pub object: Option<K>,
+    pub resource_version: String,
+}
+
+/// The verbs every kind has, bound to the generated client of that kind.
+pub trait ApiResource: Resource {
+    fn create(ch: Channel, obj: Self) -> impl Future<Output = Result<Self, Status>> + Send;
+    fn get(ch: Channel, name: String) -> impl Future<Output = Result<Self, Status>> + Send;
+    fn list(ch: Channel, req: ListRequest) -> impl Future<Output = Result<(Vec<Self>, String), Status>> + Send;
+    fn watch(
+        ch: Channel,
+        req: WatchRequest,
+    ) -> impl Future<Output = Result<BoxStream<'static, Result<WatchEvent<Self>, Status>>, Status>> + Send;
+    fn update(ch: Channel, obj: Self) -> impl Future<Output = Result<Self, Status>> + Send;
+    fn update_status(ch: Channel, obj: Self) -> impl Future<Output = Result<Self, Status>> + Send;
+    fn delete(ch: Channel, req: DeleteRequest) -> impl Future<Output = Result<Self, Status>> + Send;
+}
+
+macro_rules! api_resource {
+    ($ty:ident, $client:ident) => {
+        impl ApiResource for $ty {
+            async fn create(ch: Channel, obj: Self) -> Result<Self, Status> {
+                Ok($client::new(ch).create(obj).await?.into_inner())
+            }
+            async fn get(ch: Channel, name: String) -> Result<Self, Status> {
+                Ok($client::new(ch).get(GetRequest { name }).await?.into_inner())
+            }
+            async fn list(ch: Channel, req: ListRequest) -> Result<(Vec<Self>, String), Status> {
+                let l = $client::new(ch).max_decoding_message_size(256 << 20).list(req).await?.into_inner();
+                Ok((l.items, l.resource_version))
+            }
+            async fn watch(
+                ch: Channel,
+                req: WatchRequest,
+            ) -> Result<BoxStream<'static, Result<WatchEvent<Self>, Status>>, Status> {
+                let s = $client::new(ch).watch(req).await?.into_inner();
+                Ok(s.map(|r| {
+                    r.and_then(|e| {
+                        let kind = EventType::parse(&e.r#type)
+                            .ok_or_else(|| Status::internal(format!("unknown event type {:?}", e.r#type)))?;
+                        Ok(WatchEvent { kind, object: e.object, resource_version: e.resource_version })
+                    })
+                })
+                .boxed())
+            }
+            async fn update(ch: Channel, obj: Self) -> Result<Self, Status> {
+                Ok($client::new(ch).update(obj).await?.into_inner())
+            }
+            async fn update_status(ch: Channel, obj: Self) -> Result<Self, Status> {
+                Ok($client::new(ch).update_status(obj).await?.into_inner())
+            }
+            async fn delete(ch: Channel, req: DeleteRequest) -> Result<Self, Status> {
+                Ok($client::new(ch).delete(req).await?.into_inner())
+            }
+        }
+    };
+}
+
+api_resource!(Host, HostsClient);
+api_resource!(Test, TestsClient);
+api_resource!(Process, ProcessesClient);
+
+/// The verbs for one kind.
+pub struct Api<K> {
+    channel: Channel,
+    _k: std::marker::PhantomData<fn() -> K>,
+}
+
+impl<K> Clone for Api<K> {
+    fn clone(&self) -> Self {
+        Api {
+            channel: self.channel.clone(),
+            _k: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<K: ApiResource> Api<K> {
+    pub async fn create(&self, obj: K) -> Result<K, Status> {
+        K::create(self.channel.clone(), obj.with_type_meta()).await
+    }
+    pub async fn get(&self, name: &str) -> Result<K, Status> {
+        K::get(self.channel.clone(), name.to_string()).await
+    }
+    /// None when the object does not exist.
+    pub async fn get_opt(&self, name: &str) -> Result<Option<K>, Status> {
+        match self.get(name).await {
+            Ok(o) => Ok(Some(o)),
+            Err(s) if s.code() == Code::NotFound => Ok(None),
+            Err(s) => Err(s),
+        }
+    }
+    pub async fn list(&self, label_selector: &str, field_selector: &str) -> Result<(Vec<K>, String), Status> {
+        K::list(
+            self.channel.clone(),
+            ListRequest {
+                label_selector: label_selector.into(),
+                field_selector: field_selector.into(),
+            },
+        )
+        .await
+    }
+    pub async fn watch(
+        &self,
+        resource_version: &str,
+        label_selector: &str,
+        field_selector: &str,
+    ) -> Result<BoxStream<'static, Result<WatchEvent<K>, Status>>, Status> {
+        K::watch(
+            self.channel.clone(),
+            WatchRequest {
+                resource_version: resource_version.into(),
+                label_selector: label_selector.into(),
+                field_selector: field_selector.into(),
+            },
+        )
+        .await
+    }
+    pub async fn update(&self, obj: K) -> Result<K, Status> {
+        K::update(self.channel.clone(), obj).await
+    }
+    pub async fn update_status(&self, obj: K) -> Result<K, Status> {
+        K::update_status(self.channel.clone(), obj).await
+    }
+    pub async fn delete(&self, name: &str) -> Result<K, Status> {
+        K::delete(
+            self.channel.clone(),
+            DeleteRequest {
+                name: name.into(),
+                resource_version: String::new(),
+            },
+        )
+        .await
+    }
+
+    /// Read-modify-write of the status with compare-and-swap, retried on
+    /// conflict. `f` returns false to leave the object as it is.
+    pub async fn patch_status(&self, name: &str, mut f: impl FnMut(&mut K) -> bool) -> Result<K, Status> {
+        loop {
+            let mut obj = self.get(name).await?;
+            if !f(&mut obj) {
+                return Ok(obj);
+            }
+            match self.update_status(obj).await {
+                Err(s) if s.code() == Code::Aborted => continue,
+                r => return r,
+            }
+        }
+    }
+}
+
+/// What a [`watcher`] reports.
+#[derive(Debug, Clone)]
+pub enum WatcherEvent<K> {
+    /// A complete, consistent listing: replace what you knew.
+    Restarted(Vec<K>),
+    Applied(K),
+    Deleted(K),
+}
+
+/// List, then watch from the listing's revision; on a compacted revision or
+/// a broken stream, list again (after a jittered backoff on errors). The
+/// stream never ends; errors are logged and retried.
+pub fn watcher<K: ApiResource>(
+    api: Api<K>,
+    label_selector: String,
+    field_selector: String,
+) -> impl Stream<Item = WatcherEvent<K>> + Send {
+    enum State<K> {
+        List,
+        Watch(BoxStream<'static, Result<WatchEvent<K>, Status>>, String),
+    }
+    let backoff_max = Duration::from_secs(5);
+    futures::stream::unfold(
+        (State::<K>::List, Duration::from_millis(50)),
+        move |(state, mut backoff)| {
+            let api = api.clone();
+            let ls = label_selector.clone();
+            let fs = field_selector.clone();
+            async move {
+                let mut state = state;
+                loop {
+                    match state {
+                        State::List => match api.list(&ls, &fs).await {
+                            Ok((items, rv)) => match api.watch(&rv, &ls, &fs).await {
+                                Ok(stream) => {
+                                    return Some((
+                                        WatcherEvent::Restarted(items),
+                                        (State::Watch(stream, rv), Duration::from_millis(50)),
+                                    ))
+                                }
+                                Err(s) => {
+                                    tracing::debug!(kind = %K::KIND, error = %s, "watch failed");
+                                    sleep_jittered(&mut backoff, backoff_max).await;
+                                    state = State::List;
+                                }
+                            },
+                            Err(s) => {
+                                tracing::debug!(kind = %K::KIND, error = %s, "list failed");
+                                sleep_jittered(&mut backoff, backoff_max).await;
+                                state = State::List;
+                            }
+                        },
+                        State::Watch(mut stream, rv) => match stream.next().await {
+                            Some(Ok(ev)) => {
+                                let rv = if ev.resource_version.is_empty() { rv } else { ev.resource_version.clone() };
+                                let out = match (ev.kind, ev.object) {
+                                    (EventType::Added | EventType::Modified, Some(o)) => WatcherEvent::Applied(o),
+                                    (EventType::Deleted, Some(o)) => WatcherEvent::Deleted(o),
+                                    (EventType::Compacted, _) => {
+                                        state = State::List;
+                                        continue;
+                                    }
+                                    _ => {
+                                        state = State::Watch(stream, rv);
+                                        continue;
+                                    }
+                                };
+                                return Some((out, (State::Watch(stream, rv), backoff)));
+                            }
+                            Some(Err(s)) => {
+                                tracing::debug!(kind = %K::KIND, error = %s, "watch broke");
+                                sleep_jittered(&mut backoff, backoff_max).await;
+                                state = State::List;
+                            }
+                            None => {
+                                sleep_jittered(&mut backoff, backoff_max).await;
+                                state = State::List;
+                            }
+                        },
+                    }
+                }
+            }
+        },
+    )
+}
+
+async fn sleep_jittered(backoff: &mut Duration, max: Duration) {
+    // Jitter from the clock's low bits: good enough to spread reconnects.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let jitter = Duration::from_nanos(u64::from(nanos) % (backoff.as_nanos() as u64 / 2 + 1));
+    tokio::time::sleep(*backoff / 2 + jitter).await;
+    *backoff = (*backoff * 2).min(max);
+}

@@ -1,0 +1,316 @@
+//! Manifests: YAML or JSON documents (several per file, `---` separated) that
+//! map to API objects with camelCase field names. Every error names the
+//! document and the field (`spec.hosts[1].count: ...`).
+use crate::resource::{Kind, Object};
+use crate::{Host, Process, Test};
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use std::fmt;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{source_name}{}: {path}{}{message}", doc_suffix(*.document), if .path.is_empty() { "" } else { ": " })]
+pub struct ManifestError {
+    /// File name or `-`.
+    pub source_name: String,
+    /// Zero-based document index within the source.
+    pub document: usize,
+    /// The field, as `spec.hosts[1].count`; empty for the whole document.
+    pub path: String,
+    pub message: String,
+}
+
+fn doc_suffix(d: usize) -> String {
+    if d == 0 {
+        String::new()
+    } else {
+        format!(" (document {})", d + 1)
+    }
+}
+
+/// Largest manifest accepted, in bytes.
+pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
+
+/// Parses every document of a YAML or JSON text into objects.
+pub fn parse(source_name: &str, text: &str) -> Result<Vec<Object>, ManifestError> {
+    let err = |document, path: String, message: String| ManifestError {
+        source_name: source_name.to_string(),
+        document,
+        path,
+        message,
+    };
+    if text.len() > MAX_MANIFEST_BYTES {
+        return Err(err(0, String::new(), format!("manifest larger than {MAX_MANIFEST_BYTES} bytes")));
+    }
+    let mut out = Vec::new();
+    for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
+        let value: StrictValue = match serde_path_to_error::deserialize(doc) {
+            Ok(v) => v,
+            Err(e) => {
+                let path = display_path(e.path());
+                return Err(err(i, path, clean_message(&e.into_inner().to_string())));
+            }
+        };
+        if value.0.is_null() {
+            continue; // an empty document, such as a trailing `---`
+        }
+        out.push(from_value(value.0).map_err(|(path, message)| err(i, path, message))?);
+    }
+    if out.is_empty() {
+        return Err(err(0, String::new(), "no objects in manifest".into()));
+    }
+    Ok(out)
+}
+
+/// Converts one document's value into an object of the kind it names.
+pub fn from_value(value: Value) -> Result<Object, (String, String)> {
+    let Value::Object(map) = &value else {
+        return Err((String::new(), "expected a mapping with apiVersion, kind, metadata and spec".into()));
+    };
+    match map.get("apiVersion") {
+        Some(Value::String(v)) if v == crate::API_VERSION => {}
+        Some(Value::String(v)) => {
+            return Err(("apiVersion".into(), format!("unsupported {v:?}, expected {:?}", crate::API_VERSION)))
+        }
+        Some(_) => return Err(("apiVersion".into(), "must be a string".into())),
+        None => return Err(("apiVersion".into(), format!("required (use {:?})", crate::API_VERSION))),
+    }
+    let kind = match map.get("kind") {
+        Some(Value::String(k)) => match Kind::parse(k) {
+            Some(kind) if kind.name() == k => kind,
+            _ => return Err(("kind".into(), format!("unknown kind {k:?}, expected one of Host, Test, Process"))),
+        },
+        Some(_) => return Err(("kind".into(), "must be a string".into())),
+        None => return Err(("kind".into(), "required".into())),
+    };
+    fn typed<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, (String, String)> {
+        serde_path_to_error::deserialize(v)
+            .map_err(|e| (display_path(e.path()), clean_message(&e.into_inner().to_string())))
+    }
+    Ok(match kind {
+        Kind::Host => Object::Host(typed::<Host>(value)?),
+        Kind::Test => Object::Test(typed::<Test>(value)?),
+        Kind::Process => Object::Process(typed::<Process>(value)?),
+    })
+}
+
+fn display_path(p: &serde_path_to_error::Path) -> String {
+    let s = p.to_string();
+    if s == "." {
+        String::new()
+    } else {
+        s
+    }
+}
+
+/// serde's messages name Rust's view of things; keep them but drop the
+/// location suffix the YAML parser appends (the path says where).
+fn clean_message(m: &str) -> String {
+    match m.find(" at line ") {
+        Some(i) => m[..i].to_string(),
+        None => m.to_string(),
+    }
+}
+
+/// Removes empty values (null, "", false, [], {}) for display: `-o yaml`
+/// shows what is set, as kubectl does.
+pub fn prune(v: Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.into_iter()
+                .map(|(k, v)| (k, prune(v)))
+                .filter(|(_, v)| !is_empty(v))
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.into_iter().map(prune).collect()),
+        v => v,
+    }
+}
+
+fn is_empty(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::Bool(b) => !b,
+        Value::String(s) => s.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        Value::Object(m) => m.is_empty(),
+        Value::Number(_) => false,
+    }
+}
+
+/// A JSON value read from YAML that rejects duplicate mapping keys (YAML
+/// allows the parser to keep the last one silently; we never do).
+struct StrictValue(Value);
+
+impl<'de> Deserialize<'de> for StrictValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(StrictValue)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> Visitor<'de> for StrictVisitor {
+    type Value = Value;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a YAML or JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
+        serde_json::Number::from_f64(v)
+            .map(Value::Number)
+            .ok_or_else(|| E::custom("not a finite number"))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(StrictVisitor)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(StrictValue(v)) = seq.next_element()? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some(key) = map.next_key::<MapKey>()? {
+            if out.contains_key(&key.0) {
+                return Err(de::Error::custom(format!("duplicate key {:?}", key.0)));
+            }
+            let StrictValue(v) = map.next_value()?;
+            out.insert(key.0, v);
+        }
+        Ok(Value::Object(out))
+    }
+}
+
+/// Mapping keys must be scalars; numbers and booleans become their text.
+struct MapKey(String);
+
+impl<'de> Deserialize<'de> for MapKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = String;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string key")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<String, E> {
+                Ok(v.to_string())
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<String, E> {
+                Ok(v.to_string())
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<String, E> {
+                Ok(v.to_string())
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<String, E> {
+                Ok(v.to_string())
+            }
+        }
+        d.deserialize_any(V).map(MapKey)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DESIGN_EXAMPLE: &str = r#"
+apiVersion: testbus/v1
+kind: Test
+metadata: {generateName: nfs-, labels: {suite: nfs}}
+spec:
+  timeout: 10m
+  env: {EXPORT: /srv/export}
+  files:
+    - {source: ./krb5.conf, path: /etc/krb5.conf, mode: "0644"}
+  hosts:
+    - {role: server, capabilities: [nfs-server]}
+    - {role: client, capabilities: [nfs-client], count: 4}
+  steps:
+    - name: export
+      on: [server]
+      argv: [exportfs, -o, rw, "*:${EXPORT}"]
+    - name: mount
+      on: [client]            # client0..client3; "client2" targets one
+      after: [export]
+      sync: true              # all four start together
+      argv: [mount, "${host_server_ipv4addr}:${EXPORT}", /mnt]
+    - name: io
+      on: [client]
+      after: [mount]
+      script: |
+        #!/bin/sh
+        dd if=/dev/zero of=/mnt/$TESTBUS_HOST bs=1M count=10
+      timeout: 2m
+      exitCodes: [0]
+"#;
+
+    #[test]
+    fn design_manifest_parses_as_written() {
+        let objs = parse("design.yaml", DESIGN_EXAMPLE).unwrap();
+        let Object::Test(t) = &objs[0] else { panic!("not a test") };
+        let spec = t.spec.as_ref().unwrap();
+        assert_eq!(spec.hosts[1].count, Some(4));
+        assert_eq!(spec.steps[1].after, vec!["export"]);
+        assert!(spec.steps[1].sync);
+        assert_eq!(spec.steps[2].exit_codes, vec![0]);
+        assert_eq!(spec.files[0].mode, "0644");
+        assert_eq!(t.metadata.as_ref().unwrap().generate_name, "nfs-");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = parse("m.yaml", "apiVersion: testbus/v1\nkind: Test\nspec: {hosts: [{role: a, count: x}]}\n")
+            .unwrap_err();
+        assert_eq!(e.path, "spec.hosts[0].count");
+        let e = parse("m.yaml", "apiVersion: testbus/v1\nkind: Test\nspec: {bogus: 1}\n").unwrap_err();
+        assert_eq!(e.path, "spec.bogus");
+        assert!(e.message.contains("unknown field `bogus`"), "{}", e.message);
+        let e = parse("m.yaml", "apiVersion: testbus/v1\nkind: Widget\n").unwrap_err();
+        assert_eq!(e.path, "kind");
+    }
+
+    #[test]
+    fn duplicate_keys_are_rejected() {
+        let e = parse("m.yaml", "apiVersion: testbus/v1\nkind: Test\nspec:\n  env: {A: x, A: y}\n").unwrap_err();
+        assert!(e.message.contains("duplicate key"), "{e}");
+        assert_eq!(e.path, "spec.env");
+    }
+
+    #[test]
+    fn several_documents() {
+        let two = "apiVersion: testbus/v1\nkind: Host\nmetadata: {name: a}\n---\napiVersion: testbus/v1\nkind: Host\nmetadata: {name: b}\n---\n";
+        assert_eq!(parse("m.yaml", two).unwrap().len(), 2);
+        let e = parse("m.yaml", "apiVersion: testbus/v1\nkind: Host\n---\nkind: Host\n").unwrap_err();
+        assert_eq!(e.document, 1);
+        assert!(e.to_string().contains("document 2"), "{e}");
+    }
+
+    #[test]
+    fn prune_drops_empty_values() {
+        let v = serde_json::json!({"a": "", "b": [], "c": {"d": null}, "e": 0, "f": false, "g": "x"});
+        assert_eq!(prune(v), serde_json::json!({"e": 0, "g": "x"}));
+    }
+}

@@ -1,0 +1,125 @@
+//! Label selectors (`a=b,c!=d,e,!f`, as Kubernetes) and the few field
+//! selectors the API serves (`spec.hostName=H`, `spec.test=T`,
+//! `metadata.name=N`).
+use crate::{Object, Process, Resource};
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Req {
+    Eq(String, String),
+    Ne(String, String),
+    Exists(String),
+    NotExists(String),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LabelSelector(Vec<Req>);
+
+impl LabelSelector {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut reqs = Vec::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let req = if let Some((k, v)) = part.split_once("!=") {
+                Req::Ne(k.trim().into(), v.trim().into())
+            } else if let Some((k, v)) = part.split_once("==").or_else(|| part.split_once('=')) {
+                Req::Eq(k.trim().into(), v.trim().into())
+            } else if let Some(k) = part.strip_prefix('!') {
+                Req::NotExists(k.trim().into())
+            } else {
+                Req::Exists(part.into())
+            };
+            let key = match &req {
+                Req::Eq(k, _) | Req::Ne(k, _) | Req::Exists(k) | Req::NotExists(k) => k,
+            };
+            if key.is_empty() || key.contains(char::is_whitespace) {
+                return Err(format!("invalid label selector {s:?}: bad requirement {part:?}"));
+            }
+            reqs.push(req);
+        }
+        Ok(LabelSelector(reqs))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.0.iter().all(|r| match r {
+            Req::Eq(k, v) => labels.get(k) == Some(v),
+            Req::Ne(k, v) => labels.get(k) != Some(v),
+            Req::Exists(k) => labels.contains_key(k),
+            Req::NotExists(k) => !labels.contains_key(k),
+        })
+    }
+}
+
+/// A field selector: equality on one of the served fields.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FieldSelector {
+    pub name: Option<String>,
+    pub host_name: Option<String>,
+    pub test: Option<String>,
+}
+
+impl FieldSelector {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut f = FieldSelector::default();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("invalid field selector {part:?}: expected FIELD=VALUE"))?;
+            let v = Some(v.trim().to_string());
+            match k.trim() {
+                "metadata.name" => f.name = v,
+                "spec.hostName" => f.host_name = v,
+                "spec.test" => f.test = v,
+                other => {
+                    return Err(format!(
+                        "unsupported field selector {other:?} (supported: metadata.name, spec.hostName, spec.test)"
+                    ))
+                }
+            }
+        }
+        Ok(f)
+    }
+
+    pub fn matches(&self, obj: &Object) -> bool {
+        if let Some(n) = &self.name {
+            if &obj.meta().name != n {
+                return false;
+            }
+        }
+        if self.host_name.is_none() && self.test.is_none() {
+            return true;
+        }
+        let Object::Process(p) = obj else { return false };
+        self.matches_process(p)
+    }
+
+    fn matches_process(&self, p: &Process) -> bool {
+        self.host_name.as_ref().is_none_or(|h| &p.spec().host_name == h)
+            && self.test.as_ref().is_none_or(|t| &p.spec().test == t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_selectors() {
+        let l: BTreeMap<String, String> = [("suite".to_string(), "nfs".to_string())].into();
+        assert!(LabelSelector::parse("suite=nfs").unwrap().matches(&l));
+        assert!(!LabelSelector::parse("suite!=nfs").unwrap().matches(&l));
+        assert!(LabelSelector::parse("suite,!gpu").unwrap().matches(&l));
+        assert!(!LabelSelector::parse("gpu").unwrap().matches(&l));
+        assert!(LabelSelector::parse("").unwrap().matches(&l));
+        assert!(LabelSelector::parse("=x").is_err());
+    }
+
+    #[test]
+    fn field_selectors() {
+        assert!(FieldSelector::parse("spec.hostName=a").unwrap().host_name.is_some());
+        assert!(FieldSelector::parse("status.phase=x").is_err());
+    }
+}

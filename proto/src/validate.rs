@@ -1,0 +1,462 @@
+//! Validation shared by the server (authoritative) and the CLI (early, before
+//! anything is sent). Every error names the field it is about.
+use crate::resource::Resource;
+use crate::{duration, Host, HostRequirement, ObjectMeta, Process, Step, Test};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// All the problems found in one object.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ValidationErrors(pub Vec<FieldError>);
+
+impl fmt::Display for ValidationErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<String> = self.0.iter().map(|e| e.to_string()).collect();
+        f.write_str(&parts.join("; "))
+    }
+}
+
+/// Collects errors with their paths.
+#[derive(Default)]
+struct Errors(Vec<FieldError>);
+
+impl Errors {
+    fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(FieldError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+    fn finish(self) -> Result<(), ValidationErrors> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ValidationErrors(self.0))
+        }
+    }
+}
+
+pub const MAX_NAME: usize = 63;
+pub const MAX_COUNT: u32 = 1000;
+pub const MAX_HOSTS_PER_TEST: u32 = 1000;
+pub const MAX_STEPS: usize = 1000;
+pub const MAX_ENV_ENTRIES: usize = 1000;
+pub const MAX_VALUE_BYTES: usize = 128 * 1024;
+
+/// A DNS-1123 label: lower-case alphanumerics and '-', starting and ending
+/// with an alphanumeric, at most 63 characters.
+pub fn dns_label(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if s.len() > MAX_NAME {
+        return Err(format!("must be at most {MAX_NAME} characters"));
+    }
+    let ok = s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    let b = s.as_bytes();
+    if !ok || !b[0].is_ascii_alphanumeric() || !b[b.len() - 1].is_ascii_alphanumeric() {
+        return Err(format!(
+            "{s:?} is not a DNS label (lower-case letters, digits and '-', starting and ending with a letter or digit)"
+        ));
+    }
+    Ok(())
+}
+
+pub fn env_name(s: &str) -> Result<(), String> {
+    let b = s.as_bytes();
+    if b.is_empty() || !(b[0].is_ascii_alphabetic() || b[0] == b'_') || !b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_') {
+        return Err(format!("{s:?} is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)"));
+    }
+    Ok(())
+}
+
+fn label_part(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_NAME && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
+}
+
+fn meta(m: &ObjectMeta, e: &mut Errors) {
+    if m.name.is_empty() {
+        if m.generate_name.is_empty() {
+            e.add("metadata.name", "required (or metadata.generateName)");
+        } else if let Err(msg) = dns_label(&format!("{}x", m.generate_name)) {
+            e.add("metadata.generateName", msg);
+        } else if m.generate_name.len() > MAX_NAME - 6 {
+            e.add("metadata.generateName", format!("must be at most {} characters", MAX_NAME - 6));
+        }
+    } else if let Err(msg) = dns_label(&m.name) {
+        e.add("metadata.name", msg);
+    }
+    for (k, v) in &m.labels {
+        if !label_part(k) {
+            e.add(format!("metadata.labels.{k}"), "label keys are 1-63 of [A-Za-z0-9-_./]");
+        }
+        if !v.is_empty() && !label_part(v) {
+            e.add(format!("metadata.labels.{k}"), "label values are at most 63 of [A-Za-z0-9-_./]");
+        }
+    }
+    let ann: usize = m.annotations.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if ann > MAX_VALUE_BYTES {
+        e.add("metadata.annotations", format!("larger than {MAX_VALUE_BYTES} bytes"));
+    }
+}
+
+fn env(path: &str, env: &BTreeMap<String, String>, e: &mut Errors) {
+    if env.len() > MAX_ENV_ENTRIES {
+        e.add(path, format!("more than {MAX_ENV_ENTRIES} entries"));
+    }
+    for (k, v) in env {
+        if let Err(msg) = env_name(k) {
+            e.add(format!("{path}.{k}"), msg);
+        }
+        if v.len() > MAX_VALUE_BYTES {
+            e.add(format!("{path}.{k}"), format!("value larger than {MAX_VALUE_BYTES} bytes"));
+        }
+        if v.contains('\0') {
+            e.add(format!("{path}.{k}"), "must not contain NUL");
+        }
+    }
+}
+
+fn opt_duration(path: &str, s: &str, e: &mut Errors) {
+    if !s.is_empty() {
+        if let Err(err) = duration::parse(s) {
+            e.add(path, err.to_string());
+        }
+    }
+}
+
+fn not_yet(path: &str, set: bool, e: &mut Errors) {
+    if set {
+        e.add(path, "not supported yet by this version of testbus");
+    }
+}
+
+fn command(path: &str, argv: &[String], script: &str, shell: bool, e: &mut Errors) {
+    match (argv.is_empty(), script.is_empty()) {
+        (true, true) => e.add(path, "one of argv or script is required"),
+        (false, false) => e.add(format!("{path}.script"), "give either argv or script, not both"),
+        _ => {}
+    }
+    if shell && argv.is_empty() {
+        e.add(format!("{path}.shell"), "shell: true needs argv (the command line given to sh -c)");
+    }
+    if !argv.is_empty() && argv[0].is_empty() {
+        e.add(format!("{path}.argv[0]"), "must not be empty");
+    }
+    for (i, a) in argv.iter().enumerate() {
+        if a.contains('\0') {
+            e.add(format!("{path}.argv[{i}]"), "must not contain NUL");
+        }
+    }
+    if script.len() > MAX_VALUE_BYTES {
+        e.add(format!("{path}.script"), format!("larger than {MAX_VALUE_BYTES} bytes"));
+    }
+}
+
+/// Role members a host requirement expands to: count 1 → the role name,
+/// count n → role0 .. role{n-1}.
+pub fn members(h: &HostRequirement) -> Vec<String> {
+    let n = h.count.unwrap_or(1);
+    if n == 1 {
+        vec![h.role.clone()]
+    } else {
+        (0..n).map(|i| format!("{}{i}", h.role)).collect()
+    }
+}
+
+pub trait Validate {
+    fn validate(&self) -> Result<(), ValidationErrors>;
+}
+
+impl Validate for Test {
+    fn validate(&self) -> Result<(), ValidationErrors> {
+        let mut e = Errors::default();
+        meta(self.meta(), &mut e);
+        let s = self.spec();
+        if self.spec.is_none() {
+            e.add("spec", "required");
+        }
+        opt_duration("spec.timeout", &s.timeout, &mut e);
+        opt_duration("spec.ttlAfterFinished", &s.ttl_after_finished, &mut e);
+        not_yet("spec.ttlAfterFinished", !s.ttl_after_finished.is_empty(), &mut e);
+        not_yet("spec.holdOnFailure", s.hold_on_failure, &mut e);
+        not_yet("spec.files", !s.files.is_empty(), &mut e);
+        env("spec.env", &s.env, &mut e);
+        if s.hosts.is_empty() {
+            e.add("spec.hosts", "at least one host is required");
+        }
+        // role → its members; member → the role it belongs to.
+        let mut roles: HashMap<&str, Vec<String>> = HashMap::new();
+        let mut member_of: HashMap<String, String> = HashMap::new();
+        let mut total = 0u32;
+        for (i, h) in s.hosts.iter().enumerate() {
+            let p = format!("spec.hosts[{i}]");
+            if let Err(msg) = dns_label(&h.role) {
+                e.add(format!("{p}.role"), msg);
+            }
+            match h.count {
+                Some(0) => e.add(format!("{p}.count"), "must be >= 1"),
+                Some(n) if n > MAX_COUNT => e.add(format!("{p}.count"), format!("must be <= {MAX_COUNT}")),
+                _ => {}
+            }
+            total = total.saturating_add(h.count.unwrap_or(1).min(MAX_COUNT));
+            for (j, c) in h.capabilities.iter().enumerate() {
+                if !label_part(c) {
+                    e.add(format!("{p}.capabilities[{j}]"), "capabilities are 1-63 of [A-Za-z0-9-_./]");
+                }
+            }
+            if !h.host.is_empty() {
+                if let Err(msg) = dns_label(&h.host) {
+                    e.add(format!("{p}.host"), msg);
+                }
+                if h.count.unwrap_or(1) != 1 {
+                    e.add(format!("{p}.count"), "a role pinned to one host has count 1");
+                }
+            }
+            if roles.contains_key(h.role.as_str()) {
+                e.add(format!("{p}.role"), format!("duplicate role {:?}", h.role));
+                continue;
+            }
+            let ms = if h.count.unwrap_or(1) <= MAX_COUNT { members(h) } else { vec![] };
+            for m in &ms {
+                if let Some(other) = member_of.insert(m.clone(), h.role.clone()) {
+                    e.add(format!("{p}.role"), format!("host name {m:?} of role {:?} collides with role {other:?}", h.role));
+                }
+            }
+            roles.insert(&h.role, ms);
+        }
+        for r in roles.keys() {
+            if let Some(other) = member_of.get(*r).filter(|o| o.as_str() != *r) {
+                e.add("spec.hosts", format!("role {r:?} collides with a member of role {other:?}"));
+            }
+        }
+        if total > MAX_HOSTS_PER_TEST {
+            e.add("spec.hosts", format!("more than {MAX_HOSTS_PER_TEST} hosts in one test"));
+        }
+        if s.steps.len() > MAX_STEPS {
+            e.add("spec.steps", format!("more than {MAX_STEPS} steps"));
+        }
+        let names: BTreeSet<&str> = s.steps.iter().map(|st| st.name.as_str()).collect();
+        let mut seen = BTreeSet::new();
+        for (i, st) in s.steps.iter().enumerate() {
+            let p = format!("spec.steps[{i}]");
+            step(&p, st, &roles, &member_of, &names, &mut e);
+            if !seen.insert(st.name.as_str()) {
+                e.add(format!("{p}.name"), format!("duplicate step name {:?}", st.name));
+            }
+        }
+        if let Some(cycle) = find_cycle(&s.steps) {
+            e.add("spec.steps", format!("steps form a cycle through `after`: {}", cycle.join(" -> ")));
+        }
+        e.finish()
+    }
+}
+
+fn step(
+    p: &str,
+    st: &Step,
+    roles: &HashMap<&str, Vec<String>>,
+    member_of: &HashMap<String, String>,
+    names: &BTreeSet<&str>,
+    e: &mut Errors,
+) {
+    if let Err(msg) = dns_label(&st.name) {
+        e.add(format!("{p}.name"), msg);
+    }
+    if st.on.is_empty() {
+        e.add(format!("{p}.on"), "at least one role is required");
+    }
+    for (j, r) in st.on.iter().enumerate() {
+        if !roles.contains_key(r.as_str()) && !member_of.contains_key(r) {
+            let mut known: Vec<&str> = roles.keys().copied().collect();
+            known.sort();
+            e.add(format!("{p}.on[{j}]"), format!("unknown role {r:?} (roles: {})", known.join(", ")));
+        }
+    }
+    for (j, a) in st.after.iter().enumerate() {
+        if a == &st.name {
+            e.add(format!("{p}.after[{j}]"), "a step cannot come after itself");
+        } else if !names.contains(a.as_str()) {
+            e.add(format!("{p}.after[{j}]"), format!("unknown step {a:?}"));
+        }
+    }
+    command(p, &st.argv, &st.script, st.shell, e);
+    env(&format!("{p}.env"), &st.env, e);
+    opt_duration(&format!("{p}.timeout"), &st.timeout, e);
+    for (j, c) in st.exit_codes.iter().enumerate() {
+        if !(0..=255).contains(c) {
+            e.add(format!("{p}.exitCodes[{j}]"), "exit codes are 0..255");
+        }
+    }
+    not_yet(&format!("{p}.sync"), st.sync, e);
+    not_yet(&format!("{p}.background"), st.background, e);
+    not_yet(&format!("{p}.files"), !st.files.is_empty(), e);
+    if st.stdin.len() > MAX_VALUE_BYTES {
+        e.add(format!("{p}.stdin"), format!("larger than {MAX_VALUE_BYTES} bytes"));
+    }
+}
+
+/// A cycle in the `after` graph, as step names, if there is one.
+fn find_cycle(steps: &[Step]) -> Option<Vec<String>> {
+    let idx: HashMap<&str, usize> = steps.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
+    // 0 unvisited, 1 on the stack, 2 done.
+    let mut state = vec![0u8; steps.len()];
+    let mut stack: Vec<usize> = Vec::new();
+    fn visit(
+        i: usize,
+        steps: &[Step],
+        idx: &HashMap<&str, usize>,
+        state: &mut [u8],
+        stack: &mut Vec<usize>,
+    ) -> Option<Vec<String>> {
+        state[i] = 1;
+        stack.push(i);
+        for a in &steps[i].after {
+            let Some(&j) = idx.get(a.as_str()) else { continue };
+            if j == i {
+                continue; // reported as "after itself"
+            }
+            if state[j] == 1 {
+                let from = stack.iter().position(|&k| k == j).unwrap_or(0);
+                let mut c: Vec<String> = stack[from..].iter().map(|&k| steps[k].name.clone()).collect();
+                c.push(steps[j].name.clone());
+                return Some(c);
+            }
+            if state[j] == 0 {
+                if let Some(c) = visit(j, steps, idx, state, stack) {
+                    return Some(c);
+                }
+            }
+        }
+        stack.pop();
+        state[i] = 2;
+        None
+    }
+    for i in 0..steps.len() {
+        if state[i] == 0 {
+            if let Some(c) = visit(i, steps, &idx, &mut state, &mut stack) {
+                return Some(c);
+            }
+        }
+    }
+    None
+}
+
+impl Validate for Host {
+    fn validate(&self) -> Result<(), ValidationErrors> {
+        let mut e = Errors::default();
+        meta(self.meta(), &mut e);
+        if self.meta().name.is_empty() && !self.meta().generate_name.is_empty() {
+            e.add("metadata.name", "hosts are named by their agent; generateName is not allowed");
+        }
+        let s = self.spec();
+        for (j, c) in s.capabilities.iter().enumerate() {
+            if !label_part(c) {
+                e.add(format!("spec.capabilities[{j}]"), "capabilities are 1-63 of [A-Za-z0-9-_./]");
+            }
+        }
+        env("spec.env", &s.env, &mut e);
+        not_yet("spec.files", !s.files.is_empty(), &mut e);
+        for (j, c) in self.status().capabilities.iter().enumerate() {
+            if !label_part(c) {
+                e.add(format!("status.capabilities[{j}]"), "capabilities are 1-63 of [A-Za-z0-9-_./]");
+            }
+        }
+        e.finish()
+    }
+}
+
+impl Validate for Process {
+    fn validate(&self) -> Result<(), ValidationErrors> {
+        let mut e = Errors::default();
+        meta(self.meta(), &mut e);
+        let s = self.spec();
+        if let Err(msg) = dns_label(&s.host_name) {
+            e.add("spec.hostName", msg);
+        }
+        command("spec", &s.argv, &s.script, s.shell, &mut e);
+        opt_duration("spec.timeout", &s.timeout, &mut e);
+        if s.env.len() > MAX_ENV_ENTRIES {
+            e.add("spec.env", format!("more than {MAX_ENV_ENTRIES} entries"));
+        }
+        for (k, v) in &s.env {
+            if env_name(k).is_err() && !k.starts_with("host_") {
+                e.add(format!("spec.env.{k}"), "not a valid variable name");
+            }
+            if v.contains('\0') {
+                e.add(format!("spec.env.{k}"), "must not contain NUL");
+            }
+        }
+        e.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest;
+    use crate::Object;
+
+    fn test_errors(yaml: &str) -> Vec<String> {
+        let objs = manifest::parse("t", yaml).unwrap();
+        let Object::Test(t) = &objs[0] else { panic!() };
+        match t.validate() {
+            Ok(()) => vec![],
+            Err(e) => e.0.iter().map(|f| f.to_string()).collect(),
+        }
+    }
+
+    const HEAD: &str = "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: t}\n";
+
+    #[test]
+    fn count_zero_names_the_field() {
+        let errs = test_errors(&format!(
+            "{HEAD}spec:\n  hosts: [{{role: a}}, {{role: b, count: 0}}]\n  steps: [{{name: s, on: [a], argv: [\"true\"]}}]\n"
+        ));
+        assert_eq!(errs, vec!["spec.hosts[1].count: must be >= 1"]);
+    }
+
+    #[test]
+    fn duplicate_roles_and_member_collisions() {
+        let errs = test_errors(&format!("{HEAD}spec:\n  hosts: [{{role: a}}, {{role: a}}]\n"));
+        assert!(errs.iter().any(|e| e.starts_with("spec.hosts[1].role: duplicate role")), "{errs:?}");
+        let errs = test_errors(&format!("{HEAD}spec:\n  hosts: [{{role: c, count: 2}}, {{role: c1}}]\n"));
+        assert!(errs.iter().any(|e| e.contains("collides")), "{errs:?}");
+    }
+
+    #[test]
+    fn bad_names_unknown_roles_and_cycles() {
+        let errs = test_errors(
+            "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: Bad_Name}\nspec:\n  hosts: [{role: a}]\n  steps:\n    - {name: x, on: [zz], after: [y], argv: [\"true\"]}\n    - {name: y, on: [a], after: [x], argv: [\"true\"]}\n",
+        );
+        assert!(errs.iter().any(|e| e.starts_with("metadata.name:")), "{errs:?}");
+        assert!(errs.iter().any(|e| e.starts_with("spec.steps[0].on[0]: unknown role \"zz\"")), "{errs:?}");
+        assert!(errs.iter().any(|e| e.contains("cycle")), "{errs:?}");
+    }
+
+    #[test]
+    fn valid_members_are_accepted() {
+        let errs = test_errors(&format!(
+            "{HEAD}spec:\n  hosts: [{{role: server}}, {{role: client, count: 3}}]\n  steps:\n    - {{name: a, on: [server], argv: [\"true\"]}}\n    - {{name: b, on: [client2], after: [a], script: \"echo\"}}\n"
+        ));
+        assert!(errs.is_empty(), "{errs:?}");
+    }
+
+    #[test]
+    fn command_shape() {
+        let errs = test_errors(&format!("{HEAD}spec:\n  hosts: [{{role: a}}]\n  steps: [{{name: s, on: [a]}}]\n"));
+        assert_eq!(errs, vec!["spec.steps[0]: one of argv or script is required"]);
+    }
+}
