@@ -8,9 +8,7 @@ use crate::hosts_client::HostsClient;
 use crate::output_client::OutputClient;
 use crate::processes_client::ProcessesClient;
 use crate::tests_client::TestsClient;
-use crate::{
-    DeleteRequest, GetRequest, Host, ListRequest, Process, Resource, Test, WatchRequest,
-};
+use crate::{DeleteRequest, GetRequest, Host, ListRequest, Process, Resource, Test, WatchRequest};
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use hyper_util::rt::TokioIo;
@@ -51,7 +49,9 @@ fn parse_server(server: &str) -> Result<Target, ConnectError> {
     let mut eps = Vec::new();
     for s in server.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         if !(s.starts_with("http://") || s.starts_with("https://")) {
-            return Err(bad("expected http://host:port, https://host:port or unix:/path"));
+            return Err(bad(
+                "expected http://host:port, https://host:port or unix:/path",
+            ));
         }
         let ep = Endpoint::from_shared(s.to_string())
             .map_err(|e| bad(&e.to_string()))?
@@ -88,7 +88,9 @@ fn unix_connector(
        + 'static {
     tower::service_fn(move |_: Uri| {
         let path = path.clone();
-        async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+        async move {
+            Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+        }
     })
 }
 
@@ -186,9 +188,15 @@ impl EventType {
         }
     }
     pub fn parse(s: &str) -> Option<EventType> {
-        [Self::Added, Self::Modified, Self::Deleted, Self::Bookmark, Self::Compacted]
-            .into_iter()
-            .find(|e| e.as_str() == s)
+        [
+            Self::Added,
+            Self::Modified,
+            Self::Deleted,
+            Self::Bookmark,
+            Self::Compacted,
+        ]
+        .into_iter()
+        .find(|e| e.as_str() == s)
     }
 }
 
@@ -204,14 +212,18 @@ pub struct WatchEvent<K> {
 pub trait ApiResource: Resource {
     fn create(ch: Channel, obj: Self) -> impl Future<Output = Result<Self, Status>> + Send;
     fn get(ch: Channel, name: String) -> impl Future<Output = Result<Self, Status>> + Send;
-    fn list(ch: Channel, req: ListRequest) -> impl Future<Output = Result<(Vec<Self>, String), Status>> + Send;
+    fn list(
+        ch: Channel,
+        req: ListRequest,
+    ) -> impl Future<Output = Result<(Vec<Self>, String), Status>> + Send;
     fn watch(
         ch: Channel,
         req: WatchRequest,
     ) -> impl Future<Output = Result<BoxStream<'static, Result<WatchEvent<Self>, Status>>, Status>> + Send;
     fn update(ch: Channel, obj: Self) -> impl Future<Output = Result<Self, Status>> + Send;
     fn update_status(ch: Channel, obj: Self) -> impl Future<Output = Result<Self, Status>> + Send;
-    fn delete(ch: Channel, req: DeleteRequest) -> impl Future<Output = Result<Self, Status>> + Send;
+    fn delete(ch: Channel, req: DeleteRequest)
+        -> impl Future<Output = Result<Self, Status>> + Send;
 }
 
 macro_rules! api_resource {
@@ -221,10 +233,17 @@ macro_rules! api_resource {
                 Ok($client::new(ch).create(obj).await?.into_inner())
             }
             async fn get(ch: Channel, name: String) -> Result<Self, Status> {
-                Ok($client::new(ch).get(GetRequest { name }).await?.into_inner())
+                Ok($client::new(ch)
+                    .get(GetRequest { name })
+                    .await?
+                    .into_inner())
             }
             async fn list(ch: Channel, req: ListRequest) -> Result<(Vec<Self>, String), Status> {
-                let l = $client::new(ch).max_decoding_message_size(256 << 20).list(req).await?.into_inner();
+                let l = $client::new(ch)
+                    .max_decoding_message_size(256 << 20)
+                    .list(req)
+                    .await?
+                    .into_inner();
                 Ok((l.items, l.resource_version))
             }
             async fn watch(
@@ -234,9 +253,14 @@ macro_rules! api_resource {
                 let s = $client::new(ch).watch(req).await?.into_inner();
                 Ok(s.map(|r| {
                     r.and_then(|e| {
-                        let kind = EventType::parse(&e.r#type)
-                            .ok_or_else(|| Status::internal(format!("unknown event type {:?}", e.r#type)))?;
-                        Ok(WatchEvent { kind, object: e.object, resource_version: e.resource_version })
+                        let kind = EventType::parse(&e.r#type).ok_or_else(|| {
+                            Status::internal(format!("unknown event type {:?}", e.r#type))
+                        })?;
+                        Ok(WatchEvent {
+                            kind,
+                            object: e.object,
+                            resource_version: e.resource_version,
+                        })
                     })
                 })
                 .boxed())
@@ -288,7 +312,11 @@ impl<K: ApiResource> Api<K> {
             Err(s) => Err(s),
         }
     }
-    pub async fn list(&self, label_selector: &str, field_selector: &str) -> Result<(Vec<K>, String), Status> {
+    pub async fn list(
+        &self,
+        label_selector: &str,
+        field_selector: &str,
+    ) -> Result<(Vec<K>, String), Status> {
         K::list(
             self.channel.clone(),
             ListRequest {
@@ -333,7 +361,11 @@ impl<K: ApiResource> Api<K> {
 
     /// Read-modify-write of the status with compare-and-swap, retried on
     /// conflict. `f` returns false to leave the object as it is.
-    pub async fn patch_status(&self, name: &str, mut f: impl FnMut(&mut K) -> bool) -> Result<K, Status> {
+    pub async fn patch_status(
+        &self,
+        name: &str,
+        mut f: impl FnMut(&mut K) -> bool,
+    ) -> Result<K, Status> {
         loop {
             let mut obj = self.get(name).await?;
             if !f(&mut obj) {
@@ -401,9 +433,15 @@ pub fn watcher<K: ApiResource>(
                         },
                         State::Watch(mut stream, rv) => match stream.next().await {
                             Some(Ok(ev)) => {
-                                let rv = if ev.resource_version.is_empty() { rv } else { ev.resource_version.clone() };
+                                let rv = if ev.resource_version.is_empty() {
+                                    rv
+                                } else {
+                                    ev.resource_version.clone()
+                                };
                                 let out = match (ev.kind, ev.object) {
-                                    (EventType::Added | EventType::Modified, Some(o)) => WatcherEvent::Applied(o),
+                                    (EventType::Added | EventType::Modified, Some(o)) => {
+                                        WatcherEvent::Applied(o)
+                                    }
                                     (EventType::Deleted, Some(o)) => WatcherEvent::Deleted(o),
                                     (EventType::Compacted, _) => {
                                         state = State::List;

@@ -26,7 +26,9 @@ pub fn parse(input: &str) -> Result<Duration, DurationError> {
         if digits == 0 {
             return Err(err("expected a number"));
         }
-        let n: u128 = rest[..digits].parse().map_err(|_| err("number too large"))?;
+        let n: u128 = rest[..digits]
+            .parse()
+            .map_err(|_| err("number too large"))?;
         rest = &rest[digits..];
         let unit_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
         let millis_per = match &rest[..unit_len] {
@@ -81,7 +83,16 @@ mod tests {
 
     #[test]
     fn rejects_bad_input() {
-        for bad in ["", "10", "m", "5x", "1h30", "-5s", "99999999999999999999999h", "3650000d"] {
+        for bad in [
+            "",
+            "10",
+            "m",
+            "5x",
+            "1h30",
+            "-5s",
+            "99999999999999999999999h",
+            "3650000d",
+        ] {
             assert!(parse(bad).is_err(), "{bad:?} should be rejected");
         }
     }

@@ -28,6 +28,10 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 
 pub const API_VERSION: &str = "testbus/v1";
 
+/// The finalizer the server puts on every Test; the test controller removes
+/// it once the test's processes have ended and its hosts are released.
+pub const TEST_FINALIZER: &str = "testbus.io/cleanup";
+
 /// Process phases.
 pub mod phase {
     pub const PENDING: &str = "Pending";

@@ -93,7 +93,11 @@ static EMPTY_META: ObjectMeta = ObjectMeta {
 
 resource!(Host, HostSpec, HostStatus, Kind::Host,);
 resource!(Test, TestSpec, TestStatus, Kind::Test,);
-resource!(Process, ProcessSpec, ProcessStatus, Kind::Process,
+resource!(
+    Process,
+    ProcessSpec,
+    ProcessStatus,
+    Kind::Process,
     fn index_value(&self) -> Option<&str> {
         Some(self.spec().host_name.as_str())
     }

@@ -32,7 +32,9 @@ impl LabelSelector {
                 Req::Eq(k, _) | Req::Ne(k, _) | Req::Exists(k) | Req::NotExists(k) => k,
             };
             if key.is_empty() || key.contains(char::is_whitespace) {
-                return Err(format!("invalid label selector {s:?}: bad requirement {part:?}"));
+                return Err(format!(
+                    "invalid label selector {s:?}: bad requirement {part:?}"
+                ));
             }
             reqs.push(req);
         }
@@ -92,12 +94,16 @@ impl FieldSelector {
         if self.host_name.is_none() && self.test.is_none() {
             return true;
         }
-        let Object::Process(p) = obj else { return false };
+        let Object::Process(p) = obj else {
+            return false;
+        };
         self.matches_process(p)
     }
 
     fn matches_process(&self, p: &Process) -> bool {
-        self.host_name.as_ref().is_none_or(|h| &p.spec().host_name == h)
+        self.host_name
+            .as_ref()
+            .is_none_or(|h| &p.spec().host_name == h)
             && self.test.as_ref().is_none_or(|t| &p.spec().test == t)
     }
 }
@@ -119,7 +125,10 @@ mod tests {
 
     #[test]
     fn field_selectors() {
-        assert!(FieldSelector::parse("spec.hostName=a").unwrap().host_name.is_some());
+        assert!(FieldSelector::parse("spec.hostName=a")
+            .unwrap()
+            .host_name
+            .is_some());
         assert!(FieldSelector::parse("status.phase=x").is_err());
     }
 }

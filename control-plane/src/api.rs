@@ -1,0 +1,635 @@
+//! The gRPC resource services. All verbs live once, in [`ResourceService`],
+//! generic over the kind; the macro at the bottom binds them to each
+//! generated service trait. Kind-specific rules are in [`Policy`].
+use crate::hub::{self, Filter, Hub, HubEvent};
+use crate::store::{Compare, Op, Store, StoreError};
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use std::sync::Arc;
+use testbus_proto::client::{EventType, WatchEvent};
+use testbus_proto::selector::{FieldSelector, LabelSelector};
+use testbus_proto::validate::Validate;
+use testbus_proto::{
+    phase, ClaimRequest, DeleteRequest, GetRequest, Host, HostClaim, HostEvent, HostList, Kind,
+    ListRequest, Object, Process, ProcessEvent, ProcessList, RenewLeaseRequest, Resource, Test,
+    TestEvent, TestList, WatchRequest,
+};
+use tonic::{Request, Response, Status};
+
+/// Finalizer the server puts on every Test: the test controller removes it
+pub use testbus_proto::TEST_FINALIZER;
+
+/// Who is calling, as the transport says. In insecure mode (loopback or
+/// `--insecure`) every caller is an administrator; mTLS identities come with
+/// the security work.
+#[derive(Debug, Clone)]
+pub enum Identity {
+    Admin { peer: String },
+}
+
+pub fn identity<T>(req: &Request<T>) -> Identity {
+    let peer = req
+        .remote_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| "local".into());
+    Identity::Admin { peer }
+}
+
+fn store_err(e: StoreError) -> Status {
+    match e {
+        StoreError::TooLarge { .. } => Status::invalid_argument(e.to_string()),
+        StoreError::Compacted { .. } => Status::out_of_range(e.to_string()),
+        StoreError::Backend(_) => Status::unavailable(e.to_string()),
+    }
+}
+
+/// Kind-specific rules.
+pub trait Policy: Resource + Validate {
+    fn from_object(o: &Object) -> Option<&Self>;
+    /// Server-side defaults on create.
+    fn on_create(&mut self) {}
+    /// May the spec change from `old` to `new`?
+    fn check_update(_old: &Self, _new: &Self) -> Result<(), Status> {
+        Ok(())
+    }
+    /// May the status be written now?
+    fn check_status_update(_old: &Self) -> Result<(), Status> {
+        Ok(())
+    }
+}
+
+impl Policy for Host {
+    fn from_object(o: &Object) -> Option<&Self> {
+        match o {
+            Object::Host(h) => Some(h),
+            _ => None,
+        }
+    }
+}
+
+impl Policy for Test {
+    fn from_object(o: &Object) -> Option<&Self> {
+        match o {
+            Object::Test(t) => Some(t),
+            _ => None,
+        }
+    }
+    fn on_create(&mut self) {
+        *self.status_mut() = Default::default();
+        self.status_mut().phase = phase::PENDING.into();
+        let fin = &mut self.meta_mut().finalizers;
+        if !fin.iter().any(|f| f == TEST_FINALIZER) {
+            fin.push(TEST_FINALIZER.into());
+        }
+    }
+    fn check_update(old: &Self, new: &Self) -> Result<(), Status> {
+        if old.spec() != new.spec() {
+            return Err(Status::invalid_argument(format!(
+                "spec: the spec of Test {:?} is immutable once created; create a new test",
+                old.name()
+            )));
+        }
+        Ok(())
+    }
+    fn check_status_update(old: &Self) -> Result<(), Status> {
+        if phase::test_terminal(&old.status().phase) {
+            return Err(Status::failed_precondition(format!(
+                "status: Test {:?} has finished ({}); finished tests are immutable",
+                old.name(),
+                old.status().phase
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Policy for Process {
+    fn from_object(o: &Object) -> Option<&Self> {
+        match o {
+            Object::Process(p) => Some(p),
+            _ => None,
+        }
+    }
+    fn on_create(&mut self) {
+        *self.status_mut() = Default::default();
+        self.status_mut().phase = phase::PENDING.into();
+    }
+    fn check_update(old: &Self, new: &Self) -> Result<(), Status> {
+        let mut a = old.spec().clone();
+        a.stop = new.spec().stop;
+        if &a != new.spec() {
+            return Err(Status::invalid_argument(
+                "spec: only spec.stop of a Process may change",
+            ));
+        }
+        if old.spec().stop && !new.spec().stop {
+            return Err(Status::invalid_argument(
+                "spec.stop: a stopped Process cannot be started again",
+            ));
+        }
+        Ok(())
+    }
+    fn check_status_update(old: &Self) -> Result<(), Status> {
+        if phase::process_terminal(&old.status().phase) {
+            return Err(Status::failed_precondition(format!(
+                "status: Process {:?} has finished ({}); its status is final",
+                old.name(),
+                old.status().phase
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Shared state of the API: the store and the watch hub.
+#[derive(Clone)]
+pub struct ApiState {
+    pub store: Arc<dyn Store>,
+    pub hub: Arc<Hub>,
+}
+
+pub struct ResourceService<K> {
+    st: ApiState,
+    _k: std::marker::PhantomData<fn() -> K>,
+}
+
+impl<K> ResourceService<K> {
+    pub fn new(st: ApiState) -> Self {
+        ResourceService {
+            st,
+            _k: std::marker::PhantomData,
+        }
+    }
+}
+
+fn parse_rv(field: &str, rv: &str) -> Result<u64, Status> {
+    rv.parse::<u64>()
+        .map_err(|_| Status::invalid_argument(format!("{field}: {rv:?} is not a resource version")))
+}
+
+fn random_suffix() -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let mut rng = rand::rng();
+    (0..5)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+impl<K: Policy> ResourceService<K> {
+    fn key(name: &str) -> String {
+        hub::key(K::KIND, name)
+    }
+
+    fn decode(kv: &crate::store::KeyValue) -> Result<K, Status> {
+        let mut o = K::decode(kv.value.as_slice())
+            .map_err(|e| Status::data_loss(format!("{}: {e}", kv.key)))?;
+        o.meta_mut().resource_version = kv.mod_revision.to_string();
+        Ok(o)
+    }
+
+    fn encode(o: &K) -> Vec<u8> {
+        let mut o = o.clone();
+        // The revision is the store's, not part of the stored value.
+        o.meta_mut().resource_version.clear();
+        o.encode_to_vec()
+    }
+
+    fn not_found(name: &str) -> Status {
+        Status::not_found(format!("{} {name:?} not found", K::KIND))
+    }
+
+    fn conflict(o: &K, current: u64) -> Status {
+        Status::aborted(format!(
+            "conflict: {} {:?} was modified (resourceVersion {current}, request had {}); read it again and retry",
+            K::KIND,
+            o.name(),
+            o.resource_version()
+        ))
+    }
+
+    pub async fn load(&self, name: &str) -> Result<(K, u64), Status> {
+        let kv = self
+            .st
+            .store
+            .get(&Self::key(name))
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| Self::not_found(name))?;
+        Ok((Self::decode(&kv)?, kv.mod_revision))
+    }
+
+    pub async fn create(&self, _id: &Identity, mut obj: K) -> Result<K, Status> {
+        obj = obj.with_type_meta();
+        obj.validate()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        {
+            let m = obj.meta_mut();
+            m.uid = uuid::Uuid::new_v4().to_string();
+            m.creation_timestamp = testbus_proto::time::now();
+            m.deletion_timestamp.clear();
+            m.generation = 1;
+            m.resource_version.clear();
+        }
+        obj.on_create();
+        let generated = obj.meta().name.is_empty();
+        for _ in 0..8 {
+            if generated {
+                obj.meta_mut().name = format!("{}{}", obj.meta().generate_name, random_suffix());
+            }
+            let key = Self::key(obj.name());
+            let out = self
+                .st
+                .store
+                .txn(
+                    vec![Compare::ModRevision(key.clone(), 0)],
+                    vec![Op::Put(key, Self::encode(&obj))],
+                )
+                .await
+                .map_err(store_err)?;
+            if out.succeeded {
+                obj.meta_mut().resource_version = out.revision.to_string();
+                return Ok(obj);
+            }
+            if !generated {
+                return Err(Status::already_exists(format!(
+                    "{} {:?} already exists",
+                    K::KIND,
+                    obj.name()
+                )));
+            }
+        }
+        Err(Status::already_exists(
+            "could not generate a unique name; try again",
+        ))
+    }
+
+    pub async fn get(&self, _id: &Identity, req: GetRequest) -> Result<K, Status> {
+        Ok(self.load(&req.name).await?.0)
+    }
+
+    pub async fn list(&self, _id: &Identity, req: ListRequest) -> Result<(Vec<K>, String), Status> {
+        let filter = filter(&req.label_selector, &req.field_selector)?;
+        let (kvs, rev) = self
+            .st
+            .store
+            .list(&hub::prefix(K::KIND))
+            .await
+            .map_err(store_err)?;
+        let mut items = Vec::with_capacity(kvs.len());
+        for kv in &kvs {
+            let o = Self::decode(kv)?;
+            if filter.labels.matches(&o.meta().labels)
+                && filter.fields.matches(&o.clone().into_object())
+            {
+                items.push(o);
+            }
+        }
+        Ok((items, rev.to_string()))
+    }
+
+    pub fn watch(
+        &self,
+        _id: &Identity,
+        req: WatchRequest,
+    ) -> Result<BoxStream<'static, Result<WatchEvent<K>, Status>>, Status> {
+        let filter = filter(&req.label_selector, &req.field_selector)?;
+        let after = if req.resource_version.is_empty() {
+            None
+        } else {
+            Some(parse_rv("resourceVersion", &req.resource_version)?)
+        };
+        // Processes watched by host use the host index.
+        let index = match K::KIND {
+            Kind::Process => filter.fields.host_name.clone(),
+            _ => None,
+        };
+        let compacted = |rv: String| WatchEvent {
+            kind: EventType::Compacted,
+            object: None,
+            resource_version: rv,
+        };
+        let rx = match self.st.hub.watch(K::KIND, after, index, filter) {
+            Ok(rx) => rx,
+            Err(e) => {
+                let ev = compacted(e.floor.to_string());
+                return Ok(futures::stream::iter([Ok(ev)]).boxed());
+            }
+        };
+        let events = tokio_stream::wrappers::ReceiverStream::new(rx).map(|e: Arc<HubEvent>| {
+            let object = K::from_object(&e.object).cloned();
+            Ok(WatchEvent {
+                kind: e.kind,
+                object,
+                resource_version: e.revision.to_string(),
+            })
+        });
+        // The hub closes a watcher's channel only when it dropped it (too
+        // slow, or the hub restarted): tell the client to relist.
+        Ok(events
+            .chain(futures::stream::iter([Ok(compacted(String::new()))]))
+            .boxed())
+    }
+
+    async fn cas_put(&self, obj: &K, expected: u64) -> Result<K, Status> {
+        let key = Self::key(obj.name());
+        let out = self
+            .st
+            .store
+            .txn(
+                vec![Compare::ModRevision(key.clone(), expected)],
+                vec![Op::Put(key, Self::encode(obj))],
+            )
+            .await
+            .map_err(store_err)?;
+        if !out.succeeded {
+            let current = self
+                .st
+                .store
+                .get(&Self::key(obj.name()))
+                .await
+                .map_err(store_err)?;
+            return Err(match current {
+                Some(kv) => Self::conflict(obj, kv.mod_revision),
+                None => Self::not_found(obj.name()),
+            });
+        }
+        let mut o = obj.clone();
+        o.meta_mut().resource_version = out.revision.to_string();
+        Ok(o)
+    }
+
+    async fn cas_delete(&self, obj: &K, expected: u64) -> Result<K, Status> {
+        let key = Self::key(obj.name());
+        let out = self
+            .st
+            .store
+            .txn(
+                vec![Compare::ModRevision(key.clone(), expected)],
+                vec![Op::Delete(key)],
+            )
+            .await
+            .map_err(store_err)?;
+        if !out.succeeded {
+            return Err(Self::conflict(obj, expected));
+        }
+        Ok(obj.clone())
+    }
+
+    fn expect_rv(obj: &K) -> Result<u64, Status> {
+        if obj.resource_version().is_empty() {
+            return Err(Status::invalid_argument(
+                "metadata.resourceVersion: required (every update is a compare-and-swap)",
+            ));
+        }
+        parse_rv("metadata.resourceVersion", obj.resource_version())
+    }
+
+    pub async fn update(&self, _id: &Identity, new: K) -> Result<K, Status> {
+        let want = Self::expect_rv(&new)?;
+        let (current, rev) = self.load(new.name()).await?;
+        if rev != want {
+            return Err(Self::conflict(&new, rev));
+        }
+        K::check_update(&current, &new)?;
+        let mut next = current.clone();
+        *next.spec_mut() = new.spec().clone();
+        {
+            let (m, n) = (next.meta_mut(), new.meta());
+            m.labels = n.labels.clone();
+            m.annotations = n.annotations.clone();
+            m.finalizers = n.finalizers.clone();
+            m.owner_references = n.owner_references.clone();
+        }
+        if !current.meta().deletion_timestamp.is_empty()
+            && next.meta().finalizers.len() > current.meta().finalizers.len()
+        {
+            return Err(Status::failed_precondition(
+                "metadata.finalizers: cannot add finalizers while deleting",
+            ));
+        }
+        next.validate()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if next.spec() != current.spec() {
+            next.meta_mut().generation += 1;
+        }
+        if !next.meta().deletion_timestamp.is_empty() && next.meta().finalizers.is_empty() {
+            return self.cas_delete(&next, rev).await;
+        }
+        self.cas_put(&next, rev).await
+    }
+
+    pub async fn update_status(&self, _id: &Identity, new: K) -> Result<K, Status> {
+        let want = Self::expect_rv(&new)?;
+        let (current, rev) = self.load(new.name()).await?;
+        if rev != want {
+            return Err(Self::conflict(&new, rev));
+        }
+        K::check_status_update(&current)?;
+        let mut next = current;
+        *next.status_mut() = new.status().clone();
+        next.validate()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.cas_put(&next, rev).await
+    }
+
+    pub async fn delete(&self, _id: &Identity, req: DeleteRequest) -> Result<K, Status> {
+        loop {
+            let (mut current, rev) = self.load(&req.name).await?;
+            if !req.resource_version.is_empty()
+                && parse_rv("resourceVersion", &req.resource_version)? != rev
+            {
+                return Err(Self::conflict(&current, rev));
+            }
+            let res = if current.meta().finalizers.is_empty() {
+                self.cas_delete(&current, rev).await
+            } else if current.meta().deletion_timestamp.is_empty() {
+                current.meta_mut().deletion_timestamp = testbus_proto::time::now();
+                self.cas_put(&current, rev).await
+            } else {
+                return Ok(current); // already being deleted
+            };
+            match res {
+                Err(s) if s.code() == tonic::Code::Aborted && req.resource_version.is_empty() => {
+                    continue
+                }
+                r => return r,
+            }
+        }
+    }
+}
+
+fn filter(labels: &str, fields: &str) -> Result<Filter, Status> {
+    Ok(Filter {
+        labels: LabelSelector::parse(labels)
+            .map_err(|e| Status::invalid_argument(format!("labelSelector: {e}")))?,
+        fields: FieldSelector::parse(fields)
+            .map_err(|e| Status::invalid_argument(format!("fieldSelector: {e}")))?,
+    })
+}
+
+impl ResourceService<Host> {
+    pub async fn renew_lease(
+        &self,
+        _id: &Identity,
+        req: RenewLeaseRequest,
+    ) -> Result<Host, Status> {
+        loop {
+            let (mut h, rev) = self.load(&req.name).await?;
+            h.status_mut().lease_renew_time = testbus_proto::time::now();
+            match self.cas_put(&h, rev).await {
+                Err(s) if s.code() == tonic::Code::Aborted => continue,
+                r => return r,
+            }
+        }
+    }
+}
+
+impl ResourceService<Test> {
+    /// The gang claim: all hosts and the test in one transaction, or nothing.
+    pub async fn claim(&self, _id: &Identity, req: ClaimRequest) -> Result<Test, Status> {
+        let (mut test, test_rev) = self.load(&req.test).await?;
+        if parse_rv("testResourceVersion", &req.test_resource_version)? != test_rev {
+            return Err(Self::conflict(&test, test_rev));
+        }
+        if test.status().phase != phase::PENDING || !test.meta().deletion_timestamp.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "Test {:?} is not pending",
+                req.test
+            )));
+        }
+        if req.assignments.is_empty() {
+            return Err(Status::invalid_argument(
+                "assignments: at least one host is required",
+            ));
+        }
+        let hosts = ResourceService::<Host>::new(self.st.clone());
+        let mut compares = vec![Compare::ModRevision(Self::key(&req.test), test_rev)];
+        let mut ops = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for (i, a) in req.assignments.iter().enumerate() {
+            if !seen.insert(a.host.as_str()) {
+                return Err(Status::invalid_argument(format!(
+                    "assignments[{i}].host: {:?} assigned twice",
+                    a.host
+                )));
+            }
+            let (mut h, rev) = hosts.load(&a.host).await?;
+            if parse_rv(
+                &format!("assignments[{i}].hostResourceVersion"),
+                &a.host_resource_version,
+            )? != rev
+            {
+                return Err(Status::aborted(format!(
+                    "conflict: Host {:?} changed since it was chosen",
+                    a.host
+                )));
+            }
+            let s = h.status();
+            if s.phase != phase::READY
+                || h.spec().unschedulable
+                || s.claim.as_ref().is_some_and(|c| !c.test.is_empty())
+            {
+                return Err(Status::aborted(format!(
+                    "conflict: Host {:?} is no longer free",
+                    a.host
+                )));
+            }
+            h.status_mut().claim = Some(HostClaim {
+                test: test.name().to_string(),
+                test_uid: test.meta().uid.clone(),
+                role: a.role.clone(),
+            });
+            compares.push(Compare::ModRevision(hub::key(Kind::Host, &a.host), rev));
+            ops.push(Op::Put(
+                hub::key(Kind::Host, &a.host),
+                ResourceService::<Host>::encode(&h),
+            ));
+        }
+        test.status = Some(req.status.unwrap_or_default());
+        test.validate()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        ops.push(Op::Put(Self::key(&req.test), Self::encode(&test)));
+        let out = self.st.store.txn(compares, ops).await.map_err(store_err)?;
+        if !out.succeeded {
+            return Err(Status::aborted(
+                "conflict: a host or the test changed during the claim; retry",
+            ));
+        }
+        test.meta_mut().resource_version = out.revision.to_string();
+        Ok(test)
+    }
+}
+
+macro_rules! bind_service {
+    ($module:ident :: $trait:ident, $ty:ident, $list:ident, $event:ident, { $($extra:tt)* }) => {
+        #[tonic::async_trait]
+        impl testbus_proto::$module::$trait for ResourceService<$ty> {
+            async fn create(&self, req: Request<$ty>) -> Result<Response<$ty>, Status> {
+                let id = identity(&req);
+                self.create(&id, req.into_inner()).await.map(Response::new)
+            }
+            async fn get(&self, req: Request<GetRequest>) -> Result<Response<$ty>, Status> {
+                let id = identity(&req);
+                ResourceService::get(self, &id, req.into_inner()).await.map(Response::new)
+            }
+            async fn list(&self, req: Request<ListRequest>) -> Result<Response<$list>, Status> {
+                let id = identity(&req);
+                let (items, resource_version) = ResourceService::list(self, &id, req.into_inner()).await?;
+                Ok(Response::new($list { items, resource_version }))
+            }
+            type WatchStream = BoxStream<'static, Result<$event, Status>>;
+            async fn watch(&self, req: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+                let id = identity(&req);
+                let s = ResourceService::watch(self, &id, req.into_inner())?;
+                Ok(Response::new(
+                    s.map(|r| {
+                        r.map(|e| $event {
+                            r#type: e.kind.as_str().to_string(),
+                            object: e.object,
+                            resource_version: e.resource_version,
+                        })
+                    })
+                    .boxed(),
+                ))
+            }
+            async fn update(&self, req: Request<$ty>) -> Result<Response<$ty>, Status> {
+                let id = identity(&req);
+                ResourceService::update(self, &id, req.into_inner()).await.map(Response::new)
+            }
+            async fn update_status(&self, req: Request<$ty>) -> Result<Response<$ty>, Status> {
+                let id = identity(&req);
+                ResourceService::update_status(self, &id, req.into_inner()).await.map(Response::new)
+            }
+            async fn delete(&self, req: Request<DeleteRequest>) -> Result<Response<$ty>, Status> {
+                let id = identity(&req);
+                ResourceService::delete(self, &id, req.into_inner()).await.map(Response::new)
+            }
+            $($extra)*
+        }
+    };
+}
+
+bind_service!(hosts_server::Hosts, Host, HostList, HostEvent, {
+    async fn renew_lease(&self, req: Request<RenewLeaseRequest>) -> Result<Response<Host>, Status> {
+        let id = identity(&req);
+        ResourceService::renew_lease(self, &id, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+});
+bind_service!(tests_server::Tests, Test, TestList, TestEvent, {
+    async fn claim(&self, req: Request<ClaimRequest>) -> Result<Response<Test>, Status> {
+        let id = identity(&req);
+        ResourceService::claim(self, &id, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+});
+bind_service!(
+    processes_server::Processes,
+    Process,
+    ProcessList,
+    ProcessEvent,
+    {}
+);

@@ -1,0 +1,272 @@
+//! Watch fan-out from one cache.
+//!
+//! The hub owns the only watch on the store. Each store event is decoded
+//! once and offered to the watchers that can want it: those watching the
+//! whole kind, and those indexed by the object's index value (Processes by
+//! host), so an agent's watch costs O(its own events), not O(all events).
+//! The last `capacity` events are kept in a ring so that a watch from a
+//! recent revision is served without touching the store; an older revision
+//! gets `Compacted` and the client lists again.
+//!
+//! Ownership: `Hub::run` is the single writer of the ring and the only task
+//! that sends into watcher channels. A watcher that cannot keep up (its
+//! channel is full) is dropped; its stream then ends with `Compacted`.
+use crate::store::{Event, Revision, Store, StoreError};
+use futures::StreamExt;
+use prost::Message;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use testbus_proto::client::EventType;
+use testbus_proto::selector::{FieldSelector, LabelSelector};
+use testbus_proto::{Host, Kind, Object, Process, Resource, Test};
+use tokio::sync::mpsc;
+
+pub const REGISTRY_PREFIX: &str = "/registry/";
+
+/// One decoded store event.
+#[derive(Debug)]
+pub struct HubEvent {
+    pub kind: EventType,
+    pub object: Object,
+    pub revision: Revision,
+}
+
+/// What a watcher wants besides its kind.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub labels: LabelSelector,
+    pub fields: FieldSelector,
+}
+
+impl Filter {
+    pub fn matches(&self, o: &Object) -> bool {
+        self.labels.matches(&o.meta().labels) && self.fields.matches(o)
+    }
+}
+
+struct Watcher {
+    tx: mpsc::Sender<Arc<HubEvent>>,
+    filter: Filter,
+    /// Events at or below this revision were already delivered (or listed).
+    after: Revision,
+}
+
+#[derive(Default)]
+struct State {
+    revision: Revision,
+    /// History is complete for revisions > floor.
+    floor: Revision,
+    ring: VecDeque<Arc<HubEvent>>,
+    next_id: u64,
+    by_kind: HashMap<Kind, HashMap<u64, Watcher>>,
+    by_index: HashMap<(Kind, String), HashMap<u64, Watcher>>,
+}
+
+pub struct Hub {
+    state: Mutex<State>,
+    capacity: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("resource version {requested} is older than the watch cache (oldest: {floor}); list again")]
+pub struct TooOld {
+    pub requested: Revision,
+    pub floor: Revision,
+}
+
+/// Key of an object in the store.
+pub fn key(kind: Kind, name: &str) -> String {
+    format!("{REGISTRY_PREFIX}{}/{name}", kind.plural())
+}
+
+pub fn prefix(kind: Kind) -> String {
+    format!("{REGISTRY_PREFIX}{}/", kind.plural())
+}
+
+/// Decodes a stored value of the kind its key names, with resourceVersion
+/// set from the store revision.
+pub fn decode(key: &str, value: &[u8], revision: Revision) -> Option<Object> {
+    let rest = key.strip_prefix(REGISTRY_PREFIX)?;
+    let plural = rest.split('/').next()?;
+    let kind = Kind::ALL.into_iter().find(|k| k.plural() == plural)?;
+    fn with_rv<K: Resource>(mut o: K, rev: Revision) -> K {
+        o.meta_mut().resource_version = rev.to_string();
+        o
+    }
+    let obj = match kind {
+        Kind::Host => Object::Host(with_rv(Host::decode(value).ok()?, revision)),
+        Kind::Test => Object::Test(with_rv(Test::decode(value).ok()?, revision)),
+        Kind::Process => Object::Process(with_rv(Process::decode(value).ok()?, revision)),
+    };
+    Some(obj)
+}
+
+fn index_of(o: &Object) -> Option<(Kind, String)> {
+    match o {
+        Object::Process(p) => p.index_value().map(|h| (Kind::Process, h.to_string())),
+        _ => None,
+    }
+}
+
+impl Hub {
+    pub fn new(capacity: usize) -> Arc<Hub> {
+        Arc::new(Hub {
+            state: Mutex::new(State::default()),
+            capacity: capacity.max(16),
+        })
+    }
+
+    /// Follows the store until the process ends. Restarts from the store's
+    /// current revision if the store watch breaks (watchers are dropped and
+    /// relist).
+    pub async fn run(self: Arc<Self>, store: Arc<dyn Store>) {
+        loop {
+            let rev = match store.revision().await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(error = %e, "hub: cannot read store revision");
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            {
+                let mut st = self.lock();
+                if st.revision != rev || st.floor == 0 {
+                    // Starting (or restarting after a break): the ring no
+                    // longer joins up with the store; every watcher relists.
+                    st.ring.clear();
+                    st.by_kind.clear();
+                    st.by_index.clear();
+                    st.revision = rev;
+                    st.floor = rev;
+                }
+            }
+            let mut stream = match store.watch(REGISTRY_PREFIX, rev).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "hub: store watch failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            while let Some(ev) = stream.next().await {
+                match ev {
+                    Ok(ev) => self.dispatch(ev),
+                    Err(StoreError::Compacted { .. }) => {
+                        tracing::warn!("hub: store watch fell behind; restarting");
+                        self.lock().floor = 0;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "hub: store watch error; restarting");
+                        self.lock().floor = 0;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding this lock would be a bug in this module;
+        // recover the state rather than poisoning every watch.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn dispatch(&self, ev: Event) {
+        let (kind, kv) = match &ev {
+            Event::Put(kv) if kv.create_revision == kv.mod_revision => (EventType::Added, kv),
+            Event::Put(kv) => (EventType::Modified, kv),
+            Event::Delete(kv) => (EventType::Deleted, kv),
+        };
+        let Some(object) = decode(&kv.key, &kv.value, kv.mod_revision) else {
+            tracing::warn!(key = %kv.key, "hub: undecodable object skipped");
+            return;
+        };
+        let hev = Arc::new(HubEvent {
+            kind,
+            object,
+            revision: kv.mod_revision,
+        });
+        let mut st = self.lock();
+        st.revision = st.revision.max(hev.revision);
+        st.ring.push_back(hev.clone());
+        while st.ring.len() > self.capacity {
+            if let Some(old) = st.ring.pop_front() {
+                st.floor = st.floor.max(old.revision);
+            }
+        }
+        let okind = hev.object.kind();
+        let deliver = |ws: &mut HashMap<u64, Watcher>| {
+            ws.retain(|_, w| {
+                if hev.revision <= w.after || !w.filter.matches(&hev.object) {
+                    return true;
+                }
+                // Full or closed: drop the watcher; its client relists.
+                w.tx.try_send(hev.clone()).is_ok()
+            });
+        };
+        if let Some(ws) = st.by_kind.get_mut(&okind) {
+            deliver(ws);
+        }
+        if let Some(ix) = index_of(&hev.object) {
+            if let Some(ws) = st.by_index.get_mut(&ix) {
+                deliver(ws);
+                if ws.is_empty() {
+                    st.by_index.remove(&ix);
+                }
+            }
+        }
+    }
+
+    /// Registers a watcher of `kind` for events after `after` (None: from
+    /// now). With `index`, only objects with that index value are offered.
+    pub fn watch(
+        &self,
+        kind: Kind,
+        after: Option<Revision>,
+        index: Option<String>,
+        filter: Filter,
+    ) -> Result<mpsc::Receiver<Arc<HubEvent>>, TooOld> {
+        let mut st = self.lock();
+        let after = after.unwrap_or(st.revision);
+        if after < st.floor {
+            return Err(TooOld {
+                requested: after,
+                floor: st.floor,
+            });
+        }
+        let backlog: Vec<Arc<HubEvent>> = st
+            .ring
+            .iter()
+            .filter(|e| {
+                e.revision > after
+                    && e.object.kind() == kind
+                    && index
+                        .as_ref()
+                        .is_none_or(|ix| index_of(&e.object).is_some_and(|(_, v)| &v == ix))
+                    && filter.matches(&e.object)
+            })
+            .cloned()
+            .collect();
+        let (tx, rx) = mpsc::channel(backlog.len() + 1024);
+        for e in backlog {
+            let _ = tx.try_send(e);
+        }
+        let id = st.next_id;
+        st.next_id += 1;
+        let w = Watcher { tx, filter, after };
+        match index {
+            Some(ix) => st.by_index.entry((kind, ix)).or_default().insert(id, w),
+            None => st.by_kind.entry(kind).or_default().insert(id, w),
+        };
+        Ok(rx)
+    }
+
+    /// Number of registered watchers (for tests and metrics).
+    pub fn watchers(&self) -> usize {
+        let st = self.lock();
+        st.by_kind.values().map(HashMap::len).sum::<usize>()
+            + st.by_index.values().map(HashMap::len).sum::<usize>()
+    }
+}

@@ -1,0 +1,11 @@
+//! The testbus control plane: the gRPC API over a [`store::Store`], the
+//! watch fan-out [`hub::Hub`], process output, and (by default) the
+//! controllers, run in-process and talking to the API through its own
+//! unix socket like any other client.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod hub;
+pub mod output;
+pub mod server;
+pub mod store;

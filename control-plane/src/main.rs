@@ -1,0 +1,87 @@
+#![forbid(unsafe_code)]
+use clap::Parser;
+use std::path::PathBuf;
+use testbus_control_plane::server::{self, Listen};
+
+/// The testbus control plane: API server, store, and controllers.
+#[derive(Parser, Debug)]
+#[command(name = "testbus-control-plane", version)]
+struct Args {
+    /// Address to serve on: HOST:PORT or unix:/path. Repeatable. A unix
+    /// socket is always offered at DATA_DIR/api.sock as well.
+    #[arg(long, default_value = "127.0.0.1:7780")]
+    listen: Vec<Listen>,
+    /// Where the store file and process output live.
+    #[arg(long, env = "TESTBUS_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// "embedded" (one file in the data dir).
+    #[arg(long, default_value = "embedded")]
+    store: String,
+    /// Serve without TLS on non-loopback addresses (development only).
+    #[arg(long)]
+    insecure: bool,
+    /// Do not run the controllers in this process.
+    #[arg(long)]
+    no_controllers: bool,
+    /// How long past its lease a host is still considered Ready.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    lease_grace: std::time::Duration,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    testbus_proto::duration::parse(s).map_err(|e| e.to_string())
+}
+
+fn default_data_dir() -> PathBuf {
+    if nix_is_root() {
+        PathBuf::from("/var/lib/testbus")
+    } else {
+        let home = std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| ".".into());
+        home.join(".local/share/testbus")
+    }
+}
+
+fn nix_is_root() -> bool {
+    std::env::var("USER").map(|u| u == "root").unwrap_or(false)
+        || std::fs::metadata("/proc/self")
+            .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+            .unwrap_or(false)
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,h2=warn,tower=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let cfg = server::Config {
+        listen: args.listen,
+        data_dir: args.data_dir.unwrap_or_else(default_data_dir),
+        store: args.store,
+        insecure: args.insecure,
+        controllers: (!args.no_controllers).then(|| testbus_controllers::Config {
+            lease_grace: args.lease_grace,
+        }),
+        watch_cache: 100_000,
+    };
+    let (tx, rx) = tokio::sync::broadcast::channel(1);
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        let _ = tx.send(());
+    });
+    if let Err(e) = server::run(cfg, rx).await {
+        eprintln!("testbus-control-plane: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,399 @@
+//! The embedded store: one redb file in the data dir.
+//!
+//! redb gives crash-safe, fsynced transactions; on top of it this keeps a
+//! global revision, the key's create/mod revisions and an event log of the
+//! last `retain` revisions for watch resumption. Writers are serialised by a
+//! mutex held across commit and broadcast, so live events leave in revision
+//! order and a new watcher can read the log and subscribe atomically.
+use super::*;
+use futures::StreamExt;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use tokio::sync::broadcast;
+
+const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const META_REVISION: &str = "revision";
+/// The oldest revision still in the log.
+const META_OLDEST: &str = "oldest";
+
+/// Largest value accepted (matches etcd's default request limit).
+pub const MAX_VALUE_BYTES: usize = 1536 * 1024;
+
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Database,
+    /// Held across commit + broadcast, and by new watchers while they read
+    /// the log and subscribe.
+    write_lock: Mutex<()>,
+    events: broadcast::Sender<Arc<Vec<Event>>>,
+    retain: u64,
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the store file. `retain` revisions of events are
+    /// kept for watchers that resume.
+    pub fn open(path: &Path, retain: u64) -> Result<Self, StoreError> {
+        let db = Database::create(path).map_err(backend)?;
+        let w = db.begin_write().map_err(backend)?;
+        {
+            w.open_table(KV).map_err(backend)?;
+            w.open_table(LOG).map_err(backend)?;
+            let mut meta = w.open_table(META).map_err(backend)?;
+            if meta.get(META_OLDEST).map_err(backend)?.is_none() {
+                meta.insert(META_OLDEST, 1).map_err(backend)?;
+                meta.insert(META_REVISION, 0).map_err(backend)?;
+            }
+        }
+        w.commit().map_err(backend)?;
+        let (events, _) = broadcast::channel(4096);
+        Ok(EmbeddedStore {
+            inner: Arc::new(Inner {
+                db,
+                write_lock: Mutex::new(()),
+                events,
+                retain: retain.max(1),
+            }),
+        })
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(backend)?
+    }
+}
+
+fn encode_record(value: &[u8], create: u64, modrev: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + value.len());
+    out.extend_from_slice(&create.to_le_bytes());
+    out.extend_from_slice(&modrev.to_le_bytes());
+    out.extend_from_slice(value);
+    out
+}
+
+fn decode_record(key: &str, raw: &[u8]) -> Result<KeyValue, StoreError> {
+    if raw.len() < 16 {
+        return Err(StoreError::Backend(format!("corrupt record for {key}")));
+    }
+    Ok(KeyValue {
+        key: key.to_string(),
+        create_revision: u64::from_le_bytes(raw[0..8].try_into().unwrap_or_default()),
+        mod_revision: u64::from_le_bytes(raw[8..16].try_into().unwrap_or_default()),
+        value: raw[16..].to_vec(),
+    })
+}
+
+/// Log entry: the events of one revision.
+fn encode_events(events: &[Event]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for ev in events {
+        let (tag, kv) = match ev {
+            Event::Put(kv) => (0u8, kv),
+            Event::Delete(kv) => (1u8, kv),
+        };
+        out.push(tag);
+        out.extend_from_slice(&(kv.key.len() as u32).to_le_bytes());
+        out.extend_from_slice(kv.key.as_bytes());
+        out.extend_from_slice(&kv.create_revision.to_le_bytes());
+        out.extend_from_slice(&kv.mod_revision.to_le_bytes());
+        out.extend_from_slice(&(kv.value.len() as u32).to_le_bytes());
+        out.extend_from_slice(&kv.value);
+    }
+    out
+}
+
+fn decode_events(mut raw: &[u8]) -> Result<Vec<Event>, StoreError> {
+    let corrupt = || StoreError::Backend("corrupt event log entry".into());
+    fn take<'a>(raw: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        if raw.len() < n {
+            return None;
+        }
+        let (a, b) = raw.split_at(n);
+        *raw = b;
+        Some(a)
+    }
+    let u32_of = |b: &[u8]| u32::from_le_bytes(b.try_into().unwrap_or_default()) as usize;
+    let u64_of = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or_default());
+    let mut out = Vec::new();
+    while !raw.is_empty() {
+        let tag = take(&mut raw, 1).ok_or_else(corrupt)?[0];
+        let klen = u32_of(take(&mut raw, 4).ok_or_else(corrupt)?);
+        let key = String::from_utf8(take(&mut raw, klen).ok_or_else(corrupt)?.to_vec())
+            .map_err(|_| corrupt())?;
+        let create_revision = u64_of(take(&mut raw, 8).ok_or_else(corrupt)?);
+        let mod_revision = u64_of(take(&mut raw, 8).ok_or_else(corrupt)?);
+        let vlen = u32_of(take(&mut raw, 4).ok_or_else(corrupt)?);
+        let value = take(&mut raw, vlen).ok_or_else(corrupt)?.to_vec();
+        let kv = KeyValue {
+            key,
+            value,
+            create_revision,
+            mod_revision,
+        };
+        out.push(if tag == 0 {
+            Event::Put(kv)
+        } else {
+            Event::Delete(kv)
+        });
+    }
+    Ok(out)
+}
+
+impl Inner {
+    fn txn(
+        &self,
+        compares: Vec<Compare>,
+        ops: Vec<Op>,
+    ) -> Result<(TxnOutcome, Vec<Event>), StoreError> {
+        for op in &ops {
+            if let Op::Put(key, value) = op {
+                if value.len() > MAX_VALUE_BYTES {
+                    return Err(StoreError::TooLarge {
+                        key: key.clone(),
+                        size: value.len(),
+                        limit: MAX_VALUE_BYTES,
+                    });
+                }
+            }
+        }
+        let w = self.db.begin_write().map_err(backend)?;
+        let outcome;
+        let mut events = Vec::new();
+        {
+            let mut kv = w.open_table(KV).map_err(backend)?;
+            let mut meta = w.open_table(META).map_err(backend)?;
+            let current = meta
+                .get(META_REVISION)
+                .map_err(backend)?
+                .map(|g| g.value())
+                .unwrap_or(0);
+            for Compare::ModRevision(key, want) in &compares {
+                let have = match kv.get(key.as_str()).map_err(backend)? {
+                    Some(raw) => decode_record(key, raw.value())?.mod_revision,
+                    None => 0,
+                };
+                if have != *want {
+                    return Ok((
+                        TxnOutcome {
+                            succeeded: false,
+                            revision: current,
+                        },
+                        vec![],
+                    ));
+                }
+            }
+            if ops.is_empty() {
+                return Ok((
+                    TxnOutcome {
+                        succeeded: true,
+                        revision: current,
+                    },
+                    vec![],
+                ));
+            }
+            let rev = current + 1;
+            for op in ops {
+                match op {
+                    Op::Put(key, value) => {
+                        let create = match kv.get(key.as_str()).map_err(backend)? {
+                            Some(raw) => decode_record(&key, raw.value())?.create_revision,
+                            None => rev,
+                        };
+                        kv.insert(key.as_str(), encode_record(&value, create, rev).as_slice())
+                            .map_err(backend)?;
+                        events.push(Event::Put(KeyValue {
+                            key,
+                            value,
+                            create_revision: create,
+                            mod_revision: rev,
+                        }));
+                    }
+                    Op::Delete(key) => {
+                        let old = kv
+                            .remove(key.as_str())
+                            .map_err(backend)?
+                            .map(|g| g.value().to_vec());
+                        if let Some(raw) = old {
+                            let mut last = decode_record(&key, &raw)?;
+                            last.mod_revision = rev;
+                            events.push(Event::Delete(last));
+                        }
+                    }
+                }
+            }
+            if !events.is_empty() {
+                let mut log = w.open_table(LOG).map_err(backend)?;
+                log.insert(rev, encode_events(&events).as_slice())
+                    .map_err(backend)?;
+                let oldest = meta
+                    .get(META_OLDEST)
+                    .map_err(backend)?
+                    .map(|g| g.value())
+                    .unwrap_or(1);
+                if rev >= oldest + self.retain {
+                    let cut = rev + 1 - self.retain;
+                    log.retain_in(oldest..cut, |_, _| false).map_err(backend)?;
+                    meta.insert(META_OLDEST, cut).map_err(backend)?;
+                }
+                meta.insert(META_REVISION, rev).map_err(backend)?;
+            }
+            outcome = TxnOutcome {
+                succeeded: true,
+                revision: if events.is_empty() { current } else { rev },
+            };
+        }
+        w.commit().map_err(backend)?;
+        Ok((outcome, events))
+    }
+}
+
+#[tonic::async_trait]
+impl Store for EmbeddedStore {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        let key = key.to_string();
+        self.blocking(move |i| {
+            let r = i.db.begin_read().map_err(backend)?;
+            let kv = r.open_table(KV).map_err(backend)?;
+            match kv.get(key.as_str()).map_err(backend)? {
+                Some(raw) => Ok(Some(decode_record(&key, raw.value())?)),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {
+        let prefix = prefix.to_string();
+        self.blocking(move |i| {
+            let r = i.db.begin_read().map_err(backend)?;
+            let kv = r.open_table(KV).map_err(backend)?;
+            let meta = r.open_table(META).map_err(backend)?;
+            let rev = meta
+                .get(META_REVISION)
+                .map_err(backend)?
+                .map(|g| g.value())
+                .unwrap_or(0);
+            let mut out = Vec::new();
+            for item in kv.range(prefix.as_str()..).map_err(backend)? {
+                let (k, v) = item.map_err(backend)?;
+                let key = k.value();
+                if !key.starts_with(prefix.as_str()) {
+                    break;
+                }
+                out.push(decode_record(key, v.value())?);
+            }
+            Ok((out, rev))
+        })
+        .await
+    }
+
+    async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<TxnOutcome, StoreError> {
+        self.blocking(move |i| {
+            let _guard = i
+                .write_lock
+                .lock()
+                .map_err(|_| backend("write lock poisoned"))?;
+            let (outcome, events) = i.txn(compares, ops)?;
+            if !events.is_empty() {
+                // No receivers is fine: nobody watches yet.
+                let _ = i.events.send(Arc::new(events));
+            }
+            Ok(outcome)
+        })
+        .await
+    }
+
+    async fn watch(&self, prefix: &str, after: Revision) -> Result<EventStream, StoreError> {
+        let p = prefix.to_string();
+        let (backlog, rx) = self
+            .blocking(move |i| {
+                let _guard = i
+                    .write_lock
+                    .lock()
+                    .map_err(|_| backend("write lock poisoned"))?;
+                let r = i.db.begin_read().map_err(backend)?;
+                let meta = r.open_table(META).map_err(backend)?;
+                let oldest = meta
+                    .get(META_OLDEST)
+                    .map_err(backend)?
+                    .map(|g| g.value())
+                    .unwrap_or(1);
+                if after + 1 < oldest {
+                    return Err(StoreError::Compacted {
+                        requested: after,
+                        oldest,
+                    });
+                }
+                let log = r.open_table(LOG).map_err(backend)?;
+                let mut backlog = Vec::new();
+                for item in log.range(after + 1..).map_err(backend)? {
+                    let (_, v) = item.map_err(backend)?;
+                    backlog.extend(
+                        decode_events(v.value())?
+                            .into_iter()
+                            .filter(|e| e.kv().key.starts_with(&p)),
+                    );
+                }
+                Ok((backlog, i.events.subscribe()))
+            })
+            .await?;
+        let prefix = prefix.to_string();
+        let live = tokio_stream::wrappers::BroadcastStream::new(rx)
+            .map(move |r| match r {
+                Ok(batch) => Ok(batch
+                    .iter()
+                    .filter(|e| e.kv().key.starts_with(&prefix))
+                    .cloned()
+                    .collect::<Vec<_>>()),
+                Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(_)) => {
+                    Err(StoreError::Compacted {
+                        requested: after,
+                        oldest: 0,
+                    })
+                }
+            })
+            .scan(false, |failed, r| {
+                // After a lag the stream ends with one Compacted error.
+                if *failed {
+                    return futures::future::ready(None);
+                }
+                *failed = r.is_err();
+                futures::future::ready(Some(r))
+            })
+            .flat_map(|r| match r {
+                Ok(evs) => futures::stream::iter(evs.into_iter().map(Ok).collect::<Vec<_>>()),
+                Err(e) => futures::stream::iter(vec![Err(e)]),
+            });
+        Ok(futures::stream::iter(backlog.into_iter().map(Ok))
+            .chain(live)
+            .boxed())
+    }
+
+    async fn revision(&self) -> Result<Revision, StoreError> {
+        self.blocking(|i| {
+            let r = i.db.begin_read().map_err(backend)?;
+            let meta = r.open_table(META).map_err(backend)?;
+            Ok(meta
+                .get(META_REVISION)
+                .map_err(backend)?
+                .map(|g| g.value())
+                .unwrap_or(0))
+        })
+        .await
+    }
+}

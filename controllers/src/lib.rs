@@ -1,0 +1,154 @@
+//! testbus controllers: level-triggered reconcile loops that talk to the API
+//! only through the client.
+//!
+//! - [`hosts`]: host leases (Ready / NotReady) and release of orphaned claims.
+//! - [`tests`]: the test lifecycle: gang claims, steps, processes, results,
+//!   timeouts, host loss, release.
+#![forbid(unsafe_code)]
+
+pub mod hosts;
+pub mod runtime;
+pub mod schedule;
+pub mod tests;
+
+use runtime::{reflect, Cache, Queue};
+use std::sync::Arc;
+use std::time::Duration;
+use testbus_proto::client::Client;
+use testbus_proto::{Host, Process, Resource, Test};
+use tokio::sync::broadcast;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// How long past its lease a host still counts as Ready.
+    pub lease_grace: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            lease_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Everything a reconcile reads and writes through.
+pub struct Context {
+    pub client: Client,
+    pub cfg: Config,
+    pub hosts: Arc<Cache<Host>>,
+    pub tests: Arc<Cache<Test>>,
+    pub processes: Arc<Cache<Process>>,
+    pub host_queue: Arc<Queue>,
+    pub test_queue: Arc<Queue>,
+}
+
+/// Scheduling-relevant parts of a host changed (or it appeared/vanished).
+fn schedulable_changed(old: Option<&Host>, new: Option<&Host>) -> bool {
+    let key = |h: &Host| {
+        (
+            h.status().phase.clone(),
+            h.spec().unschedulable,
+            h.status().claim.clone(),
+            h.status().capabilities.clone(),
+            h.spec().capabilities.clone(),
+        )
+    };
+    old.map(key) != new.map(key)
+}
+
+/// Runs the controllers until shutdown.
+pub async fn run(client: Client, cfg: Config, shutdown: broadcast::Receiver<()>) {
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        cfg,
+        hosts: Cache::new(),
+        tests: Cache::new(),
+        processes: Cache::new(),
+        host_queue: Queue::new(),
+        test_queue: Queue::new(),
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    {
+        let c = ctx.clone();
+        tasks.spawn(reflect(
+            client.api::<Host>(),
+            ctx.hosts.clone(),
+            move |(old, new)| {
+                let h = new.as_ref().or(old.as_ref());
+                if let Some(h) = h {
+                    c.host_queue.add(h.name());
+                }
+                for claim in [old, new]
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|h| h.status().claim.as_ref())
+                {
+                    if !claim.test.is_empty() {
+                        c.test_queue.add(&claim.test);
+                    }
+                }
+                if schedulable_changed(old.as_deref(), new.as_deref()) {
+                    for t in c.tests.filter(tests::is_pending) {
+                        c.test_queue.add(t.name());
+                    }
+                }
+            },
+            shutdown.resubscribe(),
+        ));
+    }
+    {
+        let c = ctx.clone();
+        tasks.spawn(reflect(
+            client.api::<Test>(),
+            ctx.tests.clone(),
+            move |(old, new)| {
+                if let Some(t) = new.as_ref().or(old.as_ref()) {
+                    c.test_queue.add(t.name());
+                }
+            },
+            shutdown.resubscribe(),
+        ));
+    }
+    {
+        let c = ctx.clone();
+        tasks.spawn(reflect(
+            client.api::<Process>(),
+            ctx.processes.clone(),
+            move |(old, new)| {
+                if let Some(p) = new.as_ref().or(old.as_ref()) {
+                    c.test_queue.add(&p.spec().test);
+                }
+            },
+            shutdown.resubscribe(),
+        ));
+    }
+    // Reconcile only from complete caches.
+    ctx.hosts.wait_synced().await;
+    ctx.tests.wait_synced().await;
+    ctx.processes.wait_synced().await;
+    tracing::info!("controllers: caches synced");
+    {
+        let c = ctx.clone();
+        tasks.spawn(runtime::run_worker(
+            ctx.host_queue.clone(),
+            move |name| {
+                let c = c.clone();
+                async move { hosts::reconcile(&c, &name).await }
+            },
+            shutdown.resubscribe(),
+        ));
+    }
+    {
+        let c = ctx.clone();
+        tasks.spawn(runtime::run_worker(
+            ctx.test_queue.clone(),
+            move |name| {
+                let c = c.clone();
+                async move { tests::reconcile(&c, &name).await }
+            },
+            shutdown.resubscribe(),
+        ));
+    }
+    while tasks.join_next().await.is_some() {}
+}

@@ -1,0 +1,335 @@
+//! The controller runtime: `watcher → cache → queue → reconcile(name) →
+//! Action`, as kube-runtime does it.
+//!
+//! - A [`Cache`] is fed by one [`watcher`] stream and holds the latest
+//!   object of each name. Reconcilers read current state from caches, never
+//!   from the event that woke them.
+//! - The [`Queue`] holds names. A name is never handed out twice at once:
+//!   if it is added while being reconciled, it is queued again when the
+//!   running reconcile is done. Delayed requeues collapse into the earliest.
+use futures::{Stream, StreamExt};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use testbus_proto::client::{watcher, Api, ApiResource, WatcherEvent};
+use tokio::sync::{broadcast, Notify};
+use tokio::time::Instant;
+
+/// What a reconcile asks for next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Nothing until the object (or something it depends on) changes.
+    AwaitChange,
+    /// Reconcile again after this long, even without a change.
+    Requeue(Duration),
+}
+
+/// The latest object of each name, from a watch.
+pub struct Cache<K> {
+    objects: RwLock<HashMap<String, Arc<K>>>,
+    synced: Notify,
+    is_synced: std::sync::atomic::AtomicBool,
+}
+
+/// A change seen by a cache: the previous and the new object (None when
+/// absent). A relist reports every object that changed.
+pub type Change<K> = (Option<Arc<K>>, Option<Arc<K>>);
+
+impl<K: ApiResource> Cache<K> {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Cache {
+            objects: RwLock::new(HashMap::new()),
+            synced: Notify::new(),
+            is_synced: false.into(),
+        })
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<K>> {
+        self.objects
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    pub fn list(&self) -> Vec<Arc<K>> {
+        self.objects
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub fn filter(&self, f: impl Fn(&K) -> bool) -> Vec<Arc<K>> {
+        self.objects
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|o| f(o))
+            .cloned()
+            .collect()
+    }
+
+    pub async fn wait_synced(&self) {
+        loop {
+            let n = self.synced.notified();
+            if self.is_synced.load(std::sync::atomic::Ordering::Acquire) {
+                return;
+            }
+            n.await;
+        }
+    }
+
+    /// Applies one watcher event and returns the changes it made.
+    fn apply(&self, ev: WatcherEvent<K>) -> Vec<Change<K>> {
+        let mut map = self.objects.write().unwrap_or_else(|p| p.into_inner());
+        let mut changes = Vec::new();
+        match ev {
+            WatcherEvent::Restarted(items) => {
+                let mut fresh: HashMap<String, Arc<K>> = items
+                    .into_iter()
+                    .map(|o| (o.name().to_string(), Arc::new(o)))
+                    .collect();
+                for (name, old) in map.drain() {
+                    match fresh.get(&name) {
+                        Some(new) if new.resource_version() == old.resource_version() => {}
+                        Some(new) => changes.push((Some(old), Some(new.clone()))),
+                        None => changes.push((Some(old), None)),
+                    }
+                }
+                for (name, new) in &fresh {
+                    if !changes.iter().any(|(o, n)| {
+                        o.as_ref().is_some_and(|o| o.name() == name)
+                            || n.as_ref().is_some_and(|n| n.name() == name)
+                    }) {
+                        changes.push((None, Some(new.clone())));
+                    }
+                }
+                *map = std::mem::take(&mut fresh);
+                drop(map);
+                self.is_synced
+                    .store(true, std::sync::atomic::Ordering::Release);
+                self.synced.notify_waiters();
+            }
+            WatcherEvent::Applied(o) => {
+                let new = Arc::new(o);
+                let old = map.insert(new.name().to_string(), new.clone());
+                changes.push((old, Some(new)));
+            }
+            WatcherEvent::Deleted(o) => {
+                let old = map.remove(o.name());
+                changes.push((old.or_else(|| Some(Arc::new(o))), None));
+            }
+        }
+        changes
+    }
+}
+
+/// Feeds `cache` from a watch and calls `on_change` for every change, until
+/// shutdown.
+pub async fn reflect<K: ApiResource>(
+    api: Api<K>,
+    cache: Arc<Cache<K>>,
+    mut on_change: impl FnMut(&Change<K>) + Send,
+    mut shutdown: broadcast::Receiver<()>,
+) {
+    let stream = watcher(api, String::new(), String::new());
+    futures::pin_mut!(stream);
+    loop {
+        tokio::select! {
+            _ = shutdown.recv() => return,
+            ev = stream.next() => match ev {
+                Some(ev) => for c in cache.apply(ev) { on_change(&c) },
+                None => return,
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct QueueState {
+    ready: VecDeque<String>,
+    queued: HashSet<String>,
+    delayed: BTreeMap<(Instant, u64), String>,
+    due: HashMap<String, Instant>,
+    seq: u64,
+    active: HashSet<String>,
+    again: HashSet<String>,
+}
+
+/// Names waiting to be reconciled.
+#[derive(Default)]
+pub struct Queue {
+    st: Mutex<QueueState>,
+    wake: Notify,
+}
+
+impl Queue {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Queue::default())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn add(&self, name: &str) {
+        let mut st = self.lock();
+        if st.active.contains(name) {
+            st.again.insert(name.to_string());
+        } else if st.queued.insert(name.to_string()) {
+            st.ready.push_back(name.to_string());
+            drop(st);
+            self.wake.notify_one();
+        }
+    }
+
+    /// Queues `name` after `delay`, unless it is due earlier already.
+    pub fn add_after(&self, name: &str, delay: Duration) {
+        let at = Instant::now() + delay;
+        let mut st = self.lock();
+        if let Some(&cur) = st.due.get(name) {
+            if cur <= at {
+                return;
+            }
+            st.delayed.retain(|_, n| n != name);
+        }
+        st.seq += 1;
+        let seq = st.seq;
+        st.delayed.insert((at, seq), name.to_string());
+        st.due.insert(name.to_string(), at);
+        drop(st);
+        self.wake.notify_one();
+    }
+
+    /// The next name to reconcile; it is active until [`Queue::done`].
+    pub async fn next(&self) -> String {
+        loop {
+            let wake = self.wake.notified();
+            let sleep_until = {
+                let mut st = self.lock();
+                let now = Instant::now();
+                while let Some(entry) = st.delayed.first_entry() {
+                    if entry.key().0 > now {
+                        break;
+                    }
+                    let name = entry.remove();
+                    st.due.remove(&name);
+                    if st.active.contains(&name) {
+                        st.again.insert(name);
+                    } else if st.queued.insert(name.clone()) {
+                        st.ready.push_back(name);
+                    }
+                }
+                if let Some(name) = st.ready.pop_front() {
+                    st.queued.remove(&name);
+                    st.active.insert(name.clone());
+                    return name;
+                }
+                st.delayed.keys().next().map(|k| k.0)
+            };
+            match sleep_until {
+                Some(t) => {
+                    tokio::select! {
+                        _ = wake => {}
+                        _ = tokio::time::sleep_until(t) => {}
+                    }
+                }
+                None => wake.await,
+            }
+        }
+    }
+
+    pub fn done(&self, name: &str) {
+        let again = {
+            let mut st = self.lock();
+            st.active.remove(name);
+            st.again.remove(name)
+        };
+        if again {
+            self.add(name);
+        }
+    }
+}
+
+/// Runs `reconcile` for queued names until shutdown. Errors are logged and
+/// retried with a per-name exponential backoff.
+pub async fn run_worker<F, Fut, E>(
+    queue: Arc<Queue>,
+    mut reconcile: F,
+    mut shutdown: broadcast::Receiver<()>,
+) where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<Action, E>>,
+    E: std::fmt::Display,
+{
+    let mut failures: HashMap<String, u32> = HashMap::new();
+    loop {
+        let name = tokio::select! {
+            _ = shutdown.recv() => return,
+            n = queue.next() => n,
+        };
+        let result = reconcile(name.clone()).await;
+        match result {
+            Ok(action) => {
+                failures.remove(&name);
+                if let Action::Requeue(d) = action {
+                    queue.add_after(&name, d);
+                }
+            }
+            Err(e) => {
+                let n = failures.entry(name.clone()).or_insert(0);
+                *n += 1;
+                let delay = Duration::from_millis(20u64 << (*n).min(8)).min(Duration::from_secs(5));
+                tracing::debug!(%name, error = %e, retry_in = ?delay, "reconcile failed");
+                queue.add_after(&name, delay);
+            }
+        }
+        queue.done(&name);
+    }
+}
+
+/// Resolves when `s` yields its first item (used to wait for a cache).
+pub async fn first<S: Stream + Unpin>(s: &mut S) -> Option<S::Item> {
+    s.next().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_name_is_never_handed_out_twice_at_once() {
+        let q = Queue::new();
+        q.add("a");
+        q.add("a");
+        q.add("b");
+        assert_eq!(q.next().await, "a");
+        // Added again while active: held back until done.
+        q.add("a");
+        assert_eq!(q.next().await, "b");
+        let pending = tokio::time::timeout(Duration::from_secs(1), q.next()).await;
+        assert!(pending.is_err(), "a must wait while active");
+        q.done("a");
+        assert_eq!(q.next().await, "a");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn delayed_requeues_collapse_to_the_earliest() {
+        let q = Queue::new();
+        q.add_after("a", Duration::from_secs(10));
+        q.add_after("a", Duration::from_secs(2));
+        q.add_after("a", Duration::from_secs(5));
+        let start = Instant::now();
+        assert_eq!(q.next().await, "a");
+        assert_eq!(start.elapsed().as_secs(), 2);
+        q.done("a");
+        assert!(
+            tokio::time::timeout(Duration::from_secs(60), q.next())
+                .await
+                .is_err(),
+            "no duplicate"
+        );
+    }
+}

@@ -1,0 +1,243 @@
+//! Choosing hosts for a test: every member of every role gets a distinct
+//! free host with the capabilities its role needs, or the test gets nothing
+//! and a sentence saying why.
+//!
+//! Matching is bipartite (augmenting paths), so an assignment is found
+//! whenever one exists, not only when a greedy pass happens to find it.
+use std::collections::{BTreeSet, HashMap};
+use testbus_proto::validate::members;
+use testbus_proto::{phase, Host, HostRequirement, Resource};
+
+/// One role member and the host chosen for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assignment {
+    pub role: String,
+    pub member: String,
+    pub host: String,
+}
+
+fn capabilities(h: &Host) -> BTreeSet<&str> {
+    h.status()
+        .capabilities
+        .iter()
+        .chain(h.spec().capabilities.iter())
+        .map(String::as_str)
+        .collect()
+}
+
+fn fits(req: &HostRequirement, h: &Host) -> bool {
+    if !req.host.is_empty() && req.host != h.name() {
+        return false;
+    }
+    let caps = capabilities(h);
+    req.capabilities.iter().all(|c| caps.contains(c.as_str()))
+}
+
+/// Free: Ready, schedulable and not claimed.
+pub fn is_free(h: &Host) -> bool {
+    h.status().phase == phase::READY
+        && !h.spec().unschedulable
+        && h.status().claim.as_ref().is_none_or(|c| c.test.is_empty())
+}
+
+fn describe(req: &HostRequirement) -> String {
+    let n = req.count.unwrap_or(1);
+    let what = if !req.host.is_empty() {
+        format!("host {}", req.host)
+    } else if req.capabilities.is_empty() {
+        "any host".to_string()
+    } else {
+        req.capabilities.join("+")
+    };
+    format!("{n} × {what} (role {})", req.role)
+}
+
+/// Why a host that fits is not free.
+fn busy_reason(h: &Host) -> String {
+    if let Some(c) = h.status().claim.as_ref().filter(|c| !c.test.is_empty()) {
+        format!("{} claimed by test {}", h.name(), c.test)
+    } else if h.spec().unschedulable {
+        format!("{} cordoned", h.name())
+    } else {
+        format!(
+            "{} {}",
+            h.name(),
+            if h.status().phase.is_empty() {
+                "not ready"
+            } else {
+                &h.status().phase
+            }
+        )
+    }
+}
+
+pub fn assign(reqs: &[HostRequirement], hosts: &[&Host]) -> Result<Vec<Assignment>, String> {
+    // Slots: one per role member.
+    let slots: Vec<(usize, String)> = reqs
+        .iter()
+        .enumerate()
+        .flat_map(|(i, r)| members(r).into_iter().map(move |m| (i, m)))
+        .collect();
+    let free: Vec<&Host> = hosts.iter().copied().filter(|h| is_free(h)).collect();
+    let candidates: Vec<Vec<usize>> = slots
+        .iter()
+        .map(|(i, _)| {
+            (0..free.len())
+                .filter(|&j| fits(&reqs[*i], free[j]))
+                .collect()
+        })
+        .collect();
+
+    // Per-role shortage gives the clearest message.
+    for (i, r) in reqs.iter().enumerate() {
+        let need = r.count.unwrap_or(1) as usize;
+        let have = (0..free.len()).filter(|&j| fits(r, free[j])).count();
+        if have < need {
+            let mut busy: Vec<String> = hosts
+                .iter()
+                .filter(|h| fits(r, h) && !is_free(h))
+                .map(|h| busy_reason(h))
+                .collect();
+            busy.sort();
+            let total = busy.len() + have;
+            let mut msg = format!("needs {}, {have} free", describe(r));
+            if total == 0 {
+                msg.push_str("; no host has these capabilities");
+            } else if !busy.is_empty() {
+                let shown: Vec<&str> = busy.iter().take(3).map(String::as_str).collect();
+                msg.push_str(&format!(": {}", shown.join(", ")));
+                if busy.len() > 3 {
+                    msg.push_str(&format!(" and {} more", busy.len() - 3));
+                }
+            }
+            let _ = i;
+            return Err(msg);
+        }
+    }
+
+    // Most constrained slots first makes augmenting paths short.
+    let mut order: Vec<usize> = (0..slots.len()).collect();
+    order.sort_by_key(|&s| candidates[s].len());
+    let mut host_to_slot: HashMap<usize, usize> = HashMap::new();
+    for &s in &order {
+        let mut seen = vec![false; free.len()];
+        if !augment(s, &candidates, &mut host_to_slot, &mut seen) {
+            return Err(format!(
+                "{} free hosts fit each role separately, but not all roles at once",
+                free.len()
+            ));
+        }
+    }
+    let mut out: Vec<Assignment> = host_to_slot
+        .into_iter()
+        .map(|(h, s)| Assignment {
+            role: reqs[slots[s].0].role.clone(),
+            member: slots[s].1.clone(),
+            host: free[h].name().to_string(),
+        })
+        .collect();
+    out.sort_by(|a, b| a.member.cmp(&b.member));
+    Ok(out)
+}
+
+fn augment(
+    s: usize,
+    cand: &[Vec<usize>],
+    host_to_slot: &mut HashMap<usize, usize>,
+    seen: &mut [bool],
+) -> bool {
+    for &h in &cand[s] {
+        if seen[h] {
+            continue;
+        }
+        seen[h] = true;
+        let taken_by = host_to_slot.get(&h).copied();
+        if taken_by.is_none_or(|other| augment(other, cand, host_to_slot, seen)) {
+            host_to_slot.insert(h, s);
+            return true;
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use testbus_proto::{HostClaim, HostStatus, ObjectMeta};
+
+    fn host(name: &str, caps: &[&str]) -> Host {
+        Host {
+            metadata: Some(ObjectMeta {
+                name: name.into(),
+                ..Default::default()
+            }),
+            status: Some(HostStatus {
+                phase: phase::READY.into(),
+                capabilities: caps.iter().map(|c| c.to_string()).collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn req(role: &str, caps: &[&str], count: u32) -> HostRequirement {
+        HostRequirement {
+            role: role.into(),
+            capabilities: caps.iter().map(|c| c.to_string()).collect(),
+            count: Some(count),
+            host: String::new(),
+        }
+    }
+
+    #[test]
+    fn finds_a_matching_greedy_would_miss() {
+        // Greedy in role order would give h1 to `a` and leave `b` nothing.
+        let h1 = host("h1", &["x", "y"]);
+        let h2 = host("h2", &["x"]);
+        let reqs = [req("a", &["x"], 1), req("b", &["x", "y"], 1)];
+        let got = assign(&reqs, &[&h1, &h2]).unwrap();
+        let find = |m: &str| got.iter().find(|a| a.member == m).unwrap().host.clone();
+        assert_eq!(find("a"), "h2");
+        assert_eq!(find("b"), "h1");
+    }
+
+    #[test]
+    fn members_are_named_and_distinct() {
+        let hs: Vec<Host> = (0..3).map(|i| host(&format!("h{i}"), &["c"])).collect();
+        let refs: Vec<&Host> = hs.iter().collect();
+        let got = assign(&[req("client", &["c"], 3)], &refs).unwrap();
+        let members: Vec<&str> = got.iter().map(|a| a.member.as_str()).collect();
+        assert_eq!(members, ["client0", "client1", "client2"]);
+        let hosts: BTreeSet<&str> = got.iter().map(|a| a.host.as_str()).collect();
+        assert_eq!(hosts.len(), 3);
+    }
+
+    #[test]
+    fn shortage_says_why() {
+        let mut busy = host("h1", &["nfs-client"]);
+        busy.status.as_mut().unwrap().claim = Some(HostClaim {
+            test: "other".into(),
+            ..Default::default()
+        });
+        let free = host("h2", &["nfs-client"]);
+        let err = assign(&[req("client", &["nfs-client"], 4)], &[&busy, &free]).unwrap_err();
+        assert_eq!(
+            err,
+            "needs 4 × nfs-client (role client), 1 free: h1 claimed by test other"
+        );
+        let err = assign(&[req("gpu", &["gpu"], 1)], &[&free]).unwrap_err();
+        assert!(err.contains("no host has these capabilities"), "{err}");
+    }
+
+    #[test]
+    fn not_ready_and_cordoned_hosts_are_not_free() {
+        let mut a = host("a", &[]);
+        a.status.as_mut().unwrap().phase = phase::NOT_READY.into();
+        let mut b = host("b", &[]);
+        b.spec = Some(testbus_proto::HostSpec {
+            unschedulable: true,
+            ..Default::default()
+        });
+        assert!(assign(&[req("r", &[], 1)], &[&a, &b]).is_err());
+    }
+}

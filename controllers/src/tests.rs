@@ -1,0 +1,656 @@
+//! The test lifecycle.
+//!
+//! Pending → (gang claim, one transaction) → Running → Succeeded / Failed /
+//! Error. While Running, each reconcile derives every step's phase from the
+//! Processes that exist, creates the Processes of steps whose `after` steps
+//! are done, and decides a verdict (all steps done, a step failed, the
+//! timeout passed, a claimed host was lost). A verdict first stops every
+//! process still running and waits for them to end, so the final status —
+//! immutable once written — holds complete results. A finished test's hosts
+//! are released once nothing of the test runs on them any more.
+use crate::runtime::Action;
+use crate::schedule::{self, Assignment};
+use crate::Context;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use testbus_proto::subst::host_var_name;
+use testbus_proto::validate::members;
+use testbus_proto::{
+    duration, phase, time, ClaimAssignment, ClaimRequest, Condition, Host, HostFacts, ObjectMeta,
+    OwnerReference, Process, ProcessResult, ProcessSpec, Resource, Step, StepStatus, Test,
+    TestStatus, TestTrace,
+};
+use tonic::{Code, Status};
+
+pub const LABEL_TEST: &str = "testbus.io/test";
+pub const LABEL_STEP: &str = "testbus.io/step";
+pub const LABEL_ROLE: &str = "testbus.io/role";
+use testbus_proto::TEST_FINALIZER as FINALIZER;
+/// A test without `spec.timeout` gets this one.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3600);
+
+pub fn is_pending(t: &Test) -> bool {
+    let p = t.status().phase.as_str();
+    (p.is_empty() || p == phase::PENDING) && t.meta().deletion_timestamp.is_empty()
+}
+
+pub async fn reconcile(ctx: &Context, name: &str) -> Result<Action, Status> {
+    let Some(t) = ctx.tests.get(name) else {
+        return Ok(Action::AwaitChange);
+    };
+    let uid = t.meta().uid.clone();
+    let procs: Vec<Arc<Process>> = ctx
+        .processes
+        .filter(|p| p.spec().test == name && p.spec().test_uid == uid);
+    if !t.meta().deletion_timestamp.is_empty() {
+        return teardown(ctx, &t, &procs).await;
+    }
+    match t.status().phase.as_str() {
+        "" | phase::PENDING => claim(ctx, &t).await,
+        phase::RUNNING => drive(ctx, &t, &procs).await,
+        _ => release(ctx, &t, &procs).await,
+    }
+}
+
+fn condition(type_: &str, ok: bool, reason: &str, message: &str) -> Condition {
+    Condition {
+        r#type: type_.into(),
+        status: if ok { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message: message.into(),
+        last_transition_time: time::now(),
+    }
+}
+
+/// Replaces the condition of the same type; true if anything but the time
+/// changed.
+fn set_condition(conds: &mut Vec<Condition>, c: Condition) -> bool {
+    match conds.iter_mut().find(|x| x.r#type == c.r#type) {
+        Some(x) if x.status == c.status && x.reason == c.reason && x.message == c.message => false,
+        Some(x) => {
+            *x = c;
+            true
+        }
+        None => {
+            conds.push(c);
+            true
+        }
+    }
+}
+
+async fn claim(ctx: &Context, t: &Test) -> Result<Action, Status> {
+    let hosts = ctx.hosts.list();
+    let refs: Vec<&Host> = hosts.iter().map(|h| h.as_ref()).collect();
+    let spec = t.spec();
+    let assignments = match schedule::assign(&spec.hosts, &refs) {
+        Ok(a) => a,
+        Err(why) => {
+            let mut next = t.clone();
+            let st = next.status_mut();
+            let changed = set_condition(
+                &mut st.conditions,
+                condition("Scheduled", false, "Unschedulable", &why),
+            );
+            if changed || st.phase.is_empty() {
+                st.phase = phase::PENDING.into();
+                st.message = why;
+                ctx.client.api::<Test>().update_status(next).await?;
+            }
+            // Host changes wake pending tests; the timer is a safety net.
+            return Ok(Action::Requeue(Duration::from_secs(30)));
+        }
+    };
+    let by_name: HashMap<&str, &Host> = refs.iter().map(|h| (h.name(), *h)).collect();
+    let status = running_status(t, &assignments, &by_name);
+    let req = ClaimRequest {
+        test: t.name().to_string(),
+        test_resource_version: t.resource_version().to_string(),
+        assignments: assignments
+            .iter()
+            .map(|a| ClaimAssignment {
+                role: a.member.clone(),
+                host: a.host.clone(),
+                host_resource_version: by_name[a.host.as_str()].resource_version().to_string(),
+            })
+            .collect(),
+        status: Some(status),
+    };
+    match ctx.client.tests().claim(req).await {
+        Ok(_) => {
+            tracing::info!(test = t.name(), hosts = ?assignments.iter().map(|a| (&a.member, &a.host)).collect::<Vec<_>>(), "claimed");
+            Ok(Action::AwaitChange)
+        }
+        // Someone else got a host first, or our view was stale: try again
+        // from fresh caches.
+        Err(s) if s.code() == Code::Aborted => Ok(Action::Requeue(Duration::from_millis(20))),
+        Err(s) => Err(s),
+    }
+}
+
+/// The status a test gets with its claim: Running, claims, env, trace.
+fn running_status(
+    t: &Test,
+    assignments: &[Assignment],
+    hosts: &HashMap<&str, &Host>,
+) -> TestStatus {
+    let spec = t.spec();
+    let mut env = spec.env.clone();
+    let mut trace_hosts: BTreeMap<String, HostFacts> = BTreeMap::new();
+    for a in assignments {
+        let h = hosts[a.host.as_str()];
+        for (var, val) in &h.status().vars {
+            env.insert(host_var_name(&a.member, var), val.clone());
+        }
+        trace_hosts.insert(
+            a.member.clone(),
+            h.status().facts.clone().unwrap_or_default(),
+        );
+    }
+    // A role of count n also gets each var as a space-separated list.
+    for req in &spec.hosts {
+        if req.count.unwrap_or(1) <= 1 {
+            continue;
+        }
+        let ms = members(req);
+        let vars: std::collections::BTreeSet<&String> = ms
+            .iter()
+            .filter_map(|m| assignments.iter().find(|a| &a.member == m))
+            .flat_map(|a| hosts[a.host.as_str()].status().vars.keys())
+            .collect();
+        for var in vars {
+            let vals: Vec<String> = ms
+                .iter()
+                .filter_map(|m| assignments.iter().find(|a| &a.member == m))
+                .map(|a| {
+                    hosts[a.host.as_str()]
+                        .status()
+                        .vars
+                        .get(var)
+                        .cloned()
+                        .unwrap_or_default()
+                })
+                .collect();
+            env.insert(host_var_name(&req.role, var), vals.join(" "));
+        }
+    }
+    let mut conditions = t.status().conditions.clone();
+    set_condition(
+        &mut conditions,
+        condition("Scheduled", true, "Claimed", "all hosts claimed"),
+    );
+    TestStatus {
+        phase: phase::RUNNING.into(),
+        conditions,
+        observed_generation: t.meta().generation,
+        claims: assignments
+            .iter()
+            .map(|a| (a.member.clone(), a.host.clone()))
+            .collect(),
+        env: env.clone(),
+        steps: spec
+            .steps
+            .iter()
+            .map(|s| StepStatus {
+                name: s.name.clone(),
+                phase: phase::WAITING.into(),
+                ..Default::default()
+            })
+            .collect(),
+        start_time: time::now(),
+        trace: Some(TestTrace {
+            hosts: trace_hosts,
+            env,
+        }),
+        ..Default::default()
+    }
+}
+
+/// The members a step runs on, in role order.
+fn targets(t: &Test, step: &Step) -> Vec<String> {
+    let mut out = Vec::new();
+    for on in &step.on {
+        match t.spec().hosts.iter().find(|r| &r.role == on) {
+            Some(r) => out.extend(members(r)),
+            None => out.push(on.clone()),
+        }
+    }
+    out.dedup();
+    out
+}
+
+/// Deterministic, DNS-label-safe process name: creating it twice is a no-op.
+pub fn process_name(test: &str, step: &str, member: &str) -> String {
+    let full = format!("{test}-{step}-{member}");
+    if full.len() <= 63 {
+        return full;
+    }
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in full.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x100000001b3);
+    }
+    let head = full[..52].trim_end_matches('-');
+    format!("{head}-{:010x}", h & 0xff_ffff_ffff)
+}
+
+fn process_for(t: &Test, step: &Step, member: &str, host: &Host) -> Process {
+    let st = t.status();
+    let mut env = st.env.clone();
+    env.extend(host.spec().env.clone());
+    env.extend(host.status().env.clone());
+    env.extend(step.env.clone());
+    env.insert("TESTBUS_TEST".into(), t.name().into());
+    env.insert("TESTBUS_ROLE".into(), member.into());
+    env.insert("TESTBUS_HOST".into(), host.name().into());
+    env.insert("TESTBUS_STEP".into(), step.name.clone());
+    let labels = [
+        (LABEL_TEST.to_string(), t.name().to_string()),
+        (LABEL_STEP.to_string(), step.name.clone()),
+        (LABEL_ROLE.to_string(), member.to_string()),
+    ]
+    .into();
+    Process {
+        metadata: Some(ObjectMeta {
+            name: process_name(t.name(), &step.name, member),
+            labels,
+            owner_references: vec![OwnerReference {
+                kind: "Test".into(),
+                name: t.name().into(),
+                uid: t.meta().uid.clone(),
+                controller: true,
+            }],
+            ..Default::default()
+        }),
+        spec: Some(ProcessSpec {
+            host_name: host.name().into(),
+            test: t.name().into(),
+            test_uid: t.meta().uid.clone(),
+            role: member.into(),
+            step: step.name.clone(),
+            argv: step.argv.clone(),
+            script: step.script.clone(),
+            shell: step.shell,
+            env,
+            stdin: step.stdin.clone(),
+            workdir: step.workdir.clone(),
+            timeout: step.timeout.clone(),
+            exit_codes: if step.exit_codes.is_empty() {
+                vec![0]
+            } else {
+                step.exit_codes.clone()
+            },
+            stop: false,
+        }),
+        ..Default::default()
+    }
+}
+
+fn result_of(p: &Process) -> ProcessResult {
+    let s = p.status();
+    ProcessResult {
+        name: p.name().into(),
+        role: p.spec().role.clone(),
+        host: p.spec().host_name.clone(),
+        phase: s.phase.clone(),
+        exit_code: s.exit_code,
+        signal: s.signal.clone(),
+        message: s.message.clone(),
+    }
+}
+
+struct Verdict {
+    phase: &'static str,
+    reason: String,
+    message: String,
+}
+
+/// The claimed host of `member`, if it is alive.
+fn lost_host(ctx: &Context, t: &Test) -> Option<(String, String, String)> {
+    for (member, host) in &t.status().claims {
+        match ctx.hosts.get(host) {
+            None => return Some((member.clone(), host.clone(), "deleted".into())),
+            Some(h) if h.status().phase != phase::READY => {
+                return Some((member.clone(), host.clone(), h.status().message.clone()))
+            }
+            Some(h)
+                if h.status()
+                    .claim
+                    .as_ref()
+                    .is_none_or(|c| c.test_uid != t.meta().uid) =>
+            {
+                return Some((
+                    member.clone(),
+                    host.clone(),
+                    "its claim was released".into(),
+                ))
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+async fn drive(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Action, Status> {
+    let spec = t.spec();
+    let st = t.status();
+    let by_step: HashMap<&str, Vec<&Process>> = procs.iter().fold(HashMap::new(), |mut m, p| {
+        m.entry(p.spec().step.as_str()).or_default().push(p);
+        m
+    });
+    let timeout = duration::parse(&spec.timeout).unwrap_or(DEFAULT_TIMEOUT);
+    let started = time::parse(&st.start_time).unwrap_or_else(SystemTime::now);
+    let deadline = started + timeout;
+    let now = SystemTime::now();
+
+    // Step phases, in an order where `after` steps come first.
+    let mut phases: HashMap<&str, &'static str> = HashMap::new();
+    let mut to_create: Vec<Process> = Vec::new();
+    let mut steps_status = Vec::new();
+    let mut remaining: Vec<&Step> = spec.steps.iter().collect();
+    let mut verdict: Option<Verdict> = None;
+    while !remaining.is_empty() {
+        let before = remaining.len();
+        let mut next_round = Vec::new();
+        for step in remaining {
+            if step.after.iter().any(|a| !phases.contains_key(a.as_str())) {
+                next_round.push(step);
+                continue;
+            }
+            let mine = by_step.get(step.name.as_str()).cloned().unwrap_or_default();
+            let want = targets(t, step);
+            let dep_ok = |a: &String| {
+                let p = phases[a.as_str()];
+                p == phase::SUCCEEDED
+                    || (p == phase::FAILED
+                        && spec.steps.iter().any(|s| &s.name == a && s.allow_failure))
+            };
+            let deps_done = step.after.iter().all(dep_ok);
+            let deps_dead = step.after.iter().any(|a| {
+                let p = phases[a.as_str()];
+                p == phase::SKIPPED || (p != phase::WAITING && p != phase::RUNNING && !dep_ok(a))
+            });
+            let p: &'static str = if mine.is_empty() && deps_dead {
+                phase::SKIPPED
+            } else if mine.is_empty() && !deps_done {
+                phase::WAITING
+            } else if mine.len() < want.len() {
+                for member in &want {
+                    if mine.iter().any(|p| &p.spec().role == member) {
+                        continue;
+                    }
+                    let host = st.claims.get(member).and_then(|h| ctx.hosts.get(h));
+                    match host {
+                        Some(h) => to_create.push(process_for(t, step, member, &h)),
+                        None => {
+                            verdict.get_or_insert(Verdict {
+                                phase: phase::ERROR,
+                                reason: "HostLost".into(),
+                                message: format!("no host for {member}"),
+                            });
+                        }
+                    }
+                }
+                phase::RUNNING
+            } else if mine
+                .iter()
+                .any(|p| !phase::process_terminal(&p.status().phase))
+            {
+                phase::RUNNING
+            } else if mine.iter().all(|p| p.status().phase == phase::SUCCEEDED) {
+                phase::SUCCEEDED
+            } else {
+                phase::FAILED
+            };
+            phases.insert(step.name.as_str(), p);
+            let mut results: Vec<ProcessResult> = mine.iter().map(|p| result_of(p)).collect();
+            results.sort_by(|a, b| a.role.cmp(&b.role));
+            let prev = st.steps.iter().find(|s| s.name == step.name);
+            let start_time = prev
+                .map(|s| s.start_time.clone())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| {
+                    if p == phase::WAITING || p == phase::SKIPPED {
+                        String::new()
+                    } else {
+                        time::now()
+                    }
+                });
+            let completion_time = match p {
+                phase::SUCCEEDED | phase::FAILED | phase::SKIPPED => prev
+                    .map(|s| s.completion_time.clone())
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(time::now),
+                _ => String::new(),
+            };
+            let failed: Vec<&ProcessResult> = results
+                .iter()
+                .filter(|r| r.phase != phase::SUCCEEDED)
+                .collect();
+            let message = if p == phase::FAILED {
+                failed
+                    .iter()
+                    .map(|r| match (r.exit_code, r.message.is_empty()) {
+                        (Some(c), true) => format!("{} on {}: exit code {c}", r.role, r.host),
+                        _ => format!("{} on {}: {}", r.role, r.host, r.message),
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            } else {
+                String::new()
+            };
+            if p == phase::FAILED && !step.allow_failure && verdict.is_none() {
+                verdict = Some(Verdict {
+                    phase: phase::FAILED,
+                    reason: "StepFailed".into(),
+                    message: format!("step {} failed: {message}", step.name),
+                });
+            }
+            steps_status.push(StepStatus {
+                name: step.name.clone(),
+                phase: p.into(),
+                processes: results,
+                start_time,
+                completion_time,
+                message,
+            });
+        }
+        if next_round.len() == before {
+            break; // unreachable for validated specs (no cycles)
+        }
+        remaining = next_round;
+    }
+    // Keep the spec's order.
+    steps_status.sort_by_key(|s| spec.steps.iter().position(|x| x.name == s.name));
+
+    if verdict.is_none() {
+        if let Some((member, host, why)) = lost_host(ctx, t) {
+            verdict = Some(Verdict {
+                phase: phase::ERROR,
+                reason: "HostLost".into(),
+                message: format!("host {host} ({member}) was lost: {why}"),
+            });
+        } else if now >= deadline {
+            verdict = Some(Verdict {
+                phase: phase::ERROR,
+                reason: "TimedOut".into(),
+                message: format!("test exceeded its timeout of {}", duration::format(timeout)),
+            });
+        } else if !spec.steps.is_empty()
+            && steps_status
+                .iter()
+                .all(|s| s.phase != phase::RUNNING && s.phase != phase::WAITING)
+        {
+            verdict = Some(Verdict {
+                phase: phase::SUCCEEDED,
+                reason: "Completed".into(),
+                message: String::new(),
+            });
+        }
+    }
+
+    if let Some(v) = verdict {
+        return conclude(ctx, t, procs, steps_status, v).await;
+    }
+
+    for p in to_create {
+        match ctx.client.api::<Process>().create(p).await {
+            Ok(_) => {}
+            Err(s) if s.code() == Code::AlreadyExists => {}
+            Err(s) => return Err(s),
+        }
+    }
+    if st.steps != steps_status {
+        let mut next = t.clone();
+        next.status_mut().steps = steps_status;
+        ctx.client.api::<Test>().update_status(next).await?;
+    }
+    let left = deadline.duration_since(now).unwrap_or_default();
+    Ok(Action::Requeue(left + Duration::from_millis(10)))
+}
+
+/// Stops what still runs; once everything has ended, writes the final
+/// status.
+async fn conclude(
+    ctx: &Context,
+    t: &Test,
+    procs: &[Arc<Process>],
+    mut steps: Vec<StepStatus>,
+    v: Verdict,
+) -> Result<Action, Status> {
+    if !stop_all(ctx, t, procs).await? {
+        return Ok(Action::Requeue(Duration::from_secs(5)));
+    }
+    for s in &mut steps {
+        if s.phase == phase::WAITING || s.phase == phase::RUNNING {
+            s.phase = phase::SKIPPED.into();
+        }
+    }
+    let mut next = t.clone();
+    let st = next.status_mut();
+    st.phase = v.phase.into();
+    st.reason = v.reason;
+    st.message = v.message;
+    st.steps = steps;
+    st.completion_time = time::now();
+    let ok = v.phase == phase::SUCCEEDED;
+    set_condition(
+        &mut st.conditions,
+        condition("Finished", ok, &st.reason.clone(), &st.message.clone()),
+    );
+    ctx.client.api::<Test>().update_status(next).await?;
+    tracing::info!(test = t.name(), phase = v.phase, "test finished");
+    Ok(Action::AwaitChange)
+}
+
+/// Asks every running process of the test to stop and marks those on lost
+/// hosts Lost. True when none is left running.
+async fn stop_all(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<bool, Status> {
+    let mut all_done = true;
+    for p in procs {
+        if phase::process_terminal(&p.status().phase) {
+            continue;
+        }
+        all_done = false;
+        let host_alive = ctx
+            .hosts
+            .get(&p.spec().host_name)
+            .is_some_and(|h| h.status().phase == phase::READY);
+        if !host_alive {
+            let mut next = (**p).clone();
+            let s = next.status_mut();
+            s.phase = phase::LOST.into();
+            s.reason = "HostLost".into();
+            s.message = format!("host {} was lost", p.spec().host_name);
+            s.finish_time = time::now();
+            match ctx.client.api::<Process>().update_status(next).await {
+                Ok(_) | Err(_) => {} // a conflict is retried by the next reconcile
+            }
+        } else if !p.spec().stop {
+            let mut next = (**p).clone();
+            next.spec_mut().stop = true;
+            ctx.client.api::<Process>().update(next).await?;
+            tracing::debug!(test = t.name(), process = p.name(), "stopping");
+        }
+    }
+    Ok(all_done)
+}
+
+/// After the end: release each host once nothing of the test runs on it.
+async fn release(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Action, Status> {
+    stop_all(ctx, t, procs).await?;
+    let uid = &t.meta().uid;
+    for h in ctx.hosts.filter(|h| {
+        h.status()
+            .claim
+            .as_ref()
+            .is_some_and(|c| &c.test_uid == uid)
+    }) {
+        let busy = procs
+            .iter()
+            .any(|p| p.spec().host_name == h.name() && !phase::process_terminal(&p.status().phase));
+        if busy {
+            continue;
+        }
+        let mut next: Host = (*h).clone();
+        next.status_mut().claim = None;
+        ctx.client.api::<Host>().update_status(next).await?;
+        tracing::info!(test = t.name(), host = h.name(), "released");
+    }
+    Ok(Action::AwaitChange)
+}
+
+/// Deleting a test: stop, release, delete its processes, drop the
+/// finalizer.
+async fn teardown(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Action, Status> {
+    release(ctx, t, procs).await?;
+    if procs
+        .iter()
+        .any(|p| !phase::process_terminal(&p.status().phase))
+    {
+        return Ok(Action::Requeue(Duration::from_secs(5)));
+    }
+    let claimed = ctx.hosts.filter(|h| {
+        h.status()
+            .claim
+            .as_ref()
+            .is_some_and(|c| c.test_uid == t.meta().uid)
+    });
+    if !claimed.is_empty() {
+        return Ok(Action::Requeue(Duration::from_millis(100)));
+    }
+    for p in procs {
+        match ctx.client.api::<Process>().delete(p.name()).await {
+            Ok(_) => {}
+            Err(s) if s.code() == Code::NotFound => {}
+            Err(s) => return Err(s),
+        }
+    }
+    let mut next = t.clone();
+    next.meta_mut().finalizers.retain(|f| f != FINALIZER);
+    match ctx.client.api::<Test>().update(next).await {
+        Ok(_) => Ok(Action::AwaitChange),
+        Err(s) if s.code() == Code::NotFound => Ok(Action::AwaitChange),
+        Err(s) => Err(s),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn process_names_are_labels() {
+        assert_eq!(process_name("t", "s", "client0"), "t-s-client0");
+        let long = process_name(&"a".repeat(40), &"b".repeat(30), "client12");
+        assert!(long.len() <= 63);
+        assert!(testbus_proto::validate::dns_label(&long).is_ok());
+        assert_eq!(
+            long,
+            process_name(&"a".repeat(40), &"b".repeat(30), "client12")
+        );
+        assert_ne!(
+            long,
+            process_name(&"a".repeat(40), &"b".repeat(30), "client13")
+        );
+    }
+}
