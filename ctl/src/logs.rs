@@ -1,0 +1,201 @@
+//! `logs`: a process's output raw, or a test's output with each line
+//! prefixed by where it came from; `-f` follows until the test ends.
+use crate::error::{CliError, CliResult};
+use futures::StreamExt;
+use std::collections::HashSet;
+use std::io::Write;
+use testbus_proto::client::{watcher, Client, WatcherEvent};
+use testbus_proto::{phase, Process, ReadOutputRequest, Resource, Test};
+
+/// Which processes of a test to show.
+#[derive(Clone, Default)]
+pub struct Select {
+    pub role: Option<String>,
+    pub step: Option<String>,
+}
+
+impl Select {
+    fn matches(&self, p: &Process) -> bool {
+        let role = &p.spec().role;
+        self.role.as_ref().is_none_or(|r| {
+            // --role client matches client0, client1, ...
+            role == r
+                || (role.starts_with(r.as_str())
+                    && role[r.len()..].bytes().all(|b| b.is_ascii_digit()))
+        }) && self.step.as_ref().is_none_or(|s| &p.spec().step == s)
+    }
+}
+
+/// Writes complete lines with a prefix; a final partial line gets a newline.
+struct Prefixer {
+    prefix: String,
+    partial: Vec<u8>,
+}
+
+impl Prefixer {
+    fn feed(&mut self, data: &[u8], out: &mut impl Write) {
+        self.partial.extend_from_slice(data);
+        while let Some(i) = self.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=i).collect();
+            let _ = out.write_all(self.prefix.as_bytes());
+            let _ = out.write_all(&line);
+        }
+    }
+    fn finish(&mut self, out: &mut impl Write) {
+        if !self.partial.is_empty() {
+            let _ = out.write_all(self.prefix.as_bytes());
+            let _ = out.write_all(&self.partial);
+            let _ = out.write_all(b"\n");
+            self.partial.clear();
+        }
+    }
+}
+
+/// Copies one process's output to stdout/stderr, optionally prefixed.
+pub async fn copy_process(
+    client: &Client,
+    name: &str,
+    prefix: Option<String>,
+    follow: bool,
+) -> CliResult<()> {
+    let mut stream = client
+        .output()
+        .read(ReadOutputRequest {
+            process: name.to_string(),
+            follow,
+        })
+        .await?
+        .into_inner();
+    let mut pre = prefix.map(|p| {
+        [
+            Prefixer {
+                prefix: p.clone(),
+                partial: vec![],
+            },
+            Prefixer {
+                prefix: p,
+                partial: vec![],
+            },
+        ]
+    });
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        let is_err = chunk.stream == 1;
+        match (&mut pre, is_err) {
+            (Some(p), false) => p[0].feed(&chunk.data, &mut std::io::stdout().lock()),
+            (Some(p), true) => p[1].feed(&chunk.data, &mut std::io::stderr().lock()),
+            (None, false) => {
+                let mut o = std::io::stdout().lock();
+                let _ = o.write_all(&chunk.data);
+                let _ = o.flush();
+            }
+            (None, true) => {
+                let _ = std::io::stderr().lock().write_all(&chunk.data);
+            }
+        }
+    }
+    if let Some(p) = &mut pre {
+        p[0].finish(&mut std::io::stdout().lock());
+        p[1].finish(&mut std::io::stderr().lock());
+    }
+    let _ = std::io::stdout().flush();
+    Ok(())
+}
+
+fn prefix_for(t: &Test, p: &Process) -> String {
+    if t.spec().steps.len() > 1 {
+        format!(
+            "[{} {}/{}] ",
+            p.spec().step,
+            p.spec().role,
+            p.spec().host_name
+        )
+    } else {
+        format!("[{}/{}] ", p.spec().role, p.spec().host_name)
+    }
+}
+
+fn step_index(t: &Test, p: &Process) -> usize {
+    t.spec()
+        .steps
+        .iter()
+        .position(|s| s.name == p.spec().step)
+        .unwrap_or(usize::MAX)
+}
+
+/// A test's output. Without `follow`, what there is now, process by process
+/// in step order; with it, every process as it runs, until the test ends.
+/// `prefix: false` copies output raw (for `run` on one host).
+pub async fn test_logs(
+    client: &Client,
+    test: &str,
+    sel: &Select,
+    follow: bool,
+    prefix: bool,
+) -> CliResult<()> {
+    let t = client.api::<Test>().get(test).await?;
+    let fields = format!("spec.test={test}");
+    if !follow {
+        let (mut procs, _) = client.api::<Process>().list("", &fields).await?;
+        procs.retain(|p| p.spec().test_uid == t.meta().uid && sel.matches(p));
+        procs.sort_by(|a, b| {
+            (step_index(&t, a), &a.spec().role).cmp(&(step_index(&t, b), &b.spec().role))
+        });
+        for p in procs {
+            copy_process(client, p.name(), prefix.then(|| prefix_for(&t, &p)), false).await?;
+        }
+        return Ok(());
+    }
+    let mut started: HashSet<String> = HashSet::new();
+    let mut readers = tokio::task::JoinSet::new();
+    let procs = watcher(client.api::<Process>(), String::new(), fields.clone());
+    let tests = watcher(
+        client.api::<Test>(),
+        String::new(),
+        format!("metadata.name={test}"),
+    );
+    futures::pin_mut!(procs, tests);
+    let spawn = |p: Process,
+                 readers: &mut tokio::task::JoinSet<CliResult<()>>,
+                 started: &mut HashSet<String>| {
+        if p.spec().test_uid != t.meta().uid
+            || !sel.matches(&p)
+            || !started.insert(p.name().to_string())
+        {
+            return;
+        }
+        let c = client.clone();
+        let pre = prefix.then(|| prefix_for(&t, &p));
+        readers.spawn(async move { copy_process(&c, p.name(), pre, true).await });
+    };
+    loop {
+        tokio::select! {
+            ev = procs.next() => match ev {
+                Some(WatcherEvent::Restarted(list)) => for p in list { spawn(p, &mut readers, &mut started) },
+                Some(WatcherEvent::Applied(p)) => spawn(p, &mut readers, &mut started),
+                _ => {}
+            },
+            ev = tests.next() => match ev {
+                Some(WatcherEvent::Restarted(list)) if list.is_empty() => return Err(CliError::incomplete(format!("test/{test} was deleted"))),
+                Some(WatcherEvent::Restarted(list)) if list.iter().any(|t| phase::test_terminal(&t.status().phase)) => break,
+                Some(WatcherEvent::Applied(t)) if phase::test_terminal(&t.status().phase) => break,
+                Some(WatcherEvent::Deleted(_)) => break,
+                _ => {}
+            },
+        }
+    }
+    // The test has ended: every process it had exists and is final.
+    let (rest, _) = client.api::<Process>().list("", &fields).await?;
+    for p in rest {
+        spawn(p, &mut readers, &mut started);
+    }
+    while let Some(r) = readers.join_next().await {
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if e.code == crate::error::USAGE => {} // a process deleted meanwhile
+            Ok(Err(e)) => return Err(e),
+            Err(e) => return Err(CliError::failed(e.to_string())),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,601 @@
+//! testbusctl: the user's command-line client. Exit codes follow the
+//! contract in error.rs.
+#![forbid(unsafe_code)]
+
+mod error;
+mod format;
+mod logs;
+mod objects;
+mod progress;
+mod run;
+
+use clap::{Parser, Subcommand};
+use error::{CliError, CliResult};
+use format::Format;
+use futures::StreamExt;
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use testbus_proto::client::Client;
+use testbus_proto::{duration, manifest, validate::Validate, Host, Kind, Object, Resource};
+
+#[derive(Parser)]
+#[command(
+    name = "testbusctl",
+    version,
+    about = "Run and inspect multi-host tests on testbus"
+)]
+struct Cli {
+    /// Control-plane address: http(s)://host:port, a comma-separated list, or unix:/path.
+    #[arg(long, global = true, env = "TESTBUS_SERVER", default_value = testbus_proto::client::DEFAULT_SERVER)]
+    server: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create or update the objects in manifests.
+    Apply {
+        /// A file, a directory of *.yaml/*.yml/*.json, or - for stdin. Repeatable.
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<String>,
+        /// Wait for the applied tests to finish, showing progress.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up after this long (exit 3).
+        #[arg(long, value_parser = parse_duration)]
+        timeout: Option<std::time::Duration>,
+    },
+    /// List or show objects.
+    Get {
+        kind: String,
+        name: Option<String>,
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: Format,
+        /// Label selector, e.g. suite=nfs,tier!=slow.
+        #[arg(short = 'l', long, default_value = "")]
+        selector: String,
+        /// After listing, print changes as they happen.
+        #[arg(short = 'w', long)]
+        watch: bool,
+    },
+    /// Show one object in detail.
+    Describe { kind: String, name: String },
+    /// Delete objects (a running test is cancelled).
+    Delete {
+        kind: String,
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Output of a test (prefixed by role/host) or of a process.
+    Logs {
+        /// test/NAME or process/NAME.
+        target: String,
+        #[arg(long)]
+        role: Option<String>,
+        #[arg(long)]
+        step: Option<String>,
+        /// Follow until the test or process ends.
+        #[arg(short = 'f', long)]
+        follow: bool,
+    },
+    /// Wait for a test to finish.
+    Wait {
+        /// test/NAME.
+        target: String,
+        #[arg(long, value_parser = parse_duration)]
+        timeout: Option<std::time::Duration>,
+    },
+    /// Mark a host unschedulable.
+    Cordon {
+        host: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Make a host schedulable again.
+    Uncordon { host: String },
+    /// Claim hosts, run one command on them, stream its output and exit with its exit code.
+    Run {
+        #[arg(long = "capability")]
+        capabilities: Vec<String>,
+        /// Run on this host.
+        #[arg(long)]
+        host: Option<String>,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        #[arg(long = "env")]
+        env: Vec<String>,
+        #[arg(long, value_parser = parse_duration_str)]
+        timeout: Option<String>,
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    duration::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_duration_str(s: &str) -> Result<String, String> {
+    duration::parse(s)
+        .map(|_| s.to_string())
+        .map_err(|e| e.to_string())
+}
+
+fn parse_env(flag: &str, items: &[String]) -> CliResult<BTreeMap<String, String>> {
+    items
+        .iter()
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+            _ => Err(CliError::usage(format!(
+                "{flag} {kv:?}: expected KEY=VALUE"
+            ))),
+        })
+        .collect()
+}
+
+/// Reads every manifest source; validates everything before anything is sent.
+fn read_manifests(files: &[String]) -> CliResult<Vec<Object>> {
+    let mut sources: Vec<(String, String)> = Vec::new();
+    for f in files {
+        if f == "-" {
+            let mut s = String::new();
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .map_err(|e| CliError::usage(format!("-f -: {e}")))?;
+            sources.push(("-".into(), s));
+            continue;
+        }
+        let p = Path::new(f);
+        if p.is_dir() {
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(p)
+                .map_err(|e| CliError::usage(format!("-f {f}: {e}")))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.extension()
+                        .is_some_and(|x| x == "yaml" || x == "yml" || x == "json")
+                })
+                .collect();
+            entries.sort();
+            for e in entries {
+                let text = std::fs::read_to_string(&e)
+                    .map_err(|err| CliError::usage(format!("{}: {err}", e.display())))?;
+                sources.push((e.display().to_string(), text));
+            }
+        } else {
+            let text = std::fs::read(p).map_err(|e| CliError::usage(format!("-f {f}: {e}")))?;
+            let text = String::from_utf8(text)
+                .map_err(|_| CliError::usage(format!("{f}: not valid UTF-8")))?;
+            sources.push((f.clone(), text));
+        }
+    }
+    let mut objs = Vec::new();
+    for (name, text) in sources {
+        let parsed = manifest::parse(&name, &text).map_err(|e| CliError::usage(e.to_string()))?;
+        for o in &parsed {
+            let r = match o {
+                Object::Host(h) => h.validate(),
+                Object::Test(t) => t.validate(),
+                Object::Process(p) => p.validate(),
+            };
+            r.map_err(|e| {
+                CliError::usage(format!("{name}: {} {}: {e}", o.kind(), display_name(o)))
+            })?;
+        }
+        objs.extend(parsed);
+    }
+    Ok(objs)
+}
+
+fn display_name(o: &Object) -> String {
+    let m = o.meta();
+    if m.name.is_empty() {
+        format!("{}*", m.generate_name)
+    } else {
+        m.name.clone()
+    }
+}
+
+async fn connect(server: &str) -> CliResult<Client> {
+    Ok(Client::connect(server).await?)
+}
+
+async fn apply(
+    client: &Client,
+    files: &[String],
+    wait: bool,
+    timeout: Option<std::time::Duration>,
+) -> CliResult {
+    let objs = read_manifests(files)?;
+    let mut tests = Vec::new();
+    for o in objs {
+        let what = format!("{}", o.kind()).to_lowercase();
+        let res = objects::apply(client, o).await?;
+        let (obj, verb) = match res {
+            objects::Applied::Created(o) => (o, "created"),
+            objects::Applied::Configured(o) => (o, "configured"),
+            objects::Applied::Unchanged(o) => (o, "unchanged"),
+        };
+        println!("{what}/{} {verb}", obj.meta().name);
+        if let Object::Test(t) = &obj {
+            tests.push(t.name().to_string());
+        }
+    }
+    if wait && !tests.is_empty() {
+        return progress::wait(client, &tests, timeout, true).await;
+    }
+    Ok(0)
+}
+
+async fn get(
+    client: &Client,
+    kind: &str,
+    name: Option<String>,
+    output: Format,
+    selector: &str,
+    watch: bool,
+) -> CliResult {
+    let kind = objects::parse_kind(kind)?;
+    testbus_proto::selector::LabelSelector::parse(selector)
+        .map_err(|e| CliError::usage(format!("-l: {e}")))?;
+    let (objs, rv) = match &name {
+        Some(n) => {
+            let o = objects::get(client, kind, n).await?;
+            let rv = o.meta().resource_version.clone();
+            (vec![o], rv)
+        }
+        None => objects::list(client, kind, selector, "").await?,
+    };
+    if !(watch && objs.is_empty() && matches!(output, Format::Table | Format::Wide)) {
+        format::print(&objs, output, name.is_some());
+    }
+    if !watch {
+        return Ok(0);
+    }
+    let fields = name
+        .map(|n| format!("metadata.name={n}"))
+        .unwrap_or_default();
+    let wide = output == Format::Wide;
+    let mut printed_header = !objs.is_empty();
+    let mut stream = watch_any(client, kind, &rv, selector, &fields).await?;
+    while let Some(o) = stream.next().await {
+        let o = o?;
+        match output {
+            Format::Table | Format::Wide => {
+                let mut rows = Vec::new();
+                if !printed_header {
+                    rows.push(
+                        format::header(kind, wide)
+                            .into_iter()
+                            .map(String::from)
+                            .collect(),
+                    );
+                    printed_header = true;
+                }
+                rows.push(format::row(&o, wide));
+                print!("{}", format::table(&rows));
+            }
+            _ => format::print(&[o], output, true),
+        }
+    }
+    Ok(0)
+}
+
+async fn watch_any(
+    client: &Client,
+    kind: Kind,
+    rv: &str,
+    labels: &str,
+    fields: &str,
+) -> CliResult<futures::stream::BoxStream<'static, CliResult<Object>>> {
+    use testbus_proto::client::{ApiResource, EventType};
+    async fn w<K: ApiResource>(
+        c: &Client,
+        rv: &str,
+        l: &str,
+        f: &str,
+    ) -> CliResult<futures::stream::BoxStream<'static, CliResult<Object>>> {
+        let s = c.api::<K>().watch(rv, l, f).await?;
+        Ok(s.filter_map(|e| async move {
+            match e {
+                Ok(e) if e.kind == EventType::Compacted => Some(Err(CliError::incomplete(
+                    "the watch fell behind; run the command again",
+                ))),
+                Ok(e) => e.object.map(|o| Ok(o.into_object())),
+                Err(s) => Some(Err(s.into())),
+            }
+        })
+        .boxed())
+    }
+    match kind {
+        Kind::Host => w::<Host>(client, rv, labels, fields).await,
+        Kind::Test => w::<testbus_proto::Test>(client, rv, labels, fields).await,
+        Kind::Process => w::<testbus_proto::Process>(client, rv, labels, fields).await,
+    }
+}
+
+fn describe(o: &Object) {
+    let m = o.meta();
+    println!("Kind:         {}", o.kind());
+    println!("Name:         {}", m.name);
+    println!("UID:          {}", m.uid);
+    println!(
+        "Created:      {} ({} ago)",
+        m.creation_timestamp,
+        testbus_proto::time::age(&m.creation_timestamp)
+    );
+    if !m.labels.is_empty() {
+        let l: Vec<String> = m.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!("Labels:       {}", l.join(", "));
+    }
+    if !m.deletion_timestamp.is_empty() {
+        println!("Deleting:     since {}", m.deletion_timestamp);
+    }
+    match o {
+        Object::Test(t) => {
+            let s = t.status();
+            println!("Phase:        {}", s.phase);
+            if !s.reason.is_empty() || !s.message.is_empty() {
+                println!("Reason:       {} {}", s.reason, s.message);
+            }
+            if !s.start_time.is_empty() {
+                println!("Started:      {}", s.start_time);
+            }
+            if !s.completion_time.is_empty() {
+                println!("Completed:    {}", s.completion_time);
+            }
+            println!("Hosts:");
+            for h in &t.spec().hosts {
+                let caps = if h.capabilities.is_empty() {
+                    "any".to_string()
+                } else {
+                    h.capabilities.join(",")
+                };
+                println!("  {} × {} [{}]", h.count.unwrap_or(1), h.role, caps);
+            }
+            if !s.claims.is_empty() {
+                println!("Claims:");
+                for (r, h) in &s.claims {
+                    println!("  {r:<12} {h}");
+                }
+            }
+            println!("Steps:");
+            for st in &t.spec().steps {
+                let ss = s.steps.iter().find(|x| x.name == st.name);
+                println!(
+                    "  {:<16} {:<10} on {}",
+                    st.name,
+                    ss.map_or("Waiting", |x| x.phase.as_str()),
+                    st.on.join(",")
+                );
+                for p in ss.map(|x| x.processes.as_slice()).unwrap_or_default() {
+                    let end = p
+                        .exit_code
+                        .map(|c| format!("exit {c}"))
+                        .unwrap_or_else(|| p.signal.clone());
+                    println!(
+                        "      {:<12} {:<14} {:<10} {end} {}",
+                        p.role, p.host, p.phase, p.message
+                    );
+                }
+            }
+            if !s.conditions.is_empty() {
+                println!("Conditions:");
+                for c in &s.conditions {
+                    println!(
+                        "  {:<10} {:<6} {:<14} {}",
+                        c.r#type, c.status, c.reason, c.message
+                    );
+                }
+            }
+        }
+        Object::Host(h) => {
+            let s = h.status();
+            println!(
+                "Phase:        {}{}",
+                s.phase,
+                if h.spec().unschedulable {
+                    " (cordoned)"
+                } else {
+                    ""
+                }
+            );
+            if !s.message.is_empty() {
+                println!("Message:      {}", s.message);
+            }
+            if let Some(c) = s.claim.as_ref().filter(|c| !c.test.is_empty()) {
+                println!("Claimed by:   test/{} as {}", c.test, c.role);
+            }
+            println!(
+                "Lease:        renewed {} (every {}s)",
+                s.lease_renew_time, s.lease_duration_seconds
+            );
+            println!(
+                "Capabilities: {}",
+                s.capabilities
+                    .iter()
+                    .chain(&h.spec().capabilities)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            println!("Vars:");
+            for (k, v) in &s.vars {
+                println!("  {k} = {v}");
+            }
+            if let Some(f) = &s.facts {
+                println!(
+                    "Facts:        {} / kernel {} / {} / {} cpus / {} MiB / agent {} / {}",
+                    f.os,
+                    f.kernel,
+                    f.arch,
+                    f.cpus,
+                    f.memory_bytes >> 20,
+                    f.agent_version,
+                    f.transport
+                );
+            }
+        }
+        Object::Process(p) => {
+            let (sp, s) = (p.spec(), p.status());
+            println!(
+                "Test:         {} (step {}, role {})",
+                sp.test, sp.step, sp.role
+            );
+            println!("Host:         {}", sp.host_name);
+            if !sp.argv.is_empty() {
+                println!("Argv:         {:?}", sp.argv);
+            } else {
+                println!("Script:       {} bytes", sp.script.len());
+            }
+            println!("Phase:        {}", s.phase);
+            if let Some(c) = s.exit_code {
+                println!("Exit code:    {c}");
+            }
+            if !s.signal.is_empty() {
+                println!("Signal:       {}", s.signal);
+            }
+            if !s.message.is_empty() {
+                println!("Message:      {} ({})", s.message, s.reason);
+            }
+            println!(
+                "Output:       {} bytes stdout, {} bytes stderr",
+                s.stdout_bytes, s.stderr_bytes
+            );
+        }
+    }
+}
+
+async fn set_cordon(client: &Client, host: &str, on: bool, reason: &str) -> CliResult {
+    let api = client.api::<Host>();
+    loop {
+        let mut h = api.get(host).await?;
+        h.spec_mut().unschedulable = on;
+        h.spec_mut().unschedulable_reason = if on {
+            reason.to_string()
+        } else {
+            String::new()
+        };
+        match api.update(h).await {
+            Ok(_) => break,
+            Err(s) if s.code() == tonic::Code::Aborted => continue,
+            Err(s) => return Err(s.into()),
+        }
+    }
+    println!("host/{host} {}", if on { "cordoned" } else { "uncordoned" });
+    Ok(0)
+}
+
+async fn dispatch(cli: Cli) -> CliResult {
+    let server = cli.server.clone();
+    match cli.cmd {
+        Cmd::Apply {
+            files,
+            wait,
+            timeout,
+        } => {
+            // Invalid input is refused before any connection is made.
+            read_manifests(&files)?;
+            apply(&connect(&server).await?, &files, wait, timeout).await
+        }
+        Cmd::Get {
+            kind,
+            name,
+            output,
+            selector,
+            watch,
+        } => {
+            get(
+                &connect(&server).await?,
+                &kind,
+                name,
+                output,
+                &selector,
+                watch,
+            )
+            .await
+        }
+        Cmd::Describe { kind, name } => {
+            let kind = objects::parse_kind(&kind)?;
+            let o = objects::get(&connect(&server).await?, kind, &name).await?;
+            describe(&o);
+            Ok(0)
+        }
+        Cmd::Delete { kind, names } => {
+            let kind = objects::parse_kind(&kind)?;
+            let client = connect(&server).await?;
+            let mut code = 0;
+            for n in names {
+                match objects::delete(&client, kind, &n).await {
+                    Ok(()) => println!("{}/{n} deleted", format::kind_slug(kind)),
+                    Err(e) => {
+                        eprintln!("testbusctl: {}", e.message);
+                        code = e.code;
+                    }
+                }
+            }
+            Ok(code)
+        }
+        Cmd::Logs {
+            target,
+            role,
+            step,
+            follow,
+        } => {
+            let (kind, name) = objects::parse_ref(&target, &[Kind::Test, Kind::Process])?;
+            let client = connect(&server).await?;
+            match kind {
+                Kind::Process => logs::copy_process(&client, &name, None, follow).await?,
+                _ => {
+                    logs::test_logs(&client, &name, &logs::Select { role, step }, follow, true)
+                        .await?
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Wait { target, timeout } => {
+            let (_, name) = objects::parse_ref(&target, &[Kind::Test])?;
+            progress::wait(&connect(&server).await?, &[name], timeout, false).await
+        }
+        Cmd::Cordon { host, reason } => {
+            set_cordon(&connect(&server).await?, &host, true, &reason).await
+        }
+        Cmd::Uncordon { host } => set_cordon(&connect(&server).await?, &host, false, "").await,
+        Cmd::Run {
+            capabilities,
+            host,
+            count,
+            env,
+            timeout,
+            argv,
+        } => {
+            let env = parse_env("--env", &env)?;
+            if count == 0 {
+                return Err(CliError::usage("--count: must be >= 1"));
+            }
+            let args = run::RunArgs {
+                capabilities,
+                host,
+                count,
+                env,
+                timeout,
+                argv,
+            };
+            run::run(&connect(&server).await?, args).await
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    let code = match dispatch(cli).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("testbusctl: {}", e.message);
+            e.code
+        }
+    };
+    std::process::exit(code);
+}

@@ -1,0 +1,173 @@
+//! Waiting for tests, with live progress: each role's hosts and each step,
+//! printed (to stderr) as they change.
+use crate::error::{CliError, CliResult, FAILED, INCOMPLETE};
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use testbus_proto::client::{watcher, Client, WatcherEvent};
+use testbus_proto::{phase, Resource, Test};
+
+/// The exit code of a finished test.
+pub fn exit_code(t: &Test) -> i32 {
+    match t.status().phase.as_str() {
+        phase::SUCCEEDED => 0,
+        phase::FAILED => FAILED,
+        _ => INCOMPLETE,
+    }
+}
+
+/// Lines describing what changed between two views of a test.
+fn progress_lines(prev: Option<&Test>, t: &Test) -> Vec<String> {
+    let name = t.name();
+    let s = t.status();
+    let mut out = Vec::new();
+    let ps = prev.map(|p| p.status());
+    if ps.map(|p| (&p.phase, &p.message)) != Some((&s.phase, &s.message)) {
+        match s.phase.as_str() {
+            phase::PENDING if !s.message.is_empty() => {
+                out.push(format!("test/{name}: Pending: {}", s.message))
+            }
+            phase::RUNNING => {
+                let claims: Vec<String> =
+                    s.claims.iter().map(|(r, h)| format!("{r}={h}")).collect();
+                out.push(format!("test/{name}: Running on {}", claims.join(" ")));
+            }
+            p if phase::test_terminal(p) => {}
+            p => out.push(format!("test/{name}: {p}")),
+        }
+    }
+    for st in &s.steps {
+        let before = ps.and_then(|p| p.steps.iter().find(|x| x.name == st.name));
+        if before.map(|b| (&b.phase, &b.processes)) == Some((&st.phase, &st.processes))
+            || st.phase == phase::WAITING
+        {
+            continue;
+        }
+        if before.map(|b| &b.phase) == Some(&st.phase) && st.phase == phase::RUNNING {
+            continue; // only process details changed while running
+        }
+        let procs: Vec<String> = st
+            .processes
+            .iter()
+            .map(|p| {
+                let end = match (p.exit_code, p.signal.is_empty()) {
+                    (Some(c), _) => format!(" exit {c}"),
+                    (None, false) => format!(" {}", p.signal),
+                    _ => String::new(),
+                };
+                format!("{}@{}{end}", p.role, p.host)
+            })
+            .collect();
+        let mut line = format!("test/{name}: step {} {}", st.name, st.phase);
+        if !procs.is_empty() {
+            line.push_str(&format!(" [{}]", procs.join(", ")));
+        }
+        out.push(line);
+    }
+    if phase::test_terminal(&s.phase) && ps.map(|p| &p.phase) != Some(&s.phase) {
+        let mut line = format!("test/{name}: {}", s.phase);
+        if !s.message.is_empty() {
+            line.push_str(&format!(": {}", s.message));
+        }
+        if let (Some(a), Some(b)) = (
+            testbus_proto::time::parse(&s.start_time),
+            testbus_proto::time::parse(&s.completion_time),
+        ) {
+            if let Ok(d) = b.duration_since(a) {
+                line.push_str(&format!(" ({:.1}s)", d.as_secs_f64()));
+            }
+        }
+        out.push(line);
+    }
+    out
+}
+
+/// Waits until every named test has finished; returns the worst exit code
+/// (3 on timeout or deletion, then 1 for a failure, else 0).
+pub async fn wait(
+    client: &Client,
+    names: &[String],
+    timeout: Option<Duration>,
+    show: bool,
+) -> CliResult {
+    // Fail fast (exit 2 or 4) if a test does not exist or the server is down.
+    let mut last: HashMap<String, Test> = HashMap::new();
+    for n in names {
+        let t = client.api::<Test>().get(n).await?;
+        if show {
+            for l in progress_lines(None, &t) {
+                eprintln!("{l}");
+            }
+        }
+        last.insert(n.clone(), t);
+    }
+    let deadline = timeout.map(|d| Instant::now() + d);
+    let events = watcher(client.api::<Test>(), String::new(), String::new());
+    futures::pin_mut!(events);
+    let mut codes: HashMap<String, i32> = HashMap::new();
+    for (n, t) in &last {
+        if phase::test_terminal(&t.status().phase) {
+            codes.insert(n.clone(), exit_code(t));
+        }
+    }
+    while codes.len() < names.len() {
+        let next = match deadline {
+            Some(d) => match tokio::time::timeout_at(d.into(), events.next()).await {
+                Ok(ev) => ev,
+                Err(_) => {
+                    let waiting: Vec<&String> =
+                        names.iter().filter(|n| !codes.contains_key(*n)).collect();
+                    return Err(CliError::incomplete(format!(
+                        "timed out waiting for {}",
+                        waiting
+                            .iter()
+                            .map(|n| format!("test/{n}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )));
+                }
+            },
+            None => events.next().await,
+        };
+        let updates: Vec<Test> = match next {
+            Some(WatcherEvent::Restarted(list)) => {
+                for n in names {
+                    if !codes.contains_key(n) && !list.iter().any(|t| t.name() == n) {
+                        return Err(CliError::incomplete(format!("test/{n} was deleted")));
+                    }
+                }
+                list.into_iter()
+                    .filter(|t| names.iter().any(|n| n == t.name()))
+                    .collect()
+            }
+            Some(WatcherEvent::Applied(t)) if names.iter().any(|n| n == t.name()) => vec![t],
+            Some(WatcherEvent::Deleted(t))
+                if names.iter().any(|n| n == t.name()) && !codes.contains_key(t.name()) =>
+            {
+                return Err(CliError::incomplete(format!(
+                    "test/{} was deleted",
+                    t.name()
+                )));
+            }
+            Some(_) => continue,
+            None => return Err(CliError::incomplete("the watch ended")),
+        };
+        for t in updates {
+            if show {
+                for l in progress_lines(last.get(t.name()), &t) {
+                    eprintln!("{l}");
+                }
+            }
+            if phase::test_terminal(&t.status().phase) {
+                codes.insert(t.name().to_string(), exit_code(&t));
+            }
+            last.insert(t.name().to_string(), t);
+        }
+    }
+    let worst = codes.values().copied().fold(0, |acc, c| match (acc, c) {
+        (INCOMPLETE, _) | (_, INCOMPLETE) => INCOMPLETE,
+        (FAILED, _) | (_, FAILED) => FAILED,
+        _ => 0,
+    });
+    Ok(worst)
+}

@@ -1,0 +1,94 @@
+//! `run`: claim hosts, run one command, stream its output, exit with the
+//! remote exit code.
+use crate::error::{CliError, CliResult, INCOMPLETE};
+use crate::logs;
+use std::collections::BTreeMap;
+use testbus_proto::{phase, HostRequirement, ObjectMeta, Resource, Step, Test, TestSpec};
+
+pub struct RunArgs {
+    pub capabilities: Vec<String>,
+    pub host: Option<String>,
+    pub count: u32,
+    pub env: BTreeMap<String, String>,
+    pub timeout: Option<String>,
+    pub argv: Vec<String>,
+}
+
+pub fn test_for(a: &RunArgs) -> Test {
+    Test {
+        metadata: Some(ObjectMeta {
+            generate_name: "run-".into(),
+            labels: [("testbus.io/run".to_string(), "true".to_string())].into(),
+            ..Default::default()
+        }),
+        spec: Some(TestSpec {
+            timeout: a.timeout.clone().unwrap_or_default(),
+            hosts: vec![HostRequirement {
+                role: "host".into(),
+                capabilities: a.capabilities.clone(),
+                count: Some(a.count),
+                host: a.host.clone().unwrap_or_default(),
+            }],
+            steps: vec![Step {
+                name: "run".into(),
+                on: vec!["host".into()],
+                argv: a.argv.clone(),
+                env: a.env.clone(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+pub async fn run(client: &testbus_proto::client::Client, a: RunArgs) -> CliResult {
+    let t = test_for(&a);
+    use testbus_proto::validate::Validate;
+    t.validate().map_err(|e| CliError::usage(e.to_string()))?;
+    let t = client.api::<Test>().create(t).await?;
+    let name = t.name().to_string();
+    let follow = {
+        let c = client.clone();
+        let n = name.clone();
+        let prefix = a.count > 1;
+        tokio::spawn(async move {
+            logs::test_logs(&c, &n, &logs::Select::default(), true, prefix).await
+        })
+    };
+    // Ctrl-C cancels the remote test.
+    let wait = crate::progress::wait(client, std::slice::from_ref(&name), None, false);
+    let code = tokio::select! {
+        r = wait => r?,
+        _ = tokio::signal::ctrl_c() => {
+            let _ = client.api::<Test>().delete(&name).await;
+            return Err(CliError::incomplete(format!("interrupted; test/{name} cancelled")));
+        }
+    };
+    match follow.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => eprintln!("testbusctl: output of test/{name}: {}", e.message),
+        Err(e) => eprintln!("testbusctl: output of test/{name}: {e}"),
+    }
+    let t = client.api::<Test>().get(&name).await?;
+    let s = t.status();
+    if code == 0 {
+        return Ok(0);
+    }
+    if s.phase == phase::FAILED {
+        // The remote exit code of the first failing process.
+        let remote = s
+            .steps
+            .iter()
+            .flat_map(|st| st.processes.iter())
+            .filter(|p| p.phase != phase::SUCCEEDED)
+            .find_map(|p| p.exit_code);
+        if let Some(c) = remote {
+            return Ok(c);
+        }
+        eprintln!("testbusctl: test/{name} failed: {}", s.message);
+        return Ok(crate::error::FAILED);
+    }
+    eprintln!("testbusctl: test/{name} {}: {}", s.phase, s.message);
+    Ok(INCOMPLETE)
+}

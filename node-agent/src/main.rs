@@ -1,0 +1,375 @@
+//! testbus-agent: the daemon on every test host.
+//!
+//! Ownership: `main` owns the registration/lease task and the [`Agent`]
+//! dispatcher. The dispatcher is the only owner of the runner table; each
+//! runner task owns its child process and reports its own status. The
+//! journal is written before any spawn.
+#![forbid(unsafe_code)]
+
+mod config;
+mod facts;
+mod journal;
+mod runner;
+
+use anyhow::Context;
+use clap::Parser;
+use futures::StreamExt;
+use runner::{Command, ProcessRunner, StopReason};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+use testbus_proto::client::{watcher, Api, Client, WatcherEvent};
+use testbus_proto::{phase, time, Host, HostSpec, HostStatus, ObjectMeta, Process, Resource};
+use tokio::sync::mpsc;
+use tonic::Code;
+
+#[derive(Parser, Debug)]
+#[command(name = "testbus-agent", version, about = "The testbus node agent")]
+struct Args {
+    /// Control-plane address: http://host:port, a comma-separated list, or unix:/path.
+    #[arg(long, env = "TESTBUS_SERVER", default_value = testbus_proto::client::DEFAULT_SERVER)]
+    server: String,
+    /// This host's name (a DNS label).
+    #[arg(long)]
+    name: String,
+    /// A capability this host offers. Repeatable.
+    #[arg(long = "capability")]
+    capabilities: Vec<String>,
+    /// A published host variable, K=V. Repeatable.
+    #[arg(long = "var")]
+    vars: Vec<String>,
+    /// A label of the Host object, K=V. Repeatable.
+    #[arg(long = "label")]
+    labels: Vec<String>,
+    /// Agent config file (YAML: capabilities, vars, labels, env).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Directory whose capabilities.d/*.yaml drop-ins are read.
+    #[arg(long, default_value = "/etc/testbus")]
+    config_dir: PathBuf,
+    /// Journal and work directories.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// How long a lease lasts; the agent renews it every third of that.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    lease_duration: Duration,
+    /// How this agent reaches the control plane: direct, serial, vsock, ssh.
+    #[arg(long, default_value = "direct")]
+    transport: String,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    testbus_proto::duration::parse(s).map_err(|e| e.to_string())
+}
+
+/// Builds the Host this agent registers.
+fn host_object(args: &Args) -> anyhow::Result<Host> {
+    testbus_proto::validate::dns_label(&args.name).map_err(|e| anyhow::anyhow!("--name: {e}"))?;
+    let mut offer = config::Offer::default();
+    offer.vars = facts::default_vars();
+    if let Some(path) = &args.config {
+        offer.add(config::parse_file(path)?);
+    } else if args.config_dir.join("agent.yaml").exists() {
+        offer.add(config::parse_file(&args.config_dir.join("agent.yaml"))?);
+    }
+    for c in config::drop_ins(&args.config_dir)? {
+        offer.add(c);
+    }
+    offer.capabilities.extend(args.capabilities.iter().cloned());
+    for v in &args.vars {
+        let (k, v) = config::parse_kv("--var", v)?;
+        offer.vars.insert(k, v);
+    }
+    for l in &args.labels {
+        let (k, v) = config::parse_kv("--label", l)?;
+        offer.labels.insert(k, v);
+    }
+    let host = Host {
+        metadata: Some(ObjectMeta {
+            name: args.name.clone(),
+            labels: offer.labels,
+            ..Default::default()
+        }),
+        spec: Some(HostSpec::default()),
+        status: Some(HostStatus {
+            capabilities: offer.capabilities.into_iter().collect(),
+            vars: offer.vars,
+            env: offer.env,
+            facts: Some(facts::facts(&args.transport)),
+            lease_duration_seconds: args.lease_duration.as_secs().max(1) as u32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    use testbus_proto::validate::Validate;
+    host.validate()
+        .map_err(|e| anyhow::anyhow!("invalid host configuration: {e}"))?;
+    Ok(host)
+}
+
+/// Creates the Host or refreshes what the agent owns of it (labels,
+/// capabilities, vars, env, facts, lease), keeping what others own (spec,
+/// claim, phase).
+async fn register(api: &Api<Host>, mine: &Host) -> Result<(), tonic::Status> {
+    match api.get_opt(mine.name()).await? {
+        None => {
+            let mut h = mine.clone();
+            h.status_mut().lease_renew_time = time::now();
+            match api.create(h).await {
+                Err(s) if s.code() == Code::AlreadyExists => {
+                    Err(tonic::Status::aborted("raced; retry"))
+                }
+                r => r.map(|_| ()),
+            }
+        }
+        Some(mut h) => {
+            if h.meta().labels != mine.meta().labels {
+                h.meta_mut().labels = mine.meta().labels.clone();
+                api.update(h).await?;
+            }
+            let m = mine.status().clone();
+            api.patch_status(mine.name(), move |h| {
+                let s = h.status_mut();
+                s.capabilities = m.capabilities.clone();
+                s.vars = m.vars.clone();
+                s.env = m.env.clone();
+                s.facts = m.facts.clone();
+                s.lease_duration_seconds = m.lease_duration_seconds;
+                s.lease_renew_time = time::now();
+                true
+            })
+            .await
+            .map(|_| ())
+        }
+    }
+}
+
+/// Registers, then renews the lease every third of its duration, with
+/// jittered backoff while the server is unreachable.
+async fn keep_lease(client: Client, mine: Host, every: Duration) {
+    let api = client.api::<Host>();
+    let mut hosts = client.hosts();
+    let mut registered = false;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let res = if registered {
+            hosts
+                .renew_lease(testbus_proto::RenewLeaseRequest {
+                    name: mine.name().to_string(),
+                })
+                .await
+                .map(|_| ())
+        } else {
+            register(&api, &mine).await
+        };
+        match res {
+            Ok(()) => {
+                if !registered {
+                    tracing::info!(host = mine.name(), server = client.server(), "registered");
+                }
+                registered = true;
+                backoff = Duration::from_millis(100);
+                tokio::time::sleep(every).await;
+            }
+            Err(s) => {
+                if s.code() == Code::NotFound {
+                    registered = false;
+                }
+                tracing::warn!(error = %s, "lease renewal failed");
+                let jitter = Duration::from_millis(u64::from(std::process::id() % 97));
+                tokio::time::sleep(backoff + jitter).await;
+                backoff = (backoff * 2).min(every);
+            }
+        }
+    }
+}
+
+struct Running {
+    commands: mpsc::Sender<Command>,
+    stop_sent: bool,
+}
+
+/// Turns the Processes assigned to this host into runners.
+struct Agent {
+    client: Client,
+    journal: journal::Journal,
+    work_root: PathBuf,
+    /// By Process uid.
+    running: HashMap<String, Running>,
+    done: mpsc::UnboundedSender<String>,
+}
+
+impl Agent {
+    async fn handle(&mut self, p: Process) {
+        let uid = p.meta().uid.clone();
+        let terminal = phase::process_terminal(&p.status().phase);
+        if let Some(r) = self.running.get_mut(&uid) {
+            if p.spec().stop && !r.stop_sent {
+                r.stop_sent = r
+                    .commands
+                    .send(Command::Stop(StopReason::Requested))
+                    .await
+                    .is_ok();
+            }
+            return;
+        }
+        if terminal {
+            return;
+        }
+        let api = self.client.api::<Process>();
+        if self.journal.contains(&uid) {
+            // Started before by this agent, but not by this run of it: the
+            // process cannot be re-adopted, and must never run twice.
+            runner::report(&api, p.name(), |p| {
+                if phase::process_terminal(&p.status().phase) {
+                    return false;
+                }
+                let s = p.status_mut();
+                s.phase = phase::LOST.into();
+                s.reason = "AgentRestarted".into();
+                s.message =
+                    "the agent restarted while the process ran; its outcome is unknown".into();
+                s.finish_time = time::now();
+                true
+            })
+            .await;
+            return;
+        }
+        if p.spec().stop {
+            runner::report(&api, p.name(), |p| {
+                let s = p.status_mut();
+                s.phase = phase::KILLED.into();
+                s.reason = "Stopped".into();
+                s.message = "stopped before it started".into();
+                s.finish_time = time::now();
+                true
+            })
+            .await;
+            return;
+        }
+        if let Err(e) = self.journal.record(&uid) {
+            tracing::error!(error = %e, "cannot write the journal; not starting {}", p.name());
+            return;
+        }
+        let (tx, rx) = mpsc::channel(4);
+        self.running.insert(
+            uid.clone(),
+            Running {
+                commands: tx,
+                stop_sent: false,
+            },
+        );
+        let runner = ProcessRunner {
+            client: self.client.clone(),
+            process: p,
+            work_root: self.work_root.clone(),
+        };
+        let done = self.done.clone();
+        tokio::spawn(async move {
+            runner.run(rx).await;
+            let _ = done.send(uid);
+        });
+    }
+
+    async fn stop_all(&mut self, by: StopReason) {
+        for r in self.running.values_mut() {
+            if !r.stop_sent {
+                r.stop_sent = r.commands.send(Command::Stop(by)).await.is_ok();
+            }
+        }
+    }
+}
+
+fn default_data_dir(name: &str) -> PathBuf {
+    let base = if std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false)
+    {
+        PathBuf::from("/var/lib/testbus-agent")
+    } else {
+        std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| ".".into())
+            .join(".local/share/testbus-agent")
+    };
+    base.join(name)
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let mine = host_object(&args)?;
+    let data_dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| default_data_dir(&args.name));
+    std::fs::create_dir_all(data_dir.join("work"))
+        .with_context(|| format!("--data-dir {}", data_dir.display()))?;
+    let journal =
+        journal::Journal::open(&data_dir.join("journal")).context("opening the journal")?;
+    let client = Client::lazy(&args.server).map_err(|e| anyhow::anyhow!("--server: {e}"))?;
+    tokio::spawn(keep_lease(client.clone(), mine, args.lease_duration / 3));
+
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+    let mut agent = Agent {
+        client: client.clone(),
+        journal,
+        work_root: data_dir.join("work"),
+        running: HashMap::new(),
+        done: done_tx,
+    };
+    let events = watcher(
+        client.api::<Process>(),
+        String::new(),
+        format!("spec.hostName={}", args.name),
+    );
+    futures::pin_mut!(events);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            ev = events.next() => match ev {
+                Some(WatcherEvent::Restarted(list)) => for p in list { agent.handle(p).await },
+                Some(WatcherEvent::Applied(p)) => agent.handle(p).await,
+                Some(WatcherEvent::Deleted(p)) => {
+                    if let Some(r) = agent.running.get_mut(&p.meta().uid) {
+                        if !r.stop_sent {
+                            r.stop_sent = r.commands.send(Command::Stop(StopReason::Requested)).await.is_ok();
+                        }
+                    }
+                }
+                None => anyhow::bail!("process watch ended"),
+            },
+            Some(uid) = done_rx.recv() => { agent.running.remove(&uid); }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+        }
+    }
+    tracing::info!("shutting down; stopping {} processes", agent.running.len());
+    agent.stop_all(StopReason::AgentShutdown).await;
+    let wait = async {
+        while !agent.running.is_empty() {
+            match done_rx.recv().await {
+                Some(uid) => {
+                    agent.running.remove(&uid);
+                }
+                None => break,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), wait).await;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,h2=warn,tower=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    if let Err(e) = run(args).await {
+        eprintln!("testbus-agent: {e:#}");
+        std::process::exit(2);
+    }
+}

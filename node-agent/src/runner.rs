@@ -1,0 +1,415 @@
+//! `ProcessRunner`: one Process on this host, as a small state machine with
+//! its own command channel.
+//!
+//! Preparing (workdir, `${}` substitution, script file) → Running (own
+//! process group; stdout/stderr streamed in chunks as they come) → Ended.
+//! Every way to end is an [`Ended`] variant, mapped to exactly one final
+//! status. Stop and timeout kill the whole process group (TERM, then KILL
+//! after a grace period); leftovers of the group are killed when the main
+//! process exits. All output is uploaded before the final status is
+//! reported, so a terminal status means the output is complete.
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+use testbus_proto::client::{Api, Client};
+use testbus_proto::{duration, phase, subst, time, OutputChunk, Process, Resource};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tonic::Code;
+
+/// Grace between SIGTERM and SIGKILL.
+const KILL_GRACE: Duration = Duration::from_secs(2);
+/// How long to wait for output pipes after the process group is gone.
+const DRAIN_LIMIT: Duration = Duration::from_secs(10);
+const CHUNK: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// `spec.stop` was set (the test ended or was cancelled).
+    Requested,
+    /// The agent itself is shutting down.
+    AgentShutdown,
+}
+
+#[derive(Debug)]
+pub enum Command {
+    Stop(StopReason),
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    Exited(i32),
+    Signalled(String),
+    TimedOut {
+        after: Duration,
+        signal: String,
+    },
+    Stopped {
+        by: StopReason,
+        signal: String,
+    },
+    SetupFailed {
+        reason: &'static str,
+        message: String,
+    },
+}
+
+pub struct ProcessRunner {
+    pub client: Client,
+    pub process: Process,
+    pub work_root: PathBuf,
+}
+
+fn signal_name(sig: i32) -> String {
+    nix::sys::signal::Signal::try_from(sig)
+        .map(|s| s.as_str().to_string())
+        .unwrap_or_else(|_| format!("signal {sig}"))
+}
+
+/// The variables a process starts with besides its spec's env.
+fn base_env() -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    for k in [
+        "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LC_ALL", "TZ", "TMPDIR", "TERM",
+    ] {
+        if let Ok(v) = std::env::var(k) {
+            env.insert(k.to_string(), v);
+        }
+    }
+    env.entry("PATH".into())
+        .or_insert_with(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    env
+}
+
+fn kill_group(pgid: i32, sig: nix::sys::signal::Signal) {
+    // ESRCH (group already gone) is fine.
+    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), sig);
+}
+
+impl ProcessRunner {
+    pub async fn run(self, mut commands: mpsc::Receiver<Command>) {
+        let name = self.process.name().to_string();
+        let api = self.client.api::<Process>();
+        let (ended, sizes) = match self.prepare() {
+            Err(e) => (e, (0, 0)),
+            Ok(cmd) => self.execute(cmd, &mut commands).await,
+        };
+        tracing::info!(process = %name, ?ended, "process ended");
+        let exit_codes = self.process.spec().exit_codes.clone();
+        report(&api, &name, move |p| {
+            let s = p.status_mut();
+            s.finish_time = time::now();
+            s.stdout_bytes = sizes.0;
+            s.stderr_bytes = sizes.1;
+            match &ended {
+                Ended::Exited(code) => {
+                    let ok = exit_codes.is_empty() && *code == 0 || exit_codes.contains(code);
+                    s.phase = if ok { phase::SUCCEEDED } else { phase::FAILED }.into();
+                    s.exit_code = Some(*code);
+                    s.reason = if ok { "Completed" } else { "NonZeroExit" }.into();
+                    s.message = if ok {
+                        String::new()
+                    } else {
+                        format!("exit code {code}")
+                    };
+                }
+                Ended::Signalled(sig) => {
+                    s.phase = phase::FAILED.into();
+                    s.signal = sig.clone();
+                    s.reason = "Signalled".into();
+                    s.message = format!("killed by {sig}");
+                }
+                Ended::TimedOut { after, signal } => {
+                    s.phase = phase::FAILED.into();
+                    s.signal = signal.clone();
+                    s.reason = "TimedOut".into();
+                    s.message = format!("timed out after {}", duration::format(*after));
+                }
+                Ended::Stopped { by, signal } => {
+                    s.phase = phase::KILLED.into();
+                    s.signal = signal.clone();
+                    (s.reason, s.message) = match by {
+                        StopReason::Requested => ("Stopped".into(), "stopped on request".into()),
+                        StopReason::AgentShutdown => {
+                            ("AgentShutdown".into(), "the agent shut down".into())
+                        }
+                    };
+                }
+                Ended::SetupFailed { reason, message } => {
+                    s.phase = phase::FAILED.into();
+                    s.reason = (*reason).into();
+                    s.message = message.clone();
+                }
+            }
+            true
+        })
+        .await;
+    }
+
+    fn env(&self) -> BTreeMap<String, String> {
+        let mut env = base_env();
+        env.extend(self.process.spec().env.clone());
+        env
+    }
+
+    fn prepare(&self) -> Result<tokio::process::Command, Ended> {
+        let spec = self.process.spec();
+        let env = self.env();
+        let argv = spec
+            .argv
+            .iter()
+            .map(|a| subst::substitute(a, &env))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Ended::SetupFailed {
+                reason: match e {
+                    subst::SubstError::Unknown(_) => "UnknownVariable",
+                    _ => "InvalidArgument",
+                },
+                message: format!("argv: {e}"),
+            })?;
+        let workdir = self.work_root.join(&self.process.meta().uid);
+        std::fs::create_dir_all(&workdir).map_err(|e| Ended::SetupFailed {
+            reason: "WorkdirFailed",
+            message: format!("cannot create {}: {e}", workdir.display()),
+        })?;
+        let mut cmd = if !spec.script.is_empty() {
+            let path = workdir.join("script");
+            let write = || -> std::io::Result<()> {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::write(&path, &spec.script)?;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+            };
+            write().map_err(|e| Ended::SetupFailed {
+                reason: "WorkdirFailed",
+                message: format!("script: {e}"),
+            })?;
+            if spec.script.starts_with("#!") {
+                tokio::process::Command::new(&path)
+            } else {
+                let mut c = tokio::process::Command::new("/bin/sh");
+                c.arg(&path);
+                c
+            }
+        } else if spec.shell {
+            let mut c = tokio::process::Command::new("/bin/sh");
+            c.arg("-c").arg(argv.join(" "));
+            c
+        } else {
+            let mut c = tokio::process::Command::new(&argv[0]);
+            c.args(&argv[1..]);
+            c
+        };
+        let cwd = if spec.workdir.is_empty() {
+            workdir
+        } else {
+            PathBuf::from(&spec.workdir)
+        };
+        cmd.current_dir(cwd)
+            .env_clear()
+            .envs(&env)
+            .process_group(0)
+            .stdin(if spec.stdin.is_empty() {
+                Stdio::null()
+            } else {
+                Stdio::piped()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        Ok(cmd)
+    }
+
+    async fn execute(
+        &self,
+        mut cmd: tokio::process::Command,
+        commands: &mut mpsc::Receiver<Command>,
+    ) -> (Ended, (u64, u64)) {
+        let name = self.process.name().to_string();
+        let spec = self.process.spec();
+        let mut child = {
+            let mut tries = 0;
+            loop {
+                match cmd.spawn() {
+                    Ok(c) => break c,
+                    // A script just written can be briefly "busy" if another
+                    // thread forked while it was open for writing.
+                    Err(e) if e.raw_os_error() == Some(nix::libc::ETXTBSY) && tries < 20 => {
+                        tries += 1;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err(e) => {
+                        let what = spec.argv.first().map(String::as_str).unwrap_or("script");
+                        return (
+                            Ended::SetupFailed {
+                                reason: "SpawnFailed",
+                                message: format!("cannot execute {what}: {e}"),
+                            },
+                            (0, 0),
+                        );
+                    }
+                }
+            }
+        };
+        let pid = child.id().map(|p| p as i32).unwrap_or(0);
+        let api = self.client.api::<Process>();
+        // The Running report goes in the background so a stop is never
+        // delayed by a slow API; the final report waits for it.
+        let running = {
+            let api = api.clone();
+            let name = name.clone();
+            let start = time::now();
+            tokio::spawn(async move {
+                report(&api, &name, move |p| {
+                    if phase::process_terminal(&p.status().phase) {
+                        return false;
+                    }
+                    let s = p.status_mut();
+                    s.phase = phase::RUNNING.into();
+                    s.pid = i64::from(pid);
+                    s.start_time = start.clone();
+                    true
+                })
+                .await
+            })
+        };
+        if let Some(mut stdin) = child.stdin.take() {
+            let data = spec.stdin.clone().into_bytes();
+            tokio::spawn(async move {
+                let _ = stdin.write_all(&data).await;
+            });
+        }
+        let out = child
+            .stdout
+            .take()
+            .map(|r| tokio::spawn(pump(r, self.client.clone(), name.clone(), 0)));
+        let err = child
+            .stderr
+            .take()
+            .map(|r| tokio::spawn(pump(r, self.client.clone(), name.clone(), 1)));
+        let timeout = duration::parse(&spec.timeout).ok();
+        let deadline = async {
+            match timeout {
+                Some(t) => tokio::time::sleep(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        let ended = tokio::select! {
+            st = child.wait() => match st {
+                Ok(st) => exit_of(st),
+                Err(e) => Ended::SetupFailed { reason: "WaitFailed", message: e.to_string() },
+            },
+            _ = deadline => {
+                let signal = terminate(&mut child, pid).await;
+                Ended::TimedOut { after: timeout.unwrap_or_default(), signal }
+            }
+            Some(Command::Stop(by)) = commands.recv() => {
+                let signal = terminate(&mut child, pid).await;
+                Ended::Stopped { by, signal }
+            }
+        };
+        // Whatever the main process left behind in its group goes too.
+        kill_group(pid, nix::sys::signal::Signal::SIGKILL);
+        let mut sizes = (0, 0);
+        let drain = async {
+            if let Some(h) = out {
+                sizes.0 = h.await.unwrap_or(0);
+            }
+            if let Some(h) = err {
+                sizes.1 = h.await.unwrap_or(0);
+            }
+        };
+        if tokio::time::timeout(DRAIN_LIMIT, drain).await.is_err() {
+            tracing::warn!(process = %name, "output pipes still open after the process group ended; giving up on them");
+        }
+        let _ = running.await;
+        (ended, sizes)
+    }
+}
+
+fn exit_of(st: std::process::ExitStatus) -> Ended {
+    use std::os::unix::process::ExitStatusExt;
+    match (st.code(), st.signal()) {
+        (Some(c), _) => Ended::Exited(c),
+        (None, Some(s)) => Ended::Signalled(signal_name(s)),
+        (None, None) => Ended::Signalled("unknown".into()),
+    }
+}
+
+/// TERM the group, KILL it after the grace period; returns the signal that
+/// ended the main process.
+async fn terminate(child: &mut tokio::process::Child, pgid: i32) -> String {
+    use nix::sys::signal::Signal;
+    kill_group(pgid, Signal::SIGTERM);
+    match tokio::time::timeout(KILL_GRACE, child.wait()).await {
+        Ok(Ok(st)) => match exit_of(st) {
+            Ended::Signalled(s) => s,
+            _ => "SIGTERM".into(),
+        },
+        _ => {
+            kill_group(pgid, Signal::SIGKILL);
+            let _ = child.wait().await;
+            "SIGKILL".into()
+        }
+    }
+}
+
+/// Streams one pipe to the control plane; returns the bytes read. Retries
+/// until the server has each chunk (appends are idempotent by offset), so
+/// nothing is lost while the API is unreachable; the pipe's back-pressure
+/// bounds the memory this takes.
+async fn pump(mut r: impl AsyncRead + Unpin, client: Client, process: String, stream: i32) -> u64 {
+    let mut buf = vec![0u8; CHUNK];
+    let mut offset = 0u64;
+    let mut out = client.output();
+    let mut gone = false;
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return offset,
+            Ok(n) => n,
+        };
+        let mut backoff = Duration::from_millis(50);
+        while !gone {
+            let chunk = OutputChunk {
+                process: process.clone(),
+                stream,
+                offset,
+                data: buf[..n].to_vec(),
+            };
+            match out.append(chunk).await {
+                Ok(_) => break,
+                Err(s) if s.code() == Code::NotFound => gone = true,
+                Err(s) => {
+                    tracing::debug!(%process, error = %s, "output append failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+        offset += n as u64;
+    }
+}
+
+/// Applies `f` to the Process status until the API takes it. Gives up only
+/// when the Process is gone or its status is already final.
+pub async fn report(
+    api: &Api<Process>,
+    name: &str,
+    mut f: impl FnMut(&mut Process) -> bool + Send,
+) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match api.patch_status(name, &mut f).await {
+            Ok(_) => return,
+            Err(s) if matches!(s.code(), Code::NotFound | Code::FailedPrecondition) => {
+                tracing::debug!(process = name, error = %s, "status not written");
+                return;
+            }
+            Err(s) => {
+                tracing::debug!(process = name, error = %s, "status update failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
