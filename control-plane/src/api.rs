@@ -10,9 +10,8 @@ use testbus_proto::client::{EventType, WatchEvent};
 use testbus_proto::selector::{FieldSelector, LabelSelector};
 use testbus_proto::validate::Validate;
 use testbus_proto::{
-    phase, ClaimRequest, DeleteRequest, GetRequest, Host, HostClaim, HostEvent, HostList, Kind,
-    ListRequest, Object, Process, ProcessEvent, ProcessList, RenewLeaseRequest, Resource, Test,
-    TestEvent, TestList, WatchRequest,
+    phase, ClaimRequest, DeleteRequest, GetRequest, Host, HostClaim, HostEvent, HostList, Kind, ListRequest, Object,
+    Process, ProcessEvent, ProcessList, RenewLeaseRequest, Resource, Test, TestEvent, TestList, WatchRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -28,10 +27,7 @@ pub enum Identity {
 }
 
 pub fn identity<T>(req: &Request<T>) -> Identity {
-    let peer = req
-        .remote_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|| "local".into());
+    let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_else(|| "local".into());
     Identity::Admin { peer }
 }
 
@@ -118,14 +114,10 @@ impl Policy for Process {
         let mut a = old.spec().clone();
         a.stop = new.spec().stop;
         if &a != new.spec() {
-            return Err(Status::invalid_argument(
-                "spec: only spec.stop of a Process may change",
-            ));
+            return Err(Status::invalid_argument("spec: only spec.stop of a Process may change"));
         }
         if old.spec().stop && !new.spec().stop {
-            return Err(Status::invalid_argument(
-                "spec.stop: a stopped Process cannot be started again",
-            ));
+            return Err(Status::invalid_argument("spec.stop: a stopped Process cannot be started again"));
         }
         Ok(())
     }
@@ -155,25 +147,19 @@ pub struct ResourceService<K> {
 
 impl<K> ResourceService<K> {
     pub fn new(st: ApiState) -> Self {
-        ResourceService {
-            st,
-            _k: std::marker::PhantomData,
-        }
+        ResourceService { st, _k: std::marker::PhantomData }
     }
 }
 
 fn parse_rv(field: &str, rv: &str) -> Result<u64, Status> {
-    rv.parse::<u64>()
-        .map_err(|_| Status::invalid_argument(format!("{field}: {rv:?} is not a resource version")))
+    rv.parse::<u64>().map_err(|_| Status::invalid_argument(format!("{field}: {rv:?} is not a resource version")))
 }
 
 fn random_suffix() -> String {
     use rand::Rng;
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
     let mut rng = rand::rng();
-    (0..5)
-        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
-        .collect()
+    (0..5).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect()
 }
 
 impl<K: Policy> ResourceService<K> {
@@ -182,8 +168,7 @@ impl<K: Policy> ResourceService<K> {
     }
 
     fn decode(kv: &crate::store::KeyValue) -> Result<K, Status> {
-        let mut o = K::decode(kv.value.as_slice())
-            .map_err(|e| Status::data_loss(format!("{}: {e}", kv.key)))?;
+        let mut o = K::decode(kv.value.as_slice()).map_err(|e| Status::data_loss(format!("{}: {e}", kv.key)))?;
         o.meta_mut().resource_version = kv.mod_revision.to_string();
         Ok(o)
     }
@@ -209,20 +194,13 @@ impl<K: Policy> ResourceService<K> {
     }
 
     pub async fn load(&self, name: &str) -> Result<(K, u64), Status> {
-        let kv = self
-            .st
-            .store
-            .get(&Self::key(name))
-            .await
-            .map_err(store_err)?
-            .ok_or_else(|| Self::not_found(name))?;
+        let kv = self.st.store.get(&Self::key(name)).await.map_err(store_err)?.ok_or_else(|| Self::not_found(name))?;
         Ok((Self::decode(&kv)?, kv.mod_revision))
     }
 
     pub async fn create(&self, _id: &Identity, mut obj: K) -> Result<K, Status> {
         obj = obj.with_type_meta();
-        obj.validate()
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        obj.validate().map_err(|e| Status::invalid_argument(e.to_string()))?;
         {
             let m = obj.meta_mut();
             m.uid = uuid::Uuid::new_v4().to_string();
@@ -241,10 +219,7 @@ impl<K: Policy> ResourceService<K> {
             let out = self
                 .st
                 .store
-                .txn(
-                    vec![Compare::ModRevision(key.clone(), 0)],
-                    vec![Op::Put(key, Self::encode(&obj))],
-                )
+                .txn(vec![Compare::ModRevision(key.clone(), 0)], vec![Op::Put(key, Self::encode(&obj))])
                 .await
                 .map_err(store_err)?;
             if out.succeeded {
@@ -252,16 +227,10 @@ impl<K: Policy> ResourceService<K> {
                 return Ok(obj);
             }
             if !generated {
-                return Err(Status::already_exists(format!(
-                    "{} {:?} already exists",
-                    K::KIND,
-                    obj.name()
-                )));
+                return Err(Status::already_exists(format!("{} {:?} already exists", K::KIND, obj.name())));
             }
         }
-        Err(Status::already_exists(
-            "could not generate a unique name; try again",
-        ))
+        Err(Status::already_exists("could not generate a unique name; try again"))
     }
 
     pub async fn get(&self, _id: &Identity, req: GetRequest) -> Result<K, Status> {
@@ -270,18 +239,11 @@ impl<K: Policy> ResourceService<K> {
 
     pub async fn list(&self, _id: &Identity, req: ListRequest) -> Result<(Vec<K>, String), Status> {
         let filter = filter(&req.label_selector, &req.field_selector)?;
-        let (kvs, rev) = self
-            .st
-            .store
-            .list(&hub::prefix(K::KIND))
-            .await
-            .map_err(store_err)?;
+        let (kvs, rev) = self.st.store.list(&hub::prefix(K::KIND)).await.map_err(store_err)?;
         let mut items = Vec::with_capacity(kvs.len());
         for kv in &kvs {
             let o = Self::decode(kv)?;
-            if filter.labels.matches(&o.meta().labels)
-                && filter.fields.matches(&o.clone().into_object())
-            {
+            if filter.labels.matches(&o.meta().labels) && filter.fields.matches(&o.clone().into_object()) {
                 items.push(o);
             }
         }
@@ -304,11 +266,7 @@ impl<K: Policy> ResourceService<K> {
             Kind::Process => filter.fields.host_name.clone(),
             _ => None,
         };
-        let compacted = |rv: String| WatchEvent {
-            kind: EventType::Compacted,
-            object: None,
-            resource_version: rv,
-        };
+        let compacted = |rv: String| WatchEvent { kind: EventType::Compacted, object: None, resource_version: rv };
         let rx = match self.st.hub.watch(K::KIND, after, index, filter) {
             Ok(rx) => rx,
             Err(e) => {
@@ -318,17 +276,11 @@ impl<K: Policy> ResourceService<K> {
         };
         let events = tokio_stream::wrappers::ReceiverStream::new(rx).map(|e: Arc<HubEvent>| {
             let object = K::from_object(&e.object).cloned();
-            Ok(WatchEvent {
-                kind: e.kind,
-                object,
-                resource_version: e.revision.to_string(),
-            })
+            Ok(WatchEvent { kind: e.kind, object, resource_version: e.revision.to_string() })
         });
         // The hub closes a watcher's channel only when it dropped it (too
         // slow, or the hub restarted): tell the client to relist.
-        Ok(events
-            .chain(futures::stream::iter([Ok(compacted(String::new()))]))
-            .boxed())
+        Ok(events.chain(futures::stream::iter([Ok(compacted(String::new()))])).boxed())
     }
 
     async fn cas_put(&self, obj: &K, expected: u64) -> Result<K, Status> {
@@ -336,19 +288,11 @@ impl<K: Policy> ResourceService<K> {
         let out = self
             .st
             .store
-            .txn(
-                vec![Compare::ModRevision(key.clone(), expected)],
-                vec![Op::Put(key, Self::encode(obj))],
-            )
+            .txn(vec![Compare::ModRevision(key.clone(), expected)], vec![Op::Put(key, Self::encode(obj))])
             .await
             .map_err(store_err)?;
         if !out.succeeded {
-            let current = self
-                .st
-                .store
-                .get(&Self::key(obj.name()))
-                .await
-                .map_err(store_err)?;
+            let current = self.st.store.get(&Self::key(obj.name())).await.map_err(store_err)?;
             return Err(match current {
                 Some(kv) => Self::conflict(obj, kv.mod_revision),
                 None => Self::not_found(obj.name()),
@@ -364,10 +308,7 @@ impl<K: Policy> ResourceService<K> {
         let out = self
             .st
             .store
-            .txn(
-                vec![Compare::ModRevision(key.clone(), expected)],
-                vec![Op::Delete(key)],
-            )
+            .txn(vec![Compare::ModRevision(key.clone(), expected)], vec![Op::Delete(key)])
             .await
             .map_err(store_err)?;
         if !out.succeeded {
@@ -404,12 +345,9 @@ impl<K: Policy> ResourceService<K> {
         if !current.meta().deletion_timestamp.is_empty()
             && next.meta().finalizers.len() > current.meta().finalizers.len()
         {
-            return Err(Status::failed_precondition(
-                "metadata.finalizers: cannot add finalizers while deleting",
-            ));
+            return Err(Status::failed_precondition("metadata.finalizers: cannot add finalizers while deleting"));
         }
-        next.validate()
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        next.validate().map_err(|e| Status::invalid_argument(e.to_string()))?;
         if next.spec() != current.spec() {
             next.meta_mut().generation += 1;
         }
@@ -428,17 +366,14 @@ impl<K: Policy> ResourceService<K> {
         K::check_status_update(&current)?;
         let mut next = current;
         *next.status_mut() = new.status().clone();
-        next.validate()
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        next.validate().map_err(|e| Status::invalid_argument(e.to_string()))?;
         self.cas_put(&next, rev).await
     }
 
     pub async fn delete(&self, _id: &Identity, req: DeleteRequest) -> Result<K, Status> {
         loop {
             let (mut current, rev) = self.load(&req.name).await?;
-            if !req.resource_version.is_empty()
-                && parse_rv("resourceVersion", &req.resource_version)? != rev
-            {
+            if !req.resource_version.is_empty() && parse_rv("resourceVersion", &req.resource_version)? != rev {
                 return Err(Self::conflict(&current, rev));
             }
             let res = if current.meta().finalizers.is_empty() {
@@ -450,9 +385,7 @@ impl<K: Policy> ResourceService<K> {
                 return Ok(current); // already being deleted
             };
             match res {
-                Err(s) if s.code() == tonic::Code::Aborted && req.resource_version.is_empty() => {
-                    continue
-                }
+                Err(s) if s.code() == tonic::Code::Aborted && req.resource_version.is_empty() => continue,
                 r => return r,
             }
         }
@@ -461,19 +394,13 @@ impl<K: Policy> ResourceService<K> {
 
 fn filter(labels: &str, fields: &str) -> Result<Filter, Status> {
     Ok(Filter {
-        labels: LabelSelector::parse(labels)
-            .map_err(|e| Status::invalid_argument(format!("labelSelector: {e}")))?,
-        fields: FieldSelector::parse(fields)
-            .map_err(|e| Status::invalid_argument(format!("fieldSelector: {e}")))?,
+        labels: LabelSelector::parse(labels).map_err(|e| Status::invalid_argument(format!("labelSelector: {e}")))?,
+        fields: FieldSelector::parse(fields).map_err(|e| Status::invalid_argument(format!("fieldSelector: {e}")))?,
     })
 }
 
 impl ResourceService<Host> {
-    pub async fn renew_lease(
-        &self,
-        _id: &Identity,
-        req: RenewLeaseRequest,
-    ) -> Result<Host, Status> {
+    pub async fn renew_lease(&self, _id: &Identity, req: RenewLeaseRequest) -> Result<Host, Status> {
         loop {
             let (mut h, rev) = self.load(&req.name).await?;
             h.status_mut().lease_renew_time = testbus_proto::time::now();
@@ -493,15 +420,10 @@ impl ResourceService<Test> {
             return Err(Self::conflict(&test, test_rev));
         }
         if test.status().phase != phase::PENDING || !test.meta().deletion_timestamp.is_empty() {
-            return Err(Status::failed_precondition(format!(
-                "Test {:?} is not pending",
-                req.test
-            )));
+            return Err(Status::failed_precondition(format!("Test {:?} is not pending", req.test)));
         }
         if req.assignments.is_empty() {
-            return Err(Status::invalid_argument(
-                "assignments: at least one host is required",
-            ));
+            return Err(Status::invalid_argument("assignments: at least one host is required"));
         }
         let hosts = ResourceService::<Host>::new(self.st.clone());
         let mut compares = vec![Compare::ModRevision(Self::key(&req.test), test_rev)];
@@ -509,31 +431,16 @@ impl ResourceService<Test> {
         let mut seen = std::collections::HashSet::new();
         for (i, a) in req.assignments.iter().enumerate() {
             if !seen.insert(a.host.as_str()) {
-                return Err(Status::invalid_argument(format!(
-                    "assignments[{i}].host: {:?} assigned twice",
-                    a.host
-                )));
+                return Err(Status::invalid_argument(format!("assignments[{i}].host: {:?} assigned twice", a.host)));
             }
             let (mut h, rev) = hosts.load(&a.host).await?;
-            if parse_rv(
-                &format!("assignments[{i}].hostResourceVersion"),
-                &a.host_resource_version,
-            )? != rev
-            {
-                return Err(Status::aborted(format!(
-                    "conflict: Host {:?} changed since it was chosen",
-                    a.host
-                )));
+            if parse_rv(&format!("assignments[{i}].hostResourceVersion"), &a.host_resource_version)? != rev {
+                return Err(Status::aborted(format!("conflict: Host {:?} changed since it was chosen", a.host)));
             }
             let s = h.status();
-            if s.phase != phase::READY
-                || h.spec().unschedulable
-                || s.claim.as_ref().is_some_and(|c| !c.test.is_empty())
+            if s.phase != phase::READY || h.spec().unschedulable || s.claim.as_ref().is_some_and(|c| !c.test.is_empty())
             {
-                return Err(Status::aborted(format!(
-                    "conflict: Host {:?} is no longer free",
-                    a.host
-                )));
+                return Err(Status::aborted(format!("conflict: Host {:?} is no longer free", a.host)));
             }
             h.status_mut().claim = Some(HostClaim {
                 test: test.name().to_string(),
@@ -541,20 +448,14 @@ impl ResourceService<Test> {
                 role: a.role.clone(),
             });
             compares.push(Compare::ModRevision(hub::key(Kind::Host, &a.host), rev));
-            ops.push(Op::Put(
-                hub::key(Kind::Host, &a.host),
-                ResourceService::<Host>::encode(&h),
-            ));
+            ops.push(Op::Put(hub::key(Kind::Host, &a.host), ResourceService::<Host>::encode(&h)));
         }
         test.status = Some(req.status.unwrap_or_default());
-        test.validate()
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        test.validate().map_err(|e| Status::invalid_argument(e.to_string()))?;
         ops.push(Op::Put(Self::key(&req.test), Self::encode(&test)));
         let out = self.st.store.txn(compares, ops).await.map_err(store_err)?;
         if !out.succeeded {
-            return Err(Status::aborted(
-                "conflict: a host or the test changed during the claim; retry",
-            ));
+            return Err(Status::aborted("conflict: a host or the test changed during the claim; retry"));
         }
         test.meta_mut().resource_version = out.revision.to_string();
         Ok(test)
@@ -613,23 +514,13 @@ macro_rules! bind_service {
 bind_service!(hosts_server::Hosts, Host, HostList, HostEvent, {
     async fn renew_lease(&self, req: Request<RenewLeaseRequest>) -> Result<Response<Host>, Status> {
         let id = identity(&req);
-        ResourceService::renew_lease(self, &id, req.into_inner())
-            .await
-            .map(Response::new)
+        ResourceService::renew_lease(self, &id, req.into_inner()).await.map(Response::new)
     }
 });
 bind_service!(tests_server::Tests, Test, TestList, TestEvent, {
     async fn claim(&self, req: Request<ClaimRequest>) -> Result<Response<Test>, Status> {
         let id = identity(&req);
-        ResourceService::claim(self, &id, req.into_inner())
-            .await
-            .map(Response::new)
+        ResourceService::claim(self, &id, req.into_inner()).await.map(Response::new)
     }
 });
-bind_service!(
-    processes_server::Processes,
-    Process,
-    ProcessList,
-    ProcessEvent,
-    {}
-);
+bind_service!(processes_server::Processes, Process, ProcessList, ProcessEvent, {});

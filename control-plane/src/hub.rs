@@ -110,10 +110,7 @@ fn index_of(o: &Object) -> Option<(Kind, String)> {
 
 impl Hub {
     pub fn new(capacity: usize) -> Arc<Hub> {
-        Arc::new(Hub {
-            state: Mutex::new(State::default()),
-            capacity: capacity.max(16),
-        })
+        Arc::new(Hub { state: Mutex::new(State::default()), capacity: capacity.max(16) })
     }
 
     /// Follows the store until the process ends. Restarts from the store's
@@ -183,11 +180,7 @@ impl Hub {
             tracing::warn!(key = %kv.key, "hub: undecodable object skipped");
             return;
         };
-        let hev = Arc::new(HubEvent {
-            kind,
-            object,
-            revision: kv.mod_revision,
-        });
+        let hev = Arc::new(HubEvent { kind, object, revision: kv.mod_revision });
         let mut st = self.lock();
         st.revision = st.revision.max(hev.revision);
         st.ring.push_back(hev.clone());
@@ -231,10 +224,7 @@ impl Hub {
         let mut st = self.lock();
         let after = after.unwrap_or(st.revision);
         if after < st.floor {
-            return Err(TooOld {
-                requested: after,
-                floor: st.floor,
-            });
+            return Err(TooOld { requested: after, floor: st.floor });
         }
         let backlog: Vec<Arc<HubEvent>> = st
             .ring
@@ -242,9 +232,7 @@ impl Hub {
             .filter(|e| {
                 e.revision > after
                     && e.object.kind() == kind
-                    && index
-                        .as_ref()
-                        .is_none_or(|ix| index_of(&e.object).is_some_and(|(_, v)| &v == ix))
+                    && index.as_ref().is_none_or(|ix| index_of(&e.object).is_some_and(|(_, v)| &v == ix))
                     && filter.matches(&e.object)
             })
             .cloned()
@@ -266,7 +254,6 @@ impl Hub {
     /// Number of registered watchers (for tests and metrics).
     pub fn watchers(&self) -> usize {
         let st = self.lock();
-        st.by_kind.values().map(HashMap::len).sum::<usize>()
-            + st.by_index.values().map(HashMap::len).sum::<usize>()
+        st.by_kind.values().map(HashMap::len).sum::<usize>() + st.by_index.values().map(HashMap::len).sum::<usize>()
     }
 }

@@ -36,26 +36,21 @@ fn default_data_dir() -> PathBuf {
     if nix_is_root() {
         PathBuf::from("/var/lib/testbus")
     } else {
-        let home = std::env::var_os("HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| ".".into());
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| ".".into());
         home.join(".local/share/testbus")
     }
 }
 
 fn nix_is_root() -> bool {
     std::env::var("USER").map(|u| u == "root").unwrap_or(false)
-        || std::fs::metadata("/proc/self")
-            .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
-            .unwrap_or(false)
+        || std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
 }
 
 #[tokio::main]
 async fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,h2=warn,tower=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,h2=warn,tower=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -65,15 +60,12 @@ async fn main() {
         data_dir: args.data_dir.unwrap_or_else(default_data_dir),
         store: args.store,
         insecure: args.insecure,
-        controllers: (!args.no_controllers).then(|| testbus_controllers::Config {
-            lease_grace: args.lease_grace,
-        }),
+        controllers: (!args.no_controllers).then(|| testbus_controllers::Config { lease_grace: args.lease_grace }),
         watch_cache: 100_000,
     };
     let (tx, rx) = tokio::sync::broadcast::channel(1);
     tokio::spawn(async move {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}

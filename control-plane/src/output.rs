@@ -15,9 +15,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use testbus_proto::output_server::Output;
-use testbus_proto::{
-    phase, AppendOutputResponse, Kind, OutputChunk, OutputStream, Process, ReadOutputRequest,
-};
+use testbus_proto::{phase, AppendOutputResponse, Kind, OutputChunk, OutputStream, Process, ReadOutputRequest};
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
@@ -47,11 +45,7 @@ fn io_err(e: std::io::Error) -> Status {
 impl OutputService {
     pub fn new(dir: PathBuf, api: ApiState) -> std::io::Result<Self> {
         std::fs::create_dir_all(&dir)?;
-        Ok(OutputService {
-            dir,
-            api,
-            logs: Default::default(),
-        })
+        Ok(OutputService { dir, api, logs: Default::default() })
     }
 
     async fn process(&self, name: &str) -> Result<Process, Status> {
@@ -84,18 +78,14 @@ impl OutputService {
         let (mut lens, mut pos) = ([0u64; 2], 0usize);
         while pos + HEADER <= data.len() {
             let s = data[pos] as usize;
-            let len =
-                u32::from_le_bytes(data[pos + 9..pos + 13].try_into().unwrap_or_default()) as usize;
+            let len = u32::from_le_bytes(data[pos + 9..pos + 13].try_into().unwrap_or_default()) as usize;
             if pos + HEADER + len > data.len() || s > 1 {
                 break;
             }
             lens[s] += len as u64;
             pos += HEADER + len;
         }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)?;
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
         file.set_len(pos as u64)?;
         let (size, _) = watch::channel(pos as u64);
         let l = Arc::new(Mutex::new(LogFile { file, lens, size }));
@@ -106,25 +96,15 @@ impl OutputService {
 
 #[tonic::async_trait]
 impl Output for OutputService {
-    async fn append(
-        &self,
-        req: Request<OutputChunk>,
-    ) -> Result<Response<AppendOutputResponse>, Status> {
+    async fn append(&self, req: Request<OutputChunk>) -> Result<Response<AppendOutputResponse>, Status> {
         let c = req.into_inner();
         if c.data.len() > MAX_CHUNK {
-            return Err(Status::invalid_argument(format!(
-                "data: chunk larger than {MAX_CHUNK} bytes"
-            )));
+            return Err(Status::invalid_argument(format!("data: chunk larger than {MAX_CHUNK} bytes")));
         }
-        let stream = OutputStream::try_from(c.stream).map_err(|_| {
-            Status::invalid_argument(format!("stream: unknown output stream {}", c.stream))
-        })?;
+        let stream = OutputStream::try_from(c.stream)
+            .map_err(|_| Status::invalid_argument(format!("stream: unknown output stream {}", c.stream)))?;
         let p = self.process(&c.process).await?;
-        let uid = p
-            .metadata
-            .as_ref()
-            .map(|m| m.uid.clone())
-            .unwrap_or_default();
+        let uid = p.metadata.as_ref().map(|m| m.uid.clone()).unwrap_or_default();
         let log = self.open(&uid).map_err(io_err)?;
         let mut l = log.lock().unwrap_or_else(|p| p.into_inner());
         let s = stream as usize;
@@ -154,23 +134,12 @@ impl Output for OutputService {
 
     type ReadStream = BoxStream<'static, Result<OutputChunk, Status>>;
 
-    async fn read(
-        &self,
-        req: Request<ReadOutputRequest>,
-    ) -> Result<Response<Self::ReadStream>, Status> {
+    async fn read(&self, req: Request<ReadOutputRequest>) -> Result<Response<Self::ReadStream>, Status> {
         let r = req.into_inner();
         let p = self.process(&r.process).await?;
-        let uid = p
-            .metadata
-            .as_ref()
-            .map(|m| m.uid.clone())
-            .unwrap_or_default();
+        let uid = p.metadata.as_ref().map(|m| m.uid.clone()).unwrap_or_default();
         let log = self.open(&uid).map_err(io_err)?;
-        let mut size_rx = log
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .size
-            .subscribe();
+        let mut size_rx = log.lock().unwrap_or_else(|p| p.into_inner()).size.subscribe();
         let path = self.path(&uid);
         let this = self.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -193,13 +162,10 @@ impl Output for OutputService {
                 if done || tx.is_closed() {
                     return;
                 }
-                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), size_rx.changed())
-                    .await;
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), size_rx.changed()).await;
             }
         });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 }
 
@@ -221,9 +187,7 @@ async fn drain(
         Err(e) => return Err(io_err(e)),
     };
     use tokio::io::AsyncSeekExt;
-    f.seek(std::io::SeekFrom::Start(*pos))
-        .await
-        .map_err(io_err)?;
+    f.seek(std::io::SeekFrom::Start(*pos)).await.map_err(io_err)?;
     let mut f = tokio::io::BufReader::new(f.take(end - *pos));
     loop {
         let mut hdr = [0u8; HEADER];
@@ -237,12 +201,7 @@ async fn drain(
         let mut data = vec![0u8; len];
         f.read_exact(&mut data).await.map_err(io_err)?;
         *pos += (HEADER + len) as u64;
-        let chunk = OutputChunk {
-            process: process.to_string(),
-            stream: s as i32,
-            offset: lens[s],
-            data,
-        };
+        let chunk = OutputChunk { process: process.to_string(), stream: s as i32, offset: lens[s], data };
         lens[s] += len as u64;
         if tx.send(Ok(chunk)).await.is_err() {
             return Ok(());

@@ -66,8 +66,7 @@ pub async fn run(cfg: Config, mut shutdown: broadcast::Receiver<()>) -> anyhow::
             }
         }
     }
-    std::fs::create_dir_all(&cfg.data_dir)
-        .with_context(|| format!("--data-dir {}", cfg.data_dir.display()))?;
+    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("--data-dir {}", cfg.data_dir.display()))?;
     let store: Arc<dyn Store> = match cfg.store.as_str() {
         "" | "embedded" => Arc::new(
             EmbeddedStore::open(&cfg.data_dir.join("store.redb"), 100_000)
@@ -81,18 +80,10 @@ pub async fn run(cfg: Config, mut shutdown: broadcast::Receiver<()>) -> anyhow::
     let output = OutputService::new(cfg.data_dir.join("output"), state.clone())?;
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<HostsServer<ResourceService<Host>>>()
-        .await;
-    health_reporter
-        .set_serving::<TestsServer<ResourceService<Test>>>()
-        .await;
-    health_reporter
-        .set_serving::<ProcessesServer<ResourceService<Process>>>()
-        .await;
-    health_reporter
-        .set_serving::<OutputServer<OutputService>>()
-        .await;
+    health_reporter.set_serving::<HostsServer<ResourceService<Host>>>().await;
+    health_reporter.set_serving::<TestsServer<ResourceService<Test>>>().await;
+    health_reporter.set_serving::<ProcessesServer<ResourceService<Process>>>().await;
+    health_reporter.set_serving::<OutputServer<OutputService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(testbus_proto::FILE_DESCRIPTOR_SET)
         .build_v1()?;
@@ -100,17 +91,10 @@ pub async fn run(cfg: Config, mut shutdown: broadcast::Receiver<()>) -> anyhow::
         .tcp_nodelay(true)
         .add_service(health)
         .add_service(reflection)
+        .add_service(HostsServer::new(ResourceService::<Host>::new(state.clone())).max_decoding_message_size(8 << 20))
+        .add_service(TestsServer::new(ResourceService::<Test>::new(state.clone())).max_decoding_message_size(8 << 20))
         .add_service(
-            HostsServer::new(ResourceService::<Host>::new(state.clone()))
-                .max_decoding_message_size(8 << 20),
-        )
-        .add_service(
-            TestsServer::new(ResourceService::<Test>::new(state.clone()))
-                .max_decoding_message_size(8 << 20),
-        )
-        .add_service(
-            ProcessesServer::new(ResourceService::<Process>::new(state.clone()))
-                .max_decoding_message_size(8 << 20),
+            ProcessesServer::new(ResourceService::<Process>::new(state.clone())).max_decoding_message_size(8 << 20),
         )
         .add_service(OutputServer::new(output).max_decoding_message_size(8 << 20));
 
@@ -126,9 +110,7 @@ pub async fn run(cfg: Config, mut shutdown: broadcast::Receiver<()>) -> anyhow::
         };
         match l {
             Listen::Tcp(addr) => {
-                let lis = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("--listen {addr}"))?;
+                let lis = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--listen {addr}"))?;
                 tracing::info!(%addr, "serving");
                 // serve_with_incoming ignores the builder's tcp_nodelay: set
                 // it on each accepted socket (a 1 KiB call is ~44 ms without).
@@ -137,9 +119,7 @@ pub async fn run(cfg: Config, mut shutdown: broadcast::Receiver<()>) -> anyhow::
                         let _ = s.set_nodelay(true);
                     })
                 });
-                servers.spawn(async move {
-                    router.serve_with_incoming_shutdown(incoming, signal).await
-                });
+                servers.spawn(async move { router.serve_with_incoming_shutdown(incoming, signal).await });
             }
             Listen::Unix(path) => {
                 let _ = std::fs::remove_file(&path);
@@ -150,16 +130,13 @@ pub async fn run(cfg: Config, mut shutdown: broadcast::Receiver<()>) -> anyhow::
                     .with_context(|| format!("--listen unix:{}", path.display()))?;
                 tracing::info!(path = %path.display(), "serving");
                 let incoming = tokio_stream::wrappers::UnixListenerStream::new(lis);
-                servers.spawn(async move {
-                    router.serve_with_incoming_shutdown(incoming, signal).await
-                });
+                servers.spawn(async move { router.serve_with_incoming_shutdown(incoming, signal).await });
             }
         }
     }
 
     if let Some(ccfg) = cfg.controllers.clone() {
-        let client =
-            testbus_proto::client::Client::lazy(&format!("unix:{}", cfg.local_socket().display()))?;
+        let client = testbus_proto::client::Client::lazy(&format!("unix:{}", cfg.local_socket().display()))?;
         let stop = stop_tx.subscribe();
         tokio::spawn(async move { testbus_controllers::run(client, ccfg, stop).await });
     }

@@ -16,11 +16,7 @@ pub async fn reconcile(ctx: &Context, name: &str) -> Result<Action, Status> {
     let expires = time::parse(&s.lease_renew_time).map(|t| t + lease + ctx.cfg.lease_grace);
     let now = SystemTime::now();
     let alive = expires.is_some_and(|e| e > now);
-    let want = if alive {
-        phase::READY
-    } else {
-        phase::NOT_READY
-    };
+    let want = if alive { phase::READY } else { phase::NOT_READY };
 
     let mut orphan = false;
     if let Some(c) = s.claim.as_ref().filter(|c| !c.test.is_empty()) {
@@ -41,11 +37,7 @@ pub async fn reconcile(ctx: &Context, name: &str) -> Result<Action, Status> {
         } else {
             format!(
                 "lease expired (last renewed {})",
-                if s.lease_renew_time.is_empty() {
-                    "never"
-                } else {
-                    &s.lease_renew_time
-                }
+                if s.lease_renew_time.is_empty() { "never" } else { &s.lease_renew_time }
             )
         };
         if orphan {

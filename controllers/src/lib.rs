@@ -26,9 +26,7 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Config {
-            lease_grace: Duration::from_secs(5),
-        }
+        Config { lease_grace: Duration::from_secs(5) }
     }
 }
 
@@ -79,11 +77,7 @@ pub async fn run(client: Client, cfg: Config, shutdown: broadcast::Receiver<()>)
                 if let Some(h) = h {
                     c.host_queue.add(h.name());
                 }
-                for claim in [old, new]
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|h| h.status().claim.as_ref())
-                {
+                for claim in [old, new].into_iter().flatten().filter_map(|h| h.status().claim.as_ref()) {
                     if !claim.test.is_empty() {
                         c.test_queue.add(&claim.test);
                     }

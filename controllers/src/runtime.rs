@@ -37,38 +37,19 @@ pub type Change<K> = (Option<Arc<K>>, Option<Arc<K>>);
 
 impl<K: ApiResource> Cache<K> {
     pub fn new() -> Arc<Self> {
-        Arc::new(Cache {
-            objects: RwLock::new(HashMap::new()),
-            synced: Notify::new(),
-            is_synced: false.into(),
-        })
+        Arc::new(Cache { objects: RwLock::new(HashMap::new()), synced: Notify::new(), is_synced: false.into() })
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<K>> {
-        self.objects
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-            .cloned()
+        self.objects.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
     }
 
     pub fn list(&self) -> Vec<Arc<K>> {
-        self.objects
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect()
+        self.objects.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
     }
 
     pub fn filter(&self, f: impl Fn(&K) -> bool) -> Vec<Arc<K>> {
-        self.objects
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .filter(|o| f(o))
-            .cloned()
-            .collect()
+        self.objects.read().unwrap_or_else(|p| p.into_inner()).values().filter(|o| f(o)).cloned().collect()
     }
 
     pub async fn wait_synced(&self) {
@@ -87,10 +68,8 @@ impl<K: ApiResource> Cache<K> {
         let mut changes = Vec::new();
         match ev {
             WatcherEvent::Restarted(items) => {
-                let mut fresh: HashMap<String, Arc<K>> = items
-                    .into_iter()
-                    .map(|o| (o.name().to_string(), Arc::new(o)))
-                    .collect();
+                let mut fresh: HashMap<String, Arc<K>> =
+                    items.into_iter().map(|o| (o.name().to_string(), Arc::new(o))).collect();
                 for (name, old) in map.drain() {
                     match fresh.get(&name) {
                         Some(new) if new.resource_version() == old.resource_version() => {}
@@ -100,16 +79,14 @@ impl<K: ApiResource> Cache<K> {
                 }
                 for (name, new) in &fresh {
                     if !changes.iter().any(|(o, n)| {
-                        o.as_ref().is_some_and(|o| o.name() == name)
-                            || n.as_ref().is_some_and(|n| n.name() == name)
+                        o.as_ref().is_some_and(|o| o.name() == name) || n.as_ref().is_some_and(|n| n.name() == name)
                     }) {
                         changes.push((None, Some(new.clone())));
                     }
                 }
                 *map = std::mem::take(&mut fresh);
                 drop(map);
-                self.is_synced
-                    .store(true, std::sync::atomic::Ordering::Release);
+                self.is_synced.store(true, std::sync::atomic::Ordering::Release);
                 self.synced.notify_waiters();
             }
             WatcherEvent::Applied(o) => {
@@ -255,11 +232,8 @@ impl Queue {
 
 /// Runs `reconcile` for queued names until shutdown. Errors are logged and
 /// retried with a per-name exponential backoff.
-pub async fn run_worker<F, Fut, E>(
-    queue: Arc<Queue>,
-    mut reconcile: F,
-    mut shutdown: broadcast::Receiver<()>,
-) where
+pub async fn run_worker<F, Fut, E>(queue: Arc<Queue>, mut reconcile: F, mut shutdown: broadcast::Receiver<()>)
+where
     F: FnMut(String) -> Fut,
     Fut: std::future::Future<Output = Result<Action, E>>,
     E: std::fmt::Display,
@@ -325,11 +299,6 @@ mod tests {
         assert_eq!(q.next().await, "a");
         assert_eq!(start.elapsed().as_secs(), 2);
         q.done("a");
-        assert!(
-            tokio::time::timeout(Duration::from_secs(60), q.next())
-                .await
-                .is_err(),
-            "no duplicate"
-        );
+        assert!(tokio::time::timeout(Duration::from_secs(60), q.next()).await.is_err(), "no duplicate");
     }
 }

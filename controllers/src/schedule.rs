@@ -17,12 +17,7 @@ pub struct Assignment {
 }
 
 fn capabilities(h: &Host) -> BTreeSet<&str> {
-    h.status()
-        .capabilities
-        .iter()
-        .chain(h.spec().capabilities.iter())
-        .map(String::as_str)
-        .collect()
+    h.status().capabilities.iter().chain(h.spec().capabilities.iter()).map(String::as_str).collect()
 }
 
 fn fits(req: &HostRequirement, h: &Host) -> bool {
@@ -59,45 +54,25 @@ fn busy_reason(h: &Host) -> String {
     } else if h.spec().unschedulable {
         format!("{} cordoned", h.name())
     } else {
-        format!(
-            "{} {}",
-            h.name(),
-            if h.status().phase.is_empty() {
-                "not ready"
-            } else {
-                &h.status().phase
-            }
-        )
+        format!("{} {}", h.name(), if h.status().phase.is_empty() { "not ready" } else { &h.status().phase })
     }
 }
 
 pub fn assign(reqs: &[HostRequirement], hosts: &[&Host]) -> Result<Vec<Assignment>, String> {
     // Slots: one per role member.
-    let slots: Vec<(usize, String)> = reqs
-        .iter()
-        .enumerate()
-        .flat_map(|(i, r)| members(r).into_iter().map(move |m| (i, m)))
-        .collect();
+    let slots: Vec<(usize, String)> =
+        reqs.iter().enumerate().flat_map(|(i, r)| members(r).into_iter().map(move |m| (i, m))).collect();
     let free: Vec<&Host> = hosts.iter().copied().filter(|h| is_free(h)).collect();
-    let candidates: Vec<Vec<usize>> = slots
-        .iter()
-        .map(|(i, _)| {
-            (0..free.len())
-                .filter(|&j| fits(&reqs[*i], free[j]))
-                .collect()
-        })
-        .collect();
+    let candidates: Vec<Vec<usize>> =
+        slots.iter().map(|(i, _)| (0..free.len()).filter(|&j| fits(&reqs[*i], free[j])).collect()).collect();
 
     // Per-role shortage gives the clearest message.
     for (i, r) in reqs.iter().enumerate() {
         let need = r.count.unwrap_or(1) as usize;
         let have = (0..free.len()).filter(|&j| fits(r, free[j])).count();
         if have < need {
-            let mut busy: Vec<String> = hosts
-                .iter()
-                .filter(|h| fits(r, h) && !is_free(h))
-                .map(|h| busy_reason(h))
-                .collect();
+            let mut busy: Vec<String> =
+                hosts.iter().filter(|h| fits(r, h) && !is_free(h)).map(|h| busy_reason(h)).collect();
             busy.sort();
             let total = busy.len() + have;
             let mut msg = format!("needs {}, {have} free", describe(r));
@@ -122,10 +97,7 @@ pub fn assign(reqs: &[HostRequirement], hosts: &[&Host]) -> Result<Vec<Assignmen
     for &s in &order {
         let mut seen = vec![false; free.len()];
         if !augment(s, &candidates, &mut host_to_slot, &mut seen) {
-            return Err(format!(
-                "{} free hosts fit each role separately, but not all roles at once",
-                free.len()
-            ));
+            return Err(format!("{} free hosts fit each role separately, but not all roles at once", free.len()));
         }
     }
     let mut out: Vec<Assignment> = host_to_slot
@@ -140,12 +112,7 @@ pub fn assign(reqs: &[HostRequirement], hosts: &[&Host]) -> Result<Vec<Assignmen
     Ok(out)
 }
 
-fn augment(
-    s: usize,
-    cand: &[Vec<usize>],
-    host_to_slot: &mut HashMap<usize, usize>,
-    seen: &mut [bool],
-) -> bool {
+fn augment(s: usize, cand: &[Vec<usize>], host_to_slot: &mut HashMap<usize, usize>, seen: &mut [bool]) -> bool {
     for &h in &cand[s] {
         if seen[h] {
             continue;
@@ -167,10 +134,7 @@ mod tests {
 
     fn host(name: &str, caps: &[&str]) -> Host {
         Host {
-            metadata: Some(ObjectMeta {
-                name: name.into(),
-                ..Default::default()
-            }),
+            metadata: Some(ObjectMeta { name: name.into(), ..Default::default() }),
             status: Some(HostStatus {
                 phase: phase::READY.into(),
                 capabilities: caps.iter().map(|c| c.to_string()).collect(),
@@ -215,16 +179,10 @@ mod tests {
     #[test]
     fn shortage_says_why() {
         let mut busy = host("h1", &["nfs-client"]);
-        busy.status.as_mut().unwrap().claim = Some(HostClaim {
-            test: "other".into(),
-            ..Default::default()
-        });
+        busy.status.as_mut().unwrap().claim = Some(HostClaim { test: "other".into(), ..Default::default() });
         let free = host("h2", &["nfs-client"]);
         let err = assign(&[req("client", &["nfs-client"], 4)], &[&busy, &free]).unwrap_err();
-        assert_eq!(
-            err,
-            "needs 4 × nfs-client (role client), 1 free: h1 claimed by test other"
-        );
+        assert_eq!(err, "needs 4 × nfs-client (role client), 1 free: h1 claimed by test other");
         let err = assign(&[req("gpu", &["gpu"], 1)], &[&free]).unwrap_err();
         assert!(err.contains("no host has these capabilities"), "{err}");
     }
@@ -234,10 +192,7 @@ mod tests {
         let mut a = host("a", &[]);
         a.status.as_mut().unwrap().phase = phase::NOT_READY.into();
         let mut b = host("b", &[]);
-        b.spec = Some(testbus_proto::HostSpec {
-            unschedulable: true,
-            ..Default::default()
-        });
+        b.spec = Some(testbus_proto::HostSpec { unschedulable: true, ..Default::default() });
         assert!(assign(&[req("r", &[], 1)], &[&a, &b]).is_err());
     }
 }

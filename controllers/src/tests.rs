@@ -17,9 +17,8 @@ use std::time::{Duration, SystemTime};
 use testbus_proto::subst::host_var_name;
 use testbus_proto::validate::members;
 use testbus_proto::{
-    duration, phase, time, ClaimAssignment, ClaimRequest, Condition, Host, HostFacts, ObjectMeta,
-    OwnerReference, Process, ProcessResult, ProcessSpec, Resource, Step, StepStatus, Test,
-    TestStatus, TestTrace,
+    duration, phase, time, ClaimAssignment, ClaimRequest, Condition, Host, HostFacts, ObjectMeta, OwnerReference,
+    Process, ProcessResult, ProcessSpec, Resource, Step, StepStatus, Test, TestStatus, TestTrace,
 };
 use tonic::{Code, Status};
 
@@ -40,9 +39,7 @@ pub async fn reconcile(ctx: &Context, name: &str) -> Result<Action, Status> {
         return Ok(Action::AwaitChange);
     };
     let uid = t.meta().uid.clone();
-    let procs: Vec<Arc<Process>> = ctx
-        .processes
-        .filter(|p| p.spec().test == name && p.spec().test_uid == uid);
+    let procs: Vec<Arc<Process>> = ctx.processes.filter(|p| p.spec().test == name && p.spec().test_uid == uid);
     if !t.meta().deletion_timestamp.is_empty() {
         return teardown(ctx, &t, &procs).await;
     }
@@ -88,10 +85,7 @@ async fn claim(ctx: &Context, t: &Test) -> Result<Action, Status> {
         Err(why) => {
             let mut next = t.clone();
             let st = next.status_mut();
-            let changed = set_condition(
-                &mut st.conditions,
-                condition("Scheduled", false, "Unschedulable", &why),
-            );
+            let changed = set_condition(&mut st.conditions, condition("Scheduled", false, "Unschedulable", &why));
             if changed || st.phase.is_empty() {
                 st.phase = phase::PENDING.into();
                 st.message = why;
@@ -129,11 +123,7 @@ async fn claim(ctx: &Context, t: &Test) -> Result<Action, Status> {
 }
 
 /// The status a test gets with its claim: Running, claims, env, trace.
-fn running_status(
-    t: &Test,
-    assignments: &[Assignment],
-    hosts: &HashMap<&str, &Host>,
-) -> TestStatus {
+fn running_status(t: &Test, assignments: &[Assignment], hosts: &HashMap<&str, &Host>) -> TestStatus {
     let spec = t.spec();
     let mut env = spec.env.clone();
     let mut trace_hosts: BTreeMap<String, HostFacts> = BTreeMap::new();
@@ -142,10 +132,7 @@ fn running_status(
         for (var, val) in &h.status().vars {
             env.insert(host_var_name(&a.member, var), val.clone());
         }
-        trace_hosts.insert(
-            a.member.clone(),
-            h.status().facts.clone().unwrap_or_default(),
-        );
+        trace_hosts.insert(a.member.clone(), h.status().facts.clone().unwrap_or_default());
     }
     // A role of count n also gets each var as a space-separated list.
     for req in &spec.hosts {
@@ -162,46 +149,26 @@ fn running_status(
             let vals: Vec<String> = ms
                 .iter()
                 .filter_map(|m| assignments.iter().find(|a| &a.member == m))
-                .map(|a| {
-                    hosts[a.host.as_str()]
-                        .status()
-                        .vars
-                        .get(var)
-                        .cloned()
-                        .unwrap_or_default()
-                })
+                .map(|a| hosts[a.host.as_str()].status().vars.get(var).cloned().unwrap_or_default())
                 .collect();
             env.insert(host_var_name(&req.role, var), vals.join(" "));
         }
     }
     let mut conditions = t.status().conditions.clone();
-    set_condition(
-        &mut conditions,
-        condition("Scheduled", true, "Claimed", "all hosts claimed"),
-    );
+    set_condition(&mut conditions, condition("Scheduled", true, "Claimed", "all hosts claimed"));
     TestStatus {
         phase: phase::RUNNING.into(),
         conditions,
         observed_generation: t.meta().generation,
-        claims: assignments
-            .iter()
-            .map(|a| (a.member.clone(), a.host.clone()))
-            .collect(),
+        claims: assignments.iter().map(|a| (a.member.clone(), a.host.clone())).collect(),
         env: env.clone(),
         steps: spec
             .steps
             .iter()
-            .map(|s| StepStatus {
-                name: s.name.clone(),
-                phase: phase::WAITING.into(),
-                ..Default::default()
-            })
+            .map(|s| StepStatus { name: s.name.clone(), phase: phase::WAITING.into(), ..Default::default() })
             .collect(),
         start_time: time::now(),
-        trace: Some(TestTrace {
-            hosts: trace_hosts,
-            env,
-        }),
+        trace: Some(TestTrace { hosts: trace_hosts, env }),
         ..Default::default()
     }
 }
@@ -274,11 +241,7 @@ fn process_for(t: &Test, step: &Step, member: &str, host: &Host) -> Process {
             stdin: step.stdin.clone(),
             workdir: step.workdir.clone(),
             timeout: step.timeout.clone(),
-            exit_codes: if step.exit_codes.is_empty() {
-                vec![0]
-            } else {
-                step.exit_codes.clone()
-            },
+            exit_codes: if step.exit_codes.is_empty() { vec![0] } else { step.exit_codes.clone() },
             stop: false,
         }),
         ..Default::default()
@@ -304,6 +267,36 @@ struct Verdict {
     message: String,
 }
 
+const FINISHED: &str = "Finished";
+/// Step phase: its processes were stopped by the controller.
+const STOPPED: &str = "Stopped";
+
+/// The phase each verdict reason leads to.
+fn phase_of_reason(reason: &str) -> &'static str {
+    match reason {
+        "Completed" => phase::SUCCEEDED,
+        "StepFailed" | "BackgroundEnded" => phase::FAILED,
+        "Cancelled" => phase::CANCELLED,
+        _ => phase::ERROR,
+    }
+}
+
+/// A verdict already recorded by an earlier reconcile.
+fn decided_verdict(t: &Test) -> Option<Verdict> {
+    let c = t.status().conditions.iter().find(|c| c.r#type == FINISHED && c.status == "Unknown")?;
+    Some(Verdict { phase: phase_of_reason(&c.reason), reason: c.reason.clone(), message: c.message.clone() })
+}
+
+/// Ended because the controller asked it to stop.
+fn stopped(p: &Process) -> bool {
+    p.status().phase == phase::KILLED && p.status().reason == "Stopped"
+}
+
+/// Every process of a background step is running (it may be depended on).
+fn serving(step: &str, by_step: &HashMap<&str, Vec<&Process>>) -> bool {
+    by_step.get(step).is_some_and(|ps| !ps.is_empty() && ps.iter().all(|p| p.status().phase == phase::RUNNING))
+}
+
 /// The claimed host of `member`, if it is alive.
 fn lost_host(ctx: &Context, t: &Test) -> Option<(String, String, String)> {
     for (member, host) in &t.status().claims {
@@ -312,17 +305,8 @@ fn lost_host(ctx: &Context, t: &Test) -> Option<(String, String, String)> {
             Some(h) if h.status().phase != phase::READY => {
                 return Some((member.clone(), host.clone(), h.status().message.clone()))
             }
-            Some(h)
-                if h.status()
-                    .claim
-                    .as_ref()
-                    .is_none_or(|c| c.test_uid != t.meta().uid) =>
-            {
-                return Some((
-                    member.clone(),
-                    host.clone(),
-                    "its claim was released".into(),
-                ))
+            Some(h) if h.status().claim.as_ref().is_none_or(|c| c.test_uid != t.meta().uid) => {
+                return Some((member.clone(), host.clone(), "its claim was released".into()))
             }
             _ => {}
         }
@@ -341,6 +325,7 @@ async fn drive(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Action
     let started = time::parse(&st.start_time).unwrap_or_else(SystemTime::now);
     let deadline = started + timeout;
     let now = SystemTime::now();
+    let decided = decided_verdict(t);
 
     // Step phases, in an order where `after` steps come first.
     let mut phases: HashMap<&str, &'static str> = HashMap::new();
@@ -360,9 +345,10 @@ async fn drive(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Action
             let want = targets(t, step);
             let dep_ok = |a: &String| {
                 let p = phases[a.as_str()];
+                let dep = spec.steps.iter().find(|s| &s.name == a);
                 p == phase::SUCCEEDED
-                    || (p == phase::FAILED
-                        && spec.steps.iter().any(|s| &s.name == a && s.allow_failure))
+                    || (p == phase::FAILED && dep.is_some_and(|d| d.allow_failure))
+                    || (p == phase::RUNNING && dep.is_some_and(|d| d.background) && serving(a, &by_step))
             };
             let deps_done = step.after.iter().all(dep_ok);
             let deps_dead = step.after.iter().any(|a| {
@@ -391,13 +377,18 @@ async fn drive(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Action
                     }
                 }
                 phase::RUNNING
-            } else if mine
-                .iter()
-                .any(|p| !phase::process_terminal(&p.status().phase))
-            {
+            } else if mine.iter().any(|p| !phase::process_terminal(&p.status().phase)) {
                 phase::RUNNING
             } else if mine.iter().all(|p| p.status().phase == phase::SUCCEEDED) {
                 phase::SUCCEEDED
+            } else if mine.iter().all(|p| p.status().phase == phase::SUCCEEDED || stopped(p)) {
+                // Stopped by us: at the end of the test, or after another
+                // step failed.
+                if step.background {
+                    phase::SUCCEEDED
+                } else {
+                    STOPPED
+                }
             } else {
                 phase::FAILED
             };
@@ -405,27 +396,20 @@ async fn drive(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Action
             let mut results: Vec<ProcessResult> = mine.iter().map(|p| result_of(p)).collect();
             results.sort_by(|a, b| a.role.cmp(&b.role));
             let prev = st.steps.iter().find(|s| s.name == step.name);
-            let start_time = prev
-                .map(|s| s.start_time.clone())
-                .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| {
-                    if p == phase::WAITING || p == phase::SKIPPED {
-                        String::new()
-                    } else {
-                        time::now()
-                    }
-                });
+            let start_time = prev.map(|s| s.start_time.clone()).filter(|s| !s.is_empty()).unwrap_or_else(|| {
+                if p == phase::WAITING || p == phase::SKIPPED {
+                    String::new()
+                } else {
+                    time::now()
+                }
+            });
             let completion_time = match p {
-                phase::SUCCEEDED | phase::FAILED | phase::SKIPPED => prev
-                    .map(|s| s.completion_time.clone())
-                    .filter(|s| !s.is_empty())
-                    .unwrap_or_else(time::now),
+                phase::SUCCEEDED | phase::FAILED | phase::SKIPPED => {
+                    prev.map(|s| s.completion_time.clone()).filter(|s| !s.is_empty()).unwrap_or_else(time::now)
+                }
                 _ => String::new(),
             };
-            let failed: Vec<&ProcessResult> = results
-                .iter()
-                .filter(|r| r.phase != phase::SUCCEEDED)
-                .collect();
+            let failed: Vec<&ProcessResult> = results.iter().filter(|r| r.phase != phase::SUCCEEDED).collect();
             let message = if p == phase::FAILED {
                 failed
                     .iter()
@@ -438,6 +422,22 @@ async fn drive(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Action
             } else {
                 String::new()
             };
+            if step.background && !step.allow_failure && verdict.is_none() && decided.is_none() {
+                if let Some(p) = mine.iter().find(|p| phase::process_terminal(&p.status().phase) && !stopped(p)) {
+                    let why =
+                        if p.status().message.is_empty() { "exited".to_string() } else { p.status().message.clone() };
+                    verdict = Some(Verdict {
+                        phase: phase::FAILED,
+                        reason: "BackgroundEnded".into(),
+                        message: format!(
+                            "background step {} ended before the test finished: {} on {}: {why}",
+                            step.name,
+                            p.spec().role,
+                            p.spec().host_name
+                        ),
+                    });
+                }
+            }
             if p == phase::FAILED && !step.allow_failure && verdict.is_none() {
                 verdict = Some(Verdict {
                     phase: phase::FAILED,
@@ -462,6 +462,9 @@ async fn drive(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Action
     // Keep the spec's order.
     steps_status.sort_by_key(|s| spec.steps.iter().position(|x| x.name == s.name));
 
+    if let Some(d) = decided {
+        return conclude(ctx, t, procs, steps_status, d, true).await;
+    }
     if verdict.is_none() {
         if let Some((member, host, why)) = lost_host(ctx, t) {
             verdict = Some(Verdict {
@@ -478,18 +481,15 @@ async fn drive(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Action
         } else if !spec.steps.is_empty()
             && steps_status
                 .iter()
-                .all(|s| s.phase != phase::RUNNING && s.phase != phase::WAITING)
+                .zip(&spec.steps)
+                .all(|(s, step)| step.background || (s.phase != phase::RUNNING && s.phase != phase::WAITING))
         {
-            verdict = Some(Verdict {
-                phase: phase::SUCCEEDED,
-                reason: "Completed".into(),
-                message: String::new(),
-            });
+            verdict = Some(Verdict { phase: phase::SUCCEEDED, reason: "Completed".into(), message: String::new() });
         }
     }
 
     if let Some(v) = verdict {
-        return conclude(ctx, t, procs, steps_status, v).await;
+        return conclude(ctx, t, procs, steps_status, v, false).await;
     }
 
     for p in to_create {
@@ -509,14 +509,28 @@ async fn drive(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Action
 }
 
 /// Stops what still runs; once everything has ended, writes the final
-/// status.
+/// status. The verdict is recorded first (condition Finished=Unknown), so
+/// that stopping processes, or a controller restart, cannot change it.
 async fn conclude(
     ctx: &Context,
     t: &Test,
     procs: &[Arc<Process>],
     mut steps: Vec<StepStatus>,
     v: Verdict,
+    recorded: bool,
 ) -> Result<Action, Status> {
+    if !recorded {
+        let mut next = t.clone();
+        let st = next.status_mut();
+        st.steps = steps.clone();
+        set_condition(
+            &mut st.conditions,
+            Condition { status: "Unknown".into(), ..condition(FINISHED, false, &v.reason, &v.message) },
+        );
+        let t = ctx.client.api::<Test>().update_status(next).await?;
+        stop_all(ctx, &t, procs).await?;
+        return Ok(Action::AwaitChange);
+    }
     if !stop_all(ctx, t, procs).await? {
         return Ok(Action::Requeue(Duration::from_secs(5)));
     }
@@ -533,10 +547,7 @@ async fn conclude(
     st.steps = steps;
     st.completion_time = time::now();
     let ok = v.phase == phase::SUCCEEDED;
-    set_condition(
-        &mut st.conditions,
-        condition("Finished", ok, &st.reason.clone(), &st.message.clone()),
-    );
+    set_condition(&mut st.conditions, condition("Finished", ok, &st.reason.clone(), &st.message.clone()));
     ctx.client.api::<Test>().update_status(next).await?;
     tracing::info!(test = t.name(), phase = v.phase, "test finished");
     Ok(Action::AwaitChange)
@@ -551,10 +562,7 @@ async fn stop_all(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<boo
             continue;
         }
         all_done = false;
-        let host_alive = ctx
-            .hosts
-            .get(&p.spec().host_name)
-            .is_some_and(|h| h.status().phase == phase::READY);
+        let host_alive = ctx.hosts.get(&p.spec().host_name).is_some_and(|h| h.status().phase == phase::READY);
         if !host_alive {
             let mut next = (**p).clone();
             let s = next.status_mut();
@@ -579,15 +587,8 @@ async fn stop_all(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<boo
 async fn release(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Action, Status> {
     stop_all(ctx, t, procs).await?;
     let uid = &t.meta().uid;
-    for h in ctx.hosts.filter(|h| {
-        h.status()
-            .claim
-            .as_ref()
-            .is_some_and(|c| &c.test_uid == uid)
-    }) {
-        let busy = procs
-            .iter()
-            .any(|p| p.spec().host_name == h.name() && !phase::process_terminal(&p.status().phase));
+    for h in ctx.hosts.filter(|h| h.status().claim.as_ref().is_some_and(|c| &c.test_uid == uid)) {
+        let busy = procs.iter().any(|p| p.spec().host_name == h.name() && !phase::process_terminal(&p.status().phase));
         if busy {
             continue;
         }
@@ -603,18 +604,10 @@ async fn release(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Acti
 /// finalizer.
 async fn teardown(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Action, Status> {
     release(ctx, t, procs).await?;
-    if procs
-        .iter()
-        .any(|p| !phase::process_terminal(&p.status().phase))
-    {
+    if procs.iter().any(|p| !phase::process_terminal(&p.status().phase)) {
         return Ok(Action::Requeue(Duration::from_secs(5)));
     }
-    let claimed = ctx.hosts.filter(|h| {
-        h.status()
-            .claim
-            .as_ref()
-            .is_some_and(|c| c.test_uid == t.meta().uid)
-    });
+    let claimed = ctx.hosts.filter(|h| h.status().claim.as_ref().is_some_and(|c| c.test_uid == t.meta().uid));
     if !claimed.is_empty() {
         return Ok(Action::Requeue(Duration::from_millis(100)));
     }
@@ -644,13 +637,7 @@ mod tests {
         let long = process_name(&"a".repeat(40), &"b".repeat(30), "client12");
         assert!(long.len() <= 63);
         assert!(testbus_proto::validate::dns_label(&long).is_ok());
-        assert_eq!(
-            long,
-            process_name(&"a".repeat(40), &"b".repeat(30), "client12")
-        );
-        assert_ne!(
-            long,
-            process_name(&"a".repeat(40), &"b".repeat(30), "client13")
-        );
+        assert_eq!(long, process_name(&"a".repeat(40), &"b".repeat(30), "client12"));
+        assert_ne!(long, process_name(&"a".repeat(40), &"b".repeat(30), "client13"));
     }
 }

@@ -17,22 +17,13 @@ pub struct CliError {
 
 impl CliError {
     pub fn usage(m: impl Into<String>) -> Self {
-        CliError {
-            code: USAGE,
-            message: m.into(),
-        }
+        CliError { code: USAGE, message: m.into() }
     }
     pub fn failed(m: impl Into<String>) -> Self {
-        CliError {
-            code: FAILED,
-            message: m.into(),
-        }
+        CliError { code: FAILED, message: m.into() }
     }
     pub fn incomplete(m: impl Into<String>) -> Self {
-        CliError {
-            code: INCOMPLETE,
-            message: m.into(),
-        }
+        CliError { code: INCOMPLETE, message: m.into() }
     }
 }
 
@@ -63,10 +54,7 @@ impl From<testbus_proto::client::ConnectError> for CliError {
             testbus_proto::client::ConnectError::InvalidAddress(..) => USAGE,
             testbus_proto::client::ConnectError::Unreachable(..) => UNREACHABLE,
         };
-        CliError {
-            code,
-            message: e.to_string(),
-        }
+        CliError { code, message: e.to_string() }
     }
 }
 

@@ -56,29 +56,15 @@ fn host_row(h: &Host, wide: bool) -> Vec<String> {
     if h.spec().unschedulable {
         ph.push_str(",Cordoned");
     }
-    let claim = s
-        .claim
-        .as_ref()
-        .filter(|c| !c.test.is_empty())
-        .map(|c| format!("{}/{}", c.test, c.role));
-    let mut caps: Vec<&String> = s
-        .capabilities
-        .iter()
-        .chain(h.spec().capabilities.iter())
-        .collect();
+    let claim = s.claim.as_ref().filter(|c| !c.test.is_empty()).map(|c| format!("{}/{}", c.test, c.role));
+    let mut caps: Vec<&String> = s.capabilities.iter().chain(h.spec().capabilities.iter()).collect();
     caps.sort();
     caps.dedup();
     let mut r = vec![
         h.name().to_string(),
         ph,
         claim.unwrap_or_else(|| "<none>".into()),
-        or_none(
-            &caps
-                .iter()
-                .map(|c| c.as_str())
-                .collect::<Vec<_>>()
-                .join(","),
-        ),
+        or_none(&caps.iter().map(|c| c.as_str()).collect::<Vec<_>>().join(",")),
         time::age(&h.meta().creation_timestamp),
     ];
     if wide {
@@ -96,11 +82,7 @@ fn host_row(h: &Host, wide: bool) -> Vec<String> {
 fn test_row(t: &Test, wide: bool) -> Vec<String> {
     let s = t.status();
     let hosts: u32 = t.spec().hosts.iter().map(|h| h.count.unwrap_or(1)).sum();
-    let done = s
-        .steps
-        .iter()
-        .filter(|st| st.phase == phase::SUCCEEDED)
-        .count();
+    let done = s.steps.iter().filter(|st| st.phase == phase::SUCCEEDED).count();
     let mut r = vec![
         t.name().to_string(),
         or_none(&s.phase),
@@ -131,14 +113,7 @@ fn process_row(p: &Process, wide: bool) -> Vec<String> {
         time::age(&p.meta().creation_timestamp),
     ];
     if wide {
-        r.extend([
-            if s.pid > 0 {
-                s.pid.to_string()
-            } else {
-                "<none>".into()
-            },
-            or_none(&s.message),
-        ]);
+        r.extend([if s.pid > 0 { s.pid.to_string() } else { "<none>".into() }, or_none(&s.message)]);
     }
     r
 }
@@ -146,14 +121,8 @@ fn process_row(p: &Process, wide: bool) -> Vec<String> {
 /// Left-aligned columns separated by three spaces, as kubectl prints them.
 pub fn table(rows: &[Vec<String>]) -> String {
     let n = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..n)
-        .map(|i| {
-            rows.iter()
-                .map(|r| r.get(i).map_or(0, |c| c.chars().count()))
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
+    let widths: Vec<usize> =
+        (0..n).map(|i| rows.iter().map(|r| r.get(i).map_or(0, |c| c.chars().count())).max().unwrap_or(0)).collect();
     let mut out = String::new();
     for r in rows {
         let mut line = String::new();
@@ -187,10 +156,7 @@ pub fn print(objs: &[Object], fmt: Format, single: bool) {
                 return;
             };
             let wide = fmt == Format::Wide;
-            let mut rows = vec![header(first.kind(), wide)
-                .into_iter()
-                .map(String::from)
-                .collect()];
+            let mut rows = vec![header(first.kind(), wide).into_iter().map(String::from).collect()];
             rows.extend(objs.iter().map(|o| row(o, wide)));
             print!("{}", table(&rows));
         }

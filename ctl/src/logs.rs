@@ -19,9 +19,7 @@ impl Select {
         let role = &p.spec().role;
         self.role.as_ref().is_none_or(|r| {
             // --role client matches client0, client1, ...
-            role == r
-                || (role.starts_with(r.as_str())
-                    && role[r.len()..].bytes().all(|b| b.is_ascii_digit()))
+            role == r || (role.starts_with(r.as_str()) && role[r.len()..].bytes().all(|b| b.is_ascii_digit()))
         }) && self.step.as_ref().is_none_or(|s| &p.spec().step == s)
     }
 }
@@ -52,32 +50,10 @@ impl Prefixer {
 }
 
 /// Copies one process's output to stdout/stderr, optionally prefixed.
-pub async fn copy_process(
-    client: &Client,
-    name: &str,
-    prefix: Option<String>,
-    follow: bool,
-) -> CliResult<()> {
-    let mut stream = client
-        .output()
-        .read(ReadOutputRequest {
-            process: name.to_string(),
-            follow,
-        })
-        .await?
-        .into_inner();
-    let mut pre = prefix.map(|p| {
-        [
-            Prefixer {
-                prefix: p.clone(),
-                partial: vec![],
-            },
-            Prefixer {
-                prefix: p,
-                partial: vec![],
-            },
-        ]
-    });
+pub async fn copy_process(client: &Client, name: &str, prefix: Option<String>, follow: bool) -> CliResult<()> {
+    let mut stream = client.output().read(ReadOutputRequest { process: name.to_string(), follow }).await?.into_inner();
+    let mut pre =
+        prefix.map(|p| [Prefixer { prefix: p.clone(), partial: vec![] }, Prefixer { prefix: p, partial: vec![] }]);
     while let Some(chunk) = stream.next().await {
         let chunk = chunk?;
         let is_err = chunk.stream == 1;
@@ -104,43 +80,26 @@ pub async fn copy_process(
 
 fn prefix_for(t: &Test, p: &Process) -> String {
     if t.spec().steps.len() > 1 {
-        format!(
-            "[{} {}/{}] ",
-            p.spec().step,
-            p.spec().role,
-            p.spec().host_name
-        )
+        format!("[{} {}/{}] ", p.spec().step, p.spec().role, p.spec().host_name)
     } else {
         format!("[{}/{}] ", p.spec().role, p.spec().host_name)
     }
 }
 
 fn step_index(t: &Test, p: &Process) -> usize {
-    t.spec()
-        .steps
-        .iter()
-        .position(|s| s.name == p.spec().step)
-        .unwrap_or(usize::MAX)
+    t.spec().steps.iter().position(|s| s.name == p.spec().step).unwrap_or(usize::MAX)
 }
 
 /// A test's output. Without `follow`, what there is now, process by process
 /// in step order; with it, every process as it runs, until the test ends.
 /// `prefix: false` copies output raw (for `run` on one host).
-pub async fn test_logs(
-    client: &Client,
-    test: &str,
-    sel: &Select,
-    follow: bool,
-    prefix: bool,
-) -> CliResult<()> {
+pub async fn test_logs(client: &Client, test: &str, sel: &Select, follow: bool, prefix: bool) -> CliResult<()> {
     let t = client.api::<Test>().get(test).await?;
     let fields = format!("spec.test={test}");
     if !follow {
         let (mut procs, _) = client.api::<Process>().list("", &fields).await?;
         procs.retain(|p| p.spec().test_uid == t.meta().uid && sel.matches(p));
-        procs.sort_by(|a, b| {
-            (step_index(&t, a), &a.spec().role).cmp(&(step_index(&t, b), &b.spec().role))
-        });
+        procs.sort_by(|a, b| (step_index(&t, a), &a.spec().role).cmp(&(step_index(&t, b), &b.spec().role)));
         for p in procs {
             copy_process(client, p.name(), prefix.then(|| prefix_for(&t, &p)), false).await?;
         }
@@ -149,19 +108,10 @@ pub async fn test_logs(
     let mut started: HashSet<String> = HashSet::new();
     let mut readers = tokio::task::JoinSet::new();
     let procs = watcher(client.api::<Process>(), String::new(), fields.clone());
-    let tests = watcher(
-        client.api::<Test>(),
-        String::new(),
-        format!("metadata.name={test}"),
-    );
+    let tests = watcher(client.api::<Test>(), String::new(), format!("metadata.name={test}"));
     futures::pin_mut!(procs, tests);
-    let spawn = |p: Process,
-                 readers: &mut tokio::task::JoinSet<CliResult<()>>,
-                 started: &mut HashSet<String>| {
-        if p.spec().test_uid != t.meta().uid
-            || !sel.matches(&p)
-            || !started.insert(p.name().to_string())
-        {
+    let spawn = |p: Process, readers: &mut tokio::task::JoinSet<CliResult<()>>, started: &mut HashSet<String>| {
+        if p.spec().test_uid != t.meta().uid || !sel.matches(&p) || !started.insert(p.name().to_string()) {
             return;
         }
         let c = client.clone();

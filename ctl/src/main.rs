@@ -20,11 +20,7 @@ use testbus_proto::client::Client;
 use testbus_proto::{duration, manifest, validate::Validate, Host, Kind, Object, Resource};
 
 #[derive(Parser)]
-#[command(
-    name = "testbusctl",
-    version,
-    about = "Run and inspect multi-host tests on testbus"
-)]
+#[command(name = "testbusctl", version, about = "Run and inspect multi-host tests on testbus")]
 struct Cli {
     /// Control-plane address: http(s)://host:port, a comma-separated list, or unix:/path.
     #[arg(long, global = true, env = "TESTBUS_SERVER", default_value = testbus_proto::client::DEFAULT_SERVER)]
@@ -118,9 +114,7 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 }
 
 fn parse_duration_str(s: &str) -> Result<String, String> {
-    duration::parse(s)
-        .map(|_| s.to_string())
-        .map_err(|e| e.to_string())
+    duration::parse(s).map(|_| s.to_string()).map_err(|e| e.to_string())
 }
 
 fn parse_env(flag: &str, items: &[String]) -> CliResult<BTreeMap<String, String>> {
@@ -128,9 +122,7 @@ fn parse_env(flag: &str, items: &[String]) -> CliResult<BTreeMap<String, String>
         .iter()
         .map(|kv| match kv.split_once('=') {
             Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-            _ => Err(CliError::usage(format!(
-                "{flag} {kv:?}: expected KEY=VALUE"
-            ))),
+            _ => Err(CliError::usage(format!("{flag} {kv:?}: expected KEY=VALUE"))),
         })
         .collect()
 }
@@ -141,9 +133,7 @@ fn read_manifests(files: &[String]) -> CliResult<Vec<Object>> {
     for f in files {
         if f == "-" {
             let mut s = String::new();
-            std::io::stdin()
-                .read_to_string(&mut s)
-                .map_err(|e| CliError::usage(format!("-f -: {e}")))?;
+            std::io::stdin().read_to_string(&mut s).map_err(|e| CliError::usage(format!("-f -: {e}")))?;
             sources.push(("-".into(), s));
             continue;
         }
@@ -152,21 +142,17 @@ fn read_manifests(files: &[String]) -> CliResult<Vec<Object>> {
             let mut entries: Vec<PathBuf> = std::fs::read_dir(p)
                 .map_err(|e| CliError::usage(format!("-f {f}: {e}")))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| {
-                    p.extension()
-                        .is_some_and(|x| x == "yaml" || x == "yml" || x == "json")
-                })
+                .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml" || x == "json"))
                 .collect();
             entries.sort();
             for e in entries {
-                let text = std::fs::read_to_string(&e)
-                    .map_err(|err| CliError::usage(format!("{}: {err}", e.display())))?;
+                let text =
+                    std::fs::read_to_string(&e).map_err(|err| CliError::usage(format!("{}: {err}", e.display())))?;
                 sources.push((e.display().to_string(), text));
             }
         } else {
             let text = std::fs::read(p).map_err(|e| CliError::usage(format!("-f {f}: {e}")))?;
-            let text = String::from_utf8(text)
-                .map_err(|_| CliError::usage(format!("{f}: not valid UTF-8")))?;
+            let text = String::from_utf8(text).map_err(|_| CliError::usage(format!("{f}: not valid UTF-8")))?;
             sources.push((f.clone(), text));
         }
     }
@@ -179,9 +165,7 @@ fn read_manifests(files: &[String]) -> CliResult<Vec<Object>> {
                 Object::Test(t) => t.validate(),
                 Object::Process(p) => p.validate(),
             };
-            r.map_err(|e| {
-                CliError::usage(format!("{name}: {} {}: {e}", o.kind(), display_name(o)))
-            })?;
+            r.map_err(|e| CliError::usage(format!("{name}: {} {}: {e}", o.kind(), display_name(o))))?;
         }
         objs.extend(parsed);
     }
@@ -201,12 +185,7 @@ async fn connect(server: &str) -> CliResult<Client> {
     Ok(Client::connect(server).await?)
 }
 
-async fn apply(
-    client: &Client,
-    files: &[String],
-    wait: bool,
-    timeout: Option<std::time::Duration>,
-) -> CliResult {
+async fn apply(client: &Client, files: &[String], wait: bool, timeout: Option<std::time::Duration>) -> CliResult {
     let objs = read_manifests(files)?;
     let mut tests = Vec::new();
     for o in objs {
@@ -237,8 +216,7 @@ async fn get(
     watch: bool,
 ) -> CliResult {
     let kind = objects::parse_kind(kind)?;
-    testbus_proto::selector::LabelSelector::parse(selector)
-        .map_err(|e| CliError::usage(format!("-l: {e}")))?;
+    testbus_proto::selector::LabelSelector::parse(selector).map_err(|e| CliError::usage(format!("-l: {e}")))?;
     let (objs, rv) = match &name {
         Some(n) => {
             let o = objects::get(client, kind, n).await?;
@@ -253,9 +231,7 @@ async fn get(
     if !watch {
         return Ok(0);
     }
-    let fields = name
-        .map(|n| format!("metadata.name={n}"))
-        .unwrap_or_default();
+    let fields = name.map(|n| format!("metadata.name={n}")).unwrap_or_default();
     let wide = output == Format::Wide;
     let mut printed_header = !objs.is_empty();
     let mut stream = watch_any(client, kind, &rv, selector, &fields).await?;
@@ -265,12 +241,7 @@ async fn get(
             Format::Table | Format::Wide => {
                 let mut rows = Vec::new();
                 if !printed_header {
-                    rows.push(
-                        format::header(kind, wide)
-                            .into_iter()
-                            .map(String::from)
-                            .collect(),
-                    );
+                    rows.push(format::header(kind, wide).into_iter().map(String::from).collect());
                     printed_header = true;
                 }
                 rows.push(format::row(&o, wide));
@@ -299,9 +270,9 @@ async fn watch_any(
         let s = c.api::<K>().watch(rv, l, f).await?;
         Ok(s.filter_map(|e| async move {
             match e {
-                Ok(e) if e.kind == EventType::Compacted => Some(Err(CliError::incomplete(
-                    "the watch fell behind; run the command again",
-                ))),
+                Ok(e) if e.kind == EventType::Compacted => {
+                    Some(Err(CliError::incomplete("the watch fell behind; run the command again")))
+                }
                 Ok(e) => e.object.map(|o| Ok(o.into_object())),
                 Err(s) => Some(Err(s.into())),
             }
@@ -320,11 +291,7 @@ fn describe(o: &Object) {
     println!("Kind:         {}", o.kind());
     println!("Name:         {}", m.name);
     println!("UID:          {}", m.uid);
-    println!(
-        "Created:      {} ({} ago)",
-        m.creation_timestamp,
-        testbus_proto::time::age(&m.creation_timestamp)
-    );
+    println!("Created:      {} ({} ago)", m.creation_timestamp, testbus_proto::time::age(&m.creation_timestamp));
     if !m.labels.is_empty() {
         let l: Vec<String> = m.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!("Labels:       {}", l.join(", "));
@@ -347,11 +314,7 @@ fn describe(o: &Object) {
             }
             println!("Hosts:");
             for h in &t.spec().hosts {
-                let caps = if h.capabilities.is_empty() {
-                    "any".to_string()
-                } else {
-                    h.capabilities.join(",")
-                };
+                let caps = if h.capabilities.is_empty() { "any".to_string() } else { h.capabilities.join(",") };
                 println!("  {} × {} [{}]", h.count.unwrap_or(1), h.role, caps);
             }
             if !s.claims.is_empty() {
@@ -363,62 +326,32 @@ fn describe(o: &Object) {
             println!("Steps:");
             for st in &t.spec().steps {
                 let ss = s.steps.iter().find(|x| x.name == st.name);
-                println!(
-                    "  {:<16} {:<10} on {}",
-                    st.name,
-                    ss.map_or("Waiting", |x| x.phase.as_str()),
-                    st.on.join(",")
-                );
+                println!("  {:<16} {:<10} on {}", st.name, ss.map_or("Waiting", |x| x.phase.as_str()), st.on.join(","));
                 for p in ss.map(|x| x.processes.as_slice()).unwrap_or_default() {
-                    let end = p
-                        .exit_code
-                        .map(|c| format!("exit {c}"))
-                        .unwrap_or_else(|| p.signal.clone());
-                    println!(
-                        "      {:<12} {:<14} {:<10} {end} {}",
-                        p.role, p.host, p.phase, p.message
-                    );
+                    let end = p.exit_code.map(|c| format!("exit {c}")).unwrap_or_else(|| p.signal.clone());
+                    println!("      {:<12} {:<14} {:<10} {end} {}", p.role, p.host, p.phase, p.message);
                 }
             }
             if !s.conditions.is_empty() {
                 println!("Conditions:");
                 for c in &s.conditions {
-                    println!(
-                        "  {:<10} {:<6} {:<14} {}",
-                        c.r#type, c.status, c.reason, c.message
-                    );
+                    println!("  {:<10} {:<6} {:<14} {}", c.r#type, c.status, c.reason, c.message);
                 }
             }
         }
         Object::Host(h) => {
             let s = h.status();
-            println!(
-                "Phase:        {}{}",
-                s.phase,
-                if h.spec().unschedulable {
-                    " (cordoned)"
-                } else {
-                    ""
-                }
-            );
+            println!("Phase:        {}{}", s.phase, if h.spec().unschedulable { " (cordoned)" } else { "" });
             if !s.message.is_empty() {
                 println!("Message:      {}", s.message);
             }
             if let Some(c) = s.claim.as_ref().filter(|c| !c.test.is_empty()) {
                 println!("Claimed by:   test/{} as {}", c.test, c.role);
             }
-            println!(
-                "Lease:        renewed {} (every {}s)",
-                s.lease_renew_time, s.lease_duration_seconds
-            );
+            println!("Lease:        renewed {} (every {}s)", s.lease_renew_time, s.lease_duration_seconds);
             println!(
                 "Capabilities: {}",
-                s.capabilities
-                    .iter()
-                    .chain(&h.spec().capabilities)
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                s.capabilities.iter().chain(&h.spec().capabilities).cloned().collect::<Vec<_>>().join(", ")
             );
             println!("Vars:");
             for (k, v) in &s.vars {
@@ -439,10 +372,7 @@ fn describe(o: &Object) {
         }
         Object::Process(p) => {
             let (sp, s) = (p.spec(), p.status());
-            println!(
-                "Test:         {} (step {}, role {})",
-                sp.test, sp.step, sp.role
-            );
+            println!("Test:         {} (step {}, role {})", sp.test, sp.step, sp.role);
             println!("Host:         {}", sp.host_name);
             if !sp.argv.is_empty() {
                 println!("Argv:         {:?}", sp.argv);
@@ -459,10 +389,7 @@ fn describe(o: &Object) {
             if !s.message.is_empty() {
                 println!("Message:      {} ({})", s.message, s.reason);
             }
-            println!(
-                "Output:       {} bytes stdout, {} bytes stderr",
-                s.stdout_bytes, s.stderr_bytes
-            );
+            println!("Output:       {} bytes stdout, {} bytes stderr", s.stdout_bytes, s.stderr_bytes);
         }
     }
 }
@@ -472,11 +399,7 @@ async fn set_cordon(client: &Client, host: &str, on: bool, reason: &str) -> CliR
     loop {
         let mut h = api.get(host).await?;
         h.spec_mut().unschedulable = on;
-        h.spec_mut().unschedulable_reason = if on {
-            reason.to_string()
-        } else {
-            String::new()
-        };
+        h.spec_mut().unschedulable_reason = if on { reason.to_string() } else { String::new() };
         match api.update(h).await {
             Ok(_) => break,
             Err(s) if s.code() == tonic::Code::Aborted => continue,
@@ -490,31 +413,13 @@ async fn set_cordon(client: &Client, host: &str, on: bool, reason: &str) -> CliR
 async fn dispatch(cli: Cli) -> CliResult {
     let server = cli.server.clone();
     match cli.cmd {
-        Cmd::Apply {
-            files,
-            wait,
-            timeout,
-        } => {
+        Cmd::Apply { files, wait, timeout } => {
             // Invalid input is refused before any connection is made.
             read_manifests(&files)?;
             apply(&connect(&server).await?, &files, wait, timeout).await
         }
-        Cmd::Get {
-            kind,
-            name,
-            output,
-            selector,
-            watch,
-        } => {
-            get(
-                &connect(&server).await?,
-                &kind,
-                name,
-                output,
-                &selector,
-                watch,
-            )
-            .await
+        Cmd::Get { kind, name, output, selector, watch } => {
+            get(&connect(&server).await?, &kind, name, output, &selector, watch).await
         }
         Cmd::Describe { kind, name } => {
             let kind = objects::parse_kind(&kind)?;
@@ -537,20 +442,12 @@ async fn dispatch(cli: Cli) -> CliResult {
             }
             Ok(code)
         }
-        Cmd::Logs {
-            target,
-            role,
-            step,
-            follow,
-        } => {
+        Cmd::Logs { target, role, step, follow } => {
             let (kind, name) = objects::parse_ref(&target, &[Kind::Test, Kind::Process])?;
             let client = connect(&server).await?;
             match kind {
                 Kind::Process => logs::copy_process(&client, &name, None, follow).await?,
-                _ => {
-                    logs::test_logs(&client, &name, &logs::Select { role, step }, follow, true)
-                        .await?
-                }
+                _ => logs::test_logs(&client, &name, &logs::Select { role, step }, follow, true).await?,
             }
             Ok(0)
         }
@@ -558,30 +455,14 @@ async fn dispatch(cli: Cli) -> CliResult {
             let (_, name) = objects::parse_ref(&target, &[Kind::Test])?;
             progress::wait(&connect(&server).await?, &[name], timeout, false).await
         }
-        Cmd::Cordon { host, reason } => {
-            set_cordon(&connect(&server).await?, &host, true, &reason).await
-        }
+        Cmd::Cordon { host, reason } => set_cordon(&connect(&server).await?, &host, true, &reason).await,
         Cmd::Uncordon { host } => set_cordon(&connect(&server).await?, &host, false, "").await,
-        Cmd::Run {
-            capabilities,
-            host,
-            count,
-            env,
-            timeout,
-            argv,
-        } => {
+        Cmd::Run { capabilities, host, count, env, timeout, argv } => {
             let env = parse_env("--env", &env)?;
             if count == 0 {
                 return Err(CliError::usage("--count: must be >= 1"));
             }
-            let args = run::RunArgs {
-                capabilities,
-                host,
-                count,
-                env,
-                timeout,
-                argv,
-            };
+            let args = run::RunArgs { capabilities, host, count, env, timeout, argv };
             run::run(&connect(&server).await?, args).await
         }
     }

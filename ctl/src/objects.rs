@@ -5,28 +5,18 @@ use testbus_proto::{Host, Kind, Object, Process, Resource, Test};
 use tonic::Code;
 
 pub fn parse_kind(s: &str) -> CliResult<Kind> {
-    Kind::parse(s).ok_or_else(|| {
-        CliError::usage(format!(
-            "unknown kind {s:?} (expected host(s), test(s), process(es))"
-        ))
-    })
+    Kind::parse(s)
+        .ok_or_else(|| CliError::usage(format!("unknown kind {s:?} (expected host(s), test(s), process(es))")))
 }
 
 /// `test/NAME` → (Test, NAME).
 pub fn parse_ref(s: &str, allowed: &[Kind]) -> CliResult<(Kind, String)> {
-    let (k, n) = s
-        .split_once('/')
-        .ok_or_else(|| CliError::usage(format!("{s:?}: expected KIND/NAME, e.g. test/NAME")))?;
+    let (k, n) =
+        s.split_once('/').ok_or_else(|| CliError::usage(format!("{s:?}: expected KIND/NAME, e.g. test/NAME")))?;
     let kind = parse_kind(k)?;
     if !allowed.contains(&kind) || n.is_empty() {
-        let names: Vec<&str> = allowed
-            .iter()
-            .map(|k| crate::format::kind_slug(*k))
-            .collect();
-        return Err(CliError::usage(format!(
-            "{s:?}: expected {}/NAME",
-            names.join("/NAME or ")
-        )));
+        let names: Vec<&str> = allowed.iter().map(|k| crate::format::kind_slug(*k)).collect();
+        return Err(CliError::usage(format!("{s:?}: expected {}/NAME", names.join("/NAME or "))));
     }
     Ok((kind, n.to_string()))
 }
@@ -42,12 +32,7 @@ pub async fn get(client: &Client, kind: Kind, name: &str) -> CliResult<Object> {
     }
 }
 
-pub async fn list(
-    client: &Client,
-    kind: Kind,
-    labels: &str,
-    fields: &str,
-) -> CliResult<(Vec<Object>, String)> {
+pub async fn list(client: &Client, kind: Kind, labels: &str, fields: &str) -> CliResult<(Vec<Object>, String)> {
     async fn all<K: ApiResource>(c: &Client, l: &str, f: &str) -> CliResult<(Vec<Object>, String)> {
         let (items, rv) = c.api::<K>().list(l, f).await?;
         let mut objs: Vec<Object> = items.into_iter().map(Resource::into_object).collect();
@@ -99,9 +84,7 @@ pub async fn apply(client: &Client, obj: Object) -> CliResult<Applied> {
         o.status_mut().clone_from(&Default::default());
         match api.create(o).await {
             Ok(o) => Ok(Applied::Created(o.into_object())),
-            Err(s) if s.code() == Code::AlreadyExists => {
-                Err(CliError::usage(s.message().to_string()))
-            }
+            Err(s) if s.code() == Code::AlreadyExists => Err(CliError::usage(s.message().to_string())),
             Err(s) => Err(s.into()),
         }
     }

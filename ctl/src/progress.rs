@@ -24,12 +24,9 @@ fn progress_lines(prev: Option<&Test>, t: &Test) -> Vec<String> {
     let ps = prev.map(|p| p.status());
     if ps.map(|p| (&p.phase, &p.message)) != Some((&s.phase, &s.message)) {
         match s.phase.as_str() {
-            phase::PENDING if !s.message.is_empty() => {
-                out.push(format!("test/{name}: Pending: {}", s.message))
-            }
+            phase::PENDING if !s.message.is_empty() => out.push(format!("test/{name}: Pending: {}", s.message)),
             phase::RUNNING => {
-                let claims: Vec<String> =
-                    s.claims.iter().map(|(r, h)| format!("{r}={h}")).collect();
+                let claims: Vec<String> = s.claims.iter().map(|(r, h)| format!("{r}={h}")).collect();
                 out.push(format!("test/{name}: Running on {}", claims.join(" ")));
             }
             p if phase::test_terminal(p) => {}
@@ -38,9 +35,7 @@ fn progress_lines(prev: Option<&Test>, t: &Test) -> Vec<String> {
     }
     for st in &s.steps {
         let before = ps.and_then(|p| p.steps.iter().find(|x| x.name == st.name));
-        if before.map(|b| (&b.phase, &b.processes)) == Some((&st.phase, &st.processes))
-            || st.phase == phase::WAITING
-        {
+        if before.map(|b| (&b.phase, &b.processes)) == Some((&st.phase, &st.processes)) || st.phase == phase::WAITING {
             continue;
         }
         if before.map(|b| &b.phase) == Some(&st.phase) && st.phase == phase::RUNNING {
@@ -69,10 +64,9 @@ fn progress_lines(prev: Option<&Test>, t: &Test) -> Vec<String> {
         if !s.message.is_empty() {
             line.push_str(&format!(": {}", s.message));
         }
-        if let (Some(a), Some(b)) = (
-            testbus_proto::time::parse(&s.start_time),
-            testbus_proto::time::parse(&s.completion_time),
-        ) {
+        if let (Some(a), Some(b)) =
+            (testbus_proto::time::parse(&s.start_time), testbus_proto::time::parse(&s.completion_time))
+        {
             if let Ok(d) = b.duration_since(a) {
                 line.push_str(&format!(" ({:.1}s)", d.as_secs_f64()));
             }
@@ -84,12 +78,7 @@ fn progress_lines(prev: Option<&Test>, t: &Test) -> Vec<String> {
 
 /// Waits until every named test has finished; returns the worst exit code
 /// (3 on timeout or deletion, then 1 for a failure, else 0).
-pub async fn wait(
-    client: &Client,
-    names: &[String],
-    timeout: Option<Duration>,
-    show: bool,
-) -> CliResult {
+pub async fn wait(client: &Client, names: &[String], timeout: Option<Duration>, show: bool) -> CliResult {
     // Fail fast (exit 2 or 4) if a test does not exist or the server is down.
     let mut last: HashMap<String, Test> = HashMap::new();
     for n in names {
@@ -115,15 +104,10 @@ pub async fn wait(
             Some(d) => match tokio::time::timeout_at(d.into(), events.next()).await {
                 Ok(ev) => ev,
                 Err(_) => {
-                    let waiting: Vec<&String> =
-                        names.iter().filter(|n| !codes.contains_key(*n)).collect();
+                    let waiting: Vec<&String> = names.iter().filter(|n| !codes.contains_key(*n)).collect();
                     return Err(CliError::incomplete(format!(
                         "timed out waiting for {}",
-                        waiting
-                            .iter()
-                            .map(|n| format!("test/{n}"))
-                            .collect::<Vec<_>>()
-                            .join(", ")
+                        waiting.iter().map(|n| format!("test/{n}")).collect::<Vec<_>>().join(", ")
                     )));
                 }
             },
@@ -136,18 +120,11 @@ pub async fn wait(
                         return Err(CliError::incomplete(format!("test/{n} was deleted")));
                     }
                 }
-                list.into_iter()
-                    .filter(|t| names.iter().any(|n| n == t.name()))
-                    .collect()
+                list.into_iter().filter(|t| names.iter().any(|n| n == t.name())).collect()
             }
             Some(WatcherEvent::Applied(t)) if names.iter().any(|n| n == t.name()) => vec![t],
-            Some(WatcherEvent::Deleted(t))
-                if names.iter().any(|n| n == t.name()) && !codes.contains_key(t.name()) =>
-            {
-                return Err(CliError::incomplete(format!(
-                    "test/{} was deleted",
-                    t.name()
-                )));
+            Some(WatcherEvent::Deleted(t)) if names.iter().any(|n| n == t.name()) && !codes.contains_key(t.name()) => {
+                return Err(CliError::incomplete(format!("test/{} was deleted", t.name())));
             }
             Some(_) => continue,
             None => return Err(CliError::incomplete("the watch ended")),

@@ -52,9 +52,7 @@ pub async fn run(client: &testbus_proto::client::Client, a: RunArgs) -> CliResul
         let c = client.clone();
         let n = name.clone();
         let prefix = a.count > 1;
-        tokio::spawn(async move {
-            logs::test_logs(&c, &n, &logs::Select::default(), true, prefix).await
-        })
+        tokio::spawn(async move { logs::test_logs(&c, &n, &logs::Select::default(), true, prefix).await })
     };
     // Ctrl-C cancels the remote test.
     let wait = crate::progress::wait(client, std::slice::from_ref(&name), None, false);

@@ -35,13 +35,11 @@ impl Offer {
 }
 
 pub fn parse_file(path: &Path) -> anyhow::Result<AgentConfig> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     if text.trim().is_empty() {
         return Ok(AgentConfig::default());
     }
-    serde_norway::from_str(&text)
-        .with_context(|| format!("{}: invalid agent config", path.display()))
+    serde_norway::from_str(&text).with_context(|| format!("{}: invalid agent config", path.display()))
 }
 
 /// Drop-ins in name order.
@@ -77,31 +75,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().join("capabilities.d");
         std::fs::create_dir_all(&d).unwrap();
-        std::fs::write(
-            d.join("10-nfs.yaml"),
-            "capabilities: [nfs-server]\nvars: {port: \"1\"}\n",
-        )
-        .unwrap();
-        std::fs::write(
-            d.join("20-more.yaml"),
-            "capabilities: [nfs-client]\nvars: {port: \"2\"}\n",
-        )
-        .unwrap();
+        std::fs::write(d.join("10-nfs.yaml"), "capabilities: [nfs-server]\nvars: {port: \"1\"}\n").unwrap();
+        std::fs::write(d.join("20-more.yaml"), "capabilities: [nfs-client]\nvars: {port: \"2\"}\n").unwrap();
         std::fs::write(d.join("ignored.txt"), "garbage").unwrap();
         let mut offer = Offer::default();
         for c in drop_ins(dir.path()).unwrap() {
             offer.add(c);
         }
-        assert_eq!(
-            offer.capabilities.iter().collect::<Vec<_>>(),
-            ["nfs-client", "nfs-server"]
-        );
+        assert_eq!(offer.capabilities.iter().collect::<Vec<_>>(), ["nfs-client", "nfs-server"]);
         assert_eq!(offer.vars["port"], "2");
         std::fs::write(d.join("30-bad.yaml"), "capabilites: [typo]\n").unwrap();
         let err = format!("{:#}", drop_ins(dir.path()).unwrap_err());
-        assert!(
-            err.contains("30-bad.yaml") && err.contains("capabilites"),
-            "{err}"
-        );
+        assert!(err.contains("30-bad.yaml") && err.contains("capabilites"), "{err}");
     }
 }

@@ -6,33 +6,22 @@ pub fn facts(transport: &str) -> HostFacts {
     let uts = nix::sys::utsname::uname().ok();
     let os = std::fs::read_to_string("/etc/os-release")
         .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("PRETTY_NAME=")
-                    .map(|v| v.trim_matches('"').to_string())
-            })
-        })
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("PRETTY_NAME=").map(|v| v.trim_matches('"').to_string())))
         .unwrap_or_else(|| std::env::consts::OS.to_string());
     let memory_bytes = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|s| {
             s.lines().find_map(|l| {
-                l.strip_prefix("MemTotal:")
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                l.strip_prefix("MemTotal:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
             })
         })
         .map(|kb| kb * 1024)
         .unwrap_or(0);
     HostFacts {
         os,
-        kernel: uts
-            .as_ref()
-            .map(|u| u.release().to_string_lossy().into_owned())
-            .unwrap_or_default(),
+        kernel: uts.as_ref().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default(),
         arch: std::env::consts::ARCH.to_string(),
-        cpus: std::thread::available_parallelism()
-            .map(|n| n.get() as u32)
-            .unwrap_or(1),
+        cpus: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
         memory_bytes,
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         transport: transport.to_string(),
@@ -41,10 +30,7 @@ pub fn facts(transport: &str) -> HostFacts {
 }
 
 pub fn hostname() -> String {
-    nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_else(|| "localhost".into())
+    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into())
 }
 
 /// `hostname`, `fqdn`, `ipv4addr`, `ipv6addr`, `addresses`: the first
@@ -53,10 +39,7 @@ pub fn hostname() -> String {
 pub fn default_vars() -> BTreeMap<String, String> {
     let mut v = BTreeMap::new();
     let host = hostname();
-    v.insert(
-        "hostname".into(),
-        host.split('.').next().unwrap_or(&host).to_string(),
-    );
+    v.insert("hostname".into(), host.split('.').next().unwrap_or(&host).to_string());
     v.insert("fqdn".into(), host);
     let ifs = if_addrs::get_if_addrs().unwrap_or_default();
     let usable: Vec<std::net::IpAddr> = ifs
@@ -68,22 +51,11 @@ pub fn default_vars() -> BTreeMap<String, String> {
             _ => true,
         })
         .collect();
-    let v4 = usable
-        .iter()
-        .find(|ip| ip.is_ipv4())
-        .map(|ip| ip.to_string())
-        .unwrap_or_else(|| "127.0.0.1".into());
-    let v6 = usable
-        .iter()
-        .find(|ip| ip.is_ipv6())
-        .map(|ip| ip.to_string())
-        .unwrap_or_else(|| "::1".into());
+    let v4 = usable.iter().find(|ip| ip.is_ipv4()).map(|ip| ip.to_string()).unwrap_or_else(|| "127.0.0.1".into());
+    let v6 = usable.iter().find(|ip| ip.is_ipv6()).map(|ip| ip.to_string()).unwrap_or_else(|| "::1".into());
     let all: Vec<String> = usable.iter().map(|ip| ip.to_string()).collect();
     v.insert("ipv4addr".into(), v4.clone());
     v.insert("ipv6addr".into(), v6);
-    v.insert(
-        "addresses".into(),
-        if all.is_empty() { v4 } else { all.join(" ") },
-    );
+    v.insert("addresses".into(), if all.is_empty() { v4 } else { all.join(" ") });
     v
 }

@@ -13,18 +13,11 @@ pub struct Journal {
 impl Journal {
     pub fn open(path: &Path) -> std::io::Result<Journal> {
         let started = match std::fs::read_to_string(path) {
-            Ok(s) => s
-                .lines()
-                .filter(|l| !l.is_empty())
-                .map(str::to_string)
-                .collect(),
+            Ok(s) => s.lines().filter(|l| !l.is_empty()).map(str::to_string).collect(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => HashSet::new(),
             Err(e) => return Err(e),
         };
-        Ok(Journal {
-            path: path.to_path_buf(),
-            started,
-        })
+        Ok(Journal { path: path.to_path_buf(), started })
     }
 
     pub fn contains(&self, uid: &str) -> bool {
@@ -33,10 +26,7 @@ impl Journal {
 
     /// Records `uid` durably; only then may the process start.
     pub fn record(&mut self, uid: &str) -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)?;
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
         f.write_all(format!("{uid}\n").as_bytes())?;
         f.sync_data()?;
         self.started.insert(uid.to_string());

@@ -85,11 +85,7 @@ fn host_object(args: &Args) -> anyhow::Result<Host> {
         offer.labels.insert(k, v);
     }
     let host = Host {
-        metadata: Some(ObjectMeta {
-            name: args.name.clone(),
-            labels: offer.labels,
-            ..Default::default()
-        }),
+        metadata: Some(ObjectMeta { name: args.name.clone(), labels: offer.labels, ..Default::default() }),
         spec: Some(HostSpec::default()),
         status: Some(HostStatus {
             capabilities: offer.capabilities.into_iter().collect(),
@@ -102,8 +98,7 @@ fn host_object(args: &Args) -> anyhow::Result<Host> {
         ..Default::default()
     };
     use testbus_proto::validate::Validate;
-    host.validate()
-        .map_err(|e| anyhow::anyhow!("invalid host configuration: {e}"))?;
+    host.validate().map_err(|e| anyhow::anyhow!("invalid host configuration: {e}"))?;
     Ok(host)
 }
 
@@ -116,9 +111,7 @@ async fn register(api: &Api<Host>, mine: &Host) -> Result<(), tonic::Status> {
             let mut h = mine.clone();
             h.status_mut().lease_renew_time = time::now();
             match api.create(h).await {
-                Err(s) if s.code() == Code::AlreadyExists => {
-                    Err(tonic::Status::aborted("raced; retry"))
-                }
+                Err(s) if s.code() == Code::AlreadyExists => Err(tonic::Status::aborted("raced; retry")),
                 r => r.map(|_| ()),
             }
         }
@@ -153,12 +146,7 @@ async fn keep_lease(client: Client, mine: Host, every: Duration) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let res = if registered {
-            hosts
-                .renew_lease(testbus_proto::RenewLeaseRequest {
-                    name: mine.name().to_string(),
-                })
-                .await
-                .map(|_| ())
+            hosts.renew_lease(testbus_proto::RenewLeaseRequest { name: mine.name().to_string() }).await.map(|_| ())
         } else {
             register(&api, &mine).await
         };
@@ -205,11 +193,7 @@ impl Agent {
         let terminal = phase::process_terminal(&p.status().phase);
         if let Some(r) = self.running.get_mut(&uid) {
             if p.spec().stop && !r.stop_sent {
-                r.stop_sent = r
-                    .commands
-                    .send(Command::Stop(StopReason::Requested))
-                    .await
-                    .is_ok();
+                r.stop_sent = r.commands.send(Command::Stop(StopReason::Requested)).await.is_ok();
             }
             return;
         }
@@ -227,8 +211,7 @@ impl Agent {
                 let s = p.status_mut();
                 s.phase = phase::LOST.into();
                 s.reason = "AgentRestarted".into();
-                s.message =
-                    "the agent restarted while the process ran; its outcome is unknown".into();
+                s.message = "the agent restarted while the process ran; its outcome is unknown".into();
                 s.finish_time = time::now();
                 true
             })
@@ -252,18 +235,8 @@ impl Agent {
             return;
         }
         let (tx, rx) = mpsc::channel(4);
-        self.running.insert(
-            uid.clone(),
-            Running {
-                commands: tx,
-                stop_sent: false,
-            },
-        );
-        let runner = ProcessRunner {
-            client: self.client.clone(),
-            process: p,
-            work_root: self.work_root.clone(),
-        };
+        self.running.insert(uid.clone(), Running { commands: tx, stop_sent: false });
+        let runner = ProcessRunner { client: self.client.clone(), process: p, work_root: self.work_root.clone() };
         let done = self.done.clone();
         tokio::spawn(async move {
             runner.run(rx).await;
@@ -281,30 +254,20 @@ impl Agent {
 }
 
 fn default_data_dir(name: &str) -> PathBuf {
-    let base = if std::fs::metadata("/proc/self")
-        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
-        .unwrap_or(false)
+    let base = if std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
     {
         PathBuf::from("/var/lib/testbus-agent")
     } else {
-        std::env::var_os("HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| ".".into())
-            .join(".local/share/testbus-agent")
+        std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| ".".into()).join(".local/share/testbus-agent")
     };
     base.join(name)
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let mine = host_object(&args)?;
-    let data_dir = args
-        .data_dir
-        .clone()
-        .unwrap_or_else(|| default_data_dir(&args.name));
-    std::fs::create_dir_all(data_dir.join("work"))
-        .with_context(|| format!("--data-dir {}", data_dir.display()))?;
-    let journal =
-        journal::Journal::open(&data_dir.join("journal")).context("opening the journal")?;
+    let data_dir = args.data_dir.clone().unwrap_or_else(|| default_data_dir(&args.name));
+    std::fs::create_dir_all(data_dir.join("work")).with_context(|| format!("--data-dir {}", data_dir.display()))?;
+    let journal = journal::Journal::open(&data_dir.join("journal")).context("opening the journal")?;
     let client = Client::lazy(&args.server).map_err(|e| anyhow::anyhow!("--server: {e}"))?;
     tokio::spawn(keep_lease(client.clone(), mine, args.lease_duration / 3));
 
@@ -316,11 +279,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         running: HashMap::new(),
         done: done_tx,
     };
-    let events = watcher(
-        client.api::<Process>(),
-        String::new(),
-        format!("spec.hostName={}", args.name),
-    );
+    let events = watcher(client.api::<Process>(), String::new(), format!("spec.hostName={}", args.name));
     futures::pin_mut!(events);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -362,8 +321,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 async fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,h2=warn,tower=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,h2=warn,tower=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();

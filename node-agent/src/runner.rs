@@ -42,18 +42,9 @@ pub enum Command {
 pub enum Ended {
     Exited(i32),
     Signalled(String),
-    TimedOut {
-        after: Duration,
-        signal: String,
-    },
-    Stopped {
-        by: StopReason,
-        signal: String,
-    },
-    SetupFailed {
-        reason: &'static str,
-        message: String,
-    },
+    TimedOut { after: Duration, signal: String },
+    Stopped { by: StopReason, signal: String },
+    SetupFailed { reason: &'static str, message: String },
 }
 
 pub struct ProcessRunner {
@@ -63,23 +54,18 @@ pub struct ProcessRunner {
 }
 
 fn signal_name(sig: i32) -> String {
-    nix::sys::signal::Signal::try_from(sig)
-        .map(|s| s.as_str().to_string())
-        .unwrap_or_else(|_| format!("signal {sig}"))
+    nix::sys::signal::Signal::try_from(sig).map(|s| s.as_str().to_string()).unwrap_or_else(|_| format!("signal {sig}"))
 }
 
 /// The variables a process starts with besides its spec's env.
 fn base_env() -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
-    for k in [
-        "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LC_ALL", "TZ", "TMPDIR", "TERM",
-    ] {
+    for k in ["PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LC_ALL", "TZ", "TMPDIR", "TERM"] {
         if let Ok(v) = std::env::var(k) {
             env.insert(k.to_string(), v);
         }
     }
-    env.entry("PATH".into())
-        .or_insert_with(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    env.entry("PATH".into()).or_insert_with(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
     env
 }
 
@@ -109,11 +95,7 @@ impl ProcessRunner {
                     s.phase = if ok { phase::SUCCEEDED } else { phase::FAILED }.into();
                     s.exit_code = Some(*code);
                     s.reason = if ok { "Completed" } else { "NonZeroExit" }.into();
-                    s.message = if ok {
-                        String::new()
-                    } else {
-                        format!("exit code {code}")
-                    };
+                    s.message = if ok { String::new() } else { format!("exit code {code}") };
                 }
                 Ended::Signalled(sig) => {
                     s.phase = phase::FAILED.into();
@@ -132,9 +114,7 @@ impl ProcessRunner {
                     s.signal = signal.clone();
                     (s.reason, s.message) = match by {
                         StopReason::Requested => ("Stopped".into(), "stopped on request".into()),
-                        StopReason::AgentShutdown => {
-                            ("AgentShutdown".into(), "the agent shut down".into())
-                        }
+                        StopReason::AgentShutdown => ("AgentShutdown".into(), "the agent shut down".into()),
                     };
                 }
                 Ended::SetupFailed { reason, message } => {
@@ -157,17 +137,15 @@ impl ProcessRunner {
     fn prepare(&self) -> Result<tokio::process::Command, Ended> {
         let spec = self.process.spec();
         let env = self.env();
-        let argv = spec
-            .argv
-            .iter()
-            .map(|a| subst::substitute(a, &env))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| Ended::SetupFailed {
-                reason: match e {
-                    subst::SubstError::Unknown(_) => "UnknownVariable",
-                    _ => "InvalidArgument",
-                },
-                message: format!("argv: {e}"),
+        let argv =
+            spec.argv.iter().map(|a| subst::substitute(a, &env)).collect::<Result<Vec<_>, _>>().map_err(|e| {
+                Ended::SetupFailed {
+                    reason: match e {
+                        subst::SubstError::Unknown(_) => "UnknownVariable",
+                        _ => "InvalidArgument",
+                    },
+                    message: format!("argv: {e}"),
+                }
             })?;
         let workdir = self.work_root.join(&self.process.meta().uid);
         std::fs::create_dir_all(&workdir).map_err(|e| Ended::SetupFailed {
@@ -181,10 +159,7 @@ impl ProcessRunner {
                 std::fs::write(&path, &spec.script)?;
                 std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
             };
-            write().map_err(|e| Ended::SetupFailed {
-                reason: "WorkdirFailed",
-                message: format!("script: {e}"),
-            })?;
+            write().map_err(|e| Ended::SetupFailed { reason: "WorkdirFailed", message: format!("script: {e}") })?;
             if spec.script.starts_with("#!") {
                 tokio::process::Command::new(&path)
             } else {
@@ -201,20 +176,12 @@ impl ProcessRunner {
             c.args(&argv[1..]);
             c
         };
-        let cwd = if spec.workdir.is_empty() {
-            workdir
-        } else {
-            PathBuf::from(&spec.workdir)
-        };
+        let cwd = if spec.workdir.is_empty() { workdir } else { PathBuf::from(&spec.workdir) };
         cmd.current_dir(cwd)
             .env_clear()
             .envs(&env)
             .process_group(0)
-            .stdin(if spec.stdin.is_empty() {
-                Stdio::null()
-            } else {
-                Stdio::piped()
-            })
+            .stdin(if spec.stdin.is_empty() { Stdio::null() } else { Stdio::piped() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         Ok(cmd)
@@ -279,14 +246,8 @@ impl ProcessRunner {
                 let _ = stdin.write_all(&data).await;
             });
         }
-        let out = child
-            .stdout
-            .take()
-            .map(|r| tokio::spawn(pump(r, self.client.clone(), name.clone(), 0)));
-        let err = child
-            .stderr
-            .take()
-            .map(|r| tokio::spawn(pump(r, self.client.clone(), name.clone(), 1)));
+        let out = child.stdout.take().map(|r| tokio::spawn(pump(r, self.client.clone(), name.clone(), 0)));
+        let err = child.stderr.take().map(|r| tokio::spawn(pump(r, self.client.clone(), name.clone(), 1)));
         let timeout = duration::parse(&spec.timeout).ok();
         let deadline = async {
             match timeout {
@@ -370,12 +331,7 @@ async fn pump(mut r: impl AsyncRead + Unpin, client: Client, process: String, st
         };
         let mut backoff = Duration::from_millis(50);
         while !gone {
-            let chunk = OutputChunk {
-                process: process.clone(),
-                stream,
-                offset,
-                data: buf[..n].to_vec(),
-            };
+            let chunk = OutputChunk { process: process.clone(), stream, offset, data: buf[..n].to_vec() };
             match out.append(chunk).await {
                 Ok(_) => break,
                 Err(s) if s.code() == Code::NotFound => gone = true,
@@ -392,11 +348,7 @@ async fn pump(mut r: impl AsyncRead + Unpin, client: Client, process: String, st
 
 /// Applies `f` to the Process status until the API takes it. Gives up only
 /// when the Process is gone or its status is already final.
-pub async fn report(
-    api: &Api<Process>,
-    name: &str,
-    mut f: impl FnMut(&mut Process) -> bool + Send,
-) {
+pub async fn report(api: &Api<Process>, name: &str, mut f: impl FnMut(&mut Process) -> bool + Send) {
     let mut backoff = Duration::from_millis(50);
     loop {
         match api.patch_status(name, &mut f).await {

@@ -49,9 +49,7 @@ fn parse_server(server: &str) -> Result<Target, ConnectError> {
     let mut eps = Vec::new();
     for s in server.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         if !(s.starts_with("http://") || s.starts_with("https://")) {
-            return Err(bad(
-                "expected http://host:port, https://host:port or unix:/path",
-            ));
+            return Err(bad("expected http://host:port, https://host:port or unix:/path"));
         }
         let ep = Endpoint::from_shared(s.to_string())
             .map_err(|e| bad(&e.to_string()))?
@@ -88,9 +86,7 @@ fn unix_connector(
        + 'static {
     tower::service_fn(move |_: Uri| {
         let path = path.clone();
-        async move {
-            Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-        }
+        async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
     })
 }
 
@@ -107,17 +103,13 @@ impl Client {
             ConnectError::Unreachable(server.to_string(), msg)
         };
         let channel = match parse_server(server)? {
-            Target::Unix(path) => unix_endpoint()
-                .connect_with_connector(unix_connector(path))
-                .await
-                .map_err(unreachable)?,
+            Target::Unix(path) => {
+                unix_endpoint().connect_with_connector(unix_connector(path)).await.map_err(unreachable)?
+            }
             Target::Http(eps) if eps.len() == 1 => eps[0].connect().await.map_err(unreachable)?,
             Target::Http(eps) => Channel::balance_list(eps.into_iter()),
         };
-        Ok(Client {
-            channel,
-            server: server.to_string(),
-        })
+        Ok(Client { channel, server: server.to_string() })
     }
 
     /// Connects on first use and reconnects by itself: for daemons that must
@@ -128,10 +120,7 @@ impl Client {
             Target::Http(eps) if eps.len() == 1 => eps[0].connect_lazy(),
             Target::Http(eps) => Channel::balance_list(eps.into_iter()),
         };
-        Ok(Client {
-            channel,
-            server: server.to_string(),
-        })
+        Ok(Client { channel, server: server.to_string() })
     }
 
     pub fn server(&self) -> &str {
@@ -139,10 +128,7 @@ impl Client {
     }
 
     pub fn api<K: ApiResource>(&self) -> Api<K> {
-        Api {
-            channel: self.channel.clone(),
-            _k: std::marker::PhantomData,
-        }
+        Api { channel: self.channel.clone(), _k: std::marker::PhantomData }
     }
 
     pub fn tests(&self) -> TestsClient<Channel> {
@@ -188,15 +174,9 @@ impl EventType {
         }
     }
     pub fn parse(s: &str) -> Option<EventType> {
-        [
-            Self::Added,
-            Self::Modified,
-            Self::Deleted,
-            Self::Bookmark,
-            Self::Compacted,
-        ]
-        .into_iter()
-        .find(|e| e.as_str() == s)
+        [Self::Added, Self::Modified, Self::Deleted, Self::Bookmark, Self::Compacted]
+            .into_iter()
+            .find(|e| e.as_str() == s)
     }
 }
 
@@ -212,18 +192,14 @@ pub struct WatchEvent<K> {
 pub trait ApiResource: Resource {
     fn create(ch: Channel, obj: Self) -> impl Future<Output = Result<Self, Status>> + Send;
     fn get(ch: Channel, name: String) -> impl Future<Output = Result<Self, Status>> + Send;
-    fn list(
-        ch: Channel,
-        req: ListRequest,
-    ) -> impl Future<Output = Result<(Vec<Self>, String), Status>> + Send;
+    fn list(ch: Channel, req: ListRequest) -> impl Future<Output = Result<(Vec<Self>, String), Status>> + Send;
     fn watch(
         ch: Channel,
         req: WatchRequest,
     ) -> impl Future<Output = Result<BoxStream<'static, Result<WatchEvent<Self>, Status>>, Status>> + Send;
     fn update(ch: Channel, obj: Self) -> impl Future<Output = Result<Self, Status>> + Send;
     fn update_status(ch: Channel, obj: Self) -> impl Future<Output = Result<Self, Status>> + Send;
-    fn delete(ch: Channel, req: DeleteRequest)
-        -> impl Future<Output = Result<Self, Status>> + Send;
+    fn delete(ch: Channel, req: DeleteRequest) -> impl Future<Output = Result<Self, Status>> + Send;
 }
 
 macro_rules! api_resource {
@@ -233,17 +209,10 @@ macro_rules! api_resource {
                 Ok($client::new(ch).create(obj).await?.into_inner())
             }
             async fn get(ch: Channel, name: String) -> Result<Self, Status> {
-                Ok($client::new(ch)
-                    .get(GetRequest { name })
-                    .await?
-                    .into_inner())
+                Ok($client::new(ch).get(GetRequest { name }).await?.into_inner())
             }
             async fn list(ch: Channel, req: ListRequest) -> Result<(Vec<Self>, String), Status> {
-                let l = $client::new(ch)
-                    .max_decoding_message_size(256 << 20)
-                    .list(req)
-                    .await?
-                    .into_inner();
+                let l = $client::new(ch).max_decoding_message_size(256 << 20).list(req).await?.into_inner();
                 Ok((l.items, l.resource_version))
             }
             async fn watch(
@@ -253,14 +222,9 @@ macro_rules! api_resource {
                 let s = $client::new(ch).watch(req).await?.into_inner();
                 Ok(s.map(|r| {
                     r.and_then(|e| {
-                        let kind = EventType::parse(&e.r#type).ok_or_else(|| {
-                            Status::internal(format!("unknown event type {:?}", e.r#type))
-                        })?;
-                        Ok(WatchEvent {
-                            kind,
-                            object: e.object,
-                            resource_version: e.resource_version,
-                        })
+                        let kind = EventType::parse(&e.r#type)
+                            .ok_or_else(|| Status::internal(format!("unknown event type {:?}", e.r#type)))?;
+                        Ok(WatchEvent { kind, object: e.object, resource_version: e.resource_version })
                     })
                 })
                 .boxed())
@@ -290,10 +254,7 @@ pub struct Api<K> {
 
 impl<K> Clone for Api<K> {
     fn clone(&self) -> Self {
-        Api {
-            channel: self.channel.clone(),
-            _k: std::marker::PhantomData,
-        }
+        Api { channel: self.channel.clone(), _k: std::marker::PhantomData }
     }
 }
 
@@ -312,17 +273,10 @@ impl<K: ApiResource> Api<K> {
             Err(s) => Err(s),
         }
     }
-    pub async fn list(
-        &self,
-        label_selector: &str,
-        field_selector: &str,
-    ) -> Result<(Vec<K>, String), Status> {
+    pub async fn list(&self, label_selector: &str, field_selector: &str) -> Result<(Vec<K>, String), Status> {
         K::list(
             self.channel.clone(),
-            ListRequest {
-                label_selector: label_selector.into(),
-                field_selector: field_selector.into(),
-            },
+            ListRequest { label_selector: label_selector.into(), field_selector: field_selector.into() },
         )
         .await
     }
@@ -349,23 +303,12 @@ impl<K: ApiResource> Api<K> {
         K::update_status(self.channel.clone(), obj).await
     }
     pub async fn delete(&self, name: &str) -> Result<K, Status> {
-        K::delete(
-            self.channel.clone(),
-            DeleteRequest {
-                name: name.into(),
-                resource_version: String::new(),
-            },
-        )
-        .await
+        K::delete(self.channel.clone(), DeleteRequest { name: name.into(), resource_version: String::new() }).await
     }
 
     /// Read-modify-write of the status with compare-and-swap, retried on
     /// conflict. `f` returns false to leave the object as it is.
-    pub async fn patch_status(
-        &self,
-        name: &str,
-        mut f: impl FnMut(&mut K) -> bool,
-    ) -> Result<K, Status> {
+    pub async fn patch_status(&self, name: &str, mut f: impl FnMut(&mut K) -> bool) -> Result<K, Status> {
         loop {
             let mut obj = self.get(name).await?;
             if !f(&mut obj) {
@@ -401,82 +344,71 @@ pub fn watcher<K: ApiResource>(
         Watch(BoxStream<'static, Result<WatchEvent<K>, Status>>, String),
     }
     let backoff_max = Duration::from_secs(5);
-    futures::stream::unfold(
-        (State::<K>::List, Duration::from_millis(50)),
-        move |(state, mut backoff)| {
-            let api = api.clone();
-            let ls = label_selector.clone();
-            let fs = field_selector.clone();
-            async move {
-                let mut state = state;
-                loop {
-                    match state {
-                        State::List => match api.list(&ls, &fs).await {
-                            Ok((items, rv)) => match api.watch(&rv, &ls, &fs).await {
-                                Ok(stream) => {
-                                    return Some((
-                                        WatcherEvent::Restarted(items),
-                                        (State::Watch(stream, rv), Duration::from_millis(50)),
-                                    ))
-                                }
-                                Err(s) => {
-                                    tracing::debug!(kind = %K::KIND, error = %s, "watch failed");
-                                    sleep_jittered(&mut backoff, backoff_max).await;
-                                    state = State::List;
-                                }
-                            },
+    futures::stream::unfold((State::<K>::List, Duration::from_millis(50)), move |(state, mut backoff)| {
+        let api = api.clone();
+        let ls = label_selector.clone();
+        let fs = field_selector.clone();
+        async move {
+            let mut state = state;
+            loop {
+                match state {
+                    State::List => match api.list(&ls, &fs).await {
+                        Ok((items, rv)) => match api.watch(&rv, &ls, &fs).await {
+                            Ok(stream) => {
+                                return Some((
+                                    WatcherEvent::Restarted(items),
+                                    (State::Watch(stream, rv), Duration::from_millis(50)),
+                                ))
+                            }
                             Err(s) => {
-                                tracing::debug!(kind = %K::KIND, error = %s, "list failed");
+                                tracing::debug!(kind = %K::KIND, error = %s, "watch failed");
                                 sleep_jittered(&mut backoff, backoff_max).await;
                                 state = State::List;
                             }
                         },
-                        State::Watch(mut stream, rv) => match stream.next().await {
-                            Some(Ok(ev)) => {
-                                let rv = if ev.resource_version.is_empty() {
-                                    rv
-                                } else {
-                                    ev.resource_version.clone()
-                                };
-                                let out = match (ev.kind, ev.object) {
-                                    (EventType::Added | EventType::Modified, Some(o)) => {
-                                        WatcherEvent::Applied(o)
-                                    }
-                                    (EventType::Deleted, Some(o)) => WatcherEvent::Deleted(o),
-                                    (EventType::Compacted, _) => {
-                                        state = State::List;
-                                        continue;
-                                    }
-                                    _ => {
-                                        state = State::Watch(stream, rv);
-                                        continue;
-                                    }
-                                };
-                                return Some((out, (State::Watch(stream, rv), backoff)));
-                            }
-                            Some(Err(s)) => {
-                                tracing::debug!(kind = %K::KIND, error = %s, "watch broke");
-                                sleep_jittered(&mut backoff, backoff_max).await;
-                                state = State::List;
-                            }
-                            None => {
-                                sleep_jittered(&mut backoff, backoff_max).await;
-                                state = State::List;
-                            }
-                        },
-                    }
+                        Err(s) => {
+                            tracing::debug!(kind = %K::KIND, error = %s, "list failed");
+                            sleep_jittered(&mut backoff, backoff_max).await;
+                            state = State::List;
+                        }
+                    },
+                    State::Watch(mut stream, rv) => match stream.next().await {
+                        Some(Ok(ev)) => {
+                            let rv = if ev.resource_version.is_empty() { rv } else { ev.resource_version.clone() };
+                            let out = match (ev.kind, ev.object) {
+                                (EventType::Added | EventType::Modified, Some(o)) => WatcherEvent::Applied(o),
+                                (EventType::Deleted, Some(o)) => WatcherEvent::Deleted(o),
+                                (EventType::Compacted, _) => {
+                                    state = State::List;
+                                    continue;
+                                }
+                                _ => {
+                                    state = State::Watch(stream, rv);
+                                    continue;
+                                }
+                            };
+                            return Some((out, (State::Watch(stream, rv), backoff)));
+                        }
+                        Some(Err(s)) => {
+                            tracing::debug!(kind = %K::KIND, error = %s, "watch broke");
+                            sleep_jittered(&mut backoff, backoff_max).await;
+                            state = State::List;
+                        }
+                        None => {
+                            sleep_jittered(&mut backoff, backoff_max).await;
+                            state = State::List;
+                        }
+                    },
                 }
             }
-        },
-    )
+        }
+    })
 }
 
 async fn sleep_jittered(backoff: &mut Duration, max: Duration) {
     // Jitter from the clock's low bits: good enough to spread reconnects.
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
     let jitter = Duration::from_nanos(u64::from(nanos) % (backoff.as_nanos() as u64 / 2 + 1));
     tokio::time::sleep(*backoff / 2 + jitter).await;
     *backoff = (*backoff * 2).min(max);

@@ -11,10 +11,7 @@ pub struct DurationError {
 /// Parses a sequence of `<integer><unit>` terms, units ms, s, m, h, d.
 /// A bare number is rejected: the unit is part of the contract.
 pub fn parse(input: &str) -> Result<Duration, DurationError> {
-    let err = |reason| DurationError {
-        input: input.to_string(),
-        reason,
-    };
+    let err = |reason| DurationError { input: input.to_string(), reason };
     let s = input.trim();
     if s.is_empty() {
         return Err(err("empty"));
@@ -26,9 +23,7 @@ pub fn parse(input: &str) -> Result<Duration, DurationError> {
         if digits == 0 {
             return Err(err("expected a number"));
         }
-        let n: u128 = rest[..digits]
-            .parse()
-            .map_err(|_| err("number too large"))?;
+        let n: u128 = rest[..digits].parse().map_err(|_| err("number too large"))?;
         rest = &rest[digits..];
         let unit_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
         let millis_per = match &rest[..unit_len] {
@@ -41,10 +36,7 @@ pub fn parse(input: &str) -> Result<Duration, DurationError> {
             _ => return Err(err("unknown unit")),
         };
         rest = &rest[unit_len..];
-        total = n
-            .checked_mul(millis_per)
-            .and_then(|v| total.checked_add(v))
-            .ok_or_else(|| err("too large"))?;
+        total = n.checked_mul(millis_per).and_then(|v| total.checked_add(v)).ok_or_else(|| err("too large"))?;
     }
     // Ten years is more than any test may sensibly run.
     if total > 10 * 365 * 86_400_000 {
@@ -83,16 +75,7 @@ mod tests {
 
     #[test]
     fn rejects_bad_input() {
-        for bad in [
-            "",
-            "10",
-            "m",
-            "5x",
-            "1h30",
-            "-5s",
-            "99999999999999999999999h",
-            "3650000d",
-        ] {
+        for bad in ["", "10", "m", "5x", "1h30", "-5s", "99999999999999999999999h", "3650000d"] {
             assert!(parse(bad).is_err(), "{bad:?} should be rejected");
         }
     }

@@ -23,8 +23,7 @@ pub mod validate;
 pub use resource::{Kind, Object, Resource};
 
 /// The encoded FileDescriptorSet of the API, for gRPC reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/testbus_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/testbus_descriptor.bin"));
 
 pub const API_VERSION: &str = "testbus/v1";
 

@@ -40,11 +40,7 @@ pub fn parse(source_name: &str, text: &str) -> Result<Vec<Object>, ManifestError
         message,
     };
     if text.len() > MAX_MANIFEST_BYTES {
-        return Err(err(
-            0,
-            String::new(),
-            format!("manifest larger than {MAX_MANIFEST_BYTES} bytes"),
-        ));
+        return Err(err(0, String::new(), format!("manifest larger than {MAX_MANIFEST_BYTES} bytes")));
     }
     let mut out = Vec::new();
     for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
@@ -69,47 +65,27 @@ pub fn parse(source_name: &str, text: &str) -> Result<Vec<Object>, ManifestError
 /// Converts one document's value into an object of the kind it names.
 pub fn from_value(value: Value) -> Result<Object, (String, String)> {
     let Value::Object(map) = &value else {
-        return Err((
-            String::new(),
-            "expected a mapping with apiVersion, kind, metadata and spec".into(),
-        ));
+        return Err((String::new(), "expected a mapping with apiVersion, kind, metadata and spec".into()));
     };
     match map.get("apiVersion") {
         Some(Value::String(v)) if v == crate::API_VERSION => {}
         Some(Value::String(v)) => {
-            return Err((
-                "apiVersion".into(),
-                format!("unsupported {v:?}, expected {:?}", crate::API_VERSION),
-            ))
+            return Err(("apiVersion".into(), format!("unsupported {v:?}, expected {:?}", crate::API_VERSION)))
         }
         Some(_) => return Err(("apiVersion".into(), "must be a string".into())),
-        None => {
-            return Err((
-                "apiVersion".into(),
-                format!("required (use {:?})", crate::API_VERSION),
-            ))
-        }
+        None => return Err(("apiVersion".into(), format!("required (use {:?})", crate::API_VERSION))),
     }
     let kind = match map.get("kind") {
         Some(Value::String(k)) => match Kind::parse(k) {
             Some(kind) if kind.name() == k => kind,
-            _ => {
-                return Err((
-                    "kind".into(),
-                    format!("unknown kind {k:?}, expected one of Host, Test, Process"),
-                ))
-            }
+            _ => return Err(("kind".into(), format!("unknown kind {k:?}, expected one of Host, Test, Process"))),
         },
         Some(_) => return Err(("kind".into(), "must be a string".into())),
         None => return Err(("kind".into(), "required".into())),
     };
     fn typed<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, (String, String)> {
-        serde_path_to_error::deserialize(v).map_err(|e| {
-            (
-                display_path(e.path()),
-                clean_message(&e.into_inner().to_string()),
-            )
-        })
+        serde_path_to_error::deserialize(v)
+            .map_err(|e| (display_path(e.path()), clean_message(&e.into_inner().to_string())))
     }
     Ok(match kind {
         Kind::Host => Object::Host(typed::<Host>(value)?),
@@ -140,12 +116,9 @@ fn clean_message(m: &str) -> String {
 /// shows what is set, as kubectl does.
 pub fn prune(v: Value) -> Value {
     match v {
-        Value::Object(m) => Value::Object(
-            m.into_iter()
-                .map(|(k, v)| (k, prune(v)))
-                .filter(|(_, v)| !is_empty(v))
-                .collect(),
-        ),
+        Value::Object(m) => {
+            Value::Object(m.into_iter().map(|(k, v)| (k, prune(v))).filter(|(_, v)| !is_empty(v)).collect())
+        }
         Value::Array(a) => Value::Array(a.into_iter().map(prune).collect()),
         v => v,
     }
@@ -189,9 +162,7 @@ impl<'de> Visitor<'de> for StrictVisitor {
         Ok(Value::from(v))
     }
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
-        serde_json::Number::from_f64(v)
-            .map(Value::Number)
-            .ok_or_else(|| E::custom("not a finite number"))
+        serde_json::Number::from_f64(v).map(Value::Number).ok_or_else(|| E::custom("not a finite number"))
     }
     fn visit_str<E>(self, v: &str) -> Result<Value, E> {
         Ok(Value::String(v.to_string()))
@@ -294,9 +265,7 @@ spec:
     #[test]
     fn design_manifest_parses_as_written() {
         let objs = parse("design.yaml", DESIGN_EXAMPLE).unwrap();
-        let Object::Test(t) = &objs[0] else {
-            panic!("not a test")
-        };
+        let Object::Test(t) = &objs[0] else { panic!("not a test") };
         let spec = t.spec.as_ref().unwrap();
         assert_eq!(spec.hosts[1].count, Some(4));
         assert_eq!(spec.steps[1].after, vec!["export"]);
@@ -308,17 +277,10 @@ spec:
 
     #[test]
     fn errors_name_the_field() {
-        let e = parse(
-            "m.yaml",
-            "apiVersion: testbus/v1\nkind: Test\nspec: {hosts: [{role: a, count: x}]}\n",
-        )
-        .unwrap_err();
+        let e =
+            parse("m.yaml", "apiVersion: testbus/v1\nkind: Test\nspec: {hosts: [{role: a, count: x}]}\n").unwrap_err();
         assert_eq!(e.path, "spec.hosts[0].count");
-        let e = parse(
-            "m.yaml",
-            "apiVersion: testbus/v1\nkind: Test\nspec: {bogus: 1}\n",
-        )
-        .unwrap_err();
+        let e = parse("m.yaml", "apiVersion: testbus/v1\nkind: Test\nspec: {bogus: 1}\n").unwrap_err();
         assert_eq!(e.path, "spec.bogus");
         assert!(e.message.contains("unknown field `bogus`"), "{}", e.message);
         let e = parse("m.yaml", "apiVersion: testbus/v1\nkind: Widget\n").unwrap_err();
@@ -327,11 +289,7 @@ spec:
 
     #[test]
     fn duplicate_keys_are_rejected() {
-        let e = parse(
-            "m.yaml",
-            "apiVersion: testbus/v1\nkind: Test\nspec:\n  env: {A: x, A: y}\n",
-        )
-        .unwrap_err();
+        let e = parse("m.yaml", "apiVersion: testbus/v1\nkind: Test\nspec:\n  env: {A: x, A: y}\n").unwrap_err();
         assert!(e.message.contains("duplicate key"), "{e}");
         assert_eq!(e.path, "spec.env");
     }
@@ -340,19 +298,14 @@ spec:
     fn several_documents() {
         let two = "apiVersion: testbus/v1\nkind: Host\nmetadata: {name: a}\n---\napiVersion: testbus/v1\nkind: Host\nmetadata: {name: b}\n---\n";
         assert_eq!(parse("m.yaml", two).unwrap().len(), 2);
-        let e = parse(
-            "m.yaml",
-            "apiVersion: testbus/v1\nkind: Host\n---\nkind: Host\n",
-        )
-        .unwrap_err();
+        let e = parse("m.yaml", "apiVersion: testbus/v1\nkind: Host\n---\nkind: Host\n").unwrap_err();
         assert_eq!(e.document, 1);
         assert!(e.to_string().contains("document 2"), "{e}");
     }
 
     #[test]
     fn prune_drops_empty_values() {
-        let v =
-            serde_json::json!({"a": "", "b": [], "c": {"d": null}, "e": 0, "f": false, "g": "x"});
+        let v = serde_json::json!({"a": "", "b": [], "c": {"d": null}, "e": 0, "f": false, "g": "x"});
         assert_eq!(prune(v), serde_json::json!({"e": 0, "g": "x"}));
     }
 }

@@ -132,9 +132,7 @@ impl Kind {
     /// Accepts what the CLI contract allows: `host`, `hosts`, `Host`, ...
     pub fn parse(s: &str) -> Option<Kind> {
         let l = s.to_ascii_lowercase();
-        Kind::ALL
-            .into_iter()
-            .find(|k| l == k.name().to_ascii_lowercase() || l == k.plural())
+        Kind::ALL.into_iter().find(|k| l == k.name().to_ascii_lowercase() || l == k.plural())
     }
 }
 

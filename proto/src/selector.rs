@@ -32,9 +32,7 @@ impl LabelSelector {
                 Req::Eq(k, _) | Req::Ne(k, _) | Req::Exists(k) | Req::NotExists(k) => k,
             };
             if key.is_empty() || key.contains(char::is_whitespace) {
-                return Err(format!(
-                    "invalid label selector {s:?}: bad requirement {part:?}"
-                ));
+                return Err(format!("invalid label selector {s:?}: bad requirement {part:?}"));
             }
             reqs.push(req);
         }
@@ -67,9 +65,8 @@ impl FieldSelector {
     pub fn parse(s: &str) -> Result<Self, String> {
         let mut f = FieldSelector::default();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (k, v) = part
-                .split_once('=')
-                .ok_or_else(|| format!("invalid field selector {part:?}: expected FIELD=VALUE"))?;
+            let (k, v) =
+                part.split_once('=').ok_or_else(|| format!("invalid field selector {part:?}: expected FIELD=VALUE"))?;
             let v = Some(v.trim().to_string());
             match k.trim() {
                 "metadata.name" => f.name = v,
@@ -101,9 +98,7 @@ impl FieldSelector {
     }
 
     fn matches_process(&self, p: &Process) -> bool {
-        self.host_name
-            .as_ref()
-            .is_none_or(|h| &p.spec().host_name == h)
+        self.host_name.as_ref().is_none_or(|h| &p.spec().host_name == h)
             && self.test.as_ref().is_none_or(|t| &p.spec().test == t)
     }
 }
@@ -125,10 +120,7 @@ mod tests {
 
     #[test]
     fn field_selectors() {
-        assert!(FieldSelector::parse("spec.hostName=a")
-            .unwrap()
-            .host_name
-            .is_some());
+        assert!(FieldSelector::parse("spec.hostName=a").unwrap().host_name.is_some());
         assert!(FieldSelector::parse("status.phase=x").is_err());
     }
 }

@@ -23,16 +23,12 @@ pub fn substitute(input: &str, env: &BTreeMap<String, String>) -> Result<String,
             out.push('$');
             rest = r;
         } else if let Some(r) = after.strip_prefix('{') {
-            let end = r
-                .find('}')
-                .ok_or_else(|| SubstError::Unterminated(input.to_string()))?;
+            let end = r.find('}').ok_or_else(|| SubstError::Unterminated(input.to_string()))?;
             let name = &r[..end];
             if crate::validate::env_name(name).is_err() {
                 return Err(SubstError::BadName(name.to_string()));
             }
-            let v = env
-                .get(name)
-                .ok_or_else(|| SubstError::Unknown(name.to_string()))?;
+            let v = env.get(name).ok_or_else(|| SubstError::Unknown(name.to_string()))?;
             out.push_str(v);
             rest = &r[end + 1..];
         } else {
@@ -48,15 +44,7 @@ pub fn substitute(input: &str, env: &BTreeMap<String, String>) -> Result<String,
 /// `host_<role>_<var>` with characters outside [A-Za-z0-9_] mapped to `_`.
 pub fn host_var_name(role: &str, var: &str) -> String {
     let clean = |s: &str| -> String {
-        s.chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '_' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect()
+        s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' }).collect()
     };
     format!("host_{}_{}", clean(role), clean(var))
 }
@@ -66,23 +54,13 @@ mod tests {
     use super::*;
 
     fn env() -> BTreeMap<String, String> {
-        [
-            ("A".to_string(), "1".to_string()),
-            ("host_server_ipv4addr".into(), "10.0.0.1".into()),
-        ]
-        .into()
+        [("A".to_string(), "1".to_string()), ("host_server_ipv4addr".into(), "10.0.0.1".into())].into()
     }
 
     #[test]
     fn substitutes_and_escapes() {
-        assert_eq!(
-            substitute("${host_server_ipv4addr}:${A}", &env()).unwrap(),
-            "10.0.0.1:1"
-        );
-        assert_eq!(
-            substitute("$${A} costs $5 $", &env()).unwrap(),
-            "${A} costs $5 $"
-        );
+        assert_eq!(substitute("${host_server_ipv4addr}:${A}", &env()).unwrap(), "10.0.0.1:1");
+        assert_eq!(substitute("$${A} costs $5 $", &env()).unwrap(), "${A} costs $5 $");
         assert_eq!(substitute("plain", &env()).unwrap(), "plain");
     }
 
@@ -91,22 +69,13 @@ mod tests {
         let e = substitute("x${NOPE}y", &env()).unwrap_err();
         assert_eq!(e, SubstError::Unknown("NOPE".into()));
         assert!(e.to_string().contains("NOPE"));
-        assert!(matches!(
-            substitute("${A", &env()),
-            Err(SubstError::Unterminated(_))
-        ));
-        assert!(matches!(
-            substitute("${a-b}", &env()),
-            Err(SubstError::BadName(_))
-        ));
+        assert!(matches!(substitute("${A", &env()), Err(SubstError::Unterminated(_))));
+        assert!(matches!(substitute("${a-b}", &env()), Err(SubstError::BadName(_))));
     }
 
     #[test]
     fn host_var_names_are_mapped() {
-        assert_eq!(
-            host_var_name("nfs-server", "ipv4addr"),
-            "host_nfs_server_ipv4addr"
-        );
+        assert_eq!(host_var_name("nfs-server", "ipv4addr"), "host_nfs_server_ipv4addr");
         assert_eq!(host_var_name("client0", "my.var"), "host_client0_my_var");
     }
 }

@@ -19,9 +19,7 @@ pub fn parse(s: &str) -> Option<SystemTime> {
 
 /// Time elapsed since `s`, zero if `s` is in the future or malformed.
 pub fn since(s: &str) -> Duration {
-    parse(s)
-        .and_then(|t| SystemTime::now().duration_since(t).ok())
-        .unwrap_or_default()
+    parse(s).and_then(|t| SystemTime::now().duration_since(t).ok()).unwrap_or_default()
 }
 
 /// Short human age, as `kubectl get` prints it: 5s, 3m, 2h, 4d.

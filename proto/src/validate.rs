@@ -34,10 +34,7 @@ struct Errors(Vec<FieldError>);
 
 impl Errors {
     fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.0.push(FieldError {
-            path: path.into(),
-            message: message.into(),
-        });
+        self.0.push(FieldError { path: path.into(), message: message.into() });
     }
     fn finish(self) -> Result<(), ValidationErrors> {
         if self.0.is_empty() {
@@ -64,9 +61,7 @@ pub fn dns_label(s: &str) -> Result<(), String> {
     if s.len() > MAX_NAME {
         return Err(format!("must be at most {MAX_NAME} characters"));
     }
-    let ok = s
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    let ok = s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
     let b = s.as_bytes();
     if !ok || !b[0].is_ascii_alphanumeric() || !b[b.len() - 1].is_ascii_alphanumeric() {
         return Err(format!(
@@ -82,18 +77,13 @@ pub fn env_name(s: &str) -> Result<(), String> {
         || !(b[0].is_ascii_alphabetic() || b[0] == b'_')
         || !b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_')
     {
-        return Err(format!(
-            "{s:?} is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)"
-        ));
+        return Err(format!("{s:?} is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)"));
     }
     Ok(())
 }
 
 fn label_part(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= MAX_NAME
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
+    !s.is_empty() && s.len() <= MAX_NAME && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
 }
 
 fn meta(m: &ObjectMeta, e: &mut Errors) {
@@ -103,34 +93,22 @@ fn meta(m: &ObjectMeta, e: &mut Errors) {
         } else if let Err(msg) = dns_label(&format!("{}x", m.generate_name)) {
             e.add("metadata.generateName", msg);
         } else if m.generate_name.len() > MAX_NAME - 6 {
-            e.add(
-                "metadata.generateName",
-                format!("must be at most {} characters", MAX_NAME - 6),
-            );
+            e.add("metadata.generateName", format!("must be at most {} characters", MAX_NAME - 6));
         }
     } else if let Err(msg) = dns_label(&m.name) {
         e.add("metadata.name", msg);
     }
     for (k, v) in &m.labels {
         if !label_part(k) {
-            e.add(
-                format!("metadata.labels.{k}"),
-                "label keys are 1-63 of [A-Za-z0-9-_./]",
-            );
+            e.add(format!("metadata.labels.{k}"), "label keys are 1-63 of [A-Za-z0-9-_./]");
         }
         if !v.is_empty() && !label_part(v) {
-            e.add(
-                format!("metadata.labels.{k}"),
-                "label values are at most 63 of [A-Za-z0-9-_./]",
-            );
+            e.add(format!("metadata.labels.{k}"), "label values are at most 63 of [A-Za-z0-9-_./]");
         }
     }
     let ann: usize = m.annotations.iter().map(|(k, v)| k.len() + v.len()).sum();
     if ann > MAX_VALUE_BYTES {
-        e.add(
-            "metadata.annotations",
-            format!("larger than {MAX_VALUE_BYTES} bytes"),
-        );
+        e.add("metadata.annotations", format!("larger than {MAX_VALUE_BYTES} bytes"));
     }
 }
 
@@ -143,10 +121,7 @@ fn env(path: &str, env: &BTreeMap<String, String>, e: &mut Errors) {
             e.add(format!("{path}.{k}"), msg);
         }
         if v.len() > MAX_VALUE_BYTES {
-            e.add(
-                format!("{path}.{k}"),
-                format!("value larger than {MAX_VALUE_BYTES} bytes"),
-            );
+            e.add(format!("{path}.{k}"), format!("value larger than {MAX_VALUE_BYTES} bytes"));
         }
         if v.contains('\0') {
             e.add(format!("{path}.{k}"), "must not contain NUL");
@@ -171,17 +146,11 @@ fn not_yet(path: &str, set: bool, e: &mut Errors) {
 fn command(path: &str, argv: &[String], script: &str, shell: bool, e: &mut Errors) {
     match (argv.is_empty(), script.is_empty()) {
         (true, true) => e.add(path, "one of argv or script is required"),
-        (false, false) => e.add(
-            format!("{path}.script"),
-            "give either argv or script, not both",
-        ),
+        (false, false) => e.add(format!("{path}.script"), "give either argv or script, not both"),
         _ => {}
     }
     if shell && argv.is_empty() {
-        e.add(
-            format!("{path}.shell"),
-            "shell: true needs argv (the command line given to sh -c)",
-        );
+        e.add(format!("{path}.shell"), "shell: true needs argv (the command line given to sh -c)");
     }
     if !argv.is_empty() && argv[0].is_empty() {
         e.add(format!("{path}.argv[0]"), "must not be empty");
@@ -192,10 +161,7 @@ fn command(path: &str, argv: &[String], script: &str, shell: bool, e: &mut Error
         }
     }
     if script.len() > MAX_VALUE_BYTES {
-        e.add(
-            format!("{path}.script"),
-            format!("larger than {MAX_VALUE_BYTES} bytes"),
-        );
+        e.add(format!("{path}.script"), format!("larger than {MAX_VALUE_BYTES} bytes"));
     }
 }
 
@@ -224,11 +190,7 @@ impl Validate for Test {
         }
         opt_duration("spec.timeout", &s.timeout, &mut e);
         opt_duration("spec.ttlAfterFinished", &s.ttl_after_finished, &mut e);
-        not_yet(
-            "spec.ttlAfterFinished",
-            !s.ttl_after_finished.is_empty(),
-            &mut e,
-        );
+        not_yet("spec.ttlAfterFinished", !s.ttl_after_finished.is_empty(), &mut e);
         not_yet("spec.holdOnFailure", s.hold_on_failure, &mut e);
         not_yet("spec.files", !s.files.is_empty(), &mut e);
         env("spec.env", &s.env, &mut e);
@@ -246,18 +208,13 @@ impl Validate for Test {
             }
             match h.count {
                 Some(0) => e.add(format!("{p}.count"), "must be >= 1"),
-                Some(n) if n > MAX_COUNT => {
-                    e.add(format!("{p}.count"), format!("must be <= {MAX_COUNT}"))
-                }
+                Some(n) if n > MAX_COUNT => e.add(format!("{p}.count"), format!("must be <= {MAX_COUNT}")),
                 _ => {}
             }
             total = total.saturating_add(h.count.unwrap_or(1).min(MAX_COUNT));
             for (j, c) in h.capabilities.iter().enumerate() {
                 if !label_part(c) {
-                    e.add(
-                        format!("{p}.capabilities[{j}]"),
-                        "capabilities are 1-63 of [A-Za-z0-9-_./]",
-                    );
+                    e.add(format!("{p}.capabilities[{j}]"), "capabilities are 1-63 of [A-Za-z0-9-_./]");
                 }
             }
             if !h.host.is_empty() {
@@ -265,29 +222,19 @@ impl Validate for Test {
                     e.add(format!("{p}.host"), msg);
                 }
                 if h.count.unwrap_or(1) != 1 {
-                    e.add(
-                        format!("{p}.count"),
-                        "a role pinned to one host has count 1",
-                    );
+                    e.add(format!("{p}.count"), "a role pinned to one host has count 1");
                 }
             }
             if roles.contains_key(h.role.as_str()) {
                 e.add(format!("{p}.role"), format!("duplicate role {:?}", h.role));
                 continue;
             }
-            let ms = if h.count.unwrap_or(1) <= MAX_COUNT {
-                members(h)
-            } else {
-                vec![]
-            };
+            let ms = if h.count.unwrap_or(1) <= MAX_COUNT { members(h) } else { vec![] };
             for m in &ms {
                 if let Some(other) = member_of.insert(m.clone(), h.role.clone()) {
                     e.add(
                         format!("{p}.role"),
-                        format!(
-                            "host name {m:?} of role {:?} collides with role {other:?}",
-                            h.role
-                        ),
+                        format!("host name {m:?} of role {:?} collides with role {other:?}", h.role),
                     );
                 }
             }
@@ -295,17 +242,11 @@ impl Validate for Test {
         }
         for r in roles.keys() {
             if let Some(other) = member_of.get(*r).filter(|o| o.as_str() != *r) {
-                e.add(
-                    "spec.hosts",
-                    format!("role {r:?} collides with a member of role {other:?}"),
-                );
+                e.add("spec.hosts", format!("role {r:?} collides with a member of role {other:?}"));
             }
         }
         if total > MAX_HOSTS_PER_TEST {
-            e.add(
-                "spec.hosts",
-                format!("more than {MAX_HOSTS_PER_TEST} hosts in one test"),
-            );
+            e.add("spec.hosts", format!("more than {MAX_HOSTS_PER_TEST} hosts in one test"));
         }
         if s.steps.len() > MAX_STEPS {
             e.add("spec.steps", format!("more than {MAX_STEPS} steps"));
@@ -316,17 +257,11 @@ impl Validate for Test {
             let p = format!("spec.steps[{i}]");
             step(&p, st, &roles, &member_of, &names, &mut e);
             if !seen.insert(st.name.as_str()) {
-                e.add(
-                    format!("{p}.name"),
-                    format!("duplicate step name {:?}", st.name),
-                );
+                e.add(format!("{p}.name"), format!("duplicate step name {:?}", st.name));
             }
         }
         if let Some(cycle) = find_cycle(&s.steps) {
-            e.add(
-                "spec.steps",
-                format!("steps form a cycle through `after`: {}", cycle.join(" -> ")),
-            );
+            e.add("spec.steps", format!("steps form a cycle through `after`: {}", cycle.join(" -> ")));
         }
         e.finish()
     }
@@ -350,10 +285,7 @@ fn step(
         if !roles.contains_key(r.as_str()) && !member_of.contains_key(r) {
             let mut known: Vec<&str> = roles.keys().copied().collect();
             known.sort();
-            e.add(
-                format!("{p}.on[{j}]"),
-                format!("unknown role {r:?} (roles: {})", known.join(", ")),
-            );
+            e.add(format!("{p}.on[{j}]"), format!("unknown role {r:?} (roles: {})", known.join(", ")));
         }
     }
     for (j, a) in st.after.iter().enumerate() {
@@ -372,23 +304,15 @@ fn step(
         }
     }
     not_yet(&format!("{p}.sync"), st.sync, e);
-    not_yet(&format!("{p}.background"), st.background, e);
     not_yet(&format!("{p}.files"), !st.files.is_empty(), e);
     if st.stdin.len() > MAX_VALUE_BYTES {
-        e.add(
-            format!("{p}.stdin"),
-            format!("larger than {MAX_VALUE_BYTES} bytes"),
-        );
+        e.add(format!("{p}.stdin"), format!("larger than {MAX_VALUE_BYTES} bytes"));
     }
 }
 
 /// A cycle in the `after` graph, as step names, if there is one.
 fn find_cycle(steps: &[Step]) -> Option<Vec<String>> {
-    let idx: HashMap<&str, usize> = steps
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (s.name.as_str(), i))
-        .collect();
+    let idx: HashMap<&str, usize> = steps.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
     // 0 unvisited, 1 on the stack, 2 done.
     let mut state = vec![0u8; steps.len()];
     let mut stack: Vec<usize> = Vec::new();
@@ -410,10 +334,7 @@ fn find_cycle(steps: &[Step]) -> Option<Vec<String>> {
             }
             if state[j] == 1 {
                 let from = stack.iter().position(|&k| k == j).unwrap_or(0);
-                let mut c: Vec<String> = stack[from..]
-                    .iter()
-                    .map(|&k| steps[k].name.clone())
-                    .collect();
+                let mut c: Vec<String> = stack[from..].iter().map(|&k| steps[k].name.clone()).collect();
                 c.push(steps[j].name.clone());
                 return Some(c);
             }
@@ -442,28 +363,19 @@ impl Validate for Host {
         let mut e = Errors::default();
         meta(self.meta(), &mut e);
         if self.meta().name.is_empty() && !self.meta().generate_name.is_empty() {
-            e.add(
-                "metadata.name",
-                "hosts are named by their agent; generateName is not allowed",
-            );
+            e.add("metadata.name", "hosts are named by their agent; generateName is not allowed");
         }
         let s = self.spec();
         for (j, c) in s.capabilities.iter().enumerate() {
             if !label_part(c) {
-                e.add(
-                    format!("spec.capabilities[{j}]"),
-                    "capabilities are 1-63 of [A-Za-z0-9-_./]",
-                );
+                e.add(format!("spec.capabilities[{j}]"), "capabilities are 1-63 of [A-Za-z0-9-_./]");
             }
         }
         env("spec.env", &s.env, &mut e);
         not_yet("spec.files", !s.files.is_empty(), &mut e);
         for (j, c) in self.status().capabilities.iter().enumerate() {
             if !label_part(c) {
-                e.add(
-                    format!("status.capabilities[{j}]"),
-                    "capabilities are 1-63 of [A-Za-z0-9-_./]",
-                );
+                e.add(format!("status.capabilities[{j}]"), "capabilities are 1-63 of [A-Za-z0-9-_./]");
             }
         }
         e.finish()
@@ -522,17 +434,9 @@ mod tests {
 
     #[test]
     fn duplicate_roles_and_member_collisions() {
-        let errs = test_errors(&format!(
-            "{HEAD}spec:\n  hosts: [{{role: a}}, {{role: a}}]\n"
-        ));
-        assert!(
-            errs.iter()
-                .any(|e| e.starts_with("spec.hosts[1].role: duplicate role")),
-            "{errs:?}"
-        );
-        let errs = test_errors(&format!(
-            "{HEAD}spec:\n  hosts: [{{role: c, count: 2}}, {{role: c1}}]\n"
-        ));
+        let errs = test_errors(&format!("{HEAD}spec:\n  hosts: [{{role: a}}, {{role: a}}]\n"));
+        assert!(errs.iter().any(|e| e.starts_with("spec.hosts[1].role: duplicate role")), "{errs:?}");
+        let errs = test_errors(&format!("{HEAD}spec:\n  hosts: [{{role: c, count: 2}}, {{role: c1}}]\n"));
         assert!(errs.iter().any(|e| e.contains("collides")), "{errs:?}");
     }
 
@@ -541,15 +445,8 @@ mod tests {
         let errs = test_errors(
             "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: Bad_Name}\nspec:\n  hosts: [{role: a}]\n  steps:\n    - {name: x, on: [zz], after: [y], argv: [\"true\"]}\n    - {name: y, on: [a], after: [x], argv: [\"true\"]}\n",
         );
-        assert!(
-            errs.iter().any(|e| e.starts_with("metadata.name:")),
-            "{errs:?}"
-        );
-        assert!(
-            errs.iter()
-                .any(|e| e.starts_with("spec.steps[0].on[0]: unknown role \"zz\"")),
-            "{errs:?}"
-        );
+        assert!(errs.iter().any(|e| e.starts_with("metadata.name:")), "{errs:?}");
+        assert!(errs.iter().any(|e| e.starts_with("spec.steps[0].on[0]: unknown role \"zz\"")), "{errs:?}");
         assert!(errs.iter().any(|e| e.contains("cycle")), "{errs:?}");
     }
 
@@ -563,12 +460,7 @@ mod tests {
 
     #[test]
     fn command_shape() {
-        let errs = test_errors(&format!(
-            "{HEAD}spec:\n  hosts: [{{role: a}}]\n  steps: [{{name: s, on: [a]}}]\n"
-        ));
-        assert_eq!(
-            errs,
-            vec!["spec.steps[0]: one of argv or script is required"]
-        );
+        let errs = test_errors(&format!("{HEAD}spec:\n  hosts: [{{role: a}}]\n  steps: [{{name: s, on: [a]}}]\n"));
+        assert_eq!(errs, vec!["spec.steps[0]: one of argv or script is required"]);
     }
 }

@@ -13,81 +13,42 @@ fn absent(k: &str) -> Compare {
 }
 
 pub async fn create_get_cas<S: Store>(s: &S) {
-    let r1 = s
-        .txn(vec![absent("/a/x")], vec![put("/a/x", "1")])
-        .await
-        .unwrap();
+    let r1 = s.txn(vec![absent("/a/x")], vec![put("/a/x", "1")]).await.unwrap();
     assert!(r1.succeeded);
     // Creating again fails: the key exists.
-    let again = s
-        .txn(vec![absent("/a/x")], vec![put("/a/x", "2")])
-        .await
-        .unwrap();
+    let again = s.txn(vec![absent("/a/x")], vec![put("/a/x", "2")]).await.unwrap();
     assert!(!again.succeeded);
     let kv = s.get("/a/x").await.unwrap().unwrap();
-    assert_eq!(
-        (kv.value.as_slice(), kv.create_revision, kv.mod_revision),
-        (b"1".as_slice(), r1.revision, r1.revision)
-    );
+    assert_eq!((kv.value.as_slice(), kv.create_revision, kv.mod_revision), (b"1".as_slice(), r1.revision, r1.revision));
     // CAS with a stale revision fails, with the right one succeeds.
-    let stale = s
-        .txn(
-            vec![Compare::ModRevision("/a/x".into(), r1.revision + 100)],
-            vec![put("/a/x", "3")],
-        )
-        .await
-        .unwrap();
+    let stale =
+        s.txn(vec![Compare::ModRevision("/a/x".into(), r1.revision + 100)], vec![put("/a/x", "3")]).await.unwrap();
     assert!(!stale.succeeded);
-    let ok = s
-        .txn(
-            vec![Compare::ModRevision("/a/x".into(), r1.revision)],
-            vec![put("/a/x", "3")],
-        )
-        .await
-        .unwrap();
+    let ok = s.txn(vec![Compare::ModRevision("/a/x".into(), r1.revision)], vec![put("/a/x", "3")]).await.unwrap();
     assert!(ok.succeeded && ok.revision > r1.revision);
     let kv = s.get("/a/x").await.unwrap().unwrap();
     assert_eq!(kv.create_revision, r1.revision);
     assert_eq!(kv.mod_revision, ok.revision);
     // Delete with CAS.
-    let del = s
-        .txn(
-            vec![Compare::ModRevision("/a/x".into(), ok.revision)],
-            vec![Op::Delete("/a/x".into())],
-        )
-        .await
-        .unwrap();
+    let del =
+        s.txn(vec![Compare::ModRevision("/a/x".into(), ok.revision)], vec![Op::Delete("/a/x".into())]).await.unwrap();
     assert!(del.succeeded);
     assert!(s.get("/a/x").await.unwrap().is_none());
 }
 
 pub async fn multi_key_transactions_are_atomic<S: Store>(s: &S) {
     let keys: Vec<String> = (0..50).map(|i| format!("/t/{i:03}")).collect();
-    let r = s
-        .txn(
-            keys.iter().map(|k| absent(k)).collect(),
-            keys.iter().map(|k| put(k, "v")).collect(),
-        )
-        .await
-        .unwrap();
+    let r = s.txn(keys.iter().map(|k| absent(k)).collect(), keys.iter().map(|k| put(k, "v")).collect()).await.unwrap();
     assert!(r.succeeded);
     let (items, rev) = s.list("/t/").await.unwrap();
     assert_eq!(items.len(), 50);
-    assert!(
-        items.iter().all(|kv| kv.mod_revision == r.revision),
-        "one revision per transaction"
-    );
+    assert!(items.iter().all(|kv| kv.mod_revision == r.revision), "one revision per transaction");
     assert!(rev >= r.revision);
     // One failing compare: nothing of the transaction is applied.
-    let mut compares: Vec<Compare> = items
-        .iter()
-        .map(|kv| Compare::ModRevision(kv.key.clone(), kv.mod_revision))
-        .collect();
+    let mut compares: Vec<Compare> =
+        items.iter().map(|kv| Compare::ModRevision(kv.key.clone(), kv.mod_revision)).collect();
     compares.push(absent("/t/000"));
-    let r2 = s
-        .txn(compares, keys.iter().map(|k| put(k, "w")).collect())
-        .await
-        .unwrap();
+    let r2 = s.txn(compares, keys.iter().map(|k| put(k, "w")).collect()).await.unwrap();
     assert!(!r2.succeeded);
     let (items, _) = s.list("/t/").await.unwrap();
     assert!(items.iter().all(|kv| kv.value == b"v"));
@@ -97,21 +58,15 @@ pub async fn multi_key_transactions_are_atomic<S: Store>(s: &S) {
 }
 
 pub async fn concurrent_cas_has_one_winner<S: Store>(s: Arc<S>) {
-    let r = s
-        .txn(vec![absent("/race")], vec![put("/race", "0")])
-        .await
-        .unwrap();
+    let r = s.txn(vec![absent("/race")], vec![put("/race", "0")]).await.unwrap();
     let mut tasks = Vec::new();
     for i in 0..16 {
         let s = s.clone();
         tasks.push(tokio::spawn(async move {
-            s.txn(
-                vec![Compare::ModRevision("/race".into(), r.revision)],
-                vec![put("/race", &i.to_string())],
-            )
-            .await
-            .unwrap()
-            .succeeded
+            s.txn(vec![Compare::ModRevision("/race".into(), r.revision)], vec![put("/race", &i.to_string())])
+                .await
+                .unwrap()
+                .succeeded
         }));
     }
     let mut winners = 0;
@@ -122,33 +77,17 @@ pub async fn concurrent_cas_has_one_winner<S: Store>(s: Arc<S>) {
 }
 
 async fn next(w: &mut EventStream) -> Event {
-    tokio::time::timeout(Duration::from_secs(5), w.next())
-        .await
-        .expect("event in time")
-        .unwrap()
-        .unwrap()
+    tokio::time::timeout(Duration::from_secs(5), w.next()).await.expect("event in time").unwrap().unwrap()
 }
 
 pub async fn watch_from_revision<S: Store>(s: &S) {
     let start = s.revision().await.unwrap();
-    let a = s
-        .txn(vec![], vec![put("/w/a", "1")])
-        .await
-        .unwrap()
-        .revision;
+    let a = s.txn(vec![], vec![put("/w/a", "1")]).await.unwrap().revision;
     s.txn(vec![], vec![put("/other", "x")]).await.unwrap();
     // A watch from the past replays history, then continues live.
     let mut w = s.watch("/w/", start).await.unwrap();
-    let b = s
-        .txn(vec![], vec![put("/w/b", "2")])
-        .await
-        .unwrap()
-        .revision;
-    let d = s
-        .txn(vec![], vec![Op::Delete("/w/a".into())])
-        .await
-        .unwrap()
-        .revision;
+    let b = s.txn(vec![], vec![put("/w/b", "2")]).await.unwrap().revision;
+    let d = s.txn(vec![], vec![Op::Delete("/w/a".into())]).await.unwrap().revision;
     let e1 = next(&mut w).await;
     assert_eq!((e1.kv().key.as_str(), e1.revision()), ("/w/a", a));
     let e2 = next(&mut w).await;
@@ -166,9 +105,7 @@ pub async fn watch_from_revision<S: Store>(s: &S) {
 pub async fn compaction_is_reported<S: Store>(s: &S, fill: usize) {
     let old = s.revision().await.unwrap();
     for i in 0..fill {
-        s.txn(vec![], vec![put("/c/k", &i.to_string())])
-            .await
-            .unwrap();
+        s.txn(vec![], vec![put("/c/k", &i.to_string())]).await.unwrap();
     }
     match s.watch("/c/", old).await {
         Err(StoreError::Compacted { .. }) => {}
@@ -219,14 +156,8 @@ mod embedded_store {
         let dir = tempfile::tempdir().unwrap();
         let s = open(&dir, 100);
         let big = vec![0u8; crate::store::embedded::MAX_VALUE_BYTES + 1];
-        let err = s
-            .txn(vec![], vec![put("/ok", "1"), Op::Put("/big".into(), big)])
-            .await
-            .unwrap_err();
+        let err = s.txn(vec![], vec![put("/ok", "1"), Op::Put("/big".into(), big)]).await.unwrap_err();
         assert!(matches!(err, StoreError::TooLarge { .. }));
-        assert!(
-            s.get("/ok").await.unwrap().is_none(),
-            "nothing of the transaction is applied"
-        );
+        assert!(s.get("/ok").await.unwrap().is_none(), "nothing of the transaction is applied");
     }
 }

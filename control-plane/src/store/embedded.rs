@@ -57,14 +57,7 @@ impl EmbeddedStore {
         }
         w.commit().map_err(backend)?;
         let (events, _) = broadcast::channel(4096);
-        Ok(EmbeddedStore {
-            inner: Arc::new(Inner {
-                db,
-                write_lock: Mutex::new(()),
-                events,
-                retain: retain.max(1),
-            }),
-        })
+        Ok(EmbeddedStore { inner: Arc::new(Inner { db, write_lock: Mutex::new(()), events, retain: retain.max(1) }) })
     }
 
     async fn blocking<T: Send + 'static>(
@@ -72,9 +65,7 @@ impl EmbeddedStore {
         f: impl FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || f(&inner))
-            .await
-            .map_err(backend)?
+        tokio::task::spawn_blocking(move || f(&inner)).await.map_err(backend)?
     }
 }
 
@@ -133,41 +124,23 @@ fn decode_events(mut raw: &[u8]) -> Result<Vec<Event>, StoreError> {
     while !raw.is_empty() {
         let tag = take(&mut raw, 1).ok_or_else(corrupt)?[0];
         let klen = u32_of(take(&mut raw, 4).ok_or_else(corrupt)?);
-        let key = String::from_utf8(take(&mut raw, klen).ok_or_else(corrupt)?.to_vec())
-            .map_err(|_| corrupt())?;
+        let key = String::from_utf8(take(&mut raw, klen).ok_or_else(corrupt)?.to_vec()).map_err(|_| corrupt())?;
         let create_revision = u64_of(take(&mut raw, 8).ok_or_else(corrupt)?);
         let mod_revision = u64_of(take(&mut raw, 8).ok_or_else(corrupt)?);
         let vlen = u32_of(take(&mut raw, 4).ok_or_else(corrupt)?);
         let value = take(&mut raw, vlen).ok_or_else(corrupt)?.to_vec();
-        let kv = KeyValue {
-            key,
-            value,
-            create_revision,
-            mod_revision,
-        };
-        out.push(if tag == 0 {
-            Event::Put(kv)
-        } else {
-            Event::Delete(kv)
-        });
+        let kv = KeyValue { key, value, create_revision, mod_revision };
+        out.push(if tag == 0 { Event::Put(kv) } else { Event::Delete(kv) });
     }
     Ok(out)
 }
 
 impl Inner {
-    fn txn(
-        &self,
-        compares: Vec<Compare>,
-        ops: Vec<Op>,
-    ) -> Result<(TxnOutcome, Vec<Event>), StoreError> {
+    fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<(TxnOutcome, Vec<Event>), StoreError> {
         for op in &ops {
             if let Op::Put(key, value) = op {
                 if value.len() > MAX_VALUE_BYTES {
-                    return Err(StoreError::TooLarge {
-                        key: key.clone(),
-                        size: value.len(),
-                        limit: MAX_VALUE_BYTES,
-                    });
+                    return Err(StoreError::TooLarge { key: key.clone(), size: value.len(), limit: MAX_VALUE_BYTES });
                 }
             }
         }
@@ -177,34 +150,18 @@ impl Inner {
         {
             let mut kv = w.open_table(KV).map_err(backend)?;
             let mut meta = w.open_table(META).map_err(backend)?;
-            let current = meta
-                .get(META_REVISION)
-                .map_err(backend)?
-                .map(|g| g.value())
-                .unwrap_or(0);
+            let current = meta.get(META_REVISION).map_err(backend)?.map(|g| g.value()).unwrap_or(0);
             for Compare::ModRevision(key, want) in &compares {
                 let have = match kv.get(key.as_str()).map_err(backend)? {
                     Some(raw) => decode_record(key, raw.value())?.mod_revision,
                     None => 0,
                 };
                 if have != *want {
-                    return Ok((
-                        TxnOutcome {
-                            succeeded: false,
-                            revision: current,
-                        },
-                        vec![],
-                    ));
+                    return Ok((TxnOutcome { succeeded: false, revision: current }, vec![]));
                 }
             }
             if ops.is_empty() {
-                return Ok((
-                    TxnOutcome {
-                        succeeded: true,
-                        revision: current,
-                    },
-                    vec![],
-                ));
+                return Ok((TxnOutcome { succeeded: true, revision: current }, vec![]));
             }
             let rev = current + 1;
             for op in ops {
@@ -214,20 +171,11 @@ impl Inner {
                             Some(raw) => decode_record(&key, raw.value())?.create_revision,
                             None => rev,
                         };
-                        kv.insert(key.as_str(), encode_record(&value, create, rev).as_slice())
-                            .map_err(backend)?;
-                        events.push(Event::Put(KeyValue {
-                            key,
-                            value,
-                            create_revision: create,
-                            mod_revision: rev,
-                        }));
+                        kv.insert(key.as_str(), encode_record(&value, create, rev).as_slice()).map_err(backend)?;
+                        events.push(Event::Put(KeyValue { key, value, create_revision: create, mod_revision: rev }));
                     }
                     Op::Delete(key) => {
-                        let old = kv
-                            .remove(key.as_str())
-                            .map_err(backend)?
-                            .map(|g| g.value().to_vec());
+                        let old = kv.remove(key.as_str()).map_err(backend)?.map(|g| g.value().to_vec());
                         if let Some(raw) = old {
                             let mut last = decode_record(&key, &raw)?;
                             last.mod_revision = rev;
@@ -238,13 +186,8 @@ impl Inner {
             }
             if !events.is_empty() {
                 let mut log = w.open_table(LOG).map_err(backend)?;
-                log.insert(rev, encode_events(&events).as_slice())
-                    .map_err(backend)?;
-                let oldest = meta
-                    .get(META_OLDEST)
-                    .map_err(backend)?
-                    .map(|g| g.value())
-                    .unwrap_or(1);
+                log.insert(rev, encode_events(&events).as_slice()).map_err(backend)?;
+                let oldest = meta.get(META_OLDEST).map_err(backend)?.map(|g| g.value()).unwrap_or(1);
                 if rev >= oldest + self.retain {
                     let cut = rev + 1 - self.retain;
                     log.retain_in(oldest..cut, |_, _| false).map_err(backend)?;
@@ -252,10 +195,7 @@ impl Inner {
                 }
                 meta.insert(META_REVISION, rev).map_err(backend)?;
             }
-            outcome = TxnOutcome {
-                succeeded: true,
-                revision: if events.is_empty() { current } else { rev },
-            };
+            outcome = TxnOutcome { succeeded: true, revision: if events.is_empty() { current } else { rev } };
         }
         w.commit().map_err(backend)?;
         Ok((outcome, events))
@@ -283,11 +223,7 @@ impl Store for EmbeddedStore {
             let r = i.db.begin_read().map_err(backend)?;
             let kv = r.open_table(KV).map_err(backend)?;
             let meta = r.open_table(META).map_err(backend)?;
-            let rev = meta
-                .get(META_REVISION)
-                .map_err(backend)?
-                .map(|g| g.value())
-                .unwrap_or(0);
+            let rev = meta.get(META_REVISION).map_err(backend)?.map(|g| g.value()).unwrap_or(0);
             let mut out = Vec::new();
             for item in kv.range(prefix.as_str()..).map_err(backend)? {
                 let (k, v) = item.map_err(backend)?;
@@ -304,10 +240,7 @@ impl Store for EmbeddedStore {
 
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<TxnOutcome, StoreError> {
         self.blocking(move |i| {
-            let _guard = i
-                .write_lock
-                .lock()
-                .map_err(|_| backend("write lock poisoned"))?;
+            let _guard = i.write_lock.lock().map_err(|_| backend("write lock poisoned"))?;
             let (outcome, events) = i.txn(compares, ops)?;
             if !events.is_empty() {
                 // No receivers is fine: nobody watches yet.
@@ -322,32 +255,18 @@ impl Store for EmbeddedStore {
         let p = prefix.to_string();
         let (backlog, rx) = self
             .blocking(move |i| {
-                let _guard = i
-                    .write_lock
-                    .lock()
-                    .map_err(|_| backend("write lock poisoned"))?;
+                let _guard = i.write_lock.lock().map_err(|_| backend("write lock poisoned"))?;
                 let r = i.db.begin_read().map_err(backend)?;
                 let meta = r.open_table(META).map_err(backend)?;
-                let oldest = meta
-                    .get(META_OLDEST)
-                    .map_err(backend)?
-                    .map(|g| g.value())
-                    .unwrap_or(1);
+                let oldest = meta.get(META_OLDEST).map_err(backend)?.map(|g| g.value()).unwrap_or(1);
                 if after + 1 < oldest {
-                    return Err(StoreError::Compacted {
-                        requested: after,
-                        oldest,
-                    });
+                    return Err(StoreError::Compacted { requested: after, oldest });
                 }
                 let log = r.open_table(LOG).map_err(backend)?;
                 let mut backlog = Vec::new();
                 for item in log.range(after + 1..).map_err(backend)? {
                     let (_, v) = item.map_err(backend)?;
-                    backlog.extend(
-                        decode_events(v.value())?
-                            .into_iter()
-                            .filter(|e| e.kv().key.starts_with(&p)),
-                    );
+                    backlog.extend(decode_events(v.value())?.into_iter().filter(|e| e.kv().key.starts_with(&p)));
                 }
                 Ok((backlog, i.events.subscribe()))
             })
@@ -355,16 +274,9 @@ impl Store for EmbeddedStore {
         let prefix = prefix.to_string();
         let live = tokio_stream::wrappers::BroadcastStream::new(rx)
             .map(move |r| match r {
-                Ok(batch) => Ok(batch
-                    .iter()
-                    .filter(|e| e.kv().key.starts_with(&prefix))
-                    .cloned()
-                    .collect::<Vec<_>>()),
+                Ok(batch) => Ok(batch.iter().filter(|e| e.kv().key.starts_with(&prefix)).cloned().collect::<Vec<_>>()),
                 Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(_)) => {
-                    Err(StoreError::Compacted {
-                        requested: after,
-                        oldest: 0,
-                    })
+                    Err(StoreError::Compacted { requested: after, oldest: 0 })
                 }
             })
             .scan(false, |failed, r| {
@@ -379,20 +291,14 @@ impl Store for EmbeddedStore {
                 Ok(evs) => futures::stream::iter(evs.into_iter().map(Ok).collect::<Vec<_>>()),
                 Err(e) => futures::stream::iter(vec![Err(e)]),
             });
-        Ok(futures::stream::iter(backlog.into_iter().map(Ok))
-            .chain(live)
-            .boxed())
+        Ok(futures::stream::iter(backlog.into_iter().map(Ok)).chain(live).boxed())
     }
 
     async fn revision(&self) -> Result<Revision, StoreError> {
         self.blocking(|i| {
             let r = i.db.begin_read().map_err(backend)?;
             let meta = r.open_table(META).map_err(backend)?;
-            Ok(meta
-                .get(META_REVISION)
-                .map_err(backend)?
-                .map(|g| g.value())
-                .unwrap_or(0))
+            Ok(meta.get(META_REVISION).map_err(backend)?.map(|g| g.value()).unwrap_or(0))
         })
         .await
     }

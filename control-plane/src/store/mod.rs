@@ -68,16 +68,9 @@ pub struct TxnOutcome {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     #[error("revision {requested} has been compacted (oldest retained: {oldest}); list again")]
-    Compacted {
-        requested: Revision,
-        oldest: Revision,
-    },
+    Compacted { requested: Revision, oldest: Revision },
     #[error("value of {key} is {size} bytes, more than the store accepts ({limit})")]
-    TooLarge {
-        key: String,
-        size: usize,
-        limit: usize,
-    },
+    TooLarge { key: String, size: usize, limit: usize },
     #[error("store: {0}")]
     Backend(String),
 }
