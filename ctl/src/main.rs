@@ -158,16 +158,19 @@ fn read_manifests(files: &[String]) -> CliResult<Vec<Object>> {
     }
     let mut objs = Vec::new();
     for (name, text) in sources {
-        let parsed = manifest::parse(&name, &text).map_err(|e| CliError::usage(e.to_string()))?;
-        for o in &parsed {
-            let r = match o {
+        let parsed = manifest::parse_documents(&name, &text).map_err(|e| CliError::usage(e.to_string()))?;
+        for (doc, o) in parsed {
+            let r = match &o {
                 Object::Host(h) => h.validate(),
                 Object::Test(t) => t.validate(),
                 Object::Process(p) => p.validate(),
             };
-            r.map_err(|e| CliError::usage(format!("{name}: {} {}: {e}", o.kind(), display_name(o))))?;
+            r.map_err(|e| {
+                let at = manifest::document_suffix(doc);
+                CliError::usage(format!("{name}{at}: {} {}: {e}", o.kind(), display_name(&o)))
+            })?;
+            objs.push(o);
         }
-        objs.extend(parsed);
     }
     Ok(objs)
 }

@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 use std::fmt;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{source_name}{}: {path}{}{message}", doc_suffix(*.document), if .path.is_empty() { "" } else { ": " })]
+#[error("{source_name}{}: {path}{}{message}", document_suffix(*.document), if .path.is_empty() { "" } else { ": " })]
 pub struct ManifestError {
     /// File name or `-`.
     pub source_name: String,
@@ -20,7 +20,8 @@ pub struct ManifestError {
     pub message: String,
 }
 
-fn doc_suffix(d: usize) -> String {
+/// ` (document N)` for every document but the first.
+pub fn document_suffix(d: usize) -> String {
     if d == 0 {
         String::new()
     } else {
@@ -33,6 +34,11 @@ pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
 
 /// Parses every document of a YAML or JSON text into objects.
 pub fn parse(source_name: &str, text: &str) -> Result<Vec<Object>, ManifestError> {
+    Ok(parse_documents(source_name, text)?.into_iter().map(|(_, o)| o).collect())
+}
+
+/// Like [`parse`], with each object's zero-based document index.
+pub fn parse_documents(source_name: &str, text: &str) -> Result<Vec<(usize, Object)>, ManifestError> {
     let err = |document, path: String, message: String| ManifestError {
         source_name: source_name.to_string(),
         document,
@@ -54,7 +60,7 @@ pub fn parse(source_name: &str, text: &str) -> Result<Vec<Object>, ManifestError
         if value.0.is_null() {
             continue; // an empty document, such as a trailing `---`
         }
-        out.push(from_value(value.0).map_err(|(path, message)| err(i, path, message))?);
+        out.push((i, from_value(value.0).map_err(|(path, message)| err(i, path, message))?));
     }
     if out.is_empty() {
         return Err(err(0, String::new(), "no objects in manifest".into()));

@@ -1,0 +1,287 @@
+//! The end-to-end harness: a [`Cluster`] is a real control plane and real
+//! agents, started from the built binaries. As root (always in CI) every
+//! process runs in its own network namespace on a private bridge
+//! (`hack/netns`), so each host has its own address; otherwise they run as
+//! local processes on loopback.
+//!
+//! Ownership: the cluster owns every process it starts and kills them (by
+//! PID) and its namespaces when dropped.
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+use testbus_proto::client::Client;
+use testbus_proto::{phase, Host, Resource, Test};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+pub fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
+}
+
+/// Where the workspace's binaries were built.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/debug/deps/e2e-xxxx → target/debug
+    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
+}
+
+#[derive(Debug)]
+pub struct CtlOutput {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    bin: PathBuf,
+    netns: Option<String>,
+    /// Address agents reach the control plane at.
+    pub agent_server: String,
+    listen: String,
+    /// Address the CLI and the test use (the control plane's unix socket).
+    pub server: String,
+    cp: Option<Child>,
+    agents: Vec<Option<Child>>,
+    pub hosts: Vec<String>,
+    /// Extra agent flags.
+    pub agent_args: Vec<String>,
+}
+
+impl Cluster {
+    /// A control plane and `n` agents named host-0 .. host-{n-1}, all Ready.
+    pub async fn start(n: usize) -> Cluster {
+        Self::start_with(n, &[]).await
+    }
+
+    pub async fn start_with(n: usize, agent_args: &[&str]) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hosts: Vec<String> = (0..n).map(|i| format!("host-{i}")).collect();
+        let (netns, listen, agent_server) = if is_root() {
+            let id = format!("tbt{}n{}", std::process::id() % 100_000, NEXT.fetch_add(1, Ordering::SeqCst));
+            let mut args = vec!["up".to_string(), id.clone(), "cp".into()];
+            args.extend(hosts.iter().cloned());
+            let st = Command::new(repo_root().join("hack/netns")).args(&args).stdout(Stdio::null()).status();
+            assert!(st.is_ok_and(|s| s.success()), "hack/netns up failed");
+            (Some(id), "10.77.0.1:7780".to_string(), "http://10.77.0.1:7780".to_string())
+        } else {
+            assert!(
+                std::env::var("CI").is_err(),
+                "end-to-end tests run as root in CI (network namespaces); refusing to fall back"
+            );
+            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            (None, format!("127.0.0.1:{port}"), format!("http://127.0.0.1:{port}"))
+        };
+        let server = format!("unix:{}", dir.path().join("cp/api.sock").display());
+        let mut c = Cluster {
+            dir,
+            bin: bin_dir(),
+            netns,
+            agent_server,
+            listen,
+            server,
+            cp: None,
+            agents: (0..n).map(|_| None).collect(),
+            hosts,
+            agent_args: agent_args.iter().map(|s| s.to_string()).collect(),
+        };
+        c.start_control_plane().await;
+        for i in 0..n {
+            c.start_agent(i);
+        }
+        c.wait_hosts_ready(n).await;
+        c
+    }
+
+    fn command_in(&self, node: &str, program: &Path) -> Command {
+        match &self.netns {
+            Some(id) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &format!("{id}-{node}")]).arg(program);
+                c
+            }
+            None => Command::new(program),
+        }
+    }
+
+    fn log(&self, name: &str) -> std::fs::File {
+        std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join(format!("{name}.log"))).unwrap()
+    }
+
+    pub async fn start_control_plane(&mut self) {
+        assert!(self.cp.is_none(), "control plane already running");
+        let mut cmd = self.command_in("cp", &self.bin.join("testbus-control-plane"));
+        cmd.args(["--listen", &self.listen, "--data-dir"])
+            .arg(self.dir.path().join("cp"))
+            .args(["--lease-grace", "1s"])
+            .stdout(self.log("control-plane"))
+            .stderr(self.log("control-plane"));
+        if self.netns.is_some() {
+            cmd.arg("--insecure");
+        }
+        self.cp = Some(cmd.spawn().expect("start control plane"));
+        // Ready when the API answers on its socket.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(c) = Client::connect(&self.server).await {
+                if c.api::<Host>().list("", "").await.is_ok() {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "control plane did not come up; log:\n{}",
+                self.read_log("control-plane")
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill_control_plane(&mut self) {
+        if let Some(mut c) = self.cp.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn start_agent(&mut self, i: usize) {
+        assert!(self.agents[i].is_none(), "agent {i} already running");
+        let name = self.hosts[i].clone();
+        let mut cmd = self.command_in(&name, &self.bin.join("testbus-agent"));
+        cmd.args(["--server", &self.agent_server, "--name", &name, "--lease-duration", "2s", "--data-dir"])
+            .arg(self.dir.path().join(&name))
+            .arg("--config-dir")
+            .arg(self.dir.path().join(&name).join("etc"))
+            .args(["--capability", "linux", "--label", &format!("index={i}")])
+            .args(&self.agent_args)
+            .stdout(self.log(&name))
+            .stderr(self.log(&name));
+        self.agents[i] = Some(cmd.spawn().expect("start agent"));
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill_agent(&mut self, i: usize) {
+        if let Some(mut c) = self.agents[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn read_log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.server).await.expect("connect to the control plane")
+    }
+
+    /// Runs testbusctl against this cluster.
+    pub fn ctl(&self, args: &[&str]) -> CtlOutput {
+        self.ctl_stdin(args, None)
+    }
+
+    pub fn ctl_stdin(&self, args: &[&str], stdin: Option<&str>) -> CtlOutput {
+        use std::io::Write;
+        let mut child = Command::new(self.bin.join("testbusctl"))
+            .args(args)
+            .env("TESTBUS_SERVER", &self.server)
+            .current_dir(repo_root())
+            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run testbusctl");
+        if let Some(s) = stdin {
+            child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+        }
+        let out = child.wait_with_output().expect("testbusctl output");
+        CtlOutput {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Runs testbusctl in the background (for concurrent applies).
+    pub fn ctl_spawn(&self, args: &[&str]) -> Child {
+        Command::new(self.bin.join("testbusctl"))
+            .args(args)
+            .env("TESTBUS_SERVER", &self.server)
+            .current_dir(repo_root())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run testbusctl")
+    }
+
+    pub async fn wait_hosts_ready(&self, n: usize) {
+        let c = self.client().await;
+        wait_for(Duration::from_secs(30), "hosts to be Ready", || async {
+            let (hosts, _) = c.api::<Host>().list("", "").await.ok()?;
+            (hosts.iter().filter(|h| h.status().phase == phase::READY).count() >= n).then_some(())
+        })
+        .await;
+    }
+
+    /// The only test in the cluster, by name.
+    pub async fn test(&self, name: &str) -> Test {
+        self.client().await.api::<Test>().get(name).await.expect("get test")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for a in self.agents.iter_mut() {
+            if let Some(mut c) = a.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        self.kill_control_plane();
+        if let Some(id) = &self.netns {
+            let _ = Command::new(repo_root().join("hack/netns")).args(["down", id]).status();
+        }
+        if std::thread::panicking() {
+            for name in std::iter::once("control-plane".to_string()).chain(self.hosts.iter().cloned()) {
+                eprintln!("---- {name}.log (tail) ----");
+                let log = self.read_log(&name);
+                let lines: Vec<&str> = log.lines().collect();
+                for l in &lines[lines.len().saturating_sub(30)..] {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+}
+
+/// Polls `f` until it returns Some, or panics after `limit` naming `what`.
+pub async fn wait_for<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Writes a manifest into the cluster's directory and returns its path.
+pub fn manifest(c: &Cluster, name: &str, text: &str) -> String {
+    let p = c.dir.path().join(name);
+    std::fs::write(&p, text).unwrap();
+    p.display().to_string()
+}

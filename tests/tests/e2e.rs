@@ -1,0 +1,373 @@
+//! End-to-end: the real control plane, agents (in network namespaces as
+//! root) and testbusctl.
+use std::collections::BTreeSet;
+use std::time::Duration;
+use testbus_proto::{phase, Host, Process, Resource, Test};
+use testbus_tests::{is_root, manifest, repo_root, wait_for, Cluster};
+
+fn first_test_name(out: &str) -> String {
+    out.lines()
+        .find_map(|l| l.strip_prefix("test/").and_then(|r| r.split_whitespace().next()))
+        .unwrap_or_else(|| panic!("no test name in {out:?}"))
+        .to_string()
+}
+
+async fn wait_released(c: &Cluster) {
+    let client = c.client().await;
+    wait_for(Duration::from_secs(15), "hosts to be released", || async {
+        let (hosts, _) = client.api::<Host>().list("", "").await.ok()?;
+        hosts.iter().all(|h| h.status().claim.as_ref().is_none_or(|c| c.test.is_empty())).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_runs_across_three_hosts() {
+    let c = Cluster::start(3).await;
+    let hello = repo_root().join("manifests/examples/hello.yaml");
+    let out = c.ctl(&["apply", "-f", hello.to_str().unwrap(), "--wait", "--timeout", "60s"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let name = first_test_name(&out.stdout);
+    // Progress names each role's host and each step.
+    assert!(out.stderr.contains("Running on client0=host-"), "{}", out.stderr);
+    assert!(out.stderr.contains("step greet Succeeded"), "{}", out.stderr);
+
+    let t = c.test(&name).await;
+    assert_eq!(t.status().phase, phase::SUCCEEDED);
+    let claimed: BTreeSet<&String> = t.status().claims.values().collect();
+    assert_eq!(claimed.len(), 3, "three distinct hosts");
+    let server_addr = &t.status().env["host_server_ipv4addr"];
+    if is_root() {
+        // Each host has its own address in its namespace.
+        assert!(server_addr.starts_with("10.77.0."), "{server_addr}");
+        let addrs: BTreeSet<&String> =
+            ["server", "client0", "client1"].iter().map(|m| &t.status().env[&format!("host_{m}_ipv4addr")]).collect();
+        assert_eq!(addrs.len(), 3, "distinct addresses: {addrs:?}");
+        assert_eq!(t.status().env["host_client_ipv4addr"].split(' ').count(), 2, "a role of count 2 gets a list");
+    }
+    let logs = c.ctl(&["logs", &format!("test/{name}")]);
+    assert_eq!(logs.code, 0, "{logs:?}");
+    let server_host = &t.status().claims["server"];
+    for m in ["client0", "client1"] {
+        let host = &t.status().claims[m];
+        assert!(
+            logs.stdout.contains(&format!("[greet {m}/{host}] hello {m}, this is {server_host}")),
+            "{}",
+            logs.stdout
+        );
+    }
+    let only = c.ctl(&["logs", &format!("test/{name}"), "--role", "server"]);
+    assert!(only.stdout.contains("listening on port 7007") && !only.stdout.contains("[greet"), "{}", only.stdout);
+    wait_released(&c).await;
+}
+
+const FAILING: &str = r#"
+apiVersion: testbus/v1
+kind: Test
+metadata: {name: failing}
+spec:
+  hosts: [{role: a}, {role: b}]
+  steps:
+    - {name: ok, on: [a], argv: ["true"]}
+    - {name: bad, on: [b], after: [ok], argv: [sh, -c, "echo boom >&2; exit 3"]}
+    - {name: never, on: [a], after: [bad], argv: ["true"]}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_step_fails_the_test_and_apply_exits_1() {
+    let c = Cluster::start(2).await;
+    let path = manifest(&c, "failing.yaml", FAILING);
+    let out = c.ctl(&["apply", "-f", &path, "--wait"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    let t = c.test("failing").await;
+    assert_eq!(t.status().phase, phase::FAILED);
+    assert_eq!(t.status().reason, "StepFailed");
+    let phases: Vec<&str> = t.status().steps.iter().map(|s| s.phase.as_str()).collect();
+    assert_eq!(phases, [phase::SUCCEEDED, phase::FAILED, phase::SKIPPED]);
+    assert_eq!(t.status().steps[1].processes[0].exit_code, Some(3));
+    assert!(t.status().message.contains("exit code 3"), "{}", t.status().message);
+    // `wait` agrees, and so does a second look with `logs`.
+    assert_eq!(c.ctl(&["wait", "test/failing"]).code, 1);
+    assert!(c.ctl(&["logs", "test/failing"]).stderr.contains("boom"));
+    wait_released(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_variable_fails_its_process_naming_the_variable() {
+    let c = Cluster::start(1).await;
+    let path = manifest(
+        &c,
+        "unknown.yaml",
+        "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: unknown-var}\nspec:\n  env: {KNOWN: x}\n  hosts: [{role: a}]\n  steps:\n    - {name: s, on: [a], argv: [echo, \"${KNOWN}-${NO_SUCH_VAR}\"]}\n",
+    );
+    let out = c.ctl(&["apply", "-f", &path, "--wait"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    let client = c.client().await;
+    let p = client.api::<Process>().get("unknown-var-s-a").await.unwrap();
+    assert_eq!(p.status().phase, phase::FAILED);
+    assert_eq!(p.status().reason, "UnknownVariable");
+    assert!(p.status().message.contains("NO_SUCH_VAR"), "{}", p.status().message);
+    assert_eq!(p.status().pid, 0, "never started");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_exits_with_the_remote_exit_code() {
+    let c = Cluster::start(2).await;
+    let out = c.ctl(&["run", "--", "sh", "-c", "echo out; echo err >&2; exit 42"]);
+    assert_eq!(out.code, 42, "{out:?}");
+    assert_eq!(out.stdout, "out\n");
+    assert_eq!(out.stderr.lines().next(), Some("err"));
+    let out = c.ctl(&["run", "--host", "host-1", "--env", "X=y", "--", "sh", "-c", "echo $X on $TESTBUS_HOST"]);
+    assert_eq!((out.code, out.stdout.as_str()), (0, "y on host-1\n"), "{out:?}");
+    let out = c.ctl(&["run", "--count", "2", "--", "true"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    // Bad usage is exit 2, before anything runs.
+    assert_eq!(c.ctl(&["run", "--env", "novalue", "--", "true"]).code, 2);
+    assert_eq!(c.ctl(&["run", "--count", "0", "--", "true"]).code, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_manifests_exit_2_name_the_field_and_store_nothing() {
+    let c = Cluster::start(1).await;
+    let head = "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: bad}\n";
+    let cases: Vec<(String, &str)> = vec![
+        (format!("{head}spec:\n  hosts: [{{role: a}}, {{role: b, count: 0}}]\n"), "spec.hosts[1].count: must be >= 1"),
+        (format!("{head}spec:\n  hosts: [{{role: a}}, {{role: a}}]\n"), "spec.hosts[1].role: duplicate role"),
+        ("apiVersion: testbus/v1\nkind: Test\nmetadata: {name: Bad_Name}\nspec: {hosts: [{role: a}]}\n".into(), "metadata.name"),
+        (format!("{head}spec:\n  hosts: [{{role: a}}]\n  colour: blue\n"), "spec.colour: unknown field"),
+        ("apiVersion: testbus/v1\nkind: Widget\nmetadata: {name: w}\n".into(), "kind: unknown kind \"Widget\""),
+        (format!("{head}spec:\n  hosts: [{{role: a}}]\n  steps: [{{name: s, on: [zz], argv: [\"true\"]}}]\n"), "spec.steps[0].on[0]: unknown role \"zz\""),
+        (format!("{head}spec:\n  hosts: [{{role: a}}]\n  steps:\n    - {{name: x, on: [a], after: [y], argv: [\"true\"]}}\n    - {{name: y, on: [a], after: [x], argv: [\"true\"]}}\n"), "cycle"),
+        (format!("{head}spec:\n  hosts: [{{role: a, count: many}}]\n"), "spec.hosts[0].count"),
+        (format!("{head}spec:\n  env: {{A: x, A: y}}\n  hosts: [{{role: a}}]\n"), "duplicate key"),
+        (format!("{head}spec:\n  hosts: [{{role: a}}]\n  timeout: soon\n"), "spec.timeout"),
+        ("apiVersion: testbus/v1\nkind: Test\nmetadata: {name: x\n".into(), ""),
+        // A valid document followed by an invalid one: neither is stored.
+        (format!("{head}spec: {{hosts: [{{role: a}}]}}\n---\n{head}spec: {{hosts: []}}\n"), "document 2"),
+    ];
+    for (text, expect) in &cases {
+        let out = c.ctl_stdin(&["apply", "-f", "-"], Some(text));
+        assert_eq!(out.code, 2, "manifest:\n{text}\noutput: {out:?}");
+        assert!(out.stderr.contains(expect), "expected {expect:?} in {:?}", out.stderr);
+        assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+    }
+    let tests = c.ctl(&["get", "tests", "-o", "name"]);
+    assert_eq!((tests.code, tests.stdout.as_str()), (0, ""), "nothing stored: {tests:?}");
+    // The server enforces the same rules for clients that skip the CLI.
+    let client = c.client().await;
+    let mut t = Test::default();
+    t.meta_mut().name = "direct".into();
+    t.spec_mut().hosts.push(testbus_proto::HostRequirement { role: "a".into(), count: Some(0), ..Default::default() });
+    let err = client.api::<Test>().create(t).await.unwrap_err();
+    assert_eq!(err.code(), tonic_code_invalid());
+    assert!(err.message().contains("spec.hosts[0].count"), "{}", err.message());
+    assert_eq!(c.ctl(&["get", "widgets"]).code, 2);
+}
+
+fn tonic_code_invalid() -> tonic::Code {
+    tonic::Code::InvalidArgument
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_restart_keeps_every_object() {
+    let mut c = Cluster::start(3).await;
+    let hello = repo_root().join("manifests/examples/hello.yaml");
+    assert_eq!(c.ctl(&["apply", "-f", hello.to_str().unwrap(), "--wait"]).code, 0);
+    wait_released(&c).await;
+    let snapshot = |c: &Cluster| {
+        let tests = c.ctl(&["get", "tests", "-o", "json"]).stdout;
+        let procs = c.ctl(&["get", "processes", "-o", "json"]).stdout;
+        let hosts: serde_json::Value = serde_json::from_str(&c.ctl(&["get", "hosts", "-o", "json"]).stdout).unwrap();
+        // Host status moves with every lease renewal; what users wrote does not.
+        let hosts: Vec<serde_json::Value> = hosts["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| {
+                let mut m = h["metadata"].clone();
+                m.as_object_mut().unwrap().remove("resourceVersion");
+                serde_json::json!({"metadata": m, "spec": h["spec"]})
+            })
+            .collect();
+        (tests, procs, hosts)
+    };
+    let before = snapshot(&c);
+    assert!(before.0.contains("hello-") && before.1.contains("-greet-client1"));
+    c.kill_control_plane();
+    c.start_control_plane().await;
+    let after = snapshot(&c);
+    assert_eq!(before.0, after.0, "tests changed across the restart");
+    assert_eq!(before.1, after.1, "processes changed across the restart");
+    assert_eq!(before.2, after.2, "hosts changed across the restart");
+    // Agents reconnect by themselves and work goes on.
+    c.wait_hosts_ready(3).await;
+    let out = c.ctl(&["apply", "-f", hello.to_str().unwrap(), "--wait"]);
+    assert_eq!(out.code, 0, "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn competing_tests_never_deadlock_and_all_finish() {
+    let c = Cluster::start(3).await;
+    // Each test wants two of the three hosts: at most one runs at a time,
+    // and a half-claimed test would deadlock the others.
+    let mut children = Vec::new();
+    for i in 0..4 {
+        let path = manifest(
+            &c,
+            &format!("compete-{i}.yaml"),
+            &format!(
+                "apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: compete-{i}}}\nspec:\n  timeout: 60s\n  hosts: [{{role: a}}, {{role: b}}]\n  steps:\n    - {{name: s, on: [a, b], argv: [sleep, \"0.2\"]}}\n"
+            ),
+        );
+        children.push(c.ctl_spawn(&["apply", "-f", &path, "--wait", "--timeout", "60s"]));
+    }
+    for ch in children {
+        let out = ch.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    for i in 0..4 {
+        assert_eq!(c.test(&format!("compete-{i}")).await.status().phase, phase::SUCCEEDED);
+    }
+    wait_released(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_test_says_why_it_waits() {
+    let c = Cluster::start(1).await;
+    let path = manifest(
+        &c,
+        "gpu.yaml",
+        "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: wants-gpu}\nspec:\n  hosts: [{role: g, capabilities: [gpu], count: 2}]\n  steps: [{name: s, on: [g], argv: [\"true\"]}]\n",
+    );
+    assert_eq!(c.ctl(&["apply", "-f", &path]).code, 0);
+    let client = c.client().await;
+    let msg = wait_for(Duration::from_secs(10), "a Pending condition", || async {
+        let t = client.api::<Test>().get("wants-gpu").await.ok()?;
+        let cond = t.status().conditions.iter().find(|c| c.r#type == "Scheduled" && c.status == "False")?;
+        Some(cond.message.clone())
+    })
+    .await;
+    assert_eq!(msg, "needs 2 × gpu (role g), 0 free; no host has these capabilities");
+    let out = c.ctl(&["wait", "test/wants-gpu", "--timeout", "1s"]);
+    assert_eq!(out.code, 3, "a wait that times out is exit 3: {out:?}");
+    // Deleting a pending test removes it.
+    assert_eq!(c.ctl(&["delete", "test", "wants-gpu"]).code, 0);
+    wait_for(Duration::from_secs(10), "the test to be gone", || async {
+        client.api::<Test>().get_opt("wants-gpu").await.ok()?.is_none().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_running_test_kills_its_processes_and_releases_hosts() {
+    let c = Cluster::start(2).await;
+    let marker = c.dir.path().join("still-running");
+    let path = manifest(
+        &c,
+        "long.yaml",
+        &format!(
+            "apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: long}}\nspec:\n  hosts: [{{role: a}}, {{role: b}}]\n  steps:\n    - name: s\n      on: [a, b]\n      script: |\n        #!/bin/sh\n        echo started\n        sleep 30\n        touch {}\n",
+            marker.display()
+        ),
+    );
+    assert_eq!(c.ctl(&["apply", "-f", &path]).code, 0);
+    let client = c.client().await;
+    let pids = wait_for(Duration::from_secs(15), "both processes to run", || async {
+        let (ps, _) = client.api::<Process>().list("", "spec.test=long").await.ok()?;
+        let pids: Vec<i64> = ps.iter().filter(|p| p.status().phase == phase::RUNNING).map(|p| p.status().pid).collect();
+        (pids.len() == 2).then_some(pids)
+    })
+    .await;
+    let out = c.ctl(&["delete", "test", "long"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    wait_for(Duration::from_secs(15), "the test and its processes to be gone", || async {
+        let gone = client.api::<Test>().get_opt("long").await.ok()?.is_none();
+        let (ps, _) = client.api::<Process>().list("", "spec.test=long").await.ok()?;
+        (gone && ps.is_empty()).then_some(())
+    })
+    .await;
+    wait_released(&c).await;
+    for pid in pids {
+        let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
+        assert!(!alive, "process group {pid} still alive after delete");
+    }
+    assert!(!marker.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_test_past_its_timeout_is_stopped_and_apply_exits_3() {
+    let c = Cluster::start(1).await;
+    let path = manifest(
+        &c,
+        "slow.yaml",
+        "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: slow}\nspec:\n  timeout: 1s\n  hosts: [{role: a}]\n  steps: [{name: s, on: [a], argv: [sleep, \"30\"]}]\n",
+    );
+    let out = c.ctl(&["apply", "-f", &path, "--wait"]);
+    assert_eq!(out.code, 3, "{out:?}");
+    let t = c.test("slow").await;
+    assert_eq!((t.status().phase.as_str(), t.status().reason.as_str()), (phase::ERROR, "TimedOut"));
+    let p = &t.status().steps[0].processes[0];
+    assert_eq!(p.phase, phase::KILLED, "{p:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_host_fails_its_test_naming_the_host() {
+    let mut c = Cluster::start(2).await;
+    let path = manifest(
+        &c,
+        "lost.yaml",
+        "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: lost}\nspec:\n  hosts: [{role: a, host: host-0}, {role: b, host: host-1}]\n  steps: [{name: s, on: [a, b], argv: [sleep, \"30\"]}]\n",
+    );
+    assert_eq!(c.ctl(&["apply", "-f", &path]).code, 0);
+    let client = c.client().await;
+    wait_for(Duration::from_secs(15), "the test to run", || async {
+        let (ps, _) = client.api::<Process>().list("", "spec.test=lost").await.ok()?;
+        (ps.iter().filter(|p| p.status().phase == phase::RUNNING).count() == 2).then_some(())
+    })
+    .await;
+    c.kill_agent(1);
+    let out = c.ctl(&["wait", "test/lost", "--timeout", "30s"]);
+    assert_eq!(out.code, 3, "{out:?}");
+    let t = c.test("lost").await;
+    assert_eq!(t.status().reason, "HostLost");
+    assert!(t.status().message.contains("host-1"), "{}", t.status().message);
+    let h = client.api::<Host>().get("host-1").await.unwrap();
+    assert_eq!(h.status().phase, phase::NOT_READY);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_formats_selectors_describe_and_follow() {
+    let c = Cluster::start(2).await;
+    let path = manifest(
+        &c,
+        "labelled.yaml",
+        "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: labelled, labels: {suite: demo}}\nspec:\n  hosts: [{role: a}]\n  steps:\n    - name: s\n      on: [a]\n      script: |\n        for i in 1 2 3; do echo line $i; sleep 0.1; done\n",
+    );
+    assert_eq!(c.ctl(&["apply", "-f", &path]).code, 0);
+    // logs -f follows to the end of the test.
+    let follow = c.ctl(&["logs", "-f", "test/labelled"]);
+    assert_eq!(follow.code, 0, "{follow:?}");
+    let lines: Vec<&str> = follow.stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert!(lines[2].starts_with("[a/host-") && lines[2].ends_with("line 3"), "{lines:?}");
+
+    let json: serde_json::Value =
+        serde_json::from_str(&c.ctl(&["get", "test", "labelled", "-o", "json"]).stdout).unwrap();
+    assert_eq!(json["kind"], "Test");
+    assert_eq!(json["spec"]["hosts"][0]["role"], "a");
+    let yaml = c.ctl(&["get", "tests", "-o", "yaml"]).stdout;
+    assert!(yaml.contains("kind: List") && yaml.contains("name: labelled"), "{yaml}");
+    assert_eq!(c.ctl(&["get", "tests", "-l", "suite=demo", "-o", "name"]).stdout, "test/labelled\n");
+    assert_eq!(c.ctl(&["get", "tests", "-l", "suite=other", "-o", "name"]).stdout, "");
+    assert_eq!(c.ctl(&["get", "hosts", "-l", "index=1", "-o", "name"]).stdout, "host/host-1\n");
+    let table = c.ctl(&["get", "hosts", "-o", "wide"]).stdout;
+    assert!(table.starts_with("NAME") && table.contains("TRANSPORT") && table.contains("direct"), "{table}");
+    let d = c.ctl(&["describe", "test", "labelled"]);
+    assert!(d.stdout.contains("Phase:        Succeeded"), "{}", d.stdout);
+    // Cordon keeps new tests off a host.
+    assert_eq!(c.ctl(&["cordon", "host-0"]).code, 0);
+    let out = c.ctl(&["run", "--count", "1", "--", "sh", "-c", "echo $TESTBUS_HOST"]);
+    assert_eq!(out.stdout, "host-1\n", "{out:?}");
+    assert_eq!(c.ctl(&["uncordon", "host-0"]).code, 0);
+    assert_eq!(c.ctl(&["describe", "host", "nope"]).code, 2);
+}
