@@ -524,3 +524,158 @@ bind_service!(tests_server::Tests, Test, TestList, TestEvent, {
     }
 });
 bind_service!(processes_server::Processes, Process, ProcessList, ProcessEvent, {});
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::embedded::EmbeddedStore;
+    use testbus_proto::{HostRequirement, ProcessSpec, TestSpec};
+
+    async fn state(dir: &tempfile::TempDir) -> ApiState {
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb"), 1000).unwrap());
+        let hub = Hub::start(1000, store.clone()).await.unwrap();
+        ApiState { store, hub }
+    }
+
+    fn admin() -> Identity {
+        Identity::Admin { peer: "test".into() }
+    }
+
+    fn test_obj(name: &str) -> Test {
+        Test {
+            metadata: Some(testbus_proto::ObjectMeta { name: name.into(), ..Default::default() }),
+            spec: Some(TestSpec {
+                hosts: vec![HostRequirement { role: "a".into(), ..Default::default() }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn process_on(name: &str, host: &str) -> Process {
+        Process {
+            metadata: Some(testbus_proto::ObjectMeta { name: name.into(), ..Default::default() }),
+            spec: Some(ProcessSpec { host_name: host.into(), argv: vec!["true".into()], ..Default::default() }),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn updates_are_compare_and_swap() {
+        let dir = tempfile::tempdir().unwrap();
+        let tests = ResourceService::<Test>::new(state(&dir).await);
+        let t = tests.create(&admin(), test_obj("t")).await.unwrap();
+        assert_eq!(t.status().phase, phase::PENDING);
+        assert!(t.meta().finalizers.contains(&TEST_FINALIZER.to_string()));
+        let mut a = t.clone();
+        a.status_mut().message = "first".into();
+        let a = tests.update_status(&admin(), a).await.unwrap();
+        let mut stale = t.clone();
+        stale.status_mut().message = "second".into();
+        let err = tests.update_status(&admin(), stale).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Aborted);
+        assert_eq!(tests.load("t").await.unwrap().0.status().message, "first");
+        // No resourceVersion: refused, not applied blindly.
+        let mut blind = a.clone();
+        blind.meta_mut().resource_version.clear();
+        assert_eq!(tests.update_status(&admin(), blind).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+        // The spec of a test cannot change.
+        let mut changed = a.clone();
+        changed.spec_mut().priority = 5;
+        let err = tests.update(&admin(), changed).await.unwrap_err();
+        assert!(err.message().starts_with("spec:"), "{}", err.message());
+    }
+
+    #[tokio::test]
+    async fn finished_tests_are_immutable_and_finalizers_hold_deletion() {
+        let dir = tempfile::tempdir().unwrap();
+        let tests = ResourceService::<Test>::new(state(&dir).await);
+        let t = tests.create(&admin(), test_obj("t")).await.unwrap();
+        let mut done = t.clone();
+        done.status_mut().phase = phase::SUCCEEDED.into();
+        let done = tests.update_status(&admin(), done).await.unwrap();
+        let mut again = done.clone();
+        again.status_mut().phase = phase::FAILED.into();
+        assert_eq!(tests.update_status(&admin(), again).await.unwrap_err().code(), tonic::Code::FailedPrecondition);
+        // Delete: held by the finalizer until it is removed.
+        let d = tests.delete(&admin(), DeleteRequest { name: "t".into(), ..Default::default() }).await.unwrap();
+        assert!(!d.meta().deletion_timestamp.is_empty());
+        let (mut cur, _) = tests.load("t").await.unwrap();
+        cur.meta_mut().finalizers.clear();
+        tests.update(&admin(), cur).await.unwrap();
+        assert_eq!(tests.load("t").await.unwrap_err().code(), tonic::Code::NotFound);
+    }
+
+    #[tokio::test]
+    async fn generate_name_and_duplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        let tests = ResourceService::<Test>::new(state(&dir).await);
+        let mut g = test_obj("");
+        g.meta_mut().generate_name = "run-".into();
+        let a = tests.create(&admin(), g.clone()).await.unwrap();
+        let b = tests.create(&admin(), g).await.unwrap();
+        assert!(a.name().starts_with("run-") && a.name().len() == 9 && a.name() != b.name());
+        tests.create(&admin(), test_obj("x")).await.unwrap();
+        assert_eq!(tests.create(&admin(), test_obj("x")).await.unwrap_err().code(), tonic::Code::AlreadyExists);
+    }
+
+    #[tokio::test]
+    async fn a_host_watch_sees_only_its_own_processes() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = state(&dir).await;
+        let procs = ResourceService::<Process>::new(st.clone());
+        let watch = |host: &str| {
+            procs
+                .watch(&admin(), WatchRequest { field_selector: format!("spec.hostName={host}"), ..Default::default() })
+                .unwrap()
+        };
+        let mut a = watch("host-a");
+        let mut b = watch("host-b");
+        for i in 0..20 {
+            procs.create(&admin(), process_on(&format!("pa{i}"), "host-a")).await.unwrap();
+        }
+        procs.create(&admin(), process_on("pb", "host-b")).await.unwrap();
+        let first_b = tokio::time::timeout(std::time::Duration::from_secs(5), b.next()).await.unwrap().unwrap().unwrap();
+        // host-b's first event is its own, though 20 of host-a's came before.
+        assert_eq!(first_b.object.unwrap().name(), "pb");
+        for i in 0..20 {
+            let e = tokio::time::timeout(std::time::Duration::from_secs(5), a.next()).await.unwrap().unwrap().unwrap();
+            assert_eq!(e.object.unwrap().name(), format!("pa{i}"));
+        }
+        // Only the indexed watchers exist: nobody watches the whole kind.
+        assert_eq!(st.hub.watchers(), 2);
+    }
+
+    #[tokio::test]
+    async fn watch_resumes_from_a_revision_or_says_compacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb"), 1000).unwrap());
+        let hub = Hub::start(16, store.clone()).await.unwrap();
+        let st = ApiState { store, hub };
+        let tests = ResourceService::<Test>::new(st.clone());
+        let first = tests.create(&admin(), test_obj("t0")).await.unwrap();
+        // Let the hub see it before resuming from its revision.
+        let mut live = tests.watch(&admin(), WatchRequest::default()).unwrap();
+        tests.create(&admin(), test_obj("t1")).await.unwrap();
+        let _ = live.next().await;
+        let mut resumed = tests
+            .watch(&admin(), WatchRequest { resource_version: first.resource_version().into(), ..Default::default() })
+            .unwrap();
+        let e = resumed.next().await.unwrap().unwrap();
+        assert_eq!((e.kind, e.object.unwrap().name().to_string()), (EventType::Added, "t1".to_string()));
+        for i in 2..40 {
+            tests.create(&admin(), test_obj(&format!("t{i}"))).await.unwrap();
+        }
+        // Wait until the hub has moved past the ring's capacity.
+        loop {
+            let e = live.next().await.unwrap().unwrap();
+            if e.object.as_ref().is_some_and(|o| o.name() == "t39") {
+                break;
+            }
+        }
+        let mut old = tests
+            .watch(&admin(), WatchRequest { resource_version: first.resource_version().into(), ..Default::default() })
+            .unwrap();
+        assert_eq!(old.next().await.unwrap().unwrap().kind, EventType::Compacted);
+    }
+}

@@ -109,58 +109,53 @@ fn index_of(o: &Object) -> Option<(Kind, String)> {
 }
 
 impl Hub {
-    pub fn new(capacity: usize) -> Arc<Hub> {
-        Arc::new(Hub { state: Mutex::new(State::default()), capacity: capacity.max(16) })
+    /// Reads the store's current revision, then follows the store in the
+    /// background. Watches may be registered as soon as this returns.
+    pub async fn start(capacity: usize, store: Arc<dyn Store>) -> Result<Arc<Hub>, StoreError> {
+        let rev = store.revision().await?;
+        let hub = Arc::new(Hub {
+            state: Mutex::new(State { revision: rev, floor: rev, ..Default::default() }),
+            capacity: capacity.max(16),
+        });
+        tokio::spawn(hub.clone().follow(store, rev));
+        Ok(hub)
     }
 
-    /// Follows the store until the process ends. Restarts from the store's
-    /// current revision if the store watch breaks (watchers are dropped and
-    /// relist).
-    pub async fn run(self: Arc<Self>, store: Arc<dyn Store>) {
+    /// Dispatches store events from `from` on. If the store watch breaks,
+    /// the ring no longer joins up with the store: every watcher is dropped
+    /// (its client relists) and following restarts from the current
+    /// revision.
+    async fn follow(self: Arc<Self>, store: Arc<dyn Store>, mut from: Revision) {
         loop {
+            match store.watch(REGISTRY_PREFIX, from).await {
+                Ok(mut stream) => {
+                    while let Some(ev) = stream.next().await {
+                        match ev {
+                            Ok(ev) => self.dispatch(ev),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "hub: store watch broke; restarting");
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "hub: store watch failed"),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             let rev = match store.revision().await {
                 Ok(r) => r,
                 Err(e) => {
-                    tracing::warn!(error = %e, "hub: cannot read store revision");
-                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    tracing::warn!(error = %e, "hub: cannot read the store revision");
                     continue;
                 }
             };
-            {
-                let mut st = self.lock();
-                if st.revision != rev || st.floor == 0 {
-                    // Starting (or restarting after a break): the ring no
-                    // longer joins up with the store; every watcher relists.
-                    st.ring.clear();
-                    st.by_kind.clear();
-                    st.by_index.clear();
-                    st.revision = rev;
-                    st.floor = rev;
-                }
-            }
-            let mut stream = match store.watch(REGISTRY_PREFIX, rev).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "hub: store watch failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                    continue;
-                }
-            };
-            while let Some(ev) = stream.next().await {
-                match ev {
-                    Ok(ev) => self.dispatch(ev),
-                    Err(StoreError::Compacted { .. }) => {
-                        tracing::warn!("hub: store watch fell behind; restarting");
-                        self.lock().floor = 0;
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "hub: store watch error; restarting");
-                        self.lock().floor = 0;
-                        break;
-                    }
-                }
-            }
+            let mut st = self.lock();
+            st.ring.clear();
+            st.by_kind.clear();
+            st.by_index.clear();
+            st.revision = rev;
+            st.floor = rev;
+            from = rev;
         }
     }
 

@@ -74,8 +74,7 @@ pub async fn run(cfg: Config, mut shutdown: broadcast::Receiver<()>) -> anyhow::
         ),
         other => bail!("--store {other:?}: unsupported (use \"embedded\"; etcd:// is not available in this version)"),
     };
-    let hub = Hub::new(cfg.watch_cache);
-    tokio::spawn(hub.clone().run(store.clone()));
+    let hub = Hub::start(cfg.watch_cache, store.clone()).await.context("starting the watch cache")?;
     let state = ApiState { store, hub };
     let output = OutputService::new(cfg.data_dir.join("output"), state.clone())?;
 
