@@ -635,7 +635,8 @@ mod tests {
             procs.create(&admin(), process_on(&format!("pa{i}"), "host-a")).await.unwrap();
         }
         procs.create(&admin(), process_on("pb", "host-b")).await.unwrap();
-        let first_b = tokio::time::timeout(std::time::Duration::from_secs(5), b.next()).await.unwrap().unwrap().unwrap();
+        let first_b =
+            tokio::time::timeout(std::time::Duration::from_secs(5), b.next()).await.unwrap().unwrap().unwrap();
         // host-b's first event is its own, though 20 of host-a's came before.
         assert_eq!(first_b.object.unwrap().name(), "pb");
         for i in 0..20 {

@@ -54,6 +54,8 @@ pub struct Cluster {
     pub hosts: Vec<String>,
     /// Extra agent flags.
     pub agent_args: Vec<String>,
+    /// Other processes started by a test (relays, extra agents).
+    extra: Vec<Child>,
 }
 
 impl Cluster {
@@ -92,6 +94,7 @@ impl Cluster {
             agents: (0..n).map(|_| None).collect(),
             hosts,
             agent_args: agent_args.iter().map(|s| s.to_string()).collect(),
+            extra: Vec::new(),
         };
         c.start_control_plane().await;
         for i in 0..n {
@@ -168,6 +171,14 @@ impl Cluster {
         self.agents[i] = Some(cmd.spawn().expect("start agent"));
     }
 
+    /// Starts one of the workspace's binaries inside `node`'s namespace
+    /// (e.g. "host-0"); it is killed with the cluster.
+    pub fn spawn_in(&mut self, node: &str, binary: &str, args: &[&str]) {
+        let mut cmd = self.command_in(node, &self.bin.join(binary));
+        cmd.args(args).stdout(self.log(binary)).stderr(self.log(binary));
+        self.extra.push(cmd.spawn().unwrap_or_else(|e| panic!("start {binary}: {e}")));
+    }
+
     /// SIGKILL, as a crash.
     pub fn kill_agent(&mut self, i: usize) {
         if let Some(mut c) = self.agents[i].take() {
@@ -240,6 +251,10 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        for mut c in self.extra.drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
         for a in self.agents.iter_mut() {
             if let Some(mut c) = a.take() {
                 let _ = c.kill();

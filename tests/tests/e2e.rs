@@ -371,3 +371,37 @@ async fn get_formats_selectors_describe_and_follow() {
     assert_eq!(c.ctl(&["uncordon", "host-0"]).code, 0);
     assert_eq!(c.ctl(&["describe", "host", "nope"]).code, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_reaches_the_control_plane_through_a_relay() {
+    let mut c = Cluster::start(1).await;
+    // In host-0's namespace: a relay from a unix socket to the control
+    // plane, and a second agent that knows only that socket.
+    let sock = c.dir.path().join("relay.sock");
+    let upstream = format!("tcp:{}", c.agent_server.trim_start_matches("http://"));
+    let down = format!("unix:{}", sock.display());
+    c.spawn_in("host-0", "testbus-relay", &["--downstream", &down, "--upstream", &upstream]);
+    wait_for(Duration::from_secs(10), "the relay socket", || async { sock.exists().then_some(()) }).await;
+    let data = c.dir.path().join("relayed");
+    let server = format!("unix:{}", sock.display());
+    let etc = data.join("etc");
+    c.spawn_in(
+        "host-0",
+        "testbus-agent",
+        &[
+            "--server",
+            &server,
+            "--name",
+            "relayed",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--config-dir",
+            etc.to_str().unwrap(),
+            "--lease-duration",
+            "2s",
+        ],
+    );
+    c.wait_hosts_ready(2).await;
+    let out = c.ctl(&["run", "--host", "relayed", "--", "sh", "-c", "echo via relay from $TESTBUS_HOST"]);
+    assert_eq!((out.code, out.stdout.as_str()), (0, "via relay from relayed\n"), "{out:?}");
+}
