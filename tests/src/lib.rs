@@ -300,3 +300,13 @@ pub fn manifest(c: &Cluster, name: &str, text: &str) -> String {
     std::fs::write(&p, text).unwrap();
     p.display().to_string()
 }
+
+/// True if `pid` is a live process (a zombie waiting for its parent to reap
+/// it has already ended).
+pub fn process_alive(pid: i64) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat.rsplit_once(')').map(|(_, rest)| rest.trim_start()).is_some_and(|r| !r.starts_with('Z')),
+        Err(_) => false,
+    }
+}

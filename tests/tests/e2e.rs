@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 use testbus_proto::{phase, Host, Process, Resource, Test};
-use testbus_tests::{is_root, manifest, repo_root, wait_for, Cluster};
+use testbus_tests::{is_root, manifest, process_alive, repo_root, wait_for, Cluster};
 
 fn first_test_name(out: &str) -> String {
     out.lines()
@@ -288,8 +288,7 @@ async fn deleting_a_running_test_kills_its_processes_and_releases_hosts() {
     .await;
     wait_released(&c).await;
     for pid in pids {
-        let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
-        assert!(!alive, "process group {pid} still alive after delete");
+        assert!(!process_alive(pid), "process {pid} still alive after delete");
     }
     assert!(!marker.exists());
 }
@@ -404,4 +403,120 @@ async fn an_agent_reaches_the_control_plane_through_a_relay() {
     c.wait_hosts_ready(2).await;
     let out = c.ctl(&["run", "--host", "relayed", "--", "sh", "-c", "echo via relay from $TESTBUS_HOST"]);
     assert_eq!((out.code, out.stdout.as_str()), (0, "via relay from relayed\n"), "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_reflection_are_served() {
+    let c = Cluster::start(1).await;
+    let ch = c.client().await.channel();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
+    let r = health
+        .check(tonic_health::pb::HealthCheckRequest { service: "testbus.v1.Tests".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
+        server_reflection_response::MessageResponse, ServerReflectionRequest,
+    };
+    let mut refl = ServerReflectionClient::new(ch);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut resp = refl.server_reflection_info(futures::stream::iter([req])).await.unwrap().into_inner();
+    let msg = resp.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else { panic!("{msg:?}") };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for s in ["testbus.v1.Hosts", "testbus.v1.Tests", "testbus.v1.Processes", "testbus.v1.Output"] {
+        assert!(names.iter().any(|n| n == s), "{s} missing from {names:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_streams_while_the_process_runs() {
+    let c = Cluster::start(1).await;
+    let path = manifest(
+        &c,
+        "stream.yaml",
+        "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: stream}\nspec:\n  hosts: [{role: a}]\n  steps: [{name: s, on: [a], shell: true, argv: [\"echo first; sleep 30\"]}]\n",
+    );
+    assert_eq!(c.ctl(&["apply", "-f", &path]).code, 0);
+    let client = c.client().await;
+    wait_for(Duration::from_secs(15), "the process to exist", || async {
+        client.api::<Process>().get_opt("stream-s-a").await.ok()?.map(|_| ())
+    })
+    .await;
+    let mut out = client
+        .output()
+        .read(testbus_proto::ReadOutputRequest { process: "stream-s-a".into(), follow: true })
+        .await
+        .unwrap()
+        .into_inner();
+    let chunk = tokio::time::timeout(Duration::from_secs(15), out.message()).await.unwrap().unwrap().unwrap();
+    assert_eq!(chunk.data, b"first\n");
+    let p = client.api::<Process>().get("stream-s-a").await.unwrap();
+    assert_eq!(p.status().phase, phase::RUNNING, "output arrived while the process runs");
+    assert_eq!(c.ctl(&["delete", "test", "stream"]).code, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_timeout_kills_the_whole_process_group() {
+    let c = Cluster::start(1).await;
+    let pidfile = c.dir.path().join("grandchild.pid");
+    let path = manifest(
+        &c,
+        "group.yaml",
+        &format!(
+            "apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: group}}\nspec:\n  hosts: [{{role: a}}]\n  steps:\n    - name: s\n      on: [a]\n      timeout: 1s\n      script: |\n        sleep 300 &\n        echo $! > {}\n        wait\n",
+            pidfile.display()
+        ),
+    );
+    let out = c.ctl(&["apply", "-f", &path, "--wait"]);
+    assert_eq!(out.code, 1, "a step that times out fails the test: {out:?}");
+    let t = c.test("group").await;
+    let p = &t.status().steps[0].processes[0];
+    assert_eq!(p.phase, phase::FAILED);
+    assert!(p.message.contains("timed out after 1s"), "{p:?}");
+    let pid: i64 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    assert!(!process_alive(pid), "the background child {pid} of the timed-out step survived");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_takes_a_directory_and_get_watches() {
+    let c = Cluster::start(1).await;
+    let dir = c.dir.path().join("manifests");
+    std::fs::create_dir_all(&dir).unwrap();
+    for i in 0..2 {
+        std::fs::write(
+            dir.join(format!("t{i}.yaml")),
+            format!("apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: dir-{i}}}\nspec:\n  hosts: [{{role: a}}]\n  steps: [{{name: s, on: [a], argv: [\"true\"]}}]\n"),
+        )
+        .unwrap();
+    }
+    std::fs::write(dir.join("notes.txt"), "not a manifest").unwrap();
+    let mut watch = c.ctl_spawn(&["get", "tests", "-w", "-o", "name"]);
+    let out = c.ctl(&["apply", "-f", dir.to_str().unwrap(), "--wait"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.stdout, "test/dir-0 created\ntest/dir-1 created\n");
+    // Applying the same again changes nothing.
+    assert_eq!(c.ctl(&["apply", "-f", dir.to_str().unwrap()]).stdout, "test/dir-0 unchanged\ntest/dir-1 unchanged\n");
+    // The watch saw both tests appear.
+    let stdout = watch.stdout.take().unwrap();
+    let seen = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut names = BTreeSet::new();
+        for line in std::io::BufReader::new(stdout).lines() {
+            names.insert(line.unwrap());
+            if names.len() == 2 {
+                break;
+            }
+        }
+        names
+    });
+    let names = tokio::time::timeout(Duration::from_secs(15), seen).await.expect("watch output").unwrap();
+    let _ = watch.kill();
+    let _ = watch.wait();
+    assert_eq!(names.into_iter().collect::<Vec<_>>(), ["test/dir-0", "test/dir-1"]);
 }
