@@ -113,11 +113,15 @@ impl Policy for Process {
     fn check_update(old: &Self, new: &Self) -> Result<(), Status> {
         let mut a = old.spec().clone();
         a.stop = new.spec().stop;
+        a.released = new.spec().released;
         if &a != new.spec() {
-            return Err(Status::invalid_argument("spec: only spec.stop of a Process may change"));
+            return Err(Status::invalid_argument("spec: only spec.stop and spec.released of a Process may change"));
         }
         if old.spec().stop && !new.spec().stop {
             return Err(Status::invalid_argument("spec.stop: a stopped Process cannot be started again"));
+        }
+        if old.spec().released && !new.spec().released {
+            return Err(Status::invalid_argument("spec.released: a released Process cannot be gated again"));
         }
         Ok(())
     }

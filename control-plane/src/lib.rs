@@ -9,3 +9,4 @@ pub mod hub;
 pub mod output;
 pub mod server;
 pub mod store;
+pub mod sync;

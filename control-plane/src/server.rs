@@ -12,6 +12,7 @@ use std::sync::Arc;
 use testbus_proto::hosts_server::HostsServer;
 use testbus_proto::output_server::OutputServer;
 use testbus_proto::processes_server::ProcessesServer;
+use testbus_proto::sync_server::SyncServer;
 use testbus_proto::tests_server::TestsServer;
 use testbus_proto::{Host, Process, Test};
 use tokio::sync::broadcast;
@@ -83,6 +84,7 @@ pub async fn run(cfg: Config, mut shutdown: broadcast::Receiver<()>) -> anyhow::
     health_reporter.set_serving::<TestsServer<ResourceService<Test>>>().await;
     health_reporter.set_serving::<ProcessesServer<ResourceService<Process>>>().await;
     health_reporter.set_serving::<OutputServer<OutputService>>().await;
+    health_reporter.set_serving::<SyncServer<crate::sync::SyncService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(testbus_proto::FILE_DESCRIPTOR_SET)
         .build_v1()?;
@@ -95,7 +97,8 @@ pub async fn run(cfg: Config, mut shutdown: broadcast::Receiver<()>) -> anyhow::
         .add_service(
             ProcessesServer::new(ResourceService::<Process>::new(state.clone())).max_decoding_message_size(8 << 20),
         )
-        .add_service(OutputServer::new(output).max_decoding_message_size(8 << 20));
+        .add_service(OutputServer::new(output).max_decoding_message_size(8 << 20))
+        .add_service(SyncServer::new(crate::sync::SyncService::new(state.clone())).max_decoding_message_size(4 << 20));
 
     let (stop_tx, _) = broadcast::channel::<()>(1);
     let mut servers = tokio::task::JoinSet::new();

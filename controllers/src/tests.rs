@@ -243,6 +243,9 @@ fn process_for(t: &Test, step: &Step, member: &str, host: &Host) -> Process {
             timeout: step.timeout.clone(),
             exit_codes: if step.exit_codes.is_empty() { vec![0] } else { step.exit_codes.clone() },
             stop: false,
+            gated: step.sync,
+            released: false,
+            files: Vec::new(),
         }),
         ..Default::default()
     }
@@ -498,6 +501,7 @@ async fn drive(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Action
             Err(s) => return Err(s),
         }
     }
+    release_gates(ctx, t, &by_step).await?;
     if st.steps != steps_status {
         let mut next = t.clone();
         next.status_mut().steps = steps_status;
@@ -505,6 +509,27 @@ async fn drive(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Action
     }
     let left = deadline.duration_since(now).unwrap_or_default();
     Ok(Action::Requeue(left + Duration::from_millis(10)))
+}
+
+/// A `sync: true` step starts together: once every one of its processes
+/// exists and is Ready, all are released.
+async fn release_gates(ctx: &Context, t: &Test, by_step: &HashMap<&str, Vec<&Process>>) -> Result<(), Status> {
+    for step in t.spec().steps.iter().filter(|s| s.sync) {
+        let Some(mine) = by_step.get(step.name.as_str()) else { continue };
+        if mine.len() < targets(t, step).len() || mine.iter().all(|p| p.spec().released) {
+            continue;
+        }
+        if !mine.iter().all(|p| p.status().phase == phase::READY || p.spec().released) {
+            continue;
+        }
+        for p in mine.iter().filter(|p| !p.spec().released) {
+            let mut next = (*p).clone();
+            next.spec_mut().released = true;
+            ctx.client.api::<Process>().update(next).await?;
+        }
+        tracing::debug!(test = t.name(), step = %step.name, "released");
+    }
+    Ok(())
 }
 
 /// Stops what still runs; once everything has ended, writes the final

@@ -17,10 +17,9 @@ pub struct Select {
 impl Select {
     fn matches(&self, p: &Process) -> bool {
         let role = &p.spec().role;
-        self.role.as_ref().is_none_or(|r| {
-            // --role client matches client0, client1, ...
-            role == r || (role.starts_with(r.as_str()) && role[r.len()..].bytes().all(|b| b.is_ascii_digit()))
-        }) && self.step.as_ref().is_none_or(|s| &p.spec().step == s)
+        // --role client matches client0, client1, ...
+        self.role.as_ref().is_none_or(|r| testbus_proto::validate::member_matches(role, r))
+            && self.step.as_ref().is_none_or(|s| &p.spec().step == s)
     }
 }
 

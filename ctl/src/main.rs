@@ -4,6 +4,7 @@
 
 mod error;
 mod format;
+mod intest;
 mod logs;
 mod objects;
 mod progress;
@@ -91,6 +92,25 @@ enum Cmd {
     },
     /// Make a host schedulable again.
     Uncordon { host: String },
+    /// Inside a test process: wait until every running process of the test arrives at NAME.
+    Sync {
+        name: String,
+        /// Only these roles or members take part (repeatable).
+        #[arg(long = "role")]
+        roles: Vec<String>,
+        #[arg(long, value_parser = parse_duration_str)]
+        timeout: Option<String>,
+    },
+    /// Inside a test process: publish VALUE (or stdin with -) under KEY, from this role.
+    Send { key: String, value: Option<String> },
+    /// Inside a test process: wait for KEY (from ROLE) and print its value.
+    Recv {
+        key: String,
+        #[arg(long)]
+        from: Option<String>,
+        #[arg(long, value_parser = parse_duration_str)]
+        timeout: Option<String>,
+    },
     /// Claim hosts, run one command on them, stream its output and exit with its exit code.
     Run {
         #[arg(long = "capability")]
@@ -460,6 +480,9 @@ async fn dispatch(cli: Cli) -> CliResult {
         }
         Cmd::Cordon { host, reason } => set_cordon(&connect(&server).await?, &host, true, &reason).await,
         Cmd::Uncordon { host } => set_cordon(&connect(&server).await?, &host, false, "").await,
+        Cmd::Sync { name, roles, timeout } => intest::sync(name, roles, timeout).await,
+        Cmd::Send { key, value } => intest::send(key, value).await,
+        Cmd::Recv { key, from, timeout } => intest::recv(key, from, timeout).await,
         Cmd::Run { capabilities, host, count, env, timeout, argv } => {
             let env = parse_env("--env", &env)?;
             if count == 0 {

@@ -9,6 +9,7 @@
 mod config;
 mod facts;
 mod journal;
+mod local;
 mod runner;
 
 use anyhow::Context;
@@ -175,6 +176,7 @@ async fn keep_lease(client: Client, mine: Host, every: Duration) {
 struct Running {
     commands: mpsc::Sender<Command>,
     stop_sent: bool,
+    release_sent: bool,
 }
 
 /// Turns the Processes assigned to this host into runners.
@@ -182,6 +184,7 @@ struct Agent {
     client: Client,
     journal: journal::Journal,
     work_root: PathBuf,
+    socket_dir: PathBuf,
     /// By Process uid.
     running: HashMap<String, Running>,
     done: mpsc::UnboundedSender<String>,
@@ -194,6 +197,8 @@ impl Agent {
         if let Some(r) = self.running.get_mut(&uid) {
             if p.spec().stop && !r.stop_sent {
                 r.stop_sent = r.commands.send(Command::Stop(StopReason::Requested)).await.is_ok();
+            } else if p.spec().released && !r.release_sent {
+                r.release_sent = r.commands.send(Command::Release).await.is_ok();
             }
             return;
         }
@@ -235,8 +240,13 @@ impl Agent {
             return;
         }
         let (tx, rx) = mpsc::channel(4);
-        self.running.insert(uid.clone(), Running { commands: tx, stop_sent: false });
-        let runner = ProcessRunner { client: self.client.clone(), process: p, work_root: self.work_root.clone() };
+        self.running.insert(uid.clone(), Running { commands: tx, stop_sent: false, release_sent: false });
+        let runner = ProcessRunner {
+            client: self.client.clone(),
+            process: p,
+            work_root: self.work_root.clone(),
+            socket_dir: self.socket_dir.clone(),
+        };
         let done = self.done.clone();
         tokio::spawn(async move {
             runner.run(rx).await;
@@ -276,6 +286,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         client: client.clone(),
         journal,
         work_root: data_dir.join("work"),
+        socket_dir: data_dir.join("sock"),
         running: HashMap::new(),
         done: done_tx,
     };

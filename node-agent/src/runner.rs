@@ -35,6 +35,8 @@ pub enum StopReason {
 #[derive(Debug)]
 pub enum Command {
     Stop(StopReason),
+    /// A gated process may start.
+    Release,
 }
 
 /// How a process ended.
@@ -51,6 +53,8 @@ pub struct ProcessRunner {
     pub client: Client,
     pub process: Process,
     pub work_root: PathBuf,
+    /// Where per-process agent sockets live.
+    pub socket_dir: PathBuf,
 }
 
 fn signal_name(sig: i32) -> String {
@@ -65,7 +69,14 @@ fn base_env() -> BTreeMap<String, String> {
             env.insert(k.to_string(), v);
         }
     }
-    env.entry("PATH".into()).or_insert_with(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    let path = env
+        .entry("PATH".into())
+        .or_insert_with(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    // testbusctl (for sync/send/recv) is installed beside the agent.
+    if let Some(dir) = std::env::current_exe().ok().as_deref().and_then(std::path::Path::parent) {
+        path.push(':');
+        path.push_str(&dir.display().to_string());
+    }
     env
 }
 
@@ -78,10 +89,23 @@ impl ProcessRunner {
     pub async fn run(self, mut commands: mpsc::Receiver<Command>) {
         let name = self.process.name().to_string();
         let api = self.client.api::<Process>();
-        let (ended, sizes) = match self.prepare() {
+        let socket =
+            match crate::local::serve(&self.socket_dir, &self.process.meta().uid, self.client.clone(), name.clone()) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!(process = %name, error = %e, "no local socket; sync/send/recv will fail");
+                    None
+                }
+            };
+        let prepared = self.prepare(socket.as_ref().map(|s| s.path.as_path()));
+        let (ended, sizes) = match prepared {
             Err(e) => (e, (0, 0)),
-            Ok(cmd) => self.execute(cmd, &mut commands).await,
+            Ok(cmd) => match self.gate(&api, &mut commands).await {
+                Some(by) => (Ended::Stopped { by, signal: String::new() }, (0, 0)),
+                None => self.execute(cmd, &mut commands).await,
+            },
         };
+        drop(socket);
         tracing::info!(process = %name, ?ended, "process ended");
         let exit_codes = self.process.spec().exit_codes.clone();
         report(&api, &name, move |p| {
@@ -128,15 +152,42 @@ impl ProcessRunner {
         .await;
     }
 
-    fn env(&self) -> BTreeMap<String, String> {
+    /// A gated process reports Ready and waits to be released; returns why
+    /// it was stopped instead, if it was.
+    async fn gate(&self, api: &Api<Process>, commands: &mut mpsc::Receiver<Command>) -> Option<StopReason> {
+        let spec = self.process.spec();
+        if !spec.gated || spec.released {
+            return None;
+        }
+        report(api, self.process.name(), |p| {
+            if p.status().phase != phase::PENDING {
+                return false;
+            }
+            p.status_mut().phase = phase::READY.into();
+            true
+        })
+        .await;
+        loop {
+            match commands.recv().await {
+                Some(Command::Release) => return None,
+                Some(Command::Stop(by)) => return Some(by),
+                None => return Some(StopReason::AgentShutdown),
+            }
+        }
+    }
+
+    fn env(&self, socket: Option<&std::path::Path>) -> BTreeMap<String, String> {
         let mut env = base_env();
         env.extend(self.process.spec().env.clone());
+        if let Some(s) = socket {
+            env.insert("TESTBUS_AGENT_SOCKET".into(), s.display().to_string());
+        }
         env
     }
 
-    fn prepare(&self) -> Result<tokio::process::Command, Ended> {
+    fn prepare(&self, socket: Option<&std::path::Path>) -> Result<tokio::process::Command, Ended> {
         let spec = self.process.spec();
-        let env = self.env();
+        let env = self.env(socket);
         let argv =
             spec.argv.iter().map(|a| subst::substitute(a, &env)).collect::<Result<Vec<_>, _>>().map_err(|e| {
                 Ended::SetupFailed {
@@ -264,7 +315,7 @@ impl ProcessRunner {
                 let signal = terminate(&mut child, pid).await;
                 Ended::TimedOut { after: timeout.unwrap_or_default(), signal }
             }
-            Some(Command::Stop(by)) = commands.recv() => {
+            Some(by) = stop_requested(commands) => {
                 let signal = terminate(&mut child, pid).await;
                 Ended::Stopped { by, signal }
             }
@@ -285,6 +336,16 @@ impl ProcessRunner {
         }
         let _ = running.await;
         (ended, sizes)
+    }
+}
+
+/// The next stop command (a late Release is ignored).
+async fn stop_requested(commands: &mut mpsc::Receiver<Command>) -> Option<StopReason> {
+    loop {
+        match commands.recv().await? {
+            Command::Stop(by) => return Some(by),
+            Command::Release => continue,
+        }
     }
 }
 

@@ -176,6 +176,23 @@ pub fn members(h: &HostRequirement) -> Vec<String> {
     }
 }
 
+/// Whether `member` ("client1") belongs to `role_or_member` ("client" or
+/// "client1").
+pub fn member_matches(member: &str, role_or_member: &str) -> bool {
+    member == role_or_member
+        || member
+            .strip_prefix(role_or_member)
+            .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Sync keys and barrier names: 1-253 of [A-Za-z0-9._-].
+pub fn sync_key(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.len() > 253 || !s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
+        return Err(format!("{s:?} must be 1-253 of [A-Za-z0-9._-]"));
+    }
+    Ok(())
+}
+
 pub trait Validate {
     fn validate(&self) -> Result<(), ValidationErrors>;
 }
@@ -303,7 +320,6 @@ fn step(
             e.add(format!("{p}.exitCodes[{j}]"), "exit codes are 0..255");
         }
     }
-    not_yet(&format!("{p}.sync"), st.sync, e);
     not_yet(&format!("{p}.files"), !st.files.is_empty(), e);
     if st.stdin.len() > MAX_VALUE_BYTES {
         e.add(format!("{p}.stdin"), format!("larger than {MAX_VALUE_BYTES} bytes"));

@@ -57,7 +57,7 @@ async fn hello_runs_across_three_hosts() {
         );
     }
     let only = c.ctl(&["logs", &format!("test/{name}"), "--role", "server"]);
-    assert!(only.stdout.contains("listening on port 7007") && !only.stdout.contains("[greet"), "{}", only.stdout);
+    assert!(only.stdout.contains("listening on port ") && !only.stdout.contains("[greet"), "{}", only.stdout);
     wait_released(&c).await;
 }
 
@@ -519,4 +519,81 @@ async fn apply_takes_a_directory_and_get_watches() {
     let _ = watch.kill();
     let _ = watch.wait();
     assert_eq!(names.into_iter().collect::<Vec<_>>(), ["test/dir-0", "test/dir-1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_and_send_recv_examples_run() {
+    let c = Cluster::start(3).await;
+    for ex in ["sync", "send-recv"] {
+        let path = repo_root().join(format!("manifests/examples/{ex}.yaml"));
+        let out = c.ctl(&["apply", "-f", path.to_str().unwrap(), "--wait", "--timeout", "90s"]);
+        assert_eq!(out.code, 0, "{ex}: {out:?}");
+        let name = first_test_name(&out.stdout);
+        let logs = c.ctl(&["logs", &format!("test/{name}")]).stdout;
+        match ex {
+            "sync" => {
+                for m in ["node0", "node1", "node2"] {
+                    assert!(logs.contains(&format!("{m} after the barrier")), "{logs}");
+                }
+                let client = c.client().await;
+                let (ps, _) = client
+                    .api::<Process>()
+                    .list(&format!("testbus.io/step=start-together,testbus.io/test={name}"), "")
+                    .await
+                    .unwrap();
+                assert_eq!(ps.len(), 3);
+                assert!(ps.iter().all(|p| p.spec().gated && p.spec().released), "{ps:?}");
+            }
+            _ => {
+                assert!(logs.contains("] hi from client0") && logs.contains("] hi from client1"), "{logs}");
+                assert_eq!(logs.matches("server said: welcome to host-").count(), 2, "{logs}");
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_barrier_fails_at_once_when_a_participant_dies() {
+    let c = Cluster::start(3).await;
+    let path = manifest(
+        &c,
+        "barrier.yaml",
+        "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: barrier}\nspec:\n  hosts: [{role: n, count: 3}]\n  steps:\n    - name: s\n      on: [n]\n      script: |\n        if [ \"$TESTBUS_ROLE\" = n0 ]; then exit 3; fi\n        testbusctl sync meet --timeout 10m\n",
+    );
+    let out = c.ctl(&["apply", "-f", &path, "--wait", "--timeout", "5m"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    let t = c.test("barrier").await;
+    let procs = &t.status().steps[0].processes;
+    let waiting: Vec<_> = procs.iter().filter(|p| p.role != "n0").collect();
+    assert!(waiting.iter().all(|p| p.exit_code == Some(1)), "the waiters fail (exit 1): {procs:?}");
+    let logs = c.ctl(&["logs", "test/barrier", "--role", "n1"]);
+    assert!(
+        logs.stderr.contains("barrier \"meet\" failed: participant n0 on host-") && logs.stderr.contains("exit code 3"),
+        "{logs:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sent_values_are_immutable_and_bad_sync_use_is_refused() {
+    let c = Cluster::start(1).await;
+    let path = manifest(
+        &c,
+        "immutable.yaml",
+        "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: immutable}\nspec:\n  hosts: [{role: a}]\n  steps:\n    - name: s\n      on: [a]\n      script: |\n        testbusctl send k one || exit 10\n        testbusctl send k one || exit 11\n        testbusctl send k two; echo \"second send: $?\"\n        echo -n from-stdin | testbusctl send s -\n        echo \"recv: $(testbusctl recv k --from a) $(testbusctl recv s)\"\n        testbusctl recv k --from nobody; echo \"unknown role: $?\"\n        testbusctl recv never; echo \"nobody left: $?\"\n        testbusctl recv never --from a --timeout 1s; echo \"timeout: $?\"\n",
+    );
+    let out = c.ctl(&["apply", "-f", &path, "--wait", "--timeout", "60s"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let logs = c.ctl(&["logs", "test/immutable"]);
+    assert!(logs.stdout.contains("second send: 2"), "{logs:?}");
+    assert!(logs.stderr.contains("immutable"), "{logs:?}");
+    assert!(logs.stdout.contains("recv: one from-stdin"), "{logs:?}");
+    assert!(
+        logs.stdout.contains("unknown role: 2") && logs.stderr.contains("no role or member \"nobody\""),
+        "{logs:?}"
+    );
+    assert!(logs.stdout.contains("nobody left: 1") && logs.stderr.contains("no other process"), "{logs:?}");
+    assert!(logs.stdout.contains("timeout: 3"), "{logs:?}");
+    // Outside a test process there is no agent socket.
+    let out = c.ctl(&["send", "k", "v"]);
+    assert_eq!(out.code, 2, "{out:?}");
 }
