@@ -52,6 +52,10 @@ pub trait Policy: Resource + Validate {
     fn check_status_update(_old: &Self) -> Result<(), Status> {
         Ok(())
     }
+    /// The file references in the spec, with their field paths.
+    fn file_refs(&self) -> Vec<(String, &testbus_proto::FileRef)> {
+        Vec::new()
+    }
 }
 
 impl Policy for Host {
@@ -60,6 +64,9 @@ impl Policy for Host {
             Object::Host(h) => Some(h),
             _ => None,
         }
+    }
+    fn file_refs(&self) -> Vec<(String, &testbus_proto::FileRef)> {
+        self.spec().files.iter().enumerate().map(|(i, f)| (format!("spec.files[{i}]"), f)).collect()
     }
 }
 
@@ -86,6 +93,9 @@ impl Policy for Test {
             )));
         }
         Ok(())
+    }
+    fn file_refs(&self) -> Vec<(String, &testbus_proto::FileRef)> {
+        testbus_proto::validate::file_refs_of_test(self)
     }
     fn check_status_update(old: &Self) -> Result<(), Status> {
         if phase::test_terminal(&old.status().phase) {
@@ -142,6 +152,7 @@ impl Policy for Process {
 pub struct ApiState {
     pub store: Arc<dyn Store>,
     pub hub: Arc<Hub>,
+    pub blobs: crate::blobs::BlobStore,
 }
 
 pub struct ResourceService<K> {
@@ -202,9 +213,27 @@ impl<K: Policy> ResourceService<K> {
         Ok((Self::decode(&kv)?, kv.mod_revision))
     }
 
+    /// Every file an object names must have been uploaded.
+    async fn check_files(&self, obj: &K) -> Result<(), Status> {
+        for (path, f) in obj.file_refs() {
+            if !f.source.is_empty() {
+                return Err(Status::invalid_argument(format!(
+                    "{path}.source: local file {:?} must be uploaded first and named by digest \
+                     (testbusctl apply does this)",
+                    f.source
+                )));
+            }
+            if self.st.blobs.size(&f.digest).await.is_none() {
+                return Err(Status::invalid_argument(format!("{path}.digest: no blob {} (upload it first)", f.digest)));
+            }
+        }
+        Ok(())
+    }
+
     pub async fn create(&self, _id: &Identity, mut obj: K) -> Result<K, Status> {
         obj = obj.with_type_meta();
         obj.validate().map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.check_files(&obj).await?;
         {
             let m = obj.meta_mut();
             m.uid = uuid::Uuid::new_v4().to_string();
@@ -353,6 +382,7 @@ impl<K: Policy> ResourceService<K> {
         }
         next.validate().map_err(|e| Status::invalid_argument(e.to_string()))?;
         if next.spec() != current.spec() {
+            self.check_files(&next).await?;
             next.meta_mut().generation += 1;
         }
         if !next.meta().deletion_timestamp.is_empty() && next.meta().finalizers.is_empty() {
@@ -538,7 +568,8 @@ mod tests {
     async fn state(dir: &tempfile::TempDir) -> ApiState {
         let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb"), 1000).unwrap());
         let hub = Hub::start(1000, store.clone()).await.unwrap();
-        ApiState { store, hub }
+        let blobs = crate::blobs::BlobStore::open(&dir.path().join("blobs")).unwrap();
+        ApiState { store, hub, blobs }
     }
 
     fn admin() -> Identity {
@@ -656,7 +687,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb"), 1000).unwrap());
         let hub = Hub::start(16, store.clone()).await.unwrap();
-        let st = ApiState { store, hub };
+        let blobs = crate::blobs::BlobStore::open(&dir.path().join("blobs")).unwrap();
+        let st = ApiState { store, hub, blobs };
         let tests = ResourceService::<Test>::new(st.clone());
         let first = tests.create(&admin(), test_obj("t0")).await.unwrap();
         // Let the hub see it before resuming from its revision.

@@ -9,6 +9,7 @@ use futures::StreamExt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use testbus_proto::blobs_server::BlobsServer;
 use testbus_proto::hosts_server::HostsServer;
 use testbus_proto::output_server::OutputServer;
 use testbus_proto::processes_server::ProcessesServer;
@@ -76,7 +77,8 @@ pub async fn run(cfg: Config, mut shutdown: broadcast::Receiver<()>) -> anyhow::
         other => bail!("--store {other:?}: unsupported (use \"embedded\"; etcd:// is not available in this version)"),
     };
     let hub = Hub::start(cfg.watch_cache, store.clone()).await.context("starting the watch cache")?;
-    let state = ApiState { store, hub };
+    let blobs = crate::blobs::BlobStore::open(&cfg.data_dir.join("blobs")).context("opening the blob store")?;
+    let state = ApiState { store, hub, blobs: blobs.clone() };
     let output = OutputService::new(cfg.data_dir.join("output"), state.clone())?;
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -85,6 +87,7 @@ pub async fn run(cfg: Config, mut shutdown: broadcast::Receiver<()>) -> anyhow::
     health_reporter.set_serving::<ProcessesServer<ResourceService<Process>>>().await;
     health_reporter.set_serving::<OutputServer<OutputService>>().await;
     health_reporter.set_serving::<SyncServer<crate::sync::SyncService>>().await;
+    health_reporter.set_serving::<BlobsServer<crate::blobs::BlobStore>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(testbus_proto::FILE_DESCRIPTOR_SET)
         .build_v1()?;
@@ -98,7 +101,8 @@ pub async fn run(cfg: Config, mut shutdown: broadcast::Receiver<()>) -> anyhow::
             ProcessesServer::new(ResourceService::<Process>::new(state.clone())).max_decoding_message_size(8 << 20),
         )
         .add_service(OutputServer::new(output).max_decoding_message_size(8 << 20))
-        .add_service(SyncServer::new(crate::sync::SyncService::new(state.clone())).max_decoding_message_size(4 << 20));
+        .add_service(SyncServer::new(crate::sync::SyncService::new(state.clone())).max_decoding_message_size(4 << 20))
+        .add_service(BlobsServer::new(blobs).max_decoding_message_size(4 << 20));
 
     let (stop_tx, _) = broadcast::channel::<()>(1);
     let mut servers = tokio::task::JoinSet::new();

@@ -245,7 +245,10 @@ fn process_for(t: &Test, step: &Step, member: &str, host: &Host) -> Process {
             stop: false,
             gated: step.sync,
             released: false,
-            files: Vec::new(),
+            // Test files reach every host, host files every process on the
+            // host, step files the step's hosts; later ones win a path.
+            files: t.spec().files.iter().chain(&host.spec().files).chain(&step.files).cloned().collect(),
+            stdin_file: step.stdin_file.clone(),
         }),
         ..Default::default()
     }

@@ -147,14 +147,52 @@ fn parse_env(flag: &str, items: &[String]) -> CliResult<BTreeMap<String, String>
         .collect()
 }
 
-/// Reads every manifest source; validates everything before anything is sent.
-fn read_manifests(files: &[String]) -> CliResult<Vec<Object>> {
-    let mut sources: Vec<(String, String)> = Vec::new();
+/// The file references of an object, for upload.
+fn file_refs_mut(o: &mut Object) -> Vec<&mut testbus_proto::FileRef> {
+    match o {
+        Object::Test(t) => {
+            let s = t.spec_mut();
+            let mut out: Vec<&mut testbus_proto::FileRef> = s.files.iter_mut().collect();
+            for st in s.steps.iter_mut() {
+                out.extend(st.files.iter_mut());
+                out.extend(st.stdin_file.as_mut());
+            }
+            out
+        }
+        Object::Host(h) => h.spec_mut().files.iter_mut().collect(),
+        Object::Process(_) => Vec::new(),
+    }
+}
+
+/// Uploads every local `source` file an object names (relative to its
+/// manifest's directory) and names it by digest instead.
+async fn upload_sources(client: &Client, o: &mut Object, base: &Path) -> CliResult<()> {
+    for f in file_refs_mut(o) {
+        if f.source.is_empty() {
+            continue;
+        }
+        let path = base.join(&f.source);
+        let r = testbus_proto::blob::upload_file(client.channel(), &path).await.map_err(|e| match e {
+            testbus_proto::blob::BlobError::Rpc(s) => CliError::from(s),
+            e => CliError::usage(format!("source {:?}: {e}", f.source)),
+        })?;
+        f.digest = r.digest;
+        f.source.clear();
+    }
+    Ok(())
+}
+
+/// Reads every manifest source; validates everything before anything is
+/// sent. Each object comes with the directory its `source` files are
+/// relative to.
+fn read_manifests(files: &[String]) -> CliResult<Vec<(Object, PathBuf)>> {
+    let mut sources: Vec<(String, String, PathBuf)> = Vec::new();
+    let cwd = std::env::current_dir().unwrap_or_default();
     for f in files {
         if f == "-" {
             let mut s = String::new();
             std::io::stdin().read_to_string(&mut s).map_err(|e| CliError::usage(format!("-f -: {e}")))?;
-            sources.push(("-".into(), s));
+            sources.push(("-".into(), s, cwd.clone()));
             continue;
         }
         let p = Path::new(f);
@@ -168,16 +206,17 @@ fn read_manifests(files: &[String]) -> CliResult<Vec<Object>> {
             for e in entries {
                 let text =
                     std::fs::read_to_string(&e).map_err(|err| CliError::usage(format!("{}: {err}", e.display())))?;
-                sources.push((e.display().to_string(), text));
+                sources.push((e.display().to_string(), text, cwd.join(p)));
             }
         } else {
             let text = std::fs::read(p).map_err(|e| CliError::usage(format!("-f {f}: {e}")))?;
             let text = String::from_utf8(text).map_err(|_| CliError::usage(format!("{f}: not valid UTF-8")))?;
-            sources.push((f.clone(), text));
+            let base = p.parent().map(Path::to_path_buf).unwrap_or_default();
+            sources.push((f.clone(), text, cwd.join(base)));
         }
     }
     let mut objs = Vec::new();
-    for (name, text) in sources {
+    for (name, text, base) in sources {
         let parsed = manifest::parse_documents(&name, &text).map_err(|e| CliError::usage(e.to_string()))?;
         for (doc, o) in parsed {
             let r = match &o {
@@ -189,7 +228,7 @@ fn read_manifests(files: &[String]) -> CliResult<Vec<Object>> {
                 let at = manifest::document_suffix(doc);
                 CliError::usage(format!("{name}{at}: {} {}: {e}", o.kind(), display_name(&o)))
             })?;
-            objs.push(o);
+            objs.push((o, base.clone()));
         }
     }
     Ok(objs)
@@ -208,10 +247,15 @@ async fn connect(server: &str) -> CliResult<Client> {
     Ok(Client::connect(server).await?)
 }
 
-async fn apply(client: &Client, files: &[String], wait: bool, timeout: Option<std::time::Duration>) -> CliResult {
-    let objs = read_manifests(files)?;
+async fn apply(
+    client: &Client,
+    objs: Vec<(Object, PathBuf)>,
+    wait: bool,
+    timeout: Option<std::time::Duration>,
+) -> CliResult {
     let mut tests = Vec::new();
-    for o in objs {
+    for (mut o, base) in objs {
+        upload_sources(client, &mut o, &base).await?;
         let what = format!("{}", o.kind()).to_lowercase();
         let res = objects::apply(client, o).await?;
         let (obj, verb) = match res {
@@ -438,8 +482,8 @@ async fn dispatch(cli: Cli) -> CliResult {
     match cli.cmd {
         Cmd::Apply { files, wait, timeout } => {
             // Invalid input is refused before any connection is made.
-            read_manifests(&files)?;
-            apply(&connect(&server).await?, &files, wait, timeout).await
+            let objs = read_manifests(&files)?;
+            apply(&connect(&server).await?, objs, wait, timeout).await
         }
         Cmd::Get { kind, name, output, selector, watch } => {
             get(&connect(&server).await?, &kind, name, output, &selector, watch).await

@@ -68,16 +68,15 @@ pub async fn apply(client: &Client, obj: Object) -> CliResult<Applied> {
         let api = c.api::<K>();
         if !o.name().is_empty() {
             if let Some(cur) = api.get_opt(o.name()).await? {
-                if cur.spec() == o.spec()
-                    && cur.meta().labels == o.meta().labels
-                    && cur.meta().annotations == o.meta().annotations
-                {
-                    return Ok(Applied::Unchanged(cur.into_object()));
-                }
+                // The manifest's labels and annotations are added to the
+                // object's (an agent's own labels stay).
                 let mut next = cur.clone();
                 *next.spec_mut() = o.spec().clone();
-                next.meta_mut().labels = o.meta().labels.clone();
-                next.meta_mut().annotations = o.meta().annotations.clone();
+                next.meta_mut().labels.extend(o.meta().labels.clone());
+                next.meta_mut().annotations.extend(o.meta().annotations.clone());
+                if next == cur {
+                    return Ok(Applied::Unchanged(cur.into_object()));
+                }
                 return Ok(Applied::Configured(api.update(next).await?.into_object()));
             }
         }

@@ -6,6 +6,7 @@
 //! journal is written before any spawn.
 #![forbid(unsafe_code)]
 
+mod cache;
 mod config;
 mod facts;
 mod journal;
@@ -185,6 +186,7 @@ struct Agent {
     journal: journal::Journal,
     work_root: PathBuf,
     socket_dir: PathBuf,
+    cache: std::sync::Arc<cache::BlobCache>,
     /// By Process uid.
     running: HashMap<String, Running>,
     done: mpsc::UnboundedSender<String>,
@@ -246,6 +248,7 @@ impl Agent {
             process: p,
             work_root: self.work_root.clone(),
             socket_dir: self.socket_dir.clone(),
+            cache: self.cache.clone(),
         };
         let done = self.done.clone();
         tokio::spawn(async move {
@@ -287,6 +290,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         journal,
         work_root: data_dir.join("work"),
         socket_dir: data_dir.join("sock"),
+        cache: cache::BlobCache::new(data_dir.join("blobs"), client.clone()).context("opening the blob cache")?,
         running: HashMap::new(),
         done: done_tx,
     };

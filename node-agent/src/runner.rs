@@ -55,6 +55,13 @@ pub struct ProcessRunner {
     pub work_root: PathBuf,
     /// Where per-process agent sockets live.
     pub socket_dir: PathBuf,
+    pub cache: std::sync::Arc<crate::cache::BlobCache>,
+}
+
+/// A file of the process, fetched into the cache.
+struct Fetched {
+    file: testbus_proto::FileRef,
+    cached: PathBuf,
 }
 
 fn signal_name(sig: i32) -> String {
@@ -97,7 +104,10 @@ impl ProcessRunner {
                     None
                 }
             };
-        let prepared = self.prepare(socket.as_ref().map(|s| s.path.as_path()));
+        let prepared = match self.fetch(&api).await {
+            Ok((files, stdin)) => self.prepare(socket.as_ref().map(|s| s.path.as_path()), &files, stdin),
+            Err(e) => Err(e),
+        };
         let (ended, sizes) = match prepared {
             Err(e) => (e, (0, 0)),
             Ok(cmd) => match self.gate(&api, &mut commands).await {
@@ -185,9 +195,93 @@ impl ProcessRunner {
         env
     }
 
-    fn prepare(&self, socket: Option<&std::path::Path>) -> Result<tokio::process::Command, Ended> {
+    /// Fetches every file (and the stdin file) into the cache, reporting
+    /// Fetching while any has to be downloaded.
+    async fn fetch(&self, api: &Api<Process>) -> Result<(Vec<Fetched>, Option<PathBuf>), Ended> {
         let spec = self.process.spec();
-        let env = self.env(socket);
+        let digests: Vec<&str> = spec.files.iter().chain(spec.stdin_file.as_ref()).map(|f| f.digest.as_str()).collect();
+        if digests.iter().any(|d| !self.cache.has(d)) {
+            report(api, self.process.name(), |p| {
+                if p.status().phase != phase::PENDING {
+                    return false;
+                }
+                p.status_mut().phase = phase::FETCHING.into();
+                true
+            })
+            .await;
+        }
+        let get = |f: &testbus_proto::FileRef| {
+            let f = f.clone();
+            async move {
+                self.cache.get(&f.digest).await.map_err(|e| Ended::SetupFailed {
+                    reason: "FetchFailed",
+                    message: format!("file {}: {e}", if f.path.is_empty() { &f.env } else { &f.path }),
+                })
+            }
+        };
+        let mut files = Vec::with_capacity(spec.files.len());
+        for f in &spec.files {
+            files.push(Fetched { cached: get(f).await?, file: f.clone() });
+        }
+        let stdin = match &spec.stdin_file {
+            Some(f) => Some(get(f).await?),
+            None => None,
+        };
+        Ok((files, stdin))
+    }
+
+    /// Copies each file from the cache to its destination (a copy: a
+    /// process may change its file without touching the cache).
+    fn materialise(
+        &self,
+        workdir: &std::path::Path,
+        files: &[Fetched],
+        env: &mut BTreeMap<String, String>,
+    ) -> Result<(), Ended> {
+        for Fetched { file: f, cached } in files {
+            let dest = if f.path.is_empty() {
+                workdir.join("files").join(&f.env)
+            } else if f.path.starts_with('/') {
+                PathBuf::from(&f.path)
+            } else {
+                workdir.join(&f.path)
+            };
+            let copy = || -> std::io::Result<()> {
+                use std::os::unix::fs::PermissionsExt;
+                if let Some(dir) = dest.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                let tmp = dest.with_extension(format!("testbus-{}", std::process::id()));
+                std::fs::copy(cached, &tmp)?;
+                let mode = testbus_proto::validate::parse_mode(&f.mode).unwrap_or(0o644);
+                std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+                std::fs::rename(&tmp, &dest)
+            };
+            copy().map_err(|e| Ended::SetupFailed {
+                reason: "FileFailed",
+                message: format!("cannot write {}: {e}", dest.display()),
+            })?;
+            if !f.env.is_empty() {
+                env.insert(f.env.clone(), dest.display().to_string());
+            }
+        }
+        Ok(())
+    }
+
+    fn prepare(
+        &self,
+        socket: Option<&std::path::Path>,
+        files: &[Fetched],
+        stdin_file: Option<PathBuf>,
+    ) -> Result<tokio::process::Command, Ended> {
+        let spec = self.process.spec();
+        let mut env = self.env(socket);
+        let workdir = self.work_root.join(&self.process.meta().uid);
+        std::fs::create_dir_all(&workdir).map_err(|e| Ended::SetupFailed {
+            reason: "WorkdirFailed",
+            message: format!("cannot create {}: {e}", workdir.display()),
+        })?;
+        self.materialise(&workdir, files, &mut env)?;
         let argv =
             spec.argv.iter().map(|a| subst::substitute(a, &env)).collect::<Result<Vec<_>, _>>().map_err(|e| {
                 Ended::SetupFailed {
@@ -198,11 +292,6 @@ impl ProcessRunner {
                     message: format!("argv: {e}"),
                 }
             })?;
-        let workdir = self.work_root.join(&self.process.meta().uid);
-        std::fs::create_dir_all(&workdir).map_err(|e| Ended::SetupFailed {
-            reason: "WorkdirFailed",
-            message: format!("cannot create {}: {e}", workdir.display()),
-        })?;
         let mut cmd = if !spec.script.is_empty() {
             let path = workdir.join("script");
             let write = || -> std::io::Result<()> {
@@ -232,7 +321,13 @@ impl ProcessRunner {
             .env_clear()
             .envs(&env)
             .process_group(0)
-            .stdin(if spec.stdin.is_empty() { Stdio::null() } else { Stdio::piped() })
+            .stdin(match &stdin_file {
+                Some(p) => std::fs::File::open(p)
+                    .map(Stdio::from)
+                    .map_err(|e| Ended::SetupFailed { reason: "FileFailed", message: format!("stdin file: {e}") })?,
+                None if spec.stdin.is_empty() => Stdio::null(),
+                None => Stdio::piped(),
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         Ok(cmd)

@@ -11,6 +11,7 @@ mod pb {
 }
 pub use pb::*;
 
+pub mod blob;
 pub mod client;
 pub mod duration;
 pub mod manifest;
@@ -34,6 +35,7 @@ pub const TEST_FINALIZER: &str = "testbus.io/cleanup";
 /// Process phases.
 pub mod phase {
     pub const PENDING: &str = "Pending";
+    pub const FETCHING: &str = "Fetching";
     pub const RUNNING: &str = "Running";
     pub const SUCCEEDED: &str = "Succeeded";
     pub const FAILED: &str = "Failed";

@@ -1,7 +1,7 @@
 //! Validation shared by the server (authoritative) and the CLI (early, before
 //! anything is sent). Every error names the field it is about.
 use crate::resource::Resource;
-use crate::{duration, Host, HostRequirement, ObjectMeta, Process, Step, Test};
+use crate::{duration, FileRef, Host, HostRequirement, ObjectMeta, Process, Step, Test};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
@@ -165,6 +165,75 @@ fn command(path: &str, argv: &[String], script: &str, shell: bool, e: &mut Error
     }
 }
 
+pub const MAX_FILES: usize = 1000;
+
+/// A file reference: `source` (in a manifest) or `digest` (once uploaded);
+/// a destination (`path` and/or `env`) unless it is a stdin file.
+fn file_ref(p: &str, f: &FileRef, needs_destination: bool, e: &mut Errors) {
+    match (f.source.is_empty(), f.digest.is_empty()) {
+        (true, true) => e.add(p, "one of source or digest is required"),
+        (false, false) => e.add(format!("{p}.source"), "give either source or digest, not both"),
+        _ => {}
+    }
+    if !f.digest.is_empty() && !crate::blob::valid_digest(&f.digest) {
+        e.add(format!("{p}.digest"), "must be sha256: and 64 lower-case hex digits");
+    }
+    if f.source.contains('\0') {
+        e.add(format!("{p}.source"), "must not contain NUL");
+    }
+    if needs_destination && f.path.is_empty() && f.env.is_empty() {
+        e.add(p, "one of path or env is required");
+    }
+    if !f.path.is_empty() {
+        if f.path.contains('\0') || f.path.len() > 4096 {
+            e.add(format!("{p}.path"), "must be at most 4096 bytes without NUL");
+        } else if f.path.split('/').any(|c| c == "..") {
+            e.add(format!("{p}.path"), format!("{:?} must not contain '..'", f.path));
+        } else if f.path.ends_with('/') {
+            e.add(format!("{p}.path"), "must name a file, not a directory");
+        }
+    }
+    if !f.env.is_empty() {
+        if let Err(m) = env_name(&f.env) {
+            e.add(format!("{p}.env"), m);
+        }
+    }
+    if !f.mode.is_empty() && parse_mode(&f.mode).is_none() {
+        e.add(format!("{p}.mode"), format!("{:?} is not an octal file mode such as \"0644\"", f.mode));
+    }
+}
+
+/// "0644", "644", "0755" → the mode bits.
+pub fn parse_mode(s: &str) -> Option<u32> {
+    if s.is_empty() || s.len() > 4 || !s.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+        return None;
+    }
+    u32::from_str_radix(s, 8).ok()
+}
+
+fn files(p: &str, fs: &[FileRef], e: &mut Errors) {
+    if fs.len() > MAX_FILES {
+        e.add(p, format!("more than {MAX_FILES} files"));
+    }
+    for (i, f) in fs.iter().enumerate() {
+        file_ref(&format!("{p}[{i}]"), f, true, e);
+    }
+}
+
+/// Every file reference of an object, with its field path.
+pub fn file_refs_of_test(t: &Test) -> Vec<(String, &FileRef)> {
+    let s = t.spec();
+    let mut out: Vec<(String, &FileRef)> =
+        s.files.iter().enumerate().map(|(i, f)| (format!("spec.files[{i}]"), f)).collect();
+    for (i, st) in s.steps.iter().enumerate() {
+        out.extend(st.files.iter().enumerate().map(|(j, f)| (format!("spec.steps[{i}].files[{j}]"), f)));
+        if let Some(f) = &st.stdin_file {
+            out.push((format!("spec.steps[{i}].stdinFile"), f));
+        }
+    }
+    out
+}
+
 /// Role members a host requirement expands to: count 1 → the role name,
 /// count n → role0 .. role{n-1}.
 pub fn members(h: &HostRequirement) -> Vec<String> {
@@ -209,7 +278,7 @@ impl Validate for Test {
         opt_duration("spec.ttlAfterFinished", &s.ttl_after_finished, &mut e);
         not_yet("spec.ttlAfterFinished", !s.ttl_after_finished.is_empty(), &mut e);
         not_yet("spec.holdOnFailure", s.hold_on_failure, &mut e);
-        not_yet("spec.files", !s.files.is_empty(), &mut e);
+        files("spec.files", &s.files, &mut e);
         env("spec.env", &s.env, &mut e);
         if s.hosts.is_empty() {
             e.add("spec.hosts", "at least one host is required");
@@ -320,7 +389,13 @@ fn step(
             e.add(format!("{p}.exitCodes[{j}]"), "exit codes are 0..255");
         }
     }
-    not_yet(&format!("{p}.files"), !st.files.is_empty(), e);
+    files(&format!("{p}.files"), &st.files, e);
+    if let Some(f) = &st.stdin_file {
+        file_ref(&format!("{p}.stdinFile"), f, false, e);
+        if !st.stdin.is_empty() {
+            e.add(format!("{p}.stdinFile"), "give either stdin or stdinFile, not both");
+        }
+    }
     if st.stdin.len() > MAX_VALUE_BYTES {
         e.add(format!("{p}.stdin"), format!("larger than {MAX_VALUE_BYTES} bytes"));
     }
@@ -388,7 +463,7 @@ impl Validate for Host {
             }
         }
         env("spec.env", &s.env, &mut e);
-        not_yet("spec.files", !s.files.is_empty(), &mut e);
+        files("spec.files", &s.files, &mut e);
         for (j, c) in self.status().capabilities.iter().enumerate() {
             if !label_part(c) {
                 e.add(format!("status.capabilities[{j}]"), "capabilities are 1-63 of [A-Za-z0-9-_./]");

@@ -597,3 +597,69 @@ async fn sent_values_are_immutable_and_bad_sync_use_is_refused() {
     let out = c.ctl(&["send", "k", "v"]);
     assert_eq!(out.code, 2, "{out:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_reach_their_hosts_and_are_fetched_once() {
+    let c = Cluster::start(3).await;
+    let ex = repo_root().join("manifests/examples/files.yaml");
+    for round in 0..2 {
+        let out = c.ctl(&["apply", "-f", ex.to_str().unwrap(), "--wait", "--timeout", "60s"]);
+        assert_eq!(out.code, 0, "round {round}: {out:?}");
+        let name = first_test_name(&out.stdout);
+        let logs = c.ctl(&["logs", &format!("test/{name}")]).stdout;
+        assert_eq!(logs.matches("/etc/motd: Welcome to testbus").count(), 3, "{logs}");
+        assert_eq!(logs.matches("stdin: Welcome to testbus").count(), 3, "{logs}");
+        assert_eq!(logs.matches("check.sh is executable").count(), 3, "{logs}");
+        let t = c.test(&name).await;
+        assert!(t.spec().files[0].digest.starts_with("sha256:") && t.spec().files[0].source.is_empty());
+    }
+    // Two tests, two files each, on every host: each blob fetched once.
+    for h in &c.hosts {
+        assert_eq!(c.read_log(h).matches("fetched blob").count(), 2, "{h}: {}", c.read_log(h));
+    }
+
+    // A host file reaches every process on that host; a step file at the
+    // same path wins over it.
+    let dir = c.dir.path().join("hostfiles");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("a.txt"), "from the host\n").unwrap();
+    std::fs::write(dir.join("b.txt"), "from the step\n").unwrap();
+    std::fs::write(
+        dir.join("host.yaml"),
+        "apiVersion: testbus/v1\nkind: Host\nmetadata: {name: host-0}\nspec:\n  files: [{source: a.txt, path: h.txt}, {source: a.txt, path: o.txt}]\n",
+    )
+    .unwrap();
+    let out = c.ctl(&["apply", "-f", dir.join("host.yaml").to_str().unwrap()]);
+    assert_eq!((out.code, out.stdout.as_str()), (0, "host/host-0 configured\n"), "{out:?}");
+    let client = c.client().await;
+    let h = client.api::<Host>().get("host-0").await.unwrap();
+    assert_eq!(h.meta().labels.get("index").map(String::as_str), Some("0"), "the agent's labels stay");
+    std::fs::write(
+        dir.join("t.yaml"),
+        "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: layered}\nspec:\n  hosts: [{role: a, host: host-0}]\n  steps:\n    - name: s\n      on: [a]\n      files: [{source: b.txt, path: o.txt}]\n      argv: [cat, h.txt, o.txt]\n",
+    )
+    .unwrap();
+    let out = c.ctl(&["apply", "-f", dir.join("t.yaml").to_str().unwrap(), "--wait"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(c.ctl(&["logs", "test/layered"]).stdout, "[a/host-0] from the host\n[a/host-0] from the step\n");
+
+    // Bad references are refused before anything runs.
+    let out = c.ctl_stdin(
+        &["apply", "-f", "-"],
+        Some("apiVersion: testbus/v1\nkind: Test\nmetadata: {name: nofile}\nspec:\n  files: [{source: does-not-exist.txt, path: x}]\n  hosts: [{role: a}]\n"),
+    );
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("does-not-exist.txt"), "{out:?}");
+    let out = c.ctl_stdin(
+        &["apply", "-f", "-"],
+        Some("apiVersion: testbus/v1\nkind: Test\nmetadata: {name: baddest}\nspec:\n  files: [{digest: \"sha256:0000000000000000000000000000000000000000000000000000000000000000\", path: ../../etc/passwd}]\n  hosts: [{role: a}]\n"),
+    );
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("spec.files[0].path") && out.stderr.contains(".."), "{out:?}");
+    let out = c.ctl_stdin(
+        &["apply", "-f", "-"],
+        Some("apiVersion: testbus/v1\nkind: Test\nmetadata: {name: noblob}\nspec:\n  files: [{digest: \"sha256:0000000000000000000000000000000000000000000000000000000000000000\", path: x}]\n  hosts: [{role: a}]\n"),
+    );
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("spec.files[0].digest: no blob"), "{out:?}");
+}
