@@ -10,8 +10,9 @@ use testbus_proto::client::{EventType, WatchEvent};
 use testbus_proto::selector::{FieldSelector, LabelSelector};
 use testbus_proto::validate::Validate;
 use testbus_proto::{
-    phase, ClaimRequest, DeleteRequest, GetRequest, Host, HostClaim, HostEvent, HostList, Kind, ListRequest, Object,
-    Process, ProcessEvent, ProcessList, RenewLeaseRequest, Resource, Test, TestEvent, TestList, WatchRequest,
+    phase, ClaimRequest, DeleteRequest, FinishRequest, GetRequest, Host, HostClaim, HostEvent, HostList, Kind,
+    ListRequest, Object, Process, ProcessEvent, ProcessList, RecordResultRequest, RenewLeaseRequest, Resource,
+    SetEnvRequest, Test, TestEvent, TestList, WatchRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -496,6 +497,122 @@ impl ResourceService<Test> {
     }
 }
 
+/// Outcomes `testbusctl result` records.
+const OUTCOMES: [&str; 3] = ["pass", "fail", "skip"];
+
+fn result_path(p: &str) -> Result<(), String> {
+    let ok = !p.is_empty()
+        && p.len() <= 253
+        && p.split('.')
+            .all(|seg| !seg.is_empty() && seg.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b)));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{p:?} is not a result path (dot-separated segments of [A-Za-z0-9_-], e.g. users.verify-name)"))
+    }
+}
+
+impl ResourceService<Test> {
+    /// Read-modify-write of a running test's status, retried on conflict.
+    async fn mutate_running(
+        &self,
+        name: &str,
+        mut f: impl FnMut(&mut Test) -> Result<(), Status>,
+    ) -> Result<Test, Status> {
+        loop {
+            let (mut t, rev) = self.load(name).await?;
+            if phase::test_terminal(&t.status().phase) || !t.meta().deletion_timestamp.is_empty() {
+                return Err(Status::failed_precondition(format!(
+                    "Test {name:?} has finished ({}); finished tests are immutable",
+                    t.status().phase
+                )));
+            }
+            if t.status().conditions.iter().any(|c| c.r#type == "Finished") {
+                return Err(Status::failed_precondition(format!("Test {name:?} is finishing")));
+            }
+            f(&mut t)?;
+            t.validate().map_err(|e| Status::invalid_argument(e.to_string()))?;
+            match self.cas_put(&t, rev).await {
+                Err(s) if s.code() == tonic::Code::Aborted => continue,
+                r => return r,
+            }
+        }
+    }
+
+    pub async fn set_env(&self, _id: &Identity, req: SetEnvRequest) -> Result<Test, Status> {
+        for (k, v) in &req.env {
+            testbus_proto::validate::env_name(k).map_err(|e| Status::invalid_argument(format!("env.{k}: {e}")))?;
+            if v.contains('\0') {
+                return Err(Status::invalid_argument(format!("env.{k}: must not contain NUL")));
+            }
+        }
+        self.mutate_running(&req.test, |t| {
+            if t.status().phase != phase::RUNNING {
+                return Err(Status::failed_precondition(format!("Test {:?} has not claimed its hosts yet", req.test)));
+            }
+            t.status_mut().env.extend(req.env.clone());
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn record_result(&self, _id: &Identity, req: RecordResultRequest) -> Result<Test, Status> {
+        result_path(&req.path).map_err(|e| Status::invalid_argument(format!("path: {e}")))?;
+        if !OUTCOMES.contains(&req.outcome.as_str()) {
+            return Err(Status::invalid_argument(format!("outcome: {:?} must be pass, fail or skip", req.outcome)));
+        }
+        if req.message.len() > testbus_proto::validate::MAX_VALUE_BYTES {
+            return Err(Status::invalid_argument("message: too long"));
+        }
+        self.mutate_running(&req.test, |t| {
+            let r = testbus_proto::TestResult {
+                path: req.path.clone(),
+                outcome: req.outcome.clone(),
+                message: req.message.clone(),
+                time: testbus_proto::time::now(),
+            };
+            let results = &mut t.status_mut().results;
+            match results.iter_mut().find(|x| x.path == r.path) {
+                Some(x) => *x = r,
+                None => results.push(r),
+            }
+            if results.len() > 10_000 {
+                return Err(Status::invalid_argument("path: more than 10000 results in one test"));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn finish(&self, _id: &Identity, req: FinishRequest) -> Result<Test, Status> {
+        self.mutate_running(&req.test, |t| {
+            let failed: Vec<String> =
+                t.status().results.iter().filter(|r| r.outcome == "fail").map(|r| r.path.clone()).collect();
+            let (reason, message) = if req.failed {
+                (
+                    "FinishedFailed",
+                    if req.message.is_empty() { "finished as failed".to_string() } else { req.message.clone() },
+                )
+            } else if !failed.is_empty() {
+                ("ResultFailed", format!("recorded results failed: {}", failed.join(", ")))
+            } else {
+                ("Finished", req.message.clone())
+            };
+            // The controller concludes from this verdict: stops processes,
+            // writes the final status, releases the hosts.
+            t.status_mut().conditions.push(testbus_proto::Condition {
+                r#type: "Finished".into(),
+                status: "Unknown".into(),
+                reason: reason.into(),
+                message,
+                last_transition_time: testbus_proto::time::now(),
+            });
+            Ok(())
+        })
+        .await
+    }
+}
+
 macro_rules! bind_service {
     ($module:ident :: $trait:ident, $ty:ident, $list:ident, $event:ident, { $($extra:tt)* }) => {
         #[tonic::async_trait]
@@ -555,6 +672,18 @@ bind_service!(tests_server::Tests, Test, TestList, TestEvent, {
     async fn claim(&self, req: Request<ClaimRequest>) -> Result<Response<Test>, Status> {
         let id = identity(&req);
         ResourceService::claim(self, &id, req.into_inner()).await.map(Response::new)
+    }
+    async fn set_env(&self, req: Request<SetEnvRequest>) -> Result<Response<Test>, Status> {
+        let id = identity(&req);
+        ResourceService::set_env(self, &id, req.into_inner()).await.map(Response::new)
+    }
+    async fn record_result(&self, req: Request<RecordResultRequest>) -> Result<Response<Test>, Status> {
+        let id = identity(&req);
+        ResourceService::record_result(self, &id, req.into_inner()).await.map(Response::new)
+    }
+    async fn finish(&self, req: Request<FinishRequest>) -> Result<Response<Test>, Status> {
+        let id = identity(&req);
+        ResourceService::finish(self, &id, req.into_inner()).await.map(Response::new)
     }
 });
 bind_service!(processes_server::Processes, Process, ProcessList, ProcessEvent, {});

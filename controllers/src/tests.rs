@@ -186,30 +186,10 @@ fn targets(t: &Test, step: &Step) -> Vec<String> {
     out
 }
 
-/// Deterministic, DNS-label-safe process name: creating it twice is a no-op.
-pub fn process_name(test: &str, step: &str, member: &str) -> String {
-    let full = format!("{test}-{step}-{member}");
-    if full.len() <= 63 {
-        return full;
-    }
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in full.bytes() {
-        h = (h ^ u64::from(b)).wrapping_mul(0x100000001b3);
-    }
-    let head = full[..52].trim_end_matches('-');
-    format!("{head}-{:010x}", h & 0xff_ffff_ffff)
-}
+pub use testbus_proto::process::name as process_name;
 
 fn process_for(t: &Test, step: &Step, member: &str, host: &Host) -> Process {
-    let st = t.status();
-    let mut env = st.env.clone();
-    env.extend(host.spec().env.clone());
-    env.extend(host.status().env.clone());
-    env.extend(step.env.clone());
-    env.insert("TESTBUS_TEST".into(), t.name().into());
-    env.insert("TESTBUS_ROLE".into(), member.into());
-    env.insert("TESTBUS_HOST".into(), host.name().into());
-    env.insert("TESTBUS_STEP".into(), step.name.clone());
+    let env = testbus_proto::process::env(t, host, member, &step.name, &step.env);
     let labels = [
         (LABEL_TEST.to_string(), t.name().to_string()),
         (LABEL_STEP.to_string(), step.name.clone()),
@@ -264,6 +244,8 @@ fn result_of(p: &Process) -> ProcessResult {
         exit_code: s.exit_code,
         signal: s.signal.clone(),
         message: s.message.clone(),
+        start_time: s.start_time.clone(),
+        finish_time: s.finish_time.clone(),
     }
 }
 
@@ -280,8 +262,8 @@ const STOPPED: &str = "Stopped";
 /// The phase each verdict reason leads to.
 fn phase_of_reason(reason: &str) -> &'static str {
     match reason {
-        "Completed" => phase::SUCCEEDED,
-        "StepFailed" | "BackgroundEnded" => phase::FAILED,
+        "Completed" | "Finished" => phase::SUCCEEDED,
+        "StepFailed" | "BackgroundEnded" | "ResultFailed" | "FinishedFailed" => phase::FAILED,
         "Cancelled" => phase::CANCELLED,
         _ => phase::ERROR,
     }
@@ -489,7 +471,17 @@ async fn drive(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Action
                 .zip(&spec.steps)
                 .all(|(s, step)| step.background || (s.phase != phase::RUNNING && s.phase != phase::WAITING))
         {
-            verdict = Some(Verdict { phase: phase::SUCCEEDED, reason: "Completed".into(), message: String::new() });
+            let failed: Vec<&str> =
+                st.results.iter().filter(|r| r.outcome == "fail").map(|r| r.path.as_str()).collect();
+            verdict = Some(if failed.is_empty() {
+                Verdict { phase: phase::SUCCEEDED, reason: "Completed".into(), message: String::new() }
+            } else {
+                Verdict {
+                    phase: phase::FAILED,
+                    reason: "ResultFailed".into(),
+                    message: format!("recorded results failed: {}", failed.join(", ")),
+                }
+            });
         }
     }
 
@@ -651,20 +643,5 @@ async fn teardown(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Act
         Ok(_) => Ok(Action::AwaitChange),
         Err(s) if s.code() == Code::NotFound => Ok(Action::AwaitChange),
         Err(s) => Err(s),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn process_names_are_labels() {
-        assert_eq!(process_name("t", "s", "client0"), "t-s-client0");
-        let long = process_name(&"a".repeat(40), &"b".repeat(30), "client12");
-        assert!(long.len() <= 63);
-        assert!(testbus_proto::validate::dns_label(&long).is_ok());
-        assert_eq!(long, process_name(&"a".repeat(40), &"b".repeat(30), "client12"));
-        assert_ne!(long, process_name(&"a".repeat(40), &"b".repeat(30), "client13"));
     }
 }

@@ -8,7 +8,9 @@ mod intest;
 mod logs;
 mod objects;
 mod progress;
+mod results;
 mod run;
+mod script;
 
 use clap::{Parser, Subcommand};
 use error::{CliError, CliResult};
@@ -92,6 +94,59 @@ enum Cmd {
     },
     /// Make a host schedulable again.
     Uncordon { host: String },
+    /// A test's results as text, JSON, JUnit XML or TAP.
+    Results {
+        /// test/NAME.
+        target: String,
+        #[arg(short = 'o', long, value_enum, default_value = "text")]
+        output: results::ReportFormat,
+    },
+    /// Create an open test (no steps) to drive with exec, cp, result and finish.
+    Create {
+        #[command(subcommand)]
+        what: CreateCmd,
+    },
+    /// Run a command on the hosts of a running test; exits with the remote exit code.
+    Exec {
+        test: String,
+        /// Roles or members to run on (repeatable); default: every host.
+        #[arg(long = "role")]
+        roles: Vec<String>,
+        #[arg(long = "env")]
+        env: Vec<String>,
+        /// Give the command this file (or - for this stdin) on its stdin.
+        #[arg(long)]
+        stdin: Option<String>,
+        #[arg(long, value_parser = parse_duration_str)]
+        timeout: Option<String>,
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
+    /// Copy a file to (SRC|- TEST/ROLE:PATH) or from (TEST/ROLE:PATH DEST|-) hosts of a running test.
+    Cp { src: String, dest: String },
+    /// Print a variable of a test's environment.
+    Getenv { test: String, name: String },
+    /// Add variables to a running test's environment (for later exec).
+    Setenv {
+        test: String,
+        #[arg(required = true)]
+        vars: Vec<String>,
+    },
+    /// Record a result of a running test at a dotted path (users.verify-name).
+    Result {
+        test: String,
+        path: String,
+        #[arg(value_parser = ["pass", "fail", "skip"])]
+        outcome: String,
+        #[arg(long)]
+        message: Option<String>,
+    },
+    /// End an open test: Succeeded, or Failed with --failed or a failed result.
+    Finish {
+        test: String,
+        #[arg(long)]
+        failed: bool,
+    },
     /// Inside a test process: wait until every running process of the test arrives at NAME.
     Sync {
         name: String,
@@ -126,6 +181,23 @@ enum Cmd {
         timeout: Option<String>,
         #[arg(last = true, required = true)]
         argv: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CreateCmd {
+    /// An open test claiming hosts: --claim ROLE=CAP[,CAP...][:COUNT].
+    Test {
+        name: String,
+        #[arg(long = "claim", required = true)]
+        claims: Vec<String>,
+        #[arg(long = "env")]
+        env: Vec<String>,
+        #[arg(long, value_parser = parse_duration_str)]
+        timeout: Option<String>,
+        /// Wait until the hosts are claimed, and print them.
+        #[arg(long)]
+        wait_claimed: bool,
     },
 }
 
@@ -524,6 +596,41 @@ async fn dispatch(cli: Cli) -> CliResult {
         }
         Cmd::Cordon { host, reason } => set_cordon(&connect(&server).await?, &host, true, &reason).await,
         Cmd::Uncordon { host } => set_cordon(&connect(&server).await?, &host, false, "").await,
+        Cmd::Results { target, output } => {
+            let (_, name) = objects::parse_ref(&target, &[Kind::Test])?;
+            let t = connect(&server).await?.api::<testbus_proto::Test>().get(&name).await?;
+            print!("{}", results::render(&t, output));
+            Ok(0)
+        }
+        Cmd::Create { what: CreateCmd::Test { name, claims, env, timeout, wait_claimed } } => {
+            let claims = claims.iter().map(|c| script::parse_claim(c)).collect::<CliResult<Vec<_>>>()?;
+            let env = parse_env("--env", &env)?;
+            script::create_test(&connect(&server).await?, &name, claims, env, timeout, wait_claimed).await
+        }
+        Cmd::Exec { test, roles, env, stdin, timeout, argv } => {
+            let env = parse_env("--env", &env)?;
+            let stdin = match stdin.as_deref() {
+                None => None,
+                Some("-") => {
+                    let mut s = String::new();
+                    std::io::stdin().read_to_string(&mut s).map_err(|e| CliError::usage(format!("--stdin -: {e}")))?;
+                    Some(s)
+                }
+                Some(f) => Some(std::fs::read_to_string(f).map_err(|e| CliError::usage(format!("--stdin {f}: {e}")))?),
+            };
+            let a = script::ExecArgs { argv, env, stdin, timeout, files: vec![] };
+            script::exec(&connect(&server).await?, &test, &roles, a).await
+        }
+        Cmd::Cp { src, dest } => script::cp(&connect(&server).await?, &src, &dest).await,
+        Cmd::Getenv { test, name } => script::getenv(&connect(&server).await?, &test, &name).await,
+        Cmd::Setenv { test, vars } => {
+            let env = parse_env("setenv", &vars)?;
+            script::setenv(&connect(&server).await?, &test, env).await
+        }
+        Cmd::Result { test, path, outcome, message } => {
+            script::result(&connect(&server).await?, &test, &path, &outcome, message).await
+        }
+        Cmd::Finish { test, failed } => script::finish(&connect(&server).await?, &test, failed).await,
         Cmd::Sync { name, roles, timeout } => intest::sync(name, roles, timeout).await,
         Cmd::Send { key, value } => intest::send(key, value).await,
         Cmd::Recv { key, from, timeout } => intest::recv(key, from, timeout).await,

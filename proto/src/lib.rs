@@ -15,6 +15,7 @@ pub mod blob;
 pub mod client;
 pub mod duration;
 pub mod manifest;
+pub mod process;
 pub mod resource;
 pub mod selector;
 pub mod subst;

@@ -663,3 +663,88 @@ async fn files_reach_their_hosts_and_are_fetched_once() {
     assert_eq!(out.code, 2, "{out:?}");
     assert!(out.stderr.contains("spec.files[0].digest: no blob"), "{out:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scripted_client_server_example_runs() {
+    let c = Cluster::start(2).await;
+    let script = repo_root().join("manifests/examples/scripted-client-server.sh");
+    let path = format!("{}:{}", testbus_tests::bin_dir().display(), std::env::var("PATH").unwrap_or_default());
+    let out = std::process::Command::new(&script)
+        .arg("scripted")
+        .env("TESTBUS_SERVER", &c.server)
+        .env("PATH", path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.contains("test/scripted claimed client=host-"), "{stdout}");
+    assert!(stdout.contains("server host-") && stdout.contains(" ready"), "{stdout}");
+    let t = c.test("scripted").await;
+    assert_eq!(t.status().phase, phase::SUCCEEDED);
+    let results: Vec<(&str, &str)> = t.status().results.iter().map(|r| (r.path.as_str(), r.outcome.as_str())).collect();
+    assert_eq!(
+        results,
+        [
+            ("config.delivered", "pass"),
+            ("users.verify-name", "pass"),
+            ("config.round-trip", "pass"),
+            ("optional.ipv6", "skip")
+        ]
+    );
+    assert!(stdout.contains("passed: 3, failed: 0, errors: 0, skipped: 1"), "{stdout}");
+    wait_released(&c).await;
+    // A finished test takes no more scripting.
+    let out = c.ctl(&["setenv", "scripted", "A=b"]);
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("immutable"), "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripting_exit_codes_and_failed_results() {
+    let c = Cluster::start(2).await;
+    let out = c.ctl(&["create", "test", "imp", "--claim", "a=linux", "--claim", "b:1", "--wait-claimed"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let out = c.ctl(&["exec", "imp", "--role", "b", "--", "sh", "-c", "echo $TESTBUS_ROLE; exit 5"]);
+    assert_eq!((out.code, out.stdout.as_str()), (5, "b\n"), "{out:?}");
+    let out = c.ctl(&["exec", "imp", "--", "sh", "-c", "echo $TESTBUS_ROLE"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("[a/host-") && out.stdout.contains("[b/host-"), "{out:?}");
+    let out = c.ctl_stdin(&["exec", "imp", "--role", "a", "--stdin", "-", "--", "cat"], Some("via stdin"));
+    assert_eq!((out.code, out.stdout.as_str()), (0, "via stdin"), "{out:?}");
+    assert_eq!(c.ctl(&["exec", "imp", "--role", "zz", "--", "true"]).code, 2);
+    assert_eq!(c.ctl(&["result", "imp", "bad path!", "pass"]).code, 2);
+    assert_eq!(c.ctl(&["result", "imp", "checks.one", "fail", "--message", "broken"]).code, 0);
+    assert_eq!(c.ctl(&["getenv", "imp", "host_a_hostname"]).code, 0);
+    assert_eq!(c.ctl(&["getenv", "imp", "NOPE"]).code, 2);
+    // A failed recorded result fails the test at finish.
+    let out = c.ctl(&["finish", "imp"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    let t = c.test("imp").await;
+    assert_eq!((t.status().phase.as_str(), t.status().reason.as_str()), (phase::FAILED, "ResultFailed"));
+
+    // Reports: text, TAP, and JUnit read back by an independent parser.
+    let path = manifest(&c, "failing.yaml", FAILING);
+    assert_eq!(c.ctl(&["apply", "-f", &path, "--wait"]).code, 1);
+    let text = c.ctl(&["results", "test/failing"]).stdout;
+    assert!(text.starts_with("test/failing: Failed (StepFailed"), "{text}");
+    assert!(text.contains("FAIL  bad/b@host-") && text.contains("SKIP  never/never"), "{text}");
+    let tap = c.ctl(&["results", "test/failing", "-o", "tap"]).stdout;
+    assert!(tap.starts_with("TAP version 13\n1..3\nok 1 - ok/a@host-"), "{tap}");
+    assert!(tap.contains("not ok 2 - bad/b@host-") && tap.contains("ok 3 - never/never # SKIP"), "{tap}");
+    let junit = c.ctl(&["results", "test/failing", "-o", "junit"]).stdout;
+    let xml = c.dir.path().join("failing.xml");
+    std::fs::write(&xml, &junit).unwrap();
+    let py = "import sys, junitparser\nx = junitparser.JUnitXml.fromfile(sys.argv[1])\nfor s in x:\n    for c in s:\n        r = c.result[0].__class__.__name__ if c.result else 'Pass'\n        print(c.classname, c.name, r)\n";
+    let out = std::process::Command::new("python3").args(["-c", py]).arg(&xml).output().unwrap();
+    let parsed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "junitparser: {}\n{junit}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<&str> = parsed.lines().collect();
+    assert_eq!(lines.len(), 3, "{parsed}");
+    assert!(lines[0].starts_with("failing.ok a@host-") && lines[0].ends_with(" Pass"), "{parsed}");
+    assert!(lines[1].starts_with("failing.bad b@host-") && lines[1].ends_with(" Failure"), "{parsed}");
+    assert_eq!(lines[2], "failing.never never Skipped", "{parsed}");
+    let json: serde_json::Value =
+        serde_json::from_str(&c.ctl(&["results", "test/failing", "-o", "json"]).stdout).unwrap();
+    assert_eq!(json["cases"][1]["outcome"], "fail");
+}

@@ -1,0 +1,353 @@
+//! Imperative scripting of an *open* test (one without steps), the way
+//! classic shell suites drive hosts one by one: `create test`, `exec`, `cp`,
+//! `getenv`, `setenv`, `result`, `finish`.
+use crate::error::{CliError, CliResult, FAILED, INCOMPLETE};
+use crate::logs;
+use futures::StreamExt;
+use std::collections::BTreeMap;
+use std::io::Write;
+use testbus_proto::client::{watcher, Client, WatcherEvent};
+use testbus_proto::validate::member_matches;
+use testbus_proto::{
+    phase, FileRef, FinishRequest, Host, HostRequirement, ObjectMeta, Process, ProcessSpec, RecordResultRequest,
+    Resource, SetEnvRequest, Test, TestSpec,
+};
+
+/// `ROLE[=CAP[,CAP...]][:COUNT]`.
+pub fn parse_claim(s: &str) -> CliResult<HostRequirement> {
+    let bad = || CliError::usage(format!("--claim {s:?}: expected ROLE=CAP[,CAP...][:COUNT]"));
+    let (rest, count) = match s.rsplit_once(':') {
+        Some((r, n)) => (r, Some(n.parse::<u32>().map_err(|_| bad())?)),
+        None => (s, None),
+    };
+    let (role, caps) = match rest.split_once('=') {
+        Some((r, c)) => (r, c.split(',').filter(|c| !c.is_empty()).map(str::to_string).collect()),
+        None => (rest, vec![]),
+    };
+    if role.is_empty() {
+        return Err(bad());
+    }
+    Ok(HostRequirement { role: role.into(), capabilities: caps, count, host: String::new() })
+}
+
+pub async fn create_test(
+    client: &Client,
+    name: &str,
+    claims: Vec<HostRequirement>,
+    env: BTreeMap<String, String>,
+    timeout: Option<String>,
+    wait_claimed: bool,
+) -> CliResult {
+    let t = Test {
+        metadata: Some(ObjectMeta { name: name.into(), ..Default::default() }),
+        spec: Some(TestSpec { hosts: claims, env, timeout: timeout.unwrap_or_default(), ..Default::default() }),
+        ..Default::default()
+    };
+    use testbus_proto::validate::Validate;
+    t.validate().map_err(|e| CliError::usage(e.to_string()))?;
+    client.api::<Test>().create(t).await?;
+    println!("test/{name} created");
+    if !wait_claimed {
+        return Ok(0);
+    }
+    let t = wait_running(client, name).await?;
+    let claims: Vec<String> = t.status().claims.iter().map(|(r, h)| format!("{r}={h}")).collect();
+    println!("test/{name} claimed {}", claims.join(" "));
+    Ok(0)
+}
+
+/// Waits until the test holds its hosts.
+async fn wait_running(client: &Client, name: &str) -> CliResult<Test> {
+    let events = watcher(client.api::<Test>(), String::new(), format!("metadata.name={name}"));
+    futures::pin_mut!(events);
+    let mut said_why = String::new();
+    while let Some(ev) = events.next().await {
+        let t = match ev {
+            WatcherEvent::Restarted(mut l) => match l.pop() {
+                Some(t) => t,
+                None => return Err(CliError::incomplete(format!("test/{name} does not exist"))),
+            },
+            WatcherEvent::Applied(t) => t,
+            WatcherEvent::Deleted(_) => return Err(CliError::incomplete(format!("test/{name} was deleted"))),
+        };
+        let s = t.status();
+        if s.phase == phase::RUNNING {
+            return Ok(t);
+        }
+        if phase::test_terminal(&s.phase) {
+            return Err(CliError::incomplete(format!("test/{name} ended ({}): {}", s.phase, s.message)));
+        }
+        if !s.message.is_empty() && s.message != said_why {
+            eprintln!("test/{name}: waiting: {}", s.message);
+            said_why = s.message.clone();
+        }
+    }
+    Err(CliError::incomplete("the watch ended"))
+}
+
+/// The running test and the members `roles` select (all when empty).
+async fn targets(client: &Client, test: &str, roles: &[String]) -> CliResult<(Test, Vec<(String, Host)>)> {
+    let t = client.api::<Test>().get(test).await?;
+    if t.status().phase != phase::RUNNING {
+        return Err(CliError::usage(format!("test/{test} is not running (phase {})", t.status().phase)));
+    }
+    let mut out = Vec::new();
+    for (member, host) in &t.status().claims {
+        if roles.is_empty() || roles.iter().any(|r| member_matches(member, r)) {
+            out.push((member.clone(), client.api::<Host>().get(host).await?));
+        }
+    }
+    if out.is_empty() {
+        let known: Vec<&str> = t.status().claims.keys().map(String::as_str).collect();
+        return Err(CliError::usage(format!(
+            "--role: no member of test/{test} matches (members: {})",
+            known.join(", ")
+        )));
+    }
+    Ok((t, out))
+}
+
+fn suffix() -> String {
+    let n = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{:x}", (n ^ u128::from(std::process::id())) & 0xffff_ffff)
+}
+
+pub struct ExecArgs {
+    pub argv: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub stdin: Option<String>,
+    pub timeout: Option<String>,
+    pub files: Vec<FileRef>,
+}
+
+/// Runs one command on each target member; returns the processes when
+/// they have ended, their output copied (prefixed when several) to
+/// `out_prefix`-aware stdout/stderr.
+async fn run_processes(
+    client: &Client,
+    test: &str,
+    roles: &[String],
+    a: ExecArgs,
+    show: bool,
+) -> CliResult<Vec<Process>> {
+    let (t, members) = targets(client, test, roles).await?;
+    let id = format!("x{}", suffix());
+    let mut names = Vec::new();
+    for (member, host) in &members {
+        let p = Process {
+            metadata: Some(ObjectMeta {
+                name: testbus_proto::process::name(test, &id, member),
+                labels: [
+                    ("testbus.io/test".to_string(), test.to_string()),
+                    ("testbus.io/exec".to_string(), id.clone()),
+                    ("testbus.io/role".to_string(), member.clone()),
+                ]
+                .into(),
+                owner_references: vec![testbus_proto::OwnerReference {
+                    kind: "Test".into(),
+                    name: test.into(),
+                    uid: t.meta().uid.clone(),
+                    controller: true,
+                }],
+                ..Default::default()
+            }),
+            spec: Some(ProcessSpec {
+                host_name: host.name().into(),
+                test: test.into(),
+                test_uid: t.meta().uid.clone(),
+                role: member.clone(),
+                step: id.clone(),
+                argv: a.argv.clone(),
+                env: testbus_proto::process::env(&t, host, member, &id, &a.env),
+                stdin: a.stdin.clone().unwrap_or_default(),
+                timeout: a.timeout.clone().unwrap_or_default(),
+                exit_codes: vec![0],
+                files: a.files.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        names.push(client.api::<Process>().create(p).await?.name().to_string());
+    }
+    let prefix = members.len() > 1;
+    let mut readers = tokio::task::JoinSet::new();
+    for (name, (member, host)) in names.iter().zip(&members) {
+        let c = client.clone();
+        let n = name.clone();
+        let pre = (prefix && show).then(|| format!("[{member}/{}] ", host.name()));
+        readers.spawn(async move {
+            if show {
+                logs::copy_process(&c, &n, pre, true).await
+            } else {
+                wait_process(&c, &n).await
+            }
+        });
+    }
+    while let Some(r) = readers.join_next().await {
+        r.map_err(|e| CliError::failed(e.to_string()))??;
+    }
+    let mut done = Vec::new();
+    for n in &names {
+        done.push(client.api::<Process>().get(n).await?);
+    }
+    Ok(done)
+}
+
+async fn wait_process(client: &Client, name: &str) -> CliResult<()> {
+    let events = watcher(client.api::<Process>(), String::new(), format!("metadata.name={name}"));
+    futures::pin_mut!(events);
+    while let Some(ev) = events.next().await {
+        let p = match ev {
+            WatcherEvent::Restarted(mut l) => l.pop(),
+            WatcherEvent::Applied(p) => Some(p),
+            WatcherEvent::Deleted(_) => None,
+        };
+        match p {
+            Some(p) if !phase::process_terminal(&p.status().phase) => continue,
+            _ => return Ok(()),
+        }
+    }
+    Ok(())
+}
+
+/// The exit code of a set of ended processes: the first non-zero remote
+/// exit code; 1 for one that failed without one; 3 for one stopped or lost.
+fn exit_code(procs: &[Process]) -> i32 {
+    for p in procs {
+        let s = p.status();
+        match (s.phase.as_str(), s.exit_code) {
+            (phase::SUCCEEDED, _) => {}
+            (_, Some(c)) if c != 0 => return c,
+            (phase::KILLED | phase::LOST, _) => {
+                eprintln!("testbusctl: {} on {}: {} ({})", p.spec().role, p.spec().host_name, s.phase, s.message);
+                return INCOMPLETE;
+            }
+            _ => {
+                eprintln!("testbusctl: {} on {}: {}", p.spec().role, p.spec().host_name, s.message);
+                return FAILED;
+            }
+        }
+    }
+    0
+}
+
+pub async fn exec(client: &Client, test: &str, roles: &[String], a: ExecArgs) -> CliResult {
+    let procs = run_processes(client, test, roles, a, true).await?;
+    Ok(exit_code(&procs))
+}
+
+/// `TEST/ROLE:PATH`.
+pub fn parse_remote(s: &str) -> Option<(String, String, String)> {
+    let (test, rest) = s.split_once('/')?;
+    let (role, path) = rest.split_once(':')?;
+    (!test.is_empty() && !role.is_empty() && !path.is_empty()).then(|| (test.into(), role.into(), path.into()))
+}
+
+pub async fn cp(client: &Client, src: &str, dest: &str) -> CliResult {
+    match (parse_remote(src), parse_remote(dest)) {
+        (None, Some((test, role, path))) => {
+            if !path.starts_with('/') {
+                return Err(CliError::usage(format!("{dest}: the remote path must be absolute")));
+            }
+            let (local, mode) = if src == "-" {
+                let tmp = std::env::temp_dir().join(format!("testbusctl-cp-{}", suffix()));
+                let mut data = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::stdin(), &mut data)?;
+                std::fs::write(&tmp, data)?;
+                (tmp, "0644".to_string())
+            } else {
+                use std::os::unix::fs::PermissionsExt;
+                let m = std::fs::metadata(src).map_err(|e| CliError::usage(format!("{src}: {e}")))?;
+                (std::path::PathBuf::from(src), format!("{:04o}", m.permissions().mode() & 0o777))
+            };
+            let r = testbus_proto::blob::upload_file(client.channel(), &local).await;
+            if src == "-" {
+                let _ = std::fs::remove_file(&local);
+            }
+            let r = r.map_err(|e| CliError::failed(e.to_string()))?;
+            let file = FileRef { digest: r.digest, path: path.clone(), mode, ..Default::default() };
+            let a = ExecArgs {
+                argv: vec!["true".into()],
+                env: BTreeMap::new(),
+                stdin: None,
+                timeout: None,
+                files: vec![file],
+            };
+            let procs = run_processes(client, &test, &[role], a, true).await?;
+            Ok(exit_code(&procs))
+        }
+        (Some((test, role, path)), None) => {
+            let (_, members) = targets(client, &test, std::slice::from_ref(&role)).await?;
+            if members.len() != 1 {
+                let names: Vec<&str> = members.iter().map(|(m, _)| m.as_str()).collect();
+                return Err(CliError::usage(format!(
+                    "{src}: {role} has {} members; name one ({})",
+                    names.len(),
+                    names.join(", ")
+                )));
+            }
+            let a = ExecArgs {
+                argv: vec!["cat".into(), "--".into(), path],
+                env: BTreeMap::new(),
+                stdin: None,
+                timeout: None,
+                files: vec![],
+            };
+            let procs = run_processes(client, &test, &[role], a, false).await?;
+            let code = exit_code(&procs);
+            let mut stream = client
+                .output()
+                .read(testbus_proto::ReadOutputRequest { process: procs[0].name().into(), follow: false })
+                .await?
+                .into_inner();
+            let mut out: Box<dyn Write> = if dest == "-" {
+                Box::new(std::io::stdout().lock())
+            } else {
+                Box::new(std::fs::File::create(dest).map_err(|e| CliError::usage(format!("{dest}: {e}")))?)
+            };
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk?;
+                if chunk.stream == 1 {
+                    std::io::stderr().write_all(&chunk.data)?;
+                } else {
+                    out.write_all(&chunk.data)?;
+                }
+            }
+            out.flush()?;
+            Ok(code)
+        }
+        _ => Err(CliError::usage("cp: exactly one of SRC and DEST must be TEST/ROLE:PATH")),
+    }
+}
+
+pub async fn getenv(client: &Client, test: &str, name: &str) -> CliResult {
+    let t = client.api::<Test>().get(test).await?;
+    match t.status().env.get(name) {
+        Some(v) => {
+            println!("{v}");
+            Ok(0)
+        }
+        None => Err(CliError::usage(format!("test/{test} has no variable {name}"))),
+    }
+}
+
+pub async fn setenv(client: &Client, test: &str, env: BTreeMap<String, String>) -> CliResult {
+    client.tests().set_env(SetEnvRequest { test: test.into(), env }).await?;
+    Ok(0)
+}
+
+pub async fn result(client: &Client, test: &str, path: &str, outcome: &str, message: Option<String>) -> CliResult {
+    let req = RecordResultRequest {
+        test: test.into(),
+        path: path.into(),
+        outcome: outcome.into(),
+        message: message.unwrap_or_default(),
+    };
+    client.tests().record_result(req).await?;
+    Ok(0)
+}
+
+pub async fn finish(client: &Client, test: &str, failed: bool) -> CliResult {
+    client.tests().finish(FinishRequest { test: test.into(), failed, message: String::new() }).await?;
+    crate::progress::wait(client, &[test.to_string()], None, false).await
+}

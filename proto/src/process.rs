@@ -1,0 +1,57 @@
+//! How a Process is built for a test: its name and its environment. Shared
+//! by the test controller (steps) and `testbusctl exec` (imperative
+//! scripts), so both follow the same precedence rules.
+use crate::{Host, Resource, Test};
+use std::collections::BTreeMap;
+
+/// Deterministic, DNS-label-safe process name: creating it twice is a no-op.
+pub fn name(test: &str, step: &str, member: &str) -> String {
+    let full = format!("{test}-{step}-{member}");
+    if full.len() <= 63 {
+        return full;
+    }
+    // FNV-1a keeps names distinct after truncation.
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in full.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x100000001b3);
+    }
+    let head = full[..52].trim_end_matches('-');
+    format!("{head}-{:010x}", h & 0xff_ffff_ffff)
+}
+
+/// A process's environment, low to high precedence: the test's env (with
+/// `host_*` variables), the host's env (spec, then what its agent
+/// publishes), the step's (or exec's) env, then `TESTBUS_TEST`,
+/// `TESTBUS_ROLE`, `TESTBUS_HOST`, `TESTBUS_STEP`.
+pub fn env(
+    t: &Test,
+    host: &Host,
+    member: &str,
+    step: &str,
+    step_env: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    let mut env = t.status().env.clone();
+    env.extend(host.spec().env.clone());
+    env.extend(host.status().env.clone());
+    env.extend(step_env.clone());
+    env.insert("TESTBUS_TEST".into(), t.name().into());
+    env.insert("TESTBUS_ROLE".into(), member.into());
+    env.insert("TESTBUS_HOST".into(), host.name().into());
+    env.insert("TESTBUS_STEP".into(), step.into());
+    env
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_labels() {
+        assert_eq!(name("t", "s", "client0"), "t-s-client0");
+        let long = name(&"a".repeat(40), &"b".repeat(30), "client12");
+        assert!(long.len() <= 63);
+        assert!(crate::validate::dns_label(&long).is_ok());
+        assert_eq!(long, name(&"a".repeat(40), &"b".repeat(30), "client12"));
+        assert_ne!(long, name(&"a".repeat(40), &"b".repeat(30), "client13"));
+    }
+}
