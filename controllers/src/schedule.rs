@@ -58,6 +58,42 @@ fn busy_reason(h: &Host) -> String {
     }
 }
 
+/// Queue order: higher priority first, then older, then by name.
+pub fn queue_order(a: &testbus_proto::Test, b: &testbus_proto::Test) -> std::cmp::Ordering {
+    b.spec()
+        .priority
+        .cmp(&a.spec().priority)
+        .then_with(|| a.meta().creation_timestamp.cmp(&b.meta().creation_timestamp))
+        .then_with(|| a.name().cmp(b.name()))
+}
+
+/// Hosts the tests queued ahead of `me` hold back from it: what each of
+/// them can claim now, and — for one that cannot start yet — every free
+/// host that fits one of its roles, so a large test is not starved by a
+/// stream of small ones. Returns the reserved hosts and the first test that
+/// waits for hosts (for the message).
+pub fn reserved_ahead<'a>(
+    queue: &[&'a testbus_proto::Test],
+    me: &testbus_proto::Test,
+    hosts: &[&Host],
+) -> (std::collections::HashSet<String>, Option<&'a testbus_proto::Test>) {
+    let mut reserved = std::collections::HashSet::new();
+    let mut blocked = None;
+    for q in queue.iter().take_while(|q| q.meta().uid != me.meta().uid) {
+        let avail: Vec<&Host> = hosts.iter().copied().filter(|h| !reserved.contains(h.name())).collect();
+        match assign(&q.spec().hosts, &avail) {
+            Ok(a) => reserved.extend(a.into_iter().map(|a| a.host)),
+            Err(_) => {
+                for h in avail.iter().filter(|h| is_free(h) && q.spec().hosts.iter().any(|r| fits(r, h))) {
+                    reserved.insert(h.name().to_string());
+                }
+                blocked.get_or_insert(*q);
+            }
+        }
+    }
+    (reserved, blocked)
+}
+
 pub fn assign(reqs: &[HostRequirement], hosts: &[&Host]) -> Result<Vec<Assignment>, String> {
     // Slots: one per role member.
     let slots: Vec<(usize, String)> =
@@ -185,6 +221,52 @@ mod tests {
         assert_eq!(err, "needs 4 × nfs-client (role client), 1 free: h1 claimed by test other");
         let err = assign(&[req("gpu", &["gpu"], 1)], &[&free]).unwrap_err();
         assert!(err.contains("no host has these capabilities"), "{err}");
+    }
+
+    fn pending(name: &str, priority: i32, created: &str, reqs: Vec<HostRequirement>) -> testbus_proto::Test {
+        testbus_proto::Test {
+            metadata: Some(ObjectMeta {
+                name: name.into(),
+                uid: name.into(),
+                creation_timestamp: created.into(),
+                ..Default::default()
+            }),
+            spec: Some(testbus_proto::TestSpec { hosts: reqs, priority, ..Default::default() }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_large_test_at_the_head_is_not_starved() {
+        // Three hosts, one busy. The big test (needs 3) came first; a small
+        // one (needs 1) came later and must not take the free hosts.
+        let mut busy = host("h0", &[]);
+        busy.status.as_mut().unwrap().claim = Some(HostClaim { test: "other".into(), ..Default::default() });
+        let (h1, h2) = (host("h1", &[]), host("h2", &[]));
+        let hosts = [&busy, &h1, &h2];
+        let big = pending("big", 0, "2026-01-01T00:00:00Z", vec![req("r", &[], 3)]);
+        let small = pending("small", 0, "2026-01-01T00:00:01Z", vec![req("r", &[], 1)]);
+        let mut queue = vec![&small, &big];
+        queue.sort_by(|a, b| queue_order(a, b));
+        assert_eq!(queue[0].name(), "big");
+        let (reserved, blocked) = reserved_ahead(&queue, &small, &hosts);
+        assert_eq!(blocked.map(|t| t.name()), Some("big"));
+        let avail: Vec<&Host> = hosts.iter().copied().filter(|h| !reserved.contains(h.name())).collect();
+        assert!(assign(&small.spec().hosts, &avail).is_err(), "the small test must wait");
+        // A small test needing a capability the big one does not use backfills.
+        let mut gpu = host("g", &["gpu"]);
+        gpu.spec = None;
+        let big_plain = pending("big", 0, "2026-01-01T00:00:00Z", vec![req("r", &["plain"], 3)]);
+        let small_gpu = pending("small", 0, "2026-01-01T00:00:01Z", vec![req("r", &["gpu"], 1)]);
+        let hosts = [&busy, &h1, &gpu];
+        let (reserved, _) = reserved_ahead(&[&big_plain, &small_gpu], &small_gpu, &hosts);
+        let avail: Vec<&Host> = hosts.iter().copied().filter(|h| !reserved.contains(h.name())).collect();
+        assert_eq!(assign(&small_gpu.spec().hosts, &avail).unwrap()[0].host, "g");
+        // Priority goes before age.
+        let urgent = pending("urgent", 10, "2026-01-02T00:00:00Z", vec![]);
+        let mut q = vec![&big, &urgent];
+        q.sort_by(|a, b| queue_order(a, b));
+        assert_eq!(q[0].name(), "urgent");
     }
 
     #[test]

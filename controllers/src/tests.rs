@@ -46,7 +46,7 @@ pub async fn reconcile(ctx: &Context, name: &str) -> Result<Action, Status> {
     match t.status().phase.as_str() {
         "" | phase::PENDING => claim(ctx, &t).await,
         phase::RUNNING => drive(ctx, &t, &procs).await,
-        _ => release(ctx, &t, &procs).await,
+        _ => finished(ctx, &t, &procs).await,
     }
 }
 
@@ -80,7 +80,21 @@ async fn claim(ctx: &Context, t: &Test) -> Result<Action, Status> {
     let hosts = ctx.hosts.list();
     let refs: Vec<&Host> = hosts.iter().map(|h| h.as_ref()).collect();
     let spec = t.spec();
-    let assignments = match schedule::assign(&spec.hosts, &refs) {
+    // Tests ahead in the queue hold back what they need.
+    let pending = ctx.tests.filter(is_pending);
+    let mut queue: Vec<&Test> = pending.iter().map(|t| t.as_ref()).collect();
+    queue.sort_by(|a, b| schedule::queue_order(a, b));
+    let (reserved, blocked) = schedule::reserved_ahead(&queue, t, &refs);
+    let avail: Vec<&Host> = refs.iter().copied().filter(|h| !reserved.contains(h.name())).collect();
+    let result = schedule::assign(&spec.hosts, &avail).map_err(|why| match blocked {
+        Some(b) if schedule::assign(&spec.hosts, &refs).is_ok() => format!(
+            "queued behind test {} (priority {}), which waits for hosts this test could use",
+            b.name(),
+            b.spec().priority
+        ),
+        _ => why,
+    });
+    let assignments = match result {
         Ok(a) => a,
         Err(why) => {
             let mut next = t.clone();
@@ -168,9 +182,26 @@ fn running_status(t: &Test, assignments: &[Assignment], hosts: &HashMap<&str, &H
             .map(|s| StepStatus { name: s.name.clone(), phase: phase::WAITING.into(), ..Default::default() })
             .collect(),
         start_time: time::now(),
-        trace: Some(TestTrace { hosts: trace_hosts, env }),
+        trace: Some(TestTrace { hosts: trace_hosts, env, files: file_digests(t) }),
         ..Default::default()
     }
+}
+
+/// Every file the test names, by where it goes, with its digest.
+fn file_digests(t: &Test) -> BTreeMap<String, String> {
+    testbus_proto::validate::file_refs_of_test(t)
+        .into_iter()
+        .map(|(field, f)| {
+            let dest = if !f.path.is_empty() {
+                f.path.clone()
+            } else if !f.env.is_empty() {
+                format!("${}", f.env)
+            } else {
+                field
+            };
+            (dest, f.digest.clone())
+        })
+        .collect()
 }
 
 /// The members a step runs on, in role order.
@@ -256,6 +287,8 @@ struct Verdict {
 }
 
 const FINISHED: &str = "Finished";
+/// Condition of a failed test whose hosts stay claimed (holdOnFailure).
+const HELD: &str = "Held";
 /// Step phase: its processes were stopped by the controller.
 const STOPPED: &str = "Stopped";
 
@@ -566,6 +599,11 @@ async fn conclude(
     st.steps = steps;
     st.completion_time = time::now();
     let ok = v.phase == phase::SUCCEEDED;
+    if !ok && t.spec().hold_on_failure {
+        let hosts: Vec<&str> = st.claims.values().map(String::as_str).collect();
+        let msg = format!("hosts {} stay claimed for debugging until the test is deleted", hosts.join(", "));
+        set_condition(&mut st.conditions, condition(HELD, true, "HoldOnFailure", &msg));
+    }
     set_condition(&mut st.conditions, condition("Finished", ok, &st.reason.clone(), &st.message.clone()));
     ctx.client.api::<Test>().update_status(next).await?;
     tracing::info!(test = t.name(), phase = v.phase, "test finished");
@@ -600,6 +638,34 @@ async fn stop_all(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<boo
         }
     }
     Ok(all_done)
+}
+
+/// A held test keeps its hosts until it is deleted.
+fn held(t: &Test) -> bool {
+    t.status().conditions.iter().any(|c| c.r#type == HELD && c.status == "True")
+}
+
+/// A finished test: release its hosts (unless held), and delete it once
+/// `ttlAfterFinished` has passed.
+async fn finished(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Action, Status> {
+    if held(t) {
+        stop_all(ctx, t, procs).await?;
+    } else {
+        release(ctx, t, procs).await?;
+    }
+    let Ok(ttl) = duration::parse(&t.spec().ttl_after_finished) else { return Ok(Action::AwaitChange) };
+    let done = time::parse(&t.status().completion_time).unwrap_or_else(SystemTime::now);
+    match (done + ttl).duration_since(SystemTime::now()) {
+        Ok(left) if !left.is_zero() => Ok(Action::Requeue(left + Duration::from_millis(10))),
+        _ => {
+            tracing::info!(test = t.name(), "ttlAfterFinished passed; deleting");
+            match ctx.client.api::<Test>().delete(t.name()).await {
+                Ok(_) => Ok(Action::AwaitChange),
+                Err(s) if s.code() == Code::NotFound => Ok(Action::AwaitChange),
+                Err(s) => Err(s),
+            }
+        }
+    }
 }
 
 /// After the end: release each host once nothing of the test runs on it.

@@ -137,12 +137,6 @@ fn opt_duration(path: &str, s: &str, e: &mut Errors) {
     }
 }
 
-fn not_yet(path: &str, set: bool, e: &mut Errors) {
-    if set {
-        e.add(path, "not supported yet by this version of testbus");
-    }
-}
-
 fn command(path: &str, argv: &[String], script: &str, shell: bool, e: &mut Errors) {
     match (argv.is_empty(), script.is_empty()) {
         (true, true) => e.add(path, "one of argv or script is required"),
@@ -276,8 +270,6 @@ impl Validate for Test {
         }
         opt_duration("spec.timeout", &s.timeout, &mut e);
         opt_duration("spec.ttlAfterFinished", &s.ttl_after_finished, &mut e);
-        not_yet("spec.ttlAfterFinished", !s.ttl_after_finished.is_empty(), &mut e);
-        not_yet("spec.holdOnFailure", s.hold_on_failure, &mut e);
         files("spec.files", &s.files, &mut e);
         env("spec.env", &s.env, &mut e);
         if s.hosts.is_empty() {

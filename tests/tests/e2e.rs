@@ -748,3 +748,78 @@ async fn scripting_exit_codes_and_failed_results() {
         serde_json::from_str(&c.ctl(&["results", "test/failing", "-o", "json"]).stdout).unwrap();
     assert_eq!(json["cases"][1]["outcome"], "fail");
 }
+
+fn pinned(name: &str, extra: &str, host: &str, cmd: &str) -> String {
+    format!(
+        "apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: {name}}}\nspec:\n{extra}  hosts: [{{role: a, host: {host}}}]\n  steps: [{{name: s, on: [a], shell: true, argv: [\"{cmd}\"]}}]\n"
+    )
+}
+
+async fn wait_message(c: &Cluster, test: &str, want: &str) {
+    let client = c.client().await;
+    wait_for(Duration::from_secs(20), &format!("{test} to say {want:?}"), || async {
+        let t = client.api::<Test>().get(test).await.ok()?;
+        t.status().message.contains(want).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_goes_by_priority_then_age_and_never_starves_a_large_test() {
+    let c = Cluster::start(2).await;
+    let marker = c.dir.path().join("release-holder");
+    let holder = pinned("holder", "", "host-0", &format!("while [ ! -e {} ]; do sleep 0.05; done", marker.display()));
+    assert_eq!(c.ctl_stdin(&["apply", "-f", "-"], Some(&holder)).code, 0);
+    let client = c.client().await;
+    wait_for(Duration::from_secs(15), "the holder to run", || async {
+        let t = client.api::<Test>().get("holder").await.ok()?;
+        (t.status().phase == phase::RUNNING).then_some(())
+    })
+    .await;
+    let test = |name: &str, priority: i32, count: u32| {
+        format!(
+            "apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: {name}}}\nspec:\n  priority: {priority}\n  hosts: [{{role: r, count: {count}}}]\n  steps: [{{name: s, on: [r], argv: [\"true\"]}}]\n"
+        )
+    };
+    // big needs both hosts and waits for host-0; small comes later.
+    assert_eq!(c.ctl_stdin(&["apply", "-f", "-"], Some(&test("big", 0, 2))).code, 0);
+    wait_message(&c, "big", "needs 2 × any host (role r), 1 free").await;
+    assert_eq!(c.ctl_stdin(&["apply", "-f", "-"], Some(&test("small", 0, 1))).code, 0);
+    // host-1 is free, but big is ahead and needs it: small waits.
+    wait_message(&c, "small", "queued behind test big").await;
+    // A higher priority goes ahead of both.
+    let out = c.ctl_stdin(&["apply", "-f", "-", "--wait", "--timeout", "30s"], Some(&test("urgent", 10, 1)));
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(client.api::<Test>().get("small").await.unwrap().status().phase, phase::PENDING);
+    std::fs::write(&marker, "").unwrap();
+    let out = c.ctl(&["wait", "test/small", "--timeout", "30s"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let big = c.test("big").await;
+    let small = c.test("small").await;
+    assert_eq!(big.status().phase, phase::SUCCEEDED);
+    assert!(big.status().start_time < small.status().start_time, "big ran before small");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hold_on_failure_keeps_hosts_and_ttl_deletes_finished_tests() {
+    let c = Cluster::start(1).await;
+    let held = pinned("held", "  holdOnFailure: true\n", "host-0", "exit 1");
+    assert_eq!(c.ctl_stdin(&["apply", "-f", "-", "--wait"], Some(&held)).code, 1);
+    let t = c.test("held").await;
+    let cond = t.status().conditions.iter().find(|c| c.r#type == "Held").expect("Held condition");
+    assert!(cond.message.contains("host-0"), "{cond:?}");
+    // The host stays claimed: the next test waits for it.
+    assert_eq!(c.ctl_stdin(&["apply", "-f", "-"], Some(&pinned("next", "", "host-0", "true"))).code, 0);
+    wait_message(&c, "next", "host-0 claimed by test held").await;
+    assert_eq!(c.ctl(&["delete", "test", "held"]).code, 0);
+    assert_eq!(c.ctl(&["wait", "test/next", "--timeout", "30s"]).code, 0);
+
+    let brief = pinned("brief", "  ttlAfterFinished: 1s\n", "host-0", "true");
+    assert_eq!(c.ctl_stdin(&["apply", "-f", "-", "--wait"], Some(&brief)).code, 0);
+    let client = c.client().await;
+    wait_for(Duration::from_secs(20), "brief to be deleted after its ttl", || async {
+        client.api::<Test>().get_opt("brief").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert!(client.api::<Test>().get_opt("next").await.unwrap().is_some(), "tests without a ttl stay");
+}
