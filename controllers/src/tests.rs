@@ -14,6 +14,7 @@ use crate::Context;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+use testbus_proto::steps::Expanded;
 use testbus_proto::subst::host_var_name;
 use testbus_proto::validate::members;
 use testbus_proto::{
@@ -176,10 +177,9 @@ fn running_status(t: &Test, assignments: &[Assignment], hosts: &HashMap<&str, &H
         observed_generation: t.meta().generation,
         claims: assignments.iter().map(|a| (a.member.clone(), a.host.clone())).collect(),
         env: env.clone(),
-        steps: spec
-            .steps
-            .iter()
-            .map(|s| StepStatus { name: s.name.clone(), phase: phase::WAITING.into(), ..Default::default() })
+        steps: testbus_proto::steps::expand(spec)
+            .into_iter()
+            .map(|s| StepStatus { name: s.step.name, phase: phase::WAITING.into(), ..Default::default() })
             .collect(),
         start_time: time::now(),
         trace: Some(TestTrace { hosts: trace_hosts, env, files: file_digests(t) }),
@@ -219,8 +219,9 @@ fn targets(t: &Test, step: &Step) -> Vec<String> {
 
 pub use testbus_proto::process::name as process_name;
 
-fn process_for(t: &Test, step: &Step, member: &str, host: &Host) -> Process {
-    let env = testbus_proto::process::env(t, host, member, &step.name, &step.env);
+fn process_for(t: &Test, step: &Expanded, member: &str, host: &Host) -> Process {
+    let env = testbus_proto::process::env(t, host, member, &step.step.name, &step.test_env, &step.step.env);
+    let step = &step.step;
     let labels = [
         (LABEL_TEST.to_string(), t.name().to_string()),
         (LABEL_STEP.to_string(), step.name.clone()),
@@ -351,7 +352,10 @@ async fn drive(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Action
     let mut phases: HashMap<&str, &'static str> = HashMap::new();
     let mut to_create: Vec<Process> = Vec::new();
     let mut steps_status = Vec::new();
-    let mut remaining: Vec<&Step> = spec.steps.iter().collect();
+    // Child tests are steps of the expanded graph.
+    let expanded = testbus_proto::steps::expand(spec);
+    let all: Vec<&Step> = expanded.iter().map(|e| &e.step).collect();
+    let mut remaining: Vec<&Step> = all.clone();
     let mut verdict: Option<Verdict> = None;
     while !remaining.is_empty() {
         let before = remaining.len();
@@ -365,7 +369,7 @@ async fn drive(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Action
             let want = targets(t, step);
             let dep_ok = |a: &String| {
                 let p = phases[a.as_str()];
-                let dep = spec.steps.iter().find(|s| &s.name == a);
+                let dep = all.iter().find(|s| &s.name == a);
                 p == phase::SUCCEEDED
                     || (p == phase::FAILED && dep.is_some_and(|d| d.allow_failure))
                     || (p == phase::RUNNING && dep.is_some_and(|d| d.background) && serving(a, &by_step))
@@ -386,7 +390,10 @@ async fn drive(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Action
                     }
                     let host = st.claims.get(member).and_then(|h| ctx.hosts.get(h));
                     match host {
-                        Some(h) => to_create.push(process_for(t, step, member, &h)),
+                        Some(h) => {
+                            let ex = expanded.iter().find(|e| e.step.name == step.name).expect("expanded step");
+                            to_create.push(process_for(t, ex, member, &h))
+                        }
                         None => {
                             verdict.get_or_insert(Verdict {
                                 phase: phase::ERROR,
@@ -480,7 +487,7 @@ async fn drive(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Action
         remaining = next_round;
     }
     // Keep the spec's order.
-    steps_status.sort_by_key(|s| spec.steps.iter().position(|x| x.name == s.name));
+    steps_status.sort_by_key(|s| all.iter().position(|x| x.name == s.name));
 
     if let Some(d) = decided {
         return conclude(ctx, t, procs, steps_status, d, true).await;
@@ -498,10 +505,10 @@ async fn drive(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Action
                 reason: "TimedOut".into(),
                 message: format!("test exceeded its timeout of {}", duration::format(timeout)),
             });
-        } else if !spec.steps.is_empty()
+        } else if !all.is_empty()
             && steps_status
                 .iter()
-                .zip(&spec.steps)
+                .zip(&all)
                 .all(|(s, step)| step.background || (s.phase != phase::RUNNING && s.phase != phase::WAITING))
         {
             let failed: Vec<&str> =
@@ -542,7 +549,8 @@ async fn drive(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Action
 /// A `sync: true` step starts together: once every one of its processes
 /// exists and is Ready, all are released.
 async fn release_gates(ctx: &Context, t: &Test, by_step: &HashMap<&str, Vec<&Process>>) -> Result<(), Status> {
-    for step in t.spec().steps.iter().filter(|s| s.sync) {
+    for ex in testbus_proto::steps::expand(t.spec()).iter().filter(|e| e.step.sync) {
+        let step = &ex.step;
         let Some(mine) = by_step.get(step.name.as_str()) else { continue };
         if mine.len() < targets(t, step).len() || mine.iter().all(|p| p.spec().released) {
             continue;

@@ -78,7 +78,7 @@ pub async fn copy_process(client: &Client, name: &str, prefix: Option<String>, f
 }
 
 fn prefix_for(t: &Test, p: &Process) -> String {
-    if t.spec().steps.len() > 1 {
+    if testbus_proto::steps::expand(t.spec()).len() > 1 {
         format!("[{} {}/{}] ", p.spec().step, p.spec().role, p.spec().host_name)
     } else {
         format!("[{}/{}] ", p.spec().role, p.spec().host_name)
@@ -86,7 +86,7 @@ fn prefix_for(t: &Test, p: &Process) -> String {
 }
 
 fn step_index(t: &Test, p: &Process) -> usize {
-    t.spec().steps.iter().position(|s| s.name == p.spec().step).unwrap_or(usize::MAX)
+    testbus_proto::steps::expand(t.spec()).iter().position(|s| s.step.name == p.spec().step).unwrap_or(usize::MAX)
 }
 
 /// A test's output. Without `follow`, what there is now, process by process

@@ -158,7 +158,7 @@ async fn run_processes(
                 role: member.clone(),
                 step: id.clone(),
                 argv: a.argv.clone(),
-                env: testbus_proto::process::env(&t, host, member, &id, &a.env),
+                env: testbus_proto::process::env(&t, host, member, &id, &BTreeMap::new(), &a.env),
                 stdin: a.stdin.clone().unwrap_or_default(),
                 timeout: a.timeout.clone().unwrap_or_default(),
                 exit_codes: vec![0],

@@ -18,6 +18,7 @@ pub mod manifest;
 pub mod process;
 pub mod resource;
 pub mod selector;
+pub mod steps;
 pub mod subst;
 pub mod time;
 pub mod validate;

@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 /// Deterministic, DNS-label-safe process name: creating it twice is a no-op.
 pub fn name(test: &str, step: &str, member: &str) -> String {
     let full = format!("{test}-{step}-{member}");
-    if full.len() <= 63 {
+    // Steps of child tests ("suite.a") are not labels: hash them too, so
+    // "suite.a" and a step "suite-a" stay apart.
+    if full.len() <= 63 && !full.contains('.') {
         return full;
     }
     // FNV-1a keeps names distinct after truncation.
@@ -15,22 +17,25 @@ pub fn name(test: &str, step: &str, member: &str) -> String {
     for b in full.bytes() {
         h = (h ^ u64::from(b)).wrapping_mul(0x100000001b3);
     }
-    let head = full[..52].trim_end_matches('-');
+    let clean = full.replace('.', "-");
+    let head = clean[..clean.len().min(52)].trim_end_matches('-');
     format!("{head}-{:010x}", h & 0xff_ffff_ffff)
 }
 
 /// A process's environment, low to high precedence: the test's env (with
-/// `host_*` variables), the host's env (spec, then what its agent
-/// publishes), the step's (or exec's) env, then `TESTBUS_TEST`,
-/// `TESTBUS_ROLE`, `TESTBUS_HOST`, `TESTBUS_STEP`.
+/// `host_*` variables), the env of the child tests the step is in, the
+/// host's env (spec, then what its agent publishes), the step's (or exec's)
+/// env, then `TESTBUS_TEST`, `TESTBUS_ROLE`, `TESTBUS_HOST`, `TESTBUS_STEP`.
 pub fn env(
     t: &Test,
     host: &Host,
     member: &str,
     step: &str,
+    child_env: &BTreeMap<String, String>,
     step_env: &BTreeMap<String, String>,
 ) -> BTreeMap<String, String> {
     let mut env = t.status().env.clone();
+    env.extend(child_env.clone());
     env.extend(host.spec().env.clone());
     env.extend(host.status().env.clone());
     env.extend(step_env.clone());
@@ -53,5 +58,8 @@ mod tests {
         assert!(crate::validate::dns_label(&long).is_ok());
         assert_eq!(long, name(&"a".repeat(40), &"b".repeat(30), "client12"));
         assert_ne!(long, name(&"a".repeat(40), &"b".repeat(30), "client13"));
+        let child = name("t", "suite.a", "r");
+        assert!(crate::validate::dns_label(&child).is_ok(), "{child}");
+        assert_ne!(child, name("t", "suite-a", "r"));
     }
 }

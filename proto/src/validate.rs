@@ -214,18 +214,32 @@ fn files(p: &str, fs: &[FileRef], e: &mut Errors) {
     }
 }
 
-/// Every file reference of an object, with its field path.
+/// Every file reference of a test (child tests included), with its field
+/// path.
 pub fn file_refs_of_test(t: &Test) -> Vec<(String, &FileRef)> {
     let s = t.spec();
-    let mut out: Vec<(String, &FileRef)> =
-        s.files.iter().enumerate().map(|(i, f)| (format!("spec.files[{i}]"), f)).collect();
-    for (i, st) in s.steps.iter().enumerate() {
-        out.extend(st.files.iter().enumerate().map(|(j, f)| (format!("spec.steps[{i}].files[{j}]"), f)));
+    let mut out = Vec::new();
+    level_file_refs("spec", &s.files, &s.steps, &s.tests, &mut out);
+    out
+}
+
+fn level_file_refs<'a>(
+    p: &str,
+    files: &'a [FileRef],
+    steps: &'a [Step],
+    children: &'a [crate::ChildTest],
+    out: &mut Vec<(String, &'a FileRef)>,
+) {
+    out.extend(files.iter().enumerate().map(|(i, f)| (format!("{p}.files[{i}]"), f)));
+    for (i, st) in steps.iter().enumerate() {
+        out.extend(st.files.iter().enumerate().map(|(j, f)| (format!("{p}.steps[{i}].files[{j}]"), f)));
         if let Some(f) = &st.stdin_file {
-            out.push((format!("spec.steps[{i}].stdinFile"), f));
+            out.push((format!("{p}.steps[{i}].stdinFile"), f));
         }
     }
-    out
+    for (i, c) in children.iter().enumerate() {
+        level_file_refs(&format!("{p}.tests[{i}]"), &c.files, &c.steps, &c.tests, out);
+    }
 }
 
 /// Role members a host requirement expands to: count 1 → the role name,
@@ -326,22 +340,64 @@ impl Validate for Test {
         if total > MAX_HOSTS_PER_TEST {
             e.add("spec.hosts", format!("more than {MAX_HOSTS_PER_TEST} hosts in one test"));
         }
-        if s.steps.len() > MAX_STEPS {
-            e.add("spec.steps", format!("more than {MAX_STEPS} steps"));
+        let expanded: Vec<Step> = crate::steps::expand(s).into_iter().map(|x| x.step).collect();
+        if expanded.len() > MAX_STEPS {
+            e.add("spec.steps", format!("more than {MAX_STEPS} steps (child tests included)"));
         }
-        let names: BTreeSet<&str> = s.steps.iter().map(|st| st.name.as_str()).collect();
-        let mut seen = BTreeSet::new();
-        for (i, st) in s.steps.iter().enumerate() {
-            let p = format!("spec.steps[{i}]");
-            step(&p, st, &roles, &member_of, &names, &mut e);
-            if !seen.insert(st.name.as_str()) {
-                e.add(format!("{p}.name"), format!("duplicate step name {:?}", st.name));
-            }
-        }
-        if let Some(cycle) = find_cycle(&s.steps) {
+        let level = Level { roles: &roles, member_of: &member_of };
+        level.check("spec", &s.steps, &s.tests, 0, &mut e);
+        if let Some(cycle) = find_cycle(&expanded) {
             e.add("spec.steps", format!("steps form a cycle through `after`: {}", cycle.join(" -> ")));
         }
         e.finish()
+    }
+}
+
+/// What every level of steps and child tests is checked against.
+struct Level<'a> {
+    roles: &'a HashMap<&'a str, Vec<String>>,
+    member_of: &'a HashMap<String, String>,
+}
+
+impl Level<'_> {
+    /// Steps and child tests of one level; their names share one space.
+    fn check(&self, p: &str, steps: &[Step], children: &[crate::ChildTest], depth: usize, e: &mut Errors) {
+        if depth > 8 {
+            e.add(format!("{p}.tests"), "child tests nest more than 8 deep");
+            return;
+        }
+        let names: BTreeSet<&str> =
+            steps.iter().map(|st| st.name.as_str()).chain(children.iter().map(|c| c.name.as_str())).collect();
+        let mut seen = BTreeSet::new();
+        for (i, st) in steps.iter().enumerate() {
+            let sp = format!("{p}.steps[{i}]");
+            step(&sp, st, self.roles, self.member_of, &names, e);
+            if !seen.insert(st.name.as_str()) {
+                e.add(format!("{sp}.name"), format!("duplicate step name {:?}", st.name));
+            }
+        }
+        for (i, c) in children.iter().enumerate() {
+            let cp = format!("{p}.tests[{i}]");
+            if let Err(msg) = dns_label(&c.name) {
+                e.add(format!("{cp}.name"), msg);
+            }
+            if !seen.insert(c.name.as_str()) {
+                e.add(format!("{cp}.name"), format!("duplicate name {:?} (steps and child tests share names)", c.name));
+            }
+            for (j, a) in c.after.iter().enumerate() {
+                if a == &c.name {
+                    e.add(format!("{cp}.after[{j}]"), "a child test cannot come after itself");
+                } else if !names.contains(a.as_str()) {
+                    e.add(format!("{cp}.after[{j}]"), format!("unknown step or child test {a:?}"));
+                }
+            }
+            env(&format!("{cp}.env"), &c.env, e);
+            files(&format!("{cp}.files"), &c.files, e);
+            if c.steps.is_empty() && c.tests.is_empty() {
+                e.add(cp.clone(), "a child test needs steps or child tests");
+            }
+            self.check(&cp, &c.steps, &c.tests, depth + 1, e);
+        }
     }
 }
 
@@ -370,7 +426,7 @@ fn step(
         if a == &st.name {
             e.add(format!("{p}.after[{j}]"), "a step cannot come after itself");
         } else if !names.contains(a.as_str()) {
-            e.add(format!("{p}.after[{j}]"), format!("unknown step {a:?}"));
+            e.add(format!("{p}.after[{j}]"), format!("unknown step or child test {a:?}"));
         }
     }
     command(p, &st.argv, &st.script, st.shell, e);

@@ -823,3 +823,87 @@ async fn hold_on_failure_keeps_hosts_and_ttl_deletes_finished_tests() {
     .await;
     assert!(client.api::<Test>().get_opt("next").await.unwrap().is_some(), "tests without a ttl stay");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nested_tests_inherit_and_roll_up() {
+    let c = Cluster::start(2).await;
+    let ex = repo_root().join("manifests/examples/nested.yaml");
+    let out = c.ctl(&["apply", "-f", ex.to_str().unwrap(), "--wait", "--timeout", "60s"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let name = first_test_name(&out.stdout);
+    let t = c.test(&name).await;
+    let steps: Vec<(&str, &str)> = t.status().steps.iter().map(|s| (s.name.as_str(), s.phase.as_str())).collect();
+    assert_eq!(
+        steps,
+        [
+            ("setup", "Succeeded"),
+            ("teardown", "Succeeded"),
+            ("basic.read", "Succeeded"),
+            ("advanced.deep.check", "Succeeded")
+        ]
+    );
+    let logs = c.ctl(&["logs", &format!("test/{name}")]).stdout;
+    assert!(logs.contains("setup on server at level parent"), "{logs}");
+    assert!(logs.contains("storage/basic reads: Welcome to testbus"), "child env and parent files: {logs}");
+    assert!(logs.contains("storage/advanced deep check"), "grandchild inherits its parent's env: {logs}");
+    // The order: setup, then basic, then advanced, then teardown.
+    let start = |step: &str| t.status().steps.iter().find(|s| s.name == step).unwrap().start_time.clone();
+    assert!(start("basic.read") >= start("setup") && start("advanced.deep.check") >= start("basic.read"));
+    assert!(start("teardown") >= start("advanced.deep.check"));
+    let junit = c.ctl(&["results", &format!("test/{name}"), "-o", "junit"]).stdout;
+    assert!(junit.contains(&format!("classname=\"{name}.advanced.deep.check\"")), "{junit}");
+
+    // A failing child fails its parent; what comes after it is skipped.
+    let failing = "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: child-fails}\nspec:\n  hosts: [{role: a}]\n  steps: [{name: last, on: [a], after: [kid], argv: [\"true\"]}]\n  tests:\n    - name: kid\n      steps: [{name: s, on: [a], argv: [\"false\"]}]\n";
+    assert_eq!(c.ctl_stdin(&["apply", "-f", "-", "--wait"], Some(failing)).code, 1);
+    let t = c.test("child-fails").await;
+    assert!(t.status().message.starts_with("step kid.s failed"), "{}", t.status().message);
+    let last = t.status().steps.iter().find(|s| s.name == "last").unwrap();
+    assert_eq!(last.phase, phase::SKIPPED);
+    // Child names are checked like steps.
+    let bad = "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: bad-kids}\nspec:\n  hosts: [{role: a}]\n  tests:\n    - {name: k, after: [nope], steps: [{name: s, on: [a], argv: [\"true\"]}]}\n    - {name: k2}\n";
+    let out = c.ctl_stdin(&["apply", "-f", "-"], Some(bad));
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("spec.tests[0].after[0]: unknown step or child test \"nope\""), "{out:?}");
+    assert!(out.stderr.contains("spec.tests[1]: a child test needs steps"), "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_example_manifest_succeeds() {
+    let c = Cluster::start(3).await;
+    let dir = repo_root().join("manifests/examples");
+    let mut names: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    names.sort();
+    assert!(names.len() >= 6, "{names:?}");
+    for p in names {
+        let out = c.ctl(&["apply", "-f", p.to_str().unwrap(), "--wait", "--timeout", "90s"]);
+        assert_eq!(out.code, 0, "{}: {out:?}", p.display());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_background_step_that_dies_early_fails_the_test() {
+    let c = Cluster::start(1).await;
+    let marker = c.dir.path().join("never");
+    let test = |name: &str, allow: bool| {
+        format!(
+            "apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: {name}}}\nspec:\n  hosts: [{{role: a}}]\n  steps:\n    - {{name: bg, on: [a], background: true, allowFailure: {allow}, argv: [sh, -c, \"exit 4\"]}}\n    - {{name: main, on: [a], shell: true, argv: [\"while [ ! -e {m} ]; do sleep 0.05; done\"], timeout: 3s}}\n",
+            m = marker.display()
+        )
+    };
+    let out = c.ctl_stdin(&["apply", "-f", "-", "--wait"], Some(&test("bg-dies", false)));
+    assert_eq!(out.code, 1, "{out:?}");
+    let t = c.test("bg-dies").await;
+    assert_eq!(t.status().reason, "BackgroundEnded");
+    assert!(t.status().message.contains("background step bg ended before the test finished"), "{}", t.status().message);
+    // With allowFailure the test goes on; here the main step then times out.
+    let out = c.ctl_stdin(&["apply", "-f", "-", "--wait"], Some(&test("bg-allowed", true)));
+    assert_eq!(out.code, 1, "{out:?}");
+    let t = c.test("bg-allowed").await;
+    assert_eq!(t.status().reason, "StepFailed", "{:?}", t.status());
+    assert!(t.status().message.contains("step main failed"), "{}", t.status().message);
+}
