@@ -197,7 +197,9 @@ impl Agent {
         let uid = p.meta().uid.clone();
         let terminal = phase::process_terminal(&p.status().phase);
         if let Some(r) = self.running.get_mut(&uid) {
-            if p.spec().stop && !r.stop_sent {
+            // A final status written by someone else (Lost while this host
+            // was cut off) fences the process: it must not run on.
+            if (p.spec().stop || terminal) && !r.stop_sent {
                 r.stop_sent = r.commands.send(Command::Stop(StopReason::Requested)).await.is_ok();
             } else if p.spec().released && !r.release_sent {
                 r.release_sent = r.commands.send(Command::Release).await.is_ok();
@@ -211,30 +213,12 @@ impl Agent {
         if self.journal.contains(&uid) {
             // Started before by this agent, but not by this run of it: the
             // process cannot be re-adopted, and must never run twice.
-            runner::report(&api, p.name(), |p| {
-                if phase::process_terminal(&p.status().phase) {
-                    return false;
-                }
-                let s = p.status_mut();
-                s.phase = phase::LOST.into();
-                s.reason = "AgentRestarted".into();
-                s.message = "the agent restarted while the process ran; its outcome is unknown".into();
-                s.finish_time = time::now();
-                true
-            })
-            .await;
+            let why = "the agent restarted while the process ran; its outcome is unknown";
+            runner::end_unrun(&api, p.name(), phase::LOST, "AgentRestarted", why).await;
             return;
         }
         if p.spec().stop {
-            runner::report(&api, p.name(), |p| {
-                let s = p.status_mut();
-                s.phase = phase::KILLED.into();
-                s.reason = "Stopped".into();
-                s.message = "stopped before it started".into();
-                s.finish_time = time::now();
-                true
-            })
-            .await;
+            runner::end_unrun(&api, p.name(), phase::KILLED, "Stopped", "stopped before it started").await;
             return;
         }
         if let Err(e) = self.journal.record(&uid) {

@@ -169,14 +169,7 @@ impl ProcessRunner {
         if !spec.gated || spec.released {
             return None;
         }
-        report(api, self.process.name(), |p| {
-            if p.status().phase != phase::PENDING {
-                return false;
-            }
-            p.status_mut().phase = phase::READY.into();
-            true
-        })
-        .await;
+        advance(api, self.process.name(), phase::READY).await;
         loop {
             match commands.recv().await {
                 Some(Command::Release) => return None,
@@ -201,14 +194,7 @@ impl ProcessRunner {
         let spec = self.process.spec();
         let digests: Vec<&str> = spec.files.iter().chain(spec.stdin_file.as_ref()).map(|f| f.digest.as_str()).collect();
         if digests.iter().any(|d| !self.cache.has(d)) {
-            report(api, self.process.name(), |p| {
-                if p.status().phase != phase::PENDING {
-                    return false;
-                }
-                p.status_mut().phase = phase::FETCHING.into();
-                true
-            })
-            .await;
+            advance(api, self.process.name(), phase::FETCHING).await;
         }
         let get = |f: &testbus_proto::FileRef| {
             let f = f.clone();
@@ -500,6 +486,37 @@ async fn pump(mut r: impl AsyncRead + Unpin, client: Client, process: String, st
         }
         offset += n as u64;
     }
+}
+
+/// Moves a process on from Pending (to Fetching or Ready); later phases
+/// are left alone.
+async fn advance(api: &Api<Process>, name: &str, to: &'static str) {
+    report(api, name, |p| {
+        let from = p.status().phase.as_str();
+        if from != phase::PENDING && !(from == phase::FETCHING && to == phase::READY) {
+            return false;
+        }
+        p.status_mut().phase = to.into();
+        true
+    })
+    .await
+}
+
+/// Ends a process that never ran (or whose run this agent cannot know),
+/// unless its status is final already.
+pub async fn end_unrun(api: &Api<Process>, name: &str, to: &'static str, reason: &'static str, message: &'static str) {
+    report(api, name, |p| {
+        if phase::process_terminal(&p.status().phase) {
+            return false;
+        }
+        let s = p.status_mut();
+        s.phase = to.into();
+        s.reason = reason.into();
+        s.message = message.into();
+        s.finish_time = time::now();
+        true
+    })
+    .await
 }
 
 /// Applies `f` to the Process status until the API takes it. Gives up only
