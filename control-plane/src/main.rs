@@ -23,6 +23,10 @@ struct Args {
     /// Do not run the controllers in this process.
     #[arg(long)]
     no_controllers: bool,
+    /// Bytes kept of each output stream (stdout, stderr) of a process; the
+    /// rest is counted, not kept, and marked as truncated.
+    #[arg(long, default_value_t = testbus_control_plane::output::DEFAULT_LIMIT)]
+    max_output_bytes: u64,
     /// How long past its lease a host is still considered Ready.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     lease_grace: std::time::Duration,
@@ -62,6 +66,7 @@ async fn main() {
         insecure: args.insecure,
         controllers: (!args.no_controllers).then(|| testbus_controllers::Config { lease_grace: args.lease_grace }),
         watch_cache: 100_000,
+        output_limit: args.max_output_bytes,
     };
     let (tx, rx) = tokio::sync::broadcast::channel(1);
     tokio::spawn(async move {

@@ -1,5 +1,8 @@
 //! Process output: one append-only file per process (by uid) in the data
-//! dir, holding records `[stream u8][offset u64][len u32][bytes]`.
+//! dir, holding records `[kind+stream u8][offset u64][len u32][bytes]`:
+//! data, a truncation marker (once per stream, when the output limit is
+//! reached), or a skip record that counts bytes received but not kept (so
+//! offsets stay right across restarts).
 //!
 //! Appends are idempotent by offset, so an agent can re-send after a
 //! reconnect: bytes the server already holds are skipped, a gap is refused
@@ -22,11 +25,19 @@ use tonic::{Request, Response, Status};
 
 /// Largest chunk accepted in one append.
 pub const MAX_CHUNK: usize = 4 << 20;
+/// Default for how much of each stream of a process is kept.
+pub const DEFAULT_LIMIT: u64 = 64 << 20;
 const HEADER: usize = 1 + 8 + 4;
+const MARKER: u8 = 0x40;
+const SKIP: u8 = 0x80;
 
 struct LogFile {
     file: std::fs::File,
+    /// Bytes received per stream, kept or not: the next expected offset.
     lens: [u64; 2],
+    /// Bytes kept per stream.
+    kept: [u64; 2],
+    truncated: [bool; 2],
     /// Bytes in the file; readers wait for it to grow.
     size: watch::Sender<u64>,
 }
@@ -34,6 +45,8 @@ struct LogFile {
 #[derive(Clone)]
 pub struct OutputService {
     dir: PathBuf,
+    /// Bytes kept per stream of a process.
+    limit: u64,
     api: ApiState,
     logs: Arc<Mutex<HashMap<String, Arc<Mutex<LogFile>>>>>,
 }
@@ -43,9 +56,9 @@ fn io_err(e: std::io::Error) -> Status {
 }
 
 impl OutputService {
-    pub fn new(dir: PathBuf, api: ApiState) -> std::io::Result<Self> {
+    pub fn new(dir: PathBuf, api: ApiState, limit: u64) -> std::io::Result<Self> {
         std::fs::create_dir_all(&dir)?;
-        Ok(OutputService { dir, api, logs: Default::default() })
+        Ok(OutputService { dir, limit, api, logs: Default::default() })
     }
 
     async fn process(&self, name: &str) -> Result<Process, Status> {
@@ -75,20 +88,29 @@ impl OutputService {
         }
         let path = self.path(uid);
         let data = std::fs::read(&path).unwrap_or_default();
-        let (mut lens, mut pos) = ([0u64; 2], 0usize);
+        let (mut lens, mut kept, mut truncated, mut pos) = ([0u64; 2], [0u64; 2], [false; 2], 0usize);
         while pos + HEADER <= data.len() {
-            let s = data[pos] as usize;
+            let tag = data[pos];
+            let s = (tag & 1) as usize;
             let len = u32::from_le_bytes(data[pos + 9..pos + 13].try_into().unwrap_or_default()) as usize;
-            if pos + HEADER + len > data.len() || s > 1 {
+            let body = if tag & SKIP != 0 { 0 } else { len };
+            if pos + HEADER + body > data.len() || tag & !(SKIP | MARKER | 1) != 0 {
                 break;
             }
-            lens[s] += len as u64;
-            pos += HEADER + len;
+            if tag & SKIP != 0 {
+                lens[s] += len as u64;
+            } else if tag & MARKER != 0 {
+                truncated[s] = true;
+            } else {
+                lens[s] += len as u64;
+                kept[s] += len as u64;
+            }
+            pos += HEADER + body;
         }
         let file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
         file.set_len(pos as u64)?;
         let (size, _) = watch::channel(pos as u64);
-        let l = Arc::new(Mutex::new(LogFile { file, lens, size }));
+        let l = Arc::new(Mutex::new(LogFile { file, lens, kept, truncated, size }));
         logs.insert(uid.to_string(), l.clone());
         Ok(l)
     }
@@ -119,17 +141,37 @@ impl Output for OutputService {
         let skip = (have - c.offset) as usize;
         if skip < c.data.len() {
             let data = &c.data[skip..];
-            let mut rec = Vec::with_capacity(HEADER + data.len());
-            rec.push(s as u8);
-            rec.extend_from_slice(&have.to_le_bytes());
-            rec.extend_from_slice(&(data.len() as u32).to_le_bytes());
-            rec.extend_from_slice(data);
+            let room = self.limit.saturating_sub(l.kept[s]) as usize;
+            let (keep, drop) = data.split_at(data.len().min(room));
+            let mut rec = Vec::with_capacity(3 * HEADER + keep.len() + 128);
+            let mut record = |tag: u8, offset: u64, len: usize, body: &[u8]| {
+                rec.push(tag | s as u8);
+                rec.extend_from_slice(&offset.to_le_bytes());
+                rec.extend_from_slice(&(len as u32).to_le_bytes());
+                rec.extend_from_slice(body);
+            };
+            if !keep.is_empty() {
+                record(0, have, keep.len(), keep);
+            }
+            if !drop.is_empty() {
+                if !l.truncated[s] {
+                    let marker = format!(
+                        "\n[testbus: {} truncated after {} bytes; the rest is counted but not kept]\n",
+                        if s == 0 { "stdout" } else { "stderr" },
+                        self.limit
+                    );
+                    record(MARKER, have + keep.len() as u64, marker.len(), marker.as_bytes());
+                }
+                record(SKIP, have + keep.len() as u64, drop.len(), &[]);
+            }
             l.file.write_all(&rec).map_err(io_err)?;
             l.lens[s] += data.len() as u64;
+            l.kept[s] += keep.len() as u64;
+            l.truncated[s] |= !drop.is_empty();
             let added = rec.len() as u64;
             l.size.send_modify(|v| *v += added);
         }
-        Ok(Response::new(AppendOutputResponse { length: l.lens[s] }))
+        Ok(Response::new(AppendOutputResponse { length: l.lens[s], truncated: l.truncated[s] }))
     }
 
     type ReadStream = BoxStream<'static, Result<OutputChunk, Status>>;
@@ -196,8 +238,14 @@ async fn drain(
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(io_err(e)),
         }
-        let s = (hdr[0] as usize).min(1);
+        let s = (hdr[0] & 1) as usize;
         let len = u32::from_le_bytes(hdr[9..13].try_into().unwrap_or_default()) as usize;
+        if hdr[0] & SKIP != 0 {
+            // Counted, not kept: nothing to read.
+            *pos += HEADER as u64;
+            lens[s] += len as u64;
+            continue;
+        }
         let mut data = vec![0u8; len];
         f.read_exact(&mut data).await.map_err(io_err)?;
         *pos += (HEADER + len) as u64;

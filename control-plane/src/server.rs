@@ -48,6 +48,8 @@ pub struct Config {
     pub controllers: Option<testbus_controllers::Config>,
     /// Events kept in the watch cache.
     pub watch_cache: usize,
+    /// Bytes kept of each output stream of a process.
+    pub output_limit: u64,
 }
 
 impl Config {
@@ -79,7 +81,7 @@ pub async fn run(cfg: Config, mut shutdown: broadcast::Receiver<()>) -> anyhow::
     let hub = Hub::start(cfg.watch_cache, store.clone()).await.context("starting the watch cache")?;
     let blobs = crate::blobs::BlobStore::open(&cfg.data_dir.join("blobs")).context("opening the blob store")?;
     let state = ApiState { store, hub, blobs: blobs.clone() };
-    let output = OutputService::new(cfg.data_dir.join("output"), state.clone())?;
+    let output = OutputService::new(cfg.data_dir.join("output"), state.clone(), cfg.output_limit)?;
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<HostsServer<ResourceService<Host>>>().await;

@@ -13,7 +13,10 @@ pub async fn reconcile(ctx: &Context, name: &str) -> Result<Action, Status> {
     };
     let s = h.status();
     let lease = Duration::from_secs(u64::from(s.lease_duration_seconds.max(1)));
-    let expires = time::parse(&s.lease_renew_time).map(|t| t + lease + ctx.cfg.lease_grace);
+    // Leases count from the controllers' start at the earliest: while the
+    // control plane was down nobody could renew.
+    let renewed = time::parse(&s.lease_renew_time).map(|t| t.max(ctx.started));
+    let expires = renewed.map(|t| t + lease + ctx.cfg.lease_grace);
     let now = SystemTime::now();
     let alive = expires.is_some_and(|e| e > now);
     let want = if alive { phase::READY } else { phase::NOT_READY };

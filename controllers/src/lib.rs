@@ -33,6 +33,8 @@ impl Default for Config {
 /// Everything a reconcile reads and writes through.
 pub struct Context {
     pub client: Client,
+    /// When these controllers started (leases are not judged from before).
+    pub started: std::time::SystemTime,
     pub cfg: Config,
     pub hosts: Arc<Cache<Host>>,
     pub tests: Arc<Cache<Test>>,
@@ -59,6 +61,7 @@ fn schedulable_changed(old: Option<&Host>, new: Option<&Host>) -> bool {
 pub async fn run(client: Client, cfg: Config, shutdown: broadcast::Receiver<()>) {
     let ctx = Arc::new(Context {
         client: client.clone(),
+        started: std::time::SystemTime::now(),
         cfg,
         hosts: Cache::new(),
         tests: Cache::new(),

@@ -148,7 +148,11 @@ async fn keep_lease(client: Client, mine: Host, every: Duration) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let res = if registered {
-            hosts.renew_lease(testbus_proto::RenewLeaseRequest { name: mine.name().to_string() }).await.map(|_| ())
+            // A renewal that hangs on a dead connection must not stall the
+            // heartbeat: give up after one renewal period and try again.
+            let mut req = tonic::Request::new(testbus_proto::RenewLeaseRequest { name: mine.name().to_string() });
+            req.set_timeout(every);
+            hosts.renew_lease(req).await.map(|_| ())
         } else {
             register(&api, &mine).await
         };
@@ -213,6 +217,10 @@ impl Agent {
         if self.journal.contains(&uid) {
             // Started before by this agent, but not by this run of it: the
             // process cannot be re-adopted, and must never run twice.
+            // Whatever its predecessor left running of it goes now.
+            if let Some(pgid) = self.journal.pid(&uid) {
+                let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), nix::sys::signal::Signal::SIGKILL);
+            }
             let why = "the agent restarted while the process ran; its outcome is unknown";
             runner::end_unrun(&api, p.name(), phase::LOST, "AgentRestarted", why).await;
             return;
@@ -233,6 +241,7 @@ impl Agent {
             work_root: self.work_root.clone(),
             socket_dir: self.socket_dir.clone(),
             cache: self.cache.clone(),
+            journal: self.journal.path().to_path_buf(),
         };
         let done = self.done.clone();
         tokio::spawn(async move {

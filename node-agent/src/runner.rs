@@ -56,6 +56,8 @@ pub struct ProcessRunner {
     /// Where per-process agent sockets live.
     pub socket_dir: PathBuf,
     pub cache: std::sync::Arc<crate::cache::BlobCache>,
+    /// Where the process group is recorded once it runs.
+    pub journal: PathBuf,
 }
 
 /// A file of the process, fetched into the cache.
@@ -109,9 +111,9 @@ impl ProcessRunner {
             Err(e) => Err(e),
         };
         let (ended, sizes) = match prepared {
-            Err(e) => (e, (0, 0)),
+            Err(e) => (e, Default::default()),
             Ok(cmd) => match self.gate(&api, &mut commands).await {
-                Some(by) => (Ended::Stopped { by, signal: String::new() }, (0, 0)),
+                Some(by) => (Ended::Stopped { by, signal: String::new() }, Default::default()),
                 None => self.execute(cmd, &mut commands).await,
             },
         };
@@ -121,8 +123,10 @@ impl ProcessRunner {
         report(&api, &name, move |p| {
             let s = p.status_mut();
             s.finish_time = time::now();
-            s.stdout_bytes = sizes.0;
-            s.stderr_bytes = sizes.1;
+            s.stdout_bytes = sizes.0.bytes;
+            s.stderr_bytes = sizes.1.bytes;
+            s.stdout_truncated = sizes.0.truncated;
+            s.stderr_truncated = sizes.1.truncated;
             match &ended {
                 Ended::Exited(code) => {
                     let ok = exit_codes.is_empty() && *code == 0 || exit_codes.contains(code);
@@ -323,7 +327,7 @@ impl ProcessRunner {
         &self,
         mut cmd: tokio::process::Command,
         commands: &mut mpsc::Receiver<Command>,
-    ) -> (Ended, (u64, u64)) {
+    ) -> (Ended, (Pumped, Pumped)) {
         let name = self.process.name().to_string();
         let spec = self.process.spec();
         let mut child = {
@@ -344,13 +348,16 @@ impl ProcessRunner {
                                 reason: "SpawnFailed",
                                 message: format!("cannot execute {what}: {e}"),
                             },
-                            (0, 0),
+                            Default::default(),
                         );
                     }
                 }
             }
         };
         let pid = child.id().map(|p| p as i32).unwrap_or(0);
+        if let Err(e) = crate::journal::Journal::record_pid(&self.journal, &self.process.meta().uid, pid) {
+            tracing::warn!(process = %name, error = %e, "cannot record the pid in the journal");
+        }
         let api = self.client.api::<Process>();
         // The Running report goes in the background so a stop is never
         // delayed by a slow API; the final report waits for it.
@@ -403,13 +410,13 @@ impl ProcessRunner {
         };
         // Whatever the main process left behind in its group goes too.
         kill_group(pid, nix::sys::signal::Signal::SIGKILL);
-        let mut sizes = (0, 0);
+        let mut sizes = (Pumped::default(), Pumped::default());
         let drain = async {
             if let Some(h) = out {
-                sizes.0 = h.await.unwrap_or(0);
+                sizes.0 = h.await.unwrap_or_default();
             }
             if let Some(h) = err {
-                sizes.1 = h.await.unwrap_or(0);
+                sizes.1 = h.await.unwrap_or_default();
             }
         };
         if tokio::time::timeout(DRAIN_LIMIT, drain).await.is_err() {
@@ -457,25 +464,36 @@ async fn terminate(child: &mut tokio::process::Child, pgid: i32) -> String {
     }
 }
 
-/// Streams one pipe to the control plane; returns the bytes read. Retries
-/// until the server has each chunk (appends are idempotent by offset), so
-/// nothing is lost while the API is unreachable; the pipe's back-pressure
-/// bounds the memory this takes.
-async fn pump(mut r: impl AsyncRead + Unpin, client: Client, process: String, stream: i32) -> u64 {
+/// What one output stream of a process came to.
+#[derive(Debug, Default, Clone, Copy)]
+struct Pumped {
+    bytes: u64,
+    truncated: bool,
+}
+
+/// Streams one pipe to the control plane. Retries until the server has
+/// each chunk (appends are idempotent by offset), so nothing is lost while
+/// the API is unreachable; the pipe's back-pressure bounds the memory this
+/// takes.
+async fn pump(mut r: impl AsyncRead + Unpin, client: Client, process: String, stream: i32) -> Pumped {
     let mut buf = vec![0u8; CHUNK];
     let mut offset = 0u64;
+    let mut truncated = false;
     let mut out = client.output();
     let mut gone = false;
     loop {
         let n = match r.read(&mut buf).await {
-            Ok(0) | Err(_) => return offset,
+            Ok(0) | Err(_) => return Pumped { bytes: offset, truncated },
             Ok(n) => n,
         };
         let mut backoff = Duration::from_millis(50);
         while !gone {
             let chunk = OutputChunk { process: process.clone(), stream, offset, data: buf[..n].to_vec() };
             match out.append(chunk).await {
-                Ok(_) => break,
+                Ok(r) => {
+                    truncated |= r.into_inner().truncated;
+                    break;
+                }
                 Err(s) if s.code() == Code::NotFound => gone = true,
                 Err(s) => {
                     tracing::debug!(%process, error = %s, "output append failed; retrying");

@@ -56,6 +56,8 @@ pub struct Cluster {
     pub agent_args: Vec<String>,
     /// Other processes started by a test (relays, extra agents).
     extra: Vec<Child>,
+    /// Extra control-plane flags.
+    pub cp_args: Vec<String>,
 }
 
 impl Cluster {
@@ -65,6 +67,11 @@ impl Cluster {
     }
 
     pub async fn start_with(n: usize, agent_args: &[&str]) -> Cluster {
+        Self::start_full(n, agent_args, &[]).await
+    }
+
+    /// With extra agent and control-plane flags.
+    pub async fn start_full(n: usize, agent_args: &[&str], cp_args: &[&str]) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let hosts: Vec<String> = (0..n).map(|i| format!("host-{i}")).collect();
         let (netns, listen, agent_server) = if is_root() {
@@ -95,6 +102,7 @@ impl Cluster {
             hosts,
             agent_args: agent_args.iter().map(|s| s.to_string()).collect(),
             extra: Vec::new(),
+            cp_args: cp_args.iter().map(|s| s.to_string()).collect(),
         };
         c.start_control_plane().await;
         for i in 0..n {
@@ -125,6 +133,7 @@ impl Cluster {
         cmd.args(["--listen", &self.listen, "--data-dir"])
             .arg(self.dir.path().join("cp"))
             .args(["--lease-grace", "1s"])
+            .args(&self.cp_args)
             .stdout(self.log("control-plane"))
             .stderr(self.log("control-plane"));
         if self.netns.is_some() {
@@ -160,7 +169,14 @@ impl Cluster {
         assert!(self.agents[i].is_none(), "agent {i} already running");
         let name = self.hosts[i].clone();
         let mut cmd = self.command_in(&name, &self.bin.join("testbus-agent"));
-        cmd.args(["--server", &self.agent_server, "--name", &name, "--lease-duration", "2s", "--data-dir"])
+        let lease = if self.agent_args.iter().any(|a| a == "--lease-duration") {
+            vec![]
+        } else {
+            vec!["--lease-duration", "2s"]
+        };
+        cmd.args(["--server", &self.agent_server, "--name", &name])
+            .args(lease)
+            .arg("--data-dir")
             .arg(self.dir.path().join(&name))
             .arg("--config-dir")
             .arg(self.dir.path().join(&name).join("etc"))
@@ -177,6 +193,32 @@ impl Cluster {
         let mut cmd = self.command_in(node, &self.bin.join(binary));
         cmd.args(args).stdout(self.log(binary)).stderr(self.log(binary));
         self.extra.push(cmd.spawn().unwrap_or_else(|e| panic!("start {binary}: {e}")));
+    }
+
+    pub fn control_plane_pid(&self) -> u32 {
+        self.cp.as_ref().expect("control plane running").id()
+    }
+
+    pub fn agent_pid(&self, i: usize) -> u32 {
+        self.agents[i].as_ref().expect("agent running").id()
+    }
+
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) an agent: alive but silent.
+    pub fn freeze_agent(&self, i: usize, frozen: bool) {
+        use nix::sys::signal::{kill, Signal};
+        let sig = if frozen { Signal::SIGSTOP } else { Signal::SIGCONT };
+        kill(nix::unistd::Pid::from_raw(self.agent_pid(i) as i32), sig).expect("signal the agent");
+    }
+
+    /// Cuts (or restores) a node's link inside its namespace: packets are
+    /// silently lost, as in a partition. Needs the namespaces (root).
+    pub fn set_link(&self, node: &str, up: bool) {
+        let id = self.netns.as_ref().expect("partitions need network namespaces (root)");
+        let st = Command::new("ip")
+            .args(["-n", &format!("{id}-{node}"), "link", "set", "eth0", if up { "up" } else { "down" }])
+            .status()
+            .unwrap();
+        assert!(st.success(), "ip link set failed");
     }
 
     /// SIGKILL, as a crash.
@@ -309,4 +351,15 @@ pub fn process_alive(pid: i64) -> bool {
         Ok(stat) => stat.rsplit_once(')').map(|(_, rest)| rest.trim_start()).is_some_and(|r| !r.starts_with('Z')),
         Err(_) => false,
     }
+}
+
+/// Peak resident memory of a process, in bytes (VmHWM).
+pub fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
 }
