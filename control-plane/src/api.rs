@@ -37,6 +37,7 @@ fn store_err(e: StoreError) -> Status {
         StoreError::TooLarge { .. } => Status::invalid_argument(e.to_string()),
         StoreError::Compacted { .. } => Status::out_of_range(e.to_string()),
         StoreError::Backend(_) => Status::unavailable(e.to_string()),
+        StoreError::Full(_) => Status::resource_exhausted(e.to_string()),
     }
 }
 
@@ -697,7 +698,7 @@ mod tests {
     async fn state(dir: &tempfile::TempDir) -> ApiState {
         let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb"), 1000).unwrap());
         let hub = Hub::start(1000, store.clone()).await.unwrap();
-        let blobs = crate::blobs::BlobStore::open(&dir.path().join("blobs")).unwrap();
+        let blobs = crate::blobs::BlobStore::open(&dir.path().join("blobs"), 0).unwrap();
         ApiState { store, hub, blobs }
     }
 
@@ -816,7 +817,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb"), 1000).unwrap());
         let hub = Hub::start(16, store.clone()).await.unwrap();
-        let blobs = crate::blobs::BlobStore::open(&dir.path().join("blobs")).unwrap();
+        let blobs = crate::blobs::BlobStore::open(&dir.path().join("blobs"), 0).unwrap();
         let st = ApiState { store, hub, blobs };
         let tests = ResourceService::<Test>::new(st.clone());
         let first = tests.create(&admin(), test_obj("t0")).await.unwrap();

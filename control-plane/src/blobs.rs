@@ -18,6 +18,7 @@ pub const MAX_BLOB: u64 = 4 << 30;
 #[derive(Clone)]
 pub struct BlobStore {
     dir: PathBuf,
+    min_free: u64,
 }
 
 fn io_err(e: std::io::Error) -> Status {
@@ -29,14 +30,14 @@ fn bad_digest(field: &str, d: &str) -> Status {
 }
 
 impl BlobStore {
-    pub fn open(dir: &Path) -> std::io::Result<BlobStore> {
+    pub fn open(dir: &Path, min_free: u64) -> std::io::Result<BlobStore> {
         std::fs::create_dir_all(dir.join("sha256"))?;
         std::fs::create_dir_all(dir.join("tmp"))?;
         // Partial uploads from before a crash are garbage.
         for e in std::fs::read_dir(dir.join("tmp"))?.flatten() {
             let _ = std::fs::remove_file(e.path());
         }
-        Ok(BlobStore { dir: dir.to_path_buf() })
+        Ok(BlobStore { dir: dir.to_path_buf(), min_free })
     }
 
     pub fn path(&self, digest: &str) -> Option<PathBuf> {
@@ -54,6 +55,8 @@ impl BlobStore {
 impl Blobs for BlobStore {
     async fn upload(&self, req: Request<Streaming<UploadRequest>>) -> Result<Response<BlobRef>, Status> {
         let mut stream = req.into_inner();
+        crate::store::embedded::check_free_space(&self.dir, self.min_free)
+            .map_err(|e| Status::resource_exhausted(e.to_string()))?;
         let tmp = self.dir.join("tmp").join(uuid::Uuid::new_v4().to_string());
         let mut f = tokio::fs::File::create(&tmp).await.map_err(io_err)?;
         let mut h = Hasher::default();

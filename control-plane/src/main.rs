@@ -27,6 +27,10 @@ struct Args {
     /// rest is counted, not kept, and marked as truncated.
     #[arg(long, default_value_t = testbus_control_plane::output::DEFAULT_LIMIT)]
     max_output_bytes: u64,
+    /// Refuse writes while less than this many bytes are free in the data
+    /// dir (reads go on).
+    #[arg(long, default_value_t = 64 << 20)]
+    min_free_bytes: u64,
     /// How long past its lease a host is still considered Ready.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     lease_grace: std::time::Duration,
@@ -67,6 +71,7 @@ async fn main() {
         controllers: (!args.no_controllers).then(|| testbus_controllers::Config { lease_grace: args.lease_grace }),
         watch_cache: 100_000,
         output_limit: args.max_output_bytes,
+        min_free_bytes: args.min_free_bytes,
     };
     let (tx, rx) = tokio::sync::broadcast::channel(1);
     tokio::spawn(async move {

@@ -50,6 +50,8 @@ pub struct Config {
     pub watch_cache: usize,
     /// Bytes kept of each output stream of a process.
     pub output_limit: u64,
+    /// Writes (objects, blobs) are refused while less is free in the data dir.
+    pub min_free_bytes: u64,
 }
 
 impl Config {
@@ -73,13 +75,14 @@ pub async fn run(cfg: Config, mut shutdown: broadcast::Receiver<()>) -> anyhow::
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("--data-dir {}", cfg.data_dir.display()))?;
     let store: Arc<dyn Store> = match cfg.store.as_str() {
         "" | "embedded" => Arc::new(
-            EmbeddedStore::open(&cfg.data_dir.join("store.redb"), 100_000)
+            EmbeddedStore::open_with_reserve(&cfg.data_dir.join("store.redb"), 100_000, cfg.min_free_bytes)
                 .with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?,
         ),
         other => bail!("--store {other:?}: unsupported (use \"embedded\"; etcd:// is not available in this version)"),
     };
     let hub = Hub::start(cfg.watch_cache, store.clone()).await.context("starting the watch cache")?;
-    let blobs = crate::blobs::BlobStore::open(&cfg.data_dir.join("blobs")).context("opening the blob store")?;
+    let blobs = crate::blobs::BlobStore::open(&cfg.data_dir.join("blobs"), cfg.min_free_bytes)
+        .context("opening the blob store")?;
     let state = ApiState { store, hub, blobs: blobs.clone() };
     let output = OutputService::new(cfg.data_dir.join("output"), state.clone(), cfg.output_limit)?;
 

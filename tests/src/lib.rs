@@ -58,6 +58,8 @@ pub struct Cluster {
     extra: Vec<Child>,
     /// Extra control-plane flags.
     pub cp_args: Vec<String>,
+    /// A tmpfs mounted over the control plane's data dir (small-disk tests).
+    tmpfs: Option<PathBuf>,
 }
 
 impl Cluster {
@@ -72,6 +74,15 @@ impl Cluster {
 
     /// With extra agent and control-plane flags.
     pub async fn start_full(n: usize, agent_args: &[&str], cp_args: &[&str]) -> Cluster {
+        Self::start_disk(n, agent_args, cp_args, None).await
+    }
+
+    /// The control plane's data dir on a tmpfs of `mb` MiB (root only).
+    pub async fn start_small_disk(n: usize, cp_args: &[&str], mb: u32) -> Cluster {
+        Self::start_disk(n, &[], cp_args, Some(mb)).await
+    }
+
+    async fn start_disk(n: usize, agent_args: &[&str], cp_args: &[&str], tmpfs_mb: Option<u32>) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let hosts: Vec<String> = (0..n).map(|i| format!("host-{i}")).collect();
         let (netns, listen, agent_server) = if is_root() {
@@ -103,7 +114,19 @@ impl Cluster {
             agent_args: agent_args.iter().map(|s| s.to_string()).collect(),
             extra: Vec::new(),
             cp_args: cp_args.iter().map(|s| s.to_string()).collect(),
+            tmpfs: None,
         };
+        if let Some(mb) = tmpfs_mb {
+            let dir = c.dir.path().join("cp");
+            std::fs::create_dir_all(&dir).unwrap();
+            let st = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={mb}m"), "tmpfs"])
+                .arg(&dir)
+                .status()
+                .unwrap();
+            assert!(st.success(), "mount tmpfs");
+            c.tmpfs = Some(dir);
+        }
         c.start_control_plane().await;
         for i in 0..n {
             c.start_agent(i);
@@ -304,6 +327,9 @@ impl Drop for Cluster {
             }
         }
         self.kill_control_plane();
+        if let Some(dir) = &self.tmpfs {
+            let _ = Command::new("umount").arg("-l").arg(dir).status();
+        }
         if let Some(id) = &self.netns {
             let _ = Command::new(repo_root().join("hack/netns")).args(["down", id]).status();
         }

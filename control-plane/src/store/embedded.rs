@@ -29,6 +29,9 @@ pub struct EmbeddedStore {
 
 struct Inner {
     db: Database,
+    dir: std::path::PathBuf,
+    /// Writes are refused while less than this is free in `dir`.
+    min_free: u64,
     /// Held across commit + broadcast, and by new watchers while they read
     /// the log and subscribe.
     write_lock: Mutex<()>,
@@ -44,6 +47,13 @@ impl EmbeddedStore {
     /// Opens (or creates) the store file. `retain` revisions of events are
     /// kept for watchers that resume.
     pub fn open(path: &Path, retain: u64) -> Result<Self, StoreError> {
+        Self::open_with_reserve(path, retain, 0)
+    }
+
+    /// Like `open`, refusing writes while less than `min_free` bytes are
+    /// free on the store's file system (a full disk would otherwise leave
+    /// the database unusable until reopened).
+    pub fn open_with_reserve(path: &Path, retain: u64, min_free: u64) -> Result<Self, StoreError> {
         let db = Database::create(path).map_err(backend)?;
         let w = db.begin_write().map_err(backend)?;
         {
@@ -57,7 +67,10 @@ impl EmbeddedStore {
         }
         w.commit().map_err(backend)?;
         let (events, _) = broadcast::channel(4096);
-        Ok(EmbeddedStore { inner: Arc::new(Inner { db, write_lock: Mutex::new(()), events, retain: retain.max(1) }) })
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Ok(EmbeddedStore {
+            inner: Arc::new(Inner { db, dir, min_free, write_lock: Mutex::new(()), events, retain: retain.max(1) }),
+        })
     }
 
     async fn blocking<T: Send + 'static>(
@@ -135,8 +148,29 @@ fn decode_events(mut raw: &[u8]) -> Result<Vec<Event>, StoreError> {
     Ok(out)
 }
 
+/// Fails, naming the directory, when fewer than `min_free` bytes are free
+/// on the file system holding `dir`.
+pub fn check_free_space(dir: &Path, min_free: u64) -> Result<(), StoreError> {
+    if min_free == 0 {
+        return Ok(());
+    }
+    let st =
+        nix::sys::statvfs::statvfs(dir).map_err(|e| StoreError::Backend(format!("statvfs {}: {e}", dir.display())))?;
+    let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+    if free < min_free {
+        return Err(StoreError::Full(format!(
+            "{free} bytes free in {}, below the {min_free} bytes kept in reserve; writes are refused until space is freed",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
 impl Inner {
     fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<(TxnOutcome, Vec<Event>), StoreError> {
+        if !ops.is_empty() {
+            check_free_space(&self.dir, self.min_free)?;
+        }
         for op in &ops {
             if let Op::Put(key, value) = op {
                 if value.len() > MAX_VALUE_BYTES {

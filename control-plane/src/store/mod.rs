@@ -73,6 +73,9 @@ pub enum StoreError {
     TooLarge { key: String, size: usize, limit: usize },
     #[error("store: {0}")]
     Backend(String),
+    /// Too little disk space: writes are refused, reads go on.
+    #[error("disk full: {0}")]
+    Full(String),
 }
 
 pub type EventStream = BoxStream<'static, Result<Event, StoreError>>;
