@@ -49,6 +49,7 @@ pub const MAX_NAME: usize = 63;
 pub const MAX_COUNT: u32 = 1000;
 pub const MAX_HOSTS_PER_TEST: u32 = 1000;
 pub const MAX_STEPS: usize = 1000;
+pub const MAX_PROCESSES: usize = 10_000;
 pub const MAX_ENV_ENTRIES: usize = 1000;
 pub const MAX_VALUE_BYTES: usize = 128 * 1024;
 
@@ -343,6 +344,14 @@ impl Validate for Test {
         let expanded: Vec<Step> = crate::steps::expand(s).into_iter().map(|x| x.step).collect();
         if expanded.len() > MAX_STEPS {
             e.add("spec.steps", format!("more than {MAX_STEPS} steps (child tests included)"));
+        }
+        // One process per step and target host: bound the total.
+        let processes: usize = expanded
+            .iter()
+            .map(|st| st.on.iter().map(|r| roles.get(r.as_str()).map_or(1, Vec::len)).sum::<usize>())
+            .sum();
+        if processes > MAX_PROCESSES {
+            e.add("spec.steps", format!("{processes} processes (steps × hosts); at most {MAX_PROCESSES} per test"));
         }
         let level = Level { roles: &roles, member_of: &member_of };
         level.check("spec", &s.steps, &s.tests, 0, &mut e);
