@@ -14,6 +14,7 @@ pub use pb::*;
 pub mod blob;
 pub mod client;
 pub mod duration;
+pub mod fuzzing;
 pub mod manifest;
 pub mod process;
 pub mod resource;
