@@ -8,6 +8,8 @@
 //! PID) and its namespaces when dropped.
 #![forbid(unsafe_code)]
 
+pub mod etcd;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -101,12 +101,13 @@ pub async fn watch_from_revision<S: Store>(s: &S) {
     assert_eq!(next(&mut w2).await.revision(), d);
 }
 
-/// `fill` writes enough revisions to push `old` out of the store's history.
-pub async fn compaction_is_reported<S: Store>(s: &S, fill: usize) {
+/// `compact` makes the store drop its history up to its current revision.
+pub async fn compaction_is_reported<S: Store, F: std::future::Future<Output = ()>>(s: &S, compact: impl FnOnce() -> F) {
     let old = s.revision().await.unwrap();
-    for i in 0..fill {
+    for i in 0..5 {
         s.txn(vec![], vec![put("/c/k", &i.to_string())]).await.unwrap();
     }
+    compact().await;
     match s.watch("/c/", old).await {
         Err(StoreError::Compacted { .. }) => {}
         Err(e) => panic!("expected Compacted, got {e}"),
@@ -133,7 +134,13 @@ mod embedded_store {
         create_get_cas(&s).await;
         multi_key_transactions_are_atomic(&s).await;
         watch_from_revision(&s).await;
-        compaction_is_reported(&s, 150).await;
+        compaction_is_reported(&s, || async {
+            // The embedded store keeps the last 100 revisions.
+            for i in 0..150 {
+                s.txn(vec![], vec![put("/c/fill", &i.to_string())]).await.unwrap();
+            }
+        })
+        .await;
         concurrent_cas_has_one_winner(Arc::new(s)).await;
     }
 
@@ -159,5 +166,113 @@ mod embedded_store {
         let err = s.txn(vec![], vec![put("/ok", "1"), Op::Put("/big".into(), big)]).await.unwrap_err();
         assert!(matches!(err, StoreError::TooLarge { .. }));
         assert!(s.get("/ok").await.unwrap().is_none(), "nothing of the transaction is applied");
+    }
+}
+
+#[cfg(test)]
+mod etcd_store {
+    use super::*;
+    use crate::store::etcd::EtcdStore;
+    use testbus_tests::etcd::EtcdCluster;
+
+    async fn compact_all(url: &str) {
+        let (endpoints, _) = crate::store::etcd::parse_url(url).unwrap();
+        let mut c = etcd_client::Client::connect(&endpoints, None).await.unwrap();
+        let rev = c.get("x", None).await.unwrap().header().unwrap().revision();
+        c.compact(rev, None).await.unwrap();
+    }
+
+    async fn suite(url: &str) {
+        let s = EtcdStore::connect(url).await.unwrap();
+        create_get_cas(&s).await;
+        multi_key_transactions_are_atomic(&s).await;
+        watch_from_revision(&s).await;
+        compaction_is_reported(&s, || compact_all(url)).await;
+        concurrent_cas_has_one_winner(Arc::new(s)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn conformance_single_node() {
+        let etcd = EtcdCluster::start(1);
+        suite(&etcd.url("/conformance")).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn conformance_three_members() {
+        let etcd = EtcdCluster::start(3);
+        suite(&etcd.url("/conformance")).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn prefixes_keep_stores_apart_and_large_values_are_refused() {
+        let etcd = EtcdCluster::start(1);
+        let a = EtcdStore::connect(&etcd.url("/a")).await.unwrap();
+        let b = EtcdStore::connect(&etcd.url("/b")).await.unwrap();
+        a.txn(vec![], vec![put("/k", "in a")]).await.unwrap();
+        assert!(b.get("/k").await.unwrap().is_none());
+        assert_eq!(a.list("/").await.unwrap().0[0].key, "/k");
+        let big = vec![0u8; crate::store::etcd::MAX_VALUE_BYTES + 1];
+        let err = a.txn(vec![], vec![put("/ok", "1"), Op::Put("/big".into(), big)]).await.unwrap_err();
+        assert!(matches!(err, StoreError::TooLarge { .. }), "{err}");
+        assert!(a.get("/ok").await.unwrap().is_none(), "nothing of the transaction is applied");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_watch_resumes_after_its_member_restarts() {
+        let mut etcd = EtcdCluster::start(1);
+        let s = EtcdStore::connect(&etcd.url("/resume")).await.unwrap();
+        let start = s.revision().await.unwrap();
+        let mut w = s.watch("/w/", start).await.unwrap();
+        let a = s.txn(vec![], vec![put("/w/a", "1")]).await.unwrap().revision;
+        assert_eq!(next(&mut w).await.revision(), a);
+        etcd.kill_member(0);
+        // The broken watch says so instead of hanging.
+        let end = tokio::time::timeout(Duration::from_secs(30), w.next()).await.expect("the watch notices");
+        assert!(!matches!(end, Some(Ok(_))), "{end:?}");
+        etcd.restart_member(0);
+        let b = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                if let Ok(r) = s.txn(vec![], vec![put("/w/b", "2")]).await {
+                    return r.revision;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("writes after the restart");
+        // Resuming from the last revision seen delivers exactly what came after.
+        let mut w2 = s.watch("/w/", a).await.unwrap();
+        let e = next(&mut w2).await;
+        assert_eq!((e.kv().key.as_str(), e.revision()), ("/w/b", b));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn without_quorum_writes_fail_clearly_and_resume_with_it() {
+        let mut etcd = EtcdCluster::start(3);
+        let s = EtcdStore::connect(&etcd.url("/quorum")).await.unwrap();
+        s.txn(vec![], vec![put("/q/a", "1")]).await.unwrap();
+        etcd.kill_member(2);
+        // Two of three: still a quorum.
+        s.txn(vec![], vec![put("/q/b", "2")]).await.unwrap();
+        etcd.kill_member(1);
+        let err = tokio::time::timeout(Duration::from_secs(30), s.txn(vec![], vec![put("/q/c", "3")]))
+            .await
+            .expect("a write without quorum fails within its timeout")
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Backend(ref m) if m.starts_with("etcd:")), "{err}");
+        etcd.restart_member(1);
+        let ok = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                if s.txn(vec![], vec![put("/q/c", "3")]).await.is_ok() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        assert!(ok.is_ok(), "writes resume with quorum");
+        let (items, _) = s.list("/q/").await.unwrap();
+        let values: Vec<&[u8]> = items.iter().map(|kv| kv.value.as_slice()).collect();
+        assert_eq!(values, [b"1".as_slice(), b"2", b"3"], "nothing lost or corrupted");
     }
 }

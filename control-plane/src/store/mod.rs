@@ -15,6 +15,7 @@ use futures::stream::BoxStream;
 #[cfg(test)]
 mod conformance;
 pub mod embedded;
+pub mod etcd;
 
 pub type Revision = u64;
 

@@ -1,0 +1,138 @@
+//! Real etcd members for tests (Debian's etcd-server), each a plain
+//! background process with its own data dir and loopback ports, started
+//! fast (10 ms heartbeats) and killed by PID with the cluster.
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct EtcdCluster {
+    dir: tempfile::TempDir,
+    members: Vec<Member>,
+}
+
+struct Member {
+    name: String,
+    client_port: u16,
+    peer_port: u16,
+    child: Option<Child>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl EtcdCluster {
+    /// `n` members, all healthy when this returns.
+    pub fn start(n: usize) -> EtcdCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let members: Vec<Member> = (0..n)
+            .map(|i| Member { name: format!("m{i}"), client_port: free_port(), peer_port: free_port(), child: None })
+            .collect();
+        let mut c = EtcdCluster { dir, members };
+        for i in 0..n {
+            c.start_member(i, "new");
+        }
+        for i in 0..n {
+            c.wait_healthy(i);
+        }
+        c
+    }
+
+    fn initial_cluster(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn data_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(&self.members[i].name)
+    }
+
+    pub fn start_member(&mut self, i: usize, state: &str) {
+        let m = &self.members[i];
+        let log = std::fs::File::create(self.dir.path().join(format!("{}.log", m.name))).unwrap();
+        let child = Command::new("etcd")
+            .args(["--name", &m.name, "--data-dir"])
+            .arg(self.data_dir(i))
+            .args(["--listen-client-urls", &format!("http://127.0.0.1:{}", m.client_port)])
+            .args(["--advertise-client-urls", &format!("http://127.0.0.1:{}", m.client_port)])
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{}", m.peer_port)])
+            .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{}", m.peer_port)])
+            .args(["--initial-cluster", &self.initial_cluster(), "--initial-cluster-state", state])
+            .args([
+                "--initial-cluster-token",
+                "testbus-test",
+                "--heartbeat-interval",
+                "10",
+                "--election-timeout",
+                "100",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start etcd (apt-get install etcd-server)");
+        self.members[i].child = Some(child);
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill_member(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart_member(&mut self, i: usize) {
+        self.start_member(i, "existing");
+        self.wait_healthy(i);
+    }
+
+    /// GET /health answers {"health":"true"}.
+    pub fn wait_healthy(&self, i: usize) {
+        let port = self.members[i].client_port;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if health(port) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "etcd member {i} not healthy");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `etcd://127.0.0.1:P1,...[/prefix]` for every member.
+    pub fn url(&self, prefix: &str) -> String {
+        let hosts: Vec<String> = self.members.iter().map(|m| format!("127.0.0.1:{}", m.client_port)).collect();
+        format!("etcd://{}{prefix}", hosts.join(","))
+    }
+
+    pub fn client_url(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", self.members[i].client_port)
+    }
+}
+
+fn health(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200))
+    else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    if s.write_all(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.contains("\"health\":\"true\"")
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill_member(i);
+        }
+    }
+}
