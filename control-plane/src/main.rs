@@ -14,7 +14,8 @@ struct Args {
     /// Where the store file and process output live.
     #[arg(long, env = "TESTBUS_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// "embedded" (one file in the data dir).
+    /// "embedded" (one file in the data dir) or
+    /// etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (default prefix /testbus).
     #[arg(long, default_value = "embedded")]
     store: String,
     /// Serve without TLS on non-loopback addresses (development only).

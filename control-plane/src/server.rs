@@ -78,7 +78,15 @@ pub async fn run(cfg: Config, mut shutdown: broadcast::Receiver<()>) -> anyhow::
             EmbeddedStore::open_with_reserve(&cfg.data_dir.join("store.redb"), 100_000, cfg.min_free_bytes)
                 .with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?,
         ),
-        other => bail!("--store {other:?}: unsupported (use \"embedded\"; etcd:// is not available in this version)"),
+        url if url.starts_with("etcd://") => {
+            crate::store::etcd::parse_url(url).map_err(|e| anyhow::anyhow!("--store {e}"))?;
+            Arc::new(
+                crate::store::etcd::EtcdStore::connect(url)
+                    .await
+                    .with_context(|| format!("--store {url}: cannot reach etcd"))?,
+            )
+        }
+        other => bail!("--store {other:?}: expected \"embedded\" or etcd://HOST:PORT[,HOST:PORT...][/PREFIX]"),
     };
     let hub = Hub::start(cfg.watch_cache, store.clone()).await.context("starting the watch cache")?;
     let blobs = crate::blobs::BlobStore::open(&cfg.data_dir.join("blobs"), cfg.min_free_bytes)

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 pub struct EtcdCluster {
     dir: tempfile::TempDir,
     members: Vec<Member>,
+    /// The network namespace the members run in (None: this one).
+    netns: Option<String>,
 }
 
 struct Member {
@@ -25,11 +27,16 @@ fn free_port() -> u16 {
 impl EtcdCluster {
     /// `n` members, all healthy when this returns.
     pub fn start(n: usize) -> EtcdCluster {
+        Self::start_in(n, None)
+    }
+
+    /// Members inside network namespace `netns` (its own loopback).
+    pub fn start_in(n: usize, netns: Option<String>) -> EtcdCluster {
         let dir = tempfile::tempdir().unwrap();
         let members: Vec<Member> = (0..n)
             .map(|i| Member { name: format!("m{i}"), client_port: free_port(), peer_port: free_port(), child: None })
             .collect();
-        let mut c = EtcdCluster { dir, members };
+        let mut c = EtcdCluster { dir, members, netns };
         for i in 0..n {
             c.start_member(i, "new");
         }
@@ -54,7 +61,15 @@ impl EtcdCluster {
     pub fn start_member(&mut self, i: usize, state: &str) {
         let m = &self.members[i];
         let log = std::fs::File::create(self.dir.path().join(format!("{}.log", m.name))).unwrap();
-        let child = Command::new("etcd")
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "etcd"]);
+                c
+            }
+            None => Command::new("etcd"),
+        };
+        let child = cmd
             .args(["--name", &m.name, "--data-dir"])
             .arg(self.data_dir(i))
             .args(["--listen-client-urls", &format!("http://127.0.0.1:{}", m.client_port)])
@@ -95,7 +110,7 @@ impl EtcdCluster {
         let port = self.members[i].client_port;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if health(port) {
+            if health(port, self.netns.as_deref()) {
                 return;
             }
             assert!(Instant::now() < deadline, "etcd member {i} not healthy");
@@ -114,7 +129,26 @@ impl EtcdCluster {
     }
 }
 
-fn health(port: u16) -> bool {
+fn health(port: u16, netns: Option<&str>) -> bool {
+    match netns {
+        None => health_here(port),
+        // setns changes only the calling thread: ask from a thread of its own.
+        Some(ns) => {
+            let path = format!("/run/netns/{ns}");
+            std::thread::spawn(move || {
+                let Ok(f) = std::fs::File::open(&path) else { return false };
+                if nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).is_err() {
+                    return false;
+                }
+                health_here(port)
+            })
+            .join()
+            .unwrap_or(false)
+        }
+    }
+}
+
+fn health_here(port: u16) -> bool {
     use std::io::{Read, Write};
     let Ok(mut s) = std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200))
     else {

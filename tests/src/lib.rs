@@ -62,6 +62,8 @@ pub struct Cluster {
     pub cp_args: Vec<String>,
     /// A tmpfs mounted over the control plane's data dir (small-disk tests).
     tmpfs: Option<PathBuf>,
+    /// etcd the control plane stores its state in, in its namespace.
+    pub etcd: Option<etcd::EtcdCluster>,
 }
 
 impl Cluster {
@@ -76,15 +78,27 @@ impl Cluster {
 
     /// With extra agent and control-plane flags.
     pub async fn start_full(n: usize, agent_args: &[&str], cp_args: &[&str]) -> Cluster {
-        Self::start_disk(n, agent_args, cp_args, None).await
+        Self::start_disk(n, agent_args, cp_args, None, 0).await
     }
 
     /// The control plane's data dir on a tmpfs of `mb` MiB (root only).
     pub async fn start_small_disk(n: usize, cp_args: &[&str], mb: u32) -> Cluster {
-        Self::start_disk(n, &[], cp_args, Some(mb)).await
+        Self::start_disk(n, &[], cp_args, Some(mb), 0).await
     }
 
-    async fn start_disk(n: usize, agent_args: &[&str], cp_args: &[&str], tmpfs_mb: Option<u32>) -> Cluster {
+    /// The control plane on an etcd of `members` members, run where the
+    /// control plane runs.
+    pub async fn start_on_etcd(n: usize, members: usize) -> Cluster {
+        Self::start_disk(n, &[], &[], None, members).await
+    }
+
+    async fn start_disk(
+        n: usize,
+        agent_args: &[&str],
+        cp_args: &[&str],
+        tmpfs_mb: Option<u32>,
+        etcd_members: usize,
+    ) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let hosts: Vec<String> = (0..n).map(|i| format!("host-{i}")).collect();
         let (netns, listen, agent_server) = if is_root() {
@@ -117,7 +131,14 @@ impl Cluster {
             extra: Vec::new(),
             cp_args: cp_args.iter().map(|s| s.to_string()).collect(),
             tmpfs: None,
+            etcd: None,
         };
+        if etcd_members > 0 {
+            let ns = c.netns.as_ref().map(|id| format!("{id}-cp"));
+            let e = etcd::EtcdCluster::start_in(etcd_members, ns);
+            c.cp_args.extend(["--store".to_string(), e.url("/testbus")]);
+            c.etcd = Some(e);
+        }
         if let Some(mb) = tmpfs_mb {
             let dir = c.dir.path().join("cp");
             std::fs::create_dir_all(&dir).unwrap();
@@ -329,6 +350,7 @@ impl Drop for Cluster {
             }
         }
         self.kill_control_plane();
+        self.etcd = None;
         if let Some(dir) = &self.tmpfs {
             let _ = Command::new("umount").arg("-l").arg(dir).status();
         }

@@ -262,3 +262,18 @@ async fn a_full_disk_refuses_writes_clearly_while_reads_go_on() {
     c.wait_hosts_ready(1).await;
     assert_eq!(c.ctl_stdin(&["apply", "-f", "-", "--wait", "--timeout", "30s"], Some(&test("after"))).code, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_plane_runs_on_etcd_and_keeps_state_across_restarts() {
+    let mut c = Cluster::start_on_etcd(3, 1).await;
+    let hello = testbus_tests::repo_root().join("manifests/examples/hello.yaml");
+    let out = c.ctl(&["apply", "-f", hello.to_str().unwrap(), "--wait", "--timeout", "60s"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let before = c.ctl(&["get", "tests", "-o", "json"]).stdout;
+    c.kill_control_plane();
+    c.start_control_plane().await;
+    assert_eq!(c.ctl(&["get", "tests", "-o", "json"]).stdout, before, "state lives in etcd");
+    c.wait_hosts_ready(3).await;
+    let out = c.ctl(&["run", "--count", "3", "--", "true"]);
+    assert_eq!(out.code, 0, "{out:?}");
+}
