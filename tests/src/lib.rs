@@ -331,6 +331,18 @@ impl Cluster {
         .await;
     }
 
+    /// Waits until `n` processes of `test` run; returns their pids.
+    pub async fn running_pids(&self, test: &str, n: usize) -> Vec<i64> {
+        let c = self.client().await;
+        wait_for(Duration::from_secs(20), &format!("{n} running processes of {test}"), || async {
+            let (ps, _) = c.api::<testbus_proto::Process>().list("", &format!("spec.test={test}")).await.ok()?;
+            let pids: Vec<i64> =
+                ps.iter().filter(|p| p.status().phase == phase::RUNNING).map(|p| p.status().pid).collect();
+            (pids.len() == n).then_some(pids)
+        })
+        .await
+    }
+
     /// The only test in the cluster, by name.
     pub async fn test(&self, name: &str) -> Test {
         self.client().await.api::<Test>().get(name).await.expect("get test")

@@ -272,12 +272,7 @@ async fn deleting_a_running_test_kills_its_processes_and_releases_hosts() {
     );
     assert_eq!(c.ctl(&["apply", "-f", &path]).code, 0);
     let client = c.client().await;
-    let pids = wait_for(Duration::from_secs(15), "both processes to run", || async {
-        let (ps, _) = client.api::<Process>().list("", "spec.test=long").await.ok()?;
-        let pids: Vec<i64> = ps.iter().filter(|p| p.status().phase == phase::RUNNING).map(|p| p.status().pid).collect();
-        (pids.len() == 2).then_some(pids)
-    })
-    .await;
+    let pids = c.running_pids("long", 2).await;
     let out = c.ctl(&["delete", "test", "long"]);
     assert_eq!(out.code, 0, "{out:?}");
     wait_for(Duration::from_secs(15), "the test and its processes to be gone", || async {
@@ -319,11 +314,7 @@ async fn a_lost_host_fails_its_test_naming_the_host() {
     );
     assert_eq!(c.ctl(&["apply", "-f", &path]).code, 0);
     let client = c.client().await;
-    wait_for(Duration::from_secs(15), "the test to run", || async {
-        let (ps, _) = client.api::<Process>().list("", "spec.test=lost").await.ok()?;
-        (ps.iter().filter(|p| p.status().phase == phase::RUNNING).count() == 2).then_some(())
-    })
-    .await;
+    c.running_pids("lost", 2).await;
     c.kill_agent(1);
     let out = c.ctl(&["wait", "test/lost", "--timeout", "30s"]);
     assert_eq!(out.code, 3, "{out:?}");

@@ -14,16 +14,6 @@ async fn wait_phase(c: &Cluster, kind_test: &str, want: &str) -> Test {
     .await
 }
 
-async fn running_pids(c: &Cluster, test: &str, n: usize) -> Vec<i64> {
-    let client = c.client().await;
-    wait_for(Duration::from_secs(20), &format!("{n} running processes of {test}"), || async {
-        let (ps, _) = client.api::<Process>().list("", &format!("spec.test={test}")).await.ok()?;
-        let pids: Vec<i64> = ps.iter().filter(|p| p.status().phase == phase::RUNNING).map(|p| p.status().pid).collect();
-        (pids.len() == n).then_some(pids)
-    })
-    .await
-}
-
 async fn host_phase(c: &Cluster, host: &str, want: &str) {
     let client = c.client().await;
     wait_for(Duration::from_secs(30), &format!("{host} to be {want}"), || async {
@@ -49,7 +39,7 @@ async fn a_control_plane_crash_loses_nothing_and_runs_nothing_twice() {
         ),
     );
     assert_eq!(c.ctl(&["apply", "-f", &path]).code, 0);
-    running_pids(&c, "crash", 2).await;
+    c.running_pids("crash", 2).await;
     c.kill_control_plane();
     // The processes go on without the control plane and print everything
     // while it is down.
@@ -74,7 +64,7 @@ async fn a_restarted_agent_ends_what_it_left_running_and_says_so() {
         "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: orphan}\nspec:\n  hosts: [{role: a}]\n  steps: [{name: s, on: [a], argv: [sleep, \"300\"]}]\n",
     );
     assert_eq!(c.ctl(&["apply", "-f", &path]).code, 0);
-    let pid = running_pids(&c, "orphan", 1).await[0];
+    let pid = c.running_pids("orphan", 1).await[0];
     c.kill_agent(0);
     assert!(process_alive(pid), "kill -9 of the agent leaves its process running");
     c.start_agent(0);
@@ -96,7 +86,7 @@ async fn a_frozen_agent_loses_its_host_and_is_fenced_when_it_returns() {
     );
     assert_eq!(c.ctl(&["apply", "-f", &path]).code, 0);
     let client = c.client().await;
-    running_pids(&c, "frozen", 2).await;
+    c.running_pids("frozen", 2).await;
     let stale = client.api::<Process>().get("frozen-s-b").await.unwrap().status().pid;
     c.freeze_agent(1, true);
     let t = wait_phase(&c, "frozen", phase::ERROR).await;
@@ -137,7 +127,7 @@ async fn partitions_short_ones_change_nothing_long_ones_lose_the_host() {
         ),
     );
     assert_eq!(c.ctl(&["apply", "-f", &path]).code, 0);
-    running_pids(&c, "short", 1).await;
+    c.running_pids("short", 1).await;
     let failures = |c: &Cluster| c.read_log("host-1").matches("lease renewal failed").count();
     let before = failures(&c);
     c.set_link("host-1", false);
@@ -157,7 +147,7 @@ async fn partitions_short_ones_change_nothing_long_ones_lose_the_host() {
         "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: long}\nspec:\n  hosts: [{role: a, host: host-1}]\n  steps: [{name: s, on: [a], argv: [sleep, \"300\"]}]\n",
     );
     assert_eq!(c.ctl(&["apply", "-f", &path]).code, 0);
-    running_pids(&c, "long", 1).await;
+    c.running_pids("long", 1).await;
     c.set_link("host-1", false);
     let t = wait_phase(&c, "long", phase::ERROR).await;
     assert!(t.status().message.contains("host host-1 (a) was lost"), "{}", t.status().message);

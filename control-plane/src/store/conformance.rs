@@ -246,14 +246,30 @@ mod etcd_store {
         assert_eq!((e.kv().key.as_str(), e.revision()), ("/w/b", b));
     }
 
+    /// Writes `key`, retrying for up to 30s while the cluster elects a
+    /// leader or regains quorum.
+    async fn write_within(s: &EtcdStore, key: &str, value: &str) {
+        let r = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                if s.txn(vec![], vec![put(key, value)]).await.is_ok() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        assert!(r.is_ok(), "writing {key} did not succeed within 30s");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn without_quorum_writes_fail_clearly_and_resume_with_it() {
         let mut etcd = EtcdCluster::start(3);
         let s = EtcdStore::connect(&etcd.url("/quorum")).await.unwrap();
         s.txn(vec![], vec![put("/q/a", "1")]).await.unwrap();
         etcd.kill_member(2);
-        // Two of three: still a quorum.
-        s.txn(vec![], vec![put("/q/b", "2")]).await.unwrap();
+        // Two of three: still a quorum (once a new leader is elected, if
+        // the killed member led).
+        write_within(&s, "/q/b", "2").await;
         etcd.kill_member(1);
         let err = tokio::time::timeout(Duration::from_secs(30), s.txn(vec![], vec![put("/q/c", "3")]))
             .await
@@ -261,16 +277,7 @@ mod etcd_store {
             .unwrap_err();
         assert!(matches!(err, StoreError::Backend(ref m) if m.starts_with("etcd:")), "{err}");
         etcd.restart_member(1);
-        let ok = tokio::time::timeout(Duration::from_secs(30), async {
-            loop {
-                if s.txn(vec![], vec![put("/q/c", "3")]).await.is_ok() {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await;
-        assert!(ok.is_ok(), "writes resume with quorum");
+        write_within(&s, "/q/c", "3").await;
         let (items, _) = s.list("/q/").await.unwrap();
         let values: Vec<&[u8]> = items.iter().map(|kv| kv.value.as_slice()).collect();
         assert_eq!(values, [b"1".as_slice(), b"2", b"3"], "nothing lost or corrupted");
