@@ -7,6 +7,7 @@
 pub mod api;
 pub mod blobs;
 pub mod hub;
+pub mod leader;
 pub mod output;
 pub mod server;
 pub mod store;

@@ -9,6 +9,7 @@ use futures::StreamExt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 use testbus_proto::blobs_server::BlobsServer;
 use testbus_proto::hosts_server::HostsServer;
 use testbus_proto::output_server::OutputServer;
@@ -73,6 +74,9 @@ pub async fn run(cfg: Config, mut shutdown: broadcast::Receiver<()>) -> anyhow::
         }
     }
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("--data-dir {}", cfg.data_dir.display()))?;
+    // With etcd, several replicas may share the state: the controllers
+    // then run on the elected leader only.
+    let mut etcd = None;
     let store: Arc<dyn Store> = match cfg.store.as_str() {
         "" | "embedded" => Arc::new(
             EmbeddedStore::open_with_reserve(&cfg.data_dir.join("store.redb"), 100_000, cfg.min_free_bytes)
@@ -80,11 +84,11 @@ pub async fn run(cfg: Config, mut shutdown: broadcast::Receiver<()>) -> anyhow::
         ),
         url if url.starts_with("etcd://") => {
             crate::store::etcd::parse_url(url).map_err(|e| anyhow::anyhow!("--store {e}"))?;
-            Arc::new(
-                crate::store::etcd::EtcdStore::connect(url)
-                    .await
-                    .with_context(|| format!("--store {url}: cannot reach etcd"))?,
-            )
+            let s = crate::store::etcd::EtcdStore::connect(url)
+                .await
+                .with_context(|| format!("--store {url}: cannot reach etcd"))?;
+            etcd = Some(s.clone());
+            Arc::new(s)
         }
         other => bail!("--store {other:?}: expected \"embedded\" or etcd://HOST:PORT[,HOST:PORT...][/PREFIX]"),
     };
@@ -157,7 +161,19 @@ pub async fn run(cfg: Config, mut shutdown: broadcast::Receiver<()>) -> anyhow::
     if let Some(ccfg) = cfg.controllers.clone() {
         let client = testbus_proto::client::Client::lazy(&format!("unix:{}", cfg.local_socket().display()))?;
         let stop = stop_tx.subscribe();
-        tokio::spawn(async move { testbus_controllers::run(client, ccfg, stop).await });
+        match etcd {
+            Some(store) => {
+                let id = format!("{}@{}", std::process::id(), cfg.data_dir.display());
+                let start = move |stop| {
+                    let (client, ccfg) = (client.clone(), ccfg.clone());
+                    tokio::spawn(async move { testbus_controllers::run(client, ccfg, stop).await })
+                };
+                tokio::spawn(crate::leader::run_while_leader(store, id, Duration::from_secs(3), start, stop));
+            }
+            None => {
+                tokio::spawn(async move { testbus_controllers::run(client, ccfg, stop).await });
+            }
+        }
     }
 
     tokio::select! {

@@ -370,7 +370,15 @@ impl Drop for Cluster {
             let _ = Command::new(repo_root().join("hack/netns")).args(["down", id]).status();
         }
         if std::thread::panicking() {
-            for name in std::iter::once("control-plane".to_string()).chain(self.hosts.iter().cloned()) {
+            let mut names: Vec<String> = std::fs::read_dir(self.dir.path())
+                .map(|rd| {
+                    rd.flatten()
+                        .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".log")).map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default();
+            names.sort();
+            for name in names {
                 eprintln!("---- {name}.log (tail) ----");
                 let log = self.read_log(&name);
                 let lines: Vec<&str> = log.lines().collect();

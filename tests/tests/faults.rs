@@ -267,3 +267,50 @@ async fn the_control_plane_runs_on_etcd_and_keeps_state_across_restarts() {
     let out = c.ctl(&["run", "--count", "3", "--", "true"]);
     assert_eq!(out.code, 0, "{out:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controllers_run_on_one_elected_replica_and_fail_over() {
+    if !is_root() {
+        assert!(std::env::var("CI").is_err(), "the replica test needs root in CI");
+        eprintln!("skipped: needs network namespaces (root)");
+        return;
+    }
+    // Replica A is started first and leads; replica B shares its etcd.
+    let mut c = Cluster::start_on_etcd(2, 1).await;
+    let url = c.etcd.as_ref().unwrap().url("/testbus");
+    let b_dir = c.dir.path().join("cp-b");
+    let b_data = b_dir.display().to_string();
+    c.spawn_in(
+        "cp",
+        "testbus-control-plane",
+        &["--listen", "10.77.0.1:7781", "--insecure", "--data-dir", &b_data, "--store", &url, "--lease-grace", "1s"],
+    );
+    let b_sock = b_dir.join("api.sock");
+    wait_for(Duration::from_secs(20), "replica B", || async { b_sock.exists().then_some(()) }).await;
+    let led = |log: &str| log.contains("elected leader");
+    wait_for(Duration::from_secs(20), "replica A to lead", || async {
+        led(&c.read_log("control-plane")).then_some(())
+    })
+    .await;
+    assert!(!led(&c.read_log("testbus-control-plane")), "only one replica leads");
+    // Agents and the CLI talk to B only; A's controllers act on the shared state.
+    c.server = format!("unix:{}", b_sock.display());
+    c.agent_server = "http://10.77.0.1:7781".into();
+    for i in 0..2 {
+        c.kill_agent(i);
+        c.start_agent(i);
+    }
+    c.wait_hosts_ready(2).await;
+    let out = c.ctl(&["run", "--count", "2", "--", "echo", "before"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    // The leader dies: B takes over the controllers and work goes on.
+    c.kill_control_plane();
+    wait_for(Duration::from_secs(30), "replica B to lead", || async {
+        led(&c.read_log("testbus-control-plane")).then_some(())
+    })
+    .await;
+    c.wait_hosts_ready(2).await;
+    let out = c.ctl(&["run", "--count", "2", "--", "echo", "after"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.stdout.matches("after").count(), 2, "{out:?}");
+}

@@ -89,6 +89,16 @@ impl EtcdStore {
         format!("{}{k}", self.prefix)
     }
 
+    /// `k` under this store's prefix (for keys outside the `Store` API,
+    /// such as the leader key).
+    pub fn qualified(&self, k: &str) -> String {
+        self.key(k)
+    }
+
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
     fn kv(&self, kv: &etcd_client::KeyValue) -> KeyValue {
         let key = String::from_utf8_lossy(kv.key());
         KeyValue {
