@@ -42,7 +42,7 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 }
 
 fn default_data_dir() -> PathBuf {
-    if nix_is_root() {
+    if is_root() {
         PathBuf::from("/var/lib/testbus")
     } else {
         let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| ".".into());
@@ -50,9 +50,9 @@ fn default_data_dir() -> PathBuf {
     }
 }
 
-fn nix_is_root() -> bool {
-    std::env::var("USER").map(|u| u == "root").unwrap_or(false)
-        || std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
+/// Root chooses the system data dir (the uid of our own /proc entry).
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
 }
 
 #[tokio::main]

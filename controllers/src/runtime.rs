@@ -7,7 +7,7 @@
 //! - The [`Queue`] holds names. A name is never handed out twice at once:
 //!   if it is added while being reconciled, it is queued again when the
 //!   running reconcile is done. Delayed requeues collapse into the earliest.
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -262,11 +262,6 @@ where
         }
         queue.done(&name);
     }
-}
-
-/// Resolves when `s` yields its first item (used to wait for a cache).
-pub async fn first<S: Stream + Unpin>(s: &mut S) -> Option<S::Item> {
-    s.next().await
 }
 
 #[cfg(test)]

@@ -148,12 +148,6 @@ impl Client {
     }
 }
 
-/// True when the error means the server was not reached (contract exit 4).
-pub fn is_unreachable(s: &Status) -> bool {
-    matches!(s.code(), Code::Unavailable | Code::Unknown) && s.message().contains("transport")
-        || s.code() == Code::Unavailable
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventType {
     Added,
