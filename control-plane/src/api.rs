@@ -225,7 +225,7 @@ impl<K: Policy> ResourceService<K> {
                     f.source
                 )));
             }
-            if self.st.blobs.size(&f.digest).await.is_none() {
+            if !self.st.blobs.available(&f.digest).await? {
                 return Err(Status::invalid_argument(format!("{path}.digest: no blob {} (upload it first)", f.digest)));
             }
         }

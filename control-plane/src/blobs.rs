@@ -3,11 +3,22 @@
 //! while it is hashed, checked against the digest the client announced, and
 //! only then renamed into place, so a blob file always holds exactly the
 //! bytes its name promises.
+//!
+//! With several replicas (a shared store), each keeps the blobs it received
+//! and records where they are: `/blobs/<hex>/<replica id>` holds the address
+//! other replicas reach it at. A replica asked for a blob it lacks fetches
+//! it from a replica that has it (checking the digest), keeps it and records
+//! itself as a holder too, then serves it. Blobs are immutable, so a copy is
+//! as good as the original; a blob is lost only when every holder is.
+use crate::store::{Op, Store};
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 use testbus_proto::blob::{self, Hasher};
 use testbus_proto::blobs_server::Blobs;
+use testbus_proto::client::Client;
 use testbus_proto::{BlobChunk, BlobRef, DownloadRequest, StatBlobRequest, StatBlobResponse, UploadRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::{Request, Response, Status, Streaming};
@@ -19,10 +30,46 @@ pub const MAX_BLOB: u64 = 4 << 30;
 pub struct BlobStore {
     dir: PathBuf,
     min_free: u64,
+    peers: Option<Peers>,
+}
+
+/// How this replica finds blobs held by the others.
+#[derive(Clone)]
+pub struct Peers {
+    pub store: Arc<dyn Store>,
+    /// This replica's id, kept in its data dir across restarts.
+    pub id: String,
+    /// The address other replicas reach this one at.
+    pub advertise: String,
+}
+
+const LOCATION_PREFIX: &str = "/blobs/";
+
+fn locations_prefix(digest: &str) -> String {
+    format!("{LOCATION_PREFIX}{}/", blob::hex_of(digest).unwrap_or_default())
+}
+
+/// The id of the replica whose data dir this is: made on first start.
+pub fn replica_id(data_dir: &Path) -> std::io::Result<String> {
+    let path = data_dir.join("replica-id");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_string()),
+        _ => {
+            let id = uuid::Uuid::new_v4().to_string();
+            let tmp = data_dir.join("replica-id.tmp");
+            std::fs::write(&tmp, &id)?;
+            std::fs::rename(&tmp, &path)?;
+            Ok(id)
+        }
+    }
 }
 
 fn io_err(e: std::io::Error) -> Status {
     Status::unavailable(format!("blob store: {e}"))
+}
+
+fn store_err(e: crate::store::StoreError) -> Status {
+    Status::unavailable(format!("blob locations: {e}"))
 }
 
 fn bad_digest(field: &str, d: &str) -> Status {
@@ -37,7 +84,85 @@ impl BlobStore {
         for e in std::fs::read_dir(dir.join("tmp"))?.flatten() {
             let _ = std::fs::remove_file(e.path());
         }
-        Ok(BlobStore { dir: dir.to_path_buf(), min_free })
+        Ok(BlobStore { dir: dir.to_path_buf(), min_free, peers: None })
+    }
+
+    /// Shares blobs with the other replicas on the same store.
+    pub fn with_peers(mut self, peers: Peers) -> Self {
+        self.peers = Some(peers);
+        self
+    }
+
+    /// Whether a blob can be served: held here or by another replica.
+    pub async fn available(&self, digest: &str) -> Result<bool, Status> {
+        if self.size(digest).await.is_some() {
+            return Ok(true);
+        }
+        Ok(!self.holders(digest).await?.is_empty())
+    }
+
+    /// The other replicas recorded as holding a blob: (id, address).
+    async fn holders(&self, digest: &str) -> Result<Vec<(String, String)>, Status> {
+        let Some(p) = &self.peers else { return Ok(Vec::new()) };
+        let (kvs, _) = p.store.list(&locations_prefix(digest)).await.map_err(store_err)?;
+        Ok(kvs
+            .into_iter()
+            .filter_map(|kv| {
+                let id = kv.key.rsplit('/').next()?.to_string();
+                (id != p.id).then(|| (id, String::from_utf8_lossy(&kv.value).into_owned()))
+            })
+            .collect())
+    }
+
+    /// Records this replica as a holder of a blob.
+    async fn record(&self, digest: &str) -> Result<(), Status> {
+        let Some(p) = &self.peers else { return Ok(()) };
+        let key = format!("{}{}", locations_prefix(digest), p.id);
+        p.store.txn(vec![], vec![Op::Put(key, p.advertise.clone().into_bytes())]).await.map_err(store_err)?;
+        Ok(())
+    }
+
+    /// Makes sure a blob is held here, fetching it from another replica if
+    /// needed; its size, or None when no replica has it.
+    pub async fn ensure(&self, digest: &str) -> Result<Option<u64>, Status> {
+        if let Some(size) = self.size(digest).await {
+            return Ok(Some(size));
+        }
+        let mut errors = Vec::new();
+        for (id, addr) in self.holders(digest).await? {
+            match self.fetch(digest, &addr).await {
+                Ok(size) => {
+                    self.record(digest).await?;
+                    tracing::info!(%digest, from = %addr, size, "blob copied from a peer replica");
+                    return Ok(Some(size));
+                }
+                Err(e) => errors.push(format!("replica {id} at {addr}: {e}")),
+            }
+        }
+        if errors.is_empty() {
+            Ok(None)
+        } else {
+            Err(Status::unavailable(format!(
+                "blob {digest}: no replica holding it could serve it: {}",
+                errors.join("; ")
+            )))
+        }
+    }
+
+    async fn fetch(&self, digest: &str, addr: &str) -> anyhow::Result<u64> {
+        let client = tokio::time::timeout(Duration::from_secs(5), Client::connect(addr)).await??;
+        let tmp = self.dir.join("tmp").join(uuid::Uuid::new_v4().to_string());
+        let size = blob::download_to(client.channel(), digest, &tmp).await;
+        let size = match size {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                return Err(e.into());
+            }
+        };
+        let dest = self.path(digest).ok_or_else(|| anyhow::anyhow!("bad digest"))?;
+        tokio::fs::rename(&tmp, &dest).await?;
+        Ok(size)
     }
 
     pub fn path(&self, digest: &str) -> Option<PathBuf> {
@@ -94,6 +219,9 @@ impl Blobs for BlobStore {
         }
         let dest = self.path(&digest).ok_or_else(|| Status::internal("digest"))?;
         tokio::fs::rename(&tmp, &dest).await.map_err(io_err)?;
+        // Until the location is recorded other replicas cannot find the
+        // blob: fail the upload, which the client repeats.
+        self.record(&digest).await?;
         Ok(Response::new(BlobRef { digest, size }))
     }
 
@@ -102,7 +230,11 @@ impl Blobs for BlobStore {
         if !blob::valid_digest(&d) {
             return Err(bad_digest("digest", &d));
         }
-        let size = self.size(&d).await;
+        // "Not here" when no live replica has it: the client uploads again.
+        let size = self.ensure(&d).await.unwrap_or_else(|e| {
+            tracing::warn!(digest = %d, error = %e.message(), "blob: no copy reachable");
+            None
+        });
         Ok(Response::new(StatBlobResponse { exists: size.is_some(), size: size.unwrap_or(0) }))
     }
 
@@ -111,6 +243,7 @@ impl Blobs for BlobStore {
     async fn download(&self, req: Request<DownloadRequest>) -> Result<Response<Self::DownloadStream>, Status> {
         let d = req.into_inner().digest;
         let path = self.path(&d).ok_or_else(|| bad_digest("digest", &d))?;
+        self.ensure(&d).await?;
         let mut f = match tokio::fs::File::open(&path).await {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

@@ -35,6 +35,11 @@ struct Args {
     /// How long past its lease a host is still considered Ready.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     lease_grace: std::time::Duration,
+    /// With a shared store: the address other replicas reach this one at to
+    /// copy blobs (http://HOST:PORT or unix:/path). Default: the first
+    /// --listen address with a specific IP, else the data dir's socket.
+    #[arg(long)]
+    advertise: Option<String>,
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -73,6 +78,7 @@ async fn main() {
         watch_cache: 100_000,
         output_limit: args.max_output_bytes,
         min_free_bytes: args.min_free_bytes,
+        advertise: args.advertise,
     };
     let (tx, rx) = tokio::sync::broadcast::channel(1);
     tokio::spawn(async move {

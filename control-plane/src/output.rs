@@ -1,45 +1,185 @@
-//! Process output: one append-only file per process (by uid) in the data
-//! dir, holding records `[kind+stream u8][offset u64][len u32][bytes]`:
-//! data, a truncation marker (once per stream, when the output limit is
-//! reached), or a skip record that counts bytes received but not kept (so
-//! offsets stay right across restarts).
+//! Process output, kept per process (by uid) as a log of records
+//! `[kind+stream u8][offset u64][len u32][bytes]`: data, a truncation marker
+//! (once per stream, when the output limit is reached), or a skip record
+//! that counts bytes received but not kept (so offsets stay right across
+//! restarts).
+//!
+//! Where the records live depends on the store:
+//! - embedded store (one replica): an append-only file per process in the
+//!   data dir;
+//! - shared store (etcd, several replicas): chunks in the store itself under
+//!   `/output/<uid>/<seq>`, each written with a compare-and-swap on its key
+//!   being absent. Every replica reads and appends to the same log, so an
+//!   agent that fails over to another replica carries on where it was, and
+//!   output survives the death of the replica that received it. The output
+//!   limit bounds what a process can put in the store.
 //!
 //! Appends are idempotent by offset, so an agent can re-send after a
 //! reconnect: bytes the server already holds are skipped, a gap is refused
 //! (the agent re-sends from the length the error names). Readers that follow
-//! wait on a per-log watch channel and stop once the process is terminal and
-//! everything has been delivered (agents flush output before they report a
-//! final status).
+//! stop once the process is terminal and everything has been delivered
+//! (agents flush output before they report a final status).
 use crate::api::ApiState;
 use crate::hub;
+use crate::store::{Compare, Event, KeyValue, Op, Store};
 use futures::stream::BoxStream;
+use futures::StreamExt;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use testbus_proto::output_server::Output;
 use testbus_proto::{phase, AppendOutputResponse, Kind, OutputChunk, OutputStream, Process, ReadOutputRequest};
 use tokio::io::AsyncReadExt;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status};
 
 /// Largest chunk accepted in one append.
 pub const MAX_CHUNK: usize = 4 << 20;
 /// Default for how much of each stream of a process is kept.
 pub const DEFAULT_LIMIT: u64 = 64 << 20;
+/// Largest piece of data in one store chunk: well below etcd's request
+/// limit (1.5 MiB by default).
+const STORE_PIECE: usize = 256 << 10;
+const OUTPUT_PREFIX: &str = "/output/";
 const HEADER: usize = 1 + 8 + 4;
 const MARKER: u8 = 0x40;
 const SKIP: u8 = 0x80;
 
-struct LogFile {
-    file: std::fs::File,
-    /// Bytes received per stream, kept or not: the next expected offset.
+/// One record of a log.
+enum Record<'a> {
+    Data(usize, &'a [u8]),
+    Marker(usize, &'a [u8]),
+    /// Bytes counted, not kept.
+    Skip(usize, u64),
+}
+
+/// Parses the complete records at the start of `buf`; returns how many
+/// bytes they took (a torn record at the end is left alone).
+fn parse_records<'a>(buf: &'a [u8], mut f: impl FnMut(Record<'a>)) -> usize {
+    let mut pos = 0usize;
+    while pos + HEADER <= buf.len() {
+        let tag = buf[pos];
+        if tag & !(SKIP | MARKER | 1) != 0 {
+            break;
+        }
+        let s = (tag & 1) as usize;
+        let len = u32::from_le_bytes(buf[pos + 9..pos + 13].try_into().unwrap_or_default()) as usize;
+        let body = if tag & SKIP != 0 { 0 } else { len };
+        if pos + HEADER + body > buf.len() {
+            break;
+        }
+        let bytes = &buf[pos + HEADER..pos + HEADER + body];
+        f(if tag & SKIP != 0 {
+            Record::Skip(s, len as u64)
+        } else if tag & MARKER != 0 {
+            Record::Marker(s, bytes)
+        } else {
+            Record::Data(s, bytes)
+        });
+        pos += HEADER + body;
+    }
+    pos
+}
+
+fn push_record(rec: &mut Vec<u8>, tag: u8, offset: u64, len: usize, body: &[u8]) {
+    rec.push(tag);
+    rec.extend_from_slice(&offset.to_le_bytes());
+    rec.extend_from_slice(&(len as u32).to_le_bytes());
+    rec.extend_from_slice(body);
+}
+
+/// What has been received of each stream of a process.
+#[derive(Default, Clone, Copy)]
+struct Counts {
+    /// Bytes received, kept or not: the next expected offset.
     lens: [u64; 2],
-    /// Bytes kept per stream.
+    /// Bytes kept.
     kept: [u64; 2],
     truncated: [bool; 2],
-    /// Bytes in the file; readers wait for it to grow.
-    size: watch::Sender<u64>,
+}
+
+impl Counts {
+    /// Folds the records of `buf` in; returns the bytes they took.
+    fn fold(&mut self, buf: &[u8]) -> usize {
+        parse_records(buf, |r| match r {
+            Record::Data(s, b) => {
+                self.lens[s] += b.len() as u64;
+                self.kept[s] += b.len() as u64;
+            }
+            Record::Marker(s, _) => self.truncated[s] = true,
+            Record::Skip(s, n) => self.lens[s] += n,
+        })
+    }
+
+    /// The records that append `data` at `offset` to stream `s`, and the
+    /// counts after them; None when everything is already held. Errors when
+    /// `offset` leaves a gap.
+    fn append(&self, s: usize, offset: u64, data: &[u8], limit: u64) -> Result<Option<(Vec<u8>, Counts)>, Status> {
+        let have = self.lens[s];
+        if offset > have {
+            return Err(Status::out_of_range(format!(
+                "offset: chunk starts at {offset} but the server holds {have} bytes of {}; re-send from {have}",
+                if s == 0 { "STDOUT" } else { "STDERR" }
+            )));
+        }
+        let skip = (have - offset) as usize;
+        if skip >= data.len() {
+            return Ok(None);
+        }
+        let data = &data[skip..];
+        let room = limit.saturating_sub(self.kept[s]) as usize;
+        let (keep, drop) = data.split_at(data.len().min(room));
+        let mut rec = Vec::with_capacity(3 * HEADER + keep.len() + 128);
+        let tag = s as u8;
+        if !keep.is_empty() {
+            push_record(&mut rec, tag, have, keep.len(), keep);
+        }
+        if !drop.is_empty() {
+            if !self.truncated[s] {
+                let marker = format!(
+                    "\n[testbus: {} truncated after {limit} bytes; the rest is counted but not kept]\n",
+                    if s == 0 { "stdout" } else { "stderr" },
+                );
+                push_record(&mut rec, MARKER | tag, have + keep.len() as u64, marker.len(), marker.as_bytes());
+            }
+            push_record(&mut rec, SKIP | tag, have + keep.len() as u64, drop.len(), &[]);
+        }
+        let mut next = *self;
+        next.lens[s] += data.len() as u64;
+        next.kept[s] += keep.len() as u64;
+        next.truncated[s] |= !drop.is_empty();
+        Ok(Some((rec, next)))
+    }
+}
+
+/// Turns records into the chunks a reader receives; `lens` tracks the
+/// stream offsets between calls.
+fn chunks_of(buf: &[u8], lens: &mut [u64; 2], process: &str, out: &mut Vec<OutputChunk>) -> usize {
+    parse_records(buf, |r| match r {
+        Record::Data(s, b) | Record::Marker(s, b) => {
+            out.push(OutputChunk { process: process.to_string(), stream: s as i32, offset: lens[s], data: b.to_vec() });
+            if matches!(r, Record::Data(..)) {
+                lens[s] += b.len() as u64;
+            }
+        }
+        Record::Skip(s, n) => lens[s] += n,
+    })
+}
+
+/// Where a log's records go.
+enum Sink {
+    /// An append-only file in the data dir (embedded store).
+    File { file: std::fs::File, size: watch::Sender<u64> },
+    /// Chunks in the shared store; `next` is the sequence number of the
+    /// next chunk as far as this replica knows.
+    Store { next: u64 },
+}
+
+struct Log {
+    counts: Counts,
+    sink: Sink,
 }
 
 #[derive(Clone)]
@@ -48,17 +188,41 @@ pub struct OutputService {
     /// Bytes kept per stream of a process.
     limit: u64,
     api: ApiState,
-    logs: Arc<Mutex<HashMap<String, Arc<Mutex<LogFile>>>>>,
+    /// Some when output lives in the (shared) store rather than in files.
+    shared: Option<Arc<dyn Store>>,
+    logs: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<Log>>>>>,
 }
 
 fn io_err(e: std::io::Error) -> Status {
     Status::unavailable(format!("output store: {e}"))
 }
 
+fn store_err(e: crate::store::StoreError) -> Status {
+    Status::unavailable(format!("output store: {e}"))
+}
+
+fn chunk_prefix(uid: &str) -> String {
+    format!("{OUTPUT_PREFIX}{uid}/")
+}
+
+fn chunk_key(uid: &str, seq: u64) -> String {
+    format!("{OUTPUT_PREFIX}{uid}/{seq:020}")
+}
+
+fn seq_of(key: &str) -> Option<u64> {
+    key.rsplit('/').next()?.parse().ok()
+}
+
+/// Whether a store key holds output (other store watchers skip these).
+pub fn is_output_key(key: &str) -> bool {
+    key.starts_with(OUTPUT_PREFIX)
+}
+
 impl OutputService {
-    pub fn new(dir: PathBuf, api: ApiState, limit: u64) -> std::io::Result<Self> {
+    /// Output in files under `dir`, or, with `shared`, in that store.
+    pub fn new(dir: PathBuf, api: ApiState, limit: u64, shared: Option<Arc<dyn Store>>) -> std::io::Result<Self> {
         std::fs::create_dir_all(&dir)?;
-        Ok(OutputService { dir, limit, api, logs: Default::default() })
+        Ok(OutputService { dir, limit, api, shared, logs: Default::default() })
     }
 
     async fn process(&self, name: &str) -> Result<Process, Status> {
@@ -75,45 +239,97 @@ impl OutputService {
         }
     }
 
+    async fn uid_of(&self, name: &str) -> Result<String, Status> {
+        let p = self.process(name).await?;
+        Ok(p.metadata.map(|m| m.uid).unwrap_or_default())
+    }
+
     fn path(&self, uid: &str) -> PathBuf {
         self.dir.join(format!("{uid}.log"))
     }
 
-    /// Opens a log, recovering stream lengths from its records (a torn last
-    /// record from a crash is cut off).
-    fn open(&self, uid: &str) -> std::io::Result<Arc<Mutex<LogFile>>> {
-        let mut logs = self.logs.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(l) = logs.get(uid) {
+    /// The log of a process, opened and recovered on first use.
+    async fn open(&self, uid: &str) -> Result<Arc<tokio::sync::Mutex<Log>>, Status> {
+        if let Some(l) = self.logs.lock().unwrap_or_else(|p| p.into_inner()).get(uid) {
             return Ok(l.clone());
         }
+        let log = match &self.shared {
+            Some(store) => load_store(store.as_ref(), uid).await?,
+            None => self.load_file(uid).map_err(io_err)?,
+        };
+        let mut logs = self.logs.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(logs.entry(uid.to_string()).or_insert_with(|| Arc::new(tokio::sync::Mutex::new(log))).clone())
+    }
+
+    /// Opens a log file, recovering the counts from its records (a torn
+    /// last record from a crash is cut off).
+    fn load_file(&self, uid: &str) -> std::io::Result<Log> {
         let path = self.path(uid);
         let data = std::fs::read(&path).unwrap_or_default();
-        let (mut lens, mut kept, mut truncated, mut pos) = ([0u64; 2], [0u64; 2], [false; 2], 0usize);
-        while pos + HEADER <= data.len() {
-            let tag = data[pos];
-            let s = (tag & 1) as usize;
-            let len = u32::from_le_bytes(data[pos + 9..pos + 13].try_into().unwrap_or_default()) as usize;
-            let body = if tag & SKIP != 0 { 0 } else { len };
-            if pos + HEADER + body > data.len() || tag & !(SKIP | MARKER | 1) != 0 {
-                break;
-            }
-            if tag & SKIP != 0 {
-                lens[s] += len as u64;
-            } else if tag & MARKER != 0 {
-                truncated[s] = true;
-            } else {
-                lens[s] += len as u64;
-                kept[s] += len as u64;
-            }
-            pos += HEADER + body;
-        }
+        let mut counts = Counts::default();
+        let pos = counts.fold(&data);
         let file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
         file.set_len(pos as u64)?;
         let (size, _) = watch::channel(pos as u64);
-        let l = Arc::new(Mutex::new(LogFile { file, lens, kept, truncated, size }));
-        logs.insert(uid.to_string(), l.clone());
-        Ok(l)
+        Ok(Log { counts, sink: Sink::File { file, size } })
     }
+
+    fn store(&self) -> Result<&dyn Store, Status> {
+        self.shared.as_deref().ok_or_else(|| Status::internal("output: no shared store"))
+    }
+
+    /// Appends one piece; retries when another replica appended first.
+    async fn append_piece(&self, log: &mut Log, uid: &str, s: usize, offset: u64, data: &[u8]) -> Result<(), Status> {
+        let mut reloaded = false;
+        for _ in 0..8 {
+            let (rec, next) = match log.counts.append(s, offset, data, self.limit) {
+                Ok(Some(r)) => r,
+                Ok(None) => return Ok(()),
+                // This replica may be behind another one that took appends.
+                Err(_) if !reloaded && self.shared.is_some() => {
+                    reloaded = true;
+                    *log = load_store(self.store()?, uid).await?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            match &mut log.sink {
+                Sink::File { file, size } => {
+                    file.write_all(&rec).map_err(io_err)?;
+                    size.send_modify(|v| *v += rec.len() as u64);
+                }
+                Sink::Store { next: seq } => {
+                    let store = self.store()?;
+                    let key = chunk_key(uid, *seq);
+                    let done = store
+                        .txn(vec![Compare::ModRevision(key.clone(), 0)], vec![Op::Put(key, rec)])
+                        .await
+                        .map_err(store_err)?;
+                    if !done.succeeded {
+                        // Another replica appended (or an earlier attempt
+                        // of ours landed): catch up and decide again.
+                        *log = load_store(store, uid).await?;
+                        continue;
+                    }
+                    *seq += 1;
+                }
+            }
+            log.counts = next;
+            return Ok(());
+        }
+        Err(Status::aborted("output: too many concurrent appends to this process; retry"))
+    }
+}
+
+/// Rebuilds a log's counts from its chunks in the store.
+async fn load_store(store: &dyn Store, uid: &str) -> Result<Log, Status> {
+    let (kvs, _) = store.list(&chunk_prefix(uid)).await.map_err(store_err)?;
+    let mut counts = Counts::default();
+    for kv in &kvs {
+        counts.fold(&kv.value);
+    }
+    let next = kvs.last().and_then(|kv| seq_of(&kv.key)).map_or(0, |s| s + 1);
+    Ok(Log { counts, sink: Sink::Store { next } })
 }
 
 #[tonic::async_trait]
@@ -125,100 +341,97 @@ impl Output for OutputService {
         }
         let stream = OutputStream::try_from(c.stream)
             .map_err(|_| Status::invalid_argument(format!("stream: unknown output stream {}", c.stream)))?;
-        let p = self.process(&c.process).await?;
-        let uid = p.metadata.as_ref().map(|m| m.uid.clone()).unwrap_or_default();
-        let log = self.open(&uid).map_err(io_err)?;
-        let mut l = log.lock().unwrap_or_else(|p| p.into_inner());
+        let uid = self.uid_of(&c.process).await?;
+        let log = self.open(&uid).await?;
+        let mut l = log.lock().await;
         let s = stream as usize;
-        let have = l.lens[s];
-        if c.offset > have {
-            return Err(Status::out_of_range(format!(
-                "offset: chunk starts at {} but the server holds {have} bytes of {:?}; re-send from {have}",
-                c.offset,
-                stream.as_str_name()
-            )));
+        let piece = if self.shared.is_some() { STORE_PIECE } else { MAX_CHUNK };
+        for (i, data) in c.data.chunks(piece).enumerate() {
+            self.append_piece(&mut l, &uid, s, c.offset + (i * piece) as u64, data).await?;
         }
-        let skip = (have - c.offset) as usize;
-        if skip < c.data.len() {
-            let data = &c.data[skip..];
-            let room = self.limit.saturating_sub(l.kept[s]) as usize;
-            let (keep, drop) = data.split_at(data.len().min(room));
-            let mut rec = Vec::with_capacity(3 * HEADER + keep.len() + 128);
-            let mut record = |tag: u8, offset: u64, len: usize, body: &[u8]| {
-                rec.push(tag | s as u8);
-                rec.extend_from_slice(&offset.to_le_bytes());
-                rec.extend_from_slice(&(len as u32).to_le_bytes());
-                rec.extend_from_slice(body);
-            };
-            if !keep.is_empty() {
-                record(0, have, keep.len(), keep);
-            }
-            if !drop.is_empty() {
-                if !l.truncated[s] {
-                    let marker = format!(
-                        "\n[testbus: {} truncated after {} bytes; the rest is counted but not kept]\n",
-                        if s == 0 { "stdout" } else { "stderr" },
-                        self.limit
-                    );
-                    record(MARKER, have + keep.len() as u64, marker.len(), marker.as_bytes());
-                }
-                record(SKIP, have + keep.len() as u64, drop.len(), &[]);
-            }
-            l.file.write_all(&rec).map_err(io_err)?;
-            l.lens[s] += data.len() as u64;
-            l.kept[s] += keep.len() as u64;
-            l.truncated[s] |= !drop.is_empty();
-            let added = rec.len() as u64;
-            l.size.send_modify(|v| *v += added);
+        if c.data.is_empty() {
+            // An empty append still checks the offset.
+            l.counts.append(s, c.offset, &[], self.limit)?;
         }
-        Ok(Response::new(AppendOutputResponse { length: l.lens[s], truncated: l.truncated[s] }))
+        Ok(Response::new(AppendOutputResponse { length: l.counts.lens[s], truncated: l.counts.truncated[s] }))
     }
 
     type ReadStream = BoxStream<'static, Result<OutputChunk, Status>>;
 
     async fn read(&self, req: Request<ReadOutputRequest>) -> Result<Response<Self::ReadStream>, Status> {
         let r = req.into_inner();
-        let p = self.process(&r.process).await?;
-        let uid = p.metadata.as_ref().map(|m| m.uid.clone()).unwrap_or_default();
-        let log = self.open(&uid).map_err(io_err)?;
-        let mut size_rx = log.lock().unwrap_or_else(|p| p.into_inner()).size.subscribe();
-        let path = self.path(&uid);
-        let this = self.clone();
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
-        tokio::spawn(async move {
-            let mut pos = 0u64;
-            let mut lens = [0u64; 2];
-            loop {
-                // Terminal status is read before draining: output that was
-                // flushed before the status is then surely in the file.
-                let done = !r.follow
-                    || match this.process(&r.process).await {
-                        Ok(p) => phase::process_terminal(&p.status.unwrap_or_default().phase),
-                        Err(_) => true,
-                    };
-                let end = *size_rx.borrow_and_update();
-                if let Err(e) = drain(&path, &mut pos, end, &mut lens, &r.process, &tx).await {
-                    let _ = tx.send(Err(e)).await;
-                    return;
-                }
-                if done || tx.is_closed() {
-                    return;
-                }
-                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), size_rx.changed()).await;
+        let uid = self.uid_of(&r.process).await?;
+        let (tx, rx) = mpsc::channel(16);
+        match &self.shared {
+            Some(store) => {
+                let reader = StoreReader { store: store.clone(), uid, next: 0, lens: [0; 2] };
+                tokio::spawn(reader.run(self.clone(), r, tx));
             }
-        });
+            None => {
+                let size_rx = match &self.open(&uid).await?.lock().await.sink {
+                    Sink::File { size, .. } => size.subscribe(),
+                    Sink::Store { .. } => return Err(Status::internal("output log kind changed")),
+                };
+                tokio::spawn(follow_file(self.clone(), self.path(&uid), size_rx, r, tx));
+            }
+        }
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 }
 
-/// Sends the records between `pos` and `end`.
-async fn drain(
+type ChunkSender = mpsc::Sender<Result<OutputChunk, Status>>;
+
+/// Whether a reader can stop: not following, or the process is terminal.
+/// Terminal status is read before draining: output that was flushed
+/// before the status is then surely readable.
+async fn finished(svc: &OutputService, r: &ReadOutputRequest) -> bool {
+    !r.follow
+        || match svc.process(&r.process).await {
+            Ok(p) => phase::process_terminal(&p.status.unwrap_or_default().phase),
+            Err(_) => true,
+        }
+}
+
+async fn send_all(tx: &ChunkSender, chunks: Vec<OutputChunk>) -> bool {
+    for c in chunks {
+        if tx.send(Ok(c)).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+async fn follow_file(
+    svc: OutputService,
+    path: PathBuf,
+    mut size_rx: watch::Receiver<u64>,
+    r: ReadOutputRequest,
+    tx: ChunkSender,
+) {
+    let mut pos = 0u64;
+    let mut lens = [0u64; 2];
+    loop {
+        let done = finished(&svc, &r).await;
+        let end = *size_rx.borrow_and_update();
+        if let Err(e) = drain_file(&path, &mut pos, end, &mut lens, &r.process, &tx).await {
+            let _ = tx.send(Err(e)).await;
+            return;
+        }
+        if done || tx.is_closed() {
+            return;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), size_rx.changed()).await;
+    }
+}
+
+/// Sends the records of a log file between `pos` and `end`.
+async fn drain_file(
     path: &std::path::Path,
     pos: &mut u64,
     end: u64,
     lens: &mut [u64; 2],
     process: &str,
-    tx: &tokio::sync::mpsc::Sender<Result<OutputChunk, Status>>,
+    tx: &ChunkSender,
 ) -> Result<(), Status> {
     if *pos >= end {
         return Ok(());
@@ -230,29 +443,120 @@ async fn drain(
     };
     use tokio::io::AsyncSeekExt;
     f.seek(std::io::SeekFrom::Start(*pos)).await.map_err(io_err)?;
-    let mut f = tokio::io::BufReader::new(f.take(end - *pos));
+    let mut f = f.take(end - *pos);
+    // Whole records are sent; a record cut by the buffer's end waits in
+    // `buf` for the rest.
+    let mut buf = Vec::new();
+    let mut block = vec![0u8; 1 << 20];
     loop {
-        let mut hdr = [0u8; HEADER];
-        match f.read_exact(&mut hdr).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(io_err(e)),
-        }
-        let s = (hdr[0] & 1) as usize;
-        let len = u32::from_le_bytes(hdr[9..13].try_into().unwrap_or_default()) as usize;
-        if hdr[0] & SKIP != 0 {
-            // Counted, not kept: nothing to read.
-            *pos += HEADER as u64;
-            lens[s] += len as u64;
-            continue;
-        }
-        let mut data = vec![0u8; len];
-        f.read_exact(&mut data).await.map_err(io_err)?;
-        *pos += (HEADER + len) as u64;
-        let chunk = OutputChunk { process: process.to_string(), stream: s as i32, offset: lens[s], data };
-        lens[s] += len as u64;
-        if tx.send(Ok(chunk)).await.is_err() {
+        let n = f.read(&mut block).await.map_err(io_err)?;
+        if n == 0 {
             return Ok(());
+        }
+        buf.extend_from_slice(&block[..n]);
+        let mut chunks = Vec::new();
+        let used = chunks_of(&buf, lens, process, &mut chunks);
+        buf.drain(..used);
+        *pos += used as u64;
+        if !send_all(tx, chunks).await {
+            return Ok(());
+        }
+    }
+}
+
+/// Follows a log kept in the shared store: lists its chunks, then watches
+/// for new ones; a final list once the process is terminal picks up
+/// whatever the watch has not delivered yet.
+struct StoreReader {
+    store: Arc<dyn Store>,
+    uid: String,
+    /// The next chunk to send.
+    next: u64,
+    lens: [u64; 2],
+}
+
+impl StoreReader {
+    /// Sends the chunks of `kvs` that come next, in order; false when the
+    /// reader went away or a chunk is missing (the caller lists again).
+    async fn send(&mut self, kvs: &[KeyValue], process: &str, tx: &ChunkSender) -> Result<bool, ()> {
+        for kv in kvs {
+            match seq_of(&kv.key) {
+                Some(s) if s < self.next => continue,
+                Some(s) if s == self.next => {}
+                _ => return Ok(false),
+            }
+            let mut chunks = Vec::new();
+            chunks_of(&kv.value, &mut self.lens, process, &mut chunks);
+            if !send_all(tx, chunks).await {
+                return Err(());
+            }
+            self.next += 1;
+        }
+        Ok(true)
+    }
+
+    /// Lists the log and sends what is new; the revision it read at.
+    async fn catch_up(&mut self, process: &str, tx: &ChunkSender) -> Result<u64, ()> {
+        match self.store.list(&chunk_prefix(&self.uid)).await {
+            Ok((kvs, rev)) => {
+                self.send(&kvs, process, tx).await?;
+                Ok(rev)
+            }
+            Err(e) => {
+                let _ = tx.send(Err(store_err(e))).await;
+                Err(())
+            }
+        }
+    }
+
+    async fn run(mut self, svc: OutputService, r: ReadOutputRequest, tx: ChunkSender) {
+        let Ok(mut rev) = self.catch_up(&r.process, &tx).await else { return };
+        if !r.follow {
+            return;
+        }
+        let mut events = None;
+        loop {
+            if finished(&svc, &r).await {
+                let _ = self.catch_up(&r.process, &tx).await;
+                return;
+            }
+            let w = match events.as_mut() {
+                Some(w) => w,
+                None => match self.store.watch(&chunk_prefix(&self.uid), rev).await {
+                    Ok(w) => events.insert(w),
+                    Err(_) => {
+                        // Compacted or unreachable: list again shortly.
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        let Ok(r2) = self.catch_up(&r.process, &tx).await else { return };
+                        rev = r2;
+                        continue;
+                    }
+                },
+            };
+            match tokio::time::timeout(Duration::from_secs(1), w.next()).await {
+                Err(_) => {}
+                Ok(Some(Ok(Event::Put(kv)))) => {
+                    rev = kv.mod_revision;
+                    match self.send(std::slice::from_ref(&kv), &r.process, &tx).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            let Ok(r2) = self.catch_up(&r.process, &tx).await else { return };
+                            rev = r2;
+                            events = None;
+                        }
+                        Err(()) => return,
+                    }
+                }
+                Ok(Some(Ok(Event::Delete(kv)))) => rev = kv.mod_revision,
+                Ok(_) => {
+                    let Ok(r2) = self.catch_up(&r.process, &tx).await else { return };
+                    rev = r2;
+                    events = None;
+                }
+            }
+            if tx.is_closed() {
+                return;
+            }
         }
     }
 }

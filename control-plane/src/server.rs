@@ -53,12 +53,31 @@ pub struct Config {
     pub output_limit: u64,
     /// Writes (objects, blobs) are refused while less is free in the data dir.
     pub min_free_bytes: u64,
+    /// The address other replicas reach this one at (see `advertise()`).
+    pub advertise: Option<String>,
 }
 
 impl Config {
     /// The unix socket the control plane always offers in its data dir.
     pub fn local_socket(&self) -> PathBuf {
         self.data_dir.join("api.sock")
+    }
+
+    /// The address other replicas reach this one at: `--advertise`, else the
+    /// first TCP listener with a specific address, else the local socket.
+    pub fn advertise(&self) -> anyhow::Result<String> {
+        if let Some(a) = &self.advertise {
+            testbus_proto::client::Client::lazy(a).map_err(|e| anyhow::anyhow!("--advertise {e}"))?;
+            return Ok(a.clone());
+        }
+        Ok(self
+            .listen
+            .iter()
+            .find_map(|l| match l {
+                Listen::Tcp(a) if !a.ip().is_unspecified() => Some(format!("http://{a}")),
+                _ => None,
+            })
+            .unwrap_or_else(|| format!("unix:{}", self.local_socket().display())))
     }
 }
 
@@ -93,10 +112,18 @@ pub async fn run(cfg: Config, mut shutdown: broadcast::Receiver<()>) -> anyhow::
         other => bail!("--store {other:?}: expected \"embedded\" or etcd://HOST:PORT[,HOST:PORT...][/PREFIX]"),
     };
     let hub = Hub::start(cfg.watch_cache, store.clone()).await.context("starting the watch cache")?;
-    let blobs = crate::blobs::BlobStore::open(&cfg.data_dir.join("blobs"), cfg.min_free_bytes)
+    let mut blobs = crate::blobs::BlobStore::open(&cfg.data_dir.join("blobs"), cfg.min_free_bytes)
         .context("opening the blob store")?;
+    if etcd.is_some() {
+        let id = crate::blobs::replica_id(&cfg.data_dir).context("the replica id in the data dir")?;
+        let advertise = cfg.advertise()?;
+        tracing::info!(replica = %id, %advertise, "sharing blobs with the other replicas");
+        blobs = blobs.with_peers(crate::blobs::Peers { store: store.clone(), id, advertise });
+    }
+    // With a shared store, output lives there so that every replica reads it.
+    let shared = etcd.is_some().then(|| store.clone());
     let state = ApiState { store, hub, blobs: blobs.clone() };
-    let output = OutputService::new(cfg.data_dir.join("output"), state.clone(), cfg.output_limit)?;
+    let output = OutputService::new(cfg.data_dir.join("output"), state.clone(), cfg.output_limit, shared)?;
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<HostsServer<ResourceService<Host>>>().await;

@@ -104,7 +104,11 @@ impl SyncService {
 
     async fn watch_from_now(&self) -> Result<EventStream, Status> {
         let rev = self.st.store.revision().await.map_err(unavailable)?;
-        self.st.store.watch("/", rev).await.map_err(unavailable)
+        // Output chunks change often and never matter to a waiter.
+        let events = self.st.store.watch("/", rev).await.map_err(unavailable)?;
+        Ok(events
+            .filter(|e| std::future::ready(!matches!(e, Ok(e) if crate::output::is_output_key(&e.kv().key))))
+            .boxed())
     }
 
     async fn waiter(&self, what: String, timeout: &str) -> Result<Waiter, Status> {

@@ -34,6 +34,7 @@ pub struct Client {
 }
 
 enum Target {
+    /// One replica, or several that the connection fails over between.
     Http(Vec<Endpoint>),
     Unix(String),
 }
@@ -51,14 +52,11 @@ fn parse_server(server: &str) -> Result<Target, ConnectError> {
         if !(s.starts_with("http://") || s.starts_with("https://")) {
             return Err(bad("expected http://host:port, https://host:port or unix:/path"));
         }
-        let ep = Endpoint::from_shared(s.to_string())
-            .map_err(|e| bad(&e.to_string()))?
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(5))
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .keep_alive_while_idle(true);
-        eps.push(ep);
+        let ep = Endpoint::from_shared(s.to_string()).map_err(|e| bad(&e.to_string()))?;
+        if ep.uri().host().is_none() {
+            return Err(bad(&format!("{s:?} has no host")));
+        }
+        eps.push(keepalive(ep).tcp_nodelay(true).connect_timeout(CONNECT_TIMEOUT));
     }
     if eps.is_empty() {
         return Err(bad("empty"));
@@ -66,12 +64,80 @@ fn parse_server(server: &str) -> Result<Target, ConnectError> {
     Ok(Target::Http(eps))
 }
 
-fn unix_endpoint() -> Endpoint {
-    // The URI is ignored by the connector; it only has to parse.
-    Endpoint::from_static("http://localhost")
-        .http2_keep_alive_interval(Duration::from_secs(10))
+/// How long one address may take to accept a connection before the next
+/// replica is tried.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+fn keepalive(ep: Endpoint) -> Endpoint {
+    ep.http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true)
+}
+
+/// Connects to the first replica of a list that answers, starting with the
+/// one that answered last. The channel calls it again whenever its
+/// connection breaks, so a client follows the replicas that are alive:
+/// in-flight calls on a dead connection fail with `Unavailable` and the
+/// next call goes to another replica.
+#[derive(Clone)]
+struct ReplicaConnector {
+    addrs: std::sync::Arc<Vec<(String, u16)>>,
+    last_good: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl ReplicaConnector {
+    fn new(eps: &[Endpoint]) -> Self {
+        let addrs = eps
+            .iter()
+            .map(|e| {
+                let u = e.uri();
+                let host = u.host().unwrap_or_default().trim_matches(|c| c == '[' || c == ']').to_string();
+                let port = u.port_u16().unwrap_or(if u.scheme_str() == Some("https") { 443 } else { 80 });
+                (host, port)
+            })
+            .collect();
+        ReplicaConnector { addrs: std::sync::Arc::new(addrs), last_good: Default::default() }
+    }
+
+    async fn connect(self) -> std::io::Result<TokioIo<tokio::net::TcpStream>> {
+        use std::sync::atomic::Ordering;
+        let n = self.addrs.len();
+        let start = self.last_good.load(Ordering::Relaxed);
+        let mut errors = Vec::new();
+        for i in 0..n {
+            let ix = (start + i) % n;
+            let (host, port) = &self.addrs[ix];
+            match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect((host.as_str(), *port))).await {
+                Ok(Ok(s)) => {
+                    let _ = s.set_nodelay(true);
+                    self.last_good.store(ix, Ordering::Relaxed);
+                    return Ok(TokioIo::new(s));
+                }
+                Ok(Err(e)) => errors.push(format!("{host}:{port}: {e}")),
+                Err(_) => errors.push(format!("{host}:{port}: timed out")),
+            }
+        }
+        Err(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, errors.join("; ")))
+    }
+}
+
+impl tower::Service<Uri> for ReplicaConnector {
+    type Response = TokioIo<tokio::net::TcpStream>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        Box::pin(self.clone().connect())
+    }
+}
+
+fn unix_endpoint() -> Endpoint {
+    // The URI is ignored by the connector; it only has to parse.
+    keepalive(Endpoint::from_static("http://localhost"))
 }
 
 fn unix_connector(
@@ -97,7 +163,10 @@ impl Client {
             let mut msg = e.to_string();
             let mut src = std::error::Error::source(&e);
             while let Some(s) = src {
-                msg = format!("{msg}: {s}");
+                let s_msg = s.to_string();
+                if !msg.contains(&s_msg) {
+                    msg = format!("{msg}: {s_msg}");
+                }
                 src = s.source();
             }
             ConnectError::Unreachable(server.to_string(), msg)
@@ -107,7 +176,9 @@ impl Client {
                 unix_endpoint().connect_with_connector(unix_connector(path)).await.map_err(unreachable)?
             }
             Target::Http(eps) if eps.len() == 1 => eps[0].connect().await.map_err(unreachable)?,
-            Target::Http(eps) => Channel::balance_list(eps.into_iter()),
+            Target::Http(eps) => {
+                eps[0].clone().connect_with_connector(ReplicaConnector::new(&eps)).await.map_err(unreachable)?
+            }
         };
         Ok(Client { channel, server: server.to_string() })
     }
@@ -118,7 +189,7 @@ impl Client {
         let channel = match parse_server(server)? {
             Target::Unix(path) => unix_endpoint().connect_with_connector_lazy(unix_connector(path)),
             Target::Http(eps) if eps.len() == 1 => eps[0].connect_lazy(),
-            Target::Http(eps) => Channel::balance_list(eps.into_iter()),
+            Target::Http(eps) => eps[0].clone().connect_with_connector_lazy(ReplicaConnector::new(&eps)),
         };
         Ok(Client { channel, server: server.to_string() })
     }

@@ -20,10 +20,6 @@ struct Member {
     child: Option<Child>,
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 impl EtcdCluster {
     /// `n` members, all healthy when this returns.
     pub fn start(n: usize) -> EtcdCluster {
@@ -33,9 +29,18 @@ impl EtcdCluster {
     /// Members inside network namespace `netns` (its own loopback).
     pub fn start_in(n: usize, netns: Option<String>) -> EtcdCluster {
         let dir = tempfile::tempdir().unwrap();
+        // Every port is held until all are chosen, so none repeats.
+        let held: Vec<TcpListener> = (0..2 * n).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+        let port = |i: usize| held[i].local_addr().unwrap().port();
         let members: Vec<Member> = (0..n)
-            .map(|i| Member { name: format!("m{i}"), client_port: free_port(), peer_port: free_port(), child: None })
+            .map(|i| Member {
+                name: format!("m{i}"),
+                client_port: port(2 * i),
+                peer_port: port(2 * i + 1),
+                child: None,
+            })
             .collect();
+        drop(held);
         let mut c = EtcdCluster { dir, members, netns };
         for i in 0..n {
             c.start_member(i, "new");
@@ -113,7 +118,15 @@ impl EtcdCluster {
             if health(port, self.netns.as_deref()) {
                 return;
             }
-            assert!(Instant::now() < deadline, "etcd member {i} not healthy");
+            if Instant::now() >= deadline {
+                let log = std::fs::read_to_string(self.dir.path().join(format!("{}.log", self.members[i].name)));
+                let log = log.unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                panic!(
+                    "etcd member {i} not healthy after 30s; its log ends:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -64,6 +64,9 @@ pub struct Cluster {
     tmpfs: Option<PathBuf>,
     /// etcd the control plane stores its state in, in its namespace.
     pub etcd: Option<etcd::EtcdCluster>,
+    /// The node whose namespace testbusctl runs in (None: this one), so that
+    /// it can reach TCP addresses inside the namespaces.
+    pub ctl_node: Option<String>,
 }
 
 impl Cluster {
@@ -132,6 +135,7 @@ impl Cluster {
             cp_args: cp_args.iter().map(|s| s.to_string()).collect(),
             tmpfs: None,
             etcd: None,
+            ctl_node: None,
         };
         if etcd_members > 0 {
             let ns = c.netns.as_ref().map(|id| format!("{id}-cp"));
@@ -288,9 +292,18 @@ impl Cluster {
         self.ctl_stdin(args, None)
     }
 
+    /// testbusctl as the CLI runs it: inside `ctl_node`'s namespace when set.
+    fn ctl_command(&self) -> Command {
+        match &self.ctl_node {
+            Some(node) => self.command_in(node, &self.bin.join("testbusctl")),
+            None => Command::new(self.bin.join("testbusctl")),
+        }
+    }
+
     pub fn ctl_stdin(&self, args: &[&str], stdin: Option<&str>) -> CtlOutput {
         use std::io::Write;
-        let mut child = Command::new(self.bin.join("testbusctl"))
+        let mut child = self
+            .ctl_command()
             .args(args)
             .env("TESTBUS_SERVER", &self.server)
             .current_dir(repo_root())
@@ -312,7 +325,7 @@ impl Cluster {
 
     /// Runs testbusctl in the background (for concurrent applies).
     pub fn ctl_spawn(&self, args: &[&str]) -> Child {
-        Command::new(self.bin.join("testbusctl"))
+        self.ctl_command()
             .args(args)
             .env("TESTBUS_SERVER", &self.server)
             .current_dir(repo_root())

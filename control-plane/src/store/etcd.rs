@@ -37,19 +37,49 @@ fn not_sent(e: &etcd_client::Error) -> bool {
     }
 }
 
-/// Runs `f`, again while its request was not sent (a dead member), for up
-/// to a few seconds.
-async fn retry<T, F, Fut>(mut f: F) -> Result<T, etcd_client::Error>
+/// A read that failed because the cluster is between leaders ("leader
+/// changed", "no leader"): reading again cannot change anything.
+fn read_again(e: &etcd_client::Error) -> bool {
+    not_sent(e) || matches!(e, etcd_client::Error::GRpcStatus(s) if s.code() == tonic::Code::Unavailable)
+}
+
+/// Runs a write `f`, again while its request was not sent (a dead member),
+/// for up to a few seconds. A write that may have been applied is not
+/// repeated: its caller decides (a compare-and-swap tells).
+async fn retry<T, F, Fut>(f: F) -> Result<T, etcd_client::Error>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
 {
+    retry_while(f, not_sent).await
+}
+
+/// Runs a read `f`, again while the cluster elects a leader or a member is
+/// unreachable, for up to a few seconds.
+async fn retry_read<T, F, Fut>(f: F) -> Result<T, etcd_client::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    retry_while(f, read_again).await
+}
+
+async fn retry_while<T, F, Fut>(mut f: F, again: fn(&etcd_client::Error) -> bool) -> Result<T, etcd_client::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let start = tokio::time::Instant::now();
     let mut tries = 0;
     loop {
+        tries += 1;
         match f().await {
-            Err(e) if not_sent(&e) && tries < 40 => {
-                tries += 1;
+            Err(e) if again(&e) && start.elapsed() < Duration::from_secs(2) => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, tries, elapsed = ?start.elapsed(), "etcd request failed");
+                return Err(e);
             }
             r => return r,
         }
@@ -113,7 +143,7 @@ impl EtcdStore {
 #[tonic::async_trait]
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        let resp = retry(|| {
+        let resp = retry_read(|| {
             let (mut kv, k) = (self.client.kv_client(), self.key(key));
             async move { kv.get(k, None).await }
         })
@@ -123,7 +153,7 @@ impl Store for EtcdStore {
     }
 
     async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {
-        let resp = retry(|| {
+        let resp = retry_read(|| {
             let (mut kv, k) = (self.client.kv_client(), self.key(prefix));
             async move { kv.get(k, Some(GetOptions::new().with_prefix())).await }
         })
@@ -168,7 +198,7 @@ impl Store for EtcdStore {
         // created; a read at that revision answers now.
         if after + 1 <= self.revision().await? {
             let at = GetOptions::new().with_revision(after as i64 + 1).with_count_only();
-            if let Err(e) = retry(|| {
+            if let Err(e) = retry_read(|| {
                 let (mut kv, k, o) = (self.client.kv_client(), self.key(prefix), at.clone());
                 async move { kv.get(k, Some(o)).await }
             })
@@ -182,7 +212,7 @@ impl Store for EtcdStore {
             }
         }
         let opts = WatchOptions::new().with_prefix().with_start_revision(after as i64 + 1).with_prev_key();
-        let mut stream = retry(|| {
+        let mut stream = retry_read(|| {
             let (mut w, k, o) = (self.client.watch_client(), self.key(prefix), opts.clone());
             async move { w.watch(k, Some(o)).await }
         })
@@ -241,7 +271,7 @@ impl Store for EtcdStore {
     }
 
     async fn revision(&self) -> Result<Revision, StoreError> {
-        let resp = retry(|| {
+        let resp = retry_read(|| {
             let (mut kv, k) = (self.client.kv_client(), self.key("/"));
             async move { kv.get(k, Some(GetOptions::new().with_prefix().with_count_only())).await }
         })

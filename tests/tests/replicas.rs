@@ -1,0 +1,194 @@
+//! Replicas: two control planes on one three-member etcd cluster, inside
+//! network namespaces. Agents and the CLI are given both addresses and fail
+//! over between them; blobs and output are readable from either replica.
+use std::path::PathBuf;
+use std::time::Duration;
+use testbus_proto::client::Client;
+use testbus_proto::{blob, Host, Process, Resource, Test};
+use testbus_tests::{is_root, manifest, wait_for, Cluster};
+
+const A: &str = "http://10.77.0.1:7780";
+const B: &str = "http://10.77.0.1:7781";
+const BOTH: &str = "http://10.77.0.1:7780,http://10.77.0.1:7781";
+
+fn needs_root() -> bool {
+    if is_root() {
+        return true;
+    }
+    assert!(std::env::var("CI").is_err(), "the replica tests need root in CI");
+    eprintln!("skipped: needs network namespaces (root)");
+    false
+}
+
+fn leads(log: &str) -> bool {
+    log.contains("elected leader")
+}
+
+/// Replica A (the harness's control plane, which leads) and replica B on a
+/// three-member etcd; agents given both addresses, A first; testbusctl runs
+/// in host-0's namespace so that it reaches both. Returns B's socket.
+async fn start_replicas(hosts: usize) -> (Cluster, PathBuf) {
+    let mut c = Cluster::start_on_etcd(hosts, 3).await;
+    wait_for(Duration::from_secs(20), "replica A to lead", || async {
+        leads(&c.read_log("control-plane")).then_some(())
+    })
+    .await;
+    let url = c.etcd.as_ref().unwrap().url("/testbus");
+    let b_dir = c.dir.path().join("cp-b");
+    let b_data = b_dir.display().to_string();
+    c.spawn_in(
+        "cp",
+        "testbus-control-plane",
+        &["--listen", "10.77.0.1:7781", "--insecure", "--data-dir", &b_data, "--store", &url, "--lease-grace", "1s"],
+    );
+    let b_sock = b_dir.join("api.sock");
+    wait_for(Duration::from_secs(20), "replica B", || async {
+        let c = Client::connect(&format!("unix:{}", b_sock.display())).await.ok()?;
+        c.api::<Host>().list("", "").await.ok()
+    })
+    .await;
+    assert!(!leads(&c.read_log("testbus-control-plane")), "only one replica leads");
+    c.agent_server = BOTH.into();
+    for i in 0..hosts {
+        c.kill_agent(i);
+        c.start_agent(i);
+    }
+    c.wait_hosts_ready(hosts).await;
+    c.ctl_node = Some("host-0".into());
+    (c, b_sock)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blobs_and_output_are_readable_from_either_replica() {
+    if !needs_root() {
+        return;
+    }
+    let (c, b_sock) = start_replicas(2).await;
+    // A file only A receives: B copies it from A when asked for it.
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    std::fs::write(c.dir.path().join("data.bin"), &data).unwrap();
+    let gate = c.dir.path().join("gate");
+    let path = manifest(
+        &c,
+        "out.yaml",
+        &format!(
+            "apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: out}}\nspec:\n  files: [{{source: data.bin, path: data.bin}}]\n  hosts: [{{role: r, count: 2}}]\n  steps:\n    - name: s\n      on: [r]\n      script: |\n        sha256sum data.bin\n        for i in $(seq 1 500); do echo early $i; done\n        while [ ! -e {gate} ]; do sleep 0.05; done\n        for i in $(seq 1 500); do echo late $i; echo err $i >&2; done\n",
+            gate = gate.display()
+        ),
+    );
+    let out = c.ctl(&["--server", A, "apply", "-f", &path]);
+    assert_eq!(out.code, 0, "{out:?}");
+    c.running_pids("out", 2).await;
+    // Follow through B while the processes run on A's side.
+    let follow = c.ctl_spawn(&["--server", B, "logs", "test/out", "-f"]);
+    std::fs::write(&gate, "").unwrap();
+    assert_eq!(c.ctl(&["--server", BOTH, "wait", "test/out", "--timeout", "60s"]).code, 0);
+    let followed = follow.wait_with_output().unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let followed = (text(&followed.stdout), text(&followed.stderr));
+    let read = |server| {
+        let out = c.ctl(&["--server", server, "logs", "test/out"]);
+        assert_eq!(out.code, 0, "{out:?}");
+        (out.stdout, out.stderr)
+    };
+    let (via_a, via_b) = (read(A), read(B));
+    let digest = blob::digest_of(&data);
+    for (stdout, stderr) in [&via_a, &via_b, &followed] {
+        for m in ["r0", "r1"] {
+            assert_eq!(stdout.matches(&format!("[{m}/")).count(), 1 + 500 + 500, "{m}: {stdout}");
+            assert_eq!(stderr.matches(&format!("[{m}/")).count(), 500, "{m}: {stderr}");
+        }
+        assert_eq!(stdout.matches(&format!("{}  data.bin", &digest[7..])).count(), 2, "{stdout}");
+        assert_eq!(stdout.matches("late 500\n").count(), 2, "{stdout}");
+        assert_eq!(stderr.matches("err 500\n").count(), 2, "{stderr}");
+    }
+    // The three readings hold the same lines (processes interleave).
+    let sorted = |(o, e): &(String, String)| {
+        let mut v: Vec<&str> = o.lines().chain(e.lines()).collect();
+        v.sort_unstable();
+        v.join("\n")
+    };
+    assert!(sorted(&via_a) == sorted(&via_b), "A and B disagree");
+    assert!(sorted(&via_a) == sorted(&followed), "the follow through B missed lines");
+
+    // The blob through B: copied from A, digest checked, same bytes.
+    assert!(!c.read_log("testbus-control-plane").contains("copied from a peer"));
+    let b = Client::connect(&format!("unix:{}", b_sock.display())).await.unwrap();
+    let dest = c.dir.path().join("via-b.bin");
+    let size = blob::download_to(b.channel(), &digest, &dest).await.unwrap();
+    assert_eq!(size, data.len() as u64);
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+    assert!(c.read_log("testbus-control-plane").contains("blob copied from a peer replica"));
+    // A blob no replica has is "not found", from either.
+    let missing = blob::digest_of(b"nobody has this");
+    let err = blob::download_to(b.channel(), &missing, &c.dir.path().join("x")).await.unwrap_err();
+    assert!(err.to_string().contains("not found"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_test_survives_the_leader_and_an_etcd_member_dying() {
+    if !needs_root() {
+        return;
+    }
+    let (mut c, b_sock) = start_replicas(3).await;
+    let runs = c.dir.path().join("runs");
+    std::fs::create_dir_all(&runs).unwrap();
+    std::fs::write(c.dir.path().join("payload.txt"), "payload for every host\n").unwrap();
+    let gate = c.dir.path().join("gate");
+    let path = manifest(
+        &c,
+        "failover.yaml",
+        &format!(
+            "apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: failover}}\nspec:\n  files: [{{source: payload.txt, path: payload.txt}}]\n  hosts: [{{role: server}}, {{role: client, count: 2}}]\n  steps:\n    - name: work\n      on: [server, client]\n      script: |\n        echo run >> {runs}/$TESTBUS_STEP-$TESTBUS_ROLE\n        cat payload.txt\n        for i in $(seq 1 300); do echo before $i; done\n        while [ ! -e {gate} ]; do sleep 0.05; done\n        for i in $(seq 1 300); do echo after $i; done\n        testbusctl sync done --timeout 60s\n        echo synced\n    - name: check\n      on: [server]\n      after: [work]\n      script: |\n        echo run >> {runs}/$TESTBUS_STEP-$TESTBUS_ROLE\n        cat payload.txt\n",
+            runs = runs.display(),
+            gate = gate.display()
+        ),
+    );
+    let out = c.ctl(&["--server", BOTH, "apply", "-f", &path]);
+    assert_eq!(out.code, 0, "{out:?}");
+    c.running_pids("failover", 3).await;
+    let client = c.client().await;
+    let (before, _) = client.api::<Process>().list("", "").await.unwrap();
+    drop(client);
+
+    // The leading replica dies; B takes over the controllers and the agents.
+    c.kill_control_plane();
+    c.server = format!("unix:{}", b_sock.display());
+    wait_for(Duration::from_secs(30), "replica B to lead", || async {
+        leads(&c.read_log("testbus-control-plane")).then_some(())
+    })
+    .await;
+    // Then an etcd member dies: two of three keep the quorum.
+    c.etcd.as_mut().unwrap().kill_member(0);
+    std::fs::write(&gate, "").unwrap();
+
+    let out = c.ctl(&["--server", BOTH, "wait", "test/failover", "--timeout", "120s"]);
+    assert_eq!(out.code, 0, "{out:?}\n{}", c.ctl(&["--server", BOTH, "describe", "test", "failover"]).stdout);
+    let logs = c.ctl(&["--server", BOTH, "logs", "test/failover"]).stdout;
+    for m in ["work server", "work client0", "work client1"] {
+        let lines: Vec<&str> = logs.lines().filter(|l| l.starts_with(&format!("[{m}/"))).collect();
+        assert_eq!(lines.len(), 1 + 300 + 300 + 1, "{m}: every line once");
+        for i in [1, 300] {
+            assert!(lines.iter().any(|l| l.ends_with(&format!(" before {i}"))), "{m} before {i}");
+            assert!(lines.iter().any(|l| l.ends_with(&format!(" after {i}"))), "{m} after {i}");
+        }
+    }
+    assert_eq!(logs.lines().filter(|l| l.starts_with("[check server/")).count(), 1, "{logs}");
+    assert_eq!(logs.matches("payload for every host").count(), 4, "{logs}");
+    assert_eq!(logs.matches("synced").count(), 3, "{logs}");
+    // Each process ran exactly once.
+    for (step, role) in [("work", "server"), ("work", "client0"), ("work", "client1"), ("check", "server")] {
+        let f = runs.join(format!("{step}-{role}"));
+        assert_eq!(std::fs::read_to_string(&f).unwrap_or_default(), "run\n", "{step} on {role} ran once");
+    }
+    // Nothing was lost: every process from before is still there, and the
+    // test, its four processes and the three hosts.
+    let client = c.client().await;
+    let (after, _) = client.api::<Process>().list("", "").await.unwrap();
+    for p in &before {
+        assert!(after.iter().any(|q| q.meta().uid == p.meta().uid), "process {} lost", p.name());
+    }
+    assert_eq!(after.len(), 4, "{after:?}");
+    assert_eq!(client.api::<Test>().list("", "").await.unwrap().0.len(), 1);
+    assert_eq!(client.api::<Host>().list("", "").await.unwrap().0.len(), 3);
+}
