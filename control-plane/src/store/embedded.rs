@@ -2,9 +2,15 @@
 //!
 //! redb gives crash-safe, fsynced transactions; on top of it this keeps a
 //! global revision, the key's create/mod revisions and an event log of the
-//! last `retain` revisions for watch resumption. Writers are serialised by a
-//! mutex held across commit and broadcast, so live events leave in revision
-//! order and a new watcher can read the log and subscribe atomically.
+//! last `retain` revisions for watch resumption.
+//!
+//! Writes go to one writer thread, which commits every transaction waiting
+//! for it in one redb transaction (group commit): each keeps its own
+//! revision and compares, and none is acknowledged before the fsync that
+//! makes it durable. So many concurrent writers share one fsync instead of
+//! queueing for one each. The writer holds a mutex across commit and
+//! broadcast, so live events leave in revision order and a new watcher can
+//! read the log and subscribe atomically.
 use super::*;
 use futures::StreamExt;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -25,6 +31,35 @@ pub const MAX_VALUE_BYTES: usize = 1536 * 1024;
 #[derive(Clone)]
 pub struct EmbeddedStore {
     inner: Arc<Inner>,
+    writer: Arc<Writer>,
+}
+
+/// Most transactions committed together.
+const MAX_BATCH: usize = 512;
+
+type Reply = tokio::sync::oneshot::Sender<Result<TxnOutcome, StoreError>>;
+
+struct WriteRequest {
+    compares: Vec<Compare>,
+    ops: Vec<Op>,
+    reply: Reply,
+}
+
+/// The writer thread and the way to it. Dropping the last handle of the
+/// store ends the thread and waits for it, so the file can be opened again
+/// at once.
+struct Writer {
+    tx: Option<std::sync::mpsc::Sender<WriteRequest>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 struct Inner {
@@ -68,9 +103,16 @@ impl EmbeddedStore {
         w.commit().map_err(backend)?;
         let (events, _) = broadcast::channel(4096);
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        Ok(EmbeddedStore {
-            inner: Arc::new(Inner { db, dir, min_free, write_lock: Mutex::new(()), events, retain: retain.max(1) }),
-        })
+        let inner = Arc::new(Inner { db, dir, min_free, write_lock: Mutex::new(()), events, retain: retain.max(1) });
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = {
+            let inner = inner.clone();
+            std::thread::Builder::new()
+                .name("store-writer".into())
+                .spawn(move || inner.write_loop(rx))
+                .map_err(backend)?
+        };
+        Ok(EmbeddedStore { inner, writer: Arc::new(Writer { tx: Some(tx), thread: Some(thread) }) })
     }
 
     async fn blocking<T: Send + 'static>(
@@ -166,73 +208,133 @@ pub fn check_free_space(dir: &Path, min_free: u64) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// The tables of one redb write transaction, and the revision reached.
+struct Batch<'a> {
+    kv: redb::Table<'a, &'static str, &'static [u8]>,
+    log: redb::Table<'a, u64, &'static [u8]>,
+    meta: redb::Table<'a, &'static str, u64>,
+    revision: u64,
+}
+
 impl Inner {
-    fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<(TxnOutcome, Vec<Event>), StoreError> {
-        if !ops.is_empty() {
-            check_free_space(&self.dir, self.min_free)?;
-        }
-        for op in &ops {
-            if let Op::Put(key, value) = op {
-                if value.len() > MAX_VALUE_BYTES {
-                    return Err(StoreError::TooLarge { key: key.clone(), size: value.len(), limit: MAX_VALUE_BYTES });
+    /// Serves write requests until every handle of the store is gone.
+    fn write_loop(&self, rx: std::sync::mpsc::Receiver<WriteRequest>) {
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
                 }
             }
+            self.commit_batch(batch);
         }
-        let w = self.db.begin_write().map_err(backend)?;
-        let outcome;
-        let mut events = Vec::new();
-        {
-            let mut kv = w.open_table(KV).map_err(backend)?;
-            let mut meta = w.open_table(META).map_err(backend)?;
-            let current = meta.get(META_REVISION).map_err(backend)?.map(|g| g.value()).unwrap_or(0);
-            for Compare::ModRevision(key, want) in &compares {
-                let have = match kv.get(key.as_str()).map_err(backend)? {
-                    Some(raw) => decode_record(key, raw.value())?.mod_revision,
-                    None => 0,
+    }
+
+    /// Applies the requests in order in one transaction and commits it;
+    /// then publishes their events and answers each.
+    fn commit_batch(&self, batch: Vec<WriteRequest>) {
+        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        // An error inside the batch (not a failed compare) aborts all of
+        // it: nothing of a half-applied transaction may be committed.
+        let mut results = Vec::with_capacity(batch.len());
+        let committed = (|| {
+            if batch.iter().any(|r| !r.ops.is_empty()) {
+                check_free_space(&self.dir, self.min_free)?;
+            }
+            let w = self.db.begin_write().map_err(backend)?;
+            {
+                let meta = w.open_table(META).map_err(backend)?;
+                let revision = meta.get(META_REVISION).map_err(backend)?.map(|g| g.value()).unwrap_or(0);
+                let mut b = Batch {
+                    kv: w.open_table(KV).map_err(backend)?,
+                    log: w.open_table(LOG).map_err(backend)?,
+                    meta,
+                    revision,
                 };
-                if have != *want {
-                    return Ok((TxnOutcome { succeeded: false, revision: current }, vec![]));
+                for r in &batch {
+                    results.push(self.apply(&mut b, &r.compares, &r.ops)?);
                 }
+                let oldest = b.meta.get(META_OLDEST).map_err(backend)?.map(|g| g.value()).unwrap_or(1);
+                if b.revision >= oldest + self.retain {
+                    let cut = b.revision + 1 - self.retain;
+                    b.log.retain_in(oldest..cut, |_, _| false).map_err(backend)?;
+                    b.meta.insert(META_OLDEST, cut).map_err(backend)?;
+                }
+                b.meta.insert(META_REVISION, b.revision).map_err(backend)?;
             }
-            if ops.is_empty() {
-                return Ok((TxnOutcome { succeeded: true, revision: current }, vec![]));
-            }
-            let rev = current + 1;
-            for op in ops {
-                match op {
-                    Op::Put(key, value) => {
-                        let create = match kv.get(key.as_str()).map_err(backend)? {
-                            Some(raw) => decode_record(&key, raw.value())?.create_revision,
-                            None => rev,
-                        };
-                        kv.insert(key.as_str(), encode_record(&value, create, rev).as_slice()).map_err(backend)?;
-                        events.push(Event::Put(KeyValue { key, value, create_revision: create, mod_revision: rev }));
-                    }
-                    Op::Delete(key) => {
-                        let old = kv.remove(key.as_str()).map_err(backend)?.map(|g| g.value().to_vec());
-                        if let Some(raw) = old {
-                            let mut last = decode_record(&key, &raw)?;
-                            last.mod_revision = rev;
-                            events.push(Event::Delete(last));
+            w.commit().map_err(backend)
+        })();
+        let mut results = results.into_iter();
+        for req in batch {
+            let answer = match &committed {
+                Err(e) => Err(e.clone()),
+                Ok(()) => match results.next() {
+                    Some((outcome, events)) => {
+                        if !events.is_empty() {
+                            // No receivers is fine: nobody watches yet.
+                            let _ = self.events.send(Arc::new(events));
                         }
+                        Ok(outcome)
+                    }
+                    None => Err(backend("write batch cut short")),
+                },
+            };
+            let _ = req.reply.send(answer);
+        }
+    }
+
+    /// One transaction inside a batch (a failed compare leaves the others
+    /// alone).
+    fn apply(
+        &self,
+        b: &mut Batch<'_>,
+        compares: &[Compare],
+        ops: &[Op],
+    ) -> Result<(TxnOutcome, Vec<Event>), StoreError> {
+        let current = b.revision;
+        for Compare::ModRevision(key, want) in compares {
+            let have = match b.kv.get(key.as_str()).map_err(backend)? {
+                Some(raw) => decode_record(key, raw.value())?.mod_revision,
+                None => 0,
+            };
+            if have != *want {
+                return Ok((TxnOutcome { succeeded: false, revision: current }, vec![]));
+            }
+        }
+        let rev = current + 1;
+        let mut events = Vec::new();
+        for op in ops {
+            match op {
+                Op::Put(key, value) => {
+                    let create = match b.kv.get(key.as_str()).map_err(backend)? {
+                        Some(raw) => decode_record(key, raw.value())?.create_revision,
+                        None => rev,
+                    };
+                    b.kv.insert(key.as_str(), encode_record(value, create, rev).as_slice()).map_err(backend)?;
+                    events.push(Event::Put(KeyValue {
+                        key: key.clone(),
+                        value: value.clone(),
+                        create_revision: create,
+                        mod_revision: rev,
+                    }));
+                }
+                Op::Delete(key) => {
+                    let old = b.kv.remove(key.as_str()).map_err(backend)?.map(|g| g.value().to_vec());
+                    if let Some(raw) = old {
+                        let mut last = decode_record(key, &raw)?;
+                        last.mod_revision = rev;
+                        events.push(Event::Delete(last));
                     }
                 }
             }
-            if !events.is_empty() {
-                let mut log = w.open_table(LOG).map_err(backend)?;
-                log.insert(rev, encode_events(&events).as_slice()).map_err(backend)?;
-                let oldest = meta.get(META_OLDEST).map_err(backend)?.map(|g| g.value()).unwrap_or(1);
-                if rev >= oldest + self.retain {
-                    let cut = rev + 1 - self.retain;
-                    log.retain_in(oldest..cut, |_, _| false).map_err(backend)?;
-                    meta.insert(META_OLDEST, cut).map_err(backend)?;
-                }
-                meta.insert(META_REVISION, rev).map_err(backend)?;
-            }
-            outcome = TxnOutcome { succeeded: true, revision: if events.is_empty() { current } else { rev } };
         }
-        w.commit().map_err(backend)?;
-        Ok((outcome, events))
+        if events.is_empty() {
+            return Ok((TxnOutcome { succeeded: true, revision: current }, events));
+        }
+        b.log.insert(rev, encode_events(&events).as_slice()).map_err(backend)?;
+        b.revision = rev;
+        Ok((TxnOutcome { succeeded: true, revision: rev }, events))
     }
 }
 
@@ -273,16 +375,17 @@ impl Store for EmbeddedStore {
     }
 
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<TxnOutcome, StoreError> {
-        self.blocking(move |i| {
-            let _guard = i.write_lock.lock().map_err(|_| backend("write lock poisoned"))?;
-            let (outcome, events) = i.txn(compares, ops)?;
-            if !events.is_empty() {
-                // No receivers is fine: nobody watches yet.
-                let _ = i.events.send(Arc::new(events));
+        for op in &ops {
+            if let Op::Put(key, value) = op {
+                if value.len() > MAX_VALUE_BYTES {
+                    return Err(StoreError::TooLarge { key: key.clone(), size: value.len(), limit: MAX_VALUE_BYTES });
+                }
             }
-            Ok(outcome)
-        })
-        .await
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let tx = self.writer.tx.as_ref().ok_or_else(|| backend("the store is closed"))?;
+        tx.send(WriteRequest { compares, ops, reply }).map_err(|_| backend("the store writer has stopped"))?;
+        answer.await.map_err(|_| backend("the store writer has stopped"))?
     }
 
     async fn watch(&self, prefix: &str, after: Revision) -> Result<EventStream, StoreError> {
