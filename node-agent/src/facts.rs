@@ -29,6 +29,20 @@ pub fn facts(transport: &str) -> HostFacts {
     }
 }
 
+/// How the agent reaches the control plane: as told, else what a local
+/// testbus-relay wrote next to its socket, else "direct".
+pub fn transport(told: Option<&str>, server: &str) -> String {
+    if let Some(t) = told {
+        return t.to_string();
+    }
+    server
+        .strip_prefix("unix:")
+        .and_then(|path| std::fs::read_to_string(format!("{path}.transport")).ok())
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty() && t.len() <= 16 && t.chars().all(|c| c.is_ascii_alphanumeric()))
+        .unwrap_or_else(|| "direct".into())
+}
+
 pub fn hostname() -> String {
     nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into())
 }

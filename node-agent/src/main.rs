@@ -55,9 +55,11 @@ struct Args {
     /// How long a lease lasts; the agent renews it every third of that.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     lease_duration: Duration,
-    /// How this agent reaches the control plane: direct, serial, vsock, ssh.
-    #[arg(long, default_value = "direct")]
-    transport: String,
+    /// How this agent reaches the control plane (a Host fact): direct,
+    /// serial, vsock, ssh, ... Default: what the testbus-relay behind a
+    /// `unix:` server says (its socket's `.transport` file), else direct.
+    #[arg(long)]
+    transport: Option<String>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -93,7 +95,7 @@ fn host_object(args: &Args) -> anyhow::Result<Host> {
             capabilities: offer.capabilities.into_iter().collect(),
             vars: offer.vars,
             env: offer.env,
-            facts: Some(facts::facts(&args.transport)),
+            facts: Some(facts::facts(&facts::transport(args.transport.as_deref(), &args.server))),
             lease_duration_seconds: args.lease_duration.as_secs().max(1) as u32,
             ..Default::default()
         }),

@@ -25,6 +25,17 @@ pub fn is_root() -> bool {
 }
 
 /// Where the workspace's binaries were built.
+/// Whether a test that needs network namespaces can run: as root it must;
+/// as a normal user it says it skipped, and CI (root) never lets it.
+pub fn needs_root(what: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    assert!(std::env::var("CI").is_err(), "{what} need root in CI");
+    eprintln!("skipped: {what} need network namespaces (root)");
+    false
+}
+
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/debug/deps/e2e-xxxx → target/debug
@@ -237,12 +248,50 @@ impl Cluster {
         self.agents[i] = Some(cmd.spawn().expect("start agent"));
     }
 
+    /// A namespace `node` with loopback only (no route anywhere): an
+    /// isolated guest that reaches the control plane only through a relay.
+    /// Deleted with the cluster.
+    pub fn isolated_node(&self, node: &str) {
+        let id = self.netns.as_ref().expect("isolated guests need network namespaces (root)");
+        let ns = format!("{id}-{node}");
+        for args in [vec!["netns", "add", &ns], vec!["-n", &ns, "link", "set", "lo", "up"]] {
+            let st = Command::new("ip").args(&args).status().unwrap();
+            assert!(st.success(), "ip {args:?}");
+        }
+    }
+
     /// Starts one of the workspace's binaries inside `node`'s namespace
     /// (e.g. "host-0"); it is killed with the cluster.
     pub fn spawn_in(&mut self, node: &str, binary: &str, args: &[&str]) {
         let mut cmd = self.command_in(node, &self.bin.join(binary));
         cmd.args(args).stdout(self.log(binary)).stderr(self.log(binary));
         self.extra.push(cmd.spawn().unwrap_or_else(|e| panic!("start {binary}: {e}")));
+    }
+
+    /// Starts `program` (one of the workspace's binaries, or a command on
+    /// PATH) in `node`'s namespace, or here with None, logging to
+    /// `NAME.log`; killed with the cluster. Returns its pid.
+    pub fn spawn_logged(&mut self, node: Option<&str>, name: &str, program: &str, args: &[&str]) -> u32 {
+        let ours = self.bin.join(program);
+        let path = if ours.exists() { ours } else { PathBuf::from(program) };
+        let mut cmd = match node {
+            Some(n) => self.command_in(n, &path),
+            None => Command::new(&path),
+        };
+        cmd.args(args).stdout(self.log(name)).stderr(self.log(name)).stdin(Stdio::null());
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("start {program}: {e}"));
+        let pid = child.id();
+        self.extra.push(child);
+        pid
+    }
+
+    /// SIGKILL of a process started by `spawn_logged`/`spawn_in`, by pid.
+    pub fn kill_extra(&mut self, pid: u32) {
+        if let Some(i) = self.extra.iter().position(|c| c.id() == pid) {
+            let mut c = self.extra.remove(i);
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     pub fn control_plane_pid(&self) -> u32 {
@@ -333,6 +382,16 @@ impl Cluster {
             .stderr(Stdio::piped())
             .spawn()
             .expect("run testbusctl")
+    }
+
+    /// Waits for a host to reach a phase; returns it.
+    pub async fn host_phase(&self, name: &str, want: &str) -> Host {
+        let client = self.client().await;
+        wait_for(Duration::from_secs(60), &format!("host {name} to be {want}"), || async {
+            let h = client.api::<Host>().get(name).await.ok()?;
+            (h.status().phase == want).then_some(h)
+        })
+        .await
     }
 
     pub async fn wait_hosts_ready(&self, n: usize) {

@@ -2,7 +2,7 @@
 //! agents, links cut inside network namespaces, floods of output. Each test
 //! breaks something and asserts what a user can rely on afterwards.
 use std::time::Duration;
-use testbus_proto::{phase, Host, Process, Resource, Test};
+use testbus_proto::{phase, Process, Resource, Test};
 use testbus_tests::{is_root, manifest, peak_rss, process_alive, wait_for, Cluster};
 
 async fn wait_phase(c: &Cluster, kind_test: &str, want: &str) -> Test {
@@ -12,15 +12,6 @@ async fn wait_phase(c: &Cluster, kind_test: &str, want: &str) -> Test {
         (t.status().phase == want).then_some(t)
     })
     .await
-}
-
-async fn host_phase(c: &Cluster, host: &str, want: &str) {
-    let client = c.client().await;
-    wait_for(Duration::from_secs(30), &format!("{host} to be {want}"), || async {
-        let h = client.api::<Host>().get(host).await.ok()?;
-        (h.status().phase == want).then_some(())
-    })
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -98,7 +89,7 @@ async fn a_frozen_agent_loses_its_host_and_is_fenced_when_it_returns() {
     // Back again: the host is Ready and schedulable, and the process of the
     // finished test it still ran is killed (fenced).
     c.freeze_agent(1, false);
-    host_phase(&c, "host-1", phase::READY).await;
+    c.host_phase("host-1", phase::READY).await;
     wait_for(Duration::from_secs(15), "the stale process to be killed", || async {
         (!process_alive(stale)).then_some(())
     })
@@ -152,7 +143,7 @@ async fn partitions_short_ones_change_nothing_long_ones_lose_the_host() {
     let t = wait_phase(&c, "long", phase::ERROR).await;
     assert!(t.status().message.contains("host host-1 (a) was lost"), "{}", t.status().message);
     c.set_link("host-1", true);
-    host_phase(&c, "host-1", phase::READY).await;
+    c.host_phase("host-1", phase::READY).await;
     let out = c.ctl(&["run", "--host", "host-1", "--", "echo", "back"]);
     assert_eq!((out.code, out.stdout.as_str()), (0, "back\n"), "{out:?}");
 }

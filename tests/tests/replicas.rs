@@ -5,20 +5,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 use testbus_proto::client::Client;
 use testbus_proto::{blob, Host, Process, Resource, Test};
-use testbus_tests::{is_root, manifest, wait_for, Cluster};
+use testbus_tests::{manifest, needs_root, wait_for, Cluster};
 
 const A: &str = "http://10.77.0.1:7780";
 const B: &str = "http://10.77.0.1:7781";
 const BOTH: &str = "http://10.77.0.1:7780,http://10.77.0.1:7781";
-
-fn needs_root() -> bool {
-    if is_root() {
-        return true;
-    }
-    assert!(std::env::var("CI").is_err(), "the replica tests need root in CI");
-    eprintln!("skipped: needs network namespaces (root)");
-    false
-}
 
 fn leads(log: &str) -> bool {
     log.contains("elected leader")
@@ -60,7 +51,7 @@ async fn start_replicas(hosts: usize) -> (Cluster, PathBuf) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blobs_and_output_are_readable_from_either_replica() {
-    if !needs_root() {
+    if !needs_root("the replica tests") {
         return;
     }
     let (c, b_sock) = start_replicas(2).await;
@@ -127,7 +118,7 @@ async fn blobs_and_output_are_readable_from_either_replica() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_test_survives_the_leader_and_an_etcd_member_dying() {
-    if !needs_root() {
+    if !needs_root("the replica tests") {
         return;
     }
     let (mut c, b_sock) = start_replicas(3).await;
