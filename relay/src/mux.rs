@@ -96,3 +96,65 @@ where
     });
     (Opener { tx }, task)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn a_stalled_stream_does_not_stall_the_others_and_half_close_works() {
+        let (a, b) = tokio::io::duplex(64 << 10);
+        let (client_in, _) = mpsc::channel(8);
+        let (opener, _t1) = start(a, yamux::Mode::Client, client_in);
+        let (server_in, mut accepted) = mpsc::channel(8);
+        let (_o2, _t2) = start(b, yamux::Mode::Server, server_in);
+
+        // Stream 1: the far side never reads it; its writer fills the
+        // stream's window and waits.
+        let mut slow = opener.open().await.unwrap();
+        let flood = tokio::spawn(async move {
+            let chunk = vec![1u8; 64 << 10];
+            for _ in 0..64 {
+                if slow.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let _slow_far = accepted.recv().await.unwrap();
+
+        // Stream 2 still carries 1 MiB both ways, and its half-close
+        // reaches the far side as EOF while the other direction goes on.
+        // (yamux announces a stream with its first bytes.)
+        let fast = opener.open().await.unwrap();
+        let data = vec![7u8; 1 << 20];
+        let d = data.clone();
+        let near = tokio::spawn(async move {
+            let (mut r, mut w) = tokio::io::split(fast);
+            let send = async move {
+                w.write_all(&d).await.unwrap();
+                w.shutdown().await.unwrap();
+            };
+            let mut back = Vec::new();
+            let (_, n) = tokio::join!(send, r.read_to_end(&mut back));
+            n.unwrap();
+            back
+        });
+        let mut fast_far = tokio::time::timeout(Duration::from_secs(5), accepted.recv()).await.unwrap().unwrap();
+        let echo = tokio::spawn(async move {
+            let mut got = Vec::new();
+            fast_far.read_to_end(&mut got).await.unwrap();
+            fast_far.write_all(&got).await.unwrap();
+            fast_far.shutdown().await.unwrap();
+            got.len()
+        });
+        let done = tokio::time::timeout(Duration::from_secs(10), near)
+            .await
+            .expect("the fast stream is not held up by the stalled one")
+            .unwrap();
+        assert_eq!(echo.await.unwrap(), data.len());
+        assert!(done == data);
+        assert!(!flood.is_finished(), "the stalled stream's writer is held by flow control");
+    }
+}
