@@ -360,19 +360,22 @@ impl Output for OutputService {
 
     async fn read(&self, req: Request<ReadOutputRequest>) -> Result<Response<Self::ReadStream>, Status> {
         let r = req.into_inner();
+        // Subscribed before the first look at the process, so that a
+        // follower sees the process end at once, not at its next poll.
+        let status = StatusChanges::of(&self.api, &r.process, r.follow);
         let uid = self.uid_of(&r.process).await?;
         let (tx, rx) = mpsc::channel(16);
         match &self.shared {
             Some(store) => {
                 let reader = StoreReader { store: store.clone(), uid, next: 0, lens: [0; 2] };
-                tokio::spawn(reader.run(self.clone(), r, tx));
+                tokio::spawn(reader.run(self.clone(), r, status, tx));
             }
             None => {
                 let size_rx = match &self.open(&uid).await?.lock().await.sink {
                     Sink::File { size, .. } => size.subscribe(),
                     Sink::Store { .. } => return Err(Status::internal("output log kind changed")),
                 };
-                tokio::spawn(follow_file(self.clone(), self.path(&uid), size_rx, r, tx));
+                tokio::spawn(follow_file(self.clone(), self.path(&uid), size_rx, status, r, tx));
             }
         }
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
@@ -380,6 +383,37 @@ impl Output for OutputService {
 }
 
 type ChunkSender = mpsc::Sender<Result<OutputChunk, Status>>;
+
+/// Changes of one Process, from the watch cache: a follower re-checks
+/// whether the process has ended when it changes.
+struct StatusChanges(Option<mpsc::Receiver<Arc<hub::HubEvent>>>);
+
+impl StatusChanges {
+    fn of(api: &ApiState, name: &str, follow: bool) -> Self {
+        let filter = testbus_proto::selector::FieldSelector::parse(&format!("metadata.name={name}"))
+            .ok()
+            .filter(|_| follow)
+            .map(|fields| hub::Filter { fields, ..Default::default() });
+        StatusChanges(filter.and_then(|f| api.hub.watch(Kind::Process, None, None, f).ok()))
+    }
+
+    /// Resolves at the next change, or after a second (a fallback: the
+    /// watch may have been dropped as too slow).
+    async fn changed(&mut self) {
+        let wait = async {
+            match &mut self.0 {
+                Some(rx) => {
+                    if rx.recv().await.is_none() {
+                        self.0 = None;
+                        std::future::pending::<()>().await;
+                    }
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), wait).await;
+    }
+}
 
 /// Whether a reader can stop: not following, or the process is terminal.
 /// Terminal status is read before draining: output that was flushed
@@ -405,6 +439,7 @@ async fn follow_file(
     svc: OutputService,
     path: PathBuf,
     mut size_rx: watch::Receiver<u64>,
+    mut status: StatusChanges,
     r: ReadOutputRequest,
     tx: ChunkSender,
 ) {
@@ -420,7 +455,10 @@ async fn follow_file(
         if done || tx.is_closed() {
             return;
         }
-        let _ = tokio::time::timeout(Duration::from_secs(1), size_rx.changed()).await;
+        tokio::select! {
+            _ = size_rx.changed() => {}
+            _ = status.changed() => {}
+        }
     }
 }
 
@@ -509,7 +547,7 @@ impl StoreReader {
         }
     }
 
-    async fn run(mut self, svc: OutputService, r: ReadOutputRequest, tx: ChunkSender) {
+    async fn run(mut self, svc: OutputService, r: ReadOutputRequest, mut status: StatusChanges, tx: ChunkSender) {
         let Ok(mut rev) = self.catch_up(&r.process, &tx).await else { return };
         if !r.follow {
             return;
@@ -533,8 +571,12 @@ impl StoreReader {
                     }
                 },
             };
-            match tokio::time::timeout(Duration::from_secs(1), w.next()).await {
-                Err(_) => {}
+            let next = tokio::select! {
+                n = w.next() => Ok(n),
+                _ = status.changed() => Err(()),
+            };
+            match next {
+                Err(()) => {}
                 Ok(Some(Ok(Event::Put(kv)))) => {
                     rev = kv.mod_revision;
                     match self.send(std::slice::from_ref(&kv), &r.process, &tx).await {

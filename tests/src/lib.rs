@@ -36,10 +36,16 @@ pub fn needs_root(what: &str) -> bool {
     false
 }
 
+/// Where the workspace's binaries are: next to the running executable (a
+/// benchmark in target/release), or one level up (a test in
+/// target/debug/deps).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/debug/deps/e2e-xxxx → target/debug
-    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+    let dir = exe.parent().expect("executable dir");
+    if dir.join("testbus-agent").exists() {
+        return dir.to_path_buf();
+    }
+    dir.parent().expect("target dir").to_path_buf()
 }
 
 pub fn repo_root() -> PathBuf {
@@ -173,7 +179,8 @@ impl Cluster {
         c
     }
 
-    fn command_in(&self, node: &str, program: &Path) -> Command {
+    /// `program` to run in `node`'s namespace (here without namespaces).
+    pub fn command_in(&self, node: &str, program: &Path) -> Command {
         match &self.netns {
             Some(id) => {
                 let mut c = Command::new("ip");

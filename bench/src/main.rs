@@ -1,0 +1,368 @@
+//! testbus-bench: the end-to-end benchmarks of `hack/bench`, each against
+//! its baseline in the same run. Every scenario starts a real control
+//! plane and real agents in network namespaces (the test harness's
+//! `Cluster`; root), prints one JSON object, and ends what it started.
+//!
+//!   testbus-bench SCENARIO [--smoke]
+//!
+//! Scenarios: run (one command on one host, against ssh and sh), start
+//! (test start latency), throughput (processes/s over many agents), fanout
+//! (watch delivery to simulated agents), output (stdout to the CLI), files
+//! (a large file to many hosts, and again), idle (resident memory).
+#![forbid(unsafe_code)]
+
+use anyhow::{bail, Context};
+use serde_json::json;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+use testbus_proto::client::Client;
+use testbus_proto::{phase, Process, ProcessSpec, Resource, Test};
+use testbus_tests::{manifest, wait_for, Cluster};
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// p50, p99 and every sample (sorted), in milliseconds.
+fn summary(mut ms: Vec<f64>) -> serde_json::Value {
+    ms.sort_by(f64::total_cmp);
+    json!({ "p50_ms": percentile(&ms, 0.5), "p99_ms": percentile(&ms, 0.99), "n": ms.len(), "samples_ms": ms })
+}
+
+fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("VmRSS:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn timed(cmd: &mut Command) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    let st = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).output()?;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    if !st.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&st.stderr));
+    }
+    Ok(ms)
+}
+
+/// One command on one host: `testbusctl run --host H -- true` against ssh
+/// (a fresh connection, and through a ControlMaster) and a local `sh -c
+/// true`. All four run from the control plane's namespace; sshd runs in
+/// the host's, as a user whose shell is /bin/sh (no rc files).
+async fn run_true(smoke: bool) -> anyhow::Result<serde_json::Value> {
+    let n = if smoke { 3 } else { 100 };
+    let mut c = Cluster::start(1).await;
+    let dir = c.dir.path().to_path_buf();
+    let user = "tbbench";
+    if !Command::new("id").arg(user).stdout(Stdio::null()).stderr(Stdio::null()).status()?.success() {
+        let st = Command::new("useradd").args(["-M", "-d", "/nonexistent", "-s", "/bin/sh", user]).status()?;
+        anyhow::ensure!(st.success(), "useradd {user}");
+    }
+    // No password, but not locked: sshd refuses locked accounts.
+    let st = Command::new("usermod").args(["-p", "*", user]).status()?;
+    anyhow::ensure!(st.success(), "usermod {user}");
+    for k in ["host_key", "id"] {
+        let st = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(dir.join(k)).status()?;
+        anyhow::ensure!(st.success(), "ssh-keygen");
+    }
+    std::fs::copy(dir.join("id.pub"), dir.join("authorized_keys"))?;
+    std::fs::create_dir_all("/run/sshd")?;
+    let d = dir.display();
+    std::fs::write(
+        dir.join("sshd_config"),
+        format!("Port 2222\nListenAddress 10.77.0.2\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\nStrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nPidFile none\n"),
+    )?;
+    std::fs::write(
+        dir.join("ssh_config"),
+        format!("Host h0\n  HostName 10.77.0.2\n  Port 2222\n  User {user}\n  IdentityFile {d}/id\n  IdentitiesOnly yes\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n"),
+    )?;
+    let sshd_config = dir.join("sshd_config").display().to_string();
+    c.spawn_logged(Some("host-0"), "sshd", "/usr/sbin/sshd", &["-D", "-e", "-f", &sshd_config]);
+    let ssh_config = dir.join("ssh_config").display().to_string();
+    let master = format!("ControlPath={d}/cm");
+    let ctl = testbus_tests::bin_dir().join("testbusctl");
+    let in_cp = |program: &str| c.command_in("cp", Path::new(program));
+    let ssh_fresh = || {
+        let mut cmd = in_cp("ssh");
+        cmd.args(["-F", &ssh_config, "h0", "true"]);
+        cmd
+    };
+    let ssh_master = || {
+        let mut cmd = in_cp("ssh");
+        cmd.args([
+            "-F",
+            &ssh_config,
+            "-o",
+            "ControlMaster=auto",
+            "-o",
+            &master,
+            "-o",
+            "ControlPersist=300",
+            "h0",
+            "true",
+        ]);
+        cmd
+    };
+    let testbus = || {
+        let mut cmd = c.command_in("cp", &ctl);
+        cmd.args(["--server", "http://10.77.0.1:7780", "run", "--host", "host-0", "--", "true"]);
+        cmd
+    };
+    let local = || {
+        let mut cmd = in_cp("sh");
+        cmd.args(["-c", "true"]);
+        cmd
+    };
+    // Warm up: sshd answering, the master connection, the first claim.
+    wait_for(Duration::from_secs(20), "sshd", || async { timed(&mut ssh_fresh()).ok() }).await;
+    timed(&mut ssh_master())?;
+    timed(&mut testbus())?;
+    let ways: [(&str, &dyn Fn() -> Command); 4] =
+        [("testbus", &testbus), ("ssh", &ssh_fresh), ("ssh_controlmaster", &ssh_master), ("local_sh", &local)];
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); ways.len()];
+    // Interleaved, so that machine noise hits every way alike.
+    for _ in 0..n {
+        for (i, (_, make)) in ways.iter().enumerate() {
+            samples[i].push(timed(&mut make())?);
+        }
+    }
+    let mut out = serde_json::Map::new();
+    let mut med = Vec::new();
+    for ((name, _), s) in ways.iter().zip(samples) {
+        let v = summary(s);
+        med.push(v["p50_ms"].as_f64().unwrap_or(0.0));
+        out.insert(name.to_string(), v);
+    }
+    out.insert(
+        "ratios".into(),
+        json!({
+            "testbus_over_controlmaster": med[0] / med[2],
+            "ssh_fresh_over_testbus": med[1] / med[0],
+        }),
+    );
+    Ok(serde_json::Value::Object(out))
+}
+
+/// Test start latency: a two-role test on three agents, from the create
+/// call returning to its last process's start time (agents stamp it).
+async fn start(smoke: bool) -> anyhow::Result<serde_json::Value> {
+    let n = if smoke { 5 } else { 200 };
+    let c = Cluster::start(3).await;
+    let client = c.client().await;
+    let tests = client.api::<Test>();
+    let procs = client.api::<Process>();
+    let mut ms = Vec::new();
+    for i in 0..n {
+        let name = format!("start-{i}");
+        let t: Test = testbus_proto::manifest::parse("start.yaml", &format!(
+            "apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: {name}}}\nspec:\n  hosts: [{{role: server}}, {{role: client, count: 2}}]\n  steps: [{{name: s, on: [server, client], argv: [\"true\"]}}]\n"
+        ))?
+        .into_iter()
+        .find_map(|o| match o {
+            testbus_proto::Object::Test(t) => Some(t),
+            _ => None,
+        })
+        .context("the manifest has a test")?;
+        tests.create(t).await?;
+        let created = SystemTime::now();
+        let done = wait_for(Duration::from_secs(30), "the test to finish", || async {
+            let t = tests.get(&name).await.ok()?;
+            phase::test_terminal(&t.status().phase).then_some(t)
+        })
+        .await;
+        anyhow::ensure!(done.status().phase == phase::SUCCEEDED, "{name}: {:?}", done.status());
+        let (ps, _) = procs.list("", &format!("spec.test={name}")).await?;
+        let last = ps
+            .iter()
+            .filter_map(|p| testbus_proto::time::parse(&p.status().start_time))
+            .max()
+            .context("start times")?;
+        ms.push(last.duration_since(created).unwrap_or_default().as_secs_f64() * 1e3);
+        tests.delete(&name).await?;
+    }
+    Ok(json!({ "runs": n, "to_last_running": summary(ms) }))
+}
+
+/// Processes completed end to end per second: one test over every agent
+/// with parallel steps of `true`, from create to the final status.
+async fn throughput(smoke: bool) -> anyhow::Result<serde_json::Value> {
+    let (agents, steps) = if smoke { (3, 2) } else { (50, 20) };
+    let c = Cluster::start(agents).await;
+    let client = c.client().await;
+    let mut m = format!(
+        "apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: flood}}\nspec:\n  hosts: [{{role: w, count: {agents}}}]\n  steps:\n"
+    );
+    for s in 0..steps {
+        m.push_str(&format!("    - {{name: s{s}, on: [w], argv: [\"true\"]}}\n"));
+    }
+    let path = manifest(&c, "flood.yaml", &m);
+    let t = Instant::now();
+    let out = c.ctl(&["apply", "-f", &path, "--wait", "--timeout", "600s"]);
+    let secs = t.elapsed().as_secs_f64();
+    anyhow::ensure!(out.code == 0, "{out:?}");
+    let (ps, _) = client.api::<Process>().list("", "spec.test=flood").await?;
+    let done = ps.iter().filter(|p| p.status().phase == phase::SUCCEEDED).count();
+    Ok(json!({ "agents": agents, "processes": done, "seconds": secs, "processes_per_s": done as f64 / secs }))
+}
+
+/// Watch delivery to simulated agents: N watchers of Processes, each for
+/// its own host (as agents watch), over N/100 connections; Processes are
+/// created one at a time for random hosts and timed to their watcher.
+async fn fanout(smoke: bool) -> anyhow::Result<serde_json::Value> {
+    use futures::StreamExt;
+    let sizes: Vec<usize> = if smoke { vec![10, 100] } else { vec![100, 1_000, 10_000] };
+    let events = if smoke { 20 } else { 300 };
+    let mut out = Vec::new();
+    for &n in &sizes {
+        let c = Cluster::start_full(0, &[], &["--no-controllers"]).await;
+        let cp = c.control_plane_pid();
+        let base = rss_bytes(cp);
+        let conns = n.div_ceil(100);
+        let mut clients = Vec::new();
+        for _ in 0..conns {
+            clients.push(Client::connect(&c.server).await?);
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Instant)>();
+        for i in 0..n {
+            let api = clients[i % conns].api::<Process>();
+            let tx = tx.clone();
+            let mut w = api.watch("", "", &format!("spec.hostName=sim-{i}")).await?;
+            tokio::spawn(async move {
+                while let Some(Ok(ev)) = w.next().await {
+                    if ev.object.is_some() && tx.send((i, Instant::now())).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        let rss_watching = rss_bytes(cp);
+        let api = clients[0].api::<Process>();
+        let mut ms = Vec::new();
+        for k in 0..events {
+            let target = rand::random_range(0..n);
+            let p = Process {
+                metadata: Some(testbus_proto::ObjectMeta { name: format!("p-{k}"), ..Default::default() }),
+                spec: Some(ProcessSpec {
+                    host_name: format!("sim-{target}"),
+                    argv: vec!["true".into()],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let t = Instant::now();
+            api.create(p).await?;
+            let (who, at) = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await?.context("watchers gone")?;
+            anyhow::ensure!(who == target, "the event reached sim-{who}, not sim-{target}");
+            ms.push(at.duration_since(t).as_secs_f64() * 1e3);
+        }
+        // Nobody else heard anything.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        anyhow::ensure!(rx.try_recv().is_err(), "an event reached a watcher of another host");
+        out.push(json!({
+            "agents": n,
+            "delivery": summary(ms),
+            "cp_rss_bytes_idle": base,
+            "cp_rss_bytes_watching": rss_watching,
+            "cp_rss_bytes_after": rss_bytes(cp),
+        }));
+    }
+    Ok(json!({ "events_per_size": events, "results": out }))
+}
+
+/// MB/s from a process's stdout to the CLI (`run` streams the output as
+/// `logs -f` does), to /dev/null.
+async fn output(smoke: bool) -> anyhow::Result<serde_json::Value> {
+    let bytes: u64 = if smoke { 16 << 20 } else { 1 << 30 };
+    let c = Cluster::start_full(1, &[], &["--max-output-bytes", &(2u64 << 30).to_string()]).await;
+    let ctl = testbus_tests::bin_dir().join("testbusctl");
+    let n = bytes.to_string();
+    let mut cmd = Command::new(&ctl);
+    cmd.env("TESTBUS_SERVER", &c.server).args(["run", "--host", "host-0", "--", "head", "-c", &n, "/dev/zero"]);
+    let ms = timed(&mut cmd)?;
+    // The same bytes read again from the server, as `logs` does.
+    let client = c.client().await;
+    let (ps, _) = client.api::<Process>().list("", "").await?;
+    let p = ps.first().context("the process")?;
+    anyhow::ensure!(p.status().stdout_bytes == bytes, "{:?}", p.status());
+    let mut cmd = Command::new(&ctl);
+    cmd.env("TESTBUS_SERVER", &c.server).args(["logs", &format!("process/{}", p.name())]);
+    let logs_ms = timed(&mut cmd)?;
+    let mb = bytes as f64 / 1e6;
+    Ok(json!({ "bytes": bytes, "run_mb_per_s": mb / (ms / 1e3), "logs_mb_per_s": mb / (logs_ms / 1e3) }))
+}
+
+/// A large file to many hosts, then a second test with the same file:
+/// what moved each time (uploads from the CLI, downloads by agents).
+async fn files(smoke: bool) -> anyhow::Result<serde_json::Value> {
+    let (hosts, size) = if smoke { (2, 5usize << 20) } else { (8, 100usize << 20) };
+    let c = Cluster::start(hosts).await;
+    let data: Vec<u8> = (0..size).map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[3]).collect();
+    std::fs::write(c.dir.path().join("big.bin"), &data)?;
+    // Agents log each blob they fetch; this file is the only blob.
+    let fetched = |c: &Cluster| -> u64 {
+        let fetches: usize = (0..hosts).map(|i| c.read_log(&format!("host-{i}")).matches("fetched blob").count()).sum();
+        fetches as u64 * size as u64
+    };
+    let mut rounds = Vec::new();
+    for round in 0..2 {
+        let name = format!("files-{round}");
+        let path = manifest(
+            &c,
+            &format!("{name}.yaml"),
+            &format!("apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: {name}}}\nspec:\n  files: [{{source: big.bin, path: big.bin}}]\n  hosts: [{{role: h, count: {hosts}}}]\n  steps: [{{name: s, on: [h], argv: [sha256sum, big.bin]}}]\n"),
+        );
+        let before = fetched(&c);
+        let t = Instant::now();
+        let out = c.ctl(&["apply", "-f", &path, "--wait", "--timeout", "600s"]);
+        let secs = t.elapsed().as_secs_f64();
+        anyhow::ensure!(out.code == 0, "{out:?}");
+        rounds.push(json!({ "seconds": secs, "bytes_to_agents": fetched(&c) - before }));
+    }
+    Ok(json!({ "hosts": hosts, "file_bytes": size, "rounds": rounds }))
+}
+
+/// Resident memory of an idle control plane and agent.
+async fn idle(_smoke: bool) -> anyhow::Result<serde_json::Value> {
+    let c = Cluster::start(1).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    Ok(json!({ "cp_rss_bytes": rss_bytes(c.control_plane_pid()), "agent_rss_bytes": rss_bytes(c.agent_pid(0)) }))
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let smoke = args.iter().any(|a| a == "--smoke");
+    if !testbus_tests::is_root() {
+        eprintln!("testbus-bench: needs root (network namespaces)");
+        std::process::exit(2);
+    }
+    let r = match args.first().map(String::as_str) {
+        Some("run") => run_true(smoke).await,
+        Some("start") => start(smoke).await,
+        Some("throughput") => throughput(smoke).await,
+        Some("fanout") => fanout(smoke).await,
+        Some("output") => output(smoke).await,
+        Some("files") => files(smoke).await,
+        Some("idle") => idle(smoke).await,
+        _ => {
+            eprintln!("usage: testbus-bench run|start|throughput|fanout|output|files|idle [--smoke]");
+            std::process::exit(2);
+        }
+    };
+    match r {
+        Ok(v) => println!("{v}"),
+        Err(e) => {
+            eprintln!("testbus-bench: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}

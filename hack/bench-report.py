@@ -1,0 +1,259 @@
+#!/usr/bin/env python3
+"""Turns the JSON files of one hack/bench run into bench/results/NAME.json,
+a readable NAME.md and, for a full run, docs/PERFORMANCE.md with SVG plots
+(drawn here, no plotting library needed).
+
+usage: bench-report.py WORKDIR OUT_PREFIX PROFILE FULL(0|1)
+"""
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+
+work, out, profile, full = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+
+
+def load(name):
+    p = os.path.join(work, name + ".json")
+    return json.load(open(p)) if os.path.exists(p) else None
+
+
+def machine():
+    model, mem = "", 0
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemTotal:"):
+            mem = int(line.split()[1]) * 1024
+    return {"cpus": os.cpu_count(), "cpu": model, "memory_bytes": mem, "kernel": platform.release()}
+
+
+scenarios = {}
+for name in ["store", "link", "proxy", "run", "start", "throughput", "fanout", "output", "files", "idle"]:
+    v = load(name)
+    if v is not None:
+        scenarios[name] = v
+etcd_version = subprocess.run(["etcd", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+if "store" in scenarios:
+    scenarios["store"] = {"etcd": etcd_version, "results": scenarios["store"]}
+result = {
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "profile": profile,
+    "machine": machine(),
+    "scenarios": scenarios,
+}
+with open(out + ".json", "w") as f:
+    json.dump(result, f, indent=2)
+    f.write("\n")
+
+m = result["machine"]
+lines = [
+    "# testbus benchmarks",
+    "",
+    "%s, %s build, on %d × %s, %.1f GiB, Linux %s."
+    % (result["date"], profile, m["cpus"], m["cpu"], m["memory_bytes"] / 2**30, m["kernel"]),
+]
+targets = []  # (what, target, measured, met)
+
+
+def target(what, goal, measured, met):
+    targets.append((what, goal, measured, "met" if met else "**missed**"))
+
+
+def ms(v):
+    return "%.1f" % v
+
+
+s = scenarios.get("run")
+if s:
+    lines += ["", "## One command on one host (medians of %d, interleaved)" % s["testbus"]["n"], "",
+              "| way | p50 (ms) | p99 (ms) |", "|---|---:|---:|"]
+    for k, label in [("testbus", "testbusctl run --host H -- true"), ("ssh", "ssh H true (fresh connection)"),
+                     ("ssh_controlmaster", "ssh H true (ControlMaster)"), ("local_sh", "sh -c true (local)")]:
+        lines.append("| %s | %s | %s |" % (label, ms(s[k]["p50_ms"]), ms(s[k]["p99_ms"])))
+    r = s["ratios"]
+    lines += ["", "testbus / ControlMaster: %.2f; fresh ssh / testbus: %.1f" % (r["testbus_over_controlmaster"], r["ssh_fresh_over_testbus"])]
+    target("`run -- true` against ssh ControlMaster", "≤ 1.5×", "%.2f×" % r["testbus_over_controlmaster"], r["testbus_over_controlmaster"] <= 1.5)
+    target("`run -- true` against fresh ssh", "≥ 10× faster", "%.1f×" % r["ssh_fresh_over_testbus"], r["ssh_fresh_over_testbus"] >= 10)
+
+s = scenarios.get("start")
+if s:
+    d = s["to_last_running"]
+    lines += ["", "## Test start latency (%d runs, two roles on three agents)" % s["runs"], "",
+              "create returned → last process running: p50 %s ms, p99 %s ms" % (ms(d["p50_ms"]), ms(d["p99_ms"]))]
+    target("test start p50", "≤ 20 ms", ms(d["p50_ms"]) + " ms", d["p50_ms"] <= 20)
+    target("test start p99", "≤ 100 ms", ms(d["p99_ms"]) + " ms", d["p99_ms"] <= 100)
+
+s = scenarios.get("throughput")
+if s:
+    lines += ["", "## Throughput", "",
+              "%d processes over %d agents in %.2f s: **%.0f processes/s** end to end" % (s["processes"], s["agents"], s["seconds"], s["processes_per_s"])]
+    target("processes/s end to end (%d agents)" % s["agents"], "≥ 1,000", "%.0f" % s["processes_per_s"], s["processes_per_s"] >= 1000)
+
+s = scenarios.get("fanout")
+if s:
+    lines += ["", "## Fan-out to simulated agents (%d events each)" % s["events_per_size"], "",
+              "| agents | delivery p50 (ms) | p99 (ms) | control plane RSS (MiB) |", "|---:|---:|---:|---:|"]
+    for r in s["results"]:
+        lines.append("| %d | %s | %s | %.0f |" % (r["agents"], ms(r["delivery"]["p50_ms"]), ms(r["delivery"]["p99_ms"]), r["cp_rss_bytes_after"] / 2**20))
+    rs = s["results"]
+    if len(rs) >= 2:
+        ratio = rs[-1]["delivery"]["p99_ms"] / max(rs[0]["delivery"]["p99_ms"], 1e-9)
+        target("fan-out p99 at %d agents against %d" % (rs[-1]["agents"], rs[0]["agents"]), "≤ 2×", "%.2f×" % ratio, ratio <= 2)
+        mem = rs[-1]["cp_rss_bytes_after"] / 2**20
+        target("control plane memory at %d agents" % rs[-1]["agents"], "≤ 1 GiB", "%.0f MiB" % mem, mem <= 1024)
+
+s = scenarios.get("output")
+if s:
+    lines += ["", "## Output", "",
+              "%d MB from a process's stdout: %.0f MB/s through `testbusctl run`, %.0f MB/s read back by `testbusctl logs`"
+              % (s["bytes"] / 1e6, s["run_mb_per_s"], s["logs_mb_per_s"])]
+    target("output to the CLI", "≥ 200 MB/s", "%.0f MB/s" % s["run_mb_per_s"], s["run_mb_per_s"] >= 200)
+
+s = scenarios.get("files")
+if s:
+    r0, r1 = s["rounds"]
+    lines += ["", "## Files", "",
+              "A %d MiB file to %d hosts: %.1f s, %d MiB to agents; the same file again: %.1f s, %d bytes to agents"
+              % (s["file_bytes"] >> 20, s["hosts"], r0["seconds"], r0["bytes_to_agents"] >> 20, r1["seconds"], r1["bytes_to_agents"])]
+    target("a cached blob is never moved twice", "0 bytes", "%d bytes" % r1["bytes_to_agents"],
+           r1["bytes_to_agents"] == 0 and r0["bytes_to_agents"] == s["file_bytes"] * s["hosts"])
+
+s = scenarios.get("idle")
+if s:
+    a, c = s["agent_rss_bytes"] / 2**20, s["cp_rss_bytes"] / 2**20
+    lines += ["", "## Idle footprint", "", "agent %.1f MiB, control plane %.1f MiB resident" % (a, c)]
+    target("idle agent", "≤ 15 MB", "%.1f MiB" % a, a * 1.048576 <= 15)
+    target("idle control plane", "≤ 50 MB", "%.1f MiB" % c, c * 1.048576 <= 50)
+
+s = scenarios.get("store")
+if s:
+    by = {r["store"]: r for r in s["results"]}
+    e, d = by["embedded"], by.get("etcd")
+    lines += ["", "## Store: embedded against etcd (%s), same disk" % s["etcd"], "",
+              "| | embedded | etcd | embedded / etcd |", "|---|---:|---:|---:|"]
+    for label, key, fmt in [("writes/s, 1 writer", "writes_per_s_1_writer", "{:.0f}"),
+                            ("writes/s, %d writers" % e["writers"], "writes_per_s", "{:.0f}"),
+                            ("watch events/s", "watch_events_per_s", "{:.0f}"),
+                            ("watch delay p50 (ms)", "watch_delay_ms_p50", "{:.2f}"),
+                            ("watch delay p99 (ms)", "watch_delay_ms_p99", "{:.2f}")]:
+        ratio = "%.2f" % (e[key] / d[key]) if d and d[key] else "-"
+        lines.append("| %s | %s | %s | %s |" % (label, fmt.format(e[key]), fmt.format(d[key]) if d else "-", ratio))
+    if d:
+        target("embedded writes/s against single-node etcd", "≥ 1×", "%.2f×" % (e["writes_per_s"] / d["writes_per_s"]), e["writes_per_s"] >= d["writes_per_s"])
+
+s = scenarios.get("link")
+if s:
+    lines += ["", "## Serial link: %d baud, paced (line rate %d B/s)" % (s["baud"], s["baud"] // 10), "",
+              "| byte error rate | B/s | of line rate |", "|---:|---:|---:|"]
+    for r in s["results"]:
+        lines.append("| %g | %.0f | %.1f%% |" % (r["byte_error_rate"], r["bytes_per_s"], 100 * r["fraction_of_line_rate"]))
+        goal = 0.9 if r["byte_error_rate"] == 0 else 0.8
+        target("serial link at error rate %g" % r["byte_error_rate"], "≥ %d%% of line rate" % (goal * 100),
+               "%.1f%%" % (100 * r["fraction_of_line_rate"]), r["fraction_of_line_rate"] >= goal)
+
+s = scenarios.get("proxy")
+if s:
+    by = {r["via"]: r for r in s["results"]}
+    d = by["direct"]
+    hops = {"direct": 0, "socat": 1, "relay": 1, "relay-mux-2-hops": 2}
+    lines += ["", "## TCP through relays (%d MiB, %d round trips of 1 byte)" % (s["mb"], s["pings"]), "",
+              "| via | MB/s | RTT p50 (µs) | RTT p99 (µs) | added per hop, p50 (µs) |", "|---|---:|---:|---:|---:|"]
+    for name in ["direct", "socat", "relay", "relay-mux-2-hops"]:
+        r = by[name]
+        added = "-" if not hops[name] else "%.0f" % ((r["rtt_us_p50"] - d["rtt_us_p50"]) / hops[name])
+        lines.append("| %s | %.0f | %.0f | %.0f | %s |" % (name, r["mb_per_s"], r["rtt_us_p50"], r["rtt_us_p99"], added))
+    ratio = by["relay"]["mb_per_s"] / by["socat"]["mb_per_s"]
+    added = by["relay"]["rtt_us_p50"] - d["rtt_us_p50"]
+    target("relay throughput against socat", "≥ 0.8×", "%.2f×" % ratio, ratio >= 0.8)
+    target("latency added per relay hop", "≤ 100 µs", "%.0f µs" % added, added <= 100)
+
+report = lines[:3] + ["", "## Targets", "", "| what | target | measured | |", "|---|---|---|---|"] + \
+    ["| %s | %s | %s | %s |" % t for t in targets] + lines[3:]
+with open(out + ".md", "w") as f:
+    f.write("\n".join(report) + "\n")
+print("\n".join(report))
+
+
+# --- plots (full runs only) -------------------------------------------------
+
+def svg_chart(path, title, xlabel, ylabel, series, logx=False, logy=False):
+    """series: [(label, [(x, y), ...])]; a line per series."""
+    W, H, L, R, T, B = 640, 400, 70, 170, 40, 50
+    pts = [p for _, s in series for p in s if (not logx or p[0] > 0) and (not logy or p[1] > 0)]
+    if not pts:
+        return
+    fx = (lambda v: math.log10(v)) if logx else (lambda v: v)
+    fy = (lambda v: math.log10(v)) if logy else (lambda v: v)
+    x0, x1 = min(fx(p[0]) for p in pts), max(fx(p[0]) for p in pts)
+    y0, y1 = min(0 if not logy else fy(p[1]) for p in pts), max(fy(p[1]) for p in pts)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+    sx = lambda v: L + (fx(v) - x0) / (x1 - x0) * (W - L - R)
+    sy = lambda v: H - B - (fy(v) - y0) / (y1 - y0) * (H - T - B)
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
+    out = ['<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" font-family="sans-serif" font-size="12">' % (W, H),
+           '<rect width="100%" height="100%" fill="white"/>',
+           '<text x="%d" y="22" font-size="14">%s</text>' % (L, title),
+           '<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="black"/>' % (L, H - B, W - R, H - B),
+           '<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="black"/>' % (L, T, L, H - B),
+           '<text x="%d" y="%d" text-anchor="middle">%s</text>' % ((L + W - R) / 2, H - 12, xlabel),
+           '<text x="16" y="%d" transform="rotate(-90 16 %d)" text-anchor="middle">%s</text>' % ((T + H - B) / 2, (T + H - B) / 2, ylabel)]
+    for i in range(5):
+        xv, yv = x0 + (x1 - x0) * i / 4, y0 + (y1 - y0) * i / 4
+        xl = 10 ** xv if logx else xv
+        yl = 10 ** yv if logy else yv
+        out.append('<text x="%.0f" y="%d" text-anchor="middle">%s</text>' % (L + (W - L - R) * i / 4, H - B + 16, "%.3g" % xl))
+        out.append('<text x="%d" y="%.0f" text-anchor="end">%s</text>' % (L - 6, H - B - (H - T - B) * i / 4 + 4, "%.3g" % yl))
+    for k, (label, s) in enumerate(series):
+        s = [p for p in s if (not logx or p[0] > 0) and (not logy or p[1] > 0)]
+        c = colours[k % len(colours)]
+        out.append('<polyline fill="none" stroke="%s" stroke-width="2" points="%s"/>' % (c, " ".join("%.1f,%.1f" % (sx(x), sy(y)) for x, y in s)))
+        for x, y in s if len(s) < 10 else []:
+            out.append('<circle cx="%.1f" cy="%.1f" r="3" fill="%s"/>' % (sx(x), sy(y), c))
+        out.append('<text x="%d" y="%d" fill="%s">%s</text>' % (W - R + 10, T + 16 * k + 10, c, label))
+    out.append("</svg>")
+    with open(path, "w") as f:
+        f.write("\n".join(out) + "\n")
+
+
+def cdf(samples):
+    n = len(samples)
+    return [(v, (i + 1) / n) for i, v in enumerate(sorted(samples))]
+
+
+if full:
+    os.makedirs("docs/img", exist_ok=True)
+    s = scenarios.get("run")
+    if s:
+        svg_chart("docs/img/run-latency-cdf.svg", "One command on one host: latency CDF", "ms (log)", "fraction",
+                  [(k, cdf(s[k]["samples_ms"])) for k in ["local_sh", "ssh_controlmaster", "testbus", "ssh"]], logx=True)
+    s = scenarios.get("start")
+    if s:
+        svg_chart("docs/img/start-latency-cdf.svg", "Test start latency: CDF", "ms", "fraction",
+                  [("create → last process running", cdf(s["to_last_running"]["samples_ms"]))])
+    s = scenarios.get("fanout")
+    if s:
+        rs = s["results"]
+        svg_chart("docs/img/fanout-latency.svg", "Watch delivery against agents", "agents (log)", "ms",
+                  [("p50", [(r["agents"], r["delivery"]["p50_ms"]) for r in rs]),
+                   ("p99", [(r["agents"], r["delivery"]["p99_ms"]) for r in rs])], logx=True)
+        svg_chart("docs/img/fanout-memory.svg", "Control plane memory against agents", "agents (log)", "MiB resident",
+                  [("control plane", [(r["agents"], r["cp_rss_bytes_after"] / 2**20) for r in rs])], logx=True)
+    notes = open("bench/notes.md").read() if os.path.exists("bench/notes.md") else ""
+    perf = ["# Performance", "",
+            "Written by `hack/bench` (a full run; `hack/bench --smoke` only checks that each scenario runs). "
+            "Every figure is taken against its baseline in the same run on the same machine.", ""] + report[2:] + [
+            "", "## Plots", "",
+            "![run latency CDF](img/run-latency-cdf.svg)", "",
+            "![test start latency CDF](img/start-latency-cdf.svg)", "",
+            "![fan-out delivery latency](img/fanout-latency.svg)", "",
+            "![fan-out memory](img/fanout-memory.svg)", "",
+            "## Reproduce", "", "```sh", "hack/bench            # as root: network namespaces, sshd, etcd are started by it", "```", "",
+            "Raw figures: `bench/results/latest.json`.", ""]
+    with open("docs/PERFORMANCE.md", "w") as f:
+        f.write("\n".join(perf) + ("\n" + notes if notes else ""))
