@@ -44,6 +44,16 @@ fn rss_bytes(pid: u32) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at ')'.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 fn timed(cmd: &mut Command) -> anyhow::Result<f64> {
     let t = Instant::now();
     let st = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).output()?;
@@ -205,13 +215,22 @@ async fn throughput(smoke: bool) -> anyhow::Result<serde_json::Value> {
         m.push_str(&format!("    - {{name: s{s}, on: [w], argv: [\"true\"]}}\n"));
     }
     let path = manifest(&c, "flood.yaml", &m);
+    let cpu = |c: &Cluster| {
+        let agents: f64 = (0..agents).map(|i| cpu_seconds(c.agent_pid(i))).sum();
+        (cpu_seconds(c.control_plane_pid()), agents)
+    };
+    let (cp0, ag0) = cpu(&c);
     let t = Instant::now();
     let out = c.ctl(&["apply", "-f", &path, "--wait", "--timeout", "600s"]);
     let secs = t.elapsed().as_secs_f64();
     anyhow::ensure!(out.code == 0, "{out:?}");
+    let (cp1, ag1) = cpu(&c);
     let (ps, _) = client.api::<Process>().list("", "spec.test=flood").await?;
     let done = ps.iter().filter(|p| p.status().phase == phase::SUCCEEDED).count();
-    Ok(json!({ "agents": agents, "processes": done, "seconds": secs, "processes_per_s": done as f64 / secs }))
+    Ok(json!({
+        "agents": agents, "processes": done, "seconds": secs, "processes_per_s": done as f64 / secs,
+        "cp_cpu_seconds": cp1 - cp0, "agents_cpu_seconds": ag1 - ag0,
+    }))
 }
 
 /// Watch delivery to simulated agents: N watchers of Processes, each for

@@ -569,8 +569,9 @@ async fn release_gates(ctx: &Context, t: &Test, by_step: &HashMap<&str, Vec<&Pro
 }
 
 /// Stops what still runs; once everything has ended, writes the final
-/// status. The verdict is recorded first (condition Finished=Unknown), so
-/// that stopping processes, or a controller restart, cannot change it.
+/// status. When something must be stopped, the verdict is recorded first
+/// (condition Finished=Unknown), so that stopping processes, or a
+/// controller restart, cannot change it.
 async fn conclude(
     ctx: &Context,
     t: &Test,
@@ -579,7 +580,11 @@ async fn conclude(
     v: Verdict,
     recorded: bool,
 ) -> Result<Action, Status> {
-    if !recorded {
+    // With every process already ended there is nothing to stop, so nothing
+    // can change the verdict: the final status is written at once (one
+    // write instead of two, on the path every test ends by).
+    let all_ended = procs.iter().all(|p| phase::process_terminal(&p.status().phase));
+    if !recorded && !all_ended {
         let mut next = t.clone();
         let st = next.status_mut();
         st.steps = steps.clone();

@@ -1,8 +1,11 @@
 //! The durable record of every Process this agent has started, so that a
 //! process is never run twice, even across agent restarts. One line per
-//! event, appended and fsynced: `uid` before the process is spawned, then
-//! `uid pid` once it runs (its process group id), so an agent restarted
-//! after a crash can end what its predecessor left running.
+//! event, appended: `uid` before the process is spawned (fsynced: it must
+//! outlive a machine crash), then `uid pid` once it runs (its process group
+//! id), so an agent restarted after a crash can end what its predecessor
+//! left running. The pid line is not fsynced: it matters only while the
+//! machine stays up (a machine crash ends the process too), and the page
+//! cache outlives a crash of the agent.
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -59,8 +62,7 @@ impl Journal {
     /// Records the process group of a started process.
     pub fn record_pid(path: &Path, uid: &str, pid: i32) -> std::io::Result<()> {
         let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-        f.write_all(format!("{uid} {pid}\n").as_bytes())?;
-        f.sync_data()
+        f.write_all(format!("{uid} {pid}\n").as_bytes())
     }
 
     pub fn path(&self) -> &Path {

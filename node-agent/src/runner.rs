@@ -110,10 +110,10 @@ impl ProcessRunner {
             Ok((files, stdin)) => self.prepare(socket.as_ref().map(|s| s.path.as_path()), &files, stdin),
             Err(e) => Err(e),
         };
-        let (ended, sizes) = match prepared {
-            Err(e) => (e, Default::default()),
+        let (ended, sizes, started) = match prepared {
+            Err(e) => (e, Default::default(), None),
             Ok(cmd) => match self.gate(&api, &mut commands).await {
-                Some(by) => (Ended::Stopped { by, signal: String::new() }, Default::default()),
+                Some(by) => (Ended::Stopped { by, signal: String::new() }, Default::default(), None),
                 None => self.execute(cmd, &mut commands).await,
             },
         };
@@ -122,6 +122,12 @@ impl ProcessRunner {
         let exit_codes = self.process.spec().exit_codes.clone();
         report(&api, &name, move |p| {
             let s = p.status_mut();
+            if let Some((pid, start)) = &started {
+                if s.start_time.is_empty() {
+                    s.pid = *pid;
+                    s.start_time = start.clone();
+                }
+            }
             s.finish_time = time::now();
             s.stdout_bytes = sizes.0.bytes;
             s.stderr_bytes = sizes.1.bytes;
@@ -327,7 +333,7 @@ impl ProcessRunner {
         &self,
         mut cmd: tokio::process::Command,
         commands: &mut mpsc::Receiver<Command>,
-    ) -> (Ended, (Pumped, Pumped)) {
+    ) -> (Ended, (Pumped, Pumped), Option<(i64, String)>) {
         let name = self.process.name().to_string();
         let spec = self.process.spec();
         let mut child = {
@@ -349,6 +355,7 @@ impl ProcessRunner {
                                 message: format!("cannot execute {what}: {e}"),
                             },
                             Default::default(),
+                            None,
                         );
                     }
                 }
@@ -360,11 +367,13 @@ impl ProcessRunner {
         }
         let api = self.client.api::<Process>();
         // The Running report goes in the background so a stop is never
-        // delayed by a slow API; the final report waits for it.
+        // delayed by a slow API. A process that ends before it is written
+        // needs none: the final report carries its pid and start time.
+        let start = time::now();
         let running = {
             let api = api.clone();
             let name = name.clone();
-            let start = time::now();
+            let start = start.clone();
             tokio::spawn(async move {
                 report(&api, &name, move |p| {
                     if phase::process_terminal(&p.status().phase) {
@@ -422,8 +431,11 @@ impl ProcessRunner {
         if tokio::time::timeout(DRAIN_LIMIT, drain).await.is_err() {
             tracing::warn!(process = %name, "output pipes still open after the process group ended; giving up on them");
         }
+        // An aborted report may still land; the final one follows it (the
+        // server refuses status changes once the status is final).
+        running.abort();
         let _ = running.await;
-        (ended, sizes)
+        (ended, sizes, Some((i64::from(pid), start)))
     }
 }
 
