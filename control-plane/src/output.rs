@@ -191,6 +191,11 @@ pub struct OutputService {
     /// Some when output lives in the (shared) store rather than in files.
     shared: Option<Arc<dyn Store>>,
     logs: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<Log>>>>>,
+    /// Process name → uid, for appends: a lookup in the store per append
+    /// would cost more than the append. Refreshed whenever a stream starts
+    /// (offset 0), so a process created again under the same name gets
+    /// its own log.
+    uids: Arc<Mutex<HashMap<String, String>>>,
 }
 
 fn io_err(e: std::io::Error) -> Status {
@@ -222,7 +227,7 @@ impl OutputService {
     /// Output in files under `dir`, or, with `shared`, in that store.
     pub fn new(dir: PathBuf, api: ApiState, limit: u64, shared: Option<Arc<dyn Store>>) -> std::io::Result<Self> {
         std::fs::create_dir_all(&dir)?;
-        Ok(OutputService { dir, limit, api, shared, logs: Default::default() })
+        Ok(OutputService { dir, limit, api, shared, logs: Default::default(), uids: Default::default() })
     }
 
     async fn process(&self, name: &str) -> Result<Process, Status> {
@@ -341,7 +346,21 @@ impl Output for OutputService {
         }
         let stream = OutputStream::try_from(c.stream)
             .map_err(|_| Status::invalid_argument(format!("stream: unknown output stream {}", c.stream)))?;
-        let uid = self.uid_of(&c.process).await?;
+        let cached = (c.offset > 0)
+            .then(|| self.uids.lock().unwrap_or_else(|p| p.into_inner()).get(&c.process).cloned())
+            .flatten();
+        let uid = match cached {
+            Some(uid) => uid,
+            None => {
+                let uid = self.uid_of(&c.process).await?;
+                let mut uids = self.uids.lock().unwrap_or_else(|p| p.into_inner());
+                if uids.len() > 100_000 {
+                    uids.clear();
+                }
+                uids.insert(c.process.clone(), uid.clone());
+                uid
+            }
+        };
         let log = self.open(&uid).await?;
         let mut l = log.lock().await;
         let s = stream as usize;
@@ -485,7 +504,8 @@ async fn drain_file(
     // Whole records are sent; a record cut by the buffer's end waits in
     // `buf` for the rest.
     let mut buf = Vec::new();
-    let mut block = vec![0u8; 1 << 20];
+    // Sized to what is new (often one append), not to the largest read.
+    let mut block = vec![0u8; ((end - *pos) as usize).min(1 << 20)];
     loop {
         let n = f.read(&mut block).await.map_err(io_err)?;
         if n == 0 {

@@ -22,7 +22,9 @@ use tonic::Code;
 const KILL_GRACE: Duration = Duration::from_secs(2);
 /// How long to wait for output pipes after the process group is gone.
 const DRAIN_LIMIT: Duration = Duration::from_secs(10);
-const CHUNK: usize = 64 * 1024;
+/// Largest output append: what the pipe holds is gathered up to this size,
+/// so a fast writer costs one RPC per MiB rather than per pipe buffer.
+const CHUNK: usize = 1 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopReason {
@@ -394,6 +396,14 @@ impl ProcessRunner {
                 let _ = stdin.write_all(&data).await;
             });
         }
+        // Larger pipes (1 MiB, the default limit) mean fewer, larger reads
+        // and appends for a process that writes fast; best effort.
+        for fd in [child.stdout.as_ref().map(|p| p as &dyn std::os::fd::AsFd), child.stderr.as_ref().map(|p| p as _)]
+            .into_iter()
+            .flatten()
+        {
+            let _ = nix::fcntl::fcntl(fd.as_fd(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(CHUNK as i32));
+        }
         let out = child.stdout.take().map(|r| tokio::spawn(pump(r, self.client.clone(), name.clone(), 0)));
         let err = child.stderr.take().map(|r| tokio::spawn(pump(r, self.client.clone(), name.clone(), 1)));
         let timeout = duration::parse(&spec.timeout).ok();
@@ -494,10 +504,18 @@ async fn pump(mut r: impl AsyncRead + Unpin, client: Client, process: String, st
     let mut out = client.output();
     let mut gone = false;
     loop {
-        let n = match r.read(&mut buf).await {
+        let mut n = match r.read(&mut buf).await {
             Ok(0) | Err(_) => return Pumped { bytes: offset, truncated },
             Ok(n) => n,
         };
+        // Whatever else is already in the pipe goes in the same append
+        // (a read that would wait is dropped; pipe reads are cancel-safe).
+        while n < buf.len() {
+            match futures::FutureExt::now_or_never(r.read(&mut buf[n..])) {
+                Some(Ok(m)) if m > 0 => n += m,
+                _ => break,
+            }
+        }
         let mut backoff = Duration::from_millis(50);
         while !gone {
             let chunk = OutputChunk { process: process.clone(), stream, offset, data: buf[..n].to_vec() };
