@@ -126,9 +126,13 @@ async fn claim(ctx: &Context, t: &Test) -> Result<Action, Status> {
         status: Some(status),
     };
     match ctx.client.tests().claim(req).await {
-        Ok(_) => {
+        Ok(claimed) => {
             tracing::info!(test = t.name(), hosts = ?assignments.iter().map(|a| (&a.member, &a.host)).collect::<Vec<_>>(), "claimed");
-            Ok(Action::AwaitChange)
+            // The claim answers with the test as stored: start it now rather
+            // than at the watch event of our own write (the later pass finds
+            // the processes there, or creates nothing twice: names are
+            // fixed and creating an existing one is a no-op).
+            drive(ctx, &claimed.into_inner(), &[]).await
         }
         // Someone else got a host first, or our view was stale: try again
         // from fresh caches.
