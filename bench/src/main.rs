@@ -18,14 +18,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 use testbus_proto::client::Client;
 use testbus_proto::{phase, Process, ProcessSpec, Resource, Test};
-use testbus_tests::{manifest, wait_for, Cluster};
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
+use testbus_tests::{manifest, percentile, wait_for, Cluster};
 
 /// p50, p99 and every sample (sorted), in milliseconds.
 fn summary(mut ms: Vec<f64>) -> serde_json::Value {

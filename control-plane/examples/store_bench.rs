@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use testbus_control_plane::store::{embedded::EmbeddedStore, etcd::EtcdStore, Compare, Op, Store};
+use testbus_tests::percentile;
 
 const VALUE_BYTES: usize = 1024;
 
@@ -33,13 +34,6 @@ fn args() -> anyhow::Result<Args> {
     }
     anyhow::ensure!(a.writers > 0, "--writers: at least 1");
     Ok(a)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 /// Creates keys (each a compare-and-swap on the key being absent, as the

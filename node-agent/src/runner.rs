@@ -398,11 +398,10 @@ impl ProcessRunner {
         }
         // Larger pipes (1 MiB, the default limit) mean fewer, larger reads
         // and appends for a process that writes fast; best effort.
-        for fd in [child.stdout.as_ref().map(|p| p as &dyn std::os::fd::AsFd), child.stderr.as_ref().map(|p| p as _)]
-            .into_iter()
-            .flatten()
-        {
-            let _ = nix::fcntl::fcntl(fd.as_fd(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(CHUNK as i32));
+        use std::os::fd::AsFd;
+        let pipes = [child.stdout.as_ref().map(AsFd::as_fd), child.stderr.as_ref().map(AsFd::as_fd)];
+        for fd in pipes.into_iter().flatten() {
+            let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETPIPE_SZ(CHUNK as i32));
         }
         let out = child.stdout.take().map(|r| tokio::spawn(pump(r, self.client.clone(), name.clone(), 0)));
         let err = child.stderr.take().map(|r| tokio::spawn(pump(r, self.client.clone(), name.clone(), 1)));

@@ -25,6 +25,15 @@ pub fn is_root() -> bool {
 }
 
 /// Where the workspace's binaries were built.
+/// The value at fraction `p` (0–1) of sorted samples; 0 when there are
+/// none. For benchmarks.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
 /// Whether a test that needs network namespaces can run: as root it must;
 /// as a normal user it says it skipped, and CI (root) never lets it.
 pub fn needs_root(what: &str) -> bool {
@@ -270,9 +279,7 @@ impl Cluster {
     /// Starts one of the workspace's binaries inside `node`'s namespace
     /// (e.g. "host-0"); it is killed with the cluster.
     pub fn spawn_in(&mut self, node: &str, binary: &str, args: &[&str]) {
-        let mut cmd = self.command_in(node, &self.bin.join(binary));
-        cmd.args(args).stdout(self.log(binary)).stderr(self.log(binary));
-        self.extra.push(cmd.spawn().unwrap_or_else(|e| panic!("start {binary}: {e}")));
+        self.spawn_logged(Some(node), binary, binary, args);
     }
 
     /// Starts `program` (one of the workspace's binaries, or a command on
