@@ -255,13 +255,23 @@ impl OutputService {
 
     /// The log of a process, opened and recovered on first use.
     async fn open(&self, uid: &str) -> Result<Arc<tokio::sync::Mutex<Log>>, Status> {
+        let Some(store) = &self.shared else {
+            // A log file is loaded under the map's lock: loading cuts a torn
+            // tail, which must never race with an append by another stream.
+            let mut logs = self.logs.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(l) = logs.get(uid) {
+                return Ok(l.clone());
+            }
+            let l = Arc::new(tokio::sync::Mutex::new(self.load_file(uid).map_err(io_err)?));
+            logs.insert(uid.to_string(), l.clone());
+            return Ok(l);
+        };
         if let Some(l) = self.logs.lock().unwrap_or_else(|p| p.into_inner()).get(uid) {
             return Ok(l.clone());
         }
-        let log = match &self.shared {
-            Some(store) => load_store(store.as_ref(), uid).await?,
-            None => self.load_file(uid).map_err(io_err)?,
-        };
+        // Loading from the store changes nothing: two loads at once are
+        // harmless, and the first one kept wins.
+        let log = load_store(store.as_ref(), uid).await?;
         let mut logs = self.logs.lock().unwrap_or_else(|p| p.into_inner());
         Ok(logs.entry(uid.to_string()).or_insert_with(|| Arc::new(tokio::sync::Mutex::new(log))).clone())
     }
@@ -619,6 +629,54 @@ impl StoreReader {
             if tx.is_closed() {
                 return;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::embedded::EmbeddedStore;
+    use testbus_proto::{ObjectMeta, ProcessSpec};
+
+    /// The first appends of stdout and stderr arrive together: neither may
+    /// lose the other's bytes (opening a log once cut a record another
+    /// stream had just written).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_first_appends_of_both_streams_keep_every_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb"), 1000).unwrap());
+        let hub = crate::hub::Hub::start(1000, store.clone()).await.unwrap();
+        let blobs = crate::blobs::BlobStore::open(&dir.path().join("blobs"), 0).unwrap();
+        let api = ApiState { store: store.clone(), hub, blobs };
+        for i in 0..500 {
+            let name = format!("p{i}");
+            let p = Process {
+                metadata: Some(ObjectMeta { name: name.clone(), uid: format!("uid-{i}"), ..Default::default() }),
+                spec: Some(ProcessSpec { host_name: "h".into(), argv: vec!["true".into()], ..Default::default() }),
+                ..Default::default()
+            };
+            let value = prost::Message::encode_to_vec(&p);
+            store.txn(vec![], vec![Op::Put(hub::key(Kind::Process, &name), value)]).await.unwrap();
+        }
+        let svc = OutputService::new(dir.path().join("output"), api, DEFAULT_LIMIT, None).unwrap();
+        for i in 0..500 {
+            let name = format!("p{i}");
+            // Two tasks, so that the appends run on both worker threads.
+            let append = |stream: i32, data: &'static [u8]| {
+                let (svc, name) = (svc.clone(), name.clone());
+                tokio::spawn(async move {
+                    let c = OutputChunk { process: name, stream, offset: 0, data: data.to_vec() };
+                    svc.append(Request::new(c)).await
+                })
+            };
+            let (a, b) = (append(0, b"out"), append(1, b"err"));
+            a.await.unwrap().unwrap();
+            b.await.unwrap().unwrap();
+            let log = std::fs::read(svc.path(&format!("uid-{i}"))).unwrap();
+            let mut counts = Counts::default();
+            counts.fold(&log);
+            assert_eq!(counts.kept, [3, 3], "process {i}: both streams kept");
         }
     }
 }
