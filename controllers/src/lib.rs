@@ -30,6 +30,10 @@ impl Default for Config {
     }
 }
 
+/// The least time between a running test's status writes that only
+/// refresh process results (see [`tests::ResultWrites`]).
+pub const RESULT_WRITE_INTERVAL: Duration = Duration::from_millis(250);
+
 /// Everything a reconcile reads and writes through.
 pub struct Context {
     pub client: Client,
@@ -41,6 +45,7 @@ pub struct Context {
     pub processes: Arc<Cache<Process>>,
     pub host_queue: Arc<Queue>,
     pub test_queue: Arc<Queue>,
+    pub result_writes: tests::ResultWrites,
 }
 
 /// Scheduling-relevant parts of a host changed (or it appeared/vanished).
@@ -68,6 +73,7 @@ pub async fn run(client: Client, cfg: Config, shutdown: broadcast::Receiver<()>)
         processes: Cache::new(),
         host_queue: Queue::new(),
         test_queue: Queue::new(),
+        result_writes: tests::ResultWrites::new(RESULT_WRITE_INTERVAL),
     });
     let mut tasks = tokio::task::JoinSet::new();
     {

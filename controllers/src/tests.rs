@@ -144,12 +144,12 @@ async fn claim(ctx: &Context, t: &Test) -> Result<Action, Status> {
 /// The status a test gets with its claim: Running, claims, env, trace.
 fn running_status(t: &Test, assignments: &[Assignment], hosts: &HashMap<&str, &Host>) -> TestStatus {
     let spec = t.spec();
-    let mut env = spec.env.clone();
+    let mut host_vars = BTreeMap::new();
     let mut trace_hosts: BTreeMap<String, HostFacts> = BTreeMap::new();
     for a in assignments {
         let h = hosts[a.host.as_str()];
         for (var, val) in &h.status().vars {
-            env.insert(host_var_name(&a.member, var), val.clone());
+            host_vars.insert(host_var_name(&a.member, var), val.clone());
         }
         trace_hosts.insert(a.member.clone(), h.status().facts.clone().unwrap_or_default());
     }
@@ -170,9 +170,11 @@ fn running_status(t: &Test, assignments: &[Assignment], hosts: &HashMap<&str, &H
                 .filter_map(|m| assignments.iter().find(|a| &a.member == m))
                 .map(|a| hosts[a.host.as_str()].status().vars.get(var).cloned().unwrap_or_default())
                 .collect();
-            env.insert(host_var_name(&req.role, var), vals.join(" "));
+            host_vars.insert(host_var_name(&req.role, var), vals.join(" "));
         }
     }
+    let mut env = spec.env.clone();
+    env.extend(host_vars.clone());
     let mut conditions = t.status().conditions.clone();
     set_condition(&mut conditions, condition("Scheduled", true, "Claimed", "all hosts claimed"));
     TestStatus {
@@ -181,6 +183,7 @@ fn running_status(t: &Test, assignments: &[Assignment], hosts: &HashMap<&str, &H
         observed_generation: t.meta().generation,
         claims: assignments.iter().map(|a| (a.member.clone(), a.host.clone())).collect(),
         env: env.clone(),
+        host_vars,
         steps: testbus_proto::steps::expand(spec)
             .into_iter()
             .map(|s| StepStatus { name: s.step.name, phase: phase::WAITING.into(), ..Default::default() })
@@ -533,21 +536,73 @@ async fn drive(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Action
         return conclude(ctx, t, procs, steps_status, v, false).await;
     }
 
-    for p in to_create {
-        match ctx.client.api::<Process>().create(p).await {
+    create_all(ctx, to_create).await?;
+    release_gates(ctx, t, &by_step).await?;
+    let left = deadline.duration_since(now).unwrap_or_default() + Duration::from_millis(10);
+    if st.steps != steps_status {
+        let phases = |steps: &[StepStatus]| steps.iter().map(|s| (s.name.clone(), s.phase.clone())).collect::<Vec<_>>();
+        let urgent = phases(&st.steps) != phases(&steps_status);
+        if let Some(wait) = ctx.result_writes.admit(t.name(), urgent) {
+            return Ok(Action::Requeue(wait.min(left)));
+        }
+        let mut next = t.clone();
+        next.status_mut().steps = steps_status;
+        ctx.client.api::<Test>().update_status(next).await?;
+    }
+    Ok(Action::Requeue(left))
+}
+
+/// Paces a running test's status writes that only refresh process results.
+///
+/// A test's status holds the result of every process it ran, so writing it
+/// at each process event costs O(processes) per event and O(processes²)
+/// per test. Steps changing phase are written at once; a write that only
+/// refreshes results waits until `interval` has passed since the test's
+/// last write (the reconcile is requeued for then). The final status is
+/// written complete whatever the pace.
+pub struct ResultWrites {
+    interval: Duration,
+    last: std::sync::Mutex<HashMap<String, tokio::time::Instant>>,
+}
+
+impl ResultWrites {
+    pub fn new(interval: Duration) -> Self {
+        ResultWrites { interval, last: Default::default() }
+    }
+
+    /// None: write now (recorded as the test's last write); Some(d): not
+    /// before d from now.
+    pub fn admit(&self, test: &str, urgent: bool) -> Option<Duration> {
+        let now = tokio::time::Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        // Entries older than the interval decide nothing: dropping them
+        // keeps the map to the tests written lately.
+        last.retain(|_, at| now.duration_since(*at) < self.interval);
+        match last.get(test) {
+            Some(at) if !urgent => Some(self.interval - now.duration_since(*at)),
+            _ => {
+                last.insert(test.to_string(), now);
+                None
+            }
+        }
+    }
+}
+
+/// Creates processes concurrently, so a step's processes share the store's
+/// group commits instead of paying one round trip each. An existing one is
+/// fine: names are fixed, so a second pass creates nothing twice.
+async fn create_all(ctx: &Context, procs: Vec<Process>) -> Result<(), Status> {
+    use futures::StreamExt;
+    let api = ctx.client.api::<Process>();
+    let mut results = futures::stream::iter(procs).map(|p| api.create(p)).buffer_unordered(64);
+    while let Some(r) = results.next().await {
+        match r {
             Ok(_) => {}
             Err(s) if s.code() == Code::AlreadyExists => {}
             Err(s) => return Err(s),
         }
     }
-    release_gates(ctx, t, &by_step).await?;
-    if st.steps != steps_status {
-        let mut next = t.clone();
-        next.status_mut().steps = steps_status;
-        ctx.client.api::<Test>().update_status(next).await?;
-    }
-    let left = deadline.duration_since(now).unwrap_or_default();
-    Ok(Action::Requeue(left + Duration::from_millis(10)))
+    Ok(())
 }
 
 /// A `sync: true` step starts together: once every one of its processes
@@ -726,5 +781,24 @@ async fn teardown(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Act
         Ok(_) => Ok(Action::AwaitChange),
         Err(s) if s.code() == Code::NotFound => Ok(Action::AwaitChange),
         Err(s) => Err(s),
+    }
+}
+
+#[cfg(test)]
+mod pacing_tests {
+    use super::ResultWrites;
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn result_only_writes_are_paced_per_test() {
+        let w = ResultWrites::new(Duration::from_millis(200));
+        assert_eq!(w.admit("a", false), None);
+        assert_eq!(w.admit("b", false), None, "tests are paced apart");
+        tokio::time::advance(Duration::from_millis(50)).await;
+        assert_eq!(w.admit("a", false), Some(Duration::from_millis(150)));
+        assert_eq!(w.admit("a", true), None, "a step changing phase is written at once");
+        assert_eq!(w.admit("a", false), Some(Duration::from_millis(200)));
+        tokio::time::advance(Duration::from_millis(200)).await;
+        assert_eq!(w.admit("a", false), None);
     }
 }

@@ -12,6 +12,7 @@ mod facts;
 mod journal;
 mod local;
 mod runner;
+mod testvars;
 
 use anyhow::Context;
 use clap::Parser;
@@ -193,6 +194,7 @@ struct Agent {
     work_root: PathBuf,
     socket_dir: PathBuf,
     cache: std::sync::Arc<cache::BlobCache>,
+    test_vars: std::sync::Arc<testvars::TestVars>,
     /// By Process uid.
     running: HashMap<String, Running>,
     done: mpsc::UnboundedSender<String>,
@@ -224,11 +226,11 @@ impl Agent {
                 let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), nix::sys::signal::Signal::SIGKILL);
             }
             let why = "the agent restarted while the process ran; its outcome is unknown";
-            runner::end_unrun(&api, p.name(), phase::LOST, "AgentRestarted", why).await;
+            runner::end_unrun(&api, &p, phase::LOST, "AgentRestarted", why).await;
             return;
         }
         if p.spec().stop {
-            runner::end_unrun(&api, p.name(), phase::KILLED, "Stopped", "stopped before it started").await;
+            runner::end_unrun(&api, &p, phase::KILLED, "Stopped", "stopped before it started").await;
             return;
         }
         if let Err(e) = self.journal.record(&uid) {
@@ -239,10 +241,12 @@ impl Agent {
         self.running.insert(uid.clone(), Running { commands: tx, stop_sent: false, release_sent: false });
         let runner = ProcessRunner {
             client: self.client.clone(),
+            known: runner::known(p.clone()),
             process: p,
             work_root: self.work_root.clone(),
             socket_dir: self.socket_dir.clone(),
             cache: self.cache.clone(),
+            test_vars: self.test_vars.clone(),
             journal: self.journal.path().to_path_buf(),
         };
         let done = self.done.clone();
@@ -286,6 +290,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         work_root: data_dir.join("work"),
         socket_dir: data_dir.join("sock"),
         cache: cache::BlobCache::new(data_dir.join("blobs"), client.clone()).context("opening the blob cache")?,
+        test_vars: testvars::TestVars::new(client.clone()),
         running: HashMap::new(),
         done: done_tx,
     };

@@ -51,13 +51,24 @@ pub enum Ended {
     SetupFailed { reason: &'static str, message: String },
 }
 
+/// A runner's latest copy of its Process: what the watch delivered, then
+/// what each of its own status writes returned. Reports start from it, so
+/// one is usually a single write with no read before it.
+pub type Known = std::sync::Arc<std::sync::Mutex<Process>>;
+
+pub fn known(p: Process) -> Known {
+    std::sync::Arc::new(std::sync::Mutex::new(p))
+}
+
 pub struct ProcessRunner {
     pub client: Client,
     pub process: Process,
+    pub known: Known,
     pub work_root: PathBuf,
     /// Where per-process agent sockets live.
     pub socket_dir: PathBuf,
     pub cache: std::sync::Arc<crate::cache::BlobCache>,
+    pub test_vars: std::sync::Arc<crate::testvars::TestVars>,
     /// Where the process group is recorded once it runs.
     pub journal: PathBuf,
 }
@@ -91,6 +102,26 @@ fn base_env() -> BTreeMap<String, String> {
     env
 }
 
+/// `program` as a path: a bare name is looked up in the process's own
+/// PATH, as exec would. Besides being what the process's env says, a path
+/// lets the standard library start the child with posix_spawn (vfork)
+/// rather than fork, which copies the agent's page tables for every
+/// process. A name found nowhere is left as it is: spawning it fails with
+/// the usual "No such file or directory".
+fn program_path(program: &str, path: Option<&String>) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    if program.contains('/') {
+        return PathBuf::from(program);
+    }
+    let found = path
+        .into_iter()
+        .flat_map(|p| p.split(':'))
+        .filter(|d| !d.is_empty())
+        .map(|d| PathBuf::from(d).join(program))
+        .find(|c| std::fs::metadata(c).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0));
+    found.unwrap_or_else(|| PathBuf::from(program))
+}
+
 fn kill_group(pgid: i32, sig: nix::sys::signal::Signal) {
     // ESRCH (group already gone) is fine.
     let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), sig);
@@ -108,9 +139,12 @@ impl ProcessRunner {
                     None
                 }
             };
-        let prepared = match self.fetch(&api).await {
-            Ok((files, stdin)) => self.prepare(socket.as_ref().map(|s| s.path.as_path()), &files, stdin),
-            Err(e) => Err(e),
+        let (vars, fetched) = tokio::join!(self.host_vars(), self.fetch(&api));
+        let prepared = match (vars, fetched) {
+            (Ok(vars), Ok((files, stdin))) => {
+                self.prepare(&vars, socket.as_ref().map(|s| s.path.as_path()), &files, stdin)
+            }
+            (Err(e), _) | (_, Err(e)) => Err(e),
         };
         let (ended, sizes, started) = match prepared {
             Err(e) => (e, Default::default(), None),
@@ -122,7 +156,7 @@ impl ProcessRunner {
         drop(socket);
         tracing::info!(process = %name, ?ended, "process ended");
         let exit_codes = self.process.spec().exit_codes.clone();
-        report(&api, &name, move |p| {
+        report(&api, &self.known, move |p| {
             let s = p.status_mut();
             if let Some((pid, start)) = &started {
                 if s.start_time.is_empty() {
@@ -181,7 +215,7 @@ impl ProcessRunner {
         if !spec.gated || spec.released {
             return None;
         }
-        advance(api, self.process.name(), phase::READY).await;
+        advance(api, &self.known, phase::READY).await;
         loop {
             match commands.recv().await {
                 Some(Command::Release) => return None,
@@ -191,9 +225,22 @@ impl ProcessRunner {
         }
     }
 
-    fn env(&self, socket: Option<&std::path::Path>) -> BTreeMap<String, String> {
+    /// The test's claim-time `host_*` variables (none for a process of no
+    /// test).
+    async fn host_vars(&self) -> Result<crate::testvars::Vars, Ended> {
+        let spec = self.process.spec();
+        if spec.test.is_empty() {
+            return Ok(Default::default());
+        }
+        self.test_vars
+            .of(&spec.test, &spec.test_uid)
+            .await
+            .map_err(|message| Ended::SetupFailed { reason: "EnvFailed", message })
+    }
+
+    fn env(&self, host_vars: &BTreeMap<String, String>, socket: Option<&std::path::Path>) -> BTreeMap<String, String> {
         let mut env = base_env();
-        env.extend(self.process.spec().env.clone());
+        env.extend(testbus_proto::process::final_env(host_vars, &self.process.spec().env));
         if let Some(s) = socket {
             env.insert("TESTBUS_AGENT_SOCKET".into(), s.display().to_string());
         }
@@ -206,7 +253,7 @@ impl ProcessRunner {
         let spec = self.process.spec();
         let digests: Vec<&str> = spec.files.iter().chain(spec.stdin_file.as_ref()).map(|f| f.digest.as_str()).collect();
         if digests.iter().any(|d| !self.cache.has(d)) {
-            advance(api, self.process.name(), phase::FETCHING).await;
+            advance(api, &self.known, phase::FETCHING).await;
         }
         let get = |f: &testbus_proto::FileRef| {
             let f = f.clone();
@@ -268,12 +315,13 @@ impl ProcessRunner {
 
     fn prepare(
         &self,
+        host_vars: &BTreeMap<String, String>,
         socket: Option<&std::path::Path>,
         files: &[Fetched],
         stdin_file: Option<PathBuf>,
     ) -> Result<tokio::process::Command, Ended> {
         let spec = self.process.spec();
-        let mut env = self.env(socket);
+        let mut env = self.env(host_vars, socket);
         let workdir = self.work_root.join(&self.process.meta().uid);
         std::fs::create_dir_all(&workdir).map_err(|e| Ended::SetupFailed {
             reason: "WorkdirFailed",
@@ -310,7 +358,7 @@ impl ProcessRunner {
             c.arg("-c").arg(argv.join(" "));
             c
         } else {
-            let mut c = tokio::process::Command::new(&argv[0]);
+            let mut c = tokio::process::Command::new(program_path(&argv[0], env.get("PATH")));
             c.args(&argv[1..]);
             c
         };
@@ -374,10 +422,10 @@ impl ProcessRunner {
         let start = time::now();
         let running = {
             let api = api.clone();
-            let name = name.clone();
+            let known = self.known.clone();
             let start = start.clone();
             tokio::spawn(async move {
-                report(&api, &name, move |p| {
+                report(&api, &known, move |p| {
                     if phase::process_terminal(&p.status().phase) {
                         return false;
                     }
@@ -537,8 +585,8 @@ async fn pump(mut r: impl AsyncRead + Unpin, client: Client, process: String, st
 
 /// Moves a process on from Pending (to Fetching or Ready); later phases
 /// are left alone.
-async fn advance(api: &Api<Process>, name: &str, to: &'static str) {
-    report(api, name, |p| {
+async fn advance(api: &Api<Process>, known: &Known, to: &'static str) {
+    report(api, known, |p| {
         let from = p.status().phase.as_str();
         if from != phase::PENDING && !(from == phase::FETCHING && to == phase::READY) {
             return false;
@@ -551,8 +599,8 @@ async fn advance(api: &Api<Process>, name: &str, to: &'static str) {
 
 /// Ends a process that never ran (or whose run this agent cannot know),
 /// unless its status is final already.
-pub async fn end_unrun(api: &Api<Process>, name: &str, to: &'static str, reason: &'static str, message: &'static str) {
-    report(api, name, |p| {
+pub async fn end_unrun(api: &Api<Process>, p: &Process, to: &'static str, reason: &'static str, message: &'static str) {
+    report(api, &known(p.clone()), |p| {
         if phase::process_terminal(&p.status().phase) {
             return false;
         }
@@ -568,20 +616,45 @@ pub async fn end_unrun(api: &Api<Process>, name: &str, to: &'static str, reason:
 
 /// Applies `f` to the Process status until the API takes it. Gives up only
 /// when the Process is gone or its status is already final.
-pub async fn report(api: &Api<Process>, name: &str, mut f: impl FnMut(&mut Process) -> bool + Send) {
+pub async fn report(api: &Api<Process>, known: &Known, mut f: impl FnMut(&mut Process) -> bool + Send) {
     let mut backoff = Duration::from_millis(50);
     loop {
-        match api.patch_status(name, &mut f).await {
-            Ok(_) => return,
+        let copy = known.lock().expect("known process").clone();
+        let name = copy.name().to_string();
+        match api.patch_status_from(&name, Some(copy), &mut f).await {
+            Ok(p) => {
+                *known.lock().expect("known process") = p;
+                return;
+            }
             Err(s) if matches!(s.code(), Code::NotFound | Code::FailedPrecondition) => {
-                tracing::debug!(process = name, error = %s, "status not written");
+                tracing::debug!(process = %name, error = %s, "status not written");
                 return;
             }
             Err(s) => {
-                tracing::debug!(process = name, error = %s, "status update failed; retrying");
+                tracing::debug!(process = %name, error = %s, "status update failed; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::program_path;
+    use std::path::PathBuf;
+
+    #[test]
+    fn programs_are_found_in_the_process_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, "").unwrap();
+        let path = format!("/nonexistent::{}:/bin", dir.path().display());
+        // Not executable: skipped, as exec would.
+        assert_eq!(program_path("plain", Some(&path)), PathBuf::from("plain"));
+        assert_eq!(program_path("sh", Some(&path)), PathBuf::from("/bin/sh"));
+        assert_eq!(program_path("./x", Some(&path)), PathBuf::from("./x"));
+        assert_eq!(program_path("no-such-program", Some(&path)), PathBuf::from("no-such-program"));
+        assert_eq!(program_path("sh", None), PathBuf::from("sh"));
     }
 }

@@ -373,7 +373,29 @@ impl<K: ApiResource> Api<K> {
 
     /// Read-modify-write of the status with compare-and-swap, retried on
     /// conflict. `f` returns false to leave the object as it is.
-    pub async fn patch_status(&self, name: &str, mut f: impl FnMut(&mut K) -> bool) -> Result<K, Status> {
+    pub async fn patch_status(&self, name: &str, f: impl FnMut(&mut K) -> bool) -> Result<K, Status> {
+        self.patch_status_from(name, None, f).await
+    }
+
+    /// [`Api::patch_status`] starting from `known`, a copy the caller
+    /// already holds (from a watch, or its own last write), rather than a
+    /// read: one round trip when that copy is current. A stale copy costs a
+    /// conflict and then a read; `f` declining the known copy also reads,
+    /// since the stored object may differ.
+    pub async fn patch_status_from(
+        &self,
+        name: &str,
+        known: Option<K>,
+        mut f: impl FnMut(&mut K) -> bool,
+    ) -> Result<K, Status> {
+        if let Some(mut obj) = known {
+            if f(&mut obj) {
+                match self.update_status(obj).await {
+                    Err(s) if s.code() == Code::Aborted => {}
+                    r => return r,
+                }
+            }
+        }
         loop {
             let mut obj = self.get(name).await?;
             if !f(&mut obj) {

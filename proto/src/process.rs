@@ -26,6 +26,11 @@ pub fn name(test: &str, step: &str, member: &str) -> String {
 /// `host_*` variables), the env of the child tests the step is in, the
 /// host's env (spec, then what its agent publishes), the step's (or exec's)
 /// env, then `TESTBUS_TEST`, `TESTBUS_ROLE`, `TESTBUS_HOST`, `TESTBUS_STEP`.
+///
+/// The test's `host_*` variables as the claim set them are left out: the
+/// agent puts `status.hostVars` beneath this env (see [`final_env`]), so a
+/// process does not carry every member's variables. One that a later
+/// layer (or `setenv`) changed stays in.
 pub fn env(
     t: &Test,
     host: &Host,
@@ -34,7 +39,9 @@ pub fn env(
     child_env: &BTreeMap<String, String>,
     step_env: &BTreeMap<String, String>,
 ) -> BTreeMap<String, String> {
-    let mut env = t.status().env.clone();
+    let st = t.status();
+    let mut env: BTreeMap<String, String> =
+        st.env.iter().filter(|(k, v)| st.host_vars.get(*k) != Some(*v)).map(|(k, v)| (k.clone(), v.clone())).collect();
     env.extend(child_env.clone());
     env.extend(host.spec().env.clone());
     env.extend(host.status().env.clone());
@@ -43,6 +50,14 @@ pub fn env(
     env.insert("TESTBUS_ROLE".into(), member.into());
     env.insert("TESTBUS_HOST".into(), host.name().into());
     env.insert("TESTBUS_STEP".into(), step.into());
+    env
+}
+
+/// What a process runs with: its test's claim-time `host_*` variables,
+/// then its own env over them.
+pub fn final_env(host_vars: &BTreeMap<String, String>, own: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let mut env = host_vars.clone();
+    env.extend(own.iter().map(|(k, v)| (k.clone(), v.clone())));
     env
 }
 
@@ -61,5 +76,30 @@ mod tests {
         let child = name("t", "suite.a", "r");
         assert!(crate::validate::dns_label(&child).is_ok(), "{child}");
         assert_ne!(child, name("t", "suite-a", "r"));
+    }
+
+    #[test]
+    fn host_vars_come_from_the_test_beneath_the_process_env() {
+        use crate::{Test, TestStatus};
+        let m =
+            |kv: &[(&str, &str)]| kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>();
+        let host_vars = m(&[("host_s_ip", "10.0.0.1"), ("host_c_ip", "x y"), ("host_s_name", "srv")]);
+        // setenv changed host_s_name after the claim.
+        let test_env = m(&[("A", "1"), ("host_s_ip", "10.0.0.1"), ("host_c_ip", "x y"), ("host_s_name", "changed")]);
+        let t = Test {
+            metadata: Some(crate::ObjectMeta { name: "t".into(), ..Default::default() }),
+            status: Some(TestStatus { env: test_env, host_vars: host_vars.clone(), ..Default::default() }),
+            ..Default::default()
+        };
+        let host =
+            Host { metadata: Some(crate::ObjectMeta { name: "h".into(), ..Default::default() }), ..Default::default() };
+        let own = env(&t, &host, "s", "step", &BTreeMap::new(), &m(&[("host_c_ip", "override")]));
+        assert!(!own.contains_key("host_s_ip"), "the claim's variables are not carried: {own:?}");
+        let fin = final_env(&host_vars, &own);
+        assert_eq!(fin["A"], "1");
+        assert_eq!(fin["host_s_ip"], "10.0.0.1");
+        assert_eq!(fin["host_c_ip"], "override", "a step's env wins");
+        assert_eq!(fin["host_s_name"], "changed", "setenv wins");
+        assert_eq!(fin["TESTBUS_HOST"], "h");
     }
 }

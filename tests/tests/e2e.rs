@@ -45,6 +45,12 @@ async fn hello_runs_across_three_hosts() {
         assert_eq!(addrs.len(), 3, "distinct addresses: {addrs:?}");
         assert_eq!(t.status().env["host_client_ipv4addr"].split(' ').count(), 2, "a role of count 2 gets a list");
     }
+    // Processes do not carry the claim's host variables; their agents add
+    // them from the test (the greeting below names the server through one).
+    assert_eq!(t.status().host_vars["host_server_ipv4addr"], *server_addr);
+    let client = c.client().await;
+    let (ps, _) = client.api::<Process>().list("", &format!("spec.test={name}")).await.unwrap();
+    assert!(!ps.is_empty() && ps.iter().all(|p| !p.spec().env.contains_key("host_server_ipv4addr")));
     let logs = c.ctl(&["logs", &format!("test/{name}")]);
     assert_eq!(logs.code, 0, "{logs:?}");
     let server_host = &t.status().claims["server"];
