@@ -198,32 +198,52 @@ async fn start(smoke: bool) -> anyhow::Result<serde_json::Value> {
 /// Processes completed end to end per second: one test over every agent
 /// with parallel steps of `true`, from create to the final status.
 async fn throughput(smoke: bool) -> anyhow::Result<serde_json::Value> {
-    let (agents, steps) = if smoke { (3, 2) } else { (50, 20) };
+    let (agents, steps, rounds) = if smoke { (3, 2, 1) } else { (50, 20, 5) };
     let c = Cluster::start(agents).await;
     let client = c.client().await;
-    let mut m = format!(
-        "apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: flood}}\nspec:\n  hosts: [{{role: w, count: {agents}}}]\n  steps:\n"
-    );
-    for s in 0..steps {
-        m.push_str(&format!("    - {{name: s{s}, on: [w], argv: [\"true\"]}}\n"));
-    }
-    let path = manifest(&c, "flood.yaml", &m);
     let cpu = |c: &Cluster| {
         let agents: f64 = (0..agents).map(|i| cpu_seconds(c.agent_pid(i))).sum();
         (cpu_seconds(c.control_plane_pid()), agents)
     };
-    let (cp0, ag0) = cpu(&c);
-    let t = Instant::now();
-    let out = c.ctl(&["apply", "-f", &path, "--wait", "--timeout", "600s"]);
-    let secs = t.elapsed().as_secs_f64();
-    anyhow::ensure!(out.code == 0, "{out:?}");
-    let (cp1, ag1) = cpu(&c);
-    let (ps, _) = client.api::<Process>().list("", "spec.test=flood").await?;
-    let done = ps.iter().filter(|p| p.status().phase == phase::SUCCEEDED).count();
-    Ok(json!({
-        "agents": agents, "processes": done, "seconds": secs, "processes_per_s": done as f64 / secs,
-        "cp_cpu_seconds": cp1 - cp0, "agents_cpu_seconds": ag1 - ag0,
-    }))
+    // Rounds on the same cluster: one run's figure moves by a third from
+    // run to run on this machine, so the median of several is reported.
+    let mut runs = Vec::new();
+    for round in 0..rounds {
+        let name = format!("flood-{round}");
+        let mut m = format!(
+            "apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: {name}}}\nspec:\n  hosts: [{{role: w, count: {agents}}}]\n  steps:\n"
+        );
+        for s in 0..steps {
+            m.push_str(&format!("    - {{name: s{s}, on: [w], argv: [\"true\"]}}\n"));
+        }
+        let path = manifest(&c, &format!("{name}.yaml"), &m);
+        let (cp0, ag0) = cpu(&c);
+        let t = Instant::now();
+        let out = c.ctl(&["apply", "-f", &path, "--wait", "--timeout", "600s"]);
+        let secs = t.elapsed().as_secs_f64();
+        anyhow::ensure!(out.code == 0, "{out:?}");
+        let (cp1, ag1) = cpu(&c);
+        let (ps, _) = client.api::<Process>().list("", &format!("spec.test={name}")).await?;
+        let done = ps.iter().filter(|p| p.status().phase == phase::SUCCEEDED).count();
+        anyhow::ensure!(done == agents * steps, "{done} of {} processes succeeded", agents * steps);
+        runs.push(json!({
+            "processes": done, "seconds": secs, "processes_per_s": done as f64 / secs,
+            "cp_cpu_seconds": cp1 - cp0, "agents_cpu_seconds": ag1 - ag0,
+        }));
+    }
+    let mut order: Vec<usize> = (0..runs.len()).collect();
+    order.sort_by(|&a, &b| {
+        runs[a]["processes_per_s"]
+            .as_f64()
+            .unwrap_or(0.0)
+            .total_cmp(&runs[b]["processes_per_s"].as_f64().unwrap_or(0.0))
+    });
+    let median = runs[order[order.len() / 2]].clone();
+    let mut out = json!({ "agents": agents, "rounds": runs });
+    for (k, v) in median.as_object().into_iter().flatten() {
+        out[k] = v.clone();
+    }
+    Ok(out)
 }
 
 /// Watch delivery to simulated agents: N watchers of Processes, each for

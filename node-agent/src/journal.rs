@@ -52,10 +52,12 @@ impl Journal {
         f.sync_data()
     }
 
-    /// Records `uid` durably; only then may the process start.
-    pub fn record(&mut self, uid: &str) -> std::io::Result<()> {
-        self.append(&format!("{uid}\n"))?;
-        self.started.insert(uid.to_string(), None);
+    /// Records `uids` durably, in one write and one fsync; only then may
+    /// their processes start.
+    pub fn record_all(&mut self, uids: &[&str]) -> std::io::Result<()> {
+        let lines: String = uids.iter().map(|u| format!("{u}\n")).collect();
+        self.append(&lines)?;
+        self.started.extend(uids.iter().map(|u| (u.to_string(), None)));
         Ok(())
     }
 
@@ -80,11 +82,11 @@ mod tests {
         let p = dir.path().join("journal");
         let mut j = Journal::open(&p).unwrap();
         assert!(!j.contains("a"));
-        j.record("a").unwrap();
-        j.record("b").unwrap();
+        j.record_all(&["a"]).unwrap();
+        j.record_all(&["b", "c"]).unwrap();
         Journal::record_pid(&p, "a", 4242).unwrap();
         let j = Journal::open(&p).unwrap();
-        assert!(j.contains("a") && j.contains("b") && !j.contains("c"));
+        assert!(j.contains("a") && j.contains("b") && j.contains("c") && !j.contains("d"));
         assert_eq!((j.pid("a"), j.pid("b")), (Some(4242), None));
     }
 }

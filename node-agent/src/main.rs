@@ -187,16 +187,21 @@ struct Running {
     release_sent: bool,
 }
 
+/// Most watch events handled (and processes journalled) together.
+const MAX_BATCH: usize = 256;
+
 /// Turns the Processes assigned to this host into runners.
 struct Agent {
     client: Client,
     journal: journal::Journal,
     work_root: PathBuf,
-    socket_dir: PathBuf,
+    socket: Option<std::sync::Arc<local::LocalSocket>>,
     cache: std::sync::Arc<cache::BlobCache>,
     test_vars: std::sync::Arc<testvars::TestVars>,
-    /// By Process uid.
+    /// By Process uid, from admission on.
     running: HashMap<String, Running>,
+    /// Admitted, not yet in the journal: no runner yet.
+    admitted: Vec<(Process, mpsc::Receiver<Command>)>,
     done: mpsc::UnboundedSender<String>,
 }
 
@@ -233,27 +238,47 @@ impl Agent {
             runner::end_unrun(&api, &p, phase::KILLED, "Stopped", "stopped before it started").await;
             return;
         }
-        if let Err(e) = self.journal.record(&uid) {
-            tracing::error!(error = %e, "cannot write the journal; not starting {}", p.name());
+        // Its runner starts with the batch (see `start_admitted`); events
+        // for it until then go to its channel.
+        let (tx, rx) = mpsc::channel(4);
+        self.running.insert(uid, Running { commands: tx, stop_sent: false, release_sent: false });
+        self.admitted.push((p, rx));
+    }
+
+    /// Starts the runners of the processes admitted since the last call,
+    /// once all of them are in the journal (one write and one fsync for
+    /// the batch).
+    fn start_admitted(&mut self) {
+        if self.admitted.is_empty() {
             return;
         }
-        let (tx, rx) = mpsc::channel(4);
-        self.running.insert(uid.clone(), Running { commands: tx, stop_sent: false, release_sent: false });
-        let runner = ProcessRunner {
-            client: self.client.clone(),
-            known: runner::known(p.clone()),
-            process: p,
-            work_root: self.work_root.clone(),
-            socket_dir: self.socket_dir.clone(),
-            cache: self.cache.clone(),
-            test_vars: self.test_vars.clone(),
-            journal: self.journal.path().to_path_buf(),
-        };
-        let done = self.done.clone();
-        tokio::spawn(async move {
-            runner.run(rx).await;
-            let _ = done.send(uid);
-        });
+        let batch = std::mem::take(&mut self.admitted);
+        let uids: Vec<&str> = batch.iter().map(|(p, _)| p.meta().uid.as_str()).collect();
+        if let Err(e) = self.journal.record_all(&uids) {
+            for (p, _) in &batch {
+                tracing::error!(error = %e, "cannot write the journal; not starting {}", p.name());
+                self.running.remove(&p.meta().uid);
+            }
+            return;
+        }
+        for (p, rx) in batch {
+            let uid = p.meta().uid.clone();
+            let runner = ProcessRunner {
+                client: self.client.clone(),
+                known: runner::known(p.clone()),
+                process: p,
+                work_root: self.work_root.clone(),
+                socket: self.socket.clone(),
+                cache: self.cache.clone(),
+                test_vars: self.test_vars.clone(),
+                journal: self.journal.path().to_path_buf(),
+            };
+            let done = self.done.clone();
+            tokio::spawn(async move {
+                runner.run(rx).await;
+                let _ = done.send(uid);
+            });
+        }
     }
 
     async fn stop_all(&mut self, by: StopReason) {
@@ -288,10 +313,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         client: client.clone(),
         journal,
         work_root: data_dir.join("work"),
-        socket_dir: data_dir.join("sock"),
+        socket: match local::LocalSocket::serve(&data_dir.join("sock"), client.clone()) {
+            Ok(s) => Some(std::sync::Arc::new(s)),
+            Err(e) => {
+                tracing::warn!(error = %e, "no local socket; sync/send/recv will fail in processes");
+                None
+            }
+        },
         cache: cache::BlobCache::new(data_dir.join("blobs"), client.clone()).context("opening the blob cache")?,
         test_vars: testvars::TestVars::new(client.clone()),
         running: HashMap::new(),
+        admitted: Vec::new(),
         done: done_tx,
     };
     let events = watcher(client.api::<Process>(), String::new(), format!("spec.hostName={}", args.name));
@@ -299,17 +331,31 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
-            ev = events.next() => match ev {
-                Some(WatcherEvent::Restarted(list)) => for p in list { agent.handle(p).await },
-                Some(WatcherEvent::Applied(p)) => agent.handle(p).await,
-                Some(WatcherEvent::Deleted(p)) => {
-                    if let Some(r) = agent.running.get_mut(&p.meta().uid) {
-                        if !r.stop_sent {
-                            r.stop_sent = r.commands.send(Command::Stop(StopReason::Requested)).await.is_ok();
-                        }
+            ev = events.next() => {
+                // Events already waiting are handled with this one, so the
+                // processes they start share one journal fsync.
+                let mut batch = vec![ev];
+                while batch.len() < MAX_BATCH {
+                    match futures::FutureExt::now_or_never(events.next()) {
+                        Some(ev) => batch.push(ev),
+                        None => break,
                     }
                 }
-                None => anyhow::bail!("process watch ended"),
+                for ev in batch {
+                    match ev {
+                        Some(WatcherEvent::Restarted(list)) => for p in list { agent.handle(p).await },
+                        Some(WatcherEvent::Applied(p)) => agent.handle(p).await,
+                        Some(WatcherEvent::Deleted(p)) => {
+                            if let Some(r) = agent.running.get_mut(&p.meta().uid) {
+                                if !r.stop_sent {
+                                    r.stop_sent = r.commands.send(Command::Stop(StopReason::Requested)).await.is_ok();
+                                }
+                            }
+                        }
+                        None => anyhow::bail!("process watch ended"),
+                    }
+                }
+                agent.start_admitted();
             },
             Some(uid) = done_rx.recv() => { agent.running.remove(&uid); }
             _ = tokio::signal::ctrl_c() => break,

@@ -25,6 +25,8 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 /// Largest output append: what the pipe holds is gathered up to this size,
 /// so a fast writer costs one RPC per MiB rather than per pipe buffer.
 const CHUNK: usize = 1 << 20;
+/// The first read's buffer: enough for what most processes ever write.
+const FIRST_READ: usize = 16 << 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopReason {
@@ -65,8 +67,8 @@ pub struct ProcessRunner {
     pub process: Process,
     pub known: Known,
     pub work_root: PathBuf,
-    /// Where per-process agent sockets live.
-    pub socket_dir: PathBuf,
+    /// The agent's local socket, if it could be served.
+    pub socket: Option<std::sync::Arc<crate::local::LocalSocket>>,
     pub cache: std::sync::Arc<crate::cache::BlobCache>,
     pub test_vars: std::sync::Arc<crate::testvars::TestVars>,
     /// Where the process group is recorded once it runs.
@@ -83,8 +85,14 @@ fn signal_name(sig: i32) -> String {
     nix::sys::signal::Signal::try_from(sig).map(|s| s.as_str().to_string()).unwrap_or_else(|_| format!("signal {sig}"))
 }
 
-/// The variables a process starts with besides its spec's env.
+/// The variables a process starts with besides its spec's env (the
+/// agent's own, read once).
 fn base_env() -> BTreeMap<String, String> {
+    static BASE: std::sync::OnceLock<BTreeMap<String, String>> = std::sync::OnceLock::new();
+    BASE.get_or_init(read_base_env).clone()
+}
+
+fn read_base_env() -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
     for k in ["PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LC_ALL", "TZ", "TMPDIR", "TERM"] {
         if let Ok(v) = std::env::var(k) {
@@ -131,18 +139,10 @@ impl ProcessRunner {
     pub async fn run(self, mut commands: mpsc::Receiver<Command>) {
         let name = self.process.name().to_string();
         let api = self.client.api::<Process>();
-        let socket =
-            match crate::local::serve(&self.socket_dir, &self.process.meta().uid, self.client.clone(), name.clone()) {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    tracing::warn!(process = %name, error = %e, "no local socket; sync/send/recv will fail");
-                    None
-                }
-            };
         let (vars, fetched) = tokio::join!(self.host_vars(), self.fetch(&api));
         let prepared = match (vars, fetched) {
             (Ok(vars), Ok((files, stdin))) => {
-                self.prepare(&vars, socket.as_ref().map(|s| s.path.as_path()), &files, stdin)
+                self.prepare(&vars, self.socket.as_ref().map(|s| s.path.as_path()), &files, stdin)
             }
             (Err(e), _) | (_, Err(e)) => Err(e),
         };
@@ -153,7 +153,6 @@ impl ProcessRunner {
                 None => self.execute(cmd, &mut commands).await,
             },
         };
-        drop(socket);
         tracing::info!(process = %name, ?ended, "process ended");
         let exit_codes = self.process.spec().exit_codes.clone();
         report(&api, &self.known, move |p| {
@@ -412,6 +411,8 @@ impl ProcessRunner {
             }
         };
         let pid = child.id().map(|p| p as i32).unwrap_or(0);
+        // Its group speaks for it on the local socket until it is gone.
+        let _speaks = self.socket.as_ref().map(|s| s.register(pid, name.clone()));
         if let Err(e) = crate::journal::Journal::record_pid(&self.journal, &self.process.meta().uid, pid) {
             tracing::warn!(process = %name, error = %e, "cannot record the pid in the journal");
         }
@@ -540,29 +541,44 @@ struct Pumped {
     truncated: bool,
 }
 
+/// Reads into `buf`'s spare capacity (never past it), without zeroing it.
+async fn read_spare(r: &mut (impl AsyncRead + Unpin), buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    use bytes::BufMut;
+    let room = buf.capacity() - buf.len();
+    r.read_buf(&mut buf.limit(room)).await
+}
+
 /// Streams one pipe to the control plane. Retries until the server has
 /// each chunk (appends are idempotent by offset), so nothing is lost while
 /// the API is unreachable; the pipe's back-pressure bounds the memory this
 /// takes.
 async fn pump(mut r: impl AsyncRead + Unpin, client: Client, process: String, stream: i32) -> Pumped {
-    let mut buf = vec![0u8; CHUNK];
+    // Most processes write little or nothing: the buffer starts small and
+    // grows to CHUNK only for one that fills it (and is never zeroed:
+    // reads go into its spare capacity).
+    let mut buf: Vec<u8> = Vec::with_capacity(FIRST_READ);
     let mut offset = 0u64;
     let mut truncated = false;
     let mut out = client.output();
     let mut gone = false;
     loop {
-        let mut n = match r.read(&mut buf).await {
+        if buf.len() == buf.capacity() && buf.capacity() < CHUNK {
+            buf.reserve_exact(CHUNK - buf.len());
+        }
+        buf.clear();
+        match read_spare(&mut r, &mut buf).await {
             Ok(0) | Err(_) => return Pumped { bytes: offset, truncated },
-            Ok(n) => n,
-        };
+            Ok(_) => {}
+        }
         // Whatever else is already in the pipe goes in the same append
         // (a read that would wait is dropped; pipe reads are cancel-safe).
-        while n < buf.len() {
-            match futures::FutureExt::now_or_never(r.read(&mut buf[n..])) {
-                Some(Ok(m)) if m > 0 => n += m,
+        while buf.len() < buf.capacity() {
+            match futures::FutureExt::now_or_never(read_spare(&mut r, &mut buf)) {
+                Some(Ok(m)) if m > 0 => {}
                 _ => break,
             }
         }
+        let n = buf.len();
         let mut backoff = Duration::from_millis(50);
         while !gone {
             let chunk = OutputChunk { process: process.clone(), stream, offset, data: buf[..n].to_vec() };

@@ -576,7 +576,7 @@ async fn sent_values_are_immutable_and_bad_sync_use_is_refused() {
     let path = manifest(
         &c,
         "immutable.yaml",
-        "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: immutable}\nspec:\n  hosts: [{role: a}]\n  steps:\n    - name: s\n      on: [a]\n      script: |\n        testbusctl send k one || exit 10\n        testbusctl send k one || exit 11\n        testbusctl send k two; echo \"second send: $?\"\n        echo -n from-stdin | testbusctl send s -\n        echo \"recv: $(testbusctl recv k --from a) $(testbusctl recv s)\"\n        testbusctl recv k --from nobody; echo \"unknown role: $?\"\n        testbusctl recv never; echo \"nobody left: $?\"\n        testbusctl recv never --from a --timeout 1s; echo \"timeout: $?\"\n",
+        "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: immutable}\nspec:\n  hosts: [{role: a}]\n  steps:\n    - name: s\n      on: [a]\n      script: |\n        testbusctl send k one || exit 10\n        testbusctl send k one || exit 11\n        testbusctl send k two; echo \"second send: $?\"\n        echo -n from-stdin | testbusctl send s -\n        echo \"recv: $(testbusctl recv k --from a) $(testbusctl recv s)\"\n        testbusctl recv k --from nobody; echo \"unknown role: $?\"\n        testbusctl recv never; echo \"nobody left: $?\"\n        testbusctl recv never --from a --timeout 1s; echo \"timeout: $?\"\n        setsid testbusctl send detached yes; echo \"left its group: $?\"\n",
     );
     let out = c.ctl(&["apply", "-f", &path, "--wait", "--timeout", "60s"]);
     assert_eq!(out.code, 0, "{out:?}");
@@ -590,9 +590,21 @@ async fn sent_values_are_immutable_and_bad_sync_use_is_refused() {
     );
     assert!(logs.stdout.contains("nobody left: 1") && logs.stderr.contains("no other process"), "{logs:?}");
     assert!(logs.stdout.contains("timeout: 3"), "{logs:?}");
+    // A child that left the process's group still speaks for it.
+    assert!(logs.stdout.contains("left its group: 0"), "{logs:?}");
     // Outside a test process there is no agent socket.
     let out = c.ctl(&["send", "k", "v"]);
     assert_eq!(out.code, 2, "{out:?}");
+    // And a program that is no process of the agent is refused on it.
+    let sock = c.dir.path().join(&c.hosts[0]).join("sock/agent.sock");
+    assert!(sock.exists(), "{}", sock.display());
+    let out = std::process::Command::new(testbus_tests::bin_dir().join("testbusctl"))
+        .args(["send", "k", "v"])
+        .env("TESTBUS_AGENT_SOCKET", &sock)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("belongs to no process this agent runs"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
