@@ -268,6 +268,7 @@ fn process_for(t: &Test, step: &Expanded, member: &str, host: &Host) -> Process 
             // host, step files the step's hosts; later ones win a path.
             files: t.spec().files.iter().chain(&host.spec().files).chain(&step.files).cloned().collect(),
             stdin_file: step.stdin_file.clone(),
+            test_host_vars: testbus_proto::process::reads_host_vars(t),
         }),
         ..Default::default()
     }

@@ -2,7 +2,7 @@
 //! prefixed by where it came from; `-f` follows until the test ends.
 use crate::error::{CliError, CliResult};
 use futures::StreamExt;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use testbus_proto::client::{watcher, Client, WatcherEvent};
 use testbus_proto::{phase, Process, ReadOutputRequest, Resource, Test};
@@ -104,6 +104,37 @@ pub async fn test_logs(client: &Client, test: &str, sel: &Select, follow: bool, 
         }
         return Ok(());
     }
+    follow_test(client, &t, sel, prefix, None).await.map(|_| ())
+}
+
+/// How following a test's output ended.
+pub enum Followed {
+    /// The test ended: every output is complete.
+    TestEnded,
+    /// The expected number of processes ended, each with a verdict of its
+    /// own (it succeeded, or exited with a code), before the test's final
+    /// status was written: their output is complete.
+    ProcessesEnded(Vec<Process>),
+}
+
+/// A process whose outcome needs nothing from the test to be told.
+fn decided(p: &Process) -> bool {
+    let s = p.status();
+    s.phase == phase::SUCCEEDED || (s.phase == phase::FAILED && s.exit_code.is_some())
+}
+
+/// Streams the output of test `t`'s processes as they come, until the test
+/// ends or, with `expected`, until that many processes have ended with a
+/// verdict of their own (whichever is first).
+pub async fn follow_test(
+    client: &Client,
+    t: &Test,
+    sel: &Select,
+    prefix: bool,
+    expected: Option<usize>,
+) -> CliResult<Followed> {
+    let test = t.name();
+    let fields = format!("spec.test={test}");
     let mut started: HashSet<String> = HashSet::new();
     let mut readers = tokio::task::JoinSet::new();
     let procs = watcher(client.api::<Process>(), String::new(), fields.clone());
@@ -117,11 +148,25 @@ pub async fn test_logs(client: &Client, test: &str, sel: &Select, follow: bool, 
         let pre = prefix.then(|| prefix_for(&t, &p));
         readers.spawn(async move { copy_process(&c, p.name(), pre, true).await });
     };
-    loop {
+    let mut ended: HashMap<String, Process> = HashMap::new();
+    let mut note = |p: &Process| {
+        if p.spec().test_uid == t.meta().uid && phase::process_terminal(&p.status().phase) {
+            ended.insert(p.name().to_string(), p.clone());
+        }
+        expected.is_some_and(|n| ended.len() == n && ended.values().all(decided))
+    };
+    let mut by_processes = false;
+    while !by_processes {
         tokio::select! {
             ev = procs.next() => match ev {
-                Some(WatcherEvent::Restarted(list)) => for p in list { spawn(p, &mut readers, &mut started) },
-                Some(WatcherEvent::Applied(p)) => spawn(p, &mut readers, &mut started),
+                Some(WatcherEvent::Restarted(list)) => for p in list {
+                    by_processes |= note(&p);
+                    spawn(p, &mut readers, &mut started);
+                },
+                Some(WatcherEvent::Applied(p)) => {
+                    by_processes |= note(&p);
+                    spawn(p, &mut readers, &mut started);
+                }
                 _ => {}
             },
             ev = tests.next() => match ev {
@@ -133,10 +178,12 @@ pub async fn test_logs(client: &Client, test: &str, sel: &Select, follow: bool, 
             },
         }
     }
-    // The test has ended: every process it had exists and is final.
-    let (rest, _) = client.api::<Process>().list("", &fields).await?;
-    for p in rest {
-        spawn(p, &mut readers, &mut started);
+    if !by_processes {
+        // The test has ended: every process it had exists and is final.
+        let (rest, _) = client.api::<Process>().list("", &fields).await?;
+        for p in rest {
+            spawn(p, &mut readers, &mut started);
+        }
     }
     while let Some(r) = readers.join_next().await {
         match r {
@@ -146,5 +193,5 @@ pub async fn test_logs(client: &Client, test: &str, sel: &Select, follow: bool, 
             Err(e) => return Err(CliError::failed(e.to_string())),
         }
     }
-    Ok(())
+    Ok(if by_processes { Followed::ProcessesEnded(ended.into_values().collect()) } else { Followed::TestEnded })
 }

@@ -48,29 +48,39 @@ pub async fn run(client: &testbus_proto::client::Client, a: RunArgs) -> CliResul
     t.validate().map_err(|e| CliError::usage(e.to_string()))?;
     let t = client.api::<Test>().create(t).await?;
     let name = t.name().to_string();
-    let follow = {
-        let c = client.clone();
-        let n = name.clone();
-        let prefix = a.count > 1;
-        tokio::spawn(async move { logs::test_logs(&c, &n, &logs::Select::default(), true, prefix).await })
-    };
+    // Output is followed until the test ends, or until its processes have
+    // all ended with their own verdict: the exit code is known then, and
+    // need not wait for the test's final status to be written.
+    let all = logs::Select::default();
+    let follow = logs::follow_test(client, &t, &all, a.count > 1, Some(a.count as usize));
     // Ctrl-C cancels the remote test.
-    let wait = crate::progress::wait(client, std::slice::from_ref(&name), None, false);
-    let code = tokio::select! {
-        r = wait => r?,
+    let followed = tokio::select! {
+        r = follow => r,
         _ = tokio::signal::ctrl_c() => {
             let _ = client.api::<Test>().delete(&name).await;
             return Err(CliError::incomplete(format!("interrupted; test/{name} cancelled")));
         }
     };
-    match follow.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => eprintln!("testbusctl: output of test/{name}: {}", e.message),
-        Err(e) => eprintln!("testbusctl: output of test/{name}: {e}"),
+    match followed {
+        Ok(logs::Followed::ProcessesEnded(mut ps)) => {
+            ps.sort_by(|a, b| a.spec().role.cmp(&b.spec().role));
+            // The remote exit code of the first failing process.
+            return Ok(ps
+                .iter()
+                .find(|p| p.status().phase != phase::SUCCEEDED)
+                .and_then(|p| p.status().exit_code)
+                .unwrap_or(0));
+        }
+        Ok(logs::Followed::TestEnded) => {}
+        Err(e) if e.code == crate::error::INCOMPLETE => return Err(e),
+        Err(e) => {
+            eprintln!("testbusctl: output of test/{name}: {}", e.message);
+            crate::progress::wait(client, std::slice::from_ref(&name), None, false).await?;
+        }
     }
     let t = client.api::<Test>().get(&name).await?;
     let s = t.status();
-    if code == 0 {
+    if s.phase == phase::SUCCEEDED {
         return Ok(0);
     }
     if s.phase == phase::FAILED {

@@ -163,6 +163,7 @@ async fn run_processes(
                 timeout: a.timeout.clone().unwrap_or_default(),
                 exit_codes: vec![0],
                 files: a.files.clone(),
+                test_host_vars: testbus_proto::process::reads_host_vars(&t),
                 ..Default::default()
             }),
             ..Default::default()

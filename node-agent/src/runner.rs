@@ -20,6 +20,8 @@ use tonic::Code;
 
 /// Grace between SIGTERM and SIGKILL.
 const KILL_GRACE: Duration = Duration::from_secs(2);
+/// How long a process runs before it is reported Running.
+const RUNNING_DELAY: Duration = Duration::from_millis(2);
 /// How long to wait for output pipes after the process group is gone.
 const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 /// Largest output append: what the pipe holds is gathered up to this size,
@@ -224,11 +226,11 @@ impl ProcessRunner {
         }
     }
 
-    /// The test's claim-time `host_*` variables (none for a process of no
-    /// test).
+    /// The test's claim-time `host_*` variables, when the process does not
+    /// carry them.
     async fn host_vars(&self) -> Result<crate::testvars::Vars, Ended> {
         let spec = self.process.spec();
-        if spec.test.is_empty() {
+        if !spec.test_host_vars || spec.test.is_empty() {
             return Ok(Default::default());
         }
         self.test_vars
@@ -418,14 +420,17 @@ impl ProcessRunner {
         }
         let api = self.client.api::<Process>();
         // The Running report goes in the background so a stop is never
-        // delayed by a slow API. A process that ends before it is written
-        // needs none: the final report carries its pid and start time.
+        // delayed by a slow API, and only once the process has run for
+        // RUNNING_DELAY: one that ends sooner needs none (the final report
+        // carries its pid and start time), which saves a write, its watch
+        // events and a reconcile for every short process.
         let start = time::now();
         let running = {
             let api = api.clone();
             let known = self.known.clone();
             let start = start.clone();
             tokio::spawn(async move {
+                tokio::time::sleep(RUNNING_DELAY).await;
                 report(&api, &known, move |p| {
                     if phase::process_terminal(&p.status().phase) {
                         return false;
@@ -489,8 +494,9 @@ impl ProcessRunner {
         if tokio::time::timeout(DRAIN_LIMIT, drain).await.is_err() {
             tracing::warn!(process = %name, "output pipes still open after the process group ended; giving up on them");
         }
-        // An aborted report may still land; the final one follows it (the
-        // server refuses status changes once the status is final).
+        // A Running report not done yet is dropped; if it lands anyway, the
+        // final report meets a conflict and reads again, or the server
+        // refuses the Running one, the status being final by then.
         running.abort();
         let _ = running.await;
         (ended, sizes, Some((i64::from(pid), start)))

@@ -27,10 +27,11 @@ pub fn name(test: &str, step: &str, member: &str) -> String {
 /// host's env (spec, then what its agent publishes), the step's (or exec's)
 /// env, then `TESTBUS_TEST`, `TESTBUS_ROLE`, `TESTBUS_HOST`, `TESTBUS_STEP`.
 ///
-/// The test's `host_*` variables as the claim set them are left out: the
-/// agent puts `status.hostVars` beneath this env (see [`final_env`]), so a
-/// process does not carry every member's variables. One that a later
-/// layer (or `setenv`) changed stays in.
+/// In a test with more than [`INLINE_HOST_VARS`] `host_*` variables, those
+/// the claim set are left out: the agent puts `status.hostVars` beneath
+/// this env (see [`reads_host_vars`] and [`final_env`]), so a process does
+/// not carry every member's variables. One that a later layer (or
+/// `setenv`) changed stays in.
 pub fn env(
     t: &Test,
     host: &Host,
@@ -40,8 +41,13 @@ pub fn env(
     step_env: &BTreeMap<String, String>,
 ) -> BTreeMap<String, String> {
     let st = t.status();
-    let mut env: BTreeMap<String, String> =
-        st.env.iter().filter(|(k, v)| st.host_vars.get(*k) != Some(*v)).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let leave_out = reads_host_vars(t);
+    let mut env: BTreeMap<String, String> = st
+        .env
+        .iter()
+        .filter(|(k, v)| !leave_out || st.host_vars.get(*k) != Some(*v))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     env.extend(child_env.clone());
     env.extend(host.spec().env.clone());
     env.extend(host.status().env.clone());
@@ -51,6 +57,17 @@ pub fn env(
     env.insert("TESTBUS_HOST".into(), host.name().into());
     env.insert("TESTBUS_STEP".into(), step.into());
     env
+}
+
+/// Up to this many `host_*` variables, processes carry them: reading them
+/// from the test would cost their agent a request on the way to starting
+/// the process, for little saved.
+pub const INLINE_HOST_VARS: usize = 64;
+
+/// Whether the processes of `t` leave the claim's `host_*` variables to
+/// their agent (`spec.testHostVars`).
+pub fn reads_host_vars(t: &Test) -> bool {
+    t.status().host_vars.len() > INLINE_HOST_VARS
 }
 
 /// What a process runs with: its test's claim-time `host_*` variables,
@@ -83,16 +100,27 @@ mod tests {
         use crate::{Test, TestStatus};
         let m =
             |kv: &[(&str, &str)]| kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>();
-        let host_vars = m(&[("host_s_ip", "10.0.0.1"), ("host_c_ip", "x y"), ("host_s_name", "srv")]);
+        let mut host_vars = m(&[("host_s_ip", "10.0.0.1"), ("host_c_ip", "x y"), ("host_s_name", "srv")]);
         // setenv changed host_s_name after the claim.
-        let test_env = m(&[("A", "1"), ("host_s_ip", "10.0.0.1"), ("host_c_ip", "x y"), ("host_s_name", "changed")]);
-        let t = Test {
+        let mut test_env =
+            m(&[("A", "1"), ("host_s_ip", "10.0.0.1"), ("host_c_ip", "x y"), ("host_s_name", "changed")]);
+        let mut t = Test {
             metadata: Some(crate::ObjectMeta { name: "t".into(), ..Default::default() }),
-            status: Some(TestStatus { env: test_env, host_vars: host_vars.clone(), ..Default::default() }),
+            status: Some(TestStatus { env: test_env.clone(), host_vars: host_vars.clone(), ..Default::default() }),
             ..Default::default()
         };
         let host =
             Host { metadata: Some(crate::ObjectMeta { name: "h".into(), ..Default::default() }), ..Default::default() };
+        // A few variables: carried by the process.
+        assert!(!reads_host_vars(&t));
+        assert_eq!(env(&t, &host, "s", "step", &BTreeMap::new(), &BTreeMap::new())["host_s_ip"], "10.0.0.1");
+        // Many: left to the agent.
+        for i in 0..INLINE_HOST_VARS {
+            host_vars.insert(format!("host_m{i}_ip"), format!("10.1.0.{i}"));
+            test_env.insert(format!("host_m{i}_ip"), format!("10.1.0.{i}"));
+        }
+        t.status = Some(TestStatus { env: test_env, host_vars: host_vars.clone(), ..Default::default() });
+        assert!(reads_host_vars(&t));
         let own = env(&t, &host, "s", "step", &BTreeMap::new(), &m(&[("host_c_ip", "override")]));
         assert!(!own.contains_key("host_s_ip"), "the claim's variables are not carried: {own:?}");
         let fin = final_env(&host_vars, &own);

@@ -45,12 +45,12 @@ async fn hello_runs_across_three_hosts() {
         assert_eq!(addrs.len(), 3, "distinct addresses: {addrs:?}");
         assert_eq!(t.status().env["host_client_ipv4addr"].split(' ').count(), 2, "a role of count 2 gets a list");
     }
-    // Processes do not carry the claim's host variables; their agents add
-    // them from the test (the greeting below names the server through one).
+    // A small test's processes carry the claim's host variables.
     assert_eq!(t.status().host_vars["host_server_ipv4addr"], *server_addr);
     let client = c.client().await;
     let (ps, _) = client.api::<Process>().list("", &format!("spec.test={name}")).await.unwrap();
-    assert!(!ps.is_empty() && ps.iter().all(|p| !p.spec().env.contains_key("host_server_ipv4addr")));
+    let carried = |p: &Process| !p.spec().test_host_vars && p.spec().env.contains_key("host_server_ipv4addr");
+    assert!(!ps.is_empty() && ps.iter().all(carried), "{ps:?}");
     let logs = c.ctl(&["logs", &format!("test/{name}")]);
     assert_eq!(logs.code, 0, "{logs:?}");
     let server_host = &t.status().claims["server"];
@@ -65,6 +65,34 @@ async fn hello_runs_across_three_hosts() {
     let only = c.ctl(&["logs", &format!("test/{name}"), "--role", "server"]);
     assert!(only.stdout.contains("listening on port ") && !only.stdout.contains("[greet"), "{}", only.stdout);
     wait_released(&c).await;
+}
+
+/// A test with many host variables: its processes leave them to their
+/// agents, which read them from the test; a process sees them all the same,
+/// below its own env.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_host_variables_are_read_by_the_agent() {
+    let vars: Vec<String> = (0..30).map(|i| format!("--var=extra{i}=v{i}")).collect();
+    let args: Vec<&str> = vars.iter().map(String::as_str).collect();
+    let c = Cluster::start_with(3, &args).await;
+    let path = manifest(
+        &c,
+        "vars.yaml",
+        "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: vars}\nspec:\n  hosts: [{role: n, count: 3}]\n  steps:\n    - name: s\n      on: [n]\n      env: {host_n2_extra1: mine}\n      argv: [sh, -c, 'echo \"$TESTBUS_ROLE: $host_n0_extra29 $host_n1_extra3 $host_n2_extra1 [$host_n_extra0]\"']\n",
+    );
+    let out = c.ctl(&["apply", "-f", &path, "--wait", "--timeout", "60s"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let t = c.test("vars").await;
+    assert!(t.status().host_vars.len() > testbus_proto::process::INLINE_HOST_VARS);
+    let client = c.client().await;
+    let (ps, _) = client.api::<Process>().list("", "spec.test=vars").await.unwrap();
+    assert_eq!(ps.len(), 3);
+    assert!(ps.iter().all(|p| p.spec().test_host_vars && !p.spec().env.contains_key("host_n0_extra29")));
+    let logs = c.ctl(&["logs", "test/vars"]);
+    for m in ["n0", "n1", "n2"] {
+        let line = format!("{m}: v29 v3 mine [v0 v0 v0]");
+        assert!(logs.stdout.contains(&line), "{line} in {}", logs.stdout);
+    }
 }
 
 const FAILING: &str = r#"
@@ -127,6 +155,14 @@ async fn run_exits_with_the_remote_exit_code() {
     assert_eq!((out.code, out.stdout.as_str()), (0, "y on host-1\n"), "{out:?}");
     let out = c.ctl(&["run", "--count", "2", "--", "true"]);
     assert_eq!(out.code, 0, "{out:?}");
+    // Two hosts, one fails: its code, once both have ended.
+    let out = c.ctl(&["run", "--count", "2", "--", "sh", "-c", "[ $TESTBUS_ROLE = host0 ] || exit 7"]);
+    assert_eq!(out.code, 7, "{out:?}");
+    // A process with no verdict of its own (killed at the test's timeout)
+    // leaves the verdict to the test.
+    let out = c.ctl(&["run", "--timeout", "1s", "--", "sleep", "30"]);
+    assert_eq!(out.code, 3, "{out:?}");
+    assert!(out.stderr.contains("timeout"), "{out:?}");
     // Bad usage is exit 2, before anything runs.
     assert_eq!(c.ctl(&["run", "--env", "novalue", "--", "true"]).code, 2);
     assert_eq!(c.ctl(&["run", "--count", "0", "--", "true"]).code, 2);
