@@ -43,7 +43,7 @@ async fn link_rate(baud: u32, secs: f64, rate: f64) -> anyhow::Result<(f64, u64)
     });
     // Wait for the link to come up, then count what arrives in `secs`.
     let mut buf = vec![0u8; 64 << 10];
-    y.read(&mut buf).await?;
+    anyhow::ensure!(y.read(&mut buf).await? > 0, "the link closed before any data");
     let start = Instant::now();
     let mut got = 0u64;
     while start.elapsed().as_secs_f64() < secs {
