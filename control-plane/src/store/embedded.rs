@@ -36,6 +36,9 @@ pub struct EmbeddedStore {
 
 /// Most transactions committed together.
 const MAX_BATCH: usize = 512;
+/// How long a commit waits for the writers the previous commit answered
+/// (see `write_loop`).
+const LINGER: std::time::Duration = std::time::Duration::from_micros(200);
 
 type Reply = tokio::sync::oneshot::Sender<Result<TxnOutcome, StoreError>>;
 
@@ -219,6 +222,7 @@ struct Batch<'a> {
 impl Inner {
     /// Serves write requests until every handle of the store is gone.
     fn write_loop(&self, rx: std::sync::mpsc::Receiver<WriteRequest>) {
+        let mut last = 1;
         while let Ok(first) = rx.recv() {
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
@@ -227,6 +231,20 @@ impl Inner {
                     Err(_) => break,
                 }
             }
+            // The writers the last commit answered are on their way back
+            // with their next writes; after a commit that had company, a
+            // short wait for them lets one fsync carry more. A lone writer
+            // (last == 1) never waits.
+            if batch.len() < last {
+                let deadline = std::time::Instant::now() + LINGER;
+                while batch.len() < last {
+                    match rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+                        Ok(r) => batch.push(r),
+                        Err(_) => break,
+                    }
+                }
+            }
+            last = batch.len();
             self.commit_batch(batch);
         }
     }
