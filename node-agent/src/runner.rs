@@ -144,7 +144,7 @@ impl ProcessRunner {
         let (vars, fetched) = tokio::join!(self.host_vars(), self.fetch(&api));
         let prepared = match (vars, fetched) {
             (Ok(vars), Ok((files, stdin))) => {
-                self.prepare(&vars, self.socket.as_ref().map(|s| s.path.as_path()), &files, stdin)
+                self.prepare(&vars, self.socket.as_ref().map(|s| s.path.as_path()), &files, stdin).await
             }
             (Err(e), _) | (_, Err(e)) => Err(e),
         };
@@ -278,7 +278,7 @@ impl ProcessRunner {
 
     /// Copies each file from the cache to its destination (a copy: a
     /// process may change its file without touching the cache).
-    fn materialise(
+    async fn materialise(
         &self,
         workdir: &std::path::Path,
         files: &[Fetched],
@@ -292,18 +292,21 @@ impl ProcessRunner {
             } else {
                 workdir.join(&f.path)
             };
-            let copy = || -> std::io::Result<()> {
+            let mode = testbus_proto::validate::parse_mode(&f.mode).unwrap_or(0o644);
+            let (from, to) = (cached.clone(), dest.clone());
+            // A large file takes a while to copy: off the agent's thread.
+            let copy = move || -> std::io::Result<()> {
                 use std::os::unix::fs::PermissionsExt;
-                if let Some(dir) = dest.parent() {
+                if let Some(dir) = to.parent() {
                     std::fs::create_dir_all(dir)?;
                 }
-                let tmp = dest.with_extension(format!("testbus-{}", std::process::id()));
-                std::fs::copy(cached, &tmp)?;
-                let mode = testbus_proto::validate::parse_mode(&f.mode).unwrap_or(0o644);
+                let tmp = to.with_extension(format!("testbus-{}", std::process::id()));
+                std::fs::copy(from, &tmp)?;
                 std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
-                std::fs::rename(&tmp, &dest)
+                std::fs::rename(&tmp, &to)
             };
-            copy().map_err(|e| Ended::SetupFailed {
+            let copied = tokio::task::spawn_blocking(copy).await.unwrap_or_else(|e| Err(std::io::Error::other(e)));
+            copied.map_err(|e| Ended::SetupFailed {
                 reason: "FileFailed",
                 message: format!("cannot write {}: {e}", dest.display()),
             })?;
@@ -314,7 +317,7 @@ impl ProcessRunner {
         Ok(())
     }
 
-    fn prepare(
+    async fn prepare(
         &self,
         host_vars: &BTreeMap<String, String>,
         socket: Option<&std::path::Path>,
@@ -328,7 +331,7 @@ impl ProcessRunner {
             reason: "WorkdirFailed",
             message: format!("cannot create {}: {e}", workdir.display()),
         })?;
-        self.materialise(&workdir, files, &mut env)?;
+        self.materialise(&workdir, files, &mut env).await?;
         let argv =
             spec.argv.iter().map(|a| subst::substitute(a, &env)).collect::<Result<Vec<_>, _>>().map_err(|e| {
                 Ended::SetupFailed {
