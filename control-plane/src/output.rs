@@ -512,16 +512,18 @@ async fn drain_file(
     f.seek(std::io::SeekFrom::Start(*pos)).await.map_err(io_err)?;
     let mut f = f.take(end - *pos);
     // Whole records are sent; a record cut by the buffer's end waits in
-    // `buf` for the rest.
-    let mut buf = Vec::new();
-    // Sized to what is new (often one append), not to the largest read.
-    let mut block = vec![0u8; ((end - *pos) as usize).min(1 << 20)];
+    // `buf` for the rest. Reads go straight into `buf`'s spare room, sized
+    // to what is new (often one append), not to the largest read.
+    let block = ((end - *pos) as usize).min(1 << 20);
+    let mut buf: Vec<u8> = Vec::with_capacity(block);
     loop {
-        let n = f.read(&mut block).await.map_err(io_err)?;
+        if buf.capacity() - buf.len() < block {
+            buf.reserve(block);
+        }
+        let n = f.read_buf(&mut buf).await.map_err(io_err)?;
         if n == 0 {
             return Ok(());
         }
-        buf.extend_from_slice(&block[..n]);
         let mut chunks = Vec::new();
         let used = chunks_of(&buf, lens, process, &mut chunks);
         buf.drain(..used);
