@@ -15,6 +15,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::write(out.join("testbus_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure()
         .btree_map(".")
+        // Output moves through agent, server and CLI in large chunks:
+        // shared, not copied, at each hop.
+        .bytes(".testbus.v1.OutputChunk.data")
         .message_attribute(
             ".testbus.v1",
             "#[derive(serde::Serialize, serde::Deserialize)] \

@@ -156,10 +156,12 @@ impl Counts {
 
 /// Turns records into the chunks a reader receives; `lens` tracks the
 /// stream offsets between calls.
-fn chunks_of(buf: &[u8], lens: &mut [u64; 2], process: &str, out: &mut Vec<OutputChunk>) -> usize {
+/// The chunks share `buf` rather than copy from it.
+fn chunks_of(buf: &bytes::Bytes, lens: &mut [u64; 2], process: &str, out: &mut Vec<OutputChunk>) -> usize {
     parse_records(buf, |r| match r {
         Record::Data(s, b) | Record::Marker(s, b) => {
-            out.push(OutputChunk { process: process.to_string(), stream: s as i32, offset: lens[s], data: b.to_vec() });
+            let data = buf.slice_ref(b);
+            out.push(OutputChunk { process: process.to_string(), stream: s as i32, offset: lens[s], data });
             if matches!(r, Record::Data(..)) {
                 lens[s] += b.len() as u64;
             }
@@ -515,7 +517,7 @@ async fn drain_file(
     // `buf` for the rest. Reads go straight into `buf`'s spare room, sized
     // to what is new (often one append), not to the largest read.
     let block = ((end - *pos) as usize).min(1 << 20);
-    let mut buf: Vec<u8> = Vec::with_capacity(block);
+    let mut buf = bytes::BytesMut::with_capacity(block);
     loop {
         if buf.capacity() - buf.len() < block {
             buf.reserve(block);
@@ -525,8 +527,9 @@ async fn drain_file(
             return Ok(());
         }
         let mut chunks = Vec::new();
-        let used = chunks_of(&buf, lens, process, &mut chunks);
-        buf.drain(..used);
+        let read = buf.split().freeze();
+        let used = chunks_of(&read, lens, process, &mut chunks);
+        buf.extend_from_slice(&read[used..]);
         *pos += used as u64;
         if !send_all(tx, chunks).await {
             return Ok(());
@@ -556,7 +559,7 @@ impl StoreReader {
                 _ => return Ok(false),
             }
             let mut chunks = Vec::new();
-            chunks_of(&kv.value, &mut self.lens, process, &mut chunks);
+            chunks_of(&bytes::Bytes::copy_from_slice(&kv.value), &mut self.lens, process, &mut chunks);
             if !send_all(tx, chunks).await {
                 return Err(());
             }
@@ -668,7 +671,7 @@ mod tests {
             let append = |stream: i32, data: &'static [u8]| {
                 let (svc, name) = (svc.clone(), name.clone());
                 tokio::spawn(async move {
-                    let c = OutputChunk { process: name, stream, offset: 0, data: data.to_vec() };
+                    let c = OutputChunk { process: name, stream, offset: 0, data: bytes::Bytes::copy_from_slice(data) };
                     svc.append(Request::new(c)).await
                 })
             };

@@ -559,53 +559,73 @@ async fn read_spare(r: &mut (impl AsyncRead + Unpin), buf: &mut Vec<u8>) -> std:
 
 /// Streams one pipe to the control plane. Retries until the server has
 /// each chunk (appends are idempotent by offset), so nothing is lost while
-/// the API is unreachable; the pipe's back-pressure bounds the memory this
-/// takes.
+/// the API is unreachable.
+///
+/// Reading and sending overlap: while one chunk is being appended, the
+/// next is read from the pipe, so a fast writer does not wait for the
+/// server's answer with a full pipe. Appends stay one at a time, in order.
+/// Memory is bounded by one chunk being sent and one read ahead; beyond
+/// that the pipe's back-pressure holds the writer.
 async fn pump(mut r: impl AsyncRead + Unpin, client: Client, process: String, stream: i32) -> Pumped {
-    // Most processes write little or nothing: the buffer starts small and
-    // grows to CHUNK only for one that fills it (and is never zeroed:
-    // reads go into its spare capacity).
-    let mut buf: Vec<u8> = Vec::with_capacity(FIRST_READ);
-    let mut offset = 0u64;
-    let mut truncated = false;
-    let mut out = client.output();
-    let mut gone = false;
-    loop {
-        if buf.len() == buf.capacity() && buf.capacity() < CHUNK {
-            buf.reserve_exact(CHUNK - buf.len());
-        }
-        buf.clear();
-        match read_spare(&mut r, &mut buf).await {
-            Ok(0) | Err(_) => return Pumped { bytes: offset, truncated },
-            Ok(_) => {}
-        }
-        // Whatever else is already in the pipe goes in the same append
-        // (a read that would wait is dropped; pipe reads are cancel-safe).
-        while buf.len() < buf.capacity() {
-            match futures::FutureExt::now_or_never(read_spare(&mut r, &mut buf)) {
-                Some(Ok(m)) if m > 0 => {}
-                _ => break,
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(1);
+    let read = async move {
+        // Most processes write little or nothing: a chunk's buffer starts
+        // small and is CHUNK only after one that filled its buffer (never
+        // zeroed: reads go into spare capacity). Each chunk is moved into
+        // its append, not copied.
+        let mut size = FIRST_READ;
+        loop {
+            let mut buf: Vec<u8> = Vec::with_capacity(size);
+            match read_spare(&mut r, &mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
             }
-        }
-        let n = buf.len();
-        let mut backoff = Duration::from_millis(50);
-        while !gone {
-            let chunk = OutputChunk { process: process.clone(), stream, offset, data: buf[..n].to_vec() };
-            match out.append(chunk).await {
-                Ok(r) => {
-                    truncated |= r.into_inner().truncated;
-                    break;
-                }
-                Err(s) if s.code() == Code::NotFound => gone = true,
-                Err(s) => {
-                    tracing::debug!(%process, error = %s, "output append failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+            // Whatever else is already in the pipe goes in the same append
+            // (a read that would wait is dropped; pipe reads are cancel-safe).
+            while buf.len() < buf.capacity() {
+                match futures::FutureExt::now_or_never(read_spare(&mut r, &mut buf)) {
+                    Some(Ok(m)) if m > 0 => {}
+                    _ => break,
                 }
             }
+            if buf.len() == buf.capacity() {
+                size = CHUNK;
+            }
+            if tx.send(buf).await.is_err() {
+                return;
+            }
         }
-        offset += n as u64;
-    }
+    };
+    let send = async move {
+        let mut offset = 0u64;
+        let mut truncated = false;
+        let mut out = client.output();
+        let mut gone = false;
+        while let Some(data) = rx.recv().await {
+            let n = data.len() as u64;
+            // Shared, not copied, by each attempt.
+            let data = bytes::Bytes::from(data);
+            let mut backoff = Duration::from_millis(50);
+            while !gone {
+                let chunk = OutputChunk { process: process.clone(), stream, offset, data: data.clone() };
+                match out.append(chunk).await {
+                    Ok(r) => {
+                        truncated |= r.into_inner().truncated;
+                        break;
+                    }
+                    Err(s) if s.code() == Code::NotFound => gone = true,
+                    Err(s) => {
+                        tracing::debug!(%process, error = %s, "output append failed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                    }
+                }
+            }
+            offset += n;
+        }
+        Pumped { bytes: offset, truncated }
+    };
+    tokio::join!(read, send).1
 }
 
 /// Moves a process on from Pending (to Fetching or Ready); later phases

@@ -488,9 +488,10 @@ async fn output_streams_while_the_process_runs() {
         .unwrap()
         .into_inner();
     let chunk = tokio::time::timeout(Duration::from_secs(15), out.message()).await.unwrap().unwrap().unwrap();
-    assert_eq!(chunk.data, b"first\n");
+    assert_eq!(&chunk.data[..], b"first\n");
     let p = client.api::<Process>().get("stream-s-a").await.unwrap();
-    assert_eq!(p.status().phase, phase::RUNNING, "output arrived while the process runs");
+    // (Its Running report may still be on its way: it waits 2 ms.)
+    assert!(!phase::process_terminal(&p.status().phase), "output arrived while the process runs: {:?}", p.status());
     assert_eq!(c.ctl(&["delete", "test", "stream"]).code, 0);
 }
 
