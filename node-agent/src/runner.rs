@@ -217,12 +217,10 @@ impl ProcessRunner {
             return None;
         }
         advance(api, &self.known, phase::READY).await;
-        loop {
-            match commands.recv().await {
-                Some(Command::Release) => return None,
-                Some(Command::Stop(by)) => return Some(by),
-                None => return Some(StopReason::AgentShutdown),
-            }
+        match commands.recv().await {
+            Some(Command::Release) => None,
+            Some(Command::Stop(by)) => Some(by),
+            None => Some(StopReason::AgentShutdown),
         }
     }
 
