@@ -4,6 +4,9 @@ a readable NAME.md and, for a full run, docs/PERFORMANCE.md with SVG plots
 (drawn here, no plotting library needed).
 
 usage: bench-report.py WORKDIR OUT_PREFIX PROFILE FULL(0|1)
+       bench-report.py --from RESULT.json OUT_PREFIX
+           renders a stored full run again (after bench/notes.md changed),
+           keeping its date and figures
 """
 import datetime
 import json
@@ -13,7 +16,6 @@ import platform
 import subprocess
 import sys
 
-work, out, profile, full = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
 
 
 def load(name):
@@ -33,20 +35,26 @@ def machine():
     return {"cpus": os.cpu_count(), "cpu": model, "memory_bytes": mem, "kernel": platform.release()}
 
 
-scenarios = {}
-for name in ["store", "link", "proxy", "run", "start", "throughput", "fanout", "output", "files", "idle"]:
-    v = load(name)
-    if v is not None:
-        scenarios[name] = v
-etcd_version = subprocess.run(["etcd", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
-if "store" in scenarios:
-    scenarios["store"] = {"etcd": etcd_version, "results": scenarios["store"]}
-result = {
-    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    "profile": profile,
-    "machine": machine(),
-    "scenarios": scenarios,
-}
+if sys.argv[1] == "--from":
+    result = json.load(open(sys.argv[2]))
+    out, profile, full = sys.argv[3], result["profile"], True
+    scenarios = result["scenarios"]
+else:
+    work, out, profile, full = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+    scenarios = {}
+    for name in ["store", "link", "proxy", "run", "start", "throughput", "fanout", "output", "files", "idle"]:
+        v = load(name)
+        if v is not None:
+            scenarios[name] = v
+    etcd_version = subprocess.run(["etcd", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    if "store" in scenarios:
+        scenarios["store"] = {"etcd": etcd_version, "results": scenarios["store"]}
+    result = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "profile": profile,
+        "machine": machine(),
+        "scenarios": scenarios,
+    }
 with open(out + ".json", "w") as f:
     json.dump(result, f, indent=2)
     f.write("\n")
