@@ -185,6 +185,8 @@ struct Running {
     commands: mpsc::Sender<Command>,
     stop_sent: bool,
     release_sent: bool,
+    /// The Process was deleted: its work dir goes when its runner ends.
+    deleted: bool,
 }
 
 /// Most watch events handled (and processes journalled) together.
@@ -241,7 +243,7 @@ impl Agent {
         // Its runner starts with the batch (see `start_admitted`); events
         // for it until then go to its channel.
         let (tx, rx) = mpsc::channel(4);
-        self.running.insert(uid, Running { commands: tx, stop_sent: false, release_sent: false });
+        self.running.insert(uid, Running { commands: tx, stop_sent: false, release_sent: false, deleted: false });
         self.admitted.push((p, rx));
     }
 
@@ -278,6 +280,37 @@ impl Agent {
                 runner.run(rx).await;
                 let _ = done.send(uid);
             });
+        }
+    }
+
+    /// Removes the work dirs of Processes that are gone, in the
+    /// background. A process's work dir lives as long as its Process (so a
+    /// test held for debugging keeps its files); without this, every
+    /// process ever run would leave one behind.
+    fn remove_work_dirs(&self, uids: Vec<String>) {
+        let root = self.work_root.clone();
+        tokio::task::spawn_blocking(move || {
+            for uid in uids {
+                match std::fs::remove_dir_all(root.join(&uid)) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => tracing::warn!(process_uid = %uid, error = %e, "cannot remove the work dir"),
+                }
+            }
+        });
+    }
+
+    /// After a complete listing of this host's Processes: the work dirs of
+    /// those deleted while the watch was down (or the agent was).
+    fn remove_stale_work_dirs(&self, listed: &[Process]) {
+        let Ok(entries) = std::fs::read_dir(&self.work_root) else { return };
+        let live: std::collections::HashSet<&str> = listed.iter().map(|p| p.meta().uid.as_str()).collect();
+        let stale: Vec<String> = entries
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|uid| !live.contains(uid.as_str()) && !self.running.contains_key(uid))
+            .collect();
+        if !stale.is_empty() {
+            self.remove_work_dirs(stale);
         }
     }
 
@@ -343,21 +376,30 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }
                 for ev in batch {
                     match ev {
-                        Some(WatcherEvent::Restarted(list)) => for p in list { agent.handle(p).await },
+                        Some(WatcherEvent::Restarted(list)) => {
+                            agent.remove_stale_work_dirs(&list);
+                            for p in list { agent.handle(p).await }
+                        }
                         Some(WatcherEvent::Applied(p)) => agent.handle(p).await,
-                        Some(WatcherEvent::Deleted(p)) => {
-                            if let Some(r) = agent.running.get_mut(&p.meta().uid) {
+                        Some(WatcherEvent::Deleted(p)) => match agent.running.get_mut(&p.meta().uid) {
+                            Some(r) => {
+                                r.deleted = true;
                                 if !r.stop_sent {
                                     r.stop_sent = r.commands.send(Command::Stop(StopReason::Requested)).await.is_ok();
                                 }
                             }
-                        }
+                            None => agent.remove_work_dirs(vec![p.meta().uid.clone()]),
+                        },
                         None => anyhow::bail!("process watch ended"),
                     }
                 }
                 agent.start_admitted();
             },
-            Some(uid) = done_rx.recv() => { agent.running.remove(&uid); }
+            Some(uid) = done_rx.recv() => {
+                if agent.running.remove(&uid).is_some_and(|r| r.deleted) {
+                    agent.remove_work_dirs(vec![uid]);
+                }
+            }
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
         }

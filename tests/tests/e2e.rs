@@ -95,6 +95,30 @@ async fn many_host_variables_are_read_by_the_agent() {
     }
 }
 
+/// A process's work dir lives as long as its Process: deleting the test
+/// removes it, and a restarted agent removes those of Processes deleted
+/// while it was away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_dirs_go_with_their_processes() {
+    let mut c = Cluster::start(1).await;
+    let work = c.dir.path().join(&c.hosts[0]).join("work");
+    let out = c.ctl(&["run", "--host", &c.hosts[0], "--", "sh", "-c", "echo kept > here"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let client = c.client().await;
+    let (ps, _) = client.api::<Process>().list("", "").await.unwrap();
+    assert_eq!(ps.len(), 1);
+    let dir = work.join(ps[0].meta().uid.as_str());
+    assert_eq!(std::fs::read_to_string(dir.join("here")).unwrap(), "kept\n", "kept while the Process exists");
+    assert_eq!(c.ctl(&["delete", "test", &ps[0].spec().test]).code, 0);
+    wait_for(Duration::from_secs(15), "the work dir to go", || async { (!dir.exists()).then_some(()) }).await;
+    // Left behind by a Process deleted while the agent was down.
+    c.kill_agent(0);
+    let stale = work.join("0123456789abcdef");
+    std::fs::create_dir_all(&stale).unwrap();
+    c.start_agent(0);
+    wait_for(Duration::from_secs(15), "the stale work dir to go", || async { (!stale.exists()).then_some(()) }).await;
+}
+
 const FAILING: &str = r#"
 apiVersion: testbus/v1
 kind: Test
