@@ -8,7 +8,9 @@
 //! Process's name before it goes to the control plane. A caller that belongs
 //! to no process of this agent is refused. (A socket per process would cost
 //! a file created and removed for every process, and still let any local
-//! program speak for any process by connecting to its socket.)
+//! program speak for any process by connecting to its socket.) A caller
+//! whose ancestry does not lead back to its process — a container that the
+//! process had a runtime's daemon start, say — is refused too.
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
