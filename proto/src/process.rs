@@ -29,7 +29,7 @@ pub fn name(test: &str, step: &str, member: &str) -> String {
 ///
 /// In a test with more than [`INLINE_HOST_VARS`] `host_*` variables, those
 /// the claim set are left out: the agent puts `status.hostVars` beneath
-/// this env (see [`reads_host_vars`] and [`final_env`]), so a process does
+/// this env (see [`reads_host_vars`] and [`LayeredEnv`]), so a process does
 /// not carry every member's variables. One that a later layer (or
 /// `setenv`) changed stays in.
 pub fn env(
@@ -70,12 +70,39 @@ pub fn reads_host_vars(t: &Test) -> bool {
     t.status().host_vars.len() > INLINE_HOST_VARS
 }
 
-/// What a process runs with: its test's claim-time `host_*` variables,
-/// then its own env over them.
-pub fn final_env(host_vars: &BTreeMap<String, String>, own: &BTreeMap<String, String>) -> BTreeMap<String, String> {
-    let mut env = host_vars.clone();
-    env.extend(own.iter().map(|(k, v)| (k.clone(), v.clone())));
-    env
+/// What a process runs with, as layers from lowest to highest precedence
+/// (for the agent: its own few variables, the test's claim-time `host_*`
+/// variables, the process's env, then what the agent adds). A name is
+/// looked up from the top; the child gets every layer in order, so a later
+/// setting of a name wins. The layers are never merged into one map: a
+/// process of a 50-host test has 250 or more variables, and copying them
+/// for every process was a tenth of the agent's work.
+#[derive(Debug, Default)]
+pub struct LayeredEnv<'a> {
+    layers: Vec<&'a BTreeMap<String, String>>,
+}
+
+impl<'a> LayeredEnv<'a> {
+    /// `layers`, lowest precedence first.
+    pub fn new(layers: impl IntoIterator<Item = &'a BTreeMap<String, String>>) -> Self {
+        LayeredEnv { layers: layers.into_iter().collect() }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&'a str> {
+        self.layers.iter().rev().find_map(|l| l.get(name)).map(String::as_str)
+    }
+
+    /// Every setting, lowest layer first; a name may come more than once,
+    /// and its last setting is the one that holds.
+    pub fn settings(&self) -> impl Iterator<Item = (&'a String, &'a String)> + '_ {
+        self.layers.iter().flat_map(|l| l.iter())
+    }
+}
+
+impl crate::subst::Lookup for LayeredEnv<'_> {
+    fn lookup(&self, name: &str) -> Option<&str> {
+        self.get(name)
+    }
 }
 
 #[cfg(test)]
@@ -123,11 +150,17 @@ mod tests {
         assert!(reads_host_vars(&t));
         let own = env(&t, &host, "s", "step", &BTreeMap::new(), &m(&[("host_c_ip", "override")]));
         assert!(!own.contains_key("host_s_ip"), "the claim's variables are not carried: {own:?}");
-        let fin = final_env(&host_vars, &own);
-        assert_eq!(fin["A"], "1");
-        assert_eq!(fin["host_s_ip"], "10.0.0.1");
-        assert_eq!(fin["host_c_ip"], "override", "a step's env wins");
-        assert_eq!(fin["host_s_name"], "changed", "setenv wins");
-        assert_eq!(fin["TESTBUS_HOST"], "h");
+        let fin = LayeredEnv::new([&host_vars, &own]);
+        assert_eq!(fin.get("A"), Some("1"));
+        assert_eq!(fin.get("host_s_ip"), Some("10.0.0.1"));
+        assert_eq!(fin.get("host_c_ip"), Some("override"), "a step's env wins");
+        assert_eq!(fin.get("host_s_name"), Some("changed"), "setenv wins");
+        assert_eq!(fin.get("TESTBUS_HOST"), Some("h"));
+        assert_eq!(fin.get("NOPE"), None);
+        // What the child gets: the last setting of each name holds.
+        let last: BTreeMap<&String, &String> = fin.settings().collect();
+        assert_eq!(last[&"host_c_ip".to_string()], "override");
+        assert_eq!(last[&"host_s_name".to_string()], "changed");
+        assert_eq!(last.len(), fin.settings().map(|(k, _)| k).collect::<std::collections::BTreeSet<_>>().len());
     }
 }

@@ -13,7 +13,18 @@ pub enum SubstError {
     BadName(String),
 }
 
-pub fn substitute(input: &str, env: &BTreeMap<String, String>) -> Result<String, SubstError> {
+/// Where substitution finds a variable's value.
+pub trait Lookup {
+    fn lookup(&self, name: &str) -> Option<&str>;
+}
+
+impl Lookup for BTreeMap<String, String> {
+    fn lookup(&self, name: &str) -> Option<&str> {
+        self.get(name).map(String::as_str)
+    }
+}
+
+pub fn substitute(input: &str, env: &impl Lookup) -> Result<String, SubstError> {
     let mut out = String::with_capacity(input.len());
     let mut rest = input;
     while let Some(i) = rest.find('$') {
@@ -28,7 +39,7 @@ pub fn substitute(input: &str, env: &BTreeMap<String, String>) -> Result<String,
             if crate::validate::env_name(name).is_err() {
                 return Err(SubstError::BadName(name.to_string()));
             }
-            let v = env.get(name).ok_or_else(|| SubstError::Unknown(name.to_string()))?;
+            let v = env.lookup(name).ok_or_else(|| SubstError::Unknown(name.to_string()))?;
             out.push_str(v);
             rest = &r[end + 1..];
         } else {
