@@ -3,12 +3,9 @@ use clap::Parser;
 use std::path::PathBuf;
 use testbus_control_plane::server::{self, Listen};
 
-/// mimalloc rather than glibc's malloc: a process's short life (decode
-/// its object, build its env, spawn, report) is thousands of small
-/// allocations, and glibc's spent a tenth of the agent's time on them
-/// (`hack/bench throughput` profile, session 4). Built with `no_thp`:
-/// otherwise mimalloc's eagerly committed arenas land in transparent huge
-/// pages and double the idle resident size (agent 7.6 → 15.3 MB).
+/// mimalloc, as in the agent (see its `main.rs` for why, and why
+/// `no_thp`): every request decodes, clones and encodes objects made of
+/// many small allocations.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -77,7 +77,7 @@ pub fn reads_host_vars(t: &Test) -> bool {
 /// setting of a name wins. The layers are never merged into one map: a
 /// process of a 50-host test has 250 or more variables, and copying them
 /// for every process was a tenth of the agent's work.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct LayeredEnv<'a> {
     layers: Vec<&'a BTreeMap<String, String>>,
 }
