@@ -169,7 +169,12 @@ impl<K> ResourceService<K> {
 }
 
 fn parse_rv(field: &str, rv: &str) -> Result<u64, Status> {
-    rv.parse::<u64>().map_err(|_| Status::invalid_argument(format!("{field}: {rv:?} is not a resource version")))
+    // Digits only: u64's parser would also take "+389".
+    let bad = || Status::invalid_argument(format!("{field}: {rv:?} is not a resource version"));
+    if rv.is_empty() || rv.len() > 20 || !rv.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    rv.parse::<u64>().map_err(|_| bad())
 }
 
 fn random_suffix() -> String {
@@ -201,12 +206,11 @@ impl<K: Policy> ResourceService<K> {
         Status::not_found(format!("{} {name:?} not found", K::KIND))
     }
 
-    fn conflict(o: &K, current: u64) -> Status {
+    /// `requested` is the resourceVersion the request named.
+    fn conflict(name: &str, current: u64, requested: &str) -> Status {
         Status::aborted(format!(
-            "conflict: {} {:?} was modified (resourceVersion {current}, request had {}); read it again and retry",
+            "conflict: {} {name:?} was modified (resourceVersion {current}, request had {requested}); read it again and retry",
             K::KIND,
-            o.name(),
-            o.resource_version()
         ))
     }
 
@@ -329,7 +333,7 @@ impl<K: Policy> ResourceService<K> {
         if !out.succeeded {
             let current = self.st.store.get(&Self::key(obj.name())).await.map_err(store_err)?;
             return Err(match current {
-                Some(kv) => Self::conflict(obj, kv.mod_revision),
+                Some(kv) => Self::conflict(obj.name(), kv.mod_revision, obj.resource_version()),
                 None => Self::not_found(obj.name()),
             });
         }
@@ -347,7 +351,7 @@ impl<K: Policy> ResourceService<K> {
             .await
             .map_err(store_err)?;
         if !out.succeeded {
-            return Err(Self::conflict(obj, expected));
+            return Err(Self::conflict(obj.name(), expected, obj.resource_version()));
         }
         Ok(obj.clone())
     }
@@ -365,7 +369,7 @@ impl<K: Policy> ResourceService<K> {
         let want = Self::expect_rv(&new)?;
         let (current, rev) = self.load(new.name()).await?;
         if rev != want {
-            return Err(Self::conflict(&new, rev));
+            return Err(Self::conflict(new.name(), rev, new.resource_version()));
         }
         K::check_update(&current, &new)?;
         let mut next = current.clone();
@@ -397,7 +401,7 @@ impl<K: Policy> ResourceService<K> {
         let want = Self::expect_rv(&new)?;
         let (current, rev) = self.load(new.name()).await?;
         if rev != want {
-            return Err(Self::conflict(&new, rev));
+            return Err(Self::conflict(new.name(), rev, new.resource_version()));
         }
         K::check_status_update(&current)?;
         let mut next = current;
@@ -410,7 +414,7 @@ impl<K: Policy> ResourceService<K> {
         loop {
             let (mut current, rev) = self.load(&req.name).await?;
             if !req.resource_version.is_empty() && parse_rv("resourceVersion", &req.resource_version)? != rev {
-                return Err(Self::conflict(&current, rev));
+                return Err(Self::conflict(current.name(), rev, &req.resource_version));
             }
             let res = if current.meta().finalizers.is_empty() {
                 self.cas_delete(&current, rev).await
@@ -453,7 +457,7 @@ impl ResourceService<Test> {
     pub async fn claim(&self, _id: &Identity, req: ClaimRequest) -> Result<Test, Status> {
         let (mut test, test_rev) = self.load(&req.test).await?;
         if parse_rv("testResourceVersion", &req.test_resource_version)? != test_rev {
-            return Err(Self::conflict(&test, test_rev));
+            return Err(Self::conflict(test.name(), test_rev, test.resource_version()));
         }
         if test.status().phase != phase::PENDING || !test.meta().deletion_timestamp.is_empty() {
             return Err(Status::failed_precondition(format!("Test {:?} is not pending", req.test)));
@@ -749,6 +753,26 @@ mod tests {
         changed.spec_mut().priority = 5;
         let err = tests.update(&admin(), changed).await.unwrap_err();
         assert!(err.message().starts_with("spec:"), "{}", err.message());
+    }
+
+    #[tokio::test]
+    async fn conflicts_name_both_revisions_and_revisions_are_digits() {
+        let dir = tempfile::tempdir().unwrap();
+        let tests = ResourceService::<Test>::new(state(&dir).await);
+        let t = tests.create(&admin(), test_obj("t")).await.unwrap();
+        let current = t.resource_version().to_string();
+        let req = DeleteRequest { name: "t".into(), resource_version: "999999".into(), ..Default::default() };
+        let err = tests.delete(&admin(), req).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Aborted);
+        assert!(
+            err.message().contains(&format!("resourceVersion {current}, request had 999999)")),
+            "{}",
+            err.message()
+        );
+        for bad in ["+389", "-1", " 1", "1e3", "99999999999999999999999"] {
+            assert!(parse_rv("r", bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(parse_rv("r", "389").unwrap(), 389);
     }
 
     #[tokio::test]

@@ -30,7 +30,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use testbus_proto::output_server::Output;
-use testbus_proto::{phase, AppendOutputResponse, Kind, OutputChunk, OutputStream, Process, ReadOutputRequest};
+use testbus_proto::{
+    phase, AppendOutputResponse, Kind, OutputChunk, OutputStream, Process, ReadOutputRequest, Resource,
+};
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status};
@@ -172,8 +174,9 @@ fn chunks_of(buf: &bytes::Bytes, lens: &mut [u64; 2], process: &str, out: &mut V
 
 /// Where a log's records go.
 enum Sink {
-    /// An append-only file in the data dir (embedded store).
-    File { file: std::fs::File, size: watch::Sender<u64> },
+    /// An append-only file in the data dir (embedded store), open while
+    /// it is being appended to (see [`OpenFiles`]).
+    File { file: Option<std::fs::File>, size: watch::Sender<u64> },
     /// Chunks in the shared store; `next` is the sequence number of the
     /// next chunk as far as this replica knows.
     Store { next: u64 },
@@ -182,7 +185,17 @@ enum Sink {
 struct Log {
     counts: Counts,
     sink: Sink,
+    /// When it was last appended to: the least recently used file handle
+    /// is the one closed when too many are open.
+    last_used: std::time::Instant,
+    /// Its process has ended: its output is complete, appends are refused.
+    ended: bool,
 }
+
+/// Most log files held open for appending at once. A process's file is
+/// open from its first append until its process ends (or, past this many,
+/// until it is the least recently appended to); it is reopened on demand.
+pub const MAX_OPEN_LOGS: usize = 256;
 
 #[derive(Clone)]
 pub struct OutputService {
@@ -198,6 +211,9 @@ pub struct OutputService {
     /// (offset 0), so a process created again under the same name gets
     /// its own log.
     uids: Arc<Mutex<HashMap<String, String>>>,
+    /// Log files open for appending now.
+    open_files: Arc<std::sync::atomic::AtomicUsize>,
+    max_open: usize,
 }
 
 fn io_err(e: std::io::Error) -> Status {
@@ -206,6 +222,11 @@ fn io_err(e: std::io::Error) -> Status {
 
 fn store_err(e: crate::store::StoreError) -> Status {
     Status::unavailable(format!("output store: {e}"))
+}
+
+/// An append to a process that has ended: its output is complete.
+fn ended(process: &str) -> Status {
+    Status::failed_precondition(format!("process {process:?} has ended; its output is complete and takes no appends"))
 }
 
 fn chunk_prefix(uid: &str) -> String {
@@ -229,7 +250,160 @@ impl OutputService {
     /// Output in files under `dir`, or, with `shared`, in that store.
     pub fn new(dir: PathBuf, api: ApiState, limit: u64, shared: Option<Arc<dyn Store>>) -> std::io::Result<Self> {
         std::fs::create_dir_all(&dir)?;
-        Ok(OutputService { dir, limit, api, shared, logs: Default::default(), uids: Default::default() })
+        Ok(OutputService {
+            dir,
+            limit,
+            api,
+            shared,
+            logs: Default::default(),
+            uids: Default::default(),
+            open_files: Default::default(),
+            max_open: MAX_OPEN_LOGS,
+        })
+    }
+
+    /// With at most `n` log files open at once.
+    pub fn with_max_open(mut self, n: usize) -> Self {
+        self.max_open = n.max(1);
+        self
+    }
+
+    /// Log files open for appending now.
+    pub fn open_files(&self) -> usize {
+        self.open_files.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Closes the file handle of the least recently appended log other than
+    /// `keep`, if one is open and not in use.
+    fn close_least_recent(&self, keep: &str) {
+        let logs: Vec<(String, Arc<tokio::sync::Mutex<Log>>)> = {
+            let logs = self.logs.lock().unwrap_or_else(|p| p.into_inner());
+            logs.iter().filter(|(u, _)| u.as_str() != keep).map(|(u, l)| (u.clone(), l.clone())).collect()
+        };
+        let mut oldest: Option<(std::time::Instant, tokio::sync::OwnedMutexGuard<Log>)> = None;
+        for (_, l) in logs {
+            let Ok(g) = l.try_lock_owned() else { continue };
+            if matches!(g.sink, Sink::File { file: Some(_), .. })
+                && oldest.as_ref().is_none_or(|(t, _)| g.last_used < *t)
+            {
+                oldest = Some((g.last_used, g));
+            }
+        }
+        if let Some((_, mut g)) = oldest {
+            self.close_file(&mut g);
+        }
+    }
+
+    fn close_file(&self, log: &mut Log) {
+        if let Sink::File { file, .. } = &mut log.sink {
+            if file.take().is_some() {
+                self.open_files.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The Process has ended: its log is complete and its file is closed.
+    async fn seal(&self, uid: &str) {
+        let log = self.logs.lock().unwrap_or_else(|p| p.into_inner()).get(uid).cloned();
+        if let Some(log) = log {
+            let mut l = log.lock().await;
+            l.ended = true;
+            self.close_file(&mut l);
+        }
+    }
+
+    /// The Process is gone: so is its output, in memory, on disk and in a
+    /// shared store.
+    async fn forget(&self, name: &str, uid: &str) {
+        let log = self.logs.lock().unwrap_or_else(|p| p.into_inner()).remove(uid);
+        if let Some(log) = log {
+            self.close_file(&mut *log.lock().await);
+        }
+        {
+            let mut uids = self.uids.lock().unwrap_or_else(|p| p.into_inner());
+            if uids.get(name).is_some_and(|u| u == uid) {
+                uids.remove(name);
+            }
+        }
+        match &self.shared {
+            None => match tokio::fs::remove_file(self.path(uid)).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!(process = name, error = %e, "cannot remove the output file"),
+            },
+            Some(store) => {
+                let keys = match store.list(&chunk_prefix(uid)).await {
+                    Ok((kvs, _)) => kvs.into_iter().map(|kv| kv.key).collect::<Vec<_>>(),
+                    Err(e) => {
+                        tracing::warn!(process = name, error = %e, "cannot list the output to remove it");
+                        return;
+                    }
+                };
+                for batch in keys.chunks(64) {
+                    let ops = batch.iter().map(|k| Op::Delete(k.clone())).collect();
+                    if let Err(e) = store.txn(vec![], ops).await {
+                        tracing::warn!(process = name, error = %e, "cannot remove the output");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Keeps the output store to the live Processes: seals the log of each
+    /// that ends and removes the output of each that is deleted, including
+    /// those deleted while this replica was not watching (a sweep at start
+    /// and whenever its watch was dropped). Runs until the runtime ends.
+    pub fn spawn_janitor(&self) {
+        let svc = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok(mut events) = svc.api.hub.watch(Kind::Process, None, None, Default::default()) else {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                };
+                if let Err(e) = svc.sweep().await {
+                    tracing::warn!(error = %e, "output sweep failed");
+                }
+                while let Some(ev) = events.recv().await {
+                    let testbus_proto::Object::Process(p) = &ev.object else { continue };
+                    let uid = &p.meta().uid;
+                    if ev.kind == testbus_proto::client::EventType::Deleted {
+                        svc.forget(p.name(), uid).await;
+                    } else if phase::process_terminal(&p.status().phase) {
+                        svc.seal(uid).await;
+                    }
+                }
+                // Dropped as too slow: what was missed is found by the sweep.
+                tracing::debug!("output janitor's watch ended; sweeping again");
+            }
+        });
+    }
+
+    /// Removes the output files of Processes that no longer exist (embedded
+    /// store; a shared store's output is removed on each delete event).
+    async fn sweep(&self) -> Result<(), Status> {
+        if self.shared.is_some() {
+            return Ok(());
+        }
+        let (kvs, _) = self.api.store.list(&hub::prefix(Kind::Process)).await.map_err(store_err)?;
+        let live: std::collections::HashSet<String> = kvs
+            .iter()
+            .filter_map(|kv| match hub::decode(&kv.key, &kv.value, kv.mod_revision) {
+                Some(testbus_proto::Object::Process(p)) => Some(p.meta().uid.clone()),
+                _ => None,
+            })
+            .collect();
+        let mut dir = tokio::fs::read_dir(&self.dir).await.map_err(io_err)?;
+        while let Some(e) = dir.next_entry().await.map_err(io_err)? {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(uid) = name.strip_suffix(".log") else { continue };
+            // Created after the listing: not ours to judge.
+            if !live.contains(uid) && !self.logs.lock().unwrap_or_else(|p| p.into_inner()).contains_key(uid) {
+                let _ = tokio::fs::remove_file(e.path()).await;
+            }
+        }
+        Ok(())
     }
 
     async fn process(&self, name: &str) -> Result<Process, Status> {
@@ -249,6 +423,15 @@ impl OutputService {
     async fn uid_of(&self, name: &str) -> Result<String, Status> {
         let p = self.process(name).await?;
         Ok(p.metadata.map(|m| m.uid).unwrap_or_default())
+    }
+
+    /// The uid of a Process that may still be appended to.
+    async fn uid_of_running(&self, name: &str) -> Result<String, Status> {
+        let p = self.process(name).await?;
+        if phase::process_terminal(&p.status().phase) {
+            return Err(ended(name));
+        }
+        Ok(p.meta().uid.clone())
     }
 
     fn path(&self, uid: &str) -> PathBuf {
@@ -282,13 +465,22 @@ impl OutputService {
     /// last record from a crash is cut off).
     fn load_file(&self, uid: &str) -> std::io::Result<Log> {
         let path = self.path(uid);
-        let data = std::fs::read(&path).unwrap_or_default();
+        // Only a file that is not there is empty: any other error is
+        // reported, never taken for "nothing yet" (the cut below would
+        // then throw the log away).
+        let data = match std::fs::read(&path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e),
+        };
         let mut counts = Counts::default();
         let pos = counts.fold(&data);
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
-        file.set_len(pos as u64)?;
+        if pos < data.len() {
+            let file = std::fs::OpenOptions::new().write(true).open(&path)?;
+            file.set_len(pos as u64)?;
+        }
         let (size, _) = watch::channel(pos as u64);
-        Ok(Log { counts, sink: Sink::File { file, size } })
+        Ok(Log { counts, sink: Sink::File { file: None, size }, last_used: std::time::Instant::now(), ended: false })
     }
 
     fn store(&self) -> Result<&dyn Store, Status> {
@@ -312,7 +504,15 @@ impl OutputService {
             };
             match &mut log.sink {
                 Sink::File { file, size } => {
-                    file.write_all(&rec).map_err(io_err)?;
+                    if file.is_none() {
+                        let f = std::fs::OpenOptions::new().create(true).append(true).open(self.path(uid));
+                        *file = Some(f.map_err(io_err)?);
+                        let open = self.open_files.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                        if open > self.max_open {
+                            self.close_least_recent(uid);
+                        }
+                    }
+                    file.as_mut().expect("opened above").write_all(&rec).map_err(io_err)?;
                     size.send_modify(|v| *v += rec.len() as u64);
                 }
                 Sink::Store { next: seq } => {
@@ -346,7 +546,7 @@ async fn load_store(store: &dyn Store, uid: &str) -> Result<Log, Status> {
         counts.fold(&kv.value);
     }
     let next = kvs.last().and_then(|kv| seq_of(&kv.key)).map_or(0, |s| s + 1);
-    Ok(Log { counts, sink: Sink::Store { next } })
+    Ok(Log { counts, sink: Sink::Store { next }, last_used: std::time::Instant::now(), ended: false })
 }
 
 #[tonic::async_trait]
@@ -364,7 +564,7 @@ impl Output for OutputService {
         let uid = match cached {
             Some(uid) => uid,
             None => {
-                let uid = self.uid_of(&c.process).await?;
+                let uid = self.uid_of_running(&c.process).await?;
                 let mut uids = self.uids.lock().unwrap_or_else(|p| p.into_inner());
                 if uids.len() > 100_000 {
                     uids.clear();
@@ -375,6 +575,10 @@ impl Output for OutputService {
         };
         let log = self.open(&uid).await?;
         let mut l = log.lock().await;
+        if l.ended {
+            return Err(ended(&c.process));
+        }
+        l.last_used = std::time::Instant::now();
         let s = stream as usize;
         let piece = if self.shared.is_some() { STORE_PIECE } else { MAX_CHUNK };
         for (i, data) in c.data.chunks(piece).enumerate() {
@@ -650,10 +854,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_first_appends_of_both_streams_keep_every_byte() {
         let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb"), 1000).unwrap());
-        let hub = crate::hub::Hub::start(1000, store.clone()).await.unwrap();
-        let blobs = crate::blobs::BlobStore::open(&dir.path().join("blobs"), 0).unwrap();
-        let api = ApiState { store: store.clone(), hub, blobs };
+        let (store, api) = api_state(&dir).await;
         for i in 0..500 {
             let name = format!("p{i}");
             let p = Process {
@@ -682,6 +883,110 @@ mod tests {
             let mut counts = Counts::default();
             counts.fold(&log);
             assert_eq!(counts.kept, [3, 3], "process {i}: both streams kept");
+        }
+    }
+
+    async fn api_state(dir: &tempfile::TempDir) -> (Arc<dyn Store>, ApiState) {
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb"), 1000).unwrap());
+        let hub = crate::hub::Hub::start(1000, store.clone()).await.unwrap();
+        let blobs = crate::blobs::BlobStore::open(&dir.path().join("blobs"), 0).unwrap();
+        (store.clone(), ApiState { store, hub, blobs })
+    }
+
+    async fn put_process(store: &Arc<dyn Store>, i: usize, phase: &str) {
+        let name = format!("p{i}");
+        let p = Process {
+            metadata: Some(ObjectMeta { name: name.clone(), uid: format!("uid-{i}"), ..Default::default() }),
+            spec: Some(ProcessSpec { host_name: "h".into(), argv: vec!["true".into()], ..Default::default() }),
+            status: Some(testbus_proto::ProcessStatus { phase: phase.into(), ..Default::default() }),
+            ..Default::default()
+        };
+        let value = prost::Message::encode_to_vec(&p);
+        store.txn(vec![], vec![Op::Put(hub::key(Kind::Process, &name), value)]).await.unwrap();
+    }
+
+    fn fds() -> usize {
+        std::fs::read_dir("/proc/self/fd").unwrap().count()
+    }
+
+    /// Each running process's log used to stay open forever (and its file
+    /// and chunks on disk after the Process was deleted): at the fd limit,
+    /// appends failed. Open logs are bounded, ended ones closed, deleted
+    /// ones removed, and an ended process takes no appends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn open_logs_are_bounded_closed_when_ended_and_removed_with_their_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, api) = api_state(&dir).await;
+        const N: usize = 300;
+        for i in 0..N {
+            put_process(&store, i, phase::RUNNING).await;
+        }
+        let svc = OutputService::new(dir.path().join("output"), api, DEFAULT_LIMIT, None).unwrap().with_max_open(16);
+        svc.spawn_janitor();
+        let before = fds();
+        let append = |i: usize, offset: u64| {
+            let c =
+                OutputChunk { process: format!("p{i}"), stream: 0, offset, data: bytes::Bytes::from_static(b"line\n") };
+            svc.append(Request::new(c))
+        };
+        for round in 0..2u64 {
+            for i in 0..N {
+                append(i, round * 5).await.unwrap();
+            }
+        }
+        assert!(svc.open_files() <= 16, "{} logs open", svc.open_files());
+        assert!(fds() <= before + 16 + 4, "fds went from {before} to {}", fds());
+        for i in 0..N {
+            let log = std::fs::read(svc.path(&format!("uid-{i}"))).unwrap();
+            let mut counts = Counts::default();
+            counts.fold(&log);
+            assert_eq!(counts.kept, [10, 0], "process {i}: every append kept across reopens");
+        }
+        // Ended: closed, and appends refused.
+        put_process(&store, 0, phase::SUCCEEDED).await;
+        let svc2 = svc.clone();
+        wait_until(|| {
+            let svc = svc2.clone();
+            async move {
+                let l = svc.logs.lock().unwrap().get("uid-0").cloned();
+                match l {
+                    Some(l) => l.lock().await.ended,
+                    None => false,
+                }
+            }
+        })
+        .await;
+        let refused = append(0, 10).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+        // A process that was never appended to, already ended: refused too.
+        put_process(&store, N, phase::FAILED).await;
+        assert_eq!(append(N, 0).await.unwrap_err().code(), tonic::Code::FailedPrecondition);
+        // Deleted: its output goes.
+        store.txn(vec![], vec![Op::Delete(hub::key(Kind::Process, "p1"))]).await.unwrap();
+        let path = svc.path("uid-1");
+        wait_until(|| {
+            let path = path.clone();
+            async move { !path.exists() }
+        })
+        .await;
+        assert!(!svc.logs.lock().unwrap().contains_key("uid-1"));
+        // A file whose Process is gone (deleted while the janitor was not
+        // watching) goes at the next sweep.
+        std::fs::write(svc.path("uid-orphan"), b"").unwrap();
+        svc.sweep().await.unwrap();
+        assert!(!svc.path("uid-orphan").exists());
+        assert!(svc.path("uid-2").exists());
+    }
+
+    async fn wait_until<F, Fut>(mut f: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !f().await {
+            assert!(tokio::time::Instant::now() < deadline, "condition not reached in 10 s");
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 }

@@ -124,6 +124,7 @@ pub async fn run(cfg: Config, mut shutdown: broadcast::Receiver<()>) -> anyhow::
     let shared = etcd.is_some().then(|| store.clone());
     let state = ApiState { store, hub, blobs: blobs.clone() };
     let output = OutputService::new(cfg.data_dir.join("output"), state.clone(), cfg.output_limit, shared)?;
+    output.spawn_janitor();
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<HostsServer<ResourceService<Host>>>().await;

@@ -27,10 +27,32 @@ impl CliError {
     }
 }
 
+/// Whether a status came from the connection rather than the server: tonic
+/// reports a connection that broke mid-call (or an HTTP/2 peer that is no
+/// testbus server) as Unknown or Internal, not Unavailable.
+fn broken_connection(s: &Status) -> bool {
+    if !matches!(s.code(), Code::Unknown | Code::Internal) {
+        return false;
+    }
+    let mut texts = vec![s.message().to_string()];
+    let mut source = std::error::Error::source(s);
+    while let Some(e) = source {
+        texts.push(e.to_string());
+        source = e.source();
+    }
+    const SIGNS: [&str; 6] =
+        ["transport error", "h2 protocol error", "connection", "broken pipe", "error reading a body", "stream closed"];
+    texts.iter().any(|t| {
+        let t = t.to_ascii_lowercase();
+        SIGNS.iter().any(|sign| t.contains(sign))
+    })
+}
+
 impl From<Status> for CliError {
     fn from(s: Status) -> Self {
         let code = match s.code() {
             Code::Unavailable => UNREACHABLE,
+            _ if broken_connection(&s) => UNREACHABLE,
             Code::InvalidArgument
             | Code::NotFound
             | Code::AlreadyExists
@@ -65,3 +87,21 @@ impl From<std::io::Error> for CliError {
 }
 
 pub type CliResult<T = i32> = Result<T, CliError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broken_connection_is_unreachable_not_a_failure() {
+        for s in [
+            Status::unknown("transport error"),
+            Status::internal("h2 protocol error: error reading a body from connection"),
+            Status::unavailable("connection refused"),
+        ] {
+            assert_eq!(CliError::from(s.clone()).code, UNREACHABLE, "{s:?}");
+        }
+        assert_eq!(CliError::from(Status::internal("store: disk full")).code, FAILED);
+        assert_eq!(CliError::from(Status::invalid_argument("spec.x: connection")).code, USAGE);
+    }
+}

@@ -222,17 +222,13 @@ fn parse_env(flag: &str, items: &[String]) -> CliResult<BTreeMap<String, String>
 /// The file references of an object, for upload.
 fn file_refs_mut(o: &mut Object) -> Vec<&mut testbus_proto::FileRef> {
     match o {
-        Object::Test(t) => {
-            let s = t.spec_mut();
-            let mut out: Vec<&mut testbus_proto::FileRef> = s.files.iter_mut().collect();
-            for st in s.steps.iter_mut() {
-                out.extend(st.files.iter_mut());
-                out.extend(st.stdin_file.as_mut());
-            }
-            out
-        }
+        // The validator's walk: child tests' files included.
+        Object::Test(t) => testbus_proto::validate::file_refs_of_test_mut(t),
         Object::Host(h) => h.spec_mut().files.iter_mut().collect(),
-        Object::Process(_) => Vec::new(),
+        Object::Process(p) => {
+            let s = p.spec_mut();
+            s.files.iter_mut().chain(s.stdin_file.as_mut()).collect()
+        }
     }
 }
 

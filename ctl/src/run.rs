@@ -46,6 +46,17 @@ pub async fn run(client: &testbus_proto::client::Client, a: RunArgs) -> CliResul
     let t = test_for(&a);
     use testbus_proto::validate::Validate;
     t.validate().map_err(|e| CliError::usage(e.to_string()))?;
+    // A host that does not exist would leave the test Pending for good.
+    if let Some(host) = &a.host {
+        if client.api::<testbus_proto::Host>().get_opt(host).await?.is_none() {
+            let (hosts, _) = client.api::<testbus_proto::Host>().list("", "").await?;
+            let names: Vec<&str> = hosts.iter().map(|h| h.name()).collect();
+            return Err(CliError::usage(format!(
+                "--host: no host named {host:?} (hosts: {})",
+                if names.is_empty() { "none".to_string() } else { names.join(", ") }
+            )));
+        }
+    }
     let t = client.api::<Test>().create(t).await?;
     let name = t.name().to_string();
     // Output is followed until the test ends, or until its processes have

@@ -250,6 +250,16 @@ pub async fn cp(client: &Client, src: &str, dest: &str) -> CliResult {
             if !path.starts_with('/') {
                 return Err(CliError::usage(format!("{dest}: the remote path must be absolute")));
             }
+            // `cp FILE test:role:/dir/` puts FILE in /dir, as cp does.
+            let path = if path.ends_with('/') {
+                let name = std::path::Path::new(src).file_name().and_then(|n| n.to_str()).filter(|_| src != "-");
+                match name {
+                    Some(n) => format!("{path}{n}"),
+                    None => return Err(CliError::usage(format!("{dest}: name the remote file (stdin has no name)"))),
+                }
+            } else {
+                path
+            };
             let (local, mode) = if src == "-" {
                 let tmp = std::env::temp_dir().join(format!("testbusctl-cp-{}", suffix()));
                 let mut data = Vec::new();

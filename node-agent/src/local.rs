@@ -3,14 +3,21 @@
 //!
 //! One socket serves every process of the agent. Who is speaking comes from
 //! the kernel, never from the request: the caller's pid (SO_PEERCRED) leads
-//! to its process group, or else to an ancestor, that a runner registered
-//! for its Process; the request's `process` is overwritten with that
-//! Process's name before it goes to the control plane. A caller that belongs
-//! to no process of this agent is refused. (A socket per process would cost
-//! a file created and removed for every process, and still let any local
-//! program speak for any process by connecting to its socket.) A caller
-//! whose ancestry does not lead back to its process — a container that the
-//! process had a runtime's daemon start, say — is refused too.
+//! to the Process a runner registered, and the request's `process` is
+//! overwritten with that Process's name before it goes to the control
+//! plane. Where processes run in cgroups of their own (see `containment`),
+//! the caller's cgroup names its Process: a process cannot leave it, so one
+//! that escaped its process group or session still speaks only for its own
+//! Process, and nothing can speak for a Process once it has ended. Without
+//! cgroups, the caller's process group, or else an ancestor, is looked up:
+//! weaker, since a process may join another group of its session. A caller
+//! that belongs to no process of this agent is refused. (A socket per
+//! process would cost a file created and removed for every process, and
+//! still let any local program speak for any process by connecting to its
+//! socket.) A caller that its process had a runtime's daemon start (a
+//! container) is refused too.
+use crate::containment::CgroupRoot;
+use crate::journal::ProcStat;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -29,29 +36,43 @@ const REGISTRATION_WAIT: Duration = Duration::from_secs(2);
 /// Ancestors followed from the caller before giving up.
 const MAX_ANCESTORS: usize = 64;
 
-/// Running processes by process group (the pid of their main process).
+/// What identifies the processes of a Process.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Key {
+    /// The uid that names its cgroup.
+    Cgroup(String),
+    /// Its process group (the pid of its main process).
+    Group(i32),
+}
+
+/// Running processes by what identifies them.
 #[derive(Default)]
 struct Callers {
-    by_group: Mutex<HashMap<i32, String>>,
+    by_key: Mutex<HashMap<Key, String>>,
     changed: Notify,
+    cgroups: Option<Arc<CgroupRoot>>,
 }
 
 impl Callers {
     fn lookup(&self, pid: i32) -> Option<String> {
-        let groups = self.by_group.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(root) = &self.cgroups {
+            let uid = root.uid_of(pid)?;
+            return self.by_key.lock().unwrap_or_else(|p| p.into_inner()).get(&Key::Cgroup(uid)).cloned();
+        }
+        let keys = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
         let mut pid = pid;
         for _ in 0..MAX_ANCESTORS {
-            if let Some(name) = groups.get(&pid) {
+            if let Some(name) = keys.get(&Key::Group(pid)) {
                 return Some(name.clone());
             }
-            let (ppid, group) = parent_and_group(pid)?;
-            if let Some(name) = groups.get(&group) {
+            let stat = ProcStat::read(pid)?;
+            if let Some(name) = keys.get(&Key::Group(stat.pgrp)) {
                 return Some(name.clone());
             }
-            if ppid <= 1 {
+            if stat.ppid <= 1 {
                 return None;
             }
-            pid = ppid;
+            pid = stat.ppid;
         }
         None
     }
@@ -68,18 +89,6 @@ impl Callers {
             }
         }
     }
-}
-
-/// The parent and process group of `pid`, from /proc/PID/stat.
-fn parent_and_group(pid: i32) -> Option<(i32, i32)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses: the
-    // fields after it start at the last ')'.
-    let mut rest = stat.rsplit_once(')')?.1.split_whitespace();
-    let _state = rest.next()?;
-    let ppid = rest.next()?.parse().ok()?;
-    let group = rest.next()?.parse().ok()?;
-    Some((ppid, group))
 }
 
 struct ProcessSync {
@@ -125,15 +134,15 @@ pub struct LocalSocket {
     _stop: oneshot::Sender<()>,
 }
 
-/// A process group speaking for a Process until this is dropped.
+/// A Process's processes speaking for it until this is dropped.
 pub struct Registration {
     callers: Arc<Callers>,
-    group: i32,
+    key: Key,
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.callers.by_group.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.group);
+        self.callers.by_key.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.key);
     }
 }
 
@@ -145,13 +154,13 @@ impl Drop for LocalSocket {
 
 impl LocalSocket {
     /// Serves `dir/agent.sock` (replacing what a predecessor left there).
-    pub fn serve(dir: &Path, client: Client) -> std::io::Result<LocalSocket> {
+    pub fn serve(dir: &Path, client: Client, cgroups: Option<Arc<CgroupRoot>>) -> std::io::Result<LocalSocket> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join("agent.sock");
         let _ = std::fs::remove_file(&path);
         let listener = tokio::net::UnixListener::bind(&path)?;
         let (stop, stopped) = oneshot::channel::<()>();
-        let callers = Arc::new(Callers::default());
+        let callers = Arc::new(Callers { cgroups, ..Default::default() });
         let svc = SyncServer::new(ProcessSync { client, callers: callers.clone() });
         tokio::spawn(async move {
             let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
@@ -168,12 +177,14 @@ impl LocalSocket {
         Ok(LocalSocket { path, callers, _stop: stop })
     }
 
-    /// Callers in process group `group` (or descended from its leader)
-    /// speak for Process `process`.
-    pub fn register(&self, group: i32, process: String) -> Registration {
-        self.callers.by_group.lock().unwrap_or_else(|p| p.into_inner()).insert(group, process);
+    /// Callers in the cgroup of Process `uid` (with cgroups), or else in
+    /// process group `group` or descended from its leader, speak for
+    /// Process `process`.
+    pub fn register(&self, group: i32, uid: &str, process: String) -> Registration {
+        let key = if self.callers.cgroups.is_some() { Key::Cgroup(uid.to_string()) } else { Key::Group(group) };
+        self.callers.by_key.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone(), process);
         self.callers.changed.notify_waiters();
-        Registration { callers: self.callers.clone(), group }
+        Registration { callers: self.callers.clone(), key }
     }
 }
 
@@ -185,26 +196,26 @@ mod tests {
     async fn callers_are_found_by_group_or_ancestor_and_strangers_refused() {
         let callers = Arc::new(Callers::default());
         let me = std::process::id() as i32;
-        let (parent, group) = parent_and_group(me).expect("own stat");
+        let stat = ProcStat::read(me).expect("own stat");
         // Registered by our own group: found.
-        callers.by_group.lock().unwrap().insert(group, "by-group".into());
+        callers.by_key.lock().unwrap().insert(Key::Group(stat.pgrp), "by-group".into());
         assert_eq!(callers.lookup(me).as_deref(), Some("by-group"));
-        callers.by_group.lock().unwrap().clear();
+        callers.by_key.lock().unwrap().clear();
         // Registered by our parent's pid (a process that left its group):
         // found through the ancestry.
-        callers.by_group.lock().unwrap().insert(parent, "by-parent".into());
+        callers.by_key.lock().unwrap().insert(Key::Group(stat.ppid), "by-parent".into());
         assert_eq!(callers.lookup(me).as_deref(), Some("by-parent"));
-        callers.by_group.lock().unwrap().clear();
+        callers.by_key.lock().unwrap().clear();
         // A caller found only once registered, while it waits.
         let c = callers.clone();
         let waiting = tokio::spawn(async move { c.who(me).await });
         tokio::task::yield_now().await;
         let sock =
             LocalSocket { path: PathBuf::from("/nonexistent"), callers: callers.clone(), _stop: oneshot::channel().0 };
-        let reg = sock.register(me, "late".into());
+        let reg = sock.register(me, "uid", "late".into());
         assert_eq!(waiting.await.unwrap().unwrap(), "late");
         drop(reg);
-        assert!(callers.by_group.lock().unwrap().is_empty(), "a registration ends with its process");
+        assert!(callers.by_key.lock().unwrap().is_empty(), "a registration ends with its process");
         tokio::time::pause();
         let refused = callers.who(me).await.unwrap_err();
         assert_eq!(refused.code(), tonic::Code::PermissionDenied);

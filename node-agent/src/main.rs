@@ -4,7 +4,8 @@
 //! dispatcher. The dispatcher is the only owner of the runner table; each
 //! runner task owns its child process and reports its own status. The
 //! journal is written before any spawn.
-#![forbid(unsafe_code)]
+// Unsafe only where a child joins its cgroup between fork and exec.
+#![deny(unsafe_code)]
 
 /// mimalloc rather than glibc's malloc: a process's short life (decode
 /// its object, build its env, spawn, report) is thousands of small
@@ -17,6 +18,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod cache;
 mod config;
+mod containment;
 mod facts;
 mod journal;
 mod local;
@@ -214,6 +216,20 @@ struct Agent {
     /// Admitted, not yet in the journal: no runner yet.
     admitted: Vec<(Process, mpsc::Receiver<Command>)>,
     done: mpsc::UnboundedSender<String>,
+    cgroups: Option<std::sync::Arc<containment::CgroupRoot>>,
+    /// Processes whose cgroup a predecessor left: they ran, whatever the
+    /// journal says.
+    predecessor_ran: std::collections::HashSet<String>,
+}
+
+/// Whether a Process's own status says it was started already: an agent
+/// sets these only after journalling it, so a Process showing them and
+/// missing from the journal ran under a journal that was since lost.
+fn status_says_started(p: &Process) -> bool {
+    let s = p.status();
+    s.pid != 0
+        || !s.start_time.is_empty()
+        || [phase::FETCHING, phase::READY, phase::RUNNING].contains(&s.phase.as_str())
 }
 
 impl Agent {
@@ -234,15 +250,18 @@ impl Agent {
             return;
         }
         let api = self.client.api::<Process>();
-        if self.journal.contains(&uid) {
+        if self.journal.contains(&uid) || self.predecessor_ran.contains(&uid) {
             // Started before by this agent, but not by this run of it: the
             // process cannot be re-adopted, and must never run twice.
-            // Whatever its predecessor left running of it goes now.
-            if let Some(pgid) = self.journal.pid(&uid) {
-                let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), nix::sys::signal::Signal::SIGKILL);
-            }
+            // Whatever its predecessor left running of it went when this
+            // agent started (`containment::end_predecessors`).
             let why = "the agent restarted while the process ran; its outcome is unknown";
             runner::end_unrun(&api, &p, phase::LOST, "AgentRestarted", why).await;
+            return;
+        }
+        if status_says_started(&p) {
+            let why = "the process was started before, but the agent's journal has no record of it (lost or damaged); it is not run again";
+            runner::end_unrun(&api, &p, phase::LOST, "JournalLost", why).await;
             return;
         }
         if p.spec().stop {
@@ -283,6 +302,7 @@ impl Agent {
                 cache: self.cache.clone(),
                 test_vars: self.test_vars.clone(),
                 journal: self.journal.path().to_path_buf(),
+                cgroups: self.cgroups.clone(),
             };
             let done = self.done.clone();
             tokio::spawn(async move {
@@ -332,6 +352,13 @@ impl Agent {
     }
 }
 
+/// Tells apart the cgroups of agents on one machine: by name, and by data
+/// dir for two agents of one name.
+fn cgroup_key(name: &str, data_dir: &std::path::Path) -> String {
+    let dir = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    format!("{name}.{:08x}", crc32fast::hash(dir.as_os_str().as_encoded_bytes()))
+}
+
 fn default_data_dir(name: &str) -> PathBuf {
     let base = if std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
     {
@@ -347,6 +374,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let data_dir = args.data_dir.clone().unwrap_or_else(|| default_data_dir(&args.name));
     std::fs::create_dir_all(data_dir.join("work")).with_context(|| format!("--data-dir {}", data_dir.display()))?;
     let journal = journal::Journal::open(&data_dir.join("journal")).context("opening the journal")?;
+    if journal.skipped() > 0 {
+        tracing::warn!(
+            skipped = journal.skipped(),
+            "the journal has records that do not check (torn or damaged); they were skipped"
+        );
+    }
+    let cgroups = match containment::CgroupRoot::create(&cgroup_key(&args.name, &data_dir)) {
+        Ok(root) => {
+            tracing::info!(cgroup = %root.dir().display(), "each process runs in a cgroup of its own");
+            Some(std::sync::Arc::new(root))
+        }
+        Err(e) => {
+            tracing::warn!(
+                "no cgroups ({e}): processes are contained by their process group only, which one may leave"
+            );
+            None
+        }
+    };
+    let predecessor_ran = containment::end_predecessors(&journal, cgroups.as_deref()).await;
     let client = Client::lazy(&args.server).map_err(|e| anyhow::anyhow!("--server: {e}"))?;
     tokio::spawn(keep_lease(client.clone(), mine, args.lease_duration / 3));
 
@@ -355,7 +401,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         client: client.clone(),
         journal,
         work_root: data_dir.join("work"),
-        socket: match local::LocalSocket::serve(&data_dir.join("sock"), client.clone()) {
+        socket: match local::LocalSocket::serve(&data_dir.join("sock"), client.clone(), cgroups.clone()) {
             Ok(s) => Some(std::sync::Arc::new(s)),
             Err(e) => {
                 tracing::warn!(error = %e, "no local socket; sync/send/recv will fail in processes");
@@ -367,6 +413,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         running: HashMap::new(),
         admitted: Vec::new(),
         done: done_tx,
+        cgroups,
+        predecessor_ran,
     };
     let events = watcher(client.api::<Process>(), String::new(), format!("spec.hostName={}", args.name));
     futures::pin_mut!(events);

@@ -75,6 +75,8 @@ pub struct ProcessRunner {
     pub test_vars: std::sync::Arc<crate::testvars::TestVars>,
     /// Where the process group is recorded once it runs.
     pub journal: PathBuf,
+    /// Where each process gets a cgroup of its own, if cgroups can be had.
+    pub cgroups: Option<std::sync::Arc<crate::containment::CgroupRoot>>,
 }
 
 /// A file of the process, fetched into the cache.
@@ -132,6 +134,23 @@ fn program_path(program: &str, path: Option<&str>) -> PathBuf {
     found.unwrap_or_else(|| PathBuf::from(program))
 }
 
+/// Puts a copy of `from` at `to` with `mode`, whole or not at all: written
+/// to a temporary file of a random name, created exclusively (never through
+/// a link planted in the directory) beside `to`, then renamed over it. Two
+/// deliveries into one directory at once never share a temporary file, and
+/// a failed one leaves none behind.
+fn deliver(from: &std::path::Path, to: &std::path::Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = to.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = tempfile::Builder::new().prefix(".testbus-").suffix(".tmp").tempfile_in(dir)?;
+    std::io::copy(&mut std::fs::File::open(from)?, tmp.as_file_mut())?;
+    // On the open file, not by name.
+    tmp.as_file().set_permissions(std::fs::Permissions::from_mode(mode))?;
+    tmp.persist(to).map_err(|e| e.error)?;
+    Ok(())
+}
+
 fn kill_group(pgid: i32, sig: nix::sys::signal::Signal) {
     // ESRCH (group already gone) is fine.
     let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), sig);
@@ -141,16 +160,32 @@ impl ProcessRunner {
     pub async fn run(self, mut commands: mpsc::Receiver<Command>) {
         let name = self.process.name().to_string();
         let api = self.client.api::<Process>();
-        let (vars, fetched) = tokio::join!(self.host_vars(), self.fetch(&api));
-        let prepared = match (vars, fetched) {
-            (Ok(vars), Ok((files, stdin))) => {
-                self.prepare(&vars, self.socket.as_ref().map(|s| s.path.as_path()), &files, stdin).await
+        let prepare = async {
+            let (vars, fetched) = tokio::join!(self.host_vars(), self.fetch(&api));
+            match (vars, fetched) {
+                (Ok(vars), Ok((files, stdin))) => {
+                    self.prepare(&vars, self.socket.as_ref().map(|s| s.path.as_path()), &files, stdin).await
+                }
+                (Err(e), _) | (_, Err(e)) => Err(e),
             }
-            (Err(e), _) | (_, Err(e)) => Err(e),
+        };
+        // A stop while files are fetched or put in place ends the process
+        // there: it never starts.
+        tokio::pin!(prepare);
+        let mut released = false;
+        let prepared = loop {
+            tokio::select! {
+                r = &mut prepare => break r,
+                cmd = commands.recv() => match cmd {
+                    Some(Command::Release) => released = true,
+                    Some(Command::Stop(by)) => break Err(Ended::Stopped { by, signal: String::new() }),
+                    None => break Err(Ended::Stopped { by: StopReason::AgentShutdown, signal: String::new() }),
+                },
+            }
         };
         let (ended, sizes, started) = match prepared {
             Err(e) => (e, Default::default(), None),
-            Ok(cmd) => match self.gate(&api, &mut commands).await {
+            Ok(cmd) => match self.gate(&api, &mut commands, released).await {
                 Some(by) => (Ended::Stopped { by, signal: String::new() }, Default::default(), None),
                 None => self.execute(cmd, &mut commands).await,
             },
@@ -217,9 +252,14 @@ impl ProcessRunner {
 
     /// A gated process reports Ready and waits to be released; returns why
     /// it was stopped instead, if it was.
-    async fn gate(&self, api: &Api<Process>, commands: &mut mpsc::Receiver<Command>) -> Option<StopReason> {
+    async fn gate(
+        &self,
+        api: &Api<Process>,
+        commands: &mut mpsc::Receiver<Command>,
+        released: bool,
+    ) -> Option<StopReason> {
         let spec = self.process.spec();
-        if !spec.gated || spec.released {
+        if !spec.gated || spec.released || released {
             return None;
         }
         advance(api, &self.known, phase::READY).await;
@@ -285,21 +325,20 @@ impl ProcessRunner {
             } else if f.path.starts_with('/') {
                 PathBuf::from(&f.path)
             } else {
-                workdir.join(&f.path)
+                // Validated by the API already; the agent does not rely on it.
+                let rel = std::path::Path::new(&f.path);
+                if rel.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+                    return Err(Ended::SetupFailed {
+                        reason: "FileFailed",
+                        message: format!("file path {:?} leaves the work dir", f.path),
+                    });
+                }
+                workdir.join(rel)
             };
             let mode = testbus_proto::validate::parse_mode(&f.mode).unwrap_or(0o644);
             let (from, to) = (cached.clone(), dest.clone());
             // A large file takes a while to copy: off the agent's thread.
-            let copy = move || -> std::io::Result<()> {
-                use std::os::unix::fs::PermissionsExt;
-                if let Some(dir) = to.parent() {
-                    std::fs::create_dir_all(dir)?;
-                }
-                let tmp = to.with_extension(format!("testbus-{}", std::process::id()));
-                std::fs::copy(from, &tmp)?;
-                std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
-                std::fs::rename(&tmp, &to)
-            };
+            let copy = move || deliver(&from, &to, mode);
             let copied = tokio::task::spawn_blocking(copy).await.unwrap_or_else(|e| Err(std::io::Error::other(e)));
             copied.map_err(|e| Ended::SetupFailed {
                 reason: "FileFailed",
@@ -390,6 +429,23 @@ impl ProcessRunner {
     ) -> (Ended, (Pumped, Pumped), Option<(i64, String)>) {
         let name = self.process.name().to_string();
         let spec = self.process.spec();
+        let setup_failed = |reason, message| (Ended::SetupFailed { reason, message }, Default::default(), None);
+        let cgroup = match &self.cgroups {
+            Some(root) => match root.create_for(&self.process.meta().uid) {
+                Ok(cg) => {
+                    // SAFETY: the closure runs in the child between fork and
+                    // exec; it only writes to a file already open (one
+                    // write(2), async-signal-safe, no allocation or lock).
+                    #[allow(unsafe_code)]
+                    unsafe {
+                        cmd.pre_exec(cg.joiner());
+                    }
+                    Some(cg)
+                }
+                Err(e) => return setup_failed("ContainFailed", format!("cannot create the process's cgroup: {e}")),
+            },
+            None => None,
+        };
         let mut child = {
             let mut tries = 0;
             loop {
@@ -402,25 +458,30 @@ impl ProcessRunner {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
                     Err(e) => {
+                        if let Some(cg) = &cgroup {
+                            cg.end().await;
+                        }
                         let what = spec.argv.first().map(String::as_str).unwrap_or("script");
-                        return (
-                            Ended::SetupFailed {
-                                reason: "SpawnFailed",
-                                message: format!("cannot execute {what}: {e}"),
-                            },
-                            Default::default(),
-                            None,
-                        );
+                        return setup_failed("SpawnFailed", format!("cannot execute {what}: {e}"));
                     }
                 }
             }
         };
         let pid = child.id().map(|p| p as i32).unwrap_or(0);
-        // Its group speaks for it on the local socket until it is gone.
-        let _speaks = self.socket.as_ref().map(|s| s.register(pid, name.clone()));
-        if let Err(e) = crate::journal::Journal::record_pid(&self.journal, &self.process.meta().uid, pid) {
-            tracing::warn!(process = %name, error = %e, "cannot record the pid in the journal");
+        // Its cgroup (or group) speaks for it on the local socket until it
+        // is gone.
+        let _speaks = self.socket.as_ref().map(|s| s.register(pid, &self.process.meta().uid, name.clone()));
+        // Read before anything can reap the child: the leader's start time
+        // is what lets a successor prove the group is still this one.
+        match crate::journal::Group::of_leader(pid) {
+            Some(group) => {
+                if let Err(e) = crate::journal::Journal::record_group(&self.journal, &self.process.meta().uid, group) {
+                    tracing::warn!(process = %name, error = %e, "cannot record the process group in the journal");
+                }
+            }
+            None => tracing::debug!(process = %name, pid, "ended before its group could be recorded"),
         }
+        let contained = Contained { pgid: pid, cgroup: cgroup.as_ref() };
         let api = self.client.api::<Process>();
         // The Running report goes in the background so a stop is never
         // delayed by a slow API, and only once the process has run for
@@ -460,8 +521,11 @@ impl ProcessRunner {
         for fd in pipes.into_iter().flatten() {
             let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETPIPE_SZ(CHUNK as i32));
         }
-        let out = child.stdout.take().map(|r| tokio::spawn(pump(r, self.client.clone(), name.clone(), 0)));
-        let err = child.stderr.take().map(|r| tokio::spawn(pump(r, self.client.clone(), name.clone(), 1)));
+        // Told to stop reading when the drain limit passes (below).
+        let (stop_out, stop_out_rx) = tokio::sync::oneshot::channel();
+        let (stop_err, stop_err_rx) = tokio::sync::oneshot::channel();
+        let out = child.stdout.take().map(|r| tokio::spawn(pump(r, self.client.clone(), name.clone(), 0, stop_out_rx)));
+        let err = child.stderr.take().map(|r| tokio::spawn(pump(r, self.client.clone(), name.clone(), 1, stop_err_rx)));
         let timeout = duration::parse(&spec.timeout).ok();
         let deadline = async {
             match timeout {
@@ -475,28 +539,45 @@ impl ProcessRunner {
                 Err(e) => Ended::SetupFailed { reason: "WaitFailed", message: e.to_string() },
             },
             _ = deadline => {
-                let signal = terminate(&mut child, pid).await;
+                let signal = terminate(&mut child, &contained).await;
                 Ended::TimedOut { after: timeout.unwrap_or_default(), signal }
             }
             Some(by) = stop_requested(commands) => {
-                let signal = terminate(&mut child, pid).await;
+                let signal = terminate(&mut child, &contained).await;
                 Ended::Stopped { by, signal }
             }
         };
-        // Whatever the main process left behind in its group goes too.
-        kill_group(pid, nix::sys::signal::Signal::SIGKILL);
-        let mut sizes = (Pumped::default(), Pumped::default());
-        let drain = async {
-            if let Some(h) = out {
-                sizes.0 = h.await.unwrap_or_default();
+        // Whatever the main process left behind goes too.
+        contained.end().await;
+        let (mut out, mut err) = (out, err);
+        let (mut out_done, mut err_done) = (None, None);
+        let drained = async {
+            if let Some(h) = &mut out {
+                out_done = Some(h.await.unwrap_or_default());
             }
-            if let Some(h) = err {
-                sizes.1 = h.await.unwrap_or_default();
+            if let Some(h) = &mut err {
+                err_done = Some(h.await.unwrap_or_default());
             }
         };
-        if tokio::time::timeout(DRAIN_LIMIT, drain).await.is_err() {
-            tracing::warn!(process = %name, "output pipes still open after the process group ended; giving up on them");
+        if tokio::time::timeout(DRAIN_LIMIT, drained).await.is_err() {
+            // Something outside the process's containment holds a pipe.
+            // Reading stops, but what was read is still uploaded before
+            // the final status: a terminal Process has all the output
+            // it is said to have.
+            tracing::warn!(process = %name, "output pipes still open after the process ended; reading stops");
+            let _ = stop_out.send(());
+            let _ = stop_err.send(());
         }
+        // A pump not finished yet finishes its uploads now; each returns
+        // what it sent.
+        async fn finish(done: Option<Pumped>, h: Option<tokio::task::JoinHandle<Pumped>>) -> Pumped {
+            match (done, h) {
+                (Some(p), _) => p,
+                (None, Some(h)) => h.await.unwrap_or_default(),
+                (None, None) => Pumped::default(),
+            }
+        }
+        let sizes = (finish(out_done, out).await, finish(err_done, err).await);
         // A Running report not done yet is dropped; if it lands anyway, the
         // final report meets a conflict and reads again, or the server
         // refuses the Running one, the status being final by then.
@@ -525,18 +606,46 @@ fn exit_of(st: std::process::ExitStatus) -> Ended {
     }
 }
 
-/// TERM the group, KILL it after the grace period; returns the signal that
+/// Everything a running process may have started: its process group and,
+/// where cgroups can be had, its cgroup (which holds all of it).
+struct Contained<'a> {
+    pgid: i32,
+    cgroup: Option<&'a crate::containment::ProcessCgroup>,
+}
+
+impl Contained<'_> {
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        // A pgid of 0 or 1 would mean "our own group" or "everyone".
+        if self.pgid > 1 {
+            kill_group(self.pgid, sig);
+        }
+        if let Some(cg) = self.cgroup {
+            cg.signal(sig);
+        }
+    }
+
+    /// Kills what is left (all of the cgroup, at once) and removes the
+    /// cgroup.
+    async fn end(&self) {
+        self.signal(nix::sys::signal::Signal::SIGKILL);
+        if let Some(cg) = self.cgroup {
+            cg.end().await;
+        }
+    }
+}
+
+/// TERM everything, KILL it after the grace period; returns the signal that
 /// ended the main process.
-async fn terminate(child: &mut tokio::process::Child, pgid: i32) -> String {
+async fn terminate(child: &mut tokio::process::Child, contained: &Contained<'_>) -> String {
     use nix::sys::signal::Signal;
-    kill_group(pgid, Signal::SIGTERM);
+    contained.signal(Signal::SIGTERM);
     match tokio::time::timeout(KILL_GRACE, child.wait()).await {
         Ok(Ok(st)) => match exit_of(st) {
             Ended::Signalled(s) => s,
             _ => "SIGTERM".into(),
         },
         _ => {
-            kill_group(pgid, Signal::SIGKILL);
+            contained.signal(Signal::SIGKILL);
             let _ = child.wait().await;
             "SIGKILL".into()
         }
@@ -566,7 +675,13 @@ async fn read_spare(r: &mut (impl AsyncRead + Unpin), buf: &mut Vec<u8>) -> std:
 /// server's answer with a full pipe. Appends stay one at a time, in order.
 /// Memory is bounded by one chunk being sent and one read ahead; beyond
 /// that the pipe's back-pressure holds the writer.
-async fn pump(mut r: impl AsyncRead + Unpin, client: Client, process: String, stream: i32) -> Pumped {
+async fn pump(
+    mut r: impl AsyncRead + Unpin,
+    client: Client,
+    process: String,
+    stream: i32,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> Pumped {
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(1);
     let read = async move {
         // Most processes write little or nothing: a chunk's buffer starts
@@ -576,9 +691,13 @@ async fn pump(mut r: impl AsyncRead + Unpin, client: Client, process: String, st
         let mut size = FIRST_READ;
         loop {
             let mut buf: Vec<u8> = Vec::with_capacity(size);
-            match read_spare(&mut r, &mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
+            tokio::select! {
+                biased;
+                _ = &mut stop => return,
+                n = read_spare(&mut r, &mut buf) => match n {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                },
             }
             // Whatever else is already in the pipe goes in the same append
             // (a read that would wait is dropped; pipe reads are cancel-safe).
@@ -613,7 +732,9 @@ async fn pump(mut r: impl AsyncRead + Unpin, client: Client, process: String, st
                         truncated |= r.into_inner().truncated;
                         break;
                     }
-                    Err(s) if s.code() == Code::NotFound => gone = true,
+                    // Gone, or already ended (its status was made final by
+                    // someone else): nothing more is taken.
+                    Err(s) if matches!(s.code(), Code::NotFound | Code::FailedPrecondition) => gone = true,
                     Err(s) => {
                         tracing::debug!(%process, error = %s, "output append failed; retrying");
                         tokio::time::sleep(backoff).await;
@@ -686,8 +807,46 @@ pub async fn report(api: &Api<Process>, known: &Known, mut f: impl FnMut(&mut Pr
 
 #[cfg(test)]
 mod tests {
-    use super::program_path;
+    use super::{deliver, program_path};
     use std::path::PathBuf;
+
+    #[test]
+    fn deliveries_into_one_directory_do_not_meet_and_planted_links_are_not_followed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let src = tempfile::tempdir().unwrap();
+        let victim = src.path().join("victim");
+        std::fs::write(&victim, "untouched").unwrap();
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+        // A link at the temporary name earlier agents used for both
+        // app.conf and app.yaml (`with_extension`).
+        let planted = dir.path().join(format!("app.testbus-{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, planted).unwrap();
+        // Two large files with the same stem, delivered at once, many times.
+        let (a, b) = (src.path().join("a"), src.path().join("b"));
+        std::fs::write(&a, vec![b'a'; 4 << 20]).unwrap();
+        std::fs::write(&b, vec![b'b'; 4 << 20]).unwrap();
+        for _ in 0..5 {
+            std::thread::scope(|s| {
+                s.spawn(|| deliver(&a, &dir.path().join("app.conf"), 0o640).unwrap());
+                s.spawn(|| deliver(&b, &dir.path().join("app.yaml"), 0o755).unwrap());
+            });
+            assert!(std::fs::read(dir.path().join("app.conf")).unwrap().iter().all(|&c| c == b'a'));
+            assert!(std::fs::read(dir.path().join("app.yaml")).unwrap().iter().all(|&c| c == b'b'));
+        }
+        let mode = |n: &str| std::fs::metadata(dir.path().join(n)).unwrap().permissions().mode() & 0o777;
+        assert_eq!((mode("app.conf"), mode("app.yaml")), (0o640, 0o755));
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "untouched");
+        assert_eq!(std::fs::metadata(&victim).unwrap().permissions().mode() & 0o777, 0o600);
+        // A failed delivery leaves no temporary file behind.
+        assert!(deliver(&src.path().join("missing"), &dir.path().join("x"), 0o644).is_err());
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with(".testbus-"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
 
     #[test]
     fn programs_are_found_in_the_process_path() {

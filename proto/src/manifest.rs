@@ -32,6 +32,80 @@ pub fn document_suffix(d: usize) -> String {
 /// Largest manifest accepted, in bytes.
 pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
 
+/// Deepest nesting accepted in a manifest (real ones stay below 15). Checked
+/// before parsing: the YAML parser's cost grows with the square of the depth
+/// (100,000 levels took 48 s), and its own recursion limit only applies
+/// after that work is done.
+pub const MAX_NESTING: usize = 64;
+
+/// The first line (1-based) at which `text` nests deeper than `limit`, by
+/// a conservative scan: block indentation levels, compact `- ` entries on
+/// one line, and open flow brackets outside quotes and comments. Block
+/// scalars (`|`, `>`) are skipped. It may overcount odd but valid YAML,
+/// never undercount.
+fn too_deep(text: &str, limit: usize) -> Option<usize> {
+    let mut indents: Vec<usize> = Vec::new();
+    let mut flow = 0usize;
+    // While inside a block scalar: the indentation of the line that began it.
+    let mut scalar_of: Option<usize> = None;
+    for (n, line) in text.lines().enumerate() {
+        let body = line.trim_start_matches(' ');
+        let indent = line.len() - body.len();
+        if body.is_empty() || body.starts_with('#') {
+            continue;
+        }
+        if let Some(parent) = scalar_of {
+            if indent > parent {
+                continue;
+            }
+            scalar_of = None;
+        }
+        if flow == 0 {
+            while indents.last().is_some_and(|&i| i > indent) {
+                indents.pop();
+            }
+            if indents.last().is_none_or(|&i| i < indent) {
+                indents.push(indent);
+            }
+        }
+        let mut rest = body;
+        let mut dashes = 0;
+        while let Some(r) = rest.strip_prefix("- ").or_else(|| rest.strip_prefix("? ")) {
+            dashes += 1;
+            rest = r.trim_start_matches(' ');
+        }
+        let mut quote: Option<char> = None;
+        let mut prev = ' ';
+        let mut deepest = flow;
+        for c in rest.chars() {
+            match quote {
+                Some(q) if c == q => quote = None,
+                Some(_) => {}
+                None => match c {
+                    '\'' | '"' if prev == ' ' || "[{:,".contains(prev) => quote = Some(c),
+                    '#' if prev == ' ' => break,
+                    '[' | '{' => {
+                        flow += 1;
+                        deepest = deepest.max(flow);
+                    }
+                    ']' | '}' => flow = flow.saturating_sub(1),
+                    _ => {}
+                },
+            }
+            prev = c;
+        }
+        if indents.len() + dashes + deepest > limit {
+            return Some(n + 1);
+        }
+        let t = rest.trim_end();
+        let header = t.rsplit_once(' ').map_or(t, |(_, last)| last);
+        if flow == 0 && (header.starts_with('|') || header.starts_with('>')) && header.len() <= 3 {
+            scalar_of = Some(indent);
+        }
+    }
+    None
+}
+
 /// Parses every document of a YAML or JSON text into objects.
 pub fn parse(source_name: &str, text: &str) -> Result<Vec<Object>, ManifestError> {
     Ok(parse_documents(source_name, text)?.into_iter().map(|(_, o)| o).collect())
@@ -47,6 +121,9 @@ pub fn parse_documents(source_name: &str, text: &str) -> Result<Vec<(usize, Obje
     };
     if text.len() > MAX_MANIFEST_BYTES {
         return Err(err(0, String::new(), format!("manifest larger than {MAX_MANIFEST_BYTES} bytes")));
+    }
+    if let Some(line) = too_deep(text, MAX_NESTING) {
+        return Err(err(0, String::new(), format!("line {line}: nested deeper than {MAX_NESTING} levels")));
     }
     let mut out = Vec::new();
     for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
@@ -313,5 +390,29 @@ spec:
     fn prune_drops_empty_values() {
         let v = serde_json::json!({"a": "", "b": [], "c": {"d": null}, "e": 0, "f": false, "g": "x"});
         assert_eq!(prune(v), serde_json::json!({"e": 0, "g": "x"}));
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_before_parsing() {
+        let started = std::time::Instant::now();
+        for deep in ["[".repeat(100_000), "{a: ".repeat(50_000), "- ".repeat(100_000) + "x", {
+            let mut s = String::new();
+            for i in 0..2000 {
+                s.push_str(&" ".repeat(i));
+                s.push_str("a:\n");
+            }
+            s
+        }] {
+            let e = parse("deep.yaml", &deep).unwrap_err();
+            assert!(e.to_string().contains("nested deeper than 64 levels"), "{e}");
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(5), "refused quickly");
+        // A block scalar's content (a script's braces and indentation) and
+        // brackets in quotes or comments do not count.
+        let script = (0..80).map(|i| format!("{}{{\n", " ".repeat(8 + i))).collect::<String>();
+        let ok = format!(
+            "apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: t}}  # [[[[\nspec:\n  hosts: [{{role: a}}]\n  env: {{X: \"[[[[[[\"}}\n  steps:\n    - name: s\n      on: [a]\n      script: |\n{script}"
+        );
+        parse("ok.yaml", &ok).unwrap();
     }
 }

@@ -15,6 +15,14 @@ enum Req {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LabelSelector(Vec<Req>);
 
+/// A label key (`prefix/name` allowed) or value: at most 253 of
+/// `[A-Za-z0-9-_./]`, a value possibly empty.
+fn label_token(s: &str, may_be_empty: bool) -> bool {
+    (may_be_empty || !s.is_empty())
+        && s.len() <= 253
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
+}
+
 impl LabelSelector {
     pub fn parse(s: &str) -> Result<Self, String> {
         let mut reqs = Vec::new();
@@ -28,10 +36,13 @@ impl LabelSelector {
             } else {
                 Req::Exists(part.into())
             };
-            let key = match &req {
-                Req::Eq(k, _) | Req::Ne(k, _) | Req::Exists(k) | Req::NotExists(k) => k,
+            let (key, value) = match &req {
+                Req::Eq(k, v) | Req::Ne(k, v) => (k, Some(v)),
+                Req::Exists(k) | Req::NotExists(k) => (k, None),
             };
-            if key.is_empty() || key.contains(char::is_whitespace) {
+            // As Kubernetes: a key is a label name, a value empty or one;
+            // `a=b=c` and `!!a` are mistakes, not selectors.
+            if !label_token(key, false) || !value.is_none_or(|v| label_token(v, true)) {
                 return Err(format!("invalid label selector {s:?}: bad requirement {part:?}"));
             }
             reqs.push(req);
@@ -116,6 +127,10 @@ mod tests {
         assert!(!LabelSelector::parse("gpu").unwrap().matches(&l));
         assert!(LabelSelector::parse("").unwrap().matches(&l));
         assert!(LabelSelector::parse("=x").is_err());
+        for bad in ["a=b=c", "!!a", "a!=b=c", "a==b=c", "a b", "a=b c", "a\u{0}"] {
+            assert!(LabelSelector::parse(bad).is_err(), "{bad:?} was accepted");
+        }
+        assert!(LabelSelector::parse("testbus.io/suite=nfs-4.2,a=").is_ok());
     }
 
     #[test]

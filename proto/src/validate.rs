@@ -224,6 +224,30 @@ pub fn file_refs_of_test(t: &Test) -> Vec<(String, &FileRef)> {
     out
 }
 
+/// Every file reference of a test (child tests included), to change: the
+/// same walk as [`file_refs_of_test`].
+pub fn file_refs_of_test_mut(t: &mut Test) -> Vec<&mut FileRef> {
+    fn level<'a>(
+        files: &'a mut [FileRef],
+        steps: &'a mut [Step],
+        children: &'a mut [crate::ChildTest],
+        out: &mut Vec<&'a mut FileRef>,
+    ) {
+        out.extend(files.iter_mut());
+        for st in steps.iter_mut() {
+            out.extend(st.files.iter_mut());
+            out.extend(st.stdin_file.as_mut());
+        }
+        for c in children.iter_mut() {
+            level(&mut c.files, &mut c.steps, &mut c.tests, out);
+        }
+    }
+    let s = t.spec_mut();
+    let mut out = Vec::new();
+    level(&mut s.files, &mut s.steps, &mut s.tests, &mut out);
+    out
+}
+
 fn level_file_refs<'a>(
     p: &str,
     files: &'a [FileRef],
@@ -438,24 +462,72 @@ fn step(
             e.add(format!("{p}.after[{j}]"), format!("unknown step or child test {a:?}"));
         }
     }
-    command(p, &st.argv, &st.script, st.shell, e);
     env(&format!("{p}.env"), &st.env, e);
-    opt_duration(&format!("{p}.timeout"), &st.timeout, e);
-    for (j, c) in st.exit_codes.iter().enumerate() {
-        if !(0..=255).contains(c) {
-            e.add(format!("{p}.exitCodes[{j}]"), "exit codes are 0..255");
+    let run = Runnable {
+        argv: &st.argv,
+        script: &st.script,
+        shell: st.shell,
+        timeout: &st.timeout,
+        exit_codes: &st.exit_codes,
+        files: &st.files,
+        stdin_file: st.stdin_file.as_ref(),
+        stdin: &st.stdin,
+        workdir: &st.workdir,
+    };
+    run.check(p, e);
+}
+
+/// What a step and the Process made of it have in common: one check for
+/// both, so a Process created directly (or by `exec`/`cp`) is held to what
+/// a test's step is.
+struct Runnable<'a> {
+    argv: &'a [String],
+    script: &'a str,
+    shell: bool,
+    timeout: &'a str,
+    exit_codes: &'a [i32],
+    files: &'a [FileRef],
+    stdin_file: Option<&'a FileRef>,
+    stdin: &'a str,
+    workdir: &'a str,
+}
+
+impl Runnable<'_> {
+    fn check(&self, p: &str, e: &mut Errors) {
+        command(p, self.argv, self.script, self.shell, e);
+        opt_duration(&format!("{p}.timeout"), self.timeout, e);
+        for (j, c) in self.exit_codes.iter().enumerate() {
+            if !(0..=255).contains(c) {
+                e.add(format!("{p}.exitCodes[{j}]"), "exit codes are 0..255");
+            }
+        }
+        files(&format!("{p}.files"), self.files, e);
+        if let Some(f) = self.stdin_file {
+            file_ref(&format!("{p}.stdinFile"), f, false, e);
+            if !self.stdin.is_empty() {
+                e.add(format!("{p}.stdinFile"), "give either stdin or stdinFile, not both");
+            }
+        }
+        if self.stdin.len() > MAX_VALUE_BYTES {
+            e.add(format!("{p}.stdin"), format!("larger than {MAX_VALUE_BYTES} bytes"));
+        }
+        if self.workdir.contains('\0') || self.workdir.len() > 4096 {
+            e.add(format!("{p}.workdir"), "must be at most 4096 bytes without NUL");
         }
     }
-    files(&format!("{p}.files"), &st.files, e);
-    if let Some(f) = &st.stdin_file {
-        file_ref(&format!("{p}.stdinFile"), f, false, e);
-        if !st.stdin.is_empty() {
-            e.add(format!("{p}.stdinFile"), "give either stdin or stdinFile, not both");
-        }
+}
+
+/// A name in a Process's env: a variable name, or a claim's host variable
+/// `host_<member>_<var>` (members may hold '-'). Never '=' or NUL, which
+/// would change what the process sees.
+pub fn process_env_name(s: &str) -> Result<(), String> {
+    if let Some(rest) = s.strip_prefix("host_") {
+        let ok = !rest.is_empty()
+            && s.len() <= 256
+            && rest.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-');
+        return if ok { Ok(()) } else { Err(format!("{s:?} is not a host variable name (host_ then [A-Za-z0-9_-]+)")) };
     }
-    if st.stdin.len() > MAX_VALUE_BYTES {
-        e.add(format!("{p}.stdin"), format!("larger than {MAX_VALUE_BYTES} bytes"));
-    }
+    env_name(s)
 }
 
 /// A cycle in the `after` graph, as step names, if there is one.
@@ -521,9 +593,22 @@ impl Validate for Host {
         }
         env("spec.env", &s.env, &mut e);
         files("spec.files", &s.files, &mut e);
-        for (j, c) in self.status().capabilities.iter().enumerate() {
+        let st = self.status();
+        for (j, c) in st.capabilities.iter().enumerate() {
             if !label_part(c) {
                 e.add(format!("status.capabilities[{j}]"), "capabilities are 1-63 of [A-Za-z0-9-_./]");
+            }
+        }
+        // What the agent publishes becomes every test's env on this host
+        // (and `host_<member>_<var>` names): a name no process could be
+        // given is refused here, not found later by a test that never runs.
+        env("status.env", &st.env, &mut e);
+        for (k, v) in &st.vars {
+            if k.is_empty() || k.len() > MAX_NAME || !k.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_') {
+                e.add(format!("status.vars.{k}"), format!("{k:?} is not a variable name ([A-Za-z0-9_]+)"));
+            }
+            if v.len() > MAX_VALUE_BYTES || v.contains('\0') {
+                e.add(format!("status.vars.{k}"), format!("must be at most {MAX_VALUE_BYTES} bytes without NUL"));
             }
         }
         e.finish()
@@ -538,14 +623,24 @@ impl Validate for Process {
         if let Err(msg) = dns_label(&s.host_name) {
             e.add("spec.hostName", msg);
         }
-        command("spec", &s.argv, &s.script, s.shell, &mut e);
-        opt_duration("spec.timeout", &s.timeout, &mut e);
+        let run = Runnable {
+            argv: &s.argv,
+            script: &s.script,
+            shell: s.shell,
+            timeout: &s.timeout,
+            exit_codes: &s.exit_codes,
+            files: &s.files,
+            stdin_file: s.stdin_file.as_ref(),
+            stdin: &s.stdin,
+            workdir: &s.workdir,
+        };
+        run.check("spec", &mut e);
         if s.env.len() > MAX_ENV_ENTRIES {
             e.add("spec.env", format!("more than {MAX_ENV_ENTRIES} entries"));
         }
         for (k, v) in &s.env {
-            if env_name(k).is_err() && !k.starts_with("host_") {
-                e.add(format!("spec.env.{k}"), "not a valid variable name");
+            if let Err(msg) = process_env_name(k) {
+                e.add(format!("spec.env.{k}"), msg);
             }
             if v.contains('\0') {
                 e.add(format!("spec.env.{k}"), "must not contain NUL");

@@ -188,12 +188,16 @@ impl Cluster {
         c
     }
 
-    /// `program` to run in `node`'s namespace (here without namespaces).
+    /// `program` to run in `node`'s network namespace (here without
+    /// namespaces). Only the network namespace is entered: unlike `ip netns
+    /// exec`, which remounts /sys in a mount namespace of its own, this
+    /// keeps the machine's cgroup hierarchy in view, where agents contain
+    /// their processes.
     pub fn command_in(&self, node: &str, program: &Path) -> Command {
         match &self.netns {
             Some(id) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", &format!("{id}-{node}")]).arg(program);
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{id}-{node}")).arg("--").arg(program);
                 c
             }
             None => Command::new(program),
