@@ -102,10 +102,23 @@ impl CgroupRoot {
         &self.dir
     }
 
+    /// Removes the agent's cgroup if it is empty (at shutdown; a cgroup
+    /// still holding processes stays for the next start to end them).
+    pub fn remove_if_empty(&self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+
     /// A new, empty cgroup for Process `uid`.
     pub fn create_for(&self, uid: &str) -> std::io::Result<ProcessCgroup> {
         let dir = self.dir.join(format!("p-{uid}"));
-        std::fs::create_dir(&dir)?;
+        match std::fs::create_dir(&dir) {
+            // Someone removed the agent's (empty) cgroup: made again.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(&self.dir)?;
+                std::fs::create_dir(&dir)?;
+            }
+            r => r?,
+        }
         let procs = std::fs::OpenOptions::new().write(true).open(dir.join("cgroup.procs"))?;
         Ok(ProcessCgroup { dir, procs: std::sync::Arc::new(procs) })
     }

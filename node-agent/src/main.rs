@@ -383,6 +383,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let cgroups = match containment::CgroupRoot::create(&cgroup_key(&args.name, &data_dir)) {
         Ok(root) => {
             tracing::info!(cgroup = %root.dir().display(), "each process runs in a cgroup of its own");
+            // Where it is, for whoever cleans up after an agent killed
+            // outright (test harnesses).
+            let _ = std::fs::write(data_dir.join("cgroup"), root.dir().as_os_str().as_encoded_bytes());
             Some(std::sync::Arc::new(root))
         }
         Err(e) => {
@@ -474,6 +477,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     let _ = tokio::time::timeout(Duration::from_secs(10), wait).await;
+    if let Some(root) = &agent.cgroups {
+        root.remove_if_empty();
+    }
     Ok(())
 }
 

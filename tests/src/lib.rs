@@ -453,6 +453,7 @@ impl Drop for Cluster {
         }
         self.kill_control_plane();
         self.etcd = None;
+        end_agent_cgroups(self.dir.path());
         if let Some(dir) = &self.tmpfs {
             let _ = Command::new("umount").arg("-l").arg(dir).status();
         }
@@ -477,6 +478,35 @@ impl Drop for Cluster {
                 }
             }
         }
+    }
+}
+
+/// Ends what agents killed outright left in their cgroups (each agent
+/// names its cgroup in `DATA_DIR/cgroup`) and removes the cgroups, so that
+/// test runs leave nothing running and no cgroup behind.
+fn end_agent_cgroups(dir: &Path) {
+    let data_dirs = std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.path());
+    for data_dir in data_dirs {
+        let Ok(root) = std::fs::read_to_string(data_dir.join("cgroup")) else { continue };
+        let root = PathBuf::from(root.trim());
+        if !root.starts_with("/sys/fs/cgroup") || !root.to_string_lossy().contains("testbus-agent.") {
+            continue;
+        }
+        for child in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+            let p = child.path();
+            if !child.file_name().to_string_lossy().starts_with("p-") {
+                continue;
+            }
+            let _ = std::fs::write(p.join("cgroup.kill"), "1");
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while std::fs::read_to_string(p.join("cgroup.events")).is_ok_and(|e| e.contains("populated 1"))
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let _ = std::fs::remove_dir(&p);
+        }
+        let _ = std::fs::remove_dir(&root);
     }
 }
 
