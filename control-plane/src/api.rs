@@ -50,9 +50,16 @@ pub trait Policy: Resource + Validate {
     fn check_update(_old: &Self, _new: &Self) -> Result<(), Status> {
         Ok(())
     }
-    /// May the status be written now?
-    fn check_status_update(_old: &Self) -> Result<(), Status> {
+    /// May the status go from `old`'s to `new`'s? Only transitions the
+    /// controllers and agents could make are taken: `UpdateStatus` is no
+    /// back door around the claim or the lifecycle.
+    fn check_status_update(_old: &Self, _new: &Self) -> Result<(), Status> {
         Ok(())
+    }
+    /// Does the change from `old` to `new` take away a finalizer that only
+    /// its controller may remove (checked against the store by the caller)?
+    fn drops_guarded_finalizer(_old: &Self, _new: &Self) -> bool {
+        false
     }
     /// The file references in the spec, with their field paths.
     fn file_refs(&self) -> Vec<(String, &testbus_proto::FileRef)> {
@@ -69,6 +76,19 @@ impl Policy for Host {
     }
     fn file_refs(&self) -> Vec<(String, &testbus_proto::FileRef)> {
         self.spec().files.iter().enumerate().map(|(i, f)| (format!("spec.files[{i}]"), f)).collect()
+    }
+    fn check_status_update(old: &Self, new: &Self) -> Result<(), Status> {
+        // A claim is made only by Tests.Claim, all hosts at once; a status
+        // write may keep or release it, never make or move one.
+        let held = |h: &Self| h.status().claim.clone().filter(|c| !c.test.is_empty());
+        match held(new) {
+            None => Ok(()),
+            Some(c) if Some(&c) == held(old).as_ref() => Ok(()),
+            Some(_) => Err(Status::failed_precondition(format!(
+                "status.claim: Host {:?} is claimed only through a test's claim (Tests.Claim)",
+                old.name()
+            ))),
+        }
     }
 }
 
@@ -99,15 +119,33 @@ impl Policy for Test {
     fn file_refs(&self) -> Vec<(String, &testbus_proto::FileRef)> {
         testbus_proto::validate::file_refs_of_test(self)
     }
-    fn check_status_update(old: &Self) -> Result<(), Status> {
-        if phase::test_terminal(&old.status().phase) {
+    fn check_status_update(old: &Self, new: &Self) -> Result<(), Status> {
+        let (from, to) = (old.status().phase.as_str(), new.status().phase.as_str());
+        if phase::test_terminal(from) {
             return Err(Status::failed_precondition(format!(
-                "status: Test {:?} has finished ({}); finished tests are immutable",
+                "status: Test {:?} has finished ({from}); finished tests are immutable",
                 old.name(),
-                old.status().phase
             )));
         }
+        if old.status().claims != new.status().claims {
+            return Err(Status::failed_precondition(
+                "status.claims: set only by the test's claim (Tests.Claim), which claims its hosts with it",
+            ));
+        }
+        let pending = |p: &str| p.is_empty() || p == phase::PENDING;
+        if pending(from) && to == phase::RUNNING {
+            return Err(Status::failed_precondition(
+                "status.phase: a test becomes Running only through its claim (Tests.Claim)",
+            ));
+        }
+        if from == phase::RUNNING && pending(to) {
+            return Err(Status::failed_precondition("status.phase: a running test cannot go back to Pending"));
+        }
         Ok(())
+    }
+    fn drops_guarded_finalizer(old: &Self, new: &Self) -> bool {
+        let has = |t: &Self| t.meta().finalizers.iter().any(|f| f == TEST_FINALIZER);
+        has(old) && !has(new)
     }
 }
 
@@ -137,15 +175,31 @@ impl Policy for Process {
         }
         Ok(())
     }
-    fn check_status_update(old: &Self) -> Result<(), Status> {
-        if phase::process_terminal(&old.status().phase) {
+    fn check_status_update(old: &Self, new: &Self) -> Result<(), Status> {
+        let (from, to) = (old.status().phase.as_str(), new.status().phase.as_str());
+        if phase::process_terminal(from) {
             return Err(Status::failed_precondition(format!(
-                "status: Process {:?} has finished ({}); its status is final",
+                "status: Process {:?} has finished ({from}); its status is final",
                 old.name(),
-                old.status().phase
             )));
         }
-        Ok(())
+        // A process only moves forward: Pending, Fetching, Ready, Running,
+        // then one final phase.
+        let rank = |p: &str| match p {
+            "" | phase::PENDING => Some(0),
+            phase::FETCHING => Some(1),
+            phase::READY => Some(2),
+            phase::RUNNING => Some(3),
+            p if phase::process_terminal(p) => Some(4),
+            _ => None,
+        };
+        match (rank(from), rank(to)) {
+            (_, None) => Err(Status::invalid_argument(format!("status.phase: {to:?} is not a Process phase"))),
+            (Some(a), Some(b)) if b < a => {
+                Err(Status::failed_precondition(format!("status.phase: a Process cannot go from {from} back to {to}")))
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -236,6 +290,35 @@ impl<K: Policy> ResourceService<K> {
         Ok(())
     }
 
+    /// A test's cleanup finalizer goes only once nothing of it is left: no
+    /// process of it still running, no host still claimed by it. (Taken
+    /// away earlier, deleting the test would orphan its processes on
+    /// hosts released under them.)
+    async fn check_cleaned_up(&self, test: &K) -> Result<(), Status> {
+        let refused = |what: String| {
+            Status::failed_precondition(format!(
+                "metadata.finalizers: {TEST_FINALIZER} is removed by the test controller once the test is cleaned up; {what}"
+            ))
+        };
+        let (kvs, _) = self.st.store.list(&hub::prefix(Kind::Process)).await.map_err(store_err)?;
+        for kv in &kvs {
+            if let Some(Object::Process(p)) = hub::decode(&kv.key, &kv.value, kv.mod_revision) {
+                if p.spec().test_uid == test.meta().uid && !phase::process_terminal(&p.status().phase) {
+                    return Err(refused(format!("process {} still runs", p.name())));
+                }
+            }
+        }
+        let (kvs, _) = self.st.store.list(&hub::prefix(Kind::Host)).await.map_err(store_err)?;
+        for kv in &kvs {
+            if let Some(Object::Host(h)) = hub::decode(&kv.key, &kv.value, kv.mod_revision) {
+                if h.status().claim.as_ref().is_some_and(|c| c.test_uid == test.meta().uid) {
+                    return Err(refused(format!("host {} is still claimed by it", h.name())));
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub async fn create(&self, _id: &Identity, mut obj: K) -> Result<K, Status> {
         obj = obj.with_type_meta();
         obj.validate().map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -289,7 +372,7 @@ impl<K: Policy> ResourceService<K> {
         Ok((items, rev.to_string()))
     }
 
-    pub fn watch(
+    pub async fn watch(
         &self,
         _id: &Identity,
         req: WatchRequest,
@@ -300,6 +383,17 @@ impl<K: Policy> ResourceService<K> {
         } else {
             Some(parse_rv("resourceVersion", &req.resource_version)?)
         };
+        // A watch from a revision the store has not reached would deliver
+        // nothing and never end: refused. (Ahead of the hub alone is only
+        // the hub's lag behind the store.)
+        if let Some(a) = after.filter(|&a| a > self.st.hub.revision()) {
+            let (_, now) = self.st.store.list("/none/").await.map_err(store_err)?;
+            if a > now {
+                return Err(Status::out_of_range(format!(
+                    "resourceVersion: {a} is in the future (the store is at {now}); watch from a revision a list returned"
+                )));
+            }
+        }
         // Processes watched by host use the host index.
         let index = match K::KIND {
             Kind::Process => filter.fields.host_name.clone(),
@@ -386,6 +480,9 @@ impl<K: Policy> ResourceService<K> {
         {
             return Err(Status::failed_precondition("metadata.finalizers: cannot add finalizers while deleting"));
         }
+        if K::drops_guarded_finalizer(&current, &next) {
+            self.check_cleaned_up(&current).await?;
+        }
         next.validate().map_err(|e| Status::invalid_argument(e.to_string()))?;
         if next.spec() != current.spec() {
             self.check_files(&next).await?;
@@ -403,7 +500,7 @@ impl<K: Policy> ResourceService<K> {
         if rev != want {
             return Err(Self::conflict(new.name(), rev, new.resource_version()));
         }
-        K::check_status_update(&current)?;
+        K::check_status_update(&current, &new)?;
         let mut next = current;
         *next.status_mut() = new.status().clone();
         next.validate().map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -638,7 +735,7 @@ macro_rules! bind_service {
             type WatchStream = BoxStream<'static, Result<$event, Status>>;
             async fn watch(&self, req: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
                 let id = identity(&req);
-                let s = ResourceService::watch(self, &id, req.into_inner())?;
+                let s = ResourceService::watch(self, &id, req.into_inner()).await?;
                 Ok(Response::new(
                     s.map(|r| {
                         r.map(|e| $event {
@@ -813,13 +910,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let st = state(&dir).await;
         let procs = ResourceService::<Process>::new(st.clone());
+        let id = admin();
         let watch = |host: &str| {
-            procs
-                .watch(&admin(), WatchRequest { field_selector: format!("spec.hostName={host}"), ..Default::default() })
-                .unwrap()
+            procs.watch(&id, WatchRequest { field_selector: format!("spec.hostName={host}"), ..Default::default() })
         };
-        let mut a = watch("host-a");
-        let mut b = watch("host-b");
+        let mut a = watch("host-a").await.unwrap();
+        let mut b = watch("host-b").await.unwrap();
         for i in 0..20 {
             procs.create(&admin(), process_on(&format!("pa{i}"), "host-a")).await.unwrap();
         }
@@ -846,11 +942,12 @@ mod tests {
         let tests = ResourceService::<Test>::new(st.clone());
         let first = tests.create(&admin(), test_obj("t0")).await.unwrap();
         // Let the hub see it before resuming from its revision.
-        let mut live = tests.watch(&admin(), WatchRequest::default()).unwrap();
+        let mut live = tests.watch(&admin(), WatchRequest::default()).await.unwrap();
         tests.create(&admin(), test_obj("t1")).await.unwrap();
         let _ = live.next().await;
         let mut resumed = tests
             .watch(&admin(), WatchRequest { resource_version: first.resource_version().into(), ..Default::default() })
+            .await
             .unwrap();
         let e = resumed.next().await.unwrap().unwrap();
         assert_eq!((e.kind, e.object.unwrap().name().to_string()), (EventType::Added, "t1".to_string()));
@@ -866,7 +963,17 @@ mod tests {
         }
         let mut old = tests
             .watch(&admin(), WatchRequest { resource_version: first.resource_version().into(), ..Default::default() })
+            .await
             .unwrap();
         assert_eq!(old.next().await.unwrap().unwrap().kind, EventType::Compacted);
+        // A revision the store has not reached: refused, not a watch that
+        // never delivers and never ends.
+        let err = tests
+            .watch(&admin(), WatchRequest { resource_version: "99999999".into(), ..Default::default() })
+            .await
+            .err()
+            .expect("a watch from the future");
+        assert_eq!(err.code(), tonic::Code::OutOfRange, "{err:?}");
+        assert!(err.message().contains("in the future"), "{err:?}");
     }
 }

@@ -246,6 +246,11 @@ impl Hub {
         Ok(rx)
     }
 
+    /// The newest store revision the hub has seen.
+    pub fn revision(&self) -> Revision {
+        self.lock().revision
+    }
+
     /// Number of registered watchers (for tests and metrics).
     pub fn watchers(&self) -> usize {
         let st = self.lock();

@@ -46,6 +46,10 @@ struct Args {
     /// --listen address with a specific IP, else the data dir's socket.
     #[arg(long)]
     advertise: Option<String>,
+    /// How long a TCP connection may take to start HTTP/2 before it is
+    /// closed.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    handshake_timeout: std::time::Duration,
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -85,6 +89,7 @@ async fn main() {
         output_limit: args.max_output_bytes,
         min_free_bytes: args.min_free_bytes,
         advertise: args.advertise,
+        handshake_timeout: args.handshake_timeout,
     };
     let (tx, rx) = tokio::sync::broadcast::channel(1);
     tokio::spawn(async move {

@@ -55,6 +55,95 @@ pub struct Config {
     pub min_free_bytes: u64,
     /// The address other replicas reach this one at (see `advertise()`).
     pub advertise: Option<String>,
+    /// How long a TCP connection may take to send the HTTP/2 preface.
+    pub handshake_timeout: Duration,
+}
+
+/// Most TCP connections from one address waiting to send their HTTP/2
+/// preface at once; more are closed at accept.
+pub const MAX_HANDSHAKES_PER_PEER: usize = 256;
+/// HTTP/2 pings on idle connections: a peer that does not answer one within
+/// the same time is gone, and its connection (and its watches) with it.
+pub const KEEPALIVE: Duration = Duration::from_secs(20);
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether `s` sends the start of the HTTP/2 preface (what every gRPC
+/// client sends first) within `limit`. Looked at without reading, so the
+/// server still gets every byte.
+async fn sends_preface(s: &tokio::net::TcpStream, limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut buf = [0u8; 24];
+    loop {
+        match tokio::time::timeout_at(deadline, s.peek(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 && buf[..n] == PREFACE[..n] => {
+                if n == PREFACE.len() {
+                    return true;
+                }
+            }
+            // Closed, an error, bytes that are no HTTP/2, or too slow.
+            _ => return false,
+        }
+        // Part of it so far: the rest is looked for shortly.
+        if tokio::time::timeout_at(deadline, tokio::time::sleep(Duration::from_millis(10))).await.is_err() {
+            return false;
+        }
+    }
+}
+
+/// Accepts TCP connections and hands on those that start HTTP/2 in time:
+/// a connection that never sends its preface is closed after `limit`
+/// instead of holding a slot forever, and one address has at most
+/// [`MAX_HANDSHAKES_PER_PEER`] connections in that state. Ends when the
+/// server does (`tx` closed).
+async fn accept_http2(
+    lis: tokio::net::TcpListener,
+    tx: tokio::sync::mpsc::Sender<tokio::net::TcpStream>,
+    limit: Duration,
+) {
+    let pending: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>> = Default::default();
+    loop {
+        let (s, peer) = tokio::select! {
+            r = lis.accept() => match r {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of fds, say: wait rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = tx.closed() => return,
+        };
+        let ip = peer.ip();
+        {
+            let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
+            let n = p.entry(ip).or_insert(0);
+            if *n >= MAX_HANDSHAKES_PER_PEER {
+                tracing::debug!(%peer, "too many connections from this address in handshake; closed");
+                continue;
+            }
+            *n += 1;
+        }
+        let (tx, pending) = (tx.clone(), pending.clone());
+        tokio::spawn(async move {
+            let ok = sends_preface(&s, limit).await;
+            {
+                let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(n) = p.get_mut(&ip) {
+                    *n -= 1;
+                    if *n == 0 {
+                        p.remove(&ip);
+                    }
+                }
+            }
+            if ok {
+                let _ = s.set_nodelay(true);
+                let _ = tx.send(s).await;
+            } else {
+                tracing::debug!(%peer, "no HTTP/2 preface in time; closed");
+            }
+        });
+    }
 }
 
 impl Config {
@@ -138,6 +227,8 @@ pub async fn run(cfg: Config, mut shutdown: broadcast::Receiver<()>) -> anyhow::
         .build_v1()?;
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(KEEPALIVE))
+        .http2_keepalive_timeout(Some(KEEPALIVE))
         .add_service(health)
         .add_service(reflection)
         .add_service(HostsServer::new(ResourceService::<Host>::new(state.clone())).max_decoding_message_size(8 << 20))
@@ -163,13 +254,12 @@ pub async fn run(cfg: Config, mut shutdown: broadcast::Receiver<()>) -> anyhow::
             Listen::Tcp(addr) => {
                 let lis = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--listen {addr}"))?;
                 tracing::info!(%addr, "serving");
-                // serve_with_incoming ignores the builder's tcp_nodelay: set
-                // it on each accepted socket (a 1 KiB call is ~44 ms without).
-                let incoming = tokio_stream::wrappers::TcpListenerStream::new(lis).map(|s| {
-                    s.inspect(|s| {
-                        let _ = s.set_nodelay(true);
-                    })
-                });
+                // serve_with_incoming ignores the builder's tcp_nodelay: it
+                // is set on each accepted socket (a 1 KiB call is ~44 ms
+                // without), by the acceptor that checks the handshake.
+                let (tx, rx) = tokio::sync::mpsc::channel(64);
+                tokio::spawn(accept_http2(lis, tx, cfg.handshake_timeout));
+                let incoming = tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, std::io::Error>);
                 servers.spawn(async move { router.serve_with_incoming_shutdown(incoming, signal).await });
             }
             Listen::Unix(path) => {

@@ -7,6 +7,11 @@ use std::time::{Duration, SystemTime};
 use testbus_proto::{phase, time, Host, Resource, Test};
 use tonic::Status;
 
+/// A host whose reconcile keeps failing says so in its conditions.
+pub async fn report_trouble(ctx: &Context, name: &str, trouble: crate::runtime::Trouble) {
+    crate::runtime::report_trouble(ctx.client.api::<Host>(), name, trouble, |h| &mut h.status_mut().conditions).await
+}
+
 pub async fn reconcile(ctx: &Context, name: &str) -> Result<Action, Status> {
     let Some(h) = ctx.hosts.get(name) else {
         return Ok(Action::AwaitChange);

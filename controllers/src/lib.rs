@@ -109,6 +109,14 @@ pub async fn run(client: Client, cfg: Config, shutdown: broadcast::Receiver<()>)
                 if let Some(t) = new.as_ref().or(old.as_ref()) {
                     c.test_queue.add(t.name());
                 }
+                // A test that stops waiting (claimed, ended or deleted) no
+                // longer holds hosts back from those queued behind it.
+                let was_pending = old.as_deref().is_some_and(tests::is_pending);
+                if was_pending && !new.as_deref().is_some_and(tests::is_pending) {
+                    for t in c.tests.filter(tests::is_pending) {
+                        c.test_queue.add(t.name());
+                    }
+                }
             },
             shutdown.resubscribe(),
         ));
@@ -139,6 +147,13 @@ pub async fn run(client: Client, cfg: Config, shutdown: broadcast::Receiver<()>)
                 let c = c.clone();
                 async move { hosts::reconcile(&c, &name).await }
             },
+            {
+                let c = ctx.clone();
+                move |name, trouble| {
+                    let c = c.clone();
+                    async move { hosts::report_trouble(&c, &name, trouble).await }
+                }
+            },
             shutdown.resubscribe(),
         ));
     }
@@ -149,6 +164,13 @@ pub async fn run(client: Client, cfg: Config, shutdown: broadcast::Receiver<()>)
             move |name| {
                 let c = c.clone();
                 async move { tests::reconcile(&c, &name).await }
+            },
+            {
+                let c = ctx.clone();
+                move |name, trouble| {
+                    let c = c.clone();
+                    async move { tests::report_trouble(&c, &name, trouble).await }
+                }
             },
             shutdown.resubscribe(),
         ));

@@ -232,11 +232,85 @@ impl Queue {
 
 /// Runs `reconcile` for queued names until shutdown. Errors are logged and
 /// retried with a per-name exponential backoff.
-pub async fn run_worker<F, Fut, E>(queue: Arc<Queue>, mut reconcile: F, mut shutdown: broadcast::Receiver<()>)
-where
+/// What a worker tells its controller about an object whose reconcile
+/// keeps failing, so the object itself can say so (a stuck object must say
+/// why in its conditions, not only in a log).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trouble {
+    /// The reconcile failed `count` times in a row, the last time with
+    /// `error`. Sent at the 3rd failure and every 50th after.
+    Failing { error: String, count: u32 },
+    /// It succeeded again after having been reported failing.
+    Recovered { after: u32 },
+}
+
+/// The condition an object's `Trouble` is written as: `Reconciled`, False
+/// with reason `ReconcileFailed` while it keeps failing, True again once
+/// it recovered.
+pub fn trouble_condition(trouble: &Trouble) -> testbus_proto::Condition {
+    let (status, reason, message) = match trouble {
+        Trouble::Failing { error, count } => {
+            ("False", "ReconcileFailed", format!("the controller failed {count} times in a row: {error}"))
+        }
+        Trouble::Recovered { after } => ("True", "Recovered", format!("reconciled again after {after} failures")),
+    };
+    testbus_proto::Condition {
+        r#type: "Reconciled".into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        last_transition_time: testbus_proto::time::now(),
+    }
+}
+
+/// Writes `trouble` on object `name` as its `Reconciled` condition
+/// (`conditions` finds its list). A write that fails is logged: the object
+/// may be what cannot be written.
+pub async fn report_trouble<K: testbus_proto::client::ApiResource>(
+    api: testbus_proto::client::Api<K>,
+    name: &str,
+    trouble: Trouble,
+    conditions: fn(&mut K) -> &mut Vec<testbus_proto::Condition>,
+) {
+    let c = trouble_condition(&trouble);
+    let r = api
+        .patch_status(name, |o| {
+            let conds = conditions(o);
+            conds.retain(|x| x.r#type != c.r#type);
+            conds.push(c.clone());
+            true
+        })
+        .await;
+    if let Err(e) = r {
+        tracing::warn!(%name, error = %e, "cannot write the Reconciled condition");
+    }
+}
+
+/// Failures in a row before the object is told.
+pub const REPORT_AFTER: u32 = 3;
+
+/// Whether the `n`th failure in a row is reported on the object.
+fn reported(n: u32) -> bool {
+    n == REPORT_AFTER || (n > REPORT_AFTER && n % 50 == 0)
+}
+
+/// Whether the `n`th failure in a row is logged at warn (the rest at
+/// debug): the first ones, then ever more rarely.
+fn warned(n: u32) -> bool {
+    n <= REPORT_AFTER || n.is_power_of_two()
+}
+
+pub async fn run_worker<F, Fut, E, R, RFut>(
+    queue: Arc<Queue>,
+    mut reconcile: F,
+    mut report: R,
+    mut shutdown: broadcast::Receiver<()>,
+) where
     F: FnMut(String) -> Fut,
     Fut: std::future::Future<Output = Result<Action, E>>,
     E: std::fmt::Display,
+    R: FnMut(String, Trouble) -> RFut,
+    RFut: std::future::Future<Output = ()>,
 {
     let mut failures: HashMap<String, u32> = HashMap::new();
     loop {
@@ -247,7 +321,10 @@ where
         let result = reconcile(name.clone()).await;
         match result {
             Ok(action) => {
-                failures.remove(&name);
+                if let Some(n) = failures.remove(&name).filter(|&n| n >= REPORT_AFTER) {
+                    tracing::info!(%name, after = n, "reconcile succeeds again");
+                    report(name.clone(), Trouble::Recovered { after: n }).await;
+                }
                 if let Action::Requeue(d) = action {
                     queue.add_after(&name, d);
                 }
@@ -255,8 +332,16 @@ where
             Err(e) => {
                 let n = failures.entry(name.clone()).or_insert(0);
                 *n += 1;
-                let delay = Duration::from_millis(20u64 << (*n).min(8)).min(Duration::from_secs(5));
-                tracing::debug!(%name, error = %e, retry_in = ?delay, "reconcile failed");
+                let n = *n;
+                let delay = Duration::from_millis(20u64 << n.min(8)).min(Duration::from_secs(5));
+                if warned(n) {
+                    tracing::warn!(%name, error = %e, failures = n, retry_in = ?delay, "reconcile failed");
+                } else {
+                    tracing::debug!(%name, error = %e, failures = n, retry_in = ?delay, "reconcile failed");
+                }
+                if reported(n) {
+                    report(name.clone(), Trouble::Failing { error: e.to_string(), count: n }).await;
+                }
                 queue.add_after(&name, delay);
             }
         }
@@ -267,6 +352,48 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn an_object_that_keeps_failing_is_told_and_told_again_when_it_recovers() {
+        let q = Queue::new();
+        let (tx, _rx) = broadcast::channel(1);
+        let reports = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let attempts = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let (r, a) = (reports.clone(), attempts.clone());
+        let worker = tokio::spawn(run_worker(
+            q.clone(),
+            move |_name| {
+                let a = a.clone();
+                async move {
+                    // Fails four times, then succeeds.
+                    match a.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+                        0..4 => Err("status too large"),
+                        _ => Ok(Action::AwaitChange),
+                    }
+                }
+            },
+            move |name, trouble| {
+                r.lock().unwrap().push((name, trouble));
+                async {}
+            },
+            tx.subscribe(),
+        ));
+        q.add("t");
+        while attempts.load(std::sync::atomic::Ordering::SeqCst) < 5 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let _ = tx.send(());
+        worker.await.unwrap();
+        assert_eq!(
+            *reports.lock().unwrap(),
+            vec![
+                ("t".to_string(), Trouble::Failing { error: "status too large".into(), count: 3 }),
+                ("t".to_string(), Trouble::Recovered { after: 4 }),
+            ]
+        );
+        assert!(reported(3) && !reported(4) && reported(50) && !reported(51));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_name_is_never_handed_out_twice_at_once() {

@@ -80,6 +80,11 @@ pub fn reserved_ahead<'a>(
     let mut reserved = std::collections::HashSet::new();
     let mut blocked = None;
     for q in queue.iter().take_while(|q| q.meta().uid != me.meta().uid) {
+        // A test that could not run even on every host there is holds
+        // nothing back: it would block the queue for good.
+        if fits_inventory(&q.spec().hosts, hosts).is_err() {
+            continue;
+        }
         let avail: Vec<&Host> = hosts.iter().copied().filter(|h| !reserved.contains(h.name())).collect();
         match assign(&q.spec().hosts, &avail) {
             Ok(a) => reserved.extend(a.into_iter().map(|a| a.host)),
@@ -94,16 +99,30 @@ pub fn reserved_ahead<'a>(
     (reserved, blocked)
 }
 
-pub fn assign(reqs: &[HostRequirement], hosts: &[&Host]) -> Result<Vec<Assignment>, String> {
-    // Slots: one per role member.
-    let slots: Vec<(usize, String)> =
-        reqs.iter().enumerate().flat_map(|(i, r)| members(r).into_iter().map(move |m| (i, m))).collect();
-    let free: Vec<&Host> = hosts.iter().copied().filter(|h| is_free(h)).collect();
-    let candidates: Vec<Vec<usize>> =
-        slots.iter().map(|(i, _)| (0..free.len()).filter(|&j| fits(&reqs[*i], free[j])).collect()).collect();
+/// Whether the test could run on the hosts that exist, were they all free,
+/// Ready and schedulable (a host that is down may come back, a cordoned
+/// one be uncordoned); Err says what no host there is can give.
+pub fn fits_inventory(reqs: &[HostRequirement], hosts: &[&Host]) -> Result<(), String> {
+    for r in reqs {
+        let need = r.count.unwrap_or(1) as usize;
+        let have = hosts.iter().filter(|h| fits(r, h)).count();
+        if have < need {
+            return Err(if have == 0 {
+                format!("needs {}; no host has these capabilities", describe(r))
+            } else {
+                format!("needs {}; only {have} such hosts exist", describe(r))
+            });
+        }
+    }
+    match_slots(reqs, hosts).map(|_| ()).map_err(|_| {
+        format!("the {} hosts that exist fit each role separately, but not all roles at once", hosts.len())
+    })
+}
 
+pub fn assign(reqs: &[HostRequirement], hosts: &[&Host]) -> Result<Vec<Assignment>, String> {
+    let free: Vec<&Host> = hosts.iter().copied().filter(|h| is_free(h)).collect();
     // Per-role shortage gives the clearest message.
-    for (i, r) in reqs.iter().enumerate() {
+    for r in reqs {
         let need = r.count.unwrap_or(1) as usize;
         let have = (0..free.len()).filter(|&j| fits(r, free[j])).count();
         if have < need {
@@ -121,19 +140,33 @@ pub fn assign(reqs: &[HostRequirement], hosts: &[&Host]) -> Result<Vec<Assignmen
                     msg.push_str(&format!(" and {} more", busy.len() - 3));
                 }
             }
-            let _ = i;
             return Err(msg);
         }
     }
 
+    match_slots(reqs, &free)
+        .map_err(|()| format!("{} free hosts fit each role separately, but not all roles at once", free.len()))
+}
+
+/// Gives every role member a distinct host of `hosts` that fits its role,
+/// if that can be done at all.
+fn match_slots(reqs: &[HostRequirement], hosts: &[&Host]) -> Result<Vec<Assignment>, ()> {
+    // Slots: one per role member.
+    let slots: Vec<(usize, String)> =
+        reqs.iter().enumerate().flat_map(|(i, r)| members(r).into_iter().map(move |m| (i, m))).collect();
+    if slots.len() > hosts.len() {
+        return Err(());
+    }
+    let candidates: Vec<Vec<usize>> =
+        slots.iter().map(|(i, _)| (0..hosts.len()).filter(|&j| fits(&reqs[*i], hosts[j])).collect()).collect();
     // Most constrained slots first makes augmenting paths short.
     let mut order: Vec<usize> = (0..slots.len()).collect();
     order.sort_by_key(|&s| candidates[s].len());
     let mut host_to_slot: HashMap<usize, usize> = HashMap::new();
     for &s in &order {
-        let mut seen = vec![false; free.len()];
+        let mut seen = vec![false; hosts.len()];
         if !augment(s, &candidates, &mut host_to_slot, &mut seen) {
-            return Err(format!("{} free hosts fit each role separately, but not all roles at once", free.len()));
+            return Err(());
         }
     }
     let mut out: Vec<Assignment> = host_to_slot
@@ -141,7 +174,7 @@ pub fn assign(reqs: &[HostRequirement], hosts: &[&Host]) -> Result<Vec<Assignmen
         .map(|(h, s)| Assignment {
             role: reqs[slots[s].0].role.clone(),
             member: slots[s].1.clone(),
-            host: free[h].name().to_string(),
+            host: hosts[h].name().to_string(),
         })
         .collect();
     out.sort_by(|a, b| a.member.cmp(&b.member));
@@ -276,5 +309,31 @@ mod tests {
         let mut b = host("b", &[]);
         b.spec = Some(testbus_proto::HostSpec { unschedulable: true, ..Default::default() });
         assert!(assign(&[req("r", &[], 1)], &[&a, &b]).is_err());
+    }
+
+    /// A test that can never run (more hosts than exist, a capability no
+    /// host has) once reserved every free host ahead of the queue for good.
+    #[test]
+    fn a_test_that_cannot_fit_the_inventory_holds_nothing_back() {
+        let hs: Vec<Host> = (0..3).map(|i| host(&format!("h{i}"), &["c"])).collect();
+        let refs: Vec<&Host> = hs.iter().collect();
+        let huge = pending("huge", 10, "2026-01-01T00:00:00Z", vec![req("a", &[], 1000)]);
+        let typo = pending("typo", 10, "2026-01-01T00:00:01Z", vec![req("a", &["no-such-cap"], 1)]);
+        let small = pending("small", 0, "2026-01-01T00:00:02Z", vec![req("a", &["c"], 2)]);
+        assert!(fits_inventory(&huge.spec().hosts, &refs).unwrap_err().contains("only 3 such hosts exist"));
+        assert!(fits_inventory(&typo.spec().hosts, &refs).unwrap_err().contains("no host has these capabilities"));
+        assert!(fits_inventory(&small.spec().hosts, &refs).is_ok());
+        let queue = [&huge, &typo, &small];
+        let (reserved, blocked) = reserved_ahead(&queue, &small, &refs);
+        assert!(reserved.is_empty(), "{reserved:?}");
+        assert!(blocked.is_none(), "no one to blame: {blocked:?}");
+        // Busy, cordoned or down hosts still count as inventory.
+        let mut down = host("h9", &["d"]);
+        down.status_mut().phase = phase::NOT_READY.into();
+        assert!(fits_inventory(&[req("a", &["d"], 1)], &[&down]).is_ok());
+        assert!(assign(&[req("a", &["d"], 1)], &[&down]).is_err());
+        // Each role fits alone, not all at once.
+        let both = [req("a", &["c"], 2), req("b", &["c"], 2)];
+        assert!(fits_inventory(&both, &refs).unwrap_err().contains("not all roles at once"));
     }
 }

@@ -35,6 +35,12 @@ pub fn is_pending(t: &Test) -> bool {
     (p.is_empty() || p == phase::PENDING) && t.meta().deletion_timestamp.is_empty()
 }
 
+/// A test whose reconcile keeps failing (a status too large to store, say)
+/// says so in its conditions instead of staying Pending in silence.
+pub async fn report_trouble(ctx: &Context, name: &str, trouble: crate::runtime::Trouble) {
+    crate::runtime::report_trouble(ctx.client.api::<Test>(), name, trouble, |t| &mut t.status_mut().conditions).await
+}
+
 pub async fn reconcile(ctx: &Context, name: &str) -> Result<Action, Status> {
     let Some(t) = ctx.tests.get(name) else {
         return Ok(Action::AwaitChange);
@@ -87,28 +93,23 @@ async fn claim(ctx: &Context, t: &Test) -> Result<Action, Status> {
     queue.sort_by(|a, b| schedule::queue_order(a, b));
     let (reserved, blocked) = schedule::reserved_ahead(&queue, t, &refs);
     let avail: Vec<&Host> = refs.iter().copied().filter(|h| !reserved.contains(h.name())).collect();
-    let result = schedule::assign(&spec.hosts, &avail).map_err(|why| match blocked {
-        Some(b) if schedule::assign(&spec.hosts, &refs).is_ok() => format!(
-            "queued behind test {} (priority {}), which waits for hosts this test could use",
-            b.name(),
-            b.spec().priority
-        ),
-        _ => why,
-    });
+    let result = match schedule::fits_inventory(&spec.hosts, &refs) {
+        Err(why) => Err(("Unsatisfiable", format!("cannot run on the hosts that exist: {why}"))),
+        Ok(()) => schedule::assign(&spec.hosts, &avail).map_err(|why| match blocked {
+            Some(b) if schedule::assign(&spec.hosts, &refs).is_ok() => (
+                "Queued",
+                format!(
+                    "queued behind test {} (priority {}), which waits for hosts this test could use",
+                    b.name(),
+                    b.spec().priority
+                ),
+            ),
+            _ => ("Unschedulable", why),
+        }),
+    };
     let assignments = match result {
         Ok(a) => a,
-        Err(why) => {
-            let mut next = t.clone();
-            let st = next.status_mut();
-            let changed = set_condition(&mut st.conditions, condition("Scheduled", false, "Unschedulable", &why));
-            if changed || st.phase.is_empty() {
-                st.phase = phase::PENDING.into();
-                st.message = why;
-                ctx.client.api::<Test>().update_status(next).await?;
-            }
-            // Host changes wake pending tests; the timer is a safety net.
-            return Ok(Action::Requeue(Duration::from_secs(30)));
-        }
+        Err((reason, why)) => return still_pending(ctx, t, reason, why).await,
     };
     let by_name: HashMap<&str, &Host> = refs.iter().map(|h| (h.name(), *h)).collect();
     let status = running_status(t, &assignments, &by_name);
@@ -138,6 +139,61 @@ async fn claim(ctx: &Context, t: &Test) -> Result<Action, Status> {
         // from fresh caches.
         Err(s) if s.code() == Code::Aborted => Ok(Action::Requeue(Duration::from_millis(20))),
         Err(s) => Err(s),
+    }
+}
+
+/// A test waits for hosts no longer than this unless its
+/// `spec.pendingTimeout` says otherwise.
+pub const DEFAULT_PENDING_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// What a pending test that could not claim now comes to.
+#[derive(Debug, PartialEq, Eq)]
+enum PendingOutcome {
+    /// It waits, saying why; looked at again after this long at the latest.
+    Wait(Duration),
+    /// It has waited past its pending timeout: it ends in Error.
+    GiveUp { waited: Duration },
+}
+
+fn pending_outcome(t: &Test, now: SystemTime) -> PendingOutcome {
+    let limit = duration::parse(&t.spec().pending_timeout).unwrap_or(DEFAULT_PENDING_TIMEOUT);
+    let created = time::parse(&t.meta().creation_timestamp).unwrap_or(now);
+    let waited = now.duration_since(created).unwrap_or_default();
+    if waited >= limit {
+        return PendingOutcome::GiveUp { waited: limit };
+    }
+    // Host and queue changes wake pending tests; the timer is a safety net
+    // and the deadline.
+    PendingOutcome::Wait((limit - waited).min(Duration::from_secs(30)))
+}
+
+/// A test that cannot claim its hosts now: says why on its Scheduled
+/// condition, or ends in Error once it has waited past its pending timeout.
+async fn still_pending(ctx: &Context, t: &Test, reason: &str, why: String) -> Result<Action, Status> {
+    let mut next = t.clone();
+    let st = next.status_mut();
+    match pending_outcome(t, SystemTime::now()) {
+        PendingOutcome::GiveUp { waited } => {
+            let message = format!("waited {} for hosts (its pendingTimeout): {why}", duration::format(waited));
+            st.phase = phase::ERROR.into();
+            st.reason = "PendingTimeout".into();
+            st.message = message.clone();
+            st.completion_time = time::now();
+            set_condition(&mut st.conditions, condition("Scheduled", false, reason, &why));
+            set_condition(&mut st.conditions, condition(FINISHED, false, "PendingTimeout", &message));
+            ctx.client.api::<Test>().update_status(next).await?;
+            tracing::info!(test = t.name(), "gave up waiting for hosts");
+            Ok(Action::AwaitChange)
+        }
+        PendingOutcome::Wait(next_look) => {
+            let changed = set_condition(&mut st.conditions, condition("Scheduled", false, reason, &why));
+            if changed || st.phase.is_empty() {
+                st.phase = phase::PENDING.into();
+                st.message = why;
+                ctx.client.api::<Test>().update_status(next).await?;
+            }
+            Ok(Action::Requeue(next_look))
+        }
     }
 }
 
@@ -787,8 +843,7 @@ async fn teardown(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Act
 
 #[cfg(test)]
 mod pacing_tests {
-    use super::ResultWrites;
-    use std::time::Duration;
+    use super::*;
 
     #[tokio::test(start_paused = true)]
     async fn result_only_writes_are_paced_per_test() {
@@ -801,5 +856,19 @@ mod pacing_tests {
         assert_eq!(w.admit("a", false), Some(Duration::from_millis(200)));
         tokio::time::advance(Duration::from_millis(200)).await;
         assert_eq!(w.admit("a", false), None);
+    }
+
+    #[test]
+    fn a_pending_test_waits_until_its_pending_timeout_then_gives_up() {
+        let mut t = Test::default();
+        t.meta_mut().creation_timestamp = "2026-01-01T00:00:00Z".into();
+        let at = |secs: u64| time::parse("2026-01-01T00:00:00Z").unwrap() + Duration::from_secs(secs);
+        // Default: an hour; looked at again at least every 30 s.
+        assert_eq!(pending_outcome(&t, at(10)), PendingOutcome::Wait(Duration::from_secs(30)));
+        assert_eq!(pending_outcome(&t, at(3590)), PendingOutcome::Wait(Duration::from_secs(10)));
+        assert_eq!(pending_outcome(&t, at(3600)), PendingOutcome::GiveUp { waited: DEFAULT_PENDING_TIMEOUT });
+        t.spec_mut().pending_timeout = "5s".into();
+        assert_eq!(pending_outcome(&t, at(2)), PendingOutcome::Wait(Duration::from_secs(3)));
+        assert_eq!(pending_outcome(&t, at(6)), PendingOutcome::GiveUp { waited: Duration::from_secs(5) });
     }
 }

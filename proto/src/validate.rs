@@ -52,6 +52,11 @@ pub const MAX_STEPS: usize = 1000;
 pub const MAX_PROCESSES: usize = 10_000;
 pub const MAX_ENV_ENTRIES: usize = 1000;
 pub const MAX_VALUE_BYTES: usize = 128 * 1024;
+/// Most bytes of a test's own env, keys and values together.
+pub const MAX_TEST_ENV_BYTES: usize = 256 * 1024;
+/// Most bytes of a test's spec, encoded: a stored object holds 1.5 MiB,
+/// and the status a claim writes copies the env twice more.
+pub const MAX_SPEC_BYTES: usize = 512 * 1024;
 
 /// A DNS-1123 label: lower-case alphanumerics and '-', starting and ending
 /// with an alphanumeric, at most 63 characters.
@@ -309,8 +314,28 @@ impl Validate for Test {
         }
         opt_duration("spec.timeout", &s.timeout, &mut e);
         opt_duration("spec.ttlAfterFinished", &s.ttl_after_finished, &mut e);
+        opt_duration("spec.pendingTimeout", &s.pending_timeout, &mut e);
         files("spec.files", &s.files, &mut e);
         env("spec.env", &s.env, &mut e);
+        // Sizes are checked where they multiply: a test's env is copied
+        // into its status and its trace at the claim, and all of it must
+        // still fit one stored object.
+        let env_bytes: usize = s.env.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if env_bytes > MAX_TEST_ENV_BYTES {
+            e.add(
+                "spec.env",
+                format!(
+                    "{env_bytes} bytes in all; at most {MAX_TEST_ENV_BYTES} (a test's env is copied into its status and trace)"
+                ),
+            );
+        }
+        let spec_bytes = prost::Message::encoded_len(s);
+        if spec_bytes > MAX_SPEC_BYTES {
+            e.add(
+                "spec",
+                format!("{spec_bytes} bytes encoded; at most {MAX_SPEC_BYTES} (room is kept for its status)"),
+            );
+        }
         if s.hosts.is_empty() {
             e.add("spec.hosts", "at least one host is required");
         }

@@ -5,6 +5,18 @@ use std::time::Duration;
 use testbus_proto::{phase, FileRef, ObjectMeta, Process, ProcessSpec, Resource};
 use testbus_tests::{bin_dir, manifest, process_alive, wait_for, Cluster};
 
+/// A one-host test named `name` whose one step runs `true`, as a manifest
+/// in the cluster's directory; returns its path.
+fn true_test(c: &Cluster, name: &str) -> String {
+    manifest(
+        c,
+        &format!("{name}.yaml"),
+        &format!(
+            "apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: {name}}}\nspec:\n  hosts: [{{role: a}}]\n  steps: [{{name: s, on: [a], argv: [\"true\"]}}]\n"
+        ),
+    )
+}
+
 /// A process that leaves its process group and session (`setsid`) used to
 /// outlive its test, free to join the next test's group and speak for it.
 /// It now ends with its Process, whatever group it moved to.
@@ -50,11 +62,7 @@ spec:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_starts_with_a_damaged_journal_and_runs_nothing_twice() {
     let mut c = Cluster::start(1).await;
-    let path = manifest(
-        &c,
-        "one.yaml",
-        "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: one}\nspec:\n  hosts: [{role: a}]\n  steps: [{name: s, on: [a], argv: [\"true\"]}]\n",
-    );
+    let path = true_test(&c, "one");
     assert_eq!(c.ctl(&["apply", "-f", &path, "--wait"]).code, 0);
     c.kill_agent(0);
     let journal = c.dir.path().join(&c.hosts[0]).join("journal");
@@ -64,11 +72,7 @@ async fn an_agent_starts_with_a_damaged_journal_and_runs_nothing_twice() {
     std::fs::write(&journal, bytes).unwrap();
     c.start_agent(0);
     c.host_phase(&c.hosts[0].clone(), phase::READY).await;
-    let path = manifest(
-        &c,
-        "two.yaml",
-        "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: two}\nspec:\n  hosts: [{role: a}]\n  steps: [{name: s, on: [a], argv: [\"true\"]}]\n",
-    );
+    let path = true_test(&c, "two");
     let out = c.ctl(&["apply", "-f", &path, "--wait", "--timeout", "30s"]);
     assert_eq!(out.code, 0, "{out:?}");
     assert!(c.read_log(&c.hosts[0]).contains("do not check"), "the damage is reported");
@@ -203,4 +207,191 @@ spec:
     assert_eq!(out.code, 0, "{out:?}");
     let logs = c.ctl(&["logs", "test/kids"]);
     assert!(logs.stdout.contains("from the child's file"), "{logs:?}");
+}
+
+/// A test that can never run (more hosts than exist) once reserved every
+/// free host ahead of the queue for good, and waited forever. It now holds
+/// nothing back, says why, and ends at its pending timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsatisfiable_test_blocks_nothing_and_ends_at_its_pending_timeout() {
+    let c = Cluster::start(1).await;
+    let huge = manifest(
+        &c,
+        "huge.yaml",
+        r#"apiVersion: testbus/v1
+kind: Test
+metadata: {name: huge}
+spec:
+  priority: 10
+  pendingTimeout: 3s
+  hosts: [{role: a, count: 5}]
+  steps: [{name: s, on: [a], argv: ["true"]}]
+"#,
+    );
+    let waiting = c.ctl_spawn(&["apply", "-f", &huge, "--wait"]);
+    wait_for(Duration::from_secs(10), "huge to be pending", || async {
+        let t = c.client().await.api::<testbus_proto::Test>().get_opt("huge").await.ok()??;
+        let cond = t.status().conditions.iter().find(|c| c.r#type == "Scheduled")?.clone();
+        (cond.reason == "Unsatisfiable").then_some(cond)
+    })
+    .await;
+    let small = true_test(&c, "small");
+    let out = c.ctl(&["apply", "-f", &small, "--wait", "--timeout", "30s"]);
+    assert_eq!(out.code, 0, "the small test is not held back: {out:?}");
+    let out = waiting.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let t = c.test("huge").await;
+    assert_eq!((t.status().phase.as_str(), t.status().reason.as_str()), (phase::ERROR, "PendingTimeout"));
+    assert!(t.status().message.contains("only 1 such hosts exist"), "{}", t.status().message);
+}
+
+/// `UpdateStatus` and finalizers were a back door around the gang claim and
+/// the cleanup: a status write could make a Pending test Running with any
+/// claims, and a test without its finalizer could be deleted from under
+/// its running processes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_writes_and_finalizers_cannot_skip_the_lifecycle() {
+    let c = Cluster::start(1).await;
+    let client = c.client().await;
+    let tests = client.api::<testbus_proto::Test>();
+    let pending = manifest(
+        &c,
+        "pending.yaml",
+        "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: pending}\nspec:\n  hosts: [{role: a, capabilities: [nothing-has-this]}]\n  steps: [{name: s, on: [a], argv: [\"true\"]}]\n",
+    );
+    assert_eq!(c.ctl(&["apply", "-f", &pending]).code, 0);
+    // Refused for what it asks, not for a stale read (the controller writes
+    // the pending test too): read again on a conflict.
+    let err = wait_for(Duration::from_secs(10), "a forged claim to be judged", || async {
+        let mut forged = tests.get("pending").await.ok()?;
+        if forged.status().phase != phase::PENDING {
+            return None;
+        }
+        forged.status_mut().phase = phase::RUNNING.into();
+        forged.status_mut().claims.insert("a".into(), c.hosts[0].clone());
+        let err = tests.update_status(forged).await.expect_err("a forged claim was taken");
+        (err.code() != tonic::Code::Aborted).then_some(err)
+    })
+    .await;
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    // A host cannot be claimed by a status write either.
+    let hosts = client.api::<testbus_proto::Host>();
+    let err = wait_for(Duration::from_secs(10), "a forged host claim to be judged", || async {
+        let mut h = hosts.get(&c.hosts[0]).await.ok()?;
+        h.status_mut().claim = Some(testbus_proto::HostClaim { test: "pending".into(), ..Default::default() });
+        let err = hosts.update_status(h).await.expect_err("a forged host claim was taken");
+        (err.code() != tonic::Code::Aborted).then_some(err)
+    })
+    .await;
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+
+    // A running test keeps its finalizer while its process runs.
+    let out = c.ctl(&["create", "test", "open", "--claim", "a=linux", "--wait-claimed"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let spawned = c.ctl_spawn(&["exec", "open", "--", "sleep", "60"]);
+    c.running_pids("open", 1).await;
+    let err = wait_for(Duration::from_secs(10), "a finalizer removal to be judged", || async {
+        let mut t = tests.get("open").await.ok()?;
+        t.meta_mut().finalizers.clear();
+        let err = tests.update(t).await.expect_err("the finalizer was removed");
+        (err.code() != tonic::Code::Aborted).then_some(err)
+    })
+    .await;
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("still"), "{err:?}");
+    // A Process does not go backwards.
+    let procs = client.api::<Process>();
+    let (ps, _) = procs.list("", "spec.test=open").await.unwrap();
+    let p = ps.into_iter().find(|p| p.status().phase == phase::RUNNING).expect("a running process");
+    let err = wait_for(Duration::from_secs(10), "a backward phase to be judged", || async {
+        let mut p = procs.get(p.name()).await.ok()?;
+        p.status_mut().phase = phase::PENDING.into();
+        let err = procs.update_status(p).await.expect_err("a Process went back to Pending");
+        (err.code() != tonic::Code::Aborted).then_some(err)
+    })
+    .await;
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    // Deleting it the normal way still works, and ends the process.
+    assert_eq!(c.ctl(&["delete", "test", "open"]).code, 0);
+    let _ = spawned.wait_with_output();
+    wait_for(Duration::from_secs(20), "the test to be cleaned up and gone", || async {
+        tests.get_opt("open").await.ok()?.is_none().then_some(())
+    })
+    .await;
+}
+
+/// A test env of 0.7 MB fitted the store, but the claimed status (which
+/// copies the env twice more) did not: the test stayed Pending in silence.
+/// Sizes are now checked where they multiply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_env_too_large_to_claim_is_refused_at_creation() {
+    let c = Cluster::start(1).await;
+    let mut t = testbus_proto::Test {
+        metadata: Some(ObjectMeta { name: "big".into(), ..Default::default() }),
+        spec: Some(testbus_proto::TestSpec {
+            hosts: vec![testbus_proto::HostRequirement { role: "a".into(), ..Default::default() }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    for i in 0..7 {
+        t.spec_mut().env.insert(format!("V{i}"), "x".repeat(100 << 10));
+    }
+    let err = c.client().await.api::<testbus_proto::Test>().create(t).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("spec.env") && err.message().contains("at most"), "{err:?}");
+}
+
+/// Connections that never finish the HTTP/2 preface were never timed out:
+/// a few hundred of them made new clients hang. They are now closed after
+/// `--handshake-timeout`, and clients are served meanwhile.
+#[test]
+fn silent_connections_are_closed_and_do_not_hold_up_clients() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut cp = std::process::Command::new(bin_dir().join("testbus-control-plane"))
+        .args(["--listen", &addr, "--handshake-timeout", "1s", "--no-controllers", "--data-dir"])
+        .arg(dir.path())
+        .stderr(std::fs::File::create(dir.path().join("cp.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let ctl = |args: &[&str]| {
+        std::process::Command::new(bin_dir().join("testbusctl"))
+            .args(["--server", &format!("http://{addr}")])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !ctl(&["get", "hosts"]).status.success() {
+        assert!(std::time::Instant::now() < deadline, "the control plane did not come up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // 200 connections that send nothing, and a few that send half a preface
+    // or something else entirely.
+    let mut silent: Vec<std::net::TcpStream> = (0..200).map(|_| std::net::TcpStream::connect(&addr).unwrap()).collect();
+    for junk in [&b"PRI * HT"[..], b"GET / HTTP/1.1\r\n\r\n"] {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        std::io::Write::write_all(&mut s, junk).unwrap();
+        silent.push(s);
+    }
+    let started = std::time::Instant::now();
+    let out = ctl(&["get", "hosts"]);
+    assert!(out.status.success(), "{out:?}");
+    for s in &mut silent {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut buf = [0u8; 64];
+        // The server closes it: EOF (or a reset), not a read that waits.
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+    }
+    assert!(started.elapsed() < Duration::from_secs(15), "closed after about the handshake timeout");
+    let _ = cp.kill();
+    let _ = cp.wait();
 }
