@@ -369,6 +369,90 @@ async fn idle(_smoke: bool) -> anyhow::Result<serde_json::Value> {
     Ok(json!({ "cp_rss_bytes": rss_bytes(c.control_plane_pid()), "agent_rss_bytes": rss_bytes(c.agent_pid(0)) }))
 }
 
+/// Waiting `recv`s against a store full of other tests' Processes: the
+/// cost of a write while they wait, the control plane's CPU while nothing
+/// happens, and how long one `send` takes to wake them all.
+async fn sync_waiters(smoke: bool) -> anyhow::Result<serde_json::Value> {
+    use testbus_proto::sync_client::SyncClient;
+    let (waiters, stored) = if smoke { (10, 100) } else { (200, 3000) };
+    let c = Cluster::start_full(0, &[], &["--no-controllers"]).await;
+    let cp = c.control_plane_pid();
+    let client = Client::connect(&c.server).await?;
+    let t = Test {
+        metadata: Some(testbus_proto::ObjectMeta { name: "waits".into(), ..Default::default() }),
+        spec: Some(testbus_proto::TestSpec {
+            hosts: vec![testbus_proto::HostRequirement { role: "r".into(), ..Default::default() }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let t = client.api::<Test>().create(t).await?;
+    let procs = client.api::<Process>();
+    for i in 0..stored {
+        let mine = i < waiters;
+        let p = Process {
+            metadata: Some(testbus_proto::ObjectMeta { name: format!("p-{i}"), ..Default::default() }),
+            spec: Some(ProcessSpec {
+                host_name: "nowhere".into(),
+                test: if mine { "waits".into() } else { format!("other-{i}") },
+                test_uid: if mine { t.meta().uid.clone() } else { format!("other-{i}") },
+                role: "r".into(),
+                argv: vec!["true".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        procs.create(p).await?;
+    }
+    let mut calls = Vec::new();
+    for i in 0..waiters {
+        let mut sync = SyncClient::new(client.channel());
+        calls.push(tokio::spawn(async move {
+            let req = testbus_proto::RecvRequest {
+                process: format!("p-{i}"),
+                key: "go".into(),
+                timeout: "600s".into(),
+                ..Default::default()
+            };
+            sync.recv(req).await.map(|_| Instant::now())
+        }));
+    }
+    // Let them all start waiting.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let cpu0 = cpu_seconds(cp);
+    let idle = Duration::from_secs(if smoke { 1 } else { 3 });
+    tokio::time::sleep(idle).await;
+    let idle_cpu = (cpu_seconds(cp) - cpu0) / idle.as_secs_f64();
+    let mut ms = Vec::new();
+    for k in 0..if smoke { 10 } else { 50 } {
+        let name = format!("p-{}", waiters + k % (stored - waiters));
+        let start = Instant::now();
+        procs
+            .patch_status(&name, |p| {
+                p.status_mut().message = format!("write {k}");
+                true
+            })
+            .await?;
+        ms.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    let sent = Instant::now();
+    let send = testbus_proto::SendRequest { process: "p-0".into(), key: "go".into(), value: b"1".to_vec() };
+    SyncClient::new(client.channel()).send(send).await?;
+    let mut woke = Vec::new();
+    for call in calls {
+        let at = call.await?.context("recv")?;
+        woke.push(at.duration_since(sent).as_secs_f64() * 1e3);
+    }
+    woke.sort_by(f64::total_cmp);
+    Ok(json!({
+        "waiters": waiters,
+        "stored_processes": stored,
+        "write": summary(ms),
+        "idle_cpu_cores": idle_cpu,
+        "wake_all_ms": woke.last().copied().unwrap_or_default(),
+    }))
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -385,8 +469,9 @@ async fn main() {
         Some("output") => output(smoke).await,
         Some("files") => files(smoke).await,
         Some("idle") => idle(smoke).await,
+        Some("sync") => sync_waiters(smoke).await,
         _ => {
-            eprintln!("usage: testbus-bench run|start|throughput|fanout|output|files|idle [--smoke]");
+            eprintln!("usage: testbus-bench run|start|throughput|fanout|output|files|idle|sync [--smoke]");
             std::process::exit(2);
         }
     };

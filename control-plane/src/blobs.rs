@@ -176,6 +176,9 @@ impl BlobStore {
     }
 }
 
+/// Bytes of an upload between two checks of the free-space reserve.
+const FREE_CHECK_EVERY: u64 = 8 << 20;
+
 #[tonic::async_trait]
 impl Blobs for BlobStore {
     async fn upload(&self, req: Request<Streaming<UploadRequest>>) -> Result<Response<BlobRef>, Status> {
@@ -202,6 +205,13 @@ impl Blobs for BlobStore {
                 }
                 h.update(&msg.data);
                 f.write_all(&msg.data).await.map_err(io_err)?;
+                // The reserve is checked as the blob grows, not only when it
+                // starts: a large upload must not eat the space the store
+                // needs (statvfs is cheap; once per 8 MiB).
+                if size / FREE_CHECK_EVERY != (size - msg.data.len() as u64) / FREE_CHECK_EVERY {
+                    crate::store::embedded::check_free_space(&self.dir, self.min_free)
+                        .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+                }
             }
             f.sync_all().await.map_err(io_err)
         }

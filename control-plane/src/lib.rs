@@ -12,3 +12,4 @@ pub mod output;
 pub mod server;
 pub mod store;
 pub mod sync;
+pub mod sync_index;

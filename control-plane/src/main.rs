@@ -46,6 +46,11 @@ struct Args {
     /// --listen address with a specific IP, else the data dir's socket.
     #[arg(long)]
     advertise: Option<String>,
+    /// Infrastructure failures in a row (processes lost, or failed before
+    /// they ran) after which a host is quarantined: made unschedulable until
+    /// `testbusctl uncordon`. 0: never.
+    #[arg(long, default_value_t = 3)]
+    quarantine_after: u32,
     /// How long a TCP connection may take to start HTTP/2 before it is
     /// closed.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
@@ -84,7 +89,10 @@ async fn main() {
         data_dir: args.data_dir.unwrap_or_else(default_data_dir),
         store: args.store,
         insecure: args.insecure,
-        controllers: (!args.no_controllers).then(|| testbus_controllers::Config { lease_grace: args.lease_grace }),
+        controllers: (!args.no_controllers).then(|| testbus_controllers::Config {
+            lease_grace: args.lease_grace,
+            quarantine_after: args.quarantine_after,
+        }),
         watch_cache: 100_000,
         output_limit: args.max_output_bytes,
         min_free_bytes: args.min_free_bytes,

@@ -1,17 +1,18 @@
 //! In-test synchronisation: barriers and messages between the processes of
 //! one test, kept in the store under `/sync/<test uid>/`.
 //!
-//! Every call that waits re-evaluates from current store state whenever the
-//! store changes (a store watch from the call's start), so it sees a
-//! participant's death or host loss as soon as the controllers record it.
+//! Every call that waits re-evaluates from current state whenever something
+//! of its own test changes (see `sync_index`: one index for all waiters, fed
+//! by the hub and one watch of the sync keys), so it sees a participant's
+//! death or host loss as soon as the controllers record it, and a change to
+//! another test costs it nothing.
 //! Barrier participants are fixed by the first process to arrive: every
-//! process of the test then running (or of the given roles).
+//! member the test claimed (or those of the given roles).
 use crate::api::ApiState;
 use crate::hub;
-use crate::store::{Compare, EventStream, Op};
-use futures::StreamExt;
+use crate::store::{Compare, Op};
+use crate::sync_index::{SyncIndex, Wakeup};
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
 use testbus_proto::sync_server::Sync;
 use testbus_proto::validate::{member_matches, sync_key};
 use testbus_proto::{
@@ -27,33 +28,30 @@ pub const MAX_VALUE: usize = 1 << 20;
 #[derive(Clone)]
 pub struct SyncService {
     st: ApiState,
+    index: SyncIndex,
 }
 
-/// Waits for the next store change, or fails at the deadline. Callers
-/// re-evaluate from current state after each change.
+/// Waits for the next change of one test, or fails at the deadline.
+/// Callers re-evaluate from current state after each change.
 struct Waiter {
-    events: EventStream,
+    wake: Wakeup,
     deadline: Option<Instant>,
     what: String,
-    sync: SyncService,
 }
 
 impl Waiter {
     async fn changed(&mut self) -> Result<(), Status> {
-        let next = match self.deadline {
-            Some(d) => tokio::time::timeout_at(d, self.events.next()).await.ok(),
-            None => Some(self.events.next().await),
-        };
-        match next {
-            None => Err(Status::deadline_exceeded(format!("timed out waiting for {}", self.what))),
-            Some(Some(Ok(_))) => Ok(()),
-            // The watch fell behind or ended: start a new one.
-            Some(_) => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                self.events = self.sync.watch_from_now().await?;
-                Ok(())
+        let timed_out = match self.deadline {
+            Some(d) => tokio::time::timeout_at(d, self.wake.changed()).await.is_err(),
+            None => {
+                self.wake.changed().await;
+                false
             }
+        };
+        if timed_out {
+            return Err(Status::deadline_exceeded(format!("timed out waiting for {}", self.what)));
         }
+        Ok(())
     }
 }
 
@@ -63,7 +61,8 @@ fn unavailable(e: impl std::fmt::Display) -> Status {
 
 impl SyncService {
     pub fn new(st: ApiState) -> Self {
-        SyncService { st }
+        let index = SyncIndex::start(st.clone());
+        SyncService { st, index }
     }
 
     async fn object(&self, kind: Kind, name: &str) -> Result<Option<Object>, Status> {
@@ -78,10 +77,6 @@ impl SyncService {
         })
     }
 
-    async fn host_ready(&self, name: &str) -> Result<bool, Status> {
-        Ok(matches!(self.object(Kind::Host, name).await?, Some(Object::Host(h)) if h.status().phase == phase::READY))
-    }
-
     /// The calling process; it must be running.
     async fn caller(&self, name: &str) -> Result<Process, Status> {
         let p = self.process(name).await?.ok_or_else(|| Status::not_found(format!("Process {name:?} not found")))?;
@@ -91,34 +86,16 @@ impl SyncService {
         Ok(p)
     }
 
-    async fn test_processes(&self, test_uid: &str) -> Result<Vec<Process>, Status> {
-        let (kvs, _) = self.st.store.list(&hub::prefix(Kind::Process)).await.map_err(unavailable)?;
-        Ok(kvs
-            .iter()
-            .filter_map(|kv| match hub::decode(&kv.key, &kv.value, kv.mod_revision) {
-                Some(Object::Process(p)) if p.spec().test_uid == test_uid => Some(p),
-                _ => None,
-            })
-            .collect())
-    }
-
-    async fn watch_from_now(&self) -> Result<EventStream, Status> {
-        let rev = self.st.store.revision().await.map_err(unavailable)?;
-        // Output chunks change often and never matter to a waiter.
-        let events = self.st.store.watch("/", rev).await.map_err(unavailable)?;
-        Ok(events
-            .filter(|e| std::future::ready(!matches!(e, Ok(e) if crate::output::is_output_key(&e.kv().key))))
-            .boxed())
-    }
-
-    async fn waiter(&self, what: String, timeout: &str) -> Result<Waiter, Status> {
+    /// A waiter on test `uid`, subscribed before the caller's first look.
+    async fn waiter(&self, what: String, timeout: &str, uid: &str) -> Result<Waiter, Status> {
         let deadline = if timeout.is_empty() {
             None
         } else {
             let d = duration::parse(timeout).map_err(|e| Status::invalid_argument(format!("timeout: {e}")))?;
             Some(Instant::now() + d)
         };
-        Ok(Waiter { events: self.watch_from_now().await?, deadline, what, sync: self.clone() })
+        self.index.synced().await;
+        Ok(Waiter { wake: self.index.subscribe(uid), deadline, what })
     }
 
     async fn test_of(&self, p: &Process) -> Result<Test, Status> {
@@ -130,23 +107,22 @@ impl SyncService {
 
     /// Why one of `members` can no longer arrive or send, if one cannot: a
     /// process of it died (Failed, Killed, Lost), or its host is lost.
-    async fn member_failure(&self, test: &Test, members: &[&String]) -> Result<Option<String>, Status> {
-        let procs = self.test_processes(&test.meta().uid).await?;
+    fn member_failure(&self, test: &Test, members: &[&String]) -> Option<String> {
+        let procs = self.index.processes(&test.meta().uid);
         for m in members {
-            for p in procs.iter().filter(|p| &&p.spec().role == m) {
-                let s = p.status();
-                if matches!(s.phase.as_str(), phase::FAILED | phase::KILLED | phase::LOST) {
-                    let why = if s.message.is_empty() { String::new() } else { format!(": {}", s.message) };
-                    return Ok(Some(format!("{m} on {} ended ({}{why})", p.spec().host_name, s.phase)));
+            for p in procs.iter().filter(|p| &&p.role == m) {
+                if matches!(p.phase.as_str(), phase::FAILED | phase::KILLED | phase::LOST) {
+                    let why = if p.message.is_empty() { String::new() } else { format!(": {}", p.message) };
+                    return Some(format!("{m} on {} ended ({}{why})", p.host, p.phase));
                 }
             }
             if let Some(host) = test.status().claims.get(*m) {
-                if !self.host_ready(host).await? {
-                    return Ok(Some(format!("{m} lost its host {host}")));
+                if !self.index.host_ready(host) {
+                    return Some(format!("{m} lost its host {host}"));
                 }
             }
         }
-        Ok(None)
+        None
     }
 }
 
@@ -178,7 +154,7 @@ impl Sync for SyncService {
             .txn(vec![], vec![Op::Put(format!("{arrived_prefix}{}", me.spec().role), vec![])])
             .await
             .map_err(unavailable)?;
-        let mut waiter = self.waiter(format!("barrier {:?}", r.name), &r.timeout).await?;
+        let mut waiter = self.waiter(format!("barrier {:?}", r.name), &r.timeout, &me.spec().test_uid).await?;
         loop {
             let (kvs, _) = self.st.store.list(&arrived_prefix).await.map_err(unavailable)?;
             let arrived: BTreeSet<&str> = kvs.iter().map(|kv| &kv.key[arrived_prefix.len()..]).collect();
@@ -186,7 +162,7 @@ impl Sync for SyncService {
             if missing.is_empty() {
                 return Ok(Response::new(BarrierResponse { participants }));
             }
-            if let Some(why) = self.member_failure(&test, &missing).await? {
+            if let Some(why) = self.member_failure(&test, &missing) {
                 return Err(Status::failed_precondition(format!(
                     "barrier {:?} failed: participant {why} before reaching it",
                     r.name
@@ -247,7 +223,7 @@ impl Sync for SyncService {
         let prefix = format!("/sync/{uid}/msg/{}/", r.key);
         let what =
             format!("{:?}{}", r.key, if r.from.is_empty() { String::new() } else { format!(" from {}", r.from) });
-        let mut waiter = self.waiter(what, &r.timeout).await?;
+        let mut waiter = self.waiter(what, &r.timeout, &uid).await?;
         loop {
             let (kvs, _) = self.st.store.list(&prefix).await.map_err(unavailable)?;
             let got: BTreeMap<String, Vec<u8>> =
@@ -265,8 +241,8 @@ impl Sync for SyncService {
                     return Ok(reply(got.iter().collect()));
                 }
                 // Nobody is left who could send it.
-                let procs = self.test_processes(&uid).await?;
-                if !procs.iter().any(|p| p.name() != me.name() && !phase::process_terminal(&p.status().phase)) {
+                let procs = self.index.processes(&uid);
+                if !procs.iter().any(|p| p.name != me.name() && !phase::process_terminal(&p.phase)) {
                     return Err(Status::failed_precondition(format!(
                         "no other process of the test is running to send {:?}",
                         r.key
@@ -279,7 +255,7 @@ impl Sync for SyncService {
             if missing.is_empty() {
                 return Ok(reply(expected.iter().map(|m| (m, &got[m])).collect()));
             }
-            if let Some(why) = self.member_failure(&test, &missing).await? {
+            if let Some(why) = self.member_failure(&test, &missing) {
                 return Err(Status::failed_precondition(format!(
                     "recv {:?} failed: sender {why} before sending it",
                     r.key

@@ -56,8 +56,54 @@ pub async fn reconcile(ctx: &Context, name: &str) -> Result<Action, Status> {
             tracing::info!(host = name, phase = want, "host phase changed");
         }
     }
+    quarantine(ctx, &h).await?;
     Ok(match expires.and_then(|e| e.duration_since(now).ok()) {
         Some(left) => Action::Requeue(left + Duration::from_millis(10)),
         None => Action::AwaitChange,
     })
+}
+
+/// Counts the host's infrastructure failures in a row (`status.infraFailures`)
+/// and, at the threshold, makes it unschedulable with the reason and a
+/// `Quarantined` condition. Only an admin's `uncordon` lets it run again.
+async fn quarantine(ctx: &Context, h: &Host) -> Result<(), Status> {
+    let since = h
+        .meta()
+        .annotations
+        .get(crate::health::HEALTHY_SINCE)
+        .and_then(|t| time::parse(t))
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    let streak = ctx.ledger.streak(h.name(), since);
+    let count = streak.len() as u32;
+    let reason = crate::health::quarantine_reason(&streak, ctx.cfg.quarantine_after);
+    let api = ctx.client.api::<Host>();
+    if let Some(why) = reason.as_ref().filter(|_| !h.spec().unschedulable) {
+        let mut next = h.clone();
+        next.spec_mut().unschedulable = true;
+        next.spec_mut().unschedulable_reason = why.clone();
+        api.update(next).await?;
+        tracing::warn!(host = h.name(), failures = count, "host quarantined");
+    }
+    let quarantined = reason.is_some();
+    let has_condition = h.status().conditions.iter().any(|c| c.r#type == "Quarantined" && c.status == "True");
+    if h.status().infra_failures != count || quarantined != has_condition {
+        let why = reason.unwrap_or_default();
+        api.patch_status(h.name(), |host| {
+            let st = host.status_mut();
+            st.infra_failures = count;
+            st.conditions.retain(|c| c.r#type != "Quarantined");
+            if quarantined {
+                st.conditions.push(testbus_proto::Condition {
+                    r#type: "Quarantined".into(),
+                    status: "True".into(),
+                    reason: "InfraFailures".into(),
+                    message: why.clone(),
+                    last_transition_time: time::now(),
+                });
+            }
+            true
+        })
+        .await?;
+    }
+    Ok(())
 }

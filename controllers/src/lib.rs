@@ -6,6 +6,7 @@
 //!   timeouts, host loss, release.
 #![forbid(unsafe_code)]
 
+pub mod health;
 pub mod hosts;
 pub mod runtime;
 pub mod schedule;
@@ -22,11 +23,13 @@ use tokio::sync::broadcast;
 pub struct Config {
     /// How long past its lease a host still counts as Ready.
     pub lease_grace: Duration,
+    /// Infrastructure failures in a row that quarantine a host (0: never).
+    pub quarantine_after: u32,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config { lease_grace: Duration::from_secs(5) }
+        Config { lease_grace: Duration::from_secs(5), quarantine_after: 3 }
     }
 }
 
@@ -46,6 +49,8 @@ pub struct Context {
     pub host_queue: Arc<Queue>,
     pub test_queue: Arc<Queue>,
     pub result_writes: tests::ResultWrites,
+    /// Each host's last terminal processes, for quarantine.
+    pub ledger: health::Ledger,
 }
 
 /// Scheduling-relevant parts of a host changed (or it appeared/vanished).
@@ -74,6 +79,7 @@ pub async fn run(client: Client, cfg: Config, shutdown: broadcast::Receiver<()>)
         host_queue: Queue::new(),
         test_queue: Queue::new(),
         result_writes: tests::ResultWrites::new(RESULT_WRITE_INTERVAL),
+        ledger: Default::default(),
     });
     let mut tasks = tokio::task::JoinSet::new();
     {
@@ -129,6 +135,11 @@ pub async fn run(client: Client, cfg: Config, shutdown: broadcast::Receiver<()>)
             move |(old, new)| {
                 if let Some(p) = new.as_ref().or(old.as_ref()) {
                     c.test_queue.add(&p.spec().test);
+                }
+                // A process seen ended counts for (or against) its host.
+                if let Some(p) = new.as_ref().filter(|p| testbus_proto::phase::process_terminal(&p.status().phase)) {
+                    c.ledger.record(p);
+                    c.host_queue.add(&p.spec().host_name);
                 }
             },
             shutdown.resubscribe(),

@@ -535,6 +535,10 @@ async fn set_cordon(client: &Client, host: &str, on: bool, reason: &str) -> CliR
         let mut h = api.get(host).await?;
         h.spec_mut().unschedulable = on;
         h.spec_mut().unschedulable_reason = if on { reason.to_string() } else { String::new() };
+        if !on {
+            // Failures before now no longer count towards quarantine.
+            h.meta_mut().annotations.insert("testbus.io/healthy-since".into(), testbus_proto::time::now());
+        }
         match api.update(h).await {
             Ok(_) => break,
             Err(s) if s.code() == tonic::Code::Aborted => continue,

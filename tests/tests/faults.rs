@@ -242,6 +242,21 @@ async fn a_full_disk_refuses_writes_clearly_while_reads_go_on() {
     std::fs::remove_file(&filler).unwrap();
     c.wait_hosts_ready(1).await;
     assert_eq!(c.ctl_stdin(&["apply", "-f", "-", "--wait", "--timeout", "30s"], Some(&test("after"))).code, 0);
+    // A large upload that starts above the reserve is refused once it would
+    // go below it (it used to be checked only at its start), and leaves
+    // nothing behind.
+    let big = c.dir.path().join("big.bin");
+    std::fs::write(&big, vec![7u8; 80 << 20]).unwrap();
+    let with_file = format!("{}  files: [{{source: {}, path: /tmp/big.bin}}]\n", test("big"), big.display());
+    let out = c.ctl_stdin(&["apply", "-f", "-"], Some(&with_file));
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("disk full"), "{out:?}");
+    let left: Vec<_> = std::fs::read_dir(data.join("blobs/tmp")).map(|d| d.flatten().count()).into_iter().collect();
+    assert!(left.iter().all(|&n| n == 0), "temporary upload files left: {left:?}");
+    // The reserve is intact: the blob was not kept.
+    let st = nix::sys::statvfs::statvfs(&data).unwrap();
+    let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+    assert!(free >= 32 << 20, "only {free} bytes free after the refused upload");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

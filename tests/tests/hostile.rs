@@ -395,3 +395,91 @@ fn silent_connections_are_closed_and_do_not_hold_up_clients() {
     let _ = cp.kill();
     let _ = cp.wait();
 }
+
+/// A host whose processes keep failing for the host's sake (here: the
+/// program is not there, three tests in a row) is quarantined: made
+/// unschedulable with a reason naming the failures, until `uncordon`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_keeps_failing_is_quarantined_until_uncordoned() {
+    let c = Cluster::start(1).await;
+    let host = c.hosts[0].clone();
+    for i in 0..3 {
+        let path = manifest(
+            &c,
+            &format!("broken-{i}.yaml"),
+            &format!(
+                "apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: broken-{i}}}\nspec:\n  hosts: [{{role: a}}]\n  steps: [{{name: s, on: [a], argv: [/nonexistent/tool]}}]\n"
+            ),
+        );
+        let out = c.ctl(&["apply", "-f", &path, "--wait", "--timeout", "30s"]);
+        assert_eq!(out.code, 1, "{out:?}");
+    }
+    let api = c.client().await.api::<testbus_proto::Host>();
+    let h = wait_for(Duration::from_secs(10), "the host to be quarantined", || async {
+        let h = api.get(&host).await.ok()?;
+        (h.spec().unschedulable && h.status().infra_failures == 3).then_some(h)
+    })
+    .await;
+    assert!(
+        h.spec().unschedulable_reason.contains("quarantined after 3 infrastructure failures in a row")
+            && h.spec().unschedulable_reason.contains("SpawnFailed"),
+        "{:?}",
+        h.spec().unschedulable_reason
+    );
+    assert!(h.status().conditions.iter().any(|c| c.r#type == "Quarantined" && c.status == "True"));
+    // Nothing new runs there until an admin says so.
+    let path = true_test(&c, "after");
+    assert_eq!(c.ctl(&["apply", "-f", &path]).code, 0);
+    let why = wait_for(Duration::from_secs(10), "the next test to wait", || async {
+        let t = c.client().await.api::<testbus_proto::Test>().get("after").await.ok()?;
+        (t.status().phase == phase::PENDING && !t.status().message.is_empty()).then(|| t.status().message.clone())
+    })
+    .await;
+    assert!(why.contains("cordoned"), "{why}");
+    assert_eq!(c.ctl(&["uncordon", &host]).code, 0);
+    let out = c.ctl(&["wait", "test/after", "--timeout", "30s"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    wait_for(Duration::from_secs(10), "the failure count to reset", || async {
+        let h = api.get(&host).await.ok()?;
+        (h.status().infra_failures == 0 && !h.status().conditions.iter().any(|c| c.r#type == "Quarantined"))
+            .then_some(())
+    })
+    .await;
+}
+
+/// A connection that breaks in the middle of a call (here: a server that
+/// reads the request and hangs up) is "cannot reach the server", exit 4,
+/// not a failure of the command (exit 1).
+#[test]
+fn a_connection_broken_mid_call_exits_4() {
+    use std::io::Read;
+    let lis = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = lis.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        // Every connection the CLI makes: read what it sends, then hang up.
+        lis.set_nonblocking(false).unwrap();
+        for _ in 0..8 {
+            let Ok((mut s, _)) = lis.accept() else { return };
+            s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            drop(s);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.yaml");
+    std::fs::write(
+        &path,
+        "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: t}\nspec:\n  hosts: [{role: a}]\n  steps: [{name: s, on: [a], argv: [\"true\"]}]\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin_dir().join("testbusctl"))
+        .args(["--server", &format!("http://{addr}"), "apply", "-f"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("cannot reach"), "{stderr}");
+    drop(server);
+}

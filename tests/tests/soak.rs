@@ -44,7 +44,9 @@ fn soak_test(i: usize, marks: &str) -> Test {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soak_under_agent_and_control_plane_crashes() {
-    let mut c = Cluster::start(AGENTS).await;
+    // Faults are injected on purpose here: quarantine (tested in
+    // hostile.rs) would take the hosts they hit away from the soak.
+    let mut c = Cluster::start_full(AGENTS, &[], &["--quarantine-after", "0"]).await;
     let marks = c.dir.path().join("marks");
     std::fs::create_dir_all(&marks).unwrap();
     let marks_s = marks.display().to_string();
