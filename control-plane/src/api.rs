@@ -858,7 +858,7 @@ mod tests {
         let tests = ResourceService::<Test>::new(state(&dir).await);
         let t = tests.create(&admin(), test_obj("t")).await.unwrap();
         let current = t.resource_version().to_string();
-        let req = DeleteRequest { name: "t".into(), resource_version: "999999".into(), ..Default::default() };
+        let req = DeleteRequest { name: "t".into(), resource_version: "999999".into() };
         let err = tests.delete(&admin(), req).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::Aborted);
         assert!(

@@ -55,6 +55,10 @@ struct Args {
     /// closed.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     handshake_timeout: std::time::Duration,
+    /// Most TCP connections served for one peer address at once (a relay
+    /// host carries a connection or two per guest behind it).
+    #[arg(long, default_value_t = 1024)]
+    max_connections_per_peer: usize,
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -89,7 +93,7 @@ async fn main() {
         data_dir: args.data_dir.unwrap_or_else(default_data_dir),
         store: args.store,
         insecure: args.insecure,
-        controllers: (!args.no_controllers).then(|| testbus_controllers::Config {
+        controllers: (!args.no_controllers).then_some(testbus_controllers::Config {
             lease_grace: args.lease_grace,
             quarantine_after: args.quarantine_after,
         }),
@@ -98,6 +102,7 @@ async fn main() {
         min_free_bytes: args.min_free_bytes,
         advertise: args.advertise,
         handshake_timeout: args.handshake_timeout,
+        max_connections_per_peer: args.max_connections_per_peer,
     };
     let (tx, rx) = tokio::sync::broadcast::channel(1);
     tokio::spawn(async move {

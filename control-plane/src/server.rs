@@ -57,6 +57,8 @@ pub struct Config {
     pub advertise: Option<String>,
     /// How long a TCP connection may take to send the HTTP/2 preface.
     pub handshake_timeout: Duration,
+    /// Most TCP connections served for one peer address at once.
+    pub max_connections_per_peer: usize,
 }
 
 /// Most TCP connections from one address waiting to send their HTTP/2
@@ -90,17 +92,109 @@ async fn sends_preface(s: &tokio::net::TcpStream, limit: Duration) -> bool {
     }
 }
 
+/// Connections counted by peer address.
+type PeerCounts = Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>;
+
+/// One connection's place in its peer's count, given back when dropped.
+struct PeerSlot {
+    counts: PeerCounts,
+    ip: std::net::IpAddr,
+}
+
+impl PeerSlot {
+    /// A slot, if `ip` has fewer than `max` connections counted.
+    fn take(counts: &PeerCounts, ip: std::net::IpAddr, max: usize) -> Option<PeerSlot> {
+        let mut c = counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = c.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot { counts: counts.clone(), ip })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = c.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                c.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// A served TCP connection that holds its peer's slot for as long as the
+/// server keeps it.
+struct PeerConn {
+    stream: tokio::net::TcpStream,
+    _slot: PeerSlot,
+}
+
+impl tonic::transport::server::Connected for PeerConn {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl tokio::io::AsyncRead for PeerConn {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for PeerConn {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
 /// Accepts TCP connections and hands on those that start HTTP/2 in time:
 /// a connection that never sends its preface is closed after `limit`
-/// instead of holding a slot forever, and one address has at most
-/// [`MAX_HANDSHAKES_PER_PEER`] connections in that state. Ends when the
-/// server does (`tx` closed).
+/// instead of holding a slot forever; one address has at most
+/// [`MAX_HANDSHAKES_PER_PEER`] connections in that state and at most
+/// `max_per_peer` being served. Ends when the server does (`tx` closed).
 async fn accept_http2(
     lis: tokio::net::TcpListener,
-    tx: tokio::sync::mpsc::Sender<tokio::net::TcpStream>,
+    tx: tokio::sync::mpsc::Sender<PeerConn>,
     limit: Duration,
+    max_per_peer: usize,
 ) {
-    let pending: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>> = Default::default();
+    let pending: PeerCounts = Default::default();
+    let served: PeerCounts = Default::default();
     loop {
         let (s, peer) = tokio::select! {
             r = lis.accept() => match r {
@@ -115,33 +209,24 @@ async fn accept_http2(
             _ = tx.closed() => return,
         };
         let ip = peer.ip();
-        {
-            let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
-            let n = p.entry(ip).or_insert(0);
-            if *n >= MAX_HANDSHAKES_PER_PEER {
-                tracing::debug!(%peer, "too many connections from this address in handshake; closed");
-                continue;
-            }
-            *n += 1;
-        }
-        let (tx, pending) = (tx.clone(), pending.clone());
+        let Some(handshake) = PeerSlot::take(&pending, ip, MAX_HANDSHAKES_PER_PEER) else {
+            tracing::debug!(%peer, "too many connections from this address in handshake; closed");
+            continue;
+        };
+        let (tx, served) = (tx.clone(), served.clone());
         tokio::spawn(async move {
             let ok = sends_preface(&s, limit).await;
-            {
-                let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(n) = p.get_mut(&ip) {
-                    *n -= 1;
-                    if *n == 0 {
-                        p.remove(&ip);
-                    }
-                }
-            }
-            if ok {
-                let _ = s.set_nodelay(true);
-                let _ = tx.send(s).await;
-            } else {
+            drop(handshake);
+            if !ok {
                 tracing::debug!(%peer, "no HTTP/2 preface in time; closed");
+                return;
             }
+            let Some(slot) = PeerSlot::take(&served, ip, max_per_peer) else {
+                tracing::warn!(%peer, max_per_peer, "too many connections from this address; closed");
+                return;
+            };
+            let _ = s.set_nodelay(true);
+            let _ = tx.send(PeerConn { stream: s, _slot: slot }).await;
         });
     }
 }
@@ -258,7 +343,7 @@ pub async fn run(cfg: Config, mut shutdown: broadcast::Receiver<()>) -> anyhow::
                 // is set on each accepted socket (a 1 KiB call is ~44 ms
                 // without), by the acceptor that checks the handshake.
                 let (tx, rx) = tokio::sync::mpsc::channel(64);
-                tokio::spawn(accept_http2(lis, tx, cfg.handshake_timeout));
+                tokio::spawn(accept_http2(lis, tx, cfg.handshake_timeout, cfg.max_connections_per_peer));
                 let incoming = tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, std::io::Error>);
                 servers.spawn(async move { router.serve_with_incoming_shutdown(incoming, signal).await });
             }

@@ -291,7 +291,7 @@ pub const REPORT_AFTER: u32 = 3;
 
 /// Whether the `n`th failure in a row is reported on the object.
 fn reported(n: u32) -> bool {
-    n == REPORT_AFTER || (n > REPORT_AFTER && n % 50 == 0)
+    n == REPORT_AFTER || (n > REPORT_AFTER && n.is_multiple_of(50))
 }
 
 /// Whether the `n`th failure in a row is logged at warn (the rest at

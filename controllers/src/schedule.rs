@@ -297,7 +297,7 @@ mod tests {
         assert_eq!(assign(&small_gpu.spec().hosts, &avail).unwrap()[0].host, "g");
         // Priority goes before age.
         let urgent = pending("urgent", 10, "2026-01-02T00:00:00Z", vec![]);
-        let mut q = vec![&big, &urgent];
+        let mut q = [&big, &urgent];
         q.sort_by(|a, b| queue_order(a, b));
         assert_eq!(q[0].name(), "urgent");
     }

@@ -145,7 +145,7 @@ pub async fn follow_test(
             return;
         }
         let c = client.clone();
-        let pre = prefix.then(|| prefix_for(&t, &p));
+        let pre = prefix.then(|| prefix_for(t, &p));
         readers.spawn(async move { copy_process(&c, p.name(), pre, true).await });
     };
     let mut ended: HashMap<String, Process> = HashMap::new();

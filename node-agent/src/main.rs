@@ -81,8 +81,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Builds the Host this agent registers.
 fn host_object(args: &Args) -> anyhow::Result<Host> {
     testbus_proto::validate::dns_label(&args.name).map_err(|e| anyhow::anyhow!("--name: {e}"))?;
-    let mut offer = config::Offer::default();
-    offer.vars = facts::default_vars();
+    let mut offer = config::Offer { vars: facts::default_vars(), ..Default::default() };
     if let Some(path) = &args.config {
         offer.add(config::parse_file(path)?);
     } else if args.config_dir.join("agent.yaml").exists() {

@@ -87,6 +87,8 @@ pub fn duration(data: &[u8]) {
     }
 }
 
+/// A fuzz target: a name and what it runs on one input.
+pub type Target = (&'static str, fn(&[u8]));
+
 /// The targets by name, for replaying saved inputs.
-pub const TARGETS: [(&str, fn(&[u8])); 4] =
-    [("manifest", manifest), ("decode", decode), ("subst", subst), ("duration", duration)];
+pub const TARGETS: [Target; 4] = [("manifest", manifest), ("decode", decode), ("subst", subst), ("duration", duration)];

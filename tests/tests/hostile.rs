@@ -342,43 +342,69 @@ async fn an_env_too_large_to_claim_is_refused_at_creation() {
     assert!(err.message().contains("spec.env") && err.message().contains("at most"), "{err:?}");
 }
 
+/// A control plane of its own on a loopback TCP port, with `args`; killed
+/// when dropped.
+struct TcpControlPlane {
+    child: std::process::Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl TcpControlPlane {
+    fn start(args: &[&str]) -> TcpControlPlane {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let addr = format!("127.0.0.1:{port}");
+        let child = std::process::Command::new(bin_dir().join("testbus-control-plane"))
+            .args(["--listen", &addr, "--no-controllers", "--data-dir"])
+            .arg(dir.path())
+            .args(args)
+            .stderr(std::fs::File::create(dir.path().join("cp.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let cp = TcpControlPlane { child, addr, _dir: dir };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !cp.ctl(&["get", "hosts"]).status.success() {
+            assert!(std::time::Instant::now() < deadline, "the control plane did not come up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        cp
+    }
+
+    fn ctl(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(bin_dir().join("testbusctl"))
+            .args(["--server", &format!("http://{}", self.addr)])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for TcpControlPlane {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Connections that never finish the HTTP/2 preface were never timed out:
 /// a few hundred of them made new clients hang. They are now closed after
 /// `--handshake-timeout`, and clients are served meanwhile.
 #[test]
 fn silent_connections_are_closed_and_do_not_hold_up_clients() {
     use std::io::Read;
-    let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut cp = std::process::Command::new(bin_dir().join("testbus-control-plane"))
-        .args(["--listen", &addr, "--handshake-timeout", "1s", "--no-controllers", "--data-dir"])
-        .arg(dir.path())
-        .stderr(std::fs::File::create(dir.path().join("cp.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let ctl = |args: &[&str]| {
-        std::process::Command::new(bin_dir().join("testbusctl"))
-            .args(["--server", &format!("http://{addr}")])
-            .args(args)
-            .output()
-            .unwrap()
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !ctl(&["get", "hosts"]).status.success() {
-        assert!(std::time::Instant::now() < deadline, "the control plane did not come up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let cp = TcpControlPlane::start(&["--handshake-timeout", "1s"]);
     // 200 connections that send nothing, and a few that send half a preface
     // or something else entirely.
-    let mut silent: Vec<std::net::TcpStream> = (0..200).map(|_| std::net::TcpStream::connect(&addr).unwrap()).collect();
+    let mut silent: Vec<std::net::TcpStream> =
+        (0..200).map(|_| std::net::TcpStream::connect(&cp.addr).unwrap()).collect();
     for junk in [&b"PRI * HT"[..], b"GET / HTTP/1.1\r\n\r\n"] {
-        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        let mut s = std::net::TcpStream::connect(&cp.addr).unwrap();
         std::io::Write::write_all(&mut s, junk).unwrap();
         silent.push(s);
     }
     let started = std::time::Instant::now();
-    let out = ctl(&["get", "hosts"]);
+    let out = cp.ctl(&["get", "hosts"]);
     assert!(out.status.success(), "{out:?}");
     for s in &mut silent {
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -392,59 +418,37 @@ fn silent_connections_are_closed_and_do_not_hold_up_clients() {
         }
     }
     assert!(started.elapsed() < Duration::from_secs(15), "closed after about the handshake timeout");
-    let _ = cp.kill();
-    let _ = cp.wait();
 }
 
-/// A host whose processes keep failing for the host's sake (here: the
-/// program is not there, three tests in a row) is quarantined: made
-/// unschedulable with a reason naming the failures, until `uncordon`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_host_that_keeps_failing_is_quarantined_until_uncordoned() {
-    let c = Cluster::start(1).await;
-    let host = c.hosts[0].clone();
-    for i in 0..3 {
-        let path = manifest(
-            &c,
-            &format!("broken-{i}.yaml"),
-            &format!(
-                "apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: broken-{i}}}\nspec:\n  hosts: [{{role: a}}]\n  steps: [{{name: s, on: [a], argv: [/nonexistent/tool]}}]\n"
-            ),
-        );
-        let out = c.ctl(&["apply", "-f", &path, "--wait", "--timeout", "30s"]);
-        assert_eq!(out.code, 1, "{out:?}");
+/// One address may hold only so many served connections
+/// (`--max-connections-per-peer`); a slot comes back when one closes.
+#[test]
+fn one_address_holds_a_bounded_number_of_connections() {
+    let cp = TcpControlPlane::start(&["--max-connections-per-peer", "2"]);
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut held: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(&cp.addr).unwrap();
+            std::io::Write::write_all(&mut s, PREFACE).unwrap();
+            s
+        })
+        .collect();
+    // Both are served once their preface is in: the CLI's is the third.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = cp.ctl(&["get", "hosts"]);
+        if out.status.code() == Some(4) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "a third connection was still served: {out:?}");
+        std::thread::sleep(Duration::from_millis(50));
     }
-    let api = c.client().await.api::<testbus_proto::Host>();
-    let h = wait_for(Duration::from_secs(10), "the host to be quarantined", || async {
-        let h = api.get(&host).await.ok()?;
-        (h.spec().unschedulable && h.status().infra_failures == 3).then_some(h)
-    })
-    .await;
-    assert!(
-        h.spec().unschedulable_reason.contains("quarantined after 3 infrastructure failures in a row")
-            && h.spec().unschedulable_reason.contains("SpawnFailed"),
-        "{:?}",
-        h.spec().unschedulable_reason
-    );
-    assert!(h.status().conditions.iter().any(|c| c.r#type == "Quarantined" && c.status == "True"));
-    // Nothing new runs there until an admin says so.
-    let path = true_test(&c, "after");
-    assert_eq!(c.ctl(&["apply", "-f", &path]).code, 0);
-    let why = wait_for(Duration::from_secs(10), "the next test to wait", || async {
-        let t = c.client().await.api::<testbus_proto::Test>().get("after").await.ok()?;
-        (t.status().phase == phase::PENDING && !t.status().message.is_empty()).then(|| t.status().message.clone())
-    })
-    .await;
-    assert!(why.contains("cordoned"), "{why}");
-    assert_eq!(c.ctl(&["uncordon", &host]).code, 0);
-    let out = c.ctl(&["wait", "test/after", "--timeout", "30s"]);
-    assert_eq!(out.code, 0, "{out:?}");
-    wait_for(Duration::from_secs(10), "the failure count to reset", || async {
-        let h = api.get(&host).await.ok()?;
-        (h.status().infra_failures == 0 && !h.status().conditions.iter().any(|c| c.r#type == "Quarantined"))
-            .then_some(())
-    })
-    .await;
+    held.pop();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !cp.ctl(&["get", "hosts"]).status.success() {
+        assert!(std::time::Instant::now() < deadline, "the slot did not come back");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// A connection that breaks in the middle of a call (here: a server that

@@ -17,7 +17,7 @@ fn soak_test(i: usize, marks: &str) -> Test {
     let spec: &mut TestSpec = t.spec_mut();
     spec.timeout = "2m".into();
     spec.hosts.push(HostRequirement { role: "a".into(), count: Some(1 + (i % 2) as u32), ..Default::default() });
-    if i % 3 == 0 {
+    if i.is_multiple_of(3) {
         spec.hosts.push(HostRequirement { role: "b".into(), ..Default::default() });
     }
     // Each process leaves one line in its own file: two lines would mean it
@@ -30,7 +30,7 @@ fn soak_test(i: usize, marks: &str) -> Test {
         argv: vec![format!("{mark}; sleep 0.05")],
         ..Default::default()
     });
-    let on = if i % 3 == 0 { vec!["a".to_string(), "b".to_string()] } else { vec!["a".to_string()] };
+    let on = if i.is_multiple_of(3) { vec!["a".to_string(), "b".to_string()] } else { vec!["a".to_string()] };
     spec.steps.push(Step {
         name: "two".into(),
         on,

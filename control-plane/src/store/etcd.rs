@@ -196,7 +196,7 @@ impl Store for EtcdStore {
     async fn watch(&self, prefix: &str, after: Revision) -> Result<EventStream, StoreError> {
         // etcd reports a compacted start revision only after the watch was
         // created; a read at that revision answers now.
-        if after + 1 <= self.revision().await? {
+        if after < self.revision().await? {
             let at = GetOptions::new().with_revision(after as i64 + 1).with_count_only();
             if let Err(e) = retry_read(|| {
                 let (mut kv, k, o) = (self.client.kv_client(), self.key(prefix), at.clone());
