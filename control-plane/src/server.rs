@@ -62,7 +62,7 @@ pub struct Config {
 }
 
 /// Most TCP connections from one address waiting to send their HTTP/2
-/// preface at once; more are closed at accept.
+/// preface at once; past it, the oldest of them is closed.
 pub const MAX_HANDSHAKES_PER_PEER: usize = 256;
 /// HTTP/2 pings on idle connections: a peer that does not answer one within
 /// the same time is gone, and its connection (and its watches) with it.
@@ -121,6 +121,52 @@ impl Drop for PeerSlot {
             *n -= 1;
             if *n == 0 {
                 c.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// TCP connections waiting for their HTTP/2 preface, by peer address. An
+/// address over [`MAX_HANDSHAKES_PER_PEER`] loses its oldest one: a flood of
+/// silent connections is bounded, and a real client from the same address
+/// (whose preface comes at once) still gets in.
+#[derive(Clone, Default)]
+struct Handshakes(Arc<std::sync::Mutex<HandshakeState>>);
+
+/// One address's connections in handshake, oldest first, each with what
+/// closes it.
+type Waiting = std::collections::VecDeque<(u64, tokio::sync::oneshot::Sender<()>)>;
+
+#[derive(Default)]
+struct HandshakeState {
+    next: u64,
+    by_ip: std::collections::HashMap<std::net::IpAddr, Waiting>,
+}
+
+impl Handshakes {
+    /// Admits a connection from `ip`; the receiver fires if it is evicted.
+    fn admit(&self, ip: std::net::IpAddr) -> (u64, tokio::sync::oneshot::Receiver<()>) {
+        let (evict, evicted) = tokio::sync::oneshot::channel();
+        let mut st = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        st.next += 1;
+        let id = st.next;
+        let q = st.by_ip.entry(ip).or_default();
+        if q.len() >= MAX_HANDSHAKES_PER_PEER {
+            if let Some((_, oldest)) = q.pop_front() {
+                let _ = oldest.send(());
+            }
+        }
+        q.push_back((id, evict));
+        (id, evicted)
+    }
+
+    /// The connection `id` from `ip` is done with its handshake.
+    fn leave(&self, ip: std::net::IpAddr, id: u64) {
+        let mut st = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(q) = st.by_ip.get_mut(&ip) {
+            q.retain(|(i, _)| *i != id);
+            if q.is_empty() {
+                st.by_ip.remove(&ip);
             }
         }
     }
@@ -193,7 +239,7 @@ async fn accept_http2(
     limit: Duration,
     max_per_peer: usize,
 ) {
-    let pending: PeerCounts = Default::default();
+    let pending = Handshakes::default();
     let served: PeerCounts = Default::default();
     loop {
         let (s, peer) = tokio::select! {
@@ -209,14 +255,14 @@ async fn accept_http2(
             _ = tx.closed() => return,
         };
         let ip = peer.ip();
-        let Some(handshake) = PeerSlot::take(&pending, ip, MAX_HANDSHAKES_PER_PEER) else {
-            tracing::debug!(%peer, "too many connections from this address in handshake; closed");
-            continue;
-        };
-        let (tx, served) = (tx.clone(), served.clone());
+        let (id, mut evicted) = pending.admit(ip);
+        let (tx, served, pending) = (tx.clone(), served.clone(), pending.clone());
         tokio::spawn(async move {
-            let ok = sends_preface(&s, limit).await;
-            drop(handshake);
+            let ok = tokio::select! {
+                ok = sends_preface(&s, limit) => ok,
+                _ = &mut evicted => false,
+            };
+            pending.leave(ip, id);
             if !ok {
                 tracing::debug!(%peer, "no HTTP/2 preface in time; closed");
                 return;
