@@ -169,20 +169,8 @@ impl ProcessRunner {
                 (Err(e), _) | (_, Err(e)) => Err(e),
             }
         };
-        // A stop while files are fetched or put in place ends the process
-        // there: it never starts.
-        tokio::pin!(prepare);
         let mut released = false;
-        let prepared = loop {
-            tokio::select! {
-                r = &mut prepare => break r,
-                cmd = commands.recv() => match cmd {
-                    Some(Command::Release) => released = true,
-                    Some(Command::Stop(by)) => break Err(Ended::Stopped { by, signal: String::new() }),
-                    None => break Err(Ended::Stopped { by: StopReason::AgentShutdown, signal: String::new() }),
-                },
-            }
-        };
+        let prepared = unless_stopped(prepare, &mut commands, &mut released).await;
         let (ended, sizes, started) = match prepared {
             Err(e) => (e, Default::default(), None),
             Ok(cmd) => match self.gate(&api, &mut commands, released).await {
@@ -587,6 +575,27 @@ impl ProcessRunner {
     }
 }
 
+/// Runs `work` (fetching files, putting them in place) unless a stop comes
+/// first: then the work is dropped where it is and the process never
+/// starts. A release that comes meanwhile is remembered in `released`.
+async fn unless_stopped<T>(
+    work: impl std::future::Future<Output = Result<T, Ended>>,
+    commands: &mut mpsc::Receiver<Command>,
+    released: &mut bool,
+) -> Result<T, Ended> {
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            r = &mut work => return r,
+            cmd = commands.recv() => match cmd {
+                Some(Command::Release) => *released = true,
+                Some(Command::Stop(by)) => return Err(Ended::Stopped { by, signal: String::new() }),
+                None => return Err(Ended::Stopped { by: StopReason::AgentShutdown, signal: String::new() }),
+            },
+        }
+    }
+}
+
 /// The next stop command (a late Release is ignored).
 async fn stop_requested(commands: &mut mpsc::Receiver<Command>) -> Option<StopReason> {
     loop {
@@ -807,8 +816,45 @@ pub async fn report(api: &Api<Process>, known: &Known, mut f: impl FnMut(&mut Pr
 
 #[cfg(test)]
 mod tests {
-    use super::{deliver, program_path};
+    use super::{deliver, program_path, unless_stopped, Command, Ended, StopReason};
     use std::path::PathBuf;
+    use std::time::Duration;
+    use tokio::sync::mpsc;
+
+    /// A stop that came while a process's files were still being fetched
+    /// was not seen: the process was spawned, then killed. The fetch is now
+    /// dropped where it is.
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_during_preparation_ends_it_before_the_process_starts() {
+        let (tx, mut rx) = mpsc::channel(4);
+        let spawned = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = spawned.clone();
+        let slow_fetch = async move {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            s.store(true, std::sync::atomic::Ordering::SeqCst);
+            Ok::<_, Ended>("command")
+        };
+        let stopper = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            tx.send(Command::Release).await.unwrap();
+            tx.send(Command::Stop(StopReason::Requested)).await.unwrap();
+            tx
+        });
+        let mut released = false;
+        let r = unless_stopped(slow_fetch, &mut rx, &mut released).await;
+        assert_eq!(r, Err(Ended::Stopped { by: StopReason::Requested, signal: String::new() }));
+        assert!(released, "a release that came meanwhile is kept");
+        assert!(!spawned.load(std::sync::atomic::Ordering::SeqCst), "the rest of the preparation never ran");
+        // Without a stop, the preparation's result is the answer; an agent
+        // shutting down (its channel gone) stops it too.
+        let tx = stopper.await.unwrap();
+        let mut released = false;
+        let r = unless_stopped(async { Ok::<_, Ended>(7) }, &mut rx, &mut released).await;
+        assert_eq!(r, Ok(7));
+        drop(tx);
+        let r = unless_stopped(std::future::pending::<Result<(), Ended>>(), &mut rx, &mut released).await;
+        assert_eq!(r, Err(Ended::Stopped { by: StopReason::AgentShutdown, signal: String::new() }));
+    }
 
     #[test]
     fn deliveries_into_one_directory_do_not_meet_and_planted_links_are_not_followed() {
