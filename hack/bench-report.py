@@ -42,7 +42,7 @@ if sys.argv[1] == "--from":
 else:
     work, out, profile, full = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
     scenarios = {}
-    for name in ["store", "link", "proxy", "run", "start", "throughput", "fanout", "output", "files", "idle", "sync"]:
+    for name in ["store", "link", "proxy", "run", "start", "throughput", "fanout", "output", "files", "idle", "sync", "watches"]:
         v = load(name)
         if v is not None:
             scenarios[name] = v

@@ -453,6 +453,33 @@ async fn sync_waiters(smoke: bool) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
+/// Watches that can never deliver (from a revision the store has not
+/// reached), opened and left open: what they cost the control plane.
+async fn future_watches(smoke: bool) -> anyhow::Result<serde_json::Value> {
+    let n = if smoke { 500 } else { 20_000 };
+    let c = Cluster::start_full(0, &[], &["--no-controllers"]).await;
+    let cp = c.control_plane_pid();
+    let client = Client::connect(&c.server).await?;
+    let before = rss_bytes(cp);
+    let api = client.api::<Test>();
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for _ in 0..n {
+        match api.watch("99999999999", "", "").await {
+            Ok(w) => open.push(w),
+            Err(_) => refused += 1,
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_bytes(cp);
+    Ok(json!({
+        "watches": n,
+        "refused": refused,
+        "rss_before_mib": before as f64 / (1 << 20) as f64,
+        "rss_after_mib": after as f64 / (1 << 20) as f64,
+    }))
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -470,8 +497,9 @@ async fn main() {
         Some("files") => files(smoke).await,
         Some("idle") => idle(smoke).await,
         Some("sync") => sync_waiters(smoke).await,
+        Some("watches") => future_watches(smoke).await,
         _ => {
-            eprintln!("usage: testbus-bench run|start|throughput|fanout|output|files|idle|sync [--smoke]");
+            eprintln!("usage: testbus-bench run|start|throughput|fanout|output|files|idle|sync|watches [--smoke]");
             std::process::exit(2);
         }
     };

@@ -64,6 +64,8 @@ pub struct Config {
 /// Most TCP connections from one address waiting to send their HTTP/2
 /// preface at once; past it, the oldest of them is closed.
 pub const MAX_HANDSHAKES_PER_PEER: usize = 256;
+/// Most concurrent calls (watches, log follows, ...) on one connection.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 /// HTTP/2 pings on idle connections: a peer that does not answer one within
 /// the same time is gone, and its connection (and its watches) with it.
 pub const KEEPALIVE: Duration = Duration::from_secs(20);
@@ -358,6 +360,10 @@ pub async fn run(cfg: Config, mut shutdown: broadcast::Receiver<()>) -> anyhow::
         .build_v1()?;
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        // Each watch is a stream: a client cannot hold more than this many
+        // open on one connection (and one address more than
+        // --max-connections-per-peer connections).
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .http2_keepalive_interval(Some(KEEPALIVE))
         .http2_keepalive_timeout(Some(KEEPALIVE))
         .add_service(health)
