@@ -199,7 +199,11 @@ async fn start(smoke: bool) -> anyhow::Result<serde_json::Value> {
 /// with parallel steps of `true`, from create to the final status.
 async fn throughput(smoke: bool) -> anyhow::Result<serde_json::Value> {
     let (agents, steps, rounds) = if smoke { (3, 2, 1) } else { (50, 20, 5) };
-    let c = Cluster::start(agents).await;
+    // TESTBUS_BENCH_AGENT_ARGS: extra agent flags, for A/B runs (e.g.
+    // "--containment process-group").
+    let extra = std::env::var("TESTBUS_BENCH_AGENT_ARGS").unwrap_or_default();
+    let extra: Vec<&str> = extra.split_whitespace().collect();
+    let c = Cluster::start_with(agents, &extra).await;
     let client = c.client().await;
     let cpu = |c: &Cluster| {
         let agents: f64 = (0..agents).map(|i| cpu_seconds(c.agent_pid(i))).sum();

@@ -48,6 +48,8 @@ pub enum NoCgroups {
     Create(PathBuf, std::io::Error),
     #[error("cannot read this process's cgroup: {0}")]
     Own(std::io::Error),
+    #[error("--containment process-group was given")]
+    NotWanted,
 }
 
 /// The mount point and root of the cgroup2 mount in `mountinfo`.
@@ -211,7 +213,11 @@ impl ProcessCgroup {
     /// removes it. One that does not empty in time is left for the agent's
     /// next start, with a warning.
     pub async fn end(&self) {
-        self.kill();
+        // Most processes leave nothing behind: then there is nothing to
+        // kill (one read instead of a write and a read).
+        if self.populated() {
+            self.kill();
+        }
         let deadline = tokio::time::Instant::now() + EMPTY_WAIT;
         while self.populated() {
             if tokio::time::Instant::now() >= deadline {

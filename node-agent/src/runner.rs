@@ -633,12 +633,13 @@ impl Contained<'_> {
         }
     }
 
-    /// Kills what is left (all of the cgroup, at once) and removes the
-    /// cgroup.
+    /// Kills what is left (all of the cgroup at once, or the group) and
+    /// removes the cgroup.
     async fn end(&self) {
-        self.signal(nix::sys::signal::Signal::SIGKILL);
-        if let Some(cg) = self.cgroup {
-            cg.end().await;
+        match self.cgroup {
+            Some(cg) => cg.end().await,
+            None if self.pgid > 1 => kill_group(self.pgid, nix::sys::signal::Signal::SIGKILL),
+            None => {}
         }
     }
 }
