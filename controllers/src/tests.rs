@@ -842,7 +842,7 @@ async fn teardown(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Act
 }
 
 #[cfg(test)]
-mod tests {
+mod lifecycle_tests {
     use super::*;
 
     #[tokio::test(start_paused = true)]
