@@ -407,7 +407,7 @@ impl<K: Policy> ResourceService<K> {
                 return Ok(futures::stream::iter([Ok(ev)]).boxed());
             }
         };
-        let events = tokio_stream::wrappers::ReceiverStream::new(rx).map(|e: Arc<HubEvent>| {
+        let events = rx.map(|e: Arc<HubEvent>| {
             let object = K::from_object(&e.object).cloned();
             Ok(WatchEvent { kind: e.kind, object, resource_version: e.revision.to_string() })
         });
@@ -930,6 +930,24 @@ mod tests {
         }
         // Only the indexed watchers exist: nobody watches the whole kind.
         assert_eq!(st.hub.watchers(), 2);
+        // A watch that is dropped (a client that cancelled) is forgotten at
+        // once, though no event for it ever comes: none pile up.
+        let mut idle = Vec::new();
+        for i in 0..50 {
+            idle.push(watch(&format!("nobody-{i}")).await.unwrap());
+        }
+        idle.push(
+            procs
+                .watch(&id, WatchRequest { label_selector: "never=matches".into(), ..Default::default() })
+                .await
+                .unwrap(),
+        );
+        assert_eq!(st.hub.watchers(), 53);
+        drop(idle);
+        drop(a);
+        assert_eq!(st.hub.watchers(), 1);
+        drop(b);
+        assert_eq!(st.hub.watchers(), 0);
     }
 
     #[tokio::test]

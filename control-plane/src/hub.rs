@@ -74,6 +74,48 @@ pub struct TooOld {
     pub floor: Revision,
 }
 
+/// Where a watcher is registered.
+enum Slot {
+    Kind(Kind),
+    Index(Kind, String),
+}
+
+/// One watcher's events. The hub keeps the watcher exactly as long as this
+/// lives: dropping it (a client that cancelled its watch, a log follower
+/// that ended) unregisters it at once, whether or not an event for it ever
+/// comes. The stream ends when the hub dropped the watcher (too slow, or
+/// the hub restarted).
+pub struct Subscription {
+    rx: mpsc::Receiver<Arc<HubEvent>>,
+    hub: std::sync::Weak<Hub>,
+    id: u64,
+    slot: Slot,
+}
+
+impl Subscription {
+    pub async fn recv(&mut self) -> Option<Arc<HubEvent>> {
+        self.rx.recv().await
+    }
+}
+
+impl futures::Stream for Subscription {
+    type Item = Arc<HubEvent>;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Some(hub) = self.hub.upgrade() {
+            hub.unregister(self.id, &self.slot);
+        }
+    }
+}
+
 /// Key of an object in the store.
 pub fn key(kind: Kind, name: &str) -> String {
     format!("{REGISTRY_PREFIX}{}/{name}", kind.plural())
@@ -210,12 +252,12 @@ impl Hub {
     /// Registers a watcher of `kind` for events after `after` (None: from
     /// now). With `index`, only objects with that index value are offered.
     pub fn watch(
-        &self,
+        self: &Arc<Self>,
         kind: Kind,
         after: Option<Revision>,
         index: Option<String>,
         filter: Filter,
-    ) -> Result<mpsc::Receiver<Arc<HubEvent>>, TooOld> {
+    ) -> Result<Subscription, TooOld> {
         let mut st = self.lock();
         let after = after.unwrap_or(st.revision);
         if after < st.floor {
@@ -239,11 +281,38 @@ impl Hub {
         let id = st.next_id;
         st.next_id += 1;
         let w = Watcher { tx, filter, after };
-        match index {
-            Some(ix) => st.by_index.entry((kind, ix)).or_default().insert(id, w),
-            None => st.by_kind.entry(kind).or_default().insert(id, w),
+        let slot = match index {
+            Some(ix) => {
+                st.by_index.entry((kind, ix.clone())).or_default().insert(id, w);
+                Slot::Index(kind, ix)
+            }
+            None => {
+                st.by_kind.entry(kind).or_default().insert(id, w);
+                Slot::Kind(kind)
+            }
         };
-        Ok(rx)
+        Ok(Subscription { rx, hub: Arc::downgrade(self), id, slot })
+    }
+
+    /// Forgets watcher `id` (its subscription was dropped).
+    fn unregister(&self, id: u64, slot: &Slot) {
+        let mut st = self.lock();
+        match slot {
+            Slot::Kind(k) => {
+                if let Some(ws) = st.by_kind.get_mut(k) {
+                    ws.remove(&id);
+                }
+            }
+            Slot::Index(k, ix) => {
+                let key = (*k, ix.clone());
+                if let Some(ws) = st.by_index.get_mut(&key) {
+                    ws.remove(&id);
+                    if ws.is_empty() {
+                        st.by_index.remove(&key);
+                    }
+                }
+            }
+        }
     }
 
     /// The newest store revision the hub has seen.

@@ -51,8 +51,8 @@ struct Args {
     /// `testbusctl uncordon`. 0: never.
     #[arg(long, default_value_t = 3)]
     quarantine_after: u32,
-    /// How long a TCP connection may take to start HTTP/2 before it is
-    /// closed.
+    /// How long a connection (TCP or the local socket) may take to start
+    /// HTTP/2 before it is closed.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     handshake_timeout: std::time::Duration,
     /// Most TCP connections served for one peer address at once (a relay

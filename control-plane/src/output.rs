@@ -621,7 +621,7 @@ type ChunkSender = mpsc::Sender<Result<OutputChunk, Status>>;
 
 /// Changes of one Process, from the watch cache: a follower re-checks
 /// whether the process has ended when it changes.
-struct StatusChanges(Option<mpsc::Receiver<Arc<hub::HubEvent>>>);
+struct StatusChanges(Option<hub::Subscription>);
 
 impl StatusChanges {
     fn of(api: &ApiState, name: &str, follow: bool) -> Self {

@@ -69,16 +69,46 @@ pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 /// HTTP/2 pings on idle connections: a peer that does not answer one within
 /// the same time is gone, and its connection (and its watches) with it.
 pub const KEEPALIVE: Duration = Duration::from_secs(20);
+/// How long a stopping server lets open calls finish before it cuts them.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// A connection whose next bytes can be looked at without reading them.
+trait Peek {
+    async fn peek_bytes(&self, buf: &mut [u8]) -> std::io::Result<usize>;
+}
+
+impl Peek for tokio::net::TcpStream {
+    async fn peek_bytes(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.peek(buf).await
+    }
+}
+
+impl Peek for tokio::net::UnixStream {
+    async fn peek_bytes(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        loop {
+            self.readable().await?;
+            let peeked = self.try_io(tokio::io::Interest::READABLE, || {
+                nix::sys::socket::recv(self.as_raw_fd(), buf, nix::sys::socket::MsgFlags::MSG_PEEK)
+                    .map_err(std::io::Error::from)
+            });
+            match peeked {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                r => return r,
+            }
+        }
+    }
+}
 
 /// Whether `s` sends the start of the HTTP/2 preface (what every gRPC
 /// client sends first) within `limit`. Looked at without reading, so the
 /// server still gets every byte.
-async fn sends_preface(s: &tokio::net::TcpStream, limit: Duration) -> bool {
+async fn sends_preface(s: &impl Peek, limit: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + limit;
     let mut buf = [0u8; 24];
     loop {
-        match tokio::time::timeout_at(deadline, s.peek(&mut buf)).await {
+        match tokio::time::timeout_at(deadline, s.peek_bytes(&mut buf)).await {
             Ok(Ok(n)) if n > 0 && buf[..n] == PREFACE[..n] => {
                 if n == PREFACE.len() {
                     return true;
@@ -128,31 +158,37 @@ impl Drop for PeerSlot {
     }
 }
 
-/// TCP connections waiting for their HTTP/2 preface, by peer address. An
-/// address over [`MAX_HANDSHAKES_PER_PEER`] loses its oldest one: a flood of
-/// silent connections is bounded, and a real client from the same address
+/// Connections waiting for their HTTP/2 preface, by peer (a TCP peer's
+/// address; `()` for the local socket, whose peers all count as one). A
+/// peer over [`MAX_HANDSHAKES_PER_PEER`] loses its oldest one: a flood of
+/// silent connections is bounded, and a real client from the same peer
 /// (whose preface comes at once) still gets in.
-#[derive(Clone, Default)]
-struct Handshakes(Arc<std::sync::Mutex<HandshakeState>>);
+#[derive(Clone)]
+struct Handshakes<P>(Arc<std::sync::Mutex<HandshakeState<P>>>);
+
+impl<P> Default for Handshakes<P> {
+    fn default() -> Self {
+        Handshakes(Arc::new(std::sync::Mutex::new(HandshakeState { next: 0, by_peer: Default::default() })))
+    }
+}
 
 /// One address's connections in handshake, oldest first, each with what
 /// closes it.
 type Waiting = std::collections::VecDeque<(u64, tokio::sync::oneshot::Sender<()>)>;
 
-#[derive(Default)]
-struct HandshakeState {
+struct HandshakeState<P> {
     next: u64,
-    by_ip: std::collections::HashMap<std::net::IpAddr, Waiting>,
+    by_peer: std::collections::HashMap<P, Waiting>,
 }
 
-impl Handshakes {
+impl<P: std::hash::Hash + Eq + Copy> Handshakes<P> {
     /// Admits a connection from `ip`; the receiver fires if it is evicted.
-    fn admit(&self, ip: std::net::IpAddr) -> (u64, tokio::sync::oneshot::Receiver<()>) {
+    fn admit(&self, ip: P) -> (u64, tokio::sync::oneshot::Receiver<()>) {
         let (evict, evicted) = tokio::sync::oneshot::channel();
         let mut st = self.0.lock().unwrap_or_else(|e| e.into_inner());
         st.next += 1;
         let id = st.next;
-        let q = st.by_ip.entry(ip).or_default();
+        let q = st.by_peer.entry(ip).or_default();
         if q.len() >= MAX_HANDSHAKES_PER_PEER {
             if let Some((_, oldest)) = q.pop_front() {
                 let _ = oldest.send(());
@@ -163,12 +199,12 @@ impl Handshakes {
     }
 
     /// The connection `id` from `ip` is done with its handshake.
-    fn leave(&self, ip: std::net::IpAddr, id: u64) {
+    fn leave(&self, ip: P, id: u64) {
         let mut st = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(q) = st.by_ip.get_mut(&ip) {
+        if let Some(q) = st.by_peer.get_mut(&ip) {
             q.retain(|(i, _)| *i != id);
             if q.is_empty() {
-                st.by_ip.remove(&ip);
+                st.by_peer.remove(&ip);
             }
         }
     }
@@ -275,6 +311,45 @@ async fn accept_http2(
             };
             let _ = s.set_nodelay(true);
             let _ = tx.send(PeerConn { stream: s, _slot: slot }).await;
+        });
+    }
+}
+
+/// Accepts connections on the local socket and hands on those that start
+/// HTTP/2 within `limit`, as [`accept_http2`] does for TCP. Its peers are
+/// all local and admin (the socket's permissions say who): they share one
+/// handshake quota and have no connection limit.
+async fn accept_local(
+    lis: tokio::net::UnixListener,
+    tx: tokio::sync::mpsc::Sender<tokio::net::UnixStream>,
+    limit: Duration,
+) {
+    let pending = Handshakes::<()>::default();
+    loop {
+        let s = tokio::select! {
+            r = lis.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = tx.closed() => return,
+        };
+        let (id, mut evicted) = pending.admit(());
+        let (tx, pending) = (tx.clone(), pending.clone());
+        tokio::spawn(async move {
+            let ok = tokio::select! {
+                ok = sends_preface(&s, limit) => ok,
+                _ = &mut evicted => false,
+            };
+            pending.leave((), id);
+            if ok {
+                let _ = tx.send(s).await;
+            } else {
+                tracing::debug!("local socket: no HTTP/2 preface in time; closed");
+            }
         });
     }
 }
@@ -407,7 +482,9 @@ pub async fn run(cfg: Config, mut shutdown: broadcast::Receiver<()>) -> anyhow::
                 let lis = tokio::net::UnixListener::bind(&path)
                     .with_context(|| format!("--listen unix:{}", path.display()))?;
                 tracing::info!(path = %path.display(), "serving");
-                let incoming = tokio_stream::wrappers::UnixListenerStream::new(lis);
+                let (tx, rx) = tokio::sync::mpsc::channel(64);
+                tokio::spawn(accept_local(lis, tx, cfg.handshake_timeout));
+                let incoming = tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, std::io::Error>);
                 servers.spawn(async move { router.serve_with_incoming_shutdown(incoming, signal).await });
             }
         }
@@ -443,6 +520,13 @@ pub async fn run(cfg: Config, mut shutdown: broadcast::Receiver<()>) -> anyhow::
         }
     }
     let _ = stop_tx.send(());
-    while servers.join_next().await.is_some() {}
+    // Calls in flight may finish, but watches, log follows and waits do not
+    // end by themselves: after SHUTDOWN_GRACE whatever is still connected
+    // is cut off, so a connected agent cannot hold the process up.
+    let drain = async { while servers.join_next().await.is_some() {} };
+    if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
+        tracing::info!(grace = ?SHUTDOWN_GRACE, "connections still open after the grace period; closing them");
+        servers.shutdown().await;
+    }
     Ok(())
 }

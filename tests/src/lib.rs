@@ -238,6 +238,27 @@ impl Cluster {
         }
     }
 
+    /// SIGTERM, as a service manager stops it; waits up to `within` for it
+    /// to exit and returns how it did (None: it was still running, and was
+    /// then killed).
+    pub async fn stop_control_plane(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let mut c = self.cp.take()?;
+        let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM the control plane");
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(st) = c.try_wait().expect("wait for the control plane") {
+                return Some(st);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// SIGKILL, as a crash.
     pub fn kill_control_plane(&mut self) {
         if let Some(mut c) = self.cp.take() {

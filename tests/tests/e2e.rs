@@ -977,3 +977,34 @@ async fn a_background_step_that_dies_early_fails_the_test() {
     assert_eq!(t.status().reason, "StepFailed", "{:?}", t.status());
     assert!(t.status().message.contains("step main failed"), "{}", t.status().message);
 }
+
+/// A control plane asked to stop (SIGTERM) stops within its grace period
+/// whatever is connected: agents with their watches, a log follower, a
+/// waiting `apply --wait`. It used to stop listening and then stay alive
+/// until the last agent went away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_control_plane_whatever_is_connected() {
+    let mut c = Cluster::start(2).await;
+    let path = manifest(
+        &c,
+        "long.yaml",
+        "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: long}\nspec:\n  hosts: [{role: a}]\n  steps:\n    - {name: s, on: [a], argv: [sh, -c, 'echo started; sleep 600']}\n",
+    );
+    let mut waiting = c.ctl_spawn(&["apply", "-f", &path, "--wait"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !c.ctl(&["logs", "test/long"]).stdout.contains("started") {
+        assert!(std::time::Instant::now() < deadline, "the step never started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut follow = c.ctl_spawn(&["logs", "test/long", "-f"]);
+    let mut watch = c.ctl_spawn(&["get", "processes", "-w"]);
+    let status = c.stop_control_plane(Duration::from_secs(30)).await;
+    for child in [&mut waiting, &mut follow, &mut watch] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let log = c.read_log("control-plane");
+    let status =
+        status.unwrap_or_else(|| panic!("the control plane was still running 30 s after SIGTERM; log:\n{log}"));
+    assert!(status.success(), "{status:?}");
+}

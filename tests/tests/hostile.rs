@@ -389,7 +389,8 @@ impl Drop for TcpControlPlane {
 
 /// Connections that never finish the HTTP/2 preface were never timed out:
 /// a few hundred of them made new clients hang. They are now closed after
-/// `--handshake-timeout`, and clients are served meanwhile.
+/// `--handshake-timeout`, and clients are served meanwhile: on TCP and on
+/// the local socket.
 #[test]
 fn silent_connections_are_closed_and_do_not_hold_up_clients() {
     use std::io::Read;
@@ -404,19 +405,35 @@ fn silent_connections_are_closed_and_do_not_hold_up_clients() {
         std::io::Write::write_all(&mut s, junk).unwrap();
         silent.push(s);
     }
+    // The same on the local socket (admin only, but no less a slot).
+    let local = cp._dir.path().join("api.sock");
+    let mut silent_local: Vec<std::os::unix::net::UnixStream> =
+        (0..300).map(|_| std::os::unix::net::UnixStream::connect(&local).unwrap()).collect();
     let started = std::time::Instant::now();
     let out = cp.ctl(&["get", "hosts"]);
     assert!(out.status.success(), "{out:?}");
-    for s in &mut silent {
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let out = std::process::Command::new(bin_dir().join("testbusctl"))
+        .args(["--server", &format!("unix:{}", local.display()), "get", "hosts"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "a client on the local socket is served meanwhile: {out:?}");
+    // The server closes each: EOF (or a reset), not a read that waits.
+    fn wait_closed(s: &mut impl Read) {
         let mut buf = [0u8; 64];
-        // The server closes it: EOF (or a reset), not a read that waits.
         loop {
             match s.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(_) => continue,
             }
         }
+    }
+    for s in &mut silent_local {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        wait_closed(s);
+    }
+    for s in &mut silent {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        wait_closed(s);
     }
     assert!(started.elapsed() < Duration::from_secs(15), "closed after about the handshake timeout");
 }
