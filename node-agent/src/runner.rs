@@ -509,11 +509,7 @@ impl ProcessRunner {
         for fd in pipes.into_iter().flatten() {
             let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETPIPE_SZ(CHUNK as i32));
         }
-        // Told to stop reading when the drain limit passes (below).
-        let (stop_out, stop_out_rx) = tokio::sync::oneshot::channel();
-        let (stop_err, stop_err_rx) = tokio::sync::oneshot::channel();
-        let out = child.stdout.take().map(|r| tokio::spawn(pump(r, self.client.clone(), name.clone(), 0, stop_out_rx)));
-        let err = child.stderr.take().map(|r| tokio::spawn(pump(r, self.client.clone(), name.clone(), 1, stop_err_rx)));
+        let pumps = OutputPumps::start(child.stdout.take(), child.stderr.take(), self.client.output(), &name);
         let timeout = duration::parse(&spec.timeout).ok();
         let deadline = async {
             match timeout {
@@ -537,35 +533,7 @@ impl ProcessRunner {
         };
         // Whatever the main process left behind goes too.
         contained.end().await;
-        let (mut out, mut err) = (out, err);
-        let (mut out_done, mut err_done) = (None, None);
-        let drained = async {
-            if let Some(h) = &mut out {
-                out_done = Some(h.await.unwrap_or_default());
-            }
-            if let Some(h) = &mut err {
-                err_done = Some(h.await.unwrap_or_default());
-            }
-        };
-        if tokio::time::timeout(DRAIN_LIMIT, drained).await.is_err() {
-            // Something outside the process's containment holds a pipe.
-            // Reading stops, but what was read is still uploaded before
-            // the final status: a terminal Process has all the output
-            // it is said to have.
-            tracing::warn!(process = %name, "output pipes still open after the process ended; reading stops");
-            let _ = stop_out.send(());
-            let _ = stop_err.send(());
-        }
-        // A pump not finished yet finishes its uploads now; each returns
-        // what it sent.
-        async fn finish(done: Option<Pumped>, h: Option<tokio::task::JoinHandle<Pumped>>) -> Pumped {
-            match (done, h) {
-                (Some(p), _) => p,
-                (None, Some(h)) => h.await.unwrap_or_default(),
-                (None, None) => Pumped::default(),
-            }
-        }
-        let sizes = (finish(out_done, out).await, finish(err_done, err).await);
+        let sizes = pumps.drain(DRAIN_LIMIT, &name).await;
         // A Running report not done yet is dropped; if it lands anyway, the
         // final report meets a conflict and reads again, or the server
         // refuses the Running one, the status being final by then.
@@ -687,7 +655,7 @@ async fn read_spare(r: &mut (impl AsyncRead + Unpin), buf: &mut Vec<u8>) -> std:
 /// that the pipe's back-pressure holds the writer.
 async fn pump(
     mut r: impl AsyncRead + Unpin,
-    client: Client,
+    mut out: impl OutputSink,
     process: String,
     stream: i32,
     mut stop: tokio::sync::oneshot::Receiver<()>,
@@ -728,7 +696,6 @@ async fn pump(
     let send = async move {
         let mut offset = 0u64;
         let mut truncated = false;
-        let mut out = client.output();
         let mut gone = false;
         while let Some(data) = rx.recv().await {
             let n = data.len() as u64;
@@ -738,8 +705,8 @@ async fn pump(
             while !gone {
                 let chunk = OutputChunk { process: process.clone(), stream, offset, data: data.clone() };
                 match out.append(chunk).await {
-                    Ok(r) => {
-                        truncated |= r.into_inner().truncated;
+                    Ok(t) => {
+                        truncated |= t;
                         break;
                     }
                     // Gone, or already ended (its status was made final by
@@ -757,6 +724,75 @@ async fn pump(
         Pumped { bytes: offset, truncated }
     };
     tokio::join!(read, send).1
+}
+
+/// Where a pump appends output: the Output API, or a test's stand-in.
+pub(crate) trait OutputSink: Send + 'static {
+    /// Appends one chunk; answers whether the server truncated the stream.
+    fn append(&mut self, chunk: OutputChunk) -> impl std::future::Future<Output = Result<bool, tonic::Status>> + Send;
+}
+
+impl OutputSink for testbus_proto::output_client::OutputClient<tonic::transport::Channel> {
+    async fn append(&mut self, chunk: OutputChunk) -> Result<bool, tonic::Status> {
+        testbus_proto::output_client::OutputClient::append(self, chunk).await.map(|r| r.into_inner().truncated)
+    }
+}
+
+/// A process's stdout and stderr pumps, from spawn to drain.
+struct OutputPumps {
+    pumps: [Option<(tokio::task::JoinHandle<Pumped>, tokio::sync::oneshot::Sender<()>)>; 2],
+}
+
+impl OutputPumps {
+    fn start<S: OutputSink + Clone>(
+        stdout: Option<impl AsyncRead + Unpin + Send + 'static>,
+        stderr: Option<impl AsyncRead + Unpin + Send + 'static>,
+        sink: S,
+        process: &str,
+    ) -> OutputPumps {
+        let start = |r: Box<dyn AsyncRead + Unpin + Send>, stream| {
+            let (stop, stop_rx) = tokio::sync::oneshot::channel();
+            (tokio::spawn(pump(r, sink.clone(), process.to_string(), stream, stop_rx)), stop)
+        };
+        let out = stdout.map(|r| start(Box::new(r), 0));
+        let err = stderr.map(|r| start(Box::new(r), 1));
+        OutputPumps { pumps: [out, err] }
+    }
+
+    /// Waits for both pipes to close, at most `limit`. Past it (something
+    /// outside the process's containment holds a pipe), reading stops, but
+    /// what was read is still uploaded before this returns: the final
+    /// status, reported after it, never lands before the output it counts.
+    async fn drain(self, limit: Duration, process: &str) -> (Pumped, Pumped) {
+        let [mut out, mut err] = self.pumps;
+        let (mut out_done, mut err_done) = (None, None);
+        let drained = async {
+            if let Some((h, _)) = &mut out {
+                out_done = Some(h.await.unwrap_or_default());
+            }
+            if let Some((h, _)) = &mut err {
+                err_done = Some(h.await.unwrap_or_default());
+            }
+        };
+        if tokio::time::timeout(limit, drained).await.is_err() {
+            tracing::warn!(%process, "output pipes still open after the process ended; reading stops");
+        }
+        async fn finish(
+            done: Option<Pumped>,
+            pump: Option<(tokio::task::JoinHandle<Pumped>, tokio::sync::oneshot::Sender<()>)>,
+        ) -> Pumped {
+            match (done, pump) {
+                (Some(p), _) => p,
+                (None, Some((h, stop))) => {
+                    let _ = stop.send(());
+                    h.await.unwrap_or_default()
+                }
+                (None, None) => Pumped::default(),
+            }
+        }
+        let (o, e) = tokio::join!(finish(out_done, out), finish(err_done, err));
+        (o, e)
+    }
 }
 
 /// Moves a process on from Pending (to Fetching or Ready); later phases
@@ -855,6 +891,41 @@ mod tests {
         drop(tx);
         let r = unless_stopped(std::future::pending::<Result<(), Ended>>(), &mut rx, &mut released).await;
         assert_eq!(r, Err(Ended::Stopped { by: StopReason::AgentShutdown, signal: String::new() }));
+    }
+
+    /// Appends that take their time, recorded in order.
+    #[derive(Clone, Default)]
+    struct SlowSink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl super::OutputSink for SlowSink {
+        async fn append(&mut self, chunk: testbus_proto::OutputChunk) -> Result<bool, tonic::Status> {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            self.0.lock().unwrap().extend_from_slice(&chunk.data);
+            Ok(false)
+        }
+    }
+
+    /// When something outside the process holds its stdout open past the
+    /// drain limit, reading stops, but what was read is uploaded before the
+    /// drain returns (and so before the final status). The pumps used to be
+    /// left to finish on their own, after the status had landed.
+    #[tokio::test(start_paused = true)]
+    async fn past_the_drain_limit_what_was_read_is_uploaded_before_the_end() {
+        use tokio::io::AsyncWriteExt;
+        let (mut held, stdout) = tokio::io::duplex(1 << 16);
+        let (stderr_w, stderr) = tokio::io::duplex(1 << 16);
+        drop(stderr_w);
+        held.write_all(b"written before the end\n").await.unwrap();
+        let sink = SlowSink::default();
+        let pumps = super::OutputPumps::start(Some(stdout), Some(stderr), sink.clone(), "p");
+        let started = tokio::time::Instant::now();
+        let (out, err) = pumps.drain(Duration::from_secs(10), "p").await;
+        assert!(started.elapsed() >= Duration::from_secs(30), "returned before the upload finished");
+        assert_eq!(out.bytes, 23);
+        assert_eq!(err.bytes, 0);
+        assert_eq!(sink.0.lock().unwrap().as_slice(), b"written before the end\n");
+        // Held open all along: the reader is gone, not waiting on it.
+        assert!(held.write_all(b"later").await.is_err());
     }
 
     #[test]

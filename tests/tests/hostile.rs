@@ -505,3 +505,67 @@ fn a_connection_broken_mid_call_exits_4() {
     assert!(stderr.contains("cannot reach"), "{stderr}");
     drop(server);
 }
+
+/// A stop that came while a process's files were being fetched was not
+/// seen: the fetch went on, and the process was spawned only to be killed
+/// (or, with a fetch that never ends, the Process never ended at all). The
+/// control plane's copy of the file is made a FIFO that is opened and never
+/// written: the agent's download starts and stays in progress until the
+/// test's timeout stops it. The Process must end at once, never started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_during_a_file_fetch_ends_the_process_before_it_starts() {
+    let c = Cluster::start(1).await;
+    let content = b"never delivered\n";
+    std::fs::write(c.dir.path().join("slow.txt"), content).unwrap();
+    let digest = testbus_proto::blob::digest_of(content);
+    let blobs = c.dir.path().join("cp/blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let fifo = blobs.join(testbus_proto::blob::hex_of(&digest).unwrap());
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    // Opening for writing waits for the control plane to open it for its
+    // download; held (unwritten) until the end of the test.
+    let writer = std::thread::spawn({
+        let fifo = fifo.clone();
+        move || std::fs::OpenOptions::new().write(true).open(fifo)
+    });
+    let marker = c.dir.path().join("ran");
+    let path = manifest(
+        &c,
+        "fetch.yaml",
+        &format!(
+            r#"apiVersion: testbus/v1
+kind: Test
+metadata: {{name: fetch}}
+spec:
+  timeout: 3s
+  hosts: [{{role: a}}]
+  steps:
+    - name: s
+      on: [a]
+      files: [{{source: slow.txt, path: slow.txt}}]
+      argv: [touch, {marker}]
+"#,
+            marker = marker.display()
+        ),
+    );
+    let out = c.ctl(&["apply", "-f", &path]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let client = c.client().await;
+    let procs = client.api::<Process>();
+    wait_for(Duration::from_secs(20), "the process to be fetching", || async {
+        let (ps, _) = procs.list("", "spec.test=fetch").await.ok()?;
+        ps.iter().any(|p| p.status().phase == phase::FETCHING).then_some(())
+    })
+    .await;
+    let held = writer.join().unwrap().expect("the control plane opened the file for its download");
+    let p = wait_for(Duration::from_secs(30), "the process to end after the test's timeout", || async {
+        let (ps, _) = procs.list("", "spec.test=fetch").await.ok()?;
+        ps.into_iter().find(|p| phase::process_terminal(&p.status().phase))
+    })
+    .await;
+    let st = p.status();
+    assert_eq!((st.phase.as_str(), st.reason.as_str()), (phase::KILLED, "Stopped"), "{st:?}");
+    assert!(st.pid == 0 && st.start_time.is_empty(), "it was started: {st:?}");
+    assert!(!marker.exists(), "the command ran");
+    drop(held);
+}
