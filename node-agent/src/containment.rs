@@ -14,9 +14,12 @@
 //! is killed when the agent starts: it names the Process it belonged to, so
 //! it also proves that Process ran.
 //!
-//! Without cgroup v2 (or when the agent may not create cgroups) a Process is
-//! contained by its process group only: a descendant that moves to a new
-//! group or session survives its test. The agent logs this once at start.
+//! Without cgroup v2 (or when the agent may not create cgroups), a Process
+//! gets a PID namespace of its own where the agent may make one (root; see
+//! `pidns`), which holds all of it as reliably. Where neither can be had, a
+//! Process is contained by its process group only: a descendant that moves
+//! to a new group or session survives its test. The agent logs this once at
+//! start.
 use crate::journal::Journal;
 use std::collections::HashSet;
 use std::io::Write;
@@ -27,6 +30,27 @@ use std::time::Duration;
 /// next start of the agent to remove.
 const EMPTY_WAIT: Duration = Duration::from_secs(5);
 const EMPTY_POLL: Duration = Duration::from_millis(5);
+
+/// What holds each process this agent runs, chosen once at start.
+#[derive(Debug, Clone)]
+pub enum Containment {
+    /// A cgroup v2 cgroup per process: nothing escapes it.
+    Cgroup(std::sync::Arc<CgroupRoot>),
+    /// A PID namespace per process, through the agent's own binary (see
+    /// `pidns`): nothing escapes it either.
+    PidNamespace { agent: std::sync::Arc<PathBuf> },
+    /// The process group only: a descendant that calls setsid escapes.
+    ProcessGroup,
+}
+
+impl Containment {
+    pub fn cgroups(&self) -> Option<&CgroupRoot> {
+        match self {
+            Containment::Cgroup(root) => Some(root),
+            _ => None,
+        }
+    }
+}
 
 /// This agent's cgroup for the processes it runs, under its own cgroup.
 #[derive(Debug, Clone)]
@@ -48,8 +72,6 @@ pub enum NoCgroups {
     Create(PathBuf, std::io::Error),
     #[error("cannot read this process's cgroup: {0}")]
     Own(std::io::Error),
-    #[error("--containment process-group was given")]
-    NotWanted,
 }
 
 /// The mount point and root of the cgroup2 mount in `mountinfo`.

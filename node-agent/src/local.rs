@@ -16,7 +16,7 @@
 //! still let any local program speak for any process by connecting to its
 //! socket.) A caller that its process had a runtime's daemon start (a
 //! container) is refused too.
-use crate::containment::CgroupRoot;
+use crate::containment::Containment;
 use crate::journal::ProcStat;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -43,22 +43,47 @@ enum Key {
     Cgroup(String),
     /// Its process group (the pid of its main process).
     Group(i32),
+    /// A caller's PID namespace (the inode of its `ns/pid`); looked up
+    /// among the registered relays' namespaces.
+    PidNamespace(u64),
+    /// The relay whose PID namespace holds it (see `pidns`).
+    Relay(i32),
 }
 
 /// Running processes by what identifies them.
-#[derive(Default)]
 struct Callers {
     by_key: Mutex<HashMap<Key, String>>,
     changed: Notify,
-    cgroups: Option<Arc<CgroupRoot>>,
+    containment: Containment,
 }
 
 impl Callers {
+    fn new(containment: Containment) -> Callers {
+        Callers { by_key: Mutex::default(), changed: Notify::new(), containment }
+    }
+
     fn lookup(&self, pid: i32) -> Option<String> {
-        if let Some(root) = &self.cgroups {
-            let uid = root.uid_of(pid)?;
-            return self.by_key.lock().unwrap_or_else(|p| p.into_inner()).get(&Key::Cgroup(uid)).cloned();
+        let exact = match &self.containment {
+            Containment::Cgroup(root) => Key::Cgroup(root.uid_of(pid)?),
+            Containment::PidNamespace { .. } => Key::PidNamespace(crate::pidns::namespace_of(pid)?),
+            Containment::ProcessGroup => return self.lookup_by_group(pid),
+        };
+        let keys = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
+        if let Key::PidNamespace(ns) = exact {
+            // A relay's namespace exists only once it has forked its init,
+            // which may be after it was registered: looked at now, while
+            // the caller keeps it alive.
+            return keys.iter().find_map(|(k, name)| match k {
+                Key::Relay(pid) => (crate::pidns::children_namespace(*pid) == Some(ns)).then(|| name.clone()),
+                _ => None,
+            });
         }
+        keys.get(&exact).cloned()
+    }
+
+    /// The weak lookup, without containment: the caller's group, or an
+    /// ancestor's.
+    fn lookup_by_group(&self, pid: i32) -> Option<String> {
         let keys = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
         let mut pid = pid;
         for _ in 0..MAX_ANCESTORS {
@@ -154,13 +179,13 @@ impl Drop for LocalSocket {
 
 impl LocalSocket {
     /// Serves `dir/agent.sock` (replacing what a predecessor left there).
-    pub fn serve(dir: &Path, client: Client, cgroups: Option<Arc<CgroupRoot>>) -> std::io::Result<LocalSocket> {
+    pub fn serve(dir: &Path, client: Client, containment: Containment) -> std::io::Result<LocalSocket> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join("agent.sock");
         let _ = std::fs::remove_file(&path);
         let listener = tokio::net::UnixListener::bind(&path)?;
         let (stop, stopped) = oneshot::channel::<()>();
-        let callers = Arc::new(Callers { cgroups, ..Default::default() });
+        let callers = Arc::new(Callers::new(containment));
         let svc = SyncServer::new(ProcessSync { client, callers: callers.clone() });
         tokio::spawn(async move {
             let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
@@ -177,11 +202,16 @@ impl LocalSocket {
         Ok(LocalSocket { path, callers, _stop: stop })
     }
 
-    /// Callers in the cgroup of Process `uid` (with cgroups), or else in
+    /// Callers in the cgroup of Process `uid` (with cgroups), or in the PID
+    /// namespace the relay `group` made (with PID namespaces), or else in
     /// process group `group` or descended from its leader, speak for
     /// Process `process`.
     pub fn register(&self, group: i32, uid: &str, process: String) -> Registration {
-        let key = if self.callers.cgroups.is_some() { Key::Cgroup(uid.to_string()) } else { Key::Group(group) };
+        let key = match &self.callers.containment {
+            Containment::Cgroup(_) => Key::Cgroup(uid.to_string()),
+            Containment::PidNamespace { .. } => Key::Relay(group),
+            Containment::ProcessGroup => Key::Group(group),
+        };
         self.callers.by_key.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone(), process);
         self.callers.changed.notify_waiters();
         Registration { callers: self.callers.clone(), key }
@@ -194,7 +224,7 @@ mod tests {
 
     #[tokio::test]
     async fn callers_are_found_by_group_or_ancestor_and_strangers_refused() {
-        let callers = Arc::new(Callers::default());
+        let callers = Arc::new(Callers::new(Containment::ProcessGroup));
         let me = std::process::id() as i32;
         let stat = ProcStat::read(me).expect("own stat");
         // Registered by our own group: found.

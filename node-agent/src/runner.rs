@@ -75,8 +75,8 @@ pub struct ProcessRunner {
     pub test_vars: std::sync::Arc<crate::testvars::TestVars>,
     /// Where the process group is recorded once it runs.
     pub journal: PathBuf,
-    /// Where each process gets a cgroup of its own, if cgroups can be had.
-    pub cgroups: Option<std::sync::Arc<crate::containment::CgroupRoot>>,
+    /// What holds each process.
+    pub containment: crate::containment::Containment,
 }
 
 /// A file of the process, fetched into the cache.
@@ -369,6 +369,16 @@ impl ProcessRunner {
                     message: format!("argv: {e}"),
                 }
             })?;
+        // With a PID namespace per process, the agent's own binary starts
+        // the command inside it (see `pidns`).
+        let command = |program: &std::ffi::OsStr| match &self.containment {
+            crate::containment::Containment::PidNamespace { agent } => {
+                let mut c = tokio::process::Command::new(agent.as_path());
+                c.arg(crate::pidns::SUBCOMMAND).arg(program);
+                c
+            }
+            _ => tokio::process::Command::new(program),
+        };
         let mut cmd = if !spec.script.is_empty() {
             let path = workdir.join("script");
             let write = || -> std::io::Result<()> {
@@ -378,18 +388,18 @@ impl ProcessRunner {
             };
             write().map_err(|e| Ended::SetupFailed { reason: "WorkdirFailed", message: format!("script: {e}") })?;
             if spec.script.starts_with("#!") {
-                tokio::process::Command::new(&path)
+                command(path.as_os_str())
             } else {
-                let mut c = tokio::process::Command::new("/bin/sh");
+                let mut c = command("/bin/sh".as_ref());
                 c.arg(&path);
                 c
             }
         } else if spec.shell {
-            let mut c = tokio::process::Command::new("/bin/sh");
+            let mut c = command("/bin/sh".as_ref());
             c.arg("-c").arg(argv.join(" "));
             c
         } else {
-            let mut c = tokio::process::Command::new(program_path(&argv[0], env.get("PATH")));
+            let mut c = command(program_path(&argv[0], env.get("PATH")).as_os_str());
             c.args(&argv[1..]);
             c
         };
@@ -418,7 +428,7 @@ impl ProcessRunner {
         let name = self.process.name().to_string();
         let spec = self.process.spec();
         let setup_failed = |reason, message| (Ended::SetupFailed { reason, message }, Default::default(), None);
-        let cgroup = match &self.cgroups {
+        let cgroup = match self.containment.cgroups() {
             Some(root) => match root.create_for(&self.process.meta().uid) {
                 Ok(cg) => {
                     // SAFETY: the closure runs in the child between fork and
@@ -434,6 +444,14 @@ impl ProcessRunner {
             },
             None => None,
         };
+        if let crate::containment::Containment::PidNamespace { .. } = self.containment {
+            // SAFETY: the closure runs in the child between fork and exec;
+            // it makes one syscall (unshare), async-signal-safe.
+            #[allow(unsafe_code)]
+            unsafe {
+                cmd.pre_exec(crate::pidns::unsharer());
+            }
+        }
         let mut child = {
             let mut tries = 0;
             loop {
@@ -469,7 +487,11 @@ impl ProcessRunner {
             }
             None => tracing::debug!(process = %name, pid, "ended before its group could be recorded"),
         }
-        let contained = Contained { pgid: pid, cgroup: cgroup.as_ref() };
+        let contained = Contained {
+            pgid: pid,
+            cgroup: cgroup.as_ref(),
+            relay: matches!(self.containment, crate::containment::Containment::PidNamespace { .. }),
+        };
         let api = self.client.api::<Process>();
         // The Running report goes in the background so a stop is never
         // delayed by a slow API, and only once the process has run for
@@ -584,16 +606,24 @@ fn exit_of(st: std::process::ExitStatus) -> Ended {
 }
 
 /// Everything a running process may have started: its process group and,
-/// where cgroups can be had, its cgroup (which holds all of it).
+/// where cgroups can be had, its cgroup (which holds all of it); or, with a
+/// PID namespace per process, the relay that holds its namespace.
 struct Contained<'a> {
     pgid: i32,
     cgroup: Option<&'a crate::containment::ProcessCgroup>,
+    /// `pgid` is the relay of a PID namespace (see `pidns`): it passes
+    /// signals on to everything inside, and all of it ends with the relay.
+    relay: bool,
 }
 
 impl Contained<'_> {
     fn signal(&self, sig: nix::sys::signal::Signal) {
         // A pgid of 0 or 1 would mean "our own group" or "everyone".
-        if self.pgid > 1 {
+        if self.pgid <= 1 {
+        } else if self.relay {
+            // Once, to the relay: it reaches each process inside once.
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pgid), sig);
+        } else {
             kill_group(self.pgid, sig);
         }
         if let Some(cg) = self.cgroup {
@@ -602,11 +632,12 @@ impl Contained<'_> {
     }
 
     /// Kills what is left (all of the cgroup at once, or the group) and
-    /// removes the cgroup.
+    /// removes the cgroup. A PID namespace is gone already: the relay, just
+    /// reaped, exits only after its init, whose exit ends the namespace.
     async fn end(&self) {
         match self.cgroup {
             Some(cg) => cg.end().await,
-            None if self.pgid > 1 => kill_group(self.pgid, nix::sys::signal::Signal::SIGKILL),
+            None if self.pgid > 1 && !self.relay => kill_group(self.pgid, nix::sys::signal::Signal::SIGKILL),
             None => {}
         }
     }
