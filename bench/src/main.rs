@@ -476,11 +476,26 @@ async fn future_watches(smoke: bool) -> anyhow::Result<serde_json::Value> {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = rss_bytes(cp);
+    // Watches that could deliver but never do (a selector nothing
+    // matches), opened and then cancelled, a connection's worth at a time:
+    // the hub used to keep each until an event for it came.
+    let mut abandoned = 0;
+    while abandoned < n {
+        let mut batch = Vec::new();
+        for _ in 0..1000.min(n - abandoned) {
+            batch.push(api.watch("", "bench=never", "").await?);
+        }
+        abandoned += batch.len();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after_abandoned = rss_bytes(cp);
     Ok(json!({
         "watches": n,
         "refused": refused,
         "rss_before_mib": before as f64 / (1 << 20) as f64,
         "rss_after_mib": after as f64 / (1 << 20) as f64,
+        "abandoned": abandoned,
+        "rss_after_abandoned_mib": after_abandoned as f64 / (1 << 20) as f64,
     }))
 }
 

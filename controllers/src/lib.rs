@@ -10,7 +10,8 @@ pub mod health;
 pub mod hosts;
 pub mod runtime;
 pub mod schedule;
-pub mod tests;
+pub mod test_lifecycle;
+pub mod test_plan;
 
 use runtime::{reflect, Cache, Queue};
 use std::sync::Arc;
@@ -34,7 +35,7 @@ impl Default for Config {
 }
 
 /// The least time between a running test's status writes that only
-/// refresh process results (see [`tests::ResultWrites`]).
+/// refresh process results (see [`test_lifecycle::ResultWrites`]).
 pub const RESULT_WRITE_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Everything a reconcile reads and writes through.
@@ -48,7 +49,7 @@ pub struct Context {
     pub processes: Arc<Cache<Process>>,
     pub host_queue: Arc<Queue>,
     pub test_queue: Arc<Queue>,
-    pub result_writes: tests::ResultWrites,
+    pub result_writes: test_lifecycle::ResultWrites,
     /// Each host's last terminal processes, for quarantine.
     pub ledger: health::Ledger,
 }
@@ -78,7 +79,7 @@ pub async fn run(client: Client, cfg: Config, shutdown: broadcast::Receiver<()>)
         processes: Cache::new(),
         host_queue: Queue::new(),
         test_queue: Queue::new(),
-        result_writes: tests::ResultWrites::new(RESULT_WRITE_INTERVAL),
+        result_writes: test_lifecycle::ResultWrites::new(RESULT_WRITE_INTERVAL),
         ledger: Default::default(),
     });
     let mut tasks = tokio::task::JoinSet::new();
@@ -98,7 +99,7 @@ pub async fn run(client: Client, cfg: Config, shutdown: broadcast::Receiver<()>)
                     }
                 }
                 if schedulable_changed(old.as_deref(), new.as_deref()) {
-                    for t in c.tests.filter(tests::is_pending) {
+                    for t in c.tests.filter(test_lifecycle::is_pending) {
                         c.test_queue.add(t.name());
                     }
                 }
@@ -117,9 +118,9 @@ pub async fn run(client: Client, cfg: Config, shutdown: broadcast::Receiver<()>)
                 }
                 // A test that stops waiting (claimed, ended or deleted) no
                 // longer holds hosts back from those queued behind it.
-                let was_pending = old.as_deref().is_some_and(tests::is_pending);
-                if was_pending && !new.as_deref().is_some_and(tests::is_pending) {
-                    for t in c.tests.filter(tests::is_pending) {
+                let was_pending = old.as_deref().is_some_and(test_lifecycle::is_pending);
+                if was_pending && !new.as_deref().is_some_and(test_lifecycle::is_pending) {
+                    for t in c.tests.filter(test_lifecycle::is_pending) {
                         c.test_queue.add(t.name());
                     }
                 }
@@ -174,13 +175,13 @@ pub async fn run(client: Client, cfg: Config, shutdown: broadcast::Receiver<()>)
             ctx.test_queue.clone(),
             move |name| {
                 let c = c.clone();
-                async move { tests::reconcile(&c, &name).await }
+                async move { test_lifecycle::reconcile(&c, &name).await }
             },
             {
                 let c = ctx.clone();
                 move |name, trouble| {
                     let c = c.clone();
-                    async move { tests::report_trouble(&c, &name, trouble).await }
+                    async move { test_lifecycle::report_trouble(&c, &name, trouble).await }
                 }
             },
             shutdown.resubscribe(),

@@ -1008,3 +1008,46 @@ async fn sigterm_stops_the_control_plane_whatever_is_connected() {
         status.unwrap_or_else(|| panic!("the control plane was still running 30 s after SIGTERM; log:\n{log}"));
     assert!(status.success(), "{status:?}");
 }
+
+/// Deleting a running test ends it Cancelled, visible until its cleanup is
+/// done: `wait` says so (exit 3) instead of losing the test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_running_test_cancels_it() {
+    let c = Cluster::start(1).await;
+    let path = manifest(
+        &c,
+        "doomed.yaml",
+        "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: doomed}\nspec:\n  hosts: [{role: a}]\n  steps:\n    - {name: s, on: [a], argv: [sh, -c, 'echo started; sleep 600']}\n",
+    );
+    assert_eq!(c.ctl(&["apply", "-f", &path]).code, 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !c.ctl(&["logs", "test/doomed"]).stdout.contains("started") {
+        assert!(std::time::Instant::now() < deadline, "the step never started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let waiting = c.ctl_spawn(&["wait", "test/doomed", "--timeout", "60s"]);
+    let client = c.client().await;
+    let tests = client.api::<Test>();
+    let mut seen = tests.watch("", "", "metadata.name=doomed").await.unwrap();
+    let out = c.ctl(&["delete", "test", "doomed"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let cancelled = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(Ok(ev)) = futures::StreamExt::next(&mut seen).await {
+            if let Some(t) = ev.object {
+                if t.status().phase == phase::CANCELLED {
+                    return t;
+                }
+            }
+        }
+        panic!("the watch ended before the test was Cancelled");
+    })
+    .await
+    .expect("the test was never Cancelled");
+    assert_eq!(cancelled.status().reason, "Cancelled");
+    let out = waiting.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    wait_for(Duration::from_secs(30), "the test to be gone", || async {
+        tests.get_opt("doomed").await.ok().flatten().is_none().then_some(())
+    })
+    .await;
+}

@@ -1,0 +1,504 @@
+//! The test lifecycle.
+//!
+//! Pending → (gang claim, one transaction) → Running → Succeeded / Failed /
+//! Error. While Running, each reconcile derives every step's phase from the
+//! Processes that exist, creates the Processes of steps whose `after` steps
+//! are done, and decides a verdict (all steps done, a step failed, the
+//! timeout passed, a claimed host was lost). A verdict first stops every
+//! process still running and waits for them to end, so the final status —
+//! immutable once written — holds complete results. A finished test's hosts
+//! are released once nothing of the test runs on them any more.
+use crate::runtime::Action;
+use crate::schedule::{self, Assignment};
+use crate::test_plan::{self, condition, held, set_condition, Ending, Verdict, FINISHED};
+use crate::Context;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use testbus_proto::subst::host_var_name;
+use testbus_proto::validate::members;
+use testbus_proto::{
+    duration, phase, time, ClaimAssignment, ClaimRequest, Condition, Host, HostFacts, Process, Resource, StepStatus,
+    Test, TestStatus, TestTrace,
+};
+use tonic::{Code, Status};
+
+pub use crate::test_plan::{process_name, DEFAULT_TIMEOUT, LABEL_ROLE, LABEL_STEP, LABEL_TEST};
+use testbus_proto::TEST_FINALIZER as FINALIZER;
+
+pub fn is_pending(t: &Test) -> bool {
+    let p = t.status().phase.as_str();
+    (p.is_empty() || p == phase::PENDING) && t.meta().deletion_timestamp.is_empty()
+}
+
+/// A test whose reconcile keeps failing (a status too large to store, say)
+/// says so in its conditions instead of staying Pending in silence.
+pub async fn report_trouble(ctx: &Context, name: &str, trouble: crate::runtime::Trouble) {
+    crate::runtime::report_trouble(ctx.client.api::<Test>(), name, trouble, |t| &mut t.status_mut().conditions).await
+}
+
+pub async fn reconcile(ctx: &Context, name: &str) -> Result<Action, Status> {
+    let Some(t) = ctx.tests.get(name) else {
+        return Ok(Action::AwaitChange);
+    };
+    let uid = t.meta().uid.clone();
+    let procs: Vec<Arc<Process>> = ctx.processes.filter(|p| p.spec().test == name && p.spec().test_uid == uid);
+    if !t.meta().deletion_timestamp.is_empty() {
+        // A running test ends Cancelled first (its plan says so), then is
+        // torn down.
+        if t.status().phase == phase::RUNNING {
+            return drive(ctx, &t, &procs).await;
+        }
+        return teardown(ctx, &t, &procs).await;
+    }
+    match t.status().phase.as_str() {
+        "" | phase::PENDING => claim(ctx, &t).await,
+        phase::RUNNING => drive(ctx, &t, &procs).await,
+        _ => finished(ctx, &t, &procs).await,
+    }
+}
+
+async fn claim(ctx: &Context, t: &Test) -> Result<Action, Status> {
+    let hosts = ctx.hosts.list();
+    let refs: Vec<&Host> = hosts.iter().map(|h| h.as_ref()).collect();
+    let spec = t.spec();
+    // Tests ahead in the queue hold back what they need.
+    let pending = ctx.tests.filter(is_pending);
+    let mut queue: Vec<&Test> = pending.iter().map(|t| t.as_ref()).collect();
+    queue.sort_by(|a, b| schedule::queue_order(a, b));
+    let (reserved, blocked) = schedule::reserved_ahead(&queue, t, &refs);
+    let avail: Vec<&Host> = refs.iter().copied().filter(|h| !reserved.contains(h.name())).collect();
+    let result = match schedule::fits_inventory(&spec.hosts, &refs) {
+        Err(why) => Err(("Unsatisfiable", format!("cannot run on the hosts that exist: {why}"))),
+        Ok(()) => schedule::assign(&spec.hosts, &avail).map_err(|why| match blocked {
+            Some(b) if schedule::assign(&spec.hosts, &refs).is_ok() => (
+                "Queued",
+                format!(
+                    "queued behind test {} (priority {}), which waits for hosts this test could use",
+                    b.name(),
+                    b.spec().priority
+                ),
+            ),
+            _ => ("Unschedulable", why),
+        }),
+    };
+    let assignments = match result {
+        Ok(a) => a,
+        Err((reason, why)) => return still_pending(ctx, t, reason, why).await,
+    };
+    let by_name: HashMap<&str, &Host> = refs.iter().map(|h| (h.name(), *h)).collect();
+    let status = running_status(t, &assignments, &by_name);
+    let req = ClaimRequest {
+        test: t.name().to_string(),
+        test_resource_version: t.resource_version().to_string(),
+        assignments: assignments
+            .iter()
+            .map(|a| ClaimAssignment {
+                role: a.member.clone(),
+                host: a.host.clone(),
+                host_resource_version: by_name[a.host.as_str()].resource_version().to_string(),
+            })
+            .collect(),
+        status: Some(status),
+    };
+    match ctx.client.tests().claim(req).await {
+        Ok(claimed) => {
+            tracing::info!(test = t.name(), hosts = ?assignments.iter().map(|a| (&a.member, &a.host)).collect::<Vec<_>>(), "claimed");
+            // The claim answers with the test as stored: start it now rather
+            // than at the watch event of our own write (the later pass finds
+            // the processes there, or creates nothing twice: names are
+            // fixed and creating an existing one is a no-op).
+            drive(ctx, &claimed.into_inner(), &[]).await
+        }
+        // Someone else got a host first, or our view was stale: try again
+        // from fresh caches.
+        Err(s) if s.code() == Code::Aborted => Ok(Action::Requeue(Duration::from_millis(20))),
+        Err(s) => Err(s),
+    }
+}
+
+/// A test waits for hosts no longer than this unless its
+/// `spec.pendingTimeout` says otherwise.
+pub const DEFAULT_PENDING_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// What a pending test that could not claim now comes to.
+#[derive(Debug, PartialEq, Eq)]
+enum PendingOutcome {
+    /// It waits, saying why; looked at again after this long at the latest.
+    Wait(Duration),
+    /// It has waited past its pending timeout: it ends in Error.
+    GiveUp { waited: Duration },
+}
+
+fn pending_outcome(t: &Test, now: SystemTime) -> PendingOutcome {
+    let limit = duration::parse(&t.spec().pending_timeout).unwrap_or(DEFAULT_PENDING_TIMEOUT);
+    let created = time::parse(&t.meta().creation_timestamp).unwrap_or(now);
+    let waited = now.duration_since(created).unwrap_or_default();
+    if waited >= limit {
+        return PendingOutcome::GiveUp { waited: limit };
+    }
+    // Host and queue changes wake pending tests; the timer is a safety net
+    // and the deadline.
+    PendingOutcome::Wait((limit - waited).min(Duration::from_secs(30)))
+}
+
+/// A test that cannot claim its hosts now: says why on its Scheduled
+/// condition, or ends in Error once it has waited past its pending timeout.
+async fn still_pending(ctx: &Context, t: &Test, reason: &str, why: String) -> Result<Action, Status> {
+    let mut next = t.clone();
+    let st = next.status_mut();
+    match pending_outcome(t, SystemTime::now()) {
+        PendingOutcome::GiveUp { waited } => {
+            let message = format!("waited {} for hosts (its pendingTimeout): {why}", duration::format(waited));
+            st.phase = phase::ERROR.into();
+            st.reason = "PendingTimeout".into();
+            st.message = message.clone();
+            st.completion_time = time::now();
+            set_condition(&mut st.conditions, condition("Scheduled", false, reason, &why));
+            set_condition(&mut st.conditions, condition(FINISHED, false, "PendingTimeout", &message));
+            ctx.client.api::<Test>().update_status(next).await?;
+            tracing::info!(test = t.name(), "gave up waiting for hosts");
+            Ok(Action::AwaitChange)
+        }
+        PendingOutcome::Wait(next_look) => {
+            let changed = set_condition(&mut st.conditions, condition("Scheduled", false, reason, &why));
+            if changed || st.phase.is_empty() {
+                st.phase = phase::PENDING.into();
+                st.message = why;
+                ctx.client.api::<Test>().update_status(next).await?;
+            }
+            Ok(Action::Requeue(next_look))
+        }
+    }
+}
+
+/// The status a test gets with its claim: Running, claims, env, trace.
+fn running_status(t: &Test, assignments: &[Assignment], hosts: &HashMap<&str, &Host>) -> TestStatus {
+    let spec = t.spec();
+    let mut host_vars = BTreeMap::new();
+    let mut trace_hosts: BTreeMap<String, HostFacts> = BTreeMap::new();
+    for a in assignments {
+        let h = hosts[a.host.as_str()];
+        for (var, val) in &h.status().vars {
+            host_vars.insert(host_var_name(&a.member, var), val.clone());
+        }
+        trace_hosts.insert(a.member.clone(), h.status().facts.clone().unwrap_or_default());
+    }
+    // A role of count n also gets each var as a space-separated list.
+    for req in &spec.hosts {
+        if req.count.unwrap_or(1) <= 1 {
+            continue;
+        }
+        let ms = members(req);
+        let vars: std::collections::BTreeSet<&String> = ms
+            .iter()
+            .filter_map(|m| assignments.iter().find(|a| &a.member == m))
+            .flat_map(|a| hosts[a.host.as_str()].status().vars.keys())
+            .collect();
+        for var in vars {
+            let vals: Vec<String> = ms
+                .iter()
+                .filter_map(|m| assignments.iter().find(|a| &a.member == m))
+                .map(|a| hosts[a.host.as_str()].status().vars.get(var).cloned().unwrap_or_default())
+                .collect();
+            host_vars.insert(host_var_name(&req.role, var), vals.join(" "));
+        }
+    }
+    let mut env = spec.env.clone();
+    env.extend(host_vars.clone());
+    let mut conditions = t.status().conditions.clone();
+    set_condition(&mut conditions, condition("Scheduled", true, "Claimed", "all hosts claimed"));
+    TestStatus {
+        phase: phase::RUNNING.into(),
+        conditions,
+        observed_generation: t.meta().generation,
+        claims: assignments.iter().map(|a| (a.member.clone(), a.host.clone())).collect(),
+        env: env.clone(),
+        host_vars,
+        steps: testbus_proto::steps::expand(spec)
+            .into_iter()
+            .map(|s| StepStatus { name: s.step.name, phase: phase::WAITING.into(), ..Default::default() })
+            .collect(),
+        start_time: time::now(),
+        trace: Some(TestTrace { hosts: trace_hosts, env, files: file_digests(t) }),
+        ..Default::default()
+    }
+}
+
+/// Every file the test names, by where it goes, with its digest.
+fn file_digests(t: &Test) -> BTreeMap<String, String> {
+    testbus_proto::validate::file_refs_of_test(t)
+        .into_iter()
+        .map(|(field, f)| {
+            let dest = if !f.path.is_empty() {
+                f.path.clone()
+            } else if !f.env.is_empty() {
+                format!("${}", f.env)
+            } else {
+                field
+            };
+            (dest, f.digest.clone())
+        })
+        .collect()
+}
+
+/// A running test: its plan, written. Creates what the plan creates,
+/// releases gates, refreshes the steps' status (paced), or concludes.
+async fn drive(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Action, Status> {
+    let plan = test_plan::plan(t, procs, ctx.hosts.as_ref(), SystemTime::now());
+    match plan.ending {
+        Some(Ending::Recorded(v)) => return conclude(ctx, t, procs, plan.steps, v, Recorded::Yes).await,
+        Some(Ending::New(v)) => return conclude(ctx, t, procs, plan.steps, v, Recorded::No).await,
+        None => {}
+    }
+    create_all(ctx, plan.create).await?;
+    for p in plan.release {
+        let mut next = (*p).clone();
+        next.spec_mut().released = true;
+        ctx.client.api::<Process>().update(next).await?;
+        tracing::debug!(test = t.name(), process = p.name(), "released");
+    }
+    let st = t.status();
+    if st.steps != plan.steps {
+        let phases = |steps: &[StepStatus]| steps.iter().map(|s| (s.name.clone(), s.phase.clone())).collect::<Vec<_>>();
+        let urgent = if phases(&st.steps) != phases(&plan.steps) { Urgency::Now } else { Urgency::Paced };
+        if let Some(wait) = ctx.result_writes.admit(t.name(), urgent) {
+            return Ok(Action::Requeue(wait.min(plan.requeue)));
+        }
+        let mut next = t.clone();
+        next.status_mut().steps = plan.steps;
+        ctx.client.api::<Test>().update_status(next).await?;
+    }
+    Ok(Action::Requeue(plan.requeue))
+}
+
+/// Paces a running test's status writes that only refresh process results.
+///
+/// A test's status holds the result of every process it ran, so writing it
+/// at each process event costs O(processes) per event and O(processes²)
+/// per test. Steps changing phase are written at once; a write that only
+/// refreshes results waits until `interval` has passed since the test's
+/// last write (the reconcile is requeued for then). The final status is
+/// written complete whatever the pace.
+pub struct ResultWrites {
+    interval: Duration,
+    last: std::sync::Mutex<HashMap<String, tokio::time::Instant>>,
+}
+
+impl ResultWrites {
+    pub fn new(interval: Duration) -> Self {
+        ResultWrites { interval, last: Default::default() }
+    }
+
+    /// None: write now (recorded as the test's last write); Some(d): not
+    /// before d from now.
+    pub fn admit(&self, test: &str, urgency: Urgency) -> Option<Duration> {
+        let now = tokio::time::Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        // Entries older than the interval decide nothing: dropping them
+        // keeps the map to the tests written lately.
+        last.retain(|_, at| now.duration_since(*at) < self.interval);
+        match last.get(test) {
+            Some(at) if urgency == Urgency::Paced => Some(self.interval - now.duration_since(*at)),
+            _ => {
+                last.insert(test.to_string(), now);
+                None
+            }
+        }
+    }
+}
+
+/// Whether a status write may wait for the pace of result refreshes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Urgency {
+    /// A step changed phase: written at once.
+    Now,
+    /// Only results were refreshed: paced.
+    Paced,
+}
+
+/// Creates processes concurrently, so a step's processes share the store's
+/// group commits instead of paying one round trip each. An existing one is
+/// fine: names are fixed, so a second pass creates nothing twice.
+async fn create_all(ctx: &Context, procs: Vec<Process>) -> Result<(), Status> {
+    use futures::StreamExt;
+    let api = ctx.client.api::<Process>();
+    let mut results = futures::stream::iter(procs).map(|p| api.create(p)).buffer_unordered(64);
+    while let Some(r) = results.next().await {
+        match r {
+            Ok(_) => {}
+            Err(s) if s.code() == Code::AlreadyExists => {}
+            Err(s) => return Err(s),
+        }
+    }
+    Ok(())
+}
+
+/// Stops what still runs; once everything has ended, writes the final
+/// status. When something must be stopped, the verdict is recorded first
+/// (condition Finished=Unknown), so that stopping processes, or a
+/// controller restart, cannot change it.
+async fn conclude(
+    ctx: &Context,
+    t: &Test,
+    procs: &[Arc<Process>],
+    steps: Vec<StepStatus>,
+    v: Verdict,
+    recorded: Recorded,
+) -> Result<Action, Status> {
+    // With every process already ended there is nothing to stop, so nothing
+    // can change the verdict: the final status is written at once (one
+    // write instead of two, on the path every test ends by).
+    let all_ended = procs.iter().all(|p| phase::process_terminal(&p.status().phase));
+    if recorded == Recorded::No && !all_ended {
+        let mut next = t.clone();
+        let st = next.status_mut();
+        st.steps = steps;
+        set_condition(
+            &mut st.conditions,
+            Condition { status: "Unknown".into(), ..condition(FINISHED, false, &v.reason, &v.message) },
+        );
+        let t = ctx.client.api::<Test>().update_status(next).await?;
+        stop_all(ctx, &t, procs).await?;
+        return Ok(Action::AwaitChange);
+    }
+    if !stop_all(ctx, t, procs).await? {
+        return Ok(Action::Requeue(Duration::from_secs(5)));
+    }
+    let phase = v.phase;
+    let mut next = t.clone();
+    *next.status_mut() = test_plan::final_status(t, steps, v, SystemTime::now());
+    ctx.client.api::<Test>().update_status(next).await?;
+    tracing::info!(test = t.name(), phase, "test finished");
+    Ok(Action::AwaitChange)
+}
+
+/// Whether a verdict was recorded by an earlier reconcile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Recorded {
+    Yes,
+    No,
+}
+
+/// Asks every running process of the test to stop and marks those on lost
+/// hosts Lost. True when none is left running.
+async fn stop_all(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<bool, Status> {
+    let stops = test_plan::stops(procs, ctx.hosts.as_ref());
+    for p in stops.lost {
+        let mut next = (*p).clone();
+        let s = next.status_mut();
+        s.phase = phase::LOST.into();
+        s.reason = "HostLost".into();
+        s.message = format!("host {} was lost", p.spec().host_name);
+        s.finish_time = time::now();
+        match ctx.client.api::<Process>().update_status(next).await {
+            Ok(_) | Err(_) => {} // a conflict is retried by the next reconcile
+        }
+    }
+    for p in stops.stop {
+        let mut next = (*p).clone();
+        next.spec_mut().stop = true;
+        ctx.client.api::<Process>().update(next).await?;
+        tracing::debug!(test = t.name(), process = p.name(), "stopping");
+    }
+    Ok(stops.all_ended)
+}
+
+/// A finished test: release its hosts (unless held), and delete it once
+/// `ttlAfterFinished` has passed.
+async fn finished(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Action, Status> {
+    if held(t) {
+        stop_all(ctx, t, procs).await?;
+    } else {
+        release(ctx, t, procs).await?;
+    }
+    let Ok(ttl) = duration::parse(&t.spec().ttl_after_finished) else { return Ok(Action::AwaitChange) };
+    let done = time::parse(&t.status().completion_time).unwrap_or_else(SystemTime::now);
+    match (done + ttl).duration_since(SystemTime::now()) {
+        Ok(left) if !left.is_zero() => Ok(Action::Requeue(left + Duration::from_millis(10))),
+        _ => {
+            tracing::info!(test = t.name(), "ttlAfterFinished passed; deleting");
+            match ctx.client.api::<Test>().delete(t.name()).await {
+                Ok(_) => Ok(Action::AwaitChange),
+                Err(s) if s.code() == Code::NotFound => Ok(Action::AwaitChange),
+                Err(s) => Err(s),
+            }
+        }
+    }
+}
+
+/// After the end: release each host once nothing of the test runs on it.
+async fn release(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Action, Status> {
+    stop_all(ctx, t, procs).await?;
+    let uid = &t.meta().uid;
+    for h in ctx.hosts.filter(|h| h.status().claim.as_ref().is_some_and(|c| &c.test_uid == uid)) {
+        let busy = procs.iter().any(|p| p.spec().host_name == h.name() && !phase::process_terminal(&p.status().phase));
+        if busy {
+            continue;
+        }
+        let mut next: Host = (*h).clone();
+        next.status_mut().claim = None;
+        ctx.client.api::<Host>().update_status(next).await?;
+        tracing::info!(test = t.name(), host = h.name(), "released");
+    }
+    Ok(Action::AwaitChange)
+}
+
+/// Deleting a test: stop, release, delete its processes, drop the
+/// finalizer.
+async fn teardown(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Action, Status> {
+    release(ctx, t, procs).await?;
+    if procs.iter().any(|p| !phase::process_terminal(&p.status().phase)) {
+        return Ok(Action::Requeue(Duration::from_secs(5)));
+    }
+    let claimed = ctx.hosts.filter(|h| h.status().claim.as_ref().is_some_and(|c| c.test_uid == t.meta().uid));
+    if !claimed.is_empty() {
+        return Ok(Action::Requeue(Duration::from_millis(100)));
+    }
+    for p in procs {
+        match ctx.client.api::<Process>().delete(p.name()).await {
+            Ok(_) => {}
+            Err(s) if s.code() == Code::NotFound => {}
+            Err(s) => return Err(s),
+        }
+    }
+    let mut next = t.clone();
+    next.meta_mut().finalizers.retain(|f| f != FINALIZER);
+    match ctx.client.api::<Test>().update(next).await {
+        Ok(_) => Ok(Action::AwaitChange),
+        Err(s) if s.code() == Code::NotFound => Ok(Action::AwaitChange),
+        Err(s) => Err(s),
+    }
+}
+
+#[cfg(test)]
+mod lifecycle_tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn result_only_writes_are_paced_per_test() {
+        let w = ResultWrites::new(Duration::from_millis(200));
+        assert_eq!(w.admit("a", Urgency::Paced), None);
+        assert_eq!(w.admit("b", Urgency::Paced), None, "tests are paced apart");
+        tokio::time::advance(Duration::from_millis(50)).await;
+        assert_eq!(w.admit("a", Urgency::Paced), Some(Duration::from_millis(150)));
+        assert_eq!(w.admit("a", Urgency::Now), None, "a step changing phase is written at once");
+        assert_eq!(w.admit("a", Urgency::Paced), Some(Duration::from_millis(200)));
+        tokio::time::advance(Duration::from_millis(200)).await;
+        assert_eq!(w.admit("a", Urgency::Paced), None);
+    }
+
+    #[test]
+    fn a_pending_test_waits_until_its_pending_timeout_then_gives_up() {
+        let mut t = Test::default();
+        t.meta_mut().creation_timestamp = "2026-01-01T00:00:00Z".into();
+        let at = |secs: u64| time::parse("2026-01-01T00:00:00Z").unwrap() + Duration::from_secs(secs);
+        // Default: an hour; looked at again at least every 30 s.
+        assert_eq!(pending_outcome(&t, at(10)), PendingOutcome::Wait(Duration::from_secs(30)));
+        assert_eq!(pending_outcome(&t, at(3590)), PendingOutcome::Wait(Duration::from_secs(10)));
+        assert_eq!(pending_outcome(&t, at(3600)), PendingOutcome::GiveUp { waited: DEFAULT_PENDING_TIMEOUT });
+        t.spec_mut().pending_timeout = "5s".into();
+        assert_eq!(pending_outcome(&t, at(2)), PendingOutcome::Wait(Duration::from_secs(3)));
+        assert_eq!(pending_outcome(&t, at(6)), PendingOutcome::GiveUp { waited: Duration::from_secs(5) });
+    }
+}

@@ -1,0 +1,804 @@
+//! A running test's plan: what one reconcile should do, derived from the
+//! Test, its Processes, the hosts and the time, without writing anything.
+//!
+//! [`plan`] expands the step graph once and walks it in `after` order,
+//! giving every step its phase from the Processes that exist: Waiting for
+//! its `after` steps, Skipped when one of them can no longer succeed,
+//! Running while its processes are made or run, then Succeeded, Failed or
+//! Stopped. On the way it collects the Processes to create, the gates of
+//! `sync` steps to release, and the verdict once there is one (a step
+//! failed, a background step died, a host was lost, the timeout passed,
+//! every step is done). The executor in `test_lifecycle` writes the plan;
+//! these functions are the decisions, unit-tested below without a server.
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use testbus_proto::steps::Expanded;
+use testbus_proto::validate::members;
+use testbus_proto::{
+    duration, phase, time, Condition, Host, ObjectMeta, OwnerReference, Process, ProcessResult, ProcessSpec, Resource,
+    Step, StepStatus, Test, TestStatus,
+};
+
+pub const LABEL_TEST: &str = "testbus.io/test";
+pub const LABEL_STEP: &str = "testbus.io/step";
+pub const LABEL_ROLE: &str = "testbus.io/role";
+/// A test without `spec.timeout` gets this one.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3600);
+/// The condition that records a verdict while the test's processes are
+/// stopped (status Unknown), then the test's end (True or False).
+pub const FINISHED: &str = "Finished";
+/// Condition of a failed test whose hosts stay claimed (holdOnFailure).
+pub const HELD: &str = "Held";
+/// Step phase: its processes were stopped by the controller.
+pub const STOPPED: &str = "Stopped";
+
+/// The hosts as the controller sees them (its cache; a map in tests).
+pub trait HostView {
+    fn host(&self, name: &str) -> Option<Arc<Host>>;
+}
+
+impl HostView for crate::runtime::Cache<Host> {
+    fn host(&self, name: &str) -> Option<Arc<Host>> {
+        self.get(name)
+    }
+}
+
+impl HostView for HashMap<String, Arc<Host>> {
+    fn host(&self, name: &str) -> Option<Arc<Host>> {
+        self.get(name).cloned()
+    }
+}
+
+/// How a test ends: its phase, reason and message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub phase: &'static str,
+    pub reason: String,
+    pub message: String,
+}
+
+impl Verdict {
+    fn new(phase: &'static str, reason: &str, message: String) -> Verdict {
+        Verdict { phase, reason: reason.into(), message }
+    }
+}
+
+/// A verdict, and whether an earlier reconcile recorded it already.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    /// Reached now: recorded (while processes are stopped) or final.
+    New(Verdict),
+    /// Recorded by an earlier reconcile (condition Finished=Unknown): it
+    /// stands, whatever the stopped processes do.
+    Recorded(Verdict),
+}
+
+/// What one reconcile of a running test should do.
+#[derive(Debug)]
+pub struct Plan {
+    /// Every step's status, in the spec's order.
+    pub steps: Vec<StepStatus>,
+    /// The test ends: stop what runs, then write the final status. When
+    /// set, nothing is created or released.
+    pub ending: Option<Ending>,
+    /// Processes of steps whose turn has come.
+    pub create: Vec<Process>,
+    /// Gated processes of `sync` steps that may all start now.
+    pub release: Vec<Arc<Process>>,
+    /// Look again by then at the latest (the test's deadline).
+    pub requeue: Duration,
+}
+
+/// The phase each verdict reason leads to.
+pub fn phase_of_reason(reason: &str) -> &'static str {
+    match reason {
+        "Completed" | "Finished" => phase::SUCCEEDED,
+        "StepFailed" | "BackgroundEnded" | "ResultFailed" | "FinishedFailed" => phase::FAILED,
+        "Cancelled" => phase::CANCELLED,
+        _ => phase::ERROR,
+    }
+}
+
+/// A verdict already recorded by an earlier reconcile.
+pub fn recorded_verdict(t: &Test) -> Option<Verdict> {
+    let c = t.status().conditions.iter().find(|c| c.r#type == FINISHED && c.status == "Unknown")?;
+    Some(Verdict { phase: phase_of_reason(&c.reason), reason: c.reason.clone(), message: c.message.clone() })
+}
+
+/// Ended because the controller asked it to stop.
+fn stopped(p: &Process) -> bool {
+    p.status().phase == phase::KILLED && p.status().reason == "Stopped"
+}
+
+/// Every process of a background step is running (it may be depended on).
+fn serving(step: &str, by_step: &HashMap<&str, Vec<&Arc<Process>>>) -> bool {
+    by_step.get(step).is_some_and(|ps| !ps.is_empty() && ps.iter().all(|p| p.status().phase == phase::RUNNING))
+}
+
+/// The members a step runs on, in role order.
+pub fn targets(t: &Test, step: &Step) -> Vec<String> {
+    let mut out = Vec::new();
+    for on in &step.on {
+        match t.spec().hosts.iter().find(|r| &r.role == on) {
+            Some(r) => out.extend(members(r)),
+            None => out.push(on.clone()),
+        }
+    }
+    out.dedup();
+    out
+}
+
+pub use testbus_proto::process::name as process_name;
+
+/// The Process of `step` for `member` on `host`.
+pub fn process_for(t: &Test, step: &Expanded, member: &str, host: &Host) -> Process {
+    let env = testbus_proto::process::env(t, host, member, &step.step.name, &step.test_env, &step.step.env);
+    let step = &step.step;
+    let labels = [
+        (LABEL_TEST.to_string(), t.name().to_string()),
+        (LABEL_STEP.to_string(), step.name.clone()),
+        (LABEL_ROLE.to_string(), member.to_string()),
+    ]
+    .into();
+    Process {
+        metadata: Some(ObjectMeta {
+            name: process_name(t.name(), &step.name, member),
+            labels,
+            owner_references: vec![OwnerReference {
+                kind: "Test".into(),
+                name: t.name().into(),
+                uid: t.meta().uid.clone(),
+                controller: true,
+            }],
+            ..Default::default()
+        }),
+        spec: Some(ProcessSpec {
+            host_name: host.name().into(),
+            test: t.name().into(),
+            test_uid: t.meta().uid.clone(),
+            role: member.into(),
+            step: step.name.clone(),
+            argv: step.argv.clone(),
+            script: step.script.clone(),
+            shell: step.shell,
+            env,
+            stdin: step.stdin.clone(),
+            workdir: step.workdir.clone(),
+            timeout: step.timeout.clone(),
+            exit_codes: if step.exit_codes.is_empty() { vec![0] } else { step.exit_codes.clone() },
+            stop: false,
+            gated: step.sync,
+            released: false,
+            // Test files reach every host, host files every process on the
+            // host, step files the step's hosts; later ones win a path.
+            files: t.spec().files.iter().chain(&host.spec().files).chain(&step.files).cloned().collect(),
+            stdin_file: step.stdin_file.clone(),
+            test_host_vars: testbus_proto::process::reads_host_vars(t),
+        }),
+        ..Default::default()
+    }
+}
+
+fn result_of(p: &Process) -> ProcessResult {
+    let s = p.status();
+    ProcessResult {
+        name: p.name().into(),
+        role: p.spec().role.clone(),
+        host: p.spec().host_name.clone(),
+        phase: s.phase.clone(),
+        exit_code: s.exit_code,
+        signal: s.signal.clone(),
+        message: s.message.clone(),
+        start_time: s.start_time.clone(),
+        finish_time: s.finish_time.clone(),
+    }
+}
+
+/// A claimed host that is gone or no longer Ready. (The claim itself is not
+/// checked: the hosts cache may not have seen it yet, and nothing but the
+/// end of this test releases it.)
+fn lost_host(t: &Test, hosts: &impl HostView) -> Option<Verdict> {
+    for (member, host) in &t.status().claims {
+        let why = match hosts.host(host) {
+            None => "deleted".to_string(),
+            Some(h) if h.status().phase != phase::READY => h.status().message.clone(),
+            _ => continue,
+        };
+        return Some(Verdict::new(phase::ERROR, "HostLost", format!("host {host} ({member}) was lost: {why}")));
+    }
+    None
+}
+
+/// One step's phase from its processes and its `after` steps' phases;
+/// members without a process yet are in `missing`.
+fn step_phase(
+    step: &Step,
+    mine: &[&Arc<Process>],
+    want: &[String],
+    graph: &[&Step],
+    phases: &HashMap<&str, &'static str>,
+    by_step: &HashMap<&str, Vec<&Arc<Process>>>,
+) -> &'static str {
+    let dep_ok = |a: &String| {
+        let p = phases[a.as_str()];
+        let dep = graph.iter().find(|s| &s.name == a);
+        p == phase::SUCCEEDED
+            || (p == phase::FAILED && dep.is_some_and(|d| d.allow_failure))
+            || (p == phase::RUNNING && dep.is_some_and(|d| d.background) && serving(a, by_step))
+    };
+    let deps_done = step.after.iter().all(dep_ok);
+    let deps_dead = step.after.iter().any(|a| {
+        let p = phases[a.as_str()];
+        p == phase::SKIPPED || (p != phase::WAITING && p != phase::RUNNING && !dep_ok(a))
+    });
+    if mine.is_empty() && deps_dead {
+        phase::SKIPPED
+    } else if mine.is_empty() && !deps_done {
+        phase::WAITING
+    } else if mine.len() < want.len() || mine.iter().any(|p| !phase::process_terminal(&p.status().phase)) {
+        phase::RUNNING
+    } else if mine.iter().all(|p| p.status().phase == phase::SUCCEEDED) {
+        phase::SUCCEEDED
+    } else if mine.iter().all(|p| p.status().phase == phase::SUCCEEDED || stopped(p)) {
+        // Stopped by us: at the end of the test, or after another step
+        // failed. A background step is meant to be stopped.
+        if step.background {
+            phase::SUCCEEDED
+        } else {
+            STOPPED
+        }
+    } else {
+        phase::FAILED
+    }
+}
+
+/// What failed in a step, one "role on host: why" per failed process.
+fn failure_message(results: &[ProcessResult]) -> String {
+    results
+        .iter()
+        .filter(|r| r.phase != phase::SUCCEEDED)
+        .map(|r| match (r.exit_code, r.message.is_empty()) {
+            (Some(c), true) => format!("{} on {}: exit code {c}", r.role, r.host),
+            _ => format!("{} on {}: {}", r.role, r.host, r.message),
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The plan for a Running test at `now`.
+pub fn plan(t: &Test, procs: &[Arc<Process>], hosts: &impl HostView, now: SystemTime) -> Plan {
+    let spec = t.spec();
+    let st = t.status();
+    let by_step: HashMap<&str, Vec<&Arc<Process>>> = procs.iter().fold(HashMap::new(), |mut m, p| {
+        m.entry(p.spec().step.as_str()).or_default().push(p);
+        m
+    });
+    let timeout = duration::parse(&spec.timeout).unwrap_or(DEFAULT_TIMEOUT);
+    let started = time::parse(&st.start_time).unwrap_or(now);
+    let deadline = started + timeout;
+    let stamp = time::format(now);
+    let recorded = recorded_verdict(t);
+
+    // Child tests are steps of the expanded graph: expanded once, walked in
+    // rounds so that `after` steps come first.
+    let expanded = testbus_proto::steps::expand(spec);
+    let graph: Vec<&Step> = expanded.iter().map(|e| &e.step).collect();
+    let mut phases: HashMap<&str, &'static str> = HashMap::new();
+    let mut create: Vec<Process> = Vec::new();
+    let mut release: Vec<Arc<Process>> = Vec::new();
+    let mut steps = Vec::new();
+    let mut verdict: Option<Verdict> = None;
+    let mut remaining: Vec<&Expanded> = expanded.iter().collect();
+    while !remaining.is_empty() {
+        let before = remaining.len();
+        let mut next_round = Vec::new();
+        for ex in remaining {
+            let step = &ex.step;
+            if step.after.iter().any(|a| !phases.contains_key(a.as_str())) {
+                next_round.push(ex);
+                continue;
+            }
+            let mine = by_step.get(step.name.as_str()).cloned().unwrap_or_default();
+            let want = targets(t, step);
+            let p = step_phase(step, &mine, &want, &graph, &phases, &by_step);
+            if p == phase::RUNNING && mine.len() < want.len() {
+                for member in want.iter().filter(|m| !mine.iter().any(|p| &p.spec().role == *m)) {
+                    match st.claims.get(member).and_then(|h| hosts.host(h)) {
+                        Some(h) => create.push(process_for(t, ex, member, &h)),
+                        None => {
+                            verdict.get_or_insert(Verdict::new(
+                                phase::ERROR,
+                                "HostLost",
+                                format!("no host for {member}"),
+                            ));
+                        }
+                    }
+                }
+            }
+            // A sync step starts together: once every one of its processes
+            // exists and is Ready, all are released.
+            if step.sync
+                && mine.len() >= want.len()
+                && !mine.iter().all(|p| p.spec().released)
+                && mine.iter().all(|p| p.status().phase == phase::READY || p.spec().released)
+            {
+                release.extend(mine.iter().filter(|p| !p.spec().released).map(|p| Arc::clone(p)));
+            }
+            phases.insert(step.name.as_str(), p);
+            let mut results: Vec<ProcessResult> = mine.iter().map(|p| result_of(p)).collect();
+            results.sort_by(|a, b| a.role.cmp(&b.role));
+            let prev = st.steps.iter().find(|s| s.name == step.name);
+            let start_time = prev.map(|s| s.start_time.clone()).filter(|s| !s.is_empty()).unwrap_or_else(|| {
+                if p == phase::WAITING || p == phase::SKIPPED {
+                    String::new()
+                } else {
+                    stamp.clone()
+                }
+            });
+            let completion_time = match p {
+                phase::SUCCEEDED | phase::FAILED | phase::SKIPPED => {
+                    prev.map(|s| s.completion_time.clone()).filter(|s| !s.is_empty()).unwrap_or_else(|| stamp.clone())
+                }
+                _ => String::new(),
+            };
+            let message = if p == phase::FAILED { failure_message(&results) } else { String::new() };
+            if step.background && !step.allow_failure && verdict.is_none() && recorded.is_none() {
+                if let Some(p) = mine.iter().find(|p| phase::process_terminal(&p.status().phase) && !stopped(p)) {
+                    let why =
+                        if p.status().message.is_empty() { "exited".to_string() } else { p.status().message.clone() };
+                    verdict = Some(Verdict::new(
+                        phase::FAILED,
+                        "BackgroundEnded",
+                        format!(
+                            "background step {} ended before the test finished: {} on {}: {why}",
+                            step.name,
+                            p.spec().role,
+                            p.spec().host_name
+                        ),
+                    ));
+                }
+            }
+            if p == phase::FAILED && !step.allow_failure && verdict.is_none() {
+                verdict =
+                    Some(Verdict::new(phase::FAILED, "StepFailed", format!("step {} failed: {message}", step.name)));
+            }
+            steps.push(StepStatus {
+                name: step.name.clone(),
+                phase: p.into(),
+                processes: results,
+                start_time,
+                completion_time,
+                message,
+            });
+        }
+        if next_round.len() == before {
+            break; // unreachable for validated specs (no cycles)
+        }
+        remaining = next_round;
+    }
+    // Keep the spec's order.
+    steps.sort_by_key(|s| graph.iter().position(|x| x.name == s.name));
+    let requeue = deadline.duration_since(now).unwrap_or_default() + Duration::from_millis(10);
+    let ending = match recorded {
+        Some(v) => Some(Ending::Recorded(v)),
+        // Deleted while running: it ends Cancelled (visible until its
+        // cleanup is done), whatever else was about to happen.
+        None if !t.meta().deletion_timestamp.is_empty() => {
+            Some(Ending::New(Verdict::new(phase::CANCELLED, "Cancelled", "the test was deleted while it ran".into())))
+        }
+        None => verdict
+            .or_else(|| lost_host(t, hosts))
+            .or_else(|| {
+                (now >= deadline).then(|| {
+                    Verdict::new(
+                        phase::ERROR,
+                        "TimedOut",
+                        format!("test exceeded its timeout of {}", duration::format(timeout)),
+                    )
+                })
+            })
+            .or_else(|| {
+                let done = !graph.is_empty()
+                    && steps
+                        .iter()
+                        .zip(&graph)
+                        .all(|(s, step)| step.background || (s.phase != phase::RUNNING && s.phase != phase::WAITING));
+                done.then(|| completed(st))
+            })
+            .map(Ending::New),
+    };
+    if ending.is_some() {
+        create.clear();
+        release.clear();
+    }
+    Plan { steps, ending, create, release, requeue }
+}
+
+/// Every step is done: the verdict of the recorded results.
+fn completed(st: &TestStatus) -> Verdict {
+    let failed: Vec<&str> = st.results.iter().filter(|r| r.outcome == "fail").map(|r| r.path.as_str()).collect();
+    if failed.is_empty() {
+        Verdict::new(phase::SUCCEEDED, "Completed", String::new())
+    } else {
+        Verdict::new(phase::FAILED, "ResultFailed", format!("recorded results failed: {}", failed.join(", ")))
+    }
+}
+
+/// What stopping a test's processes takes.
+#[derive(Debug, Default)]
+pub struct Stops {
+    /// Running on a Ready host: asked to stop (`spec.stop`).
+    pub stop: Vec<Arc<Process>>,
+    /// Running on a host that is gone or not Ready: marked Lost.
+    pub lost: Vec<Arc<Process>>,
+    /// Nothing of the test runs any more.
+    pub all_ended: bool,
+}
+
+pub fn stops(procs: &[Arc<Process>], hosts: &impl HostView) -> Stops {
+    let mut s = Stops { all_ended: true, ..Default::default() };
+    for p in procs.iter().filter(|p| !phase::process_terminal(&p.status().phase)) {
+        s.all_ended = false;
+        let host_alive = hosts.host(&p.spec().host_name).is_some_and(|h| h.status().phase == phase::READY);
+        if !host_alive {
+            s.lost.push(p.clone());
+        } else if !p.spec().stop {
+            s.stop.push(p.clone());
+        }
+    }
+    s
+}
+
+pub fn condition(type_: &str, ok: bool, reason: &str, message: &str) -> Condition {
+    Condition {
+        r#type: type_.into(),
+        status: if ok { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message: message.into(),
+        last_transition_time: time::now(),
+    }
+}
+
+/// Sets `c` in `conds`; false if an equal one (type, status, reason,
+/// message) was there already.
+pub fn set_condition(conds: &mut Vec<Condition>, c: Condition) -> bool {
+    if let Some(old) = conds.iter_mut().find(|o| o.r#type == c.r#type) {
+        if old.status == c.status && old.reason == c.reason && old.message == c.message {
+            return false;
+        }
+        *old = c;
+        return true;
+    }
+    conds.push(c);
+    true
+}
+
+/// The status a test ends with: the verdict, its steps (what never ran is
+/// Skipped), the Finished condition, and Held when a failed test keeps its
+/// hosts (holdOnFailure).
+pub fn final_status(t: &Test, mut steps: Vec<StepStatus>, v: Verdict, now: SystemTime) -> TestStatus {
+    for s in &mut steps {
+        if s.phase == phase::WAITING || s.phase == phase::RUNNING {
+            s.phase = phase::SKIPPED.into();
+        }
+    }
+    let mut st = t.status().clone();
+    st.phase = v.phase.into();
+    st.reason = v.reason;
+    st.message = v.message;
+    st.steps = steps;
+    st.completion_time = time::format(now);
+    let ok = v.phase == phase::SUCCEEDED;
+    if !ok && t.spec().hold_on_failure {
+        let hosts: Vec<&str> = st.claims.values().map(String::as_str).collect();
+        let msg = format!("hosts {} stay claimed for debugging until the test is deleted", hosts.join(", "));
+        set_condition(&mut st.conditions, condition(HELD, true, "HoldOnFailure", &msg));
+    }
+    let (reason, message) = (st.reason.clone(), st.message.clone());
+    set_condition(&mut st.conditions, condition(FINISHED, ok, &reason, &message));
+    st
+}
+
+/// A held test keeps its hosts until it is deleted.
+pub fn held(t: &Test) -> bool {
+    t.status().conditions.iter().any(|c| c.r#type == HELD && c.status == "True")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use testbus_proto::{Object, ProcessStatus};
+
+    const T0: &str = "2026-01-01T00:00:00Z";
+
+    fn at(secs: u64) -> SystemTime {
+        time::parse(T0).unwrap() + Duration::from_secs(secs)
+    }
+
+    /// A Running test from a manifest, each member claiming host `h-<member>`.
+    fn running(yaml: &str) -> Test {
+        let Some(Object::Test(mut t)) = testbus_proto::manifest::parse("fixture", yaml).unwrap().pop() else {
+            panic!("not a test")
+        };
+        t.meta_mut().uid = "uid-1".into();
+        let claims = t.spec().hosts.iter().flat_map(members).map(|m| (m.clone(), format!("h-{m}"))).collect();
+        let st = t.status_mut();
+        st.phase = phase::RUNNING.into();
+        st.start_time = T0.into();
+        st.claims = claims;
+        t
+    }
+
+    fn ready_hosts(t: &Test) -> HashMap<String, Arc<Host>> {
+        t.status()
+            .claims
+            .values()
+            .map(|name| {
+                let mut h = Host::default();
+                h.meta_mut().name = name.clone();
+                h.status_mut().phase = phase::READY.into();
+                (name.clone(), Arc::new(h))
+            })
+            .collect()
+    }
+
+    /// The processes a plan created, each given `status`.
+    fn with_status(created: &[Process], f: impl Fn(&Process) -> ProcessStatus) -> Vec<Arc<Process>> {
+        created
+            .iter()
+            .map(|p| {
+                let mut p = p.clone();
+                *p.status_mut() = f(&p);
+                Arc::new(p)
+            })
+            .collect()
+    }
+
+    fn exited(code: i32) -> ProcessStatus {
+        let phase = if code == 0 { phase::SUCCEEDED } else { phase::FAILED };
+        ProcessStatus { phase: phase.into(), exit_code: Some(code), ..Default::default() }
+    }
+
+    fn in_phase(p: &str) -> ProcessStatus {
+        ProcessStatus { phase: p.into(), ..Default::default() }
+    }
+
+    fn step_phases(plan: &Plan) -> Vec<(&str, &str)> {
+        plan.steps.iter().map(|s| (s.name.as_str(), s.phase.as_str())).collect()
+    }
+
+    fn ended(plan: &Plan) -> (&'static str, &str) {
+        match &plan.ending {
+            Some(Ending::New(v)) | Some(Ending::Recorded(v)) => (v.phase, v.reason.as_str()),
+            None => panic!("no verdict: {:?}", step_phases(plan)),
+        }
+    }
+
+    const CHAIN: &str = "
+apiVersion: testbus/v1
+kind: Test
+metadata: {name: chain}
+spec:
+  hosts: [{role: a}, {role: b, count: 2}]
+  steps:
+    - {name: first, on: [a], argv: [\"true\"]}
+    - {name: second, on: [b], after: [first], argv: [\"true\"], exitCodes: [0, 3]}
+    - {name: third, on: [a, b], after: [second], argv: [\"true\"]}
+";
+
+    #[test]
+    fn steps_run_in_after_order_and_the_test_completes() {
+        let t = running(CHAIN);
+        let hosts = ready_hosts(&t);
+        let p = plan(&t, &[], &hosts, at(1));
+        assert_eq!(step_phases(&p), [("first", "Running"), ("second", "Waiting"), ("third", "Waiting")]);
+        let names: Vec<&str> = p.create.iter().map(|p| p.name()).collect();
+        assert_eq!(names, ["chain-first-a"]);
+        assert_eq!(p.create[0].spec().host_name, "h-a");
+        assert_eq!(p.create[0].spec().exit_codes, [0], "no exitCodes: 0 only");
+        assert_eq!(p.requeue, Duration::from_secs(3599) + Duration::from_millis(10), "until the default timeout");
+
+        let mut procs = with_status(&p.create, |_| exited(0));
+        let p = plan(&t, &procs, &hosts, at(2));
+        assert_eq!(step_phases(&p)[..2], [("first", "Succeeded"), ("second", "Running")]);
+        assert_eq!(p.create.iter().map(|p| p.spec().role.as_str()).collect::<Vec<_>>(), ["b0", "b1"]);
+        assert_eq!(p.create[0].spec().exit_codes, [0, 3], "the step's exitCodes go to its processes");
+        // The agent judged exit 3 a success (exitCodes).
+        procs.extend(with_status(&p.create, |_| ProcessStatus { exit_code: Some(3), ..exited(0) }));
+        let p = plan(&t, &procs, &hosts, at(3));
+        assert_eq!(p.create.len(), 3, "third runs on a, b0 and b1");
+        procs.extend(with_status(&p.create, |_| exited(0)));
+        let p = plan(&t, &procs, &hosts, at(4));
+        assert_eq!(ended(&p), (phase::SUCCEEDED, "Completed"));
+        assert!(p.create.is_empty());
+        let done = final_status(&t, p.steps, Verdict::new(phase::SUCCEEDED, "Completed", String::new()), at(4));
+        assert_eq!(done.phase, phase::SUCCEEDED);
+        assert!(done.conditions.iter().any(|c| c.r#type == FINISHED && c.status == "True"));
+    }
+
+    #[test]
+    fn a_failed_step_fails_the_test_and_skips_what_depends_on_it_unless_failure_is_allowed() {
+        let t = running(CHAIN);
+        let hosts = ready_hosts(&t);
+        let first = with_status(&plan(&t, &[], &hosts, at(1)).create, |_| exited(1));
+        let p = plan(&t, &first, &hosts, at(2));
+        assert_eq!(step_phases(&p), [("first", "Failed"), ("second", "Skipped"), ("third", "Skipped")]);
+        assert_eq!(ended(&p), (phase::FAILED, "StepFailed"));
+        let Some(Ending::New(v)) = &p.ending else { panic!() };
+        assert_eq!(v.message, "step first failed: a on h-a: exit code 1");
+        assert!(p.create.is_empty(), "nothing more is started once there is a verdict");
+
+        let allowed = running(&CHAIN.replace("{name: first, on: [a],", "{name: first, allowFailure: true, on: [a],"));
+        let p = plan(&allowed, &first, &hosts, at(2));
+        assert_eq!(step_phases(&p)[..2], [("first", "Failed"), ("second", "Running")]);
+        assert!(p.ending.is_none());
+        assert_eq!(p.create.len(), 2);
+    }
+
+    const SERVER: &str = "
+apiVersion: testbus/v1
+kind: Test
+metadata: {name: srv}
+spec:
+  hosts: [{role: s}, {role: c}]
+  steps:
+    - {name: serve, on: [s], background: true, argv: [sleep, \"100\"]}
+    - {name: use, on: [c], after: [serve], argv: [\"true\"]}
+";
+
+    #[test]
+    fn a_background_step_serves_its_dependents_and_its_death_fails_the_test() {
+        let t = running(SERVER);
+        let hosts = ready_hosts(&t);
+        let serve = plan(&t, &[], &hosts, at(1)).create;
+        // Created but not yet running: its dependents wait.
+        let p = plan(&t, &with_status(&serve, |_| in_phase(phase::PENDING)), &hosts, at(1));
+        assert_eq!(step_phases(&p), [("serve", "Running"), ("use", "Waiting")]);
+        let serving = with_status(&serve, |_| in_phase(phase::RUNNING));
+        let p = plan(&t, &serving, &hosts, at(2));
+        assert_eq!(p.create.iter().map(|p| p.name()).collect::<Vec<_>>(), ["srv-use-c"]);
+        // The foreground step done: the test completes with the server
+        // still running (it is then stopped, and counts as Succeeded).
+        let mut procs = serving.clone();
+        procs.extend(with_status(&p.create, |_| exited(0)));
+        assert_eq!(ended(&plan(&t, &procs, &hosts, at(3))), (phase::SUCCEEDED, "Completed"));
+        let stopped = with_status(&serve, |_| ProcessStatus { reason: "Stopped".into(), ..in_phase(phase::KILLED) });
+        let p = plan(&t, &stopped, &hosts, at(3));
+        assert_eq!(step_phases(&p)[0], ("serve", "Succeeded"));
+        // The server dying on its own fails the test, naming it.
+        let died = with_status(&serve, |_| ProcessStatus { message: "exit code 2".into(), ..exited(2) });
+        let p = plan(&t, &died, &hosts, at(3));
+        assert_eq!(ended(&p), (phase::FAILED, "BackgroundEnded"));
+        let Some(Ending::New(v)) = &p.ending else { panic!() };
+        assert!(v.message.contains("background step serve ended") && v.message.contains("exit code 2"), "{v:?}");
+    }
+
+    #[test]
+    fn a_sync_step_is_released_once_all_its_processes_are_ready() {
+        let t = running(&CHAIN.replace("{name: first, on: [a],", "{name: first, sync: true, on: [a, b],"));
+        let hosts = ready_hosts(&t);
+        let created = plan(&t, &[], &hosts, at(1)).create;
+        assert_eq!(created.len(), 3);
+        assert!(created.iter().all(|p| p.spec().gated));
+        let mut procs = with_status(&created, |_| in_phase(phase::READY));
+        procs[2] = Arc::new({
+            let mut p = (*procs[2]).clone();
+            p.status_mut().phase = phase::FETCHING.into();
+            p
+        });
+        assert!(plan(&t, &procs, &hosts, at(2)).release.is_empty(), "one is still fetching");
+        let procs = with_status(&created, |_| in_phase(phase::READY));
+        let release = plan(&t, &procs, &hosts, at(2)).release;
+        assert_eq!(release.len(), 3);
+        let released = with_status(&created, |p| {
+            let _ = p;
+            in_phase(phase::RUNNING)
+        })
+        .into_iter()
+        .map(|p| {
+            let mut p = (*p).clone();
+            p.spec_mut().released = true;
+            Arc::new(p)
+        })
+        .collect::<Vec<_>>();
+        assert!(plan(&t, &released, &hosts, at(3)).release.is_empty(), "released once");
+    }
+
+    #[test]
+    fn child_tests_are_steps_of_the_graph() {
+        let t = running(
+            "
+apiVersion: testbus/v1
+kind: Test
+metadata: {name: parent}
+spec:
+  hosts: [{role: a}]
+  steps:
+    - {name: setup, on: [a], argv: [\"true\"]}
+  tests:
+    - name: child
+      after: [setup]
+      env: {LEVEL: child}
+      steps:
+        - {name: inner, on: [a], argv: [\"true\"]}
+",
+        );
+        let hosts = ready_hosts(&t);
+        let p = plan(&t, &[], &hosts, at(1));
+        assert_eq!(step_phases(&p), [("setup", "Running"), ("child.inner", "Waiting")]);
+        let procs = with_status(&p.create, |_| exited(0));
+        let p = plan(&t, &procs, &hosts, at(2));
+        assert_eq!(p.create.len(), 1);
+        assert_eq!(p.create[0].spec().step, "child.inner");
+        assert_eq!(p.create[0].spec().env.get("LEVEL").map(String::as_str), Some("child"));
+    }
+
+    #[test]
+    fn a_lost_host_or_the_timeout_ends_the_test_in_error() {
+        let t = running(&SERVER.replace("spec:\n", "spec:\n  timeout: 10s\n"));
+        let mut hosts = ready_hosts(&t);
+        let procs = with_status(&plan(&t, &[], &hosts, at(1)).create, |_| in_phase(phase::RUNNING));
+        let p = plan(&t, &procs, &hosts, at(2));
+        assert!(p.ending.is_none());
+        assert_eq!(p.requeue, Duration::from_secs(8) + Duration::from_millis(10), "looked at again at the deadline");
+        assert_eq!(ended(&plan(&t, &procs, &hosts, at(10))), (phase::ERROR, "TimedOut"));
+
+        let mut lost = (*hosts["h-s"]).clone();
+        lost.status_mut().phase = phase::NOT_READY.into();
+        lost.status_mut().message = "lease expired".into();
+        hosts.insert("h-s".into(), Arc::new(lost));
+        let p = plan(&t, &procs, &hosts, at(3));
+        assert_eq!(ended(&p), (phase::ERROR, "HostLost"));
+        // What runs there is marked Lost rather than asked to stop.
+        let s = stops(&procs, &hosts);
+        assert_eq!((s.lost.len(), s.stop.len(), s.all_ended), (1, 0, false));
+        hosts.remove("h-s");
+        let Some(Ending::New(v)) = plan(&t, &procs, &hosts, at(3)).ending else { panic!() };
+        assert_eq!(v.message, "host h-s (s) was lost: deleted");
+    }
+
+    #[test]
+    fn a_recorded_verdict_stands_and_deletion_cancels() {
+        let mut t = running(SERVER);
+        let hosts = ready_hosts(&t);
+        let procs = with_status(&plan(&t, &[], &hosts, at(1)).create, |_| in_phase(phase::RUNNING));
+        t.meta_mut().deletion_timestamp = time::format(at(2));
+        let p = plan(&t, &procs, &hosts, at(2));
+        assert_eq!(
+            p.ending,
+            Some(Ending::New(Verdict::new(phase::CANCELLED, "Cancelled", "the test was deleted while it ran".into())))
+        );
+        let s = stops(&procs, &hosts);
+        assert_eq!((s.stop.len(), s.all_ended), (1, false));
+        // Recorded (Finished=Unknown), it holds while the processes stop,
+        // even when a stopped process then "fails".
+        let mut st = t.status().clone();
+        set_condition(
+            &mut st.conditions,
+            Condition { status: "Unknown".into(), ..condition(FINISHED, false, "Cancelled", "deleted") },
+        );
+        *t.status_mut() = st;
+        let failed = with_status(&plan(&t, &[], &hosts, at(1)).create, |_| exited(1));
+        let p = plan(&t, &failed, &hosts, at(3));
+        assert_eq!(p.ending, Some(Ending::Recorded(Verdict::new(phase::CANCELLED, "Cancelled", "deleted".into()))));
+        assert!(stops(&failed, &hosts).all_ended);
+    }
+
+    #[test]
+    fn a_failed_test_with_hold_on_failure_keeps_its_hosts() {
+        let t = running(&CHAIN.replace("spec:\n", "spec:\n  holdOnFailure: true\n"));
+        let v = Verdict::new(phase::FAILED, "StepFailed", "step first failed".into());
+        let st = final_status(&t, vec![], v, at(5));
+        let mut done = t.clone();
+        *done.status_mut() = st;
+        assert!(held(&done));
+        let c = done.status().conditions.iter().find(|c| c.r#type == HELD).unwrap();
+        assert!(c.message.contains("h-a") && c.message.contains("h-b0"), "{c:?}");
+        // Succeeded: nothing is held.
+        let st = final_status(&t, vec![], Verdict::new(phase::SUCCEEDED, "Completed", String::new()), at(5));
+        *done.status_mut() = st;
+        assert!(!held(&done));
+        assert_eq!(done.status().completion_time, time::format(at(5)));
+    }
+}
