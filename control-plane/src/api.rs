@@ -950,6 +950,27 @@ mod tests {
         assert_eq!(st.hub.watchers(), 0);
     }
 
+    /// The hub's task held the hub, so a dropped hub (a replica's state
+    /// being rebuilt, a test) kept following the store forever.
+    #[tokio::test]
+    async fn a_dropped_hub_stops_following_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb"), 1000).unwrap());
+        let hub = Hub::start(16, store.clone()).await.unwrap();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while store.watch_count() != 1 {
+            assert!(tokio::time::Instant::now() < deadline, "the hub never watched the store");
+            tokio::task::yield_now().await;
+        }
+        let weak = Arc::downgrade(&hub);
+        drop(hub);
+        assert!(weak.upgrade().is_none(), "something still holds the hub");
+        while store.watch_count() != 0 {
+            assert!(tokio::time::Instant::now() < deadline, "the dropped hub still watches the store");
+            tokio::task::yield_now().await;
+        }
+    }
+
     #[tokio::test]
     async fn watch_resumes_from_a_revision_or_says_compacted() {
         let dir = tempfile::tempdir().unwrap();

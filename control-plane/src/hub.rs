@@ -8,8 +8,9 @@
 //! recent revision is served without touching the store; an older revision
 //! gets `Compacted` and the client lists again.
 //!
-//! Ownership: `Hub::run` is the single writer of the ring and the only task
-//! that sends into watcher channels. A watcher that cannot keep up (its
+//! Ownership: the follower task (`follow`) is the single writer of the ring
+//! and the only task that sends into watcher channels; it holds the hub
+//! weakly and ends when the hub is dropped (a drop guard the hub owns). A watcher that cannot keep up (its
 //! channel is full) is dropped; its stream then ends with `Compacted`.
 use crate::store::{Event, Revision, Store, StoreError};
 use futures::StreamExt;
@@ -65,6 +66,9 @@ struct State {
 pub struct Hub {
     state: Mutex<State>,
     capacity: usize,
+    /// Ends the task that follows the store when the hub is dropped (the
+    /// task holds the hub only weakly).
+    _follower: tokio_util::sync::DropGuard,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -150,30 +154,23 @@ fn index_of(o: &Object) -> Option<(Kind, String)> {
     }
 }
 
-impl Hub {
-    /// Reads the store's current revision, then follows the store in the
-    /// background. Watches may be registered as soon as this returns.
-    pub async fn start(capacity: usize, store: Arc<dyn Store>) -> Result<Arc<Hub>, StoreError> {
-        let rev = store.revision().await?;
-        let hub = Arc::new(Hub {
-            state: Mutex::new(State { revision: rev, floor: rev, ..Default::default() }),
-            capacity: capacity.max(16),
-        });
-        tokio::spawn(hub.clone().follow(store, rev));
-        Ok(hub)
-    }
-
-    /// Dispatches store events from `from` on. If the store watch breaks,
-    /// the ring no longer joins up with the store: every watcher is dropped
-    /// (its client relists) and following restarts from the current
-    /// revision.
-    async fn follow(self: Arc<Self>, store: Arc<dyn Store>, mut from: Revision) {
+/// Dispatches store events from `from` on, until the hub is dropped (`stop`
+/// is its drop guard's token; the hub is held weakly in between events). If
+/// the store watch breaks, following restarts from the current revision.
+async fn follow(
+    hub: std::sync::Weak<Hub>,
+    store: Arc<dyn Store>,
+    mut from: Revision,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let follow = async {
         loop {
             match store.watch(REGISTRY_PREFIX, from).await {
                 Ok(mut stream) => {
                     while let Some(ev) = stream.next().await {
+                        let Some(hub) = hub.upgrade() else { return };
                         match ev {
-                            Ok(ev) => self.dispatch(ev),
+                            Ok(ev) => hub.dispatch(ev),
                             Err(e) => {
                                 tracing::warn!(error = %e, "hub: store watch broke; restarting");
                                 break;
@@ -191,14 +188,42 @@ impl Hub {
                     continue;
                 }
             };
-            let mut st = self.lock();
-            st.ring.clear();
-            st.by_kind.clear();
-            st.by_index.clear();
-            st.revision = rev;
-            st.floor = rev;
+            let Some(hub) = hub.upgrade() else { return };
+            hub.restart_at(rev);
             from = rev;
         }
+    };
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = follow => {}
+    }
+}
+
+impl Hub {
+    /// Reads the store's current revision, then follows the store in the
+    /// background. Watches may be registered as soon as this returns.
+    pub async fn start(capacity: usize, store: Arc<dyn Store>) -> Result<Arc<Hub>, StoreError> {
+        let rev = store.revision().await?;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let hub = Arc::new(Hub {
+            state: Mutex::new(State { revision: rev, floor: rev, ..Default::default() }),
+            capacity: capacity.max(16),
+            _follower: stop.clone().drop_guard(),
+        });
+        tokio::spawn(follow(Arc::downgrade(&hub), store, rev, stop));
+        Ok(hub)
+    }
+
+    /// After the store watch broke: the ring no longer joins up with the
+    /// store, so every watcher is dropped (its client relists) and the hub
+    /// starts again from `rev`.
+    fn restart_at(&self, rev: Revision) {
+        let mut st = self.lock();
+        st.ring.clear();
+        st.by_kind.clear();
+        st.by_index.clear();
+        st.revision = rev;
+        st.floor = rev;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

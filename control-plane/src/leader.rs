@@ -4,23 +4,24 @@
 //! A replica campaigns by creating the leader key bound to an etcd lease
 //! (create-if-absent, in one transaction). The winner runs the controllers
 //! and keeps the lease alive every third of its TTL; the others watch the
-//! key and campaign again when it disappears. A leader that cannot renew
-//! its lease stops its controllers before the lease can expire, so two
-//! replicas never reconcile at once for longer than a renewal period.
+//! key and campaign again when it disappears.
+//!
+//! A leader checks its lease every third of the TTL and waits at most
+//! another third for the answer, so it knows it lost the lease at most
+//! 2/3 TTL after its last renewal. It then cancels its controllers and
+//! aborts whatever has not ended within [`stop_margin`] (TTL/6), and joins
+//! them: they are gone by 5/6 TTL, before the lease can expire and another
+//! replica be elected. Two replicas never reconcile at once.
 use crate::store::etcd::EtcdStore;
 use etcd_client::{Compare, CompareOp, EventType, PutOptions, Txn, TxnOp, WatchOptions};
 use std::time::Duration;
-use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 /// Runs `start(stop)` whenever this replica leads, until `shutdown`.
-pub async fn run_while_leader<F>(
-    store: EtcdStore,
-    id: String,
-    ttl: Duration,
-    mut start: F,
-    mut shutdown: broadcast::Receiver<()>,
-) where
-    F: FnMut(broadcast::Receiver<()>) -> tokio::task::JoinHandle<()>,
+pub async fn run_while_leader<F>(store: EtcdStore, id: String, ttl: Duration, mut start: F, shutdown: CancellationToken)
+where
+    F: FnMut(CancellationToken) -> JoinHandle<()>,
 {
     let key = store.qualified("/leader");
     let ttl_secs = ttl.as_secs().max(2) as i64;
@@ -35,7 +36,7 @@ pub async fn run_while_leader<F>(
                     tracing::warn!(error = %e, "leader election: cannot get a lease");
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                        _ = shutdown.recv() => return,
+                        _ = shutdown.cancelled() => return,
                     }
                 }
             };
@@ -65,28 +66,27 @@ pub async fn run_while_leader<F>(
                     tokio::select! {
                         _ = gone => {}
                         _ = tokio::time::sleep(ttl) => {}
-                        _ = shutdown.recv() => return,
+                        _ = shutdown.cancelled() => return,
                     }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "leader election: campaign failed");
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        _ = shutdown.recv() => return,
+                        _ = shutdown.cancelled() => return,
                     }
                 }
             }
         };
         tracing::info!(%id, "elected leader: running the controllers");
-        let (stop_tx, stop_rx) = broadcast::channel(1);
-        let controllers = start(stop_rx);
+        let stop = shutdown.child_token();
+        let controllers = start(stop.clone());
         let lost = match client.lease_keep_alive(lease).await {
             Ok((mut keeper, mut stream)) => loop {
                 tokio::select! {
-                    _ = shutdown.recv() => {
-                        let _ = stop_tx.send(());
+                    _ = shutdown.cancelled() => {
+                        stop_within(controllers, &stop, stop_margin(ttl)).await;
                         let _ = client.lease_revoke(lease).await;
-                        let _ = controllers.await;
                         return;
                     }
                     _ = tokio::time::sleep(ttl / 3) => {
@@ -101,9 +101,75 @@ pub async fn run_while_leader<F>(
             Err(_) => "the lease could not be kept alive",
         };
         tracing::warn!(%id, why = lost, "lost leadership: stopping the controllers");
-        let _ = stop_tx.send(());
-        if tokio::time::timeout(Duration::from_secs(5), controllers).await.is_err() {
-            tracing::warn!("controllers did not stop in time");
+        if stop_within(controllers, &stop, stop_margin(ttl)).await == Stopped::Aborted {
+            tracing::warn!("the controllers did not stop in time: aborted");
         }
+    }
+}
+
+/// How long a term's controllers may take to stop before they are aborted.
+pub fn stop_margin(ttl: Duration) -> Duration {
+    ttl / 6
+}
+
+/// How a term's controllers ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// They stopped when told.
+    Joined,
+    /// They were aborted at the margin (and then joined).
+    Aborted,
+}
+
+/// Cancels a term's controllers, aborts them if they have not ended within
+/// `margin`, and joins them: when this returns, none of them runs.
+pub async fn stop_within(mut controllers: JoinHandle<()>, stop: &CancellationToken, margin: Duration) -> Stopped {
+    stop.cancel();
+    if tokio::time::timeout(margin, &mut controllers).await.is_ok() {
+        return Stopped::Joined;
+    }
+    controllers.abort();
+    let _ = controllers.await;
+    Stopped::Aborted
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    /// Controllers that stop when told are joined; ones stuck in a call
+    /// are aborted at the margin, and gone when `stop_within` returns.
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_term_ends_its_controllers_within_the_margin() {
+        let ttl = Duration::from_secs(3);
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        let polite = tokio::spawn(async move { s.cancelled().await });
+        let started = tokio::time::Instant::now();
+        assert_eq!(stop_within(polite, &stop, stop_margin(ttl)).await, Stopped::Joined);
+        assert_eq!(started.elapsed(), Duration::ZERO);
+
+        let stop = CancellationToken::new();
+        let running = Arc::new(AtomicBool::new(true));
+        struct Flag(Arc<AtomicBool>);
+        impl Drop for Flag {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::SeqCst);
+            }
+        }
+        let flag = Flag(running.clone());
+        let stuck = tokio::spawn(async move {
+            let _flag = flag;
+            // A reconcile waiting on a call that never answers.
+            std::future::pending::<()>().await
+        });
+        let started = tokio::time::Instant::now();
+        assert_eq!(stop_within(stuck, &stop, stop_margin(ttl)).await, Stopped::Aborted);
+        assert_eq!(started.elapsed(), Duration::from_millis(500));
+        assert!(!running.load(Ordering::SeqCst), "the stuck controller still ran");
+        // Detected at most 2/3 TTL after the last renewal, gone 1/6 later.
+        assert!(ttl * 2 / 3 + stop_margin(ttl) < ttl);
     }
 }

@@ -104,16 +104,17 @@ async fn main() {
         handshake_timeout: args.handshake_timeout,
         max_connections_per_peer: args.max_connections_per_peer,
     };
-    let (tx, rx) = tokio::sync::broadcast::channel(1);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let on_signal = shutdown.clone();
     tokio::spawn(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
         }
-        let _ = tx.send(());
+        on_signal.cancel();
     });
-    if let Err(e) = server::run(cfg, rx).await {
+    if let Err(e) = server::run(cfg, shutdown).await {
         eprintln!("testbus-control-plane: {e:#}");
         std::process::exit(1);
     }

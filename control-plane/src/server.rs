@@ -17,7 +17,7 @@ use testbus_proto::processes_server::ProcessesServer;
 use testbus_proto::sync_server::SyncServer;
 use testbus_proto::tests_server::TestsServer;
 use testbus_proto::{Host, Process, Test};
-use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Listen {
@@ -378,7 +378,8 @@ impl Config {
     }
 }
 
-pub async fn run(cfg: Config, mut shutdown: broadcast::Receiver<()>) -> anyhow::Result<()> {
+/// Serves until `shutdown` is cancelled (or a listener fails).
+pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     for l in &cfg.listen {
         if let Listen::Tcp(a) = l {
             if !a.ip().is_loopback() && !cfg.insecure {
@@ -452,16 +453,15 @@ pub async fn run(cfg: Config, mut shutdown: broadcast::Receiver<()>) -> anyhow::
         .add_service(SyncServer::new(crate::sync::SyncService::new(state.clone())).max_decoding_message_size(4 << 20))
         .add_service(BlobsServer::new(blobs).max_decoding_message_size(4 << 20));
 
-    let (stop_tx, _) = broadcast::channel::<()>(1);
+    // Everything this function starts stops with `stop`: on shutdown, or
+    // when a listener fails.
+    let stop = shutdown.child_token();
     let mut servers = tokio::task::JoinSet::new();
     let mut listens = cfg.listen.clone();
     listens.push(Listen::Unix(cfg.local_socket()));
     for l in listens {
         let router = router.clone();
-        let mut stop = stop_tx.subscribe();
-        let signal = async move {
-            let _ = stop.recv().await;
-        };
+        let signal = stop.clone().cancelled_owned();
         match l {
             Listen::Tcp(addr) => {
                 let lis = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--listen {addr}"))?;
@@ -492,26 +492,35 @@ pub async fn run(cfg: Config, mut shutdown: broadcast::Receiver<()>) -> anyhow::
 
     if let Some(ccfg) = cfg.controllers.clone() {
         let client = testbus_proto::client::Client::lazy(&format!("unix:{}", cfg.local_socket().display()))?;
-        let stop = stop_tx.subscribe();
+        let run_controllers = move |stop: CancellationToken| {
+            let (client, ccfg) = (client.clone(), ccfg.clone());
+            tokio::spawn(async move {
+                if let Err(e) = testbus_controllers::run(client, ccfg, stop).await {
+                    tracing::error!(error = %e, "the controllers could not start");
+                }
+            })
+        };
         match etcd {
             Some(store) => {
                 let id = format!("{}@{}", std::process::id(), cfg.data_dir.display());
-                let start = move |stop| {
-                    let (client, ccfg) = (client.clone(), ccfg.clone());
-                    tokio::spawn(async move { testbus_controllers::run(client, ccfg, stop).await })
-                };
-                tokio::spawn(crate::leader::run_while_leader(store, id, Duration::from_secs(3), start, stop));
+                tokio::spawn(crate::leader::run_while_leader(
+                    store,
+                    id,
+                    Duration::from_secs(3),
+                    run_controllers,
+                    stop.child_token(),
+                ));
             }
             None => {
-                tokio::spawn(async move { testbus_controllers::run(client, ccfg, stop).await });
+                run_controllers(stop.child_token());
             }
         }
     }
 
     tokio::select! {
-        _ = shutdown.recv() => tracing::info!("shutting down"),
+        _ = shutdown.cancelled() => tracing::info!("shutting down"),
         Some(r) = servers.join_next() => {
-            let _ = stop_tx.send(());
+            stop.cancel();
             match r {
                 Ok(Ok(())) => bail!("a listener stopped"),
                 Ok(Err(e)) => return Err(e).context("serving"),
@@ -519,7 +528,7 @@ pub async fn run(cfg: Config, mut shutdown: broadcast::Receiver<()>) -> anyhow::
             }
         }
     }
-    let _ = stop_tx.send(());
+    stop.cancel();
     // Calls in flight may finish, but watches, log follows and waits do not
     // end by themselves: after SHUTDOWN_GRACE whatever is still connected
     // is cut off, so a connected agent cannot hold the process up.

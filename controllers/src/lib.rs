@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use testbus_proto::client::Client;
 use testbus_proto::{Host, Process, Resource, Test};
-use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -69,7 +69,11 @@ fn schedulable_changed(old: Option<&Host>, new: Option<&Host>) -> bool {
 }
 
 /// Runs the controllers until shutdown.
-pub async fn run(client: Client, cfg: Config, shutdown: broadcast::Receiver<()>) {
+///
+/// Every task is given a child of `stop`: one started after the stop was
+/// sent sees it too. Returns once every task has ended; an error if a cache
+/// could not sync (its watch ended first).
+pub async fn run(client: Client, cfg: Config, stop: CancellationToken) -> Result<(), runtime::NeverSynced> {
     let ctx = Arc::new(Context {
         client: client.clone(),
         started: std::time::SystemTime::now(),
@@ -104,7 +108,7 @@ pub async fn run(client: Client, cfg: Config, shutdown: broadcast::Receiver<()>)
                     }
                 }
             },
-            shutdown.resubscribe(),
+            stop.child_token(),
         ));
     }
     {
@@ -125,7 +129,7 @@ pub async fn run(client: Client, cfg: Config, shutdown: broadcast::Receiver<()>)
                     }
                 }
             },
-            shutdown.resubscribe(),
+            stop.child_token(),
         ));
     }
     {
@@ -143,13 +147,20 @@ pub async fn run(client: Client, cfg: Config, shutdown: broadcast::Receiver<()>)
                     c.host_queue.add(&p.spec().host_name);
                 }
             },
-            shutdown.resubscribe(),
+            stop.child_token(),
         ));
     }
     // Reconcile only from complete caches.
-    ctx.hosts.wait_synced().await;
-    ctx.tests.wait_synced().await;
-    ctx.processes.wait_synced().await;
+    let synced = async {
+        ctx.hosts.wait_synced().await?;
+        ctx.tests.wait_synced().await?;
+        ctx.processes.wait_synced().await
+    };
+    if let Err(e) = synced.await {
+        stop.cancel();
+        while tasks.join_next().await.is_some() {}
+        return Err(e);
+    }
     tracing::info!("controllers: caches synced");
     {
         let c = ctx.clone();
@@ -166,7 +177,7 @@ pub async fn run(client: Client, cfg: Config, shutdown: broadcast::Receiver<()>)
                     async move { hosts::report_trouble(&c, &name, trouble).await }
                 }
             },
-            shutdown.resubscribe(),
+            stop.child_token(),
         ));
     }
     {
@@ -184,8 +195,9 @@ pub async fn run(client: Client, cfg: Config, shutdown: broadcast::Receiver<()>)
                     async move { test_lifecycle::report_trouble(&c, &name, trouble).await }
                 }
             },
-            shutdown.resubscribe(),
+            stop.child_token(),
         ));
     }
     while tasks.join_next().await.is_some() {}
+    Ok(())
 }

@@ -12,8 +12,9 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use testbus_proto::client::{watcher, Api, ApiResource, WatcherEvent};
-use tokio::sync::{broadcast, Notify};
+use tokio::sync::Notify;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 /// What a reconcile asks for next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,7 +30,14 @@ pub struct Cache<K> {
     objects: RwLock<HashMap<String, Arc<K>>>,
     synced: Notify,
     is_synced: std::sync::atomic::AtomicBool,
+    /// Its reflector has ended: it will never sync now.
+    closed: std::sync::atomic::AtomicBool,
 }
+
+/// A cache whose reflector ended before its first listing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the {0} watch ended before the cache was synced")]
+pub struct NeverSynced(pub &'static str);
 
 /// A change seen by a cache: the previous and the new object (None when
 /// absent). A relist reports every object that changed.
@@ -37,7 +45,12 @@ pub type Change<K> = (Option<Arc<K>>, Option<Arc<K>>);
 
 impl<K: ApiResource> Cache<K> {
     pub fn new() -> Arc<Self> {
-        Arc::new(Cache { objects: RwLock::new(HashMap::new()), synced: Notify::new(), is_synced: false.into() })
+        Arc::new(Cache {
+            objects: RwLock::new(HashMap::new()),
+            synced: Notify::new(),
+            is_synced: false.into(),
+            closed: false.into(),
+        })
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<K>> {
@@ -52,14 +65,25 @@ impl<K: ApiResource> Cache<K> {
         self.objects.read().unwrap_or_else(|p| p.into_inner()).values().filter(|o| f(o)).cloned().collect()
     }
 
-    pub async fn wait_synced(&self) {
+    /// Waits for the first complete listing; an error if the reflector
+    /// ended first (stopped, or its watch gave up).
+    pub async fn wait_synced(&self) -> Result<(), NeverSynced> {
         loop {
             let n = self.synced.notified();
             if self.is_synced.load(std::sync::atomic::Ordering::Acquire) {
-                return;
+                return Ok(());
+            }
+            if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+                return Err(NeverSynced(std::any::type_name::<K>().rsplit("::").next().unwrap_or("object")));
             }
             n.await;
         }
+    }
+
+    /// The reflector is done: waiters are told.
+    fn close(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::Release);
+        self.synced.notify_waiters();
     }
 
     /// Applies one watcher event and returns the changes it made.
@@ -104,24 +128,26 @@ impl<K: ApiResource> Cache<K> {
 }
 
 /// Feeds `cache` from a watch and calls `on_change` for every change, until
-/// shutdown.
+/// `stop` is cancelled (or the watch ends). The cache is closed when it
+/// returns, so nobody waits for it to sync forever.
 pub async fn reflect<K: ApiResource>(
     api: Api<K>,
     cache: Arc<Cache<K>>,
     mut on_change: impl FnMut(&Change<K>) + Send,
-    mut shutdown: broadcast::Receiver<()>,
+    stop: CancellationToken,
 ) {
     let stream = watcher(api, String::new(), String::new());
     futures::pin_mut!(stream);
     loop {
         tokio::select! {
-            _ = shutdown.recv() => return,
+            _ = stop.cancelled() => break,
             ev = stream.next() => match ev {
                 Some(ev) => for c in cache.apply(ev) { on_change(&c) },
-                None => return,
+                None => break,
             }
         }
     }
+    cache.close();
 }
 
 #[derive(Default)]
@@ -300,12 +326,8 @@ fn warned(n: u32) -> bool {
     n <= REPORT_AFTER || n.is_power_of_two()
 }
 
-pub async fn run_worker<F, Fut, E, R, RFut>(
-    queue: Arc<Queue>,
-    mut reconcile: F,
-    mut report: R,
-    mut shutdown: broadcast::Receiver<()>,
-) where
+pub async fn run_worker<F, Fut, E, R, RFut>(queue: Arc<Queue>, mut reconcile: F, mut report: R, stop: CancellationToken)
+where
     F: FnMut(String) -> Fut,
     Fut: std::future::Future<Output = Result<Action, E>>,
     E: std::fmt::Display,
@@ -315,7 +337,9 @@ pub async fn run_worker<F, Fut, E, R, RFut>(
     let mut failures: HashMap<String, u32> = HashMap::new();
     loop {
         let name = tokio::select! {
-            _ = shutdown.recv() => return,
+            // Biased: a worker started after the stop never takes a name.
+            biased;
+            _ = stop.cancelled() => return,
             n = queue.next() => n,
         };
         let result = reconcile(name.clone()).await;
@@ -356,7 +380,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_object_that_keeps_failing_is_told_and_told_again_when_it_recovers() {
         let q = Queue::new();
-        let (tx, _rx) = broadcast::channel(1);
+        let stop = CancellationToken::new();
         let reports = Arc::new(std::sync::Mutex::new(Vec::new()));
         let attempts = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let (r, a) = (reports.clone(), attempts.clone());
@@ -376,14 +400,14 @@ mod tests {
                 r.lock().unwrap().push((name, trouble));
                 async {}
             },
-            tx.subscribe(),
+            stop.clone(),
         ));
         q.add("t");
         while attempts.load(std::sync::atomic::Ordering::SeqCst) < 5 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
-        let _ = tx.send(());
+        stop.cancel();
         worker.await.unwrap();
         assert_eq!(
             *reports.lock().unwrap(),
@@ -393,6 +417,50 @@ mod tests {
             ]
         );
         assert!(reported(3) && !reported(4) && reported(50) && !reported(51));
+    }
+
+    /// With a broadcast stop, a worker subscribed after the stop was sent
+    /// never saw it. A cancelled token is seen by every worker, whenever it
+    /// starts.
+    #[tokio::test(start_paused = true)]
+    async fn a_worker_started_after_the_stop_stops_at_once() {
+        let q = Queue::new();
+        q.add("t");
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let reconciled = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let r = reconciled.clone();
+        let worker = run_worker(
+            q,
+            move |_| {
+                r.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async { Ok::<_, String>(Action::AwaitChange) }
+            },
+            |_, _| async {},
+            stop.child_token(),
+        );
+        tokio::time::timeout(Duration::from_secs(1), worker).await.expect("the worker stopped");
+        assert_eq!(reconciled.load(std::sync::atomic::Ordering::SeqCst), 0, "it took a name after the stop");
+    }
+
+    /// A cache whose watch ends before it synced used to leave its waiters
+    /// waiting forever; they now get an error.
+    #[tokio::test(start_paused = true)]
+    async fn waiting_for_a_cache_that_will_never_sync_is_an_error() {
+        let cache: Arc<Cache<testbus_proto::Host>> = Cache::new();
+        let waiter = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.wait_synced().await }
+        });
+        let api = testbus_proto::client::Client::lazy("unix:/nonexistent/testbus.sock").unwrap().api();
+        let stop = CancellationToken::new();
+        let reflector = tokio::spawn(reflect(api, cache.clone(), |_| {}, stop.clone()));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(!waiter.is_finished(), "not synced, not yet closed");
+        stop.cancel();
+        reflector.await.unwrap();
+        assert_eq!(waiter.await.unwrap(), Err(NeverSynced("Host")));
+        assert_eq!(cache.wait_synced().await, Err(NeverSynced("Host")), "and for whoever asks later");
     }
 
     #[tokio::test(start_paused = true)]

@@ -82,6 +82,14 @@ fn backend(e: impl std::fmt::Display) -> StoreError {
 }
 
 impl EmbeddedStore {
+    /// Live watches on the store (for tests).
+    #[cfg(test)]
+    pub fn watch_count(&self) -> usize {
+        self.inner.events.receiver_count()
+    }
+}
+
+impl EmbeddedStore {
     /// Opens (or creates) the store file. `retain` revisions of events are
     /// kept for watchers that resume.
     pub fn open(path: &Path, retain: u64) -> Result<Self, StoreError> {
