@@ -33,12 +33,7 @@ pub fn identity<T>(req: &Request<T>) -> Identity {
 }
 
 fn store_err(e: StoreError) -> Status {
-    match e {
-        StoreError::TooLarge { .. } => Status::invalid_argument(e.to_string()),
-        StoreError::Compacted { .. } => Status::out_of_range(e.to_string()),
-        StoreError::Backend(_) => Status::unavailable(e.to_string()),
-        StoreError::Full(_) => Status::resource_exhausted(e.to_string()),
-    }
+    crate::error::ApiError::from(e).into()
 }
 
 /// Kind-specific rules.

@@ -10,6 +10,7 @@
 //! it from a replica that has it (checking the digest), keeps it and records
 //! itself as a holder too, then serves it. Blobs are immutable, so a copy is
 //! as good as the original; a blob is lost only when every holder is.
+use crate::error::ApiError;
 use crate::store::{Op, Store};
 use futures::stream::BoxStream;
 use futures::StreamExt;
@@ -65,11 +66,16 @@ pub fn replica_id(data_dir: &Path) -> std::io::Result<String> {
 }
 
 fn io_err(e: std::io::Error) -> Status {
-    Status::unavailable(format!("blob store: {e}"))
+    ApiError::io("blob store", e).into()
 }
 
 fn store_err(e: crate::store::StoreError) -> Status {
-    Status::unavailable(format!("blob locations: {e}"))
+    ApiError::store("blob locations", e).into()
+}
+
+/// The free-space reserve, checked before and during an upload.
+fn check_reserve(dir: &std::path::Path, min_free: u64) -> Result<(), Status> {
+    crate::store::embedded::check_free_space(dir, min_free).map_err(|e| ApiError::store("blob store", e).into())
 }
 
 fn bad_digest(field: &str, d: &str) -> Status {
@@ -183,8 +189,7 @@ const FREE_CHECK_EVERY: u64 = 8 << 20;
 impl Blobs for BlobStore {
     async fn upload(&self, req: Request<Streaming<UploadRequest>>) -> Result<Response<BlobRef>, Status> {
         let mut stream = req.into_inner();
-        crate::store::embedded::check_free_space(&self.dir, self.min_free)
-            .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+        check_reserve(&self.dir, self.min_free)?;
         let tmp = self.dir.join("tmp").join(uuid::Uuid::new_v4().to_string());
         let mut f = tokio::fs::File::create(&tmp).await.map_err(io_err)?;
         let mut h = Hasher::default();
@@ -209,8 +214,7 @@ impl Blobs for BlobStore {
                 // starts: a large upload must not eat the space the store
                 // needs (statvfs is cheap; once per 8 MiB).
                 if size / FREE_CHECK_EVERY != (size - msg.data.len() as u64) / FREE_CHECK_EVERY {
-                    crate::store::embedded::check_free_space(&self.dir, self.min_free)
-                        .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+                    check_reserve(&self.dir, self.min_free)?;
                 }
             }
             f.sync_all().await.map_err(io_err)

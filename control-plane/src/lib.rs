@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod blobs;
+pub mod error;
 pub mod hub;
 pub mod leader;
 pub mod output;

@@ -176,7 +176,7 @@ fn chunks_of(buf: &bytes::Bytes, lens: &mut [u64; 2], process: &str, out: &mut V
 enum Sink {
     /// An append-only file in the data dir (embedded store), open while
     /// it is being appended to (see [`OpenFiles`]).
-    File { file: Option<std::fs::File>, size: watch::Sender<u64> },
+    File { file: Option<Arc<std::fs::File>>, size: watch::Sender<u64> },
     /// Chunks in the shared store; `next` is the sequence number of the
     /// next chunk as far as this replica knows.
     Store { next: u64 },
@@ -190,6 +190,24 @@ struct Log {
     last_used: std::time::Instant,
     /// Its process has ended: its output is complete, appends are refused.
     ended: bool,
+    /// Its counts were read from its file or chunks. A file log is in the
+    /// map before it is loaded (appends wait on its lock meanwhile); one
+    /// whose load failed stays unloaded and is refused.
+    loaded: bool,
+}
+
+impl Log {
+    /// A file log not read yet.
+    fn unloaded() -> Log {
+        let (size, _) = watch::channel(0);
+        Log {
+            counts: Counts::default(),
+            sink: Sink::File { file: None, size },
+            last_used: std::time::Instant::now(),
+            ended: false,
+            loaded: false,
+        }
+    }
 }
 
 /// Most log files held open for appending at once. A process's file is
@@ -217,11 +235,11 @@ pub struct OutputService {
 }
 
 fn io_err(e: std::io::Error) -> Status {
-    Status::unavailable(format!("output store: {e}"))
+    crate::error::ApiError::io("output store", e).into()
 }
 
 fn store_err(e: crate::store::StoreError) -> Status {
-    Status::unavailable(format!("output store: {e}"))
+    crate::error::ApiError::store("output store", e).into()
 }
 
 /// An append to a process that has ended: its output is complete.
@@ -412,7 +430,7 @@ impl OutputService {
             .store
             .get(&hub::key(Kind::Process, name))
             .await
-            .map_err(|e| Status::unavailable(e.to_string()))?
+            .map_err(store_err)?
             .ok_or_else(|| Status::not_found(format!("Process {name:?} not found")))?;
         match hub::decode(&kv.key, &kv.value, kv.mod_revision) {
             Some(testbus_proto::Object::Process(p)) => Ok(p),
@@ -441,15 +459,43 @@ impl OutputService {
     /// The log of a process, opened and recovered on first use.
     async fn open(&self, uid: &str) -> Result<Arc<tokio::sync::Mutex<Log>>, Status> {
         let Some(store) = &self.shared else {
-            // A log file is loaded under the map's lock: loading cuts a torn
-            // tail, which must never race with an append by another stream.
-            let mut logs = self.logs.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(l) = logs.get(uid) {
-                return Ok(l.clone());
+            // The log goes into the map locked and unloaded, so that no
+            // append (of either stream) can run before the load, which may
+            // cut a torn tail. The load reads the file off the runtime, in
+            // a task of its own: a caller that goes away cannot leave the
+            // log half-loaded.
+            let (log, loading) = {
+                let mut logs = self.logs.lock().unwrap_or_else(|p| p.into_inner());
+                match logs.get(uid) {
+                    Some(l) => (l.clone(), None),
+                    None => {
+                        let l = Arc::new(tokio::sync::Mutex::new(Log::unloaded()));
+                        let guard = l.clone().try_lock_owned().expect("a new log is not locked");
+                        logs.insert(uid.to_string(), l.clone());
+                        (l, Some(guard))
+                    }
+                }
+            };
+            if let Some(mut guard) = loading {
+                let (svc, uid, path) = (self.clone(), uid.to_string(), self.path(uid));
+                let load = tokio::spawn(async move {
+                    let loaded = tokio::task::spawn_blocking(move || load_file(&path))
+                        .await
+                        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+                    match loaded {
+                        Ok(l) => {
+                            *guard = l;
+                            Ok(())
+                        }
+                        Err(e) => {
+                            svc.logs.lock().unwrap_or_else(|p| p.into_inner()).remove(&uid);
+                            Err(io_err(e))
+                        }
+                    }
+                });
+                load.await.map_err(|e| Status::internal(format!("output store: loading a log: {e}")))??;
             }
-            let l = Arc::new(tokio::sync::Mutex::new(self.load_file(uid).map_err(io_err)?));
-            logs.insert(uid.to_string(), l.clone());
-            return Ok(l);
+            return Ok(log);
         };
         if let Some(l) = self.logs.lock().unwrap_or_else(|p| p.into_inner()).get(uid) {
             return Ok(l.clone());
@@ -461,26 +507,47 @@ impl OutputService {
         Ok(logs.entry(uid.to_string()).or_insert_with(|| Arc::new(tokio::sync::Mutex::new(log))).clone())
     }
 
-    /// Opens a log file, recovering the counts from its records (a torn
-    /// last record from a crash is cut off).
-    fn load_file(&self, uid: &str) -> std::io::Result<Log> {
-        let path = self.path(uid);
-        // Only a file that is not there is empty: any other error is
-        // reported, never taken for "nothing yet" (the cut below would
-        // then throw the log away).
-        let data = match std::fs::read(&path) {
-            Ok(d) => d,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(e),
-        };
-        let mut counts = Counts::default();
-        let pos = counts.fold(&data);
-        if pos < data.len() {
-            let file = std::fs::OpenOptions::new().write(true).open(&path)?;
-            file.set_len(pos as u64)?;
+    /// Appends one chunk of a process's output (see `append`).
+    async fn append_chunk(&self, c: OutputChunk) -> Result<AppendOutputResponse, Status> {
+        if c.data.len() > MAX_CHUNK {
+            return Err(Status::invalid_argument(format!("data: chunk larger than {MAX_CHUNK} bytes")));
         }
-        let (size, _) = watch::channel(pos as u64);
-        Ok(Log { counts, sink: Sink::File { file: None, size }, last_used: std::time::Instant::now(), ended: false })
+        let stream = OutputStream::try_from(c.stream)
+            .map_err(|_| Status::invalid_argument(format!("stream: unknown output stream {}", c.stream)))?;
+        let cached = (c.offset > 0)
+            .then(|| self.uids.lock().unwrap_or_else(|p| p.into_inner()).get(&c.process).cloned())
+            .flatten();
+        let uid = match cached {
+            Some(uid) => uid,
+            None => {
+                let uid = self.uid_of_running(&c.process).await?;
+                let mut uids = self.uids.lock().unwrap_or_else(|p| p.into_inner());
+                if uids.len() > 100_000 {
+                    uids.clear();
+                }
+                uids.insert(c.process.clone(), uid.clone());
+                uid
+            }
+        };
+        let log = self.open(&uid).await?;
+        let mut l = log.lock().await;
+        if !l.loaded {
+            return Err(Status::unavailable("output store: this process's log could not be read; retry"));
+        }
+        if l.ended {
+            return Err(ended(&c.process));
+        }
+        l.last_used = std::time::Instant::now();
+        let s = stream as usize;
+        let piece = if self.shared.is_some() { STORE_PIECE } else { MAX_CHUNK };
+        for (i, data) in c.data.chunks(piece).enumerate() {
+            self.append_piece(&mut l, &uid, s, c.offset + (i * piece) as u64, data).await?;
+        }
+        if c.data.is_empty() {
+            // An empty append still checks the offset.
+            l.counts.append(s, c.offset, &[], self.limit)?;
+        }
+        Ok(AppendOutputResponse { length: l.counts.lens[s], truncated: l.counts.truncated[s] })
     }
 
     fn store(&self) -> Result<&dyn Store, Status> {
@@ -504,16 +571,33 @@ impl OutputService {
             };
             match &mut log.sink {
                 Sink::File { file, size } => {
-                    if file.is_none() {
-                        let f = std::fs::OpenOptions::new().create(true).append(true).open(self.path(uid));
-                        *file = Some(f.map_err(io_err)?);
-                        let open = self.open_files.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-                        if open > self.max_open {
-                            self.close_least_recent(uid);
+                    // File I/O goes to the blocking pool. The append runs in
+                    // a task of its own (see `append`): it is not cancelled
+                    // between the write and the counts' update below.
+                    let f = match file {
+                        Some(f) => f.clone(),
+                        None => {
+                            let path = self.path(uid);
+                            let opened = tokio::task::spawn_blocking(move || {
+                                std::fs::OpenOptions::new().create(true).append(true).open(path)
+                            })
+                            .await
+                            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+                            let f = Arc::new(opened.map_err(io_err)?);
+                            *file = Some(f.clone());
+                            let open = self.open_files.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                            if open > self.max_open {
+                                self.close_least_recent(uid);
+                            }
+                            f
                         }
-                    }
-                    file.as_mut().expect("opened above").write_all(&rec).map_err(io_err)?;
-                    size.send_modify(|v| *v += rec.len() as u64);
+                    };
+                    let n = rec.len() as u64;
+                    tokio::task::spawn_blocking(move || (&*f).write_all(&rec))
+                        .await
+                        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+                        .map_err(io_err)?;
+                    size.send_modify(|v| *v += n);
                 }
                 Sink::Store { next: seq } => {
                     let store = self.store()?;
@@ -538,6 +622,33 @@ impl OutputService {
     }
 }
 
+/// Reads a log file, recovering the counts from its records (a torn last
+/// record from a crash is cut off). Blocking: called off the runtime.
+fn load_file(path: &std::path::Path) -> std::io::Result<Log> {
+    // Only a file that is not there is empty: any other error is reported,
+    // never taken for "nothing yet" (the cut below would then throw the log
+    // away).
+    let data = match std::fs::read(path) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    let mut counts = Counts::default();
+    let pos = counts.fold(&data);
+    if pos < data.len() {
+        let file = std::fs::OpenOptions::new().write(true).open(path)?;
+        file.set_len(pos as u64)?;
+    }
+    let (size, _) = watch::channel(pos as u64);
+    Ok(Log {
+        counts,
+        sink: Sink::File { file: None, size },
+        last_used: std::time::Instant::now(),
+        ended: false,
+        loaded: true,
+    })
+}
+
 /// Rebuilds a log's counts from its chunks in the store.
 async fn load_store(store: &dyn Store, uid: &str) -> Result<Log, Status> {
     let (kvs, _) = store.list(&chunk_prefix(uid)).await.map_err(store_err)?;
@@ -546,49 +657,20 @@ async fn load_store(store: &dyn Store, uid: &str) -> Result<Log, Status> {
         counts.fold(&kv.value);
     }
     let next = kvs.last().and_then(|kv| seq_of(&kv.key)).map_or(0, |s| s + 1);
-    Ok(Log { counts, sink: Sink::Store { next }, last_used: std::time::Instant::now(), ended: false })
+    Ok(Log { counts, sink: Sink::Store { next }, last_used: std::time::Instant::now(), ended: false, loaded: true })
 }
 
 #[tonic::async_trait]
 impl Output for OutputService {
     async fn append(&self, req: Request<OutputChunk>) -> Result<Response<AppendOutputResponse>, Status> {
+        // In a task of its own: a client that goes away mid-append does not
+        // cut it between writing a record and counting it.
+        let svc = self.clone();
         let c = req.into_inner();
-        if c.data.len() > MAX_CHUNK {
-            return Err(Status::invalid_argument(format!("data: chunk larger than {MAX_CHUNK} bytes")));
-        }
-        let stream = OutputStream::try_from(c.stream)
-            .map_err(|_| Status::invalid_argument(format!("stream: unknown output stream {}", c.stream)))?;
-        let cached = (c.offset > 0)
-            .then(|| self.uids.lock().unwrap_or_else(|p| p.into_inner()).get(&c.process).cloned())
-            .flatten();
-        let uid = match cached {
-            Some(uid) => uid,
-            None => {
-                let uid = self.uid_of_running(&c.process).await?;
-                let mut uids = self.uids.lock().unwrap_or_else(|p| p.into_inner());
-                if uids.len() > 100_000 {
-                    uids.clear();
-                }
-                uids.insert(c.process.clone(), uid.clone());
-                uid
-            }
-        };
-        let log = self.open(&uid).await?;
-        let mut l = log.lock().await;
-        if l.ended {
-            return Err(ended(&c.process));
-        }
-        l.last_used = std::time::Instant::now();
-        let s = stream as usize;
-        let piece = if self.shared.is_some() { STORE_PIECE } else { MAX_CHUNK };
-        for (i, data) in c.data.chunks(piece).enumerate() {
-            self.append_piece(&mut l, &uid, s, c.offset + (i * piece) as u64, data).await?;
-        }
-        if c.data.is_empty() {
-            // An empty append still checks the offset.
-            l.counts.append(s, c.offset, &[], self.limit)?;
-        }
-        Ok(Response::new(AppendOutputResponse { length: l.counts.lens[s], truncated: l.counts.truncated[s] }))
+        tokio::spawn(async move { svc.append_chunk(c).await })
+            .await
+            .map_err(|e| Status::internal(format!("output store: an append failed: {e}")))?
+            .map(Response::new)
     }
 
     type ReadStream = BoxStream<'static, Result<OutputChunk, Status>>;

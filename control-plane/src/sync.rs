@@ -55,8 +55,8 @@ impl Waiter {
     }
 }
 
-fn unavailable(e: impl std::fmt::Display) -> Status {
-    Status::unavailable(e.to_string())
+fn store_err(e: crate::store::StoreError) -> Status {
+    crate::error::ApiError::store("sync", e).into()
 }
 
 impl SyncService {
@@ -66,7 +66,7 @@ impl SyncService {
     }
 
     async fn object(&self, kind: Kind, name: &str) -> Result<Option<Object>, Status> {
-        let kv = self.st.store.get(&hub::key(kind, name)).await.map_err(unavailable)?;
+        let kv = self.st.store.get(&hub::key(kind, name)).await.map_err(store_err)?;
         Ok(kv.and_then(|kv| hub::decode(&kv.key, &kv.value, kv.mod_revision)))
     }
 
@@ -153,10 +153,10 @@ impl Sync for SyncService {
             .store
             .txn(vec![], vec![Op::Put(format!("{arrived_prefix}{}", me.spec().role), vec![])])
             .await
-            .map_err(unavailable)?;
+            .map_err(store_err)?;
         let mut waiter = self.waiter(format!("barrier {:?}", r.name), &r.timeout, &me.spec().test_uid).await?;
         loop {
-            let (kvs, _) = self.st.store.list(&arrived_prefix).await.map_err(unavailable)?;
+            let (kvs, _) = self.st.store.list(&arrived_prefix).await.map_err(store_err)?;
             let arrived: BTreeSet<&str> = kvs.iter().map(|kv| &kv.key[arrived_prefix.len()..]).collect();
             let missing: Vec<&String> = participants.iter().filter(|m| !arrived.contains(m.as_str())).collect();
             if missing.is_empty() {
@@ -185,9 +185,9 @@ impl Sync for SyncService {
             .store
             .txn(vec![Compare::ModRevision(key.clone(), 0)], vec![Op::Put(key.clone(), r.value.clone())])
             .await
-            .map_err(unavailable)?;
+            .map_err(store_err)?;
         if !out.succeeded {
-            let old = self.st.store.get(&key).await.map_err(unavailable)?.map(|kv| kv.value);
+            let old = self.st.store.get(&key).await.map_err(store_err)?.map(|kv| kv.value);
             if old.as_deref() != Some(r.value.as_slice()) {
                 return Err(Status::already_exists(format!(
                     "{} already sent {:?} with another value; a sent value is immutable",
@@ -225,7 +225,7 @@ impl Sync for SyncService {
             format!("{:?}{}", r.key, if r.from.is_empty() { String::new() } else { format!(" from {}", r.from) });
         let mut waiter = self.waiter(what, &r.timeout, &uid).await?;
         loop {
-            let (kvs, _) = self.st.store.list(&prefix).await.map_err(unavailable)?;
+            let (kvs, _) = self.st.store.list(&prefix).await.map_err(store_err)?;
             let got: BTreeMap<String, Vec<u8>> =
                 kvs.into_iter().map(|kv| (kv.key[prefix.len()..].to_string(), kv.value)).collect();
             let reply = |senders: Vec<(&String, &Vec<u8>)>| {
