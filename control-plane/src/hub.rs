@@ -67,8 +67,11 @@ pub struct Hub {
     state: Mutex<State>,
     capacity: usize,
     /// Ends the task that follows the store when the hub is dropped (the
-    /// task holds the hub only weakly).
+    /// task holds the hub only weakly)...
     _follower: tokio_util::sync::DropGuard,
+    /// ...or when `stop` is called, which also joins it.
+    stop: tokio_util::sync::CancellationToken,
+    follower: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -209,9 +212,22 @@ impl Hub {
             state: Mutex::new(State { revision: rev, floor: rev, ..Default::default() }),
             capacity: capacity.max(16),
             _follower: stop.clone().drop_guard(),
+            stop: stop.clone(),
+            follower: Mutex::new(None),
         });
-        tokio::spawn(follow(Arc::downgrade(&hub), store, rev, stop));
+        let task = tokio::spawn(follow(Arc::downgrade(&hub), store, rev, stop));
+        *hub.follower.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
         Ok(hub)
+    }
+
+    /// Stops following the store and waits until the follower (and its
+    /// hold on the store) is gone. Watchers get no more events.
+    pub async fn stop(&self) {
+        self.stop.cancel();
+        let task = self.follower.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
     }
 
     /// After the store watch broke: the ring no longer joins up with the

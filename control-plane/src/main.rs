@@ -81,12 +81,7 @@ fn is_root() -> bool {
 
 #[tokio::main]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,h2=warn,tower=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    testbus_telemetry::init_logging();
     let args = Args::parse();
     let cfg = server::Config {
         listen: args.listen,

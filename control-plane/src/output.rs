@@ -371,10 +371,10 @@ impl OutputService {
     /// Keeps the output store to the live Processes: seals the log of each
     /// that ends and removes the output of each that is deleted, including
     /// those deleted while this replica was not watching (a sweep at start
-    /// and whenever its watch was dropped). Runs until the runtime ends.
-    pub fn spawn_janitor(&self) {
+    /// and whenever its watch was dropped). Runs until `stop`.
+    pub fn spawn_janitor(&self, stop: tokio_util::sync::CancellationToken) -> tokio::task::JoinHandle<()> {
         let svc = self.clone();
-        tokio::spawn(async move {
+        let janitor = async move {
             loop {
                 let Ok(mut events) = svc.api.hub.watch(Kind::Process, None, None, Default::default()) else {
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -395,7 +395,13 @@ impl OutputService {
                 // Dropped as too slow: what was missed is found by the sweep.
                 tracing::debug!("output janitor's watch ended; sweeping again");
             }
-        });
+        };
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = janitor => {}
+            }
+        })
     }
 
     /// Removes the output files of Processes that no longer exist (embedded
@@ -1010,7 +1016,7 @@ mod tests {
             put_process(&store, i, phase::RUNNING).await;
         }
         let svc = OutputService::new(dir.path().join("output"), api, DEFAULT_LIMIT, None).unwrap().with_max_open(16);
-        svc.spawn_janitor();
+        svc.spawn_janitor(tokio_util::sync::CancellationToken::new());
         let append = |i: usize, offset: u64| {
             let c =
                 OutputChunk { process: format!("p{i}"), stream: 0, offset, data: bytes::Bytes::from_static(b"line\n") };

@@ -210,36 +210,66 @@ impl<P: std::hash::Hash + Eq + Copy> Handshakes<P> {
     }
 }
 
-/// A served TCP connection that holds its peer's slot for as long as the
-/// server keeps it.
-struct PeerConn {
-    stream: tokio::net::TcpStream,
-    _slot: PeerSlot,
+/// A served connection: a TCP one holds its peer's slot for as long as the
+/// server keeps it. Every connection is cut (reads and writes fail) when
+/// `cut` is cancelled, which is how a stopping server ends watches and log
+/// follows that would otherwise keep their connection, and the state it
+/// serves, alive after the server stopped.
+struct Conn<S> {
+    stream: S,
+    _slot: Option<PeerSlot>,
+    cut: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
 }
 
-impl tonic::transport::server::Connected for PeerConn {
+impl<S> Conn<S> {
+    fn new(stream: S, slot: Option<PeerSlot>, cut: &CancellationToken) -> Self {
+        Conn { stream, _slot: slot, cut: Box::pin(cut.clone().cancelled_owned()) }
+    }
+
+    /// An error once the server cut its connections.
+    fn check_cut(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        match std::future::Future::poll(self.cut.as_mut(), cx) {
+            std::task::Poll::Ready(()) => std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "server stopped",
+            ))),
+            std::task::Poll::Pending => std::task::Poll::Ready(Ok(())),
+        }
+    }
+}
+
+impl tonic::transport::server::Connected for Conn<tokio::net::TcpStream> {
     type ConnectInfo = tonic::transport::server::TcpConnectInfo;
     fn connect_info(&self) -> Self::ConnectInfo {
         self.stream.connect_info()
     }
 }
 
-impl tokio::io::AsyncRead for PeerConn {
+impl tonic::transport::server::Connected for Conn<tokio::net::UnixStream> {
+    type ConnectInfo = tonic::transport::server::UdsConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Conn<S> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::ready!(self.check_cut(cx))?;
         std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
 
-impl tokio::io::AsyncWrite for PeerConn {
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Conn<S> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
+        std::task::ready!(self.check_cut(cx))?;
         std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
     }
     fn poll_write_vectored(
@@ -247,6 +277,7 @@ impl tokio::io::AsyncWrite for PeerConn {
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
+        std::task::ready!(self.check_cut(cx))?;
         std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
@@ -256,6 +287,7 @@ impl tokio::io::AsyncWrite for PeerConn {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::ready!(self.check_cut(cx))?;
         std::pin::Pin::new(&mut self.stream).poll_flush(cx)
     }
     fn poll_shutdown(
@@ -273,9 +305,10 @@ impl tokio::io::AsyncWrite for PeerConn {
 /// `max_per_peer` being served. Ends when the server does (`tx` closed).
 async fn accept_http2(
     lis: tokio::net::TcpListener,
-    tx: tokio::sync::mpsc::Sender<PeerConn>,
+    tx: tokio::sync::mpsc::Sender<Conn<tokio::net::TcpStream>>,
     limit: Duration,
     max_per_peer: usize,
+    cut: CancellationToken,
 ) {
     let pending = Handshakes::default();
     let served: PeerCounts = Default::default();
@@ -294,7 +327,7 @@ async fn accept_http2(
         };
         let ip = peer.ip();
         let (id, mut evicted) = pending.admit(ip);
-        let (tx, served, pending) = (tx.clone(), served.clone(), pending.clone());
+        let (tx, served, pending, cut) = (tx.clone(), served.clone(), pending.clone(), cut.clone());
         tokio::spawn(async move {
             let ok = tokio::select! {
                 ok = sends_preface(&s, limit) => ok,
@@ -310,7 +343,7 @@ async fn accept_http2(
                 return;
             };
             let _ = s.set_nodelay(true);
-            let _ = tx.send(PeerConn { stream: s, _slot: slot }).await;
+            let _ = tx.send(Conn::new(s, Some(slot), &cut)).await;
         });
     }
 }
@@ -321,8 +354,9 @@ async fn accept_http2(
 /// handshake quota and have no connection limit.
 async fn accept_local(
     lis: tokio::net::UnixListener,
-    tx: tokio::sync::mpsc::Sender<tokio::net::UnixStream>,
+    tx: tokio::sync::mpsc::Sender<Conn<tokio::net::UnixStream>>,
     limit: Duration,
+    cut: CancellationToken,
 ) {
     let pending = Handshakes::<()>::default();
     loop {
@@ -338,7 +372,7 @@ async fn accept_local(
             _ = tx.closed() => return,
         };
         let (id, mut evicted) = pending.admit(());
-        let (tx, pending) = (tx.clone(), pending.clone());
+        let (tx, pending, cut) = (tx.clone(), pending.clone(), cut.clone());
         tokio::spawn(async move {
             let ok = tokio::select! {
                 ok = sends_preface(&s, limit) => ok,
@@ -346,7 +380,7 @@ async fn accept_local(
             };
             pending.leave((), id);
             if ok {
-                let _ = tx.send(s).await;
+                let _ = tx.send(Conn::new(s, None, &cut)).await;
             } else {
                 tracing::debug!("local socket: no HTTP/2 preface in time; closed");
             }
@@ -422,7 +456,19 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let shared = etcd.is_some().then(|| store.clone());
     let state = ApiState { store, hub, blobs: blobs.clone() };
     let output = OutputService::new(cfg.data_dir.join("output"), state.clone(), cfg.output_limit, shared)?;
-    output.spawn_janitor();
+    // Everything this function starts stops with `stop` (on shutdown, or
+    // when a listener fails) and is joined before it returns: the store is
+    // closed when it does.
+    let stop = shutdown.child_token();
+    let mut background = tokio::task::JoinSet::new();
+    let janitor = output.spawn_janitor(stop.child_token());
+    background.spawn(async move {
+        let _ = janitor.await;
+    });
+    let (sync, sync_feed) = crate::sync::SyncService::new(state.clone(), stop.child_token());
+    background.spawn(async move {
+        let _ = sync_feed.await;
+    });
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<HostsServer<ResourceService<Host>>>().await;
@@ -450,12 +496,11 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             ProcessesServer::new(ResourceService::<Process>::new(state.clone())).max_decoding_message_size(8 << 20),
         )
         .add_service(OutputServer::new(output).max_decoding_message_size(8 << 20))
-        .add_service(SyncServer::new(crate::sync::SyncService::new(state.clone())).max_decoding_message_size(4 << 20))
+        .add_service(SyncServer::new(sync).max_decoding_message_size(4 << 20))
         .add_service(BlobsServer::new(blobs).max_decoding_message_size(4 << 20));
 
-    // Everything this function starts stops with `stop`: on shutdown, or
-    // when a listener fails.
-    let stop = shutdown.child_token();
+    // Cut when the grace period is over: ends every connection still open.
+    let cut = CancellationToken::new();
     let mut servers = tokio::task::JoinSet::new();
     let mut listens = cfg.listen.clone();
     listens.push(Listen::Unix(cfg.local_socket()));
@@ -470,7 +515,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
                 // is set on each accepted socket (a 1 KiB call is ~44 ms
                 // without), by the acceptor that checks the handshake.
                 let (tx, rx) = tokio::sync::mpsc::channel(64);
-                tokio::spawn(accept_http2(lis, tx, cfg.handshake_timeout, cfg.max_connections_per_peer));
+                tokio::spawn(accept_http2(lis, tx, cfg.handshake_timeout, cfg.max_connections_per_peer, cut.clone()));
                 let incoming = tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, std::io::Error>);
                 servers.spawn(async move { router.serve_with_incoming_shutdown(incoming, signal).await });
             }
@@ -483,7 +528,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
                     .with_context(|| format!("--listen unix:{}", path.display()))?;
                 tracing::info!(path = %path.display(), "serving");
                 let (tx, rx) = tokio::sync::mpsc::channel(64);
-                tokio::spawn(accept_local(lis, tx, cfg.handshake_timeout));
+                tokio::spawn(accept_local(lis, tx, cfg.handshake_timeout, cut.clone()));
                 let incoming = tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, std::io::Error>);
                 servers.spawn(async move { router.serve_with_incoming_shutdown(incoming, signal).await });
             }
@@ -503,7 +548,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         match etcd {
             Some(store) => {
                 let id = format!("{}@{}", std::process::id(), cfg.data_dir.display());
-                tokio::spawn(crate::leader::run_while_leader(
+                background.spawn(crate::leader::run_while_leader(
                     store,
                     id,
                     Duration::from_secs(3),
@@ -512,7 +557,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
                 ));
             }
             None => {
-                run_controllers(stop.child_token());
+                let controllers = run_controllers(stop.child_token());
+                background.spawn(async move {
+                    let _ = controllers.await;
+                });
             }
         }
     }
@@ -535,7 +583,127 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let drain = async { while servers.join_next().await.is_some() {} };
     if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
         tracing::info!(grace = ?SHUTDOWN_GRACE, "connections still open after the grace period; closing them");
+        cut.cancel();
         servers.shutdown().await;
     }
+    let joined = async { while background.join_next().await.is_some() {} };
+    if tokio::time::timeout(SHUTDOWN_GRACE, joined).await.is_err() {
+        tracing::warn!("background tasks still running after the grace period; aborting them");
+        background.shutdown().await;
+    }
+    state.hub.stop().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use testbus_proto::client::{watcher, Client, WatcherEvent};
+    use testbus_proto::Resource;
+
+    fn config(dir: &std::path::Path) -> Config {
+        Config {
+            listen: vec![],
+            data_dir: dir.to_path_buf(),
+            store: "embedded".into(),
+            insecure: false,
+            controllers: None,
+            watch_cache: 1000,
+            output_limit: 1 << 20,
+            min_free_bytes: 0,
+            advertise: None,
+            handshake_timeout: Duration::from_secs(10),
+            max_connections_per_peer: 16,
+        }
+    }
+
+    fn test_named(name: &str) -> Test {
+        let text = format!(
+            "apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: {name}}}\nspec: {{hosts: [{{role: a}}], steps: [{{name: s, on: [a], argv: [\"true\"]}}]}}\n"
+        );
+        match testbus_proto::manifest::parse("t", &text).unwrap().pop() {
+            Some(testbus_proto::Object::Test(t)) => t,
+            _ => unreachable!(),
+        }
+    }
+
+    async fn serve(dir: &std::path::Path) -> (CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
+        let stop = CancellationToken::new();
+        let server = tokio::spawn(run(config(dir), stop.clone()));
+        let sock = format!("unix:{}", dir.join("api.sock").display());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(c) = Client::connect(&sock).await {
+                if c.api::<Test>().list("", "").await.is_ok() {
+                    break;
+                }
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the server did not come up");
+            if server.is_finished() {
+                panic!("the server ended: {:?}", server.await);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (stop, server)
+    }
+
+    /// A watcher whose stream broke used to list every object again; it
+    /// now resumes from the last revision it saw (here across a restart of
+    /// the server, which missed nothing), and lists only when told that
+    /// revision is gone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_watcher_resumes_after_a_restart_without_listing_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (stop, server) = serve(dir.path()).await;
+        let client = Client::lazy(&format!("unix:{}", dir.path().join("api.sock").display())).unwrap();
+        let tests = client.api::<Test>();
+        let events = watcher(tests.clone(), String::new(), String::new());
+        futures::pin_mut!(events);
+        async fn next<S: futures::Stream + Unpin>(s: &mut S) -> S::Item {
+            tokio::time::timeout(Duration::from_secs(30), s.next()).await.expect("an event").expect("never ends")
+        }
+        assert!(matches!(next(&mut events).await, WatcherEvent::Restarted(items) if items.is_empty()));
+        tests.create(test_named("t1")).await.unwrap();
+        assert!(matches!(next(&mut events).await, WatcherEvent::Applied(t) if t.name() == "t1"));
+
+        stop.cancel();
+        server.await.unwrap().unwrap();
+        let (stop, server) = serve(dir.path()).await;
+        tests.create(test_named("t2")).await.unwrap();
+        match next(&mut events).await {
+            WatcherEvent::Applied(t) => assert_eq!(t.name(), "t2"),
+            other => panic!("expected t2 applied, not a relist: {other:?}"),
+        }
+
+        // Written while nobody served, the server's watch cache starts
+        // after the watcher's revision: it is told so, and lists again.
+        stop.cancel();
+        server.await.unwrap().unwrap();
+        {
+            let store = EmbeddedStore::open(&dir.path().join("store.redb"), 100_000).unwrap();
+            let mut t3 = test_named("t3");
+            t3.meta_mut().uid = "u3".into();
+            store
+                .txn(
+                    vec![],
+                    vec![crate::store::Op::Put(
+                        crate::hub::key(testbus_proto::Kind::Test, "t3"),
+                        prost::Message::encode_to_vec(&t3),
+                    )],
+                )
+                .await
+                .unwrap();
+        }
+        let (stop, server) = serve(dir.path()).await;
+        match next(&mut events).await {
+            WatcherEvent::Restarted(items) => {
+                let mut names: Vec<&str> = items.iter().map(|t| t.name()).collect();
+                names.sort();
+                assert_eq!(names, ["t1", "t2", "t3"]);
+            }
+            other => panic!("expected a relist: {other:?}"),
+        }
+        stop.cancel();
+        server.await.unwrap().unwrap();
+    }
 }

@@ -60,9 +60,10 @@ fn store_err(e: crate::store::StoreError) -> Status {
 }
 
 impl SyncService {
-    pub fn new(st: ApiState) -> Self {
-        let index = SyncIndex::start(st.clone());
-        SyncService { st, index }
+    /// The service, and the task that feeds its index (until `stop`).
+    pub fn new(st: ApiState, stop: tokio_util::sync::CancellationToken) -> (Self, tokio::task::JoinHandle<()>) {
+        let (index, feed) = SyncIndex::start(st.clone(), stop);
+        (SyncService { st, index }, feed)
     }
 
     async fn object(&self, kind: Kind, name: &str) -> Result<Option<Object>, Status> {

@@ -141,20 +141,26 @@ impl Wakeup {
 }
 
 impl SyncIndex {
-    /// Starts the task that feeds the index; it runs until the runtime ends.
-    pub fn start(st: ApiState) -> SyncIndex {
+    /// Starts the task that feeds the index; it runs until `stop`.
+    pub fn start(st: ApiState, stop: tokio_util::sync::CancellationToken) -> (SyncIndex, tokio::task::JoinHandle<()>) {
         let (synced_tx, synced) = watch::channel(false);
         let index = SyncIndex { state: Default::default(), synced };
         let feed = index.clone();
-        tokio::spawn(async move {
-            loop {
-                if let Err(e) = feed.follow(&st, &synced_tx).await {
-                    tracing::warn!(error = %e, "sync index: feed failed; listing again");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+        let task = tokio::spawn(async move {
+            let follow = async {
+                loop {
+                    if let Err(e) = feed.follow(&st, &synced_tx).await {
+                        tracing::warn!(error = %e, "sync index: feed failed; listing again");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
                 }
+            };
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = follow => {}
             }
         });
-        index
+        (index, task)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

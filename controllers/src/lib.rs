@@ -68,6 +68,18 @@ fn schedulable_changed(old: Option<&Host>, new: Option<&Host>) -> bool {
     old.map(key) != new.map(key)
 }
 
+/// Feeds `cache` from a watch of its kind, calling `on_change` for every
+/// change, until `stop`.
+fn spawn_reflector<K: testbus_proto::client::ApiResource + 'static>(
+    tasks: &mut tokio::task::JoinSet<()>,
+    client: &Client,
+    cache: &Arc<Cache<K>>,
+    stop: &CancellationToken,
+    on_change: impl FnMut(&runtime::Change<K>) + Send + 'static,
+) {
+    tasks.spawn(reflect(client.api::<K>(), cache.clone(), on_change, stop.child_token()));
+}
+
 /// Runs the controllers until shutdown.
 ///
 /// Every task is given a child of `stop`: one started after the stop was
@@ -89,66 +101,51 @@ pub async fn run(client: Client, cfg: Config, stop: CancellationToken) -> Result
     let mut tasks = tokio::task::JoinSet::new();
     {
         let c = ctx.clone();
-        tasks.spawn(reflect(
-            client.api::<Host>(),
-            ctx.hosts.clone(),
-            move |(old, new)| {
-                let h = new.as_ref().or(old.as_ref());
-                if let Some(h) = h {
-                    c.host_queue.add(h.name());
+        spawn_reflector(&mut tasks, &client, &ctx.hosts, &stop, move |(old, new)| {
+            let h = new.as_ref().or(old.as_ref());
+            if let Some(h) = h {
+                c.host_queue.add(h.name());
+            }
+            for claim in [old, new].into_iter().flatten().filter_map(|h| h.status().claim.as_ref()) {
+                if !claim.test.is_empty() {
+                    c.test_queue.add(&claim.test);
                 }
-                for claim in [old, new].into_iter().flatten().filter_map(|h| h.status().claim.as_ref()) {
-                    if !claim.test.is_empty() {
-                        c.test_queue.add(&claim.test);
-                    }
-                }
-                if schedulable_changed(old.as_deref(), new.as_deref()) {
-                    for t in c.tests.filter(test_lifecycle::is_pending) {
-                        c.test_queue.add(t.name());
-                    }
-                }
-            },
-            stop.child_token(),
-        ));
-    }
-    {
-        let c = ctx.clone();
-        tasks.spawn(reflect(
-            client.api::<Test>(),
-            ctx.tests.clone(),
-            move |(old, new)| {
-                if let Some(t) = new.as_ref().or(old.as_ref()) {
+            }
+            if schedulable_changed(old.as_deref(), new.as_deref()) {
+                for t in c.tests.filter(test_lifecycle::is_pending) {
                     c.test_queue.add(t.name());
                 }
-                // A test that stops waiting (claimed, ended or deleted) no
-                // longer holds hosts back from those queued behind it.
-                let was_pending = old.as_deref().is_some_and(test_lifecycle::is_pending);
-                if was_pending && !new.as_deref().is_some_and(test_lifecycle::is_pending) {
-                    for t in c.tests.filter(test_lifecycle::is_pending) {
-                        c.test_queue.add(t.name());
-                    }
-                }
-            },
-            stop.child_token(),
-        ));
+            }
+        });
     }
     {
         let c = ctx.clone();
-        tasks.spawn(reflect(
-            client.api::<Process>(),
-            ctx.processes.clone(),
-            move |(old, new)| {
-                if let Some(p) = new.as_ref().or(old.as_ref()) {
-                    c.test_queue.add(&p.spec().test);
+        spawn_reflector(&mut tasks, &client, &ctx.tests, &stop, move |(old, new)| {
+            if let Some(t) = new.as_ref().or(old.as_ref()) {
+                c.test_queue.add(t.name());
+            }
+            // A test that stops waiting (claimed, ended or deleted) no
+            // longer holds hosts back from those queued behind it.
+            let was_pending = old.as_deref().is_some_and(test_lifecycle::is_pending);
+            if was_pending && !new.as_deref().is_some_and(test_lifecycle::is_pending) {
+                for t in c.tests.filter(test_lifecycle::is_pending) {
+                    c.test_queue.add(t.name());
                 }
-                // A process seen ended counts for (or against) its host.
-                if let Some(p) = new.as_ref().filter(|p| testbus_proto::phase::process_terminal(&p.status().phase)) {
-                    c.ledger.record(p);
-                    c.host_queue.add(&p.spec().host_name);
-                }
-            },
-            stop.child_token(),
-        ));
+            }
+        });
+    }
+    {
+        let c = ctx.clone();
+        spawn_reflector(&mut tasks, &client, &ctx.processes, &stop, move |(old, new)| {
+            if let Some(p) = new.as_ref().or(old.as_ref()) {
+                c.test_queue.add(&p.spec().test);
+            }
+            // A process seen ended counts for (or against) its host.
+            if let Some(p) = new.as_ref().filter(|p| testbus_proto::phase::process_terminal(&p.status().phase)) {
+                c.ledger.record(p);
+                c.host_queue.add(&p.spec().host_name);
+            }
+        });
     }
     // Reconcile only from complete caches.
     let synced = async {

@@ -16,13 +16,10 @@ use std::time::{Duration, SystemTime};
 use testbus_proto::steps::Expanded;
 use testbus_proto::validate::members;
 use testbus_proto::{
-    duration, phase, time, Condition, Host, ObjectMeta, OwnerReference, Process, ProcessResult, ProcessSpec, Resource,
-    Step, StepStatus, Test, TestStatus,
+    duration, phase, time, Condition, Host, Process, ProcessResult, Resource, Step, StepStatus, Test, TestStatus,
 };
 
-pub const LABEL_TEST: &str = "testbus.io/test";
-pub const LABEL_STEP: &str = "testbus.io/step";
-pub const LABEL_ROLE: &str = "testbus.io/role";
+pub use testbus_proto::process::{LABEL_ROLE, LABEL_STEP, LABEL_TEST};
 /// A test without `spec.timeout` gets this one.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3600);
 /// The condition that records a verdict while the test's processes are
@@ -133,51 +130,7 @@ pub use testbus_proto::process::name as process_name;
 
 /// The Process of `step` for `member` on `host`.
 pub fn process_for(t: &Test, step: &Expanded, member: &str, host: &Host) -> Process {
-    let env = testbus_proto::process::env(t, host, member, &step.step.name, &step.test_env, &step.step.env);
-    let step = &step.step;
-    let labels = [
-        (LABEL_TEST.to_string(), t.name().to_string()),
-        (LABEL_STEP.to_string(), step.name.clone()),
-        (LABEL_ROLE.to_string(), member.to_string()),
-    ]
-    .into();
-    Process {
-        metadata: Some(ObjectMeta {
-            name: process_name(t.name(), &step.name, member),
-            labels,
-            owner_references: vec![OwnerReference {
-                kind: "Test".into(),
-                name: t.name().into(),
-                uid: t.meta().uid.clone(),
-                controller: true,
-            }],
-            ..Default::default()
-        }),
-        spec: Some(ProcessSpec {
-            host_name: host.name().into(),
-            test: t.name().into(),
-            test_uid: t.meta().uid.clone(),
-            role: member.into(),
-            step: step.name.clone(),
-            argv: step.argv.clone(),
-            script: step.script.clone(),
-            shell: step.shell,
-            env,
-            stdin: step.stdin.clone(),
-            workdir: step.workdir.clone(),
-            timeout: step.timeout.clone(),
-            exit_codes: if step.exit_codes.is_empty() { vec![0] } else { step.exit_codes.clone() },
-            stop: false,
-            gated: step.sync,
-            released: false,
-            // Test files reach every host, host files every process on the
-            // host, step files the step's hosts; later ones win a path.
-            files: t.spec().files.iter().chain(&host.spec().files).chain(&step.files).cloned().collect(),
-            stdin_file: step.stdin_file.clone(),
-            test_host_vars: testbus_proto::process::reads_host_vars(t),
-        }),
-        ..Default::default()
-    }
+    testbus_proto::process::build(t, host, member, &step.step, &step.test_env, testbus_proto::process::Origin::Step)
 }
 
 fn result_of(p: &Process) -> ProcessResult {

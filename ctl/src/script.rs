@@ -9,8 +9,8 @@ use std::io::Write;
 use testbus_proto::client::{watcher, Client, WatcherEvent};
 use testbus_proto::validate::member_matches;
 use testbus_proto::{
-    phase, FileRef, FinishRequest, Host, HostRequirement, ObjectMeta, Process, ProcessSpec, RecordResultRequest,
-    Resource, SetEnvRequest, Test, TestSpec,
+    phase, FileRef, FinishRequest, Host, HostRequirement, ObjectMeta, Process, RecordResultRequest, Resource,
+    SetEnvRequest, Test, TestSpec,
 };
 
 /// `ROLE[=CAP[,CAP...]][:COUNT]`.
@@ -134,40 +134,23 @@ async fn run_processes(
     let id = format!("x{}", suffix());
     let mut names = Vec::new();
     for (member, host) in &members {
-        let p = Process {
-            metadata: Some(ObjectMeta {
-                name: testbus_proto::process::name(test, &id, member),
-                labels: [
-                    ("testbus.io/test".to_string(), test.to_string()),
-                    ("testbus.io/exec".to_string(), id.clone()),
-                    ("testbus.io/role".to_string(), member.clone()),
-                ]
-                .into(),
-                owner_references: vec![testbus_proto::OwnerReference {
-                    kind: "Test".into(),
-                    name: test.into(),
-                    uid: t.meta().uid.clone(),
-                    controller: true,
-                }],
-                ..Default::default()
-            }),
-            spec: Some(ProcessSpec {
-                host_name: host.name().into(),
-                test: test.into(),
-                test_uid: t.meta().uid.clone(),
-                role: member.clone(),
-                step: id.clone(),
-                argv: a.argv.clone(),
-                env: testbus_proto::process::env(&t, host, member, &id, &BTreeMap::new(), &a.env),
-                stdin: a.stdin.clone().unwrap_or_default(),
-                timeout: a.timeout.clone().unwrap_or_default(),
-                exit_codes: vec![0],
-                files: a.files.clone(),
-                test_host_vars: testbus_proto::process::reads_host_vars(&t),
-                ..Default::default()
-            }),
+        let unit = testbus_proto::Step {
+            name: id.clone(),
+            argv: a.argv.clone(),
+            env: a.env.clone(),
+            stdin: a.stdin.clone().unwrap_or_default(),
+            timeout: a.timeout.clone().unwrap_or_default(),
+            files: a.files.clone(),
             ..Default::default()
         };
+        let p = testbus_proto::process::build(
+            &t,
+            host,
+            member,
+            &unit,
+            &BTreeMap::new(),
+            testbus_proto::process::Origin::Exec,
+        );
         names.push(client.api::<Process>().create(p).await?.name().to_string());
     }
     let prefix = members.len() > 1;

@@ -564,12 +564,7 @@ fn main() {
 }
 
 async fn agent_main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,h2=warn,tower=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    testbus_telemetry::init_logging();
     let args = Args::parse();
     if let Err(e) = run(args).await {
         eprintln!("testbus-agent: {e:#}");

@@ -418,9 +418,13 @@ pub enum WatcherEvent<K> {
     Deleted(K),
 }
 
-/// List, then watch from the listing's revision; on a compacted revision or
-/// a broken stream, list again (after a jittered backoff on errors). The
-/// stream never ends; errors are logged and retried.
+/// List, then watch from the listing's revision. When the stream breaks
+/// (the connection went, the server restarted), the watch resumes from the
+/// last revision seen, and lists again only when the server says that
+/// revision is gone (a Compacted event, or OUT_OF_RANGE), as kube's watcher
+/// does: a reconnect costs a watch call, not a listing of every object.
+/// Retries back off with jitter. The stream never ends; errors are logged
+/// at debug and retried.
 pub fn watcher<K: ApiResource>(
     api: Api<K>,
     label_selector: String,
@@ -428,6 +432,8 @@ pub fn watcher<K: ApiResource>(
 ) -> impl Stream<Item = WatcherEvent<K>> + Send {
     enum State<K> {
         List,
+        /// The stream broke after this revision: watch again from it.
+        Resume(String),
         Watch(BoxStream<'static, Result<WatchEvent<K>, Status>>, String),
     }
     let backoff_max = Duration::from_secs(5);
@@ -459,6 +465,15 @@ pub fn watcher<K: ApiResource>(
                             state = State::List;
                         }
                     },
+                    State::Resume(rv) => match api.watch(&rv, &ls, &fs).await {
+                        Ok(stream) => state = State::Watch(stream, rv),
+                        Err(s) if s.code() == tonic::Code::OutOfRange => state = State::List,
+                        Err(s) => {
+                            tracing::debug!(kind = %K::KIND, error = %s, "watch failed; resuming");
+                            sleep_jittered(&mut backoff, backoff_max).await;
+                            state = State::Resume(rv);
+                        }
+                    },
                     State::Watch(mut stream, rv) => match stream.next().await {
                         Some(Ok(ev)) => {
                             let rv = if ev.resource_version.is_empty() { rv } else { ev.resource_version.clone() };
@@ -474,16 +489,16 @@ pub fn watcher<K: ApiResource>(
                                     continue;
                                 }
                             };
-                            return Some((out, (State::Watch(stream, rv), backoff)));
+                            return Some((out, (State::Watch(stream, rv), Duration::from_millis(50))));
                         }
                         Some(Err(s)) => {
-                            tracing::debug!(kind = %K::KIND, error = %s, "watch broke");
+                            tracing::debug!(kind = %K::KIND, error = %s, "watch broke; resuming");
                             sleep_jittered(&mut backoff, backoff_max).await;
-                            state = State::List;
+                            state = State::Resume(rv);
                         }
                         None => {
                             sleep_jittered(&mut backoff, backoff_max).await;
-                            state = State::List;
+                            state = State::Resume(rv);
                         }
                     },
                 }

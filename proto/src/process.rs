@@ -1,8 +1,91 @@
 //! How a Process is built for a test: its name and its environment. Shared
 //! by the test controller (steps) and `testbusctl exec` (imperative
 //! scripts), so both follow the same precedence rules.
-use crate::{Host, Resource, Test};
+use crate::{FileRef, Host, ObjectMeta, OwnerReference, Process, ProcessSpec, Resource, Step, Test};
 use std::collections::BTreeMap;
+
+/// Label: the test a Process belongs to.
+pub const LABEL_TEST: &str = "testbus.io/test";
+/// Label: the step a Process runs (steps only).
+pub const LABEL_STEP: &str = "testbus.io/step";
+/// Label: the `exec` call a Process runs (exec only).
+pub const LABEL_EXEC: &str = "testbus.io/exec";
+/// Label: the member (role or role with index) a Process runs for.
+pub const LABEL_ROLE: &str = "testbus.io/role";
+
+/// Where a Process comes from, which decides its unit label and its files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// A step of the test: it gets the test's files, its host's, then the
+    /// step's (later ones win a path).
+    Step,
+    /// An imperative `exec`: only the files it was given.
+    Exec,
+}
+
+/// The Process that runs `unit` (a step, or an exec call given as a step)
+/// of test `t` for `member` on `host`. `child_env` is the env of the child
+/// tests the step is in (see [`env`]). The one builder for steps and
+/// `exec`.
+pub fn build(
+    t: &Test,
+    host: &Host,
+    member: &str,
+    unit: &Step,
+    child_env: &BTreeMap<String, String>,
+    origin: Origin,
+) -> Process {
+    let env = env(t, host, member, &unit.name, child_env, &unit.env);
+    let unit_label = match origin {
+        Origin::Step => LABEL_STEP,
+        Origin::Exec => LABEL_EXEC,
+    };
+    let labels = [
+        (LABEL_TEST.to_string(), t.name().to_string()),
+        (unit_label.to_string(), unit.name.clone()),
+        (LABEL_ROLE.to_string(), member.to_string()),
+    ]
+    .into();
+    let files: Vec<FileRef> = match origin {
+        Origin::Step => t.spec().files.iter().chain(&host.spec().files).chain(&unit.files).cloned().collect(),
+        Origin::Exec => unit.files.clone(),
+    };
+    Process {
+        metadata: Some(ObjectMeta {
+            name: name(t.name(), &unit.name, member),
+            labels,
+            owner_references: vec![OwnerReference {
+                kind: "Test".into(),
+                name: t.name().into(),
+                uid: t.meta().uid.clone(),
+                controller: true,
+            }],
+            ..Default::default()
+        }),
+        spec: Some(ProcessSpec {
+            host_name: host.name().into(),
+            test: t.name().into(),
+            test_uid: t.meta().uid.clone(),
+            role: member.into(),
+            step: unit.name.clone(),
+            argv: unit.argv.clone(),
+            script: unit.script.clone(),
+            shell: unit.shell,
+            env,
+            stdin: unit.stdin.clone(),
+            workdir: unit.workdir.clone(),
+            timeout: unit.timeout.clone(),
+            exit_codes: if unit.exit_codes.is_empty() { vec![0] } else { unit.exit_codes.clone() },
+            stop: false,
+            gated: unit.sync,
+            released: false,
+            files,
+            stdin_file: unit.stdin_file.clone(),
+            test_host_vars: reads_host_vars(t),
+        }),
+        ..Default::default()
+    }
+}
 
 /// Deterministic, DNS-label-safe process name: creating it twice is a no-op.
 pub fn name(test: &str, step: &str, member: &str) -> String {

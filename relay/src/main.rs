@@ -348,10 +348,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    testbus_telemetry::init_logging();
     let args = Args::parse();
     if let Err(e) = run(args).await {
         eprintln!("testbus-relay: {e:#}");
