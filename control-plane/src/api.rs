@@ -239,16 +239,11 @@ impl<K: Policy> ResourceService<K> {
     }
 
     fn decode(kv: &crate::store::KeyValue) -> Result<K, Status> {
-        let mut o = K::decode(kv.value.as_slice()).map_err(|e| Status::data_loss(format!("{}: {e}", kv.key)))?;
-        o.meta_mut().resource_version = kv.mod_revision.to_string();
-        Ok(o)
+        K::from_stored(&kv.value, kv.mod_revision).map_err(|e| Status::data_loss(format!("{}: {e}", kv.key)))
     }
 
     fn encode(o: &K) -> Vec<u8> {
-        let mut o = o.clone();
-        // The revision is the store's, not part of the stored value.
-        o.meta_mut().resource_version.clear();
-        o.encode_to_vec()
+        o.to_stored()
     }
 
     fn not_found(name: &str) -> Status {

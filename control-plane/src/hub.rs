@@ -14,7 +14,6 @@
 //! channel is full) is dropped; its stream then ends with `Compacted`.
 use crate::store::{Event, Revision, Store, StoreError};
 use futures::StreamExt;
-use prost::Message;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use testbus_proto::client::EventType;
@@ -138,14 +137,10 @@ pub fn decode(key: &str, value: &[u8], revision: Revision) -> Option<Object> {
     let rest = key.strip_prefix(REGISTRY_PREFIX)?;
     let plural = rest.split('/').next()?;
     let kind = Kind::ALL.into_iter().find(|k| k.plural() == plural)?;
-    fn with_rv<K: Resource>(mut o: K, rev: Revision) -> K {
-        o.meta_mut().resource_version = rev.to_string();
-        o
-    }
     let obj = match kind {
-        Kind::Host => Object::Host(with_rv(Host::decode(value).ok()?, revision)),
-        Kind::Test => Object::Test(with_rv(Test::decode(value).ok()?, revision)),
-        Kind::Process => Object::Process(with_rv(Process::decode(value).ok()?, revision)),
+        Kind::Host => Object::Host(Host::from_stored(value, revision).ok()?),
+        Kind::Test => Object::Test(Test::from_stored(value, revision).ok()?),
+        Kind::Process => Object::Process(Process::from_stored(value, revision).ok()?),
     };
     Some(obj)
 }

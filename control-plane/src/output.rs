@@ -950,7 +950,7 @@ mod tests {
                 spec: Some(ProcessSpec { host_name: "h".into(), argv: vec!["true".into()], ..Default::default() }),
                 ..Default::default()
             };
-            let value = prost::Message::encode_to_vec(&p);
+            let value = p.to_stored();
             store.txn(vec![], vec![Op::Put(hub::key(Kind::Process, &name), value)]).await.unwrap();
         }
         let svc = OutputService::new(dir.path().join("output"), api, DEFAULT_LIMIT, None).unwrap();
@@ -989,7 +989,7 @@ mod tests {
             status: Some(testbus_proto::ProcessStatus { phase: phase.into(), ..Default::default() }),
             ..Default::default()
         };
-        let value = prost::Message::encode_to_vec(&p);
+        let value = p.to_stored();
         store.txn(vec![], vec![Op::Put(hub::key(Kind::Process, &name), value)]).await.unwrap();
     }
 

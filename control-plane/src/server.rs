@@ -688,7 +688,7 @@ mod tests {
                     vec![],
                     vec![crate::store::Op::Put(
                         crate::hub::key(testbus_proto::Kind::Test, "t3"),
-                        prost::Message::encode_to_vec(&t3),
+                        t3.to_stored(),
                     )],
                 )
                 .await

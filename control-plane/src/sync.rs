@@ -6,8 +6,9 @@
 //! by the hub and one watch of the sync keys), so it sees a participant's
 //! death or host loss as soon as the controllers record it, and a change to
 //! another test costs it nothing.
-//! Barrier participants are fixed by the first process to arrive: every
-//! member the test claimed (or those of the given roles).
+//! A barrier's participants are every member the test claimed (or those of
+//! the roles the call names), read from the claim by each caller: fixed by
+//! the claim, never by who arrives first or which processes run.
 use crate::api::ApiState;
 use crate::hub;
 use crate::store::{Compare, Op};

@@ -147,7 +147,8 @@ enum Cmd {
         #[arg(long)]
         failed: bool,
     },
-    /// Inside a test process: wait until every running process of the test arrives at NAME.
+    /// Inside a test process: wait until every member the test claimed (or each of --role) arrives at
+    /// barrier NAME; fails at once if one of them can no longer arrive.
     Sync {
         name: String,
         /// Only these roles or members take part (repeatable).

@@ -24,7 +24,7 @@ pub mod subst;
 pub mod time;
 pub mod validate;
 
-pub use resource::{Kind, Object, Resource};
+pub use resource::{DecodeError, Kind, Object, Resource};
 
 /// The encoded FileDescriptorSet of the API, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/testbus_descriptor.bin"));

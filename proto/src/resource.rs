@@ -5,6 +5,11 @@ use crate::{Host, ObjectMeta, Process, Test};
 use serde::{de::DeserializeOwned, Serialize};
 use std::fmt;
 
+/// A stored value that is not an object of the kind its key says.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a valid stored object: {0}")]
+pub struct DecodeError(pub String);
+
 pub trait Resource:
     prost::Message + Default + Clone + PartialEq + Serialize + DeserializeOwned + Send + Sync + 'static
 {
@@ -38,6 +43,24 @@ pub trait Resource:
         self
     }
     fn into_object(self) -> Object;
+
+    /// The stored form of the object: its protobuf encoding, without its
+    /// resourceVersion (the store's revision of the write, not part of the
+    /// value). With [`Resource::from_stored`], the only way other crates
+    /// turn objects into bytes and back.
+    fn to_stored(&self) -> Vec<u8> {
+        let mut o = self.clone();
+        o.meta_mut().resource_version.clear();
+        prost::Message::encode_to_vec(&o)
+    }
+
+    /// An object from its stored form, with resourceVersion set to the
+    /// store revision of its last write.
+    fn from_stored(bytes: &[u8], revision: u64) -> Result<Self, DecodeError> {
+        let mut o = <Self as prost::Message>::decode(bytes).map_err(|e| DecodeError(e.to_string()))?;
+        o.meta_mut().resource_version = revision.to_string();
+        Ok(o)
+    }
 }
 
 macro_rules! resource {
