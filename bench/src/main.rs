@@ -166,9 +166,18 @@ async fn start(smoke: bool) -> anyhow::Result<serde_json::Value> {
     let mut ms = Vec::new();
     for i in 0..n {
         let name = format!("start-{i}");
-        let t: Test = testbus_proto::manifest::parse("start.yaml", &format!(
-            "apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: {name}}}\nspec:\n  hosts: [{{role: server}}, {{role: client, count: 2}}]\n  steps: [{{name: s, on: [server, client], argv: [\"true\"]}}]\n"
-        ))?
+        let t: Test = testbus_proto::manifest::parse(
+            "start.yaml",
+            &format!(
+                r#"apiVersion: testbus/v1
+kind: Test
+metadata: {{name: {name}}}
+spec:
+  hosts: [{{role: server}}, {{role: client, count: 2}}]
+  steps: [{{name: s, on: [server, client], argv: ["true"]}}]
+"#
+            ),
+        )?
         .into_iter()
         .find_map(|o| match o {
             testbus_proto::Object::Test(t) => Some(t),
@@ -215,7 +224,13 @@ async fn throughput(smoke: bool) -> anyhow::Result<serde_json::Value> {
     for round in 0..rounds {
         let name = format!("flood-{round}");
         let mut m = format!(
-            "apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: {name}}}\nspec:\n  hosts: [{{role: w, count: {agents}}}]\n  steps:\n"
+            r#"apiVersion: testbus/v1
+kind: Test
+metadata: {{name: {name}}}
+spec:
+  hosts: [{{role: w, count: {agents}}}]
+  steps:
+"#
         );
         for s in 0..steps {
             m.push_str(&format!("    - {{name: s{s}, on: [w], argv: [\"true\"]}}\n"));
@@ -354,7 +369,16 @@ async fn files(smoke: bool) -> anyhow::Result<serde_json::Value> {
         let path = manifest(
             &c,
             &format!("{name}.yaml"),
-            &format!("apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: {name}}}\nspec:\n  files: [{{source: big.bin, path: big.bin}}]\n  hosts: [{{role: h, count: {hosts}}}]\n  steps: [{{name: s, on: [h], argv: [sha256sum, big.bin]}}]\n"),
+            &format!(
+                r#"apiVersion: testbus/v1
+kind: Test
+metadata: {{name: {name}}}
+spec:
+  files: [{{source: big.bin, path: big.bin}}]
+  hosts: [{{role: h, count: {hosts}}}]
+  steps: [{{name: s, on: [h], argv: [sha256sum, big.bin]}}]
+"#
+            ),
         );
         let before = fetched(&c);
         let t = Instant::now();

@@ -14,8 +14,9 @@
 //! channel is full) is dropped; its stream then ends with `Compacted`.
 use crate::store::{Event, Revision, Store, StoreError};
 use futures::StreamExt;
+use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use testbus_proto::client::EventType;
 use testbus_proto::selector::{FieldSelector, LabelSelector};
 use testbus_proto::{Host, Kind, Object, Process, Resource, Test};
@@ -211,7 +212,7 @@ impl Hub {
             follower: Mutex::new(None),
         });
         let task = tokio::spawn(follow(Arc::downgrade(&hub), store, rev, stop));
-        *hub.follower.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+        *hub.follower.lock() = Some(task);
         Ok(hub)
     }
 
@@ -219,7 +220,7 @@ impl Hub {
     /// hold on the store) is gone. Watchers get no more events.
     pub async fn stop(&self) {
         self.stop.cancel();
-        let task = self.follower.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let task = self.follower.lock().take();
         if let Some(task) = task {
             let _ = task.await;
         }
@@ -237,10 +238,10 @@ impl Hub {
         st.floor = rev;
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+    fn lock(&self) -> parking_lot::MutexGuard<'_, State> {
         // A panic while holding this lock would be a bug in this module;
         // recover the state rather than poisoning every watch.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock()
     }
 
     fn dispatch(&self, ev: Event) {

@@ -24,10 +24,11 @@ use crate::hub;
 use crate::store::{Compare, Event, KeyValue, Op, Store};
 use futures::stream::BoxStream;
 use futures::StreamExt;
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use testbus_proto::output_server::Output;
 use testbus_proto::{
@@ -295,7 +296,7 @@ impl OutputService {
     /// `keep`, if one is open and not in use.
     fn close_least_recent(&self, keep: &str) {
         let logs: Vec<(String, Arc<tokio::sync::Mutex<Log>>)> = {
-            let logs = self.logs.lock().unwrap_or_else(|p| p.into_inner());
+            let logs = self.logs.lock();
             logs.iter().filter(|(u, _)| u.as_str() != keep).map(|(u, l)| (u.clone(), l.clone())).collect()
         };
         let mut oldest: Option<(std::time::Instant, tokio::sync::OwnedMutexGuard<Log>)> = None;
@@ -322,7 +323,7 @@ impl OutputService {
 
     /// The Process has ended: its log is complete and its file is closed.
     async fn seal(&self, uid: &str) {
-        let log = self.logs.lock().unwrap_or_else(|p| p.into_inner()).get(uid).cloned();
+        let log = self.logs.lock().get(uid).cloned();
         if let Some(log) = log {
             let mut l = log.lock().await;
             l.ended = true;
@@ -333,12 +334,12 @@ impl OutputService {
     /// The Process is gone: so is its output, in memory, on disk and in a
     /// shared store.
     async fn forget(&self, name: &str, uid: &str) {
-        let log = self.logs.lock().unwrap_or_else(|p| p.into_inner()).remove(uid);
+        let log = self.logs.lock().remove(uid);
         if let Some(log) = log {
             self.close_file(&mut *log.lock().await);
         }
         {
-            let mut uids = self.uids.lock().unwrap_or_else(|p| p.into_inner());
+            let mut uids = self.uids.lock();
             if uids.get(name).is_some_and(|u| u == uid) {
                 uids.remove(name);
             }
@@ -423,7 +424,7 @@ impl OutputService {
             let name = e.file_name().to_string_lossy().into_owned();
             let Some(uid) = name.strip_suffix(".log") else { continue };
             // Created after the listing: not ours to judge.
-            if !live.contains(uid) && !self.logs.lock().unwrap_or_else(|p| p.into_inner()).contains_key(uid) {
+            if !live.contains(uid) && !self.logs.lock().contains_key(uid) {
                 let _ = tokio::fs::remove_file(e.path()).await;
             }
         }
@@ -471,7 +472,7 @@ impl OutputService {
             // a task of its own: a caller that goes away cannot leave the
             // log half-loaded.
             let (log, loading) = {
-                let mut logs = self.logs.lock().unwrap_or_else(|p| p.into_inner());
+                let mut logs = self.logs.lock();
                 match logs.get(uid) {
                     Some(l) => (l.clone(), None),
                     None => {
@@ -494,7 +495,7 @@ impl OutputService {
                             Ok(())
                         }
                         Err(e) => {
-                            svc.logs.lock().unwrap_or_else(|p| p.into_inner()).remove(&uid);
+                            svc.logs.lock().remove(&uid);
                             Err(io_err(e))
                         }
                     }
@@ -503,13 +504,13 @@ impl OutputService {
             }
             return Ok(log);
         };
-        if let Some(l) = self.logs.lock().unwrap_or_else(|p| p.into_inner()).get(uid) {
+        if let Some(l) = self.logs.lock().get(uid) {
             return Ok(l.clone());
         }
         // Loading from the store changes nothing: two loads at once are
         // harmless, and the first one kept wins.
         let log = load_store(store.as_ref(), uid).await?;
-        let mut logs = self.logs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut logs = self.logs.lock();
         Ok(logs.entry(uid.to_string()).or_insert_with(|| Arc::new(tokio::sync::Mutex::new(log))).clone())
     }
 
@@ -520,14 +521,12 @@ impl OutputService {
         }
         let stream = OutputStream::try_from(c.stream)
             .map_err(|_| Status::invalid_argument(format!("stream: unknown output stream {}", c.stream)))?;
-        let cached = (c.offset > 0)
-            .then(|| self.uids.lock().unwrap_or_else(|p| p.into_inner()).get(&c.process).cloned())
-            .flatten();
+        let cached = (c.offset > 0).then(|| self.uids.lock().get(&c.process).cloned()).flatten();
         let uid = match cached {
             Some(uid) => uid,
             None => {
                 let uid = self.uid_of_running(&c.process).await?;
-                let mut uids = self.uids.lock().unwrap_or_else(|p| p.into_inner());
+                let mut uids = self.uids.lock();
                 if uids.len() > 100_000 {
                     uids.clear();
                 }
@@ -1042,7 +1041,7 @@ mod tests {
         wait_until(|| {
             let svc = svc2.clone();
             async move {
-                let l = svc.logs.lock().unwrap().get("uid-0").cloned();
+                let l = svc.logs.lock().get("uid-0").cloned();
                 match l {
                     Some(l) => l.lock().await.ended,
                     None => false,
@@ -1063,7 +1062,7 @@ mod tests {
             async move { !path.exists() }
         })
         .await;
-        assert!(!svc.logs.lock().unwrap().contains_key("uid-1"));
+        assert!(!svc.logs.lock().contains_key("uid-1"));
         // A file whose Process is gone (deleted while the janitor was not
         // watching) goes at the next sweep.
         std::fs::write(svc.path("uid-orphan"), b"").unwrap();

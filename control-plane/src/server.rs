@@ -125,7 +125,7 @@ async fn sends_preface(s: &impl Peek, limit: Duration) -> bool {
 }
 
 /// Connections counted by peer address.
-type PeerCounts = Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>;
+type PeerCounts = Arc<parking_lot::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>;
 
 /// One connection's place in its peer's count, given back when dropped.
 struct PeerSlot {
@@ -136,7 +136,7 @@ struct PeerSlot {
 impl PeerSlot {
     /// A slot, if `ip` has fewer than `max` connections counted.
     fn take(counts: &PeerCounts, ip: std::net::IpAddr, max: usize) -> Option<PeerSlot> {
-        let mut c = counts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut c = counts.lock();
         let n = c.entry(ip).or_insert(0);
         if *n >= max {
             return None;
@@ -148,7 +148,7 @@ impl PeerSlot {
 
 impl Drop for PeerSlot {
     fn drop(&mut self) {
-        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut c = self.counts.lock();
         if let Some(n) = c.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {
@@ -164,11 +164,11 @@ impl Drop for PeerSlot {
 /// silent connections is bounded, and a real client from the same peer
 /// (whose preface comes at once) still gets in.
 #[derive(Clone)]
-struct Handshakes<P>(Arc<std::sync::Mutex<HandshakeState<P>>>);
+struct Handshakes<P>(Arc<parking_lot::Mutex<HandshakeState<P>>>);
 
 impl<P> Default for Handshakes<P> {
     fn default() -> Self {
-        Handshakes(Arc::new(std::sync::Mutex::new(HandshakeState { next: 0, by_peer: Default::default() })))
+        Handshakes(Arc::new(parking_lot::Mutex::new(HandshakeState { next: 0, by_peer: Default::default() })))
     }
 }
 
@@ -185,7 +185,7 @@ impl<P: std::hash::Hash + Eq + Copy> Handshakes<P> {
     /// Admits a connection from `ip`; the receiver fires if it is evicted.
     fn admit(&self, ip: P) -> (u64, tokio::sync::oneshot::Receiver<()>) {
         let (evict, evicted) = tokio::sync::oneshot::channel();
-        let mut st = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.0.lock();
         st.next += 1;
         let id = st.next;
         let q = st.by_peer.entry(ip).or_default();
@@ -200,7 +200,7 @@ impl<P: std::hash::Hash + Eq + Copy> Handshakes<P> {
 
     /// The connection `id` from `ip` is done with its handshake.
     fn leave(&self, ip: P, id: u64) {
-        let mut st = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.0.lock();
         if let Some(q) = st.by_peer.get_mut(&ip) {
             q.retain(|(i, _)| *i != id);
             if q.is_empty() {
@@ -619,7 +619,11 @@ mod tests {
 
     fn test_named(name: &str) -> Test {
         let text = format!(
-            "apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: {name}}}\nspec: {{hosts: [{{role: a}}], steps: [{{name: s, on: [a], argv: [\"true\"]}}]}}\n"
+            r#"apiVersion: testbus/v1
+kind: Test
+metadata: {{name: {name}}}
+spec: {{hosts: [{{role: a}}], steps: [{{name: s, on: [a], argv: ["true"]}}]}}
+"#
         );
         match testbus_proto::manifest::parse("t", &text).unwrap().pop() {
             Some(testbus_proto::Object::Test(t)) => t,
@@ -686,10 +690,7 @@ mod tests {
             store
                 .txn(
                     vec![],
-                    vec![crate::store::Op::Put(
-                        crate::hub::key(testbus_proto::Kind::Test, "t3"),
-                        t3.to_stored(),
-                    )],
+                    vec![crate::store::Op::Put(crate::hub::key(testbus_proto::Kind::Test, "t3"), t3.to_stored())],
                 )
                 .await
                 .unwrap();

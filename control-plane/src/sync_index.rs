@@ -13,8 +13,9 @@ use crate::api::ApiState;
 use crate::hub::{self, HubEvent};
 use crate::store::Revision;
 use futures::StreamExt;
+use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use testbus_proto::client::EventType;
 use testbus_proto::{phase, Host, Kind, Object, Process, Resource};
@@ -163,8 +164,8 @@ impl SyncIndex {
         (index, task)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, State> {
+        self.state.lock()
     }
 
     /// Waits until the index has its first listing.

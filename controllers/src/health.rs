@@ -9,8 +9,8 @@
 //! the cache itself; the host controller reads it, level-triggered, on each
 //! reconcile. Only failures that finished after the host's
 //! `testbus.io/healthy-since` annotation (set by `uncordon`) count.
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::SystemTime;
 use testbus_proto::{phase, time, Process, Resource};
 
@@ -64,7 +64,7 @@ impl Ledger {
             finished,
             infra: infra_failure(p),
         };
-        let mut by_host = self.by_host.lock().unwrap_or_else(|x| x.into_inner());
+        let mut by_host = self.by_host.lock();
         let entries = by_host.entry(p.spec().host_name.clone()).or_default();
         if entries.iter().any(|x| x.process == e.process) {
             return;
@@ -77,7 +77,7 @@ impl Ledger {
     /// The infrastructure failures of `host` in a row, newest first, among
     /// those that finished after `since`, one per test: (process, reason).
     pub fn streak(&self, host: &str, since: SystemTime) -> Vec<(String, String)> {
-        let by_host = self.by_host.lock().unwrap_or_else(|x| x.into_inner());
+        let by_host = self.by_host.lock();
         let mut tests = std::collections::HashSet::new();
         by_host
             .get(host)

@@ -8,8 +8,9 @@
 //!   if it is added while being reconciled, it is queued again when the
 //!   running reconcile is done. Delayed requeues collapse into the earliest.
 use futures::StreamExt;
+use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 use testbus_proto::client::{watcher, Api, ApiResource, WatcherEvent};
 use tokio::sync::Notify;
@@ -54,15 +55,15 @@ impl<K: ApiResource> Cache<K> {
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<K>> {
-        self.objects.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+        self.objects.read().get(name).cloned()
     }
 
     pub fn list(&self) -> Vec<Arc<K>> {
-        self.objects.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+        self.objects.read().values().cloned().collect()
     }
 
     pub fn filter(&self, f: impl Fn(&K) -> bool) -> Vec<Arc<K>> {
-        self.objects.read().unwrap_or_else(|p| p.into_inner()).values().filter(|o| f(o)).cloned().collect()
+        self.objects.read().values().filter(|o| f(o)).cloned().collect()
     }
 
     /// Waits for the first complete listing; an error if the reflector
@@ -88,7 +89,7 @@ impl<K: ApiResource> Cache<K> {
 
     /// Applies one watcher event and returns the changes it made.
     fn apply(&self, ev: WatcherEvent<K>) -> Vec<Change<K>> {
-        let mut map = self.objects.write().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.objects.write();
         let mut changes = Vec::new();
         match ev {
             WatcherEvent::Restarted(items) => {
@@ -173,8 +174,8 @@ impl Queue {
         Arc::new(Queue::default())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
-        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> parking_lot::MutexGuard<'_, QueueState> {
+        self.st.lock()
     }
 
     pub fn add(&self, name: &str) {
@@ -381,7 +382,7 @@ mod tests {
     async fn an_object_that_keeps_failing_is_told_and_told_again_when_it_recovers() {
         let q = Queue::new();
         let stop = CancellationToken::new();
-        let reports = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let reports = Arc::new(parking_lot::Mutex::new(Vec::new()));
         let attempts = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let (r, a) = (reports.clone(), attempts.clone());
         let worker = tokio::spawn(run_worker(
@@ -397,7 +398,7 @@ mod tests {
                 }
             },
             move |name, trouble| {
-                r.lock().unwrap().push((name, trouble));
+                r.lock().push((name, trouble));
                 async {}
             },
             stop.clone(),
@@ -410,7 +411,7 @@ mod tests {
         stop.cancel();
         worker.await.unwrap();
         assert_eq!(
-            *reports.lock().unwrap(),
+            *reports.lock(),
             vec![
                 ("t".to_string(), Trouble::Failing { error: "status too large".into(), count: 3 }),
                 ("t".to_string(), Trouble::Recovered { after: 4 }),

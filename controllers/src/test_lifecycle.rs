@@ -282,7 +282,7 @@ async fn drive(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Action
 /// written complete whatever the pace.
 pub struct ResultWrites {
     interval: Duration,
-    last: std::sync::Mutex<HashMap<String, tokio::time::Instant>>,
+    last: parking_lot::Mutex<HashMap<String, tokio::time::Instant>>,
 }
 
 impl ResultWrites {
@@ -294,7 +294,7 @@ impl ResultWrites {
     /// before d from now.
     pub fn admit(&self, test: &str, urgency: Urgency) -> Option<Duration> {
         let now = tokio::time::Instant::now();
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = self.last.lock();
         // Entries older than the interval decide nothing: dropping them
         // keeps the map to the tests written lately.
         last.retain(|_, at| now.duration_since(*at) < self.interval);

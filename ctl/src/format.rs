@@ -18,7 +18,9 @@ pub fn kind_slug(k: Kind) -> &'static str {
     }
 }
 
-pub fn header(kind: Kind, wide: bool) -> Vec<&'static str> {
+/// The column names of a table of `kind` (more with `-o wide`).
+pub fn header(kind: Kind, fmt: Format) -> Vec<&'static str> {
+    let wide = fmt == Format::Wide;
     let mut h = match kind {
         Kind::Host => vec!["NAME", "PHASE", "CLAIMED-BY", "CAPABILITIES", "AGE"],
         Kind::Test => vec!["NAME", "PHASE", "HOSTS", "STEPS", "AGE"],
@@ -42,7 +44,9 @@ fn or_none(s: &str) -> String {
     }
 }
 
-pub fn row(o: &Object, wide: bool) -> Vec<String> {
+/// One object as a table row (more columns with `-o wide`).
+pub fn row(o: &Object, fmt: Format) -> Vec<String> {
+    let wide = fmt == Format::Wide;
     match o {
         Object::Host(h) => host_row(h, wide),
         Object::Test(t) => test_row(t, wide),
@@ -148,16 +152,23 @@ pub fn list_value(items: Vec<serde_json::Value>) -> serde_json::Value {
     serde_json::json!({"apiVersion": testbus_proto::API_VERSION, "kind": "List", "items": items})
 }
 
-pub fn print(objs: &[Object], fmt: Format, single: bool) {
+/// How many objects a command asked for: one by name prints as the object
+/// itself in YAML/JSON, several as a List.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Asked {
+    One,
+    Many,
+}
+
+pub fn print(objs: &[Object], fmt: Format, asked: Asked) {
     match fmt {
         Format::Table | Format::Wide => {
             let Some(first) = objs.first() else {
                 eprintln!("No resources found.");
                 return;
             };
-            let wide = fmt == Format::Wide;
-            let mut rows = vec![header(first.kind(), wide).into_iter().map(String::from).collect()];
-            rows.extend(objs.iter().map(|o| row(o, wide)));
+            let mut rows = vec![header(first.kind(), fmt).into_iter().map(String::from).collect()];
+            rows.extend(objs.iter().map(|o| row(o, fmt)));
             print!("{}", table(&rows));
         }
         Format::Name => {
@@ -166,7 +177,7 @@ pub fn print(objs: &[Object], fmt: Format, single: bool) {
             }
         }
         Format::Yaml | Format::Json => {
-            let v = if single && objs.len() == 1 {
+            let v = if asked == Asked::One && objs.len() == 1 {
                 objs[0].to_json()
             } else {
                 list_value(objs.iter().map(Object::to_json).collect())

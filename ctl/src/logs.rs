@@ -48,9 +48,28 @@ impl Prefixer {
     }
 }
 
+/// Whether each line says which role and host it came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prefix {
+    /// `[role/host] line`.
+    Always,
+    /// Raw, as the process wrote it.
+    Never,
+}
+
+/// Whether output is copied as it is now, or followed until it is complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Follow {
+    /// What there is now.
+    No,
+    /// Until the process (or test) has ended and all its output is in.
+    Yes,
+}
+
 /// Copies one process's output to stdout/stderr, optionally prefixed.
-pub async fn copy_process(client: &Client, name: &str, prefix: Option<String>, follow: bool) -> CliResult<()> {
-    let mut stream = client.output().read(ReadOutputRequest { process: name.to_string(), follow }).await?.into_inner();
+pub async fn copy_process(client: &Client, name: &str, prefix: Option<String>, follow: Follow) -> CliResult<()> {
+    let req = ReadOutputRequest { process: name.to_string(), follow: follow == Follow::Yes };
+    let mut stream = client.output().read(req).await?.into_inner();
     let mut pre =
         prefix.map(|p| [Prefixer { prefix: p.clone(), partial: vec![] }, Prefixer { prefix: p, partial: vec![] }]);
     while let Some(chunk) = stream.next().await {
@@ -91,16 +110,17 @@ fn step_index(t: &Test, p: &Process) -> usize {
 
 /// A test's output. Without `follow`, what there is now, process by process
 /// in step order; with it, every process as it runs, until the test ends.
-/// `prefix: false` copies output raw (for `run` on one host).
-pub async fn test_logs(client: &Client, test: &str, sel: &Select, follow: bool, prefix: bool) -> CliResult<()> {
+/// `Prefix::Never` copies output raw (for `run` on one host).
+pub async fn test_logs(client: &Client, test: &str, sel: &Select, follow: Follow, prefix: Prefix) -> CliResult<()> {
     let t = client.api::<Test>().get(test).await?;
     let fields = format!("spec.test={test}");
-    if !follow {
+    if follow == Follow::No {
         let (mut procs, _) = client.api::<Process>().list("", &fields).await?;
         procs.retain(|p| p.spec().test_uid == t.meta().uid && sel.matches(p));
         procs.sort_by(|a, b| (step_index(&t, a), &a.spec().role).cmp(&(step_index(&t, b), &b.spec().role)));
         for p in procs {
-            copy_process(client, p.name(), prefix.then(|| prefix_for(&t, &p)), false).await?;
+            let pre = (prefix == Prefix::Always).then(|| prefix_for(&t, &p));
+            copy_process(client, p.name(), pre, Follow::No).await?;
         }
         return Ok(());
     }
@@ -130,7 +150,7 @@ pub async fn follow_test(
     client: &Client,
     t: &Test,
     sel: &Select,
-    prefix: bool,
+    prefix: Prefix,
     expected: Option<usize>,
 ) -> CliResult<Followed> {
     let test = t.name();
@@ -145,8 +165,8 @@ pub async fn follow_test(
             return;
         }
         let c = client.clone();
-        let pre = prefix.then(|| prefix_for(t, &p));
-        readers.spawn(async move { copy_process(&c, p.name(), pre, true).await });
+        let pre = (prefix == Prefix::Always).then(|| prefix_for(t, &p));
+        readers.spawn(async move { copy_process(&c, p.name(), pre, Follow::Yes).await });
     };
     let mut ended: HashMap<String, Process> = HashMap::new();
     let mut note = |p: &Process| {

@@ -338,7 +338,7 @@ async fn apply(
         }
     }
     if wait && !tests.is_empty() {
-        return progress::wait(client, &tests, timeout, true).await;
+        return progress::wait(client, &tests, timeout, progress::Progress::Shown).await;
     }
     Ok(0)
 }
@@ -362,13 +362,12 @@ async fn get(
         None => objects::list(client, kind, selector, "").await?,
     };
     if !(watch && objs.is_empty() && matches!(output, Format::Table | Format::Wide)) {
-        format::print(&objs, output, name.is_some());
+        format::print(&objs, output, if name.is_some() { format::Asked::One } else { format::Asked::Many });
     }
     if !watch {
         return Ok(0);
     }
     let fields = name.map(|n| format!("metadata.name={n}")).unwrap_or_default();
-    let wide = output == Format::Wide;
     let mut printed_header = !objs.is_empty();
     let mut stream = watch_any(client, kind, &rv, selector, &fields).await?;
     while let Some(o) = stream.next().await {
@@ -377,13 +376,13 @@ async fn get(
             Format::Table | Format::Wide => {
                 let mut rows = Vec::new();
                 if !printed_header {
-                    rows.push(format::header(kind, wide).into_iter().map(String::from).collect());
+                    rows.push(format::header(kind, output).into_iter().map(String::from).collect());
                     printed_header = true;
                 }
-                rows.push(format::row(&o, wide));
+                rows.push(format::row(&o, output));
                 print!("{}", format::table(&rows));
             }
-            _ => format::print(&[o], output, true),
+            _ => format::print(&[o], output, format::Asked::One),
         }
     }
     Ok(0)
@@ -530,12 +529,25 @@ fn describe(o: &Object) {
     }
 }
 
-async fn set_cordon(client: &Client, host: &str, on: bool, reason: &str) -> CliResult {
+/// What `cordon` and `uncordon` do to a host.
+enum Cordon {
+    /// Unschedulable, saying why.
+    On { reason: String },
+    /// Schedulable again; failures before now no longer count towards
+    /// quarantine.
+    Off,
+}
+
+async fn set_cordon(client: &Client, host: &str, to: Cordon) -> CliResult {
     let api = client.api::<Host>();
+    let on = matches!(to, Cordon::On { .. });
     loop {
         let mut h = api.get(host).await?;
         h.spec_mut().unschedulable = on;
-        h.spec_mut().unschedulable_reason = if on { reason.to_string() } else { String::new() };
+        h.spec_mut().unschedulable_reason = match &to {
+            Cordon::On { reason } => reason.clone(),
+            Cordon::Off => String::new(),
+        };
         if !on {
             // Failures before now no longer count towards quarantine.
             h.meta_mut().annotations.insert("testbus.io/healthy-since".into(), testbus_proto::time::now());
@@ -585,18 +597,21 @@ async fn dispatch(cli: Cli) -> CliResult {
         Cmd::Logs { target, role, step, follow } => {
             let (kind, name) = objects::parse_ref(&target, &[Kind::Test, Kind::Process])?;
             let client = connect(&server).await?;
+            let follow = if follow { logs::Follow::Yes } else { logs::Follow::No };
             match kind {
                 Kind::Process => logs::copy_process(&client, &name, None, follow).await?,
-                _ => logs::test_logs(&client, &name, &logs::Select { role, step }, follow, true).await?,
+                _ => {
+                    logs::test_logs(&client, &name, &logs::Select { role, step }, follow, logs::Prefix::Always).await?
+                }
             }
             Ok(0)
         }
         Cmd::Wait { target, timeout } => {
             let (_, name) = objects::parse_ref(&target, &[Kind::Test])?;
-            progress::wait(&connect(&server).await?, &[name], timeout, false).await
+            progress::wait(&connect(&server).await?, &[name], timeout, progress::Progress::Quiet).await
         }
-        Cmd::Cordon { host, reason } => set_cordon(&connect(&server).await?, &host, true, &reason).await,
-        Cmd::Uncordon { host } => set_cordon(&connect(&server).await?, &host, false, "").await,
+        Cmd::Cordon { host, reason } => set_cordon(&connect(&server).await?, &host, Cordon::On { reason }).await,
+        Cmd::Uncordon { host } => set_cordon(&connect(&server).await?, &host, Cordon::Off).await,
         Cmd::Results { target, output } => {
             let (_, name) = objects::parse_ref(&target, &[Kind::Test])?;
             let t = connect(&server).await?.api::<testbus_proto::Test>().get(&name).await?;

@@ -78,7 +78,15 @@ fn progress_lines(prev: Option<&Test>, t: &Test) -> Vec<String> {
 
 /// Waits until every named test has finished; returns the worst exit code
 /// (3 on timeout or deletion, then 1 for a failure, else 0).
-pub async fn wait(client: &Client, names: &[String], timeout: Option<Duration>, show: bool) -> CliResult {
+/// Whether waiting prints each test's progress (to stderr) as it changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    Shown,
+    Quiet,
+}
+
+pub async fn wait(client: &Client, names: &[String], timeout: Option<Duration>, progress: Progress) -> CliResult {
+    let show = progress == Progress::Shown;
     // Fail fast (exit 2 or 4) if a test does not exist or the server is down.
     let mut last: HashMap<String, Test> = HashMap::new();
     for n in names {

@@ -63,7 +63,8 @@ pub async fn run(client: &testbus_proto::client::Client, a: RunArgs) -> CliResul
     // all ended with their own verdict: the exit code is known then, and
     // need not wait for the test's final status to be written.
     let all = logs::Select::default();
-    let follow = logs::follow_test(client, &t, &all, a.count > 1, Some(a.count as usize));
+    let prefix = if a.count > 1 { logs::Prefix::Always } else { logs::Prefix::Never };
+    let follow = logs::follow_test(client, &t, &all, prefix, Some(a.count as usize));
     // Ctrl-C cancels the remote test.
     let followed = tokio::select! {
         r = follow => r,
@@ -86,7 +87,7 @@ pub async fn run(client: &testbus_proto::client::Client, a: RunArgs) -> CliResul
         Err(e) if e.code == crate::error::INCOMPLETE => return Err(e),
         Err(e) => {
             eprintln!("testbusctl: output of test/{name}: {}", e.message);
-            crate::progress::wait(client, std::slice::from_ref(&name), None, false).await?;
+            crate::progress::wait(client, std::slice::from_ref(&name), None, crate::progress::Progress::Quiet).await?;
         }
     }
     let t = client.api::<Test>().get(&name).await?;

@@ -161,7 +161,7 @@ async fn run_processes(
         let pre = (prefix && show).then(|| format!("[{member}/{}] ", host.name()));
         readers.spawn(async move {
             if show {
-                logs::copy_process(&c, &n, pre, true).await
+                logs::copy_process(&c, &n, pre, logs::Follow::Yes).await
             } else {
                 wait_process(&c, &n).await
             }
@@ -343,5 +343,5 @@ pub async fn result(client: &Client, test: &str, path: &str, outcome: &str, mess
 
 pub async fn finish(client: &Client, test: &str, failed: bool) -> CliResult {
     client.tests().finish(FinishRequest { test: test.into(), failed, message: String::new() }).await?;
-    crate::progress::wait(client, &[test.to_string()], None, false).await
+    crate::progress::wait(client, &[test.to_string()], None, crate::progress::Progress::Quiet).await
 }

@@ -2,10 +2,11 @@
 //! per agent data dir, even when several processes need it at the same
 //! time (they wait on the same per-digest lock), and a cached file is never
 //! handed out before its digest was verified.
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use testbus_proto::blob::{self, BlobError};
 use testbus_proto::client::Client;
 
@@ -39,7 +40,7 @@ impl BlobCache {
         if path.exists() {
             return Ok(path);
         }
-        let lock = self.locks.lock().unwrap_or_else(|p| p.into_inner()).entry(digest.to_string()).or_default().clone();
+        let lock = self.locks.lock().entry(digest.to_string()).or_default().clone();
         let _held = lock.lock().await;
         if path.exists() {
             return Ok(path);

@@ -18,9 +18,10 @@
 //! container) is refused too.
 use crate::containment::Containment;
 use crate::journal::ProcStat;
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use testbus_proto::client::Client;
 use testbus_proto::sync_client::SyncClient;
@@ -68,7 +69,7 @@ impl Callers {
             Containment::PidNamespace { .. } => Key::PidNamespace(crate::pidns::namespace_of(pid)?),
             Containment::ProcessGroup => return self.lookup_by_group(pid),
         };
-        let keys = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
+        let keys = self.by_key.lock();
         if let Key::PidNamespace(ns) = exact {
             // A relay's namespace exists only once it has forked its init,
             // which may be after it was registered: looked at now, while
@@ -84,7 +85,7 @@ impl Callers {
     /// The weak lookup, without containment: the caller's group, or an
     /// ancestor's.
     fn lookup_by_group(&self, pid: i32) -> Option<String> {
-        let keys = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
+        let keys = self.by_key.lock();
         let mut pid = pid;
         for _ in 0..MAX_ANCESTORS {
             if let Some(name) = keys.get(&Key::Group(pid)) {
@@ -167,7 +168,7 @@ pub struct Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.callers.by_key.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.key);
+        self.callers.by_key.lock().remove(&self.key);
     }
 }
 
@@ -212,7 +213,7 @@ impl LocalSocket {
             Containment::PidNamespace { .. } => Key::Relay(group),
             Containment::ProcessGroup => Key::Group(group),
         };
-        self.callers.by_key.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone(), process);
+        self.callers.by_key.lock().insert(key.clone(), process);
         self.callers.changed.notify_waiters();
         Registration { callers: self.callers.clone(), key }
     }
@@ -228,14 +229,14 @@ mod tests {
         let me = std::process::id() as i32;
         let stat = ProcStat::read(me).expect("own stat");
         // Registered by our own group: found.
-        callers.by_key.lock().unwrap().insert(Key::Group(stat.pgrp), "by-group".into());
+        callers.by_key.lock().insert(Key::Group(stat.pgrp), "by-group".into());
         assert_eq!(callers.lookup(me).as_deref(), Some("by-group"));
-        callers.by_key.lock().unwrap().clear();
+        callers.by_key.lock().clear();
         // Registered by our parent's pid (a process that left its group):
         // found through the ancestry.
-        callers.by_key.lock().unwrap().insert(Key::Group(stat.ppid), "by-parent".into());
+        callers.by_key.lock().insert(Key::Group(stat.ppid), "by-parent".into());
         assert_eq!(callers.lookup(me).as_deref(), Some("by-parent"));
-        callers.by_key.lock().unwrap().clear();
+        callers.by_key.lock().clear();
         // A caller found only once registered, while it waits.
         let c = callers.clone();
         let waiting = tokio::spawn(async move { c.who(me).await });
@@ -245,7 +246,7 @@ mod tests {
         let reg = sock.register(me, "uid", "late".into());
         assert_eq!(waiting.await.unwrap().unwrap(), "late");
         drop(reg);
-        assert!(callers.by_key.lock().unwrap().is_empty(), "a registration ends with its process");
+        assert!(callers.by_key.lock().is_empty(), "a registration ends with its process");
         tokio::time::pause();
         let refused = callers.who(me).await.unwrap_err();
         assert_eq!(refused.code(), tonic::Code::PermissionDenied);

@@ -58,10 +58,10 @@ pub enum Ended {
 /// A runner's latest copy of its Process: what the watch delivered, then
 /// what each of its own status writes returned. Reports start from it, so
 /// one is usually a single write with no read before it.
-pub type Known = std::sync::Arc<std::sync::Mutex<Process>>;
+pub type Known = std::sync::Arc<parking_lot::Mutex<Process>>;
 
 pub fn known(p: Process) -> Known {
-    std::sync::Arc::new(std::sync::Mutex::new(p))
+    std::sync::Arc::new(parking_lot::Mutex::new(p))
 }
 
 pub struct ProcessRunner {
@@ -862,11 +862,11 @@ pub async fn end_unrun(api: &Api<Process>, p: &Process, to: &'static str, reason
 pub async fn report(api: &Api<Process>, known: &Known, mut f: impl FnMut(&mut Process) -> bool + Send) {
     let mut backoff = Duration::from_millis(50);
     loop {
-        let copy = known.lock().expect("known process").clone();
+        let copy = known.lock().clone();
         let name = copy.name().to_string();
         match api.patch_status_from(&name, Some(copy), &mut f).await {
             Ok(p) => {
-                *known.lock().expect("known process") = p;
+                *known.lock() = p;
                 return;
             }
             Err(s) if matches!(s.code(), Code::NotFound | Code::FailedPrecondition) => {
@@ -926,12 +926,12 @@ mod tests {
 
     /// Appends that take their time, recorded in order.
     #[derive(Clone, Default)]
-    struct SlowSink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    struct SlowSink(std::sync::Arc<parking_lot::Mutex<Vec<u8>>>);
 
     impl super::OutputSink for SlowSink {
         async fn append(&mut self, chunk: testbus_proto::OutputChunk) -> Result<bool, tonic::Status> {
             tokio::time::sleep(Duration::from_secs(30)).await;
-            self.0.lock().unwrap().extend_from_slice(&chunk.data);
+            self.0.lock().extend_from_slice(&chunk.data);
             Ok(false)
         }
     }
@@ -954,7 +954,7 @@ mod tests {
         assert!(started.elapsed() >= Duration::from_secs(30), "returned before the upload finished");
         assert_eq!(out.bytes, 23);
         assert_eq!(err.bytes, 0);
-        assert_eq!(sink.0.lock().unwrap().as_slice(), b"written before the end\n");
+        assert_eq!(sink.0.lock().as_slice(), b"written before the end\n");
         // Held open all along: the reader is gone, not waiting on it.
         assert!(held.write_all(b"later").await.is_err());
     }

@@ -2,8 +2,9 @@
 //! processes run here (a Test's `status.hostVars`). Processes do not carry
 //! them; each test's are read once per agent, whatever the number of its
 //! processes, and shared: concurrent first readers wait on one read.
+use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use testbus_proto::client::Client;
 use testbus_proto::{Resource, Test};
@@ -33,7 +34,7 @@ impl TestVars {
     /// cannot be had (the test is gone, or the API stayed unreachable).
     pub async fn of(&self, name: &str, uid: &str) -> Result<Vars, String> {
         let cell = {
-            let mut tests = self.tests.lock().unwrap_or_else(|p| p.into_inner());
+            let mut tests = self.tests.lock();
             if tests.len() >= REMEMBERED && !tests.contains_key(uid) {
                 tests.retain(|_, c| !c.initialized());
             }

@@ -275,9 +275,28 @@ fn start_upstream(args: &std::sync::Arc<Args>) -> Upstream {
     Upstream::Link(rx)
 }
 
+/// What each accepted connection carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Carries {
+    /// One client's byte stream (plain).
+    Client,
+    /// A link session multiplexing many (mux).
+    Link,
+}
+
+impl Carries {
+    fn of(mux: bool) -> Carries {
+        if mux {
+            Carries::Link
+        } else {
+            Carries::Client
+        }
+    }
+}
+
 /// Accepts connections from a listener; each is a client (plain) or a
 /// link session (mux).
-async fn accept_loop<L, F, Fut>(mut accept: F, link: bool, to: Upstream) -> anyhow::Result<()>
+async fn accept_loop<L, F, Fut>(mut accept: F, each: Carries, to: Upstream) -> anyhow::Result<()>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = std::io::Result<L>>,
@@ -286,7 +305,7 @@ where
     loop {
         let s = accept().await?;
         let to = to.clone();
-        if link {
+        if each == Carries::Link {
             tokio::spawn(async move {
                 let (publish, _) = watch::channel(None);
                 let r = run_session(Box::new(s), Side::Downstream, Some(to), &publish).await;
@@ -314,7 +333,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     s.set_nodelay(true)?;
                     Ok(s)
                 },
-                *mux,
+                Carries::of(*mux),
                 to,
             )
             .await
@@ -332,12 +351,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let mut sidecar = path.clone().into_os_string();
             sidecar.push(".transport");
             std::fs::write(&sidecar, transport).with_context(|| format!("writing {}", sidecar.to_string_lossy()))?;
-            accept_loop(|| async { Ok(lis.accept().await?.0) }, *mux, to).await
+            accept_loop(|| async { Ok(lis.accept().await?.0) }, Carries::of(*mux), to).await
         }
         Endpoint::Vsock { cid, port } => {
             let lis = tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(*cid, *port))
                 .with_context(|| format!("--downstream {down}"))?;
-            accept_loop(|| async { Ok(lis.accept().await?.0) }, true, to).await
+            accept_loop(|| async { Ok(lis.accept().await?.0) }, Carries::Link, to).await
         }
         Endpoint::Serial { .. } | Endpoint::Ssh { .. } | Endpoint::Stdio => {
             supervise_line(down, Side::Downstream, args.clone(), Some(to), watch::channel(None).0).await;

@@ -78,7 +78,17 @@ async fn many_host_variables_are_read_by_the_agent() {
     let path = manifest(
         &c,
         "vars.yaml",
-        "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: vars}\nspec:\n  hosts: [{role: n, count: 3}]\n  steps:\n    - name: s\n      on: [n]\n      env: {host_n2_extra1: mine}\n      argv: [sh, -c, 'echo \"$TESTBUS_ROLE: $host_n0_extra29 $host_n1_extra3 $host_n2_extra1 [$host_n_extra0]\"']\n",
+        r#"apiVersion: testbus/v1
+kind: Test
+metadata: {name: vars}
+spec:
+  hosts: [{role: n, count: 3}]
+  steps:
+    - name: s
+      on: [n]
+      env: {host_n2_extra1: mine}
+      argv: [sh, -c, 'echo "$TESTBUS_ROLE: $host_n0_extra29 $host_n1_extra3 $host_n2_extra1 [$host_n_extra0]"']
+"#,
     );
     let out = c.ctl(&["apply", "-f", &path, "--wait", "--timeout", "60s"]);
     assert_eq!(out.code, 0, "{out:?}");
@@ -156,7 +166,15 @@ async fn an_unknown_variable_fails_its_process_naming_the_variable() {
     let path = manifest(
         &c,
         "unknown.yaml",
-        "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: unknown-var}\nspec:\n  env: {KNOWN: x}\n  hosts: [{role: a}]\n  steps:\n    - {name: s, on: [a], argv: [echo, \"${KNOWN}-${NO_SUCH_VAR}\"]}\n",
+        r#"apiVersion: testbus/v1
+kind: Test
+metadata: {name: unknown-var}
+spec:
+  env: {KNOWN: x}
+  hosts: [{role: a}]
+  steps:
+    - {name: s, on: [a], argv: [echo, "${KNOWN}-${NO_SUCH_VAR}"]}
+"#,
     );
     let out = c.ctl(&["apply", "-f", &path, "--wait"]);
     assert_eq!(out.code, 1, "{out:?}");
@@ -195,19 +213,32 @@ async fn run_exits_with_the_remote_exit_code() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_manifests_exit_2_name_the_field_and_store_nothing() {
     let c = Cluster::start(1).await;
-    let head = "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: bad}\n";
+    let head = r#"apiVersion: testbus/v1
+kind: Test
+metadata: {name: bad}
+"#;
     let cases: Vec<(String, &str)> = vec![
         (format!("{head}spec:\n  hosts: [{{role: a}}, {{role: b, count: 0}}]\n"), "spec.hosts[1].count: must be >= 1"),
         (format!("{head}spec:\n  hosts: [{{role: a}}, {{role: a}}]\n"), "spec.hosts[1].role: duplicate role"),
-        ("apiVersion: testbus/v1\nkind: Test\nmetadata: {name: Bad_Name}\nspec: {hosts: [{role: a}]}\n".into(), "metadata.name"),
+        (r#"apiVersion: testbus/v1
+kind: Test
+metadata: {name: Bad_Name}
+spec: {hosts: [{role: a}]}
+"#.into(), "metadata.name"),
         (format!("{head}spec:\n  hosts: [{{role: a}}]\n  colour: blue\n"), "spec.colour: unknown field"),
-        ("apiVersion: testbus/v1\nkind: Widget\nmetadata: {name: w}\n".into(), "kind: unknown kind \"Widget\""),
+        (r#"apiVersion: testbus/v1
+kind: Widget
+metadata: {name: w}
+"#.into(), "kind: unknown kind \"Widget\""),
         (format!("{head}spec:\n  hosts: [{{role: a}}]\n  steps: [{{name: s, on: [zz], argv: [\"true\"]}}]\n"), "spec.steps[0].on[0]: unknown role \"zz\""),
         (format!("{head}spec:\n  hosts: [{{role: a}}]\n  steps:\n    - {{name: x, on: [a], after: [y], argv: [\"true\"]}}\n    - {{name: y, on: [a], after: [x], argv: [\"true\"]}}\n"), "cycle"),
         (format!("{head}spec:\n  hosts: [{{role: a, count: many}}]\n"), "spec.hosts[0].count"),
         (format!("{head}spec:\n  env: {{A: x, A: y}}\n  hosts: [{{role: a}}]\n"), "duplicate key"),
         (format!("{head}spec:\n  hosts: [{{role: a}}]\n  timeout: soon\n"), "spec.timeout"),
-        ("apiVersion: testbus/v1\nkind: Test\nmetadata: {name: x\n".into(), ""),
+        (r#"apiVersion: testbus/v1
+kind: Test
+metadata: {name: x
+"#.into(), ""),
         // A valid document followed by an invalid one: neither is stored.
         (format!("{head}spec: {{hosts: [{{role: a}}]}}\n---\n{head}spec: {{hosts: []}}\n"), "document 2"),
     ];
@@ -282,7 +313,15 @@ async fn competing_tests_never_deadlock_and_all_finish() {
             &c,
             &format!("compete-{i}.yaml"),
             &format!(
-                "apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: compete-{i}}}\nspec:\n  timeout: 60s\n  hosts: [{{role: a}}, {{role: b}}]\n  steps:\n    - {{name: s, on: [a, b], argv: [sleep, \"0.2\"]}}\n"
+                r#"apiVersion: testbus/v1
+kind: Test
+metadata: {{name: compete-{i}}}
+spec:
+  timeout: 60s
+  hosts: [{{role: a}}, {{role: b}}]
+  steps:
+    - {{name: s, on: [a, b], argv: [sleep, "0.2"]}}
+"#
             ),
         );
         children.push(c.ctl_spawn(&["apply", "-f", &path, "--wait", "--timeout", "60s"]));
@@ -303,7 +342,13 @@ async fn a_pending_test_says_why_it_waits() {
     let path = manifest(
         &c,
         "gpu.yaml",
-        "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: wants-gpu}\nspec:\n  hosts: [{role: g, capabilities: [gpu], count: 2}]\n  steps: [{name: s, on: [g], argv: [\"true\"]}]\n",
+        r#"apiVersion: testbus/v1
+kind: Test
+metadata: {name: wants-gpu}
+spec:
+  hosts: [{role: g, capabilities: [gpu], count: 2}]
+  steps: [{name: s, on: [g], argv: ["true"]}]
+"#,
     );
     assert_eq!(c.ctl(&["apply", "-f", &path]).code, 0);
     let client = c.client().await;
@@ -332,7 +377,20 @@ async fn deleting_a_running_test_kills_its_processes_and_releases_hosts() {
         &c,
         "long.yaml",
         &format!(
-            "apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: long}}\nspec:\n  hosts: [{{role: a}}, {{role: b}}]\n  steps:\n    - name: s\n      on: [a, b]\n      script: |\n        #!/bin/sh\n        echo started\n        sleep 30\n        touch {}\n",
+            r#"apiVersion: testbus/v1
+kind: Test
+metadata: {{name: long}}
+spec:
+  hosts: [{{role: a}}, {{role: b}}]
+  steps:
+    - name: s
+      on: [a, b]
+      script: |
+        #!/bin/sh
+        echo started
+        sleep 30
+        touch {}
+"#,
             marker.display()
         ),
     );
@@ -360,7 +418,14 @@ async fn a_test_past_its_timeout_is_stopped_and_apply_exits_3() {
     let path = manifest(
         &c,
         "slow.yaml",
-        "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: slow}\nspec:\n  timeout: 1s\n  hosts: [{role: a}]\n  steps: [{name: s, on: [a], argv: [sleep, \"30\"]}]\n",
+        r#"apiVersion: testbus/v1
+kind: Test
+metadata: {name: slow}
+spec:
+  timeout: 1s
+  hosts: [{role: a}]
+  steps: [{name: s, on: [a], argv: [sleep, "30"]}]
+"#,
     );
     let out = c.ctl(&["apply", "-f", &path, "--wait"]);
     assert_eq!(out.code, 3, "{out:?}");
@@ -376,7 +441,13 @@ async fn a_lost_host_fails_its_test_naming_the_host() {
     let path = manifest(
         &c,
         "lost.yaml",
-        "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: lost}\nspec:\n  hosts: [{role: a, host: host-0}, {role: b, host: host-1}]\n  steps: [{name: s, on: [a, b], argv: [sleep, \"30\"]}]\n",
+        r#"apiVersion: testbus/v1
+kind: Test
+metadata: {name: lost}
+spec:
+  hosts: [{role: a, host: host-0}, {role: b, host: host-1}]
+  steps: [{name: s, on: [a, b], argv: [sleep, "30"]}]
+"#,
     );
     assert_eq!(c.ctl(&["apply", "-f", &path]).code, 0);
     let client = c.client().await;
@@ -397,7 +468,17 @@ async fn get_formats_selectors_describe_and_follow() {
     let path = manifest(
         &c,
         "labelled.yaml",
-        "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: labelled, labels: {suite: demo}}\nspec:\n  hosts: [{role: a}]\n  steps:\n    - name: s\n      on: [a]\n      script: |\n        for i in 1 2 3; do echo line $i; sleep 0.1; done\n",
+        r#"apiVersion: testbus/v1
+kind: Test
+metadata: {name: labelled, labels: {suite: demo}}
+spec:
+  hosts: [{role: a}]
+  steps:
+    - name: s
+      on: [a]
+      script: |
+        for i in 1 2 3; do echo line $i; sleep 0.1; done
+"#,
     );
     assert_eq!(c.ctl(&["apply", "-f", &path]).code, 0);
     // logs -f follows to the end of the test.
@@ -497,7 +578,13 @@ async fn output_streams_while_the_process_runs() {
     let path = manifest(
         &c,
         "stream.yaml",
-        "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: stream}\nspec:\n  hosts: [{role: a}]\n  steps: [{name: s, on: [a], shell: true, argv: [\"echo first; sleep 30\"]}]\n",
+        r#"apiVersion: testbus/v1
+kind: Test
+metadata: {name: stream}
+spec:
+  hosts: [{role: a}]
+  steps: [{name: s, on: [a], shell: true, argv: ["echo first; sleep 30"]}]
+"#,
     );
     assert_eq!(c.ctl(&["apply", "-f", &path]).code, 0);
     let client = c.client().await;
@@ -527,7 +614,20 @@ async fn a_step_timeout_kills_the_whole_process_group() {
         &c,
         "group.yaml",
         &format!(
-            "apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: group}}\nspec:\n  hosts: [{{role: a}}]\n  steps:\n    - name: s\n      on: [a]\n      timeout: 1s\n      script: |\n        sleep 300 &\n        echo $! > {}\n        wait\n",
+            r#"apiVersion: testbus/v1
+kind: Test
+metadata: {{name: group}}
+spec:
+  hosts: [{{role: a}}]
+  steps:
+    - name: s
+      on: [a]
+      timeout: 1s
+      script: |
+        sleep 300 &
+        echo $! > {}
+        wait
+"#,
             pidfile.display()
         ),
     );
@@ -549,7 +649,15 @@ async fn apply_takes_a_directory_and_get_watches() {
     for i in 0..2 {
         std::fs::write(
             dir.join(format!("t{i}.yaml")),
-            format!("apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: dir-{i}}}\nspec:\n  hosts: [{{role: a}}]\n  steps: [{{name: s, on: [a], argv: [\"true\"]}}]\n"),
+            format!(
+                r#"apiVersion: testbus/v1
+kind: Test
+metadata: {{name: dir-{i}}}
+spec:
+  hosts: [{{role: a}}]
+  steps: [{{name: s, on: [a], argv: ["true"]}}]
+"#
+            ),
         )
         .unwrap();
     }
@@ -616,7 +724,18 @@ async fn a_barrier_fails_at_once_when_a_participant_dies() {
     let path = manifest(
         &c,
         "barrier.yaml",
-        "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: barrier}\nspec:\n  hosts: [{role: n, count: 3}]\n  steps:\n    - name: s\n      on: [n]\n      script: |\n        if [ \"$TESTBUS_ROLE\" = n0 ]; then exit 3; fi\n        testbusctl sync meet --timeout 10m\n",
+        r#"apiVersion: testbus/v1
+kind: Test
+metadata: {name: barrier}
+spec:
+  hosts: [{role: n, count: 3}]
+  steps:
+    - name: s
+      on: [n]
+      script: |
+        if [ "$TESTBUS_ROLE" = n0 ]; then exit 3; fi
+        testbusctl sync meet --timeout 10m
+"#,
     );
     let out = c.ctl(&["apply", "-f", &path, "--wait", "--timeout", "5m"]);
     assert_eq!(out.code, 1, "{out:?}");
@@ -637,7 +756,25 @@ async fn sent_values_are_immutable_and_bad_sync_use_is_refused() {
     let path = manifest(
         &c,
         "immutable.yaml",
-        "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: immutable}\nspec:\n  hosts: [{role: a}]\n  steps:\n    - name: s\n      on: [a]\n      script: |\n        testbusctl send k one || exit 10\n        testbusctl send k one || exit 11\n        testbusctl send k two; echo \"second send: $?\"\n        echo -n from-stdin | testbusctl send s -\n        echo \"recv: $(testbusctl recv k --from a) $(testbusctl recv s)\"\n        testbusctl recv k --from nobody; echo \"unknown role: $?\"\n        testbusctl recv never; echo \"nobody left: $?\"\n        testbusctl recv never --from a --timeout 1s; echo \"timeout: $?\"\n        setsid testbusctl send detached yes; echo \"left its group: $?\"\n",
+        r#"apiVersion: testbus/v1
+kind: Test
+metadata: {name: immutable}
+spec:
+  hosts: [{role: a}]
+  steps:
+    - name: s
+      on: [a]
+      script: |
+        testbusctl send k one || exit 10
+        testbusctl send k one || exit 11
+        testbusctl send k two; echo "second send: $?"
+        echo -n from-stdin | testbusctl send s -
+        echo "recv: $(testbusctl recv k --from a) $(testbusctl recv s)"
+        testbusctl recv k --from nobody; echo "unknown role: $?"
+        testbusctl recv never; echo "nobody left: $?"
+        testbusctl recv never --from a --timeout 1s; echo "timeout: $?"
+        setsid testbusctl send detached yes; echo "left its group: $?"
+"#,
     );
     let out = c.ctl(&["apply", "-f", &path, "--wait", "--timeout", "60s"]);
     assert_eq!(out.code, 0, "{out:?}");
@@ -696,7 +833,12 @@ async fn files_reach_their_hosts_and_are_fetched_once() {
     std::fs::write(dir.join("b.txt"), "from the step\n").unwrap();
     std::fs::write(
         dir.join("host.yaml"),
-        "apiVersion: testbus/v1\nkind: Host\nmetadata: {name: host-0}\nspec:\n  files: [{source: a.txt, path: h.txt}, {source: a.txt, path: o.txt}]\n",
+        r#"apiVersion: testbus/v1
+kind: Host
+metadata: {name: host-0}
+spec:
+  files: [{source: a.txt, path: h.txt}, {source: a.txt, path: o.txt}]
+"#,
     )
     .unwrap();
     let out = c.ctl(&["apply", "-f", dir.join("host.yaml").to_str().unwrap()]);
@@ -706,7 +848,17 @@ async fn files_reach_their_hosts_and_are_fetched_once() {
     assert_eq!(h.meta().labels.get("index").map(String::as_str), Some("0"), "the agent's labels stay");
     std::fs::write(
         dir.join("t.yaml"),
-        "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: layered}\nspec:\n  hosts: [{role: a, host: host-0}]\n  steps:\n    - name: s\n      on: [a]\n      files: [{source: b.txt, path: o.txt}]\n      argv: [cat, h.txt, o.txt]\n",
+        r#"apiVersion: testbus/v1
+kind: Test
+metadata: {name: layered}
+spec:
+  hosts: [{role: a, host: host-0}]
+  steps:
+    - name: s
+      on: [a]
+      files: [{source: b.txt, path: o.txt}]
+      argv: [cat, h.txt, o.txt]
+"#,
     )
     .unwrap();
     let out = c.ctl(&["apply", "-f", dir.join("t.yaml").to_str().unwrap(), "--wait"]);
@@ -716,19 +868,43 @@ async fn files_reach_their_hosts_and_are_fetched_once() {
     // Bad references are refused before anything runs.
     let out = c.ctl_stdin(
         &["apply", "-f", "-"],
-        Some("apiVersion: testbus/v1\nkind: Test\nmetadata: {name: nofile}\nspec:\n  files: [{source: does-not-exist.txt, path: x}]\n  hosts: [{role: a}]\n"),
+        Some(
+            r#"apiVersion: testbus/v1
+kind: Test
+metadata: {name: nofile}
+spec:
+  files: [{source: does-not-exist.txt, path: x}]
+  hosts: [{role: a}]
+"#,
+        ),
     );
     assert_eq!(out.code, 2, "{out:?}");
     assert!(out.stderr.contains("does-not-exist.txt"), "{out:?}");
     let out = c.ctl_stdin(
         &["apply", "-f", "-"],
-        Some("apiVersion: testbus/v1\nkind: Test\nmetadata: {name: baddest}\nspec:\n  files: [{digest: \"sha256:0000000000000000000000000000000000000000000000000000000000000000\", path: ../../etc/passwd}]\n  hosts: [{role: a}]\n"),
+        Some(
+            r#"apiVersion: testbus/v1
+kind: Test
+metadata: {name: baddest}
+spec:
+  files: [{digest: "sha256:0000000000000000000000000000000000000000000000000000000000000000", path: ../../etc/passwd}]
+  hosts: [{role: a}]
+"#,
+        ),
     );
     assert_eq!(out.code, 2, "{out:?}");
     assert!(out.stderr.contains("spec.files[0].path") && out.stderr.contains(".."), "{out:?}");
     let out = c.ctl_stdin(
         &["apply", "-f", "-"],
-        Some("apiVersion: testbus/v1\nkind: Test\nmetadata: {name: noblob}\nspec:\n  files: [{digest: \"sha256:0000000000000000000000000000000000000000000000000000000000000000\", path: x}]\n  hosts: [{role: a}]\n"),
+        Some(
+            r#"apiVersion: testbus/v1
+kind: Test
+metadata: {name: noblob}
+spec:
+  files: [{digest: "sha256:0000000000000000000000000000000000000000000000000000000000000000", path: x}]
+  hosts: [{role: a}]
+"#,
+        ),
     );
     assert_eq!(out.code, 2, "{out:?}");
     assert!(out.stderr.contains("spec.files[0].digest: no blob"), "{out:?}");
@@ -821,7 +997,13 @@ async fn scripting_exit_codes_and_failed_results() {
 
 fn pinned(name: &str, extra: &str, host: &str, cmd: &str) -> String {
     format!(
-        "apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: {name}}}\nspec:\n{extra}  hosts: [{{role: a, host: {host}}}]\n  steps: [{{name: s, on: [a], shell: true, argv: [\"{cmd}\"]}}]\n"
+        r#"apiVersion: testbus/v1
+kind: Test
+metadata: {{name: {name}}}
+spec:
+{extra}  hosts: [{{role: a, host: {host}}}]
+  steps: [{{name: s, on: [a], shell: true, argv: ["{cmd}"]}}]
+"#
     )
 }
 
@@ -848,7 +1030,14 @@ async fn the_queue_goes_by_priority_then_age_and_never_starves_a_large_test() {
     .await;
     let test = |name: &str, priority: i32, count: u32| {
         format!(
-            "apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: {name}}}\nspec:\n  priority: {priority}\n  hosts: [{{role: r, count: {count}}}]\n  steps: [{{name: s, on: [r], argv: [\"true\"]}}]\n"
+            r#"apiVersion: testbus/v1
+kind: Test
+metadata: {{name: {name}}}
+spec:
+  priority: {priority}
+  hosts: [{{role: r, count: {count}}}]
+  steps: [{{name: s, on: [r], argv: ["true"]}}]
+"#
         )
     };
     // big needs both hosts and waits for host-0; small comes later.
@@ -924,14 +1113,31 @@ async fn nested_tests_inherit_and_roll_up() {
     assert!(junit.contains(&format!("classname=\"{name}.advanced.deep.check\"")), "{junit}");
 
     // A failing child fails its parent; what comes after it is skipped.
-    let failing = "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: child-fails}\nspec:\n  hosts: [{role: a}]\n  steps: [{name: last, on: [a], after: [kid], argv: [\"true\"]}]\n  tests:\n    - name: kid\n      steps: [{name: s, on: [a], argv: [\"false\"]}]\n";
+    let failing = r#"apiVersion: testbus/v1
+kind: Test
+metadata: {name: child-fails}
+spec:
+  hosts: [{role: a}]
+  steps: [{name: last, on: [a], after: [kid], argv: ["true"]}]
+  tests:
+    - name: kid
+      steps: [{name: s, on: [a], argv: ["false"]}]
+"#;
     assert_eq!(c.ctl_stdin(&["apply", "-f", "-", "--wait"], Some(failing)).code, 1);
     let t = c.test("child-fails").await;
     assert!(t.status().message.starts_with("step kid.s failed"), "{}", t.status().message);
     let last = t.status().steps.iter().find(|s| s.name == "last").unwrap();
     assert_eq!(last.phase, phase::SKIPPED);
     // Child names are checked like steps.
-    let bad = "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: bad-kids}\nspec:\n  hosts: [{role: a}]\n  tests:\n    - {name: k, after: [nope], steps: [{name: s, on: [a], argv: [\"true\"]}]}\n    - {name: k2}\n";
+    let bad = r#"apiVersion: testbus/v1
+kind: Test
+metadata: {name: bad-kids}
+spec:
+  hosts: [{role: a}]
+  tests:
+    - {name: k, after: [nope], steps: [{name: s, on: [a], argv: ["true"]}]}
+    - {name: k2}
+"#;
     let out = c.ctl_stdin(&["apply", "-f", "-"], Some(bad));
     assert_eq!(out.code, 2, "{out:?}");
     assert!(out.stderr.contains("spec.tests[0].after[0]: unknown step or child test \"nope\""), "{out:?}");
@@ -961,7 +1167,15 @@ async fn a_background_step_that_dies_early_fails_the_test() {
     let marker = c.dir.path().join("never");
     let test = |name: &str, allow: bool| {
         format!(
-            "apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: {name}}}\nspec:\n  hosts: [{{role: a}}]\n  steps:\n    - {{name: bg, on: [a], background: true, allowFailure: {allow}, argv: [sh, -c, \"exit 4\"]}}\n    - {{name: main, on: [a], shell: true, argv: [\"while [ ! -e {m} ]; do sleep 0.05; done\"], timeout: 3s}}\n",
+            r#"apiVersion: testbus/v1
+kind: Test
+metadata: {{name: {name}}}
+spec:
+  hosts: [{{role: a}}]
+  steps:
+    - {{name: bg, on: [a], background: true, allowFailure: {allow}, argv: [sh, -c, "exit 4"]}}
+    - {{name: main, on: [a], shell: true, argv: ["while [ ! -e {m} ]; do sleep 0.05; done"], timeout: 3s}}
+"#,
             m = marker.display()
         )
     };
@@ -988,7 +1202,14 @@ async fn sigterm_stops_the_control_plane_whatever_is_connected() {
     let path = manifest(
         &c,
         "long.yaml",
-        "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: long}\nspec:\n  hosts: [{role: a}]\n  steps:\n    - {name: s, on: [a], argv: [sh, -c, 'echo started; sleep 600']}\n",
+        r#"apiVersion: testbus/v1
+kind: Test
+metadata: {name: long}
+spec:
+  hosts: [{role: a}]
+  steps:
+    - {name: s, on: [a], argv: [sh, -c, 'echo started; sleep 600']}
+"#,
     );
     let mut waiting = c.ctl_spawn(&["apply", "-f", &path, "--wait"]);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -1017,7 +1238,14 @@ async fn deleting_a_running_test_cancels_it() {
     let path = manifest(
         &c,
         "doomed.yaml",
-        "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: doomed}\nspec:\n  hosts: [{role: a}]\n  steps:\n    - {name: s, on: [a], argv: [sh, -c, 'echo started; sleep 600']}\n",
+        r#"apiVersion: testbus/v1
+kind: Test
+metadata: {name: doomed}
+spec:
+  hosts: [{role: a}]
+  steps:
+    - {name: s, on: [a], argv: [sh, -c, 'echo started; sleep 600']}
+"#,
     );
     assert_eq!(c.ctl(&["apply", "-f", &path]).code, 0);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);

@@ -24,7 +24,20 @@ async fn a_control_plane_crash_loses_nothing_and_runs_nothing_twice() {
         &c,
         "crash.yaml",
         &format!(
-            "apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: crash}}\nspec:\n  hosts: [{{role: r, count: 2}}]\n  steps:\n    - name: s\n      on: [r]\n      script: |\n        echo run >> {runs}/$TESTBUS_ROLE\n        echo start\n        while [ ! -e {go} ]; do sleep 0.05; done\n        for i in $(seq 1 50); do echo line $i; done\n",
+            r#"apiVersion: testbus/v1
+kind: Test
+metadata: {{name: crash}}
+spec:
+  hosts: [{{role: r, count: 2}}]
+  steps:
+    - name: s
+      on: [r]
+      script: |
+        echo run >> {runs}/$TESTBUS_ROLE
+        echo start
+        while [ ! -e {go} ]; do sleep 0.05; done
+        for i in $(seq 1 50); do echo line $i; done
+"#,
             runs = runs.display(),
             go = go.display()
         ),
@@ -52,7 +65,13 @@ async fn a_restarted_agent_ends_what_it_left_running_and_says_so() {
     let path = manifest(
         &c,
         "orphan.yaml",
-        "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: orphan}\nspec:\n  hosts: [{role: a}]\n  steps: [{name: s, on: [a], argv: [sleep, \"300\"]}]\n",
+        r#"apiVersion: testbus/v1
+kind: Test
+metadata: {name: orphan}
+spec:
+  hosts: [{role: a}]
+  steps: [{name: s, on: [a], argv: [sleep, "300"]}]
+"#,
     );
     assert_eq!(c.ctl(&["apply", "-f", &path]).code, 0);
     let pid = c.running_pids("orphan", 1).await[0];
@@ -73,7 +92,13 @@ async fn a_frozen_agent_loses_its_host_and_is_fenced_when_it_returns() {
     let path = manifest(
         &c,
         "frozen.yaml",
-        "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: frozen}\nspec:\n  hosts: [{role: a, host: host-0}, {role: b, host: host-1}]\n  steps: [{name: s, on: [a, b], argv: [sleep, \"300\"]}]\n",
+        r#"apiVersion: testbus/v1
+kind: Test
+metadata: {name: frozen}
+spec:
+  hosts: [{role: a, host: host-0}, {role: b, host: host-1}]
+  steps: [{name: s, on: [a, b], argv: [sleep, "300"]}]
+"#,
     );
     assert_eq!(c.ctl(&["apply", "-f", &path]).code, 0);
     let client = c.client().await;
@@ -113,7 +138,13 @@ async fn partitions_short_ones_change_nothing_long_ones_lose_the_host() {
         &c,
         "short.yaml",
         &format!(
-            "apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: short}}\nspec:\n  hosts: [{{role: a, host: host-1}}]\n  steps: [{{name: s, on: [a], shell: true, argv: [\"while [ ! -e {} ]; do sleep 0.05; done; echo done\"]}}]\n",
+            r#"apiVersion: testbus/v1
+kind: Test
+metadata: {{name: short}}
+spec:
+  hosts: [{{role: a, host: host-1}}]
+  steps: [{{name: s, on: [a], shell: true, argv: ["while [ ! -e {} ]; do sleep 0.05; done; echo done"]}}]
+"#,
             go.display()
         ),
     );
@@ -135,7 +166,13 @@ async fn partitions_short_ones_change_nothing_long_ones_lose_the_host() {
     let path = manifest(
         &c,
         "long.yaml",
-        "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: long}\nspec:\n  hosts: [{role: a, host: host-1}]\n  steps: [{name: s, on: [a], argv: [sleep, \"300\"]}]\n",
+        r#"apiVersion: testbus/v1
+kind: Test
+metadata: {name: long}
+spec:
+  hosts: [{role: a, host: host-1}]
+  steps: [{name: s, on: [a], argv: [sleep, "300"]}]
+"#,
     );
     assert_eq!(c.ctl(&["apply", "-f", &path]).code, 0);
     c.running_pids("long", 1).await;
@@ -173,7 +210,7 @@ async fn a_flood_of_output_is_capped_marked_and_streamed_in_bounded_memory() {
 async fn kill_9_during_a_burst_of_writes_keeps_every_acknowledged_object_whole() {
     let mut c = Cluster::start(0).await;
     let client = c.client().await;
-    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let acked = std::sync::Arc::new(parking_lot::Mutex::new(Vec::<String>::new()));
     let writer = {
         let acked = acked.clone();
         tokio::spawn(async move {
@@ -184,19 +221,19 @@ async fn kill_9_during_a_burst_of_writes_keeps_every_acknowledged_object_whole()
                 t.spec_mut().hosts.push(testbus_proto::HostRequirement { role: "a".into(), ..Default::default() });
                 t.spec_mut().env.insert("PAYLOAD".into(), "x".repeat(2000));
                 match client.api::<Test>().create(t).await {
-                    Ok(t) => acked.lock().unwrap().push(t.name().to_string()),
+                    Ok(t) => acked.lock().push(t.name().to_string()),
                     Err(_) => return,
                 }
             }
         })
     };
     wait_for(Duration::from_secs(30), "200 acknowledged writes", || async {
-        (acked.lock().unwrap().len() >= 200).then_some(())
+        (acked.lock().len() >= 200).then_some(())
     })
     .await;
     c.kill_control_plane();
     writer.await.unwrap();
-    let acked = acked.lock().unwrap().clone();
+    let acked = acked.lock().clone();
     c.start_control_plane().await;
     let client = c.client().await;
     // Every object decodes (a torn one would fail the list) and every
@@ -223,7 +260,15 @@ async fn a_full_disk_refuses_writes_clearly_while_reads_go_on() {
     }
     let c = Cluster::start_small_disk(1, &["--min-free-bytes", "33554432"], 96).await;
     let test = |name: &str| {
-        format!("apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: {name}}}\nspec:\n  hosts: [{{role: a}}]\n  steps: [{{name: s, on: [a], argv: [\"true\"]}}]\n")
+        format!(
+            r#"apiVersion: testbus/v1
+kind: Test
+metadata: {{name: {name}}}
+spec:
+  hosts: [{{role: a}}]
+  steps: [{{name: s, on: [a], argv: ["true"]}}]
+"#
+        )
     };
     assert_eq!(c.ctl_stdin(&["apply", "-f", "-", "--wait"], Some(&test("before"))).code, 0);
     // Leave 16 MiB free: less than the 32 MiB reserve.

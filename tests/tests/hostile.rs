@@ -12,7 +12,13 @@ fn true_test(c: &Cluster, name: &str) -> String {
         c,
         &format!("{name}.yaml"),
         &format!(
-            "apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: {name}}}\nspec:\n  hosts: [{{role: a}}]\n  steps: [{{name: s, on: [a], argv: [\"true\"]}}]\n"
+            r#"apiVersion: testbus/v1
+kind: Test
+metadata: {{name: {name}}}
+spec:
+  hosts: [{{role: a}}]
+  steps: [{{name: s, on: [a], argv: ["true"]}}]
+"#
         ),
     )
 }
@@ -300,7 +306,13 @@ async fn status_writes_and_finalizers_cannot_skip_the_lifecycle() {
     let pending = manifest(
         &c,
         "pending.yaml",
-        "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: pending}\nspec:\n  hosts: [{role: a, capabilities: [nothing-has-this]}]\n  steps: [{name: s, on: [a], argv: [\"true\"]}]\n",
+        r#"apiVersion: testbus/v1
+kind: Test
+metadata: {name: pending}
+spec:
+  hosts: [{role: a, capabilities: [nothing-has-this]}]
+  steps: [{name: s, on: [a], argv: ["true"]}]
+"#,
     );
     assert_eq!(c.ctl(&["apply", "-f", &pending]).code, 0);
     // Refused for what it asks, not for a stale read (the controller writes
@@ -535,7 +547,13 @@ fn a_connection_broken_mid_call_exits_4() {
     let path = dir.path().join("t.yaml");
     std::fs::write(
         &path,
-        "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: t}\nspec:\n  hosts: [{role: a}]\n  steps: [{name: s, on: [a], argv: [\"true\"]}]\n",
+        r#"apiVersion: testbus/v1
+kind: Test
+metadata: {name: t}
+spec:
+  hosts: [{role: a}]
+  steps: [{name: s, on: [a], argv: ["true"]}]
+"#,
     )
     .unwrap();
     let out = std::process::Command::new(bin_dir().join("testbusctl"))

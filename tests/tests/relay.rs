@@ -82,7 +82,21 @@ async fn exchange_through(c: &Cluster, guest: &str, test: &str) {
         c,
         &format!("{test}.yaml"),
         &format!(
-            "apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: {test}}}\nspec:\n  files: [{{source: blob.bin, path: blob.bin}}]\n  hosts: [{{role: guest, host: {guest}}}, {{role: peer, host: host-0}}]\n  steps:\n    - name: s\n      on: [guest, peer]\n      script: |\n        testbusctl sync meet --timeout 60s\n        sha256sum blob.bin\n        seq 1 40000\n        echo \"transport done $TESTBUS_HOST\"\n"
+            r#"apiVersion: testbus/v1
+kind: Test
+metadata: {{name: {test}}}
+spec:
+  files: [{{source: blob.bin, path: blob.bin}}]
+  hosts: [{{role: guest, host: {guest}}}, {{role: peer, host: host-0}}]
+  steps:
+    - name: s
+      on: [guest, peer]
+      script: |
+        testbusctl sync meet --timeout 60s
+        sha256sum blob.bin
+        seq 1 40000
+        echo "transport done $TESTBUS_HOST"
+"#
         ),
     );
     let out = c.ctl(&["apply", "-f", &path, "--wait", "--timeout", "120s"]);

@@ -63,7 +63,21 @@ async fn blobs_and_output_are_readable_from_either_replica() {
         &c,
         "out.yaml",
         &format!(
-            "apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: out}}\nspec:\n  files: [{{source: data.bin, path: data.bin}}]\n  hosts: [{{role: r, count: 2}}]\n  steps:\n    - name: s\n      on: [r]\n      script: |\n        sha256sum data.bin\n        for i in $(seq 1 500); do echo early $i; done\n        while [ ! -e {gate} ]; do sleep 0.05; done\n        for i in $(seq 1 500); do echo late $i; echo err $i >&2; done\n",
+            r#"apiVersion: testbus/v1
+kind: Test
+metadata: {{name: out}}
+spec:
+  files: [{{source: data.bin, path: data.bin}}]
+  hosts: [{{role: r, count: 2}}]
+  steps:
+    - name: s
+      on: [r]
+      script: |
+        sha256sum data.bin
+        for i in $(seq 1 500); do echo early $i; done
+        while [ ! -e {gate} ]; do sleep 0.05; done
+        for i in $(seq 1 500); do echo late $i; echo err $i >&2; done
+"#,
             gate = gate.display()
         ),
     );
@@ -130,7 +144,30 @@ async fn a_test_survives_the_leader_and_an_etcd_member_dying() {
         &c,
         "failover.yaml",
         &format!(
-            "apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: failover}}\nspec:\n  files: [{{source: payload.txt, path: payload.txt}}]\n  hosts: [{{role: server}}, {{role: client, count: 2}}]\n  steps:\n    - name: work\n      on: [server, client]\n      script: |\n        echo run >> {runs}/$TESTBUS_STEP-$TESTBUS_ROLE\n        cat payload.txt\n        for i in $(seq 1 300); do echo before $i; done\n        while [ ! -e {gate} ]; do sleep 0.05; done\n        for i in $(seq 1 300); do echo after $i; done\n        testbusctl sync done --timeout 60s\n        echo synced\n    - name: check\n      on: [server]\n      after: [work]\n      script: |\n        echo run >> {runs}/$TESTBUS_STEP-$TESTBUS_ROLE\n        cat payload.txt\n",
+            r#"apiVersion: testbus/v1
+kind: Test
+metadata: {{name: failover}}
+spec:
+  files: [{{source: payload.txt, path: payload.txt}}]
+  hosts: [{{role: server}}, {{role: client, count: 2}}]
+  steps:
+    - name: work
+      on: [server, client]
+      script: |
+        echo run >> {runs}/$TESTBUS_STEP-$TESTBUS_ROLE
+        cat payload.txt
+        for i in $(seq 1 300); do echo before $i; done
+        while [ ! -e {gate} ]; do sleep 0.05; done
+        for i in $(seq 1 300); do echo after $i; done
+        testbusctl sync done --timeout 60s
+        echo synced
+    - name: check
+      on: [server]
+      after: [work]
+      script: |
+        echo run >> {runs}/$TESTBUS_STEP-$TESTBUS_ROLE
+        cat payload.txt
+"#,
             runs = runs.display(),
             gate = gate.display()
         ),

@@ -13,9 +13,10 @@
 //! read the log and subscribe atomically.
 use super::*;
 use futures::StreamExt;
+use parking_lot::Mutex;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tokio::sync::broadcast;
 
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
@@ -260,7 +261,7 @@ impl Inner {
     /// Applies the requests in order in one transaction and commits it;
     /// then publishes their events and answers each.
     fn commit_batch(&self, batch: Vec<WriteRequest>) {
-        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _guard = self.write_lock.lock();
         // An error inside the batch (not a failed compare) aborts all of
         // it: nothing of a half-applied transaction may be committed.
         let mut results = Vec::with_capacity(batch.len());
@@ -418,7 +419,7 @@ impl Store for EmbeddedStore {
         let p = prefix.to_string();
         let (backlog, rx) = self
             .blocking(move |i| {
-                let _guard = i.write_lock.lock().map_err(|_| backend("write lock poisoned"))?;
+                let _guard = i.write_lock.lock();
                 let r = i.db.begin_read().map_err(backend)?;
                 let meta = r.open_table(META).map_err(backend)?;
                 let oldest = meta.get(META_OLDEST).map_err(backend)?.map(|g| g.value()).unwrap_or(1);
