@@ -75,7 +75,7 @@ impl Policy for Host {
     fn check_status_update(old: &Self, new: &Self) -> Result<(), Status> {
         // A claim is made only by Tests.Claim, all hosts at once; a status
         // write may keep or release it, never make or move one.
-        let held = |h: &Self| h.status().claim.clone().filter(|c| !c.test.is_empty());
+        let held = |h: &Self| h.status().claim.clone();
         match held(new) {
             None => Ok(()),
             Some(c) if Some(&c) == held(old).as_ref() => Ok(()),
@@ -181,12 +181,8 @@ impl Policy for Process {
         // A process only moves forward: Pending, Fetching, Ready, Running,
         // then one final phase.
         let rank = |p: &str| match p {
-            "" | phase::PENDING => Some(0),
-            phase::FETCHING => Some(1),
-            phase::READY => Some(2),
-            phase::RUNNING => Some(3),
-            p if phase::process_terminal(p) => Some(4),
-            _ => None,
+            "" => Some(0),
+            p => p.parse::<testbus_proto::states::ProcessPhase>().ok().map(|p| p.rank()),
         };
         match (rank(from), rank(to)) {
             (_, None) => Err(Status::invalid_argument(format!("status.phase: {to:?} is not a Process phase"))),
@@ -565,8 +561,7 @@ impl ResourceService<Test> {
                 return Err(Status::aborted(format!("conflict: Host {:?} changed since it was chosen", a.host)));
             }
             let s = h.status();
-            if s.phase != phase::READY || h.spec().unschedulable || s.claim.as_ref().is_some_and(|c| !c.test.is_empty())
-            {
+            if s.phase != phase::READY || h.spec().unschedulable || s.claim.as_ref().is_some() {
                 return Err(Status::aborted(format!("conflict: Host {:?} is no longer free", a.host)));
             }
             h.status_mut().claim = Some(HostClaim {
@@ -619,7 +614,7 @@ impl ResourceService<Test> {
                     t.status().phase
                 )));
             }
-            if t.status().conditions.iter().any(|c| c.r#type == "Finished") {
+            if testbus_proto::states::Verdict::decided(&t.status().conditions) {
                 return Err(Status::failed_precondition(format!("Test {name:?} is finishing")));
             }
             f(&mut t)?;
@@ -680,25 +675,18 @@ impl ResourceService<Test> {
         self.mutate_running(&req.test, |t| {
             let failed: Vec<String> =
                 t.status().results.iter().filter(|r| r.outcome == "fail").map(|r| r.path.clone()).collect();
-            let (reason, message) = if req.failed {
-                (
-                    "FinishedFailed",
-                    if req.message.is_empty() { "finished as failed".to_string() } else { req.message.clone() },
-                )
+            use testbus_proto::states::{TestReason, Verdict};
+            let verdict = if req.failed {
+                let message = if req.message.is_empty() { "finished as failed" } else { req.message.as_str() };
+                Verdict::new(TestReason::FinishedFailed, message)
             } else if !failed.is_empty() {
-                ("ResultFailed", format!("recorded results failed: {}", failed.join(", ")))
+                Verdict::new(TestReason::ResultFailed, format!("recorded results failed: {}", failed.join(", ")))
             } else {
-                ("Finished", req.message.clone())
+                Verdict::new(TestReason::Finished, req.message.clone())
             };
             // The controller concludes from this verdict: stops processes,
             // writes the final status, releases the hosts.
-            t.status_mut().conditions.push(testbus_proto::Condition {
-                r#type: "Finished".into(),
-                status: "Unknown".into(),
-                reason: reason.into(),
-                message,
-                last_transition_time: testbus_proto::time::now(),
-            });
+            t.status_mut().conditions.push(verdict.condition(testbus_proto::time::now()));
             Ok(())
         })
         .await

@@ -12,6 +12,7 @@
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::time::SystemTime;
+use testbus_proto::states::ProcessReason;
 use testbus_proto::{phase, time, Process, Resource};
 
 /// Set by `testbusctl uncordon`: failures before it no longer count.
@@ -19,18 +20,16 @@ pub const HEALTHY_SINCE: &str = "testbus.io/healthy-since";
 /// Most recent terminal processes remembered per host.
 const KEEP: usize = 32;
 
-/// Reasons of a Failed process that mean the host, not the test, failed:
-/// the program never ran.
-const SETUP_REASONS: [&str; 7] =
-    ["SpawnFailed", "FetchFailed", "FileFailed", "WorkdirFailed", "ContainFailed", "EnvFailed", "WaitFailed"];
-
 /// Why a terminal process counts as an infrastructure failure of its host,
 /// if it does.
 pub fn infra_failure(p: &Process) -> Option<String> {
     let s = p.status();
     match s.phase.as_str() {
         phase::LOST => Some(if s.reason.is_empty() { "Lost".into() } else { s.reason.clone() }),
-        phase::FAILED if SETUP_REASONS.contains(&s.reason.as_str()) => Some(s.reason.clone()),
+        // The program never ran: the host, not the test, failed.
+        phase::FAILED if s.reason.parse::<ProcessReason>().is_ok_and(ProcessReason::is_infrastructure) => {
+            Some(s.reason.clone())
+        }
         _ => None,
     }
 }

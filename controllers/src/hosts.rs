@@ -27,7 +27,7 @@ pub async fn reconcile(ctx: &Context, name: &str) -> Result<Action, Status> {
     let want = if alive { phase::READY } else { phase::NOT_READY };
 
     let mut orphan = false;
-    if let Some(c) = s.claim.as_ref().filter(|c| !c.test.is_empty()) {
+    if let Some(c) = s.claim.as_ref() {
         let cached = ctx.tests.get(&c.test);
         if cached.as_ref().is_none_or(|t| t.meta().uid != c.test_uid) {
             // The caches may lag each other: ask the API before releasing.

@@ -107,9 +107,7 @@ pub async fn run(client: Client, cfg: Config, stop: CancellationToken) -> Result
                 c.host_queue.add(h.name());
             }
             for claim in [old, new].into_iter().flatten().filter_map(|h| h.status().claim.as_ref()) {
-                if !claim.test.is_empty() {
-                    c.test_queue.add(&claim.test);
-                }
+                c.test_queue.add(&claim.test);
             }
             if schedulable_changed(old.as_deref(), new.as_deref()) {
                 for t in c.tests.filter(test_lifecycle::is_pending) {

@@ -30,9 +30,7 @@ fn fits(req: &HostRequirement, h: &Host) -> bool {
 
 /// Free: Ready, schedulable and not claimed.
 pub fn is_free(h: &Host) -> bool {
-    h.status().phase == phase::READY
-        && !h.spec().unschedulable
-        && h.status().claim.as_ref().is_none_or(|c| c.test.is_empty())
+    h.status().phase == phase::READY && !h.spec().unschedulable && h.status().claim.as_ref().is_none()
 }
 
 fn describe(req: &HostRequirement) -> String {
@@ -49,7 +47,7 @@ fn describe(req: &HostRequirement) -> String {
 
 /// Why a host that fits is not free.
 fn busy_reason(h: &Host) -> String {
-    if let Some(c) = h.status().claim.as_ref().filter(|c| !c.test.is_empty()) {
+    if let Some(c) = h.status().claim.as_ref() {
         format!("{} claimed by test {}", h.name(), c.test)
     } else if h.spec().unschedulable {
         format!("{} cordoned", h.name())

@@ -15,11 +15,12 @@ use crate::Context;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+use testbus_proto::states::{ConditionStatus, TestReason};
 use testbus_proto::subst::host_var_name;
 use testbus_proto::validate::members;
 use testbus_proto::{
-    duration, phase, time, ClaimAssignment, ClaimRequest, Condition, Host, HostFacts, Process, Resource, StepStatus,
-    Test, TestStatus, TestTrace,
+    duration, phase, time, ClaimAssignment, ClaimRequest, Host, HostFacts, Process, Resource, StepStatus, Test,
+    TestStatus, TestTrace,
 };
 use tonic::{Code, Status};
 
@@ -150,18 +151,22 @@ async fn still_pending(ctx: &Context, t: &Test, reason: &str, why: String) -> Re
     match pending_outcome(t, SystemTime::now()) {
         PendingOutcome::GiveUp { waited } => {
             let message = format!("waited {} for hosts (its pendingTimeout): {why}", duration::format(waited));
-            st.phase = phase::ERROR.into();
-            st.reason = "PendingTimeout".into();
+            st.phase = TestReason::PendingTimeout.phase().into();
+            st.reason = TestReason::PendingTimeout.into();
             st.message = message.clone();
             st.completion_time = time::now();
-            set_condition(&mut st.conditions, condition("Scheduled", false, reason, &why));
-            set_condition(&mut st.conditions, condition(FINISHED, false, "PendingTimeout", &message));
+            set_condition(&mut st.conditions, condition("Scheduled", ConditionStatus::False, reason, &why));
+            set_condition(
+                &mut st.conditions,
+                condition(FINISHED, ConditionStatus::False, TestReason::PendingTimeout.as_str(), &message),
+            );
             ctx.client.api::<Test>().update_status(next).await?;
             tracing::info!(test = t.name(), "gave up waiting for hosts");
             Ok(Action::AwaitChange)
         }
         PendingOutcome::Wait(next_look) => {
-            let changed = set_condition(&mut st.conditions, condition("Scheduled", false, reason, &why));
+            let changed =
+                set_condition(&mut st.conditions, condition("Scheduled", ConditionStatus::False, reason, &why));
             if changed || st.phase.is_empty() {
                 st.phase = phase::PENDING.into();
                 st.message = why;
@@ -207,7 +212,7 @@ fn running_status(t: &Test, assignments: &[Assignment], hosts: &HashMap<&str, &H
     let mut env = spec.env.clone();
     env.extend(host_vars.clone());
     let mut conditions = t.status().conditions.clone();
-    set_condition(&mut conditions, condition("Scheduled", true, "Claimed", "all hosts claimed"));
+    set_condition(&mut conditions, condition("Scheduled", ConditionStatus::True, "Claimed", "all hosts claimed"));
     TestStatus {
         phase: phase::RUNNING.into(),
         conditions,
@@ -354,10 +359,7 @@ async fn conclude(
         let mut next = t.clone();
         let st = next.status_mut();
         st.steps = steps;
-        set_condition(
-            &mut st.conditions,
-            Condition { status: "Unknown".into(), ..condition(FINISHED, false, &v.reason, &v.message) },
-        );
+        set_condition(&mut st.conditions, v.condition(time::now()));
         let t = ctx.client.api::<Test>().update_status(next).await?;
         stop_all(ctx, &t, procs).await?;
         return Ok(Action::AwaitChange);
@@ -365,7 +367,7 @@ async fn conclude(
     if !stop_all(ctx, t, procs).await? {
         return Ok(Action::Requeue(Duration::from_secs(5)));
     }
-    let phase = v.phase;
+    let phase = v.phase().as_str();
     let mut next = t.clone();
     *next.status_mut() = test_plan::final_status(t, steps, v, SystemTime::now());
     ctx.client.api::<Test>().update_status(next).await?;

@@ -24,11 +24,9 @@ pub use testbus_proto::process::{LABEL_ROLE, LABEL_STEP, LABEL_TEST};
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3600);
 /// The condition that records a verdict while the test's processes are
 /// stopped (status Unknown), then the test's end (True or False).
-pub const FINISHED: &str = "Finished";
+pub use testbus_proto::states::FINISHED;
 /// Condition of a failed test whose hosts stay claimed (holdOnFailure).
 pub const HELD: &str = "Held";
-/// Step phase: its processes were stopped by the controller.
-pub const STOPPED: &str = "Stopped";
 
 /// The hosts as the controller sees them (its cache; a map in tests).
 pub trait HostView {
@@ -47,19 +45,8 @@ impl HostView for HashMap<String, Arc<Host>> {
     }
 }
 
-/// How a test ends: its phase, reason and message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Verdict {
-    pub phase: &'static str,
-    pub reason: String,
-    pub message: String,
-}
-
-impl Verdict {
-    fn new(phase: &'static str, reason: &str, message: String) -> Verdict {
-        Verdict { phase, reason: reason.into(), message }
-    }
-}
+pub use testbus_proto::states::Verdict;
+use testbus_proto::states::{ConditionStatus, StepPhase, TestPhase, TestReason};
 
 /// A verdict, and whether an earlier reconcile recorded it already.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,20 +74,9 @@ pub struct Plan {
     pub requeue: Duration,
 }
 
-/// The phase each verdict reason leads to.
-pub fn phase_of_reason(reason: &str) -> &'static str {
-    match reason {
-        "Completed" | "Finished" => phase::SUCCEEDED,
-        "StepFailed" | "BackgroundEnded" | "ResultFailed" | "FinishedFailed" => phase::FAILED,
-        "Cancelled" => phase::CANCELLED,
-        _ => phase::ERROR,
-    }
-}
-
 /// A verdict already recorded by an earlier reconcile.
 pub fn recorded_verdict(t: &Test) -> Option<Verdict> {
-    let c = t.status().conditions.iter().find(|c| c.r#type == FINISHED && c.status == "Unknown")?;
-    Some(Verdict { phase: phase_of_reason(&c.reason), reason: c.reason.clone(), message: c.message.clone() })
+    Verdict::recorded(&t.status().conditions)
 }
 
 /// Ended because the controller asked it to stop.
@@ -158,7 +134,7 @@ fn lost_host(t: &Test, hosts: &impl HostView) -> Option<Verdict> {
             Some(h) if h.status().phase != phase::READY => h.status().message.clone(),
             _ => continue,
         };
-        return Some(Verdict::new(phase::ERROR, "HostLost", format!("host {host} ({member}) was lost: {why}")));
+        return Some(Verdict::new(TestReason::HostLost, format!("host {host} ({member}) was lost: {why}")));
     }
     None
 }
@@ -170,39 +146,39 @@ fn step_phase(
     mine: &[&Arc<Process>],
     want: &[String],
     graph: &[&Step],
-    phases: &HashMap<&str, &'static str>,
+    phases: &HashMap<&str, StepPhase>,
     by_step: &HashMap<&str, Vec<&Arc<Process>>>,
-) -> &'static str {
+) -> StepPhase {
     let dep_ok = |a: &String| {
         let p = phases[a.as_str()];
         let dep = graph.iter().find(|s| &s.name == a);
-        p == phase::SUCCEEDED
-            || (p == phase::FAILED && dep.is_some_and(|d| d.allow_failure))
-            || (p == phase::RUNNING && dep.is_some_and(|d| d.background) && serving(a, by_step))
+        p == StepPhase::Succeeded
+            || (p == StepPhase::Failed && dep.is_some_and(|d| d.allow_failure))
+            || (p == StepPhase::Running && dep.is_some_and(|d| d.background) && serving(a, by_step))
     };
     let deps_done = step.after.iter().all(dep_ok);
     let deps_dead = step.after.iter().any(|a| {
         let p = phases[a.as_str()];
-        p == phase::SKIPPED || (p != phase::WAITING && p != phase::RUNNING && !dep_ok(a))
+        p == StepPhase::Skipped || (p != StepPhase::Waiting && p != StepPhase::Running && !dep_ok(a))
     });
     if mine.is_empty() && deps_dead {
-        phase::SKIPPED
+        StepPhase::Skipped
     } else if mine.is_empty() && !deps_done {
-        phase::WAITING
+        StepPhase::Waiting
     } else if mine.len() < want.len() || mine.iter().any(|p| !phase::process_terminal(&p.status().phase)) {
-        phase::RUNNING
+        StepPhase::Running
     } else if mine.iter().all(|p| p.status().phase == phase::SUCCEEDED) {
-        phase::SUCCEEDED
+        StepPhase::Succeeded
     } else if mine.iter().all(|p| p.status().phase == phase::SUCCEEDED || stopped(p)) {
         // Stopped by us: at the end of the test, or after another step
         // failed. A background step is meant to be stopped.
         if step.background {
-            phase::SUCCEEDED
+            StepPhase::Succeeded
         } else {
-            STOPPED
+            StepPhase::Stopped
         }
     } else {
-        phase::FAILED
+        StepPhase::Failed
     }
 }
 
@@ -237,7 +213,7 @@ pub fn plan(t: &Test, procs: &[Arc<Process>], hosts: &impl HostView, now: System
     // rounds so that `after` steps come first.
     let expanded = testbus_proto::steps::expand(spec);
     let graph: Vec<&Step> = expanded.iter().map(|e| &e.step).collect();
-    let mut phases: HashMap<&str, &'static str> = HashMap::new();
+    let mut phases: HashMap<&str, StepPhase> = HashMap::new();
     let mut create: Vec<Process> = Vec::new();
     let mut release: Vec<Arc<Process>> = Vec::new();
     let mut steps = Vec::new();
@@ -255,16 +231,12 @@ pub fn plan(t: &Test, procs: &[Arc<Process>], hosts: &impl HostView, now: System
             let mine = by_step.get(step.name.as_str()).cloned().unwrap_or_default();
             let want = targets(t, step);
             let p = step_phase(step, &mine, &want, &graph, &phases, &by_step);
-            if p == phase::RUNNING && mine.len() < want.len() {
+            if p == StepPhase::Running && mine.len() < want.len() {
                 for member in want.iter().filter(|m| !mine.iter().any(|p| &p.spec().role == *m)) {
                     match st.claims.get(member).and_then(|h| hosts.host(h)) {
                         Some(h) => create.push(process_for(t, ex, member, &h)),
                         None => {
-                            verdict.get_or_insert(Verdict::new(
-                                phase::ERROR,
-                                "HostLost",
-                                format!("no host for {member}"),
-                            ));
+                            verdict.get_or_insert(Verdict::new(TestReason::HostLost, format!("no host for {member}")));
                         }
                     }
                 }
@@ -283,26 +255,25 @@ pub fn plan(t: &Test, procs: &[Arc<Process>], hosts: &impl HostView, now: System
             results.sort_by(|a, b| a.role.cmp(&b.role));
             let prev = st.steps.iter().find(|s| s.name == step.name);
             let start_time = prev.map(|s| s.start_time.clone()).filter(|s| !s.is_empty()).unwrap_or_else(|| {
-                if p == phase::WAITING || p == phase::SKIPPED {
+                if p == StepPhase::Waiting || p == StepPhase::Skipped {
                     String::new()
                 } else {
                     stamp.clone()
                 }
             });
             let completion_time = match p {
-                phase::SUCCEEDED | phase::FAILED | phase::SKIPPED => {
+                StepPhase::Succeeded | StepPhase::Failed | StepPhase::Skipped => {
                     prev.map(|s| s.completion_time.clone()).filter(|s| !s.is_empty()).unwrap_or_else(|| stamp.clone())
                 }
                 _ => String::new(),
             };
-            let message = if p == phase::FAILED { failure_message(&results) } else { String::new() };
+            let message = if p == StepPhase::Failed { failure_message(&results) } else { String::new() };
             if step.background && !step.allow_failure && verdict.is_none() && recorded.is_none() {
                 if let Some(p) = mine.iter().find(|p| phase::process_terminal(&p.status().phase) && !stopped(p)) {
                     let why =
                         if p.status().message.is_empty() { "exited".to_string() } else { p.status().message.clone() };
                     verdict = Some(Verdict::new(
-                        phase::FAILED,
-                        "BackgroundEnded",
+                        TestReason::BackgroundEnded,
                         format!(
                             "background step {} ended before the test finished: {} on {}: {why}",
                             step.name,
@@ -312,9 +283,8 @@ pub fn plan(t: &Test, procs: &[Arc<Process>], hosts: &impl HostView, now: System
                     ));
                 }
             }
-            if p == phase::FAILED && !step.allow_failure && verdict.is_none() {
-                verdict =
-                    Some(Verdict::new(phase::FAILED, "StepFailed", format!("step {} failed: {message}", step.name)));
+            if p == StepPhase::Failed && !step.allow_failure && verdict.is_none() {
+                verdict = Some(Verdict::new(TestReason::StepFailed, format!("step {} failed: {message}", step.name)));
             }
             steps.push(StepStatus {
                 name: step.name.clone(),
@@ -338,25 +308,23 @@ pub fn plan(t: &Test, procs: &[Arc<Process>], hosts: &impl HostView, now: System
         // Deleted while running: it ends Cancelled (visible until its
         // cleanup is done), whatever else was about to happen.
         None if !t.meta().deletion_timestamp.is_empty() => {
-            Some(Ending::New(Verdict::new(phase::CANCELLED, "Cancelled", "the test was deleted while it ran".into())))
+            Some(Ending::New(Verdict::new(TestReason::Cancelled, "the test was deleted while it ran")))
         }
         None => verdict
             .or_else(|| lost_host(t, hosts))
             .or_else(|| {
                 (now >= deadline).then(|| {
                     Verdict::new(
-                        phase::ERROR,
-                        "TimedOut",
+                        TestReason::TimedOut,
                         format!("test exceeded its timeout of {}", duration::format(timeout)),
                     )
                 })
             })
             .or_else(|| {
                 let done = !graph.is_empty()
-                    && steps
-                        .iter()
-                        .zip(&graph)
-                        .all(|(s, step)| step.background || (s.phase != phase::RUNNING && s.phase != phase::WAITING));
+                    && steps.iter().zip(&graph).all(|(s, step)| {
+                        step.background || (s.phase != StepPhase::Running && s.phase != StepPhase::Waiting)
+                    });
                 done.then(|| completed(st))
             })
             .map(Ending::New),
@@ -372,9 +340,9 @@ pub fn plan(t: &Test, procs: &[Arc<Process>], hosts: &impl HostView, now: System
 fn completed(st: &TestStatus) -> Verdict {
     let failed: Vec<&str> = st.results.iter().filter(|r| r.outcome == "fail").map(|r| r.path.as_str()).collect();
     if failed.is_empty() {
-        Verdict::new(phase::SUCCEEDED, "Completed", String::new())
+        Verdict::new(TestReason::Completed, "")
     } else {
-        Verdict::new(phase::FAILED, "ResultFailed", format!("recorded results failed: {}", failed.join(", ")))
+        Verdict::new(TestReason::ResultFailed, format!("recorded results failed: {}", failed.join(", ")))
     }
 }
 
@@ -403,10 +371,10 @@ pub fn stops(procs: &[Arc<Process>], hosts: &impl HostView) -> Stops {
     s
 }
 
-pub fn condition(type_: &str, ok: bool, reason: &str, message: &str) -> Condition {
+pub fn condition(type_: &str, status: ConditionStatus, reason: &str, message: &str) -> Condition {
     Condition {
         r#type: type_.into(),
-        status: if ok { "True" } else { "False" }.into(),
+        status: status.into(),
         reason: reason.into(),
         message: message.into(),
         last_transition_time: time::now(),
@@ -432,24 +400,27 @@ pub fn set_condition(conds: &mut Vec<Condition>, c: Condition) -> bool {
 /// hosts (holdOnFailure).
 pub fn final_status(t: &Test, mut steps: Vec<StepStatus>, v: Verdict, now: SystemTime) -> TestStatus {
     for s in &mut steps {
-        if s.phase == phase::WAITING || s.phase == phase::RUNNING {
-            s.phase = phase::SKIPPED.into();
+        if s.phase == StepPhase::Waiting || s.phase == StepPhase::Running {
+            s.phase = StepPhase::Skipped.into();
         }
     }
     let mut st = t.status().clone();
-    st.phase = v.phase.into();
-    st.reason = v.reason;
+    let ok = v.phase() == TestPhase::Succeeded;
+    st.phase = v.phase().into();
+    st.reason = v.reason.into();
     st.message = v.message;
     st.steps = steps;
     st.completion_time = time::format(now);
-    let ok = v.phase == phase::SUCCEEDED;
     if !ok && t.spec().hold_on_failure {
         let hosts: Vec<&str> = st.claims.values().map(String::as_str).collect();
         let msg = format!("hosts {} stay claimed for debugging until the test is deleted", hosts.join(", "));
-        set_condition(&mut st.conditions, condition(HELD, true, "HoldOnFailure", &msg));
+        set_condition(&mut st.conditions, condition(HELD, ConditionStatus::True, "HoldOnFailure", &msg));
     }
     let (reason, message) = (st.reason.clone(), st.message.clone());
-    set_condition(&mut st.conditions, condition(FINISHED, ok, &reason, &message));
+    set_condition(
+        &mut st.conditions,
+        condition(FINISHED, if ok { ConditionStatus::True } else { ConditionStatus::False }, &reason, &message),
+    );
     st
 }
 
@@ -523,7 +494,7 @@ mod tests {
 
     fn ended(plan: &Plan) -> (&'static str, &str) {
         match &plan.ending {
-            Some(Ending::New(v)) | Some(Ending::Recorded(v)) => (v.phase, v.reason.as_str()),
+            Some(Ending::New(v)) | Some(Ending::Recorded(v)) => (v.phase().as_str(), v.reason.as_str()),
             None => panic!("no verdict: {:?}", step_phases(plan)),
         }
     }
@@ -565,7 +536,7 @@ spec:
         let p = plan(&t, &procs, &hosts, at(4));
         assert_eq!(ended(&p), (phase::SUCCEEDED, "Completed"));
         assert!(p.create.is_empty());
-        let done = final_status(&t, p.steps, Verdict::new(phase::SUCCEEDED, "Completed", String::new()), at(4));
+        let done = final_status(&t, p.steps, Verdict::new(TestReason::Completed, ""), at(4));
         assert_eq!(done.phase, phase::SUCCEEDED);
         assert!(done.conditions.iter().any(|c| c.r#type == FINISHED && c.status == "True"));
     }
@@ -720,28 +691,25 @@ spec:
         let p = plan(&t, &procs, &hosts, at(2));
         assert_eq!(
             p.ending,
-            Some(Ending::New(Verdict::new(phase::CANCELLED, "Cancelled", "the test was deleted while it ran".into())))
+            Some(Ending::New(Verdict::new(TestReason::Cancelled, "the test was deleted while it ran")))
         );
         let s = stops(&procs, &hosts);
         assert_eq!((s.stop.len(), s.all_ended), (1, false));
         // Recorded (Finished=Unknown), it holds while the processes stop,
         // even when a stopped process then "fails".
         let mut st = t.status().clone();
-        set_condition(
-            &mut st.conditions,
-            Condition { status: "Unknown".into(), ..condition(FINISHED, false, "Cancelled", "deleted") },
-        );
+        set_condition(&mut st.conditions, Verdict::new(TestReason::Cancelled, "deleted").condition(time::now()));
         *t.status_mut() = st;
         let failed = with_status(&plan(&t, &[], &hosts, at(1)).create, |_| exited(1));
         let p = plan(&t, &failed, &hosts, at(3));
-        assert_eq!(p.ending, Some(Ending::Recorded(Verdict::new(phase::CANCELLED, "Cancelled", "deleted".into()))));
+        assert_eq!(p.ending, Some(Ending::Recorded(Verdict::new(TestReason::Cancelled, "deleted"))));
         assert!(stops(&failed, &hosts).all_ended);
     }
 
     #[test]
     fn a_failed_test_with_hold_on_failure_keeps_its_hosts() {
         let t = running(&CHAIN.replace("spec:\n", "spec:\n  holdOnFailure: true\n"));
-        let v = Verdict::new(phase::FAILED, "StepFailed", "step first failed".into());
+        let v = Verdict::new(TestReason::StepFailed, "step first failed");
         let st = final_status(&t, vec![], v, at(5));
         let mut done = t.clone();
         *done.status_mut() = st;
@@ -749,7 +717,7 @@ spec:
         let c = done.status().conditions.iter().find(|c| c.r#type == HELD).unwrap();
         assert!(c.message.contains("h-a") && c.message.contains("h-b0"), "{c:?}");
         // Succeeded: nothing is held.
-        let st = final_status(&t, vec![], Verdict::new(phase::SUCCEEDED, "Completed", String::new()), at(5));
+        let st = final_status(&t, vec![], Verdict::new(TestReason::Completed, ""), at(5));
         *done.status_mut() = st;
         assert!(!held(&done));
         assert_eq!(done.status().completion_time, time::format(at(5)));

@@ -60,7 +60,7 @@ fn host_row(h: &Host, wide: bool) -> Vec<String> {
     if h.spec().unschedulable {
         ph.push_str(",Cordoned");
     }
-    let claim = s.claim.as_ref().filter(|c| !c.test.is_empty()).map(|c| format!("{}/{}", c.test, c.role));
+    let claim = s.claim.as_ref().map(|c| format!("{}/{}", c.test, c.role));
     let mut caps: Vec<&String> = s.capabilities.iter().chain(h.spec().capabilities.iter()).collect();
     caps.sort();
     caps.dedup();

@@ -480,7 +480,7 @@ fn describe(o: &Object) {
             if !s.message.is_empty() {
                 println!("Message:      {}", s.message);
             }
-            if let Some(c) = s.claim.as_ref().filter(|c| !c.test.is_empty()) {
+            if let Some(c) = s.claim.as_ref() {
                 println!("Claimed by:   test/{} as {}", c.test, c.role);
             }
             println!("Lease:        renewed {} (every {}s)", s.lease_renew_time, s.lease_duration_seconds);

@@ -34,6 +34,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 use testbus_proto::client::{watcher, Api, Client, WatcherEvent};
+use testbus_proto::states::{ProcessPhase, ProcessReason};
 use testbus_proto::{phase, time, Host, HostSpec, HostStatus, ObjectMeta, Process, Resource};
 use tokio::sync::mpsc;
 use tonic::Code;
@@ -272,16 +273,17 @@ impl Agent {
             // Whatever its predecessor left running of it went when this
             // agent started (`containment::end_predecessors`).
             let why = "the agent restarted while the process ran; its outcome is unknown";
-            runner::end_unrun(&api, &p, phase::LOST, "AgentRestarted", why).await;
+            runner::end_unrun(&api, &p, ProcessPhase::Lost, ProcessReason::AgentRestarted, why).await;
             return;
         }
         if status_says_started(&p) {
             let why = "the process was started before, but the agent's journal has no record of it (lost or damaged); it is not run again";
-            runner::end_unrun(&api, &p, phase::LOST, "JournalLost", why).await;
+            runner::end_unrun(&api, &p, ProcessPhase::Lost, ProcessReason::JournalLost, why).await;
             return;
         }
         if p.spec().stop {
-            runner::end_unrun(&api, &p, phase::KILLED, "Stopped", "stopped before it started").await;
+            runner::end_unrun(&api, &p, ProcessPhase::Killed, ProcessReason::Stopped, "stopped before it started")
+                .await;
             return;
         }
         // Its runner starts with the batch (see `start_admitted`); events

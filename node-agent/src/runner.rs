@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 use testbus_proto::client::{Api, Client};
+use testbus_proto::states::{ProcessPhase, ProcessReason};
 use testbus_proto::{duration, phase, subst, time, OutputChunk, Process, Resource};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -49,10 +50,22 @@ pub enum Command {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ended {
     Exited(i32),
-    Signalled(String),
-    TimedOut { after: Duration, signal: String },
-    Stopped { by: StopReason, signal: String },
-    SetupFailed { reason: &'static str, message: String },
+    Signalled(SignalNo),
+    /// Its timeout passed; `signal` ended it.
+    TimedOut {
+        after: Duration,
+        signal: SignalNo,
+    },
+    /// Stopped; by `signal`, or before it started (None).
+    Stopped {
+        by: StopReason,
+        signal: Option<SignalNo>,
+    },
+    /// It could not be started: `reason` is one of the setup failures.
+    SetupFailed {
+        reason: ProcessReason,
+        message: String,
+    },
 }
 
 /// A runner's latest copy of its Process: what the watch delivered, then
@@ -85,8 +98,23 @@ struct Fetched {
     cached: PathBuf,
 }
 
-fn signal_name(sig: i32) -> String {
-    nix::sys::signal::Signal::try_from(sig).map(|s| s.as_str().to_string()).unwrap_or_else(|_| format!("signal {sig}"))
+/// A signal by number, shown as the kernel names it ("SIGTERM"), or as
+/// "signal 40" for one without a name (real-time signals).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SignalNo(pub i32);
+
+impl SignalNo {
+    pub const TERM: SignalNo = SignalNo(nix::libc::SIGTERM);
+    pub const KILL: SignalNo = SignalNo(nix::libc::SIGKILL);
+}
+
+impl std::fmt::Display for SignalNo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match nix::sys::signal::Signal::try_from(self.0) {
+            Ok(s) => f.write_str(s.as_str()),
+            Err(_) => write!(f, "signal {}", self.0),
+        }
+    }
 }
 
 /// The variables a process starts with besides its spec's env (the
@@ -174,7 +202,7 @@ impl ProcessRunner {
         let (ended, sizes, started) = match prepared {
             Err(e) => (e, Default::default(), None),
             Ok(cmd) => match self.gate(&api, &mut commands, released).await {
-                Some(by) => (Ended::Stopped { by, signal: String::new() }, Default::default(), None),
+                Some(by) => (Ended::Stopped { by, signal: None }, Default::default(), None),
                 None => self.execute(cmd, &mut commands).await,
             },
         };
@@ -202,33 +230,34 @@ impl ProcessRunner {
             match &ended {
                 Ended::Exited(code) => {
                     let ok = exit_codes.is_empty() && *code == 0 || exit_codes.contains(code);
-                    s.phase = if ok { phase::SUCCEEDED } else { phase::FAILED }.into();
+                    s.phase = if ok { ProcessPhase::Succeeded } else { ProcessPhase::Failed }.into();
                     s.exit_code = Some(*code);
-                    s.reason = if ok { "Completed" } else { "NonZeroExit" }.into();
+                    s.reason = if ok { ProcessReason::Completed } else { ProcessReason::NonZeroExit }.into();
                     s.message = if ok { String::new() } else { format!("exit code {code}") };
                 }
                 Ended::Signalled(sig) => {
-                    s.phase = phase::FAILED.into();
-                    s.signal = sig.clone();
-                    s.reason = "Signalled".into();
+                    s.phase = ProcessPhase::Failed.into();
+                    s.signal = sig.to_string();
+                    s.reason = ProcessReason::Signalled.into();
                     s.message = format!("killed by {sig}");
                 }
                 Ended::TimedOut { after, signal } => {
-                    s.phase = phase::FAILED.into();
-                    s.signal = signal.clone();
-                    s.reason = "TimedOut".into();
+                    s.phase = ProcessPhase::Failed.into();
+                    s.signal = signal.to_string();
+                    s.reason = ProcessReason::TimedOut.into();
                     s.message = format!("timed out after {}", duration::format(*after));
                 }
                 Ended::Stopped { by, signal } => {
-                    s.phase = phase::KILLED.into();
-                    s.signal = signal.clone();
-                    (s.reason, s.message) = match by {
-                        StopReason::Requested => ("Stopped".into(), "stopped on request".into()),
-                        StopReason::AgentShutdown => ("AgentShutdown".into(), "the agent shut down".into()),
+                    s.phase = ProcessPhase::Killed.into();
+                    s.signal = signal.map(|g| g.to_string()).unwrap_or_default();
+                    let (reason, message) = match by {
+                        StopReason::Requested => (ProcessReason::Stopped, "stopped on request"),
+                        StopReason::AgentShutdown => (ProcessReason::AgentShutdown, "the agent shut down"),
                     };
+                    (s.reason, s.message) = (reason.into(), message.into());
                 }
                 Ended::SetupFailed { reason, message } => {
-                    s.phase = phase::FAILED.into();
+                    s.phase = ProcessPhase::Failed.into();
                     s.reason = (*reason).into();
                     s.message = message.clone();
                 }
@@ -268,7 +297,7 @@ impl ProcessRunner {
         self.test_vars
             .of(&spec.test, &spec.test_uid)
             .await
-            .map_err(|message| Ended::SetupFailed { reason: "EnvFailed", message })
+            .map_err(|message| Ended::SetupFailed { reason: ProcessReason::EnvFailed, message })
     }
 
     /// Fetches every file (and the stdin file) into the cache, reporting
@@ -283,7 +312,7 @@ impl ProcessRunner {
             let f = f.clone();
             async move {
                 self.cache.get(&f.digest).await.map_err(|e| Ended::SetupFailed {
-                    reason: "FetchFailed",
+                    reason: ProcessReason::FetchFailed,
                     message: format!("file {}: {e}", if f.path.is_empty() { &f.env } else { &f.path }),
                 })
             }
@@ -317,7 +346,7 @@ impl ProcessRunner {
                 let rel = std::path::Path::new(&f.path);
                 if rel.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
                     return Err(Ended::SetupFailed {
-                        reason: "FileFailed",
+                        reason: ProcessReason::FileFailed,
                         message: format!("file path {:?} leaves the work dir", f.path),
                     });
                 }
@@ -329,7 +358,7 @@ impl ProcessRunner {
             let copy = move || deliver(&from, &to, mode);
             let copied = tokio::task::spawn_blocking(copy).await.unwrap_or_else(|e| Err(std::io::Error::other(e)));
             copied.map_err(|e| Ended::SetupFailed {
-                reason: "FileFailed",
+                reason: ProcessReason::FileFailed,
                 message: format!("cannot write {}: {e}", dest.display()),
             })?;
             if !f.env.is_empty() {
@@ -354,7 +383,7 @@ impl ProcessRunner {
         }
         let workdir = self.work_root.join(&self.process.meta().uid);
         std::fs::create_dir_all(&workdir).map_err(|e| Ended::SetupFailed {
-            reason: "WorkdirFailed",
+            reason: ProcessReason::WorkdirFailed,
             message: format!("cannot create {}: {e}", workdir.display()),
         })?;
         self.materialise(&workdir, files, &mut added).await?;
@@ -363,8 +392,8 @@ impl ProcessRunner {
             spec.argv.iter().map(|a| subst::substitute(a, &env)).collect::<Result<Vec<_>, _>>().map_err(|e| {
                 Ended::SetupFailed {
                     reason: match e {
-                        subst::SubstError::Unknown(_) => "UnknownVariable",
-                        _ => "InvalidArgument",
+                        subst::SubstError::Unknown(_) => ProcessReason::UnknownVariable,
+                        _ => ProcessReason::InvalidArgument,
                     },
                     message: format!("argv: {e}"),
                 }
@@ -386,7 +415,10 @@ impl ProcessRunner {
                 std::fs::write(&path, &spec.script)?;
                 std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
             };
-            write().map_err(|e| Ended::SetupFailed { reason: "WorkdirFailed", message: format!("script: {e}") })?;
+            write().map_err(|e| Ended::SetupFailed {
+                reason: ProcessReason::WorkdirFailed,
+                message: format!("script: {e}"),
+            })?;
             if spec.script.starts_with("#!") {
                 command(path.as_os_str())
             } else {
@@ -409,9 +441,10 @@ impl ProcessRunner {
             .envs(env.settings())
             .process_group(0)
             .stdin(match &stdin_file {
-                Some(p) => std::fs::File::open(p)
-                    .map(Stdio::from)
-                    .map_err(|e| Ended::SetupFailed { reason: "FileFailed", message: format!("stdin file: {e}") })?,
+                Some(p) => std::fs::File::open(p).map(Stdio::from).map_err(|e| Ended::SetupFailed {
+                    reason: ProcessReason::FileFailed,
+                    message: format!("stdin file: {e}"),
+                })?,
                 None if spec.stdin.is_empty() => Stdio::null(),
                 None => Stdio::piped(),
             })
@@ -440,7 +473,12 @@ impl ProcessRunner {
                     }
                     Some(cg)
                 }
-                Err(e) => return setup_failed("ContainFailed", format!("cannot create the process's cgroup: {e}")),
+                Err(e) => {
+                    return setup_failed(
+                        ProcessReason::ContainFailed,
+                        format!("cannot create the process's cgroup: {e}"),
+                    )
+                }
             },
             None => None,
         };
@@ -468,7 +506,7 @@ impl ProcessRunner {
                             cg.end().await;
                         }
                         let what = spec.argv.first().map(String::as_str).unwrap_or("script");
-                        return setup_failed("SpawnFailed", format!("cannot execute {what}: {e}"));
+                        return setup_failed(ProcessReason::SpawnFailed, format!("cannot execute {what}: {e}"));
                     }
                 }
             }
@@ -542,7 +580,7 @@ impl ProcessRunner {
         let ended = tokio::select! {
             st = child.wait() => match st {
                 Ok(st) => exit_of(st),
-                Err(e) => Ended::SetupFailed { reason: "WaitFailed", message: e.to_string() },
+                Err(e) => Ended::SetupFailed { reason: ProcessReason::WaitFailed, message: e.to_string() },
             },
             _ = deadline => {
                 let signal = terminate(&mut child, &contained).await;
@@ -550,7 +588,7 @@ impl ProcessRunner {
             }
             Some(by) = stop_requested(commands) => {
                 let signal = terminate(&mut child, &contained).await;
-                Ended::Stopped { by, signal }
+                Ended::Stopped { by, signal: Some(signal) }
             }
         };
         // Whatever the main process left behind goes too.
@@ -579,8 +617,8 @@ async fn unless_stopped<T>(
             r = &mut work => return r,
             cmd = commands.recv() => match cmd {
                 Some(Command::Release) => *released = true,
-                Some(Command::Stop(by)) => return Err(Ended::Stopped { by, signal: String::new() }),
-                None => return Err(Ended::Stopped { by: StopReason::AgentShutdown, signal: String::new() }),
+                Some(Command::Stop(by)) => return Err(Ended::Stopped { by, signal: None }),
+                None => return Err(Ended::Stopped { by: StopReason::AgentShutdown, signal: None }),
             },
         }
     }
@@ -600,8 +638,9 @@ fn exit_of(st: std::process::ExitStatus) -> Ended {
     use std::os::unix::process::ExitStatusExt;
     match (st.code(), st.signal()) {
         (Some(c), _) => Ended::Exited(c),
-        (None, Some(s)) => Ended::Signalled(signal_name(s)),
-        (None, None) => Ended::Signalled("unknown".into()),
+        (None, Some(s)) => Ended::Signalled(SignalNo(s)),
+        // Neither an exit nor a signal: std says this cannot be on Linux.
+        (None, None) => Ended::Signalled(SignalNo(0)),
     }
 }
 
@@ -645,18 +684,18 @@ impl Contained<'_> {
 
 /// TERM everything, KILL it after the grace period; returns the signal that
 /// ended the main process.
-async fn terminate(child: &mut tokio::process::Child, contained: &Contained<'_>) -> String {
+async fn terminate(child: &mut tokio::process::Child, contained: &Contained<'_>) -> SignalNo {
     use nix::sys::signal::Signal;
     contained.signal(Signal::SIGTERM);
     match tokio::time::timeout(KILL_GRACE, child.wait()).await {
         Ok(Ok(st)) => match exit_of(st) {
             Ended::Signalled(s) => s,
-            _ => "SIGTERM".into(),
+            _ => SignalNo::TERM,
         },
         _ => {
             contained.signal(Signal::SIGKILL);
             let _ = child.wait().await;
-            "SIGKILL".into()
+            SignalNo::KILL
         }
     }
 }
@@ -842,7 +881,13 @@ async fn advance(api: &Api<Process>, known: &Known, to: &'static str) {
 
 /// Ends a process that never ran (or whose run this agent cannot know),
 /// unless its status is final already.
-pub async fn end_unrun(api: &Api<Process>, p: &Process, to: &'static str, reason: &'static str, message: &'static str) {
+pub async fn end_unrun(
+    api: &Api<Process>,
+    p: &Process,
+    to: ProcessPhase,
+    reason: ProcessReason,
+    message: &'static str,
+) {
     report(api, &known(p.clone()), |p| {
         if phase::process_terminal(&p.status().phase) {
             return false;
@@ -910,7 +955,7 @@ mod tests {
         });
         let mut released = false;
         let r = unless_stopped(slow_fetch, &mut rx, &mut released).await;
-        assert_eq!(r, Err(Ended::Stopped { by: StopReason::Requested, signal: String::new() }));
+        assert_eq!(r, Err(Ended::Stopped { by: StopReason::Requested, signal: None }));
         assert!(released, "a release that came meanwhile is kept");
         assert!(!spawned.load(std::sync::atomic::Ordering::SeqCst), "the rest of the preparation never ran");
         // Without a stop, the preparation's result is the answer; an agent
@@ -921,7 +966,7 @@ mod tests {
         assert_eq!(r, Ok(7));
         drop(tx);
         let r = unless_stopped(std::future::pending::<Result<(), Ended>>(), &mut rx, &mut released).await;
-        assert_eq!(r, Err(Ended::Stopped { by: StopReason::AgentShutdown, signal: String::new() }));
+        assert_eq!(r, Err(Ended::Stopped { by: StopReason::AgentShutdown, signal: None }));
     }
 
     /// Appends that take their time, recorded in order.

@@ -19,6 +19,7 @@ pub mod manifest;
 pub mod process;
 pub mod resource;
 pub mod selector;
+pub mod states;
 pub mod steps;
 pub mod subst;
 pub mod time;
@@ -35,28 +36,30 @@ pub const API_VERSION: &str = "testbus/v1";
 /// it once the test's processes have ended and its hosts are released.
 pub const TEST_FINALIZER: &str = "testbus.io/cleanup";
 
-/// Process phases.
+/// The phases' wire strings, for code that compares raw status fields.
+/// Each is its enum's `as_str()` (see [`states`]): one source for both.
 pub mod phase {
-    pub const PENDING: &str = "Pending";
-    pub const FETCHING: &str = "Fetching";
-    pub const RUNNING: &str = "Running";
-    pub const SUCCEEDED: &str = "Succeeded";
-    pub const FAILED: &str = "Failed";
-    pub const KILLED: &str = "Killed";
-    pub const LOST: &str = "Lost";
-    pub const CANCELLED: &str = "Cancelled";
-    pub const ERROR: &str = "Error";
-    pub const READY: &str = "Ready";
-    pub const NOT_READY: &str = "NotReady";
-    pub const WAITING: &str = "Waiting";
-    pub const SKIPPED: &str = "Skipped";
+    use crate::states::{HostPhase, ProcessPhase, StepPhase, TestPhase};
+    pub const PENDING: &str = ProcessPhase::Pending.as_str();
+    pub const FETCHING: &str = ProcessPhase::Fetching.as_str();
+    pub const RUNNING: &str = ProcessPhase::Running.as_str();
+    pub const SUCCEEDED: &str = ProcessPhase::Succeeded.as_str();
+    pub const FAILED: &str = ProcessPhase::Failed.as_str();
+    pub const KILLED: &str = ProcessPhase::Killed.as_str();
+    pub const LOST: &str = ProcessPhase::Lost.as_str();
+    pub const CANCELLED: &str = TestPhase::Cancelled.as_str();
+    pub const ERROR: &str = TestPhase::Error.as_str();
+    pub const READY: &str = HostPhase::Ready.as_str();
+    pub const NOT_READY: &str = HostPhase::NotReady.as_str();
+    pub const WAITING: &str = StepPhase::Waiting.as_str();
+    pub const SKIPPED: &str = StepPhase::Skipped.as_str();
 
     /// Terminal phases of a Process.
     pub fn process_terminal(p: &str) -> bool {
-        matches!(p, SUCCEEDED | FAILED | KILLED | LOST)
+        p.parse::<ProcessPhase>().is_ok_and(ProcessPhase::is_terminal)
     }
     /// Terminal phases of a Test.
     pub fn test_terminal(p: &str) -> bool {
-        matches!(p, SUCCEEDED | FAILED | CANCELLED | ERROR)
+        p.parse::<TestPhase>().is_ok_and(TestPhase::is_terminal)
     }
 }

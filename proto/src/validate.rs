@@ -300,6 +300,22 @@ pub fn sync_key(s: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A state field (phase, condition status): empty, or one of its enum's
+/// values.
+fn state<T: std::str::FromStr<Err = crate::states::Unknown>>(field: impl Into<String>, value: &str, e: &mut Errors) {
+    if !value.is_empty() {
+        if let Err(u) = value.parse::<T>() {
+            e.add(field, u.to_string());
+        }
+    }
+}
+
+fn conditions(field: &str, conds: &[crate::Condition], e: &mut Errors) {
+    for (i, c) in conds.iter().enumerate() {
+        state::<crate::states::ConditionStatus>(format!("{field}[{i}].status"), &c.status, e);
+    }
+}
+
 pub trait Validate {
     fn validate(&self) -> Result<(), ValidationErrors>;
 }
@@ -407,6 +423,12 @@ impl Validate for Test {
         if let Some(cycle) = find_cycle(&expanded) {
             e.add("spec.steps", format!("steps form a cycle through `after`: {}", cycle.join(" -> ")));
         }
+        let st = self.status();
+        state::<crate::states::TestPhase>("status.phase", &st.phase, &mut e);
+        for (i, step) in st.steps.iter().enumerate() {
+            state::<crate::states::StepPhase>(format!("status.steps[{i}].phase"), &step.phase, &mut e);
+        }
+        conditions("status.conditions", &st.conditions, &mut e);
         e.finish()
     }
 }
@@ -628,6 +650,14 @@ impl Validate for Host {
         // (and `host_<member>_<var>` names): a name no process could be
         // given is refused here, not found later by a test that never runs.
         env("status.env", &st.env, &mut e);
+        state::<crate::states::HostPhase>("status.phase", &st.phase, &mut e);
+        conditions("status.conditions", &st.conditions, &mut e);
+        // Unclaimed is no claim at all: one encoding, not an empty one too.
+        if let Some(c) = &st.claim {
+            if c.test.is_empty() || c.test_uid.is_empty() {
+                e.add("status.claim", "a claim names its test and testUid; an unclaimed host has no claim");
+            }
+        }
         for (k, v) in &st.vars {
             if k.is_empty() || k.len() > MAX_NAME || !k.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_') {
                 e.add(format!("status.vars.{k}"), format!("{k:?} is not a variable name ([A-Za-z0-9_]+)"));
@@ -671,6 +701,7 @@ impl Validate for Process {
                 e.add(format!("spec.env.{k}"), "must not contain NUL");
             }
         }
+        state::<crate::states::ProcessPhase>("status.phase", &self.status().phase, &mut e);
         e.finish()
     }
 }
@@ -691,6 +722,30 @@ mod tests {
     }
 
     const HEAD: &str = "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: t}\n";
+
+    #[test]
+    fn states_a_controller_could_not_write_are_refused() {
+        let mut t = match &manifest::parse(
+            "t",
+            &format!("{HEAD}spec:\n  hosts: [{{role: a}}]\n  steps: [{{name: s, on: [a], argv: [\"true\"]}}]\n"),
+        )
+        .unwrap()[0]
+        {
+            Object::Test(t) => t.clone(),
+            _ => unreachable!(),
+        };
+        assert!(t.validate().is_ok());
+        t.status_mut().phase = "Runing".into();
+        t.status_mut().steps.push(crate::StepStatus { name: "s".into(), phase: "Done".into(), ..Default::default() });
+        let errs: Vec<String> = t.validate().unwrap_err().0.iter().map(|f| f.to_string()).collect();
+        assert!(errs.iter().any(|e| e.starts_with("status.phase: \"Runing\" is not a test phase")), "{errs:?}");
+        assert!(errs.iter().any(|e| e.starts_with("status.steps[0].phase: \"Done\" is not a step phase")), "{errs:?}");
+        let mut h = crate::Host::default();
+        h.meta_mut().name = "h".into();
+        h.status_mut().claim = Some(crate::HostClaim::default());
+        let errs: Vec<String> = h.validate().unwrap_err().0.iter().map(|f| f.to_string()).collect();
+        assert!(errs.iter().any(|e| e.starts_with("status.claim: a claim names its test")), "{errs:?}");
+    }
 
     #[test]
     fn count_zero_names_the_field() {

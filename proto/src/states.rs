@@ -1,0 +1,335 @@
+//! The states objects go through, as types. On the wire and in YAML they
+//! stay strings (as Kubernetes keeps them); in code they are these enums,
+//! each with `as_str` and `FromStr`, so a misspelt phase or reason is a
+//! compile error and `validate` refuses a status no controller could write.
+use crate::Condition;
+use std::fmt;
+use std::str::FromStr;
+
+/// A string that is none of an enum's values.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{value:?} is not a {what} (one of {})", .known.join(", "))]
+pub struct Unknown {
+    pub what: &'static str,
+    pub value: String,
+    pub known: Vec<&'static str>,
+}
+
+macro_rules! string_enum {
+    ($(#[$doc:meta])* $name:ident, $what:literal { $($(#[$vdoc:meta])* $v:ident),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name { $($(#[$vdoc])* $v),+ }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$v),+];
+
+            pub const fn as_str(self) -> &'static str {
+                match self { $($name::$v => stringify!($v)),+ }
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = Unknown;
+            fn from_str(s: &str) -> Result<Self, Unknown> {
+                match s {
+                    $(stringify!($v) => Ok($name::$v),)+
+                    _ => Err(Unknown {
+                        what: $what,
+                        value: s.to_string(),
+                        known: $name::ALL.iter().map(|v| v.as_str()).collect(),
+                    }),
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(v: $name) -> String {
+                v.as_str().to_string()
+            }
+        }
+
+        impl PartialEq<$name> for String {
+            fn eq(&self, other: &$name) -> bool {
+                self == other.as_str()
+            }
+        }
+
+        impl PartialEq<$name> for str {
+            fn eq(&self, other: &$name) -> bool {
+                self == other.as_str()
+            }
+        }
+    };
+}
+
+string_enum!(
+    /// A Test's phase.
+    TestPhase, "test phase" {
+        /// Waiting for its hosts.
+        Pending,
+        /// Claimed its hosts; its steps run.
+        Running,
+        Succeeded,
+        Failed,
+        /// Deleted while it ran.
+        Cancelled,
+        /// Ended by the infrastructure (a host lost, a timeout).
+        Error,
+    }
+);
+
+impl TestPhase {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, TestPhase::Succeeded | TestPhase::Failed | TestPhase::Cancelled | TestPhase::Error)
+    }
+}
+
+string_enum!(
+    /// A Process's phase; it only moves forward.
+    ProcessPhase, "process phase" {
+        Pending,
+        /// Its files are being downloaded.
+        Fetching,
+        /// Gated (a `sync` step): prepared, waiting to be released.
+        Ready,
+        Running,
+        Succeeded,
+        Failed,
+        /// Stopped by a request or by its agent.
+        Killed,
+        /// Its host or its agent's record of it is gone.
+        Lost,
+    }
+);
+
+impl ProcessPhase {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, ProcessPhase::Succeeded | ProcessPhase::Failed | ProcessPhase::Killed | ProcessPhase::Lost)
+    }
+
+    /// Where a phase stands in the order phases move in (terminal phases
+    /// share the last place).
+    pub fn rank(self) -> u8 {
+        match self {
+            ProcessPhase::Pending => 0,
+            ProcessPhase::Fetching => 1,
+            ProcessPhase::Ready => 2,
+            ProcessPhase::Running => 3,
+            _ => 4,
+        }
+    }
+}
+
+string_enum!(
+    /// A Host's phase, from its lease.
+    HostPhase, "host phase" {
+        /// Registered, lease not judged yet.
+        Pending,
+        Ready,
+        NotReady,
+    }
+);
+
+string_enum!(
+    /// A step's phase, derived from its processes.
+    StepPhase, "step phase" {
+        /// For its `after` steps.
+        Waiting,
+        Running,
+        Succeeded,
+        Failed,
+        /// Never ran: an `after` step cannot succeed, or the test ended.
+        Skipped,
+        /// Its processes were stopped by the controller.
+        Stopped,
+    }
+);
+
+string_enum!(
+    /// A condition's status.
+    ConditionStatus, "condition status" {
+        True,
+        False,
+        /// Not decided yet (a verdict recorded while processes stop).
+        Unknown,
+    }
+);
+
+string_enum!(
+    /// Why a Test ended (its `status.reason`, and its `Finished`
+    /// condition's).
+    TestReason, "test reason" {
+        /// Every step is done and no recorded result failed.
+        Completed,
+        /// `testbusctl finish`.
+        Finished,
+        /// `testbusctl finish --failed`.
+        FinishedFailed,
+        StepFailed,
+        /// A background step ended before the test did.
+        BackgroundEnded,
+        /// A recorded result failed.
+        ResultFailed,
+        Cancelled,
+        TimedOut,
+        HostLost,
+        /// Waited longer than `spec.pendingTimeout` for hosts.
+        PendingTimeout,
+    }
+);
+
+impl TestReason {
+    /// The phase a test ends in for this reason.
+    pub fn phase(self) -> TestPhase {
+        match self {
+            TestReason::Completed | TestReason::Finished => TestPhase::Succeeded,
+            TestReason::StepFailed
+            | TestReason::BackgroundEnded
+            | TestReason::ResultFailed
+            | TestReason::FinishedFailed => TestPhase::Failed,
+            TestReason::Cancelled => TestPhase::Cancelled,
+            TestReason::TimedOut | TestReason::HostLost | TestReason::PendingTimeout => TestPhase::Error,
+        }
+    }
+}
+
+string_enum!(
+    /// Why a Process ended (its `status.reason`).
+    ProcessReason, "process reason" {
+        /// Exited with an expected code.
+        Completed,
+        NonZeroExit,
+        Signalled,
+        TimedOut,
+        /// Stopped on request (its test ended or was cancelled).
+        Stopped,
+        AgentShutdown,
+        /// Its agent restarted while it ran.
+        AgentRestarted,
+        /// Its agent's journal lost it, though its status says it ran.
+        JournalLost,
+        HostLost,
+        /// Its argv names a `${VAR}` nobody set.
+        UnknownVariable,
+        /// Its argv has a malformed `${...}`.
+        InvalidArgument,
+        /// A `host_*` variable could not be read.
+        EnvFailed,
+        FetchFailed,
+        FileFailed,
+        WorkdirFailed,
+        ContainFailed,
+        SpawnFailed,
+        WaitFailed,
+    }
+);
+
+impl ProcessReason {
+    /// Whether it ended because something besides the process failed
+    /// (counts towards its host's quarantine).
+    pub fn is_infrastructure(self) -> bool {
+        matches!(
+            self,
+            ProcessReason::AgentRestarted
+                | ProcessReason::JournalLost
+                | ProcessReason::HostLost
+                | ProcessReason::EnvFailed
+                | ProcessReason::FetchFailed
+                | ProcessReason::FileFailed
+                | ProcessReason::WorkdirFailed
+                | ProcessReason::ContainFailed
+                | ProcessReason::SpawnFailed
+                | ProcessReason::WaitFailed
+        )
+    }
+}
+
+/// The condition that carries a test's verdict.
+pub const FINISHED: &str = "Finished";
+
+/// The verdict protocol between whoever decides a test's end (the test
+/// controller, or `testbusctl finish` through the API) and the controller
+/// that carries it out: the verdict is recorded as condition `Finished` with
+/// status Unknown, then processes are stopped, then the final status is
+/// written. One type, used by both sides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub reason: TestReason,
+    pub message: String,
+}
+
+impl Verdict {
+    pub fn new(reason: TestReason, message: impl Into<String>) -> Verdict {
+        Verdict { reason, message: message.into() }
+    }
+
+    pub fn phase(&self) -> TestPhase {
+        self.reason.phase()
+    }
+
+    /// The verdict recorded in `conditions`, if one is (and not yet
+    /// carried out).
+    pub fn recorded(conditions: &[Condition]) -> Option<Verdict> {
+        let c = conditions.iter().find(|c| c.r#type == FINISHED && c.status == ConditionStatus::Unknown)?;
+        Some(Verdict { reason: c.reason.parse().ok()?, message: c.message.clone() })
+    }
+
+    /// Whether a verdict was recorded or carried out: the test takes no
+    /// more results or env.
+    pub fn decided(conditions: &[Condition]) -> bool {
+        conditions.iter().any(|c| c.r#type == FINISHED)
+    }
+
+    /// The condition that records it (status Unknown, until carried out).
+    pub fn condition(&self, now: String) -> Condition {
+        Condition {
+            r#type: FINISHED.into(),
+            status: ConditionStatus::Unknown.into(),
+            reason: self.reason.into(),
+            message: self.message.clone(),
+            last_transition_time: now,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_round_trip_and_unknown_ones_are_named() {
+        for p in TestPhase::ALL {
+            assert_eq!(p.as_str().parse::<TestPhase>(), Ok(*p));
+        }
+        for r in TestReason::ALL {
+            assert_eq!(r.as_str().parse::<TestReason>(), Ok(*r));
+        }
+        let e = "Runing".parse::<ProcessPhase>().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "\"Runing\" is not a process phase (one of Pending, Fetching, Ready, Running, Succeeded, Failed, Killed, Lost)"
+        );
+        let ready: String = HostPhase::Ready.into();
+        assert!(ready == HostPhase::Ready && *"Ready" == HostPhase::Ready);
+        assert_eq!(TestReason::PendingTimeout.phase(), TestPhase::Error);
+        assert!(ProcessReason::SpawnFailed.is_infrastructure() && !ProcessReason::NonZeroExit.is_infrastructure());
+    }
+
+    #[test]
+    fn a_verdict_is_recorded_and_read_back_the_same_way_by_both_sides() {
+        let v = Verdict::new(TestReason::FinishedFailed, "finished as failed");
+        let mut conds = vec![v.condition("t".into())];
+        assert_eq!(Verdict::recorded(&conds), Some(v));
+        assert!(Verdict::decided(&conds));
+        conds[0].status = "False".into();
+        assert_eq!(Verdict::recorded(&conds), None, "carried out: no longer pending");
+        assert!(Verdict::decided(&conds));
+    }
+}
