@@ -69,6 +69,10 @@ impl Policy for Host {
             _ => None,
         }
     }
+    /// A host is born free: only `Tests.Claim` claims it.
+    fn on_create(&mut self) {
+        self.status_mut().claim = None;
+    }
     fn file_refs(&self) -> Vec<(String, &testbus_proto::FileRef)> {
         self.spec().files.iter().enumerate().map(|(i, f)| (format!("spec.files[{i}]"), f)).collect()
     }
@@ -926,6 +930,21 @@ mod tests {
         assert_eq!(st.hub.watchers(), 1);
         drop(b);
         assert_eq!(st.hub.watchers(), 0);
+    }
+
+    /// Creating a Host was a way around `Tests.Claim`: one created with a
+    /// claim in its status stayed claimed. A host is now born free.
+    #[tokio::test]
+    async fn a_host_cannot_be_created_claimed() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = state(&dir).await;
+        let hosts = ResourceService::<Host>::new(st);
+        let mut h = Host::default();
+        h.meta_mut().name = "h".into();
+        h.status_mut().claim =
+            Some(testbus_proto::HostClaim { test: "t".into(), test_uid: "u".into(), ..Default::default() });
+        let made = hosts.create(&admin(), h).await.unwrap();
+        assert_eq!(made.status().claim, None);
     }
 
     /// The hub's task held the hub, so a dropped hub (a replica's state

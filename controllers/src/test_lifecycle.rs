@@ -390,7 +390,7 @@ async fn stop_all(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<boo
         let mut next = (*p).clone();
         let s = next.status_mut();
         s.phase = phase::LOST.into();
-        s.reason = "HostLost".into();
+        s.reason = testbus_proto::states::ProcessReason::HostLost.into();
         s.message = format!("host {} was lost", p.spec().host_name);
         s.finish_time = time::now();
         match ctx.client.api::<Process>().update_status(next).await {

@@ -81,7 +81,7 @@ pub fn recorded_verdict(t: &Test) -> Option<Verdict> {
 
 /// Ended because the controller asked it to stop.
 fn stopped(p: &Process) -> bool {
-    p.status().phase == phase::KILLED && p.status().reason == "Stopped"
+    p.status().phase == phase::KILLED && p.status().reason == testbus_proto::states::ProcessReason::Stopped
 }
 
 /// Every process of a background step is running (it may be depended on).

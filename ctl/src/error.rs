@@ -1,13 +1,17 @@
 //! Exit codes of the command-line contract:
 //! 0 succeeded; 1 the test or command failed (`run`/`exec`: the remote exit
 //! code); 2 invalid input or usage; 3 cancelled, error or timed out; 4 the
-//! server could not be reached.
+//! server could not be reached or does not speak testbus.
 use tonic::{Code, Status};
 
 pub const FAILED: i32 = 1;
 pub const USAGE: i32 = 2;
 pub const INCOMPLETE: i32 = 3;
 pub const UNREACHABLE: i32 = 4;
+
+/// How an answer from something that is not a testbus server starts; the
+/// address is put in front of it where it is known.
+pub const NOT_TESTBUS: &str = "does not speak testbus (gRPC over HTTP/2)";
 
 #[derive(Debug)]
 pub struct CliError {
@@ -27,25 +31,39 @@ impl CliError {
     }
 }
 
-/// Whether a status came from the connection rather than the server: tonic
-/// reports a connection that broke mid-call (or an HTTP/2 peer that is no
-/// testbus server) as Unknown or Internal, not Unavailable.
-fn broken_connection(s: &Status) -> bool {
-    if !matches!(s.code(), Code::Unknown | Code::Internal) {
-        return false;
-    }
-    let mut texts = vec![s.message().to_string()];
+/// The status's message and those of its sources, lower-cased.
+fn chain(s: &Status) -> Vec<String> {
+    let mut texts = vec![s.message().to_ascii_lowercase()];
     let mut source = std::error::Error::source(s);
     while let Some(e) = source {
-        texts.push(e.to_string());
+        texts.push(format!("{e} {e:?}").to_ascii_lowercase());
         source = e.source();
     }
+    texts
+}
+
+/// Whether the peer answered, but not as a gRPC server over HTTP/2 would
+/// (an HTTP/1 server, an ssh daemon, a plain HTTP/2 site).
+fn not_grpc(s: &Status) -> bool {
+    const SIGNS: [&str; 5] =
+        ["frame with invalid size", "frame_size_error", "protocol_error", "content-type", "invalid http"];
+    chain(s).iter().any(|t| SIGNS.iter().any(|sign| t.contains(sign)))
+}
+
+/// Whether a status came from the connection rather than the server: tonic
+/// reports a connection that broke mid-call (or an HTTP/2 peer that is no
+/// testbus server) as Unknown, Internal or Cancelled, not Unavailable. (A
+/// Cancelled the server sends has no source.)
+fn broken_connection(s: &Status) -> bool {
+    match s.code() {
+        Code::Unknown | Code::Internal => {}
+        Code::Cancelled if std::error::Error::source(s).is_some() => return true,
+        _ => return false,
+    }
+    let texts = chain(s);
     const SIGNS: [&str; 6] =
         ["transport error", "h2 protocol error", "connection", "broken pipe", "error reading a body", "stream closed"];
-    texts.iter().any(|t| {
-        let t = t.to_ascii_lowercase();
-        SIGNS.iter().any(|sign| t.contains(sign))
-    })
+    texts.iter().any(|t| SIGNS.iter().any(|sign| t.contains(sign)))
 }
 
 impl From<Status> for CliError {
@@ -61,13 +79,40 @@ impl From<Status> for CliError {
             Code::DeadlineExceeded | Code::Cancelled => INCOMPLETE,
             _ => FAILED,
         };
-        let message = if code == UNREACHABLE {
+        let message = if code == UNREACHABLE && not_grpc(&s) {
+            format!("{NOT_TESTBUS}: {}", s.message())
+        } else if code == UNREACHABLE {
             format!("cannot reach the server: {}", s.message())
         } else {
             s.message().to_string()
         };
         CliError { code, message }
     }
+}
+
+/// For one `http://HOST:PORT` server: what it answers to the start of an
+/// HTTP/2 connection, if that is not HTTP/2 (its first line, as text); None
+/// if it speaks HTTP/2, cannot be reached, or is not such an address.
+pub fn answers_without_http2(server: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let addr = server.strip_prefix("http://")?.trim_end_matches('/');
+    if addr.contains(',') {
+        return None;
+    }
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(addr).ok()?.next()?;
+    let limit = std::time::Duration::from_secs(2);
+    let mut s = std::net::TcpStream::connect_timeout(&addr, limit).ok()?;
+    s.set_read_timeout(Some(limit)).ok()?;
+    // The client preface and an empty SETTINGS frame.
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").ok()?;
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).ok()?;
+    // An HTTP/2 server's first frame is its SETTINGS (type 4).
+    if n == 0 || (n >= 4 && buf[3] == 4) {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&buf[..n]);
+    Some(text.lines().next().unwrap_or_default().trim().to_string())
 }
 
 impl From<testbus_proto::client::ConnectError> for CliError {

@@ -2,6 +2,37 @@
 //! contract in error.rs.
 #![forbid(unsafe_code)]
 
+/// Like std's `print!`/`println!` (which these shadow in this crate), but a
+/// reader that has gone (`get tests -o yaml | head -1`) ends testbusctl
+/// quietly instead of making it panic. (Restoring SIGPIPE instead would
+/// kill it on a server closing its socket, too.)
+macro_rules! print {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = write!(std::io::stdout(), $($t)*) {
+            crate::stdout_failed(e)
+        }
+    }};
+}
+macro_rules! println {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($t)*) {
+            crate::stdout_failed(e)
+        }
+    }};
+}
+
+/// Standard output failed: a closed pipe ends the program quietly (its
+/// reader wanted no more); anything else is an error.
+fn stdout_failed(e: std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("testbusctl: writing the output: {e}");
+    std::process::exit(error::FAILED);
+}
+
 mod error;
 mod format;
 mod intest;
@@ -322,9 +353,43 @@ async fn apply(
     wait: bool,
     timeout: Option<std::time::Duration>,
 ) -> CliResult {
-    let mut tests = Vec::new();
+    // Nothing is created unless every document can be: two documents
+    // naming one object, or a `source:` file that cannot be read, stop the
+    // apply before anything is sent; then every file is uploaded (blobs are
+    // content-addressed: an upload changes nothing visible) before the
+    // first object is created.
+    let mut seen = std::collections::HashSet::new();
+    for (o, base) in &objs {
+        let name = o.meta().name.as_str();
+        if !name.is_empty() && !seen.insert((o.kind(), name.to_string())) {
+            return Err(CliError::usage(format!(
+                "{}/{name} appears twice in what was given to apply",
+                format::kind_slug(o.kind())
+            )));
+        }
+        let mut probe = o.clone();
+        for f in file_refs_mut(&mut probe) {
+            if f.source.is_empty() {
+                continue;
+            }
+            let path = base.join(&f.source);
+            if let Err(e) = std::fs::File::open(&path) {
+                return Err(CliError::usage(format!(
+                    "{}/{}: source {:?}: {e}",
+                    format::kind_slug(o.kind()),
+                    display_name(o),
+                    f.source
+                )));
+            }
+        }
+    }
+    let mut uploaded = Vec::with_capacity(objs.len());
     for (mut o, base) in objs {
         upload_sources(client, &mut o, &base).await?;
+        uploaded.push(o);
+    }
+    let mut tests = Vec::new();
+    for o in uploaded {
         let what = format!("{}", o.kind()).to_lowercase();
         let res = objects::apply(client, o).await?;
         let (obj, verb) = match res {
@@ -338,7 +403,19 @@ async fn apply(
         }
     }
     if wait && !tests.is_empty() {
-        return progress::wait(client, &tests, timeout, progress::Progress::Shown).await;
+        return tokio::select! {
+            code = progress::wait(client, &tests, timeout, progress::Progress::Shown) => code,
+            _ = tokio::signal::ctrl_c() => {
+                // Only the waiting stops: say so, and how to stop the tests.
+                let names: Vec<String> = tests.iter().map(|t| format!("test/{t}")).collect();
+                eprintln!(
+                    "testbusctl: interrupted; {} keep running (`testbusctl delete test {}` stops them)",
+                    names.join(" "),
+                    tests.join(" ")
+                );
+                Ok(error::INCOMPLETE)
+            }
+        };
     }
     Ok(0)
 }
@@ -661,11 +738,29 @@ async fn dispatch(cli: Cli) -> CliResult {
     }
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let cli = Cli::parse();
-    let code = match dispatch(cli).await {
+    let server = cli.server.clone();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("testbusctl: cannot start: {e}");
+            std::process::exit(error::FAILED);
+        }
+    };
+    let code = match rt.block_on(dispatch(cli)) {
         Ok(c) => c,
+        Err(e) if e.message.starts_with(error::NOT_TESTBUS) => {
+            eprintln!("testbusctl: {server} {}", e.message);
+            e.code
+        }
+        // The connection failed: say so plainly when the address answers,
+        // but not in HTTP/2 (how a failed call looks varies with timing).
+        Err(e) if e.code == error::UNREACHABLE && error::answers_without_http2(&server).is_some() => {
+            let answer = error::answers_without_http2(&server).unwrap_or_default();
+            eprintln!("testbusctl: {server} {}: it answered {answer:?}", error::NOT_TESTBUS);
+            e.code
+        }
         Err(e) => {
             eprintln!("testbusctl: {}", e.message);
             e.code

@@ -199,13 +199,16 @@ async fn wait_process(client: &Client, name: &str) -> CliResult<()> {
 fn exit_code(procs: &[Process]) -> i32 {
     for p in procs {
         let s = p.status();
+        // Timed out, stopped or lost: not the command's own failure (3).
+        let incomplete = matches!(s.phase.as_str(), phase::KILLED | phase::LOST)
+            || s.reason == testbus_proto::states::ProcessReason::TimedOut;
         match (s.phase.as_str(), s.exit_code) {
             (phase::SUCCEEDED, _) => {}
-            (_, Some(c)) if c != 0 => return c,
-            (phase::KILLED | phase::LOST, _) => {
+            _ if incomplete => {
                 eprintln!("testbusctl: {} on {}: {} ({})", p.spec().role, p.spec().host_name, s.phase, s.message);
                 return INCOMPLETE;
             }
+            (_, Some(c)) if c != 0 => return c,
             _ => {
                 eprintln!("testbusctl: {} on {}: {}", p.spec().role, p.spec().host_name, s.message);
                 return FAILED;

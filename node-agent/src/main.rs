@@ -435,6 +435,11 @@ fn choose_containment(
         Containment::PidNamespace { .. } => {
             tracing::info!("each process runs in a PID namespace of its own");
         }
+        Containment::ProcessGroup if wanted == Some(ContainmentKind::ProcessGroup) => {
+            tracing::warn!(
+                "--containment process-group: each process is held by its process group only, which one may leave"
+            );
+        }
         Containment::ProcessGroup => {}
     }
     Ok(chosen)

@@ -1,0 +1,131 @@
+//! The command line as users live in it (issue 17): the real `testbusctl`
+//! binary against a real control plane, checking its output and exit codes.
+use std::io::{Read, Write};
+use std::os::unix::process::ExitStatusExt;
+use std::time::Duration;
+use testbus_proto::{Resource, Test};
+use testbus_tests::{bin_dir, manifest, wait_for, Cluster};
+
+/// An address that answers, but not as a testbus server (here an HTTP/1.1
+/// server), was "h2 protocol error", exit 1 or 3. It is exit 4, with a
+/// sentence naming the address.
+#[test]
+fn a_server_that_is_not_testbus_is_exit_4_and_said_so() {
+    let lis = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = lis.local_addr().unwrap();
+    // Lives as long as the test process: every connection the client makes
+    // (it may retry) meets the same server.
+    std::thread::spawn(move || {
+        loop {
+            let Ok((mut s, _)) = lis.accept() else { return };
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf);
+            // A keep-alive HTTP/1.1 server: answers, and keeps the
+            // connection until the client goes.
+            let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+            std::thread::spawn(move || while s.read(&mut buf).is_ok_and(|n| n > 0) {});
+        }
+    });
+    let url = format!("http://{addr}");
+    let out = std::process::Command::new(bin_dir().join("testbusctl"))
+        .args(["--server", &url, "get", "hosts"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains(&format!("{url} does not speak testbus")), "{stderr}");
+}
+
+/// `get … | head -1`: testbusctl used to panic (exit 101) on the closed
+/// pipe. It now ends quietly, as a Unix filter does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_pipe_ends_output_without_a_panic() {
+    let c = Cluster::start(2).await;
+    for _ in 0..5 {
+        let mut child = c.ctl_spawn(&["get", "hosts", "-o", "yaml"]);
+        // The reader goes away before (or while) anything is written.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(out.status.code() == Some(0) || out.status.signal() == Some(13), "{:?} {stderr}", out.status);
+    }
+}
+
+/// `exec --timeout` that runs out is "timed out", exit 3 (was 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exec_that_times_out_exits_3() {
+    let c = Cluster::start(1).await;
+    let out = c.ctl(&["create", "test", "ex", "--claim", "a", "--wait-claimed"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let out = c.ctl(&["exec", "ex", "--timeout", "1s", "--", "sleep", "30"]);
+    assert_eq!(out.code, 3, "{out:?}");
+    assert!(out.stderr.contains("timed out"), "{out:?}");
+}
+
+/// `apply` sends nothing unless every document can be applied: a second
+/// document whose `source:` file is missing, or two documents naming one
+/// object, used to leave the first created (and running).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_is_all_or_nothing() {
+    let c = Cluster::start(1).await;
+    let doc = |name: &str, files: &str| {
+        format!(
+            r#"apiVersion: testbus/v1
+kind: Test
+metadata: {{name: {name}}}
+spec:
+  hosts: [{{role: a}}]{files}
+  steps: [{{name: s, on: [a], argv: ["true"]}}]
+"#
+        )
+    };
+    let missing = manifest(
+        &c,
+        "two.yaml",
+        &format!("{}---\n{}", doc("first", ""), doc("second", "\n  files: [{source: nowhere.txt, path: x}]")),
+    );
+    let out = c.ctl(&["apply", "-f", &missing]);
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("test/second") && out.stderr.contains("nowhere.txt"), "{out:?}");
+    let twice = manifest(&c, "twice.yaml", &format!("{}---\n{}", doc("same", ""), doc("same", "")));
+    let out = c.ctl(&["apply", "-f", &twice]);
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("test/same appears twice"), "{out:?}");
+    let client = c.client().await;
+    let (tests, _) = client.api::<Test>().list("", "").await.unwrap();
+    assert!(tests.is_empty(), "created: {:?}", tests.iter().map(|t| t.name()).collect::<Vec<_>>());
+}
+
+/// Ctrl-C on `apply --wait` stops the waiting, not the test: it says so and
+/// how to stop the test, and exits 3 (it used to die by the signal).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_on_apply_wait_says_the_test_keeps_running() {
+    let c = Cluster::start(1).await;
+    let path = manifest(
+        &c,
+        "long.yaml",
+        r#"apiVersion: testbus/v1
+kind: Test
+metadata: {name: long}
+spec:
+  hosts: [{role: a}]
+  steps: [{name: s, on: [a], argv: [sleep, "600"]}]
+"#,
+    );
+    let child = c.ctl_spawn(&["apply", "-f", &path, "--wait"]);
+    let client = c.client().await;
+    wait_for(Duration::from_secs(30), "the test to run", || async {
+        let t = client.api::<Test>().get("long").await.ok()?;
+        (t.status().phase == "Running").then_some(())
+    })
+    .await;
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{:?} {stderr}", out.status);
+    assert!(stderr.contains("test/long keep running") && stderr.contains("testbusctl delete test long"), "{stderr}");
+    let t = client.api::<Test>().get("long").await.unwrap();
+    assert_eq!(t.status().phase, "Running", "the test itself goes on");
+}
