@@ -691,8 +691,13 @@ async fn dispatch(cli: Cli) -> CliResult {
         Cmd::Uncordon { host } => set_cordon(&connect(&server).await?, &host, Cordon::Off).await,
         Cmd::Results { target, output } => {
             let (_, name) = objects::parse_ref(&target, &[Kind::Test])?;
-            let t = connect(&server).await?.api::<testbus_proto::Test>().get(&name).await?;
-            print!("{}", results::render(&t, output));
+            let client = connect(&server).await?;
+            let t = client.api::<testbus_proto::Test>().get(&name).await?;
+            let outputs = match output {
+                results::ReportFormat::Junit => results::outputs(&client, &t).await?,
+                _ => Default::default(),
+            };
+            print!("{}", results::render(&t, output, &outputs));
             Ok(0)
         }
         Cmd::Create { what: CreateCmd::Test { name, claims, env, timeout, wait_claimed } } => {

@@ -2,6 +2,7 @@
 //! per result the test recorded — in text, JSON, JUnit XML or TAP.
 use quick_xml::escape::escape;
 use serde_json::json;
+use testbus_proto::states::{TestPhase, TestReason};
 use testbus_proto::{phase, time, Resource, Test};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -38,6 +39,31 @@ struct Case {
     outcome: Outcome,
     message: String,
     seconds: f64,
+    /// The process the case is, if it is one (its output goes with it).
+    process: Option<String>,
+}
+
+/// A process's output as a report carries it: the tail of each stream.
+#[derive(Debug, Default, Clone)]
+pub struct Output {
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Bytes of each stream a report keeps per process (the tail).
+pub const OUTPUT_IN_REPORT: usize = 64 << 10;
+
+/// Why the processes a test stopped did not finish: when the test ended
+/// because of the infrastructure or a user (a timeout, a lost host, a
+/// cancel), each is an error naming that; when it ended because a step
+/// failed, the others were only cut short (skipped).
+fn stop_outcome(t: &Test) -> (Outcome, String) {
+    let s = t.status();
+    let why = if s.message.is_empty() { s.reason.clone() } else { format!("{}: {}", s.reason, s.message) };
+    match s.reason.parse::<TestReason>().map(|r| r.phase()) {
+        Ok(TestPhase::Error | TestPhase::Cancelled) => (Outcome::Error, format!("stopped: {why}")),
+        _ => (Outcome::Skip, format!("stopped when the test ended ({why})")),
+    }
 }
 
 fn seconds(start: &str, end: &str) -> f64 {
@@ -49,35 +75,43 @@ fn seconds(start: &str, end: &str) -> f64 {
 
 fn cases(t: &Test) -> Vec<Case> {
     let mut out = Vec::new();
+    let (stopped, stopped_why) = stop_outcome(t);
+    let ended = if t.status().reason.is_empty() { "the test ended".to_string() } else { t.status().reason.clone() };
     for st in &t.status().steps {
         if st.processes.is_empty() {
-            let outcome = if st.phase == phase::SKIPPED { Outcome::Skip } else { Outcome::Error };
+            let (outcome, message) = if st.phase == phase::SKIPPED {
+                match stopped {
+                    Outcome::Error => (Outcome::Error, format!("not run: {ended}")),
+                    _ => (Outcome::Skip, "not run: an earlier step failed".to_string()),
+                }
+            } else {
+                (Outcome::Error, st.phase.clone())
+            };
             out.push(Case {
                 group: st.name.clone(),
                 name: st.name.clone(),
                 outcome,
-                message: if st.phase == phase::SKIPPED {
-                    "not run: an earlier step failed".into()
-                } else {
-                    st.phase.clone()
-                },
+                message,
                 seconds: 0.0,
+                process: None,
             });
             continue;
         }
         for p in &st.processes {
-            let outcome = match (st.phase.as_str(), p.phase.as_str()) {
-                (phase::SUCCEEDED, _) | (_, phase::SUCCEEDED) => Outcome::Pass,
-                (_, phase::FAILED) => Outcome::Fail,
-                (_, phase::KILLED) => Outcome::Skip,
-                _ => Outcome::Error,
+            let (outcome, message) = match (st.phase.as_str(), p.phase.as_str()) {
+                (phase::SUCCEEDED, _) | (_, phase::SUCCEEDED) => (Outcome::Pass, String::new()),
+                (_, phase::FAILED) if p.message.contains("timed out") => (Outcome::Error, p.message.clone()),
+                (_, phase::FAILED) => (Outcome::Fail, p.message.clone()),
+                (_, phase::KILLED) => (stopped, stopped_why.clone()),
+                _ => (Outcome::Error, format!("{}: {}", p.phase, p.message)),
             };
             out.push(Case {
                 group: st.name.clone(),
                 name: format!("{}@{}", p.role, p.host),
                 outcome,
-                message: if outcome == Outcome::Pass { String::new() } else { p.message.clone() },
+                message,
                 seconds: seconds(&p.start_time, &p.finish_time),
+                process: Some(p.name.clone()),
             });
         }
     }
@@ -88,12 +122,21 @@ fn cases(t: &Test) -> Vec<Case> {
             "skip" => Outcome::Skip,
             _ => Outcome::Fail,
         };
-        out.push(Case { group: group.into(), name: name.into(), outcome, message: r.message.clone(), seconds: 0.0 });
+        out.push(Case {
+            group: group.into(),
+            name: name.into(),
+            outcome,
+            message: r.message.clone(),
+            seconds: 0.0,
+            process: None,
+        });
     }
     out
 }
 
-pub fn render(t: &Test, fmt: ReportFormat) -> String {
+/// The report of `t`; JUnit carries each process's output from `outputs`
+/// (by process name) as `system-out`/`system-err`.
+pub fn render(t: &Test, fmt: ReportFormat, outputs: &std::collections::HashMap<String, Output>) -> String {
     let cs = cases(t);
     let s = t.status();
     let count = |o: Outcome| cs.iter().filter(|c| c.outcome == o).count();
@@ -177,11 +220,23 @@ pub fn render(t: &Test, fmt: ReportFormat) -> String {
                     Outcome::Error => Some("error"),
                     Outcome::Skip => Some("skipped"),
                 };
-                match body {
-                    None => out.push_str("/>\n"),
-                    Some(tag) => out
-                        .push_str(&format!(">\n      <{tag} message=\"{}\"/>\n    </testcase>\n", escape(&c.message))),
+                let output = c.process.as_ref().and_then(|p| outputs.get(p));
+                if body.is_none() && output.is_none_or(|o| o.stdout.is_empty() && o.stderr.is_empty()) {
+                    out.push_str("/>\n");
+                    continue;
                 }
+                out.push_str(">\n");
+                if let Some(tag) = body {
+                    out.push_str(&format!("      <{tag} message=\"{}\"/>\n", escape(&c.message)));
+                }
+                if let Some(o) = output {
+                    for (tag, text) in [("system-out", &o.stdout), ("system-err", &o.stderr)] {
+                        if !text.is_empty() {
+                            out.push_str(&format!("      <{tag}>{}</{tag}>\n", escape(text.as_str())));
+                        }
+                    }
+                }
+                out.push_str("    </testcase>\n");
             }
             out.push_str("  </testsuite>\n</testsuites>\n");
             out
@@ -208,4 +263,42 @@ pub fn render(t: &Test, fmt: ReportFormat) -> String {
             out
         }
     }
+}
+
+/// The tail of each process's output, for a JUnit report (bounded: the
+/// last [`OUTPUT_IN_REPORT`] bytes of each stream, characters XML 1.0
+/// cannot carry dropped).
+pub async fn outputs(
+    client: &testbus_proto::client::Client,
+    t: &Test,
+) -> crate::error::CliResult<std::collections::HashMap<String, Output>> {
+    use futures::StreamExt;
+    let mut out = std::collections::HashMap::new();
+    for p in t.status().steps.iter().flat_map(|s| &s.processes) {
+        let req = testbus_proto::ReadOutputRequest { process: p.name.clone(), follow: false };
+        let mut stream = match client.output().read(req).await {
+            Ok(s) => s.into_inner(),
+            // Deleted with its test's cleanup: the report goes without it.
+            Err(s) if s.code() == tonic::Code::NotFound => continue,
+            Err(s) => return Err(s.into()),
+        };
+        let (mut so, mut se) = (Vec::new(), Vec::new());
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            let buf = if chunk.stream == 1 { &mut se } else { &mut so };
+            buf.extend_from_slice(&chunk.data);
+            if buf.len() > 2 * OUTPUT_IN_REPORT {
+                buf.drain(..buf.len() - OUTPUT_IN_REPORT);
+            }
+        }
+        let text = |b: &[u8]| {
+            let tail = &b[b.len().saturating_sub(OUTPUT_IN_REPORT)..];
+            String::from_utf8_lossy(tail)
+                .chars()
+                .filter(|c| !c.is_control() || matches!(c, '\n' | '\t' | '\r'))
+                .collect::<String>()
+        };
+        out.insert(p.name.clone(), Output { stdout: text(&so), stderr: text(&se) });
+    }
+    Ok(out)
 }

@@ -129,3 +129,41 @@ spec:
     let t = client.api::<Test>().get("long").await.unwrap();
     assert_eq!(t.status().phase, "Running", "the test itself goes on");
 }
+
+/// A test that timed out was reported green: JUnit counted its stopped
+/// processes as skipped, TAP said `ok … # SKIP stopped on request`. Every
+/// process a timeout (lost host, cancel) stopped is now an error naming
+/// why, in every format; JUnit carries each process's output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_test_is_an_error_in_every_report() {
+    let c = Cluster::start(2).await;
+    let path = manifest(
+        &c,
+        "slow.yaml",
+        r#"apiVersion: testbus/v1
+kind: Test
+metadata: {name: slow}
+spec:
+  timeout: 3s
+  hosts: [{role: a}, {role: b}]
+  steps:
+    - {name: work, on: [a, b], argv: [sh, -c, 'echo working; echo grumble >&2; sleep 600']}
+    - {name: after, on: [a], after: [work], argv: ["true"]}
+"#,
+    );
+    let out = c.ctl(&["apply", "-f", &path, "--wait"]);
+    assert_eq!(out.code, 3, "{out:?}");
+    let junit = c.ctl(&["results", "test/slow", "-o", "junit"]);
+    assert_eq!(junit.code, 0, "{junit:?}");
+    let x = &junit.stdout;
+    assert!(x.contains(r#"failures="0" errors="3" skipped="0""#), "{x}");
+    assert!(x.contains(r#"<error message="stopped: TimedOut: test exceeded its timeout of 3s"/>"#), "{x}");
+    assert!(x.contains(r#"<error message="not run: TimedOut"/>"#), "{x}");
+    assert!(
+        x.contains("<system-out>working\n</system-out>") && x.contains("<system-err>grumble\n</system-err>"),
+        "{x}"
+    );
+    let tap = c.ctl(&["results", "test/slow", "-o", "tap"]).stdout;
+    assert_eq!(tap.matches("not ok").count(), 3, "{tap}");
+    assert!(!tap.contains("# SKIP"), "{tap}");
+}
