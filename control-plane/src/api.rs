@@ -36,6 +36,9 @@ fn store_err(e: StoreError) -> Status {
     crate::error::ApiError::from(e).into()
 }
 
+/// How a lease renewal by an agent that lost its host to another begins.
+pub const TAKEN_OVER: &str = "taken over";
+
 /// Kind-specific rules.
 pub trait Policy: Resource + Validate {
     fn from_object(o: &Object) -> Option<&Self>;
@@ -530,6 +533,13 @@ impl ResourceService<Host> {
     pub async fn renew_lease(&self, _id: &Identity, req: RenewLeaseRequest) -> Result<Host, Status> {
         loop {
             let (mut h, rev) = self.load(&req.name).await?;
+            let holder = &h.status().agent_id;
+            if !req.agent_id.is_empty() && !holder.is_empty() && *holder != req.agent_id {
+                return Err(Status::failed_precondition(format!(
+                    "{TAKEN_OVER}: host {:?} is now held by agent {holder} (this is agent {})",
+                    req.name, req.agent_id
+                )));
+            }
             h.status_mut().lease_renew_time = testbus_proto::time::now();
             match self.cas_put(&h, rev).await {
                 Err(s) if s.code() == tonic::Code::Aborted => continue,

@@ -66,6 +66,11 @@ struct Args {
     /// Journal and work directories.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Take this host name over from the agent that holds it now (whose
+    /// lease is still current). Without it, a second agent with the same
+    /// --name is refused, and the first keeps the host.
+    #[arg(long)]
+    take_over: bool,
     /// How long a lease lasts; the agent renews it every third of that.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     lease_duration: Duration,
@@ -138,14 +143,35 @@ fn host_object(args: &Args) -> anyhow::Result<Host> {
 /// Creates the Host or refreshes what the agent owns of it (labels,
 /// capabilities, vars, env, facts, lease), keeping what others own (spec,
 /// claim, phase).
-async fn register(api: &Api<Host>, mine: &Host) -> Result<(), tonic::Status> {
+/// Why keeping the lease is over for good.
+#[derive(Debug)]
+enum LeaseLost {
+    /// Another agent holds the host name (and this one may not take it).
+    HeldByAnother(String),
+    /// Another agent took the host over.
+    TakenOver(String),
+}
+
+/// Whether the host's current lease is still running.
+fn lease_current(h: &Host) -> bool {
+    let s = h.status();
+    time::parse(&s.lease_renew_time).is_some_and(|t| {
+        t + Duration::from_secs(u64::from(s.lease_duration_seconds.max(1))) > std::time::SystemTime::now()
+    })
+}
+
+/// Registers this agent's Host, or takes the name over from an agent whose
+/// lease ran out (or from any, with `take_over`). A name is held by one
+/// agent at a time: another agent's current lease refuses this one.
+async fn register(api: &Api<Host>, mine: &Host, take_over: bool) -> Result<Result<(), LeaseLost>, tonic::Status> {
+    let me = mine.status().agent_id.clone();
     match api.get_opt(mine.name()).await? {
         None => {
             let mut h = mine.clone();
             h.status_mut().lease_renew_time = time::now();
             match api.create(h).await {
                 Err(s) if s.code() == Code::AlreadyExists => Err(tonic::Status::aborted("raced; retry")),
-                r => r.map(|_| ()),
+                r => r.map(|_| Ok(())),
             }
         }
         Some(mut h) => {
@@ -154,43 +180,83 @@ async fn register(api: &Api<Host>, mine: &Host) -> Result<(), tonic::Status> {
                 api.update(h).await?;
             }
             let m = mine.status().clone();
-            api.patch_status(mine.name(), move |h| {
-                let s = h.status_mut();
-                s.capabilities = m.capabilities.clone();
-                s.vars = m.vars.clone();
-                s.env = m.env.clone();
-                s.facts = m.facts.clone();
-                s.lease_duration_seconds = m.lease_duration_seconds;
-                s.lease_renew_time = time::now();
-                true
-            })
-            .await
-            .map(|_| ())
+            // Decided on the Host as written: a race with another agent
+            // registering is seen again by the write's compare-and-swap.
+            let mut refused = None;
+            let written = api
+                .patch_status(mine.name(), |h| {
+                    let holder = h.status().agent_id.clone();
+                    if !holder.is_empty() && holder != me && lease_current(h) {
+                        if !take_over {
+                            let ago = time::since(&h.status().lease_renew_time);
+                            refused = Some(format!(
+                                "host {} is held by another agent (agent {holder}, lease renewed {}s ago); \
+                                 stop that agent, or start this one with --take-over",
+                                h.name(),
+                                ago.as_secs()
+                            ));
+                            return false;
+                        }
+                        tracing::warn!(host = h.name(), from = %holder, "taking the host over from another agent");
+                    } else if !holder.is_empty() && holder != me {
+                        tracing::info!(host = h.name(), from = %holder, "the host's previous agent let its lease run out; taking over");
+                    }
+                    refused = None;
+                    let s = h.status_mut();
+                    s.agent_id = me.clone();
+                    s.capabilities = m.capabilities.clone();
+                    s.vars = m.vars.clone();
+                    s.env = m.env.clone();
+                    s.facts = m.facts.clone();
+                    s.lease_duration_seconds = m.lease_duration_seconds;
+                    s.lease_renew_time = time::now();
+                    true
+                })
+                .await;
+            match (written, refused) {
+                (_, Some(why)) => Ok(Err(LeaseLost::HeldByAnother(why))),
+                (r, None) => r.map(|_| Ok(())),
+            }
         }
     }
 }
 
 /// Registers, then renews the lease every third of its duration, with
-/// jittered backoff while the server is unreachable.
-async fn keep_lease(client: Client, mine: Host, every: Duration) {
+/// jittered backoff while the server is unreachable. Returns only when the
+/// host is lost to another agent.
+async fn keep_lease(client: Client, mine: Host, every: Duration, take_over: bool) -> LeaseLost {
     let api = client.api::<Host>();
     let mut hosts = client.hosts();
     let mut registered = false;
     let mut backoff = Duration::from_millis(100);
+    let me = mine.status().agent_id.clone();
     loop {
         let res = if registered {
             // A renewal that hangs on a dead connection must not stall the
             // heartbeat: give up after one renewal period and try again.
-            let mut req = tonic::Request::new(testbus_proto::RenewLeaseRequest { name: mine.name().to_string() });
+            let mut req = tonic::Request::new(testbus_proto::RenewLeaseRequest {
+                name: mine.name().to_string(),
+                agent_id: me.clone(),
+            });
             req.set_timeout(every);
-            hosts.renew_lease(req).await.map(|_| ())
+            match hosts.renew_lease(req).await {
+                Ok(_) => Ok(()),
+                Err(s) if s.code() == Code::FailedPrecondition && s.message().starts_with("taken over") => {
+                    return LeaseLost::TakenOver(s.message().to_string())
+                }
+                Err(s) => Err(s),
+            }
         } else {
-            register(&api, &mine).await
+            match register(&api, &mine, take_over).await {
+                Ok(Err(lost)) => return lost,
+                Ok(Ok(())) => Ok(()),
+                Err(s) => Err(s),
+            }
         };
         match res {
             Ok(()) => {
                 if !registered {
-                    tracing::info!(host = mine.name(), server = client.server(), "registered");
+                    tracing::info!(host = mine.name(), server = client.server(), agent = %me, "registered");
                 }
                 registered = true;
                 backoff = Duration::from_millis(100);
@@ -205,6 +271,20 @@ async fn keep_lease(client: Client, mine: Host, every: Duration) {
                 tokio::time::sleep(backoff + jitter).await;
                 backoff = (backoff * 2).min(every);
             }
+        }
+    }
+}
+
+/// This agent's id, kept in its data dir: the same across restarts, so a
+/// restarted agent takes its own host back at once.
+fn agent_id(data_dir: &std::path::Path) -> anyhow::Result<String> {
+    let path = data_dir.join("agent-id");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_string()),
+        _ => {
+            let id = uuid::Uuid::new_v4().simple().to_string();
+            std::fs::write(&path, &id).with_context(|| format!("writing {}", path.display()))?;
+            Ok(id)
         }
     }
 }
@@ -446,7 +526,7 @@ fn choose_containment(
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let mine = host_object(&args)?;
+    let mut mine = host_object(&args)?;
     let data_dir = args.data_dir.clone().unwrap_or_else(|| default_data_dir(&args.name));
     // Processes run in work dirs below it, with their own cwd: paths
     // handed to them must not depend on the agent's.
@@ -462,7 +542,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let containment = choose_containment(args.containment, &args.name, &data_dir)?;
     let predecessor_ran = containment::end_predecessors(&journal, containment.cgroups()).await;
     let client = Client::lazy(&args.server).map_err(|e| anyhow::anyhow!("--server: {e}"))?;
-    tokio::spawn(keep_lease(client.clone(), mine, args.lease_duration / 3));
+    mine.status_mut().agent_id = agent_id(&data_dir)?;
+    let mut lease = tokio::spawn(keep_lease(client.clone(), mine, args.lease_duration / 3, args.take_over));
 
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     let mut agent = Agent {
@@ -487,6 +568,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let events = watcher(client.api::<Process>(), String::new(), format!("spec.hostName={}", args.name));
     futures::pin_mut!(events);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut lost = None;
     loop {
         tokio::select! {
             ev = events.next() => {
@@ -527,7 +609,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
+            r = &mut lease => {
+                lost = Some(match r {
+                    Ok(LeaseLost::HeldByAnother(why)) => why,
+                    Ok(LeaseLost::TakenOver(why)) => format!("{why}; this agent stops"),
+                    Err(e) => format!("the lease task failed: {e}"),
+                });
+                break;
+            }
         }
+    }
+    if let Some(why) = &lost {
+        tracing::error!("{why}");
     }
     tracing::info!("shutting down; stopping {} processes", agent.running.len());
     agent.stop_all(StopReason::AgentShutdown).await;
@@ -545,7 +638,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(root) = agent.containment.cgroups() {
         root.remove_if_empty();
     }
-    Ok(())
+    match lost {
+        Some(why) => Err(anyhow::anyhow!(why)),
+        None => Ok(()),
+    }
 }
 
 // One thread: an agent's work is small pieces for a few processes at a

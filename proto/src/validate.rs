@@ -652,6 +652,9 @@ impl Validate for Host {
         env("status.env", &st.env, &mut e);
         state::<crate::states::HostPhase>("status.phase", &st.phase, &mut e);
         conditions("status.conditions", &st.conditions, &mut e);
+        if st.agent_id.len() > MAX_NAME || !st.agent_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            e.add("status.agentId", format!("at most {MAX_NAME} of [A-Za-z0-9-]"));
+        }
         // Unclaimed is no claim at all: one encoding, not an empty one too.
         if let Some(c) = &st.claim {
             if c.test.is_empty() || c.test_uid.is_empty() {

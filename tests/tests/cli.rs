@@ -167,3 +167,58 @@ spec:
     assert_eq!(tap.matches("not ok").count(), 3, "{tap}");
     assert!(!tap.contains("# SKIP"), "{tap}");
 }
+
+/// A second agent with a name already held used to register over the
+/// first: the host's capabilities became the newcomer's while both renewed.
+/// It is now refused, saying how to take over; with `--take-over` it takes
+/// the host, and the first agent says so and stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_agent_name_is_refused_or_taken_over_explicitly() {
+    let c = Cluster::start(1).await;
+    let second = |extra: &[&str]| {
+        let dir = c.dir.path().join("second");
+        std::fs::create_dir_all(dir.join("etc")).unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("agent.log")).unwrap();
+        let mut cmd = c.command_in("host-0", &bin_dir().join("testbus-agent"));
+        cmd.args(["--server", &c.agent_server, "--name", "host-0", "--lease-duration", "2s", "--data-dir"])
+            .arg(&dir)
+            .arg("--config-dir")
+            .arg(dir.join("etc"))
+            .args(["--capability", "imposter"])
+            .args(extra)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(std::process::Stdio::null());
+        cmd.spawn().unwrap()
+    };
+    let log = || std::fs::read_to_string(c.dir.path().join("second/agent.log")).unwrap_or_default();
+    let mut refused = second(&[]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = refused.try_wait().unwrap() {
+            break st;
+        }
+        assert!(std::time::Instant::now() < deadline, "the second agent did not give up: {}", log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.code(), Some(2), "{}", log());
+    assert!(log().contains("is held by another agent") && log().contains("--take-over"), "{}", log());
+    let client = c.client().await;
+    let h = client.api::<testbus_proto::Host>().get("host-0").await.unwrap();
+    assert!(!h.status().capabilities.iter().any(|c| c == "imposter"), "the first agent's host was changed");
+
+    let mut taking = second(&["--take-over"]);
+    wait_for(Duration::from_secs(30), "the host to be taken over", || async {
+        let h = client.api::<testbus_proto::Host>().get("host-0").await.ok()?;
+        h.status().capabilities.iter().any(|c| c == "imposter").then_some(())
+    })
+    .await;
+    let first = c.agent_pid(0);
+    wait_for(Duration::from_secs(30), "the first agent to stop", || async {
+        (!testbus_tests::process_alive(i64::from(first))).then_some(())
+    })
+    .await;
+    assert!(c.read_log("host-0").contains("taken over"), "{}", c.read_log("host-0"));
+    let _ = taking.kill();
+    let _ = taking.wait();
+}
