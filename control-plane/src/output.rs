@@ -164,7 +164,8 @@ fn chunks_of(buf: &bytes::Bytes, lens: &mut [u64; 2], process: &str, out: &mut V
     parse_records(buf, |r| match r {
         Record::Data(s, b) | Record::Marker(s, b) => {
             let data = buf.slice_ref(b);
-            out.push(OutputChunk { process: process.to_string(), stream: s as i32, offset: lens[s], data });
+            let notice = matches!(r, Record::Marker(..));
+            out.push(OutputChunk { process: process.to_string(), stream: s as i32, offset: lens[s], data, notice });
             if matches!(r, Record::Data(..)) {
                 lens[s] += b.len() as u64;
             }
@@ -959,7 +960,13 @@ mod tests {
             let append = |stream: i32, data: &'static [u8]| {
                 let (svc, name) = (svc.clone(), name.clone());
                 tokio::spawn(async move {
-                    let c = OutputChunk { process: name, stream, offset: 0, data: bytes::Bytes::copy_from_slice(data) };
+                    let c = OutputChunk {
+                        process: name,
+                        stream,
+                        offset: 0,
+                        data: bytes::Bytes::copy_from_slice(data),
+                        notice: false,
+                    };
                     svc.append(Request::new(c)).await
                 })
             };
@@ -1017,8 +1024,13 @@ mod tests {
         let svc = OutputService::new(dir.path().join("output"), api, DEFAULT_LIMIT, None).unwrap().with_max_open(16);
         svc.spawn_janitor(tokio_util::sync::CancellationToken::new());
         let append = |i: usize, offset: u64| {
-            let c =
-                OutputChunk { process: format!("p{i}"), stream: 0, offset, data: bytes::Bytes::from_static(b"line\n") };
+            let c = OutputChunk {
+                process: format!("p{i}"),
+                stream: 0,
+                offset,
+                data: bytes::Bytes::from_static(b"line\n"),
+                notice: false,
+            };
             svc.append(Request::new(c))
         };
         for round in 0..2u64 {

@@ -74,6 +74,14 @@ pub async fn copy_process(client: &Client, name: &str, prefix: Option<String>, f
         prefix.map(|p| [Prefixer { prefix: p.clone(), partial: vec![] }, Prefixer { prefix: p, partial: vec![] }]);
     while let Some(chunk) = stream.next().await {
         let chunk = chunk?;
+        // A note from testbus (the stream was truncated) is not the
+        // process's output: it goes to stderr, so a piped stdout holds only
+        // what the process wrote (a clean prefix of it).
+        if chunk.notice {
+            let note = String::from_utf8_lossy(&chunk.data);
+            eprintln!("testbusctl: {}: {}", name, note.trim().trim_start_matches("[testbus: ").trim_end_matches(']'));
+            continue;
+        }
         let is_err = chunk.stream == 1;
         match (&mut pre, is_err) {
             (Some(p), false) => p[0].feed(&chunk.data, &mut std::io::stdout().lock()),

@@ -601,7 +601,14 @@ fn describe(o: &Object) {
             if !s.message.is_empty() {
                 println!("Message:      {} ({})", s.message, s.reason);
             }
-            println!("Output:       {} bytes stdout, {} bytes stderr", s.stdout_bytes, s.stderr_bytes);
+            let kept = |truncated: bool| if truncated { " (truncated: only the first part is kept)" } else { "" };
+            println!(
+                "Output:       {} bytes stdout{}, {} bytes stderr{}",
+                s.stdout_bytes,
+                kept(s.stdout_truncated),
+                s.stderr_bytes,
+                kept(s.stderr_truncated)
+            );
         }
     }
 }

@@ -76,6 +76,15 @@ pub async fn run(client: &testbus_proto::client::Client, a: RunArgs) -> CliResul
     match followed {
         Ok(logs::Followed::ProcessesEnded(mut ps)) => {
             ps.sort_by(|a, b| a.spec().role.cmp(&b.spec().role));
+            // The exit code stays the command's own; that the output was
+            // cut is said last, where a script's log shows it.
+            for p in ps.iter().filter(|p| p.status().stdout_truncated || p.status().stderr_truncated) {
+                eprintln!(
+                    "testbusctl: warning: the output of {} on {} was truncated (the server keeps --max-output-bytes per stream); what was printed is only its first part",
+                    p.spec().role,
+                    p.spec().host_name
+                );
+            }
             // The remote exit code of the first failing process.
             return Ok(ps
                 .iter()

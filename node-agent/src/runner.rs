@@ -773,7 +773,7 @@ async fn pump(
             let data = bytes::Bytes::from(data);
             let mut backoff = Duration::from_millis(50);
             while !gone {
-                let chunk = OutputChunk { process: process.clone(), stream, offset, data: data.clone() };
+                let chunk = OutputChunk { process: process.clone(), stream, offset, data: data.clone(), notice: false };
                 match out.append(chunk).await {
                     Ok(t) => {
                         truncated |= t;

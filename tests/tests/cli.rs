@@ -222,3 +222,24 @@ async fn a_duplicate_agent_name_is_refused_or_taken_over_explicitly() {
     let _ = taking.kill();
     let _ = taking.wait();
 }
+
+/// `run` wrote the truncation notice into stdout, so a piped file was
+/// silently wrong. Stdout now holds exactly what the process wrote (its
+/// first part); the notice and a final warning go to stderr, and
+/// `describe process` says the output was truncated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncated_output_stays_out_of_stdout_and_is_said_loudly() {
+    let c = Cluster::start_full(1, &[], &["--max-output-bytes", "1000"]).await;
+    let out = c.ctl(&["run", "--", "sh", "-c", "seq 1 2000"]);
+    assert_eq!(out.code, 0, "the command itself succeeded: {out:?}");
+    let all: String = (1..=2000).map(|i| format!("{i}\n")).collect();
+    assert_eq!(out.stdout.len(), 1000, "{:?}", &out.stdout[out.stdout.len().saturating_sub(200)..]);
+    assert_eq!(out.stdout, all[..1000], "stdout is a clean prefix of the output");
+    assert!(out.stderr.contains("stdout truncated after 1000 bytes"), "{out:?}");
+    assert!(out.stderr.contains("warning: the output of") && out.stderr.contains("was truncated"), "{out:?}");
+    let client = c.client().await;
+    let (procs, _) = client.api::<testbus_proto::Process>().list("", "").await.unwrap();
+    let p = procs.first().expect("run's process");
+    let d = c.ctl(&["describe", "process", p.name()]);
+    assert!(d.stdout.contains("bytes stdout (truncated: only the first part is kept)"), "{d:?}");
+}
