@@ -91,7 +91,9 @@ fn test_row(t: &Test, wide: bool) -> Vec<String> {
         t.name().to_string(),
         or_none(&s.phase),
         hosts.to_string(),
-        format!("{done}/{}", t.spec().steps.len()),
+        // Child tests' steps count too, as `describe`, `logs` and `results`
+        // show them.
+        format!("{done}/{}", testbus_proto::steps::expand(t.spec()).len()),
         time::age(&t.meta().creation_timestamp),
     ];
     if wide {

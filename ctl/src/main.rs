@@ -536,7 +536,9 @@ fn describe(o: &Object) {
                 }
             }
             println!("Steps:");
-            for st in &t.spec().steps {
+            // The expanded graph: child tests' steps as `<child>.<step>`.
+            for ex in testbus_proto::steps::expand(t.spec()) {
+                let st = &ex.step;
                 let ss = s.steps.iter().find(|x| x.name == st.name);
                 println!("  {:<16} {:<10} on {}", st.name, ss.map_or("Waiting", |x| x.phase.as_str()), st.on.join(","));
                 for p in ss.map(|x| x.processes.as_slice()).unwrap_or_default() {

@@ -243,3 +243,36 @@ async fn truncated_output_stays_out_of_stdout_and_is_said_loudly() {
     let d = c.ctl(&["describe", "process", p.name()]);
     assert!(d.stdout.contains("bytes stdout (truncated: only the first part is kept)"), "{d:?}");
 }
+
+/// With child tests, `get tests` counted `4/2` steps and `describe` left the
+/// children's steps out, though `results` and `logs` show them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn child_test_steps_are_counted_and_described() {
+    let c = Cluster::start(1).await;
+    let path = manifest(
+        &c,
+        "suite.yaml",
+        r#"apiVersion: testbus/v1
+kind: Test
+metadata: {name: suite}
+spec:
+  hosts: [{role: a}]
+  steps:
+    - {name: setup, on: [a], argv: ["true"]}
+    - {name: check, on: [a], after: [setup], argv: ["true"]}
+  tests:
+    - name: child
+      after: [setup]
+      steps:
+        - {name: one, on: [a], argv: ["true"]}
+        - {name: two, on: [a], after: [one], argv: ["true"]}
+"#,
+    );
+    assert_eq!(c.ctl(&["apply", "-f", &path, "--wait"]).code, 0);
+    let get = c.ctl(&["get", "tests"]);
+    assert!(get.stdout.contains("4/4"), "{get:?}");
+    let d = c.ctl(&["describe", "test", "suite"]);
+    for step in ["setup", "check", "child.one", "child.two"] {
+        assert!(d.stdout.lines().any(|l| l.trim_start().starts_with(step) && l.contains("Succeeded")), "{step}: {d:?}");
+    }
+}
