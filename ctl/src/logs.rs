@@ -15,6 +15,32 @@ pub struct Select {
 }
 
 impl Select {
+    /// An error if `--role` or `--step` names nothing in test `t` (it would
+    /// show nothing, and say nothing about why).
+    fn check(&self, t: &Test) -> CliResult<()> {
+        if let Some(r) = &self.role {
+            let members: Vec<String> = t.spec().hosts.iter().flat_map(testbus_proto::validate::members).collect();
+            if !members.iter().any(|m| testbus_proto::validate::member_matches(m, r)) {
+                return Err(crate::error::CliError::usage(format!(
+                    "--role {r}: test/{} has no such role or member (members: {})",
+                    t.name(),
+                    members.join(", ")
+                )));
+            }
+        }
+        if let Some(s) = &self.step {
+            let steps: Vec<String> = testbus_proto::steps::expand(t.spec()).into_iter().map(|e| e.step.name).collect();
+            if !steps.contains(s) {
+                return Err(crate::error::CliError::usage(format!(
+                    "--step {s}: test/{} has no such step (steps: {})",
+                    t.name(),
+                    steps.join(", ")
+                )));
+            }
+        }
+        Ok(())
+    }
+
     fn matches(&self, p: &Process) -> bool {
         let role = &p.spec().role;
         // --role client matches client0, client1, ...
@@ -121,6 +147,7 @@ fn step_index(t: &Test, p: &Process) -> usize {
 /// `Prefix::Never` copies output raw (for `run` on one host).
 pub async fn test_logs(client: &Client, test: &str, sel: &Select, follow: Follow, prefix: Prefix) -> CliResult<()> {
     let t = client.api::<Test>().get(test).await?;
+    sel.check(&t)?;
     let fields = format!("spec.test={test}");
     if follow == Follow::No {
         let (mut procs, _) = client.api::<Process>().list("", &fields).await?;

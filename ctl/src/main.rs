@@ -92,11 +92,21 @@ enum Cmd {
     },
     /// Show one object in detail.
     Describe { kind: String, name: String },
-    /// Delete objects (a running test is cancelled).
+    /// Delete objects (a running test ends Cancelled, then goes).
+    ///
+    /// Examples: `delete test/t1 test/t2`, `delete tests t1 t2`,
+    /// `delete tests -l suite=nfs`, `delete tests --all`.
     Delete {
+        /// KIND, or a KIND/NAME to delete.
         kind: String,
-        #[arg(required = true)]
+        /// Names of KIND, or more KIND/NAME.
         names: Vec<String>,
+        /// Delete every object of KIND matching this label selector.
+        #[arg(short = 'l', long = "selector")]
+        selector: Option<String>,
+        /// Delete every object of KIND.
+        #[arg(long)]
+        all: bool,
     },
     /// Output of a test (prefixed by role/host) or of a process.
     Logs {
@@ -665,13 +675,47 @@ async fn dispatch(cli: Cli) -> CliResult {
             describe(&o);
             Ok(0)
         }
-        Cmd::Delete { kind, names } => {
-            let kind = objects::parse_kind(&kind)?;
+        Cmd::Delete { kind, names, selector, all } => {
+            let all_kinds = [Kind::Host, Kind::Test, Kind::Process];
+            // What to delete: KIND/NAME refs, KIND NAME..., or KIND with -l
+            // or --all (exactly one way).
+            let mut targets: Vec<(Kind, String)> = Vec::new();
+            let pick = match (kind.contains('/'), names.is_empty(), &selector, all) {
+                (true, _, None, false) => {
+                    for r in std::iter::once(&kind).chain(&names) {
+                        targets.push(objects::parse_ref(r, &all_kinds)?);
+                    }
+                    None
+                }
+                (false, false, None, false) => {
+                    let k = objects::parse_kind(&kind)?;
+                    targets.extend(names.iter().map(|n| (k, n.clone())));
+                    None
+                }
+                (false, true, Some(sel), false) => {
+                    testbus_proto::selector::LabelSelector::parse(sel)
+                        .map_err(|e| CliError::usage(format!("-l: {e}")))?;
+                    Some((objects::parse_kind(&kind)?, sel.clone()))
+                }
+                (false, true, None, true) => Some((objects::parse_kind(&kind)?, String::new())),
+                _ => {
+                    return Err(CliError::usage(
+                        "delete: give KIND/NAME..., KIND NAME..., KIND -l SELECTOR or KIND --all (one of them)",
+                    ))
+                }
+            };
             let client = connect(&server).await?;
+            if let Some((k, sel)) = pick {
+                let (objs, _) = objects::list(&client, k, &sel, "").await?;
+                targets.extend(objs.iter().map(|o| (k, o.meta().name.clone())));
+                if targets.is_empty() {
+                    eprintln!("No resources found.");
+                }
+            }
             let mut code = 0;
-            for n in names {
-                match objects::delete(&client, kind, &n).await {
-                    Ok(()) => println!("{}/{n} deleted", format::kind_slug(kind)),
+            for (k, n) in targets {
+                match objects::delete(&client, k, &n).await {
+                    Ok(()) => println!("{}/{n} deleted", format::kind_slug(k)),
                     Err(e) => {
                         eprintln!("testbusctl: {}", e.message);
                         code = e.code;

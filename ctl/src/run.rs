@@ -65,12 +65,33 @@ pub async fn run(client: &testbus_proto::client::Client, a: RunArgs) -> CliResul
     let all = logs::Select::default();
     let prefix = if a.count > 1 { logs::Prefix::Always } else { logs::Prefix::Never };
     let follow = logs::follow_test(client, &t, &all, prefix, Some(a.count as usize));
-    // Ctrl-C cancels the remote test.
+    // Ctrl-C, SIGTERM or SIGHUP (a closed terminal) cancels the remote
+    // test: it was this command's, and nobody else waits for it.
+    let stopped = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (mut term, mut hup) = (signal(SignalKind::terminate()).ok(), signal(SignalKind::hangup()).ok());
+        let on = |s: &mut Option<tokio::signal::unix::Signal>| {
+            let s = s.take();
+            async move {
+                match s {
+                    Some(mut s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => "interrupted",
+            _ = on(&mut term) => "terminated",
+            _ = on(&mut hup) => "hung up",
+        }
+    };
     let followed = tokio::select! {
         r = follow => r,
-        _ = tokio::signal::ctrl_c() => {
+        why = stopped => {
             let _ = client.api::<Test>().delete(&name).await;
-            return Err(CliError::incomplete(format!("interrupted; test/{name} cancelled")));
+            return Err(CliError::incomplete(format!("{why}; test/{name} cancelled")));
         }
     };
     match followed {

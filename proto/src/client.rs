@@ -49,10 +49,12 @@ fn parse_server(server: &str) -> Result<Target, ConnectError> {
     }
     let mut eps = Vec::new();
     for s in server.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        // `HOST:PORT` without a scheme is plain `http://HOST:PORT`.
+        let s = if s.contains("://") { s.to_string() } else { format!("http://{s}") };
         if !(s.starts_with("http://") || s.starts_with("https://")) {
-            return Err(bad("expected http://host:port, https://host:port or unix:/path"));
+            return Err(bad("expected HOST:PORT, http://host:port, https://host:port or unix:/path"));
         }
-        let ep = Endpoint::from_shared(s.to_string()).map_err(|e| bad(&e.to_string()))?;
+        let ep = Endpoint::from_shared(s.clone()).map_err(|e| bad(&e.to_string()))?;
         if ep.uri().host().is_none() {
             return Err(bad(&format!("{s:?} has no host")));
         }

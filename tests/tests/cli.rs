@@ -276,3 +276,103 @@ spec:
         assert!(d.stdout.lines().any(|l| l.trim_start().starts_with(step) && l.contains("Succeeded")), "{step}: {d:?}");
     }
 }
+
+/// kubectl's habits: `delete` takes KIND/NAME, `-l` and `--all`; the server
+/// may be given as HOST:PORT; `logs --step/--role` naming nothing is an
+/// error, not silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_forms_server_without_scheme_and_logs_selection_errors() {
+    let c = Cluster::start(1).await;
+    let pending = |name: &str, suite: &str| {
+        manifest(
+            &c,
+            &format!("{name}.yaml"),
+            &format!(
+                r#"apiVersion: testbus/v1
+kind: Test
+metadata: {{name: {name}, labels: {{suite: {suite}}}}}
+spec:
+  hosts: [{{role: a, capabilities: [none-such]}}]
+  steps: [{{name: s, on: [a], argv: ["true"]}}]
+"#
+            ),
+        )
+    };
+    for (n, s) in [("t1", "x"), ("t2", "nfs"), ("t3", "nfs"), ("t4", "x")] {
+        assert_eq!(c.ctl(&["apply", "-f", &pending(n, s)]).code, 0);
+    }
+    let client = c.client().await;
+    let names = || async {
+        let (ts, _) = client.api::<Test>().list("", "").await.unwrap();
+        let mut v: Vec<String> = ts.iter().map(|t| t.name().to_string()).collect();
+        v.sort();
+        v
+    };
+    let gone = |want: Vec<&'static str>| {
+        let names = &names;
+        async move {
+            wait_for(Duration::from_secs(30), "deletions", || async { (names().await == want).then_some(()) }).await
+        }
+    };
+    let out = c.ctl(&["delete", "test/t1"]);
+    assert_eq!((out.code, out.stdout.as_str()), (0, "test/t1 deleted\n"), "{out:?}");
+    gone(vec!["t2", "t3", "t4"]).await;
+    let out = c.ctl(&["delete", "tests", "-l", "suite=nfs"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    gone(vec!["t4"]).await;
+    for wrong in [&["delete", "tests"][..], &["delete", "tests", "t4", "--all"], &["delete", "test/t4", "t5"]] {
+        assert_eq!(c.ctl(wrong).code, 2, "{wrong:?}");
+    }
+    assert_eq!(c.ctl(&["delete", "tests", "--all"]).code, 0);
+    gone(vec![]).await;
+
+    let out = std::process::Command::new(bin_dir().join("testbusctl"))
+        .args(["--server", "127.0.0.1:1", "get", "hosts"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4), "HOST:PORT is an address: {out:?}");
+
+    let one = manifest(
+        &c,
+        "one.yaml",
+        r#"apiVersion: testbus/v1
+kind: Test
+metadata: {name: one}
+spec:
+  hosts: [{role: a}]
+  steps: [{name: s, on: [a], argv: [echo, hi]}]
+"#,
+    );
+    let out = c.ctl(&["apply", "-f", &one, "--wait", "--timeout", "60s"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let name = "test/one";
+    assert_eq!(c.ctl(&["logs", name, "--step", "s"]).stdout, "[a/host-0] hi\n");
+    let out = c.ctl(&["logs", name, "--step", "nope"]);
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("--step nope") && out.stderr.contains("(steps: "), "{out:?}");
+    let out = c.ctl(&["logs", name, "--role", "nobody"]);
+    assert_eq!(out.code, 2, "{out:?}");
+}
+
+/// `run` cancelled its test on Ctrl-C only; SIGTERM and SIGHUP (a closed
+/// terminal, a CI job stopped) left it running with nobody waiting for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_cancels_its_test_on_sigterm() {
+    let c = Cluster::start(1).await;
+    let child = c.ctl_spawn(&["run", "--", "sleep", "600"]);
+    let client = c.client().await;
+    let test = wait_for(Duration::from_secs(30), "run's process to start", || async {
+        let (ps, _) = client.api::<testbus_proto::Process>().list("", "").await.ok()?;
+        ps.iter().find(|p| p.status().phase == "Running").map(|p| p.spec().test.clone())
+    })
+    .await;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains(&format!("terminated; test/{test} cancelled")), "{stderr}");
+    wait_for(Duration::from_secs(30), "the test to be gone", || async {
+        client.api::<Test>().get_opt(&test).await.ok().flatten().is_none().then_some(())
+    })
+    .await;
+}
