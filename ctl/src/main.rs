@@ -808,19 +808,19 @@ fn main() {
     };
     let code = match rt.block_on(dispatch(cli)) {
         Ok(c) => c,
-        Err(e) if e.message.starts_with(error::NOT_TESTBUS) => {
-            eprintln!("testbusctl: {server} {}", e.message);
-            e.code
-        }
-        // The connection failed: say so plainly when the address answers,
-        // but not in HTTP/2 (how a failed call looks varies with timing).
-        Err(e) if e.code == error::UNREACHABLE && error::answers_without_http2(&server).is_some() => {
-            let answer = error::answers_without_http2(&server).unwrap_or_default();
-            eprintln!("testbusctl: {server} {}: it answered {answer:?}", error::NOT_TESTBUS);
-            e.code
-        }
         Err(e) => {
-            eprintln!("testbusctl: {}", e.message);
+            if e.message.starts_with(error::NOT_TESTBUS) {
+                eprintln!("testbusctl: {server} {}", e.message);
+            } else if let Some(answer) =
+                // The connection failed: say so plainly when the address
+                // answers, but not in HTTP/2 (how a failed call looks
+                // varies with timing).
+                (e.code == error::UNREACHABLE).then(|| error::answers_without_http2(&server)).flatten()
+            {
+                eprintln!("testbusctl: {server} {}: it answered {answer:?}", error::NOT_TESTBUS);
+            } else {
+                eprintln!("testbusctl: {}", e.message);
+            }
             e.code
         }
     };

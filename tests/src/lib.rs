@@ -423,6 +423,15 @@ impl Cluster {
             .expect("run testbusctl")
     }
 
+    /// Waits until the output of `target` (test/NAME or process/NAME)
+    /// contains `text`.
+    pub async fn wait_output(&self, target: &str, text: &str) {
+        wait_for(Duration::from_secs(30), &format!("{target} to print {text:?}"), || async {
+            self.ctl(&["logs", target]).stdout.contains(text).then_some(())
+        })
+        .await
+    }
+
     /// Waits for a host to reach a phase; returns it.
     pub async fn host_phase(&self, name: &str, want: &str) -> Host {
         let client = self.client().await;

@@ -1212,11 +1212,7 @@ spec:
 "#,
     );
     let mut waiting = c.ctl_spawn(&["apply", "-f", &path, "--wait"]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !c.ctl(&["logs", "test/long"]).stdout.contains("started") {
-        assert!(std::time::Instant::now() < deadline, "the step never started");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    c.wait_output("test/long", "started").await;
     let mut follow = c.ctl_spawn(&["logs", "test/long", "-f"]);
     let mut watch = c.ctl_spawn(&["get", "processes", "-w"]);
     let status = c.stop_control_plane(Duration::from_secs(30)).await;
@@ -1248,11 +1244,7 @@ spec:
 "#,
     );
     assert_eq!(c.ctl(&["apply", "-f", &path]).code, 0);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !c.ctl(&["logs", "test/doomed"]).stdout.contains("started") {
-        assert!(std::time::Instant::now() < deadline, "the step never started");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    c.wait_output("test/doomed", "started").await;
     let waiting = c.ctl_spawn(&["wait", "test/doomed", "--timeout", "60s"]);
     let client = c.client().await;
     let tests = client.api::<Test>();
