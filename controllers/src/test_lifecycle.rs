@@ -410,7 +410,14 @@ async fn stop_all(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<boo
 /// `ttlAfterFinished` has passed.
 async fn finished(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Action, Status> {
     if held(t) {
-        stop_all(ctx, t, procs).await?;
+        // What the test ran is stopped; commands a person runs on the held
+        // hosts to debug them (`testbusctl exec`, `cp`) are left to run.
+        let ran: Vec<Arc<Process>> = procs
+            .iter()
+            .filter(|p| !p.meta().labels.contains_key(testbus_proto::process::LABEL_EXEC))
+            .cloned()
+            .collect();
+        stop_all(ctx, t, &ran).await?;
     } else {
         release(ctx, t, procs).await?;
     }

@@ -54,7 +54,12 @@ use testbus_proto::client::Client;
 use testbus_proto::{duration, manifest, validate::Validate, Host, Kind, Object, Resource};
 
 #[derive(Parser)]
-#[command(name = "testbusctl", version, about = "Run and inspect multi-host tests on testbus")]
+#[command(
+    name = "testbusctl",
+    version,
+    about = "Run and inspect multi-host tests on testbus",
+    after_help = "Examples:\n  testbusctl apply -f nfs.yaml --wait\n  testbusctl get tests -w\n  testbusctl run --capability kvm --count 2 -- uname -r\n  testbusctl logs test/nfs-basic --role client -f\n\nExit codes: 0 succeeded; 1 the test or command failed (run/exec: the remote exit code); 2 invalid input or usage; 3 cancelled, error or timed out; 4 the server could not be reached or does not speak testbus."
+)]
 struct Cli {
     /// Control-plane address: http(s)://host:port, a comma-separated list, or unix:/path.
     #[arg(long, global = true, env = "TESTBUS_SERVER", default_value = testbus_proto::client::DEFAULT_SERVER)]
@@ -66,21 +71,33 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Create or update the objects in manifests.
+    ///
+    /// Every document is read and validated, and every `source:` file
+    /// uploaded, before the first object is created.
+    #[command(
+        after_help = "Examples:\n  testbusctl apply -f nfs.yaml\n  testbusctl apply -f suite/ --wait --timeout 30m\n  generate-tests | testbusctl apply -f -"
+    )]
     Apply {
         /// A file, a directory of *.yaml/*.yml/*.json, or - for stdin. Repeatable.
-        #[arg(short = 'f', long = "filename", required = true)]
+        #[arg(short = 'f', long = "filename", required = true, value_name = "FILE|DIR|-")]
         files: Vec<String>,
         /// Wait for the applied tests to finish, showing progress.
         #[arg(long)]
         wait: bool,
         /// With --wait: give up after this long (exit 3).
-        #[arg(long, value_parser = parse_duration)]
+        #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
         timeout: Option<std::time::Duration>,
     },
     /// List or show objects.
+    #[command(
+        after_help = "Examples:\n  testbusctl get hosts\n  testbusctl get tests -l suite=nfs -w\n  testbusctl get test nfs-basic -o yaml"
+    )]
     Get {
+        /// host(s), test(s) or process(es).
         kind: String,
+        /// One object's name; all of KIND without it.
         name: Option<String>,
+        /// Output format.
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Format,
         /// Label selector, e.g. suite=nfs,tier!=slow.
@@ -91,7 +108,13 @@ enum Cmd {
         watch: bool,
     },
     /// Show one object in detail.
-    Describe { kind: String, name: String },
+    #[command(after_help = "Examples:\n  testbusctl describe test nfs-basic\n  testbusctl describe host/node-1")]
+    Describe {
+        /// host, test or process; or KIND/NAME.
+        kind: String,
+        /// The object's name (when KIND is not KIND/NAME).
+        name: Option<String>,
+    },
     /// Delete objects (a running test ends Cancelled, then goes).
     ///
     /// Examples: `delete test/t1 test/t2`, `delete tests t1 t2`,
@@ -112,8 +135,10 @@ enum Cmd {
     Logs {
         /// test/NAME or process/NAME.
         target: String,
+        /// Only the processes of this role (or member, e.g. client-2).
         #[arg(long)]
         role: Option<String>,
+        /// Only the processes of this step.
         #[arg(long)]
         step: Option<String>,
         /// Follow until the test or process ends.
@@ -124,21 +149,28 @@ enum Cmd {
     Wait {
         /// test/NAME.
         target: String,
-        #[arg(long, value_parser = parse_duration)]
+        /// Give up after this long (exit 3).
+        #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
         timeout: Option<std::time::Duration>,
     },
     /// Mark a host unschedulable.
     Cordon {
+        /// The host's name.
         host: String,
+        /// Why, shown by get and describe.
         #[arg(long, default_value = "")]
         reason: String,
     },
     /// Make a host schedulable again.
-    Uncordon { host: String },
+    Uncordon {
+        /// The host's name.
+        host: String,
+    },
     /// A test's results as text, JSON, JUnit XML or TAP.
     Results {
         /// test/NAME.
         target: String,
+        /// Report format.
         #[arg(short = 'o', long, value_enum, default_value = "text")]
         output: results::ReportFormat,
     },
@@ -148,99 +180,179 @@ enum Cmd {
         what: CreateCmd,
     },
     /// Run a command on the hosts of a running test; exits with the remote exit code.
+    #[command(
+        after_help = "Examples:\n  testbusctl exec t1 -- uname -r\n  testbusctl exec t1 --role server --env MODE=fast -- ./setup.sh\n  testbusctl exec t1 --role client --stdin - -- sh -s < check.sh"
+    )]
     Exec {
+        /// The test (open, running, or ended with holdOnFailure and kept).
         test: String,
         /// Roles or members to run on (repeatable); default: every host.
         #[arg(long = "role")]
         roles: Vec<String>,
-        #[arg(long = "env")]
+        /// An extra environment variable, KEY=VALUE (repeatable).
+        #[arg(long = "env", value_name = "KEY=VALUE")]
         env: Vec<String>,
         /// Give the command this file (or - for this stdin) on its stdin.
-        #[arg(long)]
+        #[arg(long, value_name = "FILE|-")]
         stdin: Option<String>,
-        #[arg(long, value_parser = parse_duration_str)]
+        /// Stop the command after this long (exit 3).
+        #[arg(long, value_parser = parse_duration_str, value_name = "DURATION")]
         timeout: Option<String>,
+        /// The command and its arguments, after --.
         #[arg(last = true, required = true)]
         argv: Vec<String>,
     },
     /// Copy a file to (SRC|- TEST/ROLE:PATH) or from (TEST/ROLE:PATH DEST|-) hosts of a running test.
-    Cp { src: String, dest: String },
+    #[command(
+        after_help = "Examples:\n  testbusctl cp ./fixture.tar t1/server:/tmp/fixture.tar\n  testbusctl cp t1/client:/var/log/syslog -"
+    )]
+    Cp {
+        /// A local file, - for stdin, or TEST/ROLE:PATH.
+        src: String,
+        /// TEST/ROLE:PATH, or a local file, - for stdout.
+        dest: String,
+    },
     /// Print a variable of a test's environment.
-    Getenv { test: String, name: String },
+    Getenv {
+        /// The test.
+        test: String,
+        /// The variable's name.
+        name: String,
+    },
     /// Add variables to a running test's environment (for later exec).
     Setenv {
+        /// The test.
         test: String,
-        #[arg(required = true)]
+        /// KEY=VALUE pairs.
+        #[arg(required = true, value_name = "KEY=VALUE")]
         vars: Vec<String>,
     },
     /// Record a result of a running test at a dotted path (users.verify-name).
     Result {
+        /// The test.
         test: String,
+        /// Where in the test's results, dotted (users.verify-name).
         path: String,
+        /// pass, fail or skip.
         #[arg(value_parser = ["pass", "fail", "skip"])]
         outcome: String,
+        /// A line saying why.
         #[arg(long)]
         message: Option<String>,
     },
     /// End an open test: Succeeded, or Failed with --failed or a failed result.
     Finish {
+        /// The test.
         test: String,
+        /// End it Failed whatever its results say.
         #[arg(long)]
         failed: bool,
     },
     /// Inside a test process: wait until every member the test claimed (or each of --role) arrives at
     /// barrier NAME; fails at once if one of them can no longer arrive.
     Sync {
+        /// The barrier's name.
         name: String,
         /// Only these roles or members take part (repeatable).
         #[arg(long = "role")]
         roles: Vec<String>,
-        #[arg(long, value_parser = parse_duration_str)]
+        /// Give up after this long (exit 3).
+        #[arg(long, value_parser = parse_duration_str, value_name = "DURATION")]
         timeout: Option<String>,
     },
     /// Inside a test process: publish VALUE (or stdin with -) under KEY, from this role.
-    Send { key: String, value: Option<String> },
+    Send {
+        /// The message's key.
+        key: String,
+        /// Its value; - or nothing reads stdin.
+        value: Option<String>,
+    },
     /// Inside a test process: wait for KEY (from ROLE) and print its value.
     Recv {
+        /// The message's key.
         key: String,
+        /// The role (or member) that sends it; needed when several do.
         #[arg(long)]
         from: Option<String>,
-        #[arg(long, value_parser = parse_duration_str)]
+        /// Give up after this long (exit 3).
+        #[arg(long, value_parser = parse_duration_str, value_name = "DURATION")]
         timeout: Option<String>,
     },
     /// Claim hosts, run one command on them, stream its output and exit with its exit code.
+    ///
+    /// Ctrl-C, SIGTERM or SIGHUP cancel the test. Output cut by the
+    /// server's limit is said in a warning on stderr (the exit code stays
+    /// the command's).
+    #[command(
+        after_help = "Examples:\n  testbusctl run -- uname -a\n  testbusctl run --capability kvm --count 3 --timeout 10m -- ./stress.sh\n  tar c src | testbusctl run -i --host node-1 -- tar tv"
+    )]
     Run {
-        #[arg(long = "capability")]
+        /// A capability the hosts must have (repeatable).
+        #[arg(long = "capability", value_name = "CAP")]
         capabilities: Vec<String>,
         /// Run on this host.
         #[arg(long)]
         host: Option<String>,
+        /// How many hosts to run on.
         #[arg(long, default_value_t = 1)]
         count: u32,
-        #[arg(long = "env")]
+        /// An extra environment variable, KEY=VALUE (repeatable).
+        #[arg(long = "env", value_name = "KEY=VALUE")]
         env: Vec<String>,
-        #[arg(long, value_parser = parse_duration_str)]
+        /// Stop the command after this long (exit 3).
+        #[arg(long, value_parser = parse_duration_str, value_name = "DURATION")]
         timeout: Option<String>,
+        /// Give the command this stdin (read to its end first).
+        #[arg(short = 'i', long = "stdin")]
+        stdin: bool,
+        /// Delete the test this long after it ends; "never" keeps it.
+        #[arg(long, default_value = "1h", value_parser = parse_ttl, value_name = "DURATION|never")]
+        ttl_after_finished: String,
+        /// The command and its arguments, after --.
         #[arg(last = true, required = true)]
         argv: Vec<String>,
+    },
+    /// Print a shell completion script.
+    #[command(
+        after_help = "Examples:\n  source <(testbusctl completion bash)\n  testbusctl completion fish > ~/.config/fish/completions/testbusctl.fish"
+    )]
+    Completion {
+        /// The shell.
+        #[arg(value_parser = ["bash", "zsh", "fish"])]
+        shell: String,
     },
 }
 
 #[derive(Subcommand)]
 enum CreateCmd {
     /// An open test claiming hosts: --claim ROLE=CAP[,CAP...][:COUNT].
+    #[command(
+        after_help = "Examples:\n  testbusctl create test t1 --claim server=nfs --claim client=nfs:2 --wait-claimed"
+    )]
     Test {
+        /// The test's name.
         name: String,
-        #[arg(long = "claim", required = true)]
+        /// Hosts to claim for a role (repeatable).
+        #[arg(long = "claim", required = true, value_name = "ROLE=CAP[,CAP...][:COUNT]")]
         claims: Vec<String>,
-        #[arg(long = "env")]
+        /// A variable of the test's environment, KEY=VALUE (repeatable).
+        #[arg(long = "env", value_name = "KEY=VALUE")]
         env: Vec<String>,
-        #[arg(long, value_parser = parse_duration_str)]
+        /// End the test (Error, TimedOut) after this long.
+        #[arg(long, value_parser = parse_duration_str, value_name = "DURATION")]
         timeout: Option<String>,
         /// Wait until the hosts are claimed, and print them.
         #[arg(long)]
         wait_claimed: bool,
     },
+}
+
+/// `--ttl-after-finished`: a duration, or "never" (kept until deleted).
+fn parse_ttl(s: &str) -> Result<String, String> {
+    if s == "never" {
+        return Ok(String::new());
+    }
+    parse_duration_str(s)
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -282,11 +394,7 @@ async fn upload_sources(client: &Client, o: &mut Object, base: &Path) -> CliResu
             continue;
         }
         let path = base.join(&f.source);
-        let r = testbus_proto::blob::upload_file(client.channel(), &path).await.map_err(|e| match e {
-            testbus_proto::blob::BlobError::Rpc(s) => CliError::from(s),
-            e => CliError::usage(format!("source {:?}: {e}", f.source)),
-        })?;
-        f.digest = r.digest;
+        f.digest = script::upload(client, &path, &format!("source {:?}", f.source)).await?;
         f.source.clear();
     }
     Ok(())
@@ -670,7 +778,11 @@ async fn dispatch(cli: Cli) -> CliResult {
             get(&connect(&server).await?, &kind, name, output, &selector, watch).await
         }
         Cmd::Describe { kind, name } => {
-            let kind = objects::parse_kind(&kind)?;
+            let (kind, name) = match name {
+                Some(n) if !kind.contains('/') => (objects::parse_kind(&kind)?, n),
+                None if kind.contains('/') => objects::parse_ref(&kind, &[Kind::Host, Kind::Test, Kind::Process])?,
+                _ => return Err(CliError::usage("describe: give KIND NAME or KIND/NAME")),
+            };
             let o = objects::get(&connect(&server).await?, kind, &name).await?;
             describe(&o);
             Ok(0)
@@ -782,15 +894,26 @@ async fn dispatch(cli: Cli) -> CliResult {
             script::result(&connect(&server).await?, &test, &path, &outcome, message).await
         }
         Cmd::Finish { test, failed } => script::finish(&connect(&server).await?, &test, failed).await,
+        Cmd::Completion { shell } => {
+            let shell = match shell.as_str() {
+                "bash" => clap_complete::Shell::Bash,
+                "zsh" => clap_complete::Shell::Zsh,
+                _ => clap_complete::Shell::Fish,
+            };
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "testbusctl", &mut script);
+            print!("{}", String::from_utf8_lossy(&script));
+            Ok(0)
+        }
         Cmd::Sync { name, roles, timeout } => intest::sync(name, roles, timeout).await,
         Cmd::Send { key, value } => intest::send(key, value).await,
         Cmd::Recv { key, from, timeout } => intest::recv(key, from, timeout).await,
-        Cmd::Run { capabilities, host, count, env, timeout, argv } => {
+        Cmd::Run { capabilities, host, count, env, timeout, stdin, ttl_after_finished, argv } => {
             let env = parse_env("--env", &env)?;
             if count == 0 {
                 return Err(CliError::usage("--count: must be >= 1"));
             }
-            let args = run::RunArgs { capabilities, host, count, env, timeout, argv };
+            let args = run::RunArgs { capabilities, host, count, env, timeout, stdin, ttl_after_finished, argv };
             run::run(&connect(&server).await?, args).await
         }
     }
@@ -825,4 +948,39 @@ fn main() {
         }
     };
     std::process::exit(code);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// `--help` documents every flag and argument of every command.
+    #[test]
+    fn every_argument_is_documented() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if matches!(id, "help" | "version") {
+                    continue;
+                }
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_name() == "help" {
+                    continue;
+                }
+                if sub.get_about().is_none() {
+                    missing.push(format!("{path} {} (the command)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "testbusctl", &mut missing);
+        assert!(missing.is_empty(), "undocumented: {missing:#?}");
+        Cli::command().debug_assert();
+    }
 }

@@ -11,6 +11,10 @@ pub struct RunArgs {
     pub count: u32,
     pub env: BTreeMap<String, String>,
     pub timeout: Option<String>,
+    /// Forward this command's stdin (read to its end, uploaded as a blob).
+    pub stdin: bool,
+    /// The test's ttlAfterFinished; empty keeps it.
+    pub ttl_after_finished: String,
     pub argv: Vec<String>,
 }
 
@@ -23,6 +27,7 @@ pub fn test_for(a: &RunArgs) -> Test {
         }),
         spec: Some(TestSpec {
             timeout: a.timeout.clone().unwrap_or_default(),
+            ttl_after_finished: a.ttl_after_finished.clone(),
             hosts: vec![HostRequirement {
                 role: "host".into(),
                 capabilities: a.capabilities.clone(),
@@ -43,7 +48,7 @@ pub fn test_for(a: &RunArgs) -> Test {
 }
 
 pub async fn run(client: &testbus_proto::client::Client, a: RunArgs) -> CliResult {
-    let t = test_for(&a);
+    let mut t = test_for(&a);
     use testbus_proto::validate::Validate;
     t.validate().map_err(|e| CliError::usage(e.to_string()))?;
     // A host that does not exist would leave the test Pending for good.
@@ -56,6 +61,10 @@ pub async fn run(client: &testbus_proto::client::Client, a: RunArgs) -> CliResul
                 if names.is_empty() { "none".to_string() } else { names.join(", ") }
             )));
         }
+    }
+    if a.stdin {
+        let digest = crate::script::upload_stdin(client).await?;
+        t.spec_mut().steps[0].stdin_file = Some(testbus_proto::FileRef { digest, ..Default::default() });
     }
     let t = client.api::<Test>().create(t).await?;
     let name = t.name().to_string();

@@ -88,8 +88,19 @@ async fn wait_running(client: &Client, name: &str) -> CliResult<Test> {
 /// The running test and the members `roles` select (all when empty).
 async fn targets(client: &Client, test: &str, roles: &[String]) -> CliResult<(Test, Vec<(String, Host)>)> {
     let t = client.api::<Test>().get(test).await?;
-    if t.status().phase != phase::RUNNING {
-        return Err(CliError::usage(format!("test/{test} is not running (phase {})", t.status().phase)));
+    let s = t.status();
+    // A failed test that holds its hosts (holdOnFailure) can be debugged
+    // on them until it is deleted, like LAVA's hacking session.
+    let held = phase::test_terminal(&s.phase)
+        && t.meta().deletion_timestamp.is_empty()
+        && s.conditions.iter().any(|c| c.r#type == "Held" && c.status == "True");
+    if s.phase != phase::RUNNING && !held {
+        let why = if phase::test_terminal(&s.phase) {
+            format!("has ended ({}) and holds no hosts (spec.holdOnFailure keeps a failed test's hosts)", s.phase)
+        } else {
+            format!("is not running (phase {})", s.phase)
+        };
+        return Err(CliError::usage(format!("test/{test} {why}")));
     }
     let mut out = Vec::new();
     for (member, host) in &t.status().claims {
@@ -110,6 +121,34 @@ async fn targets(client: &Client, test: &str, roles: &[String]) -> CliResult<(Te
 fn suffix() -> String {
     let n = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     format!("{:x}", (n ^ u128::from(std::process::id())) & 0xffff_ffff)
+}
+
+/// Uploads this command's stdin, read to its end, as a blob; returns its
+/// digest. It passes through a private temporary file (removed at once),
+/// so its size is bounded by the server's blob limit, not by memory.
+pub async fn upload_stdin(client: &Client) -> CliResult<String> {
+    let tmp = std::env::temp_dir().join(format!("testbusctl-stdin-{}-{}", std::process::id(), suffix()));
+    let copied = (|| {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        std::io::copy(&mut std::io::stdin().lock(), &mut f)
+    })();
+    let r = match copied {
+        Ok(_) => upload(client, &tmp, "stdin").await,
+        Err(e) => Err(CliError::failed(format!("reading stdin: {e}"))),
+    };
+    let _ = std::fs::remove_file(&tmp);
+    r
+}
+
+/// Uploads a local file as a blob and returns its digest; `what` names it
+/// in errors (a file that cannot be read is the user's to fix: exit 2).
+pub async fn upload(client: &Client, path: &std::path::Path, what: &str) -> CliResult<String> {
+    match testbus_proto::blob::upload_file(client.channel(), path).await {
+        Ok(r) => Ok(r.digest),
+        Err(testbus_proto::blob::BlobError::Rpc(s)) => Err(CliError::from(s)),
+        Err(e) => Err(CliError::usage(format!("{what}: {e}"))),
+    }
 }
 
 pub struct ExecArgs {
@@ -246,23 +285,15 @@ pub async fn cp(client: &Client, src: &str, dest: &str) -> CliResult {
             } else {
                 path
             };
-            let (local, mode) = if src == "-" {
-                let tmp = std::env::temp_dir().join(format!("testbusctl-cp-{}", suffix()));
-                let mut data = Vec::new();
-                std::io::Read::read_to_end(&mut std::io::stdin(), &mut data)?;
-                std::fs::write(&tmp, data)?;
-                (tmp, "0644".to_string())
+            let (digest, mode) = if src == "-" {
+                (upload_stdin(client).await?, "0644".to_string())
             } else {
                 use std::os::unix::fs::PermissionsExt;
                 let m = std::fs::metadata(src).map_err(|e| CliError::usage(format!("{src}: {e}")))?;
-                (std::path::PathBuf::from(src), format!("{:04o}", m.permissions().mode() & 0o777))
+                let digest = upload(client, std::path::Path::new(src), src).await?;
+                (digest, format!("{:04o}", m.permissions().mode() & 0o777))
             };
-            let r = testbus_proto::blob::upload_file(client.channel(), &local).await;
-            if src == "-" {
-                let _ = std::fs::remove_file(&local);
-            }
-            let r = r.map_err(|e| CliError::failed(e.to_string()))?;
-            let file = FileRef { digest: r.digest, path: path.clone(), mode, ..Default::default() };
+            let file = FileRef { digest, path: path.clone(), mode, ..Default::default() };
             let a = ExecArgs {
                 argv: vec!["true".into()],
                 env: BTreeMap::new(),

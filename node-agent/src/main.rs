@@ -266,8 +266,18 @@ async fn keep_lease(client: Client, mine: Host, every: Duration, take_over: bool
                 if s.code() == Code::NotFound {
                     registered = false;
                 }
-                tracing::warn!(error = %s, "lease renewal failed");
                 let jitter = Duration::from_millis(u64::from(std::process::id() % 97));
+                let retry = format!("{:.1}s", (backoff + jitter).as_secs_f64());
+                let server = client.server();
+                let cause = testbus_proto::client::cause(&s);
+                // One line per attempt, saying what failed and when the
+                // next comes.
+                if s.code() == Code::Unavailable {
+                    tracing::warn!("cannot reach {server}: {cause}; retrying in {retry}");
+                } else {
+                    let what = if registered { "renewing the lease" } else { "registering" };
+                    tracing::warn!("{what} failed: {cause}; retrying in {retry}");
+                }
                 tokio::time::sleep(backoff + jitter).await;
                 backoff = (backoff * 2).min(every);
             }

@@ -221,6 +221,29 @@ impl Client {
     }
 }
 
+/// Why a call failed, in a few words a person can read: the innermost
+/// cause ("connection refused"), else the status's message. For logs that
+/// would otherwise carry tonic's whole debug dump.
+pub fn cause(s: &tonic::Status) -> String {
+    let mut last = None;
+    let mut src = std::error::Error::source(s);
+    while let Some(e) = src {
+        last = Some(e.to_string());
+        src = e.source();
+    }
+    let text = last.unwrap_or_else(|| s.message().to_string());
+    // "Connection refused (os error 111)" -> "connection refused"
+    let text = match text.rfind(" (os error ") {
+        Some(i) if text.ends_with(')') => text[..i].to_string(),
+        _ => text,
+    };
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(c) if chars.clone().next().is_some_and(char::is_lowercase) => c.to_lowercase().chain(chars).collect(),
+        _ => text,
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventType {
     Added,

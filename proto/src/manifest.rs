@@ -9,15 +9,23 @@ use serde_json::{Map, Value};
 use std::fmt;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{source_name}{}: {path}{}{message}", document_suffix(*.document), if .path.is_empty() { "" } else { ": " })]
+#[error("{source_name}{}{}: {path}{}{message}", at_suffix(*.at), document_suffix(*.document), if .path.is_empty() { "" } else { ": " })]
 pub struct ManifestError {
     /// File name or `-`.
     pub source_name: String,
+    /// Line and column (one-based) where the YAML parser stopped, for a
+    /// syntax error; None for errors found in well-formed YAML.
+    pub at: Option<(usize, usize)>,
     /// Zero-based document index within the source.
     pub document: usize,
     /// The field, as `spec.hosts[1].count`; empty for the whole document.
     pub path: String,
     pub message: String,
+}
+
+/// `:LINE:COLUMN`, as compilers print it (editors jump there).
+fn at_suffix(at: Option<(usize, usize)>) -> String {
+    at.map(|(l, c)| format!(":{l}:{c}")).unwrap_or_default()
 }
 
 /// ` (document N)` for every document but the first.
@@ -118,6 +126,7 @@ pub fn parse_documents(source_name: &str, text: &str) -> Result<Vec<(usize, Obje
         document,
         path,
         message,
+        at: None,
     };
     if text.len() > MAX_MANIFEST_BYTES {
         return Err(err(0, String::new(), format!("manifest larger than {MAX_MANIFEST_BYTES} bytes")));
@@ -131,7 +140,9 @@ pub fn parse_documents(source_name: &str, text: &str) -> Result<Vec<(usize, Obje
             Ok(v) => v,
             Err(e) => {
                 let path = display_path(e.path());
-                return Err(err(i, path, clean_message(&e.into_inner().to_string())));
+                let inner = e.into_inner();
+                let at = inner.location().map(|l| (l.line(), l.column()));
+                return Err(ManifestError { at, ..err(i, path, clean_message(&inner.to_string())) });
             }
         };
         if value.0.is_null() {
@@ -344,6 +355,29 @@ spec:
       timeout: 2m
       exitCodes: [0]
 "#;
+
+    /// A YAML syntax error says where, as `FILE:LINE:COLUMN`.
+    #[test]
+    fn a_syntax_error_names_its_line_and_column() {
+        let text = "apiVersion: testbus/v1\nkind: Test\nmetadata:\n  name: a\nspec:\n  hosts: [\n   - role: x\n";
+        let e = parse_documents("t.yaml", text).unwrap_err();
+        let (line, _) = e.at.expect("a location");
+        assert!((6..=8).contains(&line), "{e} {:?}", e.at);
+        assert!(e.to_string().starts_with(&format!("t.yaml:{line}:")), "{e}");
+        let tab = parse_documents("t.yaml", "kind: Test\nmetadata:\n  name: a\n\tspec: 1\n").unwrap_err();
+        assert!(tab.to_string().starts_with("t.yaml:4:"), "{tab}");
+        // In the second document: its line in the file, and which document.
+        let second = "apiVersion: testbus/v1\nkind: Host\nmetadata: {name: a}\n---\nkind: Test\nmetadata: {name: b\n";
+        let e = parse_documents("t.yaml", second).unwrap_err();
+        assert!(e.to_string().starts_with("t.yaml:7:") || e.to_string().starts_with("t.yaml:6:"), "{e}");
+        assert!(e.to_string().contains("(document 2)"), "{e}");
+        // A field error in well-formed YAML has its path instead.
+        let e =
+            parse_documents("t.yaml", "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: a}\nspec: {hosts: 3}\n")
+                .unwrap_err();
+        assert_eq!(e.at, None, "{e}");
+        assert!(e.to_string().contains("spec.hosts"), "{e}");
+    }
 
     #[test]
     fn design_manifest_parses_as_written() {

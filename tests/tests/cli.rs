@@ -376,3 +376,144 @@ async fn run_cancels_its_test_on_sigterm() {
     })
     .await;
 }
+
+/// An agent that cannot reach its server says so in one plain line per
+/// attempt (was tonic's whole debug dump each time), and a log that goes
+/// to a file carries no colour codes.
+#[test]
+fn an_agent_that_cannot_reach_the_server_says_so_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let server = format!("http://127.0.0.1:{port}");
+    let log = dir.path().join("agent.log");
+    let mut agent = std::process::Command::new(bin_dir().join("testbus-agent"))
+        .args(["--server", &server, "--name", "lonely"])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap();
+        if text.matches("cannot reach").count() >= 3 {
+            break text;
+        }
+        assert!(std::time::Instant::now() < deadline, "no retries logged:\n{text}");
+        std::thread::sleep(Duration::from_millis(25));
+    };
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    assert!(!text.contains('\x1b'), "colour codes in a log file:\n{text}");
+    for line in text.lines().filter(|l| l.contains("cannot reach")) {
+        let (_, said) = line.split_once("cannot reach").unwrap();
+        assert!(said.starts_with(&format!(" {server}: connection refused; retrying in ")), "{line}");
+        assert!(line.ends_with('s') && !line.contains("tonic") && !line.contains("source:"), "{line}");
+    }
+}
+
+/// `completion bash|zsh|fish` prints a script for that shell (and no other
+/// shell); the main verbs' `--help` has examples; a YAML syntax error says
+/// FILE:LINE:COLUMN.
+#[test]
+fn completion_help_examples_and_syntax_error_positions() {
+    let ctl = |args: &[&str]| std::process::Command::new(bin_dir().join("testbusctl")).args(args).output().unwrap();
+    for (shell, sign) in [("bash", "_testbusctl()"), ("zsh", "#compdef testbusctl"), ("fish", "complete -c testbusctl")]
+    {
+        let out = ctl(&["completion", shell]);
+        let script = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{shell}");
+        assert!(script.contains(sign), "{shell}: {}", &script[..script.len().min(300)]);
+        // Subcommands and their flags are in it.
+        assert!(script.contains("ttl-after-finished") && script.contains("wait-claimed"), "{shell}");
+    }
+    assert_eq!(ctl(&["completion", "powershell"]).status.code(), Some(2));
+    for verb in ["apply", "get", "run", "exec", "cp", "describe", "delete"] {
+        let out = ctl(&[verb, "--help"]);
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(help.contains("Examples:"), "{verb}: {help}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, "apiVersion: testbus/v1\nkind: Test\nmetadata:\n  name: a\n\tspec: {}\n").unwrap();
+    let out = ctl(&["apply", "-f", bad.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(&format!("{}:5:", bad.display())), "{stderr}");
+}
+
+/// `run -i` gives the command this stdin; tests made by `run` are deleted
+/// an hour after they end unless `--ttl-after-finished` says otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_forwards_stdin_and_has_a_default_ttl() {
+    let c = Cluster::start(1).await;
+    let input: String = (0..5000).map(|i| format!("line {i}\n")).collect();
+    let out = c.ctl_stdin(&["run", "-i", "--", "sh", "-c", "wc -l; echo done"], Some(&input));
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.stdout, "5000\ndone\n", "{out:?}");
+    let client = c.client().await;
+    let (tests, _) = client.api::<Test>().list("testbus.io/run=true", "").await.unwrap();
+    assert_eq!(tests.len(), 1);
+    assert_eq!(tests[0].spec().ttl_after_finished, "1h");
+    // Without -i, the command's stdin is empty (not this terminal).
+    let out = c.ctl_stdin(&["run", "--ttl-after-finished", "never", "--", "wc", "-c"], Some("ignored"));
+    assert_eq!((out.code, out.stdout.trim()), (0, "0"), "{out:?}");
+    let (tests, _) = client.api::<Test>().list("testbus.io/run=true", "").await.unwrap();
+    assert!(tests.iter().any(|t| t.spec().ttl_after_finished.is_empty()), "never: kept");
+    let out = c.ctl(&["run", "--ttl-after-finished", "0s", "--", "true"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    wait_for(Duration::from_secs(30), "the 0s test to go", || async {
+        let (tests, _) = client.api::<Test>().list("testbus.io/run=true", "").await.unwrap();
+        (tests.len() == 2).then_some(())
+    })
+    .await;
+    let bad = c.ctl(&["run", "--ttl-after-finished", "soon", "--", "true"]);
+    assert_eq!(bad.code, 2, "{bad:?}");
+    assert!(bad.stderr.contains("--ttl-after-finished"), "{bad:?}");
+}
+
+/// A failed test with holdOnFailure keeps its hosts for debugging: `exec`
+/// and `cp` work on it until it is deleted; on a test that holds nothing
+/// they say why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_and_cp_work_on_a_held_test() {
+    let c = Cluster::start(2).await;
+    let dir = c.dir.path().display().to_string();
+    let test = |name: &str, hold: bool| {
+        manifest(
+            &c,
+            &format!("{name}.yaml"),
+            &format!(
+                r#"apiVersion: testbus/v1
+kind: Test
+metadata: {{name: {name}}}
+spec:
+  holdOnFailure: {hold}
+  hosts: [{{role: a}}]
+  steps: [{{name: s, on: [a], argv: [sh, -c, "echo evidence > {dir}/kept-$TESTBUS_HOST; false"]}}]
+"#
+            ),
+        )
+    };
+    assert_eq!(c.ctl(&["apply", "-f", &test("held", true), "--wait"]).code, 1);
+    let out = c.ctl(&["exec", "held", "--", "sh", "-c", "echo debugging on $TESTBUS_HOST"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.starts_with("debugging on "), "{out:?}");
+    let out = c.ctl(&["exec", "held", "--", "sh", "-c", &format!("cat {dir}/kept-$TESTBUS_HOST")]);
+    assert_eq!((out.code, out.stdout.as_str()), (0, "evidence\n"), "{out:?}");
+    let note = format!("{dir}/note");
+    let up = c.ctl_stdin(&["cp", "-", &format!("held/a:{note}")], Some("note\n"));
+    assert_eq!(up.code, 0, "{up:?}");
+    let down = c.ctl(&["cp", &format!("held/a:{note}"), "-"]);
+    assert_eq!((down.code, down.stdout.as_str()), (0, "note\n"), "{down:?}");
+
+    assert_eq!(c.ctl(&["apply", "-f", &test("gone", false), "--wait"]).code, 1);
+    let out = c.ctl(&["exec", "gone", "--", "true"]);
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("holds no hosts") && out.stderr.contains("holdOnFailure"), "{out:?}");
+
+    assert_eq!(c.ctl(&["delete", "test/held"]).code, 0);
+    let out = c.ctl(&["exec", "held", "--", "true"]);
+    assert_ne!(out.code, 0, "{out:?}");
+}
