@@ -5,6 +5,7 @@
 //! Matching is bipartite (augmenting paths), so an assignment is found
 //! whenever one exists, not only when a greedy pass happens to find it.
 use std::collections::{BTreeSet, HashMap};
+use testbus_proto::selector::LabelSelector;
 use testbus_proto::validate::members;
 use testbus_proto::{phase, Host, HostRequirement, Resource};
 
@@ -25,7 +26,49 @@ fn fits(req: &HostRequirement, h: &Host) -> bool {
         return false;
     }
     let caps = capabilities(h);
+    // An invalid selector was refused when the test was created.
     req.capabilities.iter().all(|c| caps.contains(c.as_str()))
+        && (req.selector.is_empty() || LabelSelector::parse(&req.selector).is_ok_and(|s| s.matches(&h.meta().labels)))
+}
+
+/// Why no host there is fits `r`: a capability no host offers (with the
+/// nearest one that is offered: a typo is the usual cause), a pinned host
+/// that does not exist, or a selector no host with the capabilities
+/// matches.
+fn none_fits(r: &HostRequirement, hosts: &[&Host]) -> String {
+    if !r.host.is_empty() && !hosts.iter().any(|h| h.name() == r.host) {
+        return format!("no host named {}", r.host);
+    }
+    let offered: BTreeSet<&str> = hosts.iter().flat_map(|h| capabilities(h)).collect();
+    let unknown: Vec<String> = r
+        .capabilities
+        .iter()
+        .filter(|c| !offered.contains(c.as_str()))
+        .map(|c| match nearest(c, &offered) {
+            Some(n) => format!("{c} (did you mean {n}?)"),
+            None => c.clone(),
+        })
+        .collect();
+    if !unknown.is_empty() {
+        let noun = if unknown.len() == 1 { "capability" } else { "capabilities" };
+        return format!("no host offers {noun} {}", unknown.join(", "));
+    }
+    let unlabelled = HostRequirement { selector: String::new(), ..r.clone() };
+    if !r.selector.is_empty() && hosts.iter().any(|h| fits(&unlabelled, h)) {
+        return format!("no host with these capabilities has labels matching {}", r.selector);
+    }
+    "no host has these capabilities".to_string()
+}
+
+/// The offered capability closest to a missing one, if it is close enough
+/// to be a typo (`nfs-sever` → `nfs-server`).
+fn nearest<'a>(wanted: &str, offered: &BTreeSet<&'a str>) -> Option<&'a str> {
+    offered
+        .iter()
+        .map(|o| (strsim::damerau_levenshtein(wanted, o), *o))
+        .filter(|(d, o)| *d <= 2.max(wanted.len().min(o.len()) / 4))
+        .min()
+        .map(|(_, o)| o)
 }
 
 /// Free: Ready, schedulable and not claimed.
@@ -42,7 +85,8 @@ fn describe(req: &HostRequirement) -> String {
     } else {
         req.capabilities.join("+")
     };
-    format!("{n} × {what} (role {})", req.role)
+    let labelled = if req.selector.is_empty() { String::new() } else { format!(" labelled {}", req.selector) };
+    format!("{n} × {what}{labelled} (role {})", req.role)
 }
 
 /// Why a host that fits is not free.
@@ -106,7 +150,7 @@ pub fn fits_inventory(reqs: &[HostRequirement], hosts: &[&Host]) -> Result<(), S
         let have = hosts.iter().filter(|h| fits(r, h)).count();
         if have < need {
             return Err(if have == 0 {
-                format!("needs {}; no host has these capabilities", describe(r))
+                format!("needs {}; {}", describe(r), none_fits(r, hosts))
             } else {
                 format!("needs {}; only {have} such hosts exist", describe(r))
             });
@@ -130,7 +174,7 @@ pub fn assign(reqs: &[HostRequirement], hosts: &[&Host]) -> Result<Vec<Assignmen
             let total = busy.len() + have;
             let mut msg = format!("needs {}, {have} free", describe(r));
             if total == 0 {
-                msg.push_str("; no host has these capabilities");
+                msg.push_str(&format!("; {}", none_fits(r, hosts)));
             } else if !busy.is_empty() {
                 let shown: Vec<&str> = busy.iter().take(3).map(String::as_str).collect();
                 msg.push_str(&format!(": {}", shown.join(", ")));
@@ -216,7 +260,7 @@ mod tests {
             role: role.into(),
             capabilities: caps.iter().map(|c| c.to_string()).collect(),
             count: Some(count),
-            host: String::new(),
+            ..Default::default()
         }
     }
 
@@ -251,7 +295,34 @@ mod tests {
         let err = assign(&[req("client", &["nfs-client"], 4)], &[&busy, &free]).unwrap_err();
         assert_eq!(err, "needs 4 × nfs-client (role client), 1 free: h1 claimed by test other");
         let err = assign(&[req("gpu", &["gpu"], 1)], &[&free]).unwrap_err();
-        assert!(err.contains("no host has these capabilities"), "{err}");
+        assert!(err.ends_with("; no host offers capability gpu"), "{err}");
+    }
+
+    /// A capability no host offers is named, with the nearest offered one
+    /// when it looks like a typo; a selector no host matches is said too.
+    #[test]
+    fn a_missing_capability_gets_did_you_mean() {
+        let mut a = host("h1", &["nfs-server", "kvm"]);
+        a.metadata.as_mut().unwrap().labels.insert("rack".into(), "r1".into());
+        let b = host("h2", &["nfs-client"]);
+        let hosts = [&a, &b];
+        let err = fits_inventory(&[req("s", &["nfs-sever"], 1)], &hosts).unwrap_err();
+        assert!(err.ends_with("no host offers capability nfs-sever (did you mean nfs-server?)"), "{err}");
+        let err = fits_inventory(&[req("s", &["gpu", "kmv"], 1)], &hosts).unwrap_err();
+        assert!(err.ends_with("no host offers capabilities gpu, kmv (did you mean kvm?)"), "{err}");
+        // Both exist, but not on one host.
+        let err = fits_inventory(&[req("s", &["nfs-server", "nfs-client"], 1)], &hosts).unwrap_err();
+        assert!(err.ends_with("no host has these capabilities"), "{err}");
+        let mut labelled = req("s", &["kvm"], 1);
+        labelled.selector = "rack in (r2,r3)".into();
+        let err = fits_inventory(&[labelled.clone()], &hosts).unwrap_err();
+        assert!(err.contains("1 × kvm labelled rack in (r2,r3) (role s)"), "{err}");
+        assert!(err.ends_with("no host with these capabilities has labels matching rack in (r2,r3)"), "{err}");
+        labelled.selector = "rack notin (r2),!flaky".into();
+        assert_eq!(assign(&[labelled], &hosts).unwrap()[0].host, "h1");
+        let mut pinned = req("s", &[], 1);
+        pinned.host = "h9".into();
+        assert!(fits_inventory(&[pinned], &hosts).unwrap_err().ends_with("no host named h9"));
     }
 
     fn pending(name: &str, priority: i32, created: &str, reqs: Vec<HostRequirement>) -> testbus_proto::Test {
@@ -319,7 +390,9 @@ mod tests {
         let typo = pending("typo", 10, "2026-01-01T00:00:01Z", vec![req("a", &["no-such-cap"], 1)]);
         let small = pending("small", 0, "2026-01-01T00:00:02Z", vec![req("a", &["c"], 2)]);
         assert!(fits_inventory(&huge.spec().hosts, &refs).unwrap_err().contains("only 3 such hosts exist"));
-        assert!(fits_inventory(&typo.spec().hosts, &refs).unwrap_err().contains("no host has these capabilities"));
+        assert!(fits_inventory(&typo.spec().hosts, &refs)
+            .unwrap_err()
+            .ends_with("no host offers capability no-such-cap"));
         assert!(fits_inventory(&small.spec().hosts, &refs).is_ok());
         let queue = [&huge, &typo, &small];
         let (reserved, blocked) = reserved_ahead(&queue, &small, &refs);

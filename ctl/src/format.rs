@@ -1,13 +1,42 @@
-//! Output: tables (`-o table|wide`), YAML, JSON and names.
+//! Output: tables (`-o table|wide`), YAML, JSON, names, and kubectl's
+//! `jsonpath=` and `custom-columns=`.
+use crate::jsonpath::{Columns, Template};
 use testbus_proto::{phase, time, Host, Kind, Object, Process, Resource, Test};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone)]
 pub enum Format {
     Table,
     Wide,
     Yaml,
     Json,
     Name,
+    JsonPath(Template),
+    CustomColumns(Columns),
+}
+
+/// What `-o` accepts, for `--help` and errors.
+pub const FORMATS: &str = "table, wide, yaml, json, name, jsonpath=TEMPLATE, custom-columns=HEADER:PATH[,...]";
+
+impl Format {
+    /// `-o`'s value.
+    pub fn parse(s: &str) -> Result<Format, String> {
+        Ok(match s {
+            "table" => Format::Table,
+            "wide" => Format::Wide,
+            "yaml" => Format::Yaml,
+            "json" => Format::Json,
+            "name" => Format::Name,
+            _ => match s.split_once('=') {
+                Some(("jsonpath", t)) => Format::JsonPath(Template::parse(t)?),
+                Some(("custom-columns", c)) => Format::CustomColumns(Columns::parse(c)?),
+                _ => return Err(format!("unknown format {s:?} (one of: {FORMATS})")),
+            },
+        })
+    }
+
+    pub fn is_table(&self) -> bool {
+        matches!(self, Format::Table | Format::Wide | Format::CustomColumns(_))
+    }
 }
 
 pub fn kind_slug(k: Kind) -> &'static str {
@@ -19,8 +48,11 @@ pub fn kind_slug(k: Kind) -> &'static str {
 }
 
 /// The column names of a table of `kind` (more with `-o wide`).
-pub fn header(kind: Kind, fmt: Format) -> Vec<&'static str> {
-    let wide = fmt == Format::Wide;
+pub fn header(kind: Kind, fmt: &Format) -> Vec<String> {
+    if let Format::CustomColumns(c) = fmt {
+        return c.header();
+    }
+    let wide = matches!(fmt, Format::Wide);
     let mut h = match kind {
         Kind::Host => vec!["NAME", "PHASE", "CLAIMED-BY", "CAPABILITIES", "AGE"],
         Kind::Test => vec!["NAME", "PHASE", "HOSTS", "STEPS", "AGE"],
@@ -33,7 +65,7 @@ pub fn header(kind: Kind, fmt: Format) -> Vec<&'static str> {
             Kind::Process => vec!["PID", "MESSAGE"],
         });
     }
-    h
+    h.into_iter().map(String::from).collect()
 }
 
 fn or_none(s: &str) -> String {
@@ -45,8 +77,11 @@ fn or_none(s: &str) -> String {
 }
 
 /// One object as a table row (more columns with `-o wide`).
-pub fn row(o: &Object, fmt: Format) -> Vec<String> {
-    let wide = fmt == Format::Wide;
+pub fn row(o: &Object, fmt: &Format) -> Vec<String> {
+    if let Format::CustomColumns(c) = fmt {
+        return c.row(&o.to_json());
+    }
+    let wide = matches!(fmt, Format::Wide);
     match o {
         Object::Host(h) => host_row(h, wide),
         Object::Test(t) => test_row(t, wide),
@@ -125,24 +160,64 @@ fn process_row(p: &Process, wide: bool) -> Vec<String> {
 }
 
 /// Left-aligned columns separated by three spaces, as kubectl prints them.
-pub fn table(rows: &[Vec<String>]) -> String {
-    let n = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> =
-        (0..n).map(|i| rows.iter().map(|r| r.get(i).map_or(0, |c| c.chars().count())).max().unwrap_or(0)).collect();
-    let mut out = String::new();
-    for r in rows {
+/// The widths only grow: rows printed one at a time (`get -w`) stay
+/// aligned with those before them.
+#[derive(Debug, Default)]
+pub struct Aligned {
+    widths: Vec<usize>,
+}
+
+impl Aligned {
+    /// Widens the columns to fit `rows`.
+    pub fn fit(&mut self, rows: &[Vec<String>]) {
+        for r in rows {
+            if self.widths.len() < r.len() {
+                self.widths.resize(r.len(), 0);
+            }
+            for (w, c) in self.widths.iter_mut().zip(r) {
+                *w = (*w).max(c.chars().count());
+            }
+        }
+    }
+
+    pub fn line(&self, r: &[String]) -> String {
         let mut line = String::new();
         for (i, c) in r.iter().enumerate() {
             if i + 1 < r.len() {
-                line.push_str(&format!("{c:<w$}   ", w = widths[i]));
+                line.push_str(&format!("{c:<w$}   ", w = self.widths.get(i).copied().unwrap_or(0)));
             } else {
                 line.push_str(c);
             }
         }
-        out.push_str(line.trim_end());
-        out.push('\n');
+        format!("{}\n", line.trim_end())
     }
-    out
+}
+
+pub fn table(rows: &[Vec<String>]) -> String {
+    let mut a = Aligned::default();
+    a.fit(rows);
+    rows.iter().map(|r| a.line(r)).collect()
+}
+
+/// What of an object `get -w` shows: it prints an event only when this
+/// changed. A host's lease renewals and a new resourceVersion alone are
+/// not changes; in a table, neither is the AGE column.
+pub fn change_key(o: &Object, fmt: &Format) -> String {
+    if fmt.is_table() {
+        let mut r = row(o, fmt);
+        if let Some(age) = header(o.kind(), fmt).iter().position(|h| h == "AGE") {
+            r.remove(age);
+        }
+        return r.join("\u{0}");
+    }
+    let mut v = o.to_json();
+    if let Some(m) = v.get_mut("metadata").and_then(serde_json::Value::as_object_mut) {
+        m.remove("resourceVersion");
+    }
+    if let Some(s) = v.get_mut("status").and_then(serde_json::Value::as_object_mut) {
+        s.remove("leaseRenewTime");
+    }
+    v.to_string()
 }
 
 pub fn to_yaml(v: &serde_json::Value) -> String {
@@ -162,14 +237,24 @@ pub enum Asked {
     Many,
 }
 
-pub fn print(objs: &[Object], fmt: Format, asked: Asked) {
+/// The JSON a whole answer is: the object itself when one was asked for by
+/// name, else a List.
+fn answer_value(objs: &[Object], asked: Asked) -> serde_json::Value {
+    if asked == Asked::One && objs.len() == 1 {
+        objs[0].to_json()
+    } else {
+        list_value(objs.iter().map(Object::to_json).collect())
+    }
+}
+
+pub fn print(objs: &[Object], fmt: &Format, asked: Asked) {
     match fmt {
-        Format::Table | Format::Wide => {
+        Format::Table | Format::Wide | Format::CustomColumns(_) => {
             let Some(first) = objs.first() else {
                 eprintln!("No resources found.");
                 return;
             };
-            let mut rows = vec![header(first.kind(), fmt).into_iter().map(String::from).collect()];
+            let mut rows = vec![header(first.kind(), fmt)];
             rows.extend(objs.iter().map(|o| row(o, fmt)));
             print!("{}", table(&rows));
         }
@@ -178,17 +263,8 @@ pub fn print(objs: &[Object], fmt: Format, asked: Asked) {
                 println!("{}/{}", kind_slug(o.kind()), o.meta().name);
             }
         }
-        Format::Yaml | Format::Json => {
-            let v = if asked == Asked::One && objs.len() == 1 {
-                objs[0].to_json()
-            } else {
-                list_value(objs.iter().map(Object::to_json).collect())
-            };
-            if fmt == Format::Yaml {
-                print!("{}", to_yaml(&v));
-            } else {
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-            }
-        }
+        Format::JsonPath(t) => print!("{}", t.render(&answer_value(objs, asked))),
+        Format::Yaml => print!("{}", to_yaml(&answer_value(objs, asked))),
+        Format::Json => println!("{}", serde_json::to_string_pretty(&answer_value(objs, asked)).unwrap_or_default()),
     }
 }

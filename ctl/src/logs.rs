@@ -92,6 +92,62 @@ pub enum Follow {
     Yes,
 }
 
+/// How many of a failed process's last stderr lines `describe` and
+/// `apply --wait` show.
+pub const TAIL_LINES: usize = 10;
+
+/// The end of what one failed process of a test wrote to stderr.
+pub struct FailedTail {
+    pub step: String,
+    pub role: String,
+    pub host: String,
+    pub lines: Vec<String>,
+}
+
+/// The stderr tails of the processes of test `t` (of `step` only, when
+/// given) that ran a step and did not succeed; processes that wrote
+/// nothing to stderr are left out.
+pub async fn failed_tails(client: &Client, t: &Test, step: Option<&str>) -> CliResult<Vec<FailedTail>> {
+    let (procs, _) = client.api::<Process>().list("", &format!("spec.test={}", t.name())).await?;
+    let mut out = Vec::new();
+    for p in procs {
+        let (sp, st) = (p.spec(), p.status());
+        let failed = phase::process_terminal(&st.phase) && st.phase != phase::SUCCEEDED;
+        let ran_a_step = p.meta().labels.contains_key(testbus_proto::process::LABEL_STEP);
+        if sp.test_uid != t.meta().uid || !failed || !ran_a_step || step.is_some_and(|s| s != sp.step) {
+            continue;
+        }
+        let lines = stderr_tail(client, p.name(), TAIL_LINES).await?;
+        if !lines.is_empty() {
+            out.push(FailedTail { step: sp.step.clone(), role: sp.role.clone(), host: sp.host_name.clone(), lines });
+        }
+    }
+    out.sort_by(|a, b| (&a.step, &a.role).cmp(&(&b.step, &b.role)));
+    Ok(out)
+}
+
+/// The last `n` lines a process wrote to stderr (only the last 16 KiB are
+/// kept while reading).
+async fn stderr_tail(client: &Client, name: &str, n: usize) -> CliResult<Vec<String>> {
+    const KEEP: usize = 16 << 10;
+    let req = ReadOutputRequest { process: name.to_string(), follow: false };
+    let mut stream = client.output().read(req).await?.into_inner();
+    let mut tail: Vec<u8> = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        if chunk.stream == 1 && !chunk.notice {
+            tail.extend_from_slice(&chunk.data);
+            if tail.len() > 2 * KEEP {
+                tail.drain(..tail.len() - KEEP);
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(&tail);
+    let mut lines: Vec<String> = text.lines().rev().take(n).map(str::to_string).collect();
+    lines.reverse();
+    Ok(lines)
+}
+
 /// Copies one process's output to stdout/stderr, optionally prefixed.
 pub async fn copy_process(client: &Client, name: &str, prefix: Option<String>, follow: Follow) -> CliResult<()> {
     let req = ReadOutputRequest { process: name.to_string(), follow: follow == Follow::Yes };
@@ -211,6 +267,7 @@ pub async fn follow_test(
         expected.is_some_and(|n| ended.len() == n && ended.values().all(decided))
     };
     let mut by_processes = false;
+    let mut pending = crate::progress::PendingNote::default();
     while !by_processes {
         tokio::select! {
             ev = procs.next() => match ev {
@@ -229,7 +286,19 @@ pub async fn follow_test(
                 Some(WatcherEvent::Restarted(list)) if list.iter().any(|t| phase::test_terminal(&t.status().phase)) => break,
                 Some(WatcherEvent::Applied(t)) if phase::test_terminal(&t.status().phase) => break,
                 Some(WatcherEvent::Deleted(_)) => break,
-                _ => {}
+                Some(WatcherEvent::Restarted(list)) => {
+                    for t in &list {
+                        if let Some(l) = pending.line(t) {
+                            eprintln!("{l}");
+                        }
+                    }
+                }
+                Some(WatcherEvent::Applied(t)) => {
+                    if let Some(l) = pending.line(&t) {
+                        eprintln!("{l}");
+                    }
+                }
+                None => {}
             },
         }
     }

@@ -34,8 +34,10 @@ fn stdout_failed(e: std::io::Error) -> ! {
 }
 
 mod error;
+mod events;
 mod format;
 mod intest;
+mod jsonpath;
 mod logs;
 mod objects;
 mod progress;
@@ -97,15 +99,20 @@ enum Cmd {
         kind: String,
         /// One object's name; all of KIND without it.
         name: Option<String>,
-        /// Output format.
-        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        /// Output format: table, wide, yaml, json, name, jsonpath=TEMPLATE
+        /// (kubectl's: `{.metadata.name}`, `{range .items[*]}…{end}`) or
+        /// custom-columns=HEADER:PATH[,HEADER:PATH...].
+        #[arg(short = 'o', long, value_parser = Format::parse, default_value = "table", value_name = "FORMAT")]
         output: Format,
-        /// Label selector, e.g. suite=nfs,tier!=slow.
+        /// Label selector: key=value, key!=value, key in (a,b), key notin (a,b), key, !key; comma-separated.
         #[arg(short = 'l', long, default_value = "")]
         selector: String,
-        /// After listing, print changes as they happen.
+        /// After listing, print changes as they happen (only real ones: not lease renewals).
         #[arg(short = 'w', long)]
         watch: bool,
+        /// Sort the list by this JSONPath, e.g. .metadata.creationTimestamp or .status.phase.
+        #[arg(long, value_name = "PATH")]
+        sort_by: Option<String>,
     },
     /// Show one object in detail.
     #[command(after_help = "Examples:\n  testbusctl describe test nfs-basic\n  testbusctl describe host/node-1")]
@@ -293,6 +300,9 @@ enum Cmd {
         /// Run on this host.
         #[arg(long)]
         host: Option<String>,
+        /// Only on hosts whose labels match this selector, e.g. 'rack in (a,b),!flaky'.
+        #[arg(short = 'l', long = "selector")]
+        selector: Option<String>,
         /// How many hosts to run on.
         #[arg(long, default_value_t = 1)]
         count: u32,
@@ -538,17 +548,15 @@ async fn apply(
     Ok(0)
 }
 
-async fn get(
-    client: &Client,
-    kind: &str,
-    name: Option<String>,
-    output: Format,
-    selector: &str,
-    watch: bool,
-) -> CliResult {
+async fn get(client: &Client, kind: &str, name: Option<String>, output: Format, a: &GetArgs) -> CliResult {
     let kind = objects::parse_kind(kind)?;
+    let selector = a.selector.as_str();
     testbus_proto::selector::LabelSelector::parse(selector).map_err(|e| CliError::usage(format!("-l: {e}")))?;
-    let (objs, rv) = match &name {
+    let sort_by = match &a.sort_by {
+        Some(p) => Some(jsonpath::Path::parse(p).map_err(|e| CliError::usage(format!("--sort-by: {e}")))?),
+        None => None,
+    };
+    let (mut objs, rv) = match &name {
         Some(n) => {
             let o = objects::get(client, kind, n).await?;
             let rv = o.meta().resource_version.clone();
@@ -556,54 +564,94 @@ async fn get(
         }
         None => objects::list(client, kind, selector, "").await?,
     };
-    if !(watch && objs.is_empty() && matches!(output, Format::Table | Format::Wide)) {
-        format::print(&objs, output, if name.is_some() { format::Asked::One } else { format::Asked::Many });
+    if let Some(path) = &sort_by {
+        let mut keyed: Vec<(serde_json::Value, Object)> = objs.into_iter().map(|o| (o.to_json(), o)).collect();
+        keyed.sort_by(|(a, _), (b, _)| {
+            jsonpath::compare(path.query(a).first().copied(), path.query(b).first().copied())
+        });
+        objs = keyed.into_iter().map(|(_, o)| o).collect();
     }
-    if !watch {
+    let asked = if name.is_some() { format::Asked::One } else { format::Asked::Many };
+    if !(a.watch && objs.is_empty() && output.is_table()) {
+        format::print(&objs, &output, asked);
+    }
+    if !a.watch {
         return Ok(0);
     }
-    let fields = name.map(|n| format!("metadata.name={n}")).unwrap_or_default();
+    // What was last shown of each object: an event that changes nothing
+    // shown (a host's lease renewal) prints nothing.
+    let mut shown: std::collections::HashMap<String, String> =
+        objs.iter().map(|o| (o.meta().name.clone(), format::change_key(o, &output))).collect();
+    let mut columns = format::Aligned::default();
     let mut printed_header = !objs.is_empty();
+    if output.is_table() {
+        let mut rows = vec![format::header(kind, &output)];
+        rows.extend(objs.iter().map(|o| format::row(o, &output)));
+        columns.fit(&rows);
+    }
+    let fields = name.map(|n| format!("metadata.name={n}")).unwrap_or_default();
     let mut stream = watch_any(client, kind, &rv, selector, &fields).await?;
-    while let Some(o) = stream.next().await {
-        let o = o?;
-        match output {
-            Format::Table | Format::Wide => {
-                let mut rows = Vec::new();
-                if !printed_header {
-                    rows.push(format::header(kind, output).into_iter().map(String::from).collect());
-                    printed_header = true;
-                }
-                rows.push(format::row(&o, output));
-                print!("{}", format::table(&rows));
+    while let Some(ev) = stream.next().await {
+        let (deleted, o) = ev?;
+        let key = format::change_key(&o, &output);
+        let name = o.meta().name.clone();
+        if deleted {
+            shown.remove(&name);
+        } else if shown.get(&name) == Some(&key) {
+            continue;
+        } else {
+            shown.insert(name, key);
+        }
+        if output.is_table() {
+            let mut rows = Vec::new();
+            if !printed_header {
+                rows.push(format::header(kind, &output));
+                printed_header = true;
             }
-            _ => format::print(&[o], output, format::Asked::One),
+            rows.push(format::row(&o, &output));
+            columns.fit(&rows);
+            for r in &rows {
+                print!("{}", columns.line(r));
+            }
+        } else {
+            format::print(&[o], &output, format::Asked::One);
         }
     }
     Ok(0)
 }
 
+/// `get`'s options besides the kind, name and format.
+struct GetArgs {
+    selector: String,
+    watch: bool,
+    sort_by: Option<String>,
+}
+
+/// Watches objects of `kind`; each event is (deleted, the object).
 async fn watch_any(
     client: &Client,
     kind: Kind,
     rv: &str,
     labels: &str,
     fields: &str,
-) -> CliResult<futures::stream::BoxStream<'static, CliResult<Object>>> {
+) -> CliResult<futures::stream::BoxStream<'static, CliResult<(bool, Object)>>> {
     use testbus_proto::client::{ApiResource, EventType};
     async fn w<K: ApiResource>(
         c: &Client,
         rv: &str,
         l: &str,
         f: &str,
-    ) -> CliResult<futures::stream::BoxStream<'static, CliResult<Object>>> {
+    ) -> CliResult<futures::stream::BoxStream<'static, CliResult<(bool, Object)>>> {
         let s = c.api::<K>().watch(rv, l, f).await?;
         Ok(s.filter_map(|e| async move {
             match e {
                 Ok(e) if e.kind == EventType::Compacted => {
                     Some(Err(CliError::incomplete("the watch fell behind; run the command again")))
                 }
-                Ok(e) => e.object.map(|o| Ok(o.into_object())),
+                Ok(e) => {
+                    let deleted = e.kind == EventType::Deleted;
+                    e.object.map(|o| Ok((deleted, o.into_object())))
+                }
                 Err(s) => Some(Err(s.into())),
             }
         })
@@ -616,7 +664,14 @@ async fn watch_any(
     }
 }
 
-fn describe(o: &Object) {
+/// What `describe` shows of a test besides the object: the end of each
+/// failed process's stderr.
+#[derive(Default)]
+struct Context {
+    tails: Vec<logs::FailedTail>,
+}
+
+fn describe(o: &Object, cx: &Context) {
     let m = o.meta();
     println!("Kind:         {}", o.kind());
     println!("Name:         {}", m.name);
@@ -662,6 +717,10 @@ fn describe(o: &Object) {
                 for p in ss.map(|x| x.processes.as_slice()).unwrap_or_default() {
                     let end = p.exit_code.map(|c| format!("exit {c}")).unwrap_or_else(|| p.signal.clone());
                     println!("      {:<12} {:<14} {:<10} {end} {}", p.role, p.host, p.phase, p.message);
+                    let tail = cx.tails.iter().find(|x| x.step == st.name && x.role == p.role && x.host == p.host);
+                    for l in tail.map(|x| x.lines.as_slice()).unwrap_or_default() {
+                        println!("        stderr | {l}");
+                    }
                 }
             }
             if !s.conditions.is_empty() {
@@ -731,6 +790,29 @@ fn describe(o: &Object) {
             );
         }
     }
+    print_events(o);
+}
+
+/// How many of an object's latest events `describe` shows.
+const EVENTS_SHOWN: usize = 12;
+
+/// `Events:` as kubectl shows them: type, reason, age, message.
+fn print_events(o: &Object) {
+    let evs = events::of(o);
+    if evs.is_empty() {
+        return;
+    }
+    println!("Events:");
+    let mut rows = vec![vec!["  TYPE".to_string(), "REASON".into(), "AGE".into(), "MESSAGE".into()]];
+    for e in evs.iter().skip(evs.len().saturating_sub(EVENTS_SHOWN)) {
+        rows.push(vec![
+            format!("  {}", if e.warning { "Warning" } else { "Normal" }),
+            e.reason.clone(),
+            testbus_proto::time::age(&e.time),
+            e.message.clone(),
+        ]);
+    }
+    print!("{}", format::table(&rows));
 }
 
 /// What `cordon` and `uncordon` do to a host.
@@ -774,8 +856,8 @@ async fn dispatch(cli: Cli) -> CliResult {
             let objs = read_manifests(&files)?;
             apply(&connect(&server).await?, objs, wait, timeout).await
         }
-        Cmd::Get { kind, name, output, selector, watch } => {
-            get(&connect(&server).await?, &kind, name, output, &selector, watch).await
+        Cmd::Get { kind, name, output, selector, watch, sort_by } => {
+            get(&connect(&server).await?, &kind, name, output, &GetArgs { selector, watch, sort_by }).await
         }
         Cmd::Describe { kind, name } => {
             let (kind, name) = match name {
@@ -783,8 +865,13 @@ async fn dispatch(cli: Cli) -> CliResult {
                 None if kind.contains('/') => objects::parse_ref(&kind, &[Kind::Host, Kind::Test, Kind::Process])?,
                 _ => return Err(CliError::usage("describe: give KIND NAME or KIND/NAME")),
             };
-            let o = objects::get(&connect(&server).await?, kind, &name).await?;
-            describe(&o);
+            let client = connect(&server).await?;
+            let o = objects::get(&client, kind, &name).await?;
+            let mut cx = Context::default();
+            if let Object::Test(t) = &o {
+                cx.tails = logs::failed_tails(&client, t, None).await?;
+            }
+            describe(&o, &cx);
             Ok(0)
         }
         Cmd::Delete { kind, names, selector, all } => {
@@ -908,12 +995,14 @@ async fn dispatch(cli: Cli) -> CliResult {
         Cmd::Sync { name, roles, timeout } => intest::sync(name, roles, timeout).await,
         Cmd::Send { key, value } => intest::send(key, value).await,
         Cmd::Recv { key, from, timeout } => intest::recv(key, from, timeout).await,
-        Cmd::Run { capabilities, host, count, env, timeout, stdin, ttl_after_finished, argv } => {
+        Cmd::Run { capabilities, host, selector, count, env, timeout, stdin, ttl_after_finished, argv } => {
             let env = parse_env("--env", &env)?;
             if count == 0 {
                 return Err(CliError::usage("--count: must be >= 1"));
             }
-            let args = run::RunArgs { capabilities, host, count, env, timeout, stdin, ttl_after_finished, argv };
+            let selector = selector.unwrap_or_default();
+            let args =
+                run::RunArgs { capabilities, host, selector, count, env, timeout, stdin, ttl_after_finished, argv };
             run::run(&connect(&server).await?, args).await
         }
     }

@@ -76,25 +76,80 @@ fn progress_lines(prev: Option<&Test>, t: &Test) -> Vec<String> {
     out
 }
 
-/// Waits until every named test has finished; returns the worst exit code
-/// (3 on timeout or deletion, then 1 for a failure, else 0).
-/// Whether waiting prints each test's progress (to stderr) as it changes.
+/// The steps of `t` that have failed since `prev`.
+fn newly_failed(prev: Option<&Test>, t: &Test) -> Vec<String> {
+    t.status()
+        .steps
+        .iter()
+        .filter(|st| st.phase == phase::FAILED)
+        .filter(|st| {
+            prev.and_then(|p| p.status().steps.iter().find(|b| b.name == st.name)).is_none_or(|b| b.phase != st.phase)
+        })
+        .map(|st| st.name.clone())
+        .collect()
+}
+
+/// Says why a test waits for hosts: once, and again each time the reason
+/// changes (a person watching `run` or `wait` is not left in silence).
+#[derive(Default)]
+pub struct PendingNote {
+    said: String,
+}
+
+impl PendingNote {
+    pub fn line(&mut self, t: &Test) -> Option<String> {
+        let s = t.status();
+        if s.phase != phase::PENDING || s.message.is_empty() || s.message == self.said {
+            return None;
+        }
+        self.said = s.message.clone();
+        Some(format!("test/{}: Pending: {}", t.name(), s.message))
+    }
+}
+
+/// Prints the stderr tails of a test's processes that failed in `steps`.
+async fn print_failed_tails(client: &Client, t: &Test, steps: &[String]) {
+    for step in steps {
+        // Output that cannot be read only leaves the hint out.
+        let Ok(tails) = crate::logs::failed_tails(client, t, Some(step)).await else { continue };
+        for tail in tails {
+            eprintln!("  {}@{} stderr (last lines):", tail.role, tail.host);
+            for l in tail.lines {
+                eprintln!("    | {l}");
+            }
+        }
+    }
+}
+
+/// Whether waiting prints each test's progress (to stderr) as it changes,
+/// with the end of a failed step's stderr; or only why a test is pending.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Progress {
     Shown,
     Quiet,
 }
 
+/// Waits until every named test has finished; returns the worst exit code
+/// (3 on timeout or deletion, then 1 for a failure, else 0).
 pub async fn wait(client: &Client, names: &[String], timeout: Option<Duration>, progress: Progress) -> CliResult {
     let show = progress == Progress::Shown;
     // Fail fast (exit 2 or 4) if a test does not exist or the server is down.
     let mut last: HashMap<String, Test> = HashMap::new();
-    for n in names {
-        let t = client.api::<Test>().get(n).await?;
+    let mut pending: HashMap<String, PendingNote> = HashMap::new();
+    let mut report = |prev: Option<&Test>, t: &Test| {
         if show {
-            for l in progress_lines(None, &t) {
+            for l in progress_lines(prev, t) {
                 eprintln!("{l}");
             }
+        } else if let Some(l) = pending.entry(t.name().to_string()).or_default().line(t) {
+            eprintln!("{l}");
+        }
+    };
+    for n in names {
+        let t = client.api::<Test>().get(n).await?;
+        report(None, &t);
+        if show {
+            print_failed_tails(client, &t, &newly_failed(None, &t)).await;
         }
         last.insert(n.clone(), t);
     }
@@ -138,10 +193,9 @@ pub async fn wait(client: &Client, names: &[String], timeout: Option<Duration>, 
             None => return Err(CliError::incomplete("the watch ended")),
         };
         for t in updates {
+            report(last.get(t.name()), &t);
             if show {
-                for l in progress_lines(last.get(t.name()), &t) {
-                    eprintln!("{l}");
-                }
+                print_failed_tails(client, &t, &newly_failed(last.get(t.name()), &t)).await;
             }
             if phase::test_terminal(&t.status().phase) {
                 codes.insert(t.name().to_string(), exit_code(&t));

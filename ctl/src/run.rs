@@ -8,6 +8,8 @@ use testbus_proto::{phase, HostRequirement, ObjectMeta, Resource, Step, Test, Te
 pub struct RunArgs {
     pub capabilities: Vec<String>,
     pub host: Option<String>,
+    /// A label selector on the hosts; empty for any.
+    pub selector: String,
     pub count: u32,
     pub env: BTreeMap<String, String>,
     pub timeout: Option<String>,
@@ -33,6 +35,7 @@ pub fn test_for(a: &RunArgs) -> Test {
                 capabilities: a.capabilities.clone(),
                 count: Some(a.count),
                 host: a.host.clone().unwrap_or_default(),
+                selector: a.selector.clone(),
             }],
             steps: vec![Step {
                 name: "run".into(),

@@ -27,7 +27,7 @@ pub fn parse_claim(s: &str) -> CliResult<HostRequirement> {
     if role.is_empty() {
         return Err(bad());
     }
-    Ok(HostRequirement { role: role.into(), capabilities: caps, count, host: String::new() })
+    Ok(HostRequirement { role: role.into(), capabilities: caps, count, ..Default::default() })
 }
 
 pub async fn create_test(
@@ -60,7 +60,7 @@ pub async fn create_test(
 async fn wait_running(client: &Client, name: &str) -> CliResult<Test> {
     let events = watcher(client.api::<Test>(), String::new(), format!("metadata.name={name}"));
     futures::pin_mut!(events);
-    let mut said_why = String::new();
+    let mut pending = crate::progress::PendingNote::default();
     while let Some(ev) = events.next().await {
         let t = match ev {
             WatcherEvent::Restarted(mut l) => match l.pop() {
@@ -77,9 +77,8 @@ async fn wait_running(client: &Client, name: &str) -> CliResult<Test> {
         if phase::test_terminal(&s.phase) {
             return Err(CliError::incomplete(format!("test/{name} ended ({}): {}", s.phase, s.message)));
         }
-        if !s.message.is_empty() && s.message != said_why {
-            eprintln!("test/{name}: waiting: {}", s.message);
-            said_why = s.message.clone();
+        if let Some(l) = pending.line(&t) {
+            eprintln!("{l}");
         }
     }
     Err(CliError::incomplete("the watch ended"))

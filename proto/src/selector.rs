@@ -1,4 +1,4 @@
-//! Label selectors (`a=b,c!=d,e,!f`, as Kubernetes) and the few field
+//! Label selectors (`a=b,c!=d,e in (x,y),f notin (z),g,!h`, as Kubernetes) and the few field
 //! selectors the API serves (`spec.hostName=H`, `spec.test=T`,
 //! `metadata.name=N`).
 use crate::{Object, Process, Resource};
@@ -8,10 +8,13 @@ use std::collections::BTreeMap;
 enum Req {
     Eq(String, String),
     Ne(String, String),
+    In(String, Vec<String>),
+    NotIn(String, Vec<String>),
     Exists(String),
     NotExists(String),
 }
 
+/// Label requirements, all of which must hold.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LabelSelector(Vec<Req>);
 
@@ -23,11 +26,65 @@ fn label_token(s: &str, may_be_empty: bool) -> bool {
         && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
 }
 
+/// Splits on commas outside parentheses: `a in (x,y),b` is two parts.
+fn requirements(s: &str) -> Result<Vec<&str>, String> {
+    let (mut parts, mut depth, mut start) = (Vec::new(), 0i32, 0);
+    for (i, c) in s.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                parts.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+        if !(0..=1).contains(&depth) {
+            return Err(format!("invalid label selector {s:?}: unbalanced parentheses"));
+        }
+    }
+    if depth != 0 {
+        return Err(format!("invalid label selector {s:?}: '(' without ')'"));
+    }
+    parts.push(&s[start..]);
+    Ok(parts.into_iter().map(str::trim).filter(|p| !p.is_empty()).collect())
+}
+
+/// `key in (a,b)` / `key notin (a,b)`: the key, whether it is `notin`, and
+/// the values; None if the part has neither form.
+fn set_requirement(part: &str) -> Option<(&str, bool, &str)> {
+    let open = part.find('(')?;
+    let values = part[open + 1..].strip_suffix(')')?;
+    let head = part[..open].trim_end();
+    if let Some(k) = head.strip_suffix(" notin") {
+        return Some((k.trim(), true, values));
+    }
+    head.strip_suffix(" in").map(|k| (k.trim(), false, values))
+}
+
 impl LabelSelector {
+    /// Kubernetes' syntax: `k=v`, `k==v`, `k!=v`, `k in (a,b)`,
+    /// `k notin (a,b)`, `k` (exists) and `!k`, comma-separated.
     pub fn parse(s: &str) -> Result<Self, String> {
         let mut reqs = Vec::new();
-        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let req = if let Some((k, v)) = part.split_once("!=") {
+        for part in requirements(s)? {
+            let bad = |why: &str| format!("invalid label selector {s:?}: bad requirement {part:?}{why}");
+            let req = if let Some((k, not, values)) = set_requirement(part) {
+                let vs: Vec<String> = values.split(',').map(|v| v.trim().to_string()).collect();
+                if vs.iter().all(String::is_empty) {
+                    return Err(bad(": a set needs at least one value"));
+                }
+                if vs.iter().any(|v| !label_token(v, false)) {
+                    return Err(bad(""));
+                }
+                if not {
+                    Req::NotIn(k.into(), vs)
+                } else {
+                    Req::In(k.into(), vs)
+                }
+            } else if part.contains('(') || part.contains(')') {
+                return Err(bad(": expected KEY in (V,...) or KEY notin (V,...)"));
+            } else if let Some((k, v)) = part.split_once("!=") {
                 Req::Ne(k.trim().into(), v.trim().into())
             } else if let Some((k, v)) = part.split_once("==").or_else(|| part.split_once('=')) {
                 Req::Eq(k.trim().into(), v.trim().into())
@@ -38,12 +95,12 @@ impl LabelSelector {
             };
             let (key, value) = match &req {
                 Req::Eq(k, v) | Req::Ne(k, v) => (k, Some(v)),
-                Req::Exists(k) | Req::NotExists(k) => (k, None),
+                Req::In(k, _) | Req::NotIn(k, _) | Req::Exists(k) | Req::NotExists(k) => (k, None),
             };
             // As Kubernetes: a key is a label name, a value empty or one;
             // `a=b=c` and `!!a` are mistakes, not selectors.
             if !label_token(key, false) || !value.is_none_or(|v| label_token(v, true)) {
-                return Err(format!("invalid label selector {s:?}: bad requirement {part:?}"));
+                return Err(bad(""));
             }
             reqs.push(req);
         }
@@ -58,6 +115,9 @@ impl LabelSelector {
         self.0.iter().all(|r| match r {
             Req::Eq(k, v) => labels.get(k) == Some(v),
             Req::Ne(k, v) => labels.get(k) != Some(v),
+            Req::In(k, vs) => labels.get(k).is_some_and(|v| vs.contains(v)),
+            // As Kubernetes: a missing label is not in the set.
+            Req::NotIn(k, vs) => labels.get(k).is_none_or(|v| !vs.contains(v)),
             Req::Exists(k) => labels.contains_key(k),
             Req::NotExists(k) => !labels.contains_key(k),
         })
@@ -131,6 +191,34 @@ mod tests {
             assert!(LabelSelector::parse(bad).is_err(), "{bad:?} was accepted");
         }
         assert!(LabelSelector::parse("testbus.io/suite=nfs-4.2,a=").is_ok());
+    }
+
+    #[test]
+    fn set_based_label_selectors() {
+        let l: BTreeMap<String, String> =
+            [("suite".to_string(), "nfs".to_string()), ("tier".to_string(), "1".to_string())].into();
+        let m = |s: &str| LabelSelector::parse(s).unwrap().matches(&l);
+        assert!(m("suite in (nfs,smb)"));
+        assert!(m("suite in ( smb , nfs )"));
+        assert!(!m("suite in (smb)"));
+        assert!(m("suite notin (smb,iscsi)"));
+        assert!(!m("suite notin (nfs)"));
+        assert!(m("gpu notin (yes)"), "a missing label is not in the set");
+        assert!(!m("gpu in (yes)"));
+        assert!(m("suite in (nfs,smb),tier=1,!gpu"));
+        assert!(!m("suite in (nfs,smb),tier!=1"));
+        for bad in [
+            "suite in ()",
+            "suite in (a",
+            "suite in a,b)",
+            "suite in (a b)",
+            "suite (a)",
+            "in (a)",
+            "suite in ((a))",
+            "suite notin (a,,b)x",
+        ] {
+            assert!(LabelSelector::parse(bad).is_err(), "{bad:?} was accepted");
+        }
     }
 
     #[test]

@@ -375,6 +375,9 @@ impl Validate for Test {
                     e.add(format!("{p}.capabilities[{j}]"), "capabilities are 1-63 of [A-Za-z0-9-_./]");
                 }
             }
+            if let Err(msg) = crate::selector::LabelSelector::parse(&h.selector) {
+                e.add(format!("{p}.selector"), msg);
+            }
             if !h.host.is_empty() {
                 if let Err(msg) = dns_label(&h.host) {
                     e.add(format!("{p}.host"), msg);

@@ -517,3 +517,205 @@ spec:
     let out = c.ctl(&["exec", "held", "--", "true"]);
     assert_ne!(out.code, 0, "{out:?}");
 }
+
+/// Reads a child's stdout (or stderr) line by line on a thread, so a test
+/// can wait for a line with a deadline.
+fn lines_of(r: impl Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(r).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits (30 s at most) for a line containing `text`; returns the lines up
+/// to and including it.
+fn until_line(rx: &std::sync::mpsc::Receiver<String>, text: &str) -> Vec<String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => {
+                let found = l.contains(text);
+                seen.push(l);
+                if found {
+                    return seen;
+                }
+            }
+            Err(_) => panic!("no line with {text:?} in 30 s; saw {seen:#?}"),
+        }
+    }
+}
+
+/// kubectl's output options: `-o jsonpath=`, `-o custom-columns=`,
+/// `--sort-by` (numbers by value); `get -w` prints aligned rows and only
+/// real changes, not every lease renewal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jsonpath_custom_columns_sort_by_and_a_quiet_aligned_watch() {
+    let c = Cluster::start(2).await;
+    let out = c.ctl(&["get", "hosts", "-o", "jsonpath={.items[*].metadata.name}"]);
+    assert_eq!((out.code, out.stdout.as_str()), (0, "host-0 host-1"), "{out:?}");
+    let out =
+        c.ctl(&["get", "hosts", "-o", r#"jsonpath={range .items[*]}{.metadata.name}={.status.phase}{"\n"}{end}"#]);
+    assert_eq!(out.stdout, "host-0=Ready\nhost-1=Ready\n", "{out:?}");
+    let out = c.ctl(&["get", "host", "host-1", "-o", "jsonpath={.metadata.name}"]);
+    assert_eq!(out.stdout, "host-1", "one object by name: the template sees the object");
+    let out = c.ctl(&[
+        "get",
+        "hosts",
+        "-o",
+        "custom-columns=HOST:.metadata.name,STATE:.status.phase,CLAIM:.status.claim.test",
+    ]);
+    assert_eq!(out.stdout, "HOST     STATE   CLAIM\nhost-0   Ready   <none>\nhost-1   Ready   <none>\n", "{out:?}");
+
+    for (name, priority) in [("a", 10), ("b", 9), ("z", 2)] {
+        let text = format!(
+            "apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: {name}}}\nspec:\n  priority: {priority}\n  hosts: [{{role: r, capabilities: [none-such]}}]\n  steps: [{{name: s, on: [r], argv: [\"true\"]}}]\n"
+        );
+        assert_eq!(c.ctl(&["apply", "-f", &manifest(&c, &format!("{name}.yaml"), &text)]).code, 0);
+    }
+    let out = c.ctl(&["get", "tests", "-o", "name", "--sort-by", ".spec.priority"]);
+    assert_eq!(out.stdout, "test/z\ntest/b\ntest/a\n", "numbers sort by value: {out:?}");
+    let out = c.ctl(&["get", "tests", "-o", "name", "--sort-by", ".metadata.name"]);
+    assert_eq!(out.stdout, "test/a\ntest/b\ntest/z\n", "{out:?}");
+    for (args, flag) in [
+        (&["get", "tests", "-o", "jsonpath={.a"][..], "-o"),
+        (&["get", "tests", "-o", "custom-columns=NAME"][..], "-o"),
+        (&["get", "tests", "-o", "xml"][..], "-o"),
+        (&["get", "tests", "--sort-by", "metadata.name"][..], "--sort-by"),
+    ] {
+        let out = c.ctl(args);
+        assert_eq!(out.code, 2, "{args:?}: {out:?}");
+        assert!(out.stderr.contains(flag), "{args:?}: {out:?}");
+    }
+
+    // The watch: lease renewals (every ~0.7 s here) print nothing; a
+    // cordon prints one row, aligned with the table above it.
+    let mut child = c.ctl_spawn(&["get", "hosts", "-w"]);
+    let rx = lines_of(child.stdout.take().unwrap());
+    let first = until_line(&rx, "host-1");
+    assert_eq!(first.len(), 3, "{first:?}");
+    let client = c.client().await;
+    let renewed = |h: testbus_proto::Host| h.status().lease_renew_time.clone();
+    let before = renewed(client.api::<testbus_proto::Host>().get("host-0").await.unwrap());
+    wait_for(Duration::from_secs(30), "a lease renewal", || async {
+        let now = renewed(client.api::<testbus_proto::Host>().get("host-0").await.ok()?);
+        (now != before && testbus_proto::time::parse(&now)? > testbus_proto::time::parse(&before)?).then_some(())
+    })
+    .await;
+    assert_eq!(c.ctl(&["cordon", "host-0", "--reason", "repairs"]).code, 0);
+    let more = until_line(&rx, "Cordoned");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(more.len(), 1, "only the real change is printed: {more:#?}");
+    let col = |l: &str, word: &str| l.find(word).unwrap();
+    assert_eq!(col(&first[0], "PHASE"), col(&more[0], "Ready,Cordoned"), "{first:#?} {more:#?}");
+}
+
+/// Set-based selectors (`in`, `notin`, `!`) in `get -l` and `run -l`, and
+/// host claims by label in a manifest. A test that cannot be placed says
+/// why while `wait` and `run` wait, with "did you mean" for a capability no
+/// host offers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_based_selectors_claims_by_label_and_pending_reasons() {
+    let c = Cluster::start_with(2, &["--capability", "nfs-server"]).await;
+    let client = c.client().await;
+    for (host, rack) in [("host-0", "r1"), ("host-1", "r2")] {
+        let api = client.api::<testbus_proto::Host>();
+        let mut h = api.get(host).await.unwrap();
+        h.meta_mut().labels.insert("rack".into(), rack.into());
+        api.update(h).await.unwrap();
+    }
+    let names = |sel: &str| c.ctl(&["get", "hosts", "-l", sel, "-o", "name"]).stdout;
+    assert_eq!(names("rack in (r2,r3)"), "host/host-1\n");
+    assert_eq!(names("rack notin (r2)"), "host/host-0\n");
+    assert_eq!(names("rack in (r1,r2),rack!=r1"), "host/host-1\n");
+    assert_eq!(names("!rack"), "");
+    let bad = c.ctl(&["get", "hosts", "-l", "rack in (r1"]);
+    assert_eq!(bad.code, 2, "{bad:?}");
+    assert!(bad.stderr.contains("-l") && bad.stderr.contains("without ')'"), "{bad:?}");
+
+    let out = c.ctl(&["run", "-l", "rack in (r2)", "--", "sh", "-c", "echo $TESTBUS_HOST"]);
+    assert_eq!((out.code, out.stdout.as_str()), (0, "host-1\n"), "{out:?}");
+
+    let labelled = |name: &str, selector: &str| {
+        manifest(
+            &c,
+            &format!("{name}.yaml"),
+            &format!(
+                "apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: {name}}}\nspec:\n  hosts: [{{role: s, capabilities: [nfs-server], selector: \"{selector}\"}}]\n  steps: [{{name: s, on: [s], argv: [sh, -c, \"echo $TESTBUS_HOST\"]}}]\n"
+            ),
+        )
+    };
+    assert_eq!(c.ctl(&["apply", "-f", &labelled("onr1", "rack notin (r2)"), "--wait"]).code, 0);
+    assert_eq!(c.ctl(&["logs", "test/onr1"]).stdout, "[s/host-0] host-0\n");
+    let bad = c.ctl(&["apply", "-f", &labelled("badsel", "rack in (")]);
+    assert_eq!(bad.code, 2, "{bad:?}");
+    assert!(bad.stderr.contains("spec.hosts[0].selector"), "{bad:?}");
+    assert_eq!(c.ctl(&["apply", "-f", &labelled("nowhere", "rack=r9")]).code, 0);
+    let out = c.ctl(&["wait", "test/nowhere", "--timeout", "3s"]);
+    assert_eq!(out.code, 3, "{out:?}");
+    assert!(
+        out.stderr.contains("test/nowhere: Pending: ")
+            && out.stderr.contains("no host with these capabilities has labels matching rack=r9"),
+        "{out:?}"
+    );
+    assert_eq!(out.stderr.matches("Pending:").count(), 1, "said once: {out:?}");
+
+    let mut child = c.ctl_spawn(&["run", "--capability", "nfs-sever", "--", "true"]);
+    let rx = lines_of(child.stderr.take().unwrap());
+    let said = until_line(&rx, "Pending:");
+    assert!(
+        said.last().unwrap().contains("no host offers capability nfs-sever (did you mean nfs-server?)"),
+        "{said:?}"
+    );
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(3));
+}
+
+/// A failed step shows the end of its stderr in `apply --wait` and in
+/// `describe`; `describe` shows the object's events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_steps_show_their_stderr_and_describe_shows_events() {
+    let c = Cluster::start(1).await;
+    let path = manifest(
+        &c,
+        "f.yaml",
+        r#"apiVersion: testbus/v1
+kind: Test
+metadata: {name: f}
+spec:
+  hosts: [{role: a}]
+  steps:
+    - {name: prepare, on: [a], argv: [sh, -c, "echo fine >&2"]}
+    - {name: check, on: [a], after: [prepare], argv: [sh, -c, "seq 1 30 >&2; echo 'mount: permission denied' >&2; exit 3"]}
+"#,
+    );
+    let out = c.ctl(&["apply", "-f", &path, "--wait"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    let tail: Vec<&str> = out.stderr.lines().filter(|l| l.starts_with("    | ")).collect();
+    assert_eq!(tail.len(), 10, "the last 10 lines: {out:?}");
+    assert_eq!(tail[9], "    | mount: permission denied", "{out:?}");
+    assert_eq!(tail[0], "    | 22", "{out:?}");
+    assert!(!out.stderr.contains("| fine"), "a step that succeeded shows no stderr: {out:?}");
+    let d = c.ctl(&["describe", "test/f"]);
+    assert!(d.stdout.contains("stderr | mount: permission denied"), "{d:?}");
+    assert!(!d.stdout.contains("stderr | fine"), "{d:?}");
+    let events = d.stdout.split_once("Events:").expect("an Events section").1;
+    for reason in ["Created", "Started", "StepSucceeded", "StepFailed", "Failed"] {
+        assert!(events.contains(reason), "{reason}: {d:?}");
+    }
+    assert!(events.contains("Warning") && events.contains("step check Failed"), "{d:?}");
+    let client = c.client().await;
+    let (procs, _) = client.api::<testbus_proto::Process>().list("", "spec.test=f").await.unwrap();
+    let failed = procs.iter().find(|p| p.spec().step == "check").unwrap();
+    let d = c.ctl(&["describe", "process", failed.name()]);
+    let events = d.stdout.split_once("Events:").expect("an Events section").1;
+    assert!(events.contains("Started") && events.contains("exit 3"), "{d:?}");
+}

@@ -358,7 +358,7 @@ spec:
         Some(cond.message.clone())
     })
     .await;
-    assert_eq!(msg, "cannot run on the hosts that exist: needs 2 × gpu (role g); no host has these capabilities");
+    assert_eq!(msg, "cannot run on the hosts that exist: needs 2 × gpu (role g); no host offers capability gpu");
     let out = c.ctl(&["wait", "test/wants-gpu", "--timeout", "1s"]);
     assert_eq!(out.code, 3, "a wait that times out is exit 3: {out:?}");
     // Deleting a pending test removes it.
