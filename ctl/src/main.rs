@@ -1072,4 +1072,50 @@ mod tests {
         assert!(missing.is_empty(), "undocumented: {missing:#?}");
         Cli::command().debug_assert();
     }
+
+    /// README's command-line section and `--help` agree: every command and
+    /// every flag is in the README, and every flag the README's table gives
+    /// a command exists.
+    #[test]
+    fn the_readme_matches_help() {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+        let section = readme.split("## Command line").nth(1).unwrap().split("\n## ").next().unwrap();
+        let cli = Cli::command();
+        let mut problems = Vec::new();
+        for sub in cli.get_subcommands().filter(|c| c.get_name() != "help") {
+            let name = sub.get_name();
+            if !readme.contains(&format!("testbusctl {name}")) && !section.contains(&format!("`{name}`")) {
+                problems.push(format!("command {name} is not in the README"));
+            }
+            let longs: Vec<&str> = sub.get_arguments().filter_map(|a| a.get_long()).collect();
+            for a in sub.get_arguments().filter(|a| !matches!(a.get_long(), None | Some("help" | "server"))) {
+                let long = format!("--{}", a.get_long().unwrap_or_default());
+                // `-w` as a word: `[-w]`, `-w ` or `` `-w` ``.
+                let short_used = a.get_short().is_some_and(|c| {
+                    let s = format!("-{c}");
+                    readme.match_indices(&s).any(|(i, _)| {
+                        let before = readme[..i].chars().next_back().unwrap_or(' ');
+                        let after = readme[i + s.len()..].chars().next().unwrap_or(' ');
+                        " [`".contains(before) && !after.is_alphanumeric() && after != '-'
+                    })
+                });
+                if !readme.contains(&long) && !short_used {
+                    problems.push(format!("{name} {long} is not in the README"));
+                }
+            }
+            // Flags the table's rows for this command name.
+            for row in section.lines().filter(|r| r.starts_with(&format!("| `testbusctl {name} "))) {
+                let usage = row.split('|').nth(1).unwrap_or_default();
+                for word in usage.split(|c: char| c.is_whitespace() || "[]`,|".contains(c)) {
+                    if let Some(flag) = word.strip_prefix("--").filter(|f| !f.is_empty()) {
+                        let flag = flag.split('=').next().unwrap_or_default();
+                        if !longs.contains(&flag) {
+                            problems.push(format!("README: {name} has no --{flag}"));
+                        }
+                    }
+                }
+            }
+        }
+        assert!(problems.is_empty(), "{problems:#?}");
+    }
 }

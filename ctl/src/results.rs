@@ -41,7 +41,24 @@ struct Case {
     seconds: f64,
     /// The process the case is, if it is one (its output goes with it).
     process: Option<String>,
+    /// A result recorded at a dotted path (`testbusctl result`).
+    recorded: bool,
 }
+
+impl Case {
+    /// How text and TAP name the case: `step/role@host` for a process, the
+    /// dotted path as recorded (`users.verify-name`) for a recorded result.
+    fn id(&self) -> String {
+        match (self.recorded, self.group.as_str()) {
+            (true, RESULTS_GROUP) => self.name.clone(),
+            (true, group) => format!("{group}.{}", self.name),
+            (false, group) => format!("{group}/{}", self.name),
+        }
+    }
+}
+
+/// The group of a recorded result whose path has no dot.
+const RESULTS_GROUP: &str = "results";
 
 /// A process's output as a report carries it: the tail of each stream.
 #[derive(Debug, Default, Clone)]
@@ -94,6 +111,7 @@ fn cases(t: &Test) -> Vec<Case> {
                 message,
                 seconds: 0.0,
                 process: None,
+                recorded: false,
             });
             continue;
         }
@@ -112,11 +130,12 @@ fn cases(t: &Test) -> Vec<Case> {
                 message,
                 seconds: seconds(&p.start_time, &p.finish_time),
                 process: Some(p.name.clone()),
+                recorded: false,
             });
         }
     }
     for r in &t.status().results {
-        let (group, name) = r.path.rsplit_once('.').unwrap_or(("results", r.path.as_str()));
+        let (group, name) = r.path.rsplit_once('.').unwrap_or((RESULTS_GROUP, r.path.as_str()));
         let outcome = match r.outcome.as_str() {
             "pass" => Outcome::Pass,
             "skip" => Outcome::Skip,
@@ -129,6 +148,7 @@ fn cases(t: &Test) -> Vec<Case> {
             message: r.message.clone(),
             seconds: 0.0,
             process: None,
+            recorded: true,
         });
     }
     out
@@ -152,9 +172,9 @@ pub fn render(t: &Test, fmt: ReportFormat, outputs: &std::collections::HashMap<S
                 ));
             }
             out.push('\n');
-            let width = cs.iter().map(|c| c.group.len() + c.name.len() + 1).max().unwrap_or(0);
+            let width = cs.iter().map(|c| c.id().len()).max().unwrap_or(0);
             for c in &cs {
-                let id = format!("{}/{}", c.group, c.name);
+                let id = c.id();
                 out.push_str(&format!(
                     "  {:<5} {id:<width$}  {:>7.2}s  {}\n",
                     c.outcome.word().to_uppercase(),
@@ -244,7 +264,7 @@ pub fn render(t: &Test, fmt: ReportFormat, outputs: &std::collections::HashMap<S
         ReportFormat::Tap => {
             let mut out = format!("TAP version 13\n1..{}\n", cs.len());
             for (i, c) in cs.iter().enumerate() {
-                let id = format!("{}/{}", c.group, c.name).replace('#', "\\#");
+                let id = c.id().replace('#', "\\#");
                 let msg = c.message.replace('\n', " ");
                 match c.outcome {
                     Outcome::Pass => out.push_str(&format!("ok {} - {id}\n", i + 1)),

@@ -968,6 +968,11 @@ async fn scripting_exit_codes_and_failed_results() {
     assert_eq!(out.code, 1, "{out:?}");
     let t = c.test("imp").await;
     assert_eq!((t.status().phase.as_str(), t.status().reason.as_str()), (phase::FAILED, "ResultFailed"));
+    // A recorded result is named by its dotted path, as it was recorded.
+    let text = c.ctl(&["results", "test/imp"]).stdout;
+    assert!(text.contains("FAIL  checks.one ") && text.contains("broken"), "{text}");
+    let tap = c.ctl(&["results", "test/imp", "-o", "tap"]).stdout;
+    assert!(tap.contains("not ok 1 - checks.one"), "{tap}");
 
     // Reports: text, TAP, and JUnit read back by an independent parser.
     let path = manifest(&c, "failing.yaml", FAILING);
