@@ -10,9 +10,9 @@ use testbus_proto::client::{EventType, WatchEvent};
 use testbus_proto::selector::{FieldSelector, LabelSelector};
 use testbus_proto::validate::Validate;
 use testbus_proto::{
-    phase, ClaimRequest, DeleteRequest, FinishRequest, GetRequest, Host, HostClaim, HostEvent, HostList, Kind,
-    ListRequest, Object, Process, ProcessEvent, ProcessList, RecordResultRequest, RenewLeaseRequest, Resource,
-    SetEnvRequest, Test, TestEvent, TestList, WatchRequest,
+    phase, ClaimRequest, DeleteRequest, FinishRequest, GetRequest, Host, HostClaim, HostEvent, HostList, HostPool,
+    HostPoolEvent, HostPoolList, Kind, ListRequest, Object, Process, ProcessEvent, ProcessList, RecordResultRequest,
+    RenewLeaseRequest, Resource, SetEnvRequest, Test, TestEvent, TestList, WatchRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -148,6 +148,22 @@ impl Policy for Test {
     fn drops_guarded_finalizer(old: &Self, new: &Self) -> bool {
         let has = |t: &Self| t.meta().finalizers.iter().any(|f| f == TEST_FINALIZER);
         has(old) && !has(new)
+    }
+}
+
+impl Policy for HostPool {
+    fn from_object(o: &Object) -> Option<&Self> {
+        match o {
+            Object::HostPool(p) => Some(p),
+            _ => None,
+        }
+    }
+    /// A pool starts with no guests; its controller says what it does.
+    fn on_create(&mut self) {
+        *self.status_mut() = Default::default();
+    }
+    fn file_refs(&self) -> Vec<(String, &testbus_proto::FileRef)> {
+        self.spec().files.iter().enumerate().map(|(i, f)| (format!("spec.files[{i}]"), f)).collect()
     }
 }
 
@@ -781,6 +797,7 @@ bind_service!(tests_server::Tests, Test, TestList, TestEvent, {
     }
 });
 bind_service!(processes_server::Processes, Process, ProcessList, ProcessEvent, {});
+bind_service!(host_pools_server::HostPools, HostPool, HostPoolList, HostPoolEvent, {});
 
 #[cfg(test)]
 mod tests {

@@ -142,6 +142,7 @@ pub fn decode(key: &str, value: &[u8], revision: Revision) -> Option<Object> {
         Kind::Host => Object::Host(Host::from_stored(value, revision).ok()?),
         Kind::Test => Object::Test(Test::from_stored(value, revision).ok()?),
         Kind::Process => Object::Process(Process::from_stored(value, revision).ok()?),
+        Kind::HostPool => Object::HostPool(testbus_proto::HostPool::from_stored(value, revision).ok()?),
     };
     Some(obj)
 }

@@ -11,12 +11,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use testbus_proto::blobs_server::BlobsServer;
+use testbus_proto::host_pools_server::HostPoolsServer;
 use testbus_proto::hosts_server::HostsServer;
 use testbus_proto::output_server::OutputServer;
 use testbus_proto::processes_server::ProcessesServer;
 use testbus_proto::sync_server::SyncServer;
 use testbus_proto::tests_server::TestsServer;
-use testbus_proto::{Host, Process, Test};
+use testbus_proto::{Host, HostPool, Process, Test};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -474,6 +475,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     health_reporter.set_serving::<HostsServer<ResourceService<Host>>>().await;
     health_reporter.set_serving::<TestsServer<ResourceService<Test>>>().await;
     health_reporter.set_serving::<ProcessesServer<ResourceService<Process>>>().await;
+    health_reporter.set_serving::<HostPoolsServer<ResourceService<HostPool>>>().await;
     health_reporter.set_serving::<OutputServer<OutputService>>().await;
     health_reporter.set_serving::<SyncServer<crate::sync::SyncService>>().await;
     health_reporter.set_serving::<BlobsServer<crate::blobs::BlobStore>>().await;
@@ -494,6 +496,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         .add_service(TestsServer::new(ResourceService::<Test>::new(state.clone())).max_decoding_message_size(8 << 20))
         .add_service(
             ProcessesServer::new(ResourceService::<Process>::new(state.clone())).max_decoding_message_size(8 << 20),
+        )
+        .add_service(
+            HostPoolsServer::new(ResourceService::<HostPool>::new(state.clone())).max_decoding_message_size(8 << 20),
         )
         .add_service(OutputServer::new(output).max_decoding_message_size(8 << 20))
         .add_service(SyncServer::new(sync).max_decoding_message_size(4 << 20))

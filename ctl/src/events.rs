@@ -26,6 +26,7 @@ pub fn of(o: &Object) -> Vec<Event> {
         Object::Test(t) => &t.status().conditions,
         Object::Host(h) => &h.status().conditions,
         Object::Process(p) => &p.status().conditions,
+        Object::HostPool(p) => &p.status().conditions,
     };
     for c in conditions {
         let msg = if c.message.is_empty() { format!("{} {}", c.r#type, c.status) } else { c.message.clone() };
@@ -73,7 +74,7 @@ pub fn of(o: &Object) -> Vec<Event> {
             let reason = if s.reason.is_empty() { s.phase.clone() } else { s.reason.clone() };
             out.push(ev(&s.finish_time, s.phase != phase::SUCCEEDED, &reason, msg));
         }
-        Object::Host(_) => {}
+        Object::Host(_) | Object::HostPool(_) => {}
     }
     out.push(ev(&m.deletion_timestamp, false, "Deleting", "deletion requested".into()));
     let mut out: Vec<Event> = out.into_iter().flatten().collect();

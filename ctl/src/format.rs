@@ -1,7 +1,7 @@
 //! Output: tables (`-o table|wide`), YAML, JSON, names, and kubectl's
 //! `jsonpath=` and `custom-columns=`.
 use crate::jsonpath::{Columns, Template};
-use testbus_proto::{phase, time, Host, Kind, Object, Process, Resource, Test};
+use testbus_proto::{phase, time, Host, HostPool, Kind, Object, Process, Resource, Test};
 
 #[derive(Debug, Clone)]
 pub enum Format {
@@ -44,6 +44,7 @@ pub fn kind_slug(k: Kind) -> &'static str {
         Kind::Host => "host",
         Kind::Test => "test",
         Kind::Process => "process",
+        Kind::HostPool => "hostpool",
     }
 }
 
@@ -57,12 +58,14 @@ pub fn header(kind: Kind, fmt: &Format) -> Vec<String> {
         Kind::Host => vec!["NAME", "PHASE", "CLAIMED-BY", "CAPABILITIES", "AGE"],
         Kind::Test => vec!["NAME", "PHASE", "HOSTS", "STEPS", "AGE"],
         Kind::Process => vec!["NAME", "PHASE", "HOST", "ROLE", "STEP", "EXIT", "AGE"],
+        Kind::HostPool => vec!["NAME", "PROVIDER", "GUESTS", "READY", "MIN", "MAX", "AGE"],
     };
     if wide {
         h.extend(match kind {
             Kind::Host => vec!["ADDRESS", "OS", "KERNEL", "TRANSPORT"],
             Kind::Test => vec!["REASON", "MESSAGE"],
             Kind::Process => vec!["PID", "MESSAGE"],
+            Kind::HostPool => vec!["CAPABILITIES", "MESSAGE"],
         });
     }
     h.into_iter().map(String::from).collect()
@@ -86,7 +89,26 @@ pub fn row(o: &Object, fmt: &Format) -> Vec<String> {
         Object::Host(h) => host_row(h, wide),
         Object::Test(t) => test_row(t, wide),
         Object::Process(p) => process_row(p, wide),
+        Object::HostPool(p) => pool_row(p, wide),
     }
+}
+
+fn pool_row(p: &HostPool, wide: bool) -> Vec<String> {
+    let (sp, s) = (p.spec(), p.status());
+    let ready = s.guests.iter().filter(|g| g.phase == "Ready").count();
+    let mut r = vec![
+        p.name().to_string(),
+        sp.provider.clone(),
+        s.guests.len().to_string(),
+        ready.to_string(),
+        sp.min.to_string(),
+        sp.max.map(|m| m.to_string()).unwrap_or_else(|| "<default>".into()),
+        time::age(&p.meta().creation_timestamp),
+    ];
+    if wide {
+        r.extend([or_none(&sp.capabilities.join(",")), or_none(&s.message)]);
+    }
+    r
 }
 
 fn host_row(h: &Host, wide: bool) -> Vec<String> {

@@ -53,7 +53,7 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use testbus_proto::client::Client;
-use testbus_proto::{duration, manifest, validate::Validate, Host, Kind, Object, Resource};
+use testbus_proto::{duration, manifest, Host, Kind, Object, Resource};
 
 #[derive(Parser)]
 #[command(
@@ -393,6 +393,7 @@ fn file_refs_mut(o: &mut Object) -> Vec<&mut testbus_proto::FileRef> {
             let s = p.spec_mut();
             s.files.iter_mut().chain(s.stdin_file.as_mut()).collect()
         }
+        Object::HostPool(p) => p.spec_mut().files.iter_mut().collect(),
     }
 }
 
@@ -447,12 +448,7 @@ fn read_manifests(files: &[String]) -> CliResult<Vec<(Object, PathBuf)>> {
     for (name, text, base) in sources {
         let parsed = manifest::parse_documents(&name, &text).map_err(|e| CliError::usage(e.to_string()))?;
         for (doc, o) in parsed {
-            let r = match &o {
-                Object::Host(h) => h.validate(),
-                Object::Test(t) => t.validate(),
-                Object::Process(p) => p.validate(),
-            };
-            r.map_err(|e| {
+            o.validate().map_err(|e| {
                 let at = manifest::document_suffix(doc);
                 CliError::usage(format!("{name}{at}: {} {}: {e}", o.kind(), display_name(&o)))
             })?;
@@ -661,6 +657,7 @@ async fn watch_any(
         Kind::Host => w::<Host>(client, rv, labels, fields).await,
         Kind::Test => w::<testbus_proto::Test>(client, rv, labels, fields).await,
         Kind::Process => w::<testbus_proto::Process>(client, rv, labels, fields).await,
+        Kind::HostPool => w::<testbus_proto::HostPool>(client, rv, labels, fields).await,
     }
 }
 
@@ -759,6 +756,37 @@ fn describe(o: &Object, cx: &Context) {
                     f.agent_version,
                     f.transport
                 );
+            }
+        }
+        Object::HostPool(p) => {
+            let (sp, s) = (p.spec(), p.status());
+            println!("Provider:     {} {}", sp.provider, if sp.uri.is_empty() { "qemu:///system" } else { &sp.uri });
+            println!("Image:        {}", sp.image);
+            println!("Capabilities: {}", sp.capabilities.join(", "));
+            let max = sp.max.map(|m| m.to_string()).unwrap_or_else(|| "default".into());
+            println!(
+                "Guests:       min {} max {max}, {} MiB, {} vCPU each",
+                sp.min,
+                sp.memory.max(256),
+                sp.cpus.max(1)
+            );
+            if !sp.network.is_empty() {
+                println!("Network:      {}", sp.network);
+            }
+            if !s.message.is_empty() {
+                println!("Message:      {}", s.message);
+            }
+            if !s.guests.is_empty() {
+                println!("Guests:");
+                for g in &s.guests {
+                    println!("  {:<20} {:<10} {:<15} {}", g.name, g.phase, g.address, g.message);
+                }
+            }
+            if !s.conditions.is_empty() {
+                println!("Conditions:");
+                for c in &s.conditions {
+                    println!("  {:<10} {:<6} {:<14} {}", c.r#type, c.status, c.reason, c.message);
+                }
             }
         }
         Object::Process(p) => {
@@ -862,7 +890,7 @@ async fn dispatch(cli: Cli) -> CliResult {
         Cmd::Describe { kind, name } => {
             let (kind, name) = match name {
                 Some(n) if !kind.contains('/') => (objects::parse_kind(&kind)?, n),
-                None if kind.contains('/') => objects::parse_ref(&kind, &[Kind::Host, Kind::Test, Kind::Process])?,
+                None if kind.contains('/') => objects::parse_ref(&kind, &Kind::ALL)?,
                 _ => return Err(CliError::usage("describe: give KIND NAME or KIND/NAME")),
             };
             let client = connect(&server).await?;
@@ -875,7 +903,7 @@ async fn dispatch(cli: Cli) -> CliResult {
             Ok(0)
         }
         Cmd::Delete { kind, names, selector, all } => {
-            let all_kinds = [Kind::Host, Kind::Test, Kind::Process];
+            let all_kinds = Kind::ALL;
             // What to delete: KIND/NAME refs, KIND NAME..., or KIND with -l
             // or --all (exactly one way).
             let mut targets: Vec<(Kind, String)> = Vec::new();

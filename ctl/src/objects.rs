@@ -1,12 +1,13 @@
 //! Verbs on an object of any kind, for commands that take KIND arguments.
 use crate::error::{CliError, CliResult};
 use testbus_proto::client::{ApiResource, Client};
-use testbus_proto::{Host, Kind, Object, Process, Resource, Test};
+use testbus_proto::{Host, HostPool, Kind, Object, Process, Resource, Test};
 use tonic::Code;
 
 pub fn parse_kind(s: &str) -> CliResult<Kind> {
-    Kind::parse(s)
-        .ok_or_else(|| CliError::usage(format!("unknown kind {s:?} (expected host(s), test(s), process(es))")))
+    Kind::parse(s).ok_or_else(|| {
+        CliError::usage(format!("unknown kind {s:?} (expected host(s), test(s), process(es), hostpool(s))"))
+    })
 }
 
 /// `test/NAME` → (Test, NAME).
@@ -29,6 +30,7 @@ pub async fn get(client: &Client, kind: Kind, name: &str) -> CliResult<Object> {
         Kind::Host => one::<Host>(client, name).await,
         Kind::Test => one::<Test>(client, name).await,
         Kind::Process => one::<Process>(client, name).await,
+        Kind::HostPool => one::<HostPool>(client, name).await,
     }
 }
 
@@ -43,6 +45,7 @@ pub async fn list(client: &Client, kind: Kind, labels: &str, fields: &str) -> Cl
         Kind::Host => all::<Host>(client, labels, fields).await,
         Kind::Test => all::<Test>(client, labels, fields).await,
         Kind::Process => all::<Process>(client, labels, fields).await,
+        Kind::HostPool => all::<HostPool>(client, labels, fields).await,
     }
 }
 
@@ -51,6 +54,7 @@ pub async fn delete(client: &Client, kind: Kind, name: &str) -> CliResult<()> {
         Kind::Host => client.api::<Host>().delete(name).await.map(|_| ()),
         Kind::Test => client.api::<Test>().delete(name).await.map(|_| ()),
         Kind::Process => client.api::<Process>().delete(name).await.map(|_| ()),
+        Kind::HostPool => client.api::<HostPool>().delete(name).await.map(|_| ()),
     }
     .map_err(CliError::from)
 }
@@ -91,5 +95,6 @@ pub async fn apply(client: &Client, obj: Object) -> CliResult<Applied> {
         Object::Host(o) => one(client, o).await,
         Object::Test(o) => one(client, o).await,
         Object::Process(o) => one(client, o).await,
+        Object::HostPool(o) => one(client, o).await,
     }
 }

@@ -4,11 +4,12 @@
 //! `http(s)://host:port`, a comma-separated list of them, or `unix:/path`.
 //! [`Api<K>`] gives the same verbs for every kind; [`watcher`] turns
 //! list + watch into one stream that survives disconnects and compaction.
+use crate::host_pools_client::HostPoolsClient;
 use crate::hosts_client::HostsClient;
 use crate::output_client::OutputClient;
 use crate::processes_client::ProcessesClient;
 use crate::tests_client::TestsClient;
-use crate::{DeleteRequest, GetRequest, Host, ListRequest, Process, Resource, Test, WatchRequest};
+use crate::{DeleteRequest, GetRequest, Host, HostPool, ListRequest, Process, Resource, Test, WatchRequest};
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use hyper_util::rt::TokioIo;
@@ -335,6 +336,7 @@ macro_rules! api_resource {
 api_resource!(Host, HostsClient);
 api_resource!(Test, TestsClient);
 api_resource!(Process, ProcessesClient);
+api_resource!(HostPool, HostPoolsClient);
 
 /// The verbs for one kind.
 pub struct Api<K> {

@@ -12,11 +12,7 @@ pub fn manifest(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else { return };
     if let Ok(objs) = crate::manifest::parse("fuzz", text) {
         for o in objs {
-            let _ = match &o {
-                Object::Host(h) => h.validate(),
-                Object::Test(t) => t.validate(),
-                Object::Process(p) => p.validate(),
-            };
+            let _ = o.validate();
             let _ = o.to_json();
             if let Object::Test(t) = &o {
                 let _ = crate::steps::expand(t.spec());
@@ -55,6 +51,9 @@ pub fn decode(data: &[u8]) {
         let _ = t.validate();
         let _ = crate::steps::expand(t.spec());
         let _ = crate::validate::file_refs_of_test(&t);
+    }
+    if let Ok(p) = HostPool::decode(data) {
+        let _ = p.validate();
     }
     if let Ok(h) = Host::decode(data) {
         let _ = h.validate();

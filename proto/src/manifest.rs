@@ -142,7 +142,10 @@ pub fn parse_documents(source_name: &str, text: &str) -> Result<Vec<(usize, Obje
                 let path = display_path(e.path());
                 let inner = e.into_inner();
                 let at = inner.location().map(|l| (l.line(), l.column()));
-                return Err(ManifestError { at, ..err(i, path, clean_message(&inner.to_string())) });
+                // The parser may name the field itself: say it once.
+                let message = clean_message(&inner.to_string());
+                let message = message.strip_prefix(&format!("{path}: ")).map(str::to_string).unwrap_or(message);
+                return Err(ManifestError { at, ..err(i, path, message) });
             }
         };
         if value.0.is_null() {
@@ -172,7 +175,12 @@ pub fn from_value(value: Value) -> Result<Object, (String, String)> {
     let kind = match map.get("kind") {
         Some(Value::String(k)) => match Kind::parse(k) {
             Some(kind) if kind.name() == k => kind,
-            _ => return Err(("kind".into(), format!("unknown kind {k:?}, expected one of Host, Test, Process"))),
+            _ => {
+                return Err((
+                    "kind".into(),
+                    format!("unknown kind {k:?}, expected one of Host, Test, Process, HostPool"),
+                ))
+            }
         },
         Some(_) => return Err(("kind".into(), "must be a string".into())),
         None => return Err(("kind".into(), "required".into())),
@@ -185,6 +193,7 @@ pub fn from_value(value: Value) -> Result<Object, (String, String)> {
         Kind::Host => Object::Host(typed::<Host>(value)?),
         Kind::Test => Object::Test(typed::<Test>(value)?),
         Kind::Process => Object::Process(typed::<Process>(value)?),
+        Kind::HostPool => Object::HostPool(typed::<crate::HostPool>(value)?),
     })
 }
 
@@ -377,6 +386,13 @@ spec:
                 .unwrap_err();
         assert_eq!(e.at, None, "{e}");
         assert!(e.to_string().contains("spec.hosts"), "{e}");
+        // The field is named once, not twice.
+        let e = parse_documents(
+            "t.yaml",
+            "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: a}\nspec:\n  timeout: 1s\n  timeout: 2s\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains(": spec: duplicate key") && !e.to_string().contains("spec: spec:"), "{e}");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! What every kind has in common. The server's handlers, the typed client
-//! and the controller runtime are generic over [`Resource`]; the three kinds
+//! and the controller runtime are generic over [`Resource`]; the kinds
 //! implement it through one macro, so a verb behaves the same for all kinds.
-use crate::{Host, ObjectMeta, Process, Test};
+use crate::{Host, HostPool, ObjectMeta, Process, Test};
 use serde::{de::DeserializeOwned, Serialize};
 use std::fmt;
 
@@ -116,6 +116,7 @@ static EMPTY_META: ObjectMeta = ObjectMeta {
 
 resource!(Host, HostSpec, HostStatus, Kind::Host,);
 resource!(Test, TestSpec, TestStatus, Kind::Test,);
+resource!(HostPool, HostPoolSpec, HostPoolStatus, Kind::HostPool,);
 resource!(
     Process,
     ProcessSpec,
@@ -132,16 +133,18 @@ pub enum Kind {
     Host,
     Test,
     Process,
+    HostPool,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::Host, Kind::Test, Kind::Process];
+    pub const ALL: [Kind; 4] = [Kind::Host, Kind::Test, Kind::Process, Kind::HostPool];
 
     pub fn name(self) -> &'static str {
         match self {
             Kind::Host => "Host",
             Kind::Test => "Test",
             Kind::Process => "Process",
+            Kind::HostPool => "HostPool",
         }
     }
     /// Lower-case plural, used in store keys and CLI output.
@@ -150,6 +153,7 @@ impl Kind {
             Kind::Host => "hosts",
             Kind::Test => "tests",
             Kind::Process => "processes",
+            Kind::HostPool => "hostpools",
         }
     }
     /// Accepts what the CLI contract allows: `host`, `hosts`, `Host`, ...
@@ -171,6 +175,7 @@ pub enum Object {
     Host(Host),
     Test(Test),
     Process(Process),
+    HostPool(HostPool),
 }
 
 impl Object {
@@ -179,6 +184,7 @@ impl Object {
             Object::Host(_) => Kind::Host,
             Object::Test(_) => Kind::Test,
             Object::Process(_) => Kind::Process,
+            Object::HostPool(_) => Kind::HostPool,
         }
     }
     pub fn meta(&self) -> &ObjectMeta {
@@ -186,6 +192,7 @@ impl Object {
             Object::Host(o) => o.meta(),
             Object::Test(o) => o.meta(),
             Object::Process(o) => o.meta(),
+            Object::HostPool(o) => o.meta(),
         }
     }
     pub fn meta_mut(&mut self) -> &mut ObjectMeta {
@@ -193,6 +200,17 @@ impl Object {
             Object::Host(o) => o.meta_mut(),
             Object::Test(o) => o.meta_mut(),
             Object::Process(o) => o.meta_mut(),
+            Object::HostPool(o) => o.meta_mut(),
+        }
+    }
+    /// Validates the object as its kind does.
+    pub fn validate(&self) -> Result<(), crate::validate::ValidationErrors> {
+        use crate::validate::Validate;
+        match self {
+            Object::Host(o) => o.validate(),
+            Object::Test(o) => o.validate(),
+            Object::Process(o) => o.validate(),
+            Object::HostPool(o) => o.validate(),
         }
     }
     pub fn to_json(&self) -> serde_json::Value {
@@ -200,6 +218,7 @@ impl Object {
             Object::Host(o) => serde_json::to_value(o),
             Object::Test(o) => serde_json::to_value(o),
             Object::Process(o) => serde_json::to_value(o),
+            Object::HostPool(o) => serde_json::to_value(o),
         };
         crate::manifest::prune(v.unwrap_or_default())
     }

@@ -1,7 +1,7 @@
 //! Validation shared by the server (authoritative) and the CLI (early, before
 //! anything is sent). Every error names the field it is about.
 use crate::resource::Resource;
-use crate::{duration, FileRef, Host, HostRequirement, ObjectMeta, Process, Step, Test};
+use crate::{duration, FileRef, Host, HostPool, HostRequirement, ObjectMeta, Process, Step, Test};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
@@ -104,17 +104,41 @@ fn meta(m: &ObjectMeta, e: &mut Errors) {
     } else if let Err(msg) = dns_label(&m.name) {
         e.add("metadata.name", msg);
     }
-    for (k, v) in &m.labels {
-        if !label_part(k) {
-            e.add(format!("metadata.labels.{k}"), "label keys are 1-63 of [A-Za-z0-9-_./]");
-        }
-        if !v.is_empty() && !label_part(v) {
-            e.add(format!("metadata.labels.{k}"), "label values are at most 63 of [A-Za-z0-9-_./]");
-        }
-    }
+    labels("metadata.labels", &m.labels, e);
     let ann: usize = m.annotations.iter().map(|(k, v)| k.len() + v.len()).sum();
     if ann > MAX_VALUE_BYTES {
         e.add("metadata.annotations", format!("larger than {MAX_VALUE_BYTES} bytes"));
+    }
+}
+
+fn labels(path: &str, labels: &BTreeMap<String, String>, e: &mut Errors) {
+    for (k, v) in labels {
+        if !label_part(k) {
+            e.add(format!("{path}.{k}"), "label keys are 1-63 of [A-Za-z0-9-_./]");
+        }
+        if !v.is_empty() && !label_part(v) {
+            e.add(format!("{path}.{k}"), "label values are at most 63 of [A-Za-z0-9-_./]");
+        }
+    }
+}
+
+/// Published host variables: `host_<member>_<var>` names, so [A-Za-z0-9_].
+fn vars(path: &str, vars: &BTreeMap<String, String>, e: &mut Errors) {
+    for (k, v) in vars {
+        if k.is_empty() || k.len() > MAX_NAME || !k.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_') {
+            e.add(format!("{path}.{k}"), format!("{k:?} is not a variable name ([A-Za-z0-9_]+)"));
+        }
+        if v.len() > MAX_VALUE_BYTES || v.contains('\0') {
+            e.add(format!("{path}.{k}"), format!("must be at most {MAX_VALUE_BYTES} bytes without NUL"));
+        }
+    }
+}
+
+fn capabilities(path: &str, caps: &[String], e: &mut Errors) {
+    for (j, c) in caps.iter().enumerate() {
+        if !label_part(c) {
+            e.add(format!("{path}[{j}]"), "capabilities are 1-63 of [A-Za-z0-9-_./]");
+        }
     }
 }
 
@@ -370,11 +394,7 @@ impl Validate for Test {
                 _ => {}
             }
             total = total.saturating_add(h.count.unwrap_or(1).min(MAX_COUNT));
-            for (j, c) in h.capabilities.iter().enumerate() {
-                if !label_part(c) {
-                    e.add(format!("{p}.capabilities[{j}]"), "capabilities are 1-63 of [A-Za-z0-9-_./]");
-                }
-            }
+            capabilities(&format!("{p}.capabilities"), &h.capabilities, &mut e);
             if let Err(msg) = crate::selector::LabelSelector::parse(&h.selector) {
                 e.add(format!("{p}.selector"), msg);
             }
@@ -636,19 +656,11 @@ impl Validate for Host {
             e.add("metadata.name", "hosts are named by their agent; generateName is not allowed");
         }
         let s = self.spec();
-        for (j, c) in s.capabilities.iter().enumerate() {
-            if !label_part(c) {
-                e.add(format!("spec.capabilities[{j}]"), "capabilities are 1-63 of [A-Za-z0-9-_./]");
-            }
-        }
+        capabilities("spec.capabilities", &s.capabilities, &mut e);
         env("spec.env", &s.env, &mut e);
         files("spec.files", &s.files, &mut e);
         let st = self.status();
-        for (j, c) in st.capabilities.iter().enumerate() {
-            if !label_part(c) {
-                e.add(format!("status.capabilities[{j}]"), "capabilities are 1-63 of [A-Za-z0-9-_./]");
-            }
-        }
+        capabilities("status.capabilities", &st.capabilities, &mut e);
         // What the agent publishes becomes every test's env on this host
         // (and `host_<member>_<var>` names): a name no process could be
         // given is refused here, not found later by a test that never runs.
@@ -664,14 +676,64 @@ impl Validate for Host {
                 e.add("status.claim", "a claim names its test and testUid; an unclaimed host has no claim");
             }
         }
-        for (k, v) in &st.vars {
-            if k.is_empty() || k.len() > MAX_NAME || !k.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_') {
-                e.add(format!("status.vars.{k}"), format!("{k:?} is not a variable name ([A-Za-z0-9_]+)"));
-            }
-            if v.len() > MAX_VALUE_BYTES || v.contains('\0') {
-                e.add(format!("status.vars.{k}"), format!("must be at most {MAX_VALUE_BYTES} bytes without NUL"));
+        vars("status.vars", &st.vars, &mut e);
+        e.finish()
+    }
+}
+
+/// Largest `max` of a pool: guests on one libvirt host.
+pub const MAX_POOL_GUESTS: u32 = 64;
+
+impl Validate for HostPool {
+    fn validate(&self) -> Result<(), ValidationErrors> {
+        let mut e = Errors::default();
+        meta(self.meta(), &mut e);
+        let s = self.spec();
+        match s.provider.as_str() {
+            "libvirt" => {}
+            "" => e.add("spec.provider", "required (known: libvirt)"),
+            p => e.add("spec.provider", format!("unknown provider {p:?} (known: libvirt)")),
+        }
+        if !s.uri.is_empty()
+            && (!s.uri.contains(":/")
+                || s.uri.len() > 1024
+                || s.uri.chars().any(|c| c.is_whitespace() || c.is_control()))
+        {
+            e.add(
+                "spec.uri",
+                format!("{:?} is not a libvirt URI (like qemu:///system or qemu+ssh://user@host/system)", s.uri),
+            );
+        }
+        if s.image.is_empty() {
+            e.add("spec.image", "required: the directory hack/guest-image made (vmlinuz, initrd.img, golden.qcow2)");
+        } else if !s.image.starts_with('/') || s.image.len() > 4096 || s.image.contains('\0') {
+            e.add("spec.image", "must be an absolute path");
+        }
+        capabilities("spec.capabilities", &s.capabilities, &mut e);
+        labels("spec.labels", &s.labels, &mut e);
+        vars("spec.vars", &s.vars, &mut e);
+        env("spec.env", &s.env, &mut e);
+        files("spec.files", &s.files, &mut e);
+        if s.memory != 0 && !(64..=65_536).contains(&s.memory) {
+            e.add("spec.memory", "MiB per guest: 64 to 65536 (default 256)");
+        }
+        if s.cpus > 64 {
+            e.add("spec.cpus", "vCPUs per guest: 1 to 64 (default 1)");
+        }
+        let max = s.max.unwrap_or(MAX_POOL_GUESTS.min(8));
+        if s.max == Some(0) || max > MAX_POOL_GUESTS {
+            e.add("spec.max", format!("1 to {MAX_POOL_GUESTS}"));
+        }
+        if s.min > max {
+            e.add("spec.min", format!("must be at most spec.max ({max})"));
+        }
+        opt_duration("spec.idleTimeout", &s.idle_timeout, &mut e);
+        if !s.network.is_empty() {
+            if let Err(msg) = dns_label(&s.network) {
+                e.add("spec.network", msg);
             }
         }
+        conditions("status.conditions", &self.status().conditions, &mut e);
         e.finish()
     }
 }

@@ -38,19 +38,14 @@ async fn the_corpus_is_refused_field_by_field_and_nothing_is_stored() {
         let Ok(text) = std::fs::read_to_string(f) else { continue };
         let Ok(objs) = testbus_proto::manifest::parse("corpus", &text) else { continue };
         for o in objs {
-            use testbus_proto::validate::Validate;
-            let valid = match &o {
-                Object::Test(t) => t.validate().is_ok(),
-                Object::Host(h) => h.validate().is_ok(),
-                Object::Process(p) => p.validate().is_ok(),
-            };
-            if valid {
+            if o.validate().is_ok() {
                 continue; // a good document in a bad file
             }
             let r = match o {
                 Object::Test(t) => client.api::<Test>().create(t).await.map(|_| ()),
                 Object::Host(h) => client.api::<testbus_proto::Host>().create(h).await.map(|_| ()),
                 Object::Process(p) => client.api::<testbus_proto::Process>().create(p).await.map(|_| ()),
+                Object::HostPool(p) => client.api::<testbus_proto::HostPool>().create(p).await.map(|_| ()),
             };
             let s = r.expect_err(&format!("{}: the server accepted it", f.display()));
             assert_eq!(s.code(), tonic::Code::InvalidArgument, "{}: {s:?}", f.display());
@@ -62,6 +57,7 @@ async fn the_corpus_is_refused_field_by_field_and_nothing_is_stored() {
     assert_eq!((tests.code, tests.stdout.as_str()), (0, ""), "nothing stored");
     let procs = c.ctl(&["get", "processes", "-o", "name"]);
     assert_eq!(procs.stdout, "");
+    assert_eq!(c.ctl(&["get", "hostpools", "-o", "name"]).stdout, "", "nothing stored");
     assert_eq!(c.ctl(&["get", "hosts", "-o", "name"]).stdout, "host/host-0\n");
 }
 

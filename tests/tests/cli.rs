@@ -719,3 +719,33 @@ spec:
     let events = d.stdout.split_once("Events:").expect("an Events section").1;
     assert!(events.contains("Started") && events.contains("exit 3"), "{d:?}");
 }
+
+/// HostPool is a kind like the others: applied, listed, described,
+/// watched and deleted; what is invalid is refused naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_pools_are_a_kind_like_the_others() {
+    let c = Cluster::start(1).await;
+    let pool = manifest(
+        &c,
+        "pool.yaml",
+        "apiVersion: testbus/v1\nkind: HostPool\nmetadata: {name: vms, labels: {site: lab}}\nspec:\n  provider: libvirt\n  image: /var/lib/testbus/guest-image\n  capabilities: [vm]\n  min: 0\n  max: 4\n  network: vmnet\n",
+    );
+    let out = c.ctl(&["apply", "-f", &pool]);
+    assert_eq!((out.code, out.stdout.as_str()), (0, "hostpool/vms created\n"), "{out:?}");
+    assert_eq!(c.ctl(&["apply", "-f", &pool]).stdout, "hostpool/vms unchanged\n");
+    let get = c.ctl(&["get", "hostpools"]);
+    assert!(get.stdout.starts_with("NAME   PROVIDER   GUESTS   READY   MIN   MAX"), "{get:?}");
+    assert!(get.stdout.contains("vms    libvirt    0        0       0     4"), "{get:?}");
+    let d = c.ctl(&["describe", "hostpool/vms"]);
+    assert!(
+        d.stdout.contains("Image:        /var/lib/testbus/guest-image") && d.stdout.contains("Network:      vmnet"),
+        "{d:?}"
+    );
+    assert_eq!(c.ctl(&["get", "hostpools", "-l", "site in (lab)", "-o", "name"]).stdout, "hostpool/vms\n");
+    let bad = manifest(&c, "bad.yaml", &std::fs::read_to_string(&pool).unwrap().replace("min: 0", "min: 9"));
+    let out = c.ctl(&["apply", "-f", &bad]);
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("spec.min: must be at most spec.max (4)"), "{out:?}");
+    assert_eq!(c.ctl(&["delete", "hostpool/vms"]).stdout, "hostpool/vms deleted\n");
+    assert_eq!(c.ctl(&["get", "hostpools", "-o", "name"]).stdout, "");
+}
