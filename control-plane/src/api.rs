@@ -591,9 +591,16 @@ impl ResourceService<Test> {
                 return Err(Status::aborted(format!("conflict: Host {:?} changed since it was chosen", a.host)));
             }
             let s = h.status();
-            if s.phase != phase::READY || h.spec().unschedulable || s.claim.as_ref().is_some() {
+            if s.phase != phase::READY
+                || h.spec().unschedulable
+                || s.claim.as_ref().is_some()
+                || !testbus_proto::pool::clean_enough(&h)
+            {
                 return Err(Status::aborted(format!("conflict: Host {:?} is no longer free", a.host)));
             }
+            // A pool guest is used from now on: it is cleaned before any
+            // other test may claim it.
+            h.meta_mut().annotations.remove(testbus_proto::pool::CLEAN_ANNOTATION);
             h.status_mut().claim = Some(HostClaim {
                 test: test.name().to_string(),
                 test_uid: test.meta().uid.clone(),

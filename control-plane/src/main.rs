@@ -91,6 +91,7 @@ async fn main() {
         controllers: (!args.no_controllers).then_some(testbus_controllers::Config {
             lease_grace: args.lease_grace,
             quarantine_after: args.quarantine_after,
+            pools: None, // filled in by the server, which knows its data dir
         }),
         watch_cache: 100_000,
         output_limit: args.max_output_bytes,

@@ -540,7 +540,18 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         }
     }
 
-    if let Some(ccfg) = cfg.controllers.clone() {
+    if let Some(mut ccfg) = cfg.controllers.clone() {
+        // Pool guests' links are testbus-relay processes next to this
+        // binary, toward this replica's local socket.
+        let relay = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("testbus-relay")));
+        if let (None, Some(relay)) = (&ccfg.pools, relay) {
+            ccfg.pools = Some(testbus_controllers::pools::PoolsConfig {
+                state_dir: std::path::absolute(cfg.data_dir.join("guests"))
+                    .unwrap_or_else(|_| cfg.data_dir.join("guests")),
+                relay,
+                upstream: format!("unix:{}", cfg.local_socket().display()),
+            });
+        }
         let client = testbus_proto::client::Client::lazy(&format!("unix:{}", cfg.local_socket().display()))?;
         let run_controllers = move |stop: CancellationToken| {
             let (client, ccfg) = (client.clone(), ccfg.clone());

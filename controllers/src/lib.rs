@@ -8,6 +8,8 @@
 
 pub mod health;
 pub mod hosts;
+pub mod pool_plan;
+pub mod pools;
 pub mod runtime;
 pub mod schedule;
 pub mod test_lifecycle;
@@ -17,7 +19,7 @@ use runtime::{reflect, Cache, Queue};
 use std::sync::Arc;
 use std::time::Duration;
 use testbus_proto::client::Client;
-use testbus_proto::{Host, Process, Resource, Test};
+use testbus_proto::{Host, HostPool, Process, Resource, Test};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone)]
@@ -26,11 +28,13 @@ pub struct Config {
     pub lease_grace: Duration,
     /// Infrastructure failures in a row that quarantine a host (0: never).
     pub quarantine_after: u32,
+    /// Where HostPool guests live; None: pools are not served.
+    pub pools: Option<pools::PoolsConfig>,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config { lease_grace: Duration::from_secs(5), quarantine_after: 3 }
+        Config { lease_grace: Duration::from_secs(5), quarantine_after: 3, pools: None }
     }
 }
 
@@ -47,8 +51,12 @@ pub struct Context {
     pub hosts: Arc<Cache<Host>>,
     pub tests: Arc<Cache<Test>>,
     pub processes: Arc<Cache<Process>>,
+    pub pools: Arc<Cache<HostPool>>,
     pub host_queue: Arc<Queue>,
     pub test_queue: Arc<Queue>,
+    pub pool_queue: Arc<Queue>,
+    /// The pool controller's guests and their links.
+    pub guests: pools::Guests,
     pub result_writes: test_lifecycle::ResultWrites,
     /// Each host's last terminal processes, for quarantine.
     pub ledger: health::Ledger,
@@ -63,6 +71,8 @@ fn schedulable_changed(old: Option<&Host>, new: Option<&Host>) -> bool {
             h.status().claim.clone(),
             h.status().capabilities.clone(),
             h.spec().capabilities.clone(),
+            // A pool guest cleaned (or used) changes what is free.
+            testbus_proto::pool::clean_enough(h),
         )
     };
     old.map(key) != new.map(key)
@@ -93,8 +103,11 @@ pub async fn run(client: Client, cfg: Config, stop: CancellationToken) -> Result
         hosts: Cache::new(),
         tests: Cache::new(),
         processes: Cache::new(),
+        pools: Cache::new(),
         host_queue: Queue::new(),
         test_queue: Queue::new(),
+        pool_queue: Queue::new(),
+        guests: Default::default(),
         result_writes: test_lifecycle::ResultWrites::new(RESULT_WRITE_INTERVAL),
         ledger: Default::default(),
     });
@@ -114,6 +127,18 @@ pub async fn run(client: Client, cfg: Config, stop: CancellationToken) -> Result
                     c.test_queue.add(t.name());
                 }
             }
+            // A pool watches its guests' Hosts.
+            for pool in [old, new].into_iter().flatten().filter_map(|h| testbus_proto::pool::pool_of(h)) {
+                c.pool_queue.add(pool);
+            }
+        });
+    }
+    {
+        let c = ctx.clone();
+        spawn_reflector(&mut tasks, &client, &ctx.pools, &stop, move |(old, new)| {
+            if let Some(p) = new.as_ref().or(old.as_ref()) {
+                c.pool_queue.add(p.name());
+            }
         });
     }
     {
@@ -125,9 +150,16 @@ pub async fn run(client: Client, cfg: Config, stop: CancellationToken) -> Result
             // A test that stops waiting (claimed, ended or deleted) no
             // longer holds hosts back from those queued behind it.
             let was_pending = old.as_deref().is_some_and(test_lifecycle::is_pending);
-            if was_pending && !new.as_deref().is_some_and(test_lifecycle::is_pending) {
+            let is_pending = new.as_deref().is_some_and(test_lifecycle::is_pending);
+            if was_pending && !is_pending {
                 for t in c.tests.filter(test_lifecycle::is_pending) {
                     c.test_queue.add(t.name());
+                }
+            }
+            // Pools make guests for pending tests.
+            if was_pending || is_pending {
+                for p in c.pools.list() {
+                    c.pool_queue.add(p.name());
                 }
             }
         });
@@ -149,6 +181,7 @@ pub async fn run(client: Client, cfg: Config, stop: CancellationToken) -> Result
     let synced = async {
         ctx.hosts.wait_synced().await?;
         ctx.tests.wait_synced().await?;
+        ctx.pools.wait_synced().await?;
         ctx.processes.wait_synced().await
     };
     if let Err(e) = synced.await {
@@ -188,6 +221,24 @@ pub async fn run(client: Client, cfg: Config, stop: CancellationToken) -> Result
                 move |name, trouble| {
                     let c = c.clone();
                     async move { test_lifecycle::report_trouble(&c, &name, trouble).await }
+                }
+            },
+            stop.child_token(),
+        ));
+    }
+    {
+        let c = ctx.clone();
+        tasks.spawn(runtime::run_worker(
+            ctx.pool_queue.clone(),
+            move |name| {
+                let c = c.clone();
+                async move { pools::reconcile(&c, &name).await }
+            },
+            {
+                let c = ctx.clone();
+                move |name, trouble| {
+                    let c = c.clone();
+                    async move { pools::report_trouble(&c, &name, trouble).await }
                 }
             },
             stop.child_token(),

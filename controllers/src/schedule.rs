@@ -26,9 +26,13 @@ fn fits(req: &HostRequirement, h: &Host) -> bool {
         return false;
     }
     let caps = capabilities(h);
-    // An invalid selector was refused when the test was created.
-    req.capabilities.iter().all(|c| caps.contains(c.as_str()))
-        && (req.selector.is_empty() || LabelSelector::parse(&req.selector).is_ok_and(|s| s.matches(&h.meta().labels)))
+    req.capabilities.iter().all(|c| caps.contains(c.as_str())) && fits_labels(req, &h.meta().labels)
+}
+
+/// Whether a requirement's label selector matches `labels` (an invalid
+/// selector was refused when the test was created).
+pub fn fits_labels(req: &HostRequirement, labels: &std::collections::BTreeMap<String, String>) -> bool {
+    req.selector.is_empty() || LabelSelector::parse(&req.selector).is_ok_and(|s| s.matches(labels))
 }
 
 /// Why no host there is fits `r`: a capability no host offers (with the
@@ -71,9 +75,12 @@ fn nearest<'a>(wanted: &str, offered: &BTreeSet<&'a str>) -> Option<&'a str> {
         .map(|(_, o)| o)
 }
 
-/// Free: Ready, schedulable and not claimed.
+/// Free: Ready, schedulable, not claimed, and (a pool guest) clean.
 pub fn is_free(h: &Host) -> bool {
-    h.status().phase == phase::READY && !h.spec().unschedulable && h.status().claim.as_ref().is_none()
+    h.status().phase == phase::READY
+        && !h.spec().unschedulable
+        && h.status().claim.as_ref().is_none()
+        && testbus_proto::pool::clean_enough(h)
 }
 
 fn describe(req: &HostRequirement) -> String {
@@ -95,6 +102,8 @@ fn busy_reason(h: &Host) -> String {
         format!("{} claimed by test {}", h.name(), c.test)
     } else if h.spec().unschedulable {
         format!("{} cordoned", h.name())
+    } else if !testbus_proto::pool::clean_enough(h) {
+        format!("{} being cleaned", h.name())
     } else {
         format!("{} {}", h.name(), if h.status().phase.is_empty() { "not ready" } else { &h.status().phase })
     }

@@ -16,6 +16,7 @@ pub mod client;
 pub mod duration;
 pub mod fuzzing;
 pub mod manifest;
+pub mod pool;
 pub mod process;
 pub mod resource;
 pub mod selector;

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod etcd;
+pub mod libvirt;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -1,0 +1,615 @@
+//! The HostPool controller: reconcile(pool) reads the pool, its guests'
+//! Hosts and the pending tests, asks `pool_plan` what to do, and starts
+//! each guest operation (create, clean, destroy) as a task of its own; the
+//! task reports back by requeueing the pool. Libvirt is reached only
+//! through `testbus-pool-libvirt`, on blocking threads.
+//!
+//! Ownership: `Guests` holds what this controller knows of each guest
+//! (phase, message, the task working on it) and the host side of its link
+//! (a `testbus-relay` child process, killed when dropped). Both live as
+//! long as the controllers; a restarted control plane finds its guests
+//! again in libvirt and links them anew.
+use crate::pool_plan::{self, GuestPhase, GuestView};
+use crate::runtime::Action;
+use crate::Context;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use testbus_pool_libvirt::{GuestSpec, Libvirt, ProviderError, CLEAN_SNAPSHOT, WAITING_MARK};
+use testbus_proto::pool::{CLEAN_ANNOTATION, POOL_LABEL};
+use testbus_proto::{phase, time, Condition, Guest, Host, HostPool, Resource};
+use tonic::{Code, Status};
+
+/// Finalizer of every pool: its guests, disks and domains go first.
+pub const POOL_FINALIZER: &str = "testbus.io/pool-cleanup";
+
+/// How long a guest may take from start to waiting for its go.
+pub const BOOT_DEADLINE: Duration = Duration::from_secs(180);
+/// How long its agent may take to register once linked.
+pub const LINK_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Where the pool controller keeps guest state and finds the relay.
+#[derive(Debug, Clone)]
+pub struct PoolsConfig {
+    /// Guests' disks and console logs: DIR/GUEST/.
+    pub state_dir: PathBuf,
+    /// The `testbus-relay` binary that carries each guest's link.
+    pub relay: PathBuf,
+    /// The control plane's address for the relays (its local socket).
+    pub upstream: String,
+}
+
+struct GuestRun {
+    pool: String,
+    phase: GuestPhase,
+    message: String,
+    address: String,
+    created: String,
+    cleanings: u32,
+    /// A task works on it.
+    busy: bool,
+    /// The host side of its link.
+    link: Option<tokio::process::Child>,
+}
+
+/// What the controller knows of every guest, and their links.
+#[derive(Default)]
+pub struct Guests {
+    runs: Mutex<HashMap<String, GuestRun>>,
+    /// One libvirt connection per URI, opened on first use.
+    providers: Mutex<HashMap<String, Arc<Libvirt>>>,
+    /// Per pool: failures in a row, when creating may be tried again, and
+    /// the last failure.
+    backoff: Mutex<HashMap<String, (u32, SystemTime, String)>>,
+}
+
+impl Guests {
+    fn set(&self, name: &str, phase: GuestPhase, message: impl Into<String>) {
+        if let Some(g) = self.runs.lock().get_mut(name) {
+            g.phase = phase;
+            g.message = message.into();
+        }
+    }
+}
+
+fn uri(pool: &HostPool) -> String {
+    let u = &pool.spec().uri;
+    if u.is_empty() {
+        "qemu:///system".into()
+    } else {
+        u.clone()
+    }
+}
+
+/// Runs a blocking libvirt call off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ProviderError> + Send + 'static,
+) -> Result<T, ProviderError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(ProviderError::Image(format!("a libvirt call panicked: {e}"))))
+}
+
+async fn provider(ctx: &Context, uri: &str) -> Result<Arc<Libvirt>, ProviderError> {
+    if let Some(p) = ctx.guests.providers.lock().get(uri).filter(|p| p.alive()).cloned() {
+        return Ok(p);
+    }
+    let u = uri.to_string();
+    let p = Arc::new(blocking(move || Libvirt::open(&u)).await?);
+    ctx.guests.providers.lock().insert(uri.to_string(), p.clone());
+    Ok(p)
+}
+
+fn condition(type_: &str, ok: bool, reason: &str, message: &str) -> Condition {
+    Condition {
+        r#type: type_.into(),
+        status: if ok { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message: message.into(),
+        last_transition_time: time::now(),
+    }
+}
+
+pub async fn report_trouble(ctx: &Context, name: &str, trouble: crate::runtime::Trouble) {
+    crate::runtime::report_trouble(ctx.client.api::<HostPool>(), name, trouble, |p| &mut p.status_mut().conditions)
+        .await
+}
+
+pub async fn reconcile(ctx: &Arc<Context>, name: &str) -> Result<Action, Status> {
+    let Some(pool) = ctx.pools.get(name) else {
+        return Ok(Action::AwaitChange);
+    };
+    let Some(cfg) = ctx.cfg.pools.clone() else {
+        return Ok(Action::AwaitChange);
+    };
+    if !pool.meta().deletion_timestamp.is_empty() {
+        return delete_pool(ctx, &pool, &cfg).await;
+    }
+    if !pool.meta().finalizers.iter().any(|f| f == POOL_FINALIZER) {
+        let mut next = (*pool).clone();
+        next.meta_mut().finalizers.push(POOL_FINALIZER.into());
+        ctx.client.api::<HostPool>().update(next).await?;
+        return Ok(Action::AwaitChange);
+    }
+    let uri = uri(&pool);
+    let lv = match provider(ctx, &uri).await {
+        Ok(p) => p,
+        Err(e) => {
+            let msg = format!("cannot reach libvirt: {e}");
+            write_status(ctx, &pool, Some(condition("Available", false, "LibvirtUnreachable", &msg))).await?;
+            return Ok(Action::Requeue(Duration::from_secs(5)));
+        }
+    };
+    adopt(ctx, &pool, &lv, &cfg).await;
+    let views = views(ctx, &pool);
+    let demand = pool_plan::demand(&pool, ctx.tests.list().iter().map(|t| t.as_ref()));
+    let plan = pool_plan::plan(&pool, &views, demand, SystemTime::now());
+    let backoff = ctx.guests.backoff.lock().get(pool.name()).cloned();
+    let create = match &backoff {
+        Some((_, until, _)) if *until > SystemTime::now() => 0,
+        _ => plan.create,
+    };
+    for _ in 0..create {
+        start_create(ctx, &pool, &lv, &cfg, &plan.for_tests);
+    }
+    for g in &plan.clean {
+        start_clean(ctx, &pool, &lv, &cfg, g);
+    }
+    for g in &plan.destroy {
+        start_destroy(ctx, &pool, &lv, &cfg, g);
+    }
+    let what = if create > 0 && !plan.for_tests.is_empty() {
+        format!("creating {create} guests for test {}", plan.for_tests.join(", "))
+    } else if create > 0 {
+        format!("creating {create} guests (min {})", pool.spec().min)
+    } else if plan.capped {
+        format!("at max {}", pool.spec().max.unwrap_or(pool_plan::DEFAULT_MAX))
+    } else if let Some((n, until, last)) = backoff.filter(|(_, u, _)| *u > SystemTime::now()) {
+        let secs = until.duration_since(SystemTime::now()).unwrap_or_default().as_secs();
+        let msg = format!("{n} guests failed in a row (the last: {last}); creating again in {secs}s");
+        write_status(ctx, &pool, Some(condition("Available", false, "GuestsFailing", &msg))).await?;
+        return Ok(Action::Requeue(Duration::from_secs(2)));
+    } else {
+        format!("{} guests", plan.want)
+    };
+    write_status(ctx, &pool, Some(condition("Available", true, "Reconciled", &what))).await?;
+    // Guests on their way, and idle guests, are looked at again soon.
+    Ok(Action::Requeue(Duration::from_secs(2)))
+}
+
+/// Guests of the pool that libvirt has but this controller does not know
+/// (a restarted control plane): known again, relinked.
+async fn adopt(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &PoolsConfig) {
+    let prefix = format!("{}-", pool.name());
+    let l = lv.clone();
+    let Ok(names) = blocking(move || l.guests(&prefix)).await else { return };
+    for n in names {
+        let known = ctx.guests.runs.lock().contains_key(&n);
+        if known
+            || ctx.hosts.get(&n).and_then(|h| testbus_proto::pool::pool_of(&h).map(String::from)).as_deref()
+                != Some(pool.name())
+        {
+            continue;
+        }
+        ctx.guests.runs.lock().insert(
+            n.clone(),
+            GuestRun {
+                pool: pool.name().into(),
+                phase: GuestPhase::Linking,
+                message: "found again; relinking".into(),
+                address: String::new(),
+                created: String::new(),
+                cleanings: 0,
+                busy: true,
+                link: None,
+            },
+        );
+        let (ctx, lv, cfg, pool_name) = (ctx.clone(), lv.clone(), cfg.clone(), pool.name().to_string());
+        tokio::spawn(async move {
+            let r = link(&ctx, &lv, &cfg, &n, false).await;
+            finish(&ctx, &pool_name, &n, r.map(|_| GuestPhase::Ready));
+        });
+    }
+}
+
+fn views(ctx: &Context, pool: &HostPool) -> Vec<GuestView> {
+    let runs = ctx.guests.runs.lock();
+    runs.iter()
+        .filter(|(_, g)| g.pool == pool.name())
+        .map(|(name, g)| {
+            let host = ctx.hosts.get(name);
+            let claimed = host.as_ref().is_some_and(|h| h.status().claim.is_some());
+            let clean = host
+                .as_ref()
+                .is_some_and(|h| testbus_proto::pool::clean_enough(h) && testbus_proto::pool::pool_of(h).is_some());
+            let idle_since =
+                pool.status().guests.iter().find(|x| &x.name == name).and_then(|x| time::parse(&x.idle_since));
+            GuestView { name: name.clone(), phase: g.phase, busy: g.busy, claimed, clean, idle_since }
+        })
+        .collect()
+}
+
+/// Writes the pool's guests (from what the controller knows and their
+/// Hosts) and its condition, when they changed.
+async fn write_status(ctx: &Context, pool: &HostPool, cond: Option<Condition>) -> Result<(), Status> {
+    let mut guests: Vec<Guest> = {
+        let runs = ctx.guests.runs.lock();
+        runs.iter()
+            .filter(|(_, g)| g.pool == pool.name())
+            .map(|(name, g)| {
+                let host = ctx.hosts.get(name);
+                let idle = g.phase == GuestPhase::Ready
+                    && host
+                        .as_ref()
+                        .is_some_and(|h| h.status().claim.is_none() && testbus_proto::pool::clean_enough(h));
+                let before = pool.status().guests.iter().find(|x| &x.name == name);
+                let idle_since = match (idle, before.map(|b| b.idle_since.as_str())) {
+                    (true, Some(s)) if !s.is_empty() => s.to_string(),
+                    (true, _) => time::now(),
+                    (false, _) => String::new(),
+                };
+                Guest {
+                    name: name.clone(),
+                    phase: g.phase.as_str().into(),
+                    message: g.message.clone(),
+                    address: g.address.clone(),
+                    created: g.created.clone(),
+                    idle_since,
+                    cleanings: g.cleanings,
+                }
+            })
+            .collect()
+    };
+    guests.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut next = pool.clone();
+    let s = next.status_mut();
+    s.guests = guests;
+    s.observed_generation = pool.meta().generation;
+    if let Some(c) = cond {
+        s.message = c.message.clone();
+        crate::test_plan::set_condition(&mut s.conditions, c);
+        // set_condition keeps the old one when only its time differs.
+    }
+    if next.status() == pool.status() {
+        return Ok(());
+    }
+    match ctx.client.api::<HostPool>().update_status(next).await {
+        Ok(_) => Ok(()),
+        Err(s) if s.code() == Code::Aborted => Ok(()), // seen again next time
+        Err(s) => Err(s),
+    }
+}
+
+fn new_guest_name(pool: &str) -> String {
+    let n = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let x = (n ^ (n >> 29) ^ u128::from(std::process::id())) as u32;
+    format!("{pool}-{:05x}", x & 0xfffff)
+}
+
+/// The address of the guest's `i`th slot on the pool network: one /24 per
+/// network name, inside 10.251.0.0/16.
+fn network_address(network: &str, i: usize) -> String {
+    let h = network.bytes().fold(7u32, |a, b| a.wrapping_mul(31).wrapping_add(u32::from(b))) % 250 + 1;
+    format!("10.251.{h}.{}/24", 10 + i)
+}
+
+fn guest_spec(pool: &HostPool, cfg: &PoolsConfig, name: &str, address: Option<String>) -> GuestSpec {
+    let sp = pool.spec();
+    let mut args = vec!["--label".to_string(), format!("{POOL_LABEL}={}", pool.name())];
+    for c in &sp.capabilities {
+        args.extend(["--capability".into(), c.clone()]);
+    }
+    for (k, v) in &sp.labels {
+        args.extend(["--label".into(), format!("{k}={v}")]);
+    }
+    for (k, v) in &sp.vars {
+        args.extend(["--var".into(), format!("{k}={v}")]);
+    }
+    GuestSpec {
+        name: name.into(),
+        image: sp.image.clone().into(),
+        state_dir: cfg.state_dir.join(name),
+        memory_mib: if sp.memory == 0 { 256 } else { sp.memory },
+        cpus: sp.cpus.max(1),
+        agent_args: args,
+        network: address.map(|a| (sp.network.clone(), a)),
+    }
+}
+
+fn start_create(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &PoolsConfig, for_tests: &[String]) {
+    let name = new_guest_name(pool.name());
+    let address = (!pool.spec().network.is_empty()).then(|| {
+        let used: Vec<String> = ctx.guests.runs.lock().values().map(|g| g.address.clone()).collect();
+        (0..250)
+            .map(|i| network_address(&pool.spec().network, i))
+            .find(|a| !used.contains(a))
+            .unwrap_or_else(|| network_address(&pool.spec().network, 0))
+    });
+    let why = if for_tests.is_empty() { "for min".to_string() } else { format!("for test {}", for_tests.join(", ")) };
+    ctx.guests.runs.lock().insert(
+        name.clone(),
+        GuestRun {
+            pool: pool.name().into(),
+            phase: GuestPhase::Creating,
+            message: why,
+            address: address.clone().unwrap_or_default(),
+            created: time::now(),
+            cleanings: 0,
+            busy: true,
+            link: None,
+        },
+    );
+    let spec = guest_spec(pool, cfg, &name, address.clone());
+    let (ctx, lv, cfg, pool_name, network) =
+        (ctx.clone(), lv.clone(), cfg.clone(), pool.name().to_string(), pool.spec().network.clone());
+    tokio::spawn(async move {
+        let r = async {
+            if address.is_some() {
+                let (l, n) = (lv.clone(), network.clone());
+                blocking(move || l.ensure_network(&n)).await.map_err(|e| e.to_string())?;
+            }
+            let (l, s) = (lv.clone(), spec.clone());
+            blocking(move || l.create_guest(&s)).await.map_err(|e| e.to_string())?;
+            ctx.guests.set(&spec.name, GuestPhase::Booting, "booting");
+            wait_waiting(&spec.state_dir).await?;
+            let (l, n) = (lv.clone(), spec.name.clone());
+            blocking(move || l.snapshot(&n, CLEAN_SNAPSHOT)).await.map_err(|e| e.to_string())?;
+            link(&ctx, &lv, &cfg, &spec.name, true).await
+        }
+        .await;
+        finish(&ctx, &pool_name, &name, r.map(|_| GuestPhase::Ready));
+    });
+}
+
+/// Waits until the guest's console says it waits for its go.
+async fn wait_waiting(state_dir: &std::path::Path) -> Result<(), String> {
+    let log = testbus_pool_libvirt::console_log(state_dir);
+    let deadline = tokio::time::Instant::now() + BOOT_DEADLINE;
+    loop {
+        if std::fs::read_to_string(&log).is_ok_and(|t| t.contains(WAITING_MARK)) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            let tail = std::fs::read_to_string(&log).unwrap_or_default();
+            let last = tail.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("nothing");
+            return Err(format!("did not boot within {}s (console: {last})", BOOT_DEADLINE.as_secs()));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Starts the host side of the guest's link on its pty, then waits until
+/// its agent has registered since. With `go` the guest has just started
+/// from its clean snapshot: it gets its go first, and is marked clean.
+async fn link(ctx: &Context, lv: &Arc<Libvirt>, cfg: &PoolsConfig, name: &str, go: bool) -> Result<(), String> {
+    ctx.guests.set(name, GuestPhase::Linking, "linking");
+    if let Some(mut old) = ctx.guests.runs.lock().get_mut(name).and_then(|g| g.link.take()) {
+        let _ = old.start_kill();
+    }
+    let (l, n) = (lv.clone(), name.to_string());
+    let pty = blocking(move || l.link_pty(&n)).await.map_err(|e| e.to_string())?;
+    // The pty is raw (no echo, no line editing) before anything crosses it.
+    let stty = tokio::process::Command::new("stty").arg("-F").arg(&pty).args(["raw", "-echo"]).status().await;
+    if !stty.is_ok_and(|s| s.success()) {
+        return Err(format!("cannot set {} raw", pty.display()));
+    }
+    // Whole seconds: the guest's clock is set from the go to the second.
+    let since = SystemTime::now() - Duration::from_secs(1);
+    if go {
+        let line = testbus_pool_libvirt::go_line(SystemTime::now());
+        tokio::fs::write(&pty, line).await.map_err(|e| format!("giving the go on {}: {e}", pty.display()))?;
+    }
+    let log = std::fs::File::create(cfg.state_dir.join(name).join("relay.log")).map_err(|e| e.to_string())?;
+    let child = tokio::process::Command::new(&cfg.relay)
+        .arg("--downstream")
+        .arg(format!("serial:{}", pty.display()))
+        .args(["--upstream", &cfg.upstream, "--transport", "serial"])
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", cfg.relay.display()))?;
+    if let Some(g) = ctx.guests.runs.lock().get_mut(name) {
+        g.link = Some(child);
+    }
+    // Registered since the go: the lease was renewed after it (the
+    // guest's clock was set from the go).
+    let deadline = tokio::time::Instant::now() + LINK_DEADLINE;
+    let mut marked = false;
+    loop {
+        if let Some(h) = ctx.hosts.get(name) {
+            let renewed = time::parse(&h.status().lease_renew_time);
+            if h.status().phase == phase::READY && renewed.is_some_and(|t| t > since) {
+                // Relinked (not started from its clean snapshot): whether
+                // it is clean is for the plan to see. Marked once, and done
+                // once the cache the plan reads shows it (or a test has
+                // already claimed it: the mark is never written twice, or
+                // it could mark a used guest clean).
+                if !go || (marked && (testbus_proto::pool::clean_enough(&h) || h.status().claim.is_some())) {
+                    return Ok(());
+                }
+                if !marked {
+                    mark_clean(ctx, name).await.map_err(|e| e.to_string())?;
+                    marked = true;
+                }
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!("its agent did not register within {}s", LINK_DEADLINE.as_secs()));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Marks the guest's Host clean: it may be claimed again.
+async fn mark_clean(ctx: &Context, name: &str) -> Result<(), Status> {
+    let api = ctx.client.api::<Host>();
+    loop {
+        let mut h = api.get(name).await?;
+        if h.meta().annotations.get(CLEAN_ANNOTATION).is_some_and(|v| v == "true") {
+            return Ok(());
+        }
+        h.meta_mut().annotations.insert(CLEAN_ANNOTATION.into(), "true".into());
+        match api.update(h).await {
+            Ok(_) => return Ok(()),
+            Err(s) if s.code() == Code::Aborted => continue,
+            Err(s) => return Err(s),
+        }
+    }
+}
+
+fn start_clean(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &PoolsConfig, name: &str) {
+    {
+        let mut runs = ctx.guests.runs.lock();
+        let Some(g) = runs.get_mut(name) else { return };
+        if g.busy {
+            return;
+        }
+        g.busy = true;
+        g.phase = GuestPhase::Cleaning;
+        g.message = "reverting to its clean snapshot".into();
+    }
+    let (ctx, lv, cfg, pool_name, name) =
+        (ctx.clone(), lv.clone(), cfg.clone(), pool.name().to_string(), name.to_string());
+    tokio::spawn(async move {
+        let r = async {
+            if let Some(mut old) = ctx.guests.runs.lock().get_mut(&name).and_then(|g| g.link.take()) {
+                let _ = old.start_kill();
+            }
+            let (l, n) = (lv.clone(), name.clone());
+            blocking(move || l.revert(&n, CLEAN_SNAPSHOT)).await.map_err(|e| e.to_string())?;
+            link(&ctx, &lv, &cfg, &name, true).await
+        }
+        .await;
+        if r.is_ok() {
+            if let Some(g) = ctx.guests.runs.lock().get_mut(&name) {
+                g.cleanings += 1;
+            }
+        }
+        finish(&ctx, &pool_name, &name, r.map(|_| GuestPhase::Ready));
+    });
+}
+
+fn start_destroy(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &PoolsConfig, name: &str) {
+    {
+        let mut runs = ctx.guests.runs.lock();
+        let Some(g) = runs.get_mut(name) else { return };
+        if g.busy && g.phase != GuestPhase::Failed {
+            return;
+        }
+        g.busy = true;
+        g.phase = GuestPhase::Deleting;
+    }
+    let (ctx, lv, cfg, pool_name, name) =
+        (ctx.clone(), lv.clone(), cfg.clone(), pool.name().to_string(), name.to_string());
+    tokio::spawn(async move {
+        let r = destroy(&ctx, &lv, &cfg, &name).await;
+        match r {
+            Ok(()) => {
+                ctx.guests.runs.lock().remove(&name);
+                ctx.pool_queue.add(&pool_name);
+            }
+            Err(e) => finish(&ctx, &pool_name, &name, Err(e)),
+        }
+    });
+}
+
+async fn destroy(ctx: &Context, lv: &Arc<Libvirt>, cfg: &PoolsConfig, name: &str) -> Result<(), String> {
+    if let Some(mut old) = ctx.guests.runs.lock().get_mut(name).and_then(|g| g.link.take()) {
+        let _ = old.start_kill();
+    }
+    let (l, n, dir) = (lv.clone(), name.to_string(), cfg.state_dir.join(name));
+    blocking(move || l.destroy_guest(&n, &dir)).await.map_err(|e| e.to_string())?;
+    match ctx.client.api::<Host>().delete(name).await {
+        Ok(_) => Ok(()),
+        Err(s) if s.code() == Code::NotFound => Ok(()),
+        Err(s) => Err(s.message().to_string()),
+    }
+}
+
+/// A guest task ended: its new phase, or why it failed (the pool backs off
+/// creating after failures in a row).
+fn finish(ctx: &Context, pool: &str, name: &str, r: Result<GuestPhase, String>) {
+    {
+        let mut runs = ctx.guests.runs.lock();
+        if let Some(g) = runs.get_mut(name) {
+            g.busy = false;
+            match &r {
+                Ok(p) => {
+                    g.phase = *p;
+                    g.message.clear();
+                }
+                Err(e) => {
+                    tracing::warn!(pool, guest = name, error = %e, "guest failed");
+                    g.phase = GuestPhase::Failed;
+                    g.message = e.clone();
+                }
+            }
+        }
+    }
+    let mut backoff = ctx.guests.backoff.lock();
+    match r {
+        Ok(_) => {
+            backoff.remove(pool);
+        }
+        Err(e) => {
+            let n = backoff.get(pool).map_or(1, |(n, _, _)| n + 1);
+            let wait = Duration::from_secs(2u64.saturating_pow(n.min(6)).min(60));
+            backoff.insert(pool.to_string(), (n, SystemTime::now() + wait, e));
+        }
+    }
+    drop(backoff);
+    ctx.pool_queue.add(pool);
+}
+
+/// Deleting a pool: every guest it has goes (domain, disk, Host), then its
+/// network, then the finalizer.
+async fn delete_pool(ctx: &Arc<Context>, pool: &HostPool, cfg: &PoolsConfig) -> Result<Action, Status> {
+    if !pool.meta().finalizers.iter().any(|f| f == POOL_FINALIZER) {
+        return Ok(Action::AwaitChange);
+    }
+    let uri = uri(pool);
+    let lv = match provider(ctx, &uri).await {
+        Ok(p) => p,
+        Err(e) => {
+            let msg = format!("cannot delete the pool's guests: cannot reach libvirt: {e}");
+            write_status(ctx, pool, Some(condition("Available", false, "LibvirtUnreachable", &msg))).await?;
+            return Ok(Action::Requeue(Duration::from_secs(5)));
+        }
+    };
+    let mut names: Vec<String> =
+        ctx.guests.runs.lock().iter().filter(|(_, g)| g.pool == pool.name()).map(|(n, _)| n.clone()).collect();
+    let prefix = format!("{}-", pool.name());
+    let l = lv.clone();
+    if let Ok(found) = blocking(move || l.guests(&prefix)).await {
+        for n in found {
+            let ours = ctx.hosts.get(&n).is_none_or(|h| testbus_proto::pool::pool_of(&h) == Some(pool.name()));
+            if ours && !names.contains(&n) {
+                names.push(n);
+            }
+        }
+    }
+    for n in &names {
+        if let Err(e) = destroy(ctx, &lv, cfg, n).await {
+            let msg = format!("cannot destroy guest {n}: {e}");
+            write_status(ctx, pool, Some(condition("Available", false, "DeleteFailed", &msg))).await?;
+            return Ok(Action::Requeue(Duration::from_secs(5)));
+        }
+        ctx.guests.runs.lock().remove(n);
+    }
+    if !pool.spec().network.is_empty() {
+        let (l, net) = (lv.clone(), pool.spec().network.clone());
+        if let Err(e) = blocking(move || l.delete_network(&net)).await {
+            tracing::warn!(pool = pool.name(), error = %e, "cannot delete the pool's network");
+        }
+    }
+    let mut next = pool.clone();
+    next.meta_mut().finalizers.retain(|f| f != POOL_FINALIZER);
+    match ctx.client.api::<HostPool>().update(next).await {
+        Ok(_) => Ok(Action::AwaitChange),
+        Err(s) if s.code() == Code::NotFound => Ok(Action::AwaitChange),
+        Err(s) => Err(s),
+    }
+}

@@ -1,0 +1,375 @@
+//! testbus's libvirt provider: the guests of a HostPool as libvirt domains.
+//! This crate alone knows libvirt (through the `virt` crate); the pool
+//! controller asks it for guests by name and never sees XML.
+//!
+//! A guest is a qcow2 linked clone of the image's `golden.qcow2` (made by
+//! `hack/guest-image`), booted directly from the image's kernel and initrd
+//! with a command line that tells it its name and agent flags. Its first
+//! serial line is a console log file; its second is a pty that carries the
+//! relay link to the control plane. Every call blocks: callers run them
+//! on a blocking thread.
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use virt::connect::Connect;
+use virt::domain::Domain;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProviderError {
+    /// What libvirt said, as it said it.
+    #[error("libvirt ({uri}): {message}")]
+    Libvirt { uri: String, message: String },
+    /// The image directory lacks a part, or a disk could not be made.
+    #[error("{0}")]
+    Image(String),
+    /// No such guest.
+    #[error("no guest {0}")]
+    NoGuest(String),
+}
+
+pub type Result<T, E = ProviderError> = std::result::Result<T, E>;
+
+/// The name of the snapshot every guest gets while it waits for its go:
+/// reverting to it gives a machine that never ran a test.
+pub const CLEAN_SNAPSHOT: &str = "testbus-clean";
+
+/// What the guest's console says once it waits for the host's go on its
+/// second serial line.
+pub const WAITING_MARK: &str = "testbus-guest: waiting for go";
+
+/// The go a guest waits for: one line with the host's clock (seconds since
+/// the epoch), which the guest sets its own to.
+pub fn go_line(now: std::time::SystemTime) -> String {
+    let secs = now.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    format!("go {secs}\n")
+}
+
+/// One guest to make.
+#[derive(Debug, Clone)]
+pub struct GuestSpec {
+    pub name: String,
+    /// The directory `hack/guest-image` made.
+    pub image: PathBuf,
+    /// Where the guest's disk and console log go (removed with the guest).
+    pub state_dir: PathBuf,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    /// The agent's extra flags (`--capability`, `--label`, `--var`).
+    pub agent_args: Vec<String>,
+    /// The pool network and the guest's address on it (ADDR/PREFIX).
+    pub network: Option<(String, String)>,
+}
+
+/// A connection to one libvirt daemon.
+pub struct Libvirt {
+    conn: Connect,
+    uri: String,
+    /// `kvm` where it works, else `qemu` (TCG).
+    domain_type: &'static str,
+}
+
+fn err(uri: &str) -> impl Fn(virt::error::Error) -> ProviderError + '_ {
+    move |e| ProviderError::Libvirt { uri: uri.to_string(), message: e.message().to_string() }
+}
+
+fn is_missing(e: &virt::error::Error) -> bool {
+    use virt::error::ErrorNumber;
+    matches!(
+        e.code(),
+        virt::enumutil::Enum::Known(ErrorNumber::NoDomain | ErrorNumber::NoNetwork | ErrorNumber::NoDomainSnapshot)
+    )
+}
+
+/// Whether hardware virtualisation can be trusted here: libvirt offers
+/// kvm and this machine is not itself a guest (nested KVM hangs guests on
+/// some hypervisors; TCG always works, slower).
+fn kvm_works(capabilities: &str) -> bool {
+    let offered = capabilities.contains("<domain type='kvm'");
+    let nested = std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| c.contains(" hypervisor"));
+    offered && !nested
+}
+
+impl Libvirt {
+    pub fn open(uri: &str) -> Result<Libvirt> {
+        let conn = Connect::open(Some(uri)).map_err(err(uri))?;
+        let caps = conn.capabilities().map_err(err(uri))?;
+        let domain_type = if kvm_works(&caps) { "kvm" } else { "qemu" };
+        Ok(Libvirt { conn, uri: uri.to_string(), domain_type })
+    }
+
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// Whether the daemon still answers.
+    pub fn alive(&self) -> bool {
+        self.conn.is_alive().unwrap_or(false)
+    }
+
+    fn domain(&self, name: &str) -> Result<Domain> {
+        self.conn.lookup_domain_by_name(name).map_err(|e| {
+            if is_missing(&e) {
+                ProviderError::NoGuest(name.to_string())
+            } else {
+                err(&self.uri)(e)
+            }
+        })
+    }
+
+    /// Makes sure the isolated network `name` exists and runs: a bridge
+    /// with no address, no forwarding, no DHCP or DNS (so no dnsmasq and no
+    /// firewall rules): its guests reach each other and nothing else, with
+    /// the addresses their command lines give them.
+    pub fn ensure_network(&self, name: &str) -> Result<()> {
+        let net = match self.conn.lookup_network_by_name(name) {
+            Ok(n) => n,
+            Err(e) if is_missing(&e) => {
+                let xml = format!("<network><name>{}</name><bridge stp='off' delay='0'/></network>", escape(name));
+                self.conn.define_network_xml(&xml).map_err(err(&self.uri))?
+            }
+            Err(e) => return Err(err(&self.uri)(e)),
+        };
+        if !net.is_active().map_err(err(&self.uri))? {
+            net.create().map_err(err(&self.uri))?;
+        }
+        Ok(())
+    }
+
+    /// Stops and removes the network `name`, if it exists.
+    pub fn delete_network(&self, name: &str) -> Result<()> {
+        match self.conn.lookup_network_by_name(name) {
+            Ok(n) => {
+                if n.is_active().unwrap_or(false) {
+                    n.destroy().map_err(err(&self.uri))?;
+                }
+                n.undefine().map_err(err(&self.uri))
+            }
+            Err(e) if is_missing(&e) => Ok(()),
+            Err(e) => Err(err(&self.uri)(e)),
+        }
+    }
+
+    /// Makes the guest's disk (a linked clone of the golden image), defines
+    /// the domain and starts it.
+    pub fn create_guest(&self, g: &GuestSpec) -> Result<()> {
+        for part in ["vmlinuz", "initrd.img", "golden.qcow2"] {
+            if !g.image.join(part).is_file() {
+                return Err(ProviderError::Image(format!(
+                    "image {}: no {part} (build it with hack/guest-image)",
+                    g.image.display()
+                )));
+            }
+        }
+        std::fs::create_dir_all(&g.state_dir)
+            .map_err(|e| ProviderError::Image(format!("{}: {e}", g.state_dir.display())))?;
+        let disk = g.state_dir.join("disk.qcow2");
+        let _ = std::fs::remove_file(&disk);
+        let golden = g.image.join("golden.qcow2");
+        let out = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(&golden)
+            .arg(&disk)
+            .output()
+            .map_err(|e| ProviderError::Image(format!("qemu-img: {e}")))?;
+        if !out.status.success() {
+            return Err(ProviderError::Image(format!(
+                "qemu-img create (a linked clone of {}): {}",
+                golden.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        let console = console_log(&g.state_dir);
+        let _ = std::fs::remove_file(&console);
+        let dom = self.conn.define_domain_xml(&domain_xml(g, self.domain_type)).map_err(err(&self.uri))?;
+        if let Err(e) = dom.create() {
+            let _ = dom.undefine_flags(virt::sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA);
+            return Err(err(&self.uri)(e));
+        }
+        Ok(())
+    }
+
+    /// Whether the guest's domain exists and runs.
+    pub fn running(&self, name: &str) -> Result<bool> {
+        match self.domain(name) {
+            Ok(d) => d.is_active().map_err(err(&self.uri)),
+            Err(ProviderError::NoGuest(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The host side of the guest's link: the pty of its second serial
+    /// line (a new one each time QEMU starts, a revert included).
+    pub fn link_pty(&self, name: &str) -> Result<PathBuf> {
+        let xml = self.domain(name)?.xml_desc(0).map_err(err(&self.uri))?;
+        // <serial type='pty'> <source path='/dev/pts/N'/> <target ... port='1'>
+        xml.split("<serial type='pty'>")
+            .skip(1)
+            .find_map(|s| {
+                let end = s.find("</serial>")?;
+                let s = &s[..end];
+                let path = s.split("<source path='").nth(1)?.split('\'').next()?;
+                Some(PathBuf::from(path))
+            })
+            .ok_or_else(|| ProviderError::NoGuest(format!("{name} (no serial pty: is it running?)")))
+    }
+
+    /// Takes a snapshot of the running guest, memory included.
+    pub fn snapshot(&self, name: &str, snapshot: &str) -> Result<()> {
+        let dom = self.domain(name)?;
+        let xml = format!("<domainsnapshot><name>{snapshot}</name></domainsnapshot>");
+        dom.create_snapshot_xml(&xml, 0).map(|_| ()).map_err(err(&self.uri))
+    }
+
+    /// Brings the guest back to a snapshot (QEMU restarts: its link pty
+    /// changes).
+    pub fn revert(&self, name: &str, snapshot: &str) -> Result<()> {
+        let dom = self.domain(name)?;
+        let snap = Domain::lookup_snapshot_by_name(&dom, snapshot, 0).map_err(err(&self.uri))?;
+        snap.revert(0).map_err(err(&self.uri))
+    }
+
+    /// The guest's snapshots, by name.
+    pub fn snapshots(&self, name: &str) -> Result<Vec<String>> {
+        let dom = self.domain(name)?;
+        let all = dom.list_all_snapshots(0).map_err(err(&self.uri))?;
+        let mut names: Vec<String> = all.iter().filter_map(|s| s.name().ok()).collect();
+        names.sort();
+        Ok(names)
+    }
+
+    pub fn delete_snapshot(&self, name: &str, snapshot: &str) -> Result<()> {
+        let dom = self.domain(name)?;
+        let snap = Domain::lookup_snapshot_by_name(&dom, snapshot, 0).map_err(err(&self.uri))?;
+        snap.delete(0).map_err(err(&self.uri))
+    }
+
+    /// Stops and removes the guest: its domain, snapshots, disk and
+    /// console log. A guest that is already gone is fine.
+    pub fn destroy_guest(&self, name: &str, state_dir: &Path) -> Result<()> {
+        match self.domain(name) {
+            Ok(dom) => {
+                if dom.is_active().unwrap_or(false) {
+                    if let Err(e) = dom.destroy() {
+                        if !is_missing(&e) {
+                            return Err(err(&self.uri)(e));
+                        }
+                    }
+                }
+                if let Err(e) = dom.undefine_flags(virt::sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA) {
+                    if !is_missing(&e) {
+                        return Err(err(&self.uri)(e));
+                    }
+                }
+            }
+            Err(ProviderError::NoGuest(_)) => {}
+            Err(e) => return Err(e),
+        }
+        match std::fs::remove_dir_all(state_dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(ProviderError::Image(format!("{}: {e}", state_dir.display()))),
+        }
+    }
+
+    /// The names of the defined domains that start with `prefix`.
+    pub fn guests(&self, prefix: &str) -> Result<Vec<String>> {
+        let all = self.conn.list_all_domains(0).map_err(err(&self.uri))?;
+        let mut names: Vec<String> =
+            all.iter().filter_map(|d| d.name().ok()).filter(|n| n.starts_with(prefix)).collect();
+        names.sort();
+        Ok(names)
+    }
+}
+
+/// Where a guest's console (its first serial line) is logged.
+pub fn console_log(state_dir: &Path) -> PathBuf {
+    state_dir.join("console.log")
+}
+
+/// Characters that may appear in XML text and attributes unescaped here:
+/// names, paths and flags are checked by the pool's validation, and
+/// anything else is escaped.
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('\'', "&apos;").replace('"', "&quot;")
+}
+
+fn domain_xml(g: &GuestSpec, domain_type: &str) -> String {
+    let image = |part: &str| escape(&g.image.join(part).display().to_string());
+    let mut cmdline = format!("console=ttyS0 quiet testbus.name={}", g.name);
+    if !g.agent_args.is_empty() {
+        // One word on the kernel command line: flags joined by commas.
+        cmdline.push_str(&format!(" testbus.args={}", g.agent_args.join(",")));
+    }
+    let mut iface = String::new();
+    if let Some((net, addr)) = &g.network {
+        cmdline.push_str(&format!(" testbus.ip={addr}"));
+        iface =
+            format!("<interface type='network'><source network='{}'/><model type='virtio'/></interface>", escape(net));
+    }
+    format!(
+        "<domain type='{domain_type}'>
+  <name>{name}</name>
+  <memory unit='MiB'>{mem}</memory>
+  <vcpu>{cpus}</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{kernel}</kernel>
+    <initrd>{initrd}</initrd>
+    <cmdline>{cmdline}</cmdline>
+  </os>
+  <features><acpi/></features>
+  <genid/>
+  <on_poweroff>destroy</on_poweroff>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='{disk}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    {iface}
+    <serial type='file'><source path='{console}'/><target port='0'/></serial>
+    <serial type='pty'><target port='1'/></serial>
+    <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>
+  </devices>
+</domain>",
+        name = escape(&g.name),
+        mem = g.memory_mib,
+        cpus = g.cpus,
+        kernel = image("vmlinuz"),
+        initrd = image("initrd.img"),
+        cmdline = escape(&cmdline),
+        disk = escape(&g.state_dir.join("disk.qcow2").display().to_string()),
+        console = escape(&console_log(&g.state_dir).display().to_string()),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_domain_boots_the_image_with_its_link_and_console() {
+        let g = GuestSpec {
+            name: "vms-ab12c".into(),
+            image: "/img".into(),
+            state_dir: "/state/vms-ab12c".into(),
+            memory_mib: 256,
+            cpus: 1,
+            agent_args: vec!["--capability".into(), "vm".into()],
+            network: Some(("vmnet".into(), "10.251.0.11/24".into())),
+        };
+        let xml = domain_xml(&g, "qemu");
+        assert!(xml.starts_with("<domain type='qemu'>"));
+        assert!(xml.contains("<kernel>/img/vmlinuz</kernel>") && xml.contains("<initrd>/img/initrd.img</initrd>"));
+        assert!(xml.contains(
+            "<cmdline>console=ttyS0 quiet testbus.name=vms-ab12c testbus.args=--capability,vm testbus.ip=10.251.0.11/24</cmdline>"
+        ));
+        assert!(xml.contains("<source file='/state/vms-ab12c/disk.qcow2'/>"));
+        assert!(xml.contains("<serial type='pty'><target port='1'/></serial>"));
+        assert!(xml.contains("<source network='vmnet'/>"));
+        // Escaped, not interpreted.
+        let odd = GuestSpec { name: "a'b<c".into(), network: None, ..g };
+        assert!(domain_xml(&odd, "qemu").contains("<name>a&apos;b&lt;c</name>"));
+    }
+}

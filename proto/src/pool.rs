@@ -1,0 +1,24 @@
+//! How pool guests are marked on their Hosts. A guest's agent registers
+//! its Host with the pool's label; the pool controller marks it clean once
+//! it has been brought back to its clean state, and a claim takes the mark
+//! away in the same write. A pool host without the mark is never free:
+//! no test sees what an earlier one left behind.
+use crate::{Host, Resource};
+
+/// Label every pool guest's Host carries: the pool's name.
+pub const POOL_LABEL: &str = "testbus.io/pool";
+
+/// Annotation of a pool guest's Host that is clean (never used since its
+/// last clean state): "true".
+pub const CLEAN_ANNOTATION: &str = "testbus.io/clean";
+
+/// The pool a Host is a guest of, if any.
+pub fn pool_of(h: &Host) -> Option<&str> {
+    h.meta().labels.get(POOL_LABEL).map(String::as_str)
+}
+
+/// Whether a Host may be claimed as far as pools go: any host outside a
+/// pool, a pool guest only when marked clean.
+pub fn clean_enough(h: &Host) -> bool {
+    pool_of(h).is_none() || h.meta().annotations.get(CLEAN_ANNOTATION).is_some_and(|v| v == "true")
+}

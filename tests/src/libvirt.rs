@@ -1,0 +1,84 @@
+//! The real libvirtd and QEMU (TCG) for pool tests, started on demand as
+//! INFRA.md says (virtlogd first, then libvirtd, both daemons of the
+//! machine: left running for the next test binary), and the golden guest
+//! image `hack/guest-image` builds (hack/test builds it before the tests).
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const URI: &str = "qemu:///system";
+
+fn virsh(args: &[&str]) -> Option<String> {
+    let out = Command::new("virsh").arg("-c").arg(URI).args(args).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Makes sure libvirtd answers; false (the test skips) where it cannot be
+/// had, which CI does not accept.
+pub fn ensure() -> bool {
+    if !crate::needs_root("pool tests (libvirtd, QEMU)") {
+        return false;
+    }
+    if virsh(&["version"]).is_some() {
+        return true;
+    }
+    std::fs::create_dir_all("/var/log/libvirt").expect("mkdir /var/log/libvirt");
+    let run = |bin: &str| {
+        let st = Command::new(bin).arg("-d").status();
+        assert!(st.is_ok_and(|s| s.success()), "{bin} -d did not start (run hack/setup)");
+    };
+    if !std::path::Path::new("/run/libvirt/virtlogd-sock").exists() {
+        run("virtlogd");
+    }
+    run("libvirtd");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while virsh(&["version"]).is_none() {
+        assert!(Instant::now() < deadline, "libvirtd did not answer within 30 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
+}
+
+/// The golden image hack/guest-image made.
+pub fn image() -> PathBuf {
+    let dir = crate::repo_root().join("target/guest-image");
+    assert!(dir.join("golden.qcow2").exists(), "no guest image in {}: run hack/guest-image", dir.display());
+    dir
+}
+
+/// The defined domains whose names start with `prefix`.
+pub fn domains(prefix: &str) -> Vec<String> {
+    virsh(&["list", "--all", "--name"])
+        .unwrap_or_default()
+        .lines()
+        .map(str::trim)
+        .filter(|n| n.starts_with(prefix))
+        .map(String::from)
+        .collect()
+}
+
+/// The pid of a running guest's QEMU.
+pub fn qemu_pid(domain: &str) -> Option<i32> {
+    let pid = std::fs::read_to_string(format!("/run/libvirt/qemu/{domain}.pid")).ok()?;
+    pid.trim().parse().ok()
+}
+
+/// Removes what a test's pools left in libvirt, should the test fail
+/// before deleting them: domains named `PREFIX-*` and the named networks.
+pub struct Leftovers {
+    pub prefix: String,
+    pub networks: Vec<String>,
+}
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        for d in domains(&format!("{}-", self.prefix)) {
+            let _ = virsh(&["destroy", &d]);
+            let _ = virsh(&["undefine", &d, "--snapshots-metadata"]);
+        }
+        for n in &self.networks {
+            let _ = virsh(&["net-destroy", n]);
+            let _ = virsh(&["net-undefine", n]);
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! HostPools with the real components (issue 18): libvirtd and QEMU under
+//! TCG, guests from the golden image that `hack/guest-image` builds, each
+//! reaching the control plane only through `testbus-relay` over its serial
+//! line. The tests start libvirtd themselves (tests/src/libvirt.rs).
+use std::time::Duration;
+use testbus_proto::{Host, HostPool, Resource};
+use testbus_tests::libvirt::{self, Leftovers};
+use testbus_tests::{manifest, wait_for, Cluster};
+
+/// Guests boot under TCG in ~15 s on 2 busy cores; a test waits for them.
+const BOOT: Duration = Duration::from_secs(240);
+
+fn pool_yaml(name: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: testbus/v1\nkind: HostPool\nmetadata: {{name: {name}}}\nspec:\n  provider: libvirt\n  image: {}\n  capabilities: [vm]\n{extra}",
+        libvirt::image().display()
+    )
+}
+
+async fn pool(c: &Cluster, name: &str) -> HostPool {
+    c.client().await.api::<HostPool>().get(name).await.unwrap()
+}
+
+/// From zero guests to one for a test, the guest cleaned between tests (a
+/// file the first test wrote is gone for the second), destroyed when idle
+/// past idleTimeout, and everything gone from libvirt with the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_makes_guests_on_demand_cleans_them_and_removes_them() {
+    if !libvirt::ensure() {
+        return;
+    }
+    drop(Leftovers { prefix: "tbt-a".into(), networks: vec![] }); // a crashed earlier run's
+    let _leftovers = Leftovers { prefix: "tbt-a".into(), networks: vec![] };
+    let c = Cluster::start(0).await;
+    let p = manifest(&c, "pool.yaml", &pool_yaml("tbt-a", "  min: 0\n  max: 2\n  idleTimeout: 2s\n"));
+    assert_eq!(c.ctl(&["apply", "-f", &p]).code, 0);
+    let test = |name: &str, cmd: &str| {
+        manifest(
+            &c,
+            &format!("{name}.yaml"),
+            &format!(
+                "apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: {name}}}\nspec:\n  hosts: [{{role: vm, capabilities: [vm]}}]\n  steps: [{{name: s, on: [vm], argv: [sh, -c, \"{cmd}\"]}}]\n"
+            ),
+        )
+    };
+    let timeout = format!("{}s", BOOT.as_secs());
+    let out = c.ctl(&[
+        "apply",
+        "-f",
+        &test("first", "echo secret > /root/leftover; hostname"),
+        "--wait",
+        "--timeout",
+        &timeout,
+    ]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let guest = c
+        .ctl(&["logs", "test/first"])
+        .stdout
+        .trim()
+        .trim_start_matches(|ch| ch != ']')
+        .trim_start_matches("] ")
+        .to_string();
+    assert!(guest.starts_with("tbt-a-"), "{guest:?}");
+    let client = c.client().await;
+    let h = client.api::<Host>().get(&guest).await.unwrap();
+    assert_eq!(h.status().facts.as_ref().unwrap().transport, "serial", "its only link is the serial line");
+    assert_eq!(testbus_proto::pool::pool_of(&h), Some("tbt-a"));
+    assert_eq!(libvirt::domains("tbt-a-"), std::slice::from_ref(&guest));
+
+    // The same guest, clean: the first test's file is gone.
+    let out =
+        c.ctl(&["apply", "-f", &test("second", "hostname; test ! -e /root/leftover"), "--wait", "--timeout", &timeout]);
+    assert_eq!(out.code, 0, "{out:?} {}", c.ctl(&["logs", "test/second"]).stdout);
+    assert!(c.ctl(&["logs", "test/second"]).stdout.contains(&guest), "the guest was reused");
+    let cleanings = pool(&c, "tbt-a").await.status().guests.iter().map(|g| g.cleanings).sum::<u32>();
+    assert!(cleanings >= 1, "{:?}", pool(&c, "tbt-a").await.status());
+
+    // Idle past idleTimeout above min 0: destroyed, with its Host.
+    wait_for(Duration::from_secs(120), "the idle guest to be destroyed", || async {
+        let p = client.api::<HostPool>().get("tbt-a").await.ok()?;
+        let host_gone = client.api::<Host>().get_opt(&guest).await.ok()?.is_none();
+        (p.status().guests.is_empty() && host_gone && libvirt::domains("tbt-a-").is_empty()).then_some(())
+    })
+    .await;
+
+    // Demand again, then the pool is deleted with a guest in it: nothing
+    // is left in libvirt, nor on disk.
+    let out = c.ctl(&["apply", "-f", &test("third", "true"), "--wait", "--timeout", &timeout]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(libvirt::domains("tbt-a-").len(), 1);
+    assert_eq!(c.ctl(&["delete", "hostpool/tbt-a"]).code, 0);
+    wait_for(Duration::from_secs(120), "the pool and its guests to go", || async {
+        let gone = client.api::<HostPool>().get_opt("tbt-a").await.ok()?.is_none();
+        (gone && libvirt::domains("tbt-a-").is_empty()).then_some(())
+    })
+    .await;
+    let (hosts, _) = client.api::<Host>().list("testbus.io/pool=tbt-a", "").await.unwrap();
+    assert!(hosts.is_empty(), "{hosts:?}");
+    let guests_dir = c.dir.path().join("cp/guests");
+    let left: Vec<_> =
+        std::fs::read_dir(&guests_dir).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// A test whose roles mix a bare agent (in a network namespace) and two
+/// pool guests that talk over the pool's isolated network.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guests_talk_over_the_pool_network_beside_a_bare_host() {
+    if !libvirt::ensure() {
+        return;
+    }
+    drop(Leftovers { prefix: "tbt-n".into(), networks: vec!["tbt-net".into()] });
+    let _leftovers = Leftovers { prefix: "tbt-n".into(), networks: vec!["tbt-net".into()] };
+    let c = Cluster::start(1).await;
+    let p = manifest(&c, "pool.yaml", &pool_yaml("tbt-n", "  max: 2\n  network: tbt-net\n"));
+    assert_eq!(c.ctl(&["apply", "-f", &p]).code, 0);
+    let t = manifest(
+        &c,
+        "net.yaml",
+        r#"apiVersion: testbus/v1
+kind: Test
+metadata: {name: net}
+spec:
+  hosts:
+    - {role: server, capabilities: [vm]}
+    - {role: client, capabilities: [vm]}
+    - {role: bare, host: host-0}
+  steps:
+    - {name: serve, on: [server], background: true, argv: [sh, -c, "while :; do echo pong | nc -l -p 7000; done"]}
+    - name: ask
+      on: [client]
+      after: [serve]
+      argv: [sh, -c, "for i in $(seq 1 100); do nc ${host_server_ipv4addr} 7000 </dev/null && exit 0; sleep 0.2; done; exit 1"]
+    - {name: here, on: [bare], argv: [sh, -c, "echo bare on $TESTBUS_HOST"]}
+"#,
+    );
+    let out = c.ctl(&["apply", "-f", &t, "--wait", "--timeout", &format!("{}s", BOOT.as_secs())]);
+    assert_eq!(out.code, 0, "{out:?}\n{}", c.ctl(&["logs", "test/net"]).stdout);
+    let logs = c.ctl(&["logs", "test/net"]).stdout;
+    assert!(logs.contains("pong"), "{logs}");
+    assert!(logs.contains("bare on host-0"), "{logs}");
+    let t = c.test("net").await;
+    let server = &t.status().claims["server"];
+    let addr = c.client().await.api::<Host>().get(server).await.unwrap().status().vars["ipv4addr"].clone();
+    assert!(addr.starts_with("10.251."), "the pool network's address: {addr}");
+    assert_eq!(c.ctl(&["delete", "hostpool/tbt-n"]).code, 0);
+    let client = c.client().await;
+    wait_for(Duration::from_secs(120), "the pool to go", || async {
+        client.api::<HostPool>().get_opt("tbt-n").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert!(libvirt::domains("tbt-n-").is_empty());
+}
