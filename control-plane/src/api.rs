@@ -804,7 +804,71 @@ bind_service!(tests_server::Tests, Test, TestList, TestEvent, {
     }
 });
 bind_service!(processes_server::Processes, Process, ProcessList, ProcessEvent, {});
-bind_service!(host_pools_server::HostPools, HostPool, HostPoolList, HostPoolEvent, {});
+bind_service!(host_pools_server::HostPools, HostPool, HostPoolList, HostPoolEvent, {
+    async fn snapshot(
+        &self,
+        req: Request<testbus_proto::SnapshotRequest>,
+    ) -> Result<Response<testbus_proto::SnapshotResponse>, Status> {
+        let id = identity(&req);
+        ResourceService::snapshot(self, &id, req.into_inner()).await.map(Response::new)
+    }
+});
+
+impl ResourceService<HostPool> {
+    /// Snapshots of a pool guest. The pool controller keeps the guest's
+    /// link: after a revert it sees the old one end and links the guest
+    /// again.
+    pub async fn snapshot(
+        &self,
+        _id: &Identity,
+        req: testbus_proto::SnapshotRequest,
+    ) -> Result<testbus_proto::SnapshotResponse, Status> {
+        use testbus_pool_libvirt::{Libvirt, CLEAN_SNAPSHOT};
+        let named = req.action != "list";
+        if !matches!(req.action.as_str(), "create" | "revert" | "delete" | "list") {
+            return Err(Status::invalid_argument(format!(
+                "action: {:?} is not one of create, revert, delete, list",
+                req.action
+            )));
+        }
+        if named {
+            testbus_proto::validate::dns_label(&req.name)
+                .map_err(|e| Status::invalid_argument(format!("name: {e}")))?;
+            if req.name == CLEAN_SNAPSHOT {
+                return Err(Status::invalid_argument(format!(
+                    "name: {CLEAN_SNAPSHOT} is the pool's own (every test starts from it)"
+                )));
+            }
+        }
+        let hosts = ResourceService::<Host>::new(self.st.clone());
+        let (host, _) = hosts.load(&req.host).await?;
+        let Some(pool_name) = testbus_proto::pool::pool_of(&host).map(String::from) else {
+            return Err(Status::failed_precondition(format!(
+                "host: {:?} is not a pool guest (only HostPool guests have snapshots)",
+                req.host
+            )));
+        };
+        let (pool, _) = self.load(&pool_name).await?;
+        let uri = if pool.spec().uri.is_empty() { "qemu:///system".to_string() } else { pool.spec().uri.clone() };
+        let (guest, action, name) = (req.host.clone(), req.action.clone(), req.name.clone());
+        let r = tokio::task::spawn_blocking(move || {
+            let lv = Libvirt::open(&uri)?;
+            match action.as_str() {
+                "create" => lv.snapshot(&guest, &name)?,
+                "revert" => lv.revert(&guest, &name)?,
+                "delete" => lv.delete_snapshot(&guest, &name)?,
+                _ => {}
+            }
+            lv.snapshots(&guest)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("snapshot: {e}")))?;
+        match r {
+            Ok(snapshots) => Ok(testbus_proto::SnapshotResponse { snapshots }),
+            Err(e) => Err(Status::failed_precondition(e.to_string())),
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

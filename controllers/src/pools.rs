@@ -142,7 +142,8 @@ pub async fn reconcile(ctx: &Arc<Context>, name: &str) -> Result<Action, Status>
             return Ok(Action::Requeue(Duration::from_secs(5)));
         }
     };
-    adopt(ctx, &pool, &lv, &cfg).await;
+    adopt(ctx, &pool, &lv).await;
+    check_alive(ctx, &pool, &lv).await;
     let views = views(ctx, &pool);
     let demand = pool_plan::demand(&pool, ctx.tests.list().iter().map(|t| t.as_ref()));
     let plan = pool_plan::plan(&pool, &views, demand, SystemTime::now());
@@ -181,7 +182,7 @@ pub async fn reconcile(ctx: &Arc<Context>, name: &str) -> Result<Action, Status>
 
 /// Guests of the pool that libvirt has but this controller does not know
 /// (a restarted control plane): known again, relinked.
-async fn adopt(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &PoolsConfig) {
+async fn adopt(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>) {
     let prefix = format!("{}-", pool.name());
     let l = lv.clone();
     let Ok(names) = blocking(move || l.guests(&prefix)).await else { return };
@@ -202,16 +203,61 @@ async fn adopt(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &Poo
                 address: String::new(),
                 created: String::new(),
                 cleanings: 0,
-                busy: true,
+                busy: false,
                 link: None,
             },
         );
-        let (ctx, lv, cfg, pool_name) = (ctx.clone(), lv.clone(), cfg.clone(), pool.name().to_string());
-        tokio::spawn(async move {
-            let r = link(&ctx, &lv, &cfg, &n, false).await;
-            finish(&ctx, &pool_name, &n, r.map(|_| GuestPhase::Ready));
-        });
+        relink(ctx.clone(), pool, lv, &n);
     }
+}
+
+/// A Ready guest whose domain no longer runs (its QEMU was killed, the
+/// machine rebooted) has failed: it is destroyed and replaced; its Host
+/// is lost like any host whose lease runs out.
+async fn check_alive(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>) {
+    let ready: Vec<String> = ctx
+        .guests
+        .runs
+        .lock()
+        .iter()
+        .filter(|(_, g)| g.pool == pool.name() && g.phase == GuestPhase::Ready && !g.busy)
+        .map(|(n, _)| n.clone())
+        .collect();
+    for n in ready {
+        let (l, name) = (lv.clone(), n.clone());
+        if let Ok(false) = blocking(move || l.running(&name)).await {
+            tracing::warn!(pool = pool.name(), guest = %n, "the guest's domain no longer runs");
+            ctx.guests.set(&n, GuestPhase::Failed, "its domain stopped running (QEMU ended)");
+            continue;
+        }
+        // Its link ended (a snapshot revert restarted QEMU on a new pty):
+        // linked again, without a go (the guest is past it).
+        let ended = ctx.guests.runs.lock().get_mut(&n).is_some_and(|g| match g.link.as_mut() {
+            Some(child) => child.try_wait().ok().flatten().is_some(),
+            None => true,
+        });
+        if ended {
+            relink(ctx.clone(), pool, lv, &n);
+        }
+    }
+}
+
+/// Links a running guest again (found after a restart, or its link ended).
+fn relink(ctx: Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, name: &str) {
+    let Some(cfg) = ctx.cfg.pools.clone() else { return };
+    {
+        let mut runs = ctx.guests.runs.lock();
+        let Some(g) = runs.get_mut(name) else { return };
+        if g.busy {
+            return;
+        }
+        g.busy = true;
+    }
+    let (lv, pool_name, name) = (lv.clone(), pool.name().to_string(), name.to_string());
+    tokio::spawn(async move {
+        let r = link(&ctx, &lv, &cfg, &name, false).await;
+        finish(&ctx, &pool_name, &name, r.map(|_| GuestPhase::Ready));
+    });
 }
 
 fn views(ctx: &Context, pool: &HostPool) -> Vec<GuestView> {

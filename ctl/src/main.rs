@@ -322,6 +322,20 @@ enum Cmd {
         #[arg(last = true, required = true)]
         argv: Vec<String>,
     },
+    /// Snapshots of a pool guest, as kvm-compose offers them (the control
+    /// plane calls libvirt).
+    #[command(
+        after_help = "Examples:\n  testbusctl snapshot create vms-1a2b3 before-upgrade\n  testbusctl snapshot list vms-1a2b3\n  testbusctl snapshot revert vms-1a2b3 before-upgrade"
+    )]
+    Snapshot {
+        /// create, revert, delete or list.
+        #[arg(value_parser = ["create", "revert", "delete", "list"])]
+        action: String,
+        /// The guest's host name.
+        host: String,
+        /// The snapshot's name (not for list).
+        name: Option<String>,
+    },
     /// Print a shell completion script.
     #[command(
         after_help = "Examples:\n  source <(testbusctl completion bash)\n  testbusctl completion fish > ~/.config/fish/completions/testbusctl.fish"
@@ -1009,6 +1023,27 @@ async fn dispatch(cli: Cli) -> CliResult {
             script::result(&connect(&server).await?, &test, &path, &outcome, message).await
         }
         Cmd::Finish { test, failed } => script::finish(&connect(&server).await?, &test, failed).await,
+        Cmd::Snapshot { action, host, name } => {
+            let name = match (action.as_str(), name) {
+                ("list", None) => String::new(),
+                ("list", Some(_)) => return Err(CliError::usage("snapshot list: takes HOST only")),
+                (_, Some(n)) => n,
+                (a, None) => return Err(CliError::usage(format!("snapshot {a}: give HOST NAME"))),
+            };
+            let client = connect(&server).await?;
+            let req = testbus_proto::SnapshotRequest { host: host.clone(), action: action.clone(), name: name.clone() };
+            let r = testbus_proto::host_pools_client::HostPoolsClient::new(client.channel()).snapshot(req).await?;
+            match action.as_str() {
+                "list" => {
+                    for s in r.into_inner().snapshots {
+                        println!("{s}");
+                    }
+                }
+                "revert" => println!("host/{host} reverted to snapshot {name}"),
+                a => println!("snapshot {name} of host/{host} {a}d"),
+            }
+            Ok(0)
+        }
         Cmd::Completion { shell } => {
             let shell = match shell.as_str() {
                 "bash" => clap_complete::Shell::Bash,

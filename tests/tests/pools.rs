@@ -151,3 +151,101 @@ spec:
     .await;
     assert!(libvirt::domains("tbt-n-").is_empty());
 }
+
+/// kill -9 of a guest's QEMU: the guest is lost like any host (its test
+/// ends in Error naming it) and the pool replaces it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_whose_qemu_is_killed_is_lost_and_replaced() {
+    if !libvirt::ensure() {
+        return;
+    }
+    drop(Leftovers { prefix: "tbt-k".into(), networks: vec![] });
+    let _leftovers = Leftovers { prefix: "tbt-k".into(), networks: vec![] };
+    let c = Cluster::start(0).await;
+    let p = manifest(&c, "pool.yaml", &pool_yaml("tbt-k", "  min: 1\n  max: 2\n"));
+    assert_eq!(c.ctl(&["apply", "-f", &p]).code, 0);
+    let t = manifest(
+        &c,
+        "long.yaml",
+        "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: long}\nspec:\n  hosts: [{role: vm, capabilities: [vm]}]\n  steps: [{name: s, on: [vm], argv: [sleep, \"600\"]}]\n",
+    );
+    assert_eq!(c.ctl(&["apply", "-f", &t]).code, 0);
+    c.running_pids("long", 1).await;
+    let guest = c.test("long").await.status().claims["vm"].clone();
+    let pid = libvirt::qemu_pid(&guest).expect("the guest's QEMU pid");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let t = wait_for(Duration::from_secs(120), "the test to end in Error", || async {
+        let t = c.test("long").await;
+        (t.status().phase == "Error").then_some(t)
+    })
+    .await;
+    assert!(t.status().message.contains(&guest), "{:?}", t.status());
+    let client = c.client().await;
+    let replacement = wait_for(BOOT, "a replacement guest to be Ready", || async {
+        let p = client.api::<HostPool>().get("tbt-k").await.ok()?;
+        let g = p.status().guests.iter().find(|g| g.name != guest && g.phase == "Ready")?;
+        (p.status().guests.len() == 1).then(|| g.name.clone())
+    })
+    .await;
+    assert_eq!(libvirt::domains("tbt-k-"), [replacement]);
+    assert!(client.api::<Host>().get_opt(&guest).await.unwrap().is_none(), "the lost guest's Host is gone");
+    assert_eq!(c.ctl(&["delete", "hostpool/tbt-k"]).code, 0);
+    wait_for(Duration::from_secs(120), "the pool to go", || async {
+        client.api::<HostPool>().get_opt("tbt-k").await.ok()?.is_none().then_some(())
+    })
+    .await;
+}
+
+/// Snapshots of a pool guest through the CLI (the control plane calls
+/// libvirt): created, reverted to (the guest is linked again and its files
+/// are as they were), listed and deleted; a bare host has none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_of_a_guest_are_created_reverted_listed_and_deleted() {
+    if !libvirt::ensure() {
+        return;
+    }
+    drop(Leftovers { prefix: "tbt-s".into(), networks: vec![] });
+    let _leftovers = Leftovers { prefix: "tbt-s".into(), networks: vec![] };
+    let c = Cluster::start(1).await;
+    let p = manifest(&c, "pool.yaml", &pool_yaml("tbt-s", "  max: 1\n"));
+    assert_eq!(c.ctl(&["apply", "-f", &p]).code, 0);
+    let out = c.ctl(&["create", "test", "snap", "--claim", "vm=vm", "--timeout", "10m", "--wait-claimed"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let guest = c.test("snap").await.status().claims["vm"].clone();
+    assert_eq!(c.ctl(&["exec", "snap", "--", "sh", "-c", "echo one > /root/marker"]).code, 0);
+    let out = c.ctl(&["snapshot", "create", &guest, "s1"]);
+    assert_eq!((out.code, out.stdout.clone()), (0, format!("snapshot s1 of host/{guest} created\n")), "{out:?}");
+    assert_eq!(c.ctl(&["exec", "snap", "--", "sh", "-c", "echo two > /root/marker"]).code, 0);
+    let out = c.ctl(&["snapshot", "list", &guest]);
+    assert_eq!(out.stdout, "s1\ntestbus-clean\n", "{out:?}");
+    let out = c.ctl(&["snapshot", "revert", &guest, "s1"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    // Linked again: commands reach it, and see the file as it was.
+    let seen = wait_for(BOOT, "the reverted guest to answer", || async {
+        let out = c.ctl(&["exec", "snap", "--timeout", "20s", "--", "cat", "/root/marker"]);
+        (out.code == 0).then_some(out.stdout)
+    })
+    .await;
+    assert_eq!(seen, "one\n");
+    assert_eq!(c.ctl(&["snapshot", "delete", &guest, "s1"]).code, 0);
+    assert_eq!(c.ctl(&["snapshot", "list", &guest]).stdout, "testbus-clean\n");
+    for (args, says) in [
+        (vec!["snapshot", "create", "host-0", "x"], "not a pool guest"),
+        (vec!["snapshot", "create", guest.as_str(), "testbus-clean"], "the pool's own"),
+        (vec!["snapshot", "revert", guest.as_str(), "nope"], "nope"),
+        (vec!["snapshot", "create", guest.as_str(), "Bad_Name"], "name:"),
+        (vec!["snapshot", "revert", guest.as_str()], "give HOST NAME"),
+    ] {
+        let out = c.ctl(&args);
+        assert_eq!(out.code, 2, "{args:?}: {out:?}");
+        assert!(out.stderr.contains(says), "{args:?}: {out:?}");
+    }
+    assert_eq!(c.ctl(&["finish", "snap"]).code, 0);
+    assert_eq!(c.ctl(&["delete", "hostpool/tbt-s"]).code, 0);
+    let client = c.client().await;
+    wait_for(Duration::from_secs(120), "the pool to go", || async {
+        client.api::<HostPool>().get_opt("tbt-s").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert!(libvirt::domains("tbt-s-").is_empty());
+}
