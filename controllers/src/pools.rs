@@ -52,6 +52,8 @@ struct GuestRun {
     busy: bool,
     /// The host side of its link.
     link: Option<tokio::process::Child>,
+    /// The QEMU run the link was made for (a revert starts a new one).
+    linked_run: Option<u32>,
 }
 
 /// What the controller knows of every guest, and their links.
@@ -205,6 +207,7 @@ async fn adopt(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>) {
                 cleanings: 0,
                 busy: false,
                 link: None,
+                linked_run: None,
             },
         );
         relink(ctx.clone(), pool, lv, &n);
@@ -230,11 +233,16 @@ async fn check_alive(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>) {
             ctx.guests.set(&n, GuestPhase::Failed, "its domain stopped running (QEMU ended)");
             continue;
         }
-        // Its link ended (a snapshot revert restarted QEMU on a new pty):
-        // linked again, without a go (the guest is past it).
-        let ended = ctx.guests.runs.lock().get_mut(&n).is_some_and(|g| match g.link.as_mut() {
-            Some(child) => child.try_wait().ok().flatten().is_some(),
-            None => true,
+        // Its link ended, or QEMU was started again (a snapshot revert:
+        // a new pty): linked again, without a go (the guest is past it).
+        let (l, name) = (lv.clone(), n.clone());
+        let run = blocking(move || l.run_id(&name)).await.ok().flatten();
+        let ended = ctx.guests.runs.lock().get_mut(&n).is_some_and(|g| {
+            let exited = match g.link.as_mut() {
+                Some(child) => child.try_wait().ok().flatten().is_some(),
+                None => true,
+            };
+            exited || (run.is_some() && g.linked_run != run)
         });
         if ended {
             relink(ctx.clone(), pool, lv, &n);
@@ -385,6 +393,7 @@ fn start_create(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &Po
             cleanings: 0,
             busy: true,
             link: None,
+            linked_run: None,
         },
     );
     let spec = guest_spec(pool, cfg, &name, address.clone());
@@ -431,11 +440,13 @@ async fn wait_waiting(state_dir: &std::path::Path) -> Result<(), String> {
 /// from its clean snapshot: it gets its go first, and is marked clean.
 async fn link(ctx: &Context, lv: &Arc<Libvirt>, cfg: &PoolsConfig, name: &str, go: bool) -> Result<(), String> {
     ctx.guests.set(name, GuestPhase::Linking, "linking");
-    if let Some(mut old) = ctx.guests.runs.lock().get_mut(name).and_then(|g| g.link.take()) {
-        let _ = old.start_kill();
+    let old = ctx.guests.runs.lock().get_mut(name).and_then(|g| g.link.take());
+    if let Some(mut old) = old {
+        // Gone before the new one opens the pty (it holds a lock on it).
+        let _ = old.kill().await;
     }
     let (l, n) = (lv.clone(), name.to_string());
-    let pty = blocking(move || l.link_pty(&n)).await.map_err(|e| e.to_string())?;
+    let (pty, run) = blocking(move || Ok((l.link_pty(&n)?, l.run_id(&n)?))).await.map_err(|e| e.to_string())?;
     // The pty is raw (no echo, no line editing) before anything crosses it.
     let stty = tokio::process::Command::new("stty").arg("-F").arg(&pty).args(["raw", "-echo"]).status().await;
     if !stty.is_ok_and(|s| s.success()) {
@@ -451,7 +462,10 @@ async fn link(ctx: &Context, lv: &Arc<Libvirt>, cfg: &PoolsConfig, name: &str, g
     let child = tokio::process::Command::new(&cfg.relay)
         .arg("--downstream")
         .arg(format!("serial:{}", pty.display()))
-        .args(["--upstream", &cfg.upstream, "--transport", "serial"])
+        .args(["--upstream", &cfg.upstream, "--transport", "serial", "--exit-with-stdin"])
+        // Its stdin is a pipe this process holds: if the control plane
+        // dies, the relay sees it close and ends too.
+        .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .stderr(log)
         .kill_on_drop(true)
@@ -459,6 +473,7 @@ async fn link(ctx: &Context, lv: &Arc<Libvirt>, cfg: &PoolsConfig, name: &str, g
         .map_err(|e| format!("starting {}: {e}", cfg.relay.display()))?;
     if let Some(g) = ctx.guests.runs.lock().get_mut(name) {
         g.link = Some(child);
+        g.linked_run = run;
     }
     // Registered since the go: the lease was renewed after it (the
     // guest's clock was set from the go).
@@ -489,13 +504,20 @@ async fn link(ctx: &Context, lv: &Arc<Libvirt>, cfg: &PoolsConfig, name: &str, g
     }
 }
 
-/// Marks the guest's Host clean: it may be claimed again.
+/// Marks the guest's Host clean, giving it the pool's layer of env and
+/// files (and naming the pool) in the same write: it may be claimed again.
 async fn mark_clean(ctx: &Context, name: &str) -> Result<(), Status> {
     let api = ctx.client.api::<Host>();
     loop {
         let mut h = api.get(name).await?;
         if h.meta().annotations.get(CLEAN_ANNOTATION).is_some_and(|v| v == "true") {
             return Ok(());
+        }
+        if let Some(pool) = testbus_proto::pool::pool_of(&h).and_then(|p| ctx.pools.get(p)) {
+            let sp = h.spec_mut();
+            sp.pool = pool.name().to_string();
+            sp.env = pool.spec().env.clone();
+            sp.files = pool.spec().files.clone();
         }
         h.meta_mut().annotations.insert(CLEAN_ANNOTATION.into(), "true".into());
         match api.update(h).await {
@@ -521,8 +543,9 @@ fn start_clean(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &Poo
         (ctx.clone(), lv.clone(), cfg.clone(), pool.name().to_string(), name.to_string());
     tokio::spawn(async move {
         let r = async {
-            if let Some(mut old) = ctx.guests.runs.lock().get_mut(&name).and_then(|g| g.link.take()) {
-                let _ = old.start_kill();
+            let old = ctx.guests.runs.lock().get_mut(&name).and_then(|g| g.link.take());
+            if let Some(mut old) = old {
+                let _ = old.kill().await;
             }
             let (l, n) = (lv.clone(), name.clone());
             blocking(move || l.revert(&n, CLEAN_SNAPSHOT)).await.map_err(|e| e.to_string())?;
@@ -563,8 +586,9 @@ fn start_destroy(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &P
 }
 
 async fn destroy(ctx: &Context, lv: &Arc<Libvirt>, cfg: &PoolsConfig, name: &str) -> Result<(), String> {
-    if let Some(mut old) = ctx.guests.runs.lock().get_mut(name).and_then(|g| g.link.take()) {
-        let _ = old.start_kill();
+    let old = ctx.guests.runs.lock().get_mut(name).and_then(|g| g.link.take());
+    if let Some(mut old) = old {
+        let _ = old.kill().await;
     }
     let (l, n, dir) = (lv.clone(), name.to_string(), cfg.state_dir.join(name));
     blocking(move || l.destroy_guest(&n, &dir)).await.map_err(|e| e.to_string())?;

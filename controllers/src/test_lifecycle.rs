@@ -69,7 +69,17 @@ async fn claim(ctx: &Context, t: &Test) -> Result<Action, Status> {
     queue.sort_by(|a, b| schedule::queue_order(a, b));
     let (reserved, blocked) = schedule::reserved_ahead(&queue, t, &refs);
     let avail: Vec<&Host> = refs.iter().copied().filter(|h| !reserved.contains(h.name())).collect();
+    // A pool that can make hosts for it: the hosts to come count too.
+    let pools: Vec<String> = ctx
+        .pools
+        .filter(|p| p.meta().deletion_timestamp.is_empty() && crate::pool_plan::demand(p, [t]).0 > 0)
+        .iter()
+        .map(|p| p.name().to_string())
+        .collect();
     let result = match schedule::fits_inventory(&spec.hosts, &refs) {
+        Err(why) if !pools.is_empty() => {
+            Err(("WaitingForPool", format!("waiting for pool {} to make guests: {why}", pools.join(", "))))
+        }
         Err(why) => Err(("Unsatisfiable", format!("cannot run on the hosts that exist: {why}"))),
         Ok(()) => schedule::assign(&spec.hosts, &avail).map_err(|why| match blocked {
             Some(b) if schedule::assign(&spec.hosts, &refs).is_ok() => (

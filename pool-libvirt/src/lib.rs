@@ -198,6 +198,12 @@ impl Libvirt {
         }
     }
 
+    /// The id of the guest's running QEMU (a new one each time it starts,
+    /// a revert included); None when it does not run.
+    pub fn run_id(&self, name: &str) -> Result<Option<u32>> {
+        Ok(self.domain(name)?.id())
+    }
+
     /// The host side of the guest's link: the pty of its second serial
     /// line (a new one each time QEMU starts, a revert included).
     pub fn link_pty(&self, name: &str) -> Result<PathBuf> {

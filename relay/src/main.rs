@@ -45,6 +45,10 @@ struct Args {
     /// A serial link is given up when nothing arrived for this long.
     #[arg(long, default_value = "6s", value_parser = parse_duration)]
     link_timeout: Duration,
+    /// End when stdin closes: a relay started by another process (the
+    /// control plane, for a pool guest) ends with it, however it ends.
+    #[arg(long)]
+    exit_with_stdin: bool,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -369,6 +373,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
 async fn main() {
     testbus_telemetry::init_logging();
     let args = Args::parse();
+    if args.exit_with_stdin {
+        tokio::spawn(async {
+            use tokio::io::AsyncReadExt;
+            let mut buf = [0u8; 64];
+            let mut stdin = tokio::io::stdin();
+            while stdin.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+            tracing::info!("stdin closed; ending");
+            std::process::exit(0);
+        });
+    }
     if let Err(e) = run(args).await {
         eprintln!("testbus-relay: {e:#}");
         std::process::exit(1);

@@ -16,6 +16,12 @@ fn virsh(args: &[&str]) -> Option<String> {
 /// Makes sure libvirtd answers; false (the test skips) where it cannot be
 /// had, which CI does not accept.
 pub fn ensure() -> bool {
+    // Once per test binary: its tests run concurrently.
+    static STARTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *STARTED.get_or_init(start)
+}
+
+fn start() -> bool {
     if !crate::needs_root("pool tests (libvirtd, QEMU)") {
         return false;
     }
@@ -39,9 +45,19 @@ pub fn ensure() -> bool {
     true
 }
 
-/// The golden image hack/guest-image made.
+/// Held by each pool test while it runs: guests under TCG on two cores
+/// boot in seconds alone, but in minutes when several tests boot theirs at
+/// once, so pool tests take turns.
+pub async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    static TURN: std::sync::OnceLock<tokio::sync::Mutex<()>> = std::sync::OnceLock::new();
+    TURN.get_or_init(|| tokio::sync::Mutex::new(())).lock().await
+}
+
+/// The golden image hack/guest-image made: where it puts it as root (and
+/// the example manifests look), else in target/.
 pub fn image() -> PathBuf {
-    let dir = crate::repo_root().join("target/guest-image");
+    let system = PathBuf::from("/var/lib/testbus/guest-image");
+    let dir = if system.join("golden.qcow2").exists() { system } else { crate::repo_root().join("target/guest-image") };
     assert!(dir.join("golden.qcow2").exists(), "no guest image in {}: run hack/guest-image", dir.display());
     dir
 }
