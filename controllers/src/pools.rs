@@ -228,21 +228,24 @@ async fn check_alive(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>) {
         .collect();
     for n in ready {
         let (l, name) = (lv.clone(), n.clone());
-        if let Ok(false) = blocking(move || l.running(&name)).await {
-            tracing::warn!(pool = pool.name(), guest = %n, "the guest's domain no longer runs");
-            ctx.guests.set(&n, GuestPhase::Failed, "its domain stopped running (QEMU ended)");
-            continue;
-        }
+        // One libvirt call per guest: whether (and as which QEMU run) it runs.
+        let run = match blocking(move || l.run_id(&name)).await {
+            Ok(Some(run)) => run,
+            Ok(None) => {
+                tracing::warn!(pool = pool.name(), guest = %n, "the guest's domain no longer runs");
+                ctx.guests.set(&n, GuestPhase::Failed, "its domain stopped running (QEMU ended)");
+                continue;
+            }
+            Err(_) => continue, // libvirt unreachable: said by the next reconcile
+        };
         // Its link ended, or QEMU was started again (a snapshot revert:
         // a new pty): linked again, without a go (the guest is past it).
-        let (l, name) = (lv.clone(), n.clone());
-        let run = blocking(move || l.run_id(&name)).await.ok().flatten();
         let ended = ctx.guests.runs.lock().get_mut(&n).is_some_and(|g| {
             let exited = match g.link.as_mut() {
                 Some(child) => child.try_wait().ok().flatten().is_some(),
                 None => true,
             };
-            exited || (run.is_some() && g.linked_run != run)
+            exited || g.linked_run != Some(run)
         });
         if ended {
             relink(ctx.clone(), pool, lv, &n);

@@ -189,19 +189,14 @@ impl Libvirt {
         Ok(())
     }
 
-    /// Whether the guest's domain exists and runs.
-    pub fn running(&self, name: &str) -> Result<bool> {
+    /// The id of the guest's running QEMU (a new one each time it starts,
+    /// a revert included); None when it does not run or does not exist.
+    pub fn run_id(&self, name: &str) -> Result<Option<u32>> {
         match self.domain(name) {
-            Ok(d) => d.is_active().map_err(err(&self.uri)),
-            Err(ProviderError::NoGuest(_)) => Ok(false),
+            Ok(d) => Ok(d.id()),
+            Err(ProviderError::NoGuest(_)) => Ok(None),
             Err(e) => Err(e),
         }
-    }
-
-    /// The id of the guest's running QEMU (a new one each time it starts,
-    /// a revert included); None when it does not run.
-    pub fn run_id(&self, name: &str) -> Result<Option<u32>> {
-        Ok(self.domain(name)?.id())
     }
 
     /// The host side of the guest's link: the pty of its second serial

@@ -21,6 +21,18 @@ async fn pool(c: &Cluster, name: &str) -> HostPool {
     c.client().await.api::<HostPool>().get(name).await.unwrap()
 }
 
+/// Deletes a pool and waits until it is gone, with nothing of it left in
+/// libvirt.
+async fn delete_pool(c: &Cluster, name: &str) {
+    assert_eq!(c.ctl(&["delete", &format!("hostpool/{name}")]).code, 0);
+    let client = c.client().await;
+    wait_for(Duration::from_secs(120), &format!("pool {name} and its guests to go"), || async {
+        let gone = client.api::<HostPool>().get_opt(name).await.ok()?.is_none();
+        (gone && libvirt::domains(&format!("{name}-")).is_empty()).then_some(())
+    })
+    .await;
+}
+
 /// From zero guests to one for a test, the guest cleaned between tests (a
 /// file the first test wrote is gone for the second), destroyed when idle
 /// past idleTimeout, and everything gone from libvirt with the pool.
@@ -99,12 +111,7 @@ async fn a_pool_makes_guests_on_demand_cleans_them_and_removes_them() {
     let out = c.ctl(&["apply", "-f", &test("third", "true"), "--wait", "--timeout", &timeout]);
     assert_eq!(out.code, 0, "{out:?}");
     assert_eq!(libvirt::domains("tbt-a-").len(), 1);
-    assert_eq!(c.ctl(&["delete", "hostpool/tbt-a"]).code, 0);
-    wait_for(Duration::from_secs(120), "the pool and its guests to go", || async {
-        let gone = client.api::<HostPool>().get_opt("tbt-a").await.ok()?.is_none();
-        (gone && libvirt::domains("tbt-a-").is_empty()).then_some(())
-    })
-    .await;
+    delete_pool(&c, "tbt-a").await;
     let (hosts, _) = client.api::<Host>().list("testbus.io/pool=tbt-a", "").await.unwrap();
     assert!(hosts.is_empty(), "{hosts:?}");
     let guests_dir = c.dir.path().join("cp/guests");
@@ -155,13 +162,7 @@ spec:
     let server = &t.status().claims["server"];
     let addr = c.client().await.api::<Host>().get(server).await.unwrap().status().vars["ipv4addr"].clone();
     assert!(addr.starts_with("10.251."), "the pool network's address: {addr}");
-    assert_eq!(c.ctl(&["delete", "hostpool/tbt-n"]).code, 0);
-    let client = c.client().await;
-    wait_for(Duration::from_secs(120), "the pool to go", || async {
-        client.api::<HostPool>().get_opt("tbt-n").await.ok()?.is_none().then_some(())
-    })
-    .await;
-    assert!(libvirt::domains("tbt-n-").is_empty());
+    delete_pool(&c, "tbt-n").await;
 }
 
 /// kill -9 of a guest's QEMU: the guest is lost like any host (its test
@@ -202,11 +203,7 @@ async fn a_guest_whose_qemu_is_killed_is_lost_and_replaced() {
     .await;
     assert_eq!(libvirt::domains("tbt-k-"), [replacement]);
     assert!(client.api::<Host>().get_opt(&guest).await.unwrap().is_none(), "the lost guest's Host is gone");
-    assert_eq!(c.ctl(&["delete", "hostpool/tbt-k"]).code, 0);
-    wait_for(Duration::from_secs(120), "the pool to go", || async {
-        client.api::<HostPool>().get_opt("tbt-k").await.ok()?.is_none().then_some(())
-    })
-    .await;
+    delete_pool(&c, "tbt-k").await;
 }
 
 /// Snapshots of a pool guest through the CLI (the control plane calls
@@ -247,13 +244,7 @@ async fn snapshots_of_a_guest_are_created_listed_and_deleted() {
         assert!(out.stderr.contains(says), "{args:?}: {out:?}");
     }
     assert_eq!(c.ctl(&["finish", "snap"]).code, 0);
-    assert_eq!(c.ctl(&["delete", "hostpool/tbt-s"]).code, 0);
-    let client = c.client().await;
-    wait_for(Duration::from_secs(120), "the pool to go", || async {
-        client.api::<HostPool>().get_opt("tbt-s").await.ok()?.is_none().then_some(())
-    })
-    .await;
-    assert!(libvirt::domains("tbt-s-").is_empty());
+    delete_pool(&c, "tbt-s").await;
 }
 
 /// The example manifests, applied as they are (the image where
@@ -278,13 +269,7 @@ async fn the_pool_examples_run_as_they_are() {
     let name = out.stdout.split_whitespace().next().unwrap().trim_start_matches("test/").to_string();
     let logs = c.ctl(&["logs", &format!("test/{name}"), "--step", "greet"]).stdout;
     assert!(logs.contains("hello from vms-"), "{logs}");
-    assert_eq!(c.ctl(&["delete", "hostpool/vms"]).code, 0);
-    let client = c.client().await;
-    wait_for(Duration::from_secs(120), "the pool to go", || async {
-        client.api::<HostPool>().get_opt("vms").await.ok()?.is_none().then_some(())
-    })
-    .await;
-    assert!(libvirt::domains("vms-").is_empty());
+    delete_pool(&c, "vms").await;
 }
 
 /// What goes wrong lands on the pool's condition, in libvirt's own words
