@@ -608,6 +608,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         background.shutdown().await;
     }
     state.hub.stop().await;
+    // Connection tasks of tonic may still hold a handle of the store for a
+    // moment: closing it here is what keeps "the store is closed when run
+    // returns" true (a new server may open the same data dir at once).
+    state.store.close().await;
     Ok(())
 }
 

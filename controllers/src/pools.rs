@@ -22,7 +22,8 @@ use testbus_proto::pool::{CLEAN_ANNOTATION, POOL_LABEL};
 use testbus_proto::{phase, time, Condition, Guest, Host, HostPool, Resource};
 use tonic::{Code, Status};
 
-/// Finalizer of every pool: its guests, disks and domains go first.
+/// Finalizer of every pool that made something in libvirt: its guests,
+/// disks, domains and network go first.
 pub const POOL_FINALIZER: &str = "testbus.io/pool-cleanup";
 
 /// How long a guest may take from start to waiting for its go.
@@ -129,12 +130,6 @@ pub async fn reconcile(ctx: &Arc<Context>, name: &str) -> Result<Action, Status>
     if !pool.meta().deletion_timestamp.is_empty() {
         return delete_pool(ctx, &pool, &cfg).await;
     }
-    if !pool.meta().finalizers.iter().any(|f| f == POOL_FINALIZER) {
-        let mut next = (*pool).clone();
-        next.meta_mut().finalizers.push(POOL_FINALIZER.into());
-        ctx.client.api::<HostPool>().update(next).await?;
-        return Ok(Action::AwaitChange);
-    }
     let uri = uri(&pool);
     let lv = match provider(ctx, &uri).await {
         Ok(p) => p,
@@ -154,6 +149,15 @@ pub async fn reconcile(ctx: &Arc<Context>, name: &str) -> Result<Action, Status>
         Some((_, until, _)) if *until > SystemTime::now() => 0,
         _ => plan.create,
     };
+    // The finalizer comes before the first thing made in libvirt (network,
+    // disk, domain): a pool that never made anything is deleted at once,
+    // even while libvirt is unreachable.
+    if create > 0 && !pool.meta().finalizers.iter().any(|f| f == POOL_FINALIZER) {
+        let mut next = (*pool).clone();
+        next.meta_mut().finalizers.push(POOL_FINALIZER.into());
+        ctx.client.api::<HostPool>().update(next).await?;
+        return Ok(Action::AwaitChange);
+    }
     for _ in 0..create {
         start_create(ctx, &pool, &lv, &cfg, &plan.for_tests);
     }

@@ -25,16 +25,19 @@ fn start() -> bool {
     if !crate::needs_root("pool tests (libvirtd, QEMU)") {
         return false;
     }
-    if virsh(&["version"]).is_some() {
-        return true;
-    }
     std::fs::create_dir_all("/var/log/libvirt").expect("mkdir /var/log/libvirt");
     let run = |bin: &str| {
         let st = Command::new(bin).arg("-d").status();
         assert!(st.is_ok_and(|s| s.success()), "{bin} -d did not start (run hack/setup)");
     };
-    if !std::path::Path::new("/run/libvirt/virtlogd-sock").exists() {
+    // Each daemon is asked, not its socket file looked for: a machine that
+    // was reset leaves the files behind, and libvirtd answers without
+    // virtlogd (every guest then fails to start).
+    if std::os::unix::net::UnixStream::connect("/run/libvirt/virtlogd-sock").is_err() {
         run("virtlogd");
+    }
+    if virsh(&["version"]).is_some() {
+        return true;
     }
     run("libvirtd");
     let deadline = Instant::now() + Duration::from_secs(30);

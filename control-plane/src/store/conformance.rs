@@ -159,6 +159,22 @@ mod embedded_store {
     }
 
     #[tokio::test]
+    async fn a_closed_store_unlocks_its_file_while_handles_live_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(&dir, 100);
+        s.txn(vec![], vec![put("/k", "v")]).await.unwrap();
+        let late = s.clone(); // a task that outlived the server
+        s.close().await;
+        let again = EmbeddedStore::open(&dir.path().join("store.redb"), 100).expect("the file is unlocked");
+        assert_eq!(again.get("/k").await.unwrap().unwrap().value, b"v");
+        let err = late.get("/k").await.unwrap_err();
+        assert!(err.to_string().contains("the store is closed"), "{err}");
+        let err = late.txn(vec![], vec![put("/k", "w")]).await.unwrap_err();
+        assert!(err.to_string().contains("the store is closed"), "{err}");
+        assert_eq!(again.get("/k").await.unwrap().unwrap().value, b"v", "nothing written after the close");
+    }
+
+    #[tokio::test]
     async fn oversized_values_are_rejected_whole() {
         let dir = tempfile::tempdir().unwrap();
         let s = open(&dir, 100);

@@ -13,7 +13,7 @@
 //! read the log and subscribe atomically.
 use super::*;
 use futures::StreamExt;
-use parking_lot::Mutex;
+use parking_lot::{MappedRwLockReadGuard, Mutex, RwLock, RwLockReadGuard};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::Path;
 use std::sync::Arc;
@@ -67,7 +67,11 @@ impl Drop for Writer {
 }
 
 struct Inner {
-    db: Database,
+    /// `None` once closed. Every read and commit holds a read guard while
+    /// it uses the database, so `close` (taking the write guard) waits for
+    /// them and then drops it: the file is unlocked when `close` returns,
+    /// however many handles of the store live on in late tasks.
+    db: RwLock<Option<Database>>,
     dir: std::path::PathBuf,
     /// Writes are refused while less than this is free in `dir`.
     min_free: u64,
@@ -80,6 +84,13 @@ struct Inner {
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
+}
+
+impl Inner {
+    /// The open database, or an error once the store is closed.
+    fn db(&self) -> Result<MappedRwLockReadGuard<'_, Database>, StoreError> {
+        RwLockReadGuard::try_map(self.db.read(), Option::as_ref).map_err(|_| backend("the store is closed"))
+    }
 }
 
 impl EmbeddedStore {
@@ -115,7 +126,14 @@ impl EmbeddedStore {
         w.commit().map_err(backend)?;
         let (events, _) = broadcast::channel(4096);
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let inner = Arc::new(Inner { db, dir, min_free, write_lock: Mutex::new(()), events, retain: retain.max(1) });
+        let inner = Arc::new(Inner {
+            db: RwLock::new(Some(db)),
+            dir,
+            min_free,
+            write_lock: Mutex::new(()),
+            events,
+            retain: retain.max(1),
+        });
         let (tx, rx) = std::sync::mpsc::channel();
         let thread = {
             let inner = inner.clone();
@@ -269,7 +287,8 @@ impl Inner {
             if batch.iter().any(|r| !r.ops.is_empty()) {
                 check_free_space(&self.dir, self.min_free)?;
             }
-            let w = self.db.begin_write().map_err(backend)?;
+            let db = self.db()?;
+            let w = db.begin_write().map_err(backend)?;
             {
                 let meta = w.open_table(META).map_err(backend)?;
                 let revision = meta.get(META_REVISION).map_err(backend)?.map(|g| g.value()).unwrap_or(0);
@@ -370,7 +389,8 @@ impl Store for EmbeddedStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         let key = key.to_string();
         self.blocking(move |i| {
-            let r = i.db.begin_read().map_err(backend)?;
+            let db = i.db()?;
+            let r = db.begin_read().map_err(backend)?;
             let kv = r.open_table(KV).map_err(backend)?;
             match kv.get(key.as_str()).map_err(backend)? {
                 Some(raw) => Ok(Some(decode_record(&key, raw.value())?)),
@@ -383,7 +403,8 @@ impl Store for EmbeddedStore {
     async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {
         let prefix = prefix.to_string();
         self.blocking(move |i| {
-            let r = i.db.begin_read().map_err(backend)?;
+            let db = i.db()?;
+            let r = db.begin_read().map_err(backend)?;
             let kv = r.open_table(KV).map_err(backend)?;
             let meta = r.open_table(META).map_err(backend)?;
             let rev = meta.get(META_REVISION).map_err(backend)?.map(|g| g.value()).unwrap_or(0);
@@ -420,7 +441,8 @@ impl Store for EmbeddedStore {
         let (backlog, rx) = self
             .blocking(move |i| {
                 let _guard = i.write_lock.lock();
-                let r = i.db.begin_read().map_err(backend)?;
+                let db = i.db()?;
+                let r = db.begin_read().map_err(backend)?;
                 let meta = r.open_table(META).map_err(backend)?;
                 let oldest = meta.get(META_OLDEST).map_err(backend)?.map(|g| g.value()).unwrap_or(1);
                 if after + 1 < oldest {
@@ -458,9 +480,17 @@ impl Store for EmbeddedStore {
         Ok(futures::stream::iter(backlog.into_iter().map(Ok)).chain(live).boxed())
     }
 
+    async fn close(&self) {
+        let inner = self.inner.clone();
+        // Waits for the reads and the commit in flight (each holds a read
+        // guard); a blocking wait, so off the runtime.
+        let _ = tokio::task::spawn_blocking(move || inner.db.write().take()).await;
+    }
+
     async fn revision(&self) -> Result<Revision, StoreError> {
         self.blocking(|i| {
-            let r = i.db.begin_read().map_err(backend)?;
+            let db = i.db()?;
+            let r = db.begin_read().map_err(backend)?;
             let meta = r.open_table(META).map_err(backend)?;
             Ok(meta.get(META_REVISION).map_err(backend)?.map(|g| g.value()).unwrap_or(0))
         })

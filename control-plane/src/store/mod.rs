@@ -91,4 +91,8 @@ pub trait Store: Send + Sync + 'static {
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<TxnOutcome, StoreError>;
     async fn watch(&self, prefix: &str, after: Revision) -> Result<EventStream, StoreError>;
     async fn revision(&self) -> Result<Revision, StoreError>;
+    /// Releases what the store holds (the embedded store's file lock),
+    /// waiting for calls in flight; later calls fail. Handles that late
+    /// tasks still hold cannot keep the store open past this.
+    async fn close(&self) {}
 }
