@@ -8,7 +8,8 @@
 //! Scenarios: run (one command on one host, against ssh and sh), start
 //! (test start latency), throughput (processes/s over many agents), fanout
 //! (watch delivery to simulated agents), output (stdout to the CLI), files
-//! (a large file to many hosts, and again), idle (resident memory).
+//! (a large file to many hosts, and again), idle (resident memory), pools
+//! (libvirt guests: warm and cold starts, clean again, guests in parallel).
 #![forbid(unsafe_code)]
 
 use anyhow::{bail, Context};
@@ -523,6 +524,148 @@ async fn future_watches(smoke: bool) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
+/// A test of `count` hosts with capability `cap`, one step of `true` on
+/// each.
+fn claim_test(name: &str, cap: &str, count: u32) -> anyhow::Result<Test> {
+    let text = format!(
+        "apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: {name}}}\nspec:\n  timeout: 10m\n  \
+         hosts: [{{role: m, capabilities: [{cap}], count: {count}}}]\n  steps: [{{name: s, on: [m], argv: [\"true\"]}}]\n"
+    );
+    testbus_proto::manifest::parse("test.yaml", &text)?
+        .into_iter()
+        .find_map(|o| match o {
+            testbus_proto::Object::Test(t) => Some(t),
+            _ => None,
+        })
+        .context("the manifest has a test")
+}
+
+/// Milliseconds from creating `t` until every process of it has started
+/// (Running or past it), by this machine's clock (a guest's clock is set
+/// to the second only); then the test is deleted.
+async fn time_to_running(client: &Client, t: Test) -> anyhow::Result<f64> {
+    let (tests, procs) = (client.api::<Test>(), client.api::<Process>());
+    let (name, want) =
+        (t.name().to_string(), t.spec().hosts.iter().map(|h| h.count.unwrap_or(1)).sum::<u32>() as usize);
+    let started = Instant::now();
+    tests.create(t).await?;
+    wait_for(Duration::from_secs(600), "every process of the test to start", || async {
+        let (ps, _) = procs.list("", &format!("spec.test={name}")).await.ok()?;
+        let up = ps.iter().filter(|p| !p.status().phase.is_empty() && p.status().phase != phase::PENDING).count();
+        (up >= want).then_some(())
+    })
+    .await;
+    let ms = started.elapsed().as_secs_f64() * 1e3;
+    let done = wait_for(Duration::from_secs(120), "the test to finish", || async {
+        let t = tests.get(&name).await.ok()?;
+        phase::test_terminal(&t.status().phase).then_some(t)
+    })
+    .await;
+    anyhow::ensure!(done.status().phase == phase::SUCCEEDED, "{name}: {:?}", done.status());
+    tests.delete(&name).await?;
+    Ok(ms)
+}
+
+/// Waits until `n` guests of `pool` are Ready and clean (free for a test).
+async fn clean_guests(client: &Client, pool: &str, n: usize) -> Vec<String> {
+    let hosts = client.api::<testbus_proto::Host>();
+    wait_for(Duration::from_secs(600), "the pool's guests to be clean", || async {
+        let (hs, _) = hosts.list(&format!("{}={pool}", testbus_proto::pool::POOL_LABEL), "").await.ok()?;
+        let free: Vec<String> = hs
+            .iter()
+            .filter(|h| {
+                h.status().phase == phase::READY
+                    && h.status().claim.is_none()
+                    && h.meta().annotations.get(testbus_proto::pool::CLEAN_ANNOTATION).is_some_and(|v| v == "true")
+            })
+            .map(|h| h.name().to_string())
+            .collect();
+        (free.len() >= n).then_some(free)
+    })
+    .await
+}
+
+/// HostPools on libvirt (QEMU under TCG here): a test's start on a warm
+/// pool and from zero guests, against the same test on a bare agent;
+/// release to clean again, against a fresh boot; 1, 4, 8 guests made at
+/// once, against one.
+async fn pools(smoke: bool) -> anyhow::Result<serde_json::Value> {
+    if !testbus_tests::libvirt::ensure() {
+        bail!("libvirtd cannot be had here");
+    }
+    let (rounds, sizes): (usize, &[u32]) = if smoke { (1, &[1, 2]) } else { (5, &[1, 4, 8]) };
+    let image = testbus_tests::libvirt::image();
+    let c = Cluster::start(1).await;
+    let client = c.client().await;
+    let pools = client.api::<testbus_proto::HostPool>();
+    let apply_pool = |name: &str, extra: &str| {
+        let p = manifest(
+            &c,
+            &format!("{name}.yaml"),
+            &format!(
+                "apiVersion: testbus/v1\nkind: HostPool\nmetadata: {{name: {name}}}\nspec:\n  provider: libvirt\n  \
+                 image: {}\n  capabilities: [{name}]\n  max: 8\n  idleTimeout: 1h\n{extra}",
+                image.display()
+            ),
+        );
+        let out = c.ctl(&["apply", "-f", &p]);
+        anyhow::ensure!(out.code == 0, "apply {name}: {out:?}");
+        Ok(())
+    };
+    let delete_pool = |name: String| {
+        let pools = &pools;
+        async move {
+            pools.delete(&name).await?;
+            wait_for(Duration::from_secs(300), "the pool and its guests to go", || async {
+                let gone = pools.get_opt(&name).await.ok()?.is_none();
+                (gone && testbus_tests::libvirt::domains(&format!("{name}-")).is_empty()).then_some(())
+            })
+            .await;
+            anyhow::Ok(())
+        }
+    };
+    let _leftovers = testbus_tests::libvirt::Leftovers { prefix: "bp".into(), networks: vec![] };
+
+    // A bare agent: the baseline of a test's start.
+    let mut bare = Vec::new();
+    for i in 0..rounds.max(3) {
+        bare.push(time_to_running(&client, claim_test(&format!("bare-{i}"), "linux", 1)?).await?);
+    }
+
+    // One guest: from zero (a fresh boot), then warm, cleaned between.
+    apply_pool("bp1", "")?;
+    let cold = time_to_running(&client, claim_test("cold", "bp1", 1)?).await?;
+    let (mut warm, mut clean_again) = (Vec::new(), Vec::new());
+    for i in 0..rounds {
+        // Released when the test before ended: clean again from then.
+        let released = Instant::now();
+        clean_guests(&client, "bp1", 1).await;
+        clean_again.push(released.elapsed().as_secs_f64() * 1e3);
+        warm.push(time_to_running(&client, claim_test(&format!("warm-{i}"), "bp1", 1)?).await?);
+    }
+    delete_pool("bp1".into()).await?;
+
+    // k guests made at once for one test, from zero each time.
+    let mut parallel = serde_json::Map::new();
+    for &k in sizes {
+        let name = format!("bp{k}x");
+        apply_pool(&name, "")?;
+        let ms = time_to_running(&client, claim_test(&format!("par-{k}"), &name, k)?).await?;
+        parallel.insert(k.to_string(), json!(ms));
+        delete_pool(name).await?;
+    }
+    let bare = summary(bare);
+    let warm = summary(warm);
+    Ok(json!({
+        "bare_agent_start": bare,
+        "warm_pool_start": warm,
+        "cold_pool_start_ms": cold,
+        "clean_again": summary(clean_again),
+        "fresh_boot_ms": cold,
+        "parallel_ms": parallel,
+    }))
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -541,8 +684,11 @@ async fn main() {
         Some("idle") => idle(smoke).await,
         Some("sync") => sync_waiters(smoke).await,
         Some("watches") => future_watches(smoke).await,
+        Some("pools") => pools(smoke).await,
         _ => {
-            eprintln!("usage: testbus-bench run|start|throughput|fanout|output|files|idle|sync|watches [--smoke]");
+            eprintln!(
+                "usage: testbus-bench run|start|throughput|fanout|output|files|idle|sync|watches|pools [--smoke]"
+            );
             std::process::exit(2);
         }
     };

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use testbus_pool_libvirt::{GuestSpec, Libvirt, ProviderError, CLEAN_SNAPSHOT, WAITING_MARK};
+use testbus_pool_libvirt::{GuestSpec, GuestState, Libvirt, ProviderError, CLEAN_SNAPSHOT, WAITING_MARK};
 use testbus_proto::pool::{CLEAN_ANNOTATION, POOL_LABEL};
 use testbus_proto::{phase, time, Condition, Guest, Host, HostPool, Resource};
 use tonic::{Code, Status};
@@ -233,11 +233,13 @@ async fn check_alive(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>) {
     for n in ready {
         let (l, name) = (lv.clone(), n.clone());
         // One libvirt call per guest: whether (and as which QEMU run) it runs.
-        let run = match blocking(move || l.run_id(&name)).await {
-            Ok(Some(run)) => run,
-            Ok(None) => {
-                tracing::warn!(pool = pool.name(), guest = %n, "the guest's domain no longer runs");
-                ctx.guests.set(&n, GuestPhase::Failed, "its domain stopped running (QEMU ended)");
+        let run = match blocking(move || l.state(&name)).await {
+            Ok(GuestState::Running(run)) => run,
+            // A snapshot is being taken or reverted: looked at again later.
+            Ok(GuestState::Starting) => continue,
+            Ok(GuestState::Stopped(why)) => {
+                tracing::warn!(pool = pool.name(), guest = %n, why, "the guest no longer runs");
+                ctx.guests.set(&n, GuestPhase::Failed, format!("{why} (QEMU ended)"));
                 continue;
             }
             Err(_) => continue, // libvirt unreachable: said by the next reconcile
@@ -452,8 +454,24 @@ async fn link(ctx: &Context, lv: &Arc<Libvirt>, cfg: &PoolsConfig, name: &str, g
         // Gone before the new one opens the pty (it holds a lock on it).
         let _ = old.kill().await;
     }
-    let (l, n) = (lv.clone(), name.to_string());
-    let (pty, run) = blocking(move || Ok((l.link_pty(&n)?, l.run_id(&n)?))).await.map_err(|e| e.to_string())?;
+    // A guest being reverted (by its clean, or `testbusctl snapshot
+    // revert`) has no pty until its new QEMU is up: waited for, never
+    // taken for a dead guest (destroying it would kill the revert).
+    let deadline = tokio::time::Instant::now() + LINK_DEADLINE;
+    let (pty, run) = loop {
+        let (l, n) = (lv.clone(), name.to_string());
+        match blocking(move || Ok((l.link_pty(&n)?, l.state(&n)?))).await.map_err(|e| e.to_string())? {
+            (Some(pty), GuestState::Running(run)) => break (pty, run),
+            (_, GuestState::Stopped(why)) => return Err(why),
+            _ if tokio::time::Instant::now() > deadline => {
+                return Err(format!(
+                    "it has no serial pty {}s after starting (is it running?)",
+                    LINK_DEADLINE.as_secs()
+                ));
+            }
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
     // The pty is raw (no echo, no line editing) before anything crosses it.
     let stty = tokio::process::Command::new("stty").arg("-F").arg(&pty).args(["raw", "-echo"]).status().await;
     if !stty.is_ok_and(|s| s.success()) {
@@ -480,7 +498,7 @@ async fn link(ctx: &Context, lv: &Arc<Libvirt>, cfg: &PoolsConfig, name: &str, g
         .map_err(|e| format!("starting {}: {e}", cfg.relay.display()))?;
     if let Some(g) = ctx.guests.runs.lock().get_mut(name) {
         g.link = Some(child);
-        g.linked_run = run;
+        g.linked_run = Some(run);
     }
     // Registered since the go: the lease was renewed after it (the
     // guest's clock was set from the go).
@@ -535,6 +553,22 @@ async fn mark_clean(ctx: &Context, name: &str) -> Result<(), Status> {
     }
 }
 
+/// Takes an idle guest's clean mark away unless a test has claimed it:
+/// true when no test can claim it any more (or its Host is gone).
+async fn withdraw(ctx: &Context, name: &str) -> Result<bool, Status> {
+    let api = ctx.client.api::<Host>();
+    let Some(mut h) = api.get_opt(name).await? else { return Ok(true) };
+    if h.status().claim.is_some() {
+        return Ok(false);
+    }
+    h.meta_mut().annotations.remove(CLEAN_ANNOTATION);
+    match api.update(h).await {
+        Ok(_) => Ok(true),
+        Err(s) if matches!(s.code(), Code::Aborted | Code::NotFound) => Ok(s.code() == Code::NotFound),
+        Err(s) => Err(s),
+    }
+}
+
 fn start_clean(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &PoolsConfig, name: &str) {
     {
         let mut runs = ctx.guests.runs.lock();
@@ -569,6 +603,7 @@ fn start_clean(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &Poo
 }
 
 fn start_destroy(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &PoolsConfig, name: &str) {
+    let idle;
     {
         let mut runs = ctx.guests.runs.lock();
         let Some(g) = runs.get_mut(name) else { return };
@@ -576,11 +611,21 @@ fn start_destroy(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &P
             return;
         }
         g.busy = true;
+        idle = g.phase == GuestPhase::Ready;
         g.phase = GuestPhase::Deleting;
     }
     let (ctx, lv, cfg, pool_name, name) =
         (ctx.clone(), lv.clone(), cfg.clone(), pool.name().to_string(), name.to_string());
     tokio::spawn(async move {
+        // An idle guest is withdrawn from scheduling first, in a write
+        // that fails if a test claimed it since the cache the plan read.
+        if idle && !matches!(withdraw(&ctx, &name).await, Ok(true)) {
+            if let Some(g) = ctx.guests.runs.lock().get_mut(&name) {
+                (g.busy, g.phase) = (false, GuestPhase::Ready);
+            }
+            ctx.pool_queue.add(&pool_name);
+            return;
+        }
         let r = destroy(&ctx, &lv, &cfg, &name).await;
         match r {
             Ok(()) => {

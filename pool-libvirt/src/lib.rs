@@ -13,6 +13,19 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use virt::connect::Connect;
+
+/// Where a guest's QEMU is, as libvirt says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestState {
+    /// Running, as QEMU run N (a new N each time QEMU starts, a revert
+    /// included).
+    Running(u32),
+    /// Busy with a snapshot: between two QEMU runs (a revert), or paused
+    /// by libvirt while it takes or loads one.
+    Starting,
+    /// Not running, and why.
+    Stopped(String),
+}
 use virt::domain::Domain;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -189,30 +202,49 @@ impl Libvirt {
         Ok(())
     }
 
-    /// The id of the guest's running QEMU (a new one each time it starts,
-    /// a revert included); None when it does not run or does not exist.
-    pub fn run_id(&self, name: &str) -> Result<Option<u32>> {
-        match self.domain(name) {
-            Ok(d) => Ok(d.id()),
-            Err(ProviderError::NoGuest(_)) => Ok(None),
-            Err(e) => Err(e),
-        }
+    /// Whether the guest runs, and as which QEMU run: one libvirt call.
+    pub fn state(&self, name: &str) -> Result<GuestState> {
+        use virt::domain::{DomainShutoffReason as S, DomainState as D, DomainStateReason as R};
+        use virt::enumutil::Enum::{Known, Unknown};
+        let dom = match self.domain(name) {
+            Ok(d) => d,
+            Err(ProviderError::NoGuest(_)) => return Ok(GuestState::Stopped("its domain is gone".into())),
+            Err(e) => return Err(e),
+        };
+        let (state, reason) = dom.state().map_err(err(&self.uri))?;
+        Ok(match (state, reason) {
+            (Known(D::Running), _) => match dom.id() {
+                Some(run) => GuestState::Running(run),
+                None => GuestState::Starting,
+            },
+            // A revert stops QEMU ("from snapshot") and starts it paused
+            // while it loads the snapshot; a snapshot pauses it while it
+            // is written. testbus pauses guests for nothing else, and one
+            // paused by hand loses its lease like any stuck host.
+            (Known(D::Shutoff), Known(R::Shutoff(Known(S::FromSnapshot)))) | (Known(D::Paused | D::NoState), _) => {
+                GuestState::Starting
+            }
+            (Known(D::Shutoff), Known(R::Shutoff(Known(why)))) => {
+                GuestState::Stopped(format!("its domain is shut off ({why:?})").to_lowercase())
+            }
+            (Known(state), _) => GuestState::Stopped(format!("its domain is {state:?}").to_lowercase()),
+            (Unknown(state), _) => GuestState::Stopped(format!("its domain is in state {state}")),
+        })
     }
 
     /// The host side of the guest's link: the pty of its second serial
-    /// line (a new one each time QEMU starts, a revert included).
-    pub fn link_pty(&self, name: &str) -> Result<PathBuf> {
+    /// line (a new one each time QEMU starts, a revert included). None
+    /// while the domain has none: it does not run, or its QEMU is still
+    /// starting (a revert restarts it, and the pty comes with the new one).
+    pub fn link_pty(&self, name: &str) -> Result<Option<PathBuf>> {
         let xml = self.domain(name)?.xml_desc(0).map_err(err(&self.uri))?;
         // <serial type='pty'> <source path='/dev/pts/N'/> <target ... port='1'>
-        xml.split("<serial type='pty'>")
-            .skip(1)
-            .find_map(|s| {
-                let end = s.find("</serial>")?;
-                let s = &s[..end];
-                let path = s.split("<source path='").nth(1)?.split('\'').next()?;
-                Some(PathBuf::from(path))
-            })
-            .ok_or_else(|| ProviderError::NoGuest(format!("{name} (no serial pty: is it running?)")))
+        Ok(xml.split("<serial type='pty'>").skip(1).find_map(|s| {
+            let end = s.find("</serial>")?;
+            let s = &s[..end];
+            let path = s.split("<source path='").nth(1)?.split('\'').next()?;
+            Some(PathBuf::from(path))
+        }))
     }
 
     /// Takes a snapshot of the running guest, memory included.

@@ -228,6 +228,15 @@ async fn snapshots_of_a_guest_are_created_listed_and_deleted() {
     let out = c.ctl(&["snapshot", "create", &guest, "s1"]);
     assert_eq!((out.code, out.stdout.clone()), (0, format!("snapshot s1 of host/{guest} created\n")), "{out:?}");
     assert_eq!(c.ctl(&["exec", "snap", "--", "sh", "-c", "echo two > /root/marker"]).code, 0);
+    // Back to s1: memory and disk as they were; the guest is linked again.
+    let out = c.ctl(&["snapshot", "revert", &guest, "s1"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let marker = wait_for(BOOT, "the reverted guest to answer", || async {
+        let out = c.ctl(&["exec", "snap", "--timeout", "20s", "--", "cat", "/root/marker"]);
+        (out.code == 0).then_some(out.stdout)
+    })
+    .await;
+    assert_eq!(marker, "one\n");
     let out = c.ctl(&["snapshot", "list", &guest]);
     assert_eq!(out.stdout, "s1\ntestbus-clean\n", "{out:?}");
     assert_eq!(c.ctl(&["snapshot", "delete", &guest, "s1"]).code, 0);
