@@ -28,6 +28,11 @@ pub const POOL_FINALIZER: &str = "testbus.io/pool-cleanup";
 
 /// How long a guest may take from start to waiting for its go.
 pub const BOOT_DEADLINE: Duration = Duration::from_secs(180);
+
+/// The pool's bootTimeout, or BOOT_DEADLINE.
+fn boot_deadline(pool: &HostPool) -> Duration {
+    testbus_proto::duration::parse(&pool.spec().boot_timeout).unwrap_or(BOOT_DEADLINE)
+}
 /// How long its agent may take to register once linked.
 pub const LINK_DEADLINE: Duration = Duration::from_secs(60);
 
@@ -408,6 +413,7 @@ fn start_create(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &Po
     let spec = guest_spec(pool, cfg, &name, address.clone());
     let (ctx, lv, cfg, pool_name, network) =
         (ctx.clone(), lv.clone(), cfg.clone(), pool.name().to_string(), pool.spec().network.clone());
+    let boot = boot_deadline(pool);
     tokio::spawn(async move {
         let r = async {
             if address.is_some() {
@@ -417,7 +423,7 @@ fn start_create(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &Po
             let (l, s) = (lv.clone(), spec.clone());
             blocking(move || l.create_guest(&s)).await.map_err(|e| e.to_string())?;
             ctx.guests.set(&spec.name, GuestPhase::Booting, "booting");
-            wait_waiting(&spec.state_dir).await?;
+            wait_waiting(&spec.state_dir, boot).await?;
             let (l, n) = (lv.clone(), spec.name.clone());
             blocking(move || l.snapshot(&n, CLEAN_SNAPSHOT)).await.map_err(|e| e.to_string())?;
             link(&ctx, &lv, &cfg, &spec.name, true).await
@@ -428,9 +434,9 @@ fn start_create(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &Po
 }
 
 /// Waits until the guest's console says it waits for its go.
-async fn wait_waiting(state_dir: &std::path::Path) -> Result<(), String> {
+async fn wait_waiting(state_dir: &std::path::Path, within: Duration) -> Result<(), String> {
     let log = testbus_pool_libvirt::console_log(state_dir);
-    let deadline = tokio::time::Instant::now() + BOOT_DEADLINE;
+    let deadline = tokio::time::Instant::now() + within;
     loop {
         if std::fs::read_to_string(&log).is_ok_and(|t| t.contains(WAITING_MARK)) {
             return Ok(());
@@ -438,7 +444,7 @@ async fn wait_waiting(state_dir: &std::path::Path) -> Result<(), String> {
         if tokio::time::Instant::now() > deadline {
             let tail = std::fs::read_to_string(&log).unwrap_or_default();
             let last = tail.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("nothing");
-            return Err(format!("did not boot within {}s (console: {last})", BOOT_DEADLINE.as_secs()));
+            return Err(format!("did not boot within {} (console: {last})", testbus_proto::duration::format(within)));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -781,9 +781,11 @@ fn describe(o: &Object, cx: &Context) {
             println!(
                 "Guests:       min {} max {max}, {} MiB, {} vCPU each",
                 sp.min,
-                sp.memory.max(256),
+                if sp.memory == 0 { 256 } else { sp.memory },
                 sp.cpus.max(1)
             );
+            let or = |v: &str, default: &str| if v.is_empty() { default.to_string() } else { v.to_string() };
+            println!("Timeouts:     idle {}, boot {}", or(&sp.idle_timeout, "10m"), or(&sp.boot_timeout, "3m"));
             if !sp.network.is_empty() {
                 println!("Network:      {}", sp.network);
             }

@@ -728,6 +728,13 @@ impl Validate for HostPool {
             e.add("spec.min", format!("must be at most spec.max ({max})"));
         }
         opt_duration("spec.idleTimeout", &s.idle_timeout, &mut e);
+        if !s.boot_timeout.is_empty() {
+            match duration::parse(&s.boot_timeout) {
+                Ok(d) if (std::time::Duration::from_secs(1)..=std::time::Duration::from_secs(3600)).contains(&d) => {}
+                Ok(_) => e.add("spec.bootTimeout", "1s to 1h (default 3m)"),
+                Err(err) => e.add("spec.bootTimeout", err.to_string()),
+            }
+        }
         if !s.network.is_empty() {
             if let Err(msg) = dns_label(&s.network) {
                 e.add("spec.network", msg);

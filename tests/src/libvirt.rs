@@ -48,6 +48,26 @@ fn start() -> bool {
     true
 }
 
+/// What a pool test holds while it runs: the guard that removes what its
+/// pools left in libvirt (dropped first), and its turn.
+pub struct Turn {
+    _leftovers: Leftovers,
+    _turn: tokio::sync::MutexGuard<'static, ()>,
+}
+
+/// Waits for the test's turn, then removes what a crashed earlier run left
+/// (domains `PREFIX-*`, the networks). None (the test skips) where libvirtd
+/// cannot be had, which CI does not accept.
+pub async fn turn(prefix: &str, networks: &[&str]) -> Option<Turn> {
+    if !ensure() {
+        return None;
+    }
+    let turn = one_at_a_time().await;
+    let leftovers = Leftovers { prefix: prefix.into(), networks: networks.iter().map(|n| n.to_string()).collect() };
+    drop(Leftovers { prefix: leftovers.prefix.clone(), networks: leftovers.networks.clone() });
+    Some(Turn { _leftovers: leftovers, _turn: turn })
+}
+
 /// Held by each pool test while it runs: guests under TCG on two cores
 /// boot in seconds alone, but in minutes when several tests boot theirs at
 /// once, so pool tests take turns.
