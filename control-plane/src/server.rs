@@ -414,6 +414,17 @@ impl Config {
 }
 
 /// Serves until `shutdown` is cancelled (or a listener fails).
+/// Where `name` is on PATH (as a shell finds it), else `name` itself, for
+/// the error of the spawn to name.
+fn on_path(name: &str) -> std::path::PathBuf {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| name.into())
+}
+
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     for l in &cfg.listen {
         if let Listen::Tcp(a) = l {
@@ -550,6 +561,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
                     .unwrap_or_else(|_| cfg.data_dir.join("guests")),
                 relay,
                 upstream: format!("unix:{}", cfg.local_socket().display()),
+                vsock_device: on_path("vhost-device-vsock"),
             });
         }
         let client = testbus_proto::client::Client::lazy(&format!("unix:{}", cfg.local_socket().display()))?;

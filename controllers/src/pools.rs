@@ -17,7 +17,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use testbus_pool_libvirt::{GuestSpec, GuestState, Libvirt, ProviderError, CLEAN_SNAPSHOT, WAITING_MARK};
+use testbus_pool_libvirt::{
+    GuestLink, GuestSpec, GuestState, Libvirt, ProviderError, CLEAN_SNAPSHOT, VSOCK_MARK, VSOCK_PORT, WAITING_MARK,
+};
 use testbus_proto::pool::{CLEAN_ANNOTATION, POOL_LABEL};
 use testbus_proto::{phase, time, Condition, Guest, Host, HostPool, Resource};
 use tonic::{Code, Status};
@@ -45,6 +47,9 @@ pub struct PoolsConfig {
     pub relay: PathBuf,
     /// The control plane's address for the relays (its local socket).
     pub upstream: String,
+    /// The `vhost-device-vsock` binary that serves vsock guests' device
+    /// (found on PATH when the control plane starts).
+    pub vsock_device: PathBuf,
 }
 
 struct GuestRun {
@@ -60,6 +65,8 @@ struct GuestRun {
     link: Option<tokio::process::Child>,
     /// The QEMU run the link was made for (a revert starts a new one).
     linked_run: Option<u32>,
+    /// A vsock guest's vhost-device-vsock (None for a serial guest).
+    device: Option<tokio::process::Child>,
 }
 
 /// What the controller knows of every guest, and their links.
@@ -167,7 +174,13 @@ pub async fn reconcile(ctx: &Arc<Context>, name: &str) -> Result<Action, Status>
         start_create(ctx, &pool, &lv, &cfg, &plan.for_tests);
     }
     for g in &plan.clean {
-        start_clean(ctx, &pool, &lv, &cfg, g);
+        // A vsock guest cannot be snapshotted (vhost-user-vsock cannot be
+        // migrated): it is cleaned by making a new one.
+        if is_vsock(&pool) {
+            start_destroy(ctx, &pool, &lv, &cfg, g);
+        } else {
+            start_clean(ctx, &pool, &lv, &cfg, g);
+        }
     }
     for g in &plan.destroy {
         start_destroy(ctx, &pool, &lv, &cfg, g);
@@ -205,21 +218,31 @@ async fn adopt(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>) {
         {
             continue;
         }
+        // A vsock guest's device went with the control plane that started
+        // it: the guest cannot be linked again, and is replaced.
+        let (phase, message) = if is_vsock(pool) {
+            (GuestPhase::Failed, "found again after a restart: its vsock device is gone; replacing it")
+        } else {
+            (GuestPhase::Linking, "found again; relinking")
+        };
         ctx.guests.runs.lock().insert(
             n.clone(),
             GuestRun {
                 pool: pool.name().into(),
-                phase: GuestPhase::Linking,
-                message: "found again; relinking".into(),
+                phase,
+                message: message.into(),
                 address: String::new(),
                 created: String::new(),
                 cleanings: 0,
                 busy: false,
                 link: None,
                 linked_run: None,
+                device: None,
             },
         );
-        relink(ctx.clone(), pool, lv, &n);
+        if phase == GuestPhase::Linking {
+            relink(ctx.clone(), pool, lv, &n);
+        }
     }
 }
 
@@ -236,6 +259,18 @@ async fn check_alive(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>) {
         .map(|(n, _)| n.clone())
         .collect();
     for n in ready {
+        let device_ended = ctx
+            .guests
+            .runs
+            .lock()
+            .get_mut(&n)
+            .and_then(|g| g.device.as_mut())
+            .is_some_and(|d| d.try_wait().ok().flatten().is_some());
+        if device_ended {
+            tracing::warn!(pool = pool.name(), guest = %n, "the guest's vsock device ended");
+            ctx.guests.set(&n, GuestPhase::Failed, "its vsock device (vhost-device-vsock) ended");
+            continue;
+        }
         let (l, name) = (lv.clone(), n.clone());
         // One libvirt call per guest: whether (and as which QEMU run) it runs.
         let run = match blocking(move || l.state(&name)).await {
@@ -383,7 +418,47 @@ fn guest_spec(pool: &HostPool, cfg: &PoolsConfig, name: &str, address: Option<St
         cpus: sp.cpus.max(1),
         agent_args: args,
         network: address.map(|a| (sp.network.clone(), a)),
+        link: if is_vsock(pool) {
+            GuestLink::Vsock { vhost_socket: cfg.state_dir.join(name).join("vhost.sock") }
+        } else {
+            GuestLink::Serial
+        },
     }
+}
+
+fn is_vsock(pool: &HostPool) -> bool {
+    pool.spec().link == "vsock"
+}
+
+/// Starts a vsock guest's device (vhost-device-vsock, which QEMU connects
+/// to), and waits until it listens.
+async fn start_device(cfg: &PoolsConfig, state_dir: &std::path::Path) -> Result<tokio::process::Child, String> {
+    std::fs::create_dir_all(state_dir).map_err(|e| format!("{}: {e}", state_dir.display()))?;
+    let socket = state_dir.join("vhost.sock");
+    let _ = std::fs::remove_file(&socket);
+    let log = std::fs::File::create(state_dir.join("vsock-device.log")).map_err(|e| e.to_string())?;
+    let mut child = tokio::process::Command::new(&cfg.vsock_device)
+        .args(["--guest-cid", "3", "--socket"])
+        .arg(&socket)
+        .arg("--uds-path")
+        .arg(state_dir.join("vsock.sock"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("starting {} (hack/setup installs it): {e}", cfg.vsock_device.display()))?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Err(format!("{} exited ({st}) before it listened", cfg.vsock_device.display()));
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!("{} did not listen within 10s", cfg.vsock_device.display()));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(child)
 }
 
 fn start_create(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &PoolsConfig, for_tests: &[String]) {
@@ -408,6 +483,7 @@ fn start_create(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &Po
             busy: true,
             link: None,
             linked_run: None,
+            device: None,
         },
     );
     let spec = guest_spec(pool, cfg, &name, address.clone());
@@ -420,12 +496,22 @@ fn start_create(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &Po
                 let (l, n) = (lv.clone(), network.clone());
                 blocking(move || l.ensure_network(&n)).await.map_err(|e| e.to_string())?;
             }
+            let vsock = matches!(spec.link, GuestLink::Vsock { .. });
+            if vsock {
+                let device = start_device(&cfg, &spec.state_dir).await?;
+                if let Some(g) = ctx.guests.runs.lock().get_mut(&spec.name) {
+                    g.device = Some(device);
+                }
+            }
             let (l, s) = (lv.clone(), spec.clone());
             blocking(move || l.create_guest(&s)).await.map_err(|e| e.to_string())?;
             ctx.guests.set(&spec.name, GuestPhase::Booting, "booting");
-            wait_waiting(&spec.state_dir, boot).await?;
-            let (l, n) = (lv.clone(), spec.name.clone());
-            blocking(move || l.snapshot(&n, CLEAN_SNAPSHOT)).await.map_err(|e| e.to_string())?;
+            let mark = if vsock { VSOCK_MARK } else { WAITING_MARK };
+            wait_for_mark(&spec.state_dir, mark, boot).await?;
+            if !vsock {
+                let (l, n) = (lv.clone(), spec.name.clone());
+                blocking(move || l.snapshot(&n, CLEAN_SNAPSHOT)).await.map_err(|e| e.to_string())?;
+            }
             link(&ctx, &lv, &cfg, &spec.name, true).await
         }
         .await;
@@ -433,12 +519,13 @@ fn start_create(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &Po
     });
 }
 
-/// Waits until the guest's console says it waits for its go.
-async fn wait_waiting(state_dir: &std::path::Path, within: Duration) -> Result<(), String> {
+/// Waits until the guest's console says `mark` (it waits for its go, or
+/// links over vsock).
+async fn wait_for_mark(state_dir: &std::path::Path, mark: &str, within: Duration) -> Result<(), String> {
     let log = testbus_pool_libvirt::console_log(state_dir);
     let deadline = tokio::time::Instant::now() + within;
     loop {
-        if std::fs::read_to_string(&log).is_ok_and(|t| t.contains(WAITING_MARK)) {
+        if std::fs::read_to_string(&log).is_ok_and(|t| t.contains(mark)) {
             return Ok(());
         }
         if tokio::time::Instant::now() > deadline {
@@ -463,11 +550,13 @@ async fn link(ctx: &Context, lv: &Arc<Libvirt>, cfg: &PoolsConfig, name: &str, g
     // A guest being reverted (by its clean, or `testbusctl snapshot
     // revert`) has no pty until its new QEMU is up: waited for, never
     // taken for a dead guest (destroying it would kill the revert).
+    let vsock = ctx.guests.runs.lock().get(name).is_some_and(|g| g.device.is_some());
     let deadline = tokio::time::Instant::now() + LINK_DEADLINE;
     let (pty, run) = loop {
         let (l, n) = (lv.clone(), name.to_string());
         match blocking(move || Ok((l.link_pty(&n)?, l.state(&n)?))).await.map_err(|e| e.to_string())? {
-            (Some(pty), GuestState::Running(run)) => break (pty, run),
+            (_, GuestState::Running(run)) if vsock => break (None, run),
+            (Some(pty), GuestState::Running(run)) => break (Some(pty), run),
             (_, GuestState::Stopped(why)) => return Err(why),
             _ if tokio::time::Instant::now() > deadline => {
                 return Err(format!(
@@ -478,22 +567,35 @@ async fn link(ctx: &Context, lv: &Arc<Libvirt>, cfg: &PoolsConfig, name: &str, g
             _ => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     };
-    // The pty is raw (no echo, no line editing) before anything crosses it.
-    let stty = tokio::process::Command::new("stty").arg("-F").arg(&pty).args(["raw", "-echo"]).status().await;
-    if !stty.is_ok_and(|s| s.success()) {
-        return Err(format!("cannot set {} raw", pty.display()));
-    }
-    // Whole seconds: the guest's clock is set from the go to the second.
+    // Whole seconds: the guest's clock is set from the go (or its RTC) to
+    // the second.
     let since = SystemTime::now() - Duration::from_secs(1);
-    if go {
-        let line = testbus_pool_libvirt::go_line(SystemTime::now());
-        tokio::fs::write(&pty, line).await.map_err(|e| format!("giving the go on {}: {e}", pty.display()))?;
-    }
+    let (downstream, transport) = match pty {
+        Some(pty) => {
+            // The pty is raw (no echo, no line editing) before anything
+            // crosses it.
+            let stty = tokio::process::Command::new("stty").arg("-F").arg(&pty).args(["raw", "-echo"]).status().await;
+            if !stty.is_ok_and(|s| s.success()) {
+                return Err(format!("cannot set {} raw", pty.display()));
+            }
+            if go {
+                let line = testbus_pool_libvirt::go_line(SystemTime::now());
+                tokio::fs::write(&pty, line).await.map_err(|e| format!("giving the go on {}: {e}", pty.display()))?;
+            }
+            (format!("serial:{}", pty.display()), "serial")
+        }
+        // Where vhost-device-vsock brings the guest's connections to the
+        // host's VSOCK_PORT; the guest's relay retries until it listens.
+        None => {
+            let socket = testbus_pool_libvirt::vsock_socket(&cfg.state_dir.join(name), VSOCK_PORT);
+            (format!("mux+unix:{}", socket.display()), "vsock")
+        }
+    };
     let log = std::fs::File::create(cfg.state_dir.join(name).join("relay.log")).map_err(|e| e.to_string())?;
     let child = tokio::process::Command::new(&cfg.relay)
         .arg("--downstream")
-        .arg(format!("serial:{}", pty.display()))
-        .args(["--upstream", &cfg.upstream, "--transport", "serial", "--exit-with-stdin"])
+        .arg(downstream)
+        .args(["--upstream", &cfg.upstream, "--transport", transport, "--exit-with-stdin"])
         // Its stdin is a pipe this process holds: if the control plane
         // dies, the relay sees it close and ends too.
         .stdin(std::process::Stdio::piped())
@@ -650,6 +752,11 @@ async fn destroy(ctx: &Context, lv: &Arc<Libvirt>, cfg: &PoolsConfig, name: &str
     }
     let (l, n, dir) = (lv.clone(), name.to_string(), cfg.state_dir.join(name));
     blocking(move || l.destroy_guest(&n, &dir)).await.map_err(|e| e.to_string())?;
+    // QEMU is gone: its vsock device may go too.
+    let device = ctx.guests.runs.lock().get_mut(name).and_then(|g| g.device.take());
+    if let Some(mut device) = device {
+        let _ = device.kill().await;
+    }
     match ctx.client.api::<Host>().delete(name).await {
         Ok(_) => Ok(()),
         Err(s) if s.code() == Code::NotFound => Ok(()),

@@ -58,6 +58,30 @@ pub fn go_line(now: std::time::SystemTime) -> String {
     format!("go {secs}\n")
 }
 
+/// What the console of a vsock guest says once it links (it has no go to
+/// wait for: it is never snapshotted, and its clock comes from the RTC).
+pub const VSOCK_MARK: &str = "testbus-guest: linking over vsock";
+
+/// The host port a vsock guest's relay connects to (CID 2, the host).
+pub const VSOCK_PORT: u32 = 7780;
+
+/// How a guest's agent reaches the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestLink {
+    /// Its second serial line, a pty on the host; the go comes over it.
+    Serial,
+    /// virtio-vsock, served in user space by a vhost-device-vsock that
+    /// listens on `vhost_socket`; the guest's connections to the host's
+    /// port P reach the unix socket `vsock_socket(state_dir, P)`.
+    Vsock { vhost_socket: PathBuf },
+}
+
+/// Where vhost-device-vsock puts a vsock guest's connections to host port
+/// `port` (its `--uds-path` is `state_dir/vsock.sock`).
+pub fn vsock_socket(state_dir: &Path, port: u32) -> PathBuf {
+    state_dir.join(format!("vsock.sock_{port}"))
+}
+
 /// One guest to make.
 #[derive(Debug, Clone)]
 pub struct GuestSpec {
@@ -72,6 +96,7 @@ pub struct GuestSpec {
     pub agent_args: Vec<String>,
     /// The pool network and the guest's address on it (ADDR/PREFIX).
     pub network: Option<(String, String)>,
+    pub link: GuestLink,
 }
 
 /// A connection to one libvirt daemon.
@@ -334,6 +359,26 @@ fn domain_xml(g: &GuestSpec, domain_type: &str) -> String {
         // One word on the kernel command line: flags joined by commas.
         cmdline.push_str(&format!(" testbus.args={}", g.agent_args.join(",")));
     }
+    // A vsock guest: vhost-user-vsock (QEMU has no domain XML for it in
+    // libvirt 9), which needs the guest's memory shared with the device.
+    let (mut qemu_ns, mut memory_backing, mut link_serial, mut qemu_args) =
+        ("", "", "<serial type='pty'><target port='1'/></serial>".to_string(), String::new());
+    if let GuestLink::Vsock { vhost_socket } = &g.link {
+        cmdline.push_str(&format!(" testbus.link=vsock:2:{VSOCK_PORT}"));
+        qemu_ns = " xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'";
+        memory_backing = "<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>";
+        link_serial.clear();
+        // QEMU's option syntax: a comma in a value is doubled.
+        qemu_args = format!(
+            "<qemu:commandline>
+    <qemu:arg value='-chardev'/>
+    <qemu:arg value='socket,id=testbus-vsock,path={}'/>
+    <qemu:arg value='-device'/>
+    <qemu:arg value='vhost-user-vsock-pci,chardev=testbus-vsock,bus=pci.0,addr=0x1f'/>
+  </qemu:commandline>",
+            escape(&vhost_socket.display().to_string().replace(',', ",,"))
+        );
+    }
     let mut iface = String::new();
     if let Some((net, addr)) = &g.network {
         cmdline.push_str(&format!(" testbus.ip={addr}"));
@@ -341,9 +386,10 @@ fn domain_xml(g: &GuestSpec, domain_type: &str) -> String {
             format!("<interface type='network'><source network='{}'/><model type='virtio'/></interface>", escape(net));
     }
     format!(
-        "<domain type='{domain_type}'>
+        "<domain type='{domain_type}'{qemu_ns}>
   <name>{name}</name>
   <memory unit='MiB'>{mem}</memory>
+  {memory_backing}
   <vcpu>{cpus}</vcpu>
   <os>
     <type arch='x86_64' machine='pc'>hvm</type>
@@ -362,9 +408,10 @@ fn domain_xml(g: &GuestSpec, domain_type: &str) -> String {
     </disk>
     {iface}
     <serial type='file'><source path='{console}'/><target port='0'/></serial>
-    <serial type='pty'><target port='1'/></serial>
+    {link_serial}
     <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>
   </devices>
+  {qemu_args}
 </domain>",
         name = escape(&g.name),
         mem = g.memory_mib,
@@ -391,6 +438,7 @@ mod tests {
             cpus: 1,
             agent_args: vec!["--capability".into(), "vm".into()],
             network: Some(("vmnet".into(), "10.251.0.11/24".into())),
+            link: GuestLink::Serial,
         };
         let xml = domain_xml(&g, "qemu");
         assert!(xml.starts_with("<domain type='qemu'>"));
@@ -402,7 +450,18 @@ mod tests {
         assert!(xml.contains("<serial type='pty'><target port='1'/></serial>"));
         assert!(xml.contains("<source network='vmnet'/>"));
         // Escaped, not interpreted.
-        let odd = GuestSpec { name: "a'b<c".into(), network: None, ..g };
+        let odd = GuestSpec { name: "a'b<c".into(), network: None, ..g.clone() };
         assert!(domain_xml(&odd, "qemu").contains("<name>a&apos;b&lt;c</name>"));
+
+        // Over vsock: no second serial line; the device, its socket and
+        // shared memory; the guest told where to link.
+        let v = GuestSpec { link: GuestLink::Vsock { vhost_socket: "/state/a,b/vhost.sock".into() }, ..g };
+        let xml = domain_xml(&v, "qemu");
+        assert!(xml.starts_with("<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>"));
+        assert!(!xml.contains("<serial type='pty'>"));
+        assert!(xml.contains("<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>"));
+        assert!(xml.contains("<qemu:arg value='socket,id=testbus-vsock,path=/state/a,,b/vhost.sock'/>"));
+        assert!(xml.contains("<qemu:arg value='vhost-user-vsock-pci,chardev=testbus-vsock,bus=pci.0,addr=0x1f'/>"));
+        assert!(xml.contains(" testbus.link=vsock:2:7780</cmdline>") || xml.contains(" testbus.link=vsock:2:7780 "));
     }
 }

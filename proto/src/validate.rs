@@ -735,6 +735,9 @@ impl Validate for HostPool {
                 Err(err) => e.add("spec.bootTimeout", err.to_string()),
             }
         }
+        if !matches!(s.link.as_str(), "" | "serial" | "vsock") {
+            e.add("spec.link", format!("{:?} is not serial or vsock", s.link));
+        }
         if !s.network.is_empty() {
             if let Err(msg) = dns_label(&s.network) {
                 e.add("spec.network", msg);

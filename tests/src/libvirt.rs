@@ -96,6 +96,11 @@ pub fn domains(prefix: &str) -> Vec<String> {
         .collect()
 }
 
+/// A domain's XML as libvirt has it (empty if it has none).
+pub fn dumpxml(domain: &str) -> String {
+    virsh(&["dumpxml", domain]).unwrap_or_default()
+}
+
 /// The pid of a running guest's QEMU.
 pub fn qemu_pid(domain: &str) -> Option<i32> {
     let pid = std::fs::read_to_string(format!("/run/libvirt/qemu/{domain}.pid")).ok()?;

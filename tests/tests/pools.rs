@@ -429,3 +429,51 @@ async fn a_guest_that_does_not_boot_in_time_is_retried_with_backoff() {
     assert!(most <= 1, "at most max guests at a time, failed ones destroyed first: {most}");
     delete_pool(&c, "tbt-b").await;
 }
+
+/// A pool whose guests' only link is vsock (virtio-vsock served by
+/// vhost-device-vsock; no second serial line), from its example as it is:
+/// a test runs on a guest whose agent says it came over vsock, and the next
+/// test gets a new guest (vsock guests cannot be snapshotted, so clean
+/// means made anew).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_linked_only_over_vsock_runs_tests() {
+    let Some(_turn) = libvirt::turn("vsock-vms", &[]).await else { return };
+    let c = Cluster::start(0).await;
+    let example = testbus_tests::repo_root().join("manifests/examples/pool-vsock.yaml").display().to_string();
+    let out = c.ctl(&["apply", "-f", &example, "--wait", "--timeout", &format!("{}s", BOOT.as_secs())]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let test = out.stdout.lines().find(|l| l.starts_with("test/")).unwrap().split_whitespace().next().unwrap();
+    let logs = c.ctl(&["logs", test]).stdout;
+    assert!(logs.contains("came in over vsock"), "{logs}");
+    let run = |cmd: &str| {
+        let out = c.ctl(&["run", "--capability", "vsock-vm", "--timeout", "4m", "--", "sh", "-c", cmd]);
+        assert_eq!(out.code, 0, "{out:?}");
+        out.stdout.trim().to_string()
+    };
+    let first = run("hostname; echo secret > /root/leftover");
+    assert!(first.starts_with("vsock-vms-"), "{first:?}");
+    let client = c.client().await;
+    let h = client.api::<Host>().get(&first).await.unwrap();
+    assert_eq!(h.status().facts.as_ref().unwrap().transport, "vsock", "its agent came over vsock");
+    let xml = libvirt::dumpxml(&first);
+    assert!(xml.contains("vhost-user-vsock-pci") && !xml.contains("type='pty'"), "vsock is its only link: {xml}");
+
+    let second = run("hostname; test ! -e /root/leftover");
+    assert!(second.starts_with("vsock-vms-") && second != first, "a new guest: {first} then {second}");
+    assert!(!libvirt::domains("vsock-vms-").contains(&first), "the used guest was destroyed");
+    delete_pool(&c, "vsock-vms").await;
+    let guests_dir = c.dir.path().join("cp/guests");
+    let left: Vec<_> =
+        std::fs::read_dir(&guests_dir).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+    // Each guest's device went with it.
+    let dir = c.dir.path().display().to_string();
+    let devices: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .filter(|cmd| cmd.contains("vhost-device-vsock") && cmd.contains(&dir))
+        .collect();
+    assert!(devices.is_empty(), "{devices:?}");
+}
