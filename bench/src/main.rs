@@ -561,7 +561,8 @@ async fn time_to_running(client: &Client, t: Test) -> anyhow::Result<f64> {
         phase::test_terminal(&t.status().phase).then_some(t)
     })
     .await;
-    anyhow::ensure!(done.status().phase == phase::SUCCEEDED, "{name}: {:?}", done.status());
+    let st = done.status();
+    anyhow::ensure!(st.phase == phase::SUCCEEDED, "{name}: {}: {}", st.phase, st.message);
     tests.delete(&name).await?;
     Ok(ms)
 }
@@ -633,22 +634,22 @@ async fn pools(smoke: bool) -> anyhow::Result<serde_json::Value> {
     }
 
     // One guest: from zero (a fresh boot), then warm, cleaned between.
-    apply_pool("bp1", "")?;
-    let cold = time_to_running(&client, claim_test("cold", "bp1", 1)?).await?;
+    apply_pool("bp-warm", "")?;
+    let cold = time_to_running(&client, claim_test("cold", "bp-warm", 1)?).await?;
     let (mut warm, mut clean_again) = (Vec::new(), Vec::new());
     for i in 0..rounds {
         // Released when the test before ended: clean again from then.
         let released = Instant::now();
-        clean_guests(&client, "bp1", 1).await;
+        clean_guests(&client, "bp-warm", 1).await;
         clean_again.push(released.elapsed().as_secs_f64() * 1e3);
-        warm.push(time_to_running(&client, claim_test(&format!("warm-{i}"), "bp1", 1)?).await?);
+        warm.push(time_to_running(&client, claim_test(&format!("warm-{i}"), "bp-warm", 1)?).await?);
     }
-    delete_pool("bp1".into()).await?;
+    delete_pool("bp-warm".into()).await?;
 
     // k guests made at once for one test, from zero each time.
     let mut parallel = serde_json::Map::new();
     for &k in sizes {
-        let name = format!("bp{k}x");
+        let name = format!("bp-par{k}");
         apply_pool(&name, "")?;
         let ms = time_to_running(&client, claim_test(&format!("par-{k}"), &name, k)?).await?;
         parallel.insert(k.to_string(), json!(ms));
