@@ -245,5 +245,6 @@ pub async fn run(client: Client, cfg: Config, stop: CancellationToken) -> Result
         ));
     }
     while tasks.join_next().await.is_some() {}
+    ctx.guests.shutdown().await;
     Ok(())
 }

@@ -78,6 +78,35 @@ pub struct Guests {
     /// Per pool: failures in a row, when creating may be tried again, and
     /// the last failure.
     backoff: Mutex<HashMap<String, (u32, SystemTime, String)>>,
+    /// Every guest task (create, clean, destroy, relink): each ends when
+    /// its operation does (bounded by bootTimeout and LINK_DEADLINE) or
+    /// when `stop` is cancelled, and `shutdown` waits for them all.
+    tasks: tokio_util::task::TaskTracker,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Guests {
+    /// Runs one guest operation as a task of its own, cancelled (dropped:
+    /// the relay and device children it holds are killed) on shutdown. A
+    /// guest left half made is found by the next control plane (`adopt`).
+    fn spawn(&self, op: impl std::future::Future<Output = ()> + Send + 'static) {
+        let stop = self.stop.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = op => {}
+            }
+        });
+    }
+
+    /// Cancels every guest task and waits until they have ended; then the
+    /// links and devices of the guests go (dropped with their runs).
+    pub async fn shutdown(&self) {
+        self.stop.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+        self.runs.lock().clear();
+    }
 }
 
 impl Guests {
@@ -209,22 +238,39 @@ pub async fn reconcile(ctx: &Arc<Context>, name: &str) -> Result<Action, Status>
 async fn adopt(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>) {
     let prefix = format!("{}-", pool.name());
     let l = lv.clone();
-    let Ok(names) = blocking(move || l.guests(&prefix)).await else { return };
+    let names = match blocking(move || l.guests(&prefix)).await {
+        Ok(names) => names,
+        Err(e) => {
+            tracing::warn!(pool = pool.name(), error = %e, "cannot list the pool's guests");
+            return;
+        }
+    };
+    tracing::debug!(pool = pool.name(), ?names, "guests in libvirt");
     for n in names {
-        let known = ctx.guests.runs.lock().contains_key(&n);
-        if known
-            || ctx.hosts.get(&n).and_then(|h| testbus_proto::pool::pool_of(&h).map(String::from)).as_deref()
-                != Some(pool.name())
-        {
+        if ctx.guests.runs.lock().contains_key(&n) {
+            continue;
+        }
+        let host = ctx.hosts.get(&n);
+        let ours = match &host {
+            Some(h) => testbus_proto::pool::pool_of(h) == Some(pool.name()),
+            // Made by an earlier control plane that stopped before the
+            // guest registered: named as this pool names its guests.
+            None => is_guest_of(pool.name(), &n),
+        };
+        if !ours {
             continue;
         }
         // A vsock guest's device went with the control plane that started
-        // it: the guest cannot be linked again, and is replaced.
-        let (phase, message) = if is_vsock(pool) {
+        // it: the guest cannot be linked again, and is replaced; so is one
+        // that never registered (its boot may not have been seen through).
+        let (phase, message) = if host.is_none() {
+            (GuestPhase::Failed, "found after a restart before it registered; replacing it")
+        } else if is_vsock(pool) {
             (GuestPhase::Failed, "found again after a restart: its vsock device is gone; replacing it")
         } else {
             (GuestPhase::Linking, "found again; relinking")
         };
+        tracing::info!(pool = pool.name(), guest = %n, why = message, "guest found");
         ctx.guests.runs.lock().insert(
             n.clone(),
             GuestRun {
@@ -311,7 +357,7 @@ fn relink(ctx: Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, name: &str) {
         g.busy = true;
     }
     let (lv, pool_name, name) = (lv.clone(), pool.name().to_string(), name.to_string());
-    tokio::spawn(async move {
+    ctx.clone().guests.spawn(async move {
         let r = link(&ctx, &lv, &cfg, &name, false).await;
         finish(&ctx, &pool_name, &name, r.map(|_| GuestPhase::Ready));
     });
@@ -389,6 +435,15 @@ fn new_guest_name(pool: &str) -> String {
     let n = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     let x = (n ^ (n >> 29) ^ u128::from(std::process::id())) as u32;
     format!("{pool}-{:05x}", x & 0xfffff)
+}
+
+/// Whether `name` is how `new_guest_name` names a guest of `pool`: the
+/// pool's name, a dash and five hex digits (pool `a`'s guests are not
+/// pool `a-b`'s).
+fn is_guest_of(pool: &str, name: &str) -> bool {
+    name.strip_prefix(pool)
+        .and_then(|r| r.strip_prefix('-'))
+        .is_some_and(|id| id.len() == 5 && id.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// The address of the guest's `i`th slot on the pool network: one /24 per
@@ -498,7 +553,7 @@ fn start_create(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &Po
     let (ctx, lv, cfg, pool_name, network) =
         (ctx.clone(), lv.clone(), cfg.clone(), pool.name().to_string(), pool.spec().network.clone());
     let boot = boot_deadline(pool);
-    tokio::spawn(async move {
+    ctx.clone().guests.spawn(async move {
         let r = async {
             if address.is_some() {
                 let (l, n) = (lv.clone(), network.clone());
@@ -698,7 +753,7 @@ fn start_clean(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &Poo
     }
     let (ctx, lv, cfg, pool_name, name) =
         (ctx.clone(), lv.clone(), cfg.clone(), pool.name().to_string(), name.to_string());
-    tokio::spawn(async move {
+    ctx.clone().guests.spawn(async move {
         let r = async {
             let old = ctx.guests.runs.lock().get_mut(&name).and_then(|g| g.link.take());
             if let Some(mut old) = old {
@@ -736,7 +791,7 @@ fn start_destroy(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &P
     }
     let (ctx, lv, cfg, pool_name, name) =
         (ctx.clone(), lv.clone(), cfg.clone(), pool.name().to_string(), name.to_string());
-    tokio::spawn(async move {
+    ctx.clone().guests.spawn(async move {
         // An idle guest is withdrawn from scheduling first, in a write
         // that fails if a test claimed it since the cache the plan read.
         if idle && !matches!(withdraw(&ctx, &name).await, Ok(true)) {
@@ -858,5 +913,21 @@ async fn delete_pool(ctx: &Arc<Context>, pool: &HostPool, cfg: &PoolsConfig) -> 
         Ok(_) => Ok(Action::AwaitChange),
         Err(s) if s.code() == Code::NotFound => Ok(Action::AwaitChange),
         Err(s) => Err(s),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guests_are_told_apart_by_their_pool() {
+        let name = new_guest_name("a");
+        assert!(is_guest_of("a", &name), "{name}");
+        assert!(!is_guest_of("a", "a-b-12345"), "pool a-b's guest");
+        assert!(is_guest_of("a-b", "a-b-12345"));
+        for not in ["a-1234", "a-123456", "a-1234g", "a12345", "b-12345", "a-"] {
+            assert!(!is_guest_of("a", not), "{not}");
+        }
     }
 }

@@ -477,3 +477,55 @@ async fn a_guest_linked_only_over_vsock_runs_tests() {
         .collect();
     assert!(devices.is_empty(), "{devices:?}");
 }
+
+/// The control plane killed while one guest is Ready and another still
+/// boots: the next control plane links the Ready guest again (its Host
+/// and test keep working) and replaces the one that never registered;
+/// nothing is left behind in libvirt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_control_plane_finds_its_guests_again() {
+    let Some(_turn) = libvirt::turn("tbt-c", &[]).await else { return };
+    let mut c = Cluster::start(0).await;
+    let p = manifest(&c, "pool.yaml", &pool_yaml("tbt-c", "  min: 1\n  max: 2\n"));
+    assert_eq!(c.ctl(&["apply", "-f", &p]).code, 0);
+    let client = c.client().await;
+    let first = wait_for(BOOT, "a Ready guest", || async {
+        let (hs, _) = client.api::<Host>().list("testbus.io/pool=tbt-c", "").await.ok()?;
+        hs.iter().find(|h| h.status().phase == "Ready").map(|h| h.name().to_string())
+    })
+    .await;
+    // A test of two guests: a second one is made for it.
+    let t = manifest(
+        &c,
+        "two.yaml",
+        "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: two}\nspec:\n  hosts: [{role: vm, capabilities: [vm], count: 2}]\n  steps: [{name: s, on: [vm], argv: [hostname]}]\n",
+    );
+    assert_eq!(c.ctl(&["apply", "-f", &t]).code, 0);
+    let booting = wait_for(BOOT, "a second guest defined and not yet registered", || async {
+        let hosts = client.api::<Host>();
+        for d in libvirt::domains("tbt-c-") {
+            if d != first && hosts.get_opt(&d).await.ok()?.is_none() {
+                return Some(d);
+            }
+        }
+        None
+    })
+    .await;
+    c.kill_control_plane();
+    c.start_control_plane().await;
+    let client = c.client().await;
+    let done = wait_for(BOOT, "the test to finish", || async {
+        let t = client.api::<testbus_proto::Test>().get("two").await.ok()?;
+        testbus_proto::phase::test_terminal(&t.status().phase).then_some(t)
+    })
+    .await;
+    assert_eq!(done.status().phase, "Succeeded", "{:?}", done.status());
+    let claimed: Vec<&String> = done.status().claims.values().collect();
+    assert!(claimed.contains(&&first), "the Ready guest was linked again and used: {claimed:?}");
+    assert!(!claimed.contains(&&booting), "the half-made guest was replaced: {claimed:?}");
+    wait_for(Duration::from_secs(60), "the half-made guest to be destroyed", || async {
+        (!libvirt::domains("tbt-c-").contains(&booting)).then_some(())
+    })
+    .await;
+    delete_pool(&c, "tbt-c").await;
+}
