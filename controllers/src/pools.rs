@@ -787,19 +787,31 @@ fn start_destroy(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &P
         }
         g.busy = true;
         idle = g.phase == GuestPhase::Ready;
-        g.phase = GuestPhase::Deleting;
+        // An idle guest stays Ready (busy) until it is withdrawn: counted
+        // as Deleting, a claim that beats the withdrawal would have the
+        // plan make a second guest for the same test.
+        if !idle {
+            g.phase = GuestPhase::Deleting;
+        }
     }
     let (ctx, lv, cfg, pool_name, name) =
         (ctx.clone(), lv.clone(), cfg.clone(), pool.name().to_string(), name.to_string());
     ctx.clone().guests.spawn(async move {
         // An idle guest is withdrawn from scheduling first, in a write
         // that fails if a test claimed it since the cache the plan read.
-        if idle && !matches!(withdraw(&ctx, &name).await, Ok(true)) {
+        if idle {
+            let withdrawn = matches!(withdraw(&ctx, &name).await, Ok(true));
             if let Some(g) = ctx.guests.runs.lock().get_mut(&name) {
-                (g.busy, g.phase) = (false, GuestPhase::Ready);
+                if withdrawn {
+                    g.phase = GuestPhase::Deleting;
+                } else {
+                    g.busy = false;
+                }
             }
-            ctx.pool_queue.add(&pool_name);
-            return;
+            if !withdrawn {
+                ctx.pool_queue.add(&pool_name);
+                return;
+            }
         }
         let r = destroy(&ctx, &lv, &cfg, &name).await;
         match r {

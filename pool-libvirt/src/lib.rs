@@ -5,8 +5,9 @@
 //! A guest is a qcow2 linked clone of the image's `golden.qcow2` (made by
 //! `hack/guest-image`), booted directly from the image's kernel and initrd
 //! with a command line that tells it its name and agent flags. Its first
-//! serial line is a console log file; its second is a pty that carries the
-//! relay link to the control plane. Every call blocks: callers run them
+//! serial line is logged by virtlogd (bounded); its second is a pty that
+//! carries the relay link to the control plane (or, for a vsock guest,
+//! there is none and virtio-vsock carries it). Every call blocks: callers run them
 //! on a blocking thread.
 #![forbid(unsafe_code)]
 
@@ -367,7 +368,9 @@ impl Libvirt {
     }
 }
 
-/// Where a guest's console (its first serial line) is logged.
+/// Where a guest's console (its first serial line) is logged, through
+/// virtlogd: a guest that floods its console fills no disk (virtlogd keeps
+/// 2 MiB and three older files, as its max_size and max_backups say).
 pub fn console_log(state_dir: &Path) -> PathBuf {
     state_dir.join("console.log")
 }
@@ -434,7 +437,7 @@ fn domain_xml(g: &GuestSpec, domain_type: &str) -> String {
       <target dev='vda' bus='virtio'/>
     </disk>
     {iface}
-    <serial type='file'><source path='{console}'/><target port='0'/></serial>
+    <serial type='null'><log file='{console}' append='off'/><target port='0'/></serial>
     {link_serial}
     <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>
   </devices>
@@ -475,6 +478,7 @@ mod tests {
         ));
         assert!(xml.contains("<source file='/state/vms-ab12c/disk.qcow2'/>"));
         assert!(xml.contains("<serial type='pty'><target port='1'/></serial>"));
+        assert!(xml.contains("<serial type='null'><log file='/state/vms-ab12c/console.log' append='off'/>"));
         assert!(xml.contains("<source network='vmnet'/>"));
         // Escaped, not interpreted.
         let odd = GuestSpec { name: "a'b<c".into(), network: None, ..g.clone() };
