@@ -42,7 +42,7 @@ if sys.argv[1] == "--from":
 else:
     work, out, profile, full = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
     scenarios = {}
-    for name in ["store", "link", "proxy", "run", "start", "throughput", "fanout", "output", "files", "idle", "sync", "watches", "pools"]:
+    for name in ["store", "link", "proxy", "run", "start", "throughput", "tls", "fanout", "output", "files", "idle", "sync", "watches", "pools"]:
         v = load(name)
         if v is not None:
             scenarios[name] = v
@@ -106,6 +106,16 @@ if s:
     for i, r in enumerate(rounds):
         lines.append("| %d | %.0f | %.2f | %.2f |" % (i + 1, r["processes_per_s"], 1e3 * r["cp_cpu_seconds"] / r["processes"], 1e3 * r["agents_cpu_seconds"] / r["processes"]))
     target("processes/s end to end (%d agents)" % s["agents"], "≥ 1,000", "%.0f" % s["processes_per_s"], s["processes_per_s"] >= 1000)
+
+s = scenarios.get("tls")
+if s:
+    i, t, r = s["insecure"], s["tls"], s["ratios"]
+    lines += ["", "## TLS against --insecure (every process on loopback, one cluster each)", "",
+              "| | --insecure | TLS |", "|---|---:|---:|",
+              "| `testbusctl run -- true` over TCP, p50 ms (a new connection per command) | %s | %s |" % (ms(i["run_true"]["p50_ms"]), ms(t["run_true"]["p50_ms"])),
+              "| processes/s, %d agents | %.0f | %.0f |" % (t["throughput"]["agents"], i["throughput"]["processes_per_s"], t["throughput"]["processes_per_s"])]
+    target("run -- true with TLS against --insecure", "≤ 1.10×", "%.2f×" % r["run_true_tls_over_insecure"], r["run_true_tls_over_insecure"] <= 1.10)
+    target("throughput cost of TLS", "≤ 1.10×", "%.2f×" % r["throughput_insecure_over_tls"], r["throughput_insecure_over_tls"] <= 1.10)
 
 s = scenarios.get("fanout")
 if s:

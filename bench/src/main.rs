@@ -118,7 +118,8 @@ async fn run_true(smoke: bool) -> anyhow::Result<serde_json::Value> {
     };
     let testbus = || {
         let mut cmd = c.command_in("cp", &ctl);
-        cmd.args(["--server", "http://10.77.0.1:7780", "run", "--host", "host-0", "--", "true"]);
+        cmd.args(["--server", "https://10.77.0.1:7780", "run", "--host", "host-0", "--", "true"]);
+        cmd.env("TESTBUS_CONFIG", c.dir.path().join("admin.yaml"));
         cmd
     };
     let local = || {
@@ -214,6 +215,12 @@ async fn throughput(smoke: bool) -> anyhow::Result<serde_json::Value> {
     let extra = std::env::var("TESTBUS_BENCH_AGENT_ARGS").unwrap_or_default();
     let extra: Vec<&str> = extra.split_whitespace().collect();
     let c = Cluster::start_with(agents, &extra).await;
+    throughput_on(&c, agents, steps, rounds).await
+}
+
+/// Rounds of one test over every agent of `c` with `steps` parallel steps
+/// of `true`: processes per second (the median round), and CPU.
+async fn throughput_on(c: &Cluster, agents: usize, steps: usize, rounds: usize) -> anyhow::Result<serde_json::Value> {
     let client = c.client().await;
     let cpu = |c: &Cluster| {
         let agents: f64 = (0..agents).map(|i| cpu_seconds(c.agent_pid(i))).sum();
@@ -236,13 +243,13 @@ spec:
         for s in 0..steps {
             m.push_str(&format!("    - {{name: s{s}, on: [w], argv: [\"true\"]}}\n"));
         }
-        let path = manifest(&c, &format!("{name}.yaml"), &m);
-        let (cp0, ag0) = cpu(&c);
+        let path = manifest(c, &format!("{name}.yaml"), &m);
+        let (cp0, ag0) = cpu(c);
         let t = Instant::now();
         let out = c.ctl(&["apply", "-f", &path, "--wait", "--timeout", "600s"]);
         let secs = t.elapsed().as_secs_f64();
         anyhow::ensure!(out.code == 0, "{out:?}");
-        let (cp1, ag1) = cpu(&c);
+        let (cp1, ag1) = cpu(c);
         let (ps, _) = client.api::<Process>().list("", &format!("spec.test={name}")).await?;
         let done = ps.iter().filter(|p| p.status().phase == phase::SUCCEEDED).count();
         anyhow::ensure!(done == agents * steps, "{done} of {} processes succeeded", agents * steps);
@@ -264,6 +271,43 @@ spec:
         out[k] = v.clone();
     }
     Ok(out)
+}
+
+/// TLS against `--insecure`, on the same footing (every process on
+/// loopback, one cluster each): `testbusctl run -- true` through the TCP
+/// listener (a new connection, and with TLS a handshake, per command), and
+/// throughput (agents hold their connections: one handshake each).
+async fn tls(smoke: bool) -> anyhow::Result<serde_json::Value> {
+    let n = if smoke { 3 } else { 60 };
+    let (agents, steps, rounds) = if smoke { (2, 2, 1) } else { (10, 20, 3) };
+    let ctl = testbus_tests::bin_dir().join("testbusctl");
+    let mut out = serde_json::Map::new();
+    for secure in [false, true] {
+        let c = Cluster::start_loopback(agents, secure).await;
+        let config = c.dir.path().join("admin.yaml");
+        let run = || {
+            let mut cmd = Command::new(&ctl);
+            cmd.args(["--server", &c.agent_server, "run", "--host", "host-0", "--", "true"]);
+            cmd.env("TESTBUS_CONFIG", if secure { config.as_os_str() } else { std::ffi::OsStr::new("") });
+            cmd
+        };
+        timed(&mut run())?;
+        let mut ms = Vec::new();
+        for _ in 0..n {
+            ms.push(timed(&mut run())?);
+        }
+        let flood = throughput_on(&c, agents, steps, rounds).await?;
+        let name = if secure { "tls" } else { "insecure" };
+        out.insert(name.into(), json!({ "run_true": summary(ms), "throughput": flood }));
+    }
+    let p50 = |k: &str| out[k]["run_true"]["p50_ms"].as_f64().unwrap_or(0.0);
+    let tput = |k: &str| out[k]["throughput"]["processes_per_s"].as_f64().unwrap_or(0.0);
+    let ratios = json!({
+        "run_true_tls_over_insecure": p50("tls") / p50("insecure"),
+        "throughput_insecure_over_tls": tput("insecure") / tput("tls"),
+    });
+    out.insert("ratios".into(), ratios);
+    Ok(serde_json::Value::Object(out))
 }
 
 /// Watch delivery to simulated agents: N watchers of Processes, each for
@@ -686,9 +730,10 @@ async fn main() {
         Some("sync") => sync_waiters(smoke).await,
         Some("watches") => future_watches(smoke).await,
         Some("pools") => pools(smoke).await,
+        Some("tls") => tls(smoke).await,
         _ => {
             eprintln!(
-                "usage: testbus-bench run|start|throughput|fanout|output|files|idle|sync|watches|pools [--smoke]"
+                "usage: testbus-bench run|start|throughput|fanout|output|files|idle|sync|watches|pools|tls [--smoke]"
             );
             std::process::exit(2);
         }

@@ -1,6 +1,7 @@
 //! The gRPC resource services. All verbs live once, in [`ResourceService`],
 //! generic over the kind; the macro at the bottom binds them to each
 //! generated service trait. Kind-specific rules are in [`Policy`].
+use crate::authz::{Scope, Verb};
 use crate::hub::{self, Filter, Hub, HubEvent};
 use crate::store::{Compare, Op, Store, StoreError};
 use futures::stream::BoxStream;
@@ -18,19 +19,6 @@ use tonic::{Request, Response, Status};
 
 /// Finalizer the server puts on every Test: the test controller removes it
 pub use testbus_proto::TEST_FINALIZER;
-
-/// Who is calling, as the transport says. In insecure mode (loopback or
-/// `--insecure`) every caller is an administrator; mTLS identities come with
-/// the security work.
-#[derive(Debug, Clone)]
-pub enum Identity {
-    Admin { peer: String },
-}
-
-pub fn identity<T>(req: &Request<T>) -> Identity {
-    let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_else(|| "local".into());
-    Identity::Admin { peer }
-}
 
 fn store_err(e: StoreError) -> Status {
     crate::error::ApiError::from(e).into()
@@ -63,6 +51,11 @@ pub trait Policy: Resource + Validate {
     fn file_refs(&self) -> Vec<(String, &testbus_proto::FileRef)> {
         Vec::new()
     }
+    /// Whether a caller admitted with `scope` may `verb` this object (as
+    /// stored); the rules are `authz`'s.
+    fn in_scope(&self, scope: &Scope, verb: Verb) -> Result<(), Status> {
+        scope.host(verb, "") // an agent touches no object of other kinds
+    }
 }
 
 impl Policy for Host {
@@ -71,6 +64,9 @@ impl Policy for Host {
             Object::Host(h) => Some(h),
             _ => None,
         }
+    }
+    fn in_scope(&self, scope: &Scope, verb: Verb) -> Result<(), Status> {
+        scope.host(verb, self.name())
     }
     /// A host is born free: only `Tests.Claim` claims it.
     fn on_create(&mut self) {
@@ -100,6 +96,9 @@ impl Policy for Test {
             Object::Test(t) => Some(t),
             _ => None,
         }
+    }
+    fn in_scope(&self, scope: &Scope, verb: Verb) -> Result<(), Status> {
+        scope.test(verb, self)
     }
     fn on_create(&mut self) {
         *self.status_mut() = Default::default();
@@ -174,6 +173,9 @@ impl Policy for Process {
             _ => None,
         }
     }
+    fn in_scope(&self, scope: &Scope, verb: Verb) -> Result<(), Status> {
+        scope.process(verb, self)
+    }
     fn on_create(&mut self) {
         *self.status_mut() = Default::default();
         self.status_mut().phase = phase::PENDING.into();
@@ -223,6 +225,8 @@ pub struct ApiState {
     pub store: Arc<dyn Store>,
     pub hub: Arc<Hub>,
     pub blobs: crate::blobs::BlobStore,
+    /// Credentials; None when serving without TLS.
+    pub pki: Option<Arc<crate::auth::Pki>>,
 }
 
 pub struct ResourceService<K> {
@@ -328,7 +332,8 @@ impl<K: Policy> ResourceService<K> {
         Ok(())
     }
 
-    pub async fn create(&self, _id: &Identity, mut obj: K) -> Result<K, Status> {
+    pub async fn create(&self, scope: &Scope, mut obj: K) -> Result<K, Status> {
+        obj.in_scope(scope, Verb::Create)?;
         obj = obj.with_type_meta();
         obj.validate().map_err(|e| Status::invalid_argument(e.to_string()))?;
         self.check_files(&obj).await?;
@@ -364,11 +369,14 @@ impl<K: Policy> ResourceService<K> {
         Err(Status::already_exists("could not generate a unique name; try again"))
     }
 
-    pub async fn get(&self, _id: &Identity, req: GetRequest) -> Result<K, Status> {
-        Ok(self.load(&req.name).await?.0)
+    pub async fn get(&self, scope: &Scope, req: GetRequest) -> Result<K, Status> {
+        let o = self.load(&req.name).await?.0;
+        o.in_scope(scope, Verb::Get)?;
+        Ok(o)
     }
 
-    pub async fn list(&self, _id: &Identity, req: ListRequest) -> Result<(Vec<K>, String), Status> {
+    pub async fn list(&self, scope: &Scope, req: ListRequest) -> Result<(Vec<K>, String), Status> {
+        scope.processes_selector(Verb::List, &req.field_selector)?;
         let filter = filter(&req.label_selector, &req.field_selector)?;
         let (kvs, rev) = self.st.store.list(&hub::prefix(K::KIND)).await.map_err(store_err)?;
         let mut items = Vec::with_capacity(kvs.len());
@@ -383,9 +391,10 @@ impl<K: Policy> ResourceService<K> {
 
     pub async fn watch(
         &self,
-        _id: &Identity,
+        scope: &Scope,
         req: WatchRequest,
     ) -> Result<BoxStream<'static, Result<WatchEvent<K>, Status>>, Status> {
+        scope.processes_selector(Verb::Watch, &req.field_selector)?;
         let filter = filter(&req.label_selector, &req.field_selector)?;
         let after = if req.resource_version.is_empty() {
             None
@@ -468,9 +477,11 @@ impl<K: Policy> ResourceService<K> {
         parse_rv("metadata.resourceVersion", obj.resource_version())
     }
 
-    pub async fn update(&self, _id: &Identity, new: K) -> Result<K, Status> {
+    pub async fn update(&self, scope: &Scope, new: K) -> Result<K, Status> {
         let want = Self::expect_rv(&new)?;
         let (current, rev) = self.load(new.name()).await?;
+        current.in_scope(scope, Verb::Update)?;
+        new.in_scope(scope, Verb::Update)?;
         if rev != want {
             return Err(Self::conflict(new.name(), rev, new.resource_version()));
         }
@@ -503,9 +514,10 @@ impl<K: Policy> ResourceService<K> {
         self.cas_put(&next, rev).await
     }
 
-    pub async fn update_status(&self, _id: &Identity, new: K) -> Result<K, Status> {
+    pub async fn update_status(&self, scope: &Scope, new: K) -> Result<K, Status> {
         let want = Self::expect_rv(&new)?;
         let (current, rev) = self.load(new.name()).await?;
+        current.in_scope(scope, Verb::UpdateStatus)?;
         if rev != want {
             return Err(Self::conflict(new.name(), rev, new.resource_version()));
         }
@@ -516,9 +528,10 @@ impl<K: Policy> ResourceService<K> {
         self.cas_put(&next, rev).await
     }
 
-    pub async fn delete(&self, _id: &Identity, req: DeleteRequest) -> Result<K, Status> {
+    pub async fn delete(&self, scope: &Scope, req: DeleteRequest) -> Result<K, Status> {
         loop {
             let (mut current, rev) = self.load(&req.name).await?;
+            current.in_scope(scope, Verb::Delete)?;
             if !req.resource_version.is_empty() && parse_rv("resourceVersion", &req.resource_version)? != rev {
                 return Err(Self::conflict(current.name(), rev, &req.resource_version));
             }
@@ -546,7 +559,8 @@ fn filter(labels: &str, fields: &str) -> Result<Filter, Status> {
 }
 
 impl ResourceService<Host> {
-    pub async fn renew_lease(&self, _id: &Identity, req: RenewLeaseRequest) -> Result<Host, Status> {
+    pub async fn renew_lease(&self, scope: &Scope, req: RenewLeaseRequest) -> Result<Host, Status> {
+        scope.host(Verb::RenewLease, &req.name)?;
         loop {
             let (mut h, rev) = self.load(&req.name).await?;
             let holder = &h.status().agent_id;
@@ -567,7 +581,7 @@ impl ResourceService<Host> {
 
 impl ResourceService<Test> {
     /// The gang claim: all hosts and the test in one transaction, or nothing.
-    pub async fn claim(&self, _id: &Identity, req: ClaimRequest) -> Result<Test, Status> {
+    pub async fn claim(&self, _scope: &Scope, req: ClaimRequest) -> Result<Test, Status> {
         let (mut test, test_rev) = self.load(&req.test).await?;
         if parse_rv("testResourceVersion", &req.test_resource_version)? != test_rev {
             return Err(Self::conflict(test.name(), test_rev, test.resource_version()));
@@ -663,7 +677,7 @@ impl ResourceService<Test> {
         }
     }
 
-    pub async fn set_env(&self, _id: &Identity, req: SetEnvRequest) -> Result<Test, Status> {
+    pub async fn set_env(&self, _scope: &Scope, req: SetEnvRequest) -> Result<Test, Status> {
         for (k, v) in &req.env {
             testbus_proto::validate::env_name(k).map_err(|e| Status::invalid_argument(format!("env.{k}: {e}")))?;
             if v.contains('\0') {
@@ -680,7 +694,7 @@ impl ResourceService<Test> {
         .await
     }
 
-    pub async fn record_result(&self, _id: &Identity, req: RecordResultRequest) -> Result<Test, Status> {
+    pub async fn record_result(&self, _scope: &Scope, req: RecordResultRequest) -> Result<Test, Status> {
         result_path(&req.path).map_err(|e| Status::invalid_argument(format!("path: {e}")))?;
         if !OUTCOMES.contains(&req.outcome.as_str()) {
             return Err(Status::invalid_argument(format!("outcome: {:?} must be pass, fail or skip", req.outcome)));
@@ -708,7 +722,7 @@ impl ResourceService<Test> {
         .await
     }
 
-    pub async fn finish(&self, _id: &Identity, req: FinishRequest) -> Result<Test, Status> {
+    pub async fn finish(&self, _scope: &Scope, req: FinishRequest) -> Result<Test, Status> {
         self.mutate_running(&req.test, |t| {
             let failed: Vec<String> =
                 t.status().results.iter().filter(|r| r.outcome == "fail").map(|r| r.path.clone()).collect();
@@ -735,21 +749,21 @@ macro_rules! bind_service {
         #[tonic::async_trait]
         impl testbus_proto::$module::$trait for ResourceService<$ty> {
             async fn create(&self, req: Request<$ty>) -> Result<Response<$ty>, Status> {
-                let id = identity(&req);
+                let id = self.st.authorize(&req, Verb::Create, <$ty as Resource>::KIND.name())?;
                 self.create(&id, req.into_inner()).await.map(Response::new)
             }
             async fn get(&self, req: Request<GetRequest>) -> Result<Response<$ty>, Status> {
-                let id = identity(&req);
+                let id = self.st.authorize(&req, Verb::Get, <$ty as Resource>::KIND.name())?;
                 ResourceService::get(self, &id, req.into_inner()).await.map(Response::new)
             }
             async fn list(&self, req: Request<ListRequest>) -> Result<Response<$list>, Status> {
-                let id = identity(&req);
+                let id = self.st.authorize(&req, Verb::List, <$ty as Resource>::KIND.name())?;
                 let (items, resource_version) = ResourceService::list(self, &id, req.into_inner()).await?;
                 Ok(Response::new($list { items, resource_version }))
             }
             type WatchStream = BoxStream<'static, Result<$event, Status>>;
             async fn watch(&self, req: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
-                let id = identity(&req);
+                let id = self.st.authorize(&req, Verb::Watch, <$ty as Resource>::KIND.name())?;
                 let s = ResourceService::watch(self, &id, req.into_inner()).await?;
                 Ok(Response::new(
                     s.map(|r| {
@@ -763,15 +777,15 @@ macro_rules! bind_service {
                 ))
             }
             async fn update(&self, req: Request<$ty>) -> Result<Response<$ty>, Status> {
-                let id = identity(&req);
+                let id = self.st.authorize(&req, Verb::Update, <$ty as Resource>::KIND.name())?;
                 ResourceService::update(self, &id, req.into_inner()).await.map(Response::new)
             }
             async fn update_status(&self, req: Request<$ty>) -> Result<Response<$ty>, Status> {
-                let id = identity(&req);
+                let id = self.st.authorize(&req, Verb::UpdateStatus, <$ty as Resource>::KIND.name())?;
                 ResourceService::update_status(self, &id, req.into_inner()).await.map(Response::new)
             }
             async fn delete(&self, req: Request<DeleteRequest>) -> Result<Response<$ty>, Status> {
-                let id = identity(&req);
+                let id = self.st.authorize(&req, Verb::Delete, <$ty as Resource>::KIND.name())?;
                 ResourceService::delete(self, &id, req.into_inner()).await.map(Response::new)
             }
             $($extra)*
@@ -781,25 +795,25 @@ macro_rules! bind_service {
 
 bind_service!(hosts_server::Hosts, Host, HostList, HostEvent, {
     async fn renew_lease(&self, req: Request<RenewLeaseRequest>) -> Result<Response<Host>, Status> {
-        let id = identity(&req);
+        let id = self.st.authorize(&req, Verb::RenewLease, "Host")?;
         ResourceService::renew_lease(self, &id, req.into_inner()).await.map(Response::new)
     }
 });
 bind_service!(tests_server::Tests, Test, TestList, TestEvent, {
     async fn claim(&self, req: Request<ClaimRequest>) -> Result<Response<Test>, Status> {
-        let id = identity(&req);
+        let id = self.st.authorize(&req, Verb::Claim, "Test")?;
         ResourceService::claim(self, &id, req.into_inner()).await.map(Response::new)
     }
     async fn set_env(&self, req: Request<SetEnvRequest>) -> Result<Response<Test>, Status> {
-        let id = identity(&req);
+        let id = self.st.authorize(&req, Verb::SetEnv, "Test")?;
         ResourceService::set_env(self, &id, req.into_inner()).await.map(Response::new)
     }
     async fn record_result(&self, req: Request<RecordResultRequest>) -> Result<Response<Test>, Status> {
-        let id = identity(&req);
+        let id = self.st.authorize(&req, Verb::RecordResult, "Test")?;
         ResourceService::record_result(self, &id, req.into_inner()).await.map(Response::new)
     }
     async fn finish(&self, req: Request<FinishRequest>) -> Result<Response<Test>, Status> {
-        let id = identity(&req);
+        let id = self.st.authorize(&req, Verb::Finish, "Test")?;
         ResourceService::finish(self, &id, req.into_inner()).await.map(Response::new)
     }
 });
@@ -809,7 +823,7 @@ bind_service!(host_pools_server::HostPools, HostPool, HostPoolList, HostPoolEven
         &self,
         req: Request<testbus_proto::SnapshotRequest>,
     ) -> Result<Response<testbus_proto::SnapshotResponse>, Status> {
-        let id = identity(&req);
+        let id = self.st.authorize(&req, Verb::Snapshot, "HostPool")?;
         ResourceService::snapshot(self, &id, req.into_inner()).await.map(Response::new)
     }
 });
@@ -820,7 +834,7 @@ impl ResourceService<HostPool> {
     /// again.
     pub async fn snapshot(
         &self,
-        _id: &Identity,
+        _scope: &Scope,
         req: testbus_proto::SnapshotRequest,
     ) -> Result<testbus_proto::SnapshotResponse, Status> {
         use testbus_pool_libvirt::{Libvirt, CLEAN_SNAPSHOT};
@@ -880,11 +894,11 @@ mod tests {
         let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb"), 1000).unwrap());
         let hub = Hub::start(1000, store.clone()).await.unwrap();
         let blobs = crate::blobs::BlobStore::open(&dir.path().join("blobs"), 0).unwrap();
-        ApiState { store, hub, blobs }
+        ApiState { store, hub, blobs, pki: None }
     }
 
-    fn admin() -> Identity {
-        Identity::Admin { peer: "test".into() }
+    fn admin() -> Scope {
+        Scope::All
     }
 
     fn test_obj(name: &str) -> Test {
@@ -1072,7 +1086,7 @@ mod tests {
         let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb"), 1000).unwrap());
         let hub = Hub::start(16, store.clone()).await.unwrap();
         let blobs = crate::blobs::BlobStore::open(&dir.path().join("blobs"), 0).unwrap();
-        let st = ApiState { store, hub, blobs };
+        let st = ApiState { store, hub, blobs, pki: None };
         let tests = ResourceService::<Test>::new(st.clone());
         let first = tests.create(&admin(), test_obj("t0")).await.unwrap();
         // Let the hub see it before resuming from its revision.

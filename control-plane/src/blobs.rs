@@ -10,6 +10,7 @@
 //! it from a replica that has it (checking the digest), keeps it and records
 //! itself as a holder too, then serves it. Blobs are immutable, so a copy is
 //! as good as the original; a blob is lost only when every holder is.
+use crate::authz::Verb;
 use crate::error::ApiError;
 use crate::store::{Op, Store};
 use futures::stream::BoxStream;
@@ -32,6 +33,7 @@ pub struct BlobStore {
     dir: PathBuf,
     min_free: u64,
     peers: Option<Peers>,
+    pki: Option<Arc<crate::auth::Pki>>,
 }
 
 /// How this replica finds blobs held by the others.
@@ -42,6 +44,8 @@ pub struct Peers {
     pub id: String,
     /// The address other replicas reach this one at.
     pub advertise: String,
+    /// This replica's TLS toward the others (None: they serve insecure).
+    pub tls: Option<testbus_proto::client::Tls>,
 }
 
 const LOCATION_PREFIX: &str = "/blobs/";
@@ -90,7 +94,14 @@ impl BlobStore {
         for e in std::fs::read_dir(dir.join("tmp"))?.flatten() {
             let _ = std::fs::remove_file(e.path());
         }
-        Ok(BlobStore { dir: dir.to_path_buf(), min_free, peers: None })
+        Ok(BlobStore { dir: dir.to_path_buf(), min_free, peers: None, pki: None })
+    }
+
+    /// Checks callers with these credentials (without: every caller is
+    /// admitted as `authz` admits the local socket's).
+    pub fn with_pki(mut self, pki: Option<Arc<crate::auth::Pki>>) -> Self {
+        self.pki = pki;
+        self
     }
 
     /// Shares blobs with the other replicas on the same store.
@@ -156,7 +167,11 @@ impl BlobStore {
     }
 
     async fn fetch(&self, digest: &str, addr: &str) -> anyhow::Result<u64> {
-        let client = tokio::time::timeout(Duration::from_secs(5), Client::connect(addr)).await??;
+        let client = tokio::time::timeout(
+            Duration::from_secs(5),
+            Client::connect_with(addr, self.peers.as_ref().and_then(|p| p.tls.clone())),
+        )
+        .await??;
         let tmp = self.dir.join("tmp").join(uuid::Uuid::new_v4().to_string());
         let size = blob::download_to(client.channel(), digest, &tmp).await;
         let size = match size {
@@ -188,6 +203,7 @@ const FREE_CHECK_EVERY: u64 = 8 << 20;
 #[tonic::async_trait]
 impl Blobs for BlobStore {
     async fn upload(&self, req: Request<Streaming<UploadRequest>>) -> Result<Response<BlobRef>, Status> {
+        crate::auth::authorize(self.pki.as_deref(), &req, Verb::UploadBlob, "blobs")?;
         let mut stream = req.into_inner();
         check_reserve(&self.dir, self.min_free)?;
         let tmp = self.dir.join("tmp").join(uuid::Uuid::new_v4().to_string());
@@ -240,6 +256,7 @@ impl Blobs for BlobStore {
     }
 
     async fn stat(&self, req: Request<StatBlobRequest>) -> Result<Response<StatBlobResponse>, Status> {
+        crate::auth::authorize(self.pki.as_deref(), &req, Verb::ReadBlob, "blobs")?;
         let d = req.into_inner().digest;
         if !blob::valid_digest(&d) {
             return Err(bad_digest("digest", &d));
@@ -255,6 +272,7 @@ impl Blobs for BlobStore {
     type DownloadStream = BoxStream<'static, Result<BlobChunk, Status>>;
 
     async fn download(&self, req: Request<DownloadRequest>) -> Result<Response<Self::DownloadStream>, Status> {
+        crate::auth::authorize(self.pki.as_deref(), &req, Verb::ReadBlob, "blobs")?;
         let d = req.into_inner().digest;
         let path = self.path(&d).ok_or_else(|| bad_digest("digest", &d))?;
         self.ensure(&d).await?;

@@ -15,6 +15,12 @@ pub enum ApiError {
     /// A file of the control plane's own (blobs, output) failed.
     #[error("{}{source}", prefix(what))]
     Io { what: &'static str, source: std::io::Error },
+    /// The caller may not do this (see `authz`).
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// The caller proved no identity, and must.
+    #[error("{0}")]
+    Unauthenticated(String),
 }
 
 fn prefix(what: &str) -> String {
@@ -53,6 +59,8 @@ impl From<ApiError> for Status {
                 Status::resource_exhausted(msg)
             }
             ApiError::Io { .. } => Status::unavailable(msg),
+            ApiError::PermissionDenied(_) => Status::permission_denied(msg),
+            ApiError::Unauthenticated(_) => Status::unauthenticated(msg),
         }
     }
 }

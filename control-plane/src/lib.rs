@@ -5,6 +5,8 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod auth;
+pub mod authz;
 pub mod blobs;
 pub mod error;
 pub mod hub;

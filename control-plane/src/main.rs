@@ -10,9 +10,90 @@ use testbus_control_plane::server::{self, Listen};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// The testbus control plane: API server, store, and controllers.
+///
+/// Serves with TLS on every TCP listener (its CA and certificate are made
+/// in DATA_DIR/pki on first start); the unix socket DATA_DIR/api.sock is
+/// plain and admin. Credentials are handed out by the subcommands.
 #[derive(Parser, Debug)]
-#[command(name = "testbus-control-plane", version)]
+#[command(name = "testbus-control-plane", version, args_conflicts_with_subcommands = true)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: Serve,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Users (testbusctl's credentials).
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Join tokens for agents.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Agents' certificates.
+    #[command(subcommand)]
+    Agent(AgentCommand),
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum UserCommand {
+    /// Writes a testbusctl config file (server, CA, a certificate for NAME
+    /// and its key), signed by the CA in the data dir. Works whether the
+    /// control plane runs or not.
+    ///
+    ///   testbus-control-plane user create alice --role viewer --out alice.yaml
+    ///   TESTBUS_CONFIG=alice.yaml testbusctl get hosts
+    Create {
+        name: String,
+        /// admin: everything; viewer: read everything, write nothing.
+        #[arg(long, value_parser = ["admin", "viewer"])]
+        role: String,
+        /// Where to write it (default: stdout).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The address the config names (https://HOST:PORT, or several
+        /// comma-separated).
+        #[arg(long, default_value = "https://127.0.0.1:7780")]
+        server: String,
+        /// How long the certificate is valid.
+        #[arg(long, default_value = "365d", value_parser = parse_duration)]
+        ttl: std::time::Duration,
+        #[arg(long, env = "TESTBUS_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum TokenCommand {
+    /// Prints a join token: `testbus-agent --server https://… --join-token
+    /// TOKEN` needs nothing else (the token pins this control plane's CA).
+    /// Asks the running control plane, through its socket in the data dir.
+    Create {
+        /// How long it may be used to join (1s to 7d).
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// Only guests of this HostPool (hosts named POOL-…) may join with it.
+        #[arg(long)]
+        pool: Option<String>,
+        #[arg(long, env = "TESTBUS_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum AgentCommand {
+    /// Refuses every certificate of host NAME issued until now (its agent
+    /// must join again with a new token). Asks the running control plane.
+    Revoke {
+        name: String,
+        #[arg(long, env = "TESTBUS_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct Serve {
     /// Address to serve on: HOST:PORT or unix:/path. Repeatable. A unix
     /// socket is always offered at DATA_DIR/api.sock as well.
     #[arg(long, default_value = "127.0.0.1:7780")]
@@ -24,9 +105,24 @@ struct Args {
     /// etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (default prefix /testbus).
     #[arg(long, default_value = "embedded")]
     store: String,
-    /// Serve without TLS on non-loopback addresses (development only).
+    /// Serve without TLS (development only; loopback addresses only).
     #[arg(long)]
     insecure: bool,
+    /// The server's certificate chain (PEM); default: issued at start by
+    /// the CA in DATA_DIR/pki, for every --listen and --advertise address.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The CA client certificates are checked against (PEM); default: the
+    /// CA in DATA_DIR/pki.
+    #[arg(long)]
+    client_ca: Option<PathBuf>,
+    /// How long an agent's certificate is valid; agents renew at two
+    /// thirds of it.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    agent_cert_ttl: std::time::Duration,
     /// Do not run the controllers in this process.
     #[arg(long)]
     no_controllers: bool,
@@ -79,10 +175,82 @@ fn is_root() -> bool {
     std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
 }
 
+/// The running control plane's socket in `data_dir`.
+async fn local_client(data_dir: Option<PathBuf>) -> anyhow::Result<testbus_proto::client::Client> {
+    let dir = data_dir.unwrap_or_else(default_data_dir);
+    let sock = dir.join("api.sock");
+    testbus_proto::client::Client::connect(&format!("unix:{}", sock.display()))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\n(is the control plane with --data-dir {} running?)", dir.display()))
+}
+
+async fn command(cmd: Command) -> anyhow::Result<()> {
+    use anyhow::Context;
+    match cmd {
+        Command::User(UserCommand::Create { name, role, out, server, ttl, data_dir }) => {
+            let dir = data_dir.unwrap_or_else(default_data_dir).join("pki");
+            let ca = testbus_pki::Ca::load(&dir)?.with_context(|| {
+                format!("no CA in {}: start the control plane once with this --data-dir", dir.display())
+            })?;
+            let role: testbus_pki::Role = role.parse().map_err(anyhow::Error::msg)?;
+            let issued = ca.issue(&name, role, ttl)?;
+            let file = testbus_pki::ClientFile {
+                server,
+                certificate_authority: ca.cert_pem().to_string(),
+                client_certificate: issued.cert,
+                client_key: issued.key,
+            };
+            match out {
+                Some(path) => {
+                    file.save(&path)?;
+                    eprintln!(
+                        "wrote {} ({role} {name}); use it with TESTBUS_CONFIG={}",
+                        path.display(),
+                        path.display()
+                    );
+                }
+                None => print!("{}", serde_norway::to_string(&file)?),
+            }
+        }
+        Command::Token(TokenCommand::Create { ttl, pool, data_dir }) => {
+            let client = local_client(data_dir).await?;
+            let r = client
+                .auth()
+                .create_token(testbus_proto::CreateTokenRequest {
+                    ttl,
+                    pool: pool.unwrap_or_default(),
+                    host_name: String::new(),
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                .into_inner();
+            println!("{}", r.token);
+            eprintln!("valid until {}", r.expires);
+        }
+        Command::Agent(AgentCommand::Revoke { name, data_dir }) => {
+            let client = local_client(data_dir).await?;
+            client
+                .auth()
+                .revoke(testbus_proto::RevokeRequest { host_name: name.clone() })
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+            eprintln!("revoked every certificate of host {name} issued until now");
+        }
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() {
     testbus_telemetry::init_logging();
-    let args = Args::parse();
+    let Args { command: cmd, serve: args } = Args::parse();
+    if let Some(cmd) = cmd {
+        if let Err(e) = command(cmd).await {
+            eprintln!("testbus-control-plane: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let cfg = server::Config {
         listen: args.listen,
         data_dir: args.data_dir.unwrap_or_else(default_data_dir),
@@ -99,6 +267,10 @@ async fn main() {
         advertise: args.advertise,
         handshake_timeout: args.handshake_timeout,
         max_connections_per_peer: args.max_connections_per_peer,
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
+        client_ca: args.client_ca,
+        agent_cert_ttl: args.agent_cert_ttl,
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
     let on_signal = shutdown.clone();

@@ -20,6 +20,7 @@
 //! stop once the process is terminal and everything has been delivered
 //! (agents flush output before they report a final status).
 use crate::api::ApiState;
+use crate::authz::{Scope, Verb};
 use crate::hub;
 use crate::store::{Compare, Event, KeyValue, Op, Store};
 use futures::stream::BoxStream;
@@ -230,7 +231,7 @@ pub struct OutputService {
     /// would cost more than the append. Refreshed whenever a stream starts
     /// (offset 0), so a process created again under the same name gets
     /// its own log.
-    uids: Arc<Mutex<HashMap<String, String>>>,
+    uids: Arc<Mutex<HashMap<String, (String, String)>>>,
     /// Log files open for appending now.
     open_files: Arc<std::sync::atomic::AtomicUsize>,
     max_open: usize,
@@ -341,7 +342,7 @@ impl OutputService {
         }
         {
             let mut uids = self.uids.lock();
-            if uids.get(name).is_some_and(|u| u == uid) {
+            if uids.get(name).is_some_and(|(u, _)| u == uid) {
                 uids.remove(name);
             }
         }
@@ -451,13 +452,13 @@ impl OutputService {
         Ok(p.metadata.map(|m| m.uid).unwrap_or_default())
     }
 
-    /// The uid of a Process that may still be appended to.
-    async fn uid_of_running(&self, name: &str) -> Result<String, Status> {
+    /// The uid and host of a Process that may still be appended to.
+    async fn uid_of_running(&self, name: &str) -> Result<(String, String), Status> {
         let p = self.process(name).await?;
         if phase::process_terminal(&p.status().phase) {
             return Err(ended(name));
         }
-        Ok(p.meta().uid.clone())
+        Ok((p.meta().uid.clone(), p.spec().host_name.clone()))
     }
 
     fn path(&self, uid: &str) -> PathBuf {
@@ -516,25 +517,34 @@ impl OutputService {
     }
 
     /// Appends one chunk of a process's output (see `append`).
-    async fn append_chunk(&self, c: OutputChunk) -> Result<AppendOutputResponse, Status> {
+    async fn append_chunk(&self, scope: &Scope, c: OutputChunk) -> Result<AppendOutputResponse, Status> {
         if c.data.len() > MAX_CHUNK {
             return Err(Status::invalid_argument(format!("data: chunk larger than {MAX_CHUNK} bytes")));
         }
         let stream = OutputStream::try_from(c.stream)
             .map_err(|_| Status::invalid_argument(format!("stream: unknown output stream {}", c.stream)))?;
         let cached = (c.offset > 0).then(|| self.uids.lock().get(&c.process).cloned()).flatten();
-        let uid = match cached {
-            Some(uid) => uid,
+        let (uid, host) = match cached {
+            Some(known) => known,
             None => {
-                let uid = self.uid_of_running(&c.process).await?;
+                let known = self.uid_of_running(&c.process).await?;
                 let mut uids = self.uids.lock();
                 if uids.len() > 100_000 {
                     uids.clear();
                 }
-                uids.insert(c.process.clone(), uid.clone());
-                uid
+                uids.insert(c.process.clone(), known.clone());
+                known
             }
         };
+        // An agent appends only to the output of its host's processes.
+        if let Scope::Host(h) = scope {
+            if *h != host {
+                let mut p = Process::default();
+                p.meta_mut().name = c.process.clone();
+                p.spec_mut().host_name = host;
+                scope.process(Verb::AppendOutput, &p)?;
+            }
+        }
         let log = self.open(&uid).await?;
         let mut l = log.lock().await;
         if !l.loaded {
@@ -671,9 +681,10 @@ impl Output for OutputService {
     async fn append(&self, req: Request<OutputChunk>) -> Result<Response<AppendOutputResponse>, Status> {
         // In a task of its own: a client that goes away mid-append does not
         // cut it between writing a record and counting it.
+        let scope = self.api.authorize(&req, Verb::AppendOutput, "output")?;
         let svc = self.clone();
         let c = req.into_inner();
-        tokio::spawn(async move { svc.append_chunk(c).await })
+        tokio::spawn(async move { svc.append_chunk(&scope, c).await })
             .await
             .map_err(|e| Status::internal(format!("output store: an append failed: {e}")))?
             .map(Response::new)
@@ -682,6 +693,7 @@ impl Output for OutputService {
     type ReadStream = BoxStream<'static, Result<OutputChunk, Status>>;
 
     async fn read(&self, req: Request<ReadOutputRequest>) -> Result<Response<Self::ReadStream>, Status> {
+        self.api.authorize(&req, Verb::ReadOutput, "output")?;
         let r = req.into_inner();
         // Subscribed before the first look at the process, so that a
         // follower sees the process end at once, not at its next poll.
@@ -933,6 +945,13 @@ impl StoreReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A request as the local socket brings it (admin).
+    fn local<T>(t: T) -> Request<T> {
+        let mut r = Request::new(t);
+        r.extensions_mut().insert(crate::authz::Caller::Local);
+        r
+    }
     use crate::store::embedded::EmbeddedStore;
     use testbus_proto::{ObjectMeta, ProcessSpec};
 
@@ -967,7 +986,7 @@ mod tests {
                         data: bytes::Bytes::copy_from_slice(data),
                         notice: false,
                     };
-                    svc.append(Request::new(c)).await
+                    svc.append(local(c)).await
                 })
             };
             let (a, b) = (append(0, b"out"), append(1, b"err"));
@@ -984,7 +1003,7 @@ mod tests {
         let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb"), 1000).unwrap());
         let hub = crate::hub::Hub::start(1000, store.clone()).await.unwrap();
         let blobs = crate::blobs::BlobStore::open(&dir.path().join("blobs"), 0).unwrap();
-        (store.clone(), ApiState { store, hub, blobs })
+        (store.clone(), ApiState { store, hub, blobs, pki: None })
     }
 
     async fn put_process(store: &Arc<dyn Store>, i: usize, phase: &str) {
@@ -1031,7 +1050,7 @@ mod tests {
                 data: bytes::Bytes::from_static(b"line\n"),
                 notice: false,
             };
-            svc.append(Request::new(c))
+            svc.append(local(c))
         };
         for round in 0..2u64 {
             for i in 0..N {

@@ -1,6 +1,7 @@
 //! Wiring: open the store, start the hub, serve the API on every listener,
 //! run the controllers, stop on a shutdown signal.
 use crate::api::{ApiState, ResourceService};
+use crate::authz::Caller;
 use crate::hub::Hub;
 use crate::output::OutputService;
 use crate::store::{embedded::EmbeddedStore, Store};
@@ -10,6 +11,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use testbus_proto::auth_server::AuthServer;
 use testbus_proto::blobs_server::BlobsServer;
 use testbus_proto::host_pools_server::HostPoolsServer;
 use testbus_proto::hosts_server::HostsServer;
@@ -60,6 +62,95 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// Most TCP connections served for one peer address at once.
     pub max_connections_per_peer: usize,
+    /// The server's certificate chain and key (PEM files); default: issued
+    /// at start by the CA in `DATA_DIR/pki`, made on first start.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// The CA client certificates are checked against; default: the CA in
+    /// `DATA_DIR/pki`.
+    pub client_ca: Option<PathBuf>,
+    /// How long an agent's certificate is valid (it renews it at 2/3).
+    pub agent_cert_ttl: Duration,
+}
+
+/// The TLS of a server: how it accepts connections, and its credentials.
+struct ServerTls {
+    acceptor: tokio_rustls::TlsAcceptor,
+    pki: Arc<crate::auth::Pki>,
+    /// This replica's client credentials toward the others (copying blobs).
+    peer_tls: testbus_proto::client::Tls,
+}
+
+/// Every name this server is reached at: its listeners' addresses (all of
+/// this machine's for an unspecified one), the advertised host, loopback
+/// and the host name.
+fn server_names(cfg: &Config) -> Vec<String> {
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
+    for l in &cfg.listen {
+        if let Listen::Tcp(a) = l {
+            if a.ip().is_unspecified() {
+                names.extend(if_addrs::get_if_addrs().unwrap_or_default().into_iter().map(|i| i.ip().to_string()));
+            } else {
+                names.push(a.ip().to_string());
+            }
+        }
+    }
+    if let Some(host) = cfg.advertise.as_deref().and_then(|a| a.parse::<tonic::transport::Uri>().ok()) {
+        if let Some(h) = host.host() {
+            names.push(h.trim_matches(|c| c == '[' || c == ']').to_string());
+        }
+    }
+    if let Ok(h) = nix::unistd::gethostname() {
+        names.push(h.to_string_lossy().into_owned());
+    }
+    names
+}
+
+fn read_pem(flag: &str, path: &std::path::Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("{flag} {}", path.display()))
+}
+
+impl Config {
+    /// The CA (made on first start) and the server's certificate.
+    fn tls(&self) -> anyhow::Result<ServerTls> {
+        use testbus_pki::{Ca, Role};
+        let dir = self.data_dir.join("pki");
+        let (ca, chain, key) = match (&self.tls_cert, &self.tls_key) {
+            (Some(c), Some(k)) => (Ca::load(&dir)?, read_pem("--tls-cert", c)?, read_pem("--tls-key", k)?),
+            (None, None) => {
+                let (ca, made) = Ca::load_or_create(&dir).with_context(|| format!("the CA in {}", dir.display()))?;
+                if made {
+                    tracing::info!(dir = %dir.display(), fingerprint = %ca.fingerprint(), "made a new CA");
+                }
+                let issued = ca.issue_server(&server_names(self), Duration::from_secs(365 * 86400))?;
+                let chain = format!("{}{}", issued.cert, ca.cert_pem());
+                (Some(ca), chain, issued.key)
+            }
+            _ => bail!("--tls-cert and --tls-key go together"),
+        };
+        let client_ca = match (&self.client_ca, &ca) {
+            (Some(p), _) => read_pem("--client-ca", p)?,
+            (None, Some(ca)) => ca.cert_pem().to_string(),
+            (None, None) => bail!("--client-ca: needed with --tls-cert when DATA_DIR/pki holds no CA"),
+        };
+        let server = testbus_pki::server_config(&chain, &key, &client_ca).context("the server's TLS")?;
+        // This replica, as a client of the others: a certificate of its own
+        // if it can sign one, else its server certificate (which may be
+        // used as a client's).
+        let replica_id = crate::blobs::replica_id(&self.data_dir).context("the replica id in the data dir")?;
+        let peer = match &ca {
+            Some(ca) => {
+                let i = ca.issue(&replica_id, Role::Replica, Duration::from_secs(365 * 86400))?;
+                testbus_pki::client_config(&client_ca, Some((&i.cert, &i.key)))?
+            }
+            None => testbus_pki::client_config(&client_ca, Some((&chain, &key)))?,
+        };
+        Ok(ServerTls {
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+            pki: Arc::new(crate::auth::Pki::new(ca, client_ca, self.agent_cert_ttl)),
+            peer_tls: testbus_proto::client::Tls::new(peer),
+        })
+    }
 }
 
 /// Most TCP connections from one address waiting to send their HTTP/2
@@ -218,13 +309,16 @@ impl<P: std::hash::Hash + Eq + Copy> Handshakes<P> {
 /// serves, alive after the server stopped.
 struct Conn<S> {
     stream: S,
+    /// Who is on the other end, as the transport proved it: every request
+    /// of the connection carries it (see `authz`).
+    caller: Caller,
     _slot: Option<PeerSlot>,
     cut: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
 }
 
 impl<S> Conn<S> {
-    fn new(stream: S, slot: Option<PeerSlot>, cut: &CancellationToken) -> Self {
-        Conn { stream, _slot: slot, cut: Box::pin(cut.clone().cancelled_owned()) }
+    fn new(stream: S, caller: Caller, slot: Option<PeerSlot>, cut: &CancellationToken) -> Self {
+        Conn { stream, caller, _slot: slot, cut: Box::pin(cut.clone().cancelled_owned()) }
     }
 
     /// An error once the server cut its connections.
@@ -239,17 +333,52 @@ impl<S> Conn<S> {
     }
 }
 
-impl tonic::transport::server::Connected for Conn<tokio::net::TcpStream> {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
+impl<S> tonic::transport::server::Connected for Conn<S> {
+    type ConnectInfo = Caller;
+    fn connect_info(&self) -> Caller {
+        self.caller.clone()
     }
 }
 
-impl tonic::transport::server::Connected for Conn<tokio::net::UnixStream> {
-    type ConnectInfo = tonic::transport::server::UdsConnectInfo;
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
+/// A TCP connection, with TLS or (`--insecure`) without.
+type TcpConn = Box<dyn testbus_proto::client::Io>;
+
+/// Who a TLS client is: what its certificate (verified by the handshake
+/// against the client CA) names, or nobody.
+fn caller_of(tls: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>) -> Caller {
+    let Some(cert) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()) else {
+        return Caller::Anonymous;
+    };
+    match testbus_pki::identity_of(cert) {
+        Ok(id) => Caller::Certified { name: id.name, role: id.role, issued: id.issued },
+        Err(e) => {
+            tracing::debug!(error = %e, "a client certificate of the CA names no testbus identity");
+            Caller::Anonymous
+        }
+    }
+}
+
+/// Makes a freshly accepted connection ready to serve within `limit`: the
+/// TLS handshake, or (insecure) the start of the HTTP/2 preface. None: it
+/// failed or was too slow.
+async fn handshake(
+    s: tokio::net::TcpStream,
+    tls: Option<&tokio_rustls::TlsAcceptor>,
+    limit: Duration,
+) -> Option<(TcpConn, Caller)> {
+    match tls {
+        None => sends_preface(&s, limit).await.then(|| (Box::new(s) as TcpConn, Caller::Insecure)),
+        Some(acceptor) => match tokio::time::timeout(limit, acceptor.accept(s)).await {
+            Ok(Ok(t)) => {
+                let caller = caller_of(&t);
+                Some((Box::new(t), caller))
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "TLS handshake failed");
+                None
+            }
+            Err(_) => None,
+        },
     }
 }
 
@@ -299,14 +428,15 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Conn<S> {
     }
 }
 
-/// Accepts TCP connections and hands on those that start HTTP/2 in time:
-/// a connection that never sends its preface is closed after `limit`
-/// instead of holding a slot forever; one address has at most
+/// Accepts TCP connections and hands on those that finish their TLS
+/// handshake (insecure: start HTTP/2) in time: a connection that never
+/// does is closed after `limit` instead of holding a slot forever; one address has at most
 /// [`MAX_HANDSHAKES_PER_PEER`] connections in that state and at most
 /// `max_per_peer` being served. Ends when the server does (`tx` closed).
 async fn accept_http2(
     lis: tokio::net::TcpListener,
-    tx: tokio::sync::mpsc::Sender<Conn<tokio::net::TcpStream>>,
+    tx: tokio::sync::mpsc::Sender<Conn<TcpConn>>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     limit: Duration,
     max_per_peer: usize,
     cut: CancellationToken,
@@ -328,23 +458,23 @@ async fn accept_http2(
         };
         let ip = peer.ip();
         let (id, mut evicted) = pending.admit(ip);
-        let (tx, served, pending, cut) = (tx.clone(), served.clone(), pending.clone(), cut.clone());
+        let (tx, served, pending, cut, tls) = (tx.clone(), served.clone(), pending.clone(), cut.clone(), tls.clone());
         tokio::spawn(async move {
-            let ok = tokio::select! {
-                ok = sends_preface(&s, limit) => ok,
-                _ = &mut evicted => false,
+            let _ = s.set_nodelay(true);
+            let ready = tokio::select! {
+                r = handshake(s, tls.as_ref(), limit) => r,
+                _ = &mut evicted => None,
             };
             pending.leave(ip, id);
-            if !ok {
-                tracing::debug!(%peer, "no HTTP/2 preface in time; closed");
+            let Some((s, caller)) = ready else {
+                tracing::debug!(%peer, "no TLS handshake or HTTP/2 preface in time; closed");
                 return;
-            }
+            };
             let Some(slot) = PeerSlot::take(&served, ip, max_per_peer) else {
                 tracing::warn!(%peer, max_per_peer, "too many connections from this address; closed");
                 return;
             };
-            let _ = s.set_nodelay(true);
-            let _ = tx.send(Conn::new(s, Some(slot), &cut)).await;
+            let _ = tx.send(Conn::new(s, caller, Some(slot), &cut)).await;
         });
     }
 }
@@ -381,7 +511,7 @@ async fn accept_local(
             };
             pending.leave((), id);
             if ok {
-                let _ = tx.send(Conn::new(s, None, &cut)).await;
+                let _ = tx.send(Conn::new(s, Caller::Local, None, &cut)).await;
             } else {
                 tracing::debug!("local socket: no HTTP/2 preface in time; closed");
             }
@@ -406,7 +536,9 @@ impl Config {
             .listen
             .iter()
             .find_map(|l| match l {
-                Listen::Tcp(a) if !a.ip().is_unspecified() => Some(format!("http://{a}")),
+                Listen::Tcp(a) if !a.ip().is_unspecified() => {
+                    Some(format!("{}://{a}", if self.insecure { "http" } else { "https" }))
+                }
                 _ => None,
             })
             .unwrap_or_else(|| format!("unix:{}", self.local_socket().display())))
@@ -428,15 +560,16 @@ fn on_path(name: &str) -> std::path::PathBuf {
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     for l in &cfg.listen {
         if let Listen::Tcp(a) = l {
-            if !a.ip().is_loopback() && !cfg.insecure {
+            if !a.ip().is_loopback() && cfg.insecure {
                 bail!(
-                    "--listen {a}: refusing to serve without TLS on a non-loopback address; \
-                     pass --insecure to allow it (development only)"
+                    "--listen {a}: --insecure serves without TLS, on loopback addresses only; \
+                     leave it out to serve with TLS"
                 );
             }
         }
     }
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("--data-dir {}", cfg.data_dir.display()))?;
+    let tls = if cfg.insecure { None } else { Some(cfg.tls()?) };
     // With etcd, several replicas may share the state: the controllers
     // then run on the elected leader only.
     let mut etcd = None;
@@ -456,17 +589,26 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         other => bail!("--store {other:?}: expected \"embedded\" or etcd://HOST:PORT[,HOST:PORT...][/PREFIX]"),
     };
     let hub = Hub::start(cfg.watch_cache, store.clone()).await.context("starting the watch cache")?;
+    let pki = tls.as_ref().map(|t| t.pki.clone());
     let mut blobs = crate::blobs::BlobStore::open(&cfg.data_dir.join("blobs"), cfg.min_free_bytes)
-        .context("opening the blob store")?;
+        .context("opening the blob store")?
+        .with_pki(pki.clone());
     if etcd.is_some() {
         let id = crate::blobs::replica_id(&cfg.data_dir).context("the replica id in the data dir")?;
         let advertise = cfg.advertise()?;
         tracing::info!(replica = %id, %advertise, "sharing blobs with the other replicas");
-        blobs = blobs.with_peers(crate::blobs::Peers { store: store.clone(), id, advertise });
+        let tls = tls.as_ref().map(|t| t.peer_tls.clone());
+        blobs = blobs.with_peers(crate::blobs::Peers { store: store.clone(), id, advertise, tls });
     }
     // With a shared store, output lives there so that every replica reads it.
     let shared = etcd.is_some().then(|| store.clone());
-    let state = ApiState { store, hub, blobs: blobs.clone() };
+    let state = ApiState { store, hub, blobs: blobs.clone(), pki };
+    if let Some(pki) = &state.pki {
+        pki.load(&state).await.context("reading revocations")?;
+        if etcd.is_some() {
+            pki.check_shared_ca(&state).await?;
+        }
+    }
     let output = OutputService::new(cfg.data_dir.join("output"), state.clone(), cfg.output_limit, shared)?;
     // Everything this function starts stops with `stop` (on shutdown, or
     // when a listener fails) and is joined before it returns: the store is
@@ -490,6 +632,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     health_reporter.set_serving::<OutputServer<OutputService>>().await;
     health_reporter.set_serving::<SyncServer<crate::sync::SyncService>>().await;
     health_reporter.set_serving::<BlobsServer<crate::blobs::BlobStore>>().await;
+    health_reporter.set_serving::<AuthServer<crate::auth::AuthService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(testbus_proto::FILE_DESCRIPTOR_SET)
         .build_v1()?;
@@ -513,7 +656,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         )
         .add_service(OutputServer::new(output).max_decoding_message_size(8 << 20))
         .add_service(SyncServer::new(sync).max_decoding_message_size(4 << 20))
-        .add_service(BlobsServer::new(blobs).max_decoding_message_size(4 << 20));
+        .add_service(BlobsServer::new(blobs).max_decoding_message_size(4 << 20))
+        .add_service(AuthServer::new(crate::auth::AuthService::new(state.clone())));
 
     // Cut when the grace period is over: ends every connection still open.
     let cut = CancellationToken::new();
@@ -531,7 +675,15 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
                 // is set on each accepted socket (a 1 KiB call is ~44 ms
                 // without), by the acceptor that checks the handshake.
                 let (tx, rx) = tokio::sync::mpsc::channel(64);
-                tokio::spawn(accept_http2(lis, tx, cfg.handshake_timeout, cfg.max_connections_per_peer, cut.clone()));
+                let acceptor = tls.as_ref().map(|t| t.acceptor.clone());
+                tokio::spawn(accept_http2(
+                    lis,
+                    tx,
+                    acceptor,
+                    cfg.handshake_timeout,
+                    cfg.max_connections_per_peer,
+                    cut.clone(),
+                ));
                 let incoming = tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, std::io::Error>);
                 servers.spawn(async move { router.serve_with_incoming_shutdown(incoming, signal).await });
             }
@@ -556,11 +708,26 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         // binary, toward this replica's local socket.
         let relay = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("testbus-relay")));
         if let (None, Some(relay)) = (&ccfg.pools, relay) {
+            // Guests' agents join and speak TLS through their relay to the
+            // first TCP listener; without TLS (or a TCP listener) they
+            // reach the local socket.
+            let tcp = cfg.listen.iter().find_map(|l| match l {
+                Listen::Tcp(a) if a.ip().is_unspecified() => {
+                    Some(SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), a.port()))
+                }
+                Listen::Tcp(a) => Some(*a),
+                Listen::Unix(_) => None,
+            });
+            let (upstream, guest_tls) = match (tcp, &tls) {
+                (Some(a), Some(_)) => (format!("tcp:{a}"), true),
+                _ => (format!("unix:{}", cfg.local_socket().display()), false),
+            };
             ccfg.pools = Some(testbus_controllers::pools::PoolsConfig {
                 state_dir: std::path::absolute(cfg.data_dir.join("guests"))
                     .unwrap_or_else(|_| cfg.data_dir.join("guests")),
                 relay,
-                upstream: format!("unix:{}", cfg.local_socket().display()),
+                upstream,
+                tls: guest_tls,
                 vsock_device: on_path("vhost-device-vsock"),
             });
         }
@@ -646,6 +813,10 @@ mod tests {
             advertise: None,
             handshake_timeout: Duration::from_secs(10),
             max_connections_per_peer: 16,
+            tls_cert: None,
+            tls_key: None,
+            client_ca: None,
+            agent_cert_ttl: Duration::from_secs(3600),
         }
     }
 

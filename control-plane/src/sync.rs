@@ -10,6 +10,7 @@
 //! the roles the call names), read from the claim by each caller: fixed by
 //! the claim, never by who arrives first or which processes run.
 use crate::api::ApiState;
+use crate::authz::{Scope, Verb};
 use crate::hub;
 use crate::store::{Compare, Op};
 use crate::sync_index::{SyncIndex, Wakeup};
@@ -80,8 +81,11 @@ impl SyncService {
     }
 
     /// The calling process; it must be running.
-    async fn caller(&self, name: &str) -> Result<Process, Status> {
+    /// The running Process a call speaks for; an agent speaks only for
+    /// those on its host (it knows which of its processes calls, by pid).
+    async fn caller(&self, scope: &Scope, name: &str) -> Result<Process, Status> {
         let p = self.process(name).await?.ok_or_else(|| Status::not_found(format!("Process {name:?} not found")))?;
+        scope.process(Verb::Sync, &p)?;
         if phase::process_terminal(&p.status().phase) {
             return Err(Status::failed_precondition(format!("Process {name:?} has ended")));
         }
@@ -131,9 +135,10 @@ impl SyncService {
 #[tonic::async_trait]
 impl Sync for SyncService {
     async fn barrier(&self, req: Request<BarrierRequest>) -> Result<Response<BarrierResponse>, Status> {
+        let scope = self.st.authorize(&req, Verb::Sync, "sync")?;
         let r = req.into_inner();
         sync_key(&r.name).map_err(|e| Status::invalid_argument(format!("name: {e}")))?;
-        let me = self.caller(&r.process).await?;
+        let me = self.caller(&scope, &r.process).await?;
         let test = self.test_of(&me).await?;
         let participants: Vec<String> = test
             .status()
@@ -175,12 +180,13 @@ impl Sync for SyncService {
     }
 
     async fn send(&self, req: Request<SendRequest>) -> Result<Response<SendResponse>, Status> {
+        let scope = self.st.authorize(&req, Verb::Sync, "sync")?;
         let r = req.into_inner();
         sync_key(&r.key).map_err(|e| Status::invalid_argument(format!("key: {e}")))?;
         if r.value.len() > MAX_VALUE {
             return Err(Status::invalid_argument(format!("value: larger than {MAX_VALUE} bytes")));
         }
-        let me = self.caller(&r.process).await?;
+        let me = self.caller(&scope, &r.process).await?;
         let key = format!("/sync/{}/msg/{}/{}", me.spec().test_uid, r.key, me.spec().role);
         let out = self
             .st
@@ -202,9 +208,10 @@ impl Sync for SyncService {
     }
 
     async fn recv(&self, req: Request<RecvRequest>) -> Result<Response<RecvResponse>, Status> {
+        let scope = self.st.authorize(&req, Verb::Sync, "sync")?;
         let r = req.into_inner();
         sync_key(&r.key).map_err(|e| Status::invalid_argument(format!("key: {e}")))?;
-        let me = self.caller(&r.process).await?;
+        let me = self.caller(&scope, &r.process).await?;
         let uid = me.spec().test_uid.clone();
         let test = self.test_of(&me).await?;
         let expected: Vec<String> = if r.from.is_empty() {

@@ -45,8 +45,12 @@ pub struct PoolsConfig {
     pub state_dir: PathBuf,
     /// The `testbus-relay` binary that carries each guest's link.
     pub relay: PathBuf,
-    /// The control plane's address for the relays (its local socket).
+    /// The control plane's address for the relays: its TLS listener
+    /// (`tcp:IP:PORT`), or without TLS its local socket.
     pub upstream: String,
+    /// Whether guests join with a token (the upstream is a TLS listener)
+    /// rather than speak plain to the local socket.
+    pub tls: bool,
     /// The `vhost-device-vsock` binary that serves vsock guests' device
     /// (found on PATH when the control plane starts).
     pub vsock_device: PathBuf,
@@ -458,6 +462,20 @@ fn network_address(network: &str, i: usize) -> String {
 /// past 10 s now and then, and it would be lost though it works.
 const EMULATED_LEASE: &str = "30s";
 
+/// A join token for guest `name` only, short-lived: the guest's agent gets
+/// its certificate with it, as any agent does (nothing is baked into the
+/// image, and a token read by code in the guest joins no other host).
+async fn guest_token(ctx: &Context, cfg: &PoolsConfig, name: &str) -> Result<Option<String>, String> {
+    if !cfg.tls {
+        return Ok(None);
+    }
+    let req = testbus_proto::CreateTokenRequest { ttl: "15m".into(), pool: String::new(), host_name: name.into() };
+    match ctx.client.auth().create_token(req).await {
+        Ok(r) => Ok(Some(r.into_inner().token)),
+        Err(s) => Err(format!("cannot make a join token for it: {}", s.message())),
+    }
+}
+
 fn guest_spec(pool: &HostPool, cfg: &PoolsConfig, name: &str, address: Option<String>, emulated: bool) -> GuestSpec {
     let sp = pool.spec();
     let mut args = vec!["--label".to_string(), format!("{POOL_LABEL}={}", pool.name())];
@@ -486,6 +504,7 @@ fn guest_spec(pool: &HostPool, cfg: &PoolsConfig, name: &str, address: Option<St
         } else {
             GuestLink::Serial
         },
+        token: None,
     }
 }
 
@@ -560,7 +579,9 @@ fn start_create(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &Po
                 blocking(move || l.ensure_network(&n)).await.map_err(|e| e.to_string())?;
             }
             let vsock = matches!(spec.link, GuestLink::Vsock { .. });
+            let mut spec = spec;
             if vsock {
+                spec.token = guest_token(&ctx, &cfg, &spec.name).await?;
                 let device = start_device(&cfg, &spec.state_dir).await?;
                 if let Some(g) = ctx.guests.runs.lock().get_mut(&spec.name) {
                     g.device = Some(device);
@@ -642,7 +663,8 @@ async fn link(ctx: &Context, lv: &Arc<Libvirt>, cfg: &PoolsConfig, name: &str, g
                 return Err(format!("cannot set {} raw", pty.display()));
             }
             if go {
-                let line = testbus_pool_libvirt::go_line(SystemTime::now());
+                let token = guest_token(ctx, cfg, name).await?;
+                let line = testbus_pool_libvirt::go_line(SystemTime::now(), token.as_deref());
                 tokio::fs::write(&pty, line).await.map_err(|e| format!("giving the go on {}: {e}", pty.display()))?;
             }
             (format!("serial:{}", pty.display()), "serial")

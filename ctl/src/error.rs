@@ -1,13 +1,15 @@
 //! Exit codes of the command-line contract:
 //! 0 succeeded; 1 the test or command failed (`run`/`exec`: the remote exit
 //! code); 2 invalid input or usage; 3 cancelled, error or timed out; 4 the
-//! server could not be reached or does not speak testbus.
+//! server could not be reached or does not speak testbus; 5 permission
+//! denied (no credentials, or not these).
 use tonic::{Code, Status};
 
 pub const FAILED: i32 = 1;
 pub const USAGE: i32 = 2;
 pub const INCOMPLETE: i32 = 3;
 pub const UNREACHABLE: i32 = 4;
+pub const PERMISSION: i32 = 5;
 
 /// How an answer from something that is not a testbus server starts; the
 /// address is put in front of it where it is known.
@@ -77,6 +79,7 @@ impl From<Status> for CliError {
             | Code::FailedPrecondition
             | Code::OutOfRange => USAGE,
             Code::DeadlineExceeded | Code::Cancelled => INCOMPLETE,
+            Code::PermissionDenied | Code::Unauthenticated => PERMISSION,
             _ => FAILED,
         };
         let message = if code == UNREACHABLE && not_grpc(&s) {
@@ -148,5 +151,7 @@ mod tests {
         }
         assert_eq!(CliError::from(Status::internal("store: disk full")).code, FAILED);
         assert_eq!(CliError::from(Status::invalid_argument("spec.x: connection")).code, USAGE);
+        assert_eq!(CliError::from(Status::permission_denied("viewer \"a\" may not delete Test")).code, PERMISSION);
+        assert_eq!(CliError::from(Status::unauthenticated("no certificate")).code, PERMISSION);
     }
 }

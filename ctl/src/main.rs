@@ -33,6 +33,7 @@ fn stdout_failed(e: std::io::Error) -> ! {
     std::process::exit(error::FAILED);
 }
 
+mod config;
 mod error;
 mod events;
 mod format;
@@ -60,12 +61,14 @@ use testbus_proto::{duration, manifest, Host, Kind, Object, Resource};
     name = "testbusctl",
     version,
     about = "Run and inspect multi-host tests on testbus",
-    after_help = "Examples:\n  testbusctl apply -f nfs.yaml --wait\n  testbusctl get tests -w\n  testbusctl run --capability kvm --count 2 -- uname -r\n  testbusctl logs test/nfs-basic --role client -f\n\nExit codes: 0 succeeded; 1 the test or command failed (run/exec: the remote exit code); 2 invalid input or usage; 3 cancelled, error or timed out; 4 the server could not be reached or does not speak testbus."
+    after_help = "Examples:\n  testbusctl apply -f nfs.yaml --wait\n  testbusctl get tests -w\n  testbusctl run --capability kvm --count 2 -- uname -r\n  testbusctl logs test/nfs-basic --role client -f\n\nExit codes: 0 succeeded; 1 the test or command failed (run/exec: the remote exit code); 2 invalid input or usage; 3 cancelled, error or timed out; 4 the server could not be reached or does not speak testbus; 5 permission denied.\n\nCredentials: $TESTBUS_CONFIG, default ~/.config/testbus/config.yaml (made by `testbus-control-plane user create`)."
 )]
 struct Cli {
-    /// Control-plane address: http(s)://host:port, a comma-separated list, or unix:/path.
-    #[arg(long, global = true, env = "TESTBUS_SERVER", default_value = testbus_proto::client::DEFAULT_SERVER)]
-    server: String,
+    /// Control-plane address: https://host:port, a comma-separated list, or
+    /// unix:/path [default: the config file's, else the local control
+    /// plane's socket, else https://127.0.0.1:7780]
+    #[arg(long, global = true, env = "TESTBUS_SERVER")]
+    server: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -481,8 +484,8 @@ fn display_name(o: &Object) -> String {
     }
 }
 
-async fn connect(server: &str) -> CliResult<Client> {
-    Ok(Client::connect(server).await?)
+async fn connect(server: &Option<String>) -> CliResult<Client> {
+    config::connect(server.as_deref()).await
 }
 
 async fn apply(
@@ -1075,7 +1078,7 @@ async fn dispatch(cli: Cli) -> CliResult {
 
 fn main() {
     let cli = Cli::parse();
-    let server = cli.server.clone();
+    let server = config::server(cli.server.as_deref());
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -37,6 +37,7 @@ pub fn transport(told: Option<&str>, server: &str) -> String {
     }
     server
         .strip_prefix("unix:")
+        .or_else(|| server.strip_prefix("unix+tls:"))
         .and_then(|path| std::fs::read_to_string(format!("{path}.transport")).ok())
         .map(|t| t.trim().to_string())
         .filter(|t| !t.is_empty() && t.len() <= 16 && t.chars().all(|c| c.is_ascii_alphanumeric()))

@@ -19,6 +19,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod cache;
 mod config;
 mod containment;
+mod credentials;
 mod facts;
 mod journal;
 mod local;
@@ -42,7 +43,9 @@ use tonic::Code;
 #[derive(Parser, Debug)]
 #[command(name = "testbus-agent", version, about = "The testbus node agent")]
 struct Args {
-    /// Control-plane address: http://host:port, a comma-separated list, or unix:/path.
+    /// Control-plane address: https://host:port, a comma-separated list,
+    /// unix:/path (plain: the control plane's own socket) or unix+tls:/path
+    /// (a relay's socket that leads to the control plane's TLS listener).
     #[arg(long, env = "TESTBUS_SERVER", default_value = testbus_proto::client::DEFAULT_SERVER)]
     server: String,
     /// This host's name (a DNS label).
@@ -71,6 +74,14 @@ struct Args {
     /// --name is refused, and the first keeps the host.
     #[arg(long)]
     take_over: bool,
+    /// A join token (`testbus-control-plane token create`): the first
+    /// start gets a certificate for --name with it, kept in the data dir
+    /// and renewed; later starts need no token.
+    #[arg(long, env = "TESTBUS_JOIN_TOKEN", conflicts_with = "join_token_file")]
+    join_token: Option<String>,
+    /// A file holding the join token.
+    #[arg(long)]
+    join_token_file: Option<PathBuf>,
     /// How long a lease lasts; the agent renews it every third of that.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     lease_duration: Duration,
@@ -551,7 +562,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let containment = choose_containment(args.containment, &args.name, &data_dir)?;
     let predecessor_ran = containment::end_predecessors(&journal, containment.cgroups()).await;
-    let client = Client::lazy(&args.server).map_err(|e| anyhow::anyhow!("--server: {e}"))?;
+    let token = match &args.join_token_file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("--join-token-file {}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => args.join_token.clone(),
+    };
+    let creds = credentials::Credentials::obtain(&args.server, &args.name, token.as_deref(), &data_dir).await?;
+    let client = Client::lazy_with(&args.server, creds.as_ref().map(|c| c.tls.clone()))
+        .map_err(|e| anyhow::anyhow!("--server: {e}"))?;
+    let renewing = tokio_util::sync::CancellationToken::new();
+    if let Some(creds) = creds {
+        tokio::spawn(creds.keep_renewed(client.clone(), renewing.clone()));
+    }
+    let _stop_renewing = renewing.drop_guard();
     mine.status_mut().agent_id = agent_id(&data_dir)?;
     let mut lease = tokio::spawn(keep_lease(client.clone(), mine, args.lease_duration / 3, args.take_over));
 

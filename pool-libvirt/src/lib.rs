@@ -53,14 +53,16 @@ pub const CLEAN_SNAPSHOT: &str = "testbus-clean";
 pub const WAITING_MARK: &str = "testbus-guest: waiting for go";
 
 /// The go a guest waits for: one line with the host's clock (seconds since
-/// the epoch), which the guest sets its own to, and 32 random bytes it
-/// mixes into its entropy pool (every guest brought back to the same
-/// snapshot would otherwise go on from the same random state). The line
-/// break before it ends whatever an earlier link left on the line.
-pub fn go_line(now: std::time::SystemTime) -> String {
+/// the epoch), which the guest sets its own to, 32 random bytes it mixes
+/// into its entropy pool (every guest brought back to the same snapshot
+/// would otherwise go on from the same random state), and the join token
+/// its agent gets its certificate with ("-": none, the control plane
+/// serves without TLS). The line break before it ends whatever an earlier
+/// link left on the line.
+pub fn go_line(now: std::time::SystemTime, token: Option<&str>) -> String {
     let secs = now.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let seed: String = rand::random::<[u8; 32]>().iter().map(|b| format!("{b:02x}")).collect();
-    format!("\ngo {secs} {seed}\n")
+    format!("\ngo {secs} {seed} {}\n", token.unwrap_or("-"))
 }
 
 /// What the console of a vsock guest says once it links (it has no go to
@@ -102,6 +104,9 @@ pub struct GuestSpec {
     /// The pool network and the guest's address on it (ADDR/PREFIX).
     pub network: Option<(String, String)>,
     pub link: GuestLink,
+    /// A vsock guest's join token (on its kernel command line: it gets no
+    /// go line). Serial guests get theirs with the go.
+    pub token: Option<String>,
 }
 
 /// A connection to one libvirt daemon.
@@ -395,6 +400,9 @@ fn domain_xml(g: &GuestSpec, domain_type: &str) -> String {
         ("", "", "<serial type='pty'><target port='1'/></serial>".to_string(), String::new());
     if let GuestLink::Vsock { vhost_socket } = &g.link {
         cmdline.push_str(&format!(" testbus.link=vsock:2:{VSOCK_PORT}"));
+        if let Some(t) = &g.token {
+            cmdline.push_str(&format!(" testbus.token={t}"));
+        }
         qemu_ns = " xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'";
         memory_backing = "<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>";
         link_serial.clear();
@@ -469,6 +477,7 @@ mod tests {
             agent_args: vec!["--capability".into(), "vm".into()],
             network: Some(("vmnet".into(), "10.251.0.11/24".into())),
             link: GuestLink::Serial,
+            token: Some("tbjoin.t".into()),
         };
         let xml = domain_xml(&g, "qemu");
         assert!(xml.starts_with("<domain type='qemu'>"));
@@ -493,6 +502,6 @@ mod tests {
         assert!(xml.contains("<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>"));
         assert!(xml.contains("<qemu:arg value='socket,id=testbus-vsock,path=/state/a,,b/vhost.sock'/>"));
         assert!(xml.contains("<qemu:arg value='vhost-user-vsock-pci,chardev=testbus-vsock,bus=pci.0,addr=0x1f'/>"));
-        assert!(xml.contains(" testbus.link=vsock:2:7780</cmdline>") || xml.contains(" testbus.link=vsock:2:7780 "));
+        assert!(xml.contains(" testbus.link=vsock:2:7780 testbus.token=tbjoin.t"), "{xml}");
     }
 }

@@ -1,9 +1,11 @@
 //! The typed client every other crate uses.
 //!
 //! [`Client::connect`] takes the server address of the command-line contract:
-//! `http(s)://host:port`, a comma-separated list of them, or `unix:/path`.
+//! `http(s)://host:port`, a comma-separated list of them, `unix:/path`, or
+//! `unix+tls:/path` (TLS through a socket, a relay's).
 //! [`Api<K>`] gives the same verbs for every kind; [`watcher`] turns
 //! list + watch into one stream that survives disconnects and compaction.
+use crate::auth_client::AuthClient;
 use crate::host_pools_client::HostPoolsClient;
 use crate::hosts_client::HostsClient;
 use crate::output_client::OutputClient;
@@ -18,7 +20,7 @@ use std::time::Duration;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Code, Status};
 
-pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7780";
+pub const DEFAULT_SERVER: &str = "https://127.0.0.1:7780";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -37,16 +39,19 @@ pub struct Client {
 enum Target {
     /// One replica, or several that the connection fails over between.
     Http(Vec<Endpoint>),
-    Unix(String),
+    /// A socket path, and whether TLS is spoken over it.
+    Unix(String, bool),
 }
 
 fn parse_server(server: &str) -> Result<Target, ConnectError> {
     let bad = |m: &str| ConnectError::InvalidAddress(server.to_string(), m.to_string());
-    if let Some(path) = server.strip_prefix("unix:") {
-        if path.is_empty() {
-            return Err(bad("unix: needs a socket path"));
+    for (scheme, tls) in [("unix:", false), ("unix+tls:", true)] {
+        if let Some(path) = server.strip_prefix(scheme) {
+            if path.is_empty() {
+                return Err(bad(&format!("{scheme} needs a socket path")));
+            }
+            return Ok(Target::Unix(path.to_string(), tls));
         }
-        return Ok(Target::Unix(path.to_string()));
     }
     let mut eps = Vec::new();
     for s in server.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -77,55 +82,119 @@ fn keepalive(ep: Endpoint) -> Endpoint {
         .keep_alive_while_idle(true)
 }
 
-/// Connects to the first replica of a list that answers, starting with the
-/// one that answered last. The channel calls it again whenever its
-/// connection breaks, so a client follows the replicas that are alive:
-/// in-flight calls on a dead connection fail with `Unavailable` and the
-/// next call goes to another replica.
+/// TLS settings of a client: the configuration new connections use. It
+/// can be replaced (an agent renews its certificate) without a new
+/// channel: connections made after that use the new one, those already
+/// made keep the identity they were made with.
 #[derive(Clone)]
-struct ReplicaConnector {
-    addrs: std::sync::Arc<Vec<(String, u16)>>,
+pub struct Tls(std::sync::Arc<parking_lot::RwLock<std::sync::Arc<rustls::ClientConfig>>>);
+
+impl Tls {
+    pub fn new(config: rustls::ClientConfig) -> Tls {
+        Tls(std::sync::Arc::new(parking_lot::RwLock::new(std::sync::Arc::new(config))))
+    }
+
+    pub fn replace(&self, config: rustls::ClientConfig) {
+        *self.0.write() = std::sync::Arc::new(config);
+    }
+
+    fn connector(&self) -> tokio_rustls::TlsConnector {
+        tokio_rustls::TlsConnector::from(self.0.read().clone())
+    }
+}
+
+/// A connection of any kind (TCP or unix, with or without TLS).
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+#[derive(Debug, Clone)]
+enum Addr {
+    /// `https` says whether to speak TLS (and the host is what the
+    /// server's certificate is checked against).
+    Tcp { host: String, port: u16, https: bool },
+    /// `unix+tls:` speaks TLS (checked against
+    /// [`testbus_pki::SERVER_NAME`]): a relay's socket whose other end is
+    /// the control plane's TLS listener. `unix:` is plain: the control
+    /// plane's own socket.
+    Unix { path: String, tls: bool },
+}
+
+impl std::fmt::Display for Addr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Addr::Tcp { host, port, .. } => write!(f, "{host}:{port}"),
+            Addr::Unix { path, tls: false } => write!(f, "unix:{path}"),
+            Addr::Unix { path, tls: true } => write!(f, "unix+tls:{path}"),
+        }
+    }
+}
+
+/// Connects to the first address of a list that answers, starting with
+/// the one that answered last, and speaks TLS on it where it should. The
+/// channel calls it again whenever its connection breaks, so a client
+/// follows the replicas that are alive: in-flight calls on a dead
+/// connection fail with `Unavailable` and the next call goes to another
+/// replica.
+#[derive(Clone)]
+struct Connector {
+    addrs: std::sync::Arc<Vec<Addr>>,
+    tls: Option<Tls>,
     last_good: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
-impl ReplicaConnector {
-    fn new(eps: &[Endpoint]) -> Self {
-        let addrs = eps
-            .iter()
-            .map(|e| {
-                let u = e.uri();
-                let host = u.host().unwrap_or_default().trim_matches(|c| c == '[' || c == ']').to_string();
-                let port = u.port_u16().unwrap_or(if u.scheme_str() == Some("https") { 443 } else { 80 });
-                (host, port)
-            })
-            .collect();
-        ReplicaConnector { addrs: std::sync::Arc::new(addrs), last_good: Default::default() }
+impl Connector {
+    async fn connect_one(addr: &Addr, tls: Option<&Tls>) -> std::io::Result<Box<dyn Io>> {
+        let other = |e: String| std::io::Error::other(e);
+        match addr {
+            Addr::Tcp { host, port, https } => {
+                let s = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+                let _ = s.set_nodelay(true);
+                if !*https {
+                    return Ok(Box::new(s));
+                }
+                let tls = tls.ok_or_else(|| other("https needs TLS settings (a CA to check the server by)".into()))?;
+                let name =
+                    rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| other(format!("{host}: {e}")))?;
+                Ok(Box::new(tls.connector().connect(name, s).await?))
+            }
+            Addr::Unix { path, tls: secure } => {
+                let s = tokio::net::UnixStream::connect(path).await?;
+                if !*secure {
+                    return Ok(Box::new(s));
+                }
+                let tls =
+                    tls.ok_or_else(|| other("unix+tls needs TLS settings (a CA to check the server by)".into()))?;
+                let name = rustls::pki_types::ServerName::try_from(testbus_pki::SERVER_NAME)
+                    .map_err(|e| other(e.to_string()))?;
+                Ok(Box::new(tls.connector().connect(name, s).await?))
+            }
+        }
     }
 
-    async fn connect(self) -> std::io::Result<TokioIo<tokio::net::TcpStream>> {
+    async fn connect(self) -> std::io::Result<TokioIo<Box<dyn Io>>> {
         use std::sync::atomic::Ordering;
         let n = self.addrs.len();
         let start = self.last_good.load(Ordering::Relaxed);
         let mut errors = Vec::new();
         for i in 0..n {
             let ix = (start + i) % n;
-            let (host, port) = &self.addrs[ix];
-            match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect((host.as_str(), *port))).await {
+            let addr = &self.addrs[ix];
+            match tokio::time::timeout(CONNECT_TIMEOUT, Self::connect_one(addr, self.tls.as_ref())).await {
                 Ok(Ok(s)) => {
-                    let _ = s.set_nodelay(true);
                     self.last_good.store(ix, Ordering::Relaxed);
                     return Ok(TokioIo::new(s));
                 }
-                Ok(Err(e)) => errors.push(format!("{host}:{port}: {e}")),
-                Err(_) => errors.push(format!("{host}:{port}: timed out")),
+                Ok(Err(e)) if n == 1 => return Err(e),
+                Ok(Err(e)) => errors.push(format!("{addr}: {e}")),
+                Err(_) => errors.push(format!("{addr}: timed out")),
             }
         }
         Err(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, errors.join("; ")))
     }
 }
 
-impl tower::Service<Uri> for ReplicaConnector {
-    type Response = TokioIo<tokio::net::TcpStream>;
+impl tower::Service<Uri> for Connector {
+    type Response = TokioIo<Box<dyn Io>>;
     type Error = std::io::Error;
     type Future = std::pin::Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
 
@@ -138,30 +207,42 @@ impl tower::Service<Uri> for ReplicaConnector {
     }
 }
 
-fn unix_endpoint() -> Endpoint {
-    // The URI is ignored by the connector; it only has to parse.
-    keepalive(Endpoint::from_static("http://localhost"))
-}
-
-fn unix_connector(
-    path: String,
-) -> impl tower::Service<
-    Uri,
-    Response = TokioIo<tokio::net::UnixStream>,
-    Error = std::io::Error,
-    Future = impl Future<Output = std::io::Result<TokioIo<tokio::net::UnixStream>>> + Send,
-> + Clone
-       + Send
-       + 'static {
-    tower::service_fn(move |_: Uri| {
-        let path = path.clone();
-        async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
-    })
+impl Target {
+    /// The endpoint (its URI only names the first address; the connector
+    /// picks the real one) and the connector.
+    fn into_parts(self, tls: Option<Tls>) -> (Endpoint, Connector) {
+        let (ep, addrs) = match self {
+            Target::Unix(path, tls) => {
+                // The URI is ignored by the connector; it only has to parse.
+                (keepalive(Endpoint::from_static("http://localhost")), vec![Addr::Unix { path, tls }])
+            }
+            Target::Http(eps) => {
+                let addrs = eps
+                    .iter()
+                    .map(|e| {
+                        let u = e.uri();
+                        let https = u.scheme_str() == Some("https");
+                        let host = u.host().unwrap_or_default().trim_matches(|c| c == '[' || c == ']').to_string();
+                        let port = u.port_u16().unwrap_or(if https { 443 } else { 80 });
+                        Addr::Tcp { host, port, https }
+                    })
+                    .collect();
+                (eps[0].clone(), addrs)
+            }
+        };
+        (ep, Connector { addrs: std::sync::Arc::new(addrs), tls, last_good: Default::default() })
+    }
 }
 
 impl Client {
     /// Connects now; fails if the server cannot be reached.
     pub async fn connect(server: &str) -> Result<Client, ConnectError> {
+        Self::connect_with(server, None).await
+    }
+
+    /// Connects now with TLS settings (used for `https://` addresses and
+    /// unix sockets).
+    pub async fn connect_with(server: &str, tls: Option<Tls>) -> Result<Client, ConnectError> {
         let unreachable = |e: tonic::transport::Error| {
             let mut msg = e.to_string();
             let mut src = std::error::Error::source(&e);
@@ -174,27 +255,20 @@ impl Client {
             }
             ConnectError::Unreachable(server.to_string(), msg)
         };
-        let channel = match parse_server(server)? {
-            Target::Unix(path) => {
-                unix_endpoint().connect_with_connector(unix_connector(path)).await.map_err(unreachable)?
-            }
-            Target::Http(eps) if eps.len() == 1 => eps[0].connect().await.map_err(unreachable)?,
-            Target::Http(eps) => {
-                eps[0].clone().connect_with_connector(ReplicaConnector::new(&eps)).await.map_err(unreachable)?
-            }
-        };
+        let (ep, connector) = parse_server(server)?.into_parts(tls);
+        let channel = ep.connect_with_connector(connector).await.map_err(unreachable)?;
         Ok(Client { channel, server: server.to_string() })
     }
 
     /// Connects on first use and reconnects by itself: for daemons that must
     /// start while the server is down.
     pub fn lazy(server: &str) -> Result<Client, ConnectError> {
-        let channel = match parse_server(server)? {
-            Target::Unix(path) => unix_endpoint().connect_with_connector_lazy(unix_connector(path)),
-            Target::Http(eps) if eps.len() == 1 => eps[0].connect_lazy(),
-            Target::Http(eps) => eps[0].clone().connect_with_connector_lazy(ReplicaConnector::new(&eps)),
-        };
-        Ok(Client { channel, server: server.to_string() })
+        Self::lazy_with(server, None)
+    }
+
+    pub fn lazy_with(server: &str, tls: Option<Tls>) -> Result<Client, ConnectError> {
+        let (ep, connector) = parse_server(server)?.into_parts(tls);
+        Ok(Client { channel: ep.connect_with_connector_lazy(connector), server: server.to_string() })
     }
 
     pub fn server(&self) -> &str {
@@ -215,6 +289,10 @@ impl Client {
 
     pub fn output(&self) -> OutputClient<Channel> {
         OutputClient::new(self.channel.clone()).max_decoding_message_size(16 << 20)
+    }
+
+    pub fn auth(&self) -> AuthClient<Channel> {
+        AuthClient::new(self.channel.clone())
     }
 
     pub fn channel(&self) -> Channel {

@@ -69,12 +69,33 @@ pub struct CtlOutput {
     pub stderr: String,
 }
 
+/// TESTBUS_CONFIG for a config file: empty (none) where there is none (a
+/// cluster without TLS has no users).
+fn config_env(config: &Path) -> &std::ffi::OsStr {
+    if config.exists() {
+        config.as_os_str()
+    } else {
+        std::ffi::OsStr::new("")
+    }
+}
+
+/// Where a cluster's processes run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Net {
+    /// Network namespaces as root, else loopback; TLS.
+    Auto,
+    /// Loopback, with or without TLS.
+    Loopback { tls: bool },
+}
+
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     bin: PathBuf,
     netns: Option<String>,
-    /// Address agents reach the control plane at.
+    /// Address agents reach the control plane at (its TLS listener).
     pub agent_server: String,
+    /// The token agents join with (made once the control plane is up).
+    pub join_token: String,
     listen: String,
     /// Address the CLI and the test use (the control plane's unix socket).
     pub server: String,
@@ -108,18 +129,25 @@ impl Cluster {
 
     /// With extra agent and control-plane flags.
     pub async fn start_full(n: usize, agent_args: &[&str], cp_args: &[&str]) -> Cluster {
-        Self::start_disk(n, agent_args, cp_args, None, 0).await
+        Self::start_disk(n, agent_args, cp_args, None, 0, Net::Auto).await
+    }
+
+    /// Every process on loopback, whoever runs it, with TLS or without
+    /// (`--insecure`, which serves loopback only): for benchmarks that
+    /// compare the two on the same footing.
+    pub async fn start_loopback(n: usize, tls: bool) -> Cluster {
+        Self::start_disk(n, &[], &[], None, 0, Net::Loopback { tls }).await
     }
 
     /// The control plane's data dir on a tmpfs of `mb` MiB (root only).
     pub async fn start_small_disk(n: usize, cp_args: &[&str], mb: u32) -> Cluster {
-        Self::start_disk(n, &[], cp_args, Some(mb), 0).await
+        Self::start_disk(n, &[], cp_args, Some(mb), 0, Net::Auto).await
     }
 
     /// The control plane on an etcd of `members` members, run where the
     /// control plane runs.
     pub async fn start_on_etcd(n: usize, members: usize) -> Cluster {
-        Self::start_disk(n, &[], &[], None, members).await
+        Self::start_disk(n, &[], &[], None, members, Net::Auto).await
     }
 
     async fn start_disk(
@@ -128,23 +156,26 @@ impl Cluster {
         cp_args: &[&str],
         tmpfs_mb: Option<u32>,
         etcd_members: usize,
+        net: Net,
     ) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let hosts: Vec<String> = (0..n).map(|i| format!("host-{i}")).collect();
-        let (netns, listen, agent_server) = if is_root() {
+        let insecure = net == Net::Loopback { tls: false };
+        let (netns, listen, agent_server) = if is_root() && net == Net::Auto {
             let id = format!("tbt{}n{}", std::process::id() % 100_000, NEXT.fetch_add(1, Ordering::SeqCst));
             let mut args = vec!["up".to_string(), id.clone(), "cp".into()];
             args.extend(hosts.iter().cloned());
             let st = Command::new(repo_root().join("hack/netns")).args(&args).stdout(Stdio::null()).status();
             assert!(st.is_ok_and(|s| s.success()), "hack/netns up failed");
-            (Some(id), "10.77.0.1:7780".to_string(), "http://10.77.0.1:7780".to_string())
+            (Some(id), "10.77.0.1:7780".to_string(), "https://10.77.0.1:7780".to_string())
         } else {
             assert!(
-                std::env::var("CI").is_err(),
+                std::env::var("CI").is_err() || net != Net::Auto,
                 "end-to-end tests run as root in CI (network namespaces); refusing to fall back"
             );
             let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            (None, format!("127.0.0.1:{port}"), format!("http://127.0.0.1:{port}"))
+            let scheme = if insecure { "http" } else { "https" };
+            (None, format!("127.0.0.1:{port}"), format!("{scheme}://127.0.0.1:{port}"))
         };
         let server = format!("unix:{}", dir.path().join("cp/api.sock").display());
         let mut c = Cluster {
@@ -152,6 +183,7 @@ impl Cluster {
             bin: bin_dir(),
             netns,
             agent_server,
+            join_token: String::new(),
             listen,
             server,
             cp: None,
@@ -159,7 +191,7 @@ impl Cluster {
             hosts,
             agent_args: agent_args.iter().map(|s| s.to_string()).collect(),
             extra: Vec::new(),
-            cp_args: cp_args.iter().map(|s| s.to_string()).collect(),
+            cp_args: cp_args.iter().map(|s| s.to_string()).chain(insecure.then(|| "--insecure".to_string())).collect(),
             tmpfs: None,
             etcd: None,
             ctl_node: None,
@@ -182,6 +214,10 @@ impl Cluster {
             c.tmpfs = Some(dir);
         }
         c.start_control_plane().await;
+        if !insecure {
+            c.join_token = c.create_token("1h").await;
+            c.write_user_config("admin", "admin");
+        }
         for i in 0..n {
             c.start_agent(i);
         }
@@ -218,9 +254,6 @@ impl Cluster {
             .args(&self.cp_args)
             .stdout(self.log("control-plane"))
             .stderr(self.log("control-plane"));
-        if self.netns.is_some() {
-            cmd.arg("--insecure");
-        }
         self.cp = Some(cmd.spawn().expect("start control plane"));
         // Ready when the API answers on its socket.
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -237,6 +270,38 @@ impl Cluster {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// A join token for agents, made through the control plane's socket.
+    pub async fn create_token(&self, ttl: &str) -> String {
+        let r = self
+            .client()
+            .await
+            .auth()
+            .create_token(testbus_proto::CreateTokenRequest {
+                ttl: ttl.into(),
+                pool: String::new(),
+                host_name: String::new(),
+            })
+            .await
+            .expect("create a join token");
+        r.into_inner().token
+    }
+
+    /// The testbusctl config of a user `name` in `role` (admin or viewer),
+    /// made by `testbus-control-plane user create` into the cluster's dir;
+    /// returns its path. "admin" is what [`Cluster::ctl`] runs with.
+    pub fn write_user_config(&self, name: &str, role: &str) -> PathBuf {
+        let path = self.dir.path().join(format!("{name}.yaml"));
+        let out = Command::new(self.bin.join("testbus-control-plane"))
+            .args(["user", "create", name, "--role", role, "--server", &self.agent_server, "--out"])
+            .arg(&path)
+            .arg("--data-dir")
+            .arg(self.dir.path().join("cp"))
+            .output()
+            .expect("run testbus-control-plane user create");
+        assert!(out.status.success(), "user create: {}", String::from_utf8_lossy(&out.stderr));
+        path
     }
 
     /// SIGTERM, as a service manager stops it; waits up to `within` for it
@@ -277,7 +342,10 @@ impl Cluster {
         } else {
             vec!["--lease-duration", "2s"]
         };
+        // Without a token, the agent uses the certificate in its data dir.
+        let token = if self.join_token.is_empty() { vec![] } else { vec!["--join-token", &self.join_token] };
         cmd.args(["--server", &self.agent_server, "--name", &name])
+            .args(token)
             .args(lease)
             .arg("--data-dir")
             .arg(self.dir.path().join(&name))
@@ -288,6 +356,27 @@ impl Cluster {
             .stdout(self.log(&name))
             .stderr(self.log(&name));
         self.agents[i] = Some(cmd.spawn().expect("start agent"));
+    }
+
+    /// Runs `f` on a thread of its own inside `node`'s network namespace
+    /// (here without namespaces), on a runtime of its own: the sockets it
+    /// makes reach what that node reaches.
+    pub fn in_node<T: Send + 'static, F: std::future::Future<Output = T> + 'static>(
+        &self,
+        node: &str,
+        f: impl FnOnce() -> F + Send + 'static,
+    ) -> T {
+        let ns = self.netns.as_ref().map(|id| format!("/run/netns/{id}-{node}"));
+        std::thread::spawn(move || {
+            if let Some(ns) = ns {
+                let fd = std::fs::File::open(&ns).expect("open the namespace");
+                nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).expect("enter the namespace");
+            }
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(f())
+        })
+        .join()
+        .expect("the thread in the namespace")
     }
 
     /// A namespace `node` with loopback only (no route anywhere): an
@@ -390,11 +479,18 @@ impl Cluster {
     }
 
     pub fn ctl_stdin(&self, args: &[&str], stdin: Option<&str>) -> CtlOutput {
+        self.ctl_with(&self.dir.path().join("admin.yaml"), args, stdin)
+    }
+
+    /// testbusctl with the config file `config` (TESTBUS_CONFIG), toward
+    /// the control plane's socket unless `args` name a --server.
+    pub fn ctl_with(&self, config: &Path, args: &[&str], stdin: Option<&str>) -> CtlOutput {
         use std::io::Write;
         let mut child = self
             .ctl_command()
             .args(args)
             .env("TESTBUS_SERVER", &self.server)
+            .env("TESTBUS_CONFIG", config_env(config))
             .current_dir(repo_root())
             .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
@@ -417,6 +513,7 @@ impl Cluster {
         self.ctl_command()
             .args(args)
             .env("TESTBUS_SERVER", &self.server)
+            .env("TESTBUS_CONFIG", config_env(&self.dir.path().join("admin.yaml")))
             .current_dir(repo_root())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

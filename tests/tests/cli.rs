@@ -180,7 +180,8 @@ async fn a_duplicate_agent_name_is_refused_or_taken_over_explicitly() {
         std::fs::create_dir_all(dir.join("etc")).unwrap();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("agent.log")).unwrap();
         let mut cmd = c.command_in("host-0", &bin_dir().join("testbus-agent"));
-        cmd.args(["--server", &c.agent_server, "--name", "host-0", "--lease-duration", "2s", "--data-dir"])
+        cmd.args(["--server", &c.agent_server, "--name", "host-0", "--lease-duration", "2s"])
+            .args(["--join-token", &c.join_token, "--data-dir"])
             .arg(&dir)
             .arg("--config-dir")
             .arg(dir.join("etc"))

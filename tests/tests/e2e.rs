@@ -513,21 +513,25 @@ spec:
 async fn an_agent_reaches_the_control_plane_through_a_relay() {
     let mut c = Cluster::start(1).await;
     // In host-0's namespace: a relay from a unix socket to the control
-    // plane, and a second agent that knows only that socket.
+    // plane's TLS listener, and a second agent that knows only that socket
+    // and joins through it: TLS is end to end, the relay holds no key.
     let sock = c.dir.path().join("relay.sock");
-    let upstream = format!("tcp:{}", c.agent_server.trim_start_matches("http://"));
+    let upstream = format!("tcp:{}", c.agent_server.trim_start_matches("https://"));
     let down = format!("unix:{}", sock.display());
     c.spawn_in("host-0", "testbus-relay", &["--downstream", &down, "--upstream", &upstream]);
     wait_for(Duration::from_secs(10), "the relay socket", || async { sock.exists().then_some(()) }).await;
     let data = c.dir.path().join("relayed");
-    let server = format!("unix:{}", sock.display());
+    let server = format!("unix+tls:{}", sock.display());
     let etc = data.join("etc");
+    let token = c.join_token.clone();
     c.spawn_in(
         "host-0",
         "testbus-agent",
         &[
             "--server",
             &server,
+            "--join-token",
+            &token,
             "--name",
             "relayed",
             "--data-dir",

@@ -397,8 +397,9 @@ async fn an_env_too_large_to_claim_is_refused_at_creation() {
     assert!(err.message().contains("spec.env") && err.message().contains("at most"), "{err:?}");
 }
 
-/// A control plane of its own on a loopback TCP port, with `args`; killed
-/// when dropped.
+/// A control plane of its own on a loopback TCP port, with `args`, serving
+/// without TLS (--insecure: these tests count connections and bytes);
+/// killed when dropped.
 struct TcpControlPlane {
     child: std::process::Child,
     addr: String,
@@ -411,7 +412,7 @@ impl TcpControlPlane {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let addr = format!("127.0.0.1:{port}");
         let child = std::process::Command::new(bin_dir().join("testbus-control-plane"))
-            .args(["--listen", &addr, "--no-controllers", "--data-dir"])
+            .args(["--listen", &addr, "--insecure", "--no-controllers", "--data-dir"])
             .arg(dir.path())
             .args(args)
             .stderr(std::fs::File::create(dir.path().join("cp.log")).unwrap())

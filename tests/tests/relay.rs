@@ -47,8 +47,11 @@ async fn start_guest(c: &mut Cluster, name: &str, upstream: &str, relay_args: &[
     c.spawn_logged(Some(name), &format!("relay-{name}"), "testbus-relay", &args);
     wait_path(&sock).await;
     let data = c.dir.path().join(name);
+    // TLS end to end: the agent joins, and speaks TLS, through the relays,
+    // which hold no key.
     let (server, data, etc) =
-        (format!("unix:{}", sock.display()), data.display().to_string(), data.join("etc").display().to_string());
+        (format!("unix+tls:{}", sock.display()), data.display().to_string(), data.join("etc").display().to_string());
+    let token = c.join_token.clone();
     c.spawn_logged(
         Some(name),
         name,
@@ -56,6 +59,8 @@ async fn start_guest(c: &mut Cluster, name: &str, upstream: &str, relay_args: &[
         &[
             "--server",
             &server,
+            "--join-token",
+            &token,
             "--name",
             name,
             "--data-dir",
@@ -259,9 +264,10 @@ async fn a_guest_reached_over_ssh_runs_tests() {
     let down = format!("ssh:guest?config={}&relay={}&remote=unix:{}", ssh_config, relay_bin.display(), sock.display());
     c.spawn_logged(Some("cp"), "relay-ssh", "testbus-relay", &["--downstream", &down, "--upstream", CP]);
     wait_for(Duration::from_secs(30), "the far relay's socket", || async { sock.exists().then_some(()) }).await;
-    let server = format!("unix:{}", sock.display());
+    let server = format!("unix+tls:{}", sock.display());
     let data = dir.join("sshguest").display().to_string();
     let etc = dir.join("sshguest/etc").display().to_string();
+    let token = c.join_token.clone();
     c.spawn_logged(
         Some("host-1"),
         "sshguest",
@@ -269,6 +275,8 @@ async fn a_guest_reached_over_ssh_runs_tests() {
         &[
             "--server",
             &server,
+            "--join-token",
+            &token,
             "--name",
             "sshguest",
             "--data-dir",

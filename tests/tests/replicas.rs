@@ -7,9 +7,9 @@ use testbus_proto::client::Client;
 use testbus_proto::{blob, Host, Process, Resource, Test};
 use testbus_tests::{manifest, needs_root, wait_for, Cluster};
 
-const A: &str = "http://10.77.0.1:7780";
-const B: &str = "http://10.77.0.1:7781";
-const BOTH: &str = "http://10.77.0.1:7780,http://10.77.0.1:7781";
+const A: &str = "https://10.77.0.1:7780";
+const B: &str = "https://10.77.0.1:7781";
+const BOTH: &str = "https://10.77.0.1:7780,https://10.77.0.1:7781";
 
 fn leads(log: &str) -> bool {
     log.contains("elected leader")
@@ -27,10 +27,15 @@ async fn start_replicas(hosts: usize) -> (Cluster, PathBuf) {
     let url = c.etcd.as_ref().unwrap().url("/testbus");
     let b_dir = c.dir.path().join("cp-b");
     let b_data = b_dir.display().to_string();
+    // The replicas share A's CA: its key is copied, never stored in etcd.
+    std::fs::create_dir_all(b_dir.join("pki")).unwrap();
+    for f in ["ca.crt", "ca.key"] {
+        std::fs::copy(c.dir.path().join("cp/pki").join(f), b_dir.join("pki").join(f)).unwrap();
+    }
     c.spawn_in(
         "cp",
         "testbus-control-plane",
-        &["--listen", "10.77.0.1:7781", "--insecure", "--data-dir", &b_data, "--store", &url, "--lease-grace", "1s"],
+        &["--listen", "10.77.0.1:7781", "--data-dir", &b_data, "--store", &url, "--lease-grace", "1s"],
     );
     let b_sock = b_dir.join("api.sock");
     wait_for(Duration::from_secs(20), "replica B", || async {

@@ -1,0 +1,470 @@
+//! Security: TLS on every TCP listener, identities from certificates, and
+//! the authorization rules, checked against real daemons in network
+//! namespaces (every cluster here serves TLS and its agents joined with a
+//! token, as in every other e2e test).
+use std::path::Path;
+use std::time::Duration;
+use testbus_pki::{ClientFile, Role};
+use testbus_proto::client::{Client, Tls};
+use testbus_proto::{phase, Host, Process, Resource, Test};
+use testbus_tests::{bin_dir, needs_root, wait_for, Cluster, CtlOutput};
+use tonic::Code;
+
+const HTTPS: &str = "https://10.77.0.1:7780";
+
+fn write_config(path: &Path, f: &ClientFile) {
+    f.save(path).unwrap();
+}
+
+fn admin_file(c: &Cluster) -> ClientFile {
+    ClientFile::load(&c.dir.path().join("admin.yaml")).unwrap()
+}
+
+/// testbusctl in host-0's namespace toward the TLS listener, with `config`.
+fn ctl_tls(c: &Cluster, config: &Path, args: &[&str]) -> CtlOutput {
+    let mut all = vec!["--server", HTTPS];
+    all.extend_from_slice(args);
+    c.ctl_with(config, &all, None)
+}
+
+/// The TLS settings of agent `host`'s certificate, from its data dir.
+fn agent_tls(c: &Cluster, host: &str) -> Tls {
+    let dir = c.dir.path().join(host).join("tls");
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+    Tls::new(testbus_pki::client_config(&read("ca.crt"), Some((&read("agent.crt"), &read("agent.key")))).unwrap())
+}
+
+fn test_manifest(c: &Cluster) -> std::path::PathBuf {
+    let path = c.dir.path().join("t.yaml");
+    std::fs::write(
+        &path,
+        "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: t}\nspec:\n  hosts: [{role: a}]\n  steps: [{name: s, on: [a], argv: [\"true\"]}]\n",
+    )
+    .unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_credentials_nothing_and_a_viewer_only_reads() {
+    if !needs_root("the security tests") {
+        return;
+    }
+    let mut c = Cluster::start(1).await;
+    c.ctl_node = Some("host-0".into());
+    let admin = admin_file(&c);
+
+    // No credentials at all: testbusctl says what is missing, exit 5.
+    let bare = c.dir.path().join("bare.yaml");
+    write_config(&bare, &ClientFile { server: HTTPS.into(), ..Default::default() });
+    let out = ctl_tls(&c, &bare, &["get", "hosts"]);
+    assert_eq!(out.code, 5, "{out:?}");
+    assert!(out.stderr.contains("no credentials for https://10.77.0.1:7780") && out.stderr.contains("user create"));
+    // The CA but no certificate: the server refuses, exit 5.
+    let ca_only = c.dir.path().join("ca-only.yaml");
+    write_config(
+        &ca_only,
+        &ClientFile {
+            server: HTTPS.into(),
+            certificate_authority: admin.certificate_authority.clone(),
+            ..Default::default()
+        },
+    );
+    let out = ctl_tls(&c, &ca_only, &["get", "hosts"]);
+    assert_eq!(out.code, 5, "{out:?}");
+    assert!(out.stderr.contains("a client without a certificate may not list Host"), "{out:?}");
+
+    // The admin's config works over TLS (the control for the refusals).
+    let out = ctl_tls(&c, &c.dir.path().join("admin.yaml"), &["get", "hosts", "-o", "name"]);
+    assert_eq!((out.code, out.stdout.as_str()), (0, "host/host-0\n"), "{out:?}");
+
+    // A viewer reads everything and writes nothing.
+    let viewer = c.write_user_config("alice", "viewer");
+    let out = ctl_tls(&c, &viewer, &["get", "hosts", "-o", "name"]);
+    assert_eq!((out.code, out.stdout.as_str()), (0, "host/host-0\n"), "{out:?}");
+    let manifest = test_manifest(&c);
+    let out = ctl_tls(&c, &viewer, &["apply", "-f", manifest.to_str().unwrap()]);
+    assert_eq!(out.code, 5, "{out:?}");
+    assert!(out.stderr.contains("viewer \"alice\" may not"), "{out:?}");
+    for args in [&["delete", "host/host-0"][..], &["cordon", "host-0"], &["run", "--", "true"]] {
+        let out = ctl_tls(&c, &viewer, args);
+        assert_eq!(out.code, 5, "{args:?}: {out:?}");
+    }
+    assert_eq!(c.ctl(&["get", "tests", "-o", "name"]).stdout, "", "nothing was created");
+    assert!(!c.host_phase("host-0", phase::READY).await.spec().unschedulable, "the viewer's cordon changed nothing");
+
+    // A certificate of another CA is refused, even for a name and role
+    // the real CA issues.
+    let (other, _) = testbus_pki::Ca::create().unwrap();
+    let forged = other.issue("admin", Role::Admin, Duration::from_secs(3600)).unwrap();
+    let forged_file = c.dir.path().join("forged.yaml");
+    write_config(
+        &forged_file,
+        &ClientFile {
+            server: HTTPS.into(),
+            certificate_authority: admin.certificate_authority.clone(),
+            client_certificate: forged.cert,
+            client_key: forged.key,
+        },
+    );
+    let out = ctl_tls(&c, &forged_file, &["get", "hosts", "-o", "name"]);
+    assert_ne!(out.code, 0, "{out:?}");
+    assert_eq!(out.stdout, "", "{out:?}");
+    // And a server of another CA is not trusted by the client.
+    let mut wrong_ca = admin.clone();
+    wrong_ca.certificate_authority = other.cert_pem().to_string();
+    let wrong = c.dir.path().join("wrong-ca.yaml");
+    write_config(&wrong, &wrong_ca);
+    let out = ctl_tls(&c, &wrong, &["get", "hosts"]);
+    assert_eq!(out.code, 4, "{out:?}");
+    assert!(out.stderr.contains("certificate"), "{out:?}");
+
+    // Python's grpcio, with the admin's files: a list works, and the
+    // viewer's delete is PERMISSION_DENIED.
+    let pem = |name: &str, text: &str| {
+        let p = c.dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let viewer_file = ClientFile::load(&viewer).unwrap();
+    let script = r#"
+import sys, grpc
+ca, cert, key, vcert, vkey = [open(p, 'rb').read() for p in sys.argv[1:6]]
+def call(cert, key, method, req=b''):
+    creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+    with grpc.secure_channel('10.77.0.1:7780', creds) as ch:
+        f = ch.unary_unary(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        return f(req, timeout=10)
+hosts = call(cert, key, '/testbus.v1.Hosts/List')
+print('listed', b'host-0' in hosts)
+try:
+    call(vcert, vkey, '/testbus.v1.Hosts/Delete', b'\x0a\x06host-0')
+    print('deleted')
+except grpc.RpcError as e:
+    print('refused', e.code().name)
+"#;
+    let args = [
+        pem("ca.pem", &admin.certificate_authority),
+        pem("admin.crt", &admin.client_certificate),
+        pem("admin.key", &admin.client_key),
+        pem("viewer.crt", &viewer_file.client_certificate),
+        pem("viewer.key", &viewer_file.client_key),
+    ];
+    let out = c
+        .command_in("host-0", Path::new("/usr/bin/python3"))
+        .arg("-c")
+        .arg(script)
+        .args(&args)
+        .output()
+        .expect("python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout, "listed True\nrefused PERMISSION_DENIED\n", "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_acts_only_for_its_own_host_and_a_revoked_one_not_at_all() {
+    if !needs_root("the security tests") {
+        return;
+    }
+    let c = Cluster::start(2).await;
+    // A process on host-1, running (the run is ended with the test, even
+    // a failed one).
+    let _run = KillOnDrop(c.ctl_spawn(&["run", "--host", "host-1", "--", "sleep", "120"]));
+    let client = c.client().await;
+    let theirs = wait_for(Duration::from_secs(30), "the process on host-1 to run", || async {
+        let (ps, _) = client.api::<Process>().list("", "spec.hostName=host-1").await.ok()?;
+        ps.into_iter().find(|p| p.status().phase == phase::RUNNING)
+    })
+    .await;
+    let host1 = client.api::<Host>().get("host-1").await.unwrap();
+    let host0 = client.api::<Host>().get("host-0").await.unwrap();
+
+    // Host-0's agent's certificate, used from host-0's namespace.
+    let tls = agent_tls(&c, "host-0");
+    let theirs_name = theirs.name().to_string();
+    let results = c.in_node("host-0", move || async move {
+        let a = Client::connect_with(HTTPS, Some(tls)).await.expect("connect with the agent's certificate");
+        let code = |r: Result<(), tonic::Status>| r.map_err(|s| (s.code(), s.message().to_string()));
+        let mut out = Vec::new();
+        // Its own host and processes: allowed.
+        out.push(("own lease", code(a.hosts().renew_lease(testbus_proto::RenewLeaseRequest {
+            name: "host-0".into(),
+            agent_id: host0.status().agent_id.clone(),
+        }).await.map(|_| ()))));
+        out.push(("own processes", code(a.api::<Process>().list("", "spec.hostName=host-0").await.map(|_| ()))));
+        // Another host's status, processes and output: refused.
+        out.push(("host-1 status", code(a.api::<Host>().update_status(host1.clone()).await.map(|_| ()))));
+        out.push(("host-1 get", code(a.api::<Host>().get("host-1").await.map(|_| ()))));
+        out.push(("all processes", code(a.api::<Process>().list("", "").await.map(|_| ()))));
+        let mut p = theirs.clone();
+        p.status_mut().phase = phase::SUCCEEDED.into();
+        out.push(("host-1 process status", code(a.api::<Process>().update_status(p).await.map(|_| ()))));
+        let chunk = testbus_proto::OutputChunk {
+            process: theirs.name().to_string(),
+            data: b"forged\n".to_vec().into(),
+            ..Default::default()
+        };
+        out.push(("host-1 output", code(a.output().append(chunk).await.map(|_| ()))));
+        let send = testbus_proto::SendRequest { process: theirs.name().into(), key: "k".into(), value: b"v".to_vec() };
+        out.push(("host-1 send", code(testbus_proto::sync_client::SyncClient::new(a.channel()).send(send).await.map(|_| ()))));
+        // Nor may it make tests or processes, or delete anything.
+        let t: Test = match testbus_proto::manifest::parse("t", "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: x}\nspec: {hosts: [{role: a}], steps: [{name: s, on: [a], argv: [\"true\"]}]}\n").unwrap().pop() {
+            Some(testbus_proto::Object::Test(t)) => t,
+            _ => unreachable!(),
+        };
+        out.push(("create test", code(a.api::<Test>().create(t).await.map(|_| ()))));
+        out.push(("delete host-0", code(a.api::<Host>().delete("host-0").await.map(|_| ()))));
+        out
+    });
+    for (what, r) in &results {
+        match *what {
+            "own lease" | "own processes" => assert!(r.is_ok(), "{what}: {r:?}"),
+            _ => {
+                let (code, msg) = r.as_ref().expect_err(what);
+                assert_eq!(*code, Code::PermissionDenied, "{what}: {msg}");
+                assert!(msg.starts_with("agent \"host-0\" may not"), "{what}: {msg}");
+            }
+        }
+    }
+    // The process on host-1 was not touched.
+    let still = client.api::<Process>().get(&theirs_name).await.unwrap();
+    assert_eq!(still.status().phase, phase::RUNNING);
+
+    // Revoked: the same certificate is refused from now on.
+    let out = std::process::Command::new(bin_dir().join("testbus-control-plane"))
+        .args(["agent", "revoke", "host-0", "--data-dir"])
+        .arg(c.dir.path().join("cp"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let tls = agent_tls(&c, "host-0");
+    let refused = c.in_node("host-0", move || async move {
+        let a = Client::connect_with(HTTPS, Some(tls)).await.unwrap();
+        a.api::<Process>().list("", "spec.hostName=host-0").await.map(|_| ())
+    });
+    let refused = refused.expect_err(&format!("revoked, yet served:\n{}", c.read_log("control-plane")));
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    assert!(refused.message().contains("revoked"), "{refused:?}");
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// An agent named `name` started with `token` in host-0's namespace: its
+/// exit code if it ends (None once it has a certificate, or after 30 s:
+/// then it is killed), and its log.
+fn join_with(c: &Cluster, name: &str, token: &str) -> (Option<i32>, String) {
+    let dir = c.dir.path().join(format!("join-{name}"));
+    std::fs::create_dir_all(dir.join("etc")).unwrap();
+    let log = dir.join("agent.log");
+    let mut child = c
+        .command_in("host-0", &bin_dir().join("testbus-agent"))
+        .args(["--server", &c.agent_server, "--name", name, "--join-token", token, "--lease-duration", "2s"])
+        .arg("--data-dir")
+        .arg(&dir)
+        .arg("--config-dir")
+        .arg(dir.join("etc"))
+        .stderr(std::fs::File::create(&log).unwrap())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let code = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st.code();
+        }
+        if std::time::Instant::now() > deadline || dir.join("tls/agent.crt").exists() {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (code, std::fs::read_to_string(&log).unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_expired_and_foreign_tokens_are_refused() {
+    if !needs_root("the security tests") {
+        return;
+    }
+    let c = Cluster::start(1).await;
+    let real: testbus_pki::JoinToken = c.join_token.parse().unwrap();
+
+    // Forged: the right CA, a secret nobody made.
+    let forged = testbus_pki::JoinToken::new(&real.ca).to_string();
+    let (code, log) = join_with(&c, "forger", &forged);
+    assert_eq!(code, Some(2), "{log}");
+    assert!(log.contains("token: unknown, wrong or expired"), "{log}");
+
+    // Another control plane's: the agent refuses this server (its CA is
+    // not the pinned one) before sending anything.
+    let (other, _) = testbus_pki::Ca::create().unwrap();
+    let foreign = testbus_pki::JoinToken { ca: other.fingerprint(), ..real.clone() }.to_string();
+    let (code, log) = join_with(&c, "lost", &foreign);
+    assert_eq!(code, Some(2), "{log}");
+    assert!(log.contains("not the one the join token names"), "{log}");
+
+    // Expired.
+    let r = c
+        .client()
+        .await
+        .auth()
+        .create_token(testbus_proto::CreateTokenRequest {
+            ttl: "1s".into(),
+            pool: String::new(),
+            host_name: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let expires = testbus_proto::time::parse(&r.expires).unwrap();
+    wait_for(Duration::from_secs(10), "the token to expire", || async {
+        (std::time::SystemTime::now() > expires + Duration::from_secs(1)).then_some(())
+    })
+    .await;
+    let (code, log) = join_with(&c, "late", &r.token);
+    assert_eq!(code, Some(2), "{log}");
+    assert!(log.contains("token: unknown, wrong or expired"), "{log}");
+
+    // A pool's token joins that pool's guests only.
+    let r = c
+        .client()
+        .await
+        .auth()
+        .create_token(testbus_proto::CreateTokenRequest {
+            ttl: "1h".into(),
+            pool: "web".into(),
+            host_name: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (code, log) = join_with(&c, "db-1", &r.token);
+    assert_eq!(code, Some(2), "{log}");
+    assert!(log.contains("for guests of pool \"web\""), "{log}");
+    let (code, log) = join_with(&c, "web-1", &r.token);
+    assert_eq!(code, None, "web-1 joined and ran: {log}");
+    assert!(log.contains("joined"), "{log}");
+
+    // Bad input to Join itself.
+    let client = c.client().await;
+    let bad = client
+        .auth()
+        .join(testbus_proto::JoinRequest { token: "junk".into(), host_name: "h".into(), csr: String::new() })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument, "{bad:?}");
+    assert!(bad.message().starts_with("token:"), "{bad:?}");
+    let bad = client
+        .auth()
+        .join(testbus_proto::JoinRequest {
+            token: c.join_token.clone(),
+            host_name: "Not A Name".into(),
+            csr: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert!(bad.message().starts_with("hostName:"), "{bad:?}");
+    let bad = client
+        .auth()
+        .join(testbus_proto::JoinRequest {
+            token: c.join_token.clone(),
+            host_name: "h".into(),
+            csr: "x".repeat(100_000),
+        })
+        .await
+        .unwrap_err();
+    assert!(bad.message().starts_with("csr:"), "{bad:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_renew_their_certificates_before_they_expire() {
+    if !needs_root("the security tests") {
+        return;
+    }
+    let mut c = Cluster::start_full(1, &[], &["--agent-cert-ttl", "6s"]).await;
+    let first = std::fs::read_to_string(c.dir.path().join("host-0/tls/agent.crt")).unwrap();
+    let first_id = testbus_pki::identity_of(&pem_der(&first)).unwrap();
+    // Renewed at 4 s, 8 s, ...: wait until the first has expired.
+    wait_for(Duration::from_secs(60), "two renewals, past the first certificate's expiry", || async {
+        let renewals = c.read_log("host-0").matches("renewed the certificate").count();
+        (renewals >= 2 && std::time::SystemTime::now() > first_id.not_after).then_some(())
+    })
+    .await;
+    let now = std::fs::read_to_string(c.dir.path().join("host-0/tls/agent.crt")).unwrap();
+    assert_ne!(now, first);
+    // Restarted without a token, the agent connects anew with what it
+    // renewed (the first certificate has expired) and runs a test.
+    c.kill_agent(0);
+    c.join_token.clear();
+    c.start_agent(0);
+    wait_for(Duration::from_secs(30), "the agent to register again", || async {
+        c.read_log("host-0").matches("registered").nth(1).map(|_| ())
+    })
+    .await;
+    let out = c.ctl(&["run", "--host", "host-0", "--", "echo", "still trusted"]);
+    assert_eq!((out.code, out.stdout.as_str()), (0, "still trusted\n"), "{out:?}\n{}", c.read_log("host-0"));
+}
+
+fn pem_der(pem: &str) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap().to_vec()
+}
+
+/// A process speaks for itself only: one that asks its agent to send as
+/// a process of another test (a forged `process` in a raw request to the
+/// agent's socket) sends as itself, into its own test; the other test
+/// never sees the message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_cannot_send_for_a_test_it_is_not_in() {
+    if !needs_root("the security tests") {
+        return;
+    }
+    let c = Cluster::start(3).await;
+    // The victim listens on host-0 (host-2 keeps a second process of its
+    // test running, so that somebody could send).
+    let path = testbus_tests::manifest(
+        &c,
+        "victim.yaml",
+        r#"apiVersion: testbus/v1
+kind: Test
+metadata: {name: victim}
+spec:
+  hosts: [{role: listener, selector: index=0}, {role: idle, selector: index=2}]
+  steps:
+    - {name: listen, on: [listener], argv: [testbusctl, recv, k, --timeout, 8s]}
+    - {name: idle, on: [idle], argv: [sleep, "10"]}
+"#,
+    );
+    assert_eq!(c.ctl(&["apply", "-f", &path]).code, 0);
+    let client = c.client().await;
+    let target = wait_for(Duration::from_secs(30), "the victim's listener to run", || async {
+        let (ps, _) = client.api::<Process>().list("", "spec.hostName=host-0").await.ok()?;
+        ps.into_iter().find(|p| p.status().phase == phase::RUNNING)
+    })
+    .await;
+    // SendRequest{process: TARGET, key: "k", value: "forged"}, by hand.
+    let script = r#"
+import os, sys, grpc
+proc = sys.argv[1].encode()
+req = b'\x0a' + bytes([len(proc)]) + proc + b'\x12\x01k' + b'\x1a\x06forged'
+ch = grpc.insecure_channel('unix:' + os.environ['TESTBUS_AGENT_SOCKET'])
+ch.unary_unary('/testbus.v1.Sync/Send', request_serializer=lambda b: b, response_deserializer=lambda b: b)(req, timeout=10)
+print('sent')
+"#;
+    let out = c.ctl(&["run", "--host", "host-1", "--", "/usr/bin/python3", "-c", script, target.name()]);
+    assert_eq!((out.code, out.stdout.as_str()), (0, "sent\n"), "{out:?}");
+    // The victim's recv times out: nothing came for it.
+    let out = c.ctl(&["wait", "test/victim", "--timeout", "60s"]);
+    assert_ne!(out.code, 0, "the victim's test succeeded: {out:?}");
+    let logs = c.ctl(&["logs", "test/victim"]);
+    assert!(!logs.stdout.contains("forged"), "{logs:?}");
+    let listener = client.api::<Process>().get(target.name()).await.unwrap();
+    assert_eq!(listener.status().exit_code, Some(3), "recv timed out: {:?}", listener.status());
+}
