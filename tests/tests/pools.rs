@@ -78,8 +78,10 @@ async fn a_pool_makes_guests_on_demand_cleans_them_and_removes_them() {
     assert_eq!(h.status().facts.as_ref().unwrap().transport, "serial", "its only link is the serial line");
     assert_eq!(testbus_proto::pool::pool_of(&h), Some("tbt-a"));
     assert!(libvirt::domains("tbt-a-").contains(&guest));
-
-    // The same guest, clean: the first test's file is gone.
+    // Its agent joined with the token the pool gave it (TLS end to end
+    // through the serial relays), and under its own name only.
+    let joined = |log: &str| log.lines().filter(|l| l.contains("an agent joined") && l.contains(&guest)).count();
+    assert!(joined(&c.read_log("control-plane")) >= 1, "{}", c.read_log("control-plane"));
     let out = c.ctl(&[
         "apply",
         "-f",
@@ -92,6 +94,9 @@ async fn a_pool_makes_guests_on_demand_cleans_them_and_removes_them() {
     assert!(c.ctl(&["logs", "test/second"]).stdout.contains(&guest), "the guest was reused");
     let cleanings = pool(&c, "tbt-a").await.status().guests.iter().map(|g| g.cleanings).sum::<u32>();
     assert!(cleanings >= 1, "{:?}", pool(&c, "tbt-a").await.status());
+    // Back at its clean snapshot the guest had no certificate: it joined
+    // again, with a new token from the new go.
+    assert!(joined(&c.read_log("control-plane")) >= 2, "{}", c.read_log("control-plane"));
 
     // Idle past idleTimeout above min 0: destroyed, with its Host.
     wait_for(Duration::from_secs(120), "the idle guest to be destroyed", || async {

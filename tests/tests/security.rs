@@ -73,6 +73,13 @@ async fn without_credentials_nothing_and_a_viewer_only_reads() {
     assert_eq!(out.code, 5, "{out:?}");
     assert!(out.stderr.contains("a client without a certificate may not list Host"), "{out:?}");
 
+    // A config file that is not one: exit 2, naming it and the field.
+    let junk = c.dir.path().join("junk.yaml");
+    std::fs::write(&junk, "server: https://x\nclientCert: oops\n").unwrap();
+    let out = ctl_tls(&c, &junk, &["get", "hosts"]);
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("junk.yaml") && out.stderr.contains("clientCert"), "{out:?}");
+
     // The admin's config works over TLS (the control for the refusals).
     let out = ctl_tls(&c, &c.dir.path().join("admin.yaml"), &["get", "hosts", "-o", "name"]);
     assert_eq!((out.code, out.stdout.as_str()), (0, "host/host-0\n"), "{out:?}");
@@ -352,8 +359,16 @@ async fn forged_expired_and_foreign_tokens_are_refused() {
     assert_eq!(code, None, "web-1 joined and ran: {log}");
     assert!(log.contains("joined"), "{log}");
 
-    // Bad input to Join itself.
+    // Bad input to Join and CreateToken.
     let client = c.client().await;
+    for (ttl, pool, field) in
+        [("0s", "", "ttl:"), ("8d", "", "ttl:"), ("soon", "", "ttl:"), ("1h", "Bad_Pool", "pool:")]
+    {
+        let req = testbus_proto::CreateTokenRequest { ttl: ttl.into(), pool: pool.into(), host_name: String::new() };
+        let e = client.auth().create_token(req).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().starts_with(field), "{e:?}");
+    }
     let bad = client
         .auth()
         .join(testbus_proto::JoinRequest { token: "junk".into(), host_name: "h".into(), csr: String::new() })
