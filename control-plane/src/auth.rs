@@ -45,16 +45,58 @@ impl Pki {
         Pki { ca, client_ca, agent_ttl, revoked: RwLock::default() }
     }
 
-    /// Loads the revocations kept in the store.
-    pub async fn load(&self, st: &ApiState) -> Result<(), Status> {
-        let (kvs, _) = st.store.list(REVOKED).await.map_err(ApiError::from)?;
-        let mut r = self.revoked.write();
-        for kv in kvs {
-            let host = kv.key.trim_start_matches(REVOKED).to_string();
-            let secs: u64 = String::from_utf8_lossy(&kv.value).parse().unwrap_or(u64::MAX);
-            r.insert(host, UNIX_EPOCH + Duration::from_secs(secs));
+    /// Loads the revocations kept in the store; returns the revision they
+    /// were read at.
+    pub async fn load(&self, store: &dyn crate::store::Store) -> Result<u64, Status> {
+        let (kvs, rev) = store.list(REVOKED).await.map_err(ApiError::from)?;
+        for kv in &kvs {
+            self.note_revocation(kv);
         }
-        Ok(())
+        Ok(rev)
+    }
+
+    fn note_revocation(&self, kv: &crate::store::KeyValue) {
+        let host = kv.key.trim_start_matches(REVOKED).to_string();
+        // Unreadable: everything of that host is refused.
+        let secs: u64 = String::from_utf8_lossy(&kv.value).parse().unwrap_or(u64::MAX / 4);
+        self.revoked.write().insert(host, UNIX_EPOCH + Duration::from_secs(secs));
+    }
+
+    /// With replicas on one store: follows the revocations the others
+    /// write, so that one revoked anywhere is refused everywhere within
+    /// moments. Ends with `stop`; a broken watch lists again after a
+    /// second.
+    pub async fn follow_revocations(
+        self: Arc<Self>,
+        store: Arc<dyn crate::store::Store>,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        use futures::StreamExt;
+        loop {
+            let watched = async {
+                let rev = self.load(store.as_ref()).await.map_err(|s| s.message().to_string())?;
+                let mut events = store.watch(REVOKED, rev).await.map_err(|e| e.to_string())?;
+                while let Some(ev) = events.next().await {
+                    match ev.map_err(|e| e.to_string())? {
+                        crate::store::Event::Put(kv) => self.note_revocation(&kv),
+                        crate::store::Event::Delete(_) => {}
+                    }
+                }
+                Ok::<(), String>(())
+            };
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = watched => {
+                    if let Err(e) = r {
+                        tracing::warn!(error = %e, "following revocations; again in 1s");
+                    }
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
     }
 
     /// Replicas on one store share one CA, and each holds its key in its

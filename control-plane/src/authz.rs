@@ -206,6 +206,18 @@ impl Scope {
         }
     }
 
+    /// An update that changes the spec of `what` (`changed`): an agent
+    /// changes no spec, its host's included (it would uncordon itself, or
+    /// stop processes); it writes metadata (labels, finalizers) and status.
+    pub fn spec_change(&self, what: &str, changed: bool) -> Result<(), Status> {
+        match self {
+            Scope::Host(h) if changed => {
+                self.only(h, false, Verb::Update, || format!("the spec of {what}; it writes labels and status"))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// A list or watch of Processes: an agent's must select its host's.
     pub fn processes_selector(&self, verb: Verb, field_selector: &str) -> Result<(), Status> {
         match self {
@@ -278,6 +290,10 @@ mod tests {
         assert!(scope.processes_selector(Verb::Watch, "spec.hostName=host-a").is_ok());
         assert!(scope.processes_selector(Verb::Watch, "").is_err());
         assert!(scope.processes_selector(Verb::Watch, "spec.hostName=host-b").is_err());
+        let e = scope.spec_change("Host \"host-a\"", true).unwrap_err();
+        assert!(e.message().contains("may not update the spec of Host \"host-a\""), "{e:?}");
+        assert!(scope.spec_change("Host \"host-a\"", false).is_ok());
+        assert!(Scope::All.spec_change("Host \"host-a\"", true).is_ok());
         // Never: other kinds, creating processes or tests, deleting.
         for (verb, kind) in [
             (Verb::Create, "Test"),

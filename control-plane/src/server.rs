@@ -604,7 +604,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let shared = etcd.is_some().then(|| store.clone());
     let state = ApiState { store, hub, blobs: blobs.clone(), pki };
     if let Some(pki) = &state.pki {
-        pki.load(&state).await.context("reading revocations")?;
+        pki.load(state.store.as_ref()).await.context("reading revocations")?;
         if etcd.is_some() {
             pki.check_shared_ca(&state).await?;
         }
@@ -619,6 +619,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     background.spawn(async move {
         let _ = janitor.await;
     });
+    if let (Some(pki), true) = (&state.pki, etcd.is_some()) {
+        background.spawn(pki.clone().follow_revocations(state.store.clone(), stop.child_token()));
+    }
     let (sync, sync_feed) = crate::sync::SyncService::new(state.clone(), stop.child_token());
     background.spawn(async move {
         let _ = sync_feed.await;

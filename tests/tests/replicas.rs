@@ -133,6 +133,31 @@ spec:
     let missing = blob::digest_of(b"nobody has this");
     let err = blob::download_to(b.channel(), &missing, &c.dir.path().join("x")).await.unwrap_err();
     assert!(err.to_string().contains("not found"), "{err}");
+
+    // Host-1's agent revoked through B is refused by A within moments
+    // (the replicas follow each other's revocations in etcd).
+    let revoke = std::process::Command::new(testbus_tests::bin_dir().join("testbus-control-plane"))
+        .args(["agent", "revoke", "host-1", "--data-dir"])
+        .arg(b_sock.parent().unwrap())
+        .output()
+        .unwrap();
+    assert!(revoke.status.success(), "{}", String::from_utf8_lossy(&revoke.stderr));
+    let dir = c.dir.path().join("host-1/tls");
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+    let tls = testbus_pki::client_config(&read("ca.crt"), Some((&read("agent.crt"), &read("agent.key")))).unwrap();
+    let tls = testbus_proto::client::Tls::new(tls);
+    let refused = c.in_node("host-0", move || async move {
+        let a = Client::connect_with(A, Some(tls)).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            match a.api::<Process>().list("", "spec.hostName=host-1").await {
+                Err(s) if s.code() == tonic::Code::PermissionDenied => return s.message().to_string(),
+                r => assert!(std::time::Instant::now() < deadline, "A still serves a revoked agent: {r:?}"),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    assert!(refused.contains("revoked"), "{refused}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -198,6 +198,10 @@ async fn an_agent_acts_only_for_its_own_host_and_a_revoked_one_not_at_all() {
             agent_id: host0.status().agent_id.clone(),
         }).await.map(|_| ()))));
         out.push(("own processes", code(a.api::<Process>().list("", "spec.hostName=host-0").await.map(|_| ()))));
+        // Its own host's spec (it would uncordon itself): refused.
+        let mut cordoned = host0.clone();
+        cordoned.spec_mut().unschedulable = true;
+        out.push(("own spec", code(a.api::<Host>().update(cordoned).await.map(|_| ()))));
         // Another host's status, processes and output: refused.
         out.push(("host-1 status", code(a.api::<Host>().update_status(host1.clone()).await.map(|_| ()))));
         out.push(("host-1 get", code(a.api::<Host>().get("host-1").await.map(|_| ()))));
