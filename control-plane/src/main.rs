@@ -94,6 +94,10 @@ enum AgentCommand {
 
 #[derive(clap::Args, Debug)]
 struct Serve {
+    /// How log lines are written on stderr: text, or json (one object per
+    /// line: timestamp, level, target, message and the event's fields).
+    #[arg(long, env = "TESTBUS_LOG_FORMAT", default_value = "text")]
+    log_format: testbus_telemetry::LogFormat,
     /// Address to serve on: HOST:PORT or unix:/path. Repeatable. A unix
     /// socket is always offered at DATA_DIR/api.sock as well.
     #[arg(long, default_value = "127.0.0.1:7780")]
@@ -242,8 +246,8 @@ async fn command(cmd: Command) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() {
-    testbus_telemetry::init_logging();
     let Args { command: cmd, serve: args } = Args::parse();
+    testbus_telemetry::init_logging(args.log_format);
     if let Some(cmd) = cmd {
         if let Err(e) = command(cmd).await {
             eprintln!("testbus-control-plane: {e:#}");

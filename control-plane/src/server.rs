@@ -636,9 +636,14 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     health_reporter.set_serving::<SyncServer<crate::sync::SyncService>>().await;
     health_reporter.set_serving::<BlobsServer<crate::blobs::BlobStore>>().await;
     health_reporter.set_serving::<AuthServer<crate::auth::AuthService>>().await;
+    // Reflection in both versions: v1, and v1alpha, which Google's own
+    // clients (grpcio-reflection, grpcurl before 1.9) still speak.
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(testbus_proto::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(testbus_proto::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         // Each watch is a stream: a client cannot hold more than this many
@@ -649,6 +654,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         .http2_keepalive_timeout(Some(KEEPALIVE))
         .add_service(health)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(HostsServer::new(ResourceService::<Host>::new(state.clone())).max_decoding_message_size(8 << 20))
         .add_service(TestsServer::new(ResourceService::<Test>::new(state.clone())).max_decoding_message_size(8 << 20))
         .add_service(

@@ -43,6 +43,10 @@ use tonic::Code;
 #[derive(Parser, Debug)]
 #[command(name = "testbus-agent", version, about = "The testbus node agent")]
 struct Args {
+    /// How log lines are written on stderr: text, or json (one object per
+    /// line: timestamp, level, target, message and the event's fields).
+    #[arg(long, env = "TESTBUS_LOG_FORMAT", default_value = "text")]
+    log_format: testbus_telemetry::LogFormat,
     /// Control-plane address: https://host:port, a comma-separated list,
     /// unix:/path (plain: the control plane's own socket) or unix+tls:/path
     /// (a relay's socket that leads to the control plane's TLS listener).
@@ -704,8 +708,8 @@ fn main() {
 }
 
 async fn agent_main() {
-    testbus_telemetry::init_logging();
     let args = Args::parse();
+    testbus_telemetry::init_logging(args.log_format);
     if let Err(e) = run(args).await {
         eprintln!("testbus-agent: {e:#}");
         std::process::exit(2);

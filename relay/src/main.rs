@@ -22,6 +22,10 @@ use tokio::sync::{mpsc, watch};
 #[derive(Parser, Debug)]
 #[command(name = "testbus-relay", version, about = "Carry client connections toward the control plane")]
 struct Args {
+    /// How log lines are written on stderr: text, or json (one object per
+    /// line: timestamp, level, target, message and the event's fields).
+    #[arg(long, env = "TESTBUS_LOG_FORMAT", default_value = "text")]
+    log_format: testbus_telemetry::LogFormat,
     /// Where clients come from: tcp:HOST:PORT or unix:/PATH (clients
     /// connect), or a link from another relay: serial:/DEV[?baud=N],
     /// vsock:CID:PORT (listens on PORT), ssh:[USER@]HOST[:PORT] (runs a
@@ -371,8 +375,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() {
-    testbus_telemetry::init_logging();
     let args = Args::parse();
+    testbus_telemetry::init_logging(args.log_format);
     if args.exit_with_stdin {
         tokio::spawn(async {
             use tokio::io::AsyncReadExt;

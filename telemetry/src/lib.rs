@@ -1,17 +1,50 @@
 #![forbid(unsafe_code)]
-//! The one logging setup of every testbus daemon: human-readable lines on
-//! stderr, `info` and up (`RUST_LOG` overrides), without the HTTP/2 and
-//! tower internals that would drown them.
+//! The one logging setup of every testbus daemon: on stderr, `info` and up
+//! (`RUST_LOG` overrides), without the HTTP/2 and tower internals that
+//! would drown them; human-readable lines, or one JSON object per line
+//! (`--log-format json`) for log collectors.
 pub const DEFAULT_FILTER: &str = "info,h2=warn,tower=warn";
 
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// For people: one line per event, colour only at a terminal.
+    #[default]
+    Text,
+    /// One JSON object per event: `timestamp`, `level`, `target`,
+    /// `message` and the event's fields (`host`, `process`, `test`, ...)
+    /// at the top level, and the span it happened in.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<LogFormat, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!("{s:?} is not a log format: text or json")),
+        }
+    }
+}
+
 /// Installs the global subscriber; call once, first thing in `main`.
-pub fn init_logging() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| DEFAULT_FILTER.into()),
-        )
-        .with_writer(std::io::stderr)
-        // Colour only for a person at a terminal, never into a log file.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+pub fn init_logging(format: LogFormat) {
+    let filter = || tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| DEFAULT_FILTER.into());
+    match format {
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_env_filter(filter())
+            .with_writer(std::io::stderr)
+            // Colour only for a person at a terminal, never into a log file.
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_env_filter(filter())
+            .with_writer(std::io::stderr)
+            .init(),
+    }
 }

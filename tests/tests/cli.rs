@@ -750,3 +750,61 @@ async fn host_pools_are_a_kind_like_the_others() {
     assert_eq!(c.ctl(&["delete", "hostpool/vms"]).stdout, "hostpool/vms deleted\n");
     assert_eq!(c.ctl(&["get", "hostpools", "-o", "name"]).stdout, "");
 }
+
+/// `--log-format json`: every line a daemon writes is one JSON object with
+/// the time, level, message and the event's own fields.
+#[test]
+fn daemons_log_one_json_object_per_line_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let read_json = |path: &std::path::Path, want: &dyn Fn(&serde_json::Value) -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            let lines: Vec<serde_json::Value> = text
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+                .collect();
+            if lines.iter().any(want) {
+                for l in &lines {
+                    for k in ["timestamp", "level", "message"] {
+                        assert!(l.get(k).is_some(), "no {k}: {l}");
+                    }
+                }
+                return lines;
+            }
+            assert!(std::time::Instant::now() < deadline, "never logged what was expected:\n{text}");
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    };
+    // A control plane: its "serving" event carries the address as a field.
+    let cp_log = dir.path().join("cp.log");
+    let mut cp = std::process::Command::new(bin_dir().join("testbus-control-plane"))
+        .args(["--listen", "127.0.0.1:0", "--insecure", "--no-controllers", "--log-format", "json", "--data-dir"])
+        .arg(dir.path().join("cp"))
+        .stderr(std::fs::File::create(&cp_log).unwrap())
+        .spawn()
+        .unwrap();
+    read_json(&cp_log, &|l| l["message"] == "serving" && l["addr"] == "127.0.0.1:0");
+    cp.kill().unwrap();
+    cp.wait().unwrap();
+    // An agent that cannot reach its server.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let agent_log = dir.path().join("agent.log");
+    let mut agent = std::process::Command::new(bin_dir().join("testbus-agent"))
+        .args(["--server", &format!("http://127.0.0.1:{port}"), "--name", "lonely", "--data-dir"])
+        .arg(dir.path().join("agent"))
+        .env("TESTBUS_LOG_FORMAT", "json")
+        .stderr(std::fs::File::create(&agent_log).unwrap())
+        .spawn()
+        .unwrap();
+    read_json(&agent_log, &|l| l["message"].as_str().is_some_and(|m| m.starts_with("cannot reach")));
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    // A wrong format is refused, naming the flag.
+    let out = std::process::Command::new(bin_dir().join("testbus-relay"))
+        .args(["--log-format", "xml", "--downstream", "unix:/nonexistent", "--upstream", "tcp:127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--log-format"), "{out:?}");
+}

@@ -574,6 +574,33 @@ async fn health_and_reflection_are_served() {
     for s in ["testbus.v1.Hosts", "testbus.v1.Tests", "testbus.v1.Processes", "testbus.v1.Output"] {
         assert!(names.iter().any(|n| n == s), "{s} missing from {names:?}");
     }
+    if !testbus_tests::needs_root("Google's reflection client (installed by hack/setup as root)") {
+        return;
+    }
+    // Google's Python client (grpcio-reflection, v1alpha) lists the
+    // services and describes one, through the control plane's socket.
+    let script = r#"
+import sys, grpc
+from google.protobuf.descriptor_pool import DescriptorPool
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+db = ProtoReflectionDescriptorDatabase(grpc.insecure_channel('unix:' + sys.argv[1]))
+print(' '.join(sorted(db.get_services())))
+print(' '.join(m.name for m in DescriptorPool(db).FindServiceByName('testbus.v1.Tests').methods))
+"#;
+    let out = std::process::Command::new("/usr/bin/python3")
+        .env("PYTHONPATH", "/var/lib/testbus/python")
+        .args(["-c", script])
+        .arg(c.server.trim_start_matches("unix:"))
+        .output()
+        .expect("python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mut lines = stdout.lines();
+    let services = lines.next().unwrap_or_default();
+    for s in ["testbus.v1.Auth", "testbus.v1.Hosts", "testbus.v1.Tests", "grpc.reflection.v1alpha.ServerReflection"] {
+        assert!(services.split(' ').any(|n| n == s), "{s} missing: {stdout} {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let methods = lines.next().unwrap_or_default();
+    assert!(methods.contains("Claim") && methods.contains("RecordResult"), "{methods}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
