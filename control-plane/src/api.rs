@@ -51,6 +51,8 @@ pub trait Policy: Resource + Validate {
     fn file_refs(&self) -> Vec<(String, &testbus_proto::FileRef)> {
         Vec::new()
     }
+    /// A status write went through: what it counts in the metrics.
+    fn status_written(_old: &Self, _new: &Self, _m: &crate::metrics::Metrics) {}
     /// Whether a caller admitted with `scope` may `verb` this object (as
     /// stored); the rules are `authz`'s.
     fn in_scope(&self, scope: &Scope, verb: Verb) -> Result<(), Status> {
@@ -176,6 +178,9 @@ impl Policy for Process {
     fn in_scope(&self, scope: &Scope, verb: Verb) -> Result<(), Status> {
         scope.process(verb, self)
     }
+    fn status_written(old: &Self, new: &Self, m: &crate::metrics::Metrics) {
+        m.process_transition(old.status(), new.status());
+    }
     fn on_create(&mut self) {
         *self.status_mut() = Default::default();
         self.status_mut().phase = phase::PENDING.into();
@@ -227,6 +232,7 @@ pub struct ApiState {
     pub blobs: crate::blobs::BlobStore,
     /// Credentials; None when serving without TLS.
     pub pki: Option<Arc<crate::auth::Pki>>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 pub struct ResourceService<K> {
@@ -425,7 +431,10 @@ impl<K: Policy> ResourceService<K> {
                 return Ok(futures::stream::iter([Ok(ev)]).boxed());
             }
         };
-        let events = rx.map(|e: Arc<HubEvent>| {
+        // Counted open while the stream lives (the guard goes with it).
+        let open = WatchOpen::new(self.st.metrics.clone());
+        let events = rx.map(move |e: Arc<HubEvent>| {
+            open.metrics.watch_events.inc();
             let object = K::from_object(&e.object).cloned();
             Ok(WatchEvent { kind: e.kind, object, resource_version: e.revision.to_string() })
         });
@@ -523,10 +532,12 @@ impl<K: Policy> ResourceService<K> {
             return Err(Self::conflict(new.name(), rev, new.resource_version()));
         }
         K::check_status_update(&current, &new)?;
-        let mut next = current;
+        let mut next = current.clone();
         *next.status_mut() = new.status().clone();
         next.validate().map_err(|e| Status::invalid_argument(e.to_string()))?;
-        self.cas_put(&next, rev).await
+        let written = self.cas_put(&next, rev).await?;
+        K::status_written(&current, &written, &self.st.metrics);
+        Ok(written)
     }
 
     pub async fn delete(&self, scope: &Scope, req: DeleteRequest) -> Result<K, Status> {
@@ -549,6 +560,24 @@ impl<K: Policy> ResourceService<K> {
                 r => return r,
             }
         }
+    }
+}
+
+/// One open watch in the metrics, for as long as it is held.
+struct WatchOpen {
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl WatchOpen {
+    fn new(metrics: Arc<crate::metrics::Metrics>) -> WatchOpen {
+        metrics.watches.inc();
+        WatchOpen { metrics }
+    }
+}
+
+impl Drop for WatchOpen {
+    fn drop(&mut self) {
+        self.metrics.watches.dec();
     }
 }
 
@@ -803,7 +832,10 @@ bind_service!(hosts_server::Hosts, Host, HostList, HostEvent, {
 bind_service!(tests_server::Tests, Test, TestList, TestEvent, {
     async fn claim(&self, req: Request<ClaimRequest>) -> Result<Response<Test>, Status> {
         let id = self.st.authorize(&req, Verb::Claim, "Test")?;
-        ResourceService::claim(self, &id, req.into_inner()).await.map(Response::new)
+        let started = std::time::Instant::now();
+        let r = ResourceService::claim(self, &id, req.into_inner()).await.map(Response::new);
+        self.st.metrics.claim_seconds.observe(started.elapsed().as_secs_f64());
+        r
     }
     async fn set_env(&self, req: Request<SetEnvRequest>) -> Result<Response<Test>, Status> {
         let id = self.st.authorize(&req, Verb::SetEnv, "Test")?;
@@ -895,7 +927,7 @@ mod tests {
         let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb"), 1000).unwrap());
         let hub = Hub::start(1000, store.clone()).await.unwrap();
         let blobs = crate::blobs::BlobStore::open(&dir.path().join("blobs"), 0).unwrap();
-        ApiState { store, hub, blobs, pki: None }
+        ApiState { store, hub, blobs, pki: None, metrics: Default::default() }
     }
 
     fn admin() -> Scope {
@@ -1087,7 +1119,7 @@ mod tests {
         let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb"), 1000).unwrap());
         let hub = Hub::start(16, store.clone()).await.unwrap();
         let blobs = crate::blobs::BlobStore::open(&dir.path().join("blobs"), 0).unwrap();
-        let st = ApiState { store, hub, blobs, pki: None };
+        let st = ApiState { store, hub, blobs, pki: None, metrics: Default::default() };
         let tests = ResourceService::<Test>::new(st.clone());
         let first = tests.create(&admin(), test_obj("t0")).await.unwrap();
         // Let the hub see it before resuming from its revision.

@@ -135,8 +135,12 @@ impl Pki {
 /// The one gate of every handler: who calls (a revoked certificate is
 /// refused here), and whether they may `verb` objects of `kind`.
 pub fn authorize<T>(pki: Option<&Pki>, req: &Request<T>, verb: Verb, kind: &str) -> Result<Scope, Status> {
-    let caller = Caller::of(req);
-    if let (Caller::Certified { name, issued, .. }, Some(pki)) = (&caller, pki) {
+    authorize_caller(pki, &Caller::of(req), verb, kind)
+}
+
+/// [`authorize`], for a caller already known (plain HTTP requests).
+pub fn authorize_caller(pki: Option<&Pki>, caller: &Caller, verb: Verb, kind: &str) -> Result<Scope, Status> {
+    if let (Caller::Certified { name, issued, .. }, Some(pki)) = (caller, pki) {
         // Certificates say when they were issued to the second: one
         // issued in the second of the revocation is refused too.
         if pki.revoked_since(name).is_some_and(|since| *issued <= since) {
@@ -147,7 +151,7 @@ pub fn authorize<T>(pki: Option<&Pki>, req: &Request<T>, verb: Verb, kind: &str)
             .into());
         }
     }
-    authz::admit(&caller, verb, kind)
+    authz::admit(caller, verb, kind)
 }
 
 impl ApiState {

@@ -523,6 +523,7 @@ impl OutputService {
         }
         let stream = OutputStream::try_from(c.stream)
             .map_err(|_| Status::invalid_argument(format!("stream: unknown output stream {}", c.stream)))?;
+        self.api.metrics.output_bytes.inc_by(c.data.len() as u64);
         let cached = (c.offset > 0).then(|| self.uids.lock().get(&c.process).cloned()).flatten();
         let (uid, host) = match cached {
             Some(known) => known,
@@ -1003,7 +1004,7 @@ mod tests {
         let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb"), 1000).unwrap());
         let hub = crate::hub::Hub::start(1000, store.clone()).await.unwrap();
         let blobs = crate::blobs::BlobStore::open(&dir.path().join("blobs"), 0).unwrap();
-        (store.clone(), ApiState { store, hub, blobs, pki: None })
+        (store.clone(), ApiState { store, hub, blobs, pki: None, metrics: Default::default() })
     }
 
     async fn put_process(store: &Arc<dyn Store>, i: usize, phase: &str) {

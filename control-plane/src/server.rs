@@ -193,20 +193,27 @@ impl Peek for tokio::net::UnixStream {
     }
 }
 
+/// How HTTP/1 requests (to `/metrics`) begin: a method we serve and a
+/// space.
+const HTTP1_STARTS: [&[u8]; 2] = [b"GET ", b"HEAD "];
+
 /// Whether `s` sends the start of the HTTP/2 preface (what every gRPC
-/// client sends first) within `limit`. Looked at without reading, so the
-/// server still gets every byte.
+/// client sends first), or of an HTTP/1 GET, within `limit`. Looked at
+/// without reading, so the server still gets every byte.
 async fn sends_preface(s: &impl Peek, limit: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + limit;
     let mut buf = [0u8; 24];
     loop {
         match tokio::time::timeout_at(deadline, s.peek_bytes(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 && buf[..n] == PREFACE[..n] => {
+            Ok(Ok(n)) if n > 0 && HTTP1_STARTS.iter().any(|m| n >= m.len() && buf.starts_with(m)) => return true,
+            Ok(Ok(n))
+                if n > 0 && (buf[..n] == PREFACE[..n] || HTTP1_STARTS.iter().any(|m| m.starts_with(&buf[..n]))) =>
+            {
                 if n == PREFACE.len() {
                     return true;
                 }
             }
-            // Closed, an error, bytes that are no HTTP/2, or too slow.
+            // Closed, an error, bytes that are no HTTP/2 or GET, or too slow.
             _ => return false,
         }
         // Part of it so far: the rest is looked for shortly.
@@ -588,6 +595,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         }
         other => bail!("--store {other:?}: expected \"embedded\" or etcd://HOST:PORT[,HOST:PORT...][/PREFIX]"),
     };
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let store: Arc<dyn Store> = Arc::new(crate::metrics::CountedStore { inner: store, metrics: metrics.clone() });
     let hub = Hub::start(cfg.watch_cache, store.clone()).await.context("starting the watch cache")?;
     let pki = tls.as_ref().map(|t| t.pki.clone());
     let mut blobs = crate::blobs::BlobStore::open(&cfg.data_dir.join("blobs"), cfg.min_free_bytes)
@@ -602,7 +611,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     }
     // With a shared store, output lives there so that every replica reads it.
     let shared = etcd.is_some().then(|| store.clone());
-    let state = ApiState { store, hub, blobs: blobs.clone(), pki };
+    let state = ApiState { store, hub, blobs: blobs.clone(), pki, metrics };
     if let Some(pki) = &state.pki {
         pki.load(state.store.as_ref()).await.context("reading revocations")?;
         if etcd.is_some() {
@@ -644,15 +653,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(testbus_proto::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let router = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        // Each watch is a stream: a client cannot hold more than this many
-        // open on one connection (and one address more than
-        // --max-connections-per-peer connections).
-        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
-        .http2_keepalive_interval(Some(KEEPALIVE))
-        .http2_keepalive_timeout(Some(KEEPALIVE))
-        .add_service(health)
+    let mut grpc = tonic::service::Routes::builder();
+    grpc.add_service(health)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
         .add_service(HostsServer::new(ResourceService::<Host>::new(state.clone())).max_decoding_message_size(8 << 20))
@@ -667,6 +669,21 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         .add_service(SyncServer::new(sync).max_decoding_message_size(4 << 20))
         .add_service(BlobsServer::new(blobs).max_decoding_message_size(4 << 20))
         .add_service(AuthServer::new(crate::auth::AuthService::new(state.clone())));
+    // Plain HTTP beside gRPC on the same listeners: /metrics.
+    let web = crate::web::routes(state.clone());
+    let routes = tonic::service::Routes::from(grpc.routes().into_axum_router().merge(web));
+    let router = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        // Browsers and Prometheus may speak HTTP/1.1 to /metrics.
+        .accept_http1(true)
+        // Each watch is a stream: a client cannot hold more than this many
+        // open on one connection (and one address more than
+        // --max-connections-per-peer connections).
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .http2_keepalive_interval(Some(KEEPALIVE))
+        .http2_keepalive_timeout(Some(KEEPALIVE))
+        .layer(crate::metrics::CallsLayer(state.metrics.clone()))
+        .add_routes(routes);
 
     // Cut when the grace period is over: ends every connection still open.
     let cut = CancellationToken::new();

@@ -445,7 +445,8 @@ pub fn server_config(chain_pem: &str, key_pem: &str, client_ca_pem: &str) -> Res
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs(chain_pem, "server certificate")?, private_key(key_pem, "server key")?)?;
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    // HTTP/2 first (gRPC); HTTP/1.1 for a scraper or browser that asks.
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(cfg)
 }
 

@@ -778,14 +778,30 @@ fn daemons_log_one_json_object_per_line_when_asked() {
     };
     // A control plane: its "serving" event carries the address as a field.
     let cp_log = dir.path().join("cp.log");
+    let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
     let mut cp = std::process::Command::new(bin_dir().join("testbus-control-plane"))
-        .args(["--listen", "127.0.0.1:0", "--insecure", "--no-controllers", "--log-format", "json", "--data-dir"])
+        .args(["--listen", &addr, "--insecure", "--no-controllers", "--log-format", "json", "--data-dir"])
         .arg(dir.path().join("cp"))
         .stderr(std::fs::File::create(&cp_log).unwrap())
         .spawn()
         .unwrap();
-    read_json(&cp_log, &|l| l["message"] == "serving" && l["addr"] == "127.0.0.1:0");
+    read_json(&cp_log, &|l| l["message"] == "serving" && l["addr"] == addr.as_str());
+    // The same port answers a plain HTTP/1.1 GET of /metrics (an insecure
+    // listener: every caller is admin).
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut page = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&page).contains("# TYPE testbus_store_writes counter") {
+        match s.read(&mut buf) {
+            Ok(n) if n > 0 => page.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
     cp.kill().unwrap();
+    let page = String::from_utf8_lossy(&page);
+    assert!(page.starts_with("HTTP/1.1 200") && page.contains("# TYPE testbus_store_writes counter"), "{page}");
     cp.wait().unwrap();
     // An agent that cannot reach its server.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();

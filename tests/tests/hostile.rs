@@ -456,7 +456,8 @@ fn silent_connections_are_closed_and_do_not_hold_up_clients() {
     // or something else entirely.
     let mut silent: Vec<std::net::TcpStream> =
         (0..300).map(|_| std::net::TcpStream::connect(&cp.addr).unwrap()).collect();
-    for junk in [&b"PRI * HT"[..], b"GET / HTTP/1.1\r\n\r\n"] {
+    // (A GET is HTTP/1, answered: /metrics is served on the same port.)
+    for junk in [&b"PRI * HT"[..], b"SSH-2.0-OpenSSH_9.2\r\n", b"GE"] {
         let mut s = std::net::TcpStream::connect(&cp.addr).unwrap();
         std::io::Write::write_all(&mut s, junk).unwrap();
         silent.push(s);

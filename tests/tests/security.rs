@@ -487,3 +487,76 @@ print('sent')
     let listener = client.api::<Process>().get(target.name()).await.unwrap();
     assert_eq!(listener.status().exit_code, Some(3), "recv timed out: {:?}", listener.status());
 }
+
+/// `/metrics` on the API's own port, over TLS: a viewer scrapes it and
+/// Prometheus's own parser reads it; without a certificate it is 401, with
+/// an agent's 403.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_served_on_the_api_port_to_viewers() {
+    if !needs_root("the security tests") {
+        return;
+    }
+    let c = Cluster::start(1).await;
+    let out = c.ctl(&["run", "--host", "host-0", "--", "echo", "counted"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let viewer = ClientFile::load(&c.write_user_config("bob", "viewer")).unwrap();
+    let pem = |name: &str, text: &str| {
+        let p = c.dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let agent = c.dir.path().join("host-0/tls");
+    let script = r#"
+import json, ssl, sys, urllib.request, urllib.error
+from prometheus_client.parser import text_string_to_metric_families
+ca, cert, key, acert, akey = sys.argv[1:6]
+def get(cert=None, key=None):
+    ctx = ssl.create_default_context(cafile=ca)
+    if cert:
+        ctx.load_cert_chain(cert, key)
+    try:
+        with urllib.request.urlopen('https://10.77.0.1:7780/metrics', context=ctx, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+status, text = get(cert, key)
+samples = {}
+for fam in text_string_to_metric_families(text):
+    for s in fam.samples:
+        samples.setdefault(s.name, []).append([s.labels, s.value])
+print(json.dumps({'status': status, 'samples': samples, 'anonymous': get()[0], 'agent': get(acert, akey)[0]}))
+"#;
+    let args = [
+        pem("ca.pem", &viewer.certificate_authority),
+        pem("bob.crt", &viewer.client_certificate),
+        pem("bob.key", &viewer.client_key),
+        agent.join("agent.crt").display().to_string(),
+        agent.join("agent.key").display().to_string(),
+    ];
+    let out = c.command_in("host-0", Path::new("/usr/bin/python3")).arg("-c").arg(script).args(&args).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("{e}: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    });
+    assert_eq!((v["status"].as_i64(), v["anonymous"].as_i64(), v["agent"].as_i64()), (Some(200), Some(401), Some(403)));
+    let samples = &v["samples"];
+    let value = |name: &str, label: &str, want: &str| -> f64 {
+        samples[name]
+            .as_array()
+            .unwrap_or_else(|| panic!("no {name} in {samples}"))
+            .iter()
+            .filter(|s| label.is_empty() || s[0][label] == want)
+            .map(|s| s[1].as_f64().unwrap())
+            .sum()
+    };
+    assert!(value("testbus_api_requests_total", "method", "Claim") >= 1.0);
+    assert!(value("testbus_api_request_duration_seconds_count", "method", "Claim") >= 1.0);
+    assert_eq!(value("testbus_tests", "phase", "Succeeded"), 1.0);
+    assert_eq!(value("testbus_hosts", "phase", "Ready"), 1.0);
+    assert_eq!(value("testbus_pending_tests", "", ""), 0.0);
+    assert!(value("testbus_processes_started_total", "", "") >= 1.0, "{samples}");
+    assert!(value("testbus_processes_ended_total", "phase", "Succeeded") >= 1.0);
+    assert!(value("testbus_output_bytes_total", "", "") >= "counted\n".len() as f64);
+    assert!(value("testbus_store_writes_total", "", "") >= 5.0);
+    assert!(value("testbus_watch_connections", "", "") >= 1.0, "the agent's and the controllers' watches");
+    assert!(value("testbus_claim_duration_seconds_count", "", "") >= 1.0);
+}
