@@ -491,7 +491,7 @@ impl<K: Policy> ResourceService<K> {
         let (current, rev) = self.load(new.name()).await?;
         current.in_scope(scope, Verb::Update)?;
         new.in_scope(scope, Verb::Update)?;
-        scope.spec_change(&format!("{} {:?}", K::KIND, current.name()), new.spec() != current.spec())?;
+        scope.spec_change(|| format!("{} {:?}", K::KIND, current.name()), new.spec() != current.spec())?;
         if rev != want {
             return Err(Self::conflict(new.name(), rev, new.resource_version()));
         }

@@ -188,11 +188,14 @@ impl Scope {
 
     /// A Process (as stored: its host is the one it was made for).
     pub fn process(&self, verb: Verb, p: &Process) -> Result<(), Status> {
+        self.process_on(verb, p.name(), &p.spec().host_name)
+    }
+
+    /// The Process `name` of host `host`.
+    pub fn process_on(&self, verb: Verb, name: &str, host: &str) -> Result<(), Status> {
         match self {
             Scope::All => Ok(()),
-            Scope::Host(h) => self.only(h, p.spec().host_name == *h, verb, || {
-                format!("Process {:?} of host {:?}", p.name(), p.spec().host_name)
-            }),
+            Scope::Host(h) => self.only(h, host == h, verb, || format!("Process {name:?} of host {host:?}")),
         }
     }
 
@@ -209,10 +212,10 @@ impl Scope {
     /// An update that changes the spec of `what` (`changed`): an agent
     /// changes no spec, its host's included (it would uncordon itself, or
     /// stop processes); it writes metadata (labels, finalizers) and status.
-    pub fn spec_change(&self, what: &str, changed: bool) -> Result<(), Status> {
+    pub fn spec_change(&self, what: impl FnOnce() -> String, changed: bool) -> Result<(), Status> {
         match self {
             Scope::Host(h) if changed => {
-                self.only(h, false, Verb::Update, || format!("the spec of {what}; it writes labels and status"))
+                self.only(h, false, Verb::Update, || format!("the spec of {}; it writes labels and status", what()))
             }
             _ => Ok(()),
         }
@@ -290,10 +293,11 @@ mod tests {
         assert!(scope.processes_selector(Verb::Watch, "spec.hostName=host-a").is_ok());
         assert!(scope.processes_selector(Verb::Watch, "").is_err());
         assert!(scope.processes_selector(Verb::Watch, "spec.hostName=host-b").is_err());
-        let e = scope.spec_change("Host \"host-a\"", true).unwrap_err();
+        let host_a = || "Host \"host-a\"".to_string();
+        let e = scope.spec_change(host_a, true).unwrap_err();
         assert!(e.message().contains("may not update the spec of Host \"host-a\""), "{e:?}");
-        assert!(scope.spec_change("Host \"host-a\"", false).is_ok());
-        assert!(Scope::All.spec_change("Host \"host-a\"", true).is_ok());
+        assert!(scope.spec_change(host_a, false).is_ok());
+        assert!(Scope::All.spec_change(host_a, true).is_ok());
         // Never: other kinds, creating processes or tests, deleting.
         for (verb, kind) in [
             (Verb::Create, "Test"),

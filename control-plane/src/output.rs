@@ -523,7 +523,6 @@ impl OutputService {
         }
         let stream = OutputStream::try_from(c.stream)
             .map_err(|_| Status::invalid_argument(format!("stream: unknown output stream {}", c.stream)))?;
-        self.api.metrics.output_bytes.inc_by(c.data.len() as u64);
         let cached = (c.offset > 0).then(|| self.uids.lock().get(&c.process).cloned()).flatten();
         let (uid, host) = match cached {
             Some(known) => known,
@@ -538,14 +537,8 @@ impl OutputService {
             }
         };
         // An agent appends only to the output of its host's processes.
-        if let Scope::Host(h) = scope {
-            if *h != host {
-                let mut p = Process::default();
-                p.meta_mut().name = c.process.clone();
-                p.spec_mut().host_name = host;
-                scope.process(Verb::AppendOutput, &p)?;
-            }
-        }
+        scope.process_on(Verb::AppendOutput, &c.process, &host)?;
+        self.api.metrics.output_bytes.inc_by(c.data.len() as u64);
         let log = self.open(&uid).await?;
         let mut l = log.lock().await;
         if !l.loaded {
@@ -946,6 +939,8 @@ impl StoreReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::embedded::EmbeddedStore;
+    use testbus_proto::{ObjectMeta, ProcessSpec};
 
     /// A request as the local socket brings it (admin).
     fn local<T>(t: T) -> Request<T> {
@@ -953,8 +948,6 @@ mod tests {
         r.extensions_mut().insert(crate::authz::Caller::Local);
         r
     }
-    use crate::store::embedded::EmbeddedStore;
-    use testbus_proto::{ObjectMeta, ProcessSpec};
 
     /// The first appends of stdout and stderr arrive together: neither may
     /// lose the other's bytes (opening a log once cut a record another

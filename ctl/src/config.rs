@@ -49,15 +49,19 @@ fn local_socket() -> Option<String> {
     sock.exists().then(|| format!("unix:{}", sock.display()))
 }
 
-/// The server address as it will be used (for messages).
-pub fn server(flag: Option<&str>) -> String {
-    if let Some(s) = flag {
-        return s.to_string();
-    }
-    match config() {
-        Ok(Some((_, f))) if !f.server.is_empty() => f.server,
+/// The address: the flag's, else the config file's, else the local
+/// control plane's socket, else the fallback.
+fn address(flag: Option<&str>, file: Option<&ClientFile>) -> String {
+    match (flag, file) {
+        (Some(s), _) => s.to_string(),
+        (None, Some(f)) if !f.server.is_empty() => f.server.clone(),
         _ => local_socket().unwrap_or_else(|| FALLBACK.into()),
     }
+}
+
+/// The server address as it will be used (for messages).
+pub fn server(flag: Option<&str>) -> String {
+    address(flag, config().ok().flatten().as_ref().map(|(_, f)| f))
 }
 
 fn tls_of(path: &std::path::Path, f: &ClientFile) -> CliResult<Option<Tls>> {
@@ -73,11 +77,7 @@ fn tls_of(path: &std::path::Path, f: &ClientFile) -> CliResult<Option<Tls>> {
 /// Connects as the config says.
 pub async fn connect(flag: Option<&str>) -> CliResult<Client> {
     let file = config()?;
-    let server = match (flag, &file) {
-        (Some(s), _) => s.to_string(),
-        (None, Some((_, f))) if !f.server.is_empty() => f.server.clone(),
-        _ => local_socket().unwrap_or_else(|| FALLBACK.into()),
-    };
+    let server = address(flag, file.as_ref().map(|(_, f)| f));
     let tls = match &file {
         Some((path, f)) => tls_of(path, f)?,
         None => None,

@@ -34,15 +34,7 @@ fn read(dir: &Path) -> anyhow::Result<Option<(String, String, String)>> {
 }
 
 fn identity(cert_pem: &str) -> anyhow::Result<Identity> {
-    let der = rustls_pki_types_der(cert_pem)?;
-    Ok(testbus_pki::identity_of(&der)?)
-}
-
-fn rustls_pki_types_der(pem: &str) -> anyhow::Result<Vec<u8>> {
-    use rustls::pki_types::pem::PemObject;
-    Ok(rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
-        .map_err(|e| anyhow::anyhow!("not a PEM certificate: {e}"))?
-        .to_vec())
+    Ok(testbus_pki::identity_of_pem(cert_pem)?)
 }
 
 impl Credentials {

@@ -129,6 +129,11 @@ pub fn identity_of(der: &[u8]) -> Result<Identity, PkiError> {
     Ok(Identity { name, role, issued: not_before + BACKDATE, not_before, not_after: at(cert.validity().not_after) })
 }
 
+/// The identity the first certificate of a PEM text names.
+pub fn identity_of_pem(pem: &str) -> Result<Identity, PkiError> {
+    identity_of(&first_cert(pem, "certificate")?)
+}
+
 /// The SHA-256 of a certificate's DER, in hex: what a join token pins.
 pub fn fingerprint(der: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(der))

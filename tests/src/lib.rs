@@ -304,6 +304,15 @@ impl Cluster {
         path
     }
 
+    /// The TLS settings of agent `host`'s certificate, read from its data
+    /// dir (to call the API as that agent).
+    pub fn agent_tls(&self, host: &str) -> testbus_proto::client::Tls {
+        let dir = self.dir.path().join(host).join("tls");
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).expect("the agent's credentials");
+        let cfg = testbus_pki::client_config(&read("ca.crt"), Some((&read("agent.crt"), &read("agent.key"))));
+        testbus_proto::client::Tls::new(cfg.expect("the agent's credentials"))
+    }
+
     /// SIGTERM, as a service manager stops it; waits up to `within` for it
     /// to exit and returns how it did (None: it was still running, and was
     /// then killed).

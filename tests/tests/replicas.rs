@@ -142,10 +142,7 @@ spec:
         .output()
         .unwrap();
     assert!(revoke.status.success(), "{}", String::from_utf8_lossy(&revoke.stderr));
-    let dir = c.dir.path().join("host-1/tls");
-    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
-    let tls = testbus_pki::client_config(&read("ca.crt"), Some((&read("agent.crt"), &read("agent.key")))).unwrap();
-    let tls = testbus_proto::client::Tls::new(tls);
+    let tls = c.agent_tls("host-1");
     let refused = c.in_node("host-0", move || async move {
         let a = Client::connect_with(A, Some(tls)).await.unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(20);

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 use testbus_pki::{ClientFile, Role};
-use testbus_proto::client::{Client, Tls};
+use testbus_proto::client::Client;
 use testbus_proto::{phase, Host, Process, Resource, Test};
 use testbus_tests::{bin_dir, needs_root, wait_for, Cluster, CtlOutput};
 use tonic::Code;
@@ -25,13 +25,6 @@ fn ctl_tls(c: &Cluster, config: &Path, args: &[&str]) -> CtlOutput {
     let mut all = vec!["--server", HTTPS];
     all.extend_from_slice(args);
     c.ctl_with(config, &all, None)
-}
-
-/// The TLS settings of agent `host`'s certificate, from its data dir.
-fn agent_tls(c: &Cluster, host: &str) -> Tls {
-    let dir = c.dir.path().join(host).join("tls");
-    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
-    Tls::new(testbus_pki::client_config(&read("ca.crt"), Some((&read("agent.crt"), &read("agent.key")))).unwrap())
 }
 
 fn test_manifest(c: &Cluster) -> std::path::PathBuf {
@@ -186,7 +179,7 @@ async fn an_agent_acts_only_for_its_own_host_and_a_revoked_one_not_at_all() {
     let host0 = client.api::<Host>().get("host-0").await.unwrap();
 
     // Host-0's agent's certificate, used from host-0's namespace.
-    let tls = agent_tls(&c, "host-0");
+    let tls = c.agent_tls("host-0");
     let theirs_name = theirs.name().to_string();
     let results = c.in_node("host-0", move || async move {
         let a = Client::connect_with(HTTPS, Some(tls)).await.expect("connect with the agent's certificate");
@@ -247,7 +240,7 @@ async fn an_agent_acts_only_for_its_own_host_and_a_revoked_one_not_at_all() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let tls = agent_tls(&c, "host-0");
+    let tls = c.agent_tls("host-0");
     let refused = c.in_node("host-0", move || async move {
         let a = Client::connect_with(HTTPS, Some(tls)).await.unwrap();
         a.api::<Process>().list("", "spec.hostName=host-0").await.map(|_| ())
@@ -409,7 +402,7 @@ async fn agents_renew_their_certificates_before_they_expire() {
     }
     let mut c = Cluster::start_full(1, &[], &["--agent-cert-ttl", "6s"]).await;
     let first = std::fs::read_to_string(c.dir.path().join("host-0/tls/agent.crt")).unwrap();
-    let first_id = testbus_pki::identity_of(&pem_der(&first)).unwrap();
+    let first_id = testbus_pki::identity_of_pem(&first).unwrap();
     // Renewed at 4 s, 8 s, ...: wait until the first has expired.
     wait_for(Duration::from_secs(60), "two renewals, past the first certificate's expiry", || async {
         let renewals = c.read_log("host-0").matches("renewed the certificate").count();
@@ -429,11 +422,6 @@ async fn agents_renew_their_certificates_before_they_expire() {
     .await;
     let out = c.ctl(&["run", "--host", "host-0", "--", "echo", "still trusted"]);
     assert_eq!((out.code, out.stdout.as_str()), (0, "still trusted\n"), "{out:?}\n{}", c.read_log("host-0"));
-}
-
-fn pem_der(pem: &str) -> Vec<u8> {
-    use rustls::pki_types::pem::PemObject;
-    rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap().to_vec()
 }
 
 /// A process speaks for itself only: one that asks its agent to send as
