@@ -535,9 +535,18 @@ impl<K: Policy> ResourceService<K> {
         let mut next = current.clone();
         *next.status_mut() = new.status().clone();
         next.validate().map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let written = self.cas_put(&next, rev).await?;
-        K::status_written(&current, &written, &self.st.metrics);
-        Ok(written)
+        // The write and what it counts go together in a task of their own:
+        // a caller that goes away drops this future (an agent aborts its
+        // late Running report once the process has ended), and a write that
+        // commits after that must still be counted, or a start is lost.
+        let this = ResourceService::<K>::new(self.st.clone());
+        tokio::spawn(async move {
+            let written = this.cas_put(&next, rev).await?;
+            K::status_written(&current, &written, &this.st.metrics);
+            Ok(written)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("writing the status: {e}")))?
     }
 
     pub async fn delete(&self, scope: &Scope, req: DeleteRequest) -> Result<K, Status> {
@@ -951,6 +960,73 @@ mod tests {
             spec: Some(ProcessSpec { host_name: host.into(), argv: vec!["true".into()], ..Default::default() }),
             ..Default::default()
         }
+    }
+
+    /// A store whose writes wait for a permit, and say when one waits.
+    struct GatedStore {
+        inner: Arc<dyn Store>,
+        permits: Arc<tokio::sync::Semaphore>,
+        waiting: Arc<tokio::sync::Notify>,
+    }
+
+    #[tonic::async_trait]
+    impl Store for GatedStore {
+        async fn get(&self, key: &str) -> Result<Option<crate::store::KeyValue>, StoreError> {
+            self.inner.get(key).await
+        }
+        async fn list(&self, prefix: &str) -> Result<(Vec<crate::store::KeyValue>, u64), StoreError> {
+            self.inner.list(prefix).await
+        }
+        async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<crate::store::TxnOutcome, StoreError> {
+            let (inner, permits) = (self.inner.clone(), self.permits.clone());
+            self.waiting.notify_one();
+            // Like a store's own write, it goes on when its caller is gone.
+            tokio::spawn(async move {
+                permits.acquire().await.unwrap().forget();
+                inner.txn(compares, ops).await
+            })
+            .await
+            .unwrap()
+        }
+        async fn watch(&self, prefix: &str, after: u64) -> Result<crate::store::EventStream, StoreError> {
+            self.inner.watch(prefix, after).await
+        }
+        async fn revision(&self) -> Result<u64, StoreError> {
+            self.inner.revision().await
+        }
+    }
+
+    /// CI once saw a finished process never counted as started: the agent
+    /// aborted its Running report while the write was under way, the write
+    /// committed, and the count after it was dropped with the call.
+    #[tokio::test]
+    async fn a_status_write_is_counted_even_when_its_caller_goes_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut st = state(&dir).await;
+        let mut p =
+            ResourceService::<Process>::new(st.clone()).create(&admin(), process_on("p", "host-a")).await.unwrap();
+        let (permits, waiting) = (Arc::new(tokio::sync::Semaphore::new(0)), Arc::new(tokio::sync::Notify::new()));
+        st.store = Arc::new(GatedStore { inner: st.store.clone(), permits: permits.clone(), waiting: waiting.clone() });
+        let metrics = st.metrics.clone();
+        let procs = ResourceService::<Process>::new(st);
+        p.status_mut().phase = phase::RUNNING.into();
+        p.status_mut().start_time = testbus_proto::time::now();
+        {
+            let scope = admin();
+            let call = procs.update_status(&scope, p);
+            tokio::pin!(call);
+            tokio::select! {
+                _ = &mut call => panic!("the write went through without a permit"),
+                _ = waiting.notified() => {}
+            }
+        } // the caller goes away while its write waits
+        permits.add_permits(1);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while metrics.processes_started.get() == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "the start was never counted");
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(procs.load("p").await.unwrap().0.status().phase, phase::RUNNING);
     }
 
     #[tokio::test]

@@ -224,19 +224,26 @@ impl Blobs for BlobStore {
                 if size > MAX_BLOB {
                     return Err(Status::invalid_argument(format!("data: blob larger than {MAX_BLOB} bytes")));
                 }
-                h.update(&msg.data);
-                f.write_all(&msg.data).await.map_err(io_err)?;
                 // The reserve is checked as the blob grows, not only when it
                 // starts: a large upload must not eat the space the store
-                // needs (statvfs is cheap; once per 8 MiB).
+                // needs. statvfs is cheap, but once per 8 MiB is enough when
+                // each check leaves room for the next 8 MiB.
                 if size / FREE_CHECK_EVERY != (size - msg.data.len() as u64) / FREE_CHECK_EVERY {
-                    check_reserve(&self.dir, self.min_free)?;
+                    check_reserve(&self.dir, self.min_free.saturating_add(FREE_CHECK_EVERY))?;
                 }
+                h.update(&msg.data);
+                f.write_all(&msg.data).await.map_err(io_err)?;
             }
             f.sync_all().await.map_err(io_err)
         }
         .await;
         if let Err(e) = result {
+            // A tokio File's last write may still be under way on the
+            // blocking pool, holding the file open: an unlinked file keeps
+            // its space until closed, and the caller must find the space
+            // back when told the upload failed (CI once did not).
+            let _ = f.flush().await;
+            drop(f);
             let _ = tokio::fs::remove_file(&tmp).await;
             return Err(e);
         }
