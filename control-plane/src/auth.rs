@@ -168,6 +168,37 @@ struct StoredToken {
     pool: String,
     #[serde(default)]
     host: String,
+    /// "viewer": a dashboard login, never a join. Empty: an agent's.
+    #[serde(default)]
+    role: String,
+}
+
+/// The role of a token that logs a browser in to the dashboard.
+pub const VIEWER_TOKEN: &str = "viewer";
+
+/// The stored token `text` names, if its secret is right and it is live.
+async fn live_token(st: &ApiState, ca: &Ca, text: &str) -> Result<StoredToken, Status> {
+    let bad = |m: String| Status::from(ApiError::Unauthenticated(format!("token: {m}")));
+    let token: JoinToken = text.parse().map_err(|e: String| Status::invalid_argument(format!("token: {e}")))?;
+    if token.ca != ca.fingerprint() {
+        return Err(bad("it names another CA than this control plane's".into()));
+    }
+    let kv = st.store.get(&format!("{TOKENS}{}", token.id)).await.map_err(ApiError::from)?;
+    match kv.and_then(|kv| serde_json::from_slice::<StoredToken>(&kv.value).ok()) {
+        Some(s) if s.hash == token.secret_hash() && s.expires > unix_now() => Ok(s),
+        _ => Err(bad("unknown, wrong or expired; create one with `testbus-control-plane token create`".into())),
+    }
+}
+
+/// Whether `text` is a live viewer token (a dashboard login); the time it
+/// expires (seconds since the epoch) if so.
+pub async fn check_viewer_token(st: &ApiState, text: &str) -> Result<u64, Status> {
+    let ca = AuthService::new(st.clone());
+    let t = live_token(st, ca.ca()?, text).await?;
+    if t.role != VIEWER_TOKEN {
+        return Err(ApiError::Unauthenticated("token: it is an agent's join token, not a viewer's".into()).into());
+    }
+    Ok(t.expires)
 }
 
 fn unix_now() -> u64 {
@@ -202,24 +233,17 @@ impl AuthService {
 
     async fn check_token(&self, text: &str, host: &str) -> Result<(), Status> {
         let bad = |m: String| Status::from(ApiError::Unauthenticated(format!("token: {m}")));
-        let token: JoinToken = text.parse().map_err(|e: String| Status::invalid_argument(format!("token: {e}")))?;
-        if token.ca != self.ca()?.fingerprint() {
-            return Err(bad("it names another CA than this control plane's".into()));
+        let s = live_token(&self.st, self.ca()?, text).await?;
+        if !s.role.is_empty() {
+            return Err(bad(format!("it is a {} token: it logs in to the dashboard, it joins nothing", s.role)));
         }
-        let kv = self.st.store.get(&format!("{TOKENS}{}", token.id)).await.map_err(ApiError::from)?;
-        let stored: Option<StoredToken> = kv.and_then(|kv| serde_json::from_slice(&kv.value).ok());
-        match stored {
-            Some(s) if s.hash == token.secret_hash() && s.expires > unix_now() => {
-                if !s.pool.is_empty() && !host.starts_with(&format!("{}-", s.pool)) {
-                    return Err(bad(format!("it is for guests of pool {:?} (hosts named {}-…)", s.pool, s.pool)));
-                }
-                if !s.host.is_empty() && s.host != host {
-                    return Err(bad(format!("it is for host {:?} only", s.host)));
-                }
-                Ok(())
-            }
-            _ => Err(bad("unknown, wrong or expired; create one with `testbus-control-plane token create`".into())),
+        if !s.pool.is_empty() && !host.starts_with(&format!("{}-", s.pool)) {
+            return Err(bad(format!("it is for guests of pool {:?} (hosts named {}-…)", s.pool, s.pool)));
         }
+        if !s.host.is_empty() && s.host != host {
+            return Err(bad(format!("it is for host {:?} only", s.host)));
+        }
+        Ok(())
     }
 
     async fn create_token(&self, r: CreateTokenRequest) -> Result<CreateTokenResponse, Status> {
@@ -234,6 +258,12 @@ impl AuthService {
             testbus_proto::validate::dns_label(&r.host_name)
                 .map_err(|e| Status::invalid_argument(format!("hostName: {e}")))?;
         }
+        let role = match r.role.as_str() {
+            "" | "agent" => String::new(),
+            VIEWER_TOKEN if r.pool.is_empty() && r.host_name.is_empty() => VIEWER_TOKEN.to_string(),
+            VIEWER_TOKEN => return Err(Status::invalid_argument("role: a viewer token names no pool and no host")),
+            other => return Err(Status::invalid_argument(format!("role: {other:?} is not \"agent\" or \"viewer\""))),
+        };
         let token = JoinToken::new(&self.ca()?.fingerprint());
         // Expired tokens go first; a store full of live ones refuses more.
         let (kvs, _) = self.st.store.list(TOKENS).await.map_err(ApiError::from)?;
@@ -252,7 +282,7 @@ impl AuthService {
             )));
         }
         let expires = now + ttl.as_secs();
-        let stored = StoredToken { hash: token.secret_hash(), expires, pool: r.pool, host: r.host_name };
+        let stored = StoredToken { hash: token.secret_hash(), expires, pool: r.pool, host: r.host_name, role };
         ops.push(Op::Put(format!("{TOKENS}{}", token.id), serde_json::to_vec(&stored).unwrap_or_default()));
         self.st.store.txn(vec![], ops).await.map_err(ApiError::from)?;
         Ok(CreateTokenResponse {

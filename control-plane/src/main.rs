@@ -74,8 +74,12 @@ enum TokenCommand {
         #[arg(long, default_value = "1h")]
         ttl: String,
         /// Only guests of this HostPool (hosts named POOL-…) may join with it.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "viewer")]
         pool: Option<String>,
+        /// A token that logs a browser in to the dashboard (read only)
+        /// instead of one an agent joins with.
+        #[arg(long)]
+        viewer: bool,
         #[arg(long, env = "TESTBUS_DATA_DIR")]
         data_dir: Option<PathBuf>,
     },
@@ -216,7 +220,7 @@ async fn command(cmd: Command) -> anyhow::Result<()> {
                 None => print!("{}", serde_norway::to_string(&file)?),
             }
         }
-        Command::Token(TokenCommand::Create { ttl, pool, data_dir }) => {
+        Command::Token(TokenCommand::Create { ttl, pool, viewer, data_dir }) => {
             let client = local_client(data_dir).await?;
             let r = client
                 .auth()
@@ -224,6 +228,7 @@ async fn command(cmd: Command) -> anyhow::Result<()> {
                     ttl,
                     pool: pool.unwrap_or_default(),
                     host_name: String::new(),
+                    role: if viewer { "viewer".into() } else { String::new() },
                 })
                 .await
                 .map_err(|s| anyhow::anyhow!("{}", s.message()))?

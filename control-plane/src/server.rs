@@ -665,12 +665,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         .add_service(
             HostPoolsServer::new(ResourceService::<HostPool>::new(state.clone())).max_decoding_message_size(8 << 20),
         )
-        .add_service(OutputServer::new(output).max_decoding_message_size(8 << 20))
+        .add_service(OutputServer::new(output.clone()).max_decoding_message_size(8 << 20))
         .add_service(SyncServer::new(sync).max_decoding_message_size(4 << 20))
         .add_service(BlobsServer::new(blobs).max_decoding_message_size(4 << 20))
         .add_service(AuthServer::new(crate::auth::AuthService::new(state.clone())));
-    // Plain HTTP beside gRPC on the same listeners: /metrics.
-    let web = crate::web::routes(state.clone());
+    // Plain HTTP beside gRPC on the same listeners: /metrics and the
+    // dashboard.
+    let web = crate::web::routes(state.clone(), output);
     let routes = tonic::service::Routes::from(grpc.routes().into_axum_router().merge(web));
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)

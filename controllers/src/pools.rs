@@ -469,7 +469,12 @@ async fn guest_token(ctx: &Context, cfg: &PoolsConfig, name: &str) -> Result<Opt
     if !cfg.tls {
         return Ok(None);
     }
-    let req = testbus_proto::CreateTokenRequest { ttl: "15m".into(), pool: String::new(), host_name: name.into() };
+    let req = testbus_proto::CreateTokenRequest {
+        ttl: "15m".into(),
+        pool: String::new(),
+        host_name: name.into(),
+        role: String::new(),
+    };
     match ctx.client.auth().create_token(req).await {
         Ok(r) => Ok(Some(r.into_inner().token)),
         Err(s) => Err(format!("cannot make a join token for it: {}", s.message())),

@@ -282,6 +282,7 @@ impl Cluster {
                 ttl: ttl.into(),
                 pool: String::new(),
                 host_name: String::new(),
+                ..Default::default()
             })
             .await
             .expect("create a join token");
@@ -302,6 +303,27 @@ impl Cluster {
             .expect("run testbus-control-plane user create");
         assert!(out.status.success(), "user create: {}", String::from_utf8_lossy(&out.stderr));
         path
+    }
+
+    /// A user's credentials as PEM files for other clients (Python's):
+    /// the CA, the certificate and the key, by path.
+    pub fn pem_files(&self, name: &str, f: &testbus_pki::ClientFile) -> [String; 3] {
+        let write = |file: String, text: &str| {
+            let p = self.dir.path().join(file);
+            std::fs::write(&p, text).unwrap();
+            p.display().to_string()
+        };
+        [
+            write(format!("{name}-ca.pem"), &f.certificate_authority),
+            write(format!("{name}.crt"), &f.client_certificate),
+            write(format!("{name}.key"), &f.client_key),
+        ]
+    }
+
+    /// Agent `host`'s certificate and key, by path.
+    pub fn agent_pem_files(&self, host: &str) -> [String; 2] {
+        let dir = self.dir.path().join(host).join("tls");
+        [dir.join("agent.crt").display().to_string(), dir.join("agent.key").display().to_string()]
     }
 
     /// The TLS settings of agent `host`'s certificate, read from its data

@@ -120,12 +120,9 @@ async fn without_credentials_nothing_and_a_viewer_only_reads() {
 
     // Python's grpcio, with the admin's files: a list works, and the
     // viewer's delete is PERMISSION_DENIED.
-    let pem = |name: &str, text: &str| {
-        let p = c.dir.path().join(name);
-        std::fs::write(&p, text).unwrap();
-        p.display().to_string()
-    };
     let viewer_file = ClientFile::load(&viewer).unwrap();
+    let [ca, admin_crt, admin_key] = c.pem_files("admin", &admin);
+    let [_, viewer_crt, viewer_key] = c.pem_files("viewer", &viewer_file);
     let script = r#"
 import sys, grpc
 ca, cert, key, vcert, vkey = [open(p, 'rb').read() for p in sys.argv[1:6]]
@@ -142,13 +139,7 @@ try:
 except grpc.RpcError as e:
     print('refused', e.code().name)
 "#;
-    let args = [
-        pem("ca.pem", &admin.certificate_authority),
-        pem("admin.crt", &admin.client_certificate),
-        pem("admin.key", &admin.client_key),
-        pem("viewer.crt", &viewer_file.client_certificate),
-        pem("viewer.key", &viewer_file.client_key),
-    ];
+    let args = [ca, admin_crt, admin_key, viewer_crt, viewer_key];
     let out = c
         .command_in("host-0", Path::new("/usr/bin/python3"))
         .arg("-c")
@@ -323,6 +314,7 @@ async fn forged_expired_and_foreign_tokens_are_refused() {
             ttl: "1s".into(),
             pool: String::new(),
             host_name: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -345,6 +337,7 @@ async fn forged_expired_and_foreign_tokens_are_refused() {
             ttl: "1h".into(),
             pool: "web".into(),
             host_name: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -361,7 +354,12 @@ async fn forged_expired_and_foreign_tokens_are_refused() {
     for (ttl, pool, field) in
         [("0s", "", "ttl:"), ("8d", "", "ttl:"), ("soon", "", "ttl:"), ("1h", "Bad_Pool", "pool:")]
     {
-        let req = testbus_proto::CreateTokenRequest { ttl: ttl.into(), pool: pool.into(), host_name: String::new() };
+        let req = testbus_proto::CreateTokenRequest {
+            ttl: ttl.into(),
+            pool: pool.into(),
+            host_name: String::new(),
+            role: String::new(),
+        };
         let e = client.auth().create_token(req).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
         assert!(e.message().starts_with(field), "{e:?}");
@@ -488,12 +486,6 @@ async fn metrics_are_served_on_the_api_port_to_viewers() {
     let out = c.ctl(&["run", "--host", "host-0", "--", "echo", "counted"]);
     assert_eq!(out.code, 0, "{out:?}");
     let viewer = ClientFile::load(&c.write_user_config("bob", "viewer")).unwrap();
-    let pem = |name: &str, text: &str| {
-        let p = c.dir.path().join(name);
-        std::fs::write(&p, text).unwrap();
-        p.display().to_string()
-    };
-    let agent = c.dir.path().join("host-0/tls");
     let script = r#"
 import json, ssl, sys, urllib.request, urllib.error
 from prometheus_client.parser import text_string_to_metric_families
@@ -514,13 +506,9 @@ for fam in text_string_to_metric_families(text):
         samples.setdefault(s.name, []).append([s.labels, s.value])
 print(json.dumps({'status': status, 'samples': samples, 'anonymous': get()[0], 'agent': get(acert, akey)[0]}))
 "#;
-    let args = [
-        pem("ca.pem", &viewer.certificate_authority),
-        pem("bob.crt", &viewer.client_certificate),
-        pem("bob.key", &viewer.client_key),
-        agent.join("agent.crt").display().to_string(),
-        agent.join("agent.key").display().to_string(),
-    ];
+    let [ca, cert, key] = c.pem_files("bob", &viewer);
+    let [acert, akey] = c.agent_pem_files("host-0");
+    let args = [ca, cert, key, acert, akey];
     let out = c.command_in("host-0", Path::new("/usr/bin/python3")).arg("-c").arg(script).args(&args).output().unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!("{e}: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))

@@ -1,0 +1,325 @@
+//! Server-sent events: page changes fed by watch-hub subscriptions, and
+//! output followed through the Output API.
+//!
+//! Each stream is one task that ends when the browser goes away (its
+//! channel closes) or what it follows ends; hub subscriptions are dropped
+//! with it. Changes are debounced: a burst of writes is one `change`.
+use super::{admit, caller, Admitted, Web};
+use crate::hub::{Filter, HubEvent};
+use axum::extract::{Query, Request, State};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+use testbus_proto::output_server::Output as _;
+use testbus_proto::{Kind, Object, Resource};
+use tokio::sync::mpsc;
+
+/// Changes closer together than this are one `change` event.
+const DEBOUNCE: Duration = Duration::from_millis(100);
+/// Processes one test's log stream follows at most.
+const MAX_FOLLOWED: usize = 512;
+/// Longest line sent; the rest is cut (the full output is in `testbusctl logs`).
+const MAX_LINE: usize = 4096;
+
+#[derive(serde::Deserialize)]
+pub(super) struct LiveQuery {
+    page: String,
+}
+
+/// What a page shows, to decide whether an event changes it.
+enum Watched {
+    /// Tests, hosts (only what the overview shows of them) and pools.
+    Overview {
+        hosts: HashMap<String, u64>,
+    },
+    Test(String),
+    Host(String),
+    History,
+}
+
+/// The part of a host the overview shows: a lease renewal alone is not a
+/// change (10,000 hosts renew every few seconds).
+fn host_digest(h: &testbus_proto::Host) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut s = std::collections::hash_map::DefaultHasher::new();
+    let st = h.status();
+    (&st.phase, &st.capabilities, h.spec().unschedulable, &h.spec().pool).hash(&mut s);
+    st.claim.as_ref().map(|c| (&c.test, &c.role)).hash(&mut s);
+    st.facts.as_ref().map(|f| &f.transport).hash(&mut s);
+    s.finish()
+}
+
+impl Watched {
+    fn changed_by(&mut self, e: &HubEvent) -> bool {
+        match (self, &e.object) {
+            (Watched::Overview { hosts }, Object::Host(h)) => {
+                let d = host_digest(h);
+                hosts.insert(h.name().to_string(), d) != Some(d)
+            }
+            (Watched::Overview { .. } | Watched::History, _) => true,
+            (Watched::Test(name), Object::Test(t)) => t.name() == name,
+            (Watched::Host(name), Object::Host(h)) => h.name() == name,
+            (Watched::Host(_), Object::Process(_)) => true,
+            _ => false,
+        }
+    }
+}
+
+pub(super) async fn events(State(web): State<Web>, Query(q): Query<LiveQuery>, req: Request) -> Response {
+    let Admitted { scope, .. } = admit!(web, req, false);
+    let hub = &web.st.hub;
+    let sub = |kind: Kind, index: Option<String>| hub.watch(kind, None, index, Filter::default());
+    let (watched, subs) = match q.page.split_once('/') {
+        None if q.page == "overview" => {
+            let hosts: Vec<testbus_proto::Host> = match web.list(&scope, Default::default()).await {
+                Ok(v) => v,
+                Err(r) => return r,
+            };
+            let hosts = hosts.iter().map(|h| (h.name().to_string(), host_digest(h))).collect();
+            (Watched::Overview { hosts }, vec![sub(Kind::Test, None), sub(Kind::Host, None), sub(Kind::HostPool, None)])
+        }
+        None if q.page == "history" => (Watched::History, vec![sub(Kind::Test, None)]),
+        Some(("test", name)) => (Watched::Test(name.into()), vec![sub(Kind::Test, None)]),
+        Some(("host", name)) => {
+            (Watched::Host(name.into()), vec![sub(Kind::Host, None), sub(Kind::Process, Some(name.into()))])
+        }
+        _ => {
+            let msg = "page: overview, history, test/NAME or host/NAME\n";
+            return (axum::http::StatusCode::BAD_REQUEST, msg).into_response();
+        }
+    };
+    // Subscriptions from now: nothing can be too old.
+    let subs: Vec<_> = subs.into_iter().filter_map(Result::ok).collect();
+    let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(4);
+    tokio::spawn(debounce(futures::stream::select_all(subs), watched, tx));
+    Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx)).keep_alive(KeepAlive::default()).into_response()
+}
+
+/// Sends `change` once per burst of events that change what is watched;
+/// ends when the browser goes away or the hub drops a subscription (the
+/// browser reconnects and starts afresh).
+async fn debounce(
+    mut events: impl futures::Stream<Item = Arc<HubEvent>> + Unpin,
+    mut watched: Watched,
+    tx: mpsc::Sender<Result<Event, Infallible>>,
+) {
+    loop {
+        let e = tokio::select! {
+            _ = tx.closed() => return,
+            e = events.next() => e,
+        };
+        let Some(e) = e else { return };
+        if !watched.changed_by(&e) {
+            continue;
+        }
+        let mut revision = e.revision;
+        let until = tokio::time::Instant::now() + DEBOUNCE;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => break,
+                e = events.next() => match e {
+                    Some(e) => {
+                        watched.changed_by(&e);
+                        revision = revision.max(e.revision);
+                    }
+                    None => break,
+                },
+            }
+        }
+        if tx.send(Ok(Event::default().event("change").data(revision.to_string()))).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A process's output (not followed) as a report keeps it.
+pub(super) async fn read_all(
+    web: &Web,
+    caller: &crate::authz::Caller,
+    process: &str,
+) -> Result<testbus_report::Output, tonic::Status> {
+    let mut stream = read(web, caller, process, false).await?;
+    let mut tail = testbus_report::OutputTail::default();
+    while let Some(c) = stream.next().await {
+        let c = c?;
+        if !c.notice {
+            tail.push(c.stream, &c.data);
+        }
+    }
+    Ok(tail.finish())
+}
+
+async fn read(
+    web: &Web,
+    caller: &crate::authz::Caller,
+    process: &str,
+    follow: bool,
+) -> Result<futures::stream::BoxStream<'static, Result<testbus_proto::OutputChunk, tonic::Status>>, tonic::Status> {
+    let mut req = tonic::Request::new(testbus_proto::ReadOutputRequest { process: process.into(), follow });
+    req.extensions_mut().insert(caller.clone());
+    Ok(web.output.read(req).await?.into_inner())
+}
+
+#[derive(serde::Deserialize)]
+pub(super) struct LogsQuery {
+    test: Option<String>,
+    process: Option<String>,
+}
+
+/// One line as the log page gets it.
+#[derive(serde::Serialize)]
+struct Line<'a> {
+    /// Where it came from: `step role@host`.
+    from: &'a str,
+    stderr: bool,
+    text: &'a str,
+}
+
+/// Output of a process, or of every process of a test as they start, line
+/// by line (`data:` JSON of [`Line`]); `end` when all of it was sent.
+pub(super) async fn logs(State(web): State<Web>, Query(q): Query<LogsQuery>, req: Request) -> Response {
+    let Admitted { scope, caller, .. } = admit!(web, req, false);
+    let target = match (q.test, q.process) {
+        (Some(t), None) => Followed::Test(t),
+        (None, Some(p)) => Followed::Process(p),
+        _ => return (axum::http::StatusCode::BAD_REQUEST, "test=NAME or process=NAME\n").into_response(),
+    };
+    // Refused or unknown: answered now, not as a stream that ends at once.
+    let first = match &target {
+        Followed::Test(name) => web.get::<testbus_proto::Test>(&scope, name).await.map(|_| ()),
+        Followed::Process(name) => web.get::<testbus_proto::Process>(&scope, name).await.map(|_| ()),
+    };
+    if let Err(r) = first {
+        return r;
+    }
+    let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(64);
+    tokio::spawn(follow(web, caller, target, tx));
+    Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx)).keep_alive(KeepAlive::default()).into_response()
+}
+
+enum Followed {
+    Test(String),
+    Process(String),
+}
+
+type Chunks = futures::stream::BoxStream<'static, (String, Result<testbus_proto::OutputChunk, tonic::Status>)>;
+
+/// Follows output until all of it was sent or the browser went away.
+async fn follow(web: Web, caller: crate::authz::Caller, target: Followed, tx: mpsc::Sender<Result<Event, Infallible>>) {
+    let mut streams: futures::stream::SelectAll<Chunks> = futures::stream::SelectAll::new();
+    let mut followed: HashSet<String> = HashSet::new();
+    let mut from: HashMap<String, String> = HashMap::new();
+    // Partial lines, by process and stream.
+    let mut partial: HashMap<(String, bool), Vec<u8>> = HashMap::new();
+    // A test's processes appear as its steps start: its changes say when.
+    let (mut changes, test) = match &target {
+        Followed::Test(name) => {
+            let sub = web.st.hub.watch(Kind::Test, None, None, Filter::default()).ok();
+            (sub, Some(name.clone()))
+        }
+        Followed::Process(_) => (None, None),
+    };
+    let mut test_done = test.is_none();
+    let mut look = true;
+    loop {
+        if look {
+            look = false;
+            let found: Vec<(String, String)> = match &target {
+                Followed::Process(name) => {
+                    match web.get::<testbus_proto::Process>(&crate::authz::Scope::All, name).await {
+                        Ok(p) => {
+                            vec![(name.clone(), format!("{} {}@{}", p.spec().step, p.spec().role, p.spec().host_name))]
+                        }
+                        Err(_) => vec![],
+                    }
+                }
+                Followed::Test(name) => match web.get::<testbus_proto::Test>(&crate::authz::Scope::All, name).await {
+                    Ok(t) => {
+                        test_done = testbus_proto::phase::test_terminal(&t.status().phase);
+                        t.status()
+                            .steps
+                            .iter()
+                            .flat_map(|s| {
+                                s.processes
+                                    .iter()
+                                    .map(move |p| (p.name.clone(), format!("{} {}@{}", s.name, p.role, p.host)))
+                            })
+                            .collect()
+                    }
+                    Err(_) => {
+                        test_done = true;
+                        vec![]
+                    }
+                },
+            };
+            for (name, label) in found {
+                if followed.len() >= MAX_FOLLOWED || !followed.insert(name.clone()) {
+                    continue;
+                }
+                if let Ok(s) = read(&web, &caller, &name, true).await {
+                    let n = name.clone();
+                    streams.push(s.map(move |c| (n.clone(), c)).boxed());
+                }
+                from.insert(name, label);
+            }
+        }
+        // A stream that ended may leave its last line without a newline.
+        if streams.is_empty() {
+            for ((name, stderr), buf) in partial.drain() {
+                if !buf.is_empty() {
+                    let label = from.get(&name).cloned().unwrap_or_default();
+                    let text = String::from_utf8_lossy(&buf).into_owned();
+                    if send(&tx, &Line { from: &label, stderr, text: &text }).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        if streams.is_empty() && test_done {
+            let _ = tx.send(Ok(Event::default().event("end").data("all output was sent"))).await;
+            return;
+        }
+        tokio::select! {
+            _ = tx.closed() => return,
+            e = async { match changes.as_mut() { Some(c) => c.next().await, None => std::future::pending().await } } => match e {
+                Some(e) => look = e.object.meta().name == test.as_deref().unwrap_or_default(),
+                None => { changes = None; look = true; }
+            },
+            next = streams.next(), if !streams.is_empty() => {
+                let Some((name, Ok(chunk))) = next else { continue };
+                let label = from.get(&name).cloned().unwrap_or_default();
+                if chunk.notice {
+                    let line = Line { from: &label, stderr: true, text: &String::from_utf8_lossy(&chunk.data) };
+                    if send(&tx, &line).await.is_err() { return; }
+                    continue;
+                }
+                let stderr = chunk.stream == 1;
+                let buf = partial.entry((name, stderr)).or_default();
+                buf.extend_from_slice(&chunk.data);
+                while let Some(i) = buf.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=i).collect();
+                    let text = String::from_utf8_lossy(&line[..line.len() - 1]);
+                    let text: String = text.chars().take(MAX_LINE).collect();
+                    if send(&tx, &Line { from: &label, stderr, text: &text }).await.is_err() {
+                        return;
+                    }
+                }
+                if buf.len() > MAX_LINE {
+                    let text: String = String::from_utf8_lossy(&std::mem::take(buf)).chars().take(MAX_LINE).collect();
+                    if send(&tx, &Line { from: &label, stderr, text: &text }).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn send(tx: &mpsc::Sender<Result<Event, Infallible>>, line: &Line<'_>) -> Result<(), ()> {
+    let data = serde_json::to_string(line).map_err(|_| ())?;
+    tx.send(Ok(Event::default().data(data))).await.map_err(|_| ())
+}

@@ -1,0 +1,376 @@
+//! Plain HTTP served beside gRPC on the same listeners (axum routes merged
+//! with tonic's): `/metrics` in Prometheus's text format, and the
+//! dashboard.
+//!
+//! The dashboard reads only through the API and the watch hub, as every
+//! other client does: objects through [`ResourceService`] with the caller's
+//! scope, output through [`OutputService`]'s `Read`, changes through hub
+//! subscriptions. It writes nothing but a login cookie.
+//!
+//! Who may look: a caller admitted as for the API (`auth::authorize_caller`:
+//! a viewer's or an admin's certificate, the local socket, an `--insecure`
+//! listener), or a browser holding a viewer token (`token create --viewer`)
+//! in its login cookie. Agents may not.
+//!
+//! Live pages: each `<main>` names an events URL; a server-sent event
+//! `change` there (debounced; fed by the hub, never by polling) makes the
+//! page fetch itself again as a fragment and swap it in.
+mod graph;
+mod live;
+mod pages;
+
+use crate::api::{ApiState, ResourceService};
+use crate::authz::{Caller, Scope, Verb};
+use crate::output::OutputService;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::get;
+use maud::Markup;
+use testbus_proto::{Host, HostPool, ListRequest, Process, Resource, Test};
+
+/// What every dashboard handler holds.
+#[derive(Clone)]
+pub struct Web {
+    st: ApiState,
+    output: OutputService,
+    /// Login cookies are marked Secure when the listeners speak TLS.
+    secure_cookie: bool,
+}
+
+/// The login cookie: a viewer token.
+const SESSION_COOKIE: &str = "testbus_session";
+/// Asks for the page's `<main>` alone (the live refresh).
+const FRAGMENT_HEADER: &str = "x-testbus-fragment";
+
+pub fn routes(st: ApiState, output: OutputService) -> axum::Router {
+    let secure_cookie = st.pki.is_some();
+    let web = Web { st, output, secure_cookie };
+    axum::Router::new()
+        .route("/metrics", get(metrics))
+        .route("/", get(overview))
+        .route("/tests/{name}", get(test_page))
+        .route("/tests/{name}/logs", get(test_logs))
+        .route("/tests/{file}/{report}", get(report))
+        .route("/processes/{name}/logs", get(process_logs))
+        .route("/hosts/{name}", get(host_page))
+        .route("/history", get(history))
+        .route("/events", get(live::events))
+        .route("/logs", get(live::logs))
+        .route("/login", get(login_page).post(login))
+        .route("/static/app.js", get(|| async { asset("text/javascript", include_str!("assets/app.js")) }))
+        .route("/static/style.css", get(|| async { asset("text/css", include_str!("assets/style.css")) }))
+        .with_state(web)
+}
+
+fn asset(kind: &'static str, body: &'static str) -> Response {
+    ([(header::CONTENT_TYPE, kind), (header::CACHE_CONTROL, "max-age=300")], body).into_response()
+}
+
+/// Why a caller may not look, as the answer it gets.
+pub(crate) enum Refused {
+    /// No identity: a page sends the browser to log in.
+    Login,
+    Status(tonic::Status),
+}
+
+impl Refused {
+    fn into_response(self, page: bool) -> Response {
+        match self {
+            Refused::Login if page => Redirect::to("/login").into_response(),
+            Refused::Login => (StatusCode::UNAUTHORIZED, "log in with a viewer token at /login\n").into_response(),
+            Refused::Status(s) => {
+                let code = match s.code() {
+                    tonic::Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+                    _ => StatusCode::FORBIDDEN,
+                };
+                (code, format!("{}\n", s.message())).into_response()
+            }
+        }
+    }
+}
+
+/// A caller the dashboard let in: what it may read, and who it is to the
+/// API (a browser with a viewer token is a viewer there too).
+pub(crate) struct Admitted {
+    pub scope: Scope,
+    pub caller: Caller,
+    pub headers: HeaderMap,
+}
+
+impl Web {
+    /// The one gate of every dashboard request: a viewer, an admin, the
+    /// local socket or an insecure listener; agents are refused.
+    pub(crate) async fn admit(&self, caller: Caller, headers: HeaderMap) -> Result<Admitted, Refused> {
+        match crate::auth::authorize_caller(self.st.pki.as_deref(), &caller, Verb::Get, "dashboard") {
+            Ok(Scope::All) => return Ok(Admitted { scope: Scope::All, caller, headers }),
+            Ok(Scope::Host(_)) => {
+                return Err(Refused::Status(tonic::Status::permission_denied(format!(
+                    "{}: agents do not read the dashboard",
+                    caller.describe()
+                ))))
+            }
+            Err(s) if !matches!(caller, Caller::Anonymous) => return Err(Refused::Status(s)),
+            Err(_) => {}
+        }
+        let Some(token) = cookie(&headers, SESSION_COOKIE) else { return Err(Refused::Login) };
+        match crate::auth::check_viewer_token(&self.st, token).await {
+            Ok(_) => {
+                let caller = Caller::Certified {
+                    name: "dashboard-login".into(),
+                    role: testbus_pki::Role::Viewer,
+                    issued: std::time::SystemTime::now(),
+                };
+                Ok(Admitted { scope: Scope::All, caller, headers })
+            }
+            Err(_) => Err(Refused::Login),
+        }
+    }
+
+    pub(crate) async fn list<K: crate::api::Policy>(
+        &self,
+        scope: &Scope,
+        req: ListRequest,
+    ) -> Result<Vec<K>, Response> {
+        ResourceService::<K>::new(self.st.clone()).list(scope, req).await.map(|(v, _)| v).map_err(status_page)
+    }
+
+    async fn get<K: crate::api::Policy>(&self, scope: &Scope, name: &str) -> Result<K, Response> {
+        let req = testbus_proto::GetRequest { name: name.to_string() };
+        ResourceService::<K>::new(self.st.clone()).get(scope, req).await.map_err(status_page)
+    }
+}
+
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+fn status_page(s: tonic::Status) -> Response {
+    let code = match s.code() {
+        tonic::Code::NotFound => StatusCode::NOT_FOUND,
+        tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
+        tonic::Code::PermissionDenied => StatusCode::FORBIDDEN,
+        tonic::Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    (code, pages::layout("error", None, maud::html! { h1 { (code) } p.why { (s.message()) } })).into_response()
+}
+
+pub(crate) fn caller(req: &Request) -> Caller {
+    req.extensions().get::<Caller>().cloned().unwrap_or(Caller::Anonymous)
+}
+
+/// A page, or its `<main>` alone when the live refresh asks for it.
+fn page(headers: &HeaderMap, title: &str, live: Option<&str>, main: Markup) -> Response {
+    let html = if headers.contains_key(FRAGMENT_HEADER) { main } else { pages::layout(title, live, main) };
+    ([(header::CACHE_CONTROL, "no-store")], html).into_response()
+}
+
+/// Admits the request or returns the answer that refuses it.
+macro_rules! admit {
+    ($web:expr, $req:expr, $page:expr) => {{
+        match $web.admit(caller(&$req), $req.headers().clone()).await {
+            Ok(a) => a,
+            Err(r) => return r.into_response($page),
+        }
+    }};
+}
+pub(crate) use admit;
+
+async fn metrics(State(web): State<Web>, req: Request) -> Response {
+    // Scrapers present a certificate; they have no login page.
+    if let Err(s) = crate::auth::authorize_caller(web.st.pki.as_deref(), &caller(&req), Verb::Get, "metrics") {
+        return Refused::Status(s).into_response(false);
+    }
+    match web.st.metrics.render(web.st.store.as_ref()).await {
+        Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
+    }
+}
+
+#[derive(serde::Deserialize, Default)]
+struct Paging {
+    hosts: Option<usize>,
+    tests: Option<usize>,
+}
+
+async fn overview(State(web): State<Web>, Query(paging): Query<Paging>, req: Request) -> Response {
+    let Admitted { scope, headers, .. } = admit!(web, req, true);
+    let tests: Vec<Test> = match web.list(&scope, ListRequest::default()).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let mut hosts: Vec<Host> = match web.list(&scope, ListRequest::default()).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let pools: Vec<HostPool> = match web.list(&scope, ListRequest::default()).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    hosts.sort_by(|a, b| a.name().cmp(b.name()));
+    let mut newest: Vec<&Test> = tests.iter().collect();
+    newest.sort_by(|a, b| {
+        b.meta().creation_timestamp.cmp(&a.meta().creation_timestamp).then_with(|| a.name().cmp(b.name()))
+    });
+    let mut queue: Vec<&Test> = tests
+        .iter()
+        .filter(|t| t.status().phase.is_empty() || t.status().phase == testbus_proto::phase::PENDING)
+        .collect();
+    queue.sort_by(|a, b| testbus_controllers::schedule::queue_order(a, b));
+    let clamp = |p: Option<usize>, n: usize, per: usize| p.unwrap_or(1).clamp(1, n.div_ceil(per).max(1));
+    let o = pages::Overview {
+        host_page: clamp(paging.hosts, hosts.len(), pages::HOSTS_PER_PAGE),
+        test_page: clamp(paging.tests, newest.len(), pages::TESTS_PER_PAGE),
+        tests: &newest,
+        queue: &queue,
+        hosts: &hosts,
+        pools: &pools,
+    };
+    page(&headers, "overview", Some("/events?page=overview"), pages::overview(&o))
+}
+
+async fn test_page(State(web): State<Web>, Path(name): Path<String>, req: Request) -> Response {
+    let Admitted { scope, headers, .. } = admit!(web, req, true);
+    match web.get::<Test>(&scope, &name).await {
+        Ok(t) => page(&headers, &format!("test/{name}"), Some(&format!("/events?page=test/{name}")), pages::test(&t)),
+        Err(r) => r,
+    }
+}
+
+async fn host_page(State(web): State<Web>, Path(name): Path<String>, req: Request) -> Response {
+    let Admitted { scope, headers, .. } = admit!(web, req, true);
+    let h: Host = match web.get(&scope, &name).await {
+        Ok(h) => h,
+        Err(r) => return r,
+    };
+    let req = ListRequest { field_selector: format!("spec.hostName={name}"), ..Default::default() };
+    let mut procs: Vec<Process> = web.list(&scope, req).await.unwrap_or_default();
+    procs.sort_by(|a, b| b.meta().creation_timestamp.cmp(&a.meta().creation_timestamp));
+    procs.truncate(100);
+    page(&headers, &format!("host/{name}"), Some(&format!("/events?page=host/{name}")), pages::host(&h, &procs))
+}
+
+async fn test_logs(State(web): State<Web>, Path(name): Path<String>, req: Request) -> Response {
+    let Admitted { scope, headers, .. } = admit!(web, req, true);
+    if let Err(r) = web.get::<Test>(&scope, &name).await {
+        return r;
+    }
+    let back = maud::html! { "Every process of " a href={"/tests/" (name)} { "test/" (name) } ", as it prints." };
+    page(
+        &headers,
+        &format!("logs of {name}"),
+        None,
+        pages::logs(&format!("test/{name}: output"), back, &stream_url("test", &name)),
+    )
+}
+
+async fn process_logs(State(web): State<Web>, Path(name): Path<String>, req: Request) -> Response {
+    let Admitted { scope, headers, .. } = admit!(web, req, true);
+    let p: Process = match web.get(&scope, &name).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let back = maud::html! {
+        "Step " (p.spec().step) " of " a href={"/tests/" (p.spec().test)} { "test/" (p.spec().test) }
+        " on " a href={"/hosts/" (p.spec().host_name)} { (p.spec().host_name) }
+    };
+    page(
+        &headers,
+        &format!("logs of {name}"),
+        None,
+        pages::logs(&format!("process/{name}"), back, &stream_url("process", &name)),
+    )
+}
+
+fn stream_url(what: &str, name: &str) -> String {
+    // Names are DNS labels (validated on create): nothing to escape.
+    format!("/logs?{what}={name}")
+}
+
+/// `/tests/NAME/report.xml|tap|json|txt`: the report `testbusctl results`
+/// prints, as a download.
+async fn report(State(web): State<Web>, Path((name, file)): Path<(String, String)>, req: Request) -> Response {
+    let Admitted { scope, caller, .. } = admit!(web, req, false);
+    let (fmt, kind) = match file.as_str() {
+        "report.xml" => (testbus_report::ReportFormat::Junit, "application/xml"),
+        "report.tap" => (testbus_report::ReportFormat::Tap, "text/plain; charset=utf-8"),
+        "report.json" => (testbus_report::ReportFormat::Json, "application/json"),
+        "report.txt" => (testbus_report::ReportFormat::Text, "text/plain; charset=utf-8"),
+        _ => return (StatusCode::NOT_FOUND, "report.xml, report.tap, report.json or report.txt\n").into_response(),
+    };
+    let t: Test = match web.get(&scope, &name).await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let mut outputs = std::collections::HashMap::new();
+    if fmt == testbus_report::ReportFormat::Junit {
+        for p in t.status().steps.iter().flat_map(|s| &s.processes) {
+            if let Ok(o) = live::read_all(&web, &caller, &p.name).await {
+                outputs.insert(p.name.clone(), o);
+            }
+        }
+    }
+    let body = testbus_report::render(&t, fmt, &outputs);
+    let disposition = format!("attachment; filename=\"{name}-{file}\"");
+    ([(header::CONTENT_TYPE, kind.to_string()), (header::CONTENT_DISPOSITION, disposition)], body).into_response()
+}
+
+#[derive(serde::Deserialize, Default)]
+struct HistoryQuery {
+    #[serde(default)]
+    label: String,
+}
+
+async fn history(State(web): State<Web>, Query(q): Query<HistoryQuery>, req: Request) -> Response {
+    let Admitted { scope, headers, .. } = admit!(web, req, true);
+    let mut runs: Vec<Test> = Vec::new();
+    if !q.label.is_empty() {
+        let req = ListRequest { label_selector: q.label.clone(), ..Default::default() };
+        runs = match web.list(&scope, req).await {
+            Ok(v) => v,
+            Err(r) => return r,
+        };
+    }
+    runs.sort_by(|a, b| {
+        a.meta().creation_timestamp.cmp(&b.meta().creation_timestamp).then_with(|| a.name().cmp(b.name()))
+    });
+    let skip = runs.len().saturating_sub(pages::HISTORY_RUNS);
+    let refs: Vec<&Test> = runs.iter().skip(skip).collect();
+    page(&headers, "history", Some("/events?page=history"), pages::history(&q.label, &refs))
+}
+
+async fn login_page(headers: HeaderMap) -> Response {
+    page(&headers, "log in", None, pages::login(None))
+}
+
+#[derive(serde::Deserialize)]
+struct LoginForm {
+    token: String,
+}
+
+async fn login(State(web): State<Web>, headers: HeaderMap, axum::Form(f): axum::Form<LoginForm>) -> Response {
+    match crate::auth::check_viewer_token(&web.st, f.token.trim()).await {
+        Ok(expires) => {
+            let left = expires.saturating_sub(
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            );
+            let secure = if web.secure_cookie { "; Secure" } else { "" };
+            let cookie = format!(
+                "{SESSION_COOKIE}={}; Path=/; Max-Age={left}; HttpOnly; SameSite=Strict{secure}",
+                f.token.trim()
+            );
+            ([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response()
+        }
+        Err(s) => {
+            (StatusCode::UNAUTHORIZED, page(&headers, "log in", None, pages::login(Some(s.message())))).into_response()
+        }
+    }
+}

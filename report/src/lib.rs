@@ -1,0 +1,339 @@
+//! A test's outcome as cases — one per process of each step, one per result
+//! the test recorded — in text, JSON, JUnit XML or TAP. `testbusctl results`
+//! and the dashboard's downloads render the same report.
+#![forbid(unsafe_code)]
+use quick_xml::escape::escape;
+use serde_json::json;
+use testbus_proto::states::{TestPhase, TestReason};
+use testbus_proto::{phase, time, Resource, Test};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum ReportFormat {
+    Text,
+    Json,
+    Junit,
+    Tap,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Pass,
+    Fail,
+    Skip,
+    Error,
+}
+
+impl Outcome {
+    fn word(self) -> &'static str {
+        match self {
+            Outcome::Pass => "pass",
+            Outcome::Fail => "fail",
+            Outcome::Skip => "skip",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+struct Case {
+    /// Dotted group: the step, or the recorded path without its last part.
+    group: String,
+    name: String,
+    outcome: Outcome,
+    message: String,
+    seconds: f64,
+    /// The process the case is, if it is one (its output goes with it).
+    process: Option<String>,
+    /// A result recorded at a dotted path (`testbusctl result`).
+    recorded: bool,
+}
+
+impl Case {
+    /// How text and TAP name the case: `step/role@host` for a process, the
+    /// dotted path as recorded (`users.verify-name`) for a recorded result.
+    fn id(&self) -> String {
+        match (self.recorded, self.group.as_str()) {
+            (true, RESULTS_GROUP) => self.name.clone(),
+            (true, group) => format!("{group}.{}", self.name),
+            (false, group) => format!("{group}/{}", self.name),
+        }
+    }
+}
+
+/// The group of a recorded result whose path has no dot.
+const RESULTS_GROUP: &str = "results";
+
+/// A process's output as a report carries it: the tail of each stream.
+#[derive(Debug, Default, Clone)]
+pub struct Output {
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Bytes of each stream a report keeps per process (the tail).
+pub const OUTPUT_IN_REPORT: usize = 64 << 10;
+
+/// Why the processes a test stopped did not finish: when the test ended
+/// because of the infrastructure or a user (a timeout, a lost host, a
+/// cancel), each is an error naming that; when it ended because a step
+/// failed, the others were only cut short (skipped).
+fn stop_outcome(t: &Test) -> (Outcome, String) {
+    let s = t.status();
+    let why = if s.message.is_empty() { s.reason.clone() } else { format!("{}: {}", s.reason, s.message) };
+    match s.reason.parse::<TestReason>().map(|r| r.phase()) {
+        Ok(TestPhase::Error | TestPhase::Cancelled) => (Outcome::Error, format!("stopped: {why}")),
+        _ => (Outcome::Skip, format!("stopped when the test ended ({why})")),
+    }
+}
+
+fn seconds(start: &str, end: &str) -> f64 {
+    match (time::parse(start), time::parse(end)) {
+        (Some(a), Some(b)) => b.duration_since(a).map(|d| d.as_secs_f64()).unwrap_or(0.0),
+        _ => 0.0,
+    }
+}
+
+fn cases(t: &Test) -> Vec<Case> {
+    let mut out = Vec::new();
+    let (stopped, stopped_why) = stop_outcome(t);
+    let ended = if t.status().reason.is_empty() { "the test ended".to_string() } else { t.status().reason.clone() };
+    for st in &t.status().steps {
+        if st.processes.is_empty() {
+            let (outcome, message) = if st.phase == phase::SKIPPED {
+                match stopped {
+                    Outcome::Error => (Outcome::Error, format!("not run: {ended}")),
+                    _ => (Outcome::Skip, "not run: an earlier step failed".to_string()),
+                }
+            } else {
+                (Outcome::Error, st.phase.clone())
+            };
+            out.push(Case {
+                group: st.name.clone(),
+                name: st.name.clone(),
+                outcome,
+                message,
+                seconds: 0.0,
+                process: None,
+                recorded: false,
+            });
+            continue;
+        }
+        for p in &st.processes {
+            let (outcome, message) = match (st.phase.as_str(), p.phase.as_str()) {
+                (phase::SUCCEEDED, _) | (_, phase::SUCCEEDED) => (Outcome::Pass, String::new()),
+                (_, phase::FAILED) if p.message.contains("timed out") => (Outcome::Error, p.message.clone()),
+                (_, phase::FAILED) => (Outcome::Fail, p.message.clone()),
+                (_, phase::KILLED) => (stopped, stopped_why.clone()),
+                _ => (Outcome::Error, format!("{}: {}", p.phase, p.message)),
+            };
+            out.push(Case {
+                group: st.name.clone(),
+                name: format!("{}@{}", p.role, p.host),
+                outcome,
+                message,
+                seconds: seconds(&p.start_time, &p.finish_time),
+                process: Some(p.name.clone()),
+                recorded: false,
+            });
+        }
+    }
+    for r in &t.status().results {
+        let (group, name) = r.path.rsplit_once('.').unwrap_or((RESULTS_GROUP, r.path.as_str()));
+        let outcome = match r.outcome.as_str() {
+            "pass" => Outcome::Pass,
+            "skip" => Outcome::Skip,
+            _ => Outcome::Fail,
+        };
+        out.push(Case {
+            group: group.into(),
+            name: name.into(),
+            outcome,
+            message: r.message.clone(),
+            seconds: 0.0,
+            process: None,
+            recorded: true,
+        });
+    }
+    out
+}
+
+/// The report of `t`; JUnit carries each process's output from `outputs`
+/// (by process name) as `system-out`/`system-err`.
+pub fn render(t: &Test, fmt: ReportFormat, outputs: &std::collections::HashMap<String, Output>) -> String {
+    let cs = cases(t);
+    let s = t.status();
+    let count = |o: Outcome| cs.iter().filter(|c| c.outcome == o).count();
+    let name = t.name();
+    match fmt {
+        ReportFormat::Text => {
+            let mut out = format!("test/{name}: {}", s.phase);
+            if !s.reason.is_empty() {
+                out.push_str(&format!(
+                    " ({}{})",
+                    s.reason,
+                    if s.message.is_empty() { String::new() } else { format!(": {}", s.message) }
+                ));
+            }
+            out.push('\n');
+            let width = cs.iter().map(|c| c.id().len()).max().unwrap_or(0);
+            for c in &cs {
+                let id = c.id();
+                out.push_str(&format!(
+                    "  {:<5} {id:<width$}  {:>7.2}s  {}\n",
+                    c.outcome.word().to_uppercase(),
+                    c.seconds,
+                    c.message
+                ));
+            }
+            out.push_str(&format!(
+                "passed: {}, failed: {}, errors: {}, skipped: {}\n",
+                count(Outcome::Pass),
+                count(Outcome::Fail),
+                count(Outcome::Error),
+                count(Outcome::Skip)
+            ));
+            out
+        }
+        ReportFormat::Json => {
+            let v = json!({
+                "test": name,
+                "phase": s.phase,
+                "reason": s.reason,
+                "message": s.message,
+                "startTime": s.start_time,
+                "completionTime": s.completion_time,
+                "cases": cs.iter().map(|c| json!({
+                    "group": c.group, "name": c.name, "outcome": c.outcome.word(),
+                    "message": c.message, "seconds": c.seconds,
+                })).collect::<Vec<_>>(),
+            });
+            serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"
+        }
+        ReportFormat::Junit => {
+            let total: f64 = cs.iter().map(|c| c.seconds).sum();
+            let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
+            out.push_str(&format!(
+                "<testsuites name=\"{}\" tests=\"{}\" failures=\"{}\" errors=\"{}\" skipped=\"{}\" time=\"{total:.3}\">\n",
+                escape(name),
+                cs.len(),
+                count(Outcome::Fail),
+                count(Outcome::Error),
+                count(Outcome::Skip)
+            ));
+            out.push_str(&format!(
+                "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{}\" errors=\"{}\" skipped=\"{}\" time=\"{total:.3}\" timestamp=\"{}\">\n",
+                escape(name),
+                cs.len(),
+                count(Outcome::Fail),
+                count(Outcome::Error),
+                count(Outcome::Skip),
+                escape(&s.start_time)
+            ));
+            for c in &cs {
+                out.push_str(&format!(
+                    "    <testcase classname=\"{}.{}\" name=\"{}\" time=\"{:.3}\"",
+                    escape(name),
+                    escape(&c.group),
+                    escape(&c.name),
+                    c.seconds
+                ));
+                let body = match c.outcome {
+                    Outcome::Pass => None,
+                    Outcome::Fail => Some("failure"),
+                    Outcome::Error => Some("error"),
+                    Outcome::Skip => Some("skipped"),
+                };
+                let output = c.process.as_ref().and_then(|p| outputs.get(p));
+                if body.is_none() && output.is_none_or(|o| o.stdout.is_empty() && o.stderr.is_empty()) {
+                    out.push_str("/>\n");
+                    continue;
+                }
+                out.push_str(">\n");
+                if let Some(tag) = body {
+                    out.push_str(&format!("      <{tag} message=\"{}\"/>\n", escape(&c.message)));
+                }
+                if let Some(o) = output {
+                    for (tag, text) in [("system-out", &o.stdout), ("system-err", &o.stderr)] {
+                        if !text.is_empty() {
+                            out.push_str(&format!("      <{tag}>{}</{tag}>\n", escape(text.as_str())));
+                        }
+                    }
+                }
+                out.push_str("    </testcase>\n");
+            }
+            out.push_str("  </testsuite>\n</testsuites>\n");
+            out
+        }
+        ReportFormat::Tap => {
+            let mut out = format!("TAP version 13\n1..{}\n", cs.len());
+            for (i, c) in cs.iter().enumerate() {
+                let id = c.id().replace('#', "\\#");
+                let msg = c.message.replace('\n', " ");
+                match c.outcome {
+                    Outcome::Pass => out.push_str(&format!("ok {} - {id}\n", i + 1)),
+                    Outcome::Skip => out.push_str(&format!("ok {} - {id} # SKIP {msg}\n", i + 1)),
+                    _ => {
+                        out.push_str(&format!("not ok {} - {id}\n", i + 1));
+                        if !msg.is_empty() {
+                            out.push_str(&format!(
+                                "  ---\n  message: {}\n  ...\n",
+                                serde_json::to_string(&msg).unwrap_or_default()
+                            ));
+                        }
+                    }
+                }
+            }
+            out
+        }
+    }
+}
+
+/// Collects one process's output as a report keeps it: the last
+/// [`OUTPUT_IN_REPORT`] bytes of each stream, characters XML 1.0 cannot
+/// carry dropped. Memory stays bounded however much is fed.
+#[derive(Debug, Default)]
+pub struct OutputTail {
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+}
+
+impl OutputTail {
+    /// Adds a chunk of stream `stream` (1: stderr, else stdout).
+    pub fn push(&mut self, stream: i32, data: &[u8]) {
+        let buf = if stream == 1 { &mut self.stderr } else { &mut self.stdout };
+        buf.extend_from_slice(data);
+        if buf.len() > 2 * OUTPUT_IN_REPORT {
+            buf.drain(..buf.len() - OUTPUT_IN_REPORT);
+        }
+    }
+
+    pub fn finish(self) -> Output {
+        let text = |b: &[u8]| {
+            let tail = &b[b.len().saturating_sub(OUTPUT_IN_REPORT)..];
+            String::from_utf8_lossy(tail)
+                .chars()
+                .filter(|c| !c.is_control() || matches!(c, '\n' | '\t' | '\r'))
+                .collect::<String>()
+        };
+        Output { stdout: text(&self.stdout), stderr: text(&self.stderr) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_output_tail_keeps_the_end_and_drops_what_xml_cannot_carry() {
+        let mut t = OutputTail::default();
+        for _ in 0..5 {
+            t.push(0, &vec![b'a'; OUTPUT_IN_REPORT]);
+        }
+        t.push(0, b"end\x07\n");
+        t.push(1, b"err");
+        let o = t.finish();
+        assert_eq!(o.stdout.len(), OUTPUT_IN_REPORT - 1);
+        assert!(o.stdout.ends_with("aend\n"));
+        assert_eq!(o.stderr, "err");
+    }
+}

@@ -1,0 +1,155 @@
+"""Drives the dashboard in headless Chromium (selenium, chromedriver) as a
+user would, for tests/tests/dashboard.rs, which runs it inside a network
+namespace of its own making. Prints one JSON object of what it saw;
+asserts with messages, and leaves a screenshot of each page in SHOTS.
+
+Arguments: BASE_URL VIEWER_TOKEN SHOTS_DIR TESTBUSCTL MANIFEST GO_FILE
+(the manifest's first step prints a line, then waits for GO_FILE).
+"""
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.support.ui import WebDriverWait
+
+base, token, shots, ctl, manifest, go_file = sys.argv[1:7]
+TIMEOUT = 30
+
+opts = webdriver.ChromeOptions()
+for a in ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+          "--ignore-certificate-errors", "--window-size=1280,900", "--no-first-run",
+          "--disable-background-networking", "--disable-component-update"]:
+    opts.add_argument(a)
+opts.binary_location = "/usr/bin/chromium"
+driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+seen = {}
+
+
+def shot(name):
+    driver.save_screenshot(os.path.join(shots, f"{name}.png"))
+
+
+def wait(what, cond):
+    try:
+        return WebDriverWait(driver, TIMEOUT, poll_frequency=0.05).until(lambda d: cond())
+    except Exception as e:
+        shot("failed")
+        raise AssertionError(f"waited {TIMEOUT}s for {what} ({e!r}); page: {driver.current_url}\n"
+                             + driver.page_source[:3000])
+
+
+# Live pages swap their <main> in place: elements are read in one script
+# call each, never kept across a refresh.
+def text_of(css):
+    return driver.execute_script(
+        "const e = document.querySelector(arguments[0]); return e ? e.innerText : '';", css)
+
+
+def attr_of(css, attr):
+    return driver.execute_script(
+        "const e = document.querySelector(arguments[0]); return e ? e.getAttribute(arguments[1]) : null;",
+        css, attr)
+
+
+def texts(css):
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll(arguments[0]), e => e.innerText);", css)
+
+
+def count(css):
+    return driver.execute_script("return document.querySelectorAll(arguments[0]).length;", css)
+
+
+def follow_link(css):
+    """Goes where the link at css points, as a click does."""
+    href = attr_of(css, "href")
+    assert href, f"no link at {css}"
+    driver.execute_script("document.querySelector(arguments[0]).click();", css)
+    wait(f"the page at {href}", lambda: driver.current_url.endswith(href))
+
+
+def log_in(with_token):
+    driver.execute_script("document.querySelector('input[name=token]').value = arguments[0];"
+                          "document.querySelector('form button').click();", with_token)
+
+
+try:
+    # Without a login the overview sends the browser to log in.
+    driver.get(base + "/")
+    wait("the login page", lambda: driver.current_url.endswith("/login"))
+    log_in("tbjoin.wrong")
+    wait("a refused login", lambda: "token" in text_of("#login-error"))
+    seen["bad_login"] = text_of("#login-error")
+    log_in(token)
+    wait("the overview", lambda: count("#hosts-by-phase") > 0)
+    wait("the overview to go live", lambda: text_of("#live-state") == "live")
+
+    # A test applied now appears without a reload: the marker set on this
+    # page survives.
+    driver.execute_script("window.__testbus_marker = 42;")
+    out = subprocess.run([ctl, "apply", "-f", manifest], capture_output=True, text=True)
+    assert out.returncode == 0, out
+    wait("the new test on the overview", lambda: count("#test-web") > 0)
+    assert driver.execute_script("return window.__testbus_marker") == 42, "the overview reloaded"
+    shot("overview")
+
+    # Its page: the step graph, live.
+    follow_link("#test-web a")
+    wait("step one running", lambda: attr_of("#step-one", "data-phase") == "Running")
+    driver.execute_script("window.__testbus_marker = 43;")
+    test_tab = driver.current_window_handle
+
+    # Its output, followed live in a second tab.
+    driver.switch_to.new_window("tab")
+    driver.get(base + "/tests/web/logs")
+    wait("the first line", lambda: "first-line" in text_of("#log"))
+    assert "second-line" not in text_of("#log")
+    open(go_file, "w").close()
+    wait("the second line, printed after the first was seen", lambda: "second-line" in text_of("#log"))
+    wait("the end of the output", lambda: attr_of("#log-end", "data-ended") == "true")
+    seen["log_lines"] = texts("#log .line")
+    driver.execute_script("const s = document.getElementById('log-search'); s.value = 'second';"
+                          "s.dispatchEvent(new Event('input'));")
+    wait("the search to filter", lambda: text_of("#log-count").startswith("1 of"))
+    seen["search"] = text_of("#log-count")
+    shot("logs")
+
+    # Back on the test page, which was never reloaded: every step green.
+    driver.switch_to.window(test_tab)
+    wait("step two to succeed", lambda: attr_of("#step-two", "data-phase") == "Succeeded")
+    assert attr_of("#step-one", "data-phase") == "Succeeded"
+    assert driver.execute_script("return window.__testbus_marker") == 43, "the test page reloaded"
+    wait("the test's phase", lambda: "Succeeded" in text_of("h1"))
+    seen["processes"] = count("#processes tr[data-phase]")
+    shot("test")
+
+    # The JUnit download, with the browser's own session.
+    href = attr_of("#download-junit", "href")
+    junit = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "fetch(arguments[0]).then(r => r.text()).then(done, e => done('error: ' + e));", href)
+    root = ET.fromstring(junit)
+    seen["junit_cases"] = [c.get("classname") + "/" + c.get("name") for c in root.iter("testcase")]
+    seen["junit_out"] = "".join(e.text or "" for e in root.iter("system-out"))
+
+    # A host page, from the process's host link.
+    follow_link("#processes a[href^='/hosts/']")
+    wait("the host page", lambda: text_of("h1").startswith("host/"))
+    seen["host_title"] = text_of("h1")
+    seen["host_processes"] = count("#host-processes tr") - 1
+    shot("host")
+
+    # History of the label the test carries.
+    driver.get(base + "/history?label=suite%3Dweb")
+    wait("the history matrix", lambda: count("#history td.cell") > 0)
+    seen["history_cells"] = driver.execute_script(
+        "return Array.from(document.querySelectorAll('#history td.cell'), e => e.title);")
+    seen["history_points"] = count("#durations circle")
+    shot("history")
+finally:
+    driver.quit()
+print(json.dumps(seen))

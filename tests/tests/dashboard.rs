@@ -1,0 +1,203 @@
+//! The dashboard in a real browser (Debian's headless Chromium driven by
+//! selenium through chromedriver), and who may open it. The browser runs
+//! in the control plane's network namespace: it reaches nothing but the
+//! namespaces this test made.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use testbus_tests::{bin_dir, needs_root, repo_root, Cluster};
+
+/// A dashboard login token, made through the control plane's socket.
+fn viewer_token(c: &Cluster) -> String {
+    let out = Command::new(bin_dir().join("testbus-control-plane"))
+        .args(["token", "create", "--viewer", "--ttl", "1h", "--data-dir"])
+        .arg(c.dir.path().join("cp"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Where the browser test leaves its screenshots (hack/screenshots copies
+/// them to docs/).
+fn screenshots() -> PathBuf {
+    let d = repo_root().join("target/dashboard-screenshots");
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Runs `python3 ARGS…` in the control plane's namespace, bounded in time.
+fn python_in_cp(c: &Cluster, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let home = c.dir.path().join("browser-home");
+    std::fs::create_dir_all(&home).unwrap();
+    let mut cmd = c.command_in("cp", Path::new("/usr/bin/timeout"));
+    cmd.args(["--kill-after=5", "180", "/usr/bin/python3"]).args(args).env("HOME", &home);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn json_of(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("{e}: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    })
+}
+
+/// What the issue asks of the browser: log in with a viewer token, see an
+/// applied test appear without a reload, its step graph turn green, its
+/// output follow line by line as printed (and filter it), download and
+/// parse its JUnit report, open a host page and the label's history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_follows_a_test_live_on_the_dashboard() {
+    if !needs_root("the dashboard tests") {
+        return;
+    }
+    let c = Cluster::start(1).await;
+    let token = viewer_token(&c);
+    let go = c.dir.path().join("go");
+    let manifest = c.dir.path().join("web.yaml");
+    std::fs::write(
+        &manifest,
+        format!(
+            r#"apiVersion: testbus/v1
+kind: Test
+metadata: {{name: web, labels: {{suite: web}}}}
+spec:
+  hosts: [{{role: a}}]
+  steps:
+  - name: one
+    on: [a]
+    argv: [sh, -c, "echo first-line; while [ ! -e {go} ]; do sleep 0.05; done; echo second-line; echo to-stderr >&2"]
+  - {{name: two, on: [a], after: [one], argv: ["true"]}}
+"#,
+            go = go.display()
+        ),
+    )
+    .unwrap();
+    let script = repo_root().join("tests/browser/dashboard.py");
+    let shots = screenshots();
+    let ctl = bin_dir().join("testbusctl");
+    let admin = c.dir.path().join("admin.yaml");
+    let out = python_in_cp(
+        &c,
+        &[
+            script.to_str().unwrap(),
+            &c.agent_server,
+            &token,
+            shots.to_str().unwrap(),
+            ctl.to_str().unwrap(),
+            manifest.to_str().unwrap(),
+            go.to_str().unwrap(),
+        ],
+        &[("TESTBUS_CONFIG", admin.to_str().unwrap()), ("TESTBUS_SERVER", &c.server)],
+    );
+    let seen = json_of(&out);
+    assert!(seen["bad_login"].as_str().unwrap().contains("token"), "{seen}");
+    let lines: Vec<&str> = seen["log_lines"].as_array().unwrap().iter().map(|l| l.as_str().unwrap()).collect();
+    let at = |s: &str| lines.iter().position(|l| l.contains(s)).unwrap_or_else(|| panic!("no {s} in {lines:?}"));
+    assert!(at("first-line") < at("second-line"), "{lines:?}");
+    assert!(lines[at("first-line")].starts_with("one a@host-0"), "each line says where it came from: {lines:?}");
+    at("to-stderr");
+    assert!(seen["search"].as_str().unwrap().starts_with("1 of 3 lines"), "{seen}");
+    assert_eq!(seen["processes"], 2, "{seen}");
+    assert_eq!(seen["junit_cases"], serde_json::json!(["web.one/a@host-0", "web.two/a@host-0"]), "{seen}");
+    assert!(seen["junit_out"].as_str().unwrap().contains("first-line\nsecond-line"), "{seen}");
+    assert_eq!(seen["host_title"], "host/host-0 Ready", "{seen}");
+    assert!(seen["host_processes"].as_i64().unwrap() >= 2, "{seen}");
+    assert_eq!(seen["history_cells"], serde_json::json!(["Succeeded", "Succeeded"]), "{seen}");
+    assert_eq!(seen["history_points"], 1, "{seen}");
+    for page in ["overview", "test", "logs", "host", "history"] {
+        assert!(shots.join(format!("{page}.png")).exists(), "a screenshot of the {page} page");
+    }
+}
+
+/// Who may look, and what bad requests get: anonymous browsers are sent to
+/// log in, agents are refused, viewers' certificates and viewer tokens let
+/// in; join tokens do not log in, viewer tokens do not join.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_lets_in_viewers_only() {
+    if !needs_root("the dashboard tests") {
+        return;
+    }
+    let c = Cluster::start(1).await;
+    let out = c.ctl(&["run", "--host", "host-0", "--", "echo", "hi"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let viewer = testbus_pki::ClientFile::load(&c.write_user_config("bob", "viewer")).unwrap();
+    let [ca, cert, key] = c.pem_files("bob", &viewer);
+    let [acert, akey] = c.agent_pem_files("host-0");
+    let join = c.create_token("1h").await;
+    let script = r#"
+import json, ssl, sys, urllib.request, urllib.error, urllib.parse
+base, ca, cert, key, acert, akey, join, view = sys.argv[1:9]
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *a, **k):
+        return None
+def call(path, cert=None, key=None, data=None, cookie=None):
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.check_hostname = False
+    if cert:
+        ctx.load_cert_chain(cert, key)
+    opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx), NoRedirect)
+    req = urllib.request.Request(base + path, data=data)
+    if cookie:
+        req.add_header('Cookie', cookie)
+    try:
+        with opener.open(req, timeout=10) as r:
+            return [r.status, r.headers.get('Location'), r.headers.get('Set-Cookie'), r.read(2000).decode()]
+    except urllib.error.HTTPError as e:
+        return [e.code, e.headers.get('Location'), e.headers.get('Set-Cookie'), e.read(2000).decode()]
+login = lambda t: call('/login', data=urllib.parse.urlencode({'token': t}).encode())
+ok = login(view)
+session = ok[2].split(';')[0] if ok[2] else None
+print(json.dumps({
+    'anonymous': call('/')[:2],
+    'agent': call('/', acert, akey)[0],
+    'viewer': call('/', cert, key)[0],
+    'join_as_login': login(join)[0],
+    'login': ok[:2],
+    'cookie': ok[2],
+    'with_cookie': call('/tests/' + 'nope', cookie=session)[0],
+    'overview_with_cookie': call('/', cookie=session)[0],
+    'bad_cookie': call('/', cookie='testbus_session=tbjoin.x')[:2],
+    'bad_page': call('/events?page=../../etc', cert, key)[0],
+    'two_targets': call('/logs?test=a&process=b', cert, key)[0],
+    'unknown_report': call('/tests/x/report.exe', cert, key)[0],
+    'unknown_logs': call('/logs?process=nope', cert, key)[0],
+    'escaped': call('/tests/%3Cscript%3E', cert, key)[3].count('<script>'),
+}))
+"#;
+    let args = ["-c", script, &c.agent_server, &ca, &cert, &key, &acert, &akey, &join, &viewer_token(&c)];
+    let v = json_of(&python_in_cp(&c, &args, &[]));
+    assert_eq!(v["anonymous"], serde_json::json!([303, "/login"]), "{v}");
+    assert_eq!(v["agent"], 403, "{v}");
+    assert_eq!(v["viewer"], 200, "{v}");
+    assert_eq!(v["join_as_login"], 401, "{v}");
+    assert_eq!(v["login"], serde_json::json!([303, "/"]), "{v}");
+    let cookie = v["cookie"].as_str().unwrap();
+    for attr in ["HttpOnly", "SameSite=Strict", "Secure", "Path=/"] {
+        assert!(cookie.contains(attr), "{cookie}");
+    }
+    assert_eq!((v["with_cookie"].as_i64(), v["overview_with_cookie"].as_i64()), (Some(404), Some(200)), "{v}");
+    assert_eq!(v["bad_cookie"], serde_json::json!([303, "/login"]), "{v}");
+    assert_eq!(v["bad_page"], 400, "{v}");
+    assert_eq!(v["two_targets"], 400, "{v}");
+    assert_eq!(v["unknown_report"], 404, "{v}");
+    assert_eq!(v["unknown_logs"], 404, "{v}");
+    assert_eq!(v["escaped"], 0, "{v}");
+
+    // A viewer token joins nothing.
+    let token = viewer_token(&c);
+    let dir = c.dir.path().join("sneaky");
+    let out = c
+        .command_in("host-0", Path::new("/usr/bin/timeout"))
+        .arg("30")
+        .arg(bin_dir().join("testbus-agent"))
+        .args(["--server", &c.agent_server, "--join-token", &token, "--name", "sneaky", "--data-dir"])
+        .arg(&dir)
+        .arg("--config-dir")
+        .arg(dir.join("etc"))
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && log.contains("logs in to the dashboard"), "{log}");
+}
