@@ -386,7 +386,7 @@ pub fn history(label: &str, runs: &[&Test]) -> Markup {
         @if label.is_empty() { p.muted { "Name a label the runs share (key=value) to see them side by side." } }
         @else if runs.is_empty() { p.muted { "No test has " (label) "." } }
         @else {
-            h2 { (runs.len()) " runs with " (label) }
+            h2 { (runs.len()) @if runs.len() == 1 { " run" } @else { " runs" } " with " (label) }
             (duration_plot(&points, runs.len()))
             div.matrix-box {
                 table #history {
