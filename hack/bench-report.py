@@ -42,7 +42,7 @@ if sys.argv[1] == "--from":
 else:
     work, out, profile, full = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
     scenarios = {}
-    for name in ["store", "link", "proxy", "run", "start", "throughput", "tls", "fanout", "output", "files", "idle", "sync", "watches", "pools"]:
+    for name in ["store", "link", "proxy", "run", "start", "throughput", "tls", "dashboard", "fanout", "output", "files", "idle", "sync", "watches", "pools"]:
         v = load(name)
         if v is not None:
             scenarios[name] = v
@@ -116,6 +116,18 @@ if s:
               "| processes/s, %d agents | %.0f | %.0f |" % (t["throughput"]["agents"], i["throughput"]["processes_per_s"], t["throughput"]["processes_per_s"])]
     target("run -- true with TLS against --insecure", "≤ 1.10×", "%.2f×" % r["run_true_tls_over_insecure"], r["run_true_tls_over_insecure"] <= 1.10)
     target("throughput cost of TLS", "≤ 1.10×", "%.2f×" % r["throughput_insecure_over_tls"], r["throughput_insecure_over_tls"] <= 1.10)
+
+s = scenarios.get("dashboard")
+if s:
+    lines += ["", "## Dashboard and metrics (%d hosts, %d tests written to the API; loopback, no TLS)" % (s["hosts"], s["tests"]), "",
+              "| | p50 ms | p99 ms |", "|---|---:|---:|",
+              "| overview, server time (GET / on a new connection, %d KiB) | %s | %s |" % (s["overview_bytes"] // 1024, ms(s["overview"]["p50_ms"]), ms(s["overview"]["p99_ms"])),
+              "| a test stored → its `change` event (100 ms of it is the debounce) | %s | %s |" % (ms(s["change_to_event"]["p50_ms"]), ms(s["change_to_event"]["p99_ms"])),
+              "| a test stored → the refreshed page fragment received | %s | %s |" % (ms(s["change_to_fragment"]["p50_ms"]), ms(s["change_to_fragment"]["p99_ms"])),
+              "| `/metrics` scrape | %s | %s |" % (ms(s["metrics_scrape"]["p50_ms"]), ms(s["metrics_scrape"]["p99_ms"]))]
+    target("dashboard overview, server time, p99", "≤ 200 ms", ms(s["overview"]["p99_ms"]) + " ms", s["overview"]["p99_ms"] <= 200)
+    target("a change on the page after it is stored, p99", "≤ 500 ms", ms(s["change_to_fragment"]["p99_ms"]) + " ms", s["change_to_fragment"]["p99_ms"] <= 500)
+    target("metrics scrape, p99", "≤ 50 ms", ms(s["metrics_scrape"]["p99_ms"]) + " ms", s["metrics_scrape"]["p99_ms"] <= 50)
 
 s = scenarios.get("fanout")
 if s:

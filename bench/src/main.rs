@@ -9,7 +9,9 @@
 //! (test start latency), throughput (processes/s over many agents), fanout
 //! (watch delivery to simulated agents), output (stdout to the CLI), files
 //! (a large file to many hosts, and again), idle (resident memory), pools
-//! (libvirt guests: warm and cold starts, clean again, guests in parallel).
+//! (libvirt guests: warm and cold starts, clean again, guests in parallel),
+//! tls (against --insecure), dashboard (overview, live changes and metrics
+//! at 10,000 hosts and 1,000 tests).
 #![forbid(unsafe_code)]
 
 use anyhow::{bail, Context};
@@ -711,6 +713,121 @@ async fn pools(smoke: bool) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
+/// One HTTP/1.1 GET on a new connection to `addr` (host:port): the status,
+/// the body, and the milliseconds to its last byte.
+async fn http_get(addr: &str, path: &str, headers: &str) -> anyhow::Result<(u16, String, f64)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = Instant::now();
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{headers}\r\n").as_bytes())
+        .await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.get(9..12).and_then(|c| c.parse().ok()).context("no HTTP status")?;
+    Ok((status, text, ms))
+}
+
+/// The dashboard and the metrics at scale: hosts and tests written
+/// straight to the API (no agents, no controllers; the fan-out tool's way
+/// of simulating a lab), then the overview's server time, the delay from
+/// a stored change to its `change` event and to the page fragment the
+/// browser then fetches, and a metrics scrape.
+async fn dashboard(smoke: bool) -> anyhow::Result<serde_json::Value> {
+    use futures::StreamExt;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let (hosts, tests, n) = if smoke { (100, 10, 3) } else { (10_000, 1_000, 30) };
+    let c = Cluster::start_loopback_insecure(0, &["--no-controllers"]).await;
+    let addr = c.agent_server.trim_start_matches("http://").to_string();
+    let client = Client::connect(&c.server).await?;
+    let t = Instant::now();
+    let host_api = client.api::<testbus_proto::Host>();
+    futures::stream::iter(0..hosts)
+        .map(|i| {
+            let api = host_api.clone();
+            async move {
+                let h = testbus_proto::Host {
+                    metadata: Some(testbus_proto::ObjectMeta { name: format!("sim-{i:05}"), ..Default::default() }),
+                    spec: Some(testbus_proto::HostSpec { capabilities: vec!["linux".into()], ..Default::default() }),
+                    ..Default::default()
+                };
+                api.create(h).await
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
+    let test_api = client.api::<Test>();
+    let test = |i: usize| {
+        let doc = format!(
+            "apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: t-{i:04}, labels: {{suite: s{}}}}}\nspec:\n  hosts: [{{role: a}}]\n  steps: [{{name: s, on: [a], argv: [\"true\"]}}]\n",
+            i % 10
+        );
+        testbus_proto::manifest::parse("dashboard.yaml", &doc)?
+            .into_iter()
+            .find_map(|o| match o {
+                testbus_proto::Object::Test(t) => Some(t),
+                _ => None,
+            })
+            .context("the manifest has a test")
+    };
+    for i in 0..tests {
+        test_api.create(test(i)?).await?;
+    }
+    let populate_s = t.elapsed().as_secs_f64();
+    let mut overview = Vec::new();
+    let mut size = 0;
+    for _ in 0..n {
+        let (status, body, ms) = http_get(&addr, "/", "").await?;
+        anyhow::ensure!(status == 200, "GET / answered {status}");
+        size = body.len();
+        overview.push(ms);
+    }
+    let mut scrape = Vec::new();
+    for _ in 0..n {
+        let (status, _, ms) = http_get(&addr, "/metrics", "").await?;
+        anyhow::ensure!(status == 200, "GET /metrics answered {status}");
+        scrape.push(ms);
+    }
+    // The events of the overview, read line by line.
+    let mut events = tokio::net::TcpStream::connect(&addr).await?;
+    events.write_all(format!("GET /events?page=overview HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
+    let mut lines = tokio::io::BufReader::new(events).lines();
+    // The response head ends at its first empty line.
+    while !lines.next_line().await?.context("the event stream ended")?.is_empty() {}
+    let (mut to_event, mut to_visible) = (Vec::new(), Vec::new());
+    for k in 0..n {
+        let t = Instant::now();
+        test_api.create(test(tests + k)?).await?;
+        loop {
+            let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+                .await??
+                .context("the event stream ended")?;
+            if line.contains("event: change") {
+                break;
+            }
+        }
+        to_event.push(t.elapsed().as_secs_f64() * 1e3);
+        let (status, _, _) = http_get(&addr, "/", "x-testbus-fragment: main\r\n").await?;
+        anyhow::ensure!(status == 200, "the fragment answered {status}");
+        to_visible.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(json!({
+        "hosts": hosts,
+        "tests": tests,
+        "populate_s": populate_s,
+        "overview_bytes": size,
+        "overview": summary(overview),
+        "change_to_event": summary(to_event),
+        "change_to_fragment": summary(to_visible),
+        "metrics_scrape": summary(scrape),
+    }))
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -731,9 +848,10 @@ async fn main() {
         Some("watches") => future_watches(smoke).await,
         Some("pools") => pools(smoke).await,
         Some("tls") => tls(smoke).await,
+        Some("dashboard") => dashboard(smoke).await,
         _ => {
             eprintln!(
-                "usage: testbus-bench run|start|throughput|fanout|output|files|idle|sync|watches|pools|tls [--smoke]"
+                "usage: testbus-bench run|start|throughput|fanout|output|files|idle|sync|watches|pools|tls|dashboard [--smoke]"
             );
             std::process::exit(2);
         }

@@ -50,6 +50,19 @@ pub struct PoolPhase {
     pub phase: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolWork {
+    pub pool: String,
+    /// create, revert or clean.
+    pub operation: String,
+}
+
+fn guest_histogram() -> Histogram {
+    // 50 ms to ~7 min: a revert is a fraction of a second, a boot under
+    // TCG minutes.
+    Histogram::new(exponential_buckets(0.05, 2.0, 14))
+}
+
 fn seconds_histogram() -> Histogram {
     // 100 µs to ~100 s.
     Histogram::new(exponential_buckets(0.0001, 4.0, 11))
@@ -72,6 +85,7 @@ pub struct Metrics {
     pending: Gauge,
     oldest_pending: Gauge<f64, AtomicU64>,
     guests: Family<PoolPhase, Gauge>,
+    guest_seconds: Family<PoolWork, Histogram, fn() -> Histogram>,
 }
 
 impl Default for Metrics {
@@ -99,6 +113,7 @@ impl Metrics {
             pending: Gauge::default(),
             oldest_pending: Gauge::default(),
             guests: Family::default(),
+            guest_seconds: Family::new_with_constructor(guest_histogram),
             registry: Registry::default(),
         };
         r.register("api_requests", "API calls by service, method and gRPC code", m.requests.clone());
@@ -131,7 +146,22 @@ impl Metrics {
             m.oldest_pending.clone(),
         );
         r.register("pool_guests", "HostPool guests by pool and phase", m.guests.clone());
+        r.register_with_unit(
+            "pool_guest_operation_duration",
+            "Time a pool took to create a guest, revert one to its clean snapshot, or make it ready again",
+            Unit::Seconds,
+            m.guest_seconds.clone(),
+        );
         Metrics { registry: r, ..m }
+    }
+
+    /// What the pool controller reports guest work to.
+    pub fn guest_timings(&self) -> testbus_controllers::pools::GuestTimings {
+        let family = self.guest_seconds.clone();
+        testbus_controllers::pools::GuestTimings::new(move |pool, work, took| {
+            let labels = PoolWork { pool: pool.to_string(), operation: work.as_str().to_string() };
+            family.get_or_create(&labels).observe(took.as_secs_f64());
+        })
     }
 
     /// One API call, from the path it was made to and the gRPC status its

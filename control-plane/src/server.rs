@@ -756,6 +756,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
                 upstream,
                 tls: guest_tls,
                 vsock_device: on_path("vhost-device-vsock"),
+                timings: state.metrics.guest_timings(),
             });
         }
         let client = testbus_proto::client::Client::lazy(&format!("unix:{}", cfg.local_socket().display()))?;

@@ -54,6 +54,55 @@ pub struct PoolsConfig {
     /// The `vhost-device-vsock` binary that serves vsock guests' device
     /// (found on PATH when the control plane starts).
     pub vsock_device: PathBuf,
+    /// Where the time guest work took is reported (metrics).
+    pub timings: GuestTimings,
+}
+
+/// What a pool did to a guest, timed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestWork {
+    /// From nothing to a guest Ready for a test: disk, boot, snapshot, link.
+    Create,
+    /// Its clean snapshot loaded in place.
+    Revert,
+    /// Ready for a test again after one: the revert, the link and the
+    /// agent's registration.
+    Clean,
+}
+
+impl GuestWork {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GuestWork::Create => "create",
+            GuestWork::Revert => "revert",
+            GuestWork::Clean => "clean",
+        }
+    }
+}
+
+/// Receives how long each successful guest work took, by pool; the default
+/// drops them.
+#[derive(Clone, Default)]
+pub struct GuestTimings(Option<Arc<GuestTimer>>);
+
+type GuestTimer = dyn Fn(&str, GuestWork, Duration) + Send + Sync;
+
+impl GuestTimings {
+    pub fn new(f: impl Fn(&str, GuestWork, Duration) + Send + Sync + 'static) -> GuestTimings {
+        GuestTimings(Some(Arc::new(f)))
+    }
+
+    fn record(&self, pool: &str, work: GuestWork, took: Duration) {
+        if let Some(f) = &self.0 {
+            f(pool, work, took);
+        }
+    }
+}
+
+impl std::fmt::Debug for GuestTimings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "GuestTimings(recorded)" } else { "GuestTimings(dropped)" })
+    }
 }
 
 struct GuestRun {
@@ -578,6 +627,7 @@ fn start_create(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &Po
         (ctx.clone(), lv.clone(), cfg.clone(), pool.name().to_string(), pool.spec().network.clone());
     let boot = boot_deadline(pool);
     ctx.clone().guests.spawn(async move {
+        let started = tokio::time::Instant::now();
         let r = async {
             if address.is_some() {
                 let (l, n) = (lv.clone(), network.clone());
@@ -604,6 +654,9 @@ fn start_create(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &Po
             link(&ctx, &lv, &cfg, &spec.name, true).await
         }
         .await;
+        if r.is_ok() {
+            cfg.timings.record(&pool_name, GuestWork::Create, started.elapsed());
+        }
         finish(&ctx, &pool_name, &name, r.map(|_| GuestPhase::Ready));
     });
 }
@@ -790,7 +843,9 @@ fn start_clean(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &Poo
             let (l, n) = (lv.clone(), name.clone());
             blocking(move || l.load_in_place(&n, CLEAN_SNAPSHOT)).await.map_err(|e| e.to_string())?;
             let reverted = started.elapsed();
+            cfg.timings.record(&pool_name, GuestWork::Revert, reverted);
             link(&ctx, &lv, &cfg, &name, true).await?;
+            cfg.timings.record(&pool_name, GuestWork::Clean, started.elapsed());
             tracing::info!(guest = %name, ?reverted, linked = ?started.elapsed() - reverted, "guest clean again");
             Ok(())
         }

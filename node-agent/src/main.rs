@@ -23,6 +23,7 @@ mod credentials;
 mod facts;
 mod journal;
 mod local;
+mod metrics;
 mod pidns;
 mod runner;
 mod testvars;
@@ -103,6 +104,12 @@ struct Args {
     /// `unix:` server says (its socket's `.transport` file), else direct.
     #[arg(long)]
     transport: Option<String>,
+    /// Serve this agent's Prometheus metrics at http://ADDR/metrics
+    /// (processes running, spawn latency, output bytes, processes ended).
+    /// Plain HTTP: bind it to loopback or a management network. Off by
+    /// default.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -566,6 +573,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let containment = choose_containment(args.containment, &args.name, &data_dir)?;
     let predecessor_ran = containment::end_predecessors(&journal, containment.cgroups()).await;
+    // The metrics listener ends with this function (the guard cancels it).
+    let metrics_stop = tokio_util::sync::CancellationToken::new();
+    if let Some(addr) = args.metrics_listen {
+        metrics::serve(addr, metrics_stop.clone()).await?;
+    }
+    let _stop_metrics = metrics_stop.drop_guard();
     let token = match &args.join_token_file {
         Some(f) => Some(
             std::fs::read_to_string(f)

@@ -265,6 +265,8 @@ impl ProcessRunner {
             true
         })
         .await;
+        let phase = self.known.lock().status().phase.clone();
+        crate::metrics::metrics().ended.get_or_create(&crate::metrics::Phase { phase }).inc();
     }
 
     /// A gated process reports Ready and waits to be released; returns why
@@ -490,6 +492,7 @@ impl ProcessRunner {
                 cmd.pre_exec(crate::pidns::unsharer());
             }
         }
+        let spawning = std::time::Instant::now();
         let mut child = {
             let mut tries = 0;
             loop {
@@ -511,6 +514,8 @@ impl ProcessRunner {
                 }
             }
         };
+        crate::metrics::metrics().spawn_seconds.observe(spawning.elapsed().as_secs_f64());
+        let _running = crate::metrics::Running::start();
         let pid = child.id().map(|p| p as i32).unwrap_or(0);
         // Its cgroup (or group) speaks for it on the local socket until it
         // is gone.
@@ -777,6 +782,11 @@ async fn pump(
                 match out.append(chunk).await {
                     Ok(t) => {
                         truncated |= t;
+                        let stream = if stream == 1 { "stderr" } else { "stdout" };
+                        crate::metrics::metrics()
+                            .output_bytes
+                            .get_or_create(&crate::metrics::Stream { stream })
+                            .inc_by(n);
                         break;
                     }
                     // Gone, or already ended (its status was made final by

@@ -58,6 +58,18 @@ pub fn bin_dir() -> PathBuf {
     dir.parent().expect("target dir").to_path_buf()
 }
 
+/// The sum of the samples `name` of a [`Cluster::scrape`] whose label
+/// `label` is `want` (every sample with an empty `label`).
+pub fn metric_sum(samples: &serde_json::Value, name: &str, label: &str, want: &str) -> f64 {
+    samples[name]
+        .as_array()
+        .unwrap_or_else(|| panic!("no {name} in {samples}"))
+        .iter()
+        .filter(|s| label.is_empty() || s[0][label] == want)
+        .map(|s| s[1].as_f64().unwrap_or(0.0))
+        .sum()
+}
+
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
 }
@@ -137,6 +149,11 @@ impl Cluster {
     /// compare the two on the same footing.
     pub async fn start_loopback(n: usize, tls: bool) -> Cluster {
         Self::start_disk(n, &[], &[], None, 0, Net::Loopback { tls }).await
+    }
+
+    /// [`Cluster::start_loopback`] without TLS, with `cp_args`.
+    pub async fn start_loopback_insecure(n: usize, cp_args: &[&str]) -> Cluster {
+        Self::start_disk(n, &[], cp_args, None, 0, Net::Loopback { tls: false }).await
     }
 
     /// The control plane's data dir on a tmpfs of `mb` MiB (root only).
@@ -318,6 +335,24 @@ impl Cluster {
             write(format!("{name}.crt"), &f.client_certificate),
             write(format!("{name}.key"), &f.client_key),
         ]
+    }
+
+    /// Scrapes Prometheus metrics at `url` from `node`'s namespace with
+    /// Prometheus's own parser (tests/scripts/scrape.py); `creds` are the
+    /// CA, and a certificate and key if any. The HTTP status, and the
+    /// samples by name as `[labels, value]` pairs.
+    pub fn scrape(&self, node: &str, url: &str, creds: &[String]) -> (i64, serde_json::Value) {
+        let out = self
+            .command_in(node, Path::new("/usr/bin/python3"))
+            .arg(repo_root().join("tests/scripts/scrape.py"))
+            .arg(url)
+            .args(creds)
+            .output()
+            .expect("python3");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("{e}: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+        });
+        (v["status"].as_i64().unwrap_or(0), v["samples"].clone())
     }
 
     /// Agent `host`'s certificate and key, by path.

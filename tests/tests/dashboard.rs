@@ -74,7 +74,7 @@ spec:
         ),
     )
     .unwrap();
-    let script = repo_root().join("tests/browser/dashboard.py");
+    let script = repo_root().join("tests/scripts/dashboard.py");
     let shots = screenshots();
     let ctl = bin_dir().join("testbusctl");
     let admin = c.dir.path().join("admin.yaml");

@@ -97,6 +97,21 @@ async fn a_pool_makes_guests_on_demand_cleans_them_and_removes_them() {
     // Back at its clean snapshot the guest had no certificate: it joined
     // again, with a new token from the new go.
     assert!(joined(&c.read_log("control-plane")) >= 2, "{}", c.read_log("control-plane"));
+    // The control plane's metrics timed the create and the clean.
+    let admin = testbus_pki::ClientFile::load(&c.dir.path().join("admin.yaml")).unwrap();
+    let (status, samples) = c.scrape("cp", "https://10.77.0.1:7780/metrics", &c.pem_files("admin", &admin));
+    assert_eq!(status, 200);
+    let timed = |op: &str| {
+        samples["testbus_pool_guest_operation_duration_seconds_count"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s[0]["pool"] == "tbt-a" && s[0]["operation"] == op)
+            .map(|s| s[1].as_f64().unwrap_or(0.0))
+            .sum::<f64>()
+    };
+    assert!(timed("create") >= 1.0, "{samples}");
+    assert!(timed("revert") >= 1.0 && timed("clean") >= 1.0, "{samples}");
 
     // Idle past idleTimeout above min 0: destroyed, with its Host.
     wait_for(Duration::from_secs(120), "the idle guest to be destroyed", || async {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use testbus_pki::{ClientFile, Role};
 use testbus_proto::client::Client;
 use testbus_proto::{phase, Host, Process, Resource, Test};
-use testbus_tests::{bin_dir, needs_root, wait_for, Cluster, CtlOutput};
+use testbus_tests::{bin_dir, metric_sum, needs_root, wait_for, Cluster, CtlOutput};
 use tonic::Code;
 
 const HTTPS: &str = "https://10.77.0.1:7780";
@@ -486,44 +486,14 @@ async fn metrics_are_served_on_the_api_port_to_viewers() {
     let out = c.ctl(&["run", "--host", "host-0", "--", "echo", "counted"]);
     assert_eq!(out.code, 0, "{out:?}");
     let viewer = ClientFile::load(&c.write_user_config("bob", "viewer")).unwrap();
-    let script = r#"
-import json, ssl, sys, urllib.request, urllib.error
-from prometheus_client.parser import text_string_to_metric_families
-ca, cert, key, acert, akey = sys.argv[1:6]
-def get(cert=None, key=None):
-    ctx = ssl.create_default_context(cafile=ca)
-    if cert:
-        ctx.load_cert_chain(cert, key)
-    try:
-        with urllib.request.urlopen('https://10.77.0.1:7780/metrics', context=ctx, timeout=10) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-status, text = get(cert, key)
-samples = {}
-for fam in text_string_to_metric_families(text):
-    for s in fam.samples:
-        samples.setdefault(s.name, []).append([s.labels, s.value])
-print(json.dumps({'status': status, 'samples': samples, 'anonymous': get()[0], 'agent': get(acert, akey)[0]}))
-"#;
     let [ca, cert, key] = c.pem_files("bob", &viewer);
     let [acert, akey] = c.agent_pem_files("host-0");
-    let args = [ca, cert, key, acert, akey];
-    let out = c.command_in("host-0", Path::new("/usr/bin/python3")).arg("-c").arg(script).args(&args).output().unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("{e}: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-    });
-    assert_eq!((v["status"].as_i64(), v["anonymous"].as_i64(), v["agent"].as_i64()), (Some(200), Some(401), Some(403)));
-    let samples = &v["samples"];
-    let value = |name: &str, label: &str, want: &str| -> f64 {
-        samples[name]
-            .as_array()
-            .unwrap_or_else(|| panic!("no {name} in {samples}"))
-            .iter()
-            .filter(|s| label.is_empty() || s[0][label] == want)
-            .map(|s| s[1].as_f64().unwrap())
-            .sum()
-    };
+    let url = "https://10.77.0.1:7780/metrics";
+    let (status, samples) = c.scrape("host-0", url, &[ca.clone(), cert, key]);
+    let (anonymous, _) = c.scrape("host-0", url, std::slice::from_ref(&ca));
+    let (agent, _) = c.scrape("host-0", url, &[ca, acert, akey]);
+    assert_eq!((status, anonymous, agent), (200, 401, 403));
+    let value = |name: &str, label: &str, want: &str| metric_sum(&samples, name, label, want);
     assert!(value("testbus_api_requests_total", "method", "Claim") >= 1.0);
     assert!(value("testbus_api_request_duration_seconds_count", "method", "Claim") >= 1.0);
     assert_eq!(value("testbus_tests", "phase", "Succeeded"), 1.0);

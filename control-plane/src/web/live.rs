@@ -323,3 +323,44 @@ async fn send(tx: &mpsc::Sender<Result<Event, Infallible>>, line: &Line<'_>) -> 
     let data = serde_json::to_string(line).map_err(|_| ())?;
     tx.send(Ok(Event::default().data(data))).await.map_err(|_| ())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use testbus_proto::client::EventType;
+    use testbus_proto::{Host, HostStatus, ObjectMeta};
+
+    fn host(phase: &str, renewed: &str) -> Arc<HubEvent> {
+        let h = Host {
+            metadata: Some(ObjectMeta { name: "h".into(), ..Default::default() }),
+            status: Some(HostStatus { phase: phase.into(), lease_renew_time: renewed.into(), ..Default::default() }),
+            ..Default::default()
+        };
+        Arc::new(HubEvent { kind: EventType::Modified, object: Object::Host(h), revision: 1 })
+    }
+
+    /// 10,000 hosts renew their leases every few seconds: the overview
+    /// must not redraw for that, only for what it shows.
+    #[test]
+    fn a_lease_renewal_does_not_change_the_overview() {
+        let first = host("Ready", "t1");
+        let Object::Host(h) = &first.object else { unreachable!() };
+        let mut w = Watched::Overview { hosts: HashMap::from([("h".to_string(), host_digest(h))]) };
+        assert!(!w.changed_by(&host("Ready", "t2")));
+        assert!(w.changed_by(&host("NotReady", "t2")));
+        assert!(!w.changed_by(&host("NotReady", "t3")));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_changes_is_one_event() {
+        let (tx, mut rx) = mpsc::channel(4);
+        let events = futures::stream::iter(vec![host("Ready", "a"), host("NotReady", "b"), host("Ready", "c")])
+            .chain(futures::stream::pending());
+        let task = tokio::spawn(debounce(Box::pin(events), Watched::History, tx));
+        assert!(rx.recv().await.is_some());
+        tokio::time::sleep(DEBOUNCE * 10).await;
+        assert!(rx.try_recv().is_err(), "three changes at once, one event");
+        drop(rx);
+        task.await.unwrap();
+    }
+}
