@@ -576,7 +576,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // The metrics listener ends with this function (the guard cancels it).
     let metrics_stop = tokio_util::sync::CancellationToken::new();
     if let Some(addr) = args.metrics_listen {
-        metrics::serve(addr, metrics_stop.clone()).await?;
+        testbus_telemetry::serve_metrics(addr, metrics::metrics().registry.clone(), metrics_stop.clone())
+            .await
+            .with_context(|| format!("--metrics-listen {addr}"))?;
     }
     let _stop_metrics = metrics_stop.drop_guard();
     let token = match &args.join_token_file {

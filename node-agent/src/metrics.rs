@@ -10,7 +10,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Stream {
@@ -23,7 +23,7 @@ pub struct Phase {
 }
 
 pub struct AgentMetrics {
-    registry: Registry,
+    pub registry: Arc<Registry>,
     pub running: Gauge,
     pub spawn_seconds: Histogram,
     pub output_bytes: Family<Stream, Counter>,
@@ -33,24 +33,20 @@ pub struct AgentMetrics {
 pub fn metrics() -> &'static AgentMetrics {
     static M: OnceLock<AgentMetrics> = OnceLock::new();
     M.get_or_init(|| {
-        let mut registry = Registry::with_prefix("testbus_agent");
-        let m = AgentMetrics {
-            running: Gauge::default(),
-            // 100 µs to ~3 s.
-            spawn_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 15)),
-            output_bytes: Family::default(),
-            ended: Family::default(),
-            registry: Registry::default(),
-        };
-        registry.register("processes_running", "Processes running now", m.running.clone());
-        registry.register(
+        let mut r = Registry::with_prefix("testbus_agent");
+        let running = Gauge::default();
+        // 100 µs to ~3 s.
+        let spawn_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 15));
+        let (output_bytes, ended) = (Family::default(), Family::default());
+        r.register("processes_running", "Processes running now", running.clone());
+        r.register(
             "spawn_duration_seconds",
             "From a process's command being ready to the child running",
-            m.spawn_seconds.clone(),
+            spawn_seconds.clone(),
         );
-        registry.register("output_bytes", "Output bytes sent to the control plane, by stream", m.output_bytes.clone());
-        registry.register("processes_ended", "Processes that ended, by phase", m.ended.clone());
-        AgentMetrics { registry, ..m }
+        r.register("output_bytes", "Output bytes sent to the control plane, by stream", output_bytes.clone());
+        r.register("processes_ended", "Processes that ended, by phase", ended.clone());
+        AgentMetrics { registry: Arc::new(r), running, spawn_seconds, output_bytes, ended }
     })
 }
 
@@ -68,33 +64,4 @@ impl Drop for Running {
     fn drop(&mut self) {
         metrics().running.dec();
     }
-}
-
-impl AgentMetrics {
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        // Writing to a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
-    }
-}
-
-/// Serves `/metrics` on `addr` until `stop`. Plain HTTP: bind it to
-/// loopback or a management network.
-pub async fn serve(addr: std::net::SocketAddr, stop: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
-    use anyhow::Context;
-    let lis = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("--metrics-listen {addr}"))?;
-    tracing::info!(%addr, "serving metrics");
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(|| async {
-            ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], metrics().render())
-        }),
-    );
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(lis, app).with_graceful_shutdown(stop.cancelled_owned()).await {
-            tracing::warn!(error = %e, "the metrics listener failed");
-        }
-    });
-    Ok(())
 }

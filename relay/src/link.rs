@@ -31,11 +31,42 @@ pub struct LinkConfig {
     pub keepalive: Duration,
     /// The link is dead when nothing valid arrived for this long.
     pub dead_after: Duration,
+    /// Counted as the link runs (a relay's metrics): shared by the links a
+    /// relay runs in turn, so a link that died and was replaced counts on.
+    pub counters: LinkCounters,
 }
 
 impl Default for LinkConfig {
     fn default() -> Self {
-        LinkConfig { baud: None, window: 32, keepalive: Duration::from_secs(1), dead_after: Duration::from_secs(6) }
+        LinkConfig {
+            baud: None,
+            window: 32,
+            keepalive: Duration::from_secs(1),
+            dead_after: Duration::from_secs(6),
+            counters: LinkCounters::default(),
+        }
+    }
+}
+
+/// Live counters of links, as Prometheus counters (clones share them).
+#[derive(Debug, Clone, Default)]
+pub struct LinkCounters {
+    pub frames_sent: prometheus_client::metrics::counter::Counter,
+    pub retransmitted: prometheus_client::metrics::counter::Counter,
+    pub rejected: prometheus_client::metrics::counter::Counter,
+}
+
+impl LinkCounters {
+    /// Registers them as `link_frames_sent_total`,
+    /// `link_retransmissions_total` and `link_frames_rejected_total`.
+    pub fn register(&self, r: &mut prometheus_client::registry::Registry) {
+        r.register("link_frames_sent", "Data frames sent on serial links (first sends)", self.frames_sent.clone());
+        r.register(
+            "link_retransmissions",
+            "Frames sent again for want of an acknowledgement",
+            self.retransmitted.clone(),
+        );
+        r.register("link_frames_rejected", "Frames received damaged (bad checksum or framing)", self.rejected.clone());
     }
 }
 
@@ -233,6 +264,7 @@ where
                     Err(e) => break Err(e.into()),
                 };
                 reader.push(&rbuf[..n], &mut frames);
+                cfg.counters.rejected.inc_by(reader.rejected.saturating_sub(st.stats.rejected));
                 st.stats.rejected = reader.rejected;
                 let mut fatal = None;
                 let now = Instant::now();
@@ -305,6 +337,7 @@ where
                         let now = Instant::now();
                         st.unacked.insert(seq, Pending { payload, sent: now, retransmitted: false });
                         st.stats.frames_sent += 1;
+                        cfg.counters.frames_sent.inc();
                         st.last_tx = now;
                     }
                 }
@@ -345,6 +378,7 @@ where
                         p.retransmitted = true;
                     }
                     st.stats.retransmitted += 1;
+                    cfg.counters.retransmitted.inc();
                     st.last_tx = now;
                 }
                 if now.duration_since(st.last_tx) >= cfg.keepalive {

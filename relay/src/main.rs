@@ -53,6 +53,14 @@ struct Args {
     /// control plane, for a pool guest) ends with it, however it ends.
     #[arg(long)]
     exit_with_stdin: bool,
+    /// Serve this relay's Prometheus metrics at http://ADDR/metrics: its
+    /// serial links' frames sent, retransmitted and rejected. Plain HTTP:
+    /// bind it to loopback or a management network. Off by default.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// What this relay's serial links count.
+    #[arg(skip)]
+    counters: link::LinkCounters,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -162,7 +170,12 @@ async fn open_line(ep: &Endpoint, side: Side, args: &Args) -> anyhow::Result<(Bo
         Endpoint::Serial { path, baud } => {
             let port = tokio_serial::SerialStream::open(&tokio_serial::new(path.to_string_lossy(), *baud))
                 .with_context(|| format!("opening {ep}"))?;
-            let cfg = link::LinkConfig { baud: args.baud, dead_after: args.link_timeout, ..Default::default() };
+            let cfg = link::LinkConfig {
+                baud: args.baud,
+                dead_after: args.link_timeout,
+                counters: args.counters.clone(),
+                ..Default::default()
+            };
             let (stream, task) = link::ReliableLink::spawn(port, cfg);
             tokio::spawn(async move {
                 if let Ok(Ok(stats)) = task.await {
@@ -329,6 +342,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if args.upstream == Endpoint::Stdio && args.downstream == Endpoint::Stdio {
         anyhow::bail!("--downstream and --upstream cannot both be stdio");
     }
+    // The metrics listener ends with this function (the guard cancels it).
+    let metrics_stop = tokio_util::sync::CancellationToken::new();
+    if let Some(addr) = args.metrics_listen {
+        let mut registry = prometheus_client::registry::Registry::with_prefix("testbus_relay");
+        args.counters.register(&mut registry);
+        testbus_telemetry::serve_metrics(addr, std::sync::Arc::new(registry), metrics_stop.clone())
+            .await
+            .with_context(|| format!("--metrics-listen {addr}"))?;
+    }
+    let _stop_metrics = metrics_stop.drop_guard();
     let args = std::sync::Arc::new(args);
     let to = start_upstream(&args);
     let down = args.downstream.clone();

@@ -48,3 +48,33 @@ pub fn init_logging(format: LogFormat) {
             .init(),
     }
 }
+
+/// Serves `registry` in Prometheus's text format at `http://ADDR/metrics`
+/// (a daemon's `--metrics-listen`) until `stop`. Plain HTTP, for loopback
+/// or a management network; the control plane serves its own metrics on
+/// its API listeners instead.
+pub async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    registry: std::sync::Arc<prometheus_client::registry::Registry>,
+    stop: tokio_util::sync::CancellationToken,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let lis = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "serving metrics");
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let registry = registry.clone();
+            async move {
+                let mut out = String::new();
+                // Writing to a String cannot fail.
+                let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+                ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], out)
+            }
+        }),
+    );
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(lis, app).with_graceful_shutdown(stop.cancelled_owned()).await {
+            tracing::warn!(error = %e, "the metrics listener failed");
+        }
+    }))
+}

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use testbus_proto::{phase, Resource};
 use testbus_relay::noise::{copy_noisy, Noise};
-use testbus_tests::{manifest, needs_root, wait_for, Cluster};
+use testbus_tests::{manifest, metric_sum, needs_root, wait_for, Cluster};
 
 const CP: &str = "tcp:10.77.0.1:7780";
 
@@ -177,8 +177,16 @@ async fn a_noisy_line_delivers_every_byte_intact() {
     tokio::spawn(copy_noisy(file(b), file(a), noise, 2));
     let down = format!("serial:{}", host_end.display());
     c.spawn_logged(Some("cp"), "relay-host", "testbus-relay", &["--downstream", &down, "--upstream", CP]);
-    start_guest(&mut c, "guest", &format!("serial:{}", guest_end.display()), &[]).await;
+    let metrics = ["--metrics-listen", "127.0.0.1:9465"];
+    start_guest(&mut c, "guest", &format!("serial:{}", guest_end.display()), &metrics).await;
     exchange_through(&c, "guest", "noisy").await;
+    // The guest's relay counted what the noise cost it.
+    let (status, s) = c.scrape("guest", "http://127.0.0.1:9465/metrics", &[]);
+    assert_eq!(status, 200);
+    let count = |name: &str| metric_sum(&s, name, "", "");
+    assert!(count("testbus_relay_link_frames_sent_total") > 100.0, "{s}");
+    assert!(count("testbus_relay_link_retransmissions_total") > 0.0, "{s}");
+    assert!(count("testbus_relay_link_frames_rejected_total") > 0.0, "{s}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
