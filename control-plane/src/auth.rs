@@ -23,6 +23,10 @@ use testbus_proto::{
 use tonic::{Request, Response, Status};
 
 const TOKENS: &str = "/auth/tokens/";
+/// Dashboard logins live apart from join tokens: a replica of an older
+/// version, which knows no `role`, finds none of them where it looks for
+/// join tokens, so it cannot take one as an unrestricted join token.
+const VIEWER_TOKENS: &str = "/auth/viewer-tokens/";
 const REVOKED: &str = "/auth/revoked/";
 const SHARED_CA: &str = "/auth/ca";
 /// Tokens kept at most (expired ones are dropped first).
@@ -176,14 +180,15 @@ struct StoredToken {
 /// The role of a token that logs a browser in to the dashboard.
 pub const VIEWER_TOKEN: &str = "viewer";
 
-/// The stored token `text` names, if its secret is right and it is live.
-async fn live_token(st: &ApiState, ca: &Ca, text: &str) -> Result<StoredToken, Status> {
+/// The stored token `text` names under `prefix`, if its secret is right
+/// and it is live.
+async fn live_token(st: &ApiState, ca: &Ca, prefix: &str, text: &str) -> Result<StoredToken, Status> {
     let bad = |m: String| Status::from(ApiError::Unauthenticated(format!("token: {m}")));
     let token: JoinToken = text.parse().map_err(|e: String| Status::invalid_argument(format!("token: {e}")))?;
     if token.ca != ca.fingerprint() {
         return Err(bad("it names another CA than this control plane's".into()));
     }
-    let kv = st.store.get(&format!("{TOKENS}{}", token.id)).await.map_err(ApiError::from)?;
+    let kv = st.store.get(&format!("{prefix}{}", token.id)).await.map_err(ApiError::from)?;
     match kv.and_then(|kv| serde_json::from_slice::<StoredToken>(&kv.value).ok()) {
         Some(s) if s.hash == token.secret_hash() && s.expires > unix_now() => Ok(s),
         _ => Err(bad("unknown, wrong or expired; create one with `testbus-control-plane token create`".into())),
@@ -194,9 +199,14 @@ async fn live_token(st: &ApiState, ca: &Ca, text: &str) -> Result<StoredToken, S
 /// expires (seconds since the epoch) if so.
 pub async fn check_viewer_token(st: &ApiState, text: &str) -> Result<u64, Status> {
     let ca = AuthService::new(st.clone());
-    let t = live_token(st, ca.ca()?, text).await?;
+    let t = live_token(st, ca.ca()?, VIEWER_TOKENS, text).await.map_err(|e| match e.code() {
+        tonic::Code::Unauthenticated => Status::from(ApiError::Unauthenticated(
+            "token: not a live viewer token; create one with `testbus-control-plane token create --viewer`".into(),
+        )),
+        _ => e,
+    })?;
     if t.role != VIEWER_TOKEN {
-        return Err(ApiError::Unauthenticated("token: it is an agent's join token, not a viewer's".into()).into());
+        return Err(ApiError::Unauthenticated("token: not a viewer token".into()).into());
     }
     Ok(t.expires)
 }
@@ -233,7 +243,7 @@ impl AuthService {
 
     async fn check_token(&self, text: &str, host: &str) -> Result<(), Status> {
         let bad = |m: String| Status::from(ApiError::Unauthenticated(format!("token: {m}")));
-        let s = live_token(&self.st, self.ca()?, text).await?;
+        let s = live_token(&self.st, self.ca()?, TOKENS, text).await?;
         if !s.role.is_empty() {
             return Err(bad(format!("it is a {} token: it logs in to the dashboard, it joins nothing", s.role)));
         }
@@ -265,8 +275,9 @@ impl AuthService {
             other => return Err(Status::invalid_argument(format!("role: {other:?} is not \"agent\" or \"viewer\""))),
         };
         let token = JoinToken::new(&self.ca()?.fingerprint());
+        let prefix = if role.is_empty() { TOKENS } else { VIEWER_TOKENS };
         // Expired tokens go first; a store full of live ones refuses more.
-        let (kvs, _) = self.st.store.list(TOKENS).await.map_err(ApiError::from)?;
+        let (kvs, _) = self.st.store.list(prefix).await.map_err(ApiError::from)?;
         let now = unix_now();
         let mut ops = Vec::new();
         let mut live = 0;
@@ -278,12 +289,12 @@ impl AuthService {
         }
         if live >= MAX_TOKENS {
             return Err(Status::resource_exhausted(format!(
-                "{live} join tokens are live; at most {MAX_TOKENS} (they expire by themselves)"
+                "{live} tokens of this kind are live; at most {MAX_TOKENS} (they expire by themselves)"
             )));
         }
         let expires = now + ttl.as_secs();
         let stored = StoredToken { hash: token.secret_hash(), expires, pool: r.pool, host: r.host_name, role };
-        ops.push(Op::Put(format!("{TOKENS}{}", token.id), serde_json::to_vec(&stored).unwrap_or_default()));
+        ops.push(Op::Put(format!("{prefix}{}", token.id), serde_json::to_vec(&stored).unwrap_or_default()));
         self.st.store.txn(vec![], ops).await.map_err(ApiError::from)?;
         Ok(CreateTokenResponse {
             token: token.to_string(),

@@ -14,6 +14,7 @@ use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
+use testbus_proto::client::EventType;
 use testbus_proto::output_server::Output as _;
 use testbus_proto::{Kind, Object, Resource};
 use tokio::sync::mpsc;
@@ -21,7 +22,7 @@ use tokio::sync::mpsc;
 /// Changes closer together than this are one `change` event.
 const DEBOUNCE: Duration = Duration::from_millis(100);
 /// Processes one test's log stream follows at most.
-const MAX_FOLLOWED: usize = 512;
+const MAX_FOLLOWED: usize = 128;
 /// Longest line sent; the rest is cut (the full output is in `testbusctl logs`).
 const MAX_LINE: usize = 4096;
 
@@ -56,6 +57,10 @@ fn host_digest(h: &testbus_proto::Host) -> u64 {
 impl Watched {
     fn changed_by(&mut self, e: &HubEvent) -> bool {
         match (self, &e.object) {
+            (Watched::Overview { hosts }, Object::Host(h)) if e.kind == EventType::Deleted => {
+                hosts.remove(h.name());
+                true
+            }
             (Watched::Overview { hosts }, Object::Host(h)) => {
                 let d = host_digest(h);
                 hosts.insert(h.name().to_string(), d) != Some(d)
@@ -92,10 +97,17 @@ pub(super) async fn events(State(web): State<Web>, Query(q): Query<LiveQuery>, r
             return (axum::http::StatusCode::BAD_REQUEST, msg).into_response();
         }
     };
-    // Subscriptions from now: nothing can be too old.
-    let subs: Vec<_> = subs.into_iter().filter_map(Result::ok).collect();
+    let Some(permit) = super::stream_permit(&web) else { return super::too_many_streams() };
+    // Subscriptions from now: nothing can be too old. Each ends with a
+    // None, so that losing any of them ends the stream (and the browser
+    // reconnects afresh) instead of going on deaf to that kind.
+    let subs: Vec<_> =
+        subs.into_iter().filter_map(Result::ok).map(|s| s.map(Some).chain(futures::stream::iter([None]))).collect();
     let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(4);
-    tokio::spawn(debounce(futures::stream::select_all(subs), watched, tx));
+    tokio::spawn(async move {
+        debounce(futures::stream::select_all(subs), watched, tx).await;
+        drop(permit);
+    });
     Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx)).keep_alive(KeepAlive::default()).into_response()
 }
 
@@ -103,7 +115,7 @@ pub(super) async fn events(State(web): State<Web>, Query(q): Query<LiveQuery>, r
 /// ends when the browser goes away or the hub drops a subscription (the
 /// browser reconnects and starts afresh).
 async fn debounce(
-    mut events: impl futures::Stream<Item = Arc<HubEvent>> + Unpin,
+    mut events: impl futures::Stream<Item = Option<Arc<HubEvent>>> + Unpin,
     mut watched: Watched,
     tx: mpsc::Sender<Result<Event, Infallible>>,
 ) {
@@ -112,7 +124,7 @@ async fn debounce(
             _ = tx.closed() => return,
             e = events.next() => e,
         };
-        let Some(e) = e else { return };
+        let Some(Some(e)) = e else { return };
         if !watched.changed_by(&e) {
             continue;
         }
@@ -122,11 +134,11 @@ async fn debounce(
             tokio::select! {
                 _ = tokio::time::sleep_until(until) => break,
                 e = events.next() => match e {
-                    Some(e) => {
+                    Some(Some(e)) => {
                         watched.changed_by(&e);
                         revision = revision.max(e.revision);
                     }
-                    None => break,
+                    _ => break,
                 },
             }
         }
@@ -196,8 +208,12 @@ pub(super) async fn logs(State(web): State<Web>, Query(q): Query<LogsQuery>, req
     if let Err(r) = first {
         return r;
     }
+    let Some(permit) = super::stream_permit(&web) else { return super::too_many_streams() };
     let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(64);
-    tokio::spawn(follow(web, caller, target, tx));
+    tokio::spawn(async move {
+        follow(web, caller, target, tx).await;
+        drop(permit);
+    });
     Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx)).keep_alive(KeepAlive::default()).into_response()
 }
 
@@ -257,14 +273,17 @@ async fn follow(web: Web, caller: crate::authz::Caller, target: Followed, tx: mp
                 },
             };
             for (name, label) in found {
-                if followed.len() >= MAX_FOLLOWED || !followed.insert(name.clone()) {
+                if followed.len() >= MAX_FOLLOWED || followed.contains(&name) {
                     continue;
                 }
+                // Not yet readable (its output not begun): tried again at
+                // the next look.
                 if let Ok(s) = read(&web, &caller, &name, true).await {
                     let n = name.clone();
                     streams.push(s.map(move |c| (n.clone(), c)).boxed());
+                    followed.insert(name.clone());
+                    from.insert(name, label);
                 }
-                from.insert(name, label);
             }
         }
         // A stream that ended may leave its last line without a newline.
@@ -287,7 +306,12 @@ async fn follow(web: Web, caller: crate::authz::Caller, target: Followed, tx: mp
             _ = tx.closed() => return,
             e = async { match changes.as_mut() { Some(c) => c.next().await, None => std::future::pending().await } } => match e {
                 Some(e) => look = e.object.meta().name == test.as_deref().unwrap_or_default(),
-                None => { changes = None; look = true; }
+                // The hub dropped it (this stream fell behind): a new one,
+                // and a look for what was missed meanwhile.
+                None => {
+                    changes = web.st.hub.watch(Kind::Test, None, None, Filter::default()).ok();
+                    look = true;
+                }
             },
             next = streams.next(), if !streams.is_empty() => {
                 let Some((name, Ok(chunk))) = next else { continue };
@@ -300,16 +324,7 @@ async fn follow(web: Web, caller: crate::authz::Caller, target: Followed, tx: mp
                 let stderr = chunk.stream == 1;
                 let buf = partial.entry((name, stderr)).or_default();
                 buf.extend_from_slice(&chunk.data);
-                while let Some(i) = buf.iter().position(|&b| b == b'\n') {
-                    let line: Vec<u8> = buf.drain(..=i).collect();
-                    let text = String::from_utf8_lossy(&line[..line.len() - 1]);
-                    let text: String = text.chars().take(MAX_LINE).collect();
-                    if send(&tx, &Line { from: &label, stderr, text: &text }).await.is_err() {
-                        return;
-                    }
-                }
-                if buf.len() > MAX_LINE {
-                    let text: String = String::from_utf8_lossy(&std::mem::take(buf)).chars().take(MAX_LINE).collect();
+                for text in take_lines(buf) {
                     if send(&tx, &Line { from: &label, stderr, text: &text }).await.is_err() {
                         return;
                     }
@@ -317,6 +332,30 @@ async fn follow(web: Web, caller: crate::authz::Caller, target: Followed, tx: mp
             }
         }
     }
+}
+
+/// The whole lines at the front of `buf`, taken out of it in one pass (the
+/// rest stays for the next chunk). Of an unfinished line longer than
+/// MAX_LINE, the first MAX_LINE characters are sent marked " …" and the
+/// rest dropped; what follows of it comes as another line.
+fn take_lines(buf: &mut Vec<u8>) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while let Some(i) = buf[start..].iter().position(|&b| b == b'\n') {
+        out.push(line_text(&buf[start..start + i]));
+        start += i + 1;
+    }
+    buf.drain(..start);
+    if buf.len() > MAX_LINE {
+        out.push(line_text(buf) + " …");
+        buf.clear();
+    }
+    out
+}
+
+/// A line as sent: at most MAX_LINE characters, invalid UTF-8 replaced.
+fn line_text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(&bytes[..bytes.len().min(4 * MAX_LINE)]).chars().take(MAX_LINE).collect()
 }
 
 async fn send(tx: &mpsc::Sender<Result<Event, Infallible>>, line: &Line<'_>) -> Result<(), ()> {
@@ -327,7 +366,6 @@ async fn send(tx: &mpsc::Sender<Result<Event, Infallible>>, line: &Line<'_>) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use testbus_proto::client::EventType;
     use testbus_proto::{Host, HostStatus, ObjectMeta};
 
     fn host(phase: &str, renewed: &str) -> Arc<HubEvent> {
@@ -351,10 +389,30 @@ mod tests {
         assert!(!w.changed_by(&host("NotReady", "t3")));
     }
 
+    #[test]
+    fn output_is_cut_into_lines_in_one_pass() {
+        let mut buf = b"one\ntwo\nthr".to_vec();
+        assert_eq!(take_lines(&mut buf), ["one", "two"]);
+        assert_eq!(buf, b"thr");
+        buf.extend_from_slice(b"ee\n\xff\n");
+        assert_eq!(take_lines(&mut buf), ["three", "\u{fffd}"]);
+        assert!(buf.is_empty());
+        // 4 MiB of newlines is 4 Mi empty lines, in linear time.
+        let mut buf = vec![b'\n'; 4 << 20];
+        assert_eq!(take_lines(&mut buf).len(), 4 << 20);
+        // A line without end, longer than MAX_LINE: cut and marked.
+        let mut buf = vec![b'x'; 3 * MAX_LINE];
+        let lines = take_lines(&mut buf);
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines[0].chars().count(), MAX_LINE + 2);
+        assert!(buf.is_empty());
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_burst_of_changes_is_one_event() {
         let (tx, mut rx) = mpsc::channel(4);
         let events = futures::stream::iter(vec![host("Ready", "a"), host("NotReady", "b"), host("Ready", "c")])
+            .map(Some)
             .chain(futures::stream::pending());
         let task = tokio::spawn(debounce(Box::pin(events), Watched::History, tx));
         assert!(rx.recv().await.is_some());

@@ -27,6 +27,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
 use maud::Markup;
+use std::sync::Arc;
 use testbus_proto::{Host, HostPool, ListRequest, Process, Resource, Test};
 
 /// What every dashboard handler holds.
@@ -36,7 +37,14 @@ pub struct Web {
     output: OutputService,
     /// Login cookies are marked Secure when the listeners speak TLS.
     secure_cookie: bool,
+    /// Live streams (page events and logs) open at once, all browsers
+    /// together: each holds a task and hub subscriptions.
+    streams: Arc<tokio::sync::Semaphore>,
 }
+
+/// Live streams the dashboard serves at once; more are refused (503) until
+/// some end.
+pub const MAX_LIVE_STREAMS: usize = 256;
 
 /// The login cookie: a viewer token.
 const SESSION_COOKIE: &str = "testbus_session";
@@ -45,7 +53,7 @@ const FRAGMENT_HEADER: &str = "x-testbus-fragment";
 
 pub fn routes(st: ApiState, output: OutputService) -> axum::Router {
     let secure_cookie = st.pki.is_some();
-    let web = Web { st, output, secure_cookie };
+    let web = Web { st, output, secure_cookie, streams: Arc::new(tokio::sync::Semaphore::new(MAX_LIVE_STREAMS)) };
     axum::Router::new()
         .route("/metrics", get(metrics))
         .route("/", get(overview))
@@ -102,6 +110,14 @@ impl Web {
     /// The one gate of every dashboard request: a viewer, an admin, the
     /// local socket or an insecure listener; agents are refused.
     pub(crate) async fn admit(&self, caller: Caller, headers: HeaderMap) -> Result<Admitted, Refused> {
+        // An --insecure listener admits whoever reaches it, which a web
+        // page can make a browser do by rebinding its own name to
+        // 127.0.0.1: such requests name that host, not a loopback one.
+        if matches!(caller, Caller::Insecure) && !loopback_host(&headers) {
+            return Err(Refused::Status(tonic::Status::permission_denied(
+                "an insecure listener serves the dashboard to loopback names only (Host: 127.0.0.1, localhost, [::1])",
+            )));
+        }
         match crate::auth::authorize_caller(self.st.pki.as_deref(), &caller, Verb::Get, "dashboard") {
             Ok(Scope::All) => return Ok(Admitted { scope: Scope::All, caller, headers }),
             Ok(Scope::Host(_)) => {
@@ -141,6 +157,29 @@ impl Web {
     }
 }
 
+/// Whether the request's Host header names a loopback host (a browser
+/// sends the name it was given; one without the header is not let in).
+fn loopback_host(headers: &HeaderMap) -> bool {
+    let Some(host) = headers.get(header::HOST).and_then(|v| v.to_str().ok()) else { return false };
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    name == "localhost" || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// A permit for one more live stream, if fewer than MAX_LIVE_STREAMS are
+/// open.
+fn stream_permit(web: &Web) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    web.streams.clone().try_acquire_owned().ok()
+}
+
+/// The answer when no more live streams are served.
+fn too_many_streams() -> Response {
+    let msg = format!("the dashboard serves {MAX_LIVE_STREAMS} live streams at most; try again later\n");
+    (StatusCode::SERVICE_UNAVAILABLE, msg).into_response()
+}
+
 fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers
         .get_all(header::COOKIE)
@@ -170,7 +209,7 @@ pub(crate) fn caller(req: &Request) -> Caller {
 /// A page, or its `<main>` alone when the live refresh asks for it.
 fn page(headers: &HeaderMap, title: &str, live: Option<&str>, main: Markup) -> Response {
     let html = if headers.contains_key(FRAGMENT_HEADER) { main } else { pages::layout(title, live, main) };
-    ([(header::CACHE_CONTROL, "no-store")], html).into_response()
+    ([(header::CACHE_CONTROL, "no-store"), (header::X_CONTENT_TYPE_OPTIONS, "nosniff")], html).into_response()
 }
 
 /// Admits the request or returns the answer that refuses it.
@@ -372,5 +411,26 @@ async fn login(State(web): State<Web>, headers: HeaderMap, axum::Form(f): axum::
         Err(s) => {
             (StatusCode::UNAUTHORIZED, page(&headers, "log in", None, pages::login(Some(s.message())))).into_response()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_insecure_listener_answers_loopback_names_only() {
+        let with = |h: &str| {
+            let mut m = HeaderMap::new();
+            m.insert(header::HOST, h.parse().unwrap());
+            loopback_host(&m)
+        };
+        for ok in ["127.0.0.1:7780", "localhost:7780", "localhost", "[::1]:7780", "127.9.9.9"] {
+            assert!(with(ok), "{ok}");
+        }
+        for bad in ["evil.example:7780", "evil.example", "10.0.0.1:7780", "[::2]:80", "localhost.evil.example"] {
+            assert!(!with(bad), "{bad}");
+        }
+        assert!(!loopback_host(&HeaderMap::new()), "no Host, no answer");
     }
 }

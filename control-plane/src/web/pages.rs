@@ -3,7 +3,7 @@
 //! value). Each page is a `<main>` the browser swaps in place when the
 //! server-sent events say something it shows changed.
 use maud::{html, Markup, DOCTYPE};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use testbus_proto::{phase, Host, HostPool, Process, Resource, Test};
 
 /// Hosts on one page of the overview (10,000 hosts are 100 pages).
@@ -12,6 +12,8 @@ pub const HOSTS_PER_PAGE: usize = 100;
 pub const TESTS_PER_PAGE: usize = 50;
 /// Runs in a history matrix.
 pub const HISTORY_RUNS: usize = 40;
+/// Steps and results (columns) in a history matrix.
+pub const HISTORY_COLUMNS: usize = 200;
 
 /// The page around a `<main>`; `live` is the events URL that keeps it fresh.
 pub fn layout(title: &str, live: Option<&str>, main: Markup) -> Markup {
@@ -55,6 +57,18 @@ fn duration(start: &str, end: &str) -> String {
         None if !start.is_empty() => "running".into(),
         None => String::new(),
     }
+}
+
+/// The history of runs labelled k=v, percent-encoded.
+fn history_link(k: &str, v: &str) -> String {
+    let enc: String = format!("{k}={v}")
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'/' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    format!("/history?label={enc}")
 }
 
 fn test_link(name: &str) -> Markup {
@@ -140,7 +154,7 @@ pub fn overview(o: &Overview) -> Markup {
                         td { (t.status().claims.len()) }
                         td.time { (t.meta().creation_timestamp) }
                         td { (duration(&t.status().start_time, &t.status().completion_time)) }
-                        td { @for (k, v) in &t.meta().labels { a.label href={"/history?label=" (k) "%3D" (v)} { (k) "=" (v) } " " } }
+                        td { @for (k, v) in &t.meta().labels { a.label href=(history_link(k, v)) { (k) "=" (v) } " " } }
                     }
                 }
             }
@@ -191,7 +205,7 @@ pub fn test(t: &Test) -> Markup {
         p {
             "created " span.time { (t.meta().creation_timestamp) }
             @if !s.start_time.is_empty() { " · ran " (duration(&s.start_time, &s.completion_time)) }
-            @for (k, v) in &t.meta().labels { " · " a.label href={"/history?label=" (k) "%3D" (v)} { "history of " (k) "=" (v) } }
+            @for (k, v) in &t.meta().labels { " · " a.label href=(history_link(k, v)) { "history of " (k) "=" (v) } }
         }
         p.downloads {
             "Report: "
@@ -354,25 +368,27 @@ pub fn logs(title: &str, back: Markup, stream: &str) -> Markup {
 /// Runs sharing a label: a matrix of runs × steps and results, and their
 /// durations over time. `runs` are oldest first.
 pub fn history(label: &str, runs: &[&Test]) -> Markup {
-    let mut columns: Vec<String> = Vec::new();
+    // Each run's steps and results by name, and the columns in the order
+    // first seen (at most HISTORY_COLUMNS: a test records up to 10,000
+    // results).
+    let cells: Vec<HashMap<&str, &str>> = runs
+        .iter()
+        .map(|t| {
+            let s = t.status();
+            let steps = s.steps.iter().map(|x| (x.name.as_str(), x.phase.as_str()));
+            steps.chain(s.results.iter().map(|r| (r.path.as_str(), r.outcome.as_str()))).collect()
+        })
+        .collect();
+    let mut columns: Vec<&str> = Vec::new();
+    let mut seen: HashSet<&str> = HashSet::new();
     for t in runs {
-        for c in
-            t.status().steps.iter().map(|s| s.name.clone()).chain(t.status().results.iter().map(|r| r.path.clone()))
-        {
-            if !columns.contains(&c) {
+        let s = t.status();
+        for c in s.steps.iter().map(|x| x.name.as_str()).chain(s.results.iter().map(|r| r.path.as_str())) {
+            if columns.len() < HISTORY_COLUMNS && seen.insert(c) {
                 columns.push(c);
             }
         }
     }
-    let cell = |t: &Test, c: &str| -> String {
-        let s = t.status();
-        s.steps
-            .iter()
-            .find(|x| x.name == c)
-            .map(|x| x.phase.clone())
-            .or_else(|| s.results.iter().find(|r| r.path == c).map(|r| r.outcome.clone()))
-            .unwrap_or_default()
-    };
     let points: Vec<(usize, f64)> = runs
         .iter()
         .enumerate()
@@ -391,12 +407,12 @@ pub fn history(label: &str, runs: &[&Test]) -> Markup {
             div.matrix-box {
                 table #history {
                     tr { th { "run" } th { "phase" } @for c in &columns { th.col { (c) } } }
-                    @for t in runs.iter().rev() {
+                    @for (t, by_name) in runs.iter().zip(&cells).rev() {
                         tr {
                             td { (test_link(t.name())) br; span.time { (t.meta().creation_timestamp) } }
                             td { (phase_badge(&t.status().phase)) }
                             @for c in &columns {
-                                @let v = cell(t, c);
+                                @let v = by_name.get(c).copied().unwrap_or_default();
                                 td class={"cell phase-" (v) " outcome-" (v)} title=(v) {}
                             }
                         }
@@ -473,6 +489,12 @@ mod tests {
         assert!(html.contains("host-h200") && html.contains("host-h249") && !html.contains("host-h199"));
         assert!(html.contains("page 3 of 3 (250 hosts)"));
         assert!(!html.contains("<b>"), "escaped");
+    }
+
+    #[test]
+    fn label_links_are_percent_encoded() {
+        assert_eq!(history_link("suite", "nfs"), "/history?label=suite%3Dnfs");
+        assert_eq!(history_link("a", "b,c&d#e"), "/history?label=a%3Db%2Cc%26d%23e");
     }
 
     #[test]

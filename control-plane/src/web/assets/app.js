@@ -55,7 +55,9 @@ function logPage(pre) {
   }
   search.addEventListener("input", () => { query = search.value; apply(); });
   const es = new EventSource(pre.dataset.stream);
-  es.addEventListener("open", () => setState("live"));
+  // The server sends the whole output from its start on each connection:
+  // a reconnection starts the page afresh.
+  es.addEventListener("open", () => { pre.replaceChildren(); apply(); setState("live"); });
   es.onmessage = (e) => {
     const l = JSON.parse(e.data);
     const div = document.createElement("div");
