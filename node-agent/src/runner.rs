@@ -25,6 +25,9 @@ const KILL_GRACE: Duration = Duration::from_secs(2);
 const RUNNING_DELAY: Duration = Duration::from_millis(2);
 /// How long to wait for output pipes after the process group is gone.
 const DRAIN_LIMIT: Duration = Duration::from_secs(10);
+/// Bytes a pump still takes from its pipe once stopped (what a pipe holds,
+/// with room to spare).
+const AFTER_STOP: usize = 1 << 20;
 /// Largest output append: what the pipe holds is gathered up to this size,
 /// so a fast writer costs one RPC per MiB rather than per pipe buffer.
 const CHUNK: usize = 1 << 20;
@@ -742,15 +745,32 @@ async fn pump(
         // zeroed: reads go into spare capacity). Each chunk is moved into
         // its append, not copied.
         let mut size = FIRST_READ;
+        // Once stopped: bytes still taken from the pipe, at most AFTER_STOP.
+        let mut stopped: Option<usize> = None;
         loop {
             let mut buf: Vec<u8> = Vec::with_capacity(size);
-            tokio::select! {
-                biased;
-                _ = &mut stop => return,
-                n = read_spare(&mut r, &mut buf) => match n {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {}
-                },
+            if let Some(taken) = &mut stopped {
+                // What is in the pipe already is still taken (a process that
+                // printed and exited must not lose it to a drain limit cut
+                // short, as by a guest's clock jumping on a snapshot
+                // revert); nothing more is waited for, and a writer that
+                // keeps writing is cut off after AFTER_STOP bytes.
+                match futures::FutureExt::now_or_never(read_spare(&mut r, &mut buf)) {
+                    Some(Ok(m)) if m > 0 && *taken < AFTER_STOP => *taken += m,
+                    _ => return,
+                }
+            } else {
+                tokio::select! {
+                    biased;
+                    _ = &mut stop => {
+                        stopped = Some(0);
+                        continue;
+                    }
+                    n = read_spare(&mut r, &mut buf) => match n {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    },
+                }
             }
             // Whatever else is already in the pipe goes in the same append
             // (a read that would wait is dropped; pipe reads are cancel-safe).
@@ -986,6 +1006,34 @@ mod tests {
     impl super::OutputSink for SlowSink {
         async fn append(&mut self, chunk: testbus_proto::OutputChunk) -> Result<bool, tonic::Status> {
             tokio::time::sleep(Duration::from_secs(30)).await;
+            self.0.lock().extend_from_slice(&chunk.data);
+            Ok(false)
+        }
+    }
+
+    /// A pump stopped (the drain limit passed) still takes what is in the
+    /// pipe already: a process that printed and exited lost its output
+    /// when the limit was cut short.
+    #[tokio::test]
+    async fn a_stopped_pump_still_takes_what_the_pipe_holds() {
+        use tokio::io::AsyncWriteExt;
+        let (mut held, stdout) = tokio::io::duplex(1 << 16);
+        held.write_all(b"one\n").await.unwrap();
+        let sink = SlowSink::default();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel();
+        stop.send(()).unwrap();
+        let pumped = super::pump(stdout, Quick(sink.0.clone()), "p".into(), 0, stop_rx).await;
+        assert_eq!(pumped.bytes, 4);
+        assert_eq!(&sink.0.lock()[..], b"one\n");
+        drop(held);
+    }
+
+    /// Appends recorded at once.
+    #[derive(Clone)]
+    struct Quick(std::sync::Arc<parking_lot::Mutex<Vec<u8>>>);
+
+    impl super::OutputSink for Quick {
+        async fn append(&mut self, chunk: testbus_proto::OutputChunk) -> Result<bool, tonic::Status> {
             self.0.lock().extend_from_slice(&chunk.data);
             Ok(false)
         }
