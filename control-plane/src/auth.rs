@@ -198,8 +198,8 @@ async fn live_token(st: &ApiState, ca: &Ca, prefix: &str, text: &str) -> Result<
 /// Whether `text` is a live viewer token (a dashboard login); the time it
 /// expires (seconds since the epoch) if so.
 pub async fn check_viewer_token(st: &ApiState, text: &str) -> Result<u64, Status> {
-    let ca = AuthService::new(st.clone());
-    let t = live_token(st, ca.ca()?, VIEWER_TOKENS, text).await.map_err(|e| match e.code() {
+    let auth = AuthService::new(st.clone());
+    let t = live_token(st, auth.ca()?, VIEWER_TOKENS, text).await.map_err(|e| match e.code() {
         tonic::Code::Unauthenticated => Status::from(ApiError::Unauthenticated(
             "token: not a live viewer token; create one with `testbus-control-plane token create --viewer`".into(),
         )),

@@ -58,14 +58,14 @@ pub fn bin_dir() -> PathBuf {
     dir.parent().expect("target dir").to_path_buf()
 }
 
-/// The sum of the samples `name` of a [`Cluster::scrape`] whose label
-/// `label` is `want` (every sample with an empty `label`).
-pub fn metric_sum(samples: &serde_json::Value, name: &str, label: &str, want: &str) -> f64 {
+/// The sum of the samples `name` of a [`Cluster::scrape`] that carry every
+/// label of `labels` with its value (every sample, for none).
+pub fn metric_sum(samples: &serde_json::Value, name: &str, labels: &[(&str, &str)]) -> f64 {
     samples[name]
         .as_array()
         .unwrap_or_else(|| panic!("no {name} in {samples}"))
         .iter()
-        .filter(|s| label.is_empty() || s[0][label] == want)
+        .filter(|s| labels.iter().all(|(k, v)| s[0][*k] == *v))
         .map(|s| s[1].as_f64().unwrap_or(0.0))
         .sum()
 }

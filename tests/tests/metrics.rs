@@ -28,20 +28,20 @@ spec:
     let scrape = || c.scrape("host-0", "http://127.0.0.1:9464/metrics", &[]);
     let running = wait_for(Duration::from_secs(30), "the process to run", || async {
         let (status, s) = scrape();
-        (status == 200 && metric_sum(&s, "testbus_agent_processes_running", "", "") == 1.0).then_some(s)
+        (status == 200 && metric_sum(&s, "testbus_agent_processes_running", &[]) == 1.0).then_some(s)
     })
     .await;
-    assert_eq!(metric_sum(&running, "testbus_agent_spawn_duration_seconds_count", "", ""), 1.0);
+    assert_eq!(metric_sum(&running, "testbus_agent_spawn_duration_seconds_count", &[]), 1.0);
     std::fs::write(&go, "").unwrap();
     let done = wait_for(Duration::from_secs(30), "the process to end", || async {
         let (_, s) = scrape();
-        (metric_sum(&s, "testbus_agent_processes_ended_total", "phase", "Succeeded") == 1.0).then_some(s)
+        (metric_sum(&s, "testbus_agent_processes_ended_total", &[("phase", "Succeeded")]) == 1.0).then_some(s)
     })
     .await;
-    assert_eq!(metric_sum(&done, "testbus_agent_processes_running", "", ""), 0.0);
-    assert_eq!(metric_sum(&done, "testbus_agent_output_bytes_total", "stream", "stdout"), 4.0, "{done}");
-    assert_eq!(metric_sum(&done, "testbus_agent_output_bytes_total", "stream", "stderr"), 6.0, "{done}");
-    assert!(metric_sum(&done, "testbus_agent_spawn_duration_seconds_sum", "", "") > 0.0);
+    assert_eq!(metric_sum(&done, "testbus_agent_processes_running", &[]), 0.0);
+    assert_eq!(metric_sum(&done, "testbus_agent_output_bytes_total", &[("stream", "stdout")]), 4.0, "{done}");
+    assert_eq!(metric_sum(&done, "testbus_agent_output_bytes_total", &[("stream", "stderr")]), 6.0, "{done}");
+    assert!(metric_sum(&done, "testbus_agent_spawn_duration_seconds_sum", &[]) > 0.0);
     // Nothing else is served there.
     let (status, _) = c.scrape("host-0", "http://127.0.0.1:9464/other", &[]);
     assert_eq!(status, 404);

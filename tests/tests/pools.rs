@@ -5,7 +5,7 @@
 use std::time::Duration;
 use testbus_proto::{Host, HostPool, Resource};
 use testbus_tests::libvirt;
-use testbus_tests::{manifest, wait_for, Cluster};
+use testbus_tests::{manifest, metric_sum, wait_for, Cluster};
 
 /// Guests boot under TCG in ~15 s on 2 busy cores; a test waits for them.
 const BOOT: Duration = Duration::from_secs(240);
@@ -102,13 +102,8 @@ async fn a_pool_makes_guests_on_demand_cleans_them_and_removes_them() {
     let (status, samples) = c.scrape("cp", "https://10.77.0.1:7780/metrics", &c.pem_files("admin", &admin));
     assert_eq!(status, 200);
     let timed = |op: &str| {
-        samples["testbus_pool_guest_operation_duration_seconds_count"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|s| s[0]["pool"] == "tbt-a" && s[0]["operation"] == op)
-            .map(|s| s[1].as_f64().unwrap_or(0.0))
-            .sum::<f64>()
+        let labels = [("pool", "tbt-a"), ("operation", op)];
+        metric_sum(&samples, "testbus_pool_guest_operation_duration_seconds_count", &labels)
     };
     assert!(timed("create") >= 1.0, "{samples}");
     assert!(timed("revert") >= 1.0 && timed("clean") >= 1.0, "{samples}");

@@ -31,15 +31,19 @@ pub(super) struct LiveQuery {
     page: String,
 }
 
-/// What a page shows, to decide whether an event changes it.
+/// What a page shows, to decide whether an event changes it. (A page of
+/// one object subscribes to that object alone: the hub filters by name.)
 enum Watched {
     /// Tests, hosts (only what the overview shows of them) and pools.
-    Overview {
-        hosts: HashMap<String, u64>,
-    },
-    Test(String),
-    Host(String),
-    History,
+    Overview { hosts: HashMap<String, u64> },
+    /// Every event of its subscriptions is a change.
+    Everything,
+}
+
+/// Only the object named `name`, filtered where the hub fans out.
+fn named(name: &str) -> Filter {
+    let fields = testbus_proto::selector::FieldSelector { name: Some(name.to_string()), ..Default::default() };
+    Filter { fields, ..Default::default() }
 }
 
 /// The part of a host the overview shows: a lease renewal alone is not a
@@ -65,11 +69,7 @@ impl Watched {
                 let d = host_digest(h);
                 hosts.insert(h.name().to_string(), d) != Some(d)
             }
-            (Watched::Overview { .. } | Watched::History, _) => true,
-            (Watched::Test(name), Object::Test(t)) => t.name() == name,
-            (Watched::Host(name), Object::Host(h)) => h.name() == name,
-            (Watched::Host(_), Object::Process(_)) => true,
-            _ => false,
+            _ => true,
         }
     }
 }
@@ -77,7 +77,8 @@ impl Watched {
 pub(super) async fn events(State(web): State<Web>, Query(q): Query<LiveQuery>, req: Request) -> Response {
     let Admitted { scope, .. } = admit!(web, req, false);
     let hub = &web.st.hub;
-    let sub = |kind: Kind, index: Option<String>| hub.watch(kind, None, index, Filter::default());
+    let sub = |kind: Kind, index: Option<String>, filter: Filter| hub.watch(kind, None, index, filter);
+    let all = Filter::default;
     let (watched, subs) = match q.page.split_once('/') {
         None if q.page == "overview" => {
             let hosts: Vec<testbus_proto::Host> = match web.list(&scope, Default::default()).await {
@@ -85,12 +86,15 @@ pub(super) async fn events(State(web): State<Web>, Query(q): Query<LiveQuery>, r
                 Err(r) => return r,
             };
             let hosts = hosts.iter().map(|h| (h.name().to_string(), host_digest(h))).collect();
-            (Watched::Overview { hosts }, vec![sub(Kind::Test, None), sub(Kind::Host, None), sub(Kind::HostPool, None)])
+            let subs =
+                vec![sub(Kind::Test, None, all()), sub(Kind::Host, None, all()), sub(Kind::HostPool, None, all())];
+            (Watched::Overview { hosts }, subs)
         }
-        None if q.page == "history" => (Watched::History, vec![sub(Kind::Test, None)]),
-        Some(("test", name)) => (Watched::Test(name.into()), vec![sub(Kind::Test, None)]),
+        None if q.page == "history" => (Watched::Everything, vec![sub(Kind::Test, None, all())]),
+        Some(("test", name)) => (Watched::Everything, vec![sub(Kind::Test, None, named(name))]),
         Some(("host", name)) => {
-            (Watched::Host(name.into()), vec![sub(Kind::Host, None), sub(Kind::Process, Some(name.into()))])
+            let subs = vec![sub(Kind::Host, None, named(name)), sub(Kind::Process, Some(name.into()), all())];
+            (Watched::Everything, subs)
         }
         _ => {
             let msg = "page: overview, history, test/NAME or host/NAME\n";
@@ -234,7 +238,7 @@ async fn follow(web: Web, caller: crate::authz::Caller, target: Followed, tx: mp
     // A test's processes appear as its steps start: its changes say when.
     let (mut changes, test) = match &target {
         Followed::Test(name) => {
-            let sub = web.st.hub.watch(Kind::Test, None, None, Filter::default()).ok();
+            let sub = web.st.hub.watch(Kind::Test, None, None, named(name)).ok();
             (sub, Some(name.clone()))
         }
         Followed::Process(_) => (None, None),
@@ -305,11 +309,11 @@ async fn follow(web: Web, caller: crate::authz::Caller, target: Followed, tx: mp
         tokio::select! {
             _ = tx.closed() => return,
             e = async { match changes.as_mut() { Some(c) => c.next().await, None => std::future::pending().await } } => match e {
-                Some(e) => look = e.object.meta().name == test.as_deref().unwrap_or_default(),
+                Some(_) => look = true,
                 // The hub dropped it (this stream fell behind): a new one,
                 // and a look for what was missed meanwhile.
                 None => {
-                    changes = web.st.hub.watch(Kind::Test, None, None, Filter::default()).ok();
+                    changes = web.st.hub.watch(Kind::Test, None, None, named(test.as_deref().unwrap_or_default())).ok();
                     look = true;
                 }
             },
@@ -414,7 +418,7 @@ mod tests {
         let events = futures::stream::iter(vec![host("Ready", "a"), host("NotReady", "b"), host("Ready", "c")])
             .map(Some)
             .chain(futures::stream::pending());
-        let task = tokio::spawn(debounce(Box::pin(events), Watched::History, tx));
+        let task = tokio::spawn(debounce(Box::pin(events), Watched::Everything, tx));
         assert!(rx.recv().await.is_some());
         tokio::time::sleep(DEBOUNCE * 10).await;
         assert!(rx.try_recv().is_err(), "three changes at once, one event");
