@@ -18,7 +18,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use testbus_pool_libvirt::{
-    GuestLink, GuestSpec, GuestState, Libvirt, ProviderError, CLEAN_SNAPSHOT, VSOCK_MARK, VSOCK_PORT, WAITING_MARK,
+    Console, GuestLink, GuestSpec, GuestState, Libvirt, LineStream, ProviderError, CLEAN_SNAPSHOT, VSOCK_MARK,
+    VSOCK_PORT, WAITING_MARK,
 };
 use testbus_proto::pool::{CLEAN_ANNOTATION, POOL_LABEL};
 use testbus_proto::{phase, time, Condition, Guest, Host, HostPool, Resource};
@@ -643,10 +644,18 @@ fn start_create(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &Po
                 }
             }
             let (l, s) = (lv.clone(), spec.clone());
-            blocking(move || l.create_guest(&s)).await.map_err(|e| e.to_string())?;
+            let console = blocking(move || l.create_guest(&s)).await.map_err(|e| e.to_string())?;
             ctx.guests.set(&spec.name, GuestPhase::Booting, "booting");
             let mark = if vsock { VSOCK_MARK } else { WAITING_MARK };
-            wait_for_mark(&spec.state_dir, mark, boot).await?;
+            match console {
+                Console::File(log) => wait_for_mark(&log, mark, boot).await?,
+                Console::Stream(line) => {
+                    let waited = tokio::task::spawn_blocking(move || line.wait_for(mark, boot)).await;
+                    waited.map_err(|e| e.to_string())?.map_err(|why| {
+                        format!("did not boot within {}: {why}", testbus_proto::duration::format(boot))
+                    })?
+                }
+            }
             if !vsock {
                 let (l, n) = (lv.clone(), spec.name.clone());
                 blocking(move || l.snapshot(&n, CLEAN_SNAPSHOT)).await.map_err(|e| e.to_string())?;
@@ -661,17 +670,16 @@ fn start_create(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &Po
     });
 }
 
-/// Waits until the guest's console says `mark` (it waits for its go, or
-/// links over vsock).
-async fn wait_for_mark(state_dir: &std::path::Path, mark: &str, within: Duration) -> Result<(), String> {
-    let log = testbus_pool_libvirt::console_log(state_dir);
+/// Waits until the guest's console log says `mark` (it waits for its go,
+/// or links over vsock).
+async fn wait_for_mark(log: &std::path::Path, mark: &str, within: Duration) -> Result<(), String> {
     let deadline = tokio::time::Instant::now() + within;
     loop {
-        if std::fs::read_to_string(&log).is_ok_and(|t| t.contains(mark)) {
+        if std::fs::read_to_string(log).is_ok_and(|t| t.contains(mark)) {
             return Ok(());
         }
         if tokio::time::Instant::now() > deadline {
-            let tail = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail = std::fs::read_to_string(log).unwrap_or_default();
             let last = tail.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("nothing");
             return Err(format!("did not boot within {} (console: {last})", testbus_proto::duration::format(within)));
         }
@@ -712,41 +720,70 @@ async fn link(ctx: &Context, lv: &Arc<Libvirt>, cfg: &PoolsConfig, name: &str, g
     // Whole seconds: the guest's clock is set from the go (or its RTC) to
     // the second.
     let since = SystemTime::now() - Duration::from_secs(1);
-    let (downstream, transport) = match pty {
-        Some(pty) => {
-            // The pty is raw (no echo, no line editing) before anything
-            // crosses it.
-            let stty = tokio::process::Command::new("stty").arg("-F").arg(&pty).args(["raw", "-echo"]).status().await;
-            if !stty.is_ok_and(|s| s.success()) {
-                return Err(format!("cannot set {} raw", pty.display()));
-            }
-            if go {
-                let token = guest_token(ctx, cfg, name).await?;
-                let line = testbus_pool_libvirt::go_line(SystemTime::now(), token.as_deref());
-                tokio::fs::write(&pty, line).await.map_err(|e| format!("giving the go on {}: {e}", pty.display()))?;
-            }
-            (format!("serial:{}", pty.display()), "serial")
-        }
-        // Where vhost-device-vsock brings the guest's connections to the
-        // host's VSOCK_PORT; the guest's relay retries until it listens.
-        None => {
-            let socket = testbus_pool_libvirt::vsock_socket(&cfg.state_dir.join(name), VSOCK_PORT);
-            (format!("mux+unix:{}", socket.display()), "vsock")
-        }
-    };
     let log = std::fs::File::create(cfg.state_dir.join(name).join("relay.log")).map_err(|e| e.to_string())?;
-    let child = tokio::process::Command::new(&cfg.relay)
-        .arg("--downstream")
-        .arg(downstream)
-        .args(["--upstream", &cfg.upstream, "--transport", transport, "--exit-with-stdin"])
-        // Its stdin is a pipe this process holds: if the control plane
-        // dies, the relay sees it close and ends too.
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| format!("starting {}: {e}", cfg.relay.display()))?;
+    let child = if lv.is_remote() {
+        // The pty is on the libvirt host: the line comes through libvirt,
+        // and this machine's relay speaks the serial framing over it.
+        let (l, n) = (lv.clone(), name.to_string());
+        let line = blocking(move || l.open_line(&n, 1)).await.map_err(|e| e.to_string())?;
+        if go {
+            let token = guest_token(ctx, cfg, name).await?;
+            let text = testbus_pool_libvirt::go_line(SystemTime::now(), token.as_deref());
+            let l = line.clone();
+            tokio::task::spawn_blocking(move || l.write_all(text.as_bytes()))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("giving the go: {e}"))?;
+        }
+        let mut child = tokio::process::Command::new(&cfg.relay)
+            .args(["--downstream", "serial:stdio", "--upstream", &cfg.upstream, "--transport", "serial"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", cfg.relay.display()))?;
+        carry_line(line, &mut child).map_err(|e| format!("carrying the link: {e}"))?;
+        child
+    } else {
+        let (downstream, transport) = match pty {
+            Some(pty) => {
+                // The pty is raw (no echo, no line editing) before anything
+                // crosses it.
+                let stty =
+                    tokio::process::Command::new("stty").arg("-F").arg(&pty).args(["raw", "-echo"]).status().await;
+                if !stty.is_ok_and(|s| s.success()) {
+                    return Err(format!("cannot set {} raw", pty.display()));
+                }
+                if go {
+                    let token = guest_token(ctx, cfg, name).await?;
+                    let line = testbus_pool_libvirt::go_line(SystemTime::now(), token.as_deref());
+                    tokio::fs::write(&pty, line)
+                        .await
+                        .map_err(|e| format!("giving the go on {}: {e}", pty.display()))?;
+                }
+                (format!("serial:{}", pty.display()), "serial")
+            }
+            // Where vhost-device-vsock brings the guest's connections to the
+            // host's VSOCK_PORT; the guest's relay retries until it listens.
+            None => {
+                let socket = testbus_pool_libvirt::vsock_socket(&cfg.state_dir.join(name), VSOCK_PORT);
+                (format!("mux+unix:{}", socket.display()), "vsock")
+            }
+        };
+        tokio::process::Command::new(&cfg.relay)
+            .arg("--downstream")
+            .arg(downstream)
+            .args(["--upstream", &cfg.upstream, "--transport", transport, "--exit-with-stdin"])
+            // Its stdin is a pipe this process holds: if the control plane
+            // dies, the relay sees it close and ends too.
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", cfg.relay.display()))?
+    };
     if let Some(g) = ctx.guests.runs.lock().get_mut(name) {
         g.link = Some(child);
         g.linked_run = Some(run);
@@ -778,6 +815,44 @@ async fn link(ctx: &Context, lv: &Arc<Libvirt>, cfg: &PoolsConfig, name: &str, g
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Carries a remote guest's link line to its relay's stdin and back, on
+/// two threads of their own (libvirt's stream calls block). Each ends when
+/// its side does and ends the other: the relay exiting (or killed, as a
+/// new link replaces it) closes its stdout, and the sender aborts the
+/// stream; the guest's QEMU ending ends the stream, and the receiver
+/// closes the relay's stdin, which ends the relay. If the control plane
+/// dies, so do the threads and the pipes: the relay ends.
+fn carry_line(line: LineStream, relay: &mut tokio::process::Child) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let missing = || std::io::Error::other("the relay has no pipes");
+    let mut to_relay = std::fs::File::from(relay.stdin.take().ok_or_else(missing)?.into_owned_fd()?);
+    let mut from_relay = std::fs::File::from(relay.stdout.take().ok_or_else(missing)?.into_owned_fd()?);
+    let (rx, tx) = (line.clone(), line.clone());
+    pump("link-from-guest", move |b| rx.read(b), move |b| to_relay.write_all(b), line.clone())?;
+    pump("link-to-guest", move |b| from_relay.read(b), move |b| tx.write_all(b), line)?;
+    Ok(())
+}
+
+/// Copies from `read` to `write` on a thread of its own until either
+/// fails or `read` ends, then aborts `line` (which ends the other pump).
+fn pump(
+    name: &str,
+    mut read: impl FnMut(&mut [u8]) -> std::io::Result<usize> + Send + 'static,
+    mut write: impl FnMut(&[u8]) -> std::io::Result<()> + Send + 'static,
+    line: LineStream,
+) -> std::io::Result<()> {
+    std::thread::Builder::new().name(name.into()).spawn(move || {
+        let mut buf = vec![0u8; 16 << 10];
+        while let Ok(n @ 1..) = read(&mut buf) {
+            if write(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        line.abort();
+    })?;
+    Ok(())
 }
 
 /// Marks the guest's Host clean, giving it the pool's layer of env and
@@ -876,8 +951,8 @@ fn start_destroy(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &P
             g.phase = GuestPhase::Deleting;
         }
     }
-    let (ctx, lv, cfg, pool_name, name) =
-        (ctx.clone(), lv.clone(), cfg.clone(), pool.name().to_string(), name.to_string());
+    let (ctx, lv, cfg, pool, pool_name, name) =
+        (ctx.clone(), lv.clone(), cfg.clone(), pool.clone(), pool.name().to_string(), name.to_string());
     ctx.clone().guests.spawn(async move {
         // An idle guest is withdrawn from scheduling first, in a write
         // that fails if a test claimed it since the cache the plan read.
@@ -895,7 +970,7 @@ fn start_destroy(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &P
                 return;
             }
         }
-        let r = destroy(&ctx, &lv, &cfg, &name).await;
+        let r = destroy(&ctx, &lv, &cfg, &pool, &name).await;
         match r {
             Ok(()) => {
                 ctx.guests.runs.lock().remove(&name);
@@ -906,13 +981,20 @@ fn start_destroy(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &P
     });
 }
 
-async fn destroy(ctx: &Context, lv: &Arc<Libvirt>, cfg: &PoolsConfig, name: &str) -> Result<(), String> {
+async fn destroy(
+    ctx: &Context,
+    lv: &Arc<Libvirt>,
+    cfg: &PoolsConfig,
+    pool: &HostPool,
+    name: &str,
+) -> Result<(), String> {
     let old = ctx.guests.runs.lock().get_mut(name).and_then(|g| g.link.take());
     if let Some(mut old) = old {
         let _ = old.kill().await;
     }
-    let (l, n, dir) = (lv.clone(), name.to_string(), cfg.state_dir.join(name));
-    blocking(move || l.destroy_guest(&n, &dir)).await.map_err(|e| e.to_string())?;
+    let (l, n, dir, image) =
+        (lv.clone(), name.to_string(), cfg.state_dir.join(name), PathBuf::from(&pool.spec().image));
+    blocking(move || l.destroy_guest(&n, &dir, Some(&image))).await.map_err(|e| e.to_string())?;
     // QEMU is gone: its vsock device may go too.
     let device = ctx.guests.runs.lock().get_mut(name).and_then(|g| g.device.take());
     if let Some(mut device) = device {
@@ -988,12 +1070,16 @@ async fn delete_pool(ctx: &Arc<Context>, pool: &HostPool, cfg: &PoolsConfig) -> 
         }
     }
     for n in &names {
-        if let Err(e) = destroy(ctx, &lv, cfg, n).await {
+        if let Err(e) = destroy(ctx, &lv, cfg, pool, n).await {
             let msg = format!("cannot destroy guest {n}: {e}");
             write_status(ctx, pool, Some(condition("Available", false, "DeleteFailed", &msg))).await?;
             return Ok(Action::Requeue(Duration::from_secs(5)));
         }
         ctx.guests.runs.lock().remove(n);
+    }
+    let (l, image) = (lv.clone(), PathBuf::from(&pool.spec().image));
+    if let Err(e) = blocking(move || l.forget_image(&image)).await {
+        tracing::warn!(pool = pool.name(), error = %e, "cannot drop libvirt's view of the image directory");
     }
     if !pool.spec().network.is_empty() {
         let (l, net) = (lv.clone(), pool.spec().network.clone());

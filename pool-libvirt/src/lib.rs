@@ -9,6 +9,14 @@
 //! carries the relay link to the control plane (or, for a vsock guest,
 //! there is none and virtio-vsock carries it). Every call blocks: callers run them
 //! on a blocking thread.
+//!
+//! A daemon on another machine (a URI with a host, `qemu+ssh://user@host/
+//! system`: a remote testbed) shares no files with this one, so everything
+//! of its guests goes through libvirt: the disk is a volume made next to
+//! the golden image by the storage API (a directory pool on the image), the
+//! console is read and the link carried over console streams
+//! (`virDomainOpenConsole`), and destroying a guest deletes its volumes.
+//! `spec.image` then names the image directory on that machine.
 #![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
@@ -43,6 +51,8 @@ pub enum ProviderError {
 }
 
 pub type Result<T, E = ProviderError> = std::result::Result<T, E>;
+
+pub use testbus_proto::pool::is_remote_uri;
 
 /// The name of the snapshot every guest gets while it waits for its go:
 /// reverting to it gives a machine that never ran a test.
@@ -115,6 +125,29 @@ pub struct Libvirt {
     uri: String,
     /// `kvm` where it works, else `qemu` (TCG).
     domain_type: &'static str,
+    /// The daemon is on another machine: guests' files are made, read and
+    /// removed through libvirt only.
+    remote: bool,
+}
+
+/// Where the guest's console (its first serial line) can be read.
+pub enum Console {
+    /// The file virtlogd writes on this machine.
+    File(PathBuf),
+    /// A stream from libvirt (a remote guest), opened before the guest ran
+    /// its first instruction: nothing it printed is missed.
+    Stream(LineStream),
+}
+
+/// One serial line of a guest, opened through libvirt as a console
+/// stream: the same whether the daemon is local or remote. Reads and writes
+/// block; `abort` (from any thread) ends both, and so does the guest's QEMU
+/// ending. libvirt serves one stream per line: opening it again takes it
+/// over (the earlier stream ends).
+#[derive(Clone)]
+pub struct LineStream {
+    stream: std::sync::Arc<virt::stream::Stream>,
+    what: String,
 }
 
 fn err(uri: &str) -> impl Fn(virt::error::Error) -> ProviderError + '_ {
@@ -129,12 +162,14 @@ fn is_missing(e: &virt::error::Error) -> bool {
     )
 }
 
-/// Whether hardware virtualisation can be trusted here: libvirt offers
-/// kvm and this machine is not itself a guest (nested KVM hangs guests on
-/// some hypervisors; TCG always works, slower).
+/// Whether hardware virtualisation can be trusted on the daemon's machine:
+/// libvirt offers kvm and that machine is not itself a guest (its host CPU,
+/// as libvirt reports it, has the hypervisor flag; nested KVM hangs guests
+/// on some hypervisors). TCG always works, slower.
 fn kvm_works(capabilities: &str) -> bool {
     let offered = capabilities.contains("<domain type='kvm'");
-    let nested = std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| c.contains(" hypervisor"));
+    let host_cpu = capabilities.split("</cpu>").next().unwrap_or("");
+    let nested = host_cpu.contains("<feature name='hypervisor'/>");
     offered && !nested
 }
 
@@ -143,7 +178,12 @@ impl Libvirt {
         let conn = Connect::open(Some(uri)).map_err(err(uri))?;
         let caps = conn.capabilities().map_err(err(uri))?;
         let domain_type = if kvm_works(&caps) { "kvm" } else { "qemu" };
-        Ok(Libvirt { conn, uri: uri.to_string(), domain_type })
+        Ok(Libvirt { conn, uri: uri.to_string(), domain_type, remote: is_remote_uri(uri) })
+    }
+
+    /// Whether the daemon is on another machine (see the crate's docs).
+    pub fn is_remote(&self) -> bool {
+        self.remote
     }
 
     /// Whether guests are emulated (TCG) rather than run by KVM: several
@@ -205,18 +245,18 @@ impl Libvirt {
     }
 
     /// Makes the guest's disk (a linked clone of the golden image), defines
-    /// the domain and starts it.
-    pub fn create_guest(&self, g: &GuestSpec) -> Result<()> {
-        for part in ["vmlinuz", "initrd.img", "golden.qcow2"] {
-            if !g.image.join(part).is_file() {
-                return Err(ProviderError::Image(format!(
-                    "image {}: no {part} (build it with hack/guest-image)",
-                    g.image.display()
-                )));
-            }
-        }
+    /// the domain and starts it; where its console can be read.
+    pub fn create_guest(&self, g: &GuestSpec) -> Result<Console> {
         std::fs::create_dir_all(&g.state_dir)
             .map_err(|e| ProviderError::Image(format!("{}: {e}", g.state_dir.display())))?;
+        if self.remote {
+            return self.create_remote_guest(g);
+        }
+        for part in IMAGE_PARTS {
+            if !g.image.join(part).is_file() {
+                return Err(missing_part(&g.image, part));
+            }
+        }
         let disk = g.state_dir.join("disk.qcow2");
         let _ = std::fs::remove_file(&disk);
         let golden = g.image.join("golden.qcow2");
@@ -235,12 +275,139 @@ impl Libvirt {
         }
         let console = console_log(&g.state_dir);
         let _ = std::fs::remove_file(&console);
-        let dom = self.conn.define_domain_xml(&domain_xml(g, self.domain_type)).map_err(err(&self.uri))?;
+        let files = GuestFiles { disk, console: console.clone(), console_stream: false };
+        let dom = self.conn.define_domain_xml(&domain_xml(g, self.domain_type, &files)).map_err(err(&self.uri))?;
         if let Err(e) = dom.create() {
             let _ = dom.undefine_flags(virt::sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA);
             return Err(err(&self.uri)(e));
         }
+        Ok(Console::File(console))
+    }
+
+    /// A guest of a remote daemon: its disk a volume next to the golden
+    /// image, its console a stream opened while the guest is still paused
+    /// at its start.
+    fn create_remote_guest(&self, g: &GuestSpec) -> Result<Console> {
+        if matches!(g.link, GuestLink::Vsock { .. }) {
+            return Err(ProviderError::Image(
+                "a vsock guest needs vhost-device-vsock on this machine: its libvirt must be local".into(),
+            ));
+        }
+        let pool = self.image_pool(&g.image)?;
+        let mut golden = None;
+        for part in IMAGE_PARTS {
+            match pool.lookup_storage_vol_by_name(part) {
+                Ok(v) if part == "golden.qcow2" => golden = Some(v),
+                Ok(_) => {}
+                Err(_) => return Err(missing_part(&g.image, part)),
+            }
+        }
+        let golden = golden.expect("golden.qcow2 is one of IMAGE_PARTS");
+        self.delete_volumes(&pool, &g.name)?;
+        let capacity = golden.info().map_err(err(&self.uri))?.capacity;
+        let golden_path = golden.path().map_err(err(&self.uri))?;
+        let xml = format!(
+            "<volume><name>{}</name><capacity unit='bytes'>{capacity}</capacity>\
+             <target><format type='qcow2'/></target>\
+             <backingStore><path>{}</path><format type='qcow2'/></backingStore></volume>",
+            escape(&disk_volume(&g.name)),
+            escape(&golden_path)
+        );
+        let disk = virt::storage_vol::StorageVol::create_xml(&pool, &xml, 0).map_err(err(&self.uri))?;
+        let files = GuestFiles {
+            disk: disk.path().map_err(err(&self.uri))?.into(),
+            console: g.image.join(console_volume(&g.name)),
+            console_stream: true,
+        };
+        let dom = self.conn.define_domain_xml(&domain_xml(g, self.domain_type, &files)).map_err(err(&self.uri))?;
+        let started =
+            dom.create_with_flags(virt::sys::VIR_DOMAIN_START_PAUSED).map_err(err(&self.uri)).and_then(|()| {
+                let console = self.open_line(&g.name, 0)?;
+                dom.resume().map_err(err(&self.uri))?;
+                Ok(console)
+            });
+        match started {
+            Ok(console) => Ok(Console::Stream(console)),
+            Err(e) => {
+                let _ = dom.destroy();
+                let _ = dom.undefine_flags(virt::sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA);
+                let _ = self.delete_volumes(&pool, &g.name);
+                Err(e)
+            }
+        }
+    }
+
+    /// The directory storage pool on the image directory (transient: a
+    /// view of the directory, gone when libvirtd restarts), refreshed.
+    fn image_pool(&self, image: &Path) -> Result<virt::storage_pool::StoragePool> {
+        let path = image.display().to_string();
+        let pool = match self.conn.lookup_storage_pool_by_target_path(&path) {
+            Ok(p) => p,
+            Err(_) => {
+                let name: String = format!("testbus{path}")
+                    .chars()
+                    .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' })
+                    .collect();
+                let xml = format!(
+                    "<pool type='dir'><name>{}</name><target><path>{}</path></target></pool>",
+                    escape(&name),
+                    escape(&path)
+                );
+                match self.conn.create_storage_pool_xml(&xml, 0) {
+                    Ok(p) => p,
+                    // Made by another guest's creation meanwhile, or the
+                    // directory is not there.
+                    Err(e) => self.conn.lookup_storage_pool_by_target_path(&path).map_err(|_| {
+                        ProviderError::Image(format!("image {path}: {} (build it with hack/guest-image)", e.message()))
+                    })?,
+                }
+            }
+        };
+        pool.refresh(0).map_err(err(&self.uri))?;
+        Ok(pool)
+    }
+
+    /// Deletes a remote guest's disk and console logs (virtlogd keeps
+    /// rotated ones as NAME.console.log.N).
+    fn delete_volumes(&self, pool: &virt::storage_pool::StoragePool, name: &str) -> Result<()> {
+        let disk = disk_volume(name);
+        let console = console_volume(name);
+        for vol in pool.list_all_volumes(0).map_err(err(&self.uri))? {
+            let Ok(v) = vol.name() else { continue };
+            if v == disk || v.starts_with(&console) {
+                vol.delete(0).map_err(err(&self.uri))?;
+            }
+        }
         Ok(())
+    }
+
+    /// A remote daemon's view of the image directory goes once no guest's
+    /// volume is left in it (another pool on the same image makes it again
+    /// when it needs it).
+    pub fn forget_image(&self, image: &Path) -> Result<()> {
+        if !self.remote {
+            return Ok(());
+        }
+        let Ok(pool) = self.conn.lookup_storage_pool_by_target_path(&image.display().to_string()) else {
+            return Ok(());
+        };
+        pool.refresh(0).map_err(err(&self.uri))?;
+        let names: Vec<String> = pool.list_volumes().map_err(err(&self.uri))?;
+        if names.iter().all(|n| IMAGE_PARTS.contains(&n.as_str()) || n == "kernel-version") {
+            pool.destroy().map_err(err(&self.uri))?;
+        }
+        Ok(())
+    }
+
+    /// Opens serial line `port` of the running guest (0: its console, 1:
+    /// its link), taking it over from any earlier stream.
+    pub fn open_line(&self, name: &str, port: u32) -> Result<LineStream> {
+        let conn = Connect::open(Some(&self.uri)).map_err(err(&self.uri))?;
+        let dom = conn.lookup_domain_by_name(name).map_err(err(&self.uri))?;
+        let stream = virt::stream::Stream::new(&conn, 0).map_err(err(&self.uri))?;
+        let dev = format!("serial{port}");
+        dom.open_console(Some(&dev), &stream, virt::sys::VIR_DOMAIN_CONSOLE_FORCE).map_err(err(&self.uri))?;
+        Ok(LineStream { stream: std::sync::Arc::new(stream), what: format!("{name}'s {dev}") })
     }
 
     /// Whether the guest runs, and as which QEMU run: one libvirt call.
@@ -336,8 +503,9 @@ impl Libvirt {
     }
 
     /// Stops and removes the guest: its domain, snapshots, disk and
-    /// console log. A guest that is already gone is fine.
-    pub fn destroy_guest(&self, name: &str, state_dir: &Path) -> Result<()> {
+    /// console log (on a remote daemon, the volumes next to `image`). A
+    /// guest that is already gone is fine.
+    pub fn destroy_guest(&self, name: &str, state_dir: &Path, image: Option<&Path>) -> Result<()> {
         match self.domain(name) {
             Ok(dom) => {
                 if dom.is_active().unwrap_or(false) {
@@ -356,6 +524,14 @@ impl Libvirt {
             Err(ProviderError::NoGuest(_)) => {}
             Err(e) => return Err(e),
         }
+        if let Some(image) = image.filter(|_| self.remote) {
+            match self.image_pool(image) {
+                Ok(pool) => self.delete_volumes(&pool, name)?,
+                // No image directory there: nothing of the guest either.
+                Err(ProviderError::Image(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
         match std::fs::remove_dir_all(state_dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -373,6 +549,96 @@ impl Libvirt {
     }
 }
 
+/// What an image directory holds (`hack/guest-image` makes them).
+const IMAGE_PARTS: [&str; 3] = ["vmlinuz", "initrd.img", "golden.qcow2"];
+
+fn missing_part(image: &Path, part: &str) -> ProviderError {
+    ProviderError::Image(format!("image {}: no {part} (build it with hack/guest-image)", image.display()))
+}
+
+/// A remote guest's disk, a volume in the image directory.
+fn disk_volume(name: &str) -> String {
+    format!("{name}.qcow2")
+}
+
+/// Where virtlogd logs a remote guest's console, in the image directory.
+fn console_volume(name: &str) -> String {
+    format!("{name}.console.log")
+}
+
+/// Where a guest's disk and console log are, on the daemon's machine.
+struct GuestFiles {
+    disk: PathBuf,
+    console: PathBuf,
+    /// The console is also a pty, for a console stream (a remote guest).
+    console_stream: bool,
+}
+
+impl LineStream {
+    /// Reads what the line carries: 0 once it ended.
+    pub fn read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.stream.recv(buf).map(|n| n.max(0) as usize).map_err(|e| self.io_error(e))
+    }
+
+    pub fn write_all(&self, mut data: &[u8]) -> std::io::Result<()> {
+        while !data.is_empty() {
+            let n = self.stream.send(data).map_err(|e| self.io_error(e))?;
+            if n <= 0 {
+                return Err(std::io::Error::new(std::io::ErrorKind::WriteZero, format!("{}: closed", self.what)));
+            }
+            data = &data[n as usize..];
+        }
+        Ok(())
+    }
+
+    /// Ends the stream: a read or write blocked on it returns.
+    pub fn abort(&self) {
+        let _ = (*self.stream).clone().abort();
+    }
+
+    fn io_error(&self, e: virt::error::Error) -> std::io::Error {
+        std::io::Error::other(format!("{}: {}", self.what, e.message()))
+    }
+
+    /// Reads the line until it has said `mark`, for at most `within`; on
+    /// failure, why (with the last line it said).
+    pub fn wait_for(&self, mark: &str, within: std::time::Duration) -> Result<(), String> {
+        let (done, stop) = std::sync::mpsc::channel::<()>();
+        let watchdog = {
+            let line = self.clone();
+            std::thread::spawn(move || {
+                if stop.recv_timeout(within) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+                    line.abort();
+                }
+            })
+        };
+        // The last 4 KiB read: the mark may straddle two reads.
+        let mut seen: Vec<u8> = Vec::new();
+        let mut buf = [0u8; 4096];
+        let result = loop {
+            match self.read(&mut buf) {
+                Ok(0) => break Err("its console ended".to_string()),
+                Ok(n) => {
+                    seen.extend_from_slice(&buf[..n]);
+                    if String::from_utf8_lossy(&seen).contains(mark) {
+                        break Ok(());
+                    }
+                    let cut = seen.len().saturating_sub(4096);
+                    seen.drain(..cut);
+                }
+                Err(e) => break Err(e.to_string()),
+            }
+        };
+        drop(done);
+        let _ = watchdog.join();
+        result.map_err(|why| {
+            let text = String::from_utf8_lossy(&seen);
+            let last = text.lines().rev().map(str::trim).find(|l| !l.is_empty()).unwrap_or("nothing");
+            format!("{why} (console: {last})")
+        })
+    }
+}
+
 /// Where a guest's console (its first serial line) is logged, through
 /// virtlogd: a guest that floods its console fills no disk (virtlogd keeps
 /// 2 MiB and three older files, as its max_size and max_backups say).
@@ -387,7 +653,7 @@ fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('\'', "&apos;").replace('"', "&quot;")
 }
 
-fn domain_xml(g: &GuestSpec, domain_type: &str) -> String {
+fn domain_xml(g: &GuestSpec, domain_type: &str, files: &GuestFiles) -> String {
     let image = |part: &str| escape(&g.image.join(part).display().to_string());
     let mut cmdline = format!("console=ttyS0 quiet testbus.name={}", g.name);
     if !g.agent_args.is_empty() {
@@ -445,7 +711,7 @@ fn domain_xml(g: &GuestSpec, domain_type: &str) -> String {
       <target dev='vda' bus='virtio'/>
     </disk>
     {iface}
-    <serial type='null'><log file='{console}' append='off'/><target port='0'/></serial>
+    <serial type='{console_type}'><log file='{console}' append='off'/><target port='0'/></serial>
     {link_serial}
     <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>
   </devices>
@@ -457,14 +723,29 @@ fn domain_xml(g: &GuestSpec, domain_type: &str) -> String {
         kernel = image("vmlinuz"),
         initrd = image("initrd.img"),
         cmdline = escape(&cmdline),
-        disk = escape(&g.state_dir.join("disk.qcow2").display().to_string()),
-        console = escape(&console_log(&g.state_dir).display().to_string()),
+        disk = escape(&files.disk.display().to_string()),
+        console = escape(&files.console.display().to_string()),
+        console_type = if files.console_stream { "pty" } else { "null" },
     )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kvm_only_where_offered_on_a_machine_that_is_no_guest() {
+        let caps = |cpu: &str, kvm: bool| {
+            format!(
+                "<capabilities><host><cpu><arch>x86_64</arch>{cpu}</cpu></host><guest><arch name='x86_64'>\
+                 <domain type='qemu'/>{}</arch></guest></capabilities>",
+                if kvm { "<domain type='kvm'/>" } else { "" }
+            )
+        };
+        assert!(kvm_works(&caps("<feature name='vmx'/>", true)));
+        assert!(!kvm_works(&caps("<feature name='vmx'/><feature name='hypervisor'/>", true)), "nested");
+        assert!(!kvm_works(&caps("<feature name='vmx'/>", false)), "not offered");
+    }
 
     #[test]
     fn the_domain_boots_the_image_with_its_link_and_console() {
@@ -479,7 +760,12 @@ mod tests {
             link: GuestLink::Serial,
             token: Some("tbjoin.t".into()),
         };
-        let xml = domain_xml(&g, "qemu");
+        let local = |g: &GuestSpec| GuestFiles {
+            disk: g.state_dir.join("disk.qcow2"),
+            console: console_log(&g.state_dir),
+            console_stream: false,
+        };
+        let xml = domain_xml(&g, "qemu", &local(&g));
         assert!(xml.starts_with("<domain type='qemu'>"));
         assert!(xml.contains("<kernel>/img/vmlinuz</kernel>") && xml.contains("<initrd>/img/initrd.img</initrd>"));
         assert!(xml.contains(
@@ -491,17 +777,30 @@ mod tests {
         assert!(xml.contains("<source network='vmnet'/>"));
         // Escaped, not interpreted.
         let odd = GuestSpec { name: "a'b<c".into(), network: None, ..g.clone() };
-        assert!(domain_xml(&odd, "qemu").contains("<name>a&apos;b&lt;c</name>"));
+        assert!(domain_xml(&odd, "qemu", &local(&odd)).contains("<name>a&apos;b&lt;c</name>"));
 
         // Over vsock: no second serial line; the device, its socket and
         // shared memory; the guest told where to link.
-        let v = GuestSpec { link: GuestLink::Vsock { vhost_socket: "/state/a,b/vhost.sock".into() }, ..g };
-        let xml = domain_xml(&v, "qemu");
+        let v = GuestSpec { link: GuestLink::Vsock { vhost_socket: "/state/a,b/vhost.sock".into() }, ..g.clone() };
+        let xml = domain_xml(&v, "qemu", &local(&v));
         assert!(xml.starts_with("<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>"));
         assert!(!xml.contains("<serial type='pty'>"));
         assert!(xml.contains("<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>"));
         assert!(xml.contains("<qemu:arg value='socket,id=testbus-vsock,path=/state/a,,b/vhost.sock'/>"));
         assert!(xml.contains("<qemu:arg value='vhost-user-vsock-pci,chardev=testbus-vsock,bus=pci.0,addr=0x1f'/>"));
         assert!(xml.contains(" testbus.link=vsock:2:7780 testbus.token=tbjoin.t"), "{xml}");
+
+        // On a remote daemon: the files it was given, and a console that
+        // is a pty too (read as a stream) besides its log.
+        let files = GuestFiles {
+            disk: "/img/vms-ab12c.qcow2".into(),
+            console: "/img/vms-ab12c.console.log".into(),
+            console_stream: true,
+        };
+        let xml = domain_xml(&g, "qemu", &files);
+        assert!(xml.contains("<source file='/img/vms-ab12c.qcow2'/>"));
+        assert!(
+            xml.contains("<serial type='pty'><log file='/img/vms-ab12c.console.log' append='off'/><target port='0'/>")
+        );
     }
 }

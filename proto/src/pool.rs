@@ -12,6 +12,13 @@ pub const POOL_LABEL: &str = "testbus.io/pool";
 /// last clean state): "true".
 pub const CLEAN_ANNOTATION: &str = "testbus.io/clean";
 
+/// Whether a libvirt URI names a daemon on another machine: it has a host
+/// (`qemu+ssh://user@host/system`, `qemu+tls://host/system`), where a local
+/// one has none (`qemu:///system`, `qemu+unix:///system`).
+pub fn is_remote_uri(uri: &str) -> bool {
+    uri.split_once("://").is_some_and(|(_, rest)| !rest.starts_with('/') && !rest.is_empty())
+}
+
 /// The pool a Host is a guest of, if any.
 pub fn pool_of(h: &Host) -> Option<&str> {
     h.meta().labels.get(POOL_LABEL).map(String::as_str)
@@ -21,4 +28,20 @@ pub fn pool_of(h: &Host) -> Option<&str> {
 /// pool, a pool guest only when marked clean.
 pub fn clean_enough(h: &Host) -> bool {
     pool_of(h).is_none() || h.meta().annotations.get(CLEAN_ANNOTATION).is_some_and(|v| v == "true")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_uri_with_a_host_is_remote() {
+        for remote in ["qemu+ssh://root@10.77.0.9/system", "qemu+tls://lab2/system", "qemu+ssh://h/system?keyfile=/k"] {
+            assert!(is_remote_uri(remote), "{remote}");
+        }
+        for local in ["qemu:///system", "qemu+unix:///system", "test:///default", "qemu:///session", "qemu", "qemu://"]
+        {
+            assert!(!is_remote_uri(local), "{local}");
+        }
+    }
 }

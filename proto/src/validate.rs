@@ -737,6 +737,9 @@ impl Validate for HostPool {
         }
         if !matches!(s.link.as_str(), "" | "serial" | "vsock") {
             e.add("spec.link", format!("{:?} is not serial or vsock", s.link));
+        } else if s.link == "vsock" && crate::pool::is_remote_uri(&s.uri) {
+            // Its device (vhost-device-vsock) runs next to the control plane.
+            e.add("spec.link", "vsock needs a local libvirt (spec.uri names another machine): use serial");
         }
         if !s.network.is_empty() {
             if let Err(msg) = dns_label(&s.network) {

@@ -27,6 +27,11 @@ pub enum Endpoint {
         path: PathBuf,
         baud: u32,
     },
+    /// `serial:stdio`: the serial link's framing on this process's
+    /// stdin/stdout, for a line another process carries (the control plane
+    /// pumps a remote guest's serial line to it through libvirt). Like
+    /// `stdio`, it cannot be reopened: the relay ends with it.
+    SerialStdio,
     Vsock {
         cid: u32,
         port: u32,
@@ -59,7 +64,7 @@ impl Endpoint {
             Endpoint::Tcp { .. } => "tcp",
             Endpoint::Unix { .. } => "unix",
             Endpoint::Stdio => "stdio",
-            Endpoint::Serial { .. } => "serial",
+            Endpoint::Serial { .. } | Endpoint::SerialStdio => "serial",
             Endpoint::Vsock { .. } => "vsock",
             Endpoint::Ssh { .. } => "ssh",
         }
@@ -69,7 +74,7 @@ impl Endpoint {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error(
     "invalid endpoint {input:?}: {reason} (expected tcp:HOST:PORT, unix:/PATH, mux+tcp:HOST:PORT, mux+unix:/PATH, \
-     serial:/DEV[?baud=N], vsock:CID|any:PORT, ssh:[USER@]HOST[:PORT][?relay=PATH&remote=ENDPOINT&config=FILE] \
+     serial:/DEV[?baud=N], serial:stdio, vsock:CID|any:PORT, ssh:[USER@]HOST[:PORT][?relay=PATH&remote=ENDPOINT&config=FILE] \
      or stdio)"
 )]
 pub struct EndpointError {
@@ -91,8 +96,10 @@ impl std::str::FromStr for Endpoint {
     type Err = EndpointError;
     fn from_str(s: &str) -> Result<Self, EndpointError> {
         let err = |reason: &str| EndpointError { input: s.to_string(), reason: reason.to_string() };
-        if s == "stdio" {
-            return Ok(Endpoint::Stdio);
+        match s {
+            "stdio" => return Ok(Endpoint::Stdio),
+            "serial:stdio" => return Ok(Endpoint::SerialStdio),
+            _ => {}
         }
         let (scheme, rest) = s.split_once(':').ok_or_else(|| err("no link type"))?;
         let (scheme, mux) = match scheme.strip_prefix("mux+") {
@@ -168,6 +175,7 @@ impl fmt::Display for Endpoint {
             Endpoint::Unix { path, mux } => write!(f, "{}unix:{}", m(mux), path.display()),
             Endpoint::Stdio => f.write_str("stdio"),
             Endpoint::Serial { path, baud } => write!(f, "serial:{}?baud={baud}", path.display()),
+            Endpoint::SerialStdio => f.write_str("serial:stdio"),
             Endpoint::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
             Endpoint::Ssh { target, port, .. } => match port {
                 Some(p) => write!(f, "ssh:{target}:{p}"),
@@ -194,6 +202,8 @@ mod tests {
             Ok(Endpoint::Serial { path: "/dev/ttyS1".into(), baud: 9600 })
         );
         assert_eq!("serial:/dev/pts/3".parse(), Ok(Endpoint::Serial { path: "/dev/pts/3".into(), baud: 115_200 }));
+        assert_eq!("serial:stdio".parse(), Ok(Endpoint::SerialStdio));
+        assert_eq!(Endpoint::SerialStdio.transport(), "serial");
         assert_eq!("vsock:2:7780".parse(), Ok(Endpoint::Vsock { cid: 2, port: 7780 }));
         assert_eq!("vsock:any:7780".parse(), Ok(Endpoint::Vsock { cid: u32::MAX, port: 7780 }));
         assert_eq!(

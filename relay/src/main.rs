@@ -28,8 +28,10 @@ struct Args {
     log_format: testbus_telemetry::LogFormat,
     /// Where clients come from: tcp:HOST:PORT or unix:/PATH (clients
     /// connect), or a link from another relay: serial:/DEV[?baud=N],
-    /// vsock:CID:PORT (listens on PORT), ssh:[USER@]HOST[:PORT] (runs a
-    /// relay there), stdio, mux+tcp:HOST:PORT or mux+unix:/PATH (listen).
+    /// serial:stdio (the serial framing on stdin/stdout, for a line another
+    /// process carries), vsock:CID:PORT (listens on PORT),
+    /// ssh:[USER@]HOST[:PORT] (runs a relay there), stdio,
+    /// mux+tcp:HOST:PORT or mux+unix:/PATH (listen).
     #[arg(long)]
     downstream: Endpoint,
     /// Toward the control plane: tcp:HOST:PORT or unix:/PATH (one
@@ -170,20 +172,9 @@ async fn open_line(ep: &Endpoint, side: Side, args: &Args) -> anyhow::Result<(Bo
         Endpoint::Serial { path, baud } => {
             let port = tokio_serial::SerialStream::open(&tokio_serial::new(path.to_string_lossy(), *baud))
                 .with_context(|| format!("opening {ep}"))?;
-            let cfg = link::LinkConfig {
-                baud: args.baud,
-                dead_after: args.link_timeout,
-                counters: args.counters.clone(),
-                ..Default::default()
-            };
-            let (stream, task) = link::ReliableLink::spawn(port, cfg);
-            tokio::spawn(async move {
-                if let Ok(Ok(stats)) = task.await {
-                    tracing::info!(?stats, "serial link closed");
-                }
-            });
-            Ok((Box::new(stream), None))
+            Ok((reliable(port, args), None))
         }
+        Endpoint::SerialStdio => Ok((reliable(tokio::io::join(tokio::io::stdin(), tokio::io::stdout()), args), None)),
         Endpoint::Ssh { target, port, relay, remote, config } => {
             let mut cmd = tokio::process::Command::new("ssh");
             cmd.args(["-T", "-o", "BatchMode=yes", "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"]);
@@ -214,6 +205,24 @@ async fn open_line(ep: &Endpoint, side: Side, args: &Args) -> anyhow::Result<(Bo
     }
 }
 
+/// The serial link's framing (acknowledged, retransmitted frames) over
+/// `line`: the stream it carries.
+fn reliable(line: impl AsyncRead + AsyncWrite + Send + 'static, args: &Args) -> BoxIo {
+    let cfg = link::LinkConfig {
+        baud: args.baud,
+        dead_after: args.link_timeout,
+        counters: args.counters.clone(),
+        ..Default::default()
+    };
+    let (stream, task) = link::ReliableLink::spawn(line, cfg);
+    tokio::spawn(async move {
+        if let Ok(Ok(stats)) = task.await {
+            tracing::info!(?stats, "serial link closed");
+        }
+    });
+    Box::new(stream)
+}
+
 /// Runs a single-line link until it fails, again and again: serial, ssh,
 /// stdio, and outgoing socket links. Upstream, the current session's
 /// opener is published for clients; downstream, its inbound streams are
@@ -240,7 +249,7 @@ async fn supervise_line(
             }
             Err(e) => tracing::warn!(link = %ep, error = %format!("{e:#}"), "cannot open the link"),
         }
-        if ep == Endpoint::Stdio {
+        if matches!(ep, Endpoint::Stdio | Endpoint::SerialStdio) {
             return;
         }
         tokio::time::sleep(backoff).await;
@@ -339,8 +348,9 @@ where
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    if args.upstream == Endpoint::Stdio && args.downstream == Endpoint::Stdio {
-        anyhow::bail!("--downstream and --upstream cannot both be stdio");
+    let on_stdio = |e: &Endpoint| matches!(e, Endpoint::Stdio | Endpoint::SerialStdio);
+    if on_stdio(&args.upstream) && on_stdio(&args.downstream) {
+        anyhow::bail!("--downstream and --upstream cannot both be on stdio");
     }
     // The metrics listener ends with this function (the guard cancels it).
     let metrics_stop = tokio_util::sync::CancellationToken::new();
@@ -389,7 +399,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .with_context(|| format!("--downstream {down}"))?;
             accept_loop(|| async { Ok(lis.accept().await?.0) }, Carries::Link, to).await
         }
-        Endpoint::Serial { .. } | Endpoint::Ssh { .. } | Endpoint::Stdio => {
+        Endpoint::Serial { .. } | Endpoint::SerialStdio | Endpoint::Ssh { .. } | Endpoint::Stdio => {
             supervise_line(down, Side::Downstream, args.clone(), Some(to), watch::channel(None).0).await;
             Ok(())
         }

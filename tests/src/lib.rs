@@ -242,6 +242,18 @@ impl Cluster {
         c
     }
 
+    /// Adds a network namespace `node` on the cluster's bridge with address
+    /// 10.77.0.N (as root, with namespaces): its name, and its address.
+    pub fn add_node(&self, node: &str, n: u8) -> (String, String) {
+        let id = self.netns.as_ref().expect("add_node needs the cluster's network namespaces (root)");
+        let st = Command::new(repo_root().join("hack/netns"))
+            .args(["add", id, node, &n.to_string()])
+            .stdout(Stdio::null())
+            .status();
+        assert!(st.is_ok_and(|s| s.success()), "hack/netns add failed");
+        (format!("{id}-{node}"), format!("10.77.0.{n}"))
+    }
+
     /// `program` to run in `node`'s network namespace (here without
     /// namespaces). Only the network namespace is entered: unlike `ip netns
     /// exec`, which remounts /sys in a mount namespace of its own, this

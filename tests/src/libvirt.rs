@@ -126,3 +126,125 @@ impl Drop for Leftovers {
         }
     }
 }
+
+/// A remote testbed host for `qemu+ssh://` pools: its own libvirtd,
+/// virtlogd and sshd in a network namespace on the cluster's bridge, and a
+/// PID and mount namespace of their own (tests/scripts/remote-testbed.sh
+/// says what it hides from the control plane). Dropped: the namespace's
+/// processes are killed, its mounts go with them.
+pub struct RemoteTestbed {
+    dir: tempfile::TempDir,
+    /// `unshare`, whose death kills the PID namespace (`--kill-child`).
+    unshare: std::process::Child,
+    /// The control plane's network namespace, where virsh reaches it from.
+    cp_netns: String,
+    pub address: String,
+}
+
+impl RemoteTestbed {
+    /// Starts it as host 10.77.0.200 of the cluster's network, and waits
+    /// until its libvirtd answers over ssh.
+    pub fn start(c: &crate::Cluster) -> RemoteTestbed {
+        assert!(ensure(), "the remote testbed needs root and libvirt");
+        let (ns, address) = c.add_node("testbed", 200);
+        let cp_netns = ns.replace("-testbed", "-cp");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        let keygen = |name: &str| {
+            let st =
+                Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(d.join(name)).status();
+            assert!(st.is_ok_and(|s| s.success()), "ssh-keygen");
+        };
+        keygen("id");
+        keygen("host_key");
+        std::fs::copy(d.join("id.pub"), d.join("authorized_keys")).unwrap();
+        let host_key = std::fs::read_to_string(d.join("host_key.pub")).unwrap();
+        let host_key: Vec<&str> = host_key.split_whitespace().take(2).collect();
+        std::fs::write(d.join("known_hosts"), format!("{address} {}\n", host_key.join(" "))).unwrap();
+        std::fs::write(
+            d.join("sshd_config"),
+            format!(
+                "ListenAddress {address}\nPort 22\nHostKey {}\nAuthorizedKeysFile {}\nPermitRootLogin prohibit-password\n\
+                 PasswordAuthentication no\nKbdInteractiveAuthentication no\nStrictModes no\nUsePAM no\nPidFile /run/sshd.pid\n",
+                d.join("host_key").display(),
+                d.join("authorized_keys").display()
+            ),
+        )
+        .unwrap();
+        // The control plane's ssh: this key and this host key only, and
+        // nothing written to root's ~/.ssh.
+        std::fs::write(
+            d.join("ssh_config"),
+            format!(
+                "Host *\n  IdentityFile {}\n  UserKnownHostsFile {}\n  StrictHostKeyChecking yes\n  BatchMode yes\n",
+                d.join("id").display(),
+                d.join("known_hosts").display()
+            ),
+        )
+        .unwrap();
+        let ssh = d.join("ssh");
+        std::fs::write(&ssh, format!("#!/bin/sh\nexec ssh -F {} \"$@\"\n", d.join("ssh_config").display())).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // The image, seen at DIR/image inside the testbed only.
+        std::fs::create_dir(d.join("image")).unwrap();
+        std::fs::create_dir(d.join("image-private")).unwrap();
+        for part in ["vmlinuz", "initrd.img", "golden.qcow2"] {
+            let (from, to) = (image().join(part), d.join("image-private").join(part));
+            if std::fs::hard_link(&from, &to).is_err() {
+                std::fs::copy(&from, &to).expect("copying the image");
+            }
+        }
+        let log = std::fs::File::create(d.join("testbed.log")).unwrap();
+        let unshare = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{ns}"))
+            .args(["--", "unshare", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc", "sh"])
+            .arg(crate::repo_root().join("tests/scripts/remote-testbed.sh"))
+            .arg(d)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting the remote testbed");
+        let tb = RemoteTestbed { dir, unshare, cp_netns, address };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while tb.virsh(&["version"]).is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "the remote testbed's libvirtd did not answer over ssh within 60 s: {}",
+                std::fs::read_to_string(tb.dir.path().join("testbed.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        tb
+    }
+
+    /// The pool's URI for it.
+    pub fn uri(&self) -> String {
+        format!("qemu+ssh://root@{}/system?command={}", self.address, self.dir.path().join("ssh").display())
+    }
+
+    /// The image directory: the golden image there, an empty directory
+    /// here.
+    pub fn image(&self) -> PathBuf {
+        self.dir.path().join("image")
+    }
+
+    /// virsh on the testbed, over ssh from the control plane's namespace.
+    pub fn virsh(&self, args: &[&str]) -> Option<String> {
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.cp_netns))
+            .args(["--", "virsh", "-c", &self.uri()])
+            .args(args)
+            .output()
+            .ok()?;
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for RemoteTestbed {
+    fn drop(&mut self) {
+        let _ = self.unshare.kill();
+        let _ = self.unshare.wait();
+    }
+}

@@ -17,6 +17,17 @@ fn pool_yaml(name: &str, extra: &str) -> String {
     )
 }
 
+/// A manifest of test `name`: one host with capability vm, running `cmd`.
+fn vm_test(c: &Cluster, name: &str, cmd: &str) -> String {
+    manifest(
+        c,
+        &format!("{name}.yaml"),
+        &format!(
+            "apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: {name}}}\nspec:\n  hosts: [{{role: vm, capabilities: [vm]}}]\n  steps: [{{name: s, on: [vm], argv: [sh, -c, \"{cmd}\"]}}]\n"
+        ),
+    )
+}
+
 async fn pool(c: &Cluster, name: &str) -> HostPool {
     c.client().await.api::<HostPool>().get(name).await.unwrap()
 }
@@ -46,15 +57,7 @@ async fn a_pool_makes_guests_on_demand_cleans_them_and_removes_them() {
         &pool_yaml("tbt-a", "  min: 0\n  max: 2\n  idleTimeout: 2s\n  env: {POOL_MODE: from-pool}\n"),
     );
     assert_eq!(c.ctl(&["apply", "-f", &p]).code, 0);
-    let test = |name: &str, cmd: &str| {
-        manifest(
-            &c,
-            &format!("{name}.yaml"),
-            &format!(
-                "apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: {name}}}\nspec:\n  hosts: [{{role: vm, capabilities: [vm]}}]\n  steps: [{{name: s, on: [vm], argv: [sh, -c, \"{cmd}\"]}}]\n"
-            ),
-        )
-    };
+    let test = |name: &str, cmd: &str| vm_test(&c, name, cmd);
     let timeout = format!("{}s", BOOT.as_secs());
     let out = c.ctl(&[
         "apply",
@@ -566,4 +569,97 @@ async fn a_restarted_control_plane_finds_its_guests_again() {
     })
     .await;
     delete_pool(&c, "tbt-c").await;
+}
+
+/// A pool on a remote testbed host (kvm-compose's multi-host testbeds):
+/// its URI is qemu+ssh://, to a libvirtd behind an sshd in a namespace of
+/// its own whose files, ptys and image directory this machine cannot see
+/// (tests/scripts/remote-testbed.sh). Guests are made, linked, cleaned,
+/// snapshotted and removed through libvirt alone: the disk a volume made
+/// by libvirt, the console and the link console streams over the ssh
+/// connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_on_a_remote_testbed_host_works_over_ssh() {
+    let Some(_turn) = libvirt::turn("tbt-rm", &[]).await else { return };
+    let c = Cluster::start(0).await;
+    let tb = libvirt::RemoteTestbed::start(&c);
+    let here = |p: &std::path::Path| std::fs::read_dir(p).unwrap().count();
+    assert_eq!(here(&tb.image()), 0, "the image is on the testbed only");
+    // An image directory the testbed does not have: the pool says so, in
+    // libvirt's words, and nothing is defined there.
+    let missing = format!(
+        "apiVersion: testbus/v1\nkind: HostPool\nmetadata: {{name: tbt-rmx}}\nspec:\n  provider: libvirt\n  uri: \"{}\"\n  image: /nonexistent/image\n  min: 1\n",
+        tb.uri()
+    );
+    assert_eq!(c.ctl(&["apply", "-f", &manifest(&c, "missing.yaml", &missing)]).code, 0);
+    let client = c.client().await;
+    let failing = wait_for(Duration::from_secs(60), "tbt-rmx to say its image is missing", || async {
+        let p = client.api::<HostPool>().get("tbt-rmx").await.ok()?;
+        let cond = p.status().conditions.iter().find(|c| c.r#type == "Available")?.clone();
+        (cond.reason == "GuestsFailing").then_some(cond)
+    })
+    .await;
+    assert!(failing.message.contains("image /nonexistent/image: "), "{failing:?}");
+    assert!(failing.message.contains("build it with hack/guest-image"), "{failing:?}");
+    assert_eq!(tb.virsh(&["list", "--all", "--name"]).unwrap_or_default().trim(), "");
+    delete_pool(&c, "tbt-rmx").await;
+    let p = manifest(
+        &c,
+        "pool.yaml",
+        &format!(
+            "apiVersion: testbus/v1\nkind: HostPool\nmetadata: {{name: tbt-rm}}\nspec:\n  provider: libvirt\n  uri: \"{}\"\n  image: {}\n  capabilities: [vm]\n  max: 1\n",
+            tb.uri(),
+            tb.image().display()
+        ),
+    );
+    assert_eq!(c.ctl(&["apply", "-f", &p]).code, 0);
+    let test = |name: &str, cmd: &str| vm_test(&c, name, cmd);
+    let timeout = format!("{}s", BOOT.as_secs());
+    let out = c.ctl(&["apply", "-f", &test("first", "echo secret > /root/leftover"), "--wait", "--timeout", &timeout]);
+    assert_eq!(out.code, 0, "{out:?} {:?}", pool(&c, "tbt-rm").await.status());
+    let guest = c.test("first").await.status().claims["vm"].clone();
+    // The guest runs on the testbed, not here; its disk and console log
+    // are volumes there, nothing of them here.
+    assert_eq!(tb.virsh(&["list", "--name"]).unwrap_or_default().trim(), guest);
+    assert!(libvirt::domains("tbt-rm-").is_empty());
+    let image_pool = tb.virsh(&["pool-list", "--name"]).unwrap_or_default().trim().to_string();
+    assert!(image_pool.starts_with("testbus"), "{image_pool:?}");
+    assert!(tb.virsh(&["pool-refresh", &image_pool]).is_some());
+    let volumes = tb.virsh(&["vol-list", "--pool", &image_pool]).unwrap_or_default();
+    assert!(volumes.contains(&format!("{guest}.qcow2")), "{volumes}");
+    assert!(volumes.contains(&format!("{guest}.console.log")), "{volumes}");
+    assert_eq!(here(&tb.image()), 0);
+    let h = client.api::<Host>().get(&guest).await.unwrap();
+    assert_eq!(h.status().facts.as_ref().unwrap().transport, "serial");
+
+    // Cleaned between tests (its clean snapshot loaded through the remote
+    // daemon, linked again over a new stream).
+    let out = c.ctl(&["apply", "-f", &test("second", "test ! -e /root/leftover"), "--wait", "--timeout", &timeout]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(c.test("second").await.status().claims["vm"], guest, "the guest was reused");
+    // What a clean took over ssh (shown with --nocapture).
+    for l in c.read_log("control-plane").lines().filter(|l| l.contains("guest clean again")) {
+        eprintln!("{l}");
+    }
+
+    // Snapshots through the API, kept by the remote daemon.
+    let out = c.ctl(&["create", "test", "snap", "--claim", "vm=vm", "--timeout", "10m", "--wait-claimed"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(c.ctl(&["snapshot", "create", &guest, "s1"]).code, 0);
+    assert_eq!(c.ctl(&["snapshot", "list", &guest]).stdout, "s1\ntestbus-clean\n");
+    let listed = tb.virsh(&["snapshot-list", &guest, "--name"]).unwrap_or_default();
+    assert!(listed.contains("s1"), "{listed}");
+    assert_eq!(c.ctl(&["snapshot", "delete", &guest, "s1"]).code, 0);
+    assert_eq!(c.ctl(&["finish", "snap"]).code, 0);
+
+    // Deleted: nothing is left on the testbed but the image.
+    delete_pool(&c, "tbt-rm").await;
+    assert_eq!(tb.virsh(&["list", "--all", "--name"]).unwrap_or_default().trim(), "");
+    let pools = tb.virsh(&["pool-list", "--all", "--name"]).unwrap_or_default();
+    assert_eq!(pools.trim(), "", "libvirt's view of the image directory went with the last guest");
+    let private = tb.image().with_file_name("image-private");
+    let mut left: Vec<String> =
+        std::fs::read_dir(private).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    left.sort();
+    assert_eq!(left, ["golden.qcow2", "initrd.img", "vmlinuz"]);
 }
