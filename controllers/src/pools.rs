@@ -574,7 +574,15 @@ async fn start_device(cfg: &PoolsConfig, state_dir: &std::path::Path) -> Result<
     let socket = state_dir.join("vhost.sock");
     let _ = std::fs::remove_file(&socket);
     let log = std::fs::File::create(state_dir.join("vsock-device.log")).map_err(|e| e.to_string())?;
-    let mut child = tokio::process::Command::new(&cfg.vsock_device)
+    // It has no way of its own to notice the control plane's death (the
+    // relays end with their stdin): setpriv (util-linux) has the kernel
+    // kill it when the thread that started it ends. That is a runtime
+    // worker thread (this is async code), which ends only with the
+    // runtime, as the control plane exits (a task's panic is caught; it
+    // does not end the thread).
+    let mut child = tokio::process::Command::new("setpriv")
+        .args(["--pdeathsig", "KILL", "--"])
+        .arg(&cfg.vsock_device)
         .args(["--guest-cid", "3", "--socket"])
         .arg(&socket)
         .arg("--uds-path")

@@ -479,7 +479,7 @@ async fn a_guest_that_does_not_boot_in_time_is_retried_with_backoff() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_linked_only_over_vsock_runs_tests() {
     let Some(_turn) = libvirt::turn("vsock-vms", &[]).await else { return };
-    let c = Cluster::start(0).await;
+    let mut c = Cluster::start(0).await;
     let example = testbus_tests::repo_root().join("manifests/examples/pool-vsock.yaml").display().to_string();
     let out = c.ctl(&["apply", "-f", &example, "--wait", "--timeout", &format!("{}s", BOOT.as_secs())]);
     assert_eq!(out.code, 0, "{out:?}");
@@ -502,21 +502,37 @@ async fn a_guest_linked_only_over_vsock_runs_tests() {
     let second = run("hostname; test ! -e /root/leftover");
     assert!(second.starts_with("vsock-vms-") && second != first, "a new guest: {first} then {second}");
     assert!(!libvirt::domains("vsock-vms-").contains(&first), "the used guest was destroyed");
+
+    // A control plane killed while a guest is held: the guest's device
+    // dies with it (it is no child of anything else, and nothing else
+    // would end it).
+    let dir = c.dir.path().display().to_string();
+    let devices = || -> Vec<String> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+            .filter(|cmd| cmd.contains("vhost-device-vsock") && cmd.contains(&dir) && !cmd.starts_with("setpriv"))
+            .collect()
+    };
+    let out = c.ctl(&["create", "test", "hold", "--claim", "vm=vsock-vm", "--timeout", "10m", "--wait-claimed"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(devices().len(), 1, "one guest, one device");
+    c.kill_control_plane();
+    wait_for(Duration::from_secs(10), "the device to die with the control plane", || async {
+        devices().is_empty().then_some(())
+    })
+    .await;
+    c.start_control_plane().await;
+    assert_eq!(c.ctl(&["delete", "test/hold"]).code, 0);
     delete_pool(&c, "vsock-vms").await;
     let guests_dir = c.dir.path().join("cp/guests");
     let left: Vec<_> =
         std::fs::read_dir(&guests_dir).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
     assert!(left.is_empty(), "{left:?}");
     // Each guest's device went with it.
-    let dir = c.dir.path().display().to_string();
-    let devices: Vec<String> = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
-        .filter(|cmd| cmd.contains("vhost-device-vsock") && cmd.contains(&dir))
-        .collect();
-    assert!(devices.is_empty(), "{devices:?}");
+    assert!(devices().is_empty(), "{:?}", devices());
 }
 
 /// The control plane killed while one guest is Ready and another still
