@@ -592,7 +592,9 @@ async fn start_device(cfg: &PoolsConfig, state_dir: &std::path::Path) -> Result<
         .stderr(log)
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| format!("starting {} (hack/setup installs it): {e}", cfg.vsock_device.display()))?;
+        .map_err(|e| {
+            format!("starting setpriv --pdeathsig KILL -- {} (hack/setup installs it): {e}", cfg.vsock_device.display())
+        })?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !socket.exists() {
         if let Ok(Some(st)) = child.try_wait() {
@@ -732,25 +734,35 @@ async fn link(ctx: &Context, lv: &Arc<Libvirt>, cfg: &PoolsConfig, name: &str, g
     let child = if lv.is_remote() {
         // The pty is on the libvirt host: the line comes through libvirt,
         // and this machine's relay speaks the serial framing over it.
+        // (Opened, written and dropped on blocking threads: a remote
+        // connection's calls, its close included, wait on the network.)
+        let go = if go { Some(guest_token(ctx, cfg, name).await?) } else { None };
         let (l, n) = (lv.clone(), name.to_string());
-        let line = blocking(move || l.open_line(&n, 1)).await.map_err(|e| e.to_string())?;
-        if go {
-            let token = guest_token(ctx, cfg, name).await?;
-            let text = testbus_pool_libvirt::go_line(SystemTime::now(), token.as_deref());
-            let l = line.clone();
-            tokio::task::spawn_blocking(move || l.write_all(text.as_bytes()))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("giving the go: {e}"))?;
-        }
-        let mut child = tokio::process::Command::new(&cfg.relay)
+        let line = blocking(move || {
+            let line = l.open_line(&n, 1)?;
+            if let Some(token) = go {
+                let text = testbus_pool_libvirt::go_line(SystemTime::now(), token.as_deref());
+                line.write_all(text.as_bytes()).map_err(|e| ProviderError::Image(format!("giving the go: {e}")))?;
+            }
+            Ok(line)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        let spawned = tokio::process::Command::new(&cfg.relay)
             .args(["--downstream", "serial:stdio", "--upstream", &cfg.upstream, "--transport", "serial"])
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(log)
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| format!("starting {}: {e}", cfg.relay.display()))?;
+            .map_err(|e| format!("starting {}: {e}", cfg.relay.display()));
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                tokio::task::spawn_blocking(move || drop(line));
+                return Err(e);
+            }
+        };
         carry_line(line, &mut child).map_err(|e| format!("carrying the link: {e}"))?;
         child
     } else {

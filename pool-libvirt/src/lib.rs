@@ -128,6 +128,10 @@ pub struct Libvirt {
     /// The daemon is on another machine: guests' files are made, read and
     /// removed through libvirt only.
     remote: bool,
+    /// Held while volumes of an image directory are made or deleted: its
+    /// pool refuses a refresh while it builds a volume ("asynchronous jobs
+    /// running"), and must not be dropped under a guest being made.
+    volumes: parking_lot::Mutex<()>,
 }
 
 /// Where the guest's console (its first serial line) can be read.
@@ -175,10 +179,17 @@ fn kvm_works(capabilities: &str) -> bool {
 
 impl Libvirt {
     pub fn open(uri: &str) -> Result<Libvirt> {
+        if is_remote_uri(uri) {
+            event_loop();
+        }
         let conn = Connect::open(Some(uri)).map_err(err(uri))?;
         let caps = conn.capabilities().map_err(err(uri))?;
         let domain_type = if kvm_works(&caps) { "kvm" } else { "qemu" };
-        Ok(Libvirt { conn, uri: uri.to_string(), domain_type, remote: is_remote_uri(uri) })
+        let remote = is_remote_uri(uri);
+        if remote {
+            keep_alive(&conn, uri)?;
+        }
+        Ok(Libvirt { conn, uri: uri.to_string(), domain_type, remote, volumes: Default::default() })
     }
 
     /// Whether the daemon is on another machine (see the crate's docs).
@@ -293,45 +304,55 @@ impl Libvirt {
                 "a vsock guest needs vhost-device-vsock on this machine: its libvirt must be local".into(),
             ));
         }
-        let pool = self.image_pool(&g.image)?;
-        let mut golden = None;
-        for part in IMAGE_PARTS {
-            match pool.lookup_storage_vol_by_name(part) {
-                Ok(v) if part == "golden.qcow2" => golden = Some(v),
-                Ok(_) => {}
-                Err(_) => return Err(missing_part(&g.image, part)),
+        let disk = {
+            let _volumes = self.volumes.lock();
+            let pool = self.image_pool(&g.image)?;
+            let mut golden = None;
+            for part in IMAGE_PARTS {
+                match pool.lookup_storage_vol_by_name(part) {
+                    Ok(v) if part == "golden.qcow2" => golden = Some(v),
+                    Ok(_) => {}
+                    Err(_) => return Err(missing_part(&g.image, part)),
+                }
             }
-        }
-        let golden = golden.expect("golden.qcow2 is one of IMAGE_PARTS");
-        self.delete_volumes(&pool, &g.name)?;
-        let capacity = golden.info().map_err(err(&self.uri))?.capacity;
-        let golden_path = golden.path().map_err(err(&self.uri))?;
-        let xml = format!(
-            "<volume><name>{}</name><capacity unit='bytes'>{capacity}</capacity>\
-             <target><format type='qcow2'/></target>\
-             <backingStore><path>{}</path><format type='qcow2'/></backingStore></volume>",
-            escape(&disk_volume(&g.name)),
-            escape(&golden_path)
-        );
-        let disk = virt::storage_vol::StorageVol::create_xml(&pool, &xml, 0).map_err(err(&self.uri))?;
-        let files = GuestFiles {
-            disk: disk.path().map_err(err(&self.uri))?.into(),
-            console: g.image.join(console_volume(&g.name)),
-            console_stream: true,
+            let golden = golden.expect("golden.qcow2 is one of IMAGE_PARTS");
+            self.delete_volumes(&pool, &g.name)?;
+            let capacity = golden.info().map_err(err(&self.uri))?.capacity;
+            let golden_path = golden.path().map_err(err(&self.uri))?;
+            let xml = format!(
+                "<volume><name>{}</name><capacity unit='bytes'>{capacity}</capacity>\
+                 <target><format type='qcow2'/></target>\
+                 <backingStore><path>{}</path><format type='qcow2'/></backingStore></volume>",
+                escape(&disk_volume(&g.name)),
+                escape(&golden_path)
+            );
+            let disk = virt::storage_vol::StorageVol::create_xml(&pool, &xml, 0).map_err(err(&self.uri))?;
+            disk.path().map_err(err(&self.uri))
         };
-        let dom = self.conn.define_domain_xml(&domain_xml(g, self.domain_type, &files)).map_err(err(&self.uri))?;
-        let started =
-            dom.create_with_flags(virt::sys::VIR_DOMAIN_START_PAUSED).map_err(err(&self.uri)).and_then(|()| {
-                let console = self.open_line(&g.name, 0)?;
-                dom.resume().map_err(err(&self.uri))?;
-                Ok(console)
-            });
+        let started = disk.and_then(|disk| {
+            let files =
+                GuestFiles { disk: disk.into(), console: g.image.join(console_volume(&g.name)), console_stream: true };
+            let dom = self.conn.define_domain_xml(&domain_xml(g, self.domain_type, &files)).map_err(err(&self.uri))?;
+            dom.create_with_flags(virt::sys::VIR_DOMAIN_START_PAUSED)
+                .map_err(err(&self.uri))
+                .and_then(|()| {
+                    let console = self.open_line(&g.name, 0)?;
+                    dom.resume().map_err(err(&self.uri))?;
+                    Ok(console)
+                })
+                .inspect_err(|_| {
+                    let _ = dom.destroy();
+                    let _ = dom.undefine_flags(virt::sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA);
+                })
+        });
         match started {
             Ok(console) => Ok(Console::Stream(console)),
             Err(e) => {
-                let _ = dom.destroy();
-                let _ = dom.undefine_flags(virt::sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA);
-                let _ = self.delete_volumes(&pool, &g.name);
+                // Nothing of it is left: its disk (made or half made) goes.
+                let _volumes = self.volumes.lock();
+                if let Ok(pool) = self.image_pool(&g.image) {
+                    let _ = self.delete_volumes(&pool, &g.name);
+                }
                 Err(e)
             }
         }
@@ -344,10 +365,22 @@ impl Libvirt {
         let pool = match self.conn.lookup_storage_pool_by_target_path(&path) {
             Ok(p) => p,
             Err(_) => {
-                let name: String = format!("testbus{path}")
+                // Readable, and told apart by a hash of the whole path
+                // (`/a/b.c` and `/a/b-c` read alike). Only its creation
+                // uses the name: it is found by its path.
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                path.hash(&mut h);
+                let tail: String = path
                     .chars()
+                    .rev()
+                    .take(40)
                     .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' })
+                    .collect::<Vec<char>>()
+                    .into_iter()
+                    .rev()
                     .collect();
+                let name = format!("{IMAGE_POOL_PREFIX}{:016x}{tail}", h.finish());
                 let xml = format!(
                     "<pool type='dir'><name>{}</name><target><path>{}</path></target></pool>",
                     escape(&name),
@@ -382,15 +415,21 @@ impl Libvirt {
     }
 
     /// A remote daemon's view of the image directory goes once no guest's
-    /// volume is left in it (another pool on the same image makes it again
-    /// when it needs it).
+    /// volume is left in it, if testbus made it (transient, named by
+    /// testbus; a pool an administrator defined there stays). Another
+    /// HostPool on the same image makes it again when it needs it.
     pub fn forget_image(&self, image: &Path) -> Result<()> {
         if !self.remote {
             return Ok(());
         }
+        let _volumes = self.volumes.lock();
         let Ok(pool) = self.conn.lookup_storage_pool_by_target_path(&image.display().to_string()) else {
             return Ok(());
         };
+        let ours = pool.name().is_ok_and(|n| n.starts_with(IMAGE_POOL_PREFIX)) && !pool.is_persistent().unwrap_or(true);
+        if !ours {
+            return Ok(());
+        }
         pool.refresh(0).map_err(err(&self.uri))?;
         let names: Vec<String> = pool.list_volumes().map_err(err(&self.uri))?;
         if names.iter().all(|n| IMAGE_PARTS.contains(&n.as_str()) || n == "kernel-version") {
@@ -403,6 +442,9 @@ impl Libvirt {
     /// its link), taking it over from any earlier stream.
     pub fn open_line(&self, name: &str, port: u32) -> Result<LineStream> {
         let conn = Connect::open(Some(&self.uri)).map_err(err(&self.uri))?;
+        if self.remote {
+            keep_alive(&conn, &self.uri)?;
+        }
         let dom = conn.lookup_domain_by_name(name).map_err(err(&self.uri))?;
         let stream = virt::stream::Stream::new(&conn, 0).map_err(err(&self.uri))?;
         let dev = format!("serial{port}");
@@ -525,6 +567,7 @@ impl Libvirt {
             Err(e) => return Err(e),
         }
         if let Some(image) = image.filter(|_| self.remote) {
+            let _volumes = self.volumes.lock();
             match self.image_pool(image) {
                 Ok(pool) => self.delete_volumes(&pool, name)?,
                 // No image directory there: nothing of the guest either.
@@ -547,6 +590,36 @@ impl Libvirt {
         names.sort();
         Ok(names)
     }
+}
+
+/// How testbus's view of an image directory on a remote daemon is named.
+const IMAGE_POOL_PREFIX: &str = "testbus-image-";
+
+/// libvirt's default event loop, run on a thread of its own for the
+/// process's life, started before the first remote connection: it answers
+/// and sends keepalives, so a remote daemon that stops answering (the
+/// network between goes) ends the connection and every call blocked on
+/// it, streams included, within ~20 s.
+fn event_loop() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        if let Err(e) = virt::event::event_register_default_impl() {
+            tracing::warn!(error = %e, "libvirt's event loop: not registered; remote connections have no keepalive");
+            return;
+        }
+        let _ = std::thread::Builder::new().name("libvirt-events".into()).spawn(|| loop {
+            // One event per turn; an error (none is expected) waits a
+            // little rather than spin.
+            if virt::event::event_run_default_impl().is_err() {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        });
+    });
+}
+
+/// Pings a remote daemon every 5 s; 3 unanswered end the connection.
+fn keep_alive(conn: &Connect, uri: &str) -> Result<()> {
+    conn.set_keep_alive(5, 3).map_err(err(uri))
 }
 
 /// What an image directory holds (`hack/guest-image` makes them).

@@ -424,4 +424,8 @@ async fn main() {
         eprintln!("testbus-relay: {e:#}");
         std::process::exit(1);
     }
+    // A link on stdio ended: exit now. Returning would drop the runtime,
+    // which waits for its blocking stdin read, and that waits for input
+    // that may never come (the far side's writer still holds the pipe).
+    std::process::exit(0);
 }

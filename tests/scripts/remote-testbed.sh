@@ -10,13 +10,18 @@
 # state, logs and config are tmpfs here, its ptys are a devpts instance of
 # its own (the control plane's /dev/pts/N is another pty), and the image
 # directory DIR/image, empty for everyone else, shows DIR/image-private
+# here; and the control plane's own directory (CLUSTER) is an empty tmpfs
 # here. So a control plane that made a disk, read a console log or opened
-# a pty on its own machine would find nothing: it must go through libvirt.
+# a pty on its own machine would find nothing, and the testbed nothing it
+# made: it must go through libvirt.
 #
-# Usage: remote-testbed.sh DIR   (DIR: sshd_config, host keys, image-private)
+# Usage: remote-testbed.sh DIR CLUSTER
+#   DIR: sshd_config, host keys, image-private; CLUSTER: the test's cluster
+#   directory (the control plane's data directory is under it)
 set -eu
-dir=$1
+dir=$1 cluster=$2
 mount --make-rprivate /
+mount -t tmpfs tmpfs "$cluster"
 cp /etc/libvirt/qemu.conf "$dir/qemu.conf"
 mount -t tmpfs tmpfs /run
 mkdir -p /run/sshd /run/libvirt /run/lock

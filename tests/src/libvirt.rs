@@ -176,7 +176,8 @@ impl RemoteTestbed {
         std::fs::write(
             d.join("ssh_config"),
             format!(
-                "Host *\n  IdentityFile {}\n  UserKnownHostsFile {}\n  StrictHostKeyChecking yes\n  BatchMode yes\n",
+                "Host *\n  IdentityFile {}\n  UserKnownHostsFile {}\n  StrictHostKeyChecking yes\n  BatchMode yes\n  \
+                 ConnectTimeout 5\n",
                 d.join("id").display(),
                 d.join("known_hosts").display()
             ),
@@ -201,6 +202,7 @@ impl RemoteTestbed {
             .args(["--", "unshare", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc", "sh"])
             .arg(crate::repo_root().join("tests/scripts/remote-testbed.sh"))
             .arg(d)
+            .arg(c.dir.path())
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
