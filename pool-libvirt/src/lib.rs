@@ -179,16 +179,10 @@ fn kvm_works(capabilities: &str) -> bool {
 
 impl Libvirt {
     pub fn open(uri: &str) -> Result<Libvirt> {
-        if is_remote_uri(uri) {
-            event_loop();
-        }
         let conn = Connect::open(Some(uri)).map_err(err(uri))?;
         let caps = conn.capabilities().map_err(err(uri))?;
         let domain_type = if kvm_works(&caps) { "kvm" } else { "qemu" };
         let remote = is_remote_uri(uri);
-        if remote {
-            keep_alive(&conn, uri)?;
-        }
         Ok(Libvirt { conn, uri: uri.to_string(), domain_type, remote, volumes: Default::default() })
     }
 
@@ -442,9 +436,6 @@ impl Libvirt {
     /// its link), taking it over from any earlier stream.
     pub fn open_line(&self, name: &str, port: u32) -> Result<LineStream> {
         let conn = Connect::open(Some(&self.uri)).map_err(err(&self.uri))?;
-        if self.remote {
-            keep_alive(&conn, &self.uri)?;
-        }
         let dom = conn.lookup_domain_by_name(name).map_err(err(&self.uri))?;
         let stream = virt::stream::Stream::new(&conn, 0).map_err(err(&self.uri))?;
         let dev = format!("serial{port}");
@@ -594,33 +585,6 @@ impl Libvirt {
 
 /// How testbus's view of an image directory on a remote daemon is named.
 const IMAGE_POOL_PREFIX: &str = "testbus-image-";
-
-/// libvirt's default event loop, run on a thread of its own for the
-/// process's life, started before the first remote connection: it answers
-/// and sends keepalives, so a remote daemon that stops answering (the
-/// network between goes) ends the connection and every call blocked on
-/// it, streams included, within ~20 s.
-fn event_loop() {
-    static STARTED: std::sync::Once = std::sync::Once::new();
-    STARTED.call_once(|| {
-        if let Err(e) = virt::event::event_register_default_impl() {
-            tracing::warn!(error = %e, "libvirt's event loop: not registered; remote connections have no keepalive");
-            return;
-        }
-        let _ = std::thread::Builder::new().name("libvirt-events".into()).spawn(|| loop {
-            // One event per turn; an error (none is expected) waits a
-            // little rather than spin.
-            if virt::event::event_run_default_impl().is_err() {
-                std::thread::sleep(std::time::Duration::from_millis(100));
-            }
-        });
-    });
-}
-
-/// Pings a remote daemon every 5 s; 3 unanswered end the connection.
-fn keep_alive(conn: &Connect, uri: &str) -> Result<()> {
-    conn.set_keep_alive(5, 3).map_err(err(uri))
-}
 
 /// What an image directory holds (`hack/guest-image` makes them).
 const IMAGE_PARTS: [&str; 3] = ["vmlinuz", "initrd.img", "golden.qcow2"];

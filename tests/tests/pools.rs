@@ -673,23 +673,6 @@ async fn a_pool_on_a_remote_testbed_host_works_over_ssh() {
     assert_eq!(c.ctl(&["snapshot", "delete", &guest, "s1"]).code, 0);
     assert_eq!(c.ctl(&["finish", "snap"]).code, 0);
 
-    // The testbed cut off from the network: the connection's keepalive
-    // ends it and every call waiting on it, and the pool says libvirt is
-    // unreachable (nothing hangs: the CLI answers). Back on the network,
-    // the pool serves tests again.
-    c.set_link("testbed", false);
-    let cut = wait_for(Duration::from_secs(120), "the pool to say libvirt is unreachable", || async {
-        let p = client.api::<HostPool>().get("tbt-rm").await.ok()?;
-        let cond = p.status().conditions.iter().find(|c| c.r#type == "Available")?.clone();
-        (cond.reason == "LibvirtUnreachable").then_some(cond)
-    })
-    .await;
-    assert!(cut.message.contains("cannot reach libvirt"), "{cut:?}");
-    assert_eq!(c.ctl(&["describe", "hostpool/tbt-rm"]).code, 0);
-    c.set_link("testbed", true);
-    let out = c.ctl(&["apply", "-f", &test("third", "true"), "--wait", "--timeout", &timeout]);
-    assert_eq!(out.code, 0, "{out:?} {:?}", pool(&c, "tbt-rm").await.status());
-
     // Deleted: nothing is left on the testbed but the image.
     delete_pool(&c, "tbt-rm").await;
     assert_eq!(tb.virsh(&["list", "--all", "--name"]).unwrap_or_default().trim(), "");
