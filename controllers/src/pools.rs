@@ -1014,7 +1014,7 @@ async fn destroy(
     }
     let (l, n, dir, image) =
         (lv.clone(), name.to_string(), cfg.state_dir.join(name), PathBuf::from(&pool.spec().image));
-    blocking(move || l.destroy_guest(&n, &dir, Some(&image))).await.map_err(|e| e.to_string())?;
+    blocking(move || l.destroy_guest(&n, &dir, &image)).await.map_err(|e| e.to_string())?;
     // QEMU is gone: its vsock device may go too.
     let device = ctx.guests.runs.lock().get_mut(name).and_then(|g| g.device.take());
     if let Some(mut device) = device {

@@ -538,7 +538,7 @@ impl Libvirt {
     /// Stops and removes the guest: its domain, snapshots, disk and
     /// console log (on a remote daemon, the volumes next to `image`). A
     /// guest that is already gone is fine.
-    pub fn destroy_guest(&self, name: &str, state_dir: &Path, image: Option<&Path>) -> Result<()> {
+    pub fn destroy_guest(&self, name: &str, state_dir: &Path, image: &Path) -> Result<()> {
         match self.domain(name) {
             Ok(dom) => {
                 if dom.is_active().unwrap_or(false) {
@@ -557,7 +557,7 @@ impl Libvirt {
             Err(ProviderError::NoGuest(_)) => {}
             Err(e) => return Err(e),
         }
-        if let Some(image) = image.filter(|_| self.remote) {
+        if self.remote {
             let _volumes = self.volumes.lock();
             match self.image_pool(image) {
                 Ok(pool) => self.delete_volumes(&pool, name)?,
