@@ -58,6 +58,26 @@ pub trait Policy: Resource + Validate {
     fn in_scope(&self, scope: &Scope, verb: Verb) -> Result<(), Status> {
         scope.host(verb, "") // an agent touches no object of other kinds
     }
+    /// What an agent (`scope`) may put in an object it creates, besides
+    /// [`Policy::in_scope`]: metadata of its own only.
+    fn agent_create(&mut self, scope: &Scope) -> Result<(), Status> {
+        let what = format!("{} {:?}", Self::KIND, self.name());
+        scope.created_metadata(|| what.clone(), self.meta_mut())
+    }
+    /// What of the status an agent (`scope`) may change, besides
+    /// [`Policy::check_status_update`]: all of it, unless the kind says.
+    fn agent_status(_scope: &Scope, _old: &Self, _new: &Self) -> Result<(), Status> {
+        Ok(())
+    }
+}
+
+/// An agent's write of `field` refused: the controllers own it.
+fn not_the_agents(scope: &Scope, field: &str, what: String) -> Status {
+    crate::error::ApiError::PermissionDenied(format!(
+        "agent {:?} may not write {field} of {what}: the controllers and the claim write it, agents do not",
+        scope.agent_host().unwrap_or_default()
+    ))
+    .into()
 }
 
 impl Policy for Host {
@@ -69,6 +89,32 @@ impl Policy for Host {
     }
     fn in_scope(&self, scope: &Scope, verb: Verb) -> Result<(), Status> {
         scope.host(verb, self.name())
+    }
+    /// An agent registers its Host with its own labels, status fields of
+    /// its own and an empty spec (the spec is an admin's: capabilities
+    /// granted, cordons, the pool's layer).
+    fn agent_create(&mut self, scope: &Scope) -> Result<(), Status> {
+        let what = format!("Host {:?}", self.name());
+        scope.created_metadata(|| what.clone(), self.meta_mut())?;
+        if scope.agent_host().is_none() {
+            return Ok(());
+        }
+        if self.spec() != &testbus_proto::HostSpec::default() {
+            return Err(not_the_agents(scope, "spec", what));
+        }
+        match crate::authz::host_status_not_agents(&Default::default(), self.status()) {
+            Some(field) => Err(not_the_agents(scope, field, what)),
+            None => Ok(()),
+        }
+    }
+    fn agent_status(scope: &Scope, old: &Self, new: &Self) -> Result<(), Status> {
+        if scope.agent_host().is_none() {
+            return Ok(());
+        }
+        match crate::authz::host_status_not_agents(old.status(), new.status()) {
+            Some(field) => Err(not_the_agents(scope, field, format!("Host {:?}", old.name()))),
+            None => Ok(()),
+        }
     }
     /// A host is born free: only `Tests.Claim` claims it.
     fn on_create(&mut self) {
@@ -340,6 +386,7 @@ impl<K: Policy> ResourceService<K> {
 
     pub async fn create(&self, scope: &Scope, mut obj: K) -> Result<K, Status> {
         obj.in_scope(scope, Verb::Create)?;
+        obj.agent_create(scope)?;
         obj = obj.with_type_meta();
         obj.validate().map_err(|e| Status::invalid_argument(e.to_string()))?;
         self.check_files(&obj).await?;
@@ -382,8 +429,8 @@ impl<K: Policy> ResourceService<K> {
     }
 
     pub async fn list(&self, scope: &Scope, req: ListRequest) -> Result<(Vec<K>, String), Status> {
-        scope.processes_selector(Verb::List, &req.field_selector)?;
         let filter = filter(&req.label_selector, &req.field_selector)?;
+        scope.processes_selector(Verb::List, &filter.fields)?;
         let (kvs, rev) = self.st.store.list(&hub::prefix(K::KIND)).await.map_err(store_err)?;
         let mut items = Vec::with_capacity(kvs.len());
         for kv in &kvs {
@@ -400,8 +447,8 @@ impl<K: Policy> ResourceService<K> {
         scope: &Scope,
         req: WatchRequest,
     ) -> Result<BoxStream<'static, Result<WatchEvent<K>, Status>>, Status> {
-        scope.processes_selector(Verb::Watch, &req.field_selector)?;
         let filter = filter(&req.label_selector, &req.field_selector)?;
+        scope.processes_selector(Verb::Watch, &filter.fields)?;
         let after = if req.resource_version.is_empty() {
             None
         } else {
@@ -491,7 +538,9 @@ impl<K: Policy> ResourceService<K> {
         let (current, rev) = self.load(new.name()).await?;
         current.in_scope(scope, Verb::Update)?;
         new.in_scope(scope, Verb::Update)?;
-        scope.spec_change(|| format!("{} {:?}", K::KIND, current.name()), new.spec() != current.spec())?;
+        let what = || format!("{} {:?}", K::KIND, current.name());
+        scope.spec_change(what, new.spec() != current.spec())?;
+        scope.metadata(what, current.meta(), new.meta())?;
         if rev != want {
             return Err(Self::conflict(new.name(), rev, new.resource_version()));
         }
@@ -528,6 +577,7 @@ impl<K: Policy> ResourceService<K> {
         let want = Self::expect_rv(&new)?;
         let (current, rev) = self.load(new.name()).await?;
         current.in_scope(scope, Verb::UpdateStatus)?;
+        K::agent_status(scope, &current, &new)?;
         if rev != want {
             return Err(Self::conflict(new.name(), rev, new.resource_version()));
         }

@@ -4,8 +4,10 @@
 //! Kept in the store, outside the registry (no watch sees them):
 //! - `/auth/tokens/<id>`: a join token's secret as a SHA-256, its expiry
 //!   and its pool (JSON). Never the secret itself.
-//! - `/auth/revoked/<host>`: the time (unix seconds) before which every
-//!   certificate of that host is refused.
+//! - `/auth/revoked/<subject>`: the time (unix seconds) before which every
+//!   certificate of that subject is refused; `host:NAME` for an agent,
+//!   `user:NAME` for an admin or viewer (a bare name, from earlier
+//!   versions, is a host's).
 //! - `/auth/ca`: the CA certificate the replicas on this store share (its
 //!   key is never stored: see [`Pki::check_shared_ca`]).
 use crate::api::ApiState;
@@ -16,9 +18,10 @@ use parking_lot::RwLock;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use testbus_pki::{Ca, JoinToken, Role};
+use testbus_pki::{Ca, JoinToken, Role, Subject};
 use testbus_proto::{
-    CreateTokenRequest, CreateTokenResponse, Credentials, JoinRequest, RenewRequest, RevokeRequest, RevokeResponse,
+    CreateTokenRequest, CreateTokenResponse, Credentials, JoinRequest, RenewRequest, Resource, RevokeRequest,
+    RevokeResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -29,8 +32,12 @@ const TOKENS: &str = "/auth/tokens/";
 const VIEWER_TOKENS: &str = "/auth/viewer-tokens/";
 const REVOKED: &str = "/auth/revoked/";
 const SHARED_CA: &str = "/auth/ca";
-/// Tokens kept at most (expired ones are dropped first).
+/// Tokens kept at most (expired ones are dropped first), of those for any
+/// host or a pool's guests.
 const MAX_TOKENS: usize = 1000;
+/// The same, of those for one host each (one per host at a time: a pool
+/// guest's, made at each clean).
+const MAX_HOST_TOKENS: usize = 10_000;
 
 /// The CA and what the API needs to know of credentials.
 pub struct Pki {
@@ -40,8 +47,10 @@ pub struct Pki {
     /// The CA clients are verified against (PEM).
     pub client_ca: String,
     pub agent_ttl: Duration,
-    /// Hosts whose certificates issued before a time are refused.
-    revoked: RwLock<HashMap<String, SystemTime>>,
+    /// Hosts and users whose certificates issued before a time are
+    /// refused; with the store revision of the revocation (join tokens
+    /// made before it do not join that host again).
+    revoked: RwLock<HashMap<Subject, (SystemTime, u64)>>,
 }
 
 impl Pki {
@@ -60,10 +69,10 @@ impl Pki {
     }
 
     fn note_revocation(&self, kv: &crate::store::KeyValue) {
-        let host = kv.key.trim_start_matches(REVOKED).to_string();
-        // Unreadable: everything of that host is refused.
+        let subject = Subject::parse_stored(kv.key.trim_start_matches(REVOKED));
+        // Unreadable: everything of that subject is refused.
         let secs: u64 = String::from_utf8_lossy(&kv.value).parse().unwrap_or(u64::MAX / 4);
-        self.revoked.write().insert(host, UNIX_EPOCH + Duration::from_secs(secs));
+        self.revoked.write().insert(subject, (UNIX_EPOCH + Duration::from_secs(secs), kv.mod_revision));
     }
 
     /// With replicas on one store: follows the revocations the others
@@ -131,8 +140,13 @@ impl Pki {
         Ok(())
     }
 
-    fn revoked_since(&self, host: &str) -> Option<SystemTime> {
-        self.revoked.read().get(host).copied()
+    fn revoked_since(&self, subject: &Subject) -> Option<SystemTime> {
+        self.revoked.read().get(subject).map(|r| r.0)
+    }
+
+    /// The store revision `subject` was last revoked at.
+    fn revoked_at_revision(&self, subject: &Subject) -> Option<u64> {
+        self.revoked.read().get(subject).map(|r| r.1)
     }
 }
 
@@ -144,10 +158,10 @@ pub fn authorize<T>(pki: Option<&Pki>, req: &Request<T>, verb: Verb, kind: &str)
 
 /// [`authorize`], for a caller already known (plain HTTP requests).
 pub fn authorize_caller(pki: Option<&Pki>, caller: &Caller, verb: Verb, kind: &str) -> Result<Scope, Status> {
-    if let (Caller::Certified { name, issued, .. }, Some(pki)) = (caller, pki) {
+    if let (Caller::Certified { issued, .. }, Some(subject), Some(pki)) = (caller, caller.subject(), pki) {
         // Certificates say when they were issued to the second: one
         // issued in the second of the revocation is refused too.
-        if pki.revoked_since(name).is_some_and(|since| *issued <= since) {
+        if pki.revoked_since(&subject).is_some_and(|since| *issued <= since) {
             return Err(ApiError::PermissionDenied(format!(
                 "{}: this certificate was revoked; join again with a new token",
                 caller.describe()
@@ -175,6 +189,19 @@ struct StoredToken {
     /// "viewer": a dashboard login, never a join. Empty: an agent's.
     #[serde(default)]
     role: String,
+    /// Joins left; None: unlimited.
+    #[serde(default)]
+    uses_left: Option<u32>,
+}
+
+/// A live token as stored: where, at which revision (a use is a
+/// compare-and-swap on it), and made at which (a host revoked since then
+/// does not join with it).
+struct LiveToken {
+    key: String,
+    revision: u64,
+    created: u64,
+    token: StoredToken,
 }
 
 /// The role of a token that logs a browser in to the dashboard.
@@ -182,16 +209,22 @@ pub const VIEWER_TOKEN: &str = "viewer";
 
 /// The stored token `text` names under `prefix`, if its secret is right
 /// and it is live.
-async fn live_token(st: &ApiState, ca: &Ca, prefix: &str, text: &str) -> Result<StoredToken, Status> {
+async fn live_token(st: &ApiState, ca: &Ca, prefix: &str, text: &str) -> Result<LiveToken, Status> {
     let bad = |m: String| Status::from(ApiError::Unauthenticated(format!("token: {m}")));
     let token: JoinToken = text.parse().map_err(|e: String| Status::invalid_argument(format!("token: {e}")))?;
     if token.ca != ca.fingerprint() {
         return Err(bad("it names another CA than this control plane's".into()));
     }
-    let kv = st.store.get(&format!("{prefix}{}", token.id)).await.map_err(ApiError::from)?;
+    let key = format!("{prefix}{}", token.id);
+    let kv = st.store.get(&key).await.map_err(ApiError::from)?;
+    let (revision, created) = kv.as_ref().map(|kv| (kv.mod_revision, kv.create_revision)).unwrap_or_default();
     match kv.and_then(|kv| serde_json::from_slice::<StoredToken>(&kv.value).ok()) {
-        Some(s) if s.hash == token.secret_hash() && s.expires > unix_now() => Ok(s),
-        _ => Err(bad("unknown, wrong or expired; create one with `testbus-control-plane token create`".into())),
+        Some(s) if s.hash == token.secret_hash() && s.expires > unix_now() && s.uses_left != Some(0) => {
+            Ok(LiveToken { key, revision, created, token: s })
+        }
+        _ => Err(bad(
+            "unknown, wrong, used up, revoked or expired; create one with `testbus-control-plane token create`".into(),
+        )),
     }
 }
 
@@ -199,7 +232,7 @@ async fn live_token(st: &ApiState, ca: &Ca, prefix: &str, text: &str) -> Result<
 /// expires (seconds since the epoch) if so.
 pub async fn check_viewer_token(st: &ApiState, text: &str) -> Result<u64, Status> {
     let auth = AuthService::new(st.clone());
-    let t = live_token(st, auth.ca()?, VIEWER_TOKENS, text).await.map_err(|e| match e.code() {
+    let t = live_token(st, auth.ca()?, VIEWER_TOKENS, text).await.map(|t| t.token).map_err(|e| match e.code() {
         tonic::Code::Unauthenticated => Status::from(ApiError::Unauthenticated(
             "token: not a live viewer token; create one with `testbus-control-plane token create --viewer`".into(),
         )),
@@ -241,19 +274,77 @@ impl AuthService {
         Ok(Credentials { certificate: cert, certificate_authority: self.ca()?.cert_pem().to_string() })
     }
 
-    async fn check_token(&self, text: &str, host: &str) -> Result<(), Status> {
+    /// The token `text`, if `host` may join with it now: live, an agent's,
+    /// for that host (a pool's token: for a name of that pool's guests
+    /// exactly), made after the host's last revocation.
+    async fn check_token(&self, text: &str, host: &str) -> Result<LiveToken, Status> {
         let bad = |m: String| Status::from(ApiError::Unauthenticated(format!("token: {m}")));
-        let s = live_token(&self.st, self.ca()?, TOKENS, text).await?;
+        let live = live_token(&self.st, self.ca()?, TOKENS, text).await?;
+        let s = &live.token;
         if !s.role.is_empty() {
             return Err(bad(format!("it is a {} token: it logs in to the dashboard, it joins nothing", s.role)));
         }
-        if !s.pool.is_empty() && !host.starts_with(&format!("{}-", s.pool)) {
-            return Err(bad(format!("it is for guests of pool {:?} (hosts named {}-…)", s.pool, s.pool)));
+        if !s.pool.is_empty() && !testbus_proto::pool::is_guest_of(&s.pool, host) {
+            return Err(bad(format!("it is for guests of pool {:?} (hosts named {}-XXXXX)", s.pool, s.pool)));
         }
         if !s.host.is_empty() && s.host != host {
             return Err(bad(format!("it is for host {:?} only", s.host)));
         }
+        let revoked = self.pki()?.revoked_at_revision(&Subject::host(host));
+        if revoked.is_some_and(|at| live.created < at) {
+            return Err(bad(format!("host {host:?} was revoked after this token was made; join it with a new token")));
+        }
+        Ok(live)
+    }
+
+    /// One join's use of a token with a count: compare-and-swap on the
+    /// revision it was read at, so two joins never share the last use; a
+    /// used-up token is deleted.
+    async fn use_token(&self, live: LiveToken) -> Result<(), Status> {
+        let Some(left) = live.token.uses_left else { return Ok(()) };
+        let op = if left <= 1 {
+            Op::Delete(live.key.clone())
+        } else {
+            let next = StoredToken { uses_left: Some(left - 1), ..live.token };
+            Op::Put(live.key.clone(), serde_json::to_vec(&next).unwrap_or_default())
+        };
+        let out = self
+            .st
+            .store
+            .txn(vec![Compare::ModRevision(live.key, live.revision)], vec![op])
+            .await
+            .map_err(ApiError::from)?;
+        if !out.succeeded {
+            return Err(Status::aborted("token: used by another join at the same moment; try again"));
+        }
         Ok(())
+    }
+
+    /// A join for a host whose lease another agent holds is refused, as a
+    /// second agent's registration is, unless it takes the host over.
+    async fn check_lease(&self, host: &str, take_over: bool) -> Result<(), Status> {
+        if take_over {
+            return Ok(());
+        }
+        let hosts = crate::api::ResourceService::<testbus_proto::Host>::new(self.st.clone());
+        let h = match hosts.load(host).await {
+            Ok((h, _)) => h,
+            Err(s) if s.code() == tonic::Code::NotFound => return Ok(()),
+            Err(s) => return Err(s),
+        };
+        let s = h.status();
+        let renewed = testbus_proto::time::parse(&s.lease_renew_time);
+        let live = renewed
+            .is_some_and(|t| t + Duration::from_secs(u64::from(s.lease_duration_seconds.max(1))) > SystemTime::now());
+        if s.agent_id.is_empty() || !live {
+            return Ok(());
+        }
+        let ago = testbus_proto::time::since(&s.lease_renew_time).as_secs();
+        Err(Status::failed_precondition(format!(
+            "host {host} is held by another agent (agent {}, lease renewed {ago}s ago); stop that agent, or \
+             start this one with --take-over",
+            s.agent_id
+        )))
     }
 
     async fn create_token(&self, r: CreateTokenRequest) -> Result<CreateTokenResponse, Status> {
@@ -274,26 +365,48 @@ impl AuthService {
             VIEWER_TOKEN => return Err(Status::invalid_argument("role: a viewer token names no pool and no host")),
             other => return Err(Status::invalid_argument(format!("role: {other:?} is not \"agent\" or \"viewer\""))),
         };
+        if r.uses > 1_000_000 {
+            return Err(Status::invalid_argument(format!("uses: {} is more than 1000000 (0: unlimited)", r.uses)));
+        }
         let token = JoinToken::new(&self.ca()?.fingerprint());
         let prefix = if role.is_empty() { TOKENS } else { VIEWER_TOKENS };
-        // Expired tokens go first; a store full of live ones refuses more.
+        // Expired and used-up tokens go first, and so do earlier tokens of
+        // the same one host (a pool makes one per clean of a guest: only
+        // the newest is of use). Tokens for one host each are counted apart
+        // from the others, so that tokens an admin made never stop a pool
+        // from cleaning its guests; a store full of live ones refuses more.
         let (kvs, _) = self.st.store.list(prefix).await.map_err(ApiError::from)?;
         let now = unix_now();
         let mut ops = Vec::new();
         let mut live = 0;
         for kv in &kvs {
             match serde_json::from_slice::<StoredToken>(&kv.value) {
-                Ok(t) if t.expires > now => live += 1,
+                Ok(t)
+                    if t.expires > now
+                        && t.uses_left != Some(0)
+                        && (r.host_name.is_empty() || t.host != r.host_name) =>
+                {
+                    live += usize::from(t.host.is_empty() == r.host_name.is_empty());
+                }
                 _ => ops.push(Op::Delete(kv.key.clone())),
             }
         }
-        if live >= MAX_TOKENS {
+        let cap = if r.host_name.is_empty() { MAX_TOKENS } else { MAX_HOST_TOKENS };
+        if live >= cap {
             return Err(Status::resource_exhausted(format!(
-                "{live} tokens of this kind are live; at most {MAX_TOKENS} (they expire by themselves)"
+                "{live} tokens of this kind are live; at most {cap} (they expire by themselves, or \
+                 `testbus-control-plane token revoke` them)"
             )));
         }
         let expires = now + ttl.as_secs();
-        let stored = StoredToken { hash: token.secret_hash(), expires, pool: r.pool, host: r.host_name, role };
+        let stored = StoredToken {
+            hash: token.secret_hash(),
+            expires,
+            pool: r.pool,
+            host: r.host_name,
+            role,
+            uses_left: (r.uses > 0).then_some(r.uses),
+        };
         ops.push(Op::Put(format!("{prefix}{}", token.id), serde_json::to_vec(&stored).unwrap_or_default()));
         self.st.store.txn(vec![], ops).await.map_err(ApiError::from)?;
         Ok(CreateTokenResponse {
@@ -303,6 +416,17 @@ impl AuthService {
     }
 }
 
+/// The id a revocation of a token names: the token's text, or its id.
+fn token_id(text: &str) -> Result<String, Status> {
+    let text = text.trim();
+    if text.len() == 8 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(text.to_lowercase());
+    }
+    let t: JoinToken =
+        text.parse().map_err(|e: String| Status::invalid_argument(format!("token: {e}, or its id (8 hex digits)")))?;
+    Ok(t.id)
+}
+
 #[tonic::async_trait]
 impl testbus_proto::auth_server::Auth for AuthService {
     async fn join(&self, req: Request<JoinRequest>) -> Result<Response<Credentials>, Status> {
@@ -310,24 +434,29 @@ impl testbus_proto::auth_server::Auth for AuthService {
         let r = req.into_inner();
         testbus_proto::validate::dns_label(&r.host_name)
             .map_err(|e| Status::invalid_argument(format!("hostName: {e}")))?;
-        self.check_token(&r.token, &r.host_name).await?;
+        let live = self.check_token(&r.token, &r.host_name).await?;
+        self.check_lease(&r.host_name, r.take_over).await?;
         let pki = self.pki()?;
+        // A pool's guest: its token names the pool, and so does its
+        // certificate, which is how the API knows the Host's pool.
+        let pool = Some(live.token.pool.clone()).filter(|p| !p.is_empty());
         let cert = self
             .ca()?
-            .sign_csr(&r.csr, &r.host_name, Role::Agent, pki.agent_ttl)
+            .sign_csr(&r.csr, &r.host_name, Role::Agent, pool.as_deref(), pki.agent_ttl)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        tracing::info!(host = %r.host_name, "an agent joined");
+        self.use_token(live).await?;
+        tracing::info!(host = %r.host_name, pool = pool.as_deref().unwrap_or(""), "an agent joined");
         Ok(Response::new(self.credentials(cert)?))
     }
 
     async fn renew(&self, req: Request<RenewRequest>) -> Result<Response<Credentials>, Status> {
         self.st.authorize(&req, Verb::Renew, "certificate")?;
-        let Some(host) = Caller::of(&req).agent().map(str::to_string) else {
+        let Caller::Certified { name: host, role: Role::Agent, pool, .. } = Caller::of(&req) else {
             return Err(Status::failed_precondition("only agents renew certificates here"));
         };
         let cert = self
             .ca()?
-            .sign_csr(&req.get_ref().csr, &host, Role::Agent, self.pki()?.agent_ttl)
+            .sign_csr(&req.get_ref().csr, &host, Role::Agent, pool.as_deref(), self.pki()?.agent_ttl)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         Ok(Response::new(self.credentials(cert)?))
     }
@@ -339,16 +468,46 @@ impl testbus_proto::auth_server::Auth for AuthService {
 
     async fn revoke(&self, req: Request<RevokeRequest>) -> Result<Response<RevokeResponse>, Status> {
         self.st.authorize(&req, Verb::Revoke, "certificates")?;
-        let host = req.into_inner().host_name;
-        testbus_proto::validate::dns_label(&host).map_err(|e| Status::invalid_argument(format!("hostName: {e}")))?;
+        let r = req.into_inner();
+        let subject = match (r.host_name.as_str(), r.user_name.as_str()) {
+            (host, "") if !host.is_empty() => {
+                testbus_proto::validate::dns_label(host)
+                    .map_err(|e| Status::invalid_argument(format!("hostName: {e}")))?;
+                Subject::host(host)
+            }
+            ("", user) if !user.is_empty() => {
+                testbus_pki::check_name(user).map_err(|e| Status::invalid_argument(format!("userName: {e}")))?;
+                Subject::user(user)
+            }
+            _ => return Err(Status::invalid_argument("hostName, userName: give one of the two")),
+        };
         let now = unix_now();
-        let op = Op::Put(format!("{REVOKED}{host}"), now.to_string().into_bytes());
-        self.st.store.txn(vec![], vec![op]).await.map_err(ApiError::from)?;
+        let op = Op::Put(format!("{REVOKED}{subject}"), now.to_string().into_bytes());
+        let out = self.st.store.txn(vec![], vec![op]).await.map_err(ApiError::from)?;
         if let Some(pki) = &self.st.pki {
-            pki.revoked.write().insert(host.clone(), UNIX_EPOCH + Duration::from_secs(now));
+            pki.revoked.write().insert(subject.clone(), (UNIX_EPOCH + Duration::from_secs(now), out.revision));
         }
-        tracing::info!(%host, "certificates revoked");
+        tracing::info!(%subject, "certificates revoked");
         Ok(Response::new(RevokeResponse {}))
+    }
+
+    async fn revoke_token(
+        &self,
+        req: Request<testbus_proto::RevokeTokenRequest>,
+    ) -> Result<Response<testbus_proto::RevokeTokenResponse>, Status> {
+        self.st.authorize(&req, Verb::Revoke, "tokens")?;
+        let id = token_id(&req.get_ref().token)?;
+        let ops = [TOKENS, VIEWER_TOKENS].map(|p| Op::Delete(format!("{p}{id}"))).to_vec();
+        let mut found = false;
+        for p in [TOKENS, VIEWER_TOKENS] {
+            found |= self.st.store.get(&format!("{p}{id}")).await.map_err(ApiError::from)?.is_some();
+        }
+        if !found {
+            return Err(Status::not_found(format!("token: no token {id} (expired tokens are dropped)")));
+        }
+        self.st.store.txn(vec![], ops).await.map_err(ApiError::from)?;
+        tracing::info!(token = %id, "token revoked");
+        Ok(Response::new(testbus_proto::RevokeTokenResponse {}))
     }
 }
 
@@ -360,7 +519,8 @@ mod tests {
     fn a_revocation_refuses_what_was_issued_before_it_only() {
         let (ca, _) = Ca::create().unwrap();
         let pki = Pki::new(None, ca.cert_pem().into(), Duration::from_secs(60));
-        let id = |issued: SystemTime| Caller::Certified { name: "host-a".into(), role: Role::Agent, issued };
+        let id =
+            |issued: SystemTime| Caller::Certified { name: "host-a".into(), role: Role::Agent, issued, pool: None };
         let call = |c: Caller| {
             let mut req = Request::new(());
             req.extensions_mut().insert(c);
@@ -368,10 +528,28 @@ mod tests {
         };
         let now = SystemTime::now();
         assert!(call(id(now)).is_ok());
-        pki.revoked.write().insert("host-a".into(), now);
+        pki.revoked.write().insert(Subject::host("host-a"), (now, 1));
         let e = call(id(now - Duration::from_secs(5))).unwrap_err();
         assert_eq!(e.code(), tonic::Code::PermissionDenied);
         assert!(e.message().contains("revoked"), "{e:?}");
         assert!(call(id(now + Duration::from_secs(1))).is_ok(), "issued after the revocation");
+        // Hosts and users are named apart: host-a's revocation is not user
+        // host-a's, and a user's is not a host's.
+        let user = |name: &str, role| Caller::Certified {
+            name: name.into(),
+            role,
+            issued: now - Duration::from_secs(5),
+            pool: None,
+        };
+        assert!(call(user("host-a", Role::Admin)).is_ok());
+        pki.revoked.write().insert(Subject::user("alice"), (now, 2));
+        assert!(call(user("alice", Role::Viewer)).is_err());
+        assert!(call(Caller::Certified {
+            name: "alice".into(),
+            role: Role::Agent,
+            issued: now - Duration::from_secs(5),
+            pool: None
+        })
+        .is_ok());
     }
 }

@@ -62,6 +62,14 @@ enum UserCommand {
         #[arg(long, env = "TESTBUS_DATA_DIR")]
         data_dir: Option<PathBuf>,
     },
+    /// Refuses every certificate of user NAME issued until now (a host of
+    /// the same name is not touched: `agent revoke` names hosts). Asks the
+    /// running control plane.
+    Revoke {
+        name: String,
+        #[arg(long, env = "TESTBUS_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -80,6 +88,19 @@ enum TokenCommand {
         /// instead of one an agent joins with.
         #[arg(long)]
         viewer: bool,
+        /// How many agents may join with it (default: any number until it
+        /// expires).
+        #[arg(long, conflicts_with = "viewer", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        uses: Option<u32>,
+        #[arg(long, env = "TESTBUS_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
+    /// Deletes a token (join or viewer): nothing joins or logs in with it
+    /// again. TOKEN is the token as `token create` printed it, or its id
+    /// (its third dot-separated part). Certificates it gave are not
+    /// touched: `agent revoke` them.
+    Revoke {
+        token: String,
         #[arg(long, env = "TESTBUS_DATA_DIR")]
         data_dir: Option<PathBuf>,
     },
@@ -88,7 +109,9 @@ enum TokenCommand {
 #[derive(clap::Subcommand, Debug)]
 enum AgentCommand {
     /// Refuses every certificate of host NAME issued until now (its agent
-    /// must join again with a new token). Asks the running control plane.
+    /// must join again with a new token: the tokens made before this do
+    /// not join it again). A user of the same name is not touched. Asks
+    /// the running control plane.
     Revoke {
         name: String,
         #[arg(long, env = "TESTBUS_DATA_DIR")]
@@ -220,7 +243,25 @@ async fn command(cmd: Command) -> anyhow::Result<()> {
                 None => print!("{}", serde_norway::to_string(&file)?),
             }
         }
-        Command::Token(TokenCommand::Create { ttl, pool, viewer, data_dir }) => {
+        Command::User(UserCommand::Revoke { name, data_dir }) => {
+            let client = local_client(data_dir).await?;
+            client
+                .auth()
+                .revoke(testbus_proto::RevokeRequest { host_name: String::new(), user_name: name.clone() })
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+            eprintln!("revoked every certificate of user {name} issued until now");
+        }
+        Command::Token(TokenCommand::Revoke { token, data_dir }) => {
+            let client = local_client(data_dir).await?;
+            client
+                .auth()
+                .revoke_token(testbus_proto::RevokeTokenRequest { token })
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+            eprintln!("the token is revoked");
+        }
+        Command::Token(TokenCommand::Create { ttl, pool, viewer, uses, data_dir }) => {
             let client = local_client(data_dir).await?;
             let r = client
                 .auth()
@@ -229,6 +270,7 @@ async fn command(cmd: Command) -> anyhow::Result<()> {
                     pool: pool.unwrap_or_default(),
                     host_name: String::new(),
                     role: if viewer { "viewer".into() } else { String::new() },
+                    uses: uses.unwrap_or(0),
                 })
                 .await
                 .map_err(|s| anyhow::anyhow!("{}", s.message()))?
@@ -240,7 +282,7 @@ async fn command(cmd: Command) -> anyhow::Result<()> {
             let client = local_client(data_dir).await?;
             client
                 .auth()
-                .revoke(testbus_proto::RevokeRequest { host_name: name.clone() })
+                .revoke(testbus_proto::RevokeRequest { host_name: name.clone(), user_name: String::new() })
                 .await
                 .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
             eprintln!("revoked every certificate of host {name} issued until now");

@@ -357,7 +357,7 @@ fn caller_of(tls: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>) -> Ca
         return Caller::Anonymous;
     };
     match testbus_pki::identity_of(cert) {
-        Ok(id) => Caller::Certified { name: id.name, role: id.role, issued: id.issued },
+        Ok(id) => Caller::Certified { name: id.name, role: id.role, issued: id.issued, pool: id.pool },
         Err(e) => {
             tracing::debug!(error = %e, "a client certificate of the CA names no testbus identity");
             Caller::Anonymous
@@ -564,6 +564,29 @@ fn on_path(name: &str) -> std::path::PathBuf {
         .unwrap_or_else(|| name.into())
 }
 
+/// The data dir holds every test's secrets (the store, output, blobs,
+/// keys): 0700, and everything this process creates is its owner's alone
+/// (umask 077, whatever it was started with). A store others can read
+/// (left so by an earlier version, or by hand) is refused with what to do.
+fn private_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    testbus_pki::private_dir(dir).with_context(|| format!("--data-dir {}", dir.display()))?;
+    let store = dir.join("store.redb");
+    if let Ok(m) = std::fs::metadata(&store) {
+        let mode = m.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            bail!(
+                "{} is readable by other users (mode {mode:04o}), and it holds every test's secrets: \
+                 `chmod 600 {}` (and check who read it), then start again",
+                store.display(),
+                store.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     for l in &cfg.listen {
         if let Listen::Tcp(a) = l {
@@ -575,7 +598,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             }
         }
     }
-    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("--data-dir {}", cfg.data_dir.display()))?;
+    private_data_dir(&cfg.data_dir)?;
     let tls = if cfg.insecure { None } else { Some(cfg.tls()?) };
     // With etcd, several replicas may share the state: the controllers
     // then run on the elected leader only.
@@ -720,6 +743,11 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
                     std::fs::create_dir_all(dir)?;
                 }
                 let lis = tokio::net::UnixListener::bind(&path)
+                    .with_context(|| format!("--listen unix:{}", path.display()))?;
+                // Whoever may connect is admin: its owner, until an admin
+                // chmods it (a socket outside the data dir).
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
                     .with_context(|| format!("--listen unix:{}", path.display()))?;
                 tracing::info!(path = %path.display(), "serving");
                 let (tx, rx) = tokio::sync::mpsc::channel(64);

@@ -491,14 +491,7 @@ fn new_guest_name(pool: &str) -> String {
     format!("{pool}-{:05x}", x & 0xfffff)
 }
 
-/// Whether `name` is how `new_guest_name` names a guest of `pool`: the
-/// pool's name, a dash and five hex digits (pool `a`'s guests are not
-/// pool `a-b`'s).
-fn is_guest_of(pool: &str, name: &str) -> bool {
-    name.strip_prefix(pool)
-        .and_then(|r| r.strip_prefix('-'))
-        .is_some_and(|id| id.len() == 5 && id.bytes().all(|b| b.is_ascii_hexdigit()))
-}
+use testbus_proto::pool::is_guest_of;
 
 /// The address of the guest's `i`th slot on the pool network: one /24 per
 /// network name, inside 10.251.0.0/16.
@@ -519,11 +512,18 @@ async fn guest_token(ctx: &Context, cfg: &PoolsConfig, name: &str) -> Result<Opt
     if !cfg.tls {
         return Ok(None);
     }
+    let Some(pool) = ctx.guests.runs.lock().get(name).map(|g| g.pool.clone()) else {
+        return Err("the guest is no longer known".into());
+    };
+    // Good for one join, as a guest of its pool (its certificate says so,
+    // which is how its Host gets the pool's label); a new one for the
+    // same guest replaces it.
     let req = testbus_proto::CreateTokenRequest {
         ttl: "15m".into(),
-        pool: String::new(),
+        pool,
         host_name: name.into(),
         role: String::new(),
+        uses: 1,
     };
     match ctx.client.auth().create_token(req).await {
         Ok(r) => Ok(Some(r.into_inner().token)),

@@ -46,6 +46,7 @@ impl Credentials {
         server: &str,
         host: &str,
         token: Option<&str>,
+        take_over: TakeOver,
         data_dir: &Path,
     ) -> anyhow::Result<Option<Credentials>> {
         let dir = data_dir.join("tls");
@@ -80,7 +81,7 @@ impl Credentials {
             }
             return Ok(None);
         };
-        let (ca, cert, key) = join(server, host, &token).await?;
+        let (ca, cert, key) = join(server, host, &token, take_over).await?;
         write(&dir, &ca, &cert, &key)?;
         let id = identity(&cert)?;
         tracing::info!(host, until = %testbus_proto::time::format(id.not_after), "joined: got a certificate");
@@ -137,17 +138,35 @@ fn write(dir: &Path, ca: &str, cert: &str, key: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether this agent takes its host name over from another agent that
+/// holds its lease (`--take-over`), or is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TakeOver {
+    Yes,
+    No,
+}
+
 /// Asks the control plane at `server` for a certificate, checking that its
 /// CA is the one the token names. Retried while it cannot be reached; a
 /// refusal is final.
-async fn join(server: &str, host: &str, token: &JoinToken) -> anyhow::Result<(String, String, String)> {
+async fn join(
+    server: &str,
+    host: &str,
+    token: &JoinToken,
+    take_over: TakeOver,
+) -> anyhow::Result<(String, String, String)> {
     let pinned = Tls::new(testbus_pki::pinned_client_config(&token.ca)?);
     let client = Client::lazy_with(server, Some(pinned)).map_err(|e| anyhow::anyhow!("--server: {e}"))?;
     let (csr, key) = testbus_pki::new_csr(host)?;
     let deadline = tokio::time::Instant::now() + JOIN_LIMIT;
     let mut backoff = Duration::from_millis(200);
     loop {
-        let req = testbus_proto::JoinRequest { token: token.to_string(), host_name: host.into(), csr: csr.clone() };
+        let req = testbus_proto::JoinRequest {
+            token: token.to_string(),
+            host_name: host.into(),
+            csr: csr.clone(),
+            take_over: take_over == TakeOver::Yes,
+        };
         match client.auth().join(req).await {
             Ok(r) => {
                 let r = r.into_inner();

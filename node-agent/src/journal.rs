@@ -19,6 +19,7 @@
 //! a signal to a group it cannot prove (see [`Group::is_alive`]).
 use std::collections::HashMap;
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// A process group recorded by a predecessor, with what proves it is still
@@ -194,7 +195,7 @@ impl Journal {
     }
 
     fn append(&self, lines: &str) -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(&self.path)?;
         f.write_all(lines.as_bytes())?;
         f.sync_data()
     }
@@ -217,7 +218,7 @@ impl Journal {
 
     /// Records the process group of a started process.
     pub fn record_group(path: &Path, uid: &str, group: Group) -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
         f.write_all(checksummed(&format!("group {uid} {} {}", group.pgid, group.start_ticks)).as_bytes())
     }
 

@@ -30,6 +30,7 @@ mod testvars;
 
 use anyhow::Context;
 use clap::Parser;
+use credentials::TakeOver;
 use futures::StreamExt;
 use runner::{Command, ProcessRunner, StopReason};
 use std::collections::HashMap;
@@ -185,7 +186,7 @@ fn lease_current(h: &Host) -> bool {
 /// Registers this agent's Host, or takes the name over from an agent whose
 /// lease ran out (or from any, with `take_over`). A name is held by one
 /// agent at a time: another agent's current lease refuses this one.
-async fn register(api: &Api<Host>, mine: &Host, take_over: bool) -> Result<Result<(), LeaseLost>, tonic::Status> {
+async fn register(api: &Api<Host>, mine: &Host, take_over: TakeOver) -> Result<Result<(), LeaseLost>, tonic::Status> {
     let me = mine.status().agent_id.clone();
     match api.get_opt(mine.name()).await? {
         None => {
@@ -197,8 +198,14 @@ async fn register(api: &Api<Host>, mine: &Host, take_over: bool) -> Result<Resul
             }
         }
         Some(mut h) => {
-            if h.meta().labels != mine.meta().labels {
-                h.meta_mut().labels = mine.meta().labels.clone();
+            // Labels under testbus.io/ are the controllers' (a pool's): kept
+            // as they are, the rest is this agent's.
+            let reserved = |l: &(&String, &String)| l.0.starts_with("testbus.io/");
+            let mut labels: std::collections::BTreeMap<_, _> =
+                h.meta().labels.iter().filter(reserved).map(|(k, v)| (k.clone(), v.clone())).collect();
+            labels.extend(mine.meta().labels.iter().filter(|l| !reserved(l)).map(|(k, v)| (k.clone(), v.clone())));
+            if h.meta().labels != labels {
+                h.meta_mut().labels = labels;
                 api.update(h).await?;
             }
             let m = mine.status().clone();
@@ -209,7 +216,7 @@ async fn register(api: &Api<Host>, mine: &Host, take_over: bool) -> Result<Resul
                 .patch_status(mine.name(), |h| {
                     let holder = h.status().agent_id.clone();
                     if !holder.is_empty() && holder != me && lease_current(h) {
-                        if !take_over {
+                        if take_over == TakeOver::No {
                             let ago = time::since(&h.status().lease_renew_time);
                             refused = Some(format!(
                                 "host {} is held by another agent (agent {holder}, lease renewed {}s ago); \
@@ -246,7 +253,7 @@ async fn register(api: &Api<Host>, mine: &Host, take_over: bool) -> Result<Resul
 /// Registers, then renews the lease every third of its duration, with
 /// jittered backoff while the server is unreachable. Returns only when the
 /// host is lost to another agent.
-async fn keep_lease(client: Client, mine: Host, every: Duration, take_over: bool) -> LeaseLost {
+async fn keep_lease(client: Client, mine: Host, every: Duration, take_over: TakeOver) -> LeaseLost {
     let api = client.api::<Host>();
     let mut hosts = client.hosts();
     let mut registered = false;
@@ -315,7 +322,7 @@ fn agent_id(data_dir: &std::path::Path) -> anyhow::Result<String> {
         Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_string()),
         _ => {
             let id = uuid::Uuid::new_v4().simple().to_string();
-            std::fs::write(&path, &id).with_context(|| format!("writing {}", path.display()))?;
+            testbus_pki::write_private(&path, id.as_bytes(), 0o600)?;
             Ok(id)
         }
     }
@@ -563,7 +570,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Processes run in work dirs below it, with their own cwd: paths
     // handed to them must not depend on the agent's.
     let data_dir = std::path::absolute(&data_dir).with_context(|| format!("--data-dir {}", data_dir.display()))?;
-    std::fs::create_dir_all(data_dir.join("work")).with_context(|| format!("--data-dir {}", data_dir.display()))?;
+    // Its journal, key, cached files and the tests' work dirs are this
+    // agent's alone (0700), whatever the umask; the processes it runs keep
+    // the umask it was started with.
+    for dir in [data_dir.clone(), data_dir.join("work")] {
+        testbus_pki::private_dir(&dir).with_context(|| format!("--data-dir {}", data_dir.display()))?;
+    }
     let journal = journal::Journal::open(&data_dir.join("journal")).context("opening the journal")?;
     if journal.skipped() > 0 {
         tracing::warn!(
@@ -590,7 +602,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ),
         None => args.join_token.clone(),
     };
-    let creds = credentials::Credentials::obtain(&args.server, &args.name, token.as_deref(), &data_dir).await?;
+    let take_over = if args.take_over { TakeOver::Yes } else { TakeOver::No };
+    let creds =
+        credentials::Credentials::obtain(&args.server, &args.name, token.as_deref(), take_over, &data_dir).await?;
     let client = Client::lazy_with(&args.server, creds.as_ref().map(|c| c.tls.clone()))
         .map_err(|e| anyhow::anyhow!("--server: {e}"))?;
     let renewing = tokio_util::sync::CancellationToken::new();
@@ -599,7 +613,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let _stop_renewing = renewing.drop_guard();
     mine.status_mut().agent_id = agent_id(&data_dir)?;
-    let mut lease = tokio::spawn(keep_lease(client.clone(), mine, args.lease_duration / 3, args.take_over));
+    let mut lease = tokio::spawn(keep_lease(client.clone(), mine, args.lease_duration / 3, take_over));
 
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     let mut agent = Agent {

@@ -104,6 +104,56 @@ pub struct Identity {
     pub issued: SystemTime,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
+    /// An agent of a HostPool's guest: the pool (the certificate's
+    /// `OU=pool:NAME`, set by the control plane from the join token).
+    pub pool: Option<String>,
+}
+
+impl Identity {
+    /// The name in its space: hosts (agents), users (admins and viewers)
+    /// and replicas never share one, whatever their names.
+    pub fn subject(&self) -> Subject {
+        Subject::of(self.role, &self.name)
+    }
+}
+
+/// A name in its identity space: what a revocation names. `host:t3` is
+/// never `user:t3`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Subject(String);
+
+impl Subject {
+    pub fn of(role: Role, name: &str) -> Subject {
+        let space = match role {
+            Role::Agent => "host",
+            Role::Admin | Role::Viewer => "user",
+            Role::Replica => "replica",
+        };
+        Subject(format!("{space}:{name}"))
+    }
+    pub fn host(name: &str) -> Subject {
+        Subject::of(Role::Agent, name)
+    }
+    pub fn user(name: &str) -> Subject {
+        Subject::of(Role::Admin, name)
+    }
+    /// A subject as stored (`host:NAME`); a bare name (what earlier
+    /// versions stored: they revoked agents only) is a host's.
+    pub fn parse_stored(s: &str) -> Subject {
+        match s.split_once(':') {
+            Some(("host" | "user" | "replica", n)) if !n.is_empty() => Subject(s.to_string()),
+            _ => Subject::host(s),
+        }
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Subject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 /// The identity a certificate names. Only meaningful for a certificate
@@ -126,7 +176,17 @@ pub fn identity_of(der: &[u8]) -> Result<Identity, PkiError> {
         SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(t.timestamp()).unwrap_or(0))
     };
     let not_before = at(cert.validity().not_before);
-    Ok(Identity { name, role, issued: not_before + BACKDATE, not_before, not_after: at(cert.validity().not_after) })
+    let pool = first(&mut cert.subject().iter_organizational_unit())
+        .and_then(|ou| ou.strip_prefix("pool:").map(str::to_string))
+        .filter(|_| role == Role::Agent);
+    Ok(Identity {
+        name,
+        role,
+        issued: not_before + BACKDATE,
+        not_before,
+        not_after: at(cert.validity().not_after),
+        pool,
+    })
 }
 
 /// The identity the first certificate of a PEM text names.
@@ -163,6 +223,15 @@ pub fn fingerprint_pem(pem: &str) -> Result<String, PkiError> {
     Ok(fingerprint(&first_cert(pem, "certificate")?))
 }
 
+/// Makes `dir` (and its parents) if missing, and gives it mode 0700
+/// whatever the umask: what a daemon keeps there (secrets of tests, keys,
+/// output) is its owner's alone.
+pub fn private_dir(dir: &Path) -> Result<(), PkiError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).map_err(io(dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io(dir.display()))
+}
+
 /// Writes `data` to `path` through a temporary file and a rename, with
 /// `mode`: a reader never sees half a key, and a key is never readable by
 /// others, not even for a moment.
@@ -188,10 +257,17 @@ pub fn write_private(path: &Path, data: &[u8], mode: u32) -> Result<(), PkiError
 pub const BACKDATE: Duration = Duration::from_secs(60);
 
 fn params(name: &str, role: Role, ttl: Duration) -> CertificateParams {
+    pool_params(name, role, None, ttl)
+}
+
+fn pool_params(name: &str, role: Role, pool: Option<&str>, ttl: Duration) -> CertificateParams {
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, name);
     dn.push(DnType::OrganizationName, role.organization());
+    if let Some(pool) = pool {
+        dn.push(DnType::OrganizationalUnitName, format!("pool:{pool}"));
+    }
     p.distinguished_name = dn;
     let now = time::OffsetDateTime::now_utc();
     p.not_before = now - time::Duration::try_from(BACKDATE).unwrap_or_default();
@@ -310,19 +386,28 @@ impl Ca {
     /// A client certificate for `name` in `role` for the key of a CSR.
     /// Only the CSR's key is taken: what it asks for (its subject, its
     /// extensions) is ignored, so a CSR cannot ask for more.
-    pub fn sign_csr(&self, csr_pem: &str, name: &str, role: Role, ttl: Duration) -> Result<String, PkiError> {
+    /// `pool`: an agent of a pool's guest (the certificate says so).
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        name: &str,
+        role: Role,
+        pool: Option<&str>,
+        ttl: Duration,
+    ) -> Result<String, PkiError> {
         check_name(name)?;
         if csr_pem.len() > 16 << 10 {
             return Err(PkiError::Invalid("csr: larger than 16 KiB".into()));
         }
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| PkiError::Invalid(format!("csr: not a valid certificate signing request ({e})")))?;
-        let cert = params(name, role, ttl).signed_by(&csr.public_key, &self.issuer)?;
+        let cert = pool_params(name, role, pool, ttl).signed_by(&csr.public_key, &self.issuer)?;
         Ok(cert.pem())
     }
 }
 
-fn check_name(name: &str) -> Result<(), PkiError> {
+/// A name a certificate may carry.
+pub fn check_name(name: &str) -> Result<(), PkiError> {
     if name.is_empty() || name.len() > 253 || name.chars().any(|c| c.is_control()) {
         return Err(PkiError::Invalid(format!("name {name:?}: 1 to 253 printable characters")));
     }
@@ -561,14 +646,27 @@ mod tests {
     fn a_csr_gets_the_name_and_role_of_the_signer_not_its_own() {
         let (ca, _) = Ca::create().unwrap();
         let (csr, _key) = new_csr("admin").unwrap();
-        let cert = ca.sign_csr(&csr, "host-a", Role::Agent, Duration::from_secs(60)).unwrap();
+        let cert = ca.sign_csr(&csr, "host-a", Role::Agent, None, Duration::from_secs(60)).unwrap();
         let id = identity_of(&first_cert(&cert, "c").unwrap()).unwrap();
-        assert_eq!((id.name.as_str(), id.role), ("host-a", Role::Agent));
+        assert_eq!((id.name.as_str(), id.role, id.pool), ("host-a", Role::Agent, None));
+        let cert = ca.sign_csr(&csr, "vms-0a1b2", Role::Agent, Some("vms"), Duration::from_secs(60)).unwrap();
+        let id = identity_of(&first_cert(&cert, "c").unwrap()).unwrap();
+        assert_eq!(id.pool.as_deref(), Some("vms"));
+        assert_eq!(id.subject().as_str(), "host:vms-0a1b2");
         for bad in ["", "garbage", "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"] {
-            let e = ca.sign_csr(bad, "h", Role::Agent, Duration::from_secs(60)).unwrap_err();
+            let e = ca.sign_csr(bad, "h", Role::Agent, None, Duration::from_secs(60)).unwrap_err();
             assert!(e.to_string().starts_with("csr:"), "{e}");
         }
-        assert!(ca.sign_csr(&"x".repeat(20 << 10), "h", Role::Agent, Duration::from_secs(60)).is_err());
+        assert!(ca.sign_csr(&"x".repeat(20 << 10), "h", Role::Agent, None, Duration::from_secs(60)).is_err());
+    }
+
+    #[test]
+    fn hosts_users_and_replicas_are_apart() {
+        assert_ne!(Subject::host("t3"), Subject::user("t3"));
+        assert_eq!(Subject::of(Role::Viewer, "alice"), Subject::user("alice"));
+        assert_eq!(Subject::parse_stored("t3"), Subject::host("t3"), "what earlier versions stored");
+        assert_eq!(Subject::parse_stored("user:t3"), Subject::user("t3"));
+        assert_eq!(Subject::parse_stored("replica:cp-b"), Subject::of(Role::Replica, "cp-b"));
     }
 
     #[test]

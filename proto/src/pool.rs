@@ -19,6 +19,15 @@ pub fn is_remote_uri(uri: &str) -> bool {
     uri.split_once("://").is_some_and(|(_, rest)| !rest.starts_with('/') && !rest.is_empty())
 }
 
+/// Whether `name` is how the pool controller names a guest of `pool`: the
+/// pool's name, a dash and five hex digits (pool `a`'s guests are not
+/// pool `a-b`'s).
+pub fn is_guest_of(pool: &str, name: &str) -> bool {
+    name.strip_prefix(pool)
+        .and_then(|r| r.strip_prefix('-'))
+        .is_some_and(|id| id.len() == 5 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 /// The pool a Host is a guest of, if any.
 pub fn pool_of(h: &Host) -> Option<&str> {
     h.meta().labels.get(POOL_LABEL).map(String::as_str)
@@ -33,6 +42,14 @@ pub fn clean_enough(h: &Host) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guest_names_are_matched_exactly() {
+        assert!(is_guest_of("vms", "vms-0a1b2"));
+        for not in ["vms-x-0a1b2", "vms-0a1b", "vms-0a1b23", "vms0a1b2", "vms-0a1bz", "vmsx-0a1b2", "vms-"] {
+            assert!(!is_guest_of("vms", not), "{not}");
+        }
+    }
 
     #[test]
     fn a_uri_with_a_host_is_remote() {

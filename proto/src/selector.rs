@@ -133,22 +133,32 @@ pub struct FieldSelector {
 }
 
 impl FieldSelector {
+    /// `FIELD=VALUE` (or `==`), comma-separated, each field at most once:
+    /// a repeated field is an error, never a second value that one reader
+    /// (authorization) sees and another (the filter) does not.
     pub fn parse(s: &str) -> Result<Self, String> {
         let mut f = FieldSelector::default();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (k, v) =
                 part.split_once('=').ok_or_else(|| format!("invalid field selector {part:?}: expected FIELD=VALUE"))?;
-            let v = Some(v.trim().to_string());
-            match k.trim() {
-                "metadata.name" => f.name = v,
-                "spec.hostName" => f.host_name = v,
-                "spec.test" => f.test = v,
+            let v = v.strip_prefix('=').unwrap_or(v).trim();
+            if v.is_empty() || v.contains('=') {
+                return Err(format!("invalid field selector {part:?}: expected FIELD=VALUE"));
+            }
+            let slot = match k.trim() {
+                "metadata.name" => &mut f.name,
+                "spec.hostName" => &mut f.host_name,
+                "spec.test" => &mut f.test,
                 other => {
                     return Err(format!(
                         "unsupported field selector {other:?} (supported: metadata.name, spec.hostName, spec.test)"
                     ))
                 }
+            };
+            if slot.is_some() {
+                return Err(format!("invalid field selector {s:?}: {} is given more than once", k.trim()));
             }
+            *slot = Some(v.to_string());
         }
         Ok(f)
     }
@@ -225,5 +235,18 @@ mod tests {
     fn field_selectors() {
         assert!(FieldSelector::parse("spec.hostName=a").unwrap().host_name.is_some());
         assert!(FieldSelector::parse("status.phase=x").is_err());
+        assert_eq!(FieldSelector::parse(" spec.hostName == a ").unwrap().host_name.as_deref(), Some("a"));
+        // One field, one value: a second one would be seen by one reader
+        // and not the other.
+        for bad in [
+            "spec.hostName=t1,spec.hostName=t2",
+            "spec.hostName=t2, spec.hostName=t1",
+            "spec.hostName=t1,metadata.name=x,spec.hostName=t1",
+            "spec.hostName=",
+            "spec.hostName=a=b",
+            "spec.hostName!=a",
+        ] {
+            assert!(FieldSelector::parse(bad).is_err(), "{bad:?} was accepted");
+        }
     }
 }

@@ -201,5 +201,5 @@ print(json.dumps({
         .output()
         .unwrap();
     let log = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && log.contains("token: unknown, wrong or expired"), "{log}");
+    assert!(!out.status.success() && log.contains("token: unknown, wrong, used up, revoked or expired"), "{log}");
 }

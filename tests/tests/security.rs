@@ -295,7 +295,7 @@ async fn forged_expired_and_foreign_tokens_are_refused() {
     let forged = testbus_pki::JoinToken::new(&real.ca).to_string();
     let (code, log) = join_with(&c, "forger", &forged);
     assert_eq!(code, Some(2), "{log}");
-    assert!(log.contains("token: unknown, wrong or expired"), "{log}");
+    assert!(log.contains("token: unknown, wrong, used up, revoked or expired"), "{log}");
 
     // Another control plane's: the agent refuses this server (its CA is
     // not the pinned one) before sending anything.
@@ -326,7 +326,7 @@ async fn forged_expired_and_foreign_tokens_are_refused() {
     .await;
     let (code, log) = join_with(&c, "late", &r.token);
     assert_eq!(code, Some(2), "{log}");
-    assert!(log.contains("token: unknown, wrong or expired"), "{log}");
+    assert!(log.contains("token: unknown, wrong, used up, revoked or expired"), "{log}");
 
     // A pool's token joins that pool's guests only.
     let r = c
@@ -345,8 +345,8 @@ async fn forged_expired_and_foreign_tokens_are_refused() {
     let (code, log) = join_with(&c, "db-1", &r.token);
     assert_eq!(code, Some(2), "{log}");
     assert!(log.contains("for guests of pool \"web\""), "{log}");
-    let (code, log) = join_with(&c, "web-1", &r.token);
-    assert_eq!(code, None, "web-1 joined and ran: {log}");
+    let (code, log) = join_with(&c, "web-0a1b2", &r.token);
+    assert_eq!(code, None, "web-0a1b2 joined and ran: {log}");
     assert!(log.contains("joined"), "{log}");
 
     // Bad input to Join and CreateToken.
@@ -359,6 +359,7 @@ async fn forged_expired_and_foreign_tokens_are_refused() {
             pool: pool.into(),
             host_name: String::new(),
             role: String::new(),
+            uses: 0,
         };
         let e = client.auth().create_token(req).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
@@ -366,7 +367,12 @@ async fn forged_expired_and_foreign_tokens_are_refused() {
     }
     let bad = client
         .auth()
-        .join(testbus_proto::JoinRequest { token: "junk".into(), host_name: "h".into(), csr: String::new() })
+        .join(testbus_proto::JoinRequest {
+            token: "junk".into(),
+            host_name: "h".into(),
+            csr: String::new(),
+            take_over: false,
+        })
         .await
         .unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument, "{bad:?}");
@@ -377,6 +383,7 @@ async fn forged_expired_and_foreign_tokens_are_refused() {
             token: c.join_token.clone(),
             host_name: "Not A Name".into(),
             csr: String::new(),
+            take_over: false,
         })
         .await
         .unwrap_err();
@@ -387,6 +394,7 @@ async fn forged_expired_and_foreign_tokens_are_refused() {
             token: c.join_token.clone(),
             host_name: "h".into(),
             csr: "x".repeat(100_000),
+            take_over: false,
         })
         .await
         .unwrap_err();
@@ -508,4 +516,330 @@ async fn metrics_are_served_on_the_api_port_to_viewers() {
     assert!(value("testbus_store_writes_total", "", "") >= 5.0);
     assert!(value("testbus_watch_connections", "", "") >= 1.0, "the agent's and the controllers' watches");
     assert!(value("testbus_claim_duration_seconds_count", "", "") >= 1.0);
+}
+
+/// A call's outcome: its code and message when refused.
+type Outcome = Result<(), (Code, String)>;
+
+/// What root code in a test could do with its agent's certificate (issue
+/// 27, items 1–4), each refused: read another host's processes by
+/// repeating the field selector, release its own claim while its test
+/// runs, mark its host clean or healthy or move it between pools, and
+/// hold its objects forever with finalizers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agents_certificate_reaches_nothing_outside_its_own_part() {
+    if !needs_root("the security tests") {
+        return;
+    }
+    let c = Cluster::start(2).await;
+    let _mine = KillOnDrop(c.ctl_spawn(&["run", "--host", "host-0", "--", "sleep", "120"]));
+    let _theirs = KillOnDrop(c.ctl_spawn(&["run", "--host", "host-1", "--", "sleep", "120"]));
+    let client = c.client().await;
+    let running = |host: &'static str| {
+        let client = client.clone();
+        async move {
+            wait_for(Duration::from_secs(30), "a process to run", || async {
+                let (ps, _) = client.api::<Process>().list("", &format!("spec.hostName={host}")).await.ok()?;
+                ps.into_iter().find(|p| p.status().phase == phase::RUNNING)
+            })
+            .await
+        }
+    };
+    let (mine, _) = (running("host-0").await, running("host-1").await);
+    let claimed = client.api::<Host>().get("host-0").await.unwrap();
+    let test = claimed.status().claim.clone().expect("host-0 is claimed by its test").test;
+
+    let tls = c.agent_tls("host-0");
+    let mine_name = mine.name().to_string();
+    let results = c.in_node("host-0", move || async move {
+        let a = Client::connect_with(HTTPS, Some(tls)).await.expect("connect with the agent's certificate");
+        let code = |r: Result<(), tonic::Status>| r.map_err(|s| (s.code(), s.message().to_string()));
+        let mut out: Vec<(String, Outcome)> = Vec::new();
+        // 1. One field, one value: every repetition is refused, whatever
+        // the order or spacing; the list an agent gets is its own.
+        for sel in [
+            "spec.hostName=host-0,spec.hostName=host-1",
+            "spec.hostName=host-1,spec.hostName=host-0",
+            " spec.hostName = host-1 , spec.hostName = host-0 ",
+        ] {
+            let listed = a.api::<Process>().list("", sel).await;
+            out.push((format!("list {sel}"), code(listed.map(|_| ()))));
+            let watched = a.api::<Process>().watch("", "", sel).await;
+            out.push((format!("watch {sel}"), code(watched.map(|_| ()))));
+        }
+        let own = a.api::<Process>().list("", "spec.hostName=host-0").await.expect("its own processes");
+        assert!(own.0.iter().all(|p| p.spec().host_name == "host-0"), "{:?}", own.0);
+        // 2. Its claim, and the rest the controllers write.
+        let h = a.api::<Host>().get("host-0").await.unwrap();
+        let mut released = h.clone();
+        released.status_mut().claim = None;
+        out.push(("release the claim".into(), code(a.api::<Host>().update_status(released).await.map(|_| ()))));
+        let mut phase = h.clone();
+        phase.status_mut().phase = "NotReady".into();
+        out.push(("rewrite phase".into(), code(a.api::<Host>().update_status(phase).await.map(|_| ()))));
+        let mut failures = h.clone();
+        failures.status_mut().infra_failures += 1;
+        out.push(("count failures".into(), code(a.api::<Host>().update_status(failures).await.map(|_| ()))));
+        // 3. Marks: clean, pool, health.
+        for (what, f) in [
+            (
+                "mark clean",
+                (|h: &mut Host| {
+                    h.meta_mut().annotations.insert("testbus.io/clean".into(), "true".into());
+                }) as fn(&mut Host),
+            ),
+            ("join a pool", |h| {
+                h.meta_mut().labels.insert("testbus.io/pool".into(), "vms".into());
+            }),
+            ("healthy since", |h| {
+                h.meta_mut().annotations.insert("testbus.io/healthy-since".into(), "2999-01-01T00:00:00Z".into());
+            }),
+            // 4. Finalizers on its Host.
+            ("host finalizer", |h| h.meta_mut().finalizers.push("example.com/forever".into())),
+        ] {
+            let mut changed = h.clone();
+            f(&mut changed);
+            out.push((what.into(), code(a.api::<Host>().update(changed).await.map(|_| ()))));
+        }
+        // 4. Finalizers on its Process.
+        let mut p = a.api::<Process>().get(&mine_name).await.unwrap();
+        p.meta_mut().finalizers.push("example.com/forever".into());
+        out.push(("process finalizer".into(), code(a.api::<Process>().update(p).await.map(|_| ()))));
+        // Its own labels stay its own (the control).
+        let mut labelled = a.api::<Host>().get("host-0").await.unwrap();
+        labelled.meta_mut().labels.insert("rack".into(), "r9".into());
+        out.push(("own label".into(), code(a.api::<Host>().update(labelled).await.map(|_| ()))));
+        out
+    });
+    for (what, r) in &results {
+        match what.as_str() {
+            "own label" => assert!(r.is_ok(), "{what}: {r:?}"),
+            w if w.starts_with("list") || w.starts_with("watch") => {
+                let (code, msg) = r.as_ref().expect_err(what);
+                assert_eq!(*code, Code::InvalidArgument, "{what}: {msg}");
+                assert!(msg.contains("spec.hostName is given more than once"), "{what}: {msg}");
+            }
+            _ => {
+                let (code, msg) = r.as_ref().expect_err(what);
+                assert_eq!(*code, Code::PermissionDenied, "{what}: {msg}");
+                assert!(msg.starts_with("agent \"host-0\" may not"), "{what}: {msg}");
+            }
+        }
+    }
+    let after = client.api::<Host>().get("host-0").await.unwrap();
+    assert_eq!(after.status().claim.as_ref().map(|c| c.test.as_str()), Some(test.as_str()), "still claimed");
+    assert!(after.meta().finalizers.is_empty() && !after.meta().annotations.contains_key("testbus.io/clean"));
+    assert_eq!(after.meta().labels.get("rack").map(String::as_str), Some("r9"));
+    let p = client.api::<Process>().get(mine.name()).await.unwrap();
+    assert!(p.meta().finalizers.is_empty(), "{:?}", p.meta());
+    // The agent's data dir (journal, key, the tests' work dirs) is its own.
+    use std::os::unix::fs::PermissionsExt;
+    for d in ["host-0", "host-0/work"] {
+        let mode = std::fs::metadata(c.dir.path().join(d)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{d}");
+    }
+    let journal = std::fs::metadata(c.dir.path().join("host-0/journal")).unwrap().permissions().mode();
+    assert_eq!(journal & 0o077, 0, "the journal is mode {journal:o}");
+}
+
+/// A join token for `name` through the API: the certificate, or the
+/// refusal.
+async fn join_as(c: &Cluster, token: &str, name: &str) -> Result<testbus_pki::Identity, tonic::Status> {
+    let (csr, _key) = testbus_pki::new_csr(name).unwrap();
+    let req = testbus_proto::JoinRequest { token: token.into(), host_name: name.into(), csr, take_over: false };
+    let creds = c.client().await.auth().join(req).await?.into_inner();
+    Ok(testbus_pki::identity_of_pem(&creds.certificate).unwrap())
+}
+
+async fn token_with(c: &Cluster, pool: &str, uses: u32) -> String {
+    let req = testbus_proto::CreateTokenRequest { ttl: "1h".into(), pool: pool.into(), uses, ..Default::default() };
+    c.client().await.auth().create_token(req).await.unwrap().into_inner().token
+}
+
+fn control_plane(c: &Cluster, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(bin_dir().join("testbus-control-plane"))
+        .args(args)
+        .arg("--data-dir")
+        .arg(c.dir.path().join("cp"))
+        .output()
+        .unwrap()
+}
+
+/// Join tokens mint only the names they may (issue 27, item 5): not a
+/// live agent's host, not a pool's look-alike; hosts and users are
+/// revoked apart; a token can be limited in uses and revoked, and a
+/// revoked host does not join again with the token it used; tokens an
+/// admin made never stop a pool from making one per clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_tokens_mint_only_what_they_may() {
+    if !needs_root("the security tests") {
+        return;
+    }
+    let mut c = Cluster::start(1).await;
+    c.ctl_node = Some("host-0".into());
+    let any = token_with(&c, "", 0).await;
+
+    // A live agent's host: refused, with the take-over sentence.
+    let e = join_as(&c, &any, "host-0").await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("held by another agent") && e.message().contains("--take-over"), "{e:?}");
+
+    // Hosts and users are apart: an agent named alice is no user alice,
+    // and revoking either leaves the other.
+    let viewer = c.write_user_config("alice", "viewer");
+    let admin_t3 = c.write_user_config("t3", "admin");
+    let alice_agent = join_as(&c, &any, "alice").await.unwrap();
+    assert_eq!((alice_agent.role, alice_agent.subject().as_str()), (Role::Agent, "host:alice"));
+    for name in ["alice", "t3"] {
+        let out = control_plane(&c, &["agent", "revoke", name]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    for cfg in [&viewer, &admin_t3] {
+        let out = ctl_tls(&c, cfg, &["get", "hosts", "-o", "name"]);
+        assert_eq!((out.code, out.stdout.as_str()), (0, "host/host-0\n"), "{cfg:?}: {out:?}");
+    }
+    let out = control_plane(&c, &["user", "revoke", "alice"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = ctl_tls(&c, &viewer, &["get", "hosts"]);
+    assert_eq!(out.code, 5, "{out:?}");
+    assert!(out.stderr.contains("revoked"), "{out:?}");
+
+    // A revoked host does not join again with the token it used; a new
+    // token joins it.
+    let e = join_as(&c, &any, "alice").await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("revoked after this token was made"), "{e:?}");
+    join_as(&c, &token_with(&c, "", 0).await, "alice").await.unwrap();
+
+    // --uses: one join, then used up.
+    let once = token_with(&c, "", 1).await;
+    join_as(&c, &once, "u1").await.unwrap();
+    let e = join_as(&c, &once, "u2").await.unwrap_err();
+    assert!(e.message().contains("used up"), "{e:?}");
+    // token revoke, by the token or its id.
+    let revoked = token_with(&c, "", 0).await;
+    let out = control_plane(&c, &["token", "revoke", revoked.split('.').nth(2).unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(join_as(&c, &revoked, "r1").await.is_err());
+    let out = control_plane(&c, &["token", "revoke", &revoked]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no token"));
+
+    // A pool's token: its guests' names exactly, and the certificate says
+    // the pool, which its Host then carries whatever the agent asks.
+    let vms = token_with(&c, "vms", 0).await;
+    for look_alike in ["vms-x-0a1b2", "vms-0a1b", "vms-x"] {
+        let e = join_as(&c, &vms, look_alike).await.unwrap_err();
+        assert!(e.message().contains("for guests of pool \"vms\""), "{look_alike}: {e:?}");
+    }
+    let guest = join_as(&c, &vms, "vms-0a1b2").await.unwrap();
+    assert_eq!(guest.pool.as_deref(), Some("vms"));
+
+    // The cap on live tokens: an admin's thousand leave a pool's clean its
+    // token.
+    let client = c.client().await;
+    let mut refused = None;
+    for _ in 0..=1000 {
+        let req = testbus_proto::CreateTokenRequest { ttl: "1h".into(), ..Default::default() };
+        if let Err(e) = client.auth().create_token(req).await {
+            refused = Some(e);
+            break;
+        }
+    }
+    let e = refused.expect("a thousand live tokens at most");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    for _ in 0..3 {
+        let req = testbus_proto::CreateTokenRequest {
+            ttl: "15m".into(),
+            pool: "vms".into(),
+            host_name: "vms-0a1b2".into(),
+            uses: 1,
+            ..Default::default()
+        };
+        client.auth().create_token(req).await.expect("a guest's token for its clean");
+    }
+}
+
+/// The data dir holds every test's secrets: 0700 and its files 0600
+/// whatever the umask the control plane was started with, nobody else
+/// reads a secret from it, and a store left readable by others is refused
+/// at start with what to do (issue 27, item 6).
+#[test]
+fn the_data_dir_is_its_owners_alone_whatever_the_umask() {
+    if !needs_root("the data dir test (it reads as nobody)") {
+        return;
+    }
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let tmp = tempfile::tempdir().unwrap();
+    // The control plane's data dir inside a dir anyone may enter, as
+    // /var/lib is.
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let data = tmp.path().join("cp");
+    let start = || {
+        std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg("umask 000; exec \"$0\" --data-dir \"$1\" --listen 127.0.0.1:0 --no-controllers")
+            .arg(bin_dir().join("testbus-control-plane"))
+            .arg(&data)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut cp = KillOnDrop(start());
+    let sock = data.join("api.sock");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !sock.exists() {
+        assert!(std::time::Instant::now() < deadline, "the control plane never made its socket");
+        assert!(cp.0.try_wait().unwrap().is_none(), "the control plane exited");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A test with a secret, and a file of output-like data through the API.
+    let manifest = tmp.path().join("t.yaml");
+    std::fs::write(
+        &manifest,
+        "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: t}\nspec:\n  env: {DB_PASSWORD: hunter2}\n  hosts: [{role: a}]\n  steps: [{name: s, on: [a], argv: [\"true\"]}]\n",
+    )
+    .unwrap();
+    let ctl = std::process::Command::new(bin_dir().join("testbusctl"))
+        .args(["--server", &format!("unix:{}", sock.display()), "apply", "-f"])
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    assert!(ctl.status.success(), "{}", String::from_utf8_lossy(&ctl.stderr));
+
+    let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data), 0o700, "the data dir");
+    let mut seen = 0;
+    let mut dirs = vec![data.clone()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let t = std::fs::symlink_metadata(&p).unwrap().file_type();
+            if t.is_dir() {
+                dirs.push(p.clone());
+            }
+            let m = mode(&p);
+            assert_eq!(m & 0o077, 0, "{} is mode {m:04o}", p.display());
+            seen += usize::from(t.is_file() || t.is_socket());
+        }
+    }
+    assert!(seen >= 4, "the store, the socket, the CA and its key at least");
+    // Nobody else finds the secret.
+    let nobody = std::process::Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "grep", "-c", "hunter2"])
+        .arg(data.join("store.redb"))
+        .output()
+        .unwrap();
+    assert!(!nobody.status.success(), "nobody read the store: {nobody:?}");
+    assert!(String::from_utf8_lossy(&nobody.stderr).contains("Permission denied"), "{nobody:?}");
+    let root = std::process::Command::new("grep").args(["-c", "hunter2"]).arg(data.join("store.redb")).output();
+    assert!(root.unwrap().status.success(), "the control: the secret is in the store");
+
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(cp.0.id() as i32), nix::sys::signal::Signal::SIGTERM);
+    cp.0.wait().unwrap();
+    // Left readable by others: refused, saying what to do.
+    std::fs::set_permissions(data.join("store.redb"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = start().wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("store.redb is readable by other users (mode 0644)") && err.contains("chmod 600"), "{err}");
 }

@@ -120,7 +120,7 @@ impl Web {
         }
         match crate::auth::authorize_caller(self.st.pki.as_deref(), &caller, Verb::Get, "dashboard") {
             Ok(Scope::All) => return Ok(Admitted { scope: Scope::All, caller, headers }),
-            Ok(Scope::Host(_)) => {
+            Ok(Scope::Host { .. }) => {
                 return Err(Refused::Status(tonic::Status::permission_denied(format!(
                     "{}: agents do not read the dashboard",
                     caller.describe()
@@ -136,6 +136,7 @@ impl Web {
                     name: "dashboard-login".into(),
                     role: testbus_pki::Role::Viewer,
                     issued: std::time::SystemTime::now(),
+                    pool: None,
                 };
                 Ok(Admitted { scope: Scope::All, caller, headers })
             }
