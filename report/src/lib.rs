@@ -2,7 +2,6 @@
 //! the test recorded — in text, JSON, JUnit XML or TAP. `testbusctl results`
 //! and the dashboard's downloads render the same report.
 #![forbid(unsafe_code)]
-use quick_xml::escape::escape;
 use serde_json::json;
 use testbus_proto::states::{TestPhase, TestReason};
 use testbus_proto::{phase, time, Resource, Test};
@@ -58,6 +57,27 @@ impl Case {
             (false, group) => format!("{group}/{}", self.name),
         }
     }
+}
+
+/// Whether XML 1.0 can carry `c` at all (its `Char` production): not the
+/// C0 controls but tab, newline and carriage return, nor U+FFFE/U+FFFF.
+fn xml_char(c: char) -> bool {
+    matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..)
+}
+
+/// `s` as XML text or attribute value: markup escaped, and each character
+/// XML 1.0 cannot carry (ESC, BEL, VT, ...) written out as `\u{1b}`, so
+/// that every report a CI server reads is well-formed and loses nothing.
+fn xml(s: &str) -> String {
+    let visible: std::borrow::Cow<'_, str> = if s.chars().all(xml_char) {
+        s.into()
+    } else {
+        s.chars()
+            .map(|c| if xml_char(c) { c.to_string() } else { format!("\\u{{{:x}}}", u32::from(c)) })
+            .collect::<String>()
+            .into()
+    };
+    quick_xml::escape::escape(visible.as_ref()).into_owned()
 }
 
 /// The group of a recorded result whose path has no dot.
@@ -214,7 +234,7 @@ pub fn render(t: &Test, fmt: ReportFormat, outputs: &std::collections::HashMap<S
             let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
             out.push_str(&format!(
                 "<testsuites name=\"{}\" tests=\"{}\" failures=\"{}\" errors=\"{}\" skipped=\"{}\" time=\"{total:.3}\">\n",
-                escape(name),
+                xml(name),
                 cs.len(),
                 count(Outcome::Fail),
                 count(Outcome::Error),
@@ -222,19 +242,19 @@ pub fn render(t: &Test, fmt: ReportFormat, outputs: &std::collections::HashMap<S
             ));
             out.push_str(&format!(
                 "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{}\" errors=\"{}\" skipped=\"{}\" time=\"{total:.3}\" timestamp=\"{}\">\n",
-                escape(name),
+                xml(name),
                 cs.len(),
                 count(Outcome::Fail),
                 count(Outcome::Error),
                 count(Outcome::Skip),
-                escape(&s.start_time)
+                xml(&s.start_time)
             ));
             for c in &cs {
                 out.push_str(&format!(
                     "    <testcase classname=\"{}.{}\" name=\"{}\" time=\"{:.3}\"",
-                    escape(name),
-                    escape(&c.group),
-                    escape(&c.name),
+                    xml(name),
+                    xml(&c.group),
+                    xml(&c.name),
                     c.seconds
                 ));
                 let body = match c.outcome {
@@ -250,12 +270,12 @@ pub fn render(t: &Test, fmt: ReportFormat, outputs: &std::collections::HashMap<S
                 }
                 out.push_str(">\n");
                 if let Some(tag) = body {
-                    out.push_str(&format!("      <{tag} message=\"{}\"/>\n", escape(&c.message)));
+                    out.push_str(&format!("      <{tag} message=\"{}\"/>\n", xml(&c.message)));
                 }
                 if let Some(o) = output {
                     for (tag, text) in [("system-out", &o.stdout), ("system-err", &o.stderr)] {
                         if !text.is_empty() {
-                            out.push_str(&format!("      <{tag}>{}</{tag}>\n", escape(text.as_str())));
+                            out.push_str(&format!("      <{tag}>{}</{tag}>\n", xml(text.as_str())));
                         }
                     }
                 }
@@ -335,5 +355,68 @@ mod tests {
         assert_eq!(o.stdout.len(), OUTPUT_IN_REPORT - 1);
         assert!(o.stdout.ends_with("aend\n"));
         assert_eq!(o.stderr, "err");
+    }
+
+    #[test]
+    fn what_xml_cannot_carry_is_written_out() {
+        assert_eq!(
+            xml("a\u{1b}[31mred\u{7}\u{b}<&>\"'\u{fffe}\n"),
+            "a\\u{1b}[31mred\\u{7}\\u{b}&lt;&amp;&gt;&quot;&apos;\\u{fffe}\n"
+        );
+    }
+
+    fn test_with(name: &str, step: &str, role: &str, message: &str, result: (&str, &str)) -> Test {
+        let mut t = Test::default();
+        t.meta_mut().name = name.into();
+        let s = t.status_mut();
+        s.phase = phase::FAILED.into();
+        s.reason = message.into();
+        s.message = message.into();
+        s.start_time = message.into();
+        s.steps.push(testbus_proto::StepStatus {
+            name: step.into(),
+            phase: phase::FAILED.into(),
+            processes: vec![testbus_proto::ProcessResult {
+                name: "p".into(),
+                role: role.into(),
+                host: message.into(),
+                phase: phase::FAILED.into(),
+                message: message.into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        s.steps.push(testbus_proto::StepStatus { name: role.into(), phase: message.into(), ..Default::default() });
+        s.results.push(testbus_proto::TestResult {
+            path: result.0.into(),
+            outcome: "fail".into(),
+            message: result.1.into(),
+            ..Default::default()
+        });
+        t
+    }
+
+    proptest::proptest! {
+        /// Whatever the bytes in output, messages and names, JUnit is
+        /// well-formed XML (checked by a strict XML 1.0 parser), with a case
+        /// for every process, step and result.
+        #[test]
+        fn junit_is_well_formed_whatever_it_carries(
+            name in ".*", step in ".*", role in ".*", message in ".*",
+            path in ".*", result in ".*",
+            out in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+            err in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+        ) {
+            let t = test_with(&name, &step, &role, &message, (&path, &result));
+            let mut tail = OutputTail::default();
+            tail.push(0, &out);
+            tail.push(1, &err);
+            let outputs = [("p".to_string(), tail.finish())].into();
+            let text = render(&t, ReportFormat::Junit, &outputs);
+            let doc = roxmltree::Document::parse(&text);
+            proptest::prop_assert!(doc.is_ok(), "{:?}\n{}", doc.err(), text);
+            let doc = doc.unwrap();
+            proptest::prop_assert_eq!(doc.descendants().filter(|n| n.has_tag_name("testcase")).count(), 3);
+        }
     }
 }
