@@ -21,7 +21,7 @@ use testbus_pool_libvirt::{
     Console, GuestLink, GuestSpec, GuestState, Libvirt, LineStream, ProviderError, CLEAN_SNAPSHOT, VSOCK_MARK,
     VSOCK_PORT, WAITING_MARK,
 };
-use testbus_proto::pool::{CLEAN_ANNOTATION, POOL_LABEL};
+use testbus_proto::pool::CLEAN_ANNOTATION;
 use testbus_proto::{phase, time, Condition, Guest, Host, HostPool, Resource};
 use tonic::{Code, Status};
 
@@ -500,11 +500,6 @@ fn network_address(network: &str, i: usize) -> String {
     format!("10.251.{h}.{}/24", 10 + i)
 }
 
-/// Agents of emulated guests hold leases this long (10 s under KVM, the
-/// agent's default): eight TCG guests on two cores here starve one of them
-/// past 10 s now and then, and it would be lost though it works.
-const EMULATED_LEASE: &str = "30s";
-
 /// A join token for guest `name` only, short-lived: the guest's agent gets
 /// its certificate with it, as any agent does (nothing is baked into the
 /// image, and a token read by code in the guest joins no other host).
@@ -533,19 +528,7 @@ async fn guest_token(ctx: &Context, cfg: &PoolsConfig, name: &str) -> Result<Opt
 
 fn guest_spec(pool: &HostPool, cfg: &PoolsConfig, name: &str, address: Option<String>, emulated: bool) -> GuestSpec {
     let sp = pool.spec();
-    let mut args = vec!["--label".to_string(), format!("{POOL_LABEL}={}", pool.name())];
-    if emulated {
-        args.extend(["--lease-duration".into(), EMULATED_LEASE.into()]);
-    }
-    for c in &sp.capabilities {
-        args.extend(["--capability".into(), c.clone()]);
-    }
-    for (k, v) in &sp.labels {
-        args.extend(["--label".into(), format!("{k}={v}")]);
-    }
-    for (k, v) in &sp.vars {
-        args.extend(["--var".into(), format!("{k}={v}")]);
-    }
+    let args = testbus_proto::pool::agent_args(pool, emulated);
     GuestSpec {
         name: name.into(),
         image: sp.image.clone().into(),

@@ -694,8 +694,9 @@ fn domain_xml(g: &GuestSpec, domain_type: &str, files: &GuestFiles) -> String {
     let image = |part: &str| escape(&g.image.join(part).display().to_string());
     let mut cmdline = format!("console=ttyS0 quiet testbus.name={}", g.name);
     if !g.agent_args.is_empty() {
-        // One word on the kernel command line: flags joined by commas.
-        cmdline.push_str(&format!(" testbus.args={}", g.agent_args.join(",")));
+        // One word on the kernel command line: flags percent-encoded and
+        // joined by commas (the guest's init decodes them).
+        cmdline.push_str(&format!(" testbus.args={}", testbus_proto::pool::kernel_args(&g.agent_args)));
     }
     // A vsock guest: vhost-user-vsock (QEMU has no domain XML for it in
     // libvirt 9), which needs the guest's memory shared with the device.

@@ -19,6 +19,117 @@ pub fn is_remote_uri(uri: &str) -> bool {
     uri.split_once("://").is_some_and(|(_, rest)| !rest.starts_with('/') && !rest.is_empty())
 }
 
+/// The libvirt transports a pool's `uri` may name: none (a local daemon),
+/// unix, ssh, libssh, libssh2, tls, tcp. Never `ext`, which runs a program
+/// of the URI's choosing as the control plane's user.
+const TRANSPORTS: &[&str] = &["", "unix", "ssh", "libssh", "libssh2", "tls", "tcp"];
+/// The URI parameters testbus supports: how to reach and authenticate to
+/// the daemon. Never `command` (the program libvirt runs instead of ssh).
+const URI_PARAMS: &[&str] = &[
+    "socket",
+    "keyfile",
+    "known_hosts",
+    "known_hosts_verify",
+    "sshauth",
+    "no_tty",
+    "no_verify",
+    "pkipath",
+    "mode",
+    "proxy",
+    "netcat",
+    "name",
+];
+
+/// Checks a pool's libvirt URI: `qemu[+TRANSPORT]://[USER@][HOST[:PORT]]/system`
+/// (or `/session`), with only the parameters above. What is wrong, said.
+pub fn check_uri(uri: &str) -> Result<(), String> {
+    const FORM: &str = "expected qemu[+TRANSPORT]://[USER@HOST[:PORT]]/system[?PARAM=VALUE&...]";
+    if uri.len() > 1024 || uri.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("{uri:?} is not a libvirt URI: {FORM}"));
+    }
+    let (scheme, rest) = uri.split_once("://").ok_or_else(|| format!("{uri:?} is not a libvirt URI: {FORM}"))?;
+    let (driver, transport) = scheme.split_once('+').unwrap_or((scheme, ""));
+    if driver != "qemu" {
+        return Err(format!("driver {driver:?}: pools run QEMU guests (qemu://...); {FORM}"));
+    }
+    if transport == "ext" {
+        return Err("transport ext runs a program of the URI's choosing: not supported (ssh, tls, tcp or unix)".into());
+    }
+    if !TRANSPORTS.contains(&transport) {
+        return Err(format!("transport {transport:?} is not one of ssh, libssh, libssh2, tls, tcp, unix"));
+    }
+    let (authority_path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let path = authority_path.find('/').map(|i| &authority_path[i..]).unwrap_or("");
+    if !matches!(path, "/system" | "/session") {
+        return Err(format!("path {path:?}: /system or /session; {FORM}"));
+    }
+    if authority_path.contains('#') || query.contains('#') {
+        return Err("a fragment (#...) is not part of a libvirt URI".into());
+    }
+    for param in query.split(['&', ';']).filter(|p| !p.is_empty()) {
+        let key = param.split_once('=').map_or(param, |(k, _)| k);
+        if key == "command" {
+            return Err("parameter command runs a program of the URI's choosing instead of ssh: not supported (put \
+                        ssh options in the control plane's user's ~/.ssh/config)"
+                .into());
+        }
+        if !URI_PARAMS.contains(&key) {
+            return Err(format!("parameter {key:?} is not supported (supported: {})", URI_PARAMS.join(", ")));
+        }
+    }
+    Ok(())
+}
+
+/// Bytes a guest's agent flags may take on its kernel command line (the
+/// kernel takes 2,048 in all; the rest is the console, name, address and
+/// link).
+pub const MAX_KERNEL_ARGS: usize = 1536;
+
+/// The flags a pool's guest agent gets from the pool's spec: its pool's
+/// label, its capabilities, labels and vars (and a longer lease where
+/// guests are emulated).
+pub fn agent_args(pool: &crate::HostPool, emulated: bool) -> Vec<String> {
+    use crate::Resource;
+    let sp = pool.spec();
+    let mut args = vec!["--label".to_string(), format!("{POOL_LABEL}={}", pool.name())];
+    if emulated {
+        args.extend(["--lease-duration".into(), EMULATED_LEASE.into()]);
+    }
+    for c in &sp.capabilities {
+        args.extend(["--capability".into(), c.clone()]);
+    }
+    for (k, v) in &sp.labels {
+        args.extend(["--label".into(), format!("{k}={v}")]);
+    }
+    for (k, v) in &sp.vars {
+        args.extend(["--var".into(), format!("{k}={v}")]);
+    }
+    args
+}
+
+/// Agents of emulated guests hold leases this long (10 s under KVM, the
+/// agent's default): eight TCG guests on two cores starve one of them
+/// past 10 s now and then, and it would be lost though it works.
+pub const EMULATED_LEASE: &str = "30s";
+
+/// Agent flags as one word of a kernel command line: each flag
+/// percent-encoded (every byte but `[A-Za-z0-9._/:=@+-]`), joined by
+/// commas. The guest's init splits at the commas and decodes each flag,
+/// so a value with spaces, commas or `init=` stays one value of one flag.
+pub fn kernel_args(args: &[String]) -> String {
+    let enc = |a: &String| {
+        a.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'/' | b':' | b'=' | b'@' | b'+' | b'-' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect::<String>()
+    };
+    args.iter().map(enc).collect::<Vec<_>>().join(",")
+}
+
 /// Whether `name` is how the pool controller names a guest of `pool`: the
 /// pool's name, a dash and five hex digits (pool `a`'s guests are not
 /// pool `a-b`'s).
@@ -42,6 +153,67 @@ pub fn clean_enough(h: &Host) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pool_uris_name_only_what_testbus_supports() {
+        for ok in [
+            "qemu:///system",
+            "qemu+unix:///system?socket=/run/x.sock",
+            "qemu+ssh://root@lab2/system",
+            "qemu+ssh://root@lab2:2222/system?keyfile=/k&no_tty=1",
+            "qemu+tls://lab2/system?pkipath=/etc/pki",
+            "qemu+tcp://127.0.0.1:16509/system",
+            "qemu:///session",
+        ] {
+            assert_eq!(check_uri(ok), Ok(()), "{ok}");
+        }
+        for (bad, says) in [
+            ("qemu+ext:///system?command=/tmp/x", "transport ext"),
+            ("qemu+ssh://h/system?command=/tmp/x", "parameter command"),
+            ("qemu+ssh://h/system?keyfile=/k&command=/tmp/x", "parameter command"),
+            ("qemu+ssh://h/system?comm%61nd=/tmp/x", "not supported"),
+            ("qemu+ssh://h/system;command=/tmp/x", "path"),
+            ("qemu+ssh://h/system?name=1;command=/tmp/x", "parameter command"),
+            ("qemu:///embed?root=/tmp", "path"),
+            ("lxc:///system", "driver"),
+            ("qemu+tcp+ext:///system", "transport"),
+            ("qemu system", "not a libvirt URI"),
+            ("qemu:///system#x", "path"),
+            ("qemu:///system?name=a#x", "fragment"),
+        ] {
+            let e = check_uri(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn agent_flags_are_one_word_each_value_one_flag() {
+        let args: Vec<String> =
+            ["--var", "a=a b,--take-over testbus.name=victim init=/bin/sh", "--x", "100%\\"].map(String::from).to_vec();
+        let word = kernel_args(&args);
+        assert!(!word.contains(' ') && word.split(',').count() == 4, "{word}");
+        assert_eq!(word, "--var,a=a%20b%2C--take-over%20testbus.name=victim%20init=/bin/sh,--x,100%25%5C");
+        // What the guest's init does: split at commas, decode.
+        let decoded: Vec<String> = word
+            .split(',')
+            .map(|a| {
+                let mut out = Vec::new();
+                let b = a.as_bytes();
+                let mut i = 0;
+                while i < b.len() {
+                    if b[i] == b'%' {
+                        out.push(u8::from_str_radix(&a[i + 1..i + 3], 16).unwrap());
+                        i += 3;
+                    } else {
+                        out.push(b[i]);
+                        i += 1;
+                    }
+                }
+                String::from_utf8(out).unwrap()
+            })
+            .collect();
+        assert_eq!(decoded, args);
+    }
 
     #[test]
     fn guest_names_are_matched_exactly() {

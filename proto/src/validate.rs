@@ -694,15 +694,10 @@ impl Validate for HostPool {
             "" => e.add("spec.provider", "required (known: libvirt)"),
             p => e.add("spec.provider", format!("unknown provider {p:?} (known: libvirt)")),
         }
-        if !s.uri.is_empty()
-            && (!s.uri.contains(":/")
-                || s.uri.len() > 1024
-                || s.uri.chars().any(|c| c.is_whitespace() || c.is_control()))
-        {
-            e.add(
-                "spec.uri",
-                format!("{:?} is not a libvirt URI (like qemu:///system or qemu+ssh://user@host/system)", s.uri),
-            );
+        if !s.uri.is_empty() {
+            if let Err(why) = crate::pool::check_uri(&s.uri) {
+                e.add("spec.uri", why);
+            }
         }
         if s.image.is_empty() {
             e.add("spec.image", "required: the directory hack/guest-image made (vmlinuz, initrd.img, golden.qcow2)");
@@ -712,6 +707,17 @@ impl Validate for HostPool {
         capabilities("spec.capabilities", &s.capabilities, &mut e);
         labels("spec.labels", &s.labels, &mut e);
         vars("spec.vars", &s.vars, &mut e);
+        let on_cmdline = crate::pool::kernel_args(&crate::pool::agent_args(self, true)).len();
+        if on_cmdline > crate::pool::MAX_KERNEL_ARGS {
+            e.add(
+                "spec.vars",
+                format!(
+                    "the pool's capabilities, labels and vars take {on_cmdline} bytes on each guest's kernel command \
+                     line, at most {} (the kernel takes 2048 in all)",
+                    crate::pool::MAX_KERNEL_ARGS
+                ),
+            );
+        }
         env("spec.env", &s.env, &mut e);
         files("spec.files", &s.files, &mut e);
         if s.memory != 0 && !(64..=65_536).contains(&s.memory) {

@@ -120,6 +120,8 @@ pub struct Cluster {
     extra: Vec<Child>,
     /// Extra control-plane flags.
     pub cp_args: Vec<String>,
+    /// Extra control-plane environment (PATH with an ssh wrapper, ...).
+    pub cp_env: Vec<(String, String)>,
     /// A tmpfs mounted over the control plane's data dir (small-disk tests).
     tmpfs: Option<PathBuf>,
     /// etcd the control plane stores its state in, in its namespace.
@@ -209,6 +211,7 @@ impl Cluster {
             agent_args: agent_args.iter().map(|s| s.to_string()).collect(),
             extra: Vec::new(),
             cp_args: cp_args.iter().map(|s| s.to_string()).chain(insecure.then(|| "--insecure".to_string())).collect(),
+            cp_env: Vec::new(),
             tmpfs: None,
             etcd: None,
             ctl_node: None,
@@ -281,6 +284,7 @@ impl Cluster {
             .arg(self.dir.path().join("cp"))
             .args(["--lease-grace", "1s"])
             .args(&self.cp_args)
+            .envs(self.cp_env.iter().map(|(k, v)| (k, v)))
             .stdout(self.log("control-plane"))
             .stderr(self.log("control-plane"));
         self.cp = Some(cmd.spawn().expect("start control plane"));

@@ -183,8 +183,10 @@ impl RemoteTestbed {
             ),
         )
         .unwrap();
-        let ssh = d.join("ssh");
-        std::fs::write(&ssh, format!("#!/bin/sh\nexec ssh -F {} \"$@\"\n", d.join("ssh_config").display())).unwrap();
+        std::fs::create_dir(d.join("bin")).unwrap();
+        let ssh = d.join("bin/ssh");
+        std::fs::write(&ssh, format!("#!/bin/sh\nexec /usr/bin/ssh -F {} \"$@\"\n", d.join("ssh_config").display()))
+            .unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o755)).unwrap();
         // The image, seen at DIR/image inside the testbed only.
@@ -221,9 +223,23 @@ impl RemoteTestbed {
         tb
     }
 
-    /// The pool's URI for it.
+    /// The pool's URI for it: plain qemu+ssh:// (a pool's URI names no
+    /// program); the control plane's ssh is the wrapper [`Self::ssh_dir`]
+    /// puts first on its PATH.
     pub fn uri(&self) -> String {
-        format!("qemu+ssh://root@{}/system?command={}", self.address, self.dir.path().join("ssh").display())
+        format!("qemu+ssh://root@{}/system", self.address)
+    }
+
+    /// A dir whose `ssh` runs ssh with this testbed's config (its key and
+    /// known hosts): first on the control plane's PATH, as an admin's
+    /// ~/.ssh/config would be.
+    pub fn ssh_dir(&self) -> PathBuf {
+        self.dir.path().join("bin")
+    }
+
+    /// The URI virsh uses here (its own ssh command).
+    fn virsh_uri(&self) -> String {
+        format!("qemu+ssh://root@{}/system?command={}", self.address, self.ssh_dir().join("ssh").display())
     }
 
     /// The image directory: the golden image there, an empty directory
@@ -236,7 +252,7 @@ impl RemoteTestbed {
     pub fn virsh(&self, args: &[&str]) -> Option<String> {
         let out = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", self.cp_netns))
-            .args(["--", "virsh", "-c", &self.uri()])
+            .args(["--", "virsh", "-c", &self.virsh_uri()])
             .args(args)
             .output()
             .ok()?;

@@ -602,8 +602,15 @@ async fn a_restarted_control_plane_finds_its_guests_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_on_a_remote_testbed_host_works_over_ssh() {
     let Some(_turn) = libvirt::turn("tbt-rm", &[]).await else { return };
-    let c = Cluster::start(0).await;
+    let mut c = Cluster::start(0).await;
     let tb = libvirt::RemoteTestbed::start(&c);
+    // The control plane's ssh reaches the testbed as an admin's ssh config
+    // would make it: a wrapper first on its PATH (a pool's URI may name no
+    // program: `command=` is refused).
+    c.stop_control_plane(Duration::from_secs(10)).await;
+    let path = format!("{}:{}", tb.ssh_dir().display(), std::env::var("PATH").unwrap_or_default());
+    c.cp_env.push(("PATH".into(), path));
+    c.start_control_plane().await;
     let here = |p: &std::path::Path| std::fs::read_dir(p).unwrap().count();
     assert_eq!(here(&tb.image()), 0, "the image is on the testbed only");
     // An image directory the testbed does not have: the pool says so, in
