@@ -244,6 +244,15 @@ pub async fn check_viewer_token(st: &ApiState, text: &str) -> Result<u64, Status
     Ok(t.expires)
 }
 
+/// Ends a dashboard session: the viewer token `text` (checked: only its
+/// holder can end it) is deleted, so no copy of the cookie logs in again.
+pub async fn end_viewer_session(st: &ApiState, text: &str) -> Result<(), Status> {
+    let auth = AuthService::new(st.clone());
+    let live = live_token(st, auth.ca()?, VIEWER_TOKENS, text).await?;
+    st.store.txn(vec![], vec![Op::Delete(live.key)]).await.map_err(ApiError::from)?;
+    Ok(())
+}
+
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }

@@ -191,7 +191,13 @@ impl Metrics {
             self.processes_started.inc();
         }
         if old.phase != new.phase && phase::process_terminal(&new.phase) {
-            let reason = if new.reason.len() <= 32 { new.reason.clone() } else { "other".into() };
+            // Reasons are a closed set: one an agent made up is "other",
+            // so no writer grows the label set.
+            let reason = match new.reason.parse::<testbus_proto::states::ProcessReason>() {
+                Ok(r) => r.to_string(),
+                Err(_) if new.reason.is_empty() => String::new(),
+                Err(_) => "other".into(),
+            };
             self.processes_ended.get_or_create(&Outcome { phase: new.phase.clone(), reason }).inc();
         }
     }
@@ -350,5 +356,28 @@ mod tests {
             out.contains(r#"testbus_api_requests_total{service="unknown",method="unknown",code="Unimplemented"} 100"#)
         );
         assert!(out.contains(r#"testbus_api_requests_total{service="http",method="other",code="Ok"} 100"#));
+    }
+
+    #[test]
+    fn reasons_an_agent_makes_up_do_not_grow_the_labels() {
+        let m = Metrics::new();
+        let running = testbus_proto::ProcessStatus { phase: "Running".into(), ..Default::default() };
+        for i in 0..50 {
+            let ended = testbus_proto::ProcessStatus {
+                phase: "Failed".into(),
+                reason: format!("Made{i}"),
+                ..Default::default()
+            };
+            m.process_transition(&running, &ended);
+        }
+        let ended =
+            testbus_proto::ProcessStatus { phase: "Failed".into(), reason: "NonZeroExit".into(), ..Default::default() };
+        m.process_transition(&running, &ended);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &m.registry).unwrap();
+        let lines: Vec<&str> = out.lines().filter(|l| l.starts_with("testbus_processes_ended_total{")).collect();
+        assert_eq!(lines.len(), 2, "{lines:#?}");
+        assert!(out.contains(r#"testbus_processes_ended_total{phase="Failed",reason="other"} 50"#), "{out}");
+        assert!(out.contains(r#"testbus_processes_ended_total{phase="Failed",reason="NonZeroExit"} 1"#), "{out}");
     }
 }

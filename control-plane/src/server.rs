@@ -193,12 +193,12 @@ impl Peek for tokio::net::UnixStream {
     }
 }
 
-/// How HTTP/1 requests (to `/metrics`) begin: a method we serve and a
-/// space.
-const HTTP1_STARTS: [&[u8]; 2] = [b"GET ", b"HEAD "];
+/// How HTTP/1 requests (to `/metrics` and the dashboard, whose forms
+/// post) begin: a method we serve and a space.
+const HTTP1_STARTS: [&[u8]; 3] = [b"GET ", b"HEAD ", b"POST "];
 
 /// Whether `s` sends the start of the HTTP/2 preface (what every gRPC
-/// client sends first), or of an HTTP/1 GET, within `limit`. Looked at
+/// client sends first), or of an HTTP/1 GET or POST, within `limit`. Looked at
 /// without reading, so the server still gets every byte.
 async fn sends_preface(s: &impl Peek, limit: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + limit;
@@ -695,7 +695,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     // Plain HTTP beside gRPC on the same listeners: /metrics and the
     // dashboard.
     let web = crate::web::routes(state.clone(), output);
-    let routes = tonic::service::Routes::from(grpc.routes().into_axum_router().merge(web));
+    let routes =
+        tonic::service::Routes::from(grpc.routes().into_axum_router().merge(web).fallback(crate::web::fallback));
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         // Browsers and Prometheus may speak HTTP/1.1 to /metrics.

@@ -88,7 +88,7 @@ def load(url):
 
 def log_in(with_token):
     driver.execute_script("document.querySelector('input[name=token]').value = arguments[0];"
-                          "document.querySelector('form button').click();", with_token)
+                          "document.querySelector('main form button').click();", with_token)
 
 
 try:

@@ -66,9 +66,54 @@ pub fn routes(st: ApiState, output: OutputService) -> axum::Router {
         .route("/events", get(live::events))
         .route("/logs", get(live::logs))
         .route("/login", get(login_page).post(login))
+        .route("/logout", axum::routing::post(logout))
         .route("/static/app.js", get(|| async { asset("text/javascript", include_str!("assets/app.js")) }))
         .route("/static/style.css", get(|| async { asset("text/css", include_str!("assets/style.css")) }))
+        .layer(axum::middleware::from_fn(loopback_names_only))
         .with_state(web)
+}
+
+/// An `--insecure` listener admits whoever reaches it, which a web page
+/// can make a browser do by rebinding its own name to 127.0.0.1: every
+/// plain HTTP request there (pages, `/metrics`, `/login`) must name a
+/// loopback host.
+async fn loopback_names_only(req: Request, next: axum::middleware::Next) -> Response {
+    if matches!(caller(&req), Caller::Insecure) && !loopback_host(&request_host(&req)) {
+        return (
+            StatusCode::FORBIDDEN,
+            "an insecure listener serves the dashboard to loopback names only (Host: 127.0.0.1, localhost, [::1])\n",
+        )
+            .into_response();
+    }
+    next.run(req).await
+}
+
+/// What answers a request no route serves: gRPC's Unimplemented to gRPC
+/// clients, 404 to everyone else.
+pub async fn fallback(headers: HeaderMap) -> Response {
+    let grpc = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if grpc {
+        return tonic::Status::unimplemented("no such method").into_http::<axum::body::Body>().into_response();
+    }
+    (StatusCode::NOT_FOUND, "no such page\n").into_response()
+}
+
+/// The host a request names: its Host header (HTTP/1.1), or its URI's
+/// authority (HTTP/2's `:authority`).
+fn request_host(req: &Request) -> String {
+    host_of(req.headers(), req.uri())
+}
+
+fn host_of(headers: &HeaderMap, uri: &axum::http::Uri) -> String {
+    headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| uri.authority().map(|a| a.as_str().to_string()))
+        .unwrap_or_default()
 }
 
 fn asset(kind: &'static str, body: &'static str) -> Response {
@@ -110,14 +155,6 @@ impl Web {
     /// The one gate of every dashboard request: a viewer, an admin, the
     /// local socket or an insecure listener; agents are refused.
     pub(crate) async fn admit(&self, caller: Caller, headers: HeaderMap) -> Result<Admitted, Refused> {
-        // An --insecure listener admits whoever reaches it, which a web
-        // page can make a browser do by rebinding its own name to
-        // 127.0.0.1: such requests name that host, not a loopback one.
-        if matches!(caller, Caller::Insecure) && !loopback_host(&headers) {
-            return Err(Refused::Status(tonic::Status::permission_denied(
-                "an insecure listener serves the dashboard to loopback names only (Host: 127.0.0.1, localhost, [::1])",
-            )));
-        }
         match crate::auth::authorize_caller(self.st.pki.as_deref(), &caller, Verb::Get, "dashboard") {
             Ok(Scope::All) => return Ok(Admitted { scope: Scope::All, caller, headers }),
             Ok(Scope::Host { .. }) => {
@@ -158,15 +195,43 @@ impl Web {
     }
 }
 
-/// Whether the request's Host header names a loopback host (a browser
-/// sends the name it was given; one without the header is not let in).
-fn loopback_host(headers: &HeaderMap) -> bool {
-    let Some(host) = headers.get(header::HOST).and_then(|v| v.to_str().ok()) else { return false };
-    let name = match host.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or_default(),
-        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+/// Whether `host` (a Host header: `NAME[:PORT]`) names a loopback host:
+/// `localhost`, a loopback IPv4 address or `[::1]`, with a port of digits
+/// or none; nothing else (no user info, no path, no other name that
+/// happens to start like one).
+fn loopback_host(host: &str) -> bool {
+    let (name, port) = match host.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((v6, port)) => (v6, port),
+            None => return false,
+        },
+        None => host.find(':').map_or((host, ""), |i| (&host[..i], &host[i..])),
     };
-    name == "localhost" || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    let port_ok = port.is_empty()
+        || port.strip_prefix(':').is_some_and(|p| (1..=5).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()));
+    let loopback = if host.starts_with('[') {
+        name.parse::<std::net::Ipv6Addr>().is_ok_and(|ip| ip.is_loopback())
+    } else {
+        name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| ip.is_loopback())
+    };
+    port_ok && loopback
+}
+
+/// Whether a form POST comes from a page of this dashboard: its Origin (or,
+/// without one, its Referer) is this server's own. A cross-site form that
+/// logs a browser in as someone else (login CSRF) or out is refused.
+fn same_origin(headers: &HeaderMap, uri: &axum::http::Uri, tls: bool) -> bool {
+    let own = format!("{}://{}", if tls { "https" } else { "http" }, host_of(headers, uri));
+    let value = |h| headers.get(h).and_then(|v: &axum::http::HeaderValue| v.to_str().ok());
+    match (value(header::ORIGIN), value(header::REFERER)) {
+        (Some(origin), _) => origin == own,
+        (None, Some(referer)) => referer == own || referer.starts_with(&format!("{own}/")),
+        (None, None) => false,
+    }
+}
+
+fn cross_site() -> Response {
+    (StatusCode::FORBIDDEN, "refused: this form was not sent from this dashboard's own pages\n").into_response()
 }
 
 /// A permit for one more live stream, if fewer than MAX_LIVE_STREAMS are
@@ -396,7 +461,15 @@ struct LoginForm {
     token: String,
 }
 
-async fn login(State(web): State<Web>, headers: HeaderMap, axum::Form(f): axum::Form<LoginForm>) -> Response {
+async fn login(
+    State(web): State<Web>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+    axum::Form(f): axum::Form<LoginForm>,
+) -> Response {
+    if !same_origin(&headers, &uri, web.secure_cookie) {
+        return cross_site();
+    }
     match crate::auth::check_viewer_token(&web.st, f.token.trim()).await {
         Ok(expires) => {
             let left = expires.saturating_sub(
@@ -415,23 +488,69 @@ async fn login(State(web): State<Web>, headers: HeaderMap, axum::Form(f): axum::
     }
 }
 
+/// Ends the browser's session: its viewer token is revoked (a copy of the
+/// cookie logs nothing in after this) and the cookie cleared.
+async fn logout(State(web): State<Web>, headers: HeaderMap, uri: axum::http::Uri) -> Response {
+    if !same_origin(&headers, &uri, web.secure_cookie) {
+        return cross_site();
+    }
+    if let Some(token) = cookie(&headers, SESSION_COOKIE) {
+        if let Err(s) = crate::auth::end_viewer_session(&web.st, token).await {
+            tracing::debug!(error = %s.message(), "logging out a session that was not live");
+        }
+    }
+    let secure = if web.secure_cookie { "; Secure" } else { "" };
+    let cookie = format!("{SESSION_COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict{secure}");
+    ([(header::SET_COOKIE, cookie)], Redirect::to("/login")).into_response()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn an_insecure_listener_answers_loopback_names_only() {
-        let with = |h: &str| {
+        for ok in ["127.0.0.1:7780", "localhost:7780", "localhost", "[::1]:7780", "[::1]", "127.9.9.9", "LOCALHOST:1"] {
+            assert!(loopback_host(ok), "{ok}");
+        }
+        for bad in [
+            "evil.example:7780",
+            "evil.example",
+            "10.0.0.1:7780",
+            "[::2]:80",
+            "localhost.evil.example",
+            "localhost:17780@evil.example",
+            "127.0.0.1:80@evil.example",
+            "localhost:80/x",
+            "localhost:",
+            "localhost:123456",
+            "[::1]evil",
+            "[::1]:80:80",
+            "[127.0.0.1]",
+            "",
+        ] {
+            assert!(!loopback_host(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn forms_are_taken_from_this_dashboards_own_pages_only() {
+        let uri: axum::http::Uri = "/login".parse().unwrap();
+        let with = |pairs: &[(header::HeaderName, &str)]| {
             let mut m = HeaderMap::new();
-            m.insert(header::HOST, h.parse().unwrap());
-            loopback_host(&m)
+            m.insert(header::HOST, "10.0.0.1:7780".parse().unwrap());
+            for (k, v) in pairs {
+                m.insert(k.clone(), v.parse().unwrap());
+            }
+            same_origin(&m, &uri, true)
         };
-        for ok in ["127.0.0.1:7780", "localhost:7780", "localhost", "[::1]:7780", "127.9.9.9"] {
-            assert!(with(ok), "{ok}");
-        }
-        for bad in ["evil.example:7780", "evil.example", "10.0.0.1:7780", "[::2]:80", "localhost.evil.example"] {
-            assert!(!with(bad), "{bad}");
-        }
-        assert!(!loopback_host(&HeaderMap::new()), "no Host, no answer");
+        assert!(with(&[(header::ORIGIN, "https://10.0.0.1:7780")]));
+        assert!(with(&[(header::REFERER, "https://10.0.0.1:7780/login")]));
+        assert!(!with(&[(header::ORIGIN, "https://evil.example")]));
+        assert!(!with(&[(header::ORIGIN, "http://10.0.0.1:7780")]), "another scheme is another origin");
+        assert!(!with(&[(header::ORIGIN, "null")]));
+        assert!(!with(&[(header::REFERER, "https://10.0.0.1:7780.evil.example/")]));
+        assert!(!with(&[(header::ORIGIN, "https://evil.example"), (header::REFERER, "https://10.0.0.1:7780/")]));
+        assert!(!with(&[]), "neither: refused");
     }
 }

@@ -32,6 +32,7 @@ pub fn layout(title: &str, live: Option<&str>, main: Markup) -> Markup {
                     a href="/" { "Overview" }
                     a href="/history" { "History" }
                     span #live-state {}
+                    form.logout method="post" action="/logout" { button #logout { "log out" } }
                 }
                 main data-live=[live] { (main) }
             }
