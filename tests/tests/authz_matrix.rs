@@ -16,46 +16,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 use testbus_proto::client::{Client, Tls};
 use testbus_proto::{phase, Host, Process, Resource, Test};
-use testbus_tests::{needs_root, wait_for, Cluster};
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use testbus_tests::{needs_root, wait_for, Cluster, RawCodec as Raw};
 use tonic::Code;
 
 const HTTPS: &str = "https://10.77.0.1:7780";
-
-/// Requests and responses as bytes: the matrix calls every method alike.
-#[derive(Default, Clone)]
-struct Raw;
-
-impl Codec for Raw {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = Raw;
-    type Decoder = Raw;
-    fn encoder(&mut self) -> Raw {
-        Raw
-    }
-    fn decoder(&mut self) -> Raw {
-        Raw
-    }
-}
-
-impl Encoder for Raw {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
-        bytes::BufMut::put_slice(dst, &item);
-        Ok(())
-    }
-}
-
-impl Decoder for Raw {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
-        let n = bytes::Buf::remaining(src);
-        Ok(Some(bytes::Buf::copy_to_bytes(src, n).to_vec()))
-    }
-}
 
 /// Who may call each method: admin, viewer, own agent, other agent,
 /// anonymous ('y' allowed, '-' refused).

@@ -2,11 +2,9 @@
 //! writes it) through the CLI and straight at the server, and garbage bytes
 //! at every RPC method. Every case must be refused with an error naming
 //! what is wrong, nothing may be stored, and no daemon may fall over.
-use bytes::{Buf, BufMut};
 use std::path::PathBuf;
 use testbus_proto::{Object, Test};
-use testbus_tests::{repo_root, Cluster};
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use testbus_tests::{repo_root, Cluster, RawCodec};
 
 fn corpus() -> Vec<PathBuf> {
     let dir = repo_root().join("tests/corpus/manifests");
@@ -59,44 +57,6 @@ async fn the_corpus_is_refused_field_by_field_and_nothing_is_stored() {
     assert_eq!(procs.stdout, "");
     assert_eq!(c.ctl(&["get", "hostpools", "-o", "name"]).stdout, "", "nothing stored");
     assert_eq!(c.ctl(&["get", "hosts", "-o", "name"]).stdout, "host/host-0\n");
-}
-
-/// Sends raw bytes as a gRPC message.
-#[derive(Clone, Default)]
-struct RawCodec;
-struct RawEncoder;
-struct RawDecoder;
-
-impl Encoder for RawEncoder {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl Decoder for RawDecoder {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
-        let mut v = vec![0u8; src.remaining()];
-        src.copy_to_slice(&mut v);
-        Ok(Some(v))
-    }
-}
-
-impl Codec for RawCodec {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = RawEncoder;
-    type Decoder = RawDecoder;
-    fn encoder(&mut self) -> RawEncoder {
-        RawEncoder
-    }
-    fn decoder(&mut self) -> RawDecoder {
-        RawDecoder
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
