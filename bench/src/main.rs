@@ -447,6 +447,82 @@ async fn idle(_smoke: bool) -> anyhow::Result<serde_json::Value> {
 /// Waiting `recv`s against a store full of other tests' Processes: the
 /// cost of a write while they wait, the control plane's CPU while nothing
 /// happens, and how long one `send` takes to wake them all.
+/// The scheduler with thousands of tests that cannot run waiting: the
+/// control plane's CPU while nothing changes, how long a runnable test
+/// then takes from create to Running, and how long deleting all of them
+/// takes until none is stored; at 1,000, 5,000 and 20,000 waiting tests.
+async fn queue(smoke: bool) -> anyhow::Result<serde_json::Value> {
+    use futures::StreamExt;
+    let sizes: &[usize] = if smoke { &[100] } else { &[1000, 5000, 20_000] };
+    let mut rows = Vec::new();
+    for &n in sizes {
+        let c = Cluster::start(1).await;
+        let cp = c.control_plane_pid();
+        let client = Client::connect(&c.server).await?;
+        let tests = client.api::<Test>();
+        let waiting = |i: usize| Test {
+            metadata: Some(testbus_proto::ObjectMeta { name: format!("w-{i}"), ..Default::default() }),
+            spec: Some(testbus_proto::TestSpec {
+                hosts: vec![testbus_proto::HostRequirement {
+                    role: "r".into(),
+                    capabilities: vec![format!("nfs-sever-{}", i % 50)],
+                    ..Default::default()
+                }],
+                steps: vec![testbus_proto::Step {
+                    name: "s".into(),
+                    on: vec!["r".into()],
+                    argv: vec!["true".into()],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let created = Instant::now();
+        let mut made = futures::stream::iter(0..n).map(|i| tests.create(waiting(i))).buffer_unordered(32);
+        while let Some(r) = made.next().await {
+            r?;
+        }
+        let create_s = created.elapsed().as_secs_f64();
+        // Every one says why it waits: the scheduler has been over them.
+        let settled = Instant::now();
+        wait_for(Duration::from_secs(600), "every waiting test to say why", || async {
+            let (ts, _) = tests.list("", "").await.ok()?;
+            ts.iter().all(|t| t.status().conditions.iter().any(|c| c.r#type == "Scheduled")).then_some(())
+        })
+        .await;
+        let settle_s = settled.elapsed().as_secs_f64();
+        let cpu0 = cpu_seconds(cp);
+        let idle = Duration::from_secs(if smoke { 1 } else { 5 });
+        tokio::time::sleep(idle).await;
+        let idle_cpu = (cpu_seconds(cp) - cpu0) / idle.as_secs_f64();
+        // A test that can run, behind all of them.
+        let started = Instant::now();
+        let out = c.ctl(&["run", "--host", "host-0", "--", "true"]);
+        anyhow::ensure!(out.code == 0, "run behind {n} waiting tests: {out:?}");
+        let runnable_s = started.elapsed().as_secs_f64();
+        // Deleting all of them.
+        let deleting = Instant::now();
+        let names: Vec<String> = (0..n).map(|i| format!("w-{i}")).collect();
+        let mut gone = futures::stream::iter(&names).map(|name| tests.delete(name)).buffer_unordered(32);
+        while let Some(r) = gone.next().await {
+            r?;
+        }
+        wait_for(Duration::from_secs(600), "every waiting test to be gone", || async {
+            let (ts, _) = tests.list("", "").await.ok()?;
+            ts.iter().all(|t| !t.name().starts_with("w-")).then_some(())
+        })
+        .await;
+        let delete_s = deleting.elapsed().as_secs_f64();
+        eprintln!("queue {n}: settled {settle_s:.1}s, idle cpu {idle_cpu:.3}, runnable {runnable_s:.3}s, deleted {delete_s:.1}s");
+        rows.push(json!({
+            "waiting": n, "create_s": create_s, "settle_s": settle_s, "idle_cpu_cores": idle_cpu,
+            "runnable_start_s": runnable_s, "delete_all_s": delete_s,
+        }));
+    }
+    Ok(json!({ "rows": rows }))
+}
+
 async fn sync_waiters(smoke: bool) -> anyhow::Result<serde_json::Value> {
     use testbus_proto::sync_client::SyncClient;
     let (waiters, stored) = if smoke { (10, 100) } else { (200, 3000) };
@@ -849,9 +925,10 @@ async fn main() {
         Some("pools") => pools(smoke).await,
         Some("tls") => tls(smoke).await,
         Some("dashboard") => dashboard(smoke).await,
+        Some("queue") => queue(smoke).await,
         _ => {
             eprintln!(
-                "usage: testbus-bench run|start|throughput|fanout|output|files|idle|sync|watches|pools|tls|dashboard [--smoke]"
+                "usage: testbus-bench run|start|throughput|fanout|output|files|idle|sync|watches|pools|tls|dashboard|queue [--smoke]"
             );
             std::process::exit(2);
         }

@@ -54,6 +54,8 @@ pub struct Context {
     pub pools: Arc<Cache<HostPool>>,
     pub host_queue: Arc<Queue>,
     pub test_queue: Arc<Queue>,
+    /// The scheduler's: one key, a pass over every pending test.
+    pub schedule_queue: Arc<Queue>,
     pub pool_queue: Arc<Queue>,
     /// The pool controller's guests and their links.
     pub guests: pools::Guests,
@@ -106,6 +108,7 @@ pub async fn run(client: Client, cfg: Config, stop: CancellationToken) -> Result
         pools: Cache::new(),
         host_queue: Queue::new(),
         test_queue: Queue::new(),
+        schedule_queue: Queue::new(),
         pool_queue: Queue::new(),
         guests: Default::default(),
         result_writes: test_lifecycle::ResultWrites::new(RESULT_WRITE_INTERVAL),
@@ -123,9 +126,7 @@ pub async fn run(client: Client, cfg: Config, stop: CancellationToken) -> Result
                 c.test_queue.add(&claim.test);
             }
             if schedulable_changed(old.as_deref(), new.as_deref()) {
-                for t in c.tests.filter(test_lifecycle::is_pending) {
-                    c.test_queue.add(t.name());
-                }
+                c.schedule_queue.add(test_lifecycle::SCHEDULE);
             }
             // A pool watches its guests' Hosts.
             for pool in [old, new].into_iter().flatten().filter_map(|h| testbus_proto::pool::pool_of(h)) {
@@ -147,14 +148,13 @@ pub async fn run(client: Client, cfg: Config, stop: CancellationToken) -> Result
             if let Some(t) = new.as_ref().or(old.as_ref()) {
                 c.test_queue.add(t.name());
             }
-            // A test that stops waiting (claimed, ended or deleted) no
-            // longer holds hosts back from those queued behind it.
+            // A test that starts waiting is scheduled; one that stops
+            // (claimed, ended or deleted) no longer holds hosts back from
+            // those queued behind it: one pass of the scheduler for both.
             let was_pending = old.as_deref().is_some_and(test_lifecycle::is_pending);
             let is_pending = new.as_deref().is_some_and(test_lifecycle::is_pending);
-            if was_pending && !is_pending {
-                for t in c.tests.filter(test_lifecycle::is_pending) {
-                    c.test_queue.add(t.name());
-                }
+            if was_pending != is_pending {
+                c.schedule_queue.add(test_lifecycle::SCHEDULE);
             }
             // Pools make guests for pending tests.
             if was_pending || is_pending {
@@ -221,6 +221,22 @@ pub async fn run(client: Client, cfg: Config, stop: CancellationToken) -> Result
                 move |name, trouble| {
                     let c = c.clone();
                     async move { test_lifecycle::report_trouble(&c, &name, trouble).await }
+                }
+            },
+            stop.child_token(),
+        ));
+    }
+    {
+        let c = ctx.clone();
+        tasks.spawn(runtime::run_worker(
+            ctx.schedule_queue.clone(),
+            move |_name: String| {
+                let c = c.clone();
+                async move { test_lifecycle::schedule_pass(&c).await }
+            },
+            |_name: String, trouble: runtime::Trouble| async move {
+                if let runtime::Trouble::Failing { error, count } = trouble {
+                    tracing::warn!(%error, count, "the scheduler's pass keeps failing");
                 }
             },
             stop.child_token(),

@@ -118,36 +118,91 @@ pub fn queue_order(a: &testbus_proto::Test, b: &testbus_proto::Test) -> std::cmp
         .then_with(|| a.name().cmp(b.name()))
 }
 
-/// Hosts the tests queued ahead of `me` hold back from it: what each of
-/// them can claim now, and — for one that cannot start yet — every free
-/// host that fits one of its roles, so a large test is not starved by a
-/// stream of small ones. Returns the reserved hosts and the first test that
-/// waits for hosts (for the message).
-pub fn reserved_ahead<'a>(
-    queue: &[&'a testbus_proto::Test],
-    me: &testbus_proto::Test,
-    hosts: &[&Host],
-) -> (std::collections::HashSet<String>, Option<&'a testbus_proto::Test>) {
-    let mut reserved = std::collections::HashSet::new();
-    let mut blocked = None;
-    for q in queue.iter().take_while(|q| q.meta().uid != me.meta().uid) {
-        // A test that could not run even on every host there is holds
-        // nothing back: it would block the queue for good.
-        if fits_inventory(&q.spec().hosts, hosts).is_err() {
+/// What the scheduler decides for one pending test in a pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Claim these hosts now.
+    Claim(Vec<Assignment>),
+    /// Wait: why, as the Scheduled condition says it.
+    Wait(Waiting),
+}
+
+/// Why a pending test waits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Waiting {
+    /// It could not run even on every host there is (a pool may make more).
+    Unsatisfiable(String),
+    /// It could run now, but a test ahead of it waits for hosts it could use.
+    Queued { behind: String, priority: i32 },
+    /// The hosts it needs are busy.
+    Unschedulable(String),
+}
+
+impl Waiting {
+    /// The Scheduled condition's reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Waiting::Unsatisfiable(_) => "Unsatisfiable",
+            Waiting::Queued { .. } => "Queued",
+            Waiting::Unschedulable(_) => "Unschedulable",
+        }
+    }
+
+    /// The Scheduled condition's message.
+    pub fn message(&self) -> String {
+        match self {
+            Waiting::Unsatisfiable(why) => format!("cannot run on the hosts that exist: {why}"),
+            Waiting::Queued { behind, priority } => {
+                format!("queued behind test {behind} (priority {priority}), which waits for hosts this test could use")
+            }
+            Waiting::Unschedulable(why) => why.clone(),
+        }
+    }
+}
+
+/// One pass over the whole queue (`queue` in [`queue_order`]): what each
+/// pending test does now. Walking in order, each test that can claim
+/// takes its hosts; one that cannot start yet holds back every free host
+/// that fits one of its roles, so a large test is not starved by a stream
+/// of small ones; one that could not run even on every host there is holds
+/// nothing back (it would block the queue for good). Whether a spec fits
+/// the inventory (and the "did you mean" of one that does not) is worked
+/// out once per distinct spec in a pass: thousands of waiting tests cost
+/// one pass, not one each.
+pub fn plan_queue(queue: &[&testbus_proto::Test], hosts: &[&Host]) -> Vec<Decision> {
+    let mut taken: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut blocked: Option<&testbus_proto::Test> = None;
+    let mut inventory: HashMap<String, Result<(), String>> = HashMap::new();
+    let mut out = Vec::with_capacity(queue.len());
+    for q in queue {
+        let reqs = &q.spec().hosts;
+        let fit = inventory.entry(format!("{reqs:?}")).or_insert_with(|| fits_inventory(reqs, hosts));
+        if let Err(why) = fit {
+            out.push(Decision::Wait(Waiting::Unsatisfiable(why.clone())));
             continue;
         }
-        let avail: Vec<&Host> = hosts.iter().copied().filter(|h| !reserved.contains(h.name())).collect();
-        match assign(&q.spec().hosts, &avail) {
-            Ok(a) => reserved.extend(a.into_iter().map(|a| a.host)),
-            Err(_) => {
-                for h in avail.iter().filter(|h| is_free(h) && q.spec().hosts.iter().any(|r| fits(r, h))) {
-                    reserved.insert(h.name().to_string());
+        let avail: Vec<&Host> = hosts.iter().copied().filter(|h| !taken.contains(h.name())).collect();
+        match assign(reqs, &avail) {
+            Ok(a) => {
+                taken.extend(a.iter().map(|a| a.host.clone()));
+                out.push(Decision::Claim(a));
+            }
+            Err(why) => {
+                let wait = match blocked {
+                    Some(b) if assign(reqs, hosts).is_ok() => {
+                        Waiting::Queued { behind: b.name().to_string(), priority: b.spec().priority }
+                    }
+                    _ => Waiting::Unschedulable(why),
+                };
+                for h in avail.iter().filter(|h| is_free(h) && reqs.iter().any(|r| fits(r, h))) {
+                    taken.insert(h.name().to_string());
                 }
                 blocked.get_or_insert(*q);
+                out.push(Decision::Wait(wait));
             }
         }
     }
-    (reserved, blocked)
+    out
 }
 
 /// Whether the test could run on the hosts that exist, were they all free,
@@ -360,24 +415,42 @@ mod tests {
         let mut queue = vec![&small, &big];
         queue.sort_by(|a, b| queue_order(a, b));
         assert_eq!(queue[0].name(), "big");
-        let (reserved, blocked) = reserved_ahead(&queue, &small, &hosts);
-        assert_eq!(blocked.map(|t| t.name()), Some("big"));
-        let avail: Vec<&Host> = hosts.iter().copied().filter(|h| !reserved.contains(h.name())).collect();
-        assert!(assign(&small.spec().hosts, &avail).is_err(), "the small test must wait");
+        let d = plan_queue(&queue, &hosts);
+        assert_eq!(d[1], Decision::Wait(Waiting::Queued { behind: "big".into(), priority: 0 }), "the small test waits");
+        assert!(matches!(&d[0], Decision::Wait(Waiting::Unschedulable(_))), "{:?}", d[0]);
         // A small test needing a capability the big one does not use backfills.
         let mut gpu = host("g", &["gpu"]);
         gpu.spec = None;
         let big_plain = pending("big", 0, "2026-01-01T00:00:00Z", vec![req("r", &["plain"], 3)]);
         let small_gpu = pending("small", 0, "2026-01-01T00:00:01Z", vec![req("r", &["gpu"], 1)]);
-        let hosts = [&busy, &h1, &gpu];
-        let (reserved, _) = reserved_ahead(&[&big_plain, &small_gpu], &small_gpu, &hosts);
-        let avail: Vec<&Host> = hosts.iter().copied().filter(|h| !reserved.contains(h.name())).collect();
-        assert_eq!(assign(&small_gpu.spec().hosts, &avail).unwrap()[0].host, "g");
+        let mut plain = host("h1", &["plain"]);
+        plain.spec = None;
+        let hosts = [&busy, &plain, &gpu];
+        let d = plan_queue(&[&big_plain, &small_gpu], &hosts);
+        assert!(matches!(&d[1], Decision::Claim(a) if a[0].host == "g"), "{d:?}");
         // Priority goes before age.
         let urgent = pending("urgent", 10, "2026-01-02T00:00:00Z", vec![]);
         let mut q = [&big, &urgent];
         q.sort_by(|a, b| queue_order(a, b));
         assert_eq!(q[0].name(), "urgent");
+    }
+
+    /// Thousands of tests that cannot run wait in one pass, and a test that
+    /// can run behind them is claimed in that same pass.
+    #[test]
+    fn a_runnable_test_behind_thousands_that_cannot_run_is_claimed() {
+        let hs: Vec<Host> = (0..4).map(|i| host(&format!("h{i}"), &["c"])).collect();
+        let refs: Vec<&Host> = hs.iter().collect();
+        let stuck: Vec<testbus_proto::Test> = (0..5000)
+            .map(|i| pending(&format!("s{i}"), 0, "2026-01-01T00:00:00Z", vec![req("a", &["nfs-sever"], 1)]))
+            .collect();
+        let runnable = pending("go", 0, "2026-01-02T00:00:00Z", vec![req("a", &["c"], 2)]);
+        let mut queue: Vec<&testbus_proto::Test> = stuck.iter().collect();
+        queue.push(&runnable);
+        let d = plan_queue(&queue, &refs);
+        assert_eq!(d.len(), 5001);
+        assert!(matches!(&d[5000], Decision::Claim(a) if a.len() == 2), "{:?}", d[5000]);
+        assert!(d[..5000].iter().all(|d| matches!(d, Decision::Wait(Waiting::Unsatisfiable(_)))));
     }
 
     #[test]
@@ -404,9 +477,8 @@ mod tests {
             .ends_with("no host offers capability no-such-cap"));
         assert!(fits_inventory(&small.spec().hosts, &refs).is_ok());
         let queue = [&huge, &typo, &small];
-        let (reserved, blocked) = reserved_ahead(&queue, &small, &refs);
-        assert!(reserved.is_empty(), "{reserved:?}");
-        assert!(blocked.is_none(), "no one to blame: {blocked:?}");
+        let d = plan_queue(&queue, &refs);
+        assert!(matches!(&d[2], Decision::Claim(a) if a.len() == 2), "nothing held back: {d:?}");
         // Busy, cordoned or down hosts still count as inventory.
         let mut down = host("h9", &["d"]);
         down.status_mut().phase = phase::NOT_READY.into();

@@ -53,52 +53,110 @@ pub async fn reconcile(ctx: &Context, name: &str) -> Result<Action, Status> {
         return teardown(ctx, &t, &procs).await;
     }
     match t.status().phase.as_str() {
-        "" | phase::PENDING => claim(ctx, &t).await,
+        "" | phase::PENDING => pending(ctx, &t).await,
         phase::RUNNING => drive(ctx, &t, &procs).await,
         _ => finished(ctx, &t, &procs).await,
     }
 }
 
-async fn claim(ctx: &Context, t: &Test) -> Result<Action, Status> {
+/// A pending test's own reconcile: the scheduler's pass claims it (see
+/// [`schedule_pass`]); this asks for a pass and ends the test at its
+/// pending timeout. A waiting test costs nothing more until something it
+/// could use changes.
+async fn pending(ctx: &Context, t: &Test) -> Result<Action, Status> {
+    ctx.schedule_queue.add(SCHEDULE);
+    match pending_outcome(t, SystemTime::now()) {
+        PendingOutcome::GiveUp { waited } => give_up(ctx, t, waited).await,
+        PendingOutcome::Wait(left) => Ok(Action::Requeue(left)),
+    }
+}
+
+/// The one key of the scheduler's queue: a pass covers every pending test.
+pub const SCHEDULE: &str = "queue";
+
+/// How long a pass waits before the next when nothing wakes it: changes
+/// to hosts and to the queue do, this is a safety net.
+const SCHEDULE_SAFETY_NET: Duration = Duration::from_secs(300);
+
+/// One pass of the scheduler over every pending test, in queue order
+/// (`schedule::plan_queue`, one pure decision for the whole queue): claims
+/// first, so that a test that can run starts whatever waits around it;
+/// then each waiting test's Scheduled condition, written only where its
+/// reason changed.
+pub async fn schedule_pass(ctx: &Context) -> Result<Action, Status> {
     let hosts = ctx.hosts.list();
     let refs: Vec<&Host> = hosts.iter().map(|h| h.as_ref()).collect();
-    let spec = t.spec();
-    // Tests ahead in the queue hold back what they need.
     let pending = ctx.tests.filter(is_pending);
     let mut queue: Vec<&Test> = pending.iter().map(|t| t.as_ref()).collect();
     queue.sort_by(|a, b| schedule::queue_order(a, b));
-    let (reserved, blocked) = schedule::reserved_ahead(&queue, t, &refs);
-    let avail: Vec<&Host> = refs.iter().copied().filter(|h| !reserved.contains(h.name())).collect();
-    // A pool that can make hosts for it: the hosts to come count too.
-    let pools: Vec<String> = ctx
-        .pools
-        .filter(|p| p.meta().deletion_timestamp.is_empty() && crate::pool_plan::demand(p, [t]).0 > 0)
-        .iter()
-        .map(|p| p.name().to_string())
-        .collect();
-    let result = match schedule::fits_inventory(&spec.hosts, &refs) {
-        Err(why) if !pools.is_empty() => {
-            Err(("WaitingForPool", format!("waiting for pool {} to make guests: {why}", pools.join(", "))))
-        }
-        Err(why) => Err(("Unsatisfiable", format!("cannot run on the hosts that exist: {why}"))),
-        Ok(()) => schedule::assign(&spec.hosts, &avail).map_err(|why| match blocked {
-            Some(b) if schedule::assign(&spec.hosts, &refs).is_ok() => (
-                "Queued",
-                format!(
-                    "queued behind test {} (priority {}), which waits for hosts this test could use",
-                    b.name(),
-                    b.spec().priority
-                ),
-            ),
-            _ => ("Unschedulable", why),
-        }),
-    };
-    let assignments = match result {
-        Ok(a) => a,
-        Err((reason, why)) => return still_pending(ctx, t, reason, why).await,
-    };
+    let decisions = schedule::plan_queue(&queue, &refs);
     let by_name: HashMap<&str, &Host> = refs.iter().map(|h| (h.name(), *h)).collect();
-    let status = running_status(t, &assignments, &by_name);
+    let mut again = SCHEDULE_SAFETY_NET;
+    let mut waiting = Vec::new();
+    for (t, d) in queue.iter().zip(decisions) {
+        match d {
+            schedule::Decision::Claim(a) => {
+                if claim(ctx, t, &a, &by_name).await? == Claimed::Raced {
+                    again = Duration::from_millis(20);
+                }
+            }
+            schedule::Decision::Wait(w) => waiting.push((*t, w)),
+        }
+    }
+    // Pools that can make hosts for a test that cannot run on what exists.
+    let pools = ctx.pools.filter(|p| p.meta().deletion_timestamp.is_empty());
+    let writes = waiting.into_iter().filter_map(|(t, w)| {
+        let (reason, why) = match &w {
+            schedule::Waiting::Unsatisfiable(why) => {
+                let makers: Vec<&str> =
+                    pools.iter().filter(|p| crate::pool_plan::demand(p, [t]).0 > 0).map(|p| p.name()).collect();
+                if makers.is_empty() {
+                    (w.reason(), w.message())
+                } else {
+                    ("WaitingForPool", format!("waiting for pool {} to make guests: {why}", makers.join(", ")))
+                }
+            }
+            _ => (w.reason(), w.message()),
+        };
+        let unchanged = t.status().phase == phase::PENDING
+            && t.status().conditions.iter().any(|c| c.r#type == "Scheduled" && c.reason == reason && c.message == why);
+        (!unchanged).then_some((t, reason, why))
+    });
+    let writes: Vec<_> = writes.collect();
+    // Written a few at a time: thousands of new waiting tests take a while
+    // once, and hold up nothing (claims went first).
+    let mut results = Vec::new();
+    for chunk in writes.chunks(16) {
+        results
+            .extend(futures::future::join_all(chunk.iter().map(|(t, r, w)| still_pending(ctx, t, r, w.clone()))).await);
+    }
+    for r in results {
+        match r {
+            Err(s) if s.code() == Code::Aborted => again = Duration::from_millis(20),
+            Err(s) if s.code() == Code::NotFound => {}
+            Err(s) => return Err(s),
+            Ok(()) => {}
+        }
+    }
+    Ok(Action::Requeue(again))
+}
+
+/// How a claim went.
+#[derive(Debug, PartialEq, Eq)]
+enum Claimed {
+    Claimed,
+    /// Someone else got a host first, or our view was stale: the next pass,
+    /// from fresh caches.
+    Raced,
+}
+
+async fn claim(
+    ctx: &Context,
+    t: &Test,
+    assignments: &[Assignment],
+    by_name: &HashMap<&str, &Host>,
+) -> Result<Claimed, Status> {
+    let status = running_status(t, assignments, by_name);
     let req = ClaimRequest {
         test: t.name().to_string(),
         test_resource_version: t.resource_version().to_string(),
@@ -119,11 +177,12 @@ async fn claim(ctx: &Context, t: &Test) -> Result<Action, Status> {
             // than at the watch event of our own write (the later pass finds
             // the processes there, or creates nothing twice: names are
             // fixed and creating an existing one is a no-op).
-            drive(ctx, &claimed.into_inner(), &[]).await
+            if let Err(s) = drive(ctx, &claimed.into_inner(), &[]).await {
+                tracing::debug!(test = t.name(), error = %s.message(), "starting a claimed test; its reconcile goes on");
+            }
+            Ok(Claimed::Claimed)
         }
-        // Someone else got a host first, or our view was stale: try again
-        // from fresh caches.
-        Err(s) if s.code() == Code::Aborted => Ok(Action::Requeue(Duration::from_millis(20))),
+        Err(s) if matches!(s.code(), Code::Aborted | Code::FailedPrecondition | Code::NotFound) => Ok(Claimed::Raced),
         Err(s) => Err(s),
     }
 }
@@ -148,43 +207,49 @@ fn pending_outcome(t: &Test, now: SystemTime) -> PendingOutcome {
     if waited >= limit {
         return PendingOutcome::GiveUp { waited: limit };
     }
-    // Host and queue changes wake pending tests; the timer is a safety net
-    // and the deadline.
-    PendingOutcome::Wait((limit - waited).min(Duration::from_secs(30)))
+    // Host and queue changes wake the scheduler; this is the deadline.
+    PendingOutcome::Wait(limit - waited)
 }
 
-/// A test that cannot claim its hosts now: says why on its Scheduled
-/// condition, or ends in Error once it has waited past its pending timeout.
-async fn still_pending(ctx: &Context, t: &Test, reason: &str, why: String) -> Result<Action, Status> {
+/// A test that has waited past its pending timeout ends in Error, saying
+/// what it waited for.
+async fn give_up(ctx: &Context, t: &Test, waited: Duration) -> Result<Action, Status> {
+    let why = t
+        .status()
+        .conditions
+        .iter()
+        .find(|c| c.r#type == "Scheduled")
+        .map(|c| (c.reason.clone(), c.message.clone()))
+        .unwrap_or_else(|| ("Unschedulable".into(), "no pass of the scheduler found hosts for it".into()));
     let mut next = t.clone();
     let st = next.status_mut();
-    match pending_outcome(t, SystemTime::now()) {
-        PendingOutcome::GiveUp { waited } => {
-            let message = format!("waited {} for hosts (its pendingTimeout): {why}", duration::format(waited));
-            st.phase = TestReason::PendingTimeout.phase().into();
-            st.reason = TestReason::PendingTimeout.into();
-            st.message = message.clone();
-            st.completion_time = time::now();
-            set_condition(&mut st.conditions, condition("Scheduled", ConditionStatus::False, reason, &why));
-            set_condition(
-                &mut st.conditions,
-                condition(FINISHED, ConditionStatus::False, TestReason::PendingTimeout.as_str(), &message),
-            );
-            ctx.client.api::<Test>().update_status(next).await?;
-            tracing::info!(test = t.name(), "gave up waiting for hosts");
-            Ok(Action::AwaitChange)
-        }
-        PendingOutcome::Wait(next_look) => {
-            let changed =
-                set_condition(&mut st.conditions, condition("Scheduled", ConditionStatus::False, reason, &why));
-            if changed || st.phase.is_empty() {
-                st.phase = phase::PENDING.into();
-                st.message = why;
-                ctx.client.api::<Test>().update_status(next).await?;
-            }
-            Ok(Action::Requeue(next_look))
-        }
+    let message = format!("waited {} for hosts (its pendingTimeout): {}", duration::format(waited), why.1);
+    st.phase = TestReason::PendingTimeout.phase().into();
+    st.reason = TestReason::PendingTimeout.into();
+    st.message = message.clone();
+    st.completion_time = time::now();
+    set_condition(&mut st.conditions, condition("Scheduled", ConditionStatus::False, &why.0, &why.1));
+    set_condition(
+        &mut st.conditions,
+        condition(FINISHED, ConditionStatus::False, TestReason::PendingTimeout.as_str(), &message),
+    );
+    ctx.client.api::<Test>().update_status(next).await?;
+    tracing::info!(test = t.name(), "gave up waiting for hosts");
+    Ok(Action::AwaitChange)
+}
+
+/// A test that cannot claim its hosts now says why on its Scheduled
+/// condition.
+async fn still_pending(ctx: &Context, t: &Test, reason: &str, why: String) -> Result<(), Status> {
+    let mut next = t.clone();
+    let st = next.status_mut();
+    let changed = set_condition(&mut st.conditions, condition("Scheduled", ConditionStatus::False, reason, &why));
+    if changed || st.phase.is_empty() {
+        st.phase = phase::PENDING.into();
+        st.message = why;
+        ctx.client.api::<Test>().update_status(next).await?;
     }
+    Ok(())
 }
 
 /// The status a test gets with its claim: Running, claims, env, trace.
@@ -513,7 +578,7 @@ mod lifecycle_tests {
         t.meta_mut().creation_timestamp = "2026-01-01T00:00:00Z".into();
         let at = |secs: u64| time::parse("2026-01-01T00:00:00Z").unwrap() + Duration::from_secs(secs);
         // Default: an hour; looked at again at least every 30 s.
-        assert_eq!(pending_outcome(&t, at(10)), PendingOutcome::Wait(Duration::from_secs(30)));
+        assert_eq!(pending_outcome(&t, at(10)), PendingOutcome::Wait(Duration::from_secs(3590)));
         assert_eq!(pending_outcome(&t, at(3590)), PendingOutcome::Wait(Duration::from_secs(10)));
         assert_eq!(pending_outcome(&t, at(3600)), PendingOutcome::GiveUp { waited: DEFAULT_PENDING_TIMEOUT });
         t.spec_mut().pending_timeout = "5s".into();

@@ -25,6 +25,9 @@ const KILL_GRACE: Duration = Duration::from_secs(2);
 const RUNNING_DELAY: Duration = Duration::from_millis(2);
 /// How long to wait for output pipes after the process group is gone.
 const DRAIN_LIMIT: Duration = Duration::from_secs(10);
+/// Past the drain limit, how long each read of what a pipe still holds may
+/// wait for the reactor to see it.
+const AFTER_STOP_WAIT: Duration = Duration::from_millis(100);
 /// Bytes a pump still takes from its pipe once stopped (what a pipe holds,
 /// with room to spare).
 const AFTER_STOP: usize = 1 << 20;
@@ -753,10 +756,14 @@ async fn pump(
                 // What is in the pipe already is still taken (a process that
                 // printed and exited must not lose it to a drain limit cut
                 // short, as by a guest's clock jumping on a snapshot
-                // revert); nothing more is waited for, and a writer that
-                // keeps writing is cut off after AFTER_STOP bytes.
-                match futures::FutureExt::now_or_never(read_spare(&mut r, &mut buf)) {
-                    Some(Ok(m)) if m > 0 && *taken < AFTER_STOP => *taken += m,
+                // revert); a writer that keeps writing is cut off after
+                // AFTER_STOP bytes. A read is given a moment, not taken only
+                // if it is ready at once: the reactor may not yet have seen
+                // that the pipe became readable (its readiness was cleared
+                // by the last read that would have waited), and a reverted
+                // guest's `cat` then printed nothing, exit 0.
+                match tokio::time::timeout(AFTER_STOP_WAIT, read_spare(&mut r, &mut buf)).await {
+                    Ok(Ok(m)) if m > 0 && *taken < AFTER_STOP => *taken += m,
                     _ => return,
                 }
             } else {
@@ -1026,6 +1033,28 @@ mod tests {
         assert_eq!(pumped.bytes, 4);
         assert_eq!(&sink.0.lock()[..], b"one\n");
         drop(held);
+    }
+
+    /// The same with a real pipe whose writer has exited: the reactor has
+    /// not yet said the pipe is readable when the pump is already stopped
+    /// (a snapshot revert's clock jump ends the drain limit at once), and
+    /// what the process printed must still be taken. A reverted guest's
+    /// `cat` once printed nothing, exit 0.
+    #[tokio::test]
+    async fn a_stopped_pump_takes_what_an_exited_process_left_in_its_pipe() {
+        let mut child = tokio::process::Command::new("sh")
+            .args(["-c", "echo one"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        assert!(child.wait().await.unwrap().success());
+        let sink = Quick(Default::default());
+        let (stop, stop_rx) = tokio::sync::oneshot::channel();
+        stop.send(()).unwrap();
+        let pumped = super::pump(stdout, sink.clone(), "p".into(), 0, stop_rx).await;
+        assert_eq!(&sink.0.lock()[..], b"one\n");
+        assert_eq!(pumped.bytes, 4);
     }
 
     /// Appends recorded at once.

@@ -787,9 +787,9 @@ fn daemons_log_one_json_object_per_line_when_asked() {
         .unwrap();
     read_json(&cp_log, &|l| l["message"] == "serving" && l["addr"] == addr.as_str());
     // The same port answers a plain HTTP/1.1 GET of /metrics (an insecure
-    // listener: every caller is admin).
+    // listener: every caller that names a loopback host is admin).
     let mut s = std::net::TcpStream::connect(&addr).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let mut page = Vec::new();
     let mut buf = [0u8; 4096];

@@ -632,3 +632,67 @@ spec:
     assert!(!marker.exists(), "the command ran");
     drop(held);
 }
+
+/// Thousands of tests that cannot run (a capability nobody offers) hold up
+/// neither a test that can run behind them nor their own deletion (issue
+/// 27, item 14: the queue once took seconds per pass per test, a runnable
+/// test behind 5,000 waited past a minute, and deleted tests stayed stored
+/// for good). How long each takes is `hack/bench queue`'s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_that_cannot_run_hold_up_neither_a_runnable_test_nor_deletes() {
+    use futures::StreamExt;
+    let c = Cluster::start(1).await;
+    let client = c.client().await;
+    let tests = client.api::<testbus_proto::Test>();
+    let n = 1500;
+    let names: Vec<String> = (0..n).map(|i| format!("w-{i}")).collect();
+    let waiting = |name: &String| testbus_proto::Test {
+        metadata: Some(ObjectMeta { name: name.clone(), ..Default::default() }),
+        spec: Some(testbus_proto::TestSpec {
+            hosts: vec![testbus_proto::HostRequirement {
+                role: "r".into(),
+                capabilities: vec!["nfs-sever".into()],
+                ..Default::default()
+            }],
+            steps: vec![testbus_proto::Step {
+                name: "s".into(),
+                on: vec!["r".into()],
+                argv: vec!["true".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut made = futures::stream::iter(&names).map(|n| tests.create(waiting(n))).buffer_unordered(32);
+    while let Some(r) = made.next().await {
+        r.unwrap();
+    }
+    // A test that can run goes ahead of them all.
+    let out = c.ctl(&["run", "--host", "host-0", "--timeout", "60s", "--", "echo", "through"]);
+    assert_eq!((out.code, out.stdout.as_str()), (0, "through\n"), "{out:?}");
+    // Each waiting one says why, with a suggestion.
+    let said = wait_for(Duration::from_secs(120), "the waiting tests to say why", || async {
+        let (ts, _) = tests.list("", "").await.ok()?;
+        let w: Vec<_> = ts.into_iter().filter(|t| t.name().starts_with("w-")).collect();
+        let why: Vec<String> = w
+            .iter()
+            .filter_map(|t| t.status().conditions.iter().find(|c| c.r#type == "Scheduled").map(|c| c.message.clone()))
+            .collect();
+        (why.len() == n).then_some(why)
+    })
+    .await;
+    assert!(said.iter().all(|m| m.contains("no host offers capability nfs-sever")), "{:?}", &said[..3]);
+    // Deleting all of them empties the store.
+    let mut gone = futures::stream::iter(&names).map(|n| tests.delete(n)).buffer_unordered(32);
+    while let Some(r) = gone.next().await {
+        r.unwrap();
+    }
+    wait_for(Duration::from_secs(120), "the deleted tests to be gone", || async {
+        let (ts, _) = tests.list("", "").await.ok()?;
+        ts.iter().all(|t| !t.name().starts_with("w-")).then_some(())
+    })
+    .await;
+    let out = c.ctl(&["run", "--host", "host-0", "--timeout", "60s", "--", "echo", "after"]);
+    assert_eq!((out.code, out.stdout.as_str()), (0, "after\n"), "{out:?}");
+}
