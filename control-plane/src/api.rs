@@ -279,6 +279,26 @@ pub struct ApiState {
     /// Credentials; None when serving without TLS.
     pub pki: Option<Arc<crate::auth::Pki>>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Watches one identity may hold at once.
+    pub watch_quota: Arc<crate::quota::Quota>,
+}
+
+/// Watches one identity may hold at once (about 8 KiB each): a viewer's
+/// dashboards and scripts, an agent's one. The local socket (the
+/// controllers) is not counted.
+pub const MAX_WATCHES_PER_IDENTITY: usize = 1024;
+
+impl ApiState {
+    pub fn new(
+        store: Arc<dyn Store>,
+        hub: Arc<Hub>,
+        blobs: crate::blobs::BlobStore,
+        pki: Option<Arc<crate::auth::Pki>>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> ApiState {
+        let watch_quota = crate::quota::Quota::new("watches", MAX_WATCHES_PER_IDENTITY);
+        ApiState { store, hub, blobs, pki, metrics, watch_quota }
+    }
 }
 
 pub struct ResourceService<K> {
@@ -853,9 +873,12 @@ macro_rules! bind_service {
             type WatchStream = BoxStream<'static, Result<$event, Status>>;
             async fn watch(&self, req: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
                 let id = self.st.authorize(&req, Verb::Watch, <$ty as Resource>::KIND.name())?;
+                // Held for as long as the stream lives.
+                let held = self.st.watch_quota.take(&crate::authz::Caller::of(&req))?;
                 let s = ResourceService::watch(self, &id, req.into_inner()).await?;
                 Ok(Response::new(
-                    s.map(|r| {
+                    s.map(move |r| {
+                        let _held = &held;
                         r.map(|e| $event {
                             r#type: e.kind.as_str().to_string(),
                             object: e.object,
@@ -986,7 +1009,7 @@ mod tests {
         let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb"), 1000).unwrap());
         let hub = Hub::start(1000, store.clone()).await.unwrap();
         let blobs = crate::blobs::BlobStore::open(&dir.path().join("blobs"), 0).unwrap();
-        ApiState { store, hub, blobs, pki: None, metrics: Default::default() }
+        ApiState::new(store, hub, blobs, None, Default::default())
     }
 
     fn admin() -> Scope {
@@ -1245,7 +1268,7 @@ mod tests {
         let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb"), 1000).unwrap());
         let hub = Hub::start(16, store.clone()).await.unwrap();
         let blobs = crate::blobs::BlobStore::open(&dir.path().join("blobs"), 0).unwrap();
-        let st = ApiState { store, hub, blobs, pki: None, metrics: Default::default() };
+        let st = ApiState::new(store, hub, blobs, None, Default::default());
         let tests = ResourceService::<Test>::new(st.clone());
         let first = tests.create(&admin(), test_obj("t0")).await.unwrap();
         // Let the hub see it before resuming from its revision.

@@ -440,6 +440,7 @@ fn token_id(text: &str) -> Result<String, Status> {
 impl testbus_proto::auth_server::Auth for AuthService {
     async fn join(&self, req: Request<JoinRequest>) -> Result<Response<Credentials>, Status> {
         self.st.authorize(&req, Verb::Join, "certificate")?;
+        let extensions = req.extensions().clone();
         let r = req.into_inner();
         testbus_proto::validate::dns_label(&r.host_name)
             .map_err(|e| Status::invalid_argument(format!("hostName: {e}")))?;
@@ -454,6 +455,7 @@ impl testbus_proto::auth_server::Auth for AuthService {
             .sign_csr(&r.csr, &r.host_name, Role::Agent, pool.as_deref(), pki.agent_ttl)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         self.use_token(live).await?;
+        crate::authz::ConnInfo::prove(&extensions);
         tracing::info!(host = %r.host_name, pool = pool.as_deref().unwrap_or(""), "an agent joined");
         Ok(Response::new(self.credentials(cert)?))
     }

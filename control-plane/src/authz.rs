@@ -35,11 +35,48 @@ pub enum Caller {
     Anonymous,
 }
 
+/// What the server's acceptor puts on each connection: who is calling,
+/// and whether a connection of a caller without a certificate has proven
+/// itself since (a join, a dashboard login or a page its session cookie
+/// opened). One that has not is closed a few seconds after it came.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub caller: Caller,
+    proven: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ConnInfo {
+    pub fn new(caller: Caller) -> ConnInfo {
+        let proven = !matches!(caller, Caller::Anonymous);
+        ConnInfo { caller, proven: std::sync::Arc::new(proven.into()) }
+    }
+
+    pub fn proven(&self) -> bool {
+        self.proven.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Marks the connection of `extensions` proven (see [`ConnInfo`]).
+    pub fn prove(extensions: &tonic::Extensions) {
+        if let Some(c) = extensions.get::<ConnInfo>() {
+            c.proven.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
 impl Caller {
-    /// The caller of a request; a request that came by no connection of
-    /// ours (an in-process call) has none and is anonymous.
+    /// The caller of a request, from its connection; a request that came
+    /// by no connection of ours (an in-process call) is anonymous unless it
+    /// says otherwise.
     pub fn of<T>(req: &Request<T>) -> Caller {
-        req.extensions().get::<Caller>().cloned().unwrap_or(Caller::Anonymous)
+        Caller::in_extensions(req.extensions())
+    }
+
+    /// [`Caller::of`], from a request's extensions.
+    pub fn in_extensions(ext: &tonic::Extensions) -> Caller {
+        ext.get::<ConnInfo>()
+            .map(|c| c.caller.clone())
+            .or_else(|| ext.get::<Caller>().cloned())
+            .unwrap_or(Caller::Anonymous)
     }
 
     /// As an error message names it.

@@ -21,6 +21,9 @@ pub enum ApiError {
     /// The caller proved no identity, and must.
     #[error("{0}")]
     Unauthenticated(String),
+    /// The caller holds as much of something as one caller may.
+    #[error("{0}")]
+    ResourceExhausted(String),
 }
 
 fn prefix(what: &str) -> String {
@@ -53,7 +56,9 @@ impl From<ApiError> for Status {
         match e {
             ApiError::Store { source: StoreError::TooLarge { .. }, .. } => Status::invalid_argument(msg),
             ApiError::Store { source: StoreError::Compacted { .. }, .. } => Status::out_of_range(msg),
-            ApiError::Store { source: StoreError::Full(_), .. } => Status::resource_exhausted(msg),
+            ApiError::Store { source: StoreError::Full(_), .. } | ApiError::ResourceExhausted(_) => {
+                Status::resource_exhausted(msg)
+            }
             ApiError::Store { source: StoreError::Backend(_), .. } => Status::unavailable(msg),
             ApiError::Io { source, .. } if source.raw_os_error() == Some(nix::libc::ENOSPC) => {
                 Status::resource_exhausted(msg)

@@ -13,6 +13,7 @@ pub mod hub;
 pub mod leader;
 pub mod metrics;
 pub mod output;
+pub mod quota;
 pub mod server;
 pub mod store;
 pub mod sync;

@@ -997,7 +997,7 @@ mod tests {
         let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb"), 1000).unwrap());
         let hub = crate::hub::Hub::start(1000, store.clone()).await.unwrap();
         let blobs = crate::blobs::BlobStore::open(&dir.path().join("blobs"), 0).unwrap();
-        (store.clone(), ApiState { store, hub, blobs, pki: None, metrics: Default::default() })
+        (store.clone(), ApiState::new(store, hub, blobs, None, Default::default()))
     }
 
     async fn put_process(store: &Arc<dyn Store>, i: usize, phase: &str) {

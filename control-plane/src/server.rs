@@ -318,14 +318,37 @@ struct Conn<S> {
     stream: S,
     /// Who is on the other end, as the transport proved it: every request
     /// of the connection carries it (see `authz`).
-    caller: Caller,
+    info: crate::authz::ConnInfo,
     _slot: Option<PeerSlot>,
     cut: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
 }
 
+/// How long a connection without a client certificate may stay without
+/// proving itself (a join, a dashboard login, a page its session opened):
+/// idle anonymous connections hold no descriptors for long.
+pub const ANONYMOUS_GRACE: Duration = Duration::from_secs(5);
+
 impl<S> Conn<S> {
+    /// `cut`: the server's; the connection is cut with it, and one without
+    /// a certificate also [`ANONYMOUS_GRACE`] after it came unless it has
+    /// proven itself by then.
     fn new(stream: S, caller: Caller, slot: Option<PeerSlot>, cut: &CancellationToken) -> Self {
-        Conn { stream, caller, _slot: slot, cut: Box::pin(cut.clone().cancelled_owned()) }
+        let info = crate::authz::ConnInfo::new(caller);
+        let mine = cut.child_token();
+        if !info.proven() {
+            let (info, mine) = (info.clone(), mine.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(ANONYMOUS_GRACE) => {}
+                    _ = mine.cancelled() => return,
+                }
+                if !info.proven() {
+                    tracing::debug!("a connection without a certificate made no call that proved it; closed");
+                    mine.cancel();
+                }
+            });
+        }
+        Conn { stream, info, _slot: slot, cut: Box::pin(mine.cancelled_owned()) }
     }
 
     /// An error once the server cut its connections.
@@ -341,9 +364,9 @@ impl<S> Conn<S> {
 }
 
 impl<S> tonic::transport::server::Connected for Conn<S> {
-    type ConnectInfo = Caller;
-    fn connect_info(&self) -> Caller {
-        self.caller.clone()
+    type ConnectInfo = crate::authz::ConnInfo;
+    fn connect_info(&self) -> crate::authz::ConnInfo {
+        self.info.clone()
     }
 }
 
@@ -587,6 +610,34 @@ fn private_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Raises this process's soft limit of open files to its hard limit (a
+/// control plane holds a connection per agent and per watcher): the soft
+/// limit it ends up with.
+fn raise_fd_limit() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => {
+                tracing::info!(from = soft, to = hard, "raised the open files limit");
+                hard
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, soft, hard, "could not raise the open files limit");
+                soft
+            }
+        },
+        Ok((soft, _)) => soft,
+        Err(_) => 1024,
+    }
+}
+
+/// The most connections one address may hold: the flag's, and at most a
+/// quarter of the open files limit, so that no one address (or anonymous
+/// crowd) can take every descriptor and an admin always gets in.
+fn per_peer_cap(flag: usize, fd_limit: u64) -> usize {
+    flag.min(usize::try_from(fd_limit / 4).unwrap_or(usize::MAX)).max(1)
+}
+
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     for l in &cfg.listen {
         if let Listen::Tcp(a) = l {
@@ -599,6 +650,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         }
     }
     private_data_dir(&cfg.data_dir)?;
+    let fd_limit = raise_fd_limit();
     let tls = if cfg.insecure { None } else { Some(cfg.tls()?) };
     // With etcd, several replicas may share the state: the controllers
     // then run on the elected leader only.
@@ -634,7 +686,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     }
     // With a shared store, output lives there so that every replica reads it.
     let shared = etcd.is_some().then(|| store.clone());
-    let state = ApiState { store, hub, blobs: blobs.clone(), pki, metrics };
+    let state = ApiState::new(store, hub, blobs.clone(), pki, metrics);
     if let Some(pki) = &state.pki {
         pki.load(state.store.as_ref()).await.context("reading revocations")?;
         if etcd.is_some() {
@@ -732,7 +784,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
                     tx,
                     acceptor,
                     cfg.handshake_timeout,
-                    cfg.max_connections_per_peer,
+                    per_peer_cap(cfg.max_connections_per_peer, fd_limit),
                     cut.clone(),
                 ));
                 let incoming = tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, std::io::Error>);

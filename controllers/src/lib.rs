@@ -232,7 +232,13 @@ pub async fn run(client: Client, cfg: Config, stop: CancellationToken) -> Result
             ctx.schedule_queue.clone(),
             move |_name: String| {
                 let c = c.clone();
-                async move { test_lifecycle::schedule_pass(&c).await }
+                async move {
+                    let r = test_lifecycle::schedule_pass(&c).await;
+                    // Changes that come meanwhile (a burst of deletions, a
+                    // fleet registering) wait a moment and share one pass.
+                    tokio::time::sleep(test_lifecycle::SCHEDULE_COALESCE).await;
+                    r
+                }
             },
             |_name: String, trouble: runtime::Trouble| async move {
                 if let runtime::Trouble::Failing { error, count } = trouble {

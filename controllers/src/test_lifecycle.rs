@@ -74,6 +74,10 @@ async fn pending(ctx: &Context, t: &Test) -> Result<Action, Status> {
 /// The one key of the scheduler's queue: a pass covers every pending test.
 pub const SCHEDULE: &str = "queue";
 
+/// The least time between two passes: changes that come meanwhile share
+/// the next one.
+pub const SCHEDULE_COALESCE: Duration = Duration::from_millis(50);
+
 /// How long a pass waits before the next when nothing wakes it: changes
 /// to hosts and to the queue do, this is a safety net.
 const SCHEDULE_SAFETY_NET: Duration = Duration::from_secs(300);

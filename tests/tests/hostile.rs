@@ -696,3 +696,85 @@ async fn thousands_that_cannot_run_hold_up_neither_a_runnable_test_nor_deletes()
     let out = c.ctl(&["run", "--host", "host-0", "--timeout", "60s", "--", "echo", "after"]);
     assert_eq!((out.code, out.stdout.as_str()), (0, "after\n"), "{out:?}");
 }
+
+/// Connections without a certificate that make no call (a flood of idle
+/// TLS + HTTP/2 connections once held the control plane's descriptors past
+/// the keepalive, and an admin's `get hosts` timed out) are closed a few
+/// seconds after they came; one address holds a bounded number; an admin
+/// gets in meanwhile (issue 27, item 9).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_without_a_certificate_are_closed_and_an_admin_gets_in() {
+    if !testbus_tests::needs_root("the connection flood test (namespaces)") {
+        return;
+    }
+    let mut c = Cluster::start_full(2, &[], &["--max-connections-per-peer", "200"]).await;
+    let admin = testbus_pki::ClientFile::load(&c.dir.path().join("admin.yaml")).unwrap();
+    let ca = c.dir.path().join("flood-ca.pem");
+    std::fs::write(&ca, &admin.certificate_authority).unwrap();
+    // 300 connections from host-0's address: TLS without a certificate,
+    // the HTTP/2 preface and SETTINGS, then nothing. Prints, for each, the
+    // seconds until the server closed it (or -1 if it never did in 40 s).
+    let script = r#"
+import resource, select, socket, ssl, sys, time, json
+resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
+ctx = ssl.create_default_context(cafile=sys.argv[1])
+ctx.check_hostname = False
+ctx.set_alpn_protocols(['h2'])
+socks, start = {}, time.time()
+for i in range(300):
+    try:
+        s = ctx.wrap_socket(socket.create_connection(('10.77.0.1', 7780), timeout=10))
+        s.sendall(b'PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n' + b'\x00\x00\x00\x04\x00\x00\x00\x00\x00')
+        s.setblocking(False)
+        socks[s.fileno()] = s
+    except (OSError, ssl.SSLError):
+        pass
+opened = len(socks)
+print('opened', opened, file=sys.stderr, flush=True)
+open(sys.argv[2], 'w').write(str(opened))
+closed = {}
+poll = select.poll()
+for fd in socks:
+    poll.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+while len(closed) < len(socks) and time.time() - start < 40:
+    for fd, ev in poll.poll(500):
+        try:
+            data = socks[fd].recv(65536)
+        except ssl.SSLWantReadError:
+            continue
+        except (OSError, ssl.SSLError):
+            data = b''
+        if not data:
+            closed[fd] = time.time() - start
+            poll.unregister(fd)
+print(json.dumps({'opened': opened, 'closed': len(closed), 'last': max(closed.values(), default=-1)}))
+"#;
+    let marker = c.dir.path().join("flood-opened");
+    let flood = c
+        .command_in("host-0", std::path::Path::new("/usr/bin/python3"))
+        .args(["-c", script])
+        .arg(&ca)
+        .arg(&marker)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(Duration::from_secs(60), "the flood's connections to be open", || async { marker.exists().then_some(()) })
+        .await;
+    // An admin, over TLS from another address, gets in while they are open.
+    c.ctl_node = Some("host-1".into());
+    let out = c.ctl_with(
+        &c.dir.path().join("admin.yaml"),
+        &["--server", "https://10.77.0.1:7780", "get", "hosts", "-o", "name"],
+        None,
+    );
+    assert_eq!((out.code, out.stdout.as_str()), (0, "host/host-0\nhost/host-1\n"), "{out:?}");
+    let out = flood.wait_with_output().unwrap();
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    // At most 200 from one address were served at all, and every one of
+    // them was closed, a few seconds after it came.
+    assert!(v["opened"].as_u64().unwrap() >= 200, "{v}");
+    assert_eq!(v["closed"], v["opened"], "{v}");
+    assert!(v["last"].as_f64().unwrap() < 30.0, "{v}");
+}

@@ -843,3 +843,77 @@ fn the_data_dir_is_its_owners_alone_whatever_the_umask() {
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("store.redb is readable by other users (mode 0644)") && err.contains("chmod 600"), "{err}");
 }
+
+/// One identity holds at most its share of watches and of the dashboard's
+/// live streams (issue 27, item 10: one viewer held all 256 stream slots,
+/// and idle watches had no bound but memory): the next is refused, naming
+/// the limit, while others still get theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_identity_holds_only_its_share_of_watches_and_streams() {
+    if !needs_root("the security tests") {
+        return;
+    }
+    let c = Cluster::start(1).await;
+    let viewer = ClientFile::load(&c.write_user_config("wanda", "viewer")).unwrap();
+    let tls = testbus_proto::client::Tls::new(
+        testbus_pki::client_config(
+            &viewer.certificate_authority,
+            Some((&viewer.client_certificate, &viewer.client_key)),
+        )
+        .unwrap(),
+    );
+    let agent = c.agent_tls("host-0");
+    let (refused, others) = c.in_node("host-0", move || async move {
+        // Several connections: one carries a bounded number of streams.
+        let mut clients = Vec::new();
+        for _ in 0..8 {
+            clients.push(Client::connect_with(HTTPS, Some(tls.clone())).await.unwrap());
+        }
+        let mut held = Vec::new();
+        let mut refused = None;
+        for i in 0..1100 {
+            match clients[i % 8].api::<Host>().watch("", "", "").await {
+                Ok(w) => held.push(w),
+                Err(e) => {
+                    refused = Some((held.len(), e));
+                    break;
+                }
+            }
+        }
+        // Another identity still watches.
+        let a = Client::connect_with(HTTPS, Some(agent)).await.unwrap();
+        let others = a.api::<Process>().watch("", "", "spec.hostName=host-0").await.map(|_| ());
+        (refused, others)
+    });
+    let (n, e) = refused.expect("a viewer's watches are bounded");
+    assert_eq!(n, 1024, "{e:?}");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("viewer \"wanda\" holds 1024 watches, the most one identity may"), "{e:?}");
+    assert!(others.is_ok(), "{others:?}");
+
+    // Dashboard streams: 16 per identity.
+    let [ca, cert, key] = c.pem_files("wanda", &viewer);
+    let script = r#"
+import http.client, ssl, sys
+ca, cert, key = sys.argv[1:4]
+ctx = ssl.create_default_context(cafile=ca)
+ctx.check_hostname = False
+ctx.load_cert_chain(cert, key)
+held, codes = [], []
+for i in range(18):
+    con = http.client.HTTPSConnection('10.77.0.1', 7780, context=ctx, timeout=10)
+    con.request('GET', '/events?page=overview')
+    r = con.getresponse()
+    codes.append(r.status)
+    held.append((con, r))
+print(' '.join(map(str, codes)))
+"#;
+    let out = c
+        .command_in("host-0", std::path::Path::new("/usr/bin/python3"))
+        .args(["-c", script, &ca, &cert, &key])
+        .output()
+        .unwrap();
+    let codes = String::from_utf8_lossy(&out.stdout);
+    let want = format!("{}429 429\n", "200 ".repeat(16));
+    assert_eq!(codes, want, "{}", String::from_utf8_lossy(&out.stderr));
+}

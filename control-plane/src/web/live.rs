@@ -75,7 +75,7 @@ impl Watched {
 }
 
 pub(super) async fn events(State(web): State<Web>, Query(q): Query<LiveQuery>, req: Request) -> Response {
-    let Admitted { scope, .. } = admit!(web, req, false);
+    let Admitted { scope, caller, .. } = admit!(web, req, false);
     let hub = &web.st.hub;
     let sub = |kind: Kind, index: Option<String>, filter: Filter| hub.watch(kind, None, index, filter);
     let all = Filter::default;
@@ -101,7 +101,10 @@ pub(super) async fn events(State(web): State<Web>, Query(q): Query<LiveQuery>, r
             return (axum::http::StatusCode::BAD_REQUEST, msg).into_response();
         }
     };
-    let Some(permit) = super::stream_permit(&web) else { return super::too_many_streams() };
+    let permit = match super::stream_permit(&web, &caller) {
+        Ok(p) => p,
+        Err(r) => return r.into_response(),
+    };
     // Subscriptions from now: nothing can be too old. Each ends with a
     // None, so that losing any of them ends the stream (and the browser
     // reconnects afresh) instead of going on deaf to that kind.
@@ -212,7 +215,10 @@ pub(super) async fn logs(State(web): State<Web>, Query(q): Query<LogsQuery>, req
     if let Err(r) = first {
         return r;
     }
-    let Some(permit) = super::stream_permit(&web) else { return super::too_many_streams() };
+    let permit = match super::stream_permit(&web, &caller) {
+        Ok(p) => p,
+        Err(r) => return r.into_response(),
+    };
     let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(64);
     tokio::spawn(async move {
         follow(web, caller, target, tx).await;

@@ -40,7 +40,13 @@ pub struct Web {
     /// Live streams (page events and logs) open at once, all browsers
     /// together: each holds a task and hub subscriptions.
     streams: Arc<tokio::sync::Semaphore>,
+    /// The same, per identity (a viewer, a dashboard session): one caller
+    /// cannot hold them all.
+    streams_per_identity: Arc<crate::quota::Quota>,
 }
+
+/// Live streams one identity may hold at once (a few browser tabs).
+pub const MAX_LIVE_STREAMS_PER_IDENTITY: usize = 16;
 
 /// Live streams the dashboard serves at once; more are refused (503) until
 /// some end.
@@ -53,7 +59,13 @@ const FRAGMENT_HEADER: &str = "x-testbus-fragment";
 
 pub fn routes(st: ApiState, output: OutputService) -> axum::Router {
     let secure_cookie = st.pki.is_some();
-    let web = Web { st, output, secure_cookie, streams: Arc::new(tokio::sync::Semaphore::new(MAX_LIVE_STREAMS)) };
+    let web = Web {
+        st,
+        output,
+        secure_cookie,
+        streams: Arc::new(tokio::sync::Semaphore::new(MAX_LIVE_STREAMS)),
+        streams_per_identity: crate::quota::Quota::new("live streams", MAX_LIVE_STREAMS_PER_IDENTITY),
+    };
     axum::Router::new()
         .route("/metrics", get(metrics))
         .route("/", get(overview))
@@ -169,8 +181,10 @@ impl Web {
         let Some(token) = cookie(&headers, SESSION_COOKIE) else { return Err(Refused::Login) };
         match crate::auth::check_viewer_token(&self.st, token).await {
             Ok(_) => {
+                // Each session is an identity of its own (its quotas).
+                let id = token.parse::<testbus_pki::JoinToken>().map(|t| t.id).unwrap_or_default();
                 let caller = Caller::Certified {
-                    name: "dashboard-login".into(),
+                    name: format!("dashboard-session-{id}"),
                     role: testbus_pki::Role::Viewer,
                     issued: std::time::SystemTime::now(),
                     pool: None,
@@ -234,16 +248,25 @@ fn cross_site() -> Response {
     (StatusCode::FORBIDDEN, "refused: this form was not sent from this dashboard's own pages\n").into_response()
 }
 
-/// A permit for one more live stream, if fewer than MAX_LIVE_STREAMS are
-/// open.
-fn stream_permit(web: &Web) -> Option<tokio::sync::OwnedSemaphorePermit> {
-    web.streams.clone().try_acquire_owned().ok()
+/// A live stream's share of both limits: the dashboard's and its caller's.
+pub(crate) struct StreamPermit {
+    _all: tokio::sync::OwnedSemaphorePermit,
+    _mine: Option<crate::quota::QuotaGuard>,
 }
 
-/// The answer when no more live streams are served.
-fn too_many_streams() -> Response {
-    let msg = format!("the dashboard serves {MAX_LIVE_STREAMS} live streams at most; try again later\n");
-    (StatusCode::SERVICE_UNAVAILABLE, msg).into_response()
+/// A permit for one more live stream of `caller`, if fewer than
+/// MAX_LIVE_STREAMS are open and the caller holds fewer than its share;
+/// otherwise the answer that says which limit.
+fn stream_permit(web: &Web, caller: &Caller) -> Result<StreamPermit, (StatusCode, String)> {
+    let mine = web
+        .streams_per_identity
+        .take(caller)
+        .map_err(|s| (StatusCode::TOO_MANY_REQUESTS, format!("{}\n", s.message())))?;
+    let Ok(all) = web.streams.clone().try_acquire_owned() else {
+        let msg = format!("the dashboard serves {MAX_LIVE_STREAMS} live streams at most; try again later\n");
+        return Err((StatusCode::SERVICE_UNAVAILABLE, msg));
+    };
+    Ok(StreamPermit { _all: all, _mine: mine })
 }
 
 fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -269,7 +292,7 @@ fn status_page(s: tonic::Status) -> Response {
 }
 
 pub(crate) fn caller(req: &Request) -> Caller {
-    req.extensions().get::<Caller>().cloned().unwrap_or(Caller::Anonymous)
+    Caller::in_extensions(req.extensions())
 }
 
 /// A page, or its `<main>` alone when the live refresh asks for it.
@@ -282,7 +305,12 @@ fn page(headers: &HeaderMap, title: &str, live: Option<&str>, main: Markup) -> R
 macro_rules! admit {
     ($web:expr, $req:expr, $page:expr) => {{
         match $web.admit(caller(&$req), $req.headers().clone()).await {
-            Ok(a) => a,
+            Ok(a) => {
+                // A browser without a certificate that its session let in:
+                // its connection has proven itself.
+                crate::authz::ConnInfo::prove($req.extensions());
+                a
+            }
             Err(r) => return r.into_response($page),
         }
     }};
@@ -452,8 +480,8 @@ async fn history(State(web): State<Web>, Query(q): Query<HistoryQuery>, req: Req
     page(&headers, "history", Some("/events?page=history"), pages::history(&q.label, &refs))
 }
 
-async fn login_page(headers: HeaderMap) -> Response {
-    page(&headers, "log in", None, pages::login(None))
+async fn login_page(req: Request) -> Response {
+    page(req.headers(), "log in", None, pages::login(None))
 }
 
 #[derive(serde::Deserialize)]
