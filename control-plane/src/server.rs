@@ -672,7 +672,87 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     };
     let metrics = Arc::new(crate::metrics::Metrics::new());
     let store: Arc<dyn Store> = Arc::new(crate::metrics::CountedStore { inner: store, metrics: metrics.clone() });
-    let hub = Hub::start(cfg.watch_cache, store.clone()).await.context("starting the watch cache")?;
+    // From here every way out, an error included, goes through one drain:
+    // tasks joined, the hub stopped, the store closed last.
+    let served = match Hub::start(cfg.watch_cache, store.clone()).await.context("starting the watch cache") {
+        Ok(hub) => {
+            let mut running = Running::new(shutdown.child_token());
+            let served =
+                serve(&cfg, &shutdown, &mut running, store.clone(), hub.clone(), etcd, tls, metrics, fd_limit).await;
+            running.drain().await;
+            hub.stop().await;
+            served
+        }
+        Err(e) => Err(e),
+    };
+    // Connection tasks of tonic may still hold a handle of the store for a
+    // moment: closing it here is what keeps "the store is closed when run
+    // returns" true (a new server may open the same data dir at once).
+    store.close().await;
+    served
+}
+
+/// What a serving control plane has started: each stops with `stop` and
+/// is joined by [`Running::drain`], whichever way `run` ends.
+struct Running {
+    stop: CancellationToken,
+    /// Cut when the grace period is over: ends every connection still open.
+    cut: CancellationToken,
+    /// The listeners' servers.
+    servers: tokio::task::JoinSet<Result<(), tonic::transport::Error>>,
+    /// The janitor, the sync feed, revocations, the controllers or the
+    /// leader election.
+    background: tokio::task::JoinSet<()>,
+}
+
+impl Running {
+    fn new(stop: CancellationToken) -> Running {
+        Running {
+            stop,
+            cut: CancellationToken::new(),
+            servers: tokio::task::JoinSet::new(),
+            background: tokio::task::JoinSet::new(),
+        }
+    }
+
+    /// Stops everything and joins it. Calls in flight may finish, but
+    /// watches, log follows and waits do not end by themselves: after
+    /// SHUTDOWN_GRACE whatever is still connected is cut off, so a
+    /// connected agent cannot hold the process up.
+    async fn drain(mut self) {
+        self.stop.cancel();
+        let servers = &mut self.servers;
+        let drain = async { while servers.join_next().await.is_some() {} };
+        if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
+            tracing::info!(grace = ?SHUTDOWN_GRACE, "connections still open after the grace period; closing them");
+            self.cut.cancel();
+            self.servers.shutdown().await;
+        }
+        let background = &mut self.background;
+        let joined = async { while background.join_next().await.is_some() {} };
+        if tokio::time::timeout(SHUTDOWN_GRACE, joined).await.is_err() {
+            tracing::warn!("background tasks still running after the grace period; aborting them");
+            self.background.shutdown().await;
+        }
+    }
+}
+
+/// Serves until `shutdown`, or until a listener fails: what may fail after
+/// the watch cache started, each task it starts in `running`.
+#[allow(clippy::too_many_arguments)]
+async fn serve(
+    cfg: &Config,
+    shutdown: &CancellationToken,
+    running: &mut Running,
+    store: Arc<dyn Store>,
+    hub: Arc<Hub>,
+    etcd: Option<crate::store::etcd::EtcdStore>,
+    tls: Option<ServerTls>,
+    metrics: Arc<crate::metrics::Metrics>,
+    fd_limit: u64,
+) -> anyhow::Result<()> {
+    let Running { stop, cut, servers, background } = running;
+    let stop = stop.clone();
     let pki = tls.as_ref().map(|t| t.pki.clone());
     let mut blobs = crate::blobs::BlobStore::open(&cfg.data_dir.join("blobs"), cfg.min_free_bytes)
         .context("opening the blob store")?
@@ -694,11 +774,6 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         }
     }
     let output = OutputService::new(cfg.data_dir.join("output"), state.clone(), cfg.output_limit, shared)?;
-    // Everything this function starts stops with `stop` (on shutdown, or
-    // when a listener fails) and is joined before it returns: the store is
-    // closed when it does.
-    let stop = shutdown.child_token();
-    let mut background = tokio::task::JoinSet::new();
     let janitor = output.spawn_janitor(stop.child_token());
     background.spawn(async move {
         let _ = janitor.await;
@@ -762,9 +837,6 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         .layer(crate::metrics::CallsLayer(state.metrics.clone()))
         .add_routes(routes);
 
-    // Cut when the grace period is over: ends every connection still open.
-    let cut = CancellationToken::new();
-    let mut servers = tokio::task::JoinSet::new();
     let mut listens = cfg.listen.clone();
     listens.push(Listen::Unix(cfg.local_socket()));
     for l in listens {
@@ -793,7 +865,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             Listen::Unix(path) => {
                 let _ = std::fs::remove_file(&path);
                 if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir)?;
+                    std::fs::create_dir_all(dir).with_context(|| format!("--listen unix:{}", path.display()))?;
                 }
                 let lis = tokio::net::UnixListener::bind(&path)
                     .with_context(|| format!("--listen unix:{}", path.display()))?;
@@ -870,37 +942,16 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     }
 
     tokio::select! {
-        _ = shutdown.cancelled() => tracing::info!("shutting down"),
-        Some(r) = servers.join_next() => {
-            stop.cancel();
-            match r {
-                Ok(Ok(())) => bail!("a listener stopped"),
-                Ok(Err(e)) => return Err(e).context("serving"),
-                Err(e) => return Err(e).context("serving"),
-            }
+        _ = shutdown.cancelled() => {
+            tracing::info!("shutting down");
+            Ok(())
         }
+        Some(r) = servers.join_next() => match r {
+            Ok(Ok(())) => Err(anyhow::anyhow!("a listener stopped")),
+            Ok(Err(e)) => Err(e).context("serving"),
+            Err(e) => Err(e).context("serving"),
+        },
     }
-    stop.cancel();
-    // Calls in flight may finish, but watches, log follows and waits do not
-    // end by themselves: after SHUTDOWN_GRACE whatever is still connected
-    // is cut off, so a connected agent cannot hold the process up.
-    let drain = async { while servers.join_next().await.is_some() {} };
-    if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
-        tracing::info!(grace = ?SHUTDOWN_GRACE, "connections still open after the grace period; closing them");
-        cut.cancel();
-        servers.shutdown().await;
-    }
-    let joined = async { while background.join_next().await.is_some() {} };
-    if tokio::time::timeout(SHUTDOWN_GRACE, joined).await.is_err() {
-        tracing::warn!("background tasks still running after the grace period; aborting them");
-        background.shutdown().await;
-    }
-    state.hub.stop().await;
-    // Connection tasks of tonic may still hold a handle of the store for a
-    // moment: closing it here is what keeps "the store is closed when run
-    // returns" true (a new server may open the same data dir at once).
-    state.store.close().await;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -908,6 +959,28 @@ mod tests {
     use super::*;
     use testbus_proto::client::{watcher, Client, WatcherEvent};
     use testbus_proto::Resource;
+
+    /// A listener that fails after the tasks started (the janitor, the
+    /// sync feed, the controllers) goes through the same drain as a
+    /// shutdown: `run` returns its error with everything joined and the
+    /// store closed, so the data dir opens again at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_listener_failing_after_the_tasks_started_is_drained_like_a_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, "").unwrap();
+        cfg.listen = vec![Listen::Unix(file.join("sub/api.sock"))];
+        cfg.controllers =
+            Some(testbus_controllers::Config { lease_grace: Duration::from_secs(1), quarantine_after: 3, pools: None });
+        let r = tokio::time::timeout(Duration::from_secs(60), run(cfg, CancellationToken::new()))
+            .await
+            .expect("run returns");
+        let e = format!("{:#}", r.unwrap_err());
+        assert!(e.contains("--listen unix:") && e.contains("a-file/sub/api.sock"), "{e}");
+        let again = crate::store::embedded::EmbeddedStore::open_with_reserve(&dir.path().join("store.redb"), 1000, 0);
+        assert!(again.is_ok(), "the store is still held: {:?}", again.err());
+    }
 
     fn config(dir: &std::path::Path) -> Config {
         Config {
