@@ -110,7 +110,7 @@ pub async fn run(client: Client, cfg: Config, stop: CancellationToken) -> Result
         test_queue: Queue::new(),
         schedule_queue: Queue::new(),
         pool_queue: Queue::new(),
-        guests: Default::default(),
+        guests: pools::Guests::new(&stop),
         result_writes: test_lifecycle::ResultWrites::new(RESULT_WRITE_INTERVAL),
         ledger: Default::default(),
     });

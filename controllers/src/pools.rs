@@ -124,7 +124,6 @@ struct GuestRun {
 }
 
 /// What the controller knows of every guest, and their links.
-#[derive(Default)]
 pub struct Guests {
     runs: Mutex<HashMap<String, GuestRun>>,
     /// One libvirt connection per URI, opened on first use.
@@ -136,10 +135,24 @@ pub struct Guests {
     /// its operation does (bounded by bootTimeout and LINK_DEADLINE) or
     /// when `stop` is cancelled, and `shutdown` waits for them all.
     tasks: tokio_util::task::TaskTracker,
+    /// A child of the controllers' stop: a replica that stops leading
+    /// cancels its guest tasks with its controllers, at once, even when
+    /// its controllers' task is aborted before it gets to `shutdown`.
     stop: tokio_util::sync::CancellationToken,
 }
 
 impl Guests {
+    /// `stop`: the controllers' (a child of it is taken).
+    pub fn new(stop: &tokio_util::sync::CancellationToken) -> Guests {
+        Guests {
+            runs: Mutex::default(),
+            providers: Mutex::default(),
+            backoff: Mutex::default(),
+            tasks: tokio_util::task::TaskTracker::new(),
+            stop: stop.child_token(),
+        }
+    }
+
     /// Runs one guest operation as a task of its own, cancelled (dropped:
     /// the relay and device children it holds are killed) on shutdown. A
     /// guest left half made is found by the next control plane (`adopt`).
@@ -1102,6 +1115,26 @@ async fn delete_pool(ctx: &Arc<Context>, pool: &HostPool, cfg: &PoolsConfig) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A replica that stops leading cancels its controllers' stop token:
+    /// its guest tasks end with it at once (they used to have a token of
+    /// their own, so a deposed leader whose controllers' task was aborted
+    /// went on calling libvirt and writing to the API).
+    #[tokio::test]
+    async fn guest_tasks_end_with_the_controllers_stop() {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let guests = Guests::new(&stop);
+        let wrote = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let w = wrote.clone();
+        guests.spawn(async move {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            w.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        stop.cancel();
+        guests.tasks.close();
+        tokio::time::timeout(Duration::from_secs(10), guests.tasks.wait()).await.expect("the guest task ended");
+        assert!(!wrote.load(std::sync::atomic::Ordering::SeqCst));
+    }
 
     #[test]
     fn guests_are_told_apart_by_their_pool() {
