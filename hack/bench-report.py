@@ -132,10 +132,10 @@ if s:
 s = scenarios.get("queue")
 if s:
     lines += ["", "## The queue: tests that cannot run, waiting (TLS, one agent)", "",
-              "| waiting | all say why (s) | control plane CPU, idle (cores) | a runnable test behind them, `run -- true` (s) | deleting all, until none is stored (s) |",
-              "|---:|---:|---:|---:|---:|"]
+              "| waiting | all say why (s) | control plane CPU, idle (cores) | a runnable test behind them, `run -- true` (s) | deleting all, until none is stored (s) | control plane RSS after (MiB) |",
+              "|---:|---:|---:|---:|---:|---:|"]
     for r in s["rows"]:
-        lines.append("| %d | %.1f | %.3f | %.2f | %.1f |" % (r["waiting"], r["settle_s"], r["idle_cpu_cores"], r["runnable_start_s"], r["delete_all_s"]))
+        lines.append("| %d | %.1f | %.3f | %.2f | %.1f | %.0f |" % (r["waiting"], r["settle_s"], r["idle_cpu_cores"], r["runnable_start_s"], r["delete_all_s"], r.get("cp_rss_mib_after_delete", 0)))
     worst = max(s["rows"], key=lambda r: r["waiting"])
     target("a runnable test behind %d waiting ones" % worst["waiting"], "≤ 1 s", "%.2f s" % worst["runnable_start_s"], worst["runnable_start_s"] <= 1.0)
 

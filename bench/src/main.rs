@@ -514,10 +514,16 @@ async fn queue(smoke: bool) -> anyhow::Result<serde_json::Value> {
         })
         .await;
         let delete_s = deleting.elapsed().as_secs_f64();
-        eprintln!("queue {n}: settled {settle_s:.1}s, idle cpu {idle_cpu:.3}, runnable {runnable_s:.3}s, deleted {delete_s:.1}s");
+        // Memory given back once they are gone (the watch cache's ring is
+        // bounded by bytes; the allocator returns freed pages).
+        tokio::time::sleep(Duration::from_secs(if smoke { 1 } else { 5 })).await;
+        let rss_after_mib = rss_bytes(cp) as f64 / f64::from(1 << 20);
+        eprintln!(
+            "queue {n}: settled {settle_s:.1}s, idle cpu {idle_cpu:.3}, runnable {runnable_s:.3}s, deleted {delete_s:.1}s, rss after {rss_after_mib:.0} MiB"
+        );
         rows.push(json!({
             "waiting": n, "create_s": create_s, "settle_s": settle_s, "idle_cpu_cores": idle_cpu,
-            "runnable_start_s": runnable_s, "delete_all_s": delete_s,
+            "runnable_start_s": runnable_s, "delete_all_s": delete_s, "cp_rss_mib_after_delete": rss_after_mib,
         }));
     }
     Ok(json!({ "rows": rows }))

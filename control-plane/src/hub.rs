@@ -58,10 +58,19 @@ struct State {
     /// History is complete for revisions > floor.
     floor: Revision,
     ring: VecDeque<Arc<HubEvent>>,
+    /// The stored size of each event in `ring`, in step with it, and their
+    /// sum: the ring is bounded by bytes too (a burst of large objects
+    /// would otherwise keep hundreds of MB decoded long after).
+    ring_sizes: VecDeque<usize>,
+    ring_bytes: usize,
     next_id: u64,
     by_kind: HashMap<Kind, HashMap<u64, Watcher>>,
     by_index: HashMap<(Kind, String), HashMap<u64, Watcher>>,
 }
+
+/// The watch cache's ring holds at most this many bytes of stored objects
+/// (besides at most `capacity` events): a watcher further behind relists.
+pub const MAX_RING_BYTES: usize = 32 << 20;
 
 pub struct Hub {
     state: Mutex<State>,
@@ -233,6 +242,8 @@ impl Hub {
     fn restart_at(&self, rev: Revision) {
         let mut st = self.lock();
         st.ring.clear();
+        st.ring_sizes.clear();
+        st.ring_bytes = 0;
         st.by_kind.clear();
         st.by_index.clear();
         st.revision = rev;
@@ -259,10 +270,15 @@ impl Hub {
         let mut st = self.lock();
         st.revision = st.revision.max(hev.revision);
         st.ring.push_back(hev.clone());
-        while st.ring.len() > self.capacity {
+        let size = kv.key.len() + kv.value.len();
+        st.ring_sizes.push_back(size);
+        st.ring_bytes += size;
+        while st.ring.len() > self.capacity || (st.ring_bytes > MAX_RING_BYTES && st.ring.len() > 1) {
             if let Some(old) = st.ring.pop_front() {
                 st.floor = st.floor.max(old.revision);
             }
+            let gone = st.ring_sizes.pop_front().unwrap_or(0);
+            st.ring_bytes -= gone;
         }
         let okind = hev.object.kind();
         let deliver = |ws: &mut HashMap<u64, Watcher>| {
@@ -362,5 +378,46 @@ impl Hub {
     pub fn watchers(&self) -> usize {
         let st = self.lock();
         st.by_kind.values().map(HashMap::len).sum::<usize>() + st.by_index.values().map(HashMap::len).sum::<usize>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Op, Store};
+    use testbus_proto::Resource;
+
+    /// A burst of large objects leaves the ring at most MAX_RING_BYTES of
+    /// them: the oldest go (a watcher that far behind relists), and memory
+    /// is given back rather than held until 100,000 more events come.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_ring_is_bounded_by_bytes_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(
+            crate::store::embedded::EmbeddedStore::open_with_reserve(&dir.path().join("s.redb"), 100_000, 0).unwrap(),
+        );
+        let hub = Hub::start(100_000, store.clone()).await.unwrap();
+        let big = "x".repeat(1 << 20);
+        let mut last = 0;
+        for i in 0..48 {
+            let mut t = testbus_proto::Test::default();
+            t.meta_mut().name = format!("t{i}");
+            t.meta_mut().annotations.insert("big".into(), big.clone());
+            let out = store.txn(vec![], vec![Op::Put(key(Kind::Test, &format!("t{i}")), t.to_stored())]).await.unwrap();
+            last = out.revision;
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while hub.revision() < last {
+            assert!(std::time::Instant::now() < deadline, "the hub never caught up");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        {
+            let st = hub.lock();
+            assert!(st.ring_bytes <= MAX_RING_BYTES, "{} bytes kept", st.ring_bytes);
+            assert!(st.ring.len() < 48 && st.ring.len() >= 16, "{} events kept", st.ring.len());
+            assert_eq!(st.ring_sizes.iter().sum::<usize>(), st.ring_bytes);
+            assert!(st.floor > 0, "a watch from before the oldest kept event relists");
+        }
+        hub.stop().await;
     }
 }
