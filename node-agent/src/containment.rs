@@ -271,6 +271,13 @@ pub async fn end_predecessors(journal: &Journal, cgroups: Option<&CgroupRoot>) -
             tracing::warn!(process_uid = %uid, "killed the process group a predecessor left running");
         }
     }
+    // The same groups kept a file each: what a lost or cut journal forgot.
+    for (uid, group) in Journal::group_files(journal.path()) {
+        if group.kill_if_alive() {
+            tracing::warn!(process_uid = %uid, "killed the process group a predecessor left running (its group file)");
+        }
+        Journal::forget_group_file(journal.path(), &uid);
+    }
     ran
 }
 
@@ -378,8 +385,16 @@ mod recovery_tests {
             contained = Some((sh, escaped));
         }
 
+        // A group only its file still knows (the journal was cut short).
+        let mut forgotten = sleeper();
+        Journal::record_group_file(&path, &uid(5), Group::of_leader(forgotten.id() as i32).unwrap()).unwrap();
+        std::fs::write(path.with_file_name("groups").join("not-a-uid"), "1 1\n").unwrap();
+
         let j = Journal::open(&path).unwrap();
         let ran = rt.block_on(end_predecessors(&j, cgroups.as_ref()));
+        let st = forgotten.wait().unwrap();
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&st), Some(9), "the group only its file knew lives");
+        assert_eq!(std::fs::read_dir(path.with_file_name("groups")).unwrap().count(), 0, "group files are gone");
 
         assert!(alive(&mut legacy), "an unproven group was signalled");
         assert!(alive(&mut zero), "pgid 0 was signalled");

@@ -530,8 +530,12 @@ impl ProcessRunner {
         // is what lets a successor prove the group is still this one.
         match crate::journal::Group::of_leader(pid) {
             Some(group) => {
-                if let Err(e) = crate::journal::Journal::record_group(&self.journal, &self.process.meta().uid, group) {
+                let uid = &self.process.meta().uid;
+                if let Err(e) = crate::journal::Journal::record_group(&self.journal, uid, group) {
                     tracing::warn!(process = %name, error = %e, "cannot record the process group in the journal");
+                }
+                if let Err(e) = crate::journal::Journal::record_group_file(&self.journal, uid, group) {
+                    tracing::warn!(process = %name, error = %e, "cannot record the process group in its file");
                 }
             }
             None => tracing::debug!(process = %name, pid, "ended before its group could be recorded"),
@@ -604,6 +608,7 @@ impl ProcessRunner {
         };
         // Whatever the main process left behind goes too.
         contained.end().await;
+        crate::journal::Journal::forget_group_file(&self.journal, &self.process.meta().uid);
         let sizes = pumps.drain(DRAIN_LIMIT, &name).await;
         // A Running report not done yet is dropped; if it lands anyway, the
         // final report meets a conflict and reads again, or the server
