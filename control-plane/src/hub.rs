@@ -70,7 +70,7 @@ struct State {
 
 /// The watch cache's ring holds at most this many bytes of stored objects
 /// (besides at most `capacity` events): a watcher further behind relists.
-pub const MAX_RING_BYTES: usize = 32 << 20;
+pub const MAX_RING_BYTES: usize = 8 << 20;
 
 pub struct Hub {
     state: Mutex<State>,
@@ -397,9 +397,9 @@ mod tests {
             crate::store::embedded::EmbeddedStore::open_with_reserve(&dir.path().join("s.redb"), 100_000, 0).unwrap(),
         );
         let hub = Hub::start(100_000, store.clone()).await.unwrap();
-        let big = "x".repeat(1 << 20);
+        let big = "x".repeat(256 << 10);
         let mut last = 0;
-        for i in 0..48 {
+        for i in 0..64 {
             let mut t = testbus_proto::Test::default();
             t.meta_mut().name = format!("t{i}");
             t.meta_mut().annotations.insert("big".into(), big.clone());
@@ -414,7 +414,7 @@ mod tests {
         {
             let st = hub.lock();
             assert!(st.ring_bytes <= MAX_RING_BYTES, "{} bytes kept", st.ring_bytes);
-            assert!(st.ring.len() < 48 && st.ring.len() >= 16, "{} events kept", st.ring.len());
+            assert!(st.ring.len() < 64 && st.ring.len() >= 16, "{} events kept", st.ring.len());
             assert_eq!(st.ring_sizes.iter().sum::<usize>(), st.ring_bytes);
             assert!(st.floor > 0, "a watch from before the oldest kept event relists");
         }

@@ -19,6 +19,11 @@ use std::path::Path;
 use std::sync::Arc;
 use tokio::sync::broadcast;
 
+/// redb's page cache (its default is 1 GiB, which a control plane that
+/// saw tens of thousands of tests then kept resident): the objects a
+/// control plane reads again are few, and the watch cache holds the rest.
+const CACHE_BYTES: usize = 64 << 20;
+
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -112,7 +117,7 @@ impl EmbeddedStore {
     /// free on the store's file system (a full disk would otherwise leave
     /// the database unusable until reopened).
     pub fn open_with_reserve(path: &Path, retain: u64, min_free: u64) -> Result<Self, StoreError> {
-        let db = Database::create(path).map_err(backend)?;
+        let db = redb::Builder::new().set_cache_size(CACHE_BYTES).create(path).map_err(backend)?;
         let w = db.begin_write().map_err(backend)?;
         {
             w.open_table(KV).map_err(backend)?;
