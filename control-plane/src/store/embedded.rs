@@ -24,6 +24,9 @@ use tokio::sync::broadcast;
 /// control plane reads again are few, and the watch cache holds the rest.
 const CACHE_BYTES: usize = 64 << 20;
 
+/// Commits' events kept for watchers that lag (see `open_with_reserve`).
+const EVENT_BATCHES_KEPT: usize = 1024;
+
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -129,7 +132,12 @@ impl EmbeddedStore {
             }
         }
         w.commit().map_err(backend)?;
-        let (events, _) = broadcast::channel(4096);
+        // A broadcast channel keeps its last `capacity` batches (values
+        // included) until new ones overwrite them, read or not: 4,096 kept
+        // a control plane that had seen 20,000 tests at hundreds of MB after
+        // they were gone. A watcher more than this many commits behind gets
+        // Compacted and lists again (the hub's follower keeps up by far).
+        let (events, _) = broadcast::channel(EVENT_BATCHES_KEPT);
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let inner = Arc::new(Inner {
             db: RwLock::new(Some(db)),
