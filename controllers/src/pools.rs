@@ -1141,6 +1141,23 @@ async fn delete_pool(ctx: &Arc<Context>, pool: &HostPool, cfg: &PoolsConfig) -> 
             return Ok(Action::Requeue(Duration::from_secs(5)));
         }
     };
+    // A guest with work under way (being made, cleaned, relinked) is
+    // destroyed only once that work has ended (bounded by bootTimeout and
+    // the link deadline): destroyed under it, the work made its files and
+    // disk again afterwards, and they were left behind.
+    let busy: Vec<String> = ctx
+        .guests
+        .runs
+        .lock()
+        .iter()
+        .filter(|(_, g)| g.pool == pool.name() && g.busy)
+        .map(|(n, _)| n.clone())
+        .collect();
+    if !busy.is_empty() {
+        let msg = format!("deleting: waiting for the work on guest {} to end first", busy.join(", "));
+        write_status(ctx, pool, Some(condition("Available", false, "Deleting", &msg))).await?;
+        return Ok(Action::Requeue(Duration::from_millis(500)));
+    }
     let mut names: Vec<String> =
         ctx.guests.runs.lock().iter().filter(|(_, g)| g.pool == pool.name()).map(|(n, _)| n.clone()).collect();
     let prefix = format!("{}-", pool.name());
