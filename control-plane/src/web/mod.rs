@@ -5,7 +5,8 @@
 //! The dashboard reads only through the API and the watch hub, as every
 //! other client does: objects through [`ResourceService`] with the caller's
 //! scope, output through [`OutputService`]'s `Read`, changes through hub
-//! subscriptions. It writes nothing but a login cookie.
+//! subscriptions. It writes nothing but a login cookie (and, at log-out,
+//! deletes that session's viewer token).
 //!
 //! Who may look: a caller admitted as for the API (`auth::authorize_caller`:
 //! a viewer's or an admin's certificate, the local socket, an `--insecure`
