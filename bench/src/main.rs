@@ -460,24 +460,7 @@ async fn queue(smoke: bool) -> anyhow::Result<serde_json::Value> {
         let cp = c.control_plane_pid();
         let client = Client::connect(&c.server).await?;
         let tests = client.api::<Test>();
-        let waiting = |i: usize| Test {
-            metadata: Some(testbus_proto::ObjectMeta { name: format!("w-{i}"), ..Default::default() }),
-            spec: Some(testbus_proto::TestSpec {
-                hosts: vec![testbus_proto::HostRequirement {
-                    role: "r".into(),
-                    capabilities: vec![format!("nfs-sever-{}", i % 50)],
-                    ..Default::default()
-                }],
-                steps: vec![testbus_proto::Step {
-                    name: "s".into(),
-                    on: vec!["r".into()],
-                    argv: vec!["true".into()],
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
+        let waiting = |i: usize| testbus_tests::test_needing(&format!("w-{i}"), &format!("nfs-sever-{}", i % 50));
         let created = Instant::now();
         let mut made = futures::stream::iter(0..n).map(|i| tests.create(waiting(i))).buffer_unordered(32);
         while let Some(r) = made.next().await {

@@ -799,3 +799,27 @@ impl tonic::codec::Decoder for RawCodec {
         Ok(Some(bytes::Buf::copy_to_bytes(src, n).to_vec()))
     }
 }
+
+/// A one-role test named `name` whose role needs `capability` and whose one
+/// step runs `true`: with a capability no host offers, a test that waits
+/// (the queue's tests and benchmark).
+pub fn test_needing(name: &str, capability: &str) -> testbus_proto::Test {
+    testbus_proto::Test {
+        metadata: Some(testbus_proto::ObjectMeta { name: name.into(), ..Default::default() }),
+        spec: Some(testbus_proto::TestSpec {
+            hosts: vec![testbus_proto::HostRequirement {
+                role: "r".into(),
+                capabilities: vec![capability.into()],
+                ..Default::default()
+            }],
+            steps: vec![testbus_proto::Step {
+                name: "s".into(),
+                on: vec!["r".into()],
+                argv: vec!["true".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}

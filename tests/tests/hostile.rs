@@ -646,24 +646,7 @@ async fn thousands_that_cannot_run_hold_up_neither_a_runnable_test_nor_deletes()
     let tests = client.api::<testbus_proto::Test>();
     let n = 1500;
     let names: Vec<String> = (0..n).map(|i| format!("w-{i}")).collect();
-    let waiting = |name: &String| testbus_proto::Test {
-        metadata: Some(ObjectMeta { name: name.clone(), ..Default::default() }),
-        spec: Some(testbus_proto::TestSpec {
-            hosts: vec![testbus_proto::HostRequirement {
-                role: "r".into(),
-                capabilities: vec!["nfs-sever".into()],
-                ..Default::default()
-            }],
-            steps: vec![testbus_proto::Step {
-                name: "s".into(),
-                on: vec!["r".into()],
-                argv: vec!["true".into()],
-                ..Default::default()
-            }],
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let waiting = |name: &String| testbus_tests::test_needing(name, "nfs-sever");
     let mut made = futures::stream::iter(&names).map(|n| tests.create(waiting(n))).buffer_unordered(32);
     while let Some(r) = made.next().await {
         r.unwrap();
