@@ -25,9 +25,6 @@ const KILL_GRACE: Duration = Duration::from_secs(2);
 const RUNNING_DELAY: Duration = Duration::from_millis(2);
 /// How long to wait for output pipes after the process group is gone.
 const DRAIN_LIMIT: Duration = Duration::from_secs(10);
-/// Past the drain limit, how long each read of what a pipe still holds may
-/// wait for the reactor to see it.
-const AFTER_STOP_WAIT: Duration = Duration::from_millis(100);
 /// Bytes a pump still takes from its pipe once stopped (what a pipe holds,
 /// with room to spare).
 const AFTER_STOP: usize = 1 << 20;
@@ -773,14 +770,12 @@ async fn pump(
                 // What is in the pipe already is still taken (a process that
                 // printed and exited must not lose it to a drain limit cut
                 // short, as by a guest's clock jumping on a snapshot
-                // revert); a writer that keeps writing is cut off after
-                // AFTER_STOP bytes. A read is given a moment, not taken only
-                // if it is ready at once: the reactor may not yet have seen
-                // that the pipe became readable (its readiness was cleared
-                // by the last read that would have waited), and a reverted
-                // guest's `cat` then printed nothing, exit 0.
-                match tokio::time::timeout(AFTER_STOP_WAIT, read_spare(&mut r, &mut buf)).await {
-                    Ok(Ok(m)) if m > 0 && *taken < AFTER_STOP => *taken += m,
+                // revert); nothing more is waited for, and a writer that
+                // keeps writing is cut off after AFTER_STOP bytes. (No timer
+                // here: right after a revert a guest's timers can all fire at
+                // once, and a read given a timeout then read nothing.)
+                match futures::FutureExt::now_or_never(read_spare(&mut r, &mut buf)) {
+                    Some(Ok(m)) if m > 0 && *taken < AFTER_STOP => *taken += m,
                     _ => return,
                 }
             } else {
