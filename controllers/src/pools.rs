@@ -113,10 +113,6 @@ struct GuestRun {
     address: String,
     created: String,
     cleanings: u32,
-    /// The last snapshot request taken on (its id): the cache of Hosts may
-    /// not show its outcome yet when the pool is reconciled again, and a
-    /// request is carried out once.
-    snapshot_taken: Option<String>,
     /// A task works on it.
     busy: bool,
     /// The host side of its link.
@@ -352,7 +348,6 @@ async fn adopt(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>) {
                 address: String::new(),
                 created: String::new(),
                 cleanings: 0,
-                snapshot_taken: None,
                 busy: false,
                 link: None,
                 linked_run: None,
@@ -629,7 +624,6 @@ fn start_create(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &Po
             address: address.clone().unwrap_or_default(),
             created: time::now(),
             cleanings: 0,
-            snapshot_taken: None,
             busy: true,
             link: None,
             linked_run: None,
@@ -968,14 +962,10 @@ fn start_snapshots(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>) {
         let before = {
             let mut runs = ctx.guests.runs.lock();
             let Some(g) = runs.get_mut(&name) else { continue };
-            if g.snapshot_taken.as_ref() == Some(&order.id) {
-                continue; // carried out; the cache has not seen its outcome yet
-            }
             if g.busy {
                 continue; // looked at again when its work is done
             }
             g.busy = true;
-            g.snapshot_taken = Some(order.id.clone());
             g.phase
         };
         let (ctx, lv, pool_name) = (ctx.clone(), lv.clone(), pool.name().to_string());
