@@ -249,7 +249,6 @@ pub async fn reconcile(ctx: &Arc<Context>, name: &str) -> Result<Action, Status>
     };
     adopt(ctx, &pool, &lv).await;
     check_alive(ctx, &pool, &lv).await;
-    start_snapshots(ctx, &pool, &lv);
     let views = views(ctx, &pool);
     let demand = pool_plan::demand(&pool, ctx.tests.list().iter().map(|t| t.as_ref()));
     let plan = pool_plan::plan(&pool, &views, demand, SystemTime::now());
@@ -949,73 +948,6 @@ fn start_clean(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &Poo
         }
         finish(&ctx, &pool_name, &name, r.map(|_| GuestPhase::Ready));
     });
-}
-
-/// Snapshot requests on the pool's guests' Hosts (written by the API's
-/// `HostPools.Snapshot`), each carried out when its guest is not busy with
-/// other work, its outcome written back on the Host.
-fn start_snapshots(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>) {
-    let guests = ctx.hosts.filter(|h| testbus_proto::pool::pool_of(h) == Some(pool.name()));
-    for h in guests {
-        let Some(order) = testbus_proto::pool::pending_snapshot(&h) else { continue };
-        let name = h.name().to_string();
-        let before = {
-            let mut runs = ctx.guests.runs.lock();
-            let Some(g) = runs.get_mut(&name) else { continue };
-            if g.busy {
-                continue; // looked at again when its work is done
-            }
-            g.busy = true;
-            g.phase
-        };
-        let (ctx, lv, pool_name) = (ctx.clone(), lv.clone(), pool.name().to_string());
-        ctx.clone().guests.spawn(async move {
-            use testbus_proto::pool::{SnapshotAction, SnapshotOutcome};
-            let (l, n, o) = (lv.clone(), name.clone(), order.clone());
-            let done = blocking(move || {
-                match o.action {
-                    SnapshotAction::Create => l.snapshot(&n, &o.name)?,
-                    SnapshotAction::Revert => l.revert(&n, &o.name)?,
-                    SnapshotAction::Delete => l.delete_snapshot(&n, &o.name)?,
-                    SnapshotAction::List => {}
-                }
-                l.snapshots(&n)
-            })
-            .await;
-            let outcome = match done {
-                Ok(snapshots) => SnapshotOutcome { id: order.id.clone(), error: String::new(), snapshots },
-                Err(e) => SnapshotOutcome { id: order.id.clone(), error: e.to_string(), snapshots: Vec::new() },
-            };
-            tracing::info!(guest = %name, action = ?order.action, snapshot = %order.name, error = %outcome.error, "snapshot request carried out");
-            if let Err(s) = write_snapshot_outcome(&ctx, &name, &outcome).await {
-                tracing::warn!(guest = %name, error = %s.message(), "cannot write a snapshot request's outcome");
-            }
-            if let Some(g) = ctx.guests.runs.lock().get_mut(&name) {
-                g.busy = false;
-                g.phase = before;
-            }
-            ctx.pool_queue.add(&pool_name);
-        });
-    }
-}
-
-/// Writes what a snapshot request came to on the guest's Host.
-async fn write_snapshot_outcome(
-    ctx: &Context,
-    name: &str,
-    outcome: &testbus_proto::pool::SnapshotOutcome,
-) -> Result<(), Status> {
-    let text = serde_json::to_string(outcome).map_err(|e| Status::internal(e.to_string()))?;
-    let api = ctx.client.api::<Host>();
-    loop {
-        let Some(mut h) = api.get_opt(name).await? else { return Ok(()) };
-        h.meta_mut().annotations.insert(testbus_proto::pool::SNAPSHOT_RESULT.into(), text.clone());
-        match api.update(h).await {
-            Ok(_) => return Ok(()),
-            Err(s) if s.code() == Code::Aborted => continue,
-            Err(s) => return Err(s),
-        }
-    }
 }
 
 fn start_destroy(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &PoolsConfig, name: &str) {
