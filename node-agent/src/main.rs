@@ -36,7 +36,7 @@ use runner::{Command, ProcessRunner, StopReason};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
-use testbus_proto::client::{watcher, Api, Client, WatcherEvent};
+use testbus_proto::client::{watcher_with, Api, Client, Reconnect, WatcherEvent};
 use testbus_proto::states::{ProcessPhase, ProcessReason};
 use testbus_proto::{phase, time, Host, HostSpec, HostStatus, ObjectMeta, Process, Resource};
 use tokio::sync::mpsc;
@@ -635,7 +635,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         containment,
         predecessor_ran,
     };
-    let events = watcher(client.api::<Process>(), String::new(), format!("spec.hostName={}", args.name));
+    // Listed again after every break, never resumed: a guest reverted to
+    // a snapshot brings this agent (and its journal) back to an earlier
+    // revision, from which a resumed watch would replay its later Processes
+    // as Pending, and they would run a second time.
+    let events =
+        watcher_with(client.api::<Process>(), String::new(), format!("spec.hostName={}", args.name), Reconnect::Relist);
     futures::pin_mut!(events);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut lost = None;

@@ -523,6 +523,19 @@ pub enum WatcherEvent<K> {
     Deleted(K),
 }
 
+/// What a [`watcher_with`] does when its stream breaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reconnect {
+    /// Watch again from the last revision seen: the events missed are
+    /// replayed in order, each object's earlier states included.
+    Resume,
+    /// List again: each object once, as it is now. For a watcher whose
+    /// own memory may go back in time (an agent in a guest reverted to a
+    /// snapshot): a replay from its old revision would show it Processes
+    /// as they were before it ran them, and it would run them again.
+    Relist,
+}
+
 /// List, then watch from the listing's revision. When the stream breaks
 /// (the connection went, the server restarted), the watch resumes from the
 /// last revision seen, and lists again only when the server says that
@@ -535,12 +548,28 @@ pub fn watcher<K: ApiResource>(
     label_selector: String,
     field_selector: String,
 ) -> impl Stream<Item = WatcherEvent<K>> + Send {
-    enum State<K> {
-        List,
-        /// The stream broke after this revision: watch again from it.
-        Resume(String),
-        Watch(BoxStream<'static, Result<WatchEvent<K>, Status>>, String),
-    }
+    watcher_with(api, label_selector, field_selector, Reconnect::Resume)
+}
+
+/// Where a watcher is.
+enum State<K> {
+    List,
+    /// The stream broke after this revision: watch again from it.
+    Resume(String),
+    Watch(BoxStream<'static, Result<WatchEvent<K>, Status>>, String),
+}
+
+/// [`watcher`], choosing what a reconnect does.
+pub fn watcher_with<K: ApiResource>(
+    api: Api<K>,
+    label_selector: String,
+    field_selector: String,
+    reconnect: Reconnect,
+) -> impl Stream<Item = WatcherEvent<K>> + Send {
+    let after_break = move |rv: String| match reconnect {
+        Reconnect::Resume => State::Resume(rv),
+        Reconnect::Relist => State::List,
+    };
     let backoff_max = Duration::from_secs(5);
     futures::stream::unfold((State::<K>::List, Duration::from_millis(50)), move |(state, mut backoff)| {
         let api = api.clone();
@@ -599,11 +628,11 @@ pub fn watcher<K: ApiResource>(
                         Some(Err(s)) => {
                             tracing::debug!(kind = %K::KIND, error = %s, "watch broke; resuming");
                             sleep_jittered(&mut backoff, backoff_max).await;
-                            state = State::Resume(rv);
+                            state = after_break(rv);
                         }
                         None => {
                             sleep_jittered(&mut backoff, backoff_max).await;
-                            state = State::Resume(rv);
+                            state = after_break(rv);
                         }
                     },
                 }
