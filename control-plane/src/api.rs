@@ -943,24 +943,26 @@ bind_service!(host_pools_server::HostPools, HostPool, HostPoolList, HostPoolEven
     }
 });
 
+/// How long `HostPools.Snapshot` waits for the pool controller.
+pub const SNAPSHOT_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+
 impl ResourceService<HostPool> {
-    /// Snapshots of a pool guest. The pool controller keeps the guest's
-    /// link: after a revert it sees the old one end and links the guest
-    /// again.
+    /// Snapshots of a pool guest, as desired state: the request is written
+    /// on the guest's Host (`testbus.io/snapshot-request`) and the pool
+    /// controller carries it out in turn with the guest's other work (a
+    /// clean, a relink), on the replica that leads; this waits for its
+    /// outcome (`testbus.io/snapshot-result`). After a revert the
+    /// controller sees the guest's link end and links it again.
     pub async fn snapshot(
         &self,
         _scope: &Scope,
         req: testbus_proto::SnapshotRequest,
     ) -> Result<testbus_proto::SnapshotResponse, Status> {
-        use testbus_pool_libvirt::{Libvirt, CLEAN_SNAPSHOT};
-        let named = req.action != "list";
-        if !matches!(req.action.as_str(), "create" | "revert" | "delete" | "list") {
-            return Err(Status::invalid_argument(format!(
-                "action: {:?} is not one of create, revert, delete, list",
-                req.action
-            )));
-        }
-        if named {
+        use testbus_proto::pool::{SnapshotAction, SnapshotOrder, SNAPSHOT_REQUEST};
+        const CLEAN_SNAPSHOT: &str = "testbus-clean";
+        let action: SnapshotAction =
+            req.action.parse().map_err(|e: String| Status::invalid_argument(format!("action: {e}")))?;
+        if action != SnapshotAction::List {
             testbus_proto::validate::dns_label(&req.name)
                 .map_err(|e| Status::invalid_argument(format!("name: {e}")))?;
             if req.name == CLEAN_SNAPSHOT {
@@ -970,31 +972,65 @@ impl ResourceService<HostPool> {
             }
         }
         let hosts = ResourceService::<Host>::new(self.st.clone());
-        let (host, _) = hosts.load(&req.host).await?;
-        let Some(pool_name) = testbus_proto::pool::pool_of(&host).map(String::from) else {
-            return Err(Status::failed_precondition(format!(
-                "host: {:?} is not a pool guest (only HostPool guests have snapshots)",
-                req.host
-            )));
+        let order = SnapshotOrder {
+            id: uuid::Uuid::new_v4().to_string(),
+            action,
+            name: if action == SnapshotAction::List { String::new() } else { req.name.clone() },
         };
-        let (pool, _) = self.load(&pool_name).await?;
-        let uri = if pool.spec().uri.is_empty() { "qemu:///system".to_string() } else { pool.spec().uri.clone() };
-        let (guest, action, name) = (req.host.clone(), req.action.clone(), req.name.clone());
-        let r = tokio::task::spawn_blocking(move || {
-            let lv = Libvirt::open(&uri)?;
-            match action.as_str() {
-                "create" => lv.snapshot(&guest, &name)?,
-                "revert" => lv.revert(&guest, &name)?,
-                "delete" => lv.delete_snapshot(&guest, &name)?,
-                _ => {}
+        let text = serde_json::to_string(&order).map_err(|e| Status::internal(e.to_string()))?;
+        // Written by compare-and-swap; one request at a time per guest.
+        let written = loop {
+            let (mut host, rev) = hosts.load(&req.host).await?;
+            let Some(pool_name) = testbus_proto::pool::pool_of(&host).map(String::from) else {
+                return Err(Status::failed_precondition(format!(
+                    "host: {:?} is not a pool guest (only HostPool guests have snapshots)",
+                    req.host
+                )));
+            };
+            self.load(&pool_name).await?;
+            if let Some(other) = testbus_proto::pool::pending_snapshot(&host) {
+                return Err(Status::failed_precondition(format!(
+                    "host: {:?} has a snapshot request in progress ({:?} {}); try again when it is done",
+                    req.host, other.action, other.name
+                )));
             }
-            lv.snapshots(&guest)
+            host.meta_mut().annotations.insert(SNAPSHOT_REQUEST.into(), text.clone());
+            match hosts.cas_put(&host, rev).await {
+                Err(s) if s.code() == tonic::Code::Aborted => continue,
+                r => break r?,
+            }
+        };
+        let after = parse_rv("resourceVersion", written.resource_version())?;
+        let fields = FieldSelector { name: Some(req.host.clone()), ..Default::default() };
+        let mut events = self
+            .st
+            .hub
+            .watch(Kind::Host, Some(after.saturating_sub(1)), None, Filter { fields, ..Default::default() })
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let outcome = tokio::time::timeout(SNAPSHOT_WAIT, async {
+            while let Some(e) = events.next().await {
+                if let Object::Host(h) = &e.object {
+                    if let Some(o) = testbus_proto::pool::snapshot_outcome(h).filter(|o| o.id == order.id) {
+                        return Ok(o);
+                    }
+                }
+                if e.kind == EventType::Deleted {
+                    return Err(Status::not_found(format!("Host {:?} was deleted", req.host)));
+                }
+            }
+            Err(Status::unavailable("the watch cache restarted; ask again"))
         })
         .await
-        .map_err(|e| Status::internal(format!("snapshot: {e}")))?;
-        match r {
-            Ok(snapshots) => Ok(testbus_proto::SnapshotResponse { snapshots }),
-            Err(e) => Err(Status::failed_precondition(e.to_string())),
+        .map_err(|_| {
+            Status::deadline_exceeded(format!(
+                "the pool controller did not carry out the snapshot request within {}s (do the controllers run?)",
+                SNAPSHOT_WAIT.as_secs()
+            ))
+        })??;
+        if outcome.error.is_empty() {
+            Ok(testbus_proto::SnapshotResponse { snapshots: outcome.snapshots })
+        } else {
+            Err(Status::failed_precondition(outcome.error))
         }
     }
 }

@@ -113,6 +113,10 @@ struct GuestRun {
     address: String,
     created: String,
     cleanings: u32,
+    /// The last snapshot request taken on (its id): the cache of Hosts may
+    /// not show its outcome yet when the pool is reconciled again, and a
+    /// request is carried out once.
+    snapshot_taken: Option<String>,
     /// A task works on it.
     busy: bool,
     /// The host side of its link.
@@ -249,6 +253,7 @@ pub async fn reconcile(ctx: &Arc<Context>, name: &str) -> Result<Action, Status>
     };
     adopt(ctx, &pool, &lv).await;
     check_alive(ctx, &pool, &lv).await;
+    start_snapshots(ctx, &pool, &lv);
     let views = views(ctx, &pool);
     let demand = pool_plan::demand(&pool, ctx.tests.list().iter().map(|t| t.as_ref()));
     let plan = pool_plan::plan(&pool, &views, demand, SystemTime::now());
@@ -313,6 +318,7 @@ async fn adopt(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>) {
         }
     };
     tracing::debug!(pool = pool.name(), ?names, "guests in libvirt");
+    let in_libvirt = names.clone();
     for n in names {
         if ctx.guests.runs.lock().contains_key(&n) {
             continue;
@@ -347,6 +353,7 @@ async fn adopt(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>) {
                 address: String::new(),
                 created: String::new(),
                 cleanings: 0,
+                snapshot_taken: None,
                 busy: false,
                 link: None,
                 linked_run: None,
@@ -357,6 +364,28 @@ async fn adopt(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>) {
             relink(ctx.clone(), pool, lv, &n);
         }
     }
+    // A guest an earlier control plane began to make and died before
+    // libvirt had its domain left only its state dir (and, on a remote
+    // daemon, maybe its volumes): removed. (A guest this one is making is
+    // in `runs` from before its dir exists.)
+    let Some(cfg) = ctx.cfg.pools.clone() else { return };
+    let leftovers = leftover_dirs(&cfg, pool.name(), &ctx.guests.runs.lock());
+    for n in leftovers.into_iter().filter(|n| !in_libvirt.contains(n)) {
+        let (l, dir, image) = (lv.clone(), cfg.state_dir.join(&n), PathBuf::from(&pool.spec().image));
+        tracing::info!(pool = pool.name(), guest = %n, "removing what a guest never made left behind");
+        if let Err(e) = blocking(move || l.destroy_guest(&n, &dir, &image)).await {
+            tracing::warn!(pool = pool.name(), error = %e, "cannot remove a guest's leftovers");
+        }
+    }
+}
+
+/// The state dirs named as `pool`'s guests whose guest nobody knows.
+fn leftover_dirs(cfg: &PoolsConfig, pool: &str, runs: &HashMap<String, GuestRun>) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(&cfg.state_dir) else { return Vec::new() };
+    entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| is_guest_of(pool, n) && !runs.contains_key(n))
+        .collect()
 }
 
 /// A Ready guest whose domain no longer runs (its QEMU was killed, the
@@ -623,6 +652,7 @@ fn start_create(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &Po
             address: address.clone().unwrap_or_default(),
             created: time::now(),
             cleanings: 0,
+            snapshot_taken: None,
             busy: true,
             link: None,
             linked_run: None,
@@ -950,6 +980,77 @@ fn start_clean(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &Poo
     });
 }
 
+/// Snapshot requests on the pool's guests' Hosts (written by the API's
+/// `HostPools.Snapshot`), each carried out when its guest is not busy with
+/// other work, its outcome written back on the Host.
+fn start_snapshots(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>) {
+    let guests = ctx.hosts.filter(|h| testbus_proto::pool::pool_of(h) == Some(pool.name()));
+    for h in guests {
+        let Some(order) = testbus_proto::pool::pending_snapshot(&h) else { continue };
+        let name = h.name().to_string();
+        let before = {
+            let mut runs = ctx.guests.runs.lock();
+            let Some(g) = runs.get_mut(&name) else { continue };
+            if g.snapshot_taken.as_ref() == Some(&order.id) {
+                continue; // carried out; the cache has not seen its outcome yet
+            }
+            if g.busy {
+                continue; // looked at again when its work is done
+            }
+            g.busy = true;
+            g.snapshot_taken = Some(order.id.clone());
+            g.phase
+        };
+        let (ctx, lv, pool_name) = (ctx.clone(), lv.clone(), pool.name().to_string());
+        ctx.clone().guests.spawn(async move {
+            use testbus_proto::pool::{SnapshotAction, SnapshotOutcome};
+            let (l, n, o) = (lv.clone(), name.clone(), order.clone());
+            let done = blocking(move || {
+                match o.action {
+                    SnapshotAction::Create => l.snapshot(&n, &o.name)?,
+                    SnapshotAction::Revert => l.revert(&n, &o.name)?,
+                    SnapshotAction::Delete => l.delete_snapshot(&n, &o.name)?,
+                    SnapshotAction::List => {}
+                }
+                l.snapshots(&n)
+            })
+            .await;
+            let outcome = match done {
+                Ok(snapshots) => SnapshotOutcome { id: order.id.clone(), error: String::new(), snapshots },
+                Err(e) => SnapshotOutcome { id: order.id.clone(), error: e.to_string(), snapshots: Vec::new() },
+            };
+            tracing::info!(guest = %name, action = ?order.action, snapshot = %order.name, error = %outcome.error, "snapshot request carried out");
+            if let Err(s) = write_snapshot_outcome(&ctx, &name, &outcome).await {
+                tracing::warn!(guest = %name, error = %s.message(), "cannot write a snapshot request's outcome");
+            }
+            if let Some(g) = ctx.guests.runs.lock().get_mut(&name) {
+                g.busy = false;
+                g.phase = before;
+            }
+            ctx.pool_queue.add(&pool_name);
+        });
+    }
+}
+
+/// Writes what a snapshot request came to on the guest's Host.
+async fn write_snapshot_outcome(
+    ctx: &Context,
+    name: &str,
+    outcome: &testbus_proto::pool::SnapshotOutcome,
+) -> Result<(), Status> {
+    let text = serde_json::to_string(outcome).map_err(|e| Status::internal(e.to_string()))?;
+    let api = ctx.client.api::<Host>();
+    loop {
+        let Some(mut h) = api.get_opt(name).await? else { return Ok(()) };
+        h.meta_mut().annotations.insert(testbus_proto::pool::SNAPSHOT_RESULT.into(), text.clone());
+        match api.update(h).await {
+            Ok(_) => return Ok(()),
+            Err(s) if s.code() == Code::Aborted => continue,
+            Err(s) => return Err(s),
+        }
+    }
+}
+
 fn start_destroy(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &PoolsConfig, name: &str) {
     let idle;
     {
@@ -1100,6 +1201,12 @@ async fn delete_pool(ctx: &Arc<Context>, pool: &HostPool, cfg: &PoolsConfig) -> 
             if ours && !names.contains(&n) {
                 names.push(n);
             }
+        }
+    }
+    // With the dirs of guests that never got as far as libvirt.
+    for n in leftover_dirs(cfg, pool.name(), &ctx.guests.runs.lock()) {
+        if !names.contains(&n) {
+            names.push(n);
         }
     }
     for n in &names {

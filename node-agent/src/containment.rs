@@ -259,10 +259,10 @@ impl ProcessCgroup {
 /// Ends everything a predecessor of this agent left running: every process
 /// cgroup under `cgroups`, and every process group in the journal whose
 /// leader provably is the one recorded (see [`Group::is_alive`]). Returns
-/// the uids whose cgroup was found: those Processes ran, whatever the
-/// journal says.
+/// the uids whose cgroup or group file was found: those Processes ran,
+/// whatever the journal says.
 pub async fn end_predecessors(journal: &Journal, cgroups: Option<&CgroupRoot>) -> HashSet<String> {
-    let ran: HashSet<String> = match cgroups {
+    let mut ran: HashSet<String> = match cgroups {
         Some(root) => root.end_leftovers().await.into_iter().collect(),
         None => HashSet::new(),
     };
@@ -270,6 +270,16 @@ pub async fn end_predecessors(journal: &Journal, cgroups: Option<&CgroupRoot>) -
         if group.is_some_and(|g| g.kill_if_alive()) {
             tracing::warn!(process_uid = %uid, "killed the process group a predecessor left running");
         }
+    }
+    // The same groups kept a file each: what a lost or cut journal forgot.
+    // A group file also says its process was started (it is written before
+    // the spawn): it never runs again, whatever the journal lost.
+    for (uid, group) in Journal::group_files(journal.path()) {
+        if group.kill_if_alive() {
+            tracing::warn!(process_uid = %uid, "killed the process group a predecessor left running (its group file)");
+        }
+        Journal::forget_group_file(journal.path(), &uid);
+        ran.insert(uid);
     }
     ran
 }
@@ -378,8 +388,17 @@ mod recovery_tests {
             contained = Some((sh, escaped));
         }
 
+        // A group only its file still knows (the journal was cut short).
+        let mut forgotten = sleeper();
+        Journal::record_group_file(&path, &uid(5), Group::of_leader(forgotten.id() as i32).unwrap()).unwrap();
+        std::fs::write(path.with_file_name("groups").join("not a uid"), "1 1\n").unwrap();
+
         let j = Journal::open(&path).unwrap();
         let ran = rt.block_on(end_predecessors(&j, cgroups.as_ref()));
+        let st = forgotten.wait().unwrap();
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&st), Some(9), "the group only its file knew lives");
+        assert_eq!(std::fs::read_dir(path.with_file_name("groups")).unwrap().count(), 0, "group files are gone");
+        assert!(ran.contains(&uid(5)), "a process with a group file never runs again");
 
         assert!(alive(&mut legacy), "an unproven group was signalled");
         assert!(alive(&mut zero), "pgid 0 was signalled");
@@ -387,7 +406,7 @@ mod recovery_tests {
         let st = proven.wait().unwrap();
         assert_eq!(std::os::unix::process::ExitStatusExt::signal(&st), Some(9), "the proven group was not killed");
         if let (Some(root), Some((mut sh, escaped))) = (&cgroups, contained) {
-            assert_eq!(ran, HashSet::from([uid(4)]));
+            assert_eq!(ran, HashSet::from([uid(4), uid(5)]));
             sh.wait().unwrap();
             // The escaped sleep was reparented to us (pid 1) and killed.
             let st = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(escaped), None).unwrap();

@@ -116,6 +116,11 @@ fn checksummed(payload: &str) -> String {
 
 /// A uid as the journal accepts it: what the API generates, nothing that
 /// could split a record.
+/// Where group files are kept, beside the journal.
+fn groups_dir(journal: &Path) -> std::path::PathBuf {
+    journal.with_file_name("groups")
+}
+
 fn plausible_uid(uid: &str) -> bool {
     !uid.is_empty() && uid.len() <= 64 && uid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
@@ -220,6 +225,49 @@ impl Journal {
     pub fn record_group(path: &Path, uid: &str, group: Group) -> std::io::Result<()> {
         let mut f = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
         f.write_all(checksummed(&format!("group {uid} {} {}", group.pgid, group.start_ticks)).as_bytes())
+    }
+
+    /// Also keeps `group` in a file of its own in `groups/` beside the
+    /// journal at `journal`: a journal lost or cut short (the agent's
+    /// disk, a hand) then still leaves a restarted agent what it needs to
+    /// end the process, in every containment (a cgroup survives by itself;
+    /// a process group or a PID namespace's relay does not). The group's
+    /// leader's start time proves it before anything is signalled.
+    pub fn record_group_file(journal: &Path, uid: &str, group: Group) -> std::io::Result<()> {
+        let dir = groups_dir(journal);
+        std::fs::create_dir_all(&dir)?;
+        let tmp = dir.join(format!(".{uid}.tmp"));
+        let mut f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&tmp)?;
+        f.write_all(format!("{} {}\n", group.pgid, group.start_ticks).as_bytes())?;
+        std::fs::rename(&tmp, dir.join(uid))
+    }
+
+    /// Forgets the group file of `uid` (its process has ended).
+    pub fn forget_group_file(journal: &Path, uid: &str) {
+        let _ = std::fs::remove_file(groups_dir(journal).join(uid));
+    }
+
+    /// The groups a predecessor left files of. A file that is not one (a
+    /// bad name, bad content) is reported and removed, never trusted.
+    pub fn group_files(journal: &Path) -> Vec<(String, Group)> {
+        let dir = groups_dir(journal);
+        let Ok(entries) = std::fs::read_dir(&dir) else { return Vec::new() };
+        let mut out = Vec::new();
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            let parsed = std::fs::read_to_string(e.path()).ok().and_then(|text| {
+                let (pgid, ticks) = text.trim().split_once(' ')?;
+                Some(Group { pgid: pgid.parse().ok()?, start_ticks: ticks.parse().ok()? })
+            });
+            match parsed {
+                Some(g) if plausible_uid(&name) => out.push((name, g)),
+                _ => {
+                    tracing::warn!(file = %e.path().display(), "not a process group record; removed, not trusted");
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        out
     }
 
     pub fn path(&self) -> &Path {

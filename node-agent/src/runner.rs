@@ -268,6 +268,9 @@ impl ProcessRunner {
             true
         })
         .await;
+        // Its end is on the server: a successor has nothing left to end or
+        // to refuse to run again.
+        crate::journal::Journal::forget_group_file(&self.journal, &self.process.meta().uid);
         let phase = self.known.lock().status().phase.clone();
         crate::metrics::metrics().ended.get_or_create(&crate::metrics::Phase { phase }).inc();
     }
@@ -495,6 +498,16 @@ impl ProcessRunner {
                 cmd.pre_exec(crate::pidns::unsharer());
             }
         }
+        // Started, as far as a successor can tell even without the journal
+        // (a group file names no group until the child exists): a uid
+        // with a group file is never spawned again. Without cgroups this
+        // is what keeps "at most once" when the journal's record is lost.
+        if self.containment.cgroups().is_none() {
+            let none = crate::journal::Group { pgid: 0, start_ticks: 0 };
+            if let Err(e) = crate::journal::Journal::record_group_file(&self.journal, &self.process.meta().uid, none) {
+                tracing::warn!(process = %name, error = %e, "cannot record the process as started in its group file");
+            }
+        }
         let spawning = std::time::Instant::now();
         let mut child = {
             let mut tries = 0;
@@ -527,8 +540,12 @@ impl ProcessRunner {
         // is what lets a successor prove the group is still this one.
         match crate::journal::Group::of_leader(pid) {
             Some(group) => {
-                if let Err(e) = crate::journal::Journal::record_group(&self.journal, &self.process.meta().uid, group) {
+                let uid = &self.process.meta().uid;
+                if let Err(e) = crate::journal::Journal::record_group(&self.journal, uid, group) {
                     tracing::warn!(process = %name, error = %e, "cannot record the process group in the journal");
+                }
+                if let Err(e) = crate::journal::Journal::record_group_file(&self.journal, uid, group) {
+                    tracing::warn!(process = %name, error = %e, "cannot record the process group in its file");
                 }
             }
             None => tracing::debug!(process = %name, pid, "ended before its group could be recorded"),

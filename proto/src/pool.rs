@@ -12,6 +12,73 @@ pub const POOL_LABEL: &str = "testbus.io/pool";
 /// last clean state): "true".
 pub const CLEAN_ANNOTATION: &str = "testbus.io/clean";
 
+/// Annotation of a guest's Host: a snapshot request (JSON
+/// [`SnapshotOrder`]), written by the API's `HostPools.Snapshot` and
+/// carried out by the pool controller, in turn with the guest's other work.
+pub const SNAPSHOT_REQUEST: &str = "testbus.io/snapshot-request";
+/// Annotation of a guest's Host: what the last request came to (JSON
+/// [`SnapshotOutcome`]), written by the pool controller.
+pub const SNAPSHOT_RESULT: &str = "testbus.io/snapshot-result";
+
+/// What a snapshot request does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotAction {
+    Create,
+    Revert,
+    Delete,
+    List,
+}
+
+impl std::str::FromStr for SnapshotAction {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "create" => Ok(SnapshotAction::Create),
+            "revert" => Ok(SnapshotAction::Revert),
+            "delete" => Ok(SnapshotAction::Delete),
+            "list" => Ok(SnapshotAction::List),
+            other => Err(format!("{other:?} is not one of create, revert, delete, list")),
+        }
+    }
+}
+
+/// A snapshot request, as desired state on the guest's Host.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SnapshotOrder {
+    pub id: String,
+    pub action: SnapshotAction,
+    /// The snapshot's name; empty for list.
+    #[serde(default)]
+    pub name: String,
+}
+
+/// What a snapshot request came to.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct SnapshotOutcome {
+    /// The request's id.
+    pub id: String,
+    /// Empty when it was carried out.
+    #[serde(default)]
+    pub error: String,
+    /// The guest's snapshots after it.
+    #[serde(default)]
+    pub snapshots: Vec<String>,
+}
+
+/// The request on `h` not carried out yet, if any (one that cannot be read
+/// is none: the API writes only readable ones).
+pub fn pending_snapshot(h: &Host) -> Option<SnapshotOrder> {
+    let order: SnapshotOrder = serde_json::from_str(h.meta().annotations.get(SNAPSHOT_REQUEST)?).ok()?;
+    let done = snapshot_outcome(h).is_some_and(|o| o.id == order.id);
+    (!done).then_some(order)
+}
+
+/// What the last request on `h` came to.
+pub fn snapshot_outcome(h: &Host) -> Option<SnapshotOutcome> {
+    serde_json::from_str(h.meta().annotations.get(SNAPSHOT_RESULT)?).ok()
+}
+
 /// Whether a libvirt URI names a daemon on another machine: it has a host
 /// (`qemu+ssh://user@host/system`, `qemu+tls://host/system`), where a local
 /// one has none (`qemu:///system`, `qemu+unix:///system`).
