@@ -53,6 +53,14 @@ pub enum Command {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ended {
     Exited(i32),
+    /// Its command could not be executed (not found, not executable): the
+    /// test's failure, not the host's, with the code a shell would give
+    /// (127 not found, 126 not executable), as the PID-namespace path
+    /// gives it too.
+    NotExecuted {
+        code: i32,
+        message: String,
+    },
     Signalled(SignalNo),
     /// Its timeout passed; `signal` ended it.
     TimedOut {
@@ -213,7 +221,7 @@ impl ProcessRunner {
         // is the agent's, and worth an operator's eye. At a thousand
         // processes a second, a line for each would be most of the log.
         match ended {
-            Ended::Exited(_) => tracing::debug!(process = %name, ?ended, "process ended"),
+            Ended::Exited(_) | Ended::NotExecuted { .. } => tracing::debug!(process = %name, ?ended, "process ended"),
             _ => tracing::info!(process = %name, ?ended, "process ended"),
         }
         let exit_codes = self.process.spec().exit_codes.clone();
@@ -237,6 +245,13 @@ impl ProcessRunner {
                     s.exit_code = Some(*code);
                     s.reason = if ok { ProcessReason::Completed } else { ProcessReason::NonZeroExit }.into();
                     s.message = if ok { String::new() } else { format!("exit code {code}") };
+                }
+                Ended::NotExecuted { code, message } => {
+                    let ok = exit_codes.contains(code);
+                    s.phase = if ok { ProcessPhase::Succeeded } else { ProcessPhase::Failed }.into();
+                    s.exit_code = Some(*code);
+                    s.reason = if ok { ProcessReason::Completed } else { ProcessReason::NonZeroExit }.into();
+                    s.message = format!("{message} (exit code {code}, as a shell's)");
                 }
                 Ended::Signalled(sig) => {
                     s.phase = ProcessPhase::Failed.into();
@@ -525,7 +540,17 @@ impl ProcessRunner {
                             cg.end().await;
                         }
                         let what = spec.argv.first().map(String::as_str).unwrap_or("script");
-                        return setup_failed(ProcessReason::SpawnFailed, format!("cannot execute {what}: {e}"));
+                        let message = format!("cannot execute {what}: {e}");
+                        let Some(code) = shell_code(&e) else {
+                            return setup_failed(ProcessReason::SpawnFailed, message);
+                        };
+                        // Said on its stderr too, as a shell (and the
+                        // PID-namespace path) says it.
+                        let said = std::io::Cursor::new(format!("testbus: {message}\n").into_bytes());
+                        let pumps =
+                            OutputPumps::start(None::<tokio::io::Empty>, Some(said), self.client.output(), &name);
+                        let sizes = pumps.drain(DRAIN_LIMIT, &name).await;
+                        return (Ended::NotExecuted { code, message }, sizes, None);
                     }
                 }
             }
@@ -656,6 +681,19 @@ async fn stop_requested(commands: &mut mpsc::Receiver<Command>) -> Option<StopRe
             Command::Stop(by) => return Some(by),
             Command::Release => continue,
         }
+    }
+}
+
+/// The exit code a shell gives for a command it cannot execute, where the
+/// fault is the command's (the test's): 127 when it is not there, 126 when
+/// it is there but cannot be run. None for the host's own failures (no
+/// memory, no processes left), which stay infrastructure failures.
+fn shell_code(e: &std::io::Error) -> Option<i32> {
+    use nix::libc;
+    match e.raw_os_error()? {
+        libc::ENOENT | libc::ENOTDIR => Some(127),
+        libc::EACCES | libc::ENOEXEC | libc::EISDIR | libc::ELOOP | libc::ENAMETOOLONG | libc::EPERM => Some(126),
+        _ => None,
     }
 }
 
@@ -978,10 +1016,26 @@ pub async fn report(api: &Api<Process>, known: &Known, mut f: impl FnMut(&mut Pr
 
 #[cfg(test)]
 mod tests {
-    use super::{deliver, program_path, unless_stopped, Command, Ended, StopReason};
+    use super::{deliver, program_path, shell_code, unless_stopped, Command, Ended, StopReason};
     use std::path::PathBuf;
     use std::time::Duration;
     use tokio::sync::mpsc;
+
+    /// What cannot be executed is the command's fault, with a shell's
+    /// codes; what the host lacks stays the host's.
+    #[test]
+    fn commands_that_cannot_be_executed_get_a_shells_exit_code() {
+        let spawn = |p: &str| std::process::Command::new(p).spawn().unwrap_err();
+        assert_eq!(shell_code(&spawn("/no/such/program")), Some(127));
+        assert_eq!(shell_code(&spawn("no-such-program-on-path")), Some(127));
+        assert_eq!(shell_code(&spawn("/etc")), Some(126));
+        let plain = std::env::temp_dir().join(format!("not-executable-{}", std::process::id()));
+        std::fs::write(&plain, "data").unwrap();
+        assert_eq!(shell_code(&spawn(plain.to_str().unwrap())), Some(126));
+        std::fs::remove_file(&plain).unwrap();
+        assert_eq!(shell_code(&std::io::Error::from_raw_os_error(nix::libc::EAGAIN)), None);
+        assert_eq!(shell_code(&std::io::Error::from_raw_os_error(nix::libc::ENOMEM)), None);
+    }
 
     /// A stop that came while a process's files were still being fetched
     /// was not seen: the process was spawned, then killed. The fetch is now

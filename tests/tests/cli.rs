@@ -824,3 +824,28 @@ fn daemons_log_one_json_object_per_line_when_asked() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--log-format"), "{out:?}");
 }
+
+/// A command that does not exist, run three times, counted as the host's
+/// failure (SpawnFailed): the host was quarantined and the next `run`
+/// waited forever. It is the test's failure, with a shell's exit codes
+/// (127 not found, 126 not executable), and the host stays schedulable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_command_is_the_tests_failure_not_the_hosts() {
+    let c = Cluster::start(1).await;
+    for _ in 0..4 {
+        let out = c.ctl(&["run", "--host", "host-0", "--", "no-such-command-here"]);
+        assert_eq!(out.code, 127, "{out:?}");
+        assert!(out.stderr.contains("cannot execute no-such-command-here"), "{out:?}");
+    }
+    let plain = c.dir.path().join("not-executable");
+    std::fs::write(&plain, "echo should not run\n").unwrap();
+    let out = c.ctl(&["run", "--host", "host-0", "--", plain.to_str().unwrap()]);
+    assert_eq!(out.code, 126, "{out:?}");
+    assert!(out.stderr.contains("Permission denied"), "{out:?}");
+    let host = c.ctl(&["get", "host", "host-0", "-o", "yaml"]).stdout;
+    assert!(!host.contains("unschedulable: true") && !host.contains("Quarantined"), "{host}");
+    let out = c.ctl(&["run", "--host", "host-0", "--timeout", "60s", "--", "echo", "still-here"]);
+    assert_eq!((out.code, out.stdout.as_str()), (0, "still-here\n"), "{out:?}");
+    let procs = c.ctl(&["get", "processes", "-o", "yaml"]).stdout;
+    assert!(!procs.contains("SpawnFailed"), "{procs}");
+}
