@@ -160,11 +160,13 @@ impl Guests {
     /// Runs one guest operation as a task of its own, cancelled (dropped:
     /// the relay and device children it holds are killed) on shutdown. A
     /// guest left half made is found by the next control plane (`adopt`).
-    fn spawn(&self, op: impl std::future::Future<Output = ()> + Send + 'static) {
+    fn spawn(&self, guest: String, op: impl std::future::Future<Output = ()> + Send + 'static) {
         let stop = self.stop.clone();
         self.tasks.spawn(async move {
             tokio::select! {
-                _ = stop.cancelled() => {}
+                _ = stop.cancelled() => {
+                    tracing::info!(%guest, "guest work stopped with the controllers (left for the next leader)");
+                }
                 _ = op => {}
             }
         });
@@ -241,6 +243,16 @@ pub async fn reconcile(ctx: &Arc<Context>, name: &str) -> Result<Action, Status>
     };
     if !pool.meta().deletion_timestamp.is_empty() {
         return delete_pool(ctx, &pool, &cfg).await;
+    }
+    // Without its relay no guest could be linked: none is made (each
+    // would boot, fail to link and be made again), and none is touched.
+    if !cfg.relay.exists() {
+        let msg = format!(
+            "this control plane cannot link guests: {} is missing (install testbus-relay beside testbus-control-plane)",
+            cfg.relay.display()
+        );
+        write_status(ctx, &pool, Some(condition("Available", false, "RelayMissing", &msg))).await?;
+        return Ok(Action::Requeue(Duration::from_secs(30)));
     }
     let uri = uri(&pool);
     let lv = match provider(ctx, &uri).await {
@@ -453,7 +465,7 @@ fn relink(ctx: Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, name: &str) {
         g.busy = true;
     }
     let (lv, pool_name, name) = (lv.clone(), pool.name().to_string(), name.to_string());
-    ctx.clone().guests.spawn(async move {
+    ctx.clone().guests.spawn(name.clone(), async move {
         let r = link(&ctx, &lv, &cfg, &name, false).await;
         finish(&ctx, &pool_name, &name, r.map(|_| GuestPhase::Ready));
     });
@@ -663,7 +675,7 @@ fn start_create(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &Po
     let (ctx, lv, cfg, pool_name, network) =
         (ctx.clone(), lv.clone(), cfg.clone(), pool.name().to_string(), pool.spec().network.clone());
     let boot = boot_deadline(pool);
-    ctx.clone().guests.spawn(async move {
+    ctx.clone().guests.spawn(name.clone(), async move {
         let started = tokio::time::Instant::now();
         let r = async {
             if address.is_some() {
@@ -954,7 +966,7 @@ fn start_clean(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &Poo
     }
     let (ctx, lv, cfg, pool_name, name) =
         (ctx.clone(), lv.clone(), cfg.clone(), pool.name().to_string(), name.to_string());
-    ctx.clone().guests.spawn(async move {
+    ctx.clone().guests.spawn(name.clone(), async move {
         let r = async {
             let old = ctx.guests.runs.lock().get_mut(&name).and_then(|g| g.link.take());
             if let Some(mut old) = old {
@@ -1002,7 +1014,7 @@ fn start_snapshots(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>) {
             g.phase
         };
         let (ctx, lv, pool_name) = (ctx.clone(), lv.clone(), pool.name().to_string());
-        ctx.clone().guests.spawn(async move {
+        ctx.clone().guests.spawn(name.clone(), async move {
             use testbus_proto::pool::{SnapshotAction, SnapshotOutcome};
             let (l, n, o) = (lv.clone(), name.clone(), order.clone());
             let done = blocking(move || {
@@ -1070,7 +1082,7 @@ fn start_destroy(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &P
     }
     let (ctx, lv, cfg, pool, pool_name, name) =
         (ctx.clone(), lv.clone(), cfg.clone(), pool.clone(), pool.name().to_string(), name.to_string());
-    ctx.clone().guests.spawn(async move {
+    ctx.clone().guests.spawn(name.clone(), async move {
         // An idle guest is withdrawn from scheduling first, in a write
         // that fails if a test claimed it since the cache the plan read.
         if idle {
@@ -1250,7 +1262,7 @@ mod tests {
         let guests = Guests::new(&stop);
         let wrote = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let w = wrote.clone();
-        guests.spawn(async move {
+        guests.spawn("g".into(), async move {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             w.store(true, std::sync::atomic::Ordering::SeqCst);
         });

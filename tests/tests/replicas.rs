@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 use testbus_proto::client::Client;
-use testbus_proto::{blob, Host, Process, Resource, Test};
-use testbus_tests::{manifest, needs_root, wait_for, Cluster};
+use testbus_proto::{blob, Host, HostPool, Process, Resource, Test};
+use testbus_tests::{bin_dir, libvirt, manifest, needs_root, wait_for, Cluster};
 
 const A: &str = "https://10.77.0.1:7780";
 const B: &str = "https://10.77.0.1:7781";
@@ -19,6 +19,12 @@ fn leads(log: &str) -> bool {
 /// three-member etcd; agents given both addresses, A first; testbusctl runs
 /// in host-0's namespace so that it reaches both. Returns B's socket.
 async fn start_replicas(hosts: usize) -> (Cluster, PathBuf) {
+    start_replicas_with(hosts, "testbus-control-plane").await
+}
+
+/// [`start_replicas`], replica B started from `b_program` (a path, or the
+/// workspace's binary).
+async fn start_replicas_with(hosts: usize, b_program: &str) -> (Cluster, PathBuf) {
     let mut c = Cluster::start_on_etcd(hosts, 3).await;
     wait_for(Duration::from_secs(20), "replica A to lead", || async {
         leads(&c.read_log("control-plane")).then_some(())
@@ -32,9 +38,10 @@ async fn start_replicas(hosts: usize) -> (Cluster, PathBuf) {
     for f in ["ca.crt", "ca.key"] {
         std::fs::copy(c.dir.path().join("cp/pki").join(f), b_dir.join("pki").join(f)).unwrap();
     }
-    c.spawn_in(
-        "cp",
+    c.spawn_logged(
+        Some("cp"),
         "testbus-control-plane",
+        b_program,
         &["--listen", "10.77.0.1:7781", "--data-dir", &b_data, "--store", &url, "--lease-grace", "1s"],
     );
     let b_sock = b_dir.join("api.sock");
@@ -246,4 +253,90 @@ spec:
     assert_eq!(after.len(), 4, "{after:?}");
     assert_eq!(client.api::<Test>().list("", "").await.unwrap().0.len(), 1);
     assert_eq!(client.api::<Host>().list("", "").await.unwrap().0.len(), 3);
+}
+
+/// The pids of `parent`'s children named `comm`.
+fn children_named(parent: u32, comm: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            // pid (comm) state ppid …; comm may hold spaces and parentheses.
+            let (head, rest) = stat.rsplit_once(") ")?;
+            let name = head.split_once(" (")?.1;
+            let ppid: u32 = rest.split_whitespace().nth(1)?.parse().ok()?;
+            (ppid == parent && name == comm).then_some(pid)
+        })
+        .collect()
+}
+
+/// A leader deposed while one of its guests boots (issue 27, item 18):
+/// its guest work ends with its controllers, at once. The guest tasks used
+/// to have a token of their own, so a deposed leader went on with the
+/// boot: it snapshotted the guest, linked it and wrote its Host. Replica B
+/// runs from a copy of the binary with no testbus-relay beside it, so it
+/// takes no part in pools: whatever happens to the guest after A's
+/// deposition would be A's doing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_leaders_guest_work_ends_with_its_term() {
+    let Some(_turn) = libvirt::turn("tbt-d", &[]).await else { return };
+    let lone = tempfile::tempdir().unwrap();
+    let lone_cp = lone.path().join("testbus-control-plane");
+    std::fs::copy(bin_dir().join("testbus-control-plane"), &lone_cp).unwrap();
+    let (c, _b_sock) = start_replicas_with(1, lone_cp.to_str().unwrap()).await;
+    let pool = manifest(
+        &c,
+        "pool.yaml",
+        &format!(
+            "apiVersion: testbus/v1\nkind: HostPool\nmetadata: {{name: tbt-d}}\nspec:\n  provider: libvirt\n  image: {}\n  min: 1\n  max: 1\n  bootTimeout: 10m\n",
+            libvirt::image().display()
+        ),
+    );
+    let out = c.ctl(&["--server", A, "apply", "-f", &pool]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let a = c.control_plane_pid();
+    let signal = |sig: &str| {
+        let st = std::process::Command::new("kill").args([sig, &a.to_string()]).status().unwrap();
+        assert!(st.success(), "kill {sig} {a}");
+    };
+    // As soon as the guest runs (it boots for seconds more), A stops
+    // answering etcd: its lease runs out and B is elected.
+    let guest = wait_for(Duration::from_secs(120), "A to start a guest", || async {
+        libvirt::domains("tbt-d-").into_iter().next()
+    })
+    .await;
+    signal("-STOP");
+    wait_for(Duration::from_secs(30), "replica B to lead", || async {
+        leads(&c.read_log("testbus-control-plane")).then_some(())
+    })
+    .await;
+    signal("-CONT");
+    wait_for(Duration::from_secs(30), "A's guest work to stop with its term", || async {
+        let log = c.read_log("control-plane");
+        (log.contains("lost leadership") && log.contains("guest work stopped with the controllers")).then_some(())
+    })
+    .await;
+    // B leads the pools now, and says why it makes no guests.
+    let client = Client::connect(&format!("unix:{}", c.dir.path().join("cp/api.sock").display())).await.unwrap();
+    wait_for(Duration::from_secs(60), "B to say it cannot link guests", || async {
+        let p = client.api::<HostPool>().get("tbt-d").await.ok()?;
+        let cond = p.status().conditions.iter().find(|c| c.r#type == "Available")?.clone();
+        (cond.reason == "RelayMissing" && cond.message.contains("testbus-relay is missing")).then_some(())
+    })
+    .await;
+    // The guest boots on to where it waits for its go, and nobody gives
+    // it: no clean snapshot, no link, no Host.
+    let console = c.dir.path().join("cp/guests").join(&guest).join("console.log");
+    wait_for(Duration::from_secs(300), "the guest to wait for its go", || async {
+        std::fs::read_to_string(&console).ok()?.contains("testbus-guest: waiting for go").then_some(())
+    })
+    .await;
+    assert!(children_named(a, "testbus-relay").is_empty(), "A linked the guest after its term");
+    let snapshots = std::process::Command::new("virsh")
+        .args(["-c", "qemu:///system", "snapshot-list", "--name", &guest])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&snapshots.stdout).trim().is_empty(), "A snapshotted the guest after its term");
+    assert!(client.api::<Host>().get_opt(&guest).await.unwrap().is_none(), "the guest registered");
 }
