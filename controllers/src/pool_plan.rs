@@ -150,10 +150,53 @@ pub fn plan(pool: &HostPool, guests: &[GuestView], demand: (u32, Vec<String>), n
     p
 }
 
+/// What a pool has, for its condition: "no guests", "1 guest: 1 Ready",
+/// "3 guests: 2 Ready (1 in use), 1 Booting". (It said how many it
+/// wanted, which was 0 with one idle guest Ready.)
+pub fn summary(views: &[GuestView]) -> String {
+    if views.is_empty() {
+        return "no guests".into();
+    }
+    let mut counts: Vec<(GuestPhase, usize)> = Vec::new();
+    for v in views {
+        match counts.iter_mut().find(|(p, _)| *p == v.phase) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((v.phase, 1)),
+        }
+    }
+    counts.sort_by_key(|(p, _)| *p as u8);
+    let in_use = views.iter().filter(|v| v.phase == GuestPhase::Ready && v.claimed).count();
+    let parts: Vec<String> = counts
+        .iter()
+        .map(|(p, n)| match p {
+            GuestPhase::Ready if in_use > 0 => format!("{n} Ready ({in_use} in use)"),
+            _ => format!("{n} {}", p.as_str()),
+        })
+        .collect();
+    let n = views.len();
+    format!("{n} guest{}: {}", if n == 1 { "" } else { "s" }, parts.join(", "))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use testbus_proto::manifest;
+
+    fn view(name: &str, phase: GuestPhase, claimed: bool) -> GuestView {
+        GuestView { name: name.into(), phase, busy: false, claimed, clean: !claimed, idle_since: None }
+    }
+
+    #[test]
+    fn the_summary_says_what_the_pool_has() {
+        assert_eq!(summary(&[]), "no guests");
+        assert_eq!(summary(&[view("a", GuestPhase::Ready, false)]), "1 guest: 1 Ready");
+        let three = [
+            view("a", GuestPhase::Booting, false),
+            view("b", GuestPhase::Ready, true),
+            view("c", GuestPhase::Ready, false),
+        ];
+        assert_eq!(summary(&three), "3 guests: 1 Booting, 2 Ready (1 in use)");
+    }
 
     fn pool(extra: &str) -> HostPool {
         let text = format!(

@@ -310,7 +310,7 @@ pub async fn reconcile(ctx: &Arc<Context>, name: &str) -> Result<Action, Status>
         write_status(ctx, &pool, Some(condition("Available", false, "GuestsFailing", &msg))).await?;
         return Ok(Action::Requeue(Duration::from_secs(2)));
     } else {
-        format!("{} guests", plan.want)
+        pool_plan::summary(&views)
     };
     write_status(ctx, &pool, Some(condition("Available", true, "Reconciled", &what))).await?;
     // Guests on their way, and idle guests, are looked at again soon.

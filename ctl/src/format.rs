@@ -62,7 +62,7 @@ pub fn header(kind: Kind, fmt: &Format) -> Vec<String> {
     };
     if wide {
         h.extend(match kind {
-            Kind::Host => vec!["ADDRESS", "OS", "KERNEL", "TRANSPORT"],
+            Kind::Host => vec!["ADDRESS", "OS", "KERNEL", "TRANSPORT", "MESSAGE"],
             Kind::Test => vec!["REASON", "MESSAGE"],
             Kind::Process => vec!["PID", "MESSAGE"],
             Kind::HostPool => vec!["CAPABILITIES", "MESSAGE"],
@@ -135,9 +135,20 @@ fn host_row(h: &Host, wide: bool) -> Vec<String> {
             or_none(&f.os),
             or_none(&f.kernel),
             or_none(&f.transport),
+            or_none(&host_message(h)),
         ]);
     }
     r
+}
+
+/// Why a host is as it is: the reason it was cordoned with, else its
+/// status message.
+pub fn host_message(h: &Host) -> String {
+    match (h.spec().unschedulable, h.spec().unschedulable_reason.as_str()) {
+        (true, "") => "cordoned".into(),
+        (true, why) => format!("cordoned: {why}"),
+        (false, _) => h.status().message.clone(),
+    }
 }
 
 fn test_row(t: &Test, wide: bool) -> Vec<String> {

@@ -145,7 +145,8 @@ enum Cmd {
     Logs {
         /// test/NAME or process/NAME.
         target: String,
-        /// Only the processes of this role (or member, e.g. client-2).
+        /// Only the processes of this role (or member, e.g. client1: a role
+        /// with count N has members ROLE0 to ROLE(N-1)).
         #[arg(long)]
         role: Option<String>,
         /// Only the processes of this step.
@@ -737,16 +738,15 @@ fn describe(o: &Object, cx: &Context) {
                     }
                 }
             }
-            if !s.conditions.is_empty() {
-                println!("Conditions:");
-                for c in &s.conditions {
-                    println!("  {:<10} {:<6} {:<14} {}", c.r#type, c.status, c.reason, c.message);
-                }
-            }
+            print_conditions(&s.conditions);
         }
         Object::Host(h) => {
             let s = h.status();
             println!("Phase:        {}{}", s.phase, if h.spec().unschedulable { " (cordoned)" } else { "" });
+            if h.spec().unschedulable {
+                let why = &h.spec().unschedulable_reason;
+                println!("Cordoned:     {}", if why.is_empty() { "(no reason given)" } else { why });
+            }
             if !s.message.is_empty() {
                 println!("Message:      {}", s.message);
             }
@@ -774,6 +774,7 @@ fn describe(o: &Object, cx: &Context) {
                     f.transport
                 );
             }
+            print_conditions(&s.conditions);
         }
         Object::HostPool(p) => {
             let (sp, s) = (p.spec(), p.status());
@@ -801,12 +802,7 @@ fn describe(o: &Object, cx: &Context) {
                     println!("  {:<20} {:<10} {:<15} {}", g.name, g.phase, g.address, g.message);
                 }
             }
-            if !s.conditions.is_empty() {
-                println!("Conditions:");
-                for c in &s.conditions {
-                    println!("  {:<10} {:<6} {:<14} {}", c.r#type, c.status, c.reason, c.message);
-                }
-            }
+            print_conditions(&s.conditions);
         }
         Object::Process(p) => {
             let (sp, s) = (p.spec(), p.status());
@@ -860,6 +856,16 @@ fn print_events(o: &Object) {
         ]);
     }
     print!("{}", format::table(&rows));
+}
+
+/// `describe`'s Conditions section (none when there are none).
+fn print_conditions(conditions: &[testbus_proto::Condition]) {
+    if !conditions.is_empty() {
+        println!("Conditions:");
+        for c in conditions {
+            println!("  {:<10} {:<6} {:<14} {}", c.r#type, c.status, c.reason, c.message);
+        }
+    }
 }
 
 /// What `cordon` and `uncordon` do to a host.

@@ -430,6 +430,12 @@ fn completion_help_examples_and_syntax_error_positions() {
         assert!(script.contains("ttl-after-finished") && script.contains("wait-claimed"), "{shell}");
     }
     assert_eq!(ctl(&["completion", "powershell"]).status.code(), Some(2));
+    // The member named in `logs --help` is one a role of count 2 has (it
+    // said client-2; members are client0 and client1).
+    let help = String::from_utf8_lossy(&ctl(&["logs", "--help"]).stdout).into_owned();
+    let req = testbus_proto::HostRequirement { role: "client".into(), count: Some(2), ..Default::default() };
+    let members = testbus_proto::validate::members(&req);
+    assert!(members.iter().any(|m| help.contains(&format!("e.g. {m}"))), "{members:?} in {help}");
     for verb in ["apply", "get", "run", "exec", "cp", "describe", "delete"] {
         let out = ctl(&[verb, "--help"]);
         let help = String::from_utf8_lossy(&out.stdout);
@@ -848,4 +854,19 @@ async fn a_missing_command_is_the_tests_failure_not_the_hosts() {
     assert_eq!((out.code, out.stdout.as_str()), (0, "still-here\n"), "{out:?}");
     let procs = c.ctl(&["get", "processes", "-o", "yaml"]).stdout;
     assert!(!procs.contains("SpawnFailed"), "{procs}");
+}
+
+/// `cordon --reason` promised the reason in get and describe; only
+/// `-o yaml` showed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cordon_reason_is_shown_by_get_and_describe() {
+    let c = Cluster::start(1).await;
+    assert_eq!(c.ctl(&["cordon", "host-0", "--reason", "disk swap on Friday"]).code, 0);
+    let wide = c.ctl(&["get", "hosts", "-o", "wide"]).stdout;
+    assert!(wide.contains("MESSAGE") && wide.contains("cordoned: disk swap on Friday"), "{wide}");
+    let described = c.ctl(&["describe", "host", "host-0"]).stdout;
+    assert!(described.contains("Cordoned:     disk swap on Friday"), "{described}");
+    assert_eq!(c.ctl(&["uncordon", "host-0"]).code, 0);
+    let described = c.ctl(&["describe", "host", "host-0"]).stdout;
+    assert!(!described.contains("Cordoned:"), "{described}");
 }

@@ -231,6 +231,13 @@ async fn snapshots_of_a_guest_are_created_listed_and_deleted() {
     let out = c.ctl(&["create", "test", "snap", "--claim", "vm=vm", "--timeout", "10m", "--wait-claimed"]);
     assert_eq!(out.code, 0, "{out:?}");
     let guest = c.test("snap").await.status().claims["vm"].clone();
+    // What the pool has, where users look (it said "0 guests").
+    wait_for(Duration::from_secs(30), "the pool to say it has its guest", || async {
+        let wide = c.ctl(&["get", "hostpools", "-o", "wide"]).stdout;
+        wide.contains("1 guest: 1 Ready (1 in use)").then_some(())
+    })
+    .await;
+    assert!(c.ctl(&["describe", "hostpool", "tbt-s"]).stdout.contains("1 guest: 1 Ready (1 in use)"));
     assert_eq!(c.ctl(&["exec", "snap", "--", "sh", "-c", "echo one > /root/marker"]).code, 0);
     let out = c.ctl(&["snapshot", "create", &guest, "s1"]);
     assert_eq!((out.code, out.stdout.clone()), (0, format!("snapshot s1 of host/{guest} created\n")), "{out:?}");
