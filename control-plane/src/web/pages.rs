@@ -138,7 +138,7 @@ pub fn overview(o: &Overview) -> Markup {
                             td { (i + 1) }
                             td { (test_link(t.name())) }
                             td { (t.spec().priority) }
-                            td.why { (t.status().reason) @if !t.status().message.is_empty() { ": " (t.status().message) } }
+                            td.why { (why(t).unwrap_or_default()) }
                         }
                     }
                 }
@@ -197,12 +197,31 @@ pub fn overview(o: &Overview) -> Markup {
 
 /// A test's page: roles and hosts, the step graph, processes, results,
 /// trace and downloads.
+/// Why a test is as it is: its own reason once it has one (a finished
+/// test's), else, while it waits, what its Scheduled condition says (the
+/// queue showed a stray ": " and a pending test's page nothing).
+fn why(t: &Test) -> Option<String> {
+    let s = t.status();
+    let (reason, message) = if !s.reason.is_empty() {
+        (s.reason.as_str(), s.message.as_str())
+    } else {
+        let waits = s.conditions.iter().find(|c| c.r#type == "Scheduled" && c.status == "False")?;
+        (waits.reason.as_str(), waits.message.as_str())
+    };
+    Some(match (reason, message) {
+        ("", m) => m.to_string(),
+        (r, "") => r.to_string(),
+        (r, m) => format!("{r}: {m}"),
+    })
+    .filter(|w| !w.is_empty())
+}
+
 pub fn test(t: &Test) -> Markup {
     let s = t.status();
     let steps = testbus_proto::steps::expand(t.spec());
     html! {
         h1 { "test/" (t.name()) " " (phase_badge(&s.phase)) }
-        @if !s.reason.is_empty() { p.why #reason { (s.reason) @if !s.message.is_empty() { ": " (s.message) } } }
+        @if let Some(why) = why(t) { p.why #reason { (why) } }
         p {
             "created " span.time { (t.meta().creation_timestamp) }
             @if !s.start_time.is_empty() { " · ran " (duration(&s.start_time, &s.completion_time)) }
@@ -490,6 +509,29 @@ mod tests {
         assert!(html.contains("host-h200") && html.contains("host-h249") && !html.contains("host-h199"));
         assert!(html.contains("page 3 of 3 (250 hosts)"));
         assert!(!html.contains("<b>"), "escaped");
+    }
+
+    #[test]
+    fn a_pending_test_says_why_it_waits_on_its_page_and_in_the_queue() {
+        let mut t = test_named("w", "Pending");
+        t.status_mut().conditions.push(testbus_proto::Condition {
+            r#type: "Scheduled".into(),
+            status: "False".into(),
+            reason: "Unsatisfiable".into(),
+            message: "no host has capability nfs-sever".into(),
+            ..Default::default()
+        });
+        let page = test(&t).into_string();
+        assert!(page.contains("Unsatisfiable: no host has capability nfs-sever"), "{page}");
+        let refs = [&t];
+        let o = Overview { tests: &refs, queue: &refs, hosts: &[], pools: &[], host_page: 1, test_page: 1 };
+        let html = overview(&o).into_string();
+        assert!(html.contains(r#"<td class="why">Unsatisfiable: no host has capability nfs-sever</td>"#), "{html}");
+        // Nothing to say: no stray separator.
+        let quiet = test_named("q", "Pending");
+        let refs = [&quiet];
+        let o = Overview { tests: &refs, queue: &refs, hosts: &[], pools: &[], host_page: 1, test_page: 1 };
+        assert!(overview(&o).into_string().contains(r#"<td class="why"></td>"#));
     }
 
     #[test]
