@@ -819,8 +819,16 @@ impl ResourceService<Test> {
                 time: testbus_proto::time::now(),
             };
             let results = &mut t.status_mut().results;
-            match results.iter_mut().find(|x| x.path == r.path) {
-                Some(x) => *x = r,
+            // Results are facts: the same one again is a retry, a different
+            // one is refused (a later pass silently overwrote a failure).
+            match results.iter().find(|x| x.path == r.path) {
+                Some(x) if x.outcome == r.outcome && x.message == r.message => return Ok(()),
+                Some(x) => {
+                    return Err(Status::already_exists(format!(
+                        "path: {} already has a result ({} at {}); a recorded result cannot be changed",
+                        x.path, x.outcome, x.time
+                    )))
+                }
                 None => results.push(r),
             }
             if results.len() > 10_000 {

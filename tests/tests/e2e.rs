@@ -992,6 +992,12 @@ async fn scripting_exit_codes_and_failed_results() {
     assert_eq!(c.ctl(&["exec", "imp", "--role", "zz", "--", "true"]).code, 2);
     assert_eq!(c.ctl(&["result", "imp", "bad path!", "pass"]).code, 2);
     assert_eq!(c.ctl(&["result", "imp", "checks.one", "fail", "--message", "broken"]).code, 0);
+    // A result is a fact: the same again is a retry, a later pass does not
+    // overwrite the failure (it did, and the test succeeded).
+    assert_eq!(c.ctl(&["result", "imp", "checks.one", "fail", "--message", "broken"]).code, 0);
+    let out = c.ctl(&["result", "imp", "checks.one", "pass"]);
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("checks.one already has a result (fail at "), "{out:?}");
     assert_eq!(c.ctl(&["getenv", "imp", "host_a_hostname"]).code, 0);
     assert_eq!(c.ctl(&["getenv", "imp", "NOPE"]).code, 2);
     // A failed recorded result fails the test at finish.
