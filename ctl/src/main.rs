@@ -547,11 +547,11 @@ async fn apply(
     if wait && !tests.is_empty() {
         return tokio::select! {
             code = progress::wait(client, &tests, timeout, progress::Progress::Shown) => code,
-            _ = tokio::signal::ctrl_c() => {
+            why = run::stop_signal() => {
                 // Only the waiting stops: say so, and how to stop the tests.
                 let names: Vec<String> = tests.iter().map(|t| format!("test/{t}")).collect();
                 eprintln!(
-                    "testbusctl: interrupted; {} keep running (`testbusctl delete test {}` stops them)",
+                    "testbusctl: {why}; {} keep running (`testbusctl delete test {}` stops them)",
                     names.join(" "),
                     tests.join(" ")
                 );

@@ -79,26 +79,7 @@ pub async fn run(client: &testbus_proto::client::Client, a: RunArgs) -> CliResul
     let follow = logs::follow_test(client, &t, &all, prefix, Some(a.count as usize));
     // Ctrl-C, SIGTERM or SIGHUP (a closed terminal) cancels the remote
     // test: it was this command's, and nobody else waits for it.
-    let stopped = async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (mut term, mut hup) = (signal(SignalKind::terminate()).ok(), signal(SignalKind::hangup()).ok());
-        let on = |s: &mut Option<tokio::signal::unix::Signal>| {
-            let s = s.take();
-            async move {
-                match s {
-                    Some(mut s) => {
-                        s.recv().await;
-                    }
-                    None => std::future::pending::<()>().await,
-                }
-            }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => "interrupted",
-            _ = on(&mut term) => "terminated",
-            _ = on(&mut hup) => "hung up",
-        }
-    };
+    let stopped = stop_signal();
     let followed = tokio::select! {
         r = follow => r,
         why = stopped => {
@@ -153,4 +134,28 @@ pub async fn run(client: &testbus_proto::client::Client, a: RunArgs) -> CliResul
     }
     eprintln!("testbusctl: test/{name} {}: {}", s.phase, s.message);
     Ok(INCOMPLETE)
+}
+
+/// The first of Ctrl-C, SIGTERM or SIGHUP (a closed terminal), said as a
+/// word for a message ("interrupted", "terminated", "hung up"). Every
+/// command that waits stops on any of them, the same way.
+pub async fn stop_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut term, mut hup) = (signal(SignalKind::terminate()).ok(), signal(SignalKind::hangup()).ok());
+    let on = |s: &mut Option<tokio::signal::unix::Signal>| {
+        let s = s.take();
+        async move {
+            match s {
+                Some(mut s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "interrupted",
+        _ = on(&mut term) => "terminated",
+        _ = on(&mut hup) => "hung up",
+    }
 }

@@ -102,32 +102,38 @@ spec:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctrl_c_on_apply_wait_says_the_test_keeps_running() {
     let c = Cluster::start(1).await;
-    let path = manifest(
-        &c,
-        "long.yaml",
-        r#"apiVersion: testbus/v1
-kind: Test
-metadata: {name: long}
-spec:
-  hosts: [{role: a}]
-  steps: [{name: s, on: [a], argv: [sleep, "600"]}]
-"#,
-    );
-    let child = c.ctl_spawn(&["apply", "-f", &path, "--wait"]);
     let client = c.client().await;
-    wait_for(Duration::from_secs(30), "the test to run", || async {
-        let t = client.api::<Test>().get("long").await.ok()?;
-        (t.status().phase == "Running").then_some(())
-    })
-    .await;
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(3), "{:?} {stderr}", out.status);
-    assert!(stderr.contains("test/long keep running") && stderr.contains("testbusctl delete test long"), "{stderr}");
-    let t = client.api::<Test>().get("long").await.unwrap();
-    assert_eq!(t.status().phase, "Running", "the test itself goes on");
+    // SIGTERM was exit 143 and silence; it is said like Ctrl-C.
+    for (sig, said) in
+        [(nix::sys::signal::Signal::SIGINT, "interrupted"), (nix::sys::signal::Signal::SIGTERM, "terminated")]
+    {
+        let name = format!("long-{}", said);
+        let path = manifest(
+            &c,
+            &format!("{name}.yaml"),
+            &format!(
+                "apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: {name}}}\nspec:\n  hosts: [{{role: a}}]\n  steps: [{{name: s, on: [a], argv: [sleep, \"600\"]}}]\n"
+            ),
+        );
+        let child = c.ctl_spawn(&["apply", "-f", &path, "--wait"]);
+        wait_for(Duration::from_secs(30), "the test to run", || async {
+            let t = client.api::<Test>().get(&name).await.ok()?;
+            (t.status().phase == "Running").then_some(())
+        })
+        .await;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{sig}: {:?} {stderr}", out.status);
+        assert!(
+            stderr.contains(&format!("{said}; test/{name} keep running"))
+                && stderr.contains(&format!("testbusctl delete test {name}")),
+            "{stderr}"
+        );
+        let t = client.api::<Test>().get(&name).await.unwrap();
+        assert_eq!(t.status().phase, "Running", "the test itself goes on");
+        assert_eq!(c.ctl(&["delete", "test", &name]).code, 0);
+    }
 }
 
 /// A test that timed out was reported green: JUnit counted its stopped
