@@ -541,6 +541,9 @@ async fn apply(
         };
         println!("{what}/{} {verb}", obj.meta().name);
         if let Object::Test(t) = &obj {
+            if let Some(warning) = open_warning(t) {
+                eprintln!("testbusctl: warning: {warning}");
+            }
             tests.push(t.name().to_string());
         }
     }
@@ -856,6 +859,22 @@ fn print_events(o: &Object) {
         ]);
     }
     print!("{}", format::table(&rows));
+}
+
+/// A test with nothing to run that does not say it is driven from
+/// outside: it would sit Running 0/0 holding its hosts until its timeout.
+fn open_warning(t: &testbus_proto::Test) -> Option<String> {
+    let sp = t.spec();
+    if !sp.steps.is_empty() || !sp.tests.is_empty() || sp.open {
+        return None;
+    }
+    let timeout = if sp.timeout.is_empty() { "1h" } else { sp.timeout.as_str() };
+    Some(format!(
+        "test/{} has no steps: it holds its hosts until `testbusctl finish {}` or its timeout ({timeout}); \
+         set spec.open: true if that is what you mean",
+        t.name(),
+        t.name()
+    ))
 }
 
 /// `describe`'s Conditions section (none when there are none).

@@ -40,7 +40,13 @@ pub async fn create_test(
 ) -> CliResult {
     let t = Test {
         metadata: Some(ObjectMeta { name: name.into(), ..Default::default() }),
-        spec: Some(TestSpec { hosts: claims, env, timeout: timeout.unwrap_or_default(), ..Default::default() }),
+        spec: Some(TestSpec {
+            hosts: claims,
+            env,
+            timeout: timeout.unwrap_or_default(),
+            open: true,
+            ..Default::default()
+        }),
         ..Default::default()
     };
     use testbus_proto::validate::Validate;

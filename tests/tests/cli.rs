@@ -876,3 +876,28 @@ async fn a_cordon_reason_is_shown_by_get_and_describe() {
     let described = c.ctl(&["describe", "host", "host-0"]).stdout;
     assert!(!described.contains("Cordoned:"), "{described}");
 }
+
+/// A manifest with no steps silently became a test that held its hosts,
+/// Running 0/0, for up to an hour. apply says so, unless the test says it
+/// is driven from outside (`spec.open: true`, as `create test` makes it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_test_with_no_steps_is_said_at_apply_unless_it_is_open() {
+    let c = Cluster::start(0).await;
+    let doc = |name: &str, extra: &str| {
+        format!(
+            "apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: {name}}}\nspec:\n  hosts: [{{role: a}}]\n{extra}"
+        )
+    };
+    let out = c.ctl(&["apply", "-f", &manifest(&c, "bare.yaml", &doc("bare", ""))]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        out.stderr.contains("warning: test/bare has no steps: it holds its hosts until `testbusctl finish bare` or its timeout (1h); set spec.open: true"),
+        "{out:?}"
+    );
+    let out = c.ctl(&["apply", "-f", &manifest(&c, "open.yaml", &doc("open", "  open: true\n"))]);
+    assert_eq!((out.code, out.stderr.as_str()), (0, ""), "{out:?}");
+    assert!(c.test("open").await.spec().open);
+    let out = c.ctl(&["create", "test", "scripted", "--claim", "a"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(c.test("scripted").await.spec().open, "create test makes an open test");
+}
