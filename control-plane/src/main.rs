@@ -210,9 +210,20 @@ fn is_root() -> bool {
 async fn local_client(data_dir: Option<PathBuf>) -> anyhow::Result<testbus_proto::client::Client> {
     let dir = data_dir.unwrap_or_else(default_data_dir);
     let sock = dir.join("api.sock");
-    testbus_proto::client::Client::connect(&format!("unix:{}", sock.display()))
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}\n(is the control plane with --data-dir {} running?)", dir.display()))
+    // A control plane started a moment ago (`testbus-control-plane &` in a
+    // script) is waited for, a few seconds at most.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match testbus_proto::client::Client::connect(&format!("unix:{}", sock.display())).await {
+            Ok(c) => return Ok(c),
+            Err(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => {
+                return Err(anyhow::anyhow!("{e}\n(is the control plane with --data-dir {} running?)", dir.display()))
+            }
+        }
+    }
 }
 
 async fn command(cmd: Command) -> anyhow::Result<()> {

@@ -489,6 +489,19 @@ impl Agent {
     }
 }
 
+/// The agent's own cgroup, removed (if empty) whichever way `run`
+/// returns: a failed or interrupted join used to leave it behind. One that
+/// still holds processes stays, for the next start to end them.
+struct CgroupRootCleanup(Option<std::sync::Arc<containment::CgroupRoot>>);
+
+impl Drop for CgroupRootCleanup {
+    fn drop(&mut self) {
+        if let Some(root) = &self.0 {
+            root.remove_if_empty();
+        }
+    }
+}
+
 /// Tells apart the cgroups of agents on one machine: by name, and by data
 /// dir for two agents of one name.
 fn cgroup_key(name: &str, data_dir: &std::path::Path) -> String {
@@ -584,6 +597,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let containment = choose_containment(args.containment, &args.name, &data_dir)?;
+    let _cgroup_cleanup = CgroupRootCleanup(match &containment {
+        containment::Containment::Cgroup(root) => Some(root.clone()),
+        _ => None,
+    });
     let predecessor_ran = containment::end_predecessors(&journal, containment.cgroups()).await;
     // The metrics listener ends with this function (the guard cancels it).
     let metrics_stop = tokio_util::sync::CancellationToken::new();
@@ -603,8 +620,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => args.join_token.clone(),
     };
     let take_over = if args.take_over { TakeOver::Yes } else { TakeOver::No };
-    let creds =
-        credentials::Credentials::obtain(&args.server, &args.name, token.as_deref(), take_over, &data_dir).await?;
+    // A stop while it still tries to join ends it as cleanly as one later.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let creds = tokio::select! {
+        creds = credentials::Credentials::obtain(&args.server, &args.name, token.as_deref(), take_over, &data_dir) => creds?,
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("stopped before it joined"),
+        _ = term.recv() => anyhow::bail!("stopped before it joined"),
+    };
     let client = Client::lazy_with(&args.server, creds.as_ref().map(|c| c.tls.clone()))
         .map_err(|e| anyhow::anyhow!("--server: {e}"))?;
     let renewing = tokio_util::sync::CancellationToken::new();
@@ -642,7 +664,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let events =
         watcher_with(client.api::<Process>(), String::new(), format!("spec.hostName={}", args.name), Reconnect::Relist);
     futures::pin_mut!(events);
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut lost = None;
     loop {
         tokio::select! {
@@ -710,9 +731,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     let _ = tokio::time::timeout(Duration::from_secs(10), wait).await;
-    if let Some(root) = agent.containment.cgroups() {
-        root.remove_if_empty();
-    }
     match lost {
         Some(why) => Err(anyhow::anyhow!(why)),
         None => Ok(()),

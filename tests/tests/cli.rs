@@ -410,14 +410,59 @@ fn an_agent_that_cannot_reach_the_server_says_so_in_one_line() {
         assert!(std::time::Instant::now() < deadline, "no retries logged:\n{text}");
         std::thread::sleep(Duration::from_millis(25));
     };
-    agent.kill().unwrap();
-    agent.wait().unwrap();
+    // Stopped before it ever registered, it leaves no cgroup behind.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = agent.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert_no_cgroup_left(&dir.path().join("data"));
     assert!(!text.contains('\x1b'), "colour codes in a log file:\n{text}");
     for line in text.lines().filter(|l| l.contains("cannot reach")) {
         let (_, said) = line.split_once("cannot reach").unwrap();
         assert!(said.starts_with(&format!(" {server}: connection refused; retrying in ")), "{line}");
         assert!(line.ends_with('s') && !line.contains("tonic") && !line.contains("source:"), "{line}");
     }
+}
+
+/// Where an agent said its cgroup is (as root), that cgroup is gone.
+fn assert_no_cgroup_left(data_dir: &std::path::Path) {
+    if let Ok(cgroup) = std::fs::read_to_string(data_dir.join("cgroup")) {
+        assert!(!std::path::Path::new(&cgroup).exists(), "{cgroup} left behind");
+    }
+}
+
+/// A join that fails, or is interrupted, leaves no cgroup behind (it did).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_or_interrupted_join_leaves_no_cgroup() {
+    let c = Cluster::start(0).await;
+    let token = c.create_token("1h").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (data, log) = (dir.path().join("data"), dir.path().join("agent.log"));
+    let agent = |server: &str, token: &str| {
+        std::process::Command::new(bin_dir().join("testbus-agent"))
+            .args(["--server", server, "--name", "joiner", "--join-token", token])
+            .arg("--data-dir")
+            .arg(&data)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    // A token that is not one: refused at once.
+    let status = agent(&c.agent_server, "tbjoin.not-a-token").wait().unwrap();
+    assert_eq!(status.code(), Some(2), "{}", std::fs::read_to_string(&log).unwrap());
+    assert_no_cgroup_left(&data);
+    // A server that is not there: stopped while it tries again.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut trying = agent(&format!("https://127.0.0.1:{port}"), &token);
+    wait_for(Duration::from_secs(30), "the agent to retry its join", || async {
+        std::fs::read_to_string(&log).ok()?.contains("retrying in").then_some(())
+    })
+    .await;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(trying.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = trying.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(2), "{text}");
+    assert!(text.contains("stopped before it joined"), "{text}");
+    assert_no_cgroup_left(&data);
 }
 
 /// `completion bash|zsh|fish` prints a script for that shell (and no other
@@ -826,8 +871,9 @@ fn daemons_log_one_json_object_per_line_when_asked() {
         .spawn()
         .unwrap();
     read_json(&agent_log, &|l| l["message"].as_str().is_some_and(|m| m.starts_with("cannot reach")));
-    agent.kill().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
     agent.wait().unwrap();
+    assert_no_cgroup_left(&dir.path().join("agent"));
     // A wrong format is refused, naming the flag.
     let out = std::process::Command::new(bin_dir().join("testbus-relay"))
         .args(["--log-format", "xml", "--downstream", "unix:/nonexistent", "--upstream", "tcp:127.0.0.1:1"])
@@ -900,4 +946,42 @@ async fn a_test_with_no_steps_is_said_at_apply_unless_it_is_open() {
     let out = c.ctl(&["create", "test", "scripted", "--claim", "a"]);
     assert_eq!(out.code, 0, "{out:?}");
     assert!(c.test("scripted").await.spec().open, "create test makes an open test");
+}
+
+/// README's "Running it yourself", run as written (but for the build,
+/// whose binaries the tests already have): it used to start one agent
+/// for hello.yaml's three hosts, and the test waited forever. It runs in
+/// namespaces of its own: network (loopback, and an address for the hosts
+/// to publish), mount (a tmpfs over /var/lib, where it keeps its state),
+/// and PID (all it started in the background ends with it).
+#[test]
+fn the_readme_runs_as_written() {
+    if !testbus_tests::needs_root("the README's commands (namespaces, /var/lib)") {
+        return;
+    }
+    let readme = std::fs::read_to_string(testbus_tests::repo_root().join("README.md")).unwrap();
+    let section = &readme[readme.find("## Running it yourself").expect("the section")..];
+    let block = &section[section.find("```sh\n").expect("its sh block") + 6..];
+    let block = &block[..block.find("\n```").unwrap()];
+    let bin = bin_dir().display().to_string();
+    let commands: Vec<String> = block
+        .lines()
+        .filter(|l| !l.starts_with("cargo build"))
+        .map(|l| l.replace("$PWD/target/release", &bin))
+        .collect();
+    assert!(commands.iter().any(|l| l.contains("hello.yaml")), "{block}");
+    let script = format!(
+        "set -e\nip link set lo up\nip link add v0 type veth peer name v1\nip addr add 10.99.0.1/24 dev v0\n\
+         ip link set v0 addrgenmode none\nip link set v1 up\nip link set v0 up\nmount -t tmpfs tmpfs /var/lib\ncd {}\n{}\n",
+        testbus_tests::repo_root().display(),
+        commands.join("\n")
+    ) + "wait\n"; // for the daemons' own shutdown, before the namespace goes
+    let out = std::process::Command::new("timeout")
+        .args(["--kill-after=5", "180", "unshare", "--net", "--mount", "--pid", "--fork", "--kill-child"])
+        .args(["--mount-proc", "bash", "-c", &script])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{script}\n--- stdout\n{stdout}\n--- stderr\n{stderr}");
+    assert!(stdout.contains("host-c") && stdout.contains("test/hello-"), "{stdout}\n--- stderr\n{stderr}");
 }
