@@ -388,6 +388,44 @@ fn caller_of(tls: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>) -> Ca
     }
 }
 
+/// Lines about refused TLS handshakes: at most this many a minute.
+const HANDSHAKE_LINES_PER_MINUTE: u32 = 10;
+static HANDSHAKE_LOG: LogBudget = LogBudget::new(HANDSHAKE_LINES_PER_MINUTE);
+
+/// A budget of log lines per minute for what a peer can cause at will.
+struct LogBudget {
+    per_minute: u32,
+    /// The minute's start, lines said in it, lines held back since the
+    /// last one said.
+    state: parking_lot::Mutex<Option<(std::time::Instant, u32, u64)>>,
+}
+
+impl LogBudget {
+    const fn new(per_minute: u32) -> LogBudget {
+        LogBudget { per_minute, state: parking_lot::Mutex::new(None) }
+    }
+
+    /// Some(lines held back since the last one) if a line may be said now.
+    fn take(&self) -> Option<u64> {
+        self.take_at(std::time::Instant::now())
+    }
+
+    fn take_at(&self, now: std::time::Instant) -> Option<u64> {
+        let mut st = self.state.lock();
+        let (start, said, held) = st.get_or_insert((now, 0, 0));
+        if now.duration_since(*start) >= Duration::from_secs(60) {
+            (*start, *said) = (now, 0);
+        }
+        if *said < self.per_minute {
+            *said += 1;
+            Some(std::mem::take(held))
+        } else {
+            *held += 1;
+            None
+        }
+    }
+}
+
 /// Makes a freshly accepted connection ready to serve within `limit`: the
 /// TLS handshake, or (insecure) the start of the HTTP/2 preface. None: it
 /// failed or was too slow.
@@ -398,17 +436,26 @@ async fn handshake(
 ) -> Option<(TcpConn, Caller)> {
     match tls {
         None => sends_preface(&s, limit).await.then(|| (Box::new(s) as TcpConn, Caller::Insecure)),
-        Some(acceptor) => match tokio::time::timeout(limit, acceptor.accept(s)).await {
-            Ok(Ok(t)) => {
-                let caller = caller_of(&t);
-                Some((Box::new(t), caller))
+        Some(acceptor) => {
+            let peer = s.peer_addr().ok();
+            match tokio::time::timeout(limit, acceptor.accept(s)).await {
+                Ok(Ok(t)) => {
+                    let caller = caller_of(&t);
+                    Some((Box::new(t), caller))
+                }
+                Ok(Err(e)) => {
+                    // Said where an operator looks (an expired user
+                    // certificate left no trace), at most a few lines a
+                    // minute whatever a hostile client sends.
+                    if let Some(suppressed) = HANDSHAKE_LOG.take() {
+                        let peer = peer.map(|p| p.to_string()).unwrap_or_default();
+                        tracing::warn!(%peer, error = %e, suppressed, "TLS handshake refused");
+                    }
+                    None
+                }
+                Err(_) => None,
             }
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "TLS handshake failed");
-                None
-            }
-            Err(_) => None,
-        },
+        }
     }
 }
 
@@ -959,6 +1006,20 @@ mod tests {
     use super::*;
     use testbus_proto::client::{watcher, Client, WatcherEvent};
     use testbus_proto::Resource;
+
+    #[test]
+    fn a_log_budget_says_a_few_lines_a_minute_and_counts_the_rest() {
+        let budget = LogBudget::new(2);
+        let t0 = std::time::Instant::now();
+        assert_eq!(budget.take_at(t0), Some(0));
+        assert_eq!(budget.take_at(t0), Some(0));
+        assert_eq!(budget.take_at(t0 + Duration::from_secs(1)), None);
+        assert_eq!(budget.take_at(t0 + Duration::from_secs(2)), None);
+        // The next minute says how many were held back.
+        assert_eq!(budget.take_at(t0 + Duration::from_secs(61)), Some(2));
+        assert_eq!(budget.take_at(t0 + Duration::from_secs(62)), Some(0));
+        assert_eq!(budget.take_at(t0 + Duration::from_secs(63)), None);
+    }
 
     /// A listener that fails after the tasks started (the janitor, the
     /// sync feed, the controllers) goes through the same drain as a

@@ -68,10 +68,42 @@ fn tls_of(path: &std::path::Path, f: &ClientFile) -> CliResult<Option<Tls>> {
     if f.certificate_authority.is_empty() {
         return Ok(None);
     }
+    if !f.client_certificate.is_empty() {
+        check_certificate(path, &f.client_certificate, std::time::SystemTime::now())?;
+    }
     let identity = (!f.client_certificate.is_empty()).then_some((f.client_certificate.as_str(), f.client_key.as_str()));
     let cfg = testbus_pki::client_config(&f.certificate_authority, identity)
         .map_err(|e| CliError { code: USAGE, message: format!("{}: {e}", path.display()) })?;
     Ok(Some(Tls::new(cfg)))
+}
+
+/// The config's own certificate, checked before it is used: one that has
+/// expired, is not valid yet, or is not a user's (the CA's own, say) is
+/// said here, with what to do, rather than as the TLS error the server's
+/// refusal becomes.
+fn check_certificate(path: &std::path::Path, pem: &str, now: std::time::SystemTime) -> CliResult<()> {
+    let remake = "make a new one with `testbus-control-plane user create NAME --role ROLE --out FILE` \
+                  where the control plane runs";
+    let refused = |message: String| CliError { code: PERMISSION, message };
+    let id = testbus_pki::identity_of_pem(pem).map_err(|e| {
+        refused(format!("{}: client-certificate is not a testbus user's ({e}); {remake}", path.display()))
+    })?;
+    if id.not_after <= now {
+        return Err(refused(format!(
+            "your certificate ({}, user {}) expired at {}; {remake}",
+            path.display(),
+            id.name,
+            testbus_proto::time::format(id.not_after)
+        )));
+    }
+    if id.not_before > now {
+        return Err(refused(format!(
+            "your certificate ({}) is not valid until {} (is this machine's clock right?)",
+            path.display(),
+            testbus_proto::time::format(id.not_before)
+        )));
+    }
+    Ok(())
 }
 
 /// Connects as the config says.

@@ -68,8 +68,52 @@ fn broken_connection(s: &Status) -> bool {
     texts.iter().any(|t| SIGNS.iter().any(|sign| t.contains(sign)))
 }
 
+/// A TLS handshake that failed for a certificate, as a sentence saying
+/// whose certificate and what to do (rustls's own words were
+/// `Other(OtherError(CaUsedAsEndEntity))` and the like, or "transport
+/// error").
+fn tls_refusal(s: &Status) -> Option<String> {
+    tls_refusal_in(&chain(s).join(" "), &testbus_proto::client::cause(s))
+}
+
+/// [`tls_refusal`] of an error's text (lower-cased, sources included);
+/// `cause` is its innermost part as said to users.
+fn tls_refusal_in(texts: &str, cause: &str) -> Option<String> {
+    let has = |sign: &str| texts.contains(sign);
+    let remake = "make a new one with `testbus-control-plane user create` where the control plane runs";
+    Some(if has("alertreceived(certificateexpired)") {
+        format!("the server refused your certificate: it has expired; {remake}")
+    } else if has("alertreceived(certificaterevoked)") {
+        format!("the server refused your certificate: it was revoked; {remake}")
+    } else if ["alertreceived(badcertificate)", "alertreceived(unknownca)", "alertreceived(certificateunknown)"]
+        .iter()
+        .any(|a| has(a))
+    {
+        format!("the server refused your certificate (its CA did not issue it, or it was revoked); {remake}")
+    } else if has("alertreceived(certificaterequired)") {
+        "the server wants a client certificate and your config has none: set TESTBUS_CONFIG to a file from \
+         `testbus-control-plane user create`"
+            .to_string()
+    } else if has("unknownissuer") || has("invalid peer certificate: badsignature") {
+        "the server's certificate is not signed by the CA in your config: is it the control plane your config \
+         was made for?"
+            .to_string()
+    } else if has("causedasendentity") {
+        "the server presented a CA certificate as its own: is the address a testbus control plane?".to_string()
+    } else if has("notvalidforname") {
+        "the server's certificate does not name the address you gave: use the address it was made for".to_string()
+    } else if has("invalid peer certificate") {
+        format!("the server's certificate was refused: {cause}")
+    } else {
+        return None;
+    })
+}
+
 impl From<Status> for CliError {
     fn from(s: Status) -> Self {
+        if let Some(message) = tls_refusal(&s) {
+            return CliError { code: PERMISSION, message };
+        }
         let code = match s.code() {
             Code::Unavailable => UNREACHABLE,
             _ if broken_connection(&s) => UNREACHABLE,
@@ -93,10 +137,19 @@ impl From<Status> for CliError {
     }
 }
 
+/// What a server that is not plain gRPC answered.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// A TLS alert: it wants TLS (`https://`).
+    Tls,
+    /// Something else: its first line, as text.
+    Text(String),
+}
+
 /// For one `http://HOST:PORT` server: what it answers to the start of an
-/// HTTP/2 connection, if that is not HTTP/2 (its first line, as text); None
-/// if it speaks HTTP/2, cannot be reached, or is not such an address.
-pub fn answers_without_http2(server: &str) -> Option<String> {
+/// HTTP/2 connection, if that is not HTTP/2; None if it speaks HTTP/2,
+/// cannot be reached, or is not such an address.
+pub fn answers_without_http2(server: &str) -> Option<Answer> {
     use std::io::{Read, Write};
     let addr = server.strip_prefix("http://")?.trim_end_matches('/');
     if addr.contains(',') {
@@ -114,12 +167,21 @@ pub fn answers_without_http2(server: &str) -> Option<String> {
     if n == 0 || (n >= 4 && buf[3] == 4) {
         return None;
     }
+    // A TLS record (an alert, 0x15, or a handshake, 0x16), version 3.x.
+    if n >= 2 && matches!(buf[0], 0x15 | 0x16) && buf[1] == 0x03 {
+        return Some(Answer::Tls);
+    }
     let text = String::from_utf8_lossy(&buf[..n]);
-    Some(text.lines().next().unwrap_or_default().trim().to_string())
+    Some(Answer::Text(text.lines().next().unwrap_or_default().trim().to_string()))
 }
 
 impl From<testbus_proto::client::ConnectError> for CliError {
     fn from(e: testbus_proto::client::ConnectError) -> Self {
+        if let testbus_proto::client::ConnectError::Unreachable(server, why) = &e {
+            if let Some(said) = tls_refusal_in(&why.to_ascii_lowercase(), why) {
+                return CliError { code: PERMISSION, message: format!("{server}: {said}") };
+            }
+        }
         let code = match e {
             testbus_proto::client::ConnectError::InvalidAddress(..) => USAGE,
             testbus_proto::client::ConnectError::Unreachable(..) => UNREACHABLE,

@@ -1114,17 +1114,20 @@ fn main() {
     let code = match rt.block_on(dispatch(cli)) {
         Ok(c) => c,
         Err(e) => {
-            if e.message.starts_with(error::NOT_TESTBUS) {
-                eprintln!("testbusctl: {server} {}", e.message);
-            } else if let Some(answer) =
-                // The connection failed: say so plainly when the address
-                // answers, but not in HTTP/2 (how a failed call looks
-                // varies with timing).
-                (e.code == error::UNREACHABLE).then(|| error::answers_without_http2(&server)).flatten()
-            {
-                eprintln!("testbusctl: {server} {}: it answered {answer:?}", error::NOT_TESTBUS);
-            } else {
-                eprintln!("testbusctl: {}", e.message);
+            // The connection failed: say so plainly when the address
+            // answers, but not in HTTP/2 (how a failed call looks varies
+            // with timing).
+            let answer = (e.code == error::UNREACHABLE).then(|| error::answers_without_http2(&server)).flatten();
+            match answer {
+                Some(error::Answer::Tls) => {
+                    let tls = server.replacen("http://", "https://", 1);
+                    eprintln!("testbusctl: {server} speaks TLS: use {tls} (and a config from `user create`)");
+                }
+                Some(error::Answer::Text(answer)) if !e.message.starts_with(error::NOT_TESTBUS) => {
+                    eprintln!("testbusctl: {server} {}: it answered {answer:?}", error::NOT_TESTBUS);
+                }
+                _ if e.message.starts_with(error::NOT_TESTBUS) => eprintln!("testbusctl: {server} {}", e.message),
+                _ => eprintln!("testbusctl: {}", e.message),
             }
             e.code
         }

@@ -985,3 +985,93 @@ fn the_readme_runs_as_written() {
     assert_eq!(out.status.code(), Some(0), "{script}\n--- stdout\n{stdout}\n--- stderr\n{stderr}");
     assert!(stdout.contains("host-c") && stdout.contains("test/hello-"), "{stdout}\n--- stderr\n{stderr}");
 }
+
+/// Every TLS failure the CLI can meet is one sentence saying whose
+/// certificate and what to do, exit 5 (an expired certificate was "cannot
+/// reach the server: transport error", exit 4; a CA offered as a client
+/// certificate printed `Other(OtherError(CaUsedAsEndEntity))`); plaintext
+/// against TLS says the server speaks TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_failures_are_said_in_a_sentence() {
+    let mut c = Cluster::start(1).await;
+    c.ctl_node = Some("host-0".into());
+    let tls = c.agent_server.clone();
+    let run = |config: &std::path::Path, server: &str| c.ctl_with(config, &["--server", server, "get", "hosts"], None);
+    // Expired: said before anything is sent, with when and what to do.
+    let expired = c.dir.path().join("expired.yaml");
+    let out = std::process::Command::new(bin_dir().join("testbus-control-plane"))
+        .args(["user", "create", "x", "--role", "admin", "--ttl", "2s", "--server", &tls, "--out"])
+        .arg(&expired)
+        .arg("--data-dir")
+        .arg(c.dir.path().join("cp"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let file = testbus_pki::ClientFile::load(&expired).unwrap();
+    let not_after = testbus_pki::identity_of_pem(&file.client_certificate).unwrap().not_after;
+    // (Certificate times are whole seconds: past the last one it covers.)
+    wait_for(Duration::from_secs(30), "the certificate to expire", || async {
+        (std::time::SystemTime::now() > not_after + Duration::from_secs(1)).then_some(())
+    })
+    .await;
+    let out = run(&expired, &tls);
+    assert_eq!(out.code, 5, "{out:?}");
+    assert!(out.stderr.contains("your certificate (") && out.stderr.contains("user x) expired at "), "{out:?}");
+    assert!(out.stderr.contains("testbus-control-plane user create"), "{out:?}");
+    // The server says so too, when one is offered anyway (checked here
+    // with openssl's client, which does not look at its own dates).
+    let (cert, key) = (c.dir.path().join("x.crt"), c.dir.path().join("x.key"));
+    std::fs::write(&cert, &file.client_certificate).unwrap();
+    std::fs::write(&key, &file.client_key).unwrap();
+    let addr = tls.trim_start_matches("https://").to_string();
+    let _ = c
+        .command_in("host-0", std::path::Path::new("openssl"))
+        .args(["s_client", "-connect", &addr, "-cert"])
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    wait_for(Duration::from_secs(30), "the control plane to log the refused handshake", || async {
+        c.read_log("control-plane").contains("TLS handshake refused").then_some(())
+    })
+    .await;
+    // Another CA's user against this server.
+    let other = c.dir.path().join("other-ca.yaml");
+    let (ca, _) = testbus_pki::Ca::create().unwrap();
+    let eve = ca.issue("eve", testbus_pki::Role::Admin, Duration::from_secs(3600)).unwrap();
+    testbus_pki::ClientFile {
+        server: tls.clone(),
+        certificate_authority: ca.cert_pem().to_string(),
+        client_certificate: eve.cert,
+        client_key: eve.key,
+    }
+    .save(&other)
+    .unwrap();
+    let out = run(&other, &tls);
+    assert_eq!(out.code, 5, "{out:?}");
+    assert!(out.stderr.contains("not signed by the CA in your config"), "{out:?}");
+    // The CA's own certificate offered as the user's.
+    let pki = c.dir.path().join("cp/pki");
+    let ca_pem = std::fs::read_to_string(pki.join("ca.crt")).unwrap();
+    let as_user = c.dir.path().join("ca-as-user.yaml");
+    testbus_pki::ClientFile {
+        server: tls.clone(),
+        certificate_authority: ca_pem.clone(),
+        client_certificate: ca_pem,
+        client_key: std::fs::read_to_string(pki.join("ca.key")).unwrap(),
+    }
+    .save(&as_user)
+    .unwrap();
+    let out = run(&as_user, &tls);
+    assert_eq!(out.code, 5, "{out:?}");
+    assert!(out.stderr.contains("client-certificate is not a testbus user's"), "{out:?}");
+    assert!(!out.stderr.contains("OtherError"), "{out:?}");
+    // Plaintext against TLS.
+    let admin = c.write_user_config("ann", "admin");
+    let plain = tls.replace("https://", "http://");
+    let out = run(&admin, &plain);
+    assert_eq!(out.code, 4, "{out:?}");
+    assert!(out.stderr.contains(&format!("{plain} speaks TLS: use {tls}")), "{out:?}");
+}
