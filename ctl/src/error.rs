@@ -129,7 +129,9 @@ impl From<Status> for CliError {
         let message = if code == UNREACHABLE && not_grpc(&s) {
             format!("{NOT_TESTBUS}: {}", s.message())
         } else if code == UNREACHABLE {
-            format!("cannot reach the server: {}", s.message())
+            // The innermost cause says what happened ("transport error"
+            // said nothing).
+            format!("cannot reach the server: {}", testbus_proto::client::cause(&s))
         } else {
             s.message().to_string()
         };
@@ -151,7 +153,13 @@ pub enum Answer {
 /// cannot be reached, or is not such an address.
 pub fn answers_without_http2(server: &str) -> Option<Answer> {
     use std::io::{Read, Write};
-    let addr = server.strip_prefix("http://")?.trim_end_matches('/');
+    // `HOST:PORT` without a scheme is plain HTTP/2 too.
+    let addr = match server.strip_prefix("http://") {
+        Some(a) => a,
+        None if !server.contains("://") && !server.starts_with("unix") => server,
+        None => return None,
+    }
+    .trim_end_matches('/');
     if addr.contains(',') {
         return None;
     }

@@ -1117,17 +1117,22 @@ fn main() {
             // The connection failed: say so plainly when the address
             // answers, but not in HTTP/2 (how a failed call looks varies
             // with timing).
-            let answer = (e.code == error::UNREACHABLE).then(|| error::answers_without_http2(&server)).flatten();
+            let silent = e.message.contains("said nothing");
+            let answer =
+                (e.code == error::UNREACHABLE && !silent).then(|| error::answers_without_http2(&server)).flatten();
             match answer {
                 Some(error::Answer::Tls) => {
                     let tls = server.replacen("http://", "https://", 1);
                     eprintln!("testbusctl: {server} speaks TLS: use {tls} (and a config from `user create`)");
                 }
-                Some(error::Answer::Text(answer)) if !e.message.starts_with(error::NOT_TESTBUS) => {
+                Some(error::Answer::Text(answer)) => {
                     eprintln!("testbusctl: {server} {}: it answered {answer:?}", error::NOT_TESTBUS);
                 }
                 _ if e.message.starts_with(error::NOT_TESTBUS) => eprintln!("testbusctl: {server} {}", e.message),
-                _ => eprintln!("testbusctl: {}", e.message),
+                _ => match e.message.strip_prefix("cannot reach the server: ") {
+                    Some(why) => eprintln!("testbusctl: cannot reach the server at {server}: {why}"),
+                    None => eprintln!("testbusctl: {}", e.message),
+                },
             }
             e.code
         }

@@ -76,6 +76,98 @@ fn parse_server(server: &str) -> Result<Target, ConnectError> {
 /// replica is tried.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// A plain connection whose peer must answer within `limit` of the first
+/// bytes sent to it: a listener that accepts and stays silent (a stuck
+/// process, a port forward to nowhere) failed a call only when HTTP/2's
+/// keepalive gave up, 20 s later. Once the peer has said anything, it is
+/// a plain stream.
+struct FirstAnswerDeadline<S> {
+    inner: S,
+    limit: Duration,
+    /// Set at the first write; gone once the peer answered.
+    deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    answered: bool,
+}
+
+impl<S> FirstAnswerDeadline<S> {
+    fn new(inner: S, limit: Duration) -> Self {
+        FirstAnswerDeadline { inner, limit, deadline: None, answered: false }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for FirstAnswerDeadline<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r {
+            if buf.filled().len() > before {
+                self.answered = true;
+                self.deadline = None;
+            }
+            return r;
+        }
+        if !self.answered {
+            let limit = self.limit;
+            if let Some(d) = self.deadline.as_mut() {
+                if d.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("the server accepted the connection but said nothing in {}s", limit.as_secs()),
+                    )));
+                }
+            }
+        }
+        r
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for FirstAnswerDeadline<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if !self.answered && self.deadline.is_none() {
+            self.deadline = Some(Box::pin(tokio::time::sleep(self.limit)));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if !self.answered && self.deadline.is_none() {
+            self.deadline = Some(Box::pin(tokio::time::sleep(self.limit)));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
 fn keepalive(ep: Endpoint) -> Endpoint {
     ep.http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(10))
@@ -150,7 +242,9 @@ impl Connector {
                 let s = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
                 let _ = s.set_nodelay(true);
                 if !*https {
-                    return Ok(Box::new(s));
+                    // (A TLS server has answered by now; a plain one only
+                    // answers HTTP/2's preface, once it is sent.)
+                    return Ok(Box::new(FirstAnswerDeadline::new(s, CONNECT_TIMEOUT)));
                 }
                 let tls = tls.ok_or_else(|| other("https needs TLS settings (a CA to check the server by)".into()))?;
                 let name =

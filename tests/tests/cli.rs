@@ -34,6 +34,36 @@ fn a_server_that_is_not_testbus_is_exit_4_and_said_so() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(4), "{stderr}");
     assert!(stderr.contains(&format!("{url} does not speak testbus")), "{stderr}");
+    // The same without a scheme: it said "operation was canceled", naming
+    // nothing.
+    let bare = addr.to_string();
+    let out = std::process::Command::new(bin_dir().join("testbusctl"))
+        .args(["--server", &bare, "get", "hosts"])
+        .env("TESTBUS_CONFIG", "")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains(&format!("{bare} does not speak testbus")) && stderr.contains("HTTP/1.1 400"), "{stderr}");
+    // A listener that accepts and says nothing: one sentence naming it,
+    // within the connect timeout (it took 22 s, when HTTP/2's keepalive
+    // gave up).
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let at = silent.local_addr().unwrap().to_string();
+    let out = std::process::Command::new(bin_dir().join("testbusctl"))
+        .args(["--server", &at, "get", "hosts"])
+        .env("TESTBUS_CONFIG", "")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "cannot reach the server at {at}: the server accepted the connection but said nothing in 3s"
+        )),
+        "{stderr}"
+    );
+    drop(silent);
 }
 
 /// `get … | head -1`: testbusctl used to panic (exit 101) on the closed
