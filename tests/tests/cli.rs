@@ -26,37 +26,33 @@ fn a_server_that_is_not_testbus_is_exit_4_and_said_so() {
             std::thread::spawn(move || while s.read(&mut buf).is_ok_and(|n| n > 0) {});
         }
     });
+    // `get hosts` against `server`, without a config: its exit code and
+    // stderr.
+    let get_hosts = |server: &str| {
+        let out = std::process::Command::new(bin_dir().join("testbusctl"))
+            .args(["--server", server, "get", "hosts"])
+            .env("TESTBUS_CONFIG", "")
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
     let url = format!("http://{addr}");
-    let out = std::process::Command::new(bin_dir().join("testbusctl"))
-        .args(["--server", &url, "get", "hosts"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    let (code, stderr) = get_hosts(&url);
+    assert_eq!(code, Some(4), "{stderr}");
     assert!(stderr.contains(&format!("{url} does not speak testbus")), "{stderr}");
     // The same without a scheme: it said "operation was canceled", naming
     // nothing.
     let bare = addr.to_string();
-    let out = std::process::Command::new(bin_dir().join("testbusctl"))
-        .args(["--server", &bare, "get", "hosts"])
-        .env("TESTBUS_CONFIG", "")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    let (code, stderr) = get_hosts(&bare);
+    assert_eq!(code, Some(4), "{stderr}");
     assert!(stderr.contains(&format!("{bare} does not speak testbus")) && stderr.contains("HTTP/1.1 400"), "{stderr}");
     // A listener that accepts and says nothing: one sentence naming it,
     // within the connect timeout (it took 22 s, when HTTP/2's keepalive
     // gave up).
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let at = silent.local_addr().unwrap().to_string();
-    let out = std::process::Command::new(bin_dir().join("testbusctl"))
-        .args(["--server", &at, "get", "hosts"])
-        .env("TESTBUS_CONFIG", "")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    let (code, stderr) = get_hosts(&at);
+    assert_eq!(code, Some(4), "{stderr}");
     assert!(
         stderr.contains(&format!(
             "cannot reach the server at {at}: the server accepted the connection but said nothing in 3s"
