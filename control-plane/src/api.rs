@@ -680,6 +680,9 @@ impl ResourceService<Host> {
                 )));
             }
             h.status_mut().lease_renew_time = testbus_proto::time::now();
+            if req.release {
+                h.status_mut().lease_duration_seconds = 0;
+            }
             match self.cas_put(&h, rev).await {
                 Err(s) if s.code() == tonic::Code::Aborted => continue,
                 r => return r,

@@ -342,10 +342,7 @@ impl AuthService {
             Err(s) => return Err(s),
         };
         let s = h.status();
-        let renewed = testbus_proto::time::parse(&s.lease_renew_time);
-        let live = renewed
-            .is_some_and(|t| t + Duration::from_secs(u64::from(s.lease_duration_seconds.max(1))) > SystemTime::now());
-        if s.agent_id.is_empty() || !live {
+        if s.agent_id.is_empty() || !testbus_proto::states::lease_live(s, SystemTime::now()) {
             return Ok(());
         }
         let ago = testbus_proto::time::since(&s.lease_renew_time).as_secs();

@@ -23,7 +23,8 @@ pub async fn reconcile(ctx: &Context, name: &str) -> Result<Action, Status> {
     let renewed = time::parse(&s.lease_renew_time).map(|t| t.max(ctx.started));
     let expires = renewed.map(|t| t + lease + ctx.cfg.lease_grace);
     let now = SystemTime::now();
-    let alive = expires.is_some_and(|e| e > now);
+    let given_up = testbus_proto::states::lease_given_up(s);
+    let alive = !given_up && expires.is_some_and(|e| e > now);
     let want = if alive { phase::READY } else { phase::NOT_READY };
 
     let mut orphan = false;
@@ -42,6 +43,8 @@ pub async fn reconcile(ctx: &Context, name: &str) -> Result<Action, Status> {
         st.phase = want.to_string();
         st.message = if alive {
             String::new()
+        } else if given_up {
+            format!("its agent stopped (at {})", s.lease_renew_time)
         } else {
             format!(
                 "lease expired (last renewed {})",

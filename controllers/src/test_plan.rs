@@ -131,6 +131,12 @@ fn lost_host(t: &Test, hosts: &impl HostView) -> Option<Verdict> {
     for (member, host) in &t.status().claims {
         let why = match hosts.host(host) {
             None => "deleted".to_string(),
+            Some(h) if testbus_proto::states::lease_given_up(h.status()) => {
+                return Some(Verdict::new(
+                    TestReason::AgentStopped,
+                    format!("the agent of host {host} ({member}) shut down"),
+                ));
+            }
             Some(h) if h.status().phase != phase::READY => h.status().message.clone(),
             _ => continue,
         };
@@ -361,7 +367,9 @@ pub fn stops(procs: &[Arc<Process>], hosts: &impl HostView) -> Stops {
     let mut s = Stops { all_ended: true, ..Default::default() };
     for p in procs.iter().filter(|p| !phase::process_terminal(&p.status().phase)) {
         s.all_ended = false;
-        let host_alive = hosts.host(&p.spec().host_name).is_some_and(|h| h.status().phase == phase::READY);
+        let host_alive = hosts
+            .host(&p.spec().host_name)
+            .is_some_and(|h| h.status().phase == phase::READY && !testbus_proto::states::lease_given_up(h.status()));
         if !host_alive {
             s.lost.push(p.clone());
         } else if !p.spec().stop {
@@ -680,6 +688,24 @@ spec:
         hosts.remove("h-s");
         let Some(Ending::New(v)) = plan(&t, &procs, &hosts, at(3)).ending else { panic!() };
         assert_eq!(v.message, "host h-s (s) was lost: deleted");
+    }
+
+    /// An agent that stopped cleanly gave its lease up: the test ends at
+    /// once with that reason, before the host is even marked NotReady, and
+    /// what ran there is not waited for.
+    #[test]
+    fn a_host_whose_agent_stopped_ends_the_test_with_that_reason() {
+        let t = running(SERVER);
+        let mut hosts = ready_hosts(&t);
+        let procs = with_status(&plan(&t, &[], &hosts, at(1)).create, |_| in_phase(phase::RUNNING));
+        let mut stopped = (*hosts["h-s"]).clone();
+        stopped.status_mut().lease_renew_time = time::format(at(2));
+        stopped.status_mut().lease_duration_seconds = 0;
+        hosts.insert("h-s".into(), Arc::new(stopped));
+        let Some(Ending::New(v)) = plan(&t, &procs, &hosts, at(3)).ending else { panic!() };
+        assert_eq!((v.reason, v.message.as_str()), (TestReason::AgentStopped, "the agent of host h-s (s) shut down"));
+        let s = stops(&procs, &hosts);
+        assert_eq!((s.lost.len(), s.stop.len()), (1, 0));
     }
 
     #[test]

@@ -177,10 +177,7 @@ enum LeaseLost {
 
 /// Whether the host's current lease is still running.
 fn lease_current(h: &Host) -> bool {
-    let s = h.status();
-    time::parse(&s.lease_renew_time).is_some_and(|t| {
-        t + Duration::from_secs(u64::from(s.lease_duration_seconds.max(1))) > std::time::SystemTime::now()
-    })
+    testbus_proto::states::lease_live(h.status(), std::time::SystemTime::now())
 }
 
 /// Registers this agent's Host, or takes the name over from an agent whose
@@ -266,6 +263,7 @@ async fn keep_lease(client: Client, mine: Host, every: Duration, take_over: Take
             let mut req = tonic::Request::new(testbus_proto::RenewLeaseRequest {
                 name: mine.name().to_string(),
                 agent_id: me.clone(),
+                release: false,
             });
             req.set_timeout(every);
             match hosts.renew_lease(req).await {
@@ -731,6 +729,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     let _ = tokio::time::timeout(Duration::from_secs(10), wait).await;
+    if lost.is_none() {
+        // A clean stop: the lease is given up, so that whatever still holds
+        // this host (an open test) ends now, saying why, rather than when
+        // the lease runs out.
+        lease.abort();
+        let _ = lease.await;
+        let mut req = tonic::Request::new(testbus_proto::RenewLeaseRequest {
+            name: args.name.clone(),
+            agent_id: agent_id(&data_dir)?,
+            release: true,
+        });
+        req.set_timeout(Duration::from_secs(3));
+        if let Err(s) = client.hosts().renew_lease(req).await {
+            tracing::warn!(error = %s.message(), "cannot give up the lease; the host goes NotReady when it runs out");
+        }
+    }
     match lost {
         Some(why) => Err(anyhow::anyhow!(why)),
         None => Ok(()),

@@ -180,10 +180,28 @@ string_enum!(
         Cancelled,
         TimedOut,
         HostLost,
+        /// The agent of a claimed host stopped (a clean shutdown gives up
+        /// its lease).
+        AgentStopped,
         /// Waited longer than `spec.pendingTimeout` for hosts.
         PendingTimeout,
     }
 );
+
+/// Whether a host's agent gave its lease up (it stopped cleanly): a lease
+/// renewed with no duration left.
+pub fn lease_given_up(s: &crate::HostStatus) -> bool {
+    s.lease_duration_seconds == 0 && !s.lease_renew_time.is_empty()
+}
+
+/// Whether a host's agent holds its lease at `now` (renewed within its
+/// duration, and not given up). The control plane's Ready judgement adds
+/// its grace on top.
+pub fn lease_live(s: &crate::HostStatus, now: std::time::SystemTime) -> bool {
+    !lease_given_up(s)
+        && crate::time::parse(&s.lease_renew_time)
+            .is_some_and(|t| t + std::time::Duration::from_secs(u64::from(s.lease_duration_seconds.max(1))) > now)
+}
 
 impl TestReason {
     /// The phase a test ends in for this reason.
@@ -195,7 +213,9 @@ impl TestReason {
             | TestReason::ResultFailed
             | TestReason::FinishedFailed => TestPhase::Failed,
             TestReason::Cancelled => TestPhase::Cancelled,
-            TestReason::TimedOut | TestReason::HostLost | TestReason::PendingTimeout => TestPhase::Error,
+            TestReason::TimedOut | TestReason::HostLost | TestReason::AgentStopped | TestReason::PendingTimeout => {
+                TestPhase::Error
+            }
         }
     }
 }

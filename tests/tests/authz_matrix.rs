@@ -135,7 +135,8 @@ fn request(method: &str, t: &Targets) -> Vec<u8> {
         ("Hosts", "Get") => get("host-0"),
         ("Hosts", "Delete") => delete("host-0"),
         ("Hosts", "RenewLease") => {
-            testbus_proto::RenewLeaseRequest { name: "host-0".into(), agent_id: "not-its-agent".into() }.encode_to_vec()
+            testbus_proto::RenewLeaseRequest { name: "host-0".into(), agent_id: "not-its-agent".into(), release: false }
+                .encode_to_vec()
         }
         ("Tests", "Create") | ("Tests", "Update") | ("Tests", "UpdateStatus") => test.encode_to_vec(),
         ("Tests", "Get") => get(t.test.name()),

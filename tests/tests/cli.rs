@@ -1101,3 +1101,58 @@ async fn tls_failures_are_said_in_a_sentence() {
     assert_eq!(out.code, 4, "{out:?}");
     assert!(out.stderr.contains(&format!("{plain} speaks TLS: use {tls}")), "{out:?}");
 }
+
+/// An agent stopped with SIGTERM reported its processes Killed
+/// (AgentShutdown) at once, but their test went on until the host's lease
+/// ran out, then said HostLost. A clean stop ends the test at once, with
+/// the agent's own reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_test_ends_at_once_when_its_agent_is_stopped() {
+    let mut c = Cluster::start(1).await;
+    let path = manifest(
+        &c,
+        "long.yaml",
+        "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: long}\nspec:\n  hosts: [{role: a}]\n  steps:\n  - {name: bg, on: [a], background: true, argv: [sleep, \"600\"]}\n  - {name: s, on: [a], after: [bg], argv: [sleep, \"600\"]}\n",
+    );
+    assert_eq!(c.ctl(&["apply", "-f", &path]).code, 0);
+    c.running_pids("long", 2).await;
+    let t = stop_agent_then_ended(&c, "long").await;
+    let s = t.status();
+    assert!(
+        s.message.contains("shut down") && !s.reason.contains("HostLost"),
+        "{} {}: {}",
+        s.phase,
+        s.reason,
+        s.message
+    );
+    c.kill_agent(0);
+    // An open test with nothing running on the host: the same.
+    c.start_agent(0);
+    c.wait_hosts_ready(1).await;
+    assert_eq!(c.ctl(&["create", "test", "open", "--claim", "a", "--wait-claimed"]).code, 0);
+    let t = stop_agent_then_ended(&c, "open").await;
+    let s = t.status();
+    assert_eq!(
+        (s.phase.as_str(), s.reason.as_str(), s.message.as_str()),
+        ("Error", "AgentStopped", "the agent of host host-0 (a) shut down")
+    );
+    let client = c.client().await;
+    wait_for(Duration::from_secs(30), "the host to say its agent stopped", || async {
+        let host = client.api::<testbus_proto::Host>().get("host-0").await.ok()?;
+        let s = host.status();
+        (s.phase == "NotReady" && s.message.starts_with("its agent stopped (at ")).then_some(())
+    })
+    .await;
+}
+
+/// SIGTERM to host-0's agent, then test `name` once it has ended.
+async fn stop_agent_then_ended(c: &Cluster, name: &str) -> Test {
+    let pid = nix::unistd::Pid::from_raw(c.agent_pid(0) as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let client = c.client().await;
+    wait_for(Duration::from_secs(60), &format!("test {name} to end"), || async {
+        let t = client.api::<Test>().get(name).await.ok()?;
+        testbus_proto::phase::test_terminal(&t.status().phase).then_some(t)
+    })
+    .await
+}

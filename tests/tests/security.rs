@@ -180,6 +180,7 @@ async fn an_agent_acts_only_for_its_own_host_and_a_revoked_one_not_at_all() {
         out.push(("own lease", code(a.hosts().renew_lease(testbus_proto::RenewLeaseRequest {
             name: "host-0".into(),
             agent_id: host0.status().agent_id.clone(),
+            release: false,
         }).await.map(|_| ()))));
         out.push(("own processes", code(a.api::<Process>().list("", "spec.hostName=host-0").await.map(|_| ()))));
         // Its own host's spec (it would uncordon itself): refused.
