@@ -47,6 +47,9 @@ pub struct GuestView {
     pub busy: bool,
     /// Its Host is claimed by a test.
     pub claimed: bool,
+    /// Claimed by a test that has ended: free again once cleaned, which is
+    /// sooner than a new guest boots.
+    pub freeing: bool,
     /// Its Host carries the clean mark.
     pub clean: bool,
     /// Since when it is Ready, clean and unclaimed.
@@ -112,7 +115,10 @@ pub fn plan(pool: &HostPool, guests: &[GuestView], demand: (u32, Vec<String>), n
     let mut p = PoolPlan::default();
     let alive: Vec<&GuestView> =
         guests.iter().filter(|g| !matches!(g.phase, GuestPhase::Failed | GuestPhase::Deleting)).collect();
-    let claimed = alive.iter().filter(|g| g.claimed).count() as u32;
+    // Guests of tests that ended count as free: the demand they can meet
+    // once cleaned is not met with new guests (a test that waited 1.5 s for
+    // a cleaning guest had a second one booted for it, a 10 s TCG boot).
+    let claimed = alive.iter().filter(|g| g.claimed && !g.freeing).count() as u32;
     let wanted = (claimed + demand.0).max(sp.min);
     p.capped = wanted > max;
     p.want = wanted.min(max);
@@ -183,7 +189,7 @@ mod tests {
     use testbus_proto::manifest;
 
     fn view(name: &str, phase: GuestPhase, claimed: bool) -> GuestView {
-        GuestView { name: name.into(), phase, busy: false, claimed, clean: !claimed, idle_since: None }
+        GuestView { name: name.into(), phase, busy: false, claimed, freeing: false, clean: !claimed, idle_since: None }
     }
 
     #[test]
@@ -227,6 +233,7 @@ mod tests {
             phase,
             busy: false,
             claimed,
+            freeing: false,
             clean,
             idle_since: idle_for.map(|s| now - Duration::from_secs(s)),
         }
@@ -263,6 +270,20 @@ mod tests {
             [guest("g1", GuestPhase::Ready, true, false, None), guest("g2", GuestPhase::Booting, false, false, None)];
         assert_eq!(plan(&p, &busy, (1, vec!["t".into()]), now()).create, 0, "one in use, one on its way");
         assert_eq!(plan(&p, &busy, (2, vec!["t".into()]), now()).create, 1);
+    }
+
+    /// A test waiting for the only guest, whose test has ended but not yet
+    /// released it, waits for it to be cleaned: no second guest is booted.
+    #[test]
+    fn a_guest_whose_test_ended_is_waited_for_not_replaced() {
+        let p = pool("  max: 2\n");
+        let mut ending = guest("g1", GuestPhase::Ready, true, false, None);
+        ending.freeing = true;
+        assert_eq!(plan(&p, std::slice::from_ref(&ending), (1, vec!["next".into()]), now()).create, 0);
+        let cleaning = guest("g1", GuestPhase::Cleaning, false, false, None);
+        assert_eq!(plan(&p, &[cleaning], (1, vec!["next".into()]), now()).create, 0);
+        // Demand beyond what it frees still gets new guests.
+        assert_eq!(plan(&p, &[ending], (2, vec!["a".into(), "b".into()]), now()).create, 1);
     }
 
     #[test]

@@ -477,13 +477,21 @@ fn views(ctx: &Context, pool: &HostPool) -> Vec<GuestView> {
         .filter(|(_, g)| g.pool == pool.name())
         .map(|(name, g)| {
             let host = ctx.hosts.get(name);
-            let claimed = host.as_ref().is_some_and(|h| h.status().claim.is_some());
+            let claim = host.as_ref().and_then(|h| h.status().claim.clone());
+            let claimed = claim.is_some();
+            // Its test has ended (or is going): the guest is cleaned and free
+            // again in seconds, sooner than a new one boots.
+            let freeing = claim.is_some_and(|c| {
+                ctx.tests
+                    .get(&c.test)
+                    .is_none_or(|t| phase::test_terminal(&t.status().phase) || !t.meta().deletion_timestamp.is_empty())
+            });
             let clean = host
                 .as_ref()
                 .is_some_and(|h| testbus_proto::pool::clean_enough(h) && testbus_proto::pool::pool_of(h).is_some());
             let idle_since =
                 pool.status().guests.iter().find(|x| &x.name == name).and_then(|x| time::parse(&x.idle_since));
-            GuestView { name: name.clone(), phase: g.phase, busy: g.busy, claimed, clean, idle_since }
+            GuestView { name: name.clone(), phase: g.phase, busy: g.busy, claimed, freeing, clean, idle_since }
         })
         .collect()
 }
