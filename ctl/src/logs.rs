@@ -148,6 +148,22 @@ async fn stderr_tail(client: &Client, name: &str, n: usize) -> CliResult<Vec<Str
     Ok(lines)
 }
 
+/// How many bytes of each stream (stdout, stderr) of a process the server
+/// holds, counted from its chunks' offsets.
+pub async fn output_sizes(client: &Client, name: &str) -> CliResult<[u64; 2]> {
+    let req = ReadOutputRequest { process: name.to_string(), follow: false };
+    let mut stream = client.output().read(req).await?.into_inner();
+    let mut sizes = [0u64; 2];
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        if !chunk.notice {
+            let s = usize::from(chunk.stream == 1);
+            sizes[s] = sizes[s].max(chunk.offset + chunk.data.len() as u64);
+        }
+    }
+    Ok(sizes)
+}
+
 /// Copies one process's output to stdout/stderr, optionally prefixed.
 pub async fn copy_process(client: &Client, name: &str, prefix: Option<String>, follow: Follow) -> CliResult<()> {
     let req = ReadOutputRequest { process: name.to_string(), follow: follow == Follow::Yes };

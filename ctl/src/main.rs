@@ -682,11 +682,13 @@ async fn watch_any(
     }
 }
 
-/// What `describe` shows of a test besides the object: the end of each
-/// failed process's stderr.
+/// What `describe` shows besides the object: of a test, the end of each
+/// failed process's stderr; of a process lost with its agent (whose
+/// status never got its output's size), the bytes that arrived.
 #[derive(Default)]
 struct Context {
     tails: Vec<logs::FailedTail>,
+    arrived: Option<[u64; 2]>,
 }
 
 fn describe(o: &Object, cx: &Context) {
@@ -827,11 +829,15 @@ fn describe(o: &Object, cx: &Context) {
                 println!("Message:      {} ({})", s.message, s.reason);
             }
             let kept = |truncated: bool| if truncated { " (truncated: only the first part is kept)" } else { "" };
+            // A lost process's status was written without its agent, which
+            // alone knew the sizes: what the server holds is said instead.
+            let (out, err, whence) = match cx.arrived {
+                Some([out, err]) => (out, err, " (what arrived before it was lost)"),
+                None => (s.stdout_bytes, s.stderr_bytes, ""),
+            };
             println!(
-                "Output:       {} bytes stdout{}, {} bytes stderr{}",
-                s.stdout_bytes,
+                "Output:       {out} bytes stdout{}, {err} bytes stderr{}{whence}",
                 kept(s.stdout_truncated),
-                s.stderr_bytes,
                 kept(s.stderr_truncated)
             );
         }
@@ -940,8 +946,12 @@ async fn dispatch(cli: Cli) -> CliResult {
             let client = connect(&server).await?;
             let o = objects::get(&client, kind, &name).await?;
             let mut cx = Context::default();
-            if let Object::Test(t) = &o {
-                cx.tails = logs::failed_tails(&client, t, None).await?;
+            match &o {
+                Object::Test(t) => cx.tails = logs::failed_tails(&client, t, None).await?,
+                Object::Process(p) if p.status().phase == testbus_proto::phase::LOST => {
+                    cx.arrived = Some(logs::output_sizes(&client, p.name()).await?);
+                }
+                _ => {}
             }
             describe(&o, &cx);
             Ok(0)

@@ -446,12 +446,16 @@ kind: Test
 metadata: {name: lost}
 spec:
   hosts: [{role: a, host: host-0}, {role: b, host: host-1}]
-  steps: [{name: s, on: [a, b], argv: [sleep, "30"]}]
+  steps: [{name: s, on: [a, b], argv: [sh, -c, "echo before-the-loss; sleep 30"]}]
 "#,
     );
     assert_eq!(c.ctl(&["apply", "-f", &path]).code, 0);
     let client = c.client().await;
     c.running_pids("lost", 2).await;
+    wait_for(Duration::from_secs(30), "b's output to arrive", || async {
+        c.ctl(&["logs", "process/lost-s-b"]).stdout.contains("before-the-loss").then_some(())
+    })
+    .await;
     c.kill_agent(1);
     let out = c.ctl(&["wait", "test/lost", "--timeout", "30s"]);
     assert_eq!(out.code, 3, "{out:?}");
@@ -460,6 +464,13 @@ spec:
     assert!(t.status().message.contains("host-1"), "{}", t.status().message);
     let h = client.api::<Host>().get("host-1").await.unwrap();
     assert_eq!(h.status().phase, phase::NOT_READY);
+    // Its status was written without its agent: describe says what arrived
+    // (it said 0 bytes while `logs` showed the line).
+    let described = c.ctl(&["describe", "process", "lost-s-b"]).stdout;
+    assert!(
+        described.contains("Output:       16 bytes stdout, 0 bytes stderr (what arrived before it was lost)"),
+        "{described}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
