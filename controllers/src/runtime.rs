@@ -323,15 +323,41 @@ fn reported(n: u32) -> bool {
 
 /// Whether the `n`th failure in a row is logged at warn (the rest at
 /// debug): the first ones, then ever more rarely.
-fn warned(n: u32) -> bool {
-    n <= REPORT_AFTER || n.is_power_of_two()
+/// Whether the `n`th failure in a row is a warning (else debug): the first
+/// few and then ever more rarely; a routine one (a lost compare-and-swap)
+/// only once it keeps happening.
+fn warned(n: u32, routine: bool) -> bool {
+    if routine {
+        n > REPORT_AFTER && n.is_power_of_two()
+    } else {
+        n <= REPORT_AFTER || n.is_power_of_two()
+    }
 }
+
+/// A reconcile's error, as the worker logs it.
+pub trait ReconcileError: std::fmt::Display {
+    /// Part of the normal course of things: a write that lost a
+    /// compare-and-swap to another (it is read again and retried), worth
+    /// no warning the first times.
+    fn routine(&self) -> bool {
+        false
+    }
+}
+
+impl ReconcileError for tonic::Status {
+    fn routine(&self) -> bool {
+        self.code() == tonic::Code::Aborted
+    }
+}
+
+impl ReconcileError for &str {}
+impl ReconcileError for String {}
 
 pub async fn run_worker<F, Fut, E, R, RFut>(queue: Arc<Queue>, mut reconcile: F, mut report: R, stop: CancellationToken)
 where
     F: FnMut(String) -> Fut,
     Fut: std::future::Future<Output = Result<Action, E>>,
-    E: std::fmt::Display,
+    E: ReconcileError,
     R: FnMut(String, Trouble) -> RFut,
     RFut: std::future::Future<Output = ()>,
 {
@@ -359,7 +385,7 @@ where
                 *n += 1;
                 let n = *n;
                 let delay = Duration::from_millis(20u64 << n.min(8)).min(Duration::from_secs(5));
-                if warned(n) {
+                if warned(n, e.routine()) {
                     tracing::warn!(%name, error = %e, failures = n, retry_in = ?delay, "reconcile failed");
                 } else {
                     tracing::debug!(%name, error = %e, failures = n, retry_in = ?delay, "reconcile failed");
@@ -377,6 +403,15 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Routine compare-and-swap conflicts were WARN lines in every run.
+    #[test]
+    fn routine_conflicts_warn_only_when_they_keep_happening() {
+        let warns = |routine| (1..=16).filter(|&n| warned(n, routine)).collect::<Vec<u32>>();
+        assert_eq!(warns(false), [1, 2, 3, 4, 8, 16]);
+        assert_eq!(warns(true), [4, 8, 16]);
+        assert!(tonic::Status::aborted("conflict").routine() && !tonic::Status::internal("disk").routine());
+    }
 
     #[tokio::test(start_paused = true)]
     async fn an_object_that_keeps_failing_is_told_and_told_again_when_it_recovers() {
