@@ -98,10 +98,10 @@ enum Cmd {
         after_help = "Examples:\n  testbusctl get hosts\n  testbusctl get tests -l suite=nfs -w\n  testbusctl get test nfs-basic -o yaml"
     )]
     Get {
-        /// host(s), test(s) or process(es).
+        /// host(s), test(s), process(es) or hostpool(s); or KIND/NAME.
         kind: String,
-        /// One object's name; all of KIND without it.
-        name: Option<String>,
+        /// Objects' names (or more KIND/NAMEs); all of KIND without any.
+        names: Vec<String>,
         /// Output format: table, wide, yaml, json, name, jsonpath=TEMPLATE
         /// (kubectl's: `{.metadata.name}`, `{range .items[*]}…{end}`) or
         /// custom-columns=HEADER:PATH[,HEADER:PATH...].
@@ -565,21 +565,48 @@ async fn apply(
     Ok(0)
 }
 
-async fn get(client: &Client, kind: &str, name: Option<String>, output: Format, a: &GetArgs) -> CliResult {
-    let kind = objects::parse_kind(kind)?;
+/// What `get` was asked for: `KIND [NAME...]` or `KIND/NAME...` (of one
+/// kind), as kubectl takes them.
+fn get_targets(first: &str, rest: Vec<String>) -> CliResult<(Kind, Vec<String>)> {
+    if !first.contains('/') {
+        return Ok((objects::parse_kind(first)?, rest));
+    }
+    let mut kind = None;
+    let mut names = Vec::new();
+    for r in std::iter::once(first).chain(rest.iter().map(String::as_str)) {
+        if !r.contains('/') {
+            return Err(CliError::usage(format!("get: {r:?}: give KIND NAME... or KIND/NAME..., not both")));
+        }
+        let (k, n) = objects::parse_ref(r, &Kind::ALL)?;
+        if kind.is_some_and(|known| known != k) {
+            return Err(CliError::usage(format!("get: {r:?}: every KIND/NAME must be of one kind")));
+        }
+        kind = Some(k);
+        names.push(n);
+    }
+    Ok((kind.expect("at least the first"), names))
+}
+
+async fn get(client: &Client, kind: Kind, names: Vec<String>, output: Format, a: &GetArgs) -> CliResult {
+    if a.watch && names.len() > 1 {
+        return Err(CliError::usage("get -w: watch one NAME, or all of KIND (with -l to choose)"));
+    }
+    let name = (names.len() == 1).then(|| names[0].clone());
     let selector = a.selector.as_str();
     testbus_proto::selector::LabelSelector::parse(selector).map_err(|e| CliError::usage(format!("-l: {e}")))?;
     let sort_by = match &a.sort_by {
         Some(p) => Some(jsonpath::Path::parse(p).map_err(|e| CliError::usage(format!("--sort-by: {e}")))?),
         None => None,
     };
-    let (mut objs, rv) = match &name {
-        Some(n) => {
-            let o = objects::get(client, kind, n).await?;
-            let rv = o.meta().resource_version.clone();
-            (vec![o], rv)
+    let (mut objs, rv) = if names.is_empty() {
+        objects::list(client, kind, selector, "").await?
+    } else {
+        let mut objs = Vec::new();
+        for n in &names {
+            objs.push(objects::get(client, kind, n).await?);
         }
-        None => objects::list(client, kind, selector, "").await?,
+        let rv = objs.last().map(|o| o.meta().resource_version.clone()).unwrap_or_default();
+        (objs, rv)
     };
     if let Some(path) = &sort_by {
         let mut keyed: Vec<(serde_json::Value, Object)> = objs.into_iter().map(|o| (o.to_json(), o)).collect();
@@ -934,8 +961,9 @@ async fn dispatch(cli: Cli) -> CliResult {
             let objs = read_manifests(&files)?;
             apply(&connect(&server).await?, objs, wait, timeout).await
         }
-        Cmd::Get { kind, name, output, selector, watch, sort_by } => {
-            get(&connect(&server).await?, &kind, name, output, &GetArgs { selector, watch, sort_by }).await
+        Cmd::Get { kind, names, output, selector, watch, sort_by } => {
+            let (kind, names) = get_targets(&kind, names)?;
+            get(&connect(&server).await?, kind, names, output, &GetArgs { selector, watch, sort_by }).await
         }
         Cmd::Describe { kind, name } => {
             let (kind, name) = match name {

@@ -1156,3 +1156,25 @@ async fn stop_agent_then_ended(c: &Cluster, name: &str) -> Test {
     })
     .await
 }
+
+/// kubectl's `get KIND/NAME` and `get KIND NAME1 NAME2` (a friction of
+/// issue 28: only `get KIND [NAME]` was taken).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_takes_refs_and_several_names() {
+    let c = Cluster::start(2).await;
+    let names = |out: &testbus_tests::CtlOutput| -> Vec<String> {
+        out.stdout.lines().skip(1).map(|l| l.split_whitespace().next().unwrap_or("").to_string()).collect()
+    };
+    let out = c.ctl(&["get", "hosts", "host-1", "host-0"]);
+    assert_eq!((out.code, names(&out)), (0, vec!["host-1".to_string(), "host-0".into()]), "{out:?}");
+    let out = c.ctl(&["get", "host/host-0"]);
+    assert_eq!((out.code, names(&out)), (0, vec!["host-0".to_string()]), "{out:?}");
+    let out = c.ctl(&["get", "host/host-0", "host/host-1", "-o", "name"]);
+    assert_eq!((out.code, out.stdout.as_str()), (0, "host/host-0\nhost/host-1\n"), "{out:?}");
+    let out = c.ctl(&["get", "host/host-0", "test/x"]);
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("of one kind"), "{out:?}");
+    let out = c.ctl(&["get", "host/host-0", "host-1"]);
+    assert_eq!(out.code, 2, "{out:?}");
+    assert_eq!(c.ctl(&["get", "hosts", "host-0", "nope"]).code, 2);
+}
