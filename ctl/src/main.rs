@@ -143,7 +143,7 @@ enum Cmd {
     },
     /// Output of a test (prefixed by role/host) or of a process.
     Logs {
-        /// test/NAME or process/NAME.
+        /// test/NAME (or NAME) or process/NAME.
         target: String,
         /// Only the processes of this role (or member, e.g. client1: a role
         /// with count N has members ROLE0 to ROLE(N-1)).
@@ -158,7 +158,7 @@ enum Cmd {
     },
     /// Wait for a test to finish.
     Wait {
-        /// test/NAME.
+        /// NAME or test/NAME.
         target: String,
         /// Give up after this long (exit 3).
         #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
@@ -179,7 +179,7 @@ enum Cmd {
     },
     /// A test's results as text, JSON, JUnit XML or TAP.
     Results {
-        /// test/NAME.
+        /// NAME or test/NAME.
         target: String,
         /// Report format.
         #[arg(short = 'o', long, value_enum, default_value = "text")]
@@ -195,7 +195,8 @@ enum Cmd {
         after_help = "Examples:\n  testbusctl exec t1 -- uname -r\n  testbusctl exec t1 --role server --env MODE=fast -- ./setup.sh\n  testbusctl exec t1 --role client --stdin - -- sh -s < check.sh"
     )]
     Exec {
-        /// The test (open, running, or ended with holdOnFailure and kept).
+        /// The test, NAME or test/NAME (open, running, or ended with
+        /// holdOnFailure and kept).
         test: String,
         /// Roles or members to run on (repeatable); default: every host.
         #[arg(long = "role")]
@@ -225,14 +226,14 @@ enum Cmd {
     },
     /// Print a variable of a test's environment.
     Getenv {
-        /// The test.
+        /// The test: NAME or test/NAME.
         test: String,
         /// The variable's name.
         name: String,
     },
     /// Add variables to a running test's environment (for later exec).
     Setenv {
-        /// The test.
+        /// The test: NAME or test/NAME.
         test: String,
         /// KEY=VALUE pairs.
         #[arg(required = true, value_name = "KEY=VALUE")]
@@ -240,7 +241,7 @@ enum Cmd {
     },
     /// Record a result of a running test at a dotted path (users.verify-name).
     Result {
-        /// The test.
+        /// The test: NAME or test/NAME.
         test: String,
         /// Where in the test's results, dotted (users.verify-name).
         path: String,
@@ -253,7 +254,7 @@ enum Cmd {
     },
     /// End an open test: Succeeded, or Failed with --failed or a failed result.
     Finish {
-        /// The test.
+        /// The test: NAME or test/NAME.
         test: String,
         /// End it Failed whatever its results say.
         #[arg(long)]
@@ -1034,7 +1035,10 @@ async fn dispatch(cli: Cli) -> CliResult {
             Ok(code)
         }
         Cmd::Logs { target, role, step, follow } => {
-            let (kind, name) = objects::parse_ref(&target, &[Kind::Test, Kind::Process])?;
+            let (kind, name) = match target.contains('/') {
+                true => objects::parse_ref(&target, &[Kind::Test, Kind::Process])?,
+                false => (Kind::Test, target.clone()),
+            };
             let client = connect(&server).await?;
             let follow = if follow { logs::Follow::Yes } else { logs::Follow::No };
             match kind {
@@ -1046,13 +1050,13 @@ async fn dispatch(cli: Cli) -> CliResult {
             Ok(0)
         }
         Cmd::Wait { target, timeout } => {
-            let (_, name) = objects::parse_ref(&target, &[Kind::Test])?;
+            let name = objects::test_name(&target)?;
             progress::wait(&connect(&server).await?, &[name], timeout, progress::Progress::Quiet).await
         }
         Cmd::Cordon { host, reason } => set_cordon(&connect(&server).await?, &host, Cordon::On { reason }).await,
         Cmd::Uncordon { host } => set_cordon(&connect(&server).await?, &host, Cordon::Off).await,
         Cmd::Results { target, output } => {
-            let (_, name) = objects::parse_ref(&target, &[Kind::Test])?;
+            let name = objects::test_name(&target)?;
             let client = connect(&server).await?;
             let t = client.api::<testbus_proto::Test>().get(&name).await?;
             let outputs = match output {
@@ -1079,18 +1083,22 @@ async fn dispatch(cli: Cli) -> CliResult {
                 Some(f) => Some(std::fs::read_to_string(f).map_err(|e| CliError::usage(format!("--stdin {f}: {e}")))?),
             };
             let a = script::ExecArgs { argv, env, stdin, timeout, files: vec![] };
-            script::exec(&connect(&server).await?, &test, &roles, a).await
+            script::exec(&connect(&server).await?, &objects::test_name(&test)?, &roles, a).await
         }
         Cmd::Cp { src, dest } => script::cp(&connect(&server).await?, &src, &dest).await,
-        Cmd::Getenv { test, name } => script::getenv(&connect(&server).await?, &test, &name).await,
+        Cmd::Getenv { test, name } => {
+            script::getenv(&connect(&server).await?, &objects::test_name(&test)?, &name).await
+        }
         Cmd::Setenv { test, vars } => {
             let env = parse_env("setenv", &vars)?;
-            script::setenv(&connect(&server).await?, &test, env).await
+            script::setenv(&connect(&server).await?, &objects::test_name(&test)?, env).await
         }
         Cmd::Result { test, path, outcome, message } => {
-            script::result(&connect(&server).await?, &test, &path, &outcome, message).await
+            script::result(&connect(&server).await?, &objects::test_name(&test)?, &path, &outcome, message).await
         }
-        Cmd::Finish { test, failed } => script::finish(&connect(&server).await?, &test, failed).await,
+        Cmd::Finish { test, failed } => {
+            script::finish(&connect(&server).await?, &objects::test_name(&test)?, failed).await
+        }
         Cmd::Snapshot { action, host, name } => {
             let name = match (action.as_str(), name) {
                 ("list", None) => String::new(),

@@ -22,6 +22,16 @@ pub fn parse_ref(s: &str, allowed: &[Kind]) -> CliResult<(Kind, String)> {
     Ok((kind, n.to_string()))
 }
 
+/// A test named as `NAME` or `test/NAME`: every command that takes a test
+/// takes both (`results` wanted the second, `exec` the first).
+pub fn test_name(s: &str) -> CliResult<String> {
+    if s.contains('/') {
+        Ok(parse_ref(s, &[Kind::Test])?.1)
+    } else {
+        Ok(s.to_string())
+    }
+}
+
 pub async fn get(client: &Client, kind: Kind, name: &str) -> CliResult<Object> {
     async fn one<K: ApiResource>(c: &Client, name: &str) -> CliResult<Object> {
         Ok(c.api::<K>().get(name).await?.into_object())

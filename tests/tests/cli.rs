@@ -1178,3 +1178,24 @@ async fn get_takes_refs_and_several_names() {
     assert_eq!(out.code, 2, "{out:?}");
     assert_eq!(c.ctl(&["get", "hosts", "host-0", "nope"]).code, 2);
 }
+
+/// Every command that takes a test takes `NAME` and `test/NAME` (results
+/// wanted the second, exec and finish the first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_on_a_test_take_both_name_forms() {
+    let c = Cluster::start(1).await;
+    assert_eq!(c.ctl(&["create", "test", "both", "--claim", "a", "--wait-claimed"]).code, 0);
+    for test in ["both", "test/both"] {
+        let out = c.ctl(&["exec", test, "--", "echo", "hi"]);
+        assert_eq!((out.code, out.stdout.as_str()), (0, "hi\n"), "{test}: {out:?}");
+        assert_eq!(c.ctl(&["getenv", test, "host_a_hostname"]).code, 0, "{test}");
+        assert_eq!(c.ctl(&["setenv", test, "K=v"]).code, 0, "{test}");
+        let path = if test == "both" { "r.one" } else { "r.two" };
+        assert_eq!(c.ctl(&["result", test, path, "pass"]).code, 0, "{test}");
+        assert_eq!(c.ctl(&["results", test]).code, 0, "{test}");
+        assert!(c.ctl(&["logs", test]).stdout.contains("hi"), "{test}");
+    }
+    assert_eq!(c.ctl(&["finish", "test/both"]).code, 0);
+    assert_eq!(c.ctl(&["wait", "both", "--timeout", "30s"]).code, 0);
+    assert_eq!(c.ctl(&["results", "host/both"]).code, 2);
+}
