@@ -48,6 +48,39 @@ pub fn kind_slug(k: Kind) -> &'static str {
     }
 }
 
+/// What a table shows besides its kind's columns, as kubectl's flags say:
+/// `--no-headers`, `--show-labels`, `-L KEY`.
+#[derive(Debug, Clone, Default)]
+pub struct TableOpts {
+    pub no_headers: bool,
+    pub show_labels: bool,
+    /// A column per label key, its values.
+    pub label_columns: Vec<String>,
+}
+
+/// [`header`] with the columns `opts` adds.
+pub fn header_with(kind: Kind, fmt: &Format, opts: &TableOpts) -> Vec<String> {
+    let mut h = header(kind, fmt);
+    // kubectl heads a label column with the key's last part, upper-cased.
+    h.extend(opts.label_columns.iter().map(|k| k.rsplit('/').next().unwrap_or(k).to_uppercase()));
+    if opts.show_labels {
+        h.push("LABELS".into());
+    }
+    h
+}
+
+/// [`row`] with the columns `opts` adds.
+pub fn row_with(o: &Object, fmt: &Format, opts: &TableOpts) -> Vec<String> {
+    let mut r = row(o, fmt);
+    let labels = &o.meta().labels;
+    r.extend(opts.label_columns.iter().map(|k| labels.get(k).cloned().unwrap_or_default()));
+    if opts.show_labels {
+        let all: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        r.push(or_none(&all.join(",")));
+    }
+    r
+}
+
 /// The column names of a table of `kind` (more with `-o wide`).
 pub fn header(kind: Kind, fmt: &Format) -> Vec<String> {
     if let Format::CustomColumns(c) = fmt {
@@ -280,16 +313,20 @@ fn answer_value(objs: &[Object], asked: Asked) -> serde_json::Value {
     }
 }
 
-pub fn print(objs: &[Object], fmt: &Format, asked: Asked) {
+pub fn print(objs: &[Object], fmt: &Format, asked: Asked, opts: &TableOpts) {
     match fmt {
         Format::Table | Format::Wide | Format::CustomColumns(_) => {
             let Some(first) = objs.first() else {
                 eprintln!("No resources found.");
                 return;
             };
-            let mut rows = vec![header(first.kind(), fmt)];
-            rows.extend(objs.iter().map(|o| row(o, fmt)));
-            print!("{}", table(&rows));
+            let mut rows = vec![header_with(first.kind(), fmt, opts)];
+            rows.extend(objs.iter().map(|o| row_with(o, fmt, opts)));
+            let text = table(&rows);
+            match opts.no_headers {
+                true => print!("{}", text.split_once('\n').map(|(_, rest)| rest).unwrap_or("")),
+                false => print!("{text}"),
+            }
         }
         Format::Name => {
             for o in objs {

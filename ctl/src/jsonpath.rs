@@ -201,7 +201,12 @@ impl Columns {
             if head.is_empty() {
                 return Err(format!("custom-columns: {part:?}: the header is empty"));
             }
-            cols.push((head.to_string(), Path::parse(path).map_err(|e| format!("custom-columns: {e}"))?));
+            // kubectl takes `metadata.name` as `.metadata.name` here.
+            let path = match path.trim() {
+                p if p.starts_with(['.', '$', '@', '[']) => p.to_string(),
+                p => format!(".{p}"),
+            };
+            cols.push((head.to_string(), Path::parse(&path).map_err(|e| format!("custom-columns: {e}"))?));
         }
         if cols.is_empty() {
             return Err("custom-columns: give HEADER:PATH[,HEADER:PATH...]".into());

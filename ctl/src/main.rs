@@ -116,6 +116,15 @@ enum Cmd {
         /// Sort the list by this JSONPath, e.g. .metadata.creationTimestamp or .status.phase.
         #[arg(long, value_name = "PATH")]
         sort_by: Option<String>,
+        /// Tables without their header line.
+        #[arg(long)]
+        no_headers: bool,
+        /// A LABELS column with every label.
+        #[arg(long)]
+        show_labels: bool,
+        /// A column of this label's values (repeatable, or comma-separated).
+        #[arg(short = 'L', long = "label-columns", value_name = "KEY", value_delimiter = ',')]
+        label_columns: Vec<String>,
     },
     /// Show one object in detail.
     #[command(after_help = "Examples:\n  testbusctl describe test nfs-basic\n  testbusctl describe host/node-1")]
@@ -618,7 +627,7 @@ async fn get(client: &Client, kind: Kind, names: Vec<String>, output: Format, a:
     }
     let asked = if name.is_some() { format::Asked::One } else { format::Asked::Many };
     if !(a.watch && objs.is_empty() && output.is_table()) {
-        format::print(&objs, &output, asked);
+        format::print(&objs, &output, asked, &a.table);
     }
     if !a.watch {
         return Ok(0);
@@ -628,10 +637,10 @@ async fn get(client: &Client, kind: Kind, names: Vec<String>, output: Format, a:
     let mut shown: std::collections::HashMap<String, String> =
         objs.iter().map(|o| (o.meta().name.clone(), format::change_key(o, &output))).collect();
     let mut columns = format::Aligned::default();
-    let mut printed_header = !objs.is_empty();
+    let mut printed_header = !objs.is_empty() || a.table.no_headers;
     if output.is_table() {
-        let mut rows = vec![format::header(kind, &output)];
-        rows.extend(objs.iter().map(|o| format::row(o, &output)));
+        let mut rows = vec![format::header_with(kind, &output, &a.table)];
+        rows.extend(objs.iter().map(|o| format::row_with(o, &output, &a.table)));
         columns.fit(&rows);
     }
     let fields = name.map(|n| format!("metadata.name={n}")).unwrap_or_default();
@@ -650,16 +659,16 @@ async fn get(client: &Client, kind: Kind, names: Vec<String>, output: Format, a:
         if output.is_table() {
             let mut rows = Vec::new();
             if !printed_header {
-                rows.push(format::header(kind, &output));
+                rows.push(format::header_with(kind, &output, &a.table));
                 printed_header = true;
             }
-            rows.push(format::row(&o, &output));
+            rows.push(format::row_with(&o, &output, &a.table));
             columns.fit(&rows);
             for r in &rows {
                 print!("{}", columns.line(r));
             }
         } else {
-            format::print(&[o], &output, format::Asked::One);
+            format::print(&[o], &output, format::Asked::One, &a.table);
         }
     }
     Ok(0)
@@ -670,6 +679,7 @@ struct GetArgs {
     selector: String,
     watch: bool,
     sort_by: Option<String>,
+    table: format::TableOpts,
 }
 
 /// Watches objects of `kind`; each event is (deleted, the object).
@@ -962,9 +972,10 @@ async fn dispatch(cli: Cli) -> CliResult {
             let objs = read_manifests(&files)?;
             apply(&connect(&server).await?, objs, wait, timeout).await
         }
-        Cmd::Get { kind, names, output, selector, watch, sort_by } => {
+        Cmd::Get { kind, names, output, selector, watch, sort_by, no_headers, show_labels, label_columns } => {
             let (kind, names) = get_targets(&kind, names)?;
-            get(&connect(&server).await?, kind, names, output, &GetArgs { selector, watch, sort_by }).await
+            let table = format::TableOpts { no_headers, show_labels, label_columns };
+            get(&connect(&server).await?, kind, names, output, &GetArgs { selector, watch, sort_by, table }).await
         }
         Cmd::Describe { kind, name } => {
             let (kind, name) = match name {

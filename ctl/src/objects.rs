@@ -6,7 +6,15 @@ use tonic::Code;
 
 pub fn parse_kind(s: &str) -> CliResult<Kind> {
     Kind::parse(s).ok_or_else(|| {
-        CliError::usage(format!("unknown kind {s:?} (expected host(s), test(s), process(es), hostpool(s))"))
+        const NAMES: [&str; 8] = ["host", "hosts", "test", "tests", "process", "processes", "hostpool", "hostpools"];
+        let near = NAMES
+            .iter()
+            .map(|n| (strsim::damerau_levenshtein(&s.to_ascii_lowercase(), n), *n))
+            .filter(|(d, _)| *d <= 2)
+            .min()
+            .map(|(_, n)| format!("; did you mean {n}?"))
+            .unwrap_or_default();
+        CliError::usage(format!("unknown kind {s:?} (expected host(s), test(s), process(es), hostpool(s)){near}"))
     })
 }
 

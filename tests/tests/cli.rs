@@ -1199,3 +1199,34 @@ async fn commands_on_a_test_take_both_name_forms() {
     assert_eq!(c.ctl(&["wait", "both", "--timeout", "30s"]).code, 0);
     assert_eq!(c.ctl(&["results", "host/both"]).code, 2);
 }
+
+/// kubectl habits (frictions of issue 28): `--no-headers`,
+/// `--show-labels`, `-L KEY`, custom-columns paths with or without the
+/// leading dot, and "did you mean" for a kind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_takes_kubectls_table_flags() {
+    let c = Cluster::start(0).await;
+    let doc = "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: lab, labels: {suite: nfs, example.com/team: core}}\nspec:\n  open: true\n  hosts: [{role: a}]\n";
+    assert_eq!(c.ctl(&["apply", "-f", &manifest(&c, "lab.yaml", doc)]).code, 0);
+    let out = c.ctl(&["get", "tests", "--no-headers"]);
+    assert!(out.stdout.starts_with("lab ") && !out.stdout.contains("NAME"), "{out:?}");
+    let out = c.ctl(&["get", "tests", "--show-labels"]);
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert!(lines[0].ends_with("LABELS") && lines[1].ends_with("example.com/team=core,suite=nfs"), "{out:?}");
+    let out = c.ctl(&["get", "tests", "-L", "suite,example.com/team"]);
+    let last_two = |l: &str| l.split_whitespace().rev().take(2).map(String::from).collect::<Vec<String>>();
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(
+        (last_two(lines[0]).join(" "), last_two(lines[1]).join(" ")),
+        ("TEAM SUITE".into(), "core nfs".into()),
+        "{out:?}"
+    );
+    for spec in ["custom-columns=N:metadata.name,S:spec.open", "custom-columns=N:.metadata.name,S:.spec.open"] {
+        let out = c.ctl(&["get", "tests", "-o", spec]);
+        let words: Vec<&str> = out.stdout.split_whitespace().collect();
+        assert_eq!((out.code, words), (0, vec!["N", "S", "lab", "true"]), "{spec}: {out:?}");
+    }
+    let out = c.ctl(&["get", "tsets"]);
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("did you mean tests?"), "{out:?}");
+}
