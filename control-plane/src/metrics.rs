@@ -221,6 +221,14 @@ impl Metrics {
         self.tests.clear();
         self.hosts.clear();
         self.guests.clear();
+        // Every phase, zeros included: an alert on `testbus_hosts{phase=
+        // "NotReady"} > 0` needs the series before the first host fails.
+        for p in testbus_proto::states::TestPhase::ALL {
+            let _ = self.tests.get_or_create(&Phase { phase: p.as_str().into() });
+        }
+        for p in testbus_proto::states::HostPhase::ALL {
+            let _ = self.hosts.get_or_create(&Phase { phase: p.as_str().into() });
+        }
         let (mut pending, mut oldest) = (0, 0.0f64);
         for o in objects(tests) {
             if let Object::Test(t) = o {

@@ -510,6 +510,11 @@ async fn metrics_are_served_on_the_api_port_to_viewers() {
     assert!(value("testbus_api_request_duration_seconds_count", "method", "Claim") >= 1.0);
     assert_eq!(value("testbus_tests", "phase", "Succeeded"), 1.0);
     assert_eq!(value("testbus_hosts", "phase", "Ready"), 1.0);
+    // Every phase is a series, zeros included, so alerts can be written on
+    // them before the first host fails.
+    let has = |name: &str, phase: &str| samples[name].as_array().unwrap().iter().any(|s| s[0]["phase"] == phase);
+    assert!(has("testbus_hosts", "NotReady") && has("testbus_tests", "Error"), "{samples}");
+    assert_eq!(value("testbus_hosts", "phase", "NotReady"), 0.0);
     assert_eq!(value("testbus_pending_tests", "", ""), 0.0);
     assert!(value("testbus_processes_started_total", "", "") >= 1.0, "{samples}");
     assert!(value("testbus_processes_ended_total", "phase", "Succeeded") >= 1.0);
