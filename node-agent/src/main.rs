@@ -72,7 +72,9 @@ struct Args {
     /// Directory whose capabilities.d/*.yaml drop-ins are read.
     #[arg(long, default_value = "/etc/testbus")]
     config_dir: PathBuf,
-    /// Journal and work directories.
+    /// Its journal, key, cached files and the processes' work dirs
+    /// (0700). Default: /var/lib/testbus-agent/NAME as root, else
+    /// ~/.local/share/testbus-agent/NAME.
     #[arg(long)]
     data_dir: Option<PathBuf>,
     /// Take this host name over from the agent that holds it now (whose

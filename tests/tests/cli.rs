@@ -507,6 +507,13 @@ fn completion_help_examples_and_syntax_error_positions() {
         assert!(script.contains("ttl-after-finished") && script.contains("wait-claimed"), "{shell}");
     }
     assert_eq!(ctl(&["completion", "powershell"]).status.code(), Some(2));
+    // The agent's default data dir is in its --help (it was nowhere).
+    let help = std::process::Command::new(bin_dir().join("testbus-agent")).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout).into_owned();
+    assert!(
+        help.contains("/var/lib/testbus-agent/NAME") && help.contains("~/.local/share/testbus-agent/NAME"),
+        "{help}"
+    );
     // The member named in `logs --help` is one a role of count 2 has (it
     // said client-2; members are client0 and client1).
     let help = String::from_utf8_lossy(&ctl(&["logs", "--help"]).stdout).into_owned();
