@@ -235,8 +235,17 @@ impl Policy for Process {
         let mut a = old.spec().clone();
         a.stop = new.spec().stop;
         a.released = new.spec().released;
+        // Why it is stopped may be said with the stop, and only then.
+        if new.spec().stop && !old.spec().stop {
+            a.stop_reason = new.spec().stop_reason.clone();
+        }
         if &a != new.spec() {
-            return Err(Status::invalid_argument("spec: only spec.stop and spec.released of a Process may change"));
+            return Err(Status::invalid_argument(
+                "spec: only spec.stop (with spec.stopReason) and spec.released of a Process may change",
+            ));
+        }
+        if new.spec().stop_reason.len() > testbus_proto::validate::MAX_VALUE_BYTES {
+            return Err(Status::invalid_argument("spec.stopReason: too long"));
         }
         if old.spec().stop && !new.spec().stop {
             return Err(Status::invalid_argument("spec.stop: a stopped Process cannot be started again"));

@@ -476,9 +476,26 @@ async fn stop_all(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<boo
             Ok(_) | Err(_) => {} // a conflict is retried by the next reconcile
         }
     }
+    let mut why = test_plan::recorded_verdict(t)
+        .map(|v| match v.message.as_str() {
+            "" => format!("its test ended ({})", v.reason.as_str()),
+            m => format!("its test ended ({}): {m}", v.reason.as_str()),
+        })
+        .unwrap_or_default();
+    // Well within what the API takes (a verdict can name many processes).
+    const MAX_STOP_REASON: usize = 1024;
+    if why.len() > MAX_STOP_REASON {
+        let mut end = MAX_STOP_REASON;
+        while !why.is_char_boundary(end) {
+            end -= 1;
+        }
+        why.truncate(end);
+        why.push('…');
+    }
     for p in stops.stop {
         let mut next = (*p).clone();
         next.spec_mut().stop = true;
+        next.spec_mut().stop_reason = why.clone();
         ctx.client.api::<Process>().update(next).await?;
         tracing::debug!(test = t.name(), process = p.name(), "stopping");
     }

@@ -226,6 +226,9 @@ impl ProcessRunner {
         }
         let exit_codes = self.process.spec().exit_codes.clone();
         report(&api, &self.known, move |p| {
+            // Why it was asked to stop, as the latest spec says (a report
+            // that meets a conflict reads it again).
+            let why = p.spec().stop_reason.clone();
             let s = p.status_mut();
             if let Some((pid, start)) = &started {
                 if s.start_time.is_empty() {
@@ -269,10 +272,13 @@ impl ProcessRunner {
                     s.phase = ProcessPhase::Killed.into();
                     s.signal = signal.map(|g| g.to_string()).unwrap_or_default();
                     let (reason, message) = match by {
-                        StopReason::Requested => (ProcessReason::Stopped, "stopped on request"),
-                        StopReason::AgentShutdown => (ProcessReason::AgentShutdown, "the agent shut down"),
+                        StopReason::Requested if why.is_empty() => {
+                            (ProcessReason::Stopped, "stopped on request".into())
+                        }
+                        StopReason::Requested => (ProcessReason::Stopped, format!("stopped: {why}")),
+                        StopReason::AgentShutdown => (ProcessReason::AgentShutdown, "the agent shut down".into()),
                     };
-                    (s.reason, s.message) = (reason.into(), message.into());
+                    (s.reason, s.message) = (reason.into(), message);
                 }
                 Ended::SetupFailed { reason, message } => {
                     s.phase = ProcessPhase::Failed.into();

@@ -82,6 +82,7 @@ pub fn build(
             files,
             stdin_file: unit.stdin_file.clone(),
             test_host_vars: reads_host_vars(t),
+            stop_reason: String::new(),
         }),
         ..Default::default()
     }

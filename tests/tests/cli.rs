@@ -1237,3 +1237,22 @@ async fn get_takes_kubectls_table_flags() {
     assert_eq!(out.code, 2, "{out:?}");
     assert!(out.stderr.contains("did you mean tests?"), "{out:?}");
 }
+
+/// A process stopped because its test ended says so, with the test's
+/// verdict (it said "stopped on request", a friction of issue 28).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_stopped_by_its_tests_end_says_why() {
+    let c = Cluster::start(1).await;
+    let doc = "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: halt}\nspec:\n  hosts: [{role: a}]\n  steps:\n  - {name: slow, on: [a], background: true, argv: [sleep, \"600\"]}\n  - {name: bad, on: [a], after: [slow], argv: [sh, -c, \"exit 3\"]}\n";
+    assert_eq!(c.ctl(&["apply", "-f", &manifest(&c, "halt.yaml", doc), "--wait", "--timeout", "60s"]).code, 1);
+    let client = c.client().await;
+    let p = wait_for(Duration::from_secs(30), "the slow process to end", || async {
+        let p = client.api::<testbus_proto::Process>().get("halt-slow-a").await.ok()?;
+        testbus_proto::phase::process_terminal(&p.status().phase).then_some(p)
+    })
+    .await;
+    assert_eq!(
+        (p.status().phase.as_str(), p.status().message.as_str()),
+        ("Killed", "stopped: its test ended (StepFailed): step bad failed: a on host-0: exit code 3")
+    );
+}
