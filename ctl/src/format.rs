@@ -188,9 +188,14 @@ fn test_row(t: &Test, wide: bool) -> Vec<String> {
     let s = t.status();
     let hosts: u32 = t.spec().hosts.iter().map(|h| h.count.unwrap_or(1)).sum();
     let done = s.steps.iter().filter(|st| st.phase == phase::SUCCEEDED).count();
+    // As kubectl shows a pod being deleted: its test is being cancelled.
+    let shown = match s.phase.as_str() {
+        p if !t.meta().deletion_timestamp.is_empty() && !phase::test_terminal(p) => "Terminating".to_string(),
+        p => or_none(p),
+    };
     let mut r = vec![
         t.name().to_string(),
-        or_none(&s.phase),
+        shown,
         hosts.to_string(),
         // Child tests' steps count too, as `describe`, `logs` and `results`
         // show them.

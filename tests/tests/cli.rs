@@ -1256,3 +1256,22 @@ async fn a_process_stopped_by_its_tests_end_says_why() {
         ("Killed", "stopped: its test ended (StepFailed): step bad failed: a on host-0: exit code 3")
     );
 }
+
+/// After `delete`, a test that is still stopping its processes shows
+/// Terminating, as kubectl shows a pod being deleted (it showed Running).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_test_shows_terminating_while_it_stops() {
+    let c = Cluster::start(1).await;
+    // Its process ignores SIGTERM: stopping it takes the grace period.
+    let doc = "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: stubborn}\nspec:\n  hosts: [{role: a}]\n  steps: [{name: s, on: [a], argv: [sh, -c, \"trap '' TERM; while true; do sleep 0.1; done\"]}]\n";
+    assert_eq!(c.ctl(&["apply", "-f", &manifest(&c, "stubborn.yaml", doc)]).code, 0);
+    c.running_pids("stubborn", 1).await;
+    assert_eq!(c.ctl(&["delete", "test", "stubborn"]).code, 0);
+    wait_for(Duration::from_secs(30), "get to show the test Terminating", || async {
+        let out = c.ctl(&["get", "test", "stubborn", "--no-headers"]);
+        let phase = out.stdout.split_whitespace().nth(1).unwrap_or("").to_string();
+        assert_ne!(phase, "Running", "{out:?}");
+        (phase == "Terminating").then_some(())
+    })
+    .await;
+}
