@@ -746,7 +746,12 @@ fn describe(o: &Object, cx: &Context) {
         Object::Test(t) => {
             let s = t.status();
             println!("Phase:        {}", s.phase);
-            if !s.reason.is_empty() || !s.message.is_empty() {
+            if testbus_proto::phase::test_terminal(&s.phase) {
+                // How it ended, in words (its Finished condition read
+                // "Finished False TimedOut", as if it had not finished).
+                let how = if s.message.is_empty() { s.reason.clone() } else { format!("{}: {}", s.reason, s.message) };
+                println!("Finished:     {} ({how})", s.phase);
+            } else if !s.reason.is_empty() || !s.message.is_empty() {
                 println!("Reason:       {} {}", s.reason, s.message);
             }
             if !s.start_time.is_empty() {
@@ -781,7 +786,10 @@ fn describe(o: &Object, cx: &Context) {
                     }
                 }
             }
-            print_conditions(&s.conditions);
+            // The verdict is said above once the test has ended.
+            let ended = testbus_proto::phase::test_terminal(&s.phase);
+            let shown: Vec<_> = s.conditions.iter().filter(|c| !(ended && c.r#type == "Finished")).cloned().collect();
+            print_conditions(&shown);
         }
         Object::Host(h) => {
             let s = h.status();

@@ -185,6 +185,11 @@ spec:
     );
     let out = c.ctl(&["apply", "-f", &path, "--wait"]);
     assert_eq!(out.code, 3, "{out:?}");
+    // describe says that it finished, and how (its Finished condition read
+    // "Finished False TimedOut", as if it had not).
+    let d = c.ctl(&["describe", "test", "slow"]).stdout;
+    assert!(d.contains("Finished:     Error (TimedOut: test exceeded its timeout of 3s)"), "{d}");
+    assert!(!d.contains("Finished   False"), "{d}");
     let junit = c.ctl(&["results", "test/slow", "-o", "junit"]);
     assert_eq!(junit.code, 0, "{junit:?}");
     let x = &junit.stdout;
