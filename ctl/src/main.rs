@@ -326,6 +326,10 @@ enum Cmd {
         /// Stop the command after this long (exit 3).
         #[arg(long, value_parser = parse_duration_str, value_name = "DURATION")]
         timeout: Option<String>,
+        /// Give up waiting for hosts after this long (exit 3). Default:
+        /// --timeout when given, else 1h.
+        #[arg(long, value_parser = parse_duration_str, value_name = "DURATION")]
+        pending_timeout: Option<String>,
         /// Give the command this stdin (read to its end first).
         #[arg(short = 'i', long = "stdin")]
         stdin: bool,
@@ -1153,14 +1157,38 @@ async fn dispatch(cli: Cli) -> CliResult {
         Cmd::Sync { name, roles, timeout } => intest::sync(name, roles, timeout).await,
         Cmd::Send { key, value } => intest::send(key, value).await,
         Cmd::Recv { key, from, timeout } => intest::recv(key, from, timeout).await,
-        Cmd::Run { capabilities, host, selector, count, env, timeout, stdin, ttl_after_finished, argv } => {
+        Cmd::Run {
+            capabilities,
+            host,
+            selector,
+            count,
+            env,
+            timeout,
+            pending_timeout,
+            stdin,
+            ttl_after_finished,
+            argv,
+        } => {
             let env = parse_env("--env", &env)?;
             if count == 0 {
                 return Err(CliError::usage("--count: must be >= 1"));
             }
             let selector = selector.unwrap_or_default();
-            let args =
-                run::RunArgs { capabilities, host, selector, count, env, timeout, stdin, ttl_after_finished, argv };
+            // A command bounded in time is bounded in its wait for hosts
+            // too (it waited an hour for a selector nothing matched).
+            let pending_timeout = pending_timeout.or_else(|| timeout.clone());
+            let args = run::RunArgs {
+                capabilities,
+                host,
+                selector,
+                count,
+                env,
+                timeout,
+                pending_timeout,
+                stdin,
+                ttl_after_finished,
+                argv,
+            };
             run::run(&connect(&server).await?, args).await
         }
     }

@@ -13,6 +13,8 @@ pub struct RunArgs {
     pub count: u32,
     pub env: BTreeMap<String, String>,
     pub timeout: Option<String>,
+    /// How long it may wait for hosts.
+    pub pending_timeout: Option<String>,
     /// Forward this command's stdin (read to its end, uploaded as a blob).
     pub stdin: bool,
     /// The test's ttlAfterFinished; empty keeps it.
@@ -29,6 +31,7 @@ pub fn test_for(a: &RunArgs) -> Test {
         }),
         spec: Some(TestSpec {
             timeout: a.timeout.clone().unwrap_or_default(),
+            pending_timeout: a.pending_timeout.clone().unwrap_or_default(),
             ttl_after_finished: a.ttl_after_finished.clone(),
             hosts: vec![HostRequirement {
                 role: "host".into(),

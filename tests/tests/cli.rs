@@ -1280,3 +1280,18 @@ async fn a_deleted_test_shows_terminating_while_it_stops() {
     })
     .await;
 }
+
+/// `run -l SELECTOR --timeout D` with no host to match waited an hour: the
+/// timeout bounds the wait for hosts too (or `--pending-timeout`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_does_not_wait_for_hosts_past_its_timeout() {
+    let c = Cluster::start(1).await;
+    for args in [
+        vec!["run", "-l", "rack=nowhere", "--timeout", "2s", "--", "true"],
+        vec!["run", "-l", "rack=nowhere", "--pending-timeout", "1s", "--", "true"],
+    ] {
+        let out = c.ctl(&args);
+        assert_eq!(out.code, 3, "{args:?}: {out:?}");
+        assert!(out.stderr.contains("for hosts (its pendingTimeout)"), "{args:?}: {out:?}");
+    }
+}
