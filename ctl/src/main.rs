@@ -307,39 +307,7 @@ enum Cmd {
     #[command(
         after_help = "Examples:\n  testbusctl run -- uname -a\n  testbusctl run --capability kvm --count 3 --timeout 10m -- ./stress.sh\n  tar c src | testbusctl run -i --host node-1 -- tar tv"
     )]
-    Run {
-        /// A capability the hosts must have (repeatable).
-        #[arg(long = "capability", value_name = "CAP")]
-        capabilities: Vec<String>,
-        /// Run on this host.
-        #[arg(long)]
-        host: Option<String>,
-        /// Only on hosts whose labels match this selector, e.g. 'rack in (a,b),!flaky'.
-        #[arg(short = 'l', long = "selector")]
-        selector: Option<String>,
-        /// How many hosts to run on.
-        #[arg(long, default_value_t = 1)]
-        count: u32,
-        /// An extra environment variable, KEY=VALUE (repeatable).
-        #[arg(long = "env", value_name = "KEY=VALUE")]
-        env: Vec<String>,
-        /// Stop the command after this long (exit 3).
-        #[arg(long, value_parser = parse_duration_str, value_name = "DURATION")]
-        timeout: Option<String>,
-        /// Give up waiting for hosts after this long (exit 3). Default:
-        /// --timeout when given, else 1h.
-        #[arg(long, value_parser = parse_duration_str, value_name = "DURATION")]
-        pending_timeout: Option<String>,
-        /// Give the command this stdin (read to its end first).
-        #[arg(short = 'i', long = "stdin")]
-        stdin: bool,
-        /// Delete the test this long after it ends; "never" keeps it.
-        #[arg(long, default_value = "1h", value_parser = parse_ttl, value_name = "DURATION|never")]
-        ttl_after_finished: String,
-        /// The command and its arguments, after --.
-        #[arg(last = true, required = true)]
-        argv: Vec<String>,
-    },
+    Run(RunCmd),
     /// Snapshots of a pool guest, as kvm-compose offers them (the control
     /// plane calls libvirt).
     #[command(
@@ -1157,40 +1125,65 @@ async fn dispatch(cli: Cli) -> CliResult {
         Cmd::Sync { name, roles, timeout } => intest::sync(name, roles, timeout).await,
         Cmd::Send { key, value } => intest::send(key, value).await,
         Cmd::Recv { key, from, timeout } => intest::recv(key, from, timeout).await,
-        Cmd::Run {
-            capabilities,
-            host,
-            selector,
-            count,
-            env,
-            timeout,
-            pending_timeout,
-            stdin,
-            ttl_after_finished,
-            argv,
-        } => {
-            let env = parse_env("--env", &env)?;
-            if count == 0 {
-                return Err(CliError::usage("--count: must be >= 1"));
-            }
-            let selector = selector.unwrap_or_default();
+        Cmd::Run(cmd) => run::run(&connect(&server).await?, cmd.into_args()?).await,
+    }
+}
+
+/// `run`'s flags, as given.
+#[derive(clap::Args)]
+struct RunCmd {
+    /// A capability the hosts must have (repeatable).
+    #[arg(long = "capability", value_name = "CAP")]
+    capabilities: Vec<String>,
+    /// Run on this host.
+    #[arg(long)]
+    host: Option<String>,
+    /// Only on hosts whose labels match this selector, e.g. 'rack in (a,b),!flaky'.
+    #[arg(short = 'l', long = "selector")]
+    selector: Option<String>,
+    /// How many hosts to run on.
+    #[arg(long, default_value_t = 1)]
+    count: u32,
+    /// An extra environment variable, KEY=VALUE (repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Stop the command after this long (exit 3).
+    #[arg(long, value_parser = parse_duration_str, value_name = "DURATION")]
+    timeout: Option<String>,
+    /// Give up waiting for hosts after this long (exit 3). Default:
+    /// --timeout when given, else 1h.
+    #[arg(long, value_parser = parse_duration_str, value_name = "DURATION")]
+    pending_timeout: Option<String>,
+    /// Give the command this stdin (read to its end first).
+    #[arg(short = 'i', long = "stdin")]
+    stdin: bool,
+    /// Delete the test this long after it ends; "never" keeps it.
+    #[arg(long, default_value = "1h", value_parser = parse_ttl, value_name = "DURATION|never")]
+    ttl_after_finished: String,
+    /// The command and its arguments, after --.
+    #[arg(last = true, required = true)]
+    argv: Vec<String>,
+}
+
+impl RunCmd {
+    fn into_args(self) -> CliResult<run::RunArgs> {
+        if self.count == 0 {
+            return Err(CliError::usage("--count: must be >= 1"));
+        }
+        Ok(run::RunArgs {
+            env: parse_env("--env", &self.env)?,
+            selector: self.selector.unwrap_or_default(),
             // A command bounded in time is bounded in its wait for hosts
             // too (it waited an hour for a selector nothing matched).
-            let pending_timeout = pending_timeout.or_else(|| timeout.clone());
-            let args = run::RunArgs {
-                capabilities,
-                host,
-                selector,
-                count,
-                env,
-                timeout,
-                pending_timeout,
-                stdin,
-                ttl_after_finished,
-                argv,
-            };
-            run::run(&connect(&server).await?, args).await
-        }
+            pending_timeout: self.pending_timeout.or_else(|| self.timeout.clone()),
+            capabilities: self.capabilities,
+            host: self.host,
+            count: self.count,
+            timeout: self.timeout,
+            stdin: self.stdin,
+            ttl_after_finished: self.ttl_after_finished,
+            argv: self.argv,
+        })
     }
 }
 
