@@ -41,21 +41,27 @@ enum UserCommand {
     /// Writes a testbusctl config file (server, CA, a certificate for NAME
     /// and its key), signed by the CA in the data dir. Works whether the
     /// control plane runs or not.
-    ///
-    ///   testbus-control-plane user create alice --role viewer --out alice.yaml
-    ///   TESTBUS_CONFIG=alice.yaml testbusctl get hosts
+    #[command(
+        after_help = "Examples:\n  testbus-control-plane user create alice --role viewer --out alice.yaml\n  TESTBUS_CONFIG=alice.yaml testbusctl get hosts"
+    )]
     Create {
+        /// The user's name: lower-case letters, digits and '-' (a DNS label).
         name: String,
         /// admin: everything; viewer: read everything, write nothing.
         #[arg(long, value_parser = ["admin", "viewer"])]
         role: String,
-        /// Where to write it (default: stdout).
+        /// Where to write it (default: stdout); an existing file only with
+        /// --force.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Overwrite --out.
+        #[arg(long)]
+        force: bool,
         /// The address the config names (https://HOST:PORT, or several
-        /// comma-separated).
-        #[arg(long, default_value = "https://127.0.0.1:7780")]
-        server: String,
+        /// comma-separated). Default: the one the control plane with this
+        /// data dir last served TLS on, else https://127.0.0.1:7780.
+        #[arg(long)]
+        server: Option<String>,
         /// How long the certificate is valid.
         #[arg(long, default_value = "365d", value_parser = parse_duration)]
         ttl: std::time::Duration,
@@ -229,8 +235,18 @@ async fn local_client(data_dir: Option<PathBuf>) -> anyhow::Result<testbus_proto
 async fn command(cmd: Command) -> anyhow::Result<()> {
     use anyhow::Context;
     match cmd {
-        Command::User(UserCommand::Create { name, role, out, server, ttl, data_dir }) => {
-            let dir = data_dir.unwrap_or_else(default_data_dir).join("pki");
+        Command::User(UserCommand::Create { name, role, out, force, server, ttl, data_dir }) => {
+            testbus_proto::validate::dns_label(&name).map_err(|e| anyhow::anyhow!("NAME {name:?}: {e}"))?;
+            if let Some(path) = out.as_ref().filter(|p| p.exists() && !force) {
+                anyhow::bail!("--out {}: exists; --force overwrites it", path.display());
+            }
+            let data_dir = data_dir.unwrap_or_else(default_data_dir);
+            let server = server.unwrap_or_else(|| {
+                std::fs::read_to_string(data_dir.join(testbus_control_plane::server::ADVERTISE_FILE))
+                    .map(|s| s.trim().to_string())
+                    .unwrap_or_else(|_| "https://127.0.0.1:7780".into())
+            });
+            let dir = data_dir.join("pki");
             let ca = testbus_pki::Ca::load(&dir)?.with_context(|| {
                 format!("no CA in {}: start the control plane once with this --data-dir", dir.display())
             })?;

@@ -388,6 +388,10 @@ fn caller_of(tls: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>) -> Ca
     }
 }
 
+/// In the data dir: the address this control plane serves TLS on, for
+/// `user create` to put in configs by default.
+pub const ADVERTISE_FILE: &str = "advertise";
+
 /// Lines about refused TLS handshakes: at most this many a minute.
 const HANDSHAKE_LINES_PER_MINUTE: u32 = 10;
 static HANDSHAKE_LOG: LogBudget = LogBudget::new(HANDSHAKE_LINES_PER_MINUTE);
@@ -884,6 +888,21 @@ async fn serve(
         .layer(crate::metrics::CallsLayer(state.metrics.clone()))
         .add_routes(routes);
 
+    // The address `user create` puts in configs when not told one: the
+    // first TCP listener's, where it names a host.
+    let advertised = cfg.listen.iter().find_map(|l| match l {
+        Listen::Tcp(a) if !a.ip().is_unspecified() => Some(format!("https://{a}")),
+        _ => None,
+    });
+    let advertise_file = cfg.data_dir.join(ADVERTISE_FILE);
+    match (&advertised, cfg.insecure) {
+        (Some(url), false) => {
+            std::fs::write(&advertise_file, url).with_context(|| format!("writing {}", advertise_file.display()))?
+        }
+        _ => {
+            let _ = std::fs::remove_file(&advertise_file);
+        }
+    }
     let mut listens = cfg.listen.clone();
     listens.push(Listen::Unix(cfg.local_socket()));
     for l in listens {

@@ -1295,3 +1295,33 @@ async fn run_does_not_wait_for_hosts_past_its_timeout() {
         assert!(out.stderr.contains("for hosts (its pendingTimeout)"), "{args:?}: {out:?}");
     }
 }
+
+/// `user create` refuses names that are no identity, does not overwrite a
+/// file unless told to, and names the control plane's own address by
+/// default (frictions of issue 28).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_create_checks_its_name_its_file_and_knows_the_address() {
+    let c = Cluster::start(0).await;
+    let cp = |args: &[&str]| {
+        let out = std::process::Command::new(bin_dir().join("testbus-control-plane"))
+            .args(["user", "create"])
+            .args(args)
+            .arg("--data-dir")
+            .arg(c.dir.path().join("cp"))
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, stderr) = cp(&["Bad_Name", "--role", "viewer"]);
+    assert_ne!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("NAME \"Bad_Name\""), "{stderr}");
+    let out = c.dir.path().join("vic.yaml");
+    let out = out.to_str().unwrap();
+    assert_eq!(cp(&["vic", "--role", "viewer", "--out", out]).0, Some(0));
+    let (code, stderr) = cp(&["vic", "--role", "viewer", "--out", out]);
+    assert_ne!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("exists; --force overwrites it"), "{stderr}");
+    assert_eq!(cp(&["vic", "--role", "viewer", "--out", out, "--force"]).0, Some(0));
+    let file = testbus_pki::ClientFile::load(std::path::Path::new(out)).unwrap();
+    assert_eq!(file.server, c.agent_server, "the address the control plane serves TLS on");
+}
