@@ -115,8 +115,8 @@ async fn without_credentials_nothing_and_a_viewer_only_reads() {
     let wrong = c.dir.path().join("wrong-ca.yaml");
     write_config(&wrong, &wrong_ca);
     let out = ctl_tls(&c, &wrong, &["get", "hosts"]);
-    assert_eq!(out.code, 4, "{out:?}");
-    assert!(out.stderr.contains("certificate"), "{out:?}");
+    assert_eq!(out.code, 5, "a TLS refusal is exit 5, said in a sentence: {out:?}");
+    assert!(out.stderr.contains("not signed by the CA in your config"), "{out:?}");
 
     // Python's grpcio, with the admin's files: a list works, and the
     // viewer's delete is PERMISSION_DENIED.
