@@ -231,15 +231,19 @@ async fn live_token(st: &ApiState, ca: &Ca, prefix: &str, text: &str) -> Result<
 /// Whether `text` is a live viewer token (a dashboard login); the time it
 /// expires (seconds since the epoch) if so.
 pub async fn check_viewer_token(st: &ApiState, text: &str) -> Result<u64, Status> {
+    // Whatever is wrong with it, a refused login says how to get one that
+    // works (a join token, say, was only "not a viewer token").
+    const MAKE_ONE: &str = "create one with `testbus-control-plane token create --viewer`";
     let auth = AuthService::new(st.clone());
     let t = live_token(st, auth.ca()?, VIEWER_TOKENS, text).await.map(|t| t.token).map_err(|e| match e.code() {
-        tonic::Code::Unauthenticated => Status::from(ApiError::Unauthenticated(
-            "token: not a live viewer token; create one with `testbus-control-plane token create --viewer`".into(),
-        )),
+        tonic::Code::Unauthenticated => {
+            Status::from(ApiError::Unauthenticated(format!("token: not a live viewer token; {MAKE_ONE}")))
+        }
+        tonic::Code::InvalidArgument => Status::invalid_argument(format!("{}; {MAKE_ONE}", e.message())),
         _ => e,
     })?;
     if t.role != VIEWER_TOKEN {
-        return Err(ApiError::Unauthenticated("token: not a viewer token".into()).into());
+        return Err(ApiError::Unauthenticated(format!("token: a join token, not a viewer token; {MAKE_ONE}")).into());
     }
     Ok(t.expires)
 }

@@ -92,7 +92,7 @@ spec:
         &[("TESTBUS_CONFIG", admin.to_str().unwrap()), ("TESTBUS_SERVER", &c.server)],
     );
     let seen = json_of(&out);
-    assert!(seen["bad_login"].as_str().unwrap().contains("token"), "{seen}");
+    assert!(seen["bad_login"].as_str().unwrap().contains("token create --viewer"), "{seen}");
     let lines: Vec<&str> = seen["log_lines"].as_array().unwrap().iter().map(|l| l.as_str().unwrap()).collect();
     let at = |s: &str| lines.iter().position(|l| l.contains(s)).unwrap_or_else(|| panic!("no {s} in {lines:?}"));
     assert!(at("first-line") < at("second-line"), "{lines:?}");

@@ -221,7 +221,10 @@ pub fn test(t: &Test) -> Markup {
     let steps = testbus_proto::steps::expand(t.spec());
     html! {
         h1 { "test/" (t.name()) " " (phase_badge(&s.phase)) }
-        @if let Some(why) = why(t) { p.why #reason { (why) } }
+        // A test that succeeded is no warning ("Completed" was shown in the
+        // warning colour).
+        @let ok = s.phase == "Succeeded";
+        @if let Some(why) = why(t) { p.why[!ok] #reason { (why) } }
         p {
             "created " span.time { (t.meta().creation_timestamp) }
             @if !s.start_time.is_empty() { " · ran " (duration(&s.start_time, &s.completion_time)) }
@@ -522,7 +525,15 @@ mod tests {
             ..Default::default()
         });
         let page = test(&t).into_string();
-        assert!(page.contains("Unsatisfiable: no host has capability nfs-sever"), "{page}");
+        assert!(
+            page.contains(r#"<p class="why" id="reason">Unsatisfiable: no host has capability nfs-sever"#),
+            "{page}"
+        );
+        // A test that succeeded is said plainly, not in the warning colour.
+        let mut done = test_named("d", "Succeeded");
+        done.status_mut().reason = "Completed".into();
+        let page = test(&done).into_string();
+        assert!(page.contains(r#"<p class="" id="reason">Completed</p>"#), "{page}");
         let refs = [&t];
         let o = Overview { tests: &refs, queue: &refs, hosts: &[], pools: &[], host_page: 1, test_page: 1 };
         let html = overview(&o).into_string();
