@@ -1091,6 +1091,30 @@ mod tests {
         }
     }
 
+    /// `spec.stopReason` (which the agent of the process's own host may
+    /// write too, through Update) comes with the stop and only then, once,
+    /// and bounded.
+    #[test]
+    fn a_stop_reason_comes_with_the_stop_and_only_then() {
+        let old = process_on("p", "h");
+        let with = |f: &dyn Fn(&mut ProcessSpec)| {
+            let mut p = old.clone();
+            f(p.spec_mut());
+            p
+        };
+        let reason_only = with(&|s| s.stop_reason = "x".into());
+        assert!(<Process as Policy>::check_update(&old, &reason_only).is_err());
+        let stopped = with(&|s| (s.stop, s.stop_reason) = (true, "its test ended".into()));
+        assert!(<Process as Policy>::check_update(&old, &stopped).is_ok());
+        let mut rewritten = stopped.clone();
+        rewritten.spec_mut().stop_reason = "something else".into();
+        assert!(<Process as Policy>::check_update(&stopped, &rewritten).is_err());
+        let long =
+            with(&|s| (s.stop, s.stop_reason) = (true, "x".repeat(testbus_proto::validate::MAX_VALUE_BYTES + 1)));
+        let e = <Process as Policy>::check_update(&old, &long).unwrap_err();
+        assert!(e.message().contains("spec.stopReason"), "{e:?}");
+    }
+
     /// A store whose writes wait for a permit, and say when one waits.
     struct GatedStore {
         inner: Arc<dyn Store>,

@@ -190,6 +190,17 @@ async fn an_agent_acts_only_for_its_own_host_and_a_revoked_one_not_at_all() {
         // Another host's status, processes and output: refused.
         out.push(("host-1 status", code(a.api::<Host>().update_status(host1.clone()).await.map(|_| ()))));
         out.push(("host-1 get", code(a.api::<Host>().get("host-1").await.map(|_| ()))));
+        // Giving up another host's lease would end its tests at once.
+        let release = testbus_proto::RenewLeaseRequest {
+            name: "host-1".into(),
+            agent_id: host1.status().agent_id.clone(),
+            release: true,
+        };
+        out.push(("host-1 lease release", code(a.hosts().renew_lease(release).await.map(|_| ()))));
+        // Nor may it stop another host's process, saying why.
+        let mut stop = theirs.clone();
+        (stop.spec_mut().stop, stop.spec_mut().stop_reason) = (true, "forged".into());
+        out.push(("host-1 process stop", code(a.api::<Process>().update(stop).await.map(|_| ()))));
         out.push(("all processes", code(a.api::<Process>().list("", "").await.map(|_| ()))));
         let mut p = theirs.clone();
         p.status_mut().phase = phase::SUCCEEDED.into();
