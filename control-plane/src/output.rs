@@ -1,8 +1,10 @@
 //! Process output, kept per process (by uid) as a log of records
 //! `[kind+stream u8][offset u64][len u32][bytes]`: data, a truncation marker
-//! (once per stream, when the output limit is reached), or a skip record
+//! (once per stream, when the output limit is reached), a skip record
 //! that counts bytes received but not kept (so offsets stay right across
-//! restarts).
+//! restarts), or a time record (the offset field holds when the server
+//! received what follows, in ms since the epoch; no bytes) written before
+//! each append's records.
 //!
 //! Where the records live depends on the store:
 //! - embedded store (one replica): an append-only file per process in the
@@ -50,6 +52,8 @@ const OUTPUT_PREFIX: &str = "/output/";
 const HEADER: usize = 1 + 8 + 4;
 const MARKER: u8 = 0x40;
 const SKIP: u8 = 0x80;
+/// A time record: a tag of its own (no stream bit), no body.
+const TIME: u8 = 0x20;
 
 /// One record of a log.
 enum Record<'a> {
@@ -57,6 +61,9 @@ enum Record<'a> {
     Marker(usize, &'a [u8]),
     /// Bytes counted, not kept.
     Skip(usize, u64),
+    /// The records that follow were received at this time (ms since the
+    /// epoch).
+    Time(i64),
 }
 
 /// Parses the complete records at the start of `buf`; returns how many
@@ -65,17 +72,19 @@ fn parse_records<'a>(buf: &'a [u8], mut f: impl FnMut(Record<'a>)) -> usize {
     let mut pos = 0usize;
     while pos + HEADER <= buf.len() {
         let tag = buf[pos];
-        if tag & !(SKIP | MARKER | 1) != 0 {
+        if tag & !(SKIP | MARKER | 1) != 0 && tag != TIME {
             break;
         }
         let s = (tag & 1) as usize;
         let len = u32::from_le_bytes(buf[pos + 9..pos + 13].try_into().unwrap_or_default()) as usize;
-        let body = if tag & SKIP != 0 { 0 } else { len };
+        let body = if tag & SKIP != 0 || tag == TIME { 0 } else { len };
         if pos + HEADER + body > buf.len() {
             break;
         }
         let bytes = &buf[pos + HEADER..pos + HEADER + body];
-        f(if tag & SKIP != 0 {
+        f(if tag == TIME {
+            Record::Time(i64::from_le_bytes(buf[pos + 1..pos + 9].try_into().unwrap_or_default()))
+        } else if tag & SKIP != 0 {
             Record::Skip(s, len as u64)
         } else if tag & MARKER != 0 {
             Record::Marker(s, bytes)
@@ -114,13 +123,21 @@ impl Counts {
             }
             Record::Marker(s, _) => self.truncated[s] = true,
             Record::Skip(s, n) => self.lens[s] += n,
+            Record::Time(_) => {}
         })
     }
 
-    /// The records that append `data` at `offset` to stream `s`, and the
-    /// counts after them; None when everything is already held. Errors when
-    /// `offset` leaves a gap.
-    fn append(&self, s: usize, offset: u64, data: &[u8], limit: u64) -> Result<Option<(Vec<u8>, Counts)>, Status> {
+    /// The records that append `data` at `offset` to stream `s`, received
+    /// at `now` (ms since the epoch), and the counts after them; None when
+    /// everything is already held. Errors when `offset` leaves a gap.
+    fn append(
+        &self,
+        s: usize,
+        offset: u64,
+        data: &[u8],
+        limit: u64,
+        now: i64,
+    ) -> Result<Option<(Vec<u8>, Counts)>, Status> {
         let have = self.lens[s];
         if offset > have {
             return Err(Status::out_of_range(format!(
@@ -135,8 +152,14 @@ impl Counts {
         let data = &data[skip..];
         let room = limit.saturating_sub(self.kept[s]) as usize;
         let (keep, drop) = data.split_at(data.len().min(room));
-        let mut rec = Vec::with_capacity(3 * HEADER + keep.len() + 128);
+        let mut rec = Vec::with_capacity(4 * HEADER + keep.len() + 128);
         let tag = s as u8;
+        if !keep.is_empty() || !self.truncated[s] {
+            // Bytes a reader will see (data or the marker) get a time.
+            rec.push(TIME);
+            rec.extend_from_slice(&now.to_le_bytes());
+            rec.extend_from_slice(&0u32.to_le_bytes());
+        }
         if !keep.is_empty() {
             push_record(&mut rec, tag, have, keep.len(), keep);
         }
@@ -158,20 +181,36 @@ impl Counts {
     }
 }
 
-/// Turns records into the chunks a reader receives; `lens` tracks the
-/// stream offsets between calls.
+/// Where a reader is in a log, between calls of [`chunks_of`].
+#[derive(Default, Clone, Copy)]
+struct ReadPos {
+    /// The offset of each stream's next byte.
+    lens: [u64; 2],
+    /// The time of the last time record.
+    time: i64,
+}
+
+/// Turns records into the chunks a reader receives.
 /// The chunks share `buf` rather than copy from it.
-fn chunks_of(buf: &bytes::Bytes, lens: &mut [u64; 2], process: &str, out: &mut Vec<OutputChunk>) -> usize {
+fn chunks_of(buf: &bytes::Bytes, at: &mut ReadPos, process: &str, out: &mut Vec<OutputChunk>) -> usize {
     parse_records(buf, |r| match r {
         Record::Data(s, b) | Record::Marker(s, b) => {
             let data = buf.slice_ref(b);
             let notice = matches!(r, Record::Marker(..));
-            out.push(OutputChunk { process: process.to_string(), stream: s as i32, offset: lens[s], data, notice });
+            out.push(OutputChunk {
+                process: process.to_string(),
+                stream: s as i32,
+                offset: at.lens[s],
+                data,
+                notice,
+                time_unix_ms: at.time,
+            });
             if matches!(r, Record::Data(..)) {
-                lens[s] += b.len() as u64;
+                at.lens[s] += b.len() as u64;
             }
         }
-        Record::Skip(s, n) => lens[s] += n,
+        Record::Skip(s, n) => at.lens[s] += n,
+        Record::Time(t) => at.time = t,
     })
 }
 
@@ -550,12 +589,15 @@ impl OutputService {
         l.last_used = std::time::Instant::now();
         let s = stream as usize;
         let piece = if self.shared.is_some() { STORE_PIECE } else { MAX_CHUNK };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
         for (i, data) in c.data.chunks(piece).enumerate() {
-            self.append_piece(&mut l, &uid, s, c.offset + (i * piece) as u64, data).await?;
+            self.append_piece(&mut l, &uid, s, c.offset + (i * piece) as u64, data, now).await?;
         }
         if c.data.is_empty() {
             // An empty append still checks the offset.
-            l.counts.append(s, c.offset, &[], self.limit)?;
+            l.counts.append(s, c.offset, &[], self.limit, now)?;
         }
         Ok(AppendOutputResponse { length: l.counts.lens[s], truncated: l.counts.truncated[s] })
     }
@@ -565,10 +607,18 @@ impl OutputService {
     }
 
     /// Appends one piece; retries when another replica appended first.
-    async fn append_piece(&self, log: &mut Log, uid: &str, s: usize, offset: u64, data: &[u8]) -> Result<(), Status> {
+    async fn append_piece(
+        &self,
+        log: &mut Log,
+        uid: &str,
+        s: usize,
+        offset: u64,
+        data: &[u8],
+        now: i64,
+    ) -> Result<(), Status> {
         let mut reloaded = false;
         for _ in 0..8 {
-            let (rec, next) = match log.counts.append(s, offset, data, self.limit) {
+            let (rec, next) = match log.counts.append(s, offset, data, self.limit, now) {
                 Ok(Some(r)) => r,
                 Ok(None) => return Ok(()),
                 // This replica may be behind another one that took appends.
@@ -696,7 +746,7 @@ impl Output for OutputService {
         let (tx, rx) = mpsc::channel(16);
         match &self.shared {
             Some(store) => {
-                let reader = StoreReader { store: store.clone(), uid, next: 0, lens: [0; 2] };
+                let reader = StoreReader { store: store.clone(), uid, next: 0, at: ReadPos::default() };
                 tokio::spawn(reader.run(self.clone(), r, status, tx));
             }
             None => {
@@ -773,11 +823,11 @@ async fn follow_file(
     tx: ChunkSender,
 ) {
     let mut pos = 0u64;
-    let mut lens = [0u64; 2];
+    let mut at = ReadPos::default();
     loop {
         let done = finished(&svc, &r).await;
         let end = *size_rx.borrow_and_update();
-        if let Err(e) = drain_file(&path, &mut pos, end, &mut lens, &r.process, &tx).await {
+        if let Err(e) = drain_file(&path, &mut pos, end, &mut at, &r.process, &tx).await {
             let _ = tx.send(Err(e)).await;
             return;
         }
@@ -796,7 +846,7 @@ async fn drain_file(
     path: &std::path::Path,
     pos: &mut u64,
     end: u64,
-    lens: &mut [u64; 2],
+    at: &mut ReadPos,
     process: &str,
     tx: &ChunkSender,
 ) -> Result<(), Status> {
@@ -826,7 +876,7 @@ async fn drain_file(
         }
         let mut chunks = Vec::new();
         let read = buf.split().freeze();
-        let used = chunks_of(&read, lens, process, &mut chunks);
+        let used = chunks_of(&read, at, process, &mut chunks);
         buf.extend_from_slice(&read[used..]);
         *pos += used as u64;
         if !send_all(tx, chunks).await {
@@ -843,7 +893,7 @@ struct StoreReader {
     uid: String,
     /// The next chunk to send.
     next: u64,
-    lens: [u64; 2],
+    at: ReadPos,
 }
 
 impl StoreReader {
@@ -857,7 +907,7 @@ impl StoreReader {
                 _ => return Ok(false),
             }
             let mut chunks = Vec::new();
-            chunks_of(&bytes::Bytes::copy_from_slice(&kv.value), &mut self.lens, process, &mut chunks);
+            chunks_of(&bytes::Bytes::copy_from_slice(&kv.value), &mut self.at, process, &mut chunks);
             if !send_all(tx, chunks).await {
                 return Err(());
             }
@@ -978,7 +1028,7 @@ mod tests {
                         stream,
                         offset: 0,
                         data: bytes::Bytes::copy_from_slice(data),
-                        notice: false,
+                        ..Default::default()
                     };
                     svc.append(local(c)).await
                 })
@@ -1042,7 +1092,7 @@ mod tests {
                 stream: 0,
                 offset,
                 data: bytes::Bytes::from_static(b"line\n"),
-                notice: false,
+                ..Default::default()
             };
             svc.append(local(c))
         };
@@ -1094,6 +1144,47 @@ mod tests {
         svc.sweep().await.unwrap();
         assert!(!svc.path("uid-orphan").exists());
         assert!(svc.path("uid-2").exists());
+    }
+
+    /// Each append's bytes carry the time the server received them; a log
+    /// written before time records has time 0; every record still counts.
+    #[test]
+    fn chunks_carry_the_time_their_append_was_received() {
+        let mut counts = Counts::default();
+        let mut log = Vec::new();
+        // Output kept before time records: data with no time before it.
+        push_record(&mut log, 0, 0, 4, b"old\n");
+        counts.fold(&log);
+        for (s, data, now) in [(0usize, &b"a\n"[..], 1_000i64), (1, b"e\n", 2_000), (0, b"b\n", 3_000)] {
+            let (rec, next) = counts.append(s, counts.lens[s], data, 10, now).unwrap().unwrap();
+            log.extend_from_slice(&rec);
+            counts = next;
+        }
+        // Past the limit of 10 bytes: what is kept and the marker get a time.
+        let (rec, next) = counts.append(0, counts.lens[0], b"cccc\n", 10, 4_000).unwrap().unwrap();
+        log.extend_from_slice(&rec);
+        counts = next;
+        let mut refolded = Counts::default();
+        assert_eq!(refolded.fold(&log), log.len());
+        assert_eq!((refolded.lens, refolded.kept), (counts.lens, counts.kept));
+        let mut chunks = Vec::new();
+        let mut at = ReadPos::default();
+        chunks_of(&bytes::Bytes::from(log), &mut at, "p", &mut chunks);
+        let got: Vec<(i32, &[u8], i64, bool)> =
+            chunks.iter().map(|c| (c.stream, &c.data[..], c.time_unix_ms, c.notice)).collect();
+        assert_eq!(
+            got[..4],
+            [
+                (0, &b"old\n"[..], 0, false),
+                (0, b"a\n", 1_000, false),
+                (1, b"e\n", 2_000, false),
+                (0, b"b\n", 3_000, false)
+            ]
+        );
+        assert_eq!(got[4], (0, &b"cc"[..], 4_000, false));
+        assert_eq!((got[5].2, got[5].3), (4_000, true), "the truncation marker: {got:?}");
+        assert_eq!(got.len(), 6);
+        assert_eq!(at.lens, [13, 2]);
     }
 
     async fn wait_until<F, Fut>(mut f: F)

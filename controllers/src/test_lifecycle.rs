@@ -288,8 +288,6 @@ fn running_status(t: &Test, assignments: &[Assignment], hosts: &HashMap<&str, &H
             host_vars.insert(host_var_name(&req.role, var), vals.join(" "));
         }
     }
-    let mut env = spec.env.clone();
-    env.extend(host_vars.clone());
     let mut conditions = t.status().conditions.clone();
     set_condition(&mut conditions, condition("Scheduled", ConditionStatus::True, "Claimed", "all hosts claimed"));
     TestStatus {
@@ -297,14 +295,16 @@ fn running_status(t: &Test, assignments: &[Assignment], hosts: &HashMap<&str, &H
         conditions,
         observed_generation: t.meta().generation,
         claims: assignments.iter().map(|a| (a.member.clone(), a.host.clone())).collect(),
-        env: env.clone(),
+        // The host variables are in host_vars alone: env is the spec's
+        // env and what setenv adds (shown once by `get -o yaml`).
+        env: spec.env.clone(),
         host_vars,
         steps: testbus_proto::steps::expand(spec)
             .into_iter()
             .map(|s| StepStatus { name: s.step.name, phase: phase::WAITING.into(), ..Default::default() })
             .collect(),
         start_time: time::now(),
-        trace: Some(TestTrace { hosts: trace_hosts, env, files: file_digests(t) }),
+        trace: Some(TestTrace { hosts: trace_hosts, env: spec.env.clone(), files: file_digests(t) }),
         ..Default::default()
     }
 }

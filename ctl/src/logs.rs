@@ -5,13 +5,14 @@ use futures::StreamExt;
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use testbus_proto::client::{watcher, Client, WatcherEvent};
-use testbus_proto::{phase, Process, ReadOutputRequest, Resource, Test};
+use testbus_proto::{phase, OutputChunk, Process, ReadOutputRequest, Resource, Test};
 
-/// Which processes of a test to show.
+/// Which processes of a test to show, and which of their lines.
 #[derive(Clone, Default)]
 pub struct Select {
     pub role: Option<String>,
     pub step: Option<String>,
+    pub lines: Lines,
 }
 
 impl Select {
@@ -49,28 +50,88 @@ impl Select {
     }
 }
 
-/// Writes complete lines with a prefix; a final partial line gets a newline.
-struct Prefixer {
-    prefix: String,
-    partial: Vec<u8>,
+/// Which lines of each process's output are shown, and how (`logs
+/// --tail/--since/--timestamps`). The default shows everything, raw.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Lines {
+    /// Only the last N lines (then what follows, when following).
+    pub tail: Option<usize>,
+    /// Only output the server received at or after this time (ms since the
+    /// epoch).
+    pub since_unix_ms: Option<i64>,
+    /// Each line starts with the time the server received it (RFC 3339).
+    pub timestamps: bool,
 }
 
-impl Prefixer {
-    fn feed(&mut self, data: &[u8], out: &mut impl Write) {
-        self.partial.extend_from_slice(data);
-        while let Some(i) = self.partial.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.partial.drain(..=i).collect();
-            let _ = out.write_all(self.prefix.as_bytes());
-            let _ = out.write_all(&line);
+impl Lines {
+    /// Whether output can be copied as it comes, without cutting it into
+    /// lines.
+    fn raw(&self) -> bool {
+        self.tail.is_none() && self.since_unix_ms.is_none() && !self.timestamps
+    }
+
+    fn shown(&self, c: &OutputChunk) -> bool {
+        self.since_unix_ms.is_none_or(|t| c.time_unix_ms >= t)
+    }
+}
+
+/// Writes complete lines, each with its time (when asked) and a prefix;
+/// a final partial line gets a newline. A line's time is when its first
+/// byte was received.
+struct LineWriter {
+    prefix: String,
+    timestamps: bool,
+    partial: Vec<u8>,
+    partial_time: i64,
+}
+
+impl LineWriter {
+    fn new(prefix: String, timestamps: bool) -> Self {
+        LineWriter { prefix, timestamps, partial: vec![], partial_time: 0 }
+    }
+
+    fn feed(&mut self, data: &[u8], time: i64, out: &mut impl Write) {
+        let mut rest = data;
+        while !rest.is_empty() {
+            if self.partial.is_empty() {
+                self.partial_time = time;
+            }
+            match rest.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    self.partial.extend_from_slice(&rest[..=i]);
+                    rest = &rest[i + 1..];
+                    self.write_line(out);
+                }
+                None => {
+                    self.partial.extend_from_slice(rest);
+                    rest = &[];
+                }
+            }
         }
     }
+
+    fn write_line(&mut self, out: &mut impl Write) {
+        if self.timestamps {
+            let _ = write!(out, "{} ", stamp(self.partial_time));
+        }
+        let _ = out.write_all(self.prefix.as_bytes());
+        let _ = out.write_all(&self.partial);
+        self.partial.clear();
+    }
+
     fn finish(&mut self, out: &mut impl Write) {
         if !self.partial.is_empty() {
-            let _ = out.write_all(self.prefix.as_bytes());
-            let _ = out.write_all(&self.partial);
-            let _ = out.write_all(b"\n");
-            self.partial.clear();
+            self.partial.push(b'\n');
+            self.write_line(out);
         }
+    }
+}
+
+/// A chunk's time as `--timestamps` prints it.
+fn stamp(ms: i64) -> String {
+    match ms {
+        0 => "-".to_string(),
+        ms => testbus_proto::time::format_unix_ms(ms),
     }
 }
 
@@ -92,10 +153,6 @@ pub enum Follow {
     Yes,
 }
 
-/// How many of a failed process's last stderr lines `describe` and
-/// `apply --wait` show.
-pub const TAIL_LINES: usize = 10;
-
 /// The end of what one failed process of a test wrote to stderr.
 pub struct FailedTail {
     pub step: String,
@@ -104,25 +161,21 @@ pub struct FailedTail {
     pub lines: Vec<String>,
 }
 
-/// The stderr tails of the processes of test `t` (of `step` only, when
-/// given) that ran a step and did not succeed; processes that wrote
-/// nothing to stderr are left out.
+/// The stderr tails of the processes of test `t`'s steps (of `step` only,
+/// when given) that did not succeed; processes that wrote nothing to
+/// stderr, or are gone, are left out.
 pub async fn failed_tails(client: &Client, t: &Test, step: Option<&str>) -> CliResult<Vec<FailedTail>> {
-    let (procs, _) = client.api::<Process>().list("", &format!("spec.test={}", t.name())).await?;
     let mut out = Vec::new();
-    for p in procs {
-        let (sp, st) = (p.spec(), p.status());
-        let failed = phase::process_terminal(&st.phase) && st.phase != phase::SUCCEEDED;
-        let ran_a_step = p.meta().labels.contains_key(testbus_proto::process::LABEL_STEP);
-        if sp.test_uid != t.meta().uid || !failed || !ran_a_step || step.is_some_and(|s| s != sp.step) {
-            continue;
-        }
-        let lines = stderr_tail(client, p.name(), TAIL_LINES).await?;
+    for (step, p) in testbus_report::failed_processes(t, step) {
+        let lines = match stderr_tail(client, &p.name, testbus_report::FAILED_TAIL_LINES).await {
+            Ok(lines) => lines,
+            Err(e) if e.code == crate::error::USAGE => continue, // deleted meanwhile
+            Err(e) => return Err(e),
+        };
         if !lines.is_empty() {
-            out.push(FailedTail { step: sp.step.clone(), role: sp.role.clone(), host: sp.host_name.clone(), lines });
+            out.push(FailedTail { step: step.to_string(), role: p.role.clone(), host: p.host.clone(), lines });
         }
     }
-    out.sort_by(|a, b| (&a.step, &a.role).cmp(&(&b.step, &b.role)));
     Ok(out)
 }
 
@@ -142,10 +195,7 @@ async fn stderr_tail(client: &Client, name: &str, n: usize) -> CliResult<Vec<Str
             }
         }
     }
-    let text = String::from_utf8_lossy(&tail);
-    let mut lines: Vec<String> = text.lines().rev().take(n).map(str::to_string).collect();
-    lines.reverse();
-    Ok(lines)
+    Ok(testbus_report::last_lines(&String::from_utf8_lossy(&tail), n))
 }
 
 /// How many bytes of each stream (stdout, stderr) of a process the server
@@ -164,12 +214,94 @@ pub async fn output_sizes(client: &Client, name: &str) -> CliResult<[u64; 2]> {
     Ok(sizes)
 }
 
-/// Copies one process's output to stdout/stderr, optionally prefixed.
-pub async fn copy_process(client: &Client, name: &str, prefix: Option<String>, follow: Follow) -> CliResult<()> {
+/// One line of a process's output, as `--tail` keeps it.
+struct TailLine {
+    stderr: bool,
+    time: i64,
+    bytes: Vec<u8>,
+}
+
+/// The last `n` lines of a process's output now (of both streams, in the
+/// order received; of those shown by `lines`), and where in each stream
+/// the output after them starts: a last line not yet ended is left to what
+/// follows.
+async fn tail_of(client: &Client, name: &str, n: usize, lines: &Lines) -> CliResult<(Vec<TailLine>, [u64; 2])> {
+    let req = ReadOutputRequest { process: name.to_string(), follow: false };
+    let mut stream = client.output().read(req).await?.into_inner();
+    let mut kept: std::collections::VecDeque<TailLine> = std::collections::VecDeque::new();
+    let mut partial: [Option<TailLine>; 2] = [None, None];
+    let mut ends = [0u64; 2];
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        if chunk.notice || !lines.shown(&chunk) {
+            if !chunk.notice {
+                let s = usize::from(chunk.stream == 1);
+                ends[s] = chunk.offset + chunk.data.len() as u64;
+                partial[s] = None;
+            }
+            continue;
+        }
+        let s = usize::from(chunk.stream == 1);
+        ends[s] = chunk.offset + chunk.data.len() as u64;
+        let mut rest = &chunk.data[..];
+        while !rest.is_empty() {
+            let line =
+                partial[s].get_or_insert_with(|| TailLine { stderr: s == 1, time: chunk.time_unix_ms, bytes: vec![] });
+            match rest.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    line.bytes.extend_from_slice(&rest[..=i]);
+                    rest = &rest[i + 1..];
+                    kept.extend(partial[s].take());
+                    if kept.len() > n {
+                        kept.pop_front();
+                    }
+                }
+                None => {
+                    line.bytes.extend_from_slice(rest);
+                    rest = &[];
+                }
+            }
+        }
+    }
+    for (s, p) in partial.iter().enumerate() {
+        if let Some(p) = p {
+            ends[s] -= p.bytes.len() as u64;
+        }
+    }
+    Ok((kept.into(), ends))
+}
+
+/// Copies one process's output to stdout/stderr, optionally prefixed and
+/// shaped by `lines`.
+pub async fn copy_process(
+    client: &Client,
+    name: &str,
+    prefix: Option<String>,
+    follow: Follow,
+    lines: &Lines,
+) -> CliResult<()> {
+    let mut writers = (!lines.raw() || prefix.is_some()).then(|| {
+        let p = prefix.unwrap_or_default();
+        [LineWriter::new(p.clone(), lines.timestamps), LineWriter::new(p, lines.timestamps)]
+    });
+    // Bytes of each stream already shown (by --tail).
+    let mut skip = [0u64; 2];
+    if let Some(n) = lines.tail {
+        let (tail, ends) = tail_of(client, name, n, lines).await?;
+        if let Some(w) = &mut writers {
+            for l in tail {
+                let i = usize::from(l.stderr);
+                w[i].feed(&l.bytes, l.time, &mut out(l.stderr));
+            }
+        }
+        if follow == Follow::No {
+            let _ = std::io::stdout().flush();
+            return Ok(());
+        }
+        skip = ends;
+    }
     let req = ReadOutputRequest { process: name.to_string(), follow: follow == Follow::Yes };
     let mut stream = client.output().read(req).await?.into_inner();
-    let mut pre =
-        prefix.map(|p| [Prefixer { prefix: p.clone(), partial: vec![] }, Prefixer { prefix: p, partial: vec![] }]);
     while let Some(chunk) = stream.next().await {
         let chunk = chunk?;
         // A note from testbus (the stream was truncated) is not the
@@ -181,25 +313,39 @@ pub async fn copy_process(client: &Client, name: &str, prefix: Option<String>, f
             continue;
         }
         let is_err = chunk.stream == 1;
-        match (&mut pre, is_err) {
-            (Some(p), false) => p[0].feed(&chunk.data, &mut std::io::stdout().lock()),
-            (Some(p), true) => p[1].feed(&chunk.data, &mut std::io::stderr().lock()),
-            (None, false) => {
+        let s = usize::from(is_err);
+        let end = chunk.offset + chunk.data.len() as u64;
+        if end <= skip[s] || !lines.shown(&chunk) {
+            continue;
+        }
+        let data = &chunk.data[skip[s].saturating_sub(chunk.offset) as usize..];
+        match &mut writers {
+            Some(w) => w[s].feed(data, chunk.time_unix_ms, &mut out(is_err)),
+            None if !is_err => {
                 let mut o = std::io::stdout().lock();
-                let _ = o.write_all(&chunk.data);
+                let _ = o.write_all(data);
                 let _ = o.flush();
             }
-            (None, true) => {
-                let _ = std::io::stderr().lock().write_all(&chunk.data);
+            None => {
+                let _ = std::io::stderr().lock().write_all(data);
             }
         }
     }
-    if let Some(p) = &mut pre {
-        p[0].finish(&mut std::io::stdout().lock());
-        p[1].finish(&mut std::io::stderr().lock());
+    if let Some(w) = &mut writers {
+        w[0].finish(&mut out(false));
+        w[1].finish(&mut out(true));
     }
     let _ = std::io::stdout().flush();
     Ok(())
+}
+
+/// Where a process's stream is copied to.
+fn out(stderr: bool) -> Box<dyn Write> {
+    if stderr {
+        Box::new(std::io::stderr().lock())
+    } else {
+        Box::new(std::io::stdout().lock())
+    }
 }
 
 fn prefix_for(t: &Test, p: &Process) -> String {
@@ -227,7 +373,7 @@ pub async fn test_logs(client: &Client, test: &str, sel: &Select, follow: Follow
         procs.sort_by(|a, b| (step_index(&t, a), &a.spec().role).cmp(&(step_index(&t, b), &b.spec().role)));
         for p in procs {
             let pre = (prefix == Prefix::Always).then(|| prefix_for(&t, &p));
-            copy_process(client, p.name(), pre, Follow::No).await?;
+            copy_process(client, p.name(), pre, Follow::No, &sel.lines).await?;
         }
         return Ok(());
     }
@@ -273,7 +419,8 @@ pub async fn follow_test(
         }
         let c = client.clone();
         let pre = (prefix == Prefix::Always).then(|| prefix_for(t, &p));
-        readers.spawn(async move { copy_process(&c, p.name(), pre, Follow::Yes).await });
+        let lines = sel.lines;
+        readers.spawn(async move { copy_process(&c, p.name(), pre, Follow::Yes, &lines).await });
     };
     let mut ended: HashMap<String, Process> = HashMap::new();
     let mut note = |p: &Process| {

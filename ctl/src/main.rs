@@ -164,6 +164,21 @@ enum Cmd {
         /// Follow until the test or process ends.
         #[arg(short = 'f', long)]
         follow: bool,
+        /// Only the last N lines of each process (then, with -f, what
+        /// follows).
+        #[arg(long, value_name = "N")]
+        tail: Option<usize>,
+        /// Only output received in the last DURATION (e.g. 30s, 5m).
+        #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+        since: Option<std::time::Duration>,
+        /// Only output received at or after TIME (RFC 3339, as
+        /// --timestamps prints it).
+        #[arg(long, value_parser = parse_time, value_name = "TIME", conflicts_with = "since")]
+        since_time: Option<std::time::SystemTime>,
+        /// Start each line with the time the server received it (RFC 3339,
+        /// UTC).
+        #[arg(long)]
+        timestamps: bool,
     },
     /// Wait for a test to finish.
     Wait {
@@ -367,6 +382,10 @@ fn parse_ttl(s: &str) -> Result<String, String> {
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     duration::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_time(s: &str) -> Result<std::time::SystemTime, String> {
+    testbus_proto::time::parse(s).ok_or_else(|| "not an RFC 3339 time, e.g. 2026-12-07T05:12:13.123Z".to_string())
 }
 
 fn parse_duration_str(s: &str) -> Result<String, String> {
@@ -1025,17 +1044,24 @@ async fn dispatch(cli: Cli) -> CliResult {
             }
             Ok(code)
         }
-        Cmd::Logs { target, role, step, follow } => {
+        Cmd::Logs { target, role, step, follow, tail, since, since_time, timestamps } => {
             let (kind, name) = match target.contains('/') {
                 true => objects::parse_ref(&target, &[Kind::Test, Kind::Process])?,
                 false => (Kind::Test, target.clone()),
             };
             let client = connect(&server).await?;
             let follow = if follow { logs::Follow::Yes } else { logs::Follow::No };
+            let since_unix_ms = since
+                .map(|d| std::time::SystemTime::now().checked_sub(d).unwrap_or(std::time::UNIX_EPOCH))
+                .or(since_time)
+                .map(|t| t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default())
+                .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+            let lines = logs::Lines { tail, since_unix_ms, timestamps };
             match kind {
-                Kind::Process => logs::copy_process(&client, &name, None, follow).await?,
+                Kind::Process => logs::copy_process(&client, &name, None, follow, &lines).await?,
                 _ => {
-                    logs::test_logs(&client, &name, &logs::Select { role, step }, follow, logs::Prefix::Always).await?
+                    let sel = logs::Select { role, step, lines };
+                    logs::test_logs(&client, &name, &sel, follow, logs::Prefix::Always).await?
                 }
             }
             Ok(0)

@@ -205,7 +205,7 @@ async fn run_processes(
         let pre = (prefix && show).then(|| format!("[{member}/{}] ", host.name()));
         readers.spawn(async move {
             if show {
-                logs::copy_process(&c, &n, pre, logs::Follow::Yes).await
+                logs::copy_process(&c, &n, pre, logs::Follow::Yes, &logs::Lines::default()).await
             } else {
                 wait_process(&c, &n).await
             }
@@ -355,7 +355,7 @@ pub async fn cp(client: &Client, src: &str, dest: &str) -> CliResult {
 
 pub async fn getenv(client: &Client, test: &str, name: &str) -> CliResult {
     let t = client.api::<Test>().get(test).await?;
-    match t.status().env.get(name) {
+    match t.status().var(name) {
         Some(v) => {
             println!("{v}");
             Ok(0)

@@ -861,7 +861,8 @@ async fn pump(
             let data = bytes::Bytes::from(data);
             let mut backoff = Duration::from_millis(50);
             while !gone {
-                let chunk = OutputChunk { process: process.clone(), stream, offset, data: data.clone(), notice: false };
+                let chunk =
+                    OutputChunk { process: process.clone(), stream, offset, data: data.clone(), ..Default::default() };
                 match out.append(chunk).await {
                     Ok(t) => {
                         truncated |= t;

@@ -106,8 +106,9 @@ pub fn name(test: &str, step: &str, member: &str) -> String {
     format!("{head}-{:010x}", h & 0xff_ffff_ffff)
 }
 
-/// A process's environment, low to high precedence: the test's env (with
-/// `host_*` variables), the env of the child tests the step is in, the
+/// A process's environment, low to high precedence: the claim's `host_*`
+/// variables (`status.hostVars`), the test's env (the spec's, and what
+/// `setenv` added), the env of the child tests the step is in, the
 /// host's env (spec, then what its agent publishes), the step's (or exec's)
 /// env, then `TESTBUS_TEST`, `TESTBUS_ROLE`, `TESTBUS_HOST`, `TESTBUS_STEP`.
 ///
@@ -126,12 +127,8 @@ pub fn env(
 ) -> BTreeMap<String, String> {
     let st = t.status();
     let leave_out = reads_host_vars(t);
-    let mut env: BTreeMap<String, String> = st
-        .env
-        .iter()
-        .filter(|(k, v)| !leave_out || st.host_vars.get(*k) != Some(*v))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let mut env: BTreeMap<String, String> = if leave_out { BTreeMap::new() } else { st.host_vars.clone() };
+    env.extend(st.env.clone());
     env.extend(child_env.clone());
     env.extend(host.spec().env.clone());
     env.extend(host.status().env.clone());
@@ -141,6 +138,14 @@ pub fn env(
     env.insert("TESTBUS_HOST".into(), host.name().into());
     env.insert("TESTBUS_STEP".into(), step.into());
     env
+}
+
+impl crate::TestStatus {
+    /// A variable of the test's environment as its processes see it: the
+    /// test's env (spec and setenv), else the claim's host variables.
+    pub fn var(&self, name: &str) -> Option<&String> {
+        self.env.get(name).or_else(|| self.host_vars.get(name))
+    }
 }
 
 /// Up to this many `host_*` variables, processes carry them: reading them
@@ -212,9 +217,9 @@ mod tests {
         let m =
             |kv: &[(&str, &str)]| kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>();
         let mut host_vars = m(&[("host_s_ip", "10.0.0.1"), ("host_c_ip", "x y"), ("host_s_name", "srv")]);
-        // setenv changed host_s_name after the claim.
-        let mut test_env =
-            m(&[("A", "1"), ("host_s_ip", "10.0.0.1"), ("host_c_ip", "x y"), ("host_s_name", "changed")]);
+        // status.env holds the spec's env and setenv's; setenv changed
+        // host_s_name after the claim.
+        let test_env = m(&[("A", "1"), ("host_s_name", "changed")]);
         let mut t = Test {
             metadata: Some(crate::ObjectMeta { name: "t".into(), ..Default::default() }),
             status: Some(TestStatus { env: test_env.clone(), host_vars: host_vars.clone(), ..Default::default() }),
@@ -224,11 +229,12 @@ mod tests {
             Host { metadata: Some(crate::ObjectMeta { name: "h".into(), ..Default::default() }), ..Default::default() };
         // A few variables: carried by the process.
         assert!(!reads_host_vars(&t));
-        assert_eq!(env(&t, &host, "s", "step", &BTreeMap::new(), &BTreeMap::new())["host_s_ip"], "10.0.0.1");
+        let few = env(&t, &host, "s", "step", &BTreeMap::new(), &BTreeMap::new());
+        assert_eq!(few["host_s_ip"], "10.0.0.1");
+        assert_eq!(few["host_s_name"], "changed", "setenv wins over the claim's value");
         // Many: left to the agent.
         for i in 0..INLINE_HOST_VARS {
             host_vars.insert(format!("host_m{i}_ip"), format!("10.1.0.{i}"));
-            test_env.insert(format!("host_m{i}_ip"), format!("10.1.0.{i}"));
         }
         t.status = Some(TestStatus { env: test_env, host_vars: host_vars.clone(), ..Default::default() });
         assert!(reads_host_vars(&t));

@@ -9,6 +9,11 @@ pub fn format(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
+/// A time given in milliseconds since the Unix epoch, as RFC 3339.
+pub fn format_unix_ms(ms: i64) -> String {
+    format(SystemTime::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64))
+}
+
 /// Parses an RFC 3339 timestamp; None for empty or malformed input.
 pub fn parse(s: &str) -> Option<SystemTime> {
     if s.is_empty() {

@@ -308,6 +308,34 @@ pub fn render(t: &Test, fmt: ReportFormat, outputs: &std::collections::HashMap<S
     }
 }
 
+/// How many of a failed process's last stderr lines are shown beside its
+/// test (`describe`, `apply --wait`, the dashboard's test page).
+pub const FAILED_TAIL_LINES: usize = 10;
+
+/// The processes of `t`'s steps (of `step` only, when given) that ended
+/// without succeeding, with their step's name: in step order, then by role.
+pub fn failed_processes<'a>(t: &'a Test, step: Option<&str>) -> Vec<(&'a str, &'a testbus_proto::ProcessResult)> {
+    let mut out: Vec<(&str, &testbus_proto::ProcessResult)> = Vec::new();
+    for st in t.status().steps.iter().filter(|st| step.is_none_or(|s| s == st.name)) {
+        let mut failed: Vec<_> = st
+            .processes
+            .iter()
+            .filter(|p| phase::process_terminal(&p.phase) && p.phase != phase::SUCCEEDED)
+            .map(|p| (st.name.as_str(), p))
+            .collect();
+        failed.sort_by(|a, b| a.1.role.cmp(&b.1.role));
+        out.extend(failed);
+    }
+    out
+}
+
+/// The last `n` lines of `text`.
+pub fn last_lines(text: &str, n: usize) -> Vec<String> {
+    let mut lines: Vec<String> = text.lines().rev().take(n).map(str::to_string).collect();
+    lines.reverse();
+    lines
+}
+
 /// Collects one process's output as a report keeps it: the last
 /// [`OUTPUT_IN_REPORT`] bytes of each stream, characters XML 1.0 cannot
 /// carry dropped. Memory stays bounded however much is fed.

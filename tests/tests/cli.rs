@@ -1325,3 +1325,49 @@ async fn user_create_checks_its_name_its_file_and_knows_the_address() {
     let file = testbus_pki::ClientFile::load(std::path::Path::new(out)).unwrap();
     assert_eq!(file.server, c.agent_server, "the address the control plane serves TLS on");
 }
+
+/// `logs --tail N`, `--since`, `--since-time` and `--timestamps`, as
+/// kubectl has them (a friction of issue 28): the tail is per process, and
+/// following after it repeats nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_take_tail_since_and_timestamps() {
+    let c = Cluster::start(1).await;
+    assert_eq!(c.ctl(&["create", "test", "tl", "--claim", "a", "--wait-claimed"]).code, 0);
+    assert_eq!(c.ctl(&["exec", "tl", "--", "printf", "l1\\nl2\\nl3\\n"]).code, 0);
+    let stamped = c.ctl(&["logs", "tl", "--timestamps"]);
+    let times: Vec<std::time::SystemTime> = stamped
+        .stdout
+        .lines()
+        .map(|l| {
+            let (t, rest) = l.split_once(' ').unwrap_or_else(|| panic!("{stamped:?}"));
+            assert!(rest.starts_with("[a/host-0] l"), "{stamped:?}");
+            testbus_proto::time::parse(t).unwrap_or_else(|| panic!("{t}: not a time"))
+        })
+        .collect();
+    assert_eq!(times.len(), 3, "{stamped:?}");
+    // The next output is received a millisecond later at least.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::SystemTime::now() <= times[2] + Duration::from_millis(1) {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::yield_now();
+    }
+    assert_eq!(c.ctl(&["exec", "tl", "--", "echo", "l4"]).code, 0);
+    let stamped = c.ctl(&["logs", "tl", "--timestamps"]).stdout;
+    let l4_time = stamped.lines().find(|l| l.ends_with(" l4")).and_then(|l| l.split(' ').next()).unwrap().to_string();
+    let lines = |args: &[&str]| {
+        let out = c.ctl(args);
+        assert_eq!(out.code, 0, "{args:?}: {out:?}");
+        out.stdout.lines().map(|l| l.rsplit(' ').next().unwrap_or_default().to_string()).collect::<Vec<String>>()
+    };
+    assert_eq!(lines(&["logs", "tl", "--tail", "2"]), ["l2", "l3", "l4"], "the last two of each process");
+    assert_eq!(lines(&["logs", "tl", "--tail", "0"]), Vec::<String>::new());
+    assert_eq!(lines(&["logs", "tl", "--since-time", &l4_time]), ["l4"]);
+    assert_eq!(lines(&["logs", "tl", "--since", "1h"]), ["l1", "l2", "l3", "l4"]);
+    let bad = c.ctl(&["logs", "tl", "--since-time", "yesterday"]);
+    assert!(bad.code == 2 && bad.stderr.contains("--since-time"), "{bad:?}");
+    assert_eq!(c.ctl(&["finish", "tl"]).code, 0);
+    assert_eq!(c.ctl(&["wait", "tl", "--timeout", "30s"]).code, 0);
+    let mut followed = lines(&["logs", "tl", "-f", "--tail", "1"]);
+    followed.sort();
+    assert_eq!(followed, ["l3", "l4"], "following after the tail repeats nothing");
+}

@@ -36,14 +36,21 @@ async fn hello_runs_across_three_hosts() {
     assert_eq!(t.status().phase, phase::SUCCEEDED);
     let claimed: BTreeSet<&String> = t.status().claims.values().collect();
     assert_eq!(claimed.len(), 3, "three distinct hosts");
-    let server_addr = &t.status().env["host_server_ipv4addr"];
+    let server_addr = &t.status().host_vars["host_server_ipv4addr"];
+    // The claim's variables are in status.hostVars alone: `get -o yaml`
+    // shows each once, and `getenv` still finds them.
+    let yaml = c.ctl(&["get", &format!("test/{name}"), "-o", "yaml"]);
+    assert_eq!(yaml.stdout.matches("host_server_ipv4addr:").count(), 1, "{}", yaml.stdout);
+    assert_eq!(c.ctl(&["getenv", &name, "host_server_ipv4addr"]).stdout.trim(), server_addr.as_str());
     if is_root() {
         // Each host has its own address in its namespace.
         assert!(server_addr.starts_with("10.77.0."), "{server_addr}");
-        let addrs: BTreeSet<&String> =
-            ["server", "client0", "client1"].iter().map(|m| &t.status().env[&format!("host_{m}_ipv4addr")]).collect();
+        let addrs: BTreeSet<&String> = ["server", "client0", "client1"]
+            .iter()
+            .map(|m| &t.status().host_vars[&format!("host_{m}_ipv4addr")])
+            .collect();
         assert_eq!(addrs.len(), 3, "distinct addresses: {addrs:?}");
-        assert_eq!(t.status().env["host_client_ipv4addr"].split(' ').count(), 2, "a role of count 2 gets a list");
+        assert_eq!(t.status().host_vars["host_client_ipv4addr"].split(' ').count(), 2, "a role of count 2 gets a list");
     }
     // A small test's processes carry the claim's host variables.
     assert_eq!(t.status().host_vars["host_server_ipv4addr"], *server_addr);
