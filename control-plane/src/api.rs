@@ -851,12 +851,22 @@ impl ResourceService<Test> {
         .await
     }
 
-    pub async fn finish(&self, _scope: &Scope, req: FinishRequest) -> Result<Test, Status> {
+    /// Records the verdict that ends a test (`who` asked: a cancel says so).
+    pub async fn finish(&self, _scope: &Scope, req: FinishRequest, who: &str) -> Result<Test, Status> {
         self.mutate_running(&req.test, |t| {
             let failed: Vec<String> =
                 t.status().results.iter().filter(|r| r.outcome == "fail").map(|r| r.path.clone()).collect();
             use testbus_proto::states::{TestReason, Verdict};
-            let verdict = if req.failed {
+            let verdict = if req.cancel {
+                if req.failed {
+                    return Err(Status::invalid_argument("cancel: a cancelled test is not also failed"));
+                }
+                let message = match req.message.as_str() {
+                    "" => format!("cancelled by {who}"),
+                    m => format!("cancelled by {who}: {m}"),
+                };
+                Verdict::new(TestReason::Cancelled, message)
+            } else if req.failed {
                 let message = if req.message.is_empty() { "finished as failed" } else { req.message.as_str() };
                 Verdict::new(TestReason::FinishedFailed, message)
             } else if !failed.is_empty() {
@@ -949,7 +959,8 @@ bind_service!(tests_server::Tests, Test, TestList, TestEvent, {
     }
     async fn finish(&self, req: Request<FinishRequest>) -> Result<Response<Test>, Status> {
         let id = self.st.authorize(&req, Verb::Finish, "Test")?;
-        ResourceService::finish(self, &id, req.into_inner()).await.map(Response::new)
+        let who = crate::authz::Caller::of(&req).describe();
+        ResourceService::finish(self, &id, req.into_inner(), &who).await.map(Response::new)
     }
 });
 bind_service!(processes_server::Processes, Process, ProcessList, ProcessEvent, {});

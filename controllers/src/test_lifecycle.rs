@@ -29,7 +29,9 @@ use testbus_proto::TEST_FINALIZER as FINALIZER;
 
 pub fn is_pending(t: &Test) -> bool {
     let p = t.status().phase.as_str();
-    (p.is_empty() || p == phase::PENDING) && t.meta().deletion_timestamp.is_empty()
+    (p.is_empty() || p == phase::PENDING)
+        && t.meta().deletion_timestamp.is_empty()
+        && !testbus_proto::states::Verdict::decided(&t.status().conditions)
 }
 
 /// A test whose reconcile keeps failing (a status too large to store, say)
@@ -64,10 +66,13 @@ pub async fn reconcile(ctx: &Context, name: &str) -> Result<Action, Status> {
 /// pending timeout. A waiting test costs nothing more until something it
 /// could use changes.
 async fn pending(ctx: &Context, t: &Test) -> Result<Action, Status> {
-    ctx.schedule_queue.add(SCHEDULE);
     match pending_outcome(t, SystemTime::now()) {
         PendingOutcome::GiveUp { waited } => give_up(ctx, t, waited).await,
-        PendingOutcome::Wait(left) => Ok(Action::Requeue(left)),
+        PendingOutcome::Decided(v) => end_pending(ctx, t, v.reason, &v.message, None).await,
+        PendingOutcome::Wait(left) => {
+            ctx.schedule_queue.add(SCHEDULE);
+            Ok(Action::Requeue(left))
+        }
     }
 }
 
@@ -202,9 +207,15 @@ enum PendingOutcome {
     Wait(Duration),
     /// It has waited past its pending timeout: it ends in Error.
     GiveUp { waited: Duration },
+    /// A verdict was recorded before it claimed (it was cancelled): it
+    /// ends so, without hosts.
+    Decided(testbus_proto::states::Verdict),
 }
 
 fn pending_outcome(t: &Test, now: SystemTime) -> PendingOutcome {
+    if let Some(v) = testbus_proto::states::Verdict::recorded(&t.status().conditions) {
+        return PendingOutcome::Decided(v);
+    }
     let limit = duration::parse(&t.spec().pending_timeout).unwrap_or(DEFAULT_PENDING_TIMEOUT);
     let created = time::parse(&t.meta().creation_timestamp).unwrap_or(now);
     let waited = now.duration_since(created).unwrap_or_default();
@@ -225,20 +236,32 @@ async fn give_up(ctx: &Context, t: &Test, waited: Duration) -> Result<Action, St
         .find(|c| c.r#type == "Scheduled")
         .map(|c| (c.reason.clone(), c.message.clone()))
         .unwrap_or_else(|| ("Unschedulable".into(), "no pass of the scheduler found hosts for it".into()));
+    let message = format!("waited {} for hosts (its pendingTimeout): {}", duration::format(waited), why.1);
+    end_pending(ctx, t, TestReason::PendingTimeout, &message, Some(why)).await
+}
+
+/// Ends a test that never claimed hosts, for `reason`; `scheduled` is what
+/// its Scheduled condition says at the end, when that changes.
+async fn end_pending(
+    ctx: &Context,
+    t: &Test,
+    reason: TestReason,
+    message: &str,
+    scheduled: Option<(String, String)>,
+) -> Result<Action, Status> {
     let mut next = t.clone();
     let st = next.status_mut();
-    let message = format!("waited {} for hosts (its pendingTimeout): {}", duration::format(waited), why.1);
-    st.phase = TestReason::PendingTimeout.phase().into();
-    st.reason = TestReason::PendingTimeout.into();
-    st.message = message.clone();
+    st.phase = reason.phase().into();
+    st.reason = reason.into();
+    st.message = message.to_string();
     st.completion_time = time::now();
-    set_condition(&mut st.conditions, condition("Scheduled", ConditionStatus::False, &why.0, &why.1));
-    set_condition(
-        &mut st.conditions,
-        condition(FINISHED, ConditionStatus::False, TestReason::PendingTimeout.as_str(), &message),
-    );
+    if let Some((r, m)) = scheduled {
+        set_condition(&mut st.conditions, condition("Scheduled", ConditionStatus::False, &r, &m));
+    }
+    // Its recorded verdict (if any) is carried out: the condition says so.
+    set_condition(&mut st.conditions, condition(FINISHED, ConditionStatus::False, reason.as_str(), message));
     ctx.client.api::<Test>().update_status(next).await?;
-    tracing::info!(test = t.name(), "gave up waiting for hosts");
+    tracing::info!(test = t.name(), reason = reason.as_str(), "ended before it claimed hosts");
     Ok(Action::AwaitChange)
 }
 
@@ -605,5 +628,12 @@ mod lifecycle_tests {
         t.spec_mut().pending_timeout = "5s".into();
         assert_eq!(pending_outcome(&t, at(2)), PendingOutcome::Wait(Duration::from_secs(3)));
         assert_eq!(pending_outcome(&t, at(6)), PendingOutcome::GiveUp { waited: Duration::from_secs(5) });
+        // Cancelled before it claimed: it ends so, and the scheduler no
+        // longer offers it hosts.
+        assert!(is_pending(&t));
+        let v = testbus_proto::states::Verdict::new(TestReason::Cancelled, "cancelled by alice");
+        t.status_mut().conditions.push(v.condition(time::now()));
+        assert_eq!(pending_outcome(&t, at(2)), PendingOutcome::Decided(v));
+        assert!(!is_pending(&t));
     }
 }

@@ -284,6 +284,15 @@ enum Cmd {
         #[arg(long)]
         failed: bool,
     },
+    /// Cancel a test, pending or running: it ends Cancelled (its processes
+    /// stopped, its hosts released) and stays to be read, unlike `delete`.
+    Cancel {
+        /// The test: NAME or test/NAME.
+        test: String,
+        /// Why, added to its message.
+        #[arg(long)]
+        message: Option<String>,
+    },
     /// Inside a test process: wait until every member the test claimed (or each of --role) arrives at
     /// barrier NAME; fails at once if one of them can no longer arrive.
     Sync {
@@ -1115,6 +1124,9 @@ async fn dispatch(cli: Cli) -> CliResult {
         }
         Cmd::Finish { test, failed } => {
             script::finish(&connect(&server).await?, &objects::test_name(&test)?, failed).await
+        }
+        Cmd::Cancel { test, message } => {
+            script::cancel(&connect(&server).await?, &objects::test_name(&test)?, message.unwrap_or_default()).await
         }
         Cmd::Snapshot { action, host, name } => {
             let name = match (action.as_str(), name) {

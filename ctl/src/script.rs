@@ -381,6 +381,16 @@ pub async fn result(client: &Client, test: &str, path: &str, outcome: &str, mess
 }
 
 pub async fn finish(client: &Client, test: &str, failed: bool) -> CliResult {
-    client.tests().finish(FinishRequest { test: test.into(), failed, message: String::new() }).await?;
+    client.tests().finish(FinishRequest { test: test.into(), failed, ..Default::default() }).await?;
     crate::progress::wait(client, &[test.to_string()], None, crate::progress::Progress::Quiet).await
+}
+
+/// Cancels a test and waits until it has ended: exit 0 once it is
+/// Cancelled.
+pub async fn cancel(client: &Client, test: &str, message: String) -> CliResult {
+    client.tests().finish(FinishRequest { test: test.into(), cancel: true, message, ..Default::default() }).await?;
+    crate::progress::wait(client, &[test.to_string()], None, crate::progress::Progress::Quiet).await?;
+    let t = client.api::<Test>().get(test).await?;
+    eprintln!("test/{test} {}: {}", t.status().phase, t.status().message);
+    Ok(if t.status().phase == phase::CANCELLED { 0 } else { crate::progress::exit_code(&t) })
 }

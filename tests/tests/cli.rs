@@ -1371,3 +1371,31 @@ async fn logs_take_tail_since_and_timestamps() {
     followed.sort();
     assert_eq!(followed, ["l3", "l4"], "following after the tail repeats nothing");
 }
+
+/// `cancel` ends a pending or a running test Cancelled, saying who asked;
+/// the test stays to be read, unlike a deleted one, and its host is free
+/// again (issue 28: the dashboard's cancel is the same request).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_ends_a_pending_or_running_test_and_keeps_it() {
+    let c = Cluster::start(1).await;
+    // Pending: no host has the capability.
+    assert_eq!(c.ctl(&["create", "test", "waits", "--claim", "a=no-such-capability"]).code, 0);
+    let out = c.ctl(&["cancel", "waits"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stderr.contains("Cancelled: cancelled by the local socket"), "{out:?}");
+    let t = c.test("waits").await;
+    assert_eq!((t.status().phase.as_str(), t.status().reason.as_str()), ("Cancelled", "Cancelled"));
+    assert!(t.status().claims.is_empty(), "{t:?}");
+    // Running, with a reason.
+    assert_eq!(c.ctl(&["create", "test", "runs", "--claim", "a", "--wait-claimed"]).code, 0);
+    let out = c.ctl(&["cancel", "test/runs", "--message", "enough"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let t = c.test("runs").await;
+    assert_eq!(t.status().phase, "Cancelled");
+    assert!(t.status().message.ends_with(": enough"), "{t:?}");
+    // Its host is free again; a finished test is not cancelled twice.
+    assert_eq!(c.ctl(&["create", "test", "next", "--claim", "a", "--wait-claimed"]).code, 0);
+    let again = c.ctl(&["cancel", "runs"]);
+    assert!(again.code != 0 && again.stderr.contains("finished"), "{again:?}");
+    assert_eq!(c.test("runs").await.status().phase, "Cancelled");
+}
