@@ -186,7 +186,8 @@ struct StoredToken {
     pool: String,
     #[serde(default)]
     host: String,
-    /// "viewer": a dashboard login, never a join. Empty: an agent's.
+    /// "viewer" or "admin": a dashboard login, never a join. Empty: an
+    /// agent's.
     #[serde(default)]
     role: String,
     /// Joins left; None: unlimited.
@@ -204,8 +205,11 @@ struct LiveToken {
     token: StoredToken,
 }
 
-/// The role of a token that logs a browser in to the dashboard.
+/// The role of a token that logs a browser in to the dashboard, to read.
 pub const VIEWER_TOKEN: &str = "viewer";
+/// The role of a token that logs a browser in to the dashboard with an
+/// admin's rights (its Cancel and Rerun buttons).
+pub const ADMIN_TOKEN: &str = "admin";
 
 /// The stored token `text` names under `prefix`, if its secret is right
 /// and it is live.
@@ -228,12 +232,13 @@ async fn live_token(st: &ApiState, ca: &Ca, prefix: &str, text: &str) -> Result<
     }
 }
 
-/// Whether `text` is a live viewer token (a dashboard login); the time it
-/// expires (seconds since the epoch) if so.
-pub async fn check_viewer_token(st: &ApiState, text: &str) -> Result<u64, Status> {
+/// Whether `text` is a live dashboard login token; the role it logs in
+/// with (viewer or admin) and when it expires (seconds since the epoch)
+/// if so.
+pub async fn check_dashboard_token(st: &ApiState, text: &str) -> Result<(testbus_pki::Role, u64), Status> {
     // Whatever is wrong with it, a refused login says how to get one that
     // works (a join token, say, was only "not a viewer token").
-    const MAKE_ONE: &str = "create one with `testbus-control-plane token create --viewer`";
+    const MAKE_ONE: &str = "create one with `testbus-control-plane token create --viewer` (or --admin)";
     let auth = AuthService::new(st.clone());
     let t = live_token(st, auth.ca()?, VIEWER_TOKENS, text).await.map(|t| t.token).map_err(|e| match e.code() {
         tonic::Code::Unauthenticated => {
@@ -242,15 +247,16 @@ pub async fn check_viewer_token(st: &ApiState, text: &str) -> Result<u64, Status
         tonic::Code::InvalidArgument => Status::invalid_argument(format!("{}; {MAKE_ONE}", e.message())),
         _ => e,
     })?;
-    if t.role != VIEWER_TOKEN {
-        return Err(ApiError::Unauthenticated(format!("token: a join token, not a viewer token; {MAKE_ONE}")).into());
+    match t.role.as_str() {
+        VIEWER_TOKEN => Ok((testbus_pki::Role::Viewer, t.expires)),
+        ADMIN_TOKEN => Ok((testbus_pki::Role::Admin, t.expires)),
+        _ => Err(ApiError::Unauthenticated(format!("token: a join token, not a viewer token; {MAKE_ONE}")).into()),
     }
-    Ok(t.expires)
 }
 
-/// Ends a dashboard session: the viewer token `text` (checked: only its
+/// Ends a dashboard session: the login token `text` (checked: only its
 /// holder can end it) is deleted, so no copy of the cookie logs in again.
-pub async fn end_viewer_session(st: &ApiState, text: &str) -> Result<(), Status> {
+pub async fn end_dashboard_session(st: &ApiState, text: &str) -> Result<(), Status> {
     let auth = AuthService::new(st.clone());
     let live = live_token(st, auth.ca()?, VIEWER_TOKENS, text).await?;
     st.store.txn(vec![], vec![Op::Delete(live.key)]).await.map_err(ApiError::from)?;
@@ -371,9 +377,15 @@ impl AuthService {
         }
         let role = match r.role.as_str() {
             "" | "agent" => String::new(),
-            VIEWER_TOKEN if r.pool.is_empty() && r.host_name.is_empty() => VIEWER_TOKEN.to_string(),
-            VIEWER_TOKEN => return Err(Status::invalid_argument("role: a viewer token names no pool and no host")),
-            other => return Err(Status::invalid_argument(format!("role: {other:?} is not \"agent\" or \"viewer\""))),
+            VIEWER_TOKEN | ADMIN_TOKEN if r.pool.is_empty() && r.host_name.is_empty() => r.role.clone(),
+            VIEWER_TOKEN | ADMIN_TOKEN => {
+                return Err(Status::invalid_argument("role: a dashboard login token names no pool and no host"))
+            }
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "role: {other:?} is not \"agent\", \"viewer\" or \"admin\""
+                )))
+            }
         };
         if r.uses > 1_000_000 {
             return Err(Status::invalid_argument(format!("uses: {} is more than 1000000 (0: unlimited)", r.uses)));

@@ -94,6 +94,10 @@ enum TokenCommand {
         /// instead of one an agent joins with.
         #[arg(long)]
         viewer: bool,
+        /// A token that logs a browser in to the dashboard with an admin's
+        /// rights: its pages then cancel and rerun tests.
+        #[arg(long, conflicts_with_all = ["viewer", "pool", "uses"])]
+        admin: bool,
         /// How many agents may join with it (default: any number until it
         /// expires).
         #[arg(long, conflicts_with = "viewer", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
@@ -288,7 +292,7 @@ async fn command(cmd: Command) -> anyhow::Result<()> {
                 .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
             eprintln!("the token is revoked");
         }
-        Command::Token(TokenCommand::Create { ttl, pool, viewer, uses, data_dir }) => {
+        Command::Token(TokenCommand::Create { ttl, pool, viewer, admin, uses, data_dir }) => {
             let client = local_client(data_dir).await?;
             let r = client
                 .auth()
@@ -296,7 +300,11 @@ async fn command(cmd: Command) -> anyhow::Result<()> {
                     ttl,
                     pool: pool.unwrap_or_default(),
                     host_name: String::new(),
-                    role: if viewer { "viewer".into() } else { String::new() },
+                    role: match (viewer, admin) {
+                        (true, _) => "viewer".into(),
+                        (_, true) => "admin".into(),
+                        _ => String::new(),
+                    },
                     uses: uses.unwrap_or(0),
                 })
                 .await

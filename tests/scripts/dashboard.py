@@ -4,7 +4,8 @@ namespace of its own making. Prints one JSON object of what it saw;
 asserts with messages, and leaves a screenshot of each page in SHOTS.
 
 Arguments: BASE_URL VIEWER_TOKEN SHOTS_DIR TESTBUSCTL MANIFEST GO_FILE
-(the manifest's first step prints a line, then waits for GO_FILE).
+ADMIN_TOKEN (the manifest's first step prints a line, then waits for
+GO_FILE; files named GO_FILE.N gate the later tests).
 """
 import json
 import os
@@ -17,7 +18,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.support.ui import WebDriverWait
 
-base, token, shots, ctl, manifest, go_file = sys.argv[1:7]
+base, token, shots, ctl, manifest, go_file, admin_token = sys.argv[1:8]
 TIMEOUT = 30
 
 opts = webdriver.ChromeOptions()
@@ -86,6 +87,16 @@ def load(url):
     wait(f"Chromium to load {url}", loaded)
 
 
+def apply(doc):
+    out = subprocess.run([ctl, "apply", "-f", "-"], input=doc, capture_output=True, text=True)
+    assert out.returncode == 0, out
+
+
+def gate(n):
+    """A shell loop that waits for GO_FILE.n."""
+    return f"while [ ! -e {go_file}.{n} ]; do sleep 0.05; done"
+
+
 def log_in(with_token):
     driver.execute_script("document.querySelector('input[name=token]').value = arguments[0];"
                           "document.querySelector('main form button').click();", with_token)
@@ -132,6 +143,26 @@ try:
     seen["search"] = text_of("#log-count")
     shot("logs")
 
+    # Two processes printing in turns: a1, then b1 and b2, then a2 (each
+    # printed once the line before it was seen here). Read back afresh,
+    # the lines are in the order they were received, whichever process
+    # the server reads first; the timestamps show when asked.
+    apply("apiVersion: testbus/v1\nkind: Test\nmetadata: {name: order}\nspec:\n  hosts: [{role: a}]\n"
+          "  steps:\n"
+          f"  - {{name: p, on: [a], argv: [sh, -c, 'echo a1; {gate(2)}; echo a2']}}\n"
+          f"  - {{name: q, on: [a], argv: [sh, -c, '{gate(0)}; echo b1; {gate(1)}; echo b2']}}\n")
+    load(base + "/tests/order/logs")
+    for seen_line, n in [("a1", 0), ("b1", 1), ("b2", 2)]:
+        wait(f"line {seen_line}", lambda: seen_line in text_of("#log"))
+        open(f"{go_file}.{n}", "w").close()
+    wait("the end of the output", lambda: attr_of("#log-end", "data-ended") == "true")
+    load(base + "/tests/order/logs")
+    wait("the end of the output, read again", lambda: attr_of("#log-end", "data-ended") == "true")
+    seen["ordered"] = [l[-2:] for l in texts("#log .line")]
+    seen["times_hidden"] = texts("#log .line")[0]
+    driver.execute_script("document.getElementById('log-times').click();")
+    seen["times_shown"] = texts("#log .line")[0]
+
     # Back on the test page, which was never reloaded: every step green.
     driver.switch_to.window(test_tab)
     wait("step two to succeed", lambda: attr_of("#step-two", "data-phase") == "Succeeded")
@@ -162,14 +193,43 @@ try:
     for name, second in [("web-2", "true"), ("web-3", "false")]:
         doc = (f"apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: {name}, labels: {{suite: web}}}}\n"
                f"spec:\n  hosts: [{{role: a}}]\n  steps:\n  - {{name: one, on: [a], argv: ['true']}}\n"
-               f"  - {{name: two, on: [a], after: [one], argv: ['{second}']}}\n")
+               f"  - {{name: two, on: [a], after: [one], argv: [sh, -c, 'echo broke-it >&2; {second}']}}\n")
         subprocess.run([ctl, "apply", "-f", "-", "--wait"], input=doc, capture_output=True, text=True)
     load(base + "/history?label=suite%3Dweb")
     wait("the history matrix", lambda: count("#history td.cell") > 0)
     seen["history_cells"] = driver.execute_script(
-        "return Array.from(document.querySelectorAll('#history td.cell'), e => e.title);")
+        "return Array.from(document.querySelectorAll('#history td.cell'), e => e.dataset.value);")
+    seen["history_tip"] = attr_of("#history td.cell", "title")
+    seen["history_legend"] = count("#history-legend .swatch")
     seen["history_points"] = count("#durations circle")
     shot("history")
+    # A cell links to its run: the newest, web-3, failed; its page shows
+    # the end of the failed step's stderr.
+    follow_link("#history td.cell a")
+    wait("the failed run's page", lambda: "Failed" in text_of("h1"))
+    seen["failed_run"] = text_of("h1")
+    seen["failed_stderr"] = text_of("#failed-stderr")
+    seen["viewer_buttons"] = count("main form")
+
+    # An admin: cancels a running test from its page, then reruns it.
+    driver.delete_all_cookies()
+    load(base + "/login")
+    log_in(admin_token)
+    wait("the overview, as an admin", lambda: count("#hosts-by-phase") > 0)
+    apply("apiVersion: testbus/v1\nkind: Test\nmetadata: {name: slow, labels: {suite: slow}}\nspec:\n"
+          "  hosts: [{role: a}]\n  steps:\n  - {name: s, on: [a], argv: [sleep, '600']}\n")
+    load(base + "/tests/slow")
+    wait("step s running", lambda: attr_of("#step-s", "data-phase") == "Running")
+    driver.execute_script("document.getElementById('cancel-test').click();")
+    wait("the test cancelled", lambda: "Cancelled" in text_of("h1"))
+    seen["cancelled"] = text_of("#reason")
+    shot("cancelled")
+    driver.execute_script("document.getElementById('rerun-test').click();")
+    wait("the rerun's page", lambda: re.search(r"/tests/slow-[a-z0-9]{5}$", driver.current_url))
+    wait("the rerun running", lambda: attr_of("#step-s", "data-phase") == "Running")
+    seen["rerun_of"] = text_of("main p.muted")
+    driver.execute_script("document.getElementById('cancel-test').click();")
+    wait("the rerun cancelled", lambda: "Cancelled" in text_of("h1"))
 finally:
     driver.quit()
 print(json.dumps(seen))

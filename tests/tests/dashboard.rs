@@ -4,17 +4,53 @@
 //! namespaces this test made.
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use testbus_proto::Resource;
 use testbus_tests::{bin_dir, needs_root, repo_root, Cluster};
 
-/// A dashboard login token, made through the control plane's socket.
-fn viewer_token(c: &Cluster) -> String {
+/// The top of the Python scripts that speak HTTPS to the dashboard
+/// (they set `base` and `ca` from their arguments): `call` answers
+/// [status, Location, Set-Cookie, body], following no redirect.
+const HTTP_CALL: &str = r#"
+import json, re, ssl, sys, urllib.request, urllib.error, urllib.parse
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *a, **k):
+        return None
+def call(path, cert=None, key=None, data=None, cookie=None, origin=None):
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.check_hostname = False
+    if cert:
+        ctx.load_cert_chain(cert, key)
+    opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx), NoRedirect)
+    req = urllib.request.Request(base + path, data=data)
+    if cookie:
+        req.add_header('Cookie', cookie)
+    if origin:
+        req.add_header('Origin', origin)
+    try:
+        with opener.open(req, timeout=10) as r:
+            return [r.status, r.headers.get('Location'), r.headers.get('Set-Cookie'), r.read(20000).decode()]
+    except urllib.error.HTTPError as e:
+        return [e.code, e.headers.get('Location'), e.headers.get('Set-Cookie'), e.read(2000).decode()]
+"#;
+
+/// A dashboard login token (`--viewer` or `--admin`), made through the
+/// control plane's socket.
+fn dashboard_token(c: &Cluster, role: &str) -> String {
     let out = Command::new(bin_dir().join("testbus-control-plane"))
-        .args(["token", "create", "--viewer", "--ttl", "1h", "--data-dir"])
+        .args(["token", "create", role, "--ttl", "1h", "--data-dir"])
         .arg(c.dir.path().join("cp"))
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn viewer_token(c: &Cluster) -> String {
+    dashboard_token(c, "--viewer")
+}
+
+fn admin_token(c: &Cluster) -> String {
+    dashboard_token(c, "--admin")
 }
 
 /// Where the browser test leaves its screenshots (hack/screenshots copies
@@ -88,6 +124,7 @@ spec:
             ctl.to_str().unwrap(),
             manifest.to_str().unwrap(),
             go.to_str().unwrap(),
+            &admin_token(&c),
         ],
         &[("TESTBUS_CONFIG", admin.to_str().unwrap()), ("TESTBUS_SERVER", &c.server)],
     );
@@ -107,7 +144,25 @@ spec:
     // Newest run first: web-3 failed in its second step.
     let cells = serde_json::json!(["Succeeded", "Failed", "Succeeded", "Succeeded", "Succeeded", "Succeeded"]);
     assert_eq!(seen["history_cells"], cells, "{seen}");
+    assert_eq!(seen["history_tip"], "one: Succeeded (web-3)", "{seen}");
+    assert!(seen["history_legend"].as_i64().unwrap() >= 5, "{seen}");
     assert_eq!(seen["history_points"], 3, "{seen}");
+    // Issue 28's dashboard items: lines in the order received across
+    // processes, timestamps on request; a failed run's stderr on its page;
+    // an admin's Cancel and Rerun, which a viewer does not get.
+    assert_eq!(seen["ordered"], serde_json::json!(["a1", "b1", "b2", "a2"]), "{seen}");
+    let (hidden, shown) = (seen["times_hidden"].as_str().unwrap(), seen["times_shown"].as_str().unwrap());
+    assert!(hidden.starts_with("p a@host-0") && shown.ends_with(hidden), "{seen}");
+    let stamp = &shown[..12];
+    assert!(stamp.len() == 12 && stamp.as_bytes()[2] == b':' && stamp.as_bytes()[8] == b'.', "{seen}");
+    assert!(seen["failed_run"].as_str().unwrap().starts_with("test/web-3"), "{seen}");
+    assert!(seen["failed_stderr"].as_str().unwrap().contains("broke-it"), "{seen}");
+    assert_eq!(seen["viewer_buttons"], 0, "{seen}");
+    let cancelled = seen["cancelled"].as_str().unwrap();
+    assert!(cancelled.contains("cancelled by admin \"dashboard-session-"), "{seen}");
+    assert_eq!(seen["rerun_of"], "A rerun of slow.", "{seen}");
+    let slow = c.test("slow").await;
+    assert_eq!((slow.status().phase.as_str(), slow.status().reason.as_str()), ("Cancelled", "Cancelled"));
     for page in ["overview", "test", "logs", "host", "history"] {
         assert!(shots.join(format!("{page}.png")).exists(), "a screenshot of the {page} page");
     }
@@ -128,28 +183,9 @@ async fn the_dashboard_lets_in_viewers_only() {
     let [ca, cert, key] = c.pem_files("bob", &viewer);
     let [acert, akey] = c.agent_pem_files("host-0");
     let join = c.create_token("1h").await;
-    let script = r#"
-import json, ssl, sys, urllib.request, urllib.error, urllib.parse
+    let script = HTTP_CALL.to_string()
+        + r#"
 base, ca, cert, key, acert, akey, join, view = sys.argv[1:9]
-class NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *a, **k):
-        return None
-def call(path, cert=None, key=None, data=None, cookie=None, origin=None):
-    ctx = ssl.create_default_context(cafile=ca)
-    ctx.check_hostname = False
-    if cert:
-        ctx.load_cert_chain(cert, key)
-    opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx), NoRedirect)
-    req = urllib.request.Request(base + path, data=data)
-    if cookie:
-        req.add_header('Cookie', cookie)
-    if origin:
-        req.add_header('Origin', origin)
-    try:
-        with opener.open(req, timeout=10) as r:
-            return [r.status, r.headers.get('Location'), r.headers.get('Set-Cookie'), r.read(2000).decode()]
-    except urllib.error.HTTPError as e:
-        return [e.code, e.headers.get('Location'), e.headers.get('Set-Cookie'), e.read(2000).decode()]
 form = lambda t: urllib.parse.urlencode({'token': t}).encode()
 login = lambda t: call('/login', data=form(t), origin=base)
 ok = login(view)
@@ -185,7 +221,7 @@ print(json.dumps({
     'logout': [before_logout, cross_logout, after_cross_logout, logout[0], logout[1], logout[2], after_logout],
 }))
 "#;
-    let args = ["-c", script, &c.agent_server, &ca, &cert, &key, &acert, &akey, &join, &viewer_token(&c)];
+    let args = ["-c", &script, &c.agent_server, &ca, &cert, &key, &acert, &akey, &join, &viewer_token(&c)];
     let v = json_of(&python_in_cp(&c, &args, &[]));
     assert_eq!(v["anonymous"], serde_json::json!([303, "/login"]), "{v}");
     assert_eq!(v["agent"], 403, "{v}");
@@ -230,6 +266,66 @@ print(json.dumps({
         .unwrap();
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && log.contains("token: unknown, wrong, used up, revoked or expired"), "{log}");
+}
+
+/// The dashboard's actions (issue 28): a POST from its own pages, by an
+/// admin, with that session's CSRF token; anything less is refused and
+/// changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboards_actions_need_an_admin_and_its_csrf_token() {
+    if !needs_root("the dashboard tests") {
+        return;
+    }
+    let c = Cluster::start(1).await;
+    assert_eq!(c.ctl(&["create", "test", "done1", "--claim", "a", "--wait-claimed"]).code, 0);
+    assert_eq!(c.ctl(&["finish", "done1"]).code, 0);
+    let viewer = testbus_pki::ClientFile::load(&c.write_user_config("bob", "viewer")).unwrap();
+    let [ca, _, _] = c.pem_files("bob", &viewer);
+    let script = HTTP_CALL.to_string()
+        + r#"
+base, ca, admin, view = sys.argv[1:5]
+def session(token):
+    r = call('/login', data=urllib.parse.urlencode({'token': token}).encode(), origin=base)
+    return r[2].split(';')[0]
+a, v = session(admin), session(view)
+page = call('/tests/done1', cookie=a)[3]
+csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', page).group(1)
+form = lambda t: urllib.parse.urlencode({'csrf': t}).encode()
+out = {
+    'viewer_page_forms': call('/tests/done1', cookie=v)[3].count('name="csrf"'),
+    'viewer': call('/tests/done1/rerun', data=form(csrf), cookie=v, origin=base)[0::3],
+    'wrong_csrf': call('/tests/done1/rerun', data=form('0' * 64), cookie=a, origin=base)[0],
+    'no_csrf': call('/tests/done1/rerun', data=b'', cookie=a, origin=base)[0],
+    'cross_site': call('/tests/done1/rerun', data=form(csrf), cookie=a, origin='https://evil.example')[0],
+    'no_origin': call('/tests/done1/rerun', data=form(csrf), cookie=a)[0],
+    'get': call('/tests/done1/rerun', cookie=a)[0],
+    'anonymous': call('/tests/done1/rerun', data=form(csrf), cookie=None, origin=base)[0],
+    'cancel_finished': call('/tests/done1/cancel', data=form(csrf), cookie=a, origin=base)[0],
+    'rerun': call('/tests/done1/rerun', data=form(csrf), cookie=a, origin=base)[:2],
+}
+print(json.dumps(out))
+"#;
+    let args = ["-c", &script, &c.agent_server, &ca, &admin_token(&c), &viewer_token(&c)];
+    let v = json_of(&python_in_cp(&c, &args, &[]));
+    assert_eq!(v["viewer_page_forms"], 0, "{v}");
+    assert_eq!(v["viewer"][0], 403, "{v}");
+    assert!(v["viewer"][1].as_str().unwrap().contains("may not cancel or rerun"), "{v}");
+    assert_eq!(v["wrong_csrf"], 403, "{v}");
+    assert!(v["no_csrf"].as_i64().unwrap() >= 400, "{v}");
+    assert_eq!((v["cross_site"].as_i64(), v["no_origin"].as_i64()), (Some(403), Some(403)), "{v}");
+    assert_eq!(v["get"], 405, "{v}");
+    assert!(v["anonymous"].as_i64().unwrap() >= 400, "{v}");
+    // Cancelling a finished test is refused by the API (it is immutable).
+    assert_eq!(v["cancel_finished"], 409, "{v}");
+    // One rerun was made, by the one complete request.
+    assert_eq!(v["rerun"][0], 303, "{v}");
+    let to = v["rerun"][1].as_str().unwrap();
+    assert!(to.starts_with("/tests/done1-"), "{v}");
+    let (tests, _) = c.client().await.api::<testbus_proto::Test>().list("", "").await.unwrap();
+    let reruns: Vec<_> = tests.iter().filter(|t| t.meta().annotations.contains_key("testbus.io/rerun-of")).collect();
+    assert_eq!(reruns.len(), 1, "{tests:?}");
+    assert_eq!(format!("/tests/{}", reruns[0].meta().name), to);
+    assert_eq!(reruns[0].spec(), c.test("done1").await.spec());
 }
 
 /// An `--insecure` listener answers requests that name a loopback host

@@ -196,6 +196,9 @@ struct Line<'a> {
     from: &'a str,
     stderr: bool,
     text: &'a str,
+    /// When the server received its first byte (ms since the epoch; 0:
+    /// not known): the page orders lines of different processes by it.
+    time: i64,
 }
 
 /// Output of a process, or of every process of a test as they start, line
@@ -239,8 +242,9 @@ async fn follow(web: Web, caller: crate::authz::Caller, target: Followed, tx: mp
     let mut streams: futures::stream::SelectAll<Chunks> = futures::stream::SelectAll::new();
     let mut followed: HashSet<String> = HashSet::new();
     let mut from: HashMap<String, String> = HashMap::new();
-    // Partial lines, by process and stream.
-    let mut partial: HashMap<(String, bool), Vec<u8>> = HashMap::new();
+    // Partial lines, by process and stream, with the time of their first
+    // byte.
+    let mut partial: HashMap<(String, bool), (Vec<u8>, i64)> = HashMap::new();
     // A test's processes appear as its steps start: its changes say when.
     let (mut changes, test) = match &target {
         Followed::Test(name) => {
@@ -298,11 +302,11 @@ async fn follow(web: Web, caller: crate::authz::Caller, target: Followed, tx: mp
         }
         // A stream that ended may leave its last line without a newline.
         if streams.is_empty() {
-            for ((name, stderr), buf) in partial.drain() {
+            for ((name, stderr), (buf, time)) in partial.drain() {
                 if !buf.is_empty() {
                     let label = from.get(&name).cloned().unwrap_or_default();
                     let text = String::from_utf8_lossy(&buf).into_owned();
-                    if send(&tx, &Line { from: &label, stderr, text: &text }).await.is_err() {
+                    if send(&tx, &Line { from: &label, stderr, text: &text, time }).await.is_err() {
                         return;
                     }
                 }
@@ -326,16 +330,28 @@ async fn follow(web: Web, caller: crate::authz::Caller, target: Followed, tx: mp
             next = streams.next(), if !streams.is_empty() => {
                 let Some((name, Ok(chunk))) = next else { continue };
                 let label = from.get(&name).cloned().unwrap_or_default();
+                let time = chunk.time_unix_ms;
                 if chunk.notice {
-                    let line = Line { from: &label, stderr: true, text: &String::from_utf8_lossy(&chunk.data) };
+                    let line = Line { from: &label, stderr: true, text: &String::from_utf8_lossy(&chunk.data), time };
                     if send(&tx, &line).await.is_err() { return; }
                     continue;
                 }
                 let stderr = chunk.stream == 1;
-                let buf = partial.entry((name, stderr)).or_default();
+                let (buf, started) = partial.entry((name, stderr)).or_default();
+                if buf.is_empty() {
+                    *started = time;
+                }
                 buf.extend_from_slice(&chunk.data);
-                for text in take_lines(buf) {
-                    if send(&tx, &Line { from: &label, stderr, text: &text }).await.is_err() {
+                let lines = take_lines(buf);
+                // The first line began when the partial one did; the
+                // others, and what is left, in this chunk.
+                let first = *started;
+                if !lines.is_empty() {
+                    *started = time;
+                }
+                for (i, text) in lines.into_iter().enumerate() {
+                    let time = if i == 0 { first } else { time };
+                    if send(&tx, &Line { from: &label, stderr, text: &text, time }).await.is_err() {
                         return;
                     }
                 }

@@ -5,13 +5,19 @@
 //! The dashboard reads only through the API and the watch hub, as every
 //! other client does: objects through [`ResourceService`] with the caller's
 //! scope, output through [`OutputService`]'s `Read`, changes through hub
-//! subscriptions. It writes nothing but a login cookie (and, at log-out,
-//! deletes that session's viewer token).
+//! subscriptions. It writes a login cookie (and, at log-out, deletes that
+//! session's token), and an admin's two actions through the API as that
+//! caller: Cancel (`Tests.Finish` with `cancel`) and Rerun (`Tests.Create`
+//! of a copy).
 //!
 //! Who may look: a caller admitted as for the API (`auth::authorize_caller`:
 //! a viewer's or an admin's certificate, the local socket, an `--insecure`
-//! listener), or a browser holding a viewer token (`token create --viewer`)
-//! in its login cookie. Agents may not.
+//! listener), or a browser holding a dashboard login token in its cookie
+//! (`token create --viewer`, or `--admin` to act). Agents may not.
+//!
+//! Forms: every POST must come from this dashboard's own pages (its Origin
+//! or Referer) and, for actions, carry the caller's CSRF token
+//! ([`csrf_token`]), which another site can neither read nor make.
 //!
 //! Live pages: each `<main>` names an events URL; a server-sent event
 //! `change` there (debounced; fed by the hub, never by polling) makes the
@@ -44,6 +50,9 @@ pub struct Web {
     /// The same, per identity (a viewer, a dashboard session): one caller
     /// cannot hold them all.
     streams_per_identity: Arc<crate::quota::Quota>,
+    /// Made at start: the CSRF tokens of callers without a session cookie
+    /// are digests of it (see [`csrf_token`]).
+    csrf_secret: Arc<[u8; 32]>,
 }
 
 /// Live streams one identity may hold at once (a few browser tabs).
@@ -66,12 +75,15 @@ pub fn routes(st: ApiState, output: OutputService) -> axum::Router {
         secure_cookie,
         streams: Arc::new(tokio::sync::Semaphore::new(MAX_LIVE_STREAMS)),
         streams_per_identity: crate::quota::Quota::new("live streams", MAX_LIVE_STREAMS_PER_IDENTITY),
+        csrf_secret: Arc::new(rand::random()),
     };
     axum::Router::new()
         .route("/metrics", get(metrics))
         .route("/", get(overview))
         .route("/tests/{name}", get(test_page))
         .route("/tests/{name}/logs", get(test_logs))
+        .route("/tests/{name}/cancel", axum::routing::post(cancel_test))
+        .route("/tests/{name}/rerun", axum::routing::post(rerun_test))
         .route("/tests/{file}/{report}", get(report))
         .route("/processes/{name}/logs", get(process_logs))
         .route("/hosts/{name}", get(host_page))
@@ -157,11 +169,33 @@ impl Refused {
 }
 
 /// A caller the dashboard let in: what it may read, and who it is to the
-/// API (a browser with a viewer token is a viewer there too).
+/// API (a browser with a viewer token is a viewer there too, one with an
+/// admin token an admin).
 pub(crate) struct Admitted {
     pub scope: Scope,
     pub caller: Caller,
     pub headers: HeaderMap,
+    /// What this caller's forms carry (see [`csrf_token`]).
+    pub csrf: String,
+}
+
+/// The token an admitted caller's forms must carry: a digest of its login
+/// cookie (a browser's session: the same on every replica), else of this
+/// dashboard's secret and the caller's identity (a certificate, the local
+/// socket, an insecure listener). Pages of another site can neither read
+/// it (the same-origin policy) nor make it (they know neither input).
+fn csrf_token(secret: &[u8; 32], session: Option<&str>, caller: &Caller) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(b"testbus-dashboard-csrf\0");
+    match session {
+        Some(token) => h.update(token.as_bytes()),
+        None => {
+            h.update(secret);
+            h.update(caller.describe().as_bytes());
+        }
+    }
+    hex::encode(h.finalize())
 }
 
 impl Web {
@@ -169,7 +203,10 @@ impl Web {
     /// local socket or an insecure listener; agents are refused.
     pub(crate) async fn admit(&self, caller: Caller, headers: HeaderMap) -> Result<Admitted, Refused> {
         match crate::auth::authorize_caller(self.st.pki.as_deref(), &caller, Verb::Get, "dashboard") {
-            Ok(Scope::All) => return Ok(Admitted { scope: Scope::All, caller, headers }),
+            Ok(Scope::All) => {
+                let csrf = csrf_token(&self.csrf_secret, None, &caller);
+                return Ok(Admitted { scope: Scope::All, caller, headers, csrf });
+            }
             Ok(Scope::Host { .. }) => {
                 return Err(Refused::Status(tonic::Status::permission_denied(format!(
                     "{}: agents do not read the dashboard",
@@ -180,17 +217,18 @@ impl Web {
             Err(_) => {}
         }
         let Some(token) = cookie(&headers, SESSION_COOKIE) else { return Err(Refused::Login) };
-        match crate::auth::check_viewer_token(&self.st, token).await {
-            Ok(_) => {
+        match crate::auth::check_dashboard_token(&self.st, token).await {
+            Ok((role, _)) => {
                 // Each session is an identity of its own (its quotas).
                 let id = token.parse::<testbus_pki::JoinToken>().map(|t| t.id).unwrap_or_default();
                 let caller = Caller::Certified {
                     name: format!("dashboard-session-{id}"),
-                    role: testbus_pki::Role::Viewer,
+                    role,
                     issued: std::time::SystemTime::now(),
                     pool: None,
                 };
-                Ok(Admitted { scope: Scope::All, caller, headers })
+                let csrf = csrf_token(&self.csrf_secret, Some(token), &caller);
+                Ok(Admitted { scope: Scope::All, caller, headers, csrf })
             }
             Err(_) => Err(Refused::Login),
         }
@@ -287,6 +325,8 @@ fn status_page(s: tonic::Status) -> Response {
         tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
         tonic::Code::PermissionDenied => StatusCode::FORBIDDEN,
         tonic::Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        tonic::Code::FailedPrecondition | tonic::Code::AlreadyExists | tonic::Code::Aborted => StatusCode::CONFLICT,
+        tonic::Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
         _ => StatusCode::SERVICE_UNAVAILABLE,
     };
     (code, pages::layout("error", None, maud::html! { h1 { (code) } p.why { (s.message()) } })).into_response()
@@ -372,11 +412,131 @@ async fn overview(State(web): State<Web>, Query(paging): Query<Paging>, req: Req
 }
 
 async fn test_page(State(web): State<Web>, Path(name): Path<String>, req: Request) -> Response {
-    let Admitted { scope, headers, .. } = admit!(web, req, true);
-    match web.get::<Test>(&scope, &name).await {
-        Ok(t) => page(&headers, &format!("test/{name}"), Some(&format!("/events?page=test/{name}")), pages::test(&t)),
-        Err(r) => r,
+    let Admitted { scope, headers, caller, csrf } = admit!(web, req, true);
+    let t = match web.get::<Test>(&scope, &name).await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    // The end of each failed process's stderr, as `describe` shows it.
+    let mut failed = Vec::new();
+    for (step, p) in testbus_report::failed_processes(&t, None).into_iter().take(pages::FAILED_SHOWN) {
+        let Ok(out) = live::read_all(&web, &caller, &p.name).await else { continue };
+        let lines = testbus_report::last_lines(&out.stderr, testbus_report::FAILED_TAIL_LINES);
+        if !lines.is_empty() {
+            failed.push(pages::FailedOutput { step: step.to_string(), process: p.clone(), lines });
+        }
     }
+    let extras = pages::TestExtras { failed, csrf, may_act: web.may_act(&caller) };
+    page(&headers, &format!("test/{name}"), Some(&format!("/events?page=test/{name}")), pages::test(&t, &extras))
+}
+
+impl Web {
+    /// Whether `caller` may cancel and rerun tests (an admin).
+    fn may_act(&self, caller: &Caller) -> bool {
+        crate::auth::authorize_caller(self.st.pki.as_deref(), caller, Verb::Finish, "Test").is_ok()
+            && crate::auth::authorize_caller(self.st.pki.as_deref(), caller, Verb::Create, "Test").is_ok()
+    }
+
+    /// The checks of an action's POST, in order: from this dashboard's own
+    /// pages, by a caller who may act, with that caller's CSRF token.
+    async fn admit_action(&self, req: Request) -> Result<Caller, Response> {
+        let tls = self.secure_cookie;
+        if !same_origin(req.headers(), req.uri(), tls) {
+            return Err(cross_site());
+        }
+        let admitted = match self.admit(caller(&req), req.headers().clone()).await {
+            Ok(a) => a,
+            Err(r) => return Err(r.into_response(false)),
+        };
+        if !self.may_act(&admitted.caller) {
+            let msg = format!("{} may not cancel or rerun tests (an admin may)\n", admitted.caller.describe());
+            return Err((StatusCode::FORBIDDEN, msg).into_response());
+        }
+        crate::authz::ConnInfo::prove(req.extensions());
+        use axum::extract::FromRequest;
+        let axum::Form(form) =
+            axum::Form::<ActionForm>::from_request(req, &()).await.map_err(IntoResponse::into_response)?;
+        use subtle::ConstantTimeEq;
+        if !bool::from(form.csrf.as_bytes().ct_eq(admitted.csrf.as_bytes())) {
+            let msg = "csrf: this form's token is not this session's; reload the page and try again\n";
+            return Err((StatusCode::FORBIDDEN, msg).into_response());
+        }
+        Ok(admitted.caller)
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ActionForm {
+    csrf: String,
+}
+
+/// The API's answer to a request made for `caller`.
+fn as_caller<T>(caller: Caller, msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.extensions_mut().insert(caller);
+    r
+}
+
+/// `POST /tests/NAME/cancel`: the test ends Cancelled ("cancelled by …"),
+/// and the browser goes back to its page.
+async fn cancel_test(State(web): State<Web>, Path(name): Path<String>, req: Request) -> Response {
+    let caller = match web.admit_action(req).await {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let svc = ResourceService::<Test>::new(web.st.clone());
+    let msg = testbus_proto::FinishRequest { test: name.clone(), cancel: true, ..Default::default() };
+    match testbus_proto::tests_server::Tests::finish(&svc, as_caller(caller, msg)).await {
+        Ok(_) => Redirect::to(&format!("/tests/{name}")).into_response(),
+        Err(s) => status_page(s),
+    }
+}
+
+/// `POST /tests/NAME/rerun`: a new test with the same spec and labels
+/// (named as the first run was: its generateName, or NAME-), annotated
+/// with the run it repeats; the browser goes to its page.
+async fn rerun_test(State(web): State<Web>, Path(name): Path<String>, req: Request) -> Response {
+    let caller = match web.admit_action(req).await {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let t: Test = match web.get(&Scope::All, &name).await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    if !testbus_proto::phase::test_terminal(&t.status().phase) {
+        return (StatusCode::CONFLICT, format!("test/{name} has not finished: cancel it first\n")).into_response();
+    }
+    let svc = ResourceService::<Test>::new(web.st.clone());
+    match testbus_proto::tests_server::Tests::create(&svc, as_caller(caller, rerun_of(&t))).await {
+        Ok(made) => Redirect::to(&format!("/tests/{}", made.into_inner().name())).into_response(),
+        Err(s) => status_page(s),
+    }
+}
+
+/// The annotation a rerun carries: the test it repeats.
+pub const RERUN_OF: &str = "testbus.io/rerun-of";
+
+/// A new run of `t`: its spec and labels, named as its first run was.
+fn rerun_of(t: &Test) -> Test {
+    let m = t.meta();
+    let generate_name = if m.generate_name.is_empty() {
+        // Room for the five characters a generated name adds.
+        format!("{}-", &m.name[..m.name.len().min(57)]).replace("--", "-")
+    } else {
+        m.generate_name.clone()
+    };
+    Test {
+        metadata: Some(testbus_proto::ObjectMeta {
+            generate_name,
+            labels: m.labels.clone(),
+            annotations: [(RERUN_OF.to_string(), m.name.clone())].into(),
+            ..Default::default()
+        }),
+        spec: t.spec.clone(),
+        ..Default::default()
+    }
+    .with_type_meta()
 }
 
 async fn host_page(State(web): State<Web>, Path(name): Path<String>, req: Request) -> Response {
@@ -499,8 +659,8 @@ async fn login(
     if !same_origin(&headers, &uri, web.secure_cookie) {
         return cross_site();
     }
-    match crate::auth::check_viewer_token(&web.st, f.token.trim()).await {
-        Ok(expires) => {
+    match crate::auth::check_dashboard_token(&web.st, f.token.trim()).await {
+        Ok((_, expires)) => {
             let left = expires.saturating_sub(
                 std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
             );
@@ -517,14 +677,14 @@ async fn login(
     }
 }
 
-/// Ends the browser's session: its viewer token is revoked (a copy of the
+/// Ends the browser's session: its login token is revoked (a copy of the
 /// cookie logs nothing in after this) and the cookie cleared.
 async fn logout(State(web): State<Web>, headers: HeaderMap, uri: axum::http::Uri) -> Response {
     if !same_origin(&headers, &uri, web.secure_cookie) {
         return cross_site();
     }
     if let Some(token) = cookie(&headers, SESSION_COOKIE) {
-        if let Err(s) = crate::auth::end_viewer_session(&web.st, token).await {
+        if let Err(s) = crate::auth::end_dashboard_session(&web.st, token).await {
             tracing::debug!(error = %s.message(), "logging out a session that was not live");
         }
     }
@@ -536,6 +696,52 @@ async fn logout(State(web): State<Web>, headers: HeaderMap, uri: axum::http::Uri
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A session's CSRF token follows its cookie (the same on every
+    /// replica); a caller without one gets one from this dashboard's secret
+    /// and its identity. No two callers share one.
+    #[test]
+    fn csrf_tokens_are_the_callers_own() {
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        let viewer = Caller::Certified {
+            name: "dashboard-session-x".into(),
+            role: testbus_pki::Role::Viewer,
+            issued: std::time::SystemTime::now(),
+            pool: None,
+        };
+        let session = csrf_token(&a, Some("tbjoin.one"), &viewer);
+        assert_eq!(session, csrf_token(&b, Some("tbjoin.one"), &viewer), "the cookie alone decides");
+        assert_ne!(session, csrf_token(&a, Some("tbjoin.two"), &viewer));
+        assert_eq!(session.len(), 64);
+        let local = csrf_token(&a, None, &Caller::Local);
+        assert_ne!(local, csrf_token(&b, None, &Caller::Local), "another dashboard, another secret");
+        assert_ne!(local, csrf_token(&a, None, &Caller::Insecure));
+        assert_ne!(local, csrf_token(&a, None, &viewer));
+    }
+
+    /// A rerun has the spec and labels of the run it repeats, says which,
+    /// and is named as that run was.
+    #[test]
+    fn a_rerun_is_named_as_its_first_run_was() {
+        let mut t = Test::default();
+        t.meta_mut().name = "web".into();
+        t.meta_mut().labels.insert("suite".into(), "web".into());
+        t.meta_mut().annotations.insert("note".into(), "not carried".into());
+        t.spec_mut().timeout = "5m".into();
+        let r = rerun_of(&t);
+        assert_eq!((r.meta().generate_name.as_str(), r.meta().name.as_str()), ("web-", ""));
+        assert_eq!(r.meta().labels, t.meta().labels);
+        assert_eq!(r.meta().annotations, [(RERUN_OF.to_string(), "web".to_string())].into());
+        assert_eq!(r.spec(), t.spec());
+        assert!(r.status.is_none());
+        t.meta_mut().generate_name = "hello-".into();
+        t.meta_mut().name = "hello-x7k2p".into();
+        assert_eq!(rerun_of(&t).meta().generate_name, "hello-");
+        t.meta_mut().generate_name.clear();
+        t.meta_mut().name = "a".repeat(63);
+        let long = rerun_of(&t).meta().generate_name.clone();
+        assert!(long.len() <= 58 && long.ends_with('-'), "{long}");
+    }
 
     #[test]
     fn an_insecure_listener_answers_loopback_names_only() {

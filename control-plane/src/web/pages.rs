@@ -216,15 +216,66 @@ fn why(t: &Test) -> Option<String> {
     .filter(|w| !w.is_empty())
 }
 
-pub fn test(t: &Test) -> Markup {
+/// Failed processes whose stderr a test's page shows at most.
+pub const FAILED_SHOWN: usize = 8;
+
+/// The end of a failed process's stderr, as a test's page shows it.
+pub struct FailedOutput {
+    pub step: String,
+    pub process: testbus_proto::ProcessResult,
+    pub lines: Vec<String>,
+}
+
+/// What a test's page shows besides the test.
+pub struct TestExtras {
+    /// Its failed processes' stderr tails.
+    pub failed: Vec<FailedOutput>,
+    /// The caller's CSRF token, carried by the action forms.
+    pub csrf: String,
+    /// The caller may cancel and rerun (an admin): the page has the
+    /// buttons.
+    pub may_act: bool,
+}
+
+pub fn test(t: &Test, x: &TestExtras) -> Markup {
     let s = t.status();
     let steps = testbus_proto::steps::expand(t.spec());
+    let ended = testbus_proto::phase::test_terminal(&s.phase);
+    let deleting = !t.meta().deletion_timestamp.is_empty();
     html! {
         h1 { "test/" (t.name()) " " (phase_badge(&s.phase)) }
         // A test that succeeded is no warning ("Completed" was shown in the
         // warning colour).
         @let ok = s.phase == "Succeeded";
         @if let Some(why) = why(t) { p.why[!ok] #reason { (why) } }
+        @if x.may_act && !deleting {
+            div.actions {
+                @if !ended {
+                    form method="post" action={"/tests/" (t.name()) "/cancel"} {
+                        input type="hidden" name="csrf" value=(x.csrf);
+                        button #cancel-test type="submit" title="End it Cancelled: its processes are stopped, its hosts released" { "Cancel" }
+                    }
+                } @else {
+                    form method="post" action={"/tests/" (t.name()) "/rerun"} {
+                        input type="hidden" name="csrf" value=(x.csrf);
+                        button #rerun-test type="submit" title="Run it again: a new test with this spec and labels" { "Rerun" }
+                    }
+                }
+            }
+        }
+        @if let Some(of) = t.meta().annotations.get(super::RERUN_OF) { p.muted { "A rerun of " (test_link(of)) "." } }
+        @if !x.failed.is_empty() {
+            section #failed-stderr {
+                h2 { "Why it failed: the end of stderr" }
+                @for f in &x.failed {
+                    h3 {
+                        "step " (f.step) " · " (f.process.role) "@" (host_link(&f.process.host)) " · "
+                        a href={"/processes/" (f.process.name) "/logs"} { "all output" }
+                    }
+                    pre.stderr-tail { @for l in &f.lines { (l) "\n" } }
+                }
+            }
+        }
         p {
             "created " span.time { (t.meta().creation_timestamp) }
             @if !s.start_time.is_empty() { " · ran " (duration(&s.start_time, &s.completion_time)) }
@@ -381,8 +432,12 @@ pub fn host(h: &Host, processes: &[Process]) -> Markup {
 pub fn logs(title: &str, back: Markup, stream: &str) -> Markup {
     html! {
         h1 { (title) }
-        p { (back) }
-        p.search { input #log-search type="search" placeholder="search (text or /regex/)" autofocus; " " span #log-count {} }
+        p { (back) " Lines are in the order the server received them, across processes." }
+        p.search {
+            input #log-search type="search" placeholder="search (text or /regex/)" autofocus; " "
+            label { input #log-times type="checkbox"; " timestamps" } " "
+            span #log-count {}
+        }
         pre #log data-stream=(stream) {}
         p #log-end.muted {}
     }
@@ -427,6 +482,12 @@ pub fn history(label: &str, runs: &[&Test]) -> Markup {
         @else {
             h2 { (runs.len()) @if runs.len() == 1 { " run" } @else { " runs" } " with " (label) }
             (duration_plot(&points, runs.len()))
+            p #history-legend {
+                "Each row a run (newest first), each column a step or a recorded result; a cell links to its run. "
+                @for (class, word) in LEGEND {
+                    span.legend { span class={"swatch cell " (class)} {} " " (word) } " "
+                }
+            }
             div.matrix-box {
                 table #history {
                     tr { th { "run" } th { "phase" } @for c in &columns { th.col { (c) } } }
@@ -436,7 +497,10 @@ pub fn history(label: &str, runs: &[&Test]) -> Markup {
                             td { (phase_badge(&t.status().phase)) }
                             @for c in &columns {
                                 @let v = by_name.get(c).copied().unwrap_or_default();
-                                td class={"cell phase-" (v) " outcome-" (v)} title=(v) {}
+                                @let tip = if v.is_empty() { format!("{c}: not in this run ({})", t.name()) } else { format!("{c}: {v} ({})", t.name()) };
+                                td class={"cell phase-" (v) " outcome-" (v)} title=(tip) data-value=(v) {
+                                    a.cell-link href={"/tests/" (t.name())} aria-label=(tip) {}
+                                }
                             }
                         }
                     }
@@ -445,6 +509,16 @@ pub fn history(label: &str, runs: &[&Test]) -> Markup {
         }
     }
 }
+
+/// The history matrix's legend: a cell's classes, and what they mean.
+const LEGEND: [(&str, &str); 6] = [
+    ("phase-Succeeded", "step succeeded / result pass"),
+    ("phase-Failed", "step failed / result fail"),
+    ("phase-Skipped", "step skipped / result skip"),
+    ("phase-Running", "running"),
+    ("phase-Waiting", "waiting"),
+    ("phase-", "not in that run"),
+];
 
 /// Run durations as an SVG line: x the run (oldest left), y seconds.
 fn duration_plot(points: &[(usize, f64)], runs: usize) -> Markup {
@@ -514,6 +588,38 @@ mod tests {
         assert!(!html.contains("<b>"), "escaped");
     }
 
+    /// What a viewer's page of a test gets besides the test: nothing.
+    fn looker() -> TestExtras {
+        TestExtras { failed: vec![], csrf: String::new(), may_act: false }
+    }
+
+    /// A failed test's page shows the end of each failed process's stderr;
+    /// an admin's has the button that fits the test (Cancel while it runs,
+    /// Rerun once it ended), with the caller's CSRF token; a viewer's none.
+    #[test]
+    fn a_test_page_shows_failed_stderr_and_an_admins_actions() {
+        let mut t = test_named("f", "Failed");
+        let p = testbus_proto::ProcessResult {
+            name: "f-s-a".into(),
+            role: "a".into(),
+            host: "h".into(),
+            phase: "Failed".into(),
+            ..Default::default()
+        };
+        let failed = vec![FailedOutput { step: "s".into(), process: p, lines: vec!["boom <b>".into(), "end".into()] }];
+        let admin = TestExtras { failed, csrf: "c5rf".into(), may_act: true };
+        let page = test(&t, &admin).into_string();
+        assert!(page.contains("<pre class=\"stderr-tail\">boom &lt;b&gt;\nend\n</pre>"), "{page}");
+        assert!(page.contains(r#"action="/tests/f/rerun""#) && !page.contains("/cancel"), "{page}");
+        assert!(page.contains(r#"name="csrf" value="c5rf""#), "{page}");
+        t.status_mut().phase = "Running".into();
+        let page = test(&t, &TestExtras { failed: vec![], csrf: "c5rf".into(), may_act: true }).into_string();
+        assert!(page.contains(r#"action="/tests/f/cancel""#) && !page.contains("/rerun"), "{page}");
+        assert!(!page.contains("failed-stderr"), "{page}");
+        let page = test(&t, &looker()).into_string();
+        assert!(!page.contains("<form"), "a viewer gets no buttons: {page}");
+    }
+
     #[test]
     fn a_pending_test_says_why_it_waits_on_its_page_and_in_the_queue() {
         let mut t = test_named("w", "Pending");
@@ -524,7 +630,7 @@ mod tests {
             message: "no host has capability nfs-sever".into(),
             ..Default::default()
         });
-        let page = test(&t).into_string();
+        let page = test(&t, &looker()).into_string();
         assert!(
             page.contains(r#"<p class="why" id="reason">Unsatisfiable: no host has capability nfs-sever"#),
             "{page}"
@@ -532,7 +638,7 @@ mod tests {
         // A test that succeeded is said plainly, not in the warning colour.
         let mut done = test_named("d", "Succeeded");
         done.status_mut().reason = "Completed".into();
-        let page = test(&done).into_string();
+        let page = test(&done, &looker()).into_string();
         assert!(page.contains(r#"<p class="" id="reason">Completed</p>"#), "{page}");
         let refs = [&t];
         let o = Overview { tests: &refs, queue: &refs, hosts: &[], pools: &[], host_page: 1, test_page: 1 };

@@ -54,6 +54,8 @@ function logPage(pre) {
     count.textContent = query === "" ? "" : shown + " of " + pre.children.length + " lines";
   }
   search.addEventListener("input", () => { query = search.value; apply(); });
+  const times = document.getElementById("log-times");
+  times.addEventListener("change", () => pre.classList.toggle("times", times.checked));
   const es = new EventSource(pre.dataset.stream);
   // The server sends the whole output from its start on each connection:
   // a reconnection starts the page afresh.
@@ -62,13 +64,25 @@ function logPage(pre) {
     const l = JSON.parse(e.data);
     const div = document.createElement("div");
     div.className = l.stderr ? "line stderr" : "line";
+    // When the server received it (ms since the epoch; 0: not known).
+    const t = Number(l.time) || 0;
+    div.dataset.time = String(t);
+    const ts = document.createElement("span");
+    ts.className = "ts";
+    ts.textContent = t ? new Date(t).toISOString().slice(11, 23) : "--:--:--.---";
+    if (t) ts.title = new Date(t).toISOString();
     const from = document.createElement("span");
     from.className = "from";
     from.textContent = l.from;
-    div.append(from, document.createTextNode(l.text));
+    div.append(ts, from, document.createTextNode(l.text));
     if (query !== "") div.hidden = !matcher(query)(div.textContent);
     const follow = window.innerHeight + window.scrollY >= document.body.scrollHeight - 40;
-    pre.append(div);
+    // In time order across processes: streams arrive interleaved, so a
+    // line goes after the last one received no later than it (lines of
+    // one time keep the order they came in).
+    let after = pre.lastElementChild;
+    while (after && Number(after.dataset.time) > t) after = after.previousElementSibling;
+    if (after) after.after(div); else pre.prepend(div);
     if (query !== "") apply();
     if (follow) window.scrollTo(0, document.body.scrollHeight);
   };
