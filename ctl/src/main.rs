@@ -33,6 +33,7 @@ fn stdout_failed(e: std::io::Error) -> ! {
     std::process::exit(error::FAILED);
 }
 
+mod complete;
 mod config;
 mod error;
 mod events;
@@ -47,6 +48,7 @@ mod run;
 mod script;
 
 use clap::{Parser, Subcommand};
+use clap_complete::engine::ArgValueCompleter;
 use error::{CliError, CliResult};
 use format::Format;
 use futures::StreamExt;
@@ -99,8 +101,10 @@ enum Cmd {
     )]
     Get {
         /// host(s), test(s), process(es) or hostpool(s); or KIND/NAME.
+        #[arg(add = ArgValueCompleter::new(complete::kinds_and_names))]
         kind: String,
         /// Objects' names (or more KIND/NAMEs); all of KIND without any.
+        #[arg(add = ArgValueCompleter::new(complete::kinds_and_names))]
         names: Vec<String>,
         /// Output format: table, wide, yaml, json, name, jsonpath=TEMPLATE
         /// (kubectl's: `{.metadata.name}`, `{range .items[*]}…{end}`) or
@@ -130,8 +134,10 @@ enum Cmd {
     #[command(after_help = "Examples:\n  testbusctl describe test nfs-basic\n  testbusctl describe host/node-1")]
     Describe {
         /// host, test or process; or KIND/NAME.
+        #[arg(add = ArgValueCompleter::new(complete::kinds_and_names))]
         kind: String,
         /// The object's name (when KIND is not KIND/NAME).
+        #[arg(add = ArgValueCompleter::new(complete::kinds_and_names))]
         name: Option<String>,
     },
     /// Delete objects (a running test ends Cancelled, then goes).
@@ -140,8 +146,10 @@ enum Cmd {
     /// `delete tests -l suite=nfs`, `delete tests --all`.
     Delete {
         /// KIND, or a KIND/NAME to delete.
+        #[arg(add = ArgValueCompleter::new(complete::kinds_and_names))]
         kind: String,
         /// Names of KIND, or more KIND/NAME.
+        #[arg(add = ArgValueCompleter::new(complete::kinds_and_names))]
         names: Vec<String>,
         /// Delete every object of KIND matching this label selector.
         #[arg(short = 'l', long = "selector")]
@@ -153,6 +161,7 @@ enum Cmd {
     /// Output of a test (prefixed by role/host) or of a process.
     Logs {
         /// test/NAME (or NAME) or process/NAME.
+        #[arg(add = ArgValueCompleter::new(complete::tests_or_processes))]
         target: String,
         /// Only the processes of this role (or member, e.g. client1: a role
         /// with count N has members ROLE0 to ROLE(N-1)).
@@ -183,6 +192,7 @@ enum Cmd {
     /// Wait for a test to finish.
     Wait {
         /// NAME or test/NAME.
+        #[arg(add = ArgValueCompleter::new(complete::tests))]
         target: String,
         /// Give up after this long (exit 3).
         #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
@@ -191,6 +201,7 @@ enum Cmd {
     /// Mark a host unschedulable.
     Cordon {
         /// The host's name.
+        #[arg(add = ArgValueCompleter::new(complete::hosts))]
         host: String,
         /// Why, shown by get and describe.
         #[arg(long, default_value = "")]
@@ -199,11 +210,13 @@ enum Cmd {
     /// Make a host schedulable again.
     Uncordon {
         /// The host's name.
+        #[arg(add = ArgValueCompleter::new(complete::hosts))]
         host: String,
     },
     /// A test's results as text, JSON, JUnit XML or TAP.
     Results {
         /// NAME or test/NAME.
+        #[arg(add = ArgValueCompleter::new(complete::tests))]
         target: String,
         /// Report format.
         #[arg(short = 'o', long, value_enum, default_value = "text")]
@@ -221,6 +234,7 @@ enum Cmd {
     Exec {
         /// The test, NAME or test/NAME (open, running, or ended with
         /// holdOnFailure and kept).
+        #[arg(add = ArgValueCompleter::new(complete::tests))]
         test: String,
         /// Roles or members to run on (repeatable); default: every host.
         #[arg(long = "role")]
@@ -251,6 +265,7 @@ enum Cmd {
     /// Print a variable of a test's environment.
     Getenv {
         /// The test: NAME or test/NAME.
+        #[arg(add = ArgValueCompleter::new(complete::tests))]
         test: String,
         /// The variable's name.
         name: String,
@@ -258,6 +273,7 @@ enum Cmd {
     /// Add variables to a running test's environment (for later exec).
     Setenv {
         /// The test: NAME or test/NAME.
+        #[arg(add = ArgValueCompleter::new(complete::tests))]
         test: String,
         /// KEY=VALUE pairs.
         #[arg(required = true, value_name = "KEY=VALUE")]
@@ -266,6 +282,7 @@ enum Cmd {
     /// Record a result of a running test at a dotted path (users.verify-name).
     Result {
         /// The test: NAME or test/NAME.
+        #[arg(add = ArgValueCompleter::new(complete::tests))]
         test: String,
         /// Where in the test's results, dotted (users.verify-name).
         path: String,
@@ -279,6 +296,7 @@ enum Cmd {
     /// End an open test: Succeeded, or Failed with --failed or a failed result.
     Finish {
         /// The test: NAME or test/NAME.
+        #[arg(add = ArgValueCompleter::new(complete::tests))]
         test: String,
         /// End it Failed whatever its results say.
         #[arg(long)]
@@ -288,6 +306,7 @@ enum Cmd {
     /// stopped, its hosts released) and stays to be read, unlike `delete`.
     Cancel {
         /// The test: NAME or test/NAME.
+        #[arg(add = ArgValueCompleter::new(complete::tests))]
         test: String,
         /// Why, added to its message.
         #[arg(long)]
@@ -342,11 +361,13 @@ enum Cmd {
         #[arg(value_parser = ["create", "revert", "delete", "list"])]
         action: String,
         /// The guest's host name.
+        #[arg(add = ArgValueCompleter::new(complete::hosts))]
         host: String,
         /// The snapshot's name (not for list).
         name: Option<String>,
     },
-    /// Print a shell completion script.
+    /// Print a shell completion script: subcommands, flags and kinds, and
+    /// the names of objects, asked of the server at each <TAB> (at most 2 s).
     #[command(
         after_help = "Examples:\n  source <(testbusctl completion bash)\n  testbusctl completion fish > ~/.config/fish/completions/testbusctl.fish"
     )]
@@ -1150,13 +1171,7 @@ async fn dispatch(cli: Cli) -> CliResult {
             Ok(0)
         }
         Cmd::Completion { shell } => {
-            let shell = match shell.as_str() {
-                "bash" => clap_complete::Shell::Bash,
-                "zsh" => clap_complete::Shell::Zsh,
-                _ => clap_complete::Shell::Fish,
-            };
-            let mut script = Vec::new();
-            clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "testbusctl", &mut script);
+            let script = complete::registration(&shell).map_err(|e| CliError::failed(e.to_string()))?;
             print!("{}", String::from_utf8_lossy(&script));
             Ok(0)
         }
@@ -1226,6 +1241,7 @@ impl RunCmd {
 }
 
 fn main() {
+    complete::answer_if_asked::<Cli>();
     let cli = Cli::parse();
     let server = config::server(cli.server.as_deref());
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

@@ -502,14 +502,14 @@ async fn a_failed_or_interrupted_join_leaves_no_cgroup() {
 #[test]
 fn completion_help_examples_and_syntax_error_positions() {
     let ctl = |args: &[&str]| std::process::Command::new(bin_dir().join("testbusctl")).args(args).output().unwrap();
-    for (shell, sign) in [("bash", "_testbusctl()"), ("zsh", "#compdef testbusctl"), ("fish", "complete -c testbusctl")]
-    {
+    // Each script registers testbusctl itself as the completer (what it
+    // completes is in `completion_asks_the_server_for_names`).
+    for (shell, sign) in [("bash", "complete -o nospace"), ("zsh", "#compdef testbusctl"), ("fish", "complete")] {
         let out = ctl(&["completion", shell]);
         let script = String::from_utf8_lossy(&out.stdout);
         assert_eq!(out.status.code(), Some(0), "{shell}");
-        assert!(script.contains(sign), "{shell}: {}", &script[..script.len().min(300)]);
-        // Subcommands and their flags are in it.
-        assert!(script.contains("ttl-after-finished") && script.contains("wait-claimed"), "{shell}");
+        assert!(script.contains(sign) && script.contains("COMPLETE="), "{shell}: {script}");
+        assert!(script.contains(&bin_dir().join("testbusctl").display().to_string()), "{shell}: {script}");
     }
     assert_eq!(ctl(&["completion", "powershell"]).status.code(), Some(2));
     // The agent's default data dir is in its --help (it was nowhere).
@@ -1398,4 +1398,64 @@ async fn cancel_ends_a_pending_or_running_test_and_keeps_it() {
     let again = c.ctl(&["cancel", "runs"]);
     assert!(again.code != 0 && again.stderr.contains("finished"), "{again:?}");
     assert_eq!(c.test("runs").await.status().phase, "Cancelled");
+}
+
+/// Completion, as kubectl's `__complete`: subcommands, flags and kinds from
+/// the command's definition, object names asked of the server at each
+/// <TAB> (it completed static words only, a friction of issue 28).
+/// Driven through bash's own completion function, as a shell would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completion_asks_the_server_for_names() {
+    let c = Cluster::start(1).await;
+    assert_eq!(c.ctl(&["create", "test", "web-a", "--claim", "a", "--wait-claimed"]).code, 0);
+    let script = c.dir.path().join("complete.bash");
+    std::fs::write(&script, c.ctl(&["completion", "bash"]).stdout).unwrap();
+    let complete = |line: &str| -> Vec<String> {
+        let bash = format!(
+            "source {}\nCOMP_WORDS=(testbusctl {line})\n[[ '{line}' == *' ' ]] && COMP_WORDS+=('')\n\
+             COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1)); COMP_TYPE=9\n\
+             _clap_complete_testbusctl testbusctl \"${{COMP_WORDS[COMP_CWORD]}}\" \"${{COMP_WORDS[COMP_CWORD-1]}}\"\n\
+             printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+            script.display()
+        );
+        let out = std::process::Command::new("bash")
+            .args(["--norc", "-c", &bash])
+            .env("TESTBUS_SERVER", &c.server)
+            .env("TESTBUS_CONFIG", c.dir.path().join("admin.yaml"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{line}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect()
+    };
+    let has = |line: &str, want: &str| {
+        let got = complete(line);
+        assert!(got.iter().any(|g| g == want), "{line:?} completes to {got:?}, not {want:?}");
+        got
+    };
+    has("can", "cancel");
+    has("get ", "hostpools");
+    has("logs --ti", "--timestamps");
+    assert_eq!(has("get tests w", "web-a"), ["web-a"]);
+    assert_eq!(has("get test/w", "test/web-a"), ["test/web-a"]);
+    has("describe host h", "host-0");
+    has("logs w", "web-a");
+    has("logs proc", "process/");
+    has("cordon ", "host-0");
+    has("cancel ", "web-a");
+    assert!(complete("get tests zz").is_empty());
+    // A server that cannot be reached completes no names (only the
+    // command's flags), and says nothing on the terminal.
+    let bash = format!(
+        "source {}; COMP_WORDS=(testbusctl get tests ''); COMP_CWORD=3; COMP_TYPE=9; \
+         _clap_complete_testbusctl testbusctl '' tests; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+        script.display()
+    );
+    let out = std::process::Command::new("bash")
+        .args(["--norc", "-c", &bash])
+        .env("TESTBUS_SERVER", "unix:/nonexistent/api.sock")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("--output") && stdout.lines().all(|l| l.starts_with("--")), "{stdout}");
+    assert_eq!(stderr, "");
 }
