@@ -37,20 +37,16 @@ pub async fn reconcile(ctx: &Context, name: &str) -> Result<Action, Status> {
         }
     }
 
-    if s.phase != want || orphan {
+    let ready = ready_condition(alive, given_up, &s.lease_renew_time);
+    let stale = !s.conditions.iter().any(|c| {
+        c.r#type == ready.r#type && c.status == ready.status && c.reason == ready.reason && c.message == ready.message
+    });
+    if s.phase != want || orphan || stale {
         let mut next: Host = (*h).clone();
         let st = next.status_mut();
         st.phase = want.to_string();
-        st.message = if alive {
-            String::new()
-        } else if given_up {
-            format!("its agent stopped (at {})", s.lease_renew_time)
-        } else {
-            format!(
-                "lease expired (last renewed {})",
-                if s.lease_renew_time.is_empty() { "never" } else { &s.lease_renew_time }
-            )
-        };
+        st.message = if alive { String::new() } else { ready.message.clone() };
+        crate::test_plan::set_condition(&mut st.conditions, ready);
         if orphan {
             st.claim = None;
         }
@@ -64,6 +60,21 @@ pub async fn reconcile(ctx: &Context, name: &str) -> Result<Action, Status> {
         Some(left) => Action::Requeue(left + Duration::from_millis(10)),
         None => Action::AwaitChange,
     })
+}
+
+/// The host's Ready condition: True while its agent renews its lease;
+/// False saying why (it stopped, or its lease ran out) after.
+fn ready_condition(alive: bool, given_up: bool, renewed: &str) -> testbus_proto::Condition {
+    use testbus_proto::states::ConditionStatus;
+    let (status, reason, message) = if alive {
+        (ConditionStatus::True, "LeaseRenewed", "its agent renews its lease".to_string())
+    } else if given_up {
+        (ConditionStatus::False, "AgentStopped", format!("its agent stopped (at {renewed})"))
+    } else {
+        let when = if renewed.is_empty() { "never" } else { renewed };
+        (ConditionStatus::False, "LeaseExpired", format!("lease expired (last renewed {when})"))
+    };
+    crate::test_plan::condition("Ready", status, reason, &message)
 }
 
 /// Counts the host's infrastructure failures in a row (`status.infraFailures`)
@@ -109,4 +120,23 @@ async fn quarantine(ctx: &Context, h: &Host) -> Result<(), Status> {
         .await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ready_condition_says_why_a_host_is_not() {
+        let c = ready_condition(true, false, "2026-01-01T00:00:00Z");
+        assert_eq!((c.r#type.as_str(), c.status.as_str(), c.reason.as_str()), ("Ready", "True", "LeaseRenewed"));
+        let c = ready_condition(false, true, "2026-01-01T00:00:00Z");
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "AgentStopped"));
+        assert!(c.message.contains("2026-01-01T00:00:00Z"), "{c:?}");
+        let c = ready_condition(false, false, "");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str(), c.message.as_str()),
+            ("False", "LeaseExpired", "lease expired (last renewed never)")
+        );
+    }
 }

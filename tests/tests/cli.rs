@@ -956,6 +956,9 @@ async fn a_cordon_reason_is_shown_by_get_and_describe() {
     assert!(wide.contains("MESSAGE") && wide.contains("cordoned: disk swap on Friday"), "{wide}");
     let described = c.ctl(&["describe", "host", "host-0"]).stdout;
     assert!(described.contains("Cordoned:     disk swap on Friday"), "{described}");
+    // Its conditions, Ready with its reason among them (there were none).
+    let ready = described.lines().skip_while(|l| *l != "Conditions:").find(|l| l.trim_start().starts_with("Ready"));
+    assert!(ready.is_some_and(|l| l.contains("True") && l.contains("LeaseRenewed")), "{described}");
     assert_eq!(c.ctl(&["uncordon", "host-0"]).code, 0);
     let described = c.ctl(&["describe", "host", "host-0"]).stdout;
     assert!(!described.contains("Cordoned:"), "{described}");
@@ -1152,7 +1155,9 @@ async fn a_test_ends_at_once_when_its_agent_is_stopped() {
     wait_for(Duration::from_secs(30), "the host to say its agent stopped", || async {
         let host = client.api::<testbus_proto::Host>().get("host-0").await.ok()?;
         let s = host.status();
-        (s.phase == "NotReady" && s.message.starts_with("its agent stopped (at ")).then_some(())
+        let ready = s.conditions.iter().find(|c| c.r#type == "Ready")?;
+        let said = s.phase == "NotReady" && s.message.starts_with("its agent stopped (at ");
+        (said && ready.status == "False" && ready.reason == "AgentStopped").then_some(())
     })
     .await;
 }
