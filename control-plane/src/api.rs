@@ -181,7 +181,7 @@ impl Policy for Test {
                 "status.claims: set only by the test's claim (Tests.Claim), which claims its hosts with it",
             ));
         }
-        let pending = |p: &str| p.is_empty() || p == phase::PENDING;
+        let pending = testbus_proto::states::unclaimed;
         if pending(from) && to == phase::RUNNING {
             return Err(Status::failed_precondition(
                 "status.phase: a test becomes Running only through its claim (Tests.Claim)",
@@ -707,7 +707,7 @@ impl ResourceService<Test> {
         if parse_rv("testResourceVersion", &req.test_resource_version)? != test_rev {
             return Err(Self::conflict(test.name(), test_rev, test.resource_version()));
         }
-        if test.status().phase != phase::PENDING || !test.meta().deletion_timestamp.is_empty() {
+        if !testbus_proto::states::waits_for_hosts(&test) {
             return Err(Status::failed_precondition(format!("Test {:?} is not pending", req.test)));
         }
         if req.assignments.is_empty() {

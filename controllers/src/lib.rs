@@ -1,9 +1,17 @@
 //! testbus controllers: level-triggered reconcile loops that talk to the API
 //! only through the client.
 //!
-//! - [`hosts`]: host leases (Ready / NotReady) and release of orphaned claims.
-//! - [`tests`]: the test lifecycle: gang claims, steps, processes, results,
-//!   timeouts, host loss, release.
+//! - [`runtime`]: the machinery every controller shares: a watch reflected
+//!   into a [`Cache`], a deduplicating [`Queue`], and workers that run a
+//!   reconcile per key and act on its `Action`.
+//! - [`hosts`]: host leases (Ready / NotReady, with a Ready condition),
+//!   quarantine after infrastructure failures ([`health`]), release of
+//!   orphaned claims.
+//! - [`test_lifecycle`]: a test's reconcile: the pending queue, its end
+//!   before a claim, then driving a running test by [`test_plan`]'s pure
+//!   decisions (steps, processes, results, timeouts, host loss, release).
+//! - [`schedule`]: the gang scheduler's pass over every pending test.
+//! - [`pools`]: HostPools of libvirt guests, decided by [`pool_plan`].
 #![forbid(unsafe_code)]
 
 pub mod health;
@@ -151,8 +159,8 @@ pub async fn run(client: Client, cfg: Config, stop: CancellationToken) -> Result
             // A test that starts waiting is scheduled; one that stops
             // (claimed, ended or deleted) no longer holds hosts back from
             // those queued behind it: one pass of the scheduler for both.
-            let was_pending = old.as_deref().is_some_and(test_lifecycle::is_pending);
-            let is_pending = new.as_deref().is_some_and(test_lifecycle::is_pending);
+            let was_pending = old.as_deref().is_some_and(testbus_proto::states::waits_for_hosts);
+            let is_pending = new.as_deref().is_some_and(testbus_proto::states::waits_for_hosts);
             if was_pending != is_pending {
                 c.schedule_queue.add(test_lifecycle::SCHEDULE);
             }

@@ -3,7 +3,7 @@
 //! (`pools.rs`) carries the plan out.
 use crate::schedule::fits_labels;
 use std::time::{Duration, SystemTime};
-use testbus_proto::{phase, HostPool, Resource, Test};
+use testbus_proto::{HostPool, Resource, Test};
 
 /// Where a guest is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,7 +87,7 @@ pub fn demand<'a>(pool: &HostPool, pending: impl IntoIterator<Item = &'a Test>) 
     labels.insert(testbus_proto::pool::POOL_LABEL.into(), pool.name().to_string());
     let (mut n, mut tests) = (0, Vec::new());
     for t in pending {
-        if t.status().phase != phase::PENDING || !t.meta().deletion_timestamp.is_empty() {
+        if !testbus_proto::states::waits_for_hosts(t) {
             continue;
         }
         let fitting: u32 = t
@@ -222,7 +222,7 @@ mod tests {
             testbus_proto::Object::Test(t) => t,
             _ => unreachable!(),
         };
-        t.status_mut().phase = phase::PENDING.into();
+        t.status_mut().phase = testbus_proto::phase::PENDING.into();
         t
     }
 
@@ -258,6 +258,16 @@ mod tests {
         let (n, names) = demand(&p, &tests);
         assert_eq!(n, 4, "{names:?}");
         assert_eq!(names, ["two", "mixed", "labelled"]);
+        // A test cancelled before its claim, or being deleted, wants no
+        // guest (one cancelled still made the pool boot guests for it).
+        let mut cancelled = pending("cancelled", "[{role: a, capabilities: [vm]}]");
+        let v = testbus_proto::states::Verdict::new(testbus_proto::states::TestReason::Cancelled, "by alice");
+        cancelled.status_mut().conditions.push(v.condition("t".into()));
+        let mut deleted = pending("deleted", "[{role: a, capabilities: [vm]}]");
+        deleted.meta_mut().deletion_timestamp = "t".into();
+        let mut fresh = pending("fresh", "[{role: a, capabilities: [vm]}]");
+        fresh.status_mut().phase.clear();
+        assert_eq!(demand(&p, &[cancelled, deleted, fresh]), (1, vec!["fresh".to_string()]));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::Context;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use testbus_proto::states::{ConditionStatus, TestReason};
+use testbus_proto::states::{waits_for_hosts, ConditionStatus, TestReason};
 use testbus_proto::subst::host_var_name;
 use testbus_proto::validate::members;
 use testbus_proto::{
@@ -26,14 +26,6 @@ use tonic::{Code, Status};
 
 pub use crate::test_plan::{process_name, DEFAULT_TIMEOUT, LABEL_ROLE, LABEL_STEP, LABEL_TEST};
 use testbus_proto::TEST_FINALIZER as FINALIZER;
-
-pub fn is_pending(t: &Test) -> bool {
-    let p = t.status().phase.as_str();
-    (p.is_empty() || p == phase::PENDING)
-        && t.meta().deletion_timestamp.is_empty()
-        && !testbus_proto::states::Verdict::decided(&t.status().conditions)
-}
-
 /// A test whose reconcile keeps failing (a status too large to store, say)
 /// says so in its conditions instead of staying Pending in silence.
 pub async fn report_trouble(ctx: &Context, name: &str, trouble: crate::runtime::Trouble) {
@@ -95,7 +87,7 @@ const SCHEDULE_SAFETY_NET: Duration = Duration::from_secs(300);
 pub async fn schedule_pass(ctx: &Context) -> Result<Action, Status> {
     let hosts = ctx.hosts.list();
     let refs: Vec<&Host> = hosts.iter().map(|h| h.as_ref()).collect();
-    let pending = ctx.tests.filter(is_pending);
+    let pending = ctx.tests.filter(|t| waits_for_hosts(t));
     let mut queue: Vec<&Test> = pending.iter().map(|t| t.as_ref()).collect();
     queue.sort_by(|a, b| schedule::queue_order(a, b));
     let decisions = schedule::plan_queue(&queue, &refs);
@@ -630,10 +622,10 @@ mod lifecycle_tests {
         assert_eq!(pending_outcome(&t, at(6)), PendingOutcome::GiveUp { waited: Duration::from_secs(5) });
         // Cancelled before it claimed: it ends so, and the scheduler no
         // longer offers it hosts.
-        assert!(is_pending(&t));
+        assert!(waits_for_hosts(&t));
         let v = testbus_proto::states::Verdict::new(TestReason::Cancelled, "cancelled by alice");
         t.status_mut().conditions.push(v.condition(time::now()));
         assert_eq!(pending_outcome(&t, at(2)), PendingOutcome::Decided(v));
-        assert!(!is_pending(&t));
+        assert!(!waits_for_hosts(&t));
     }
 }

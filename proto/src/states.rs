@@ -78,7 +78,8 @@ string_enum!(
         Running,
         Succeeded,
         Failed,
-        /// Deleted while it ran.
+        /// Cancelled (`testbusctl cancel`, the dashboard), or deleted while
+        /// it ran.
         Cancelled,
         /// Ended by the infrastructure (a host lost, a timeout).
         Error,
@@ -187,6 +188,23 @@ string_enum!(
         PendingTimeout,
     }
 );
+
+/// Whether a test's phase says it has not claimed its hosts: Pending, or
+/// no phase yet (a test is created without one).
+pub fn unclaimed(phase: &str) -> bool {
+    phase.is_empty() || *phase == TestPhase::Pending
+}
+
+/// Whether test `t` waits for hosts: unclaimed, not being deleted, and no
+/// verdict recorded (a cancel ends it without hosts). The one meaning of
+/// "pending" for scheduling: only these are offered hosts, made guests
+/// for, or claimed.
+pub fn waits_for_hosts(t: &crate::Test) -> bool {
+    let (meta, status) = (t.metadata.as_ref(), t.status.as_ref());
+    unclaimed(status.map_or("", |s| s.phase.as_str()))
+        && meta.is_none_or(|m| m.deletion_timestamp.is_empty())
+        && !Verdict::decided(status.map_or(&[], |s| s.conditions.as_slice()))
+}
 
 /// Whether a host's agent gave its lease up (it stopped cleanly): a lease
 /// renewed with no duration left.

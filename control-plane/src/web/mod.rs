@@ -157,13 +157,7 @@ impl Refused {
         match self {
             Refused::Login if page => Redirect::to("/login").into_response(),
             Refused::Login => (StatusCode::UNAUTHORIZED, "log in with a viewer token at /login\n").into_response(),
-            Refused::Status(s) => {
-                let code = match s.code() {
-                    tonic::Code::Unauthenticated => StatusCode::UNAUTHORIZED,
-                    _ => StatusCode::FORBIDDEN,
-                };
-                (code, format!("{}\n", s.message())).into_response()
-            }
+            Refused::Status(s) => (http_status(s.code()), format!("{}\n", s.message())).into_response(),
         }
     }
 }
@@ -319,8 +313,10 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
-fn status_page(s: tonic::Status) -> Response {
-    let code = match s.code() {
+/// The one mapping of the API's answers to HTTP's, for every dashboard
+/// response (pages and plain text alike).
+fn http_status(code: tonic::Code) -> StatusCode {
+    match code {
         tonic::Code::NotFound => StatusCode::NOT_FOUND,
         tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
         tonic::Code::PermissionDenied => StatusCode::FORBIDDEN,
@@ -328,7 +324,11 @@ fn status_page(s: tonic::Status) -> Response {
         tonic::Code::FailedPrecondition | tonic::Code::AlreadyExists | tonic::Code::Aborted => StatusCode::CONFLICT,
         tonic::Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
         _ => StatusCode::SERVICE_UNAVAILABLE,
-    };
+    }
+}
+
+fn status_page(s: tonic::Status) -> Response {
+    let code = http_status(s.code());
     (code, pages::layout("error", None, maud::html! { h1 { (code) } p.why { (s.message()) } })).into_response()
 }
 
@@ -394,10 +394,7 @@ async fn overview(State(web): State<Web>, Query(paging): Query<Paging>, req: Req
     newest.sort_by(|a, b| {
         b.meta().creation_timestamp.cmp(&a.meta().creation_timestamp).then_with(|| a.name().cmp(b.name()))
     });
-    let mut queue: Vec<&Test> = tests
-        .iter()
-        .filter(|t| t.status().phase.is_empty() || t.status().phase == testbus_proto::phase::PENDING)
-        .collect();
+    let mut queue: Vec<&Test> = tests.iter().filter(|t| testbus_proto::states::waits_for_hosts(t)).collect();
     queue.sort_by(|a, b| testbus_controllers::schedule::queue_order(a, b));
     let clamp = |p: Option<usize>, n: usize, per: usize| p.unwrap_or(1).clamp(1, n.div_ceil(per).max(1));
     let o = pages::Overview {
@@ -741,6 +738,17 @@ mod tests {
         t.meta_mut().name = "a".repeat(63);
         let long = rerun_of(&t).meta().generate_name.clone();
         assert!(long.len() <= 58 && long.ends_with('-'), "{long}");
+    }
+
+    /// One mapping of the API's answers (a refusal at the gate was always
+    /// 403, a NotFound there included; a page's was 404).
+    #[test]
+    fn every_response_maps_the_apis_answers_one_way() {
+        assert_eq!(http_status(tonic::Code::NotFound), StatusCode::NOT_FOUND);
+        assert_eq!(http_status(tonic::Code::PermissionDenied), StatusCode::FORBIDDEN);
+        assert_eq!(http_status(tonic::Code::Unauthenticated), StatusCode::UNAUTHORIZED);
+        let refused = Refused::Status(tonic::Status::not_found("x")).into_response(false);
+        assert_eq!(refused.status(), status_page(tonic::Status::not_found("x")).status());
     }
 
     #[test]
