@@ -87,7 +87,7 @@ const SCHEDULE_SAFETY_NET: Duration = Duration::from_secs(300);
 pub async fn schedule_pass(ctx: &Context) -> Result<Action, Status> {
     let hosts = ctx.hosts.list();
     let refs: Vec<&Host> = hosts.iter().map(|h| h.as_ref()).collect();
-    let pending = ctx.tests.filter(|t| waits_for_hosts(t));
+    let pending = ctx.tests.filter(waits_for_hosts);
     let mut queue: Vec<&Test> = pending.iter().map(|t| t.as_ref()).collect();
     queue.sort_by(|a, b| schedule::queue_order(a, b));
     let decisions = schedule::plan_queue(&queue, &refs);
