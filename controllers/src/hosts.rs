@@ -4,6 +4,7 @@
 use crate::runtime::Action;
 use crate::Context;
 use std::time::{Duration, SystemTime};
+use testbus_proto::states::{ConditionStatus, ConditionType};
 use testbus_proto::{phase, time, Host, Resource, Test};
 use tonic::Status;
 
@@ -65,7 +66,6 @@ pub async fn reconcile(ctx: &Context, name: &str) -> Result<Action, Status> {
 /// The host's Ready condition: True while its agent renews its lease;
 /// False saying why (it stopped, or its lease ran out) after.
 fn ready_condition(alive: bool, given_up: bool, renewed: &str) -> testbus_proto::Condition {
-    use testbus_proto::states::ConditionStatus;
     let (status, reason, message) = if alive {
         (ConditionStatus::True, "LeaseRenewed", "its agent renews its lease".to_string())
     } else if given_up {
@@ -74,7 +74,7 @@ fn ready_condition(alive: bool, given_up: bool, renewed: &str) -> testbus_proto:
         let when = if renewed.is_empty() { "never" } else { renewed };
         (ConditionStatus::False, "LeaseExpired", format!("lease expired (last renewed {when})"))
     };
-    crate::test_plan::condition("Ready", status, reason, &message)
+    testbus_proto::Condition::new(ConditionType::Ready, status, reason, message)
 }
 
 /// Counts the host's infrastructure failures in a row (`status.infraFailures`)
@@ -99,21 +99,21 @@ async fn quarantine(ctx: &Context, h: &Host) -> Result<(), Status> {
         tracing::warn!(host = h.name(), failures = count, "host quarantined");
     }
     let quarantined = reason.is_some();
-    let has_condition = h.status().conditions.iter().any(|c| c.r#type == "Quarantined" && c.status == "True");
+    let has_condition = h.status().conditions.iter().any(|c| c.is(ConditionType::Quarantined, ConditionStatus::True));
     if h.status().infra_failures != count || quarantined != has_condition {
         let why = reason.unwrap_or_default();
         api.patch_status(h.name(), |host| {
             let st = host.status_mut();
             st.infra_failures = count;
-            st.conditions.retain(|c| c.r#type != "Quarantined");
+            st.conditions.retain(|c| c.r#type != ConditionType::Quarantined);
             if quarantined {
-                st.conditions.push(testbus_proto::Condition {
-                    r#type: "Quarantined".into(),
-                    status: "True".into(),
-                    reason: "InfraFailures".into(),
-                    message: why.clone(),
-                    last_transition_time: time::now(),
-                });
+                let c = testbus_proto::Condition::new(
+                    ConditionType::Quarantined,
+                    ConditionStatus::True,
+                    "InfraFailures",
+                    &why,
+                );
+                st.conditions.push(c);
             }
             true
         })

@@ -22,6 +22,7 @@ use testbus_pool_libvirt::{
     VSOCK_PORT, WAITING_MARK,
 };
 use testbus_proto::pool::CLEAN_ANNOTATION;
+use testbus_proto::states::{ConditionStatus, ConditionType};
 use testbus_proto::{phase, time, Condition, Guest, Host, HostPool, Resource};
 use tonic::{Code, Status};
 
@@ -219,14 +220,9 @@ async fn provider(ctx: &Context, uri: &str) -> Result<Arc<Libvirt>, ProviderErro
     Ok(p)
 }
 
-fn condition(type_: &str, ok: bool, reason: &str, message: &str) -> Condition {
-    Condition {
-        r#type: type_.into(),
-        status: if ok { "True" } else { "False" }.into(),
-        reason: reason.into(),
-        message: message.into(),
-        last_transition_time: time::now(),
-    }
+/// The pool's Available condition.
+fn available(status: ConditionStatus, reason: &str, message: &str) -> Condition {
+    Condition::new(ConditionType::Available, status, reason, message)
 }
 
 pub async fn report_trouble(ctx: &Context, name: &str, trouble: crate::runtime::Trouble) {
@@ -251,7 +247,7 @@ pub async fn reconcile(ctx: &Arc<Context>, name: &str) -> Result<Action, Status>
             "this control plane cannot link guests: {} is missing (install testbus-relay beside testbus-control-plane)",
             cfg.relay.display()
         );
-        write_status(ctx, &pool, Some(condition("Available", false, "RelayMissing", &msg))).await?;
+        write_status(ctx, &pool, Some(available(ConditionStatus::False, "RelayMissing", &msg))).await?;
         return Ok(Action::Requeue(Duration::from_secs(30)));
     }
     let uri = uri(&pool);
@@ -259,7 +255,7 @@ pub async fn reconcile(ctx: &Arc<Context>, name: &str) -> Result<Action, Status>
         Ok(p) => p,
         Err(e) => {
             let msg = format!("cannot reach libvirt: {e}");
-            write_status(ctx, &pool, Some(condition("Available", false, "LibvirtUnreachable", &msg))).await?;
+            write_status(ctx, &pool, Some(available(ConditionStatus::False, "LibvirtUnreachable", &msg))).await?;
             return Ok(Action::Requeue(Duration::from_secs(5)));
         }
     };
@@ -307,12 +303,12 @@ pub async fn reconcile(ctx: &Arc<Context>, name: &str) -> Result<Action, Status>
     } else if let Some((n, until, last)) = backoff.filter(|(_, u, _)| *u > SystemTime::now()) {
         let secs = until.duration_since(SystemTime::now()).unwrap_or_default().as_secs();
         let msg = format!("{n} guests failed in a row (the last: {last}); creating again in {secs}s");
-        write_status(ctx, &pool, Some(condition("Available", false, "GuestsFailing", &msg))).await?;
+        write_status(ctx, &pool, Some(available(ConditionStatus::False, "GuestsFailing", &msg))).await?;
         return Ok(Action::Requeue(Duration::from_secs(2)));
     } else {
         pool_plan::summary(&views)
     };
-    write_status(ctx, &pool, Some(condition("Available", true, "Reconciled", &what))).await?;
+    write_status(ctx, &pool, Some(available(ConditionStatus::True, "Reconciled", &what))).await?;
     // Guests on their way, and idle guests, are looked at again soon.
     Ok(Action::Requeue(Duration::from_secs(2)))
 }
@@ -1190,7 +1186,7 @@ async fn delete_pool(ctx: &Arc<Context>, pool: &HostPool, cfg: &PoolsConfig) -> 
         Ok(p) => p,
         Err(e) => {
             let msg = format!("cannot delete the pool's guests: cannot reach libvirt: {e}");
-            write_status(ctx, pool, Some(condition("Available", false, "LibvirtUnreachable", &msg))).await?;
+            write_status(ctx, pool, Some(available(ConditionStatus::False, "LibvirtUnreachable", &msg))).await?;
             return Ok(Action::Requeue(Duration::from_secs(5)));
         }
     };
@@ -1208,7 +1204,7 @@ async fn delete_pool(ctx: &Arc<Context>, pool: &HostPool, cfg: &PoolsConfig) -> 
         .collect();
     if !busy.is_empty() {
         let msg = format!("deleting: waiting for the work on guest {} to end first", busy.join(", "));
-        write_status(ctx, pool, Some(condition("Available", false, "Deleting", &msg))).await?;
+        write_status(ctx, pool, Some(available(ConditionStatus::False, "Deleting", &msg))).await?;
         return Ok(Action::Requeue(Duration::from_millis(500)));
     }
     let mut names: Vec<String> =
@@ -1232,7 +1228,7 @@ async fn delete_pool(ctx: &Arc<Context>, pool: &HostPool, cfg: &PoolsConfig) -> 
     for n in &names {
         if let Err(e) = destroy(ctx, &lv, cfg, pool, n).await {
             let msg = format!("cannot destroy guest {n}: {e}");
-            write_status(ctx, pool, Some(condition("Available", false, "DeleteFailed", &msg))).await?;
+            write_status(ctx, pool, Some(available(ConditionStatus::False, "DeleteFailed", &msg))).await?;
             return Ok(Action::Requeue(Duration::from_secs(5)));
         }
         ctx.guests.runs.lock().remove(n);

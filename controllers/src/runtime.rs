@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use testbus_proto::client::{watcher, Api, ApiResource, WatcherEvent};
+use testbus_proto::states::{ConditionStatus, ConditionType};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -276,18 +277,16 @@ pub enum Trouble {
 /// it recovered.
 pub fn trouble_condition(trouble: &Trouble) -> testbus_proto::Condition {
     let (status, reason, message) = match trouble {
-        Trouble::Failing { error, count } => {
-            ("False", "ReconcileFailed", format!("the controller failed {count} times in a row: {error}"))
+        Trouble::Failing { error, count } => (
+            ConditionStatus::False,
+            "ReconcileFailed",
+            format!("the controller failed {count} times in a row: {error}"),
+        ),
+        Trouble::Recovered { after } => {
+            (ConditionStatus::True, "Recovered", format!("reconciled again after {after} failures"))
         }
-        Trouble::Recovered { after } => ("True", "Recovered", format!("reconciled again after {after} failures")),
     };
-    testbus_proto::Condition {
-        r#type: "Reconciled".into(),
-        status: status.into(),
-        reason: reason.into(),
-        message,
-        last_transition_time: testbus_proto::time::now(),
-    }
+    testbus_proto::Condition::new(ConditionType::Reconciled, status, reason, message)
 }
 
 /// Writes `trouble` on object `name` as its `Reconciled` condition

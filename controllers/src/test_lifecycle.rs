@@ -10,14 +10,15 @@
 //! are released once nothing of the test runs on them any more.
 use crate::runtime::Action;
 use crate::schedule::{self, Assignment};
-use crate::test_plan::{self, condition, held, set_condition, Ending, Verdict, FINISHED};
+use crate::test_plan::{self, held, set_condition, Ending, Verdict};
 use crate::Context;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use testbus_proto::states::{waits_for_hosts, ConditionStatus, TestReason};
+use testbus_proto::states::{waits_for_hosts, ConditionStatus, ConditionType, TestReason};
 use testbus_proto::subst::host_var_name;
 use testbus_proto::validate::members;
+use testbus_proto::Condition;
 use testbus_proto::{
     duration, phase, time, ClaimAssignment, ClaimRequest, Host, HostFacts, Process, Resource, StepStatus, Test,
     TestStatus, TestTrace,
@@ -120,7 +121,10 @@ pub async fn schedule_pass(ctx: &Context) -> Result<Action, Status> {
             _ => (w.reason(), w.message()),
         };
         let unchanged = t.status().phase == phase::PENDING
-            && t.status().conditions.iter().any(|c| c.r#type == "Scheduled" && c.reason == reason && c.message == why);
+            && t.status()
+                .conditions
+                .iter()
+                .any(|c| c.r#type == ConditionType::Scheduled && c.reason == reason && c.message == why);
         (!unchanged).then_some((t, reason, why))
     });
     let writes: Vec<_> = writes.collect();
@@ -225,7 +229,7 @@ async fn give_up(ctx: &Context, t: &Test, waited: Duration) -> Result<Action, St
         .status()
         .conditions
         .iter()
-        .find(|c| c.r#type == "Scheduled")
+        .find(|c| c.r#type == ConditionType::Scheduled)
         .map(|c| (c.reason.clone(), c.message.clone()))
         .unwrap_or_else(|| ("Unschedulable".into(), "no pass of the scheduler found hosts for it".into()));
     let message = format!("waited {} for hosts (its pendingTimeout): {}", duration::format(waited), why.1);
@@ -248,10 +252,13 @@ async fn end_pending(
     st.message = message.to_string();
     st.completion_time = time::now();
     if let Some((r, m)) = scheduled {
-        set_condition(&mut st.conditions, condition("Scheduled", ConditionStatus::False, &r, &m));
+        set_condition(&mut st.conditions, Condition::new(ConditionType::Scheduled, ConditionStatus::False, &r, m));
     }
     // Its recorded verdict (if any) is carried out: the condition says so.
-    set_condition(&mut st.conditions, condition(FINISHED, ConditionStatus::False, reason.as_str(), message));
+    set_condition(
+        &mut st.conditions,
+        Condition::new(ConditionType::Finished, ConditionStatus::False, reason.as_str(), message),
+    );
     ctx.client.api::<Test>().update_status(next).await?;
     tracing::info!(test = t.name(), reason = reason.as_str(), "ended before it claimed hosts");
     Ok(Action::AwaitChange)
@@ -262,7 +269,10 @@ async fn end_pending(
 async fn still_pending(ctx: &Context, t: &Test, reason: &str, why: String) -> Result<(), Status> {
     let mut next = t.clone();
     let st = next.status_mut();
-    let changed = set_condition(&mut st.conditions, condition("Scheduled", ConditionStatus::False, reason, &why));
+    let changed = set_condition(
+        &mut st.conditions,
+        Condition::new(ConditionType::Scheduled, ConditionStatus::False, reason, &why),
+    );
     if changed || st.phase.is_empty() {
         st.phase = phase::PENDING.into();
         st.message = why;
@@ -304,7 +314,10 @@ fn running_status(t: &Test, assignments: &[Assignment], hosts: &HashMap<&str, &H
         }
     }
     let mut conditions = t.status().conditions.clone();
-    set_condition(&mut conditions, condition("Scheduled", ConditionStatus::True, "Claimed", "all hosts claimed"));
+    set_condition(
+        &mut conditions,
+        Condition::new(ConditionType::Scheduled, ConditionStatus::True, "Claimed", "all hosts claimed"),
+    );
     TestStatus {
         phase: phase::RUNNING.into(),
         conditions,

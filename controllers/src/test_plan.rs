@@ -22,11 +22,6 @@ use testbus_proto::{
 pub use testbus_proto::process::{LABEL_ROLE, LABEL_STEP, LABEL_TEST};
 /// A test without `spec.timeout` gets this one.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3600);
-/// The condition that records a verdict while the test's processes are
-/// stopped (status Unknown), then the test's end (True or False).
-pub use testbus_proto::states::FINISHED;
-/// Condition of a failed test whose hosts stay claimed (holdOnFailure).
-pub const HELD: &str = "Held";
 
 /// The hosts as the controller sees them (its cache; a map in tests).
 pub trait HostView {
@@ -46,7 +41,7 @@ impl HostView for HashMap<String, Arc<Host>> {
 }
 
 pub use testbus_proto::states::Verdict;
-use testbus_proto::states::{ConditionStatus, StepPhase, TestPhase, TestReason};
+use testbus_proto::states::{ConditionStatus, ConditionType, StepPhase, TestPhase, TestReason};
 
 /// A verdict, and whether an earlier reconcile recorded it already.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -379,29 +374,7 @@ pub fn stops(procs: &[Arc<Process>], hosts: &impl HostView) -> Stops {
     s
 }
 
-pub fn condition(type_: &str, status: ConditionStatus, reason: &str, message: &str) -> Condition {
-    Condition {
-        r#type: type_.into(),
-        status: status.into(),
-        reason: reason.into(),
-        message: message.into(),
-        last_transition_time: time::now(),
-    }
-}
-
-/// Sets `c` in `conds`; false if an equal one (type, status, reason,
-/// message) was there already.
-pub fn set_condition(conds: &mut Vec<Condition>, c: Condition) -> bool {
-    if let Some(old) = conds.iter_mut().find(|o| o.r#type == c.r#type) {
-        if old.status == c.status && old.reason == c.reason && old.message == c.message {
-            return false;
-        }
-        *old = c;
-        return true;
-    }
-    conds.push(c);
-    true
-}
+pub use testbus_proto::states::set_condition;
 
 /// The status a test ends with: the verdict, its steps (what never ran is
 /// Skipped), the Finished condition, and Held when a failed test keeps its
@@ -422,19 +395,27 @@ pub fn final_status(t: &Test, mut steps: Vec<StepStatus>, v: Verdict, now: Syste
     if !ok && t.spec().hold_on_failure {
         let hosts: Vec<&str> = st.claims.values().map(String::as_str).collect();
         let msg = format!("hosts {} stay claimed for debugging until the test is deleted", hosts.join(", "));
-        set_condition(&mut st.conditions, condition(HELD, ConditionStatus::True, "HoldOnFailure", &msg));
+        set_condition(
+            &mut st.conditions,
+            Condition::new(ConditionType::Held, ConditionStatus::True, "HoldOnFailure", msg),
+        );
     }
     let (reason, message) = (st.reason.clone(), st.message.clone());
     set_condition(
         &mut st.conditions,
-        condition(FINISHED, if ok { ConditionStatus::True } else { ConditionStatus::False }, &reason, &message),
+        Condition::new(
+            ConditionType::Finished,
+            if ok { ConditionStatus::True } else { ConditionStatus::False },
+            &reason,
+            message,
+        ),
     );
     st
 }
 
 /// A held test keeps its hosts until it is deleted.
 pub fn held(t: &Test) -> bool {
-    t.status().conditions.iter().any(|c| c.r#type == HELD && c.status == "True")
+    t.status().conditions.iter().any(|c| c.is(ConditionType::Held, ConditionStatus::True))
 }
 
 #[cfg(test)]
@@ -546,7 +527,7 @@ spec:
         assert!(p.create.is_empty());
         let done = final_status(&t, p.steps, Verdict::new(TestReason::Completed, ""), at(4));
         assert_eq!(done.phase, phase::SUCCEEDED);
-        assert!(done.conditions.iter().any(|c| c.r#type == FINISHED && c.status == "True"));
+        assert!(done.conditions.iter().any(|c| c.is(ConditionType::Finished, ConditionStatus::True)));
     }
 
     #[test]
@@ -740,7 +721,7 @@ spec:
         let mut done = t.clone();
         *done.status_mut() = st;
         assert!(held(&done));
-        let c = done.status().conditions.iter().find(|c| c.r#type == HELD).unwrap();
+        let c = done.status().conditions.iter().find(|c| c.r#type == ConditionType::Held).unwrap();
         assert!(c.message.contains("h-a") && c.message.contains("h-b0"), "{c:?}");
         // Succeeded: nothing is held.
         let st = final_status(&t, vec![], Verdict::new(TestReason::Completed, ""), at(5));

@@ -31,7 +31,7 @@ pub fn of(o: &Object) -> Vec<Event> {
     for c in conditions {
         let msg = if c.message.is_empty() { format!("{} {}", c.r#type, c.status) } else { c.message.clone() };
         let reason = if c.reason.is_empty() { c.r#type.clone() } else { c.reason.clone() };
-        out.push(ev(&c.last_transition_time, c.status == "False", &reason, msg));
+        out.push(ev(&c.last_transition_time, c.status == testbus_proto::states::ConditionStatus::False, &reason, msg));
     }
     match o {
         Object::Test(t) => {

@@ -809,7 +809,8 @@ fn describe(o: &Object, cx: &Context) {
             }
             // The verdict is said above once the test has ended.
             let ended = testbus_proto::phase::test_terminal(&s.phase);
-            let shown: Vec<_> = s.conditions.iter().filter(|c| !(ended && c.r#type == "Finished")).cloned().collect();
+            let finished = testbus_proto::states::ConditionType::Finished;
+            let shown: Vec<_> = s.conditions.iter().filter(|c| !(ended && c.r#type == finished)).cloned().collect();
             print_conditions(&shown);
         }
         Object::Host(h) => {

@@ -98,7 +98,9 @@ async fn targets(client: &Client, test: &str, roles: &[String]) -> CliResult<(Te
     // on them until it is deleted, like LAVA's hacking session.
     let held = phase::test_terminal(&s.phase)
         && t.meta().deletion_timestamp.is_empty()
-        && s.conditions.iter().any(|c| c.r#type == "Held" && c.status == "True");
+        && s.conditions
+            .iter()
+            .any(|c| c.is(testbus_proto::states::ConditionType::Held, testbus_proto::states::ConditionStatus::True));
     if s.phase != phase::RUNNING && !held {
         let why = if phase::test_terminal(&s.phase) {
             format!("has ended ({}) and holds no hosts (spec.holdOnFailure keeps a failed test's hosts)", s.phase)

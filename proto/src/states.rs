@@ -164,6 +164,61 @@ string_enum!(
 );
 
 string_enum!(
+    /// What a condition is about (its `type`).
+    ConditionType, "condition type" {
+        /// A test: True once it claimed its hosts; False says why it waits.
+        Scheduled,
+        /// A test: its verdict, Unknown while it is carried out (see
+        /// [`Verdict`]).
+        Finished,
+        /// A test that failed keeps its hosts (`spec.holdOnFailure`).
+        Held,
+        /// A host: True while its agent renews its lease.
+        Ready,
+        /// A host made unschedulable after infrastructure failures in a row.
+        Quarantined,
+        /// A pool: whether it serves guests, and if not why.
+        Available,
+        /// Any object: False while its controller's reconcile keeps failing.
+        Reconciled,
+    }
+);
+
+impl Condition {
+    /// The one way conditions are made: `type_` is `status` for `reason`,
+    /// as of now.
+    pub fn new(type_: ConditionType, status: ConditionStatus, reason: &str, message: impl Into<String>) -> Condition {
+        Condition {
+            r#type: type_.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message: message.into(),
+            last_transition_time: crate::time::now(),
+        }
+    }
+
+    /// Whether this is condition `type_` with status `status`.
+    pub fn is(&self, type_: ConditionType, status: ConditionStatus) -> bool {
+        self.r#type == type_ && self.status == status
+    }
+}
+
+/// Sets `c` in `conds` (replacing the condition of its type); false if an
+/// equal one (type, status, reason, message) was there already, which then
+/// keeps its transition time.
+pub fn set_condition(conds: &mut Vec<Condition>, c: Condition) -> bool {
+    if let Some(old) = conds.iter_mut().find(|o| o.r#type == c.r#type) {
+        if old.status == c.status && old.reason == c.reason && old.message == c.message {
+            return false;
+        }
+        *old = c;
+        return true;
+    }
+    conds.push(c);
+    true
+}
+
+string_enum!(
     /// Why a Test ended (its `status.reason`, and its `Finished`
     /// condition's).
     TestReason, "test reason" {
@@ -289,9 +344,6 @@ impl ProcessReason {
     }
 }
 
-/// The condition that carries a test's verdict.
-pub const FINISHED: &str = "Finished";
-
 /// The verdict protocol between whoever decides a test's end (the test
 /// controller, or `testbusctl finish` through the API) and the controller
 /// that carries it out: the verdict is recorded as condition `Finished` with
@@ -315,25 +367,20 @@ impl Verdict {
     /// The verdict recorded in `conditions`, if one is (and not yet
     /// carried out).
     pub fn recorded(conditions: &[Condition]) -> Option<Verdict> {
-        let c = conditions.iter().find(|c| c.r#type == FINISHED && c.status == ConditionStatus::Unknown)?;
+        let c = conditions.iter().find(|c| c.is(ConditionType::Finished, ConditionStatus::Unknown))?;
         Some(Verdict { reason: c.reason.parse().ok()?, message: c.message.clone() })
     }
 
     /// Whether a verdict was recorded or carried out: the test takes no
     /// more results or env.
     pub fn decided(conditions: &[Condition]) -> bool {
-        conditions.iter().any(|c| c.r#type == FINISHED)
+        conditions.iter().any(|c| c.r#type == ConditionType::Finished)
     }
 
     /// The condition that records it (status Unknown, until carried out).
     pub fn condition(&self, now: String) -> Condition {
-        Condition {
-            r#type: FINISHED.into(),
-            status: ConditionStatus::Unknown.into(),
-            reason: self.reason.into(),
-            message: self.message.clone(),
-            last_transition_time: now,
-        }
+        let c = Condition::new(ConditionType::Finished, ConditionStatus::Unknown, self.reason.as_str(), &self.message);
+        Condition { last_transition_time: now, ..c }
     }
 }
 

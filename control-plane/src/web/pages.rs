@@ -205,7 +205,8 @@ fn why(t: &Test) -> Option<String> {
     let (reason, message) = if !s.reason.is_empty() {
         (s.reason.as_str(), s.message.as_str())
     } else {
-        let waits = s.conditions.iter().find(|c| c.r#type == "Scheduled" && c.status == "False")?;
+        use testbus_proto::states::{ConditionStatus, ConditionType};
+        let waits = s.conditions.iter().find(|c| c.is(ConditionType::Scheduled, ConditionStatus::False))?;
         (waits.reason.as_str(), waits.message.as_str())
     };
     Some(match (reason, message) {
