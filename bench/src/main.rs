@@ -20,6 +20,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 use testbus_proto::client::Client;
+use testbus_proto::states::{HostPhase, ProcessPhase, StepPhase};
 use testbus_proto::{phase, Process, ProcessSpec, Resource, Test};
 use testbus_tests::{manifest, percentile, wait_for, Cluster};
 
@@ -195,7 +196,7 @@ spec:
             phase::test_terminal(&t.status().phase).then_some(t)
         })
         .await;
-        anyhow::ensure!(done.status().phase == phase::SUCCEEDED, "{name}: {:?}", done.status());
+        anyhow::ensure!(done.status().phase == ProcessPhase::Succeeded, "{name}: {:?}", done.status());
         let (ps, _) = procs.list("", &format!("spec.test={name}")).await?;
         let last = ps
             .iter()
@@ -253,7 +254,7 @@ spec:
         anyhow::ensure!(out.code == 0, "{out:?}");
         let (cp1, ag1) = cpu(c);
         let (ps, _) = client.api::<Process>().list("", &format!("spec.test={name}")).await?;
-        let done = ps.iter().filter(|p| p.status().phase == phase::SUCCEEDED).count();
+        let done = ps.iter().filter(|p| p.status().phase == ProcessPhase::Succeeded).count();
         anyhow::ensure!(done == agents * steps, "{done} of {} processes succeeded", agents * steps);
         runs.push(json!({
             "processes": done, "seconds": secs, "processes_per_s": done as f64 / secs,
@@ -662,7 +663,8 @@ async fn time_to_running(client: &Client, t: Test) -> anyhow::Result<f64> {
     tests.create(t).await?;
     wait_for(Duration::from_secs(600), "every process of the test to start", || async {
         let (ps, _) = procs.list("", &format!("spec.test={name}")).await.ok()?;
-        let up = ps.iter().filter(|p| !p.status().phase.is_empty() && p.status().phase != phase::PENDING).count();
+        let up =
+            ps.iter().filter(|p| !p.status().phase.is_empty() && p.status().phase != ProcessPhase::Pending).count();
         (up >= want).then_some(())
     })
     .await;
@@ -673,7 +675,7 @@ async fn time_to_running(client: &Client, t: Test) -> anyhow::Result<f64> {
     })
     .await;
     let st = done.status();
-    anyhow::ensure!(st.phase == phase::SUCCEEDED, "{name}: {}: {}", st.phase, st.message);
+    anyhow::ensure!(st.phase == StepPhase::Succeeded, "{name}: {}: {}", st.phase, st.message);
     tests.delete(&name).await?;
     Ok(ms)
 }
@@ -686,7 +688,7 @@ async fn clean_guests(client: &Client, pool: &str, n: usize) -> Vec<String> {
         let free: Vec<String> = hs
             .iter()
             .filter(|h| {
-                h.status().phase == phase::READY
+                h.status().phase == HostPhase::Ready
                     && h.status().claim.is_none()
                     && h.meta().annotations.get(testbus_proto::pool::CLEAN_ANNOTATION).is_some_and(|v| v == "true")
             })

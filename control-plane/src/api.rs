@@ -9,6 +9,7 @@ use futures::StreamExt;
 use std::sync::Arc;
 use testbus_proto::client::{EventType, WatchEvent};
 use testbus_proto::selector::{FieldSelector, LabelSelector};
+use testbus_proto::states::{HostPhase, ProcessPhase, TestPhase};
 use testbus_proto::validate::Validate;
 use testbus_proto::{
     phase, ClaimRequest, DeleteRequest, FinishRequest, GetRequest, Host, HostClaim, HostEvent, HostList, HostPool,
@@ -150,7 +151,7 @@ impl Policy for Test {
     }
     fn on_create(&mut self) {
         *self.status_mut() = Default::default();
-        self.status_mut().phase = phase::PENDING.into();
+        self.status_mut().phase = TestPhase::Pending.into();
         let fin = &mut self.meta_mut().finalizers;
         if !fin.iter().any(|f| f == TEST_FINALIZER) {
             fin.push(TEST_FINALIZER.into());
@@ -182,12 +183,12 @@ impl Policy for Test {
             ));
         }
         let pending = testbus_proto::states::unclaimed;
-        if pending(from) && to == phase::RUNNING {
+        if pending(from) && to == TestPhase::Running {
             return Err(Status::failed_precondition(
                 "status.phase: a test becomes Running only through its claim (Tests.Claim)",
             ));
         }
-        if from == phase::RUNNING && pending(to) {
+        if from == TestPhase::Running && pending(to) {
             return Err(Status::failed_precondition("status.phase: a running test cannot go back to Pending"));
         }
         Ok(())
@@ -229,7 +230,7 @@ impl Policy for Process {
     }
     fn on_create(&mut self) {
         *self.status_mut() = Default::default();
-        self.status_mut().phase = phase::PENDING.into();
+        self.status_mut().phase = ProcessPhase::Pending.into();
     }
     fn check_update(old: &Self, new: &Self) -> Result<(), Status> {
         let mut a = old.spec().clone();
@@ -726,7 +727,7 @@ impl ResourceService<Test> {
                 return Err(Status::aborted(format!("conflict: Host {:?} changed since it was chosen", a.host)));
             }
             let s = h.status();
-            if s.phase != phase::READY
+            if s.phase != HostPhase::Ready
                 || h.spec().unschedulable
                 || s.claim.as_ref().is_some()
                 || !testbus_proto::pool::clean_enough(&h)
@@ -806,7 +807,7 @@ impl ResourceService<Test> {
             }
         }
         self.mutate_running(&req.test, |t| {
-            if t.status().phase != phase::RUNNING {
+            if t.status().phase != TestPhase::Running {
                 return Err(Status::failed_precondition(format!("Test {:?} has not claimed its hosts yet", req.test)));
             }
             t.status_mut().env.extend(req.env.clone());
@@ -1173,7 +1174,7 @@ mod tests {
         st.store = Arc::new(GatedStore { inner: st.store.clone(), permits: permits.clone(), waiting: waiting.clone() });
         let metrics = st.metrics.clone();
         let procs = ResourceService::<Process>::new(st);
-        p.status_mut().phase = phase::RUNNING.into();
+        p.status_mut().phase = ProcessPhase::Running.into();
         p.status_mut().start_time = testbus_proto::time::now();
         {
             let scope = admin();
@@ -1190,7 +1191,7 @@ mod tests {
             assert!(tokio::time::Instant::now() < deadline, "the start was never counted");
             tokio::task::yield_now().await;
         }
-        assert_eq!(procs.load("p").await.unwrap().0.status().phase, phase::RUNNING);
+        assert_eq!(procs.load("p").await.unwrap().0.status().phase, ProcessPhase::Running);
     }
 
     #[tokio::test]
@@ -1198,7 +1199,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let tests = ResourceService::<Test>::new(state(&dir).await);
         let t = tests.create(&admin(), test_obj("t")).await.unwrap();
-        assert_eq!(t.status().phase, phase::PENDING);
+        assert_eq!(t.status().phase, TestPhase::Pending);
         assert!(t.meta().finalizers.contains(&TEST_FINALIZER.to_string()));
         let mut a = t.clone();
         a.status_mut().message = "first".into();
@@ -1245,10 +1246,10 @@ mod tests {
         let tests = ResourceService::<Test>::new(state(&dir).await);
         let t = tests.create(&admin(), test_obj("t")).await.unwrap();
         let mut done = t.clone();
-        done.status_mut().phase = phase::SUCCEEDED.into();
+        done.status_mut().phase = ProcessPhase::Succeeded.into();
         let done = tests.update_status(&admin(), done).await.unwrap();
         let mut again = done.clone();
-        again.status_mut().phase = phase::FAILED.into();
+        again.status_mut().phase = ProcessPhase::Failed.into();
         assert_eq!(tests.update_status(&admin(), again).await.unwrap_err().code(), tonic::Code::FailedPrecondition);
         // Delete: held by the finalizer until it is removed.
         let d = tests.delete(&admin(), DeleteRequest { name: "t".into(), ..Default::default() }).await.unwrap();

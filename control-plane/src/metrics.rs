@@ -18,6 +18,7 @@ use prometheus_client::registry::{Registry, Unit};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
+use testbus_proto::states::TestPhase;
 use testbus_proto::{phase, Object, Resource};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -232,8 +233,9 @@ impl Metrics {
         let (mut pending, mut oldest) = (0, 0.0f64);
         for o in objects(tests) {
             if let Object::Test(t) = o {
-                let p = if t.status().phase.is_empty() { phase::PENDING.to_string() } else { t.status().phase.clone() };
-                if p == phase::PENDING {
+                let p =
+                    if t.status().phase.is_empty() { TestPhase::Pending.to_string() } else { t.status().phase.clone() };
+                if p == TestPhase::Pending {
                     pending += 1;
                     oldest = oldest.max(testbus_proto::time::since(&t.meta().creation_timestamp).as_secs_f64());
                 }

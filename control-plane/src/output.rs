@@ -990,6 +990,7 @@ impl StoreReader {
 mod tests {
     use super::*;
     use crate::store::embedded::EmbeddedStore;
+    use testbus_proto::states::ProcessPhase;
     use testbus_proto::{ObjectMeta, ProcessSpec};
 
     /// A request as the local socket brings it (admin).
@@ -1082,7 +1083,7 @@ mod tests {
         let (store, api) = api_state(&dir).await;
         const N: usize = 300;
         for i in 0..N {
-            put_process(&store, i, phase::RUNNING).await;
+            put_process(&store, i, ProcessPhase::Running.as_str()).await;
         }
         let svc = OutputService::new(dir.path().join("output"), api, DEFAULT_LIMIT, None).unwrap().with_max_open(16);
         svc.spawn_janitor(tokio_util::sync::CancellationToken::new());
@@ -1111,7 +1112,7 @@ mod tests {
             assert_eq!(counts.kept, [10, 0], "process {i}: every append kept across reopens");
         }
         // Ended: closed, and appends refused.
-        put_process(&store, 0, phase::SUCCEEDED).await;
+        put_process(&store, 0, ProcessPhase::Succeeded.as_str()).await;
         let svc2 = svc.clone();
         wait_until(|| {
             let svc = svc2.clone();
@@ -1127,7 +1128,7 @@ mod tests {
         let refused = append(0, 10).await.unwrap_err();
         assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
         // A process that was never appended to, already ended: refused too.
-        put_process(&store, N, phase::FAILED).await;
+        put_process(&store, N, ProcessPhase::Failed.as_str()).await;
         assert_eq!(append(N, 0).await.unwrap_err().code(), tonic::Code::FailedPrecondition);
         // Deleted: its output goes.
         store.txn(vec![], vec![Op::Delete(hub::key(Kind::Process, "p1"))]).await.unwrap();

@@ -15,6 +15,7 @@ use crate::hub;
 use crate::store::{Compare, Op};
 use crate::sync_index::{SyncIndex, Wakeup};
 use std::collections::{BTreeMap, BTreeSet};
+use testbus_proto::states::ProcessPhase;
 use testbus_proto::sync_server::Sync;
 use testbus_proto::validate::{member_matches, sync_key};
 use testbus_proto::{
@@ -117,7 +118,7 @@ impl SyncService {
         let procs = self.index.processes(&test.meta().uid);
         for m in members {
             for p in procs.iter().filter(|p| &&p.role == m) {
-                if matches!(p.phase.as_str(), phase::FAILED | phase::KILLED | phase::LOST) {
+                if matches!(p.phase.parse(), Ok(ProcessPhase::Failed | ProcessPhase::Killed | ProcessPhase::Lost)) {
                     let why = if p.message.is_empty() { String::new() } else { format!(": {}", p.message) };
                     return Some(format!("{m} on {} ended ({}{why})", p.host, p.phase));
                 }

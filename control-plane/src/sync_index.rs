@@ -18,7 +18,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use testbus_proto::client::EventType;
-use testbus_proto::{phase, Host, Kind, Object, Process, Resource};
+use testbus_proto::states::HostPhase;
+use testbus_proto::{Host, Kind, Object, Process, Resource};
 use tokio::sync::watch;
 
 /// What a waiter needs of a Process.
@@ -104,7 +105,7 @@ impl State {
     }
 
     fn put_host(&mut self, h: &Host, revision: Revision, deleted: bool) {
-        let ready = !deleted && h.status().phase == phase::READY;
+        let ready = !deleted && h.status().phase == HostPhase::Ready;
         let old = self.hosts.get(h.name()).copied();
         if old.is_some_and(|(_, r)| r >= revision) {
             return;
@@ -246,6 +247,7 @@ impl SyncIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use testbus_proto::states::ProcessPhase;
     use testbus_proto::{HostStatus, ObjectMeta, ProcessSpec, ProcessStatus};
 
     fn process(name: &str, uid: &str, host: &str, phase: &str) -> Process {
@@ -275,21 +277,21 @@ mod tests {
         let mut s = State::default();
         let a = s.wake.entry("A".into()).or_insert_with(|| watch::channel(0).0).subscribe();
         let b = s.wake.entry("B".into()).or_insert_with(|| watch::channel(0).0).subscribe();
-        s.put_process(&process("pa", "A", "h1", phase::RUNNING), 10);
-        s.put_process(&process("pb", "B", "h2", phase::RUNNING), 11);
+        s.put_process(&process("pa", "A", "h1", ProcessPhase::Running.as_str()), 10);
+        s.put_process(&process("pb", "B", "h2", ProcessPhase::Running.as_str()), 11);
         assert_eq!((*a.borrow(), *b.borrow()), (1, 1));
         // Another test's process: B is not woken.
-        s.put_process(&process("pa", "A", "h1", phase::FAILED), 12);
+        s.put_process(&process("pa", "A", "h1", ProcessPhase::Failed.as_str()), 12);
         assert_eq!((*a.borrow(), *b.borrow()), (2, 1));
         // An older event changes nothing.
-        s.put_process(&process("pa", "A", "h1", phase::RUNNING), 11);
-        assert_eq!(s.by_test["A"]["pa"].phase, phase::FAILED);
+        s.put_process(&process("pa", "A", "h1", ProcessPhase::Running.as_str()), 11);
+        assert_eq!(s.by_test["A"]["pa"].phase, ProcessPhase::Failed);
         // A lease renewal (same readiness) wakes no one; h2 going down wakes B.
-        s.put_host(&host("h2", phase::READY), 20, false);
+        s.put_host(&host("h2", HostPhase::Ready.as_str()), 20, false);
         let before = *b.borrow();
-        s.put_host(&host("h2", phase::READY), 21, false);
+        s.put_host(&host("h2", HostPhase::Ready.as_str()), 21, false);
         assert_eq!(*b.borrow(), before);
-        s.put_host(&host("h2", phase::NOT_READY), 22, false);
+        s.put_host(&host("h2", HostPhase::NotReady.as_str()), 22, false);
         assert_eq!((*a.borrow(), *b.borrow()), (2, before + 1));
         // Deleting the last process forgets the test.
         s.delete_process("pb");

@@ -12,6 +12,7 @@
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::time::SystemTime;
+use testbus_proto::states::ProcessPhase;
 use testbus_proto::states::ProcessReason;
 use testbus_proto::{phase, time, Process, Resource};
 
@@ -24,10 +25,10 @@ const KEEP: usize = 32;
 /// if it does.
 pub fn infra_failure(p: &Process) -> Option<String> {
     let s = p.status();
-    match s.phase.as_str() {
-        phase::LOST => Some(if s.reason.is_empty() { "Lost".into() } else { s.reason.clone() }),
+    match s.phase.parse().ok()? {
+        ProcessPhase::Lost => Some(if s.reason.is_empty() { "Lost".into() } else { s.reason.clone() }),
         // The program never ran: the host, not the test, failed.
-        phase::FAILED if s.reason.parse::<ProcessReason>().is_ok_and(ProcessReason::is_infrastructure) => {
+        ProcessPhase::Failed if s.reason.parse::<ProcessReason>().is_ok_and(ProcessReason::is_infrastructure) => {
             Some(s.reason.clone())
         }
         _ => None,
@@ -128,28 +129,28 @@ mod tests {
     fn a_streak_is_infrastructure_failures_in_a_row_since_the_host_was_healthy() {
         let l = Ledger::default();
         let at = |s| SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(s);
-        l.record(&ended("ok", 10, phase::SUCCEEDED, "Completed"));
-        l.record(&ended("spawn", 20, phase::FAILED, "SpawnFailed"));
-        l.record(&ended("test-failed", 15, phase::FAILED, "NonZeroExit"));
-        l.record(&ended("lost", 30, phase::LOST, "HostLost"));
-        l.record(&ended("lost", 30, phase::LOST, "HostLost")); // seen again
-        l.record(&ended("running", 40, phase::RUNNING, ""));
+        l.record(&ended("ok", 10, ProcessPhase::Succeeded.as_str(), "Completed"));
+        l.record(&ended("spawn", 20, ProcessPhase::Failed.as_str(), "SpawnFailed"));
+        l.record(&ended("test-failed", 15, ProcessPhase::Failed.as_str(), "NonZeroExit"));
+        l.record(&ended("lost", 30, ProcessPhase::Lost.as_str(), "HostLost"));
+        l.record(&ended("lost", 30, ProcessPhase::Lost.as_str(), "HostLost")); // seen again
+        l.record(&ended("running", 40, ProcessPhase::Running.as_str(), ""));
         // Newest first; a test's own failure ends the streak.
         let s = l.streak("h", SystemTime::UNIX_EPOCH);
         assert_eq!(s, vec![("lost".into(), "HostLost".into()), ("spawn".into(), "SpawnFailed".into())]);
         assert_eq!(l.streak("h", at(25)).len(), 1, "failures before healthy-since do not count");
         assert!(quarantine_reason(&s, 3).is_none());
-        l.record(&ended("files", 35, phase::FAILED, "FileFailed"));
+        l.record(&ended("files", 35, ProcessPhase::Failed.as_str(), "FileFailed"));
         let s = l.streak("h", SystemTime::UNIX_EPOCH);
         let why = quarantine_reason(&s, 3).expect("three in a row");
         assert!(why.contains("files (FileFailed), lost (HostLost), spawn (SpawnFailed)"), "{why}");
         assert!(quarantine_reason(&s, 0).is_none(), "0 turns quarantine off");
         // Processes of one test ended by one incident count once.
-        let mut twin = ended("files-2", 36, phase::LOST, "HostLost");
+        let mut twin = ended("files-2", 36, ProcessPhase::Lost.as_str(), "HostLost");
         twin.spec_mut().test_uid = "t-files".into();
         l.record(&twin);
         assert_eq!(l.streak("h", SystemTime::UNIX_EPOCH).len(), 3);
         // A killed (stopped) process is the test's doing, not the host's.
-        assert!(infra_failure(&ended("k", 1, phase::KILLED, "Stopped")).is_none());
+        assert!(infra_failure(&ended("k", 1, ProcessPhase::Killed.as_str(), "Stopped")).is_none());
     }
 }

@@ -4,8 +4,9 @@
 use crate::runtime::Action;
 use crate::Context;
 use std::time::{Duration, SystemTime};
+use testbus_proto::states::HostPhase;
 use testbus_proto::states::{ConditionStatus, ConditionType};
-use testbus_proto::{phase, time, Host, Resource, Test};
+use testbus_proto::{time, Host, Resource, Test};
 use tonic::Status;
 
 /// A host whose reconcile keeps failing says so in its conditions.
@@ -26,7 +27,7 @@ pub async fn reconcile(ctx: &Context, name: &str) -> Result<Action, Status> {
     let now = SystemTime::now();
     let given_up = testbus_proto::states::lease_given_up(s);
     let alive = !given_up && expires.is_some_and(|e| e > now);
-    let want = if alive { phase::READY } else { phase::NOT_READY };
+    let want = if alive { HostPhase::Ready } else { HostPhase::NotReady };
 
     let mut orphan = false;
     if let Some(c) = s.claim.as_ref() {
@@ -52,8 +53,8 @@ pub async fn reconcile(ctx: &Context, name: &str) -> Result<Action, Status> {
             st.claim = None;
         }
         ctx.client.api::<Host>().update_status(next).await?;
-        if want != s.phase {
-            tracing::info!(host = name, phase = want, "host phase changed");
+        if s.phase != want {
+            tracing::info!(host = name, phase = want.as_str(), "host phase changed");
         }
     }
     quarantine(ctx, &h).await?;

@@ -187,6 +187,7 @@ pub fn summary(views: &[GuestView]) -> String {
 mod tests {
     use super::*;
     use testbus_proto::manifest;
+    use testbus_proto::states::TestPhase;
 
     fn view(name: &str, phase: GuestPhase, claimed: bool) -> GuestView {
         GuestView { name: name.into(), phase, busy: false, claimed, freeing: false, clean: !claimed, idle_since: None }
@@ -222,7 +223,7 @@ mod tests {
             testbus_proto::Object::Test(t) => t,
             _ => unreachable!(),
         };
-        t.status_mut().phase = testbus_proto::phase::PENDING.into();
+        t.status_mut().phase = TestPhase::Pending.into();
         t
     }
 

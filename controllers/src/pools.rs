@@ -550,6 +550,7 @@ fn new_guest_name(pool: &str) -> String {
 }
 
 use testbus_proto::pool::is_guest_of;
+use testbus_proto::states::HostPhase;
 
 /// The address of the guest's `i`th slot on the pool network: one /24 per
 /// network name, inside 10.251.0.0/16.
@@ -857,7 +858,7 @@ async fn link(ctx: &Context, lv: &Arc<Libvirt>, cfg: &PoolsConfig, name: &str, g
     loop {
         if let Some(h) = ctx.hosts.get(name) {
             let renewed = time::parse(&h.status().lease_renew_time);
-            if h.status().phase == phase::READY && renewed.is_some_and(|t| t > since) {
+            if h.status().phase == HostPhase::Ready && renewed.is_some_and(|t| t > since) {
                 // Relinked (not started from its clean snapshot): whether
                 // it is clean is for the plan to see. Marked once, and done
                 // once the cache the plan reads shows it (or a test has

@@ -6,8 +6,9 @@
 //! whenever one exists, not only when a greedy pass happens to find it.
 use std::collections::{BTreeSet, HashMap};
 use testbus_proto::selector::LabelSelector;
+use testbus_proto::states::HostPhase;
 use testbus_proto::validate::members;
-use testbus_proto::{phase, Host, HostRequirement, Resource};
+use testbus_proto::{Host, HostRequirement, Resource};
 
 /// One role member and the host chosen for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,7 +78,7 @@ fn nearest<'a>(wanted: &str, offered: &BTreeSet<&'a str>) -> Option<&'a str> {
 
 /// Free: Ready, schedulable, not claimed, and (a pool guest) clean.
 pub fn is_free(h: &Host) -> bool {
-    h.status().phase == phase::READY
+    h.status().phase == HostPhase::Ready
         && !h.spec().unschedulable
         && h.status().claim.as_ref().is_none()
         && testbus_proto::pool::clean_enough(h)
@@ -305,13 +306,14 @@ fn augment(s: usize, cand: &[Vec<usize>], host_to_slot: &mut HashMap<usize, usiz
 #[cfg(test)]
 mod tests {
     use super::*;
+    use testbus_proto::states::ProcessPhase;
     use testbus_proto::{HostClaim, HostStatus, ObjectMeta};
 
     fn host(name: &str, caps: &[&str]) -> Host {
         Host {
             metadata: Some(ObjectMeta { name: name.into(), ..Default::default() }),
             status: Some(HostStatus {
-                phase: phase::READY.into(),
+                phase: ProcessPhase::Ready.into(),
                 capabilities: caps.iter().map(|c| c.to_string()).collect(),
                 ..Default::default()
             }),
@@ -456,7 +458,7 @@ mod tests {
     #[test]
     fn not_ready_and_cordoned_hosts_are_not_free() {
         let mut a = host("a", &[]);
-        a.status.as_mut().unwrap().phase = phase::NOT_READY.into();
+        a.status.as_mut().unwrap().phase = HostPhase::NotReady.into();
         let mut b = host("b", &[]);
         b.spec = Some(testbus_proto::HostSpec { unschedulable: true, ..Default::default() });
         assert!(assign(&[req("r", &[], 1)], &[&a, &b]).is_err());
@@ -481,7 +483,7 @@ mod tests {
         assert!(matches!(&d[2], Decision::Claim(a) if a.len() == 2), "nothing held back: {d:?}");
         // Busy, cordoned or down hosts still count as inventory.
         let mut down = host("h9", &["d"]);
-        down.status_mut().phase = phase::NOT_READY.into();
+        down.status_mut().phase = HostPhase::NotReady.into();
         assert!(fits_inventory(&[req("a", &["d"], 1)], &[&down]).is_ok());
         assert!(assign(&[req("a", &["d"], 1)], &[&down]).is_err());
         // Each role fits alone, not all at once.

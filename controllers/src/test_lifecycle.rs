@@ -26,6 +26,7 @@ use testbus_proto::{
 use tonic::{Code, Status};
 
 pub use crate::test_plan::{process_name, DEFAULT_TIMEOUT, LABEL_ROLE, LABEL_STEP, LABEL_TEST};
+use testbus_proto::states::{ProcessPhase, StepPhase, TestPhase};
 use testbus_proto::TEST_FINALIZER as FINALIZER;
 /// A test whose reconcile keeps failing (a status too large to store, say)
 /// says so in its conditions instead of staying Pending in silence.
@@ -42,15 +43,18 @@ pub async fn reconcile(ctx: &Context, name: &str) -> Result<Action, Status> {
     if !t.meta().deletion_timestamp.is_empty() {
         // A running test ends Cancelled first (its plan says so), then is
         // torn down.
-        if t.status().phase == phase::RUNNING {
+        if t.status().phase == TestPhase::Running {
             return drive(ctx, &t, &procs).await;
         }
         return teardown(ctx, &t, &procs).await;
     }
-    match t.status().phase.as_str() {
-        "" | phase::PENDING => pending(ctx, &t).await,
-        phase::RUNNING => drive(ctx, &t, &procs).await,
-        _ => finished(ctx, &t, &procs).await,
+    let status = t.status();
+    if testbus_proto::states::unclaimed(&status.phase) {
+        pending(ctx, &t).await
+    } else if status.phase == TestPhase::Running {
+        drive(ctx, &t, &procs).await
+    } else {
+        finished(ctx, &t, &procs).await
     }
 }
 
@@ -120,7 +124,7 @@ pub async fn schedule_pass(ctx: &Context) -> Result<Action, Status> {
             }
             _ => (w.reason(), w.message()),
         };
-        let unchanged = t.status().phase == phase::PENDING
+        let unchanged = t.status().phase == TestPhase::Pending
             && t.status()
                 .conditions
                 .iter()
@@ -274,7 +278,7 @@ async fn still_pending(ctx: &Context, t: &Test, reason: &str, why: String) -> Re
         Condition::new(ConditionType::Scheduled, ConditionStatus::False, reason, &why),
     );
     if changed || st.phase.is_empty() {
-        st.phase = phase::PENDING.into();
+        st.phase = TestPhase::Pending.into();
         st.message = why;
         ctx.client.api::<Test>().update_status(next).await?;
     }
@@ -319,7 +323,7 @@ fn running_status(t: &Test, assignments: &[Assignment], hosts: &HashMap<&str, &H
         Condition::new(ConditionType::Scheduled, ConditionStatus::True, "Claimed", "all hosts claimed"),
     );
     TestStatus {
-        phase: phase::RUNNING.into(),
+        phase: TestPhase::Running.into(),
         conditions,
         observed_generation: t.meta().generation,
         claims: assignments.iter().map(|a| (a.member.clone(), a.host.clone())).collect(),
@@ -329,7 +333,7 @@ fn running_status(t: &Test, assignments: &[Assignment], hosts: &HashMap<&str, &H
         host_vars,
         steps: testbus_proto::steps::expand(spec)
             .into_iter()
-            .map(|s| StepStatus { name: s.step.name, phase: phase::WAITING.into(), ..Default::default() })
+            .map(|s| StepStatus { name: s.step.name, phase: StepPhase::Waiting.into(), ..Default::default() })
             .collect(),
         start_time: time::now(),
         trace: Some(TestTrace { hosts: trace_hosts, env: spec.env.clone(), files: file_digests(t) }),
@@ -496,7 +500,7 @@ async fn stop_all(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<boo
     for p in stops.lost {
         let mut next = (*p).clone();
         let s = next.status_mut();
-        s.phase = phase::LOST.into();
+        s.phase = ProcessPhase::Lost.into();
         s.reason = testbus_proto::states::ProcessReason::HostLost.into();
         s.message = format!("host {} was lost", p.spec().host_name);
         s.finish_time = time::now();

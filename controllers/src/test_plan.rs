@@ -42,6 +42,7 @@ impl HostView for HashMap<String, Arc<Host>> {
 
 pub use testbus_proto::states::Verdict;
 use testbus_proto::states::{ConditionStatus, ConditionType, StepPhase, TestPhase, TestReason};
+use testbus_proto::states::{HostPhase, ProcessPhase};
 
 /// A verdict, and whether an earlier reconcile recorded it already.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,12 +77,12 @@ pub fn recorded_verdict(t: &Test) -> Option<Verdict> {
 
 /// Ended because the controller asked it to stop.
 fn stopped(p: &Process) -> bool {
-    p.status().phase == phase::KILLED && p.status().reason == testbus_proto::states::ProcessReason::Stopped
+    p.status().phase == ProcessPhase::Killed && p.status().reason == testbus_proto::states::ProcessReason::Stopped
 }
 
 /// Every process of a background step is running (it may be depended on).
 fn serving(step: &str, by_step: &HashMap<&str, Vec<&Arc<Process>>>) -> bool {
-    by_step.get(step).is_some_and(|ps| !ps.is_empty() && ps.iter().all(|p| p.status().phase == phase::RUNNING))
+    by_step.get(step).is_some_and(|ps| !ps.is_empty() && ps.iter().all(|p| p.status().phase == ProcessPhase::Running))
 }
 
 /// The members a step runs on, in role order.
@@ -132,7 +133,7 @@ fn lost_host(t: &Test, hosts: &impl HostView) -> Option<Verdict> {
                     format!("the agent of host {host} ({member}) shut down"),
                 ));
             }
-            Some(h) if h.status().phase != phase::READY => h.status().message.clone(),
+            Some(h) if h.status().phase != HostPhase::Ready => h.status().message.clone(),
             _ => continue,
         };
         return Some(Verdict::new(TestReason::HostLost, format!("host {host} ({member}) was lost: {why}")));
@@ -168,9 +169,9 @@ fn step_phase(
         StepPhase::Waiting
     } else if mine.len() < want.len() || mine.iter().any(|p| !phase::process_terminal(&p.status().phase)) {
         StepPhase::Running
-    } else if mine.iter().all(|p| p.status().phase == phase::SUCCEEDED) {
+    } else if mine.iter().all(|p| p.status().phase == ProcessPhase::Succeeded) {
         StepPhase::Succeeded
-    } else if mine.iter().all(|p| p.status().phase == phase::SUCCEEDED || stopped(p)) {
+    } else if mine.iter().all(|p| p.status().phase == ProcessPhase::Succeeded || stopped(p)) {
         // Stopped by us: at the end of the test, or after another step
         // failed. A background step is meant to be stopped.
         if step.background {
@@ -187,7 +188,7 @@ fn step_phase(
 fn failure_message(results: &[ProcessResult]) -> String {
     results
         .iter()
-        .filter(|r| r.phase != phase::SUCCEEDED)
+        .filter(|r| r.phase != ProcessPhase::Succeeded)
         .map(|r| match (r.exit_code, r.message.is_empty()) {
             (Some(c), true) => format!("{} on {}: exit code {c}", r.role, r.host),
             _ => format!("{} on {}: {}", r.role, r.host, r.message),
@@ -247,7 +248,7 @@ pub fn plan(t: &Test, procs: &[Arc<Process>], hosts: &impl HostView, now: System
             if step.sync
                 && mine.len() >= want.len()
                 && !mine.iter().all(|p| p.spec().released)
-                && mine.iter().all(|p| p.status().phase == phase::READY || p.spec().released)
+                && mine.iter().all(|p| p.status().phase == ProcessPhase::Ready || p.spec().released)
             {
                 release.extend(mine.iter().filter(|p| !p.spec().released).map(|p| Arc::clone(p)));
             }
@@ -362,9 +363,9 @@ pub fn stops(procs: &[Arc<Process>], hosts: &impl HostView) -> Stops {
     let mut s = Stops { all_ended: true, ..Default::default() };
     for p in procs.iter().filter(|p| !phase::process_terminal(&p.status().phase)) {
         s.all_ended = false;
-        let host_alive = hosts
-            .host(&p.spec().host_name)
-            .is_some_and(|h| h.status().phase == phase::READY && !testbus_proto::states::lease_given_up(h.status()));
+        let host_alive = hosts.host(&p.spec().host_name).is_some_and(|h| {
+            h.status().phase == HostPhase::Ready && !testbus_proto::states::lease_given_up(h.status())
+        });
         if !host_alive {
             s.lost.push(p.clone());
         } else if !p.spec().stop {
@@ -437,7 +438,7 @@ mod tests {
         t.meta_mut().uid = "uid-1".into();
         let claims = t.spec().hosts.iter().flat_map(members).map(|m| (m.clone(), format!("h-{m}"))).collect();
         let st = t.status_mut();
-        st.phase = phase::RUNNING.into();
+        st.phase = StepPhase::Running.into();
         st.start_time = T0.into();
         st.claims = claims;
         t
@@ -450,7 +451,7 @@ mod tests {
             .map(|name| {
                 let mut h = Host::default();
                 h.meta_mut().name = name.clone();
-                h.status_mut().phase = phase::READY.into();
+                h.status_mut().phase = HostPhase::Ready.into();
                 (name.clone(), Arc::new(h))
             })
             .collect()
@@ -469,7 +470,7 @@ mod tests {
     }
 
     fn exited(code: i32) -> ProcessStatus {
-        let phase = if code == 0 { phase::SUCCEEDED } else { phase::FAILED };
+        let phase = if code == 0 { ProcessPhase::Succeeded } else { ProcessPhase::Failed };
         ProcessStatus { phase: phase.into(), exit_code: Some(code), ..Default::default() }
     }
 
@@ -481,9 +482,9 @@ mod tests {
         plan.steps.iter().map(|s| (s.name.as_str(), s.phase.as_str())).collect()
     }
 
-    fn ended(plan: &Plan) -> (&'static str, &str) {
+    fn ended(plan: &Plan) -> (TestPhase, &str) {
         match &plan.ending {
-            Some(Ending::New(v)) | Some(Ending::Recorded(v)) => (v.phase().as_str(), v.reason.as_str()),
+            Some(Ending::New(v)) | Some(Ending::Recorded(v)) => (v.phase(), v.reason.as_str()),
             None => panic!("no verdict: {:?}", step_phases(plan)),
         }
     }
@@ -523,10 +524,10 @@ spec:
         assert_eq!(p.create.len(), 3, "third runs on a, b0 and b1");
         procs.extend(with_status(&p.create, |_| exited(0)));
         let p = plan(&t, &procs, &hosts, at(4));
-        assert_eq!(ended(&p), (phase::SUCCEEDED, "Completed"));
+        assert_eq!(ended(&p), (TestPhase::Succeeded, "Completed"));
         assert!(p.create.is_empty());
         let done = final_status(&t, p.steps, Verdict::new(TestReason::Completed, ""), at(4));
-        assert_eq!(done.phase, phase::SUCCEEDED);
+        assert_eq!(done.phase, ProcessPhase::Succeeded);
         assert!(done.conditions.iter().any(|c| c.is(ConditionType::Finished, ConditionStatus::True)));
     }
 
@@ -537,7 +538,7 @@ spec:
         let first = with_status(&plan(&t, &[], &hosts, at(1)).create, |_| exited(1));
         let p = plan(&t, &first, &hosts, at(2));
         assert_eq!(step_phases(&p), [("first", "Failed"), ("second", "Skipped"), ("third", "Skipped")]);
-        assert_eq!(ended(&p), (phase::FAILED, "StepFailed"));
+        assert_eq!(ended(&p), (TestPhase::Failed, "StepFailed"));
         let Some(Ending::New(v)) = &p.ending else { panic!() };
         assert_eq!(v.message, "step first failed: a on h-a: exit code 1");
         assert!(p.create.is_empty(), "nothing more is started once there is a verdict");
@@ -566,23 +567,26 @@ spec:
         let hosts = ready_hosts(&t);
         let serve = plan(&t, &[], &hosts, at(1)).create;
         // Created but not yet running: its dependents wait.
-        let p = plan(&t, &with_status(&serve, |_| in_phase(phase::PENDING)), &hosts, at(1));
+        let p = plan(&t, &with_status(&serve, |_| in_phase(ProcessPhase::Pending.as_str())), &hosts, at(1));
         assert_eq!(step_phases(&p), [("serve", "Running"), ("use", "Waiting")]);
-        let serving = with_status(&serve, |_| in_phase(phase::RUNNING));
+        let serving = with_status(&serve, |_| in_phase(ProcessPhase::Running.as_str()));
         let p = plan(&t, &serving, &hosts, at(2));
         assert_eq!(p.create.iter().map(|p| p.name()).collect::<Vec<_>>(), ["srv-use-c"]);
         // The foreground step done: the test completes with the server
         // still running (it is then stopped, and counts as Succeeded).
         let mut procs = serving.clone();
         procs.extend(with_status(&p.create, |_| exited(0)));
-        assert_eq!(ended(&plan(&t, &procs, &hosts, at(3))), (phase::SUCCEEDED, "Completed"));
-        let stopped = with_status(&serve, |_| ProcessStatus { reason: "Stopped".into(), ..in_phase(phase::KILLED) });
+        assert_eq!(ended(&plan(&t, &procs, &hosts, at(3))), (TestPhase::Succeeded, "Completed"));
+        let stopped = with_status(&serve, |_| ProcessStatus {
+            reason: "Stopped".into(),
+            ..in_phase(ProcessPhase::Killed.as_str())
+        });
         let p = plan(&t, &stopped, &hosts, at(3));
         assert_eq!(step_phases(&p)[0], ("serve", "Succeeded"));
         // The server dying on its own fails the test, naming it.
         let died = with_status(&serve, |_| ProcessStatus { message: "exit code 2".into(), ..exited(2) });
         let p = plan(&t, &died, &hosts, at(3));
-        assert_eq!(ended(&p), (phase::FAILED, "BackgroundEnded"));
+        assert_eq!(ended(&p), (TestPhase::Failed, "BackgroundEnded"));
         let Some(Ending::New(v)) = &p.ending else { panic!() };
         assert!(v.message.contains("background step serve ended") && v.message.contains("exit code 2"), "{v:?}");
     }
@@ -594,19 +598,19 @@ spec:
         let created = plan(&t, &[], &hosts, at(1)).create;
         assert_eq!(created.len(), 3);
         assert!(created.iter().all(|p| p.spec().gated));
-        let mut procs = with_status(&created, |_| in_phase(phase::READY));
+        let mut procs = with_status(&created, |_| in_phase(ProcessPhase::Ready.as_str()));
         procs[2] = Arc::new({
             let mut p = (*procs[2]).clone();
-            p.status_mut().phase = phase::FETCHING.into();
+            p.status_mut().phase = ProcessPhase::Fetching.into();
             p
         });
         assert!(plan(&t, &procs, &hosts, at(2)).release.is_empty(), "one is still fetching");
-        let procs = with_status(&created, |_| in_phase(phase::READY));
+        let procs = with_status(&created, |_| in_phase(ProcessPhase::Ready.as_str()));
         let release = plan(&t, &procs, &hosts, at(2)).release;
         assert_eq!(release.len(), 3);
         let released = with_status(&created, |p| {
             let _ = p;
-            in_phase(phase::RUNNING)
+            in_phase(ProcessPhase::Running.as_str())
         })
         .into_iter()
         .map(|p| {
@@ -651,18 +655,18 @@ spec:
     fn a_lost_host_or_the_timeout_ends_the_test_in_error() {
         let t = running(&SERVER.replace("spec:\n", "spec:\n  timeout: 10s\n"));
         let mut hosts = ready_hosts(&t);
-        let procs = with_status(&plan(&t, &[], &hosts, at(1)).create, |_| in_phase(phase::RUNNING));
+        let procs = with_status(&plan(&t, &[], &hosts, at(1)).create, |_| in_phase(ProcessPhase::Running.as_str()));
         let p = plan(&t, &procs, &hosts, at(2));
         assert!(p.ending.is_none());
         assert_eq!(p.requeue, Duration::from_secs(8) + Duration::from_millis(10), "looked at again at the deadline");
-        assert_eq!(ended(&plan(&t, &procs, &hosts, at(10))), (phase::ERROR, "TimedOut"));
+        assert_eq!(ended(&plan(&t, &procs, &hosts, at(10))), (TestPhase::Error, "TimedOut"));
 
         let mut lost = (*hosts["h-s"]).clone();
-        lost.status_mut().phase = phase::NOT_READY.into();
+        lost.status_mut().phase = HostPhase::NotReady.into();
         lost.status_mut().message = "lease expired".into();
         hosts.insert("h-s".into(), Arc::new(lost));
         let p = plan(&t, &procs, &hosts, at(3));
-        assert_eq!(ended(&p), (phase::ERROR, "HostLost"));
+        assert_eq!(ended(&p), (TestPhase::Error, "HostLost"));
         // What runs there is marked Lost rather than asked to stop.
         let s = stops(&procs, &hosts);
         assert_eq!((s.lost.len(), s.stop.len(), s.all_ended), (1, 0, false));
@@ -678,7 +682,7 @@ spec:
     fn a_host_whose_agent_stopped_ends_the_test_with_that_reason() {
         let t = running(SERVER);
         let mut hosts = ready_hosts(&t);
-        let procs = with_status(&plan(&t, &[], &hosts, at(1)).create, |_| in_phase(phase::RUNNING));
+        let procs = with_status(&plan(&t, &[], &hosts, at(1)).create, |_| in_phase(ProcessPhase::Running.as_str()));
         let mut stopped = (*hosts["h-s"]).clone();
         stopped.status_mut().lease_renew_time = time::format(at(2));
         stopped.status_mut().lease_duration_seconds = 0;
@@ -693,7 +697,7 @@ spec:
     fn a_recorded_verdict_stands_and_deletion_cancels() {
         let mut t = running(SERVER);
         let hosts = ready_hosts(&t);
-        let procs = with_status(&plan(&t, &[], &hosts, at(1)).create, |_| in_phase(phase::RUNNING));
+        let procs = with_status(&plan(&t, &[], &hosts, at(1)).create, |_| in_phase(ProcessPhase::Running.as_str()));
         t.meta_mut().deletion_timestamp = time::format(at(2));
         let p = plan(&t, &procs, &hosts, at(2));
         assert_eq!(

@@ -2,7 +2,8 @@
 //! times it records (created, each condition's last transition, started,
 //! each step's start and end, ended, deletion). Each is the latest of its
 //! kind: a condition that changed twice shows its last change only.
-use testbus_proto::{phase, Object, Resource};
+use testbus_proto::states::{ProcessPhase, StepPhase, TestPhase};
+use testbus_proto::{Object, Resource};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Event {
@@ -40,7 +41,7 @@ pub fn of(o: &Object) -> Vec<Event> {
             out.push(ev(&s.start_time, false, "Started", format!("running on {}", claims.join(" "))));
             for st in &s.steps {
                 out.push(ev(&st.start_time, false, "StepStarted", format!("step {}", st.name)));
-                let failed = st.phase != phase::SUCCEEDED;
+                let failed = st.phase != StepPhase::Succeeded;
                 let mut msg = format!("step {} {}", st.name, st.phase);
                 if !st.message.is_empty() {
                     msg.push_str(&format!(": {}", st.message));
@@ -52,7 +53,7 @@ pub fn of(o: &Object) -> Vec<Event> {
                 msg.push_str(&format!(": {}", s.message));
             }
             let reason = if s.reason.is_empty() { s.phase.clone() } else { s.reason.clone() };
-            out.push(ev(&s.completion_time, s.phase != phase::SUCCEEDED, &reason, msg));
+            out.push(ev(&s.completion_time, s.phase != TestPhase::Succeeded, &reason, msg));
         }
         Object::Process(p) => {
             let s = p.status();
@@ -72,7 +73,7 @@ pub fn of(o: &Object) -> Vec<Event> {
                 msg = "ended".into();
             }
             let reason = if s.reason.is_empty() { s.phase.clone() } else { s.reason.clone() };
-            out.push(ev(&s.finish_time, s.phase != phase::SUCCEEDED, &reason, msg));
+            out.push(ev(&s.finish_time, s.phase != ProcessPhase::Succeeded, &reason, msg));
         }
         Object::Host(_) | Object::HostPool(_) => {}
     }
@@ -95,7 +96,7 @@ mod tests {
         let Object::Test(mut t) = o else { panic!("a test") };
         t.metadata.as_mut().unwrap().creation_timestamp = "2026-11-26T10:00:00Z".into();
         let s = t.status.get_or_insert_with(Default::default);
-        s.phase = phase::FAILED.into();
+        s.phase = ProcessPhase::Failed.into();
         s.message = "step s failed".into();
         s.start_time = "2026-11-26T10:00:02Z".into();
         s.completion_time = "2026-11-26T10:00:05Z".into();
@@ -109,7 +110,7 @@ mod tests {
         });
         s.steps.push(testbus_proto::StepStatus {
             name: "s".into(),
-            phase: phase::FAILED.into(),
+            phase: ProcessPhase::Failed.into(),
             start_time: "2026-11-26T10:00:03Z".into(),
             completion_time: "2026-11-26T10:00:04Z".into(),
             ..Default::default()

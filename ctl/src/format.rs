@@ -1,6 +1,7 @@
 //! Output: tables (`-o table|wide`), YAML, JSON, names, and kubectl's
 //! `jsonpath=` and `custom-columns=`.
 use crate::jsonpath::{Columns, Template};
+use testbus_proto::states::StepPhase;
 use testbus_proto::{phase, time, Host, HostPool, Kind, Object, Process, Resource, Test};
 
 #[derive(Debug, Clone)]
@@ -187,7 +188,7 @@ pub fn host_message(h: &Host) -> String {
 fn test_row(t: &Test, wide: bool) -> Vec<String> {
     let s = t.status();
     let hosts: u32 = t.spec().hosts.iter().map(|h| h.count.unwrap_or(1)).sum();
-    let done = s.steps.iter().filter(|st| st.phase == phase::SUCCEEDED).count();
+    let done = s.steps.iter().filter(|st| st.phase == StepPhase::Succeeded).count();
     // As kubectl shows a pod being deleted: its test is being cancelled.
     let shown = match s.phase.as_str() {
         p if !t.meta().deletion_timestamp.is_empty() && !phase::test_terminal(p) => "Terminating".to_string(),

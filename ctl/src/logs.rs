@@ -5,6 +5,7 @@ use futures::StreamExt;
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use testbus_proto::client::{watcher, Client, WatcherEvent};
+use testbus_proto::states::ProcessPhase;
 use testbus_proto::{phase, OutputChunk, Process, ReadOutputRequest, Resource, Test};
 
 /// Which processes of a test to show, and which of their lines.
@@ -393,7 +394,7 @@ pub enum Followed {
 /// A process whose outcome needs nothing from the test to be told.
 fn decided(p: &Process) -> bool {
     let s = p.status();
-    s.phase == phase::SUCCEEDED || (s.phase == phase::FAILED && s.exit_code.is_some())
+    s.phase == ProcessPhase::Succeeded || (s.phase == ProcessPhase::Failed && s.exit_code.is_some())
 }
 
 /// Streams the output of test `t`'s processes as they come, until the test

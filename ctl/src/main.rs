@@ -56,6 +56,7 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use testbus_proto::client::Client;
+use testbus_proto::states::ProcessPhase;
 use testbus_proto::{duration, manifest, Host, Kind, Object, Resource};
 
 #[derive(Parser)]
@@ -1018,7 +1019,7 @@ async fn dispatch(cli: Cli) -> CliResult {
             let mut cx = Context::default();
             match &o {
                 Object::Test(t) => cx.tails = logs::failed_tails(&client, t, None).await?,
-                Object::Process(p) if p.status().phase == testbus_proto::phase::LOST => {
+                Object::Process(p) if p.status().phase == ProcessPhase::Lost => {
                     cx.arrived = Some(logs::output_sizes(&client, p.name()).await?);
                 }
                 _ => {}

@@ -5,13 +5,14 @@ use futures::StreamExt;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use testbus_proto::client::{watcher, Client, WatcherEvent};
+use testbus_proto::states::{ProcessPhase, StepPhase, TestPhase};
 use testbus_proto::{phase, Resource, Test};
 
 /// The exit code of a finished test.
 pub fn exit_code(t: &Test) -> i32 {
-    match t.status().phase.as_str() {
-        phase::SUCCEEDED => 0,
-        phase::FAILED => FAILED,
+    match t.status().phase.parse() {
+        Ok(TestPhase::Succeeded) => 0,
+        Ok(TestPhase::Failed) => FAILED,
         _ => INCOMPLETE,
     }
 }
@@ -23,22 +24,24 @@ fn progress_lines(prev: Option<&Test>, t: &Test) -> Vec<String> {
     let mut out = Vec::new();
     let ps = prev.map(|p| p.status());
     if ps.map(|p| (&p.phase, &p.message)) != Some((&s.phase, &s.message)) {
-        match s.phase.as_str() {
-            phase::PENDING if !s.message.is_empty() => out.push(format!("test/{name}: Pending: {}", s.message)),
-            phase::RUNNING => {
+        match s.phase.parse() {
+            Ok(TestPhase::Pending) if !s.message.is_empty() => out.push(format!("test/{name}: Pending: {}", s.message)),
+            Ok(TestPhase::Running) => {
                 let claims: Vec<String> = s.claims.iter().map(|(r, h)| format!("{r}={h}")).collect();
                 out.push(format!("test/{name}: Running on {}", claims.join(" ")));
             }
-            p if phase::test_terminal(p) => {}
-            p => out.push(format!("test/{name}: {p}")),
+            Ok(p) if p.is_terminal() => {}
+            _ => out.push(format!("test/{name}: {}", s.phase)),
         }
     }
     for st in &s.steps {
         let before = ps.and_then(|p| p.steps.iter().find(|x| x.name == st.name));
-        if before.map(|b| (&b.phase, &b.processes)) == Some((&st.phase, &st.processes)) || st.phase == phase::WAITING {
+        if before.map(|b| (&b.phase, &b.processes)) == Some((&st.phase, &st.processes))
+            || st.phase == StepPhase::Waiting
+        {
             continue;
         }
-        if before.map(|b| &b.phase) == Some(&st.phase) && st.phase == phase::RUNNING {
+        if before.map(|b| &b.phase) == Some(&st.phase) && st.phase == StepPhase::Running {
             continue; // only process details changed while running
         }
         let procs: Vec<String> = st
@@ -81,7 +84,7 @@ fn newly_failed(prev: Option<&Test>, t: &Test) -> Vec<String> {
     t.status()
         .steps
         .iter()
-        .filter(|st| st.phase == phase::FAILED)
+        .filter(|st| st.phase == StepPhase::Failed)
         .filter(|st| {
             prev.and_then(|p| p.status().steps.iter().find(|b| b.name == st.name)).is_none_or(|b| b.phase != st.phase)
         })
@@ -99,7 +102,7 @@ pub struct PendingNote {
 impl PendingNote {
     pub fn line(&mut self, t: &Test) -> Option<String> {
         let s = t.status();
-        if s.phase != phase::PENDING || s.message.is_empty() || s.message == self.said {
+        if s.phase != ProcessPhase::Pending || s.message.is_empty() || s.message == self.said {
             return None;
         }
         self.said = s.message.clone();

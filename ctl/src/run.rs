@@ -3,7 +3,8 @@
 use crate::error::{CliError, CliResult, INCOMPLETE};
 use crate::logs;
 use std::collections::BTreeMap;
-use testbus_proto::{phase, HostRequirement, ObjectMeta, Resource, Step, Test, TestSpec};
+use testbus_proto::states::ProcessPhase;
+use testbus_proto::{HostRequirement, ObjectMeta, Resource, Step, Test, TestSpec};
 
 pub struct RunArgs {
     pub capabilities: Vec<String>,
@@ -105,7 +106,7 @@ pub async fn run(client: &testbus_proto::client::Client, a: RunArgs) -> CliResul
             // The remote exit code of the first failing process.
             return Ok(ps
                 .iter()
-                .find(|p| p.status().phase != phase::SUCCEEDED)
+                .find(|p| p.status().phase != ProcessPhase::Succeeded)
                 .and_then(|p| p.status().exit_code)
                 .unwrap_or(0));
         }
@@ -118,16 +119,16 @@ pub async fn run(client: &testbus_proto::client::Client, a: RunArgs) -> CliResul
     }
     let t = client.api::<Test>().get(&name).await?;
     let s = t.status();
-    if s.phase == phase::SUCCEEDED {
+    if s.phase == ProcessPhase::Succeeded {
         return Ok(0);
     }
-    if s.phase == phase::FAILED {
+    if s.phase == ProcessPhase::Failed {
         // The remote exit code of the first failing process.
         let remote = s
             .steps
             .iter()
             .flat_map(|st| st.processes.iter())
-            .filter(|p| p.phase != phase::SUCCEEDED)
+            .filter(|p| p.phase != ProcessPhase::Succeeded)
             .find_map(|p| p.exit_code);
         if let Some(c) = remote {
             return Ok(c);

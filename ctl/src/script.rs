@@ -7,6 +7,7 @@ use futures::StreamExt;
 use std::collections::BTreeMap;
 use std::io::Write;
 use testbus_proto::client::{watcher, Client, WatcherEvent};
+use testbus_proto::states::{ProcessPhase, TestPhase};
 use testbus_proto::validate::member_matches;
 use testbus_proto::{
     phase, FileRef, FinishRequest, Host, HostRequirement, ObjectMeta, Process, RecordResultRequest, Resource,
@@ -77,7 +78,7 @@ async fn wait_running(client: &Client, name: &str) -> CliResult<Test> {
             WatcherEvent::Deleted(_) => return Err(CliError::incomplete(format!("test/{name} was deleted"))),
         };
         let s = t.status();
-        if s.phase == phase::RUNNING {
+        if s.phase == ProcessPhase::Running {
             return Ok(t);
         }
         if phase::test_terminal(&s.phase) {
@@ -101,7 +102,7 @@ async fn targets(client: &Client, test: &str, roles: &[String]) -> CliResult<(Te
         && s.conditions
             .iter()
             .any(|c| c.is(testbus_proto::states::ConditionType::Held, testbus_proto::states::ConditionStatus::True));
-    if s.phase != phase::RUNNING && !held {
+    if s.phase != ProcessPhase::Running && !held {
         let why = if phase::test_terminal(&s.phase) {
             format!("has ended ({}) and holds no hosts (spec.holdOnFailure keeps a failed test's hosts)", s.phase)
         } else {
@@ -246,10 +247,11 @@ fn exit_code(procs: &[Process]) -> i32 {
     for p in procs {
         let s = p.status();
         // Timed out, stopped or lost: not the command's own failure (3).
-        let incomplete = matches!(s.phase.as_str(), phase::KILLED | phase::LOST)
+        let phase = s.phase.parse().ok();
+        let incomplete = matches!(phase, Some(ProcessPhase::Killed | ProcessPhase::Lost))
             || s.reason == testbus_proto::states::ProcessReason::TimedOut;
-        match (s.phase.as_str(), s.exit_code) {
-            (phase::SUCCEEDED, _) => {}
+        match (phase, s.exit_code) {
+            (Some(ProcessPhase::Succeeded), _) => {}
             _ if incomplete => {
                 eprintln!("testbusctl: {} on {}: {} ({})", p.spec().role, p.spec().host_name, s.phase, s.message);
                 return INCOMPLETE;
@@ -394,5 +396,5 @@ pub async fn cancel(client: &Client, test: &str, message: String) -> CliResult {
     crate::progress::wait(client, &[test.to_string()], None, crate::progress::Progress::Quiet).await?;
     let t = client.api::<Test>().get(test).await?;
     eprintln!("test/{test} {}: {}", t.status().phase, t.status().message);
-    Ok(if t.status().phase == phase::CANCELLED { 0 } else { crate::progress::exit_code(&t) })
+    Ok(if t.status().phase == TestPhase::Cancelled { 0 } else { crate::progress::exit_code(&t) })
 }

@@ -365,7 +365,7 @@ fn status_says_started(p: &Process) -> bool {
     let s = p.status();
     s.pid != 0
         || !s.start_time.is_empty()
-        || [phase::FETCHING, phase::READY, phase::RUNNING].contains(&s.phase.as_str())
+        || matches!(s.phase.parse(), Ok(ProcessPhase::Fetching | ProcessPhase::Ready | ProcessPhase::Running))
 }
 
 impl Agent {

@@ -308,7 +308,7 @@ impl ProcessRunner {
         if !spec.gated || spec.released || released {
             return None;
         }
-        advance(api, &self.known, phase::READY).await;
+        advance(api, &self.known, ProcessPhase::Ready).await;
         match commands.recv().await {
             Some(Command::Release) => None,
             Some(Command::Stop(by)) => Some(by),
@@ -335,7 +335,7 @@ impl ProcessRunner {
         let spec = self.process.spec();
         let digests: Vec<&str> = spec.files.iter().chain(spec.stdin_file.as_ref()).map(|f| f.digest.as_str()).collect();
         if digests.iter().any(|d| !self.cache.has(d)) {
-            advance(api, &self.known, phase::FETCHING).await;
+            advance(api, &self.known, ProcessPhase::Fetching).await;
         }
         let get = |f: &testbus_proto::FileRef| {
             let f = f.clone();
@@ -604,7 +604,7 @@ impl ProcessRunner {
                         return false;
                     }
                     let s = p.status_mut();
-                    s.phase = phase::RUNNING.into();
+                    s.phase = ProcessPhase::Running.into();
                     s.pid = i64::from(pid);
                     s.start_time = start.clone();
                     true
@@ -961,10 +961,10 @@ impl OutputPumps {
 
 /// Moves a process on from Pending (to Fetching or Ready); later phases
 /// are left alone.
-async fn advance(api: &Api<Process>, known: &Known, to: &'static str) {
+async fn advance(api: &Api<Process>, known: &Known, to: ProcessPhase) {
     report(api, known, |p| {
         let from = p.status().phase.as_str();
-        if from != phase::PENDING && !(from == phase::FETCHING && to == phase::READY) {
+        if from != ProcessPhase::Pending && !(from == ProcessPhase::Fetching && to == ProcessPhase::Ready) {
             return false;
         }
         p.status_mut().phase = to.into();

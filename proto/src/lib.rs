@@ -37,23 +37,11 @@ pub const API_VERSION: &str = "testbus/v1";
 /// it once the test's processes have ended and its hosts are released.
 pub const TEST_FINALIZER: &str = "testbus.io/cleanup";
 
-/// The phases' wire strings, for code that compares raw status fields.
-/// Each is its enum's `as_str()` (see [`states`]): one source for both.
+/// Phases as the wire carries them: code compares them as the enums of
+/// [`states`] (`t.status().phase == TestPhase::Running`); these two judge a
+/// raw field, whatever it holds.
 pub mod phase {
-    use crate::states::{HostPhase, ProcessPhase, StepPhase, TestPhase};
-    pub const PENDING: &str = ProcessPhase::Pending.as_str();
-    pub const FETCHING: &str = ProcessPhase::Fetching.as_str();
-    pub const RUNNING: &str = ProcessPhase::Running.as_str();
-    pub const SUCCEEDED: &str = ProcessPhase::Succeeded.as_str();
-    pub const FAILED: &str = ProcessPhase::Failed.as_str();
-    pub const KILLED: &str = ProcessPhase::Killed.as_str();
-    pub const LOST: &str = ProcessPhase::Lost.as_str();
-    pub const CANCELLED: &str = TestPhase::Cancelled.as_str();
-    pub const ERROR: &str = TestPhase::Error.as_str();
-    pub const READY: &str = HostPhase::Ready.as_str();
-    pub const NOT_READY: &str = HostPhase::NotReady.as_str();
-    pub const WAITING: &str = StepPhase::Waiting.as_str();
-    pub const SKIPPED: &str = StepPhase::Skipped.as_str();
+    use crate::states::{ProcessPhase, TestPhase};
 
     /// Terminal phases of a Process.
     pub fn process_terminal(p: &str) -> bool {

@@ -66,6 +66,12 @@ macro_rules! string_enum {
                 self == other.as_str()
             }
         }
+
+        impl PartialEq<$name> for &str {
+            fn eq(&self, other: &$name) -> bool {
+                *self == other.as_str()
+            }
+        }
     };
 }
 

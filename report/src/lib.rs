@@ -3,6 +3,7 @@
 //! and the dashboard's downloads render the same report.
 #![forbid(unsafe_code)]
 use serde_json::json;
+use testbus_proto::states::{ProcessPhase, StepPhase};
 use testbus_proto::states::{TestPhase, TestReason};
 use testbus_proto::{phase, time, Resource, Test};
 
@@ -119,7 +120,7 @@ fn cases(t: &Test) -> Vec<Case> {
     let ended = if t.status().reason.is_empty() { "the test ended".to_string() } else { t.status().reason.clone() };
     for st in &t.status().steps {
         if st.processes.is_empty() {
-            let (outcome, message) = if st.phase == phase::SKIPPED {
+            let (outcome, message) = if st.phase == StepPhase::Skipped {
                 match stopped {
                     Outcome::Error => (Outcome::Error, format!("not run: {ended}")),
                     _ => (Outcome::Skip, "not run: an earlier step failed".to_string()),
@@ -139,11 +140,13 @@ fn cases(t: &Test) -> Vec<Case> {
             continue;
         }
         for p in &st.processes {
-            let (outcome, message) = match (st.phase.as_str(), p.phase.as_str()) {
-                (phase::SUCCEEDED, _) | (_, phase::SUCCEEDED) => (Outcome::Pass, String::new()),
-                (_, phase::FAILED) if p.message.contains("timed out") => (Outcome::Error, p.message.clone()),
-                (_, phase::FAILED) => (Outcome::Fail, p.message.clone()),
-                (_, phase::KILLED) => (stopped, stopped_why.clone()),
+            let (outcome, message) = match (st.phase.parse().ok(), p.phase.parse().ok()) {
+                (Some(StepPhase::Succeeded), _) | (_, Some(ProcessPhase::Succeeded)) => (Outcome::Pass, String::new()),
+                (_, Some(ProcessPhase::Failed)) if p.message.contains("timed out") => {
+                    (Outcome::Error, p.message.clone())
+                }
+                (_, Some(ProcessPhase::Failed)) => (Outcome::Fail, p.message.clone()),
+                (_, Some(ProcessPhase::Killed)) => (stopped, stopped_why.clone()),
                 _ => (Outcome::Error, format!("{}: {}", p.phase, p.message)),
             };
             out.push(Case {
@@ -320,7 +323,7 @@ pub fn failed_processes<'a>(t: &'a Test, step: Option<&str>) -> Vec<(&'a str, &'
         let mut failed: Vec<_> = st
             .processes
             .iter()
-            .filter(|p| phase::process_terminal(&p.phase) && p.phase != phase::SUCCEEDED)
+            .filter(|p| phase::process_terminal(&p.phase) && p.phase != ProcessPhase::Succeeded)
             .map(|p| (st.name.as_str(), p))
             .collect();
         failed.sort_by(|a, b| a.1.role.cmp(&b.1.role));
@@ -397,18 +400,18 @@ mod tests {
         let mut t = Test::default();
         t.meta_mut().name = name.into();
         let s = t.status_mut();
-        s.phase = phase::FAILED.into();
+        s.phase = ProcessPhase::Failed.into();
         s.reason = message.into();
         s.message = message.into();
         s.start_time = message.into();
         s.steps.push(testbus_proto::StepStatus {
             name: step.into(),
-            phase: phase::FAILED.into(),
+            phase: ProcessPhase::Failed.into(),
             processes: vec![testbus_proto::ProcessResult {
                 name: "p".into(),
                 role: role.into(),
                 host: message.into(),
-                phase: phase::FAILED.into(),
+                phase: ProcessPhase::Failed.into(),
                 message: message.into(),
                 ..Default::default()
             }],

@@ -16,7 +16,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 use testbus_proto::client::Client;
-use testbus_proto::{phase, Host, Resource, Test};
+use testbus_proto::states::{HostPhase, ProcessPhase};
+use testbus_proto::{Host, Resource, Test};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -626,7 +627,7 @@ impl Cluster {
         let c = self.client().await;
         wait_for(Duration::from_secs(30), "hosts to be Ready", || async {
             let (hosts, _) = c.api::<Host>().list("", "").await.ok()?;
-            (hosts.iter().filter(|h| h.status().phase == phase::READY).count() >= n).then_some(())
+            (hosts.iter().filter(|h| h.status().phase == HostPhase::Ready).count() >= n).then_some(())
         })
         .await;
     }
@@ -637,7 +638,7 @@ impl Cluster {
         wait_for(Duration::from_secs(20), &format!("{n} running processes of {test}"), || async {
             let (ps, _) = c.api::<testbus_proto::Process>().list("", &format!("spec.test={test}")).await.ok()?;
             let pids: Vec<i64> =
-                ps.iter().filter(|p| p.status().phase == phase::RUNNING).map(|p| p.status().pid).collect();
+                ps.iter().filter(|p| p.status().phase == ProcessPhase::Running).map(|p| p.status().pid).collect();
             (pids.len() == n).then_some(pids)
         })
         .await

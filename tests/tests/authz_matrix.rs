@@ -15,7 +15,8 @@ use prost::Message;
 use std::collections::BTreeMap;
 use std::time::Duration;
 use testbus_proto::client::{Client, Tls};
-use testbus_proto::{phase, Host, Process, Resource, Test};
+use testbus_proto::states::ProcessPhase;
+use testbus_proto::{Host, Process, Resource, Test};
 use testbus_tests::{needs_root, wait_for, Cluster, RawCodec as Raw};
 use tonic::Code;
 
@@ -279,7 +280,7 @@ async fn every_method_answers_each_identity_as_the_matrix_says() {
     let client = c.client().await;
     let process = wait_for(Duration::from_secs(30), "a process on host-0 to run", || async {
         let (ps, _) = client.api::<Process>().list("", "spec.hostName=host-0").await.ok()?;
-        ps.into_iter().find(|p| p.status().phase == phase::RUNNING)
+        ps.into_iter().find(|p| p.status().phase == ProcessPhase::Running)
     })
     .await;
     let test = client.api::<Test>().get(&process.spec().test).await.unwrap();

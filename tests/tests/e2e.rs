@@ -2,6 +2,7 @@
 //! root) and testbusctl.
 use std::collections::BTreeSet;
 use std::time::Duration;
+use testbus_proto::states::{HostPhase, ProcessPhase, StepPhase, TestPhase};
 use testbus_proto::{phase, Host, Process, Resource, Test};
 use testbus_tests::{is_root, manifest, process_alive, repo_root, wait_for, Cluster};
 
@@ -33,7 +34,7 @@ async fn hello_runs_across_three_hosts() {
     assert!(out.stderr.contains("step greet Succeeded"), "{}", out.stderr);
 
     let t = c.test(&name).await;
-    assert_eq!(t.status().phase, phase::SUCCEEDED);
+    assert_eq!(t.status().phase, TestPhase::Succeeded);
     let claimed: BTreeSet<&String> = t.status().claims.values().collect();
     assert_eq!(claimed.len(), 3, "three distinct hosts");
     let server_addr = &t.status().host_vars["host_server_ipv4addr"];
@@ -155,10 +156,10 @@ async fn a_failing_step_fails_the_test_and_apply_exits_1() {
     let out = c.ctl(&["apply", "-f", &path, "--wait"]);
     assert_eq!(out.code, 1, "{out:?}");
     let t = c.test("failing").await;
-    assert_eq!(t.status().phase, phase::FAILED);
+    assert_eq!(t.status().phase, TestPhase::Failed);
     assert_eq!(t.status().reason, "StepFailed");
     let phases: Vec<&str> = t.status().steps.iter().map(|s| s.phase.as_str()).collect();
-    assert_eq!(phases, [phase::SUCCEEDED, phase::FAILED, phase::SKIPPED]);
+    assert_eq!(phases, [StepPhase::Succeeded, StepPhase::Failed, StepPhase::Skipped].map(StepPhase::as_str));
     assert_eq!(t.status().steps[1].processes[0].exit_code, Some(3));
     assert!(t.status().message.contains("exit code 3"), "{}", t.status().message);
     // `wait` agrees, and so does a second look with `logs`.
@@ -187,7 +188,7 @@ spec:
     assert_eq!(out.code, 1, "{out:?}");
     let client = c.client().await;
     let p = client.api::<Process>().get("unknown-var-s-a").await.unwrap();
-    assert_eq!(p.status().phase, phase::FAILED);
+    assert_eq!(p.status().phase, ProcessPhase::Failed);
     assert_eq!(p.status().reason, "UnknownVariable");
     assert!(p.status().message.contains("NO_SUCH_VAR"), "{}", p.status().message);
     assert_eq!(p.status().pid, 0, "never started");
@@ -338,7 +339,7 @@ spec:
         assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     }
     for i in 0..4 {
-        assert_eq!(c.test(&format!("compete-{i}")).await.status().phase, phase::SUCCEEDED);
+        assert_eq!(c.test(&format!("compete-{i}")).await.status().phase, TestPhase::Succeeded);
     }
     wait_released(&c).await;
 }
@@ -437,9 +438,9 @@ spec:
     let out = c.ctl(&["apply", "-f", &path, "--wait"]);
     assert_eq!(out.code, 3, "{out:?}");
     let t = c.test("slow").await;
-    assert_eq!((t.status().phase.as_str(), t.status().reason.as_str()), (phase::ERROR, "TimedOut"));
+    assert_eq!((t.status().phase.as_str(), t.status().reason.as_str()), (TestPhase::Error.as_str(), "TimedOut"));
     let p = &t.status().steps[0].processes[0];
-    assert_eq!(p.phase, phase::KILLED, "{p:?}");
+    assert_eq!(p.phase, ProcessPhase::Killed, "{p:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -470,7 +471,7 @@ spec:
     assert_eq!(t.status().reason, "HostLost");
     assert!(t.status().message.contains("host-1"), "{}", t.status().message);
     let h = client.api::<Host>().get("host-1").await.unwrap();
-    assert_eq!(h.status().phase, phase::NOT_READY);
+    assert_eq!(h.status().phase, HostPhase::NotReady);
     // Its status was written without its agent: describe says what arrived
     // (it said 0 bytes while `logs` showed the line).
     let described = c.ctl(&["describe", "process", "lost-s-b"]).stdout;
@@ -684,7 +685,7 @@ spec:
     assert_eq!(out.code, 1, "a step that times out fails the test: {out:?}");
     let t = c.test("group").await;
     let p = &t.status().steps[0].processes[0];
-    assert_eq!(p.phase, phase::FAILED);
+    assert_eq!(p.phase, ProcessPhase::Failed);
     assert!(p.message.contains("timed out after 1s"), "{p:?}");
     let pid: i64 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
     assert!(!process_alive(pid), "the background child {pid} of the timed-out step survived");
@@ -976,7 +977,7 @@ async fn the_scripted_client_server_example_runs() {
     assert!(stdout.contains("test/scripted claimed client=host-"), "{stdout}");
     assert!(stdout.contains("server host-") && stdout.contains(" ready"), "{stdout}");
     let t = c.test("scripted").await;
-    assert_eq!(t.status().phase, phase::SUCCEEDED);
+    assert_eq!(t.status().phase, TestPhase::Succeeded);
     let results: Vec<(&str, &str)> = t.status().results.iter().map(|r| (r.path.as_str(), r.outcome.as_str())).collect();
     assert_eq!(
         results,
@@ -1022,7 +1023,7 @@ async fn scripting_exit_codes_and_failed_results() {
     let out = c.ctl(&["finish", "imp"]);
     assert_eq!(out.code, 1, "{out:?}");
     let t = c.test("imp").await;
-    assert_eq!((t.status().phase.as_str(), t.status().reason.as_str()), (phase::FAILED, "ResultFailed"));
+    assert_eq!((t.status().phase.as_str(), t.status().reason.as_str()), (TestPhase::Failed.as_str(), "ResultFailed"));
     // A recorded result is named by its dotted path, as it was recorded.
     let text = c.ctl(&["results", "test/imp"]).stdout;
     assert!(text.contains("FAIL  checks.one ") && text.contains("broken"), "{text}");
@@ -1085,7 +1086,7 @@ async fn the_queue_goes_by_priority_then_age_and_never_starves_a_large_test() {
     let client = c.client().await;
     wait_for(Duration::from_secs(15), "the holder to run", || async {
         let t = client.api::<Test>().get("holder").await.ok()?;
-        (t.status().phase == phase::RUNNING).then_some(())
+        (t.status().phase == TestPhase::Running).then_some(())
     })
     .await;
     let test = |name: &str, priority: i32, count: u32| {
@@ -1109,13 +1110,13 @@ spec:
     // A higher priority goes ahead of both.
     let out = c.ctl_stdin(&["apply", "-f", "-", "--wait", "--timeout", "30s"], Some(&test("urgent", 10, 1)));
     assert_eq!(out.code, 0, "{out:?}");
-    assert_eq!(client.api::<Test>().get("small").await.unwrap().status().phase, phase::PENDING);
+    assert_eq!(client.api::<Test>().get("small").await.unwrap().status().phase, TestPhase::Pending);
     std::fs::write(&marker, "").unwrap();
     let out = c.ctl(&["wait", "test/small", "--timeout", "30s"]);
     assert_eq!(out.code, 0, "{out:?}");
     let big = c.test("big").await;
     let small = c.test("small").await;
-    assert_eq!(big.status().phase, phase::SUCCEEDED);
+    assert_eq!(big.status().phase, TestPhase::Succeeded);
     assert!(big.status().start_time < small.status().start_time, "big ran before small");
 }
 
@@ -1187,7 +1188,7 @@ spec:
     let t = c.test("child-fails").await;
     assert!(t.status().message.starts_with("step kid.s failed"), "{}", t.status().message);
     let last = t.status().steps.iter().find(|s| s.name == "last").unwrap();
-    assert_eq!(last.phase, phase::SKIPPED);
+    assert_eq!(last.phase, StepPhase::Skipped);
     // Child names are checked like steps.
     let bad = r#"apiVersion: testbus/v1
 kind: Test
@@ -1316,7 +1317,7 @@ spec:
     let cancelled = tokio::time::timeout(Duration::from_secs(30), async {
         while let Some(Ok(ev)) = futures::StreamExt::next(&mut seen).await {
             if let Some(t) = ev.object {
-                if t.status().phase == phase::CANCELLED {
+                if t.status().phase == TestPhase::Cancelled {
                     return t;
                 }
             }

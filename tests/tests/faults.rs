@@ -2,7 +2,8 @@
 //! agents, links cut inside network namespaces, floods of output. Each test
 //! breaks something and asserts what a user can rely on afterwards.
 use std::time::Duration;
-use testbus_proto::{phase, Process, Resource, Test};
+use testbus_proto::states::{HostPhase, ProcessPhase, TestPhase};
+use testbus_proto::{Process, Resource, Test};
 use testbus_tests::{is_root, manifest, peak_rss, process_alive, wait_for, Cluster};
 
 async fn wait_phase(c: &Cluster, kind_test: &str, want: &str) -> Test {
@@ -78,9 +79,9 @@ spec:
     c.kill_agent(0);
     assert!(process_alive(pid), "kill -9 of the agent leaves its process running");
     c.start_agent(0);
-    let t = wait_phase(&c, "orphan", phase::FAILED).await;
+    let t = wait_phase(&c, "orphan", TestPhase::Failed.as_str()).await;
     let p = &t.status().steps[0].processes[0];
-    assert_eq!(p.phase, phase::LOST, "{p:?}");
+    assert_eq!(p.phase, ProcessPhase::Lost, "{p:?}");
     assert!(p.message.contains("agent restarted"), "{p:?}");
     wait_for(Duration::from_secs(10), "the orphan to be killed", || async { (!process_alive(pid)).then_some(()) })
         .await;
@@ -105,16 +106,16 @@ spec:
     c.running_pids("frozen", 2).await;
     let stale = client.api::<Process>().get("frozen-s-b").await.unwrap().status().pid;
     c.freeze_agent(1, true);
-    let t = wait_phase(&c, "frozen", phase::ERROR).await;
+    let t = wait_phase(&c, "frozen", TestPhase::Error.as_str()).await;
     assert_eq!(t.status().reason, "HostLost");
     assert!(t.status().message.contains("host host-1 (b) was lost"), "{}", t.status().message);
     let p = client.api::<Process>().get("frozen-s-b").await.unwrap();
-    assert_eq!(p.status().phase, phase::LOST);
+    assert_eq!(p.status().phase, ProcessPhase::Lost);
     assert!(process_alive(stale), "still running on the frozen host");
     // Back again: the host is Ready and schedulable, and the process of the
     // finished test it still ran is killed (fenced).
     c.freeze_agent(1, false);
-    c.host_phase("host-1", phase::READY).await;
+    c.host_phase("host-1", HostPhase::Ready.as_str()).await;
     wait_for(Duration::from_secs(15), "the stale process to be killed", || async {
         (!process_alive(stale)).then_some(())
     })
@@ -179,10 +180,10 @@ spec:
     assert_eq!(c.ctl(&["apply", "-f", &path]).code, 0);
     c.running_pids("long", 1).await;
     c.set_link("host-1", false);
-    let t = wait_phase(&c, "long", phase::ERROR).await;
+    let t = wait_phase(&c, "long", TestPhase::Error.as_str()).await;
     assert!(t.status().message.contains("host host-1 (a) was lost"), "{}", t.status().message);
     c.set_link("host-1", true);
-    c.host_phase("host-1", phase::READY).await;
+    c.host_phase("host-1", HostPhase::Ready.as_str()).await;
     let out = c.ctl(&["run", "--host", "host-1", "--", "echo", "back"]);
     assert_eq!((out.code, out.stdout.as_str()), (0, "back\n"), "{out:?}");
 }
@@ -288,7 +289,7 @@ spec:
     // Reads go on, and nothing stored was touched.
     let out = c.ctl(&["get", "tests", "-o", "name"]);
     assert_eq!((out.code, out.stdout.as_str()), (0, "test/before\n"), "{out:?}");
-    assert_eq!(c.test("before").await.status().phase, phase::SUCCEEDED);
+    assert_eq!(c.test("before").await.status().phase, TestPhase::Succeeded);
     std::fs::remove_file(&filler).unwrap();
     c.wait_hosts_ready(1).await;
     assert_eq!(c.ctl_stdin(&["apply", "-f", "-", "--wait", "--timeout", "30s"], Some(&test("after"))).code, 0);

@@ -2,6 +2,7 @@
 //! test is an attack that once worked (issue 15) or one of its class. Add
 //! the next attacker's idea here.
 use std::time::Duration;
+use testbus_proto::states::{HostPhase, ProcessPhase, TestPhase};
 use testbus_proto::{phase, FileRef, ObjectMeta, Process, ProcessSpec, Resource};
 use testbus_tests::{bin_dir, manifest, process_alive, wait_for, Cluster};
 
@@ -120,7 +121,7 @@ async fn an_agent_starts_with_a_damaged_journal_and_runs_nothing_twice() {
     bytes.extend_from_slice(b"\xff\xfe garbage\nnot-a-uid 1\ntb1 00000000 start x");
     std::fs::write(&journal, bytes).unwrap();
     c.start_agent(0);
-    c.host_phase(&c.hosts[0].clone(), phase::READY).await;
+    c.host_phase(&c.hosts[0].clone(), HostPhase::Ready.as_str()).await;
     let path = true_test(&c, "two");
     let out = c.ctl(&["apply", "-f", &path, "--wait", "--timeout", "30s"]);
     assert_eq!(out.code, 0, "{out:?}");
@@ -290,7 +291,7 @@ spec:
     let out = waiting.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(3), "{out:?}");
     let t = c.test("huge").await;
-    assert_eq!((t.status().phase.as_str(), t.status().reason.as_str()), (phase::ERROR, "PendingTimeout"));
+    assert_eq!((t.status().phase.as_str(), t.status().reason.as_str()), (TestPhase::Error.as_str(), "PendingTimeout"));
     assert!(t.status().message.contains("only 1 such hosts exist"), "{}", t.status().message);
 }
 
@@ -319,10 +320,10 @@ spec:
     // the pending test too): read again on a conflict.
     let err = wait_for(Duration::from_secs(10), "a forged claim to be judged", || async {
         let mut forged = tests.get("pending").await.ok()?;
-        if forged.status().phase != phase::PENDING {
+        if forged.status().phase != ProcessPhase::Pending {
             return None;
         }
-        forged.status_mut().phase = phase::RUNNING.into();
+        forged.status_mut().phase = ProcessPhase::Running.into();
         forged.status_mut().claims.insert("a".into(), c.hosts[0].clone());
         let err = tests.update_status(forged).await.expect_err("a forged claim was taken");
         (err.code() != tonic::Code::Aborted).then_some(err)
@@ -357,10 +358,10 @@ spec:
     // A Process does not go backwards.
     let procs = client.api::<Process>();
     let (ps, _) = procs.list("", "spec.test=open").await.unwrap();
-    let p = ps.into_iter().find(|p| p.status().phase == phase::RUNNING).expect("a running process");
+    let p = ps.into_iter().find(|p| p.status().phase == ProcessPhase::Running).expect("a running process");
     let err = wait_for(Duration::from_secs(10), "a backward phase to be judged", || async {
         let mut p = procs.get(p.name()).await.ok()?;
-        p.status_mut().phase = phase::PENDING.into();
+        p.status_mut().phase = ProcessPhase::Pending.into();
         let err = procs.update_status(p).await.expect_err("a Process went back to Pending");
         (err.code() != tonic::Code::Aborted).then_some(err)
     })
@@ -617,7 +618,7 @@ spec:
     let procs = client.api::<Process>();
     wait_for(Duration::from_secs(20), "the process to be fetching", || async {
         let (ps, _) = procs.list("", "spec.test=fetch").await.ok()?;
-        ps.iter().any(|p| p.status().phase == phase::FETCHING).then_some(())
+        ps.iter().any(|p| p.status().phase == ProcessPhase::Fetching).then_some(())
     })
     .await;
     let held = writer.join().unwrap().expect("the control plane opened the file for its download");
@@ -627,7 +628,7 @@ spec:
     })
     .await;
     let st = p.status();
-    assert_eq!((st.phase.as_str(), st.reason.as_str()), (phase::KILLED, "Stopped"), "{st:?}");
+    assert_eq!((st.phase.as_str(), st.reason.as_str()), (ProcessPhase::Killed.as_str(), "Stopped"), "{st:?}");
     assert!(st.pid == 0 && st.start_time.is_empty(), "it was started: {st:?}");
     assert!(!marker.exists(), "the command ran");
     drop(held);

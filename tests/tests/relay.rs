@@ -5,7 +5,8 @@
 use sha2::Digest;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use testbus_proto::{phase, Resource};
+use testbus_proto::states::HostPhase;
+use testbus_proto::Resource;
 use testbus_relay::noise::{copy_noisy, Noise};
 use testbus_tests::{manifest, metric_sum, needs_root, wait_for, Cluster};
 
@@ -73,7 +74,7 @@ async fn start_guest(c: &mut Cluster, name: &str, upstream: &str, relay_args: &[
             "linux",
         ],
     );
-    c.host_phase(name, phase::READY).await;
+    c.host_phase(name, HostPhase::Ready.as_str()).await;
 }
 
 /// Runs a two-host test between the guest and host-0: a barrier, a 1 MB
@@ -136,9 +137,9 @@ async fn a_guest_behind_a_serial_line_runs_tests_and_survives_the_line_going_awa
     c.spawn_logged(Some("cp"), "relay-host", "testbus-relay", &["--downstream", &down, "--upstream", CP]);
     start_guest(&mut c, "guest", &format!("serial:{}", guest_end.display()), &[]).await;
 
-    let h = c.host_phase("guest", phase::READY).await;
+    let h = c.host_phase("guest", HostPhase::Ready.as_str()).await;
     assert_eq!(h.status().facts.as_ref().unwrap().transport, "serial");
-    let h0 = c.host_phase("host-0", phase::READY).await;
+    let h0 = c.host_phase("host-0", HostPhase::Ready.as_str()).await;
     assert_eq!(h0.status().facts.as_ref().unwrap().transport, "direct");
     let out = c.ctl(&["run", "--host", "guest", "--", "sh", "-c", "echo hello from $TESTBUS_HOST"]);
     assert_eq!((out.code, out.stdout.as_str()), (0, "hello from guest\n"), "{out:?}");
@@ -147,9 +148,9 @@ async fn a_guest_behind_a_serial_line_runs_tests_and_survives_the_line_going_awa
     // The line goes away (the pty pair is destroyed, as when a guest
     // reboots): the guest is lost, then back once the line returns.
     c.kill_extra(socat);
-    c.host_phase("guest", phase::NOT_READY).await;
+    c.host_phase("guest", HostPhase::NotReady.as_str()).await;
     let (_, _, _) = pty_pair(&mut c, "serial").await;
-    c.host_phase("guest", phase::READY).await;
+    c.host_phase("guest", HostPhase::Ready.as_str()).await;
     let out = c.ctl(&["run", "--host", "guest", "--", "echo", "back"]);
     assert_eq!((out.code, out.stdout.as_str()), (0, "back\n"), "{out:?}");
     assert!(c.read_log("relay-guest").contains("link down"), "the guest's link was rebuilt");
@@ -219,7 +220,7 @@ async fn a_two_hop_chain_and_socket_links_carry_a_test() {
     c.spawn_logged(Some("cp"), "relay-c", "testbus-relay", &["--downstream", &down, "--upstream", CP]);
     wait_path(&link).await;
     start_guest(&mut c, "unixguest", &format!("mux+unix:{}", link.display()), &[]).await;
-    let h = c.host_phase("unixguest", phase::READY).await;
+    let h = c.host_phase("unixguest", HostPhase::Ready.as_str()).await;
     assert_eq!(h.status().facts.as_ref().unwrap().transport, "unix");
     let out = c.ctl(&["run", "--host", "unixguest", "--", "echo", "over a unix link"]);
     assert_eq!((out.code, out.stdout.as_str()), (0, "over a unix link\n"), "{out:?}");
@@ -295,7 +296,7 @@ async fn a_guest_reached_over_ssh_runs_tests() {
             "2s",
         ],
     );
-    let h = c.host_phase("sshguest", phase::READY).await;
+    let h = c.host_phase("sshguest", HostPhase::Ready.as_str()).await;
     assert_eq!(h.status().facts.as_ref().unwrap().transport, "ssh");
     exchange_through(&c, "sshguest", "ssh").await;
 }
@@ -325,7 +326,7 @@ async fn a_guest_on_vsock_runs_tests_where_the_kernel_has_vsock_loopback() {
         &["--downstream", "vsock:any:17781", "--upstream", CP],
     );
     start_guest(&mut c, "vguest", "vsock:1:17781", &[]).await;
-    let h = c.host_phase("vguest", phase::READY).await;
+    let h = c.host_phase("vguest", HostPhase::Ready.as_str()).await;
     assert_eq!(h.status().facts.as_ref().unwrap().transport, "vsock");
     let out = c.ctl(&["run", "--host", "vguest", "--", "echo", "over vsock"]);
     assert_eq!((out.code, out.stdout.as_str()), (0, "over vsock\n"), "{out:?}");

@@ -6,7 +6,8 @@ use std::path::Path;
 use std::time::Duration;
 use testbus_pki::{ClientFile, Role};
 use testbus_proto::client::Client;
-use testbus_proto::{phase, Host, Process, Resource, Test};
+use testbus_proto::states::{HostPhase, ProcessPhase};
+use testbus_proto::{Host, Process, Resource, Test};
 use testbus_tests::{bin_dir, metric_sum, needs_root, wait_for, Cluster, CtlOutput};
 use tonic::Code;
 
@@ -90,7 +91,10 @@ async fn without_credentials_nothing_and_a_viewer_only_reads() {
         assert_eq!(out.code, 5, "{args:?}: {out:?}");
     }
     assert_eq!(c.ctl(&["get", "tests", "-o", "name"]).stdout, "", "nothing was created");
-    assert!(!c.host_phase("host-0", phase::READY).await.spec().unschedulable, "the viewer's cordon changed nothing");
+    assert!(
+        !c.host_phase("host-0", HostPhase::Ready.as_str()).await.spec().unschedulable,
+        "the viewer's cordon changed nothing"
+    );
 
     // A certificate of another CA is refused, even for a name and role
     // the real CA issues.
@@ -163,7 +167,7 @@ async fn an_agent_acts_only_for_its_own_host_and_a_revoked_one_not_at_all() {
     let client = c.client().await;
     let theirs = wait_for(Duration::from_secs(30), "the process on host-1 to run", || async {
         let (ps, _) = client.api::<Process>().list("", "spec.hostName=host-1").await.ok()?;
-        ps.into_iter().find(|p| p.status().phase == phase::RUNNING)
+        ps.into_iter().find(|p| p.status().phase == ProcessPhase::Running)
     })
     .await;
     let host1 = client.api::<Host>().get("host-1").await.unwrap();
@@ -203,7 +207,7 @@ async fn an_agent_acts_only_for_its_own_host_and_a_revoked_one_not_at_all() {
         out.push(("host-1 process stop", code(a.api::<Process>().update(stop).await.map(|_| ()))));
         out.push(("all processes", code(a.api::<Process>().list("", "").await.map(|_| ()))));
         let mut p = theirs.clone();
-        p.status_mut().phase = phase::SUCCEEDED.into();
+        p.status_mut().phase = ProcessPhase::Succeeded.into();
         out.push(("host-1 process status", code(a.api::<Process>().update_status(p).await.map(|_| ()))));
         let chunk = testbus_proto::OutputChunk {
             process: theirs.name().to_string(),
@@ -234,7 +238,7 @@ async fn an_agent_acts_only_for_its_own_host_and_a_revoked_one_not_at_all() {
     }
     // The process on host-1 was not touched.
     let still = client.api::<Process>().get(&theirs_name).await.unwrap();
-    assert_eq!(still.status().phase, phase::RUNNING);
+    assert_eq!(still.status().phase, ProcessPhase::Running);
 
     // Revoked: the same certificate is refused from now on.
     let out = std::process::Command::new(bin_dir().join("testbus-control-plane"))
@@ -471,7 +475,7 @@ spec:
     let client = c.client().await;
     let target = wait_for(Duration::from_secs(30), "the victim's listener to run", || async {
         let (ps, _) = client.api::<Process>().list("", "spec.hostName=host-0").await.ok()?;
-        ps.into_iter().find(|p| p.status().phase == phase::RUNNING)
+        ps.into_iter().find(|p| p.status().phase == ProcessPhase::Running)
     })
     .await;
     // SendRequest{process: TARGET, key: "k", value: "forged"}, by hand.
@@ -557,7 +561,7 @@ async fn an_agents_certificate_reaches_nothing_outside_its_own_part() {
         async move {
             wait_for(Duration::from_secs(30), "a process to run", || async {
                 let (ps, _) = client.api::<Process>().list("", &format!("spec.hostName={host}")).await.ok()?;
-                ps.into_iter().find(|p| p.status().phase == phase::RUNNING)
+                ps.into_iter().find(|p| p.status().phase == ProcessPhase::Running)
             })
             .await
         }

@@ -4,6 +4,7 @@
 //! process must run at most once, and the store must be consistent.
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
+use testbus_proto::states::{ProcessPhase, TestPhase};
 use testbus_proto::{phase, Host, HostRequirement, Process, Resource, Step, Test, TestSpec};
 use testbus_tests::{wait_for, Cluster};
 
@@ -101,29 +102,29 @@ async fn soak_under_agent_and_control_plane_crashes() {
         let s = t.status();
         *outcomes.entry(format!("{}/{}", s.phase, s.reason)).or_default() += 1;
         let mine = by_test.get(t.name()).cloned().unwrap_or_default();
-        match s.phase.as_str() {
-            phase::SUCCEEDED => {
+        match s.phase.parse() {
+            Ok(TestPhase::Succeeded) => {
                 let want: usize = s.steps.iter().map(|st| st.processes.len()).sum();
                 assert!(want >= 2 && mine.len() == want, "{}: {} processes, status lists {want}", t.name(), mine.len());
-                assert!(mine.iter().all(|p| p.status().phase == phase::SUCCEEDED), "{}", t.name());
+                assert!(mine.iter().all(|p| p.status().phase == ProcessPhase::Succeeded), "{}", t.name());
             }
             // The only failures allowed are the injected ones: a process
             // lost with its agent, or a host lost.
-            phase::FAILED => {
+            Ok(TestPhase::Failed) => {
                 assert_eq!(s.reason, "StepFailed", "{}: {s:?}", t.name());
-                let bad: Vec<&&Process> = mine.iter().filter(|p| p.status().phase != phase::SUCCEEDED).collect();
+                let bad: Vec<&&Process> = mine.iter().filter(|p| p.status().phase != ProcessPhase::Succeeded).collect();
                 assert!(!bad.is_empty(), "{}", t.name());
                 for p in bad {
                     assert!(
-                        matches!(p.status().phase.as_str(), phase::LOST | phase::KILLED),
+                        matches!(p.status().phase.parse(), Ok(ProcessPhase::Lost | ProcessPhase::Killed)),
                         "{} failed for a reason other than a fault: {:?}",
                         p.name(),
                         p.status()
                     );
                 }
             }
-            phase::ERROR => assert_eq!(s.reason, "HostLost", "{}: {s:?}", t.name()),
-            other => panic!("{} ended {other}", t.name()),
+            Ok(TestPhase::Error) => assert_eq!(s.reason, "HostLost", "{}: {s:?}", t.name()),
+            _ => panic!("{} ended {}", t.name(), s.phase),
         }
     }
     eprintln!("soak: {outcomes:?} after {agent_restarts} agent and {cp_restarts} control-plane restarts");

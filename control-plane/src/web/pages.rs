@@ -4,7 +4,8 @@
 //! server-sent events say something it shows changed.
 use maud::{html, Markup, DOCTYPE};
 use std::collections::{BTreeMap, HashMap, HashSet};
-use testbus_proto::{phase, Host, HostPool, Process, Resource, Test};
+use testbus_proto::states::TestPhase;
+use testbus_proto::{Host, HostPool, Process, Resource, Test};
 
 /// Hosts on one page of the overview (10,000 hosts are 100 pages).
 pub const HOSTS_PER_PAGE: usize = 100;
@@ -41,7 +42,7 @@ pub fn layout(title: &str, live: Option<&str>, main: Markup) -> Markup {
 }
 
 pub fn phase_badge(p: &str) -> Markup {
-    let p = if p.is_empty() { phase::PENDING } else { p };
+    let p = if p.is_empty() { TestPhase::Pending.as_str() } else { p };
     html! { span class={"badge phase-" (p)} { (p) } }
 }
 
@@ -107,7 +108,7 @@ pub fn overview(o: &Overview) -> Markup {
     let mut by_phase: BTreeMap<&str, usize> = BTreeMap::new();
     for t in o.tests {
         let p = t.status().phase.as_str();
-        *by_phase.entry(if p.is_empty() { phase::PENDING } else { p }).or_default() += 1;
+        *by_phase.entry(if p.is_empty() { TestPhase::Pending.as_str() } else { p }).or_default() += 1;
     }
     let mut hosts_by_phase: BTreeMap<&str, usize> = BTreeMap::new();
     for h in o.hosts {
