@@ -889,21 +889,21 @@ macro_rules! bind_service {
         #[tonic::async_trait]
         impl testbus_proto::$module::$trait for ResourceService<$ty> {
             async fn create(&self, req: Request<$ty>) -> Result<Response<$ty>, Status> {
-                let id = self.st.authorize(&req, Verb::Create, <$ty as Resource>::KIND.name())?;
+                let id = self.st.authorize(&req, Verb::Create, <$ty as Resource>::KIND.into())?;
                 self.create(&id, req.into_inner()).await.map(Response::new)
             }
             async fn get(&self, req: Request<GetRequest>) -> Result<Response<$ty>, Status> {
-                let id = self.st.authorize(&req, Verb::Get, <$ty as Resource>::KIND.name())?;
+                let id = self.st.authorize(&req, Verb::Get, <$ty as Resource>::KIND.into())?;
                 ResourceService::get(self, &id, req.into_inner()).await.map(Response::new)
             }
             async fn list(&self, req: Request<ListRequest>) -> Result<Response<$list>, Status> {
-                let id = self.st.authorize(&req, Verb::List, <$ty as Resource>::KIND.name())?;
+                let id = self.st.authorize(&req, Verb::List, <$ty as Resource>::KIND.into())?;
                 let (items, resource_version) = ResourceService::list(self, &id, req.into_inner()).await?;
                 Ok(Response::new($list { items, resource_version }))
             }
             type WatchStream = BoxStream<'static, Result<$event, Status>>;
             async fn watch(&self, req: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
-                let id = self.st.authorize(&req, Verb::Watch, <$ty as Resource>::KIND.name())?;
+                let id = self.st.authorize(&req, Verb::Watch, <$ty as Resource>::KIND.into())?;
                 // Held for as long as the stream lives.
                 let held = self.st.watch_quota.take(&crate::authz::Caller::of(&req))?;
                 let s = ResourceService::watch(self, &id, req.into_inner()).await?;
@@ -920,15 +920,15 @@ macro_rules! bind_service {
                 ))
             }
             async fn update(&self, req: Request<$ty>) -> Result<Response<$ty>, Status> {
-                let id = self.st.authorize(&req, Verb::Update, <$ty as Resource>::KIND.name())?;
+                let id = self.st.authorize(&req, Verb::Update, <$ty as Resource>::KIND.into())?;
                 ResourceService::update(self, &id, req.into_inner()).await.map(Response::new)
             }
             async fn update_status(&self, req: Request<$ty>) -> Result<Response<$ty>, Status> {
-                let id = self.st.authorize(&req, Verb::UpdateStatus, <$ty as Resource>::KIND.name())?;
+                let id = self.st.authorize(&req, Verb::UpdateStatus, <$ty as Resource>::KIND.into())?;
                 ResourceService::update_status(self, &id, req.into_inner()).await.map(Response::new)
             }
             async fn delete(&self, req: Request<DeleteRequest>) -> Result<Response<$ty>, Status> {
-                let id = self.st.authorize(&req, Verb::Delete, <$ty as Resource>::KIND.name())?;
+                let id = self.st.authorize(&req, Verb::Delete, <$ty as Resource>::KIND.into())?;
                 ResourceService::delete(self, &id, req.into_inner()).await.map(Response::new)
             }
             $($extra)*
@@ -938,28 +938,28 @@ macro_rules! bind_service {
 
 bind_service!(hosts_server::Hosts, Host, HostList, HostEvent, {
     async fn renew_lease(&self, req: Request<RenewLeaseRequest>) -> Result<Response<Host>, Status> {
-        let id = self.st.authorize(&req, Verb::RenewLease, "Host")?;
+        let id = self.st.authorize(&req, Verb::RenewLease, Kind::Host.into())?;
         ResourceService::renew_lease(self, &id, req.into_inner()).await.map(Response::new)
     }
 });
 bind_service!(tests_server::Tests, Test, TestList, TestEvent, {
     async fn claim(&self, req: Request<ClaimRequest>) -> Result<Response<Test>, Status> {
-        let id = self.st.authorize(&req, Verb::Claim, "Test")?;
+        let id = self.st.authorize(&req, Verb::Claim, Kind::Test.into())?;
         let started = std::time::Instant::now();
         let r = ResourceService::claim(self, &id, req.into_inner()).await.map(Response::new);
         self.st.metrics.claim_seconds.observe(started.elapsed().as_secs_f64());
         r
     }
     async fn set_env(&self, req: Request<SetEnvRequest>) -> Result<Response<Test>, Status> {
-        let id = self.st.authorize(&req, Verb::SetEnv, "Test")?;
+        let id = self.st.authorize(&req, Verb::SetEnv, Kind::Test.into())?;
         ResourceService::set_env(self, &id, req.into_inner()).await.map(Response::new)
     }
     async fn record_result(&self, req: Request<RecordResultRequest>) -> Result<Response<Test>, Status> {
-        let id = self.st.authorize(&req, Verb::RecordResult, "Test")?;
+        let id = self.st.authorize(&req, Verb::RecordResult, Kind::Test.into())?;
         ResourceService::record_result(self, &id, req.into_inner()).await.map(Response::new)
     }
     async fn finish(&self, req: Request<FinishRequest>) -> Result<Response<Test>, Status> {
-        let id = self.st.authorize(&req, Verb::Finish, "Test")?;
+        let id = self.st.authorize(&req, Verb::Finish, Kind::Test.into())?;
         let who = crate::authz::Caller::of(&req).describe();
         ResourceService::finish(self, &id, req.into_inner(), &who).await.map(Response::new)
     }
@@ -970,7 +970,7 @@ bind_service!(host_pools_server::HostPools, HostPool, HostPoolList, HostPoolEven
         &self,
         req: Request<testbus_proto::SnapshotRequest>,
     ) -> Result<Response<testbus_proto::SnapshotResponse>, Status> {
-        let id = self.st.authorize(&req, Verb::Snapshot, "HostPool")?;
+        let id = self.st.authorize(&req, Verb::Snapshot, Kind::HostPool.into())?;
         ResourceService::snapshot(self, &id, req.into_inner()).await.map(Response::new)
     }
 });

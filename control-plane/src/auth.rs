@@ -11,7 +11,7 @@
 //! - `/auth/ca`: the CA certificate the replicas on this store share (its
 //!   key is never stored: see [`Pki::check_shared_ca`]).
 use crate::api::ApiState;
-use crate::authz::{self, Caller, Scope, Verb};
+use crate::authz::{self, Caller, Scope, Target, Verb};
 use crate::error::ApiError;
 use crate::store::{Compare, Op};
 use parking_lot::RwLock;
@@ -152,12 +152,12 @@ impl Pki {
 
 /// The one gate of every handler: who calls (a revoked certificate is
 /// refused here), and whether they may `verb` objects of `kind`.
-pub fn authorize<T>(pki: Option<&Pki>, req: &Request<T>, verb: Verb, kind: &str) -> Result<Scope, Status> {
-    authorize_caller(pki, &Caller::of(req), verb, kind)
+pub fn authorize<T>(pki: Option<&Pki>, req: &Request<T>, verb: Verb, target: Target) -> Result<Scope, Status> {
+    authorize_caller(pki, &Caller::of(req), verb, target)
 }
 
 /// [`authorize`], for a caller already known (plain HTTP requests).
-pub fn authorize_caller(pki: Option<&Pki>, caller: &Caller, verb: Verb, kind: &str) -> Result<Scope, Status> {
+pub fn authorize_caller(pki: Option<&Pki>, caller: &Caller, verb: Verb, target: Target) -> Result<Scope, Status> {
     if let (Caller::Certified { issued, .. }, Some(subject), Some(pki)) = (caller, caller.subject(), pki) {
         // Certificates say when they were issued to the second: one
         // issued in the second of the revocation is refused too.
@@ -169,12 +169,12 @@ pub fn authorize_caller(pki: Option<&Pki>, caller: &Caller, verb: Verb, kind: &s
             .into());
         }
     }
-    authz::admit(caller, verb, kind)
+    authz::admit(caller, verb, target)
 }
 
 impl ApiState {
-    pub fn authorize<T>(&self, req: &Request<T>, verb: Verb, kind: &str) -> Result<Scope, Status> {
-        authorize(self.pki.as_deref(), req, verb, kind)
+    pub fn authorize<T>(&self, req: &Request<T>, verb: Verb, target: Target) -> Result<Scope, Status> {
+        authorize(self.pki.as_deref(), req, verb, target)
     }
 }
 
@@ -452,7 +452,7 @@ fn token_id(text: &str) -> Result<String, Status> {
 #[tonic::async_trait]
 impl testbus_proto::auth_server::Auth for AuthService {
     async fn join(&self, req: Request<JoinRequest>) -> Result<Response<Credentials>, Status> {
-        self.st.authorize(&req, Verb::Join, "certificate")?;
+        self.st.authorize(&req, Verb::Join, Target::Certificates)?;
         let extensions = req.extensions().clone();
         let r = req.into_inner();
         testbus_proto::validate::dns_label(&r.host_name)
@@ -474,7 +474,7 @@ impl testbus_proto::auth_server::Auth for AuthService {
     }
 
     async fn renew(&self, req: Request<RenewRequest>) -> Result<Response<Credentials>, Status> {
-        self.st.authorize(&req, Verb::Renew, "certificate")?;
+        self.st.authorize(&req, Verb::Renew, Target::Certificates)?;
         let Caller::Certified { name: host, role: Role::Agent, pool, .. } = Caller::of(&req) else {
             return Err(Status::failed_precondition("only agents renew certificates here"));
         };
@@ -486,12 +486,12 @@ impl testbus_proto::auth_server::Auth for AuthService {
     }
 
     async fn create_token(&self, req: Request<CreateTokenRequest>) -> Result<Response<CreateTokenResponse>, Status> {
-        self.st.authorize(&req, Verb::CreateToken, "tokens")?;
+        self.st.authorize(&req, Verb::CreateToken, Target::Tokens)?;
         self.create_token(req.into_inner()).await.map(Response::new)
     }
 
     async fn revoke(&self, req: Request<RevokeRequest>) -> Result<Response<RevokeResponse>, Status> {
-        self.st.authorize(&req, Verb::Revoke, "certificates")?;
+        self.st.authorize(&req, Verb::Revoke, Target::Certificates)?;
         let r = req.into_inner();
         let subject = match (r.host_name.as_str(), r.user_name.as_str()) {
             (host, "") if !host.is_empty() => {
@@ -519,7 +519,7 @@ impl testbus_proto::auth_server::Auth for AuthService {
         &self,
         req: Request<testbus_proto::RevokeTokenRequest>,
     ) -> Result<Response<testbus_proto::RevokeTokenResponse>, Status> {
-        self.st.authorize(&req, Verb::Revoke, "tokens")?;
+        self.st.authorize(&req, Verb::Revoke, Target::Tokens)?;
         let id = token_id(&req.get_ref().token)?;
         let ops = [TOKENS, VIEWER_TOKENS].map(|p| Op::Delete(format!("{p}{id}"))).to_vec();
         let mut found = false;
@@ -548,7 +548,7 @@ mod tests {
         let call = |c: Caller| {
             let mut req = Request::new(());
             req.extensions_mut().insert(c);
-            authorize(Some(&pki), &req, Verb::Get, "Host")
+            authorize(Some(&pki), &req, Verb::Get, testbus_proto::Kind::Host.into())
         };
         let now = SystemTime::now();
         assert!(call(id(now)).is_ok());

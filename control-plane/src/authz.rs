@@ -19,7 +19,7 @@ use crate::error::ApiError;
 use std::time::SystemTime;
 use testbus_pki::Role;
 use testbus_proto::selector::FieldSelector;
-use testbus_proto::{ObjectMeta, Process, Resource, Test};
+use testbus_proto::{Kind, ObjectMeta, Process, Resource, Test};
 use tonic::{Request, Status};
 
 /// Who is calling, as the transport proved it.
@@ -235,14 +235,56 @@ fn denied(caller: &Caller, verb: Verb, what: &str) -> Status {
     e.into()
 }
 
-/// Whether `caller` may `verb` objects of `kind` (a Kind's name, or
-/// "output", "blobs", "tokens", ...) at all.
-pub fn admit(caller: &Caller, verb: Verb, kind: &str) -> Result<Scope, Status> {
+/// What a caller acts on, as authorization sees it: objects of a kind, or
+/// one of the services that keep no objects. An enum, so that a
+/// misspelt target is a compile error (a string was denied in silence:
+/// "certificate" and "certificates" both were in use).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Objects(Kind),
+    /// Process output (Output service).
+    Output,
+    /// Barriers and messages (Sync service).
+    Sync,
+    Blobs,
+    /// Certificates: joins, renewals, revocations.
+    Certificates,
+    /// Join and dashboard tokens.
+    Tokens,
+    Dashboard,
+    Metrics,
+}
+
+impl Target {
+    /// As messages name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Objects(k) => k.name(),
+            Target::Output => "output",
+            Target::Sync => "sync",
+            Target::Blobs => "blobs",
+            Target::Certificates => "certificates",
+            Target::Tokens => "tokens",
+            Target::Dashboard => "dashboard",
+            Target::Metrics => "metrics",
+        }
+    }
+}
+
+impl From<Kind> for Target {
+    fn from(k: Kind) -> Target {
+        Target::Objects(k)
+    }
+}
+
+/// Whether `caller` may `verb` on `target` at all.
+pub fn admit(caller: &Caller, verb: Verb, target: Target) -> Result<Scope, Status> {
+    let kind = target.name();
     match caller {
         Caller::Local | Caller::Insecure => Ok(Scope::All),
         Caller::Certified { role: Role::Admin | Role::Replica, .. } => Ok(Scope::All),
         Caller::Certified { role: Role::Viewer, .. } if verb.reads() => Ok(Scope::All),
-        Caller::Certified { name, role: Role::Agent, pool, .. } if agent_may(verb, kind) => {
+        Caller::Certified { name, role: Role::Agent, pool, .. } if agent_may(verb, target) => {
             Ok(Scope::Host { host: name.clone(), pool: pool.clone() })
         }
         Caller::Anonymous if verb == Verb::Join => Ok(Scope::All),
@@ -258,17 +300,17 @@ pub fn admit(caller: &Caller, verb: Verb, kind: &str) -> Result<Scope, Status> {
 }
 
 /// What an agent may do at all; which objects, its [`Scope`] says.
-fn agent_may(verb: Verb, kind: &str) -> bool {
+fn agent_may(verb: Verb, target: Target) -> bool {
     use Verb::*;
-    match kind {
-        "Host" => matches!(verb, Get | Create | Update | UpdateStatus | RenewLease),
-        "Process" => matches!(verb, Get | List | Watch | Update | UpdateStatus),
-        "Test" => verb == Get,
-        "output" => verb == AppendOutput,
-        "sync" => verb == Sync,
-        "blobs" => verb == ReadBlob,
-        "certificate" => verb == Renew,
-        _ => false,
+    match target {
+        Target::Objects(Kind::Host) => matches!(verb, Get | Create | Update | UpdateStatus | RenewLease),
+        Target::Objects(Kind::Process) => matches!(verb, Get | List | Watch | Update | UpdateStatus),
+        Target::Objects(Kind::Test) => verb == Get,
+        Target::Output => verb == AppendOutput,
+        Target::Sync => verb == Sync,
+        Target::Blobs => verb == ReadBlob,
+        Target::Certificates => verb == Renew,
+        Target::Objects(Kind::HostPool) | Target::Tokens | Target::Dashboard | Target::Metrics => false,
     }
 }
 
@@ -412,7 +454,7 @@ mod tests {
     fn admins_and_the_local_socket_do_everything() {
         for c in [Caller::Local, Caller::Insecure, cert("root", Role::Admin), cert("cp-b", Role::Replica)] {
             for v in [Verb::Delete, Verb::Create, Verb::CreateToken, Verb::Sync] {
-                assert_eq!(admit(&c, v, "Test").unwrap(), Scope::All, "{c:?} {v:?}");
+                assert_eq!(admit(&c, v, Kind::Test.into()).unwrap(), Scope::All, "{c:?} {v:?}");
             }
         }
     }
@@ -421,11 +463,11 @@ mod tests {
     fn a_viewer_reads_and_writes_nothing() {
         let v = cert("alice", Role::Viewer);
         for verb in [Verb::Get, Verb::List, Verb::Watch, Verb::ReadOutput, Verb::ReadBlob] {
-            assert!(admit(&v, verb, "Test").is_ok(), "{verb:?}");
+            assert!(admit(&v, verb, Kind::Test.into()).is_ok(), "{verb:?}");
         }
         for verb in [Verb::Create, Verb::Update, Verb::Delete, Verb::Claim, Verb::Finish, Verb::UploadBlob, Verb::Sync]
         {
-            let e = admit(&v, verb, "Test").unwrap_err();
+            let e = admit(&v, verb, Kind::Test.into()).unwrap_err();
             assert_eq!(e.code(), tonic::Code::PermissionDenied);
             assert!(e.message().contains("viewer \"alice\" may not"), "{}", e.message());
         }
@@ -433,8 +475,8 @@ mod tests {
 
     #[test]
     fn without_a_certificate_only_join() {
-        assert!(admit(&Caller::Anonymous, Verb::Join, "certificate").is_ok());
-        let e = admit(&Caller::Anonymous, Verb::List, "Host").unwrap_err();
+        assert!(admit(&Caller::Anonymous, Verb::Join, Target::Certificates).is_ok());
+        let e = admit(&Caller::Anonymous, Verb::List, Kind::Host.into()).unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unauthenticated);
         assert!(e.message().contains("user create"), "{}", e.message());
     }
@@ -442,12 +484,12 @@ mod tests {
     #[test]
     fn an_agent_acts_for_its_own_host_only() {
         let a = cert("host-a", Role::Agent);
-        let scope = admit(&a, Verb::UpdateStatus, "Host").unwrap();
+        let scope = admit(&a, Verb::UpdateStatus, Kind::Host.into()).unwrap();
         assert!(scope.host(Verb::UpdateStatus, "host-a").is_ok());
         let e = scope.host(Verb::UpdateStatus, "host-b").unwrap_err();
         assert_eq!(e.code(), tonic::Code::PermissionDenied);
         assert!(e.message().contains("agent \"host-a\" may not update the status of Host \"host-b\""), "{e:?}");
-        let scope = admit(&a, Verb::UpdateStatus, "Process").unwrap();
+        let scope = admit(&a, Verb::UpdateStatus, Kind::Process.into()).unwrap();
         assert!(scope.process(Verb::UpdateStatus, &process_on("host-a")).is_ok());
         assert!(scope.process(Verb::UpdateStatus, &process_on("host-b")).is_err());
         let sel = |s: &str| FieldSelector::parse(s).unwrap();
@@ -462,20 +504,20 @@ mod tests {
         assert!(Scope::All.spec_change(host_a, true).is_ok());
         // Never: other kinds, creating processes or tests, deleting.
         for (verb, kind) in [
-            (Verb::Create, "Test"),
-            (Verb::Create, "Process"),
-            (Verb::Delete, "Host"),
-            (Verb::List, "Test"),
-            (Verb::Get, "HostPool"),
-            (Verb::ReadOutput, "output"),
-            (Verb::UploadBlob, "blobs"),
-            (Verb::CreateToken, "tokens"),
+            (Verb::Create, Kind::Test.into()),
+            (Verb::Create, Kind::Process.into()),
+            (Verb::Delete, Kind::Host.into()),
+            (Verb::List, Kind::Test.into()),
+            (Verb::Get, Kind::HostPool.into()),
+            (Verb::ReadOutput, Target::Output),
+            (Verb::UploadBlob, Target::Blobs),
+            (Verb::CreateToken, Target::Tokens),
         ] {
-            assert!(admit(&a, verb, kind).is_err(), "{verb:?} {kind}");
+            assert!(admit(&a, verb, kind).is_err(), "{verb:?} {kind:?}");
         }
         let mut t = Test::default();
         t.meta_mut().name = "t".into();
-        let scope = admit(&a, Verb::Get, "Test").unwrap();
+        let scope = admit(&a, Verb::Get, Kind::Test.into()).unwrap();
         assert!(scope.test(Verb::Get, &t).is_err());
         t.status_mut().claims.insert("server".into(), "host-a".into());
         assert!(scope.test(Verb::Get, &t).is_ok());

@@ -203,7 +203,7 @@ const FREE_CHECK_EVERY: u64 = 8 << 20;
 #[tonic::async_trait]
 impl Blobs for BlobStore {
     async fn upload(&self, req: Request<Streaming<UploadRequest>>) -> Result<Response<BlobRef>, Status> {
-        crate::auth::authorize(self.pki.as_deref(), &req, Verb::UploadBlob, "blobs")?;
+        crate::auth::authorize(self.pki.as_deref(), &req, Verb::UploadBlob, crate::authz::Target::Blobs)?;
         let mut stream = req.into_inner();
         check_reserve(&self.dir, self.min_free)?;
         let tmp = self.dir.join("tmp").join(uuid::Uuid::new_v4().to_string());
@@ -263,7 +263,7 @@ impl Blobs for BlobStore {
     }
 
     async fn stat(&self, req: Request<StatBlobRequest>) -> Result<Response<StatBlobResponse>, Status> {
-        crate::auth::authorize(self.pki.as_deref(), &req, Verb::ReadBlob, "blobs")?;
+        crate::auth::authorize(self.pki.as_deref(), &req, Verb::ReadBlob, crate::authz::Target::Blobs)?;
         let d = req.into_inner().digest;
         if !blob::valid_digest(&d) {
             return Err(bad_digest("digest", &d));
@@ -279,7 +279,7 @@ impl Blobs for BlobStore {
     type DownloadStream = BoxStream<'static, Result<BlobChunk, Status>>;
 
     async fn download(&self, req: Request<DownloadRequest>) -> Result<Response<Self::DownloadStream>, Status> {
-        crate::auth::authorize(self.pki.as_deref(), &req, Verb::ReadBlob, "blobs")?;
+        crate::auth::authorize(self.pki.as_deref(), &req, Verb::ReadBlob, crate::authz::Target::Blobs)?;
         let d = req.into_inner().digest;
         let path = self.path(&d).ok_or_else(|| bad_digest("digest", &d))?;
         self.ensure(&d).await?;

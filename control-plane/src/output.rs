@@ -22,7 +22,7 @@
 //! stop once the process is terminal and everything has been delivered
 //! (agents flush output before they report a final status).
 use crate::api::ApiState;
-use crate::authz::{Scope, Verb};
+use crate::authz::{Scope, Target, Verb};
 use crate::hub;
 use crate::store::{Compare, Event, KeyValue, Op, Store};
 use futures::stream::BoxStream;
@@ -725,7 +725,7 @@ impl Output for OutputService {
     async fn append(&self, req: Request<OutputChunk>) -> Result<Response<AppendOutputResponse>, Status> {
         // In a task of its own: a client that goes away mid-append does not
         // cut it between writing a record and counting it.
-        let scope = self.api.authorize(&req, Verb::AppendOutput, "output")?;
+        let scope = self.api.authorize(&req, Verb::AppendOutput, Target::Output)?;
         let svc = self.clone();
         let c = req.into_inner();
         tokio::spawn(async move { svc.append_chunk(&scope, c).await })
@@ -737,7 +737,7 @@ impl Output for OutputService {
     type ReadStream = BoxStream<'static, Result<OutputChunk, Status>>;
 
     async fn read(&self, req: Request<ReadOutputRequest>) -> Result<Response<Self::ReadStream>, Status> {
-        self.api.authorize(&req, Verb::ReadOutput, "output")?;
+        self.api.authorize(&req, Verb::ReadOutput, Target::Output)?;
         let r = req.into_inner();
         // Subscribed before the first look at the process, so that a
         // follower sees the process end at once, not at its next poll.

@@ -136,7 +136,7 @@ impl SyncService {
 #[tonic::async_trait]
 impl Sync for SyncService {
     async fn barrier(&self, req: Request<BarrierRequest>) -> Result<Response<BarrierResponse>, Status> {
-        let scope = self.st.authorize(&req, Verb::Sync, "sync")?;
+        let scope = self.st.authorize(&req, Verb::Sync, crate::authz::Target::Sync)?;
         let r = req.into_inner();
         sync_key(&r.name).map_err(|e| Status::invalid_argument(format!("name: {e}")))?;
         let me = self.caller(&scope, &r.process).await?;
@@ -181,7 +181,7 @@ impl Sync for SyncService {
     }
 
     async fn send(&self, req: Request<SendRequest>) -> Result<Response<SendResponse>, Status> {
-        let scope = self.st.authorize(&req, Verb::Sync, "sync")?;
+        let scope = self.st.authorize(&req, Verb::Sync, crate::authz::Target::Sync)?;
         let r = req.into_inner();
         sync_key(&r.key).map_err(|e| Status::invalid_argument(format!("key: {e}")))?;
         if r.value.len() > MAX_VALUE {
@@ -209,7 +209,7 @@ impl Sync for SyncService {
     }
 
     async fn recv(&self, req: Request<RecvRequest>) -> Result<Response<RecvResponse>, Status> {
-        let scope = self.st.authorize(&req, Verb::Sync, "sync")?;
+        let scope = self.st.authorize(&req, Verb::Sync, crate::authz::Target::Sync)?;
         let r = req.into_inner();
         sync_key(&r.key).map_err(|e| Status::invalid_argument(format!("key: {e}")))?;
         let me = self.caller(&scope, &r.process).await?;

@@ -462,7 +462,7 @@ fn relink(ctx: Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, name: &str) {
     }
     let (lv, pool_name, name) = (lv.clone(), pool.name().to_string(), name.to_string());
     ctx.clone().guests.spawn(name.clone(), async move {
-        let r = link(&ctx, &lv, &cfg, &name, false).await;
+        let r = link(&ctx, &lv, &cfg, &name, LinkStart::Again).await;
         finish(&ctx, &pool_name, &name, r.map(|_| GuestPhase::Ready));
     });
 }
@@ -713,7 +713,7 @@ fn start_create(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &Po
                 let (l, n) = (lv.clone(), spec.name.clone());
                 blocking(move || l.snapshot(&n, CLEAN_SNAPSHOT)).await.map_err(|e| e.to_string())?;
             }
-            link(&ctx, &lv, &cfg, &spec.name, true).await
+            link(&ctx, &lv, &cfg, &spec.name, LinkStart::Go).await
         }
         .await;
         if r.is_ok() {
@@ -740,10 +740,21 @@ async fn wait_for_mark(log: &std::path::Path, mark: &str, within: Duration) -> R
     }
 }
 
+/// How a guest's link starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LinkStart {
+    /// The guest has just started from its clean snapshot: it is given its
+    /// go (time and join token) first, and marked clean once registered.
+    Go,
+    /// The guest runs on (its relay died, the control plane restarted): the
+    /// link is made again, nothing else.
+    Again,
+}
+
 /// Starts the host side of the guest's link on its pty, then waits until
-/// its agent has registered since. With `go` the guest has just started
-/// from its clean snapshot: it gets its go first, and is marked clean.
-async fn link(ctx: &Context, lv: &Arc<Libvirt>, cfg: &PoolsConfig, name: &str, go: bool) -> Result<(), String> {
+/// its agent has registered since (see [`LinkStart`]).
+async fn link(ctx: &Context, lv: &Arc<Libvirt>, cfg: &PoolsConfig, name: &str, start: LinkStart) -> Result<(), String> {
+    let go = start == LinkStart::Go;
     ctx.guests.set(name, GuestPhase::Linking, "linking");
     let old = ctx.guests.runs.lock().get_mut(name).and_then(|g| g.link.take());
     if let Some(mut old) = old {
@@ -982,7 +993,7 @@ fn start_clean(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &Poo
             blocking(move || l.load_in_place(&n, CLEAN_SNAPSHOT)).await.map_err(|e| e.to_string())?;
             let reverted = started.elapsed();
             cfg.timings.record(&pool_name, GuestWork::Revert, reverted);
-            link(&ctx, &lv, &cfg, &name, true).await?;
+            link(&ctx, &lv, &cfg, &name, LinkStart::Go).await?;
             cfg.timings.record(&pool_name, GuestWork::Clean, started.elapsed());
             tracing::info!(guest = %name, ?reverted, linked = ?started.elapsed() - reverted, "guest clean again");
             Ok(())

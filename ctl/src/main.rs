@@ -1146,7 +1146,8 @@ async fn dispatch(cli: Cli) -> CliResult {
             script::result(&connect(&server).await?, &objects::test_name(&test)?, &path, &outcome, message).await
         }
         Cmd::Finish { test, failed } => {
-            script::finish(&connect(&server).await?, &objects::test_name(&test)?, failed).await
+            let how = if failed { script::Finish::Failed } else { script::Finish::AsResults };
+            script::finish(&connect(&server).await?, &objects::test_name(&test)?, how).await
         }
         Cmd::Cancel { test, message } => {
             script::cancel(&connect(&server).await?, &objects::test_name(&test)?, message.unwrap_or_default()).await

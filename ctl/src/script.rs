@@ -384,7 +384,17 @@ pub async fn result(client: &Client, test: &str, path: &str, outcome: &str, mess
     Ok(0)
 }
 
-pub async fn finish(client: &Client, test: &str, failed: bool) -> CliResult {
+/// How `finish` ends an open test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// Succeeded, unless a recorded result failed.
+    AsResults,
+    /// Failed, whatever its results say (`--failed`).
+    Failed,
+}
+
+pub async fn finish(client: &Client, test: &str, how: Finish) -> CliResult {
+    let failed = how == Finish::Failed;
     client.tests().finish(FinishRequest { test: test.into(), failed, ..Default::default() }).await?;
     crate::progress::wait(client, &[test.to_string()], None, crate::progress::Progress::Quiet).await
 }

@@ -196,7 +196,8 @@ impl Web {
     /// The one gate of every dashboard request: a viewer, an admin, the
     /// local socket or an insecure listener; agents are refused.
     pub(crate) async fn admit(&self, caller: Caller, headers: HeaderMap) -> Result<Admitted, Refused> {
-        match crate::auth::authorize_caller(self.st.pki.as_deref(), &caller, Verb::Get, "dashboard") {
+        match crate::auth::authorize_caller(self.st.pki.as_deref(), &caller, Verb::Get, crate::authz::Target::Dashboard)
+        {
             Ok(Scope::All) => {
                 let csrf = csrf_token(&self.csrf_secret, None, &caller);
                 return Ok(Admitted { scope: Scope::All, caller, headers, csrf });
@@ -360,7 +361,9 @@ pub(crate) use admit;
 
 async fn metrics(State(web): State<Web>, req: Request) -> Response {
     // Scrapers present a certificate; they have no login page.
-    if let Err(s) = crate::auth::authorize_caller(web.st.pki.as_deref(), &caller(&req), Verb::Get, "metrics") {
+    if let Err(s) =
+        crate::auth::authorize_caller(web.st.pki.as_deref(), &caller(&req), Verb::Get, crate::authz::Target::Metrics)
+    {
         return Refused::Status(s).into_response(false);
     }
     match web.st.metrics.render(web.st.store.as_ref()).await {
@@ -430,8 +433,15 @@ async fn test_page(State(web): State<Web>, Path(name): Path<String>, req: Reques
 impl Web {
     /// Whether `caller` may cancel and rerun tests (an admin).
     fn may_act(&self, caller: &Caller) -> bool {
-        crate::auth::authorize_caller(self.st.pki.as_deref(), caller, Verb::Finish, "Test").is_ok()
-            && crate::auth::authorize_caller(self.st.pki.as_deref(), caller, Verb::Create, "Test").is_ok()
+        crate::auth::authorize_caller(self.st.pki.as_deref(), caller, Verb::Finish, testbus_proto::Kind::Test.into())
+            .is_ok()
+            && crate::auth::authorize_caller(
+                self.st.pki.as_deref(),
+                caller,
+                Verb::Create,
+                testbus_proto::Kind::Test.into(),
+            )
+            .is_ok()
     }
 
     /// The checks of an action's POST, in order: from this dashboard's own
