@@ -992,8 +992,10 @@ impl ResourceService<HostPool> {
     ) -> Result<testbus_proto::SnapshotResponse, Status> {
         use testbus_proto::pool::{SnapshotAction, SnapshotOrder, SNAPSHOT_REQUEST};
         const CLEAN_SNAPSHOT: &str = "testbus-clean";
-        let action: SnapshotAction =
-            req.action.parse().map_err(|e: String| Status::invalid_argument(format!("action: {e}")))?;
+        let action: SnapshotAction = req
+            .action
+            .parse()
+            .map_err(|e: testbus_proto::states::Unknown| Status::invalid_argument(format!("action: {e}")))?;
         if action != SnapshotAction::List {
             testbus_proto::validate::dns_label(&req.name)
                 .map_err(|e| Status::invalid_argument(format!("name: {e}")))?;

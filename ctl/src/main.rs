@@ -359,8 +359,8 @@ enum Cmd {
     )]
     Snapshot {
         /// create, revert, delete or list.
-        #[arg(value_parser = ["create", "revert", "delete", "list"])]
-        action: String,
+        #[arg(value_parser = parse_snapshot_action)]
+        action: testbus_proto::pool::SnapshotAction,
         /// The guest's host name.
         #[arg(add = ArgValueCompleter::new(complete::hosts))]
         host: String,
@@ -413,6 +413,10 @@ fn parse_ttl(s: &str) -> Result<String, String> {
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     duration::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_snapshot_action(s: &str) -> Result<testbus_proto::pool::SnapshotAction, String> {
+    s.parse().map_err(|e: testbus_proto::states::Unknown| e.to_string())
 }
 
 fn parse_time(s: &str) -> Result<std::time::SystemTime, String> {
@@ -1153,23 +1157,30 @@ async fn dispatch(cli: Cli) -> CliResult {
             script::cancel(&connect(&server).await?, &objects::test_name(&test)?, message.unwrap_or_default()).await
         }
         Cmd::Snapshot { action, host, name } => {
-            let name = match (action.as_str(), name) {
-                ("list", None) => String::new(),
-                ("list", Some(_)) => return Err(CliError::usage("snapshot list: takes HOST only")),
+            use testbus_proto::pool::SnapshotAction;
+            let name = match (action, name) {
+                (SnapshotAction::List, None) => String::new(),
+                (SnapshotAction::List, Some(_)) => return Err(CliError::usage("snapshot list: takes HOST only")),
                 (_, Some(n)) => n,
-                (a, None) => return Err(CliError::usage(format!("snapshot {a}: give HOST NAME"))),
+                (a, None) => return Err(CliError::usage(format!("snapshot {}: give HOST NAME", a.as_str()))),
             };
             let client = connect(&server).await?;
-            let req = testbus_proto::SnapshotRequest { host: host.clone(), action: action.clone(), name: name.clone() };
+            let req = testbus_proto::SnapshotRequest {
+                host: host.clone(),
+                action: action.as_str().into(),
+                name: name.clone(),
+            };
             let r = testbus_proto::host_pools_client::HostPoolsClient::new(client.channel()).snapshot(req).await?;
-            match action.as_str() {
-                "list" => {
+            match action {
+                SnapshotAction::List => {
                     for s in r.into_inner().snapshots {
                         println!("{s}");
                     }
                 }
-                "revert" => println!("host/{host} reverted to snapshot {name}"),
-                a => println!("snapshot {name} of host/{host} {a}d"),
+                SnapshotAction::Revert => println!("host/{host} reverted to snapshot {name}"),
+                SnapshotAction::Create | SnapshotAction::Delete => {
+                    println!("snapshot {name} of host/{host} {}d", action.as_str())
+                }
             }
             Ok(0)
         }

@@ -30,16 +30,29 @@ pub enum SnapshotAction {
     List,
 }
 
-impl std::str::FromStr for SnapshotAction {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "create" => Ok(SnapshotAction::Create),
-            "revert" => Ok(SnapshotAction::Revert),
-            "delete" => Ok(SnapshotAction::Delete),
-            "list" => Ok(SnapshotAction::List),
-            other => Err(format!("{other:?} is not one of create, revert, delete, list")),
+impl SnapshotAction {
+    pub const ALL: [SnapshotAction; 4] =
+        [SnapshotAction::Create, SnapshotAction::Revert, SnapshotAction::Delete, SnapshotAction::List];
+
+    /// As the wire and the command line say it.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            SnapshotAction::Create => "create",
+            SnapshotAction::Revert => "revert",
+            SnapshotAction::Delete => "delete",
+            SnapshotAction::List => "list",
         }
+    }
+}
+
+impl std::str::FromStr for SnapshotAction {
+    type Err = crate::states::Unknown;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        SnapshotAction::ALL.into_iter().find(|a| a.as_str() == s).ok_or_else(|| crate::states::Unknown {
+            what: "snapshot action",
+            value: s.to_string(),
+            known: SnapshotAction::ALL.iter().map(|a| a.as_str()).collect(),
+        })
     }
 }
 
@@ -220,6 +233,15 @@ pub fn clean_enough(h: &Host) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn snapshot_actions_round_trip_and_unknown_ones_are_named() {
+        for a in SnapshotAction::ALL {
+            assert_eq!(a.as_str().parse::<SnapshotAction>(), Ok(a));
+        }
+        let e = "undo".parse::<SnapshotAction>().unwrap_err();
+        assert_eq!(e.to_string(), "\"undo\" is not a snapshot action (one of create, revert, delete, list)");
+    }
 
     #[test]
     fn pool_uris_name_only_what_testbus_supports() {
