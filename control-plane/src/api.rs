@@ -2,8 +2,9 @@
 //! generic over the kind; the macro at the bottom binds them to each
 //! generated service trait. Kind-specific rules are in [`Policy`].
 use crate::authz::{Scope, Verb};
-use crate::hub::{self, Filter, Hub, HubEvent};
-use crate::store::{Compare, Op, Store, StoreError};
+use crate::hub::{self, Filter, HubEvent};
+use crate::state::ApiState;
+use crate::store::{Compare, Op, StoreError};
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use std::sync::Arc;
@@ -280,37 +281,6 @@ impl Policy for Process {
     }
 }
 
-/// Shared state of the API: the store and the watch hub.
-#[derive(Clone)]
-pub struct ApiState {
-    pub store: Arc<dyn Store>,
-    pub hub: Arc<Hub>,
-    pub blobs: crate::blobs::BlobStore,
-    /// Credentials; None when serving without TLS.
-    pub pki: Option<Arc<crate::auth::Pki>>,
-    pub metrics: Arc<crate::metrics::Metrics>,
-    /// Watches one identity may hold at once.
-    pub watch_quota: Arc<crate::quota::Quota>,
-}
-
-/// Watches one identity may hold at once (about 8 KiB each): a viewer's
-/// dashboards and scripts, an agent's one. The local socket (the
-/// controllers) is not counted.
-pub const MAX_WATCHES_PER_IDENTITY: usize = 1024;
-
-impl ApiState {
-    pub fn new(
-        store: Arc<dyn Store>,
-        hub: Arc<Hub>,
-        blobs: crate::blobs::BlobStore,
-        pki: Option<Arc<crate::auth::Pki>>,
-        metrics: Arc<crate::metrics::Metrics>,
-    ) -> ApiState {
-        let watch_quota = crate::quota::Quota::new("watches", MAX_WATCHES_PER_IDENTITY);
-        ApiState { store, hub, blobs, pki, metrics, watch_quota }
-    }
-}
-
 pub struct ResourceService<K> {
     st: ApiState,
     _k: std::marker::PhantomData<fn() -> K>,
@@ -364,8 +334,7 @@ impl<K: Policy> ResourceService<K> {
     }
 
     pub async fn load(&self, name: &str) -> Result<(K, u64), Status> {
-        let kv = self.st.store.get(&Self::key(name)).await.map_err(store_err)?.ok_or_else(|| Self::not_found(name))?;
-        Ok((Self::decode(&kv)?, kv.mod_revision))
+        self.st.load(name).await
     }
 
     /// Every file an object names must have been uploaded.
@@ -1072,7 +1041,9 @@ impl ResourceService<HostPool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hub::Hub;
     use crate::store::embedded::EmbeddedStore;
+    use crate::store::Store;
     use testbus_proto::{HostRequirement, ProcessSpec, TestSpec};
 
     async fn state(dir: &tempfile::TempDir) -> ApiState {

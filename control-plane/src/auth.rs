@@ -10,9 +10,9 @@
 //!   versions, is a host's).
 //! - `/auth/ca`: the CA certificate the replicas on this store share (its
 //!   key is never stored: see [`Pki::check_shared_ca`]).
-use crate::api::ApiState;
 use crate::authz::{self, Caller, Scope, Target, Verb};
 use crate::error::ApiError;
+use crate::state::ApiState;
 use crate::store::{Compare, Op};
 use parking_lot::RwLock;
 use std::collections::HashMap;
@@ -345,8 +345,7 @@ impl AuthService {
         if take_over {
             return Ok(());
         }
-        let hosts = crate::api::ResourceService::<testbus_proto::Host>::new(self.st.clone());
-        let h = match hosts.load(host).await {
+        let h = match self.st.load::<testbus_proto::Host>(host).await {
             Ok((h, _)) => h,
             Err(s) if s.code() == tonic::Code::NotFound => return Ok(()),
             Err(s) => return Err(s),

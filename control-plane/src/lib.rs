@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod output;
 pub mod quota;
 pub mod server;
+pub mod state;
 pub mod store;
 pub mod sync;
 pub mod sync_index;

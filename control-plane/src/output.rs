@@ -21,9 +21,9 @@
 //! (the agent re-sends from the length the error names). Readers that follow
 //! stop once the process is terminal and everything has been delivered
 //! (agents flush output before they report a final status).
-use crate::api::ApiState;
 use crate::authz::{Scope, Target, Verb};
 use crate::hub;
+use crate::state::ApiState;
 use crate::store::{Compare, Event, KeyValue, Op, Store};
 use futures::stream::BoxStream;
 use futures::StreamExt;

@@ -1,9 +1,10 @@
 //! Wiring: open the store, start the hub, serve the API on every listener,
 //! run the controllers, stop on a shutdown signal.
-use crate::api::{ApiState, ResourceService};
+use crate::api::ResourceService;
 use crate::authz::Caller;
 use crate::hub::Hub;
 use crate::output::OutputService;
+use crate::state::ApiState;
 use crate::store::{embedded::EmbeddedStore, Store};
 use anyhow::{bail, Context};
 use futures::StreamExt;

@@ -9,9 +9,9 @@
 //! A barrier's participants are every member the test claimed (or those of
 //! the roles the call names), read from the claim by each caller: fixed by
 //! the claim, never by who arrives first or which processes run.
-use crate::api::ApiState;
 use crate::authz::{Scope, Verb};
 use crate::hub;
+use crate::state::ApiState;
 use crate::store::{Compare, Op};
 use crate::sync_index::{SyncIndex, Wakeup};
 use std::collections::{BTreeMap, BTreeSet};

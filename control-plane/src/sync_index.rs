@@ -9,8 +9,8 @@
 //! reads the test's processes here instead of listing every stored Process.
 //! When a feed ends (a watcher dropped as too slow, the store watch lost) the
 //! index lists again and wakes every waiter.
-use crate::api::ApiState;
 use crate::hub::{self, HubEvent};
+use crate::state::ApiState;
 use crate::store::Revision;
 use futures::StreamExt;
 use parking_lot::Mutex;

@@ -26,9 +26,10 @@ mod graph;
 mod live;
 mod pages;
 
-use crate::api::{ApiState, ResourceService};
+use crate::api::ResourceService;
 use crate::authz::{Caller, Scope, Verb};
 use crate::output::OutputService;
+use crate::state::ApiState;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
