@@ -914,7 +914,7 @@ bind_service!(hosts_server::Hosts, Host, HostList, HostEvent, {
 bind_service!(tests_server::Tests, Test, TestList, TestEvent, {
     async fn claim(&self, req: Request<ClaimRequest>) -> Result<Response<Test>, Status> {
         let id = self.st.authorize(&req, Verb::Claim, Kind::Test.into())?;
-        let started = std::time::Instant::now();
+        let started = tokio::time::Instant::now();
         let r = ResourceService::claim(self, &id, req.into_inner()).await.map(Response::new);
         self.st.metrics.claim_seconds.observe(started.elapsed().as_secs_f64());
         r

@@ -410,9 +410,9 @@ mod tests {
             let out = store.txn(vec![], vec![Op::Put(key(Kind::Test, &format!("t{i}")), t.to_stored())]).await.unwrap();
             last = out.revision;
         }
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
         while hub.revision() < last {
-            assert!(std::time::Instant::now() < deadline, "the hub never caught up");
+            assert!(tokio::time::Instant::now() < deadline, "the hub never caught up");
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         {

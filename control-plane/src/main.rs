@@ -222,11 +222,11 @@ async fn local_client(data_dir: Option<PathBuf>) -> anyhow::Result<testbus_proto
     let sock = dir.join("api.sock");
     // A control plane started a moment ago (`testbus-control-plane &` in a
     // script) is waited for, a few seconds at most.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         match testbus_proto::client::Client::connect(&format!("unix:{}", sock.display())).await {
             Ok(c) => return Ok(c),
-            Err(_) if std::time::Instant::now() < deadline => {
+            Err(_) if tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
             Err(e) => {

@@ -17,7 +17,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::Instant;
+use tokio::time::Instant;
 use testbus_proto::states::TestPhase;
 use testbus_proto::{phase, Object, Resource};
 

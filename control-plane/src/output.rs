@@ -229,7 +229,7 @@ struct Log {
     sink: Sink,
     /// When it was last appended to: the least recently used file handle
     /// is the one closed when too many are open.
-    last_used: std::time::Instant,
+    last_used: tokio::time::Instant,
     /// Its process has ended: its output is complete, appends are refused.
     ended: bool,
     /// Its counts were read from its file or chunks. A file log is in the
@@ -245,7 +245,7 @@ impl Log {
         Log {
             counts: Counts::default(),
             sink: Sink::File { file: None, size },
-            last_used: std::time::Instant::now(),
+            last_used: tokio::time::Instant::now(),
             ended: false,
             loaded: false,
         }
@@ -340,7 +340,7 @@ impl OutputService {
             let logs = self.logs.lock();
             logs.iter().filter(|(u, _)| u.as_str() != keep).map(|(u, l)| (u.clone(), l.clone())).collect()
         };
-        let mut oldest: Option<(std::time::Instant, tokio::sync::OwnedMutexGuard<Log>)> = None;
+        let mut oldest: Option<(tokio::time::Instant, tokio::sync::OwnedMutexGuard<Log>)> = None;
         for (_, l) in logs {
             let Ok(g) = l.try_lock_owned() else { continue };
             if matches!(g.sink, Sink::File { file: Some(_), .. })
@@ -586,7 +586,7 @@ impl OutputService {
         if l.ended {
             return Err(ended(&c.process));
         }
-        l.last_used = std::time::Instant::now();
+        l.last_used = tokio::time::Instant::now();
         let s = stream as usize;
         let piece = if self.shared.is_some() { STORE_PIECE } else { MAX_CHUNK };
         let now = std::time::SystemTime::now()
@@ -703,7 +703,7 @@ fn load_file(path: &std::path::Path) -> std::io::Result<Log> {
     Ok(Log {
         counts,
         sink: Sink::File { file: None, size },
-        last_used: std::time::Instant::now(),
+        last_used: tokio::time::Instant::now(),
         ended: false,
         loaded: true,
     })
@@ -717,7 +717,7 @@ async fn load_store(store: &dyn Store, uid: &str) -> Result<Log, Status> {
         counts.fold(&kv.value);
     }
     let next = kvs.last().and_then(|kv| seq_of(&kv.key)).map_or(0, |s| s + 1);
-    Ok(Log { counts, sink: Sink::Store { next }, last_used: std::time::Instant::now(), ended: false, loaded: true })
+    Ok(Log { counts, sink: Sink::Store { next }, last_used: tokio::time::Instant::now(), ended: false, loaded: true })
 }
 
 #[tonic::async_trait]

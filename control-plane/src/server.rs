@@ -402,7 +402,7 @@ struct LogBudget {
     per_minute: u32,
     /// The minute's start, lines said in it, lines held back since the
     /// last one said.
-    state: parking_lot::Mutex<Option<(std::time::Instant, u32, u64)>>,
+    state: parking_lot::Mutex<Option<(tokio::time::Instant, u32, u64)>>,
 }
 
 impl LogBudget {
@@ -412,10 +412,10 @@ impl LogBudget {
 
     /// Some(lines held back since the last one) if a line may be said now.
     fn take(&self) -> Option<u64> {
-        self.take_at(std::time::Instant::now())
+        self.take_at(tokio::time::Instant::now())
     }
 
-    fn take_at(&self, now: std::time::Instant) -> Option<u64> {
+    fn take_at(&self, now: tokio::time::Instant) -> Option<u64> {
         let mut st = self.state.lock();
         let (start, said, held) = st.get_or_insert((now, 0, 0));
         if now.duration_since(*start) >= Duration::from_secs(60) {
@@ -1030,7 +1030,7 @@ mod tests {
     #[test]
     fn a_log_budget_says_a_few_lines_a_minute_and_counts_the_rest() {
         let budget = LogBudget::new(2);
-        let t0 = std::time::Instant::now();
+        let t0 = tokio::time::Instant::now();
         assert_eq!(budget.take_at(t0), Some(0));
         assert_eq!(budget.take_at(t0), Some(0));
         assert_eq!(budget.take_at(t0 + Duration::from_secs(1)), None);

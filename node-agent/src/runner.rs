@@ -529,7 +529,7 @@ impl ProcessRunner {
                 tracing::warn!(process = %name, error = %e, "cannot record the process as started in its group file");
             }
         }
-        let spawning = std::time::Instant::now();
+        let spawning = tokio::time::Instant::now();
         let mut child = {
             let mut tries = 0;
             loop {
