@@ -10,6 +10,9 @@
 //!
 //!   relay_bench link [--baud N] [--seconds S]
 //!   relay_bench proxy --relay PATH [--mb N] [--pings N]
+// A benchmark measures the real clock (the daemons' ban on std's Instant
+// is for time that tests drive).
+#![allow(clippy::disallowed_types)]
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
