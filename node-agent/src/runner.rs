@@ -79,6 +79,71 @@ pub enum Ended {
     },
 }
 
+/// How a process's end reads in its status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndStatus {
+    pub phase: ProcessPhase,
+    pub reason: ProcessReason,
+    pub message: String,
+    pub exit_code: Option<i32>,
+    /// What its signal field says: the signal that ended it (empty when it
+    /// was stopped before it started); None leaves the field alone.
+    pub signal: Option<String>,
+}
+
+/// The status a process's end gives it: the decision alone, unit-tested;
+/// the runner writes it. `exit_codes` are the spec's codes that count as
+/// success (none: 0 only); `stop_reason` is why it was asked to stop
+/// (the spec's `stopReason`, empty when nobody said).
+pub fn end_status(ended: &Ended, exit_codes: &[i32], stop_reason: &str) -> EndStatus {
+    let end = |phase, reason, message: String| EndStatus { phase, reason, message, exit_code: None, signal: None };
+    let passed = |code: &i32| exit_codes.is_empty() && *code == 0 || exit_codes.contains(code);
+    let verdict = |ok: bool| match ok {
+        true => (ProcessPhase::Succeeded, ProcessReason::Completed),
+        false => (ProcessPhase::Failed, ProcessReason::NonZeroExit),
+    };
+    match ended {
+        Ended::Exited(code) => {
+            let (phase, reason) = verdict(passed(code));
+            let message = if passed(code) { String::new() } else { format!("exit code {code}") };
+            EndStatus { exit_code: Some(*code), ..end(phase, reason, message) }
+        }
+        Ended::NotExecuted { code, message } => {
+            // Only a code the test named counts as success (a shell's 127
+            // is never a plain 0).
+            let (phase, reason) = verdict(exit_codes.contains(code));
+            let message = format!("{message} (exit code {code}, as a shell's)");
+            EndStatus { exit_code: Some(*code), ..end(phase, reason, message) }
+        }
+        Ended::Signalled(sig) => EndStatus {
+            signal: Some(sig.to_string()),
+            ..end(ProcessPhase::Failed, ProcessReason::Signalled, format!("killed by {sig}"))
+        },
+        Ended::TimedOut { after, signal } => EndStatus {
+            signal: Some(signal.to_string()),
+            ..end(
+                ProcessPhase::Failed,
+                ProcessReason::TimedOut,
+                format!("timed out after {}", duration::format(*after)),
+            )
+        },
+        Ended::Stopped { by, signal } => {
+            let (reason, message) = match by {
+                StopReason::Requested if stop_reason.is_empty() => {
+                    (ProcessReason::Stopped, "stopped on request".into())
+                }
+                StopReason::Requested => (ProcessReason::Stopped, format!("stopped: {stop_reason}")),
+                StopReason::AgentShutdown => (ProcessReason::AgentShutdown, "the agent shut down".into()),
+            };
+            EndStatus {
+                signal: Some(signal.map(|g| g.to_string()).unwrap_or_default()),
+                ..end(ProcessPhase::Killed, reason, message)
+            }
+        }
+        Ended::SetupFailed { reason, message } => end(ProcessPhase::Failed, *reason, message.clone()),
+    }
+}
+
 /// A runner's latest copy of its Process: what the watch delivered, then
 /// what each of its own status writes returned. Reports start from it, so
 /// one is usually a single write with no read before it.
@@ -241,50 +306,15 @@ impl ProcessRunner {
             s.stderr_bytes = sizes.1.bytes;
             s.stdout_truncated = sizes.0.truncated;
             s.stderr_truncated = sizes.1.truncated;
-            match &ended {
-                Ended::Exited(code) => {
-                    let ok = exit_codes.is_empty() && *code == 0 || exit_codes.contains(code);
-                    s.phase = if ok { ProcessPhase::Succeeded } else { ProcessPhase::Failed }.into();
-                    s.exit_code = Some(*code);
-                    s.reason = if ok { ProcessReason::Completed } else { ProcessReason::NonZeroExit }.into();
-                    s.message = if ok { String::new() } else { format!("exit code {code}") };
-                }
-                Ended::NotExecuted { code, message } => {
-                    let ok = exit_codes.contains(code);
-                    s.phase = if ok { ProcessPhase::Succeeded } else { ProcessPhase::Failed }.into();
-                    s.exit_code = Some(*code);
-                    s.reason = if ok { ProcessReason::Completed } else { ProcessReason::NonZeroExit }.into();
-                    s.message = format!("{message} (exit code {code}, as a shell's)");
-                }
-                Ended::Signalled(sig) => {
-                    s.phase = ProcessPhase::Failed.into();
-                    s.signal = sig.to_string();
-                    s.reason = ProcessReason::Signalled.into();
-                    s.message = format!("killed by {sig}");
-                }
-                Ended::TimedOut { after, signal } => {
-                    s.phase = ProcessPhase::Failed.into();
-                    s.signal = signal.to_string();
-                    s.reason = ProcessReason::TimedOut.into();
-                    s.message = format!("timed out after {}", duration::format(*after));
-                }
-                Ended::Stopped { by, signal } => {
-                    s.phase = ProcessPhase::Killed.into();
-                    s.signal = signal.map(|g| g.to_string()).unwrap_or_default();
-                    let (reason, message) = match by {
-                        StopReason::Requested if why.is_empty() => {
-                            (ProcessReason::Stopped, "stopped on request".into())
-                        }
-                        StopReason::Requested => (ProcessReason::Stopped, format!("stopped: {why}")),
-                        StopReason::AgentShutdown => (ProcessReason::AgentShutdown, "the agent shut down".into()),
-                    };
-                    (s.reason, s.message) = (reason.into(), message);
-                }
-                Ended::SetupFailed { reason, message } => {
-                    s.phase = ProcessPhase::Failed.into();
-                    s.reason = (*reason).into();
-                    s.message = message.clone();
-                }
+            let end = end_status(&ended, &exit_codes, &why);
+            s.phase = end.phase.into();
+            s.reason = end.reason.into();
+            s.message = end.message;
+            if end.exit_code.is_some() {
+                s.exit_code = end.exit_code;
+            }
+            if let Some(signal) = end.signal {
+                s.signal = signal;
             }
             true
         })
@@ -1023,10 +1053,52 @@ pub async fn report(api: &Api<Process>, known: &Known, mut f: impl FnMut(&mut Pr
 
 #[cfg(test)]
 mod tests {
-    use super::{deliver, program_path, shell_code, unless_stopped, Command, Ended, StopReason};
+    use super::{deliver, end_status, program_path, shell_code, unless_stopped, Command, Ended, SignalNo, StopReason};
     use std::path::PathBuf;
     use std::time::Duration;
+    use testbus_proto::states::{ProcessPhase, ProcessReason};
     use tokio::sync::mpsc;
+
+    /// Every way a process can end, as its status reads (the decision the
+    /// runner writes).
+    #[test]
+    fn each_end_reads_as_its_status() {
+        let st = |e: &Ended, codes: &[i32], why: &str| {
+            let s = end_status(e, codes, why);
+            (s.phase, s.reason, s.message, s.exit_code, s.signal)
+        };
+        let ok = (ProcessPhase::Succeeded, ProcessReason::Completed, String::new(), Some(0), None);
+        assert_eq!(st(&Ended::Exited(0), &[], ""), ok);
+        let failed = st(&Ended::Exited(3), &[], "");
+        assert_eq!(failed, (ProcessPhase::Failed, ProcessReason::NonZeroExit, "exit code 3".into(), Some(3), None));
+        assert_eq!(st(&Ended::Exited(3), &[0, 3], "").0, ProcessPhase::Succeeded, "a code the test names passes");
+        assert_eq!(st(&Ended::Exited(0), &[3], "").0, ProcessPhase::Failed, "then 0 is not one");
+        let missing = Ended::NotExecuted { code: 127, message: "nope: not found".into() };
+        let (phase, reason, message, code, _) = st(&missing, &[], "");
+        assert_eq!((phase, reason, code), (ProcessPhase::Failed, ProcessReason::NonZeroExit, Some(127)));
+        assert_eq!(message, "nope: not found (exit code 127, as a shell's)");
+        assert_eq!(st(&missing, &[127], "").0, ProcessPhase::Succeeded);
+        let killed = st(&Ended::Signalled(SignalNo(9)), &[], "");
+        assert_eq!((killed.0, killed.1, killed.4.is_some()), (ProcessPhase::Failed, ProcessReason::Signalled, true));
+        let timed = st(&Ended::TimedOut { after: Duration::from_secs(90), signal: SignalNo(15) }, &[], "");
+        assert_eq!((timed.0, timed.1), (ProcessPhase::Failed, ProcessReason::TimedOut));
+        assert!(timed.2.starts_with("timed out after "), "{}", timed.2);
+        let asked = Ended::Stopped { by: StopReason::Requested, signal: None };
+        let stopped =
+            (ProcessPhase::Killed, ProcessReason::Stopped, "stopped on request".into(), None, Some(String::new()));
+        assert_eq!(st(&asked, &[], ""), stopped);
+        assert_eq!(st(&asked, &[], "its test ended (Failed)").2, "stopped: its test ended (Failed)");
+        let shut = st(&Ended::Stopped { by: StopReason::AgentShutdown, signal: Some(SignalNo(15)) }, &[], "x");
+        assert_eq!(
+            (shut.0, shut.1, shut.2.as_str()),
+            (ProcessPhase::Killed, ProcessReason::AgentShutdown, "the agent shut down")
+        );
+        let setup = Ended::SetupFailed { reason: ProcessReason::FileFailed, message: "no blob".into() };
+        assert_eq!(
+            st(&setup, &[], ""),
+            (ProcessPhase::Failed, ProcessReason::FileFailed, "no blob".into(), None, None)
+        );
+    }
 
     /// What cannot be executed is the command's fault, with a shell's
     /// codes; what the host lacks stays the host's.
