@@ -22,6 +22,7 @@ pub mod runtime;
 pub mod schedule;
 pub mod test_lifecycle;
 pub mod test_plan;
+pub mod wakes;
 
 use runtime::{reflect, Cache, Queue};
 use std::sync::Arc;
@@ -72,20 +73,27 @@ pub struct Context {
     pub ledger: health::Ledger,
 }
 
-/// Scheduling-relevant parts of a host changed (or it appeared/vanished).
-fn schedulable_changed(old: Option<&Host>, new: Option<&Host>) -> bool {
-    let key = |h: &Host| {
-        (
-            h.status().phase.clone(),
-            h.spec().unschedulable,
-            h.status().claim.clone(),
-            h.status().capabilities.clone(),
-            h.spec().capabilities.clone(),
-            // A pool guest cleaned (or used) changes what is free.
-            testbus_proto::pool::clean_enough(h),
-        )
-    };
-    old.map(key) != new.map(key)
+impl Context {
+    /// Puts what a change wakes on the queues (see [`wakes`]).
+    fn wake(&self, w: wakes::Wakes) {
+        for h in &w.hosts {
+            self.host_queue.add(h);
+        }
+        for t in &w.tests {
+            self.test_queue.add(t);
+        }
+        if w.schedule {
+            self.schedule_queue.add(test_lifecycle::SCHEDULE);
+        }
+        for p in &w.pools {
+            self.pool_queue.add(p);
+        }
+        if w.all_pools {
+            for p in self.pools.list() {
+                self.pool_queue.add(p.name());
+            }
+        }
+    }
 }
 
 /// Feeds `cache` from a watch of its kind, calling `on_change` for every
@@ -126,63 +134,23 @@ pub async fn run(client: Client, cfg: Config, stop: CancellationToken) -> Result
     {
         let c = ctx.clone();
         spawn_reflector(&mut tasks, &client, &ctx.hosts, &stop, move |(old, new)| {
-            let h = new.as_ref().or(old.as_ref());
-            if let Some(h) = h {
-                c.host_queue.add(h.name());
-            }
-            for claim in [old, new].into_iter().flatten().filter_map(|h| h.status().claim.as_ref()) {
-                c.test_queue.add(&claim.test);
-            }
-            if schedulable_changed(old.as_deref(), new.as_deref()) {
-                c.schedule_queue.add(test_lifecycle::SCHEDULE);
-            }
-            // A pool watches its guests' Hosts.
-            for pool in [old, new].into_iter().flatten().filter_map(|h| testbus_proto::pool::pool_of(h)) {
-                c.pool_queue.add(pool);
-            }
+            c.wake(wakes::host(old.as_deref(), new.as_deref()))
         });
-    }
-    {
         let c = ctx.clone();
         spawn_reflector(&mut tasks, &client, &ctx.pools, &stop, move |(old, new)| {
-            if let Some(p) = new.as_ref().or(old.as_ref()) {
-                c.pool_queue.add(p.name());
-            }
+            c.wake(wakes::pool(old.as_deref(), new.as_deref()))
         });
-    }
-    {
         let c = ctx.clone();
         spawn_reflector(&mut tasks, &client, &ctx.tests, &stop, move |(old, new)| {
-            if let Some(t) = new.as_ref().or(old.as_ref()) {
-                c.test_queue.add(t.name());
-            }
-            // A test that starts waiting is scheduled; one that stops
-            // (claimed, ended or deleted) no longer holds hosts back from
-            // those queued behind it: one pass of the scheduler for both.
-            let was_pending = old.as_deref().is_some_and(testbus_proto::states::waits_for_hosts);
-            let is_pending = new.as_deref().is_some_and(testbus_proto::states::waits_for_hosts);
-            if was_pending != is_pending {
-                c.schedule_queue.add(test_lifecycle::SCHEDULE);
-            }
-            // Pools make guests for pending tests.
-            if was_pending || is_pending {
-                for p in c.pools.list() {
-                    c.pool_queue.add(p.name());
-                }
-            }
+            c.wake(wakes::test(old.as_deref(), new.as_deref()))
         });
-    }
-    {
         let c = ctx.clone();
         spawn_reflector(&mut tasks, &client, &ctx.processes, &stop, move |(old, new)| {
-            if let Some(p) = new.as_ref().or(old.as_ref()) {
-                c.test_queue.add(&p.spec().test);
-            }
             // A process seen ended counts for (or against) its host.
             if let Some(p) = new.as_ref().filter(|p| testbus_proto::phase::process_terminal(&p.status().phase)) {
                 c.ledger.record(p);
-                c.host_queue.add(&p.spec().host_name);
             }
+            c.wake(wakes::process(old.as_deref(), new.as_deref()))
         });
     }
     // Reconcile only from complete caches.
@@ -198,6 +166,15 @@ pub async fn run(client: Client, cfg: Config, stop: CancellationToken) -> Result
         return Err(e);
     }
     tracing::info!("controllers: caches synced");
+    spawn_workers(&mut tasks, &ctx, &stop);
+    while tasks.join_next().await.is_some() {}
+    ctx.guests.shutdown().await;
+    Ok(())
+}
+
+/// One worker per queue: hosts, tests, the scheduler and pools, each
+/// reconciling the keys its queue hands out until `stop`.
+fn spawn_workers(tasks: &mut tokio::task::JoinSet<()>, ctx: &Arc<Context>, stop: &CancellationToken) {
     {
         let c = ctx.clone();
         tasks.spawn(runtime::run_worker(
@@ -274,7 +251,4 @@ pub async fn run(client: Client, cfg: Config, stop: CancellationToken) -> Result
             stop.child_token(),
         ));
     }
-    while tasks.join_next().await.is_some() {}
-    ctx.guests.shutdown().await;
-    Ok(())
 }
