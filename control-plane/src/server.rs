@@ -806,16 +806,7 @@ async fn serve(
     let Running { stop, cut, servers, background } = running;
     let stop = stop.clone();
     let pki = tls.as_ref().map(|t| t.pki.clone());
-    let mut blobs = crate::blobs::BlobStore::open(&cfg.data_dir.join("blobs"), cfg.min_free_bytes)
-        .context("opening the blob store")?
-        .with_pki(pki.clone());
-    if etcd.is_some() {
-        let id = crate::blobs::replica_id(&cfg.data_dir).context("the replica id in the data dir")?;
-        let advertise = cfg.advertise()?;
-        tracing::info!(replica = %id, %advertise, "sharing blobs with the other replicas");
-        let tls = tls.as_ref().map(|t| t.peer_tls.clone());
-        blobs = blobs.with_peers(crate::blobs::Peers { store: store.clone(), id, advertise, tls });
-    }
+    let blobs = blob_store(cfg, &store, etcd.is_some(), tls.as_ref(), pki.clone())?;
     // With a shared store, output lives there so that every replica reads it.
     let shared = etcd.is_some().then(|| store.clone());
     let state = ApiState::new(store, hub, blobs.clone(), pki, metrics);
@@ -838,44 +829,7 @@ async fn serve(
         let _ = sync_feed.await;
     });
 
-    let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<HostsServer<ResourceService<Host>>>().await;
-    health_reporter.set_serving::<TestsServer<ResourceService<Test>>>().await;
-    health_reporter.set_serving::<ProcessesServer<ResourceService<Process>>>().await;
-    health_reporter.set_serving::<HostPoolsServer<ResourceService<HostPool>>>().await;
-    health_reporter.set_serving::<OutputServer<OutputService>>().await;
-    health_reporter.set_serving::<SyncServer<crate::sync::SyncService>>().await;
-    health_reporter.set_serving::<BlobsServer<crate::blobs::BlobStore>>().await;
-    health_reporter.set_serving::<AuthServer<crate::auth::AuthService>>().await;
-    // Reflection in both versions: v1, and v1alpha, which Google's own
-    // clients (grpcio-reflection, grpcurl before 1.9) still speak.
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(testbus_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(testbus_proto::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
-    let mut grpc = tonic::service::Routes::builder();
-    grpc.add_service(health)
-        .add_service(reflection)
-        .add_service(reflection_v1alpha)
-        .add_service(HostsServer::new(ResourceService::<Host>::new(state.clone())).max_decoding_message_size(8 << 20))
-        .add_service(TestsServer::new(ResourceService::<Test>::new(state.clone())).max_decoding_message_size(8 << 20))
-        .add_service(
-            ProcessesServer::new(ResourceService::<Process>::new(state.clone())).max_decoding_message_size(8 << 20),
-        )
-        .add_service(
-            HostPoolsServer::new(ResourceService::<HostPool>::new(state.clone())).max_decoding_message_size(8 << 20),
-        )
-        .add_service(OutputServer::new(output.clone()).max_decoding_message_size(8 << 20))
-        .add_service(SyncServer::new(sync).max_decoding_message_size(4 << 20))
-        .add_service(BlobsServer::new(blobs).max_decoding_message_size(4 << 20))
-        .add_service(AuthServer::new(crate::auth::AuthService::new(state.clone())));
-    // Plain HTTP beside gRPC on the same listeners: /metrics and the
-    // dashboard.
-    let web = crate::web::routes(state.clone(), output);
-    let routes =
-        tonic::service::Routes::from(grpc.routes().into_axum_router().merge(web).fallback(crate::web::fallback));
+    let routes = api_routes(&state, output, sync, blobs).await?;
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         // Browsers and Prometheus may speak HTTP/1.1 to /metrics.
@@ -889,21 +843,7 @@ async fn serve(
         .layer(crate::metrics::CallsLayer(state.metrics.clone()))
         .add_routes(routes);
 
-    // The address `user create` puts in configs when not told one: the
-    // first TCP listener's, where it names a host.
-    let advertised = cfg.listen.iter().find_map(|l| match l {
-        Listen::Tcp(a) if !a.ip().is_unspecified() => Some(format!("https://{a}")),
-        _ => None,
-    });
-    let advertise_file = cfg.data_dir.join(ADVERTISE_FILE);
-    match (&advertised, cfg.insecure) {
-        (Some(url), false) => {
-            std::fs::write(&advertise_file, url).with_context(|| format!("writing {}", advertise_file.display()))?
-        }
-        _ => {
-            let _ = std::fs::remove_file(&advertise_file);
-        }
-    }
+    write_advertise(cfg)?;
     let mut listens = cfg.listen.clone();
     listens.push(Listen::Unix(cfg.local_socket()));
     for l in listens {
@@ -950,63 +890,7 @@ async fn serve(
         }
     }
 
-    if let Some(mut ccfg) = cfg.controllers.clone() {
-        // Pool guests' links are testbus-relay processes next to this
-        // binary, toward this replica's local socket.
-        let relay = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("testbus-relay")));
-        if let (None, Some(relay)) = (&ccfg.pools, relay) {
-            // Guests' agents join and speak TLS through their relay to the
-            // first TCP listener; without TLS (or a TCP listener) they
-            // reach the local socket.
-            let tcp = cfg.listen.iter().find_map(|l| match l {
-                Listen::Tcp(a) if a.ip().is_unspecified() => {
-                    Some(SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), a.port()))
-                }
-                Listen::Tcp(a) => Some(*a),
-                Listen::Unix(_) => None,
-            });
-            let (upstream, guest_tls) = match (tcp, &tls) {
-                (Some(a), Some(_)) => (format!("tcp:{a}"), true),
-                _ => (format!("unix:{}", cfg.local_socket().display()), false),
-            };
-            ccfg.pools = Some(testbus_controllers::pools::PoolsConfig {
-                state_dir: std::path::absolute(cfg.data_dir.join("guests"))
-                    .unwrap_or_else(|_| cfg.data_dir.join("guests")),
-                relay,
-                upstream,
-                tls: guest_tls,
-                vsock_device: on_path("vhost-device-vsock"),
-                timings: state.metrics.guest_timings(),
-            });
-        }
-        let client = testbus_proto::client::Client::lazy(&format!("unix:{}", cfg.local_socket().display()))?;
-        let run_controllers = move |stop: CancellationToken| {
-            let (client, ccfg) = (client.clone(), ccfg.clone());
-            tokio::spawn(async move {
-                if let Err(e) = testbus_controllers::run(client, ccfg, stop).await {
-                    tracing::error!(error = %e, "the controllers could not start");
-                }
-            })
-        };
-        match etcd {
-            Some(store) => {
-                let id = format!("{}@{}", std::process::id(), cfg.data_dir.display());
-                background.spawn(crate::leader::run_while_leader(
-                    store,
-                    id,
-                    Duration::from_secs(3),
-                    run_controllers,
-                    stop.child_token(),
-                ));
-            }
-            None => {
-                let controllers = run_controllers(stop.child_token());
-                background.spawn(async move {
-                    let _ = controllers.await;
-                });
-            }
-        }
-    }
+    start_controllers(cfg, tls.is_some(), &state, etcd, &stop, background)?;
 
     tokio::select! {
         _ = shutdown.cancelled() => {
@@ -1019,6 +903,163 @@ async fn serve(
             Err(e) => Err(e).context("serving"),
         },
     }
+}
+
+/// The blob store in the data dir; with replicas (`shared`), it records
+/// and fetches blobs among them.
+fn blob_store(
+    cfg: &Config,
+    store: &Arc<dyn Store>,
+    shared: bool,
+    tls: Option<&ServerTls>,
+    pki: Option<Arc<crate::auth::Pki>>,
+) -> anyhow::Result<crate::blobs::BlobStore> {
+    let mut blobs = crate::blobs::BlobStore::open(&cfg.data_dir.join("blobs"), cfg.min_free_bytes)
+        .context("opening the blob store")?
+        .with_pki(pki);
+    if shared {
+        let id = crate::blobs::replica_id(&cfg.data_dir).context("the replica id in the data dir")?;
+        let advertise = cfg.advertise()?;
+        tracing::info!(replica = %id, %advertise, "sharing blobs with the other replicas");
+        let tls = tls.map(|t| t.peer_tls.clone());
+        blobs = blobs.with_peers(crate::blobs::Peers { store: store.clone(), id, advertise, tls });
+    }
+    Ok(blobs)
+}
+
+/// Every service on the listeners: gRPC's (health and reflection
+/// included) and, beside them, plain HTTP's (`/metrics`, the dashboard).
+async fn api_routes(
+    state: &ApiState,
+    output: OutputService,
+    sync: crate::sync::SyncService,
+    blobs: crate::blobs::BlobStore,
+) -> anyhow::Result<tonic::service::Routes> {
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<HostsServer<ResourceService<Host>>>().await;
+    health_reporter.set_serving::<TestsServer<ResourceService<Test>>>().await;
+    health_reporter.set_serving::<ProcessesServer<ResourceService<Process>>>().await;
+    health_reporter.set_serving::<HostPoolsServer<ResourceService<HostPool>>>().await;
+    health_reporter.set_serving::<OutputServer<OutputService>>().await;
+    health_reporter.set_serving::<SyncServer<crate::sync::SyncService>>().await;
+    health_reporter.set_serving::<BlobsServer<crate::blobs::BlobStore>>().await;
+    health_reporter.set_serving::<AuthServer<crate::auth::AuthService>>().await;
+    // Reflection in both versions: v1, and v1alpha, which Google's own
+    // clients (grpcio-reflection, grpcurl before 1.9) still speak.
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(testbus_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(testbus_proto::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let mut grpc = tonic::service::Routes::builder();
+    grpc.add_service(health)
+        .add_service(reflection)
+        .add_service(reflection_v1alpha)
+        .add_service(HostsServer::new(ResourceService::<Host>::new(state.clone())).max_decoding_message_size(8 << 20))
+        .add_service(TestsServer::new(ResourceService::<Test>::new(state.clone())).max_decoding_message_size(8 << 20))
+        .add_service(
+            ProcessesServer::new(ResourceService::<Process>::new(state.clone())).max_decoding_message_size(8 << 20),
+        )
+        .add_service(
+            HostPoolsServer::new(ResourceService::<HostPool>::new(state.clone())).max_decoding_message_size(8 << 20),
+        )
+        .add_service(OutputServer::new(output.clone()).max_decoding_message_size(8 << 20))
+        .add_service(SyncServer::new(sync).max_decoding_message_size(4 << 20))
+        .add_service(BlobsServer::new(blobs).max_decoding_message_size(4 << 20))
+        .add_service(AuthServer::new(crate::auth::AuthService::new(state.clone())));
+    // Plain HTTP beside gRPC on the same listeners: /metrics and the
+    // dashboard.
+    let web = crate::web::routes(state.clone(), output);
+    Ok(tonic::service::Routes::from(grpc.routes().into_axum_router().merge(web).fallback(crate::web::fallback)))
+}
+
+/// The address `user create` puts in configs when not told one
+/// (`DATA_DIR/advertise`): the first TCP listener's, where it names a host.
+fn write_advertise(cfg: &Config) -> anyhow::Result<()> {
+    let advertised = cfg.listen.iter().find_map(|l| match l {
+        Listen::Tcp(a) if !a.ip().is_unspecified() => Some(format!("https://{a}")),
+        _ => None,
+    });
+    let advertise_file = cfg.data_dir.join(ADVERTISE_FILE);
+    match (&advertised, cfg.insecure) {
+        (Some(url), false) => {
+            std::fs::write(&advertise_file, url).with_context(|| format!("writing {}", advertise_file.display()))?
+        }
+        _ => {
+            let _ = std::fs::remove_file(&advertise_file);
+        }
+    }
+    Ok(())
+}
+
+/// Starts the controllers (on the elected leader only, when replicas share
+/// an etcd), if this control plane runs them, with pool guests' links
+/// made by the `testbus-relay` beside this binary.
+fn start_controllers(
+    cfg: &Config,
+    tls: bool,
+    state: &ApiState,
+    etcd: Option<crate::store::etcd::EtcdStore>,
+    stop: &CancellationToken,
+    background: &mut tokio::task::JoinSet<()>,
+) -> anyhow::Result<()> {
+    let Some(mut ccfg) = cfg.controllers.clone() else { return Ok(()) };
+    // Pool guests' links are testbus-relay processes next to this
+    // binary, toward this replica's local socket.
+    let relay = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("testbus-relay")));
+    if let (None, Some(relay)) = (&ccfg.pools, relay) {
+        // Guests' agents join and speak TLS through their relay to the
+        // first TCP listener; without TLS (or a TCP listener) they
+        // reach the local socket.
+        let tcp = cfg.listen.iter().find_map(|l| match l {
+            Listen::Tcp(a) if a.ip().is_unspecified() => {
+                Some(SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), a.port()))
+            }
+            Listen::Tcp(a) => Some(*a),
+            Listen::Unix(_) => None,
+        });
+        let (upstream, guest_tls) = match (tcp, tls) {
+            (Some(a), true) => (format!("tcp:{a}"), true),
+            _ => (format!("unix:{}", cfg.local_socket().display()), false),
+        };
+        ccfg.pools = Some(testbus_controllers::pools::PoolsConfig {
+            state_dir: std::path::absolute(cfg.data_dir.join("guests")).unwrap_or_else(|_| cfg.data_dir.join("guests")),
+            relay,
+            upstream,
+            tls: guest_tls,
+            vsock_device: on_path("vhost-device-vsock"),
+            timings: state.metrics.guest_timings(),
+        });
+    }
+    let client = testbus_proto::client::Client::lazy(&format!("unix:{}", cfg.local_socket().display()))?;
+    let run_controllers = move |stop: CancellationToken| {
+        let (client, ccfg) = (client.clone(), ccfg.clone());
+        tokio::spawn(async move {
+            if let Err(e) = testbus_controllers::run(client, ccfg, stop).await {
+                tracing::error!(error = %e, "the controllers could not start");
+            }
+        })
+    };
+    match etcd {
+        Some(store) => {
+            let id = format!("{}@{}", std::process::id(), cfg.data_dir.display());
+            background.spawn(crate::leader::run_while_leader(
+                store,
+                id,
+                Duration::from_secs(3),
+                run_controllers,
+                stop.child_token(),
+            ));
+        }
+        None => {
+            let controllers = run_controllers(stop.child_token());
+            background.spawn(async move {
+                let _ = controllers.await;
+            });
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
