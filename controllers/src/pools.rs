@@ -862,8 +862,14 @@ async fn link(ctx: &Context, lv: &Arc<Libvirt>, cfg: &PoolsConfig, name: &str, s
         g.link = Some(child);
         g.linked_run = Some(run);
     }
-    // Registered since the go: the lease was renewed after it (the
-    // guest's clock was set from the go).
+    registered(ctx, name, since, start).await
+}
+
+/// Waits until the guest's agent has registered since `since` (its lease
+/// renewed after the go: the guest's clock was set from it); a guest given
+/// its go is then marked clean, once.
+async fn registered(ctx: &Context, name: &str, since: SystemTime, start: LinkStart) -> Result<(), String> {
+    let go = start == LinkStart::Go;
     let deadline = tokio::time::Instant::now() + LINK_DEADLINE;
     let mut marked = false;
     loop {

@@ -253,49 +253,16 @@ pub fn plan(t: &Test, procs: &[Arc<Process>], hosts: &impl HostView, now: System
                 release.extend(mine.iter().filter(|p| !p.spec().released).map(|p| Arc::clone(p)));
             }
             phases.insert(step.name.as_str(), p);
-            let mut results: Vec<ProcessResult> = mine.iter().map(|p| result_of(p)).collect();
-            results.sort_by(|a, b| a.role.cmp(&b.role));
             let prev = st.steps.iter().find(|s| s.name == step.name);
-            let start_time = prev.map(|s| s.start_time.clone()).filter(|s| !s.is_empty()).unwrap_or_else(|| {
-                if p == StepPhase::Waiting || p == StepPhase::Skipped {
-                    String::new()
-                } else {
-                    stamp.clone()
-                }
-            });
-            let completion_time = match p {
-                StepPhase::Succeeded | StepPhase::Failed | StepPhase::Skipped => {
-                    prev.map(|s| s.completion_time.clone()).filter(|s| !s.is_empty()).unwrap_or_else(|| stamp.clone())
-                }
-                _ => String::new(),
-            };
-            let message = if p == StepPhase::Failed { failure_message(&results) } else { String::new() };
-            if step.background && !step.allow_failure && verdict.is_none() && recorded.is_none() {
-                if let Some(p) = mine.iter().find(|p| phase::process_terminal(&p.status().phase) && !stopped(p)) {
-                    let why =
-                        if p.status().message.is_empty() { "exited".to_string() } else { p.status().message.clone() };
-                    verdict = Some(Verdict::new(
-                        TestReason::BackgroundEnded,
-                        format!(
-                            "background step {} ended before the test finished: {} on {}: {why}",
-                            step.name,
-                            p.spec().role,
-                            p.spec().host_name
-                        ),
-                    ));
-                }
+            let status = step_status(step, p, &mine, prev, &stamp);
+            if verdict.is_none() && recorded.is_none() {
+                verdict = background_ended(step, &mine);
             }
             if p == StepPhase::Failed && !step.allow_failure && verdict.is_none() {
-                verdict = Some(Verdict::new(TestReason::StepFailed, format!("step {} failed: {message}", step.name)));
+                let why = format!("step {} failed: {}", step.name, status.message);
+                verdict = Some(Verdict::new(TestReason::StepFailed, why));
             }
-            steps.push(StepStatus {
-                name: step.name.clone(),
-                phase: p.into(),
-                processes: results,
-                start_time,
-                completion_time,
-                message,
-            });
+            steps.push(status);
         }
         if next_round.len() == before {
             break; // unreachable for validated specs (no cycles)
@@ -315,20 +282,10 @@ pub fn plan(t: &Test, procs: &[Arc<Process>], hosts: &impl HostView, now: System
         None => verdict
             .or_else(|| lost_host(t, hosts))
             .or_else(|| {
-                (now >= deadline).then(|| {
-                    Verdict::new(
-                        TestReason::TimedOut,
-                        format!("test exceeded its timeout of {}", duration::format(timeout)),
-                    )
-                })
+                let why = || format!("test exceeded its timeout of {}", duration::format(timeout));
+                (now >= deadline).then(|| Verdict::new(TestReason::TimedOut, why()))
             })
-            .or_else(|| {
-                let done = !graph.is_empty()
-                    && steps.iter().zip(&graph).all(|(s, step)| {
-                        step.background || (s.phase != StepPhase::Running && s.phase != StepPhase::Waiting)
-                    });
-                done.then(|| completed(st))
-            })
+            .or_else(|| all_done(&steps, &graph).then(|| completed(st)))
             .map(Ending::New),
     };
     if ending.is_some() {
@@ -336,6 +293,64 @@ pub fn plan(t: &Test, procs: &[Arc<Process>], hosts: &impl HostView, now: System
         release.clear();
     }
     Plan { steps, ending, create, release, requeue }
+}
+
+/// Whether every step but background ones has finished (a test of no
+/// steps never has).
+fn all_done(steps: &[StepStatus], graph: &[&Step]) -> bool {
+    !graph.is_empty()
+        && steps
+            .iter()
+            .zip(graph)
+            .all(|(s, step)| step.background || (s.phase != StepPhase::Running && s.phase != StepPhase::Waiting))
+}
+
+/// A step's status in `phase`: its processes' results, and when it started
+/// and completed (kept from `prev`, else now, `stamp`).
+fn step_status(
+    step: &Step,
+    phase: StepPhase,
+    mine: &[&Arc<Process>],
+    prev: Option<&StepStatus>,
+    stamp: &str,
+) -> StepStatus {
+    let mut results: Vec<ProcessResult> = mine.iter().map(|p| result_of(p)).collect();
+    results.sort_by(|a, b| a.role.cmp(&b.role));
+    let kept = |t: Option<&String>| t.filter(|s| !s.is_empty()).cloned();
+    let start_time = match phase {
+        StepPhase::Waiting | StepPhase::Skipped => kept(prev.map(|s| &s.start_time)).unwrap_or_default(),
+        _ => kept(prev.map(|s| &s.start_time)).unwrap_or_else(|| stamp.to_string()),
+    };
+    let completion_time = match phase {
+        StepPhase::Succeeded | StepPhase::Failed | StepPhase::Skipped => {
+            kept(prev.map(|s| &s.completion_time)).unwrap_or_else(|| stamp.to_string())
+        }
+        _ => String::new(),
+    };
+    let message = if phase == StepPhase::Failed { failure_message(&results) } else { String::new() };
+    StepStatus {
+        name: step.name.clone(),
+        phase: phase.into(),
+        processes: results,
+        start_time,
+        completion_time,
+        message,
+    }
+}
+
+/// A background step (that may not fail) one of whose processes ended on
+/// its own before the test did: the test's verdict.
+fn background_ended(step: &Step, mine: &[&Arc<Process>]) -> Option<Verdict> {
+    if !step.background || step.allow_failure {
+        return None;
+    }
+    let p = mine.iter().find(|p| phase::process_terminal(&p.status().phase) && !stopped(p))?;
+    let why = if p.status().message.is_empty() { "exited".to_string() } else { p.status().message.clone() };
+    let (role, host) = (&p.spec().role, &p.spec().host_name);
+    Some(Verdict::new(
+        TestReason::BackgroundEnded,
+        format!("background step {} ended before the test finished: {role} on {host}: {why}", step.name),
+    ))
 }
 
 /// Every step is done: the verdict of the recorded results.
