@@ -258,34 +258,8 @@ async fn follow(web: Web, caller: crate::authz::Caller, target: Followed, tx: mp
     loop {
         if look {
             look = false;
-            let found: Vec<(String, String)> = match &target {
-                Followed::Process(name) => {
-                    match web.get::<testbus_proto::Process>(&crate::authz::Scope::All, name).await {
-                        Ok(p) => {
-                            vec![(name.clone(), format!("{} {}@{}", p.spec().step, p.spec().role, p.spec().host_name))]
-                        }
-                        Err(_) => vec![],
-                    }
-                }
-                Followed::Test(name) => match web.get::<testbus_proto::Test>(&crate::authz::Scope::All, name).await {
-                    Ok(t) => {
-                        test_done = testbus_proto::phase::test_terminal(&t.status().phase);
-                        t.status()
-                            .steps
-                            .iter()
-                            .flat_map(|s| {
-                                s.processes
-                                    .iter()
-                                    .map(move |p| (p.name.clone(), format!("{} {}@{}", s.name, p.role, p.host)))
-                            })
-                            .collect()
-                    }
-                    Err(_) => {
-                        test_done = true;
-                        vec![]
-                    }
-                },
-            };
+            let (found, done) = to_follow(&web, &target).await;
+            test_done = done;
             for (name, label) in found {
                 if followed.len() >= MAX_FOLLOWED || followed.contains(&name) {
                     continue;
@@ -357,6 +331,35 @@ async fn follow(web: Web, caller: crate::authz::Caller, target: Followed, tx: mp
                 }
             }
         }
+    }
+}
+
+/// The processes of `target` there are now, each with how its lines are
+/// labelled (`step role@host`), and whether the test has ended (or is
+/// gone): a process has no more to come.
+async fn to_follow(web: &Web, target: &Followed) -> (Vec<(String, String)>, bool) {
+    match target {
+        Followed::Process(name) => match web.get::<testbus_proto::Process>(&crate::authz::Scope::All, name).await {
+            Ok(p) => {
+                (vec![(name.clone(), format!("{} {}@{}", p.spec().step, p.spec().role, p.spec().host_name))], true)
+            }
+            Err(_) => (vec![], true),
+        },
+        Followed::Test(name) => match web.get::<testbus_proto::Test>(&crate::authz::Scope::All, name).await {
+            Ok(t) => {
+                let done = testbus_proto::phase::test_terminal(&t.status().phase);
+                let found = t
+                    .status()
+                    .steps
+                    .iter()
+                    .flat_map(|s| {
+                        s.processes.iter().map(move |p| (p.name.clone(), format!("{} {}@{}", s.name, p.role, p.host)))
+                    })
+                    .collect();
+                (found, done)
+            }
+            Err(_) => (vec![], true),
+        },
     }
 }
 
