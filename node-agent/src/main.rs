@@ -369,6 +369,52 @@ fn status_says_started(p: &Process) -> bool {
 }
 
 impl Agent {
+    /// A batch of watch events: each handled, then the processes they
+    /// admitted started together (one journal fsync).
+    async fn on_events(&mut self, batch: Vec<Option<WatcherEvent<Process>>>) -> anyhow::Result<()> {
+        for ev in batch {
+            match ev {
+                Some(WatcherEvent::Restarted(list)) => {
+                    self.remove_stale_work_dirs(&list);
+                    for p in list {
+                        self.handle(p).await
+                    }
+                }
+                Some(WatcherEvent::Applied(p)) => self.handle(p).await,
+                Some(WatcherEvent::Deleted(p)) => match self.running.get_mut(&p.meta().uid) {
+                    Some(r) => {
+                        r.deleted = true;
+                        if !r.stop_sent {
+                            r.stop_sent = r.commands.send(Command::Stop(StopReason::Requested)).await.is_ok();
+                        }
+                    }
+                    None => self.remove_work_dirs(vec![p.meta().uid.clone()]),
+                },
+                None => anyhow::bail!("process watch ended"),
+            }
+        }
+        self.start_admitted();
+        Ok(())
+    }
+
+    /// Stops every process it runs (AgentShutdown) and waits for them, 10 s
+    /// at most.
+    async fn stop_and_wait(&mut self, done_rx: &mut mpsc::UnboundedReceiver<String>) {
+        tracing::info!("shutting down; stopping {} processes", self.running.len());
+        self.stop_all(StopReason::AgentShutdown).await;
+        let wait = async {
+            while !self.running.is_empty() {
+                match done_rx.recv().await {
+                    Some(uid) => {
+                        self.running.remove(&uid);
+                    }
+                    None => break,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(10), wait).await;
+    }
+
     async fn handle(&mut self, p: Process) {
         let uid = p.meta().uid.clone();
         let terminal = phase::process_terminal(&p.status().phase);
@@ -577,8 +623,8 @@ fn choose_containment(
     Ok(chosen)
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
-    let mut mine = host_object(&args)?;
+/// The agent's data dir (absolute), private, and its journal.
+fn open_data_dir(args: &Args) -> anyhow::Result<(PathBuf, journal::Journal)> {
     let data_dir = args.data_dir.clone().unwrap_or_else(|| default_data_dir(&args.name));
     // Processes run in work dirs below it, with their own cwd: paths
     // handed to them must not depend on the agent's.
@@ -596,6 +642,36 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "the journal has records that do not check (torn or damaged); they were skipped"
         );
     }
+    Ok((data_dir, journal))
+}
+
+/// Gives up the host's lease (3 s at most): a clean stop ends what holds
+/// the host now, saying why, not when the lease runs out.
+async fn give_up_lease(client: &Client, name: &str, agent_id: String) {
+    let mut req =
+        tonic::Request::new(testbus_proto::RenewLeaseRequest { name: name.to_string(), agent_id, release: true });
+    req.set_timeout(Duration::from_secs(3));
+    if let Err(s) = client.hosts().renew_lease(req).await {
+        tracing::warn!(error = %s.message(), "cannot give up the lease; the host goes NotReady when it runs out");
+    }
+}
+
+/// The join token given (`--join-token`, or read from `--join-token-file`).
+fn join_token(args: &Args) -> anyhow::Result<Option<String>> {
+    Ok(match &args.join_token_file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("--join-token-file {}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => args.join_token.clone(),
+    })
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let mut mine = host_object(&args)?;
+    let (data_dir, journal) = open_data_dir(&args)?;
     let containment = choose_containment(args.containment, &args.name, &data_dir)?;
     let _cgroup_cleanup = CgroupRootCleanup(match &containment {
         containment::Containment::Cgroup(root) => Some(root.clone()),
@@ -610,15 +686,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("--metrics-listen {addr}"))?;
     }
     let _stop_metrics = metrics_stop.drop_guard();
-    let token = match &args.join_token_file {
-        Some(f) => Some(
-            std::fs::read_to_string(f)
-                .with_context(|| format!("--join-token-file {}", f.display()))?
-                .trim()
-                .to_string(),
-        ),
-        None => args.join_token.clone(),
-    };
+    let token = join_token(&args)?;
     let take_over = if args.take_over { TakeOver::Yes } else { TakeOver::No };
     // A stop while it still tries to join ends it as cleanly as one later.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -677,26 +745,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         None => break,
                     }
                 }
-                for ev in batch {
-                    match ev {
-                        Some(WatcherEvent::Restarted(list)) => {
-                            agent.remove_stale_work_dirs(&list);
-                            for p in list { agent.handle(p).await }
-                        }
-                        Some(WatcherEvent::Applied(p)) => agent.handle(p).await,
-                        Some(WatcherEvent::Deleted(p)) => match agent.running.get_mut(&p.meta().uid) {
-                            Some(r) => {
-                                r.deleted = true;
-                                if !r.stop_sent {
-                                    r.stop_sent = r.commands.send(Command::Stop(StopReason::Requested)).await.is_ok();
-                                }
-                            }
-                            None => agent.remove_work_dirs(vec![p.meta().uid.clone()]),
-                        },
-                        None => anyhow::bail!("process watch ended"),
-                    }
-                }
-                agent.start_admitted();
+                agent.on_events(batch).await?;
             },
             Some(uid) = done_rx.recv() => {
                 if agent.running.remove(&uid).is_some_and(|r| r.deleted) {
@@ -718,34 +767,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(why) = &lost {
         tracing::error!("{why}");
     }
-    tracing::info!("shutting down; stopping {} processes", agent.running.len());
-    agent.stop_all(StopReason::AgentShutdown).await;
-    let wait = async {
-        while !agent.running.is_empty() {
-            match done_rx.recv().await {
-                Some(uid) => {
-                    agent.running.remove(&uid);
-                }
-                None => break,
-            }
-        }
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(10), wait).await;
+    agent.stop_and_wait(&mut done_rx).await;
     if lost.is_none() {
         // A clean stop: the lease is given up, so that whatever still holds
         // this host (an open test) ends now, saying why, rather than when
         // the lease runs out.
         lease.abort();
         let _ = lease.await;
-        let mut req = tonic::Request::new(testbus_proto::RenewLeaseRequest {
-            name: args.name.clone(),
-            agent_id: agent_id(&data_dir)?,
-            release: true,
-        });
-        req.set_timeout(Duration::from_secs(3));
-        if let Err(s) = client.hosts().renew_lease(req).await {
-            tracing::warn!(error = %s.message(), "cannot give up the lease; the host goes NotReady when it runs out");
-        }
+        give_up_lease(&client, &args.name, agent_id(&data_dir)?).await;
     }
     match lost {
         Some(why) => Err(anyhow::anyhow!(why)),

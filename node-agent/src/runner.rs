@@ -512,33 +512,25 @@ impl ProcessRunner {
         Ok(cmd)
     }
 
-    async fn execute(
-        &self,
-        mut cmd: tokio::process::Command,
-        commands: &mut mpsc::Receiver<Command>,
-    ) -> (Ended, (Pumped, Pumped), Option<(i64, String)>) {
-        let name = self.process.name().to_string();
-        let spec = self.process.spec();
-        let setup_failed = |reason, message| (Ended::SetupFailed { reason, message }, Default::default(), None);
+    /// Puts `cmd` in its containment: its own cgroup (made here, joined
+    /// between fork and exec), or a PID namespace of its own; without
+    /// cgroups, the process's group file says it started. An error names
+    /// what could not be made.
+    fn contain(&self, cmd: &mut tokio::process::Command) -> Result<Option<crate::containment::ProcessCgroup>, String> {
         let cgroup = match self.containment.cgroups() {
-            Some(root) => match root.create_for(&self.process.meta().uid) {
-                Ok(cg) => {
-                    // SAFETY: the closure runs in the child between fork and
-                    // exec; it only writes to a file already open (one
-                    // write(2), async-signal-safe, no allocation or lock).
-                    #[allow(unsafe_code)]
-                    unsafe {
-                        cmd.pre_exec(cg.joiner());
-                    }
-                    Some(cg)
+            Some(root) => {
+                let cg = root
+                    .create_for(&self.process.meta().uid)
+                    .map_err(|e| format!("cannot create the process's cgroup: {e}"))?;
+                // SAFETY: the closure runs in the child between fork and
+                // exec; it only writes to a file already open (one
+                // write(2), async-signal-safe, no allocation or lock).
+                #[allow(unsafe_code)]
+                unsafe {
+                    cmd.pre_exec(cg.joiner());
                 }
-                Err(e) => {
-                    return setup_failed(
-                        ProcessReason::ContainFailed,
-                        format!("cannot create the process's cgroup: {e}"),
-                    )
-                }
-            },
+                Some(cg)
+            }
             None => None,
         };
         if let crate::containment::Containment::PidNamespace { .. } = self.containment {
@@ -553,12 +545,47 @@ impl ProcessRunner {
         // (a group file names no group until the child exists): a uid
         // with a group file is never spawned again. Without cgroups this
         // is what keeps "at most once" when the journal's record is lost.
-        if self.containment.cgroups().is_none() {
+        if cgroup.is_none() {
             let none = crate::journal::Group { pgid: 0, start_ticks: 0 };
             if let Err(e) = crate::journal::Journal::record_group_file(&self.journal, &self.process.meta().uid, none) {
+                let name = self.process.name();
                 tracing::warn!(process = %name, error = %e, "cannot record the process as started in its group file");
             }
         }
+        Ok(cgroup)
+    }
+
+    /// Records the process group led by `pid` in the journal and in the
+    /// process's group file. Read before anything can reap the child: the
+    /// leader's start time is what lets a successor prove the group is
+    /// still this one.
+    fn record_group(&self, pid: i32) {
+        let name = self.process.name();
+        let Some(group) = crate::journal::Group::of_leader(pid) else {
+            tracing::debug!(process = %name, pid, "ended before its group could be recorded");
+            return;
+        };
+        let uid = &self.process.meta().uid;
+        if let Err(e) = crate::journal::Journal::record_group(&self.journal, uid, group) {
+            tracing::warn!(process = %name, error = %e, "cannot record the process group in the journal");
+        }
+        if let Err(e) = crate::journal::Journal::record_group_file(&self.journal, uid, group) {
+            tracing::warn!(process = %name, error = %e, "cannot record the process group in its file");
+        }
+    }
+
+    async fn execute(
+        &self,
+        mut cmd: tokio::process::Command,
+        commands: &mut mpsc::Receiver<Command>,
+    ) -> (Ended, (Pumped, Pumped), Option<(i64, String)>) {
+        let name = self.process.name().to_string();
+        let spec = self.process.spec();
+        let setup_failed = |reason, message| (Ended::SetupFailed { reason, message }, Default::default(), None);
+        let cgroup = match self.contain(&mut cmd) {
+            Ok(cg) => cg,
+            Err(message) => return setup_failed(ProcessReason::ContainFailed, message),
+        };
         let spawning = tokio::time::Instant::now();
         let mut child = {
             let mut tries = 0;
@@ -597,51 +624,15 @@ impl ProcessRunner {
         // Its cgroup (or group) speaks for it on the local socket until it
         // is gone.
         let _speaks = self.socket.as_ref().map(|s| s.register(pid, &self.process.meta().uid, name.clone()));
-        // Read before anything can reap the child: the leader's start time
-        // is what lets a successor prove the group is still this one.
-        match crate::journal::Group::of_leader(pid) {
-            Some(group) => {
-                let uid = &self.process.meta().uid;
-                if let Err(e) = crate::journal::Journal::record_group(&self.journal, uid, group) {
-                    tracing::warn!(process = %name, error = %e, "cannot record the process group in the journal");
-                }
-                if let Err(e) = crate::journal::Journal::record_group_file(&self.journal, uid, group) {
-                    tracing::warn!(process = %name, error = %e, "cannot record the process group in its file");
-                }
-            }
-            None => tracing::debug!(process = %name, pid, "ended before its group could be recorded"),
-        }
+        self.record_group(pid);
         let contained = Contained {
             pgid: pid,
             cgroup: cgroup.as_ref(),
             relay: matches!(self.containment, crate::containment::Containment::PidNamespace { .. }),
         };
         let api = self.client.api::<Process>();
-        // The Running report goes in the background so a stop is never
-        // delayed by a slow API, and only once the process has run for
-        // RUNNING_DELAY: one that ends sooner needs none (the final report
-        // carries its pid and start time), which saves a write, its watch
-        // events and a reconcile for every short process.
         let start = time::now();
-        let running = {
-            let api = api.clone();
-            let known = self.known.clone();
-            let start = start.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(RUNNING_DELAY).await;
-                report(&api, &known, move |p| {
-                    if phase::process_terminal(&p.status().phase) {
-                        return false;
-                    }
-                    let s = p.status_mut();
-                    s.phase = ProcessPhase::Running.into();
-                    s.pid = i64::from(pid);
-                    s.start_time = start.clone();
-                    true
-                })
-                .await
-            })
-        };
+        let running = report_running_later(api.clone(), self.known.clone(), pid, start.clone());
         if let Some(mut stdin) = child.stdin.take() {
             let data = spec.stdin.clone().into_bytes();
             tokio::spawn(async move {
@@ -687,6 +678,28 @@ impl ProcessRunner {
         let _ = running.await;
         (ended, sizes, Some((i64::from(pid), start)))
     }
+}
+
+/// Reports the process Running (with `pid` and its `start`), in the
+/// background so that a stop is never delayed by a slow API, and only once
+/// it has run for RUNNING_DELAY: one that ends sooner needs none (the final
+/// report carries its pid and start time), which saves a write, its watch
+/// events and a reconcile for every short process.
+fn report_running_later(api: Api<Process>, known: Known, pid: i32, start: String) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        tokio::time::sleep(RUNNING_DELAY).await;
+        report(&api, &known, move |p| {
+            if phase::process_terminal(&p.status().phase) {
+                return false;
+            }
+            let s = p.status_mut();
+            s.phase = ProcessPhase::Running.into();
+            s.pid = i64::from(pid);
+            s.start_time = start.clone();
+            true
+        })
+        .await
+    })
 }
 
 /// Runs `work` (fetching files, putting them in place) unless a stop comes
