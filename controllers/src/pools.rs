@@ -210,6 +210,43 @@ async fn blocking<T: Send + 'static>(
         .unwrap_or_else(|e| Err(ProviderError::Image(format!("a libvirt call panicked: {e}"))))
 }
 
+/// Why a pool could not make, clean, link or remove a guest: said on the
+/// guest and the pool, and logged (the pool backs off after failures in a
+/// row).
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    /// libvirt, or the image and disks it works on.
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+    /// A file or a process of the guest's on this machine.
+    #[error("{what}: {source}")]
+    Local {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The guest did not come up in time (it did not boot, had no line, or
+    /// its agent did not register), or it stopped.
+    #[error("{0}")]
+    NotUp(String),
+    /// The API refused or failed (a join token, the guest's Host).
+    #[error("{0}")]
+    Api(String),
+}
+
+impl From<Status> for GuestError {
+    fn from(s: Status) -> GuestError {
+        GuestError::Api(s.message().to_string())
+    }
+}
+
+impl GuestError {
+    fn local(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> GuestError {
+        let what = what.to_string();
+        move |source| GuestError::Local { what, source }
+    }
+}
+
 async fn provider(ctx: &Context, uri: &str) -> Result<Arc<Libvirt>, ProviderError> {
     if let Some(p) = ctx.guests.providers.lock().get(uri).filter(|p| p.alive()).cloned() {
         return Ok(p);
@@ -562,12 +599,12 @@ fn network_address(network: &str, i: usize) -> String {
 /// A join token for guest `name` only, short-lived: the guest's agent gets
 /// its certificate with it, as any agent does (nothing is baked into the
 /// image, and a token read by code in the guest joins no other host).
-async fn guest_token(ctx: &Context, cfg: &PoolsConfig, name: &str) -> Result<Option<String>, String> {
+async fn guest_token(ctx: &Context, cfg: &PoolsConfig, name: &str) -> Result<Option<String>, GuestError> {
     if !cfg.tls {
         return Ok(None);
     }
     let Some(pool) = ctx.guests.runs.lock().get(name).map(|g| g.pool.clone()) else {
-        return Err("the guest is no longer known".into());
+        return Err(GuestError::NotUp("the guest is no longer known".into()));
     };
     // Good for one join, as a guest of its pool (its certificate says so,
     // which is how its Host gets the pool's label); a new one for the
@@ -581,7 +618,7 @@ async fn guest_token(ctx: &Context, cfg: &PoolsConfig, name: &str) -> Result<Opt
     };
     match ctx.client.auth().create_token(req).await {
         Ok(r) => Ok(Some(r.into_inner().token)),
-        Err(s) => Err(format!("cannot make a join token for it: {}", s.message())),
+        Err(s) => Err(GuestError::Api(format!("cannot make a join token for it: {}", s.message()))),
     }
 }
 
@@ -611,11 +648,12 @@ fn is_vsock(pool: &HostPool) -> bool {
 
 /// Starts a vsock guest's device (vhost-device-vsock, which QEMU connects
 /// to), and waits until it listens.
-async fn start_device(cfg: &PoolsConfig, state_dir: &std::path::Path) -> Result<tokio::process::Child, String> {
-    std::fs::create_dir_all(state_dir).map_err(|e| format!("{}: {e}", state_dir.display()))?;
+async fn start_device(cfg: &PoolsConfig, state_dir: &std::path::Path) -> Result<tokio::process::Child, GuestError> {
+    std::fs::create_dir_all(state_dir).map_err(GuestError::local(state_dir.display()))?;
     let socket = state_dir.join("vhost.sock");
     let _ = std::fs::remove_file(&socket);
-    let log = std::fs::File::create(state_dir.join("vsock-device.log")).map_err(|e| e.to_string())?;
+    let log =
+        std::fs::File::create(state_dir.join("vsock-device.log")).map_err(GuestError::local("vsock-device.log"))?;
     // It has no way of its own to notice the control plane's death (the
     // relays end with their stdin): setpriv (util-linux) has the kernel
     // kill it when the thread that started it ends. That is a runtime
@@ -634,16 +672,17 @@ async fn start_device(cfg: &PoolsConfig, state_dir: &std::path::Path) -> Result<
         .stderr(log)
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| {
-            format!("starting setpriv --pdeathsig KILL -- {} (hack/setup installs it): {e}", cfg.vsock_device.display())
-        })?;
+        .map_err(GuestError::local(format!(
+            "starting setpriv --pdeathsig KILL -- {} (hack/setup installs it)",
+            cfg.vsock_device.display()
+        )))?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !socket.exists() {
         if let Ok(Some(st)) = child.try_wait() {
-            return Err(format!("{} exited ({st}) before it listened", cfg.vsock_device.display()));
+            return Err(GuestError::NotUp(format!("{} exited ({st}) before it listened", cfg.vsock_device.display())));
         }
         if tokio::time::Instant::now() > deadline {
-            return Err(format!("{} did not listen within 10s", cfg.vsock_device.display()));
+            return Err(GuestError::NotUp(format!("{} did not listen within 10s", cfg.vsock_device.display())));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -685,7 +724,7 @@ fn start_create(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &Po
         let r = async {
             if address.is_some() {
                 let (l, n) = (lv.clone(), network.clone());
-                blocking(move || l.ensure_network(&n)).await.map_err(|e| e.to_string())?;
+                blocking(move || l.ensure_network(&n)).await?;
             }
             let vsock = matches!(spec.link, GuestLink::Vsock { .. });
             let mut spec = spec;
@@ -697,21 +736,25 @@ fn start_create(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &Po
                 }
             }
             let (l, s) = (lv.clone(), spec.clone());
-            let console = blocking(move || l.create_guest(&s)).await.map_err(|e| e.to_string())?;
+            let console = blocking(move || l.create_guest(&s)).await?;
             ctx.guests.set(&spec.name, GuestPhase::Booting, "booting");
             let mark = if vsock { VSOCK_MARK } else { WAITING_MARK };
             match console {
                 Console::File(log) => wait_for_mark(&log, mark, boot).await?,
                 Console::Stream(line) => {
                     let waited = tokio::task::spawn_blocking(move || line.wait_for(mark, boot)).await;
-                    waited.map_err(|e| e.to_string())?.map_err(|why| {
-                        format!("did not boot within {}: {why}", testbus_proto::duration::format(boot))
+                    let waited = waited.map_err(|e| GuestError::NotUp(format!("waiting for its boot: {e}")))?;
+                    waited.map_err(|why| {
+                        GuestError::NotUp(format!(
+                            "did not boot within {}: {why}",
+                            testbus_proto::duration::format(boot)
+                        ))
                     })?
                 }
             }
             if !vsock {
                 let (l, n) = (lv.clone(), spec.name.clone());
-                blocking(move || l.snapshot(&n, CLEAN_SNAPSHOT)).await.map_err(|e| e.to_string())?;
+                blocking(move || l.snapshot(&n, CLEAN_SNAPSHOT)).await?;
             }
             link(&ctx, &lv, &cfg, &spec.name, LinkStart::Go).await
         }
@@ -725,7 +768,7 @@ fn start_create(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &Po
 
 /// Waits until the guest's console log says `mark` (it waits for its go,
 /// or links over vsock).
-async fn wait_for_mark(log: &std::path::Path, mark: &str, within: Duration) -> Result<(), String> {
+async fn wait_for_mark(log: &std::path::Path, mark: &str, within: Duration) -> Result<(), GuestError> {
     let deadline = tokio::time::Instant::now() + within;
     loop {
         if std::fs::read_to_string(log).is_ok_and(|t| t.contains(mark)) {
@@ -734,7 +777,8 @@ async fn wait_for_mark(log: &std::path::Path, mark: &str, within: Duration) -> R
         if tokio::time::Instant::now() > deadline {
             let tail = std::fs::read_to_string(log).unwrap_or_default();
             let last = tail.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("nothing");
-            return Err(format!("did not boot within {} (console: {last})", testbus_proto::duration::format(within)));
+            let within = testbus_proto::duration::format(within);
+            return Err(GuestError::NotUp(format!("did not boot within {within} (console: {last})")));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -753,7 +797,13 @@ enum LinkStart {
 
 /// Starts the host side of the guest's link on its pty, then waits until
 /// its agent has registered since (see [`LinkStart`]).
-async fn link(ctx: &Context, lv: &Arc<Libvirt>, cfg: &PoolsConfig, name: &str, start: LinkStart) -> Result<(), String> {
+async fn link(
+    ctx: &Context,
+    lv: &Arc<Libvirt>,
+    cfg: &PoolsConfig,
+    name: &str,
+    start: LinkStart,
+) -> Result<(), GuestError> {
     let go = start == LinkStart::Go;
     ctx.guests.set(name, GuestPhase::Linking, "linking");
     let old = ctx.guests.runs.lock().get_mut(name).and_then(|g| g.link.take());
@@ -768,15 +818,15 @@ async fn link(ctx: &Context, lv: &Arc<Libvirt>, cfg: &PoolsConfig, name: &str, s
     let deadline = tokio::time::Instant::now() + LINK_DEADLINE;
     let (pty, run) = loop {
         let (l, n) = (lv.clone(), name.to_string());
-        match blocking(move || Ok((l.link_pty(&n)?, l.state(&n)?))).await.map_err(|e| e.to_string())? {
+        match blocking(move || Ok((l.link_pty(&n)?, l.state(&n)?))).await? {
             (_, GuestState::Running(run)) if vsock => break (None, run),
             (Some(pty), GuestState::Running(run)) => break (Some(pty), run),
-            (_, GuestState::Stopped(why)) => return Err(why),
+            (_, GuestState::Stopped(why)) => return Err(GuestError::NotUp(why)),
             _ if tokio::time::Instant::now() > deadline => {
-                return Err(format!(
+                return Err(GuestError::NotUp(format!(
                     "it has no serial pty {}s after starting (is it running?)",
                     LINK_DEADLINE.as_secs()
-                ));
+                )));
             }
             _ => tokio::time::sleep(Duration::from_millis(200)).await,
         }
@@ -784,7 +834,8 @@ async fn link(ctx: &Context, lv: &Arc<Libvirt>, cfg: &PoolsConfig, name: &str, s
     // Whole seconds: the guest's clock is set from the go (or its RTC) to
     // the second.
     let since = SystemTime::now() - Duration::from_secs(1);
-    let log = std::fs::File::create(cfg.state_dir.join(name).join("relay.log")).map_err(|e| e.to_string())?;
+    let log =
+        std::fs::File::create(cfg.state_dir.join(name).join("relay.log")).map_err(GuestError::local("relay.log"))?;
     let child = if lv.is_remote() {
         // The pty is on the libvirt host: the line comes through libvirt,
         // and this machine's relay speaks the serial framing over it.
@@ -800,8 +851,7 @@ async fn link(ctx: &Context, lv: &Arc<Libvirt>, cfg: &PoolsConfig, name: &str, s
             }
             Ok(line)
         })
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
         let spawned = tokio::process::Command::new(&cfg.relay)
             .args(["--downstream", "serial:stdio", "--upstream", &cfg.upstream, "--transport", "serial"])
             .stdin(std::process::Stdio::piped())
@@ -809,7 +859,7 @@ async fn link(ctx: &Context, lv: &Arc<Libvirt>, cfg: &PoolsConfig, name: &str, s
             .stderr(log)
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| format!("starting {}: {e}", cfg.relay.display()));
+            .map_err(GuestError::local(format!("starting {}", cfg.relay.display())));
         let mut child = match spawned {
             Ok(c) => c,
             Err(e) => {
@@ -817,7 +867,7 @@ async fn link(ctx: &Context, lv: &Arc<Libvirt>, cfg: &PoolsConfig, name: &str, s
                 return Err(e);
             }
         };
-        carry_line(line, &mut child).map_err(|e| format!("carrying the link: {e}"))?;
+        carry_line(line, &mut child).map_err(GuestError::local("carrying the link"))?;
         child
     } else {
         let (downstream, transport) = match pty {
@@ -827,14 +877,14 @@ async fn link(ctx: &Context, lv: &Arc<Libvirt>, cfg: &PoolsConfig, name: &str, s
                 let stty =
                     tokio::process::Command::new("stty").arg("-F").arg(&pty).args(["raw", "-echo"]).status().await;
                 if !stty.is_ok_and(|s| s.success()) {
-                    return Err(format!("cannot set {} raw", pty.display()));
+                    return Err(GuestError::NotUp(format!("cannot set {} raw", pty.display())));
                 }
                 if go {
                     let token = guest_token(ctx, cfg, name).await?;
                     let line = testbus_pool_libvirt::go_line(SystemTime::now(), token.as_deref());
                     tokio::fs::write(&pty, line)
                         .await
-                        .map_err(|e| format!("giving the go on {}: {e}", pty.display()))?;
+                        .map_err(GuestError::local(format!("giving the go on {}", pty.display())))?;
                 }
                 (format!("serial:{}", pty.display()), "serial")
             }
@@ -856,7 +906,7 @@ async fn link(ctx: &Context, lv: &Arc<Libvirt>, cfg: &PoolsConfig, name: &str, s
             .stderr(log)
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| format!("starting {}: {e}", cfg.relay.display()))?
+            .map_err(GuestError::local(format!("starting {}", cfg.relay.display())))?
     };
     if let Some(g) = ctx.guests.runs.lock().get_mut(name) {
         g.link = Some(child);
@@ -868,7 +918,7 @@ async fn link(ctx: &Context, lv: &Arc<Libvirt>, cfg: &PoolsConfig, name: &str, s
 /// Waits until the guest's agent has registered since `since` (its lease
 /// renewed after the go: the guest's clock was set from it); a guest given
 /// its go is then marked clean, once.
-async fn registered(ctx: &Context, name: &str, since: SystemTime, start: LinkStart) -> Result<(), String> {
+async fn registered(ctx: &Context, name: &str, since: SystemTime, start: LinkStart) -> Result<(), GuestError> {
     let go = start == LinkStart::Go;
     let deadline = tokio::time::Instant::now() + LINK_DEADLINE;
     let mut marked = false;
@@ -885,13 +935,13 @@ async fn registered(ctx: &Context, name: &str, since: SystemTime, start: LinkSta
                     return Ok(());
                 }
                 if !marked {
-                    mark_clean(ctx, name).await.map_err(|e| e.to_string())?;
+                    mark_clean(ctx, name).await?;
                     marked = true;
                 }
             }
         }
         if tokio::time::Instant::now() > deadline {
-            return Err(format!("its agent did not register within {}s", LINK_DEADLINE.as_secs()));
+            return Err(GuestError::NotUp(format!("its agent did not register within {}s", LINK_DEADLINE.as_secs())));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -996,7 +1046,7 @@ fn start_clean(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &Poo
             }
             let started = tokio::time::Instant::now();
             let (l, n) = (lv.clone(), name.clone());
-            blocking(move || l.load_in_place(&n, CLEAN_SNAPSHOT)).await.map_err(|e| e.to_string())?;
+            blocking(move || l.load_in_place(&n, CLEAN_SNAPSHOT)).await?;
             let reverted = started.elapsed();
             cfg.timings.record(&pool_name, GuestWork::Revert, reverted);
             link(&ctx, &lv, &cfg, &name, LinkStart::Go).await?;
@@ -1138,14 +1188,14 @@ async fn destroy(
     cfg: &PoolsConfig,
     pool: &HostPool,
     name: &str,
-) -> Result<(), String> {
+) -> Result<(), GuestError> {
     let old = ctx.guests.runs.lock().get_mut(name).and_then(|g| g.link.take());
     if let Some(mut old) = old {
         let _ = old.kill().await;
     }
     let (l, n, dir, image) =
         (lv.clone(), name.to_string(), cfg.state_dir.join(name), PathBuf::from(&pool.spec().image));
-    blocking(move || l.destroy_guest(&n, &dir, &image)).await.map_err(|e| e.to_string())?;
+    blocking(move || l.destroy_guest(&n, &dir, &image)).await?;
     // QEMU is gone: its vsock device may go too.
     let device = ctx.guests.runs.lock().get_mut(name).and_then(|g| g.device.take());
     if let Some(mut device) = device {
@@ -1154,13 +1204,13 @@ async fn destroy(
     match ctx.client.api::<Host>().delete(name).await {
         Ok(_) => Ok(()),
         Err(s) if s.code() == Code::NotFound => Ok(()),
-        Err(s) => Err(s.message().to_string()),
+        Err(s) => Err(GuestError::Api(s.message().to_string())),
     }
 }
 
 /// A guest task ended: its new phase, or why it failed (the pool backs off
 /// creating after failures in a row).
-fn finish(ctx: &Context, pool: &str, name: &str, r: Result<GuestPhase, String>) {
+fn finish(ctx: &Context, pool: &str, name: &str, r: Result<GuestPhase, GuestError>) {
     {
         let mut runs = ctx.guests.runs.lock();
         if let Some(g) = runs.get_mut(name) {
@@ -1173,7 +1223,7 @@ fn finish(ctx: &Context, pool: &str, name: &str, r: Result<GuestPhase, String>) 
                 Err(e) => {
                     tracing::warn!(pool, guest = name, error = %e, "guest failed");
                     g.phase = GuestPhase::Failed;
-                    g.message = e.clone();
+                    g.message = e.to_string();
                 }
             }
         }
@@ -1186,7 +1236,7 @@ fn finish(ctx: &Context, pool: &str, name: &str, r: Result<GuestPhase, String>) 
         Err(e) => {
             let n = backoff.get(pool).map_or(1, |(n, _, _)| n + 1);
             let wait = Duration::from_secs(2u64.saturating_pow(n.min(6)).min(60));
-            backoff.insert(pool.to_string(), (n, SystemTime::now() + wait, e));
+            backoff.insert(pool.to_string(), (n, SystemTime::now() + wait, e.to_string()));
         }
     }
     drop(backoff);
