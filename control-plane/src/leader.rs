@@ -29,7 +29,11 @@ where
         let mut client = store.client();
         // Campaign until elected, with a fresh lease each time: one granted
         // for an earlier attempt may have expired while this replica waited.
-        let lease = loop {
+        // When the lease was last made good for a whole TTL, by this
+        // replica's clock: before it was asked for, then when each renewal
+        // that succeeded was sent (etcd renews on receipt, later still).
+        let (lease, mut renewed_at) = loop {
+            let asked = tokio::time::Instant::now();
             let lease = match client.lease_grant(ttl_secs, None).await {
                 Ok(l) => l.id(),
                 Err(e) => {
@@ -48,7 +52,7 @@ where
                 let _ = client.lease_revoke(lease).await;
             }
             match outcome {
-                Ok(r) if r.succeeded() => break lease,
+                Ok(r) if r.succeeded() => break (lease, asked),
                 Ok(r) => {
                     // Someone leads: wait for the key to go (or re-check
                     // after a while, in case the watch misses it).
@@ -89,12 +93,20 @@ where
                         let _ = client.lease_revoke(lease).await;
                         return;
                     }
-                    _ = tokio::time::sleep(ttl / 3) => {
-                        let renewed = keeper.keep_alive().await.is_ok()
-                            && matches!(tokio::time::timeout(ttl / 3, stream.message()).await, Ok(Ok(Some(r))) if r.ttl() > 0);
-                        if !renewed {
+                    _ = tokio::time::sleep_until(renewed_at + ttl / 3) => {
+                        // Renewed by 2/3 of the TTL, or the term is given up
+                        // then: its controllers are stopped within the
+                        // margin, before the lease can expire.
+                        let sent = tokio::time::Instant::now();
+                        let renewal = async {
+                            keeper.keep_alive().await.is_ok()
+                                && matches!(stream.message().await, Ok(Some(r)) if r.ttl() > 0)
+                        };
+                        let by = renewed_at + ttl * 2 / 3;
+                        if !tokio::time::timeout_at(by, renewal).await.unwrap_or(false) {
                             break "the lease could not be renewed";
                         }
+                        renewed_at = sent;
                     }
                 }
             },
