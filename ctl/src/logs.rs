@@ -431,7 +431,7 @@ pub async fn follow_test(
         expected.is_some_and(|n| ended.len() == n && ended.values().all(decided))
     };
     let mut by_processes = false;
-    let mut pending = crate::progress::PendingNote::default();
+    let mut pending = crate::pending::PendingNote::default();
     while !by_processes {
         tokio::select! {
             ev = procs.next() => match ev {

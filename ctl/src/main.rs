@@ -42,6 +42,7 @@ mod intest;
 mod jsonpath;
 mod logs;
 mod objects;
+mod pending;
 mod progress;
 mod results;
 mod run;

@@ -5,7 +5,7 @@ use futures::StreamExt;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use testbus_proto::client::{watcher, Client, WatcherEvent};
-use testbus_proto::states::{ProcessPhase, StepPhase, TestPhase};
+use testbus_proto::states::{StepPhase, TestPhase};
 use testbus_proto::{phase, Resource, Test};
 
 /// The exit code of a finished test.
@@ -92,23 +92,7 @@ fn newly_failed(prev: Option<&Test>, t: &Test) -> Vec<String> {
         .collect()
 }
 
-/// Says why a test waits for hosts: once, and again each time the reason
-/// changes (a person watching `run` or `wait` is not left in silence).
-#[derive(Default)]
-pub struct PendingNote {
-    said: String,
-}
-
-impl PendingNote {
-    pub fn line(&mut self, t: &Test) -> Option<String> {
-        let s = t.status();
-        if s.phase != ProcessPhase::Pending || s.message.is_empty() || s.message == self.said {
-            return None;
-        }
-        self.said = s.message.clone();
-        Some(format!("test/{}: Pending: {}", t.name(), s.message))
-    }
-}
+use crate::pending::PendingNote;
 
 /// Prints the stderr tails of a test's processes that failed in `steps`.
 async fn print_failed_tails(client: &Client, t: &Test, steps: &[String]) {

@@ -67,7 +67,7 @@ pub async fn create_test(
 async fn wait_running(client: &Client, name: &str) -> CliResult<Test> {
     let events = watcher(client.api::<Test>(), String::new(), format!("metadata.name={name}"));
     futures::pin_mut!(events);
-    let mut pending = crate::progress::PendingNote::default();
+    let mut pending = crate::pending::PendingNote::default();
     while let Some(ev) = events.next().await {
         let t = match ev {
             WatcherEvent::Restarted(mut l) => match l.pop() {
