@@ -1,20 +1,20 @@
 //! Host leases: a host is Ready while its agent renews its lease (plus a
 //! grace period), NotReady after. A claim naming a test that no longer
 //! exists is released.
+use crate::error::{Doing, Error};
 use crate::runtime::Action;
 use crate::Context;
 use std::time::{Duration, SystemTime};
 use testbus_proto::states::HostPhase;
 use testbus_proto::states::{ConditionStatus, ConditionType};
 use testbus_proto::{time, Host, Resource, Test};
-use tonic::Status;
 
 /// A host whose reconcile keeps failing says so in its conditions.
 pub async fn report_trouble(ctx: &Context, name: &str, trouble: crate::runtime::Trouble) {
     crate::runtime::report_trouble(ctx.client.api::<Host>(), name, trouble, |h| &mut h.status_mut().conditions).await
 }
 
-pub async fn reconcile(ctx: &Context, name: &str) -> Result<Action, Status> {
+pub async fn reconcile(ctx: &Context, name: &str) -> Result<Action, Error> {
     let Some(h) = ctx.hosts.get(name) else {
         return Ok(Action::AwaitChange);
     };
@@ -34,7 +34,8 @@ pub async fn reconcile(ctx: &Context, name: &str) -> Result<Action, Status> {
         let cached = ctx.tests.get(&c.test);
         if cached.as_ref().is_none_or(|t| t.meta().uid != c.test_uid) {
             // The caches may lag each other: ask the API before releasing.
-            let live = ctx.client.api::<Test>().get_opt(&c.test).await?;
+            let live =
+                ctx.client.api::<Test>().get_opt(&c.test).await.doing("reading the test that claims the host")?;
             orphan = live.is_none_or(|t| t.meta().uid != c.test_uid);
         }
     }
@@ -52,7 +53,7 @@ pub async fn reconcile(ctx: &Context, name: &str) -> Result<Action, Status> {
         if orphan {
             st.claim = None;
         }
-        ctx.client.api::<Host>().update_status(next).await?;
+        ctx.client.api::<Host>().update_status(next).await.doing("writing the host's status")?;
         if s.phase != want {
             tracing::info!(host = name, phase = want.as_str(), "host phase changed");
         }
@@ -81,7 +82,7 @@ fn ready_condition(alive: bool, given_up: bool, renewed: &str) -> testbus_proto:
 /// Counts the host's infrastructure failures in a row (`status.infraFailures`)
 /// and, at the threshold, makes it unschedulable with the reason and a
 /// `Quarantined` condition. Only an admin's `uncordon` lets it run again.
-async fn quarantine(ctx: &Context, h: &Host) -> Result<(), Status> {
+async fn quarantine(ctx: &Context, h: &Host) -> Result<(), Error> {
     let since = h
         .meta()
         .annotations
@@ -96,7 +97,7 @@ async fn quarantine(ctx: &Context, h: &Host) -> Result<(), Status> {
         let mut next = h.clone();
         next.spec_mut().unschedulable = true;
         next.spec_mut().unschedulable_reason = why.clone();
-        api.update(next).await?;
+        api.update(next).await.doing("quarantining the host")?;
         tracing::warn!(host = h.name(), failures = count, "host quarantined");
     }
     let quarantined = reason.is_some();
@@ -118,7 +119,8 @@ async fn quarantine(ctx: &Context, h: &Host) -> Result<(), Status> {
             }
             true
         })
-        .await?;
+        .await
+        .doing("counting the host's infrastructure failures")?;
     }
     Ok(())
 }

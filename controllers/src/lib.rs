@@ -14,6 +14,7 @@
 //! - [`pools`]: HostPools of libvirt guests, decided by [`pool_plan`].
 #![forbid(unsafe_code)]
 
+pub mod error;
 pub mod health;
 pub mod hosts;
 pub mod pool_plan;

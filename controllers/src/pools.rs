@@ -9,6 +9,7 @@
 //! (a `testbus-relay` child process, killed when dropped). Both live as
 //! long as the controllers; a restarted control plane finds its guests
 //! again in libvirt and links them anew.
+use crate::error::{Doing, Error};
 use crate::pool_plan::{self, GuestPhase, GuestView};
 use crate::runtime::Action;
 use crate::Context;
@@ -240,6 +241,12 @@ impl From<Status> for GuestError {
     }
 }
 
+impl From<Error> for GuestError {
+    fn from(e: Error) -> GuestError {
+        GuestError::Api(e.to_string())
+    }
+}
+
 impl GuestError {
     fn local(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> GuestError {
         let what = what.to_string();
@@ -267,7 +274,7 @@ pub async fn report_trouble(ctx: &Context, name: &str, trouble: crate::runtime::
         .await
 }
 
-pub async fn reconcile(ctx: &Arc<Context>, name: &str) -> Result<Action, Status> {
+pub async fn reconcile(ctx: &Arc<Context>, name: &str) -> Result<Action, Error> {
     let Some(pool) = ctx.pools.get(name) else {
         return Ok(Action::AwaitChange);
     };
@@ -313,7 +320,7 @@ pub async fn reconcile(ctx: &Arc<Context>, name: &str) -> Result<Action, Status>
     if create > 0 && !pool.meta().finalizers.iter().any(|f| f == POOL_FINALIZER) {
         let mut next = (*pool).clone();
         next.meta_mut().finalizers.push(POOL_FINALIZER.into());
-        ctx.client.api::<HostPool>().update(next).await?;
+        ctx.client.api::<HostPool>().update(next).await.doing("putting the pool's finalizer")?;
         return Ok(Action::AwaitChange);
     }
     for _ in 0..create {
@@ -531,7 +538,7 @@ fn views(ctx: &Context, pool: &HostPool) -> Vec<GuestView> {
 
 /// Writes the pool's guests (from what the controller knows and their
 /// Hosts) and its condition, when they changed.
-async fn write_status(ctx: &Context, pool: &HostPool, cond: Option<Condition>) -> Result<(), Status> {
+async fn write_status(ctx: &Context, pool: &HostPool, cond: Option<Condition>) -> Result<(), Error> {
     let mut guests: Vec<Guest> = {
         let runs = ctx.guests.runs.lock();
         runs.iter()
@@ -576,7 +583,7 @@ async fn write_status(ctx: &Context, pool: &HostPool, cond: Option<Condition>) -
     match ctx.client.api::<HostPool>().update_status(next).await {
         Ok(_) => Ok(()),
         Err(s) if s.code() == Code::Aborted => Ok(()), // seen again next time
-        Err(s) => Err(s),
+        Err(status) => Err(Error::Api { what: "writing the pool's status", status }),
     }
 }
 
@@ -987,10 +994,10 @@ fn pump(
 
 /// Marks the guest's Host clean, giving it the pool's layer of env and
 /// files (and naming the pool) in the same write: it may be claimed again.
-async fn mark_clean(ctx: &Context, name: &str) -> Result<(), Status> {
+async fn mark_clean(ctx: &Context, name: &str) -> Result<(), Error> {
     let api = ctx.client.api::<Host>();
     loop {
-        let mut h = api.get(name).await?;
+        let mut h = api.get(name).await.doing("reading the guest's host")?;
         if h.meta().annotations.get(CLEAN_ANNOTATION).is_some_and(|v| v == "true") {
             return Ok(());
         }
@@ -1004,7 +1011,7 @@ async fn mark_clean(ctx: &Context, name: &str) -> Result<(), Status> {
         match api.update(h).await {
             Ok(_) => return Ok(()),
             Err(s) if s.code() == Code::Aborted => continue,
-            Err(s) => return Err(s),
+            Err(status) => return Err(Error::Api { what: "marking the guest clean", status }),
         }
     }
 }
@@ -1105,7 +1112,7 @@ fn start_snapshots(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>) {
             };
             tracing::info!(guest = %name, action = ?order.action, snapshot = %order.name, error = %outcome.error, "snapshot request carried out");
             if let Err(s) = write_snapshot_outcome(&ctx, &name, &outcome).await {
-                tracing::warn!(guest = %name, error = %s.message(), "cannot write a snapshot request's outcome");
+                tracing::warn!(guest = %name, error = %s, "cannot write a snapshot request's outcome");
             }
             if let Some(g) = ctx.guests.runs.lock().get_mut(&name) {
                 g.busy = false;
@@ -1121,7 +1128,7 @@ async fn write_snapshot_outcome(
     ctx: &Context,
     name: &str,
     outcome: &testbus_proto::pool::SnapshotOutcome,
-) -> Result<(), Status> {
+) -> Result<(), Error> {
     let text = serde_json::to_string(outcome).map_err(|e| Status::internal(e.to_string()))?;
     let api = ctx.client.api::<Host>();
     loop {
@@ -1130,7 +1137,7 @@ async fn write_snapshot_outcome(
         match api.update(h).await {
             Ok(_) => return Ok(()),
             Err(s) if s.code() == Code::Aborted => continue,
-            Err(s) => return Err(s),
+            Err(status) => return Err(Error::Api { what: "writing a snapshot request's outcome", status }),
         }
     }
 }
@@ -1245,7 +1252,7 @@ fn finish(ctx: &Context, pool: &str, name: &str, r: Result<GuestPhase, GuestErro
 
 /// Deleting a pool: every guest it has goes (domain, disk, Host), then its
 /// network, then the finalizer.
-async fn delete_pool(ctx: &Arc<Context>, pool: &HostPool, cfg: &PoolsConfig) -> Result<Action, Status> {
+async fn delete_pool(ctx: &Arc<Context>, pool: &HostPool, cfg: &PoolsConfig) -> Result<Action, Error> {
     if !pool.meta().finalizers.iter().any(|f| f == POOL_FINALIZER) {
         return Ok(Action::AwaitChange);
     }
@@ -1316,7 +1323,7 @@ async fn delete_pool(ctx: &Arc<Context>, pool: &HostPool, cfg: &PoolsConfig) -> 
     match ctx.client.api::<HostPool>().update(next).await {
         Ok(_) => Ok(Action::AwaitChange),
         Err(s) if s.code() == Code::NotFound => Ok(Action::AwaitChange),
-        Err(s) => Err(s),
+        Err(status) => Err(Error::Api { what: "removing the pool's finalizer", status }),
     }
 }
 

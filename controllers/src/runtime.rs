@@ -343,12 +343,6 @@ pub trait ReconcileError: std::fmt::Display {
     }
 }
 
-impl ReconcileError for tonic::Status {
-    fn routine(&self) -> bool {
-        self.code() == tonic::Code::Aborted
-    }
-}
-
 impl ReconcileError for &str {}
 impl ReconcileError for String {}
 
@@ -409,7 +403,11 @@ mod tests {
         let warns = |routine| (1..=16).filter(|&n| warned(n, routine)).collect::<Vec<u32>>();
         assert_eq!(warns(false), [1, 2, 3, 4, 8, 16]);
         assert_eq!(warns(true), [4, 8, 16]);
-        assert!(tonic::Status::aborted("conflict").routine() && !tonic::Status::internal("disk").routine());
+        use crate::error::Error;
+        assert!(
+            Error::from(tonic::Status::aborted("conflict")).routine()
+                && !Error::from(tonic::Status::internal("disk")).routine()
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -8,6 +8,7 @@
 //! process still running and waits for them to end, so the final status —
 //! immutable once written — holds complete results. A finished test's hosts
 //! are released once nothing of the test runs on them any more.
+use crate::error::{Doing, Error};
 use crate::runtime::Action;
 use crate::schedule::{self, Assignment};
 use crate::test_plan::{self, held, set_condition, Ending, Verdict};
@@ -23,7 +24,7 @@ use testbus_proto::{
     duration, phase, time, ClaimAssignment, ClaimRequest, Host, HostFacts, Process, Resource, StepStatus, Test,
     TestStatus, TestTrace,
 };
-use tonic::{Code, Status};
+use tonic::Code;
 
 pub use crate::test_plan::{process_name, DEFAULT_TIMEOUT, LABEL_ROLE, LABEL_STEP, LABEL_TEST};
 use testbus_proto::states::{ProcessPhase, StepPhase, TestPhase};
@@ -34,7 +35,7 @@ pub async fn report_trouble(ctx: &Context, name: &str, trouble: crate::runtime::
     crate::runtime::report_trouble(ctx.client.api::<Test>(), name, trouble, |t| &mut t.status_mut().conditions).await
 }
 
-pub async fn reconcile(ctx: &Context, name: &str) -> Result<Action, Status> {
+pub async fn reconcile(ctx: &Context, name: &str) -> Result<Action, Error> {
     let Some(t) = ctx.tests.get(name) else {
         return Ok(Action::AwaitChange);
     };
@@ -62,7 +63,7 @@ pub async fn reconcile(ctx: &Context, name: &str) -> Result<Action, Status> {
 /// [`schedule_pass`]); this asks for a pass and ends the test at its
 /// pending timeout. A waiting test costs nothing more until something it
 /// could use changes.
-async fn pending(ctx: &Context, t: &Test) -> Result<Action, Status> {
+async fn pending(ctx: &Context, t: &Test) -> Result<Action, Error> {
     match pending_outcome(t, SystemTime::now()) {
         PendingOutcome::GiveUp { waited } => give_up(ctx, t, waited).await,
         PendingOutcome::Decided(v) => end_pending(ctx, t, v.reason, &v.message, None).await,
@@ -89,7 +90,7 @@ const SCHEDULE_SAFETY_NET: Duration = Duration::from_secs(300);
 /// first, so that a test that can run starts whatever waits around it;
 /// then each waiting test's Scheduled condition, written only where its
 /// reason changed.
-pub async fn schedule_pass(ctx: &Context) -> Result<Action, Status> {
+pub async fn schedule_pass(ctx: &Context) -> Result<Action, Error> {
     let hosts = ctx.hosts.list();
     let refs: Vec<&Host> = hosts.iter().map(|h| h.as_ref()).collect();
     let pending = ctx.tests.filter(waits_for_hosts);
@@ -141,9 +142,9 @@ pub async fn schedule_pass(ctx: &Context) -> Result<Action, Status> {
     }
     for r in results {
         match r {
-            Err(s) if s.code() == Code::Aborted => again = Duration::from_millis(20),
-            Err(s) if s.code() == Code::NotFound => {}
-            Err(s) => return Err(s),
+            Err(e) if e.status().code() == Code::Aborted => again = Duration::from_millis(20),
+            Err(e) if e.status().code() == Code::NotFound => {}
+            Err(e) => return Err(e),
             Ok(()) => {}
         }
     }
@@ -164,7 +165,7 @@ async fn claim(
     t: &Test,
     assignments: &[Assignment],
     by_name: &HashMap<&str, &Host>,
-) -> Result<Claimed, Status> {
+) -> Result<Claimed, Error> {
     let status = running_status(t, assignments, by_name);
     let req = ClaimRequest {
         test: t.name().to_string(),
@@ -187,12 +188,12 @@ async fn claim(
             // the processes there, or creates nothing twice: names are
             // fixed and creating an existing one is a no-op).
             if let Err(s) = drive(ctx, &claimed.into_inner(), &[]).await {
-                tracing::debug!(test = t.name(), error = %s.message(), "starting a claimed test; its reconcile goes on");
+                tracing::debug!(test = t.name(), error = %s, "starting a claimed test; its reconcile goes on");
             }
             Ok(Claimed::Claimed)
         }
         Err(s) if matches!(s.code(), Code::Aborted | Code::FailedPrecondition | Code::NotFound) => Ok(Claimed::Raced),
-        Err(s) => Err(s),
+        Err(status) => Err(Error::Api { what: "claiming the hosts", status }),
     }
 }
 
@@ -228,7 +229,7 @@ fn pending_outcome(t: &Test, now: SystemTime) -> PendingOutcome {
 
 /// A test that has waited past its pending timeout ends in Error, saying
 /// what it waited for.
-async fn give_up(ctx: &Context, t: &Test, waited: Duration) -> Result<Action, Status> {
+async fn give_up(ctx: &Context, t: &Test, waited: Duration) -> Result<Action, Error> {
     let why = t
         .status()
         .conditions
@@ -248,7 +249,7 @@ async fn end_pending(
     reason: TestReason,
     message: &str,
     scheduled: Option<(String, String)>,
-) -> Result<Action, Status> {
+) -> Result<Action, Error> {
     let mut next = t.clone();
     let st = next.status_mut();
     st.phase = reason.phase().into();
@@ -263,14 +264,14 @@ async fn end_pending(
         &mut st.conditions,
         Condition::new(ConditionType::Finished, ConditionStatus::False, reason.as_str(), message),
     );
-    ctx.client.api::<Test>().update_status(next).await?;
+    ctx.client.api::<Test>().update_status(next).await.doing("ending the test before its claim")?;
     tracing::info!(test = t.name(), reason = reason.as_str(), "ended before it claimed hosts");
     Ok(Action::AwaitChange)
 }
 
 /// A test that cannot claim its hosts now says why on its Scheduled
 /// condition.
-async fn still_pending(ctx: &Context, t: &Test, reason: &str, why: String) -> Result<(), Status> {
+async fn still_pending(ctx: &Context, t: &Test, reason: &str, why: String) -> Result<(), Error> {
     let mut next = t.clone();
     let st = next.status_mut();
     let changed = set_condition(
@@ -280,7 +281,7 @@ async fn still_pending(ctx: &Context, t: &Test, reason: &str, why: String) -> Re
     if changed || st.phase.is_empty() {
         st.phase = TestPhase::Pending.into();
         st.message = why;
-        ctx.client.api::<Test>().update_status(next).await?;
+        ctx.client.api::<Test>().update_status(next).await.doing("saying why the test waits")?;
     }
     Ok(())
 }
@@ -360,7 +361,7 @@ fn file_digests(t: &Test) -> BTreeMap<String, String> {
 
 /// A running test: its plan, written. Creates what the plan creates,
 /// releases gates, refreshes the steps' status (paced), or concludes.
-async fn drive(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Action, Status> {
+async fn drive(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Action, Error> {
     let plan = test_plan::plan(t, procs, ctx.hosts.as_ref(), SystemTime::now());
     match plan.ending {
         Some(Ending::Recorded(v)) => return conclude(ctx, t, procs, plan.steps, v, Recorded::Yes).await,
@@ -371,7 +372,7 @@ async fn drive(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Action
     for p in plan.release {
         let mut next = (*p).clone();
         next.spec_mut().released = true;
-        ctx.client.api::<Process>().update(next).await?;
+        ctx.client.api::<Process>().update(next).await.doing("releasing a sync step's processes")?;
         tracing::debug!(test = t.name(), process = p.name(), "released");
     }
     let st = t.status();
@@ -383,7 +384,7 @@ async fn drive(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Action
         }
         let mut next = t.clone();
         next.status_mut().steps = plan.steps;
-        ctx.client.api::<Test>().update_status(next).await?;
+        ctx.client.api::<Test>().update_status(next).await.doing("writing the test's status")?;
     }
     Ok(Action::Requeue(plan.requeue))
 }
@@ -436,7 +437,7 @@ pub enum Urgency {
 /// Creates processes concurrently, so a step's processes share the store's
 /// group commits instead of paying one round trip each. An existing one is
 /// fine: names are fixed, so a second pass creates nothing twice.
-async fn create_all(ctx: &Context, procs: Vec<Process>) -> Result<(), Status> {
+async fn create_all(ctx: &Context, procs: Vec<Process>) -> Result<(), Error> {
     use futures::StreamExt;
     let api = ctx.client.api::<Process>();
     let mut results = futures::stream::iter(procs).map(|p| api.create(p)).buffer_unordered(64);
@@ -444,7 +445,7 @@ async fn create_all(ctx: &Context, procs: Vec<Process>) -> Result<(), Status> {
         match r {
             Ok(_) => {}
             Err(s) if s.code() == Code::AlreadyExists => {}
-            Err(s) => return Err(s),
+            Err(status) => return Err(Error::Api { what: "creating the test's processes", status }),
         }
     }
     Ok(())
@@ -461,7 +462,7 @@ async fn conclude(
     steps: Vec<StepStatus>,
     v: Verdict,
     recorded: Recorded,
-) -> Result<Action, Status> {
+) -> Result<Action, Error> {
     // With every process already ended there is nothing to stop, so nothing
     // can change the verdict: the final status is written at once (one
     // write instead of two, on the path every test ends by).
@@ -471,7 +472,7 @@ async fn conclude(
         let st = next.status_mut();
         st.steps = steps;
         set_condition(&mut st.conditions, v.condition(time::now()));
-        let t = ctx.client.api::<Test>().update_status(next).await?;
+        let t = ctx.client.api::<Test>().update_status(next).await.doing("recording the test's verdict")?;
         stop_all(ctx, &t, procs).await?;
         return Ok(Action::AwaitChange);
     }
@@ -481,7 +482,7 @@ async fn conclude(
     let phase = v.phase().as_str();
     let mut next = t.clone();
     *next.status_mut() = test_plan::final_status(t, steps, v, SystemTime::now());
-    ctx.client.api::<Test>().update_status(next).await?;
+    ctx.client.api::<Test>().update_status(next).await.doing("writing the test's final status")?;
     tracing::info!(test = t.name(), phase, "test finished");
     Ok(Action::AwaitChange)
 }
@@ -495,7 +496,7 @@ enum Recorded {
 
 /// Asks every running process of the test to stop and marks those on lost
 /// hosts Lost. True when none is left running.
-async fn stop_all(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<bool, Status> {
+async fn stop_all(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<bool, Error> {
     let stops = test_plan::stops(procs, ctx.hosts.as_ref());
     for p in stops.lost {
         let mut next = (*p).clone();
@@ -528,7 +529,7 @@ async fn stop_all(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<boo
         let mut next = (*p).clone();
         next.spec_mut().stop = true;
         next.spec_mut().stop_reason = why.clone();
-        ctx.client.api::<Process>().update(next).await?;
+        ctx.client.api::<Process>().update(next).await.doing("stopping the test's processes")?;
         tracing::debug!(test = t.name(), process = p.name(), "stopping");
     }
     Ok(stops.all_ended)
@@ -536,7 +537,7 @@ async fn stop_all(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<boo
 
 /// A finished test: release its hosts (unless held), and delete it once
 /// `ttlAfterFinished` has passed.
-async fn finished(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Action, Status> {
+async fn finished(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Action, Error> {
     if held(t) {
         // What the test ran is stopped; commands a person runs on the held
         // hosts to debug them (`testbusctl exec`, `cp`) are left to run.
@@ -558,14 +559,14 @@ async fn finished(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Act
             match ctx.client.api::<Test>().delete(t.name()).await {
                 Ok(_) => Ok(Action::AwaitChange),
                 Err(s) if s.code() == Code::NotFound => Ok(Action::AwaitChange),
-                Err(s) => Err(s),
+                Err(status) => Err(Error::Api { what: "deleting the test after its ttlAfterFinished", status }),
             }
         }
     }
 }
 
 /// After the end: release each host once nothing of the test runs on it.
-async fn release(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Action, Status> {
+async fn release(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Action, Error> {
     stop_all(ctx, t, procs).await?;
     let uid = &t.meta().uid;
     for h in ctx.hosts.filter(|h| h.status().claim.as_ref().is_some_and(|c| &c.test_uid == uid)) {
@@ -575,7 +576,7 @@ async fn release(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Acti
         }
         let mut next: Host = (*h).clone();
         next.status_mut().claim = None;
-        ctx.client.api::<Host>().update_status(next).await?;
+        ctx.client.api::<Host>().update_status(next).await.doing("releasing the test's hosts")?;
         tracing::info!(test = t.name(), host = h.name(), "released");
     }
     Ok(Action::AwaitChange)
@@ -583,7 +584,7 @@ async fn release(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Acti
 
 /// Deleting a test: stop, release, delete its processes, drop the
 /// finalizer.
-async fn teardown(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Action, Status> {
+async fn teardown(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Action, Error> {
     release(ctx, t, procs).await?;
     if procs.iter().any(|p| !phase::process_terminal(&p.status().phase)) {
         return Ok(Action::Requeue(Duration::from_secs(5)));
@@ -596,7 +597,7 @@ async fn teardown(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Act
         match ctx.client.api::<Process>().delete(p.name()).await {
             Ok(_) => {}
             Err(s) if s.code() == Code::NotFound => {}
-            Err(s) => return Err(s),
+            Err(status) => return Err(Error::Api { what: "deleting the test's processes", status }),
         }
     }
     let mut next = t.clone();
@@ -604,7 +605,7 @@ async fn teardown(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Act
     match ctx.client.api::<Test>().update(next).await {
         Ok(_) => Ok(Action::AwaitChange),
         Err(s) if s.code() == Code::NotFound => Ok(Action::AwaitChange),
-        Err(s) => Err(s),
+        Err(status) => Err(Error::Api { what: "removing the test's finalizer", status }),
     }
 }
 
