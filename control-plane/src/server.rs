@@ -601,7 +601,81 @@ async fn accept_local(
     }
 }
 
+/// Where the state lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreChoice {
+    /// redb in the data dir: one replica.
+    Embedded,
+    /// etcd at this URL: replicas share it.
+    Etcd(String),
+}
+
+/// Where pool guests' relays bring their agents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestUpstream {
+    pub address: String,
+    /// The agents speak TLS there (and join with a token).
+    pub tls: bool,
+}
+
+/// The control plane's startup choices, decided and checked from its
+/// `Config` before anything starts ([`Config::startup`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Startup {
+    pub store: StoreChoice,
+    /// It serves TLS (unless `--insecure`).
+    pub tls: bool,
+    pub guest_upstream: GuestUpstream,
+    /// The address `user create` puts in configs when not told one
+    /// (`DATA_DIR/advertise`): the first TCP listener's, where it names a
+    /// host and TLS is served; None removes the file.
+    pub advertised: Option<String>,
+}
+
 impl Config {
+    /// Decides the startup choices; an error names the flag that is wrong.
+    /// Pure: nothing is opened, bound or started.
+    pub fn startup(&self) -> anyhow::Result<Startup> {
+        let tcp: Vec<SocketAddr> = self
+            .listen
+            .iter()
+            .filter_map(|l| match l {
+                Listen::Tcp(a) => Some(*a),
+                Listen::Unix(_) => None,
+            })
+            .collect();
+        if let Some(a) = tcp.iter().find(|a| self.insecure && !a.ip().is_loopback()) {
+            bail!(
+                "--listen {a}: --insecure serves without TLS, on loopback addresses only; leave it out to serve with TLS"
+            );
+        }
+        let store = match self.store.as_str() {
+            "" | "embedded" => StoreChoice::Embedded,
+            url if url.starts_with("etcd://") => {
+                crate::store::etcd::parse_url(url).map_err(|e| anyhow::anyhow!("--store {e}"))?;
+                StoreChoice::Etcd(url.to_string())
+            }
+            other => bail!("--store {other:?}: expected \"embedded\" or etcd://HOST:PORT[,HOST:PORT...][/PREFIX]"),
+        };
+        let tls = !self.insecure;
+        // Guests' agents join and speak TLS through their relay to the
+        // first TCP listener (loopback for an unspecified one); without TLS
+        // (or a TCP listener) they reach the local socket.
+        let guest_upstream = match tcp.first() {
+            Some(a) if tls => {
+                let a = if a.ip().is_unspecified() {
+                    SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), a.port())
+                } else {
+                    *a
+                };
+                GuestUpstream { address: format!("tcp:{a}"), tls: true }
+            }
+            _ => GuestUpstream { address: format!("unix:{}", self.local_socket().display()), tls: false },
+        };
+        let advertised = tcp.iter().find(|a| !a.ip().is_unspecified()).filter(|_| tls).map(|a| format!("https://{a}"));
+        Ok(Startup { store, tls, guest_upstream, advertised })
+    }
+
     /// The unix socket the control plane always offers in its data dir.
     pub fn local_socket(&self) -> PathBuf {
         self.data_dir.join("api.sock")
@@ -691,36 +765,25 @@ fn per_peer_cap(flag: usize, fd_limit: u64) -> usize {
 }
 
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    for l in &cfg.listen {
-        if let Listen::Tcp(a) = l {
-            if !a.ip().is_loopback() && cfg.insecure {
-                bail!(
-                    "--listen {a}: --insecure serves without TLS, on loopback addresses only; \
-                     leave it out to serve with TLS"
-                );
-            }
-        }
-    }
+    let startup = cfg.startup()?;
     private_data_dir(&cfg.data_dir)?;
     let fd_limit = raise_fd_limit();
-    let tls = if cfg.insecure { None } else { Some(cfg.tls()?) };
+    let tls = if startup.tls { Some(cfg.tls()?) } else { None };
     // With etcd, several replicas may share the state: the controllers
     // then run on the elected leader only.
     let mut etcd = None;
-    let store: Arc<dyn Store> = match cfg.store.as_str() {
-        "" | "embedded" => Arc::new(
+    let store: Arc<dyn Store> = match &startup.store {
+        StoreChoice::Embedded => Arc::new(
             EmbeddedStore::open_with_reserve(&cfg.data_dir.join("store.redb"), 100_000, cfg.min_free_bytes)
                 .with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?,
         ),
-        url if url.starts_with("etcd://") => {
-            crate::store::etcd::parse_url(url).map_err(|e| anyhow::anyhow!("--store {e}"))?;
+        StoreChoice::Etcd(url) => {
             let s = crate::store::etcd::EtcdStore::connect(url)
                 .await
                 .with_context(|| format!("--store {url}: cannot reach etcd"))?;
             etcd = Some(s.clone());
             Arc::new(s)
         }
-        other => bail!("--store {other:?}: expected \"embedded\" or etcd://HOST:PORT[,HOST:PORT...][/PREFIX]"),
     };
     let metrics = Arc::new(crate::metrics::Metrics::new());
     let store: Arc<dyn Store> = Arc::new(crate::metrics::CountedStore { inner: store, metrics: metrics.clone() });
@@ -729,8 +792,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let served = match Hub::start(cfg.watch_cache, store.clone()).await.context("starting the watch cache") {
         Ok(hub) => {
             let mut running = Running::new(shutdown.child_token());
-            let served =
-                serve(&cfg, &shutdown, &mut running, store.clone(), hub.clone(), etcd, tls, metrics, fd_limit).await;
+            let shared = (store.clone(), hub.clone());
+            let served = serve(&cfg, &startup, &shutdown, &mut running, shared, etcd, tls, metrics, fd_limit).await;
             running.drain().await;
             hub.stop().await;
             served
@@ -794,10 +857,10 @@ impl Running {
 #[allow(clippy::too_many_arguments)]
 async fn serve(
     cfg: &Config,
+    startup: &Startup,
     shutdown: &CancellationToken,
     running: &mut Running,
-    store: Arc<dyn Store>,
-    hub: Arc<Hub>,
+    (store, hub): (Arc<dyn Store>, Arc<Hub>),
     etcd: Option<crate::store::etcd::EtcdStore>,
     tls: Option<ServerTls>,
     metrics: Arc<crate::metrics::Metrics>,
@@ -843,7 +906,7 @@ async fn serve(
         .layer(crate::metrics::CallsLayer(state.metrics.clone()))
         .add_routes(routes);
 
-    write_advertise(cfg)?;
+    write_advertise(cfg, startup)?;
     let mut listens = cfg.listen.clone();
     listens.push(Listen::Unix(cfg.local_socket()));
     for l in listens {
@@ -890,7 +953,7 @@ async fn serve(
         }
     }
 
-    start_controllers(cfg, tls.is_some(), &state, etcd, &stop, background)?;
+    start_controllers(cfg, startup, &state, etcd, &stop, background)?;
 
     tokio::select! {
         _ = shutdown.cancelled() => {
@@ -976,17 +1039,13 @@ async fn api_routes(
 
 /// The address `user create` puts in configs when not told one
 /// (`DATA_DIR/advertise`): the first TCP listener's, where it names a host.
-fn write_advertise(cfg: &Config) -> anyhow::Result<()> {
-    let advertised = cfg.listen.iter().find_map(|l| match l {
-        Listen::Tcp(a) if !a.ip().is_unspecified() => Some(format!("https://{a}")),
-        _ => None,
-    });
+fn write_advertise(cfg: &Config, startup: &Startup) -> anyhow::Result<()> {
     let advertise_file = cfg.data_dir.join(ADVERTISE_FILE);
-    match (&advertised, cfg.insecure) {
-        (Some(url), false) => {
+    match &startup.advertised {
+        Some(url) => {
             std::fs::write(&advertise_file, url).with_context(|| format!("writing {}", advertise_file.display()))?
         }
-        _ => {
+        None => {
             let _ = std::fs::remove_file(&advertise_file);
         }
     }
@@ -998,7 +1057,7 @@ fn write_advertise(cfg: &Config) -> anyhow::Result<()> {
 /// made by the `testbus-relay` beside this binary.
 fn start_controllers(
     cfg: &Config,
-    tls: bool,
+    startup: &Startup,
     state: &ApiState,
     etcd: Option<crate::store::etcd::EtcdStore>,
     stop: &CancellationToken,
@@ -1009,20 +1068,7 @@ fn start_controllers(
     // binary, toward this replica's local socket.
     let relay = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("testbus-relay")));
     if let (None, Some(relay)) = (&ccfg.pools, relay) {
-        // Guests' agents join and speak TLS through their relay to the
-        // first TCP listener; without TLS (or a TCP listener) they
-        // reach the local socket.
-        let tcp = cfg.listen.iter().find_map(|l| match l {
-            Listen::Tcp(a) if a.ip().is_unspecified() => {
-                Some(SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), a.port()))
-            }
-            Listen::Tcp(a) => Some(*a),
-            Listen::Unix(_) => None,
-        });
-        let (upstream, guest_tls) = match (tcp, tls) {
-            (Some(a), true) => (format!("tcp:{a}"), true),
-            _ => (format!("unix:{}", cfg.local_socket().display()), false),
-        };
+        let GuestUpstream { address: upstream, tls: guest_tls } = startup.guest_upstream.clone();
         ccfg.pools = Some(testbus_controllers::pools::PoolsConfig {
             state_dir: std::path::absolute(cfg.data_dir.join("guests")).unwrap_or_else(|_| cfg.data_dir.join("guests")),
             relay,
@@ -1102,6 +1148,39 @@ mod tests {
         assert!(e.contains("--listen unix:") && e.contains("a-file/sub/api.sock"), "{e}");
         let again = crate::store::embedded::EmbeddedStore::open_with_reserve(&dir.path().join("store.redb"), 1000, 0);
         assert!(again.is_ok(), "the store is still held: {:?}", again.err());
+    }
+
+    /// The startup choices are decided, and bad flags refused naming the
+    /// flag, before anything is opened or bound.
+    #[test]
+    fn startup_choices_are_decided_and_checked_before_anything_starts() {
+        let dir = std::path::Path::new("/nonexistent/testbus");
+        let tcp = |a: &str| Listen::Tcp(a.parse().unwrap());
+        let mut cfg = config(dir);
+        cfg.listen = vec![tcp("0.0.0.0:7780"), tcp("10.1.2.3:7781")];
+        let s = cfg.startup().unwrap();
+        assert_eq!((s.store, s.tls), (StoreChoice::Embedded, true));
+        assert_eq!(s.guest_upstream, GuestUpstream { address: "tcp:127.0.0.1:7780".into(), tls: true });
+        assert_eq!(s.advertised.as_deref(), Some("https://10.1.2.3:7781"));
+        cfg.store = "etcd://127.0.0.1:2379/tb".into();
+        assert_eq!(cfg.startup().unwrap().store, StoreChoice::Etcd("etcd://127.0.0.1:2379/tb".into()));
+        cfg.store = "redis://x".into();
+        assert!(cfg.startup().unwrap_err().to_string().starts_with("--store \"redis://x\""));
+        cfg.store = "etcd://".into();
+        assert!(cfg.startup().unwrap_err().to_string().starts_with("--store"));
+        // Insecure: loopback only; guests reach the local socket.
+        let mut cfg = config(dir);
+        cfg.insecure = true;
+        cfg.listen = vec![tcp("127.0.0.1:7780")];
+        let s = cfg.startup().unwrap();
+        assert_eq!((s.tls, s.advertised), (false, None));
+        assert_eq!(
+            s.guest_upstream,
+            GuestUpstream { address: "unix:/nonexistent/testbus/api.sock".into(), tls: false }
+        );
+        cfg.listen.push(tcp("10.1.2.3:7781"));
+        let e = cfg.startup().unwrap_err().to_string();
+        assert!(e.starts_with("--listen 10.1.2.3:7781: --insecure"), "{e}");
     }
 
     fn config(dir: &std::path::Path) -> Config {
