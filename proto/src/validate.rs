@@ -58,32 +58,55 @@ pub const MAX_TEST_ENV_BYTES: usize = 256 * 1024;
 /// and the status a claim writes copies the env twice more.
 pub const MAX_SPEC_BYTES: usize = 512 * 1024;
 
+/// Why a name is not one (each says what a name of its kind must be).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("must not be empty")]
+    Empty,
+    #[error("must be at most {0} characters")]
+    TooLong(usize),
+    #[error(
+        "{0:?} is not a DNS label (lower-case letters, digits and '-', starting and ending with a letter or digit)"
+    )]
+    NotDnsLabel(String),
+    #[error("{0:?} is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)")]
+    NotVariable(String),
+    #[error("{0:?} is not a host variable name (host_ then [A-Za-z0-9_-]+)")]
+    NotHostVariable(String),
+    #[error("{0:?} must be 1-253 of [A-Za-z0-9._-]")]
+    NotSyncKey(String),
+}
+
+impl From<NameError> for String {
+    fn from(e: NameError) -> String {
+        e.to_string()
+    }
+}
+
 /// A DNS-1123 label: lower-case alphanumerics and '-', starting and ending
 /// with an alphanumeric, at most 63 characters.
-pub fn dns_label(s: &str) -> Result<(), String> {
+pub fn dns_label(s: &str) -> Result<(), NameError> {
     if s.is_empty() {
-        return Err("must not be empty".into());
+        return Err(NameError::Empty);
     }
     if s.len() > MAX_NAME {
-        return Err(format!("must be at most {MAX_NAME} characters"));
+        return Err(NameError::TooLong(MAX_NAME));
     }
     let ok = s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
     let b = s.as_bytes();
     if !ok || !b[0].is_ascii_alphanumeric() || !b[b.len() - 1].is_ascii_alphanumeric() {
-        return Err(format!(
-            "{s:?} is not a DNS label (lower-case letters, digits and '-', starting and ending with a letter or digit)"
-        ));
+        return Err(NameError::NotDnsLabel(s.to_string()));
     }
     Ok(())
 }
 
-pub fn env_name(s: &str) -> Result<(), String> {
+pub fn env_name(s: &str) -> Result<(), NameError> {
     let b = s.as_bytes();
     if b.is_empty()
         || !(b[0].is_ascii_alphabetic() || b[0] == b'_')
         || !b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_')
     {
-        return Err(format!("{s:?} is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)"));
+        return Err(NameError::NotVariable(s.to_string()));
     }
     Ok(())
 }
@@ -317,9 +340,9 @@ pub fn member_matches(member: &str, role_or_member: &str) -> bool {
 }
 
 /// Sync keys and barrier names: 1-253 of [A-Za-z0-9._-].
-pub fn sync_key(s: &str) -> Result<(), String> {
+pub fn sync_key(s: &str) -> Result<(), NameError> {
     if s.is_empty() || s.len() > 253 || !s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
-        return Err(format!("{s:?} must be 1-253 of [A-Za-z0-9._-]"));
+        return Err(NameError::NotSyncKey(s.to_string()));
     }
     Ok(())
 }
@@ -590,12 +613,12 @@ impl Runnable<'_> {
 /// A name in a Process's env: a variable name, or a claim's host variable
 /// `host_<member>_<var>` (members may hold '-'). Never '=' or NUL, which
 /// would change what the process sees.
-pub fn process_env_name(s: &str) -> Result<(), String> {
+pub fn process_env_name(s: &str) -> Result<(), NameError> {
     if let Some(rest) = s.strip_prefix("host_") {
         let ok = !rest.is_empty()
             && s.len() <= 256
             && rest.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-');
-        return if ok { Ok(()) } else { Err(format!("{s:?} is not a host variable name (host_ then [A-Za-z0-9_-]+)")) };
+        return if ok { Ok(()) } else { Err(NameError::NotHostVariable(s.to_string())) };
     }
     env_name(s)
 }
@@ -796,6 +819,21 @@ impl Validate for Process {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A bad name says which rule it breaks, typed, in the words every
+    /// caller showed before (`metadata.name: …`).
+    #[test]
+    fn names_are_refused_with_a_typed_reason() {
+        assert_eq!(dns_label(""), Err(NameError::Empty));
+        assert_eq!(dns_label(&"a".repeat(64)), Err(NameError::TooLong(MAX_NAME)));
+        let e = dns_label("Bad_Name").unwrap_err();
+        assert_eq!(e, NameError::NotDnsLabel("Bad_Name".into()));
+        assert!(e.to_string().starts_with("\"Bad_Name\" is not a DNS label"), "{e}");
+        assert_eq!(env_name("1x"), Err(NameError::NotVariable("1x".into())));
+        assert_eq!(process_env_name("host_"), Err(NameError::NotHostVariable("host_".into())));
+        assert!(process_env_name("host_server-1_ip").is_ok());
+        assert_eq!(sync_key("a b"), Err(NameError::NotSyncKey("a b".into())));
+    }
     use crate::manifest;
     use crate::Object;
 
