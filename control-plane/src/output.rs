@@ -589,9 +589,8 @@ impl OutputService {
         l.last_used = tokio::time::Instant::now();
         let s = stream as usize;
         let piece = if self.shared.is_some() { STORE_PIECE } else { MAX_CHUNK };
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        // The server's clock, whatever the chunk says (its time is read only).
+        let now = testbus_proto::time::unix_ms(std::time::SystemTime::now());
         for (i, data) in c.data.chunks(piece).enumerate() {
             self.append_piece(&mut l, &uid, s, c.offset + (i * piece) as u64, data, now).await?;
         }
@@ -1186,6 +1185,27 @@ mod tests {
         assert_eq!((got[5].2, got[5].3), (4_000, true), "the truncation marker: {got:?}");
         assert_eq!(got.len(), 6);
         assert_eq!(at.lens, [13, 2]);
+    }
+
+    /// A chunk's time is the server's: one an agent sends is not kept.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_appenders_own_time_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, api) = api_state(&dir).await;
+        put_process(&store, 0, ProcessPhase::Running.as_str()).await;
+        let svc = OutputService::new(dir.path().join("output"), api, DEFAULT_LIMIT, None).unwrap();
+        let before = testbus_proto::time::unix_ms(std::time::SystemTime::now());
+        let forged = OutputChunk {
+            process: "p0".into(),
+            data: bytes::Bytes::from_static(b"x\n"),
+            time_unix_ms: 42,
+            ..Default::default()
+        };
+        svc.append(local(forged)).await.unwrap();
+        let req = ReadOutputRequest { process: "p0".into(), follow: false };
+        let mut got = svc.read(local(req)).await.unwrap().into_inner();
+        let c = got.next().await.unwrap().unwrap();
+        assert!(c.time_unix_ms >= before, "{}", c.time_unix_ms);
     }
 
     async fn wait_until<F, Fut>(mut f: F)

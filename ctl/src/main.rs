@@ -1091,8 +1091,7 @@ async fn dispatch(cli: Cli) -> CliResult {
             let since_unix_ms = since
                 .map(|d| std::time::SystemTime::now().checked_sub(d).unwrap_or(std::time::UNIX_EPOCH))
                 .or(since_time)
-                .map(|t| t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default())
-                .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+                .map(testbus_proto::time::unix_ms);
             let lines = logs::Lines { tail, since_unix_ms, timestamps };
             match kind {
                 Kind::Process => logs::copy_process(&client, &name, None, follow, &lines).await?,

@@ -9,6 +9,11 @@ pub fn format(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
+/// `t` in milliseconds since the Unix epoch (0 before it).
+pub fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 /// A time given in milliseconds since the Unix epoch, as RFC 3339.
 pub fn format_unix_ms(ms: i64) -> String {
     format(SystemTime::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64))

@@ -170,8 +170,9 @@ pub(crate) struct Admitted {
     pub scope: Scope,
     pub caller: Caller,
     pub headers: HeaderMap,
-    /// What this caller's forms carry (see [`csrf_token`]).
-    pub csrf: String,
+    /// Its login cookie, for a browser's session (what its CSRF token is
+    /// made from: [`Web::csrf`]).
+    pub session: Option<String>,
 }
 
 /// The token an admitted caller's forms must carry: a digest of its login
@@ -199,10 +200,7 @@ impl Web {
     pub(crate) async fn admit(&self, caller: Caller, headers: HeaderMap) -> Result<Admitted, Refused> {
         match crate::auth::authorize_caller(self.st.pki.as_deref(), &caller, Verb::Get, crate::authz::Target::Dashboard)
         {
-            Ok(Scope::All) => {
-                let csrf = csrf_token(&self.csrf_secret, None, &caller);
-                return Ok(Admitted { scope: Scope::All, caller, headers, csrf });
-            }
+            Ok(Scope::All) => return Ok(Admitted { scope: Scope::All, caller, headers, session: None }),
             Ok(Scope::Host { .. }) => {
                 return Err(Refused::Status(tonic::Status::permission_denied(format!(
                     "{}: agents do not read the dashboard",
@@ -223,8 +221,8 @@ impl Web {
                     issued: std::time::SystemTime::now(),
                     pool: None,
                 };
-                let csrf = csrf_token(&self.csrf_secret, Some(token), &caller);
-                Ok(Admitted { scope: Scope::All, caller, headers, csrf })
+                let session = Some(token.to_string());
+                Ok(Admitted { scope: Scope::All, caller, headers, session })
             }
             Err(_) => Err(Refused::Login),
         }
@@ -413,7 +411,7 @@ async fn overview(State(web): State<Web>, Query(paging): Query<Paging>, req: Req
 }
 
 async fn test_page(State(web): State<Web>, Path(name): Path<String>, req: Request) -> Response {
-    let Admitted { scope, headers, caller, csrf } = admit!(web, req, true);
+    let Admitted { scope, headers, caller, session } = admit!(web, req, true);
     let t = match web.get::<Test>(&scope, &name).await {
         Ok(t) => t,
         Err(r) => return r,
@@ -427,11 +425,17 @@ async fn test_page(State(web): State<Web>, Path(name): Path<String>, req: Reques
             failed.push(pages::FailedOutput { step: step.to_string(), process: p.clone(), lines });
         }
     }
+    let csrf = web.csrf(session.as_deref(), &caller);
     let extras = pages::TestExtras { failed, csrf, may_act: web.may_act(&caller) };
     page(&headers, &format!("test/{name}"), Some(&format!("/events?page=test/{name}")), pages::test(&t, &extras))
 }
 
 impl Web {
+    /// The CSRF token of `caller`'s forms (`session`: its login cookie).
+    fn csrf(&self, session: Option<&str>, caller: &Caller) -> String {
+        csrf_token(&self.csrf_secret, session, caller)
+    }
+
     /// Whether `caller` may cancel and rerun tests (an admin).
     fn may_act(&self, caller: &Caller) -> bool {
         crate::auth::authorize_caller(self.st.pki.as_deref(), caller, Verb::Finish, testbus_proto::Kind::Test.into())
@@ -465,7 +469,8 @@ impl Web {
         let axum::Form(form) =
             axum::Form::<ActionForm>::from_request(req, &()).await.map_err(IntoResponse::into_response)?;
         use subtle::ConstantTimeEq;
-        if !bool::from(form.csrf.as_bytes().ct_eq(admitted.csrf.as_bytes())) {
+        let expected = self.csrf(admitted.session.as_deref(), &admitted.caller);
+        if !bool::from(form.csrf.as_bytes().ct_eq(expected.as_bytes())) {
             let msg = "csrf: this form's token is not this session's; reload the page and try again\n";
             return Err((StatusCode::FORBIDDEN, msg).into_response());
         }
@@ -530,7 +535,7 @@ fn rerun_of(t: &Test) -> Test {
     let m = t.meta();
     let generate_name = if m.generate_name.is_empty() {
         // Room for the five characters a generated name adds.
-        format!("{}-", &m.name[..m.name.len().min(57)]).replace("--", "-")
+        format!("{}-", m.name[..m.name.len().min(57)].trim_end_matches('-'))
     } else {
         m.generate_name.clone()
     };
@@ -749,6 +754,11 @@ mod tests {
         t.meta_mut().name = "a".repeat(63);
         let long = rerun_of(&t).meta().generate_name.clone();
         assert!(long.len() <= 58 && long.ends_with('-'), "{long}");
+        // A name's own "--" stays; only a trailing '-' is not doubled.
+        t.meta_mut().name = "a--b".into();
+        assert_eq!(rerun_of(&t).meta().generate_name, "a--b-");
+        t.meta_mut().name = format!("{}-x", "a".repeat(56));
+        assert_eq!(rerun_of(&t).meta().generate_name, format!("{}-", "a".repeat(56)));
     }
 
     /// One mapping of the API's answers (a refusal at the gate was always
