@@ -76,22 +76,18 @@ impl Lines {
     }
 }
 
-/// Writes complete lines, each with its time (when asked) and a prefix;
-/// a final partial line gets a newline. A line's time is when its first
-/// byte was received.
-struct LineWriter {
-    prefix: String,
-    timestamps: bool,
+/// Cuts one stream's chunks into lines, each with the time its first byte
+/// was received; what is left is an unfinished line.
+#[derive(Default)]
+struct LineSplitter {
     partial: Vec<u8>,
     partial_time: i64,
 }
 
-impl LineWriter {
-    fn new(prefix: String, timestamps: bool) -> Self {
-        LineWriter { prefix, timestamps, partial: vec![], partial_time: 0 }
-    }
-
-    fn feed(&mut self, data: &[u8], time: i64, out: &mut impl Write) {
+impl LineSplitter {
+    /// Feeds `data`, received at `time`; `line` gets each complete line
+    /// (its newline included) with its time.
+    fn feed(&mut self, data: &[u8], time: i64, mut line: impl FnMut(i64, &[u8])) {
         let mut rest = data;
         while !rest.is_empty() {
             if self.partial.is_empty() {
@@ -101,7 +97,8 @@ impl LineWriter {
                 Some(i) => {
                     self.partial.extend_from_slice(&rest[..=i]);
                     rest = &rest[i + 1..];
-                    self.write_line(out);
+                    line(self.partial_time, &self.partial);
+                    self.partial.clear();
                 }
                 None => {
                     self.partial.extend_from_slice(rest);
@@ -111,21 +108,44 @@ impl LineWriter {
         }
     }
 
-    fn write_line(&mut self, out: &mut impl Write) {
-        if self.timestamps {
-            let _ = write!(out, "{} ", stamp(self.partial_time));
-        }
-        let _ = out.write_all(self.prefix.as_bytes());
-        let _ = out.write_all(&self.partial);
-        self.partial.clear();
+    /// The unfinished line, taken out.
+    fn take_partial(&mut self) -> Option<(i64, Vec<u8>)> {
+        (!self.partial.is_empty()).then(|| (self.partial_time, std::mem::take(&mut self.partial)))
+    }
+}
+
+/// Writes complete lines, each with its time (when asked) and a prefix;
+/// a final partial line gets a newline.
+struct LineWriter {
+    prefix: String,
+    timestamps: bool,
+    lines: LineSplitter,
+}
+
+impl LineWriter {
+    fn new(prefix: String, timestamps: bool) -> Self {
+        LineWriter { prefix, timestamps, lines: LineSplitter::default() }
+    }
+
+    fn feed(&mut self, data: &[u8], time: i64, out: &mut impl Write) {
+        let (prefix, timestamps) = (&self.prefix, self.timestamps);
+        self.lines.feed(data, time, |t, line| write_line(out, timestamps, t, prefix, line));
     }
 
     fn finish(&mut self, out: &mut impl Write) {
-        if !self.partial.is_empty() {
-            self.partial.push(b'\n');
-            self.write_line(out);
+        if let Some((t, mut line)) = self.lines.take_partial() {
+            line.push(b'\n');
+            write_line(out, self.timestamps, t, &self.prefix, &line);
         }
     }
+}
+
+fn write_line(out: &mut impl Write, timestamps: bool, time: i64, prefix: &str, line: &[u8]) {
+    if timestamps {
+        let _ = write!(out, "{} ", stamp(time));
+    }
+    let _ = out.write_all(prefix.as_bytes());
+    let _ = out.write_all(line);
 }
 
 /// A chunk's time as `--timestamps` prints it.
@@ -230,43 +250,29 @@ async fn tail_of(client: &Client, name: &str, n: usize, lines: &Lines) -> CliRes
     let req = ReadOutputRequest { process: name.to_string(), follow: false };
     let mut stream = client.output().read(req).await?.into_inner();
     let mut kept: std::collections::VecDeque<TailLine> = std::collections::VecDeque::new();
-    let mut partial: [Option<TailLine>; 2] = [None, None];
+    let mut splitters = [LineSplitter::default(), LineSplitter::default()];
     let mut ends = [0u64; 2];
     while let Some(chunk) = stream.next().await {
         let chunk = chunk?;
-        if chunk.notice || !lines.shown(&chunk) {
-            if !chunk.notice {
-                let s = usize::from(chunk.stream == 1);
-                ends[s] = chunk.offset + chunk.data.len() as u64;
-                partial[s] = None;
-            }
+        if chunk.notice {
             continue;
         }
         let s = usize::from(chunk.stream == 1);
         ends[s] = chunk.offset + chunk.data.len() as u64;
-        let mut rest = &chunk.data[..];
-        while !rest.is_empty() {
-            let line =
-                partial[s].get_or_insert_with(|| TailLine { stderr: s == 1, time: chunk.time_unix_ms, bytes: vec![] });
-            match rest.iter().position(|&b| b == b'\n') {
-                Some(i) => {
-                    line.bytes.extend_from_slice(&rest[..=i]);
-                    rest = &rest[i + 1..];
-                    kept.extend(partial[s].take());
-                    if kept.len() > n {
-                        kept.pop_front();
-                    }
-                }
-                None => {
-                    line.bytes.extend_from_slice(rest);
-                    rest = &[];
-                }
-            }
+        if !lines.shown(&chunk) {
+            splitters[s].take_partial();
+            continue;
         }
+        splitters[s].feed(&chunk.data, chunk.time_unix_ms, |time, bytes| {
+            kept.push_back(TailLine { stderr: s == 1, time, bytes: bytes.to_vec() });
+            if kept.len() > n {
+                kept.pop_front();
+            }
+        });
     }
-    for (s, p) in partial.iter().enumerate() {
-        if let Some(p) = p {
-            ends[s] -= p.bytes.len() as u64;
+    for (s, sp) in splitters.iter_mut().enumerate() {
+        if let Some((_, p)) = sp.take_partial() {
+            ends[s] -= p.len() as u64;
         }
     }
     Ok((kept.into(), ends))
