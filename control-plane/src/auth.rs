@@ -215,7 +215,8 @@ pub const ADMIN_TOKEN: &str = "admin";
 /// and it is live.
 async fn live_token(st: &ApiState, ca: &Ca, prefix: &str, text: &str) -> Result<LiveToken, Status> {
     let bad = |m: String| Status::from(ApiError::Unauthenticated(format!("token: {m}")));
-    let token: JoinToken = text.parse().map_err(|e: String| Status::invalid_argument(format!("token: {e}")))?;
+    let token: JoinToken =
+        text.parse().map_err(|e: testbus_pki::NotAJoinToken| Status::invalid_argument(format!("token: {e}")))?;
     if token.ca != ca.fingerprint() {
         return Err(bad("it names another CA than this control plane's".into()));
     }
@@ -443,8 +444,9 @@ fn token_id(text: &str) -> Result<String, Status> {
     if text.len() == 8 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Ok(text.to_lowercase());
     }
-    let t: JoinToken =
-        text.parse().map_err(|e: String| Status::invalid_argument(format!("token: {e}, or its id (8 hex digits)")))?;
+    let t: JoinToken = text.parse().map_err(|e: testbus_pki::NotAJoinToken| {
+        Status::invalid_argument(format!("token: {e}, or its id (8 hex digits)"))
+    })?;
     Ok(t.id)
 }
 

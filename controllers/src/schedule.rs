@@ -132,11 +132,50 @@ pub enum Decision {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Waiting {
     /// It could not run even on every host there is (a pool may make more).
-    Unsatisfiable(String),
+    Unsatisfiable(Unfit),
     /// It could run now, but a test ahead of it waits for hosts it could use.
     Queued { behind: String, priority: i32 },
     /// The hosts it needs are busy.
-    Unschedulable(String),
+    Unschedulable(Unavailable),
+}
+
+/// Why a test could not run even on every host there is, were they all
+/// free (the Scheduled condition's message says it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unfit {
+    /// No host fits a role: `hint` says what is missing (and the nearest
+    /// capability offered when the one asked for looks like a typo).
+    #[error("needs {needs}; {hint}")]
+    NoHostFits { needs: String, hint: String },
+    #[error("needs {needs}; only {have} such hosts exist")]
+    TooFew { needs: String, have: usize },
+    #[error("the {hosts} hosts that exist fit each role separately, but not all roles at once")]
+    RolesClash { hosts: usize },
+}
+
+/// Why a test that fits the inventory cannot claim its hosts now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unavailable {
+    /// Too few free hosts fit a role: `busy` says what holds the others,
+    /// `hint` what is missing when no host fits at all.
+    #[error("needs {needs}, {free} free{}", busy_list(.busy, .hint))]
+    Short { needs: String, free: usize, busy: Vec<String>, hint: Option<String> },
+    #[error("{free} free hosts fit each role separately, but not all roles at once")]
+    RolesClash { free: usize },
+}
+
+/// `: h1 claimed by test t, h2 cordoned and 2 more` (at most three named),
+/// or `; HINT` where no host fits at all.
+fn busy_list(busy: &[String], hint: &Option<String>) -> String {
+    if let Some(hint) = hint {
+        return format!("; {hint}");
+    }
+    if busy.is_empty() {
+        return String::new();
+    }
+    let shown: Vec<&str> = busy.iter().take(3).map(String::as_str).collect();
+    let more = if busy.len() > 3 { format!(" and {} more", busy.len() - 3) } else { String::new() };
+    format!(": {}{more}", shown.join(", "))
 }
 
 impl Waiting {
@@ -156,7 +195,7 @@ impl Waiting {
             Waiting::Queued { behind, priority } => {
                 format!("queued behind test {behind} (priority {priority}), which waits for hosts this test could use")
             }
-            Waiting::Unschedulable(why) => why.clone(),
+            Waiting::Unschedulable(why) => why.to_string(),
         }
     }
 }
@@ -173,7 +212,7 @@ impl Waiting {
 pub fn plan_queue(queue: &[&testbus_proto::Test], hosts: &[&Host]) -> Vec<Decision> {
     let mut taken: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut blocked: Option<&testbus_proto::Test> = None;
-    let mut inventory: HashMap<String, Result<(), String>> = HashMap::new();
+    let mut inventory: HashMap<String, Result<(), Unfit>> = HashMap::new();
     let mut out = Vec::with_capacity(queue.len());
     for q in queue {
         let reqs = &q.spec().hosts;
@@ -209,24 +248,22 @@ pub fn plan_queue(queue: &[&testbus_proto::Test], hosts: &[&Host]) -> Vec<Decisi
 /// Whether the test could run on the hosts that exist, were they all free,
 /// Ready and schedulable (a host that is down may come back, a cordoned
 /// one be uncordoned); Err says what no host there is can give.
-pub fn fits_inventory(reqs: &[HostRequirement], hosts: &[&Host]) -> Result<(), String> {
+pub fn fits_inventory(reqs: &[HostRequirement], hosts: &[&Host]) -> Result<(), Unfit> {
     for r in reqs {
         let need = r.count.unwrap_or(1) as usize;
         let have = hosts.iter().filter(|h| fits(r, h)).count();
         if have < need {
             return Err(if have == 0 {
-                format!("needs {}; {}", describe(r), none_fits(r, hosts))
+                Unfit::NoHostFits { needs: describe(r), hint: none_fits(r, hosts) }
             } else {
-                format!("needs {}; only {have} such hosts exist", describe(r))
+                Unfit::TooFew { needs: describe(r), have }
             });
         }
     }
-    match_slots(reqs, hosts).map(|_| ()).map_err(|_| {
-        format!("the {} hosts that exist fit each role separately, but not all roles at once", hosts.len())
-    })
+    match_slots(reqs, hosts).map(|_| ()).map_err(|()| Unfit::RolesClash { hosts: hosts.len() })
 }
 
-pub fn assign(reqs: &[HostRequirement], hosts: &[&Host]) -> Result<Vec<Assignment>, String> {
+pub fn assign(reqs: &[HostRequirement], hosts: &[&Host]) -> Result<Vec<Assignment>, Unavailable> {
     let free: Vec<&Host> = hosts.iter().copied().filter(|h| is_free(h)).collect();
     // Per-role shortage gives the clearest message.
     for r in reqs {
@@ -236,23 +273,12 @@ pub fn assign(reqs: &[HostRequirement], hosts: &[&Host]) -> Result<Vec<Assignmen
             let mut busy: Vec<String> =
                 hosts.iter().filter(|h| fits(r, h) && !is_free(h)).map(|h| busy_reason(h)).collect();
             busy.sort();
-            let total = busy.len() + have;
-            let mut msg = format!("needs {}, {have} free", describe(r));
-            if total == 0 {
-                msg.push_str(&format!("; {}", none_fits(r, hosts)));
-            } else if !busy.is_empty() {
-                let shown: Vec<&str> = busy.iter().take(3).map(String::as_str).collect();
-                msg.push_str(&format!(": {}", shown.join(", ")));
-                if busy.len() > 3 {
-                    msg.push_str(&format!(" and {} more", busy.len() - 3));
-                }
-            }
-            return Err(msg);
+            let hint = (busy.is_empty() && have == 0).then(|| none_fits(r, hosts));
+            return Err(Unavailable::Short { needs: describe(r), free: have, busy, hint });
         }
     }
 
-    match_slots(reqs, &free)
-        .map_err(|()| format!("{} free hosts fit each role separately, but not all roles at once", free.len()))
+    match_slots(reqs, &free).map_err(|()| Unavailable::RolesClash { free: free.len() })
 }
 
 /// Gives every role member a distinct host of `hosts` that fits its role,
@@ -358,9 +384,9 @@ mod tests {
         let mut busy = host("h1", &["nfs-client"]);
         busy.status.as_mut().unwrap().claim = Some(HostClaim { test: "other".into(), ..Default::default() });
         let free = host("h2", &["nfs-client"]);
-        let err = assign(&[req("client", &["nfs-client"], 4)], &[&busy, &free]).unwrap_err();
+        let err = assign(&[req("client", &["nfs-client"], 4)], &[&busy, &free]).unwrap_err().to_string();
         assert_eq!(err, "needs 4 × nfs-client (role client), 1 free: h1 claimed by test other");
-        let err = assign(&[req("gpu", &["gpu"], 1)], &[&free]).unwrap_err();
+        let err = assign(&[req("gpu", &["gpu"], 1)], &[&free]).unwrap_err().to_string();
         assert!(err.ends_with("; no host offers capability gpu"), "{err}");
     }
 
@@ -372,23 +398,23 @@ mod tests {
         a.metadata.as_mut().unwrap().labels.insert("rack".into(), "r1".into());
         let b = host("h2", &["nfs-client"]);
         let hosts = [&a, &b];
-        let err = fits_inventory(&[req("s", &["nfs-sever"], 1)], &hosts).unwrap_err();
+        let err = fits_inventory(&[req("s", &["nfs-sever"], 1)], &hosts).unwrap_err().to_string();
         assert!(err.ends_with("no host offers capability nfs-sever (did you mean nfs-server?)"), "{err}");
-        let err = fits_inventory(&[req("s", &["gpu", "kmv"], 1)], &hosts).unwrap_err();
+        let err = fits_inventory(&[req("s", &["gpu", "kmv"], 1)], &hosts).unwrap_err().to_string();
         assert!(err.ends_with("no host offers capabilities gpu, kmv (did you mean kvm?)"), "{err}");
         // Both exist, but not on one host.
-        let err = fits_inventory(&[req("s", &["nfs-server", "nfs-client"], 1)], &hosts).unwrap_err();
+        let err = fits_inventory(&[req("s", &["nfs-server", "nfs-client"], 1)], &hosts).unwrap_err().to_string();
         assert!(err.ends_with("no host has these capabilities"), "{err}");
         let mut labelled = req("s", &["kvm"], 1);
         labelled.selector = "rack in (r2,r3)".into();
-        let err = fits_inventory(&[labelled.clone()], &hosts).unwrap_err();
+        let err = fits_inventory(&[labelled.clone()], &hosts).unwrap_err().to_string();
         assert!(err.contains("1 × kvm labelled rack in (r2,r3) (role s)"), "{err}");
         assert!(err.ends_with("no host with these capabilities has labels matching rack in (r2,r3)"), "{err}");
         labelled.selector = "rack notin (r2),!flaky".into();
         assert_eq!(assign(&[labelled], &hosts).unwrap()[0].host, "h1");
         let mut pinned = req("s", &[], 1);
         pinned.host = "h9".into();
-        assert!(fits_inventory(&[pinned], &hosts).unwrap_err().ends_with("no host named h9"));
+        assert!(fits_inventory(&[pinned], &hosts).unwrap_err().to_string().ends_with("no host named h9"));
     }
 
     fn pending(name: &str, priority: i32, created: &str, reqs: Vec<HostRequirement>) -> testbus_proto::Test {
@@ -473,9 +499,10 @@ mod tests {
         let huge = pending("huge", 10, "2026-01-01T00:00:00Z", vec![req("a", &[], 1000)]);
         let typo = pending("typo", 10, "2026-01-01T00:00:01Z", vec![req("a", &["no-such-cap"], 1)]);
         let small = pending("small", 0, "2026-01-01T00:00:02Z", vec![req("a", &["c"], 2)]);
-        assert!(fits_inventory(&huge.spec().hosts, &refs).unwrap_err().contains("only 3 such hosts exist"));
+        assert!(fits_inventory(&huge.spec().hosts, &refs).unwrap_err().to_string().contains("only 3 such hosts exist"));
         assert!(fits_inventory(&typo.spec().hosts, &refs)
             .unwrap_err()
+            .to_string()
             .ends_with("no host offers capability no-such-cap"));
         assert!(fits_inventory(&small.spec().hosts, &refs).is_ok());
         let queue = [&huge, &typo, &small];
@@ -488,6 +515,6 @@ mod tests {
         assert!(assign(&[req("a", &["d"], 1)], &[&down]).is_err());
         // Each role fits alone, not all at once.
         let both = [req("a", &["c"], 2), req("b", &["c"], 2)];
-        assert!(fits_inventory(&both, &refs).unwrap_err().contains("not all roles at once"));
+        assert!(fits_inventory(&both, &refs).unwrap_err().to_string().contains("not all roles at once"));
     }
 }

@@ -50,8 +50,9 @@ impl Credentials {
         data_dir: &Path,
     ) -> anyhow::Result<Option<Credentials>> {
         let dir = data_dir.join("tls");
-        let token: Option<JoinToken> =
-            token.map(|t| t.parse().map_err(|e: String| anyhow::anyhow!("--join-token: {e}"))).transpose()?;
+        let token: Option<JoinToken> = token
+            .map(|t| t.parse().map_err(|e: testbus_pki::NotAJoinToken| anyhow::anyhow!("--join-token: {e}")))
+            .transpose()?;
         if let Some((ca, cert, key)) = read(&dir)? {
             let id = identity(&cert).context("tls/agent.crt")?;
             // A token for another CA (the control plane's CA was rotated)

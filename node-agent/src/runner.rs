@@ -356,7 +356,7 @@ impl ProcessRunner {
         self.test_vars
             .of(&spec.test, &spec.test_uid)
             .await
-            .map_err(|message| Ended::SetupFailed { reason: ProcessReason::EnvFailed, message })
+            .map_err(|e| Ended::SetupFailed { reason: ProcessReason::EnvFailed, message: e.to_string() })
     }
 
     /// Fetches every file (and the stdin file) into the cache, reporting

@@ -25,6 +25,17 @@ pub struct TestVars {
     tests: Mutex<HashMap<String, Arc<OnceCell<Vars>>>>,
 }
 
+/// Why a test's variables cannot be had.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VarsError {
+    #[error("test {test} was deleted (another test has its name now)")]
+    Replaced { test: String },
+    #[error("test {test} was deleted")]
+    Deleted { test: String },
+    #[error("cannot read test {test}: {message}")]
+    Unreachable { test: String, message: String },
+}
+
 impl TestVars {
     pub fn new(client: Client) -> Arc<Self> {
         Arc::new(TestVars { client, tests: Mutex::default() })
@@ -32,7 +43,7 @@ impl TestVars {
 
     /// The variables of test `name` with `uid`; an error says why they
     /// cannot be had (the test is gone, or the API stayed unreachable).
-    pub async fn of(&self, name: &str, uid: &str) -> Result<Vars, String> {
+    pub async fn of(&self, name: &str, uid: &str) -> Result<Vars, VarsError> {
         let cell = {
             let mut tests = self.tests.lock();
             if tests.len() >= REMEMBERED && !tests.contains_key(uid) {
@@ -43,17 +54,17 @@ impl TestVars {
         cell.get_or_try_init(|| self.read(name, uid)).await.cloned()
     }
 
-    async fn read(&self, name: &str, uid: &str) -> Result<Vars, String> {
+    async fn read(&self, name: &str, uid: &str) -> Result<Vars, VarsError> {
         let api = self.client.api::<Test>();
         let deadline = tokio::time::Instant::now() + READ_LIMIT;
         let mut backoff = Duration::from_millis(50);
         loop {
             match api.get(name).await {
                 Ok(t) if t.meta().uid == uid => return Ok(Arc::new(t.status().host_vars.clone())),
-                Ok(_) => return Err(format!("test {name} was deleted (another test has its name now)")),
-                Err(s) if s.code() == Code::NotFound => return Err(format!("test {name} was deleted")),
+                Ok(_) => return Err(VarsError::Replaced { test: name.into() }),
+                Err(s) if s.code() == Code::NotFound => return Err(VarsError::Deleted { test: name.into() }),
                 Err(s) if tokio::time::Instant::now() >= deadline => {
-                    return Err(format!("cannot read test {name}: {}", s.message()))
+                    return Err(VarsError::Unreachable { test: name.into(), message: s.message().into() })
                 }
                 Err(s) => {
                     tracing::debug!(test = name, error = %s, "cannot read the test's variables; retrying");

@@ -75,15 +75,20 @@ impl Role {
     }
 }
 
+/// A role name that is not one of the four.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a role: admin, viewer, agent or replica")]
+pub struct NotARole(pub String);
+
 impl std::str::FromStr for Role {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Role, String> {
+    type Err = NotARole;
+    fn from_str(s: &str) -> Result<Role, NotARole> {
         match s {
             "admin" => Ok(Role::Admin),
             "viewer" => Ok(Role::Viewer),
             "agent" => Ok(Role::Agent),
             "replica" => Ok(Role::Replica),
-            _ => Err(format!("{s:?} is not a role: admin, viewer, agent or replica")),
+            _ => Err(NotARole(s.into())),
         }
     }
 }
@@ -468,15 +473,20 @@ impl std::fmt::Display for JoinToken {
     }
 }
 
+/// Text that is not a join token (its secret is never repeated back).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a join token (tbjoin.<64 hex>.<8 hex>.<32 hex>, as `token create` prints)")]
+pub struct NotAJoinToken;
+
 impl std::str::FromStr for JoinToken {
-    type Err = String;
-    fn from_str(s: &str) -> Result<JoinToken, String> {
+    type Err = NotAJoinToken;
+    fn from_str(s: &str) -> Result<JoinToken, NotAJoinToken> {
         let hexlen = |p: &str, n: usize| p.len() == n && p.bytes().all(|b| b.is_ascii_hexdigit());
         match s.trim().split('.').collect::<Vec<_>>()[..] {
             ["tbjoin", ca, id, secret] if hexlen(ca, 64) && hexlen(id, 8) && hexlen(secret, 32) => {
                 Ok(JoinToken { ca: ca.to_lowercase(), id: id.to_lowercase(), secret: secret.to_lowercase() })
             }
-            _ => Err("not a join token (tbjoin.<64 hex>.<8 hex>.<32 hex>, as `token create` prints)".into()),
+            _ => Err(NotAJoinToken),
         }
     }
 }

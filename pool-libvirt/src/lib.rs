@@ -639,7 +639,7 @@ impl LineStream {
 
     /// Reads the line until it has said `mark`, for at most `within`; on
     /// failure, why (with the last line it said).
-    pub fn wait_for(&self, mark: &str, within: std::time::Duration) -> Result<(), String> {
+    pub fn wait_for(&self, mark: &str, within: std::time::Duration) -> Result<(), ConsoleWaitError> {
         let (done, stop) = std::sync::mpsc::channel::<()>();
         let watchdog = {
             let line = self.clone();
@@ -654,7 +654,7 @@ impl LineStream {
         let mut buf = [0u8; 4096];
         let result = loop {
             match self.read(&mut buf) {
-                Ok(0) => break Err("its console ended".to_string()),
+                Ok(0) => break Err(None),
                 Ok(n) => {
                     seen.extend_from_slice(&buf[..n]);
                     if String::from_utf8_lossy(&seen).contains(mark) {
@@ -663,17 +663,30 @@ impl LineStream {
                     let cut = seen.len().saturating_sub(4096);
                     seen.drain(..cut);
                 }
-                Err(e) => break Err(e.to_string()),
+                Err(e) => break Err(Some(e)),
             }
         };
         drop(done);
         let _ = watchdog.join();
-        result.map_err(|why| {
+        result.map_err(|error| {
             let text = String::from_utf8_lossy(&seen);
-            let last = text.lines().rev().map(str::trim).find(|l| !l.is_empty()).unwrap_or("nothing");
-            format!("{why} (console: {last})")
+            let last = text.lines().rev().map(str::trim).find(|l| !l.is_empty()).unwrap_or("nothing").to_string();
+            match error {
+                None => ConsoleWaitError::Ended { last },
+                Some(error) => ConsoleWaitError::Read { error, last },
+            }
         })
     }
+}
+
+/// Why a console did not say what was waited for; `last` is the last line
+/// it did say. (A wait past its time ends as a read of an aborted stream.)
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleWaitError {
+    #[error("its console ended (console: {last})")]
+    Ended { last: String },
+    #[error("{error} (console: {last})")]
+    Read { error: std::io::Error, last: String },
 }
 
 /// Where a guest's console (its first serial line) is logged, through

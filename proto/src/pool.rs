@@ -120,41 +120,65 @@ const URI_PARAMS: &[&str] = &[
     "name",
 ];
 
+/// What is wrong with a pool's libvirt URI.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UriError {
+    #[error("{uri:?} is not a libvirt URI: {URI_FORM}")]
+    NotUri { uri: String },
+    #[error("driver {driver:?}: pools run QEMU guests (qemu://...); {URI_FORM}")]
+    Driver { driver: String },
+    #[error("transport ext runs a program of the URI's choosing: not supported (ssh, tls, tcp or unix)")]
+    ExtTransport,
+    #[error("transport {transport:?} is not one of ssh, libssh, libssh2, tls, tcp, unix")]
+    Transport { transport: String },
+    #[error("path {path:?}: /system or /session; {URI_FORM}")]
+    Path { path: String },
+    #[error("a fragment (#...) is not part of a libvirt URI")]
+    Fragment,
+    #[error(
+        "parameter command runs a program of the URI's choosing instead of ssh: not supported (put ssh options in \
+         the control plane's user's ~/.ssh/config)"
+    )]
+    CommandParameter,
+    #[error("parameter {key:?} is not supported (supported: {})", URI_PARAMS.join(", "))]
+    Parameter { key: String },
+}
+
+const URI_FORM: &str = "expected qemu[+TRANSPORT]://[USER@HOST[:PORT]]/system[?PARAM=VALUE&...]";
+
 /// Checks a pool's libvirt URI: `qemu[+TRANSPORT]://[USER@][HOST[:PORT]]/system`
 /// (or `/session`), with only the parameters above. What is wrong, said.
-pub fn check_uri(uri: &str) -> Result<(), String> {
-    const FORM: &str = "expected qemu[+TRANSPORT]://[USER@HOST[:PORT]]/system[?PARAM=VALUE&...]";
+pub fn check_uri(uri: &str) -> Result<(), UriError> {
+    let not_uri = || UriError::NotUri { uri: uri.into() };
     if uri.len() > 1024 || uri.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!("{uri:?} is not a libvirt URI: {FORM}"));
+        return Err(not_uri());
     }
-    let (scheme, rest) = uri.split_once("://").ok_or_else(|| format!("{uri:?} is not a libvirt URI: {FORM}"))?;
+    let (scheme, rest) = uri.split_once("://").ok_or_else(not_uri)?;
     let (driver, transport) = scheme.split_once('+').unwrap_or((scheme, ""));
     if driver != "qemu" {
-        return Err(format!("driver {driver:?}: pools run QEMU guests (qemu://...); {FORM}"));
+        return Err(UriError::Driver { driver: driver.into() });
     }
     if transport == "ext" {
-        return Err("transport ext runs a program of the URI's choosing: not supported (ssh, tls, tcp or unix)".into());
+        return Err(UriError::ExtTransport);
     }
     if !TRANSPORTS.contains(&transport) {
-        return Err(format!("transport {transport:?} is not one of ssh, libssh, libssh2, tls, tcp, unix"));
+        return Err(UriError::Transport { transport: transport.into() });
     }
     let (authority_path, query) = rest.split_once('?').unwrap_or((rest, ""));
     let path = authority_path.find('/').map(|i| &authority_path[i..]).unwrap_or("");
     if !matches!(path, "/system" | "/session") {
-        return Err(format!("path {path:?}: /system or /session; {FORM}"));
+        return Err(UriError::Path { path: path.into() });
     }
     if authority_path.contains('#') || query.contains('#') {
-        return Err("a fragment (#...) is not part of a libvirt URI".into());
+        return Err(UriError::Fragment);
     }
     for param in query.split(['&', ';']).filter(|p| !p.is_empty()) {
         let key = param.split_once('=').map_or(param, |(k, _)| k);
         if key == "command" {
-            return Err("parameter command runs a program of the URI's choosing instead of ssh: not supported (put \
-                        ssh options in the control plane's user's ~/.ssh/config)"
-                .into());
+            return Err(UriError::CommandParameter);
         }
         if !URI_PARAMS.contains(&key) {
-            return Err(format!("parameter {key:?} is not supported (supported: {})", URI_PARAMS.join(", ")));
+            return Err(UriError::Parameter { key: key.into() });
         }
     }
     Ok(())
@@ -270,7 +294,7 @@ mod tests {
             ("qemu:///system#x", "path"),
             ("qemu:///system?name=a#x", "fragment"),
         ] {
-            let e = check_uri(bad).unwrap_err();
+            let e = check_uri(bad).unwrap_err().to_string();
             assert!(e.contains(says), "{bad}: {e}");
         }
     }

@@ -14,6 +14,24 @@ enum Req {
     NotExists(String),
 }
 
+/// What is wrong with a label or field selector.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SelectorError {
+    #[error("invalid label selector {selector:?}: unbalanced parentheses")]
+    Unbalanced { selector: String },
+    #[error("invalid label selector {selector:?}: '(' without ')'")]
+    Unclosed { selector: String },
+    /// `why` is empty or starts with ": ".
+    #[error("invalid label selector {selector:?}: bad requirement {part:?}{why}")]
+    BadRequirement { selector: String, part: String, why: &'static str },
+    #[error("invalid field selector {part:?}: expected FIELD=VALUE")]
+    NotFieldValue { part: String },
+    #[error("unsupported field selector {field:?} (supported: metadata.name, spec.hostName, spec.test)")]
+    UnsupportedField { field: String },
+    #[error("invalid field selector {selector:?}: {field} is given more than once")]
+    RepeatedField { selector: String, field: String },
+}
+
 /// Label requirements, all of which must hold.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LabelSelector(Vec<Req>);
@@ -27,7 +45,7 @@ fn label_token(s: &str, may_be_empty: bool) -> bool {
 }
 
 /// Splits on commas outside parentheses: `a in (x,y),b` is two parts.
-fn requirements(s: &str) -> Result<Vec<&str>, String> {
+fn requirements(s: &str) -> Result<Vec<&str>, SelectorError> {
     let (mut parts, mut depth, mut start) = (Vec::new(), 0i32, 0);
     for (i, c) in s.char_indices() {
         match c {
@@ -40,11 +58,11 @@ fn requirements(s: &str) -> Result<Vec<&str>, String> {
             _ => {}
         }
         if !(0..=1).contains(&depth) {
-            return Err(format!("invalid label selector {s:?}: unbalanced parentheses"));
+            return Err(SelectorError::Unbalanced { selector: s.into() });
         }
     }
     if depth != 0 {
-        return Err(format!("invalid label selector {s:?}: '(' without ')'"));
+        return Err(SelectorError::Unclosed { selector: s.into() });
     }
     parts.push(&s[start..]);
     Ok(parts.into_iter().map(str::trim).filter(|p| !p.is_empty()).collect())
@@ -65,10 +83,10 @@ fn set_requirement(part: &str) -> Option<(&str, bool, &str)> {
 impl LabelSelector {
     /// Kubernetes' syntax: `k=v`, `k==v`, `k!=v`, `k in (a,b)`,
     /// `k notin (a,b)`, `k` (exists) and `!k`, comma-separated.
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, SelectorError> {
         let mut reqs = Vec::new();
         for part in requirements(s)? {
-            let bad = |why: &str| format!("invalid label selector {s:?}: bad requirement {part:?}{why}");
+            let bad = |why| SelectorError::BadRequirement { selector: s.into(), part: part.into(), why };
             let req = if let Some((k, not, values)) = set_requirement(part) {
                 let vs: Vec<String> = values.split(',').map(|v| v.trim().to_string()).collect();
                 if vs.iter().all(String::is_empty) {
@@ -136,27 +154,23 @@ impl FieldSelector {
     /// `FIELD=VALUE` (or `==`), comma-separated, each field at most once:
     /// a repeated field is an error, never a second value that one reader
     /// (authorization) sees and another (the filter) does not.
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, SelectorError> {
         let mut f = FieldSelector::default();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (k, v) =
-                part.split_once('=').ok_or_else(|| format!("invalid field selector {part:?}: expected FIELD=VALUE"))?;
+            let not_field_value = || SelectorError::NotFieldValue { part: part.into() };
+            let (k, v) = part.split_once('=').ok_or_else(not_field_value)?;
             let v = v.strip_prefix('=').unwrap_or(v).trim();
             if v.is_empty() || v.contains('=') {
-                return Err(format!("invalid field selector {part:?}: expected FIELD=VALUE"));
+                return Err(not_field_value());
             }
             let slot = match k.trim() {
                 "metadata.name" => &mut f.name,
                 "spec.hostName" => &mut f.host_name,
                 "spec.test" => &mut f.test,
-                other => {
-                    return Err(format!(
-                        "unsupported field selector {other:?} (supported: metadata.name, spec.hostName, spec.test)"
-                    ))
-                }
+                other => return Err(SelectorError::UnsupportedField { field: other.into() }),
             };
             if slot.is_some() {
-                return Err(format!("invalid field selector {s:?}: {} is given more than once", k.trim()));
+                return Err(SelectorError::RepeatedField { selector: s.into(), field: k.trim().into() });
             }
             *slot = Some(v.to_string());
         }

@@ -419,7 +419,7 @@ impl Validate for Test {
             total = total.saturating_add(h.count.unwrap_or(1).min(MAX_COUNT));
             capabilities(&format!("{p}.capabilities"), &h.capabilities, &mut e);
             if let Err(msg) = crate::selector::LabelSelector::parse(&h.selector) {
-                e.add(format!("{p}.selector"), msg);
+                e.add(format!("{p}.selector"), msg.to_string());
             }
             if !h.host.is_empty() {
                 if let Err(msg) = dns_label(&h.host) {
@@ -719,7 +719,7 @@ impl Validate for HostPool {
         }
         if !s.uri.is_empty() {
             if let Err(why) = crate::pool::check_uri(&s.uri) {
-                e.add("spec.uri", why);
+                e.add("spec.uri", why.to_string());
             }
         }
         if s.image.is_empty() {

@@ -17,13 +17,18 @@ pub enum LogFormat {
     Json,
 }
 
+/// A `--log-format` that is not one of the two.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a log format: text or json")]
+pub struct NotALogFormat(pub String);
+
 impl std::str::FromStr for LogFormat {
-    type Err = String;
-    fn from_str(s: &str) -> Result<LogFormat, String> {
+    type Err = NotALogFormat;
+    fn from_str(s: &str) -> Result<LogFormat, NotALogFormat> {
         match s {
             "text" => Ok(LogFormat::Text),
             "json" => Ok(LogFormat::Json),
-            _ => Err(format!("{s:?} is not a log format: text or json")),
+            _ => Err(NotALogFormat(s.into())),
         }
     }
 }
