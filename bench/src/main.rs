@@ -19,7 +19,7 @@ use serde_json::json;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
-use testbus_proto::client::Client;
+use testbus_client::Client;
 use testbus_proto::states::{HostPhase, ProcessPhase, StepPhase};
 use testbus_proto::{phase, Process, ProcessSpec, Resource, Test};
 use testbus_tests::{manifest, percentile, wait_for, Cluster};

@@ -8,7 +8,7 @@ use crate::store::{Compare, Op, StoreError};
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use std::sync::Arc;
-use testbus_proto::client::{EventType, WatchEvent};
+use testbus_client::{EventType, WatchEvent};
 use testbus_proto::selector::{FieldSelector, LabelSelector};
 use testbus_proto::states::{HostPhase, ProcessPhase, TestPhase};
 use testbus_proto::validate::Validate;

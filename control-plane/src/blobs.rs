@@ -18,9 +18,9 @@ use futures::StreamExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use testbus_client::Client;
 use testbus_proto::blob::{self, Hasher};
 use testbus_proto::blobs_server::Blobs;
-use testbus_proto::client::Client;
 use testbus_proto::{BlobChunk, BlobRef, DownloadRequest, StatBlobRequest, StatBlobResponse, UploadRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::{Request, Response, Status, Streaming};
@@ -45,7 +45,7 @@ pub struct Peers {
     /// The address other replicas reach this one at.
     pub advertise: String,
     /// This replica's TLS toward the others (None: they serve insecure).
-    pub tls: Option<testbus_proto::client::Tls>,
+    pub tls: Option<testbus_client::Tls>,
 }
 
 const LOCATION_PREFIX: &str = "/blobs/";
@@ -173,7 +173,7 @@ impl BlobStore {
         )
         .await??;
         let tmp = self.dir.join("tmp").join(uuid::Uuid::new_v4().to_string());
-        let size = blob::download_to(client.channel(), digest, &tmp).await;
+        let size = testbus_client::transfer::download_to(client.channel(), digest, &tmp).await;
         let size = match size {
             Ok(s) => s,
             Err(e) => {

@@ -17,7 +17,7 @@ use futures::StreamExt;
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use testbus_proto::client::EventType;
+use testbus_client::EventType;
 use testbus_proto::selector::{FieldSelector, LabelSelector};
 use testbus_proto::{Host, Kind, Object, Process, Resource, Test};
 use tokio::sync::mpsc;

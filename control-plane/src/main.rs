@@ -217,14 +217,14 @@ fn is_root() -> bool {
 }
 
 /// The running control plane's socket in `data_dir`.
-async fn local_client(data_dir: Option<PathBuf>) -> anyhow::Result<testbus_proto::client::Client> {
+async fn local_client(data_dir: Option<PathBuf>) -> anyhow::Result<testbus_client::Client> {
     let dir = data_dir.unwrap_or_else(default_data_dir);
     let sock = dir.join("api.sock");
     // A control plane started a moment ago (`testbus-control-plane &` in a
     // script) is waited for, a few seconds at most.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        match testbus_proto::client::Client::connect(&format!("unix:{}", sock.display())).await {
+        match testbus_client::Client::connect(&format!("unix:{}", sock.display())).await {
             Ok(c) => return Ok(c),
             Err(_) if tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;

@@ -428,7 +428,7 @@ impl OutputService {
                 while let Some(ev) = events.recv().await {
                     let testbus_proto::Object::Process(p) = &ev.object else { continue };
                     let uid = &p.meta().uid;
-                    if ev.kind == testbus_proto::client::EventType::Deleted {
+                    if ev.kind == testbus_client::EventType::Deleted {
                         svc.forget(p.name(), uid).await;
                     } else if phase::process_terminal(&p.status().phase) {
                         svc.seal(uid).await;

@@ -79,7 +79,7 @@ struct ServerTls {
     acceptor: tokio_rustls::TlsAcceptor,
     pki: Arc<crate::auth::Pki>,
     /// This replica's client credentials toward the others (copying blobs).
-    peer_tls: testbus_proto::client::Tls,
+    peer_tls: testbus_client::Tls,
 }
 
 /// Every name this server is reached at: its listeners' addresses (all of
@@ -149,7 +149,7 @@ impl Config {
         Ok(ServerTls {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
             pki: Arc::new(crate::auth::Pki::new(ca, client_ca, self.agent_cert_ttl)),
-            peer_tls: testbus_proto::client::Tls::new(peer),
+            peer_tls: testbus_client::Tls::new(peer),
         })
     }
 }
@@ -372,7 +372,7 @@ impl<S> tonic::transport::server::Connected for Conn<S> {
 }
 
 /// A TCP connection, with TLS or (`--insecure`) without.
-type TcpConn = Box<dyn testbus_proto::client::Io>;
+type TcpConn = Box<dyn testbus_client::Io>;
 
 /// Who a TLS client is: what its certificate (verified by the handshake
 /// against the client CA) names, or nobody.
@@ -685,7 +685,7 @@ impl Config {
     /// first TCP listener with a specific address, else the local socket.
     pub fn advertise(&self) -> anyhow::Result<String> {
         if let Some(a) = &self.advertise {
-            testbus_proto::client::Client::lazy(a).map_err(|e| anyhow::anyhow!("--advertise {e}"))?;
+            testbus_client::Client::lazy(a).map_err(|e| anyhow::anyhow!("--advertise {e}"))?;
             return Ok(a.clone());
         }
         Ok(self
@@ -1078,7 +1078,7 @@ fn start_controllers(
             timings: state.metrics.guest_timings(),
         });
     }
-    let client = testbus_proto::client::Client::lazy(&format!("unix:{}", cfg.local_socket().display()))?;
+    let client = testbus_client::Client::lazy(&format!("unix:{}", cfg.local_socket().display()))?;
     let run_controllers = move |stop: CancellationToken| {
         let (client, ccfg) = (client.clone(), ccfg.clone());
         tokio::spawn(async move {
@@ -1111,7 +1111,7 @@ fn start_controllers(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use testbus_proto::client::{watcher, Client, WatcherEvent};
+    use testbus_client::{watcher, Client, WatcherEvent};
     use testbus_proto::Resource;
 
     #[test]

@@ -17,7 +17,7 @@ use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
-use testbus_proto::client::EventType;
+use testbus_client::EventType;
 use testbus_proto::states::HostPhase;
 use testbus_proto::{Host, Kind, Object, Process, Resource};
 use tokio::sync::watch;

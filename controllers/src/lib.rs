@@ -28,7 +28,7 @@ pub mod wakes;
 use runtime::{reflect, Cache, Queue};
 use std::sync::Arc;
 use std::time::Duration;
-use testbus_proto::client::Client;
+use testbus_client::Client;
 use testbus_proto::{Host, HostPool, Process, Resource, Test};
 use tokio_util::sync::CancellationToken;
 
@@ -99,7 +99,7 @@ impl Context {
 
 /// Feeds `cache` from a watch of its kind, calling `on_change` for every
 /// change, until `stop`.
-fn spawn_reflector<K: testbus_proto::client::ApiResource + 'static>(
+fn spawn_reflector<K: testbus_client::ApiResource + 'static>(
     tasks: &mut tokio::task::JoinSet<()>,
     client: &Client,
     cache: &Arc<Cache<K>>,

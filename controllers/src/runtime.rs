@@ -12,7 +12,7 @@ use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
-use testbus_proto::client::{watcher, Api, ApiResource, WatcherEvent};
+use testbus_client::{watcher, Api, ApiResource, WatcherEvent};
 use testbus_proto::states::{ConditionStatus, ConditionType};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -292,8 +292,8 @@ pub fn trouble_condition(trouble: &Trouble) -> testbus_proto::Condition {
 /// Writes `trouble` on object `name` as its `Reconciled` condition
 /// (`conditions` finds its list). A write that fails is logged: the object
 /// may be what cannot be written.
-pub async fn report_trouble<K: testbus_proto::client::ApiResource>(
-    api: testbus_proto::client::Api<K>,
+pub async fn report_trouble<K: testbus_client::ApiResource>(
+    api: testbus_client::Api<K>,
     name: &str,
     trouble: Trouble,
     conditions: fn(&mut K) -> &mut Vec<testbus_proto::Condition>,
@@ -485,7 +485,7 @@ mod tests {
             let cache = cache.clone();
             async move { cache.wait_synced().await }
         });
-        let api = testbus_proto::client::Client::lazy("unix:/nonexistent/testbus.sock").unwrap().api();
+        let api = testbus_client::Client::lazy("unix:/nonexistent/testbus.sock").unwrap().api();
         let stop = CancellationToken::new();
         let reflector = tokio::spawn(reflect(api, cache.clone(), |_| {}, stop.clone()));
         tokio::time::sleep(Duration::from_secs(5)).await;

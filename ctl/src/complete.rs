@@ -9,7 +9,7 @@ use crate::objects::parse_kind;
 use clap_complete::engine::CompletionCandidate;
 use std::ffi::OsStr;
 use std::time::Duration;
-use testbus_proto::client::Client;
+use testbus_client::Client;
 use testbus_proto::{Host, HostPool, Kind, Process, Test};
 
 /// How long a completion waits for the server.
@@ -128,7 +128,7 @@ fn names_of(kind: Kind, server: Option<String>) -> Vec<String> {
 }
 
 async fn list(client: &Client, kind: Kind) -> Option<Vec<String>> {
-    async fn of<K: testbus_proto::client::ApiResource>(client: &Client) -> Option<Vec<String>> {
+    async fn of<K: testbus_client::ApiResource>(client: &Client) -> Option<Vec<String>> {
         let (items, _) = client.api::<K>().list("", "").await.ok()?;
         Some(items.iter().map(|o| o.name().to_string()).collect())
     }

@@ -8,8 +8,8 @@
 //! create`): the CA to check the server by, and a client certificate.
 use crate::error::{CliError, CliResult, PERMISSION, USAGE};
 use std::path::PathBuf;
+use testbus_client::{Client, Tls};
 use testbus_pki::ClientFile;
-use testbus_proto::client::{Client, Tls};
 
 /// The address used when nothing names one.
 const FALLBACK: &str = "https://127.0.0.1:7780";

@@ -73,7 +73,7 @@ fn broken_connection(s: &Status) -> bool {
 /// `Other(OtherError(CaUsedAsEndEntity))` and the like, or "transport
 /// error").
 fn tls_refusal(s: &Status) -> Option<String> {
-    tls_refusal_in(&chain(s).join(" "), &testbus_proto::client::cause(s))
+    tls_refusal_in(&chain(s).join(" "), &testbus_client::cause(s))
 }
 
 /// [`tls_refusal`] of an error's text (lower-cased, sources included);
@@ -131,7 +131,7 @@ impl From<Status> for CliError {
         } else if code == UNREACHABLE {
             // The innermost cause says what happened ("transport error"
             // said nothing).
-            format!("cannot reach the server: {}", testbus_proto::client::cause(&s))
+            format!("cannot reach the server: {}", testbus_client::cause(&s))
         } else {
             s.message().to_string()
         };
@@ -183,16 +183,16 @@ pub fn answers_without_http2(server: &str) -> Option<Answer> {
     Some(Answer::Text(text.lines().next().unwrap_or_default().trim().to_string()))
 }
 
-impl From<testbus_proto::client::ConnectError> for CliError {
-    fn from(e: testbus_proto::client::ConnectError) -> Self {
-        if let testbus_proto::client::ConnectError::Unreachable(server, why) = &e {
+impl From<testbus_client::ConnectError> for CliError {
+    fn from(e: testbus_client::ConnectError) -> Self {
+        if let testbus_client::ConnectError::Unreachable(server, why) = &e {
             if let Some(said) = tls_refusal_in(&why.to_ascii_lowercase(), why) {
                 return CliError { code: PERMISSION, message: format!("{server}: {said}") };
             }
         }
         let code = match e {
-            testbus_proto::client::ConnectError::InvalidAddress(..) => USAGE,
-            testbus_proto::client::ConnectError::Unreachable(..) => UNREACHABLE,
+            testbus_client::ConnectError::InvalidAddress(..) => USAGE,
+            testbus_client::ConnectError::Unreachable(..) => UNREACHABLE,
         };
         CliError { code, message: e.to_string() }
     }

@@ -3,7 +3,7 @@
 //! adds who is speaking and forwards to the control plane.
 use crate::error::{CliError, CliResult};
 use std::io::{Read, Write};
-use testbus_proto::client::Client;
+use testbus_client::Client;
 use testbus_proto::sync_client::SyncClient;
 use testbus_proto::{BarrierRequest, RecvRequest, SendRequest};
 use tonic::Code;

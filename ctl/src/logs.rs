@@ -4,7 +4,7 @@ use crate::error::{CliError, CliResult};
 use futures::StreamExt;
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
-use testbus_proto::client::{watcher, Client, WatcherEvent};
+use testbus_client::{watcher, Client, WatcherEvent};
 use testbus_proto::states::ProcessPhase;
 use testbus_proto::{phase, OutputChunk, Process, ReadOutputRequest, Resource, Test};
 

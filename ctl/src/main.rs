@@ -56,7 +56,7 @@ use futures::StreamExt;
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use testbus_proto::client::Client;
+use testbus_client::Client;
 use testbus_proto::states::ProcessPhase;
 use testbus_proto::{duration, manifest, Host, Kind, Object, Resource};
 
@@ -717,7 +717,7 @@ async fn watch_any(
     labels: &str,
     fields: &str,
 ) -> CliResult<futures::stream::BoxStream<'static, CliResult<(bool, Object)>>> {
-    use testbus_proto::client::{ApiResource, EventType};
+    use testbus_client::{ApiResource, EventType};
     async fn w<K: ApiResource>(
         c: &Client,
         rv: &str,

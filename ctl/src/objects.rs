@@ -1,6 +1,6 @@
 //! Verbs on an object of any kind, for commands that take KIND arguments.
 use crate::error::{CliError, CliResult};
-use testbus_proto::client::{ApiResource, Client};
+use testbus_client::{ApiResource, Client};
 use testbus_proto::{Host, HostPool, Kind, Object, Process, Resource, Test};
 use tonic::Code;
 

@@ -4,7 +4,7 @@ use crate::error::{CliError, CliResult, FAILED, INCOMPLETE};
 use futures::StreamExt;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
-use testbus_proto::client::{watcher, Client, WatcherEvent};
+use testbus_client::{watcher, Client, WatcherEvent};
 use testbus_proto::states::{StepPhase, TestPhase};
 use testbus_proto::{phase, Resource, Test};
 

@@ -5,7 +5,7 @@ pub use testbus_report::{render, ReportFormat};
 
 /// The tail of each process's output, for a JUnit report.
 pub async fn outputs(
-    client: &testbus_proto::client::Client,
+    client: &testbus_client::Client,
     t: &testbus_proto::Test,
 ) -> crate::error::CliResult<std::collections::HashMap<String, testbus_report::Output>> {
     use futures::StreamExt;

@@ -54,7 +54,7 @@ pub fn test_for(a: &RunArgs) -> Test {
     }
 }
 
-pub async fn run(client: &testbus_proto::client::Client, a: RunArgs) -> CliResult {
+pub async fn run(client: &testbus_client::Client, a: RunArgs) -> CliResult {
     let mut t = test_for(&a);
     use testbus_proto::validate::Validate;
     t.validate().map_err(|e| CliError::usage(e.to_string()))?;

@@ -6,7 +6,7 @@ use crate::logs;
 use futures::StreamExt;
 use std::collections::BTreeMap;
 use std::io::Write;
-use testbus_proto::client::{watcher, Client, WatcherEvent};
+use testbus_client::{watcher, Client, WatcherEvent};
 use testbus_proto::states::{ProcessPhase, TestPhase};
 use testbus_proto::validate::member_matches;
 use testbus_proto::{
@@ -152,9 +152,9 @@ pub async fn upload_stdin(client: &Client) -> CliResult<String> {
 /// Uploads a local file as a blob and returns its digest; `what` names it
 /// in errors (a file that cannot be read is the user's to fix: exit 2).
 pub async fn upload(client: &Client, path: &std::path::Path, what: &str) -> CliResult<String> {
-    match testbus_proto::blob::upload_file(client.channel(), path).await {
+    match testbus_client::transfer::upload_file(client.channel(), path).await {
         Ok(r) => Ok(r.digest),
-        Err(testbus_proto::blob::BlobError::Rpc(s)) => Err(CliError::from(s)),
+        Err(testbus_client::transfer::BlobError::Rpc(s)) => Err(CliError::from(s)),
         Err(e) => Err(CliError::usage(format!("{what}: {e}"))),
     }
 }

@@ -7,8 +7,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use testbus_proto::blob::{self, BlobError};
-use testbus_proto::client::Client;
+use testbus_client::transfer::{download_to, BlobError};
+use testbus_client::Client;
+use testbus_proto::blob;
 
 pub struct BlobCache {
     dir: PathBuf,
@@ -45,7 +46,7 @@ impl BlobCache {
         if path.exists() {
             return Ok(path);
         }
-        let size = blob::download_to(self.client.channel(), digest, &path).await?;
+        let size = download_to(self.client.channel(), digest, &path).await?;
         self.fetches.fetch_add(1, Ordering::Relaxed);
         tracing::info!(%digest, size, "fetched blob");
         Ok(path)

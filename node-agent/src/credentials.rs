@@ -9,8 +9,8 @@
 use anyhow::{bail, Context};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
+use testbus_client::{Client, Tls};
 use testbus_pki::{Identity, JoinToken};
-use testbus_proto::client::{Client, Tls};
 use tonic::Code;
 
 /// How long joining is retried while the control plane cannot be reached.
@@ -177,13 +177,13 @@ async fn join(
                 return Ok((r.certificate_authority, r.certificate, key));
             }
             // The server's CA is not the token's: no retry will change that.
-            Err(s) if testbus_proto::client::cause(&s).contains("join token") => {
-                bail!("joining {server}: {}", testbus_proto::client::cause(&s))
+            Err(s) if testbus_client::cause(&s).contains("join token") => {
+                bail!("joining {server}: {}", testbus_client::cause(&s))
             }
             Err(s) if s.code() == Code::Unavailable && tokio::time::Instant::now() < deadline => {
                 tracing::warn!(
                     "joining {server}: {}; retrying in {:.1}s",
-                    testbus_proto::client::cause(&s),
+                    testbus_client::cause(&s),
                     backoff.as_secs_f64()
                 );
                 tokio::time::sleep(backoff).await;

@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use testbus_proto::client::Client;
+use testbus_client::Client;
 use testbus_proto::sync_client::SyncClient;
 use testbus_proto::sync_server::{Sync, SyncServer};
 use testbus_proto::{BarrierRequest, BarrierResponse, RecvRequest, RecvResponse, SendRequest, SendResponse};

@@ -36,7 +36,7 @@ use runner::{Command, ProcessRunner, StopReason};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
-use testbus_proto::client::{watcher_with, Api, Client, Reconnect, WatcherEvent};
+use testbus_client::{watcher_with, Api, Client, Reconnect, WatcherEvent};
 use testbus_proto::states::{ProcessPhase, ProcessReason};
 use testbus_proto::{phase, time, Host, HostSpec, HostStatus, ObjectMeta, Process, Resource};
 use tokio::sync::mpsc;
@@ -52,7 +52,7 @@ struct Args {
     /// Control-plane address: https://host:port, a comma-separated list,
     /// unix:/path (plain: the control plane's own socket) or unix+tls:/path
     /// (a relay's socket that leads to the control plane's TLS listener).
-    #[arg(long, env = "TESTBUS_SERVER", default_value = testbus_proto::client::DEFAULT_SERVER)]
+    #[arg(long, env = "TESTBUS_SERVER", default_value = testbus_client::DEFAULT_SERVER)]
     server: String,
     /// This host's name (a DNS label).
     #[arg(long)]
@@ -298,7 +298,7 @@ async fn keep_lease(client: Client, mine: Host, every: Duration, take_over: Take
                 let jitter = Duration::from_millis(u64::from(std::process::id() % 97));
                 let retry = format!("{:.1}s", (backoff + jitter).as_secs_f64());
                 let server = client.server();
-                let cause = testbus_proto::client::cause(&s);
+                let cause = testbus_client::cause(&s);
                 // One line per attempt, saying what failed and when the
                 // next comes.
                 if s.code() == Code::Unavailable {

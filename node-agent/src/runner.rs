@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
-use testbus_proto::client::{Api, Client};
+use testbus_client::{Api, Client};
 use testbus_proto::states::{ProcessPhase, ProcessReason};
 use testbus_proto::{duration, phase, subst, time, OutputChunk, Process, Resource};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};

@@ -6,7 +6,7 @@ use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
-use testbus_proto::client::Client;
+use testbus_client::Client;
 use testbus_proto::{Resource, Test};
 use tokio::sync::OnceCell;
 use tonic::Code;

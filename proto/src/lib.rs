@@ -1,8 +1,8 @@
 //! The testbus wire contract.
 //!
-//! This is the only crate that knows protobuf. It holds the generated types
-//! and services, the YAML/JSON mapping of manifests, the validation shared by
-//! the server and the CLI, and the typed client every other crate uses.
+//! It holds the generated types and services, the YAML/JSON mapping of
+//! manifests and the validation shared by the server and the CLI. The typed
+//! client (connections, failover, TLS) is `testbus-client`, built on it.
 #![forbid(unsafe_code)]
 
 #[allow(clippy::all, missing_docs)]
@@ -12,7 +12,6 @@ mod pb {
 pub use pb::*;
 
 pub mod blob;
-pub mod client;
 pub mod duration;
 pub mod fuzzing;
 pub mod manifest;

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
-use testbus_proto::client::Client;
+use testbus_client::Client;
 use testbus_proto::states::{HostPhase, ProcessPhase};
 use testbus_proto::{Host, Resource, Test};
 
@@ -380,11 +380,11 @@ impl Cluster {
 
     /// The TLS settings of agent `host`'s certificate, read from its data
     /// dir (to call the API as that agent).
-    pub fn agent_tls(&self, host: &str) -> testbus_proto::client::Tls {
+    pub fn agent_tls(&self, host: &str) -> testbus_client::Tls {
         let dir = self.dir.path().join(host).join("tls");
         let read = |f: &str| std::fs::read_to_string(dir.join(f)).expect("the agent's credentials");
         let cfg = testbus_pki::client_config(&read("ca.crt"), Some((&read("agent.crt"), &read("agent.key"))));
-        testbus_proto::client::Tls::new(cfg.expect("the agent's credentials"))
+        testbus_client::Tls::new(cfg.expect("the agent's credentials"))
     }
 
     /// SIGTERM, as a service manager stops it; waits up to `within` for it

@@ -14,7 +14,7 @@
 use prost::Message;
 use std::collections::BTreeMap;
 use std::time::Duration;
-use testbus_proto::client::{Client, Tls};
+use testbus_client::{Client, Tls};
 use testbus_proto::states::ProcessPhase;
 use testbus_proto::{Host, Process, Resource, Test};
 use testbus_tests::{needs_root, wait_for, Cluster, RawCodec as Raw};

@@ -3,7 +3,7 @@
 //! over between them; blobs and output are readable from either replica.
 use std::path::PathBuf;
 use std::time::Duration;
-use testbus_proto::client::Client;
+use testbus_client::Client;
 use testbus_proto::{blob, Host, HostPool, Process, Resource, Test};
 use testbus_tests::{bin_dir, libvirt, manifest, needs_root, wait_for, Cluster};
 
@@ -132,13 +132,13 @@ spec:
     assert!(!c.read_log("testbus-control-plane").contains("copied from a peer"));
     let b = Client::connect(&format!("unix:{}", b_sock.display())).await.unwrap();
     let dest = c.dir.path().join("via-b.bin");
-    let size = blob::download_to(b.channel(), &digest, &dest).await.unwrap();
+    let size = testbus_client::transfer::download_to(b.channel(), &digest, &dest).await.unwrap();
     assert_eq!(size, data.len() as u64);
     assert_eq!(std::fs::read(&dest).unwrap(), data);
     assert!(c.read_log("testbus-control-plane").contains("blob copied from a peer replica"));
     // A blob no replica has is "not found", from either.
     let missing = blob::digest_of(b"nobody has this");
-    let err = blob::download_to(b.channel(), &missing, &c.dir.path().join("x")).await.unwrap_err();
+    let err = testbus_client::transfer::download_to(b.channel(), &missing, &c.dir.path().join("x")).await.unwrap_err();
     assert!(err.to_string().contains("not found"), "{err}");
 
     // Host-1's agent revoked through B is refused by A within moments

@@ -4,8 +4,8 @@
 //! token, as in every other e2e test).
 use std::path::Path;
 use std::time::Duration;
+use testbus_client::Client;
 use testbus_pki::{ClientFile, Role};
-use testbus_proto::client::Client;
 use testbus_proto::states::{HostPhase, ProcessPhase};
 use testbus_proto::{Host, Process, Resource, Test};
 use testbus_tests::{bin_dir, metric_sum, needs_root, wait_for, Cluster, CtlOutput};
@@ -876,7 +876,7 @@ async fn one_identity_holds_only_its_share_of_watches_and_streams() {
     }
     let c = Cluster::start(1).await;
     let viewer = ClientFile::load(&c.write_user_config("wanda", "viewer")).unwrap();
-    let tls = testbus_proto::client::Tls::new(
+    let tls = testbus_client::Tls::new(
         testbus_pki::client_config(
             &viewer.certificate_authority,
             Some((&viewer.client_certificate, &viewer.client_key)),

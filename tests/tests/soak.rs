@@ -62,7 +62,7 @@ async fn soak_under_agent_and_control_plane_crashes() {
     let finished = |c: &Cluster| {
         let server = c.server.clone();
         async move {
-            let client = testbus_proto::client::Client::connect(&server).await.ok()?;
+            let client = testbus_client::Client::connect(&server).await.ok()?;
             let (ts, _) = client.api::<Test>().list("soak=yes", "").await.ok()?;
             Some(ts.iter().filter(|t| phase::test_terminal(&t.status().phase)).count())
         }

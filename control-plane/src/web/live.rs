@@ -14,7 +14,7 @@ use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
-use testbus_proto::client::EventType;
+use testbus_client::EventType;
 use testbus_proto::output_server::Output as _;
 use testbus_proto::{Kind, Object, Resource};
 use tokio::sync::mpsc;

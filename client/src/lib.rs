@@ -4,19 +4,26 @@
 //! `http(s)://host:port`, a comma-separated list of them, `unix:/path`, or
 //! `unix+tls:/path` (TLS through a socket, a relay's).
 //! [`Api<K>`] gives the same verbs for every kind; [`watcher`] turns
-//! list + watch into one stream that survives disconnects and compaction.
-use crate::auth_client::AuthClient;
-use crate::host_pools_client::HostPoolsClient;
-use crate::hosts_client::HostsClient;
-use crate::output_client::OutputClient;
-use crate::processes_client::ProcessesClient;
-use crate::tests_client::TestsClient;
-use crate::{DeleteRequest, GetRequest, Host, HostPool, ListRequest, Process, Resource, Test, WatchRequest};
+//! list + watch into one stream that survives disconnects and compaction;
+//! [`transfer`] moves blobs. The contract (types, manifests, validation)
+//! is `testbus_proto`'s; connections, failover between replicas and TLS
+//! are this crate's.
+#![forbid(unsafe_code)]
+
+pub mod transfer;
+
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use hyper_util::rt::TokioIo;
 use std::future::Future;
 use std::time::Duration;
+use testbus_proto::auth_client::AuthClient;
+use testbus_proto::host_pools_client::HostPoolsClient;
+use testbus_proto::hosts_client::HostsClient;
+use testbus_proto::output_client::OutputClient;
+use testbus_proto::processes_client::ProcessesClient;
+use testbus_proto::tests_client::TestsClient;
+use testbus_proto::{DeleteRequest, GetRequest, Host, HostPool, ListRequest, Process, Resource, Test, WatchRequest};
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Code, Status};
 
