@@ -19,6 +19,8 @@ use testbus_proto::{
 };
 use tonic::{Request, Response, Status};
 
+mod exec;
+
 /// Finalizer the server puts on every Test: the test controller removes it
 pub use testbus_proto::TEST_FINALIZER;
 
@@ -237,13 +239,16 @@ impl Policy for Process {
         let mut a = old.spec().clone();
         a.stop = new.spec().stop;
         a.released = new.spec().released;
-        // Why it is stopped may be said with the stop, and only then.
+        // Why it is stopped, and how long it has to end, may be said with
+        // the stop, and only then.
         if new.spec().stop && !old.spec().stop {
             a.stop_reason = new.spec().stop_reason.clone();
+            a.stop_grace = new.spec().stop_grace.clone();
         }
         if &a != new.spec() {
             return Err(Status::invalid_argument(
-                "spec: only spec.stop (with spec.stopReason) and spec.released of a Process may change",
+                "spec: only spec.stop (with spec.stopReason and spec.stopGrace) and spec.released of a Process may \
+                 change",
             ));
         }
         if new.spec().stop_reason.len() > testbus_proto::validate::MAX_VALUE_BYTES {
@@ -931,6 +936,13 @@ bind_service!(tests_server::Tests, Test, TestList, TestEvent, {
         let id = self.st.authorize(&req, Verb::Finish, Kind::Test.into())?;
         let who = crate::authz::Caller::of(&req).describe();
         ResourceService::finish(self, &id, req.into_inner(), &who).await.map(Response::new)
+    }
+    async fn exec(
+        &self,
+        req: Request<testbus_proto::ExecRequest>,
+    ) -> Result<Response<testbus_proto::ExecResponse>, Status> {
+        let id = self.st.authorize(&req, Verb::Exec, Kind::Test.into())?;
+        ResourceService::exec(self, &id, req.into_inner()).await.map(Response::new)
     }
 });
 bind_service!(processes_server::Processes, Process, ProcessList, ProcessEvent, {});

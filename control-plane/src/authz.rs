@@ -122,6 +122,8 @@ pub enum Verb {
     SetEnv,
     RecordResult,
     Finish,
+    /// Run a command on a test's hosts (`Tests.Exec`).
+    Exec,
     Snapshot,
     AppendOutput,
     ReadOutput,
@@ -154,6 +156,7 @@ impl Verb {
             Verb::SetEnv => "set the env of",
             Verb::RecordResult => "record results of",
             Verb::Finish => "finish",
+            Verb::Exec => "run commands in",
             Verb::Snapshot => "snapshot guests of",
             Verb::AppendOutput => "append output of",
             Verb::ReadOutput => "read output of",
@@ -465,8 +468,16 @@ mod tests {
         for verb in [Verb::Get, Verb::List, Verb::Watch, Verb::ReadOutput, Verb::ReadBlob] {
             assert!(admit(&v, verb, Kind::Test.into()).is_ok(), "{verb:?}");
         }
-        for verb in [Verb::Create, Verb::Update, Verb::Delete, Verb::Claim, Verb::Finish, Verb::UploadBlob, Verb::Sync]
-        {
+        for verb in [
+            Verb::Create,
+            Verb::Update,
+            Verb::Delete,
+            Verb::Claim,
+            Verb::Finish,
+            Verb::Exec,
+            Verb::UploadBlob,
+            Verb::Sync,
+        ] {
             let e = admit(&v, verb, Kind::Test.into()).unwrap_err();
             assert_eq!(e.code(), tonic::Code::PermissionDenied);
             assert!(e.message().contains("viewer \"alice\" may not"), "{}", e.message());
@@ -506,6 +517,7 @@ mod tests {
         for (verb, kind) in [
             (Verb::Create, Kind::Test.into()),
             (Verb::Create, Kind::Process.into()),
+            (Verb::Exec, Kind::Test.into()),
             (Verb::Delete, Kind::Host.into()),
             (Verb::List, Kind::Test.into()),
             (Verb::Get, Kind::HostPool.into()),

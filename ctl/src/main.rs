@@ -191,10 +191,11 @@ enum Cmd {
         #[arg(long)]
         timestamps: bool,
     },
-    /// Wait for a test to finish.
+    /// Wait for a test or a process to finish; exits as `exec` does for a
+    /// process (its exit code), as `apply --wait` does for a test.
     Wait {
-        /// NAME or test/NAME.
-        #[arg(add = ArgValueCompleter::new(complete::tests))]
+        /// NAME or test/NAME, or process/NAME.
+        #[arg(add = ArgValueCompleter::new(complete::tests_or_processes))]
         target: String,
         /// Give up after this long (exit 3).
         #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
@@ -250,9 +251,28 @@ enum Cmd {
         /// Stop the command after this long (exit 3).
         #[arg(long, value_parser = parse_duration_str, value_name = "DURATION")]
         timeout: Option<String>,
+        /// Start the command and return: print its processes'
+        /// names (process/NAME, one per line) for wait, logs and kill.
+        #[arg(short = 'd', long)]
+        detach: bool,
         /// The command and its arguments, after --.
         #[arg(last = true, required = true)]
         argv: Vec<String>,
+    },
+    /// Stop a process: SIGTERM to all it started, SIGKILL after the grace.
+    #[command(
+        after_help = "Examples:\n  testbusctl kill process/t1-x3f2a9c01-server\n  testbusctl kill process/t1-x3f2a9c01-server --grace 30s"
+    )]
+    Kill {
+        /// process/NAME.
+        #[arg(add = ArgValueCompleter::new(complete::tests_or_processes))]
+        target: String,
+        /// Time between SIGTERM and SIGKILL (default 2s, at most 10m).
+        #[arg(long, value_parser = parse_duration_str, value_name = "DURATION")]
+        grace: Option<String>,
+        /// Return at once instead of waiting for it to end.
+        #[arg(long)]
+        no_wait: bool,
     },
     /// Copy a file to (SRC|- TEST/ROLE:PATH) or from (TEST/ROLE:PATH DEST|-) hosts of a running test.
     #[command(
@@ -1102,9 +1122,17 @@ async fn dispatch(cli: Cli) -> CliResult {
             }
             Ok(0)
         }
+        Cmd::Wait { target, timeout } if target.starts_with("process/") || target.starts_with("processes/") => {
+            let (_, name) = objects::parse_ref(&target, &[Kind::Process])?;
+            script::wait(&connect(&server).await?, &name, timeout).await
+        }
         Cmd::Wait { target, timeout } => {
             let name = objects::test_name(&target)?;
             progress::wait(&connect(&server).await?, &[name], timeout, progress::Progress::Quiet).await
+        }
+        Cmd::Kill { target, grace, no_wait } => {
+            let (_, name) = objects::parse_ref(&target, &[Kind::Process])?;
+            script::kill(&connect(&server).await?, &name, grace, !no_wait).await
         }
         Cmd::Cordon { host, reason } => set_cordon(&connect(&server).await?, &host, Cordon::On { reason }).await,
         Cmd::Uncordon { host } => set_cordon(&connect(&server).await?, &host, Cordon::Off).await,
@@ -1124,7 +1152,7 @@ async fn dispatch(cli: Cli) -> CliResult {
             let env = parse_env("--env", &env)?;
             script::create_test(&connect(&server).await?, &name, claims, env, timeout, wait_claimed).await
         }
-        Cmd::Exec { test, roles, env, stdin, timeout, argv } => {
+        Cmd::Exec { test, roles, env, stdin, timeout, detach, argv } => {
             let env = parse_env("--env", &env)?;
             let stdin = match stdin.as_deref() {
                 None => None,
@@ -1136,7 +1164,14 @@ async fn dispatch(cli: Cli) -> CliResult {
                 Some(f) => Some(std::fs::read_to_string(f).map_err(|e| CliError::usage(format!("--stdin {f}: {e}")))?),
             };
             let a = script::ExecArgs { argv, env, stdin, timeout, files: vec![] };
-            script::exec(&connect(&server).await?, &objects::test_name(&test)?, &roles, a).await
+            let (client, test) = (connect(&server).await?, objects::test_name(&test)?);
+            if detach {
+                for p in script::start_processes(&client, &test, &roles, a).await? {
+                    println!("process/{}", p.name());
+                }
+                return Ok(0);
+            }
+            script::exec(&client, &test, &roles, a).await
         }
         Cmd::Cp { src, dest } => script::cp(&connect(&server).await?, &src, &dest).await,
         Cmd::Getenv { test, name } => {

@@ -7,11 +7,12 @@ use futures::StreamExt;
 use std::collections::BTreeMap;
 use std::io::Write;
 use testbus_client::{watcher, Client, WatcherEvent};
+use testbus_proto::duration;
 use testbus_proto::states::{ProcessPhase, TestPhase};
 use testbus_proto::validate::member_matches;
 use testbus_proto::{
-    phase, FileRef, FinishRequest, Host, HostRequirement, ObjectMeta, Process, RecordResultRequest, Resource,
-    SetEnvRequest, Test, TestSpec,
+    phase, ExecRequest, FileRef, FinishRequest, Host, HostRequirement, ObjectMeta, Process, RecordResultRequest,
+    Resource, SetEnvRequest, Test, TestSpec,
 };
 
 /// `ROLE[=CAP[,CAP...]][:COUNT]`.
@@ -167,9 +168,39 @@ pub struct ExecArgs {
     pub files: Vec<FileRef>,
 }
 
+impl ExecArgs {
+    fn command(self) -> testbus_proto::Step {
+        testbus_proto::Step {
+            argv: self.argv,
+            env: self.env,
+            stdin: self.stdin.unwrap_or_default(),
+            timeout: self.timeout.unwrap_or_default(),
+            files: self.files,
+            ..Default::default()
+        }
+    }
+}
+
+/// Starts one command on each target member (`Tests.Exec`: the server
+/// builds the processes as it builds a step's); returns them as made.
+pub async fn start_processes(client: &Client, test: &str, roles: &[String], a: ExecArgs) -> CliResult<Vec<Process>> {
+    let req = ExecRequest { test: test.into(), on: roles.to_vec(), command: Some(a.command()) };
+    match client.tests().exec(req).await {
+        Ok(r) => Ok(r.into_inner().processes),
+        Err(s) => {
+            let mut e = CliError::from(s);
+            // The request's `on` is this command's --role.
+            if let Some(rest) = e.message.strip_prefix("on[").and_then(|m| m.split_once("]: ")).map(|(_, r)| r) {
+                e.message = format!("--role: {rest}");
+            }
+            Err(e)
+        }
+    }
+}
+
 /// Runs one command on each target member; returns the processes when
 /// they have ended, their output copied (prefixed when several) to
-/// `out_prefix`-aware stdout/stderr.
+/// stdout/stderr when `show`.
 async fn run_processes(
     client: &Client,
     test: &str,
@@ -177,35 +208,13 @@ async fn run_processes(
     a: ExecArgs,
     show: bool,
 ) -> CliResult<Vec<Process>> {
-    let (t, members) = targets(client, test, roles).await?;
-    let id = format!("x{}", suffix());
-    let mut names = Vec::new();
-    for (member, host) in &members {
-        let unit = testbus_proto::Step {
-            name: id.clone(),
-            argv: a.argv.clone(),
-            env: a.env.clone(),
-            stdin: a.stdin.clone().unwrap_or_default(),
-            timeout: a.timeout.clone().unwrap_or_default(),
-            files: a.files.clone(),
-            ..Default::default()
-        };
-        let p = testbus_proto::process::build(
-            &t,
-            host,
-            member,
-            &unit,
-            &BTreeMap::new(),
-            testbus_proto::process::Origin::Exec,
-        );
-        names.push(client.api::<Process>().create(p).await?.name().to_string());
-    }
-    let prefix = members.len() > 1;
+    let started = start_processes(client, test, roles, a).await?;
+    let prefix = started.len() > 1;
     let mut readers = tokio::task::JoinSet::new();
-    for (name, (member, host)) in names.iter().zip(&members) {
+    for p in &started {
         let c = client.clone();
-        let n = name.clone();
-        let pre = (prefix && show).then(|| format!("[{member}/{}] ", host.name()));
+        let n = p.name().to_string();
+        let pre = (prefix && show).then(|| format!("[{}/{}] ", p.spec().role, p.spec().host_name));
         readers.spawn(async move {
             if show {
                 logs::copy_process(&c, &n, pre, logs::Follow::Yes, &logs::Lines::default()).await
@@ -218,13 +227,13 @@ async fn run_processes(
         r.map_err(|e| CliError::failed(e.to_string()))??;
     }
     let mut done = Vec::new();
-    for n in &names {
-        done.push(client.api::<Process>().get(n).await?);
+    for p in &started {
+        done.push(client.api::<Process>().get(p.name()).await?);
     }
     Ok(done)
 }
 
-async fn wait_process(client: &Client, name: &str) -> CliResult<()> {
+pub async fn wait_process(client: &Client, name: &str) -> CliResult<()> {
     let events = watcher(client.api::<Process>(), String::new(), format!("metadata.name={name}"));
     futures::pin_mut!(events);
     while let Some(ev) = events.next().await {
@@ -264,6 +273,52 @@ fn exit_code(procs: &[Process]) -> i32 {
         }
     }
     0
+}
+
+/// `wait process/NAME`: until it has ended; its exit code as `exec`'s.
+pub async fn wait(client: &Client, name: &str, timeout: Option<std::time::Duration>) -> CliResult {
+    client.api::<Process>().get(name).await?;
+    match timeout {
+        Some(d) => tokio::time::timeout(d, wait_process(client, name))
+            .await
+            .map_err(|_| CliError::incomplete(format!("process/{name} still runs after {}", duration::format(d))))??,
+        None => wait_process(client, name).await?,
+    }
+    Ok(exit_code(&[client.api::<Process>().get(name).await?]))
+}
+
+/// `kill process/NAME`: sets its stop (and grace), as a test's end does;
+/// with `wait`, until it has ended (exit 0 once it has, whatever its end).
+pub async fn kill(client: &Client, name: &str, grace: Option<String>, wait: bool) -> CliResult {
+    let api = client.api::<Process>();
+    loop {
+        let mut p = api.get(name).await?;
+        if phase::process_terminal(&p.status().phase) {
+            eprintln!("process/{name} had already ended ({})", p.status().phase);
+            return Ok(0);
+        }
+        if p.spec().stop {
+            break;
+        }
+        let spec = p.spec_mut();
+        spec.stop = true;
+        spec.stop_reason = "killed with testbusctl kill".into();
+        if let Some(g) = &grace {
+            spec.stop_grace = g.clone();
+        }
+        match api.update(p).await {
+            Ok(_) => break,
+            // Its agent wrote its status meanwhile: read it again.
+            Err(s) if s.code() == tonic::Code::Aborted => continue,
+            Err(s) => return Err(s.into()),
+        }
+    }
+    if wait {
+        wait_process(client, name).await?;
+        let p = api.get(name).await?;
+        eprintln!("process/{name} {}: {}", p.status().phase, p.status().message);
+    }
+    Ok(0)
 }
 
 pub async fn exec(client: &Client, test: &str, roles: &[String], a: ExecArgs) -> CliResult {

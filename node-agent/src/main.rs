@@ -385,7 +385,8 @@ impl Agent {
                     Some(r) => {
                         r.deleted = true;
                         if !r.stop_sent {
-                            r.stop_sent = r.commands.send(Command::Stop(StopReason::Requested)).await.is_ok();
+                            let stop = Command::Stop { by: StopReason::Requested, grace: runner::stop_grace(p.spec()) };
+                            r.stop_sent = r.commands.send(stop).await.is_ok();
                         }
                     }
                     None => self.remove_work_dirs(vec![p.meta().uid.clone()]),
@@ -422,7 +423,8 @@ impl Agent {
             // A final status written by someone else (Lost while this host
             // was cut off) fences the process: it must not run on.
             if (p.spec().stop || terminal) && !r.stop_sent {
-                r.stop_sent = r.commands.send(Command::Stop(StopReason::Requested)).await.is_ok();
+                let stop = Command::Stop { by: StopReason::Requested, grace: runner::stop_grace(p.spec()) };
+                r.stop_sent = r.commands.send(stop).await.is_ok();
             } else if p.spec().released && !r.release_sent {
                 r.release_sent = r.commands.send(Command::Release).await.is_ok();
             }
@@ -529,7 +531,7 @@ impl Agent {
     async fn stop_all(&mut self, by: StopReason) {
         for r in self.running.values_mut() {
             if !r.stop_sent {
-                r.stop_sent = r.commands.send(Command::Stop(by)).await.is_ok();
+                r.stop_sent = r.commands.send(Command::Stop { by, grace: runner::KILL_GRACE }).await.is_ok();
             }
         }
     }

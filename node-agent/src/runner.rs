@@ -19,8 +19,15 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tonic::Code;
 
-/// Grace between SIGTERM and SIGKILL.
-const KILL_GRACE: Duration = Duration::from_secs(2);
+/// Grace between SIGTERM and SIGKILL, unless the process's
+/// `spec.stopGrace` says otherwise.
+pub const KILL_GRACE: Duration = Duration::from_secs(2);
+
+/// The grace a stopped process gets: its spec's, else [`KILL_GRACE`]
+/// (validation keeps it at most 10m).
+pub fn stop_grace(spec: &testbus_proto::ProcessSpec) -> Duration {
+    duration::parse(&spec.stop_grace).unwrap_or(KILL_GRACE).min(testbus_proto::validate::MAX_STOP_GRACE)
+}
 /// How long a process runs before it is reported Running.
 const RUNNING_DELAY: Duration = Duration::from_millis(2);
 /// How long to wait for output pipes after the process group is gone.
@@ -44,7 +51,8 @@ pub enum StopReason {
 
 #[derive(Debug)]
 pub enum Command {
-    Stop(StopReason),
+    /// Stop: SIGTERM, then SIGKILL after `grace`.
+    Stop { by: StopReason, grace: Duration },
     /// A gated process may start.
     Release,
 }
@@ -341,7 +349,7 @@ impl ProcessRunner {
         advance(api, &self.known, ProcessPhase::Ready).await;
         match commands.recv().await {
             Some(Command::Release) => None,
-            Some(Command::Stop(by)) => Some(by),
+            Some(Command::Stop { by, .. }) => Some(by),
             None => Some(StopReason::AgentShutdown),
         }
     }
@@ -660,11 +668,11 @@ impl ProcessRunner {
                 Err(e) => Ended::SetupFailed { reason: ProcessReason::WaitFailed, message: e.to_string() },
             },
             _ = deadline => {
-                let signal = terminate(&mut child, &contained).await;
+                let signal = terminate(&mut child, &contained, stop_grace(spec)).await;
                 Ended::TimedOut { after: timeout.unwrap_or_default(), signal }
             }
-            Some(by) = stop_requested(commands) => {
-                let signal = terminate(&mut child, &contained).await;
+            Some((by, grace)) = stop_requested(commands) => {
+                let signal = terminate(&mut child, &contained, grace).await;
                 Ended::Stopped { by, signal: Some(signal) }
             }
         };
@@ -716,7 +724,7 @@ async fn unless_stopped<T>(
             r = &mut work => return r,
             cmd = commands.recv() => match cmd {
                 Some(Command::Release) => *released = true,
-                Some(Command::Stop(by)) => return Err(Ended::Stopped { by, signal: None }),
+                Some(Command::Stop { by, .. }) => return Err(Ended::Stopped { by, signal: None }),
                 None => return Err(Ended::Stopped { by: StopReason::AgentShutdown, signal: None }),
             },
         }
@@ -724,10 +732,10 @@ async fn unless_stopped<T>(
 }
 
 /// The next stop command (a late Release is ignored).
-async fn stop_requested(commands: &mut mpsc::Receiver<Command>) -> Option<StopReason> {
+async fn stop_requested(commands: &mut mpsc::Receiver<Command>) -> Option<(StopReason, Duration)> {
     loop {
         match commands.recv().await? {
-            Command::Stop(by) => return Some(by),
+            Command::Stop { by, grace } => return Some((by, grace)),
             Command::Release => continue,
         }
     }
@@ -794,12 +802,12 @@ impl Contained<'_> {
     }
 }
 
-/// TERM everything, KILL it after the grace period; returns the signal that
-/// ended the main process.
-async fn terminate(child: &mut tokio::process::Child, contained: &Contained<'_>) -> SignalNo {
+/// TERM everything, KILL it after `grace`; returns the signal that ended
+/// the main process.
+async fn terminate(child: &mut tokio::process::Child, contained: &Contained<'_>, grace: Duration) -> SignalNo {
     use nix::sys::signal::Signal;
     contained.signal(Signal::SIGTERM);
-    match tokio::time::timeout(KILL_GRACE, child.wait()).await {
+    match tokio::time::timeout(grace, child.wait()).await {
         Ok(Ok(st)) => match exit_of(st) {
             Ended::Signalled(s) => s,
             _ => SignalNo::TERM,
@@ -1145,7 +1153,7 @@ mod tests {
         let stopper = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(5)).await;
             tx.send(Command::Release).await.unwrap();
-            tx.send(Command::Stop(StopReason::Requested)).await.unwrap();
+            tx.send(Command::Stop { by: StopReason::Requested, grace: super::KILL_GRACE }).await.unwrap();
             tx
         });
         let mut released = false;

@@ -83,6 +83,7 @@ pub fn build(
             stdin_file: unit.stdin_file.clone(),
             test_host_vars: reads_host_vars(t),
             stop_reason: String::new(),
+            stop_grace: String::new(),
         }),
         ..Default::default()
     }

@@ -811,10 +811,20 @@ impl Validate for Process {
                 e.add(format!("spec.env.{k}"), "must not contain NUL");
             }
         }
+        if !s.stop_grace.is_empty() {
+            match duration::parse(&s.stop_grace) {
+                Ok(d) if d <= MAX_STOP_GRACE => {}
+                Ok(_) => e.add("spec.stopGrace", "at most 10m (default 2s)"),
+                Err(err) => e.add("spec.stopGrace", err.to_string()),
+            }
+        }
         state::<crate::states::ProcessPhase>("status.phase", &self.status().phase, &mut e);
         e.finish()
     }
 }
+
+/// The longest a stopped process may have between SIGTERM and SIGKILL.
+pub const MAX_STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(600);
 
 #[cfg(test)]
 mod tests {

@@ -44,6 +44,7 @@ const MATRIX: &[(&str, &str)] = &[
     ("Tests/SetEnv", "y----"),
     ("Tests/RecordResult", "y----"),
     ("Tests/Finish", "y----"),
+    ("Tests/Exec", "y----"),
     ("HostPools/Create", "y----"),
     ("HostPools/Get", "yy---"),
     ("HostPools/List", "yy---"),
@@ -162,6 +163,12 @@ fn request(method: &str, t: &Targets) -> Vec<u8> {
         ("Tests", "Finish") => {
             testbus_proto::FinishRequest { test: "no-such-test".into(), ..Default::default() }.encode_to_vec()
         }
+        ("Tests", "Exec") => testbus_proto::ExecRequest {
+            test: "no-such-test".into(),
+            on: vec![],
+            command: Some(testbus_proto::Step { argv: vec!["true".into()], ..Default::default() }),
+        }
+        .encode_to_vec(),
         ("HostPools", "Create") => testbus_proto::HostPool {
             metadata: Some(testbus_proto::ObjectMeta { name: "p".into(), ..Default::default() }),
             ..Default::default()

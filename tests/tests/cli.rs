@@ -3,7 +3,7 @@
 use std::io::{Read, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
-use testbus_proto::{Resource, Test};
+use testbus_proto::{Process, Resource, Test};
 use testbus_tests::{bin_dir, manifest, wait_for, Cluster};
 
 /// An address that answers, but not as a testbus server (here an HTTP/1.1
@@ -1463,4 +1463,48 @@ async fn completion_asks_the_server_for_names() {
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("--output") && stdout.lines().all(|l| l.starts_with("--")), "{stdout}");
     assert_eq!(stderr, "");
+}
+
+/// `exec --detach` prints the processes and returns; `wait process/NAME`
+/// exits with the process's code; `kill process/NAME --grace D` sends
+/// SIGTERM, and SIGKILL only after the grace (issue 30).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detached_processes_are_waited_for_and_killed_by_name() {
+    let c = Cluster::start(2).await;
+    assert_eq!(c.ctl(&["create", "test", "dk", "--claim", "a:2", "--wait-claimed"]).code, 0);
+    let out = c.ctl(&["exec", "dk", "--detach", "--", "sh", "-c", "exit 5"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let names: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(names.len(), 2, "one process per member: {out:?}");
+    assert!(names.iter().all(|n| n.starts_with("process/dk-x")), "{out:?}");
+    for n in &names {
+        assert_eq!(c.ctl(&["wait", n, "--timeout", "30s"]).code, 5, "{n}");
+    }
+
+    // A process that takes longer over SIGTERM than the default grace
+    // (2s): the grace given lets it finish, and it is not SIGKILLed.
+    let script = "trap 'sleep 3; echo terminated; exit 7' TERM; echo started; while :; do sleep 0.1; done";
+    let out = c.ctl(&["exec", "dk", "--role", "a1", "-d", "--", "sh", "-c", script]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let name = out.stdout.trim().to_string();
+    let bare = name.trim_start_matches("process/").to_string();
+    c.wait_output(&name, "started").await;
+    let still = c.ctl(&["wait", &name, "--timeout", "1s"]);
+    assert!(still.code == 3 && still.stderr.contains("still runs"), "{still:?}");
+    let bad = c.ctl(&["kill", &name, "--grace", "1h"]);
+    assert!(bad.code == 2 && bad.stderr.contains("spec.stopGrace"), "{bad:?}");
+    let killed = c.ctl(&["kill", &name, "--grace", "30s"]);
+    assert_eq!(killed.code, 0, "{killed:?}");
+    let p = c.client().await.api::<Process>().get(&bare).await.unwrap();
+    assert_eq!(p.status().phase, "Killed", "{p:?}");
+    assert_eq!(p.status().signal, "SIGTERM", "it ended within the grace, before any SIGKILL: {p:?}");
+    assert!(c.ctl(&["logs", &name]).stdout.contains("terminated"));
+    assert_eq!(c.ctl(&["wait", &name]).code, 3, "a killed process is not its command's failure");
+    let again = c.ctl(&["kill", &name]);
+    assert!(again.code == 0 && again.stderr.contains("already ended"), "{again:?}");
+
+    // Where it runs is checked against the test's members, named by flag.
+    let out = c.ctl(&["exec", "dk", "--role", "b", "-d", "--", "true"]);
+    assert!(out.code == 2 && out.stderr.contains("--role: no member"), "{out:?}");
+    assert!(out.stderr.contains("a0, a1"), "{out:?}");
 }
