@@ -734,15 +734,21 @@ impl ResourceService<Test> {
 /// Outcomes `testbusctl result` records.
 const OUTCOMES: [&str; 3] = ["pass", "fail", "skip"];
 
+/// A recorded result's path: dot-separated segments, the last its name and
+/// the rest its group (JUnit's class). Besides `[A-Za-z0-9_-]`, a segment
+/// may hold what pytest puts in its ids' parameters (`[]+=:,@`), so a
+/// pytest node id maps onto one path (`tests.test_nfs.test_mount[nfs]`).
 fn result_path(p: &str) -> Result<(), String> {
     let ok = !p.is_empty()
         && p.len() <= 253
         && p.split('.')
-            .all(|seg| !seg.is_empty() && seg.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b)));
+            .all(|seg| !seg.is_empty() && seg.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_[]+=:,@".contains(&b)));
     if ok {
         Ok(())
     } else {
-        Err(format!("{p:?} is not a result path (dot-separated segments of [A-Za-z0-9_-], e.g. users.verify-name)"))
+        Err(format!(
+            "{p:?} is not a result path (dot-separated segments of [A-Za-z0-9_-] and []+=:,@, e.g. users.verify-name)"
+        ))
     }
 }
 
