@@ -20,6 +20,7 @@ use testbus_proto::{
 use tonic::{Request, Response, Status};
 
 mod exec;
+mod rerun;
 
 /// Finalizer the server puts on every Test: the test controller removes it
 pub use testbus_proto::TEST_FINALIZER;
@@ -949,6 +950,10 @@ bind_service!(tests_server::Tests, Test, TestList, TestEvent, {
     ) -> Result<Response<testbus_proto::ExecResponse>, Status> {
         let id = self.st.authorize(&req, Verb::Exec, Kind::Test.into())?;
         ResourceService::exec(self, &id, req.into_inner()).await.map(Response::new)
+    }
+    async fn rerun(&self, req: Request<testbus_proto::RerunRequest>) -> Result<Response<Test>, Status> {
+        let id = self.st.authorize(&req, Verb::Create, Kind::Test.into())?;
+        ResourceService::rerun(self, &id, req.into_inner()).await.map(Response::new)
     }
 });
 bind_service!(processes_server::Processes, Process, ProcessList, ProcessEvent, {});

@@ -259,6 +259,25 @@ enum Cmd {
         #[arg(last = true, required = true)]
         argv: Vec<String>,
     },
+    /// Run an ended test again with its original inputs (the same spec, file digests and resolved
+    /// environment); the new test is labelled testbus.io/rerun-of=NAME.
+    #[command(
+        after_help = "Examples:\n  testbusctl rerun test/nightly-x7k2p --wait\n  testbusctl rerun nightly-x7k2p --failed-only\n  testbusctl rerun nightly-x7k2p --pool laptop   # on guests of a local HostPool"
+    )]
+    Rerun {
+        /// The test: NAME or test/NAME.
+        #[arg(add = ArgValueCompleter::new(complete::tests))]
+        test: String,
+        /// Only the steps that failed, with the steps they come after.
+        #[arg(long)]
+        failed_only: bool,
+        /// On guests of this HostPool instead of hosts like the original's.
+        #[arg(long, value_name = "POOL")]
+        pool: Option<String>,
+        /// Wait for it to end, as apply --wait does (its exit code).
+        #[arg(long)]
+        wait: bool,
+    },
     /// Stop a process: SIGTERM to all it started, SIGKILL after the grace.
     #[command(
         after_help = "Examples:\n  testbusctl kill process/t1-x3f2a9c01-server\n  testbusctl kill process/t1-x3f2a9c01-server --grace 30s"
@@ -1129,6 +1148,16 @@ async fn dispatch(cli: Cli) -> CliResult {
         Cmd::Wait { target, timeout } => {
             let name = objects::test_name(&target)?;
             progress::wait(&connect(&server).await?, &[name], timeout, progress::Progress::Quiet).await
+        }
+        Cmd::Rerun { test, failed_only, pool, wait } => {
+            let (client, test) = (connect(&server).await?, objects::test_name(&test)?);
+            let req = testbus_proto::RerunRequest { test: test.clone(), failed_only, pool: pool.unwrap_or_default() };
+            let made = client.tests().rerun(req).await?.into_inner();
+            println!("test/{} created (a rerun of test/{test})", made.name());
+            if !wait {
+                return Ok(0);
+            }
+            progress::wait(&client, &[made.name().to_string()], None, progress::Progress::Shown).await
         }
         Cmd::Kill { target, grace, no_wait } => {
             let (_, name) = objects::parse_ref(&target, &[Kind::Process])?;

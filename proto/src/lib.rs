@@ -17,6 +17,7 @@ pub mod fuzzing;
 pub mod manifest;
 pub mod pool;
 pub mod process;
+pub mod rerun;
 pub mod resource;
 pub mod selector;
 pub mod states;

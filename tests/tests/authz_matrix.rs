@@ -45,6 +45,7 @@ const MATRIX: &[(&str, &str)] = &[
     ("Tests/RecordResult", "y----"),
     ("Tests/Finish", "y----"),
     ("Tests/Exec", "y----"),
+    ("Tests/Rerun", "y----"),
     ("HostPools/Create", "y----"),
     ("HostPools/Get", "yy---"),
     ("HostPools/List", "yy---"),
@@ -162,6 +163,9 @@ fn request(method: &str, t: &Targets) -> Vec<u8> {
         .encode_to_vec(),
         ("Tests", "Finish") => {
             testbus_proto::FinishRequest { test: "no-such-test".into(), ..Default::default() }.encode_to_vec()
+        }
+        ("Tests", "Rerun") => {
+            testbus_proto::RerunRequest { test: "no-such-test".into(), ..Default::default() }.encode_to_vec()
         }
         ("Tests", "Exec") => testbus_proto::ExecRequest {
             test: "no-such-test".into(),

@@ -1508,3 +1508,55 @@ async fn detached_processes_are_waited_for_and_killed_by_name() {
     assert!(out.code == 2 && out.stderr.contains("--role: no member"), "{out:?}");
     assert!(out.stderr.contains("a0, a1"), "{out:?}");
 }
+
+/// `rerun` makes a new test with the original's inputs, labelled with it;
+/// `--failed-only` runs only what failed and what that comes after (issue
+/// 30).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rerun_repeats_the_inputs_and_failed_only_what_failed() {
+    let c = Cluster::start(1).await;
+    let data = c.dir.path().join("input.txt");
+    std::fs::write(&data, "the same input\n").unwrap();
+    let m = manifest(
+        &c,
+        "flaky.yaml",
+        &format!(
+            "apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: flaky}}\nspec:\n  hosts: [{{role: a}}]\n  \
+             env: {{MODE: nightly}}\n  files: [{{source: {}, path: input.txt}}]\n  steps:\n  \
+             - {{name: setup, on: [a], argv: [cat, input.txt]}}\n  \
+             - {{name: good, on: [a], after: [setup], argv: [\"true\"]}}\n  \
+             - {{name: bad, on: [a], after: [setup], argv: [sh, -c, \"echo $MODE; exit 3\"]}}\n",
+            data.display()
+        ),
+    );
+    assert_eq!(c.ctl(&["apply", "-f", &m, "--wait"]).code, 1);
+    let first = c.test("flaky").await;
+
+    let out = c.ctl(&["rerun", "test/flaky", "--wait"]);
+    assert_eq!(out.code, 1, "it fails the same way: {out:?}");
+    let name = out.stdout.lines().next().unwrap().trim_start_matches("test/").split(' ').next().unwrap().to_string();
+    assert!(out.stdout.contains("a rerun of test/flaky"), "{out:?}");
+    let again = c.test(&name).await;
+    assert_eq!(again.meta().labels["testbus.io/rerun-of"], "flaky");
+    assert_eq!(again.spec().steps, first.spec().steps);
+    assert_eq!(again.spec().files, first.spec().files, "the same file digests");
+    let (t1, t2) = (first.status().trace.clone().unwrap(), again.status().trace.clone().unwrap());
+    assert_eq!((&t1.env, &t1.files), (&t2.env, &t2.files), "the traces show the same inputs");
+    assert!(!t1.files.is_empty());
+
+    let out = c.ctl(&["rerun", "flaky", "--failed-only", "--wait"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    let name = out.stdout.lines().next().unwrap().trim_start_matches("test/").split(' ').next().unwrap().to_string();
+    let only = c.test(&name).await;
+    let steps: Vec<&str> = only.status().steps.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(steps, ["setup", "bad"], "only what failed, after what it follows");
+
+    let bad = c.ctl(&["rerun", "flaky", "--pool", "no-such-pool"]);
+    assert!(bad.code == 2 && bad.stderr.contains("pool: HostPool \"no-such-pool\""), "{bad:?}");
+    assert_eq!(c.ctl(&["create", "test", "open1", "--claim", "a", "--wait-claimed"]).code, 0);
+    let running = c.ctl(&["rerun", "open1"]);
+    assert!(running.code == 2 && running.stderr.contains("has not ended"), "{running:?}");
+    assert_eq!(c.ctl(&["finish", "open1"]).code, 0);
+    let open = c.ctl(&["rerun", "open1"]);
+    assert!(open.code == 2 && open.stderr.contains("is open"), "{open:?}");
+}

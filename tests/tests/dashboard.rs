@@ -277,8 +277,13 @@ async fn the_dashboards_actions_need_an_admin_and_its_csrf_token() {
         return;
     }
     let c = Cluster::start(1).await;
-    assert_eq!(c.ctl(&["create", "test", "done1", "--claim", "a", "--wait-claimed"]).code, 0);
-    assert_eq!(c.ctl(&["finish", "done1"]).code, 0);
+    let done1 = testbus_tests::manifest(
+        &c,
+        "done1.yaml",
+        "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: done1}\nspec:\n  hosts: [{role: a}]\n  \
+         steps: [{name: s, on: [a], argv: [\"true\"]}]\n",
+    );
+    assert_eq!(c.ctl(&["apply", "-f", &done1, "--wait"]).code, 0);
     let viewer = testbus_pki::ClientFile::load(&c.write_user_config("bob", "viewer")).unwrap();
     let [ca, _, _] = c.pem_files("bob", &viewer);
     let script = HTTP_CALL.to_string()
@@ -322,7 +327,7 @@ print(json.dumps(out))
     let to = v["rerun"][1].as_str().unwrap();
     assert!(to.starts_with("/tests/done1-"), "{v}");
     let (tests, _) = c.client().await.api::<testbus_proto::Test>().list("", "").await.unwrap();
-    let reruns: Vec<_> = tests.iter().filter(|t| t.meta().annotations.contains_key("testbus.io/rerun-of")).collect();
+    let reruns: Vec<_> = tests.iter().filter(|t| t.meta().labels.contains_key("testbus.io/rerun-of")).collect();
     assert_eq!(reruns.len(), 1, "{tests:?}");
     assert_eq!(format!("/tests/{}", reruns[0].meta().name), to);
     assert_eq!(reruns[0].spec(), c.test("done1").await.spec());

@@ -517,40 +517,15 @@ async fn rerun_test(State(web): State<Web>, Path(name): Path<String>, req: Reque
         Ok(t) => t,
         Err(r) => return r,
     };
-    if !testbus_proto::phase::test_terminal(&t.status().phase) {
-        return (StatusCode::CONFLICT, format!("test/{name} has not finished: cancel it first\n")).into_response();
-    }
+    let rerun = testbus_proto::RerunRequest { test: t.name().into(), ..Default::default() };
     let svc = ResourceService::<Test>::new(web.st.clone());
-    match testbus_proto::tests_server::Tests::create(&svc, as_caller(caller, rerun_of(&t))).await {
+    match testbus_proto::tests_server::Tests::rerun(&svc, as_caller(caller, rerun)).await {
         Ok(made) => Redirect::to(&format!("/tests/{}", made.into_inner().name())).into_response(),
         Err(s) => status_page(s),
     }
 }
 
-/// The annotation a rerun carries: the test it repeats.
-pub const RERUN_OF: &str = "testbus.io/rerun-of";
-
-/// A new run of `t`: its spec and labels, named as its first run was.
-fn rerun_of(t: &Test) -> Test {
-    let m = t.meta();
-    let generate_name = if m.generate_name.is_empty() {
-        // Room for the five characters a generated name adds.
-        format!("{}-", m.name[..m.name.len().min(57)].trim_end_matches('-'))
-    } else {
-        m.generate_name.clone()
-    };
-    Test {
-        metadata: Some(testbus_proto::ObjectMeta {
-            generate_name,
-            labels: m.labels.clone(),
-            annotations: [(RERUN_OF.to_string(), m.name.clone())].into(),
-            ..Default::default()
-        }),
-        spec: t.spec.clone(),
-        ..Default::default()
-    }
-    .with_type_meta()
-}
+pub use testbus_proto::rerun::RERUN_OF;
 
 async fn host_page(State(web): State<Web>, Path(name): Path<String>, req: Request) -> Response {
     let Admitted { scope, headers, .. } = admit!(web, req, true);
@@ -730,35 +705,6 @@ mod tests {
         assert_ne!(local, csrf_token(&b, None, &Caller::Local), "another dashboard, another secret");
         assert_ne!(local, csrf_token(&a, None, &Caller::Insecure));
         assert_ne!(local, csrf_token(&a, None, &viewer));
-    }
-
-    /// A rerun has the spec and labels of the run it repeats, says which,
-    /// and is named as that run was.
-    #[test]
-    fn a_rerun_is_named_as_its_first_run_was() {
-        let mut t = Test::default();
-        t.meta_mut().name = "web".into();
-        t.meta_mut().labels.insert("suite".into(), "web".into());
-        t.meta_mut().annotations.insert("note".into(), "not carried".into());
-        t.spec_mut().timeout = "5m".into();
-        let r = rerun_of(&t);
-        assert_eq!((r.meta().generate_name.as_str(), r.meta().name.as_str()), ("web-", ""));
-        assert_eq!(r.meta().labels, t.meta().labels);
-        assert_eq!(r.meta().annotations, [(RERUN_OF.to_string(), "web".to_string())].into());
-        assert_eq!(r.spec(), t.spec());
-        assert!(r.status.is_none());
-        t.meta_mut().generate_name = "hello-".into();
-        t.meta_mut().name = "hello-x7k2p".into();
-        assert_eq!(rerun_of(&t).meta().generate_name, "hello-");
-        t.meta_mut().generate_name.clear();
-        t.meta_mut().name = "a".repeat(63);
-        let long = rerun_of(&t).meta().generate_name.clone();
-        assert!(long.len() <= 58 && long.ends_with('-'), "{long}");
-        // A name's own "--" stays; only a trailing '-' is not doubled.
-        t.meta_mut().name = "a--b".into();
-        assert_eq!(rerun_of(&t).meta().generate_name, "a--b-");
-        t.meta_mut().name = format!("{}-x", "a".repeat(56));
-        assert_eq!(rerun_of(&t).meta().generate_name, format!("{}-", "a".repeat(56)));
     }
 
     /// One mapping of the API's answers (a refusal at the gate was always

@@ -265,7 +265,7 @@ pub fn test(t: &Test, x: &TestExtras) -> Markup {
                 }
             }
         }
-        @if let Some(of) = t.meta().annotations.get(super::RERUN_OF) { p.muted { "A rerun of " (test_link(of)) "." } }
+        @if let Some(of) = t.meta().labels.get(super::RERUN_OF) { p.muted { "A rerun of " (test_link(of)) "." } }
         @if !x.failed.is_empty() {
             section #failed-stderr {
                 h2 { "Why it failed: the end of stderr" }

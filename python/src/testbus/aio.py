@@ -288,6 +288,16 @@ class Client:
         :meth:`Test.attach` reads it."""
         return Test(self, resources_pb2.Test(metadata=resources_pb2.ObjectMeta(name=name)), {})
 
+    async def rerun(self, name: str, failed_only: bool = False, pool: Optional[str] = None) -> str:
+        """Runs an ended test again with its original inputs (its spec, file
+        digests and resolved environment), labelled
+        ``testbus.io/rerun-of=NAME``; only the failed steps (and what they
+        follow) with ``failed_only``; on a HostPool's guests with ``pool``.
+        The new test's name."""
+        req = api_pb2.RerunRequest(test=name, failed_only=failed_only, pool=pool or "")
+        made = await self.conn.call(lambda s: s.tests.Rerun(req))
+        return made.metadata.name
+
     async def upload(self, path: Union[str, os.PathLike]) -> str:
         """Uploads a local file as a blob unless the server has it; its digest."""
         data = Path(path).read_bytes()

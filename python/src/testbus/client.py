@@ -96,6 +96,10 @@ class Client:
         :meth:`Test.finish`."""
         return Test(self, self.aio.create_test(hosts, **kwargs))
 
+    def rerun(self, name: str, failed_only: bool = False, pool: Optional[str] = None) -> str:
+        """See :meth:`testbus.aio.Client.rerun`; the new test's name."""
+        return self._run(self.aio.rerun(name, failed_only, pool))
+
     def test(self, name: str) -> "Test":
         """A test that exists already, read now."""
         t = Test(self, self.aio.test(name))

@@ -119,6 +119,16 @@ def test_a_claim_that_cannot_be_satisfied_says_why_instead_of_waiting(client):
     assert time.monotonic() - started < 60
 
 
+def test_a_rerun_of_an_open_test_is_refused_with_the_reason(client):
+    with client.create_test({"a": None}) as t:
+        with pytest.raises(testbus.Conflict, match="has not ended"):
+            client.rerun(t.name)
+    with pytest.raises(testbus.Conflict, match="is open"):
+        client.rerun(t.name)
+    with pytest.raises(testbus.NotFound):
+        client.rerun("no-such-test-here")
+
+
 def test_server_errors_are_typed(client):
     with pytest.raises(testbus.NotFound):
         client.test("no-such-test-here")

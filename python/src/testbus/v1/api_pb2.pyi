@@ -292,6 +292,16 @@ class RenewRequest(_message.Message):
     csr: str
     def __init__(self, csr: _Optional[str] = ...) -> None: ...
 
+class RerunRequest(_message.Message):
+    __slots__ = ["failed_only", "pool", "test"]
+    FAILED_ONLY_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    TEST_FIELD_NUMBER: _ClassVar[int]
+    failed_only: bool
+    pool: str
+    test: str
+    def __init__(self, test: _Optional[str] = ..., failed_only: bool = ..., pool: _Optional[str] = ...) -> None: ...
+
 class RevokeRequest(_message.Message):
     __slots__ = ["host_name", "user_name"]
     HOST_NAME_FIELD_NUMBER: _ClassVar[int]

@@ -368,6 +368,11 @@ class TestsStub(object):
                 request_serializer=testbus_dot_v1_dot_api__pb2.ExecRequest.SerializeToString,
                 response_deserializer=testbus_dot_v1_dot_api__pb2.ExecResponse.FromString,
                 )
+        self.Rerun = channel.unary_unary(
+                '/testbus.v1.Tests/Rerun',
+                request_serializer=testbus_dot_v1_dot_api__pb2.RerunRequest.SerializeToString,
+                response_deserializer=testbus_dot_v1_dot_resources__pb2.Test.FromString,
+                )
 
 
 class TestsServicer(object):
@@ -455,6 +460,16 @@ class TestsServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rerun(self, request, context):
+        """A new run of an ended test with its original inputs: the same spec
+        (so the same file digests), its resolved environment (spec env and
+        what setenv added) and the same host requirements; labelled
+        testbus.io/rerun-of=TEST. Returns the new test.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TestsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -517,6 +532,11 @@ def add_TestsServicer_to_server(servicer, server):
                     servicer.Exec,
                     request_deserializer=testbus_dot_v1_dot_api__pb2.ExecRequest.FromString,
                     response_serializer=testbus_dot_v1_dot_api__pb2.ExecResponse.SerializeToString,
+            ),
+            'Rerun': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rerun,
+                    request_deserializer=testbus_dot_v1_dot_api__pb2.RerunRequest.FromString,
+                    response_serializer=testbus_dot_v1_dot_resources__pb2.Test.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -729,6 +749,23 @@ class Tests(object):
         return grpc.experimental.unary_unary(request, target, '/testbus.v1.Tests/Exec',
             testbus_dot_v1_dot_api__pb2.ExecRequest.SerializeToString,
             testbus_dot_v1_dot_api__pb2.ExecResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def Rerun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/testbus.v1.Tests/Rerun',
+            testbus_dot_v1_dot_api__pb2.RerunRequest.SerializeToString,
+            testbus_dot_v1_dot_resources__pb2.Test.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
 
