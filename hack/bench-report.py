@@ -42,7 +42,7 @@ if sys.argv[1] == "--from":
 else:
     work, out, profile, full = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
     scenarios = {}
-    for name in ["store", "link", "proxy", "run", "start", "throughput", "tls", "dashboard", "queue", "fanout", "output", "files", "idle", "sync", "watches", "pools"]:
+    for name in ["store", "link", "proxy", "run", "start", "throughput", "tls", "dashboard", "queue", "fanout", "output", "files", "idle", "sync", "watches", "python", "pools"]:
         v = load(name)
         if v is not None:
             scenarios[name] = v
@@ -88,6 +88,16 @@ if s:
     lines += ["", "testbus / ControlMaster: %.2f; fresh ssh / testbus: %.1f" % (r["testbus_over_controlmaster"], r["ssh_fresh_over_testbus"])]
     target("`run -- true` against ssh ControlMaster", "≤ 1.5×", "%.2f×" % r["testbus_over_controlmaster"], r["testbus_over_controlmaster"] <= 1.5)
     target("`run -- true` against fresh ssh", "≥ 10× faster", "%.1f×" % r["ssh_fresh_over_testbus"], r["ssh_fresh_over_testbus"] >= 10)
+
+s = scenarios.get("python")
+if s:
+    p, seq, conc, ctl = s["python"], s["python"]["sequential"], s["python"]["concurrent"], s["testbusctl_run"]
+    lines += ["", "## The Python client (one held connection, TLS)", "",
+              "| | p50 (ms) | p99 (ms) | runs/s |", "|---|---:|---:|---:|",
+              "| `host.run([\"true\"])`, %d in a row | %s | %s | %.0f |" % (seq["n"], ms(seq["p50_ms"]), ms(seq["p99_ms"]), seq["runs_per_s"]),
+              "| `host.run([\"true\"], background=True)`, %d at once (asyncio) | | | %.0f |" % (conc["n"], conc["runs_per_s"]),
+              "| `testbusctl run --host H -- true` (same cluster) | %s | %s | |" % (ms(ctl["p50_ms"]), ms(ctl["p99_ms"]))]
+    target("Python `host.run([\"true\"])` against `testbusctl run -- true`", "≤ 1×", "%.2f×" % s["python_over_ctl_run"], s["python_over_ctl_run"] <= 1.0)
 
 s = scenarios.get("start")
 if s:

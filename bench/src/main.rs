@@ -895,6 +895,47 @@ async fn dashboard(smoke: bool) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
+/// The Python client (issue 30): `host.run(["true"])` over a held
+/// connection, sequentially and 1,000 at once from one process, against
+/// `testbusctl run -- true` in the same run (interleaved with the
+/// sequential samples' collection, on one TLS cluster, from the control
+/// plane's namespace as the `run` scenario's commands).
+async fn python(smoke: bool) -> anyhow::Result<serde_json::Value> {
+    let n = if smoke { 10 } else { 1000 };
+    let mut c = Cluster::start(1).await;
+    c.ctl_node = Some("cp".into());
+    let root = testbus_tests::repo_root();
+    let venv = root.join("target/python-venv-bench");
+    let made = Command::new("bash").arg(root.join("hack/python-venv")).arg(&venv).output()?;
+    anyhow::ensure!(made.status.success(), "hack/python-venv: {}", String::from_utf8_lossy(&made.stderr));
+    let py = std::path::PathBuf::from(String::from_utf8_lossy(&made.stdout).trim());
+    let mut admin = testbus_pki::ClientFile::load(&c.dir.path().join("admin.yaml"))?;
+    admin.server = "https://10.77.0.1:7780".into();
+    let config = c.dir.path().join("python.yaml");
+    admin.save(&config)?;
+    let out = c
+        .command_in("cp", &py)
+        .arg(root.join("bench/python/run_true.py"))
+        .arg(n.to_string())
+        .env("TESTBUS_CONFIG", &config)
+        .env_remove("TESTBUS_SERVER")
+        .output()?;
+    anyhow::ensure!(out.status.success(), "run_true.py: {}", String::from_utf8_lossy(&out.stderr));
+    let py_result: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    // The same command through the CLI, on the same cluster.
+    let ctl = testbus_tests::bin_dir().join("testbusctl");
+    let mut ctl_ms = Vec::new();
+    for _ in 0..(if smoke { 5 } else { 100 }) {
+        let mut cmd = c.command_in("cp", &ctl);
+        cmd.args(["--server", "https://10.77.0.1:7780", "run", "--host", "host-0", "--", "true"]);
+        cmd.env("TESTBUS_CONFIG", c.dir.path().join("admin.yaml"));
+        ctl_ms.push(timed(&mut cmd)?);
+    }
+    let ctl = summary(ctl_ms);
+    let ratio = py_result["sequential"]["p50_ms"].as_f64().unwrap_or(0.0) / ctl["p50_ms"].as_f64().unwrap_or(1.0);
+    Ok(json!({ "python": py_result, "testbusctl_run": ctl, "python_over_ctl_run": ratio }))
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -917,9 +958,10 @@ async fn main() {
         Some("tls") => tls(smoke).await,
         Some("dashboard") => dashboard(smoke).await,
         Some("queue") => queue(smoke).await,
+        Some("python") => python(smoke).await,
         _ => {
             eprintln!(
-                "usage: testbus-bench run|start|throughput|fanout|output|files|idle|sync|watches|pools|tls|dashboard|queue [--smoke]"
+                "usage: testbus-bench run|start|throughput|fanout|output|files|idle|sync|watches|pools|tls|dashboard|queue|python [--smoke]"
             );
             std::process::exit(2);
         }
