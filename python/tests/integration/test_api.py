@@ -160,7 +160,7 @@ def test_in_test_helpers_sync_send_and_recv(client):
     code = (
         "import sys, testbus\n"
         "me = sys.argv[1]\n"
-        "testbus.sync('ready', timeout=60)\n"
+        "testbus.sync('ready', roles=['server', 'client'], timeout=60)\n"
         "if me == 'server':\n"
         "    testbus.send('port', '8080')\n"
         "else:\n"
