@@ -240,6 +240,7 @@ impl Policy for Process {
         let mut a = old.spec().clone();
         a.stop = new.spec().stop;
         a.released = new.spec().released;
+        a.stdin_closed = new.spec().stdin_closed;
         // Why it is stopped, and how long it has to end, may be said with
         // the stop, and only then.
         if new.spec().stop && !old.spec().stop {
@@ -248,8 +249,8 @@ impl Policy for Process {
         }
         if &a != new.spec() {
             return Err(Status::invalid_argument(
-                "spec: only spec.stop (with spec.stopReason and spec.stopGrace) and spec.released of a Process may \
-                 change",
+                "spec: only spec.stop (with spec.stopReason and spec.stopGrace), spec.released and \
+                 spec.stdinClosed of a Process may change",
             ));
         }
         if new.spec().stop_reason.len() > testbus_proto::validate::MAX_VALUE_BYTES {
@@ -257,6 +258,9 @@ impl Policy for Process {
         }
         if old.spec().stop && !new.spec().stop {
             return Err(Status::invalid_argument("spec.stop: a stopped Process cannot be started again"));
+        }
+        if old.spec().stdin_closed && !new.spec().stdin_closed {
+            return Err(Status::invalid_argument("spec.stdinClosed: a closed stdin cannot be opened again"));
         }
         if old.spec().released && !new.spec().released {
             return Err(Status::invalid_argument("spec.released: a released Process cannot be gated again"));

@@ -309,7 +309,8 @@ fn agent_may(verb: Verb, target: Target) -> bool {
         Target::Objects(Kind::Host) => matches!(verb, Get | Create | Update | UpdateStatus | RenewLease),
         Target::Objects(Kind::Process) => matches!(verb, Get | List | Watch | Update | UpdateStatus),
         Target::Objects(Kind::Test) => verb == Get,
-        Target::Output => verb == AppendOutput,
+        // Reads: only the stdin of its host's processes (the read checks).
+        Target::Output => matches!(verb, AppendOutput | ReadOutput),
         Target::Sync => verb == Sync,
         Target::Blobs => verb == ReadBlob,
         Target::Certificates => verb == Renew,
@@ -337,6 +338,14 @@ impl Scope {
             pool: None,
         };
         Err(denied(&who, verb, &format!("{}: an agent acts only for its own host", what())))
+    }
+
+    /// What no agent may do, even for its own host (`what` says what).
+    pub fn not_an_agent(&self, verb: Verb, what: impl FnOnce() -> String) -> Result<(), Status> {
+        match self {
+            Scope::All => Ok(()),
+            Scope::Host { host: h, .. } => self.only(h, false, verb, what),
+        }
     }
 
     /// The Host named `name`.
@@ -521,7 +530,6 @@ mod tests {
             (Verb::Delete, Kind::Host.into()),
             (Verb::List, Kind::Test.into()),
             (Verb::Get, Kind::HostPool.into()),
-            (Verb::ReadOutput, Target::Output),
             (Verb::UploadBlob, Target::Blobs),
             (Verb::CreateToken, Target::Tokens),
         ] {

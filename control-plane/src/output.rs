@@ -375,6 +375,12 @@ impl OutputService {
     /// The Process is gone: so is its output, in memory, on disk and in a
     /// shared store.
     async fn forget(&self, name: &str, uid: &str) {
+        self.forget_log(name, &stdin_log(uid)).await;
+        self.forget_log(name, uid).await;
+    }
+
+    /// One log of a Process that is gone.
+    async fn forget_log(&self, name: &str, uid: &str) {
         let log = self.logs.lock().remove(uid);
         if let Some(log) = log {
             self.close_file(&mut *log.lock().await);
@@ -463,9 +469,10 @@ impl OutputService {
         let mut dir = tokio::fs::read_dir(&self.dir).await.map_err(io_err)?;
         while let Some(e) = dir.next_entry().await.map_err(io_err)? {
             let name = e.file_name().to_string_lossy().into_owned();
-            let Some(uid) = name.strip_suffix(".log") else { continue };
+            let Some(id) = name.strip_suffix(".log") else { continue };
+            let uid = id.strip_suffix(".stdin").unwrap_or(id);
             // Created after the listing: not ours to judge.
-            if !live.contains(uid) && !self.logs.lock().contains_key(uid) {
+            if !live.contains(uid) && !self.logs.lock().contains_key(id) {
                 let _ = tokio::fs::remove_file(e.path()).await;
             }
         }
@@ -484,11 +491,6 @@ impl OutputService {
             Some(testbus_proto::Object::Process(p)) => Ok(p),
             _ => Err(Status::data_loss(format!("Process {name:?} is unreadable"))),
         }
-    }
-
-    async fn uid_of(&self, name: &str) -> Result<String, Status> {
-        let p = self.process(name).await?;
-        Ok(p.metadata.map(|m| m.uid).unwrap_or_default())
     }
 
     /// The uid and host of a Process that may still be appended to.
@@ -562,6 +564,9 @@ impl OutputService {
         }
         let stream = OutputStream::try_from(c.stream)
             .map_err(|_| Status::invalid_argument(format!("stream: unknown output stream {}", c.stream)))?;
+        if stream == OutputStream::Stdin {
+            return self.append_stdin(scope, c).await;
+        }
         let cached = (c.offset > 0).then(|| self.uids.lock().get(&c.process).cloned()).flatten();
         let (uid, host) = match cached {
             Some(known) => known,
@@ -599,6 +604,42 @@ impl OutputService {
             l.counts.append(s, c.offset, &[], self.limit, now)?;
         }
         Ok(AppendOutputResponse { length: l.counts.lens[s], truncated: l.counts.truncated[s] })
+    }
+
+    /// Appends to a process's stdin (the log `UID.stdin`): by an admin (its
+    /// test's driver), never an agent, to a running process started with
+    /// `spec.stdinStream` whose stdin is not closed.
+    async fn append_stdin(&self, scope: &Scope, c: OutputChunk) -> Result<AppendOutputResponse, Status> {
+        scope.not_an_agent(Verb::AppendOutput, || format!("the stdin of Process {:?}", c.process))?;
+        let p = self.process(&c.process).await?;
+        if phase::process_terminal(&p.status().phase) {
+            return Err(ended(&c.process));
+        }
+        if !p.spec().stdin_stream {
+            return Err(Status::failed_precondition(format!(
+                "stream: Process {:?} takes no streamed stdin (start it with stdinStream)",
+                c.process
+            )));
+        }
+        if p.spec().stdin_closed {
+            return Err(Status::failed_precondition(format!("stream: the stdin of Process {:?} is closed", c.process)));
+        }
+        let id = stdin_log(&p.meta().uid);
+        let log = self.open(&id).await?;
+        let mut l = log.lock().await;
+        if !l.loaded {
+            return Err(Status::unavailable("output store: this process's log could not be read; retry"));
+        }
+        l.last_used = tokio::time::Instant::now();
+        let now = testbus_proto::time::unix_ms(std::time::SystemTime::now());
+        let piece = if self.shared.is_some() { STORE_PIECE } else { MAX_CHUNK };
+        for (i, data) in c.data.chunks(piece).enumerate() {
+            self.append_piece(&mut l, &id, 0, c.offset + (i * piece) as u64, data, now).await?;
+        }
+        if c.data.is_empty() {
+            l.counts.append(0, c.offset, &[], self.limit, now)?;
+        }
+        Ok(AppendOutputResponse { length: l.counts.lens[0], truncated: l.counts.truncated[0] })
     }
 
     fn store(&self) -> Result<&dyn Store, Status> {
@@ -736,12 +777,18 @@ impl Output for OutputService {
     type ReadStream = BoxStream<'static, Result<OutputChunk, Status>>;
 
     async fn read(&self, req: Request<ReadOutputRequest>) -> Result<Response<Self::ReadStream>, Status> {
-        self.api.authorize(&req, Verb::ReadOutput, Target::Output)?;
+        let scope = self.api.authorize(&req, Verb::ReadOutput, Target::Output)?;
         let r = req.into_inner();
+        // An agent reads only the stdin of its own host's processes.
+        if !r.stdin {
+            scope.not_an_agent(Verb::ReadOutput, || format!("the output of Process {:?}", r.process))?;
+        }
         // Subscribed before the first look at the process, so that a
         // follower sees the process end at once, not at its next poll.
         let status = StatusChanges::of(&self.api, &r.process, r.follow);
-        let uid = self.uid_of(&r.process).await?;
+        let p = self.process(&r.process).await?;
+        scope.process_on(Verb::ReadOutput, &r.process, &p.spec().host_name)?;
+        let uid = if r.stdin { stdin_log(&p.meta().uid) } else { p.meta().uid.clone() };
         let (tx, rx) = mpsc::channel(16);
         match &self.shared {
             Some(store) => {
@@ -799,9 +846,15 @@ impl StatusChanges {
 async fn finished(svc: &OutputService, r: &ReadOutputRequest) -> bool {
     !r.follow
         || match svc.process(&r.process).await {
-            Ok(p) => phase::process_terminal(&p.status.unwrap_or_default().phase),
+            Ok(p) => phase::process_terminal(&p.status().phase) || (r.stdin && p.spec().stdin_closed),
             Err(_) => true,
         }
+}
+
+/// The log of what was sent to a process's stdin: its own, beside the
+/// output's (`UID.stdin`), removed with it.
+fn stdin_log(uid: &str) -> String {
+    format!("{uid}.stdin")
 }
 
 async fn send_all(tx: &ChunkSender, chunks: Vec<OutputChunk>) -> bool {
@@ -1202,7 +1255,7 @@ mod tests {
             ..Default::default()
         };
         svc.append(local(forged)).await.unwrap();
-        let req = ReadOutputRequest { process: "p0".into(), follow: false };
+        let req = ReadOutputRequest { process: "p0".into(), follow: false, stdin: false };
         let mut got = svc.read(local(req)).await.unwrap().into_inner();
         let c = got.next().await.unwrap().unwrap();
         assert!(c.time_unix_ms >= before, "{}", c.time_unix_ms);

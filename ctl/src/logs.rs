@@ -204,7 +204,7 @@ pub async fn failed_tails(client: &Client, t: &Test, step: Option<&str>) -> CliR
 /// kept while reading).
 async fn stderr_tail(client: &Client, name: &str, n: usize) -> CliResult<Vec<String>> {
     const KEEP: usize = 16 << 10;
-    let req = ReadOutputRequest { process: name.to_string(), follow: false };
+    let req = ReadOutputRequest { process: name.to_string(), follow: false, stdin: false };
     let mut stream = client.output().read(req).await?.into_inner();
     let mut tail: Vec<u8> = Vec::new();
     while let Some(chunk) = stream.next().await {
@@ -222,7 +222,7 @@ async fn stderr_tail(client: &Client, name: &str, n: usize) -> CliResult<Vec<Str
 /// How many bytes of each stream (stdout, stderr) of a process the server
 /// holds, counted from its chunks' offsets.
 pub async fn output_sizes(client: &Client, name: &str) -> CliResult<[u64; 2]> {
-    let req = ReadOutputRequest { process: name.to_string(), follow: false };
+    let req = ReadOutputRequest { process: name.to_string(), follow: false, stdin: false };
     let mut stream = client.output().read(req).await?.into_inner();
     let mut sizes = [0u64; 2];
     while let Some(chunk) = stream.next().await {
@@ -247,7 +247,7 @@ struct TailLine {
 /// the output after them starts: a last line not yet ended is left to what
 /// follows.
 async fn tail_of(client: &Client, name: &str, n: usize, lines: &Lines) -> CliResult<(Vec<TailLine>, [u64; 2])> {
-    let req = ReadOutputRequest { process: name.to_string(), follow: false };
+    let req = ReadOutputRequest { process: name.to_string(), follow: false, stdin: false };
     let mut stream = client.output().read(req).await?.into_inner();
     let mut kept: std::collections::VecDeque<TailLine> = std::collections::VecDeque::new();
     let mut splitters = [LineSplitter::default(), LineSplitter::default()];
@@ -307,7 +307,7 @@ pub async fn copy_process(
         }
         skip = ends;
     }
-    let req = ReadOutputRequest { process: name.to_string(), follow: follow == Follow::Yes };
+    let req = ReadOutputRequest { process: name.to_string(), follow: follow == Follow::Yes, stdin: false };
     let mut stream = client.output().read(req).await?.into_inner();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk?;

@@ -11,7 +11,7 @@ pub async fn outputs(
     use futures::StreamExt;
     let mut out = std::collections::HashMap::new();
     for p in t.status().steps.iter().flat_map(|s| &s.processes) {
-        let req = testbus_proto::ReadOutputRequest { process: p.name.clone(), follow: false };
+        let req = testbus_proto::ReadOutputRequest { process: p.name.clone(), follow: false, stdin: false };
         let mut stream = match client.output().read(req).await {
             Ok(s) => s.into_inner(),
             // Deleted with its test's cleanup: the report goes without it.

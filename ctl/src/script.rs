@@ -389,7 +389,7 @@ pub async fn cp(client: &Client, src: &str, dest: &str) -> CliResult {
             let code = exit_code(&procs);
             let mut stream = client
                 .output()
-                .read(testbus_proto::ReadOutputRequest { process: procs[0].name().into(), follow: false })
+                .read(testbus_proto::ReadOutputRequest { process: procs[0].name().into(), follow: false, stdin: false })
                 .await?
                 .into_inner();
             let mut out: Box<dyn Write> = if dest == "-" {

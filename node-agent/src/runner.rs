@@ -512,7 +512,7 @@ impl ProcessRunner {
                     reason: ProcessReason::FileFailed,
                     message: format!("stdin file: {e}"),
                 })?,
-                None if spec.stdin.is_empty() => Stdio::null(),
+                None if spec.stdin.is_empty() && !spec.stdin_stream => Stdio::null(),
                 None => Stdio::piped(),
             })
             .stdout(Stdio::piped())
@@ -641,12 +641,19 @@ impl ProcessRunner {
         let api = self.client.api::<Process>();
         let start = time::now();
         let running = report_running_later(api.clone(), self.known.clone(), pid, start.clone());
-        if let Some(mut stdin) = child.stdin.take() {
-            let data = spec.stdin.clone().into_bytes();
-            tokio::spawn(async move {
-                let _ = stdin.write_all(&data).await;
-            });
-        }
+        let feeder = match child.stdin.take() {
+            Some(stdin) if spec.stdin_stream => {
+                Some(tokio::spawn(feed_stdin(self.client.clone(), name.clone(), stdin)))
+            }
+            Some(mut stdin) => {
+                let data = spec.stdin.clone().into_bytes();
+                tokio::spawn(async move {
+                    let _ = stdin.write_all(&data).await;
+                });
+                None
+            }
+            None => None,
+        };
         // Larger pipes (1 MiB, the default limit) mean fewer, larger reads
         // and appends for a process that writes fast; best effort.
         use std::os::fd::AsFd;
@@ -676,6 +683,9 @@ impl ProcessRunner {
                 Ended::Stopped { by, signal: Some(signal) }
             }
         };
+        if let Some(f) = feeder {
+            f.abort();
+        }
         // Whatever the main process left behind goes too.
         contained.end().await;
         let sizes = pumps.drain(DRAIN_LIMIT, &name).await;
@@ -685,6 +695,52 @@ impl ProcessRunner {
         running.abort();
         let _ = running.await;
         (ended, sizes, Some((i64::from(pid), start)))
+    }
+}
+
+/// Writes what the process's test sends to its stdin as it comes (its
+/// stdin log, read with follow), then closes it: once the stdin is closed
+/// (`spec.stdinClosed`) and all of it written, or the process stops
+/// reading. A broken read is resumed, skipping what was written, with a
+/// backoff; the task lives no longer than the process (its runner aborts
+/// it at the end).
+async fn feed_stdin(client: Client, process: String, mut stdin: tokio::process::ChildStdin) {
+    let mut written = 0u64;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let req = testbus_proto::ReadOutputRequest { process: process.clone(), follow: true, stdin: true };
+        match client.output().read(req).await {
+            Ok(resp) => {
+                let mut chunks = resp.into_inner();
+                loop {
+                    match chunks.message().await {
+                        Ok(Some(c)) if c.notice => {}
+                        Ok(Some(c)) => {
+                            let end = c.offset + c.data.len() as u64;
+                            if end <= written {
+                                continue;
+                            }
+                            let skip = written.saturating_sub(c.offset) as usize;
+                            if stdin.write_all(&c.data[skip..]).await.is_err() {
+                                return; // it closed its stdin
+                            }
+                            written = end;
+                            backoff = Duration::from_millis(50);
+                        }
+                        // Closed, or the process ended: end of file.
+                        Ok(None) => return,
+                        Err(_) => break,
+                    }
+                }
+            }
+            Err(s) if matches!(s.code(), Code::NotFound | Code::PermissionDenied | Code::Unauthenticated) => {
+                tracing::warn!(process = %process, error = %s, "cannot read the process's stdin");
+                return;
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
     }
 }
 

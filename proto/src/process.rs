@@ -84,6 +84,8 @@ pub fn build(
             test_host_vars: reads_host_vars(t),
             stop_reason: String::new(),
             stop_grace: String::new(),
+            stdin_stream: unit.stdin_stream,
+            stdin_closed: false,
         }),
         ..Default::default()
     }

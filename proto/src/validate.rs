@@ -566,8 +566,15 @@ fn step(
         stdin_file: st.stdin_file.as_ref(),
         stdin: &st.stdin,
         workdir: &st.workdir,
+        stdin_stream: st.stdin_stream,
     };
     run.check(p, e);
+    if st.stdin_stream {
+        e.add(
+            format!("{p}.stdinStream"),
+            "only for a command run with Tests.Exec (a step's stdin is stdin or stdinFile)",
+        );
+    }
 }
 
 /// What a step and the Process made of it have in common: one check for
@@ -583,6 +590,7 @@ struct Runnable<'a> {
     stdin_file: Option<&'a FileRef>,
     stdin: &'a str,
     workdir: &'a str,
+    stdin_stream: bool,
 }
 
 impl Runnable<'_> {
@@ -600,6 +608,9 @@ impl Runnable<'_> {
             if !self.stdin.is_empty() {
                 e.add(format!("{p}.stdinFile"), "give either stdin or stdinFile, not both");
             }
+        }
+        if self.stdin_stream && (!self.stdin.is_empty() || self.stdin_file.is_some()) {
+            e.add(format!("{p}.stdinStream"), "give stdin, stdinFile or stdinStream, not two");
         }
         if self.stdin.len() > MAX_VALUE_BYTES {
             e.add(format!("{p}.stdin"), format!("larger than {MAX_VALUE_BYTES} bytes"));
@@ -798,6 +809,7 @@ impl Validate for Process {
             stdin_file: s.stdin_file.as_ref(),
             stdin: &s.stdin,
             workdir: &s.workdir,
+            stdin_stream: s.stdin_stream,
         };
         run.check("spec", &mut e);
         if s.env.len() > MAX_ENV_ENTRIES {

@@ -193,7 +193,9 @@ fn request(method: &str, t: &Targets) -> Vec<u8> {
         ("Output", "Append") => {
             testbus_proto::OutputChunk { process: p, offset: 1 << 40, ..Default::default() }.encode_to_vec()
         }
-        ("Output", "Read") => testbus_proto::ReadOutputRequest { process: p, follow: false }.encode_to_vec(),
+        ("Output", "Read") => {
+            testbus_proto::ReadOutputRequest { process: p, follow: false, stdin: false }.encode_to_vec()
+        }
         ("Sync", "Barrier") => testbus_proto::BarrierRequest {
             process: p,
             name: "matrix".into(),

@@ -644,7 +644,7 @@ spec:
     .await;
     let mut out = client
         .output()
-        .read(testbus_proto::ReadOutputRequest { process: "stream-s-a".into(), follow: true })
+        .read(testbus_proto::ReadOutputRequest { process: "stream-s-a".into(), follow: true, stdin: false })
         .await
         .unwrap()
         .into_inner();

@@ -7,7 +7,7 @@ use std::time::Duration;
 use testbus_client::Client;
 use testbus_pki::{ClientFile, Role};
 use testbus_proto::states::{HostPhase, ProcessPhase};
-use testbus_proto::{Host, Process, Resource, Test};
+use testbus_proto::{phase, Host, Process, Resource, Test};
 use testbus_tests::{bin_dir, metric_sum, needs_root, wait_for, Cluster, CtlOutput};
 use tonic::Code;
 
@@ -937,4 +937,96 @@ print(' '.join(map(str, codes)))
     let codes = String::from_utf8_lossy(&out.stdout);
     let want = format!("{}429 429\n", "200 ".repeat(16));
     assert_eq!(codes, want, "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A process's streamed stdin (issue 30): its test's driver (an admin)
+/// writes it; its own host's agent reads it, and nothing else of anyone's
+/// output; no agent writes any stdin, its own processes' included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_reads_only_its_own_processes_stdin_and_writes_none() {
+    if !needs_root("the security tests") {
+        return;
+    }
+    let c = Cluster::start(2).await;
+    assert_eq!(c.ctl(&["create", "test", "pipe", "--claim", "a:2", "--wait-claimed"]).code, 0);
+    let admin = c.client().await;
+    let exec = |stream: bool| testbus_proto::ExecRequest {
+        test: "pipe".into(),
+        on: vec![],
+        command: Some(testbus_proto::Step { argv: vec!["cat".into()], stdin_stream: stream, ..Default::default() }),
+    };
+    let made = admin.tests().exec(exec(true)).await.unwrap().into_inner().processes;
+    let on = |host: &str| made.iter().find(|p| p.spec().host_name == host).unwrap().name().to_string();
+    let (own, theirs) = (on("host-0"), on("host-1"));
+    let plain = admin.tests().exec(exec(false)).await.unwrap().into_inner().processes;
+    let plain_own = plain.iter().find(|p| p.spec().host_name == "host-0").unwrap().name().to_string();
+    // The driver writes a process's stdin; one without stdinStream takes none.
+    let stdin_chunk = |process: &str, data: &[u8]| testbus_proto::OutputChunk {
+        process: process.into(),
+        stream: testbus_proto::OutputStream::Stdin as i32,
+        data: data.to_vec().into(),
+        ..Default::default()
+    };
+    let wrote = admin.output().append(stdin_chunk(&own, b"from the driver\n")).await.unwrap().into_inner();
+    assert_eq!(wrote.length, 16);
+    let e = admin.output().append(stdin_chunk(&plain_own, b"x")).await.unwrap_err();
+    assert!(e.code() == Code::FailedPrecondition && e.message().contains("no streamed stdin"), "{e:?}");
+    c.wait_output(&format!("process/{own}"), "from the driver").await;
+
+    let tls = c.agent_tls("host-0");
+    let (own2, theirs2) = (own.clone(), theirs.clone());
+    let results = c.in_node("host-0", move || async move {
+        let a = Client::connect_with(HTTPS, Some(tls)).await.expect("connect with the agent's certificate");
+        let read = |process: &str, stdin: bool| testbus_proto::ReadOutputRequest {
+            process: process.into(),
+            follow: false,
+            stdin,
+        };
+        let mut out = Vec::new();
+        let mut mine = a.output().read(read(&own2, true)).await.map(|r| r.into_inner());
+        let first = match &mut mine {
+            Ok(s) => s.message().await.map(|c| c.map(|c| c.data.to_vec())),
+            Err(e) => Err(e.clone()),
+        };
+        out.push(("own stdin", first.map(|d| String::from_utf8_lossy(&d.unwrap_or_default()).into_owned())));
+        let code = |r: Result<tonic::Response<tonic::codec::Streaming<testbus_proto::OutputChunk>>, tonic::Status>| {
+            r.map(|_| String::new())
+        };
+        out.push(("host-1 stdin", code(a.output().read(read(&theirs2, true)).await)));
+        out.push(("own stdout", code(a.output().read(read(&own2, false)).await)));
+        let forged = testbus_proto::OutputChunk {
+            process: own2.clone(),
+            stream: testbus_proto::OutputStream::Stdin as i32,
+            offset: 16,
+            data: b"forged\n".to_vec().into(),
+            ..Default::default()
+        };
+        out.push(("own stdin write", a.output().append(forged).await.map(|_| String::new())));
+        out
+    });
+    for (what, r) in &results {
+        match *what {
+            "own stdin" => assert_eq!(r.as_deref().ok(), Some("from the driver\n"), "{what}: {r:?}"),
+            _ => {
+                let e = r.as_ref().expect_err(what);
+                assert_eq!(e.code(), Code::PermissionDenied, "{what}: {e:?}");
+                assert!(e.message().starts_with("agent \"host-0\" may not"), "{what}: {e:?}");
+            }
+        }
+    }
+    // Closed: the process reads end of file and ends, with what it was sent.
+    for p in [&own, &theirs] {
+        let mut proc = admin.api::<Process>().get(p).await.unwrap();
+        proc.spec_mut().stdin_closed = true;
+        admin.api::<Process>().update(proc).await.unwrap();
+    }
+    for p in [&own, &theirs] {
+        let ended = wait_for(Duration::from_secs(30), "cat to end", || async {
+            let p = admin.api::<Process>().get(p).await.ok()?;
+            phase::process_terminal(&p.status().phase).then_some(p)
+        })
+        .await;
+        assert_eq!(ended.status().phase, ProcessPhase::Succeeded, "{ended:?}");
+    }
+    assert_eq!(c.ctl(&["logs", &format!("process/{own}")]).stdout, "from the driver\n");
 }

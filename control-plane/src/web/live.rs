@@ -178,7 +178,8 @@ async fn read(
     process: &str,
     follow: bool,
 ) -> Result<futures::stream::BoxStream<'static, Result<testbus_proto::OutputChunk, tonic::Status>>, tonic::Status> {
-    let mut req = tonic::Request::new(testbus_proto::ReadOutputRequest { process: process.into(), follow });
+    let mut req =
+        tonic::Request::new(testbus_proto::ReadOutputRequest { process: process.into(), follow, stdin: false });
     req.extensions_mut().insert(caller.clone());
     Ok(web.output.read(req).await?.into_inner())
 }

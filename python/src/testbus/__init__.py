@@ -8,7 +8,7 @@ pytest plugin is :mod:`testbus.pytest_plugin`. The generated gRPC stubs are
 :mod:`testbus.v1`.
 """
 
-from .aio import Role, RunResult
+from .aio import PIPE, Role, RunResult
 from .client import Client, Group, Host, Process, Test
 from .errors import (
     ClaimError,
@@ -32,6 +32,7 @@ __all__ = [
     "Process",
     "Role",
     "RunResult",
+    "PIPE",
     "TestbusError",
     "NotFound",
     "Invalid",

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import (
     AsyncIterator,
+    Callable,
     Dict,
     Iterable,
     List,
@@ -51,6 +52,7 @@ __all__ = [
     "Process",
     "Role",
     "RunResult",
+    "PIPE",
 ]
 
 #: Phases in which a process has ended.
@@ -65,6 +67,16 @@ _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _ENV = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 Command = Union[str, Sequence[str]]
+
+
+class _Pipe:
+    def __repr__(self) -> str:
+        return "testbus.PIPE"
+
+
+#: ``stdin=PIPE`` (with ``background=True``): the process reads what
+#: :meth:`Process.send` sends, until :meth:`Process.close_stdin`.
+PIPE = _Pipe()
 
 
 @dataclass(frozen=True)
@@ -712,20 +724,12 @@ class Test:
         )
 
     async def _stop(self, name: str, grace: float) -> None:
-        procs = self.client.conn
-        while True:
-            p = await procs.call(lambda s: s.processes.Get(api_pb2.GetRequest(name=name)))
-            if p.spec.stop or p.status.phase in TERMINAL_PROCESS:
-                return
-            p.spec.stop = True
-            p.spec.stop_reason = "stopped by its test's Python client"
-            p.spec.stop_grace = duration(grace, "grace") if grace > 0 else "0s"
-            try:
-                await procs.call(lambda s, p=p: s.processes.Update(p))
-                return
-            except errors.Conflict as e:
-                if e.code != grpc.StatusCode.ABORTED:
-                    raise
+        def stop(spec: resources_pb2.ProcessSpec) -> None:
+            spec.stop = True
+            spec.stop_reason = "stopped by its test's Python client"
+            spec.stop_grace = duration(grace, "grace") if grace > 0 else "0s"
+
+        await _change_spec(self.client.conn, name, lambda spec: spec.stop, stop)
 
     async def cp(self, src: str, dst: str) -> None:
         """Copies a local file to ``MEMBER_OR_ROLE:/abs/path`` (every member
@@ -750,6 +754,27 @@ class Test:
             Path(dst).write_bytes(await group.members[0].get_file(path))
 
 
+async def _change_spec(
+    conn: "Connection",
+    name: str,
+    done: "Callable[[resources_pb2.ProcessSpec], bool]",
+    change: "Callable[[resources_pb2.ProcessSpec], None]",
+) -> None:
+    """Read-modify-write of a Process's spec, again when it changed
+    meanwhile; nothing once ``done`` says so or the process has ended."""
+    while True:
+        p = await conn.call(lambda s: s.processes.Get(api_pb2.GetRequest(name=name)))
+        if done(p.spec) or p.status.phase in TERMINAL_PROCESS:
+            return
+        change(p.spec)
+        try:
+            await conn.call(lambda s, p=p: s.processes.Update(p))
+            return
+        except errors.Conflict as e:
+            if e.code != grpc.StatusCode.ABORTED:
+                raise
+
+
 def _remote(s: str) -> Optional["tuple[str, str]"]:
     who, sep, path = s.partition(":")
     if sep and who and _NAME.match(who) and path.startswith("/"):
@@ -761,8 +786,9 @@ def _command(
     cmd: Command,
     env: Optional[Mapping[str, str]],
     cwd: Optional[str],
-    stdin: Optional[Union[str, bytes]],
+    stdin: Optional[Union[str, bytes, _Pipe]],
     timeout: Optional[float],
+    background: bool = False,
 ) -> "tuple[resources_pb2.Step, List[str]]":
     if isinstance(cmd, str):
         if not cmd.strip():
@@ -779,7 +805,11 @@ def _command(
     step.timeout = duration(timeout, "timeout")
     if cwd is not None:
         step.workdir = str(cwd)
-    if stdin is not None:
+    if isinstance(stdin, _Pipe):
+        if not background:
+            raise ValueError("stdin: PIPE needs background=True (send to the Process it returns)")
+        step.stdin_stream = True
+    elif stdin is not None:
         step.stdin = stdin.decode() if isinstance(stdin, bytes) else stdin
     return step, shown
 
@@ -809,7 +839,7 @@ class Host:
         timeout: Optional[float] = None,
         env: Optional[Mapping[str, str]] = None,
         cwd: Optional[str] = None,
-        stdin: Optional[Union[str, bytes]] = None,
+        stdin: Optional[Union[str, bytes, _Pipe]] = None,
         background: bool = False,
     ) -> Union[RunResult, "Process"]:
         """Runs ``command`` (a list: argv; a string: a shell command line)
@@ -817,7 +847,7 @@ class Host:
         :class:`~testbus.errors.ProcessError` if it did not succeed unless
         ``check=False``; with ``background=True`` returns a :class:`Process`
         at once."""
-        step, shown = _command(command, env, cwd, stdin, timeout)
+        step, shown = _command(command, env, cwd, stdin, timeout, background)
         (p,) = await self.test._exec([self.name], step)
         proc = Process(self.test, p, shown)
         if background:
@@ -861,13 +891,13 @@ class Group:
         timeout: Optional[float] = None,
         env: Optional[Mapping[str, str]] = None,
         cwd: Optional[str] = None,
-        stdin: Optional[Union[str, bytes]] = None,
+        stdin: Optional[Union[str, bytes, _Pipe]] = None,
         background: bool = False,
     ) -> Union[List[RunResult], List["Process"]]:
         """Runs ``command`` on every member at once (one request); the
         results in member order. With ``check``, raises the first failure's
         :class:`~testbus.errors.ProcessError` once all have ended."""
-        step, shown = _command(command, env, cwd, stdin, timeout)
+        step, shown = _command(command, env, cwd, stdin, timeout, background)
         made = await self.test._exec([h.name for h in self.members], step)
         procs = [Process(self.test, p, shown) for p in made]
         if background:
@@ -901,6 +931,8 @@ class Process:
         self.command = command
         self.member = obj.spec.role
         self.host = obj.spec.host_name
+        self._sent = 0
+        self._stdin_lock = asyncio.Lock()
 
     def __repr__(self) -> str:
         return f"<testbus Process {self.name} on {self.member}>"
@@ -943,6 +975,26 @@ class Process:
             raise ValueError(f"grace: 0 to 600 seconds, not {grace!r}")
         await self.test._stop(self.name, grace)
         return await self.wait()
+
+    async def send(self, data: Union[str, bytes]) -> None:
+        """Writes ``data`` to its stdin (started with ``stdin=PIPE``); in
+        order, each byte once, whichever replica takes it."""
+        chunk = data.encode() if isinstance(data, str) else bytes(data)
+        async with self._stdin_lock:
+            req = api_pb2.OutputChunk(
+                process=self.name, stream=api_pb2.OUTPUT_STREAM_STDIN, offset=self._sent, data=chunk
+            )
+            answer = await self.test.client.conn.call(lambda s: s.output.Append(req))
+            self._sent = answer.length
+
+    async def close_stdin(self) -> None:
+        """Ends its stdin: it reads end of file once it has read what was
+        sent."""
+
+        def close(spec: resources_pb2.ProcessSpec) -> None:
+            spec.stdin_closed = True
+
+        await _change_spec(self.test.client.conn, self.name, lambda spec: spec.stdin_closed, close)
 
     async def output(self) -> str:
         """Its standard output so far."""

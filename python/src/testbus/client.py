@@ -253,6 +253,13 @@ class Process(_Wraps):
     def wait(self, timeout: Optional[float] = None, check: bool = False) -> RunResult:
         return self.test.client._run(self.aio.wait(timeout, check))
 
+    def send(self, data: Union[str, bytes]) -> None:
+        """See :meth:`testbus.aio.Process.send`."""
+        self.test.client._run(self.aio.send(data))
+
+    def close_stdin(self) -> None:
+        self.test.client._run(self.aio.close_stdin())
+
     def terminate(self, grace: float = 2.0) -> RunResult:
         return self.test.client._run(self.aio.terminate(grace))
 

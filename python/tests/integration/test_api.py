@@ -185,3 +185,25 @@ def test_the_asyncio_twin_runs_many_commands_at_once():
             assert r.phase == "Killed"
 
     asyncio.run(go())
+
+
+def test_a_background_process_reads_what_is_sent_to_it(client):
+    with client.create_test({"a": None}) as t:
+        a = t.hosts["a"]
+        p = a.run(["cat"], background=True, stdin=testbus.PIPE)
+        p.send("hello\n")
+        lines = p.lines()
+        assert next(lines) == "hello"
+        p.send(b"world\n")
+        assert next(lines) == "world"
+        p.close_stdin()
+        r = p.wait(timeout=30)
+        assert (r.rc, r.stdout) == (0, "hello\nworld\n")
+        lines.close()
+        with pytest.raises(testbus.Conflict):
+            p.send("too late\n")
+        plain = a.run(["sleep", "600"], background=True)
+        with pytest.raises(testbus.Conflict, match="no streamed stdin"):
+            plain.send("x")
+        with pytest.raises(ValueError, match="PIPE needs background"):
+            a.run(["cat"], stdin=testbus.PIPE)

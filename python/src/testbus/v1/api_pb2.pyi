@@ -7,6 +7,7 @@ from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Map
 
 DESCRIPTOR: _descriptor.FileDescriptor
 OUTPUT_STREAM_STDERR: OutputStream
+OUTPUT_STREAM_STDIN: OutputStream
 OUTPUT_STREAM_STDOUT: OutputStream
 
 class AppendOutputResponse(_message.Message):
@@ -240,12 +241,14 @@ class ProcessList(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[_resources_pb2.Process, _Mapping]]] = ..., resource_version: _Optional[str] = ...) -> None: ...
 
 class ReadOutputRequest(_message.Message):
-    __slots__ = ["follow", "process"]
+    __slots__ = ["follow", "process", "stdin"]
     FOLLOW_FIELD_NUMBER: _ClassVar[int]
     PROCESS_FIELD_NUMBER: _ClassVar[int]
+    STDIN_FIELD_NUMBER: _ClassVar[int]
     follow: bool
     process: str
-    def __init__(self, process: _Optional[str] = ..., follow: bool = ...) -> None: ...
+    stdin: bool
+    def __init__(self, process: _Optional[str] = ..., follow: bool = ..., stdin: bool = ...) -> None: ...
 
 class RecordResultRequest(_message.Message):
     __slots__ = ["message", "outcome", "path", "test"]

@@ -371,7 +371,7 @@ class ProcessResult(_message.Message):
     def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., host: _Optional[str] = ..., phase: _Optional[str] = ..., exit_code: _Optional[int] = ..., signal: _Optional[str] = ..., message: _Optional[str] = ..., start_time: _Optional[str] = ..., finish_time: _Optional[str] = ...) -> None: ...
 
 class ProcessSpec(_message.Message):
-    __slots__ = ["argv", "env", "exit_codes", "files", "gated", "host_name", "released", "role", "script", "shell", "stdin", "stdin_file", "step", "stop", "stop_grace", "stop_reason", "test", "test_host_vars", "test_uid", "timeout", "workdir"]
+    __slots__ = ["argv", "env", "exit_codes", "files", "gated", "host_name", "released", "role", "script", "shell", "stdin", "stdin_closed", "stdin_file", "stdin_stream", "step", "stop", "stop_grace", "stop_reason", "test", "test_host_vars", "test_uid", "timeout", "workdir"]
     class EnvEntry(_message.Message):
         __slots__ = ["key", "value"]
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -389,8 +389,10 @@ class ProcessSpec(_message.Message):
     ROLE_FIELD_NUMBER: _ClassVar[int]
     SCRIPT_FIELD_NUMBER: _ClassVar[int]
     SHELL_FIELD_NUMBER: _ClassVar[int]
+    STDIN_CLOSED_FIELD_NUMBER: _ClassVar[int]
     STDIN_FIELD_NUMBER: _ClassVar[int]
     STDIN_FILE_FIELD_NUMBER: _ClassVar[int]
+    STDIN_STREAM_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
     STOP_GRACE_FIELD_NUMBER: _ClassVar[int]
@@ -411,7 +413,9 @@ class ProcessSpec(_message.Message):
     script: str
     shell: bool
     stdin: str
+    stdin_closed: bool
     stdin_file: FileRef
+    stdin_stream: bool
     step: str
     stop: bool
     stop_grace: str
@@ -421,7 +425,7 @@ class ProcessSpec(_message.Message):
     test_uid: str
     timeout: str
     workdir: str
-    def __init__(self, host_name: _Optional[str] = ..., test: _Optional[str] = ..., test_uid: _Optional[str] = ..., role: _Optional[str] = ..., step: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., script: _Optional[str] = ..., shell: bool = ..., env: _Optional[_Mapping[str, str]] = ..., stdin: _Optional[str] = ..., workdir: _Optional[str] = ..., timeout: _Optional[str] = ..., exit_codes: _Optional[_Iterable[int]] = ..., stop: bool = ..., gated: bool = ..., released: bool = ..., files: _Optional[_Iterable[_Union[FileRef, _Mapping]]] = ..., stdin_file: _Optional[_Union[FileRef, _Mapping]] = ..., test_host_vars: bool = ..., stop_reason: _Optional[str] = ..., stop_grace: _Optional[str] = ...) -> None: ...
+    def __init__(self, host_name: _Optional[str] = ..., test: _Optional[str] = ..., test_uid: _Optional[str] = ..., role: _Optional[str] = ..., step: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., script: _Optional[str] = ..., shell: bool = ..., env: _Optional[_Mapping[str, str]] = ..., stdin: _Optional[str] = ..., workdir: _Optional[str] = ..., timeout: _Optional[str] = ..., exit_codes: _Optional[_Iterable[int]] = ..., stop: bool = ..., gated: bool = ..., released: bool = ..., files: _Optional[_Iterable[_Union[FileRef, _Mapping]]] = ..., stdin_file: _Optional[_Union[FileRef, _Mapping]] = ..., test_host_vars: bool = ..., stop_reason: _Optional[str] = ..., stop_grace: _Optional[str] = ..., stdin_stream: bool = ..., stdin_closed: bool = ...) -> None: ...
 
 class ProcessStatus(_message.Message):
     __slots__ = ["conditions", "exit_code", "finish_time", "message", "observed_generation", "phase", "pid", "reason", "signal", "start_time", "stderr_bytes", "stderr_truncated", "stdout_bytes", "stdout_truncated"]
@@ -456,7 +460,7 @@ class ProcessStatus(_message.Message):
     def __init__(self, phase: _Optional[str] = ..., pid: _Optional[int] = ..., exit_code: _Optional[int] = ..., signal: _Optional[str] = ..., start_time: _Optional[str] = ..., finish_time: _Optional[str] = ..., stdout_bytes: _Optional[int] = ..., stderr_bytes: _Optional[int] = ..., stdout_truncated: bool = ..., stderr_truncated: bool = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., conditions: _Optional[_Iterable[_Union[Condition, _Mapping]]] = ..., observed_generation: _Optional[int] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ["after", "allow_failure", "argv", "background", "env", "exit_codes", "files", "name", "on", "script", "shell", "stdin", "stdin_file", "sync", "timeout", "workdir"]
+    __slots__ = ["after", "allow_failure", "argv", "background", "env", "exit_codes", "files", "name", "on", "script", "shell", "stdin", "stdin_file", "stdin_stream", "sync", "timeout", "workdir"]
     class EnvEntry(_message.Message):
         __slots__ = ["key", "value"]
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -477,6 +481,7 @@ class Step(_message.Message):
     SHELL_FIELD_NUMBER: _ClassVar[int]
     STDIN_FIELD_NUMBER: _ClassVar[int]
     STDIN_FILE_FIELD_NUMBER: _ClassVar[int]
+    STDIN_STREAM_FIELD_NUMBER: _ClassVar[int]
     SYNC_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     WORKDIR_FIELD_NUMBER: _ClassVar[int]
@@ -493,10 +498,11 @@ class Step(_message.Message):
     shell: bool
     stdin: str
     stdin_file: FileRef
+    stdin_stream: bool
     sync: bool
     timeout: str
     workdir: str
-    def __init__(self, name: _Optional[str] = ..., on: _Optional[_Iterable[str]] = ..., after: _Optional[_Iterable[str]] = ..., sync: bool = ..., argv: _Optional[_Iterable[str]] = ..., script: _Optional[str] = ..., shell: bool = ..., env: _Optional[_Mapping[str, str]] = ..., files: _Optional[_Iterable[_Union[FileRef, _Mapping]]] = ..., timeout: _Optional[str] = ..., exit_codes: _Optional[_Iterable[int]] = ..., allow_failure: bool = ..., background: bool = ..., stdin: _Optional[str] = ..., workdir: _Optional[str] = ..., stdin_file: _Optional[_Union[FileRef, _Mapping]] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., on: _Optional[_Iterable[str]] = ..., after: _Optional[_Iterable[str]] = ..., sync: bool = ..., argv: _Optional[_Iterable[str]] = ..., script: _Optional[str] = ..., shell: bool = ..., env: _Optional[_Mapping[str, str]] = ..., files: _Optional[_Iterable[_Union[FileRef, _Mapping]]] = ..., timeout: _Optional[str] = ..., exit_codes: _Optional[_Iterable[int]] = ..., allow_failure: bool = ..., background: bool = ..., stdin: _Optional[str] = ..., workdir: _Optional[str] = ..., stdin_file: _Optional[_Union[FileRef, _Mapping]] = ..., stdin_stream: bool = ...) -> None: ...
 
 class StepStatus(_message.Message):
     __slots__ = ["completion_time", "message", "name", "phase", "processes", "start_time"]
