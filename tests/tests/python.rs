@@ -10,9 +10,12 @@
 //!   under pytest-xdist (two workers, each claiming its own hosts);
 //! - the plugin's verdicts: `pytest --junitxml` and `testbusctl results -o
 //!   junit` agree on every test, and an unsatisfiable claim is an error
-//!   that says why.
+//!   that says why;
+//! - a wait that loses the control plane ends in Unavailable, bounded.
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::time::Duration;
 use testbus_pki::ClientFile;
 use testbus_proto::{Resource, Test};
 use testbus_tests::{needs_root, repo_root, Cluster, CtlOutput};
@@ -40,6 +43,7 @@ fn python(c: &Cluster, py: &Path, config: &Path, args: &[&str]) -> CtlOutput {
         .command_in("host-0", py)
         .args(args)
         .current_dir(repo_root().join("python"))
+        // "" names no file: the config then comes from the arguments.
         .env("TESTBUS_CONFIG", config)
         .env("TESTBUS_INTEGRATION", "1")
         .env_remove("TESTBUS_SERVER")
@@ -96,7 +100,14 @@ async fn the_python_package_its_examples_and_pytest_plugin_against_a_cluster() {
     assert!(script.stdout.contains("client0 on host-") && script.stdout.contains(": HTTP 200"), "{script:?}");
     assert!(script.stdout.contains(": Succeeded"), "{script:?}");
 
-    let xdist = python(&c, &py, &config, &["-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2", "examples"]);
+    // The plugin's own option instead of TESTBUS_CONFIG (workers get it too).
+    let option = format!("--testbus-config={}", config.display());
+    let xdist = python(
+        &c,
+        &py,
+        Path::new(""),
+        &["-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2", &option, "examples"],
+    );
     all_passed(&xdist, 3);
 
     let junit = c.dir.path().join("verdicts.xml");
@@ -121,7 +132,57 @@ async fn the_python_package_its_examples_and_pytest_plugin_against_a_cluster() {
         }
         assert_eq!(testbus_says.get(name), Some(verdict), "{name}: pytest {verdict}, testbus {testbus_says:?}");
     }
+
+    // The control plane goes away while a command is waited for: the wait
+    // ends in Unavailable once the retries (3 s here) are spent, never
+    // hangs.
+    let mut waiter = c
+        .command_in("host-0", &py)
+        .args(["-c", WAITER])
+        .current_dir(repo_root().join("python"))
+        .env("TESTBUS_CONFIG", &config)
+        .env_remove("TESTBUS_SERVER")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(waiter.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some("waiting"));
+    c.kill_control_plane();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = waiter.try_wait().unwrap() {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = waiter.kill();
+            panic!("the waiting client did not give up within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut waiter.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(status.success(), "{rest:?} {err}");
+    assert!(rest.iter().any(|l| l.starts_with("unavailable after")), "{rest:?} {err}");
 }
+
+/// Starts a command, says "waiting", and waits for it: Unavailable must end
+/// the wait once the control plane is gone.
+const WAITER: &str = r#"
+import sys, time, testbus
+with testbus.Client(retry_for=3) as client:
+    t = client.create_test({"a": None}).start()
+    p = t.hosts["a"].run(["sleep", "600"], background=True)
+    print("waiting", flush=True)
+    started = time.monotonic()
+    try:
+        p.wait(timeout=120)
+    except testbus.Unavailable as e:
+        print(f"unavailable after {time.monotonic() - started:.1f}s: {e}", flush=True)
+        sys.exit(0)
+    sys.exit("the wait ended without the server")
+"#;
 
 /// Each `<testcase>`'s name and verdict (pass, fail, error or skip).
 fn junit_verdicts(xml: &str) -> std::collections::BTreeMap<String, String> {
