@@ -905,10 +905,7 @@ async fn python(smoke: bool) -> anyhow::Result<serde_json::Value> {
     let mut c = Cluster::start(1).await;
     c.ctl_node = Some("cp".into());
     let root = testbus_tests::repo_root();
-    let venv = root.join("target/python-venv-bench");
-    let made = Command::new("bash").arg(root.join("hack/python-venv")).arg(&venv).output()?;
-    anyhow::ensure!(made.status.success(), "hack/python-venv: {}", String::from_utf8_lossy(&made.stderr));
-    let py = std::path::PathBuf::from(String::from_utf8_lossy(&made.stdout).trim());
+    let py = testbus_tests::python_venv("python-venv-bench", false);
     let mut admin = testbus_pki::ClientFile::load(&c.dir.path().join("admin.yaml"))?;
     admin.server = "https://10.77.0.1:7780".into();
     let config = c.dir.path().join("python.yaml");

@@ -738,6 +738,21 @@ where
 }
 
 /// Writes a manifest into the cluster's directory and returns its path.
+/// A clean venv in `target/NAME` with the Python package installed from
+/// its wheel (`hack/python-venv`; `lowest`: the lowest supported runtime
+/// versions); its python.
+pub fn python_venv(name: &str, lowest: bool) -> PathBuf {
+    let dir = repo_root().join("target").join(name);
+    let mut cmd = Command::new("bash");
+    cmd.arg(repo_root().join("hack/python-venv"));
+    if lowest {
+        cmd.arg("--lowest");
+    }
+    let out = cmd.arg(&dir).current_dir(repo_root()).output().expect("run hack/python-venv");
+    assert!(out.status.success(), "hack/python-venv: {}", String::from_utf8_lossy(&out.stderr));
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
 pub fn manifest(c: &Cluster, name: &str, text: &str) -> String {
     let p = c.dir.path().join(name);
     std::fs::write(&p, text).unwrap();

@@ -702,3 +702,54 @@ async fn a_pool_on_a_remote_testbed_host_works_over_ssh() {
     left.sort();
     assert_eq!(left, ["golden.qcow2", "initrd.img", "vmlinuz"]);
 }
+
+/// The pytest plugin on pool guests (issue 30): tests of one topology share
+/// a claim, but on pool guests each gets clean machines: a file the first
+/// test wrote is gone for the second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pytest_plugin_gives_each_test_a_clean_guest() {
+    let Some(_turn) = libvirt::turn("tbt-py", &[]).await else { return };
+    let c = Cluster::start(0).await;
+    let p = manifest(&c, "pool.yaml", &pool_yaml("tbt-py", "  min: 1\n  max: 1\n"));
+    assert_eq!(c.ctl(&["apply", "-f", &p]).code, 0);
+    let cases = manifest(
+        &c,
+        "test_guests.py",
+        r#"import pytest
+
+VM = dict(name="vm", vm="vm")
+
+
+@pytest.mark.topology(**VM)
+def test_a_leaves_a_mark(vm):
+    vm.run("touch /tmp/left-by-a")
+
+
+@pytest.mark.topology(**VM)
+def test_b_finds_a_clean_guest(vm):
+    assert vm.run(["test", "-e", "/tmp/left-by-a"], check=False).rc == 1
+"#,
+    );
+    let py = testbus_tests::python_venv("python-venv", false);
+    let server = format!("--testbus-server={}", c.server);
+    let out = std::process::Command::new(&py)
+        .args([
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            &server,
+            "--rootdir",
+            &c.dir.path().display().to_string(),
+        ])
+        .arg(&cases)
+        .env("TESTBUS_CONFIG", c.dir.path().join("admin.yaml"))
+        .env_remove("TESTBUS_SERVER")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("2 passed"), "{stdout}");
+    delete_pool(&c, "tbt-py").await;
+}

@@ -13,28 +13,14 @@
 //!   that says why;
 //! - a wait that loses the control plane ends in Unavailable, bounded.
 use std::io::BufRead;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 use testbus_pki::ClientFile;
 use testbus_proto::{Resource, Test};
-use testbus_tests::{needs_root, repo_root, Cluster, CtlOutput};
+use testbus_tests::{needs_root, python_venv, repo_root, Cluster, CtlOutput};
 
 const HTTPS: &str = "https://10.77.0.1:7780";
-
-/// A clean venv with the package from its wheel (`--lowest`: the lowest
-/// runtime versions); its python.
-fn venv(lowest: bool) -> PathBuf {
-    let dir = repo_root().join(if lowest { "target/python-venv-lowest" } else { "target/python-venv" });
-    let mut cmd = std::process::Command::new("bash");
-    cmd.arg(repo_root().join("hack/python-venv"));
-    if lowest {
-        cmd.arg("--lowest");
-    }
-    let out = cmd.arg(&dir).current_dir(repo_root()).output().expect("run hack/python-venv");
-    assert!(out.status.success(), "hack/python-venv: {}", String::from_utf8_lossy(&out.stderr));
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-}
 
 /// `python ARGS` in host-0's namespace, in `python/`, toward the cluster's
 /// TLS listener with the admin's config file.
@@ -85,10 +71,10 @@ async fn the_python_package_its_examples_and_pytest_plugin_against_a_cluster() {
 
     let pytest = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"];
     for lowest in [false, true] {
-        let py = venv(lowest);
+        let py = python_venv(if lowest { "python-venv-lowest" } else { "python-venv" }, lowest);
         all_passed(&python(&c, &py, &config, &pytest), 25);
     }
-    let py = venv(false);
+    let py = python_venv("python-venv", false);
     // Linted and formatted as the Rust is (ruff, configured in pyproject.toml).
     for args in [&["-m", "ruff", "check", "."][..], &["-m", "ruff", "format", "--check", "."]] {
         let out = python(&c, &py, &config, args);
