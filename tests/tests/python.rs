@@ -1,7 +1,7 @@
 //! The Python package (`python/`) against real daemons: a control plane and
 //! four agents in network namespaces, reached over TLS as an admin with a
 //! config file, as a user would. pytest runs in host-0's namespace:
-//! - ruff's lints and format;
+//! - ruff's lints and format, and mypy's types;
 //! - the package's own tests and its integration tests, in a clean venv
 //!   with the newest grpcio and again with the lowest supported runtime
 //!   (grpcio 1.51.1, protobuf 4.21.6: what the committed stubs were made
@@ -75,8 +75,9 @@ async fn the_python_package_its_examples_and_pytest_plugin_against_a_cluster() {
         all_passed(&python(&c, &py, &config, &pytest), 25);
     }
     let py = python_venv("python-venv", false);
-    // Linted and formatted as the Rust is (ruff, configured in pyproject.toml).
-    for args in [&["-m", "ruff", "check", "."][..], &["-m", "ruff", "format", "--check", "."]] {
+    // Linted, formatted and type-checked (ruff and mypy, configured in
+    // pyproject.toml), as the Rust is.
+    for args in [&["-m", "ruff", "check", "."][..], &["-m", "ruff", "format", "--check", "."], &["-m", "mypy"]] {
         let out = python(&c, &py, &config, args);
         assert_eq!(out.code, 0, "ruff {args:?}: {out:?}");
     }

@@ -23,7 +23,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable, Callable, List, Optional, TypeVar
+from typing import Awaitable, Callable, List, Optional, Tuple, TypeVar, Union
 
 import grpc
 import grpc.aio
@@ -59,7 +59,7 @@ class Settings:
     config_path: Optional[Path] = None
 
     @staticmethod
-    def resolve(server: Optional[str] = None, config: Optional[os.PathLike] = None) -> "Settings":
+    def resolve(server: Optional[str] = None, config: Optional[Union[str, os.PathLike]] = None) -> "Settings":
         """The settings ``testbusctl`` would use, given its ``--server`` and
         ``$TESTBUS_CONFIG``."""
         path, named = _config_path(config)
@@ -120,7 +120,7 @@ def parse_server(server: str) -> List[Address]:
     return out
 
 
-def _config_path(config: Optional[os.PathLike]) -> "tuple[Path, bool]":
+def _config_path(config: Optional[Union[str, os.PathLike]]) -> "tuple[Path, bool]":
     if config:
         return Path(config), True
     env = os.environ.get("TESTBUS_CONFIG")
@@ -193,7 +193,7 @@ class Connection:
         stubs = self._stubs[i]
         if stubs is None:
             a = self.addresses[i]
-            options = list(_CHANNEL_OPTIONS)
+            options: List[Tuple[str, Union[str, int]]] = list(_CHANNEL_OPTIONS)
             if a.target.startswith("unix:") and not a.name_override:
                 # gRPC's default authority for a socket is its path, which
                 # the server's HTTP/2 refuses as an authority.

@@ -26,6 +26,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import (
+    AsyncGenerator,
     AsyncIterator,
     Callable,
     Dict,
@@ -768,7 +769,7 @@ async def _change_spec(
             return
         change(p.spec)
         try:
-            await conn.call(lambda s, p=p: s.processes.Update(p))
+            await conn.call(lambda s: s.processes.Update(p))  # noqa: B023 (awaited at once)
             return
         except errors.Conflict as e:
             if e.code != grpc.StatusCode.ABORTED:
@@ -1004,7 +1005,7 @@ class Process:
                 out.extend(chunk.data)
         return out.decode(errors="replace")
 
-    async def lines(self, stream: str = "stdout") -> AsyncIterator[str]:
+    async def lines(self, stream: str = "stdout") -> AsyncGenerator[str, None]:
         """Its output line by line as it comes (``"stdout"``, ``"stderr"`` or
         ``"both"``), until it ends."""
         want = {"stdout": {0}, "stderr": {1}, "both": {0, 1}}.get(stream)

@@ -266,10 +266,14 @@ class Process(_Wraps):
     def lines(self, stream: str = "stdout") -> Iterator[str]:
         agen = self.aio.lines(stream)
         run = self.test.client._run
+
+        async def next_line() -> str:
+            return await agen.__anext__()
+
         try:
             while True:
                 try:
-                    yield run(agen.__anext__())
+                    yield run(next_line())
                 except StopAsyncIteration:
                     return
         finally:

@@ -8,7 +8,7 @@ built-in exception a Python programmer would catch for it (``LookupError``,
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Protocol
 
 import grpc
 
@@ -94,8 +94,10 @@ class ProcessError(TestbusError):
         self.reason = result.reason
 
 
-class RunResultLike:  # pragma: no cover - a typing aid only
-    command: list
+class RunResultLike(Protocol):
+    """What a ProcessError carries (:class:`testbus.RunResult`)."""
+
+    command: List[str]
     process: str
     member: str
     host: str
