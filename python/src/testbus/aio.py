@@ -987,6 +987,10 @@ class Process:
             )
             answer = await self.test.client.conn.call(lambda s: s.output.Append(req))
             self._sent = answer.length
+            if answer.truncated:
+                raise errors.TestbusError(
+                    f"stdin of {self.name}: the server's output limit is reached; later bytes are not kept"
+                )
 
     async def close_stdin(self) -> None:
         """Ends its stdin: it reads end of file once it has read what was
