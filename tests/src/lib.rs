@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod etcd;
+pub mod history;
 pub mod libvirt;
 
 use std::path::{Path, PathBuf};
