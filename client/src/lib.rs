@@ -380,8 +380,10 @@ impl Client {
         Api { channel: self.channel.clone(), _k: std::marker::PhantomData }
     }
 
+    /// Tests' calls; an Exec answer carries one whole Process per member
+    /// (its stdin and env each), past tonic's 4 MiB default.
     pub fn tests(&self) -> TestsClient<Channel> {
-        TestsClient::new(self.channel.clone())
+        TestsClient::new(self.channel.clone()).max_decoding_message_size(64 << 20)
     }
 
     pub fn hosts(&self) -> HostsClient<Channel> {

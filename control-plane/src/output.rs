@@ -438,6 +438,7 @@ impl OutputService {
                         svc.forget(p.name(), uid).await;
                     } else if phase::process_terminal(&p.status().phase) {
                         svc.seal(uid).await;
+                        svc.seal(&stdin_log(uid)).await;
                     }
                 }
                 // Dropped as too slow: what was missed is found by the sweep.
@@ -788,6 +789,10 @@ impl Output for OutputService {
         let status = StatusChanges::of(&self.api, &r.process, r.follow);
         let p = self.process(&r.process).await?;
         scope.process_on(Verb::ReadOutput, &r.process, &p.spec().host_name)?;
+        if r.stdin && !p.spec().stdin_stream {
+            // Nothing to follow (and an agent gets no follow stream for free).
+            scope.not_an_agent(Verb::ReadOutput, || format!("the stdin of Process {:?}: it has none", r.process))?;
+        }
         let uid = if r.stdin { stdin_log(&p.meta().uid) } else { p.meta().uid.clone() };
         let (tx, rx) = mpsc::channel(16);
         match &self.shared {
@@ -847,7 +852,10 @@ async fn finished(svc: &OutputService, r: &ReadOutputRequest) -> bool {
     !r.follow
         || match svc.process(&r.process).await {
             Ok(p) => phase::process_terminal(&p.status().phase) || (r.stdin && p.spec().stdin_closed),
-            Err(_) => true,
+            // Gone is finished; a store that did not answer is not (the
+            // reader looks again at the next change, or within a second):
+            // a stdin follower that ended here would close its stdin.
+            Err(s) => s.code() == tonic::Code::NotFound,
         }
 }
 

@@ -201,10 +201,14 @@ fn failure_message(results: &[ProcessResult]) -> String {
 pub fn plan(t: &Test, procs: &[Arc<Process>], hosts: &impl HostView, now: SystemTime) -> Plan {
     let spec = t.spec();
     let st = t.status();
-    let by_step: HashMap<&str, Vec<&Arc<Process>>> = procs.iter().fold(HashMap::new(), |mut m, p| {
-        m.entry(p.spec().step.as_str()).or_default().push(p);
-        m
-    });
+    // Commands run with Tests.Exec are no step's, whatever they are named.
+    let by_step: HashMap<&str, Vec<&Arc<Process>>> = procs
+        .iter()
+        .filter(|p| !p.meta().labels.contains_key(testbus_proto::process::LABEL_EXEC))
+        .fold(HashMap::new(), |mut m, p| {
+            m.entry(p.spec().step.as_str()).or_default().push(p);
+            m
+        });
     let timeout = duration::parse(&spec.timeout).unwrap_or(DEFAULT_TIMEOUT);
     let started = time::parse(&st.start_time).unwrap_or(now);
     let deadline = started + timeout;

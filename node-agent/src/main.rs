@@ -385,7 +385,8 @@ impl Agent {
                     Some(r) => {
                         r.deleted = true;
                         if !r.stop_sent {
-                            let stop = Command::Stop { by: StopReason::Requested, grace: runner::stop_grace(p.spec()) };
+                            // Deleted: no one waits for it to end well.
+                            let stop = Command::Stop { by: StopReason::Requested, grace: runner::KILL_GRACE };
                             r.stop_sent = r.commands.send(stop).await.is_ok();
                         }
                     }
@@ -423,7 +424,10 @@ impl Agent {
             // A final status written by someone else (Lost while this host
             // was cut off) fences the process: it must not run on.
             if (p.spec().stop || terminal) && !r.stop_sent {
-                let stop = Command::Stop { by: StopReason::Requested, grace: runner::stop_grace(p.spec()) };
+                // A final status written by someone else fences it: its host
+                // may be another test's already, so no long grace then.
+                let grace = if terminal { runner::KILL_GRACE } else { runner::stop_grace(p.spec()) };
+                let stop = Command::Stop { by: StopReason::Requested, grace };
                 r.stop_sent = r.commands.send(stop).await.is_ok();
             } else if p.spec().released && !r.release_sent {
                 r.release_sent = r.commands.send(Command::Release).await.is_ok();

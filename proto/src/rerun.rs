@@ -15,7 +15,8 @@ pub const RERUN_OF: &str = "testbus.io/rerun-of";
 /// How to run again.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RerunOptions {
-    /// Only the steps that failed, with the steps they come after.
+    /// Only the steps that failed (or were stopped: a timeout, a lost
+    /// host), with the steps they come after.
     pub failed_only: bool,
     /// On guests of this HostPool: each role selects the pool's label
     /// instead of its own selector, and no role is pinned to a host.
@@ -46,8 +47,13 @@ pub fn rerun_of(t: &Test, opts: &RerunOptions) -> Result<Test, RerunError> {
     // The resolved environment: what setenv added sits over the spec's.
     spec.env.extend(t.status().env.clone());
     if opts.failed_only {
-        let failed: BTreeSet<&str> =
-            t.status().steps.iter().filter(|s| s.phase == StepPhase::Failed).map(|s| s.name.as_str()).collect();
+        let failed: BTreeSet<&str> = t
+            .status()
+            .steps
+            .iter()
+            .filter(|s| s.phase == StepPhase::Failed || s.phase == StepPhase::Stopped)
+            .map(|s| s.name.as_str())
+            .collect();
         if failed.is_empty() {
             return Err(RerunError::NothingFailed(name.into()));
         }
@@ -184,13 +190,13 @@ mod tests {
                 ("smoke", "Succeeded"),
                 ("suite.one", "Succeeded"),
                 ("suite.two", "Failed"),
-                ("suite.three", "Succeeded"),
+                ("suite.three", "Stopped"),
                 ("report", "Skipped"),
             ],
         );
         let r = rerun_of(&t, &RerunOptions { failed_only: true, ..Default::default() }).unwrap();
         let names: Vec<String> = expand(r.spec()).into_iter().map(|e| e.step.name).collect();
-        assert_eq!(names, ["setup", "smoke", "suite.one", "suite.two"]);
+        assert_eq!(names, ["setup", "smoke", "suite.one", "suite.two", "suite.three"]);
         assert_eq!(r.spec().tests[0].after, ["smoke"]);
         use crate::validate::Validate;
         let mut made = r.clone();

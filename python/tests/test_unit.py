@@ -194,3 +194,30 @@ def test_pytest_node_ids_are_result_paths():
     assert result_path("tests/test_nfs.py::test_mount[nfs]") == "tests.test_nfs.test_mount[nfs]"
     assert result_path("test_a.py::TestX::test_y") == "test_a.TestX.test_y"
     assert result_path("t.py::test_p[1.5-a b]") == "t.test_p[1_5-a_b]"
+
+
+def test_long_or_odd_node_ids_stay_valid_and_distinct():
+    assert result_path("t.py::test_x[a::b]") == "t.test_x[a::b]"
+    long_a = result_path("tests/" + "d/" * 100 + "t.py::test_a")
+    long_b = result_path("tests/" + "d/" * 100 + "t.py::test_b")
+    assert len(long_a) <= 253 and long_a != long_b and ".." not in long_a and not long_a.endswith(".")
+
+
+def test_more_bad_arguments_name_themselves():
+    client = aio.Client(server="http://127.0.0.1:1")
+    with pytest.raises(ValueError, match="^priority"):
+        client.create_test({"a": None}, priority="high")
+    with pytest.raises(ValueError, match="^labels"):
+        client.create_test({"a": None}, labels={"k": 1})
+    with pytest.raises(ValueError, match="^timeout"):
+        client.create_test({"a": None}, timeout=float("inf"))
+    with pytest.raises(ValueError, match="^stdin: bytes that are not UTF-8"):
+        aio._command(["cat"], None, None, b"\xff", None)
+    with pytest.raises(ValueError, match="^stdin: PIPE needs background"):
+        aio._command(["cat"], None, None, testbus.PIPE, None)
+    with pytest.raises(ValueError, match="^roles"):
+        testbus.sync("b", roles="server")
+    with pytest.raises(ValueError, match="^value"):
+        testbus.send("k", 5)
+    with pytest.raises(ValueError, match="^retry_for"):
+        aio.Client(server="http://127.0.0.1:1", retry_for=True)

@@ -5,7 +5,8 @@
 //! violation on a hand-made history.
 //!
 //! Times are milliseconds on one clock (every process of a run shares the
-//! machine's). A process records its own start and end from inside (so a
+//! machine's). The workload never reuses a test's name within a run, so
+//! names identify tests and processes. A process records its own start and end from inside (so a
 //! record survives whatever the nemesis did to agents and replicas); the
 //! workload records what the API acknowledged and what it read back.
 use std::collections::{BTreeMap, HashMap};
@@ -131,22 +132,20 @@ pub fn check(history: &[Event], last: &FinalState, bound_ms: u64) -> Vec<Violati
             _ => None,
         })
         .collect();
-    let deleted: HashMap<&str, u64> = history
-        .iter()
-        .filter_map(|e| match e {
-            Event::Deleted { test, at } => Some((test.as_str(), *at)),
-            _ => None,
-        })
-        .collect();
+    let mut deleted: HashMap<&str, u64> = HashMap::new();
+    for e in history {
+        if let Event::Deleted { test, at } = e {
+            let d = deleted.entry(test.as_str()).or_insert(*at);
+            *d = (*d).max(*at);
+        }
+    }
     for e in history {
         let Event::CreateAcked { test, at } = e else { continue };
+        let deleted_after = deleted.get(test.as_str()).is_some_and(|d| d >= at);
         let gone = !last.tests.contains(test);
-        if gone && !deleted.contains_key(test.as_str()) {
+        if gone && !deleted_after {
             out.push(Violation::CreateLost { test: test.clone(), acked_at: *at });
-        } else if !ended.contains_key(test.as_str())
-            && !deleted.contains_key(test.as_str())
-            && last.at >= last_fault + bound_ms
-        {
+        } else if !ended.contains_key(test.as_str()) && !deleted_after && last.at >= last_fault.max(*at) + bound_ms {
             out.push(Violation::NeverEnded { test: test.clone(), created_at: *at });
         }
     }
@@ -172,21 +171,34 @@ pub fn check(history: &[Event], last: &FinalState, bound_ms: u64) -> Vec<Violati
     out
 }
 
-/// Processes of different tests whose lives on one host overlap. A process
-/// with no recorded end counts as running until the final read (its host
-/// may have been killed with it: the claim still held it).
+/// Processes of different tests whose lives on one host overlap. Each
+/// start ends at the first end of that process recorded after it; one with
+/// none counts as running until its test was seen ended, else until the
+/// final read (its host may have been killed with it: the claim still held
+/// it).
 fn host_exclusion(history: &[Event], end_of_run: u64, out: &mut Vec<Violation>) {
-    let ends: HashMap<&str, u64> = history
-        .iter()
-        .filter_map(|e| match e {
-            Event::Ended { process, at } => Some((process.as_str(), *at)),
-            _ => None,
-        })
-        .collect();
+    let mut ends: HashMap<&str, Vec<u64>> = HashMap::new();
+    let mut test_end: HashMap<&str, u64> = HashMap::new();
+    for e in history {
+        match e {
+            Event::Ended { process, at } => ends.entry(process.as_str()).or_default().push(*at),
+            Event::TestEnded { test, at } => {
+                test_end.entry(test.as_str()).or_insert(*at);
+            }
+            _ => {}
+        }
+    }
+    for v in ends.values_mut() {
+        v.sort_unstable();
+    }
     let mut by_host: BTreeMap<&str, Vec<(u64, u64, &str, &str)>> = BTreeMap::new();
     for e in history {
         if let Event::Started { process, test, host, at } = e {
-            let end = ends.get(process.as_str()).copied().unwrap_or(end_of_run);
+            let own = ends.get_mut(process.as_str()).and_then(|v| {
+                let i = v.iter().position(|end| end >= at)?;
+                Some(v.remove(i))
+            });
+            let end = own.or_else(|| test_end.get(test.as_str()).copied().filter(|e| e >= at)).unwrap_or(end_of_run);
             by_host.entry(host).or_default().push((*at, end, test, process));
         }
     }
@@ -270,11 +282,21 @@ mod tests {
         assert!(matches!(&v[..], [Violation::HostHeldTwice { host, at: 35, .. }] if host == "h0"), "{v:?}");
         assert!(v[0].to_string().contains("host h0 ran t2-s-a of test t2 and t3-s-a of test t3"), "{}", v[0]);
 
-        // A process without an end holds its host to the end of the run.
+        // A process without an end holds its host until its test was seen
+        // ended, or to the end of the run.
         let mut h = clean();
         h.retain(|e| e != &ended("t1-s-b", 21));
+        assert_eq!(check(&h, &state(&["t1", "t2"], 100), 50), vec![], "t1 ended at 26, before t2 started");
+        h.retain(|e| e != &test_ended("t1", 26));
+        let v = check(&h, &state(&["t1", "t2"], 100), 0);
+        assert!(v.iter().any(|v| matches!(v, Violation::HostHeldTwice { at: 30, .. })), "{v:?}");
+
+        // A process started twice ends each life at its own end.
+        let mut h = clean();
+        h.push(started("t1-s-a", "t1", "h0", 22));
+        h.push(ended("t1-s-a", 23));
         let v = check(&h, &state(&["t1", "t2"], 100), 50);
-        assert!(matches!(&v[..], [Violation::HostHeldTwice { at: 30, .. }]), "{v:?}");
+        assert_eq!(v, vec![Violation::StartedTwice { process: "t1-s-a".into(), first_at: 10, second_at: 22 }]);
 
         // Started twice.
         let mut h = clean();
@@ -283,12 +305,15 @@ mod tests {
         let v = check(&h, &state(&["t1", "t2"], 100), 50);
         assert_eq!(v, vec![Violation::StartedTwice { process: "t2-s-a".into(), first_at: 30, second_at: 60 }]);
 
-        // Never ended, once the quiet period is over; not before.
+        // Never ended, once the quiet period is over (after the last fault
+        // and after its creation); not before.
         let mut h = clean();
         h.retain(|e| e != &test_ended("t2", 41));
         assert_eq!(check(&h, &state(&["t1", "t2"], 60), 50), vec![]);
         let v = check(&h, &state(&["t1", "t2"], 100), 50);
         assert_eq!(v, vec![Violation::NeverEnded { test: "t2".into(), created_at: 28 }]);
+        h.push(acked("t4", 95));
+        assert_eq!(check(&h, &state(&["t1", "t2", "t4"], 100), 50).len(), 1, "t4 is too young to judge");
 
         // An acknowledged create gone; a deleted one is not a loss.
         let v = check(&clean(), &state(&["t2"], 100), 50);
@@ -296,6 +321,13 @@ mod tests {
         let mut h = clean();
         h.push(Event::Deleted { test: "t1".into(), at: 90 });
         assert_eq!(check(&h, &state(&["t2"], 100), 50), vec![]);
+        // A delete before the acknowledgement explains nothing.
+        let mut h = clean();
+        h.insert(0, Event::Deleted { test: "t1".into(), at: 0 });
+        h.retain(|e| e != &acked("t1", 0));
+        h.push(acked("t1", 1));
+        let v = check(&h, &state(&["t2"], 100), 50);
+        assert!(v.iter().any(|v| matches!(v, Violation::CreateLost { .. })), "{v:?}");
 
         // A result read back different.
         let mut h = clean();

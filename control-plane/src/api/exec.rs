@@ -42,6 +42,14 @@ pub fn plan(t: &Test, req: &ExecRequest, fresh_name: impl FnOnce() -> String) ->
         command.name = fresh_name();
     } else {
         dns_label(&command.name).map_err(|e| Status::invalid_argument(format!("command.name: {e}")))?;
+        // Its processes would be taken for the step's.
+        if testbus_proto::steps::expand(t.spec()).iter().any(|e| e.step.name == command.name) {
+            return Err(Status::invalid_argument(format!(
+                "command.name: {:?} is a step of test {:?}",
+                command.name,
+                t.name()
+            )));
+        }
     }
     let s = t.status();
     let held =
@@ -93,7 +101,21 @@ impl ResourceService<Test> {
         let mut made = Vec::with_capacity(plan.members.len());
         for (member, host) in &plan.members {
             let (h, _) = hosts.load(host).await?;
+            // A held test's claims stay written after its hosts could have
+            // gone to another test: run only on a host this test holds.
+            if h.status().claim.as_ref().is_none_or(|c| c.test_uid != t.meta().uid) {
+                return Err(Status::failed_precondition(format!(
+                    "test: host {host:?} ({member}) is no longer held by test {:?}",
+                    t.name()
+                )));
+            }
             made.push(build(&t, &h, member, &plan.command, &BTreeMap::new(), Origin::Exec));
+        }
+        // Everything is checked before the first write: one bad member
+        // leaves none of the others started.
+        for p in &made {
+            use testbus_proto::validate::Validate;
+            p.validate().map_err(|e| Status::invalid_argument(format!("command: {e}")))?;
         }
         let processes = ResourceService::<Process>::new(self.st.clone());
         let mut out = Vec::with_capacity(made.len());
@@ -164,6 +186,12 @@ mod tests {
         let mut c = argv(&["true"]);
         c.background = true;
         assert!(plan(&t, &req(&[], c), || "x".into()).unwrap_err().message().starts_with("command.background:"));
+        let mut stepped = t.clone();
+        stepped.spec_mut().steps = vec![Step { name: "report".into(), ..argv(&["true"]) }];
+        let mut c = argv(&["true"]);
+        c.name = "report".into();
+        let e = plan(&stepped, &req(&[], c), || "x".into()).unwrap_err();
+        assert!(e.message().starts_with("command.name: \"report\" is a step"), "{}", e.message());
         let mut c = argv(&["true"]);
         c.name = "Not_A_Label".into();
         assert!(plan(&t, &req(&[], c), || "x".into()).unwrap_err().message().starts_with("command.name:"));

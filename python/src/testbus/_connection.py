@@ -182,6 +182,11 @@ class Connection:
     """Channels to each address of ``settings`` (made on first use, in the
     running event loop), and calls that fail over between them."""
 
+    #: How long one attempt of a single-answer call may take before the
+    #: next replica is tried (a replica that accepts calls but cannot
+    #: answer, its store cut off, would hold it for ever).
+    ATTEMPT = 60.0
+
     def __init__(self, settings: Settings, retry_for: float = 30.0) -> None:
         self.settings = settings
         self.addresses = settings.addresses()
@@ -227,8 +232,9 @@ class Connection:
         while True:
             i = self._current
             try:
-                return await fn(self._open(i))
-            except grpc.aio.AioRpcError as e:
+                return await asyncio.wait_for(fn(self._open(i)), self.ATTEMPT)
+            except (grpc.aio.AioRpcError, asyncio.TimeoutError) as err:
+                e = err if isinstance(err, grpc.aio.AioRpcError) else _Stalled(self.addresses[i].text, self.ATTEMPT)
                 if e.code() != grpc.StatusCode.UNAVAILABLE:
                     raise errors.from_rpc(e) from None
                 tried += 1
@@ -256,6 +262,19 @@ class Connection:
             if s is not None:
                 await s.channel.close()
         self._stubs = [None] * len(self.addresses)
+
+
+class _Stalled:
+    """An attempt that got no answer in time, shaped as an unavailable call."""
+
+    def __init__(self, where: str, seconds: float) -> None:
+        self.where, self.seconds = where, seconds
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return f"{self.where} did not answer within {self.seconds:g}s"
 
 
 def is_unavailable(e: BaseException) -> bool:

@@ -63,6 +63,7 @@ TERMINAL_TEST = {"Succeeded", "Failed", "Cancelled", "Error"}
 OUTCOMES = ("pass", "fail", "skip")
 _LABEL_TEST = "testbus.io/test"
 _LABEL_EXEC = "testbus.io/exec"
+_CREATED_BY = "testbus.io/python-create"
 _CHUNK = 256 * 1024
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _ENV = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -167,7 +168,7 @@ def duration(seconds: Optional[float], arg: str) -> str:
     ``""`` for None. ``ValueError`` names ``arg``."""
     if seconds is None:
         return ""
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < 10**9:
         raise ValueError(f"{arg}: must be a positive number of seconds, not {seconds!r}")
     ms = max(1, round(seconds * 1000))
     return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
@@ -215,6 +216,8 @@ class RunResult:
     message: str = ""
     signal: str = ""
     stdout_bytes: bytes = field(default=b"", repr=False)
+    #: The server's output limit cut stdout (what is here is its start).
+    stdout_truncated: bool = False
 
     @property
     def exit_code(self) -> Optional[int]:
@@ -238,10 +241,11 @@ class Client:
         config: Optional[Union[str, os.PathLike]] = None,
         retry_for: float = 30.0,
     ) -> None:
-        if not isinstance(retry_for, (int, float)) or not retry_for > 0:
+        if isinstance(retry_for, bool) or not isinstance(retry_for, (int, float)) or not 0 < retry_for < 86400:
             raise ValueError(f"retry_for: must be a positive number of seconds, not {retry_for!r}")
         self.settings = Settings.resolve(server, config)
         self.conn = Connection(self.settings, retry_for=retry_for)
+        self._watches: "set[_ProcessWatch]" = set()
 
     async def __aenter__(self) -> "Client":
         return self
@@ -250,6 +254,8 @@ class Client:
         await self.close()
 
     async def close(self) -> None:
+        for w in list(self._watches):
+            await w.stop()
         await self.conn.close()
 
     @property
@@ -278,12 +284,14 @@ class Client:
             name = _new_id("py-")
         if not isinstance(name, str) or not _NAME.match(name):
             raise ValueError(f"name: {name!r} is not a DNS label (a-z, 0-9 and '-', at most 63)")
+        if isinstance(priority, bool) or not isinstance(priority, int) or not -(2**31) <= priority < 2**31:
+            raise ValueError(f"priority: a whole number, not {priority!r}")
         spec = resources_pb2.TestSpec(
             hosts=requirements(hosts),
             env=_env(env, "env"),
             timeout=duration(timeout, "timeout"),
             pending_timeout=duration(pending_timeout, "pending_timeout"),
-            priority=int(priority),
+            priority=priority,
             open=True,
         )
         put = {}
@@ -293,7 +301,14 @@ class Client:
             if not Path(local).is_file():
                 raise ValueError(f"files[{remote!r}]: {str(local)!r} is not a readable file")
             put[remote] = Path(local)
-        meta = resources_pb2.ObjectMeta(name=name, labels=dict(labels or {}))
+        for k, v in (labels or {}).items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise ValueError(f"labels: {k!r}: keys and values are strings")
+        # Says which create this is, so a create retried on another replica
+        # finds the test its first attempt made instead of failing.
+        meta = resources_pb2.ObjectMeta(
+            name=name, labels=dict(labels or {}), annotations={_CREATED_BY: uuid.uuid4().hex}
+        )
         return Test(self, resources_pb2.Test(metadata=meta, spec=spec), put)
 
     def test(self, name: str) -> "Test":
@@ -387,8 +402,12 @@ class _ProcessWatch:
         self.ready = asyncio.Event()
 
     def start(self) -> None:
+        if self.failed is not None and not self.waiters:
+            # A watch that gave up is tried again for the next wait.
+            self.failed, self.task, self.ready = None, None, asyncio.Event()
         if self.task is None:
             self.task = asyncio.ensure_future(self._run())
+            self.client._watches.add(self)
 
     async def stop(self) -> None:
         if self.task is not None:
@@ -398,10 +417,30 @@ class _ProcessWatch:
             except (asyncio.CancelledError, Exception):
                 pass
             self.task = None
+        self.client._watches.discard(self)
+        # Whoever still waits gets the process as it is now, or why not.
+        for name, fs in list(self.waiters.items()):
+            try:
+                p = await self.client.conn.call(lambda s: s.processes.Get(api_pb2.GetRequest(name=name)), 5)  # noqa: B023
+                outcome: Optional[BaseException] = None
+            except errors.TestbusError as e:
+                outcome = e
+            for f in fs:
+                if f.done():
+                    continue
+                if outcome is None and p.status.phase in TERMINAL_PROCESS:
+                    f.set_result(p)
+                else:
+                    f.set_exception(outcome or errors.Conflict(f"process {name} still runs, but its test has ended"))
+        self.waiters.clear()
 
-    def _update(self, p: resources_pb2.Process) -> None:
+    def _update(self, p: resources_pb2.Process, deleted: bool = False) -> None:
         self.latest[p.metadata.name] = p
-        if p.status.phase in TERMINAL_PROCESS:
+        if deleted and p.status.phase not in TERMINAL_PROCESS:
+            for f in self.waiters.pop(p.metadata.name, []):
+                if not f.done():
+                    f.set_exception(errors.NotFound(f"process {p.metadata.name} was deleted before it ended"))
+        elif p.status.phase in TERMINAL_PROCESS:
             for f in self.waiters.pop(p.metadata.name, []):
                 if not f.done():
                     f.set_result(p)
@@ -431,18 +470,26 @@ class _ProcessWatch:
                 stream = conn.stubs().processes.Watch(
                     api_pb2.WatchRequest(resource_version=rv, label_selector=selector)
                 )
+                await stream.initial_metadata()
+                if not stream.done():
+                    deadline = None  # connected: a later break gets its own retry_for
                 async for ev in stream:
-                    deadline = None
                     if ev.type == "Compacted":
                         rv = ""
                         break
                     if ev.resource_version:
                         rv = ev.resource_version
                     if ev.type in ("Added", "Modified", "Deleted") and ev.object.metadata.name:
-                        self._update(ev.object)
+                        self._update(ev.object, deleted=ev.type == "Deleted")
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.OUT_OF_RANGE:
+                    # A replica behind the revision it was asked to resume
+                    # from: list again.
+                    rv = ""
+                    await asyncio.sleep(0.1)
+                    continue
                 if not is_unavailable(e):
                     self._fail(errors.from_rpc(e))
                     return
@@ -509,7 +556,10 @@ class Test:
         try:
             await conn.call(lambda s: s.tests.Create(self.obj))
         except errors.Conflict as e:
-            raise errors.Conflict(f"test {self.name}: {e.message}", e.code) from None
+            mine = self.obj.metadata.annotations.get(_CREATED_BY)
+            there = await conn.call(lambda s: s.tests.Get(api_pb2.GetRequest(name=self.name)))
+            if e.code != grpc.StatusCode.ALREADY_EXISTS or there.metadata.annotations.get(_CREATED_BY) != mine:
+                raise errors.Conflict(f"test {self.name}: {e.message}", e.code) from None
         try:
             await self._claimed()
             await self._load_hosts()
@@ -644,7 +694,14 @@ class Test:
         return await self._end(req, wait)
 
     async def _end(self, req: api_pb2.FinishRequest, wait: float) -> str:
-        await self.client.conn.call(lambda s: s.tests.Finish(req))
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or wait < 0:
+            raise ValueError(f"wait: a number of seconds, not {wait!r}")
+        try:
+            await self.client.conn.call(lambda s: s.tests.Finish(req))
+        except errors.Conflict as e:
+            # A Finish retried on another replica meets its own first try.
+            if "is finishing" not in e.message:
+                raise
         deadline = time.monotonic() + wait
         while True:
             t = await self.refresh()
@@ -696,8 +753,14 @@ class Test:
             made = list(
                 (await self.client.conn.call(lambda s: s.processes.List(api_pb2.ListRequest(label_selector=sel)))).items
             )
+            want = [m for m in self.hosts if not on or any(member_matches(m, r) for r in on)]
             if not made:
                 raise
+            if len(made) != len(want):
+                raise errors.Unavailable(
+                    f"an exec retried after a lost connection was made on {len(made)} of {len(want)} members"
+                ) from None
+            made.sort(key=lambda p: p.spec.role)
         self._started.extend(p.metadata.name for p in made)
         return made
 
@@ -722,6 +785,7 @@ class Test:
             message=s.message,
             signal=s.signal,
             stdout_bytes=bytes(out),
+            stdout_truncated=s.stdout_truncated,
         )
 
     async def _stop(self, name: str, grace: float) -> None:
@@ -810,8 +874,15 @@ def _command(
         if not background:
             raise ValueError("stdin: PIPE needs background=True (send to the Process it returns)")
         step.stdin_stream = True
+    elif isinstance(stdin, bytes):
+        try:
+            step.stdin = stdin.decode()
+        except UnicodeDecodeError:
+            raise ValueError("stdin: bytes that are not UTF-8 (give them as a file, or stdin=PIPE and send)") from None
+    elif isinstance(stdin, str):
+        step.stdin = stdin
     elif stdin is not None:
-        step.stdin = stdin.decode() if isinstance(stdin, bytes) else stdin
+        raise ValueError(f"stdin: a str, bytes or testbus.PIPE, not {type(stdin).__name__}")
     return step, shown
 
 
@@ -864,6 +935,8 @@ class Host:
         assert isinstance(r, RunResult)
         if not r.succeeded:
             raise errors.ProcessError(r)
+        if r.stdout_truncated:
+            raise errors.TestbusError(f"{path} on {self.name}: larger than the server's output limit")
         return r.stdout_bytes
 
 
@@ -911,8 +984,10 @@ class Group:
 
     async def put_file(self, local: Union[str, os.PathLike], path: str, mode: Optional[int] = None) -> None:
         """Writes a local file at ``path`` (absolute) on every member."""
-        if not path.startswith("/"):
-            raise ValueError(f"path: {path!r} must be absolute")
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise ValueError(f"path: {path!r} must be an absolute path")
+        if mode is not None and (isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777):
+            raise ValueError(f"mode: a file mode such as 0o644, not {mode!r}")
         local = Path(local)
         digest = await self.test.client.upload(local)
         m = f"{(local.stat().st_mode if mode is None else mode) & 0o777:04o}"
@@ -933,6 +1008,7 @@ class Process:
         self.member = obj.spec.role
         self.host = obj.spec.host_name
         self._sent = 0
+        self._unsent = b""
         self._stdin_lock = asyncio.Lock()
 
     def __repr__(self) -> str:
@@ -980,14 +1056,34 @@ class Process:
     async def send(self, data: Union[str, bytes]) -> None:
         """Writes ``data`` to its stdin (started with ``stdin=PIPE``); in
         order, each byte once, whichever replica takes it."""
-        chunk = data.encode() if isinstance(data, str) else bytes(data)
+        if isinstance(data, str):
+            chunk = data.encode()
+        elif isinstance(data, (bytes, bytearray, memoryview)):
+            chunk = bytes(data)
+        else:
+            raise ValueError(f"data: str or bytes, not {type(data).__name__}")
+        if not chunk and not self._unsent:
+            return
         async with self._stdin_lock:
-            req = api_pb2.OutputChunk(
-                process=self.name, stream=api_pb2.OUTPUT_STREAM_STDIN, offset=self._sent, data=chunk
-            )
-            answer = await self.test.client.conn.call(lambda s: s.output.Append(req))
-            self._sent = answer.length
-            if answer.truncated:
+            # Bytes a failed append may or may not have stored go again: the
+            # server keeps each offset once.
+            self._unsent += chunk
+            truncated = False
+            while self._unsent:
+                piece = self._unsent[: _CHUNK * 4]
+                req = api_pb2.OutputChunk(
+                    process=self.name, stream=api_pb2.OUTPUT_STREAM_STDIN, offset=self._sent, data=piece
+                )
+                answer = await self.test.client.conn.call(lambda s: s.output.Append(req))  # noqa: B023
+                done = max(0, min(len(piece), answer.length - self._sent))
+                self._sent += done
+                self._unsent = self._unsent[done:]
+                truncated = truncated or answer.truncated
+                if done < len(piece) and not answer.truncated:
+                    raise errors.Conflict(
+                        f"stdin of {self.name}: the server holds {answer.length} bytes, not {self._sent + len(piece)}"
+                    )
+            if truncated:
                 raise errors.TestbusError(
                     f"stdin of {self.name}: the server's output limit is reached; later bytes are not kept"
                 )
@@ -999,7 +1095,8 @@ class Process:
         def close(spec: resources_pb2.ProcessSpec) -> None:
             spec.stdin_closed = True
 
-        await _change_spec(self.test.client.conn, self.name, lambda spec: spec.stdin_closed, close)
+        async with self._stdin_lock:
+            await _change_spec(self.test.client.conn, self.name, lambda spec: spec.stdin_closed, close)
 
     async def output(self) -> str:
         """Its standard output so far."""

@@ -37,11 +37,22 @@ class _Loop:
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         if threading.current_thread() is self.thread:
             raise RuntimeError("a synchronous testbus call from inside its own event loop: use testbus.aio")
-        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        settled = threading.Event()
+
+        async def guarded() -> T:
+            try:
+                return await coro
+            finally:
+                settled.set()
+
+        fut = asyncio.run_coroutine_threadsafe(guarded(), self.loop)
         try:
             return fut.result()
         except KeyboardInterrupt:
+            # The coroutine's own cleanup (a test cancelled, its hosts let
+            # go) runs before Ctrl-C goes on, for a bounded time.
             fut.cancel()
+            settled.wait(timeout=30)
             raise
 
     def close(self) -> None:

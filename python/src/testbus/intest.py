@@ -14,7 +14,8 @@ process (``$TESTBUS_AGENT_SOCKET``), which adds who is speaking, as
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence, Union
+import time
+from typing import Dict, List, Optional, Sequence, Union
 
 import grpc
 
@@ -30,21 +31,33 @@ def in_test() -> bool:
     return bool(os.environ.get("TESTBUS_AGENT_SOCKET"))
 
 
+_STUBS: Dict[str, api_pb2_grpc.SyncStub] = {}
+
+
 def _stub() -> api_pb2_grpc.SyncStub:
     path = os.environ.get("TESTBUS_AGENT_SOCKET")
     if not path:
         raise errors.TestbusError("TESTBUS_AGENT_SOCKET is not set: this runs only inside a testbus process")
-    # gRPC's default authority for a socket is its path, which the agent's
-    # HTTP/2 server refuses as an authority.
-    channel = grpc.insecure_channel(f"unix:{path}", options=[("grpc.default_authority", "localhost")])
-    return api_pb2_grpc.SyncStub(channel)
+    if path not in _STUBS:
+        # gRPC's default authority for a socket is its path, which the
+        # agent's HTTP/2 server refuses as an authority.
+        channel = grpc.insecure_channel(f"unix:{path}", options=[("grpc.default_authority", "localhost")])
+        _STUBS[path] = api_pb2_grpc.SyncStub(channel)
+    return _STUBS[path]
 
 
 def _call(fn):  # type: ignore[no-untyped-def]
-    try:
-        return fn()
-    except grpc.RpcError as e:
-        raise errors.from_rpc(e) from None
+    """``fn``, again while the agent's socket is unreachable (an agent
+    reconnecting), for 30 s at most."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return fn()
+        except grpc.RpcError as e:
+            unreachable = getattr(e, "code", lambda: None)() == grpc.StatusCode.UNAVAILABLE
+            if not unreachable or time.monotonic() >= deadline:
+                raise errors.from_rpc(e) from None
+            time.sleep(0.2)
 
 
 def _key(key: str, arg: str) -> str:
@@ -57,13 +70,20 @@ def sync(name: str, roles: Optional[Sequence[str]] = None, timeout: Optional[flo
     """Waits until every member of the test (or of ``roles``) has arrived at
     barrier ``name``; the participants. Fails at once
     (:class:`~testbus.errors.Conflict`) if one of them can no longer arrive."""
+    if isinstance(roles, str):
+        raise ValueError(f"roles: a list of roles or members, not the string {roles!r}")
     req = api_pb2.BarrierRequest(name=_key(name, "name"), roles=list(roles or []), timeout=duration(timeout, "timeout"))
     return list(_call(lambda: _stub().Barrier(req)).participants)
 
 
 def send(key: str, value: Union[str, bytes] = b"") -> None:
     """Sends ``key`` from this member; a value, once sent, cannot change."""
-    data = value.encode() if isinstance(value, str) else bytes(value)
+    if isinstance(value, str):
+        data = value.encode()
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
+    else:
+        raise ValueError(f"value: str or bytes, not {type(value).__name__}")
     _call(lambda: _stub().Send(api_pb2.SendRequest(key=_key(key, "key"), value=data)))
 
 

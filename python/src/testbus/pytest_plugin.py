@@ -30,6 +30,7 @@ claim may live, default 3600).
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Any, Dict, Generator, Iterator, List, Tuple
 
@@ -81,7 +82,8 @@ def _topology(marker: pytest.Mark) -> Tuple[str, Dict[str, Any]]:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     marker = metafunc.definition.get_closest_marker(_MARKER)
-    if marker is None:
+    if marker is None or marker.args:
+        # Positional arguments are another plugin's (pytest-mh's) topology.
         return
     name, roles = _topology(marker)
     try:
@@ -105,9 +107,14 @@ class _Claims:
 
     def get(self, key: str, roles: Dict[str, Any], label: str) -> Test:
         t = self.tests.get(key)
-        if t is not None and t.phase != "Running":
-            self.tests.pop(key)
-            t = None
+        if t is not None:
+            try:
+                running = t.phase == "Running"
+            except Exception:  # gone (deleted, expired) or unreachable: claim anew
+                running = False
+            if not running:
+                self.tests.pop(key)
+                t = None
         if t is None:
             # Never wait for hosts while holding others: two sessions (xdist
             # workers) each holding one topology and waiting for another
@@ -126,7 +133,10 @@ class _Claims:
         if self.pool_guests.get(key):
             t = self.tests.pop(key, None)
             if t is not None:
-                t.finish()
+                try:
+                    t.finish()
+                except Exception:  # already ended (timed out): the guest goes back anyway
+                    pass
 
     def finish_all(self) -> None:
         for t in self.tests.values():
@@ -220,15 +230,22 @@ def result_path(nodeid: str) -> str:
     ``tests/test_nfs.py::TestX::test_mount[nfs]`` is
     ``tests.test_nfs.TestX.test_mount[nfs]`` (the last segment is the
     JUnit name, the rest its class, as pytest's own JUnit XML has them)."""
-    path, _, rest = nodeid.partition("::")
+    # Parameters first: an id may hold "::" or "." of its own.
+    head, bracket, params = nodeid.partition("[")
+    path, _, rest = head.partition("::")
     module = path[:-3] if path.endswith(".py") else path
     parts: List[str] = [p for p in module.split("/") if p]
     names = rest.split("::") if rest else []
-    if names:
-        head, bracket, params = names[-1].partition("[")
-        names[-1] = head + (bracket + params.replace(".", "_") if bracket else "")
-    clean = [re.sub(r"[^A-Za-z0-9_\-\[\]+=:,@]", "_", p) for p in parts + names]
-    return ".".join(p or "_" for p in clean)[:253]
+    if bracket:
+        last = names.pop() if names else ""
+        names.append(last + "[" + params.replace(".", "_"))
+    clean = [re.sub(r"[^A-Za-z0-9_\-\[\]+=:,@]", "_", p) or "_" for p in parts + names]
+    out = ".".join(clean)
+    if len(out) > 253:
+        # Cut, and told apart from other cut ids by a digest of the whole.
+        digest = hashlib.sha256(nodeid.encode()).hexdigest()[:12]
+        out = out[:240].rstrip(".") + "-" + digest
+    return out
 
 
 @pytest.hookimpl(hookwrapper=True)
