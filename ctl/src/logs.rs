@@ -368,7 +368,8 @@ fn step_index(t: &Test, p: &Process) -> usize {
 }
 
 /// A test's output. Without `follow`, what there is now, process by process
-/// in step order; with it, every process as it runs, until the test ends.
+/// in step order (then commands run with exec, oldest first); with it,
+/// every process as it runs, until the test ends.
 /// `Prefix::Never` copies output raw (for `run` on one host).
 pub async fn test_logs(client: &Client, test: &str, sel: &Select, follow: Follow, prefix: Prefix) -> CliResult<()> {
     let t = client.api::<Test>().get(test).await?;
@@ -377,7 +378,13 @@ pub async fn test_logs(client: &Client, test: &str, sel: &Select, follow: Follow
     if follow == Follow::No {
         let (mut procs, _) = client.api::<Process>().list("", &fields).await?;
         procs.retain(|p| p.spec().test_uid == t.meta().uid && sel.matches(p));
-        procs.sort_by(|a, b| (step_index(&t, a), &a.spec().role).cmp(&(step_index(&t, b), &b.spec().role)));
+        // Steps in step order, each by role; commands run with exec (no
+        // step's) after them, in the order they were made.
+        let made = |p: &Process| match p.meta().labels.contains_key(testbus_proto::process::LABEL_EXEC) {
+            true => p.meta().creation_timestamp.clone(),
+            false => String::new(),
+        };
+        procs.sort_by_cached_key(|p| (step_index(&t, p), made(p), p.spec().role.clone()));
         for p in procs {
             let pre = (prefix == Prefix::Always).then(|| prefix_for(&t, &p));
             copy_process(client, p.name(), pre, Follow::No, &sel.lines).await?;
