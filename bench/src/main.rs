@@ -902,7 +902,9 @@ async fn dashboard(smoke: bool) -> anyhow::Result<serde_json::Value> {
 /// plane's namespace as the `run` scenario's commands).
 async fn python(smoke: bool) -> anyhow::Result<serde_json::Value> {
     let n = if smoke { 10 } else { 1000 };
-    let mut c = Cluster::start(1).await;
+    // The agent's default lease (the harness's 2 s is for fast tests: a
+    // thousand processes started at once outlast it in a debug build).
+    let mut c = Cluster::start_with(1, &["--lease-duration", "10s"]).await;
     c.ctl_node = Some("cp".into());
     let root = testbus_tests::repo_root();
     let py = testbus_tests::python_venv("python-venv-bench", false);
