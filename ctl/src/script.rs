@@ -11,8 +11,8 @@ use testbus_proto::duration;
 use testbus_proto::states::{ProcessPhase, TestPhase};
 use testbus_proto::validate::member_matches;
 use testbus_proto::{
-    phase, ExecRequest, FileRef, FinishRequest, Host, HostRequirement, ObjectMeta, Process, RecordResultRequest,
-    Resource, SetEnvRequest, Test, TestSpec,
+    phase, ExecRequest, FileRef, FinishRequest, HostRequirement, ObjectMeta, Process, RecordResultRequest, Resource,
+    SetEnvRequest, Test, TestSpec,
 };
 
 /// `ROLE[=CAP[,CAP...]][:COUNT]`.
@@ -90,41 +90,6 @@ async fn wait_running(client: &Client, name: &str) -> CliResult<Test> {
         }
     }
     Err(CliError::incomplete("the watch ended"))
-}
-
-/// The running test and the members `roles` select (all when empty).
-async fn targets(client: &Client, test: &str, roles: &[String]) -> CliResult<(Test, Vec<(String, Host)>)> {
-    let t = client.api::<Test>().get(test).await?;
-    let s = t.status();
-    // A failed test that holds its hosts (holdOnFailure) can be debugged
-    // on them until it is deleted, like LAVA's hacking session.
-    let held = phase::test_terminal(&s.phase)
-        && t.meta().deletion_timestamp.is_empty()
-        && s.conditions
-            .iter()
-            .any(|c| c.is(testbus_proto::states::ConditionType::Held, testbus_proto::states::ConditionStatus::True));
-    if s.phase != ProcessPhase::Running && !held {
-        let why = if phase::test_terminal(&s.phase) {
-            format!("has ended ({}) and holds no hosts (spec.holdOnFailure keeps a failed test's hosts)", s.phase)
-        } else {
-            format!("is not running (phase {})", s.phase)
-        };
-        return Err(CliError::usage(format!("test/{test} {why}")));
-    }
-    let mut out = Vec::new();
-    for (member, host) in &t.status().claims {
-        if roles.is_empty() || roles.iter().any(|r| member_matches(member, r)) {
-            out.push((member.clone(), client.api::<Host>().get(host).await?));
-        }
-    }
-    if out.is_empty() {
-        let known: Vec<&str> = t.status().claims.keys().map(String::as_str).collect();
-        return Err(CliError::usage(format!(
-            "--role: no member of test/{test} matches (members: {})",
-            known.join(", ")
-        )));
-    }
-    Ok((t, out))
 }
 
 fn suffix() -> String {
@@ -369,13 +334,16 @@ pub async fn cp(client: &Client, src: &str, dest: &str) -> CliResult {
             Ok(exit_code(&procs))
         }
         (Some((test, role, path)), None) => {
-            let (_, members) = targets(client, &test, std::slice::from_ref(&role)).await?;
-            if members.len() != 1 {
-                let names: Vec<&str> = members.iter().map(|(m, _)| m.as_str()).collect();
+            // One member to read from; whether the test may run commands
+            // at all is the server's to say (Tests.Exec).
+            let t = client.api::<Test>().get(&test).await?;
+            let members: Vec<&str> =
+                t.status().claims.keys().map(String::as_str).filter(|m| member_matches(m, &role)).collect();
+            if members.len() > 1 {
                 return Err(CliError::usage(format!(
                     "{src}: {role} has {} members; name one ({})",
-                    names.len(),
-                    names.join(", ")
+                    members.len(),
+                    members.join(", ")
                 )));
             }
             let a = ExecArgs {
