@@ -42,7 +42,7 @@ if sys.argv[1] == "--from":
 else:
     work, out, profile, full = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
     scenarios = {}
-    for name in ["store", "link", "proxy", "run", "start", "throughput", "tls", "dashboard", "queue", "fanout", "output", "files", "idle", "sync", "watches", "python", "pools"]:
+    for name in ["store", "link", "proxy", "run", "start", "throughput", "tls", "dashboard", "queue", "fanout", "output", "files", "idle", "sync", "watches", "python", "pools", "containers"]:
         v = load(name)
         if v is not None:
             scenarios[name] = v
@@ -245,6 +245,21 @@ if s:
     big = max(par, key=int)
     pr = par[big] / max(par["1"], 1e-9)
     target("%s guests in parallel against one" % big, "≤ 2×", "%.2f×" % pr, pr <= 2)
+
+s = scenarios.get("containers")
+if s:
+    b, w, c = s["bare_agent_start"], s["warm_pool_start"], s["clean_again"]
+    lines += ["", "## HostPools: podman containers", "",
+              "| | ms |", "|---|---:|",
+              "| test start on a bare agent, p50 of %d | %s |" % (b["n"], ms(b["p50_ms"])),
+              "| test start on a warm pool (container Ready), p50 of %d | %s |" % (w["n"], ms(w["p50_ms"])),
+              "| test start from zero containers | %s |" % ms(s["cold_pool_start_ms"]),
+              "| release → a new container clean and Ready, p50 of %d | %s |" % (c["n"], ms(c["p50_ms"])),
+              "| 4 containers for one test, from zero | %s |" % ms(s["four_from_zero_ms"])]
+    r = s["warm_over_bare"]
+    target("container pool test start when warm against a bare agent", "≤ 1.5×", "%.2f×" % r, r <= 1.5)
+    target("4 containers from zero", "≤ 2 s", "%.2f s" % (s["four_from_zero_ms"] / 1e3), s["four_from_zero_ms"] <= 2000)
+    target("release → container clean again", "≤ 1 s", "%.2f s" % (c["p50_ms"] / 1e3), c["p50_ms"] <= 1000)
 
 report = lines[:3] + ["", "## Targets", "", "| what | target | measured | |", "|---|---|---|---|"] + \
     ["| %s | %s | %s | %s |" % t for t in targets] + lines[3:]

@@ -780,6 +780,72 @@ async fn pools(smoke: bool) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
+/// HostPools of podman containers: a test's start on a warm pool against
+/// a bare agent, release to clean again (a new container), 4 containers
+/// from zero for one test.
+async fn containers(smoke: bool) -> anyhow::Result<serde_json::Value> {
+    let Some(storage) = testbus_tests::podman::PodmanStorage::new().await else {
+        bail!("podman needs root");
+    };
+    let rounds = if smoke { 2 } else { 10 };
+    let c = Cluster::start_full(1, &[], &["--podman-storage", &storage.path().display().to_string()]).await;
+    let client = c.client().await;
+    let pools = client.api::<testbus_proto::HostPool>();
+    let apply_pool = |name: &str| {
+        let p = manifest(
+            &c,
+            &format!("{name}.yaml"),
+            &format!(
+                "apiVersion: testbus/v1\nkind: HostPool\nmetadata: {{name: {name}}}\nspec:\n  provider: podman\n  \
+                 image: {}\n  capabilities: [{name}]\n  max: 8\n  idleTimeout: 1h\n",
+                testbus_tests::podman::IMAGE
+            ),
+        );
+        let out = c.ctl(&["apply", "-f", &p]);
+        anyhow::ensure!(out.code == 0, "apply {name}: {out:?}");
+        Ok(())
+    };
+    let delete_pool = |name: String| {
+        let (pools, storage) = (&pools, &storage);
+        async move {
+            pools.delete(&name).await?;
+            wait_for(Duration::from_secs(120), "the pool and its containers to go", || async {
+                let gone = pools.get_opt(&name).await.ok()?.is_none();
+                (gone && storage.containers(&format!("{name}-")).is_empty()).then_some(())
+            })
+            .await;
+            anyhow::Ok(())
+        }
+    };
+    let mut bare = Vec::new();
+    for i in 0..rounds {
+        bare.push(time_to_running(&client, claim_test(&format!("bare-{i}"), "linux", 1)?).await?);
+    }
+    apply_pool("bc-warm")?;
+    let cold = time_to_running(&client, claim_test("cold", "bc-warm", 1)?).await?;
+    let (mut warm, mut clean_again) = (Vec::new(), Vec::new());
+    for i in 0..rounds {
+        let released = Instant::now();
+        clean_guests(&client, "bc-warm", 1).await;
+        clean_again.push(released.elapsed().as_secs_f64() * 1e3);
+        warm.push(time_to_running(&client, claim_test(&format!("warm-{i}"), "bc-warm", 1)?).await?);
+    }
+    delete_pool("bc-warm".into()).await?;
+    apply_pool("bc-four")?;
+    let four = time_to_running(&client, claim_test("four", "bc-four", 4)?).await?;
+    delete_pool("bc-four".into()).await?;
+    let (bare, warm) = (summary(bare), summary(warm));
+    let ratio = warm["p50_ms"].as_f64().unwrap_or(0.0) / bare["p50_ms"].as_f64().unwrap_or(1.0).max(1e-9);
+    Ok(json!({
+        "bare_agent_start": bare,
+        "warm_pool_start": warm,
+        "warm_over_bare": ratio,
+        "cold_pool_start_ms": cold,
+        "clean_again": summary(clean_again),
+        "four_from_zero_ms": four,
+    }))
+}
+
 /// One HTTP/1.1 GET on a new connection to `addr` (host:port): the status,
 /// the body, and the milliseconds to its last byte.
 async fn http_get(addr: &str, path: &str, headers: &str) -> anyhow::Result<(u16, String, f64)> {
@@ -954,13 +1020,14 @@ async fn main() {
         Some("sync") => sync_waiters(smoke).await,
         Some("watches") => future_watches(smoke).await,
         Some("pools") => pools(smoke).await,
+        Some("containers") => containers(smoke).await,
         Some("tls") => tls(smoke).await,
         Some("dashboard") => dashboard(smoke).await,
         Some("queue") => queue(smoke).await,
         Some("python") => python(smoke).await,
         _ => {
             eprintln!(
-                "usage: testbus-bench run|start|throughput|fanout|output|files|idle|sync|watches|pools|tls|dashboard|queue|python [--smoke]"
+                "usage: testbus-bench run|start|throughput|fanout|output|files|idle|sync|watches|pools|containers|tls|dashboard|queue|python [--smoke]"
             );
             std::process::exit(2);
         }

@@ -196,6 +196,10 @@ struct Serve {
     /// host carries a connection or two per guest behind it).
     #[arg(long, default_value_t = 1024)]
     max_connections_per_peer: usize,
+    /// Where podman pools' containers and images are kept (podman's
+    /// `--root DIR/root --runroot DIR/run`). Default: podman's own storage.
+    #[arg(long, value_name = "DIR")]
+    podman_storage: Option<PathBuf>,
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -357,6 +361,7 @@ async fn main() {
         tls_key: args.tls_key,
         client_ca: args.client_ca,
         agent_cert_ttl: args.agent_cert_ttl,
+        podman_storage: args.podman_storage,
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
     let on_signal = shutdown.clone();

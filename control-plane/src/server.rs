@@ -72,6 +72,10 @@ pub struct Config {
     pub client_ca: Option<PathBuf>,
     /// How long an agent's certificate is valid (it renews it at 2/3).
     pub agent_cert_ttl: Duration,
+    /// Podman pools' containers and images live in a storage of their own
+    /// here (podman's `--root DIR/root --runroot DIR/run`); default:
+    /// podman's.
+    pub podman_storage: Option<PathBuf>,
 }
 
 /// The TLS of a server: how it accepts connections, and its credentials.
@@ -1052,6 +1056,15 @@ fn write_advertise(cfg: &Config, startup: &Startup) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The substrates this control plane makes pool guests on, by the name a
+/// pool's `spec.provider` gives.
+fn providers(cfg: &Config) -> testbus_pool_provider::Providers {
+    let podman = testbus_pool_podman::Podman::new(cfg.podman_storage.as_deref());
+    testbus_pool_provider::Providers::default()
+        .register("libvirt", testbus_pool_libvirt::LibvirtKind)
+        .register("podman", testbus_pool_podman::PodmanKind(podman))
+}
+
 /// Starts the controllers (on the elected leader only, when replicas share
 /// an etcd), if this control plane runs them, with pool guests' links
 /// made by the `testbus-relay` beside this binary.
@@ -1071,10 +1084,13 @@ fn start_controllers(
         let GuestUpstream { address: upstream, tls: guest_tls } = startup.guest_upstream.clone();
         ccfg.pools = Some(testbus_controllers::pools::PoolsConfig {
             state_dir: std::path::absolute(cfg.data_dir.join("guests")).unwrap_or_else(|_| cfg.data_dir.join("guests")),
-            relay,
-            upstream,
-            tls: guest_tls,
-            vsock_device: on_path("vhost-device-vsock"),
+            links: testbus_pool_provider::LinkConfig {
+                relay,
+                upstream,
+                tls: guest_tls,
+                vsock_device: on_path("vhost-device-vsock"),
+            },
+            providers: providers(cfg),
             timings: state.metrics.guest_timings(),
         });
     }
@@ -1200,6 +1216,7 @@ mod tests {
             tls_key: None,
             client_ca: None,
             agent_cert_ttl: Duration::from_secs(3600),
+            podman_storage: None,
         }
     }
 

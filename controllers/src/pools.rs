@@ -1,14 +1,16 @@
 //! The HostPool controller: reconcile(pool) reads the pool, its guests'
 //! Hosts and the pending tests, asks `pool_plan` what to do, and starts
 //! each guest operation (create, clean, destroy) as a task of its own; the
-//! task reports back by requeueing the pool. Libvirt is reached only
-//! through `testbus-pool-libvirt`, on blocking threads.
+//! task reports back by requeueing the pool. The substrate is reached only
+//! through the pool's [`Provider`] (`spec.provider`, registered by the
+//! control plane in [`PoolsConfig::providers`]): this crate knows no
+//! substrate's API.
 //!
 //! Ownership: `Guests` holds what this controller knows of each guest
-//! (phase, message, the task working on it) and the host side of its link
-//! (a `testbus-relay` child process, killed when dropped). Both live as
-//! long as the controllers; a restarted control plane finds its guests
-//! again in libvirt and links them anew.
+//! (phase, message, the task working on it) and one provider object per
+//! provider key, which holds the host side of its guests' links. Both live
+//! as long as the controllers; a restarted control plane finds its guests
+//! again through the provider and links them anew.
 use crate::error::{Doing, Error};
 use crate::pool_plan::{self, GuestPhase, GuestView};
 use crate::runtime::Action;
@@ -18,20 +20,19 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use testbus_pool_libvirt::{
-    Console, GuestLink, GuestSpec, GuestState, Libvirt, LineStream, ProviderError, CLEAN_SNAPSHOT, VSOCK_MARK,
-    VSOCK_PORT, WAITING_MARK,
+use testbus_pool_provider::{
+    async_trait, GuestError, GuestSpec, JoinTokens, LinkConfig, LinkStart, Observed, Provider, Providers,
 };
 use testbus_proto::pool::CLEAN_ANNOTATION;
 use testbus_proto::states::{ConditionStatus, ConditionType};
 use testbus_proto::{phase, time, Condition, Guest, Host, HostPool, Resource};
 use tonic::{Code, Status};
 
-/// Finalizer of every pool that made something in libvirt: its guests,
-/// disks, domains and network go first.
+/// Finalizer of every pool that made something on its substrate: its
+/// guests (and their network) go first.
 pub const POOL_FINALIZER: &str = "testbus.io/pool-cleanup";
 
-/// How long a guest may take from start to waiting for its go.
+/// How long a guest may take from start to waiting for its link.
 pub const BOOT_DEADLINE: Duration = Duration::from_secs(180);
 
 /// The pool's bootTimeout, or BOOT_DEADLINE.
@@ -41,22 +42,16 @@ fn boot_deadline(pool: &HostPool) -> Duration {
 /// How long its agent may take to register once linked.
 pub const LINK_DEADLINE: Duration = Duration::from_secs(60);
 
-/// Where the pool controller keeps guest state and finds the relay.
+/// Where the pool controller keeps guest state, what links guests, and
+/// the providers it makes them with.
 #[derive(Debug, Clone)]
 pub struct PoolsConfig {
-    /// Guests' disks and console logs: DIR/GUEST/.
+    /// Guests' own directories (logs, sockets, disks): DIR/GUEST/.
     pub state_dir: PathBuf,
-    /// The `testbus-relay` binary that carries each guest's link.
-    pub relay: PathBuf,
-    /// The control plane's address for the relays: its TLS listener
-    /// (`tcp:IP:PORT`), or without TLS its local socket.
-    pub upstream: String,
-    /// Whether guests join with a token (the upstream is a TLS listener)
-    /// rather than speak plain to the local socket.
-    pub tls: bool,
-    /// The `vhost-device-vsock` binary that serves vsock guests' device
-    /// (found on PATH when the control plane starts).
-    pub vsock_device: PathBuf,
+    /// The relay (and devices) that carry guests' links.
+    pub links: LinkConfig,
+    /// The substrates pools may name in `spec.provider`.
+    pub providers: Providers,
     /// Where the time guest work took is reported (metrics).
     pub timings: GuestTimings,
 }
@@ -66,7 +61,7 @@ pub struct PoolsConfig {
 pub enum GuestWork {
     /// From nothing to a guest Ready for a test: disk, boot, snapshot, link.
     Create,
-    /// Its clean snapshot loaded in place.
+    /// Its clean state brought back in place (a snapshot loaded).
     Revert,
     /// Ready for a test again after one: the revert, the link and the
     /// agent's registration.
@@ -121,19 +116,29 @@ struct GuestRun {
     snapshot_taken: Option<String>,
     /// A task works on it.
     busy: bool,
-    /// The host side of its link.
-    link: Option<tokio::process::Child>,
-    /// The QEMU run the link was made for (a revert starts a new one).
-    linked_run: Option<u32>,
-    /// A vsock guest's vhost-device-vsock (None for a serial guest).
-    device: Option<tokio::process::Child>,
 }
 
-/// What the controller knows of every guest, and their links.
+impl GuestRun {
+    fn new(pool: &str, phase: GuestPhase, message: impl Into<String>, busy: bool) -> GuestRun {
+        GuestRun {
+            pool: pool.into(),
+            phase,
+            message: message.into(),
+            address: String::new(),
+            created: String::new(),
+            cleanings: 0,
+            snapshot_taken: None,
+            busy,
+        }
+    }
+}
+
+/// What the controller knows of every guest, and the providers.
 pub struct Guests {
     runs: Mutex<HashMap<String, GuestRun>>,
-    /// One libvirt connection per URI, opened on first use.
-    providers: Mutex<HashMap<String, Arc<Libvirt>>>,
+    /// One provider object per provider and key (a libvirt URI), opened on
+    /// first use; each holds its guests' links.
+    providers: Mutex<HashMap<(String, String), Arc<dyn Provider>>>,
     /// Per pool: failures in a row, when creating may be tried again, and
     /// the last failure.
     backoff: Mutex<HashMap<String, (u32, SystemTime, String)>>,
@@ -159,9 +164,9 @@ impl Guests {
         }
     }
 
-    /// Runs one guest operation as a task of its own, cancelled (dropped:
-    /// the relay and device children it holds are killed) on shutdown. A
-    /// guest left half made is found by the next control plane (`adopt`).
+    /// Runs one guest operation as a task of its own, cancelled (dropped)
+    /// on shutdown. A guest left half made is found by the next control
+    /// plane (`adopt`).
     fn spawn(&self, guest: String, op: impl std::future::Future<Output = ()> + Send + 'static) {
         let stop = self.stop.clone();
         self.tasks.spawn(async move {
@@ -175,16 +180,15 @@ impl Guests {
     }
 
     /// Cancels every guest task and waits until they have ended; then the
-    /// links and devices of the guests go (dropped with their runs).
+    /// providers go, and with them the links of the guests.
     pub async fn shutdown(&self) {
         self.stop.cancel();
         self.tasks.close();
         self.tasks.wait().await;
         self.runs.lock().clear();
+        self.providers.lock().clear();
     }
-}
 
-impl Guests {
     fn set(&self, name: &str, phase: GuestPhase, message: impl Into<String>) {
         if let Some(g) = self.runs.lock().get_mut(name) {
             g.phase = phase;
@@ -193,75 +197,33 @@ impl Guests {
     }
 }
 
-fn uri(pool: &HostPool) -> String {
-    let u = &pool.spec().uri;
-    if u.is_empty() {
-        "qemu:///system".into()
-    } else {
-        u.clone()
+/// The provider of the pool's `spec.provider`, opened on first use; None
+/// if this control plane has no such provider.
+fn provider(ctx: &Context, cfg: &PoolsConfig, pool: &HostPool) -> Option<Arc<dyn Provider>> {
+    let kind = cfg.providers.get(&pool.spec().provider)?;
+    let key = (pool.spec().provider.clone(), kind.key(pool));
+    let mut providers = ctx.guests.providers.lock();
+    Some(providers.entry(key).or_insert_with(|| kind.open(pool, &cfg.links)).clone())
+}
+
+/// A condition reason for the pool's provider: `LibvirtUnreachable`.
+fn provider_reason(pool: &HostPool, what: &str) -> String {
+    let p = &pool.spec().provider;
+    let mut cs = p.chars();
+    let title: String = cs.next().map(|c| c.to_ascii_uppercase()).into_iter().chain(cs).collect();
+    format!("{title}{what}")
+}
+
+/// What a guest of `pool` is, for its provider.
+fn guest_spec(ctx: &Context, cfg: &PoolsConfig, pool: &Arc<HostPool>, name: &str) -> GuestSpec {
+    let address = ctx.guests.runs.lock().get(name).map(|g| g.address.clone()).filter(|a| !a.is_empty());
+    GuestSpec {
+        name: name.into(),
+        pool: pool.clone(),
+        state_dir: cfg.state_dir.join(name),
+        address,
+        boot: boot_deadline(pool),
     }
-}
-
-/// Runs a blocking libvirt call off the async threads.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ProviderError> + Send + 'static,
-) -> Result<T, ProviderError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or_else(|e| Err(ProviderError::Image(format!("a libvirt call panicked: {e}"))))
-}
-
-/// Why a pool could not make, clean, link or remove a guest: said on the
-/// guest and the pool, and logged (the pool backs off after failures in a
-/// row).
-#[derive(Debug, thiserror::Error)]
-pub enum GuestError {
-    /// libvirt, or the image and disks it works on.
-    #[error(transparent)]
-    Provider(#[from] ProviderError),
-    /// A file or a process of the guest's on this machine.
-    #[error("{what}: {source}")]
-    Local {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
-    /// The guest did not come up in time (it did not boot, had no line, or
-    /// its agent did not register), or it stopped.
-    #[error("{0}")]
-    NotUp(String),
-    /// The API refused or failed (a join token, the guest's Host).
-    #[error("{0}")]
-    Api(String),
-}
-
-impl From<Status> for GuestError {
-    fn from(s: Status) -> GuestError {
-        GuestError::Api(s.message().to_string())
-    }
-}
-
-impl From<Error> for GuestError {
-    fn from(e: Error) -> GuestError {
-        GuestError::Api(e.to_string())
-    }
-}
-
-impl GuestError {
-    fn local(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> GuestError {
-        let what = what.to_string();
-        move |source| GuestError::Local { what, source }
-    }
-}
-
-async fn provider(ctx: &Context, uri: &str) -> Result<Arc<Libvirt>, ProviderError> {
-    if let Some(p) = ctx.guests.providers.lock().get(uri).filter(|p| p.alive()).cloned() {
-        return Ok(p);
-    }
-    let u = uri.to_string();
-    let p = Arc::new(blocking(move || Libvirt::open(&u)).await?);
-    ctx.guests.providers.lock().insert(uri.to_string(), p.clone());
-    Ok(p)
 }
 
 /// The pool's Available condition.
@@ -281,31 +243,36 @@ pub async fn reconcile(ctx: &Arc<Context>, name: &str) -> Result<Action, Error> 
     let Some(cfg) = ctx.cfg.pools.clone() else {
         return Ok(Action::AwaitChange);
     };
+    let Some(p) = provider(ctx, &cfg, &pool) else {
+        let msg = format!(
+            "this control plane has no provider {:?} (it has: {})",
+            pool.spec().provider,
+            cfg.providers.names().join(", ")
+        );
+        write_status(ctx, &pool, Some(available(ConditionStatus::False, "UnknownProvider", &msg))).await?;
+        return Ok(Action::Requeue(Duration::from_secs(30)));
+    };
     if !pool.meta().deletion_timestamp.is_empty() {
-        return delete_pool(ctx, &pool, &cfg).await;
+        return delete_pool(ctx, &pool, &cfg, &p).await;
     }
     // Without its relay no guest could be linked: none is made (each
     // would boot, fail to link and be made again), and none is touched.
-    if !cfg.relay.exists() {
+    if !cfg.links.relay.exists() {
         let msg = format!(
             "this control plane cannot link guests: {} is missing (install testbus-relay beside testbus-control-plane)",
-            cfg.relay.display()
+            cfg.links.relay.display()
         );
         write_status(ctx, &pool, Some(available(ConditionStatus::False, "RelayMissing", &msg))).await?;
         return Ok(Action::Requeue(Duration::from_secs(30)));
     }
-    let uri = uri(&pool);
-    let lv = match provider(ctx, &uri).await {
-        Ok(p) => p,
-        Err(e) => {
-            let msg = format!("cannot reach libvirt: {e}");
-            write_status(ctx, &pool, Some(available(ConditionStatus::False, "LibvirtUnreachable", &msg))).await?;
-            return Ok(Action::Requeue(Duration::from_secs(5)));
-        }
-    };
-    adopt(ctx, &pool, &lv).await;
-    check_alive(ctx, &pool, &lv).await;
-    start_snapshots(ctx, &pool, &lv);
+    if let Err(e) = p.reach().await {
+        let reason = provider_reason(&pool, "Unreachable");
+        write_status(ctx, &pool, Some(available(ConditionStatus::False, &reason, &e.to_string()))).await?;
+        return Ok(Action::Requeue(Duration::from_secs(5)));
+    }
+    adopt(ctx, &pool, &p).await;
+    check_alive(ctx, &pool, &p).await;
+    start_snapshots(ctx, &pool, &p);
     let views = views(ctx, &pool);
     let demand = pool_plan::demand(&pool, ctx.tests.list().iter().map(|t| t.as_ref()));
     let plan = pool_plan::plan(&pool, &views, demand, SystemTime::now());
@@ -314,9 +281,9 @@ pub async fn reconcile(ctx: &Arc<Context>, name: &str) -> Result<Action, Error> 
         Some((_, until, _)) if *until > SystemTime::now() => 0,
         _ => plan.create,
     };
-    // The finalizer comes before the first thing made in libvirt (network,
-    // disk, domain): a pool that never made anything is deleted at once,
-    // even while libvirt is unreachable.
+    // The finalizer comes before the first thing made on the substrate
+    // (network, disk, guest): a pool that never made anything is deleted
+    // at once, even while its substrate is unreachable.
     if create > 0 && !pool.meta().finalizers.iter().any(|f| f == POOL_FINALIZER) {
         let mut next = (*pool).clone();
         next.meta_mut().finalizers.push(POOL_FINALIZER.into());
@@ -324,19 +291,17 @@ pub async fn reconcile(ctx: &Arc<Context>, name: &str) -> Result<Action, Error> 
         return Ok(Action::AwaitChange);
     }
     for _ in 0..create {
-        start_create(ctx, &pool, &lv, &cfg, &plan.for_tests);
+        start_create(ctx, &pool, &p, &cfg, &plan.for_tests);
     }
     for g in &plan.clean {
-        // A vsock guest cannot be snapshotted (vhost-user-vsock cannot be
-        // migrated): it is cleaned by making a new one.
-        if is_vsock(&pool) {
-            start_destroy(ctx, &pool, &lv, &cfg, g);
+        if p.cleans_in_place(&pool) {
+            start_clean(ctx, &pool, &p, &cfg, g);
         } else {
-            start_clean(ctx, &pool, &lv, &cfg, g);
+            start_destroy(ctx, &pool, &p, &cfg, g);
         }
     }
     for g in &plan.destroy {
-        start_destroy(ctx, &pool, &lv, &cfg, g);
+        start_destroy(ctx, &pool, &p, &cfg, g);
     }
     let what = if create > 0 && !plan.for_tests.is_empty() {
         format!("creating {create} guests for test {}", plan.for_tests.join(", "))
@@ -357,20 +322,19 @@ pub async fn reconcile(ctx: &Arc<Context>, name: &str) -> Result<Action, Error> 
     Ok(Action::Requeue(Duration::from_secs(2)))
 }
 
-/// Guests of the pool that libvirt has but this controller does not know
-/// (a restarted control plane): known again, relinked.
-async fn adopt(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>) {
-    let prefix = format!("{}-", pool.name());
-    let l = lv.clone();
-    let names = match blocking(move || l.guests(&prefix)).await {
+/// Guests of the pool that the substrate has but this controller does not
+/// know (a restarted control plane): known again, relinked.
+async fn adopt(ctx: &Arc<Context>, pool: &Arc<HostPool>, p: &Arc<dyn Provider>) {
+    let Some(cfg) = ctx.cfg.pools.clone() else { return };
+    let names = match p.guests(&format!("{}-", pool.name())).await {
         Ok(names) => names,
         Err(e) => {
             tracing::warn!(pool = pool.name(), error = %e, "cannot list the pool's guests");
             return;
         }
     };
-    tracing::debug!(pool = pool.name(), ?names, "guests in libvirt");
-    let in_libvirt = names.clone();
+    tracing::debug!(pool = pool.name(), ?names, "guests on the substrate");
+    let found = names.clone();
     for n in names {
         if ctx.guests.runs.lock().contains_key(&n) {
             continue;
@@ -385,47 +349,28 @@ async fn adopt(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>) {
         if !ours {
             continue;
         }
-        // A vsock guest's device went with the control plane that started
-        // it: the guest cannot be linked again, and is replaced; so is one
-        // that never registered (its boot may not have been seen through).
-        let (phase, message) = if host.is_none() {
-            (GuestPhase::Failed, "found after a restart before it registered; replacing it")
-        } else if is_vsock(pool) {
-            (GuestPhase::Failed, "found again after a restart: its vsock device is gone; replacing it")
-        } else {
-            (GuestPhase::Linking, "found again; relinking")
+        // One that never registered is replaced (its boot may not have
+        // been seen through), and so is one its provider cannot link
+        // again (a vsock guest's device went with the old control plane).
+        let (phase, message) = match (&host, p.relinkable(pool)) {
+            (None, _) => (GuestPhase::Failed, "found after a restart before it registered; replacing it".to_string()),
+            (Some(_), Err(why)) => (GuestPhase::Failed, format!("found again after a restart: {why}; replacing it")),
+            (Some(_), Ok(())) => (GuestPhase::Linking, "found again; relinking".to_string()),
         };
         tracing::info!(pool = pool.name(), guest = %n, why = message, "guest found");
-        ctx.guests.runs.lock().insert(
-            n.clone(),
-            GuestRun {
-                pool: pool.name().into(),
-                phase,
-                message: message.into(),
-                address: String::new(),
-                created: String::new(),
-                cleanings: 0,
-                snapshot_taken: None,
-                busy: false,
-                link: None,
-                linked_run: None,
-                device: None,
-            },
-        );
+        ctx.guests.runs.lock().insert(n.clone(), GuestRun::new(pool.name(), phase, message, false));
         if phase == GuestPhase::Linking {
-            relink(ctx.clone(), pool, lv, &n);
+            relink(ctx.clone(), pool, p, &n);
         }
     }
-    // A guest an earlier control plane began to make and died before
-    // libvirt had its domain left only its state dir (and, on a remote
-    // daemon, maybe its volumes): removed. (A guest this one is making is
-    // in `runs` from before its dir exists.)
-    let Some(cfg) = ctx.cfg.pools.clone() else { return };
+    // A guest an earlier control plane began to make and died before the
+    // substrate had it left only its state dir (and maybe more the
+    // provider made): removed. (A guest this one is making is in `runs`
+    // from before its dir exists.)
     let leftovers = leftover_dirs(&cfg, pool.name(), &ctx.guests.runs.lock());
-    for n in leftovers.into_iter().filter(|n| !in_libvirt.contains(n)) {
-        let (l, dir, image) = (lv.clone(), cfg.state_dir.join(&n), PathBuf::from(&pool.spec().image));
+    for n in leftovers.into_iter().filter(|n| !found.contains(n)) {
         tracing::info!(pool = pool.name(), guest = %n, "removing what a guest never made left behind");
-        if let Err(e) = blocking(move || l.destroy_guest(&n, &dir, &image)).await {
+        if let Err(e) = p.destroy(&guest_spec(ctx, &cfg, pool, &n)).await {
             tracing::warn!(pool = pool.name(), error = %e, "cannot remove a guest's leftovers");
         }
     }
@@ -440,10 +385,12 @@ fn leftover_dirs(cfg: &PoolsConfig, pool: &str, runs: &HashMap<String, GuestRun>
         .collect()
 }
 
-/// A Ready guest whose domain no longer runs (its QEMU was killed, the
-/// machine rebooted) has failed: it is destroyed and replaced; its Host
-/// is lost like any host whose lease runs out.
-async fn check_alive(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>) {
+/// A Ready guest that no longer runs (its QEMU or container was killed,
+/// the machine rebooted) has failed: it is destroyed and replaced; its Host
+/// is lost like any host whose lease runs out. One whose link ended is
+/// linked again.
+async fn check_alive(ctx: &Arc<Context>, pool: &Arc<HostPool>, p: &Arc<dyn Provider>) {
+    let Some(cfg) = ctx.cfg.pools.clone() else { return };
     let ready: Vec<String> = ctx
         .guests
         .runs
@@ -453,48 +400,23 @@ async fn check_alive(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>) {
         .map(|(n, _)| n.clone())
         .collect();
     for n in ready {
-        let device_ended = ctx
-            .guests
-            .runs
-            .lock()
-            .get_mut(&n)
-            .and_then(|g| g.device.as_mut())
-            .is_some_and(|d| d.try_wait().ok().flatten().is_some());
-        if device_ended {
-            tracing::warn!(pool = pool.name(), guest = %n, "the guest's vsock device ended");
-            ctx.guests.set(&n, GuestPhase::Failed, "its vsock device (vhost-device-vsock) ended");
-            continue;
-        }
-        let (l, name) = (lv.clone(), n.clone());
-        // One libvirt call per guest: whether (and as which QEMU run) it runs.
-        let run = match blocking(move || l.state(&name)).await {
-            Ok(GuestState::Running(run)) => run,
-            // A snapshot is being taken or reverted: looked at again later.
-            Ok(GuestState::Starting) => continue,
-            Ok(GuestState::Stopped(why)) => {
+        match p.observe(&guest_spec(ctx, &cfg, pool, &n)).await {
+            Ok(Observed::Up { linked: true }) | Ok(Observed::Busy) => {}
+            // Its link ended, or its run was started again (a snapshot
+            // revert: a new pty): linked again, without a go (the guest is
+            // past it).
+            Ok(Observed::Up { linked: false }) => relink(ctx.clone(), pool, p, &n),
+            Ok(Observed::Down(why)) => {
                 tracing::warn!(pool = pool.name(), guest = %n, why, "the guest no longer runs");
-                ctx.guests.set(&n, GuestPhase::Failed, format!("{why} (QEMU ended)"));
-                continue;
+                ctx.guests.set(&n, GuestPhase::Failed, why);
             }
-            Err(_) => continue, // libvirt unreachable: said by the next reconcile
-        };
-        // Its link ended, or QEMU was started again (a snapshot revert:
-        // a new pty): linked again, without a go (the guest is past it).
-        let ended = ctx.guests.runs.lock().get_mut(&n).is_some_and(|g| {
-            let exited = match g.link.as_mut() {
-                Some(child) => child.try_wait().ok().flatten().is_some(),
-                None => true,
-            };
-            exited || g.linked_run != Some(run)
-        });
-        if ended {
-            relink(ctx.clone(), pool, lv, &n);
+            Err(_) => continue, // unreachable: said by the next reconcile
         }
     }
 }
 
 /// Links a running guest again (found after a restart, or its link ended).
-fn relink(ctx: Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, name: &str) {
+fn relink(ctx: Arc<Context>, pool: &Arc<HostPool>, p: &Arc<dyn Provider>, name: &str) {
     let Some(cfg) = ctx.cfg.pools.clone() else { return };
     {
         let mut runs = ctx.guests.runs.lock();
@@ -504,10 +426,11 @@ fn relink(ctx: Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, name: &str) {
         }
         g.busy = true;
     }
-    let (lv, pool_name, name) = (lv.clone(), pool.name().to_string(), name.to_string());
+    let (p, pool, name) = (p.clone(), pool.clone(), name.to_string());
     ctx.clone().guests.spawn(name.clone(), async move {
-        let r = link(&ctx, &lv, &cfg, &name, LinkStart::Again).await;
-        finish(&ctx, &pool_name, &name, r.map(|_| GuestPhase::Ready));
+        let spec = guest_spec(&ctx, &cfg, &pool, &name);
+        let r = link(&ctx, &cfg, &p, &spec, LinkStart::Again).await;
+        finish(&ctx, pool.name(), &name, r.map(|_| GuestPhase::Ready));
     });
 }
 
@@ -603,323 +526,95 @@ fn network_address(network: &str, i: usize) -> String {
     format!("10.251.{h}.{}/24", 10 + i)
 }
 
-/// A join token for guest `name` only, short-lived: the guest's agent gets
-/// its certificate with it, as any agent does (nothing is baked into the
+/// Join tokens for one guest only, short-lived: the guest's agent gets its
+/// certificate with one, as any agent does (nothing is baked into the
 /// image, and a token read by code in the guest joins no other host).
-async fn guest_token(ctx: &Context, cfg: &PoolsConfig, name: &str) -> Result<Option<String>, GuestError> {
-    if !cfg.tls {
-        return Ok(None);
-    }
-    let Some(pool) = ctx.guests.runs.lock().get(name).map(|g| g.pool.clone()) else {
-        return Err(GuestError::NotUp("the guest is no longer known".into()));
-    };
-    // Good for one join, as a guest of its pool (its certificate says so,
-    // which is how its Host gets the pool's label); a new one for the
-    // same guest replaces it.
-    let req = testbus_proto::CreateTokenRequest {
-        ttl: "15m".into(),
-        pool,
-        host_name: name.into(),
-        role: String::new(),
-        uses: 1,
-    };
-    match ctx.client.auth().create_token(req).await {
-        Ok(r) => Ok(Some(r.into_inner().token)),
-        Err(s) => Err(GuestError::Api(format!("cannot make a join token for it: {}", s.message()))),
-    }
+struct GuestTokens<'a> {
+    ctx: &'a Context,
+    tls: bool,
 }
 
-fn guest_spec(pool: &HostPool, cfg: &PoolsConfig, name: &str, address: Option<String>, emulated: bool) -> GuestSpec {
-    let sp = pool.spec();
-    let args = testbus_proto::pool::agent_args(pool, emulated);
-    GuestSpec {
-        name: name.into(),
-        image: sp.image.clone().into(),
-        state_dir: cfg.state_dir.join(name),
-        memory_mib: if sp.memory == 0 { 256 } else { sp.memory },
-        cpus: sp.cpus.max(1),
-        agent_args: args,
-        network: address.map(|a| (sp.network.clone(), a)),
-        link: if is_vsock(pool) {
-            GuestLink::Vsock { vhost_socket: cfg.state_dir.join(name).join("vhost.sock") }
-        } else {
-            GuestLink::Serial
-        },
-        token: None,
-    }
-}
-
-fn is_vsock(pool: &HostPool) -> bool {
-    pool.spec().link == "vsock"
-}
-
-/// Starts a vsock guest's device (vhost-device-vsock, which QEMU connects
-/// to), and waits until it listens.
-async fn start_device(cfg: &PoolsConfig, state_dir: &std::path::Path) -> Result<tokio::process::Child, GuestError> {
-    std::fs::create_dir_all(state_dir).map_err(GuestError::local(state_dir.display()))?;
-    let socket = state_dir.join("vhost.sock");
-    let _ = std::fs::remove_file(&socket);
-    let log =
-        std::fs::File::create(state_dir.join("vsock-device.log")).map_err(GuestError::local("vsock-device.log"))?;
-    // It has no way of its own to notice the control plane's death (the
-    // relays end with their stdin): setpriv (util-linux) has the kernel
-    // kill it when the thread that started it ends. That is a runtime
-    // worker thread (this is async code), which ends only with the
-    // runtime, as the control plane exits (a task's panic is caught; it
-    // does not end the thread).
-    let mut child = tokio::process::Command::new("setpriv")
-        .args(["--pdeathsig", "KILL", "--"])
-        .arg(&cfg.vsock_device)
-        .args(["--guest-cid", "3", "--socket"])
-        .arg(&socket)
-        .arg("--uds-path")
-        .arg(state_dir.join("vsock.sock"))
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(GuestError::local(format!(
-            "starting setpriv --pdeathsig KILL -- {} (hack/setup installs it)",
-            cfg.vsock_device.display()
-        )))?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        if let Ok(Some(st)) = child.try_wait() {
-            return Err(GuestError::NotUp(format!("{} exited ({st}) before it listened", cfg.vsock_device.display())));
+#[async_trait]
+impl JoinTokens for GuestTokens<'_> {
+    async fn token(&self, name: &str) -> Result<Option<String>, GuestError> {
+        if !self.tls {
+            return Ok(None);
         }
-        if tokio::time::Instant::now() > deadline {
-            return Err(GuestError::NotUp(format!("{} did not listen within 10s", cfg.vsock_device.display())));
+        let Some(pool) = self.ctx.guests.runs.lock().get(name).map(|g| g.pool.clone()) else {
+            return Err(GuestError::NotUp("the guest is no longer known".into()));
+        };
+        // Good for one join, as a guest of its pool (its certificate says
+        // so, which is how its Host gets the pool's label); a new one for
+        // the same guest replaces it.
+        let req = testbus_proto::CreateTokenRequest {
+            ttl: "15m".into(),
+            pool,
+            host_name: name.into(),
+            role: String::new(),
+            uses: 1,
+        };
+        match self.ctx.client.auth().create_token(req).await {
+            Ok(r) => Ok(Some(r.into_inner().token)),
+            Err(s) => Err(GuestError::Api(format!("cannot make a join token for it: {}", s.message()))),
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    Ok(child)
 }
 
-fn start_create(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &PoolsConfig, for_tests: &[String]) {
+fn start_create(
+    ctx: &Arc<Context>,
+    pool: &Arc<HostPool>,
+    p: &Arc<dyn Provider>,
+    cfg: &PoolsConfig,
+    for_tests: &[String],
+) {
     let name = new_guest_name(pool.name());
-    let address = (!pool.spec().network.is_empty()).then(|| {
-        let used: Vec<String> = ctx.guests.runs.lock().values().map(|g| g.address.clone()).collect();
-        (0..250)
-            .map(|i| network_address(&pool.spec().network, i))
-            .find(|a| !used.contains(a))
-            .unwrap_or_else(|| network_address(&pool.spec().network, 0))
-    });
     let why = if for_tests.is_empty() { "for min".to_string() } else { format!("for test {}", for_tests.join(", ")) };
-    ctx.guests.runs.lock().insert(
-        name.clone(),
-        GuestRun {
-            pool: pool.name().into(),
-            phase: GuestPhase::Creating,
-            message: why,
-            address: address.clone().unwrap_or_default(),
-            created: time::now(),
-            cleanings: 0,
-            snapshot_taken: None,
-            busy: true,
-            link: None,
-            linked_run: None,
-            device: None,
-        },
-    );
-    let spec = guest_spec(pool, cfg, &name, address.clone(), lv.emulated());
-    let (ctx, lv, cfg, pool_name, network) =
-        (ctx.clone(), lv.clone(), cfg.clone(), pool.name().to_string(), pool.spec().network.clone());
-    let boot = boot_deadline(pool);
+    let mut run = GuestRun::new(pool.name(), GuestPhase::Creating, why, true);
+    run.created = time::now();
+    {
+        let mut runs = ctx.guests.runs.lock();
+        if !pool.spec().network.is_empty() {
+            let used: Vec<&str> = runs.values().map(|g| g.address.as_str()).collect();
+            run.address = (0..250)
+                .map(|i| network_address(&pool.spec().network, i))
+                .find(|a| !used.contains(&a.as_str()))
+                .unwrap_or_else(|| network_address(&pool.spec().network, 0));
+        }
+        runs.insert(name.clone(), run);
+    }
+    let spec = guest_spec(ctx, cfg, pool, &name);
+    let (ctx, p, cfg) = (ctx.clone(), p.clone(), cfg.clone());
     ctx.clone().guests.spawn(name.clone(), async move {
         let started = tokio::time::Instant::now();
         let r = async {
-            if address.is_some() {
-                let (l, n) = (lv.clone(), network.clone());
-                blocking(move || l.ensure_network(&n)).await?;
-            }
-            let vsock = matches!(spec.link, GuestLink::Vsock { .. });
-            let mut spec = spec;
-            if vsock {
-                spec.token = guest_token(&ctx, &cfg, &spec.name).await?;
-                let device = start_device(&cfg, &spec.state_dir).await?;
-                if let Some(g) = ctx.guests.runs.lock().get_mut(&spec.name) {
-                    g.device = Some(device);
-                }
-            }
-            let (l, s) = (lv.clone(), spec.clone());
-            let console = blocking(move || l.create_guest(&s)).await?;
-            ctx.guests.set(&spec.name, GuestPhase::Booting, "booting");
-            let mark = if vsock { VSOCK_MARK } else { WAITING_MARK };
-            match console {
-                Console::File(log) => wait_for_mark(&log, mark, boot).await?,
-                Console::Stream(line) => {
-                    let waited = tokio::task::spawn_blocking(move || line.wait_for(mark, boot)).await;
-                    let waited = waited.map_err(|e| GuestError::NotUp(format!("waiting for its boot: {e}")))?;
-                    waited.map_err(|why| {
-                        GuestError::NotUp(format!(
-                            "did not boot within {}: {why}",
-                            testbus_proto::duration::format(boot)
-                        ))
-                    })?
-                }
-            }
-            if !vsock {
-                let (l, n) = (lv.clone(), spec.name.clone());
-                blocking(move || l.snapshot(&n, CLEAN_SNAPSHOT)).await?;
-            }
-            link(&ctx, &lv, &cfg, &spec.name, LinkStart::Go).await
+            let tokens = GuestTokens { ctx: &ctx, tls: cfg.links.tls };
+            let progress = |what: &str| ctx.guests.set(&spec.name, GuestPhase::Booting, what);
+            p.create(&spec, &tokens, &progress).await?;
+            link(&ctx, &cfg, &p, &spec, LinkStart::Go).await
         }
         .await;
         if r.is_ok() {
-            cfg.timings.record(&pool_name, GuestWork::Create, started.elapsed());
+            cfg.timings.record(spec.pool.name(), GuestWork::Create, started.elapsed());
         }
-        finish(&ctx, &pool_name, &name, r.map(|_| GuestPhase::Ready));
+        finish(&ctx, spec.pool.name(), &name, r.map(|_| GuestPhase::Ready));
     });
 }
 
-/// Waits until the guest's console log says `mark` (it waits for its go,
-/// or links over vsock).
-async fn wait_for_mark(log: &std::path::Path, mark: &str, within: Duration) -> Result<(), GuestError> {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if std::fs::read_to_string(log).is_ok_and(|t| t.contains(mark)) {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            let tail = std::fs::read_to_string(log).unwrap_or_default();
-            let last = tail.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("nothing");
-            let within = testbus_proto::duration::format(within);
-            return Err(GuestError::NotUp(format!("did not boot within {within} (console: {last})")));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// How a guest's link starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum LinkStart {
-    /// The guest has just started from its clean snapshot: it is given its
-    /// go (time and join token) first, and marked clean once registered.
-    Go,
-    /// The guest runs on (its relay died, the control plane restarted): the
-    /// link is made again, nothing else.
-    Again,
-}
-
-/// Starts the host side of the guest's link on its pty, then waits until
-/// its agent has registered since (see [`LinkStart`]).
+/// Makes the host side of the guest's link, then waits until its agent has
+/// registered since (see [`LinkStart`]).
 async fn link(
     ctx: &Context,
-    lv: &Arc<Libvirt>,
     cfg: &PoolsConfig,
-    name: &str,
+    p: &Arc<dyn Provider>,
+    spec: &GuestSpec,
     start: LinkStart,
 ) -> Result<(), GuestError> {
-    let go = start == LinkStart::Go;
-    ctx.guests.set(name, GuestPhase::Linking, "linking");
-    let old = ctx.guests.runs.lock().get_mut(name).and_then(|g| g.link.take());
-    if let Some(mut old) = old {
-        // Gone before the new one opens the pty (it holds a lock on it).
-        let _ = old.kill().await;
-    }
-    // A guest being reverted (by its clean, or `testbusctl snapshot
-    // revert`) has no pty until its new QEMU is up: waited for, never
-    // taken for a dead guest (destroying it would kill the revert).
-    let vsock = ctx.guests.runs.lock().get(name).is_some_and(|g| g.device.is_some());
-    let deadline = tokio::time::Instant::now() + LINK_DEADLINE;
-    let (pty, run) = loop {
-        let (l, n) = (lv.clone(), name.to_string());
-        match blocking(move || Ok((l.link_pty(&n)?, l.state(&n)?))).await? {
-            (_, GuestState::Running(run)) if vsock => break (None, run),
-            (Some(pty), GuestState::Running(run)) => break (Some(pty), run),
-            (_, GuestState::Stopped(why)) => return Err(GuestError::NotUp(why)),
-            _ if tokio::time::Instant::now() > deadline => {
-                return Err(GuestError::NotUp(format!(
-                    "it has no serial pty {}s after starting (is it running?)",
-                    LINK_DEADLINE.as_secs()
-                )));
-            }
-            _ => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    };
+    ctx.guests.set(&spec.name, GuestPhase::Linking, "linking");
     // Whole seconds: the guest's clock is set from the go (or its RTC) to
     // the second.
     let since = SystemTime::now() - Duration::from_secs(1);
-    let log =
-        std::fs::File::create(cfg.state_dir.join(name).join("relay.log")).map_err(GuestError::local("relay.log"))?;
-    let child = if lv.is_remote() {
-        // The pty is on the libvirt host: the line comes through libvirt,
-        // and this machine's relay speaks the serial framing over it.
-        // (Opened, written and dropped on blocking threads: a remote
-        // connection's calls, its close included, wait on the network.)
-        let go = if go { Some(guest_token(ctx, cfg, name).await?) } else { None };
-        let (l, n) = (lv.clone(), name.to_string());
-        let line = blocking(move || {
-            let line = l.open_line(&n, 1)?;
-            if let Some(token) = go {
-                let text = testbus_pool_libvirt::go_line(SystemTime::now(), token.as_deref());
-                line.write_all(text.as_bytes()).map_err(|e| ProviderError::Image(format!("giving the go: {e}")))?;
-            }
-            Ok(line)
-        })
-        .await?;
-        let spawned = tokio::process::Command::new(&cfg.relay)
-            .args(["--downstream", "serial:stdio", "--upstream", &cfg.upstream, "--transport", "serial"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(GuestError::local(format!("starting {}", cfg.relay.display())));
-        let mut child = match spawned {
-            Ok(c) => c,
-            Err(e) => {
-                tokio::task::spawn_blocking(move || drop(line));
-                return Err(e);
-            }
-        };
-        carry_line(line, &mut child).map_err(GuestError::local("carrying the link"))?;
-        child
-    } else {
-        let (downstream, transport) = match pty {
-            Some(pty) => {
-                // The pty is raw (no echo, no line editing) before anything
-                // crosses it.
-                let stty =
-                    tokio::process::Command::new("stty").arg("-F").arg(&pty).args(["raw", "-echo"]).status().await;
-                if !stty.is_ok_and(|s| s.success()) {
-                    return Err(GuestError::NotUp(format!("cannot set {} raw", pty.display())));
-                }
-                if go {
-                    let token = guest_token(ctx, cfg, name).await?;
-                    let line = testbus_pool_libvirt::go_line(SystemTime::now(), token.as_deref());
-                    tokio::fs::write(&pty, line)
-                        .await
-                        .map_err(GuestError::local(format!("giving the go on {}", pty.display())))?;
-                }
-                (format!("serial:{}", pty.display()), "serial")
-            }
-            // Where vhost-device-vsock brings the guest's connections to the
-            // host's VSOCK_PORT; the guest's relay retries until it listens.
-            None => {
-                let socket = testbus_pool_libvirt::vsock_socket(&cfg.state_dir.join(name), VSOCK_PORT);
-                (format!("mux+unix:{}", socket.display()), "vsock")
-            }
-        };
-        tokio::process::Command::new(&cfg.relay)
-            .arg("--downstream")
-            .arg(downstream)
-            .args(["--upstream", &cfg.upstream, "--transport", transport, "--exit-with-stdin"])
-            // Its stdin is a pipe this process holds: if the control plane
-            // dies, the relay sees it close and ends too.
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(GuestError::local(format!("starting {}", cfg.relay.display())))?
-    };
-    if let Some(g) = ctx.guests.runs.lock().get_mut(name) {
-        g.link = Some(child);
-        g.linked_run = Some(run);
-    }
-    registered(ctx, name, since, start).await
+    p.link(spec, start, &GuestTokens { ctx, tls: cfg.links.tls }).await?;
+    registered(ctx, &spec.name, since, start).await
 }
 
 /// Waits until the guest's agent has registered since `since` (its lease
@@ -928,23 +623,26 @@ async fn link(
 async fn registered(ctx: &Context, name: &str, since: SystemTime, start: LinkStart) -> Result<(), GuestError> {
     let go = start == LinkStart::Go;
     let deadline = tokio::time::Instant::now() + LINK_DEADLINE;
-    let mut marked = false;
+    let mut marked: Option<u64> = None;
     loop {
         if let Some(h) = ctx.hosts.get(name) {
             let renewed = time::parse(&h.status().lease_renew_time);
-            if h.status().phase == HostPhase::Ready && renewed.is_some_and(|t| t > since) {
-                // Relinked (not started from its clean snapshot): whether
-                // it is clean is for the plan to see. Marked once, and done
-                // once the cache the plan reads shows it (or a test has
-                // already claimed it: the mark is never written twice, or
-                // it could mark a used guest clean).
-                if !go || (marked && (testbus_proto::pool::clean_enough(&h) || h.status().claim.is_some())) {
+            // Marked once (never twice, or it could mark a used guest
+            // clean), and done once the cache the plan reads has caught up
+            // with the mark: whatever it shows since (clean, or claimed,
+            // or claimed and used already: a container is claimed, used
+            // and released in less than a poll) is the plan's to see.
+            if marked.is_some_and(|rv| revision(&h) >= rv) {
+                return Ok(());
+            }
+            if marked.is_none() && h.status().phase == HostPhase::Ready && renewed.is_some_and(|t| t > since) {
+                // Relinked (not started clean): whether it is clean is for
+                // the plan to see.
+                if !go {
                     return Ok(());
                 }
-                if !marked {
-                    mark_clean(ctx, name).await?;
-                    marked = true;
-                }
+                marked = Some(mark_clean(ctx, name).await.map_err(|e| GuestError::Api(e.to_string()))?);
+                continue;
             }
         }
         if tokio::time::Instant::now() > deadline {
@@ -954,52 +652,20 @@ async fn registered(ctx: &Context, name: &str, since: SystemTime, start: LinkSta
     }
 }
 
-/// Carries a remote guest's link line to its relay's stdin and back, on
-/// two threads of their own (libvirt's stream calls block). Each ends when
-/// its side does and ends the other: the relay exiting (or killed, as a
-/// new link replaces it) closes its stdout, and the sender aborts the
-/// stream; the guest's QEMU ending ends the stream, and the receiver
-/// closes the relay's stdin, which ends the relay. If the control plane
-/// dies, so do the threads and the pipes: the relay ends.
-fn carry_line(line: LineStream, relay: &mut tokio::process::Child) -> std::io::Result<()> {
-    use std::io::{Read, Write};
-    let missing = || std::io::Error::other("the relay has no pipes");
-    let mut to_relay = std::fs::File::from(relay.stdin.take().ok_or_else(missing)?.into_owned_fd()?);
-    let mut from_relay = std::fs::File::from(relay.stdout.take().ok_or_else(missing)?.into_owned_fd()?);
-    let (rx, tx) = (line.clone(), line.clone());
-    pump("link-from-guest", move |b| rx.read(b), move |b| to_relay.write_all(b), line.clone())?;
-    pump("link-to-guest", move |b| from_relay.read(b), move |b| tx.write_all(b), line)?;
-    Ok(())
-}
-
-/// Copies from `read` to `write` on a thread of its own until either
-/// fails or `read` ends, then aborts `line` (which ends the other pump).
-fn pump(
-    name: &str,
-    mut read: impl FnMut(&mut [u8]) -> std::io::Result<usize> + Send + 'static,
-    mut write: impl FnMut(&[u8]) -> std::io::Result<()> + Send + 'static,
-    line: LineStream,
-) -> std::io::Result<()> {
-    std::thread::Builder::new().name(name.into()).spawn(move || {
-        let mut buf = vec![0u8; 16 << 10];
-        while let Ok(n @ 1..) = read(&mut buf) {
-            if write(&buf[..n]).is_err() {
-                break;
-            }
-        }
-        line.abort();
-    })?;
-    Ok(())
+/// A Host's revision (0 if it has none).
+fn revision(h: &Host) -> u64 {
+    h.meta().resource_version.parse().unwrap_or(0)
 }
 
 /// Marks the guest's Host clean, giving it the pool's layer of env and
 /// files (and naming the pool) in the same write: it may be claimed again.
-async fn mark_clean(ctx: &Context, name: &str) -> Result<(), Error> {
+/// Returns the revision of the Host that says so.
+async fn mark_clean(ctx: &Context, name: &str) -> Result<u64, Error> {
     let api = ctx.client.api::<Host>();
     loop {
         let mut h = api.get(name).await.doing("reading the guest's host")?;
         if h.meta().annotations.get(CLEAN_ANNOTATION).is_some_and(|v| v == "true") {
-            return Ok(());
+            return Ok(revision(&h));
         }
         if let Some(pool) = testbus_proto::pool::pool_of(&h).and_then(|p| ctx.pools.get(p)) {
             let sp = h.spec_mut();
@@ -1009,7 +675,7 @@ async fn mark_clean(ctx: &Context, name: &str) -> Result<(), Error> {
         }
         h.meta_mut().annotations.insert(CLEAN_ANNOTATION.into(), "true".into());
         match api.update(h).await {
-            Ok(_) => return Ok(()),
+            Ok(h) => return Ok(revision(&h)),
             Err(s) if s.code() == Code::Aborted => continue,
             Err(status) => return Err(Error::Api { what: "marking the guest clean", status }),
         }
@@ -1032,7 +698,7 @@ async fn withdraw(ctx: &Context, name: &str) -> Result<bool, Status> {
     }
 }
 
-fn start_clean(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &PoolsConfig, name: &str) {
+fn start_clean(ctx: &Arc<Context>, pool: &Arc<HostPool>, p: &Arc<dyn Provider>, cfg: &PoolsConfig, name: &str) {
     {
         let mut runs = ctx.guests.runs.lock();
         let Some(g) = runs.get_mut(name) else { return };
@@ -1041,40 +707,37 @@ fn start_clean(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &Poo
         }
         g.busy = true;
         g.phase = GuestPhase::Cleaning;
-        g.message = "reverting to its clean snapshot".into();
+        g.message = "bringing back its clean state".into();
     }
-    let (ctx, lv, cfg, pool_name, name) =
-        (ctx.clone(), lv.clone(), cfg.clone(), pool.name().to_string(), name.to_string());
-    ctx.clone().guests.spawn(name.clone(), async move {
+    let spec = guest_spec(ctx, cfg, pool, name);
+    let (ctx, p, cfg) = (ctx.clone(), p.clone(), cfg.clone());
+    ctx.clone().guests.spawn(name.to_string(), async move {
+        let pool_name = spec.pool.name();
         let r = async {
-            let old = ctx.guests.runs.lock().get_mut(&name).and_then(|g| g.link.take());
-            if let Some(mut old) = old {
-                let _ = old.kill().await;
-            }
             let started = tokio::time::Instant::now();
-            let (l, n) = (lv.clone(), name.clone());
-            blocking(move || l.load_in_place(&n, CLEAN_SNAPSHOT)).await?;
+            p.clean(&spec, &GuestTokens { ctx: &ctx, tls: cfg.links.tls }).await?;
             let reverted = started.elapsed();
-            cfg.timings.record(&pool_name, GuestWork::Revert, reverted);
-            link(&ctx, &lv, &cfg, &name, LinkStart::Go).await?;
-            cfg.timings.record(&pool_name, GuestWork::Clean, started.elapsed());
-            tracing::info!(guest = %name, ?reverted, linked = ?started.elapsed() - reverted, "guest clean again");
+            cfg.timings.record(pool_name, GuestWork::Revert, reverted);
+            link(&ctx, &cfg, &p, &spec, LinkStart::Go).await?;
+            cfg.timings.record(pool_name, GuestWork::Clean, started.elapsed());
+            tracing::info!(guest = %spec.name, ?reverted, linked = ?started.elapsed() - reverted, "guest clean again");
             Ok(())
         }
         .await;
         if r.is_ok() {
-            if let Some(g) = ctx.guests.runs.lock().get_mut(&name) {
+            if let Some(g) = ctx.guests.runs.lock().get_mut(&spec.name) {
                 g.cleanings += 1;
             }
         }
-        finish(&ctx, &pool_name, &name, r.map(|_| GuestPhase::Ready));
+        finish(&ctx, pool_name, &spec.name, r.map(|_| GuestPhase::Ready));
     });
 }
 
 /// Snapshot requests on the pool's guests' Hosts (written by the API's
 /// `HostPools.Snapshot`), each carried out when its guest is not busy with
 /// other work, its outcome written back on the Host.
-fn start_snapshots(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>) {
+fn start_snapshots(ctx: &Arc<Context>, pool: &Arc<HostPool>, p: &Arc<dyn Provider>) {
+    let Some(cfg) = ctx.cfg.pools.clone() else { return };
     let guests = ctx.hosts.filter(|h| testbus_proto::pool::pool_of(h) == Some(pool.name()));
     for h in guests {
         let Some(order) = testbus_proto::pool::pending_snapshot(&h) else { continue };
@@ -1092,21 +755,11 @@ fn start_snapshots(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>) {
             g.snapshot_taken = Some(order.id.clone());
             g.phase
         };
-        let (ctx, lv, pool_name) = (ctx.clone(), lv.clone(), pool.name().to_string());
+        let spec = guest_spec(ctx, &cfg, pool, &name);
+        let (ctx, p) = (ctx.clone(), p.clone());
         ctx.clone().guests.spawn(name.clone(), async move {
-            use testbus_proto::pool::{SnapshotAction, SnapshotOutcome};
-            let (l, n, o) = (lv.clone(), name.clone(), order.clone());
-            let done = blocking(move || {
-                match o.action {
-                    SnapshotAction::Create => l.snapshot(&n, &o.name)?,
-                    SnapshotAction::Revert => l.revert(&n, &o.name)?,
-                    SnapshotAction::Delete => l.delete_snapshot(&n, &o.name)?,
-                    SnapshotAction::List => {}
-                }
-                l.snapshots(&n)
-            })
-            .await;
-            let outcome = match done {
+            use testbus_proto::pool::SnapshotOutcome;
+            let outcome = match p.snapshot(&spec, order.action, &order.name).await {
                 Ok(snapshots) => SnapshotOutcome { id: order.id.clone(), error: String::new(), snapshots },
                 Err(e) => SnapshotOutcome { id: order.id.clone(), error: e.to_string(), snapshots: Vec::new() },
             };
@@ -1118,7 +771,7 @@ fn start_snapshots(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>) {
                 g.busy = false;
                 g.phase = before;
             }
-            ctx.pool_queue.add(&pool_name);
+            ctx.pool_queue.add(spec.pool.name());
         });
     }
 }
@@ -1142,7 +795,7 @@ async fn write_snapshot_outcome(
     }
 }
 
-fn start_destroy(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &PoolsConfig, name: &str) {
+fn start_destroy(ctx: &Arc<Context>, pool: &Arc<HostPool>, p: &Arc<dyn Provider>, cfg: &PoolsConfig, name: &str) {
     let idle;
     {
         let mut runs = ctx.guests.runs.lock();
@@ -1159,14 +812,15 @@ fn start_destroy(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &P
             g.phase = GuestPhase::Deleting;
         }
     }
-    let (ctx, lv, cfg, pool, pool_name, name) =
-        (ctx.clone(), lv.clone(), cfg.clone(), pool.clone(), pool.name().to_string(), name.to_string());
-    ctx.clone().guests.spawn(name.clone(), async move {
+    let spec = guest_spec(ctx, cfg, pool, name);
+    let (ctx, p) = (ctx.clone(), p.clone());
+    ctx.clone().guests.spawn(name.to_string(), async move {
+        let (pool_name, name) = (spec.pool.name(), spec.name.as_str());
         // An idle guest is withdrawn from scheduling first, in a write
         // that fails if a test claimed it since the cache the plan read.
         if idle {
-            let withdrawn = matches!(withdraw(&ctx, &name).await, Ok(true));
-            if let Some(g) = ctx.guests.runs.lock().get_mut(&name) {
+            let withdrawn = matches!(withdraw(&ctx, name).await, Ok(true));
+            if let Some(g) = ctx.guests.runs.lock().get_mut(name) {
                 if withdrawn {
                     g.phase = GuestPhase::Deleting;
                 } else {
@@ -1174,41 +828,24 @@ fn start_destroy(ctx: &Arc<Context>, pool: &HostPool, lv: &Arc<Libvirt>, cfg: &P
                 }
             }
             if !withdrawn {
-                ctx.pool_queue.add(&pool_name);
+                ctx.pool_queue.add(pool_name);
                 return;
             }
         }
-        let r = destroy(&ctx, &lv, &cfg, &pool, &name).await;
-        match r {
+        match destroy(&ctx, &p, &spec).await {
             Ok(()) => {
-                ctx.guests.runs.lock().remove(&name);
-                ctx.pool_queue.add(&pool_name);
+                ctx.guests.runs.lock().remove(name);
+                ctx.pool_queue.add(pool_name);
             }
-            Err(e) => finish(&ctx, &pool_name, &name, Err(e)),
+            Err(e) => finish(&ctx, pool_name, name, Err(e)),
         }
     });
 }
 
-async fn destroy(
-    ctx: &Context,
-    lv: &Arc<Libvirt>,
-    cfg: &PoolsConfig,
-    pool: &HostPool,
-    name: &str,
-) -> Result<(), GuestError> {
-    let old = ctx.guests.runs.lock().get_mut(name).and_then(|g| g.link.take());
-    if let Some(mut old) = old {
-        let _ = old.kill().await;
-    }
-    let (l, n, dir, image) =
-        (lv.clone(), name.to_string(), cfg.state_dir.join(name), PathBuf::from(&pool.spec().image));
-    blocking(move || l.destroy_guest(&n, &dir, &image)).await?;
-    // QEMU is gone: its vsock device may go too.
-    let device = ctx.guests.runs.lock().get_mut(name).and_then(|g| g.device.take());
-    if let Some(mut device) = device {
-        let _ = device.kill().await;
-    }
-    match ctx.client.api::<Host>().delete(name).await {
+/// Removes the guest from its substrate, then its Host.
+async fn destroy(ctx: &Context, p: &Arc<dyn Provider>, spec: &GuestSpec) -> Result<(), GuestError> {
+    p.destroy(spec).await?;
+    match ctx.client.api::<Host>().delete(&spec.name).await {
         Ok(_) => Ok(()),
         Err(s) if s.code() == Code::NotFound => Ok(()),
         Err(s) => Err(GuestError::Api(s.message().to_string())),
@@ -1250,21 +887,23 @@ fn finish(ctx: &Context, pool: &str, name: &str, r: Result<GuestPhase, GuestErro
     ctx.pool_queue.add(pool);
 }
 
-/// Deleting a pool: every guest it has goes (domain, disk, Host), then its
-/// network, then the finalizer.
-async fn delete_pool(ctx: &Arc<Context>, pool: &HostPool, cfg: &PoolsConfig) -> Result<Action, Error> {
+/// Deleting a pool: every guest it has goes (from the substrate, then its
+/// Host), then what else the provider made for it, then the finalizer.
+async fn delete_pool(
+    ctx: &Arc<Context>,
+    pool: &Arc<HostPool>,
+    cfg: &PoolsConfig,
+    p: &Arc<dyn Provider>,
+) -> Result<Action, Error> {
     if !pool.meta().finalizers.iter().any(|f| f == POOL_FINALIZER) {
         return Ok(Action::AwaitChange);
     }
-    let uri = uri(pool);
-    let lv = match provider(ctx, &uri).await {
-        Ok(p) => p,
-        Err(e) => {
-            let msg = format!("cannot delete the pool's guests: cannot reach libvirt: {e}");
-            write_status(ctx, pool, Some(available(ConditionStatus::False, "LibvirtUnreachable", &msg))).await?;
-            return Ok(Action::Requeue(Duration::from_secs(5)));
-        }
-    };
+    if let Err(e) = p.reach().await {
+        let msg = format!("cannot delete the pool's guests: {e}");
+        let reason = provider_reason(pool, "Unreachable");
+        write_status(ctx, pool, Some(available(ConditionStatus::False, &reason, &msg))).await?;
+        return Ok(Action::Requeue(Duration::from_secs(5)));
+    }
     // A guest with work under way (being made, cleaned, relinked) is
     // destroyed only once that work has ended (bounded by bootTimeout and
     // the link deadline): destroyed under it, the work made its files and
@@ -1284,9 +923,7 @@ async fn delete_pool(ctx: &Arc<Context>, pool: &HostPool, cfg: &PoolsConfig) -> 
     }
     let mut names: Vec<String> =
         ctx.guests.runs.lock().iter().filter(|(_, g)| g.pool == pool.name()).map(|(n, _)| n.clone()).collect();
-    let prefix = format!("{}-", pool.name());
-    let l = lv.clone();
-    if let Ok(found) = blocking(move || l.guests(&prefix)).await {
+    if let Ok(found) = p.guests(&format!("{}-", pool.name())).await {
         for n in found {
             let ours = ctx.hosts.get(&n).is_none_or(|h| testbus_proto::pool::pool_of(&h) == Some(pool.name()));
             if ours && !names.contains(&n) {
@@ -1294,31 +931,24 @@ async fn delete_pool(ctx: &Arc<Context>, pool: &HostPool, cfg: &PoolsConfig) -> 
             }
         }
     }
-    // With the dirs of guests that never got as far as libvirt.
+    // With the dirs of guests that never got as far as the substrate.
     for n in leftover_dirs(cfg, pool.name(), &ctx.guests.runs.lock()) {
         if !names.contains(&n) {
             names.push(n);
         }
     }
     for n in &names {
-        if let Err(e) = destroy(ctx, &lv, cfg, pool, n).await {
+        if let Err(e) = destroy(ctx, p, &guest_spec(ctx, cfg, pool, n)).await {
             let msg = format!("cannot destroy guest {n}: {e}");
             write_status(ctx, pool, Some(available(ConditionStatus::False, "DeleteFailed", &msg))).await?;
             return Ok(Action::Requeue(Duration::from_secs(5)));
         }
         ctx.guests.runs.lock().remove(n);
     }
-    let (l, image) = (lv.clone(), PathBuf::from(&pool.spec().image));
-    if let Err(e) = blocking(move || l.forget_image(&image)).await {
-        tracing::warn!(pool = pool.name(), error = %e, "cannot drop libvirt's view of the image directory");
+    if let Err(e) = p.release_pool(pool).await {
+        tracing::warn!(pool = pool.name(), error = %e, "cannot remove what the pool made besides its guests");
     }
-    if !pool.spec().network.is_empty() {
-        let (l, net) = (lv.clone(), pool.spec().network.clone());
-        if let Err(e) = blocking(move || l.delete_network(&net)).await {
-            tracing::warn!(pool = pool.name(), error = %e, "cannot delete the pool's network");
-        }
-    }
-    let mut next = pool.clone();
+    let mut next = (**pool).clone();
     next.meta_mut().finalizers.retain(|f| f != POOL_FINALIZER);
     match ctx.client.api::<HostPool>().update(next).await {
         Ok(_) => Ok(Action::AwaitChange),

@@ -19,6 +19,9 @@
 //! `spec.image` then names the image directory on that machine.
 #![forbid(unsafe_code)]
 
+mod provider;
+pub use provider::{LibvirtKind, LibvirtProvider};
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use virt::connect::Connect;

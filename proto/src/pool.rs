@@ -146,6 +146,91 @@ pub enum UriError {
 
 const URI_FORM: &str = "expected qemu[+TRANSPORT]://[USER@HOST[:PORT]]/system[?PARAM=VALUE&...]";
 
+/// Checks a podman or kubernetes pool's image: an image reference
+/// (`localhost/testbus-guest`, `registry/name:tag`, `name@sha256:...`),
+/// never a flag.
+pub fn check_image_name(image: &str) -> Result<(), String> {
+    let ok = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._/:@-".contains(&b);
+    if image.is_empty() {
+        Err("required: an image with testbus-agent, e.g. localhost/testbus-guest (hack/guest-image's rootfs.tar, imported)"
+            .into())
+    } else if image.len() > 255 || !image.bytes().all(ok) || !image.as_bytes()[0].is_ascii_alphanumeric() {
+        Err(format!("{image:?} is not an image name: at most 255 of [a-z0-9._/:@-], starting with a letter or digit"))
+    } else {
+        Ok(())
+    }
+}
+
+/// The name of the agent's container in a kubernetes pool's pods.
+pub const AGENT_CONTAINER: &str = "testbus-agent";
+
+/// Largest pod template, in bytes.
+pub const MAX_POD_TEMPLATE: usize = 64 * 1024;
+
+/// Checks a kubernetes pool's pod template (a PodTemplateSpec, YAML or
+/// JSON): a mapping that leaves the pod's name, its restart policy, the
+/// agent's container and the volumes testbus adds to testbus. What is
+/// wrong, said.
+pub fn check_pod_template(text: &str) -> Result<(), String> {
+    use serde_json::Value;
+    if text.len() > MAX_POD_TEMPLATE {
+        return Err(format!("at most {MAX_POD_TEMPLATE} bytes"));
+    }
+    let v: Value = serde_norway::from_str(text).map_err(|e| format!("not a pod template: {e}"))?;
+    let Value::Object(top) = &v else { return Err("not a pod template: a mapping (metadata, spec)".into()) };
+    if let Some(k) = top.keys().find(|k| !matches!(k.as_str(), "metadata" | "spec")) {
+        return Err(format!("{k}: a pod template has only metadata and spec"));
+    }
+    let meta = top.get("metadata").and_then(Value::as_object);
+    if let Some(k) = meta
+        .and_then(|m| ["name", "generateName", "namespace", "ownerReferences"].into_iter().find(|k| m.contains_key(*k)))
+    {
+        return Err(format!("metadata.{k}: set by testbus for each pod"));
+    }
+    let Some(spec) = top.get("spec") else { return Ok(()) };
+    let Value::Object(spec) = spec else { return Err("spec: a mapping (a PodSpec)".into()) };
+    if spec.get("restartPolicy").is_some_and(|p| p != "Never") {
+        return Err(
+            "spec.restartPolicy: testbus's pods never restart (an agent that ended is a lost host); leave it out"
+                .into(),
+        );
+    }
+    for list in ["containers", "initContainers"] {
+        for (i, c) in spec.get(list).and_then(Value::as_array).into_iter().flatten().enumerate() {
+            let name = c.get("name").and_then(Value::as_str).unwrap_or("");
+            if name == AGENT_CONTAINER {
+                return Err(format!("spec.{list}[{i}].name: {AGENT_CONTAINER} is testbus's own container (its command, image and mounts are the pool's)"));
+            }
+            for (j, m) in c.get("volumeMounts").and_then(Value::as_array).into_iter().flatten().enumerate() {
+                if m.get("name").and_then(Value::as_str).is_some_and(|n| n.starts_with("testbus-")) {
+                    return Err(format!("spec.{list}[{i}].volumeMounts[{j}].name: testbus-* volumes are testbus's"));
+                }
+            }
+        }
+    }
+    for (i, vol) in spec.get("volumes").and_then(Value::as_array).into_iter().flatten().enumerate() {
+        if vol.get("name").and_then(Value::as_str).is_some_and(|n| n.starts_with("testbus-")) {
+            return Err(format!("spec.volumes[{i}].name: testbus-* volumes are testbus's"));
+        }
+    }
+    Ok(())
+}
+
+/// Checks where a kubernetes pool's agents reach the control plane:
+/// HOST:PORT.
+pub fn check_address(address: &str) -> Result<(), String> {
+    let bad =
+        || format!("{address:?} is not HOST:PORT (where the pods' agents reach the control plane's TLS listener)");
+    let (host, port) = address.rsplit_once(':').ok_or_else(bad)?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let host_ok =
+        !host.is_empty() && host.len() <= 253 && host.bytes().all(|b| b.is_ascii_alphanumeric() || b".-:".contains(&b));
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 && host_ok => Ok(()),
+        _ => Err(bad()),
+    }
+}
+
 /// Checks a pool's libvirt URI: `qemu[+TRANSPORT]://[USER@][HOST[:PORT]]/system`
 /// (or `/session`), with only the parameters above. What is wrong, said.
 pub fn check_uri(uri: &str) -> Result<(), UriError> {
@@ -257,6 +342,34 @@ pub fn clean_enough(h: &Host) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pod_template_may_place_and_resource_the_pod_but_not_take_the_agent() {
+        let good = "metadata: {labels: {team: qa}, annotations: {a: b}}\nspec:\n  nodeSelector: {disk: ssd}\n  \
+                    tolerations: [{key: lab, operator: Exists}]\n  restartPolicy: Never\n  \
+                    containers: [{name: sidecar, image: busybox, volumeMounts: [{name: scratch, mountPath: /s}]}]\n  \
+                    volumes: [{name: scratch, emptyDir: {}}]\n";
+        assert_eq!(check_pod_template(good), Ok(()));
+        assert_eq!(check_pod_template("{}"), Ok(()));
+        let refused = |t: &str| check_pod_template(t).unwrap_err();
+        assert!(refused("spec: {initContainers: [{name: testbus-agent}]}").starts_with("spec.initContainers[0].name"));
+        assert!(refused("spec: {containers: [{name: s, volumeMounts: [{name: testbus-link}]}]}")
+            .starts_with("spec.containers[0].volumeMounts[0].name"));
+        assert!(refused("metadata: {ownerReferences: []}").starts_with("metadata.ownerReferences"));
+        assert!(refused("kind: Pod").starts_with("kind: a pod template has only"));
+        assert!(refused("spec: [1]").starts_with("spec: a mapping"));
+        assert!(refused(&"x".repeat(MAX_POD_TEMPLATE + 1)).starts_with("at most"));
+    }
+
+    #[test]
+    fn an_address_is_host_and_port() {
+        for ok in ["cp:7780", "10.0.0.1:7780", "[fd00::1]:7780", "cp.lab.example:443"] {
+            assert_eq!(check_address(ok), Ok(()), "{ok}");
+        }
+        for bad in ["cp", "cp:", ":7780", "cp:0", "cp:70000", "c p:1", "https://cp:7780"] {
+            assert!(check_address(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn snapshot_actions_round_trip_and_unknown_ones_are_named() {

@@ -723,17 +723,62 @@ impl Validate for HostPool {
         let mut e = Errors::default();
         meta(self.meta(), &mut e);
         let s = self.spec();
-        match s.provider.as_str() {
-            "libvirt" => {}
-            "" => e.add("spec.provider", "required (known: libvirt)"),
-            p => e.add("spec.provider", format!("unknown provider {p:?} (known: libvirt)")),
+        let provider = s.provider.as_str();
+        match provider {
+            "libvirt" | "podman" | "kubernetes" => {}
+            "" => e.add("spec.provider", "required (known: libvirt, podman, kubernetes)"),
+            p => e.add("spec.provider", format!("unknown provider {p:?} (known: libvirt, podman, kubernetes)")),
+        }
+        let (libvirt, kubernetes) = (provider == "libvirt", provider == "kubernetes");
+        // Its guests are named NAME-xxxxx, and each is a Host (a DNS label).
+        if self.meta().name.len() > MAX_NAME - 6 {
+            e.add(
+                "metadata.name",
+                format!("a pool's name is at most {} bytes: its guests are NAME-xxxxx", MAX_NAME - 6),
+            );
+        }
+        if kubernetes {
+            if s.address.is_empty() {
+                e.add(
+                    "spec.address",
+                    "required: HOST:PORT where the pods' agents reach the control plane's TLS listener",
+                );
+            } else if let Err(why) = crate::pool::check_address(&s.address) {
+                e.add("spec.address", why);
+            }
+            if !s.namespace.is_empty() {
+                if let Err(msg) = dns_label(&s.namespace) {
+                    e.add("spec.namespace", msg);
+                }
+            }
+            if !s.pod_template.is_empty() {
+                if let Err(why) = crate::pool::check_pod_template(&s.pod_template) {
+                    e.add("spec.podTemplate", why);
+                }
+            }
+        } else {
+            for (field, set) in [
+                ("spec.address", !s.address.is_empty()),
+                ("spec.namespace", !s.namespace.is_empty()),
+                ("spec.podTemplate", !s.pod_template.is_empty()),
+            ] {
+                if set {
+                    e.add(field, "only for provider kubernetes");
+                }
+            }
         }
         if !s.uri.is_empty() {
-            if let Err(why) = crate::pool::check_uri(&s.uri) {
+            if !libvirt {
+                e.add("spec.uri", "a libvirt URI: only for provider libvirt");
+            } else if let Err(why) = crate::pool::check_uri(&s.uri) {
                 e.add("spec.uri", why.to_string());
             }
         }
-        if s.image.is_empty() {
+        if provider == "podman" || kubernetes {
+            if let Err(why) = crate::pool::check_image_name(&s.image) {
+                e.add("spec.image", why);
+            }
+        } else if s.image.is_empty() {
             e.add("spec.image", "required: the directory hack/guest-image made (vmlinuz, initrd.img, golden.qcow2)");
         } else if !s.image.starts_with('/') || s.image.len() > 4096 || s.image.contains('\0') {
             e.add("spec.image", "must be an absolute path");
@@ -742,7 +787,7 @@ impl Validate for HostPool {
         labels("spec.labels", &s.labels, &mut e);
         vars("spec.vars", &s.vars, &mut e);
         let on_cmdline = crate::pool::kernel_args(&crate::pool::agent_args(self, true)).len();
-        if on_cmdline > crate::pool::MAX_KERNEL_ARGS {
+        if libvirt && on_cmdline > crate::pool::MAX_KERNEL_ARGS {
             e.add(
                 "spec.vars",
                 format!(
@@ -760,6 +805,9 @@ impl Validate for HostPool {
         if s.cpus > 64 {
             e.add("spec.cpus", "vCPUs per guest: 1 to 64 (default 1)");
         }
+        if s.pids != 0 && !(provider == "podman" && (16..=65_536).contains(&s.pids)) {
+            e.add("spec.pids", "processes per container: 16 to 65536 (default 1024), for provider podman only");
+        }
         let max = s.max.unwrap_or(MAX_POOL_GUESTS.min(8));
         if s.max == Some(0) || max > MAX_POOL_GUESTS {
             e.add("spec.max", format!("1 to {MAX_POOL_GUESTS}"));
@@ -775,7 +823,9 @@ impl Validate for HostPool {
                 Err(err) => e.add("spec.bootTimeout", err.to_string()),
             }
         }
-        if !matches!(s.link.as_str(), "" | "serial" | "vsock") {
+        if !s.link.is_empty() && !libvirt {
+            e.add("spec.link", "how a libvirt guest is linked: only for provider libvirt");
+        } else if !matches!(s.link.as_str(), "" | "serial" | "vsock") {
             e.add("spec.link", format!("{:?} is not serial or vsock", s.link));
         } else if s.link == "vsock" && crate::pool::is_remote_uri(&s.uri) {
             // Its device (vhost-device-vsock) runs next to the control plane.

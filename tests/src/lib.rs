@@ -11,6 +11,7 @@
 pub mod etcd;
 pub mod history;
 pub mod libvirt;
+pub mod podman;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

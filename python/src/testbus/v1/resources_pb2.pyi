@@ -133,7 +133,7 @@ class HostPool(_message.Message):
     def __init__(self, api_version: _Optional[str] = ..., kind: _Optional[str] = ..., metadata: _Optional[_Union[ObjectMeta, _Mapping]] = ..., spec: _Optional[_Union[HostPoolSpec, _Mapping]] = ..., status: _Optional[_Union[HostPoolStatus, _Mapping]] = ...) -> None: ...
 
 class HostPoolSpec(_message.Message):
-    __slots__ = ["boot_timeout", "capabilities", "cpus", "env", "files", "idle_timeout", "image", "labels", "link", "max", "memory", "min", "network", "provider", "uri", "vars"]
+    __slots__ = ["address", "boot_timeout", "capabilities", "cpus", "env", "files", "idle_timeout", "image", "labels", "link", "max", "memory", "min", "namespace", "network", "pids", "pod_template", "provider", "uri", "vars"]
     class EnvEntry(_message.Message):
         __slots__ = ["key", "value"]
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +155,7 @@ class HostPoolSpec(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
     BOOT_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     CPUS_FIELD_NUMBER: _ClassVar[int]
@@ -167,10 +168,14 @@ class HostPoolSpec(_message.Message):
     MAX_FIELD_NUMBER: _ClassVar[int]
     MEMORY_FIELD_NUMBER: _ClassVar[int]
     MIN_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     NETWORK_FIELD_NUMBER: _ClassVar[int]
+    PIDS_FIELD_NUMBER: _ClassVar[int]
+    POD_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_FIELD_NUMBER: _ClassVar[int]
     URI_FIELD_NUMBER: _ClassVar[int]
     VARS_FIELD_NUMBER: _ClassVar[int]
+    address: str
     boot_timeout: str
     capabilities: _containers.RepeatedScalarFieldContainer[str]
     cpus: int
@@ -183,11 +188,14 @@ class HostPoolSpec(_message.Message):
     max: int
     memory: int
     min: int
+    namespace: str
     network: str
+    pids: int
+    pod_template: str
     provider: str
     uri: str
     vars: _containers.ScalarMap[str, str]
-    def __init__(self, provider: _Optional[str] = ..., uri: _Optional[str] = ..., image: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., vars: _Optional[_Mapping[str, str]] = ..., env: _Optional[_Mapping[str, str]] = ..., files: _Optional[_Iterable[_Union[FileRef, _Mapping]]] = ..., memory: _Optional[int] = ..., cpus: _Optional[int] = ..., min: _Optional[int] = ..., max: _Optional[int] = ..., idle_timeout: _Optional[str] = ..., network: _Optional[str] = ..., boot_timeout: _Optional[str] = ..., link: _Optional[str] = ...) -> None: ...
+    def __init__(self, provider: _Optional[str] = ..., uri: _Optional[str] = ..., image: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., vars: _Optional[_Mapping[str, str]] = ..., env: _Optional[_Mapping[str, str]] = ..., files: _Optional[_Iterable[_Union[FileRef, _Mapping]]] = ..., memory: _Optional[int] = ..., cpus: _Optional[int] = ..., min: _Optional[int] = ..., max: _Optional[int] = ..., idle_timeout: _Optional[str] = ..., network: _Optional[str] = ..., boot_timeout: _Optional[str] = ..., link: _Optional[str] = ..., pids: _Optional[int] = ..., namespace: _Optional[str] = ..., address: _Optional[str] = ..., pod_template: _Optional[str] = ...) -> None: ...
 
 class HostPoolStatus(_message.Message):
     __slots__ = ["conditions", "guests", "message", "observed_generation"]
