@@ -1063,6 +1063,7 @@ fn providers(cfg: &Config) -> testbus_pool_provider::Providers {
     testbus_pool_provider::Providers::default()
         .register("libvirt", testbus_pool_libvirt::LibvirtKind)
         .register("podman", testbus_pool_podman::PodmanKind(podman))
+        .register("kubernetes", testbus_pool_kubernetes::KubernetesKind::from_env())
 }
 
 /// Starts the controllers (on the elected leader only, when replicas share
