@@ -222,12 +222,17 @@ impl Libvirt {
     /// Makes sure the isolated network `name` exists and runs: a bridge
     /// with no address, no forwarding, no DHCP or DNS (so no dnsmasq and no
     /// firewall rules): its guests reach each other and nothing else, with
-    /// the addresses their command lines give them.
+    /// the addresses their command lines give them. The bridge has the
+    /// name every provider gives the network (`testbus_proto::pool::
+    /// bridge_name`), so a podman pool on the same network shares it; if
+    /// one made it first here, the network uses it as it is.
     pub fn ensure_network(&self, name: &str) -> Result<()> {
         let net = match self.conn.lookup_network_by_name(name) {
             Ok(n) => n,
             Err(e) if is_missing(&e) => {
-                let xml = format!("<network><name>{}</name><bridge stp='off' delay='0'/></network>", escape(name));
+                let bridge = testbus_proto::pool::bridge_name(name);
+                let exists = !self.remote && Path::new("/sys/class/net").join(&bridge).exists();
+                let xml = network_xml(name, &bridge, exists);
                 self.conn.define_network_xml(&xml).map_err(err(&self.uri))?
             }
             Err(e) => return Err(err(&self.uri)(e)),
@@ -699,6 +704,17 @@ pub fn console_log(state_dir: &Path) -> PathBuf {
     state_dir.join("console.log")
 }
 
+/// A pool network's XML: isolated (libvirt makes the bridge, with no
+/// address and no forwarding), or on a bridge another provider made.
+fn network_xml(name: &str, bridge: &str, bridge_exists: bool) -> String {
+    let (name, bridge) = (escape(name), escape(bridge));
+    if bridge_exists {
+        format!("<network><name>{name}</name><forward mode='bridge'/><bridge name='{bridge}'/></network>")
+    } else {
+        format!("<network><name>{name}</name><bridge name='{bridge}' stp='off' delay='0'/></network>")
+    }
+}
+
 /// Characters that may appear in XML text and attributes unescaped here:
 /// names, paths and flags are checked by the pool's validation, and
 /// anything else is escaped.
@@ -786,6 +802,18 @@ fn domain_xml(g: &GuestSpec, domain_type: &str, files: &GuestFiles) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pool_network_is_isolated_on_the_bridge_every_provider_names_it_by() {
+        let br = testbus_proto::pool::bridge_name("lab");
+        let own = network_xml("lab", &br, false);
+        assert!(own.contains(&format!("<bridge name='{br}' stp='off'")) && !own.contains("<forward"), "{own}");
+        assert!(!own.contains("<ip"), "no address on the host: {own}");
+        // A podman pool made it first: used as it is, still with no address.
+        let shared = network_xml("lab", &br, true);
+        assert!(shared.contains("<forward mode='bridge'/>") && !shared.contains("<ip"), "{shared}");
+        assert!(network_xml("a'b", &br, false).contains("<name>a&apos;b</name>"));
+    }
 
     #[test]
     fn kvm_only_where_offered_on_a_machine_that_is_no_guest() {

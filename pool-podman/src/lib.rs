@@ -197,11 +197,17 @@ impl PodmanProvider {
     /// whose far end is in the network's bridge (made if missing, with no
     /// address on this machine's side).
     async fn plumb(&self, spec: &GuestSpec, address: &str) -> Result<(), GuestError> {
+        let ip = Path::new("ip");
         for step in plumbing(&spec.pool.spec().network, &spec.name, address) {
-            if let Err(f) = run(Path::new("ip"), &step.args).await {
-                if !(step.may_exist && f.said.contains("File exists")) {
-                    return Err(f.into());
+            match run(ip, &step.args).await {
+                // Made here: marked as this provider's.
+                Ok(_) if step.may_exist => {
+                    let br = step.args[2].clone();
+                    run(ip, &["link".into(), "set".into(), br, "alias".into(), BRIDGE_ALIAS.into()]).await?;
                 }
+                Ok(_) => {}
+                Err(f) if step.may_exist && f.said.contains("File exists") => {}
+                Err(f) => return Err(f.into()),
             }
         }
         Ok(())
@@ -248,10 +254,12 @@ fn short_hash(s: &str) -> String {
     format!("{:08x}", h as u32)
 }
 
-/// The bridge of pool network `network`.
-pub fn bridge_name(network: &str) -> String {
-    format!("tbn{}", short_hash(network))
-}
+pub use testbus_proto::pool::bridge_name;
+
+/// What podman's bridges say they are (`ip link ... alias`): only a bridge
+/// this provider made is deleted by it (a libvirt pool's network may have
+/// made the bridge, and owns it).
+const BRIDGE_ALIAS: &str = "testbus-podman";
 
 /// The network namespace of guest `name`.
 pub fn netns_name(name: &str) -> String {
@@ -449,9 +457,13 @@ impl Provider for PodmanProvider {
         // The bridge goes once no guest (of any pool on the network) has a
         // port in it.
         let (ip, br) = (Path::new("ip"), bridge_name(&pool.spec().network));
-        let Ok(ports) = run(ip, &["-o".into(), "link".into(), "show".into(), "master".into(), br.clone()]).await else {
+        let Ok(itself) = run(ip, &["-o".into(), "link".into(), "show".into(), br.clone()]).await else {
             return Ok(()); // no such bridge
         };
+        if !itself.contains(&format!("alias {BRIDGE_ALIAS}")) {
+            return Ok(()); // not made here (a libvirt network's)
+        }
+        let ports = run(ip, &["-o".into(), "link".into(), "show".into(), "master".into(), br.clone()]).await?;
         if ports.trim().is_empty() {
             run(ip, &["link".into(), "delete".into(), br]).await?;
         }

@@ -161,6 +161,15 @@ pub fn check_image_name(image: &str) -> Result<(), String> {
     }
 }
 
+/// The bridge of pool network `network` on the machine its guests run on,
+/// whatever their provider: a libvirt pool's network and a podman pool's
+/// containers on the same network name share it (one L2 segment, no
+/// address on the host). At most 15 bytes (an interface name).
+pub fn bridge_name(network: &str) -> String {
+    let h = network.bytes().fold(0xcbf2_9ce4_8422_2325u64, |a, b| (a ^ u64::from(b)).wrapping_mul(0x1000_0000_01b3));
+    format!("tbn{:08x}", h as u32)
+}
+
 /// The name of the agent's container in a kubernetes pool's pods.
 pub const AGENT_CONTAINER: &str = "testbus-agent";
 

@@ -156,6 +156,13 @@ impl Cluster {
         Self::start_disk(n, &[], &[], None, 0, Net::Loopback { tls }).await
     }
 
+    /// [`Cluster::start_loopback`] with TLS and `cp_args`: the control
+    /// plane in this machine's own network namespace (where libvirt makes
+    /// its networks).
+    pub async fn start_loopback_with(n: usize, cp_args: &[&str]) -> Cluster {
+        Self::start_disk(n, &[], cp_args, None, 0, Net::Loopback { tls: true }).await
+    }
+
     /// [`Cluster::start_loopback`] without TLS, with `cp_args`.
     pub async fn start_loopback_insecure(n: usize, cp_args: &[&str]) -> Cluster {
         Self::start_disk(n, &[], cp_args, None, 0, Net::Loopback { tls: false }).await

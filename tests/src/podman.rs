@@ -15,7 +15,7 @@ pub struct PodmanStorage {
     /// Pool tests take turns (containers start in a fraction of a second,
     /// but two control planes reconciling pools at once on two cores slow
     /// each other's guests past their deadlines).
-    _turn: tokio::sync::MutexGuard<'static, ()>,
+    _turn: Option<tokio::sync::MutexGuard<'static, ()>>,
 }
 
 impl PodmanStorage {
@@ -25,15 +25,22 @@ impl PodmanStorage {
         if !crate::needs_root("podman pool tests") {
             return None;
         }
-        let s = PodmanStorage {
-            dir: tempfile::Builder::new().prefix("tb-podman").tempdir().unwrap(),
-            _turn: crate::libvirt::one_at_a_time().await,
-        };
+        Some(Self::with_turn(Some(crate::libvirt::one_at_a_time().await)))
+    }
+
+    /// A storage for a test that already holds the pool tests' turn (a
+    /// libvirt one); root only.
+    pub fn without_turn() -> PodmanStorage {
+        Self::with_turn(None)
+    }
+
+    fn with_turn(turn: Option<tokio::sync::MutexGuard<'static, ()>>) -> PodmanStorage {
+        let s = PodmanStorage { dir: tempfile::Builder::new().prefix("tb-podman").tempdir().unwrap(), _turn: turn };
         let rootfs = crate::libvirt::image().join("rootfs.tar");
         assert!(rootfs.exists(), "no {}: run hack/guest-image", rootfs.display());
         let out = s.podman(&["import", &rootfs.display().to_string(), IMAGE]);
         assert!(out.status.success(), "podman import: {}", String::from_utf8_lossy(&out.stderr));
-        Some(s)
+        s
     }
 
     pub fn path(&self) -> &Path {

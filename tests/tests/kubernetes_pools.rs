@@ -36,3 +36,23 @@ async fn a_kubernetes_pool_without_a_cluster_says_so_and_makes_nothing() {
     })
     .await;
 }
+
+/// The pool examples no test applies as they are (a cluster, a bare host
+/// plumbed by hand) are valid: parsed and checked as the API checks them.
+#[test]
+fn the_examples_no_test_applies_are_valid() {
+    use testbus_proto::validate::Validate;
+    for name in ["pool-kubernetes.yaml", "pool-mixed-substrates.yaml"] {
+        let path = testbus_tests::repo_root().join("manifests/examples").join(name);
+        let objects = testbus_proto::manifest::parse(name, &std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert!(!objects.is_empty(), "{name}");
+        for o in objects {
+            let r = match &o {
+                testbus_proto::Object::HostPool(p) => p.validate(),
+                testbus_proto::Object::Test(t) => t.validate(),
+                other => panic!("{name}: unexpected {:?}", other.kind()),
+            };
+            r.unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    }
+}

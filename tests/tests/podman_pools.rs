@@ -156,7 +156,7 @@ spec:
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    let bridge = testbus_pool_podman_bridge("tbc-net");
+    let bridge = testbus_proto::pool::bridge_name("tbc-net");
     assert!(cp_links(&c).contains(&bridge), "{}", cp_links(&c));
     delete_pool(&c, &storage, "tbc-a").await;
     assert!(!cp_links(&c).contains(&bridge), "the bridge went with the pool: {}", cp_links(&c));
@@ -173,13 +173,6 @@ fn diagnose(c: &Cluster, storage: &PodmanStorage) -> String {
         out += &format!("--- relay:\n{}", std::fs::read_to_string(relay).unwrap_or_default());
     }
     out
-}
-
-/// The bridge name the podman provider gives a network (its own rule,
-/// repeated here so the test checks it independently).
-fn testbus_pool_podman_bridge(network: &str) -> String {
-    let h = network.bytes().fold(0xcbf2_9ce4_8422_2325u64, |a, b| (a ^ u64::from(b)).wrapping_mul(0x1000_0000_01b3));
-    format!("tbn{:08x}", h as u32)
 }
 
 /// A control plane killed outright finds its containers again (their
