@@ -234,7 +234,10 @@ fn spawn_workers(tasks: &mut tokio::task::JoinSet<()>, ctx: &Arc<Context>, stop:
             stop.child_token(),
         ));
     }
-    {
+    // Several pool workers (the queue never hands one pool to two): a
+    // provider that is slow to answer (a hung API, bounded by
+    // pools::PROVIDER_CALL_DEADLINE) holds up its own pools only.
+    for _ in 0..pools::WORKERS {
         let c = ctx.clone();
         tasks.spawn(runtime::run_worker(
             ctx.pool_queue.clone(),

@@ -42,6 +42,25 @@ fn boot_deadline(pool: &HostPool) -> Duration {
 /// How long its agent may take to register once linked.
 pub const LINK_DEADLINE: Duration = Duration::from_secs(60);
 
+/// Pools reconciled at once.
+pub const WORKERS: usize = 4;
+
+/// How long a provider may take to answer a call a reconcile waits for
+/// (reach, list, observe); past it, the pool says so and is looked at
+/// again later.
+pub const PROVIDER_CALL_DEADLINE: Duration = Duration::from_secs(15);
+
+/// `call`, or an error saying it did not answer in time.
+async fn bounded<T>(
+    what: &str,
+    call: impl std::future::Future<Output = Result<T, GuestError>>,
+) -> Result<T, GuestError> {
+    match tokio::time::timeout(PROVIDER_CALL_DEADLINE, call).await {
+        Ok(r) => r,
+        Err(_) => Err(GuestError::Substrate(format!("{what}: no answer within {}s", PROVIDER_CALL_DEADLINE.as_secs()))),
+    }
+}
+
 /// Where the pool controller keeps guest state, what links guests, and
 /// the providers it makes them with.
 #[derive(Debug, Clone)]
@@ -265,7 +284,7 @@ pub async fn reconcile(ctx: &Arc<Context>, name: &str) -> Result<Action, Error> 
         write_status(ctx, &pool, Some(available(ConditionStatus::False, "RelayMissing", &msg))).await?;
         return Ok(Action::Requeue(Duration::from_secs(30)));
     }
-    if let Err(e) = p.reach().await {
+    if let Err(e) = bounded("reaching its provider", p.reach()).await {
         let reason = provider_reason(&pool, "Unreachable");
         write_status(ctx, &pool, Some(available(ConditionStatus::False, &reason, &e.to_string()))).await?;
         return Ok(Action::Requeue(Duration::from_secs(5)));
@@ -326,7 +345,7 @@ pub async fn reconcile(ctx: &Arc<Context>, name: &str) -> Result<Action, Error> 
 /// know (a restarted control plane): known again, relinked.
 async fn adopt(ctx: &Arc<Context>, pool: &Arc<HostPool>, p: &Arc<dyn Provider>) {
     let Some(cfg) = ctx.cfg.pools.clone() else { return };
-    let names = match p.guests(&format!("{}-", pool.name())).await {
+    let names = match bounded("listing its guests", p.guests(&format!("{}-", pool.name()))).await {
         Ok(names) => names,
         Err(e) => {
             tracing::warn!(pool = pool.name(), error = %e, "cannot list the pool's guests");
@@ -400,7 +419,7 @@ async fn check_alive(ctx: &Arc<Context>, pool: &Arc<HostPool>, p: &Arc<dyn Provi
         .map(|(n, _)| n.clone())
         .collect();
     for n in ready {
-        match p.observe(&guest_spec(ctx, &cfg, pool, &n)).await {
+        match bounded("looking at a guest", p.observe(&guest_spec(ctx, &cfg, pool, &n))).await {
             Ok(Observed::Up { linked: true }) | Ok(Observed::Busy) => {}
             // Its link ended, or its run was started again (a snapshot
             // revert: a new pty): linked again, without a go (the guest is
@@ -898,7 +917,7 @@ async fn delete_pool(
     if !pool.meta().finalizers.iter().any(|f| f == POOL_FINALIZER) {
         return Ok(Action::AwaitChange);
     }
-    if let Err(e) = p.reach().await {
+    if let Err(e) = bounded("reaching its provider", p.reach()).await {
         let msg = format!("cannot delete the pool's guests: {e}");
         let reason = provider_reason(pool, "Unreachable");
         write_status(ctx, pool, Some(available(ConditionStatus::False, &reason, &msg))).await?;
@@ -923,7 +942,7 @@ async fn delete_pool(
     }
     let mut names: Vec<String> =
         ctx.guests.runs.lock().iter().filter(|(_, g)| g.pool == pool.name()).map(|(n, _)| n.clone()).collect();
-    if let Ok(found) = p.guests(&format!("{}-", pool.name())).await {
+    if let Ok(found) = bounded("listing its guests", p.guests(&format!("{}-", pool.name()))).await {
         for n in found {
             let ours = ctx.hosts.get(&n).is_none_or(|h| testbus_proto::pool::pool_of(&h) == Some(pool.name()));
             if ours && !names.contains(&n) {
@@ -938,14 +957,14 @@ async fn delete_pool(
         }
     }
     for n in &names {
-        if let Err(e) = destroy(ctx, p, &guest_spec(ctx, cfg, pool, n)).await {
+        if let Err(e) = bounded("removing a guest", destroy(ctx, p, &guest_spec(ctx, cfg, pool, n))).await {
             let msg = format!("cannot destroy guest {n}: {e}");
             write_status(ctx, pool, Some(available(ConditionStatus::False, "DeleteFailed", &msg))).await?;
             return Ok(Action::Requeue(Duration::from_secs(5)));
         }
         ctx.guests.runs.lock().remove(n);
     }
-    if let Err(e) = p.release_pool(pool).await {
+    if let Err(e) = bounded("removing what it made", p.release_pool(pool)).await {
         tracing::warn!(pool = pool.name(), error = %e, "cannot remove what the pool made besides its guests");
     }
     let mut next = (**pool).clone();

@@ -263,3 +263,62 @@ async fn the_container_examples_run_as_they_are() {
     assert!(logs.contains("hello from containers-"), "{logs}");
     delete_pool(&c, &storage, "containers").await;
 }
+
+/// A provider whose API hangs holds up its own pools only: a kubernetes
+/// pool whose API server accepts connections and never answers (its
+/// reconcile waits out the provider deadline) does not keep a podman pool
+/// in the same control plane from making its container meanwhile; then it
+/// says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_provider_does_not_hold_up_other_pools() {
+    let Some(storage) = PodmanStorage::new().await else { return };
+    let mut c = cluster(&storage).await;
+    c.kill_control_plane();
+    // An "API server" in the control plane's namespace that takes
+    // connections and says nothing.
+    let port = 17443;
+    // (One process, which holds every connection: killed with the cluster.)
+    let mute = format!(
+        "import socket\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('127.0.0.1', {port}))\ns.listen(64)\nheld = []\nwhile True:\n    held.append(s.accept())\n"
+    );
+    c.spawn_logged(Some("cp"), "mute", "python3", &["-c", &mute]);
+    c.in_node("cp", move || async move {
+        wait_for(Duration::from_secs(10), "the mute API server to listen", || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok().map(|_| ())
+        })
+        .await
+    });
+    let kubeconfig = c.dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: \"https://127.0.0.1:{port}\", insecure-skip-tls-verify: true}}}}]\n\
+             users: [{{name: u, user: {{token: t}}}}]\ncontexts: [{{name: c, context: {{cluster: c, user: u}}}}]\ncurrent-context: c\n"
+        ),
+    )
+    .unwrap();
+    c.cp_env.push(("KUBECONFIG".into(), kubeconfig.display().to_string()));
+    c.start_control_plane().await;
+    let kube = "apiVersion: testbus/v1\nkind: HostPool\nmetadata: {name: tbc-k}\nspec:\n  provider: kubernetes\n  image: localhost/testbus-guest\n  address: 10.77.0.1:7780\n  min: 1\n";
+    assert_eq!(c.ctl(&["apply", "-f", &manifest(&c, "k.yaml", kube)]).code, 0);
+    let client = c.client().await;
+    let p = manifest(&c, "pool.yaml", &pool_yaml("tbc-h", "  min: 1\n"));
+    assert_eq!(c.ctl(&["apply", "-f", &p]).code, 0);
+    wait_for(UP, "the podman pool's container to be Ready", || async {
+        let p = client.api::<HostPool>().get("tbc-h").await.ok()?;
+        p.status().guests.iter().any(|g| g.phase == "Ready").then_some(())
+    })
+    .await;
+    // Meanwhile the kubernetes pool's reconcile was still waiting on its
+    // API server: it has said nothing yet.
+    let k = client.api::<HostPool>().get("tbc-k").await.unwrap();
+    assert!(k.status().conditions.is_empty(), "{:?}", k.status());
+    let cond = wait_for(Duration::from_secs(60), "the kubernetes pool to say its API does not answer", || async {
+        let p = client.api::<HostPool>().get("tbc-k").await.ok()?;
+        p.status().conditions.iter().find(|c| c.reason == "KubernetesUnreachable").cloned()
+    })
+    .await;
+    assert!(cond.message.contains("no answer within 15s"), "{cond:?}");
+    delete_pool(&c, &storage, "tbc-h").await;
+}
