@@ -377,7 +377,17 @@ async fn adopt(ctx: &Arc<Context>, pool: &Arc<HostPool>, p: &Arc<dyn Provider>) 
             (Some(_), Ok(())) => (GuestPhase::Linking, "found again; relinking".to_string()),
         };
         tracing::info!(pool = pool.name(), guest = %n, why = message, "guest found");
-        ctx.guests.runs.lock().insert(n.clone(), GuestRun::new(pool.name(), phase, message, false));
+        let mut run = GuestRun::new(pool.name(), phase, message, false);
+        if !pool.spec().network.is_empty() {
+            // Kept (a podman guest is made anew with it at its next clean),
+            // and given to no other guest.
+            let spec = GuestSpec { address: None, ..guest_spec(ctx, &cfg, pool, &n) };
+            match bounded("reading a guest's address", p.address(&spec)).await {
+                Ok(a) => run.address = a.unwrap_or_default(),
+                Err(e) => tracing::warn!(pool = pool.name(), guest = %n, error = %e, "cannot read the guest's address"),
+            }
+        }
+        ctx.guests.runs.lock().insert(n.clone(), run);
         if phase == GuestPhase::Linking {
             relink(ctx.clone(), pool, p, &n);
         }
@@ -553,6 +563,14 @@ struct GuestTokens<'a> {
     tls: bool,
 }
 
+/// How long a guest's join token is good for: until its guest has
+/// booted, and then some (15 minutes at least).
+fn token_ttl(ctx: &Context, name: &str) -> String {
+    let pool = ctx.guests.runs.lock().get(name).map(|g| g.pool.clone());
+    let boot = pool.and_then(|p| ctx.pools.get(&p)).map(|p| boot_deadline(&p)).unwrap_or(BOOT_DEADLINE);
+    testbus_proto::duration::format((boot + LINK_DEADLINE).max(Duration::from_secs(15 * 60)))
+}
+
 #[async_trait]
 impl JoinTokens for GuestTokens<'_> {
     async fn token(&self, name: &str) -> Result<Option<String>, GuestError> {
@@ -566,7 +584,7 @@ impl JoinTokens for GuestTokens<'_> {
         // so, which is how its Host gets the pool's label); a new one for
         // the same guest replaces it.
         let req = testbus_proto::CreateTokenRequest {
-            ttl: "15m".into(),
+            ttl: token_ttl(self.ctx, name),
             pool,
             host_name: name.into(),
             role: String::new(),
@@ -944,7 +962,10 @@ async fn delete_pool(
         ctx.guests.runs.lock().iter().filter(|(_, g)| g.pool == pool.name()).map(|(n, _)| n.clone()).collect();
     if let Ok(found) = bounded("listing its guests", p.guests(&format!("{}-", pool.name()))).await {
         for n in found {
-            let ours = ctx.hosts.get(&n).is_none_or(|h| testbus_proto::pool::pool_of(&h) == Some(pool.name()));
+            // Named as its guests are (pool `web` must not take `web-api`'s),
+            // and not another pool's by its Host.
+            let ours = is_guest_of(pool.name(), &n)
+                && ctx.hosts.get(&n).is_none_or(|h| testbus_proto::pool::pool_of(&h) == Some(pool.name()));
             if ours && !names.contains(&n) {
                 names.push(n);
             }
@@ -964,8 +985,12 @@ async fn delete_pool(
         }
         ctx.guests.runs.lock().remove(n);
     }
+    // Kept until what it made besides its guests is gone too (a network, a
+    // Kubernetes ConfigMap that owns what a crashed control plane left).
     if let Err(e) = bounded("removing what it made", p.release_pool(pool)).await {
-        tracing::warn!(pool = pool.name(), error = %e, "cannot remove what the pool made besides its guests");
+        let msg = format!("cannot remove what the pool made besides its guests: {e}");
+        write_status(ctx, pool, Some(available(ConditionStatus::False, "DeleteFailed", &msg))).await?;
+        return Ok(Action::Requeue(Duration::from_secs(5)));
     }
     let mut next = (**pool).clone();
     next.meta_mut().finalizers.retain(|f| f != POOL_FINALIZER);

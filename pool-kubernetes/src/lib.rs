@@ -41,6 +41,9 @@ pub const TOKEN_KEY: &str = "token";
 /// The namespace of a pool that names none.
 pub const DEFAULT_NAMESPACE: &str = "default";
 
+/// How long a deleted pod may take to be gone.
+const POD_GONE_DEADLINE: Duration = Duration::from_secs(60);
+
 /// How long one watch request may last before it is made again.
 const WATCH_SECONDS: u32 = 60;
 
@@ -130,15 +133,10 @@ pub enum PodState {
     Stuck(String),
 }
 
-/// Container waiting reasons that do not go away by waiting.
-const STUCK_WAITING: [&str; 6] = [
-    "ImagePullBackOff",
-    "ErrImagePull",
-    "InvalidImageName",
-    "CreateContainerConfigError",
-    "CreateContainerError",
-    "CrashLoopBackOff",
-];
+/// Container waiting reasons that do not go away by waiting (a first
+/// `ErrImagePull` may: a registry hiccup; it becomes `ImagePullBackOff`).
+const STUCK_WAITING: [&str; 5] =
+    ["ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError", "CreateContainerError", "CrashLoopBackOff"];
 
 /// Reads a pod's status (pure).
 pub fn pod_state(pod: &Pod) -> PodState {
@@ -433,6 +431,18 @@ impl Provider for KubernetesProvider {
             Ok(_) => {}
             Err(e) if is_code(&e, 404) => {}
             Err(e) => return Err(api_error("deleting the guest's pod")(e)),
+        }
+        // Gone before its Host is: an agent still running would register
+        // its Host again.
+        let deadline = tokio::time::Instant::now() + POD_GONE_DEADLINE;
+        while pods.get_opt(&spec.name).await.map_err(api_error("reading the guest's pod"))?.is_some() {
+            if tokio::time::Instant::now() > deadline {
+                return Err(GuestError::NotUp(format!(
+                    "its pod was still there {}s after it was deleted",
+                    POD_GONE_DEADLINE.as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
         let secrets: Api<Secret> = self.api().await?;
         match secrets.delete(&secret_name(&spec.name), &DeleteParams::default()).await {

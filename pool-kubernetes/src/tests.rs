@@ -266,6 +266,9 @@ async fn pods_are_observed_listed_deleted_and_the_pool_released() {
             answer(&mut h, Method::DELETE, &format!("{NS}/pods/web-0a1b2"), 200, pod_json("8", "Running", true, None))
                 .await;
         assert_eq!(del["gracePeriodSeconds"], 0, "{del}");
+        // Its Host goes only once the pod is gone: looked at until then.
+        answer(&mut h, Method::GET, &format!("{NS}/pods/web-0a1b2"), 200, pod_json("9", "Running", true, None)).await;
+        answer(&mut h, Method::GET, &format!("{NS}/pods/web-0a1b2"), 404, status(404, "NotFound", "gone")).await;
         answer(&mut h, Method::DELETE, &format!("{NS}/secrets/web-0a1b2-join"), 404, status(404, "NotFound", "gone"))
             .await;
         let (_, del) =

@@ -496,6 +496,13 @@ impl Libvirt {
         }))
     }
 
+    /// The pool-network address the guest was made with (its kernel
+    /// command line's `testbus.ip=`), if any.
+    pub fn guest_address(&self, name: &str) -> Result<Option<String>> {
+        let xml = self.domain(name)?.xml_desc(0).map_err(err(&self.uri))?;
+        Ok(address_on_cmdline(&xml))
+    }
+
     /// Takes a snapshot of the running guest, memory included.
     pub fn snapshot(&self, name: &str, snapshot: &str) -> Result<()> {
         let dom = self.domain(name)?;
@@ -704,6 +711,12 @@ pub fn console_log(state_dir: &Path) -> PathBuf {
     state_dir.join("console.log")
 }
 
+/// `testbus.ip=ADDR` on the `<cmdline>` of a domain's XML.
+fn address_on_cmdline(xml: &str) -> Option<String> {
+    let cmdline = xml.split("<cmdline>").nth(1)?.split("</cmdline>").next()?;
+    cmdline.split_whitespace().find_map(|w| w.strip_prefix("testbus.ip=")).map(String::from)
+}
+
 /// A pool network's XML: isolated (libvirt makes the bridge, with no
 /// address and no forwarding), or on a bridge another provider made.
 fn network_xml(name: &str, bridge: &str, bridge_exists: bool) -> String {
@@ -802,6 +815,14 @@ fn domain_xml(g: &GuestSpec, domain_type: &str, files: &GuestFiles) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_guests_address_is_read_back_from_its_command_line() {
+        let xml = "<domain><os><cmdline>console=ttyS0 quiet testbus.name=p-1 testbus.ip=10.251.3.11/24</cmdline></os></domain>";
+        assert_eq!(address_on_cmdline(xml).as_deref(), Some("10.251.3.11/24"));
+        assert_eq!(address_on_cmdline("<domain><os><cmdline>console=ttyS0</cmdline></os></domain>"), None);
+        assert_eq!(address_on_cmdline("<domain/>"), None);
+    }
 
     #[test]
     fn a_pool_network_is_isolated_on_the_bridge_every_provider_names_it_by() {

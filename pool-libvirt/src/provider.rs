@@ -425,6 +425,11 @@ impl Provider for LibvirtProvider {
         }
     }
 
+    async fn address(&self, spec: &GuestSpec) -> Result<Option<String>, GuestError> {
+        let n = spec.name.clone();
+        self.call(move |l| l.guest_address(&n)).await
+    }
+
     async fn destroy(&self, spec: &GuestSpec) -> Result<(), GuestError> {
         self.drop_relay(&spec.name).await;
         let (n, dir, image) = (spec.name.clone(), spec.state_dir.clone(), PathBuf::from(&spec.pool.spec().image));

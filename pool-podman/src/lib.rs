@@ -35,9 +35,16 @@ pub const COMMAND_DEADLINE: Duration = Duration::from_secs(60);
 /// The label every container of a pool carries (its value: the pool).
 pub const POOL_LABEL: &str = "testbus.io/pool";
 
+/// The label with a container's address on its pool's network: a
+/// restarted control plane gives its next container the same one.
+pub const ADDRESS_LABEL: &str = "testbus.io/address";
+
 /// Default per-guest limits.
 pub const DEFAULT_MEMORY_MIB: u32 = 256;
 pub const DEFAULT_PIDS: u32 = 1024;
+
+/// The longest path a unix socket may have (sun_path, less its NUL).
+const MAX_SOCKET_PATH: usize = 107;
 
 /// Where the guest's link dir is mounted in its container.
 const IN_CONTAINER: &str = "/run/testbus";
@@ -159,13 +166,35 @@ impl PodmanProvider {
         }
         let dir = link_dir(&spec.state_dir);
         std::fs::create_dir_all(&dir).map_err(GuestError::local(dir.display()))?;
+        let socket = dir.join("link.sock");
+        let len = socket.as_os_str().len();
+        if len > MAX_SOCKET_PATH {
+            return Err(GuestError::Unsupported(format!(
+                "its relay's socket {} is {len} bytes, over the {MAX_SOCKET_PATH} a unix socket's path may have: \
+                 give the control plane a shorter --data-dir",
+                socket.display()
+            )));
+        }
+        let _ = std::fs::remove_file(&socket);
         let log = std::fs::File::create(spec.state_dir.join("relay.log")).map_err(GuestError::local("relay.log"))?;
-        let downstream = format!("unix:{}", dir.join("link.sock").display());
-        let relay = self
+        let downstream = format!("unix:{}", socket.display());
+        let mut relay = self
             .links
             .relay(&downstream, "podman", log)
             .spawn()
             .map_err(GuestError::local(format!("starting {}", self.links.relay.display())))?;
+        // Listening before the agent dials (a relay that cannot listen
+        // says why in its log).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            let ended = relay.try_wait().ok().flatten();
+            if ended.is_some() || tokio::time::Instant::now() > deadline {
+                let log = std::fs::read_to_string(spec.state_dir.join("relay.log")).unwrap_or_default();
+                let last = log.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("nothing");
+                return Err(GuestError::NotUp(format!("its relay did not listen on {} ({last})", socket.display())));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         self.relays.lock().insert(spec.name.clone(), relay);
         Ok(())
     }
@@ -287,10 +316,15 @@ fn plumbing(network: &str, name: &str, address: &str) -> Vec<IpStep> {
     let step =
         |may_exist: bool, args: &[&str]| IpStep { args: args.iter().map(|a| a.to_string()).collect(), may_exist };
     vec![
+        // No address at all on this machine's side, IPv6 link-local
+        // included (else root in a container could reach this machine's
+        // services on fe80::): addrgenmode none before each is up.
         step(true, &["link", "add", &br, "type", "bridge"]),
+        step(false, &["link", "set", &br, "addrgenmode", "none"]),
         step(false, &["link", "set", &br, "up"]),
         step(false, &["netns", "add", &ns]),
         step(false, &["link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", &ns]),
+        step(false, &["link", "set", &host_end, "addrgenmode", "none"]),
         step(false, &["link", "set", &host_end, "master", &br, "up"]),
         step(false, &["-n", &ns, "addr", "add", address, "dev", "eth0"]),
         step(false, &["-n", &ns, "link", "set", "eth0", "up"]),
@@ -318,6 +352,11 @@ fn run_args(spec: &GuestSpec, link_dir: &Path, token: bool) -> Vec<String> {
         spec.name.clone(),
         "--label".into(),
         format!("{POOL_LABEL}={}", spec.pool.name()),
+        "--label".into(),
+        format!("{ADDRESS_LABEL}={}", spec.address.as_deref().unwrap_or("")),
+        // Nothing in it gains privileges by exec (setuid binaries).
+        "--security-opt".into(),
+        "no-new-privileges".into(),
         "--network".into(),
         network,
         "--memory".into(),
@@ -438,6 +477,12 @@ impl Provider for PodmanProvider {
 
     fn relinkable(&self, _pool: &HostPool) -> Result<(), String> {
         Ok(())
+    }
+
+    async fn address(&self, spec: &GuestSpec) -> Result<Option<String>, GuestError> {
+        let format = format!("{{{{index .Config.Labels \"{ADDRESS_LABEL}\"}}}}");
+        let out = self.podman(&["inspect", "--format", &format, &spec.name]).await?;
+        Ok(Some(out.trim().to_string()).filter(|a| !a.is_empty() && a != "<no value>"))
     }
 
     async fn destroy(&self, spec: &GuestSpec) -> Result<(), GuestError> {

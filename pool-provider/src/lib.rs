@@ -187,6 +187,14 @@ pub trait Provider: Send + Sync {
     /// why not, if it must be replaced.
     fn relinkable(&self, pool: &HostPool) -> Result<(), String>;
 
+    /// The address on its pool's network a guest found after a restart was
+    /// made with (None: it has none, or the provider cannot say), so that
+    /// it keeps it and no other guest is given it.
+    async fn address(&self, spec: &GuestSpec) -> Result<Option<String>, GuestError> {
+        let _ = spec;
+        Ok(None)
+    }
+
     /// Stops and removes the guest and everything made for it (its state
     /// dir included). A guest already gone is fine.
     async fn destroy(&self, spec: &GuestSpec) -> Result<(), GuestError>;

@@ -231,9 +231,15 @@ pub fn check_address(address: &str) -> Result<(), String> {
     let bad =
         || format!("{address:?} is not HOST:PORT (where the pods' agents reach the control plane's TLS listener)");
     let (host, port) = address.rsplit_once(':').ok_or_else(bad)?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let host_ok =
-        !host.is_empty() && host.len() <= 253 && host.bytes().all(|b| b.is_ascii_alphanumeric() || b".-:".contains(&b));
+    // An IPv6 address is bracketed ([fd00::1]:7780), as in a URL.
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => {
+            !host.is_empty()
+                && host.len() <= 253
+                && host.bytes().all(|b| b.is_ascii_alphanumeric() || b".-".contains(&b))
+        }
+    };
     match port.parse::<u16>() {
         Ok(p) if p > 0 && host_ok => Ok(()),
         _ => Err(bad()),
@@ -375,7 +381,7 @@ mod tests {
         for ok in ["cp:7780", "10.0.0.1:7780", "[fd00::1]:7780", "cp.lab.example:443"] {
             assert_eq!(check_address(ok), Ok(()), "{ok}");
         }
-        for bad in ["cp", "cp:", ":7780", "cp:0", "cp:70000", "c p:1", "https://cp:7780"] {
+        for bad in ["cp", "cp:", ":7780", "cp:0", "cp:70000", "c p:1", "https://cp:7780", "fd00::1:7780", "[cp]:7780"] {
             assert!(check_address(bad).is_err(), "{bad}");
         }
     }

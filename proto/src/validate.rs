@@ -832,7 +832,9 @@ impl Validate for HostPool {
             e.add("spec.link", "vsock needs a local libvirt (spec.uri names another machine): use serial");
         }
         if !s.network.is_empty() {
-            if let Err(msg) = dns_label(&s.network) {
+            if kubernetes {
+                e.add("spec.network", "a pool network is for providers libvirt and podman (pods use the cluster's)");
+            } else if let Err(msg) = dns_label(&s.network) {
                 e.add("spec.network", msg);
             }
         }

@@ -69,6 +69,7 @@ async fn a_bare_agent_a_vm_and_a_container_talk_on_one_network() {
     };
     ip(&["netns", "add", &node.ns]);
     ip(&["link", "add", &node.veth, "type", "veth", "peer", "name", "eth0", "netns", &node.ns]);
+    ip(&["link", "set", &node.veth, "addrgenmode", "none"]);
     ip(&["link", "set", &node.veth, "master", &bridge, "up"]);
     ip(&["-n", &node.ns, "addr", "add", &format!("{subnet}.250/24"), "dev", "eth0"]);
     ip(&["-n", &node.ns, "link", "set", "eth0", "up"]);

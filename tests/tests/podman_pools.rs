@@ -140,11 +140,13 @@ spec:
     let token = c.dir.path().join("cp/guests").join(&held).join("link/token");
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&token).unwrap().permissions().mode() & 0o077, 0, "{}", token.display());
+    let cleaned = |p: &HostPool| p.status().guests.iter().find(|g| g.name == held).map_or(0, |g| g.cleanings);
+    let before = cleaned(&client.api::<HostPool>().get("tbc-a").await.unwrap());
     assert_eq!(c.ctl(&["finish", "test/hold"]).code, 0);
     let deadline = std::time::Instant::now() + UP;
     loop {
         let pool = client.api::<HostPool>().get("tbc-a").await.unwrap();
-        if pool.status().guests.iter().map(|g| g.cleanings).sum::<u32>() >= 2 {
+        if cleaned(&pool) > before {
             break;
         }
         assert!(
@@ -158,6 +160,10 @@ spec:
 
     let bridge = testbus_proto::pool::bridge_name("tbc-net");
     assert!(cp_links(&c).contains(&bridge), "{}", cp_links(&c));
+    // No address on this machine's side, IPv6 link-local included.
+    let out =
+        c.command_in("cp", std::path::Path::new("ip")).args(["-o", "addr", "show", "dev", &bridge]).output().unwrap();
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).trim().is_empty(), "{out:?}");
     delete_pool(&c, &storage, "tbc-a").await;
     assert!(!cp_links(&c).contains(&bridge), "the bridge went with the pool: {}", cp_links(&c));
 }
@@ -182,14 +188,15 @@ fn diagnose(c: &Cluster, storage: &PodmanStorage) -> String {
 async fn a_restarted_control_plane_relinks_its_containers_and_leaves_nothing() {
     let Some(storage) = PodmanStorage::new().await else { return };
     let mut c = cluster(&storage).await;
-    let p = manifest(&c, "pool.yaml", &pool_yaml("tbc-r", "  min: 1\n  max: 1\n"));
+    let p = manifest(&c, "pool.yaml", &pool_yaml("tbc-r", "  min: 1\n  max: 1\n  network: tbc-rnet\n"));
     assert_eq!(c.ctl(&["apply", "-f", &p]).code, 0);
     let client = c.client().await;
-    let guest = wait_for(UP, "a Ready container", || async {
+    let (guest, address) = wait_for(UP, "a Ready container", || async {
         let p = client.api::<HostPool>().get("tbc-r").await.ok()?;
-        p.status().guests.iter().find(|g| g.phase == "Ready").map(|g| g.name.clone())
+        p.status().guests.iter().find(|g| g.phase == "Ready").map(|g| (g.name.clone(), g.address.clone()))
     })
     .await;
+    assert!(address.starts_with("10.251."), "{address}");
     c.kill_control_plane();
     let restarted = std::time::SystemTime::now();
     c.start_control_plane().await;
@@ -204,6 +211,12 @@ async fn a_restarted_control_plane_relinks_its_containers_and_leaves_nothing() {
     let out = c.ctl(&["apply", "-f", &ctr_test(&c, "after", "hostname"), "--wait", "--timeout", "2m"]);
     assert_eq!(out.code, 0, "{out:?}");
     assert!(c.ctl(&["logs", "test/after"]).stdout.contains(&guest), "the same container served it");
+    // Its next container (after the clean) keeps its address and network.
+    let check = format!("ip -4 addr show eth0 | grep -q {}", address.split('/').next().unwrap());
+    let out = c.ctl(&["apply", "-f", &ctr_test(&c, "again", &check), "--wait", "--timeout", "2m"]);
+    assert_eq!(out.code, 0, "{out:?} {}", c.ctl(&["logs", "test/again"]).stdout);
+    let p = client.api::<HostPool>().get("tbc-r").await.unwrap();
+    assert_eq!(p.status().guests.iter().map(|g| g.address.as_str()).collect::<Vec<_>>(), [address.as_str()]);
     assert_eq!(storage.containers("tbc-r-").len(), 1, "{:?}", storage.containers("tbc-r-"));
     delete_pool(&c, &storage, "tbc-r").await;
 }
