@@ -43,6 +43,9 @@ pub struct LinkConfig {
     pub vsock_device: PathBuf,
 }
 
+/// Connections one guest's relay carries at once (`--max-clients`).
+pub const GUEST_MAX_CLIENTS: u32 = 16;
+
 impl LinkConfig {
     /// The relay carrying one guest's link, from `downstream` (its
     /// `--downstream` endpoint) to the control plane; it ends with its
@@ -53,6 +56,9 @@ impl LinkConfig {
         c.arg("--downstream")
             .arg(downstream)
             .args(["--upstream", &self.upstream, "--transport", transport, "--exit-with-stdin"])
+            // An agent needs a connection or two: code in the guest cannot
+            // use up the control plane's connections through its relay.
+            .args(["--max-clients", &GUEST_MAX_CLIENTS.to_string()])
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::null())
             .stderr(log)

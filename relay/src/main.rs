@@ -55,6 +55,12 @@ struct Args {
     /// control plane, for a pool guest) ends with it, however it ends.
     #[arg(long)]
     exit_with_stdin: bool,
+    /// Clients of a plain downstream (tcp:, unix:) carried at once; one
+    /// more is closed as soon as it is accepted. A guest's code cannot use
+    /// up the control plane's connections (they all come from this relay's
+    /// address).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    max_clients: u32,
     /// Serve this relay's Prometheus metrics at http://ADDR/metrics: its
     /// serial links' frames sent, retransmitted and rejected. Plain HTTP:
     /// bind it to loopback or a management network. Off by default.
@@ -326,12 +332,14 @@ impl Carries {
 
 /// Accepts connections from a listener; each is a client (plain) or a
 /// link session (mux).
-async fn accept_loop<L, F, Fut>(mut accept: F, each: Carries, to: Upstream) -> anyhow::Result<()>
+async fn accept_loop<L, F, Fut>(mut accept: F, each: Carries, to: Upstream, max_clients: u32) -> anyhow::Result<()>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = std::io::Result<L>>,
     L: Io + 'static,
 {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(max_clients as usize));
+    let mut refused: u64 = 0;
     loop {
         let s = accept().await?;
         let to = to.clone();
@@ -342,7 +350,19 @@ where
                 tracing::info!(result = ?r, "downstream link closed");
             });
         } else {
-            tokio::spawn(serve_client(Box::new(s), to));
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                refused += 1;
+                // Said on the first refusal and every 1000th after.
+                if refused % 1000 == 1 {
+                    tracing::warn!(max_clients, refused, "a client over --max-clients closed");
+                }
+                drop(s);
+                continue;
+            };
+            tokio::spawn(async move {
+                serve_client(Box::new(s), to).await;
+                drop(slot);
+            });
         }
     }
 }
@@ -376,6 +396,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 },
                 Carries::of(*mux),
                 to,
+                args.max_clients,
             )
             .await
         }
@@ -392,12 +413,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let mut sidecar = path.clone().into_os_string();
             sidecar.push(".transport");
             std::fs::write(&sidecar, transport).with_context(|| format!("writing {}", sidecar.to_string_lossy()))?;
-            accept_loop(|| async { Ok(lis.accept().await?.0) }, Carries::of(*mux), to).await
+            accept_loop(|| async { Ok(lis.accept().await?.0) }, Carries::of(*mux), to, args.max_clients).await
         }
         Endpoint::Vsock { cid, port } => {
             let lis = tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(*cid, *port))
                 .with_context(|| format!("--downstream {down}"))?;
-            accept_loop(|| async { Ok(lis.accept().await?.0) }, Carries::Link, to).await
+            accept_loop(|| async { Ok(lis.accept().await?.0) }, Carries::Link, to, args.max_clients).await
         }
         Endpoint::Serial { .. } | Endpoint::SerialStdio | Endpoint::Ssh { .. } | Endpoint::Stdio => {
             supervise_line(down, Side::Downstream, args.clone(), Some(to), watch::channel(None).0).await;

@@ -331,3 +331,60 @@ async fn a_guest_on_vsock_runs_tests_where_the_kernel_has_vsock_loopback() {
     let out = c.ctl(&["run", "--host", "vguest", "--", "echo", "over vsock"]);
     assert_eq!((out.code, out.stdout.as_str()), (0, "over vsock\n"), "{out:?}");
 }
+
+/// A relay carries at most --max-clients plain clients at once: one more
+/// is closed as soon as it is accepted (code behind a guest's relay cannot
+/// use up the control plane's connections), and a freed slot serves the
+/// next; 0 is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_carries_at_most_max_clients_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let up = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = up.local_addr().unwrap().port();
+    // The "control plane": echoes what each connection sends.
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = up.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let sock = dir.path().join("relay.sock");
+    let relay = testbus_tests::bin_dir().join("testbus-relay");
+    let downstream = format!("unix:{}", sock.display());
+    let upstream = format!("tcp:127.0.0.1:{port}");
+    let _relay = tokio::process::Command::new(&relay)
+        .args(["--downstream", &downstream, "--upstream", &upstream, "--max-clients", "2"])
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    testbus_tests::wait_for(Duration::from_secs(10), "the relay to listen", || async { sock.exists().then_some(()) })
+        .await;
+    // 1: carried (its byte comes back); 0: closed by the relay.
+    async fn echo(c: &mut tokio::net::UnixStream) -> usize {
+        if c.write_all(b"x").await.is_err() {
+            return 0;
+        }
+        let mut b = [0u8; 1];
+        tokio::time::timeout(Duration::from_secs(10), c.read(&mut b)).await.expect("an answer or a close").unwrap_or(0)
+    }
+    let mut a = tokio::net::UnixStream::connect(&sock).await.unwrap();
+    let mut b = tokio::net::UnixStream::connect(&sock).await.unwrap();
+    assert_eq!((echo(&mut a).await, echo(&mut b).await), (1, 1));
+    let mut third = tokio::net::UnixStream::connect(&sock).await.unwrap();
+    assert_eq!(echo(&mut third).await, 0, "a third client is closed");
+    assert_eq!(echo(&mut a).await, 1, "the first two are still carried");
+    drop(a);
+    testbus_tests::wait_for(Duration::from_secs(10), "a freed slot to serve a new client", || async {
+        let mut c = tokio::net::UnixStream::connect(&sock).await.ok()?;
+        (echo(&mut c).await == 1).then_some(())
+    })
+    .await;
+    let out = std::process::Command::new(&relay)
+        .args(["--downstream", &downstream, "--upstream", &upstream, "--max-clients", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--max-clients"), "{out:?}");
+}
