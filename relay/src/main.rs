@@ -55,10 +55,11 @@ struct Args {
     /// control plane, for a pool guest) ends with it, however it ends.
     #[arg(long)]
     exit_with_stdin: bool,
-    /// Clients of a plain downstream (tcp:, unix:) carried at once; one
-    /// more is closed as soon as it is accepted. A guest's code cannot use
-    /// up the control plane's connections (they all come from this relay's
-    /// address).
+    /// Clients carried at once, plain connections and a link's streams
+    /// alike; one more is closed as soon as it comes. Code behind this
+    /// relay (a guest's, which can speak a link's framing itself) cannot
+    /// use up the control plane's connections (they all come from this
+    /// relay's address).
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65_536))]
     max_clients: u32,
     /// Serve this relay's Prometheus metrics at http://ADDR/metrics: its
@@ -146,6 +147,44 @@ impl Upstream {
 }
 
 /// Joins a client to a new upstream connection, both ways with half-close.
+/// The clients a relay carries at once, across its whole downstream
+/// (plain connections and a link's streams alike): at most
+/// `--max-clients`. Code behind a relay (a guest's root, which can speak a
+/// link's framing itself) cannot use up the control plane's connections,
+/// which all come from the relay's address.
+struct ClientSlots {
+    slots: std::sync::Arc<tokio::sync::Semaphore>,
+    max: u32,
+    refused: std::sync::atomic::AtomicU64,
+}
+
+impl ClientSlots {
+    fn new(max: u32) -> std::sync::Arc<ClientSlots> {
+        std::sync::Arc::new(ClientSlots {
+            slots: std::sync::Arc::new(tokio::sync::Semaphore::new(max as usize)),
+            max,
+            refused: Default::default(),
+        })
+    }
+
+    /// Carries `client` toward `to` while a slot is free; closes it at once
+    /// otherwise.
+    fn serve(&self, client: BoxIo, to: Upstream) {
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            let refused = self.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            // Said on the first refusal and every 1000th after.
+            if refused % 1000 == 1 {
+                tracing::warn!(max_clients = self.max, refused, "a client over --max-clients closed");
+            }
+            return;
+        };
+        tokio::spawn(async move {
+            serve_client(client, to).await;
+            drop(slot);
+        });
+    }
+}
+
 async fn serve_client(mut client: BoxIo, upstream: Upstream) {
     match upstream.open().await {
         Ok(mut up) => {
@@ -238,6 +277,7 @@ async fn supervise_line(
     side: Side,
     args: std::sync::Arc<Args>,
     to: Option<Upstream>,
+    clients: std::sync::Arc<ClientSlots>,
     publish: watch::Sender<Option<mux::Opener>>,
 ) {
     let mut backoff = Duration::from_millis(100);
@@ -246,7 +286,7 @@ async fn supervise_line(
             Ok((io, child)) => {
                 let started = tokio::time::Instant::now();
                 tracing::info!(link = %ep, ?side, "link open");
-                let result = run_session(io, side, to.clone(), &publish).await;
+                let result = run_session(io, side, to.clone(), &clients, &publish).await;
                 drop(child);
                 tracing::warn!(link = %ep, result = ?result, "link down");
                 if started.elapsed() > Duration::from_secs(5) {
@@ -270,6 +310,7 @@ async fn run_session(
     io: BoxIo,
     side: Side,
     to: Option<Upstream>,
+    clients: &ClientSlots,
     publish: &watch::Sender<Option<mux::Opener>>,
 ) -> Result<(), String> {
     let mode = if side == Side::Upstream { yamux::Mode::Client } else { yamux::Mode::Server };
@@ -281,7 +322,7 @@ async fn run_session(
     let serve = async {
         while let Some(s) = inbound_rx.recv().await {
             match &to {
-                Some(to) => drop(tokio::spawn(serve_client(Box::new(s), to.clone()))),
+                Some(to) => clients.serve(Box::new(s), to.clone()),
                 None => tracing::warn!("the far relay opened a stream toward clients; refused"),
             }
         }
@@ -305,7 +346,7 @@ fn start_upstream(args: &std::sync::Arc<Args>) -> Upstream {
     let (tx, rx) = watch::channel(None);
     let args = args.clone();
     tokio::spawn(async move {
-        supervise_line(ep, Side::Upstream, args, None, tx).await;
+        supervise_line(ep, Side::Upstream, args, None, ClientSlots::new(1), tx).await;
         std::process::exit(0);
     });
     Upstream::Link(rx)
@@ -332,37 +373,29 @@ impl Carries {
 
 /// Accepts connections from a listener; each is a client (plain) or a
 /// link session (mux).
-async fn accept_loop<L, F, Fut>(mut accept: F, each: Carries, to: Upstream, max_clients: u32) -> anyhow::Result<()>
+async fn accept_loop<L, F, Fut>(
+    mut accept: F,
+    each: Carries,
+    to: Upstream,
+    clients: std::sync::Arc<ClientSlots>,
+) -> anyhow::Result<()>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = std::io::Result<L>>,
     L: Io + 'static,
 {
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(max_clients as usize));
-    let mut refused: u64 = 0;
     loop {
         let s = accept().await?;
         let to = to.clone();
         if each == Carries::Link {
+            let clients = clients.clone();
             tokio::spawn(async move {
                 let (publish, _) = watch::channel(None);
-                let r = run_session(Box::new(s), Side::Downstream, Some(to), &publish).await;
+                let r = run_session(Box::new(s), Side::Downstream, Some(to), &clients, &publish).await;
                 tracing::info!(result = ?r, "downstream link closed");
             });
         } else {
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                refused += 1;
-                // Said on the first refusal and every 1000th after.
-                if refused % 1000 == 1 {
-                    tracing::warn!(max_clients, refused, "a client over --max-clients closed");
-                }
-                drop(s);
-                continue;
-            };
-            tokio::spawn(async move {
-                serve_client(Box::new(s), to).await;
-                drop(slot);
-            });
+            clients.serve(Box::new(s), to);
         }
     }
 }
@@ -384,6 +417,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _stop_metrics = metrics_stop.drop_guard();
     let args = std::sync::Arc::new(args);
     let to = start_upstream(&args);
+    let clients = ClientSlots::new(args.max_clients);
     let down = args.downstream.clone();
     match &down {
         Endpoint::Tcp { addr, mux } => {
@@ -396,7 +430,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 },
                 Carries::of(*mux),
                 to,
-                args.max_clients,
+                clients,
             )
             .await
         }
@@ -413,15 +447,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let mut sidecar = path.clone().into_os_string();
             sidecar.push(".transport");
             std::fs::write(&sidecar, transport).with_context(|| format!("writing {}", sidecar.to_string_lossy()))?;
-            accept_loop(|| async { Ok(lis.accept().await?.0) }, Carries::of(*mux), to, args.max_clients).await
+            accept_loop(|| async { Ok(lis.accept().await?.0) }, Carries::of(*mux), to, clients).await
         }
         Endpoint::Vsock { cid, port } => {
             let lis = tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(*cid, *port))
                 .with_context(|| format!("--downstream {down}"))?;
-            accept_loop(|| async { Ok(lis.accept().await?.0) }, Carries::Link, to, args.max_clients).await
+            accept_loop(|| async { Ok(lis.accept().await?.0) }, Carries::Link, to, clients).await
         }
         Endpoint::Serial { .. } | Endpoint::SerialStdio | Endpoint::Ssh { .. } | Endpoint::Stdio => {
-            supervise_line(down, Side::Downstream, args.clone(), Some(to), watch::channel(None).0).await;
+            supervise_line(down, Side::Downstream, args.clone(), Some(to), clients, watch::channel(None).0).await;
             Ok(())
         }
     }

@@ -387,4 +387,36 @@ async fn a_relay_carries_at_most_max_clients_at_once() {
         .output()
         .unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--max-clients"), "{out:?}");
+
+    // Through a link: the far relay (a guest's, whose code could speak the
+    // link's framing itself) lets any number through; the near one (the
+    // host's) carries two streams at once.
+    let link = dir.path().join("link.sock");
+    let guest_sock = dir.path().join("guest.sock");
+    let _host = tokio::process::Command::new(&relay)
+        .args(["--downstream", &format!("mux+unix:{}", link.display()), "--upstream", &upstream, "--max-clients", "2"])
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    testbus_tests::wait_for(Duration::from_secs(10), "the host relay to listen", || async {
+        link.exists().then_some(())
+    })
+    .await;
+    let _guest = tokio::process::Command::new(&relay)
+        .args(["--downstream", &format!("unix:{}", guest_sock.display())])
+        .args(["--upstream", &format!("mux+unix:{}", link.display()), "--max-clients", "100"])
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // (The first one waits for the link to come up.)
+    let mut first = testbus_tests::wait_for(Duration::from_secs(10), "a stream carried", || async {
+        let mut c = tokio::net::UnixStream::connect(&guest_sock).await.ok()?;
+        (echo(&mut c).await == 1).then_some(c)
+    })
+    .await;
+    let mut second = tokio::net::UnixStream::connect(&guest_sock).await.unwrap();
+    assert_eq!(echo(&mut second).await, 1);
+    let mut third = tokio::net::UnixStream::connect(&guest_sock).await.unwrap();
+    assert_eq!(echo(&mut third).await, 0, "a third stream is closed by the host's relay");
+    assert_eq!((echo(&mut first).await, echo(&mut second).await), (1, 1), "the first two are still carried");
 }
