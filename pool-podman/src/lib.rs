@@ -277,12 +277,6 @@ fn link_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("link")
 }
 
-/// A short stable hash, for interface names (at most 15 bytes).
-fn short_hash(s: &str) -> String {
-    let h = s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |a, b| (a ^ u64::from(b)).wrapping_mul(0x1000_0000_01b3));
-    format!("{:08x}", h as u32)
-}
-
 pub use testbus_proto::pool::bridge_name;
 
 /// What podman's bridges say they are (`ip link ... alias`): only a bridge
@@ -297,7 +291,7 @@ pub fn netns_name(name: &str) -> String {
 
 /// The host's end of guest `name`'s veth.
 fn host_end(name: &str) -> String {
-    format!("tbv{}", short_hash(name))
+    testbus_proto::pool::interface_name("tbv", name)
 }
 
 /// One `ip` command of a guest's plumbing.

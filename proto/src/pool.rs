@@ -166,8 +166,15 @@ pub fn check_image_name(image: &str) -> Result<(), String> {
 /// containers on the same network name share it (one L2 segment, no
 /// address on the host). At most 15 bytes (an interface name).
 pub fn bridge_name(network: &str) -> String {
-    let h = network.bytes().fold(0xcbf2_9ce4_8422_2325u64, |a, b| (a ^ u64::from(b)).wrapping_mul(0x1000_0000_01b3));
-    format!("tbn{:08x}", h as u32)
+    interface_name("tbn", network)
+}
+
+/// A network interface's name for `of`: `prefix` and 8 hex digits of a
+/// hash (FNV-1a) of it, short enough for an interface (15 bytes) with a
+/// prefix of up to 7.
+pub fn interface_name(prefix: &str, of: &str) -> String {
+    let h = of.bytes().fold(0xcbf2_9ce4_8422_2325u64, |a, b| (a ^ u64::from(b)).wrapping_mul(0x1000_0000_01b3));
+    format!("{prefix}{:08x}", h as u32)
 }
 
 /// The name of the agent's container in a kubernetes pool's pods.
