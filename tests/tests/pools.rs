@@ -502,13 +502,20 @@ async fn a_guest_linked_only_over_vsock_runs_tests() {
         assert_eq!(out.code, 0, "{out:?}");
         out.stdout.trim().to_string()
     };
-    let first = run("hostname; echo secret > /root/leftover");
+    // Held by an open test while its domain is looked at: a used vsock
+    // guest is destroyed as soon as its test ends (it cannot be reverted).
+    let out = c.ctl(&["create", "test", "look", "--claim", "vm=vsock-vm", "--timeout", "10m", "--wait-claimed"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let first = c.test("look").await.status().claims["vm"].clone();
     assert!(first.starts_with("vsock-vms-"), "{first:?}");
     let client = c.client().await;
     let h = client.api::<Host>().get(&first).await.unwrap();
     assert_eq!(h.status().facts.as_ref().unwrap().transport, "vsock", "its agent came over vsock");
     let xml = libvirt::dumpxml(&first);
     assert!(xml.contains("vhost-user-vsock-pci") && !xml.contains("type='pty'"), "vsock is its only link: {xml}");
+    let out = c.ctl(&["exec", "look", "--", "sh", "-c", "echo secret > /root/leftover"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(c.ctl(&["finish", "test/look"]).code, 0);
 
     let second = run("hostname; test ! -e /root/leftover");
     assert!(second.starts_with("vsock-vms-") && second != first, "a new guest: {first} then {second}");
