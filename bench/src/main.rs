@@ -225,8 +225,13 @@ async fn throughput(smoke: bool) -> anyhow::Result<serde_json::Value> {
 /// of `true`: processes per second (the median round), and CPU.
 async fn throughput_on(c: &Cluster, agents: usize, steps: usize, rounds: usize) -> anyhow::Result<serde_json::Value> {
     let client = c.client().await;
+    // An agent's CPU includes its keeper's (the parent of its processes).
     let cpu = |c: &Cluster| {
-        let agents: f64 = (0..agents).map(|i| cpu_seconds(c.agent_pid(i))).sum();
+        let keepers = |i: usize| -> f64 {
+            let dir = c.dir.path().join(&c.hosts[i]);
+            testbus_tests::keeper_pids(&dir).into_iter().map(|p| cpu_seconds(p as u32)).sum()
+        };
+        let agents: f64 = (0..agents).map(|i| cpu_seconds(c.agent_pid(i)) + keepers(i)).sum();
         (cpu_seconds(c.control_plane_pid()), agents)
     };
     // Rounds on the same cluster: one run's figure moves by a third from
@@ -438,11 +443,18 @@ spec:
     Ok(json!({ "hosts": hosts, "file_bytes": size, "rounds": rounds }))
 }
 
-/// Resident memory of an idle control plane and agent.
+/// Resident memory of an idle control plane and agent, and of the agent's
+/// keeper once it has run a process.
 async fn idle(_smoke: bool) -> anyhow::Result<serde_json::Value> {
     let c = Cluster::start(1).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    Ok(json!({ "cp_rss_bytes": rss_bytes(c.control_plane_pid()), "agent_rss_bytes": rss_bytes(c.agent_pid(0)) }))
+    let (cp, agent) = (rss_bytes(c.control_plane_pid()), rss_bytes(c.agent_pid(0)));
+    let out = c.ctl(&["run", "--host", "host-0", "--", "true"]);
+    anyhow::ensure!(out.code == 0, "{out:?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let keepers = testbus_tests::keeper_pids(&c.dir.path().join(&c.hosts[0]));
+    let keeper: u64 = keepers.iter().map(|&p| rss_bytes(p as u32)).sum();
+    Ok(json!({ "cp_rss_bytes": cp, "agent_rss_bytes": agent, "keeper_rss_bytes": keeper }))
 }
 
 /// Waiting `recv`s against a store full of other tests' Processes: the

@@ -103,8 +103,17 @@ fn push_record(rec: &mut Vec<u8>, tag: u8, offset: u64, len: usize, body: &[u8])
     rec.extend_from_slice(body);
 }
 
+/// Where an append goes: a stream, the offset of its data, and how many
+/// bytes before it the agent lost.
+#[derive(Debug, Clone, Copy)]
+struct At {
+    stream: usize,
+    offset: u64,
+    lost: u64,
+}
+
 /// What has been received of each stream of a process.
-#[derive(Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy)]
 struct Counts {
     /// Bytes received, kept or not: the next expected offset.
     lens: [u64; 2],
@@ -129,31 +138,51 @@ impl Counts {
 
     /// The records that append `data` at `offset` to stream `s`, received
     /// at `now` (ms since the epoch), and the counts after them; None when
-    /// everything is already held. Errors when `offset` leaves a gap.
+    /// everything is already held. `lost` bytes before `offset` are ones
+    /// the agent no longer has (its spool kept the newest): a gap they
+    /// cover is counted and told to readers. Errors when `offset` leaves
+    /// any other gap.
     fn append(
         &self,
         s: usize,
         offset: u64,
         data: &[u8],
+        lost: u64,
         limit: u64,
         now: i64,
     ) -> Result<Option<(Vec<u8>, Counts)>, Status> {
-        let have = self.lens[s];
-        if offset > have {
+        let mut have = self.lens[s];
+        let name = if s == 0 { "stdout" } else { "stderr" };
+        if offset > have && offset.saturating_sub(lost) > have {
             return Err(Status::out_of_range(format!(
                 "offset: chunk starts at {offset} but the server holds {have} bytes of {}; re-send from {have}",
-                if s == 0 { "STDOUT" } else { "STDERR" }
+                name.to_uppercase()
             )));
+        }
+        let tag = s as u8;
+        let mut rec = Vec::new();
+        let mut next = *self;
+        if offset > have {
+            let gone = offset - have;
+            let marker =
+                format!("\n[testbus: {gone} bytes of {name} lost: its agent was away and its spool kept the newest]\n");
+            rec.push(TIME);
+            rec.extend_from_slice(&now.to_le_bytes());
+            rec.extend_from_slice(&0u32.to_le_bytes());
+            push_record(&mut rec, MARKER | tag, have, marker.len(), marker.as_bytes());
+            push_record(&mut rec, SKIP | tag, have, gone as usize, &[]);
+            next.lens[s] += gone;
+            next.truncated[s] = true;
+            have = offset;
         }
         let skip = (have - offset) as usize;
         if skip >= data.len() {
-            return Ok(None);
+            return Ok((!rec.is_empty()).then_some((rec, next)));
         }
         let data = &data[skip..];
         let room = limit.saturating_sub(self.kept[s]) as usize;
         let (keep, drop) = data.split_at(data.len().min(room));
-        let mut rec = Vec::with_capacity(4 * HEADER + keep.len() + 128);
-        let tag = s as u8;
+        rec.reserve(4 * HEADER + keep.len() + 128);
         if !keep.is_empty() || !self.truncated[s] {
             // Bytes a reader will see (data or the marker) get a time.
             rec.push(TIME);
@@ -165,15 +194,12 @@ impl Counts {
         }
         if !drop.is_empty() {
             if !self.truncated[s] {
-                let marker = format!(
-                    "\n[testbus: {} truncated after {limit} bytes; the rest is counted but not kept]\n",
-                    if s == 0 { "stdout" } else { "stderr" },
-                );
+                let marker =
+                    format!("\n[testbus: {name} truncated after {limit} bytes; the rest is counted but not kept]\n");
                 push_record(&mut rec, MARKER | tag, have + keep.len() as u64, marker.len(), marker.as_bytes());
             }
             push_record(&mut rec, SKIP | tag, have + keep.len() as u64, drop.len(), &[]);
         }
-        let mut next = *self;
         next.lens[s] += data.len() as u64;
         next.kept[s] += keep.len() as u64;
         next.truncated[s] |= !drop.is_empty();
@@ -204,6 +230,7 @@ fn chunks_of(buf: &bytes::Bytes, at: &mut ReadPos, process: &str, out: &mut Vec<
                 data,
                 notice,
                 time_unix_ms: at.time,
+                lost: 0,
             });
             if matches!(r, Record::Data(..)) {
                 at.lens[s] += b.len() as u64;
@@ -598,11 +625,15 @@ impl OutputService {
         // The server's clock, whatever the chunk says (its time is read only).
         let now = testbus_proto::time::unix_ms(std::time::SystemTime::now());
         for (i, data) in c.data.chunks(piece).enumerate() {
-            self.append_piece(&mut l, &uid, s, c.offset + (i * piece) as u64, data, now).await?;
+            let lost = if i == 0 { c.lost } else { 0 };
+            let at = At { stream: s, offset: c.offset + (i * piece) as u64, lost };
+            self.append_piece(&mut l, &uid, at, data, now).await?;
         }
-        if c.data.is_empty() {
+        if c.data.is_empty() && c.lost > 0 {
+            self.append_piece(&mut l, &uid, At { stream: s, offset: c.offset, lost: c.lost }, &[], now).await?;
+        } else if c.data.is_empty() {
             // An empty append still checks the offset.
-            l.counts.append(s, c.offset, &[], self.limit, now)?;
+            l.counts.append(s, c.offset, &[], 0, self.limit, now)?;
         }
         Ok(AppendOutputResponse { length: l.counts.lens[s], truncated: l.counts.truncated[s] })
     }
@@ -635,10 +666,11 @@ impl OutputService {
         let now = testbus_proto::time::unix_ms(std::time::SystemTime::now());
         let piece = if self.shared.is_some() { STORE_PIECE } else { MAX_CHUNK };
         for (i, data) in c.data.chunks(piece).enumerate() {
-            self.append_piece(&mut l, &id, 0, c.offset + (i * piece) as u64, data, now).await?;
+            let at = At { stream: 0, offset: c.offset + (i * piece) as u64, lost: 0 };
+            self.append_piece(&mut l, &id, at, data, now).await?;
         }
         if c.data.is_empty() {
-            l.counts.append(0, c.offset, &[], self.limit, now)?;
+            l.counts.append(0, c.offset, &[], 0, self.limit, now)?;
         }
         Ok(AppendOutputResponse { length: l.counts.lens[0], truncated: l.counts.truncated[0] })
     }
@@ -648,18 +680,11 @@ impl OutputService {
     }
 
     /// Appends one piece; retries when another replica appended first.
-    async fn append_piece(
-        &self,
-        log: &mut Log,
-        uid: &str,
-        s: usize,
-        offset: u64,
-        data: &[u8],
-        now: i64,
-    ) -> Result<(), Status> {
+    async fn append_piece(&self, log: &mut Log, uid: &str, at: At, data: &[u8], now: i64) -> Result<(), Status> {
+        let At { stream: s, offset, lost } = at;
         let mut reloaded = false;
         for _ in 0..8 {
-            let (rec, next) = match log.counts.append(s, offset, data, self.limit, now) {
+            let (rec, next) = match log.counts.append(s, offset, data, lost, self.limit, now) {
                 Ok(Some(r)) => r,
                 Ok(None) => return Ok(()),
                 // This replica may be behind another one that took appends.
@@ -1217,12 +1242,12 @@ mod tests {
         push_record(&mut log, 0, 0, 4, b"old\n");
         counts.fold(&log);
         for (s, data, now) in [(0usize, &b"a\n"[..], 1_000i64), (1, b"e\n", 2_000), (0, b"b\n", 3_000)] {
-            let (rec, next) = counts.append(s, counts.lens[s], data, 10, now).unwrap().unwrap();
+            let (rec, next) = counts.append(s, counts.lens[s], data, 0, 10, now).unwrap().unwrap();
             log.extend_from_slice(&rec);
             counts = next;
         }
         // Past the limit of 10 bytes: what is kept and the marker get a time.
-        let (rec, next) = counts.append(0, counts.lens[0], b"cccc\n", 10, 4_000).unwrap().unwrap();
+        let (rec, next) = counts.append(0, counts.lens[0], b"cccc\n", 0, 10, 4_000).unwrap().unwrap();
         log.extend_from_slice(&rec);
         counts = next;
         let mut refolded = Counts::default();
@@ -1246,6 +1271,42 @@ mod tests {
         assert_eq!((got[5].2, got[5].3), (4_000, true), "the truncation marker: {got:?}");
         assert_eq!(got.len(), 6);
         assert_eq!(at.lens, [13, 2]);
+    }
+
+    /// Bytes an agent lost (its spool kept the newest) fill a gap they
+    /// cover: counted, marked, told to readers, idempotent; any other gap
+    /// is refused.
+    #[test]
+    fn lost_bytes_fill_only_the_gap_they_cover() {
+        let mut counts = Counts::default();
+        let mut log = Vec::new();
+        let (rec, next) = counts.append(0, 0, b"head\n", 0, 1 << 20, 1).unwrap().unwrap();
+        log.extend_from_slice(&rec);
+        counts = next;
+        // A gap of 95 bytes that 90 lost bytes do not cover.
+        let err = counts.append(0, 100, b"tail\n", 90, 1 << 20, 2).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::OutOfRange);
+        let (rec, next) = counts.append(0, 100, b"tail\n", 95, 1 << 20, 2).unwrap().unwrap();
+        log.extend_from_slice(&rec);
+        counts = next;
+        assert_eq!((counts.lens[0], counts.kept[0], counts.truncated[0]), (105, 10, true));
+        // Sent again (the agent restarted): nothing new.
+        assert!(counts.append(0, 100, b"tail\n", 95, 1 << 20, 3).unwrap().is_none());
+        // Lost to the very end: an empty chunk still counts them.
+        let (rec, next) = counts.append(0, 120, b"", 15, 1 << 20, 4).unwrap().unwrap();
+        log.extend_from_slice(&rec);
+        counts = next;
+        assert_eq!(counts.lens[0], 120);
+        let mut chunks = Vec::new();
+        let mut at = ReadPos::default();
+        chunks_of(&bytes::Bytes::from(log), &mut at, "p", &mut chunks);
+        let text: Vec<(bool, String)> =
+            chunks.iter().map(|c| (c.notice, String::from_utf8_lossy(&c.data).into_owned())).collect();
+        assert_eq!(text[0], (false, "head\n".into()));
+        assert!(text[1].0 && text[1].1.contains("95 bytes of stdout lost"), "{text:?}");
+        assert_eq!(text[2], (false, "tail\n".into()));
+        assert!(text[3].0 && text[3].1.contains("15 bytes of stdout lost"), "{text:?}");
+        assert_eq!(at.lens[0], 120);
     }
 
     /// A chunk's time is the server's: one an agent sends is not kept.

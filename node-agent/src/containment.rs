@@ -132,29 +132,18 @@ impl CgroupRoot {
         let _ = std::fs::remove_dir(&self.dir);
     }
 
-    /// A new, empty cgroup for Process `uid`.
-    pub fn create_for(&self, uid: &str) -> std::io::Result<ProcessCgroup> {
-        let dir = self.dir.join(format!("p-{uid}"));
-        match std::fs::create_dir(&dir) {
-            // Someone removed the agent's (empty) cgroup: made again.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::create_dir_all(&self.dir)?;
-                std::fs::create_dir(&dir)?;
-            }
-            r => r?,
-        }
-        let procs = std::fs::OpenOptions::new().write(true).open(dir.join("cgroup.procs"))?;
-        Ok(ProcessCgroup { dir, procs: std::sync::Arc::new(procs) })
-    }
-
-    /// Kills and removes every process cgroup a predecessor left behind;
-    /// returns the uids they belonged to (those Processes ran).
-    pub async fn end_leftovers(&self) -> Vec<String> {
+    /// Kills and removes every process cgroup a predecessor left behind,
+    /// but those of processes a keeper holds (`held`); returns the uids
+    /// they belonged to (those Processes ran).
+    pub async fn end_leftovers(&self, held: &HashSet<String>) -> Vec<String> {
         let Ok(entries) = std::fs::read_dir(&self.dir) else { return Vec::new() };
         let mut uids = Vec::new();
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             let Some(uid) = name.strip_prefix("p-") else { continue };
+            if held.contains(uid) {
+                continue;
+            }
             if !e.file_type().is_ok_and(|t| t.is_dir()) {
                 continue;
             }
@@ -171,6 +160,13 @@ impl CgroupRoot {
             uids.push(uid.to_string());
         }
         uids
+    }
+
+    /// Kills and removes the cgroup of Process `uid`, if there is one.
+    pub async fn end_one(&self, uid: &str) {
+        let dir = self.dir.join(format!("p-{uid}"));
+        let Ok(procs) = std::fs::OpenOptions::new().write(true).open(dir.join("cgroup.procs")) else { return };
+        ProcessCgroup { dir, procs: std::sync::Arc::new(procs) }.end().await;
     }
 
     /// The uid of the Process whose cgroup `pid` is in, if any.
@@ -194,6 +190,21 @@ pub struct ProcessCgroup {
 }
 
 impl ProcessCgroup {
+    /// A new, empty cgroup for Process `uid` under the agent's cgroup
+    /// `root` (made again if someone removed it while it was empty).
+    pub fn create(root: &Path, uid: &str) -> std::io::Result<ProcessCgroup> {
+        let dir = root.join(format!("p-{uid}"));
+        match std::fs::create_dir(&dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(root)?;
+                std::fs::create_dir(&dir)?;
+            }
+            r => r?,
+        }
+        let procs = std::fs::OpenOptions::new().write(true).open(dir.join("cgroup.procs"))?;
+        Ok(ProcessCgroup { dir, procs: std::sync::Arc::new(procs) })
+    }
+
     /// What the child calls between fork and exec to join the cgroup:
     /// one write(2) to an already open file, async-signal-safe, with no
     /// allocation.
@@ -256,17 +267,21 @@ impl ProcessCgroup {
     }
 }
 
-/// Ends everything a predecessor of this agent left running: every process
-/// cgroup under `cgroups`, and every process group in the journal whose
-/// leader provably is the one recorded (see [`Group::is_alive`]). Returns
-/// the uids whose cgroup or group file was found: those Processes ran,
-/// whatever the journal says.
-pub async fn end_predecessors(journal: &Journal, cgroups: Option<&CgroupRoot>) -> HashSet<String> {
+/// Ends everything a predecessor of this agent left running that no keeper
+/// holds (`held`): every process cgroup under `cgroups`, and every process
+/// group in the journal whose leader provably is the one recorded (see
+/// [`Group::is_alive`]). Returns the uids whose cgroup or group file was
+/// found: those Processes ran, whatever the journal says.
+pub async fn end_predecessors(
+    journal: &Journal,
+    cgroups: Option<&CgroupRoot>,
+    held: &HashSet<String>,
+) -> HashSet<String> {
     let mut ran: HashSet<String> = match cgroups {
-        Some(root) => root.end_leftovers().await.into_iter().collect(),
+        Some(root) => root.end_leftovers(held).await.into_iter().collect(),
         None => HashSet::new(),
     };
-    for (uid, group) in journal.entries() {
+    for (uid, group) in journal.entries().filter(|(uid, _)| !held.contains(*uid)) {
         if group.is_some_and(|g| g.kill_if_alive()) {
             tracing::warn!(process_uid = %uid, "killed the process group a predecessor left running");
         }
@@ -275,6 +290,9 @@ pub async fn end_predecessors(journal: &Journal, cgroups: Option<&CgroupRoot>) -
     // A group file also says its process was started (it is written before
     // the spawn): it never runs again, whatever the journal lost.
     for (uid, group) in Journal::group_files(journal.path()) {
+        if held.contains(&uid) {
+            continue;
+        }
         if group.kill_if_alive() {
             tracing::warn!(process_uid = %uid, "killed the process group a predecessor left running (its group file)");
         }
@@ -371,7 +389,7 @@ mod recovery_tests {
         };
         let mut contained = None;
         if let Some(root) = &cgroups {
-            let cg = root.create_for(&uid(4)).unwrap();
+            let cg = ProcessCgroup::create(root.dir(), &uid(4)).unwrap();
             let mut cmd = Command::new("sh");
             cmd.args(["-c", "setsid sleep 300 & echo $!; wait"]).stdout(std::process::Stdio::piped());
             // SAFETY: the joiner only writes to an open file (see its doc).
@@ -394,7 +412,7 @@ mod recovery_tests {
         std::fs::write(path.with_file_name("groups").join("not a uid"), "1 1\n").unwrap();
 
         let j = Journal::open(&path).unwrap();
-        let ran = rt.block_on(end_predecessors(&j, cgroups.as_ref()));
+        let ran = rt.block_on(end_predecessors(&j, cgroups.as_ref(), &HashSet::new()));
         let st = forgotten.wait().unwrap();
         assert_eq!(std::os::unix::process::ExitStatusExt::signal(&st), Some(9), "the group only its file knew lives");
         assert_eq!(std::fs::read_dir(path.with_file_name("groups")).unwrap().count(), 0, "group files are gone");

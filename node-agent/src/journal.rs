@@ -110,18 +110,28 @@ enum Record {
     Group(String, Group),
 }
 
-fn checksummed(payload: &str) -> String {
+/// `payload` as one checked line (the keeper's exit records are written
+/// the same way).
+pub(crate) fn checksummed(payload: &str) -> String {
     format!("{MAGIC} {:08x} {payload}\n", crc32fast::hash(payload.as_bytes()))
 }
 
-/// A uid as the journal accepts it: what the API generates, nothing that
-/// could split a record.
+/// The payload of a line [`checksummed`] wrote, if it checks.
+pub(crate) fn checked(line: &str) -> Option<&str> {
+    let mut parts = line.splitn(3, ' ');
+    let (magic, crc, payload) = (parts.next()?, parts.next()?, parts.next()?);
+    (magic == MAGIC && crc.len() == 8 && u32::from_str_radix(crc, 16).ok()? == crc32fast::hash(payload.as_bytes()))
+        .then_some(payload)
+}
+
 /// Where group files are kept, beside the journal.
 fn groups_dir(journal: &Path) -> std::path::PathBuf {
     journal.with_file_name("groups")
 }
 
-fn plausible_uid(uid: &str) -> bool {
+/// A uid as the journal accepts it: what the API generates, nothing that
+/// could split a record or leave a directory.
+pub(crate) fn plausible_uid(uid: &str) -> bool {
     !uid.is_empty() && uid.len() <= 64 && uid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
@@ -134,11 +144,7 @@ fn decode(line: &[u8]) -> Option<Record> {
         let uid = line.split(' ').next()?;
         return plausible_uid(uid).then(|| Record::Start(uid.to_string()));
     }
-    let mut parts = line.splitn(3, ' ');
-    let (magic, crc, payload) = (parts.next()?, parts.next()?, parts.next()?);
-    if magic != MAGIC || u32::from_str_radix(crc, 16).ok()? != crc32fast::hash(payload.as_bytes()) || crc.len() != 8 {
-        return None;
-    }
+    let payload = checked(line)?;
     let f: Vec<&str> = payload.split(' ').collect();
     match f.as_slice() {
         ["start", uid] if plausible_uid(uid) => Some(Record::Start(uid.to_string())),

@@ -22,6 +22,7 @@ mod containment;
 mod credentials;
 mod facts;
 mod journal;
+mod keeper;
 mod local;
 mod metrics;
 mod pidns;
@@ -113,6 +114,29 @@ struct Args {
     /// default.
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// What a stop of the agent (SIGTERM, SIGINT) does to the processes it
+    /// runs: `keep` leaves them to its keeper, for the next start of the
+    /// agent (a restart or an upgrade) to take over, and keeps the host's
+    /// lease for it; `stop` ends them (Killed, AgentShutdown) and gives the
+    /// lease up, so their tests end at once.
+    #[arg(long, value_enum, default_value = "keep")]
+    on_stop: OnStop,
+    /// How long a keeper holds processes with no agent: past it, it ends
+    /// them. Longer than a restart takes; the control plane declares the
+    /// host lost after its lease and grace anyway.
+    #[arg(long, default_value = "2m", value_parser = parse_duration)]
+    keeper_orphan_timeout: Duration,
+    /// Most bytes of each output stream of a process its keeper spools
+    /// while they are not uploaded (the agent is away): the newest are
+    /// kept, and the server is told how many were lost.
+    #[arg(long, default_value_t = 64 << 20)]
+    spool_limit: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OnStop {
+    Keep,
+    Stop,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -356,6 +380,11 @@ struct Agent {
     /// Processes whose cgroup a predecessor left: they ran, whatever the
     /// journal says.
     predecessor_ran: std::collections::HashSet<String>,
+    keepers: std::sync::Arc<keeper::client::Keepers>,
+    /// What a predecessor's keepers hold (or recorded the end of), until
+    /// their Processes are listed: then followed by a runner, or ended.
+    adopted: HashMap<String, keeper::client::Adopted>,
+    spool_limit: u64,
 }
 
 /// Whether a Process's own status says it was started already: an agent
@@ -379,6 +408,7 @@ impl Agent {
                     for p in list {
                         self.handle(p).await
                     }
+                    self.end_unclaimed();
                 }
                 Some(WatcherEvent::Applied(p)) => self.handle(p).await,
                 Some(WatcherEvent::Deleted(p)) => match self.running.get_mut(&p.meta().uid) {
@@ -437,13 +467,25 @@ impl Agent {
         if terminal {
             return;
         }
+        if let Some(adopted) = self.adopted.remove(&uid) {
+            // Running under a predecessor's keeper (or ended there): taken
+            // over, not started. A stop meanwhile reaches it below.
+            let (tx, rx) = mpsc::channel(4);
+            self.running
+                .insert(uid.clone(), Running { commands: tx, stop_sent: false, release_sent: false, deleted: false });
+            self.start_runner(p.clone(), rx, Some(adopted));
+            if p.spec().stop {
+                Box::pin(self.handle(p)).await;
+            }
+            return;
+        }
         let api = self.client.api::<Process>();
         if self.journal.contains(&uid) || self.predecessor_ran.contains(&uid) {
             // Started before by this agent, but not by this run of it: the
             // process cannot be re-adopted, and must never run twice.
             // Whatever its predecessor left running of it went when this
             // agent started (`containment::end_predecessors`).
-            let why = "the agent restarted while the process ran; its outcome is unknown";
+            let why = "the agent restarted while the process ran, and no keeper holds it (the host rebooted, or its keeper was killed); its outcome is unknown";
             runner::end_unrun(&api, &p, ProcessPhase::Lost, ProcessReason::AgentRestarted, why).await;
             return;
         }
@@ -481,22 +523,50 @@ impl Agent {
             return;
         }
         for (p, rx) in batch {
-            let uid = p.meta().uid.clone();
-            let runner = ProcessRunner {
-                client: self.client.clone(),
-                known: runner::known(p.clone()),
-                process: p,
-                work_root: self.work_root.clone(),
-                socket: self.socket.clone(),
-                cache: self.cache.clone(),
-                test_vars: self.test_vars.clone(),
-                journal: self.journal.path().to_path_buf(),
-                containment: self.containment.clone(),
-            };
-            let done = self.done.clone();
+            self.start_runner(p, rx, None);
+        }
+    }
+
+    fn start_runner(&self, p: Process, rx: mpsc::Receiver<Command>, adopted: Option<keeper::client::Adopted>) {
+        let uid = p.meta().uid.clone();
+        let runner = ProcessRunner {
+            client: self.client.clone(),
+            known: runner::known(p.clone()),
+            process: p,
+            work_root: self.work_root.clone(),
+            socket: self.socket.clone(),
+            cache: self.cache.clone(),
+            test_vars: self.test_vars.clone(),
+            journal: self.journal.path().to_path_buf(),
+            containment: self.containment.clone(),
+            keepers: self.keepers.clone(),
+            spool_limit: self.spool_limit,
+            adopted,
+        };
+        let done = self.done.clone();
+        tokio::spawn(async move {
+            runner.run(rx).await;
+            let _ = done.send(uid);
+        });
+    }
+
+    /// After the first complete listing: what a predecessor's keepers hold
+    /// whose Process is gone or already ended (Lost while the agent was
+    /// away) is ended, and let go of.
+    fn end_unclaimed(&mut self) {
+        for (uid, adopted) in self.adopted.drain() {
+            let keeper::client::Adopted::Live(mut held, state) = adopted else { continue };
+            tracing::warn!(process_uid = %uid, "a keeper holds a process that is gone or ended; ending it");
             tokio::spawn(async move {
-                runner.run(rx).await;
-                let _ = done.send(uid);
+                if state.exit.is_none() {
+                    held.signal(nix::sys::signal::Signal::SIGKILL);
+                    while let Some(ev) = held.next().await {
+                        if matches!(ev, keeper::Event::Exited { .. }) {
+                            break;
+                        }
+                    }
+                }
+                held.forget();
             });
         }
     }
@@ -683,7 +753,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         containment::Containment::Cgroup(root) => Some(root.clone()),
         _ => None,
     });
-    let predecessor_ran = containment::end_predecessors(&journal, containment.cgroups()).await;
+    // What a predecessor's keepers hold is taken over (their processes run
+    // on); what nothing holds is ended.
+    let exe = std::env::current_exe().context("finding the agent's own binary")?;
+    let (keepers, adopted) = keeper::client::Keepers::open(&data_dir.join("keepers"), &exe, args.keeper_orphan_timeout)
+        .await
+        .context("opening the keepers' dir")?;
+    let held: std::collections::HashSet<String> = adopted
+        .iter()
+        .filter(|(_, a)| matches!(a, keeper::client::Adopted::Live(_, s) if s.exit.is_none()))
+        .map(|(uid, _)| uid.clone())
+        .collect();
+    let predecessor_ran = containment::end_predecessors(&journal, containment.cgroups(), &held).await;
     // The metrics listener ends with this function (the guard cancels it).
     let metrics_stop = tokio_util::sync::CancellationToken::new();
     if let Some(addr) = args.metrics_listen {
@@ -730,6 +811,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         done: done_tx,
         containment,
         predecessor_ran,
+        keepers: std::sync::Arc::new(keepers),
+        adopted,
+        spool_limit: args.spool_limit,
     };
     // Listed again after every break, never resumed: a guest reverted to
     // a snapshot brings this agent (and its journal) back to an earlier
@@ -773,6 +857,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(why) = &lost {
         tracing::error!("{why}");
     }
+    // Left to the keeper (a restart), unless told to stop them or the host
+    // is lost to another agent.
+    let keep = args.on_stop == OnStop::Keep && lost.is_none() && !agent.running.is_empty();
+    if keep {
+        tracing::info!(
+            "stopping; {} processes are left to the keeper, for the next start of the agent to take over",
+            agent.running.len()
+        );
+        // The lease is kept: the host stays Ready while the agent restarts
+        // (within its lease and the control plane's grace).
+        return Ok(());
+    }
     agent.stop_and_wait(&mut done_rx).await;
     if lost.is_none() {
         // A clean stop: the lease is given up, so that whatever still holds
@@ -797,8 +893,10 @@ fn main() {
     // The containment relay (see `pidns`) runs before anything else, while
     // the process is single-threaded.
     let mut argv = std::env::args_os();
-    if argv.nth(1).is_some_and(|a| a == pidns::SUBCOMMAND) {
-        pidns::main(argv.collect());
+    match argv.nth(1) {
+        Some(a) if a == pidns::SUBCOMMAND => pidns::main(argv.collect()),
+        Some(a) if a == keeper::SUBCOMMAND => keeper::server::main(argv.collect()),
+        _ => {}
     }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
     match rt {

@@ -1,23 +1,26 @@
 //! `ProcessRunner`: one Process on this host, as a small state machine with
 //! its own command channel.
 //!
-//! Preparing (workdir, `${}` substitution, script file) → Running (own
-//! process group; stdout/stderr streamed in chunks as they come) → Ended.
-//! Every way to end is an [`Ended`] variant, mapped to exactly one final
-//! status. Stop and timeout kill the whole process group (TERM, then KILL
-//! after a grace period); leftovers of the group are killed when the main
-//! process exits. All output is uploaded before the final status is
-//! reported, so a terminal status means the output is complete.
+//! Preparing (workdir, `${}` substitution, script file) → Running (held by
+//! the agent's keeper, in its own process group; stdout/stderr streamed
+//! from the keeper's spool as they come) → Ended. Every way to end is an
+//! [`Ended`] variant, mapped to exactly one final status. Stop and timeout
+//! have the keeper signal all of it (TERM, then KILL after a grace
+//! period); the keeper ends its leftovers when the main process exits. All
+//! output is uploaded before the final status is reported, so a terminal
+//! status means the output is complete; only then does the keeper let go
+//! of the process. A runner can also start from a process a predecessor's
+//! keeper holds ([`ProcessRunner::adopted`]).
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 use testbus_client::{Api, Client};
 use testbus_proto::states::{ProcessPhase, ProcessReason};
 use testbus_proto::{duration, phase, subst, time, OutputChunk, Process, Resource};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tonic::Code;
+
+use crate::keeper;
 
 /// Grace between SIGTERM and SIGKILL, unless the process's
 /// `spec.stopGrace` says otherwise.
@@ -30,16 +33,9 @@ pub fn stop_grace(spec: &testbus_proto::ProcessSpec) -> Duration {
 }
 /// How long a process runs before it is reported Running.
 const RUNNING_DELAY: Duration = Duration::from_millis(2);
-/// How long to wait for output pipes after the process group is gone.
-const DRAIN_LIMIT: Duration = Duration::from_secs(10);
-/// Bytes a pump still takes from its pipe once stopped (what a pipe holds,
-/// with room to spare).
-const AFTER_STOP: usize = 1 << 20;
-/// Largest output append: what the pipe holds is gathered up to this size,
-/// so a fast writer costs one RPC per MiB rather than per pipe buffer.
+/// Largest output append: what the spool holds is gathered up to this
+/// size, so a fast writer costs one RPC per MiB.
 const CHUNK: usize = 1 << 20;
-/// The first read's buffer: enough for what most processes ever write.
-const FIRST_READ: usize = 16 << 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopReason {
@@ -79,6 +75,10 @@ pub enum Ended {
     Stopped {
         by: StopReason,
         signal: Option<SignalNo>,
+    },
+    /// Its keeper went away while it ran: its outcome is unknown.
+    KeeperLost {
+        message: String,
     },
     /// It could not be started: `reason` is one of the setup failures.
     SetupFailed {
@@ -149,6 +149,7 @@ pub fn end_status(ended: &Ended, exit_codes: &[i32], stop_reason: &str) -> EndSt
             }
         }
         Ended::SetupFailed { reason, message } => end(ProcessPhase::Failed, *reason, message.clone()),
+        Ended::KeeperLost { message } => end(ProcessPhase::Lost, ProcessReason::KeeperLost, message.clone()),
     }
 }
 
@@ -174,6 +175,13 @@ pub struct ProcessRunner {
     pub journal: PathBuf,
     /// What holds each process.
     pub containment: crate::containment::Containment,
+    /// Who runs it.
+    pub keepers: std::sync::Arc<keeper::client::Keepers>,
+    /// Most bytes of each stream its keeper spools.
+    pub spool_limit: u64,
+    /// Set when a predecessor's keeper holds it already: followed, not
+    /// started.
+    pub adopted: Option<keeper::client::Adopted>,
 }
 
 /// A file of the process, fetched into the cache.
@@ -263,32 +271,32 @@ fn deliver(from: &std::path::Path, to: &std::path::Path, mode: u32) -> std::io::
     Ok(())
 }
 
-fn kill_group(pgid: i32, sig: nix::sys::signal::Signal) {
-    // ESRCH (group already gone) is fine.
-    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), sig);
-}
-
 impl ProcessRunner {
-    pub async fn run(self, mut commands: mpsc::Receiver<Command>) {
+    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         let name = self.process.name().to_string();
         let api = self.client.api::<Process>();
-        let prepare = async {
-            let (vars, fetched) = tokio::join!(self.host_vars(), self.fetch(&api));
-            match (vars, fetched) {
-                (Ok(vars), Ok((files, stdin))) => {
-                    self.prepare(&vars, self.socket.as_ref().map(|s| s.path.as_path()), &files, stdin).await
+        let Outcome { ended, sizes, started, held } = match self.adopted.take() {
+            Some(adopted) => self.resume(adopted, &mut commands).await,
+            None => {
+                let prepare = async {
+                    let (vars, fetched) = tokio::join!(self.host_vars(), self.fetch(&api));
+                    match (vars, fetched) {
+                        (Ok(vars), Ok((files, stdin))) => {
+                            let socket = self.socket.as_ref().map(|s| s.path.as_path());
+                            self.prepare(&vars, socket, &files, stdin).await
+                        }
+                        (Err(e), _) | (_, Err(e)) => Err(e),
+                    }
+                };
+                let mut released = false;
+                match unless_stopped(prepare, &mut commands, &mut released).await {
+                    Err(e) => Outcome::ended(e),
+                    Ok(spec) => match self.gate(&api, &mut commands, released).await {
+                        Some(by) => Outcome::ended(Ended::Stopped { by, signal: None }),
+                        None => self.execute(spec, &mut commands).await,
+                    },
                 }
-                (Err(e), _) | (_, Err(e)) => Err(e),
             }
-        };
-        let mut released = false;
-        let prepared = unless_stopped(prepare, &mut commands, &mut released).await;
-        let (ended, sizes, started) = match prepared {
-            Err(e) => (e, Default::default(), None),
-            Ok(cmd) => match self.gate(&api, &mut commands, released).await {
-                Some(by) => (Ended::Stopped { by, signal: None }, Default::default(), None),
-                None => self.execute(cmd, &mut commands).await,
-            },
         };
         // An exit is the test's business (its status says it); the rest
         // is the agent's, and worth an operator's eye. At a thousand
@@ -327,8 +335,11 @@ impl ProcessRunner {
             true
         })
         .await;
-        // Its end is on the server: a successor has nothing left to end or
-        // to refuse to run again.
+        // Its end is on the server: its keeper may let go of it, and a
+        // successor has nothing left to end or to refuse to run again.
+        if let Some(held) = held {
+            held.forget();
+        }
         crate::journal::Journal::forget_group_file(&self.journal, &self.process.meta().uid);
         let phase = self.known.lock().status().phase.clone();
         crate::metrics::metrics().ended.get_or_create(&crate::metrics::Phase { phase }).inc();
@@ -441,7 +452,7 @@ impl ProcessRunner {
         socket: Option<&std::path::Path>,
         files: &[Fetched],
         stdin_file: Option<PathBuf>,
-    ) -> Result<tokio::process::Command, Ended> {
+    ) -> Result<keeper::SpawnSpec, Ended> {
         let spec = self.process.spec();
         // What the agent adds on top of the process's own env.
         let mut added = BTreeMap::new();
@@ -465,17 +476,7 @@ impl ProcessRunner {
                     message: format!("argv: {e}"),
                 }
             })?;
-        // With a PID namespace per process, the agent's own binary starts
-        // the command inside it (see `pidns`).
-        let command = |program: &std::ffi::OsStr| match &self.containment {
-            crate::containment::Containment::PidNamespace { agent } => {
-                let mut c = tokio::process::Command::new(agent.as_path());
-                c.arg(crate::pidns::SUBCOMMAND).arg(program);
-                c
-            }
-            _ => tokio::process::Command::new(program),
-        };
-        let mut cmd = if !spec.script.is_empty() {
+        let (program, mut args) = if !spec.script.is_empty() {
             let path = workdir.join("script");
             let write = || -> std::io::Result<()> {
                 use std::os::unix::fs::PermissionsExt;
@@ -487,80 +488,43 @@ impl ProcessRunner {
                 message: format!("script: {e}"),
             })?;
             if spec.script.starts_with("#!") {
-                command(path.as_os_str())
+                (path, vec![])
             } else {
-                let mut c = command("/bin/sh".as_ref());
-                c.arg(&path);
-                c
+                (PathBuf::from("/bin/sh"), vec![path.to_string_lossy().into_owned()])
             }
         } else if spec.shell {
-            let mut c = command("/bin/sh".as_ref());
-            c.arg("-c").arg(argv.join(" "));
-            c
+            (PathBuf::from("/bin/sh"), vec!["-c".to_string(), argv.join(" ")])
         } else {
-            let mut c = command(program_path(&argv[0], env.get("PATH")).as_os_str());
-            c.args(&argv[1..]);
-            c
+            (program_path(&argv[0], env.get("PATH")), vec![])
         };
-        let cwd = if spec.workdir.is_empty() { workdir } else { PathBuf::from(&spec.workdir) };
-        cmd.current_dir(cwd)
-            .env_clear()
-            .envs(env.settings())
-            .process_group(0)
-            .stdin(match &stdin_file {
-                Some(p) => std::fs::File::open(p).map(Stdio::from).map_err(|e| Ended::SetupFailed {
-                    reason: ProcessReason::FileFailed,
-                    message: format!("stdin file: {e}"),
-                })?,
-                None if spec.stdin.is_empty() && !spec.stdin_stream => Stdio::null(),
-                None => Stdio::piped(),
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        Ok(cmd)
-    }
-
-    /// Puts `cmd` in its containment: its own cgroup (made here, joined
-    /// between fork and exec), or a PID namespace of its own; without
-    /// cgroups, the process's group file says it started. An error names
-    /// what could not be made.
-    fn contain(&self, cmd: &mut tokio::process::Command) -> Result<Option<crate::containment::ProcessCgroup>, String> {
-        let cgroup = match self.containment.cgroups() {
-            Some(root) => {
-                let cg = root
-                    .create_for(&self.process.meta().uid)
-                    .map_err(|e| format!("cannot create the process's cgroup: {e}"))?;
-                // SAFETY: the closure runs in the child between fork and
-                // exec; it only writes to a file already open (one
-                // write(2), async-signal-safe, no allocation or lock).
-                #[allow(unsafe_code)]
-                unsafe {
-                    cmd.pre_exec(cg.joiner());
-                }
-                Some(cg)
-            }
-            None => None,
+        if spec.script.is_empty() && !spec.shell {
+            args.extend(argv[1..].iter().cloned());
+        }
+        let stdin = match stdin_file {
+            Some(p) => keeper::StdinSource::File(p),
+            None if spec.stdin_stream => keeper::StdinSource::Stream,
+            None if spec.stdin.is_empty() => keeper::StdinSource::Null,
+            None => keeper::StdinSource::Data(spec.stdin.clone()),
         };
-        if let crate::containment::Containment::PidNamespace { .. } = self.containment {
-            // SAFETY: the closure runs in the child between fork and exec;
-            // it makes one syscall (unshare), async-signal-safe.
-            #[allow(unsafe_code)]
-            unsafe {
-                cmd.pre_exec(crate::pidns::unsharer());
+        // With a PID namespace per process, the agent's own binary starts
+        // the command inside it (see `pidns`).
+        let containment = match &self.containment {
+            crate::containment::Containment::Cgroup(root) => keeper::SpawnContainment::Cgroup(root.dir().to_path_buf()),
+            crate::containment::Containment::PidNamespace { agent } => {
+                keeper::SpawnContainment::PidNamespace(agent.as_ref().clone())
             }
-        }
-        // Started, as far as a successor can tell even without the journal
-        // (a group file names no group until the child exists): a uid
-        // with a group file is never spawned again. Without cgroups this
-        // is what keeps "at most once" when the journal's record is lost.
-        if cgroup.is_none() {
-            let none = crate::journal::Group { pgid: 0, start_ticks: 0 };
-            if let Err(e) = crate::journal::Journal::record_group_file(&self.journal, &self.process.meta().uid, none) {
-                let name = self.process.name();
-                tracing::warn!(process = %name, error = %e, "cannot record the process as started in its group file");
-            }
-        }
-        Ok(cgroup)
+            crate::containment::Containment::ProcessGroup => keeper::SpawnContainment::ProcessGroup,
+        };
+        Ok(keeper::SpawnSpec {
+            uid: self.process.meta().uid.clone(),
+            program,
+            args,
+            env: env.settings().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            cwd: if spec.workdir.is_empty() { workdir } else { PathBuf::from(&spec.workdir) },
+            stdin,
+            containment,
+            spool_limit: self.spool_limit,
+        })
     }
 
     /// Records the process group led by `pid` in the journal and in the
@@ -582,130 +546,278 @@ impl ProcessRunner {
         }
     }
 
-    async fn execute(
-        &self,
-        mut cmd: tokio::process::Command,
-        commands: &mut mpsc::Receiver<Command>,
-    ) -> (Ended, (Pumped, Pumped), Option<(i64, String)>) {
+    /// Has the keeper start the process, then follows it to its end.
+    async fn execute(&self, spec: keeper::SpawnSpec, commands: &mut mpsc::Receiver<Command>) -> Outcome {
         let name = self.process.name().to_string();
-        let spec = self.process.spec();
-        let setup_failed = |reason, message| (Ended::SetupFailed { reason, message }, Default::default(), None);
-        let cgroup = match self.contain(&mut cmd) {
-            Ok(cg) => cg,
-            Err(message) => return setup_failed(ProcessReason::ContainFailed, message),
-        };
-        let spawning = tokio::time::Instant::now();
-        let mut child = {
-            let mut tries = 0;
-            loop {
-                match cmd.spawn() {
-                    Ok(c) => break c,
-                    // A script just written can be briefly "busy" if another
-                    // thread forked while it was open for writing.
-                    Err(e) if e.raw_os_error() == Some(nix::libc::ETXTBSY) && tries < 20 => {
-                        tries += 1;
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                    Err(e) => {
-                        if let Some(cg) = &cgroup {
-                            cg.end().await;
-                        }
-                        let what = spec.argv.first().map(String::as_str).unwrap_or("script");
-                        let message = format!("cannot execute {what}: {e}");
-                        let Some(code) = shell_code(&e) else {
-                            return setup_failed(ProcessReason::SpawnFailed, message);
-                        };
-                        // Said on its stderr too, as a shell (and the
-                        // PID-namespace path) says it.
-                        let said = std::io::Cursor::new(format!("testbus: {message}\n").into_bytes());
-                        let pumps =
-                            OutputPumps::start(None::<tokio::io::Empty>, Some(said), self.client.output(), &name);
-                        let sizes = pumps.drain(DRAIN_LIMIT, &name).await;
-                        return (Ended::NotExecuted { code, message }, sizes, None);
-                    }
-                }
+        // Started, as far as a successor can tell even without the journal
+        // (a group file names no group until the child exists): a uid
+        // with a group file is never spawned again. Without cgroups this
+        // is what keeps "at most once" when the journal's record is lost.
+        if self.containment.cgroups().is_none() {
+            let none = crate::journal::Group { pgid: 0, start_ticks: 0 };
+            if let Err(e) = crate::journal::Journal::record_group_file(&self.journal, &self.process.meta().uid, none) {
+                tracing::warn!(process = %name, error = %e, "cannot record the process as started in its group file");
             }
+        }
+        let spawning = tokio::time::Instant::now();
+        let held = match self.keepers.spawn(spec).await {
+            Ok(h) => h,
+            Err(e) => return self.not_spawned(e).await,
         };
         crate::metrics::metrics().spawn_seconds.observe(spawning.elapsed().as_secs_f64());
-        let _running = crate::metrics::Running::start();
-        let pid = child.id().map(|p| p as i32).unwrap_or(0);
-        // Its cgroup (or group) speaks for it on the local socket until it
-        // is gone.
-        let _speaks = self.socket.as_ref().map(|s| s.register(pid, &self.process.meta().uid, name.clone()));
+        let pid = held.pid;
         self.record_group(pid);
-        let contained = Contained {
-            pgid: pid,
-            cgroup: cgroup.as_ref(),
-            relay: matches!(self.containment, crate::containment::Containment::PidNamespace { .. }),
-        };
-        let api = self.client.api::<Process>();
         let start = time::now();
-        let running = report_running_later(api.clone(), self.known.clone(), pid, start.clone());
-        let feeder = match child.stdin.take() {
-            Some(stdin) if spec.stdin_stream => {
-                Some(tokio::spawn(feed_stdin(self.client.clone(), name.clone(), stdin)))
-            }
-            Some(mut stdin) => {
-                let data = spec.stdin.clone().into_bytes();
-                tokio::spawn(async move {
-                    let _ = stdin.write_all(&data).await;
-                });
-                None
-            }
-            None => None,
-        };
-        // Larger pipes (1 MiB, the default limit) mean fewer, larger reads
-        // and appends for a process that writes fast; best effort.
-        use std::os::fd::AsFd;
-        let pipes = [child.stdout.as_ref().map(AsFd::as_fd), child.stderr.as_ref().map(AsFd::as_fd)];
-        for fd in pipes.into_iter().flatten() {
-            let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETPIPE_SZ(CHUNK as i32));
-        }
-        let pumps = OutputPumps::start(child.stdout.take(), child.stderr.take(), self.client.output(), &name);
-        let timeout = duration::parse(&spec.timeout).ok();
-        let deadline = async {
-            match timeout {
-                Some(t) => tokio::time::sleep(t).await,
-                None => std::future::pending().await,
-            }
-        };
-        let ended = tokio::select! {
-            st = child.wait() => match st {
-                Ok(st) => exit_of(st),
-                Err(e) => Ended::SetupFailed { reason: ProcessReason::WaitFailed, message: e.to_string() },
-            },
-            _ = deadline => {
-                let signal = terminate(&mut child, &contained, stop_grace(spec)).await;
-                Ended::TimedOut { after: timeout.unwrap_or_default(), signal }
-            }
-            Some((by, grace)) = stop_requested(commands) => {
-                let signal = terminate(&mut child, &contained, grace).await;
-                Ended::Stopped { by, signal: Some(signal) }
-            }
-        };
-        if let Some(f) = feeder {
-            f.abort();
-        }
-        // Whatever the main process left behind goes too.
-        contained.end().await;
-        let sizes = pumps.drain(DRAIN_LIMIT, &name).await;
+        let running = report_running_later(self.client.api::<Process>(), self.known.clone(), pid, start.clone());
+        let timeout = duration::parse(&self.process.spec().timeout).ok();
+        let deadline = timeout.map(|t| (tokio::time::Instant::now() + t, t));
+        let mut out = self.supervise(held, [0, 0], None, 0, deadline, commands).await;
         // A Running report not done yet is dropped; if it lands anyway, the
         // final report meets a conflict and reads again, or the server
         // refuses the Running one, the status being final by then.
         running.abort();
         let _ = running.await;
-        (ended, sizes, Some((i64::from(pid), start)))
+        out.started = Some((i64::from(pid), start));
+        out
+    }
+
+    /// What a process the keeper could not start comes to.
+    async fn not_spawned(&self, e: keeper::client::SpawnError) -> Outcome {
+        let setup_failed = |reason, message| Outcome::ended(Ended::SetupFailed { reason, message });
+        let what = self.process.spec().argv.first().map(String::as_str).unwrap_or("script");
+        match e.stage {
+            keeper::SpawnStage::Contain => setup_failed(ProcessReason::ContainFailed, e.message),
+            keeper::SpawnStage::Keeper => setup_failed(ProcessReason::SpawnFailed, e.message),
+            keeper::SpawnStage::Exec => {
+                let message = format!("cannot execute {what}: {}", e.message);
+                let Some(code) = e.errno.map(std::io::Error::from_raw_os_error).as_ref().and_then(shell_code) else {
+                    return setup_failed(ProcessReason::SpawnFailed, message);
+                };
+                // Said on its stderr too, as a shell (and the PID-namespace
+                // path) says it.
+                let said = format!("testbus: {message}\n").into_bytes();
+                let n = said.len() as u64;
+                let (_, truncated) =
+                    append_retrying(&mut self.client.output(), self.process.name(), 1, 0, 0, said.into()).await;
+                Outcome {
+                    ended: Ended::NotExecuted { code, message },
+                    sizes: (Pumped::default(), Pumped { bytes: n, truncated }),
+                    started: None,
+                    held: None,
+                }
+            }
+        }
+    }
+
+    /// Takes a process over from a predecessor's keeper: follows it to its
+    /// end (or reports the end the keeper recorded), uploading what was
+    /// spooled meanwhile.
+    async fn resume(&self, adopted: keeper::client::Adopted, commands: &mut mpsc::Receiver<Command>) -> Outcome {
+        let s = self.known.lock().status().clone();
+        let start = if s.start_time.is_empty() { time::now() } else { s.start_time.clone() };
+        match adopted {
+            keeper::client::Adopted::Live(held, state) => {
+                tracing::info!(process = %self.process.name(), pid = held.pid, "taken over from the keeper");
+                let pid = held.pid;
+                let running = match state.exit {
+                    None if s.phase != ProcessPhase::Running.as_str() => {
+                        Some(report_running_later(self.client.api::<Process>(), self.known.clone(), pid, start.clone()))
+                    }
+                    _ => None,
+                };
+                // What is left of its timeout, counted from its start.
+                let timeout = duration::parse(&self.process.spec().timeout).ok();
+                let ran = time::since(&start);
+                let deadline = timeout.map(|t| (tokio::time::Instant::now() + t.saturating_sub(ran), t));
+                let exited = state.exit.map(|e| (e, state.ends));
+                let mut out = self.supervise(held, state.ends, exited, state.stdin_written, deadline, commands).await;
+                if let Some(r) = running {
+                    r.abort();
+                    let _ = r.await;
+                }
+                out.started = Some((i64::from(pid), start));
+                out
+            }
+            keeper::client::Adopted::Dead { spool, record, _dir } => {
+                tracing::info!(process = %self.process.name(), "its keeper is gone; reporting the end it recorded");
+                let pumps = self.pumps(&spool, record.ends, true);
+                let sizes = pumps.finish(record.ends).await;
+                Outcome { ended: exit_of(record.exit), sizes, started: Some((s.pid, start)), held: None }
+            }
+        }
+    }
+
+    fn pumps(&self, spool: &std::path::Path, ends: [u64; 2], last: bool) -> SpoolPumps {
+        SpoolPumps::start(spool, &self.process.meta().uid, ends, last, self.client.output(), self.process.name())
+    }
+
+    /// Follows a held process to its end: streams its spooled output,
+    /// feeds its stdin, and has it signalled on a stop or at its
+    /// `deadline` (TERM, then KILL after the grace).
+    async fn supervise(
+        &self,
+        mut held: keeper::client::Held,
+        ends: [u64; 2],
+        exited: Option<(keeper::ExitStatus, [u64; 2])>,
+        stdin_written: u64,
+        deadline: Option<(tokio::time::Instant, Duration)>,
+        commands: &mut mpsc::Receiver<Command>,
+    ) -> Outcome {
+        let name = self.process.name().to_string();
+        let spec = self.process.spec();
+        let _running = crate::metrics::Running::start();
+        // Its cgroup (or group) speaks for it on the local socket until it
+        // is gone.
+        let _speaks = self.socket.as_ref().map(|s| s.register(held.pid, &self.process.meta().uid, name.clone()));
+        let pumps = self.pumps(&held.spool(), ends, false);
+        let (acks, acks_rx) = tokio::sync::watch::channel(StdinAck::Upto(stdin_written));
+        let feeder = (spec.stdin_stream && exited.is_none())
+            .then(|| tokio::spawn(feed_stdin(self.client.clone(), name.clone(), held.stdin(), acks_rx, stdin_written)));
+        // Running, then Terminating once a stop or the deadline came.
+        let mut terminating: Option<Terminating> = None;
+        let (exit, ends) = match exited {
+            Some(e) => e,
+            None => loop {
+                let kill_at = terminating.as_ref().filter(|t| !t.killed).map(|t| t.kill_at);
+                tokio::select! {
+                    ev = held.next() => match ev {
+                        Some(keeper::Event::Output { stream, end, .. }) => pumps.advance(stream, end),
+                        Some(keeper::Event::StdinTaken { upto, .. }) => {
+                            let _ = acks.send(StdinAck::Upto(upto));
+                        }
+                        Some(keeper::Event::Refused { message, .. }) => {
+                            tracing::debug!(process = %name, %message, "the keeper refused a request");
+                            if message.starts_with("stdin") {
+                                let _ = acks.send(StdinAck::Closed);
+                            }
+                        }
+                        Some(keeper::Event::Exited { exit, ends, .. }) => break (exit, ends),
+                        Some(_) => {}
+                        None => {
+                            self.end_orphaned(held.pid, held.start_ticks).await;
+                            break (keeper::ExitStatus::Unknown, pumps.seen());
+                        }
+                    },
+                    _ = sleep_until_opt(deadline.map(|d| d.0)), if terminating.is_none() => {
+                        held.signal(nix::sys::signal::Signal::SIGTERM);
+                        let after = deadline.map(|d| d.1).unwrap_or_default();
+                        terminating = Some(Terminating::new(Why::TimedOut(after), stop_grace(spec)));
+                    }
+                    Some((by, grace)) = stop_requested(commands), if terminating.is_none() => {
+                        held.signal(nix::sys::signal::Signal::SIGTERM);
+                        terminating = Some(Terminating::new(Why::Stopped(by), grace));
+                    }
+                    _ = sleep_until_opt(kill_at), if kill_at.is_some() => {
+                        held.signal(nix::sys::signal::Signal::SIGKILL);
+                        if let Some(t) = &mut terminating {
+                            t.killed = true;
+                        }
+                    }
+                }
+            },
+        };
+        if let Some(f) = feeder {
+            f.abort();
+        }
+        let sizes = pumps.finish(ends).await;
+        if held.gone() {
+            let message = "its keeper went away while it ran (killed, or crashed); its outcome is unknown";
+            return Outcome { ended: Ended::KeeperLost { message: message.into() }, sizes, started: None, held: None };
+        }
+        let ended = match terminating {
+            None => exit_of(exit),
+            Some(t) => {
+                let signal = match (t.killed, exit) {
+                    (true, _) => SignalNo::KILL,
+                    (false, keeper::ExitStatus::Signal(s)) => SignalNo(s),
+                    (false, _) => SignalNo::TERM,
+                };
+                match t.why {
+                    Why::TimedOut(after) => Ended::TimedOut { after, signal },
+                    Why::Stopped(by) => Ended::Stopped { by, signal: Some(signal) },
+                }
+            }
+        };
+        Outcome { ended, sizes, started: None, held: Some(held) }
+    }
+
+    /// Ends what is left of a process whose keeper is gone: its cgroup, or
+    /// its group if provably still the one it was.
+    async fn end_orphaned(&self, pid: i32, start_ticks: u64) {
+        match self.containment.cgroups() {
+            Some(root) => root.end_one(&self.process.meta().uid).await,
+            None => {
+                crate::journal::Group { pgid: pid, start_ticks }.kill_if_alive();
+            }
+        }
     }
 }
 
-/// Writes what the process's test sends to its stdin as it comes (its
-/// stdin log, read with follow), then closes it: once the stdin is closed
-/// (`spec.stdinClosed`) and all of it written, or the process stops
-/// reading. A broken read is resumed, skipping what was written, with a
-/// backoff; the task lives no longer than the process (its runner aborts
-/// it at the end).
-async fn feed_stdin(client: Client, process: String, mut stdin: tokio::process::ChildStdin) {
-    let mut written = 0u64;
+/// How a runner's process came out: how it ended, what its streams came
+/// to, its pid and start time if it ran, and its keeper's hold on it (let
+/// go once its end is reported).
+struct Outcome {
+    ended: Ended,
+    sizes: (Pumped, Pumped),
+    started: Option<(i64, String)>,
+    held: Option<keeper::client::Held>,
+}
+
+impl Outcome {
+    fn ended(ended: Ended) -> Outcome {
+        Outcome { ended, sizes: Default::default(), started: None, held: None }
+    }
+}
+
+/// Why a process is being ended.
+enum Why {
+    TimedOut(Duration),
+    Stopped(StopReason),
+}
+
+/// A process sent SIGTERM, to be sent SIGKILL at `kill_at`.
+struct Terminating {
+    why: Why,
+    kill_at: tokio::time::Instant,
+    killed: bool,
+}
+
+impl Terminating {
+    fn new(why: Why, grace: Duration) -> Terminating {
+        Terminating { why, kill_at: tokio::time::Instant::now() + grace, killed: false }
+    }
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// How far the keeper has written a process's stdin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StdinAck {
+    Upto(u64),
+    /// The process closed its stdin (or ended).
+    Closed,
+}
+
+/// Sends what the process's test sends to its stdin as it comes (its
+/// stdin log, read with follow) through its keeper, from `written` on
+/// (what the keeper had written already, after a restart), one chunk at a
+/// time: the next goes once the keeper has written the last. Closes it
+/// once the stdin is closed (`spec.stdinClosed`) and all of it written;
+/// stops when the process stops reading. A broken read is resumed,
+/// skipping what was written, with a backoff; the task lives no longer
+/// than the process (its runner aborts it at the end).
+async fn feed_stdin(
+    client: Client,
+    process: String,
+    stdin: keeper::client::StdinWriter,
+    mut acks: tokio::sync::watch::Receiver<StdinAck>,
+    mut written: u64,
+) {
     let mut backoff = Duration::from_millis(50);
     loop {
         let req = testbus_proto::ReadOutputRequest { process: process.clone(), follow: true, stdin: true };
@@ -720,15 +832,25 @@ async fn feed_stdin(client: Client, process: String, mut stdin: tokio::process::
                             if end <= written {
                                 continue;
                             }
-                            let skip = written.saturating_sub(c.offset) as usize;
-                            if stdin.write_all(&c.data[skip..]).await.is_err() {
-                                return; // it closed its stdin
+                            stdin.write(c.offset, &c.data);
+                            loop {
+                                match *acks.borrow_and_update() {
+                                    StdinAck::Closed => return,
+                                    StdinAck::Upto(u) if u >= end => break,
+                                    StdinAck::Upto(_) => {}
+                                }
+                                if acks.changed().await.is_err() {
+                                    return;
+                                }
                             }
                             written = end;
                             backoff = Duration::from_millis(50);
                         }
                         // Closed, or the process ended: end of file.
-                        Ok(None) => return,
+                        Ok(None) => {
+                            stdin.close();
+                            return;
+                        }
                         Err(_) => break,
                     }
                 }
@@ -810,68 +932,12 @@ fn shell_code(e: &std::io::Error) -> Option<i32> {
     }
 }
 
-fn exit_of(st: std::process::ExitStatus) -> Ended {
-    use std::os::unix::process::ExitStatusExt;
-    match (st.code(), st.signal()) {
-        (Some(c), _) => Ended::Exited(c),
-        (None, Some(s)) => Ended::Signalled(SignalNo(s)),
-        // Neither an exit nor a signal: std says this cannot be on Linux.
-        (None, None) => Ended::Signalled(SignalNo(0)),
-    }
-}
-
-/// Everything a running process may have started: its process group and,
-/// where cgroups can be had, its cgroup (which holds all of it); or, with a
-/// PID namespace per process, the relay that holds its namespace.
-struct Contained<'a> {
-    pgid: i32,
-    cgroup: Option<&'a crate::containment::ProcessCgroup>,
-    /// `pgid` is the relay of a PID namespace (see `pidns`): it passes
-    /// signals on to everything inside, and all of it ends with the relay.
-    relay: bool,
-}
-
-impl Contained<'_> {
-    fn signal(&self, sig: nix::sys::signal::Signal) {
-        // A pgid of 0 or 1 would mean "our own group" or "everyone".
-        if self.pgid <= 1 {
-        } else if self.relay {
-            // Once, to the relay: it reaches each process inside once.
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pgid), sig);
-        } else {
-            kill_group(self.pgid, sig);
-        }
-        if let Some(cg) = self.cgroup {
-            cg.signal(sig);
-        }
-    }
-
-    /// Kills what is left (all of the cgroup at once, or the group) and
-    /// removes the cgroup. A PID namespace is gone already: the relay, just
-    /// reaped, exits only after its init, whose exit ends the namespace.
-    async fn end(&self) {
-        match self.cgroup {
-            Some(cg) => cg.end().await,
-            None if self.pgid > 1 && !self.relay => kill_group(self.pgid, nix::sys::signal::Signal::SIGKILL),
-            None => {}
-        }
-    }
-}
-
-/// TERM everything, KILL it after `grace`; returns the signal that ended
-/// the main process.
-async fn terminate(child: &mut tokio::process::Child, contained: &Contained<'_>, grace: Duration) -> SignalNo {
-    use nix::sys::signal::Signal;
-    contained.signal(Signal::SIGTERM);
-    match tokio::time::timeout(grace, child.wait()).await {
-        Ok(Ok(st)) => match exit_of(st) {
-            Ended::Signalled(s) => s,
-            _ => SignalNo::TERM,
-        },
-        _ => {
-            contained.signal(Signal::SIGKILL);
-            let _ = child.wait().await;
-            SignalNo::KILL
+fn exit_of(exit: keeper::ExitStatus) -> Ended {
+    match exit {
+        keeper::ExitStatus::Code(c) => Ended::Exited(c),
+        keeper::ExitStatus::Signal(s) => Ended::Signalled(SignalNo(s)),
+        keeper::ExitStatus::Unknown => {
+            Ended::SetupFailed { reason: ProcessReason::WaitFailed, message: "its keeper could not wait for it".into() }
         }
     }
 }
@@ -883,118 +949,135 @@ struct Pumped {
     truncated: bool,
 }
 
-/// Reads into `buf`'s spare capacity (never past it), without zeroing it.
-async fn read_spare(r: &mut (impl AsyncRead + Unpin), buf: &mut Vec<u8>) -> std::io::Result<usize> {
-    use bytes::BufMut;
-    let room = buf.capacity() - buf.len();
-    r.read_buf(&mut buf.limit(room)).await
+/// Appends `data` at `offset` of `stream` (after `lost` bytes the spool no
+/// longer had), retrying until the server has it (appends are idempotent
+/// by offset). Returns whether the process is gone (nothing more is
+/// taken) and whether the server truncated the stream.
+async fn append_retrying(
+    out: &mut impl OutputSink,
+    process: &str,
+    stream: i32,
+    offset: u64,
+    lost: u64,
+    data: bytes::Bytes,
+) -> (bool, bool) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let chunk = OutputChunk {
+            process: process.to_string(),
+            stream,
+            offset,
+            data: data.clone(),
+            lost,
+            ..Default::default()
+        };
+        match out.append(chunk).await {
+            Ok(t) => {
+                let name = if stream == 1 { "stderr" } else { "stdout" };
+                crate::metrics::metrics()
+                    .output_bytes
+                    .get_or_create(&crate::metrics::Stream { stream: name })
+                    .inc_by(data.len() as u64);
+                return (false, t);
+            }
+            // Gone, or already ended (its status was made final by someone
+            // else): nothing more is taken.
+            Err(s) if matches!(s.code(), Code::NotFound | Code::FailedPrecondition) => return (true, false),
+            Err(s) => {
+                tracing::debug!(%process, error = %s, "output append failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
 }
 
-/// Streams one pipe to the control plane. Retries until the server has
-/// each chunk (appends are idempotent by offset), so nothing is lost while
-/// the API is unreachable.
-///
-/// Reading and sending overlap: while one chunk is being appended, the
-/// next is read from the pipe, so a fast writer does not wait for the
-/// server's answer with a full pipe. Appends stay one at a time, in order.
-/// Memory is bounded by one chunk being sent and one read ahead; beyond
-/// that the pipe's back-pressure holds the writer.
-async fn pump(
-    mut r: impl AsyncRead + Unpin,
+/// Uploads one stream from its keeper's spool as it grows (`ends` says how
+/// far), deleting each segment once the server has it, until the stream's
+/// final end. Bytes the spool lost (it was full while nobody read it) are
+/// said to the server as lost.
+async fn spool_pump(
+    reader: keeper::SpoolReader,
+    mut ends: tokio::sync::watch::Receiver<(u64, bool)>,
     mut out: impl OutputSink,
     process: String,
-    stream: i32,
-    mut stop: tokio::sync::oneshot::Receiver<()>,
 ) -> Pumped {
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(1);
-    let read = async move {
-        // Most processes write little or nothing: a chunk's buffer starts
-        // small and is CHUNK only after one that filled its buffer (never
-        // zeroed: reads go into spare capacity). Each chunk is moved into
-        // its append, not copied.
-        let mut size = FIRST_READ;
-        // Once stopped: bytes still taken from the pipe, at most AFTER_STOP.
-        let mut stopped: Option<usize> = None;
-        loop {
-            let mut buf: Vec<u8> = Vec::with_capacity(size);
-            if let Some(taken) = &mut stopped {
-                // What is in the pipe already is still taken (a process that
-                // printed and exited must not lose it to a drain limit cut
-                // short, as by a guest's clock jumping on a snapshot
-                // revert); nothing more is waited for, and a writer that
-                // keeps writing is cut off after AFTER_STOP bytes. (No timer
-                // here: right after a revert a guest's timers can all fire at
-                // once, and a read given a timeout then read nothing.)
-                match futures::FutureExt::now_or_never(read_spare(&mut r, &mut buf)) {
-                    Some(Ok(m)) if m > 0 && *taken < AFTER_STOP => *taken += m,
-                    _ => return,
-                }
-            } else {
-                tokio::select! {
-                    biased;
-                    _ = &mut stop => {
-                        stopped = Some(0);
-                        continue;
-                    }
-                    n = read_spare(&mut r, &mut buf) => match n {
-                        Ok(0) | Err(_) => return,
-                        Ok(_) => {}
-                    },
-                }
+    let stream = i32::from(reader.stream);
+    let (mut offset, mut truncated, mut deleted) = (0u64, false, 0u64);
+    loop {
+        let (end, last) = *ends.borrow_and_update();
+        while offset < end {
+            let piece = reader.read(offset, end, CHUNK);
+            let n = piece.lost + piece.data.len() as u64;
+            if n == 0 {
+                break;
             }
-            // Whatever else is already in the pipe goes in the same append
-            // (a read that would wait is dropped; pipe reads are cancel-safe).
-            while buf.len() < buf.capacity() {
-                match futures::FutureExt::now_or_never(read_spare(&mut r, &mut buf)) {
-                    Some(Ok(m)) if m > 0 => {}
-                    _ => break,
-                }
-            }
-            if buf.len() == buf.capacity() {
-                size = CHUNK;
-            }
-            if tx.send(buf).await.is_err() {
-                return;
-            }
-        }
-    };
-    let send = async move {
-        let mut offset = 0u64;
-        let mut truncated = false;
-        let mut gone = false;
-        while let Some(data) = rx.recv().await {
-            let n = data.len() as u64;
-            // Shared, not copied, by each attempt.
-            let data = bytes::Bytes::from(data);
-            let mut backoff = Duration::from_millis(50);
-            while !gone {
-                let chunk =
-                    OutputChunk { process: process.clone(), stream, offset, data: data.clone(), ..Default::default() };
-                match out.append(chunk).await {
-                    Ok(t) => {
-                        truncated |= t;
-                        let stream = if stream == 1 { "stderr" } else { "stdout" };
-                        crate::metrics::metrics()
-                            .output_bytes
-                            .get_or_create(&crate::metrics::Stream { stream })
-                            .inc_by(n);
-                        break;
-                    }
-                    // Gone, or already ended (its status was made final by
-                    // someone else): nothing more is taken.
-                    Err(s) if matches!(s.code(), Code::NotFound | Code::FailedPrecondition) => gone = true,
-                    Err(s) => {
-                        tracing::debug!(%process, error = %s, "output append failed; retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(2));
-                    }
-                }
-            }
+            let at = offset + piece.lost;
+            let (gone, t) = append_retrying(&mut out, &process, stream, at, piece.lost, piece.data.into()).await;
+            truncated |= t || piece.lost > 0;
             offset += n;
+            if gone {
+                return Pumped { bytes: offset, truncated };
+            }
+            reader.remove_below(deleted, offset);
+            deleted = offset - offset % keeper::SEGMENT;
         }
-        Pumped { bytes: offset, truncated }
-    };
-    tokio::join!(read, send).1
+        if last || ends.changed().await.is_err() {
+            return Pumped { bytes: offset.max(end), truncated };
+        }
+    }
+}
+
+/// A process's two spool pumps.
+struct SpoolPumps {
+    ends: [tokio::sync::watch::Sender<(u64, bool)>; 2],
+    pumps: [tokio::task::JoinHandle<Pumped>; 2],
+}
+
+impl SpoolPumps {
+    fn start(
+        spool: &std::path::Path,
+        uid: &str,
+        ends: [u64; 2],
+        last: bool,
+        sink: impl OutputSink + Clone,
+        process: &str,
+    ) -> SpoolPumps {
+        let start = |stream: u8| {
+            let (tx, rx) = tokio::sync::watch::channel((ends[stream as usize], last));
+            let reader = keeper::SpoolReader { spool: spool.to_path_buf(), uid: uid.to_string(), stream };
+            (tx, tokio::spawn(spool_pump(reader, rx, sink.clone(), process.to_string())))
+        };
+        let ((o, op), (e, ep)) = (start(0), start(1));
+        SpoolPumps { ends: [o, e], pumps: [op, ep] }
+    }
+
+    fn advance(&self, stream: u8, end: u64) {
+        if let Some(tx) = self.ends.get(stream as usize) {
+            tx.send_if_modified(|(e, _)| {
+                let grew = end > *e;
+                *e = (*e).max(end);
+                grew
+            });
+        }
+    }
+
+    /// The ends seen so far.
+    fn seen(&self) -> [u64; 2] {
+        [self.ends[0].borrow().0, self.ends[1].borrow().0]
+    }
+
+    /// Uploads up to the final `ends`; returns what each stream came to.
+    /// The final status, reported after this, never lands before the
+    /// output it counts.
+    async fn finish(self, ends: [u64; 2]) -> (Pumped, Pumped) {
+        for (tx, end) in self.ends.iter().zip(ends) {
+            tx.send_replace((end, true));
+        }
+        let [o, e] = self.pumps;
+        let (o, e) = tokio::join!(o, e);
+        (o.unwrap_or_default(), e.unwrap_or_default())
+    }
 }
 
 /// Where a pump appends output: the Output API, or a test's stand-in.
@@ -1006,63 +1089,6 @@ pub(crate) trait OutputSink: Send + 'static {
 impl OutputSink for testbus_proto::output_client::OutputClient<tonic::transport::Channel> {
     async fn append(&mut self, chunk: OutputChunk) -> Result<bool, tonic::Status> {
         testbus_proto::output_client::OutputClient::append(self, chunk).await.map(|r| r.into_inner().truncated)
-    }
-}
-
-/// A process's stdout and stderr pumps, from spawn to drain.
-struct OutputPumps {
-    pumps: [Option<(tokio::task::JoinHandle<Pumped>, tokio::sync::oneshot::Sender<()>)>; 2],
-}
-
-impl OutputPumps {
-    fn start<S: OutputSink + Clone>(
-        stdout: Option<impl AsyncRead + Unpin + Send + 'static>,
-        stderr: Option<impl AsyncRead + Unpin + Send + 'static>,
-        sink: S,
-        process: &str,
-    ) -> OutputPumps {
-        let start = |r: Box<dyn AsyncRead + Unpin + Send>, stream| {
-            let (stop, stop_rx) = tokio::sync::oneshot::channel();
-            (tokio::spawn(pump(r, sink.clone(), process.to_string(), stream, stop_rx)), stop)
-        };
-        let out = stdout.map(|r| start(Box::new(r), 0));
-        let err = stderr.map(|r| start(Box::new(r), 1));
-        OutputPumps { pumps: [out, err] }
-    }
-
-    /// Waits for both pipes to close, at most `limit`. Past it (something
-    /// outside the process's containment holds a pipe), reading stops, but
-    /// what was read is still uploaded before this returns: the final
-    /// status, reported after it, never lands before the output it counts.
-    async fn drain(self, limit: Duration, process: &str) -> (Pumped, Pumped) {
-        let [mut out, mut err] = self.pumps;
-        let (mut out_done, mut err_done) = (None, None);
-        let drained = async {
-            if let Some((h, _)) = &mut out {
-                out_done = Some(h.await.unwrap_or_default());
-            }
-            if let Some((h, _)) = &mut err {
-                err_done = Some(h.await.unwrap_or_default());
-            }
-        };
-        if tokio::time::timeout(limit, drained).await.is_err() {
-            tracing::warn!(%process, "output pipes still open after the process ended; reading stops");
-        }
-        async fn finish(
-            done: Option<Pumped>,
-            pump: Option<(tokio::task::JoinHandle<Pumped>, tokio::sync::oneshot::Sender<()>)>,
-        ) -> Pumped {
-            match (done, pump) {
-                (Some(p), _) => p,
-                (None, Some((h, stop))) => {
-                    let _ = stop.send(());
-                    h.await.unwrap_or_default()
-                }
-                (None, None) => Pumped::default(),
-            }
-        }
-        let (o, e) = tokio::join!(finish(out_done, out), finish(err_done, err));
-        (o, e)
     }
 }
 
@@ -1240,77 +1266,61 @@ mod tests {
         }
     }
 
-    /// A pump stopped (the drain limit passed) still takes what is in the
-    /// pipe already: a process that printed and exited lost its output
-    /// when the limit was cut short.
-    #[tokio::test]
-    async fn a_stopped_pump_still_takes_what_the_pipe_holds() {
-        use tokio::io::AsyncWriteExt;
-        let (mut held, stdout) = tokio::io::duplex(1 << 16);
-        held.write_all(b"one\n").await.unwrap();
-        let sink = SlowSink::default();
-        let (stop, stop_rx) = tokio::sync::oneshot::channel();
-        stop.send(()).unwrap();
-        let pumped = super::pump(stdout, Quick(sink.0.clone()), "p".into(), 0, stop_rx).await;
-        assert_eq!(pumped.bytes, 4);
-        assert_eq!(&sink.0.lock()[..], b"one\n");
-        drop(held);
-    }
+    /// An append as recorded: its offset, the bytes it said were lost, its
+    /// data.
+    type Appended = (u64, u64, Vec<u8>);
 
-    /// The same with a real pipe whose writer has exited: the reactor has
-    /// not yet said the pipe is readable when the pump is already stopped
-    /// (a snapshot revert's clock jump ends the drain limit at once), and
-    /// what the process printed must still be taken. A reverted guest's
-    /// `cat` once printed nothing, exit 0.
-    #[tokio::test]
-    async fn a_stopped_pump_takes_what_an_exited_process_left_in_its_pipe() {
-        let mut child = tokio::process::Command::new("sh")
-            .args(["-c", "echo one"])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        assert!(child.wait().await.unwrap().success());
-        let sink = Quick(Default::default());
-        let (stop, stop_rx) = tokio::sync::oneshot::channel();
-        stop.send(()).unwrap();
-        let pumped = super::pump(stdout, sink.clone(), "p".into(), 0, stop_rx).await;
-        assert_eq!(&sink.0.lock()[..], b"one\n");
-        assert_eq!(pumped.bytes, 4);
-    }
-
-    /// Appends recorded at once.
-    #[derive(Clone)]
-    struct Quick(std::sync::Arc<parking_lot::Mutex<Vec<u8>>>);
+    /// Appends recorded at once, with what each said was lost.
+    #[derive(Clone, Default)]
+    struct Quick(std::sync::Arc<parking_lot::Mutex<Vec<Appended>>>);
 
     impl super::OutputSink for Quick {
         async fn append(&mut self, chunk: testbus_proto::OutputChunk) -> Result<bool, tonic::Status> {
-            self.0.lock().extend_from_slice(&chunk.data);
+            self.0.lock().push((chunk.offset, chunk.lost, chunk.data.to_vec()));
             Ok(false)
         }
     }
 
-    /// When something outside the process holds its stdout open past the
-    /// drain limit, reading stops, but what was read is uploaded before the
-    /// drain returns (and so before the final status). The pumps used to be
-    /// left to finish on their own, after the status had landed.
+    const UID: &str = "0b7c6f2e-0000-4000-8000-00000000000a";
+
+    /// What the spool holds is uploaded before `finish` returns (and so
+    /// before the final status, reported after it), however slow the
+    /// server.
     #[tokio::test(start_paused = true)]
-    async fn past_the_drain_limit_what_was_read_is_uploaded_before_the_end() {
-        use tokio::io::AsyncWriteExt;
-        let (mut held, stdout) = tokio::io::duplex(1 << 16);
-        let (stderr_w, stderr) = tokio::io::duplex(1 << 16);
-        drop(stderr_w);
-        held.write_all(b"written before the end\n").await.unwrap();
+    async fn the_spool_is_uploaded_before_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = crate::keeper::SpoolWriter::new(dir.path(), UID, 0, 64 << 20);
+        w.write(b"written before the end\n");
         let sink = SlowSink::default();
-        let pumps = super::OutputPumps::start(Some(stdout), Some(stderr), sink.clone(), "p");
+        let pumps = super::SpoolPumps::start(dir.path(), UID, [0, 0], false, sink.clone(), "p");
+        pumps.advance(0, 10);
         let started = tokio::time::Instant::now();
-        let (out, err) = pumps.drain(Duration::from_secs(10), "p").await;
+        let (out, err) = pumps.finish([23, 0]).await;
         assert!(started.elapsed() >= Duration::from_secs(30), "returned before the upload finished");
-        assert_eq!(out.bytes, 23);
-        assert_eq!(err.bytes, 0);
+        assert_eq!((out.bytes, err.bytes), (23, 0));
         assert_eq!(sink.0.lock().as_slice(), b"written before the end\n");
-        // Held open all along: the reader is gone, not waiting on it.
-        assert!(held.write_all(b"later").await.is_err());
+        assert!(std::fs::read_dir(dir.path()).unwrap().next().is_some(), "the last segment stays for the keeper");
+    }
+
+    /// Segments the keeper dropped (its spool was full while nobody read
+    /// it) reach the server as lost bytes before the data, and the stream
+    /// counts as truncated; uploaded segments are deleted.
+    #[tokio::test]
+    async fn bytes_the_spool_lost_are_said_to_be_lost() {
+        let seg = crate::keeper::SEGMENT;
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = crate::keeper::SpoolWriter::new(dir.path(), UID, 1, 2 * seg);
+        let data: Vec<u8> = (0..4 * seg + 5).map(|i| (i % 7) as u8).collect();
+        w.write(&data);
+        let sink = Quick::default();
+        let pumps = super::SpoolPumps::start(dir.path(), UID, [0, 0], false, sink.clone(), "p");
+        let (_, err) = pumps.finish([0, w.end]).await;
+        assert_eq!((err.bytes, err.truncated), (w.end, true));
+        let got = sink.0.lock().clone();
+        assert_eq!((got[0].0, got[0].1), (3 * seg, 3 * seg), "lost before the first data: {:?}", (got[0].0, got[0].1));
+        let uploaded: Vec<u8> = got.iter().flat_map(|c| c.2.clone()).collect();
+        assert_eq!(&uploaded[..], &data[(3 * seg) as usize..]);
+        assert!(!crate::keeper::segment_path(dir.path(), UID, 1, 3).exists(), "an uploaded segment is deleted");
     }
 
     #[test]

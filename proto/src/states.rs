@@ -315,6 +315,9 @@ string_enum!(
         /// Its agent's journal lost it, though its status says it ran.
         JournalLost,
         HostLost,
+        /// The keeper that held it while its agent was away is gone (killed,
+        /// or the host rebooted): its outcome is unknown.
+        KeeperLost,
         /// Its argv names a `${VAR}` nobody set.
         UnknownVariable,
         /// Its argv has a malformed `${...}`.
@@ -339,6 +342,7 @@ impl ProcessReason {
             ProcessReason::AgentRestarted
                 | ProcessReason::JournalLost
                 | ProcessReason::HostLost
+                | ProcessReason::KeeperLost
                 | ProcessReason::EnvFailed
                 | ProcessReason::FetchFailed
                 | ProcessReason::FileFailed

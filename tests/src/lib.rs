@@ -426,9 +426,19 @@ impl Cluster {
     }
 
     pub fn start_agent(&mut self, i: usize) {
+        self.start_agent_binary(i, &self.bin.join("testbus-agent"));
+    }
+
+    /// The workspace's testbus-agent binary.
+    pub fn agent_binary(&self) -> PathBuf {
+        self.bin.join("testbus-agent")
+    }
+
+    /// Starts agent `i` from `binary` (another build of it: an upgrade).
+    pub fn start_agent_binary(&mut self, i: usize, binary: &Path) {
         assert!(self.agents[i].is_none(), "agent {i} already running");
         let name = self.hosts[i].clone();
-        let mut cmd = self.command_in(&name, &self.bin.join("testbus-agent"));
+        let mut cmd = self.command_in(&name, binary);
         let lease = if self.agent_args.iter().any(|a| a == "--lease-duration") {
             vec![]
         } else {
@@ -542,6 +552,25 @@ impl Cluster {
     }
 
     /// SIGKILL, as a crash.
+    /// SIGTERM to agent `i`; waits for it to exit (30 s at most, then
+    /// SIGKILL) and returns how it exited.
+    pub fn stop_agent(&mut self, i: usize) -> std::process::ExitStatus {
+        let mut c = self.agents[i].take().expect("agent running");
+        let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM the agent");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = c.try_wait().expect("wait for the agent") {
+                return st;
+            }
+            if Instant::now() >= deadline {
+                let _ = c.kill();
+                panic!("agent {i} did not stop within 30s of SIGTERM: {:?}", c.wait());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn kill_agent(&mut self, i: usize) {
         if let Some(mut c) = self.agents[i].take() {
             let _ = c.kill();
@@ -701,12 +730,14 @@ impl Drop for Cluster {
     }
 }
 
-/// Ends what agents killed outright left in their cgroups (each agent
-/// names its cgroup in `DATA_DIR/cgroup`) and removes the cgroups, so that
-/// test runs leave nothing running and no cgroup behind.
-fn end_agent_cgroups(dir: &Path) {
+/// Ends what agents killed outright left: their keepers (each names its
+/// pid and start time in `DATA_DIR/keepers/ID/pid`), and what is in their
+/// cgroups (each agent names its cgroup in `DATA_DIR/cgroup`), removing the
+/// cgroups, so that test runs leave nothing running and no cgroup behind.
+pub fn end_agent_cgroups(dir: &Path) {
     let data_dirs = std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.path());
     for data_dir in data_dirs {
+        end_keepers(&data_dir);
         let Ok(root) = std::fs::read_to_string(data_dir.join("cgroup")) else { continue };
         let root = PathBuf::from(root.trim());
         if !root.starts_with("/sys/fs/cgroup") || !root.to_string_lossy().contains("testbus-agent.") {
@@ -728,6 +759,36 @@ fn end_agent_cgroups(dir: &Path) {
         }
         let _ = std::fs::remove_dir(&root);
     }
+}
+
+/// The live keepers of the agent whose data dir is `data_dir`: each names
+/// its pid and start time in `keepers/ID/pid`, and counts only while a
+/// process of that pid started then.
+pub fn keeper_pids(data_dir: &Path) -> Vec<i32> {
+    let mut out = Vec::new();
+    for k in std::fs::read_dir(data_dir.join("keepers")).into_iter().flatten().flatten() {
+        let Ok(text) = std::fs::read_to_string(k.path().join("pid")) else { continue };
+        let Some((pid, ticks)) = text.trim().split_once(' ') else { continue };
+        let (Ok(pid), Ok(ticks)) = (pid.parse::<i32>(), ticks.parse::<u64>()) else { continue };
+        if pid > 1 && start_ticks(pid) == Some(ticks) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// SIGKILLs the keepers of the agent whose data dir is `data_dir`.
+pub fn end_keepers(data_dir: &Path) {
+    for pid in keeper_pids(data_dir) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// The start time of `pid` in clock ticks since boot (field 22 of its
+/// stat).
+pub fn start_ticks(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..].split_whitespace().nth(19)?.parse().ok()
 }
 
 /// Polls `f` until it returns Some, or panics after `limit` naming `what`.

@@ -207,20 +207,22 @@ class ListRequest(_message.Message):
     def __init__(self, label_selector: _Optional[str] = ..., field_selector: _Optional[str] = ...) -> None: ...
 
 class OutputChunk(_message.Message):
-    __slots__ = ["data", "notice", "offset", "process", "stream", "time_unix_ms"]
+    __slots__ = ["data", "lost", "notice", "offset", "process", "stream", "time_unix_ms"]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    LOST_FIELD_NUMBER: _ClassVar[int]
     NOTICE_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     PROCESS_FIELD_NUMBER: _ClassVar[int]
     STREAM_FIELD_NUMBER: _ClassVar[int]
     TIME_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     data: bytes
+    lost: int
     notice: bool
     offset: int
     process: str
     stream: OutputStream
     time_unix_ms: int
-    def __init__(self, process: _Optional[str] = ..., stream: _Optional[_Union[OutputStream, str]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., notice: bool = ..., time_unix_ms: _Optional[int] = ...) -> None: ...
+    def __init__(self, process: _Optional[str] = ..., stream: _Optional[_Union[OutputStream, str]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., notice: bool = ..., time_unix_ms: _Optional[int] = ..., lost: _Optional[int] = ...) -> None: ...
 
 class ProcessEvent(_message.Message):
     __slots__ = ["object", "resource_version", "type"]

@@ -1,0 +1,376 @@
+//! The agent's side of its keepers: finding what predecessors left,
+//! starting a keeper of its own build, and one handle per held process.
+use super::{Event, ExitLog, ExitRecord, HeldState, Request, SpawnSpec, SpawnStage, PROTOCOL, SUBCOMMAND};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// How long a keeper has to answer a connection, and a new one to listen.
+const ANSWER: Duration = Duration::from_secs(5);
+
+/// One connection to one keeper.
+pub struct KeeperLink {
+    pub dir: PathBuf,
+    pub build: String,
+    pub pid: u32,
+    requests: mpsc::UnboundedSender<Request>,
+    /// Where each held process's events go.
+    routes: Mutex<HashMap<String, mpsc::UnboundedSender<Event>>>,
+    /// The keeper closed the connection (it exited, or died).
+    pub gone: CancellationToken,
+}
+
+impl KeeperLink {
+    /// Connects and says hello; returns what the keeper holds, each with
+    /// the receiver of its events (routed from now on).
+    async fn connect(
+        dir: &Path,
+    ) -> std::io::Result<(Arc<KeeperLink>, Vec<(HeldState, mpsc::UnboundedReceiver<Event>)>)> {
+        let stream = tokio::net::UnixStream::connect(dir.join("sock")).await?;
+        let (rd, mut wr) = stream.into_split();
+        let mut hello = serde_json::to_vec(&Request::Hello { protocol: PROTOCOL }).map_err(std::io::Error::other)?;
+        hello.push(b'\n');
+        wr.write_all(&hello).await?;
+        let mut rd = tokio::io::BufReader::new(rd);
+        let first = tokio::time::timeout(ANSWER, read_line(&mut rd))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "the keeper did not answer"))??;
+        let Some(Event::Welcome { protocol, build, pid, held }) = first else {
+            return Err(std::io::Error::other("the keeper did not welcome this agent (another protocol?)"));
+        };
+        if protocol != PROTOCOL {
+            return Err(std::io::Error::other(format!("the keeper speaks protocol {protocol}, not {PROTOCOL}")));
+        }
+        let (requests, mut to_send) = mpsc::unbounded_channel::<Request>();
+        let link = Arc::new(KeeperLink {
+            dir: dir.to_path_buf(),
+            build,
+            pid,
+            requests,
+            routes: Mutex::new(HashMap::new()),
+            gone: CancellationToken::new(),
+        });
+        let held = held.into_iter().map(|h| (link.route(&h.uid), h)).map(|(rx, h)| (h, rx)).collect();
+        let gone = link.gone.clone();
+        tokio::spawn(async move {
+            let mut wr = tokio::io::BufWriter::new(wr);
+            while let Some(req) = to_send.recv().await {
+                let mut line = serde_json::to_vec(&req).unwrap_or_default();
+                line.push(b'\n');
+                if wr.write_all(&line).await.is_err() || (to_send.is_empty() && wr.flush().await.is_err()) {
+                    break;
+                }
+            }
+            gone.cancel();
+        });
+        let reader = Arc::downgrade(&link);
+        let gone = link.gone.clone();
+        tokio::spawn(async move {
+            loop {
+                let ev = tokio::select! {
+                    ev = read_line(&mut rd) => ev,
+                    _ = gone.cancelled() => break,
+                };
+                let Ok(Some(ev)) = ev else { break };
+                let Some(link) = reader.upgrade() else { break };
+                let uid = match &ev {
+                    Event::Spawned { uid, .. }
+                    | Event::SpawnFailed { uid, .. }
+                    | Event::Output { uid, .. }
+                    | Event::StdinTaken { uid, .. }
+                    | Event::Exited { uid, .. }
+                    | Event::Refused { uid, .. } => uid.clone(),
+                    Event::Welcome { .. } => continue,
+                };
+                let route = link.routes.lock().get(&uid).cloned();
+                if let Some(route) = route {
+                    let _ = route.send(ev);
+                }
+            }
+            gone.cancel();
+        });
+        Ok((link, held))
+    }
+
+    fn route(&self, uid: &str) -> mpsc::UnboundedReceiver<Event> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.routes.lock().insert(uid.to_string(), tx);
+        rx
+    }
+
+    fn send(&self, req: Request) {
+        let _ = self.requests.send(req);
+    }
+}
+
+/// One event line; None at the end of the connection.
+async fn read_line(rd: &mut (impl tokio::io::AsyncBufRead + Unpin)) -> std::io::Result<Option<Event>> {
+    let mut line = Vec::new();
+    let n = rd.take(super::MAX_LINE as u64 + 1).read_until(b'\n', &mut line).await?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if line.last() != Some(&b'\n') {
+        return Err(std::io::Error::other("a keeper's line too long, or cut short"));
+    }
+    serde_json::from_slice(&line).map(Some).map_err(std::io::Error::other)
+}
+
+/// A process held by a live keeper: its events, and what can be asked.
+pub struct Held {
+    link: Arc<KeeperLink>,
+    pub uid: String,
+    events: mpsc::UnboundedReceiver<Event>,
+    pub pid: i32,
+    pub start_ticks: u64,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.link.routes.lock().remove(&self.uid);
+    }
+}
+
+impl Held {
+    /// Where its keeper spools its output.
+    pub fn spool(&self) -> PathBuf {
+        self.link.dir.join("spool")
+    }
+
+    /// The next event; None once the keeper is gone (after every event it
+    /// sent before going).
+    pub async fn next(&mut self) -> Option<Event> {
+        tokio::select! {
+            biased;
+            ev = self.events.recv() => ev,
+            _ = self.link.gone.cancelled() => self.events.try_recv().ok(),
+        }
+    }
+
+    /// Whether its keeper is gone.
+    pub fn gone(&self) -> bool {
+        self.link.gone.is_cancelled()
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        self.link.send(Request::Signal { uid: self.uid.clone(), signal: sig as i32 });
+    }
+
+    pub fn stdin(&self) -> StdinWriter {
+        StdinWriter { link: self.link.clone(), uid: self.uid.clone() }
+    }
+
+    /// Its end is reported: the keeper may let go of it.
+    pub fn forget(&self) {
+        self.link.send(Request::Forget { uid: self.uid.clone() });
+    }
+}
+
+/// Sends a process's stdin through its keeper.
+#[derive(Clone)]
+pub struct StdinWriter {
+    link: Arc<KeeperLink>,
+    uid: String,
+}
+
+impl StdinWriter {
+    pub fn write(&self, offset: u64, data: &[u8]) {
+        self.link.send(Request::Stdin { uid: self.uid.clone(), offset, data: hex::encode(data) });
+    }
+
+    pub fn close(&self) {
+        self.link.send(Request::CloseStdin { uid: self.uid.clone() });
+    }
+}
+
+/// Why a keeper did not start a process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpawnError {
+    pub stage: SpawnStage,
+    pub errno: Option<i32>,
+    pub message: String,
+}
+
+/// A dead keeper's directory, removed when the last process read from it
+/// has been reported.
+pub struct DeadDir(PathBuf);
+
+impl Drop for DeadDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A process a predecessor's keeper holds (or a dead keeper recorded the
+/// end of).
+pub enum Adopted {
+    Live(Held, HeldState),
+    Dead { spool: PathBuf, record: ExitRecord, _dir: Arc<DeadDir> },
+}
+
+/// Moves a dead keeper's exit log to `ROOT/../quarantine/exits-ID`.
+fn quarantine(root: &Path, dir: &Path) -> PathBuf {
+    let q = root.with_file_name("quarantine");
+    let id = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let to = q.join(format!("exits-{id}"));
+    if let Err(e) = testbus_pki::private_dir(&q)
+        .map_err(std::io::Error::other)
+        .and_then(|_| std::fs::rename(dir.join("exits"), &to))
+    {
+        tracing::warn!(error = %e, "cannot quarantine the exit log");
+    }
+    to
+}
+
+/// This agent's keepers.
+pub struct Keepers {
+    root: PathBuf,
+    exe: PathBuf,
+    orphan: Duration,
+    build: String,
+    current: tokio::sync::Mutex<Option<Arc<KeeperLink>>>,
+}
+
+impl Keepers {
+    /// Finds every keeper under `root`: live ones give what they hold (one
+    /// of this agent's build becomes the current keeper, the others retire);
+    /// dead ones what their exit logs recorded.
+    pub async fn open(
+        root: &Path,
+        exe: &Path,
+        orphan: Duration,
+    ) -> std::io::Result<(Keepers, HashMap<String, Adopted>)> {
+        testbus_pki::private_dir(root).map_err(std::io::Error::other)?;
+        let keepers = Keepers {
+            root: root.to_path_buf(),
+            exe: exe.to_path_buf(),
+            orphan,
+            build: super::build(),
+            current: tokio::sync::Mutex::new(None),
+        };
+        let mut adopted = HashMap::new();
+        let mut current = None;
+        for e in std::fs::read_dir(root)?.flatten() {
+            let dir = e.path();
+            if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            match KeeperLink::connect(&dir).await {
+                Ok((link, held)) => {
+                    tracing::info!(keeper = %dir.display(), pid = link.pid, held = held.len(), "found a keeper");
+                    if current.is_none() && link.build == keepers.build {
+                        current = Some(link.clone());
+                    } else {
+                        link.send(Request::Retire);
+                    }
+                    for (state, events) in held {
+                        let h = Held {
+                            link: link.clone(),
+                            uid: state.uid.clone(),
+                            events,
+                            pid: state.pid,
+                            start_ticks: state.start_ticks,
+                        };
+                        adopted.insert(state.uid.clone(), Adopted::Live(h, state));
+                    }
+                }
+                Err(err) if err.kind() == std::io::ErrorKind::TimedOut => {
+                    // Alive but not answering (stopped?): neither trusted
+                    // nor removed.
+                    tracing::warn!(keeper = %dir.display(), "a keeper does not answer; what it holds is not taken over");
+                }
+                Err(err) => {
+                    let (exits, bad) = ExitLog::read(&dir.join("exits"));
+                    if bad > 0 {
+                        // Kept aside for a person to look at, never read again.
+                        let aside = quarantine(root, &dir);
+                        tracing::warn!(
+                            keeper = %dir.display(), bad, quarantined = %aside.display(),
+                            "exit records that do not check were skipped; the log is quarantined"
+                        );
+                    }
+                    tracing::warn!(keeper = %dir.display(), error = %err, ended = exits.len(), "a keeper is gone; reading its exit log");
+                    let d = Arc::new(DeadDir(dir.clone()));
+                    for (uid, record) in exits {
+                        adopted.entry(uid).or_insert(Adopted::Dead {
+                            spool: dir.join("spool"),
+                            record,
+                            _dir: d.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        *keepers.current.lock().await = current;
+        Ok((keepers, adopted))
+    }
+
+    /// The keeper new processes go to, started if there is none (or it is
+    /// gone).
+    async fn link(&self) -> std::io::Result<Arc<KeeperLink>> {
+        let mut cur = self.current.lock().await;
+        if let Some(l) = cur.as_ref().filter(|l| !l.gone.is_cancelled()) {
+            return Ok(l.clone());
+        }
+        let id = &uuid::Uuid::new_v4().simple().to_string()[..8];
+        let dir = self.root.join(id);
+        testbus_pki::private_dir(&dir).map_err(std::io::Error::other)?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("log"))?;
+        let mut cmd = tokio::process::Command::new(&self.exe);
+        cmd.arg(SUBCOMMAND)
+            .arg(&dir)
+            .arg(self.orphan.as_secs().max(1).to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            // Out of the agent's process group: a terminal's ^C to the
+            // agent is not for the keeper.
+            .process_group(0);
+        let mut child = cmd.spawn()?;
+        // Reaped when it exits, while this agent lives; a later agent is
+        // not its parent.
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+        });
+        let deadline = tokio::time::Instant::now() + ANSWER;
+        let link = loop {
+            match KeeperLink::connect(&dir).await {
+                Ok((link, _)) => break link,
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(std::io::Error::other(format!("the keeper in {} did not start: {e}", dir.display())))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(2)).await,
+            }
+        };
+        tracing::info!(keeper = %dir.display(), pid = link.pid, "started a keeper");
+        *cur = Some(link.clone());
+        Ok(link)
+    }
+
+    /// Has the current keeper start `spec`.
+    pub async fn spawn(&self, spec: SpawnSpec) -> Result<Held, SpawnError> {
+        let keeper = |message: String| SpawnError { stage: SpawnStage::Keeper, errno: None, message };
+        let link = self.link().await.map_err(|e| keeper(format!("no keeper: {e}")))?;
+        let uid = spec.uid.clone();
+        let mut events = link.route(&uid);
+        link.send(Request::Spawn(Box::new(spec)));
+        let mut held = Held { link, uid, events: mpsc::unbounded_channel().1, pid: 0, start_ticks: 0 };
+        std::mem::swap(&mut held.events, &mut events);
+        match held.next().await {
+            Some(Event::Spawned { pid, start_ticks, .. }) => {
+                held.pid = pid;
+                held.start_ticks = start_ticks;
+                Ok(held)
+            }
+            Some(Event::SpawnFailed { stage, errno, message, .. }) => Err(SpawnError { stage, errno, message }),
+            Some(Event::Refused { message, .. }) => Err(keeper(format!("the keeper refused it: {message}"))),
+            Some(other) => Err(keeper(format!("the keeper answered {other:?}"))),
+            None => Err(keeper("the keeper went away".into())),
+        }
+    }
+}
