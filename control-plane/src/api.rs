@@ -181,7 +181,16 @@ impl Policy for Test {
                 old.name(),
             )));
         }
-        if old.status().claims != new.status().claims {
+        // The one way back: a running attempt that failed for the
+        // infrastructure's sake (its controller marked it Retrying, after
+        // releasing its hosts) returns to the queue without its claims.
+        let retrying = from == TestPhase::Running
+            && testbus_proto::states::unclaimed(to)
+            && new.status().claims.is_empty()
+            && old.status().conditions.iter().any(|c| {
+                c.is(testbus_proto::states::ConditionType::Retrying, testbus_proto::states::ConditionStatus::True)
+            });
+        if old.status().claims != new.status().claims && !retrying {
             return Err(Status::failed_precondition(
                 "status.claims: set only by the test's claim (Tests.Claim), which claims its hosts with it",
             ));
@@ -192,7 +201,7 @@ impl Policy for Test {
                 "status.phase: a test becomes Running only through its claim (Tests.Claim)",
             ));
         }
-        if from == TestPhase::Running && pending(to) {
+        if from == TestPhase::Running && pending(to) && !retrying {
             return Err(Status::failed_precondition("status.phase: a running test cannot go back to Pending"));
         }
         Ok(())

@@ -178,6 +178,13 @@ struct Serve {
     /// How long past its lease a host is still considered Ready.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     lease_grace: std::time::Duration,
+    /// How many times a test is tried again on other hosts when a step
+    /// fails for the infrastructure's sake (its host lost, its agent gone
+    /// without a keeper, a spawn failure other than its command), for steps
+    /// that do not say (`retry: {infrastructure: N}`). Test failures (a
+    /// non-zero exit, a missing command, a timeout) are never retried.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=10))]
+    infrastructure_retries: u32,
     /// With a shared store: the address other replicas reach this one at to
     /// copy blobs (http://HOST:PORT or unix:/path). Default: the first
     /// --listen address with a specific IP, else the data dir's socket.
@@ -350,6 +357,7 @@ async fn main() {
             lease_grace: args.lease_grace,
             quarantine_after: args.quarantine_after,
             pools: None, // filled in by the server, which knows its data dir
+            infrastructure_retries: args.infrastructure_retries,
         }),
         watch_cache: 100_000,
         output_limit: args.max_output_bytes,

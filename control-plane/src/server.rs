@@ -1157,7 +1157,7 @@ mod tests {
         std::fs::write(&file, "").unwrap();
         cfg.listen = vec![Listen::Unix(file.join("sub/api.sock"))];
         cfg.controllers =
-            Some(testbus_controllers::Config { lease_grace: Duration::from_secs(1), quarantine_after: 3, pools: None });
+            Some(testbus_controllers::Config { lease_grace: Duration::from_secs(1), ..Default::default() });
         let r = tokio::time::timeout(Duration::from_secs(60), run(cfg, CancellationToken::new()))
             .await
             .expect("run returns");

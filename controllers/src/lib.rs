@@ -40,11 +40,14 @@ pub struct Config {
     pub quarantine_after: u32,
     /// Where HostPool guests live; None: pools are not served.
     pub pools: Option<pools::PoolsConfig>,
+    /// Retries of a test that failed for the infrastructure's sake, for
+    /// steps that do not say (`retry.infrastructure`).
+    pub infrastructure_retries: u32,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config { lease_grace: Duration::from_secs(5), quarantine_after: 3, pools: None }
+        Config { lease_grace: Duration::from_secs(5), quarantine_after: 3, pools: None, infrastructure_retries: 0 }
     }
 }
 

@@ -216,7 +216,18 @@ pub fn plan_queue(queue: &[&testbus_proto::Test], hosts: &[&Host]) -> Vec<Decisi
     let mut out = Vec::with_capacity(queue.len());
     for q in queue {
         let reqs = &q.spec().hosts;
-        let fit = inventory.entry(format!("{reqs:?}")).or_insert_with(|| fits_inventory(reqs, hosts));
+        // Hosts an earlier attempt of the test failed on are not its.
+        let failed_on: std::collections::BTreeSet<&str> =
+            q.status().attempts.iter().flat_map(|a| a.hosts.iter().map(String::as_str)).collect();
+        let owned;
+        let hosts: &[&Host] = if failed_on.is_empty() {
+            hosts
+        } else {
+            owned = hosts.iter().copied().filter(|h| !failed_on.contains(h.name())).collect::<Vec<_>>();
+            &owned
+        };
+        let key = format!("{reqs:?}{failed_on:?}");
+        let fit = inventory.entry(key).or_insert_with(|| fits_inventory(reqs, hosts));
         if let Err(why) = fit {
             out.push(Decision::Wait(Waiting::Unsatisfiable(why.clone())));
             continue;

@@ -338,6 +338,8 @@ fn running_status(t: &Test, assignments: &[Assignment], hosts: &HashMap<&str, &H
             .collect(),
         start_time: time::now(),
         trace: Some(TestTrace { hosts: trace_hosts, env: spec.env.clone(), files: file_digests(t) }),
+        // What earlier attempts came to stays.
+        attempts: t.status().attempts.clone(),
         ..Default::default()
     }
 }
@@ -362,6 +364,9 @@ fn file_digests(t: &Test) -> BTreeMap<String, String> {
 /// A running test: its plan, written. Creates what the plan creates,
 /// releases gates, refreshes the steps' status (paced), or concludes.
 async fn drive(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Action, Error> {
+    if retrying(t) && t.meta().deletion_timestamp.is_empty() {
+        return next_attempt(ctx, t, procs).await;
+    }
     let plan = test_plan::plan(t, procs, ctx.hosts.as_ref(), SystemTime::now());
     match plan.ending {
         Some(Ending::Recorded(v)) => return conclude(ctx, t, procs, plan.steps, v, Recorded::Yes).await,
@@ -479,12 +484,110 @@ async fn conclude(
     if !stop_all(ctx, t, procs).await? {
         return Ok(Action::Requeue(Duration::from_secs(5)));
     }
+    let cancelled = !t.meta().deletion_timestamp.is_empty();
+    let retry = test_plan::retry(t, procs, &v, ctx.hosts.as_ref(), ctx.cfg.infrastructure_retries);
+    if let Some(r) = retry.filter(|_| !cancelled) {
+        return record_attempt(ctx, t, steps, v, r).await;
+    }
     let phase = v.phase().as_str();
     let mut next = t.clone();
     *next.status_mut() = test_plan::final_status(t, steps, v, SystemTime::now());
     ctx.client.api::<Test>().update_status(next).await.doing("writing the test's final status")?;
     tracing::info!(test = t.name(), phase, "test finished");
     Ok(Action::AwaitChange)
+}
+
+/// Whether an attempt that failed for the infrastructure's sake is being
+/// torn down for the next.
+fn retrying(t: &Test) -> bool {
+    t.status().conditions.iter().any(|c| c.is(ConditionType::Retrying, ConditionStatus::True))
+}
+
+/// The attempt that just ended for the infrastructure's sake goes into
+/// the test's status (what ended it, the hosts it failed on), with the
+/// Retrying condition: from here on, reconciles tear it down
+/// ([`next_attempt`]), whatever happens in between.
+async fn record_attempt(
+    ctx: &Context,
+    t: &Test,
+    steps: Vec<StepStatus>,
+    v: Verdict,
+    r: test_plan::Retry,
+) -> Result<Action, Error> {
+    let mut next = t.clone();
+    let st = next.status_mut();
+    let number = st.attempts.len() as u32 + 1;
+    let message = format!(
+        "attempt {number} failed for the infrastructure's sake on {} ({}: {}); retrying on other hosts",
+        r.hosts.join(", "),
+        v.reason.as_str(),
+        v.message
+    );
+    st.attempts.push(testbus_proto::Attempt {
+        number,
+        reason: v.reason.as_str().into(),
+        message: v.message.clone(),
+        hosts: r.hosts.clone(),
+        start_time: st.start_time.clone(),
+        finish_time: time::now(),
+        claims: st.claims.clone(),
+    });
+    st.steps = steps;
+    set_condition(
+        &mut st.conditions,
+        Condition::new(ConditionType::Retrying, ConditionStatus::True, v.reason.as_str(), &message),
+    );
+    ctx.client.api::<Test>().update_status(next).await.doing("recording the failed attempt")?;
+    tracing::warn!(test = t.name(), attempt = number, hosts = ?r.hosts, reason = v.reason.as_str(), "retrying the test on other hosts");
+    Ok(Action::AwaitChange)
+}
+
+/// Tears a failed attempt down (its processes deleted, its hosts
+/// released), then puts the test back in the queue for the next one; the
+/// scheduler does not give it the hosts earlier attempts failed on.
+async fn next_attempt(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Action, Error> {
+    if !stop_all(ctx, t, procs).await? {
+        return Ok(Action::Requeue(Duration::from_secs(1)));
+    }
+    delete_processes(ctx, procs, "deleting the failed attempt's processes").await?;
+    release(ctx, t, &[]).await?;
+    let claimed = ctx.hosts.filter(|h| h.status().claim.as_ref().is_some_and(|c| c.test_uid == t.meta().uid));
+    if !procs.is_empty() || !claimed.is_empty() {
+        // Looked at again once the caches show it all gone.
+        return Ok(Action::Requeue(Duration::from_millis(100)));
+    }
+    let mut next = t.clone();
+    let st = next.status_mut();
+    let why = st
+        .conditions
+        .iter()
+        .find(|c| c.r#type == ConditionType::Retrying)
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    st.conditions.retain(|c| c.r#type != ConditionType::Retrying && c.r#type != ConditionType::Finished);
+    st.phase = TestPhase::Pending.into();
+    st.reason = String::new();
+    st.message = why;
+    st.claims.clear();
+    st.steps.clear();
+    st.host_vars.clear();
+    st.env.clear();
+    st.start_time = String::new();
+    ctx.client.api::<Test>().update_status(next).await.doing("queueing the test's next attempt")?;
+    ctx.schedule_queue.add(SCHEDULE);
+    Ok(Action::AwaitChange)
+}
+
+/// Deletes `procs` (those gone already are fine).
+async fn delete_processes(ctx: &Context, procs: &[Arc<Process>], what: &'static str) -> Result<(), Error> {
+    for p in procs {
+        match ctx.client.api::<Process>().delete(p.name()).await {
+            Ok(_) => {}
+            Err(s) if s.code() == Code::NotFound => {}
+            Err(status) => return Err(Error::Api { what, status }),
+        }
+    }
+    Ok(())
 }
 
 /// Whether a verdict was recorded by an earlier reconcile.
@@ -593,13 +696,7 @@ async fn teardown(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Act
     if !claimed.is_empty() {
         return Ok(Action::Requeue(Duration::from_millis(100)));
     }
-    for p in procs {
-        match ctx.client.api::<Process>().delete(p.name()).await {
-            Ok(_) => {}
-            Err(s) if s.code() == Code::NotFound => {}
-            Err(status) => return Err(Error::Api { what: "deleting the test's processes", status }),
-        }
-    }
+    delete_processes(ctx, procs, "deleting the test's processes").await?;
     let mut next = t.clone();
     next.meta_mut().finalizers.retain(|f| f != FINALIZER);
     match ctx.client.api::<Test>().update(next).await {

@@ -396,6 +396,92 @@ pub fn stops(procs: &[Arc<Process>], hosts: &impl HostView) -> Stops {
 
 pub use testbus_proto::states::set_condition;
 
+/// Another attempt of a test that failed for the infrastructure's sake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retry {
+    /// The hosts it failed on: not claimed again.
+    pub hosts: Vec<String>,
+}
+
+/// Whether a process ended for the infrastructure's sake: its host lost,
+/// its agent gone without a keeper (or stopped with `--on-stop stop`), or
+/// it could not be contained or spawned for a reason other than its
+/// command (a missing or unexecutable command is exit code 127/126, the
+/// test's own failure).
+pub fn infrastructure_end(p: &Process) -> bool {
+    use testbus_proto::states::ProcessReason as R;
+    matches!(
+        p.status().reason.parse(),
+        Ok(R::HostLost
+            | R::AgentRestarted
+            | R::JournalLost
+            | R::KeeperLost
+            | R::AgentShutdown
+            | R::SpawnFailed
+            | R::ContainFailed)
+    )
+}
+
+/// Whether a test whose verdict is `v` gets another attempt, and on which
+/// hosts it failed. Only a verdict the infrastructure caused qualifies (a
+/// host lost or its agent stopped, or a step failed whose every failed
+/// process ended for the infrastructure's sake); a test failure anywhere
+/// (a non-zero exit, a timeout) never does. The budget is the failed
+/// steps' `retry.infrastructure` (the largest; `default` where a step
+/// does not say), against the attempts made so far.
+pub fn retry(t: &Test, procs: &[Arc<Process>], v: &Verdict, hosts: &impl HostView, default: u32) -> Option<Retry> {
+    let failed: Vec<&Arc<Process>> = procs
+        .iter()
+        .filter(|p| {
+            let ph = p.status().phase.as_str();
+            (ph == ProcessPhase::Failed || ph == ProcessPhase::Lost || ph == ProcessPhase::Killed) && !stopped(p)
+        })
+        .collect();
+    if failed.iter().any(|p| !infrastructure_end(p)) {
+        return None;
+    }
+    let lost_hosts: Vec<String> = t
+        .status()
+        .claims
+        .values()
+        .filter(|h| {
+            hosts.host(h).is_none_or(|h| {
+                h.status().phase != HostPhase::Ready || testbus_proto::states::lease_given_up(h.status())
+            })
+        })
+        .cloned()
+        .collect();
+    match v.reason {
+        TestReason::HostLost | TestReason::AgentStopped => {}
+        TestReason::StepFailed if !failed.is_empty() => {}
+        _ => return None,
+    }
+    let steps = testbus_proto::steps::expand(t.spec());
+    let budget_of = |name: &str| {
+        steps
+            .iter()
+            .find(|e| e.step.name == name)
+            .and_then(|e| e.step.retry.as_ref().and_then(|r| r.infrastructure))
+            .unwrap_or(default)
+    };
+    // The failed steps decide; a host lost with nothing failed yet, every
+    // step that ran on it.
+    let mut on: Vec<&str> = failed.iter().map(|p| p.spec().step.as_str()).collect();
+    if on.is_empty() {
+        on =
+            procs.iter().filter(|p| lost_hosts.contains(&p.spec().host_name)).map(|p| p.spec().step.as_str()).collect();
+    }
+    let budget = if on.is_empty() { default } else { on.iter().map(|s| budget_of(s)).max().unwrap_or(default) };
+    if t.status().attempts.len() as u32 >= budget {
+        return None;
+    }
+    let mut failed_on: Vec<String> = failed.iter().map(|p| p.spec().host_name.clone()).collect();
+    failed_on.extend(lost_hosts);
+    failed_on.sort();
+    failed_on.dedup();
+    Some(Retry { hosts: failed_on })
+}
+
 /// The status a test ends with: the verdict, its steps (what never ran is
 /// Skipped), the Finished condition, and Held when a failed test keeps its
 /// hosts (holdOnFailure).
@@ -751,5 +837,75 @@ spec:
         *done.status_mut() = st;
         assert!(!held(&done));
         assert_eq!(done.status().completion_time, time::format(at(5)));
+    }
+
+    fn ended_for(phase: ProcessPhase, reason: testbus_proto::states::ProcessReason) -> ProcessStatus {
+        ProcessStatus { phase: phase.into(), reason: reason.into(), ..Default::default() }
+    }
+
+    /// Infrastructure failures get another attempt, within the budget, on
+    /// other hosts; test failures (a non-zero exit, a missing command, a
+    /// timeout) never do, nor does a cancelled test.
+    #[test]
+    fn only_infrastructure_failures_are_retried_within_the_budget() {
+        use testbus_proto::states::ProcessReason as R;
+        let yaml = "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: t}\nspec:\n  hosts: [{role: a}, {role: b}]\n  steps:\n  - {name: s, on: [a, b], argv: [\"true\"], retry: {infrastructure: 2}}\n  - {name: plain, on: [a], after: [s], argv: [\"true\"]}\n";
+        let t = running(yaml);
+        let hosts = ready_hosts(&t);
+        let created = plan(&t, &[], &hosts, at(1)).create;
+        let step_failed = Verdict::new(TestReason::StepFailed, "step s failed");
+        let one = |status: ProcessStatus| {
+            with_status(&created, |p| if p.spec().role == "a" { status.clone() } else { exited(0) })
+        };
+        let decide = |t: &Test, procs: &[Arc<Process>], v: &Verdict| retry(t, procs, v, &hosts, 0);
+        // Each infrastructure reason: retried on the host it failed on.
+        for r in [R::HostLost, R::AgentRestarted, R::JournalLost, R::KeeperLost, R::SpawnFailed, R::ContainFailed] {
+            let procs = one(ended_for(ProcessPhase::Lost, r));
+            assert_eq!(decide(&t, &procs, &step_failed), Some(Retry { hosts: vec!["h-a".into()] }), "{r:?}");
+        }
+        // Test failures: never.
+        let exit_1 = one(exited(1));
+        assert_eq!(decide(&t, &exit_1, &step_failed), None, "a non-zero exit");
+        let missing = one(ProcessStatus { exit_code: Some(127), ..ended_for(ProcessPhase::Failed, R::NonZeroExit) });
+        assert_eq!(decide(&t, &missing, &step_failed), None, "a missing command");
+        let timed_out = one(ended_for(ProcessPhase::Failed, R::TimedOut));
+        assert_eq!(decide(&t, &timed_out, &step_failed), None, "a timeout");
+        assert_eq!(decide(&t, &one(exited(0)), &Verdict::new(TestReason::TimedOut, "")), None, "the test's timeout");
+        assert_eq!(decide(&t, &one(exited(0)), &Verdict::new(TestReason::Cancelled, "")), None);
+        // One infrastructure failure beside a test failure: the test's.
+        let mixed = with_status(&created, |p| {
+            if p.spec().role == "a" {
+                ended_for(ProcessPhase::Lost, R::HostLost)
+            } else {
+                exited(2)
+            }
+        });
+        assert_eq!(decide(&t, &mixed, &step_failed), None);
+        // A host lost (its lease ran out): retried, that host excluded.
+        let mut gone = hosts.clone();
+        let mut h = (*gone["h-b"]).clone();
+        h.status_mut().phase = HostPhase::NotReady.into();
+        gone.insert("h-b".into(), Arc::new(h));
+        let running_procs = with_status(&created, |_| in_phase(ProcessPhase::Running.as_str()));
+        let lost = Verdict::new(TestReason::HostLost, "host h-b (b) was lost");
+        assert_eq!(retry(&t, &running_procs, &lost, &gone, 0), Some(Retry { hosts: vec!["h-b".into()] }));
+        // The budget: step s allows 2 retries, then no more.
+        let procs = one(ended_for(ProcessPhase::Lost, R::HostLost));
+        let mut t2 = t.clone();
+        t2.status_mut().attempts = vec![Default::default(); 2];
+        assert_eq!(decide(&t2, &procs, &step_failed), None, "out of retries");
+        t2.status_mut().attempts.pop();
+        assert!(decide(&t2, &procs, &step_failed).is_some());
+        // A step that does not say takes the control plane's default (0 here).
+        let plain: Vec<Arc<Process>> = with_status(&created, |_| ended_for(ProcessPhase::Lost, R::AgentRestarted))
+            .into_iter()
+            .map(|p| {
+                let mut p = (*p).clone();
+                p.spec_mut().step = "plain".into();
+                Arc::new(p)
+            })
+            .collect();
+        assert_eq!(decide(&t, &plain, &step_failed), None);
+        assert!(retry(&t, &plain, &step_failed, &hosts, 1).is_some(), "a default of 1");
     }
 }

@@ -37,6 +37,18 @@ pub fn of(o: &Object) -> Vec<Event> {
     match o {
         Object::Test(t) => {
             let s = t.status();
+            // Each earlier attempt: when it started, and how it failed.
+            for a in &s.attempts {
+                let claims: Vec<String> = a.claims.iter().map(|(r, h)| format!("{r}={h}")).collect();
+                out.push(ev(&a.start_time, false, "Started", format!("attempt {} on {}", a.number, claims.join(" "))));
+                let msg = format!(
+                    "attempt {} failed on {}: {}; retried on other hosts",
+                    a.number,
+                    a.hosts.join(", "),
+                    a.message
+                );
+                out.push(ev(&a.finish_time, true, "Retried", msg));
+            }
             let claims: Vec<String> = s.claims.iter().map(|(r, h)| format!("{r}={h}")).collect();
             out.push(ev(&s.start_time, false, "Started", format!("running on {}", claims.join(" "))));
             for st in &s.steps {

@@ -187,6 +187,9 @@ string_enum!(
         Available,
         /// Any object: False while its controller's reconcile keeps failing.
         Reconciled,
+        /// A test: True while an attempt that failed for the
+        /// infrastructure's sake is torn down before the next one claims.
+        Retrying,
     }
 );
 

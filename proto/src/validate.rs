@@ -575,7 +575,15 @@ fn step(
             "only for a command run with Tests.Exec (a step's stdin is stdin or stdinFile)",
         );
     }
+    if let Some(n) = st.retry.as_ref().and_then(|r| r.infrastructure) {
+        if n > MAX_INFRASTRUCTURE_RETRIES {
+            e.add(format!("{p}.retry.infrastructure"), format!("at most {MAX_INFRASTRUCTURE_RETRIES} retries"));
+        }
+    }
 }
+
+/// Most retries a step may ask for when its infrastructure fails.
+pub const MAX_INFRASTRUCTURE_RETRIES: u32 = 10;
 
 /// What a step and the Process made of it have in common: one check for
 /// both, so a Process created directly (or by `exec`/`cp`) is held to what

@@ -182,9 +182,23 @@ fn cases(t: &Test) -> Vec<Case> {
 
 /// The report of `t`; JUnit carries each process's output from `outputs`
 /// (by process name) as `system-out`/`system-err`.
+/// How each earlier attempt of a test ended (retried for the
+/// infrastructure's sake): "attempt 1: HostLost on host-0: why".
+fn attempt_lines(t: &Test) -> Vec<(u32, String)> {
+    t.status()
+        .attempts
+        .iter()
+        .map(|a| {
+            let why = if a.message.is_empty() { String::new() } else { format!(": {}", a.message) };
+            (a.number, format!("{} on {}{why}", a.reason, a.hosts.join(", ")))
+        })
+        .collect()
+}
+
 pub fn render(t: &Test, fmt: ReportFormat, outputs: &std::collections::HashMap<String, Output>) -> String {
     let cs = cases(t);
     let s = t.status();
+    let attempts = attempt_lines(t);
     let count = |o: Outcome| cs.iter().filter(|c| c.outcome == o).count();
     let name = t.name();
     match fmt {
@@ -198,6 +212,9 @@ pub fn render(t: &Test, fmt: ReportFormat, outputs: &std::collections::HashMap<S
                 ));
             }
             out.push('\n');
+            for (n, line) in &attempts {
+                out.push_str(&format!("  attempt {n} (retried): {line}\n"));
+            }
             let width = cs.iter().map(|c| c.id().len()).max().unwrap_or(0);
             for c in &cs {
                 let id = c.id();
@@ -225,6 +242,11 @@ pub fn render(t: &Test, fmt: ReportFormat, outputs: &std::collections::HashMap<S
                 "message": s.message,
                 "startTime": s.start_time,
                 "completionTime": s.completion_time,
+                "attempts": s.attempts.len() + 1,
+                "earlierAttempts": s.attempts.iter().map(|a| json!({
+                    "number": a.number, "reason": a.reason, "message": a.message, "hosts": a.hosts,
+                    "startTime": a.start_time, "finishTime": a.finish_time,
+                })).collect::<Vec<_>>(),
                 "cases": cs.iter().map(|c| json!({
                     "group": c.group, "name": c.name, "outcome": c.outcome.word(),
                     "message": c.message, "seconds": c.seconds,
@@ -252,6 +274,19 @@ pub fn render(t: &Test, fmt: ReportFormat, outputs: &std::collections::HashMap<S
                 count(Outcome::Skip),
                 xml(&s.start_time)
             ));
+            if !attempts.is_empty() {
+                // The final attempt is the suite; the earlier ones are
+                // properties.
+                out.push_str("    <properties>\n");
+                out.push_str(&format!(
+                    "      <property name=\"testbus.attempts\" value=\"{}\"/>\n",
+                    attempts.len() + 1
+                ));
+                for (n, line) in &attempts {
+                    out.push_str(&format!("      <property name=\"testbus.attempt.{n}\" value=\"{}\"/>\n", xml(line)));
+                }
+                out.push_str("    </properties>\n");
+            }
             for c in &cs {
                 out.push_str(&format!(
                     "    <testcase classname=\"{}.{}\" name=\"{}\" time=\"{:.3}\"",
@@ -289,6 +324,9 @@ pub fn render(t: &Test, fmt: ReportFormat, outputs: &std::collections::HashMap<S
         }
         ReportFormat::Tap => {
             let mut out = format!("TAP version 13\n1..{}\n", cs.len());
+            for (n, line) in &attempts {
+                out.push_str(&format!("# attempt {n} (retried): {}\n", line.replace('\n', " ")));
+            }
             for (i, c) in cs.iter().enumerate() {
                 let id = c.id().replace('#', "\\#");
                 let msg = c.message.replace('\n', " ");
@@ -424,7 +462,45 @@ mod tests {
             message: result.1.into(),
             ..Default::default()
         });
+        s.attempts.push(testbus_proto::Attempt {
+            number: 1,
+            reason: message.into(),
+            message: result.1.into(),
+            hosts: vec![role.into(), step.into()],
+            ..Default::default()
+        });
         t
+    }
+
+    /// The final attempt is what a report shows; earlier attempts (retried
+    /// for the infrastructure's sake) are said beside it: JUnit properties,
+    /// TAP comments, text and JSON lines.
+    #[test]
+    fn earlier_attempts_are_shown_beside_the_final_one() {
+        let mut t = test_with("t", "s", "a", "boom", ("r", "m"));
+        t.status_mut().attempts[0] = testbus_proto::Attempt {
+            number: 1,
+            reason: "HostLost".into(),
+            message: "host host-0 (a) was lost: lease expired".into(),
+            hosts: vec!["host-0".into()],
+            ..Default::default()
+        };
+        let none = Default::default();
+        let junit = render(&t, ReportFormat::Junit, &none);
+        assert!(junit.contains(r#"<property name="testbus.attempts" value="2"/>"#), "{junit}");
+        assert!(
+            junit.contains(r#"<property name="testbus.attempt.1" value="HostLost on host-0: host host-0 (a) was lost: lease expired"/>"#),
+            "{junit}"
+        );
+        let tap = render(&t, ReportFormat::Tap, &none);
+        assert!(tap.contains("\n# attempt 1 (retried): HostLost on host-0: host host-0 (a) was lost"), "{tap}");
+        let text = render(&t, ReportFormat::Text, &none);
+        assert!(text.contains("  attempt 1 (retried): HostLost on host-0"), "{text}");
+        let json: serde_json::Value = serde_json::from_str(&render(&t, ReportFormat::Json, &none)).unwrap();
+        assert_eq!(json["attempts"], 2);
+        assert_eq!(json["earlierAttempts"][0]["hosts"][0], "host-0");
+        t.status_mut().attempts.clear();
+        assert!(!render(&t, ReportFormat::Junit, &none).contains("<properties>"), "no attempts, no properties");
     }
 
     proptest::proptest! {

@@ -331,3 +331,64 @@ async fn the_control_plane_runs_on_etcd_and_keeps_state_across_restarts() {
     let out = c.ctl(&["run", "--count", "3", "--", "true"]);
     assert_eq!(out.code, 0, "{out:?}");
 }
+
+/// A step's host lost for good (its agent and keeper killed): with
+/// `retry: {infrastructure: 1}` the test is tried again on the other
+/// host, never the lost one, and passes; its results say how many
+/// attempts ran and why. A test failure (exit 1) is never retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_infrastructure_failure_is_retried_on_another_host_and_a_test_failure_never() {
+    let mut c = Cluster::start(2).await;
+    let dir = c.dir.path().join("shared");
+    std::fs::create_dir_all(&dir).unwrap();
+    let d = dir.display();
+    let path = manifest(
+        &c,
+        "retried.yaml",
+        &format!(
+            "apiVersion: testbus/v1\nkind: Test\nmetadata: {{name: retried}}\nspec:\n  hosts: [{{role: a}}]\n  steps:\n  - name: s\n    on: [a]\n    retry: {{infrastructure: 1}}\n    script: |\n      echo \"ran on $host\" >> {d}/runs\n      while [ ! -e {d}/go ]; do sleep 0.02; done\n"
+        ),
+    );
+    assert_eq!(c.ctl(&["apply", "-f", &path]).code, 0);
+    c.running_pids("retried", 1).await;
+    let client = c.client().await;
+    let t = client.api::<Test>().get("retried").await.unwrap();
+    assert!(t.status().attempts.is_empty(), "{:?}", t.status().attempts);
+    let first = t.status().claims["a"].clone();
+    let i: usize = first.strip_prefix("host-").unwrap().parse().unwrap();
+    c.kill_agent(i);
+    testbus_tests::end_keepers(&c.dir.path().join(&first));
+    // Attempt 2 runs on the other host.
+    let second = wait_for(Duration::from_secs(60), "a second attempt on another host", || async {
+        let t = client.api::<Test>().get("retried").await.ok()?;
+        let s = t.status();
+        // Attempt 1 is recorded while it still holds its claim, then torn
+        // down; attempt 2 claims afresh.
+        let retrying = s.conditions.iter().any(|c| c.r#type == "Retrying");
+        (s.phase == "Running" && s.attempts.len() == 1 && !retrying).then(|| s.claims["a"].clone())
+    })
+    .await;
+    assert_ne!(second, first, "never the host it failed on");
+    c.running_pids("retried", 1).await;
+    std::fs::write(dir.join("go"), "").unwrap();
+    let t = wait_phase(&c, "retried", TestPhase::Succeeded.as_str()).await;
+    let a = &t.status().attempts;
+    assert_eq!(a.len(), 1);
+    assert_eq!((a[0].number, a[0].reason.as_str(), a[0].hosts.clone()), (1, "HostLost", vec![first.clone()]));
+    assert_eq!(a[0].claims["a"], first);
+    let junit = c.ctl(&["results", "retried", "-o", "junit"]);
+    assert!(junit.stdout.contains(r#"<property name="testbus.attempts" value="2"/>"#), "{}", junit.stdout);
+    assert!(junit.stdout.contains(&format!("HostLost on {first}")), "{}", junit.stdout);
+    let described = c.ctl(&["describe", "test/retried"]);
+    assert!(described.stdout.contains("Retried"), "{}", described.stdout);
+
+    // A test failure: not retried, whatever the step allows.
+    let path = manifest(
+        &c,
+        "fails.yaml",
+        "apiVersion: testbus/v1\nkind: Test\nmetadata: {name: fails}\nspec:\n  hosts: [{role: a}]\n  steps:\n  - {name: s, on: [a], argv: [\"false\"], retry: {infrastructure: 3}}\n",
+    );
+    assert_eq!(c.ctl(&["apply", "-f", &path]).code, 0);
+    let t = wait_phase(&c, "fails", TestPhase::Failed.as_str()).await;
+    assert!(t.status().attempts.is_empty(), "{:?}", t.status().attempts);
+}

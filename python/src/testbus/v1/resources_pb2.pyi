@@ -5,6 +5,31 @@ from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Map
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Attempt(_message.Message):
+    __slots__ = ["claims", "finish_time", "hosts", "message", "number", "reason", "start_time"]
+    class ClaimsEntry(_message.Message):
+        __slots__ = ["key", "value"]
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    CLAIMS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_TIME_FIELD_NUMBER: _ClassVar[int]
+    HOSTS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    claims: _containers.ScalarMap[str, str]
+    finish_time: str
+    hosts: _containers.RepeatedScalarFieldContainer[str]
+    message: str
+    number: int
+    reason: str
+    start_time: str
+    def __init__(self, number: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., hosts: _Optional[_Iterable[str]] = ..., start_time: _Optional[str] = ..., finish_time: _Optional[str] = ..., claims: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
 class ChildTest(_message.Message):
     __slots__ = ["after", "env", "files", "name", "steps", "tests"]
     class EnvEntry(_message.Message):
@@ -467,8 +492,14 @@ class ProcessStatus(_message.Message):
     stdout_truncated: bool
     def __init__(self, phase: _Optional[str] = ..., pid: _Optional[int] = ..., exit_code: _Optional[int] = ..., signal: _Optional[str] = ..., start_time: _Optional[str] = ..., finish_time: _Optional[str] = ..., stdout_bytes: _Optional[int] = ..., stderr_bytes: _Optional[int] = ..., stdout_truncated: bool = ..., stderr_truncated: bool = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., conditions: _Optional[_Iterable[_Union[Condition, _Mapping]]] = ..., observed_generation: _Optional[int] = ...) -> None: ...
 
+class Retry(_message.Message):
+    __slots__ = ["infrastructure"]
+    INFRASTRUCTURE_FIELD_NUMBER: _ClassVar[int]
+    infrastructure: int
+    def __init__(self, infrastructure: _Optional[int] = ...) -> None: ...
+
 class Step(_message.Message):
-    __slots__ = ["after", "allow_failure", "argv", "background", "env", "exit_codes", "files", "name", "on", "script", "shell", "stdin", "stdin_file", "stdin_stream", "sync", "timeout", "workdir"]
+    __slots__ = ["after", "allow_failure", "argv", "background", "env", "exit_codes", "files", "name", "on", "retry", "script", "shell", "stdin", "stdin_file", "stdin_stream", "sync", "timeout", "workdir"]
     class EnvEntry(_message.Message):
         __slots__ = ["key", "value"]
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -485,6 +516,7 @@ class Step(_message.Message):
     FILES_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     ON_FIELD_NUMBER: _ClassVar[int]
+    RETRY_FIELD_NUMBER: _ClassVar[int]
     SCRIPT_FIELD_NUMBER: _ClassVar[int]
     SHELL_FIELD_NUMBER: _ClassVar[int]
     STDIN_FIELD_NUMBER: _ClassVar[int]
@@ -502,6 +534,7 @@ class Step(_message.Message):
     files: _containers.RepeatedCompositeFieldContainer[FileRef]
     name: str
     on: _containers.RepeatedScalarFieldContainer[str]
+    retry: Retry
     script: str
     shell: bool
     stdin: str
@@ -510,7 +543,7 @@ class Step(_message.Message):
     sync: bool
     timeout: str
     workdir: str
-    def __init__(self, name: _Optional[str] = ..., on: _Optional[_Iterable[str]] = ..., after: _Optional[_Iterable[str]] = ..., sync: bool = ..., argv: _Optional[_Iterable[str]] = ..., script: _Optional[str] = ..., shell: bool = ..., env: _Optional[_Mapping[str, str]] = ..., files: _Optional[_Iterable[_Union[FileRef, _Mapping]]] = ..., timeout: _Optional[str] = ..., exit_codes: _Optional[_Iterable[int]] = ..., allow_failure: bool = ..., background: bool = ..., stdin: _Optional[str] = ..., workdir: _Optional[str] = ..., stdin_file: _Optional[_Union[FileRef, _Mapping]] = ..., stdin_stream: bool = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., on: _Optional[_Iterable[str]] = ..., after: _Optional[_Iterable[str]] = ..., sync: bool = ..., argv: _Optional[_Iterable[str]] = ..., script: _Optional[str] = ..., shell: bool = ..., env: _Optional[_Mapping[str, str]] = ..., files: _Optional[_Iterable[_Union[FileRef, _Mapping]]] = ..., timeout: _Optional[str] = ..., exit_codes: _Optional[_Iterable[int]] = ..., allow_failure: bool = ..., background: bool = ..., stdin: _Optional[str] = ..., workdir: _Optional[str] = ..., stdin_file: _Optional[_Union[FileRef, _Mapping]] = ..., stdin_stream: bool = ..., retry: _Optional[_Union[Retry, _Mapping]] = ...) -> None: ...
 
 class StepStatus(_message.Message):
     __slots__ = ["completion_time", "message", "name", "phase", "processes", "start_time"]
@@ -588,7 +621,7 @@ class TestSpec(_message.Message):
     def __init__(self, timeout: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., files: _Optional[_Iterable[_Union[FileRef, _Mapping]]] = ..., hosts: _Optional[_Iterable[_Union[HostRequirement, _Mapping]]] = ..., steps: _Optional[_Iterable[_Union[Step, _Mapping]]] = ..., priority: _Optional[int] = ..., ttl_after_finished: _Optional[str] = ..., hold_on_failure: bool = ..., tests: _Optional[_Iterable[_Union[ChildTest, _Mapping]]] = ..., pending_timeout: _Optional[str] = ..., open: bool = ...) -> None: ...
 
 class TestStatus(_message.Message):
-    __slots__ = ["claims", "completion_time", "conditions", "env", "host_vars", "message", "observed_generation", "phase", "reason", "results", "start_time", "steps", "trace"]
+    __slots__ = ["attempts", "claims", "completion_time", "conditions", "env", "host_vars", "message", "observed_generation", "phase", "reason", "results", "start_time", "steps", "trace"]
     class ClaimsEntry(_message.Message):
         __slots__ = ["key", "value"]
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -610,6 +643,7 @@ class TestStatus(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     CLAIMS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TIME_FIELD_NUMBER: _ClassVar[int]
     CONDITIONS_FIELD_NUMBER: _ClassVar[int]
@@ -623,6 +657,7 @@ class TestStatus(_message.Message):
     START_TIME_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     TRACE_FIELD_NUMBER: _ClassVar[int]
+    attempts: _containers.RepeatedCompositeFieldContainer[Attempt]
     claims: _containers.ScalarMap[str, str]
     completion_time: str
     conditions: _containers.RepeatedCompositeFieldContainer[Condition]
@@ -636,7 +671,7 @@ class TestStatus(_message.Message):
     start_time: str
     steps: _containers.RepeatedCompositeFieldContainer[StepStatus]
     trace: TestTrace
-    def __init__(self, phase: _Optional[str] = ..., conditions: _Optional[_Iterable[_Union[Condition, _Mapping]]] = ..., observed_generation: _Optional[int] = ..., claims: _Optional[_Mapping[str, str]] = ..., env: _Optional[_Mapping[str, str]] = ..., steps: _Optional[_Iterable[_Union[StepStatus, _Mapping]]] = ..., start_time: _Optional[str] = ..., completion_time: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., trace: _Optional[_Union[TestTrace, _Mapping]] = ..., results: _Optional[_Iterable[_Union[TestResult, _Mapping]]] = ..., host_vars: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    def __init__(self, phase: _Optional[str] = ..., conditions: _Optional[_Iterable[_Union[Condition, _Mapping]]] = ..., observed_generation: _Optional[int] = ..., claims: _Optional[_Mapping[str, str]] = ..., env: _Optional[_Mapping[str, str]] = ..., steps: _Optional[_Iterable[_Union[StepStatus, _Mapping]]] = ..., start_time: _Optional[str] = ..., completion_time: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., trace: _Optional[_Union[TestTrace, _Mapping]] = ..., results: _Optional[_Iterable[_Union[TestResult, _Mapping]]] = ..., host_vars: _Optional[_Mapping[str, str]] = ..., attempts: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ...) -> None: ...
 
 class TestTrace(_message.Message):
     __slots__ = ["env", "files", "hosts"]
