@@ -64,6 +64,8 @@ impl Group {
 /// The fields of /proc/PID/stat the agent uses.
 #[derive(Debug, Clone, Copy)]
 pub struct ProcStat {
+    /// Its state letter (R, S, D, Z for a zombie...).
+    pub state: char,
     pub ppid: i32,
     pub pgrp: i32,
     pub start_ticks: u64,
@@ -86,6 +88,7 @@ impl ProcStat {
         // Fields from 3 (state) on; start time is field 22.
         let f: Vec<&str> = rest.split_whitespace().collect();
         Some(ProcStat {
+            state: f.first()?.chars().next()?,
             ppid: f.get(1)?.parse().ok()?,
             pgrp: f.get(2)?.parse().ok()?,
             start_ticks: f.get(19)?.parse().ok()?,

@@ -275,7 +275,7 @@ impl ProcessRunner {
     pub async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         let name = self.process.name().to_string();
         let api = self.client.api::<Process>();
-        let Outcome { ended, sizes, started, held } = match self.adopted.take() {
+        let Outcome { ended, sizes, started, held, dead } = match self.adopted.take() {
             Some(adopted) => self.resume(adopted, &mut commands).await,
             None => {
                 let prepare = async {
@@ -340,6 +340,7 @@ impl ProcessRunner {
         if let Some(held) = held {
             held.forget();
         }
+        drop(dead);
         crate::journal::Journal::forget_group_file(&self.journal, &self.process.meta().uid);
         let phase = self.known.lock().status().phase.clone();
         crate::metrics::metrics().ended.get_or_create(&crate::metrics::Phase { phase }).inc();
@@ -527,16 +528,19 @@ impl ProcessRunner {
         })
     }
 
-    /// Records the process group led by `pid` in the journal and in the
-    /// process's group file. Read before anything can reap the child: the
-    /// leader's start time is what lets a successor prove the group is
-    /// still this one.
-    fn record_group(&self, pid: i32) {
+    /// Records the process group led by `pid` (started at `start_ticks`, as
+    /// its keeper read before it could reap it) in the journal and in the
+    /// process's group file: the leader's start time is what lets a
+    /// successor prove the group is still this one.
+    fn record_group(&self, pid: i32, start_ticks: u64) {
         let name = self.process.name();
-        let Some(group) = crate::journal::Group::of_leader(pid) else {
+        if start_ticks == 0 {
             tracing::debug!(process = %name, pid, "ended before its group could be recorded");
             return;
-        };
+        }
+        // As the keeper read it before it could reap the process: this
+        // agent is not its parent, and the pid may be another's by now.
+        let group = crate::journal::Group { pgid: pid, start_ticks };
         let uid = &self.process.meta().uid;
         if let Err(e) = crate::journal::Journal::record_group(&self.journal, uid, group) {
             tracing::warn!(process = %name, error = %e, "cannot record the process group in the journal");
@@ -566,7 +570,7 @@ impl ProcessRunner {
         };
         crate::metrics::metrics().spawn_seconds.observe(spawning.elapsed().as_secs_f64());
         let pid = held.pid;
-        self.record_group(pid);
+        self.record_group(pid, held.start_ticks);
         let start = time::now();
         let running = report_running_later(self.client.api::<Process>(), self.known.clone(), pid, start.clone());
         let timeout = duration::parse(&self.process.spec().timeout).ok();
@@ -585,6 +589,13 @@ impl ProcessRunner {
     async fn not_spawned(&self, e: keeper::client::SpawnError) -> Outcome {
         let setup_failed = |reason, message| Outcome::ended(Ended::SetupFailed { reason, message });
         let what = self.process.spec().argv.first().map(String::as_str).unwrap_or("script");
+        if e.maybe_started {
+            // Asked, then gone: it may run, unheld.
+            if let Some(root) = self.containment.cgroups() {
+                root.end_one(&self.process.meta().uid).await;
+            }
+            return Outcome::ended(Ended::KeeperLost { message: e.message });
+        }
         match e.stage {
             keeper::SpawnStage::Contain => setup_failed(ProcessReason::ContainFailed, e.message),
             keeper::SpawnStage::Keeper => setup_failed(ProcessReason::SpawnFailed, e.message),
@@ -604,6 +615,7 @@ impl ProcessRunner {
                     sizes: (Pumped::default(), Pumped { bytes: n, truncated }),
                     started: None,
                     held: None,
+                    dead: None,
                 }
             }
         }
@@ -640,15 +652,30 @@ impl ProcessRunner {
             }
             keeper::client::Adopted::Dead { spool, record, _dir } => {
                 tracing::info!(process = %self.process.name(), "its keeper is gone; reporting the end it recorded");
-                let pumps = self.pumps(&spool, record.ends, true);
+                let pumps = self.pumps(&spool, record.ends, true, None);
                 let sizes = pumps.finish(record.ends).await;
-                Outcome { ended: exit_of(record.exit), sizes, started: Some((s.pid, start)), held: None }
+                // Its record is kept (the dead keeper's dir) until its end
+                // is reported.
+                Outcome {
+                    ended: exit_of(record.exit),
+                    sizes,
+                    started: Some((s.pid, start)),
+                    held: None,
+                    dead: Some(_dir),
+                }
             }
         }
     }
 
-    fn pumps(&self, spool: &std::path::Path, ends: [u64; 2], last: bool) -> SpoolPumps {
-        SpoolPumps::start(spool, &self.process.meta().uid, ends, last, self.client.output(), self.process.name())
+    fn pumps(
+        &self,
+        spool: &std::path::Path,
+        ends: [u64; 2],
+        last: bool,
+        progress: Option<keeper::client::Progress>,
+    ) -> SpoolPumps {
+        let uid = &self.process.meta().uid;
+        SpoolPumps::start(spool, uid, ends, last, self.client.output(), self.process.name(), progress)
     }
 
     /// Follows a held process to its end: streams its spooled output,
@@ -669,12 +696,13 @@ impl ProcessRunner {
         // Its cgroup (or group) speaks for it on the local socket until it
         // is gone.
         let _speaks = self.socket.as_ref().map(|s| s.register(held.pid, &self.process.meta().uid, name.clone()));
-        let pumps = self.pumps(&held.spool(), ends, false);
+        let pumps = self.pumps(&held.spool(), ends, false, Some(held.progress()));
         let (acks, acks_rx) = tokio::sync::watch::channel(StdinAck::Upto(stdin_written));
         let feeder = (spec.stdin_stream && exited.is_none())
             .then(|| tokio::spawn(feed_stdin(self.client.clone(), name.clone(), held.stdin(), acks_rx, stdin_written)));
         // Running, then Terminating once a stop or the deadline came.
         let mut terminating: Option<Terminating> = None;
+        let mut keeper_gone = false;
         let (exit, ends) = match exited {
             Some(e) => e,
             None => loop {
@@ -694,6 +722,7 @@ impl ProcessRunner {
                         Some(keeper::Event::Exited { exit, ends, .. }) => break (exit, ends),
                         Some(_) => {}
                         None => {
+                            keeper_gone = true;
                             self.end_orphaned(held.pid, held.start_ticks).await;
                             break (keeper::ExitStatus::Unknown, pumps.seen());
                         }
@@ -720,9 +749,10 @@ impl ProcessRunner {
             f.abort();
         }
         let sizes = pumps.finish(ends).await;
-        if held.gone() {
+        if keeper_gone {
             let message = "its keeper went away while it ran (killed, or crashed); its outcome is unknown";
-            return Outcome { ended: Ended::KeeperLost { message: message.into() }, sizes, started: None, held: None };
+            let ended = Ended::KeeperLost { message: message.into() };
+            return Outcome { ended, sizes, started: None, held: None, dead: None };
         }
         let ended = match terminating {
             None => exit_of(exit),
@@ -738,7 +768,7 @@ impl ProcessRunner {
                 }
             }
         };
-        Outcome { ended, sizes, started: None, held: Some(held) }
+        Outcome { ended, sizes, started: None, held: Some(held), dead: None }
     }
 
     /// Ends what is left of a process whose keeper is gone: its cgroup, or
@@ -761,11 +791,14 @@ struct Outcome {
     sizes: (Pumped, Pumped),
     started: Option<(i64, String)>,
     held: Option<keeper::client::Held>,
+    /// A dead keeper's dir that recorded its end: removed (with the last
+    /// of its processes) once the end is reported.
+    dead: Option<std::sync::Arc<keeper::client::DeadDir>>,
 }
 
 impl Outcome {
     fn ended(ended: Ended) -> Outcome {
-        Outcome { ended, sizes: Default::default(), started: None, held: None }
+        Outcome { ended, sizes: Default::default(), started: None, held: None, dead: None }
     }
 }
 
@@ -1001,23 +1034,42 @@ async fn spool_pump(
     mut ends: tokio::sync::watch::Receiver<(u64, bool)>,
     mut out: impl OutputSink,
     process: String,
+    progress: Option<keeper::client::Progress>,
 ) -> Pumped {
     let stream = i32::from(reader.stream);
-    let (mut offset, mut truncated, mut deleted) = (0u64, false, 0u64);
+    let (mut offset, mut truncated, mut deleted, mut stalls) = (0u64, false, 0u64, 0u32);
     loop {
         let (end, last) = *ends.borrow_and_update();
         while offset < end {
-            let piece = reader.read(offset, end, CHUNK);
+            let mut piece = reader.read(offset, end, CHUNK);
+            if piece.stalled && piece.lost == 0 && piece.data.is_empty() {
+                // A segment that is there but cannot be opened now (no
+                // descriptors left...): tried again, for a while.
+                stalls += 1;
+                if stalls <= STALLS {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                let next = (offset / keeper::SEGMENT + 1) * keeper::SEGMENT;
+                piece.lost = next.min(end) - offset;
+            }
+            stalls = 0;
             let n = piece.lost + piece.data.len() as u64;
             if n == 0 {
                 break;
             }
             let at = offset + piece.lost;
             let (gone, t) = append_retrying(&mut out, &process, stream, at, piece.lost, piece.data.into()).await;
-            truncated |= t || piece.lost > 0;
+            // The server marks what `lost` filled as truncated itself (and
+            // ignores it for bytes it has: a restarted agent's first
+            // uploads).
+            truncated |= t;
             offset += n;
             if gone {
                 return Pumped { bytes: offset, truncated };
+            }
+            if let Some(p) = &progress {
+                p.uploaded(reader.stream, offset);
             }
             reader.remove_below(deleted, offset);
             deleted = offset - offset % keeper::SEGMENT;
@@ -1027,6 +1079,10 @@ async fn spool_pump(
         }
     }
 }
+
+/// How many times in a row a spool that cannot be read is tried again
+/// (50 ms apart) before its bytes count as lost.
+const STALLS: u32 = 100;
 
 /// A process's two spool pumps.
 struct SpoolPumps {
@@ -1042,11 +1098,12 @@ impl SpoolPumps {
         last: bool,
         sink: impl OutputSink + Clone,
         process: &str,
+        progress: Option<keeper::client::Progress>,
     ) -> SpoolPumps {
         let start = |stream: u8| {
             let (tx, rx) = tokio::sync::watch::channel((ends[stream as usize], last));
             let reader = keeper::SpoolReader { spool: spool.to_path_buf(), uid: uid.to_string(), stream };
-            (tx, tokio::spawn(spool_pump(reader, rx, sink.clone(), process.to_string())))
+            (tx, tokio::spawn(spool_pump(reader, rx, sink.clone(), process.to_string(), progress.clone())))
         };
         let ((o, op), (e, ep)) = (start(0), start(1));
         SpoolPumps { ends: [o, e], pumps: [op, ep] }
@@ -1292,7 +1349,7 @@ mod tests {
         let mut w = crate::keeper::SpoolWriter::new(dir.path(), UID, 0, 64 << 20);
         w.write(b"written before the end\n");
         let sink = SlowSink::default();
-        let pumps = super::SpoolPumps::start(dir.path(), UID, [0, 0], false, sink.clone(), "p");
+        let pumps = super::SpoolPumps::start(dir.path(), UID, [0, 0], false, sink.clone(), "p", None);
         pumps.advance(0, 10);
         let started = tokio::time::Instant::now();
         let (out, err) = pumps.finish([23, 0]).await;
@@ -1303,8 +1360,8 @@ mod tests {
     }
 
     /// Segments the keeper dropped (its spool was full while nobody read
-    /// it) reach the server as lost bytes before the data, and the stream
-    /// counts as truncated; uploaded segments are deleted.
+    /// it) reach the server as lost bytes before the data; uploaded
+    /// segments are deleted.
     #[tokio::test]
     async fn bytes_the_spool_lost_are_said_to_be_lost() {
         let seg = crate::keeper::SEGMENT;
@@ -1313,9 +1370,11 @@ mod tests {
         let data: Vec<u8> = (0..4 * seg + 5).map(|i| (i % 7) as u8).collect();
         w.write(&data);
         let sink = Quick::default();
-        let pumps = super::SpoolPumps::start(dir.path(), UID, [0, 0], false, sink.clone(), "p");
+        let pumps = super::SpoolPumps::start(dir.path(), UID, [0, 0], false, sink.clone(), "p", None);
         let (_, err) = pumps.finish([0, w.end]).await;
-        assert_eq!((err.bytes, err.truncated), (w.end, true));
+        // Truncated is the server's word (it marks what `lost` filled); this
+        // sink says nothing was.
+        assert_eq!((err.bytes, err.truncated), (w.end, false));
         let got = sink.0.lock().clone();
         assert_eq!((got[0].0, got[0].1), (3 * seg, 3 * seg), "lost before the first data: {:?}", (got[0].0, got[0].1));
         let uploaded: Vec<u8> = got.iter().flat_map(|c| c.2.clone()).collect();

@@ -20,7 +20,9 @@ pub struct KeeperLink {
     pub pid: u32,
     requests: mpsc::UnboundedSender<Request>,
     /// Where each held process's events go.
-    routes: Mutex<HashMap<String, mpsc::UnboundedSender<Event>>>,
+    routes: Mutex<HashMap<String, Arc<Route>>>,
+    /// It starts new processes (said at hello).
+    pub accepting: bool,
     /// The keeper closed the connection (it exited, or died).
     pub gone: CancellationToken,
 }
@@ -30,7 +32,7 @@ impl KeeperLink {
     /// the receiver of its events (routed from now on).
     async fn connect(
         dir: &Path,
-    ) -> std::io::Result<(Arc<KeeperLink>, Vec<(HeldState, mpsc::UnboundedReceiver<Event>)>)> {
+    ) -> std::io::Result<(Arc<KeeperLink>, Vec<(HeldState, (Arc<Route>, mpsc::UnboundedReceiver<Event>))>)> {
         let stream = tokio::net::UnixStream::connect(dir.join("sock")).await?;
         let (rd, mut wr) = stream.into_split();
         let mut hello = serde_json::to_vec(&Request::Hello { protocol: PROTOCOL }).map_err(std::io::Error::other)?;
@@ -40,7 +42,7 @@ impl KeeperLink {
         let first = tokio::time::timeout(ANSWER, read_line(&mut rd))
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "the keeper did not answer"))??;
-        let Some(Event::Welcome { protocol, build, pid, held }) = first else {
+        let Some(Event::Welcome { protocol, build, pid, held, accepting }) = first else {
             return Err(std::io::Error::other("the keeper did not welcome this agent (another protocol?)"));
         };
         if protocol != PROTOCOL {
@@ -53,6 +55,7 @@ impl KeeperLink {
             pid,
             requests,
             routes: Mutex::new(HashMap::new()),
+            accepting,
             gone: CancellationToken::new(),
         });
         let held = held.into_iter().map(|h| (link.route(&h.uid), h)).map(|(rx, h)| (h, rx)).collect();
@@ -89,7 +92,7 @@ impl KeeperLink {
                 };
                 let route = link.routes.lock().get(&uid).cloned();
                 if let Some(route) = route {
-                    let _ = route.send(ev);
+                    route.deliver(ev);
                 }
             }
             gone.cancel();
@@ -97,14 +100,50 @@ impl KeeperLink {
         Ok((link, held))
     }
 
-    fn route(&self, uid: &str) -> mpsc::UnboundedReceiver<Event> {
+    fn route(&self, uid: &str) -> (Arc<Route>, mpsc::UnboundedReceiver<Event>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        self.routes.lock().insert(uid.to_string(), tx);
-        rx
+        let route = Arc::new(Route { tx, ends: Default::default(), pending: Default::default() });
+        self.routes.lock().insert(uid.to_string(), route.clone());
+        (route, rx)
     }
 
     fn send(&self, req: Request) {
         let _ = self.requests.send(req);
+    }
+}
+
+/// Where one process's events go. Output events are coalesced: at most
+/// one per stream waits in the channel, and it says the latest end when
+/// taken (a process not followed yet, its agent still listing, costs no
+/// memory per write).
+struct Route {
+    tx: mpsc::UnboundedSender<Event>,
+    ends: [std::sync::atomic::AtomicU64; 2],
+    pending: [std::sync::atomic::AtomicBool; 2],
+}
+
+impl Route {
+    fn deliver(&self, ev: Event) {
+        use std::sync::atomic::Ordering;
+        if let Event::Output { stream, end, .. } = &ev {
+            let i = *stream as usize & 1;
+            self.ends[i].fetch_max(*end, Ordering::AcqRel);
+            if self.pending[i].swap(true, Ordering::AcqRel) {
+                return;
+            }
+        }
+        let _ = self.tx.send(ev);
+    }
+
+    /// An event as taken: an Output says the latest end.
+    fn taken(&self, mut ev: Event) -> Event {
+        use std::sync::atomic::Ordering;
+        if let Event::Output { stream, end, .. } = &mut ev {
+            let i = *stream as usize & 1;
+            self.pending[i].store(false, Ordering::Release);
+            *end = (*end).max(self.ends[i].load(Ordering::Acquire));
+        }
+        ev
     }
 }
 
@@ -125,6 +164,7 @@ async fn read_line(rd: &mut (impl tokio::io::AsyncBufRead + Unpin)) -> std::io::
 pub struct Held {
     link: Arc<KeeperLink>,
     pub uid: String,
+    route: Arc<Route>,
     events: mpsc::UnboundedReceiver<Event>,
     pub pid: i32,
     pub start_ticks: u64,
@@ -145,16 +185,18 @@ impl Held {
     /// The next event; None once the keeper is gone (after every event it
     /// sent before going).
     pub async fn next(&mut self) -> Option<Event> {
-        tokio::select! {
+        let ev = tokio::select! {
             biased;
             ev = self.events.recv() => ev,
             _ = self.link.gone.cancelled() => self.events.try_recv().ok(),
-        }
+        };
+        ev.map(|e| self.route.taken(e))
     }
 
-    /// Whether its keeper is gone.
-    pub fn gone(&self) -> bool {
-        self.link.gone.is_cancelled()
+    /// Tells the keeper how far the server has each stream (see
+    /// `Request::Uploaded`).
+    pub fn progress(&self) -> Progress {
+        Progress { link: self.link.clone(), uid: self.uid.clone() }
     }
 
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
@@ -171,6 +213,19 @@ impl Held {
     }
 }
 
+/// Tells a keeper what the server has of a process's output.
+#[derive(Clone)]
+pub struct Progress {
+    link: Arc<KeeperLink>,
+    uid: String,
+}
+
+impl Progress {
+    pub fn uploaded(&self, stream: u8, upto: u64) {
+        self.link.send(Request::Uploaded { uid: self.uid.clone(), stream, upto });
+    }
+}
+
 /// Sends a process's stdin through its keeper.
 #[derive(Clone)]
 pub struct StdinWriter {
@@ -179,8 +234,12 @@ pub struct StdinWriter {
 }
 
 impl StdinWriter {
+    /// Sends `data` for `offset` on, in pieces a request line holds.
     pub fn write(&self, offset: u64, data: &[u8]) {
-        self.link.send(Request::Stdin { uid: self.uid.clone(), offset, data: hex::encode(data) });
+        for (i, piece) in data.chunks(super::STDIN_PIECE).enumerate() {
+            let at = offset + (i * super::STDIN_PIECE) as u64;
+            self.link.send(Request::Stdin { uid: self.uid.clone(), offset: at, data: hex::encode(piece) });
+        }
     }
 
     pub fn close(&self) {
@@ -194,6 +253,9 @@ pub struct SpawnError {
     pub stage: SpawnStage,
     pub errno: Option<i32>,
     pub message: String,
+    /// The keeper went away after it was asked: the process may have
+    /// started, and what is left of it must be ended.
+    pub maybe_started: bool,
 }
 
 /// A dead keeper's directory, removed when the last process read from it
@@ -211,6 +273,16 @@ impl Drop for DeadDir {
 pub enum Adopted {
     Live(Held, HeldState),
     Dead { spool: PathBuf, record: ExitRecord, _dir: Arc<DeadDir> },
+}
+
+/// Whether the keeper of `dir` lives: its pid file names a process that
+/// started when it says.
+fn alive(dir: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(dir.join("pid")) else { return false };
+    let Some((pid, ticks)) = text.trim().split_once(' ') else { return false };
+    let (Ok(pid), Ok(ticks)) = (pid.parse::<i32>(), ticks.parse::<u64>()) else { return false };
+    // A zombie (its parent has not reaped it) is dead.
+    pid > 1 && crate::journal::ProcStat::read(pid).is_some_and(|s| s.start_ticks == ticks && s.state != 'Z')
 }
 
 /// Moves a dead keeper's exit log to `ROOT/../quarantine/exits-ID`.
@@ -263,15 +335,16 @@ impl Keepers {
             match KeeperLink::connect(&dir).await {
                 Ok((link, held)) => {
                     tracing::info!(keeper = %dir.display(), pid = link.pid, held = held.len(), "found a keeper");
-                    if current.is_none() && link.build == keepers.build {
+                    if current.is_none() && link.build == keepers.build && link.accepting {
                         current = Some(link.clone());
                     } else {
                         link.send(Request::Retire);
                     }
-                    for (state, events) in held {
+                    for (state, (route, events)) in held {
                         let h = Held {
                             link: link.clone(),
                             uid: state.uid.clone(),
+                            route,
                             events,
                             pid: state.pid,
                             start_ticks: state.start_ticks,
@@ -279,10 +352,11 @@ impl Keepers {
                         adopted.insert(state.uid.clone(), Adopted::Live(h, state));
                     }
                 }
-                Err(err) if err.kind() == std::io::ErrorKind::TimedOut => {
-                    // Alive but not answering (stopped?): neither trusted
-                    // nor removed.
-                    tracing::warn!(keeper = %dir.display(), "a keeper does not answer; what it holds is not taken over");
+                Err(err) if err.kind() == std::io::ErrorKind::TimedOut || alive(&dir) => {
+                    // Alive but not answering (stopped?) or not to be
+                    // spoken to (another protocol): neither trusted nor
+                    // removed.
+                    tracing::warn!(keeper = %dir.display(), error = %err, "a live keeper cannot be spoken to; what it holds is not taken over");
                 }
                 Err(err) => {
                     let (exits, bad) = ExitLog::read(&dir.join("exits"));
@@ -321,7 +395,10 @@ impl Keepers {
         let dir = self.root.join(id);
         testbus_pki::private_dir(&dir).map_err(std::io::Error::other)?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("log"))?;
-        let mut cmd = tokio::process::Command::new(&self.exe);
+        // This very binary, even if a newer one was installed at its path
+        // since (its protocol could differ).
+        let me = if Path::new("/proc/self/exe").exists() { Path::new("/proc/self/exe") } else { self.exe.as_path() };
+        let mut cmd = tokio::process::Command::new(me);
         cmd.arg(SUBCOMMAND)
             .arg(&dir)
             .arg(self.orphan.as_secs().max(1).to_string())
@@ -354,23 +431,37 @@ impl Keepers {
 
     /// Has the current keeper start `spec`.
     pub async fn spawn(&self, spec: SpawnSpec) -> Result<Held, SpawnError> {
-        let keeper = |message: String| SpawnError { stage: SpawnStage::Keeper, errno: None, message };
+        let keeper =
+            |message: String| SpawnError { stage: SpawnStage::Keeper, errno: None, message, maybe_started: false };
+        let size = serde_json::to_vec(&spec).map(|v| v.len()).unwrap_or(usize::MAX);
+        if size + 64 >= super::MAX_LINE {
+            return Err(keeper(format!("its command, env and files come to {size} bytes, more than a keeper takes")));
+        }
+        let spec = Box::new(spec);
         let link = self.link().await.map_err(|e| keeper(format!("no keeper: {e}")))?;
         let uid = spec.uid.clone();
-        let mut events = link.route(&uid);
-        link.send(Request::Spawn(Box::new(spec)));
-        let mut held = Held { link, uid, events: mpsc::unbounded_channel().1, pid: 0, start_ticks: 0 };
-        std::mem::swap(&mut held.events, &mut events);
+        let (route, events) = link.route(&uid);
+        link.send(Request::Spawn(spec));
+        let mut held = Held { link, uid, route, events, pid: 0, start_ticks: 0 };
         match held.next().await {
             Some(Event::Spawned { pid, start_ticks, .. }) => {
                 held.pid = pid;
                 held.start_ticks = start_ticks;
                 Ok(held)
             }
-            Some(Event::SpawnFailed { stage, errno, message, .. }) => Err(SpawnError { stage, errno, message }),
+            Some(Event::SpawnFailed { stage, errno, message, .. }) => {
+                if stage == SpawnStage::Keeper {
+                    // Retiring or full: the next spawn starts a new one.
+                    let mut cur = self.current.lock().await;
+                    if cur.as_ref().is_some_and(|c| Arc::ptr_eq(c, &held.link)) {
+                        *cur = None;
+                    }
+                }
+                Err(SpawnError { stage, errno, message, maybe_started: false })
+            }
             Some(Event::Refused { message, .. }) => Err(keeper(format!("the keeper refused it: {message}"))),
             Some(other) => Err(keeper(format!("the keeper answered {other:?}"))),
-            None => Err(keeper("the keeper went away".into())),
+            None => Err(SpawnError { maybe_started: true, ..keeper("the keeper went away while starting it".into()) }),
         }
     }
 }

@@ -40,8 +40,13 @@ pub const SUBCOMMAND: &str = "__testbus-keeper";
 /// of its own protocol (it retires and outlives the others).
 pub const PROTOCOL: u32 = 1;
 
-/// Largest line either side accepts.
-pub const MAX_LINE: usize = 4 << 20;
+/// Largest line either side accepts: a spawn spec (its env and argv are
+/// bounded by the API's validation), a welcome listing every held
+/// process, a stdin piece ([`STDIN_PIECE`], hex-encoded).
+pub const MAX_LINE: usize = 32 << 20;
+
+/// Most stdin bytes in one request.
+pub const STDIN_PIECE: usize = 512 << 10;
 
 /// Spool segment size: a stream's bytes `[k·SEGMENT, (k+1)·SEGMENT)` are in
 /// the file `<uid>.<stream>.<k>`.
@@ -81,6 +86,15 @@ pub enum Request {
     CloseStdin {
         uid: String,
     },
+    /// The server has `stream` up to `upto`: while an agent is connected,
+    /// the keeper reads no further than the spool can hold beyond that
+    /// (back-pressure on the process, as a pipe gives), rather than drop
+    /// what is not uploaded yet.
+    Uploaded {
+        uid: String,
+        stream: u8,
+        upto: u64,
+    },
     /// The agent has reported the process's end: its spool and record go.
     Forget {
         uid: String,
@@ -98,6 +112,9 @@ pub enum Event {
         build: String,
         pid: u32,
         held: Vec<HeldState>,
+        /// It starts new processes (it is not retiring, nor past its
+        /// orphan timeout).
+        accepting: bool,
     },
     Spawned {
         uid: String,
@@ -226,9 +243,12 @@ pub struct SpoolWriter {
     /// Bytes written so far: the next byte's offset.
     pub end: u64,
     /// The oldest segment still kept.
-    first: u64,
+    pub first: u64,
     segments: u64,
     file: Option<std::fs::File>,
+    /// A segment a write to failed: nothing more goes in it (later bytes
+    /// would land at the wrong offset); its missing bytes read as lost.
+    dead: Option<u64>,
 }
 
 impl SpoolWriter {
@@ -241,7 +261,13 @@ impl SpoolWriter {
             first: 0,
             segments: limit.div_ceil(SEGMENT).max(2),
             file: None,
+            dead: None,
         }
+    }
+
+    /// Bytes the spool holds at most: whole segments.
+    pub fn capacity(&self) -> u64 {
+        self.segments * SEGMENT
     }
 
     /// Appends `data`. A write that fails (a full disk) still counts its
@@ -250,17 +276,21 @@ impl SpoolWriter {
         while !data.is_empty() {
             let k = self.end / SEGMENT;
             let n = ((k + 1) * SEGMENT - self.end).min(data.len() as u64) as usize;
-            if self.file.is_none() {
+            if self.file.is_none() && self.dead != Some(k) {
                 let path = segment_path(&self.spool, &self.uid, self.stream, k);
                 match std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(&path) {
                     Ok(f) => self.file = Some(f),
-                    Err(e) => tracing::warn!(file = %path.display(), error = %e, "cannot open a spool segment"),
+                    Err(e) => {
+                        tracing::warn!(file = %path.display(), error = %e, "cannot open a spool segment; bytes lost");
+                        self.dead = Some(k);
+                    }
                 }
             }
             if let Some(f) = &mut self.file {
                 if let Err(e) = f.write_all(&data[..n]) {
                     tracing::warn!(process_uid = %self.uid, error = %e, "cannot write the spool; bytes lost");
                     self.file = None;
+                    self.dead = Some(k);
                 }
             }
             self.end += n as u64;
@@ -284,11 +314,13 @@ pub fn remove_spool(spool: &Path, uid: &str, stream: u8, first: u64, end: u64) {
 }
 
 /// What one read of a spool gave: `lost` bytes the spool no longer has,
-/// then `data`.
+/// then `data`; `stalled` when a segment could not be opened for another
+/// reason than its absence (no descriptors left...): try again later.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Piece {
     pub lost: u64,
     pub data: Vec<u8>,
+    pub stalled: bool,
 }
 
 /// The agent's side of one stream's spool.
@@ -310,9 +342,16 @@ impl SpoolReader {
             let seg_end = end.min((k + 1) * SEGMENT);
             let want = ((seg_end - at) as usize).min(max - piece.data.len());
             let mut got = Vec::new();
-            if let Ok(mut f) = std::fs::File::open(segment_path(&self.spool, &self.uid, self.stream, k)) {
-                if f.seek(std::io::SeekFrom::Start(at - k * SEGMENT)).is_ok() {
-                    let _ = Read::by_ref(&mut f).take(want as u64).read_to_end(&mut got);
+            match std::fs::File::open(segment_path(&self.spool, &self.uid, self.stream, k)) {
+                Ok(mut f) => {
+                    if f.seek(std::io::SeekFrom::Start(at - k * SEGMENT)).is_ok() {
+                        let _ = Read::by_ref(&mut f).take(want as u64).read_to_end(&mut got);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(_) => {
+                    piece.stalled = true;
+                    break;
                 }
             }
             if got.is_empty() {
@@ -363,27 +402,49 @@ impl ExitLog {
     }
 
     pub fn exited(&mut self, uid: &str, r: ExitRecord) {
-        let (kind, v) = match r.exit {
-            ExitStatus::Code(c) => ("code", c),
-            ExitStatus::Signal(s) => ("signal", s),
-            ExitStatus::Unknown => ("unknown", 0),
-        };
-        self.append(&format!("exit {uid} {kind} {v} {} {}", r.ends[0], r.ends[1]));
+        self.append(&Self::exit_payload(uid, r));
     }
 
     pub fn forgot(&mut self, uid: &str) {
         self.append(&format!("forget {uid}"));
     }
 
-    /// Empties the log once nothing in it is needed (nothing held), so it
-    /// stays small.
-    pub fn compact_if_idle(&mut self, held: usize) {
-        if held == 0 && self.records > 1024 {
-            if let Err(e) = self.file.set_len(0) {
-                tracing::warn!(error = %e, "cannot empty the exit log");
+    /// Whether the log has grown enough to be rewritten.
+    pub fn wants_compaction(&self) -> bool {
+        self.records > 1024
+    }
+
+    /// Rewrites the log with only the exits still needed (`live`: of
+    /// processes held and not forgotten), whole or not at all (a new file
+    /// renamed over the old).
+    pub fn compact<'a>(&mut self, live: impl Iterator<Item = (&'a str, ExitRecord)>) {
+        let tmp = self.path.with_extension("tmp");
+        let rewrite = || -> std::io::Result<(std::fs::File, usize)> {
+            let mut f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&tmp)?;
+            let mut n = 0;
+            for (uid, r) in live {
+                f.write_all(crate::journal::checksummed(&Self::exit_payload(uid, r)).as_bytes())?;
+                n += 1;
             }
-            self.records = 0;
+            std::fs::rename(&tmp, &self.path)?;
+            Ok((std::fs::OpenOptions::new().append(true).open(&self.path)?, n))
+        };
+        match rewrite() {
+            Ok((file, n)) => {
+                self.file = file;
+                self.records = n;
+            }
+            Err(e) => tracing::warn!(file = %self.path.display(), error = %e, "cannot compact the exit log"),
         }
+    }
+
+    fn exit_payload(uid: &str, r: ExitRecord) -> String {
+        let (kind, v) = match r.exit {
+            ExitStatus::Code(c) => ("code", c),
+            ExitStatus::Signal(s) => ("signal", s),
+            ExitStatus::Unknown => ("unknown", 0),
+        };
+        format!("exit {uid} {kind} {v} {} {}", r.ends[0], r.ends[1])
     }
 
     fn append(&mut self, payload: &str) {
@@ -476,7 +537,7 @@ mod tests {
         let first = segment_path(dir.path(), U, 1, 0);
         std::fs::OpenOptions::new().write(true).open(&first).unwrap().set_len(100).unwrap();
         let r = SpoolReader { spool: dir.path().to_path_buf(), uid: U.into(), stream: 1 };
-        assert_eq!(r.read(0, w.end, 1 << 30), Piece { lost: 0, data: vec![7; 100] });
+        assert_eq!(r.read(0, w.end, 1 << 30), Piece { lost: 0, data: vec![7; 100], stalled: false });
         let p = r.read(100, w.end, 1 << 30);
         assert_eq!((p.lost, p.data.len()), (SEGMENT - 100, 10));
         r.remove_below(0, SEGMENT);
@@ -502,5 +563,12 @@ mod tests {
         assert_eq!(bad, 3);
         assert_eq!(exits.len(), 1);
         assert_eq!(exits[U], ExitRecord { exit: ExitStatus::Code(3), ends: [10, 0] });
+        // Compacted: only what is still needed, and appends go on after it.
+        let mut log = ExitLog::open(&path).unwrap();
+        log.compact([(U, exits[U])].into_iter());
+        log.exited(b, ExitRecord { exit: ExitStatus::Code(0), ends: [1, 1] });
+        let (after, bad) = ExitLog::read(&path);
+        assert_eq!((after.len(), bad), (2, 0));
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 2);
     }
 }

@@ -40,6 +40,12 @@ struct Kept {
     relay: bool,
     cgroup: Option<Arc<ProcessCgroup>>,
     ends: [Arc<AtomicU64>; 2],
+    /// What the agent said the server has of each stream.
+    uploaded: [Arc<AtomicU64>; 2],
+    /// The oldest spool segment of each stream still kept.
+    first: [Arc<AtomicU64>; 2],
+    /// Wakes its pipe readers waiting for room in the spool.
+    room: Arc<Notify>,
     /// An Output event for the stream is on its way (one at a time).
     pending: [Arc<AtomicBool>; 2],
     stdin: Option<mpsc::UnboundedSender<(u64, Vec<u8>)>>,
@@ -94,6 +100,8 @@ struct State {
 }
 
 struct Shared {
+    /// An agent is connected (its uploads make room in the spools).
+    connected: AtomicBool,
     state: Mutex<State>,
     exits: Mutex<ExitLog>,
     spool: PathBuf,
@@ -154,6 +162,7 @@ async fn serve(dir: PathBuf, orphan: Duration) -> i32 {
     // it without its agent (test harnesses).
     let _ = testbus_pki::write_private(&dir.join("pid"), format!("{me} {ticks}\n").as_bytes(), 0o600);
     let shared = Arc::new(Shared {
+        connected: AtomicBool::new(false),
         state: Mutex::new(State {
             kept: HashMap::new(),
             agents: Vec::new(),
@@ -195,7 +204,9 @@ async fn serve(dir: PathBuf, orphan: Duration) -> i32 {
                     }
                     continue;
                 }
-                Some(s.alone_since + if s.ever_connected { orphan } else { FIRST_CONNECTION })
+                // Once orphaned, only the reaping of what it holds (a
+                // change) matters.
+                (!s.orphaned).then(|| s.alone_since + if s.ever_connected { orphan } else { FIRST_CONNECTION })
             } else {
                 if s.retiring && nothing_held {
                     break;
@@ -275,13 +286,19 @@ async fn serve_conn(shared: Arc<Shared>, stream: tokio::net::UnixStream, conn: u
                 }
             }
             let held = s.kept.iter().map(|(uid, k)| k.state(uid)).collect();
-            let welcome =
-                Event::Welcome { protocol: PROTOCOL, build: shared.build.clone(), pid: std::process::id(), held };
+            let welcome = Event::Welcome {
+                protocol: PROTOCOL,
+                build: shared.build.clone(),
+                pid: std::process::id(),
+                held,
+                accepting: !s.retiring && !s.orphaned,
+            };
             let _ = tx.send(welcome);
             // The newest connection is the agent's; an older one hears no
             // more until this one closes.
             s.agents.push(Agent { conn, events: tx.clone() });
             s.ever_connected = true;
+            shared.connected.store(true, Ordering::Release);
             drop(s);
             shared.changed.notify_one();
             continue;
@@ -293,7 +310,15 @@ async fn serve_conn(shared: Arc<Shared>, stream: tokio::net::UnixStream, conn: u
         let was_current = s.agents.last().is_some_and(|a| a.conn == conn);
         s.agents.retain(|a| a.conn != conn);
         match s.agents.last() {
-            None => s.alone_since = tokio::time::Instant::now(),
+            None => {
+                s.alone_since = tokio::time::Instant::now();
+                // Nobody uploads now: the spools keep the newest bytes
+                // rather than hold the processes back.
+                shared.connected.store(false, Ordering::Release);
+                for k in s.kept.values() {
+                    k.room.notify_waiters();
+                }
+            }
             // Back to the connection before: it missed what was sent to
             // this one, so it is told where everything stands.
             Some(a) if was_current => {
@@ -380,6 +405,12 @@ fn handle(shared: &Arc<Shared>, req: Request, tx: &mpsc::UnboundedSender<Event>)
                 refuse(&uid, "stdin closed".into());
             }
         }
+        Request::Uploaded { uid, stream, upto } => {
+            if let Some(k) = shared.state.lock().kept.get(&uid) {
+                k.uploaded[stream as usize & 1].fetch_max(upto, Ordering::AcqRel);
+                k.room.notify_waiters();
+            }
+        }
         Request::CloseStdin { uid } => {
             if let Some(k) = shared.state.lock().kept.get_mut(&uid) {
                 k.stdin = None;
@@ -389,16 +420,18 @@ fn handle(shared: &Arc<Shared>, req: Request, tx: &mpsc::UnboundedSender<Event>)
             let mut s = shared.state.lock();
             let Some(k) = s.kept.get(&uid) else { return };
             let Some(r) = k.exit else { return refuse(&uid, "still running".into()) };
+            let first = [k.first[0].load(Ordering::Acquire), k.first[1].load(Ordering::Acquire)];
             s.kept.remove(&uid);
-            let held = s.kept.len();
-            drop(s);
-            for stream in 0..2u8 {
-                super::remove_spool(&shared.spool, &uid, stream, 0, r.ends[stream as usize]);
-            }
             let mut exits = shared.exits.lock();
             exits.forgot(&uid);
-            exits.compact_if_idle(held);
+            if exits.wants_compaction() {
+                exits.compact(s.kept.iter().filter_map(|(u, k)| Some((u.as_str(), k.exit?))));
+            }
             drop(exits);
+            drop(s);
+            for stream in 0..2u8 {
+                super::remove_spool(&shared.spool, &uid, stream, first[stream as usize], r.ends[stream as usize]);
+            }
             shared.changed.notify_one();
         }
         Request::Retire => {
@@ -497,7 +530,8 @@ async fn run(shared: Arc<Shared>, spec: SpawnSpec) {
         }
     };
     let pid = child.id().map(|p| p as i32).unwrap_or(0);
-    let start_ticks = crate::journal::ProcStat::read(pid).map(|s| s.start_ticks).unwrap_or(0);
+    // Read before it can be reaped: what proves its group later.
+    let start_ticks = crate::journal::Group::of_leader(pid).map(|g| g.start_ticks).unwrap_or(0);
     // Larger pipes (1 MiB) mean fewer, larger reads for a process that
     // writes fast; best effort.
     use std::os::fd::AsFd;
@@ -506,6 +540,9 @@ async fn run(shared: Arc<Shared>, spec: SpawnSpec) {
         let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20));
     }
     let ends = [Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0))];
+    let uploaded = [Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0))];
+    let first = [Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0))];
+    let room = Arc::new(Notify::new());
     let pending = [Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false))];
     let stdin_written = Arc::new(AtomicU64::new(0));
     let mut stdin_tx = None;
@@ -531,6 +568,9 @@ async fn run(shared: Arc<Shared>, spec: SpawnSpec) {
             relay,
             cgroup: cgroup.clone(),
             ends: ends.clone(),
+            uploaded: uploaded.clone(),
+            first: first.clone(),
+            room: room.clone(),
             pending: pending.clone(),
             stdin: stdin_tx,
             stdin_written,
@@ -544,16 +584,28 @@ async fn run(shared: Arc<Shared>, spec: SpawnSpec) {
         let Some(pipe) = pipe else { continue };
         let (stop, stop_rx) = tokio::sync::oneshot::channel();
         let mut spool = SpoolWriter::new(&shared.spool, &uid, stream, spec.spool_limit);
-        let (end, pending, shared2, uid2) =
-            (ends[stream as usize].clone(), pending[stream as usize].clone(), shared.clone(), uid.clone());
+        let i = stream as usize;
+        // While an agent uploads, the spool never drops what it has not
+        // uploaded: the reader waits (and the process with it, as on a
+        // full pipe) once a segment's worth short of full.
+        let lag_limit = spool.capacity() - super::SEGMENT;
+        let (end, up, shared3) = (ends[i].clone(), uploaded[i].clone(), shared.clone());
+        let has_room = move || {
+            !shared3.connected.load(Ordering::Acquire)
+                || end.load(Ordering::Acquire).saturating_sub(up.load(Ordering::Acquire)) < lag_limit
+        };
+        let (end, first, pending, shared2, uid2) =
+            (ends[i].clone(), first[i].clone(), pending[i].clone(), shared.clone(), uid.clone());
         let sink = move |data: &[u8]| {
             spool.write(data);
             end.store(spool.end, Ordering::Release);
+            first.store(spool.first, Ordering::Release);
             if !pending.swap(true, Ordering::AcqRel) {
                 shared2.send(Event::Output { uid: uid2.clone(), stream, end: spool.end });
             }
         };
-        readers.push((tokio::spawn(read_pipe(pipe, sink, stop_rx)), stop));
+        let gate = Gate { has_room: Box::new(has_room), wake: room.clone() };
+        readers.push((tokio::spawn(read_pipe(pipe, sink, stop_rx, Some(gate))), stop));
     }
     let exit = match child.wait().await {
         Ok(st) => ExitStatus::of(st),
@@ -626,18 +678,40 @@ async fn drain(readers: Vec<Reader>, uid: &str) {
     }
 }
 
-/// Reads a pipe into `sink` until its end; once `stop` fires, takes only
-/// what the pipe holds already (at most AFTER_STOP) and returns. (No timer
-/// there: right after a snapshot revert a guest's timers can all fire at
-/// once, and a read given a timeout then read nothing.)
+/// Holds a pipe reader back while its spool has no room.
+pub(crate) struct Gate {
+    has_room: Box<dyn Fn() -> bool + Send + Sync>,
+    /// Told when room may have been made (an upload, the agent gone).
+    wake: Arc<Notify>,
+}
+
+/// Reads a pipe into `sink` until its end, waiting while `gate` says the
+/// spool has no room; once `stop` fires, takes only what the pipe holds
+/// already (at most AFTER_STOP) and returns. (No timer there: right after a
+/// snapshot revert a guest's timers can all fire at once, and a read given
+/// a timeout then read nothing.)
 pub(crate) async fn read_pipe(
     mut r: impl AsyncRead + Unpin,
     mut sink: impl FnMut(&[u8]),
     mut stop: tokio::sync::oneshot::Receiver<()>,
+    gate: Option<Gate>,
 ) {
     let mut buf = vec![0u8; READ];
     let mut stopped: Option<usize> = None;
     loop {
+        if let (Some(g), None) = (&gate, stopped) {
+            while !(g.has_room)() {
+                // Looked at again at least every 50 ms: a wake between the
+                // look and the wait is not missed for long.
+                tokio::select! {
+                    _ = &mut stop => {
+                        stopped = Some(0);
+                        break;
+                    }
+                    _ = tokio::time::timeout(Duration::from_millis(50), g.wake.notified()) => {}
+                }
+            }
+        }
         let n = if let Some(taken) = &mut stopped {
             match futures::FutureExt::now_or_never(r.read(&mut buf)) {
                 Some(Ok(n)) if n > 0 && *taken < AFTER_STOP => {
@@ -693,7 +767,7 @@ async fn feed_stdin(
 
 #[cfg(test)]
 mod tests {
-    use super::read_pipe;
+    use super::{read_pipe, Arc, Duration, Notify};
 
     /// A reader told to stop still takes what the pipe holds already: a
     /// process that printed and exited lost its output when the drain
@@ -706,7 +780,7 @@ mod tests {
         let (stop, stop_rx) = tokio::sync::oneshot::channel();
         stop.send(()).unwrap();
         let mut got = Vec::new();
-        read_pipe(stdout, |d| got.extend_from_slice(d), stop_rx).await;
+        read_pipe(stdout, |d| got.extend_from_slice(d), stop_rx, None).await;
         assert_eq!(got, b"one\n");
         drop(held);
     }
@@ -726,7 +800,34 @@ mod tests {
         let (stop, stop_rx) = tokio::sync::oneshot::channel();
         stop.send(()).unwrap();
         let mut got = Vec::new();
-        read_pipe(stdout, |d| got.extend_from_slice(d), stop_rx).await;
+        read_pipe(stdout, |d| got.extend_from_slice(d), stop_rx, None).await;
         assert_eq!(got, b"one\n");
+    }
+
+    /// While the spool has no room (an agent is connected and has not
+    /// uploaded enough), nothing more is read: the process waits on its
+    /// pipe, as it would on a slow reader, and nothing is dropped. Room
+    /// made (an upload, the agent gone) lets reading go on.
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_waits_for_room_in_the_spool() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use tokio::io::AsyncWriteExt;
+        let (mut w, r) = tokio::io::duplex(1 << 16);
+        w.write_all(b"held back\n").await.unwrap();
+        let room = Arc::new(AtomicBool::new(false));
+        let wake = Arc::new(Notify::new());
+        let r2 = room.clone();
+        let gate = super::Gate { has_room: Box::new(move || r2.load(Ordering::Acquire)), wake: wake.clone() };
+        let got = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let g2 = got.clone();
+        let (_stop, stop_rx) = tokio::sync::oneshot::channel();
+        let reader = tokio::spawn(read_pipe(r, move |d| g2.lock().extend_from_slice(d), stop_rx, Some(gate)));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(got.lock().is_empty(), "read while the spool had no room");
+        room.store(true, Ordering::Release);
+        wake.notify_waiters();
+        drop(w);
+        reader.await.unwrap();
+        assert_eq!(&got.lock()[..], b"held back\n");
     }
 }
