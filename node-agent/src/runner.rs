@@ -700,8 +700,18 @@ impl ProcessRunner {
         let (acks, acks_rx) = tokio::sync::watch::channel(StdinAck::Upto(stdin_written));
         let feeder = (spec.stdin_stream && exited.is_none())
             .then(|| tokio::spawn(feed_stdin(self.client.clone(), name.clone(), held.stdin(), acks_rx, stdin_written)));
-        // Running, then Terminating once a stop or the deadline came.
-        let mut terminating: Option<Terminating> = None;
+        // Running, then Terminating once a stop or the deadline came. A
+        // process that a signal ended while no agent ran was ended by its
+        // stop (asked before the restart) or its deadline, if either came.
+        let mut terminating: Option<Terminating> = match exited {
+            Some((keeper::ExitStatus::Signal(_), _)) if spec.stop => {
+                Some(Terminating::new(Why::Stopped(StopReason::Requested), Duration::ZERO))
+            }
+            Some((keeper::ExitStatus::Signal(_), _)) => deadline
+                .filter(|d| d.0 <= tokio::time::Instant::now())
+                .map(|d| Terminating::new(Why::TimedOut(d.1), Duration::ZERO)),
+            _ => None,
+        };
         let mut keeper_gone = false;
         let (exit, ends) = match exited {
             Some(e) => e,
