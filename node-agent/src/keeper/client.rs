@@ -60,10 +60,32 @@ impl KeeperLink {
         });
         let held = held.into_iter().map(|h| (link.route(&h.uid), h)).map(|(rx, h)| (h, rx)).collect();
         let gone = link.gone.clone();
+        let sender = Arc::downgrade(&link);
         tokio::spawn(async move {
             let mut wr = tokio::io::BufWriter::new(wr);
             while let Some(req) = to_send.recv().await {
                 let mut line = serde_json::to_vec(&req).unwrap_or_default();
+                if line.len() >= super::MAX_LINE {
+                    // Never sent: the keeper would close the connection on
+                    // it, and with it every process it holds.
+                    if let (Request::Spawn(spec), Some(link)) = (&req, sender.upgrade()) {
+                        let message = format!(
+                            "its command, env and files come to {} bytes, more than a keeper takes",
+                            line.len()
+                        );
+                        let failed = Event::SpawnFailed {
+                            uid: spec.uid.clone(),
+                            stage: SpawnStage::Keeper,
+                            errno: None,
+                            message,
+                        };
+                        let route = link.routes.lock().get(&spec.uid).cloned();
+                        if let Some(route) = route {
+                            route.deliver(failed);
+                        }
+                    }
+                    continue;
+                }
                 line.push(b'\n');
                 if wr.write_all(&line).await.is_err() || (to_send.is_empty() && wr.flush().await.is_err()) {
                     break;
@@ -433,10 +455,7 @@ impl Keepers {
     pub async fn spawn(&self, spec: SpawnSpec) -> Result<Held, SpawnError> {
         let keeper =
             |message: String| SpawnError { stage: SpawnStage::Keeper, errno: None, message, maybe_started: false };
-        let size = serde_json::to_vec(&spec).map(|v| v.len()).unwrap_or(usize::MAX);
-        if size + 64 >= super::MAX_LINE {
-            return Err(keeper(format!("its command, env and files come to {size} bytes, more than a keeper takes")));
-        }
+        // (One too large for a line is answered SpawnFailed by the writer.)
         let spec = Box::new(spec);
         let link = self.link().await.map_err(|e| keeper(format!("no keeper: {e}")))?;
         let uid = spec.uid.clone();
