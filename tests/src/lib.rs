@@ -761,20 +761,25 @@ pub fn end_agent_cgroups(dir: &Path) {
     }
 }
 
-/// The live keepers of the agent whose data dir is `data_dir`: each names
-/// its pid and start time in `keepers/ID/pid`, and counts only while a
-/// process of that pid started then.
-pub fn keeper_pids(data_dir: &Path) -> Vec<i32> {
+/// The live keepers of the agent whose data dir is `data_dir`, with their
+/// dirs: each names its pid and start time in `keepers/ID/pid`, and counts
+/// only while a process of that pid started then.
+pub fn keepers_of(data_dir: &Path) -> Vec<(PathBuf, i32)> {
     let mut out = Vec::new();
     for k in std::fs::read_dir(data_dir.join("keepers")).into_iter().flatten().flatten() {
         let Ok(text) = std::fs::read_to_string(k.path().join("pid")) else { continue };
         let Some((pid, ticks)) = text.trim().split_once(' ') else { continue };
         let (Ok(pid), Ok(ticks)) = (pid.parse::<i32>(), ticks.parse::<u64>()) else { continue };
         if pid > 1 && start_ticks(pid) == Some(ticks) {
-            out.push(pid);
+            out.push((k.path(), pid));
         }
     }
     out
+}
+
+/// The pids of [`keepers_of`].
+pub fn keeper_pids(data_dir: &Path) -> Vec<i32> {
+    keepers_of(data_dir).into_iter().map(|(_, pid)| pid).collect()
 }
 
 /// SIGKILLs the keepers of the agent whose data dir is `data_dir`.

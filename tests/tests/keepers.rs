@@ -18,17 +18,21 @@ async fn process_of(c: &Cluster, test: &str) -> Process {
 
 /// The live keepers of agent `host` (by their pid files).
 fn keepers(c: &Cluster, host: &str) -> Vec<(PathBuf, i32)> {
-    let dir = c.dir.path().join(host).join("keepers");
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let Ok(text) = std::fs::read_to_string(e.path().join("pid")) else { continue };
-        let Some((pid, ticks)) = text.trim().split_once(' ') else { continue };
-        let pid: i32 = pid.parse().unwrap();
-        if testbus_tests::start_ticks(pid) == ticks.parse().ok() {
-            out.push((e.path(), pid));
-        }
-    }
-    out
+    testbus_tests::keepers_of(&c.dir.path().join(host))
+}
+
+/// Applies test `name`, whose process prints "start", waits for the file
+/// it returns to appear, then runs `then`; returns once "start" is printed,
+/// with that file and the process.
+async fn gated(c: &Cluster, name: &str, then: &str) -> (PathBuf, Process) {
+    let dir = c.dir.path().join(format!("shared-{name}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let go = dir.join("go");
+    let script = format!("echo start\nwhile [ ! -e {} ]; do sleep 0.02; done\n{then}\n", go.display());
+    let path = manifest(c, &format!("{name}.yaml"), &script_test(name, &script));
+    assert_eq!(c.ctl(&["apply", "-f", &path]).code, 0);
+    c.wait_output(&format!("test/{name}"), "start").await;
+    (go, process_of(c, name).await)
 }
 
 /// Process `name` once it has ended.
@@ -186,16 +190,9 @@ async fn a_process_whose_keeper_is_gone_is_lost_saying_why() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_spool_keeps_the_newest_bytes() {
     let mut c = Cluster::start_with(1, &["--lease-duration", "10s", "--spool-limit", "2097152"]).await;
-    let dir = c.dir.path().join("shared");
-    std::fs::create_dir_all(&dir).unwrap();
-    let d = dir.display();
-    let script = format!("echo start\nwhile [ ! -e {d}/go ]; do sleep 0.02; done\nseq 1 1000000\n");
-    let path = manifest(&c, "big.yaml", &script_test("big", &script));
-    assert_eq!(c.ctl(&["apply", "-f", &path]).code, 0);
-    c.wait_output("test/big", "start").await;
-    let p = process_of(&c, "big").await;
+    let (go, p) = gated(&c, "big", "seq 1 1000000").await;
     c.kill_agent(0);
-    touch(&dir.join("go"));
+    touch(&go);
     // Wait for the process to end while no agent runs.
     let pid = p.status().pid;
     wait_for(Duration::from_secs(60), "the process to exit", || async { (!process_alive(pid)).then_some(()) }).await;
@@ -221,22 +218,14 @@ async fn a_taken_over_process_still_speaks_for_itself_in_every_containment() {
         if testbus_tests::is_root() { &["cgroup", "pid-namespace", "process-group"] } else { &["process-group"] };
     for kind in kinds {
         let mut c = Cluster::start_with(1, &["--lease-duration", "10s", "--containment", kind]).await;
-        let dir = c.dir.path().join("shared");
-        std::fs::create_dir_all(&dir).unwrap();
-        let d = dir.display();
-        let script = format!(
-            "echo start\nwhile [ ! -e {d}/go ]; do sleep 0.02; done\ntestbusctl sync after-restart && echo synced\n"
-        );
-        let path = manifest(&c, "speak.yaml", &script_test("speak", &script));
-        assert_eq!(c.ctl(&["apply", "-f", &path]).code, 0);
-        c.wait_output("test/speak", "start").await;
+        let (go, _) = gated(&c, "speak", "testbusctl sync after-restart && echo synced").await;
         c.kill_agent(0);
         c.start_agent(0);
         wait_for(Duration::from_secs(30), "the agent to take the process over", || async {
             c.read_log("host-0").contains("taken over from the keeper").then_some(())
         })
         .await;
-        touch(&dir.join("go"));
+        touch(&go);
         let t = test_ended(&c, "speak").await;
         assert_eq!(t.status().phase, "Succeeded", "{kind}: {}", t.status().message);
         assert!(c.ctl(&["logs", "test/speak"]).stdout.contains("synced"), "{kind}");
@@ -249,18 +238,11 @@ async fn a_taken_over_process_still_speaks_for_itself_in_every_containment() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_exit_log_is_quarantined_not_trusted() {
     let mut c = Cluster::start_with(1, &["--lease-duration", "10s"]).await;
-    let dir = c.dir.path().join("shared");
-    std::fs::create_dir_all(&dir).unwrap();
-    let d = dir.display();
-    let script = format!("echo start\nwhile [ ! -e {d}/go ]; do sleep 0.02; done\necho done; exit 3\n");
-    let path = manifest(&c, "ex.yaml", &script_test("ex", &script));
-    assert_eq!(c.ctl(&["apply", "-f", &path]).code, 0);
-    c.wait_output("test/ex", "start").await;
-    let p = process_of(&c, "ex").await;
+    let (go, p) = gated(&c, "ex", "echo done; exit 3").await;
     let uid = p.meta().uid.clone();
     c.kill_agent(0);
     let (kdir, kpid) = keepers(&c, "host-0").pop().expect("a keeper");
-    touch(&dir.join("go"));
+    touch(&go);
     let log = kdir.join("exits");
     wait_for(Duration::from_secs(30), "the exit to be recorded", || async {
         std::fs::read_to_string(&log).ok()?.contains(&uid).then_some(())

@@ -215,6 +215,9 @@ async fn an_agent_acts_only_for_its_own_host_and_a_revoked_one_not_at_all() {
             ..Default::default()
         };
         out.push(("host-1 output", code(a.output().append(chunk).await.map(|_| ()))));
+        // Nor say bytes of its output were lost (an agent's own field).
+        let lost = testbus_proto::OutputChunk { process: theirs.name().to_string(), offset: 100, lost: 100, ..Default::default() };
+        out.push(("host-1 output lost", code(a.output().append(lost).await.map(|_| ()))));
         let send = testbus_proto::SendRequest { process: theirs.name().into(), key: "k".into(), value: b"v".to_vec() };
         out.push(("host-1 send", code(testbus_proto::sync_client::SyncClient::new(a.channel()).send(send).await.map(|_| ()))));
         // Nor may it make tests or processes, or delete anything.
