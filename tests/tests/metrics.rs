@@ -35,7 +35,11 @@ spec:
     std::fs::write(&go, "").unwrap();
     let done = wait_for(Duration::from_secs(30), "the process to end", || async {
         let (_, s) = scrape();
-        (metric_sum(&s, "testbus_agent_processes_ended_total", &[("phase", "Succeeded")]) == 1.0).then_some(s)
+        // The family exists once the first process has ended and its end
+        // is reported (after it stopped counting as running).
+        let ended = s.get("testbus_agent_processes_ended_total").is_some()
+            && metric_sum(&s, "testbus_agent_processes_ended_total", &[("phase", "Succeeded")]) == 1.0;
+        ended.then_some(s)
     })
     .await;
     assert_eq!(metric_sum(&done, "testbus_agent_processes_running", &[]), 0.0);
