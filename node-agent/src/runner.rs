@@ -457,6 +457,9 @@ impl ProcessRunner {
         let spec = self.process.spec();
         // What the agent adds on top of the process's own env.
         let mut added = BTreeMap::new();
+        // Which process this is (the uid tells attempts and reruns apart).
+        added.insert("TESTBUS_PROCESS".to_string(), self.process.name().to_string());
+        added.insert("TESTBUS_PROCESS_UID".to_string(), self.process.meta().uid.clone());
         if let Some(s) = socket {
             added.insert("TESTBUS_AGENT_SOCKET".to_string(), s.display().to_string());
         }

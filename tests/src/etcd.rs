@@ -1,6 +1,9 @@
 //! Real etcd members for tests (Debian's etcd-server), each a plain
-//! background process with its own data dir and loopback ports, started
-//! fast (10 ms heartbeats) and killed by PID with the cluster.
+//! background process with its own data dir, started fast (10 ms
+//! heartbeats) and killed by PID with the cluster. Members listen on
+//! loopback ports (here or in one network namespace), or each on an address
+//! of its own in a namespace of its own (so that a partition can cut one
+//! member off).
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -9,14 +12,16 @@ use std::time::{Duration, Instant};
 pub struct EtcdCluster {
     dir: tempfile::TempDir,
     members: Vec<Member>,
-    /// The network namespace the members run in (None: this one).
-    netns: Option<String>,
 }
 
 struct Member {
     name: String,
+    /// The address it listens on.
+    ip: String,
     client_port: u16,
     peer_port: u16,
+    /// The network namespace it runs in (None: this one).
+    netns: Option<String>,
     child: Option<Child>,
 }
 
@@ -28,20 +33,44 @@ impl EtcdCluster {
 
     /// Members inside network namespace `netns` (its own loopback).
     pub fn start_in(n: usize, netns: Option<String>) -> EtcdCluster {
-        let dir = tempfile::tempdir().unwrap();
         // Every port is held until all are chosen, so none repeats.
         let held: Vec<TcpListener> = (0..2 * n).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
         let port = |i: usize| held[i].local_addr().unwrap().port();
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
                 name: format!("m{i}"),
+                ip: "127.0.0.1".into(),
                 client_port: port(2 * i),
                 peer_port: port(2 * i + 1),
+                netns: netns.clone(),
                 child: None,
             })
             .collect();
         drop(held);
-        let mut c = EtcdCluster { dir, members, netns };
+        Self::start_members(members)
+    }
+
+    /// One member per `(namespace, address)`, listening on that address's
+    /// ports 2379 and 2380 inside that namespace.
+    pub fn start_on(nodes: &[(String, String)]) -> EtcdCluster {
+        let members = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, (ns, ip))| Member {
+                name: format!("m{i}"),
+                ip: ip.clone(),
+                client_port: 2379,
+                peer_port: 2380,
+                netns: Some(ns.clone()),
+                child: None,
+            })
+            .collect();
+        Self::start_members(members)
+    }
+
+    fn start_members(members: Vec<Member>) -> EtcdCluster {
+        let n = members.len();
+        let mut c = EtcdCluster { dir: tempfile::tempdir().unwrap(), members };
         for i in 0..n {
             c.start_member(i, "new");
         }
@@ -52,11 +81,7 @@ impl EtcdCluster {
     }
 
     fn initial_cluster(&self) -> String {
-        self.members
-            .iter()
-            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
-            .collect::<Vec<_>>()
-            .join(",")
+        self.members.iter().map(|m| format!("{}=http://{}:{}", m.name, m.ip, m.peer_port)).collect::<Vec<_>>().join(",")
     }
 
     fn data_dir(&self, i: usize) -> PathBuf {
@@ -66,7 +91,7 @@ impl EtcdCluster {
     pub fn start_member(&mut self, i: usize, state: &str) {
         let m = &self.members[i];
         let log = std::fs::File::create(self.dir.path().join(format!("{}.log", m.name))).unwrap();
-        let mut cmd = match &self.netns {
+        let mut cmd = match &m.netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
                 c.args(["netns", "exec", ns, "etcd"]);
@@ -77,10 +102,10 @@ impl EtcdCluster {
         let child = cmd
             .args(["--name", &m.name, "--data-dir"])
             .arg(self.data_dir(i))
-            .args(["--listen-client-urls", &format!("http://127.0.0.1:{}", m.client_port)])
-            .args(["--advertise-client-urls", &format!("http://127.0.0.1:{}", m.client_port)])
-            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{}", m.peer_port)])
-            .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{}", m.peer_port)])
+            .args(["--listen-client-urls", &m.client_url()])
+            .args(["--advertise-client-urls", &m.client_url()])
+            .args(["--listen-peer-urls", &format!("http://{}:{}", m.ip, m.peer_port)])
+            .args(["--initial-advertise-peer-urls", &format!("http://{}:{}", m.ip, m.peer_port)])
             .args(["--initial-cluster", &self.initial_cluster(), "--initial-cluster-state", state])
             .args([
                 "--initial-cluster-token",
@@ -105,6 +130,30 @@ impl EtcdCluster {
         }
     }
 
+    /// The member's pid, while it runs.
+    pub fn member_pid(&self, i: usize) -> Option<u32> {
+        self.members[i].child.as_ref().map(Child::id)
+    }
+
+    /// The network namespace member `i` runs in.
+    pub fn member_netns(&self, i: usize) -> Option<&str> {
+        self.members[i].netns.as_deref()
+    }
+
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// Whether member `i` answers its health check now.
+    pub fn healthy(&self, i: usize) -> bool {
+        let m = &self.members[i];
+        health(&m.ip, m.client_port, m.netns.as_deref())
+    }
+
     pub fn restart_member(&mut self, i: usize) {
         self.start_member(i, "existing");
         self.wait_healthy(i);
@@ -112,10 +161,9 @@ impl EtcdCluster {
 
     /// GET /health answers {"health":"true"}.
     pub fn wait_healthy(&self, i: usize) {
-        let port = self.members[i].client_port;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if health(port, self.netns.as_deref()) {
+            if self.healthy(i) {
                 return;
             }
             if Instant::now() >= deadline {
@@ -133,18 +181,25 @@ impl EtcdCluster {
 
     /// `etcd://127.0.0.1:P1,...[/prefix]` for every member.
     pub fn url(&self, prefix: &str) -> String {
-        let hosts: Vec<String> = self.members.iter().map(|m| format!("127.0.0.1:{}", m.client_port)).collect();
+        let hosts: Vec<String> = self.members.iter().map(|m| format!("{}:{}", m.ip, m.client_port)).collect();
         format!("etcd://{}{prefix}", hosts.join(","))
     }
 
     pub fn client_url(&self, i: usize) -> String {
-        format!("http://127.0.0.1:{}", self.members[i].client_port)
+        self.members[i].client_url()
     }
 }
 
-fn health(port: u16, netns: Option<&str>) -> bool {
+impl Member {
+    fn client_url(&self) -> String {
+        format!("http://{}:{}", self.ip, self.client_port)
+    }
+}
+
+fn health(ip: &str, port: u16, netns: Option<&str>) -> bool {
+    let Ok(ip) = ip.parse::<std::net::IpAddr>() else { return false };
     match netns {
-        None => health_here(port),
+        None => health_here(ip, port),
         // setns changes only the calling thread: ask from a thread of its own.
         Some(ns) => {
             let path = format!("/run/netns/{ns}");
@@ -153,7 +208,7 @@ fn health(port: u16, netns: Option<&str>) -> bool {
                 if nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).is_err() {
                     return false;
                 }
-                health_here(port)
+                health_here(ip, port)
             })
             .join()
             .unwrap_or(false)
@@ -161,10 +216,9 @@ fn health(port: u16, netns: Option<&str>) -> bool {
     }
 }
 
-fn health_here(port: u16) -> bool {
+fn health_here(ip: std::net::IpAddr, port: u16) -> bool {
     use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200))
-    else {
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&(ip, port).into(), Duration::from_millis(200)) else {
         return false;
     };
     let _ = s.set_read_timeout(Some(Duration::from_millis(500)));

@@ -8,6 +8,7 @@
 //! PID) and its namespaces when dropped.
 #![forbid(unsafe_code)]
 
+pub mod chaos;
 pub mod etcd;
 pub mod history;
 pub mod libvirt;
@@ -103,6 +104,19 @@ enum Net {
     Loopback { tls: bool },
 }
 
+/// How [`Cluster::partition`] cuts a node off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cut {
+    /// Healed: link up, nothing dropped.
+    None,
+    /// Link down: nothing in, nothing out.
+    Both,
+    /// It sends, but hears nothing.
+    Inbound,
+    /// It hears, but what it sends is lost.
+    Outbound,
+}
+
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     bin: PathBuf,
@@ -173,10 +187,16 @@ impl Cluster {
         Self::start_disk(n, &[], cp_args, Some(mb), 0, Net::Auto).await
     }
 
-    /// The control plane on an etcd of `members` members, run where the
-    /// control plane runs.
+    /// The control plane on an etcd of `members` members, each in a
+    /// network namespace of its own (`etcd0`, ... at 10.77.0.201, ...) as
+    /// root, else on loopback here.
     pub async fn start_on_etcd(n: usize, members: usize) -> Cluster {
-        Self::start_disk(n, &[], &[], None, members, Net::Auto).await
+        Self::start_on_etcd_with(n, members, &[]).await
+    }
+
+    /// [`Cluster::start_on_etcd`] with extra control-plane flags.
+    pub async fn start_on_etcd_with(n: usize, members: usize, cp_args: &[&str]) -> Cluster {
+        Self::start_disk(n, &[], cp_args, None, members, Net::Auto).await
     }
 
     async fn start_disk(
@@ -227,8 +247,14 @@ impl Cluster {
             ctl_node: None,
         };
         if etcd_members > 0 {
-            let ns = c.netns.as_ref().map(|id| format!("{id}-cp"));
-            let e = etcd::EtcdCluster::start_in(etcd_members, ns);
+            // With namespaces, each member in one of its own (10.77.0.201,
+            // ...), so that a partition can cut one off.
+            let e = match c.netns.is_some() {
+                true => etcd::EtcdCluster::start_on(
+                    &(0..etcd_members).map(|i| c.add_node(&format!("etcd{i}"), 201 + i as u8)).collect::<Vec<_>>(),
+                ),
+                false => etcd::EtcdCluster::start_in(etcd_members, None),
+            };
             c.cp_args.extend(["--store".to_string(), e.url("/testbus")]);
             c.etcd = Some(e);
         }
@@ -290,9 +316,12 @@ impl Cluster {
     pub async fn start_control_plane(&mut self) {
         assert!(self.cp.is_none(), "control plane already running");
         let mut cmd = self.command_in("cp", &self.bin.join("testbus-control-plane"));
+        // A short grace unless the test chose one.
+        let grace =
+            if self.cp_args.iter().any(|a| a == "--lease-grace") { vec![] } else { vec!["--lease-grace", "1s"] };
         cmd.args(["--listen", &self.listen, "--data-dir"])
             .arg(self.dir.path().join("cp"))
-            .args(["--lease-grace", "1s"])
+            .args(grace)
             .args(&self.cp_args)
             .envs(self.cp_env.iter().map(|(k, v)| (k, v)))
             .stdout(self.log("control-plane"))
@@ -551,7 +580,27 @@ impl Cluster {
         assert!(st.success(), "ip link set failed");
     }
 
-    /// SIGKILL, as a crash.
+    /// Cuts `node` off one way or both, or heals it ([`Cut::None`]): link
+    /// down for both ways, else packets dropped as they arrive (inbound) or
+    /// leave (outbound) on its eth0. Needs the namespaces (root).
+    pub fn partition(&self, node: &str, cut: Cut) {
+        let id = self.netns.as_ref().expect("partitions need network namespaces (root)");
+        let ns = format!("{id}-{node}");
+        let run = |args: &[&str]| {
+            let st = Command::new("ip").args(["netns", "exec", &ns]).args(args).status().unwrap();
+            assert!(st.success(), "ip netns exec {ns} {args:?} failed");
+        };
+        match cut {
+            Cut::None => {
+                self.set_link(node, true);
+                run(&["iptables", "-F"]);
+            }
+            Cut::Both => self.set_link(node, false),
+            Cut::Inbound => run(&["iptables", "-A", "INPUT", "-i", "eth0", "-j", "DROP"]),
+            Cut::Outbound => run(&["iptables", "-A", "OUTPUT", "-o", "eth0", "-j", "DROP"]),
+        }
+    }
+
     /// SIGTERM to agent `i`; waits for it to exit (30 s at most, then
     /// SIGKILL) and returns how it exited.
     pub fn stop_agent(&mut self, i: usize) -> std::process::ExitStatus {
@@ -571,6 +620,7 @@ impl Cluster {
         }
     }
 
+    /// SIGKILL, as a crash.
     pub fn kill_agent(&mut self, i: usize) {
         if let Some(mut c) = self.agents[i].take() {
             let _ = c.kill();
