@@ -90,7 +90,12 @@ impl EtcdCluster {
 
     pub fn start_member(&mut self, i: usize, state: &str) {
         let m = &self.members[i];
-        let log = std::fs::File::create(self.dir.path().join(format!("{}.log", m.name))).unwrap();
+        // Appended to: a restarted member's log follows its last one.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{}.log", m.name)))
+            .unwrap();
         let mut cmd = match &m.netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
@@ -157,6 +162,11 @@ impl EtcdCluster {
     pub fn restart_member(&mut self, i: usize) {
         self.start_member(i, "existing");
         self.wait_healthy(i);
+    }
+
+    /// Where the members' logs are (`m0.log`, ...).
+    pub fn log_dir(&self) -> &std::path::Path {
+        self.dir.path()
     }
 
     /// GET /health answers {"health":"true"}.

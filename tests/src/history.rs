@@ -6,7 +6,8 @@
 //!
 //! Times are milliseconds on one clock (every process of a run shares the
 //! machine's). The workload never reuses a test's name within a run, so
-//! names identify tests and processes. A process records its own start and end from inside (so a
+//! names identify tests; a Process's uid identifies one run of a process. A
+//! process records its own start, heartbeats and end from inside (so a
 //! record survives whatever the nemesis did to agents and replicas); the
 //! workload records what the API acknowledged and what it read back.
 use std::collections::{BTreeMap, HashMap};
@@ -19,10 +20,15 @@ pub enum Event {
     /// The workload deleted this test on purpose (its absence later is no
     /// loss).
     Deleted { test: String, at: u64 },
-    /// A process of `test` started on `host` (recorded by the process).
-    Started { process: String, test: String, host: String, at: u64 },
-    /// That process ended (recorded by the process; a process killed with
-    /// its host may never record one).
+    /// A process of `test` started on `host` (recorded by the process):
+    /// `process` is its Process's uid (each attempt's own), `name` its
+    /// Process's name (the same for every attempt).
+    Started { process: String, name: String, test: String, host: String, at: u64 },
+    /// That process was still running (its heartbeat).
+    Alive { process: String, at: u64 },
+    /// That process ended (recorded by the process, on SIGTERM too; one
+    /// killed with SIGKILL records none, and counts as running until its
+    /// last heartbeat).
     Ended { process: String, at: u64 },
     /// The workload read a recorded result of `test`.
     ResultRead { test: String, path: String, outcome: String, message: String, at: u64 },
@@ -38,6 +44,7 @@ impl Event {
             Event::CreateAcked { at, .. }
             | Event::Deleted { at, .. }
             | Event::Started { at, .. }
+            | Event::Alive { at, .. }
             | Event::Ended { at, .. }
             | Event::ResultRead { at, .. }
             | Event::TestEnded { at, .. }
@@ -51,6 +58,9 @@ impl Event {
 pub struct FinalState {
     /// The tests stored at the end.
     pub tests: Vec<String>,
+    /// How many attempts each of them made (1 + its recorded earlier
+    /// attempts).
+    pub attempts: HashMap<String, usize>,
     /// When the final read was made.
     pub at: u64,
 }
@@ -62,6 +72,10 @@ pub enum Violation {
     HostHeldTwice { host: String, first: (String, String), second: (String, String), at: u64 },
     /// One process started more than once.
     StartedTwice { process: String, first_at: u64, second_at: u64 },
+    /// A process of a test ran in more Processes than the test made
+    /// attempts: the same step on the same member run twice in one
+    /// attempt.
+    RanTooOften { test: String, name: String, runs: usize, attempts: usize, at: u64 },
     /// A test still not ended `bound` after the last fault.
     NeverEnded { test: String, created_at: u64 },
     /// A create the API acknowledged, gone without a delete.
@@ -74,7 +88,9 @@ impl Violation {
     /// When it is first visible (violations are reported in this order).
     pub fn at(&self) -> u64 {
         match self {
-            Violation::HostHeldTwice { at, .. } | Violation::ResultChanged { at, .. } => *at,
+            Violation::HostHeldTwice { at, .. }
+            | Violation::ResultChanged { at, .. }
+            | Violation::RanTooOften { at, .. } => *at,
             Violation::StartedTwice { second_at, .. } => *second_at,
             Violation::NeverEnded { created_at, .. } => *created_at,
             Violation::CreateLost { acked_at, .. } => *acked_at,
@@ -93,6 +109,10 @@ impl std::fmt::Display for Violation {
             Violation::StartedTwice { process, first_at, second_at } => {
                 write!(f, "process {process} started at {first_at} ms and again at {second_at} ms")
             }
+            Violation::RanTooOften { test, name, runs, attempts, at } => write!(
+                f,
+                "at {at} ms process {name} of test {test} started in {runs} Processes over {attempts} attempt(s)"
+            ),
             Violation::NeverEnded { test, created_at } => {
                 write!(f, "test {test} (created at {created_at} ms) never ended")
             }
@@ -111,7 +131,7 @@ impl std::fmt::Display for Violation {
 /// ended.
 pub fn check(history: &[Event], last: &FinalState, bound_ms: u64) -> Vec<Violation> {
     let mut out = Vec::new();
-    host_exclusion(history, last.at, &mut out);
+    host_exclusion(history, &mut out);
     // Each process starts once.
     let mut started: HashMap<&str, u64> = HashMap::new();
     for e in history {
@@ -121,6 +141,28 @@ pub fn check(history: &[Event], last: &FinalState, bound_ms: u64) -> Vec<Violati
             } else {
                 started.insert(process, *at);
             }
+        }
+    }
+    // Each process name runs at most once per attempt of its test.
+    let mut runs: BTreeMap<(&str, &str), Vec<(&str, u64)>> = BTreeMap::new();
+    for e in history {
+        if let Event::Started { process, name, test, at, .. } = e {
+            let r = runs.entry((test.as_str(), name.as_str())).or_default();
+            if !r.iter().any(|(p, _)| p == process) {
+                r.push((process, *at));
+            }
+        }
+    }
+    for ((test, name), r) in runs {
+        let Some(&attempts) = last.attempts.get(test) else { continue };
+        if r.len() > attempts {
+            out.push(Violation::RanTooOften {
+                test: test.into(),
+                name: name.into(),
+                runs: r.len(),
+                attempts,
+                at: r[attempts].1,
+            });
         }
     }
     // Tests end, and acknowledged ones stay unless deleted.
@@ -143,9 +185,10 @@ pub fn check(history: &[Event], last: &FinalState, bound_ms: u64) -> Vec<Violati
         let Event::CreateAcked { test, at } = e else { continue };
         let deleted_after = deleted.get(test.as_str()).is_some_and(|d| d >= at);
         let gone = !last.tests.contains(test);
+        // A deleted test that is still there has not ended either.
         if gone && !deleted_after {
             out.push(Violation::CreateLost { test: test.clone(), acked_at: *at });
-        } else if !ended.contains_key(test.as_str()) && !deleted_after && last.at >= last_fault.max(*at) + bound_ms {
+        } else if !gone && !ended.contains_key(test.as_str()) && last.at >= last_fault.max(*at) + bound_ms {
             out.push(Violation::NeverEnded { test: test.clone(), created_at: *at });
         }
     }
@@ -173,17 +216,18 @@ pub fn check(history: &[Event], last: &FinalState, bound_ms: u64) -> Vec<Violati
 
 /// Processes of different tests whose lives on one host overlap. Each
 /// start ends at the first end of that process recorded after it; one with
-/// none counts as running until its test was seen ended, else until the
-/// final read (its host may have been killed with it: the claim still held
-/// it).
-fn host_exclusion(history: &[Event], end_of_run: u64, out: &mut Vec<Violation>) {
+/// none (killed with SIGKILL) at its last heartbeat, else at its start: a
+/// life is never taken longer than the process showed it to be, so an
+/// overlap found is one that happened.
+fn host_exclusion(history: &[Event], out: &mut Vec<Violation>) {
     let mut ends: HashMap<&str, Vec<u64>> = HashMap::new();
-    let mut test_end: HashMap<&str, u64> = HashMap::new();
+    let mut alive: HashMap<&str, u64> = HashMap::new();
     for e in history {
         match e {
             Event::Ended { process, at } => ends.entry(process.as_str()).or_default().push(*at),
-            Event::TestEnded { test, at } => {
-                test_end.entry(test.as_str()).or_insert(*at);
+            Event::Alive { process, at } => {
+                let a = alive.entry(process.as_str()).or_insert(*at);
+                *a = (*a).max(*at);
             }
             _ => {}
         }
@@ -193,12 +237,12 @@ fn host_exclusion(history: &[Event], end_of_run: u64, out: &mut Vec<Violation>) 
     }
     let mut by_host: BTreeMap<&str, Vec<(u64, u64, &str, &str)>> = BTreeMap::new();
     for e in history {
-        if let Event::Started { process, test, host, at } = e {
+        if let Event::Started { process, test, host, at, .. } = e {
             let own = ends.get_mut(process.as_str()).and_then(|v| {
                 let i = v.iter().position(|end| end >= at)?;
                 Some(v.remove(i))
             });
-            let end = own.or_else(|| test_end.get(test.as_str()).copied().filter(|e| e >= at)).unwrap_or(end_of_run);
+            let end = own.unwrap_or_else(|| alive.get(process.as_str()).copied().unwrap_or(*at).max(*at));
             by_host.entry(host).or_default().push((*at, end, test, process));
         }
     }
@@ -227,7 +271,7 @@ mod tests {
     use super::*;
 
     fn started(process: &str, test: &str, host: &str, at: u64) -> Event {
-        Event::Started { process: process.into(), test: test.into(), host: host.into(), at }
+        Event::Started { process: process.into(), name: process.into(), test: test.into(), host: host.into(), at }
     }
     fn ended(process: &str, at: u64) -> Event {
         Event::Ended { process: process.into(), at }
@@ -242,7 +286,11 @@ mod tests {
         Event::ResultRead { test: test.into(), path: "a.b".into(), outcome: outcome.into(), message: "m".into(), at }
     }
     fn state(tests: &[&str], at: u64) -> FinalState {
-        FinalState { tests: tests.iter().map(|t| t.to_string()).collect(), at }
+        FinalState {
+            tests: tests.iter().map(|t| t.to_string()).collect(),
+            attempts: tests.iter().map(|t| (t.to_string(), 1)).collect(),
+            at,
+        }
     }
 
     /// A clean run: two tests one after the other on one host, a test's own
@@ -282,14 +330,16 @@ mod tests {
         assert!(matches!(&v[..], [Violation::HostHeldTwice { host, at: 35, .. }] if host == "h0"), "{v:?}");
         assert!(v[0].to_string().contains("host h0 ran t2-s-a of test t2 and t3-s-a of test t3"), "{}", v[0]);
 
-        // A process without an end holds its host until its test was seen
-        // ended, or to the end of the run.
+        // A process without an end (killed with SIGKILL) holds its host
+        // until its last heartbeat: never longer than it showed.
         let mut h = clean();
         h.retain(|e| e != &ended("t1-s-b", 21));
-        assert_eq!(check(&h, &state(&["t1", "t2"], 100), 50), vec![], "t1 ended at 26, before t2 started");
-        h.retain(|e| e != &test_ended("t1", 26));
-        let v = check(&h, &state(&["t1", "t2"], 100), 0);
-        assert!(v.iter().any(|v| matches!(v, Violation::HostHeldTwice { at: 30, .. })), "{v:?}");
+        assert_eq!(check(&h, &state(&["t1", "t2"], 100), 50), vec![], "no heartbeat: it ends where it started");
+        h.push(Event::Alive { process: "t1-s-b".into(), at: 29 });
+        assert_eq!(check(&h, &state(&["t1", "t2"], 100), 50), vec![], "alive until 29, before t2 started");
+        h.push(Event::Alive { process: "t1-s-b".into(), at: 35 });
+        let v = check(&h, &state(&["t1", "t2"], 100), 50);
+        assert!(matches!(&v[..], [Violation::HostHeldTwice { at: 30, .. }]), "{v:?}");
 
         // A process started twice ends each life at its own end.
         let mut h = clean();
@@ -297,6 +347,24 @@ mod tests {
         h.push(ended("t1-s-a", 23));
         let v = check(&h, &state(&["t1", "t2"], 100), 50);
         assert_eq!(v, vec![Violation::StartedTwice { process: "t1-s-a".into(), first_at: 10, second_at: 22 }]);
+
+        // One step on one member run in two Processes in one attempt; two
+        // attempts may each run it once.
+        let mut h = clean();
+        h.push(Event::Started {
+            process: "t2-s-a-again".into(),
+            name: "t2-s-a".into(),
+            test: "t2".into(),
+            host: "h1".into(),
+            at: 45,
+        });
+        h.push(ended("t2-s-a-again", 46));
+        let v = check(&h, &state(&["t1", "t2"], 100), 50);
+        assert!(matches!(&v[..], [Violation::RanTooOften { runs: 2, attempts: 1, at: 45, .. }]), "{v:?}");
+        assert!(v[0].to_string().contains("process t2-s-a of test t2 started in 2 Processes over 1 attempt(s)"));
+        let mut two = state(&["t1", "t2"], 100);
+        two.attempts.insert("t2".into(), 2);
+        assert_eq!(check(&h, &two, 50), vec![]);
 
         // Started twice.
         let mut h = clean();
@@ -328,6 +396,14 @@ mod tests {
         h.push(acked("t1", 1));
         let v = check(&h, &state(&["t2"], 100), 50);
         assert!(v.iter().any(|v| matches!(v, Violation::CreateLost { .. })), "{v:?}");
+
+        // A test deleted but still there has not ended either.
+        let mut h = clean();
+        h.retain(|e| e != &test_ended("t2", 41));
+        h.push(Event::Deleted { test: "t2".into(), at: 42 });
+        let v = check(&h, &state(&["t1", "t2"], 100), 50);
+        assert_eq!(v, vec![Violation::NeverEnded { test: "t2".into(), created_at: 28 }]);
+        assert_eq!(check(&h, &state(&["t1"], 100), 50), vec![], "gone: the delete explains it");
 
         // A result read back different.
         let mut h = clean();

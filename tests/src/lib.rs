@@ -314,19 +314,7 @@ impl Cluster {
     }
 
     pub async fn start_control_plane(&mut self) {
-        assert!(self.cp.is_none(), "control plane already running");
-        let mut cmd = self.command_in("cp", &self.bin.join("testbus-control-plane"));
-        // A short grace unless the test chose one.
-        let grace =
-            if self.cp_args.iter().any(|a| a == "--lease-grace") { vec![] } else { vec!["--lease-grace", "1s"] };
-        cmd.args(["--listen", &self.listen, "--data-dir"])
-            .arg(self.dir.path().join("cp"))
-            .args(grace)
-            .args(&self.cp_args)
-            .envs(self.cp_env.iter().map(|(k, v)| (k, v)))
-            .stdout(self.log("control-plane"))
-            .stderr(self.log("control-plane"));
-        self.cp = Some(cmd.spawn().expect("start control plane"));
+        self.spawn_control_plane();
         // Ready when the API answers on its socket.
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -342,6 +330,23 @@ impl Cluster {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Starts the control plane without waiting for it.
+    pub fn spawn_control_plane(&mut self) {
+        assert!(self.cp.is_none(), "control plane already running");
+        let mut cmd = self.command_in("cp", &self.bin.join("testbus-control-plane"));
+        // A short grace unless the test chose one.
+        let grace =
+            if self.cp_args.iter().any(|a| a == "--lease-grace") { vec![] } else { vec!["--lease-grace", "1s"] };
+        cmd.args(["--listen", &self.listen, "--data-dir"])
+            .arg(self.dir.path().join("cp"))
+            .args(grace)
+            .args(&self.cp_args)
+            .envs(self.cp_env.iter().map(|(k, v)| (k, v)))
+            .stdout(self.log("control-plane"))
+            .stderr(self.log("control-plane"));
+        self.cp = Some(cmd.spawn().expect("start control plane"));
     }
 
     /// A join token for agents, made through the control plane's socket.
@@ -593,11 +598,11 @@ impl Cluster {
         match cut {
             Cut::None => {
                 self.set_link(node, true);
-                run(&["iptables", "-F"]);
+                run(&["iptables", "-w", "-F"]);
             }
             Cut::Both => self.set_link(node, false),
-            Cut::Inbound => run(&["iptables", "-A", "INPUT", "-i", "eth0", "-j", "DROP"]),
-            Cut::Outbound => run(&["iptables", "-A", "OUTPUT", "-o", "eth0", "-j", "DROP"]),
+            Cut::Inbound => run(&["iptables", "-w", "-A", "INPUT", "-i", "eth0", "-j", "DROP"]),
+            Cut::Outbound => run(&["iptables", "-w", "-A", "OUTPUT", "-o", "eth0", "-j", "DROP"]),
         }
     }
 

@@ -14,7 +14,8 @@ async fn claims_hold_under_faults() {
     let seed = std::env::var("CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
     });
-    let out = tempfile::tempdir().unwrap();
+    // Kept after a failure: the history and every log, for the replay.
+    let out = testbus_tests::repo_root().join("target/chaos").join(seed.to_string());
     let opts = chaos::Options {
         seed,
         faults_for: Duration::from_secs(90),
@@ -25,7 +26,7 @@ async fn claims_hold_under_faults() {
         // Short leases, so that a fault of a few seconds loses hosts and
         // the retries run too.
         lease: Some(("2s".into(), "1s".into())),
-        out: out.path().to_path_buf(),
+        out: out.clone(),
     };
     eprintln!("chaos seed {seed}");
     let report = chaos::run(&opts).await;
@@ -33,7 +34,7 @@ async fn claims_hold_under_faults() {
     eprintln!("{text}");
     let logs = || {
         let mut s = String::new();
-        for e in std::fs::read_dir(out.path().join("logs")).into_iter().flatten().flatten() {
+        for e in std::fs::read_dir(out.join("logs")).into_iter().flatten().flatten() {
             let body = std::fs::read_to_string(e.path()).unwrap_or_default();
             let tail: Vec<&str> = body.lines().rev().take(40).collect();
             s += &format!(
@@ -50,4 +51,5 @@ async fn claims_hold_under_faults() {
     assert!(report.faults.len() >= 6, "{text}");
     assert!(report.processes >= 20, "{text}");
     assert!(report.phases.get("Succeeded").copied().unwrap_or(0) >= 5, "{text}");
+    let _ = std::fs::remove_dir_all(&out);
 }

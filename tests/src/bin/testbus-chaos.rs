@@ -22,8 +22,9 @@ struct Args {
     /// printed either way, to replay a run).
     #[arg(long)]
     seed: Option<u64>,
-    /// Agents, each in a network namespace of its own (at most 150).
-    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=150))]
+    /// Agents, each in a network namespace of its own (6 to 150: a test
+    /// claims up to 6 hosts).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(6..=150))]
     agents: u64,
     /// Tests kept in flight.
     #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u64).range(1..=100))]
@@ -72,7 +73,21 @@ async fn main() -> std::process::ExitCode {
         out,
     };
     eprintln!("hack/chaos: seed {seed}, {secs} s of faults (replay: hack/chaos --seed {seed} --seconds {secs})");
-    let report = chaos::run(&opts).await;
+    // Ctrl-C or SIGTERM drops the run, and with it the cluster: every
+    // process it started (paused ones too) is killed and its namespaces
+    // deleted.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    let report = tokio::select! {
+        r = chaos::run(&opts) => r,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("hack/chaos: interrupted; the cluster is torn down");
+            return std::process::ExitCode::from(130);
+        }
+        _ = term.recv() => {
+            eprintln!("hack/chaos: terminated; the cluster is torn down");
+            return std::process::ExitCode::from(143);
+        }
+    };
     print!("{}", report.markdown(&opts));
     if report.clean() {
         std::process::ExitCode::SUCCESS
