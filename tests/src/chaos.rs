@@ -241,16 +241,6 @@ impl Replicas {
         }
     }
 
-    /// Whether every replica answers now.
-    async fn all_answer(&self) -> bool {
-        for c in &self.clients {
-            if !matches!(tokio::time::timeout(CALL_LIMIT, c.api::<Host>().list("", "")).await, Ok(Ok(_))) {
-                return false;
-            }
-        }
-        true
-    }
-
     fn pick(&self) -> Client {
         let i = *self.next.lock();
         self.clients[i % self.clients.len()].clone()
@@ -674,26 +664,40 @@ async fn workload(
 }
 
 /// Whether the cluster is whole again: every etcd member healthy, every
-/// replica answering, every agent's host Ready.
-async fn whole(n: &Nemesis, api: &Replicas) -> bool {
+/// replica answering, every agent's host Ready; if not, what is missing.
+async fn whole(n: &Nemesis, api: &Replicas) -> Result<(), String> {
     let members = n.c.etcd.as_ref().map_or(0, |e| e.len());
-    let etcd_ok = tokio::task::block_in_place(|| (0..members).all(|i| n.c.etcd.as_ref().is_some_and(|e| e.healthy(i))));
-    if !etcd_ok || !api.all_answer().await {
-        return false;
+    let sick: Vec<usize> = tokio::task::block_in_place(|| {
+        (0..members).filter(|&i| !n.c.etcd.as_ref().is_some_and(|e| e.healthy(i))).collect()
+    });
+    if !sick.is_empty() {
+        return Err(format!("etcd members {sick:?} not healthy"));
     }
-    api.list::<Host>()
-        .await
-        .is_some_and(|hosts| hosts.iter().filter(|h| h.status().phase == HostPhase::Ready).count() >= n.c.hosts.len())
+    for (i, c) in api.clients.iter().enumerate() {
+        if !matches!(tokio::time::timeout(CALL_LIMIT, c.api::<Host>().list("", "")).await, Ok(Ok(_))) {
+            return Err(format!("replica {} does not answer", n.replicas[i].node));
+        }
+    }
+    let hosts = api.list::<Host>().await.ok_or("no replica lists hosts")?;
+    let not_ready: Vec<String> = hosts
+        .iter()
+        .filter(|h| h.status().phase != HostPhase::Ready)
+        .map(|h| format!("{} ({})", h.name(), h.status().phase))
+        .collect();
+    if hosts.len() < n.c.hosts.len() || !not_ready.is_empty() {
+        return Err(format!("{} hosts, not Ready: {}", hosts.len(), not_ready.join(", ")));
+    }
+    Ok(())
 }
 
-/// From now until the cluster is whole and a probe test has run, or None
-/// after [`RECOVERY_LIMIT`].
-async fn recover(n: &Nemesis, api: &Replicas, hist: &History, dir: &Path, k: usize) -> Option<Duration> {
+/// From now until the cluster is whole and a probe test has run; what was
+/// still wrong after [`RECOVERY_LIMIT`].
+async fn recover(n: &Nemesis, api: &Replicas, hist: &History, dir: &Path, k: usize) -> Result<Duration, String> {
     let start = Instant::now();
     let deadline = start + RECOVERY_LIMIT;
-    while !whole(n, api).await {
+    while let Err(why) = whole(n, api).await {
         if Instant::now() >= deadline {
-            return None;
+            return Err(why);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -709,20 +713,38 @@ async fn recover(n: &Nemesis, api: &Replicas, hist: &History, dir: &Path, k: usi
             break;
         }
         if Instant::now() >= deadline {
-            return None;
+            return Err(format!("the probe test {name} could not be created"));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     loop {
-        if let Some(t) = api.get_test(&name).await {
-            if is_final(&t) {
-                return (t.status().phase == TestPhase::Succeeded).then(|| start.elapsed());
+        let t = api.get_test(&name).await;
+        if let Some(t) = &t {
+            if is_final(t) {
+                return match t.status().phase == TestPhase::Succeeded {
+                    true => Ok(start.elapsed()),
+                    false => Err(format!("the probe test {name} ended {}: {}", t.status().phase, t.status().message)),
+                };
             }
         }
         if Instant::now() >= deadline {
-            return None;
+            let st = t.map(|t| format!("{} {}: {}", t.status().phase, t.status().reason, t.status().message));
+            return Err(format!("the probe test {name} did not end: {}", st.unwrap_or_else(|| "unreadable".into())));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits (with the recovery limit) for the freshly started cluster to be
+/// whole; why not, if it never is.
+async fn ready(n: &Nemesis, api: &Replicas) -> Option<String> {
+    let deadline = Instant::now() + RECOVERY_LIMIT;
+    loop {
+        match whole(n, api).await {
+            Ok(()) => return None,
+            Err(why) if Instant::now() >= deadline => return Some(format!("the cluster never came up whole: {why}")),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
     }
 }
 
@@ -886,14 +908,17 @@ pub async fn run(opts: &Options) -> Report {
         tokio::time::sleep(f.hold).await;
         nemesis.repair(&f).await;
         hist.lock().push(Event::Fault { what: format!("repair: {what}"), at: now_ms() });
-        let recovery = recover(&nemesis, &api, &hist, &records, k).await;
-        tracing_line(&format!(
-            "  recovered in {}",
-            recovery.map_or("(never)".to_string(), |d| format!("{:.1} s", d.as_secs_f64()))
-        ));
-        if recovery.is_none() {
-            report.broken = Some(format!("the cluster did not recover within {RECOVERY_LIMIT:?} of: {what}"));
-        }
+        let recovery = match recover(&nemesis, &api, &hist, &records, k).await {
+            Ok(d) => {
+                tracing_line(&format!("  recovered in {:.1} s", d.as_secs_f64()));
+                Some(d)
+            }
+            Err(why) => {
+                tracing_line(&format!("  not recovered: {why}"));
+                report.broken = Some(format!("the cluster did not recover within {RECOVERY_LIMIT:?} of {what}: {why}"));
+                None
+            }
+        };
         report.faults.push(FaultRecord { what, kind: f.kind(), held: f.hold, recovery });
         k += 1;
         let gap = nemesis.rng.random_range(200..2000);
@@ -962,19 +987,6 @@ pub async fn run(opts: &Options) -> Report {
         }
     }
     report
-}
-
-/// Waits (with the recovery limit) for the freshly started cluster to be
-/// whole; why not, if it never is.
-async fn ready(n: &Nemesis, api: &Replicas) -> Option<String> {
-    let deadline = Instant::now() + RECOVERY_LIMIT;
-    while !whole(n, api).await {
-        if Instant::now() >= deadline {
-            return Some("the cluster never came up whole".into());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    None
 }
 
 /// Progress on stderr, with the time.

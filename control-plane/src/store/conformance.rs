@@ -36,6 +36,24 @@ pub async fn create_get_cas<S: Store>(s: &S) {
     assert!(s.get("/a/x").await.unwrap().is_none());
 }
 
+/// A prefix holding more than one gRPC message (4 MiB) lists whole, in key
+/// order, at the store's revision; a neighbouring prefix is left out.
+pub async fn a_list_larger_than_a_message_is_whole<S: Store>(s: &S) {
+    let value = |i: usize| vec![b'a' + (i % 26) as u8; 100 * 1024];
+    let mut last = 0;
+    for i in 0..50 {
+        last = s.txn(vec![], vec![Op::Put(format!("/big/{i:03}"), value(i))]).await.unwrap().revision;
+    }
+    s.txn(vec![], vec![put("/big0", "beside"), put("/bif", "before")]).await.unwrap();
+    let (kvs, rev) = s.list("/big/").await.unwrap();
+    assert_eq!(kvs.len(), 50);
+    for (i, kv) in kvs.iter().enumerate() {
+        assert_eq!(kv.key, format!("/big/{i:03}"));
+        assert_eq!(kv.value, value(i), "{}", kv.key);
+    }
+    assert!(rev > last, "the list is at the latest revision: {rev} <= {last}");
+}
+
 pub async fn multi_key_transactions_are_atomic<S: Store>(s: &S) {
     let keys: Vec<String> = (0..50).map(|i| format!("/t/{i:03}")).collect();
     let r = s.txn(keys.iter().map(|k| absent(k)).collect(), keys.iter().map(|k| put(k, "v")).collect()).await.unwrap();
@@ -133,6 +151,7 @@ mod embedded_store {
         let s = open(&dir, 100);
         create_get_cas(&s).await;
         multi_key_transactions_are_atomic(&s).await;
+        a_list_larger_than_a_message_is_whole(&s).await;
         watch_from_revision(&s).await;
         compaction_is_reported(&s, || async {
             // The embedded store keeps the last 100 revisions.
@@ -202,6 +221,7 @@ mod etcd_store {
         let s = EtcdStore::connect(url).await.unwrap();
         create_get_cas(&s).await;
         multi_key_transactions_are_atomic(&s).await;
+        a_list_larger_than_a_message_is_whole(&s).await;
         watch_from_revision(&s).await;
         compaction_is_reported(&s, || compact_all(url)).await;
         concurrent_cas_has_one_winner(Arc::new(s)).await;

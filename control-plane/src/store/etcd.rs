@@ -22,6 +22,33 @@ pub struct EtcdStore {
     prefix: String,
 }
 
+/// Keys per page of a list.
+const LIST_PAGE: i64 = 512;
+
+/// The largest response a list page (or a watch response: one
+/// transaction's events) may be; values are at most [`MAX_VALUE_BYTES`],
+/// so a page of one key always fits.
+const MAX_RESPONSE_BYTES: usize = 64 << 20;
+
+/// The end of the range of keys that start with `prefix` (etcd's
+/// `range_end` for a prefix): its last byte below 0xff incremented.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(b) = end.pop() {
+        if b < 0xff {
+            end.push(b + 1);
+            return end;
+        }
+    }
+    // Every byte 0xff (or none): to the end of the keyspace.
+    vec![0]
+}
+
+/// A response larger than the client would decode.
+fn too_large(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.code() == tonic::Code::OutOfRange && s.message().contains("too large"))
+}
+
 fn backend(e: etcd_client::Error) -> StoreError {
     StoreError::Backend(format!("etcd: {e}"))
 }
@@ -152,15 +179,43 @@ impl Store for EtcdStore {
         Ok(resp.kvs().first().map(|kv| self.kv(kv)))
     }
 
+    /// In pages of at most [`LIST_PAGE`] keys, every page at the revision
+    /// of the first (one consistent snapshot): a prefix holding more than a
+    /// response may carry (gRPC's 4 MiB by default; 733 tests and their
+    /// 3,000 processes were more, and every replica's lists failed for
+    /// good) is read whole. A page too large even for
+    /// [`MAX_RESPONSE_BYTES`] is asked for again with half as many keys.
     async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {
-        let resp = retry_read(|| {
-            let (mut kv, k) = (self.client.kv_client(), self.key(prefix));
-            async move { kv.get(k, Some(GetOptions::new().with_prefix())).await }
-        })
-        .await
-        .map_err(backend)?;
-        let rev = resp.header().map(|h| h.revision()).unwrap_or(0).max(0) as u64;
-        Ok((resp.kvs().iter().map(|kv| self.kv(kv)).collect(), rev))
+        let start = self.key(prefix).into_bytes();
+        let end = prefix_end(&start);
+        let (mut out, mut from, mut rev, mut limit) = (Vec::new(), start, 0i64, LIST_PAGE);
+        loop {
+            let page = retry_read(|| {
+                let mut kv = self.client.kv_client().max_decoding_message_size(MAX_RESPONSE_BYTES);
+                let opts = GetOptions::new().with_range(end.clone()).with_limit(limit).with_revision(rev);
+                let key = from.clone();
+                async move { kv.get(key, Some(opts)).await }
+            })
+            .await;
+            let resp = match page {
+                Err(e) if too_large(&e) && limit > 1 => {
+                    limit = (limit / 2).max(1);
+                    continue;
+                }
+                other => other.map_err(backend)?,
+            };
+            if rev == 0 {
+                rev = resp.header().map(|h| h.revision()).unwrap_or(0).max(0);
+            }
+            out.extend(resp.kvs().iter().map(|kv| self.kv(kv)));
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok((out, rev as u64)),
+            }
+        }
     }
 
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<TxnOutcome, StoreError> {
@@ -213,7 +268,11 @@ impl Store for EtcdStore {
         }
         let opts = WatchOptions::new().with_prefix().with_start_revision(after as i64 + 1).with_prev_key();
         let mut stream = retry_read(|| {
-            let (mut w, k, o) = (self.client.watch_client(), self.key(prefix), opts.clone());
+            let (mut w, k, o) = (
+                self.client.watch_client().max_decoding_message_size(MAX_RESPONSE_BYTES),
+                self.key(prefix),
+                opts.clone(),
+            );
             async move { w.watch(k, Some(o)).await }
         })
         .await
@@ -284,6 +343,13 @@ impl Store for EtcdStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefix_ends() {
+        assert_eq!(prefix_end(b"/testbus/tests/"), b"/testbus/tests0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
+    }
 
     #[test]
     fn urls() {
