@@ -260,6 +260,15 @@ struct Replica {
     pid: Option<u32>,
 }
 
+impl Replica {
+    /// Starts this replica (one other than 0) in its namespace.
+    fn start(&mut self, c: &mut Cluster) {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let node = &self.node;
+        self.pid = Some(c.spawn_logged(Some(node), &format!("replica-{node}"), "testbus-control-plane", &args));
+    }
+}
+
 /// What a fault is done to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Target {
@@ -372,10 +381,7 @@ impl Nemesis {
     }
 
     fn start_replica(&mut self, r: usize) {
-        let args: Vec<&str> = self.replicas[r].args.iter().map(String::as_str).collect();
-        let node = self.replicas[r].node.clone();
-        let pid = self.c.spawn_logged(Some(&node), &format!("replica-{node}"), "testbus-control-plane", &args);
-        self.replicas[r].pid = Some(pid);
+        self.replicas[r].start(&mut self.c);
     }
 
     /// The next faults, one of each kind on random targets, in a random
@@ -787,11 +793,10 @@ async fn start(agents: usize, lease: Option<&(String, String)>) -> (Cluster, Vec
         servers.push(format!("https://{listen}"));
         replicas.push(Replica { node, args, pid: None });
     }
-    let mut n = Nemesis { c, replicas, rng: StdRng::seed_from_u64(0) };
-    for r in 1..n.replicas.len() {
-        n.start_replica(r);
+    let mut c = c;
+    for r in replicas.iter_mut().skip(1) {
+        r.start(&mut c);
     }
-    let (mut c, replicas) = (n.c, n.replicas);
     c.agent_server = servers.join(",");
     for i in 0..agents {
         c.kill_agent(i);
@@ -902,7 +907,7 @@ pub async fn run(opts: &Options) -> Report {
         }
         let f = queue.remove(0);
         let what = format!("{} {}", f.kind(), nemesis.node(f.target));
-        tracing_line(&format!("fault {k}: {what} for {:.1} s", f.hold.as_secs_f64()));
+        progress(&format!("fault {k}: {what} for {:.1} s", f.hold.as_secs_f64()));
         hist.lock().push(Event::Fault { what: format!("inject: {what}"), at: now_ms() });
         nemesis.inject(&f).await;
         tokio::time::sleep(f.hold).await;
@@ -910,11 +915,11 @@ pub async fn run(opts: &Options) -> Report {
         hist.lock().push(Event::Fault { what: format!("repair: {what}"), at: now_ms() });
         let recovery = match recover(&nemesis, &api, &hist, &records, k).await {
             Ok(d) => {
-                tracing_line(&format!("  recovered in {:.1} s", d.as_secs_f64()));
+                progress(&format!("  recovered in {:.1} s", d.as_secs_f64()));
                 Some(d)
             }
             Err(why) => {
-                tracing_line(&format!("  not recovered: {why}"));
+                progress(&format!("  not recovered: {why}"));
                 report.broken = Some(format!("the cluster did not recover within {RECOVERY_LIMIT:?} of {what}: {why}"));
                 None
             }
@@ -990,7 +995,7 @@ pub async fn run(opts: &Options) -> Report {
 }
 
 /// Progress on stderr, with the time.
-fn tracing_line(s: &str) {
+fn progress(s: &str) {
     eprintln!("[chaos {}] {s}", now_ms());
 }
 
