@@ -22,23 +22,12 @@ use std::time::{Duration, Instant, SystemTime};
 use testbus_client::Client;
 use testbus_proto::states::{HostPhase, ProcessPhase, StepPhase};
 use testbus_proto::{phase, Process, ProcessSpec, Resource, Test};
-use testbus_tests::{manifest, percentile, wait_for, Cluster};
+use testbus_tests::{manifest, percentile, rss_bytes, wait_for, Cluster};
 
 /// p50, p99 and every sample (sorted), in milliseconds.
 fn summary(mut ms: Vec<f64>) -> serde_json::Value {
     ms.sort_by(f64::total_cmp);
     json!({ "p50_ms": percentile(&ms, 0.5), "p99_ms": percentile(&ms, 0.99), "n": ms.len(), "samples_ms": ms })
-}
-
-fn rss_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("VmRSS:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            })
-        })
-        .map_or(0, |kb| kb * 1024)
 }
 
 /// CPU seconds (user + system) a process has used so far.

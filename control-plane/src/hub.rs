@@ -167,9 +167,18 @@ fn index_of(o: &Object) -> Option<(Kind, String)> {
     }
 }
 
-/// Dispatches store events from `from` on, until the hub is dropped (`stop`
-/// is its drop guard's token; the hub is held weakly in between events). If
-/// the store watch breaks, following restarts from the current revision.
+/// Dispatches store events after `from`, until the hub is dropped (`stop`
+/// is its drop guard's token; the hub is held weakly in between events).
+///
+/// When the store watch breaks (a connection lost, an etcd member without
+/// a leader, a lagging embedded watcher), following resumes after the last
+/// revision dispatched: every event is dispatched once, in order, and the
+/// watchers keep their place. Only when the store no longer has that
+/// history (compacted) does the hub restart from the current revision,
+/// dropping its watchers so that their clients list again. (It used to
+/// watch again from the revision it had *started* at after a failed
+/// restart, replaying every event since to its watchers a second time and
+/// out of order, so that caches went back to old states.)
 async fn follow(
     hub: std::sync::Weak<Hub>,
     store: Arc<dyn Store>,
@@ -177,33 +186,43 @@ async fn follow(
     stop: tokio_util::sync::CancellationToken,
 ) {
     let follow = async {
+        let mut backoff = RESUME_BACKOFF_MIN;
         loop {
             match store.watch(REGISTRY_PREFIX, from).await {
                 Ok(mut stream) => {
                     while let Some(ev) = stream.next().await {
                         let Some(hub) = hub.upgrade() else { return };
                         match ev {
-                            Ok(ev) => hub.dispatch(ev),
+                            Ok(ev) => {
+                                from = from.max(ev.revision());
+                                backoff = RESUME_BACKOFF_MIN;
+                                hub.dispatch(ev);
+                            }
                             Err(e) => {
-                                tracing::warn!(error = %e, "hub: store watch broke; restarting");
+                                tracing::warn!(error = %e, after = from, "hub: store watch broke; resuming");
                                 break;
                             }
                         }
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "hub: store watch failed"),
+                Err(StoreError::Compacted { .. }) => match store.revision().await {
+                    Ok(rev) => {
+                        tracing::warn!(
+                            after = from,
+                            now = rev,
+                            "hub: the store's history after the last event seen is gone; every watcher lists again"
+                        );
+                        let Some(hub) = hub.upgrade() else { return };
+                        hub.restart_at(rev);
+                        from = rev;
+                        continue;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "hub: cannot read the store revision"),
+                },
+                Err(e) => tracing::warn!(error = %e, after = from, "hub: store watch failed; retrying"),
             }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            let rev = match store.revision().await {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!(error = %e, "hub: cannot read the store revision");
-                    continue;
-                }
-            };
-            let Some(hub) = hub.upgrade() else { return };
-            hub.restart_at(rev);
-            from = rev;
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(RESUME_BACKOFF_MAX);
         }
     };
     tokio::select! {
@@ -211,6 +230,11 @@ async fn follow(
         _ = follow => {}
     }
 }
+
+/// How soon the hub watches the store again after its watch broke, at
+/// first and at most (doubling in between).
+const RESUME_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(100);
+const RESUME_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Hub {
     /// Reads the store's current revision, then follows the store in the
@@ -240,9 +264,9 @@ impl Hub {
         }
     }
 
-    /// After the store watch broke: the ring no longer joins up with the
-    /// store, so every watcher is dropped (its client relists) and the hub
-    /// starts again from `rev`.
+    /// After the store lost the history the hub had not seen yet: the ring
+    /// no longer joins up with the store, so every watcher is dropped (its
+    /// client relists) and the hub starts again from `rev`.
     fn restart_at(&self, rev: Revision) {
         let mut st = self.lock();
         st.ring.clear();
@@ -390,6 +414,116 @@ mod tests {
     use super::*;
     use crate::store::{Op, Store};
     use testbus_proto::Resource;
+
+    /// A store whose watch streams end with an error when told to, and
+    /// whose revision can be made unreadable (a partitioned etcd member).
+    struct BreakingStore {
+        inner: Arc<dyn Store>,
+        /// Each bump ends every watch stream made before it.
+        breaks: tokio::sync::watch::Sender<u64>,
+        revision_fails: std::sync::atomic::AtomicBool,
+        watched_after: Mutex<Vec<Revision>>,
+    }
+
+    #[tonic::async_trait]
+    impl Store for BreakingStore {
+        async fn get(&self, key: &str) -> Result<Option<crate::store::KeyValue>, StoreError> {
+            self.inner.get(key).await
+        }
+        async fn list(&self, prefix: &str) -> Result<(Vec<crate::store::KeyValue>, Revision), StoreError> {
+            self.inner.list(prefix).await
+        }
+        async fn txn(
+            &self,
+            compares: Vec<crate::store::Compare>,
+            ops: Vec<Op>,
+        ) -> Result<crate::store::TxnOutcome, StoreError> {
+            self.inner.txn(compares, ops).await
+        }
+        async fn watch(&self, prefix: &str, after: Revision) -> Result<crate::store::EventStream, StoreError> {
+            self.watched_after.lock().push(after);
+            let mut breaks = self.breaks.subscribe();
+            breaks.mark_unchanged();
+            let inner = self.inner.watch(prefix, after).await?;
+            let cut = futures::stream::once(async move {
+                let _ = breaks.changed().await;
+                Err(StoreError::Backend("etcdserver: no leader".into()))
+            });
+            let events = futures::stream::select(inner, cut).scan(false, |ended, ev| {
+                if *ended {
+                    return futures::future::ready(None);
+                }
+                *ended = ev.is_err();
+                futures::future::ready(Some(ev))
+            });
+            Ok(events.boxed())
+        }
+        async fn revision(&self) -> Result<Revision, StoreError> {
+            if self.revision_fails.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(StoreError::Backend("timeout expired".into()));
+            }
+            self.inner.revision().await
+        }
+    }
+
+    async fn put_test(store: &dyn Store, name: &str) -> Revision {
+        let mut t = testbus_proto::Test::default();
+        t.meta_mut().name = name.into();
+        store.txn(vec![], vec![Op::Put(key(Kind::Test, name), t.to_stored())]).await.unwrap().revision
+    }
+
+    /// Chaos found a test whose processes were never all started: a
+    /// replica's hub, after its etcd watch broke and it could not read the
+    /// store's revision, watched again from the revision it had started
+    /// at, and sent every event since to its watchers a second time, old
+    /// states after new ones. Now a broken watch resumes after the last
+    /// event dispatched, whatever else fails: each event reaches a watcher
+    /// once and in order, and the watcher keeps its place.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_broken_store_watch_resumes_after_the_last_event_dispatched() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner: Arc<dyn Store> =
+            Arc::new(crate::store::embedded::EmbeddedStore::open(&dir.path().join("s.redb"), 100_000).unwrap());
+        let store = Arc::new(BreakingStore {
+            inner,
+            breaks: tokio::sync::watch::channel(0).0,
+            revision_fails: false.into(),
+            watched_after: Mutex::new(Vec::new()),
+        });
+        let hub = Hub::start(1000, store.clone()).await.unwrap();
+        let mut sub = hub.watch(Kind::Test, None, None, Filter::default()).unwrap();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        let mut seen = Vec::new();
+        let mut expect = Vec::new();
+        for round in 0..4 {
+            for i in 0..5 {
+                let name = format!("t{round}-{i}");
+                put_test(store.as_ref(), &name).await;
+                expect.push(name);
+            }
+            while seen.len() < expect.len() {
+                let ev = tokio::time::timeout_at(deadline, sub.recv()).await.expect("events stopped coming");
+                let ev = ev.expect("the watcher was dropped: its client would have relisted");
+                seen.push(ev.object.meta().name.clone());
+            }
+            // The watch breaks; on odd rounds the revision is unreadable too.
+            store.revision_fails.store(round % 2 == 1, std::sync::atomic::Ordering::SeqCst);
+            let watches = store.watched_after.lock().len();
+            store.breaks.send_modify(|g| *g += 1);
+            while store.watched_after.lock().len() == watches {
+                assert!(tokio::time::Instant::now() < deadline, "the hub never watched again");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+        assert_eq!(seen, expect, "each event once, in order");
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(300), sub.recv()).await.is_err(),
+            "nothing more was sent"
+        );
+        let after = store.watched_after.lock().clone();
+        assert!(after.windows(2).all(|w| w[0] < w[1]), "each watch resumed after the last event: {after:?}");
+        hub.stop().await;
+    }
 
     /// A burst of large objects leaves the ring at most MAX_RING_BYTES of
     /// them: the oldest go (a watcher that far behind relists), and memory

@@ -940,8 +940,10 @@ pub async fn run(opts: &Options) -> Report {
     // The final read, from a whole cluster: every result read again.
     let mut state = FinalState::default();
     let mut read = true;
+    let mut final_tests = Vec::new();
     match api.list::<Test>().await {
         Some(tests) => {
+            final_tests = tests.clone();
             seen.lock().observe(&tests, &hist, true);
             state = FinalState {
                 tests: tests.iter().map(|t| t.name().to_string()).collect(),
@@ -963,6 +965,21 @@ pub async fn run(opts: &Options) -> Report {
     report.violations = history::check(&events, &state, opts.bound.as_millis() as u64);
     if !read {
         report.violations.retain(|v| !matches!(v, Violation::CreateLost { .. } | Violation::NeverEnded { .. }));
+    }
+    // What a test that never ended was waiting for is in its stored state:
+    // kept for the replay, since no log says it.
+    let unended: Vec<&str> = report
+        .violations
+        .iter()
+        .filter_map(|v| match v {
+            Violation::NeverEnded { test, .. } => Some(test.as_str()),
+            _ => None,
+        })
+        .collect();
+    if !unended.is_empty() {
+        let procs = api.list::<testbus_proto::Process>().await.unwrap_or_default();
+        let hosts = api.list::<Host>().await.unwrap_or_default();
+        let _ = std::fs::write(opts.out.join("unended.txt"), unended_state(&unended, &final_tests, &procs, &hosts));
     }
     {
         let s = seen.lock();
@@ -990,8 +1007,37 @@ pub async fn run(opts: &Options) -> Report {
                 let _ = std::fs::copy(e.path(), logs.join(e.file_name()));
             }
         }
+        // Each agent's keepers log in their own dirs (DATA_DIR/keepers/ID).
+        for host in std::fs::read_dir(nemesis.c.dir.path()).into_iter().flatten().flatten() {
+            for k in std::fs::read_dir(host.path().join("keepers")).into_iter().flatten().flatten() {
+                let name =
+                    format!("{}.keeper-{}.log", host.file_name().to_string_lossy(), k.file_name().to_string_lossy());
+                let _ = std::fs::copy(k.path().join("log"), logs.join(name));
+            }
+        }
     }
     report
+}
+
+/// The stored state of each test that never ended: the test, its
+/// processes and the hosts it claims.
+fn unended_state(names: &[&str], tests: &[Test], procs: &[testbus_proto::Process], hosts: &[Host]) -> String {
+    let mut s = String::new();
+    for name in names {
+        let _ = writeln!(s, "===== test {name}");
+        let Some(t) = tests.iter().find(|t| t.name() == *name) else {
+            let _ = writeln!(s, "(not stored)");
+            continue;
+        };
+        let _ = writeln!(s, "{t:#?}");
+        for p in procs.iter().filter(|p| p.spec().test == *name) {
+            let _ = writeln!(s, "----- process {}\n{p:#?}", p.name());
+        }
+        for h in hosts.iter().filter(|h| t.status().claims.values().any(|c| c == h.name())) {
+            let _ = writeln!(s, "----- host {}\n{h:#?}", h.name());
+        }
+    }
+    s
 }
 
 /// Progress on stderr, with the time.

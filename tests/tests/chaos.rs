@@ -33,7 +33,7 @@ async fn claims_hold_under_faults() {
     let text = report.markdown(&opts);
     eprintln!("{text}");
     let logs = || {
-        let mut s = String::new();
+        let mut s = std::fs::read_to_string(out.join("unended.txt")).unwrap_or_default();
         for e in std::fs::read_dir(out.join("logs")).into_iter().flatten().flatten() {
             let body = std::fs::read_to_string(e.path()).unwrap_or_default();
             let tail: Vec<&str> = body.lines().rev().take(40).collect();
