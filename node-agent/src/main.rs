@@ -486,17 +486,16 @@ impl Agent {
             // Whatever its predecessor left running of it went when this
             // agent started (`containment::end_predecessors`).
             let why = "the agent restarted while the process ran, and no keeper holds it (the host rebooted, or its keeper was killed); its outcome is unknown";
-            runner::end_unrun(&api, &p, ProcessPhase::Lost, ProcessReason::AgentRestarted, why).await;
+            end_unrun(api, p, ProcessPhase::Lost, ProcessReason::AgentRestarted, why);
             return;
         }
         if status_says_started(&p) {
             let why = "the process was started before, but the agent's journal has no record of it (lost or damaged); it is not run again";
-            runner::end_unrun(&api, &p, ProcessPhase::Lost, ProcessReason::JournalLost, why).await;
+            end_unrun(api, p, ProcessPhase::Lost, ProcessReason::JournalLost, why);
             return;
         }
         if p.spec().stop {
-            runner::end_unrun(&api, &p, ProcessPhase::Killed, ProcessReason::Stopped, "stopped before it started")
-                .await;
+            end_unrun(api, p, ProcessPhase::Killed, ProcessReason::Stopped, "stopped before it started");
             return;
         }
         // Its runner starts with the batch (see `start_admitted`); events
@@ -609,6 +608,14 @@ impl Agent {
             }
         }
     }
+}
+
+/// Ends a Process that is not run (its final status written), in the
+/// background: the write is retried until the API takes it, and the event
+/// loop must not wait on that (an API that refuses it for long would hold
+/// up every other process of the host).
+fn end_unrun(api: Api<Process>, p: Process, to: ProcessPhase, reason: ProcessReason, why: &'static str) {
+    tokio::spawn(async move { runner::end_unrun(&api, &p, to, reason, why).await });
 }
 
 /// The agent's own cgroup, removed (if empty) whichever way `run`

@@ -312,3 +312,58 @@ async fn a_keeper_survives_hostile_requests() {
     let out = c.ctl(&["run", "--host", "host-0", "--", "echo", "still"]);
     assert_eq!((out.code, out.stdout.as_str()), (0, "still\n"), "{out:?}");
 }
+
+/// A second connection that said hello and then read nothing (a stale
+/// connection, a foreign client) took every answer of its keeper, the
+/// agent's own spawns' included: the agent waited for a start that was
+/// told elsewhere, and the host ran nothing more. A spawn's answer goes to
+/// the connection that asked, and a process's events to its owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_says_hello_takes_no_answers_from_the_agent() {
+    use std::io::{BufRead, Write};
+    let c = Cluster::start(1).await;
+    let out = c.ctl(&["run", "--host", "host-0", "--", "true"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let (kdir, _) = keepers(&c, "host-0").pop().expect("a keeper");
+    let mut other = std::os::unix::net::UnixStream::connect(kdir.join("sock")).unwrap();
+    other.write_all(format!("{{\"op\":\"hello\",\"protocol\":{}}}\n", 1).as_bytes()).unwrap();
+    other.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut welcome = String::new();
+    std::io::BufReader::new(&other).read_line(&mut welcome).unwrap();
+    assert!(welcome.contains("\"welcome\""), "{welcome}");
+    // It stays connected, silent, while the agent runs processes.
+    for i in 0..3 {
+        let word = format!("answered-{i}");
+        let out = c.ctl(&["run", "--host", "host-0", "--timeout", "60s", "--", "echo", &word]);
+        assert_eq!((out.code, out.stdout.trim()), (0, word.as_str()), "{out:?}");
+    }
+    drop(other);
+    let out = c.ctl(&["run", "--host", "host-0", "--timeout", "60s", "--", "echo", "after"]);
+    assert_eq!((out.code, out.stdout.as_str()), (0, "after\n"), "{out:?}");
+}
+
+/// A keeper that never answers a spawn (wedged; here stopped with SIGSTOP)
+/// once left the process's runner waiting forever: not started, not
+/// stopped by its test's timeout, the test never ending. The spawn is
+/// bounded: the process ends Lost saying why, and the next one runs under
+/// a new keeper.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keeper_that_does_not_answer_a_spawn_loses_that_process_only() {
+    let c = Cluster::start(1).await;
+    let out = c.ctl(&["run", "--host", "host-0", "--", "true"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let (_, kpid) = keepers(&c, "host-0").pop().expect("a keeper");
+    let keeper = nix::unistd::Pid::from_raw(kpid);
+    nix::sys::signal::kill(keeper, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let path = manifest(&c, "w.yaml", &script_test("w", "echo never"));
+    assert_eq!(c.ctl(&["apply", "-f", &path]).code, 0);
+    let p = process_of(&c, "w").await;
+    let p = ended(&c, p.name()).await;
+    nix::sys::signal::kill(keeper, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let s = p.status();
+    assert_eq!((s.phase.as_str(), s.reason.as_str()), ("Lost", "KeeperLost"), "{}", s.message);
+    assert!(s.message.contains("did not say within 30s whether it started"), "{}", s.message);
+    let out = c.ctl(&["run", "--host", "host-0", "--timeout", "60s", "--", "echo", "again"]);
+    assert_eq!((out.code, out.stdout.as_str()), (0, "again\n"), "{out:?}");
+    assert!(keepers(&c, "host-0").iter().any(|(_, pid)| *pid != kpid), "a new keeper started");
+}

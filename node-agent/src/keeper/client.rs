@@ -12,6 +12,9 @@ use tokio_util::sync::CancellationToken;
 
 /// How long a keeper has to answer a connection, and a new one to listen.
 const ANSWER: Duration = Duration::from_secs(5);
+/// How long a keeper has to say whether it started a process (a fork and
+/// an exec: milliseconds, unless it is wedged).
+const SPAWN_ANSWER: Duration = Duration::from_secs(30);
 
 /// One connection to one keeper.
 pub struct KeeperLink {
@@ -103,16 +106,8 @@ impl KeeperLink {
                 };
                 let Ok(Some(ev)) = ev else { break };
                 let Some(link) = reader.upgrade() else { break };
-                let uid = match &ev {
-                    Event::Spawned { uid, .. }
-                    | Event::SpawnFailed { uid, .. }
-                    | Event::Output { uid, .. }
-                    | Event::StdinTaken { uid, .. }
-                    | Event::Exited { uid, .. }
-                    | Event::Refused { uid, .. } => uid.clone(),
-                    Event::Welcome { .. } => continue,
-                };
-                let route = link.routes.lock().get(&uid).cloned();
+                let Some(uid) = ev.uid() else { continue };
+                let route = link.routes.lock().get(uid).cloned();
                 if let Some(route) = route {
                     route.deliver(ev);
                 }
@@ -451,6 +446,14 @@ impl Keepers {
         Ok(link)
     }
 
+    /// New processes go to another keeper than `link` from now on.
+    async fn stop_using(&self, link: &Arc<KeeperLink>) {
+        let mut cur = self.current.lock().await;
+        if cur.as_ref().is_some_and(|c| Arc::ptr_eq(c, link)) {
+            *cur = None;
+        }
+    }
+
     /// Has the current keeper start `spec`.
     pub async fn spawn(&self, spec: SpawnSpec) -> Result<Held, SpawnError> {
         let keeper =
@@ -462,7 +465,24 @@ impl Keepers {
         let (route, events) = link.route(&uid);
         link.send(Request::Spawn(spec));
         let mut held = Held { link, uid, route, events, pid: 0, start_ticks: 0 };
-        match held.next().await {
+        let Ok(answer) = tokio::time::timeout(SPAWN_ANSWER, held.next()).await else {
+            // A keeper that does not answer is not asked again: the next
+            // spawn starts a new one (what this one holds stays with it,
+            // and it retires). Should it start this process late, it is
+            // killed at once (and its cgroup ended by the caller).
+            self.stop_using(&held.link).await;
+            held.signal(nix::sys::signal::Signal::SIGKILL);
+            held.link.send(Request::Retire);
+            return Err(SpawnError {
+                maybe_started: true,
+                ..keeper(format!(
+                    "the keeper (pid {}) did not say within {}s whether it started the process",
+                    held.link.pid,
+                    SPAWN_ANSWER.as_secs()
+                ))
+            });
+        };
+        match answer {
             Some(Event::Spawned { pid, start_ticks, .. }) => {
                 held.pid = pid;
                 held.start_ticks = start_ticks;
@@ -471,10 +491,7 @@ impl Keepers {
             Some(Event::SpawnFailed { stage, errno, message, .. }) => {
                 if stage == SpawnStage::Keeper {
                     // Retiring or full: the next spawn starts a new one.
-                    let mut cur = self.current.lock().await;
-                    if cur.as_ref().is_some_and(|c| Arc::ptr_eq(c, &held.link)) {
-                        *cur = None;
-                    }
+                    self.stop_using(&held.link).await;
                 }
                 Err(SpawnError { stage, errno, message, maybe_started: false })
             }

@@ -151,6 +151,21 @@ pub enum Event {
     },
 }
 
+impl Event {
+    /// The process it is about (none for a welcome).
+    pub fn uid(&self) -> Option<&str> {
+        match self {
+            Event::Spawned { uid, .. }
+            | Event::SpawnFailed { uid, .. }
+            | Event::Output { uid, .. }
+            | Event::StdinTaken { uid, .. }
+            | Event::Exited { uid, .. }
+            | Event::Refused { uid, .. } => Some(uid),
+            Event::Welcome { .. } => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum SpawnStage {

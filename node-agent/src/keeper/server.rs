@@ -52,6 +52,10 @@ struct Kept {
     stdin_written: Arc<AtomicU64>,
     reaped: bool,
     exit: Option<ExitRecord>,
+    /// The connection its events go to: the one that started it, until a
+    /// newer agent says hello (and takes over all that is held), or this
+    /// one closes (and the newest left gets it).
+    owner: u64,
 }
 
 impl Kept {
@@ -88,8 +92,10 @@ struct Agent {
 
 struct State {
     kept: HashMap<String, Kept>,
-    /// Connections that said hello, oldest first: events go to the newest
-    /// (a new agent), and back to the one before when it closes.
+    /// Connections that said hello, oldest first. A process's events go to
+    /// its owner (see `Kept::owner`); a second connection (a stale one, a
+    /// foreign client) that said hello took every answer once, the
+    /// agent's own spawns' included, and their processes never started.
     agents: Vec<Agent>,
     /// When the last agent went (or the keeper started).
     alone_since: tokio::time::Instant,
@@ -110,8 +116,13 @@ struct Shared {
 }
 
 impl Shared {
+    /// Sends `ev` to the connection that owns its process (the newest one
+    /// when that is gone, or for a process not held).
     fn send(&self, ev: Event) {
-        if let Some(a) = self.state.lock().agents.last() {
+        let s = self.state.lock();
+        let owner = ev.uid().and_then(|uid| s.kept.get(uid)).map(|k| k.owner);
+        let to = owner.and_then(|o| s.agents.iter().find(|a| a.conn == o)).or(s.agents.last());
+        if let Some(a) = to {
             let _ = a.events.send(ev);
         }
     }
@@ -280,10 +291,11 @@ async fn serve_conn(shared: Arc<Shared>, stream: tokio::net::UnixStream, conn: u
             // Output events sent while no agent listened were lost: the
             // welcome says how far each stream is, and the next write
             // sends an event again.
-            for k in s.kept.values() {
+            for k in s.kept.values_mut() {
                 for p in &k.pending {
                     p.store(false, Ordering::Release);
                 }
+                k.owner = conn;
             }
             let held = s.kept.iter().map(|(uid, k)| k.state(uid)).collect();
             let welcome = Event::Welcome {
@@ -294,8 +306,8 @@ async fn serve_conn(shared: Arc<Shared>, stream: tokio::net::UnixStream, conn: u
                 accepting: !s.retiring && !s.orphaned,
             };
             let _ = tx.send(welcome);
-            // The newest connection is the agent's; an older one hears no
-            // more until this one closes.
+            // The newest connection is the agent's: it holds all that was
+            // held; what an older one starts from now on stays its own.
             s.agents.push(Agent { conn, events: tx.clone() });
             s.ever_connected = true;
             shared.connected.store(true, Ordering::Release);
@@ -303,13 +315,13 @@ async fn serve_conn(shared: Arc<Shared>, stream: tokio::net::UnixStream, conn: u
             shared.changed.notify_one();
             continue;
         }
-        handle(&shared, req, &tx);
+        handle(&shared, req, (conn, &tx));
     }
     {
         let mut s = shared.state.lock();
-        let was_current = s.agents.last().is_some_and(|a| a.conn == conn);
         s.agents.retain(|a| a.conn != conn);
-        match s.agents.last() {
+        let next = s.agents.last().map(|a| (a.conn, a.events.clone()));
+        match next {
             None => {
                 s.alone_since = tokio::time::Instant::now();
                 // Nobody uploads now: the spools keep the newest bytes
@@ -319,19 +331,19 @@ async fn serve_conn(shared: Arc<Shared>, stream: tokio::net::UnixStream, conn: u
                     k.room.notify_waiters();
                 }
             }
-            // Back to the connection before: it missed what was sent to
-            // this one, so it is told where everything stands.
-            Some(a) if was_current => {
-                for (uid, k) in &s.kept {
+            // What this one owned goes to the newest left: it missed what
+            // was sent here, so it is told where each stands.
+            Some((next, events)) => {
+                for (uid, k) in s.kept.iter_mut().filter(|(_, k)| k.owner == conn) {
+                    k.owner = next;
                     for p in &k.pending {
                         p.store(false, Ordering::Release);
                     }
                     for ev in resync(uid, k) {
-                        let _ = a.events.send(ev);
+                        let _ = events.send(ev);
                     }
                 }
             }
-            Some(_) => {}
         }
     }
     shared.changed.notify_one();
@@ -364,7 +376,7 @@ async fn write_events(
     }
 }
 
-fn handle(shared: &Arc<Shared>, req: Request, tx: &mpsc::UnboundedSender<Event>) {
+fn handle(shared: &Arc<Shared>, req: Request, (conn, tx): (u64, &mpsc::UnboundedSender<Event>)) {
     let refuse = |uid: &str, message: String| {
         let _ = tx.send(Event::Refused { uid: uid.to_string(), message });
     };
@@ -390,7 +402,7 @@ fn handle(shared: &Arc<Shared>, req: Request, tx: &mpsc::UnboundedSender<Event>)
                 return failed(format!("the keeper holds {MAX_HELD} processes already"));
             }
             drop(s);
-            tokio::spawn(run(shared.clone(), *spec));
+            tokio::spawn(run(shared.clone(), *spec, (conn, tx.clone())));
         }
         Request::Signal { uid, signal } => match shared.state.lock().kept.get(&uid) {
             Some(k) => k.signal(signal),
@@ -441,11 +453,13 @@ fn handle(shared: &Arc<Shared>, req: Request, tx: &mpsc::UnboundedSender<Event>)
     }
 }
 
-/// One process from spawn to its exit record.
-async fn run(shared: Arc<Shared>, spec: SpawnSpec) {
+/// One process from spawn to its exit record. Whether it started is told
+/// to the connection that asked (`asker`, connection `owner`), which waits
+/// for that answer; what follows goes to the process's owner.
+async fn run(shared: Arc<Shared>, spec: SpawnSpec, (owner, asker): (u64, mpsc::UnboundedSender<Event>)) {
     let uid = spec.uid.clone();
     let failed = |stage, errno, message: String| {
-        shared.send(Event::SpawnFailed { uid: uid.clone(), stage, errno, message });
+        let _ = asker.send(Event::SpawnFailed { uid: uid.clone(), stage, errno, message });
     };
     let cgroup = match &spec.containment {
         SpawnContainment::Cgroup(root) => match ProcessCgroup::create(root, &uid) {
@@ -576,9 +590,11 @@ async fn run(shared: Arc<Shared>, spec: SpawnSpec) {
             stdin_written,
             reaped: false,
             exit: None,
+            owner,
         },
     );
-    shared.send(Event::Spawned { uid: uid.clone(), pid, start_ticks });
+    let _ = asker.send(Event::Spawned { uid: uid.clone(), pid, start_ticks });
+    drop(asker);
     let mut readers = Vec::new();
     for (stream, pipe) in [(0u8, child.stdout.take().map(boxed)), (1u8, child.stderr.take().map(boxed))] {
         let Some(pipe) = pipe else { continue };
