@@ -41,6 +41,7 @@ pub enum ConnectError {
 pub struct Client {
     channel: Channel,
     server: String,
+    connector: Connector,
 }
 
 enum Target {
@@ -83,72 +84,110 @@ fn parse_server(server: &str) -> Result<Target, ConnectError> {
 /// replica is tried.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// A plain connection whose peer must answer within `limit` of the first
-/// bytes sent to it: a listener that accepts and stays silent (a stuck
-/// process, a port forward to nowhere) failed a call only when HTTP/2's
-/// keepalive gave up, 20 s later. Once the peer has said anything, it is
-/// a plain stream.
-struct FirstAnswerDeadline<S> {
+/// A client's connection, with two guards.
+///
+/// - A plain connection's peer must answer within `first_answer` of the
+///   first bytes sent to it: a listener that accepts and stays silent (a
+///   stuck process, a port forward to nowhere) failed a call only when
+///   HTTP/2's keepalive gave up, 20 s later. Once the peer has said
+///   anything, that guard is off. (A TLS peer has answered by then.)
+/// - Once `cut` is cancelled ([`Client::fail_over`]), every read and write
+///   fails, so the channel drops the connection and connects again: a
+///   peer that accepts calls and answers none (a replica cut off one way,
+///   or stopped) keeps a live-looking connection for 20 s otherwise.
+struct GuardedIo<S> {
     inner: S,
-    limit: Duration,
-    /// Set at the first write; gone once the peer answered.
+    first_answer: Option<Duration>,
+    /// Set at the first write while `first_answer` holds.
     deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
-    answered: bool,
+    cut: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
 }
 
-impl<S> FirstAnswerDeadline<S> {
-    fn new(inner: S, limit: Duration) -> Self {
-        FirstAnswerDeadline { inner, limit, deadline: None, answered: false }
+impl<S> GuardedIo<S> {
+    fn new(inner: S, first_answer: Option<Duration>, cut: tokio_util::sync::CancellationToken) -> Self {
+        GuardedIo { inner, first_answer, deadline: None, cut: Box::pin(cut.cancelled_owned()) }
+    }
+
+    fn cut(&mut self, cx: &mut std::task::Context<'_>) -> std::io::Result<()> {
+        match self.cut.as_mut().poll(cx) {
+            std::task::Poll::Ready(()) => Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "the client gave this connection up (its calls were not answered)",
+            )),
+            std::task::Poll::Pending => Ok(()),
+        }
+    }
+
+    fn writing(&mut self, cx: &mut std::task::Context<'_>) -> std::io::Result<()> {
+        self.cut(cx)?;
+        if let (Some(limit), None) = (self.first_answer, &self.deadline) {
+            self.deadline = Some(Box::pin(tokio::time::sleep(limit)));
+        }
+        Ok(())
     }
 }
 
-impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for FirstAnswerDeadline<S> {
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for GuardedIo<S> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         use std::task::Poll;
+        if let Err(e) = self.cut(cx) {
+            return Poll::Ready(Err(e));
+        }
         let before = buf.filled().len();
         let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = r {
             if buf.filled().len() > before {
-                self.answered = true;
+                self.first_answer = None;
                 self.deadline = None;
             }
             return r;
         }
-        if !self.answered {
-            let limit = self.limit;
-            if let Some(d) = self.deadline.as_mut() {
-                if d.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("the server accepted the connection but said nothing in {}s", limit.as_secs()),
-                    )));
-                }
+        if let (Some(limit), Some(d)) = (self.first_answer, self.deadline.as_mut()) {
+            if d.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the server accepted the connection but said nothing in {}s", limit.as_secs()),
+                )));
             }
         }
         r
     }
 }
 
-impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for FirstAnswerDeadline<S> {
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for GuardedIo<S> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        if !self.answered && self.deadline.is_none() {
-            self.deadline = Some(Box::pin(tokio::time::sleep(self.limit)));
+        if let Err(e) = self.writing(cx) {
+            return std::task::Poll::Ready(Err(e));
         }
         std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if let Err(e) = self.writing(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
+        if let Err(e) = self.cut(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
         std::pin::Pin::new(&mut self.inner).poll_flush(cx)
     }
 
@@ -157,17 +196,6 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for FirstAnswerDead
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        if !self.answered && self.deadline.is_none() {
-            self.deadline = Some(Box::pin(tokio::time::sleep(self.limit)));
-        }
-        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -239,10 +267,14 @@ struct Connector {
     addrs: std::sync::Arc<Vec<Addr>>,
     tls: Option<Tls>,
     last_good: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Cuts the connection made last (see [`Client::fail_over`]).
+    current: std::sync::Arc<parking_lot::Mutex<tokio_util::sync::CancellationToken>>,
 }
 
 impl Connector {
-    async fn connect_one(addr: &Addr, tls: Option<&Tls>) -> std::io::Result<Box<dyn Io>> {
+    /// A connection to `addr`, and how long its peer has to answer first
+    /// (plain TCP only; see [`GuardedIo`]).
+    async fn connect_one(addr: &Addr, tls: Option<&Tls>) -> std::io::Result<(Box<dyn Io>, Option<Duration>)> {
         let other = |e: String| std::io::Error::other(e);
         match addr {
             Addr::Tcp { host, port, https } => {
@@ -251,23 +283,23 @@ impl Connector {
                 if !*https {
                     // (A TLS server has answered by now; a plain one only
                     // answers HTTP/2's preface, once it is sent.)
-                    return Ok(Box::new(FirstAnswerDeadline::new(s, CONNECT_TIMEOUT)));
+                    return Ok((Box::new(s), Some(CONNECT_TIMEOUT)));
                 }
                 let tls = tls.ok_or_else(|| other("https needs TLS settings (a CA to check the server by)".into()))?;
                 let name =
                     rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| other(format!("{host}: {e}")))?;
-                Ok(Box::new(tls.connector().connect(name, s).await?))
+                Ok((Box::new(tls.connector().connect(name, s).await?), None))
             }
             Addr::Unix { path, tls: secure } => {
                 let s = tokio::net::UnixStream::connect(path).await?;
                 if !*secure {
-                    return Ok(Box::new(s));
+                    return Ok((Box::new(s), None));
                 }
                 let tls =
                     tls.ok_or_else(|| other("unix+tls needs TLS settings (a CA to check the server by)".into()))?;
                 let name = rustls::pki_types::ServerName::try_from(testbus_pki::SERVER_NAME)
                     .map_err(|e| other(e.to_string()))?;
-                Ok(Box::new(tls.connector().connect(name, s).await?))
+                Ok((Box::new(tls.connector().connect(name, s).await?), None))
             }
         }
     }
@@ -281,9 +313,11 @@ impl Connector {
             let ix = (start + i) % n;
             let addr = &self.addrs[ix];
             match tokio::time::timeout(CONNECT_TIMEOUT, Self::connect_one(addr, self.tls.as_ref())).await {
-                Ok(Ok(s)) => {
+                Ok(Ok((s, first_answer))) => {
                     self.last_good.store(ix, Ordering::Relaxed);
-                    return Ok(TokioIo::new(s));
+                    let cut = tokio_util::sync::CancellationToken::new();
+                    *self.current.lock() = cut.clone();
+                    return Ok(TokioIo::new(Box::new(GuardedIo::new(s, first_answer, cut))));
                 }
                 Ok(Err(e)) if n == 1 => return Err(e),
                 Ok(Err(e)) => errors.push(format!("{addr}: {e}")),
@@ -331,7 +365,18 @@ impl Target {
                 (eps[0].clone(), addrs)
             }
         };
-        (ep, Connector { addrs: std::sync::Arc::new(addrs), tls, last_good: Default::default() })
+        // The connector tries each address within CONNECT_TIMEOUT: the
+        // channel must give it time to get past a replica that accepts and
+        // then stays silent (a stopped one) to the next.
+        let n = u32::try_from(addrs.len()).unwrap_or(u32::MAX);
+        let ep = ep.connect_timeout(CONNECT_TIMEOUT.saturating_mul(n) + Duration::from_secs(1));
+        let connector = Connector {
+            addrs: std::sync::Arc::new(addrs),
+            tls,
+            last_good: Default::default(),
+            current: Default::default(),
+        };
+        (ep, connector)
     }
 }
 
@@ -357,8 +402,8 @@ impl Client {
             ConnectError::Unreachable(server.to_string(), msg)
         };
         let (ep, connector) = parse_server(server)?.into_parts(tls);
-        let channel = ep.connect_with_connector(connector).await.map_err(unreachable)?;
-        Ok(Client { channel, server: server.to_string() })
+        let channel = ep.connect_with_connector(connector.clone()).await.map_err(unreachable)?;
+        Ok(Client { channel, server: server.to_string(), connector })
     }
 
     /// Connects on first use and reconnects by itself: for daemons that must
@@ -369,11 +414,24 @@ impl Client {
 
     pub fn lazy_with(server: &str, tls: Option<Tls>) -> Result<Client, ConnectError> {
         let (ep, connector) = parse_server(server)?.into_parts(tls);
-        Ok(Client { channel: ep.connect_with_connector_lazy(connector), server: server.to_string() })
+        Ok(Client { channel: ep.connect_with_connector_lazy(connector.clone()), server: server.to_string(), connector })
     }
 
     pub fn server(&self) -> &str {
         &self.server
+    }
+
+    /// Gives up the connection in use, for calls that time out on it (a
+    /// replica cut off one way, or stopped, accepts calls and answers none,
+    /// and its connection looks alive for 20 s more): calls on it fail
+    /// now, and the next one connects again, to the next address first.
+    pub fn fail_over(&self) {
+        use std::sync::atomic::Ordering;
+        let n = self.connector.addrs.len();
+        if n > 1 {
+            let _ = self.connector.last_good.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |i| Some((i + 1) % n));
+        }
+        self.connector.current.lock().cancel();
     }
 
     pub fn api<K: ApiResource>(&self) -> Api<K> {

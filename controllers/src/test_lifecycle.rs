@@ -482,6 +482,14 @@ async fn conclude(
         return Ok(Action::AwaitChange);
     }
     if !stop_all(ctx, t, procs).await? {
+        // Stuck here while an agent does not act on a stop: the test says
+        // which processes it waits for, and where.
+        let why = test_plan::waiting_for_stops(procs);
+        if t.status().message != why {
+            let mut next = t.clone();
+            next.status_mut().message = why;
+            ctx.client.api::<Test>().update_status(next).await.doing("saying what the ending test waits for")?;
+        }
         return Ok(Action::Requeue(Duration::from_secs(5)));
     }
     let cancelled = !t.meta().deletion_timestamp.is_empty();

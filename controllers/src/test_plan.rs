@@ -378,6 +378,30 @@ pub struct Stops {
     pub all_ended: bool,
 }
 
+/// What a test that has its verdict waits for while its processes stop,
+/// as its status says it (a process whose agent never acts on the stop
+/// keeps the test open: it must say on which host). Empty when none runs.
+pub fn waiting_for_stops(procs: &[Arc<Process>]) -> String {
+    const NAMED: usize = 5;
+    let running: Vec<&Arc<Process>> = procs.iter().filter(|p| !phase::process_terminal(&p.status().phase)).collect();
+    if running.is_empty() {
+        return String::new();
+    }
+    let mut names: Vec<String> = running
+        .iter()
+        .take(NAMED)
+        .map(|p| {
+            let phase = if p.status().phase.is_empty() { "Pending" } else { p.status().phase.as_str() };
+            format!("{} on host {} ({phase})", p.name(), p.spec().host_name)
+        })
+        .collect();
+    if running.len() > NAMED {
+        names.push(format!("{} more", running.len() - NAMED));
+    }
+    let n = running.len();
+    format!("ending: waiting for {n} process{} to stop: {}", if n == 1 { "" } else { "es" }, names.join(", "))
+}
+
 pub fn stops(procs: &[Arc<Process>], hosts: &impl HostView) -> Stops {
     let mut s = Stops { all_ended: true, ..Default::default() };
     for p in procs.iter().filter(|p| !phase::process_terminal(&p.status().phase)) {
@@ -754,6 +778,31 @@ spec:
         assert_eq!(p.create.len(), 1);
         assert_eq!(p.create[0].spec().step, "child.inner");
         assert_eq!(p.create[0].spec().env.get("LEVEL").map(String::as_str), Some("child"));
+    }
+
+    #[test]
+    fn a_test_ending_says_which_processes_it_waits_for() {
+        let t = running(CHAIN);
+        let plan = plan(&t, &[], &ready_hosts(&t), at(1));
+        assert!(!plan.create.is_empty());
+        let mut procs = with_status(&plan.create, |_| in_phase("Running"));
+        assert_eq!(
+            waiting_for_stops(&procs),
+            format!("ending: waiting for 1 process to stop: {} on host h-a (Running)", procs[0].name())
+        );
+        procs = with_status(&plan.create, |_| exited(0));
+        assert_eq!(waiting_for_stops(&procs), "");
+        let many: Vec<Arc<Process>> = (0..7)
+            .map(|i| {
+                let mut p = (*procs[0]).clone();
+                p.meta_mut().name = format!("p{i}");
+                *p.status_mut() = in_phase("");
+                Arc::new(p)
+            })
+            .collect();
+        let why = waiting_for_stops(&many);
+        assert!(why.starts_with("ending: waiting for 7 processes to stop: p0 on host h-a (Pending), "), "{why}");
+        assert!(why.ends_with("p4 on host h-a (Pending), 2 more"), "{why}");
     }
 
     #[test]

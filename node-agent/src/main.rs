@@ -283,28 +283,32 @@ async fn keep_lease(client: Client, mine: Host, every: Duration, take_over: Take
     let mut backoff = Duration::from_millis(100);
     let me = mine.status().agent_id.clone();
     loop {
-        let res = if registered {
-            // A renewal that hangs on a dead connection must not stall the
-            // heartbeat: give up after one renewal period and try again.
-            let mut req = tonic::Request::new(testbus_proto::RenewLeaseRequest {
-                name: mine.name().to_string(),
-                agent_id: me.clone(),
-                release: false,
-            });
-            req.set_timeout(every);
-            match hosts.renew_lease(req).await {
-                Ok(_) => Ok(()),
-                Err(s) if s.code() == Code::FailedPrecondition && s.message().starts_with("taken over") => {
-                    return LeaseLost::TakenOver(s.message().to_string())
+        // A renewal (or registration) that hangs on a connection nobody
+        // answers must not stall the heartbeat: given up after one renewal
+        // period, and tried again on another connection (see below).
+        let attempt = async {
+            if registered {
+                let req = testbus_proto::RenewLeaseRequest {
+                    name: mine.name().to_string(),
+                    agent_id: me.clone(),
+                    release: false,
+                };
+                match hosts.renew_lease(req).await {
+                    Ok(_) => Ok(Ok(())),
+                    Err(s) if s.code() == Code::FailedPrecondition && s.message().starts_with("taken over") => {
+                        Ok(Err(LeaseLost::TakenOver(s.message().to_string())))
+                    }
+                    Err(s) => Err(s),
                 }
-                Err(s) => Err(s),
+            } else {
+                register(&api, &mine, take_over).await
             }
-        } else {
-            match register(&api, &mine, take_over).await {
-                Ok(Err(lost)) => return lost,
-                Ok(Ok(())) => Ok(()),
-                Err(s) => Err(s),
-            }
+        };
+        let res = match tokio::time::timeout(every, attempt).await {
+            Ok(Ok(Err(lost))) => return lost,
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Err(s)) => Err(s),
+            Err(_) => Err(tonic::Status::deadline_exceeded(format!("not answered within {:.1}s", every.as_secs_f64()))),
         };
         match res {
             Ok(()) => {
@@ -318,6 +322,14 @@ async fn keep_lease(client: Client, mine: Host, every: Duration, take_over: Take
             Err(s) => {
                 if s.code() == Code::NotFound {
                     registered = false;
+                }
+                if matches!(s.code(), Code::Cancelled | Code::DeadlineExceeded) {
+                    // Not answered in a renewal period: the replica may
+                    // hear nothing this agent sends (cut off one way, or
+                    // stopped) while its connection looks alive for 20 s
+                    // more, longer than a short lease lasts. The next try
+                    // goes to another replica, on a new connection.
+                    client.fail_over();
                 }
                 let jitter = Duration::from_millis(u64::from(std::process::id() % 97));
                 let retry = format!("{:.1}s", (backoff + jitter).as_secs_f64());

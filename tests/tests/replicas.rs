@@ -19,12 +19,12 @@ fn leads(log: &str) -> bool {
 /// three-member etcd; agents given both addresses, A first; testbusctl runs
 /// in host-0's namespace so that it reaches both. Returns B's socket.
 async fn start_replicas(hosts: usize) -> (Cluster, PathBuf) {
-    start_replicas_with(hosts, "testbus-control-plane").await
+    start_replicas_with(hosts, "testbus-control-plane", &[]).await
 }
 
 /// [`start_replicas`], replica B started from `b_program` (a path, or the
-/// workspace's binary).
-async fn start_replicas_with(hosts: usize, b_program: &str) -> (Cluster, PathBuf) {
+/// workspace's binary), the agents with `agent_args` too.
+async fn start_replicas_with(hosts: usize, b_program: &str, agent_args: &[&str]) -> (Cluster, PathBuf) {
     let mut c = Cluster::start_on_etcd(hosts, 3).await;
     wait_for(Duration::from_secs(20), "replica A to lead", || async {
         leads(&c.read_log("control-plane")).then_some(())
@@ -52,9 +52,19 @@ async fn start_replicas_with(hosts: usize, b_program: &str) -> (Cluster, PathBuf
     .await;
     assert!(!leads(&c.read_log("testbus-control-plane")), "only one replica leads");
     c.agent_server = BOTH.into();
+    c.agent_args.extend(agent_args.iter().map(|a| a.to_string()));
     for i in 0..hosts {
         c.kill_agent(i);
         c.start_agent(i);
+    }
+    // Ready as the agents that know both replicas left it, not as the
+    // first ones did.
+    let registered = format!("server=\"{BOTH}\"");
+    for i in 0..hosts {
+        wait_for(Duration::from_secs(30), &format!("host-{i}'s agent to register with both replicas"), || async {
+            c.read_log(&format!("host-{i}")).contains(&registered).then_some(())
+        })
+        .await;
     }
     c.wait_hosts_ready(hosts).await;
     c.ctl_node = Some("host-0".into());
@@ -284,7 +294,7 @@ async fn a_deposed_leaders_guest_work_ends_with_its_term() {
     let lone = tempfile::tempdir().unwrap();
     let lone_cp = lone.path().join("testbus-control-plane");
     std::fs::copy(bin_dir().join("testbus-control-plane"), &lone_cp).unwrap();
-    let (c, _b_sock) = start_replicas_with(1, lone_cp.to_str().unwrap()).await;
+    let (c, _b_sock) = start_replicas_with(1, lone_cp.to_str().unwrap(), &[]).await;
     let pool = manifest(
         &c,
         "pool.yaml",
@@ -339,4 +349,48 @@ async fn a_deposed_leaders_guest_work_ends_with_its_term() {
         .unwrap();
     assert!(String::from_utf8_lossy(&snapshots.stdout).trim().is_empty(), "A snapshotted the guest after its term");
     assert!(client.api::<Host>().get_opt(&guest).await.unwrap().is_none(), "the guest registered");
+}
+
+/// A replica that stops answering (here SIGSTOP; a one-way cut is the
+/// same) keeps its connections looking alive until HTTP/2's keepalive gives
+/// up, 20 s later: its agents' lease renewals waited on it, longer than a
+/// short lease, and the other replica, leading then, found every host lost
+/// (chaos runs did, seeds 22 and 23). An agent whose renewal is not
+/// answered within a renewal period moves to the next replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_renew_through_another_replica_when_theirs_stops_answering() {
+    if !needs_root("the replica tests") {
+        return;
+    }
+    let (c, b_sock) = start_replicas_with(2, "testbus-control-plane", &["--lease-duration", "2s"]).await;
+    let b = Client::connect(&format!("unix:{}", b_sock.display())).await.unwrap();
+    let a = nix::unistd::Pid::from_raw(c.control_plane_pid() as i32);
+    nix::sys::signal::kill(a, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let check = async {
+        wait_for(Duration::from_secs(30), "replica B to lead", || async {
+            leads(&c.read_log("testbus-control-plane")).then_some(())
+        })
+        .await;
+        // Leading, B judges the leases: for 8 s (four lease terms), every
+        // host stays Ready.
+        let until = tokio::time::Instant::now() + Duration::from_secs(8);
+        while tokio::time::Instant::now() < until {
+            let (hosts, _) = b.api::<Host>().list("", "").await.unwrap();
+            let lost: Vec<String> = hosts
+                .iter()
+                .filter(|h| h.status().phase != "Ready")
+                .map(|h| format!("{}: {} {}", h.name(), h.status().phase, h.status().message))
+                .collect();
+            if !lost.is_empty() {
+                return Err(lost);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(())
+    };
+    let r = check.await;
+    nix::sys::signal::kill(a, nix::sys::signal::Signal::SIGCONT).unwrap();
+    if let Err(lost) = r {
+        panic!("hosts were lost while replica B answered: {lost:?}\n{}", c.read_log("host-0"));
+    }
 }
