@@ -42,7 +42,7 @@ if sys.argv[1] == "--from":
 else:
     work, out, profile, full = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
     scenarios = {}
-    for name in ["store", "link", "proxy", "run", "start", "throughput", "tls", "dashboard", "queue", "fanout", "output", "files", "idle", "sync", "watches", "python", "pools", "containers"]:
+    for name in ["store", "link", "proxy", "run", "containment", "start", "throughput", "tls", "dashboard", "queue", "fanout", "output", "files", "idle", "sync", "watches", "python", "pools", "containers"]:
         v = load(name)
         if v is not None:
             scenarios[name] = v
@@ -88,6 +88,13 @@ if s:
     lines += ["", "testbus / ControlMaster: %.2f; fresh ssh / testbus: %.1f" % (r["testbus_over_controlmaster"], r["ssh_fresh_over_testbus"])]
     target("`run -- true` against ssh ControlMaster", "≤ 1.5×", "%.2f×" % r["testbus_over_controlmaster"], r["testbus_over_controlmaster"] <= 1.5)
     target("`run -- true` against fresh ssh", "≥ 10× faster", "%.1f×" % r["ssh_fresh_over_testbus"], r["ssh_fresh_over_testbus"] >= 10)
+
+s = scenarios.get("containment")
+if s:
+    lines += ["", "## One command under each containment (the same footing: TLS, namespaces; medians of %d)" % s["cgroup"]["n"], "",
+              "| agent's `--containment` | p50 (ms) | p99 (ms) |", "|---|---:|---:|"]
+    for k, label in [("cgroup", "cgroup (the default)"), ("process-group", "process-group"), ("pid-namespace", "pid-namespace")]:
+        lines.append("| %s | %s | %s |" % (label, ms(s[k]["p50_ms"]), ms(s[k]["p99_ms"])))
 
 s = scenarios.get("python")
 if s:

@@ -270,6 +270,35 @@ spec:
     Ok(out)
 }
 
+/// `testbusctl run --host H -- true` under each containment the agent
+/// offers, on the default footing otherwise (TLS, network namespaces, the
+/// CLI run from the control plane's): what containment costs one command,
+/// and the comparison behind issue 33's two figures (the bench's agents
+/// keep the machine's cgroups in view, and contain in cgroups; an agent
+/// started through `ip netns exec` sees a /sys of its own, no cgroups, and
+/// falls back to process groups).
+async fn run_containment(smoke: bool) -> anyhow::Result<serde_json::Value> {
+    let n = if smoke { 3 } else { 60 };
+    let ctl = testbus_tests::bin_dir().join("testbusctl");
+    let mut out = serde_json::Map::new();
+    for containment in ["cgroup", "process-group", "pid-namespace"] {
+        let c = Cluster::start_with(1, &["--containment", containment]).await;
+        let run = || {
+            let mut cmd = c.command_in("cp", &ctl);
+            cmd.args(["--server", "https://10.77.0.1:7780", "run", "--host", "host-0", "--", "true"]);
+            cmd.env("TESTBUS_CONFIG", c.dir.path().join("admin.yaml"));
+            cmd
+        };
+        timed(&mut run())?;
+        let mut ms = Vec::new();
+        for _ in 0..n {
+            ms.push(timed(&mut run())?);
+        }
+        out.insert(containment.into(), summary(ms));
+    }
+    Ok(serde_json::Value::Object(out))
+}
+
 /// TLS against `--insecure`, on the same footing (every process on
 /// loopback, one cluster each): `testbusctl run -- true` through the TCP
 /// listener (a new connection, and with TLS a handshake, per command), and
@@ -1012,6 +1041,7 @@ async fn main() {
     }
     let r = match args.first().map(String::as_str) {
         Some("run") => run_true(smoke).await,
+        Some("containment") => run_containment(smoke).await,
         Some("start") => start(smoke).await,
         Some("throughput") => throughput(smoke).await,
         Some("fanout") => fanout(smoke).await,
@@ -1028,7 +1058,7 @@ async fn main() {
         Some("python") => python(smoke).await,
         _ => {
             eprintln!(
-                "usage: testbus-bench run|start|throughput|fanout|output|files|idle|sync|watches|pools|containers|tls|dashboard|queue|python [--smoke]"
+                "usage: testbus-bench run|containment|start|throughput|fanout|output|files|idle|sync|watches|pools|containers|tls|dashboard|queue|python [--smoke]"
             );
             std::process::exit(2);
         }

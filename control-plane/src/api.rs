@@ -542,6 +542,23 @@ impl<K: Policy> ResourceService<K> {
         Ok(obj.clone())
     }
 
+    /// An update that names a uid is for that object only: one of the
+    /// same name made since (a test's next attempt names its Processes
+    /// alike) is another object, and the one updated is gone. As
+    /// Kubernetes' uid precondition; an update without a uid is for
+    /// whatever has the name.
+    fn same_object(current: &K, new: &K) -> Result<(), Status> {
+        let (had, has) = (&new.meta().uid, &current.meta().uid);
+        if had.is_empty() || had == has {
+            return Ok(());
+        }
+        Err(Status::failed_precondition(format!(
+            "metadata.uid: {} {:?} with uid {had} is gone (the one of that name now has uid {has})",
+            K::KIND,
+            current.name()
+        )))
+    }
+
     fn expect_rv(obj: &K) -> Result<u64, Status> {
         if obj.resource_version().is_empty() {
             return Err(Status::invalid_argument(
@@ -554,6 +571,7 @@ impl<K: Policy> ResourceService<K> {
     pub async fn update(&self, scope: &Scope, new: K) -> Result<K, Status> {
         let want = Self::expect_rv(&new)?;
         let (current, rev) = self.load(new.name()).await?;
+        Self::same_object(&current, &new)?;
         current.in_scope(scope, Verb::Update)?;
         new.in_scope(scope, Verb::Update)?;
         let what = || format!("{} {:?}", K::KIND, current.name());
@@ -594,6 +612,7 @@ impl<K: Policy> ResourceService<K> {
     pub async fn update_status(&self, scope: &Scope, new: K) -> Result<K, Status> {
         let want = Self::expect_rv(&new)?;
         let (current, rev) = self.load(new.name()).await?;
+        Self::same_object(&current, &new)?;
         current.in_scope(scope, Verb::UpdateStatus)?;
         K::agent_status(scope, &current, &new)?;
         if rev != want {
@@ -1168,6 +1187,35 @@ mod tests {
         async fn revision(&self) -> Result<u64, StoreError> {
             self.inner.revision().await
         }
+    }
+
+    /// An update names the uid it was read with: a Process deleted and made
+    /// again under its name (a test's next attempt) is another object, and
+    /// a late write for the first (its agent was cut off meanwhile) is
+    /// refused, not applied to the second; as Kubernetes' uid precondition.
+    #[tokio::test]
+    async fn an_update_for_a_uid_that_is_gone_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = state(&dir).await;
+        let procs = ResourceService::<Process>::new(st);
+        let old = procs.create(&admin(), process_on("p", "host-a")).await.unwrap();
+        procs.delete(&admin(), DeleteRequest { name: "p".into(), resource_version: String::new() }).await.unwrap();
+        let new = procs.create(&admin(), process_on("p", "host-a")).await.unwrap();
+        assert_ne!(old.meta().uid, new.meta().uid);
+        let mut late = old.clone();
+        late.meta_mut().resource_version = new.resource_version().into();
+        late.status_mut().phase = ProcessPhase::Running.into();
+        let e = procs.update_status(&admin(), late.clone()).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+        assert!(e.message().contains("metadata.uid") && e.message().contains("is gone"), "{e:?}");
+        late.spec_mut().stop = true;
+        let e = procs.update(&admin(), late).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+        // Without a uid, an update is for whatever has the name.
+        let mut any = new.clone();
+        any.meta_mut().uid = String::new();
+        any.status_mut().phase = ProcessPhase::Running.into();
+        procs.update_status(&admin(), any).await.unwrap();
     }
 
     /// CI once saw a finished process never counted as started: the agent

@@ -231,6 +231,7 @@ fn chunks_of(buf: &bytes::Bytes, at: &mut ReadPos, process: &str, out: &mut Vec<
                 notice,
                 time_unix_ms: at.time,
                 lost: 0,
+                process_uid: String::new(),
             });
             if matches!(r, Record::Data(..)) {
                 at.lens[s] += b.len() as u64;
@@ -595,7 +596,12 @@ impl OutputService {
         if stream == OutputStream::Stdin {
             return self.append_stdin(scope, c).await;
         }
-        let cached = (c.offset > 0).then(|| self.uids.lock().get(&c.process).cloned()).flatten();
+        // A cached uid that is not the one the chunk names may be stale
+        // (a Process of that name made since): looked up again.
+        let cached = (c.offset > 0)
+            .then(|| self.uids.lock().get(&c.process).cloned())
+            .flatten()
+            .filter(|(uid, _)| c.process_uid.is_empty() || *uid == c.process_uid);
         let (uid, host) = match cached {
             Some(known) => known,
             None => {
@@ -608,6 +614,12 @@ impl OutputService {
                 known
             }
         };
+        if !c.process_uid.is_empty() && c.process_uid != uid {
+            return Err(Status::failed_precondition(format!(
+                "process_uid: Process {:?} with uid {} is gone (the one of that name now has uid {uid})",
+                c.process, c.process_uid
+            )));
+        }
         // An agent appends only to the output of its host's processes.
         scope.process_on(Verb::AppendOutput, &c.process, &host)?;
         self.api.metrics.output_bytes.inc_by(c.data.len() as u64);
@@ -1307,6 +1319,43 @@ mod tests {
         assert_eq!(text[2], (false, "tail\n".into()));
         assert!(text[3].0 && text[3].1.contains("15 bytes of stdout lost"), "{text:?}");
         assert_eq!(at.lens[0], 120);
+    }
+
+    /// A chunk names the uid of the Process it is from: once a Process of
+    /// that name with another uid took its place (a test's next attempt),
+    /// its bytes never go into the other's output.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn output_for_a_process_that_is_gone_is_not_appended_to_its_namesake() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, api) = api_state(&dir).await;
+        put_process(&store, 0, ProcessPhase::Running.as_str()).await;
+        let svc = OutputService::new(dir.path().join("output"), api, DEFAULT_LIMIT, None).unwrap();
+        let chunk = |uid: &str, offset: u64| OutputChunk {
+            process: "p0".into(),
+            process_uid: uid.into(),
+            offset,
+            data: bytes::Bytes::from_static(b"x\n"),
+            ..Default::default()
+        };
+        svc.append(local(chunk("uid-0", 0))).await.unwrap();
+        svc.append(local(chunk("uid-0", 2))).await.unwrap();
+        // p0 made again, with another uid.
+        let mut again =
+            Process::from_stored(&store.get(&hub::key(Kind::Process, "p0")).await.unwrap().unwrap().value, 0).unwrap();
+        again.meta_mut().uid = "uid-new".into();
+        store.txn(vec![], vec![Op::Put(hub::key(Kind::Process, "p0"), again.to_stored())]).await.unwrap();
+        // Read afresh (a first chunk): refused.
+        let e = svc.append(local(chunk("uid-0", 0))).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+        assert!(e.message().contains("process_uid") && e.message().contains("is gone"), "{e:?}");
+        svc.append(local(chunk("uid-new", 0))).await.unwrap();
+        // From the cache (a later chunk): at most its own, gone, log takes
+        // it; never the new one's.
+        let _ = svc.append(local(chunk("uid-0", 4))).await;
+        let log = std::fs::read(svc.path("uid-new")).unwrap();
+        let mut counts = Counts::default();
+        counts.fold(&log);
+        assert_eq!(counts.kept[0], 2, "only the new one's own bytes");
     }
 
     /// A chunk's time is the server's: one an agent sends is not kept.

@@ -370,6 +370,31 @@ struct Running {
     release_sent: bool,
     /// The Process was deleted: its work dir goes when its runner ends.
     deleted: bool,
+    /// The uid of its test: a host runs one test's processes at a time.
+    test_uid: String,
+}
+
+impl Running {
+    fn new(commands: mpsc::Sender<Command>, p: &Process) -> Running {
+        Running { commands, stop_sent: false, release_sent: false, deleted: false, test_uid: p.spec().test_uid.clone() }
+    }
+
+    /// Asks its runner to stop it now (once): its test is over for this
+    /// host, whatever the runner was doing. (Its channel has room: at most
+    /// one stop and one release are ever sent.)
+    fn fence(&mut self) {
+        if !self.stop_sent {
+            let stop = Command::Stop { by: StopReason::Requested, grace: runner::KILL_GRACE };
+            self.stop_sent = self.commands.try_send(stop).is_ok();
+        }
+    }
+}
+
+/// Whether processes of tests `a` and `b` may run on one host at once:
+/// those of one test may, those of two may not (a host is claimed by one
+/// test at a time). A Process made directly, of no test, goes with any.
+fn same_claim(a: &str, b: &str) -> bool {
+    a.is_empty() || b.is_empty() || a == b
 }
 
 /// Most watch events handled (and processes journalled) together.
@@ -417,6 +442,17 @@ impl Agent {
             match ev {
                 Some(WatcherEvent::Restarted(list)) => {
                     self.remove_stale_work_dirs(&list);
+                    // Deleted while the watch was down (a failed attempt's
+                    // Processes, deleted once the control plane had marked
+                    // them Lost while this host was cut off): as if seen
+                    // deleted. They once ran on beside the next test's.
+                    let listed: std::collections::HashSet<&str> = list.iter().map(|p| p.meta().uid.as_str()).collect();
+                    for (uid, r) in self.running.iter_mut() {
+                        if !listed.contains(uid.as_str()) {
+                            r.deleted = true;
+                            r.fence();
+                        }
+                    }
                     for p in list {
                         self.handle(p).await
                     }
@@ -425,12 +461,9 @@ impl Agent {
                 Some(WatcherEvent::Applied(p)) => self.handle(p).await,
                 Some(WatcherEvent::Deleted(p)) => match self.running.get_mut(&p.meta().uid) {
                     Some(r) => {
+                        // Deleted: no one waits for it to end well.
                         r.deleted = true;
-                        if !r.stop_sent {
-                            // Deleted: no one waits for it to end well.
-                            let stop = Command::Stop { by: StopReason::Requested, grace: runner::KILL_GRACE };
-                            r.stop_sent = r.commands.send(stop).await.is_ok();
-                        }
+                        r.fence();
                     }
                     None => self.remove_work_dirs(vec![p.meta().uid.clone()]),
                 },
@@ -483,8 +516,7 @@ impl Agent {
             // Running under a predecessor's keeper (or ended there): taken
             // over, not started. A stop meanwhile reaches it below.
             let (tx, rx) = mpsc::channel(4);
-            self.running
-                .insert(uid.clone(), Running { commands: tx, stop_sent: false, release_sent: false, deleted: false });
+            self.running.insert(uid.clone(), Running::new(tx, &p));
             self.start_runner(p.clone(), rx, Some(adopted));
             if p.spec().stop {
                 Box::pin(self.handle(p)).await;
@@ -513,7 +545,7 @@ impl Agent {
         // Its runner starts with the batch (see `start_admitted`); events
         // for it until then go to its channel.
         let (tx, rx) = mpsc::channel(4);
-        self.running.insert(uid, Running { commands: tx, stop_sent: false, release_sent: false, deleted: false });
+        self.running.insert(uid, Running::new(tx, &p));
         self.admitted.push((p, rx));
     }
 
@@ -524,7 +556,34 @@ impl Agent {
         if self.admitted.is_empty() {
             return;
         }
-        let batch = std::mem::take(&mut self.admitted);
+        // A host runs one test's processes at a time. One of another test
+        // still running here is left over from a test that is over for
+        // this host (its end was written elsewhere while the host was cut
+        // off, and the host claimed again since): it is stopped, and the
+        // new test's processes wait until it has ended (see the done
+        // events in `run`). Without this, the leftover ran on beside the
+        // next test's first process until its agent saw it fenced.
+        let waiting: std::collections::HashSet<String> =
+            self.admitted.iter().map(|(p, _)| p.meta().uid.clone()).collect();
+        let mut batch = Vec::new();
+        for (p, rx) in std::mem::take(&mut self.admitted) {
+            let mine = p.spec().test_uid.as_str();
+            let mut blocked = false;
+            for (uid, r) in self.running.iter_mut() {
+                if !waiting.contains(uid) && !same_claim(&r.test_uid, mine) {
+                    r.fence();
+                    blocked = true;
+                }
+            }
+            if blocked {
+                self.admitted.push((p, rx));
+            } else {
+                batch.push((p, rx));
+            }
+        }
+        if batch.is_empty() {
+            return;
+        }
         let uids: Vec<&str> = batch.iter().map(|(p, _)| p.meta().uid.as_str()).collect();
         if let Err(e) = self.journal.record_all(&uids) {
             for (p, _) in &batch {
@@ -860,6 +919,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 if agent.running.remove(&uid).is_some_and(|r| r.deleted) {
                     agent.remove_work_dirs(vec![uid]);
                 }
+                // What waited for another test's leftovers to end.
+                agent.start_admitted();
             }
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,

@@ -611,8 +611,15 @@ impl ProcessRunner {
                 // path) says it.
                 let said = format!("testbus: {message}\n").into_bytes();
                 let n = said.len() as u64;
-                let (_, truncated) =
-                    append_retrying(&mut self.client.output(), self.process.name(), 1, 0, 0, said.into()).await;
+                let (_, truncated) = append_retrying(
+                    &mut self.client.output(),
+                    (self.process.name(), &self.process.meta().uid),
+                    1,
+                    0,
+                    0,
+                    said.into(),
+                )
+                .await;
                 Outcome {
                     ended: Ended::NotExecuted { code, message },
                     sizes: (Pumped::default(), Pumped { bytes: n, truncated }),
@@ -1001,7 +1008,7 @@ struct Pumped {
 /// taken) and whether the server truncated the stream.
 async fn append_retrying(
     out: &mut impl OutputSink,
-    process: &str,
+    (process, uid): (&str, &str),
     stream: i32,
     offset: u64,
     lost: u64,
@@ -1011,6 +1018,7 @@ async fn append_retrying(
     loop {
         let chunk = OutputChunk {
             process: process.to_string(),
+            process_uid: uid.to_string(),
             stream,
             offset,
             data: data.clone(),
@@ -1027,8 +1035,11 @@ async fn append_retrying(
                 return (false, t);
             }
             // Gone, or already ended (its status was made final by someone
-            // else): nothing more is taken.
-            Err(s) if matches!(s.code(), Code::NotFound | Code::FailedPrecondition) => return (true, false),
+            // else), or another host's now (one of its name made since):
+            // nothing more is taken.
+            Err(s) if matches!(s.code(), Code::NotFound | Code::FailedPrecondition | Code::PermissionDenied) => {
+                return (true, false)
+            }
             Err(s) => {
                 tracing::debug!(%process, error = %s, "output append failed; retrying");
                 tokio::time::sleep(backoff).await;
@@ -1072,7 +1083,8 @@ async fn spool_pump(
                 break;
             }
             let at = offset + piece.lost;
-            let (gone, t) = append_retrying(&mut out, &process, stream, at, piece.lost, piece.data.into()).await;
+            let (gone, t) =
+                append_retrying(&mut out, (&process, &reader.uid), stream, at, piece.lost, piece.data.into()).await;
             // The server marks what `lost` filled as truncated itself (and
             // ignores it for bytes it has: a restarted agent's first
             // uploads).
@@ -1206,13 +1218,35 @@ pub async fn report(api: &Api<Process>, known: &Known, mut f: impl FnMut(&mut Pr
     loop {
         let copy = known.lock().clone();
         let name = copy.name().to_string();
-        match api.patch_status_from(&name, Some(copy), &mut f).await {
+        let uid = copy.meta().uid.clone();
+        // Only this Process: one of the same name made since (a test's
+        // next attempt names its processes alike) is another's, and its
+        // status was once written with this one's end.
+        let mut other = false;
+        let only_mine = |p: &mut Process| {
+            if p.meta().uid != uid {
+                other = true;
+                return false;
+            }
+            f(p)
+        };
+        match api.patch_status_from(&name, Some(copy), only_mine).await {
+            Ok(_) if other => {
+                tracing::debug!(process = %name, "status not written: the Process is gone (one of its name was made since)");
+                return;
+            }
             Ok(p) => {
                 *known.lock() = p;
                 return;
             }
             Err(s) if matches!(s.code(), Code::NotFound | Code::FailedPrecondition) => {
                 tracing::debug!(process = %name, error = %s, "status not written");
+                return;
+            }
+            // Never this agent's to write, however often it tries (a
+            // Process of that name on another host): this one is gone.
+            Err(s) if s.code() == Code::PermissionDenied => {
+                tracing::warn!(process = %name, error = %s, "status not written");
                 return;
             }
             Err(s) => {

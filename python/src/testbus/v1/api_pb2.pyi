@@ -207,12 +207,13 @@ class ListRequest(_message.Message):
     def __init__(self, label_selector: _Optional[str] = ..., field_selector: _Optional[str] = ...) -> None: ...
 
 class OutputChunk(_message.Message):
-    __slots__ = ["data", "lost", "notice", "offset", "process", "stream", "time_unix_ms"]
+    __slots__ = ["data", "lost", "notice", "offset", "process", "process_uid", "stream", "time_unix_ms"]
     DATA_FIELD_NUMBER: _ClassVar[int]
     LOST_FIELD_NUMBER: _ClassVar[int]
     NOTICE_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     PROCESS_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_UID_FIELD_NUMBER: _ClassVar[int]
     STREAM_FIELD_NUMBER: _ClassVar[int]
     TIME_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     data: bytes
@@ -220,9 +221,10 @@ class OutputChunk(_message.Message):
     notice: bool
     offset: int
     process: str
+    process_uid: str
     stream: OutputStream
     time_unix_ms: int
-    def __init__(self, process: _Optional[str] = ..., stream: _Optional[_Union[OutputStream, str]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., notice: bool = ..., time_unix_ms: _Optional[int] = ..., lost: _Optional[int] = ...) -> None: ...
+    def __init__(self, process: _Optional[str] = ..., stream: _Optional[_Union[OutputStream, str]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., notice: bool = ..., time_unix_ms: _Optional[int] = ..., lost: _Optional[int] = ..., process_uid: _Optional[str] = ...) -> None: ...
 
 class ProcessEvent(_message.Message):
     __slots__ = ["object", "resource_version", "type"]
