@@ -4,7 +4,7 @@
 //! so a failure here replays with the command its report prints
 //! (`hack/chaos --seed S --seconds 90 --max-hold 4 --lease 2s,1s`).
 use std::time::Duration;
-use testbus_tests::{chaos, history, needs_root};
+use testbus_tests::{chaos, needs_root};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_hold_under_faults() {
@@ -45,17 +45,8 @@ async fn claims_hold_under_faults() {
         }
         s
     };
-    // Safety is asserted. Liveness is reported but not yet asserted: a
-    // known open defect (issue 32, session 18's note) leaves a test
-    // unended now and then after faults (seed 1796673248101086403: tests
-    // w14 and w19, their processes all ended, the tests never did).
-    let unsafe_: Vec<&history::Violation> =
-        report.violations.iter().filter(|v| !matches!(v, history::Violation::NeverEnded { .. })).collect();
-    if unsafe_.len() < report.violations.len() {
-        eprintln!("KNOWN LIVENESS DEFECT: tests that never ended, seed {seed} (see above)");
-    }
     let recovered = report.broken.is_none() && report.faults.iter().all(|f| f.recovery.is_some());
-    assert!(unsafe_.is_empty() && recovered, "seed {seed}:\n{text}\n{}", logs());
+    assert!(report.violations.is_empty() && recovered, "seed {seed}:\n{text}\n{}", logs());
     // The run did something: faults of several kinds, tests that ended,
     // processes that recorded themselves.
     assert!(report.faults.len() >= 6, "{text}");
