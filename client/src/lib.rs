@@ -421,17 +421,22 @@ impl Client {
         &self.server
     }
 
-    /// Gives up the connection in use, for calls that time out on it (a
-    /// replica cut off one way, or stopped, accepts calls and answers none,
-    /// and its connection looks alive for 20 s more): calls on it fail
-    /// now, and the next one connects again, to the next address first.
-    pub fn fail_over(&self) {
+    /// Gives up the connection in use for the next address, for calls
+    /// that time out on it (a replica cut off one way, or stopped, accepts
+    /// calls and answers none, and its connection looks alive for 20 s
+    /// more): calls on it fail now, and the next one connects again, to
+    /// the next address first. False (nothing done) with one address:
+    /// there is nowhere else to go, and HTTP/2's keepalive ends a dead
+    /// connection.
+    pub fn fail_over(&self) -> bool {
         use std::sync::atomic::Ordering;
         let n = self.connector.addrs.len();
-        if n > 1 {
-            let _ = self.connector.last_good.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |i| Some((i + 1) % n));
+        if n < 2 {
+            return false;
         }
+        let _ = self.connector.last_good.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |i| Some((i + 1) % n));
         self.connector.current.lock().cancel();
+        true
     }
 
     pub fn api<K: ApiResource>(&self) -> Api<K> {

@@ -546,7 +546,9 @@ impl<K: Policy> ResourceService<K> {
     /// same name made since (a test's next attempt names its Processes
     /// alike) is another object, and the one updated is gone. As
     /// Kubernetes' uid precondition; an update without a uid is for
-    /// whatever has the name.
+    /// whatever has the name. (Checked after the revision: a stale copy is
+    /// a routine conflict; this catches a fresh revision put on an old
+    /// object.)
     fn same_object(current: &K, new: &K) -> Result<(), Status> {
         let (had, has) = (&new.meta().uid, &current.meta().uid);
         if had.is_empty() || had == has {
@@ -571,7 +573,6 @@ impl<K: Policy> ResourceService<K> {
     pub async fn update(&self, scope: &Scope, new: K) -> Result<K, Status> {
         let want = Self::expect_rv(&new)?;
         let (current, rev) = self.load(new.name()).await?;
-        Self::same_object(&current, &new)?;
         current.in_scope(scope, Verb::Update)?;
         new.in_scope(scope, Verb::Update)?;
         let what = || format!("{} {:?}", K::KIND, current.name());
@@ -580,6 +581,7 @@ impl<K: Policy> ResourceService<K> {
         if rev != want {
             return Err(Self::conflict(new.name(), rev, new.resource_version()));
         }
+        Self::same_object(&current, &new)?;
         K::check_update(&current, &new)?;
         let mut next = current.clone();
         *next.spec_mut() = new.spec().clone();
@@ -612,12 +614,12 @@ impl<K: Policy> ResourceService<K> {
     pub async fn update_status(&self, scope: &Scope, new: K) -> Result<K, Status> {
         let want = Self::expect_rv(&new)?;
         let (current, rev) = self.load(new.name()).await?;
-        Self::same_object(&current, &new)?;
         current.in_scope(scope, Verb::UpdateStatus)?;
         K::agent_status(scope, &current, &new)?;
         if rev != want {
             return Err(Self::conflict(new.name(), rev, new.resource_version()));
         }
+        Self::same_object(&current, &new)?;
         K::check_status_update(&current, &new)?;
         let mut next = current.clone();
         *next.status_mut() = new.status().clone();

@@ -614,14 +614,14 @@ impl OutputService {
                 known
             }
         };
+        // An agent appends only to the output of its host's processes.
+        scope.process_on(Verb::AppendOutput, &c.process, &host)?;
         if !c.process_uid.is_empty() && c.process_uid != uid {
             return Err(Status::failed_precondition(format!(
                 "process_uid: Process {:?} with uid {} is gone (the one of that name now has uid {uid})",
                 c.process, c.process_uid
             )));
         }
-        // An agent appends only to the output of its host's processes.
-        scope.process_on(Verb::AppendOutput, &c.process, &host)?;
         self.api.metrics.output_bytes.inc_by(c.data.len() as u64);
         let log = self.open(&uid).await?;
         let mut l = log.lock().await;

@@ -273,6 +273,10 @@ async fn register(api: &Api<Host>, mine: &Host, take_over: TakeOver) -> Result<R
     }
 }
 
+/// At least this long for a registration to be answered (it is a few
+/// calls, on a new connection after a fail-over).
+const REGISTER_LIMIT: Duration = Duration::from_secs(10);
+
 /// Registers, then renews the lease every third of its duration, with
 /// jittered backoff while the server is unreachable. Returns only when the
 /// host is lost to another agent.
@@ -282,10 +286,14 @@ async fn keep_lease(client: Client, mine: Host, every: Duration, take_over: Take
     let mut registered = false;
     let mut backoff = Duration::from_millis(100);
     let me = mine.status().agent_id.clone();
+    // Renewals in a row that were not answered in time, and whether this
+    // outage already cost the connection.
+    let (mut unanswered, mut failed_over) = (0u32, false);
     loop {
-        // A renewal (or registration) that hangs on a connection nobody
-        // answers must not stall the heartbeat: given up after one renewal
-        // period, and tried again on another connection (see below).
+        // A renewal that hangs on a connection nobody answers must not
+        // stall the heartbeat: given up after one renewal period (a
+        // registration, a few calls, after longer), and tried again.
+        let limit = if registered { every } else { (every * 3).max(REGISTER_LIMIT) };
         let attempt = async {
             if registered {
                 let req = testbus_proto::RenewLeaseRequest {
@@ -304,11 +312,11 @@ async fn keep_lease(client: Client, mine: Host, every: Duration, take_over: Take
                 register(&api, &mine, take_over).await
             }
         };
-        let res = match tokio::time::timeout(every, attempt).await {
+        let res = match tokio::time::timeout(limit, attempt).await {
             Ok(Ok(Err(lost))) => return lost,
             Ok(Ok(Ok(()))) => Ok(()),
             Ok(Err(s)) => Err(s),
-            Err(_) => Err(tonic::Status::deadline_exceeded(format!("not answered within {:.1}s", every.as_secs_f64()))),
+            Err(_) => Err(tonic::Status::deadline_exceeded(format!("not answered within {:.1}s", limit.as_secs_f64()))),
         };
         match res {
             Ok(()) => {
@@ -317,6 +325,7 @@ async fn keep_lease(client: Client, mine: Host, every: Duration, take_over: Take
                 }
                 registered = true;
                 backoff = Duration::from_millis(100);
+                (unanswered, failed_over) = (0, false);
                 tokio::time::sleep(every).await;
             }
             Err(s) => {
@@ -324,12 +333,18 @@ async fn keep_lease(client: Client, mine: Host, every: Duration, take_over: Take
                     registered = false;
                 }
                 if matches!(s.code(), Code::Cancelled | Code::DeadlineExceeded) {
-                    // Not answered in a renewal period: the replica may
-                    // hear nothing this agent sends (cut off one way, or
-                    // stopped) while its connection looks alive for 20 s
-                    // more, longer than a short lease lasts. The next try
-                    // goes to another replica, on a new connection.
-                    client.fail_over();
+                    unanswered += 1;
+                }
+                if unanswered >= 2 && !failed_over {
+                    // Two periods unanswered: the replica may hear nothing
+                    // this agent sends (cut off one way, or stopped) while
+                    // its connection looks alive for 20 s more, longer than
+                    // a short lease lasts. The next try goes to another
+                    // replica on a new connection (calls in flight on this
+                    // one, the watch's too, fail and are retried). Once per
+                    // outage: when every replica is slow, moving between
+                    // them only adds relists.
+                    failed_over = client.fail_over();
                 }
                 let jitter = Duration::from_millis(u64::from(std::process::id() % 97));
                 let retry = format!("{:.1}s", (backoff + jitter).as_secs_f64());
@@ -447,6 +462,11 @@ impl Agent {
                     // them Lost while this host was cut off): as if seen
                     // deleted. They once ran on beside the next test's.
                     let listed: std::collections::HashSet<&str> = list.iter().map(|p| p.meta().uid.as_str()).collect();
+                    // Those still waiting to start never will.
+                    for (p, _) in self.admitted.iter().filter(|(p, _)| !listed.contains(p.meta().uid.as_str())) {
+                        self.running.remove(&p.meta().uid);
+                    }
+                    self.admitted.retain(|(p, _)| listed.contains(p.meta().uid.as_str()));
                     for (uid, r) in self.running.iter_mut() {
                         if !listed.contains(uid.as_str()) {
                             r.deleted = true;
@@ -459,6 +479,11 @@ impl Agent {
                     self.end_unclaimed();
                 }
                 Some(WatcherEvent::Applied(p)) => self.handle(p).await,
+                Some(WatcherEvent::Deleted(p)) if self.admitted.iter().any(|(a, _)| a.meta().uid == p.meta().uid) => {
+                    // Deleted while waiting to start: it never runs.
+                    self.admitted.retain(|(a, _)| a.meta().uid != p.meta().uid);
+                    self.running.remove(&p.meta().uid);
+                }
                 Some(WatcherEvent::Deleted(p)) => match self.running.get_mut(&p.meta().uid) {
                     Some(r) => {
                         // Deleted: no one waits for it to end well.
@@ -477,6 +502,10 @@ impl Agent {
     /// Stops every process it runs (AgentShutdown) and waits for them, 10 s
     /// at most.
     async fn stop_and_wait(&mut self, done_rx: &mut mpsc::UnboundedReceiver<String>) {
+        // Those waiting to start have no runner: they are simply not run.
+        for (p, _) in std::mem::take(&mut self.admitted) {
+            self.running.remove(&p.meta().uid);
+        }
         tracing::info!("shutting down; stopping {} processes", self.running.len());
         self.stop_all(StopReason::AgentShutdown).await;
         let wait = async {
@@ -495,6 +524,24 @@ impl Agent {
     async fn handle(&mut self, p: Process) {
         let uid = p.meta().uid.clone();
         let terminal = phase::process_terminal(&p.status().phase);
+        if let Some(at) = self.admitted.iter().position(|(a, _)| a.meta().uid == uid) {
+            // Waiting to start (another test's leftover still ends here),
+            // with no runner yet: stopped or ended meanwhile, it never runs.
+            if p.spec().stop || terminal {
+                self.admitted.remove(at);
+                self.running.remove(&uid);
+                if !terminal {
+                    end_unrun(
+                        self.client.api(),
+                        p,
+                        ProcessPhase::Killed,
+                        ProcessReason::Stopped,
+                        "stopped before it started",
+                    );
+                }
+                return;
+            }
+        }
         if let Some(r) = self.running.get_mut(&uid) {
             // A final status written by someone else (Lost while this host
             // was cut off) fences the process: it must not run on.
@@ -559,22 +606,19 @@ impl Agent {
         // A host runs one test's processes at a time. One of another test
         // still running here is left over from a test that is over for
         // this host (its end was written elsewhere while the host was cut
-        // off, and the host claimed again since): it is stopped, and the
-        // new test's processes wait until it has ended (see the done
-        // events in `run`). Without this, the leftover ran on beside the
-        // next test's first process until its agent saw it fenced.
+        // off, and the host claimed again since), and is being stopped
+        // (its final status, its deletion or its absence from a relisting
+        // fences it): the new test's processes wait until it has ended
+        // (see the done events in `run`). Without this, the leftover ran
+        // on beside the next test's first process. Waiting, not stopping:
+        // which of two tests still holds the host is the control plane's
+        // to say.
         let waiting: std::collections::HashSet<String> =
             self.admitted.iter().map(|(p, _)| p.meta().uid.clone()).collect();
         let mut batch = Vec::new();
         for (p, rx) in std::mem::take(&mut self.admitted) {
             let mine = p.spec().test_uid.as_str();
-            let mut blocked = false;
-            for (uid, r) in self.running.iter_mut() {
-                if !waiting.contains(uid) && !same_claim(&r.test_uid, mine) {
-                    r.fence();
-                    blocked = true;
-                }
-            }
+            let blocked = self.running.iter().any(|(uid, r)| !waiting.contains(uid) && !same_claim(&r.test_uid, mine));
             if blocked {
                 self.admitted.push((p, rx));
             } else {

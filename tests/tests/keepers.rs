@@ -355,15 +355,21 @@ async fn a_keeper_that_does_not_answer_a_spawn_loses_that_process_only() {
     let (_, kpid) = keepers(&c, "host-0").pop().expect("a keeper");
     let keeper = nix::unistd::Pid::from_raw(kpid);
     nix::sys::signal::kill(keeper, nix::sys::signal::Signal::SIGSTOP).unwrap();
-    let path = manifest(&c, "w.yaml", &script_test("w", "echo never"));
+    let path = manifest(&c, "w.yaml", &script_test("w", "sleep 600"));
     assert_eq!(c.ctl(&["apply", "-f", &path]).code, 0);
     let p = process_of(&c, "w").await;
     let p = ended(&c, p.name()).await;
-    nix::sys::signal::kill(keeper, nix::sys::signal::Signal::SIGCONT).unwrap();
     let s = p.status();
     assert_eq!((s.phase.as_str(), s.reason.as_str()), ("Lost", "KeeperLost"), "{}", s.message);
     assert!(s.message.contains("did not say within 30s whether it started"), "{}", s.message);
     let out = c.ctl(&["run", "--host", "host-0", "--timeout", "60s", "--", "echo", "again"]);
     assert_eq!((out.code, out.stdout.as_str()), (0, "again\n"), "{out:?}");
     assert!(keepers(&c, "host-0").iter().any(|(_, pid)| *pid != kpid), "a new keeper started");
+    // Woken, the old keeper starts the process late: it is killed at once
+    // (the agent gave it up), let go of, and the retired keeper exits.
+    nix::sys::signal::kill(keeper, nix::sys::signal::Signal::SIGCONT).unwrap();
+    wait_for(Duration::from_secs(30), "the old keeper to end what it started late, and exit", || async {
+        (!process_alive(i64::from(kpid))).then_some(())
+    })
+    .await;
 }

@@ -103,6 +103,12 @@ struct State {
     retiring: bool,
     /// The orphan timeout passed: everything held was killed.
     orphaned: bool,
+    /// Asked to start, not held yet.
+    spawning: std::collections::HashSet<String>,
+    /// Of those, the ones told to be killed meanwhile (an agent that gave
+    /// up waiting for the start): killed as soon as they are held, and let
+    /// go of once ended, since nobody will ask about them.
+    doomed: std::collections::HashSet<String>,
 }
 
 struct Shared {
@@ -181,6 +187,8 @@ async fn serve(dir: PathBuf, orphan: Duration) -> i32 {
             ever_connected: false,
             retiring: false,
             orphaned: false,
+            spawning: Default::default(),
+            doomed: Default::default(),
         }),
         exits: Mutex::new(exits),
         spool,
@@ -391,7 +399,7 @@ fn handle(shared: &Arc<Shared>, req: Request, (conn, tx): (u64, &mpsc::Unbounded
             if !crate::journal::plausible_uid(&uid) {
                 return refuse(&uid, "implausible process uid".into());
             }
-            let s = shared.state.lock();
+            let mut s = shared.state.lock();
             if s.retiring || s.orphaned {
                 return failed("the keeper is retiring".into());
             }
@@ -401,13 +409,20 @@ fn handle(shared: &Arc<Shared>, req: Request, (conn, tx): (u64, &mpsc::Unbounded
             if s.kept.len() >= MAX_HELD {
                 return failed(format!("the keeper holds {MAX_HELD} processes already"));
             }
+            s.spawning.insert(uid.clone());
             drop(s);
             tokio::spawn(run(shared.clone(), *spec, (conn, tx.clone())));
         }
-        Request::Signal { uid, signal } => match shared.state.lock().kept.get(&uid) {
-            Some(k) => k.signal(signal),
-            None => refuse(&uid, "not held".into()),
-        },
+        Request::Signal { uid, signal } => {
+            let mut s = shared.state.lock();
+            match s.kept.get(&uid) {
+                Some(k) => k.signal(signal),
+                None if signal == nix::libc::SIGKILL && s.spawning.contains(&uid) => {
+                    s.doomed.insert(uid);
+                }
+                None => refuse(&uid, "not held".into()),
+            }
+        }
         Request::Stdin { uid, offset, data } => {
             let sent = shared.state.lock().kept.get(&uid).and_then(|k| k.stdin.as_ref()).map(|s| {
                 let data = hex::decode(&data).unwrap_or_default();
@@ -429,22 +444,9 @@ fn handle(shared: &Arc<Shared>, req: Request, (conn, tx): (u64, &mpsc::Unbounded
             }
         }
         Request::Forget { uid } => {
-            let mut s = shared.state.lock();
-            let Some(k) = s.kept.get(&uid) else { return };
-            let Some(r) = k.exit else { return refuse(&uid, "still running".into()) };
-            let first = [k.first[0].load(Ordering::Acquire), k.first[1].load(Ordering::Acquire)];
-            s.kept.remove(&uid);
-            let mut exits = shared.exits.lock();
-            exits.forgot(&uid);
-            if exits.wants_compaction() {
-                exits.compact(s.kept.iter().filter_map(|(u, k)| Some((u.as_str(), k.exit?))));
+            if !forget(shared, &uid) && shared.state.lock().kept.contains_key(&uid) {
+                refuse(&uid, "still running".into());
             }
-            drop(exits);
-            drop(s);
-            for stream in 0..2u8 {
-                super::remove_spool(&shared.spool, &uid, stream, first[stream as usize], r.ends[stream as usize]);
-            }
-            shared.changed.notify_one();
         }
         Request::Retire => {
             shared.state.lock().retiring = true;
@@ -453,11 +455,49 @@ fn handle(shared: &Arc<Shared>, req: Request, (conn, tx): (u64, &mpsc::Unbounded
     }
 }
 
+/// Lets go of an ended process: its record, exit log entry and spool.
+/// False when it is not held, or still runs.
+fn forget(shared: &Shared, uid: &str) -> bool {
+    let mut s = shared.state.lock();
+    let Some(k) = s.kept.get(uid) else { return false };
+    let Some(r) = k.exit else { return false };
+    let first = [k.first[0].load(Ordering::Acquire), k.first[1].load(Ordering::Acquire)];
+    s.kept.remove(uid);
+    let mut exits = shared.exits.lock();
+    exits.forgot(uid);
+    if exits.wants_compaction() {
+        exits.compact(s.kept.iter().filter_map(|(u, k)| Some((u.as_str(), k.exit?))));
+    }
+    drop(exits);
+    drop(s);
+    for stream in 0..2u8 {
+        super::remove_spool(&shared.spool, uid, stream, first[stream as usize], r.ends[stream as usize]);
+    }
+    shared.changed.notify_one();
+    true
+}
+
+/// Takes `uid` off the keeper's list of processes being started, however
+/// its start ends.
+struct Spawning<'a> {
+    shared: &'a Shared,
+    uid: String,
+}
+
+impl Drop for Spawning<'_> {
+    fn drop(&mut self) {
+        let mut s = self.shared.state.lock();
+        s.spawning.remove(&self.uid);
+        s.doomed.remove(&self.uid);
+    }
+}
+
 /// One process from spawn to its exit record. Whether it started is told
 /// to the connection that asked (`asker`, connection `owner`), which waits
 /// for that answer; what follows goes to the process's owner.
 async fn run(shared: Arc<Shared>, spec: SpawnSpec, (owner, asker): (u64, mpsc::UnboundedSender<Event>)) {
     let uid = spec.uid.clone();
+    let spawning = Spawning { shared: &shared, uid: uid.clone() };
     let failed = |stage, errno, message: String| {
         let _ = asker.send(Event::SpawnFailed { uid: uid.clone(), stage, errno, message });
     };
@@ -574,25 +614,36 @@ async fn run(shared: Arc<Shared>, spec: SpawnSpec, (owner, asker): (u64, mpsc::U
         }
         _ => {}
     }
-    shared.state.lock().kept.insert(
-        uid.clone(),
-        Kept {
-            pid,
-            start_ticks,
-            relay,
-            cgroup: cgroup.clone(),
-            ends: ends.clone(),
-            uploaded: uploaded.clone(),
-            first: first.clone(),
-            room: room.clone(),
-            pending: pending.clone(),
-            stdin: stdin_tx,
-            stdin_written,
-            reaped: false,
-            exit: None,
-            owner,
-        },
-    );
+    let doomed = {
+        let mut st = shared.state.lock();
+        let doomed = st.doomed.remove(&uid);
+        st.kept.insert(
+            uid.clone(),
+            Kept {
+                pid,
+                start_ticks,
+                relay,
+                cgroup: cgroup.clone(),
+                ends: ends.clone(),
+                uploaded: uploaded.clone(),
+                first: first.clone(),
+                room: room.clone(),
+                pending: pending.clone(),
+                stdin: stdin_tx,
+                stdin_written,
+                reaped: false,
+                exit: None,
+                owner,
+            },
+        );
+        if doomed {
+            if let Some(k) = st.kept.get(&uid) {
+                k.signal(nix::libc::SIGKILL);
+            }
+        }
+        doomed
+    };
+    drop(spawning);
     let _ = asker.send(Event::Spawned { uid: uid.clone(), pid, start_ticks });
     drop(asker);
     let mut readers = Vec::new();
@@ -649,7 +700,10 @@ async fn run(shared: Arc<Shared>, spec: SpawnSpec, (owner, asker): (u64, mpsc::U
         k.exit = Some(record);
         k.stdin = None;
     }
-    shared.send(Event::Exited { uid, exit, ends: record.ends });
+    shared.send(Event::Exited { uid: uid.clone(), exit, ends: record.ends });
+    if doomed {
+        forget(&shared, &uid);
+    }
     shared.changed.notify_one();
 }
 
