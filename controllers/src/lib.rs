@@ -222,10 +222,11 @@ fn spawn_workers(tasks: &mut tokio::task::JoinSet<()>, ctx: &Arc<Context>, stop:
             move |_name: String| {
                 let c = c.clone();
                 async move {
+                    let began = tokio::time::Instant::now();
                     let r = test_lifecycle::schedule_pass(&c).await;
                     // Changes that come meanwhile (a burst of deletions, a
                     // fleet registering) wait a moment and share one pass.
-                    tokio::time::sleep(test_lifecycle::SCHEDULE_COALESCE).await;
+                    tokio::time::sleep(test_lifecycle::coalesce_after(began.elapsed())).await;
                     r
                 }
             },
