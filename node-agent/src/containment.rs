@@ -205,6 +205,12 @@ impl ProcessCgroup {
         Ok(ProcessCgroup { dir, procs: std::sync::Arc::new(procs) })
     }
 
+    /// The cgroup's directory, open: what clone3 needs to start a process
+    /// in it.
+    pub fn dir_file(&self) -> std::io::Result<std::fs::File> {
+        std::fs::File::open(&self.dir)
+    }
+
     /// What the child calls between fork and exec to join the cgroup:
     /// one write(2) to an already open file, async-signal-safe, with no
     /// allocation.

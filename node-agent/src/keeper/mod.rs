@@ -30,6 +30,7 @@ use std::io::{Read, Seek, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+mod born;
 pub mod client;
 pub mod server;
 

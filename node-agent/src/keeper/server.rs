@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify};
 
 /// How long to wait for output pipes after the process and all it left are
@@ -515,14 +515,6 @@ async fn run(shared: Arc<Shared>, spec: SpawnSpec, (owner, asker): (u64, mpsc::U
         _ => None,
     };
     let relay = matches!(spec.containment, SpawnContainment::PidNamespace(_));
-    let mut cmd = match &spec.containment {
-        SpawnContainment::PidNamespace(agent) => {
-            let mut c = tokio::process::Command::new(agent);
-            c.arg(crate::pidns::SUBCOMMAND).arg(&spec.program);
-            c
-        }
-        _ => tokio::process::Command::new(&spec.program),
-    };
     let stdin_file = match &spec.stdin {
         StdinSource::File(p) => match std::fs::File::open(p) {
             Ok(f) => Some(f),
@@ -535,62 +527,21 @@ async fn run(shared: Arc<Shared>, spec: SpawnSpec, (owner, asker): (u64, mpsc::U
         },
         _ => None,
     };
-    use std::process::Stdio;
-    cmd.args(&spec.args)
-        .current_dir(&spec.cwd)
-        .env_clear()
-        .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .process_group(0)
-        .stdin(match (stdin_file, &spec.stdin) {
-            (Some(f), _) => Stdio::from(f),
-            (None, StdinSource::Null) => Stdio::null(),
-            (None, _) => Stdio::piped(),
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    if let Some(cg) = &cgroup {
-        // SAFETY: the closure runs in the child between fork and exec; it
-        // only writes to a file already open (one write(2),
-        // async-signal-safe, no allocation or lock).
-        #[allow(unsafe_code)]
-        unsafe {
-            cmd.pre_exec(cg.joiner());
-        }
-    }
-    if relay {
-        // SAFETY: the closure runs in the child between fork and exec; it
-        // makes one syscall (unshare), async-signal-safe.
-        #[allow(unsafe_code)]
-        unsafe {
-            cmd.pre_exec(crate::pidns::unsharer());
-        }
-    }
-    let mut tries = 0;
-    let mut child = loop {
-        match cmd.spawn() {
-            Ok(c) => break c,
-            // A script just written can be briefly "busy" if another
-            // thread forked while it was open for writing.
-            Err(e) if e.raw_os_error() == Some(nix::libc::ETXTBSY) && tries < 20 => {
-                tries += 1;
-                tokio::time::sleep(Duration::from_millis(5)).await;
+    let mut child = match start(&spec, cgroup.as_deref(), stdin_file).await {
+        Ok(c) => c,
+        Err(e) => {
+            if let Some(cg) = &cgroup {
+                cg.end().await;
             }
-            Err(e) => {
-                if let Some(cg) = &cgroup {
-                    cg.end().await;
-                }
-                return failed(SpawnStage::Exec, e.raw_os_error(), e.to_string());
-            }
+            return failed(SpawnStage::Exec, e.raw_os_error(), e.to_string());
         }
     };
-    let pid = child.id().map(|p| p as i32).unwrap_or(0);
+    let pid = child.id();
     // Read before it can be reaped: what proves its group later.
     let start_ticks = crate::journal::Group::of_leader(pid).map(|g| g.start_ticks).unwrap_or(0);
     // Larger pipes (1 MiB) mean fewer, larger reads for a process that
     // writes fast; best effort.
-    use std::os::fd::AsFd;
-    let pipes = [child.stdout.as_ref().map(AsFd::as_fd), child.stderr.as_ref().map(AsFd::as_fd)];
-    for fd in pipes.into_iter().flatten() {
+    for fd in child.output_fds().into_iter().flatten() {
         let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20));
     }
     let ends = [Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0))];
@@ -600,7 +551,7 @@ async fn run(shared: Arc<Shared>, spec: SpawnSpec, (owner, asker): (u64, mpsc::U
     let pending = [Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false))];
     let stdin_written = Arc::new(AtomicU64::new(0));
     let mut stdin_tx = None;
-    match (child.stdin.take(), &spec.stdin) {
+    match (child.take_stdin(), &spec.stdin) {
         (Some(mut w), StdinSource::Data(data)) => {
             let data = data.clone().into_bytes();
             tokio::spawn(async move {
@@ -647,7 +598,8 @@ async fn run(shared: Arc<Shared>, spec: SpawnSpec, (owner, asker): (u64, mpsc::U
     let _ = asker.send(Event::Spawned { uid: uid.clone(), pid, start_ticks });
     drop(asker);
     let mut readers = Vec::new();
-    for (stream, pipe) in [(0u8, child.stdout.take().map(boxed)), (1u8, child.stderr.take().map(boxed))] {
+    for (stream, pipe) in child.take_output().into_iter().enumerate() {
+        let stream = stream as u8;
         let Some(pipe) = pipe else { continue };
         let (stop, stop_rx) = tokio::sync::oneshot::channel();
         let mut spool = SpoolWriter::new(&shared.spool, &uid, stream, spec.spool_limit);
@@ -705,6 +657,149 @@ async fn run(shared: Arc<Shared>, spec: SpawnSpec, (owner, asker): (u64, mpsc::U
         forget(&shared, &uid);
     }
     shared.changed.notify_one();
+}
+
+/// A process the keeper started: born in its cgroup, or forked the
+/// ordinary way (no cgroup, or clone3 refused here).
+enum Child {
+    Forked(tokio::process::Child),
+    Born(super::born::BornChild),
+}
+
+/// Whether clone3 into a cgroup was refused once: then every later spawn
+/// forks and joins without asking again.
+static NO_CLONE_INTO_CGROUP: AtomicBool = AtomicBool::new(false);
+
+impl Child {
+    fn id(&self) -> i32 {
+        match self {
+            Child::Forked(c) => c.id().map(|p| p as i32).unwrap_or(0),
+            Child::Born(c) => c.pid,
+        }
+    }
+
+    fn output_fds(&self) -> [Option<std::os::fd::BorrowedFd<'_>>; 2] {
+        use std::os::fd::AsFd;
+        match self {
+            Child::Forked(c) => [c.stdout.as_ref().map(AsFd::as_fd), c.stderr.as_ref().map(AsFd::as_fd)],
+            Child::Born(c) => [c.stdout.as_ref().map(AsFd::as_fd), c.stderr.as_ref().map(AsFd::as_fd)],
+        }
+    }
+
+    fn take_stdin(&mut self) -> Option<Box<dyn AsyncWrite + Unpin + Send>> {
+        match self {
+            Child::Forked(c) => c.stdin.take().map(|w| Box::new(w) as Box<dyn AsyncWrite + Unpin + Send>),
+            Child::Born(c) => c.stdin.take().map(|w| Box::new(w) as Box<dyn AsyncWrite + Unpin + Send>),
+        }
+    }
+
+    /// stdout, then stderr.
+    fn take_output(&mut self) -> [Option<Box<dyn AsyncRead + Unpin + Send>>; 2] {
+        match self {
+            Child::Forked(c) => [c.stdout.take().map(boxed), c.stderr.take().map(boxed)],
+            Child::Born(c) => [c.stdout.take().map(boxed), c.stderr.take().map(boxed)],
+        }
+    }
+
+    async fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        match self {
+            Child::Forked(c) => c.wait().await,
+            Child::Born(c) => c.wait().await,
+        }
+    }
+}
+
+/// Starts the process of `spec`: straight into `cgroup` where the kernel
+/// can, else forked and joined to it between fork and exec.
+async fn start(
+    spec: &SpawnSpec,
+    cgroup: Option<&ProcessCgroup>,
+    stdin_file: Option<std::fs::File>,
+) -> std::io::Result<Child> {
+    let mut tries = 0;
+    loop {
+        let r = match cgroup {
+            Some(cg) if !NO_CLONE_INTO_CGROUP.load(Ordering::Relaxed) => {
+                use super::born::{spawn, Born, BornStdin, Launch};
+                let stdin = match (&stdin_file, &spec.stdin) {
+                    (Some(f), _) => BornStdin::File(f.try_clone()?),
+                    (None, StdinSource::Null) => BornStdin::Null,
+                    (None, _) => BornStdin::Piped,
+                };
+                let launch = Launch { program: &spec.program, args: &spec.args, cwd: &spec.cwd, env: &spec.env, stdin };
+                match spawn(&cg.dir_file()?, launch) {
+                    Ok(Born::Started(c)) => Ok(Child::Born(c)),
+                    Ok(Born::Unsupported) => {
+                        tracing::info!(
+                            "keeper: clone3 into a cgroup is refused here; processes join theirs after fork"
+                        );
+                        NO_CLONE_INTO_CGROUP.store(true, Ordering::Relaxed);
+                        continue;
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            _ => forked(spec, cgroup, stdin_file.as_ref().map(|f| f.try_clone()).transpose()?),
+        };
+        match r {
+            // A script just written can be briefly "busy" if another
+            // thread forked while it was open for writing.
+            Err(e) if e.raw_os_error() == Some(nix::libc::ETXTBSY) && tries < 20 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Forks the process of `spec`, which joins `cgroup` (if any) between
+/// fork and exec.
+fn forked(
+    spec: &SpawnSpec,
+    cgroup: Option<&ProcessCgroup>,
+    stdin_file: Option<std::fs::File>,
+) -> std::io::Result<Child> {
+    let relay = matches!(spec.containment, SpawnContainment::PidNamespace(_));
+    let mut cmd = match &spec.containment {
+        SpawnContainment::PidNamespace(agent) => {
+            let mut c = tokio::process::Command::new(agent);
+            c.arg(crate::pidns::SUBCOMMAND).arg(&spec.program);
+            c
+        }
+        _ => tokio::process::Command::new(&spec.program),
+    };
+    use std::process::Stdio;
+    cmd.args(&spec.args)
+        .current_dir(&spec.cwd)
+        .env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .process_group(0)
+        .stdin(match (stdin_file, &spec.stdin) {
+            (Some(f), _) => Stdio::from(f),
+            (None, StdinSource::Null) => Stdio::null(),
+            (None, _) => Stdio::piped(),
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(cg) = cgroup {
+        // SAFETY: the closure runs in the child between fork and exec; it
+        // only writes to a file already open (one write(2),
+        // async-signal-safe, no allocation or lock).
+        #[allow(unsafe_code)]
+        unsafe {
+            cmd.pre_exec(cg.joiner());
+        }
+    }
+    if relay {
+        // SAFETY: the closure runs in the child between fork and exec; it
+        // makes one syscall (unshare), async-signal-safe.
+        #[allow(unsafe_code)]
+        unsafe {
+            cmd.pre_exec(crate::pidns::unsharer());
+        }
+    }
+    cmd.spawn().map(Child::Forked)
 }
 
 /// The events that tell where a held process stands.
@@ -813,7 +908,7 @@ pub(crate) async fn read_pipe(
 async fn feed_stdin(
     shared: Arc<Shared>,
     uid: String,
-    mut w: tokio::process::ChildStdin,
+    mut w: Box<dyn AsyncWrite + Unpin + Send>,
     mut rx: mpsc::UnboundedReceiver<(u64, Vec<u8>)>,
     written: Arc<AtomicU64>,
 ) {
