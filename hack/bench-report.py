@@ -42,7 +42,7 @@ if sys.argv[1] == "--from":
 else:
     work, out, profile, full = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
     scenarios = {}
-    for name in ["store", "link", "proxy", "run", "containment", "start", "throughput", "tls", "dashboard", "queue", "fanout", "output", "files", "idle", "sync", "watches", "python", "pools", "containers"]:
+    for name in ["store", "link", "proxy", "run", "containment", "start", "throughput", "tls", "dashboard", "queue", "fanout", "fleet", "output", "files", "idle", "sync", "watches", "python", "pools", "containers"]:
         v = load(name)
         if v is not None:
             scenarios[name] = v
@@ -168,6 +168,27 @@ if s:
         target("fan-out p99 at %d agents against %d" % (rs[-1]["agents"], rs[0]["agents"]), "≤ 2×", "%.2f×" % ratio, ratio <= 2)
         mem = rs[-1]["cp_rss_bytes_after"] / 2**20
         target("control plane memory at %d agents" % rs[-1]["agents"], "≤ 1 GiB", "%.0f MiB" % mem, mem <= 1024)
+
+s = scenarios.get("fleet")
+if s:
+    lines += ["", "## A fleet of agent identities (TLS, a certificate each)", "",
+              "| agents | lease (s) | idle CPU (cores) | RSS (MiB) | renewal p50 / p99 (ms) | test over (hosts) | create to Running p50 / p99 (ms) | rounds not all Running in 30 s |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in s["results"]:
+        c = r["create_to_running"]
+        lines.append("| %d | %d | %.2f | %.0f | %s / %s | %d | %s / %s | %d |" % (
+            r["agents"], r["lease_seconds"], r["cp_idle_cpu_cores"], r["cp_rss_bytes_idle"] / 2**20,
+            ms(r["renewal"]["p50_ms"]), ms(r["renewal"]["p99_ms"]), r["test_hosts"],
+            ms(c["p50_ms"]) if c["n"] else "-", ms(c["p99_ms"]) if c["n"] else "-", len(r["rounds_not_all_running"])))
+    # The targets are for 10 s leases (the default), at the largest size.
+    tens = [r for r in s["results"] if r["lease_seconds"] == 10] or s["results"]
+    big = max(tens, key=lambda r: r["agents"])
+    target("control plane idle CPU at %d agents" % big["agents"], "≤ 0.5 core", "%.2f" % big["cp_idle_cpu_cores"], big["cp_idle_cpu_cores"] <= 0.5)
+    target("control plane RSS at %d agents" % big["agents"], "≤ 500 MB", "%.0f MiB" % (big["cp_rss_bytes_idle"] / 2**20), big["cp_rss_bytes_idle"] <= 500e6)
+    target("lease renewal p99 at %d agents" % big["agents"], "≤ 100 ms", ms(big["renewal"]["p99_ms"]) + " ms", big["renewal"]["p99_ms"] <= 100)
+    ok = big["create_to_running"]["n"] > 0 and not big["rounds_not_all_running"] and big["create_to_running"]["p99_ms"] <= 1000
+    target("a %d-host test, create to all Running p99, at %d agents" % (big["test_hosts"], big["agents"]), "≤ 1 s",
+           (ms(big["create_to_running"]["p99_ms"]) + " ms") if big["create_to_running"]["n"] else "never", ok)
 
 s = scenarios.get("output")
 if s:

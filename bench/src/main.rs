@@ -14,6 +14,8 @@
 //! at 10,000 hosts and 1,000 tests).
 #![forbid(unsafe_code)]
 
+mod fleet;
+
 use anyhow::{bail, Context};
 use serde_json::json;
 use std::path::Path;
@@ -1056,9 +1058,10 @@ async fn main() {
         Some("dashboard") => dashboard(smoke).await,
         Some("queue") => queue(smoke).await,
         Some("python") => python(smoke).await,
+        Some("fleet") => fleet::fleet(smoke).await,
         _ => {
             eprintln!(
-                "usage: testbus-bench run|containment|start|throughput|fanout|output|files|idle|sync|watches|pools|containers|tls|dashboard|queue|python [--smoke]"
+                "usage: testbus-bench run|containment|start|throughput|fanout|fleet|output|files|idle|sync|watches|pools|containers|tls|dashboard|queue|python [--smoke]"
             );
             std::process::exit(2);
         }

@@ -689,6 +689,7 @@ fn filter(labels: &str, fields: &str) -> Result<Filter, Status> {
 impl ResourceService<Host> {
     pub async fn renew_lease(&self, scope: &Scope, req: RenewLeaseRequest) -> Result<Host, Status> {
         scope.host(Verb::RenewLease, &req.name)?;
+        let _apart_from_claims = self.st.host_locks.one(&req.name).await;
         loop {
             let (mut h, rev) = self.load(&req.name).await?;
             let holder = &h.status().agent_id;
@@ -713,6 +714,8 @@ impl ResourceService<Host> {
 impl ResourceService<Test> {
     /// The gang claim: all hosts and the test in one transaction, or nothing.
     pub async fn claim(&self, _scope: &Scope, req: ClaimRequest) -> Result<Test, Status> {
+        // No renewal of these hosts on this replica from here to the commit.
+        let _apart_from_renewals = self.st.host_locks.all(req.assignments.iter().map(|a| a.host.as_str())).await;
         let (mut test, test_rev) = self.load(&req.test).await?;
         if parse_rv("testResourceVersion", &req.test_resource_version)? != test_rev {
             return Err(Self::conflict(test.name(), test_rev, test.resource_version()));
@@ -727,13 +730,35 @@ impl ResourceService<Test> {
         let mut compares = vec![Compare::ModRevision(Self::key(&req.test), test_rev)];
         let mut ops = Vec::new();
         let mut seen = std::collections::HashSet::new();
+        // Which requirement each member is of; made only if a host changed.
+        let mut member_of: Option<std::collections::HashMap<String, usize>> = None;
         for (i, a) in req.assignments.iter().enumerate() {
             if !seen.insert(a.host.as_str()) {
                 return Err(Status::invalid_argument(format!("assignments[{i}].host: {:?} assigned twice", a.host)));
             }
             let (mut h, rev) = hosts.load(&a.host).await?;
             if parse_rv(&format!("assignments[{i}].hostResourceVersion"), &a.host_resource_version)? != rev {
-                return Err(Status::aborted(format!("conflict: Host {:?} changed since it was chosen", a.host)));
+                // Changed since the scheduler chose it. Its agent renews its
+                // lease every few seconds, which is a write: requiring the
+                // very version chosen made a claim of hundreds of hosts
+                // conflict for ever (issue 33's fleet). It is still the
+                // member's if it still fits the member's requirement; the
+                // rest (free, Ready) is checked below as for any host, and
+                // the transaction compares the version read here.
+                let member_of = member_of.get_or_insert_with(|| {
+                    test.spec()
+                        .hosts
+                        .iter()
+                        .enumerate()
+                        .flat_map(|(r, h)| testbus_proto::validate::members(h).into_iter().map(move |m| (m, r)))
+                        .collect()
+                });
+                let fits = member_of
+                    .get(&a.role)
+                    .is_some_and(|&r| testbus_controllers::schedule::fits(&test.spec().hosts[r], &h));
+                if !fits {
+                    return Err(Status::aborted(format!("conflict: Host {:?} changed since it was chosen", a.host)));
+                }
             }
             let s = h.status();
             if s.phase != HostPhase::Ready
@@ -1390,6 +1415,69 @@ mod tests {
             Some(testbus_proto::HostClaim { test: "t".into(), test_uid: "u".into(), ..Default::default() });
         let made = hosts.create(&admin(), h).await.unwrap();
         assert_eq!(made.status().claim, None);
+    }
+
+    /// A lease renewal between the scheduler's choice and the claim does
+    /// not undo the claim (a 1,000-host test among renewing agents never
+    /// started); a host that no longer fits its member's requirement does.
+    /// A renewal waits while a claim holds its host's lock.
+    #[tokio::test]
+    async fn a_claim_survives_a_lease_renewal_but_not_a_change_of_fit() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = state(&dir).await;
+        let hosts = ResourceService::<Host>::new(st.clone());
+        let tests = ResourceService::<Test>::new(st.clone());
+        let mut chosen = Vec::new();
+        for name in ["h1", "h2"] {
+            let mut h = Host::default();
+            h.meta_mut().name = name.into();
+            hosts.create(&admin(), h).await.unwrap();
+            let (mut h, _) = st.load::<Host>(name).await.unwrap();
+            let s = h.status_mut();
+            s.phase = HostPhase::Ready.into();
+            s.capabilities = vec!["x".into()];
+            s.agent_id = "agent".into();
+            s.lease_duration_seconds = 10;
+            chosen.push(hosts.update_status(&admin(), h).await.unwrap());
+        }
+        let claim = |t: &Test, h: &Host| ClaimRequest {
+            test: t.name().into(),
+            test_resource_version: t.resource_version().into(),
+            assignments: vec![testbus_proto::ClaimAssignment {
+                role: "a".into(),
+                host: h.name().into(),
+                host_resource_version: h.resource_version().into(),
+            }],
+            status: Some(testbus_proto::TestStatus { phase: TestPhase::Running.into(), ..Default::default() }),
+        };
+        let mut wants_x = test_obj("t1");
+        wants_x.spec_mut().hosts[0].capabilities = vec!["x".into()];
+        let t1 = tests.create(&admin(), wants_x.clone()).await.unwrap();
+        let renew = RenewLeaseRequest { name: "h1".into(), agent_id: "agent".into(), release: false };
+        hosts.renew_lease(&admin(), renew.clone()).await.unwrap();
+        let claimed = tests.claim(&admin(), claim(&t1, &chosen[0])).await.expect("claimed across a renewal");
+        assert_eq!(claimed.status().phase, TestPhase::Running);
+        assert_eq!(st.load::<Host>("h1").await.unwrap().0.status().claim.as_ref().unwrap().test, "t1");
+
+        wants_x.meta_mut().name = "t2".into();
+        let t2 = tests.create(&admin(), wants_x).await.unwrap();
+        let (mut h2, _) = st.load::<Host>("h2").await.unwrap();
+        h2.status_mut().capabilities = vec!["y".into()];
+        hosts.update_status(&admin(), h2).await.unwrap();
+        let err = tests.claim(&admin(), claim(&t2, &chosen[1])).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Aborted, "{}", err.message());
+        assert!(err.message().contains("changed since it was chosen"), "{}", err.message());
+
+        let held = st.host_locks.one("h1").await;
+        let mut renewal = tokio::spawn({
+            let hosts = ResourceService::<Host>::new(st.clone());
+            async move { hosts.renew_lease(&admin(), renew).await }
+        });
+        // Unheld, a renewal takes about a millisecond here.
+        let waited = tokio::time::timeout(std::time::Duration::from_millis(300), &mut renewal).await;
+        assert!(waited.is_err(), "a renewal did not wait for the host's lock");
+        drop(held);
+        renewal.await.unwrap().unwrap();
     }
 
     /// The hub's task held the hub, so a dropped hub (a replica's state

@@ -20,6 +20,54 @@ pub struct ApiState {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Watches one identity may hold at once.
     pub watch_quota: Arc<crate::quota::Quota>,
+    /// Keeps a lease renewal and a claim of one host apart on this replica.
+    pub host_locks: Arc<HostLocks>,
+}
+
+/// Locks on Host writes of this replica that must not interleave: a lease
+/// renewal (every agent, every few seconds) and a claim of that host. A
+/// claim compares every claimed host's revision in its transaction, and
+/// with renewals in between, a claim of hundreds of hosts conflicted at
+/// every try, for ever (issue 33's fleet: a 1,000-host test never started
+/// among 1,000 renewing agents). A claim holds the locks of its hosts from
+/// reading them to its commit; a renewal waits that long (milliseconds).
+/// Sharded by the host's name: renewals of different hosts do not wait for
+/// each other. Replicas do not share these: renewals that reach another
+/// replica can still conflict with a claim (it is retried by the
+/// scheduler's next pass).
+pub struct HostLocks {
+    shards: Vec<tokio::sync::Mutex<()>>,
+}
+
+impl Default for HostLocks {
+    fn default() -> Self {
+        HostLocks { shards: (0..256).map(|_| tokio::sync::Mutex::new(())).collect() }
+    }
+}
+
+impl HostLocks {
+    fn shard(&self, host: &str) -> usize {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        host.hash(&mut h);
+        h.finish() as usize % self.shards.len()
+    }
+
+    /// The lock of one host.
+    pub async fn one(&self, host: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        self.shards[self.shard(host)].lock().await
+    }
+
+    /// The locks of all `hosts`, taken in one order (no deadlock between
+    /// two claims).
+    pub async fn all<'a>(&self, hosts: impl Iterator<Item = &'a str>) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
+        let shards: std::collections::BTreeSet<usize> = hosts.map(|h| self.shard(h)).collect();
+        let mut held = Vec::with_capacity(shards.len());
+        for i in shards {
+            held.push(self.shards[i].lock().await);
+        }
+        held
+    }
 }
 
 /// Watches one identity may hold at once (about 8 KiB each): a viewer's
@@ -36,7 +84,7 @@ impl ApiState {
         metrics: Arc<crate::metrics::Metrics>,
     ) -> ApiState {
         let watch_quota = crate::quota::Quota::new("watches", MAX_WATCHES_PER_IDENTITY);
-        ApiState { store, hub, blobs, pki, metrics, watch_quota }
+        ApiState { store, hub, blobs, pki, metrics, watch_quota, host_locks: Arc::default() }
     }
 
     /// The stored object of kind `K` named `name`, with its revision.

@@ -691,15 +691,38 @@ async fn finished(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Act
 async fn release(ctx: &Context, t: &Test, procs: &[Arc<Process>]) -> Result<Action, Error> {
     stop_all(ctx, t, procs).await?;
     let uid = &t.meta().uid;
-    for h in ctx.hosts.filter(|h| h.status().claim.as_ref().is_some_and(|c| &c.test_uid == uid)) {
-        let busy = procs.iter().any(|p| p.spec().host_name == h.name() && !phase::process_terminal(&p.status().phase));
-        if busy {
-            continue;
+    let free: Vec<Arc<Host>> = ctx
+        .hosts
+        .filter(|h| h.status().claim.as_ref().is_some_and(|c| &c.test_uid == uid))
+        .into_iter()
+        .filter(|h| {
+            !procs.iter().any(|p| p.spec().host_name == h.name() && !phase::process_terminal(&p.status().phase))
+        })
+        .collect();
+    // Read-modify-write from the cached copy, again from the stored one on
+    // a conflict: every agent renews its lease (a write) every few
+    // seconds, and a release of a thousand hosts written against the
+    // cached versions conflicted on one of them at each try (issue 33's
+    // fleet: seconds of backoff before the hosts were free again). A few
+    // at a time.
+    let api = ctx.client.api::<Host>();
+    for chunk in free.chunks(16) {
+        let writes = chunk.iter().map(|h| {
+            api.patch_status_from(h.name(), Some((**h).clone()), |h| {
+                if h.status().claim.as_ref().is_none_or(|c| &c.test_uid != uid) {
+                    return false;
+                }
+                h.status_mut().claim = None;
+                true
+            })
+        });
+        for (h, r) in chunk.iter().zip(futures::future::join_all(writes).await) {
+            match r {
+                Ok(_) => tracing::info!(test = t.name(), host = h.name(), "released"),
+                Err(s) if s.code() == Code::NotFound => {}
+                Err(status) => return Err(Error::Api { what: "releasing the test's hosts", status }),
+            }
         }
-        let mut next: Host = (*h).clone();
-        next.status_mut().claim = None;
-        ctx.client.api::<Host>().update_status(next).await.doing("releasing the test's hosts")?;
-        tracing::info!(test = t.name(), host = h.name(), "released");
     }
     Ok(Action::AwaitChange)
 }

@@ -34,13 +34,27 @@ fn schedulable_changed(old: Option<&Host>, new: Option<&Host>) -> bool {
     old.map(key) != new.map(key)
 }
 
-/// A Host: itself; the tests it was or is claimed by; the scheduler when
+/// What a test that claims the host reads of it changed: its phase (lost,
+/// back), its claim, its deletion, or the host itself appeared or went.
+fn claim_changed(old: Option<&Host>, new: Option<&Host>) -> bool {
+    let key = |h: &Host| (h.status().phase.clone(), h.status().claim.clone(), h.meta().deletion_timestamp.clone());
+    old.map(key) != new.map(key)
+}
+
+/// A Host: itself; the tests it was or is claimed by (when what they read
+/// of it changed); the scheduler when
 /// what it offers changed; the pool it is a guest of.
 pub fn host(old: Option<&Host>, new: Option<&Host>) -> Wakes {
     let both = || [old, new].into_iter().flatten();
     Wakes {
         hosts: new.or(old).map(|h| vec![h.name().to_string()]).unwrap_or_default(),
-        tests: both().filter_map(|h| h.status().claim.as_ref()).map(|c| c.test.clone()).collect(),
+        // Not on a lease renewal (every few seconds per host): a test over
+        // a thousand hosts was reconciled hundreds of times a second.
+        tests: if claim_changed(old, new) {
+            both().filter_map(|h| h.status().claim.as_ref()).map(|c| c.test.clone()).collect()
+        } else {
+            Vec::new()
+        },
         schedule: schedulable_changed(old, new),
         pools: both().filter_map(testbus_proto::pool::pool_of).map(str::to_string).collect(),
         all_pools: false,
@@ -99,7 +113,14 @@ mod tests {
         // A lease renewal offers nothing new: no pass of the scheduler.
         let mut renewed = claimed.clone();
         renewed.status_mut().lease_renew_time = "later".into();
-        assert!(!host(Some(&claimed), Some(&renewed)).schedule);
+        let w = host(Some(&claimed), Some(&renewed));
+        assert!(!w.schedule);
+        // Nor its test (a test over a thousand hosts heard hundreds of
+        // renewals a second); the host itself does (its lease).
+        assert!(w.tests.is_empty() && w.hosts == ["vms-1"], "{w:?}");
+        let mut lost = renewed.clone();
+        lost.status_mut().phase = testbus_proto::states::HostPhase::NotReady.into();
+        assert_eq!(host(Some(&renewed), Some(&lost)).tests, ["t1", "t1"]);
         // Gone: the scheduler, and its test, still hear of it.
         let gone = host(Some(&claimed), None);
         assert!(gone.schedule && gone.tests == ["t1"] && gone.hosts == ["vms-1"]);
