@@ -1,16 +1,17 @@
 #!/usr/bin/env python3
 """Turns the JSON files of one hack/bench run into bench/results/NAME.json,
-a readable NAME.md and, for a full run, docs/PERFORMANCE.md with SVG plots
-(drawn here, no plotting library needed).
+a readable NAME.md and, for a full run, docs/PERFORMANCE.md with its plots
+(matplotlib, PNG in docs/img/).
 
 usage: bench-report.py WORKDIR OUT_PREFIX PROFILE FULL(0|1)
        bench-report.py --from RESULT.json OUT_PREFIX
            renders a stored full run again (after bench/notes.md changed),
            keeping its date and figures
+       bench-report.py --pools WORKDIR OUT_PREFIX
+           keeps `hack/bench pools`' scenarios for the next full run
 """
 import datetime
 import json
-import math
 import os
 import platform
 import subprocess
@@ -35,6 +36,20 @@ def machine():
     return {"cpus": os.cpu_count(), "cpu": model, "memory_bytes": mem, "kernel": platform.release()}
 
 
+if sys.argv[1] == "--pools":
+    # `hack/bench pools`: the slow scenarios alone, kept for the next full
+    # run's report.
+    work, out = sys.argv[2], sys.argv[3]
+    kept = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "scenarios": {}}
+    for name in ["pools", "containers"]:
+        v = load(name)
+        if v is not None:
+            kept["scenarios"][name] = v
+    with open(out + ".json", "w") as f:
+        json.dump(kept, f, indent=2)
+        f.write("\n")
+    sys.exit(0)
+
 if sys.argv[1] == "--from":
     result = json.load(open(sys.argv[2]))
     out, profile, full = sys.argv[3], result["profile"], True
@@ -46,6 +61,14 @@ else:
         v = load(name)
         if v is not None:
             scenarios[name] = v
+    # A full run leaves pools and containers to `hack/bench pools`: their
+    # figures come from its last run, dated.
+    pools_from = None
+    if full and "pools" not in scenarios and os.path.exists("bench/results/pools.json"):
+        kept = json.load(open("bench/results/pools.json"))
+        for name, v in kept["scenarios"].items():
+            scenarios.setdefault(name, v)
+        pools_from = kept["date"]
     etcd_version = subprocess.run(["etcd", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
     if "store" in scenarios:
         scenarios["store"] = {"etcd": etcd_version, "results": scenarios["store"]}
@@ -53,6 +76,7 @@ else:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "profile": profile,
         "machine": machine(),
+        "pools_from": pools_from,
         "scenarios": scenarios,
     }
 with open(out + ".json", "w") as f:
@@ -259,7 +283,10 @@ s = scenarios.get("pools")
 if s:
     b, w, c = s["bare_agent_start"], s["warm_pool_start"], s["clean_again"]
     par = s["parallel_ms"]
-    lines += ["", "## HostPools: libvirt guests under QEMU (TCG here)", "",
+    lines += ["", "## HostPools: libvirt guests under QEMU (TCG here)", ""]
+    if result.get("pools_from"):
+        lines += ["From `hack/bench pools` of %s (a full run leaves the slow scenarios to it)." % result["pools_from"], ""]
+    lines += [
               "| | ms |", "|---|---:|",
               "| test start on a bare agent, p50 of %d | %s |" % (b["n"], ms(b["p50_ms"])),
               "| test start on a warm pool (guest Ready), p50 of %d | %s |" % (w["n"], ms(w["p50_ms"])),
@@ -298,43 +325,34 @@ print("\n".join(report))
 
 # --- plots (full runs only) -------------------------------------------------
 
-def svg_chart(path, title, xlabel, ylabel, series, logx=False, logy=False):
-    """series: [(label, [(x, y), ...])]; a line per series."""
-    W, H, L, R, T, B = 640, 400, 70, 170, 40, 50
-    pts = [p for _, s in series for p in s if (not logx or p[0] > 0) and (not logy or p[1] > 0)]
-    if not pts:
-        return
-    fx = (lambda v: math.log10(v)) if logx else (lambda v: v)
-    fy = (lambda v: math.log10(v)) if logy else (lambda v: v)
-    x0, x1 = min(fx(p[0]) for p in pts), max(fx(p[0]) for p in pts)
-    y0, y1 = min(0 if not logy else fy(p[1]) for p in pts), max(fy(p[1]) for p in pts)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
-    sx = lambda v: L + (fx(v) - x0) / (x1 - x0) * (W - L - R)
-    sy = lambda v: H - B - (fy(v) - y0) / (y1 - y0) * (H - T - B)
-    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
-    out = ['<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" font-family="sans-serif" font-size="12">' % (W, H),
-           '<rect width="100%" height="100%" fill="white"/>',
-           '<text x="%d" y="22" font-size="14">%s</text>' % (L, title),
-           '<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="black"/>' % (L, H - B, W - R, H - B),
-           '<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="black"/>' % (L, T, L, H - B),
-           '<text x="%d" y="%d" text-anchor="middle">%s</text>' % ((L + W - R) / 2, H - 12, xlabel),
-           '<text x="16" y="%d" transform="rotate(-90 16 %d)" text-anchor="middle">%s</text>' % ((T + H - B) / 2, (T + H - B) / 2, ylabel)]
-    for i in range(5):
-        xv, yv = x0 + (x1 - x0) * i / 4, y0 + (y1 - y0) * i / 4
-        xl = 10 ** xv if logx else xv
-        yl = 10 ** yv if logy else yv
-        out.append('<text x="%.0f" y="%d" text-anchor="middle">%s</text>' % (L + (W - L - R) * i / 4, H - B + 16, "%.3g" % xl))
-        out.append('<text x="%d" y="%.0f" text-anchor="end">%s</text>' % (L - 6, H - B - (H - T - B) * i / 4 + 4, "%.3g" % yl))
-    for k, (label, s) in enumerate(series):
-        s = [p for p in s if (not logx or p[0] > 0) and (not logy or p[1] > 0)]
-        c = colours[k % len(colours)]
-        out.append('<polyline fill="none" stroke="%s" stroke-width="2" points="%s"/>' % (c, " ".join("%.1f,%.1f" % (sx(x), sy(y)) for x, y in s)))
-        for x, y in s if len(s) < 10 else []:
-            out.append('<circle cx="%.1f" cy="%.1f" r="3" fill="%s"/>' % (sx(x), sy(y), c))
-        out.append('<text x="%d" y="%d" fill="%s">%s</text>' % (W - R + 10, T + 16 * k + 10, c, label))
-    out.append("</svg>")
-    with open(path, "w") as f:
-        f.write("\n".join(out) + "\n")
+def chart(path, title, xlabel, ylabel, series, logx=False, logy=False):
+    """series: [(label, [(x, y), ...])]; a line per series, drawn with
+    matplotlib into a PNG (imported here: only full runs draw)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for label, pts in series:
+        pts = [p for p in pts if (not logx or p[0] > 0) and (not logy or p[1] > 0)]
+        if not pts:
+            continue
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, label=label, marker="o" if len(pts) < 10 else None, linewidth=1.8)
+    if logx:
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+    if logy:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def cdf(samples):
@@ -344,31 +362,47 @@ def cdf(samples):
 
 if full:
     os.makedirs("docs/img", exist_ok=True)
+    plots = []
     s = scenarios.get("run")
     if s:
-        svg_chart("docs/img/run-latency-cdf.svg", "One command on one host: latency CDF", "ms (log)", "fraction",
-                  [(k, cdf(s[k]["samples_ms"])) for k in ["local_sh", "ssh_controlmaster", "testbus", "ssh"]], logx=True)
+        chart("docs/img/run-latency-cdf.png", "One command on one host: latency CDF", "ms (log scale)", "fraction of runs",
+              [(k, cdf(s[k]["samples_ms"])) for k in ["local_sh", "ssh_controlmaster", "testbus", "ssh"]], logx=True)
+        plots.append(("run latency CDF", "run-latency-cdf.png"))
     s = scenarios.get("start")
     if s:
-        svg_chart("docs/img/start-latency-cdf.svg", "Test start latency: CDF", "ms", "fraction",
-                  [("create → last process running", cdf(s["to_last_running"]["samples_ms"]))])
+        chart("docs/img/start-latency-cdf.png", "Test start latency: CDF", "ms from create to the last process running",
+              "fraction of tests", [("create → last process running", cdf(s["to_last_running"]["samples_ms"]))])
+        plots.append(("test start latency CDF", "start-latency-cdf.png"))
     s = scenarios.get("fanout")
     if s:
         rs = s["results"]
-        svg_chart("docs/img/fanout-latency.svg", "Watch delivery against agents", "agents (log)", "ms",
-                  [("p50", [(r["agents"], r["delivery"]["p50_ms"]) for r in rs]),
-                   ("p99", [(r["agents"], r["delivery"]["p99_ms"]) for r in rs])], logx=True)
-        svg_chart("docs/img/fanout-memory.svg", "Control plane memory against agents", "agents (log)", "MiB resident",
-                  [("control plane", [(r["agents"], r["cp_rss_bytes_after"] / 2**20) for r in rs])], logx=True)
+        chart("docs/img/fanout-latency.png", "Watch delivery against agents", "agents (log scale)", "ms",
+              [("p50", [(r["agents"], r["delivery"]["p50_ms"]) for r in rs]),
+               ("p99", [(r["agents"], r["delivery"]["p99_ms"]) for r in rs])], logx=True)
+        chart("docs/img/fanout-memory.png", "Control plane memory against simulated agents", "agents (log scale)", "MiB resident",
+              [("control plane", [(r["agents"], r["cp_rss_bytes_after"] / 2**20) for r in rs])], logx=True)
+        plots += [("fan-out delivery latency", "fanout-latency.png"), ("fan-out memory", "fanout-memory.png")]
+    s = scenarios.get("fleet")
+    if s:
+        for lease in sorted({r["lease_seconds"] for r in s["results"]}):
+            rs = [r for r in s["results"] if r["lease_seconds"] == lease]
+            if len(rs) < 2:
+                continue
+            chart("docs/img/fleet-%ds.png" % lease, "A fleet of TLS agents, %d s leases: the control plane" % lease,
+                  "agents (log scale)", "cores / GiB / s",
+                  [("idle CPU (cores)", [(r["agents"], r["cp_idle_cpu_cores"]) for r in rs]),
+                   ("RSS (GiB)", [(r["agents"], r["cp_rss_bytes_idle"] / 2**30) for r in rs]),
+                   ("test create → all Running p99 (s)", [(r["agents"], r["create_to_running"]["p99_ms"] / 1e3) for r in rs])],
+                  logx=True)
+            plots.append(("fleet, %d s leases" % lease, "fleet-%ds.png" % lease))
+    for old in ["run-latency-cdf.svg", "start-latency-cdf.svg", "fanout-latency.svg", "fanout-memory.svg"]:
+        if os.path.exists("docs/img/" + old):
+            os.remove("docs/img/" + old)
     notes = open("bench/notes.md").read() if os.path.exists("bench/notes.md") else ""
     perf = ["# Performance", "",
             "Written by `hack/bench` (a full run; `hack/bench --smoke` only checks that each scenario runs). "
             "Every figure is taken against its baseline in the same run on the same machine.", ""] + report[2:] + [
-            "", "## Plots", "",
-            "![run latency CDF](img/run-latency-cdf.svg)", "",
-            "![test start latency CDF](img/start-latency-cdf.svg)", "",
-            "![fan-out delivery latency](img/fanout-latency.svg)", "",
-            "![fan-out memory](img/fanout-memory.svg)", "",
+            "", "## Plots", ""] + [line for alt, f in plots for line in ["![%s](img/%s)" % (alt, f), ""]] + [
             "## Reproduce", "", "```sh", "hack/bench            # as root: network namespaces, sshd, etcd are started by it", "```", "",
             "Raw figures: `bench/results/latest.json`.", ""]
     with open("docs/PERFORMANCE.md", "w") as f:
