@@ -59,10 +59,11 @@ async fn join_all(c: &Cluster, token: &str, n: usize, parallel: usize) -> anyhow
     // Joins go over a few shared connections (the real agent's join is
     // one call on a connection it then drops).
     let joiners: Vec<Client> = futures::future::try_join_all(
-        (0..parallel.min(8)).map(|_| Client::connect_with(&c.server, Some(pinned.clone()))),
+        (0..parallel.min(8)).map(|_| Client::connect_with(&c.agent_server, Some(pinned.clone()))),
     )
     .await?;
-    let server = c.server.clone();
+    // The TCP listener agents use (c.server is the local socket).
+    let server = c.agent_server.clone();
     let token = token.to_string();
     let out = futures::stream::iter(0..n)
         .map(|i| {

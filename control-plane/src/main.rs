@@ -219,6 +219,11 @@ struct Serve {
     /// host carries a connection or two per guest behind it).
     #[arg(long, default_value_t = 1024)]
     max_connections_per_peer: usize,
+    /// Most TCP connections served at once; one more is answered with
+    /// RESOURCE_EXHAUSTED saying so, and closed. 0: three quarters of the
+    /// open-files limit (raised to its hard limit at start).
+    #[arg(long, default_value_t = 0)]
+    max_connections: usize,
     /// Where podman pools' containers and images are kept (podman's
     /// `--root DIR/root --runroot DIR/run`). Default: podman's own storage.
     #[arg(long, value_name = "DIR")]
@@ -382,6 +387,7 @@ async fn main() {
         advertise: args.advertise,
         handshake_timeout: args.handshake_timeout,
         max_connections_per_peer: args.max_connections_per_peer,
+        max_connections: args.max_connections,
         tls_cert: args.tls_cert,
         tls_key: args.tls_key,
         client_ca: args.client_ca,

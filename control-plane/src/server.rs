@@ -63,6 +63,8 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// Most TCP connections served for one peer address at once.
     pub max_connections_per_peer: usize,
+    /// Most TCP connections served at once (0: from the open-files limit).
+    pub max_connections: usize,
     /// The server's certificate chain and key (PEM files); default: issued
     /// at start by the CA in `DATA_DIR/pki`, made on first start.
     pub tls_cert: Option<PathBuf>,
@@ -231,28 +233,69 @@ async fn sends_preface(s: &impl Peek, limit: Duration) -> bool {
 /// Connections counted by peer address.
 type PeerCounts = Arc<parking_lot::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>;
 
-/// One connection's place in its peer's count, given back when dropped.
+/// How many TCP connections are served: in all, and for one peer address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ConnectionLimits {
+    total: usize,
+    per_peer: usize,
+}
+
+/// Why a connection was not taken.
+#[derive(Debug, PartialEq, Eq)]
+enum Full {
+    Total(usize),
+    Peer(usize),
+}
+
+impl Full {
+    /// What the refused client is told (one line, ASCII: a grpc-message).
+    fn message(&self) -> String {
+        match self {
+            Full::Total(n) => format!(
+                "the control plane serves its limit of {n} connections (--max-connections); try again later, or raise the limit and the open-files limit (ulimit -n) where it runs"
+            ),
+            Full::Peer(n) => format!(
+                "the control plane serves its limit of {n} connections from this address (--max-connections-per-peer); try again later"
+            ),
+        }
+    }
+}
+
+/// One connection's place in the counts, given back when dropped.
 struct PeerSlot {
     counts: PeerCounts,
+    total: Arc<std::sync::atomic::AtomicUsize>,
     ip: std::net::IpAddr,
 }
 
 impl PeerSlot {
-    /// A slot, if `ip` has fewer than `max` connections counted.
-    fn take(counts: &PeerCounts, ip: std::net::IpAddr, max: usize) -> Option<PeerSlot> {
+    /// A slot, if fewer than the limits are counted (in all, and for `ip`).
+    fn take(
+        counts: &PeerCounts,
+        total: &Arc<std::sync::atomic::AtomicUsize>,
+        ip: std::net::IpAddr,
+        limits: ConnectionLimits,
+    ) -> Result<PeerSlot, Full> {
+        use std::sync::atomic::Ordering;
         let mut c = counts.lock();
+        // Counted under the peers' lock: no two takes pass one limit.
+        if total.load(Ordering::Relaxed) >= limits.total {
+            return Err(Full::Total(limits.total));
+        }
         let n = c.entry(ip).or_insert(0);
-        if *n >= max {
-            return None;
+        if *n >= limits.per_peer {
+            return Err(Full::Peer(limits.per_peer));
         }
         *n += 1;
-        Some(PeerSlot { counts: counts.clone(), ip })
+        total.fetch_add(1, Ordering::Relaxed);
+        Ok(PeerSlot { counts: counts.clone(), total: total.clone(), ip })
     }
 }
 
 impl Drop for PeerSlot {
     fn drop(&mut self) {
         let mut c = self.counts.lock();
+        self.total.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(n) = c.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {
@@ -260,6 +303,34 @@ impl Drop for PeerSlot {
             }
         }
     }
+}
+
+/// How long a refused connection is answered before it is closed.
+const REFUSED_FOR: Duration = Duration::from_secs(5);
+
+/// Serves a connection over the limits for a moment: every call on it
+/// fails with RESOURCE_EXHAUSTED saying which limit, then it is closed. A
+/// client sees why, not a bare closed connection; the connections being
+/// served go on as they were.
+async fn refuse<S>(s: S, why: String)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |_req: http::Request<hyper::body::Incoming>| {
+        let why = why.clone();
+        async move {
+            // A trailers-only gRPC answer: the status in the headers.
+            http::Response::builder()
+                .header("content-type", "application/grpc")
+                .header("grpc-status", (tonic::Code::ResourceExhausted as i32).to_string())
+                .header("grpc-message", why)
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+        }
+    });
+    let conn = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .max_concurrent_streams(16)
+        .serve_connection(hyper_util::rt::TokioIo::new(s), svc);
+    let _ = tokio::time::timeout(REFUSED_FOR, conn).await;
 }
 
 /// Connections waiting for their HTTP/2 preface, by peer (a TCP peer's
@@ -400,6 +471,8 @@ pub const ADVERTISE_FILE: &str = "advertise";
 /// Lines about refused TLS handshakes: at most this many a minute.
 const HANDSHAKE_LINES_PER_MINUTE: u32 = 10;
 static HANDSHAKE_LOG: LogBudget = LogBudget::new(HANDSHAKE_LINES_PER_MINUTE);
+/// Lines about connections refused at a limit: as few.
+static REFUSAL_LOG: LogBudget = LogBudget::new(HANDSHAKE_LINES_PER_MINUTE);
 
 /// A budget of log lines per minute for what a peer can cause at will.
 struct LogBudget {
@@ -524,11 +597,12 @@ async fn accept_http2(
     tx: tokio::sync::mpsc::Sender<Conn<TcpConn>>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     limit: Duration,
-    max_per_peer: usize,
+    limits: ConnectionLimits,
     cut: CancellationToken,
 ) {
     let pending = Handshakes::default();
     let served: PeerCounts = Default::default();
+    let total: Arc<std::sync::atomic::AtomicUsize> = Default::default();
     loop {
         let (s, peer) = tokio::select! {
             r = lis.accept() => match r {
@@ -544,7 +618,8 @@ async fn accept_http2(
         };
         let ip = peer.ip();
         let (id, mut evicted) = pending.admit(ip);
-        let (tx, served, pending, cut, tls) = (tx.clone(), served.clone(), pending.clone(), cut.clone(), tls.clone());
+        let (tx, served, total, pending, cut, tls) =
+            (tx.clone(), served.clone(), total.clone(), pending.clone(), cut.clone(), tls.clone());
         tokio::spawn(async move {
             let _ = s.set_nodelay(true);
             let ready = tokio::select! {
@@ -556,9 +631,14 @@ async fn accept_http2(
                 tracing::debug!(%peer, "no TLS handshake or HTTP/2 preface in time; closed");
                 return;
             };
-            let Some(slot) = PeerSlot::take(&served, ip, max_per_peer) else {
-                tracing::warn!(%peer, max_per_peer, "too many connections from this address; closed");
-                return;
+            let slot = match PeerSlot::take(&served, &total, ip, limits) {
+                Ok(slot) => slot,
+                Err(full) => {
+                    if let Some(suppressed) = REFUSAL_LOG.take() {
+                        tracing::warn!(%peer, limit = ?full, suppressed, "connection over the limit; refused");
+                    }
+                    return refuse(s, full.message()).await;
+                }
             };
             let _ = tx.send(Conn::new(s, caller, Some(slot), &cut)).await;
         });
@@ -768,6 +848,15 @@ fn per_peer_cap(flag: usize, fd_limit: u64) -> usize {
     flag.min(usize::try_from(fd_limit / 4).unwrap_or(usize::MAX)).max(1)
 }
 
+/// The most TCP connections served at once: the flag's (0: as many as the
+/// open-files limit leaves room for), and at most three quarters of that
+/// limit: the store, blobs, logs and the local socket need descriptors too,
+/// and a connection refused with a reason beats an accept that fails.
+fn total_cap(flag: usize, fd_limit: u64) -> usize {
+    let room = usize::try_from(fd_limit / 4 * 3).unwrap_or(usize::MAX);
+    (if flag == 0 { room } else { flag.min(room) }).max(1)
+}
+
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let startup = cfg.startup()?;
     private_data_dir(&cfg.data_dir)?;
@@ -930,7 +1019,10 @@ async fn serve(
                     tx,
                     acceptor,
                     cfg.handshake_timeout,
-                    per_peer_cap(cfg.max_connections_per_peer, fd_limit),
+                    ConnectionLimits {
+                        total: total_cap(cfg.max_connections, fd_limit),
+                        per_peer: per_peer_cap(cfg.max_connections_per_peer, fd_limit),
+                    },
                     cut.clone(),
                 ));
                 let incoming = tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, std::io::Error>);
@@ -1131,6 +1223,26 @@ mod tests {
     use testbus_client::{watcher, Client, WatcherEvent};
     use testbus_proto::Resource;
 
+    /// The total and the per-peer limits each refuse the one over them,
+    /// saying which; a slot given back makes room again.
+    #[test]
+    fn connection_slots_keep_both_limits() {
+        let (counts, total) = (PeerCounts::default(), Arc::default());
+        let limits = ConnectionLimits { total: 3, per_peer: 2 };
+        let (a, b): (std::net::IpAddr, std::net::IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let a1 = PeerSlot::take(&counts, &total, a, limits).unwrap();
+        let _a2 = PeerSlot::take(&counts, &total, a, limits).unwrap();
+        assert_eq!(PeerSlot::take(&counts, &total, a, limits).err(), Some(Full::Peer(2)));
+        let _b1 = PeerSlot::take(&counts, &total, b, limits).unwrap();
+        assert_eq!(PeerSlot::take(&counts, &total, b, limits).err(), Some(Full::Total(3)));
+        assert!(Full::Total(3).message().contains("--max-connections"));
+        drop(a1);
+        assert!(PeerSlot::take(&counts, &total, b, limits).is_ok());
+        assert_eq!(total_cap(0, 20_000), 15_000);
+        assert_eq!(total_cap(100, 20_000), 100);
+        assert_eq!(total_cap(1_000_000, 20_000), 15_000);
+    }
+
     #[test]
     fn a_log_budget_says_a_few_lines_a_minute_and_counts_the_rest() {
         let budget = LogBudget::new(2);
@@ -1213,6 +1325,7 @@ mod tests {
             advertise: None,
             handshake_timeout: Duration::from_secs(10),
             max_connections_per_peer: 16,
+            max_connections: 0,
             tls_cert: None,
             tls_key: None,
             client_ca: None,

@@ -787,3 +787,39 @@ print(json.dumps({'opened': opened, 'closed': len(closed), 'last': max(closed.va
     assert_eq!(v["closed"], v["opened"], "{v}");
     assert!(v["last"].as_f64().unwrap() < 30.0, "{v}");
 }
+
+/// A control plane at its connection limit answers one connection more
+/// with RESOURCE_EXHAUSTED naming the limit, and goes on serving the ones
+/// it has; a connection closed makes room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_at_its_connection_limit_refuses_saying_why_and_serves_the_rest() {
+    use testbus_proto::Host;
+    let c = Cluster::start_loopback_with(0, &["--max-connections", "4"]).await;
+    // Over TCP with TLS, as an admin (c.client() is the local socket, which
+    // has no limit).
+    let admin = testbus_pki::ClientFile::load(&c.dir.path().join("admin.yaml")).unwrap();
+    let tls = testbus_client::Tls::new(
+        testbus_pki::client_config(&admin.certificate_authority, Some((&admin.client_certificate, &admin.client_key)))
+            .unwrap(),
+    );
+    let connect = || testbus_client::Client::connect_with(&c.agent_server, Some(tls.clone()));
+    let mut served = Vec::new();
+    let refused = loop {
+        assert!(served.len() <= 4, "more connections served than --max-connections");
+        let client = connect().await.expect("a TCP connection and a TLS handshake");
+        match client.api::<Host>().list("", "").await {
+            Ok(_) => served.push(client),
+            Err(s) => break s,
+        }
+    };
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("--max-connections"), "{}", refused.message());
+    for client in &served {
+        client.api::<Host>().list("", "").await.expect("a connection being served goes on");
+    }
+    served.pop();
+    wait_for(Duration::from_secs(15), "a connection in the freed place", || async {
+        connect().await.ok()?.api::<Host>().list("", "").await.ok()
+    })
+    .await;
+}
