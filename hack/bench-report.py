@@ -19,9 +19,18 @@ import sys
 
 
 
+failed = {}  # scenario: the end of its error output
+
+
 def load(name):
     p = os.path.join(work, name + ".json")
-    return json.load(open(p)) if os.path.exists(p) else None
+    if not os.path.exists(p):
+        return None
+    v = json.load(open(p))
+    if isinstance(v, dict) and set(v) == {"error"}:
+        failed[name] = v["error"]
+        return None
+    return v
 
 
 def machine():
@@ -91,6 +100,9 @@ lines = [
     % (result["date"], profile, m["cpus"], m["cpu"], m["memory_bytes"] / 2**30, m["kernel"]),
 ]
 targets = []  # (what, target, measured, met)
+for name, err in (failed.items() if sys.argv[1] not in ("--from", "--pools") else []):
+    lines += ["", "## %s: FAILED" % name, "", "```", err.strip()[-1500:], "```"]
+    targets.append(("scenario `%s` ran" % name, "yes", "failed", "**missed**"))
 
 
 def target(what, goal, measured, met):

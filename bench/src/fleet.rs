@@ -335,11 +335,18 @@ fn wide_test(name: &str, count: usize) -> Test {
     t
 }
 
-/// Raises this process's open-file limit to its hard limit (each identity
-/// holds a socket).
+/// Raises this process's open-file limit (each identity holds a socket),
+/// and with it the control plane's, which inherits it: as root past the
+/// hard limit, to 65,536. A control plane serves at most a quarter of its
+/// limit to one address, and the fleet's identities share one: with
+/// 20,000 (this machine's default hard limit) the 5,001st was refused.
 fn raise_nofile() -> u64 {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return 0 };
+    let want = hard.max(65_536);
+    if setrlimit(Resource::RLIMIT_NOFILE, want, want).is_ok() {
+        return want;
+    }
     let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     hard
 }
