@@ -336,10 +336,9 @@ fn wide_test(name: &str, count: usize) -> Test {
 }
 
 /// Raises this process's open-file limit (each identity holds a socket),
-/// and with it the control plane's, which inherits it: as root past the
-/// hard limit, to 65,536. A control plane serves at most a quarter of its
-/// limit to one address, and the fleet's identities share one: with
-/// 20,000 (this machine's default hard limit) the 5,001st was refused.
+/// and with it the control plane's, which inherits it: past the hard limit
+/// to 65,536 where that is allowed (CAP_SYS_RESOURCE), else to the hard
+/// limit. The control plane serves at most three quarters of its limit.
 fn raise_nofile() -> u64 {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return 0 };

@@ -217,10 +217,12 @@ struct Serve {
     handshake_timeout: std::time::Duration,
     /// Most TCP connections served for one peer address at once (a relay
     /// host carries a connection or two per guest behind it).
-    #[arg(long, default_value_t = 1024)]
-    max_connections_per_peer: usize,
+    /// (Default 1024, and at most a quarter of the open-files limit; one
+    /// given here is kept up to --max-connections.)
+    #[arg(long)]
+    max_connections_per_peer: Option<usize>,
     /// Most TCP connections served at once; one more is answered with
-    /// RESOURCE_EXHAUSTED saying so, and closed. 0: three quarters of the
+    /// UNAVAILABLE saying so, and closed. 0: three quarters of the
     /// open-files limit (raised to its hard limit at start).
     #[arg(long, default_value_t = 0)]
     max_connections: usize,

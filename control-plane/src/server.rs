@@ -62,7 +62,9 @@ pub struct Config {
     /// How long a TCP connection may take to send the HTTP/2 preface.
     pub handshake_timeout: Duration,
     /// Most TCP connections served for one peer address at once.
-    pub max_connections_per_peer: usize,
+    /// None: the default, 1024 and at most a quarter of the open-files
+    /// limit.
+    pub max_connections_per_peer: Option<usize>,
     /// Most TCP connections served at once (0: from the open-files limit).
     pub max_connections: usize,
     /// The server's certificate chain and key (PEM files); default: issued
@@ -309,9 +311,10 @@ impl Drop for PeerSlot {
 const REFUSED_FOR: Duration = Duration::from_secs(5);
 
 /// Serves a connection over the limits for a moment: every call on it
-/// fails with RESOURCE_EXHAUSTED saying which limit, then it is closed. A
-/// client sees why, not a bare closed connection; the connections being
-/// served go on as they were.
+/// fails with UNAVAILABLE (gRPC's "try again later": agents and the CLI
+/// treat it as a server they cannot reach yet) saying which limit, then it
+/// is closed. A client sees why, not a bare closed connection; the
+/// connections being served go on as they were.
 async fn refuse<S>(s: S, why: String)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -322,7 +325,7 @@ where
             // A trailers-only gRPC answer: the status in the headers.
             http::Response::builder()
                 .header("content-type", "application/grpc")
-                .header("grpc-status", (tonic::Code::ResourceExhausted as i32).to_string())
+                .header("grpc-status", (tonic::Code::Unavailable as i32).to_string())
                 .header("grpc-message", why)
                 .body(http_body_util::Empty::<bytes::Bytes>::new())
         }
@@ -841,12 +844,20 @@ fn raise_fd_limit() -> u64 {
     }
 }
 
-/// The most connections one address may hold: the flag's, and at most a
-/// quarter of the open files limit, so that no one address (or anonymous
-/// crowd) can take every descriptor and an admin always gets in.
-fn per_peer_cap(flag: usize, fd_limit: u64) -> usize {
-    flag.min(usize::try_from(fd_limit / 4).unwrap_or(usize::MAX)).max(1)
+/// The most connections one address may hold: by default 1024 and at most
+/// a quarter of the open files limit (a third of the total), so that no
+/// one address (or anonymous crowd) can take every descriptor and an admin
+/// always gets in; a limit the operator gave is kept, up to the total (a
+/// fleet behind one NAT address may need most of it).
+fn per_peer_cap(flag: Option<usize>, total: usize) -> usize {
+    match flag {
+        Some(n) => n.min(total).max(1),
+        None => DEFAULT_PER_PEER.min(total / 3).max(1),
+    }
 }
+
+/// Connections one address may hold unless told otherwise.
+const DEFAULT_PER_PEER: usize = 1024;
 
 /// The most TCP connections served at once: the flag's (0: as many as the
 /// open-files limit leaves room for), and at most three quarters of that
@@ -1019,9 +1030,9 @@ async fn serve(
                     tx,
                     acceptor,
                     cfg.handshake_timeout,
-                    ConnectionLimits {
-                        total: total_cap(cfg.max_connections, fd_limit),
-                        per_peer: per_peer_cap(cfg.max_connections_per_peer, fd_limit),
+                    {
+                        let total = total_cap(cfg.max_connections, fd_limit);
+                        ConnectionLimits { total, per_peer: per_peer_cap(cfg.max_connections_per_peer, total) }
                     },
                     cut.clone(),
                 ));
@@ -1241,6 +1252,12 @@ mod tests {
         assert_eq!(total_cap(0, 20_000), 15_000);
         assert_eq!(total_cap(100, 20_000), 100);
         assert_eq!(total_cap(1_000_000, 20_000), 15_000);
+        // By default a quarter of the descriptors (a third of the total) at
+        // most; as the operator says up to the total.
+        assert_eq!(per_peer_cap(None, 15_000), 1024);
+        assert_eq!(per_peer_cap(None, 768), 256);
+        assert_eq!(per_peer_cap(Some(10_100), 15_000), 10_100);
+        assert_eq!(per_peer_cap(Some(20_000), 15_000), 15_000);
     }
 
     #[test]
@@ -1324,7 +1341,7 @@ mod tests {
             min_free_bytes: 0,
             advertise: None,
             handshake_timeout: Duration::from_secs(10),
-            max_connections_per_peer: 16,
+            max_connections_per_peer: Some(16),
             max_connections: 0,
             tls_cert: None,
             tls_key: None,
