@@ -714,8 +714,6 @@ impl ResourceService<Host> {
 impl ResourceService<Test> {
     /// The gang claim: all hosts and the test in one transaction, or nothing.
     pub async fn claim(&self, _scope: &Scope, req: ClaimRequest) -> Result<Test, Status> {
-        // No renewal of these hosts on this replica from here to the commit.
-        let _apart_from_renewals = self.st.host_locks.all(req.assignments.iter().map(|a| a.host.as_str())).await;
         let (mut test, test_rev) = self.load(&req.test).await?;
         if parse_rv("testResourceVersion", &req.test_resource_version)? != test_rev {
             return Err(Self::conflict(test.name(), test_rev, test.resource_version()));
@@ -726,6 +724,9 @@ impl ResourceService<Test> {
         if req.assignments.is_empty() {
             return Err(Status::invalid_argument("assignments: at least one host is required"));
         }
+        // No renewal of these hosts on this replica from here to the commit
+        // (taken after the cheap refusals above).
+        let _apart_from_renewals = self.st.host_locks.all(req.assignments.iter().map(|a| a.host.as_str())).await;
         let hosts = ResourceService::<Host>::new(self.st.clone());
         let mut compares = vec![Compare::ModRevision(Self::key(&req.test), test_rev)];
         let mut ops = Vec::new();

@@ -308,7 +308,32 @@ impl Drop for PeerSlot {
 }
 
 /// How long a refused connection is answered before it is closed.
-const REFUSED_FOR: Duration = Duration::from_secs(5);
+const REFUSED_FOR: Duration = Duration::from_secs(2);
+
+/// The TCP connections served, counted across every listener, and the
+/// refused ones being answered.
+#[derive(Clone)]
+struct Served {
+    limits: ConnectionLimits,
+    peers: PeerCounts,
+    total: Arc<std::sync::atomic::AtomicUsize>,
+    /// Refused connections answered at once: each holds a descriptor for
+    /// up to [`REFUSED_FOR`], and they are not counted as served. Past
+    /// this many, one more is closed at once, unanswered.
+    refusing: Arc<tokio::sync::Semaphore>,
+}
+
+impl Served {
+    fn new(limits: ConnectionLimits, fd_limit: u64) -> Served {
+        let answered = usize::try_from(fd_limit / 16).unwrap_or(usize::MAX).clamp(1, 256);
+        Served {
+            limits,
+            peers: Default::default(),
+            total: Default::default(),
+            refusing: Arc::new(tokio::sync::Semaphore::new(answered)),
+        }
+    }
+}
 
 /// Serves a connection over the limits for a moment: every call on it
 /// fails with UNAVAILABLE (gRPC's "try again later": agents and the CLI
@@ -593,19 +618,17 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Conn<S> {
 /// Accepts TCP connections and hands on those that finish their TLS
 /// handshake (insecure: start HTTP/2) in time: a connection that never
 /// does is closed after `limit` instead of holding a slot forever; one address has at most
-/// [`MAX_HANDSHAKES_PER_PEER`] connections in that state and at most
-/// `max_per_peer` being served. Ends when the server does (`tx` closed).
+/// [`MAX_HANDSHAKES_PER_PEER`] connections in that state, and `served`
+/// holds the limits on those being served (shared by every listener). Ends when the server does (`tx` closed).
 async fn accept_http2(
     lis: tokio::net::TcpListener,
     tx: tokio::sync::mpsc::Sender<Conn<TcpConn>>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     limit: Duration,
-    limits: ConnectionLimits,
+    served: Served,
     cut: CancellationToken,
 ) {
     let pending = Handshakes::default();
-    let served: PeerCounts = Default::default();
-    let total: Arc<std::sync::atomic::AtomicUsize> = Default::default();
     loop {
         let (s, peer) = tokio::select! {
             r = lis.accept() => match r {
@@ -621,8 +644,7 @@ async fn accept_http2(
         };
         let ip = peer.ip();
         let (id, mut evicted) = pending.admit(ip);
-        let (tx, served, total, pending, cut, tls) =
-            (tx.clone(), served.clone(), total.clone(), pending.clone(), cut.clone(), tls.clone());
+        let (tx, served, pending, cut, tls) = (tx.clone(), served.clone(), pending.clone(), cut.clone(), tls.clone());
         tokio::spawn(async move {
             let _ = s.set_nodelay(true);
             let ready = tokio::select! {
@@ -634,13 +656,17 @@ async fn accept_http2(
                 tracing::debug!(%peer, "no TLS handshake or HTTP/2 preface in time; closed");
                 return;
             };
-            let slot = match PeerSlot::take(&served, &total, ip, limits) {
+            let slot = match PeerSlot::take(&served.peers, &served.total, ip, served.limits) {
                 Ok(slot) => slot,
                 Err(full) => {
                     if let Some(suppressed) = REFUSAL_LOG.take() {
                         tracing::warn!(%peer, limit = ?full, suppressed, "connection over the limit; refused");
                     }
-                    return refuse(s, full.message()).await;
+                    // Answered while few are; else closed at once.
+                    if let Ok(_answering) = served.refusing.clone().try_acquire_owned() {
+                        refuse(s, full.message()).await;
+                    }
+                    return;
                 }
             };
             let _ = tx.send(Conn::new(s, caller, Some(slot), &cut)).await;
@@ -1011,6 +1037,11 @@ async fn serve(
         .add_routes(routes);
 
     write_advertise(cfg, startup)?;
+    // One count for every TCP listener: the limits are the process's.
+    let served = {
+        let total = total_cap(cfg.max_connections, fd_limit);
+        Served::new(ConnectionLimits { total, per_peer: per_peer_cap(cfg.max_connections_per_peer, total) }, fd_limit)
+    };
     let mut listens = cfg.listen.clone();
     listens.push(Listen::Unix(cfg.local_socket()));
     for l in listens {
@@ -1025,17 +1056,7 @@ async fn serve(
                 // without), by the acceptor that checks the handshake.
                 let (tx, rx) = tokio::sync::mpsc::channel(64);
                 let acceptor = tls.as_ref().map(|t| t.acceptor.clone());
-                tokio::spawn(accept_http2(
-                    lis,
-                    tx,
-                    acceptor,
-                    cfg.handshake_timeout,
-                    {
-                        let total = total_cap(cfg.max_connections, fd_limit);
-                        ConnectionLimits { total, per_peer: per_peer_cap(cfg.max_connections_per_peer, total) }
-                    },
-                    cut.clone(),
-                ));
+                tokio::spawn(accept_http2(lis, tx, acceptor, cfg.handshake_timeout, served.clone(), cut.clone()));
                 let incoming = tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, std::io::Error>);
                 servers.spawn(async move { router.serve_with_incoming_shutdown(incoming, signal).await });
             }

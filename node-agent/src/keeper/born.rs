@@ -98,14 +98,26 @@ struct Prepared {
 /// The program as execvp would find it: a name without a slash is looked
 /// up in the child's PATH (glibc's default without one); None when no
 /// executable file is found.
-fn resolve(program: &Path, env: &[(String, String)]) -> Option<PathBuf> {
+fn resolve(program: &Path, env: &[(String, String)], cwd: &Path) -> Result<PathBuf, i32> {
     if program.as_os_str().as_bytes().contains(&b'/') {
-        return Some(program.to_path_buf());
+        return Ok(program.to_path_buf());
     }
     let path = env.iter().rev().find(|(k, _)| k == "PATH").map_or("/bin:/usr/bin", |(_, v)| v.as_str());
-    path.split(':')
-        .map(|d| Path::new(if d.is_empty() { "." } else { d }).join(program))
-        .find(|p| nix::unistd::access(p, nix::unistd::AccessFlags::X_OK).is_ok() && p.is_file())
+    // A relative entry is the child's (it execs after its chdir); a file
+    // found but not executable is EACCES, as execvp says, unless one later
+    // in PATH is.
+    let mut found = libc::ENOENT;
+    for d in path.split(':') {
+        let p = cwd.join(if d.is_empty() { "." } else { d }).join(program);
+        if !p.is_file() {
+            continue;
+        }
+        if nix::unistd::access(&p, nix::unistd::AccessFlags::X_OK).is_ok() {
+            return Ok(p);
+        }
+        found = libc::EACCES;
+    }
+    Err(found)
 }
 
 fn cstring(b: &[u8]) -> std::io::Result<CString> {
@@ -147,9 +159,7 @@ struct CloneArgs {
 /// open as `cgroup`, leading a process group of its own, stdout and stderr
 /// piped.
 pub fn spawn(cgroup: &std::fs::File, launch: Launch<'_>) -> std::io::Result<Born> {
-    let Some(path) = resolve(launch.program, launch.env) else {
-        return Err(std::io::Error::from_raw_os_error(libc::ENOENT));
-    };
+    let path = resolve(launch.program, launch.env, launch.cwd).map_err(std::io::Error::from_raw_os_error)?;
     let path = cstring(path.as_os_str().as_bytes())?;
     let args: Vec<CString> = std::iter::once(cstring(launch.program.as_os_str().as_bytes()))
         .chain(launch.args.iter().map(|a| cstring(a.as_bytes())))
@@ -181,6 +191,12 @@ pub fn spawn(cgroup: &std::fs::File, launch: Launch<'_>) -> std::io::Result<Born
     };
     let (out_r, out_w) = cloexec_pipe()?;
     let (err_r, err_w) = cloexec_pipe()?;
+    // The parent's ends are non-blocking (their own open file
+    // descriptions: the child's ends stay blocking), set before the clone
+    // so that nothing after it can fail but registering them.
+    for fd in [Some(&out_r), Some(&err_r), stdin_parent.as_ref()].into_iter().flatten() {
+        nonblocking(fd)?;
+    }
     let (report_r, report_w) = cloexec_pipe()?;
     // dup2 onto 0, 1 or 2 from a descriptor that is already there would
     // keep its close-on-exec flag: make sure none is.
@@ -239,6 +255,17 @@ pub fn spawn(cgroup: &std::fs::File, launch: Launch<'_>) -> std::io::Result<Born
     #[allow(unsafe_code)]
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     drop((stdin_child, out_w, err_w, report_w));
+    // From here a failure must not leave the child running untracked, or
+    // unreaped.
+    let reap = |pidfd: &OwnedFd| {
+        let _ = nix::sys::wait::waitid(nix::sys::wait::Id::PIDFd(pidfd.as_fd()), nix::sys::wait::WaitPidFlag::WEXITED);
+    };
+    let abandon = |pidfd: &OwnedFd, e: std::io::Error| {
+        // Not yet reaped, so the pid is still this child's.
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        reap(pidfd);
+        e
+    };
     // The child's errno if it did not exec; end of file once it did.
     let mut errno = [0u8; 4];
     let mut got = 0;
@@ -249,31 +276,33 @@ pub fn spawn(cgroup: &std::fs::File, launch: Launch<'_>) -> std::io::Result<Born
             Ok(0) => break,
             Ok(n) => got += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            Err(e) => return Err(abandon(&pidfd, e)),
         }
     }
     if got == 4 {
         // It has exited (127); reap it now.
-        let _ = nix::sys::wait::waitid(nix::sys::wait::Id::PIDFd(pidfd.as_fd()), nix::sys::wait::WaitPidFlag::WEXITED);
+        reap(&pidfd);
         return Err(std::io::Error::from_raw_os_error(i32::from_ne_bytes(errno)));
     }
-    let receiver = |fd: OwnedFd| -> std::io::Result<pipe::Receiver> {
-        nonblocking(&fd)?;
-        pipe::Receiver::from_owned_fd(fd)
-    };
-    let stdin = match stdin_parent {
-        Some(fd) => {
-            nonblocking(&fd)?;
-            Some(pipe::Sender::from_owned_fd(fd)?)
-        }
-        None => None,
+    let pipes = (|| {
+        let stdin = stdin_parent.map(pipe::Sender::from_owned_fd).transpose()?;
+        Ok::<_, std::io::Error>((stdin, pipe::Receiver::from_owned_fd(out_r)?, pipe::Receiver::from_owned_fd(err_r)?))
+    })();
+    let (stdin, stdout, stderr) = match pipes {
+        Ok(p) => p,
+        Err(e) => return Err(abandon(&pidfd, e)),
     };
     // SAFETY: an OwnedFd's descriptor is valid and open, and stays the
     // same until the AsyncFd that owns it is dropped.
     #[allow(unsafe_code)]
-    let pidfd = unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)?;
-    Ok(Born::Started(BornChild { pid, pidfd, stdin, stdout: Some(receiver(out_r)?), stderr: Some(receiver(err_r)?) }))
+    let pidfd = match unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            let (pidfd, e) = e.into_parts();
+            return Err(abandon(&pidfd, e));
+        }
+    };
+    Ok(Born::Started(BornChild { pid, pidfd, stdin, stdout: Some(stdout), stderr: Some(stderr) }))
 }
 
 /// The child, between clone and exec.
@@ -329,7 +358,7 @@ unsafe fn exec_child(p: &Prepared) -> ! {
 
 #[cfg(test)]
 mod tests {
-    use super::{spawn, Born, BornChild, BornStdin, Launch};
+    use super::{resolve, spawn, Born, BornChild, BornStdin, Launch};
     use crate::containment::{CgroupRoot, ProcessCgroup};
     use std::path::Path;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -416,5 +445,25 @@ mod tests {
         assert!(cg.members().is_empty(), "a child that could not start is still there: {:?}", cg.members());
         cg.end().await;
         root.remove_if_empty();
+    }
+
+    /// A name is looked up as execvp would from the child: relative PATH
+    /// entries from its working directory, a file that is not executable
+    /// EACCES, nothing ENOENT; a path with a slash is taken as it is.
+    #[test]
+    fn programs_are_found_as_execvp_finds_them() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("bin")).unwrap();
+        for (name, mode) in [("tool", 0o755), ("data", 0o644)] {
+            let p = dir.path().join("bin").join(name);
+            std::fs::write(&p, "#!/bin/sh\n").unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        let env = vec![("PATH".to_string(), "bin:/usr/bin".to_string())];
+        assert_eq!(resolve(Path::new("tool"), &env, dir.path()), Ok(dir.path().join("bin/tool")));
+        assert_eq!(resolve(Path::new("data"), &env, dir.path()), Err(nix::libc::EACCES));
+        assert_eq!(resolve(Path::new("no-such-program-here"), &env, dir.path()), Err(nix::libc::ENOENT));
+        assert_eq!(resolve(Path::new("./x"), &env, dir.path()), Ok(std::path::PathBuf::from("./x")));
     }
 }
